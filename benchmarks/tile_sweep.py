@@ -1,0 +1,106 @@
+"""Forward and backward tile-shape sweep on the GPU: each candidate tile configuration against
+torch SDPA (flash and cuDNN back ends) on the benchmark grid of benchmarks/NOTES.md.
+
+    python benchmarks/tile_sweep.py [--seq-lens 1024,4096,16384] [--head-dims 64,128] [--bwd]
+
+Prints one row per (shape, configuration) in TFLOP/s; used to pick the default tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import cupy
+import ml_dtypes
+import numpy
+
+import cuflash
+from cuflash.kernels import mma_forward
+
+
+def median_ms(fn, *, warmup=3, reps=20):
+    for _ in range(warmup):
+        fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(numpy.median(times))
+
+
+def candidate_tiles(d):
+    T = mma_forward.FwdTiles
+    if d <= 64:
+        return [T(4, 2, 64, True), T(8, 1, 64, True), T(4, 1, 64, True), T(4, 2, 32, True)]
+    return [T(8, 1, 64, True), T(4, 2, 64, False), T(4, 1, 64, True), T(8, 1, 32, True), T(4, 2, 32, False)]
+
+
+def torch_sdpa_ms(q, k, v, causal, backend, bwd):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    tq, tk, tv = (torch.from_dlpack(x).requires_grad_(bwd) for x in (q, k, v))
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    with sdpa_kernel(be):
+        if not bwd:
+            return median_ms(lambda: sdpa(tq, tk, tv, is_causal=causal))
+        do = torch.randn_like(tq)
+
+        def step():
+            o = sdpa(tq, tk, tv, is_causal=causal)
+            o.backward(do)
+
+        return median_ms(step)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq-lens", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--bwd", action="store_true", help="time forward+backward instead")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+    rng = cupy.random.default_rng()
+    rows = []
+    for n, d, causal in itertools.product(
+        map(int, args.seq_lens.split(",")), map(int, args.head_dims.split(",")), (False, True)
+    ):
+        b, h = 16384 // n, 2048 // d
+        q, k, v = (rng.standard_normal((b, h, n, d), dtype=numpy.float32).astype(ml_dtypes.bfloat16) for _ in range(3))
+        fl = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0) * (3.5 if args.bwd else 1.0)
+        tf = lambda ms: fl / ms / 1e9
+        ref = {}
+        if not args.no_torch:
+            for be in ("flash", "cudnn"):
+                try:
+                    ref[be] = tf(torch_sdpa_ms(q, k, v, causal, be, args.bwd))
+                except Exception as error:  # a back end may not support a shape
+                    ref[be] = float("nan")
+                    print(f"  {be}: {type(error).__name__}: {str(error)[:120]}")
+        if args.bwd:
+            def step():
+                o, vjp = cuflash.attention_vjp(q, k, v, causal=causal)
+                vjp(o)
+            rows.append((n, d, causal, "default", tf(median_ms(step)), ref))
+        else:
+            out = cupy.empty_like(q)
+            lse = cupy.empty((b, h, n), numpy.float32)
+            scale = d ** -0.5
+            for tiles in candidate_tiles(d):
+                ms = median_ms(lambda: mma_forward.forward(q, k, v, out, lse, scale=scale, causal=causal, tiles=tiles))
+                rows.append((n, d, causal, f"{tiles.warps}w{tiles.mt}x{tiles.block_n}{'q' if tiles.q_in_regs else ''}", tf(ms), ref))
+        for row in rows[-(1 if args.bwd else len(candidate_tiles(d))):]:
+            n_, d_, c_, name, t, r = row
+            fl_ = r.get("flash", float("nan"))
+            print(f"N={n_:6d} D={d_:4d} causal={int(c_)} {name:>12s} {t:7.1f} TFLOP/s | "
+                  f"sdpa-flash {fl_:7.1f} cudnn {r.get('cudnn', float('nan')):7.1f} | ratio {t / fl_:5.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""cuflash: exact FlashAttention for CuPy, with a NumPy implementation of the same algorithm.
+
+``attention``, ``attention_backward`` and ``attention_vjp`` take NumPy or CuPy arrays;
+``cuflash.reference`` is the naive float64 oracle; ``cuflash.sparse`` builds block masks.
+"""
+
+__version__ = "0.1.0"
+
+from . import reference
+from ._api import attention, attention_backward, attention_vjp
+
+__all__ = ["attention", "attention_backward", "attention_vjp", "reference", "sparse",
+           "__version__"]
+
+
+def __getattr__(name):
+    # cuflash.sparse needs SciPy; it is imported on first use so that `import cuflash` stays light.
+    if name == "sparse":
+        import importlib
+        return importlib.import_module(".sparse", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,274 @@
+"""Validation and shape normalisation shared by the CPU and GPU paths.
+
+Everything here raises ``TypeError`` / ``ValueError`` whose message says what was given and what
+is required. Nothing here imports CuPy unless it is handed a CuPy array (which means CuPy is
+already imported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy
+
+SUPPORTED_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(ml_dtypes.bfloat16),
+                    numpy.dtype(numpy.float32))
+_SUPPORTED_NAMES = "float16, bfloat16 (ml_dtypes.bfloat16) or float32"
+
+
+# ----------------------------------------------------------------------------- array modules
+
+def array_module(x: Any):
+    """Return ``numpy`` or ``cupy`` for an array of that module; ``TypeError`` for anything else.
+
+    CuPy is imported only when ``x`` is a CuPy array, so this works without CuPy installed.
+    """
+    if isinstance(x, numpy.ndarray):
+        return numpy
+    if type(x).__module__.partition(".")[0] == "cupy" and "cupy" in sys.modules:
+        cupy = sys.modules["cupy"]
+        if isinstance(x, cupy.ndarray):
+            return cupy
+    raise TypeError(
+        f"expected a numpy.ndarray or cupy.ndarray, got {_type_name(x)}")
+
+
+def _type_name(x: Any) -> str:
+    cls = type(x)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _device_id(x: Any) -> int | None:
+    """CUDA device of a CuPy array, ``None`` for NumPy."""
+    return None if isinstance(x, numpy.ndarray) else x.device.id
+
+
+def common_module(arrays: dict[str, Any]):
+    """The array module shared by all ``arrays`` (name → array), checking devices for CuPy."""
+    modules = {name: array_module(x) for name, x in arrays.items()}
+    names = list(arrays)
+    first = names[0]
+    for name in names[1:]:
+        if modules[name] is not modules[first]:
+            raise TypeError(
+                f"{first} and {name} must both be NumPy arrays or both be CuPy arrays, got "
+                f"{first}: {_type_name(arrays[first])} and {name}: {_type_name(arrays[name])}")
+    xp = modules[first]
+    if xp is not numpy:
+        devices = {name: _device_id(x) for name, x in arrays.items()}
+        for name in names[1:]:
+            if devices[name] != devices[first]:
+                raise ValueError(
+                    f"all arrays must be on one CUDA device, got {first} on device "
+                    f"{devices[first]} and {name} on device {devices[name]}")
+    return xp
+
+
+def device_context(x: Any):
+    """Context manager that makes ``x``'s device current (a no-op for NumPy arrays)."""
+    if array_module(x) is numpy:
+        return contextlib.nullcontext()
+    return x.device
+
+
+# ----------------------------------------------------------------------------- scalar options
+
+def check_bool(value: Any, name: str) -> bool:
+    if isinstance(value, (bool, numpy.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_scale(scale: Any, head_dim: int) -> float:
+    """``scale`` as a float: ``None`` gives ``1 / sqrt(head_dim)``."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (bool, numpy.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r} "
+                        f"of type {_type_name(scale)}")
+    value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"scale must be finite and positive, got {scale!r}")
+    return value
+
+
+def check_block_mask(block_mask: Any, nq: int, nk: int, hq: int) -> None:
+    """A block mask is anything with the documented BlockMask interface; it checks its own sizes."""
+    if block_mask is None:
+        return
+    required = ("check_compatible", "to_dense", "block_size", "shape")
+    if not all(hasattr(block_mask, attr) for attr in required):
+        raise TypeError(
+            f"block_mask must be a cuflash.sparse.BlockMask or None, got {_type_name(block_mask)}")
+    block_mask.check_compatible(nq, nk, hq)
+
+
+# ----------------------------------------------------------------------------- shapes and dtypes
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes of one attention problem (``batch`` is the broadcast of the leading axes)."""
+    batch: tuple[int, ...]
+    hq: int
+    hkv: int
+    nq: int
+    nk: int
+    d: int
+    dv: int
+
+    @property
+    def b(self) -> int:
+        return math.prod(self.batch)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.batch + (self.hq, self.nq, self.dv)
+
+    @property
+    def lse_shape(self) -> tuple[int, ...]:
+        return self.batch + (self.hq, self.nq)
+
+
+def attention_shapes(q: Any, k: Any, v: Any) -> Shapes:
+    """Check q ``(..., Hq, Nq, D)``, k ``(..., Hkv, Nk, D)``, v ``(..., Hkv, Nk, Dv)``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 3:
+            raise ValueError(
+                f"{name} must have at least 3 dimensions (..., heads, seq_len, head_dim), got "
+                f"shape {tuple(x.shape)}; for a single head use {name}[None]")
+        if 0 in x.shape:
+            raise ValueError(f"{name} must not have an empty axis, got shape {tuple(x.shape)}")
+    hq, nq, d = q.shape[-3:]
+    hkv, nk, dk = k.shape[-3:]
+    hv, nv, dv = v.shape[-3:]
+    if dk != d:
+        raise ValueError(f"q and k must have the same head dimension (last axis), got "
+                         f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if (hv, nv) != (hkv, nk):
+        raise ValueError(f"k and v must have the same number of heads and keys (axes -3, -2), "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if hq % hkv:
+        raise ValueError(f"the number of query heads must be a multiple of the number of key/value "
+                         f"heads, got {hq} query heads (q {tuple(q.shape)}) and {hkv} key/value "
+                         f"heads (k {tuple(k.shape)})")
+    try:
+        batch = numpy.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except ValueError:
+        raise ValueError(f"the leading axes of q, k and v must broadcast together, got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}") from None
+    return Shapes(tuple(batch), hq, hkv, nq, nk, d, dv)
+
+
+def check_dtypes(arrays: dict[str, Any]) -> numpy.dtype:
+    """All ``arrays`` must share one supported dtype; return it."""
+    names = list(arrays)
+    dtype = arrays[names[0]].dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{names[0]} has dtype {dtype}; supported dtypes are {_SUPPORTED_NAMES}")
+    for name in names[1:]:
+        if arrays[name].dtype != dtype:
+            raise TypeError(f"{names[0]} and {name} must have the same dtype, got "
+                            f"{names[0]}: {dtype} and {name}: {arrays[name].dtype}")
+    return dtype
+
+
+def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype, xp,
+               device_of: Any) -> None:
+    """``x`` must be an array of ``xp`` on the device of ``device_of`` with this shape and dtype."""
+    got = array_module(x)
+    if got is not xp:
+        raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {_type_name(x)}")
+    if _device_id(x) != _device_id(device_of):
+        raise ValueError(f"{name} must be on device {_device_id(device_of)} like q, got device "
+                         f"{_device_id(x)}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
+
+
+def check_out(out: Any, shapes: Shapes, dtype: numpy.dtype, xp, inputs: dict[str, Any]) -> None:
+    """``out`` must be a writable array of exactly the output's shape/dtype, apart from the inputs."""
+    check_like(out, "out", shapes.out_shape, dtype, xp, device_of=next(iter(inputs.values())))
+    if xp is numpy and not out.flags.writeable:
+        raise ValueError("out must be writable, got a read-only array")
+    if any(stride == 0 and n > 1 for n, stride in zip(out.shape, out.strides)):
+        raise ValueError(f"out must not have overlapping elements, got strides {out.strides} "
+                         f"for shape {tuple(out.shape)}")
+    for name, x in inputs.items():
+        if _overlaps(out, x, xp):
+            raise ValueError(f"out must not share memory with {name}")
+
+
+def _overlaps(a: Any, b: Any, xp) -> bool:
+    if xp is numpy:
+        try:
+            return bool(numpy.shares_memory(a, b, max_work=10_000))
+        except numpy.exceptions.TooHardError:
+            return bool(numpy.may_share_memory(a, b))
+    # CuPy's exact test materialises every element's address; the memory-range test is cheap.
+    return bool(xp.shares_memory(a, b, max_work="MAY_SHARE_BOUNDS"))
+
+
+# ----------------------------------------------------------------------------- 4-D views
+
+def _leading_stride(shape: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
+    """Stride of the leading axes merged into one, or ``None`` when they cannot be merged."""
+    axes = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    for (_, outer), (n_inner, inner) in zip(axes, axes[1:]):
+        if outer != n_inner * inner:
+            return None
+    return axes[-1][1] if axes else 0
+
+
+def _kernel_ready(x: Any) -> bool:
+    """Last axis contiguous, other strides non-negative whole elements."""
+    item = x.itemsize
+    return (x.strides[-1] == item
+            and all(s >= 0 and s % item == 0 for s in x.strides[:-1]))
+
+
+def as_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
+    """``x`` broadcast to ``batch`` and viewed as ``(B, H, N, D)``; copied only when it must be.
+
+    Leading axes are merged without a copy when their strides allow it (a batch broadcast gives
+    stride 0). Anything whose last axis is not contiguous, or whose strides are negative, is
+    copied to a C-contiguous array.
+    """
+    full = xp.broadcast_to(x, batch + tuple(x.shape[-3:]))
+    new_shape = (math.prod(batch),) + tuple(x.shape[-3:])
+    if _leading_stride(full.shape[:-3], full.strides[:-3]) is None:
+        x4 = xp.ascontiguousarray(full).reshape(new_shape)
+    else:
+        x4 = full.reshape(new_shape)  # a view: the strides merge (same rule as NumPy's reshape)
+    return x4 if _kernel_ready(x4) else xp.ascontiguousarray(x4)
+
+
+def writable_4d(out: Any, b: int):
+    """A 4-D view through which a back end can write into ``out``, or ``None`` if it has none."""
+    lead = out.shape[:-3]
+    if _leading_stride(lead, out.strides[:-3]) is None:
+        return None
+    out4 = out.reshape((b,) + tuple(out.shape[-3:]))
+    return out4 if _kernel_ready(out4) else None
+
+
+def reduce_to_shape(g: Any, shape: tuple[int, ...], xp) -> Any:
+    """Sum a gradient computed for the broadcast shape back to an input's ``shape``.
+
+    Sums accumulate in float32 (or wider) and the result keeps ``g``'s dtype.
+    """
+    shape = tuple(shape)
+    if tuple(g.shape) == shape:
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+    acc = numpy.promote_types(g.dtype, numpy.float32)
+    return g.sum(axis=axes, dtype=acc).reshape(shape).astype(g.dtype, copy=False)

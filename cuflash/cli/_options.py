@@ -1,0 +1,120 @@
+"""Options shared by several commands, as decorators, and the parameter types they need."""
+
+from __future__ import annotations
+
+import click
+
+from cuflash._bench import DTYPES
+
+
+class TokenCount(click.ParamType):
+    """A positive token count: ``16384``, ``16K`` or ``16k`` (×1024), ``1M`` (×1024²)."""
+
+    name = "N"
+    _suffixes = {"k": 2**10, "m": 2**20}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            count = value
+        else:
+            text = str(value).strip().lower()
+            factor = self._suffixes.get(text[-1:], 1)
+            digits = text[:-1] if factor > 1 else text
+            try:
+                count = int(digits) * factor
+            except ValueError:
+                self.fail(f"{value!r} is not a token count (examples: 4096, 16K, 1M)", param, ctx)
+        if count < 1:
+            self.fail(f"must be at least 1, got {value!r}", param, ctx)
+        return count
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list of values of another type: ``1K,2K,4K``."""
+
+    def __init__(self, item: click.ParamType, name: str):
+        self.item = item
+        self.name = name
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        items = [part for part in str(value).split(",") if part.strip()]
+        if not items:
+            self.fail("give at least one value", param, ctx)
+        return tuple(self.item.convert(part.strip(), param, ctx) for part in items)
+
+
+class RowCount(click.ParamType):
+    """A number of query rows to check, or ``all``."""
+
+    name = "K|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "all":
+            return None
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"must be a positive number of rows or 'all', got {value!r}", param, ctx)
+        if count < 1:
+            self.fail(f"must be a positive number of rows or 'all', got {value!r}", param, ctx)
+        return count
+
+
+TOKENS = TokenCount()
+POSITIVE = click.IntRange(min=1)
+
+
+def _dtype_callback(ctx, param, value):
+    return DTYPES[value]
+
+
+def heads_option(default):
+    return click.option("--heads", type=POSITIVE, default=default, show_default=True,
+                        help="Attention heads.")
+
+
+def head_dim_option(default):
+    return click.option("--head-dim", type=POSITIVE, default=default, show_default=True,
+                        help="Size of each head (D).")
+
+
+def batch_option(default=1):
+    return click.option("--batch", type=POSITIVE, default=default, show_default=True,
+                        help="Batch size.")
+
+
+dtype_option = click.option(
+    "--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True,
+    callback=_dtype_callback, help="Element type of q, k and v.")
+
+causal_option = click.option(
+    "--causal/--no-causal", default=False, show_default=True,
+    help="Causal masking (query i sees keys 0..i).")
+
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
+    help="Where to run: the GPU kernels (CuPy arrays), the NumPy path, or the GPU when usable.")
+
+seed_option = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                           help="Seed of every random choice (inputs, sampled rows).")
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON record on stdout and nothing else there.")
+
+plot_option = click.option(
+    "--plot", type=click.Path(dir_okay=False, writable=True), default=None, metavar="FILE.png",
+    help="Also draw the results into this PNG (needs matplotlib: pip install 'cuflash[plot]').")
+
+
+def pattern_parameter_options(f):
+    """The parameters of the sparse patterns (see ``cuflash mask list``); each pattern reads
+    only its own and rejects the others."""
+    from cuflash.cli._patterns import PARAMETERS
+    for name, (kind, text) in reversed(list(PARAMETERS.items())):
+        option_type = {"tokens": TOKENS, "count": click.IntRange(min=0),
+                       "fraction": click.FloatRange(0, 1, min_open=True)}[kind]
+        f = click.option(f"--{name}", type=option_type, default=None, help=text)(f)
+    return click.option("--block-size", type=POSITIVE, default=128, show_default=True,
+                        help="Block size of the block mask (a multiple of 64).")(f)

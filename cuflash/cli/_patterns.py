@@ -1,0 +1,126 @@
+"""The sparse patterns the commands can build, by name, with their parameters and defaults.
+
+Each pattern is built at block level (cheap at any length) and turned into a BlockMask of one
+``seq_len × seq_len`` problem, shared by all heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import click
+
+from cuflash._bench import random_block_layout
+from cuflash.pathfinder import image_side_for
+
+# Option name → (kind, help). Kinds: "tokens" (accepts 16K), "count" (int ≥ 0), "fraction".
+PARAMETERS = {
+    "window": ("tokens", "Keys within this many tokens on each side of the query "
+                         "(sliding-window, strided, longformer, bigbird)."),
+    "stride": ("tokens", "Distance between the strided keys, or the segment length "
+                         "(strided, fixed)."),
+    "summary": ("count", "Keys at the end of each segment that every query sees (fixed)."),
+    "global-tokens": ("count", "The first tokens, which attend and are attended by all "
+                               "(longformer, bigbird)."),
+    "num-random": ("count", "Random key blocks added to each query block (bigbird)."),
+    "radius": ("count", "Pixels on each side of a pixel, in both directions, over the image "
+                        "the sequence is read from (image-local)."),
+    "density": ("fraction", "Fraction of blocks kept, the diagonal always among them (random)."),
+}
+
+
+@dataclass(frozen=True)
+class Pattern:
+    summary: str
+    defaults: dict
+    build: Callable  # (seq_len, block_size, parameters, seed) -> scipy block-level pattern or layout
+
+    def describe(self, parameters: dict) -> str:
+        return " ".join(f"{name}={value}" for name, value in parameters.items()
+                        if value is not None)
+
+
+def _sparse():
+    from cuflash import sparse
+    return sparse
+
+
+def _image_local(n, b, p, seed):
+    # The sequence is an image read row by row: the smallest square with n pixels, cut at n.
+    side = image_side_for(n)
+    blocks = math.ceil(n / b)
+    return _sparse().image_local(side, side, radius=p["radius"], block_size=b)[:blocks, :blocks]
+
+
+PATTERNS = {
+    "causal": Pattern(
+        "query i sees keys 0..i (as --causal, expressed as blocks)", {},
+        lambda n, b, p, seed: _sparse().causal(n, block_size=b)),
+    "sliding-window": Pattern(
+        "keys within --window tokens of the query", {"window": 512},
+        lambda n, b, p, seed: _sparse().sliding_window(n, window=p["window"], block_size=b)),
+    "strided": Pattern(
+        "Sparse Transformer strided: a local window plus every --stride-th key",
+        {"stride": 2048, "window": None},
+        lambda n, b, p, seed: _sparse().strided(n, stride=p["stride"], window=p["window"],
+                                                block_size=b)),
+    "fixed": Pattern(
+        "Sparse Transformer fixed: the query's segment plus the last keys of every segment",
+        {"stride": 1024, "summary": 1},
+        lambda n, b, p, seed: _sparse().fixed(n, stride=p["stride"], summary=p["summary"],
+                                              block_size=b)),
+    "butterfly": Pattern(
+        "flat butterfly: block (I, J) kept when I XOR J is 0 or a power of two", {},
+        lambda n, b, p, seed: _sparse().butterfly(n, block_size=b)),
+    "longformer": Pattern(
+        "Longformer: a sliding window plus global tokens", {"window": 512, "global-tokens": 128},
+        lambda n, b, p, seed: _sparse().longformer(n, window=p["window"],
+                                                   global_tokens=p["global-tokens"],
+                                                   block_size=b)),
+    "bigbird": Pattern(
+        "BigBird: window, global tokens and random blocks (seeded by --seed)",
+        {"window": 512, "global-tokens": 128, "num-random": 3},
+        lambda n, b, p, seed: _sparse().bigbird(n, window=p["window"],
+                                                global_tokens=p["global-tokens"],
+                                                num_random=p["num-random"], seed=seed,
+                                                block_size=b)),
+    "image-local": Pattern(
+        "2-D neighbourhood over the image the sequence is read from (square of --radius)",
+        {"radius": 8}, _image_local),
+    "random": Pattern(
+        "random blocks at --density, diagonal kept (seeded by --seed)", {"density": 0.25},
+        lambda n, b, p, seed: random_block_layout(math.ceil(n / b), p["density"], seed=seed)),
+}
+
+
+def pattern_parameters(name: str, given: dict) -> dict:
+    """The parameters pattern ``name`` reads, from ``given`` (option name → value or None) or
+    its defaults; ``click.BadParameter`` for a given option the pattern does not read."""
+    pattern = PATTERNS[name]
+    for option, value in given.items():
+        if value is not None and option not in pattern.defaults:
+            uses = ", ".join(f"--{p}" for p in pattern.defaults) or "no parameters"
+            raise click.BadParameter(f"pattern {name!r} does not use it (it takes {uses})",
+                                     param_hint=f"--{option}")
+    return {option: given.get(option) if given.get(option) is not None else default
+            for option, default in pattern.defaults.items()}
+
+
+def build_mask(name: str, seq_len: int, *, block_size: int, parameters: dict, seed: int = 0):
+    """A BlockMask of pattern ``name`` for one ``seq_len × seq_len`` problem.
+
+    ``parameters`` come from :func:`pattern_parameters`. A pattern that rejects its parameters
+    (a window longer than the sequence, ...) raises ``click.UsageError`` with its message.
+    """
+    sparse = _sparse()
+    try:
+        blocks = PATTERNS[name].build(seq_len, block_size, parameters, seed)
+        if hasattr(blocks, "tocoo"):
+            return sparse.BlockMask.from_scipy(blocks, level="block", block_size=block_size,
+                                               shape=(seq_len, seq_len))
+        return sparse.BlockMask.from_dense(blocks, block_size=block_size,
+                                           shape=(seq_len, seq_len))
+    except ValueError as error:
+        raise click.UsageError(f"cannot build pattern {name!r}: {error}") from error

@@ -1,0 +1,255 @@
+"""``cuflash check`` without the command line: run, time, measure, compare with float64.
+
+At 16K–64K tokens the float64 reference of every query row is costly, so it is computed for a
+sample of query rows (``rows``), on the same device as the arrays:
+
+- forward: ``out`` on the sampled rows against ``cuflash.reference.chunked_attention`` on those
+  rows; the same-precision baseline is ``reference.naive_attention`` on the same rows.
+- backward: ``dout`` is random on the sampled rows and zero on every other row. The rows outside
+  the sample then contribute nothing to dk and dv and have dq = 0 exactly, so the float64
+  gradients of the whole problem need only the sampled rows of the score matrix: the reference
+  for dq (every row), dk and dv is exact and costs as much as the forward reference.
+
+A result passes when ``max|result − ref64| ≤ 2·max|naive − ref64| + 1e-5`` (DESIGN.md), where
+``naive`` is the plain same-precision computation on the same rows. Results are poisoned (filled
+with NaN) before the call, and any NaN left anywhere fails.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy
+
+import cuflash
+from cuflash import reference
+
+ABSOLUTE_SLACK = 1e-5
+# Scores held at once by a reference step: 2**25 float64 values (256 MiB) per temporary.
+REFERENCE_SCORES = 2**25
+
+
+def sample_rows(n: int, count: int | None, seed: int) -> numpy.ndarray:
+    """Sorted query rows to check: the first, the last, and random others; all when ``count`` is
+    None or at least ``n``."""
+    if count is None or count >= n:
+        return numpy.arange(n)
+    rng = numpy.random.default_rng([seed, 4])
+    middle = rng.choice(numpy.arange(1, n - 1), size=max(0, count - 2), replace=False)
+    return numpy.unique(numpy.concatenate([[0, n - 1], middle])).astype(numpy.int64)[:count]
+
+
+def estimate_bytes(n: int, heads: int, head_dim: int, itemsize: int, rows: int, backward: bool
+                   ) -> int:
+    """Device memory a check needs, roughly: its arrays plus the reference's temporaries."""
+    tensor = heads * n * head_dim * itemsize
+    per_row = heads * n * 4
+    arrays = 4 * tensor + per_row  # q, k, v, out, lse
+    if backward:  # dout, dq, dk, dv, a float32 dq accumulator, the row sums
+        arrays += 4 * tensor + heads * n * head_dim * 4 + per_row
+    chunk = min(rows, max(1, REFERENCE_SCORES // n))
+    reference_bytes = 6 * chunk * n * 8 + 6 * n * head_dim * 8
+    if backward:  # float64 dq, dk, dv of the whole problem, and float32 sums of the baseline
+        reference_bytes += 3 * heads * n * head_dim * 8 + 2 * heads * n * head_dim * 4
+    return int(1.1 * (arrays + reference_bytes))
+
+
+@dataclass
+class Comparison:
+    """One result against float64: its error, the naive same-precision error, the bound."""
+
+    name: str
+    error: float
+    naive_error: float
+    where: str
+
+    @property
+    def allowed(self) -> float:
+        return 2 * self.naive_error + ABSOLUTE_SLACK
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.error) and self.error <= self.allowed
+
+    def record(self) -> dict:
+        finite = (lambda x: x if math.isfinite(x) else None)
+        return {"error": finite(self.error), "allowed": finite(self.allowed),
+                "naive_error": finite(self.naive_error), "rows": self.where,
+                "passed": self.passed}
+
+
+@dataclass
+class Phase:
+    """Time, work and peak memory of the forward or the backward pass."""
+
+    seconds: float
+    flops: float
+    peak_bytes: int
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.seconds / 1e12 if self.seconds > 0 else float("nan")
+
+    def record(self) -> dict:
+        return {"time_s": self.seconds, "tflops": self.tflops, "flops": self.flops,
+                "peak_bytes": self.peak_bytes}
+
+
+@dataclass
+class CheckResult:
+    forward: Phase
+    backward: Phase | None
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+
+def _max_error(xp, got, ref) -> float:
+    """``max|got − ref|`` in float64; NaN anywhere in ``got`` gives NaN."""
+    if got.size == 0:
+        return 0.0
+    return float(xp.max(xp.abs(got.astype(xp.float64) - ref)))
+
+
+def _nan_free(xp, *arrays) -> bool:
+    return not any(bool(xp.isnan(a.astype(xp.float32)).any()) for a in arrays)
+
+
+def _measured(device, fn: Callable, repeats: int, held_bytes: int):
+    """``(result, Phase without flops)``. On the GPU the first call (which also compiles) gives
+    the result, then ``repeats`` timed calls, then one call for memory; on the CPU one call gives
+    all three. ``held_bytes`` (the inputs) is added to the peak."""
+    if device.name == "cpu":
+        start = time.perf_counter()
+        result, peak = device.peak_bytes(fn)
+        return result, Phase(time.perf_counter() - start, 0.0, held_bytes + peak)
+    result = fn()
+    device.synchronize()
+    elapsed = float(numpy.median(device.times(fn, warmup=0, repeats=repeats)))
+    _, peak = device.peak_bytes(fn)
+    return result, Phase(elapsed, 0.0, held_bytes + peak)
+
+
+def forward_flops(n: int, heads: int, head_dim: int, *, causal: bool, block_mask=None) -> float:
+    """``4·H·N²·D``, halved when causal, times the kept fraction of a block mask (batch 1)."""
+    fraction = (0.5 if causal else 1.0) * (block_mask.element_density if block_mask else 1.0)
+    return 4.0 * heads * n * n * head_dim * fraction
+
+
+def run_check(device, q, k, v, *, rows, causal: bool, block_mask=None, backward: bool = True,
+              repeats: int = 10, seed: int = 0, on_step: Callable | None = None) -> CheckResult:
+    """Run cuflash on ``q, k, v`` (``(1, H, N, D)`` arrays of ``device``), time it, and compare
+    the sampled ``rows`` (and, for the backward, every gradient) with float64.
+
+    ``on_step()`` is called after each reference step (see :func:`reference_steps`).
+    """
+    xp = device.xp
+    _, heads, n, head_dim = q.shape
+    options = {"causal": causal, "block_mask": block_mask}
+    poisoned = xp.full(q.shape[:-1] + v.shape[-1:], xp.nan, dtype=q.dtype)
+    (out, lse), fwd = _measured(
+        device, lambda: cuflash.attention(q, k, v, return_lse=True, out=poisoned, **options),
+        repeats, held_bytes=sum(x.nbytes for x in (q, k, v, poisoned)))
+    fwd.flops = forward_flops(n, heads, head_dim, causal=causal, block_mask=block_mask)
+
+    bwd, grads, dout = None, None, None
+    if backward:
+        dout = _sparse_dout(device, out, rows, seed)
+        grads, bwd = _measured(
+            device, lambda: cuflash.attention_backward(dout, q, k, v, out, lse, **options),
+            repeats, held_bytes=sum(x.nbytes for x in (q, k, v, out, lse, dout)))
+        bwd.flops = fwd.flops * 2.5
+
+    result = CheckResult(fwd, bwd)
+    where = "all" if len(rows) == n else f"{len(rows)} sampled"
+    ref, naive = _forward_reference(xp, q, k, v, rows, causal=causal, block_mask=block_mask,
+                                    on_step=on_step)
+    got = out[:, :, xp.asarray(rows)]
+    result.comparisons.append(
+        Comparison("out", _max_error(xp, got, ref), _max_error(xp, naive, ref), where))
+    if not _nan_free(xp, out, lse):  # unwritten output rows outside the sample fail too
+        result.comparisons[-1].error = float("nan")
+    if backward:
+        refs = _backward_reference(xp, dout, q, k, v, rows, causal=causal, block_mask=block_mask,
+                                   on_step=on_step)
+        for name, got, (ref, naive) in zip(("dq", "dk", "dv"), grads, refs):
+            result.comparisons.append(
+                Comparison(name, _max_error(xp, got, ref), _max_error(xp, naive, ref), "all"))
+    return result
+
+
+def _sparse_dout(device, out, rows, seed):
+    """Random output gradient on ``rows``, zero elsewhere (see the module docstring)."""
+    rng = numpy.random.default_rng([seed, 5])
+    values = rng.standard_normal(out.shape[:2] + (len(rows), out.shape[-1]), dtype=numpy.float32)
+    dout = numpy.zeros(out.shape, dtype=out.dtype)
+    dout[:, :, rows] = values.astype(out.dtype)
+    return device.asarray(dout)
+
+
+def reference_chunks(n: int, rows: numpy.ndarray) -> list[numpy.ndarray]:
+    """The sampled rows cut into pieces whose scores fit REFERENCE_SCORES."""
+    size = max(1, REFERENCE_SCORES // n)
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def reference_steps(heads: int, n: int, rows: numpy.ndarray, backward: bool) -> int:
+    """How many times ``run_check`` calls ``on_step``: once per head and chunk, per pass."""
+    return heads * len(reference_chunks(n, rows)) * (2 if backward else 1)
+
+
+def _head_keep(xp, n, part, causal, block_mask):
+    return reference.keep_mask(n, n, causal=causal, block_mask=block_mask, rows=part, xp=xp)
+
+
+def _forward_reference(xp, q, k, v, rows, *, causal, block_mask, on_step):
+    """Float64 ``out`` and the naive same-precision ``out`` on ``rows``, head by head."""
+    heads, n = q.shape[1], q.shape[2]
+    ref = xp.empty(q.shape[:2] + (len(rows), v.shape[-1]), dtype=xp.float64)
+    naive = xp.empty(ref.shape, dtype=q.dtype)
+    start = 0
+    for part in reference_chunks(n, rows):
+        index, stop = xp.asarray(part), start + len(part)
+        keep = _head_keep(xp, n, part, causal, block_mask)
+        for h in range(heads):
+            qh, kh, vh = q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1]
+            ref[:, h:h + 1, start:stop], _ = reference.chunked_attention(
+                qh, kh, vh, causal=causal, block_mask=block_mask, rows=part)
+            naive[:, h:h + 1, start:stop], _ = reference.naive_attention(
+                qh[:, :, index], kh, vh, mask=keep)
+            if on_step:
+                on_step()
+        start = stop
+    return ref, naive
+
+
+def _backward_reference(xp, dout, q, k, v, rows, *, causal, block_mask, on_step):
+    """Float64 and naive same-precision ``(dq, dk, dv)`` of the whole problem, from ``rows``
+    (``dout`` is zero elsewhere).
+
+    The naive dk and dv of several row chunks are summed in float32, each chunk rounded once:
+    one more rounding than a single pass makes, only when the rows do not fit one chunk.
+    """
+    heads, n = q.shape[1], q.shape[2]
+    refs = [xp.zeros(x.shape, dtype=xp.float64) for x in (q, k, v)]
+    naives = [xp.zeros(x.shape, dtype=xp.float32) for x in (q, k, v)]
+    for part in reference_chunks(n, rows):
+        index = xp.asarray(part)
+        keep = _head_keep(xp, n, part, causal, block_mask)
+        for h in range(heads):
+            args = (dout[:, h:h + 1, index], q[:, h:h + 1, index], k[:, h:h + 1], v[:, h:h + 1])
+            for grads, computed in ((refs, reference.attention_backward(*args, mask=keep)),
+                                    (naives, reference.naive_attention_backward(*args,
+                                                                                mask=keep))):
+                dq, dk, dv = computed
+                grads[0][:, h:h + 1, index] = dq
+                grads[1][:, h:h + 1] += dk
+                grads[2][:, h:h + 1] += dv
+            if on_step:
+                on_step()
+    return [(ref, naive.astype(q.dtype)) for ref, naive in zip(refs, naives)]

@@ -1,0 +1,197 @@
+"""FlashAttention in NumPy: the readable statement of what the CUDA kernels do.
+
+The score matrix is never formed. Query rows are processed in tiles of ``BLOCK_M`` and keys in
+tiles of ``BLOCK_N`` (or in the blocks of a block mask); memory is O(N·D + tile²) per
+(batch, head) pair. All (batch, head) pairs of one tile are processed together, with the query
+heads of a grouped-query group laid along an extra axis so that they share their key/value
+tile without a copy.
+
+Precision is the kernels': inputs are upcast to float32 tile by tile, every product accumulates in
+float32, and the operands the kernels feed to 16-bit tensor-core products (P before P·V; P and dS
+in the backward pass) are rounded to the input dtype first.
+
+Both entry points take the 4-D views described in docs/internals.md and write into the arrays
+they are given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BLOCK_M = 128  # query rows per tile
+BLOCK_N = 128  # key rows per tile
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+_F32 = np.float32
+
+
+def forward(q, k, v, out, lse, *, scale, causal, block_mask=None):
+    """Write ``attention(q, k, v)`` into ``out`` ``(B, Hq, Nq, Dv)`` and ``lse`` ``(B, Hq, Nq)``.
+
+    Online softmax in base 2: ``S = q kᵀ · scale · log2(e)``; for each key tile the running row
+    maximum ``m`` and running sum ``l`` are updated and the accumulator rescaled by
+    ``exp2(m_old - m_new)``. At the end ``out = acc / l`` and ``lse = (m + log2 l) · ln 2``.
+    """
+    b, hq, nq, _ = q.shape
+    hkv, nk, dv = v.shape[1], v.shape[2], v.shape[3]
+    grid = _TileGrid(nq, nk, hq, hkv, causal=causal, block_mask=block_mask)
+    scale_log2 = _F32(scale * LOG2E)
+    k_tiles = k[:, :, None]  # (B, Hkv, 1, Nk, D): one key/value head for a group of query heads
+    v_tiles = v[:, :, None]
+
+    for i in range(grid.row_tiles):
+        rows = grid.rows(i)
+        qi = _grouped(q[:, :, rows], hkv).astype(_F32)  # (B, Hkv, G, m, D)
+        shape = qi.shape[:-1] + (1,)
+        row_max = np.full(shape, -np.inf, _F32)
+        row_sum = np.zeros(shape, _F32)
+        acc = np.zeros(qi.shape[:-1] + (dv,), _F32)
+
+        for j in grid.live_in_row(i):
+            cols = grid.cols(j)
+            s = (qi @ k_tiles[..., cols, :].astype(_F32).swapaxes(-1, -2)) * scale_log2
+            keep = grid.keep(i, j)
+            if keep is not None:  # only tiles that straddle the diagonal or mask some heads
+                s = np.where(keep, s, -np.inf)
+            new_max = np.maximum(row_max, s.max(axis=-1, keepdims=True))
+            # A row that has seen only masked keys keeps max -inf; subtracting 0 instead makes
+            # its probabilities exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+            safe_max = np.where(new_max == -np.inf, _F32(0), new_max)
+            p = np.exp2(s - safe_max)
+            correction = np.exp2(row_max - safe_max)
+            row_sum = row_sum * correction + p.sum(axis=-1, keepdims=True)
+            acc = acc * correction + _as_operand(p, v.dtype) @ v_tiles[..., cols, :].astype(_F32)
+            row_max = new_max
+
+        empty = row_sum == 0  # nothing attended: output 0, lse -inf
+        safe_sum = np.where(empty, _F32(1), row_sum)
+        out[:, :, rows] = (acc / safe_sum).reshape(b, hq, -1, dv).astype(out.dtype)
+        row_lse = np.where(empty, -np.inf, (row_max + np.log2(safe_sum)) * _F32(LN2))
+        lse[:, :, rows] = row_lse.reshape(b, hq, -1)
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
+             deterministic=False):
+    """Write the gradients of ``forward`` into ``dq``, ``dk``, ``dv``.
+
+    For each key/value tile (outer loop) and each query tile that reaches it: recompute
+    ``P = exp2(S · scale · log2 e − lse · log2 e)``, then ``dV += Pᵀ dO``, ``dP = dO Vᵀ``,
+    ``dS = P ∘ (dP − Δ)`` with ``Δ = rowsum(dO ∘ O)``, ``dK += scale · dSᵀ Q`` and
+    ``dQ += scale · dS K``. ``deterministic`` is accepted for symmetry with the GPU: this loop
+    always adds in the same order.
+    """
+    del deterministic
+    hkv, nk = k.shape[1], k.shape[2]
+    b, hq, nq, d = q.shape
+    grid = _TileGrid(nq, nk, hq, hkv, causal=causal, block_mask=block_mask)
+    scale_log2 = _F32(scale * LOG2E)
+    scale32 = _F32(scale)
+
+    # Per-row constants, (B, Hkv, G, Nq, 1).
+    delta = _grouped((dout.astype(_F32) * out.astype(_F32)).sum(axis=-1)[..., None], hkv)
+    # A fully masked row has lse -inf; +inf makes every P of that row exp2(-inf) = 0.
+    lse_log2 = np.where(np.isneginf(lse), np.inf, lse * _F32(LOG2E)).astype(_F32)
+    lse_log2 = _grouped(lse_log2[..., None], hkv)
+
+    dq_acc = np.zeros((b, hkv, hq // hkv, nq, d), _F32)
+    for j in range(grid.col_tiles):
+        cols = grid.cols(j)
+        kj = k[:, :, None, cols].astype(_F32)  # (B, Hkv, 1, n, D)
+        vj = v[:, :, None, cols].astype(_F32)
+        dk_acc = np.zeros(kj.shape, _F32)
+        dv_acc = np.zeros(vj.shape, _F32)
+
+        for i in grid.live_in_col(j):
+            rows = grid.rows(i)
+            qi = _grouped(q[:, :, rows], hkv).astype(_F32)  # (B, Hkv, G, m, D)
+            doi = _grouped(dout[:, :, rows], hkv).astype(_F32)
+            s = (qi @ kj.swapaxes(-1, -2)) * scale_log2
+            keep = grid.keep(i, j)
+            if keep is not None:
+                s = np.where(keep, s, -np.inf)
+            p = np.exp2(s - lse_log2[..., rows, :])
+            # Sums over the group axis add the contributions of every query head of the group.
+            dv_acc += (_as_operand(p, v.dtype).swapaxes(-1, -2) @ doi).sum(axis=2, keepdims=True)
+            dp = doi @ vj.swapaxes(-1, -2)
+            ds = _as_operand(p * (dp - delta[..., rows, :]), q.dtype)
+            dk_acc += (ds.swapaxes(-1, -2) @ qi).sum(axis=2, keepdims=True) * scale32
+            dq_acc[..., rows, :] += (ds @ kj) * scale32
+
+        # Key tiles that no query reaches get zeros: the back end writes every element.
+        dk[:, :, cols] = dk_acc[:, :, 0].astype(dk.dtype)
+        dv[:, :, cols] = dv_acc[:, :, 0].astype(dv.dtype)
+    dq[...] = dq_acc.reshape(b, hq, nq, d).astype(dq.dtype)
+
+
+def _grouped(x, hkv):
+    """View ``(B, Hq, ...)`` as ``(B, Hkv, G, ...)``: the query heads of one key/value head."""
+    return x.reshape(x.shape[:1] + (hkv, x.shape[1] // hkv) + x.shape[2:])
+
+
+def _as_operand(x, dtype):
+    """``x`` rounded to the input dtype, as the kernels round tensor-core operands (kept float32)."""
+    if dtype == _F32:
+        return x
+    return x.astype(dtype).astype(_F32)
+
+
+class _TileGrid:
+    """Which (query tile, key tile) pairs hold work, and the element mask of each.
+
+    Tiles are ``BLOCK_M × BLOCK_N``, or the block mask's blocks when one is given. A tile is
+    skipped when every element is masked (causally, or by the block mask for every head); a
+    ``keep`` mask is built only for tiles that are partly masked.
+    """
+
+    def __init__(self, nq, nk, hq, hkv, *, causal, block_mask):
+        self.nq, self.nk, self.hq, self.hkv = nq, nk, hq, hkv
+        self.causal = causal
+        self.offset = nk - nq  # bottom-right alignment: query i sees keys j <= i + offset
+        if block_mask is None:
+            self.bm, self.bn = BLOCK_M, BLOCK_N
+            self.blocks = None
+        else:
+            self.bm, self.bn = (int(n) for n in block_mask.block_size)
+            self.blocks = np.asarray(block_mask.to_dense(), dtype=bool)  # (H', Mt, Nt)
+        self.row_tiles = -(-nq // self.bm)
+        self.col_tiles = -(-nk // self.bn)
+
+        live = np.ones((self.row_tiles, self.col_tiles), dtype=bool)
+        if causal:
+            last_row = np.minimum((np.arange(self.row_tiles) + 1) * self.bm, nq) - 1
+            first_col = np.arange(self.col_tiles) * self.bn
+            live &= first_col[None, :] <= last_row[:, None] + self.offset
+        if self.blocks is not None:
+            live &= self.blocks.any(axis=0)
+        self.live = live
+
+    def rows(self, i):
+        return slice(i * self.bm, min((i + 1) * self.bm, self.nq))
+
+    def cols(self, j):
+        return slice(j * self.bn, min((j + 1) * self.bn, self.nk))
+
+    def live_in_row(self, i):
+        return np.flatnonzero(self.live[i])
+
+    def live_in_col(self, j):
+        return np.flatnonzero(self.live[:, j])
+
+    def keep(self, i, j):
+        """``None`` if the whole tile is attended, else a bool mask broadcastable to
+        ``(B, Hkv, G, m, n)``."""
+        rows, cols = self.rows(i), self.cols(j)
+        keep = None
+        if self.causal and cols.stop - 1 > rows.start + self.offset:
+            keep = (np.arange(cols.start, cols.stop)[None, :]
+                    <= np.arange(rows.start, rows.stop)[:, None] + self.offset)
+        if self.blocks is not None:
+            heads = self.blocks[:, i, j]
+            if not heads.all():  # kept for some heads only: mask the others
+                heads = heads.reshape(self.hkv, self.hq // self.hkv, 1, 1)
+                keep = heads if keep is None else heads & keep
+        return keep

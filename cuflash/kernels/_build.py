@@ -1,0 +1,104 @@
+"""Kernel sources → compiled functions.
+
+Sources are `.cu` files beside this module. `#include "x.cuh"` lines naming a sibling header are
+inlined before compilation, so the text CuPy hashes for its disk cache (`CUPY_CACHE_DIR`) is the
+whole program: editing a header invalidates the cache as it should. Each kernel variant is one
+template instantiation named by a C++ expression (``flash_fwd<bf16_t, 128, ...>``) and compiled
+into its own module, once per (source, expression, device) in a process.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent
+COMPILE_OPTIONS = ("-std=c++17",)
+_INCLUDE = re.compile(r'^\s*#include\s+"([\w.]+)"\s*$', re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=None)
+def source(name: str) -> str:
+    """The text of kernel source `name` with its local headers inlined (each at most once)."""
+    seen: set[str] = set()
+
+    def expand(filename: str) -> str:
+        if filename in seen:
+            return ""
+        seen.add(filename)
+        text = (KERNEL_DIR / filename).read_text()
+        text = text.replace("#pragma once\n", "")
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(name)
+
+
+def template_expression(name: str, *args) -> str:
+    """``name<a, b, ...>`` with Python bools spelled as C++ bools."""
+    spelled = [("true" if a else "false") if isinstance(a, bool) else str(a) for a in args]
+    return f"{name}<{', '.join(spelled)}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _module(source_name: str, expression: str, device_id: int):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(
+            code=source(source_name), options=COMPILE_OPTIONS, name_expressions=(expression,)
+        )
+
+
+def get_function(source_name: str, expression: str, *, shared_bytes: int = 0):
+    """The compiled kernel for `expression` on the current device, ready for `shared_bytes`."""
+    import cupy
+
+    device_id = cupy.cuda.Device().id
+    kernel = _module(source_name, expression, device_id).get_function(expression)
+    if shared_bytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_bytes:
+        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    return kernel
+
+
+def compile_offline(source_name: str, expressions, arch: str) -> str:
+    """Compile with NVRTC for `arch` (``sm_80``, ``sm_90a``...) without a GPU; returns the ptxas
+    report (registers, spills). Raises RuntimeError with the compiler log on failure."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    program = nvrtc.createProgram(source(source_name), source_name, [], [])
+    try:
+        for expression in expressions:
+            nvrtc.addNameExpression(program, expression)
+        options = [*COMPILE_OPTIONS, f"-arch={arch}", "-Xptxas=-v"]
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(
+                f"{source_name} failed to compile for {arch}:\n{nvrtc.getProgramLog(program)}"
+            ) from error
+        return nvrtc.getProgramLog(program)
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+_FUNCTION_REPORT = re.compile(
+    r"Compiling entry function '(?P<name>[^']+)'.*?"
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
+    r"(?P<loads>\d+) bytes spill loads.*?Used (?P<regs>\d+) registers",
+    re.DOTALL,
+)
+
+
+def parse_ptxas_report(log: str) -> list[dict]:
+    """Per kernel: mangled name, registers, stack frame and spill bytes from a ptxas -v log."""
+    return [
+        {
+            "name": m["name"],
+            "registers": int(m["regs"]),
+            "stack": int(m["stack"]),
+            "spill_stores": int(m["stores"]),
+            "spill_loads": int(m["loads"]),
+        }
+        for m in _FUNCTION_REPORT.finditer(log)
+    ]

@@ -1,0 +1,343 @@
+"""Launch of the tensor-core backward kernels (flash_bwd.cu) for float16 / bfloat16.
+
+The gradients are computed as in FlashAttention-2, recomputing the attention probabilities from
+q, k and the forward's log-sum-exp instead of storing them; device memory stays linear in the
+sequence length. Three or four launches on the current stream:
+
+1. ``flash_bwd_pre``: ``Delta = rowsum(dout * out)`` and the log-sum-exp in base 2, per query row.
+2. ``flash_bwd_dkdv``: one thread block per tile of keys of one (batch, key/value head) walks the
+   query tiles that see those keys, for every query head of the GQA group, and writes dk and dv
+   once (summed over the group in registers: no atomics, deterministic).
+3. dq, in one of two ways:
+
+   - default (``deterministic=False``): the dk/dv kernel also adds each tile's ``dS K`` into a
+     float32 accumulator with atomic adds, and ``flash_bwd_dq_convert`` casts it to dq. The
+     order in which the thread blocks' additions land varies from run to run, so dq can differ
+     in its last bits between identical calls (dk and dv never do). Fastest.
+   - ``deterministic=True``: no float atomics anywhere. ``flash_bwd_dq``, one thread block per
+     query tile, walks its key tiles in a fixed order, recomputes the probabilities and dP, and
+     writes dq once: repeated calls give bit-identical dq, dk and dv. It recomputes ``Q Kᵀ`` and
+     ``dO Vᵀ`` a second time (7 matrix products per tile pair instead of 5), so it is slower, and
+     it needs no float32 dq accumulator (less scratch memory).
+
+Scratch memory (see ``workspace_bytes``): two float32 values per query row and head (Delta and the
+base-2 log-sum-exp), plus, on the default path, a float32 dq accumulator of
+``B·Hq·Nq·D`` values (rows rounded up to 128, D up to a multiple of 32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from . import _build
+from ._launch import (
+    F32,
+    I32,
+    I64,
+    PTR,
+    element_strides,
+    element_type,
+    make_struct_dtype,
+    pack_struct,
+    padded_head_dim,
+    pointer,
+    vector_aligned,
+)
+
+SOURCE = "flash_bwd.cu"
+LOG2E = 1.4426950408889634
+ROW_ALIGN = 128  # scratch rows per (batch, head) are a multiple of this: every query tile divides it
+PRE_ROWS = 32    # rows per thread block of flash_bwd_pre
+SMEM_PAD = 8
+A100_SHARED_BYTES = 163 * 1024
+
+BWD_ARGS = make_struct_dtype(
+    [(n, PTR) for n in ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2",
+                        "delta", "dq_accum", "tile_ptr", "tile_idx")]
+    + [(f"{t}_s{a}", I64) for t in ("q", "k", "v", "o", "do", "gq", "gk", "gv") for a in "bhn"]
+    + [(n, I32) for n in ("batch", "nq", "nk", "d", "dv", "heads", "kv_heads", "group", "m_tiles",
+                          "n_tiles", "rows_pad", "dqk", "mask_heads")]
+    + [("scale", F32), ("scale_log2", F32)]
+)
+assert BWD_ARGS.itemsize == 368, "BWD_ARGS must match BwdArgs in flash_bwd.cu"
+
+
+@dataclass(frozen=True)
+class BwdTiles:
+    """Tile shape of one backward variant.
+
+    dk/dv kernel: ``warps`` warps; each group of ``col_split`` warps owns ``mt`` 16-key slabs, so
+    a thread block holds ``block_n = warps / col_split · mt · 16`` keys; query tiles of
+    ``block_m`` rows stream through shared memory in ``stages`` buffers (2: the next tile loads
+    during the whole step; 1: during the dq part only). ``col_split > 1`` splits the query
+    columns of Sᵀ and the head-dim columns of dK/dV between the warps of a slab (for large head
+    dims, whose dK + dV would not fit in registers otherwise) and passes Pᵀ and dSᵀ through shared
+    memory. ``kv_in_regs`` keeps the warp's K and V fragments in registers for the whole loop.
+
+    Deterministic dq kernel: ``dq_warps`` warps of ``dq_mt`` 16-row query slabs
+    (``dq_block_m`` rows) against key tiles of ``dq_block_n``; ``dq_in_regs`` keeps the Q and dO
+    fragments in registers.
+    """
+
+    warps: int
+    mt: int
+    col_split: int
+    block_m: int
+    stages: int
+    kv_in_regs: bool
+    dq_warps: int
+    dq_mt: int
+    dq_block_n: int
+    dq_in_regs: bool
+
+    def __post_init__(self):
+        if self.warps % self.col_split or self.block_m % (16 * self.col_split):
+            raise ValueError(f"{self}: warps and block_m/16 must be multiples of col_split")
+        if self.stages not in (1, 2):
+            raise ValueError(f"{self}: stages must be 1 or 2")
+        for name, rows in (("block_m", self.block_m), ("dq_block_m", self.dq_block_m)):
+            if ROW_ALIGN % rows:
+                raise ValueError(f"{self}: {name}={rows} must divide {ROW_ALIGN}")
+        if self.dq_block_n % 16:
+            raise ValueError(f"{self}: dq_block_n must be a multiple of 16")
+
+    @property
+    def block_n(self) -> int:
+        return self.warps // self.col_split * self.mt * 16
+
+    @property
+    def dq_block_m(self) -> int:
+        return self.dq_warps * self.dq_mt * 16
+
+    def dkdv_shared_bytes(self, dqk: int, dv: int, *, atomic_dq: bool) -> int:
+        bm, bn = self.block_m, self.block_n
+        halves = bn * (dqk + SMEM_PAD) + bn * (dv + SMEM_PAD)
+        halves += self.stages * bm * ((dqk + SMEM_PAD) + (dv + SMEM_PAD))
+        exchanged = int(self.col_split > 1) + int(self.col_split > 1 or atomic_dq)  # Pᵀ, dSᵀ
+        halves += exchanged * bn * (bm + SMEM_PAD)
+        return 2 * halves + 4 * 2 * self.stages * bm
+
+    def dq_shared_bytes(self, dqk: int, dv: int) -> int:
+        bm, bn = self.dq_block_m, self.dq_block_n
+        return 2 * (bm * (dqk + SMEM_PAD) + bm * (dv + SMEM_PAD)
+                    + 2 * bn * (dqk + SMEM_PAD) + 2 * bn * (dv + SMEM_PAD))
+
+
+# Candidates per widest padded head dim, preferred first; a block mask takes the first whose
+# tiles divide its block size. Register use and spills: see main_variants() and the compile test.
+_CANDIDATES = {
+    64: (
+        BwdTiles(warps=8, mt=1, col_split=1, block_m=64, stages=2, kv_in_regs=True,
+                 dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=True),
+        BwdTiles(warps=4, mt=1, col_split=1, block_m=64, stages=2, kv_in_regs=True,
+                 dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=True),
+    ),
+    128: (
+        BwdTiles(warps=8, mt=1, col_split=1, block_m=64, stages=2, kv_in_regs=False,
+                 dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=False),
+        BwdTiles(warps=4, mt=1, col_split=1, block_m=64, stages=2, kv_in_regs=False,
+                 dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=False),
+    ),
+    256: (
+        BwdTiles(warps=8, mt=1, col_split=2, block_m=64, stages=1, kv_in_regs=False,
+                 dq_warps=4, dq_mt=1, dq_block_n=32, dq_in_regs=False),
+    ),
+}
+
+
+def _candidates(dqk: int, dv: int):
+    widest = max(dqk, dv)
+    for limit in sorted(_CANDIDATES):
+        if widest <= limit:
+            return _CANDIDATES[limit]
+    raise ValueError(f"head dims up to 256 are supported, got padded widths {dqk} and {dv}")
+
+
+def default_tiles(dqk: int, dv: int, block_size=None) -> BwdTiles:
+    """The tile shape for padded head dims (dqk, dv); with a block mask's ``(bq, bk)``, the first
+    candidate whose query and key tiles divide the blocks."""
+    candidates = _candidates(dqk, dv)
+    if block_size is None:
+        return candidates[0]
+    bq, bk = (int(n) for n in block_size)
+    for tiles in candidates:
+        if (bq % tiles.block_m == 0 and bk % tiles.block_n == 0
+                and bq % tiles.dq_block_m == 0 and bk % tiles.dq_block_n == 0):
+            return tiles
+    needs = " or ".join(f"bq % {t.block_m} == 0, bk % {t.block_n} == 0" for t in candidates)
+    raise ValueError(
+        f"the GPU backward with head dims ({dqk}, {dv}) needs block masks whose block size "
+        f"(bq, bk) satisfies {needs}; got block_size=({bq}, {bk}) (64 and 128 always work)")
+
+
+def rows_padded(nq: int) -> int:
+    return -(-nq // ROW_ALIGN) * ROW_ALIGN
+
+
+def workspace_bytes(B: int, Hq: int, Nq: int, D: int, *, deterministic: bool = False) -> int:
+    """Device scratch memory of one backward call, in bytes: float32 Delta and base-2 lse per
+    query row and head, plus (default path) the float32 dq accumulator. Query rows are rounded
+    up to 128 and D to a multiple of 32. For B=1, Hq=16, Nq=65536, D=64: 8 MiB + 256 MiB."""
+    rows = B * Hq * rows_padded(Nq)
+    total = 2 * 4 * rows
+    if not deterministic:
+        total += 4 * rows * padded_head_dim(D, "head dim D")
+    return total
+
+
+def variant_pre(dtype, *, aligned: bool, zero_dq: bool) -> str:
+    return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq)
+
+
+def variant_dkdv(dtype, dqk: int, dv: int, tiles: BwdTiles, *, causal: bool, sparse: bool,
+                 aligned: bool, atomic_dq: bool) -> str:
+    return _build.template_expression(
+        "flash_bwd_dkdv", element_type(dtype), dqk, dv, tiles.warps, tiles.mt, tiles.col_split,
+        tiles.block_m, tiles.stages, tiles.kv_in_regs, causal, sparse, aligned, atomic_dq,
+    )
+
+
+def variant_dq(dtype, dqk: int, dv: int, tiles: BwdTiles, *, causal: bool, sparse: bool,
+               aligned: bool) -> str:
+    return _build.template_expression(
+        "flash_bwd_dq", element_type(dtype), dqk, dv, tiles.dq_warps, tiles.dq_mt,
+        tiles.dq_block_n, tiles.dq_in_regs, causal, sparse, aligned,
+    )
+
+
+def variant_convert(dtype, *, aligned: bool) -> str:
+    return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned)
+
+
+def _check_grid(blocks: int, what: str) -> int:
+    if blocks >= 2**31:
+        raise ValueError(f"problem too large for one launch of {what}: {blocks} thread blocks "
+                         "(limit 2**31 - 1)")
+    return blocks
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
+             deterministic=False, tiles: BwdTiles | None = None):
+    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
+    import cupy
+
+    batch, heads, nq, d = q.shape
+    kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    dqk = padded_head_dim(d, "head dim D")
+    dvp = padded_head_dim(dv_dim, "value head dim Dv")
+    if batch == 0 or heads == 0:
+        return
+    if nq == 0 or nk == 0:  # nothing attended: every gradient is zero
+        for g in (dq, dk, dv):
+            g.fill(0)
+        return
+    if tiles is None:
+        tiles = default_tiles(dqk, dvp, None if block_mask is None else block_mask.block_size)
+    atomic_dq = not deterministic
+    sparse = block_mask is not None
+    aligned = vector_aligned((q, k, v, out, dout, dq, dk, dv), (d, dv_dim))
+    rows_pad = rows_padded(nq)
+
+    lse2 = cupy.empty((batch, heads, rows_pad), numpy.float32)
+    delta = cupy.empty((batch, heads, rows_pad), numpy.float32)
+    dq_accum = cupy.empty((batch, heads, rows_pad, dqk), numpy.float32) if atomic_dq else None
+
+    fields = dict(
+        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), dout=pointer(dout),
+        lse=pointer(lse), grad_q=pointer(dq), grad_k=pointer(dk), grad_v=pointer(dv),
+        lse2=pointer(lse2), delta=pointer(delta), dq_accum=pointer(dq_accum),
+        batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
+        group=heads // kv_heads, rows_pad=rows_pad, dqk=dqk,
+        mask_heads=int(sparse and block_mask.num_heads is not None),
+        scale=scale, scale_log2=scale * LOG2E,
+    )
+    for name, x in zip(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)):
+        sb, sh, sn, _ = element_strides(x)
+        fields.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
+
+    def args(m_tiles=0, n_tiles=0, tile_ptr=None, tile_idx=None):
+        return pack_struct(BWD_ARGS, **fields, m_tiles=m_tiles, n_tiles=n_tiles,
+                           tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx))
+
+    # 1. Delta, lse2, zeroed dq accumulator.
+    kernel = _build.get_function(SOURCE, variant_pre(q.dtype, aligned=aligned, zero_dq=atomic_dq))
+    blocks = _check_grid(rows_pad // PRE_ROWS * heads * batch, "flash_bwd_pre")
+    kernel((blocks,), (256,), (args(),))
+
+    # 2. dK, dV (and dQ through atomics).
+    m_tiles, n_tiles = -(-nq // tiles.block_m), -(-nk // tiles.block_n)
+    tile_ptr = tile_idx = None
+    if sparse:
+        csr = block_mask.device_csr(tiles.block_m, tiles.block_n)
+        tile_ptr, tile_idx = csr.col_ptr, csr.row_idx
+    shared = tiles.dkdv_shared_bytes(dqk, dvp, atomic_dq=atomic_dq)
+    expression = variant_dkdv(q.dtype, dqk, dvp, tiles, causal=causal, sparse=sparse,
+                              aligned=aligned, atomic_dq=atomic_dq)
+    kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
+    blocks = _check_grid(n_tiles * kv_heads * batch, "flash_bwd_dkdv")
+    kernel((blocks,), (tiles.warps * 32,), (args(m_tiles, n_tiles, tile_ptr, tile_idx),),
+           shared_mem=shared)
+
+    # 3. dQ.
+    if atomic_dq:
+        kernel = _build.get_function(SOURCE, variant_convert(q.dtype, aligned=aligned))
+        threads = batch * heads * nq * (-(-d // 8))
+        blocks = _check_grid(-(-threads // 256), "flash_bwd_dq_convert")
+        kernel((blocks,), (256,), (args(),))
+    else:
+        m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
+        tile_ptr = tile_idx = None
+        if sparse:
+            csr = block_mask.device_csr(tiles.dq_block_m, tiles.dq_block_n)
+            tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+        shared = tiles.dq_shared_bytes(dqk, dvp)
+        expression = variant_dq(q.dtype, dqk, dvp, tiles, causal=causal, sparse=sparse,
+                                aligned=aligned)
+        kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
+        blocks = _check_grid(m_tiles * heads * batch, "flash_bwd_dq")
+        kernel((blocks,), (tiles.dq_warps * 32,), (args(m_tiles, n_tiles, tile_ptr, tile_idx),),
+               shared_mem=shared)
+
+
+def main_variants() -> list[tuple[str, str]]:
+    """The variants that must compile for every supported architecture without register spills:
+    both dtypes, head dims 64/128/256, causal or not, both dq strategies; plus the sparse,
+    unaligned and small-tile (block-mask fallback) variants of the common head dims."""
+    out = []
+    for dtype in ("float16", "bfloat16"):
+        for aligned in (False, True):
+            out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=True)))
+            out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=False)))
+            out.append((SOURCE, variant_convert(dtype, aligned=aligned)))
+        for d in (64, 128, 256):
+            tiles = default_tiles(d, d)
+            for causal in (False, True):
+                for atomic_dq in (True, False):
+                    out.append((SOURCE, variant_dkdv(dtype, d, d, tiles, causal=causal, sparse=False,
+                                                     aligned=True, atomic_dq=atomic_dq)))
+                out.append((SOURCE, variant_dq(dtype, d, d, tiles, causal=causal, sparse=False,
+                                               aligned=True)))
+        for d in (64, 128):
+            for tiles in _candidates(d, d):
+                for atomic_dq in (True, False):
+                    out.append((SOURCE, variant_dkdv(dtype, d, d, tiles, causal=True, sparse=True,
+                                                     aligned=True, atomic_dq=atomic_dq)))
+                out.append((SOURCE, variant_dq(dtype, d, d, tiles, causal=True, sparse=True,
+                                               aligned=True)))
+    tiles = default_tiles(64, 128)
+    out.append((SOURCE, variant_dkdv("float16", 64, 128, tiles, causal=False, sparse=False,
+                                     aligned=False, atomic_dq=True)))
+    out.append((SOURCE, variant_dq("float16", 64, 128, tiles, causal=False, sparse=False,
+                                   aligned=False)))
+    return list(dict.fromkeys(out))
+
+
+def flops(batch: int, heads: int, nq: int, nk: int, d: int, dv: int, *, causal: bool) -> float:
+    """Matmul FLOPs of the backward pass as the papers count them: 2.5x the forward."""
+    total = 2.5 * 2.0 * batch * heads * nq * nk * (d + dv)
+    return total / 2 if causal else total
+
+
+__all__ = ["backward", "BwdTiles", "default_tiles", "workspace_bytes", "main_variants", "flops"]

@@ -1,0 +1,693 @@
+// FlashAttention in float32 on the CUDA cores (FFMA): the exact path.
+//
+// Same algorithm as the tensor-core kernels (online softmax in base 2, K/V tiles staged through
+// shared memory, lse saved; the backward pass recomputes P from lse) with every operand kept in
+// float32, so the result is as accurate as a plain float32 implementation. The backward pass is
+// two kernels that each own what they write (dK/dV: a key tile; dQ: a query tile): no atomics, so
+// the gradients are the same bits on every run.
+//
+// Every kernel runs 256 threads as a 16 x 16 grid. Thread (ty, tx) owns rows ty, ty + 16, ... of
+// an output tile, so the 16 threads of a row form one half-warp and a row reduction is four
+// shuffles. Products are register-tiled: gemm_nt (both operands contiguous along the reduction,
+// as Q·Kᵀ) and gemm_nn (second operand contiguous along the output columns, as P·V).
+#include "common.cuh"
+
+namespace f32 {
+
+constexpr int THREADS = 256;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.69314718055994531f;
+
+// Row stride of a Q/K/V/dO tile (head dims are multiples of 32): ≡ 4 mod 32 words, so gemm_nt's
+// float4 reads of eight consecutive rows at one column fall in eight distinct bank quads.
+template <int COLS>
+struct OperandTile {
+    static_assert(COLS % 32 == 0, "head dims are padded to multiples of 32");
+    static constexpr int STRIDE = COLS + 4;
+};
+
+// Row stride of a P/dS tile: ≡ 16 mod 32 words, so the two half-warps of a warp, which store
+// rows r and r + 1, write disjoint halves of the banks.
+template <int COLS>
+struct ScoreTile {
+    static_assert(COLS % 16 == 0, "tiles are multiples of 16");
+    static constexpr int STRIDE = COLS % 32 == 16 ? COLS : COLS + 16;
+};
+
+__device__ __forceinline__ int thread_row() { return threadIdx.x / 16; }
+__device__ __forceinline__ int thread_col() { return threadIdx.x % 16; }
+
+__device__ __forceinline__ float lane4(const float4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// acc[i][j] += sum_k a[ty + 16 i][k] * b[tx + 16 j][k], k over [0, K). a and b are shared tiles
+// with row strides AS and BS (floats). Each k is added in order: the sums are reproducible.
+template <int TM, int TN, int K, int AS, int BS>
+__device__ __forceinline__ void gemm_nt(float (&acc)[TM][TN], const float* a, const float* b) {
+    static_assert(K % 4 == 0 && AS % 4 == 0 && BS % 4 == 0, "float4 operand reads");
+    a += thread_row() * AS;
+    b += thread_col() * BS;
+#pragma unroll 2
+    for (int k = 0; k < K; k += 4) {
+        float4 av[TM], bv[TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) av[i] = *reinterpret_cast<const float4*>(a + i * 16 * AS + k);
+#pragma unroll
+        for (int j = 0; j < TN; ++j) bv[j] = *reinterpret_cast<const float4*>(b + j * 16 * BS + k);
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                acc[i][j] = fmaf(av[i].x, bv[j].x, acc[i][j]);
+                acc[i][j] = fmaf(av[i].y, bv[j].y, acc[i][j]);
+                acc[i][j] = fmaf(av[i].z, bv[j].z, acc[i][j]);
+                acc[i][j] = fmaf(av[i].w, bv[j].w, acc[i][j]);
+            }
+    }
+}
+
+// Output columns of gemm_nn: a thread owns CN columns in CN / W runs of W adjacent columns, run c
+// starting at (c * 16 + tx) * W, so the 16 threads of a row read one contiguous stretch of b.
+template <int CN>
+struct NNColumns {
+    static constexpr int W = CN % 4 == 0 ? 4 : 2;
+    static_assert(CN % W == 0, "head dims are padded to multiples of 32");
+    static __device__ __forceinline__ int col(int c) { return ((c / W) * 16 + thread_col()) * W + c % W; }
+};
+
+// acc[i][c] += sum_k a[ty + 16 i][k] * b[k][col(c)], k over [0, K), in order.
+template <int TM, int CN, int K, int AS, int BS>
+__device__ __forceinline__ void gemm_nn(float (&acc)[TM][CN], const float* a, const float* b) {
+    constexpr int W = NNColumns<CN>::W;
+    static_assert(K % 4 == 0 && AS % 4 == 0 && BS % W == 0, "vector operand reads");
+    a += thread_row() * AS;
+    b += thread_col() * W;
+#pragma unroll 1
+    for (int k = 0; k < K; k += 4) {
+        float4 av[TM];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) av[i] = *reinterpret_cast<const float4*>(a + i * 16 * AS + k);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const float* brow = b + (k + kk) * BS;
+#pragma unroll
+            for (int c = 0; c < CN / W; ++c) {
+                float bv[W];
+                if constexpr (W == 4) {
+                    const float4 x = *reinterpret_cast<const float4*>(brow + c * 16 * W);
+                    bv[0] = x.x, bv[1] = x.y, bv[2] = x.z, bv[3] = x.w;
+                } else {
+                    const float2 x = *reinterpret_cast<const float2*>(brow + c * 16 * W);
+                    bv[0] = x.x, bv[1] = x.y;
+                }
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int w = 0; w < W; ++w)
+                        acc[i][c * W + w] = fmaf(lane4(av[i], kk), bv[w], acc[i][c * W + w]);
+            }
+        }
+    }
+}
+
+template <int TM, int TN>
+__device__ __forceinline__ void zero(float (&x)[TM][TN]) {
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) x[i][j] = 0.f;
+}
+
+// Max and sum over the 16 threads of one row (one half-warp).
+__device__ __forceinline__ float row_max16(float x) {
+#pragma unroll
+    for (int o = 8; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+__device__ __forceinline__ float row_sum16(float x) {
+#pragma unroll
+    for (int o = 8; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// Copies rows [row0, row0 + ROWS) x columns [0, COLS) of a row-major global matrix (row stride
+// `ld` floats, `nrows` valid rows, `ncols` valid columns) into a shared tile of row stride
+// STRIDE, zero-filling everything outside the valid region: zeros, not stale data, so that the
+// padding cannot feed NaN into a product. ALIGNED: base and ld allow 16-byte copies (checked on
+// the host); a copy that straddles `ncols` reads only the valid floats and zero-fills the rest.
+template <int ROWS, int COLS, int STRIDE, bool ALIGNED>
+__device__ __forceinline__ void load_tile(float* smem, const float* gmem, i64 ld, int row0,
+                                          int nrows, int ncols) {
+    if constexpr (ALIGNED) {
+        constexpr int CHUNKS = COLS / 4;
+#pragma unroll 4
+        for (int c = threadIdx.x; c < ROWS * CHUNKS; c += THREADS) {
+            const int r = c / CHUNKS;
+            const int col = (c % CHUNKS) * 4;
+            const int grow = row0 + r;
+            const int valid = grow < nrows ? max(0, min(4, ncols - col)) : 0;
+            const float* src = valid ? gmem + (i64)grow * ld + col : gmem;
+            cp_async_16(smem_addr(smem + r * STRIDE + col), src, valid * 4);
+        }
+    } else {
+        for (int e = threadIdx.x; e < ROWS * COLS; e += THREADS) {
+            const int r = e / COLS;
+            const int col = e % COLS;
+            const int grow = row0 + r;
+            smem[r * STRIDE + col] = (grow < nrows && col < ncols) ? gmem[(i64)grow * ld + col] : 0.f;
+        }
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Writes rows ty + 16 i (from `row0`, below `nrows`) of a gemm_nn accumulator times `mul` to a
+// row-major global matrix, columns below `ncols`.
+template <int TM, int CN, bool ALIGNED>
+__device__ __forceinline__ void store_rows(float* gmem, i64 ld, const float (&acc)[TM][CN],
+                                           const float (&mul)[TM], int row0, int nrows, int ncols) {
+    constexpr int W = NNColumns<CN>::W;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int row = row0 + thread_row() + 16 * i;
+        if (row >= nrows) continue;
+        float* grow = gmem + (i64)row * ld;
+#pragma unroll
+        for (int c = 0; c < CN; c += W) {
+            const int col = NNColumns<CN>::col(c);
+            if (ALIGNED && W == 4 && col + 4 <= ncols) {
+                *reinterpret_cast<float4*>(grow + col) =
+                    make_float4(acc[i][c] * mul[i], acc[i][c + 1] * mul[i], acc[i][c + 2] * mul[i],
+                                acc[i][c + 3] * mul[i]);
+            } else if (ALIGNED && W == 2 && col + 2 <= ncols) {
+                *reinterpret_cast<float2*>(grow + col) =
+                    make_float2(acc[i][c] * mul[i], acc[i][c + 1] * mul[i]);
+            } else {
+#pragma unroll
+                for (int w = 0; w < W; ++w)
+                    if (col + w < ncols) grow[col + w] = acc[i][c + w] * mul[i];
+            }
+        }
+    }
+}
+
+}  // namespace f32
+
+// ---------------------------------------------------------------------------------- forward
+
+struct F32FwdArgs {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* o;
+    float* lse;
+    const int* tile_ptr;  // block-sparse: CSR over query tiles (row_ptr / col_idx), else null
+    const int* tile_idx;
+    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
+    i64 k_sb, k_sh, k_sn;
+    i64 v_sb, v_sh, v_sn;
+    i64 o_sb, o_sh, o_sn;
+    int nq, nk, d, dv;
+    int heads, group;  // query heads; query heads per key/value head
+    int m_tiles;       // ceil(nq / BLOCK_M)
+    int mask_heads;    // block-sparse: 1 = one pattern per head, 0 = shared
+    float scale_log2;  // softmax scale * log2(e)
+};
+static_assert(sizeof(F32FwdArgs) == 192, "F32FwdArgs must match FWD_ARGS in float32.py");
+
+// One thread block owns BLOCK_M query rows of one (batch, head) and walks its key tiles of
+// BLOCK_N keys: S = Q·Kᵀ in registers, online softmax, P through shared memory, O += P·V. The V
+// load overlaps Q·Kᵀ and the softmax; the next K load overlaps P·V.
+template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
+__global__ void __launch_bounds__(f32::THREADS, 1)
+flash_f32_fwd(const F32FwdArgs a) {
+    using namespace f32;
+    constexpr int TM = BLOCK_M / 16;  // rows of S and O per thread
+    constexpr int TN = BLOCK_N / 16;  // columns of S per thread
+    constexpr int CN = DV / 16;       // columns of O per thread
+    constexpr int QS = OperandTile<DQK>::STRIDE;
+    constexpr int VS = OperandTile<DV>::STRIDE;
+    constexpr int PS = ScoreTile<BLOCK_N>::STRIDE;
+
+    extern __shared__ __align__(16) float smem[];
+    float* sq = smem;
+    float* sk = sq + BLOCK_M * QS;
+    float* sv = sk + BLOCK_N * QS;
+    float* sp = sv + BLOCK_N * VS;
+
+    // Heaviest (causal: last) query tiles first, the tiles of one head next to each other.
+    int bid = blockIdx.x;
+    const int m_tile_rev = bid % a.m_tiles;
+    bid /= a.m_tiles;
+    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
+    const int h = bid % a.heads;
+    const int b = bid / a.heads;
+    const int hk = h / a.group;
+
+    const float* q = a.q + b * a.q_sb + h * a.q_sh;
+    const float* k = a.k + b * a.k_sb + hk * a.k_sh;
+    const float* v = a.v + b * a.v_sb + hk * a.v_sh;
+    const int m0 = m_tile * BLOCK_M;
+
+    // Key tiles this query tile visits: a range (dense) or a CSR row (block-sparse).
+    int n_first = 0, n_count;
+    if constexpr (SPARSE) {
+        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
+        n_first = ptr[m_tile];
+        n_count = ptr[m_tile + 1] - n_first;
+    } else {
+        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
+    }
+    if constexpr (CAUSAL) {
+        // Keys at or past this column are masked for every row of the tile.
+        const int n_limit = min(a.nk, causal_key_limit(m0 + BLOCK_M - 1, a.nq, a.nk) + 1);
+        if constexpr (SPARSE) {
+            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
+        } else {
+            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
+        }
+    }
+    auto key_tile = [&](int i) -> int {
+        if constexpr (SPARSE) return a.tile_idx[n_first + i];
+        return i;
+    };
+
+    const int ty = thread_row(), tx = thread_col();
+    float acc[TM][CN];
+    float row_base[TM], row_sum[TM];  // row_base: max · scale · log2 e; row_sum: this thread's
+                                      // columns only, reduced at the end
+    zero(acc);
+#pragma unroll
+    for (int i = 0; i < TM; ++i) row_base[i] = -INFINITY, row_sum[i] = 0.f;
+
+    load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q, a.q_sn, m0, a.nq, a.d);
+    int n_tile = n_count > 0 ? key_tile(0) : 0;
+    if (n_count > 0) load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+    cp_async_commit();
+
+    for (int it = 0; it < n_count; ++it) {
+        cp_async_wait_all();
+        __syncthreads();  // K tile (and Q) visible; every thread is done with the previous V and P
+        load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
+        cp_async_commit();
+
+        float s[TM][TN];
+        zero(s);
+        gemm_nt<TM, TN, DQK, QS, QS>(s, sq, sk);
+
+        // Element masks only where the tile crosses the causal diagonal or the end of K.
+        const int n0 = n_tile * BLOCK_N;
+        const bool tile_partial =
+            n0 + BLOCK_N > a.nk || (CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(m0, a.nq, a.nk));
+        if (tile_partial) {
+#pragma unroll
+            for (int i = 0; i < TM; ++i) {
+                const int row = m0 + ty + 16 * i;
+                const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
+#pragma unroll
+                for (int j = 0; j < TN; ++j)
+                    if (n0 + tx + 16 * j >= limit) s[i][j] = -INFINITY;
+            }
+        }
+
+        // Online softmax in base 2. row_base is the running max already scaled, so that the
+        // rescale factor exp2(old - new) is consistent with the exponents used for earlier tiles.
+        // A row that has seen only masked keys keeps max -inf and subtracts 0 instead, so its
+        // probabilities are exp2(-inf) = 0, never NaN.
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) mx = fmaxf(mx, s[i][j]);
+            mx = row_max16(mx);
+            const float base = fmaxf(row_base[i], mx * a.scale_log2);
+            const float safe = base == -INFINITY ? 0.f : base;
+            const float alpha = exp2f(row_base[i] - safe);
+            row_base[i] = base;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                const float p = exp2f(fmaf(s[i][j], a.scale_log2, -safe));
+                sp[(ty + 16 * i) * PS + tx + 16 * j] = p;
+                sum += p;
+            }
+            row_sum[i] = row_sum[i] * alpha + sum;
+#pragma unroll
+            for (int c = 0; c < CN; ++c) acc[i][c] *= alpha;
+        }
+
+        cp_async_wait_all();
+        __syncthreads();  // V tile and P visible; every thread is done with this K tile
+        if (it + 1 < n_count) {
+            n_tile = key_tile(it + 1);
+            load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+        }
+        cp_async_commit();
+
+        gemm_nn<TM, CN, BLOCK_N, PS, VS>(acc, sp, sv);
+    }
+    cp_async_wait_all();  // nothing left in flight when no key tile was visited
+
+    // Epilogue: O = acc / l (0 for rows that saw no key), lse = (base + log2 l) · ln 2.
+    float inv[TM];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const float l = row_sum16(row_sum[i]);
+        inv[i] = l > 0.f ? 1.f / l : 0.f;
+        const int row = m0 + ty + 16 * i;
+        if (tx == 0 && row < a.nq)
+            a.lse[((i64)b * a.heads + h) * a.nq + row] =
+                l > 0.f ? fmaf(row_base[i], LN2, logf(l)) : -INFINITY;
+    }
+    store_rows<TM, CN, ALIGNED>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, acc, inv, m0, a.nq, a.dv);
+}
+
+// ---------------------------------------------------------------------------------- backward
+
+struct F32BwdArgs {
+    const float* q;
+    const float* k;
+    const float* v;
+    const float* o;
+    const float* dout;
+    const float* lse;
+    float* dq_out;  // gradients, (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
+    float* dk_out;
+    float* dv_out;
+    float* lse2;   // workspace (B, Hq, Nq): lse in base 2, +inf for rows that attend to nothing
+    float* delta;  // workspace (B, Hq, Nq): rowsum(dO ∘ O)
+    const int* row_ptr;  // block-sparse: key tiles of each query tile (dQ), else null
+    const int* col_idx;
+    const int* col_ptr;  // block-sparse: query tiles of each key tile (dK/dV), else null
+    const int* row_idx;
+    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
+    i64 k_sb, k_sh, k_sn;
+    i64 v_sb, v_sh, v_sn;
+    i64 o_sb, o_sh, o_sn;
+    i64 do_sb, do_sh, do_sn;
+    i64 dq_sb, dq_sh, dq_sn;
+    i64 dk_sb, dk_sh, dk_sn;
+    i64 dv_sb, dv_sh, dv_sn;
+    int batch, nq, nk, d, dv;
+    int heads, group;  // query heads; query heads per key/value head
+    int m_tiles;       // ceil(nq / tile rows) of the kernel launched
+    int n_tiles;       // ceil(nk / tile keys) of the kernel launched
+    int mask_heads;    // block-sparse: 1 = one pattern per head, 0 = shared
+    float scale;
+    float scale_log2;
+};
+static_assert(sizeof(F32BwdArgs) == 360, "F32BwdArgs must match BWD_ARGS in float32.py");
+
+// Per query row: Delta = rowsum(dO ∘ O) and lse · log2(e), with +inf for a row that attends to
+// nothing so that the recomputed P of that row is exp2(-inf) = 0. One warp per row.
+__global__ void __launch_bounds__(f32::THREADS) flash_f32_bwd_prep(const F32BwdArgs a) {
+    const i64 row = (i64)blockIdx.x * (f32::THREADS / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= (i64)a.batch * a.heads * a.nq) return;  // whole warps leave together
+    const int n = (int)(row % a.nq);
+    const int h = (int)((row / a.nq) % a.heads);
+    const int b = (int)(row / a.nq / a.heads);
+    const float* o = a.o + b * a.o_sb + h * a.o_sh + n * a.o_sn;
+    const float* dout = a.dout + b * a.do_sb + h * a.do_sh + n * a.do_sn;
+    float sum = 0.f;
+    for (int c = lane; c < a.dv; c += 32) sum = fmaf(dout[c], o[c], sum);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+        const float lse = a.lse[row];
+        a.lse2[row] = lse == -INFINITY ? INFINITY : lse * f32::LOG2E;
+        a.delta[row] = sum;
+    }
+}
+
+// dK, dV for one key tile of BLOCK_N keys of one (batch, key/value head): the block walks the
+// query tiles (BLOCK_M rows) of every query head of the group and accumulates in registers
+//     Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·scale·log2 e − lse₂), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Δ),
+//     dV += Pᵀ·dO, dK += scale · dSᵀ·Q,
+// so that every element of dK and dV is written once, by one thread, in a fixed order. The next
+// dO tile loads while dK += dSᵀ·Q runs; dPᵀ runs while the next Q tile lands.
+template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
+__global__ void __launch_bounds__(f32::THREADS, 1)
+flash_f32_bwd_dkdv(const F32BwdArgs a) {
+    using namespace f32;
+    constexpr int TM = BLOCK_N / 16;  // key rows per thread
+    constexpr int TN = BLOCK_M / 16;  // query columns of Sᵀ per thread
+    constexpr int CK = DQK / 16;      // columns of dK per thread
+    constexpr int CV = DV / 16;       // columns of dV per thread
+    constexpr int QS = OperandTile<DQK>::STRIDE;
+    constexpr int VS = OperandTile<DV>::STRIDE;
+    constexpr int PS = ScoreTile<BLOCK_M>::STRIDE;
+
+    extern __shared__ __align__(16) float smem[];
+    float* sk = smem;
+    float* sv = sk + BLOCK_N * QS;
+    float* sq = sv + BLOCK_N * VS;
+    float* sdo = sq + BLOCK_M * QS;
+    float* spt = sdo + BLOCK_M * VS;  // Pᵀ
+    float* sdst = spt + BLOCK_N * PS; // dSᵀ
+
+    // Key tiles in order (causal: the first ones have the most queries), heads next to each other.
+    int bid = blockIdx.x;
+    const int n_tile = bid % a.n_tiles;
+    bid /= a.n_tiles;
+    const int hk = bid % (a.heads / a.group);
+    const int b = bid / (a.heads / a.group);
+    const int n0 = n_tile * BLOCK_N;
+
+    const float* k = a.k + b * a.k_sb + hk * a.k_sh;
+    const float* v = a.v + b * a.v_sb + hk * a.v_sh;
+
+    // The first query row that sees key n0 (causal); query tiles ending before it are skipped.
+    const int first_row = CAUSAL ? max(0, n0 - (a.nk - a.nq)) : 0;
+
+    // The steps of the walk: query head g of the group, position `pos` in its query tile list.
+    int g = 0, pos = 0, end = 0;
+    auto tiles_of = [&](int gg) {
+        if constexpr (SPARSE) {
+            const int hh = hk * a.group + gg;
+            const int* ptr = a.col_ptr + (a.mask_heads ? hh * (a.n_tiles + 1) : 0);
+            pos = ptr[n_tile];
+            end = ptr[n_tile + 1];
+            if constexpr (CAUSAL)
+                while (pos < end && min((a.row_idx[pos] + 1) * BLOCK_M, a.nq) - 1 < first_row) ++pos;
+        } else {
+            pos = first_row < a.nq ? first_row / BLOCK_M : a.m_tiles;
+            end = a.m_tiles;
+        }
+    };
+    tiles_of(0);
+    while (pos == end && ++g < a.group) tiles_of(g);
+    auto advance = [&]() {
+        ++pos;
+        while (pos == end && ++g < a.group) tiles_of(g);
+    };
+    auto query_tile = [&]() -> int {
+        if constexpr (SPARSE) return a.row_idx[pos];
+        return pos;
+    };
+    auto q_of = [&]() { return a.q + b * a.q_sb + (hk * a.group + g) * a.q_sh; };
+    auto do_of = [&]() { return a.dout + b * a.do_sb + (hk * a.group + g) * a.do_sh; };
+
+    const int ty = thread_row(), tx = thread_col();
+    float dk_acc[TM][CK], dv_acc[TM][CV];
+    zero(dk_acc);
+    zero(dv_acc);
+
+    if (g < a.group) {
+        const int m0 = query_tile() * BLOCK_M;
+        load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n0, a.nk, a.d);
+        load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n0, a.nk, a.dv);
+        load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(), a.do_sn, m0, a.nq, a.dv);
+        cp_async_commit();
+        load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(), a.q_sn, m0, a.nq, a.d);
+        cp_async_commit();
+    }
+
+    while (g < a.group) {
+        const int h = hk * a.group + g;
+        const int m0 = query_tile() * BLOCK_M;
+        const float* lse2 = a.lse2 + ((i64)b * a.heads + h) * a.nq;
+        const float* delta = a.delta + ((i64)b * a.heads + h) * a.nq;
+        float lse2_c[TN], delta_c[TN];  // for this thread's query columns
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int m = m0 + tx + 16 * j;
+            lse2_c[j] = m < a.nq ? lse2[m] : INFINITY;  // rows past Nq: P = 0
+            delta_c[j] = m < a.nq ? delta[m] : 0.f;
+        }
+
+        cp_async_wait<1>();
+        __syncthreads();  // dO (K, V) visible
+        float st[TM][TN], dpt[TM][TN];
+        zero(dpt);
+        gemm_nt<TM, TN, DV, VS, VS>(dpt, sv, sdo);
+
+        cp_async_wait<0>();
+        __syncthreads();  // Q visible
+        zero(st);
+        gemm_nt<TM, TN, DQK, QS, QS>(st, sk, sq);
+
+        const bool tile_partial = CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(m0, a.nq, a.nk);
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                float p = exp2f(fmaf(st[i][j], a.scale_log2, -lse2_c[j]));
+                if (tile_partial &&
+                    n0 + ty + 16 * i > causal_key_limit(m0 + tx + 16 * j, a.nq, a.nk))
+                    p = 0.f;
+                spt[(ty + 16 * i) * PS + tx + 16 * j] = p;
+                sdst[(ty + 16 * i) * PS + tx + 16 * j] = p * (dpt[i][j] - delta_c[j]);
+            }
+        __syncthreads();  // Pᵀ, dSᵀ visible
+        gemm_nn<TM, CV, BLOCK_M, PS, VS>(dv_acc, spt, sdo);
+
+        advance();
+        __syncthreads();  // every thread is done with dO
+        if (g < a.group)
+            load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(), a.do_sn, query_tile() * BLOCK_M, a.nq, a.dv);
+        cp_async_commit();
+
+        gemm_nn<TM, CK, BLOCK_M, PS, QS>(dk_acc, sdst, sq);
+        __syncthreads();  // every thread is done with Q, Pᵀ and dSᵀ
+        if (g < a.group)
+            load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(), a.q_sn, query_tile() * BLOCK_M, a.nq, a.d);
+        cp_async_commit();
+    }
+    cp_async_wait_all();
+
+    // Key tiles that no query reaches get zeros: every element is written.
+    float ones[TM], scales[TM];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) ones[i] = 1.f, scales[i] = a.scale;
+    store_rows<TM, CK, ALIGNED>(a.dk_out + b * a.dk_sb + hk * a.dk_sh, a.dk_sn, dk_acc, scales, n0, a.nk, a.d);
+    store_rows<TM, CV, ALIGNED>(a.dv_out + b * a.dv_sb + hk * a.dv_sh, a.dv_sn, dv_acc, ones, n0, a.nk, a.dv);
+}
+
+// dQ for one query tile of BLOCK_M rows of one (batch, head): the block walks its key tiles of
+// BLOCK_N keys and accumulates dQ += scale · dS·K in registers,
+//     S = Q·Kᵀ, P = exp2(S·scale·log2 e − lse₂), dP = dO·Vᵀ, dS = P ∘ (dP − Δ).
+// The next V tile loads while dS·K runs.
+template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
+__global__ void __launch_bounds__(f32::THREADS, 1)
+flash_f32_bwd_dq(const F32BwdArgs a) {
+    using namespace f32;
+    constexpr int TM = BLOCK_M / 16;  // query rows per thread
+    constexpr int TN = BLOCK_N / 16;  // key columns of S per thread
+    constexpr int CQ = DQK / 16;      // columns of dQ per thread
+    constexpr int QS = OperandTile<DQK>::STRIDE;
+    constexpr int VS = OperandTile<DV>::STRIDE;
+    constexpr int PS = ScoreTile<BLOCK_N>::STRIDE;
+
+    extern __shared__ __align__(16) float smem[];
+    float* sq = smem;
+    float* sdo = sq + BLOCK_M * QS;
+    float* sk = sdo + BLOCK_M * VS;
+    float* sv = sk + BLOCK_N * QS;
+    float* sds = sv + BLOCK_N * VS;
+
+    int bid = blockIdx.x;
+    const int m_tile_rev = bid % a.m_tiles;
+    bid /= a.m_tiles;
+    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
+    const int h = bid % a.heads;
+    const int b = bid / a.heads;
+    const int hk = h / a.group;
+    const int m0 = m_tile * BLOCK_M;
+
+    const float* k = a.k + b * a.k_sb + hk * a.k_sh;
+    const float* v = a.v + b * a.v_sb + hk * a.v_sh;
+
+    int n_first = 0, n_count;
+    if constexpr (SPARSE) {
+        const int* ptr = a.row_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
+        n_first = ptr[m_tile];
+        n_count = ptr[m_tile + 1] - n_first;
+    } else {
+        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
+    }
+    if constexpr (CAUSAL) {
+        const int n_limit = min(a.nk, causal_key_limit(m0 + BLOCK_M - 1, a.nq, a.nk) + 1);
+        if constexpr (SPARSE) {
+            while (n_count > 0 && a.col_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
+        } else {
+            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
+        }
+    }
+    auto key_tile = [&](int i) -> int {
+        if constexpr (SPARSE) return a.col_idx[n_first + i];
+        return i;
+    };
+
+    const int ty = thread_row(), tx = thread_col();
+    float lse2_r[TM], delta_r[TM];  // for this thread's rows
+    {
+        const float* lse2 = a.lse2 + ((i64)b * a.heads + h) * a.nq;
+        const float* delta = a.delta + ((i64)b * a.heads + h) * a.nq;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int row = m0 + ty + 16 * i;
+            lse2_r[i] = row < a.nq ? lse2[row] : INFINITY;
+            delta_r[i] = row < a.nq ? delta[row] : 0.f;
+        }
+    }
+    float dq_acc[TM][CQ];
+    zero(dq_acc);
+
+    int n_tile = n_count > 0 ? key_tile(0) : 0;
+    if (n_count > 0) {
+        load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq, a.d);
+        load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq, a.dv);
+        load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+        load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
+    }
+    cp_async_commit();
+
+    for (int it = 0; it < n_count; ++it) {
+        cp_async_wait_all();
+        __syncthreads();  // K and V tiles visible; every thread is done with the previous dS
+        float s[TM][TN], dp[TM][TN];
+        zero(s);
+        gemm_nt<TM, TN, DQK, QS, QS>(s, sq, sk);
+        zero(dp);
+        gemm_nt<TM, TN, DV, VS, VS>(dp, sdo, sv);
+
+        const int n0 = n_tile * BLOCK_N;
+        const bool tile_partial =
+            n0 + BLOCK_N > a.nk || (CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(m0, a.nq, a.nk));
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int row = m0 + ty + 16 * i;
+            const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                float p = exp2f(fmaf(s[i][j], a.scale_log2, -lse2_r[i]));
+                if (tile_partial && n0 + tx + 16 * j >= limit) p = 0.f;
+                sds[(ty + 16 * i) * PS + tx + 16 * j] = p * (dp[i][j] - delta_r[i]);
+            }
+        }
+        __syncthreads();  // dS visible; every thread is done with V
+        if (it + 1 < n_count)
+            load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, key_tile(it + 1) * BLOCK_N, a.nk, a.dv);
+        cp_async_commit();
+
+        gemm_nn<TM, CQ, BLOCK_N, PS, QS>(dq_acc, sds, sk);
+        __syncthreads();  // every thread is done with K
+        if (it + 1 < n_count) {
+            n_tile = key_tile(it + 1);
+            load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+        }
+        cp_async_commit();
+    }
+    cp_async_wait_all();
+
+    // Query tiles that see no key get zeros: every element is written.
+    float scales[TM];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) scales[i] = a.scale;
+    store_rows<TM, CQ, ALIGNED>(a.dq_out + b * a.dq_sb + h * a.dq_sh, a.dq_sn, dq_acc, scales, m0, a.nq, a.d);
+}

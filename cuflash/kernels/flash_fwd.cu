@@ -1,0 +1,268 @@
+// FlashAttention forward, FlashAttention-2 loop order, mma.sync tensor cores (sm_80+).
+//
+// One thread block owns BLOCK_M query rows of one (batch, head); each warp owns MT 16-row slabs
+// of them. K/V tiles of BLOCK_N keys stream through shared memory: the V load overlaps the Q·Kᵀ
+// product and the softmax, the next K load overlaps P·V. Softmax is online and in base 2; O and
+// lse are written once at the end.
+#include "common.cuh"
+
+struct FwdArgs {
+    const u16* q;
+    const u16* k;
+    const u16* v;
+    u16* o;
+    float* lse;
+    const int* tile_ptr;  // block-sparse: CSR over query tiles (see sparse docs), else null
+    const int* tile_idx;
+    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
+    i64 k_sb, k_sh, k_sn;
+    i64 v_sb, v_sh, v_sn;
+    i64 o_sb, o_sh, o_sn;
+    int nq, nk, d, dv;
+    int heads, group;      // query heads; query heads per key/value head
+    int m_tiles;           // ceil(nq / BLOCK_M)
+    int mask_heads;        // block-sparse: 1 = one pattern per head, 0 = shared
+    float scale_log2;      // softmax scale * log2(e)
+};
+static_assert(sizeof(FwdArgs) == 192, "FwdArgs must match FWD_ARGS in mma_forward.py");
+
+template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool Q_IN_REGS, bool CAUSAL,
+          bool SPARSE, bool ALIGNED>
+__global__ void __launch_bounds__(WARPS * 32)
+flash_fwd(const FwdArgs a) {
+    constexpr int THREADS = WARPS * 32;
+    constexpr int BLOCK_M = WARPS * MT * 16;
+    constexpr int QS = DQK + SMEM_PAD;  // shared row strides (elements)
+    constexpr int KS = DQK + SMEM_PAD;
+    constexpr int VS = DV + SMEM_PAD;
+    constexpr int NT = BLOCK_N / 8;     // n8 tiles of S
+    constexpr int OT = DV / 8;          // n8 tiles of O
+    constexpr int KQK = DQK / 16;       // k16 steps of Q·Kᵀ
+
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sq = smem;
+    u16* sk = sq + BLOCK_M * QS;
+    u16* sv = sk + BLOCK_N * KS;
+
+    // Heaviest (causal: last) query tiles first, the tiles of one head next to each other.
+    int bid = blockIdx.x;
+    const int m_tile_rev = bid % a.m_tiles;
+    bid /= a.m_tiles;
+    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
+    const int h = bid % a.heads;
+    const int b = bid / a.heads;
+    const int hk = h / a.group;
+
+    const u16* q = a.q + b * a.q_sb + h * a.q_sh;
+    const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
+    const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
+    const int m0 = m_tile * BLOCK_M;
+
+    // Key tiles this query tile visits: a range (dense) or a CSR row (block-sparse).
+    int n_first = 0, n_count;
+    if constexpr (SPARSE) {
+        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
+        n_first = ptr[m_tile];
+        n_count = ptr[m_tile + 1] - n_first;
+    } else {
+        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
+    }
+    int n_limit = a.nk;  // keys at or past this column are masked for every row of the tile
+    if constexpr (CAUSAL) {
+        n_limit = min(a.nk, causal_key_limit(m0 + BLOCK_M - 1, a.nq, a.nk) + 1);
+        if constexpr (SPARSE) {
+            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
+        } else {
+            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
+        }
+    }
+    auto key_tile = [&](int i) -> int {
+        if constexpr (SPARSE) return a.tile_idx[n_first + i];
+        return i;
+    };
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
+
+    float acc[MT][OT][4];
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < OT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+        row_max[mt][0] = row_max[mt][1] = -INFINITY;
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
+
+    load_tile<BLOCK_M, DQK, THREADS, ALIGNED>(sq, q, a.q_sn, m0, a.nq, a.d);
+    int n_tile = n_count > 0 ? key_tile(0) : 0;
+    if (n_count > 0) load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+    cp_async_commit();
+
+    // ldmatrix lane addresses (byte offsets inside a tile) for A, B and transposed-B operands.
+    const u32 a_off = ((lane % 16) * QS + (lane / 16) * 8) * 2;
+    const u32 b_off = (((lane % 8) + (lane / 16) * 8) * KS + ((lane / 8) % 2) * 8) * 2;
+    const u32 vt_off = (((lane % 8) + ((lane / 8) % 2) * 8) * VS + (lane / 16) * 8) * 2;
+    const u32 sq_warp = smem_addr(sq) + warp * MT * 16 * QS * 2 + a_off;
+    const u32 sk_lane = smem_addr(sk) + b_off;
+    const u32 sv_lane = smem_addr(sv) + vt_off;
+
+    u32 qf[Q_IN_REGS ? MT : 1][Q_IN_REGS ? KQK : 1][4];
+
+    for (int it = 0; it < n_count; ++it) {
+        cp_async_wait_all();
+        __syncthreads();  // K tile (and Q) visible; every warp is done with the previous V
+        load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
+        cp_async_commit();
+
+        if constexpr (Q_IN_REGS) {
+            if (it == 0) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int kk = 0; kk < KQK; ++kk)
+                        ldmatrix_x4(qf[mt][kk], sq_warp + (mt * 16 * QS + kk * 16) * 2);
+            }
+        }
+
+        float s[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+
+#pragma unroll
+        for (int kk = 0; kk < KQK; ++kk) {
+            u32 qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Q_IN_REGS) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) qa[mt][r] = qf[mt][kk][r];
+                } else {
+                    ldmatrix_x4(qa[mt], sq_warp + (mt * 16 * QS + kk * 16) * 2);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NT; j += 2) {
+                u32 kb[4];
+                ldmatrix_x4(kb, sk_lane + (j * 8 * KS + kk * 16) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(s[mt][j], qa[mt], kb[0], kb[1]);
+                    mma_16816<T>(s[mt][j + 1], qa[mt], kb[2], kb[3]);
+                }
+            }
+        }
+
+        // Element masks only where the tile crosses the causal diagonal or the end of K.
+        const int n0 = n_tile * BLOCK_N;
+        const bool tile_partial =
+            n0 + BLOCK_N > a.nk ||
+            (CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(m0 + warp * MT * 16, a.nq, a.nk));
+        if (tile_partial) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int row = m0 + (warp * MT + mt) * 16 + g + half * 8;
+                    const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
+#pragma unroll
+                    for (int j = 0; j < NT; ++j)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            if (n0 + j * 8 + 2 * t + e >= limit) s[mt][j][half * 2 + e] = -INFINITY;
+                }
+        }
+
+        // Online softmax in base 2; P packed to 16-bit A fragments for P·V.
+        u32 pf[MT][NT / 2][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float mx = row_max[mt][half];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][half * 2], s[mt][j][half * 2 + 1]));
+                mx = quad_max(mx);
+                // A row that has seen only masked keys keeps max -inf; subtract 0 instead of -inf.
+                const float base = mx == -INFINITY ? 0.f : mx * a.scale_log2;
+                const float alpha = fast_exp2(row_max[mt][half] * a.scale_log2 - base);
+                row_max[mt][half] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = fast_exp2(fmaf(s[mt][j][half * 2 + e], a.scale_log2, -base));
+                        s[mt][j][half * 2 + e] = p;
+                        sum += p;
+                    }
+                row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
+#pragma unroll
+                for (int j = 0; j < OT; ++j) {
+                    acc[mt][j][half * 2] *= alpha;
+                    acc[mt][j][half * 2 + 1] *= alpha;
+                }
+            }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < NT / 2; ++kk) {
+                pf[mt][kk][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pf[mt][kk][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pf[mt][kk][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pf[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+
+        cp_async_wait_all();
+        __syncthreads();  // V tile visible; every warp is done with this K tile
+        if (it + 1 < n_count) {
+            n_tile = key_tile(it + 1);
+            load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+        }
+        cp_async_commit();
+
+#pragma unroll
+        for (int kk = 0; kk < NT / 2; ++kk)
+#pragma unroll
+            for (int j = 0; j < OT; j += 2) {
+                u32 vb[4];
+                ldmatrix_x4_trans(vb, sv_lane + (kk * 16 * VS + j * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(acc[mt][j], pf[mt][kk], vb[0], vb[1]);
+                    mma_16816<T>(acc[mt][j + 1], pf[mt][kk], vb[2], vb[3]);
+                }
+            }
+    }
+
+    // Epilogue: O = acc / l (0 for rows that saw no key), lse = ln(sum) + max·scale.
+    u16* o = a.o + b * a.o_sb + h * a.o_sh;
+    float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = m0 + (warp * MT + mt) * 16 + g + half * 8;
+            const float l = quad_sum(row_sum[mt][half]);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            if (row < a.nq) {
+                if (t == 0)
+                    lse[row] = l > 0.f ? (row_max[mt][half] * a.scale_log2 + __log2f(l)) * 0.69314718055994531f
+                                       : -INFINITY;
+                u16* orow = o + (i64)row * a.o_sn;
+#pragma unroll
+                for (int j = 0; j < OT; ++j) {
+                    const int col = j * 8 + 2 * t;
+                    const float x0 = acc[mt][j][half * 2] * inv, x1 = acc[mt][j][half * 2 + 1] * inv;
+                    if (ALIGNED && col + 1 < a.dv) {
+                        *reinterpret_cast<u32*>(orow + col) = pack2<T>(x0, x1);
+                    } else {
+                        if (col < a.dv) orow[col] = from_float<T>(x0);
+                        if (col + 1 < a.dv) orow[col + 1] = from_float<T>(x1);
+                    }
+                }
+            }
+        }
+}

@@ -1,0 +1,127 @@
+"""Launch of the tensor-core forward kernel (flash_fwd.cu) for float16 / bfloat16."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import _build
+from ._launch import (
+    F32,
+    I32,
+    I64,
+    PTR,
+    element_strides,
+    element_type,
+    make_struct_dtype,
+    pack_struct,
+    padded_head_dim,
+    pointer,
+    vector_aligned,
+)
+
+SOURCE = "flash_fwd.cu"
+LOG2E = 1.4426950408889634
+
+FWD_ARGS = make_struct_dtype(
+    [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR)]
+    + [(f"{t}_s{a}", I64) for t in "qkvo" for a in "bhn"]
+    + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads")]
+    + [("scale_log2", F32)]
+)
+
+
+@dataclass(frozen=True)
+class FwdTiles:
+    """Tile shape of one forward variant: `warps` warps, each owning `mt` 16-row query slabs,
+    against `block_n` keys per K/V tile; `q_in_regs` keeps Q's fragments in registers for the
+    whole key loop (fewer shared-memory reads, more registers)."""
+
+    warps: int
+    mt: int
+    block_n: int
+    q_in_regs: bool
+
+    @property
+    def block_m(self) -> int:
+        return self.warps * self.mt * 16
+
+    def shared_bytes(self, dqk: int, dv: int) -> int:
+        pad = 8
+        return 2 * (self.block_m * (dqk + pad) + self.block_n * (dqk + pad) + self.block_n * (dv + pad))
+
+
+def default_tiles(dqk: int, dv: int) -> FwdTiles:
+    """Per padded head dim, the largest tile that compiles without register spills: two 16-row
+    slabs per warp up to D = 64 (each K/V fragment read from shared memory serves both), one
+    slab per warp above (the O accumulator leaves no room for two)."""
+    widest = max(dqk, dv)
+    if widest <= 64:
+        return FwdTiles(warps=4, mt=2, block_n=64, q_in_regs=True)
+    if widest <= 128:
+        return FwdTiles(warps=8, mt=1, block_n=64, q_in_regs=True)
+    return FwdTiles(warps=4, mt=1, block_n=64, q_in_regs=False)
+
+
+def variant(dtype, dqk: int, dv: int, tiles: FwdTiles, *, causal: bool, sparse: bool, aligned: bool) -> str:
+    return _build.template_expression(
+        "flash_fwd", element_type(dtype), dqk, dv, tiles.warps, tiles.mt, tiles.block_n,
+        tiles.q_in_regs, causal, sparse, aligned,
+    )
+
+
+def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: FwdTiles | None = None):
+    """Run the forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
+    batch, heads, nq, d = q.shape
+    kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    dqk = padded_head_dim(d, "head dim D")
+    dvp = padded_head_dim(dv, "value head dim Dv")
+    tiles = tiles or default_tiles(dqk, dvp)
+    m_tiles = -(-nq // tiles.block_m)
+    blocks = m_tiles * heads * batch
+    if blocks >= 2**31:
+        raise ValueError(f"problem too large for one launch: {blocks} thread blocks (limit 2**31 - 1)")
+
+    tile_ptr = tile_idx = None
+    if block_mask is not None:
+        csr = block_mask.device_csr(tiles.block_m, tiles.block_n)
+        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+    aligned = vector_aligned((q, k, v, out), (d, dv))
+    expression = variant(q.dtype, dqk, dvp, tiles, causal=causal, sparse=block_mask is not None, aligned=aligned)
+    shared = tiles.shared_bytes(dqk, dvp)
+
+    strides = {}
+    for name, x in zip("qkvo", (q, k, v, out)):
+        sb, sh, sn, _ = element_strides(x)
+        strides.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
+    args = pack_struct(
+        FWD_ARGS,
+        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
+        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **strides,
+        nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
+        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
+        scale_log2=scale * LOG2E,
+    )
+    kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
+    kernel((blocks,), (tiles.warps * 32,), (args,), shared_mem=shared)
+
+
+def main_variants() -> list[tuple[str, str]]:
+    """The variants that must compile for every supported architecture without register spills."""
+    out = []
+    for dtype in ("float16", "bfloat16"):
+        for d in (32, 64, 96, 128, 256):
+            tiles = default_tiles(d, d)
+            for causal in (False, True):
+                out.append((SOURCE, variant(dtype, d, d, tiles, causal=causal, sparse=False, aligned=True)))
+        out.append((SOURCE, variant(dtype, 128, 128, default_tiles(128, 128), causal=True, sparse=True, aligned=True)))
+    out.append((SOURCE, variant("float16", 64, 128, default_tiles(64, 128), causal=False, sparse=False, aligned=False)))
+    return out
+
+
+def flops(batch: int, heads: int, nq: int, nk: int, d: int, dv: int, *, causal: bool) -> float:
+    """Matmul FLOPs of the forward pass as the papers count them (causal: half)."""
+    total = 2.0 * batch * heads * nq * nk * (d + dv)
+    return total / 2 if causal else total
+
+
+__all__ = ["forward", "FwdTiles", "default_tiles", "variant", "flops"]

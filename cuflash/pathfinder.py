@@ -1,0 +1,232 @@
+"""Synthetic Pathfinder-style images and their projection to attention inputs.
+
+Path-X and Path-256 (Long Range Arena, Tay et al. 2020) read a 128×128 or 256×256 image pixel by
+pixel, 16,384 or 65,536 tokens, and ask whether two round markers are joined by one dashed curve
+among distractor curves. FlashAttention was the first Transformer to do better than chance there
+because it makes exact attention at those lengths fit in memory. ``cuflash check`` uses such images
+as long, structured inputs: attention over them has sharp, position-dependent weights, unlike the
+nearly uniform weights that i.i.d. noise produces.
+
+>>> image = pathfinder_image(128, seed=0)
+>>> image.pixels.shape, image.connected
+((128, 128), True)
+>>> q, k, v = project_to_qkv(image.pixels.ravel(), 128, heads=4, head_dim=64, seed=0)
+>>> q.shape
+(1, 4, 16384, 64)
+
+Everything here is NumPy and deterministic for a given seed; move the arrays to the GPU yourself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy
+
+__all__ = [
+    "PathfinderImage",
+    "image_side_for",
+    "pathfinder_image",
+    "pathfinder_qkv",
+    "project_to_qkv",
+    "random_qkv",
+]
+
+# Median of scale·q_i·k_i (a token's score against its own key) after calibration. The scores of
+# a row then range from about this value down to about zero: softmax weights are sharp but not
+# one-hot, which is where low-precision error and masking mistakes show.
+SELF_SCORE_TARGET = 10.0
+FOURIER_FEATURES = 32
+PIXEL_WEIGHT = 0.5
+
+
+@dataclass(frozen=True)
+class PathfinderImage:
+    """A square image with two markers and some dashed curves, values in [0, 1].
+
+    ``connected`` is True when one curve joins the two markers (the label of the Pathfinder task).
+    """
+
+    pixels: numpy.ndarray
+    connected: bool
+    markers: tuple[tuple[int, int], tuple[int, int]]
+
+    @property
+    def side(self) -> int:
+        return self.pixels.shape[0]
+
+    def tokens(self, seq_len: int | None = None) -> numpy.ndarray:
+        """Pixels read row by row, truncated to ``seq_len`` (all of them by default)."""
+        flat = self.pixels.ravel()
+        if seq_len is None:
+            return flat
+        if not 1 <= seq_len <= flat.size:
+            raise ValueError(
+                f"seq_len must be between 1 and {flat.size} for a {self.side}×{self.side} image, "
+                f"got {seq_len}")
+        return flat[:seq_len]
+
+
+def image_side_for(seq_len: int) -> int:
+    """The side of the smallest square image that has at least ``seq_len`` pixels."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    side = math.isqrt(seq_len)
+    return side if side * side == seq_len else side + 1
+
+
+def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None = None,
+                     distractors: int | None = None) -> PathfinderImage:
+    """Draw one Pathfinder-style image.
+
+    Two markers sit at the ends of one dashed curve (``connected=True``) or at the ends of two
+    different curves (``connected=False``); ``distractors`` more curves cross the image (by default
+    one per 32 pixels of side). ``connected=None`` draws the label from the seed.
+    """
+    if side < 8:
+        raise ValueError(f"side must be at least 8 pixels, got {side}")
+    rng = numpy.random.default_rng(seed)
+    if connected is None:
+        connected = bool(rng.integers(2))
+    if distractors is None:
+        distractors = max(1, side // 32)
+
+    pixels = numpy.zeros((side, side), dtype=numpy.float32)
+    length = 0.9 * side
+    if connected:
+        path = _random_curve(rng, side, length)
+        ends = (path[0], path[-1])
+        curves = [path]
+    else:
+        first, second = _random_curve(rng, side, length / 2), _random_curve(rng, side, length / 2)
+        ends = (first[0], second[-1])
+        curves = [first, second]
+    curves += [_random_curve(rng, side, length * rng.uniform(0.3, 0.8)) for _ in range(distractors)]
+
+    dash_on, dash_off = max(2.0, side / 32), max(1.5, side / 64)
+    for curve in curves:
+        _draw_dashed(pixels, curve, dash_on, dash_off, phase=rng.uniform(0, dash_on + dash_off))
+    radius = max(2, side // 40)
+    markers = tuple((int(round(r)), int(round(c))) for r, c in ends)
+    for center in markers:
+        _draw_disc(pixels, center, radius)
+    return PathfinderImage(pixels=pixels, connected=connected, markers=markers)
+
+
+def _random_curve(rng: numpy.random.Generator, side: int, length: float) -> numpy.ndarray:
+    """A smooth random curve of about ``length`` pixels, as (row, col) points half a pixel apart.
+
+    The heading turns by a curvature that itself wanders, so the curve bends gently and sometimes
+    winds; near the border it turns back towards the centre to stay inside.
+    """
+    step = 0.5
+    margin = max(3.0, side / 16)
+    point = rng.uniform(margin, side - margin, size=2)
+    heading = rng.uniform(0, 2 * math.pi)
+    curvature = 0.0
+    max_curvature = 4.0 / side
+    points = numpy.empty((int(length / step), 2))
+    centre = numpy.array([side / 2, side / 2])
+    for i in range(points.shape[0]):
+        points[i] = point
+        curvature = numpy.clip(curvature + rng.normal(0, max_curvature / 4), -max_curvature,
+                            max_curvature)
+        heading += curvature * step
+        ahead = point + 4 * margin * numpy.array([math.sin(heading), math.cos(heading)])
+        if numpy.any(ahead < margin) or numpy.any(ahead > side - margin):
+            to_centre = math.atan2(centre[0] - point[0], centre[1] - point[1])
+            turn = math.remainder(to_centre - heading, 2 * math.pi)
+            heading += numpy.clip(turn, -0.1, 0.1)
+        point = numpy.clip(point + step * numpy.array([math.sin(heading), math.cos(heading)]),
+                        1, side - 2)
+    return points
+
+
+def _draw_dashed(pixels: numpy.ndarray, curve: numpy.ndarray, on: float, off: float, phase: float):
+    arc = 0.5 * numpy.arange(curve.shape[0]) + phase
+    drawn = curve[(arc % (on + off)) < on]
+    rows, cols = numpy.rint(drawn).astype(numpy.intp).T
+    pixels[rows, cols] = 1.0
+
+
+def _draw_disc(pixels: numpy.ndarray, center: tuple[int, int], radius: int):
+    side = pixels.shape[0]
+    rows, cols = numpy.ogrid[:side, :side]
+    inside = (rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= radius * radius
+    pixels[inside] = 1.0
+
+
+def project_to_qkv(tokens: numpy.ndarray, side: int, *, heads: int, head_dim: int, seed: int = 0,
+                   dtype=numpy.float32) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+    """Turn pixel tokens (row-major, ``tokens[i]`` at row ``i // side``) into q, k, v.
+
+    Each token is described by random Fourier features of its (row, col) position plus its pixel
+    value, and projected by a random matrix per head: q and k use nearly the same matrix, so
+    ``q_i·k_j`` approximates a Gaussian kernel of the distance between the two pixels (plus a term
+    for both being on a curve). Head ``h`` has its own length scale, from 2 pixels to a quarter of
+    the side, so some heads look locally and others across the image. q and k are scaled so that
+    a token's score against itself (with the usual 1/√head_dim) is about ``SELF_SCORE_TARGET``.
+
+    Returns arrays of shape ``(1, heads, len(tokens), head_dim)`` in ``dtype``.
+    """
+    if heads < 1 or head_dim < 1:
+        raise ValueError(f"heads and head_dim must be positive, got {heads} and {head_dim}")
+    tokens = numpy.asarray(tokens, dtype=numpy.float64)
+    n = tokens.shape[0]
+    rng = numpy.random.default_rng([seed, 1])
+    index = numpy.arange(n)
+    position = numpy.stack([index // side, index % side], axis=1).astype(numpy.float64)
+    length_scales = numpy.geomspace(2.0, max(2.0, side / 4), heads)
+
+    q = numpy.empty((1, heads, n, head_dim), dtype=dtype)
+    k, v = numpy.empty_like(q), numpy.empty_like(q)
+    for h in range(heads):
+        frequencies = rng.normal(0, 1 / length_scales[h], size=(2, FOURIER_FEATURES))
+        angles = position @ frequencies
+        features = numpy.concatenate(
+            [numpy.cos(angles), numpy.sin(angles), PIXEL_WEIGHT * tokens[:, None]], axis=1)
+        features[:, : 2 * FOURIER_FEATURES] /= math.sqrt(FOURIER_FEATURES)
+        # Orthonormal columns (or rows, when head_dim is the larger) keep q·k close to the
+        # features' own inner product, which is the kernel of the pixel distance.
+        basis = _orthonormal(rng, features.shape[1], head_dim)
+        q_h = features @ basis
+        k_h = features @ (basis + rng.normal(0, 0.1 / math.sqrt(head_dim), size=basis.shape))
+        gain = _score_gain(q_h, k_h, rng)
+        q[0, h], k[0, h] = q_h * gain, k_h * gain
+        v[0, h] = features @ rng.normal(0, 1, size=basis.shape)
+    return q, k, v
+
+
+def _orthonormal(rng: numpy.random.Generator, rows: int, cols: int) -> numpy.ndarray:
+    gaussian = rng.normal(size=(max(rows, cols), min(rows, cols)))
+    basis, _ = numpy.linalg.qr(gaussian)
+    return basis if rows >= cols else basis.T
+
+
+def _score_gain(q: numpy.ndarray, k: numpy.ndarray, rng: numpy.random.Generator) -> float:
+    """The factor for q and k that brings the median self-score to SELF_SCORE_TARGET."""
+    sample = rng.choice(q.shape[0], size=min(q.shape[0], 1024), replace=False)
+    self_scores = numpy.einsum("nd,nd->n", q[sample], k[sample]) / math.sqrt(q.shape[1])
+    median = float(numpy.median(numpy.abs(self_scores)))
+    return math.sqrt(SELF_SCORE_TARGET / median) if median > 0 else 1.0
+
+
+def pathfinder_qkv(seq_len: int, *, heads: int, head_dim: int, seed: int = 0, dtype=numpy.float32):
+    """q, k, v for ``seq_len`` tokens of one Pathfinder image, and the image.
+
+    The image side is the smallest square with at least ``seq_len`` pixels (128 for 16,384 tokens,
+    256 for 65,536); when ``seq_len`` is not a square, the last row is cut short.
+    """
+    side = image_side_for(seq_len)
+    image = pathfinder_image(side, seed=seed)
+    q, k, v = project_to_qkv(image.tokens(seq_len), side, heads=heads, head_dim=head_dim,
+                             seed=seed, dtype=dtype)
+    return q, k, v, image
+
+
+def random_qkv(seq_len: int, *, heads: int, head_dim: int, seed: int = 0, dtype=numpy.float32):
+    """Standard normal q, k, v of shape ``(1, heads, seq_len, head_dim)`` (the plain-noise input)."""
+    rng = numpy.random.default_rng([seed, 2])
+    shape = (1, heads, seq_len, head_dim)
+    return tuple(rng.standard_normal(shape, dtype=numpy.float32).astype(dtype) for _ in range(3))

@@ -1,0 +1,85 @@
+"""Reading patterns given as scipy.sparse matrices/arrays or dense 0/1 arrays.
+
+The result of each reader is a list of ``(rows, cols)`` pairs, one per head, holding the
+coordinates of the entries that are *set*: a stored entry counts only when its value, after
+duplicates are summed as scipy.sparse defines the matrix, is nonzero. Explicit zeros are ignored.
+"""
+
+import numpy
+import scipy.sparse
+
+
+def _set_coordinates(pattern):
+    """Coordinates (one array per axis) of the nonzero entries of a sparse matrix/array."""
+    # copy=True: summing duplicates below must not rewrite the caller's matrix.
+    coo = pattern.tocoo(copy=True)
+    coo.sum_duplicates()
+    keep = coo.data != 0
+    coords = getattr(coo, "coords", None) or (coo.row, coo.col)
+    return tuple(numpy.asarray(axis, dtype=numpy.int64)[keep] for axis in coords)
+
+
+def _describe(value):
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def sparse_heads(pattern):
+    """``(heads, per_head)``: ``[(shape, rows, cols), ...]`` and whether one was given per head.
+
+    Accepts one 2-D scipy.sparse matrix/array (shared by all heads), a 3-D sparse array
+    ``(H, M, N)`` or a non-empty sequence of 2-D ones (one pattern per head).
+    """
+    if scipy.sparse.issparse(pattern):
+        if pattern.ndim == 2:
+            return [(pattern.shape, *_set_coordinates(pattern))], False
+        if pattern.ndim == 3 and pattern.shape[0] > 0:
+            heads, rows, cols = _set_coordinates(pattern)
+            shape = pattern.shape[1:]
+            return [(shape, rows[heads == h], cols[heads == h])
+                    for h in range(pattern.shape[0])], True
+        raise ValueError(
+            f"pattern must be 2-D (M, N), or 3-D (H, M, N) with H >= 1 for one pattern per head; "
+            f"got a {pattern.ndim}-D sparse array of shape {pattern.shape}")
+    if isinstance(pattern, (list, tuple)):
+        if not pattern:
+            raise ValueError("pattern is an empty sequence; give at least one head's pattern")
+        heads = []
+        for h, head in enumerate(pattern):
+            if not scipy.sparse.issparse(head) or head.ndim != 2:
+                dimensions = f" with {head.ndim} dimensions" if scipy.sparse.issparse(head) else ""
+                raise TypeError(f"pattern[{h}] must be a 2-D scipy.sparse matrix or array, "
+                                f"got {_describe(head)}{dimensions}")
+            heads.append((head.shape, *_set_coordinates(head)))
+        shapes = {shape for shape, _, _ in heads}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the per-head patterns must share one shape, got shapes {sorted(shapes)}")
+        return heads, True
+    hint = ""
+    if hasattr(pattern, "shape"):
+        hint = " (use BlockMask.from_dense for a dense 0/1 block layout)"
+    raise TypeError(
+        "pattern must be a scipy.sparse matrix or array, or a sequence of them (one per head); "
+        f"got {_describe(pattern)}{hint}")
+
+
+def dense_layout(array):
+    """A dense 0/1 block layout as a NumPy bool array, 2-D or 3-D, validated."""
+    if type(array).__module__.split(".")[0] == "cupy":
+        array = array.get()
+    if scipy.sparse.issparse(array):
+        raise TypeError("array is a scipy.sparse pattern; use BlockMask.from_scipy for it")
+    array = numpy.asarray(array)
+    if array.ndim not in (2, 3):
+        raise ValueError(
+            f"array must have shape (Nqb, Nkb) or (H, Nqb, Nkb), got shape {array.shape}")
+    if 0 in array.shape:
+        raise ValueError(f"array must not be empty, got shape {array.shape}")
+    if array.dtype == numpy.bool_:
+        return array
+    if not numpy.issubdtype(array.dtype, numpy.integer):
+        raise TypeError(f"array must hold bool or integer 0/1 values, got dtype {array.dtype}")
+    if ((array != 0) & (array != 1)).any():
+        bad = numpy.unique(array[(array != 0) & (array != 1)])[:5]
+        raise ValueError(f"array must hold only 0 and 1, got values such as {bad.tolist()}")
+    return array.astype(bool)

@@ -1,0 +1,240 @@
+"""Sparse attention patterns as scipy.sparse bool ``csr_array``.
+
+Conventions shared by every builder:
+
+- Each pattern is defined on tokens: entry ``(i, j)`` says whether query ``i`` attends key ``j``.
+  Lengths, windows, strides and radii are in tokens.
+- ``block_size=None`` returns that element-level pattern, shape ``(nq, nk)``. With
+  ``block_size=b`` or ``(bq, bk)`` the result is the same pattern coarsened to blocks, shape
+  ``(ceil(nq / bq), ceil(nk / bk))``: block ``(I, J)`` is set exactly when some element in it is
+  (partial last blocks included). It is computed without listing elements, so it is the cheap
+  form for long sequences; pass it on with ``BlockMask.from_scipy(p, level="block", ...)``.
+  Element-level patterns store every pair and are meant for short sequences, tests, and
+  combining patterns element-wise before coarsening.
+- ``nk`` defaults to ``nq``. When they differ, the sequences are aligned at their ends, as
+  ``causal=True`` is: query ``i`` sits at key position ``i + nk - nq``.
+- Patterns are symmetric around that diagonal; pass ``causal=True`` to the attention call (or
+  ``.multiply(causal(...))`` element-wise) for the causal variants.
+"""
+
+import numbers
+
+import numpy
+
+from ._csr import ramp, sorted_unique
+from ._intervals import Grid, every_unit_attends, union
+from ._validate import nonnegative_int, nonnegative_pair, positive_int
+
+
+def causal(nq, nk=None, *, block_size=None):
+    """Query ``i`` attends keys ``j <= i + nk - nq`` (bottom-right aligned causal mask)."""
+    grid = Grid(nq, nk, block_size)
+    units, _, last = grid.query_ranges()
+    return grid.to_sparse(grid.keys(units, numpy.zeros_like(last), last + grid.offset))
+
+
+def sliding_window(nq, nk=None, *, window, block_size=None):
+    """Local attention: query ``i`` attends keys within ``window`` tokens of its position.
+
+    ``window`` is an int ``w`` (keys ``i' - w .. i' + w``) or a pair ``(left, right)`` (keys
+    ``i' - left .. i' + right``, as flash-attn's ``window_size``), ``i' = i + nk - nq``.
+    """
+    grid = Grid(nq, nk, block_size)
+    left, right = nonnegative_pair("window", window)
+    return grid.to_sparse(grid.keys(*_band(grid, left, right)))
+
+
+def strided(nq, nk=None, *, stride, window=None, block_size=None):
+    """The Sparse Transformer's strided pattern (Child et al. 2019), without the causal cut.
+
+    Query ``i`` attends key ``j`` when ``|i' - j| <= window`` (local part) or when ``i' - j`` is
+    a multiple of ``stride`` (strided part), ``i' = i + nk - nq``. ``window`` defaults to
+    ``stride``, the paper's choice; it may be a pair ``(left, right)``.
+
+    At block level the strided part keeps every block crossed by the diagonals ``i' - j = m ·
+    stride``: it is sparse only when ``stride`` is well above the block size.
+    """
+    grid = Grid(nq, nk, block_size)
+    stride = positive_int("stride", stride)
+    left, right = nonnegative_pair("window", stride if window is None else window)
+    units, first, last = grid.query_ranges()
+    first, last = first + grid.offset, last + grid.offset
+    # Key j = i' - m * stride lies in 0..nk-1 for m in [m_lo, m_hi] for some i' in the unit.
+    m_lo = -((grid.nk - 1 - first) // stride)
+    m_hi = last // stride
+    counts = numpy.maximum(m_hi - m_lo + 1, 0)
+    m = numpy.repeat(m_lo, counts) + ramp(counts)
+    diagonals = (numpy.repeat(units, counts), numpy.repeat(first, counts) - m * stride,
+                 numpy.repeat(last, counts) - m * stride)
+    return grid.to_sparse(grid.keys(*union(_band(grid, left, right), diagonals)))
+
+
+def fixed(nq, nk=None, *, stride, summary=1, block_size=None):
+    """The Sparse Transformer's fixed pattern (Child et al. 2019), without the causal cut.
+
+    Keys are cut into segments of ``stride`` tokens. Query ``i`` attends every key of its own
+    segment (``j // stride == i' // stride``, ``i' = i + nk - nq``) and the last ``summary``
+    keys of every segment (``j % stride >= stride - summary``), which all queries see.
+    """
+    grid = Grid(nq, nk, block_size)
+    stride = positive_int("stride", stride)
+    summary = positive_int("summary", summary)
+    if summary > stride:
+        raise ValueError(f"summary must be at most stride={stride}, got {summary}")
+    units, first, last = grid.query_ranges()
+    segment_first = (first + grid.offset) // stride * stride
+    segment_last = (last + grid.offset) // stride * stride + stride - 1
+    summary_keys = [numpy.arange(first_key, grid.nk, stride)
+                    for first_key in range(stride - summary, stride)]
+    summary_units = grid.key_units(numpy.concatenate(summary_keys))
+    intervals = union((units, segment_first, segment_last), every_unit_attends(grid, summary_units))
+    return grid.to_sparse(grid.keys(*intervals))
+
+
+def butterfly(nq, nk=None, *, block_size=None):
+    """The flat butterfly pattern: query ``i`` attends key ``j`` when ``i' XOR j`` is 0 or a
+    power of two (``i' = i + nk - nq``).
+
+    This is the union of the supports of all butterfly factors (the "flat block butterfly" of
+    Pixelated Butterfly, used with FlashAttention's block-sparse attention). For square blocks
+    whose size is a power of two the block-level pattern is the same rule applied to block
+    indices: block ``(I, J)`` is kept when ``I XOR J`` is 0 or a power of two.
+    """
+    grid = Grid(nq, nk, block_size)
+    bits = (grid.nk - 1).bit_length()
+    # Whole query units per chunk keeps every unit's keys in one chunk, so the sorted chunks
+    # concatenate into a sorted result while memory stays bounded for long sequences.
+    rows_per_chunk = grid.bq * max(1, (1 << 16) // grid.bq)
+    flips = numpy.concatenate(([0], 1 << numpy.arange(bits, dtype=numpy.int64)))
+    chunks = []
+    for start in range(0, grid.nq, rows_per_chunk):
+        rows = numpy.arange(start, min(start + rows_per_chunk, grid.nq), dtype=numpy.int64)
+        aligned = rows + grid.offset
+        # Queries before the first key (nq > nk) align to negative positions; flipping a low bit
+        # keeps them negative, so they attend nothing once the keys are clipped.
+        partners = aligned[:, None] ^ flips[None, :]
+        units = numpy.repeat(rows // grid.bq, flips.size)
+        chunks.append(grid.keys(units, partners.ravel(), partners.ravel()))
+    return grid.to_sparse(numpy.concatenate(chunks))
+
+
+def longformer(nq, nk=None, *, window, global_tokens=0, block_size=None):
+    """Longformer's pattern (Beltagy et al. 2020): a sliding window plus global tokens.
+
+    ``window`` is as in :func:`sliding_window`. ``global_tokens`` is a count ``g`` (the first
+    ``g`` tokens) or a sequence of key positions. Every query attends the global keys, and the
+    global tokens' queries (query ``t - nk + nq`` for key position ``t``) attend every key.
+    """
+    grid = Grid(nq, nk, block_size)
+    left, right = nonnegative_pair("window", window)
+    intervals = union(_band(grid, left, right), *_global(grid, global_tokens))
+    return grid.to_sparse(grid.keys(*intervals))
+
+
+def bigbird(nq, nk=None, *, block_size, window, num_random, global_tokens=0, seed=0):
+    """BigBird's block pattern (Zaheer et al. 2020): window, global tokens and random blocks.
+
+    The window and global part is :func:`longformer` at block level. On top of it every query
+    block attends ``num_random`` more key blocks, drawn uniformly without replacement from the
+    blocks it does not already attend (all of them if fewer are left), using
+    ``numpy.random.default_rng(seed)``: the same arguments always give the same pattern. Give
+    each head its own ``seed`` for per-head patterns.
+
+    BigBird is defined on blocks, so ``block_size`` is required and the result is block-level.
+    """
+    if block_size is None:
+        raise ValueError("block_size is required: BigBird's random part is drawn per block")
+    base = longformer(nq, nk, window=window, global_tokens=global_tokens, block_size=block_size)
+    num_random = nonnegative_int("num_random", num_random)
+    rng = numpy.random.default_rng(_seed(seed))
+    nqb, nkb = base.shape
+    random_keys = []
+    for row in range(nqb):
+        taken = base.indices[base.indptr[row]:base.indptr[row + 1]].astype(numpy.int64)
+        free = nkb - taken.size
+        ranks = rng.choice(free, size=min(num_random, free), replace=False)
+        # The k-th free column is k plus the number of taken columns before it.
+        free_before_taken = taken - numpy.arange(taken.size)
+        columns = ranks + numpy.searchsorted(free_before_taken, ranks, side="right")
+        random_keys.append(row * nkb + columns)
+    grid = Grid(nq, nk, block_size)
+    base_keys = numpy.repeat(numpy.arange(nqb, dtype=numpy.int64), numpy.diff(base.indptr)) * nkb
+    base_keys += base.indices
+    return grid.to_sparse(sorted_unique(numpy.concatenate([base_keys, *random_keys])))
+
+
+def image_local(height, width, *, radius, block_size=None):
+    """2-D neighbourhood attention over an image flattened row-major (``n = height · width``).
+
+    Pixel ``(r, c)`` at sequence position ``r · width + c`` attends the pixels ``(r', c')`` with
+    ``max(|r - r'|, |c - c'|) <= radius`` (a square of side ``2 · radius + 1``, clipped at the
+    image border). At block level, a block of consecutive pixels attends another block when any
+    pixel pair between them is that close.
+    """
+    height, width = positive_int("height", height), positive_int("width", width)
+    radius = nonnegative_int("radius", radius)
+    grid = Grid(height * width, None, block_size, nq_name="height * width")
+    units, first, last = grid.query_ranges()
+    # Split each unit's run of pixels into its pieces on each image row.
+    first_row, last_row = first // width, last // width
+    pieces = last_row - first_row + 1
+    unit = numpy.repeat(units, pieces)
+    row = numpy.repeat(first_row, pieces) + ramp(pieces)
+    col_first = numpy.maximum(numpy.repeat(first, pieces) - row * width, 0)
+    col_last = numpy.minimum(numpy.repeat(last, pieces) - row * width, width - 1)
+    # Each piece reaches the rows within the radius, widened by the radius on each side.
+    shifts = numpy.arange(-radius, radius + 1)
+    key_row = (row[:, None] + shifts[None, :]).ravel()
+    unit = numpy.repeat(unit, shifts.size)
+    lo = numpy.repeat(numpy.maximum(col_first - radius, 0), shifts.size)
+    hi = numpy.repeat(numpy.minimum(col_last + radius, width - 1), shifts.size)
+    inside = (key_row >= 0) & (key_row < height)
+    key_row, unit, lo, hi = key_row[inside], unit[inside], lo[inside], hi[inside]
+    return grid.to_sparse(grid.keys(unit, key_row * width + lo, key_row * width + hi))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _band(grid, left, right):
+    """Keys ``i' - left .. i' + right`` for every query ``i`` of each unit, as one interval."""
+    units, first, last = grid.query_ranges()
+    return units, first + grid.offset - left, last + grid.offset + right
+
+
+def _global(grid, global_tokens):
+    """Intervals for global tokens: all queries see their keys, their queries see all keys."""
+    positions = _global_positions(global_tokens, grid.nk)
+    columns = every_unit_attends(grid, grid.key_units(positions))
+    query_positions = positions - grid.offset
+    query_positions = query_positions[(query_positions >= 0) & (query_positions < grid.nq)]
+    row_units = grid.query_units(query_positions)
+    full = numpy.full(row_units.size, grid.nk - 1, dtype=numpy.int64)
+    return columns, (row_units, numpy.zeros_like(full), full)
+
+
+def _global_positions(global_tokens, nk):
+    if isinstance(global_tokens, numbers.Integral) and not isinstance(global_tokens, bool):
+        count = nonnegative_int("global_tokens", global_tokens)
+        if count > nk:
+            raise ValueError(f"global_tokens={count} exceeds the sequence length nk={nk}")
+        return numpy.arange(count, dtype=numpy.int64)
+    positions = numpy.asarray(global_tokens)
+    integers = positions.size == 0 or numpy.issubdtype(positions.dtype, numpy.integer)
+    if positions.ndim != 1 or not integers:
+        raise TypeError(
+            "global_tokens must be a count or a 1-D sequence of integer key positions, "
+            f"got {global_tokens!r}")
+    positions = positions.astype(numpy.int64)
+    outside = positions[(positions < 0) | (positions >= nk)]
+    if outside.size:
+        raise ValueError(
+            f"global_tokens must be key positions in 0..{nk - 1}, got {outside[:5].tolist()}")
+    return numpy.unique(positions)
+
+
+def _seed(seed):
+    if isinstance(seed, numpy.random.Generator):
+        raise TypeError("seed must be an integer (a Generator would make the pattern depend on "
+                        "its state); got a numpy.random.Generator")
+    return nonnegative_int("seed", seed)

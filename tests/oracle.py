@@ -1,0 +1,152 @@
+"""The correctness rule, in one place, for NumPy and CuPy results.
+
+A result passes when ``max|result − ref64| ≤ 2·max|naive − ref64| + 1e-5``, where ``ref64`` is
+the float64 oracle and ``naive`` is attention computed plainly in the input dtype
+(``cuflash.reference``). Rows with nothing to attend to must give exactly 0 and ``lse = -inf``;
+no result may hold NaN (outputs are poisoned with NaN before a call, so an unwritten element
+fails).
+
+References are computed with the inputs' own array module (so GPU tests check on the GPU) and
+compared on the host in float64.
+
+The rule compares maxima, so it is meaningful for results of at least a few hundred elements:
+with a handful of elements the naive error is itself a noisy estimate. Tests keep enough batch,
+heads and head dimension for that.
+
+Usage (tests/ is on sys.path, see conftest.py)::
+
+    from oracle import assert_forward_close, assert_backward_close, random_array, poisoned
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cuflash import reference
+
+FACTOR = 2.0
+SLACK = 1e-5
+
+
+def to_host(x):
+    """A NumPy copy of a NumPy or CuPy array."""
+    return x.get() if type(x).__module__.partition(".")[0] == "cupy" else np.asarray(x)
+
+
+def _module(x):
+    if type(x).__module__.partition(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def random_array(rng, shape, dtype, *, xp=np):
+    """Standard-normal values in ``dtype`` (never all zeros), on ``xp``'s device."""
+    host = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    return host if xp is np else xp.asarray(host)
+
+
+def poisoned(shape, dtype, *, xp=np):
+    """An array filled with NaN, so that any element a call leaves unwritten fails the check."""
+    return xp.full(shape, np.nan, dtype=dtype)
+
+
+def _combined_mask(xp, nq, nk, *, causal, mask, block_mask, rows=None):
+    keep = reference.keep_mask(nq, nk, causal=causal, block_mask=block_mask, rows=rows, xp=xp)
+    if mask is not None:
+        mask = xp.asarray(mask, dtype=bool)
+        if rows is not None and mask.shape[-2] != 1:
+            mask = mask[..., xp.asarray(rows), :]
+        keep = mask if keep is None else keep & mask
+    return keep
+
+
+def assert_forward_close(out, lse, q, k, v, *, causal=False, scale=None, mask=None,
+                         block_mask=None, rows=None, context=""):
+    """Check ``out`` (and ``lse`` unless it is None) of ``attention(q, k, v, ...)``.
+
+    ``mask`` is an element mask (True = attended) broadcastable to ``(..., Hq, Nq, Nk)``;
+    ``block_mask`` a ``cuflash.sparse.BlockMask``; both combine with ``causal``. ``rows`` limits
+    the check to those query rows (for sequences too long for a full float64 reference).
+    ``context`` (e.g. the random seed) is added to every failure message.
+    """
+    xp = _module(q)
+    nq, nk = q.shape[-2], k.shape[-2]
+    keep = _combined_mask(xp, nq, nk, causal=causal, mask=mask, block_mask=block_mask, rows=rows)
+    assert out.dtype == q.dtype, f"out has dtype {out.dtype}, expected {q.dtype}; {context}"
+    if lse is not None:
+        assert lse.dtype == np.float32, f"lse has dtype {lse.dtype}, expected float32; {context}"
+    if rows is not None:
+        index = xp.asarray(rows)
+        q, out = q[..., index, :], out[..., index, :]
+        lse = None if lse is None else lse[..., index]
+    ref_out, ref_lse = reference.attention(q, k, v, scale=scale, mask=keep)
+    naive_out, naive_lse = reference.naive_attention(q, k, v, scale=scale, mask=keep)
+    ref_lse = to_host(ref_lse)
+    attended = np.isfinite(ref_lse)
+
+    out = to_host(out).astype(np.float64)
+    _check_shape("out", out, ref_out, context)
+    _check_no_nan("out", out, context)
+    _check_masked_rows_are_zero(out, attended, context)
+    _check_rule("out", out, to_host(ref_out), to_host(naive_out), context)
+
+    if lse is not None:
+        lse = to_host(lse).astype(np.float64)
+        _check_shape("lse", lse, ref_lse, context)
+        _check_no_nan("lse", lse, context)
+        if not np.all(np.isneginf(lse[~attended])):
+            raise AssertionError(f"lse of fully masked rows must be -inf, got "
+                                 f"{lse[~attended][~np.isneginf(lse[~attended])][:5]}; {context}")
+        _check_rule("lse", lse[attended], ref_lse[attended],
+                    to_host(naive_lse).astype(np.float64)[attended], context)
+
+
+def assert_backward_close(grads, dout, q, k, v, *, causal=False, scale=None, mask=None,
+                          block_mask=None, context=""):
+    """Check ``grads = (dq, dk, dv)`` of ``attention_backward(dout, q, k, v, ...)``."""
+    xp = _module(q)
+    keep = _combined_mask(xp, q.shape[-2], k.shape[-2], causal=causal, mask=mask,
+                          block_mask=block_mask)
+    refs = reference.attention_backward(dout, q, k, v, scale=scale, mask=keep)
+    naives = reference.naive_attention_backward(dout, q, k, v, scale=scale, mask=keep)
+    for name, got, x, ref, naive in zip(("dq", "dk", "dv"), grads, (q, k, v), refs, naives):
+        assert got.dtype == x.dtype, f"{name} has dtype {got.dtype}, expected {x.dtype}; {context}"
+        got = to_host(got).astype(np.float64)
+        _check_shape(name, got, x, context)
+        _check_no_nan(name, got, context)
+        _check_rule(name, got, to_host(ref), to_host(naive).astype(np.float64), context)
+
+
+def _check_shape(name, got, expected, context):
+    if tuple(got.shape) != tuple(expected.shape):
+        raise AssertionError(f"{name} has shape {tuple(got.shape)}, expected "
+                             f"{tuple(expected.shape)}; {context}")
+
+
+def _check_no_nan(name, got, context):
+    if np.isnan(got).any():
+        where = np.argwhere(np.isnan(got))
+        raise AssertionError(f"{name} holds {len(where)} NaN (unwritten or invalid), first at "
+                             f"{tuple(where[0])}; {context}")
+
+
+def _check_masked_rows_are_zero(out, attended, context):
+    masked_rows = out[~attended]
+    if masked_rows.size and np.any(masked_rows != 0):
+        raise AssertionError(f"fully masked rows must give output 0, got values up to "
+                             f"{np.abs(masked_rows).max():.3g}; {context}")
+
+
+def _check_rule(name, got, ref, naive, context):
+    if got.size == 0:
+        return
+    error = np.abs(got - ref)
+    worst = np.unravel_index(np.argmax(error), error.shape)
+    naive_error = np.abs(naive - ref).max()
+    bound = FACTOR * naive_error + SLACK
+    if not error[worst] <= bound:
+        raise AssertionError(
+            f"{name}: max|result - ref64| = {error[worst]:.3g} at {tuple(map(int, worst))} "
+            f"(result {got[worst]:.6g}, ref64 {ref[worst]:.6g}) exceeds "
+            f"{FACTOR:g}·max|naive - ref64| + {SLACK:g} = {bound:.3g}; {context}")

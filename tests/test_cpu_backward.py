@@ -1,0 +1,117 @@
+"""cuflash.attention_backward / attention_vjp on NumPy arrays against the float64 oracle."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from oracle import assert_backward_close, random_array
+from test_cpu_forward import DTYPE_IDS, DTYPES, DenseBlockMask
+
+import cuflash
+
+
+def problem(rng, q_shape, k_shape, v_shape, dtype, *, causal=False, block_mask=None,
+            scale=None):
+    """Inputs, the forward results and an output gradient of the broadcast output shape."""
+    q, k, v = (random_array(rng, shape, dtype) for shape in (q_shape, k_shape, v_shape))
+    out, lse = cuflash.attention(q, k, v, causal=causal, block_mask=block_mask, scale=scale,
+                                 return_lse=True)
+    dout = random_array(rng, out.shape, dtype)
+    return dout, q, k, v, out, lse
+
+
+LENGTHS = [(1, 1), (17, 17), (127, 127), (1000, 1000), (17, 300), (300, 17), (127, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("nq, nk", LENGTHS)
+def test_matches_oracle(rng, seed, dtype, causal, nq, nk):
+    dout, q, k, v, out, lse = problem(rng, (2, 4, nq, 64), (2, 2, nk, 64), (2, 2, nk, 64), dtype,
+                                      causal=causal)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+    assert_backward_close(grads, dout, q, k, v, causal=causal, context=f"seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("hkv", [1, 2, 8], ids=["mqa", "gqa", "mha"])
+def test_grouped_query_heads_sum_into_dk_dv(rng, seed, dtype, hkv):
+    dout, q, k, v, out, lse = problem(rng, (2, 8, 65, 32), (2, hkv, 90, 32), (2, hkv, 90, 32),
+                                      dtype, causal=True)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_broadcast_inputs_get_summed_gradients(rng, seed, dtype):
+    dout, q, k, v, out, lse = problem(rng, (2, 3, 4, 40, 32), (3, 2, 50, 32), (1, 1, 2, 50, 16),
+                                      dtype)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse)
+    assert [g.shape for g in grads] == [(2, 3, 4, 40, 32), (3, 2, 50, 32), (1, 1, 2, 50, 16)]
+    assert all(g.dtype == q.dtype for g in grads)
+    assert_backward_close(grads, dout, q, k, v, context=f"seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_value_dim_and_scale(rng, seed, dtype):
+    dout, q, k, v, out, lse = problem(rng, (2, 4, 70, 48), (2, 4, 60, 48), (2, 4, 60, 80), dtype,
+                                      scale=0.2)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, scale=0.2)
+    assert_backward_close(grads, dout, q, k, v, scale=0.2, context=f"seed={seed}")
+
+
+def test_strided_inputs(rng, seed):
+    dtype = np.float16
+    qb, kb, vb = (random_array(rng, shape, dtype)
+                  for shape in ((2, 70, 4, 64), (2, 90, 2, 64), (2, 90, 2, 128)))
+    q, k, v = qb.transpose(0, 2, 1, 3), kb.transpose(0, 2, 1, 3), vb.transpose(0, 2, 1, 3)[..., ::2]
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = random_array(rng, (2, 70, 4, 64), dtype).transpose(0, 2, 1, 3)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fully_masked_rows_have_zero_gradient(rng, seed, dtype):
+    dout, q, k, v, out, lse = problem(rng, (2, 4, 200, 64), (2, 4, 80, 64), (2, 4, 80, 64),
+                                      dtype, causal=True)
+    dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    assert np.all(dq[:, :, :120].astype(np.float32) == 0)
+    assert_backward_close((dq, dk, dv), dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+def test_block_mask(rng, seed):
+    nq, nk, hq = 100, 150, 4
+    blocks = rng.random((hq, 4, 4)) < 0.5
+    blocks[:, :, 0] = True
+    blocks[:, :, 3] = False  # key block 3 is never attended: its dk, dv are 0
+    mask = DenseBlockMask(blocks, (nq, nk), (32, 48))
+    dout, q, k, v, out, lse = problem(rng, (2, hq, nq, 32), (2, 2, nk, 32), (2, 2, nk, 32),
+                                      ml_dtypes.bfloat16, causal=True, block_mask=mask)
+    dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, block_mask=mask)
+    assert np.all(dk[:, :, 144:].astype(np.float32) == 0)
+    assert np.all(dv[:, :, 144:].astype(np.float32) == 0)
+    assert_backward_close((dq, dk, dv), dout, q, k, v, causal=True, block_mask=mask,
+                          context=f"seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_vjp_equals_attention_then_backward(rng, dtype):
+    q, k, v = (random_array(rng, (2, 4, 77, 32), dtype) for _ in range(3))
+    out, vjp = cuflash.attention_vjp(q, k, v, causal=True, scale=0.5)
+    dout = random_array(rng, out.shape, dtype)
+    expected_out, lse = cuflash.attention(q, k, v, causal=True, scale=0.5, return_lse=True)
+    expected = cuflash.attention_backward(dout, q, k, v, expected_out, lse, causal=True,
+                                          scale=0.5)
+    np.testing.assert_array_equal(out, expected_out)
+    for got, want in zip(vjp(dout), expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_deterministic_flag_gives_the_same_bits(rng):
+    dout, q, k, v, out, lse = problem(rng, (2, 4, 300, 32), (2, 2, 300, 32), (2, 2, 300, 32),
+                                      np.float16)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True)
+    second = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=False)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)

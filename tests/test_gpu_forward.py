@@ -1,0 +1,110 @@
+"""The GPU forward pass against the float64 oracle (DESIGN.md rule), on CuPy arrays."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuflash
+from oracle import assert_forward_close, poisoned, random_array
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
+HALF_DTYPES = [np.float16, ml_dtypes.bfloat16]
+
+
+def run(xp, rng, seed, *, b=2, hq=4, hkv=None, nq=128, nk=None, d=64, dv=None, dtype=np.float16,
+        causal=False, scale=None, block_mask=None):
+    hkv, nk, dv = hkv or hq, nk or nq, dv or d
+    q = random_array(rng, (b, hq, nq, d), dtype, xp=xp)
+    k = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
+    v = random_array(rng, (b, hkv, nk, dv), dtype, xp=xp)
+    out = poisoned((b, hq, nq, dv), dtype, xp=xp)
+    got, lse = cuflash.attention(q, k, v, causal=causal, scale=scale, block_mask=block_mask,
+                                 return_lse=True, out=out)
+    assert got is out
+    assert_forward_close(out, lse, q, k, v, causal=causal, scale=scale, block_mask=block_mask,
+                         context=f"seed={seed}")
+    return q, k, v, out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+def test_head_dims(xp_gpu, rng, seed, dtype, causal, d):
+    run(xp_gpu, rng, seed, d=d, nq=200, dtype=dtype, causal=causal)
+
+
+@pytest.mark.parametrize("d", [1, 8, 17, 40, 72, 100, 160, 200, 255])
+def test_odd_head_dims_are_padded_inside(xp_gpu, rng, seed, d):
+    run(xp_gpu, rng, seed, d=d, nq=130, dtype=ml_dtypes.bfloat16, causal=True)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [1, 17, 127, 1000, 4097])
+def test_odd_lengths(xp_gpu, rng, seed, dtype, n):
+    run(xp_gpu, rng, seed, b=1, hq=2, nq=n, d=64, dtype=dtype, causal=n % 2 == 1)
+
+
+@pytest.mark.parametrize("nq,nk", [(1, 300), (300, 1), (100, 333), (333, 100), (64, 4096)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nq_differs_from_nk(xp_gpu, rng, seed, nq, nk, causal):
+    # causal with nq > nk leaves the first nq - nk rows with nothing to attend: 0 and lse -inf.
+    run(xp_gpu, rng, seed, nq=nq, nk=nk, d=64, causal=causal)
+
+
+@pytest.mark.parametrize("d,dv", [(64, 128), (128, 64), (40, 200), (256, 32)])
+def test_value_dim_differs(xp_gpu, rng, seed, d, dv):
+    run(xp_gpu, rng, seed, d=d, dv=dv, nq=150, causal=True, dtype=ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1), (6, 3)])
+def test_grouped_heads(xp_gpu, rng, seed, hq, hkv):
+    run(xp_gpu, rng, seed, hq=hq, hkv=hkv, nq=190, d=128, causal=True)
+
+
+def test_custom_scale(xp_gpu, rng, seed):
+    run(xp_gpu, rng, seed, nq=256, d=64, scale=0.37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_bnhd_layout_and_broadcast_batch(xp_gpu, rng, seed, dtype):
+    xp = xp_gpu
+    b, n, h, d = 3, 333, 4, 64
+    qkv = random_array(rng, (b, n, 3, h, d), dtype, xp=xp)  # interleaved buffer
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    out = cuflash.attention(q, k, v, causal=True)
+    assert_forward_close(out, None, q, k, v, causal=True, context=f"seed={seed}")
+    # one K/V shared by a (2, 3) batch of queries: leading axes broadcast like numpy.matmul
+    q2 = random_array(rng, (2, 3, h, 77, d), dtype, xp=xp)
+    out2, lse2 = cuflash.attention(q2, k[0], v[0], return_lse=True)
+    assert out2.shape == (2, 3, h, 77, d)
+    assert_forward_close(out2, lse2, q2, k[0], v[0], context=f"seed={seed}")
+
+
+def test_unaligned_views_take_the_scalar_path(xp_gpu, rng, seed):
+    xp = xp_gpu
+    base = random_array(rng, (2, 4, 300, 72), np.float16, xp=xp)
+    q, k, v = base[..., 1:65], base[..., 3:67], base[..., 5:69]  # odd element offsets
+    out = cuflash.attention(q, k, v, causal=True)
+    assert_forward_close(out, None, q, k, v, causal=True, context=f"seed={seed}")
+
+
+def test_runs_on_current_stream_and_array_device(xp_gpu, rng, seed):
+    xp = xp_gpu
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        q, k, v = (random_array(rng, (1, 2, 2048, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
+        out = cuflash.attention(q, k, v)
+    stream.synchronize()
+    assert_forward_close(out, None, q, k, v, context=f"seed={seed}")
+
+
+@pytest.mark.parametrize("n,rows", [(16384, 96), (65536, 48)])
+def test_long_single_head_against_chunked_reference(xp_gpu, rng, seed, n, rows):
+    xp = xp_gpu
+    q, k, v = (random_array(rng, (1, 1, n, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    picked = np.sort(rng.choice(n, size=rows, replace=False))
+    picked[-1] = n - 1
+    assert_forward_close(out, lse, q, k, v, causal=True, rows=picked, context=f"seed={seed}")
