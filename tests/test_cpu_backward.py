@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from oracle import assert_backward_close, random_array
-from test_cpu_forward import DTYPE_IDS, DTYPES, DenseBlockMask
+from test_cpu_forward import DTYPE_IDS, DTYPES, DenseBlockMask, batch_and_heads
 
 import cuflash
 
@@ -26,8 +26,9 @@ LENGTHS = [(1, 1), (17, 17), (127, 127), (1000, 1000), (17, 300), (300, 17), (12
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("nq, nk", LENGTHS)
 def test_matches_oracle(rng, seed, dtype, causal, nq, nk):
-    dout, q, k, v, out, lse = problem(rng, (2, 4, nq, 64), (2, 2, nk, 64), (2, 2, nk, 64), dtype,
-                                      causal=causal)
+    b, hq, hkv = batch_and_heads(nq, nk)
+    dout, q, k, v, out, lse = problem(rng, (b, hq, nq, 64), (b, hkv, nk, 64), (b, hkv, nk, 64),
+                                      dtype, causal=causal)
     grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
     assert_backward_close(grads, dout, q, k, v, causal=causal, context=f"seed={seed}")
 

@@ -170,6 +170,13 @@ def test_from_dense_shared_and_per_head(rng):
     numpy.testing.assert_array_equal(shared.to_dense()[0], layout[0].astype(bool))
 
 
+def test_from_dense_takes_device_arrays_through_get(rng):
+    layout = rng.random((3, 4)) < 0.5
+    DeviceArray = type("ndarray", (), {"__module__": "cupy._core.core", "get": lambda self: layout})
+    assert BlockMask.from_dense(DeviceArray(), block_size=64) == BlockMask.from_dense(
+        layout, block_size=64)
+
+
 def test_from_dense_and_from_scipy_agree(rng):
     layout = rng.random((3, 7, 5)) < 0.5
     dense_mask = BlockMask.from_dense(layout, block_size=16, shape=(100, 70))
@@ -550,6 +557,13 @@ def test_from_scipy_rejects_non_sparse_input():
     with pytest.raises(TypeError, match=r"pattern\[1\]"):
         BlockMask.from_scipy([scipy.sparse.eye_array(4), numpy.eye(4)], level="element",
                              block_size=2)
+    with pytest.raises(ValueError, match=r"3-D \(H, M, N\) with H >= 1.*shape \(0, 3, 3\)"):
+        BlockMask.from_scipy(scipy.sparse.coo_array((0, 3, 3)), level="element", block_size=2)
+    with pytest.raises(ValueError, match="4-D"):
+        BlockMask.from_scipy(scipy.sparse.coo_array(numpy.ones((2, 2, 2, 2))), level="element",
+                             block_size=2)
+    with pytest.raises(ValueError, match=r"pattern.shape\[0\] must be a positive integer, got 0"):
+        BlockMask.from_scipy(scipy.sparse.csr_array((0, 4)), level="element", block_size=2)
     with pytest.raises(ValueError, match="share one shape"):
         BlockMask.from_scipy([scipy.sparse.eye_array(4), scipy.sparse.eye_array(5)],
                              level="element", block_size=2)

@@ -16,7 +16,6 @@ namespace f32 {
 
 constexpr int THREADS = 256;
 constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.69314718055994531f;
 
 // Row stride of a Q/K/V/dO tile (head dims are multiples of 32): ≡ 4 mod 32 words, so gemm_nt's
 // float4 reads of eight consecutive rows at one column fall in eight distinct bank quads.
@@ -165,11 +164,11 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Writes rows ty + 16 i (from `row0`, below `nrows`) of a gemm_nn accumulator times `mul` to a
-// row-major global matrix, columns below `ncols`.
-template <int TM, int CN, bool ALIGNED>
+// Writes rows ty + 16 i (from `row0`, below `nrows`) of a gemm_nn accumulator to a row-major
+// global matrix, columns below `ncols`, each value passed through `finish(i, x)`.
+template <int TM, int CN, bool ALIGNED, typename Finish>
 __device__ __forceinline__ void store_rows(float* gmem, i64 ld, const float (&acc)[TM][CN],
-                                           const float (&mul)[TM], int row0, int nrows, int ncols) {
+                                           int row0, int nrows, int ncols, Finish finish) {
     constexpr int W = NNColumns<CN>::W;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
@@ -179,17 +178,19 @@ __device__ __forceinline__ void store_rows(float* gmem, i64 ld, const float (&ac
 #pragma unroll
         for (int c = 0; c < CN; c += W) {
             const int col = NNColumns<CN>::col(c);
-            if (ALIGNED && W == 4 && col + 4 <= ncols) {
-                *reinterpret_cast<float4*>(grow + col) =
-                    make_float4(acc[i][c] * mul[i], acc[i][c + 1] * mul[i], acc[i][c + 2] * mul[i],
-                                acc[i][c + 3] * mul[i]);
-            } else if (ALIGNED && W == 2 && col + 2 <= ncols) {
-                *reinterpret_cast<float2*>(grow + col) =
-                    make_float2(acc[i][c] * mul[i], acc[i][c + 1] * mul[i]);
+            if (ALIGNED && col + W <= ncols) {
+                if constexpr (W == 4) {
+                    *reinterpret_cast<float4*>(grow + col) =
+                        make_float4(finish(i, acc[i][c]), finish(i, acc[i][c + 1]),
+                                    finish(i, acc[i][c + 2]), finish(i, acc[i][c + 3]));
+                } else {
+                    *reinterpret_cast<float2*>(grow + col) =
+                        make_float2(finish(i, acc[i][c]), finish(i, acc[i][c + 1]));
+                }
             } else {
 #pragma unroll
                 for (int w = 0; w < W; ++w)
-                    if (col + w < ncols) grow[col + w] = acc[i][c + w] * mul[i];
+                    if (col + w < ncols) grow[col + w] = finish(i, acc[i][c + w]);
             }
         }
     }
@@ -222,8 +223,10 @@ static_assert(sizeof(F32FwdArgs) == 192, "F32FwdArgs must match FWD_ARGS in floa
 // One thread block owns BLOCK_M query rows of one (batch, head) and walks its key tiles of
 // BLOCK_N keys: S = Q·Kᵀ in registers, online softmax, P through shared memory, O += P·V. The V
 // load overlaps Q·Kᵀ and the softmax; the next K load overlaps P·V.
+// Up to head dim 128 the tiles leave room for two blocks per SM in shared memory (A100 and up),
+// and the forward fits 128 registers without spilling, so ask for two.
 template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
-__global__ void __launch_bounds__(f32::THREADS, 1)
+__global__ void __launch_bounds__(f32::THREADS, (DQK <= 128 && DV <= 128) ? 2 : 1)
 flash_f32_fwd(const F32FwdArgs a) {
     using namespace f32;
     constexpr int TM = BLOCK_M / 16;  // rows of S and O per thread
@@ -353,17 +356,17 @@ flash_f32_fwd(const F32FwdArgs a) {
     cp_async_wait_all();  // nothing left in flight when no key tile was visited
 
     // Epilogue: O = acc / l (0 for rows that saw no key), lse = (base + log2 l) · ln 2.
-    float inv[TM];
+    float l[TM];
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const float l = row_sum16(row_sum[i]);
-        inv[i] = l > 0.f ? 1.f / l : 0.f;
+        l[i] = row_sum16(row_sum[i]);
         const int row = m0 + ty + 16 * i;
         if (tx == 0 && row < a.nq)
             a.lse[((i64)b * a.heads + h) * a.nq + row] =
-                l > 0.f ? fmaf(row_base[i], LN2, logf(l)) : -INFINITY;
+                l[i] > 0.f ? fmaf(row_base[i], 0.69314718055994531f, logf(l[i])) : -INFINITY;
     }
-    store_rows<TM, CN, ALIGNED>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, acc, inv, m0, a.nq, a.dv);
+    store_rows<TM, CN, ALIGNED>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, acc, m0, a.nq, a.dv,
+                                [&](int i, float x) { return l[i] > 0.f ? x / l[i] : 0.f; });
 }
 
 // ---------------------------------------------------------------------------------- backward
@@ -561,11 +564,10 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
     cp_async_wait_all();
 
     // Key tiles that no query reaches get zeros: every element is written.
-    float ones[TM], scales[TM];
-#pragma unroll
-    for (int i = 0; i < TM; ++i) ones[i] = 1.f, scales[i] = a.scale;
-    store_rows<TM, CK, ALIGNED>(a.dk_out + b * a.dk_sb + hk * a.dk_sh, a.dk_sn, dk_acc, scales, n0, a.nk, a.d);
-    store_rows<TM, CV, ALIGNED>(a.dv_out + b * a.dv_sb + hk * a.dv_sh, a.dv_sn, dv_acc, ones, n0, a.nk, a.dv);
+    store_rows<TM, CK, ALIGNED>(a.dk_out + b * a.dk_sb + hk * a.dk_sh, a.dk_sn, dk_acc, n0, a.nk, a.d,
+                                [&](int, float x) { return x * a.scale; });
+    store_rows<TM, CV, ALIGNED>(a.dv_out + b * a.dv_sb + hk * a.dv_sh, a.dv_sn, dv_acc, n0, a.nk, a.dv,
+                                [](int, float x) { return x; });
 }
 
 // dQ for one query tile of BLOCK_M rows of one (batch, head): the block walks its key tiles of
@@ -686,8 +688,6 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
     cp_async_wait_all();
 
     // Query tiles that see no key get zeros: every element is written.
-    float scales[TM];
-#pragma unroll
-    for (int i = 0; i < TM; ++i) scales[i] = a.scale;
-    store_rows<TM, CQ, ALIGNED>(a.dq_out + b * a.dq_sb + h * a.dq_sh, a.dq_sn, dq_acc, scales, m0, a.nq, a.d);
+    store_rows<TM, CQ, ALIGNED>(a.dq_out + b * a.dq_sb + h * a.dq_sh, a.dq_sn, dq_acc, m0, a.nq, a.d,
+                                [&](int, float x) { return x * a.scale; });
 }

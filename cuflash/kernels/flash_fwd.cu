@@ -167,11 +167,12 @@ flash_fwd(const FwdArgs a) {
                 for (int half = 0; half < 2; ++half) {
                     const int row = m0 + (warp * MT + mt) * 16 + g + half * 8;
                     const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
+                    const int first_masked = limit - n0 - 2 * t;  // in this lane's column numbering
 #pragma unroll
                     for (int j = 0; j < NT; ++j)
 #pragma unroll
                         for (int e = 0; e < 2; ++e)
-                            if (n0 + j * 8 + 2 * t + e >= limit) s[mt][j][half * 2 + e] = -INFINITY;
+                            if (j * 8 + e >= first_masked) s[mt][j][half * 2 + e] = -INFINITY;
                 }
         }
 

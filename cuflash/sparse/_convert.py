@@ -38,8 +38,8 @@ def sparse_heads(pattern):
             return [(shape, rows[heads == h], cols[heads == h])
                     for h in range(pattern.shape[0])], True
         raise ValueError(
-            f"pattern must be 2-D (M, N), or 3-D (H, M, N) with H >= 1 for one pattern per head; "
-            f"got a {pattern.ndim}-D sparse array of shape {pattern.shape}")
+            "pattern must be 2-D (M, N), or 3-D (H, M, N) with H >= 1 for one pattern per "
+            f"head; got a {pattern.ndim}-D sparse array of shape {pattern.shape}")
     if isinstance(pattern, (list, tuple)):
         if not pattern:
             raise ValueError("pattern is an empty sequence; give at least one head's pattern")
