@@ -50,6 +50,8 @@ SPARSE_SEQ_LEN, SPARSE_HEADS, SPARSE_HEAD_DIM, SPARSE_BLOCK = 16384, 32, 64, 128
 SPARSE_DENSITIES = (1.0, 0.5, 0.25, 0.1)
 
 IMPLEMENTATIONS = ("cuflash", "sdpa-flash", "sdpa-cudnn", "flex")
+BASELINES = IMPLEMENTATIONS[1:]
+SPARSE_IMPLEMENTATIONS = ("cuflash", "flex")  # SDPA has no block-sparse masks
 MODES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
 BACKWARD_FLOP_FACTOR = 2.5
 
@@ -60,8 +62,13 @@ class Unavailable(Exception):
 
 # ----------------------------------------------------------------------------- devices
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+def format_bytes(n: float) -> str:
+    """Bytes in binary units: ``512 B``, ``3.5 KiB``, ``12.0 MiB``, ``1.50 GiB``."""
+    if n < 1024:
+        return f"{int(n)} B"
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 class CpuDevice:
@@ -147,7 +154,7 @@ class GpuDevice:
     def description(self) -> str:
         p = self.properties
         return (f"{p['name']} (GPU {p['id']}, sm_{p['major']}{p['minor']}, "
-                f"{p['multiprocessors']} SMs, {_mib(p['total_memory'])})")
+                f"{p['multiprocessors']} SMs, {format_bytes(p['total_memory'])})")
 
     def asarray(self, a):
         return self.xp.asarray(a)
@@ -305,7 +312,7 @@ class Inputs:
     @classmethod
     def random(cls, device, shape, dtype, seed=0):
         dtype = DTYPES[dtype] if isinstance(dtype, str) else numpy.dtype(dtype)
-        return cls(*(device.random(shape, dtype, [seed, i]) for i in range(4)))
+        return cls(*(device.random(shape, dtype, (seed, i)) for i in range(4)))
 
 
 # ----------------------------------------------------------------------------- runners
@@ -486,44 +493,50 @@ def _time_implementation(device, name, make_runner, *, warmup, repeats):
 
 # ----------------------------------------------------------------------------- dense sweep
 
-def run_dense(device, problems, modes=("fwd", "fwdbwd"), *, use_torch=True, warmup=3,
+def _factories(inputs, mode, *, causal, block_mask=None, layout=None, block_size=SPARSE_BLOCK):
+    """For each implementation, a function that prepares its timed call (or raises
+    Unavailable)."""
+    return {
+        "cuflash": lambda: cuflash_runner(inputs, mode, causal=causal, block_mask=block_mask),
+        "sdpa-flash": lambda: sdpa_runner("FLASH_ATTENTION", inputs, mode, causal=causal),
+        "sdpa-cudnn": lambda: sdpa_runner("CUDNN_ATTENTION", inputs, mode, causal=causal),
+        "flex": lambda: flex_runner(inputs, mode, causal=causal, layout=layout,
+                                    block_size=block_size),
+    }
+
+
+def run_dense(device, problems, modes=("fwd", "fwdbwd"), *, baselines=BASELINES, warmup=3,
               repeats=20, seed=0, on_step: Callable | None = None) -> list[dict]:
-    """Time every problem × mode for cuflash and, with ``use_torch``, the torch baselines.
+    """Time every problem × mode for cuflash and the torch ``baselines``.
 
     Returns one record per (problem, mode): sizes, and for each implementation its median time
-    in ms and TFLOP/s (None with a note when it could not run), plus ``ratio`` =
-    cuflash / SDPA-flash TFLOP/s. ``on_step()`` is called after each implementation is timed.
+    in ms and TFLOP/s (None with a note when it did not run), plus ``ratio`` =
+    cuflash / SDPA-flash TFLOP/s. ``on_step()`` is called after each implementation.
     """
     records = []
     for problem in problems:
         inputs = Inputs.random(device, problem.shape, problem.dtype, seed)
         for mode in modes:
-            runners = {"cuflash": lambda: cuflash_runner(inputs, mode, causal=problem.causal)}
-            if use_torch:
-                runners["sdpa-flash"] = lambda: sdpa_runner("FLASH_ATTENTION", inputs, mode,
-                                                            causal=problem.causal)
-                runners["sdpa-cudnn"] = lambda: sdpa_runner("CUDNN_ATTENTION", inputs, mode,
-                                                            causal=problem.causal)
-                runners["flex"] = lambda: flex_runner(inputs, mode, causal=problem.causal)
             record = {"seq_len": problem.seq_len, "head_dim": problem.head_dim,
                       "batch": problem.batch, "heads": problem.heads, "causal": problem.causal,
                       "dtype": problem.dtype, "mode": MODES[mode]}
-            record.update(_time_all(device, runners, problem.flops(mode), warmup=warmup,
-                                    repeats=repeats, use_torch=use_torch, on_step=on_step))
+            record.update(_time_all(device, _factories(inputs, mode, causal=problem.causal),
+                                    IMPLEMENTATIONS, baselines, problem.flops(mode),
+                                    warmup=warmup, repeats=repeats, on_step=on_step))
             record["ratio"] = _ratio(record["tflops"]["cuflash"], record["tflops"]["sdpa-flash"])
             records.append(record)
         del inputs
     return records
 
 
-def _time_all(device, runners, flops, *, warmup, repeats, use_torch, on_step):
+def _time_all(device, factories, columns, baselines, flops, *, warmup, repeats, on_step):
     times, tflops, notes = {}, {}, {}
-    for name in IMPLEMENTATIONS:
-        if name in runners:
-            seconds, note = _time_implementation(device, name, runners[name], warmup=warmup,
+    for name in columns:
+        if name == "cuflash" or name in baselines:
+            seconds, note = _time_implementation(device, name, factories[name], warmup=warmup,
                                                  repeats=repeats)
         else:
-            seconds, note = None, "n/a (--no-torch)" if not use_torch else "n/a"
+            seconds, note = None, "n/a (not run)"
         times[name] = None if seconds is None else seconds * 1e3
         tflops[name] = None if seconds is None else flops / seconds / 1e12
         if note:
@@ -580,8 +593,8 @@ def sparse_masks(seq_len=SPARSE_SEQ_LEN, block_size=SPARSE_BLOCK, densities=SPAR
 
 
 def run_sparse(device, masks, *, heads=SPARSE_HEADS, head_dim=SPARSE_HEAD_DIM, batch=1,
-               modes=("fwd",), use_torch=True, warmup=3, repeats=20, seed=0, dtype="bfloat16",
-               on_step: Callable | None = None) -> list[dict]:
+               modes=("fwd",), baselines=("flex",), warmup=3, repeats=20, seed=0,
+               dtype="bfloat16", on_step: Callable | None = None) -> list[dict]:
     """Time cuflash and FlexAttention on the same block masks (non-causal).
 
     TFLOP/s are effective: the dense FLOPs times the mask's kept fraction, over the time.
@@ -593,22 +606,15 @@ def run_sparse(device, masks, *, heads=SPARSE_HEADS, head_dim=SPARSE_HEAD_DIM, b
         problem = Problem(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim,
                           causal=False, dtype=dtype)
         inputs = Inputs.random(device, problem.shape, dtype, seed)
-        layout = mask.to_dense()
         for mode in modes:
-            runners = {"cuflash": lambda: cuflash_runner(inputs, mode, causal=False,
-                                                         block_mask=mask)}
-            if use_torch:
-                runners["flex"] = lambda: flex_runner(inputs, mode, causal=False, layout=layout,
-                                                      block_size=mask.block_size[0])
+            factories = _factories(inputs, mode, causal=False, block_mask=mask,
+                                   layout=mask.to_dense(), block_size=mask.block_size[0])
             record = {"mask": label, "density": mask.density, "seq_len": seq_len,
                       "heads": heads, "head_dim": head_dim, "batch": batch, "dtype": dtype,
                       "mode": MODES[mode]}
-            flops = problem.flops(mode, density=mask.element_density)
-            record.update(_time_all(device, runners, flops, warmup=warmup, repeats=repeats,
-                                    use_torch=use_torch, on_step=on_step))
-            for name in ("sdpa-flash", "sdpa-cudnn"):
-                for table in ("time_ms", "tflops", "notes"):
-                    record[table].pop(name, None)
+            record.update(_time_all(device, factories, SPARSE_IMPLEMENTATIONS, baselines,
+                                    problem.flops(mode, density=mask.element_density),
+                                    warmup=warmup, repeats=repeats, on_step=on_step))
             record["ratio"] = _ratio(record["tflops"]["cuflash"], record["tflops"]["flex"])
             records.append(record)
         del inputs
@@ -625,8 +631,8 @@ class _Footnotes:
 
     def cell(self, record, name, table="tflops", digits=1):
         value = record[table].get(name)
-        if value is not None:
-            return f"{value:.{digits}f}"
+        if value is not None:  # small values (the CPU path) keep three significant digits
+            return f"{value:.{digits}f}" if value >= 10**(2 - digits) else f"{value:.3g}"
         note = record["notes"].get(name, "n/a")
         reason = note[len("n/a ("):-1] if note.startswith("n/a (") else note
         return f"n/a [{self.reasons.setdefault(reason, len(self.reasons) + 1)}]"

@@ -24,10 +24,11 @@ _SUPPORTED_NAMES = "float16, bfloat16 (ml_dtypes.bfloat16) or float32"
 
 # ----------------------------------------------------------------------------- array modules
 
-def array_module(x: Any):
+def array_module(x: Any, name: str = "array"):
     """Return ``numpy`` or ``cupy`` for an array of that module; ``TypeError`` for anything else.
 
-    CuPy is imported only when ``x`` is a CuPy array, so this works without CuPy installed.
+    A CuPy array's class lives in the ``cupy`` package, which is then already imported: CuPy is
+    never imported here, so this works where CuPy is not installed.
     """
     if isinstance(x, numpy.ndarray):
         return numpy
@@ -35,8 +36,7 @@ def array_module(x: Any):
         cupy = sys.modules["cupy"]
         if isinstance(x, cupy.ndarray):
             return cupy
-    raise TypeError(
-        f"expected a numpy.ndarray or cupy.ndarray, got {_type_name(x)}")
+    raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {_type_name(x)}")
 
 
 def _type_name(x: Any) -> str:
@@ -51,7 +51,7 @@ def _device_id(x: Any) -> int | None:
 
 def common_module(arrays: dict[str, Any]):
     """The array module shared by all ``arrays`` (name → array), checking devices for CuPy."""
-    modules = {name: array_module(x) for name, x in arrays.items()}
+    modules = {name: array_module(x, name) for name, x in arrays.items()}
     names = list(arrays)
     first = names[0]
     for name in names[1:]:
@@ -181,7 +181,10 @@ def check_dtypes(arrays: dict[str, Any]) -> numpy.dtype:
 def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype, xp,
                device_of: Any) -> None:
     """``x`` must be an array of ``xp`` on the device of ``device_of`` with this shape and dtype."""
-    got = array_module(x)
+    try:
+        got = array_module(x, name)
+    except TypeError:
+        got = None
     if got is not xp:
         raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {_type_name(x)}")
     if _device_id(x) != _device_id(device_of):

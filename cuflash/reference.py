@@ -32,8 +32,8 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None):
     s = (q64 @ _repeat_heads(k64, shapes).swapaxes(-1, -2)) * scale
     s = _apply_mask(s, _keep(xp, shapes, causal, mask))
     lse = _logsumexp(s, xp)
-    p = _softmax(s, lse, xp)
-    return p @ _repeat_heads(v64, shapes), lse
+    out = _softmax(s, lse, xp) @ _repeat_heads(v64, shapes)
+    return out, _broadcast_rows(lse, out, xp)
 
 
 def attention_backward(dout, q, k, v, *, causal=False, scale=None, mask=None):
@@ -108,8 +108,8 @@ def naive_attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=None)
     s = r(r(q.astype(xp.float32) * xp.float32(scale)) @ kr.swapaxes(-1, -2))
     s = _apply_mask(s, _keep(xp, shapes, causal, mask))
     lse = _logsumexp(s, xp)
-    p = r(_softmax(s, lse, xp))
-    return r(p @ vr).astype(dtype), lse.astype(xp.float32)
+    out = r(r(_softmax(s, lse, xp)) @ vr).astype(dtype)
+    return out, _broadcast_rows(lse.astype(xp.float32), out, xp)
 
 
 def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, mask=None, dtype=None):
@@ -174,6 +174,11 @@ def _sum_groups(g, shapes):
     """Sum a per-query-head gradient over each group of query heads."""
     group = shapes.hq // shapes.hkv
     return g.reshape(g.shape[:-3] + (shapes.hkv, group) + g.shape[-2:]).sum(axis=-3)
+
+
+def _broadcast_rows(lse, out, xp):
+    """``lse`` over the batch of ``out`` (v may add leading axes that the scores lack)."""
+    return xp.ascontiguousarray(xp.broadcast_to(lse, out.shape[:-1]))
 
 
 def _reduce_grads(xp, shapes, *pairs):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 
 import click
 
 from cuflash import _bench
+from cuflash._bench import format_bytes as size
 
 log = logging.getLogger("cuflash.cli")
 
@@ -43,23 +45,15 @@ def require_fit(device, needed: int, what: str):
 
 @contextlib.contextmanager
 def translate_errors(device):
-    """Turn the library's complaints about the request into usage errors (exit status 2) and
-    running out of device memory into NotEnoughMemory (exit status 3), never a traceback."""
+    """Turn the library's complaints about the request (ValueError, whose message names the
+    value) into usage errors (exit status 2) and running out of device memory into
+    NotEnoughMemory (exit status 3), never a traceback."""
     try:
         yield
     except device.out_of_memory as error:
         raise NotEnoughMemory(f"out of {device.name} memory: {error}") from error
-    except (ValueError, TypeError) as error:
+    except ValueError as error:
         raise click.UsageError(str(error)) from error
-
-
-def size(n: float) -> str:
-    """Bytes in binary units: ``512 B``, ``12.0 MiB``, ``1.50 GiB``."""
-    if n < 1024:
-        return f"{int(n)} B"
-    if n < 2**30:
-        return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-    return f"{n / 2**30:.2f} GiB"
 
 
 def seconds(t: float) -> str:
@@ -98,4 +92,4 @@ def pyplot_or_fail():
 
 def progress(length: int, label: str):
     """A progress bar on stderr (a single label line when stderr is not a terminal)."""
-    return click.progressbar(length=length, label=label, file=click.get_text_stream("stderr"))
+    return click.progressbar(length=length, label=label, file=sys.stderr)

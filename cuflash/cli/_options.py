@@ -72,17 +72,17 @@ def _dtype_callback(ctx, param, value):
 
 def heads_option(default):
     return click.option("--heads", type=POSITIVE, default=default, show_default=True,
-                        help="Attention heads.")
+                        metavar="H", help="Attention heads.")
 
 
 def head_dim_option(default):
     return click.option("--head-dim", type=POSITIVE, default=default, show_default=True,
-                        help="Size of each head (D).")
+                        metavar="D", help="Size of each head.")
 
 
 def batch_option(default=1):
     return click.option("--batch", type=POSITIVE, default=default, show_default=True,
-                        help="Batch size.")
+                        metavar="B", help="Batch size.")
 
 
 dtype_option = click.option(
@@ -98,7 +98,7 @@ device_option = click.option(
     help="Where to run: the GPU kernels (CuPy arrays), the NumPy path, or the GPU when usable.")
 
 seed_option = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                           help="Seed of every random choice (inputs, sampled rows).")
+                           metavar="INT", help="Seed of every random choice.")
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON record on stdout and nothing else there.")
@@ -111,10 +111,11 @@ plot_option = click.option(
 def pattern_parameter_options(f):
     """The parameters of the sparse patterns (see ``cuflash mask list``); each pattern reads
     only its own and rejects the others."""
-    from cuflash.cli._patterns import PARAMETERS
+    from cuflash.cli._patterns import PARAMETERS, default_text
     for name, (kind, text) in reversed(list(PARAMETERS.items())):
-        option_type = {"tokens": TOKENS, "count": click.IntRange(min=0),
-                       "fraction": click.FloatRange(0, 1, min_open=True)}[kind]
-        f = click.option(f"--{name}", type=option_type, default=None, help=text)(f)
+        option_type, metavar = {"tokens": (TOKENS, "N"), "count": (click.IntRange(min=0), "INT"),
+                                "fraction": (click.FloatRange(0, 1, min_open=True), "X")}[kind]
+        f = click.option(f"--{name}", type=option_type, default=None, metavar=metavar,
+                         help=f"{text}  [default: {default_text(name)}]")(f)
     return click.option("--block-size", type=POSITIVE, default=128, show_default=True,
-                        help="Block size of the block mask (a multiple of 64).")(f)
+                        metavar="N", help="Block size of the block mask (a multiple of 64).")(f)

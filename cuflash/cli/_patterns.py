@@ -95,6 +95,19 @@ PATTERNS = {
 }
 
 
+def default_text(option: str) -> str:
+    """The defaults of ``option`` in the patterns that read it, for the help text."""
+    defaults = {name: pattern.defaults[option] for name, pattern in PATTERNS.items()
+                if option in pattern.defaults}
+    by_value = {}
+    for name, value in defaults.items():
+        by_value.setdefault(value, []).append(name)
+    if len(by_value) == 1:
+        return str(next(iter(by_value)))
+    return ", ".join(f"{'as --stride' if value is None else value} ({', '.join(names)})"
+                     for value, names in by_value.items())
+
+
 def pattern_parameters(name: str, given: dict) -> dict:
     """The parameters pattern ``name`` reads, from ``given`` (option name → value or None) or
     its defaults; ``click.BadParameter`` for a given option the pattern does not read."""

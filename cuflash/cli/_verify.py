@@ -120,19 +120,20 @@ def _nan_free(xp, *arrays) -> bool:
     return not any(bool(xp.isnan(a.astype(xp.float32)).any()) for a in arrays)
 
 
-def _measured(device, fn: Callable, repeats: int, held_bytes: int):
-    """``(result, Phase without flops)``. On the GPU the first call (which also compiles) gives
-    the result, then ``repeats`` timed calls, then one call for memory; on the CPU one call gives
-    all three. ``held_bytes`` (the inputs) is added to the peak."""
+def _measured(device, fn: Callable, *, repeats: int, inputs, flops: float):
+    """``(fn(), Phase)``. On the GPU the first call (which also compiles) gives the result, then
+    ``repeats`` timed calls give the median time, then one more call the peak memory; on the CPU
+    one call gives all three. The bytes of ``inputs`` are added to the peak."""
+    held = sum(x.nbytes for x in inputs)
     if device.name == "cpu":
         start = time.perf_counter()
         result, peak = device.peak_bytes(fn)
-        return result, Phase(time.perf_counter() - start, 0.0, held_bytes + peak)
+        return result, Phase(time.perf_counter() - start, flops, held + peak)
     result = fn()
     device.synchronize()
     elapsed = float(numpy.median(device.times(fn, warmup=0, repeats=repeats)))
     _, peak = device.peak_bytes(fn)
-    return result, Phase(elapsed, 0.0, held_bytes + peak)
+    return result, Phase(elapsed, flops, held + peak)
 
 
 def forward_flops(n: int, heads: int, head_dim: int, *, causal: bool, block_mask=None) -> float:
@@ -151,19 +152,18 @@ def run_check(device, q, k, v, *, rows, causal: bool, block_mask=None, backward:
     xp = device.xp
     _, heads, n, head_dim = q.shape
     options = {"causal": causal, "block_mask": block_mask}
+    flops = forward_flops(n, heads, head_dim, causal=causal, block_mask=block_mask)
     poisoned = xp.full(q.shape[:-1] + v.shape[-1:], xp.nan, dtype=q.dtype)
     (out, lse), fwd = _measured(
         device, lambda: cuflash.attention(q, k, v, return_lse=True, out=poisoned, **options),
-        repeats, held_bytes=sum(x.nbytes for x in (q, k, v, poisoned)))
-    fwd.flops = forward_flops(n, heads, head_dim, causal=causal, block_mask=block_mask)
+        repeats=repeats, inputs=(q, k, v, poisoned), flops=flops)
 
     bwd, grads, dout = None, None, None
     if backward:
         dout = _sparse_dout(device, out, rows, seed)
         grads, bwd = _measured(
             device, lambda: cuflash.attention_backward(dout, q, k, v, out, lse, **options),
-            repeats, held_bytes=sum(x.nbytes for x in (q, k, v, out, lse, dout)))
-        bwd.flops = fwd.flops * 2.5
+            repeats=repeats, inputs=(q, k, v, out, lse, dout), flops=2.5 * flops)
 
     result = CheckResult(fwd, bwd)
     where = "all" if len(rows) == n else f"{len(rows)} sampled"

@@ -29,7 +29,7 @@ SPARSE = {"seq_len": _bench.SPARSE_SEQ_LEN, "heads": _bench.SPARSE_HEADS,
 SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
 
 
-@click.command(epilog=EXAMPLES)
+@click.command(short_help="TFLOP/s next to torch SDPA and FlexAttention.", epilog=EXAMPLES)
 @click.option("--seq-lens", type=CommaList(TOKENS, "N,N,..."), default="1K,2K,4K,8K,16K",
               show_default=True, help="Sequence lengths of the dense sweep.")
 @click.option("--head-dims", type=CommaList(POSITIVE, "D,D,..."), default="64,128",
@@ -50,7 +50,12 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
 @click.option("--smoke", is_flag=True,
               help="Tiny sizes and few runs, to check quickly that every implementation runs; "
                    "options given explicitly still apply.")
-@click.option("--no-torch", is_flag=True, help="Time cuflash alone (torch is not imported).")
+@click.option("--baselines", type=CommaList(click.Choice(_bench.BASELINES), "NAME,..."),
+              default=",".join(_bench.BASELINES), show_default=True,
+              help="The torch implementations to time next to cuflash (the sparse sweep "
+                   "uses flex only).")
+@click.option("--no-torch", is_flag=True,
+              help="Time cuflash alone (torch is not imported); same as no --baselines.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
               help="Untimed runs first (the first one compiles).")
 @click.option("--repeats", type=POSITIVE, default=20, show_default=True,
@@ -61,7 +66,7 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
 @plot_option
 @click.pass_context
 def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dtype, sparse,
-          smoke, no_torch, warmup, repeats, device, seed, as_json, plot):
+          smoke, baselines, no_torch, warmup, repeats, device, seed, as_json, plot):
     """TFLOP/s of cuflash, side by side with torch's scaled_dot_product_attention (flash and
     cuDNN back ends) and compiled FlexAttention, in the same process on the same arrays (handed
     to torch through DLPack).
@@ -86,14 +91,15 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
                    "(try --smoke)", err=True)
     modes = ("fwd", "fwdbwd") if mode == "both" else (mode,)
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[causal_modes]
-    options = {"use_torch": not no_torch, "warmup": warmup, "repeats": repeats, "seed": seed}
+    options = {"baselines": () if no_torch else baselines, "warmup": warmup, "repeats": repeats,
+               "seed": seed}
 
     with translate_errors(target):
         if sparse:
             sizes = SMOKE_SPARSE if smoke else SPARSE
             masks = _bench.sparse_masks(sizes["seq_len"], densities=sizes["densities"],
                                         seed=seed)
-            steps = len(masks) * len(modes) * len(_bench.IMPLEMENTATIONS)
+            steps = len(masks) * len(modes) * len(_bench.SPARSE_IMPLEMENTATIONS)
             with progress(steps, "timing") as bar:
                 records = _bench.run_sparse(target, masks, heads=sizes["heads"], modes=modes,
                                             dtype=dtype.name, on_step=lambda: bar.update(1),

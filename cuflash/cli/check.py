@@ -13,7 +13,7 @@ from cuflash.cli._options import (TOKENS, POSITIVE, RowCount, causal_option, dev
                                   dtype_option, head_dim_option, heads_option, json_option,
                                   pattern_parameter_options, seed_option)
 from cuflash.cli._patterns import PATTERNS, build_mask, pattern_parameters
-from cuflash.pathfinder import image_side_for, pathfinder_qkv, random_qkv
+from cuflash.pathfinder import pathfinder_qkv, random_qkv
 
 PATH_X, PATH_256 = 128 * 128, 256 * 256
 
@@ -49,7 +49,8 @@ def _mask(pattern, n, block_size, given, seed):
         parameters
 
 
-@click.command(epilog=EXAMPLES)
+@click.command(short_help="Path-X check: long inputs against float64, PASS or FAIL.",
+               epilog=EXAMPLES)
 @click.option("--seq-len", type=TOKENS, default=None,
               help="Tokens (default 16K). The image is the smallest square with that many "
                    "pixels, read row by row and cut after N of them.")
@@ -59,8 +60,9 @@ def _mask(pattern, n, block_size, given, seed):
 @dtype_option
 @causal_option
 @click.option("--pattern", type=click.Choice(["dense", *PATTERNS]), default="dense",
-              show_default=True, help="Dense attention, or a block-sparse pattern "
-                                      "(cuflash mask list shows them).")
+              show_default=True, metavar="NAME",
+              help="dense, or a block-sparse pattern: " + ", ".join(PATTERNS)
+                   + " (cuflash mask list describes them).")
 @pattern_parameter_options
 @click.option("--inputs", type=click.Choice(["pathfinder", "random"]), default="pathfinder",
               show_default=True,
@@ -82,7 +84,7 @@ def check(seq_len, path_256, heads, head_dim, dtype, causal, pattern, block_size
     The inputs are those of Path-X: a 128×128 Pathfinder-style image (two markers, joined or
     not by a dashed curve, among distractor curves) read pixel by pixel, 16,384 tokens; each
     token's q, k and v are a seeded projection of its pixel value and its 2-D position, so
-    attention is sharp and position-dependent, as in a trained model.
+    attention is sharp and depends on where pixels are, unlike attention over noise.
 
     The forward output is compared on --rows sampled query rows with float64 attention on the
     same rows. For the backward pass the output gradient is random on those rows and zero on
@@ -97,6 +99,9 @@ def check(seq_len, path_256, heads, head_dim, dtype, causal, pattern, block_size
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     block_mask, parameters = _mask(pattern, n, block_size, given, seed)
     target = choose_device(device)
+    if target.name == "cpu" and n * heads > 2**16:
+        click.echo("note: the NumPy path needs minutes at this size; --seq-len 2K --heads 2 "
+                   "takes seconds", err=True)
     sample = _verify.sample_rows(n, rows, seed)
     require_fit(target, _verify.estimate_bytes(n, heads, head_dim, dtype.itemsize, len(sample),
                                                backward), "this check")
@@ -167,7 +172,7 @@ def _print_report(setup, result, dtype_name, n):
     click.echo(f"{'':10}{'time':>12}{'TFLOP/s':>10}{'peak memory':>14}")
     for name, phase in (("forward", result.forward), ("backward", result.backward)):
         if phase is not None:
-            tflops = f"{phase.tflops:.2f}" if math.isfinite(phase.tflops) else "-"
+            tflops = f"{phase.tflops:.3g}" if math.isfinite(phase.tflops) else "-"
             click.echo(f"{name:10}{seconds(phase.seconds):>12}{tflops:>10}"
                        f"{size(phase.peak_bytes):>14}")
     click.echo("")

@@ -22,7 +22,9 @@ def _package_version(name: str) -> str | None:
 
 
 def _cuda_version(number: int) -> str:
-    """CUDA's encoded version (12040) as text (12.4)."""
+    """CUDA's encoded version (12040) as text (12.4); 0 means no driver."""
+    if number == 0:
+        return "none found"
     return f"{number // 1000}.{number % 1000 // 10}"
 
 
@@ -113,7 +115,7 @@ def _lines(facts: dict) -> list[tuple[str, str]]:
     return lines
 
 
-@click.command(epilog="""\b
+@click.command(short_help="Versions, the GPU, and which paths can run here.", epilog="""\b
 Examples:
   cuflash info
   cuflash info --json | python -m json.tool

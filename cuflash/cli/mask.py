@@ -14,7 +14,7 @@ from cuflash.cli._png import write_png
 PNG_SIDE = 512  # pictures are scaled up to about this many pixels on their longer side
 
 
-@click.group()
+@click.group(short_help="Block-sparse patterns: list, show, draw.")
 def mask():
     """Block-sparse patterns: list them, build one and draw it.
 
@@ -38,14 +38,14 @@ def list_patterns():
             click.echo(f"{'':<{width}}  {shown}")
 
 
-@mask.command(epilog="""\b
+@mask.command(short_help="Build a pattern, print its density and draw it.", epilog="""\b
 Examples:
   cuflash mask show sliding-window --window 1K
   cuflash mask show bigbird --seq-len 32K --num-random 2 --seed 3
   cuflash mask show random --density 0.1 --png random.png
   cuflash mask show image-local --json
 """)
-@click.argument("pattern", type=click.Choice(list(PATTERNS)))
+@click.argument("pattern", type=click.Choice(list(PATTERNS)), metavar="PATTERN")
 @click.option("--seq-len", type=TOKENS, default="16K", show_default=True,
               help="Tokens of the problem (queries and keys).")
 @pattern_parameter_options

@@ -46,7 +46,8 @@ def _lengths(low, high):
         n *= 2
 
 
-@click.command(epilog=EXAMPLES)
+@click.command(short_help="Peak memory against sequence length, next to N×N.",
+               epilog=EXAMPLES)
 @heads_option(16)
 @head_dim_option(64)
 @batch_option(1)

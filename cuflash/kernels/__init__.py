@@ -49,6 +49,6 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
         if _is_float32(q):
             from .float32 import backward as run
         else:
-            from .backward import backward as run
+            from .mma_backward import backward as run
         run(dout, q, k, v, out, lse, dq, dk, dv, scale=float(scale), causal=bool(causal),
             block_mask=block_mask, deterministic=bool(deterministic))

@@ -41,38 +41,41 @@ def template_expression(name: str, *args) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(source_name: str, expression: str, device_id: int):
+def _module(source_name: str, expression: str, device_id: int, options: tuple = ()):
     import cupy
 
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(
-            code=source(source_name), options=COMPILE_OPTIONS, name_expressions=(expression,)
+            code=source(source_name), options=(*COMPILE_OPTIONS, *options),
+            name_expressions=(expression,),
         )
 
 
-def get_function(source_name: str, expression: str, *, shared_bytes: int = 0):
-    """The compiled kernel for `expression` on the current device, ready for `shared_bytes`."""
+def get_function(source_name: str, expression: str, *, shared_bytes: int = 0, options=()):
+    """The compiled kernel for `expression` on the current device, ready for `shared_bytes`.
+    `options` are extra NVRTC options (``("-arch=sm_90a",)`` for Hopper-only code); they are part
+    of the module's identity, in this process's memo and in CuPy's disk cache alike."""
     import cupy
 
     device_id = cupy.cuda.Device().id
-    kernel = _module(source_name, expression, device_id).get_function(expression)
+    kernel = _module(source_name, expression, device_id, tuple(options)).get_function(expression)
     if shared_bytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_bytes:
         kernel.max_dynamic_shared_size_bytes = shared_bytes
     return kernel
 
 
-def compile_offline(source_name: str, expressions, arch: str) -> str:
-    """Compile with NVRTC for `arch` (``sm_80``, ``sm_90a``...) without a GPU; returns the ptxas
-    report (registers, spills). Raises RuntimeError with the compiler log on failure."""
+def compile_offline(source_name: str, expressions, arch: str, options=()) -> str:
+    """Compile with NVRTC for `arch` (``sm_80``, ``sm_90a``...) without a GPU, with extra NVRTC
+    `options`; returns the ptxas report (registers, spills). Raises RuntimeError with the
+    compiler log on failure."""
     from cupy_backends.cuda.libs import nvrtc
 
     program = nvrtc.createProgram(source(source_name), source_name, [], [])
     try:
         for expression in expressions:
             nvrtc.addNameExpression(program, expression)
-        options = [*COMPILE_OPTIONS, f"-arch={arch}", "-Xptxas=-v"]
         try:
-            nvrtc.compileProgram(program, options)
+            nvrtc.compileProgram(program, [*COMPILE_OPTIONS, *options, f"-arch={arch}", "-Xptxas=-v"])
         except nvrtc.NVRTCError as error:
             raise RuntimeError(
                 f"{source_name} failed to compile for {arch}:\n{nvrtc.getProgramLog(program)}"

@@ -55,7 +55,7 @@ struct BwdArgs {
     float scale;
     float scale_log2;            // scale * log2(e)
 };
-static_assert(sizeof(BwdArgs) == 368, "BwdArgs must match BWD_ARGS in backward.py");
+static_assert(sizeof(BwdArgs) == 368, "BwdArgs must match BWD_ARGS in mma_backward.py");
 
 constexpr float LOG2E_F = 1.4426950408889634f;
 
@@ -111,7 +111,7 @@ flash_bwd_pre(const BwdArgs a) {
 // dS^T never leave registers. With WC > 1 (large head dims, where dK + dV of a whole slab would
 // not fit in registers) the WC warps of one slab split the query columns of S^T/dP^T and the
 // head-dim columns of dK/dV, and exchange P^T and dS^T through shared memory.
-template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int BLOCK_M, int STAGES,
+template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int PASSES, int BLOCK_M, int STAGES,
           bool KV_IN_REGS, bool CAUSAL, bool SPARSE, bool ALIGNED, bool ATOMIC_DQ>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_bwd_dkdv(const BwdArgs a) {
@@ -122,13 +122,16 @@ flash_bwd_dkdv(const BwdArgs a) {
     constexpr int VS = DV + SMEM_PAD, OS = DV + SMEM_PAD;
     constexpr int PS = BLOCK_M + SMEM_PAD;
     constexpr int CM = BLOCK_M / WC;         // query columns of S^T per warp
-    constexpr int CT = CM / 8;               // their n8 tiles
+    constexpr int CMP = CM / PASSES;         // ... per pass
+    constexpr int CTP = CMP / 8;             // their n8 tiles
+    constexpr int KMP = CMP / 16;            // k16 steps of P^T dO, dS^T Q per pass
     constexpr int KT = DQK / WC / 8;         // n8 tiles of dK per warp
     constexpr int VT = DV / WC / 8;          // n8 tiles of dV per warp
     constexpr int KQK = DQK / 16, KVD = DV / 16, KM = BLOCK_M / 16;  // k16 steps
     constexpr bool P_SMEM = WC > 1;
     constexpr bool DS_SMEM = WC > 1 || ATOMIC_DQ;
-    static_assert(WARPS % WC == 0 && CM % 16 == 0 && KT % 2 == 0 && VT % 2 == 0, "tile shape");
+    static_assert(WARPS % WC == 0 && CMP % 16 == 0 && CMP * PASSES == CM && KT % 2 == 0 && VT % 2 == 0,
+                  "tile shape");
     static_assert(STAGES == 1 || STAGES == 2, "one or two query-tile buffers");
 
     extern __shared__ __align__(16) u16 smem[];
@@ -315,177 +318,182 @@ flash_bwd_dkdv(const BwdArgs a) {
         }
 
         const u32 q_stage = stage * BLOCK_M * QS * 2, o_stage = stage * BLOCK_M * OS * 2;
-        const float* lse2 = sl + stage * BLOCK_M + c0;
-        const float* delta = sd + stage * BLOCK_M + c0;
 
-        // S^T = K Q^T, then P^T = exp2(S^T * scale * log2 e - lse2) in place.
-        float s[MT][CT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int j = 0; j < CT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KQK; ++kk) {
-            u32 ka[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (KV_IN_REGS) {
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) ka[mt][r] = kf[mt][kk][r];
-                } else {
-                    ldmatrix_x4(ka[mt], sk_a + (mt * 16 * KS + kk * 16) * 2);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < CT; j += 2) {
-                u32 qb[4];
-                ldmatrix_x4(qb, sq_b + q_stage + (j * 8 * QS + kk * 16) * 2);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816<T>(s[mt][j], ka[mt], qb[0], qb[1]);
-                    mma_16816<T>(s[mt][j + 1], ka[mt], qb[2], qb[3]);
-                }
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < CT; ++j) {
-            const float2 l2 = *reinterpret_cast<const float2*>(lse2 + j * 8 + 2 * t);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                s[mt][j][0] = fast_exp2(fmaf(s[mt][j][0], a.scale_log2, -l2.x));
-                s[mt][j][1] = fast_exp2(fmaf(s[mt][j][1], a.scale_log2, -l2.y));
-                s[mt][j][2] = fast_exp2(fmaf(s[mt][j][2], a.scale_log2, -l2.x));
-                s[mt][j][3] = fast_exp2(fmaf(s[mt][j][3], a.scale_log2, -l2.y));
-            }
-        }
-        // Element masks only where the warp's block crosses the causal diagonal or the end of K;
-        // query rows past Nq already give P = 0 through lse2 = +inf.
-        const int key_base = n0 + kr0;
-        const bool partial = key_base + MT * 16 > a.nk ||
-                             (CAUSAL && key_base + MT * 16 - 1 > m0 + c0 + offset);
-        if (partial) {
+#pragma unroll 1
+        for (int pass = 0; pass < PASSES; ++pass) {
+            const int cp = c0 + pass * CMP;  // first query column of this pass
+            const float* lse2 = sl + stage * BLOCK_M + cp;
+            const float* delta = sd + stage * BLOCK_M + cp;
+
+            // S^T = K Q^T, then P^T = exp2(S^T * scale * log2 e - lse2) in place.
+            float s[MT][CTP][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int key = key_base + mt * 16 + g + half * 8;
-                    // Query columns below this one cannot see the key.
-                    const int col_min = CAUSAL ? key - offset : -2147483647;
+                for (int j = 0; j < CTP; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
-                    for (int j = 0; j < CT; ++j)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int col = m0 + c0 + j * 8 + 2 * t + e;
-                            if (key >= a.nk || col < col_min) s[mt][j][half * 2 + e] = 0.f;
-                        }
-                }
-        }
-
-        if constexpr (!P_SMEM) {
-            // dV += P^T dO, P^T straight from the accumulators.
-#pragma unroll
-            for (int kk = 0; kk < KM; ++kk) {
-                u32 pa[MT][4];
+            for (int kk = 0; kk < KQK; ++kk) {
+                u32 ka[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    if constexpr (KV_IN_REGS) {
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) ka[mt][r] = kf[mt][kk][r];
+                    } else {
+                        ldmatrix_x4(ka[mt], sk_a + (mt * 16 * KS + kk * 16) * 2);
+                    }
                 }
 #pragma unroll
-                for (int j = 0; j < VT; j += 2) {
-                    u32 ob[4];
-                    ldmatrix_x4_trans(ob, sdo_bt + o_stage + (kk * 16 * OS + j * 8) * 2);
+                for (int j = 0; j < CTP; j += 2) {
+                    u32 qb[4];
+                    ldmatrix_x4(qb, sq_b + q_stage + ((pass * CMP + j * 8) * QS + kk * 16) * 2);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(dv_acc[mt][j], pa[mt], ob[0], ob[1]);
-                        mma_16816<T>(dv_acc[mt][j + 1], pa[mt], ob[2], ob[3]);
+                        mma_16816<T>(s[mt][j], ka[mt], qb[0], qb[1]);
+                        mma_16816<T>(s[mt][j + 1], ka[mt], qb[2], qb[3]);
                     }
                 }
             }
-        } else {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int j = 0; j < CT; ++j) {
-                    u16* row = sp + (kr0 + mt * 16 + g) * PS + c0 + j * 8 + 2 * t;
-                    *reinterpret_cast<u32*>(row) = pack2<T>(s[mt][j][0], s[mt][j][1]);
-                    *reinterpret_cast<u32*>(row + 8 * PS) = pack2<T>(s[mt][j][2], s[mt][j][3]);
-                }
-        }
-
-        // dP^T = V dO^T, then dS^T = P^T * (dP^T - Delta) in place.
-        float dp[MT][CT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int j = 0; j < CT; ++j) dp[mt][j][0] = dp[mt][j][1] = dp[mt][j][2] = dp[mt][j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KVD; ++kk) {
-            u32 va[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (KV_IN_REGS) {
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) va[mt][r] = vf[mt][kk][r];
-                } else {
-                    ldmatrix_x4(va[mt], sv_a + (mt * 16 * VS + kk * 16) * 2);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < CT; j += 2) {
-                u32 ob[4];
-                ldmatrix_x4(ob, sdo_b + o_stage + (j * 8 * OS + kk * 16) * 2);
+            for (int j = 0; j < CTP; ++j) {
+                const float2 l2 = *reinterpret_cast<const float2*>(lse2 + j * 8 + 2 * t);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816<T>(dp[mt][j], va[mt], ob[0], ob[1]);
-                    mma_16816<T>(dp[mt][j + 1], va[mt], ob[2], ob[3]);
+                    s[mt][j][0] = fast_exp2(fmaf(s[mt][j][0], a.scale_log2, -l2.x));
+                    s[mt][j][1] = fast_exp2(fmaf(s[mt][j][1], a.scale_log2, -l2.y));
+                    s[mt][j][2] = fast_exp2(fmaf(s[mt][j][2], a.scale_log2, -l2.x));
+                    s[mt][j][3] = fast_exp2(fmaf(s[mt][j][3], a.scale_log2, -l2.y));
                 }
             }
-        }
+            // Element masks only where the warp's block crosses the causal diagonal or the end of
+            // K; query rows past Nq already give P = 0 through lse2 = +inf.
+            const int key_base = n0 + kr0;
+            const bool partial = key_base + MT * 16 > a.nk ||
+                                 (CAUSAL && key_base + MT * 16 - 1 > m0 + cp + offset);
+            if (partial) {
 #pragma unroll
-        for (int j = 0; j < CT; ++j) {
-            const float2 d2 = *reinterpret_cast<const float2*>(delta + j * 8 + 2 * t);
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                dp[mt][j][0] = s[mt][j][0] * (dp[mt][j][0] - d2.x);
-                dp[mt][j][1] = s[mt][j][1] * (dp[mt][j][1] - d2.y);
-                dp[mt][j][2] = s[mt][j][2] * (dp[mt][j][2] - d2.x);
-                dp[mt][j][3] = s[mt][j][3] * (dp[mt][j][3] - d2.y);
+                    for (int half = 0; half < 2; ++half) {
+                        const int key = key_base + mt * 16 + g + half * 8;
+                        // Query rows before this one cannot see the key.
+                        const int col_min = CAUSAL ? key - offset : -2147483647;
+#pragma unroll
+                        for (int j = 0; j < CTP; ++j)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int col = m0 + cp + j * 8 + 2 * t + e;
+                                if (key >= a.nk || col < col_min) s[mt][j][half * 2 + e] = 0.f;
+                            }
+                    }
             }
-        }
-        if constexpr (DS_SMEM) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int j = 0; j < CT; ++j) {
-                    u16* row = sds + (kr0 + mt * 16 + g) * PS + c0 + j * 8 + 2 * t;
-                    *reinterpret_cast<u32*>(row) = pack2<T>(dp[mt][j][0], dp[mt][j][1]);
-                    *reinterpret_cast<u32*>(row + 8 * PS) = pack2<T>(dp[mt][j][2], dp[mt][j][3]);
-                }
-        }
 
-        if constexpr (!P_SMEM) {
-            // dK += dS^T Q, dS^T straight from the accumulators (scaled at the end).
+            if constexpr (!P_SMEM) {
+                // dV += P^T dO, P^T straight from the accumulators.
 #pragma unroll
-            for (int kk = 0; kk < KM; ++kk) {
-                u32 da[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    da[mt][0] = pack2<T>(dp[mt][2 * kk][0], dp[mt][2 * kk][1]);
-                    da[mt][1] = pack2<T>(dp[mt][2 * kk][2], dp[mt][2 * kk][3]);
-                    da[mt][2] = pack2<T>(dp[mt][2 * kk + 1][0], dp[mt][2 * kk + 1][1]);
-                    da[mt][3] = pack2<T>(dp[mt][2 * kk + 1][2], dp[mt][2 * kk + 1][3]);
-                }
-#pragma unroll
-                for (int j = 0; j < KT; j += 2) {
-                    u32 qb[4];
-                    ldmatrix_x4_trans(qb, sq_bt + q_stage + (kk * 16 * QS + j * 8) * 2);
+                for (int kk = 0; kk < KMP; ++kk) {
+                    u32 pa[MT][4];
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(dk_acc[mt][j], da[mt], qb[0], qb[1]);
-                        mma_16816<T>(dk_acc[mt][j + 1], da[mt], qb[2], qb[3]);
+                        pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                        pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                        pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                        pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    }
+#pragma unroll
+                    for (int j = 0; j < VT; j += 2) {
+                        u32 ob[4];
+                        ldmatrix_x4_trans(ob, sdo_bt + o_stage + ((cp + kk * 16) * OS + j * 8) * 2);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            mma_16816<T>(dv_acc[mt][j], pa[mt], ob[0], ob[1]);
+                            mma_16816<T>(dv_acc[mt][j + 1], pa[mt], ob[2], ob[3]);
+                        }
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int j = 0; j < CTP; ++j) {
+                        u16* row = sp + (kr0 + mt * 16 + g) * PS + cp + j * 8 + 2 * t;
+                        *reinterpret_cast<u32*>(row) = pack2<T>(s[mt][j][0], s[mt][j][1]);
+                        *reinterpret_cast<u32*>(row + 8 * PS) = pack2<T>(s[mt][j][2], s[mt][j][3]);
+                    }
+            }
+
+            // dP^T = V dO^T, then dS^T = P^T * (dP^T - Delta) in place.
+            float dp[MT][CTP][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int j = 0; j < CTP; ++j) dp[mt][j][0] = dp[mt][j][1] = dp[mt][j][2] = dp[mt][j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KVD; ++kk) {
+                u32 va[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if constexpr (KV_IN_REGS) {
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) va[mt][r] = vf[mt][kk][r];
+                    } else {
+                        ldmatrix_x4(va[mt], sv_a + (mt * 16 * VS + kk * 16) * 2);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < CTP; j += 2) {
+                    u32 ob[4];
+                    ldmatrix_x4(ob, sdo_b + o_stage + ((pass * CMP + j * 8) * OS + kk * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16816<T>(dp[mt][j], va[mt], ob[0], ob[1]);
+                        mma_16816<T>(dp[mt][j + 1], va[mt], ob[2], ob[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < CTP; ++j) {
+                const float2 d2 = *reinterpret_cast<const float2*>(delta + j * 8 + 2 * t);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    dp[mt][j][0] = s[mt][j][0] * (dp[mt][j][0] - d2.x);
+                    dp[mt][j][1] = s[mt][j][1] * (dp[mt][j][1] - d2.y);
+                    dp[mt][j][2] = s[mt][j][2] * (dp[mt][j][2] - d2.x);
+                    dp[mt][j][3] = s[mt][j][3] * (dp[mt][j][3] - d2.y);
+                }
+            }
+            if constexpr (DS_SMEM) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int j = 0; j < CTP; ++j) {
+                        u16* row = sds + (kr0 + mt * 16 + g) * PS + cp + j * 8 + 2 * t;
+                        *reinterpret_cast<u32*>(row) = pack2<T>(dp[mt][j][0], dp[mt][j][1]);
+                        *reinterpret_cast<u32*>(row + 8 * PS) = pack2<T>(dp[mt][j][2], dp[mt][j][3]);
+                    }
+            }
+
+            if constexpr (!P_SMEM) {
+                // dK += dS^T Q, dS^T straight from the accumulators (scaled at the end).
+#pragma unroll
+                for (int kk = 0; kk < KMP; ++kk) {
+                    u32 da[MT][4];
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        da[mt][0] = pack2<T>(dp[mt][2 * kk][0], dp[mt][2 * kk][1]);
+                        da[mt][1] = pack2<T>(dp[mt][2 * kk][2], dp[mt][2 * kk][3]);
+                        da[mt][2] = pack2<T>(dp[mt][2 * kk + 1][0], dp[mt][2 * kk + 1][1]);
+                        da[mt][3] = pack2<T>(dp[mt][2 * kk + 1][2], dp[mt][2 * kk + 1][3]);
+                    }
+#pragma unroll
+                    for (int j = 0; j < KT; j += 2) {
+                        u32 qb[4];
+                        ldmatrix_x4_trans(qb, sq_bt + q_stage + ((cp + kk * 16) * QS + j * 8) * 2);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            mma_16816<T>(dk_acc[mt][j], da[mt], qb[0], qb[1]);
+                            mma_16816<T>(dk_acc[mt][j + 1], da[mt], qb[2], qb[3]);
+                        }
                     }
                 }
             }

@@ -15,7 +15,7 @@
 namespace f32 {
 
 constexpr int THREADS = 256;
-constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.69314718055994531f;
 
 // Row stride of a Q/K/V/dO tile (head dims are multiples of 32): ≡ 4 mod 32 words, so gemm_nt's
 // float4 reads of eight consecutive rows at one column fall in eight distinct bank quads.
@@ -159,9 +159,10 @@ __device__ __forceinline__ void load_tile(float* smem, const float* gmem, i64 ld
     }
 }
 
+// Waits until at most N of this thread's committed copy groups are still in flight.
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+__device__ __forceinline__ void wait_copies() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Writes rows ty + 16 i (from `row0`, below `nrows`) of a gemm_nn accumulator to a row-major
@@ -216,6 +217,7 @@ struct F32FwdArgs {
     int heads, group;  // query heads; query heads per key/value head
     int m_tiles;       // ceil(nq / BLOCK_M)
     int mask_heads;    // block-sparse: 1 = one pattern per head, 0 = shared
+    float scale;       // softmax scale
     float scale_log2;  // softmax scale * log2(e)
 };
 static_assert(sizeof(F32FwdArgs) == 192, "F32FwdArgs must match FWD_ARGS in float32.py");
@@ -281,11 +283,10 @@ flash_f32_fwd(const F32FwdArgs a) {
 
     const int ty = thread_row(), tx = thread_col();
     float acc[TM][CN];
-    float row_base[TM], row_sum[TM];  // row_base: max · scale · log2 e; row_sum: this thread's
-                                      // columns only, reduced at the end
+    float row_max[TM], row_sum[TM];  // row_sum: this thread's columns only, reduced at the end
     zero(acc);
 #pragma unroll
-    for (int i = 0; i < TM; ++i) row_base[i] = -INFINITY, row_sum[i] = 0.f;
+    for (int i = 0; i < TM; ++i) row_max[i] = -INFINITY, row_sum[i] = 0.f;
 
     load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q, a.q_sn, m0, a.nq, a.d);
     int n_tile = n_count > 0 ? key_tile(0) : 0;
@@ -317,24 +318,23 @@ flash_f32_fwd(const F32FwdArgs a) {
             }
         }
 
-        // Online softmax in base 2. row_base is the running max already scaled, so that the
-        // rescale factor exp2(old - new) is consistent with the exponents used for earlier tiles.
-        // A row that has seen only masked keys keeps max -inf and subtracts 0 instead, so its
-        // probabilities are exp2(-inf) = 0, never NaN.
+        // Online softmax in base 2, exponents s·scale·log2 e − base with base = max·scale·log2 e
+        // (the same rounded product every time, so exp2(old base − new base) rescales exactly
+        // what earlier tiles added). A row that has seen only masked keys keeps max -inf and
+        // subtracts 0 instead, so its probabilities are exp2(-inf) = 0, never NaN.
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
-            float mx = -INFINITY;
+            float mx = row_max[i];
 #pragma unroll
             for (int j = 0; j < TN; ++j) mx = fmaxf(mx, s[i][j]);
             mx = row_max16(mx);
-            const float base = fmaxf(row_base[i], mx * a.scale_log2);
-            const float safe = base == -INFINITY ? 0.f : base;
-            const float alpha = exp2f(row_base[i] - safe);
-            row_base[i] = base;
+            const float base = mx == -INFINITY ? 0.f : __fmul_rn(mx, a.scale_log2);
+            const float alpha = exp2f(__fmul_rn(row_max[i], a.scale_log2) - base);
+            row_max[i] = mx;
             float sum = 0.f;
 #pragma unroll
             for (int j = 0; j < TN; ++j) {
-                const float p = exp2f(fmaf(s[i][j], a.scale_log2, -safe));
+                const float p = exp2f(fmaf(s[i][j], a.scale_log2, -base));
                 sp[(ty + 16 * i) * PS + tx + 16 * j] = p;
                 sum += p;
             }
@@ -355,15 +355,22 @@ flash_f32_fwd(const F32FwdArgs a) {
     }
     cp_async_wait_all();  // nothing left in flight when no key tile was visited
 
-    // Epilogue: O = acc / l (0 for rows that saw no key), lse = (base + log2 l) · ln 2.
+    // Epilogue: O = acc / l (0 for rows that saw no key) and
+    //     lse = ln Σ exp(s·scale) = max·scale + ln l − (max·scale·log2 e − base)·ln 2,
+    // the last term being the rounding of base, recovered exactly by an fma. lse then carries the
+    // scale itself, not scale·log2 e rounded to float, which the backward pass relies on.
     float l[TM];
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         l[i] = row_sum16(row_sum[i]);
         const int row = m0 + ty + 16 * i;
-        if (tx == 0 && row < a.nq)
+        if (tx == 0 && row < a.nq) {
+            const float base = __fmul_rn(row_max[i], a.scale_log2);
+            const float base_error = fmaf(row_max[i], a.scale_log2, -base);
             a.lse[((i64)b * a.heads + h) * a.nq + row] =
-                l[i] > 0.f ? fmaf(row_base[i], 0.69314718055994531f, logf(l[i])) : -INFINITY;
+                l[i] > 0.f ? fmaf(row_max[i], a.scale, fmaf(-base_error, LN2, logf(l[i])))
+                           : -INFINITY;
+        }
     }
     store_rows<TM, CN, ALIGNED>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, acc, m0, a.nq, a.dv,
                                 [&](int i, float x) { return l[i] > 0.f ? x / l[i] : 0.f; });
@@ -381,7 +388,6 @@ struct F32BwdArgs {
     float* dq_out;  // gradients, (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
     float* dk_out;
     float* dv_out;
-    float* lse2;   // workspace (B, Hq, Nq): lse in base 2, +inf for rows that attend to nothing
     float* delta;  // workspace (B, Hq, Nq): rowsum(dO ∘ O)
     const int* row_ptr;  // block-sparse: key tiles of each query tile (dQ), else null
     const int* col_idx;
@@ -401,12 +407,10 @@ struct F32BwdArgs {
     int n_tiles;       // ceil(nk / tile keys) of the kernel launched
     int mask_heads;    // block-sparse: 1 = one pattern per head, 0 = shared
     float scale;
-    float scale_log2;
 };
-static_assert(sizeof(F32BwdArgs) == 360, "F32BwdArgs must match BWD_ARGS in float32.py");
+static_assert(sizeof(F32BwdArgs) == 352, "F32BwdArgs must match BWD_ARGS in float32.py");
 
-// Per query row: Delta = rowsum(dO ∘ O) and lse · log2(e), with +inf for a row that attends to
-// nothing so that the recomputed P of that row is exp2(-inf) = 0. One warp per row.
+// Per query row: Delta = rowsum(dO ∘ O). One warp per row.
 __global__ void __launch_bounds__(f32::THREADS) flash_f32_bwd_prep(const F32BwdArgs a) {
     const i64 row = (i64)blockIdx.x * (f32::THREADS / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -420,16 +424,21 @@ __global__ void __launch_bounds__(f32::THREADS) flash_f32_bwd_prep(const F32BwdA
     for (int c = lane; c < a.dv; c += 32) sum = fmaf(dout[c], o[c], sum);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane == 0) {
-        const float lse = a.lse[row];
-        a.lse2[row] = lse == -INFINITY ? INFINITY : lse * f32::LOG2E;
-        a.delta[row] = sum;
-    }
+    if (lane == 0) a.delta[row] = sum;
+}
+
+// The backward pass recomputes P = exp(s·scale − lse) from the natural-log lse as stored: in
+// base 2 the products s·scale·log2 e and lse·log2 e would each add a rounding of the size of the
+// exponent to every P. `lse_of` gives +inf for rows past Nq and for rows that attend to nothing
+// (lse = -inf), so that their P is exp(-inf) = 0.
+__device__ __forceinline__ float lse_of(const float* lse, int row, int nq) {
+    const float x = row < nq ? lse[row] : -INFINITY;
+    return x == -INFINITY ? INFINITY : x;
 }
 
 // dK, dV for one key tile of BLOCK_N keys of one (batch, key/value head): the block walks the
 // query tiles (BLOCK_M rows) of every query head of the group and accumulates in registers
-//     Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·scale·log2 e − lse₂), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Δ),
+//     Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ·scale − lse), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Δ),
 //     dV += Pᵀ·dO, dK += scale · dSᵀ·Q,
 // so that every element of dK and dV is written once, by one thread, in a fixed order. The next
 // dO tile loads while dK += dSᵀ·Q runs; dPᵀ runs while the next Q tile lands.
@@ -513,23 +522,23 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
     while (g < a.group) {
         const int h = hk * a.group + g;
         const int m0 = query_tile() * BLOCK_M;
-        const float* lse2 = a.lse2 + ((i64)b * a.heads + h) * a.nq;
+        const float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
         const float* delta = a.delta + ((i64)b * a.heads + h) * a.nq;
-        float lse2_c[TN], delta_c[TN];  // for this thread's query columns
+        float lse_c[TN], delta_c[TN];  // for this thread's query columns
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
             const int m = m0 + tx + 16 * j;
-            lse2_c[j] = m < a.nq ? lse2[m] : INFINITY;  // rows past Nq: P = 0
+            lse_c[j] = lse_of(lse, m, a.nq);
             delta_c[j] = m < a.nq ? delta[m] : 0.f;
         }
 
-        cp_async_wait<1>();
+        wait_copies<1>();
         __syncthreads();  // dO (K, V) visible
         float st[TM][TN], dpt[TM][TN];
         zero(dpt);
         gemm_nt<TM, TN, DV, VS, VS>(dpt, sv, sdo);
 
-        cp_async_wait<0>();
+        wait_copies<0>();
         __syncthreads();  // Q visible
         zero(st);
         gemm_nt<TM, TN, DQK, QS, QS>(st, sk, sq);
@@ -539,7 +548,7 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
         for (int i = 0; i < TM; ++i)
 #pragma unroll
             for (int j = 0; j < TN; ++j) {
-                float p = exp2f(fmaf(st[i][j], a.scale_log2, -lse2_c[j]));
+                float p = expf(fmaf(st[i][j], a.scale, -lse_c[j]));
                 if (tile_partial &&
                     n0 + ty + 16 * i > causal_key_limit(m0 + tx + 16 * j, a.nq, a.nk))
                     p = 0.f;
@@ -572,7 +581,7 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
 
 // dQ for one query tile of BLOCK_M rows of one (batch, head): the block walks its key tiles of
 // BLOCK_N keys and accumulates dQ += scale · dS·K in registers,
-//     S = Q·Kᵀ, P = exp2(S·scale·log2 e − lse₂), dP = dO·Vᵀ, dS = P ∘ (dP − Δ).
+//     S = Q·Kᵀ, P = exp(S·scale − lse), dP = dO·Vᵀ, dS = P ∘ (dP − Δ).
 // The next V tile loads while dS·K runs.
 template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
 __global__ void __launch_bounds__(f32::THREADS, 1)
@@ -626,14 +635,14 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
     };
 
     const int ty = thread_row(), tx = thread_col();
-    float lse2_r[TM], delta_r[TM];  // for this thread's rows
+    float lse_r[TM], delta_r[TM];  // for this thread's rows
     {
-        const float* lse2 = a.lse2 + ((i64)b * a.heads + h) * a.nq;
+        const float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
         const float* delta = a.delta + ((i64)b * a.heads + h) * a.nq;
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
             const int row = m0 + ty + 16 * i;
-            lse2_r[i] = row < a.nq ? lse2[row] : INFINITY;
+            lse_r[i] = lse_of(lse, row, a.nq);
             delta_r[i] = row < a.nq ? delta[row] : 0.f;
         }
     }
@@ -667,7 +676,7 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
             const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
 #pragma unroll
             for (int j = 0; j < TN; ++j) {
-                float p = exp2f(fmaf(s[i][j], a.scale_log2, -lse2_r[i]));
+                float p = expf(fmaf(s[i][j], a.scale, -lse_r[i]));
                 if (tile_partial && n0 + tx + 16 * j >= limit) p = 0.f;
                 sds[(ty + 16 * i) * PS + tx + 16 * j] = p * (dp[i][j] - delta_r[i]);
             }

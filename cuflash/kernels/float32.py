@@ -2,7 +2,7 @@
 
 float32 inputs stay float32 in every product (no TF32, no 16-bit operands), so the result is as
 accurate as a plain float32 implementation. The backward pass runs three kernels: a per-row
-preparation (Delta = rowsum(dO ∘ O), lse in base 2), dK/dV (a block per key tile, walking the
+preparation (Delta = rowsum(dO ∘ O)), dK/dV (a block per key tile, walking the
 query tiles of every query head of its group) and dQ (a block per query tile, walking key tiles).
 Each output element is written by one thread in a fixed order, so the gradients are
 deterministic whatever ``deterministic`` says.
@@ -37,17 +37,17 @@ FWD_ARGS = make_struct_dtype(
     [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR)]
     + [(f"{t}_s{a}", I64) for t in "qkvo" for a in "bhn"]
     + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads")]
-    + [("scale_log2", F32)]
+    + [("scale", F32), ("scale_log2", F32)]
 )
 
 _BWD_TENSORS = ("q", "k", "v", "o", "do", "dq", "dk", "dv")
 BWD_ARGS = make_struct_dtype(
-    [(n, PTR) for n in ("q", "k", "v", "o", "dout", "lse", "dq_out", "dk_out", "dv_out", "lse2",
-                        "delta", "row_ptr", "col_idx", "col_ptr", "row_idx")]
+    [(n, PTR) for n in ("q", "k", "v", "o", "dout", "lse", "dq_out", "dk_out", "dv_out", "delta",
+                        "row_ptr", "col_idx", "col_ptr", "row_idx")]
     + [(f"{t}_s{a}", I64) for t in _BWD_TENSORS for a in "bhn"]
     + [(n, I32) for n in ("batch", "nq", "nk", "d", "dv", "heads", "group", "m_tiles", "n_tiles",
                           "mask_heads")]
-    + [("scale", F32), ("scale_log2", F32)]
+    + [("scale", F32)]
 )
 
 
@@ -208,7 +208,7 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: F32Tile
         **_strides("qkvo", (q, k, v, out)),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
-        scale_log2=scale * LOG2E,
+        scale=scale, scale_log2=scale * LOG2E,
     )
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
     kernel((blocks,), (THREADS,), (args,), shared_mem=shared)
@@ -251,17 +251,17 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
         col_ptr, row_idx = kv_csr.col_ptr, kv_csr.row_idx
         row_ptr, col_idx = q_csr.row_ptr, q_csr.col_idx
 
-    workspace = cupy.empty((2, rows), dtype=numpy.float32)
+    delta = cupy.empty(rows, dtype=numpy.float32)
     aligned = vector_aligned((q, k, v, out, dout, dq, dk, dv))
     tensors = (q, k, v, out, dout, dq, dk, dv)
     common = dict(
         q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), dout=pointer(dout),
         lse=pointer(lse), dq_out=pointer(dq), dk_out=pointer(dk), dv_out=pointer(dv),
-        lse2=pointer(workspace[0]), delta=pointer(workspace[1]),
+        delta=pointer(delta),
         row_ptr=pointer(row_ptr), col_idx=pointer(col_idx), col_ptr=pointer(col_ptr),
         row_idx=pointer(row_idx), **_strides(_BWD_TENSORS, tensors),
         batch=batch, nq=nq, nk=nk, d=d, dv=dvh, heads=heads, group=heads // kv_heads,
-        mask_heads=mask_heads, scale=scale, scale_log2=scale * LOG2E,
+        mask_heads=mask_heads, scale=scale,
     )
 
     def launch(expression, launch_tiles, blocks, shared):

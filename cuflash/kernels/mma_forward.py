@@ -76,6 +76,51 @@ def tiles_for_mask(tiles: FwdTiles, block_size, dqk: int, dv: int) -> FwdTiles:
     return small
 
 
+def variant(dtype, dqk: int, dv: int, tiles: FwdTiles, *, causal: bool, sparse: bool, aligned: bool) -> str:
+    return _build.template_expression(
+        "flash_fwd", element_type(dtype), dqk, dv, tiles.warps, tiles.mt, tiles.block_n,
+        tiles.q_in_regs, causal, sparse, aligned,
+    )
+
+
+def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: FwdTiles | None = None):
+    """Run the forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
+    batch, heads, nq, d = q.shape
+    kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    dqk = padded_head_dim(d, "head dim D")
+    dvp = padded_head_dim(dv, "value head dim Dv")
+    tiles = tiles or default_tiles(dqk, dvp)
+    if block_mask is not None:
+        tiles = tiles_for_mask(tiles, block_mask.block_size, dqk, dvp)
+    m_tiles = -(-nq // tiles.block_m)
+    blocks = m_tiles * heads * batch
+    if blocks >= 2**31:
+        raise ValueError(f"problem too large for one launch: {blocks} thread blocks (limit 2**31 - 1)")
+
+    tile_ptr = tile_idx = None
+    if block_mask is not None:
+        csr = block_mask.device_csr(tiles.block_m, tiles.block_n)
+        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+    aligned = vector_aligned((q, k, v, out), (d, dv))
+    expression = variant(q.dtype, dqk, dvp, tiles, causal=causal, sparse=block_mask is not None, aligned=aligned)
+    shared = tiles.shared_bytes(dqk, dvp)
+
+    strides = {}
+    for name, x in zip("qkvo", (q, k, v, out)):
+        sb, sh, sn, _ = element_strides(x)
+        strides.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
+    args = pack_struct(
+        FWD_ARGS,
+        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
+        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **strides,
+        nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
+        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
+        scale_log2=scale * LOG2E,
+    )
+    kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
+    kernel((blocks,), (tiles.warps * 32,), (args,), shared_mem=shared)
+
+
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for every supported architecture without register spills."""
     out = []

@@ -74,7 +74,9 @@ class BwdTiles:
     during the whole step; 1: during the dq part only). ``col_split > 1`` splits the query
     columns of Sᵀ and the head-dim columns of dK/dV between the warps of a slab (for large head
     dims, whose dK + dV would not fit in registers otherwise) and passes Pᵀ and dSᵀ through shared
-    memory. ``kv_in_regs`` keeps the warp's K and V fragments in registers for the whole loop.
+    memory. A warp's query columns are processed in ``col_passes`` passes (fewer live registers
+    for Sᵀ and dPᵀ, same loads and barriers). ``kv_in_regs`` keeps the warp's K and V fragments
+    in registers for the whole loop.
 
     Deterministic dq kernel: ``dq_warps`` warps of ``dq_mt`` 16-row query slabs
     (``dq_block_m`` rows) against key tiles of ``dq_block_n``; ``dq_in_regs`` keeps the Q and dO
@@ -84,6 +86,7 @@ class BwdTiles:
     warps: int
     mt: int
     col_split: int
+    col_passes: int
     block_m: int
     stages: int
     kv_in_regs: bool
@@ -93,8 +96,9 @@ class BwdTiles:
     dq_in_regs: bool
 
     def __post_init__(self):
-        if self.warps % self.col_split or self.block_m % (16 * self.col_split):
-            raise ValueError(f"{self}: warps and block_m/16 must be multiples of col_split")
+        if self.warps % self.col_split or self.block_m % (16 * self.col_split * self.col_passes):
+            raise ValueError(f"{self}: warps must be a multiple of col_split, block_m of "
+                             "16 * col_split * col_passes")
         if self.stages not in (1, 2):
             raise ValueError(f"{self}: stages must be 1 or 2")
         for name, rows in (("block_m", self.block_m), ("dq_block_m", self.dq_block_m)):
@@ -129,19 +133,19 @@ class BwdTiles:
 # tiles divide its block size. Register use and spills: see main_variants() and the compile test.
 _CANDIDATES = {
     64: (
-        BwdTiles(warps=8, mt=1, col_split=1, block_m=64, stages=2, kv_in_regs=True,
+        BwdTiles(warps=8, mt=1, col_split=1, col_passes=1, block_m=64, stages=2, kv_in_regs=True,
                  dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=True),
-        BwdTiles(warps=4, mt=1, col_split=1, block_m=64, stages=2, kv_in_regs=True,
+        BwdTiles(warps=4, mt=1, col_split=1, col_passes=1, block_m=64, stages=2, kv_in_regs=True,
                  dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=True),
     ),
     128: (
-        BwdTiles(warps=8, mt=1, col_split=1, block_m=64, stages=2, kv_in_regs=False,
+        BwdTiles(warps=8, mt=1, col_split=1, col_passes=2, block_m=64, stages=2, kv_in_regs=False,
                  dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=False),
-        BwdTiles(warps=4, mt=1, col_split=1, block_m=64, stages=2, kv_in_regs=False,
+        BwdTiles(warps=4, mt=1, col_split=1, col_passes=2, block_m=64, stages=2, kv_in_regs=False,
                  dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=False),
     ),
     256: (
-        BwdTiles(warps=8, mt=1, col_split=2, block_m=64, stages=1, kv_in_regs=False,
+        BwdTiles(warps=8, mt=1, col_split=2, col_passes=1, block_m=64, stages=1, kv_in_regs=False,
                  dq_warps=4, dq_mt=1, dq_block_n=32, dq_in_regs=False),
     ),
 }
@@ -195,7 +199,7 @@ def variant_dkdv(dtype, dqk: int, dv: int, tiles: BwdTiles, *, causal: bool, spa
                  aligned: bool, atomic_dq: bool) -> str:
     return _build.template_expression(
         "flash_bwd_dkdv", element_type(dtype), dqk, dv, tiles.warps, tiles.mt, tiles.col_split,
-        tiles.block_m, tiles.stages, tiles.kv_in_regs, causal, sparse, aligned, atomic_dq,
+        tiles.col_passes, tiles.block_m, tiles.stages, tiles.kv_in_regs, causal, sparse, aligned, atomic_dq,
     )
 
 
@@ -303,8 +307,9 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for every supported architecture without register spills:
-    both dtypes, head dims 64/128/256, causal or not, both dq strategies; plus the sparse,
-    unaligned and small-tile (block-mask fallback) variants of the common head dims."""
+    both dtypes x head dims 64/128/256 x causal, for the dk/dv kernel with and without atomic dq
+    and for the deterministic dq kernel; block-sparse (default and fallback tiles), unaligned,
+    and the small per-row kernels."""
     out = []
     for dtype in ("float16", "bfloat16"):
         for aligned in (False, True):
@@ -319,13 +324,15 @@ def main_variants() -> list[tuple[str, str]]:
                                                      aligned=True, atomic_dq=atomic_dq)))
                 out.append((SOURCE, variant_dq(dtype, d, d, tiles, causal=causal, sparse=False,
                                                aligned=True)))
-        for d in (64, 128):
-            for tiles in _candidates(d, d):
-                for atomic_dq in (True, False):
-                    out.append((SOURCE, variant_dkdv(dtype, d, d, tiles, causal=True, sparse=True,
-                                                     aligned=True, atomic_dq=atomic_dq)))
-                out.append((SOURCE, variant_dq(dtype, d, d, tiles, causal=True, sparse=True,
-                                               aligned=True)))
+        tiles = default_tiles(128, 128)
+        out.append((SOURCE, variant_dkdv(dtype, 128, 128, tiles, causal=True, sparse=True,
+                                         aligned=True, atomic_dq=True)))
+        out.append((SOURCE, variant_dq(dtype, 128, 128, tiles, causal=True, sparse=True,
+                                       aligned=True)))
+    for d in (64, 128):
+        fallback = default_tiles(d, d, block_size=(64, 64))
+        out.append((SOURCE, variant_dkdv("float16", d, d, fallback, causal=True, sparse=True,
+                                         aligned=True, atomic_dq=True)))
     tiles = default_tiles(64, 128)
     out.append((SOURCE, variant_dkdv("float16", 64, 128, tiles, causal=False, sparse=False,
                                      aligned=False, atomic_dq=True)))

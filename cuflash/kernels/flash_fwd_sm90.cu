@@ -1,0 +1,326 @@
+// FlashAttention forward for Hopper (sm_90a): warpgroup MMA (wgmma) with operands in shared memory.
+//
+// One thread block owns BLOCK_M = 64·WG query rows of one (batch, head); each warpgroup (128
+// threads) owns 64 of them, the M extent of one wgmma. K and V tiles of BLOCK_N keys stream
+// through a ring of STAGES shared buffers, filled with cp.async by all threads in the 128-byte
+// swizzle that wgmma reads without bank conflicts. Per key tile j a warpgroup issues S_j = Q·K_jᵀ
+// and O += P_{j-1}·V_{j-1} back to back, runs the online softmax of S_j while the tensor cores
+// work on P_{j-1}·V_{j-1}, then rescales O once that product has landed. S and O accumulate in
+// registers; P goes from registers straight into the next P·V (wgmma's register A operand).
+//
+// Only D = Dv ∈ {64, 128}, 16-byte aligned rows: the launcher falls back to flash_fwd.cu for
+// everything else.
+#include "common.cuh"
+
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "flash_fwd_sm90.cu needs the sm_90a target (-arch=sm_90a)"
+#endif
+
+struct Sm90FwdArgs {
+    const u16* q;
+    const u16* k;
+    const u16* v;
+    u16* o;
+    float* lse;
+    const int* tile_ptr;  // block-sparse: CSR over query tiles (see sparse docs), else null
+    const int* tile_idx;
+    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
+    i64 k_sb, k_sh, k_sn;
+    i64 v_sb, v_sh, v_sn;
+    i64 o_sb, o_sh, o_sn;
+    int nq, nk, d, dv;
+    int heads, group;      // query heads; query heads per key/value head
+    int m_tiles;           // ceil(nq / BLOCK_M)
+    int mask_heads;        // block-sparse: 1 = one pattern per head, 0 = shared
+    float scale_log2;      // softmax scale * log2(e)
+};
+static_assert(sizeof(Sm90FwdArgs) == 192, "Sm90FwdArgs must match SM90_FWD_ARGS in sm90_forward.py");
+
+// Rows [row0, row0 + ROWS) × columns [0, D) of a row-major global matrix (row stride `ld`
+// elements, `nrows` valid rows) into a swizzled shared tile at `dst`; rows past the end are
+// zero-filled (src-size 0) so padding never feeds NaN into a wgmma. THREADS is a multiple of
+// D / 8, so each thread copies one fixed chunk column and rows that step by a multiple of 8:
+// its swizzle term (row % 8) never changes and the shared offset advances by a constant.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_tile_sw128(u32 dst, const u16* src, i64 ld, int row0, int nrows) {
+    constexpr int CHUNKS = D / 8;              // 16-byte chunks per row
+    constexpr int ROW_STEP = THREADS / CHUNKS;  // rows between one thread's copies
+    constexpr int COPIES = (ROWS + ROW_STEP - 1) / ROW_STEP;
+    static_assert(THREADS % CHUNKS == 0 && ROW_STEP % 8 == 0, "swizzle term must stay fixed");
+    const int chunk = threadIdx.x % CHUNKS;
+    const int r0 = threadIdx.x / CHUNKS;
+    const u32 dst0 = dst + sw128_offset<ROWS>(r0, chunk);
+    const u16* p = src + (i64)(row0 + r0) * ld + chunk * 8;
+    const i64 step = (i64)ROW_STEP * ld;
+#pragma unroll
+    for (int c = 0; c < COPIES; ++c, p += step) {
+        const int r = r0 + c * ROW_STEP;
+        if (ROWS % ROW_STEP == 0 || r < ROWS) {
+            const bool valid = row0 + r < nrows;
+            cp_async_16(dst0 + c * ROW_STEP * 128, valid ? p : src, valid ? 16 : 0);
+        }
+    }
+}
+
+template <typename T, int D, int WG, int BLOCK_N, int STAGES, bool CAUSAL, bool SPARSE>
+__global__ void __launch_bounds__(WG * 128, 1)
+flash_fwd_sm90(const Sm90FwdArgs a) {
+    constexpr int THREADS = WG * 128;
+    constexpr int BLOCK_M = WG * 64;
+    constexpr int Q_BYTES = BLOCK_M * D * 2;
+    constexpr int KV_BYTES = BLOCK_N * D * 2;  // one K or V stage
+    constexpr int NT = BLOCK_N / 8;            // 8-column blocks of S (4 accumulators each)
+    constexpr int OT = D / 8;                  // 8-column blocks of O
+    constexpr int KQK = D / 16;                // k16 steps of Q·Kᵀ
+    constexpr int KPV = BLOCK_N / 16;          // k16 steps of P·V
+    static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
+    static_assert(BLOCK_N == 64 || BLOCK_N == 128, "BLOCK_N must be 64 or 128");
+    static_assert(STAGES >= 2, "the K/V ring needs at least two stages");
+
+    // Dynamic shared memory is only 16-byte aligned; the swizzle needs 1024 (the host adds 1 KB).
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const u32 sq = (smem_addr(smem_raw) + 1023u) & ~1023u;
+    const u32 sk = sq + Q_BYTES;
+    const u32 sv = sk + STAGES * KV_BYTES;
+
+    // Heaviest (causal: last) query tiles first, the tiles of one head next to each other.
+    int bid = blockIdx.x;
+    const int m_tile_rev = bid % a.m_tiles;
+    bid /= a.m_tiles;
+    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
+    const int h = bid % a.heads;
+    const int b = bid / a.heads;
+    const int hk = h / a.group;
+
+    const u16* q = a.q + b * a.q_sb + h * a.q_sh;
+    const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
+    const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
+    const int m0 = m_tile * BLOCK_M;
+
+    // Key tiles this query tile visits: a range (dense) or a CSR row (block-sparse).
+    int n_first = 0, n_count;
+    if constexpr (SPARSE) {
+        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
+        n_first = ptr[m_tile];
+        n_count = ptr[m_tile + 1] - n_first;
+    } else {
+        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
+    }
+    if constexpr (CAUSAL) {
+        const int n_limit = min(a.nk, causal_key_limit(m0 + BLOCK_M - 1, a.nq, a.nk) + 1);
+        if constexpr (SPARSE) {
+            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
+        } else {
+            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
+        }
+    }
+    auto key_tile = [&](int i) -> int {
+        if constexpr (SPARSE) return a.tile_idx[n_first + i];
+        return i;
+    };
+
+    const int wg = threadIdx.x / 128;
+    const int warp = (threadIdx.x / 32) % 4;  // warp inside the warpgroup: rows 16·warp..+15
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;     // accumulator row group and column pair
+    const int warp_row0 = m0 + wg * 64 + warp * 16;
+
+    // Descriptors. Q·Kᵀ: both operands K-major (rows of Q and K contiguous along D); k16 step kk
+    // reads columns 16kk..16kk+15, i.e. box kk / 4 at byte 32·(kk % 4) of each 128-byte row; this
+    // warpgroup's Q rows start 64 rows (8 atoms, 8192 bytes) into each Q box.
+    // P·V: V is [key][d] row-major, so B (K = keys, N = d) is MN-major: k16 step kk starts 16 key
+    // rows (2048 bytes) further, and the N extent crosses from one 64-column box to the next
+    // BLOCK_N·128 bytes further (LBO).
+    const u64 desc_q = sw128_desc(sq + wg * 64 * 128, 16);
+    const u64 desc_k = sw128_desc(sk, 16);
+    const u64 desc_v = sw128_desc(sv, BLOCK_N * 128);
+    auto qk_offset = [](int kk, int rows) -> u32 { return ((kk / 4) * rows * 128 + (kk % 4) * 32) >> 4; };
+
+    float o[OT * 4];
+    float s[NT * 4];
+    u32 pf[KPV][4];
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
+
+    // Issue S = Q·K_stageᵀ (one wgmma group).
+    auto issue_qk = [&](int stage) {
+        const u64 dk = desc_k + ((u32)(stage * KV_BYTES) >> 4);
+#pragma unroll
+        for (int kk = 0; kk < KQK; ++kk)
+            wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + qk_offset(kk, BLOCK_M), dk + qk_offset(kk, BLOCK_N), kk > 0);
+        wgmma_commit();
+    };
+    // Issue O += P·V_stage (one wgmma group).
+    auto issue_pv = [&](int stage) {
+        const u64 dv = desc_v + ((u32)(stage * KV_BYTES) >> 4);
+#pragma unroll
+        for (int kk = 0; kk < KPV; ++kk) wgmma_rs<T, D, 1>(o, pf[kk], dv + ((u32)(kk * 2048) >> 4), 1);
+        wgmma_commit();
+    };
+
+    // Masks, then the online softmax of S in place (S becomes P in float); returns each row's
+    // rescale factor for O. Element masks only where the tile crosses the causal diagonal or the
+    // end of K.
+    auto softmax = [&](int n_tile, float (&alpha)[2]) {
+        const int n0 = n_tile * BLOCK_N;
+        const bool partial = n0 + BLOCK_N > a.nk ||
+                             (CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(warp_row0, a.nq, a.nk));
+        if (partial) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = warp_row0 + g + half * 8;
+                const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (n0 + j * 8 + 2 * t + e >= limit) s[j * 4 + half * 2 + e] = -INFINITY;
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float mx = row_max[half];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + half * 2], s[j * 4 + half * 2 + 1]));
+            mx = quad_max(mx);
+            // A row that has seen only masked keys keeps max -inf; subtract 0 instead of -inf.
+            const float base = mx == -INFINITY ? 0.f : mx * a.scale_log2;
+            alpha[half] = fast_exp2(row_max[half] * a.scale_log2 - base);
+            row_max[half] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float p = fast_exp2(fmaf(s[j * 4 + half * 2 + e], a.scale_log2, -base));
+                    s[j * 4 + half * 2 + e] = p;
+                    sum += p;
+                }
+            row_sum[half] = row_sum[half] * alpha[half] + sum;
+        }
+    };
+    // P in 16-bit as wgmma A fragments: k16 step kk covers S column blocks 2kk and 2kk + 1.
+    auto pack_p = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < KPV; ++kk) {
+            pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+            pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+            pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+            pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+
+    // cp.async groups: g(-1) = {Q, K_0}; g(i) = {V_i, K_{i+1}} for i >= 0, each clipped to the
+    // tiles that exist (an empty group is still committed so the counting stays uniform). Step j
+    // (S_j, PV_{j-1}) needs g(j-1) and, once its barrier has passed, refills the buffers of step
+    // j - 1 with g(j + STAGES - 2); so STAGES - 2 groups may stay in flight at every wait.
+    auto load_group = [&](int i) {
+        if (i < n_count) {
+            load_tile_sw128<BLOCK_N, D, THREADS>(sv + (i % STAGES) * KV_BYTES, v, a.v_sn, key_tile(i) * BLOCK_N, a.nk);
+        }
+        if (i + 1 < n_count) {
+            load_tile_sw128<BLOCK_N, D, THREADS>(sk + ((i + 1) % STAGES) * KV_BYTES, k, a.k_sn, key_tile(i + 1) * BLOCK_N, a.nk);
+        }
+        cp_async_commit();
+    };
+
+    if (n_count > 0) {
+        load_tile_sw128<BLOCK_M, D, THREADS>(sq, q, a.q_sn, m0, a.nq);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile(0) * BLOCK_N, a.nk);
+        cp_async_commit();
+#pragma unroll
+        for (int i = 0; i + 2 < STAGES; ++i) load_group(i);
+
+        // Step 0: S_0 only.
+        cp_async_wait<STAGES - 2>();
+        fence_proxy_async_shared();
+        __syncthreads();
+        wgmma_fence();
+        issue_qk(0);
+        load_group(STAGES - 2);
+        wgmma_wait<0>();
+        reg_fence(s);
+        {
+            float alpha[2];
+            softmax(key_tile(0), alpha);
+        }
+        pack_p();
+
+        // Steps 1 .. n_count - 1: the tensor cores run S_j, then P_{j-1}·V_{j-1}; the softmax of
+        // S_j overlaps the second, and O is rescaled once it has landed.
+        for (int j = 1; j < n_count; ++j) {
+            cp_async_wait<STAGES - 2>();
+            fence_proxy_async_shared();
+            __syncthreads();  // K_j, V_{j-1} visible; every warpgroup is done with step j - 1
+            reg_fence(s);
+            reg_fence(o);
+            wgmma_fence();
+            issue_qk(j % STAGES);
+            issue_pv((j - 1) % STAGES);
+            load_group(j + STAGES - 2);
+            wgmma_wait<1>();
+            reg_fence(s);
+            float alpha[2];
+            softmax(key_tile(j), alpha);
+            wgmma_wait<0>();
+            reg_fence(o);
+#pragma unroll
+            for (int i = 0; i < OT; ++i) {
+                o[4 * i + 0] *= alpha[0];
+                o[4 * i + 1] *= alpha[0];
+                o[4 * i + 2] *= alpha[1];
+                o[4 * i + 3] *= alpha[1];
+            }
+            pack_p();
+        }
+
+        // Last step: P_{n-1}·V_{n-1}.
+        cp_async_wait<0>();
+        fence_proxy_async_shared();
+        __syncthreads();
+        reg_fence(o);
+        wgmma_fence();
+        issue_pv((n_count - 1) % STAGES);
+        wgmma_wait<0>();
+        reg_fence(o);
+    }
+
+    // Epilogue: O = acc / l (0 for rows that saw no key), lse = ln(sum) + max·scale. O goes
+    // through this warpgroup's own rows of the Q tile (no other warpgroup reads them, and its
+    // last Q·Kᵀ has completed) so that global stores are whole 16-byte chunks of a row.
+    u16* out = a.o + b * a.o_sb + h * a.o_sh;
+    float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
+    const u32 so = sq + wg * 64 * 128;  // box 0 of this warpgroup's rows
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = warp * 16 + g + half * 8;  // row inside the warpgroup
+        const float l = quad_sum(row_sum[half]);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        if (t == 0 && m0 + wg * 64 + r < a.nq)
+            lse[m0 + wg * 64 + r] =
+                l > 0.f ? (row_max[half] * a.scale_log2 + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+#pragma unroll
+        for (int i = 0; i < OT; ++i) {
+            const u32 x = pack2<T>(o[4 * i + half * 2] * inv, o[4 * i + half * 2 + 1] * inv);
+            const u32 addr = so + sw128_offset<BLOCK_M>(r, i) + 4 * t;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory");
+        }
+    }
+    named_barrier(1 + wg, 128);
+    constexpr int CHUNKS = D / 8;
+#pragma unroll
+    for (int c = 0; c < 64 * CHUNKS / 128; ++c) {
+        const int idx = c * 128 + threadIdx.x % 128;
+        const int r = idx / CHUNKS, chunk = idx % CHUNKS;
+        const int row = m0 + wg * 64 + r;
+        if (row < a.nq) {
+            uint4 x;
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                         : "r"(so + sw128_offset<BLOCK_M>(r, chunk))
+                         : "memory");
+            *reinterpret_cast<uint4*>(out + (i64)row * a.o_sn + chunk * 8) = x;
+        }
+    }
+}

@@ -1,0 +1,149 @@
+"""Launch of the Hopper forward kernel (flash_fwd_sm90.cu, wgmma, sm_90a) for float16 / bfloat16.
+
+Same entry point as ``mma_forward.forward``; ``supports()`` says whether a call can take this path
+(compute capability 9.0, D = Dv ∈ {64, 128}, 16-byte aligned rows, block masks whose blocks are
+whole tiles). Everything else belongs to ``mma_forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from . import _build
+from ._launch import (
+    F32,
+    I32,
+    I64,
+    PTR,
+    element_strides,
+    element_type,
+    make_struct_dtype,
+    pack_struct,
+    pointer,
+    vector_aligned,
+)
+
+SOURCE = "flash_fwd_sm90.cu"
+ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
+OPTIONS = (f"-arch={ARCH}",)
+HEAD_DIMS = (64, 128)
+LOG2E = 1.4426950408889634
+
+SM90_FWD_ARGS = make_struct_dtype(
+    [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR)]
+    + [(f"{t}_s{a}", I64) for t in "qkvo" for a in "bhn"]
+    + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads")]
+    + [("scale_log2", F32)]
+)
+
+
+@dataclass(frozen=True)
+class Sm90Tiles:
+    """Tile shape of one variant: `warpgroups` × 64 query rows against `block_n` keys per K/V
+    tile, with a ring of `stages` K and V buffers."""
+
+    warpgroups: int = 2
+    block_n: int = 128
+    stages: int = 2
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.warpgroups
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups
+
+    def shared_bytes(self, d: int) -> int:
+        # Q, the K and V rings, and 1 KB to round the base up to the swizzle's 1024-byte alignment.
+        return 2 * d * (self.block_m + 2 * self.stages * self.block_n) + 1024
+
+
+def default_tiles(d: int) -> Sm90Tiles:
+    return Sm90Tiles(warpgroups=2, block_n=128, stages=2)
+
+
+def variant(dtype, d: int, tiles: Sm90Tiles, *, causal: bool, sparse: bool) -> str:
+    return _build.template_expression(
+        "flash_fwd_sm90", element_type(dtype), d, tiles.warpgroups, tiles.block_n, tiles.stages,
+        causal, sparse,
+    )
+
+
+def _is_sm90(x) -> bool:
+    import cupy
+
+    return cupy.cuda.Device(x.device.id).compute_capability == "90"
+
+
+def supports(q, k, v, out, block_mask=None, tiles: Sm90Tiles | None = None) -> bool:
+    """Whether ``forward`` can run this call: a compute-capability 9.0 device, float16 or bfloat16,
+    D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides, and block masks whose
+    blocks are whole multiples of the tile."""
+    if numpy.dtype(q.dtype).name not in ("float16", "bfloat16"):
+        return False
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv or d not in HEAD_DIMS:
+        return False
+    if not vector_aligned((q, k, v, out), (d, dv)):
+        return False
+    if block_mask is not None:
+        tiles = tiles or default_tiles(d)
+        bq, bk = block_mask.block_size
+        if bq % tiles.block_m or bk % tiles.block_n:
+            return False
+    return _is_sm90(q)
+
+
+def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: Sm90Tiles | None = None):
+    """Run the Hopper forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md.
+    The caller checks ``supports()`` first."""
+    batch, heads, nq, d = q.shape
+    kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if d != dv or d not in HEAD_DIMS:
+        raise ValueError(f"the sm_90 forward kernel takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}")
+    tiles = tiles or default_tiles(d)
+    m_tiles = -(-nq // tiles.block_m)
+    blocks = m_tiles * heads * batch
+    if blocks == 0:
+        return
+    if blocks >= 2**31:
+        raise ValueError(f"problem too large for one launch: {blocks} thread blocks (limit 2**31 - 1)")
+
+    tile_ptr = tile_idx = None
+    if block_mask is not None:
+        csr = block_mask.device_csr(tiles.block_m, tiles.block_n)
+        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+    expression = variant(q.dtype, d, tiles, causal=causal, sparse=block_mask is not None)
+    shared = tiles.shared_bytes(d)
+
+    strides = {}
+    for name, x in zip("qkvo", (q, k, v, out)):
+        sb, sh, sn, _ = element_strides(x)
+        strides.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
+    args = pack_struct(
+        SM90_FWD_ARGS,
+        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
+        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **strides,
+        nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
+        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
+        scale_log2=scale * LOG2E,
+    )
+    kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
+    kernel((blocks,), (tiles.threads,), (args,), shared_mem=shared)
+
+
+def main_variants() -> list[tuple[str, str]]:
+    """The variants that must compile for ARCH (sm_90a only) without register spills."""
+    out = []
+    for dtype in ("float16", "bfloat16"):
+        for d in HEAD_DIMS:
+            for causal in (False, True):
+                out.append((SOURCE, variant(dtype, d, default_tiles(d), causal=causal, sparse=False)))
+        out.append((SOURCE, variant(dtype, 128, default_tiles(128), causal=True, sparse=True)))
+    return out
+
+
+__all__ = ["forward", "supports", "main_variants", "Sm90Tiles", "default_tiles", "variant", "ARCH"]

@@ -1,0 +1,602 @@
+"""The ``cuflash`` command, through Click's CliRunner, on the CPU at small sizes.
+
+GPU runs (marked ``gpu``) are at the end; they are skipped where no CUDA device is usable.
+"""
+
+import json
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cuflash
+from cuflash import _bench
+from cuflash.cli import _verify, main
+from cuflash.cli._options import TOKENS
+from cuflash.cli._patterns import PARAMETERS, PATTERNS
+from cuflash.cli._png import SIGNATURE, encode_png
+
+# Backward checks use random inputs: on the sharp attention of Pathfinder inputs, dq of a
+# FlashAttention backward (D = rowsum(dO·O) from the rounded output) can exceed twice the error
+# of reference.naive_attention_backward (docs/cli.md, "dq and the naive baseline").
+SMALL_CHECK = ["check", "--device", "cpu", "--seq-len", "256", "--heads", "2", "--head-dim",
+               "32", "--rows", "32", "--inputs", "random"]
+PATHFINDER_CHECK = ["check", "--device", "cpu", "--seq-len", "256", "--heads", "2",
+                    "--head-dim", "32", "--rows", "32", "--no-backward"]
+TINY_BENCH = ["bench", "--device", "cpu", "--smoke", "--no-torch", "--repeats", "1",
+              "--warmup", "0", "--mode", "fwd", "--total-tokens", "256", "--hidden", "64"]
+
+
+def _runner():
+    try:
+        return CliRunner(mix_stderr=False)  # Click < 8.2 mixes stderr into stdout by default
+    except TypeError:
+        return CliRunner()  # Click >= 8.2 keeps them apart and has no such argument
+
+
+def invoke(*args, code=0):
+    """Run ``cuflash ARGS``; check the exit status and return the result."""
+    result = _runner().invoke(main, [str(a) for a in args])
+    if result.exit_code != code:
+        detail = result.output
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            import traceback
+            detail += "".join(traceback.format_exception(result.exception))
+        pytest.fail(f"cuflash {' '.join(map(str, args))} exited {result.exit_code}, "
+                    f"expected {code}:\n{detail}")
+    return result
+
+
+def invoke_json(*args, code=0):
+    return json.loads(invoke(*args, "--json", code=code).stdout)
+
+
+# ----------------------------------------------------------------------------- the group
+
+def test_version():
+    assert invoke("--version").stdout.strip() == f"cuflash {cuflash.__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["check"], ["memory"], ["bench"], ["mask"],
+                                     ["mask", "show"]])
+def test_help_teaches_with_examples(command):
+    text = invoke(*command, "--help").stdout
+    assert "Usage: " in text
+    assert "Examples:" in text or "cuflash " in text.split("Options:")[0]
+    if not command:
+        for name in ("info", "check", "memory", "bench", "mask"):
+            assert f"  {name} " in text
+
+
+def test_unknown_command_is_a_usage_error():
+    assert "No such command" in invoke("frobnicate", code=2).output
+
+
+def test_verbose_says_more_on_stderr():
+    quiet = invoke(*SMALL_CHECK, "--no-backward")
+    loud = invoke("-v", *SMALL_CHECK, "--no-backward")
+    assert "needs about" in loud.stderr and "needs about" not in quiet.stderr
+    assert quiet.stdout.splitlines()[-1] == loud.stdout.splitlines()[-1] == "PASS"
+
+
+# ----------------------------------------------------------------------------- info
+
+def test_info_names_versions_and_paths():
+    text = invoke("info").stdout
+    for label in ("cuflash", "NumPy", "CuPy", "kernel cache", "GPU kernels", "CPU path"):
+        assert label in text
+    assert "CPU path      usable" in text or "CPU path  usable" in text.replace("   ", "  ")
+
+
+def test_info_json_says_why_a_path_is_not_usable():
+    facts = invoke_json("info")
+    assert facts["cuflash"] == cuflash.__version__
+    assert facts["paths"]["cpu"]["usable"] is True
+    gpu = facts["paths"]["gpu"]
+    assert isinstance(gpu["usable"], bool) and gpu["reason"]
+    assert facts["kernel_cache"]
+
+
+def test_info_without_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    facts = invoke_json("info")
+    assert facts["cupy"].startswith("not importable")
+    assert facts["paths"]["gpu"] == {"usable": False, "reason": facts["paths"]["gpu"]["reason"]}
+    assert "CuPy is not installed" in facts["paths"]["gpu"]["reason"]
+    assert "not usable" in invoke("info").stdout
+
+
+def test_info_kernel_cache_follows_cupy_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    assert invoke_json("info")["kernel_cache"] == str(tmp_path)
+
+
+# ----------------------------------------------------------------------------- check
+
+def test_check_passes_and_prints_a_report():
+    result = invoke(*SMALL_CHECK)
+    text = result.stdout
+    assert text.startswith("cuflash check — 256 tokens: random normal q, k, v")
+    for name in ("forward", "backward", "out", "dq", "dk", "dv"):
+        assert f"\n{name} " in text
+    assert text.splitlines()[-1] == "PASS"
+    assert "device: cpu" in result.stderr
+
+
+def test_check_pathfinder_inputs():
+    text = invoke(*PATHFINDER_CHECK).stdout
+    assert text.startswith("cuflash check — 256 tokens: 16×16 Pathfinder image (markers ")
+    assert "\nbackward" not in text and text.splitlines()[-1] == "PASS"
+    record = invoke_json(*PATHFINDER_CHECK)
+    assert record["image"]["side"] == 16 and record["inputs"] == "pathfinder"
+    assert record["backward"] is None and set(record["checks"]) == {"out"}
+
+
+def test_check_json_is_one_record():
+    record = invoke_json(*SMALL_CHECK)
+    assert record["passed"] is True and record["device"] == "cpu"
+    assert record["seq_len"] == 256 and record["rows"] == 32
+    assert record["image"] is None and record["inputs"] == "random"
+    assert set(record["checks"]) == {"out", "dq", "dk", "dv"}
+    for check in record["checks"].values():
+        assert check["passed"] and 0 <= check["error"] <= check["allowed"]
+    assert record["checks"]["out"]["rows"] == "32 sampled"
+    forward, backward = record["forward"], record["backward"]
+    assert forward["flops"] == 4 * 2 * 256 * 256 * 32
+    assert backward["flops"] == 2.5 * forward["flops"]
+    assert forward["peak_bytes"] > 0 and forward["time_s"] > 0
+
+
+def test_check_sparse_causal_float16_every_row():
+    record = invoke_json("check", "--device", "cpu", "--seq-len", "1000", "--heads", "2",
+                         "--head-dim", "16", "--dtype", "float16", "--causal", "--pattern",
+                         "image-local", "--radius", "3", "--block-size", "64", "--rows", "all",
+                         "--no-backward")
+    assert record["passed"] and record["rows"] == "all" and record["causal"]
+    assert record["image"]["side"] == 32  # 1000 pixels: a 32×32 image cut short
+    pattern = record["pattern"]
+    assert pattern["name"] == "image-local" and pattern["parameters"] == {"radius": 3}
+    assert 0 < pattern["density"] < 1
+    assert record["forward"]["flops"] < 4 * 2 * 1000 * 1000 * 16 * 0.5
+
+
+def test_check_sparse_backward_every_row():
+    record = invoke_json(*SMALL_CHECK, "--pattern", "sliding-window", "--window", "32",
+                         "--block-size", "64", "--causal", "--rows", "all", "--dtype", "float32")
+    assert record["passed"] and record["rows"] == "all" and record["backward"] is not None
+    assert set(record["checks"]) == {"out", "dq", "dk", "dv"}
+
+
+@pytest.mark.parametrize("pattern", sorted(set(PATTERNS) - {"image-local"}))
+def test_check_every_pattern(pattern):
+    record = invoke_json("check", "--device", "cpu", "--seq-len", "512", "--heads", "1",
+                         "--head-dim", "16", "--rows", "16", "--no-backward", "--pattern",
+                         pattern, "--block-size", "64",
+                         *(["--window", "64"] if "window" in PATTERNS[pattern].defaults else []),
+                         *(["--stride", "128"] if "stride" in PATTERNS[pattern].defaults else []),
+                         *(["--global-tokens", "64"]
+                           if "global-tokens" in PATTERNS[pattern].defaults else []))
+    assert record["passed"] and record["pattern"]["name"] == pattern
+
+
+def _off_by(amount):
+    attention = cuflash.attention
+
+    def wrong(*args, **kwargs):
+        result = attention(*args, **kwargs)
+        out = result[0] if isinstance(result, tuple) else result
+        out[..., 0] += np.asarray(amount, dtype=out.dtype)
+        return result
+
+    return wrong
+
+
+def test_check_fails_with_exit_status_1_on_a_wrong_output(monkeypatch):
+    monkeypatch.setattr(cuflash, "attention", _off_by(0.5))
+    result = invoke(*SMALL_CHECK, "--no-backward", code=1)
+    assert result.stdout.splitlines()[-1] == "FAIL"
+    assert "FAIL" in next(line for line in result.stdout.splitlines() if line.startswith("out"))
+    record = invoke_json(*SMALL_CHECK, "--no-backward", code=1)
+    assert record["passed"] is False and record["checks"]["out"]["passed"] is False
+
+
+def test_check_fails_on_an_unwritten_row_outside_the_sample(monkeypatch):
+    attention = cuflash.attention
+    sampled = set(_verify.sample_rows(256, 32, 0).tolist())
+    unsampled = min(set(range(256)) - sampled)
+
+    def leaves_a_row(*args, **kwargs):
+        out, lse = attention(*args, **kwargs)
+        out[..., unsampled, :] = np.nan
+        return out, lse
+
+    monkeypatch.setattr(cuflash, "attention", leaves_a_row)
+    record = invoke_json(*SMALL_CHECK, "--no-backward", code=1)
+    assert record["checks"]["out"]["error"] is None  # NaN: not a number to report
+
+
+def test_check_fails_on_a_wrong_gradient(monkeypatch):
+    backward = cuflash.attention_backward
+
+    def wrong_dk(*args, **kwargs):
+        dq, dk, dv = backward(*args, **kwargs)
+        return dq, dk * np.asarray(1.5, dtype=dk.dtype), dv
+
+    monkeypatch.setattr(cuflash, "attention_backward", wrong_dk)
+    record = invoke_json(*SMALL_CHECK, code=1)
+    assert {name: c["passed"] for name, c in record["checks"].items()} == \
+        {"out": True, "dq": True, "dk": False, "dv": True}
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--heads", "0"], "--heads"),
+    (["--head-dim", "-1"], "--head-dim"),
+    (["--dtype", "float64"], "--dtype"),
+    (["--rows", "0"], "--rows"),
+    (["--rows", "some"], "--rows"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--seq-len", "12x"], "--seq-len"),
+    (["--path-256", "--seq-len", "1000"], "--seq-len"),
+    (["--pattern", "nope"], "--pattern"),
+    (["--radius", "3"], "--radius"),  # dense takes no pattern parameters
+    (["--pattern", "sliding-window", "--radius", "3"], "--radius"),
+    (["--pattern", "random", "--density", "0"], "--density"),
+    (["--device", "tpu"], "--device"),
+    (["--inputs", "noise"], "--inputs"),
+])
+def test_check_bad_options_are_usage_errors_naming_the_option(args, option):
+    result = invoke("check", "--device", "cpu", *args, code=2)
+    assert option in result.output and "Traceback" not in result.output
+
+
+def test_check_pattern_rejecting_its_parameters_is_a_usage_error():
+    result = invoke(*SMALL_CHECK, "--pattern", "longformer", "--global-tokens", "100000",
+                    code=2)
+    assert "cannot build pattern 'longformer'" in result.output
+    assert "global_tokens" in result.output
+
+
+def test_check_gpu_where_there_is_none_says_why(monkeypatch):
+    from cuflash import kernels
+    monkeypatch.setattr(kernels, "availability", lambda: (False, "no CUDA device is visible"))
+    result = invoke("check", "--device", "gpu", code=2)
+    assert "--device" in result.output and "no CUDA device is visible" in result.output
+
+
+def test_check_that_cannot_fit_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(_bench.CpuDevice, "free_bytes", lambda self: 10 * 2**20)
+    result = invoke(*SMALL_CHECK[:-4], "--seq-len", "64K", code=3)
+    assert "needs about" in result.output and "10.0 MiB is free" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_out_of_memory_while_running_exits_3(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr(cuflash, "attention", no_memory)
+    assert "out of cpu memory" in invoke(*SMALL_CHECK, code=3).output
+
+
+# ----------------------------------------------------------------------------- memory
+
+MEMORY = ["memory", "--device", "cpu", "--min-seq-len", "256", "--max-seq-len", "512",
+          "--heads", "1", "--head-dim", "16"]
+
+
+def test_memory_table_and_json():
+    text = invoke(*MEMORY).stdout
+    assert "forward+backward" in text and "N×N scores" in text
+    assert any(line.split()[0] == "512" for line in text.splitlines()[3:])
+    record = invoke_json(*MEMORY, "--dtype", "float16")
+    assert [r["seq_len"] for r in record["results"]] == [256, 512]
+    for r in record["results"]:
+        inputs = 3 * r["seq_len"] * 16 * 2
+        assert inputs < r["forward_bytes"] < r["forward_backward_bytes"]
+        assert r["scores_bytes"] == r["seq_len"] ** 2 * 2
+    assert record["stopped"] is None
+
+
+def test_memory_stops_when_the_device_is_full(monkeypatch):
+    attention = cuflash.attention
+
+    def full_at_512(q, *args, **kwargs):
+        if q.shape[-2] >= 512:
+            raise MemoryError("device full")
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash, "attention", full_at_512)
+    record = invoke_json(*MEMORY)
+    assert [r["seq_len"] for r in record["results"]] == [256]
+    assert record["stopped"].startswith("stopped at 512 tokens: out of cpu memory")
+    assert "stopped at 512 tokens" in invoke(*MEMORY).stdout
+
+
+def test_memory_plot(tmp_path):
+    path = tmp_path / "memory.png"
+    invoke(*MEMORY, "--plot", path)
+    assert path.read_bytes().startswith(SIGNATURE)
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = invoke(*MEMORY, "--plot", tmp_path / "m.png", code=1)
+    assert "pip install 'cuflash[plot]'" in result.output
+
+
+def test_memory_bad_range_is_a_usage_error():
+    result = invoke("memory", "--device", "cpu", "--min-seq-len", "2K", "--max-seq-len", "1K",
+                    code=2)
+    assert "--max-seq-len" in result.output
+
+
+# ----------------------------------------------------------------------------- bench
+
+def test_bench_dense_table_and_json():
+    text = invoke(*TINY_BENCH, "--seq-lens", "64", "--causal", "no").stdout
+    assert "cuflash/flash" in text and "[1] not run" in text
+    record = invoke_json(*TINY_BENCH, "--seq-lens", "64,128", "--causal", "both")
+    assert record["sweep"] == "dense"
+    rows = record["results"]
+    assert [(r["seq_len"], r["causal"]) for r in rows] == \
+        [(64, False), (128, False), (64, True), (128, True)]
+    for r in rows:
+        assert r["mode"] == "fwd" and r["batch"] == 256 // r["seq_len"] and r["heads"] == 1
+        assert r["tflops"]["cuflash"] > 0 and r["ratio"] is None
+        assert r["notes"]["sdpa-flash"] == "n/a (not run)"
+
+
+def test_bench_without_torch_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    record = invoke_json("bench", "--device", "cpu", "--smoke", "--repeats", "1", "--warmup",
+                         "0", "--seq-lens", "64", "--total-tokens", "64", "--hidden", "64",
+                         "--causal", "no", "--mode", "fwdbwd")
+    (row,) = record["results"]
+    assert row["mode"] == "fwd+bwd"
+    for name in ("sdpa-flash", "sdpa-cudnn", "flex"):
+        assert row["notes"][name] == "n/a (torch not importable)"
+        assert row["tflops"][name] is None
+
+
+def test_bench_sparse_sweep():
+    record = invoke_json(*TINY_BENCH, "--sparse")
+    assert record["sweep"] == "sparse"
+    masks = [r["mask"] for r in record["results"]]
+    assert masks[:2] == ["random 1", "random 0.25"] and "butterfly" in masks
+    assert any(m.startswith("image-local") for m in masks)
+    for r in record["results"]:
+        assert r["tflops"]["cuflash"] > 0 and set(r["tflops"]) == {"cuflash", "flex"}
+    table = _bench.format_sparse_table(record["results"])
+    assert "cuflash/flex" in table and "[1] not run" in table
+
+
+def test_bench_plot(tmp_path):
+    path = tmp_path / "bench.png"
+    invoke(*TINY_BENCH, "--seq-lens", "64", "--plot", path)
+    assert path.read_bytes().startswith(SIGNATURE)
+
+
+def test_bench_baselines_choose_what_runs(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    record = invoke_json("bench", "--device", "cpu", "--smoke", "--repeats", "1", "--warmup",
+                         "0", "--mode", "fwd", "--total-tokens", "64", "--hidden", "64",
+                         "--seq-lens", "64", "--causal", "no", "--baselines", "flex")
+    (row,) = record["results"]
+    assert row["notes"] == {"sdpa-flash": "n/a (not run)", "sdpa-cudnn": "n/a (not run)",
+                            "flex": "n/a (torch not importable)"}
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--baselines", "sdpa-math"], "--baselines"),
+    (["--seq-lens", "1K,abc"], "--seq-lens"),
+    (["--seq-lens", ","], "--seq-lens"),
+    (["--head-dims", "0"], "--head-dims"),
+    (["--mode", "bwd"], "--mode"),
+    (["--causal", "maybe"], "--causal"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_bench_bad_options(args, option):
+    assert option in invoke(*TINY_BENCH, *args, code=2).output
+
+
+# ----------------------------------------------------------------------------- mask
+
+def test_mask_list_names_every_pattern():
+    text = invoke("mask", "list").stdout
+    for name in PATTERNS:
+        assert name in text
+
+
+def test_every_pattern_parameter_has_an_option():
+    assert {p for pattern in PATTERNS.values() for p in pattern.defaults} <= set(PARAMETERS)
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_mask_show_every_pattern(pattern):
+    args = ["mask", "show", pattern, "--seq-len", "4K", "--block-size", "64"]
+    text = invoke(*args, "--max-rows", "16", "--max-cols", "32").stdout
+    lines = text.splitlines()
+    assert lines[0].startswith(pattern) and "64 × 64 blocks" in lines[1]
+    picture = lines[2:]
+    assert len(picture) == 16 and all(len(line) == 32 for line in picture)
+    assert set("".join(picture)) <= {"█", "·"} and "█" in "".join(picture)
+    record = invoke_json(*args)
+    assert record["blocks"] == [64, 64] and 0 < record["density"] <= 1
+    assert record["kept_blocks"] == round(record["density"] * 64 * 64)
+
+
+def test_mask_show_png(tmp_path):
+    path = tmp_path / "mask.png"
+    record = invoke_json("mask", "show", "butterfly", "--seq-len", "1K", "--block-size", "128",
+                         "--png", path)
+    assert record["png"] == str(path)
+    width, height, pixels = _decode_png(path.read_bytes())
+    assert width == height == 512  # 8 blocks, each drawn 64 pixels wide
+    kept = (pixels[::64, ::64] == 0)
+    np.testing.assert_array_equal(
+        kept, cuflash.sparse.BlockMask.from_scipy(cuflash.sparse.butterfly(1024, block_size=128),
+                                                  level="block", block_size=128,
+                                                  shape=(1024, 1024)).to_dense()[0])
+
+
+@pytest.mark.parametrize("args, option", [
+    (["nope"], "PATTERN"),
+    (["butterfly", "--radius", "2"], "--radius"),
+    (["random", "--density", "1.5"], "--density"),
+    (["sliding-window", "--window", "-3"], "--window"),
+    (["image-local", "--block-size", "0"], "--block-size"),
+])
+def test_mask_show_bad_options(args, option):
+    assert option in invoke("mask", "show", *args, code=2).output
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _decode_png(data):
+    """Width, height and gray pixels of a PNG written by encode_png (filter 0 rows)."""
+    assert data.startswith(SIGNATURE)
+    position, chunks = len(SIGNATURE), {}
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        kind = data[position + 4:position + 8]
+        body = data[position + 8:position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = chunks.get(kind, b"") + body
+        position += 12 + length
+    width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, color) == (8, 0) and b"IEND" in chunks
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, width + 1)
+    assert (rows[:, 0] == 0).all()
+    return width, height, rows[:, 1:]
+
+
+def test_png_round_trip():
+    pixels = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    width, height, decoded = _decode_png(encode_png(pixels))
+    assert (width, height) == (4, 3)
+    np.testing.assert_array_equal(decoded, pixels)
+    with pytest.raises(ValueError, match="2-D"):
+        encode_png(np.zeros(3, np.uint8))
+
+
+@pytest.mark.parametrize("text, count", [("16384", 16384), ("16K", 16384), ("16k", 16384),
+                                         ("1M", 2**20), (" 4K ", 4096), (7, 7)])
+def test_token_counts(text, count):
+    assert TOKENS.convert(text, None, None) == count
+
+
+def test_sampled_rows_hold_the_ends():
+    rows = _verify.sample_rows(1000, 10, seed=3)
+    assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 999
+    assert (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(_verify.sample_rows(8, None, 0), np.arange(8))
+    np.testing.assert_array_equal(_verify.sample_rows(8, 100, 0), np.arange(8))
+
+
+def test_memory_estimate_grows_with_the_problem():
+    small = _verify.estimate_bytes(16384, 8, 64, 2, 256, backward=False)
+    assert small < _verify.estimate_bytes(16384, 8, 64, 2, 256, backward=True)
+    assert small < _verify.estimate_bytes(65536, 8, 64, 2, 256, backward=False)
+    assert small > 4 * 8 * 16384 * 64 * 2  # at least q, k, v and out
+
+
+def test_flops_follow_the_papers():
+    p = _bench.Problem(batch=2, heads=3, seq_len=1024, head_dim=64, causal=False)
+    assert p.flops("fwd") == 4 * 2 * 3 * 1024 * 1024 * 64
+    assert p.flops("fwdbwd") == 3.5 * p.flops("fwd")
+    causal = _bench.Problem(batch=2, heads=3, seq_len=1024, head_dim=64, causal=True)
+    assert causal.flops("fwd") == p.flops("fwd") / 2
+    assert p.flops("fwd", density=0.25) == p.flops("fwd") / 4
+
+
+def test_dense_grid_matches_the_protocol():
+    problems = _bench.dense_problems()
+    assert len(problems) == 5 * 2 * 2
+    for p in problems:
+        assert p.batch * p.seq_len == 16384 and p.heads * p.head_dim == 2048
+        assert p.dtype == "bfloat16"
+
+
+def test_random_block_layout_keeps_the_diagonal():
+    layout = _bench.random_block_layout(64, 0.1, seed=1)
+    assert layout.diagonal().all()
+    assert layout.mean() == pytest.approx(0.1, abs=1 / 64**2)
+    assert _bench.random_block_layout(8, 1.0).all()
+    with pytest.raises(ValueError, match="density"):
+        _bench.random_block_layout(8, 0)
+
+
+def test_cpu_peak_memory_sees_temporary_arrays():
+    device = _bench.CpuDevice()
+    result, peak = device.peak_bytes(lambda: float(np.ones(2**20).sum()))
+    assert result == 2**20 and 8 * 2**20 <= peak < 9 * 2**20
+
+
+def test_gpu_peak_memory_hook_accounting():
+    pytest.importorskip("cupy")
+    hook = _bench._peak_hook_class()()
+    hook.malloc_postprocess(device_id=0, size=1000, mem_size=1024, mem_ptr=1, pmem_id=1)
+    hook.malloc_postprocess(device_id=0, size=500, mem_size=512, mem_ptr=2, pmem_id=2)
+    hook.free_postprocess(device_id=0, mem_size=1024, mem_ptr=1, pmem_id=1)
+    hook.malloc_postprocess(device_id=0, size=100, mem_size=512, mem_ptr=3, pmem_id=3)
+    hook.malloc_postprocess(device_id=0, size=10**12, mem_size=10**12, mem_ptr=0, pmem_id=0)
+    assert (hook.in_use, hook.peak) == (1024, 1536)
+
+
+def test_torch_runners_say_torch_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    inputs = _bench.Inputs.random(_bench.CpuDevice(), (1, 1, 8, 8), "float32")
+    with pytest.raises(_bench.Unavailable, match="torch not importable"):
+        _bench.sdpa_runner("FLASH_ATTENTION", inputs, "fwd", causal=False)
+    with pytest.raises(_bench.Unavailable, match="torch not importable"):
+        _bench.flex_runner(inputs, "fwd", causal=False)
+
+
+def test_tables_footnote_what_could_not_run():
+    record = {"mode": "fwd", "causal": True, "head_dim": 64, "seq_len": 1024, "batch": 16,
+              "heads": 32, "ratio": 0.5,
+              "time_ms": {"cuflash": 1.0, "sdpa-flash": 0.5, "sdpa-cudnn": None, "flex": None},
+              "tflops": {"cuflash": 100.0, "sdpa-flash": 200.0, "sdpa-cudnn": None,
+                         "flex": None},
+              "notes": {"sdpa-cudnn": "n/a (no kernel)", "flex": "n/a (no kernel)"}}
+    table = _bench.format_dense_table([record])
+    assert "n/a [1]" in table and "[1] no kernel" in table and "[2]" not in table
+    assert "0.50" in table and "100.0" in table and "200.0" in table
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+GPU_CHECK = ["check", "--device", "gpu", "--json"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [[], ["--path-256"]], ids=["16K", "64K"])
+@pytest.mark.parametrize("pattern", [[], ["--pattern", "image-local"]],
+                         ids=["dense", "image-local"])
+def test_gpu_check_passes(size, pattern):
+    record = json.loads(invoke(*GPU_CHECK, *size, *pattern).stdout)
+    assert record["device"] == "gpu" and record["passed"], record["checks"]
+    assert record["seq_len"] == (65536 if size else 16384)
+    assert set(record["checks"]) == {"out", "dq", "dk", "dv"}
+
+
+@pytest.mark.gpu
+def test_gpu_check_causal_float16():
+    record = json.loads(invoke(*GPU_CHECK, "--causal", "--dtype", "float16").stdout)
+    assert record["passed"], record["checks"]
+
+
+@pytest.mark.gpu
+def test_gpu_memory_and_bench_smoke():
+    memory = json.loads(invoke("memory", "--device", "gpu", "--max-seq-len", "4K", "--json")
+                        .stdout)
+    assert [r["seq_len"] for r in memory["results"]] == [1024, 2048, 4096]
+    for r in memory["results"]:
+        assert 0 < r["forward_bytes"] < r["forward_backward_bytes"]
+    bench = json.loads(invoke("bench", "--device", "gpu", "--smoke", "--no-torch", "--json")
+                       .stdout)
+    assert all(r["tflops"]["cuflash"] > 0 for r in bench["results"])

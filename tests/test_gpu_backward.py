@@ -1,0 +1,346 @@
+"""The GPU backward pass (dq, dk, dv) against the float64 oracle (DESIGN.md rule), on CuPy arrays.
+
+Most tests feed the backward pass the oracle's own ``out`` and ``lse`` (rounded to the input
+dtype and float32), so that a failure here points at the backward kernels, not the forward; one
+test runs the forward and backward end to end through ``attention_vjp``.
+"""
+
+import importlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import reference
+from oracle import assert_backward_close, poisoned, random_array, to_host
+
+pytestmark = pytest.mark.gpu
+
+HALF_DTYPES = [np.float16, ml_dtypes.bfloat16]
+
+
+def kernels_module():
+    return importlib.import_module("cuflash.kernels.mma_backward")
+
+
+def forward_results(q, k, v, *, causal=False, scale=None, block_mask=None):
+    """``out`` in q's dtype and ``lse`` in float32, from the float64 oracle."""
+    import cupy
+
+    mask = None
+    if block_mask is not None:
+        mask = reference.keep_mask(q.shape[-2], k.shape[-2], block_mask=block_mask,
+                                   xp=cupy.get_array_module(q))
+    out, lse = reference.attention(q, k, v, causal=causal, scale=scale, mask=mask)
+    return out.astype(q.dtype), lse.astype(np.float32)
+
+
+def problem(xp, rng, *, b=1, hq=2, hkv=None, nq=128, nk=None, d=64, dv=None, dtype=np.float16,
+            causal=False, scale=None, block_mask=None):
+    hkv, nk, dv = hkv or hq, nk or nq, dv or d
+    q = random_array(rng, (b, hq, nq, d), dtype, xp=xp)
+    k = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
+    v = random_array(rng, (b, hkv, nk, dv), dtype, xp=xp)
+    out, lse = forward_results(q, k, v, causal=causal, scale=scale, block_mask=block_mask)
+    dout = random_array(rng, out.shape, dtype, xp=xp)
+    return dout, q, k, v, out, lse
+
+
+def check(xp, rng, seed, *, deterministic=False, **options):
+    causal, scale = options.get("causal", False), options.get("scale")
+    block_mask = options.get("block_mask")
+    dout, q, k, v, out, lse = problem(xp, rng, **options)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
+                                       block_mask=block_mask, deterministic=deterministic)
+    assert_backward_close(grads, dout, q, k, v, causal=causal, scale=scale, block_mask=block_mask,
+                          context=f"seed={seed} deterministic={deterministic}")
+    return grads
+
+
+def bits(x):
+    return to_host(x).view(np.uint16)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+def test_head_dims(xp_gpu, rng, seed, dtype, causal, d):
+    check(xp_gpu, rng, seed, b=2, nq=200, d=d, dtype=dtype, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_head_dims_deterministic(xp_gpu, rng, seed, causal, d):
+    check(xp_gpu, rng, seed, b=2, nq=200, d=d, dtype=ml_dtypes.bfloat16, causal=causal,
+          deterministic=True)
+
+
+@pytest.mark.parametrize("d", [1, 17, 40, 72, 100, 160, 200, 255])
+def test_odd_head_dims_are_padded_inside(xp_gpu, rng, seed, d):
+    check(xp_gpu, rng, seed, nq=130, d=d, dtype=ml_dtypes.bfloat16, causal=True,
+          deterministic=d % 2 == 0)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [1, 17, 127, 1000, 4097])
+def test_odd_lengths(xp_gpu, rng, seed, dtype, n):
+    check(xp_gpu, rng, seed, hq=2, nq=n, d=64, dtype=dtype, causal=n % 2 == 1,
+          deterministic=dtype == np.float16)
+
+
+@pytest.mark.parametrize("nq,nk", [(1, 300), (300, 1), (100, 333), (333, 100), (64, 4096),
+                                   (4096, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_nq_differs_from_nk(xp_gpu, rng, seed, nq, nk, causal, deterministic):
+    check(xp_gpu, rng, seed, nq=nq, nk=nk, d=64, causal=causal, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("d,dv", [(64, 128), (128, 64), (40, 200), (256, 32)])
+def test_value_dim_differs(xp_gpu, rng, seed, d, dv):
+    check(xp_gpu, rng, seed, nq=150, nk=170, d=d, dv=dv, causal=True, dtype=ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1), (6, 3)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_grouped_heads_sum_into_dk_dv(xp_gpu, rng, seed, hq, hkv, deterministic):
+    dq, dk, dv = check(xp_gpu, rng, seed, hq=hq, hkv=hkv, nq=190, nk=260, d=128, causal=True,
+                       deterministic=deterministic)
+    assert dk.shape == (1, hkv, 260, 128) and dv.shape == (1, hkv, 260, 128)
+
+
+def test_custom_scale(xp_gpu, rng, seed):
+    check(xp_gpu, rng, seed, nq=256, d=64, scale=0.37)
+    check(xp_gpu, rng, seed, nq=256, d=64, scale=0.37, causal=True, deterministic=True)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_strided_bnhd_layout(xp_gpu, rng, seed, dtype):
+    xp = xp_gpu
+    b, n, h, d = 2, 333, 4, 64
+    qkv = random_array(rng, (b, n, 3, h, d), dtype, xp=xp)  # one interleaved (B, N, 3, H, D) buffer
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    out_buffer = poisoned((b, n, h, d), dtype, xp=xp)
+    out = out_buffer.transpose(0, 2, 1, 3)
+    _, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, out=out)
+    dout = random_array(rng, (b, n, h, d), dtype, xp=xp).transpose(0, 2, 1, 3)
+    for deterministic in (False, True):
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                           deterministic=deterministic)
+        assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+def test_broadcast_batch_sums_dk_dv(xp_gpu, rng, seed):
+    xp = xp_gpu
+    h, d = 4, 64
+    q = random_array(rng, (2, 3, h, 77, d), ml_dtypes.bfloat16, xp=xp)
+    k = random_array(rng, (h, 90, d), ml_dtypes.bfloat16, xp=xp)  # one K/V for the (2, 3) batch
+    v = random_array(rng, (h, 90, d), ml_dtypes.bfloat16, xp=xp)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    dout = random_array(rng, out.shape, ml_dtypes.bfloat16, xp=xp)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert_backward_close(grads, dout, q, k, v, context=f"seed={seed}")
+
+
+def test_unaligned_views_take_the_scalar_path(xp_gpu, rng, seed):
+    xp = xp_gpu
+    base = random_array(rng, (2, 4, 300, 72), np.float16, xp=xp)
+    q, k, v = base[..., 1:65], base[..., 3:67], base[..., 5:69]  # odd element offsets
+    out, lse = forward_results(q, k, v, causal=True)
+    dout = random_array(rng, (2, 4, 300, 72), np.float16, xp=xp)[..., 7:71]
+    for deterministic in (False, True):
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                           deterministic=deterministic)
+        assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+def test_runs_on_current_stream(xp_gpu, rng, seed):
+    xp = xp_gpu
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        dout, q, k, v, out, lse = problem(xp, rng, b=1, hq=2, nq=2048, d=64,
+                                          dtype=ml_dtypes.bfloat16, causal=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    stream.synchronize()
+    assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+# ----------------------------------------------------------------------------- what is written
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_every_gradient_element_is_written(xp_gpu, rng, seed, deterministic):
+    """The kernel entry point writes all of dq, dk, dv (poisoned with NaN), including key tiles
+    that no query sees (zero), under a block mask with an empty key block column."""
+    xp = xp_gpu
+    dense = np.ones((4, 4), bool)
+    dense[:, 2] = False  # keys 128..191 are seen by no query: dk = dv = 0 there
+    dense[3, :] = False  # queries 192..249 see nothing: dq = 0 there
+    mask = cuflash.sparse.BlockMask.from_dense(dense, block_size=64, shape=(250, 240))
+    dout, q, k, v, out, lse = problem(xp, rng, hq=4, hkv=2, nq=250, nk=240, d=64,
+                                      block_mask=mask, causal=True)
+    dq, dk, dv = (poisoned(x.shape, x.dtype, xp=xp) for x in (q, k, v))
+    kernels_module().backward(dout, q, k, v, out, lse, dq, dk, dv, scale=1 / 8.0, causal=True,
+                              block_mask=mask, deterministic=deterministic)
+    assert_backward_close((dq, dk, dv), dout, q, k, v, causal=True, block_mask=mask,
+                          context=f"seed={seed}")
+    assert not to_host(dk[:, :, 128:192]).astype(np.float32).any()
+    assert not to_host(dv[:, :, 128:192]).astype(np.float32).any()
+    assert not to_host(dq[:, :, 192:]).astype(np.float32).any()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fully_masked_rows_give_zero_dq_and_finite_gradients(xp_gpu, rng, seed, deterministic):
+    # causal with Nq > Nk: the first Nq - Nk query rows see no key (lse = -inf).
+    xp = xp_gpu
+    nq, nk = 300, 100
+    dq, dk, dv = check(xp, rng, seed, hq=2, nq=nq, nk=nk, d=64, causal=True,
+                       deterministic=deterministic)
+    for g in (dq, dk, dv):
+        assert np.isfinite(to_host(g).astype(np.float32)).all()
+    assert not to_host(dq[:, :, :nq - nk]).astype(np.float32).any()
+
+
+# ----------------------------------------------------------------------------- dq strategies
+
+def test_deterministic_is_bit_identical_and_agrees_with_default(xp_gpu, rng, seed):
+    xp = xp_gpu
+    dout, q, k, v, out, lse = problem(xp, rng, b=2, hq=4, hkv=2, nq=1000, d=128,
+                                      dtype=ml_dtypes.bfloat16, causal=True)
+
+    def run(deterministic):
+        return cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                          deterministic=deterministic)
+
+    first, second = run(True), run(True)
+    for name, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert np.array_equal(bits(a), bits(b)), f"{name} differs between deterministic runs"
+    fast, fast_again = run(False), run(False)
+    for name, a, b in zip(("dk", "dv"), fast[1:], fast_again[1:]):
+        assert np.array_equal(bits(a), bits(b)), f"{name} differs between runs (no atomics there)"
+    for grads in (first, fast):
+        assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+    # The two dq agree to within the rounding of their different summation orders.
+    a, b = (to_host(g[0]).astype(np.float64) for g in (first, fast))
+    scale = np.abs(a).max()
+    assert np.abs(a - b).max() <= 2e-2 * scale
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_every_tile_candidate(xp_gpu, rng, seed, d):
+    """The tiles= keyword: every candidate shape (the block-mask fallbacks included) on a dense
+    problem, both dq strategies."""
+    xp = xp_gpu
+    module = kernels_module()
+    dout, q, k, v, out, lse = problem(xp, rng, hq=4, hkv=2, nq=333, nk=400, d=d, causal=True)
+    for tiles in module._candidates(d, d):
+        for deterministic in (False, True):
+            dq, dk, dv = (poisoned(x.shape, x.dtype, xp=xp) for x in (q, k, v))
+            module.backward(dout, q, k, v, out, lse, dq, dk, dv, scale=d ** -0.5, causal=True,
+                            deterministic=deterministic, tiles=tiles)
+            assert_backward_close((dq, dk, dv), dout, q, k, v, causal=True,
+                                  context=f"seed={seed} tiles={tiles}")
+
+
+# ----------------------------------------------------------------------------- block-sparse
+
+def random_block_mask(rng, nq, nk, block, *, density, heads=None):
+    nqb, nkb = -(-nq // block), -(-nk // block)
+    dense = rng.random((nqb, nkb) if heads is None else (heads, nqb, nkb)) < density
+    diag = np.arange(min(nqb, nkb))
+    dense[..., diag, diag] = True
+    return cuflash.sparse.BlockMask.from_dense(dense, block_size=block, shape=(nq, nk))
+
+
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_block_sparse(xp_gpu, rng, seed, block, causal, deterministic):
+    mask = random_block_mask(rng, 700, 900, block, density=0.4)
+    check(xp_gpu, rng, seed, nq=700, nk=900, d=64, causal=causal, block_mask=mask,
+          deterministic=deterministic)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_block_sparse_per_head_masks_with_grouped_heads(xp_gpu, rng, seed, d):
+    mask = random_block_mask(rng, 512, 640, 128, density=0.3, heads=4)
+    for deterministic in (False, True):
+        check(xp_gpu, rng, seed, hq=4, hkv=2, nq=512, nk=640, d=d, causal=True, block_mask=mask,
+              deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------- calculus
+
+def _loss64(q, k, v, dout, causal):
+    out, _ = reference.attention(q, k, v, causal=causal)
+    return float((out * dout).sum())
+
+
+def test_oracle_gradient_matches_finite_differences(rng):
+    """The float64 oracle's gradient is the derivative of sum(dout * attention)."""
+    shapes = ((1, 2, 9, 8), (1, 1, 11, 8), (1, 1, 11, 5))
+    q, k, v = (rng.standard_normal(s) for s in shapes)
+    dout = rng.standard_normal((1, 2, 9, 5))
+    for causal in (False, True):
+        grads = reference.attention_backward(dout, q, k, v, causal=causal)
+        inputs = [q, k, v]
+        for which, grad in enumerate(grads):
+            for index in zip(*(rng.integers(0, n, 6) for n in inputs[which].shape)):
+                eps = 1e-6
+                plus = [x.copy() for x in inputs]
+                minus = [x.copy() for x in inputs]
+                plus[which][index] += eps
+                minus[which][index] -= eps
+                numeric = (_loss64(*plus, dout, causal) - _loss64(*minus, dout, causal)) / (2 * eps)
+                assert abs(numeric - grad[index]) <= 1e-6 * max(1.0, abs(numeric)), (which, index)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_kernel_gradient_matches_finite_differences(xp_gpu, rng, seed, dtype, deterministic):
+    """The directional derivative of the float64 loss at the 16-bit inputs, by central
+    differences along a random direction, against <kernel gradient, direction>: a check of the
+    whole gradient that does not go through the oracle's backward formulas."""
+    xp = xp_gpu
+    dout, q, k, v, out, lse = problem(xp, rng, hq=4, hkv=2, nq=70, nk=90, d=40, dtype=dtype,
+                                      causal=True)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                       deterministic=deterministic)
+    x64 = [to_host(x).astype(np.float64) for x in (q, k, v)]
+    do64 = to_host(dout).astype(np.float64)
+    directions = [rng.standard_normal(x.shape) for x in x64]
+    eps = 1e-4
+    plus = [x + eps * u for x, u in zip(x64, directions)]
+    minus = [x - eps * u for x, u in zip(x64, directions)]
+    numeric = (_loss64(*plus, do64, True) - _loss64(*minus, do64, True)) / (2 * eps)
+    analytic = sum(float((to_host(g).astype(np.float64) * u).sum())
+                   for g, u in zip(grads, directions))
+    # Each gradient element carries a few 16-bit rounding errors; against a random direction
+    # they stay within a few machine epsilons of the derivative, while a wrong term would be of
+    # its size.
+    tolerance = 8 * float(ml_dtypes.finfo(dtype).eps)
+    assert abs(analytic - numeric) <= tolerance * abs(numeric), (analytic, numeric, f"seed={seed}")
+
+
+def test_end_to_end_through_vjp(xp_gpu, rng, seed):
+    xp = xp_gpu
+    q, k, v = (random_array(rng, (2, 4, 513, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
+    out, vjp = cuflash.attention_vjp(q, k, v, causal=True)
+    dout = random_array(rng, out.shape, ml_dtypes.bfloat16, xp=xp)
+    assert_backward_close(vjp(dout), dout, q, k, v, causal=True, context=f"seed={seed}")
+    assert_backward_close(vjp(dout), dout, q, k, v, causal=True, context=f"seed={seed} again")
+
+
+# ----------------------------------------------------------------------------- memory
+
+def test_workspace_is_linear_in_sequence_length():
+    module = kernels_module()
+    rows = 16 * 65536
+    assert module.workspace_bytes(1, 16, 65536, 64) == rows * (2 * 4 + 64 * 4)  # 264 MiB
+    assert module.workspace_bytes(1, 16, 65536, 64, deterministic=True) == rows * 2 * 4  # 8 MiB
+    assert module.workspace_bytes(1, 16, 2 * 65536, 64) == 2 * module.workspace_bytes(1, 16, 65536, 64)

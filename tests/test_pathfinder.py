@@ -1,0 +1,121 @@
+"""The synthetic Pathfinder images and their projection to q, k, v."""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cuflash import pathfinder
+from cuflash.pathfinder import (image_side_for, pathfinder_image, pathfinder_qkv, project_to_qkv,
+                                random_qkv)
+
+
+@pytest.mark.parametrize("side", [16, 128, 256])
+def test_image_is_a_square_of_values_in_unit_interval(side):
+    image = pathfinder_image(side, seed=1)
+    assert image.pixels.shape == (side, side)
+    assert image.pixels.dtype == np.float32
+    assert image.pixels.min() == 0.0 and image.pixels.max() == 1.0
+    lit = float((image.pixels > 0).mean())
+    assert 0.005 < lit < 0.2, f"curves should cover a small part of the image, got {lit:.3f}"
+
+
+def test_same_seed_same_image_other_seed_other_image():
+    a, b, c = (pathfinder_image(64, seed=s) for s in (3, 3, 4))
+    np.testing.assert_array_equal(a.pixels, b.pixels)
+    assert a.connected == b.connected and a.markers == b.markers
+    assert not np.array_equal(a.pixels, c.pixels)
+
+
+@pytest.mark.parametrize("connected", [True, False])
+def test_markers_are_lit_discs_inside_the_image(connected):
+    image = pathfinder_image(128, seed=5, connected=connected)
+    assert image.connected is connected
+    for row, col in image.markers:
+        assert 0 <= row < 128 and 0 <= col < 128
+        assert image.pixels[row, col] == 1.0
+        assert image.pixels[row - 1:row + 2, col - 1:col + 2].min() == 1.0
+
+
+def test_both_labels_occur_when_the_seed_draws_them():
+    labels = {pathfinder_image(32, seed=s).connected for s in range(20)}
+    assert labels == {True, False}
+
+
+@pytest.mark.parametrize("n, side", [(1, 1), (2, 2), (1000, 32), (1024, 32), (1025, 33),
+                                     (16384, 128), (65536, 256)])
+def test_image_side_is_the_smallest_square_holding_n_pixels(n, side):
+    assert image_side_for(n) == side
+
+
+def test_bad_sizes_are_rejected_with_the_value():
+    with pytest.raises(ValueError, match="got 0"):
+        image_side_for(0)
+    with pytest.raises(ValueError, match="at least 8"):
+        pathfinder_image(4)
+    with pytest.raises(ValueError, match="between 1 and 256"):
+        pathfinder_image(16).tokens(257)
+    with pytest.raises(ValueError, match="positive"):
+        project_to_qkv(np.zeros(16), 4, heads=0, head_dim=8)
+
+
+def test_tokens_are_read_row_by_row_and_cut():
+    image = pathfinder_image(16, seed=2)
+    np.testing.assert_array_equal(image.tokens(), image.pixels.ravel())
+    np.testing.assert_array_equal(image.tokens(20), np.concatenate([image.pixels[0],
+                                                                    image.pixels[1, :4]]))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_qkv_shapes_dtypes_and_determinism(dtype):
+    q, k, v, image = pathfinder_qkv(1000, heads=3, head_dim=16, seed=7, dtype=dtype)
+    assert image.side == 32
+    for x in (q, k, v):
+        assert x.shape == (1, 3, 1000, 16) and x.dtype == np.dtype(dtype)
+        assert np.isfinite(x.astype(np.float32)).all()
+    again = pathfinder_qkv(1000, heads=3, head_dim=16, seed=7, dtype=dtype)
+    for x, y in zip((q, k, v), again[:3]):
+        np.testing.assert_array_equal(x, y)
+
+
+def _scores(q, k, head, rows):
+    d = q.shape[-1]
+    return q[0, head, rows].astype(np.float64) @ k[0, head].astype(np.float64).T / math.sqrt(d)
+
+
+def test_scores_are_calibrated_and_not_degenerate():
+    heads, n = 4, 4096
+    q, k, _, _ = pathfinder_qkv(n, heads=heads, head_dim=64, seed=0)
+    rows = np.random.default_rng(0).choice(n, 64, replace=False)
+    effective_keys = []
+    for h in range(heads):
+        s = _scores(q, k, h, rows)
+        self_scores = s[np.arange(len(rows)), rows]
+        assert np.median(self_scores) == pytest.approx(pathfinder.SELF_SCORE_TARGET, rel=0.25)
+        assert 2 < s.max() < 30, "scores should be O(1)–O(10)"
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(axis=1)
+        effective_keys.append(float(np.exp(entropy).mean()))
+    # Neither one-hot nor uniform, and heads differ: local heads look at fewer keys.
+    assert all(2 < keys < n / 2 for keys in effective_keys), effective_keys
+    assert effective_keys[0] < effective_keys[-1]
+
+
+def test_nearby_pixels_score_higher_than_distant_ones():
+    side = 64
+    q, k, _, _ = pathfinder_qkv(side * side, heads=1, head_dim=64, seed=1)
+    centre = (side // 2) * side + side // 2
+    s = _scores(q, k, 0, [centre])[0]
+    rows, cols = np.divmod(np.arange(side * side), side)
+    distance = np.hypot(rows - side // 2, cols - side // 2)
+    assert s[(distance > 0) & (distance <= 2)].mean() > s[distance > side / 4].mean() + 2
+
+
+def test_random_inputs_are_standard_normal():
+    q, k, v = random_qkv(2048, heads=2, head_dim=32, seed=3)
+    assert q.shape == (1, 2, 2048, 32) and q.dtype == np.float32
+    for x in (q, k, v):
+        assert abs(float(x.mean())) < 0.02 and float(x.std()) == pytest.approx(1, abs=0.02)
+    assert not np.array_equal(q, k)
