@@ -197,8 +197,11 @@ class GpuDevice:
         return int(free) + int(self.xp.get_default_memory_pool().free_bytes())
 
     def random(self, shape, dtype, seed):
-        rng = self.xp.random.default_rng(seed)
-        return rng.standard_normal(shape, dtype=self.xp.float32).astype(dtype)
+        values = self.xp.random.default_rng(seed).standard_normal(shape, dtype=self.xp.float32)
+        try:
+            return values.astype(dtype)
+        except Exception:  # a CuPy that cannot cast to this dtype on the device: cast on the host
+            return self.xp.asarray(self.xp.asnumpy(values).astype(dtype))
 
 
 @functools.cache
@@ -486,8 +489,11 @@ def _time_implementation(device, name, make_runner, *, warmup, repeats):
     except Exception as error:  # a torch back end refusing this shape, a compile failure, ...
         if name == "cuflash":
             raise
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return None, f"n/a ({first_line[:120]})"
+        first_sentence = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first_sentence = first_sentence.split(". ")[0].rstrip(".")
+        if len(first_sentence) > 160:
+            first_sentence = first_sentence[:159] + "…"
+        return None, f"n/a ({first_sentence})"
     return statistics.median(times), ""
 
 

@@ -71,6 +71,13 @@ def test_help_teaches_with_examples(command):
             assert f"  {name} " in text
 
 
+def test_runs_as_a_module():
+    import subprocess
+    done = subprocess.run([sys.executable, "-m", "cuflash.cli", "--version"], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == f"cuflash {cuflash.__version__}"
+
+
 def test_unknown_command_is_a_usage_error():
     assert "No such command" in invoke("frobnicate", code=2).output
 
@@ -316,6 +323,7 @@ def test_memory_stops_when_the_device_is_full(monkeypatch):
 
 
 def test_memory_plot(tmp_path):
+    pytest.importorskip("matplotlib")
     path = tmp_path / "memory.png"
     invoke(*MEMORY, "--plot", path)
     assert path.read_bytes().startswith(SIGNATURE)
@@ -374,6 +382,7 @@ def test_bench_sparse_sweep():
 
 
 def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
     invoke(*TINY_BENCH, "--seq-lens", "64", "--plot", path)
     assert path.read_bytes().startswith(SIGNATURE)

@@ -79,22 +79,25 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
         raise click.BadParameter(f"is smaller than --min-seq-len {min_seq_len}",
                                  param_hint="--max-seq-len")
     lengths = list(_lengths(min_seq_len, high))
-    records, stopped = [], None
+    records, failure = [], None
     with translate_errors(target), progress(len(lengths), "measuring") as bar:
         for n in lengths:
             try:
                 forward, both = _measure(target, n, batch=batch, heads=heads, head_dim=head_dim,
-                                         dtype=dtype, causal=causal, seed=len(records))
+                                         dtype=dtype, causal=causal, seed=0)
             except target.out_of_memory as error:
-                needed = 8 * batch * heads * n * head_dim * dtype.itemsize  # q k v out + grads
-                stopped = (f"stopped at {tokens(n)} tokens: out of {target.name} memory (its "
-                           f"arrays alone need {size(needed)}, {size(target.free_bytes())} is "
-                           f"free): {str(error).strip()}")
+                failure = (n, str(error).strip())
                 break
             records.append({"seq_len": n, "forward_bytes": forward,
                             "forward_backward_bytes": both,
                             "scores_bytes": batch * heads * n * n * dtype.itemsize})
             bar.update(1)
+    stopped = None
+    if failure:  # free memory read here, once the failed attempt's arrays are released
+        n, message = failure
+        needed = 8 * batch * heads * n * head_dim * dtype.itemsize  # q, k, v, out and grads
+        stopped = (f"stopped at {tokens(n)} tokens: out of {target.name} memory (its arrays "
+                   f"alone need {size(needed)}, {size(target.free_bytes())} is free): {message}")
 
     setup = {"heads": heads, "head_dim": head_dim, "batch": batch, "dtype": dtype.name,
              "causal": causal}

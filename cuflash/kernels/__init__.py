@@ -1,8 +1,9 @@
 """CUDA kernels for CuPy arrays, compiled at run time through CuPy's RawModule (NVRTC).
 
 Entry points take the 4-D (B, H, N, D) views described in docs/internals.md. float16 and
-bfloat16 run the tensor-core kernels (float32 accumulation); float32 runs a CUDA-core kernel that
-keeps full float32 precision end to end.
+bfloat16 run the tensor-core kernels (float32 accumulation): on compute capability 9.0 the forward
+uses wgmma (sm_90a) for D = Dv in {64, 128}, everywhere else mma.sync (sm_80+); float32 runs a
+CUDA-core kernel that keeps full float32 precision end to end.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None):
         if _is_float32(q):
             from .float32 import forward as run
         else:
-            from .mma_forward import forward as run
+            from . import sm90_forward
+            if sm90_forward.supports(q, k, v, out, block_mask):
+                run = sm90_forward.forward
+            else:
+                from .mma_forward import forward as run
         run(q, k, v, out, lse, scale=float(scale), causal=bool(causal), block_mask=block_mask)
 
 

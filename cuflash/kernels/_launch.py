@@ -63,3 +63,44 @@ def pack_struct(dtype: numpy.dtype, **values) -> numpy.ndarray:
 
 def pointer(x) -> int:
     return 0 if x is None else int(x.data.ptr)
+
+
+LOG2E = 1.4426950408889634
+
+# The argument struct of both forward kernels (FwdArgs in flash_fwd.cu, Sm90FwdArgs in
+# flash_fwd_sm90.cu: same layout, checked there with a static_assert on its size).
+FWD_ARGS = make_struct_dtype(
+    [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR)]
+    + [(f"{t}_s{a}", I64) for t in "qkvo" for a in "bhn"]
+    + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads")]
+    + [("scale_log2", F32)]
+)
+
+
+def forward_args(q, k, v, out, lse, *, scale, block_mask, tile_m, tile_n):
+    """The forward kernels' argument struct for 4-D views, and the grid size (thread blocks):
+    one block per `tile_m` query rows of each (batch, head). With a block mask, its CSR refined
+    to (tile_m, tile_n) tiles."""
+    batch, heads, nq, d = q.shape
+    kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    m_tiles = -(-nq // tile_m)
+    blocks = m_tiles * heads * batch
+    if blocks >= 2**31:
+        raise ValueError(f"problem too large for one launch: {blocks} thread blocks (limit 2**31 - 1)")
+    tile_ptr = tile_idx = None
+    if block_mask is not None:
+        csr = block_mask.device_csr(tile_m, tile_n)
+        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+    strides = {}
+    for name, x in zip("qkvo", (q, k, v, out)):
+        sb, sh, sn, _ = element_strides(x)
+        strides.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
+    args = pack_struct(
+        FWD_ARGS,
+        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
+        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **strides,
+        nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
+        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
+        scale_log2=scale * LOG2E,
+    )
+    return args, blocks

@@ -24,7 +24,7 @@ struct FwdArgs {
     int mask_heads;        // block-sparse: 1 = one pattern per head, 0 = shared
     float scale_log2;      // softmax scale * log2(e)
 };
-static_assert(sizeof(FwdArgs) == 192, "FwdArgs must match FWD_ARGS in mma_forward.py");
+static_assert(sizeof(FwdArgs) == 192, "FwdArgs must match FWD_ARGS in _launch.py");
 
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool Q_IN_REGS, bool CAUSAL,
           bool SPARSE, bool ALIGNED>

@@ -34,7 +34,7 @@ struct Sm90FwdArgs {
     int mask_heads;        // block-sparse: 1 = one pattern per head, 0 = shared
     float scale_log2;      // softmax scale * log2(e)
 };
-static_assert(sizeof(Sm90FwdArgs) == 192, "Sm90FwdArgs must match SM90_FWD_ARGS in sm90_forward.py");
+static_assert(sizeof(Sm90FwdArgs) == 192, "Sm90FwdArgs must match FWD_ARGS in _launch.py");
 
 // Rows [row0, row0 + ROWS) × columns [0, D) of a row-major global matrix (row stride `ld`
 // elements, `nrows` valid rows) into a swizzled shared tile at `dst`; rows past the end are

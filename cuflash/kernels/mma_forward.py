@@ -5,29 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _build
-from ._launch import (
-    F32,
-    I32,
-    I64,
-    PTR,
-    element_strides,
-    element_type,
-    make_struct_dtype,
-    pack_struct,
-    padded_head_dim,
-    pointer,
-    vector_aligned,
-)
+from ._launch import element_type, forward_args, padded_head_dim, vector_aligned
 
 SOURCE = "flash_fwd.cu"
-LOG2E = 1.4426950408889634
-
-FWD_ARGS = make_struct_dtype(
-    [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR)]
-    + [(f"{t}_s{a}", I64) for t in "qkvo" for a in "bhn"]
-    + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads")]
-    + [("scale_log2", F32)]
-)
 
 
 @dataclass(frozen=True)
@@ -85,38 +65,19 @@ def variant(dtype, dqk: int, dv: int, tiles: FwdTiles, *, causal: bool, sparse: 
 
 def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: FwdTiles | None = None):
     """Run the forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
-    batch, heads, nq, d = q.shape
-    kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    d, dv = q.shape[3], v.shape[3]
     dqk = padded_head_dim(d, "head dim D")
     dvp = padded_head_dim(dv, "value head dim Dv")
     tiles = tiles or default_tiles(dqk, dvp)
     if block_mask is not None:
         tiles = tiles_for_mask(tiles, block_mask.block_size, dqk, dvp)
-    m_tiles = -(-nq // tiles.block_m)
-    blocks = m_tiles * heads * batch
-    if blocks >= 2**31:
-        raise ValueError(f"problem too large for one launch: {blocks} thread blocks (limit 2**31 - 1)")
-
-    tile_ptr = tile_idx = None
-    if block_mask is not None:
-        csr = block_mask.device_csr(tiles.block_m, tiles.block_n)
-        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+    args, blocks = forward_args(q, k, v, out, lse, scale=scale, block_mask=block_mask,
+                                tile_m=tiles.block_m, tile_n=tiles.block_n)
+    if blocks == 0:
+        return
     aligned = vector_aligned((q, k, v, out), (d, dv))
     expression = variant(q.dtype, dqk, dvp, tiles, causal=causal, sparse=block_mask is not None, aligned=aligned)
     shared = tiles.shared_bytes(dqk, dvp)
-
-    strides = {}
-    for name, x in zip("qkvo", (q, k, v, out)):
-        sb, sh, sn, _ = element_strides(x)
-        strides.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
-    args = pack_struct(
-        FWD_ARGS,
-        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
-        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **strides,
-        nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
-        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
-        scale_log2=scale * LOG2E,
-    )
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
     kernel((blocks,), (tiles.warps * 32,), (args,), shared_mem=shared)
 
