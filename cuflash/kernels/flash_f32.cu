@@ -225,10 +225,11 @@ static_assert(sizeof(F32FwdArgs) == 192, "F32FwdArgs must match FWD_ARGS in floa
 // One thread block owns BLOCK_M query rows of one (batch, head) and walks its key tiles of
 // BLOCK_N keys: S = Q·Kᵀ in registers, online softmax, P through shared memory, O += P·V. The V
 // load overlaps Q·Kᵀ and the softmax; the next K load overlaps P·V.
-// Up to head dim 128 the tiles leave room for two blocks per SM in shared memory (A100 and up),
-// and the forward fits 128 registers without spilling, so ask for two.
+// Up to head dim 128 the tiles leave room for two blocks per SM in shared memory (A100 and up);
+// ask for two where the forward then fits 128 registers without spilling, which ptxas manages
+// for every pair of padded head dims up to 128 with Dv <= D (not with Dv > D).
 template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
-__global__ void __launch_bounds__(f32::THREADS, (DQK <= 128 && DV <= 128) ? 2 : 1)
+__global__ void __launch_bounds__(f32::THREADS, (DQK <= 128 && DV <= DQK) ? 2 : 1)
 flash_f32_fwd(const F32FwdArgs a) {
     using namespace f32;
     constexpr int TM = BLOCK_M / 16;  // rows of S and O per thread
