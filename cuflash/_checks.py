@@ -237,6 +237,16 @@ def _kernel_ready(x: Any) -> bool:
             and all(s >= 0 and s % item == 0 for s in x.strides[:-1]))
 
 
+def _batch_view(x: Any, b: int, stride: int, xp) -> Any:
+    """View of ``x`` with its leading axes replaced by one axis of ``b`` elements and ``stride``."""
+    shape = (b,) + tuple(x.shape[-3:])
+    strides = (stride,) + tuple(x.strides[-3:])
+    if xp is numpy:
+        return numpy.lib.stride_tricks.as_strided(x, shape, strides,
+                                                  writeable=x.flags.writeable)
+    return xp.lib.stride_tricks.as_strided(x, shape, strides)
+
+
 def as_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
     """``x`` broadcast to ``batch`` and viewed as ``(B, H, N, D)``; copied only when it must be.
 
@@ -245,21 +255,19 @@ def as_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
     copied to a C-contiguous array.
     """
     full = xp.broadcast_to(x, batch + tuple(x.shape[-3:]))
-    new_shape = (math.prod(batch),) + tuple(x.shape[-3:])
-    if _leading_stride(full.shape[:-3], full.strides[:-3]) is None:
-        x4 = xp.ascontiguousarray(full).reshape(new_shape)
-    else:
-        x4 = full.reshape(new_shape)  # a view: the strides merge (same rule as NumPy's reshape)
-    return x4 if _kernel_ready(x4) else xp.ascontiguousarray(x4)
+    stride = _leading_stride(full.shape[:-3], full.strides[:-3])
+    if stride is None or not _kernel_ready(full):
+        full = xp.ascontiguousarray(full)
+        stride = _leading_stride(full.shape[:-3], full.strides[:-3])
+    return _batch_view(full, math.prod(batch), stride, xp)
 
 
 def writable_4d(out: Any, b: int):
     """A 4-D view through which a back end can write into ``out``, or ``None`` if it has none."""
-    lead = out.shape[:-3]
-    if _leading_stride(lead, out.strides[:-3]) is None:
+    stride = _leading_stride(out.shape[:-3], out.strides[:-3])
+    if stride is None or not _kernel_ready(out):
         return None
-    out4 = out.reshape((b,) + tuple(out.shape[-3:]))
-    return out4 if _kernel_ready(out4) else None
+    return _batch_view(out, b, stride, array_module(out))
 
 
 def reduce_to_shape(g: Any, shape: tuple[int, ...], xp) -> Any:

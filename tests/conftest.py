@@ -12,12 +12,18 @@
 
 from __future__ import annotations
 
-import functools
 import os
-import secrets
 
-import numpy as np
-import pytest
+# The NumPy path multiplies many small tiles; BLAS threads only spin on those (and slow the suite
+# down badly on a busy machine). Set before NumPy loads its BLAS; an explicit setting wins.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import functools  # noqa: E402
+import secrets  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @functools.cache

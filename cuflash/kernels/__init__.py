@@ -2,13 +2,22 @@
 
 Entry points take the 4-D (B, H, N, D) views described in docs/internals.md. float16 and
 bfloat16 run the tensor-core kernels (float32 accumulation): on compute capability 9.0 the forward
-uses wgmma (sm_90a) for D = Dv in {64, 128}, everywhere else mma.sync (sm_80+); float32 runs a
+and backward use wgmma (sm_90a) for D = Dv in {64, 128}, everywhere else mma.sync (sm_80+); float32 runs a
 CUDA-core kernel that keeps full float32 precision end to end.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy
+
+# Set to 1 to run the portable mma.sync kernels on Hopper too (comparison, debugging).
+DISABLE_HOPPER_ENV = "CUFLASH_DISABLE_SM90"
+
+
+def _hopper_allowed() -> bool:
+    return os.environ.get(DISABLE_HOPPER_ENV, "") in ("", "0")
 
 
 def availability() -> tuple[bool, str]:
@@ -40,7 +49,7 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None):
             from .float32 import forward as run
         else:
             from . import sm90_forward
-            if sm90_forward.supports(q, k, v, out, block_mask):
+            if _hopper_allowed() and sm90_forward.supports(q, k, v, out, block_mask):
                 run = sm90_forward.forward
             else:
                 from .mma_forward import forward as run
@@ -54,6 +63,11 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
         if _is_float32(q):
             from .float32 import backward as run
         else:
-            from .mma_backward import backward as run
+            from . import sm90_backward
+            if _hopper_allowed() and sm90_backward.supports(q, k, v, dout, block_mask,
+                                                                grads=(dq, dk, dv)):
+                run = sm90_backward.backward
+            else:
+                from .mma_backward import backward as run
         run(dout, q, k, v, out, lse, dq, dk, dv, scale=float(scale), causal=bool(causal),
             block_mask=block_mask, deterministic=bool(deterministic))

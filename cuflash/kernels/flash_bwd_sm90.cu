@@ -1,0 +1,511 @@
+// FlashAttention backward for Hopper (sm_90a): warpgroup MMA (wgmma) with operands in shared memory.
+//
+// Two kernels after flash_bwd_pre (flash_bwd.cu: Delta = rowsum(dO∘O), lse2 = lse·log2 e with
+// +inf for rows that attend to nothing and in the padding up to rows_pad):
+//
+//   flash_bwd_sm90_dkdv  one thread block per BLOCK_N = 64·WG keys of one (batch, key/value head);
+//                        warpgroup w owns 64 of them (the M extent of one wgmma). Keys are the
+//                        wgmma rows: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ land in the accumulator layout that
+//                        packs straight into register A operands of dV += Pᵀ dO and dK += dSᵀ Q.
+//                        Query tiles (Q, dO, lse2, Delta) of every query head of the GQA group
+//                        stream through two shared buffers; dK and dV stay in registers and are
+//                        written once, so no atomics.
+//   flash_bwd_sm90_dq    one thread block per 64·WG query rows of one (batch, head), walking its
+//                        key tiles like the forward: S = Q Kᵀ and dP = dO Vᵀ are recomputed and
+//                        dQ += dS K accumulates in registers, written once.
+//
+// Recomputing S and dP in the dq kernel costs two extra GEMMs per tile pair (seven instead of
+// five), but every operand is one of the layouts the forward kernel already reads (K-major A and B
+// from a row-major tile; MN-major B from a row-major [k][n] tile; A from registers) and no
+// gradient is ever accumulated by two thread blocks: results are bit-identical from run to run.
+//
+// Only D = Dv ∈ {64, 128} with 16-byte aligned rows; everything else runs flash_bwd.cu.
+#include "common.cuh"
+
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "flash_bwd_sm90.cu needs the sm_90a target (-arch=sm_90a)"
+#endif
+
+// Same layout as BwdArgs in flash_bwd.cu (BWD_ARGS in mma_backward.py): one struct serves the
+// preprocessing kernel there and both kernels here.
+struct BwdArgs {
+    const u16* q;
+    const u16* k;
+    const u16* v;
+    const u16* o;
+    const u16* dout;
+    const float* lse;
+    u16* grad_q;
+    u16* grad_k;
+    u16* grad_v;
+    float* lse2;           // (B, Hq, rows_pad): lse * log2(e), +inf where lse = -inf and in padding
+    float* delta;          // (B, Hq, rows_pad): rowsum(dO * O), 0 in padding
+    float* dq_accum;       // unused here
+    const int* tile_ptr;   // block-sparse: CSR (dq kernel) or its transpose (dkdv kernel)
+    const int* tile_idx;
+    i64 q_sb, q_sh, q_sn;
+    i64 k_sb, k_sh, k_sn;
+    i64 v_sb, v_sh, v_sn;
+    i64 o_sb, o_sh, o_sn;
+    i64 do_sb, do_sh, do_sn;
+    i64 gq_sb, gq_sh, gq_sn;
+    i64 gk_sb, gk_sh, gk_sn;
+    i64 gv_sb, gv_sh, gv_sn;
+    int batch, nq, nk, d, dv;
+    int heads, kv_heads, group;
+    int m_tiles, n_tiles;
+    int rows_pad;
+    int dqk;
+    int mask_heads;
+    float scale;
+    float scale_log2;
+};
+static_assert(sizeof(BwdArgs) == 368, "BwdArgs must match BWD_ARGS in mma_backward.py");
+
+// Rows [row0, row0 + ROWS) × columns [0, D) of a row-major global matrix into the 128-byte
+// swizzle (see sw128_offset); rows past `nrows` are zero-filled so that padding never feeds NaN
+// into a wgmma. Each thread keeps one chunk column and rows 8k apart, so its swizzle term is fixed.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_rows_sw128(u32 dst, const u16* src, i64 ld, int row0, int nrows) {
+    constexpr int CHUNKS = D / 8;
+    constexpr int ROW_STEP = THREADS / CHUNKS;
+    constexpr int COPIES = (ROWS + ROW_STEP - 1) / ROW_STEP;
+    static_assert(THREADS % CHUNKS == 0 && ROW_STEP % 8 == 0, "swizzle term must stay fixed");
+    const int chunk = threadIdx.x % CHUNKS;
+    const int r0 = threadIdx.x / CHUNKS;
+    const u32 dst0 = dst + sw128_offset<ROWS>(r0, chunk);
+    const u16* p = src + (i64)(row0 + r0) * ld + chunk * 8;
+    const i64 step = (i64)ROW_STEP * ld;
+#pragma unroll
+    for (int c = 0; c < COPIES; ++c, p += step) {
+        const int r = r0 + c * ROW_STEP;
+        if (ROWS % ROW_STEP == 0 || r < ROWS) {
+            const bool valid = row0 + r < nrows;
+            cp_async_16(dst0 + c * ROW_STEP * 128, valid ? p : src, valid ? 16 : 0);
+        }
+    }
+}
+
+// Descriptor offset (16-byte units) of k16 step kk of a K-major operand whose tile has `rows`
+// rows: columns 16kk.. sit in box kk / 4, 32 bytes per step inside the 128-byte row.
+__device__ __forceinline__ u32 kmajor_step(int kk, int rows) {
+    return ((kk / 4) * rows * 128 + (kk % 4) * 32) >> 4;
+}
+
+// Accumulator pairs (2 floats each; k16 step kk covers column blocks 2kk, 2kk + 1) as the
+// mma.m16n8k16 A fragments that wgmma takes from registers.
+template <typename T, int KS>
+__device__ __forceinline__ void pack_a(u32 (&f)[KS][4], const float (&x)[KS * 8]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        f[kk][0] = pack2<T>(x[8 * kk + 0], x[8 * kk + 1]);
+        f[kk][1] = pack2<T>(x[8 * kk + 2], x[8 * kk + 3]);
+        f[kk][2] = pack2<T>(x[8 * kk + 4], x[8 * kk + 5]);
+        f[kk][3] = pack2<T>(x[8 * kk + 6], x[8 * kk + 7]);
+    }
+}
+template <int KS>
+__device__ __forceinline__ void reg_fence_frag(u32 (&f)[KS][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) reg_fence(f[kk]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows.
+template <typename T, int D, int WG, int BLOCK_M, bool CAUSAL, bool SPARSE>
+__global__ void __launch_bounds__(WG * 128, 1)
+flash_bwd_sm90_dkdv(const BwdArgs a) {
+    constexpr int THREADS = WG * 128;
+    constexpr int BLOCK_N = WG * 64;
+    constexpr int KV_BYTES = BLOCK_N * D * 2;  // K or V
+    constexpr int QT_BYTES = BLOCK_M * D * 2;  // one Q or dO stage
+    constexpr int CT = BLOCK_M / 8;            // 8-column blocks of Sᵀ
+    constexpr int KD = D / 16;                 // k16 steps over the head dim
+    constexpr int KM = BLOCK_M / 16;           // k16 steps over the query tile
+    static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
+    static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
+
+    // Dynamic shared memory is only 16-byte aligned; the swizzle needs 1024 (the host adds 1 KB).
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const u32 base = smem_addr(smem_raw);
+    const u32 sk = (base + 1023u) & ~1023u;
+    const u32 sv = sk + KV_BYTES;
+    const u32 sq = sv + KV_BYTES;         // two stages
+    const u32 sdo = sq + 2 * QT_BYTES;    // two stages
+    // Per stage: lse2[BLOCK_M], then Delta[BLOCK_M].
+    float* rows = reinterpret_cast<float*>(smem_raw + (sdo + 2 * QT_BYTES - base));
+
+    // Key tiles of one head next to each other; causal: the heaviest (first) tiles first.
+    int bid = blockIdx.x;
+    const int n_tile = bid % a.n_tiles;
+    bid /= a.n_tiles;
+    const int hk = bid % a.kv_heads;
+    const int b = bid / a.kv_heads;
+    const int n0 = n_tile * BLOCK_N;
+    const int offset = a.nk - a.nq;  // query row i sees key columns j <= i + offset
+
+    int m_begin = 0;  // first query tile that sees a key of this tile
+    if constexpr (CAUSAL) {
+        const int first_row = n0 - offset;
+        m_begin = first_row <= 0 ? 0 : first_row >= a.nq ? a.m_tiles : first_row / BLOCK_M;
+    }
+
+    // (query head, query tile) pairs: the heads of the group in order, and for each the query
+    // tiles from m_begin (dense) or its column of the transposed block-sparse index.
+    const int h_begin = hk * a.group, h_end = h_begin + a.group;
+    auto head_tiles = [&](int hh, int& pos, int& end) {
+        if constexpr (SPARSE) {
+            const int* ptr = a.tile_ptr + (a.mask_heads ? hh * (a.n_tiles + 1) : 0) + n_tile;
+            pos = ptr[0];
+            end = ptr[1];
+            if constexpr (CAUSAL) pos = lower_bound_index(a.tile_idx, pos, end, m_begin);
+        } else {
+            pos = m_begin;
+            end = a.m_tiles;
+        }
+    };
+    auto advance = [&](int& hh, int& pos, int& end) {
+        ++pos;
+        while (pos >= end && hh + 1 < h_end) head_tiles(++hh, pos, end);
+    };
+    auto tile_at = [&](int pos) -> int {
+        if constexpr (SPARSE) return a.tile_idx[pos];
+        return pos;
+    };
+    int h = h_begin, pos, end;
+    head_tiles(h, pos, end);
+    while (pos >= end && h + 1 < h_end) head_tiles(++h, pos, end);
+
+    auto load_query_tile = [&](int hh, int tile, int stage) {
+        const int m0 = tile * BLOCK_M;
+        load_rows_sw128<BLOCK_M, D, THREADS>(sq + stage * QT_BYTES, a.q + b * a.q_sb + hh * a.q_sh, a.q_sn, m0, a.nq);
+        load_rows_sw128<BLOCK_M, D, THREADS>(sdo + stage * QT_BYTES, a.dout + b * a.do_sb + hh * a.do_sh,
+                                             a.do_sn, m0, a.nq);
+        const i64 r = ((i64)b * a.heads + hh) * a.rows_pad + m0;
+        load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M, a.lse2 + r);
+        load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M + BLOCK_M, a.delta + r);
+    };
+
+    int m_tile = pos < end ? tile_at(pos) : 0;
+    if (pos < end) {
+        load_rows_sw128<BLOCK_N, D, THREADS>(sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk);
+        load_rows_sw128<BLOCK_N, D, THREADS>(sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk);
+        load_query_tile(h, m_tile, 0);
+    }
+    cp_async_commit();
+
+    const int wg = threadIdx.x / 128;
+    const int warp = (threadIdx.x / 32) % 4;  // rows 16·warp..+15 of the warpgroup's 64 keys
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int key_row0 = n0 + wg * 64 + warp * 16;  // the warp's first key
+
+    // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ: A = this warpgroup's 64 rows of K / V (K-major over d, 64 rows =
+    // 8 atoms = 8192 bytes into each box), B = the Q / dO tile (K-major over d).
+    // dV += Pᵀ dO, dK += dSᵀ Q: B = dO / Q read MN-major (K = query rows, N = d): k16 step kk
+    // starts 16 rows (2048 bytes) further, the next 64-column box is BLOCK_M·128 bytes further.
+    const u64 desc_k = sw128_desc(sk + wg * 64 * 128, 16);
+    const u64 desc_v = sw128_desc(sv + wg * 64 * 128, 16);
+    const u64 desc_q = sw128_desc(sq, 16);
+    const u64 desc_do = sw128_desc(sdo, 16);
+    const u64 desc_q_mn = sw128_desc(sq, BLOCK_M * 128);
+    const u64 desc_do_mn = sw128_desc(sdo, BLOCK_M * 128);
+
+    float dk_acc[D / 2], dv_acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    float s[BLOCK_M / 2], dp[BLOCK_M / 2];
+    u32 pf[KM][4], df[KM][4];
+
+    int stage = 0;
+    while (pos < end) {
+        const int m0 = m_tile * BLOCK_M;
+        cp_async_wait<0>();
+        fence_proxy_async_shared();
+        __syncthreads();  // this query tile visible; every warpgroup is done with the other stage
+
+        int next_h = h, next_pos = pos, next_end = end;
+        advance(next_h, next_pos, next_end);
+        const bool has_next = next_pos < next_end;
+        const int next_m_tile = has_next ? tile_at(next_pos) : 0;
+        if (has_next) load_query_tile(next_h, next_m_tile, stage ^ 1);
+        cp_async_commit();
+
+        const u32 st = (u32)(stage * QT_BYTES) >> 4;
+        const float* lse2 = rows + stage * 2 * BLOCK_M;
+        const float* delta = lse2 + BLOCK_M;
+
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            wgmma_ss<T, BLOCK_M, 0, 0>(s, desc_k + kmajor_step(kk, BLOCK_N), desc_q + st + kmajor_step(kk, BLOCK_M), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            wgmma_ss<T, BLOCK_M, 0, 0>(dp, desc_v + kmajor_step(kk, BLOCK_N), desc_do + st + kmajor_step(kk, BLOCK_M), kk > 0);
+        wgmma_commit();
+
+        // Pᵀ = exp2(Sᵀ·scale·log2 e − lse2[query]) while dPᵀ runs. Query rows past Nq and rows
+        // that attend to nothing have lse2 = +inf, so P = 0 there; keys past Nk are never written.
+        wgmma_wait<1>();
+        reg_fence(s);
+#pragma unroll
+        for (int i = 0; i < CT; ++i) {
+            const float2 l2 = *reinterpret_cast<const float2*>(lse2 + 8 * i + 2 * t);
+            s[4 * i + 0] = fast_exp2(fmaf(s[4 * i + 0], a.scale_log2, -l2.x));
+            s[4 * i + 1] = fast_exp2(fmaf(s[4 * i + 1], a.scale_log2, -l2.y));
+            s[4 * i + 2] = fast_exp2(fmaf(s[4 * i + 2], a.scale_log2, -l2.x));
+            s[4 * i + 3] = fast_exp2(fmaf(s[4 * i + 3], a.scale_log2, -l2.y));
+        }
+        if constexpr (CAUSAL) {
+            // Element masks only where the warp's 16 keys cross the diagonal of this query tile.
+            if (key_row0 + 15 > m0 + offset) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int col_min = key_row0 + g + half * 8 - offset;  // first query seeing the key
+#pragma unroll
+                    for (int i = 0; i < CT; ++i)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            if (m0 + 8 * i + 2 * t + e < col_min) s[4 * i + 2 * half + e] = 0.f;
+                }
+            }
+        }
+        pack_a<T, KM>(pf, s);
+
+        // dV += Pᵀ dO, running while dSᵀ is formed.
+        reg_fence_frag(pf);
+        reg_fence(dv_acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KM; ++kk)
+            wgmma_rs<T, D, 1>(dv_acc, pf[kk], desc_do_mn + st + ((u32)(kk * 2048) >> 4), 1);
+        wgmma_commit();
+
+        // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]).
+        wgmma_wait<1>();
+        reg_fence(dp);
+#pragma unroll
+        for (int i = 0; i < CT; ++i) {
+            const float2 d2 = *reinterpret_cast<const float2*>(delta + 8 * i + 2 * t);
+            dp[4 * i + 0] = s[4 * i + 0] * (dp[4 * i + 0] - d2.x);
+            dp[4 * i + 1] = s[4 * i + 1] * (dp[4 * i + 1] - d2.y);
+            dp[4 * i + 2] = s[4 * i + 2] * (dp[4 * i + 2] - d2.x);
+            dp[4 * i + 3] = s[4 * i + 3] * (dp[4 * i + 3] - d2.y);
+        }
+        pack_a<T, KM>(df, dp);
+
+        // dK += dSᵀ Q (scaled once at the end).
+        reg_fence_frag(df);
+        reg_fence(dk_acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KM; ++kk)
+            wgmma_rs<T, D, 1>(dk_acc, df[kk], desc_q_mn + st + ((u32)(kk * 2048) >> 4), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        // The register operands stay untouched until the products that read them have landed.
+        reg_fence_frag(pf);
+        reg_fence_frag(df);
+        reg_fence(dv_acc);
+        reg_fence(dk_acc);
+
+        h = next_h;
+        pos = next_pos;
+        end = next_end;
+        m_tile = next_m_tile;
+        stage ^= 1;
+    }
+    cp_async_wait<0>();
+
+    // dK·scale and dV, once; key tiles that no query sees write zeros.
+    u16* dk = a.grad_k + b * a.gk_sb + hk * a.gk_sh;
+    u16* dv = a.grad_v + b * a.gv_sb + hk * a.gv_sh;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = key_row0 + g + half * 8;
+        if (row < a.nk) {
+            u16* krow = dk + (i64)row * a.gk_sn;
+            u16* vrow = dv + (i64)row * a.gv_sn;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                const int col = 8 * i + 2 * t;
+                *reinterpret_cast<u32*>(krow + col) =
+                    pack2<T>(dk_acc[4 * i + 2 * half] * a.scale, dk_acc[4 * i + 2 * half + 1] * a.scale);
+                *reinterpret_cast<u32*>(vrow + col) = pack2<T>(dv_acc[4 * i + 2 * half], dv_acc[4 * i + 2 * half + 1]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dQ for one query tile of BLOCK_M = 64·WG rows; key tiles of BLOCK_N keys, double-buffered.
+template <typename T, int D, int WG, int BLOCK_N, bool CAUSAL, bool SPARSE>
+__global__ void __launch_bounds__(WG * 128, 1)
+flash_bwd_sm90_dq(const BwdArgs a) {
+    constexpr int THREADS = WG * 128;
+    constexpr int BLOCK_M = WG * 64;
+    constexpr int Q_BYTES = BLOCK_M * D * 2;   // Q or dO
+    constexpr int KV_BYTES = BLOCK_N * D * 2;  // one K or V stage
+    constexpr int NT = BLOCK_N / 8;            // 8-column blocks of S
+    constexpr int KD = D / 16;                 // k16 steps over the head dim
+    constexpr int KN = BLOCK_N / 16;           // k16 steps over the key tile
+    static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
+    static_assert(BLOCK_N == 64 || BLOCK_N == 128, "key tile must be 64 or 128 keys");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const u32 sq = (smem_addr(smem_raw) + 1023u) & ~1023u;
+    const u32 sdo = sq + Q_BYTES;
+    const u32 sk = sdo + Q_BYTES;        // two stages
+    const u32 sv = sk + 2 * KV_BYTES;    // two stages
+
+    // Heaviest (causal: last) query tiles first, the tiles of one head next to each other.
+    int bid = blockIdx.x;
+    const int m_tile_rev = bid % a.m_tiles;
+    bid /= a.m_tiles;
+    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
+    const int h = bid % a.heads;
+    const int b = bid / a.heads;
+    const int hk = h / a.group;
+    const int m0 = m_tile * BLOCK_M;
+    const int offset = a.nk - a.nq;
+
+    int n_first = 0, n_count;
+    if constexpr (SPARSE) {
+        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
+        n_first = ptr[m_tile];
+        n_count = ptr[m_tile + 1] - n_first;
+    } else {
+        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
+    }
+    if constexpr (CAUSAL) {
+        const int n_limit = min(a.nk, m0 + BLOCK_M - 1 + offset + 1);
+        if constexpr (SPARSE) {
+            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
+        } else {
+            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
+        }
+    }
+    auto key_tile = [&](int i) -> int {
+        if constexpr (SPARSE) return a.tile_idx[n_first + i];
+        return i;
+    };
+
+    const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
+    const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
+    if (n_count > 0) {
+        load_rows_sw128<BLOCK_M, D, THREADS>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq);
+        load_rows_sw128<BLOCK_M, D, THREADS>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq);
+        load_rows_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile(0) * BLOCK_N, a.nk);
+        load_rows_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile(0) * BLOCK_N, a.nk);
+    }
+    cp_async_commit();
+
+    const int wg = threadIdx.x / 128;
+    const int warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int warp_row0 = m0 + wg * 64 + warp * 16;
+
+    // lse2 and Delta of the two rows this thread holds (padded scratch; beyond it, an empty row).
+    float lse2[2], delta[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = warp_row0 + g + half * 8;
+        const i64 idx = ((i64)b * a.heads + h) * a.rows_pad + row;
+        lse2[half] = row < a.rows_pad ? a.lse2[idx] : INFINITY;
+        delta[half] = row < a.rows_pad ? a.delta[idx] : 0.f;
+    }
+
+    // S = Q Kᵀ, dP = dO Vᵀ exactly as the forward's Q·Kᵀ; dQ += dS K reads K MN-major exactly as
+    // the forward's P·V reads V (k16 step: 16 key rows = 2048 bytes; next box BLOCK_N·128 bytes).
+    const u64 desc_q = sw128_desc(sq + wg * 64 * 128, 16);
+    const u64 desc_do = sw128_desc(sdo + wg * 64 * 128, 16);
+    const u64 desc_k = sw128_desc(sk, 16);
+    const u64 desc_v = sw128_desc(sv, 16);
+    const u64 desc_k_mn = sw128_desc(sk, BLOCK_N * 128);
+
+    float dq_acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dq_acc[i] = 0.f;
+    float s[BLOCK_N / 2], dp[BLOCK_N / 2];
+    u32 df[KN][4];
+
+    for (int j = 0; j < n_count; ++j) {
+        const int stage = j & 1;
+        cp_async_wait<0>();
+        fence_proxy_async_shared();
+        __syncthreads();  // K_j, V_j visible; every warpgroup is done with the other stage
+        if (j + 1 < n_count) {
+            const int next = key_tile(j + 1) * BLOCK_N;
+            load_rows_sw128<BLOCK_N, D, THREADS>(sk + (stage ^ 1) * KV_BYTES, k, a.k_sn, next, a.nk);
+            load_rows_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, a.nk);
+        }
+        cp_async_commit();
+
+        const u32 st = (u32)(stage * KV_BYTES) >> 4;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + st + kmajor_step(kk, BLOCK_N), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + st + kmajor_step(kk, BLOCK_N), kk > 0);
+        wgmma_commit();
+
+        // P = exp2(S·scale·log2 e − lse2) while dP runs; zero past Nk and above the diagonal.
+        wgmma_wait<1>();
+        reg_fence(s);
+        const int n0 = key_tile(j) * BLOCK_N;
+#pragma unroll
+        for (int i = 0; i < 4 * NT; ++i) s[i] = fast_exp2(fmaf(s[i], a.scale_log2, -lse2[(i / 2) % 2]));
+        const bool partial = n0 + BLOCK_N > a.nk || (CAUSAL && n0 + BLOCK_N - 1 > warp_row0 + offset);
+        if (partial) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = warp_row0 + g + half * 8;
+                const int limit = CAUSAL ? min(a.nk, row + offset + 1) : a.nk;
+#pragma unroll
+                for (int i = 0; i < NT; ++i)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (n0 + 8 * i + 2 * t + e >= limit) s[4 * i + 2 * half + e] = 0.f;
+            }
+        }
+
+        // dS = P ∘ (dP − Delta[row]).
+        wgmma_wait<0>();
+        reg_fence(dp);
+#pragma unroll
+        for (int i = 0; i < 4 * NT; ++i) dp[i] = s[i] * (dp[i] - delta[(i / 2) % 2]);
+        pack_a<T, KN>(df, dp);
+
+        // dQ += dS K (scaled once at the end).
+        reg_fence_frag(df);
+        reg_fence(dq_acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KN; ++kk)
+            wgmma_rs<T, D, 1>(dq_acc, df[kk], desc_k_mn + st + ((u32)(kk * 2048) >> 4), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence_frag(df);
+        reg_fence(dq_acc);
+    }
+    cp_async_wait<0>();
+
+    // dQ·scale, once; rows that see no key write zeros.
+    u16* dq = a.grad_q + b * a.gq_sb + h * a.gq_sh;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = warp_row0 + g + half * 8;
+        if (row < a.nq) {
+            u16* qrow = dq + (i64)row * a.gq_sn;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i)
+                *reinterpret_cast<u32*>(qrow + 8 * i + 2 * t) =
+                    pack2<T>(dq_acc[4 * i + 2 * half] * a.scale, dq_acc[4 * i + 2 * half + 1] * a.scale);
+        }
+    }
+}

@@ -1,0 +1,217 @@
+"""Launch of the Hopper backward kernels (flash_bwd_sm90.cu, wgmma, sm_90a) for float16 / bfloat16.
+
+Same entry point as ``mma_backward.backward``; ``supports()`` says whether a call can take this
+path (compute capability 9.0, D = Dv ∈ {64, 128}, 16-byte aligned rows, block masks whose blocks
+are whole tiles). Everything else belongs to ``mma_backward``.
+
+Three launches: ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2 lse, padded rows), then
+``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ). No gradient is accumulated with
+atomics, so results are bit-identical from run to run whatever ``deterministic`` says; the
+scratch memory is that of the deterministic mma path (``mma_backward.workspace_bytes(...,
+deterministic=True)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from . import _build, mma_backward
+from ._launch import element_strides, element_type, pack_struct, pointer, vector_aligned
+
+SOURCE = "flash_bwd_sm90.cu"
+ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
+OPTIONS = (f"-arch={ARCH}",)
+HEAD_DIMS = (64, 128)
+
+
+@dataclass(frozen=True)
+class Sm90BwdTiles:
+    """Tile shapes of the two kernels.
+
+    dk/dv kernel: ``dkdv_warpgroups`` × 64 keys per thread block (one 64-key slab per
+    warpgroup), query tiles of ``dkdv_block_m`` rows double-buffered in shared memory.
+    dq kernel: ``dq_warpgroups`` × 64 query rows per thread block, key tiles of ``dq_block_n``
+    keys double-buffered.
+    """
+
+    dkdv_warpgroups: int = 2
+    dkdv_block_m: int = 64
+    dq_warpgroups: int = 2
+    dq_block_n: int = 64
+
+    def __post_init__(self):
+        if self.dkdv_block_m not in (64, 128) or self.dq_block_n not in (64, 128):
+            raise ValueError(f"{self}: dkdv_block_m and dq_block_n must be 64 or 128")
+        if self.dkdv_warpgroups not in (1, 2) or self.dq_warpgroups not in (1, 2):
+            # Three warpgroups leave too few registers per thread: the accumulators spill.
+            raise ValueError(f"{self}: 1 or 2 warpgroups per kernel")
+
+    @property
+    def dkdv_block_n(self) -> int:
+        return 64 * self.dkdv_warpgroups
+
+    @property
+    def dq_block_m(self) -> int:
+        return 64 * self.dq_warpgroups
+
+    def dkdv_shared_bytes(self, d: int) -> int:
+        # K, V, two stages of Q and dO, two stages of lse2 + Delta, 1 KB for the 1024-byte alignment.
+        bm, bn = self.dkdv_block_m, self.dkdv_block_n
+        return 2 * d * (2 * bn + 4 * bm) + 4 * 4 * bm + 1024
+
+    def dq_shared_bytes(self, d: int) -> int:
+        bm, bn = self.dq_block_m, self.dq_block_n
+        return 2 * d * (2 * bm + 4 * bn) + 1024
+
+
+def default_tiles(d: int) -> Sm90BwdTiles:
+    """128 keys per dk/dv block, 128 query rows per dq block against 64-key tiles. Query tiles of
+    the dk/dv block: 128 rows at D = 64 (10% faster on an H200, benchmarks/NOTES.md), 64 at
+    D = 128 (dK + dV of 64 keys × 128 columns already take 128 registers per thread)."""
+    return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=128 if d <= 64 else 64, dq_warpgroups=2,
+                        dq_block_n=64)
+
+
+def variant_dkdv(dtype, d: int, tiles: Sm90BwdTiles, *, causal: bool, sparse: bool) -> str:
+    return _build.template_expression(
+        "flash_bwd_sm90_dkdv", element_type(dtype), d, tiles.dkdv_warpgroups, tiles.dkdv_block_m,
+        causal, sparse,
+    )
+
+
+def variant_dq(dtype, d: int, tiles: Sm90BwdTiles, *, causal: bool, sparse: bool) -> str:
+    return _build.template_expression(
+        "flash_bwd_sm90_dq", element_type(dtype), d, tiles.dq_warpgroups, tiles.dq_block_n,
+        causal, sparse,
+    )
+
+
+def _is_sm90(x) -> bool:
+    import cupy
+
+    return cupy.cuda.Device(x.device.id).compute_capability == "90"
+
+
+def supports(q, k, v, dout, block_mask=None, *, out=None, grads=(), tiles: Sm90BwdTiles | None = None) -> bool:
+    """Whether ``backward`` can run this call: a compute-capability 9.0 device, float16 or
+    bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of q, k, v, dout
+    (and of ``out`` and the gradient arrays ``grads`` when given), and block masks whose blocks are
+    whole multiples of both kernels' tiles."""
+    if numpy.dtype(q.dtype).name not in ("float16", "bfloat16"):
+        return False
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv or d not in HEAD_DIMS:
+        return False
+    arrays = [q, k, v, dout, *grads] + ([] if out is None else [out])
+    if not vector_aligned(arrays, (d, dv)):
+        return False
+    if block_mask is not None:
+        tiles = tiles or default_tiles(d)
+        bq, bk = block_mask.block_size
+        if (bq % tiles.dkdv_block_m or bq % tiles.dq_block_m
+                or bk % tiles.dkdv_block_n or bk % tiles.dq_block_n):
+            return False
+    return _is_sm90(q)
+
+
+def _check_grid(blocks: int, what: str) -> int:
+    if blocks >= 2**31:
+        raise ValueError(f"problem too large for one launch of {what}: {blocks} thread blocks "
+                         "(limit 2**31 - 1)")
+    return blocks
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
+             deterministic=False, tiles: Sm90BwdTiles | None = None):
+    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md. The caller
+    checks ``supports()`` first. Always deterministic (no atomics): ``deterministic`` is accepted
+    and holds either way."""
+    import cupy
+
+    del deterministic  # every gradient element is written by exactly one thread block
+    batch, heads, nq, d = q.shape
+    kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    if d != dv_dim or d not in HEAD_DIMS:
+        raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
+    if batch == 0 or heads == 0:
+        return
+    if nq == 0 or nk == 0:  # nothing attended: every gradient is zero
+        for g in (dq, dk, dv):
+            g.fill(0)
+        return
+    tiles = tiles or default_tiles(d)
+    sparse = block_mask is not None
+    rows_pad = mma_backward.rows_padded(nq)
+
+    lse2 = cupy.empty((batch, heads, rows_pad), numpy.float32)
+    delta = cupy.empty((batch, heads, rows_pad), numpy.float32)
+
+    fields = dict(
+        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), dout=pointer(dout),
+        lse=pointer(lse), grad_q=pointer(dq), grad_k=pointer(dk), grad_v=pointer(dv),
+        lse2=pointer(lse2), delta=pointer(delta), dq_accum=0,
+        batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
+        group=heads // kv_heads, rows_pad=rows_pad, dqk=d,
+        mask_heads=int(sparse and block_mask.num_heads is not None),
+        scale=scale, scale_log2=scale * mma_backward.LOG2E,
+    )
+    for name, x in zip(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)):
+        sb, sh, sn, _ = element_strides(x)
+        fields.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
+
+    def args(m_tiles=0, n_tiles=0, tile_ptr=None, tile_idx=None):
+        return pack_struct(mma_backward.BWD_ARGS, **fields, m_tiles=m_tiles, n_tiles=n_tiles,
+                           tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx))
+
+    # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view).
+    pre_aligned = vector_aligned((out, dout), (dv_dim,))
+    kernel = _build.get_function(mma_backward.SOURCE,
+                                 mma_backward.variant_pre(q.dtype, aligned=pre_aligned, zero_dq=False))
+    blocks = _check_grid(rows_pad // mma_backward.PRE_ROWS * heads * batch, "flash_bwd_pre")
+    kernel((blocks,), (256,), (args(),))
+
+    # 2. dK, dV.
+    m_tiles, n_tiles = -(-nq // tiles.dkdv_block_m), -(-nk // tiles.dkdv_block_n)
+    tile_ptr = tile_idx = None
+    if sparse:
+        csr = block_mask.device_csr(tiles.dkdv_block_m, tiles.dkdv_block_n)
+        tile_ptr, tile_idx = csr.col_ptr, csr.row_idx
+    shared = tiles.dkdv_shared_bytes(d)
+    kernel = _build.get_function(SOURCE, variant_dkdv(q.dtype, d, tiles, causal=causal, sparse=sparse),
+                                 shared_bytes=shared, options=OPTIONS)
+    blocks = _check_grid(n_tiles * kv_heads * batch, "flash_bwd_sm90_dkdv")
+    kernel((blocks,), (128 * tiles.dkdv_warpgroups,), (args(m_tiles, n_tiles, tile_ptr, tile_idx),),
+           shared_mem=shared)
+
+    # 3. dQ.
+    m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
+    tile_ptr = tile_idx = None
+    if sparse:
+        csr = block_mask.device_csr(tiles.dq_block_m, tiles.dq_block_n)
+        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+    shared = tiles.dq_shared_bytes(d)
+    kernel = _build.get_function(SOURCE, variant_dq(q.dtype, d, tiles, causal=causal, sparse=sparse),
+                                 shared_bytes=shared, options=OPTIONS)
+    blocks = _check_grid(m_tiles * heads * batch, "flash_bwd_sm90_dq")
+    kernel((blocks,), (128 * tiles.dq_warpgroups,), (args(m_tiles, n_tiles, tile_ptr, tile_idx),),
+           shared_mem=shared)
+
+
+def main_variants() -> list[tuple[str, str]]:
+    """The variants that must compile for ARCH (sm_90a only) without register spills."""
+    out = []
+    for dtype in ("float16", "bfloat16"):
+        for d in HEAD_DIMS:
+            tiles = default_tiles(d)
+            for causal in (False, True):
+                out.append((SOURCE, variant_dkdv(dtype, d, tiles, causal=causal, sparse=False)))
+                out.append((SOURCE, variant_dq(dtype, d, tiles, causal=causal, sparse=False)))
+        tiles = default_tiles(128)
+        out.append((SOURCE, variant_dkdv(dtype, 128, tiles, causal=True, sparse=True)))
+        out.append((SOURCE, variant_dq(dtype, 128, tiles, causal=True, sparse=True)))
+    return out
+
+
+__all__ = ["backward", "supports", "main_variants", "Sm90BwdTiles", "default_tiles", "ARCH"]
