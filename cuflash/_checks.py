@@ -41,7 +41,9 @@ def array_module(x: Any, name: str = "array"):
 
 def _type_name(x: Any) -> str:
     cls = type(x)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _device_id(x: Any) -> int | None:
@@ -197,7 +199,7 @@ def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype, xp
 
 
 def check_out(out: Any, shapes: Shapes, dtype: numpy.dtype, xp, inputs: dict[str, Any]) -> None:
-    """``out`` must be a writable array of exactly the output's shape/dtype, apart from the inputs."""
+    """``out``: a writable array of exactly the output's shape and dtype, apart from the inputs."""
     check_like(out, "out", shapes.out_shape, dtype, xp, device_of=next(iter(inputs.values())))
     if xp is numpy and not out.flags.writeable:
         raise ValueError("out must be writable, got a read-only array")

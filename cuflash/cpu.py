@@ -134,7 +134,7 @@ def _grouped(x, hkv):
 
 
 def _as_operand(x, dtype):
-    """``x`` rounded to the input dtype, as the kernels round tensor-core operands (kept float32)."""
+    """``x`` rounded to ``dtype`` as the kernels round tensor-core operands; kept in float32."""
     if dtype == _F32:
         return x
     return x.astype(dtype).astype(_F32)

@@ -1,7 +1,7 @@
 """The correctness rule, in one place, for NumPy and CuPy results.
 
-A result passes when ``max|result − ref64| ≤ 2·max|naive − ref64| + 1e-5``, where ``ref64`` is
-the float64 oracle and ``naive`` is attention computed plainly in the input dtype
+A result passes when ``max|result − ref64| ≤ 2·max|naive − ref64| + 1e-5``, with ``ref64``
+the float64 oracle and ``naive`` attention computed plainly in the input dtype
 (``cuflash.reference``). Rows with nothing to attend to must give exactly 0 and ``lse = -inf``;
 no result may hold NaN (outputs are poisoned with NaN before a call, so an unwritten element
 fails).

@@ -100,7 +100,7 @@ def test_strided_and_broadcast_inputs(xp_gpu, rng, seed):
     forward_backward(xp, rng, seed, q, k, v, causal=True)
     # one K/V shared by a (2, 3) batch of queries: batch stride 0 inside the kernels
     q2 = random_array(rng, (2, 3, h, 77, d), F32, xp=xp)
-    out, _, (dq, dk, dv) = forward_backward(xp, rng, seed, q2, k[0], v[0])
+    out, _, (dq, dk, dv) = forward_backward(xp, rng, seed, q2, k[0], v[0], causal=True)
     assert out.shape == (2, 3, h, 77, d) and dk.shape == k[0].shape and dv.shape == v[0].shape
 
 

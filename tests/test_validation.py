@@ -38,7 +38,8 @@ def test_not_an_array(bad):
 
 # ----------------------------------------------------------------------------- dtypes
 
-@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.complex64, np.bool_, ml_dtypes.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.complex64, np.bool_,
+                                   ml_dtypes.float8_e4m3fn])
 def test_unsupported_dtype(dtype):
     q, k, v = (x.astype(dtype) for x in (Q, K, V))
     name = np.dtype(dtype).name
@@ -174,7 +175,8 @@ def test_block_mask_checks_its_own_sizes():
 # ----------------------------------------------------------------------------- out=
 
 def test_out_wrong_shape():
-    with pytest.raises(ValueError, match=r"out must have shape \(2, 4, 16, 8\), got \(2, 4, 16, 9\)"):
+    with pytest.raises(ValueError,
+                       match=r"out must have shape \(2, 4, 16, 8\), got \(2, 4, 16, 9\)"):
         cuflash.attention(Q, K, V, out=np.empty((2, 4, 16, 9), np.float32))
 
 

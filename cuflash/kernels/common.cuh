@@ -147,6 +147,53 @@ __device__ __forceinline__ float quad_sum(float x) {
 // Bottom-right causal alignment: query row i sees key columns j <= i + (Nk - Nq).
 __device__ __forceinline__ int causal_key_limit(int row, int nq, int nk) { return row + nk - nq; }
 
+// The query tile a thread block owns, from a 1-D grid of m_tiles × heads × batch blocks: the
+// tiles of one head next to each other (they share K/V in L2), and with a causal mask the
+// heaviest (last) tiles first so that short tiles fill the tail of the launch.
+struct QueryTile {
+    int b, h, m_tile;
+};
+template <bool CAUSAL>
+__device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads) {
+    int bid = blockIdx.x;
+    const int m_tile_rev = bid % m_tiles;
+    bid /= m_tiles;
+    return {bid / heads, bid % heads, CAUSAL ? m_tiles - 1 - m_tile_rev : m_tile_rev};
+}
+
+// The key tiles (of BLOCK_N keys) that query tile m_tile (of BLOCK_M rows) visits, in ascending
+// order: all of them (dense) or its row of the tile CSR (block-sparse, one pattern per head or
+// one shared), cut where the causal mask hides every row of the tile.
+template <bool SPARSE>
+struct KeyTiles {
+    const int* idx;
+    int first, count;
+    __device__ __forceinline__ int operator[](int i) const {
+        if constexpr (SPARSE) return idx[first + i];
+        return i;
+    }
+};
+template <int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE>
+__device__ __forceinline__ KeyTiles<SPARSE> key_tiles_of(int m_tile, int h, int m_tiles, int nq,
+                                                        int nk, const int* tile_ptr,
+                                                        const int* tile_idx, int mask_heads) {
+    KeyTiles<SPARSE> tiles{tile_idx, 0, (nk + BLOCK_N - 1) / BLOCK_N};
+    if constexpr (SPARSE) {
+        const int* ptr = tile_ptr + (mask_heads ? h * (m_tiles + 1) : 0);
+        tiles.first = ptr[m_tile];
+        tiles.count = ptr[m_tile + 1] - tiles.first;
+    }
+    if constexpr (CAUSAL) {
+        const int n_limit = min(nk, causal_key_limit(m_tile * BLOCK_M + BLOCK_M - 1, nq, nk) + 1);
+        if constexpr (SPARSE) {
+            while (tiles.count > 0 && tiles[tiles.count - 1] * BLOCK_N >= n_limit) --tiles.count;
+        } else {
+            tiles.count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
+        }
+    }
+    return tiles;
+}
+
 // ---- backward helpers ----
 
 // Lane offsets (in elements, inside a tile of row stride `stride`) for ldmatrix.x4 operands.

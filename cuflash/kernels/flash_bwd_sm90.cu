@@ -359,45 +359,22 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     const u32 sk = sdo + Q_BYTES;        // two stages
     const u32 sv = sk + 2 * KV_BYTES;    // two stages
 
-    // Heaviest (causal: last) query tiles first, the tiles of one head next to each other.
-    int bid = blockIdx.x;
-    const int m_tile_rev = bid % a.m_tiles;
-    bid /= a.m_tiles;
-    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
-    const int h = bid % a.heads;
-    const int b = bid / a.heads;
+    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
     const int m0 = m_tile * BLOCK_M;
     const int offset = a.nk - a.nq;
-
-    int n_first = 0, n_count;
-    if constexpr (SPARSE) {
-        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
-        n_first = ptr[m_tile];
-        n_count = ptr[m_tile + 1] - n_first;
-    } else {
-        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
-    }
-    if constexpr (CAUSAL) {
-        const int n_limit = min(a.nk, m0 + BLOCK_M - 1 + offset + 1);
-        if constexpr (SPARSE) {
-            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
-        } else {
-            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
-        }
-    }
-    auto key_tile = [&](int i) -> int {
-        if constexpr (SPARSE) return a.tile_idx[n_first + i];
-        return i;
-    };
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
+        m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const int n_count = key_tile.count;
 
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
     const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
     if (n_count > 0) {
         load_rows_sw128<BLOCK_M, D, THREADS>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq);
         load_rows_sw128<BLOCK_M, D, THREADS>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq);
-        load_rows_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile(0) * BLOCK_N, a.nk);
-        load_rows_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile(0) * BLOCK_N, a.nk);
+        load_rows_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile[0] * BLOCK_N, a.nk);
+        load_rows_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile[0] * BLOCK_N, a.nk);
     }
     cp_async_commit();
 
@@ -437,7 +414,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         fence_proxy_async_shared();
         __syncthreads();  // K_j, V_j visible; every warpgroup is done with the other stage
         if (j + 1 < n_count) {
-            const int next = key_tile(j + 1) * BLOCK_N;
+            const int next = key_tile[j + 1] * BLOCK_N;
             load_rows_sw128<BLOCK_N, D, THREADS>(sk + (stage ^ 1) * KV_BYTES, k, a.k_sn, next, a.nk);
             load_rows_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, a.nk);
         }
@@ -457,7 +434,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         // P = exp2(S·scale·log2 e − lse2) while dP runs; zero past Nk and above the diagonal.
         wgmma_wait<1>();
         reg_fence(s);
-        const int n0 = key_tile(j) * BLOCK_N;
+        const int n0 = key_tile[j] * BLOCK_N;
 #pragma unroll
         for (int i = 0; i < 4 * NT; ++i) s[i] = fast_exp2(fmaf(s[i], a.scale_log2, -lse2[(i / 2) % 2]));
         const bool partial = n0 + BLOCK_N > a.nk || (CAUSAL && n0 + BLOCK_N - 1 > warp_row0 + offset);

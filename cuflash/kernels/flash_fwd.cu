@@ -44,42 +44,17 @@ flash_fwd(const FwdArgs a) {
     u16* sk = sq + BLOCK_M * QS;
     u16* sv = sk + BLOCK_N * KS;
 
-    // Heaviest (causal: last) query tiles first, the tiles of one head next to each other.
-    int bid = blockIdx.x;
-    const int m_tile_rev = bid % a.m_tiles;
-    bid /= a.m_tiles;
-    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
-    const int h = bid % a.heads;
-    const int b = bid / a.heads;
+    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
 
     const u16* q = a.q + b * a.q_sb + h * a.q_sh;
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
     const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
     const int m0 = m_tile * BLOCK_M;
-
-    // Key tiles this query tile visits: a range (dense) or a CSR row (block-sparse).
-    int n_first = 0, n_count;
-    if constexpr (SPARSE) {
-        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
-        n_first = ptr[m_tile];
-        n_count = ptr[m_tile + 1] - n_first;
-    } else {
-        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
-    }
-    int n_limit = a.nk;  // keys at or past this column are masked for every row of the tile
-    if constexpr (CAUSAL) {
-        n_limit = min(a.nk, causal_key_limit(m0 + BLOCK_M - 1, a.nq, a.nk) + 1);
-        if constexpr (SPARSE) {
-            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
-        } else {
-            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
-        }
-    }
-    auto key_tile = [&](int i) -> int {
-        if constexpr (SPARSE) return a.tile_idx[n_first + i];
-        return i;
-    };
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
+        m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const int n_count = key_tile.count;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
@@ -95,7 +70,7 @@ flash_fwd(const FwdArgs a) {
     }
 
     load_tile<BLOCK_M, DQK, THREADS, ALIGNED>(sq, q, a.q_sn, m0, a.nq, a.d);
-    int n_tile = n_count > 0 ? key_tile(0) : 0;
+    int n_tile = n_count > 0 ? key_tile[0] : 0;
     if (n_count > 0) load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
     cp_async_commit();
 
@@ -219,7 +194,7 @@ flash_fwd(const FwdArgs a) {
         cp_async_wait_all();
         __syncthreads();  // V tile visible; every warp is done with this K tile
         if (it + 1 < n_count) {
-            n_tile = key_tile(it + 1);
+            n_tile = key_tile[it + 1];
             load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
         }
         cp_async_commit();

@@ -83,41 +83,17 @@ flash_fwd_sm90(const Sm90FwdArgs a) {
     const u32 sk = sq + Q_BYTES;
     const u32 sv = sk + STAGES * KV_BYTES;
 
-    // Heaviest (causal: last) query tiles first, the tiles of one head next to each other.
-    int bid = blockIdx.x;
-    const int m_tile_rev = bid % a.m_tiles;
-    bid /= a.m_tiles;
-    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
-    const int h = bid % a.heads;
-    const int b = bid / a.heads;
+    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
 
     const u16* q = a.q + b * a.q_sb + h * a.q_sh;
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
     const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
     const int m0 = m_tile * BLOCK_M;
-
-    // Key tiles this query tile visits: a range (dense) or a CSR row (block-sparse).
-    int n_first = 0, n_count;
-    if constexpr (SPARSE) {
-        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
-        n_first = ptr[m_tile];
-        n_count = ptr[m_tile + 1] - n_first;
-    } else {
-        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
-    }
-    if constexpr (CAUSAL) {
-        const int n_limit = min(a.nk, causal_key_limit(m0 + BLOCK_M - 1, a.nq, a.nk) + 1);
-        if constexpr (SPARSE) {
-            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
-        } else {
-            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
-        }
-    }
-    auto key_tile = [&](int i) -> int {
-        if constexpr (SPARSE) return a.tile_idx[n_first + i];
-        return i;
-    };
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
+        m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const int n_count = key_tile.count;
 
     const int wg = threadIdx.x / 128;
     const int warp = (threadIdx.x / 32) % 4;  // warp inside the warpgroup: rows 16·warp..+15
@@ -217,17 +193,17 @@ flash_fwd_sm90(const Sm90FwdArgs a) {
     // j - 1 with g(j + STAGES - 2); so STAGES - 2 groups may stay in flight at every wait.
     auto load_group = [&](int i) {
         if (i < n_count) {
-            load_tile_sw128<BLOCK_N, D, THREADS>(sv + (i % STAGES) * KV_BYTES, v, a.v_sn, key_tile(i) * BLOCK_N, a.nk);
+            load_tile_sw128<BLOCK_N, D, THREADS>(sv + (i % STAGES) * KV_BYTES, v, a.v_sn, key_tile[i] * BLOCK_N, a.nk);
         }
         if (i + 1 < n_count) {
-            load_tile_sw128<BLOCK_N, D, THREADS>(sk + ((i + 1) % STAGES) * KV_BYTES, k, a.k_sn, key_tile(i + 1) * BLOCK_N, a.nk);
+            load_tile_sw128<BLOCK_N, D, THREADS>(sk + ((i + 1) % STAGES) * KV_BYTES, k, a.k_sn, key_tile[i + 1] * BLOCK_N, a.nk);
         }
         cp_async_commit();
     };
 
     if (n_count > 0) {
         load_tile_sw128<BLOCK_M, D, THREADS>(sq, q, a.q_sn, m0, a.nq);
-        load_tile_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile(0) * BLOCK_N, a.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile[0] * BLOCK_N, a.nk);
         cp_async_commit();
 #pragma unroll
         for (int i = 0; i + 2 < STAGES; ++i) load_group(i);
@@ -243,7 +219,7 @@ flash_fwd_sm90(const Sm90FwdArgs a) {
         reg_fence(s);
         {
             float alpha[2];
-            softmax(key_tile(0), alpha);
+            softmax(key_tile[0], alpha);
         }
         pack_p();
 
@@ -262,7 +238,7 @@ flash_fwd_sm90(const Sm90FwdArgs a) {
             wgmma_wait<1>();
             reg_fence(s);
             float alpha[2];
-            softmax(key_tile(j), alpha);
+            softmax(key_tile[j], alpha);
             wgmma_wait<0>();
             reg_fence(o);
 #pragma unroll
