@@ -114,7 +114,13 @@ def naive_attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=None)
 
 def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, mask=None, dtype=None):
     """Gradients of ``naive_attention`` in the same precision (each product rounded to
-    ``dtype``, accumulation float32), as a framework's autograd computes them."""
+    ``dtype``, accumulation float32).
+
+    The softmax-gradient row term is ``rowsum(dout ∘ out)`` of the rounded output, as in the
+    FlashAttention backward: ``attention_backward`` receives ``out`` in the input dtype, so no
+    implementation behind that contract knows the row term more precisely than this. (Autograd
+    through a stored P uses ``rowsum(dP ∘ P)`` instead; on sharply peaked attention the two differ
+    by a few units of ``dtype`` in dq.)"""
     xp, shapes, scale = _setup(q, k, v, scale)
     dtype = q.dtype if dtype is None else numpy.dtype(dtype)
     r = _rounder(dtype)
@@ -125,7 +131,8 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, mask=No
     do = dout.astype(xp.float32)
     dv = r(_sum_groups(r(p.swapaxes(-1, -2) @ do), shapes))
     dp = r(do @ vr.swapaxes(-1, -2))
-    ds = r(p * (dp - (dp * p).sum(axis=-1, keepdims=True)))
+    out = r(p @ vr)
+    ds = r(p * (dp - (do * out).sum(axis=-1, keepdims=True)))
     dq = r(r(ds @ kr) * xp.float32(scale))
     dk = r(_sum_groups(r(ds.swapaxes(-1, -2) @ qs), shapes))
     grads = _reduce_grads(xp, shapes, (dq, q), (dk, k), (dv, v))

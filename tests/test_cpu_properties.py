@@ -4,42 +4,65 @@ import math
 
 import ml_dtypes
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import assert_backward_close, assert_forward_close, random_array
 
 import cuflash
 
 DTYPES = st.sampled_from([np.float16, ml_dtypes.bfloat16, np.float32])
-HEAD_DIMS = st.sampled_from([8, 16, 24, 32, 64, 80, 128])
-MIN_ELEMENTS = 512
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+HEAD_DIMS = st.sampled_from([1, 3, 8, 16, 24, 32, 64, 80, 128])
+# With D < 8 and the default scale 1/sqrt(D), scores reach ~10 and float32 gradients of magnitude
+# ~10 carry rounding errors near the rule's 1e-5 floor; test_cpu_backward covers such D with a
+# smaller scale.
+BACKWARD_HEAD_DIMS = st.sampled_from([32, 64, 80, 128])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def large_enough_for_16_bits(q_shape, k_shape, v_shape, causal):
+    """Whether the rule is a stable test of a 16-bit result of these shapes.
+
+    The rule compares the maxima of two sets of rounding errors, which is a steady statistic only
+    over enough rows, keys and elements; smaller problems run in float32, where the 1e-5 term
+    dominates.
+    """
+    (hq, nq, d), (hkv, nk, dv) = q_shape[-3:], v_shape[-3:]
+    rows = min(nq, nk) if causal else nq  # query rows that attend to something
+    batch = math.prod(np.broadcast_shapes(q_shape[:-3], k_shape[:-3], v_shape[:-3]))
+    width = min(d, dv)
+    return (min(nq, nk, d, dv) >= 16
+            and batch * hq * rows * width >= 1024
+            and math.prod(q_shape[:-3]) * hq * rows * d >= 1024
+            and math.prod(k_shape[:-3]) * hkv * nk * width >= 1024)
 
 
 @st.composite
-def problems(draw, min_keys=1):
+def problems(draw, min_keys=1, head_dims=HEAD_DIMS):
     """Shapes of q, k, v with broadcast leading axes and grouped heads, plus options."""
     batch = draw(st.lists(st.integers(1, 3), max_size=2))
 
     def leading():  # each input drops or broadcasts some of the batch axes
         kept = batch[draw(st.integers(0, len(batch))):]
-        return [n if draw(st.booleans()) else 1 for n in kept]
+        return tuple(n if draw(st.booleans()) else 1 for n in kept)
 
     hkv = draw(st.integers(1, 3))
     hq = hkv * draw(st.integers(1, 3))
     nq, nk = draw(st.integers(1, 260)), draw(st.integers(min_keys, 260))
-    d, dv = draw(HEAD_DIMS), draw(HEAD_DIMS)
-    # The rule compares maxima over a result; keep every result large enough for that.
-    b = math.prod(batch)
-    assume(b * hq * nq * min(d, dv) >= MIN_ELEMENTS and b * hkv * nk * min(d, dv) >= MIN_ELEMENTS)
+    d, dv = draw(head_dims), draw(head_dims)
+    shapes = dict(q_shape=leading() + (hq, nq, d), k_shape=leading() + (hkv, nk, d),
+                  v_shape=leading() + (hkv, nk, dv))
+    causal = draw(st.booleans())
+    dtype = draw(DTYPES)
+    if not large_enough_for_16_bits(**shapes, causal=causal):
+        dtype = np.float32
     return dict(
-        q_shape=tuple(leading()) + (hq, nq, d),
-        k_shape=tuple(leading()) + (hkv, nk, d),
-        v_shape=tuple(leading()) + (hkv, nk, dv),
-        dtype=draw(DTYPES),
-        causal=draw(st.booleans()),
-        scale=draw(st.none() | st.floats(0.05, 2.0)),
+        **shapes,
+        dtype=dtype,
+        causal=causal,
+        # Around the default 1/sqrt(D): much larger scales make |scores| and lse so large that
+        # the float32 rounding of the base-2 exponent, S·scale·log2(e) − lse·log2(e), outgrows
+        # the rule's bound for float32 gradients.
+        scale=draw(st.none() | st.floats(0.25, 2.0).map(lambda f: f / math.sqrt(d))),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -63,7 +86,7 @@ def test_forward(problem):
 # dS = P∘(dP − rowsum(dP∘P)) is exactly 0 and leaves the rule no room for the float32 rounding
 # of Δ = rowsum(dO∘O) that the tiled algorithm (like the kernels) sums over all query rows.
 @SETTINGS
-@given(problems(min_keys=2))
+@given(problems(min_keys=2, head_dims=BACKWARD_HEAD_DIMS))
 def test_backward(problem):
     q, k, v = make_inputs(problem)
     causal, scale = problem["causal"], problem["scale"]
@@ -85,7 +108,7 @@ def test_rows_are_convex_combinations_of_values(problem):
                                                                        + v.shape[-2:]))
     low = values.min(axis=-2, keepdims=True)
     high = values.max(axis=-2, keepdims=True)
-    tol = 2 * float(ml_dtypes.finfo(problem["dtype"]).eps) * np.maximum(np.abs(low), np.abs(high))
+    tol = 4 * float(ml_dtypes.finfo(problem["dtype"]).eps) * np.maximum(np.abs(low), np.abs(high))
     o = out.astype(np.float32)
     assert np.all(o >= low - tol) and np.all(o <= high + tol), problem
     scale = problem["scale"] or 1 / np.sqrt(q.shape[-1])

@@ -225,9 +225,8 @@ static_assert(sizeof(F32FwdArgs) == 192, "F32FwdArgs must match FWD_ARGS in floa
 // One thread block owns BLOCK_M query rows of one (batch, head) and walks its key tiles of
 // BLOCK_N keys: S = Q·Kᵀ in registers, online softmax, P through shared memory, O += P·V. The V
 // load overlaps Q·Kᵀ and the softmax; the next K load overlaps P·V.
-// Up to head dim 128 the tiles leave room for two blocks per SM in shared memory (A100 and up);
-// ask for two where the forward then fits 128 registers without spilling, which ptxas manages
-// for every pair of padded head dims up to 128 with Dv <= D (not with Dv > D).
+// Up to head dim 128 two blocks fit in an SM's shared memory (A100 and newer); the 128 registers
+// per thread that two blocks leave are enough without spills when Dv <= D, not when Dv > D.
 template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
 __global__ void __launch_bounds__(f32::THREADS, (DQK <= 128 && DV <= DQK) ? 2 : 1)
 flash_f32_fwd(const F32FwdArgs a) {
@@ -245,42 +244,15 @@ flash_f32_fwd(const F32FwdArgs a) {
     float* sv = sk + BLOCK_N * QS;
     float* sp = sv + BLOCK_N * VS;
 
-    // Heaviest (causal: last) query tiles first, the tiles of one head next to each other.
-    int bid = blockIdx.x;
-    const int m_tile_rev = bid % a.m_tiles;
-    bid /= a.m_tiles;
-    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
-    const int h = bid % a.heads;
-    const int b = bid / a.heads;
-    const int hk = h / a.group;
+    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const int b = tile.b, h = tile.h, hk = h / a.group;
+    const int m0 = tile.m_tile * BLOCK_M;
+    const KeyTiles<SPARSE> keys = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
+        tile.m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
 
     const float* q = a.q + b * a.q_sb + h * a.q_sh;
     const float* k = a.k + b * a.k_sb + hk * a.k_sh;
     const float* v = a.v + b * a.v_sb + hk * a.v_sh;
-    const int m0 = m_tile * BLOCK_M;
-
-    // Key tiles this query tile visits: a range (dense) or a CSR row (block-sparse).
-    int n_first = 0, n_count;
-    if constexpr (SPARSE) {
-        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
-        n_first = ptr[m_tile];
-        n_count = ptr[m_tile + 1] - n_first;
-    } else {
-        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
-    }
-    if constexpr (CAUSAL) {
-        // Keys at or past this column are masked for every row of the tile.
-        const int n_limit = min(a.nk, causal_key_limit(m0 + BLOCK_M - 1, a.nq, a.nk) + 1);
-        if constexpr (SPARSE) {
-            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
-        } else {
-            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
-        }
-    }
-    auto key_tile = [&](int i) -> int {
-        if constexpr (SPARSE) return a.tile_idx[n_first + i];
-        return i;
-    };
 
     const int ty = thread_row(), tx = thread_col();
     float acc[TM][CN];
@@ -289,15 +261,15 @@ flash_f32_fwd(const F32FwdArgs a) {
 #pragma unroll
     for (int i = 0; i < TM; ++i) row_max[i] = -INFINITY, row_sum[i] = 0.f;
 
-    load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q, a.q_sn, m0, a.nq, a.d);
-    int n_tile = n_count > 0 ? key_tile(0) : 0;
-    if (n_count > 0) load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+    f32::load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q, a.q_sn, m0, a.nq, a.d);
+    int n_tile = keys.count > 0 ? keys[0] : 0;
+    if (keys.count > 0) f32::load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
     cp_async_commit();
 
-    for (int it = 0; it < n_count; ++it) {
+    for (int it = 0; it < keys.count; ++it) {
         cp_async_wait_all();
         __syncthreads();  // K tile (and Q) visible; every thread is done with the previous V and P
-        load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
+        f32::load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
         cp_async_commit();
 
         float s[TM][TN];
@@ -346,9 +318,9 @@ flash_f32_fwd(const F32FwdArgs a) {
 
         cp_async_wait_all();
         __syncthreads();  // V tile and P visible; every thread is done with this K tile
-        if (it + 1 < n_count) {
-            n_tile = key_tile(it + 1);
-            load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+        if (it + 1 < keys.count) {
+            n_tile = keys[it + 1];
+            f32::load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
         }
         cp_async_commit();
 
@@ -512,11 +484,11 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
 
     if (g < a.group) {
         const int m0 = query_tile() * BLOCK_M;
-        load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n0, a.nk, a.d);
-        load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n0, a.nk, a.dv);
-        load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(), a.do_sn, m0, a.nq, a.dv);
+        f32::load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n0, a.nk, a.d);
+        f32::load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n0, a.nk, a.dv);
+        f32::load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(), a.do_sn, m0, a.nq, a.dv);
         cp_async_commit();
-        load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(), a.q_sn, m0, a.nq, a.d);
+        f32::load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(), a.q_sn, m0, a.nq, a.d);
         cp_async_commit();
     }
 
@@ -562,13 +534,13 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
         advance();
         __syncthreads();  // every thread is done with dO
         if (g < a.group)
-            load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(), a.do_sn, query_tile() * BLOCK_M, a.nq, a.dv);
+            f32::load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(), a.do_sn, query_tile() * BLOCK_M, a.nq, a.dv);
         cp_async_commit();
 
         gemm_nn<TM, CK, BLOCK_M, PS, QS>(dk_acc, sdst, sq);
         __syncthreads();  // every thread is done with Q, Pᵀ and dSᵀ
         if (g < a.group)
-            load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(), a.q_sn, query_tile() * BLOCK_M, a.nq, a.d);
+            f32::load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(), a.q_sn, query_tile() * BLOCK_M, a.nq, a.d);
         cp_async_commit();
     }
     cp_async_wait_all();
@@ -602,38 +574,14 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
     float* sv = sk + BLOCK_N * QS;
     float* sds = sv + BLOCK_N * VS;
 
-    int bid = blockIdx.x;
-    const int m_tile_rev = bid % a.m_tiles;
-    bid /= a.m_tiles;
-    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
-    const int h = bid % a.heads;
-    const int b = bid / a.heads;
-    const int hk = h / a.group;
-    const int m0 = m_tile * BLOCK_M;
+    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const int b = tile.b, h = tile.h, hk = h / a.group;
+    const int m0 = tile.m_tile * BLOCK_M;
+    const KeyTiles<SPARSE> keys = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
+        tile.m_tile, h, a.m_tiles, a.nq, a.nk, a.row_ptr, a.col_idx, a.mask_heads);
 
     const float* k = a.k + b * a.k_sb + hk * a.k_sh;
     const float* v = a.v + b * a.v_sb + hk * a.v_sh;
-
-    int n_first = 0, n_count;
-    if constexpr (SPARSE) {
-        const int* ptr = a.row_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
-        n_first = ptr[m_tile];
-        n_count = ptr[m_tile + 1] - n_first;
-    } else {
-        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
-    }
-    if constexpr (CAUSAL) {
-        const int n_limit = min(a.nk, causal_key_limit(m0 + BLOCK_M - 1, a.nq, a.nk) + 1);
-        if constexpr (SPARSE) {
-            while (n_count > 0 && a.col_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
-        } else {
-            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
-        }
-    }
-    auto key_tile = [&](int i) -> int {
-        if constexpr (SPARSE) return a.col_idx[n_first + i];
-        return i;
-    };
 
     const int ty = thread_row(), tx = thread_col();
     float lse_r[TM], delta_r[TM];  // for this thread's rows
@@ -650,16 +598,16 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
     float dq_acc[TM][CQ];
     zero(dq_acc);
 
-    int n_tile = n_count > 0 ? key_tile(0) : 0;
-    if (n_count > 0) {
-        load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq, a.d);
-        load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq, a.dv);
-        load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
-        load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
+    int n_tile = keys.count > 0 ? keys[0] : 0;
+    if (keys.count > 0) {
+        f32::load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq, a.d);
+        f32::load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq, a.dv);
+        f32::load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+        f32::load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
     }
     cp_async_commit();
 
-    for (int it = 0; it < n_count; ++it) {
+    for (int it = 0; it < keys.count; ++it) {
         cp_async_wait_all();
         __syncthreads();  // K and V tiles visible; every thread is done with the previous dS
         float s[TM][TN], dp[TM][TN];
@@ -683,15 +631,15 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
             }
         }
         __syncthreads();  // dS visible; every thread is done with V
-        if (it + 1 < n_count)
-            load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, key_tile(it + 1) * BLOCK_N, a.nk, a.dv);
+        if (it + 1 < keys.count)
+            f32::load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, keys[it + 1] * BLOCK_N, a.nk, a.dv);
         cp_async_commit();
 
         gemm_nn<TM, CQ, BLOCK_N, PS, QS>(dq_acc, sds, sk);
         __syncthreads();  // every thread is done with K
-        if (it + 1 < n_count) {
-            n_tile = key_tile(it + 1);
-            load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+        if (it + 1 < keys.count) {
+            n_tile = keys[it + 1];
+            f32::load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
         }
         cp_async_commit();
     }
