@@ -1,5 +1,6 @@
 """cuflash.attention on NumPy arrays against the float64 oracle."""
 
+import importlib
 import subprocess
 import sys
 import tracemalloc
@@ -240,3 +241,11 @@ def test_import_and_cpu_path_need_no_cupy():
             "assert cuflash.attention(x, x, x).shape == (1, 4, 8)\n"
             "assert cuflash.__version__ == '0.1.0'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_public_names():
+    assert sorted(cuflash.__all__) == ["__version__", "attention", "attention_backward",
+                                       "attention_vjp", "reference", "sparse"]
+    assert cuflash.sparse is importlib.import_module("cuflash.sparse")
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        cuflash.nothing  # noqa: B018

@@ -12,9 +12,10 @@ import cuflash
 
 DTYPES = st.sampled_from([np.float16, ml_dtypes.bfloat16, np.float32])
 HEAD_DIMS = st.sampled_from([1, 3, 8, 16, 24, 32, 64, 80, 128])
-# With D < 8 and the default scale 1/sqrt(D), scores reach ~10 and float32 gradients of magnitude
-# ~10 carry rounding errors near the rule's 1e-5 floor; test_cpu_backward covers such D with a
-# smaller scale.
+# The backward pass, like the kernels, forms Δ = rowsum(dO∘O) from the output rounded to the
+# input dtype. With a small D (so a large default scale) next to a large Dv, that rounding can take
+# dq and dk past twice the naive error, in about one random problem in a thousand; so random
+# backward problems keep D ≥ 32, and test_cpu_backward covers small D with fixed shapes.
 BACKWARD_HEAD_DIMS = st.sampled_from([32, 64, 80, 128])
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -21,41 +21,8 @@
 // Scratch rows (lse2, delta, dq_accum) are padded per (batch, head) to rows_pad, a multiple of
 // every query tile height, with lse2 = +inf and delta = 0 in the padding: tile loads and
 // accumulator updates then need no bounds checks and masked query rows drop out by themselves.
-#include "common.cuh"
+#include "args.cuh"
 
-struct BwdArgs {
-    const u16* q;
-    const u16* k;
-    const u16* v;
-    const u16* o;
-    const u16* dout;
-    const float* lse;      // natural log, (B, Hq, Nq) contiguous
-    u16* grad_q;
-    u16* grad_k;
-    u16* grad_v;
-    float* lse2;           // scratch (B, Hq, rows_pad): lse * log2(e), +inf where lse = -inf
-    float* delta;          // scratch (B, Hq, rows_pad): rowsum(dO * O)
-    float* dq_accum;       // scratch (B, Hq, rows_pad, dqk): dS K without the scale, or null
-    const int* tile_ptr;   // block-sparse: CSR (dq kernel) or its transpose (dkdv kernel)
-    const int* tile_idx;
-    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
-    i64 k_sb, k_sh, k_sn;
-    i64 v_sb, v_sh, v_sn;
-    i64 o_sb, o_sh, o_sn;
-    i64 do_sb, do_sh, do_sn;
-    i64 gq_sb, gq_sh, gq_sn;
-    i64 gk_sb, gk_sh, gk_sn;
-    i64 gv_sb, gv_sh, gv_sn;
-    int batch, nq, nk, d, dv;
-    int heads, kv_heads, group;  // query heads, key/value heads, query heads per key/value head
-    int m_tiles, n_tiles;        // query and key tiles of the kernel being launched
-    int rows_pad;                // scratch rows per (batch, head)
-    int dqk;                     // dq_accum row length (padded head dim)
-    int mask_heads;              // block-sparse: 1 = one pattern per head, 0 = shared
-    float scale;
-    float scale_log2;            // scale * log2(e)
-};
-static_assert(sizeof(BwdArgs) == 368, "BwdArgs must match BWD_ARGS in mma_backward.py");
 
 constexpr float LOG2E_F = 1.4426950408889634f;
 

@@ -20,47 +20,12 @@
 // gradient is ever accumulated by two thread blocks: results are bit-identical from run to run.
 //
 // Only D = Dv ∈ {64, 128} with 16-byte aligned rows; everything else runs flash_bwd.cu.
-#include "common.cuh"
+#include "args.cuh"
 
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "flash_bwd_sm90.cu needs the sm_90a target (-arch=sm_90a)"
 #endif
 
-// Same layout as BwdArgs in flash_bwd.cu (BWD_ARGS in mma_backward.py): one struct serves the
-// preprocessing kernel there and both kernels here.
-struct BwdArgs {
-    const u16* q;
-    const u16* k;
-    const u16* v;
-    const u16* o;
-    const u16* dout;
-    const float* lse;
-    u16* grad_q;
-    u16* grad_k;
-    u16* grad_v;
-    float* lse2;           // (B, Hq, rows_pad): lse * log2(e), +inf where lse = -inf and in padding
-    float* delta;          // (B, Hq, rows_pad): rowsum(dO * O), 0 in padding
-    float* dq_accum;       // unused here
-    const int* tile_ptr;   // block-sparse: CSR (dq kernel) or its transpose (dkdv kernel)
-    const int* tile_idx;
-    i64 q_sb, q_sh, q_sn;
-    i64 k_sb, k_sh, k_sn;
-    i64 v_sb, v_sh, v_sn;
-    i64 o_sb, o_sh, o_sn;
-    i64 do_sb, do_sh, do_sn;
-    i64 gq_sb, gq_sh, gq_sn;
-    i64 gk_sb, gk_sh, gk_sn;
-    i64 gv_sb, gv_sh, gv_sn;
-    int batch, nq, nk, d, dv;
-    int heads, kv_heads, group;
-    int m_tiles, n_tiles;
-    int rows_pad;
-    int dqk;
-    int mask_heads;
-    float scale;
-    float scale_log2;
-};
-static_assert(sizeof(BwdArgs) == 368, "BwdArgs must match BWD_ARGS in mma_backward.py");
 
 // Rows [row0, row0 + ROWS) × columns [0, D) of a row-major global matrix into the 128-byte
 // swizzle (see sw128_offset); rows past `nrows` are zero-filled so that padding never feeds NaN

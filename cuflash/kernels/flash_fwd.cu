@@ -4,27 +4,8 @@
 // of them. K/V tiles of BLOCK_N keys stream through shared memory: the V load overlaps the Q·Kᵀ
 // product and the softmax, the next K load overlaps P·V. Softmax is online and in base 2; O and
 // lse are written once at the end.
-#include "common.cuh"
+#include "args.cuh"
 
-struct FwdArgs {
-    const u16* q;
-    const u16* k;
-    const u16* v;
-    u16* o;
-    float* lse;
-    const int* tile_ptr;  // block-sparse: CSR over query tiles (see sparse docs), else null
-    const int* tile_idx;
-    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
-    i64 k_sb, k_sh, k_sn;
-    i64 v_sb, v_sh, v_sn;
-    i64 o_sb, o_sh, o_sn;
-    int nq, nk, d, dv;
-    int heads, group;      // query heads; query heads per key/value head
-    int m_tiles;           // ceil(nq / BLOCK_M)
-    int mask_heads;        // block-sparse: 1 = one pattern per head, 0 = shared
-    float scale_log2;      // softmax scale * log2(e)
-};
-static_assert(sizeof(FwdArgs) == 192, "FwdArgs must match FWD_ARGS in _launch.py");
 
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool Q_IN_REGS, bool CAUSAL,
           bool SPARSE, bool ALIGNED>

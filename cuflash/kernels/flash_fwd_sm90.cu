@@ -10,31 +10,12 @@
 //
 // Only D = Dv ∈ {64, 128}, 16-byte aligned rows: the launcher falls back to flash_fwd.cu for
 // everything else.
-#include "common.cuh"
+#include "args.cuh"
 
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "flash_fwd_sm90.cu needs the sm_90a target (-arch=sm_90a)"
 #endif
 
-struct Sm90FwdArgs {
-    const u16* q;
-    const u16* k;
-    const u16* v;
-    u16* o;
-    float* lse;
-    const int* tile_ptr;  // block-sparse: CSR over query tiles (see sparse docs), else null
-    const int* tile_idx;
-    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
-    i64 k_sb, k_sh, k_sn;
-    i64 v_sb, v_sh, v_sn;
-    i64 o_sb, o_sh, o_sn;
-    int nq, nk, d, dv;
-    int heads, group;      // query heads; query heads per key/value head
-    int m_tiles;           // ceil(nq / BLOCK_M)
-    int mask_heads;        // block-sparse: 1 = one pattern per head, 0 = shared
-    float scale_log2;      // softmax scale * log2(e)
-};
-static_assert(sizeof(Sm90FwdArgs) == 192, "Sm90FwdArgs must match FWD_ARGS in _launch.py");
 
 // Rows [row0, row0 + ROWS) × columns [0, D) of a row-major global matrix (row stride `ld`
 // elements, `nrows` valid rows) into a swizzled shared tile at `dst`; rows past the end are
@@ -64,7 +45,7 @@ __device__ __forceinline__ void load_tile_sw128(u32 dst, const u16* src, i64 ld,
 
 template <typename T, int D, int WG, int BLOCK_N, int STAGES, bool CAUSAL, bool SPARSE>
 __global__ void __launch_bounds__(WG * 128, 1)
-flash_fwd_sm90(const Sm90FwdArgs a) {
+flash_fwd_sm90(const FwdArgs a) {
     constexpr int THREADS = WG * 128;
     constexpr int BLOCK_M = WG * 64;
     constexpr int Q_BYTES = BLOCK_M * D * 2;
