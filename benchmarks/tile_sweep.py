@@ -10,27 +10,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
+from pathlib import Path
 
-import cupy
-import ml_dtypes
-import numpy
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cuflash
-from cuflash.kernels import mma_forward
+import cupy  # noqa: E402
+import numpy  # noqa: E402
+from _harness import DTYPES, SDPA_BACKENDS, median_ms, randn, sdpa_ms, short_error  # noqa: E402
 
+import cuflash  # noqa: E402
+from cuflash.kernels import mma_forward  # noqa: E402
 
-def median_ms(fn, *, warmup=3, reps=20):
-    for _ in range(warmup):
-        fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(numpy.median(times))
+TIMING = dict(warmup=3, reps=20)  # per median
 
 
 def candidate_tiles(d):
@@ -38,25 +30,6 @@ def candidate_tiles(d):
     if d <= 64:
         return [T(4, 2, 64, True), T(8, 1, 64, True), T(4, 1, 64, True), T(4, 2, 32, True)]
     return [T(8, 1, 64, True), T(4, 2, 64, False), T(4, 1, 64, True), T(8, 1, 32, True), T(4, 2, 32, False)]
-
-
-def torch_sdpa_ms(q, k, v, causal, backend, bwd):
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-
-    tq, tk, tv = (torch.from_dlpack(x).requires_grad_(bwd) for x in (q, k, v))
-    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
-    with sdpa_kernel(be):
-        if not bwd:
-            return median_ms(lambda: sdpa(tq, tk, tv, is_causal=causal))
-        do = torch.randn_like(tq)
-
-        def step():
-            o = sdpa(tq, tk, tv, is_causal=causal)
-            o.backward(do)
-
-        return median_ms(step)
 
 
 def main():
@@ -72,28 +45,30 @@ def main():
         map(int, args.seq_lens.split(",")), map(int, args.head_dims.split(",")), (False, True)
     ):
         b, h = 16384 // n, 2048 // d
-        q, k, v = (rng.standard_normal((b, h, n, d), dtype=numpy.float32).astype(ml_dtypes.bfloat16) for _ in range(3))
+        q, k, v = (randn(rng, (b, h, n, d), DTYPES["bfloat16"]) for _ in range(3))
         fl = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0) * (3.5 if args.bwd else 1.0)
         tf = lambda ms: fl / ms / 1e9
         ref = {}
         if not args.no_torch:
-            for be in ("flash", "cudnn"):
+            dout = randn(rng, q.shape, q.dtype) if args.bwd else None
+            for be, backend in SDPA_BACKENDS:
                 try:
-                    ref[be] = tf(torch_sdpa_ms(q, k, v, causal, be, args.bwd))
+                    ref[be] = tf(sdpa_ms(q, k, v, causal, backend, dout=dout, **TIMING))
                 except Exception as error:  # a back end may not support a shape
                     ref[be] = float("nan")
-                    print(f"  {be}: {type(error).__name__}: {str(error)[:120]}")
+                    print(f"  {be}: {short_error(error, 160)}")
         if args.bwd:
             def step():
                 o, vjp = cuflash.attention_vjp(q, k, v, causal=causal)
                 vjp(o)
-            rows.append((n, d, causal, "default", tf(median_ms(step)), ref))
+            rows.append((n, d, causal, "default", tf(median_ms(step, **TIMING)), ref))
         else:
             out = cupy.empty_like(q)
             lse = cupy.empty((b, h, n), numpy.float32)
             scale = d ** -0.5
             for tiles in candidate_tiles(d):
-                ms = median_ms(lambda: mma_forward.forward(q, k, v, out, lse, scale=scale, causal=causal, tiles=tiles))
+                ms = median_ms(lambda: mma_forward.forward(q, k, v, out, lse, scale=scale, causal=causal, tiles=tiles),
+                               **TIMING)
                 rows.append((n, d, causal, f"{tiles.warps}w{tiles.mt}x{tiles.block_n}{'q' if tiles.q_in_regs else ''}", tf(ms), ref))
         for row in rows[-(1 if args.bwd else len(candidate_tiles(d))):]:
             n_, d_, c_, name, t, r = row
