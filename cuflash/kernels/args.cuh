@@ -58,3 +58,52 @@ struct BwdArgs {
     float scale_log2;            // scale * log2(e)
 };
 static_assert(sizeof(BwdArgs) == 368, "BwdArgs must match BWD_ARGS in mma_backward.py");
+
+// The (query head, query tile) pairs a dK/dV thread block visits for its key tile n_tile of one
+// (batch, key/value head): the query heads of the GQA group in order and, for each, the query
+// tiles from the first one the causal mask lets see the key tile (dense) or its column of the
+// transposed block-sparse index. A value type, so the next pair can be looked at ahead.
+template <int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE>
+struct QueryTileWalk {
+    const int* col_ptr;
+    const int* row_idx;
+    int n_tile, n_tiles, m_tiles, mask_heads, m_begin, h_end;
+    int h, pos, end;
+
+    __device__ __forceinline__ QueryTileWalk(const BwdArgs& a, int n_tile_, int hk)
+        : col_ptr(a.tile_ptr), row_idx(a.tile_idx), n_tile(n_tile_), n_tiles(a.n_tiles),
+          m_tiles(a.m_tiles), mask_heads(a.mask_heads), m_begin(0), h_end((hk + 1) * a.group) {
+        if constexpr (CAUSAL) {
+            const int first_row = n_tile * BLOCK_N - (a.nk - a.nq);  // first row that sees the tile
+            m_begin = first_row <= 0 ? 0 : first_row >= a.nq ? a.m_tiles : first_row / BLOCK_M;
+        }
+        open(hk * a.group);
+        skip_empty_heads();
+    }
+    __device__ __forceinline__ bool valid() const { return pos < end; }
+    __device__ __forceinline__ int m_tile() const {
+        if constexpr (SPARSE) return row_idx[pos];
+        return pos;
+    }
+    __device__ __forceinline__ void next() {
+        ++pos;
+        skip_empty_heads();
+    }
+
+  private:
+    __device__ __forceinline__ void open(int head) {
+        h = head;
+        if constexpr (SPARSE) {
+            const int* ptr = col_ptr + (mask_heads ? head * (n_tiles + 1) : 0) + n_tile;
+            pos = ptr[0];
+            end = ptr[1];
+            if constexpr (CAUSAL) pos = lower_bound_index(row_idx, pos, end, m_begin);
+        } else {
+            pos = m_begin;
+            end = m_tiles;
+        }
+    }
+    __device__ __forceinline__ void skip_empty_heads() {
+        while (pos >= end && h + 1 < h_end) open(h + 1);
+    }
+};

@@ -120,37 +120,7 @@ flash_bwd_dkdv(const BwdArgs a) {
     const int n0 = n_tile * BLOCK_N;
     const int offset = a.nk - a.nq;  // query row i sees key columns j <= i + offset
 
-    int m_begin = 0;  // first query tile that sees a key of this tile
-    if constexpr (CAUSAL) {
-        const int first_row = n0 - offset;
-        m_begin = first_row <= 0 ? 0 : first_row >= a.nq ? a.m_tiles : first_row / BLOCK_M;
-    }
-
-    // The (query head, query tile) pairs to visit: heads of the group in order, and for each the
-    // query tiles from m_begin (dense) or its column of the transposed block-sparse index.
-    const int h_begin = hk * a.group, h_end = h_begin + a.group;
-    auto head_tiles = [&](int hh, int& pos, int& end) {
-        if constexpr (SPARSE) {
-            const int* ptr = a.tile_ptr + (a.mask_heads ? hh * (a.n_tiles + 1) : 0) + n_tile;
-            pos = ptr[0];
-            end = ptr[1];
-            if constexpr (CAUSAL) pos = lower_bound_index(a.tile_idx, pos, end, m_begin);
-        } else {
-            pos = m_begin;
-            end = a.m_tiles;
-        }
-    };
-    auto advance = [&](int& hh, int& pos, int& end) {
-        ++pos;
-        while (pos >= end && hh + 1 < h_end) head_tiles(++hh, pos, end);
-    };
-    auto tile_at = [&](int pos) -> int {
-        if constexpr (SPARSE) return a.tile_idx[pos];
-        return pos;
-    };
-    int h = h_begin, pos, end;
-    head_tiles(h, pos, end);
-    while (pos >= end && h + 1 < h_end) head_tiles(++h, pos, end);
+    QueryTileWalk<BLOCK_M, BLOCK_N, CAUSAL, SPARSE> walk(a, n_tile, hk);
 
     auto load_query_tile = [&](int hh, int tile, int stage) {
         const int m0 = tile * BLOCK_M;
@@ -165,8 +135,8 @@ flash_bwd_dkdv(const BwdArgs a) {
 
     load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk, a.d);
     load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk, a.dv);
-    int m_tile = pos < end ? tile_at(pos) : 0;
-    if (pos < end) load_query_tile(h, m_tile, 0);
+    int m_tile = walk.valid() ? walk.m_tile() : 0;
+    if (walk.valid()) load_query_tile(walk.h, m_tile, 0);
     cp_async_commit();
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -258,17 +228,17 @@ flash_bwd_dkdv(const BwdArgs a) {
     };
 
     int stage = 0;
-    for (int it = 0; pos < end; ++it) {
+    for (int it = 0; walk.valid(); ++it) {
         const int m0 = m_tile * BLOCK_M;
         cp_async_wait_all();
         __syncthreads();  // this query tile visible; every warp is done with the previous one
 
-        int next_h = h, next_pos = pos, next_end = end;
-        advance(next_h, next_pos, next_end);
-        const bool has_next = next_pos < next_end;
-        const int next_m_tile = has_next ? tile_at(next_pos) : 0;
+        auto ahead = walk;
+        ahead.next();
+        const bool has_next = ahead.valid();
+        const int next_m_tile = has_next ? ahead.m_tile() : 0;
         if constexpr (STAGES == 2) {
-            if (has_next) load_query_tile(next_h, next_m_tile, stage ^ 1);
+            if (has_next) load_query_tile(ahead.h, next_m_tile, stage ^ 1);
             cp_async_commit();
         }
 
@@ -508,15 +478,13 @@ flash_bwd_dkdv(const BwdArgs a) {
 
         if constexpr (STAGES == 1) {
             // The next query tile loads while this one's dQ is computed.
-            if (has_next) load_query_tile(next_h, next_m_tile, 0);
+            if (has_next) load_query_tile(ahead.h, next_m_tile, 0);
             cp_async_commit();
         }
 
-        if constexpr (ATOMIC_DQ) dq_phase(h, m0);
+        if constexpr (ATOMIC_DQ) dq_phase(walk.h, m0);
 
-        h = next_h;
-        pos = next_pos;
-        end = next_end;
+        walk = ahead;
         m_tile = next_m_tile;
         if constexpr (STAGES == 2) stage ^= 1;
     }
@@ -616,43 +584,20 @@ flash_bwd_dq(const BwdArgs a) {
     u16* sk = sdo + BLOCK_M * OS;     // two stages
     u16* sv = sk + 2 * BLOCK_N * KS;  // two stages
 
-    // Heaviest (causal: last) query tiles first.
-    int bid = blockIdx.x;
-    const int m_tile_rev = bid % a.m_tiles;
-    bid /= a.m_tiles;
-    const int m_tile = CAUSAL ? a.m_tiles - 1 - m_tile_rev : m_tile_rev;
-    const int h = bid % a.heads;
-    const int b = bid / a.heads;
+    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
     const int m0 = m_tile * BLOCK_M;
     const int offset = a.nk - a.nq;
-
-    int n_first = 0, n_count;
-    if constexpr (SPARSE) {
-        const int* ptr = a.tile_ptr + (a.mask_heads ? h * (a.m_tiles + 1) : 0);
-        n_first = ptr[m_tile];
-        n_count = ptr[m_tile + 1] - n_first;
-    } else {
-        n_count = (a.nk + BLOCK_N - 1) / BLOCK_N;
-    }
-    if constexpr (CAUSAL) {
-        const int n_limit = min(a.nk, m0 + BLOCK_M - 1 + offset + 1);
-        if constexpr (SPARSE) {
-            while (n_count > 0 && a.tile_idx[n_first + n_count - 1] * BLOCK_N >= n_limit) --n_count;
-        } else {
-            n_count = max(0, (n_limit + BLOCK_N - 1) / BLOCK_N);
-        }
-    }
-    auto key_tile = [&](int i) -> int {
-        if constexpr (SPARSE) return a.tile_idx[n_first + i];
-        return i;
-    };
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
+        m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const int n_count = key_tile.count;
 
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
     const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
     load_tile<BLOCK_M, DQK, THREADS, ALIGNED>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq, a.d);
     load_tile<BLOCK_M, DV, THREADS, ALIGNED>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq, a.dv);
-    int n_tile = n_count > 0 ? key_tile(0) : 0;
+    int n_tile = n_count > 0 ? key_tile[0] : 0;
     if (n_count > 0) {
         load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
         load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
@@ -696,7 +641,7 @@ flash_bwd_dq(const BwdArgs a) {
         __syncthreads();  // this K/V tile visible; every warp is done with the other stage
         const int n0 = n_tile * BLOCK_N;
         if (it + 1 < n_count) {
-            const int next = key_tile(it + 1);
+            const int next = key_tile[it + 1];
             load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk + (stage ^ 1) * BLOCK_N * KS, k, a.k_sn, next * BLOCK_N, a.nk, a.d);
             load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv + (stage ^ 1) * BLOCK_N * VS, v, a.v_sn, next * BLOCK_N, a.nk, a.dv);
             n_tile = next;

@@ -109,37 +109,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     const int n0 = n_tile * BLOCK_N;
     const int offset = a.nk - a.nq;  // query row i sees key columns j <= i + offset
 
-    int m_begin = 0;  // first query tile that sees a key of this tile
-    if constexpr (CAUSAL) {
-        const int first_row = n0 - offset;
-        m_begin = first_row <= 0 ? 0 : first_row >= a.nq ? a.m_tiles : first_row / BLOCK_M;
-    }
-
-    // (query head, query tile) pairs: the heads of the group in order, and for each the query
-    // tiles from m_begin (dense) or its column of the transposed block-sparse index.
-    const int h_begin = hk * a.group, h_end = h_begin + a.group;
-    auto head_tiles = [&](int hh, int& pos, int& end) {
-        if constexpr (SPARSE) {
-            const int* ptr = a.tile_ptr + (a.mask_heads ? hh * (a.n_tiles + 1) : 0) + n_tile;
-            pos = ptr[0];
-            end = ptr[1];
-            if constexpr (CAUSAL) pos = lower_bound_index(a.tile_idx, pos, end, m_begin);
-        } else {
-            pos = m_begin;
-            end = a.m_tiles;
-        }
-    };
-    auto advance = [&](int& hh, int& pos, int& end) {
-        ++pos;
-        while (pos >= end && hh + 1 < h_end) head_tiles(++hh, pos, end);
-    };
-    auto tile_at = [&](int pos) -> int {
-        if constexpr (SPARSE) return a.tile_idx[pos];
-        return pos;
-    };
-    int h = h_begin, pos, end;
-    head_tiles(h, pos, end);
-    while (pos >= end && h + 1 < h_end) head_tiles(++h, pos, end);
+    QueryTileWalk<BLOCK_M, BLOCK_N, CAUSAL, SPARSE> walk(a, n_tile, hk);
 
     auto load_query_tile = [&](int hh, int tile, int stage) {
         const int m0 = tile * BLOCK_M;
@@ -151,11 +121,11 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M + BLOCK_M, a.delta + r);
     };
 
-    int m_tile = pos < end ? tile_at(pos) : 0;
-    if (pos < end) {
+    int m_tile = walk.valid() ? walk.m_tile() : 0;
+    if (walk.valid()) {
         load_rows_sw128<BLOCK_N, D, THREADS>(sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk);
         load_rows_sw128<BLOCK_N, D, THREADS>(sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk);
-        load_query_tile(h, m_tile, 0);
+        load_query_tile(walk.h, m_tile, 0);
     }
     cp_async_commit();
 
@@ -183,17 +153,17 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     u32 pf[KM][4], df[KM][4];
 
     int stage = 0;
-    while (pos < end) {
+    while (walk.valid()) {
         const int m0 = m_tile * BLOCK_M;
         cp_async_wait<0>();
         fence_proxy_async_shared();
         __syncthreads();  // this query tile visible; every warpgroup is done with the other stage
 
-        int next_h = h, next_pos = pos, next_end = end;
-        advance(next_h, next_pos, next_end);
-        const bool has_next = next_pos < next_end;
-        const int next_m_tile = has_next ? tile_at(next_pos) : 0;
-        if (has_next) load_query_tile(next_h, next_m_tile, stage ^ 1);
+        auto ahead = walk;
+        ahead.next();
+        const bool has_next = ahead.valid();
+        const int next_m_tile = has_next ? ahead.m_tile() : 0;
+        if (has_next) load_query_tile(ahead.h, next_m_tile, stage ^ 1);
         cp_async_commit();
 
         const u32 st = (u32)(stage * QT_BYTES) >> 4;
@@ -275,9 +245,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         reg_fence(dv_acc);
         reg_fence(dk_acc);
 
-        h = next_h;
-        pos = next_pos;
-        end = next_end;
+        walk = ahead;
         m_tile = next_m_tile;
         stage ^= 1;
     }
