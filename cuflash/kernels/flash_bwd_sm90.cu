@@ -27,30 +27,6 @@
 #endif
 
 
-// Rows [row0, row0 + ROWS) × columns [0, D) of a row-major global matrix into the 128-byte
-// swizzle (see sw128_offset); rows past `nrows` are zero-filled so that padding never feeds NaN
-// into a wgmma. Each thread keeps one chunk column and rows 8k apart, so its swizzle term is fixed.
-template <int ROWS, int D, int THREADS>
-__device__ __forceinline__ void load_rows_sw128(u32 dst, const u16* src, i64 ld, int row0, int nrows) {
-    constexpr int CHUNKS = D / 8;
-    constexpr int ROW_STEP = THREADS / CHUNKS;
-    constexpr int COPIES = (ROWS + ROW_STEP - 1) / ROW_STEP;
-    static_assert(THREADS % CHUNKS == 0 && ROW_STEP % 8 == 0, "swizzle term must stay fixed");
-    const int chunk = threadIdx.x % CHUNKS;
-    const int r0 = threadIdx.x / CHUNKS;
-    const u32 dst0 = dst + sw128_offset<ROWS>(r0, chunk);
-    const u16* p = src + (i64)(row0 + r0) * ld + chunk * 8;
-    const i64 step = (i64)ROW_STEP * ld;
-#pragma unroll
-    for (int c = 0; c < COPIES; ++c, p += step) {
-        const int r = r0 + c * ROW_STEP;
-        if (ROWS % ROW_STEP == 0 || r < ROWS) {
-            const bool valid = row0 + r < nrows;
-            cp_async_16(dst0 + c * ROW_STEP * 128, valid ? p : src, valid ? 16 : 0);
-        }
-    }
-}
-
 // Descriptor offset (16-byte units) of k16 step kk of a K-major operand whose tile has `rows`
 // rows: columns 16kk.. sit in box kk / 4, 32 bytes per step inside the 128-byte row.
 __device__ __forceinline__ u32 kmajor_step(int kk, int rows) {
@@ -113,8 +89,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
     auto load_query_tile = [&](int hh, int tile, int stage) {
         const int m0 = tile * BLOCK_M;
-        load_rows_sw128<BLOCK_M, D, THREADS>(sq + stage * QT_BYTES, a.q + b * a.q_sb + hh * a.q_sh, a.q_sn, m0, a.nq);
-        load_rows_sw128<BLOCK_M, D, THREADS>(sdo + stage * QT_BYTES, a.dout + b * a.do_sb + hh * a.do_sh,
+        load_tile_sw128<BLOCK_M, D, THREADS>(sq + stage * QT_BYTES, a.q + b * a.q_sb + hh * a.q_sh, a.q_sn, m0, a.nq);
+        load_tile_sw128<BLOCK_M, D, THREADS>(sdo + stage * QT_BYTES, a.dout + b * a.do_sb + hh * a.do_sh,
                                              a.do_sn, m0, a.nq);
         const i64 r = ((i64)b * a.heads + hh) * a.rows_pad + m0;
         load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M, a.lse2 + r);
@@ -123,8 +99,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
     int m_tile = walk.valid() ? walk.m_tile() : 0;
     if (walk.valid()) {
-        load_rows_sw128<BLOCK_N, D, THREADS>(sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk);
-        load_rows_sw128<BLOCK_N, D, THREADS>(sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk);
         load_query_tile(walk.h, m_tile, 0);
     }
     cp_async_commit();
@@ -304,10 +280,10 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
     const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
     if (n_count > 0) {
-        load_rows_sw128<BLOCK_M, D, THREADS>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq);
-        load_rows_sw128<BLOCK_M, D, THREADS>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq);
-        load_rows_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile[0] * BLOCK_N, a.nk);
-        load_rows_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile[0] * BLOCK_N, a.nk);
+        load_tile_sw128<BLOCK_M, D, THREADS>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq);
+        load_tile_sw128<BLOCK_M, D, THREADS>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile[0] * BLOCK_N, a.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile[0] * BLOCK_N, a.nk);
     }
     cp_async_commit();
 
@@ -348,8 +324,8 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         __syncthreads();  // K_j, V_j visible; every warpgroup is done with the other stage
         if (j + 1 < n_count) {
             const int next = key_tile[j + 1] * BLOCK_N;
-            load_rows_sw128<BLOCK_N, D, THREADS>(sk + (stage ^ 1) * KV_BYTES, k, a.k_sn, next, a.nk);
-            load_rows_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, a.nk);
+            load_tile_sw128<BLOCK_N, D, THREADS>(sk + (stage ^ 1) * KV_BYTES, k, a.k_sn, next, a.nk);
+            load_tile_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, a.nk);
         }
         cp_async_commit();
 
