@@ -409,4 +409,10 @@ __device__ __forceinline__ void load_tile_sw128(u32 dst, const u16* src, i64 ld,
     }
 }
 
+// Descriptor offset (16-byte units) of k16 step kk of a K-major operand whose tile has `rows`
+// rows: columns 16kk.. sit in box kk / 4, 32 bytes per step inside the 128-byte row.
+__device__ __forceinline__ u32 kmajor_step(int kk, int rows) {
+    return ((kk / 4) * rows * 128 + (kk % 4) * 32) >> 4;
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

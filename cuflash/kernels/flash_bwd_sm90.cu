@@ -27,12 +27,6 @@
 #endif
 
 
-// Descriptor offset (16-byte units) of k16 step kk of a K-major operand whose tile has `rows`
-// rows: columns 16kk.. sit in box kk / 4, 32 bytes per step inside the 128-byte row.
-__device__ __forceinline__ u32 kmajor_step(int kk, int rows) {
-    return ((kk / 4) * rows * 128 + (kk % 4) * 32) >> 4;
-}
-
 // Accumulator pairs (2 floats each; k16 step kk covers column blocks 2kk, 2kk + 1) as the
 // mma.m16n8k16 A fragments that wgmma takes from registers.
 template <typename T, int KS>

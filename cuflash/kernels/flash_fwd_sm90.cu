@@ -64,7 +64,6 @@ flash_fwd_sm90(const FwdArgs a) {
     const u64 desc_q = sw128_desc(sq + wg * 64 * 128, 16);
     const u64 desc_k = sw128_desc(sk, 16);
     const u64 desc_v = sw128_desc(sv, BLOCK_N * 128);
-    auto qk_offset = [](int kk, int rows) -> u32 { return ((kk / 4) * rows * 128 + (kk % 4) * 32) >> 4; };
 
     float o[OT * 4];
     float s[NT * 4];
@@ -78,7 +77,7 @@ flash_fwd_sm90(const FwdArgs a) {
         const u64 dk = desc_k + ((u32)(stage * KV_BYTES) >> 4);
 #pragma unroll
         for (int kk = 0; kk < KQK; ++kk)
-            wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + qk_offset(kk, BLOCK_M), dk + qk_offset(kk, BLOCK_N), kk > 0);
+            wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), dk + kmajor_step(kk, BLOCK_N), kk > 0);
         wgmma_commit();
     };
     // Issue O += P·V_stage (one wgmma group).
