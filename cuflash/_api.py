@@ -139,8 +139,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, blo
         What ``attention(q, k, v, ..., return_lse=True)`` returned: the scores are recomputed
         from q and k, normalised by ``lse``.
     deterministic : bool, optional
-        On the GPU, accumulate ``dq`` in a fixed order so that repeated calls give identical
-        bits (slower). The NumPy path is always deterministic.
+        Ask for bit-identical gradients from run to run. Only the portable GPU kernels (sm_80
+        and newer, used for float16/bfloat16 except on Hopper with D = Dv in {64, 128}) need it:
+        by default they add each key tile's share of ``dq`` with float32 atomics, whose order
+        varies; with ``deterministic=True`` a separate kernel computes ``dq`` per query tile
+        instead (recomputing the scores once more: about 20–30% slower backward). The Hopper
+        kernels, the float32 kernels and the NumPy path never use atomics and are always
+        deterministic; for them the flag changes nothing.
 
     Returns
     -------

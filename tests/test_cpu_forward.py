@@ -217,6 +217,14 @@ def test_block_mask_with_causal(rng, seed, nq, nk):
                          context=f"seed={seed}")
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_4097_tokens(rng, seed, causal):
+    q, k, v = qkv(rng, (1, 2, 4097, 64), (1, 1, 4097, 64), (1, 1, 4097, 64), ml_dtypes.bfloat16)
+    out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+    rows = np.concatenate([[0, 127, 128, 4095, 4096], rng.choice(4097, 250, replace=False)])
+    assert_forward_close(out, lse, q, k, v, causal=causal, rows=rows, context=f"seed={seed}")
+
+
 @pytest.mark.slow
 def test_16k_tokens_in_bounded_memory(rng, seed):
     # The score matrix of one head would take 16384² · 4 bytes = 1 GiB.

@@ -178,3 +178,34 @@ def test_argument_structs_match_the_kernels():
 
     assert float32.FWD_ARGS.itemsize == 192
     assert float32.BWD_ARGS.itemsize == 352
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_finite_differences(xp_gpu, rng, seed, causal):
+    """Elements of the float32 kernel's gradients against central differences of the float64
+    loss sum(dout · attention) at the same (float32-valued) inputs: a check that does not go
+    through any backward formula."""
+    from cuflash import reference
+
+    q, k, v = inputs(xp_gpu, rng, b=1, hq=2, hkv=1, nq=9, nk=11, d=8, dv=5)
+    dout = random_array(rng, (1, 2, 9, 5), F32, xp=xp_gpu)
+    out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+    grads = [to_host(g).astype(np.float64)
+             for g in cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)]
+    x64 = [to_host(x).astype(np.float64) for x in (q, k, v)]
+    do64 = to_host(dout).astype(np.float64)
+
+    def loss(*xs):
+        return float((reference.attention(*xs, causal=causal)[0] * do64).sum())
+
+    eps = 1e-5
+    for which, grad in enumerate(grads):
+        for index in zip(*(rng.integers(0, n, 5) for n in x64[which].shape)):
+            plus = [x.copy() for x in x64]
+            minus = [x.copy() for x in x64]
+            plus[which][index] += eps
+            minus[which][index] -= eps
+            numeric = (loss(*plus) - loss(*minus)) / (2 * eps)
+            # float32 arithmetic over a dozen terms: a few 1e-7 relative; a wrong term is O(0.1).
+            assert abs(grad[index] - numeric) <= 1e-4 * (1 + abs(numeric)), (
+                "dq dk dv".split()[which], index, grad[index], numeric, f"seed={seed}")

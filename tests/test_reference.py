@@ -41,7 +41,8 @@ def test_attention_matches_loops(rng, nq, nk, causal):
     want_out, want_lse = loop_attention(q, k, v, 0.7, keep)
     np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
-    np.testing.assert_allclose(lse[np.isfinite(lse)], want_lse[np.isfinite(want_lse)], rtol=1e-12)
+    np.testing.assert_allclose(lse[np.isfinite(lse)], want_lse[np.isfinite(want_lse)],
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_causal_masks_the_first_rows_when_queries_outnumber_keys(rng):
@@ -96,12 +97,12 @@ def test_chunked_equals_dense(rng, causal):
     out, lse = reference.attention(q, k, v, causal=causal)
     chunked_out, chunked_lse = reference.chunked_attention(q, k, v, causal=causal, chunk=5)
     np.testing.assert_allclose(chunked_out, out, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(chunked_lse, lse, rtol=1e-13)
+    np.testing.assert_allclose(chunked_lse, lse, rtol=1e-13, atol=1e-13)
 
     rows = [36, 0, 11, 12]
     part_out, part_lse = reference.chunked_attention(q, k, v, causal=causal, rows=rows, chunk=3)
     np.testing.assert_allclose(part_out, out[..., rows, :], rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(part_lse, lse[..., rows], rtol=1e-13)
+    np.testing.assert_allclose(part_lse, lse[..., rows], rtol=1e-13, atol=1e-13)
 
 
 def test_chunked_with_block_mask(rng):
@@ -116,7 +117,7 @@ def test_chunked_with_block_mask(rng):
     chunked_out, chunked_lse = reference.chunked_attention(q, k, v, causal=True, block_mask=mask,
                                                            chunk=6)
     np.testing.assert_allclose(chunked_out, out, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(chunked_lse, lse, rtol=1e-13)
+    np.testing.assert_allclose(chunked_lse, lse, rtol=1e-13, atol=1e-13)
 
 
 def test_chunked_rejects_rows_out_of_range(rng):
