@@ -143,8 +143,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, blo
         and newer, used for float16/bfloat16 except on Hopper with D = Dv in {64, 128}) need it:
         by default they add each key tile's share of ``dq`` with float32 atomics, whose order
         varies; with ``deterministic=True`` a separate kernel computes ``dq`` per query tile
-        instead (recomputing the scores once more: 8–20% slower backward, measured on an H200). The Hopper
-        kernels, the float32 kernels and the NumPy path never use atomics and are always
+        instead, recomputing the scores once more (a backward 8–20% slower on an H200). The
+        Hopper kernels, the float32 kernels and the NumPy path never use atomics and are always
         deterministic; for them the flag changes nothing.
 
     Returns
