@@ -16,7 +16,7 @@ HEAD_DIMS = st.sampled_from([1, 3, 8, 16, 24, 32, 64, 80, 128])
 # input dtype. With a small D (so a large default scale) next to a large Dv, that rounding can take
 # dq and dk past twice the naive error, in about one random problem in a thousand; so random
 # backward problems keep D ≥ 32, and test_cpu_backward covers small D with fixed shapes.
-BACKWARD_HEAD_DIMS = st.sampled_from([32, 64, 80, 128])
+BACKWARD_HEAD_DIMS = st.sampled_from([8, 16, 24, 32, 64, 80, 128])
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -87,7 +87,7 @@ def test_forward(problem):
 # dS = P∘(dP − rowsum(dP∘P)) is exactly 0 and leaves the rule no room for the float32 rounding
 # of Δ = rowsum(dO∘O) that the tiled algorithm (like the kernels) sums over all query rows.
 @SETTINGS
-@given(problems(min_keys=2, head_dims=BACKWARD_HEAD_DIMS))
+@given(problems(min_keys=1, head_dims=BACKWARD_HEAD_DIMS))
 def test_backward(problem):
     q, k, v = make_inputs(problem)
     causal, scale = problem["causal"], problem["scale"]
