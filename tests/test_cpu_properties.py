@@ -12,10 +12,9 @@ import cuflash
 
 DTYPES = st.sampled_from([np.float16, ml_dtypes.bfloat16, np.float32])
 HEAD_DIMS = st.sampled_from([1, 3, 8, 16, 24, 32, 64, 80, 128])
-# The backward pass, like the kernels, forms Δ = rowsum(dO∘O) from the output rounded to the
-# input dtype. With a small D (so a large default scale) next to a large Dv, that rounding can take
-# dq and dk past twice the naive error, in about one random problem in a thousand; so random
-# backward problems keep D ≥ 32, and test_cpu_backward covers small D with fixed shapes.
+# With D < 8 and the default scale 1/sqrt(D), scores reach ~10 and float32 gradients grow to
+# ~10–40, where the float32 rounding of the base-2 exponent S·scale·log2(e) − lse·log2(e) can pass
+# the rule's bound; test_cpu_backward covers such D with a smaller scale.
 BACKWARD_HEAD_DIMS = st.sampled_from([8, 16, 24, 32, 64, 80, 128])
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -38,7 +37,7 @@ def large_enough_for_16_bits(q_shape, k_shape, v_shape, causal):
 
 
 @st.composite
-def problems(draw, min_keys=1, head_dims=HEAD_DIMS):
+def problems(draw, head_dims=HEAD_DIMS):
     """Shapes of q, k, v with broadcast leading axes and grouped heads, plus options."""
     batch = draw(st.lists(st.integers(1, 3), max_size=2))
 
@@ -48,7 +47,7 @@ def problems(draw, min_keys=1, head_dims=HEAD_DIMS):
 
     hkv = draw(st.integers(1, 3))
     hq = hkv * draw(st.integers(1, 3))
-    nq, nk = draw(st.integers(1, 260)), draw(st.integers(min_keys, 260))
+    nq, nk = draw(st.integers(1, 260)), draw(st.integers(1, 260))
     d, dv = draw(head_dims), draw(head_dims)
     shapes = dict(q_shape=leading() + (hq, nq, d), k_shape=leading() + (hkv, nk, d),
                   v_shape=leading() + (hkv, nk, dv))
@@ -83,11 +82,8 @@ def test_forward(problem):
     assert_forward_close(out, lse, q, k, v, causal=causal, scale=scale, context=str(problem))
 
 
-# At least two keys: with a single key every probability is exactly 1, so the naive result's
-# dS = P∘(dP − rowsum(dP∘P)) is exactly 0 and leaves the rule no room for the float32 rounding
-# of Δ = rowsum(dO∘O) that the tiled algorithm (like the kernels) sums over all query rows.
 @SETTINGS
-@given(problems(min_keys=1, head_dims=BACKWARD_HEAD_DIMS))
+@given(problems(head_dims=BACKWARD_HEAD_DIMS))
 def test_backward(problem):
     q, k, v = make_inputs(problem)
     causal, scale = problem["causal"], problem["scale"]
