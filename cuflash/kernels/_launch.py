@@ -35,15 +35,47 @@ def element_strides(x) -> tuple[int, ...]:
     return tuple(s // x.itemsize for s in x.strides)
 
 
-def vector_aligned(arrays, widths) -> bool:
+def vector_aligned(arrays, widths=()) -> bool:
     """True when 16-byte loads/stores are legal on every array: aligned base pointers, leading
-    strides in whole 16-byte units, and row widths (head dims) that end on a 16-byte boundary."""
+    strides in whole 16-byte units, and row widths (head dims, in elements of the first array)
+    that end on a 16-byte boundary; no widths for kernels whose partial copies zero-fill."""
     for x in arrays:
         if x.data.ptr % 16:
             return False
         if any((s * x.itemsize) % 16 for s in element_strides(x)[:-1]):
             return False
-    return all((w * 2) % 16 == 0 for w in widths)
+    itemsize = arrays[0].itemsize
+    return all((w * itemsize) % 16 == 0 for w in widths)
+
+
+def stride_fields(names, arrays) -> dict:
+    """``{name_sb, name_sh, name_sn}`` element strides of 4-D (B, H, N, D) arrays, as the
+    argument structs name them."""
+    fields = {}
+    for name, x in zip(names, arrays):
+        sb, sh, sn, _ = element_strides(x)
+        fields.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
+    return fields
+
+
+def check_grid(blocks: int, what: str) -> int:
+    """`blocks` if one 1-D launch can hold them, else a ValueError naming the kernel."""
+    if blocks >= 2**31:
+        raise ValueError(f"problem too large for one launch of {what}: {blocks} thread blocks "
+                         "(limit 2**31 - 1)")
+    return blocks
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device_id: int) -> str:
+    import cupy
+
+    return cupy.cuda.Device(device_id).compute_capability
+
+
+def on_hopper(x) -> bool:
+    """Whether CuPy array `x` lives on a compute-capability 9.0 device (looked up once per device)."""
+    return _compute_capability(x.device.id) == "90"
 
 
 def make_struct_dtype(fields) -> numpy.dtype:
@@ -93,21 +125,15 @@ def forward_args(q, k, v, out, lse, *, scale, block_mask, tile_m, tile_n):
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     m_tiles = -(-nq // tile_m)
-    blocks = m_tiles * heads * batch
-    if blocks >= 2**31:
-        raise ValueError(f"problem too large for one launch: {blocks} thread blocks (limit 2**31 - 1)")
+    blocks = check_grid(m_tiles * heads * batch, "the forward kernel")
     tile_ptr = tile_idx = None
     if block_mask is not None:
         csr = block_mask.device_csr(tile_m, tile_n)
         tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
-    strides = {}
-    for name, x in zip("qkvo", (q, k, v, out)):
-        sb, sh, sn, _ = element_strides(x)
-        strides.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
     args = pack_struct(
         FWD_ARGS,
         q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
-        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **strides,
+        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **stride_fields("qkvo", (q, k, v, out)),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
         scale_log2=scale * LOG2E,

@@ -21,11 +21,13 @@ from ._launch import (
     I32,
     I64,
     PTR,
-    element_strides,
+    check_grid,
     make_struct_dtype,
     pack_struct,
     padded_head_dim,
     pointer,
+    stride_fields,
+    vector_aligned,
 )
 
 SOURCE = "flash_f32.cu"
@@ -128,17 +130,6 @@ def _device_shared_limit() -> int:
     return _shared_limit(cupy.cuda.Device().id)
 
 
-def vector_aligned(arrays) -> bool:
-    """True when 16-byte copies are legal on every array: aligned base pointers and leading
-    strides in whole 16-byte units (row ends need not be: partial copies zero-fill)."""
-    for x in arrays:
-        if x.data.ptr % 16:
-            return False
-        if any((s * x.itemsize) % 16 for s in element_strides(x)[:-1]):
-            return False
-    return True
-
-
 def _expression(name: str, dqk: int, dv: int, tiles: F32Tiles, *, causal: bool, sparse: bool,
                 aligned: bool) -> str:
     return _build.template_expression(
@@ -166,19 +157,6 @@ def dq_variant(dqk: int, dv: int, tiles: F32Tiles, *, causal: bool, sparse: bool
 PREP_KERNEL = "flash_f32_bwd_prep"
 
 
-def _strides(names, arrays) -> dict:
-    strides = {}
-    for name, x in zip(names, arrays):
-        sb, sh, sn, _ = element_strides(x)
-        strides.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
-    return strides
-
-
-def _check_grid(blocks: int) -> None:
-    if blocks >= 2**31:
-        raise ValueError(f"problem too large for one launch: {blocks} thread blocks (limit 2**31 - 1)")
-
-
 def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: F32Tiles | None = None):
     """out, lse ← attention(q, k, v) on 4-D (B, H, N, D) float32 CuPy views; see
     docs/internals.md."""
@@ -191,7 +169,7 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: F32Tile
                         _device_shared_limit())
     m_tiles = -(-nq // tiles.block_m)
     blocks = m_tiles * heads * batch
-    _check_grid(blocks)
+    check_grid(blocks, "the float32 forward kernel")
 
     tile_ptr = tile_idx = None
     if block_mask is not None:
@@ -205,7 +183,7 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: F32Tile
         FWD_ARGS,
         q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
         tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx),
-        **_strides("qkvo", (q, k, v, out)),
+        **stride_fields("qkvo", (q, k, v, out)),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
         scale=scale, scale_log2=scale * LOG2E,
@@ -240,7 +218,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
     rows = batch * heads * nq
     prep_blocks = -(-rows // (THREADS // 32))
     for blocks in (dkdv_blocks, dq_blocks, prep_blocks):
-        _check_grid(blocks)
+        check_grid(blocks, "the float32 backward kernels")
 
     sparse = block_mask is not None
     mask_heads = int(sparse and block_mask.num_heads is not None)
@@ -259,7 +237,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
         lse=pointer(lse), dq_out=pointer(dq), dk_out=pointer(dk), dv_out=pointer(dv),
         delta=pointer(delta),
         row_ptr=pointer(row_ptr), col_idx=pointer(col_idx), col_ptr=pointer(col_ptr),
-        row_idx=pointer(row_idx), **_strides(_BWD_TENSORS, tensors),
+        row_idx=pointer(row_idx), **stride_fields(_BWD_TENSORS, tensors),
         batch=batch, nq=nq, nk=nk, d=d, dv=dvh, heads=heads, group=heads // kv_heads,
         mask_heads=mask_heads, scale=scale,
     )

@@ -37,12 +37,13 @@ from ._launch import (
     I32,
     I64,
     PTR,
-    element_strides,
+    check_grid,
     element_type,
     make_struct_dtype,
     pack_struct,
     padded_head_dim,
     pointer,
+    stride_fields,
     vector_aligned,
 )
 
@@ -215,93 +216,103 @@ def variant_convert(dtype, *, aligned: bool) -> str:
     return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned)
 
 
-def _check_grid(blocks: int, what: str) -> int:
-    if blocks >= 2**31:
-        raise ValueError(f"problem too large for one launch of {what}: {blocks} thread blocks "
-                         "(limit 2**31 - 1)")
-    return blocks
-
-
-def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
-             deterministic=False, tiles: BwdTiles | None = None):
-    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
+def scratch(batch: int, heads: int, nq: int, dqk: int, *, atomic_dq: bool):
+    """Per-call scratch (see workspace_bytes): rows per (batch, head), base-2 lse, Delta and,
+    for atomic dq, the float32 dq accumulator."""
     import cupy
 
-    batch, heads, nq, d = q.shape
-    kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    dqk = padded_head_dim(d, "head dim D")
-    dvp = padded_head_dim(dv_dim, "value head dim Dv")
-    if batch == 0 or heads == 0:
-        return
-    if nq == 0 or nk == 0:  # nothing attended: every gradient is zero
-        for g in (dq, dk, dv):
-            g.fill(0)
-        return
-    if tiles is None:
-        tiles = default_tiles(dqk, dvp, None if block_mask is None else block_mask.block_size)
-    atomic_dq = not deterministic
-    sparse = block_mask is not None
-    aligned = vector_aligned((q, k, v, out, dout, dq, dk, dv), (d, dv_dim))
     rows_pad = rows_padded(nq)
-
     lse2 = cupy.empty((batch, heads, rows_pad), numpy.float32)
     delta = cupy.empty((batch, heads, rows_pad), numpy.float32)
     dq_accum = cupy.empty((batch, heads, rows_pad, dqk), numpy.float32) if atomic_dq else None
+    return rows_pad, lse2, delta, dq_accum
 
+
+def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, *, scale, block_mask, rows_pad, lse2,
+                    delta, dq_accum, dqk):
+    """``args(m_tiles, n_tiles, index)``: the BWD_ARGS of each launch of one backward call (they
+    differ only in the launch's tile counts and block-sparse index)."""
+    batch, heads, nq, d = q.shape
+    kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     fields = dict(
         q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), dout=pointer(dout),
         lse=pointer(lse), grad_q=pointer(dq), grad_k=pointer(dk), grad_v=pointer(dv),
         lse2=pointer(lse2), delta=pointer(delta), dq_accum=pointer(dq_accum),
         batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
         group=heads // kv_heads, rows_pad=rows_pad, dqk=dqk,
-        mask_heads=int(sparse and block_mask.num_heads is not None),
+        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
         scale=scale, scale_log2=scale * LOG2E,
+        **stride_fields(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)),
     )
-    for name, x in zip(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)):
-        sb, sh, sn, _ = element_strides(x)
-        fields.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
 
-    def args(m_tiles=0, n_tiles=0, tile_ptr=None, tile_idx=None):
+    def args(m_tiles=0, n_tiles=0, index=(None, None)):
         return pack_struct(BWD_ARGS, **fields, m_tiles=m_tiles, n_tiles=n_tiles,
-                           tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx))
+                           tile_ptr=pointer(index[0]), tile_idx=pointer(index[1]))
+
+    return args
+
+
+def tile_index(block_mask, tile_m: int, tile_n: int, *, by_key: bool):
+    """The block mask refined to (tile_m, tile_n) tiles, as ``(ptr, idx)``: per query tile (CSR)
+    or, ``by_key``, per key tile (its transpose); ``(None, None)`` when dense."""
+    if block_mask is None:
+        return None, None
+    csr = block_mask.device_csr(tile_m, tile_n)
+    return (csr.col_ptr, csr.row_idx) if by_key else (csr.row_ptr, csr.col_idx)
+
+
+def preprocess(args, dtype, *, rows_pad: int, heads: int, batch: int, aligned: bool, zero_dq: bool):
+    """Launch flash_bwd_pre: Delta, base-2 lse (and the zeroed dq accumulator)."""
+    kernel = _build.get_function(SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq))
+    blocks = check_grid(rows_pad // PRE_ROWS * heads * batch, "flash_bwd_pre")
+    kernel((blocks,), (256,), (args(),))
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
+             deterministic=False, tiles: BwdTiles | None = None):
+    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
+    batch, heads, nq, d = q.shape
+    kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    dqk = padded_head_dim(d, "head dim D")
+    dvp = padded_head_dim(dv_dim, "value head dim Dv")
+    if tiles is None:
+        tiles = default_tiles(dqk, dvp, None if block_mask is None else block_mask.block_size)
+    atomic_dq = not deterministic
+    sparse = block_mask is not None
+    aligned = vector_aligned((q, k, v, out, dout, dq, dk, dv), (d, dv_dim))
+    rows_pad, lse2, delta, dq_accum = scratch(batch, heads, nq, dqk, atomic_dq=atomic_dq)
+    args = argument_packer(dout, q, k, v, out, lse, dq, dk, dv, scale=scale, block_mask=block_mask,
+                           rows_pad=rows_pad, lse2=lse2, delta=delta, dq_accum=dq_accum, dqk=dqk)
 
     # 1. Delta, lse2, zeroed dq accumulator.
-    kernel = _build.get_function(SOURCE, variant_pre(q.dtype, aligned=aligned, zero_dq=atomic_dq))
-    blocks = _check_grid(rows_pad // PRE_ROWS * heads * batch, "flash_bwd_pre")
-    kernel((blocks,), (256,), (args(),))
+    preprocess(args, q.dtype, rows_pad=rows_pad, heads=heads, batch=batch, aligned=aligned,
+               zero_dq=atomic_dq)
 
     # 2. dK, dV (and dQ through atomics).
     m_tiles, n_tiles = -(-nq // tiles.block_m), -(-nk // tiles.block_n)
-    tile_ptr = tile_idx = None
-    if sparse:
-        csr = block_mask.device_csr(tiles.block_m, tiles.block_n)
-        tile_ptr, tile_idx = csr.col_ptr, csr.row_idx
+    index = tile_index(block_mask, tiles.block_m, tiles.block_n, by_key=True)
     shared = tiles.dkdv_shared_bytes(dqk, dvp, atomic_dq=atomic_dq)
     expression = variant_dkdv(q.dtype, dqk, dvp, tiles, causal=causal, sparse=sparse,
                               aligned=aligned, atomic_dq=atomic_dq)
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
-    blocks = _check_grid(n_tiles * kv_heads * batch, "flash_bwd_dkdv")
-    kernel((blocks,), (tiles.warps * 32,), (args(m_tiles, n_tiles, tile_ptr, tile_idx),),
-           shared_mem=shared)
+    blocks = check_grid(n_tiles * kv_heads * batch, "flash_bwd_dkdv")
+    kernel((blocks,), (tiles.warps * 32,), (args(m_tiles, n_tiles, index),), shared_mem=shared)
 
     # 3. dQ.
     if atomic_dq:
         kernel = _build.get_function(SOURCE, variant_convert(q.dtype, aligned=aligned))
         threads = batch * heads * nq * (-(-d // 8))
-        blocks = _check_grid(-(-threads // 256), "flash_bwd_dq_convert")
+        blocks = check_grid(-(-threads // 256), "flash_bwd_dq_convert")
         kernel((blocks,), (256,), (args(),))
     else:
         m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
-        tile_ptr = tile_idx = None
-        if sparse:
-            csr = block_mask.device_csr(tiles.dq_block_m, tiles.dq_block_n)
-            tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+        index = tile_index(block_mask, tiles.dq_block_m, tiles.dq_block_n, by_key=False)
         shared = tiles.dq_shared_bytes(dqk, dvp)
         expression = variant_dq(q.dtype, dqk, dvp, tiles, causal=causal, sparse=sparse,
                                 aligned=aligned)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
-        blocks = _check_grid(m_tiles * heads * batch, "flash_bwd_dq")
-        kernel((blocks,), (tiles.dq_warps * 32,), (args(m_tiles, n_tiles, tile_ptr, tile_idx),),
+        blocks = check_grid(m_tiles * heads * batch, "flash_bwd_dq")
+        kernel((blocks,), (tiles.dq_warps * 32,), (args(m_tiles, n_tiles, index),),
                shared_mem=shared)
 
 

@@ -73,8 +73,6 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: FwdTile
         tiles = tiles_for_mask(tiles, block_mask.block_size, dqk, dvp)
     args, blocks = forward_args(q, k, v, out, lse, scale=scale, block_mask=block_mask,
                                 tile_m=tiles.block_m, tile_n=tiles.block_n)
-    if blocks == 0:
-        return
     aligned = vector_aligned((q, k, v, out), (d, dv))
     expression = variant(q.dtype, dqk, dvp, tiles, causal=causal, sparse=block_mask is not None, aligned=aligned)
     shared = tiles.shared_bytes(dqk, dvp)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy
 
 from . import _build, mma_backward
-from ._launch import element_strides, element_type, pack_struct, pointer, vector_aligned
+from ._launch import check_grid, element_type, on_hopper, vector_aligned
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -88,18 +88,12 @@ def variant_dq(dtype, d: int, tiles: Sm90BwdTiles, *, causal: bool, sparse: bool
     )
 
 
-def _is_sm90(x) -> bool:
-    import cupy
-
-    return cupy.cuda.Device(x.device.id).compute_capability == "90"
-
-
 def supports(q, k, v, dout, block_mask=None, *, out=None, grads=(), tiles: Sm90BwdTiles | None = None) -> bool:
     """Whether ``backward`` can run this call: a compute-capability 9.0 device, float16 or
     bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of q, k, v, dout
     (and of ``out`` and the gradient arrays ``grads`` when given), and block masks whose blocks are
     whole multiples of both kernels' tiles."""
-    if numpy.dtype(q.dtype).name not in ("float16", "bfloat16"):
+    if not on_hopper(q) or numpy.dtype(q.dtype).name not in ("float16", "bfloat16"):
         return False
     d, dv = q.shape[-1], v.shape[-1]
     if d != dv or d not in HEAD_DIMS:
@@ -113,14 +107,7 @@ def supports(q, k, v, dout, block_mask=None, *, out=None, grads=(), tiles: Sm90B
         if (bq % tiles.dkdv_block_m or bq % tiles.dq_block_m
                 or bk % tiles.dkdv_block_n or bk % tiles.dq_block_n):
             return False
-    return _is_sm90(q)
-
-
-def _check_grid(blocks: int, what: str) -> int:
-    if blocks >= 2**31:
-        raise ValueError(f"problem too large for one launch of {what}: {blocks} thread blocks "
-                         "(limit 2**31 - 1)")
-    return blocks
+    return True
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
@@ -128,75 +115,37 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
     """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md. The caller
     checks ``supports()`` first. Always deterministic (no atomics): ``deterministic`` is accepted
     and holds either way."""
-    import cupy
-
     del deterministic  # every gradient element is written by exactly one thread block
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     if d != dv_dim or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
-    if batch == 0 or heads == 0:
-        return
-    if nq == 0 or nk == 0:  # nothing attended: every gradient is zero
-        for g in (dq, dk, dv):
-            g.fill(0)
-        return
     tiles = tiles or default_tiles(d)
     sparse = block_mask is not None
-    rows_pad = mma_backward.rows_padded(nq)
-
-    lse2 = cupy.empty((batch, heads, rows_pad), numpy.float32)
-    delta = cupy.empty((batch, heads, rows_pad), numpy.float32)
-
-    fields = dict(
-        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), dout=pointer(dout),
-        lse=pointer(lse), grad_q=pointer(dq), grad_k=pointer(dk), grad_v=pointer(dv),
-        lse2=pointer(lse2), delta=pointer(delta), dq_accum=0,
-        batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
-        group=heads // kv_heads, rows_pad=rows_pad, dqk=d,
-        mask_heads=int(sparse and block_mask.num_heads is not None),
-        scale=scale, scale_log2=scale * mma_backward.LOG2E,
-    )
-    for name, x in zip(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)):
-        sb, sh, sn, _ = element_strides(x)
-        fields.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
-
-    def args(m_tiles=0, n_tiles=0, tile_ptr=None, tile_idx=None):
-        return pack_struct(mma_backward.BWD_ARGS, **fields, m_tiles=m_tiles, n_tiles=n_tiles,
-                           tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx))
+    rows_pad, lse2, delta, _ = mma_backward.scratch(batch, heads, nq, d, atomic_dq=False)
+    args = mma_backward.argument_packer(
+        dout, q, k, v, out, lse, dq, dk, dv, scale=scale, block_mask=block_mask, rows_pad=rows_pad,
+        lse2=lse2, delta=delta, dq_accum=None, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view).
-    pre_aligned = vector_aligned((out, dout), (dv_dim,))
-    kernel = _build.get_function(mma_backward.SOURCE,
-                                 mma_backward.variant_pre(q.dtype, aligned=pre_aligned, zero_dq=False))
-    blocks = _check_grid(rows_pad // mma_backward.PRE_ROWS * heads * batch, "flash_bwd_pre")
-    kernel((blocks,), (256,), (args(),))
+    mma_backward.preprocess(args, q.dtype, rows_pad=rows_pad, heads=heads, batch=batch,
+                            aligned=vector_aligned((out, dout), (dv_dim,)), zero_dq=False)
 
-    # 2. dK, dV.
-    m_tiles, n_tiles = -(-nq // tiles.dkdv_block_m), -(-nk // tiles.dkdv_block_n)
-    tile_ptr = tile_idx = None
-    if sparse:
-        csr = block_mask.device_csr(tiles.dkdv_block_m, tiles.dkdv_block_n)
-        tile_ptr, tile_idx = csr.col_ptr, csr.row_idx
-    shared = tiles.dkdv_shared_bytes(d)
-    kernel = _build.get_function(SOURCE, variant_dkdv(q.dtype, d, tiles, causal=causal, sparse=sparse),
-                                 shared_bytes=shared, options=OPTIONS)
-    blocks = _check_grid(n_tiles * kv_heads * batch, "flash_bwd_sm90_dkdv")
-    kernel((blocks,), (128 * tiles.dkdv_warpgroups,), (args(m_tiles, n_tiles, tile_ptr, tile_idx),),
-           shared_mem=shared)
-
-    # 3. dQ.
-    m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
-    tile_ptr = tile_idx = None
-    if sparse:
-        csr = block_mask.device_csr(tiles.dq_block_m, tiles.dq_block_n)
-        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
-    shared = tiles.dq_shared_bytes(d)
-    kernel = _build.get_function(SOURCE, variant_dq(q.dtype, d, tiles, causal=causal, sparse=sparse),
-                                 shared_bytes=shared, options=OPTIONS)
-    blocks = _check_grid(m_tiles * heads * batch, "flash_bwd_sm90_dq")
-    kernel((blocks,), (128 * tiles.dq_warpgroups,), (args(m_tiles, n_tiles, tile_ptr, tile_idx),),
-           shared_mem=shared)
+    # 2. dK, dV: one block per key tile; 3. dQ: one block per query tile.
+    launches = (
+        (variant_dkdv, tiles.dkdv_block_m, tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d),
+         tiles.dkdv_warpgroups, True),
+        (variant_dq, tiles.dq_block_m, tiles.dq_block_n, tiles.dq_shared_bytes(d),
+         tiles.dq_warpgroups, False),
+    )
+    for variant, tile_m, tile_n, shared, warpgroups, by_key in launches:
+        m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
+        index = mma_backward.tile_index(block_mask, tile_m, tile_n, by_key=by_key)
+        expression = variant(q.dtype, d, tiles, causal=causal, sparse=sparse)
+        kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
+        blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,
+                            expression)
+        kernel((blocks,), (128 * warpgroups,), (args(m_tiles, n_tiles, index),), shared_mem=shared)
 
 
 def main_variants() -> list[tuple[str, str]]:

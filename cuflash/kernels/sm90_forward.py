@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy
 
 from . import _build
-from ._launch import element_type, forward_args, vector_aligned
+from ._launch import element_type, forward_args, on_hopper, vector_aligned
 
 SOURCE = "flash_fwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -58,17 +58,11 @@ def variant(dtype, d: int, tiles: Sm90Tiles, *, causal: bool, sparse: bool) -> s
     )
 
 
-def _is_sm90(x) -> bool:
-    import cupy
-
-    return cupy.cuda.Device(x.device.id).compute_capability == "90"
-
-
 def supports(q, k, v, out, block_mask=None, tiles: Sm90Tiles | None = None) -> bool:
     """Whether ``forward`` can run this call: a compute-capability 9.0 device, float16 or bfloat16,
     D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides, and block masks whose
     blocks are whole multiples of the tile."""
-    if numpy.dtype(q.dtype).name not in ("float16", "bfloat16"):
+    if not on_hopper(q) or numpy.dtype(q.dtype).name not in ("float16", "bfloat16"):
         return False
     d, dv = q.shape[-1], v.shape[-1]
     if d != dv or d not in HEAD_DIMS:
@@ -80,7 +74,7 @@ def supports(q, k, v, out, block_mask=None, tiles: Sm90Tiles | None = None) -> b
         bq, bk = block_mask.block_size
         if bq % tiles.block_m or bk % tiles.block_n:
             return False
-    return _is_sm90(q)
+    return True
 
 
 def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: Sm90Tiles | None = None):
@@ -92,8 +86,6 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: Sm90Til
     tiles = tiles or default_tiles(d)
     args, blocks = forward_args(q, k, v, out, lse, scale=scale, block_mask=block_mask,
                                 tile_m=tiles.block_m, tile_n=tiles.block_n)
-    if blocks == 0:
-        return
     expression = variant(q.dtype, d, tiles, causal=causal, sparse=block_mask is not None)
     shared = tiles.shared_bytes(d)
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
