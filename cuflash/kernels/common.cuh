@@ -161,6 +161,17 @@ __device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads)
     return {bid / heads, bid % heads, CAUSAL ? m_tiles - 1 - m_tile_rev : m_tile_rev};
 }
 
+// The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles × kv_heads × batch blocks:
+// the key tiles of one head next to each other, in order (with a causal mask the first key
+// tiles, seen by the most query rows, are the heaviest and go first).
+struct KvTile {
+    int b, hk, n_tile;
+};
+__device__ __forceinline__ KvTile kv_tile_of_block(int n_tiles, int kv_heads) {
+    const int bid = blockIdx.x / n_tiles;
+    return {bid / kv_heads, bid % kv_heads, (int)(blockIdx.x % n_tiles)};
+}
+
 // The key tiles (of BLOCK_N keys) that query tile m_tile (of BLOCK_M rows) visits, in ascending
 // order: all of them (dense) or its row of the tile CSR (block-sparse, one pattern per head or
 // one shared), cut where the causal mask hides every row of the tile.
@@ -413,6 +424,24 @@ __device__ __forceinline__ void load_tile_sw128(u32 dst, const u16* src, i64 ld,
 // rows: columns 16kk.. sit in box kk / 4, 32 bytes per step inside the 128-byte row.
 __device__ __forceinline__ u32 kmajor_step(int kk, int rows) {
     return ((kk / 4) * rows * 128 + (kk % 4) * 32) >> 4;
+}
+
+// Accumulator pairs (2 floats each; k16 step kk covers column blocks 2kk, 2kk + 1) as the
+// mma.m16n8k16 A fragments that wgmma takes from registers.
+template <typename T, int KS>
+__device__ __forceinline__ void pack_a(u32 (&f)[KS][4], const float (&x)[KS * 8]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        f[kk][0] = pack2<T>(x[8 * kk + 0], x[8 * kk + 1]);
+        f[kk][1] = pack2<T>(x[8 * kk + 2], x[8 * kk + 3]);
+        f[kk][2] = pack2<T>(x[8 * kk + 4], x[8 * kk + 5]);
+        f[kk][3] = pack2<T>(x[8 * kk + 6], x[8 * kk + 7]);
+    }
+}
+template <int KS>
+__device__ __forceinline__ void reg_fence_frag(u32 (&f)[KS][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) reg_fence(f[kk]);
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -111,12 +111,8 @@ flash_bwd_dkdv(const BwdArgs a) {
     float* sl = reinterpret_cast<float*>(sds + (DS_SMEM ? BLOCK_N * PS : 0));
     float* sd = sl + STAGES * BLOCK_M;
 
-    // Lightest key tiles (causal: last) last; the key tiles of one head next to each other.
-    int bid = blockIdx.x;
-    const int n_tile = bid % a.n_tiles;
-    bid /= a.n_tiles;
-    const int hk = bid % a.kv_heads;
-    const int b = bid / a.kv_heads;
+    const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
+    const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
     const int offset = a.nk - a.nq;  // query row i sees key columns j <= i + offset
 

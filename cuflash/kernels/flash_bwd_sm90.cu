@@ -27,24 +27,6 @@
 #endif
 
 
-// Accumulator pairs (2 floats each; k16 step kk covers column blocks 2kk, 2kk + 1) as the
-// mma.m16n8k16 A fragments that wgmma takes from registers.
-template <typename T, int KS>
-__device__ __forceinline__ void pack_a(u32 (&f)[KS][4], const float (&x)[KS * 8]) {
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-        f[kk][0] = pack2<T>(x[8 * kk + 0], x[8 * kk + 1]);
-        f[kk][1] = pack2<T>(x[8 * kk + 2], x[8 * kk + 3]);
-        f[kk][2] = pack2<T>(x[8 * kk + 4], x[8 * kk + 5]);
-        f[kk][3] = pack2<T>(x[8 * kk + 6], x[8 * kk + 7]);
-    }
-}
-template <int KS>
-__device__ __forceinline__ void reg_fence_frag(u32 (&f)[KS][4]) {
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) reg_fence(f[kk]);
-}
-
 // ---------------------------------------------------------------------------------------------
 // dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows.
 template <typename T, int D, int WG, int BLOCK_M, bool CAUSAL, bool SPARSE>
@@ -70,12 +52,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     // Per stage: lse2[BLOCK_M], then Delta[BLOCK_M].
     float* rows = reinterpret_cast<float*>(smem_raw + (sdo + 2 * QT_BYTES - base));
 
-    // Key tiles of one head next to each other; causal: the heaviest (first) tiles first.
-    int bid = blockIdx.x;
-    const int n_tile = bid % a.n_tiles;
-    bid /= a.n_tiles;
-    const int hk = bid % a.kv_heads;
-    const int b = bid / a.kv_heads;
+    const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
+    const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
     const int offset = a.nk - a.nq;  // query row i sees key columns j <= i + offset
 

@@ -129,16 +129,6 @@ flash_fwd_sm90(const FwdArgs a) {
             row_sum[half] = row_sum[half] * alpha[half] + sum;
         }
     };
-    // P in 16-bit as wgmma A fragments: k16 step kk covers S column blocks 2kk and 2kk + 1.
-    auto pack_p = [&]() {
-#pragma unroll
-        for (int kk = 0; kk < KPV; ++kk) {
-            pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-            pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-            pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-            pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-        }
-    };
 
     // cp.async groups: g(-1) = {Q, K_0}; g(i) = {V_i, K_{i+1}} for i >= 0, each clipped to the
     // tiles that exist (an empty group is still committed so the counting stays uniform). Step j
@@ -174,7 +164,7 @@ flash_fwd_sm90(const FwdArgs a) {
             float alpha[2];
             softmax(key_tile[0], alpha);
         }
-        pack_p();
+        pack_a<T, KPV>(pf, s);
 
         // Steps 1 .. n_count - 1: the tensor cores run S_j, then P_{j-1}·V_{j-1}; the softmax of
         // S_j overlaps the second, and O is rescaled once it has landed.
@@ -201,7 +191,7 @@ flash_fwd_sm90(const FwdArgs a) {
                 o[4 * i + 2] *= alpha[1];
                 o[4 * i + 3] *= alpha[1];
             }
-            pack_p();
+            pack_a<T, KPV>(pf, s);
         }
 
         // Last step: P_{n-1}·V_{n-1}.
