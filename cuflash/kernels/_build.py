@@ -1,7 +1,7 @@
 """Kernel sources → compiled functions.
 
-Sources are `.cu` files beside this module. `#include "x.cuh"` lines naming a sibling header are
-inlined before compilation, so the text CuPy hashes for its disk cache (`CUPY_CACHE_DIR`) is the
+Sources are the `.cu` files of `csrc/`. `#include "x.cuh"` lines naming a header of that folder
+(``arch/ptx.cuh`` for one in a subfolder) are inlined before compilation, so the text CuPy hashes for its disk cache (`CUPY_CACHE_DIR`) is the
 whole program: editing a header invalidates the cache as it should. Each kernel variant is one
 template instantiation named by a C++ expression (``flash_fwd<bf16_t, 128, ...>``) and compiled
 into its own module, once per (source, expression, device) in a process.
@@ -13,9 +13,9 @@ import functools
 import re
 from pathlib import Path
 
-KERNEL_DIR = Path(__file__).resolve().parent
+KERNEL_DIR = Path(__file__).resolve().parent / "csrc"
 COMPILE_OPTIONS = ("-std=c++17",)
-_INCLUDE = re.compile(r'^\s*#include\s+"([\w.]+)"\s*$', re.MULTILINE)
+_INCLUDE = re.compile(r'^\s*#include\s+"([\w./]+)"\s*$', re.MULTILINE)
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy
+
+from . import _build
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32  # head dims are padded inside the kernel to a multiple of this
@@ -106,19 +109,73 @@ def pointer(x) -> int:
     return 0 if x is None else int(x.data.ptr)
 
 
-LOG2E = 1.4426950408889634
+LOG2E = math.log2(math.e)
 
-# The argument struct of both forward kernels (FwdArgs in flash_fwd.cu, Sm90FwdArgs in
-# flash_fwd_sm90.cu: same layout, checked there with a static_assert on its size).
+# ---- mask and score modifier: template keys and argument fields (csrc/mask.cuh, score_mod.cuh)
+
+# The fields every argument struct ends with (MASK_AND_SCORE_FIELDS in csrc/args.cuh).
+MASK_AND_SCORE_FIELDS = [("alibi", PTR), ("window_left", I32), ("window_right", I32),
+                         ("cap_in", F32), ("cap_out", F32)]
+
+
+def mask_and_score_values(spec) -> dict:
+    """The values of MASK_AND_SCORE_FIELDS for one call."""
+    left, right = spec.kernel_band()
+    softcap = spec.softcap
+    return {
+        "alibi": pointer(spec.alibi), "window_left": left, "window_right": right,
+        "cap_in": spec.scale / softcap if softcap > 0 else 0.0,
+        "cap_out": softcap * LOG2E,
+    }
+
+
+def mask_type(spec) -> str:
+    """The kernels' mask policy for this call (csrc/mask.cuh)."""
+    return _build.template_expression("Mask", spec.banded, spec.sparse)
+
+
+def score_mod_type(spec) -> str:
+    """The kernels' score modifier for this call (csrc/score_mod.cuh)."""
+    return _build.template_expression("ScoreMod", spec.has_softcap, spec.has_alibi)
+
+
+def block_mask_csr(spec, tile_m: int, tile_n: int):
+    """Row pointers and indices of the block mask refined to (tile_m, tile_n) tiles, or (None,
+    None) without one."""
+    if spec.block_mask is None:
+        return None, None
+    csr = spec.block_mask.device_csr(tile_m, tile_n)
+    return csr.row_ptr, csr.col_idx
+
+
+# The argument struct of both 16-bit forward kernels (FwdArgs in csrc/args.cuh).
 FWD_ARGS = make_struct_dtype(
     [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR)]
     + [(f"{t}_s{a}", I64) for t in "qkvo" for a in "bhn"]
     + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads")]
     + [("scale_log2", F32)]
+    + MASK_AND_SCORE_FIELDS
 )
+assert FWD_ARGS.itemsize == 216, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
+
+# The argument struct of every 16-bit backward kernel (BwdArgs in csrc/args.cuh).
+BWD_ARGS = make_struct_dtype(
+    [(n, PTR) for n in ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2",
+                        "delta", "dq_accum", "tile_ptr", "tile_idx")]
+    + [(f"{t}_s{a}", I64) for t in ("q", "k", "v", "o", "do", "gq", "gk", "gv") for a in "bhn"]
+    + [(n, I32) for n in ("batch", "nq", "nk", "d", "dv", "heads", "kv_heads", "group", "m_tiles",
+                          "n_tiles", "rows_pad", "dqk", "mask_heads")]
+    + [("scale", F32), ("scale_log2", F32)]
+    + MASK_AND_SCORE_FIELDS
+)
+assert BWD_ARGS.itemsize == 392, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
 
 
-def forward_args(q, k, v, out, lse, *, scale, block_mask, tile_m, tile_n):
+def mask_heads(spec) -> int:
+    return int(spec.block_mask is not None and spec.block_mask.num_heads is not None)
+
+
+def forward_args(q, k, v, out, lse, spec, *, tile_m, tile_n):
     """The forward kernels' argument struct for 4-D views, and the grid size (thread blocks):
     one block per `tile_m` query rows of each (batch, head). With a block mask, its CSR refined
     to (tile_m, tile_n) tiles."""
@@ -126,16 +183,13 @@ def forward_args(q, k, v, out, lse, *, scale, block_mask, tile_m, tile_n):
     kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     m_tiles = -(-nq // tile_m)
     blocks = check_grid(m_tiles * heads * batch, "the forward kernel")
-    tile_ptr = tile_idx = None
-    if block_mask is not None:
-        csr = block_mask.device_csr(tile_m, tile_n)
-        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+    tile_ptr, tile_idx = block_mask_csr(spec, tile_m, tile_n)
     args = pack_struct(
         FWD_ARGS,
         q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
         tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **stride_fields("qkvo", (q, k, v, out)),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
-        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
-        scale_log2=scale * LOG2E,
+        mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
+        **mask_and_score_values(spec),
     )
     return args, blocks

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _build
-from ._launch import element_type, forward_args, padded_head_dim, vector_aligned
+from ._launch import (element_type, forward_args, mask_type, padded_head_dim, score_mod_type,
+                      vector_aligned)
 
 SOURCE = "flash_fwd.cu"
 
@@ -56,25 +57,45 @@ def tiles_for_mask(tiles: FwdTiles, block_size, dqk: int, dv: int) -> FwdTiles:
     return small
 
 
-def variant(dtype, dqk: int, dv: int, tiles: FwdTiles, *, causal: bool, sparse: bool, aligned: bool) -> str:
+def variant(spec, tiles: FwdTiles, *, aligned: bool) -> str:
+    dqk, dvp = padded_head_dim(spec.shapes.d, "head dim D"), padded_head_dim(spec.shapes.dv, "value head dim Dv")
     return _build.template_expression(
-        "flash_fwd", element_type(dtype), dqk, dv, tiles.warps, tiles.mt, tiles.block_n,
-        tiles.q_in_regs, causal, sparse, aligned,
+        "flash_fwd", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.block_n,
+        tiles.q_in_regs, mask_type(spec), score_mod_type(spec), aligned,
     )
 
 
-def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: FwdTiles | None = None):
+def tiles_for(spec) -> FwdTiles:
+    """The tile shape a call runs with: the default for its head dims, refined to divide the
+    block mask's blocks."""
+    dqk = padded_head_dim(spec.shapes.d, "head dim D")
+    dvp = padded_head_dim(spec.shapes.dv, "value head dim Dv")
+    tiles = default_tiles(dqk, dvp)
+    if spec.block_mask is not None:
+        tiles = tiles_for_mask(tiles, spec.block_mask.block_size, dqk, dvp)
+    return tiles
+
+
+def supports(spec, arrays) -> str | None:
+    """None when this family runs the call, else why not: it takes any 16-bit call on sm_80+."""
+    if spec.dtype.name not in ("float16", "bfloat16"):
+        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    try:
+        tiles_for(spec)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def forward(q, k, v, out, lse, spec, *, tiles: FwdTiles | None = None):
     """Run the forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
     d, dv = q.shape[3], v.shape[3]
     dqk = padded_head_dim(d, "head dim D")
     dvp = padded_head_dim(dv, "value head dim Dv")
-    tiles = tiles or default_tiles(dqk, dvp)
-    if block_mask is not None:
-        tiles = tiles_for_mask(tiles, block_mask.block_size, dqk, dvp)
-    args, blocks = forward_args(q, k, v, out, lse, scale=scale, block_mask=block_mask,
-                                tile_m=tiles.block_m, tile_n=tiles.block_n)
+    tiles = tiles or tiles_for(spec)
+    args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=tiles.block_m, tile_n=tiles.block_n)
     aligned = vector_aligned((q, k, v, out), (d, dv))
-    expression = variant(q.dtype, dqk, dvp, tiles, causal=causal, sparse=block_mask is not None, aligned=aligned)
+    expression = variant(spec, tiles, aligned=aligned)
     shared = tiles.shared_bytes(dqk, dvp)
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
     kernel((blocks,), (tiles.warps * 32,), (args,), shared_mem=shared)
@@ -82,21 +103,12 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: FwdTile
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for every supported architecture without register spills."""
+    from ._variants import spec_grid
+
     out = []
-    for dtype in ("float16", "bfloat16"):
-        for d in (32, 64, 96, 128, 256):
-            tiles = default_tiles(d, d)
-            for causal in (False, True):
-                out.append((SOURCE, variant(dtype, d, d, tiles, causal=causal, sparse=False, aligned=True)))
-        out.append((SOURCE, variant(dtype, 128, 128, default_tiles(128, 128), causal=True, sparse=True, aligned=True)))
-    out.append((SOURCE, variant("float16", 64, 128, default_tiles(64, 128), causal=False, sparse=False, aligned=False)))
+    for spec in spec_grid(head_dims=(32, 64, 96, 128, 256)):
+        out.append((SOURCE, variant(spec, tiles_for(spec), aligned=spec.shapes.d % 8 == 0)))
     return out
 
 
-def flops(batch: int, heads: int, nq: int, nk: int, d: int, dv: int, *, causal: bool) -> float:
-    """Matmul FLOPs of the forward pass as the papers count them (causal: half)."""
-    total = 2.0 * batch * heads * nq * nk * (d + dv)
-    return total / 2 if causal else total
-
-
-__all__ = ["forward", "FwdTiles", "default_tiles", "variant", "flops"]
+__all__ = ["forward", "supports", "FwdTiles", "default_tiles", "tiles_for", "variant", "main_variants"]

@@ -3,12 +3,15 @@
 // One thread block owns BLOCK_M query rows of one (batch, head); each warp owns MT 16-row slabs
 // of them. K/V tiles of BLOCK_N keys stream through shared memory: the V load overlaps the Q·Kᵀ
 // product and the softmax, the next K load overlaps P·V. Softmax is online and in base 2; O and
-// lse are written once at the end.
+// lse are written once at the end. The mask (mask.cuh) and the score modifier (score_mod.cuh)
+// are template policies: which keys are visited, which elements are masked and how scores are
+// modified is theirs to say.
 #include "args.cuh"
 
+#include "arch/sm80_mma.cuh"
 
-template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool Q_IN_REGS, bool CAUSAL,
-          bool SPARSE, bool ALIGNED>
+template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool Q_IN_REGS, class MASK,
+          class MOD, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_fwd(const FwdArgs a) {
     constexpr int THREADS = WARPS * 32;
@@ -25,16 +28,17 @@ flash_fwd(const FwdArgs a) {
     u16* sk = sq + BLOCK_M * QS;
     u16* sv = sk + BLOCK_N * KS;
 
-    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
     const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
+    const MASK mask(a);
+    const MOD mod(a, b, h);
 
     const u16* q = a.q + b * a.q_sb + h * a.q_sh;
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
     const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
     const int m0 = m_tile * BLOCK_M;
-    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
-        m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -111,57 +115,30 @@ flash_fwd(const FwdArgs a) {
             }
         }
 
-        // Element masks only where the tile crosses the causal diagonal or the end of K.
+        // Score modifier, then element masks only where the tile holds keys some row does not see.
         const int n0 = n_tile * BLOCK_N;
-        const bool tile_partial =
-            n0 + BLOCK_N > a.nk ||
-            (CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(m0 + warp * MT * 16, a.nq, a.nk));
-        if (tile_partial) {
+        const int warp_row0 = m0 + warp * MT * 16;
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt) modify_scores(s[mt], mod, warp_row0 + mt * 16 + g, n0, t);
+        if (mask.partial(warp_row0, MT * 16, n0, BLOCK_N)) {
 #pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int row = m0 + (warp * MT + mt) * 16 + g + half * 8;
-                    const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
-                    const int first_masked = limit - n0 - 2 * t;  // in this lane's column numbering
-#pragma unroll
-                    for (int j = 0; j < NT; ++j)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            if (j * 8 + e >= first_masked) s[mt][j][half * 2 + e] = -INFINITY;
-                }
+            for (int mt = 0; mt < MT; ++mt) mask_scores(s[mt], mask, warp_row0 + mt * 16 + g, n0, t);
         }
 
         // Online softmax in base 2; P packed to 16-bit A fragments for P·V.
         u32 pf[MT][NT / 2][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt) {
+            float alpha[2];
+            online_softmax(s[mt], row_max[mt], row_sum[mt], mod.softmax_scale(), alpha);
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                float mx = row_max[mt][half];
-#pragma unroll
-                for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][half * 2], s[mt][j][half * 2 + 1]));
-                mx = quad_max(mx);
-                // A row that has seen only masked keys keeps max -inf; subtract 0 instead of -inf.
-                const float base = mx == -INFINITY ? 0.f : mx * a.scale_log2;
-                const float alpha = fast_exp2(row_max[mt][half] * a.scale_log2 - base);
-                row_max[mt][half] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = fast_exp2(fmaf(s[mt][j][half * 2 + e], a.scale_log2, -base));
-                        s[mt][j][half * 2 + e] = p;
-                        sum += p;
-                    }
-                row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
-#pragma unroll
-                for (int j = 0; j < OT; ++j) {
-                    acc[mt][j][half * 2] *= alpha;
-                    acc[mt][j][half * 2 + 1] *= alpha;
-                }
+            for (int j = 0; j < OT; ++j) {
+                acc[mt][j][0] *= alpha[0];
+                acc[mt][j][1] *= alpha[0];
+                acc[mt][j][2] *= alpha[1];
+                acc[mt][j][3] *= alpha[1];
             }
+        }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -198,28 +175,15 @@ flash_fwd(const FwdArgs a) {
     u16* o = a.o + b * a.o_sb + h * a.o_sh;
     float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt) {
+        const int row0 = m0 + (warp * MT + mt) * 16 + g;
+        float inv[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int row = m0 + (warp * MT + mt) * 16 + g + half * 8;
-            const float l = quad_sum(row_sum[mt][half]);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
-            if (row < a.nq) {
-                if (t == 0)
-                    lse[row] = l > 0.f ? (row_max[mt][half] * a.scale_log2 + __log2f(l)) * 0.69314718055994531f
-                                       : -INFINITY;
-                u16* orow = o + (i64)row * a.o_sn;
-#pragma unroll
-                for (int j = 0; j < OT; ++j) {
-                    const int col = j * 8 + 2 * t;
-                    const float x0 = acc[mt][j][half * 2] * inv, x1 = acc[mt][j][half * 2 + 1] * inv;
-                    if (ALIGNED && col + 1 < a.dv) {
-                        *reinterpret_cast<u32*>(orow + col) = pack2<T>(x0, x1);
-                    } else {
-                        if (col < a.dv) orow[col] = from_float<T>(x0);
-                        if (col + 1 < a.dv) orow[col + 1] = from_float<T>(x1);
-                    }
-                }
-            }
+            const RowResult r = finish_row(row_max[mt][half], row_sum[mt][half], mod.softmax_scale());
+            inv[half] = r.inv;
+            if (t == 0 && row0 + half * 8 < a.nq) lse[row0 + half * 8] = r.lse;
         }
+        store_rows<T, ALIGNED>(o, a.o_sn, a.nq, a.dv, acc[mt], row0, 0, t, inv);
+    }
 }

@@ -1,0 +1,107 @@
+"""One attention call, validated: the frozen ``AttentionSpec`` every back end receives.
+
+``_api`` builds a spec once per call from the user's arguments; the NumPy back end, the kernel
+registry and every launcher read their options from it (never from loose keywords), and the
+launchers derive their template keys and tile choices from it. Adding an option means adding a
+field here, a check in ``_checks`` and its rule in ``_mask`` (Python) and ``csrc/mask.cuh`` or
+``csrc/score_mod.cuh`` (CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy
+
+from ._checks import Shapes
+
+UNBOUNDED = -1  # a window side that is not limited (flash-attn's -1)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Shapes, dtype and every option of one call.
+
+    ``window`` is the user's ``(left, right)``; ``causal`` is kept apart for the schedule (its
+    heaviest query tiles go first) but the key band that both define is ``band()``.
+    ``alibi`` is ``None`` or a C-contiguous float32 array of shape ``(B, Hq)`` (``B`` the
+    flattened broadcast batch) on the inputs' device, ready for the kernels.
+    """
+
+    shapes: Shapes
+    dtype: numpy.dtype
+    scale: float
+    causal: bool = False
+    window: tuple[int, int] = (UNBOUNDED, UNBOUNDED)
+    softcap: float = 0.0
+    alibi: Any = field(default=None, compare=False, repr=False)
+    block_mask: Any = field(default=None, compare=False)
+    deterministic: bool = False
+
+    # ---- the mask: which keys a query sees
+
+    def band(self) -> tuple[int, int]:
+        """``(left, right)`` of the key band, ``-1`` where unbounded; causal is ``right = 0``.
+
+        Query ``i`` sees key ``j`` when ``i + Nk − Nq − left ≤ j ≤ i + Nk − Nq + right``
+        (flash-attn's ``window_size``); causal intersects that with ``j ≤ i + Nk − Nq``.
+        """
+        left, right = self.window
+        if self.causal:
+            right = 0 if right == UNBOUNDED else min(right, 0)
+        return left, right
+
+    @property
+    def banded(self) -> bool:
+        """Whether some query sees fewer than all keys because of causal or a window."""
+        return self.band() != (UNBOUNDED, UNBOUNDED)
+
+    @property
+    def has_window(self) -> bool:
+        return self.window != (UNBOUNDED, UNBOUNDED)
+
+    def kernel_band(self) -> tuple[int, int]:
+        """The band with unbounded sides replaced by a value that admits every key and kept
+        small enough for int32 arithmetic in the kernels: ``left ≤ Nk`` and ``right ≤ Nq``
+        already admit everything (see ``csrc/mask.cuh``)."""
+        s = self.shapes
+        left, right = self.band()
+        left = s.nk if left == UNBOUNDED else min(left, s.nk)
+        right = s.nq if right == UNBOUNDED else min(right, s.nq)
+        return left, right
+
+    # ---- the score modifier: what happens to a score before the softmax
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap > 0.0
+
+    @property
+    def has_alibi(self) -> bool:
+        return self.alibi is not None
+
+    @property
+    def score_modified(self) -> bool:
+        return self.has_softcap or self.has_alibi
+
+    @property
+    def sparse(self) -> bool:
+        return self.block_mask is not None
+
+    def describe(self) -> str:
+        """The options in one line, for reports and error messages."""
+        parts = [f"{self.dtype.name}", f"D={self.shapes.d}", f"Dv={self.shapes.dv}"]
+        if self.causal:
+            parts.append("causal")
+        if self.has_window:
+            parts.append(f"window={self.window}")
+        if self.has_softcap:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.has_alibi:
+            parts.append("alibi")
+        if self.sparse:
+            parts.append(f"block_mask{tuple(self.block_mask.block_size)}")
+        if self.deterministic:
+            parts.append("deterministic")
+        return ", ".join(parts)

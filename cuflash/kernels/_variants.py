@@ -1,0 +1,54 @@
+"""The specs whose kernel variants CI compiles (for every architecture, rejecting register spills).
+
+Each launcher's ``main_variants()`` turns ``spec_grid(...)`` into its own template expressions, so
+one list says which option combinations must always build: every dtype and head dim dense and
+causal, plus each mask policy and score modifier (and all of them together) at one head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from .._checks import Shapes
+from .._spec import AttentionSpec
+
+_FEATURE_HEAD_DIM = 128
+_N = 1024
+
+
+def _block_mask():
+    from ..sparse import BlockMask
+
+    return BlockMask.from_dense(numpy.ones((_N // 128, _N // 128), bool), block_size=128)
+
+
+class _Slopes:
+    """Stands for an ALiBi slope array in a spec that is only compiled, never launched."""
+    data = None
+
+
+def spec_of(dtype, d: int, dv: int | None = None, **options) -> AttentionSpec:
+    """A spec for a (1, 1, N, D) problem with these options."""
+    dv = d if dv is None else dv
+    shapes = Shapes((1,), 1, 1, _N, _N, d, dv)
+    return AttentionSpec(shapes=shapes, dtype=numpy.dtype(dtype), scale=1 / math.sqrt(d), **options)
+
+
+def spec_grid(head_dims, dtypes=("float16", "bfloat16"), *, features=True):
+    """Dense and causal for every (dtype, head dim); then, with ``features``, each mask policy and
+    score modifier alone and all together in bfloat16 at D = 128 (if listed)."""
+    specs = [spec_of(dtype, d, causal=causal)
+             for dtype in dtypes for d in head_dims for causal in (False, True)]
+    if features and _FEATURE_HEAD_DIM in head_dims:
+        dtype, d = dtypes[-1], _FEATURE_HEAD_DIM
+        specs += [
+            spec_of(dtype, d, causal=True, block_mask=_block_mask()),
+            spec_of(dtype, d, window=(256, 0)),
+            spec_of(dtype, d, softcap=30.0),
+            spec_of(dtype, d, causal=True, alibi=_Slopes()),
+            spec_of(dtype, d, causal=True, window=(256, 0), softcap=30.0, alibi=_Slopes(),
+                    block_mask=_block_mask()),
+        ]
+    return specs

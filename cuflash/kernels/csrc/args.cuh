@@ -1,0 +1,74 @@
+// Argument structs of the 16-bit kernels, passed by value. Each has a twin NumPy structured
+// dtype on the host (FWD_ARGS and BWD_ARGS in _launch.py); the size checks catch a field added
+// on one side only. Both end with the same mask and score-modifier fields, which the policies
+// of mask.cuh and score_mod.cuh read by name.
+#pragma once
+#include "schedule.cuh"
+#include "score_mod.cuh"
+#include "softmax.cuh"
+#include "epilogue.cuh"
+
+// The fields every argument struct ends with (the float32 kernels' structs too).
+#define MASK_AND_SCORE_FIELDS                                                                  \
+    const float* alibi;  /* ALiBi slopes, (B, Hq) contiguous, or null */                        \
+    int window_left;     /* key band, clamped on the host (mask.cuh) */                          \
+    int window_right;                                                                          \
+    float cap_in;        /* softcap: scale / c */                                              \
+    float cap_out;       /* softcap: c * log2(e) */
+
+struct FwdArgs {
+    const u16* q;
+    const u16* k;
+    const u16* v;
+    u16* o;
+    float* lse;
+    const int* tile_ptr;  // block-sparse: CSR over query tiles (see sparse docs), else null
+    const int* tile_idx;
+    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
+    i64 k_sb, k_sh, k_sn;
+    i64 v_sb, v_sh, v_sn;
+    i64 o_sb, o_sh, o_sn;
+    int nq, nk, d, dv;
+    int heads, group;      // query heads; query heads per key/value head
+    int m_tiles;           // ceil(nq / BLOCK_M)
+    int mask_heads;        // block-sparse: 1 = one pattern per head, 0 = shared
+    float scale_log2;      // softmax scale * log2(e)
+    MASK_AND_SCORE_FIELDS
+};
+static_assert(sizeof(FwdArgs) == 216, "FwdArgs must match FWD_ARGS in _launch.py");
+
+// One struct for every backward kernel (preprocessing, mma.sync and wgmma variants).
+struct BwdArgs {
+    const u16* q;
+    const u16* k;
+    const u16* v;
+    const u16* o;
+    const u16* dout;
+    const float* lse;      // natural log, (B, Hq, Nq) contiguous
+    u16* grad_q;
+    u16* grad_k;
+    u16* grad_v;
+    float* lse2;           // scratch (B, Hq, rows_pad): lse * log2(e), +inf where lse = -inf
+    float* delta;          // scratch (B, Hq, rows_pad): rowsum(dO * O)
+    float* dq_accum;       // scratch (B, Hq, rows_pad, dqk): dS K without the scale, or null
+    const int* tile_ptr;   // block-sparse: CSR (dq kernel) or its transpose (dkdv kernel)
+    const int* tile_idx;
+    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
+    i64 k_sb, k_sh, k_sn;
+    i64 v_sb, v_sh, v_sn;
+    i64 o_sb, o_sh, o_sn;
+    i64 do_sb, do_sh, do_sn;
+    i64 gq_sb, gq_sh, gq_sn;
+    i64 gk_sb, gk_sh, gk_sn;
+    i64 gv_sb, gv_sh, gv_sn;
+    int batch, nq, nk, d, dv;
+    int heads, kv_heads, group;  // query heads, key/value heads, query heads per key/value head
+    int m_tiles, n_tiles;        // query and key tiles of the kernel being launched
+    int rows_pad;                // scratch rows per (batch, head)
+    int dqk;                     // dq_accum row length (padded head dim)
+    int mask_heads;              // block-sparse: 1 = one pattern per head, 0 = shared
+    float scale;
+    float scale_log2;            // scale * log2(e)
+    MASK_AND_SCORE_FIELDS
+};
+static_assert(sizeof(BwdArgs) == 392, "BwdArgs must match BWD_ARGS in _launch.py");

@@ -1,0 +1,119 @@
+// Which thread block owns which tile, and which tiles it visits: grid decoding and the query /
+// key tile walks, all read off the mask policy (mask.cuh).
+#pragma once
+#include "mask.cuh"
+
+// The query tile a thread block owns, from a 1-D grid of m_tiles × heads × batch blocks: the
+// tiles of one head next to each other (they share K/V in L2), and with a banded mask (causal,
+// window) the last tiles first: under causal they are the heaviest, so short tiles fill the tail
+// of the launch.
+struct QueryTile {
+    int b, h, m_tile;
+};
+template <bool HEAVY_LAST>
+__device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads) {
+    int bid = blockIdx.x;
+    const int m_tile_rev = bid % m_tiles;
+    bid /= m_tiles;
+    return {bid / heads, bid % heads, HEAVY_LAST ? m_tiles - 1 - m_tile_rev : m_tile_rev};
+}
+
+// The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles × kv_heads × batch
+// blocks: the key tiles of one head next to each other, in order (under causal the first key
+// tiles, seen by the most query rows, are the heaviest and go first).
+struct KvTile {
+    int b, hk, n_tile;
+};
+__device__ __forceinline__ KvTile kv_tile_of_block(int n_tiles, int kv_heads) {
+    const int bid = blockIdx.x / n_tiles;
+    return {bid / kv_heads, bid % kv_heads, (int)(blockIdx.x % n_tiles)};
+}
+
+// The key tiles (of BLOCK_N keys) that query tile m_tile (of BLOCK_M rows) visits, in ascending
+// order: the band's tile range (dense), or the part of the tile CSR's row inside it
+// (block-sparse, one pattern per head or one shared).
+template <bool SPARSE>
+struct KeyTiles {
+    const int* idx;
+    int first, count;
+    __device__ __forceinline__ int operator[](int i) const {
+        if constexpr (SPARSE) return idx[first + i];
+        return first + i;
+    }
+};
+template <int BLOCK_M, int BLOCK_N, class MASK>
+__device__ __forceinline__ KeyTiles<MASK::sparse> key_tiles_of(const MASK& mask, int m_tile, int h,
+                                                              int m_tiles) {
+    const int row0 = m_tile * BLOCK_M;
+    int n_begin = 0, n_end = (mask.nk + BLOCK_N - 1) / BLOCK_N;
+    if constexpr (MASK::banded) {
+        n_begin = mask.key_begin(row0) / BLOCK_N;
+        n_end = max(0, (mask.key_end(row0 + BLOCK_M - 1) + BLOCK_N - 1) / BLOCK_N);
+    }
+    if constexpr (MASK::sparse) {
+        const int* ptr = mask.tile_ptr + (mask.mask_heads ? h * (m_tiles + 1) : 0);
+        int first = ptr[m_tile], last = ptr[m_tile + 1];
+        if constexpr (MASK::banded) {
+            first = lower_bound_index(mask.tile_idx, first, last, n_begin);
+            last = lower_bound_index(mask.tile_idx, first, last, n_end);
+        }
+        return {mask.tile_idx, first, last - first};
+    }
+    return {mask.tile_idx, n_begin, max(0, n_end - n_begin)};
+}
+
+// The (query head, query tile) pairs a dK/dV thread block visits for its key tile n_tile of one
+// (batch, key/value head): the query heads of the GQA group in order and, for each, the query
+// tiles whose rows see the key tile: a range (dense) or the part of its column of the transposed
+// block-sparse index inside that range. A value type, so the next pair can be looked at ahead.
+template <int BLOCK_M, int BLOCK_N, class MASK>
+struct QueryTileWalk {
+    const int* col_ptr;
+    const int* row_idx;
+    int n_tile, n_tiles, m_tiles, mask_heads, m_begin, m_end, h_end;
+    int h, pos, end;
+
+    template <class Args>
+    __device__ __forceinline__ QueryTileWalk(const MASK& mask, const Args& a, int n_tile_, int hk)
+        : col_ptr(mask.tile_ptr), row_idx(mask.tile_idx), n_tile(n_tile_), n_tiles(a.n_tiles),
+          m_tiles(a.m_tiles), mask_heads(mask.mask_heads), m_begin(0), m_end(a.m_tiles),
+          h_end((hk + 1) * a.group) {
+        if constexpr (MASK::banded) {
+            const int key0 = n_tile * BLOCK_N;
+            const int first_row = mask.row_begin(key0);
+            m_begin = first_row >= mask.nq ? a.m_tiles : first_row / BLOCK_M;
+            m_end = max(0, (mask.row_end(key0 + BLOCK_N - 1) + BLOCK_M - 1) / BLOCK_M);
+        }
+        open(hk * a.group);
+        skip_empty_heads();
+    }
+    __device__ __forceinline__ bool valid() const { return pos < end; }
+    __device__ __forceinline__ int m_tile() const {
+        if constexpr (MASK::sparse) return row_idx[pos];
+        return pos;
+    }
+    __device__ __forceinline__ void next() {
+        ++pos;
+        skip_empty_heads();
+    }
+
+  private:
+    __device__ __forceinline__ void open(int head) {
+        h = head;
+        if constexpr (MASK::sparse) {
+            const int* ptr = col_ptr + (mask_heads ? head * (n_tiles + 1) : 0) + n_tile;
+            pos = ptr[0];
+            end = ptr[1];
+            if constexpr (MASK::banded) {
+                pos = lower_bound_index(row_idx, pos, end, m_begin);
+                end = lower_bound_index(row_idx, pos, end, m_end);
+            }
+        } else {
+            pos = m_begin;
+            end = m_end;
+        }
+    }
+    __device__ __forceinline__ void skip_empty_heads() {
+        while (pos >= end && h + 1 < h_end) open(h + 1);
+    }
+};
