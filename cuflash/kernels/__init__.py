@@ -1,23 +1,107 @@
 """CUDA kernels for CuPy arrays, compiled at run time through CuPy's RawModule (NVRTC).
 
-Entry points take the 4-D (B, H, N, D) views described in docs/internals.md. float16 and
-bfloat16 run the tensor-core kernels (float32 accumulation): on compute capability 9.0 the forward
-and backward use wgmma (sm_90a) for D = Dv in {64, 128}, everywhere else mma.sync (sm_80+); float32 runs a
-CUDA-core kernel that keeps full float32 precision end to end.
+Each pass (forward, backward) has an ordered registry of kernel families, fastest first. A family
+is a launcher module with ``supports(spec, arrays) -> None | reason`` and the pass's entry point;
+the first family that supports a call runs it. ``plan()`` says which family a call gets and why
+each faster one was passed over (``cuflash.kernel_plan`` and ``cuflash info`` show it).
+
+Entry points take the 4-D (B, H, N, D) views described in docs/internals.md and the call's
+``AttentionSpec``.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
 
-import numpy
-
-# Set to 1 to run the portable mma.sync kernels on Hopper too (comparison, debugging).
+# Set to 1 to pass over the Hopper (sm_90a) families (comparison, debugging).
 DISABLE_HOPPER_ENV = "CUFLASH_DISABLE_SM90"
 
 
-def _hopper_allowed() -> bool:
-    return os.environ.get(DISABLE_HOPPER_ENV, "") in ("", "0")
+@dataclass(frozen=True)
+class Family:
+    """A kernel family: `module` (under cuflash.kernels) holds `supports` and the entry point."""
+
+    name: str
+    module: str
+    entry: str
+    summary: str
+    hopper: bool = False
+
+    def launcher(self):
+        return importlib.import_module(f"{__name__}.{self.module}")
+
+    def why_not(self, spec, arrays) -> str | None:
+        """None when this family can run the call, else the reason it cannot."""
+        if self.hopper and os.environ.get(DISABLE_HOPPER_ENV, "") not in ("", "0"):
+            return f"disabled by {DISABLE_HOPPER_ENV}"
+        return self.launcher().supports(spec, arrays)
+
+    def run(self, *args):
+        getattr(self.launcher(), self.entry)(*args)
+
+
+FORWARD = (
+    Family("sm90-wgmma", "sm90_forward", "forward",
+           "Hopper wgmma, 16-bit, D = Dv in {64, 128}", hopper=True),
+    Family("sm80-mma", "mma_forward", "forward", "mma.sync tensor cores, 16-bit, any D <= 256"),
+    Family("float32", "float32", "forward", "CUDA cores, float32 end to end"),
+)
+BACKWARD = (
+    Family("sm90-wgmma", "sm90_backward", "backward",
+           "Hopper wgmma, 16-bit, D = Dv in {64, 128}", hopper=True),
+    Family("sm80-mma", "mma_backward", "backward", "mma.sync tensor cores, 16-bit, any D <= 256"),
+    Family("float32", "float32", "backward", "CUDA cores, float32 end to end"),
+)
+REGISTRY = {"forward": FORWARD, "backward": BACKWARD}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which family runs one pass of a call, and why each one before it in the registry did not."""
+
+    pass_name: str
+    family: Family | None
+    passed_over: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        chosen = self.family.name if self.family else "none"
+        lines = [f"{self.pass_name}: {chosen}" + (f" ({self.family.summary})" if self.family else "")]
+        lines += [f"  passed over {name}: {reason}" for name, reason in self.passed_over]
+        return "\n".join(lines)
+
+
+def plan(pass_name: str, spec, arrays) -> Plan:
+    """The family that runs `pass_name` ("forward" or "backward") for this call."""
+    passed_over = []
+    for family in REGISTRY[pass_name]:
+        reason = family.why_not(spec, arrays)
+        if reason is None:
+            return Plan(pass_name, family, tuple(passed_over))
+        passed_over.append((family.name, reason))
+    return Plan(pass_name, None, tuple(passed_over))
+
+
+def _run(pass_name: str, spec, arrays, args):
+    chosen = plan(pass_name, spec, arrays)
+    if chosen.family is None:
+        raise ValueError(f"no GPU kernel runs this {pass_name} pass ({spec.describe()}):\n"
+                         + chosen.describe())
+    chosen.family.run(*args, spec)
+
+
+def forward(q, k, v, out, lse, spec):
+    """out, lse ← attention(q, k, v); see docs/internals.md for shapes and strides."""
+    with q.device:
+        _run("forward", spec, (q, k, v, out), (q, k, v, out, lse))
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
+    """dq, dk, dv ← gradients of attention; dk/dv summed over each GQA group."""
+    with q.device:
+        _run("backward", spec, (q, k, v, dout, out, dq, dk, dv),
+             (dout, q, k, v, out, lse, dq, dk, dv))
 
 
 def availability() -> tuple[bool, str]:
@@ -28,8 +112,8 @@ def availability() -> tuple[bool, str]:
         return False, f"CuPy is not installed ({error}); install cuflash[cuda13] or cuflash[cuda12]"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # the driver's own message says what is wrong
-        return False, f"no usable CUDA driver: {error}"
+    except Exception as error:
+        return False, _driver_problem(error)
     if count == 0:
         return False, "no CUDA device is visible"
     major = cupy.cuda.Device().compute_capability
@@ -38,36 +122,15 @@ def availability() -> tuple[bool, str]:
     return True, f"{count} CUDA device(s)"
 
 
-def _is_float32(x) -> bool:
-    return numpy.dtype(x.dtype) == numpy.float32
+def _driver_problem(error: Exception) -> str:
+    """The driver's error in words: with no NVIDIA driver installed at all, CUDA reports an
+    'insufficient driver version', which misleads."""
+    text = str(error)
+    if "insufficient" in text.lower() or "cudaErrorInsufficientDriver" in text:
+        try:
+            import ctypes
 
-
-def forward(q, k, v, out, lse, *, scale, causal, block_mask=None):
-    """out, lse ← attention(q, k, v); see docs/internals.md for shapes and strides."""
-    with q.device:
-        if _is_float32(q):
-            from .float32 import forward as run
-        else:
-            from . import sm90_forward
-            if _hopper_allowed() and sm90_forward.supports(q, k, v, out, block_mask):
-                run = sm90_forward.forward
-            else:
-                from .mma_forward import forward as run
-        run(q, k, v, out, lse, scale=float(scale), causal=bool(causal), block_mask=block_mask)
-
-
-def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
-             deterministic=False):
-    """dq, dk, dv ← gradients of attention; dk/dv summed over each GQA group."""
-    with q.device:
-        if _is_float32(q):
-            from .float32 import backward as run
-        else:
-            from . import sm90_backward
-            if _hopper_allowed() and sm90_backward.supports(q, k, v, dout, block_mask,
-                                                                grads=(dq, dk, dv)):
-                run = sm90_backward.backward
-            else:
-                from .mma_backward import backward as run
-        run(dout, q, k, v, out, lse, dq, dk, dv, scale=float(scale), causal=bool(causal),
-            block_mask=block_mask, deterministic=bool(deterministic))
+            ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            return "no NVIDIA driver found (libcuda.so.1 is not installed)"
+    return f"no usable CUDA driver: {text}"

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy
 
 from . import _build, mma_backward
-from ._launch import check_grid, element_type, on_hopper, vector_aligned
+from ._launch import check_grid, element_type, mask_type, on_hopper, score_mod_type, vector_aligned
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -74,58 +73,56 @@ def default_tiles(d: int) -> Sm90BwdTiles:
                         dq_block_n=64)
 
 
-def variant_dkdv(dtype, d: int, tiles: Sm90BwdTiles, *, causal: bool, sparse: bool) -> str:
+def variant_dkdv(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
-        "flash_bwd_sm90_dkdv", element_type(dtype), d, tiles.dkdv_warpgroups, tiles.dkdv_block_m,
-        causal, sparse,
+        "flash_bwd_sm90_dkdv", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
+        tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
     )
 
 
-def variant_dq(dtype, d: int, tiles: Sm90BwdTiles, *, causal: bool, sparse: bool) -> str:
+def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
-        "flash_bwd_sm90_dq", element_type(dtype), d, tiles.dq_warpgroups, tiles.dq_block_n,
-        causal, sparse,
+        "flash_bwd_sm90_dq", element_type(spec.dtype), spec.shapes.d, tiles.dq_warpgroups,
+        tiles.dq_block_n, mask_type(spec), score_mod_type(spec),
     )
 
 
-def supports(q, k, v, dout, block_mask=None, *, out=None, grads=(), tiles: Sm90BwdTiles | None = None) -> bool:
-    """Whether ``backward`` can run this call: a compute-capability 9.0 device, float16 or
-    bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of q, k, v, dout
-    (and of ``out`` and the gradient arrays ``grads`` when given), and block masks whose blocks are
-    whole multiples of both kernels' tiles."""
-    if not on_hopper(q) or numpy.dtype(q.dtype).name not in ("float16", "bfloat16"):
-        return False
-    d, dv = q.shape[-1], v.shape[-1]
+def supports(spec, arrays) -> str | None:
+    """None when ``backward`` can run this call, else why not: a compute-capability 9.0 device,
+    float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of
+    every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
+    q = arrays[0]
+    if not on_hopper(q):
+        return "needs compute capability 9.0 (Hopper)"
+    if spec.dtype.name not in ("float16", "bfloat16"):
+        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    d, dv = spec.shapes.d, spec.shapes.dv
     if d != dv or d not in HEAD_DIMS:
-        return False
-    arrays = [q, k, v, dout, *grads] + ([] if out is None else [out])
-    if not vector_aligned(arrays, (d, dv)):
-        return False
-    if block_mask is not None:
-        tiles = tiles or default_tiles(d)
-        bq, bk = block_mask.block_size
+        return f"takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"
+    if not vector_aligned(list(arrays), (d, dv)):
+        return "needs 16-byte aligned rows and strides"
+    if spec.block_mask is not None:
+        tiles = default_tiles(d)
+        bq, bk = spec.block_mask.block_size
         if (bq % tiles.dkdv_block_m or bq % tiles.dq_block_m
                 or bk % tiles.dkdv_block_n or bk % tiles.dq_block_n):
-            return False
-    return True
+            return f"needs block-mask blocks that are multiples of 128x128; got {bq}x{bk}"
+    return None
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
-             deterministic=False, tiles: Sm90BwdTiles | None = None):
+def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles | None = None):
     """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md. The caller
-    checks ``supports()`` first. Always deterministic (no atomics): ``deterministic`` is accepted
-    and holds either way."""
-    del deterministic  # every gradient element is written by exactly one thread block
+    checks ``supports()`` first. Always deterministic (no atomics): every gradient element is
+    written by exactly one thread block, whatever ``spec.deterministic`` says."""
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     if d != dv_dim or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d)
-    sparse = block_mask is not None
     rows_pad, lse2, delta, _ = mma_backward.scratch(batch, heads, nq, d, atomic_dq=False)
     args = mma_backward.argument_packer(
-        dout, q, k, v, out, lse, dq, dk, dv, scale=scale, block_mask=block_mask, rows_pad=rows_pad,
-        lse2=lse2, delta=delta, dq_accum=None, dqk=d)
+        dout, q, k, v, out, lse, dq, dk, dv, spec, rows_pad=rows_pad, lse2=lse2, delta=delta,
+        dq_accum=None, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view).
     mma_backward.preprocess(args, q.dtype, rows_pad=rows_pad, heads=heads, batch=batch,
@@ -140,8 +137,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
     )
     for variant, tile_m, tile_n, shared, warpgroups, by_key in launches:
         m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
-        index = mma_backward.tile_index(block_mask, tile_m, tile_n, by_key=by_key)
-        expression = variant(q.dtype, d, tiles, causal=causal, sparse=sparse)
+        index = mma_backward.tile_index(spec.block_mask, tile_m, tile_n, by_key=by_key)
+        expression = variant(spec, tiles)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,
                             expression)
@@ -150,16 +147,12 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
+    from ._variants import spec_grid
+
     out = []
-    for dtype in ("float16", "bfloat16"):
-        for d in HEAD_DIMS:
-            tiles = default_tiles(d)
-            for causal in (False, True):
-                out.append((SOURCE, variant_dkdv(dtype, d, tiles, causal=causal, sparse=False)))
-                out.append((SOURCE, variant_dq(dtype, d, tiles, causal=causal, sparse=False)))
-        tiles = default_tiles(128)
-        out.append((SOURCE, variant_dkdv(dtype, 128, tiles, causal=True, sparse=True)))
-        out.append((SOURCE, variant_dq(dtype, 128, tiles, causal=True, sparse=True)))
+    for spec in spec_grid(HEAD_DIMS):
+        tiles = default_tiles(spec.shapes.d)
+        out += [(SOURCE, variant_dkdv(spec, tiles)), (SOURCE, variant_dq(spec, tiles))]
     return out
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy
 
 from . import _build
-from ._launch import element_type, forward_args, on_hopper, vector_aligned
+from ._launch import element_type, forward_args, mask_type, on_hopper, score_mod_type, vector_aligned
 
 SOURCE = "flash_fwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -51,42 +50,45 @@ def default_tiles(d: int) -> Sm90Tiles:
     return Sm90Tiles(warpgroups=2, block_n=128, stages=2)
 
 
-def variant(dtype, d: int, tiles: Sm90Tiles, *, causal: bool, sparse: bool) -> str:
+def variant(spec, tiles: Sm90Tiles) -> str:
     return _build.template_expression(
-        "flash_fwd_sm90", element_type(dtype), d, tiles.warpgroups, tiles.block_n, tiles.stages,
-        causal, sparse,
+        "flash_fwd_sm90", element_type(spec.dtype), spec.shapes.d, tiles.warpgroups, tiles.block_n,
+        tiles.stages, mask_type(spec), score_mod_type(spec),
     )
 
 
-def supports(q, k, v, out, block_mask=None, tiles: Sm90Tiles | None = None) -> bool:
-    """Whether ``forward`` can run this call: a compute-capability 9.0 device, float16 or bfloat16,
-    D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides, and block masks whose
-    blocks are whole multiples of the tile."""
-    if not on_hopper(q) or numpy.dtype(q.dtype).name not in ("float16", "bfloat16"):
-        return False
-    d, dv = q.shape[-1], v.shape[-1]
+def supports(spec, arrays) -> str | None:
+    """None when ``forward`` can run this call, else why not: it needs a compute-capability 9.0
+    device, float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row
+    strides, and block masks whose blocks are whole multiples of the tile."""
+    q, k, v, out = arrays
+    if not on_hopper(q):
+        return "needs compute capability 9.0 (Hopper)"
+    if spec.dtype.name not in ("float16", "bfloat16"):
+        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    d, dv = spec.shapes.d, spec.shapes.dv
     if d != dv or d not in HEAD_DIMS:
-        return False
+        return f"takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"
     if not vector_aligned((q, k, v, out), (d, dv)):
-        return False
-    if block_mask is not None:
-        tiles = tiles or default_tiles(d)
-        bq, bk = block_mask.block_size
+        return "needs 16-byte aligned rows and strides"
+    if spec.block_mask is not None:
+        tiles = default_tiles(d)
+        bq, bk = spec.block_mask.block_size
         if bq % tiles.block_m or bk % tiles.block_n:
-            return False
-    return True
+            return (f"needs block-mask blocks that are multiples of its {tiles.block_m}x{tiles.block_n} "
+                    f"tiles; got {bq}x{bk}")
+    return None
 
 
-def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: Sm90Tiles | None = None):
+def forward(q, k, v, out, lse, spec, *, tiles: Sm90Tiles | None = None):
     """Run the Hopper forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md.
     The caller checks ``supports()`` first."""
     d, dv = q.shape[3], v.shape[3]
     if d != dv or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 forward kernel takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}")
     tiles = tiles or default_tiles(d)
-    args, blocks = forward_args(q, k, v, out, lse, scale=scale, block_mask=block_mask,
-                                tile_m=tiles.block_m, tile_n=tiles.block_n)
-    expression = variant(q.dtype, d, tiles, causal=causal, sparse=block_mask is not None)
+    args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=tiles.block_m, tile_n=tiles.block_n)
+    expression = variant(spec, tiles)
     shared = tiles.shared_bytes(d)
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
     kernel((blocks,), (tiles.threads,), (args,), shared_mem=shared)
@@ -94,13 +96,9 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: Sm90Til
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    out = []
-    for dtype in ("float16", "bfloat16"):
-        for d in HEAD_DIMS:
-            for causal in (False, True):
-                out.append((SOURCE, variant(dtype, d, default_tiles(d), causal=causal, sparse=False)))
-        out.append((SOURCE, variant(dtype, 128, default_tiles(128), causal=True, sparse=True)))
-    return out
+    from ._variants import spec_grid
+
+    return [(SOURCE, variant(spec, default_tiles(spec.shapes.d))) for spec in spec_grid(HEAD_DIMS)]
 
 
 __all__ = ["forward", "supports", "main_variants", "Sm90Tiles", "default_tiles", "variant", "ARCH"]

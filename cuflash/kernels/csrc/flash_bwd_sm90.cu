@@ -21,6 +21,7 @@
 //
 // Only D = Dv ∈ {64, 128} with 16-byte aligned rows; everything else runs flash_bwd.cu.
 #include "args.cuh"
+#include "arch/sm90_wgmma.cuh"
 
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "flash_bwd_sm90.cu needs the sm_90a target (-arch=sm_90a)"
@@ -29,7 +30,7 @@
 
 // ---------------------------------------------------------------------------------------------
 // dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows.
-template <typename T, int D, int WG, int BLOCK_M, bool CAUSAL, bool SPARSE>
+template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dkdv(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -55,9 +56,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
-    const int offset = a.nk - a.nq;  // query row i sees key columns j <= i + offset
-
-    QueryTileWalk<BLOCK_M, BLOCK_N, CAUSAL, SPARSE> walk(a, n_tile, hk);
+    const MASK mask(a);
+    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, n_tile, hk);
 
     auto load_query_tile = [&](int hh, int tile, int stage) {
         const int m0 = tile * BLOCK_M;
@@ -98,10 +98,12 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
     float s[BLOCK_M / 2], dp[BLOCK_M / 2];
+    GradFactors<MOD, CT> grad;  // unused: recovered from Pᵀ below (the stores are dead code)
     u32 pf[KM][4], df[KM][4];
 
     int stage = 0;
     while (walk.valid()) {
+        const MOD mod(a, b, walk.h);
         const int m0 = m_tile * BLOCK_M;
         cp_async_wait<0>();
         fence_proxy_async_shared();
@@ -128,32 +130,13 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
             wgmma_ss<T, BLOCK_M, 0, 0>(dp, desc_v + kmajor_step(kk, BLOCK_N), desc_do + st + kmajor_step(kk, BLOCK_M), kk > 0);
         wgmma_commit();
 
-        // Pᵀ = exp2(Sᵀ·scale·log2 e − lse2[query]) while dPᵀ runs. Query rows past Nq and rows
-        // that attend to nothing have lse2 = +inf, so P = 0 there; keys past Nk are never written.
+        // Pᵀ from Sᵀ while dPᵀ runs. Query rows past Nq and rows that attend to nothing have
+        // lse2 = +inf, so P = 0 there; element masks only where the warp's 16 keys hold a pair the
+        // mask hides (keys past Nk are masked too, though their dK/dV rows are never written).
         wgmma_wait<1>();
         reg_fence(s);
-#pragma unroll
-        for (int i = 0; i < CT; ++i) {
-            const float2 l2 = *reinterpret_cast<const float2*>(lse2 + 8 * i + 2 * t);
-            s[4 * i + 0] = fast_exp2(fmaf(s[4 * i + 0], a.scale_log2, -l2.x));
-            s[4 * i + 1] = fast_exp2(fmaf(s[4 * i + 1], a.scale_log2, -l2.y));
-            s[4 * i + 2] = fast_exp2(fmaf(s[4 * i + 2], a.scale_log2, -l2.x));
-            s[4 * i + 3] = fast_exp2(fmaf(s[4 * i + 3], a.scale_log2, -l2.y));
-        }
-        if constexpr (CAUSAL) {
-            // Element masks only where the warp's 16 keys cross the diagonal of this query tile.
-            if (key_row0 + 15 > m0 + offset) {
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int col_min = key_row0 + g + half * 8 - offset;  // first query seeing the key
-#pragma unroll
-                    for (int i = 0; i < CT; ++i)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            if (m0 + 8 * i + 2 * t + e < col_min) s[4 * i + 2 * half + e] = 0.f;
-                }
-            }
-        }
+        recompute_probs_transposed(as_blocks<CT>(s), grad, mask, mod, mask.partial(m0, BLOCK_M, key_row0, 16),
+                                   key_row0 + g, m0, t, lse2);
         pack_a<T, KM>(pf, s);
 
         // dV += Pᵀ dO, running while dSᵀ is formed.
@@ -168,14 +151,11 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]).
         wgmma_wait<1>();
         reg_fence(dp);
-#pragma unroll
-        for (int i = 0; i < CT; ++i) {
-            const float2 d2 = *reinterpret_cast<const float2*>(delta + 8 * i + 2 * t);
-            dp[4 * i + 0] = s[4 * i + 0] * (dp[4 * i + 0] - d2.x);
-            dp[4 * i + 1] = s[4 * i + 1] * (dp[4 * i + 1] - d2.y);
-            dp[4 * i + 2] = s[4 * i + 2] * (dp[4 * i + 2] - d2.x);
-            dp[4 * i + 3] = s[4 * i + 3] * (dp[4 * i + 3] - d2.y);
-        }
+        // The softcap factor comes back from Pᵀ: 32 more live registers would spill at D = 128.
+        softmax_grad_recovered<CT>(as_blocks<CT>(dp), as_blocks<CT>(s), mod, [&](int j, int i) {
+            const int col = 8 * j + 2 * t + (i & 1);
+            return ElementCoords{m0 + col, key_row0 + g + (i / 2) * 8, lse2[col], delta[col]};
+        });
         pack_a<T, KM>(df, dp);
 
         // dK += dSᵀ Q (scaled once at the end).
@@ -221,7 +201,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
 // ---------------------------------------------------------------------------------------------
 // dQ for one query tile of BLOCK_M = 64·WG rows; key tiles of BLOCK_N keys, double-buffered.
-template <typename T, int D, int WG, int BLOCK_N, bool CAUSAL, bool SPARSE>
+template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -240,13 +220,13 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     const u32 sk = sdo + Q_BYTES;        // two stages
     const u32 sv = sk + 2 * KV_BYTES;    // two stages
 
-    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
     const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
     const int m0 = m_tile * BLOCK_M;
-    const int offset = a.nk - a.nq;
-    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
-        m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const MASK mask(a);
+    const MOD mod(a, b, h);
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
@@ -287,6 +267,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dq_acc[i] = 0.f;
     float s[BLOCK_N / 2], dp[BLOCK_N / 2];
+    GradFactors<MOD, NT> grad;
     u32 df[KN][4];
 
     for (int j = 0; j < n_count; ++j) {
@@ -312,31 +293,17 @@ flash_bwd_sm90_dq(const BwdArgs a) {
             wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + st + kmajor_step(kk, BLOCK_N), kk > 0);
         wgmma_commit();
 
-        // P = exp2(S·scale·log2 e − lse2) while dP runs; zero past Nk and above the diagonal.
+        // P from S while dP runs; zero where the mask hides the key.
         wgmma_wait<1>();
         reg_fence(s);
         const int n0 = key_tile[j] * BLOCK_N;
-#pragma unroll
-        for (int i = 0; i < 4 * NT; ++i) s[i] = fast_exp2(fmaf(s[i], a.scale_log2, -lse2[(i / 2) % 2]));
-        const bool partial = n0 + BLOCK_N > a.nk || (CAUSAL && n0 + BLOCK_N - 1 > warp_row0 + offset);
-        if (partial) {
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int row = warp_row0 + g + half * 8;
-                const int limit = CAUSAL ? min(a.nk, row + offset + 1) : a.nk;
-#pragma unroll
-                for (int i = 0; i < NT; ++i)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e)
-                        if (n0 + 8 * i + 2 * t + e >= limit) s[4 * i + 2 * half + e] = 0.f;
-            }
-        }
+        recompute_probs(as_blocks<NT>(s), grad, mask, mod, mask.partial(warp_row0, 16, n0, BLOCK_N),
+                        warp_row0 + g, n0, t, lse2);
 
         // dS = P ∘ (dP − Delta[row]).
         wgmma_wait<0>();
         reg_fence(dp);
-#pragma unroll
-        for (int i = 0; i < 4 * NT; ++i) dp[i] = s[i] * (dp[i] - delta[(i / 2) % 2]);
+        softmax_grad<NT, MOD>(as_blocks<NT>(dp), as_blocks<NT>(s), grad, [&](int, int i) { return delta[i / 2]; });
         pack_a<T, KN>(df, dp);
 
         // dQ += dS K (scaled once at the end).

@@ -11,12 +11,13 @@
 // Only D = Dv ∈ {64, 128}, 16-byte aligned rows: the launcher falls back to flash_fwd.cu for
 // everything else.
 #include "args.cuh"
+#include "arch/sm90_wgmma.cuh"
 
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "flash_fwd_sm90.cu needs the sm_90a target (-arch=sm_90a)"
 #endif
 
-template <typename T, int D, int WG, int BLOCK_N, int STAGES, bool CAUSAL, bool SPARSE>
+template <typename T, int D, int WG, int BLOCK_N, int STAGES, class MASK, class MOD>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_fwd_sm90(const FwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -37,16 +38,17 @@ flash_fwd_sm90(const FwdArgs a) {
     const u32 sk = sq + Q_BYTES;
     const u32 sv = sk + STAGES * KV_BYTES;
 
-    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
     const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
+    const MASK mask(a);
+    const MOD mod(a, b, h);
 
     const u16* q = a.q + b * a.q_sb + h * a.q_sh;
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
     const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
     const int m0 = m_tile * BLOCK_M;
-    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
-        m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
     const int wg = threadIdx.x / 128;
@@ -88,46 +90,15 @@ flash_fwd_sm90(const FwdArgs a) {
         wgmma_commit();
     };
 
-    // Masks, then the online softmax of S in place (S becomes P in float); returns each row's
-    // rescale factor for O. Element masks only where the tile crosses the causal diagonal or the
-    // end of K.
+    // Score modifier and masks, then the online softmax of S in place (S becomes P in float);
+    // returns each row's rescale factor for O. Element masks only where the tile holds keys some
+    // row of this warp does not see.
     auto softmax = [&](int n_tile, float (&alpha)[2]) {
         const int n0 = n_tile * BLOCK_N;
-        const bool partial = n0 + BLOCK_N > a.nk ||
-                             (CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(warp_row0, a.nq, a.nk));
-        if (partial) {
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int row = warp_row0 + g + half * 8;
-                const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e)
-                        if (n0 + j * 8 + 2 * t + e >= limit) s[j * 4 + half * 2 + e] = -INFINITY;
-            }
-        }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            float mx = row_max[half];
-#pragma unroll
-            for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + half * 2], s[j * 4 + half * 2 + 1]));
-            mx = quad_max(mx);
-            // A row that has seen only masked keys keeps max -inf; subtract 0 instead of -inf.
-            const float base = mx == -INFINITY ? 0.f : mx * a.scale_log2;
-            alpha[half] = fast_exp2(row_max[half] * a.scale_log2 - base);
-            row_max[half] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float p = fast_exp2(fmaf(s[j * 4 + half * 2 + e], a.scale_log2, -base));
-                    s[j * 4 + half * 2 + e] = p;
-                    sum += p;
-                }
-            row_sum[half] = row_sum[half] * alpha[half] + sum;
-        }
+        float (&sb)[NT][4] = as_blocks<NT>(s);
+        modify_scores(sb, mod, warp_row0 + g, n0, t);
+        if (mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, mask, warp_row0 + g, n0, t);
+        online_softmax(sb, row_max, row_sum, mod.softmax_scale(), alpha);
     };
 
     // cp.async groups: g(-1) = {Q, K_0}; g(i) = {V_i, K_{i+1}} for i >= 0, each clipped to the
@@ -214,11 +185,9 @@ flash_fwd_sm90(const FwdArgs a) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = warp * 16 + g + half * 8;  // row inside the warpgroup
-        const float l = quad_sum(row_sum[half]);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        if (t == 0 && m0 + wg * 64 + r < a.nq)
-            lse[m0 + wg * 64 + r] =
-                l > 0.f ? (row_max[half] * a.scale_log2 + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+        const RowResult res = finish_row(row_max[half], row_sum[half], mod.softmax_scale());
+        const float inv = res.inv;
+        if (t == 0 && m0 + wg * 64 + r < a.nq) lse[m0 + wg * 64 + r] = res.lse;
 #pragma unroll
         for (int i = 0; i < OT; ++i) {
             const u32 x = pack2<T>(o[4 * i + half * 2] * inv, o[4 * i + half * 2 + 1] * inv);

@@ -70,3 +70,14 @@ template <class MASK>
 __device__ __forceinline__ KeyRange keys_of_row(const MASK& mask, int row) {
     return {mask.key_begin(row), mask.key_end(row)};
 }
+
+// The rows that see one key (none for a key past Nk), for tiles held transposed (keys as rows).
+struct RowRange {
+    int begin, end;
+    __device__ __forceinline__ bool contains(int row) const { return row >= begin && row < end; }
+};
+template <class MASK>
+__device__ __forceinline__ RowRange rows_of_key(const MASK& mask, int key) {
+    if (key >= mask.nk) return {0, 0};
+    return {mask.row_begin(key), mask.row_end(key)};
+}

@@ -64,6 +64,17 @@ struct ScoreMod {
         return x;
     }
 
+    // grad_factor recovered from P instead of kept per element (for kernels short of registers):
+    // under softcap logit·log2 e = log2 P + lse2 (+ the ALiBi term) = c·log2 e · tanh, so
+    // 1 − tanh² follows from P to about 1e-7. P = 0 (masked, underflowed) gives 0: dS is 0 there.
+    __device__ __forceinline__ float grad_from_prob(float p, float lse2, int row, int key) const {
+        if constexpr (!SOFTCAP) return 1.f;
+        float x = __log2f(p) + lse2;
+        if constexpr (ALIBI) x += slope_log2 * (float)abs(row + shift - key);
+        const float t = __fdividef(x, cap_out);
+        return p > 0.f ? 1.f - t * t : 0.f;
+    }
+
     // P recomputed in the backward pass from the base-2 lse: the same expression for every
     // modifier, exp2(value · softmax_scale − lse2).
     __device__ __forceinline__ float prob(float value, float lse2) const {

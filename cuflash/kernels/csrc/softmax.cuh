@@ -76,6 +76,107 @@ __device__ __forceinline__ RowResult finish_row(float row_max, float sum, float 
     return {l > 0.f ? 1.f / l : 0.f, l > 0.f ? (row_max * scale + __log2f(l)) * LN2_F : -INFINITY};
 }
 
+// ---- backward: P recomputed from the raw scores and the forward's base-2 lse
+
+// Per-element dlogit/ds / scale, kept only under a modifier that has one (score_mod.cuh).
+template <class MOD, int NT>
+using GradFactors = float[MOD::has_grad_factor ? NT : 1][4];
+
+// S (rows = queries: row0 for half 0, row0 + 8 for half 1; columns key0 + 8j + 2t + e) becomes P
+// in place: the modifier's logit, exp2 against the row's lse2, 0 where the mask hides the key
+// (tested only on `partial` tiles). grad receives the modifier's factor.
+template <int NT, class MASK, class MOD>
+__device__ __forceinline__ void recompute_probs(float (&s)[NT][4], GradFactors<MOD, NT>& grad, const MASK& mask,
+                                                const MOD& mod, bool partial, int row0, int key0, int t,
+                                                const float (&lse2)[2]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + half * 8;
+        const KeyRange keys = keys_of_row(mask, row);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = key0 + j * 8 + 2 * t + e;
+                float gr;
+                float p = mod.prob(mod.apply(s[j][half * 2 + e], row, key, gr), lse2[half]);
+                if (partial && !keys.contains(key)) p = 0.f;
+                s[j][half * 2 + e] = p;
+                if constexpr (MOD::has_grad_factor) grad[j][half * 2 + e] = gr;
+            }
+    }
+}
+
+// The same for Sᵀ (rows = keys: key_row0 for half 0, + 8 for half 1; columns are queries
+// query0 + 8j + 2t + e, whose lse2 are lse2[8j + 2t + e]).
+template <int NT, class MASK, class MOD>
+__device__ __forceinline__ void recompute_probs_transposed(float (&s)[NT][4], GradFactors<MOD, NT>& grad,
+                                                           const MASK& mask, const MOD& mod, bool partial,
+                                                           int key_row0, int query0, int t, const float* lse2) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const float2 l2 = *reinterpret_cast<const float2*>(lse2 + j * 8 + 2 * t);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int key = key_row0 + half * 8;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int query = query0 + j * 8 + 2 * t + e;
+                float gr;
+                const float p = mod.prob(mod.apply(s[j][half * 2 + e], query, key, gr), e ? l2.y : l2.x);
+                s[j][half * 2 + e] = p;
+                if constexpr (MOD::has_grad_factor) grad[j][half * 2 + e] = gr;
+            }
+        }
+    }
+    if (partial) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const RowRange rows = rows_of_key(mask, key_row0 + half * 8);
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    if (!rows.contains(query0 + j * 8 + 2 * t + e)) s[j][half * 2 + e] = 0.f;
+        }
+    }
+}
+
+// dS = P ∘ (dP − Delta) (∘ the modifier's factor), in place in dp; delta(j, e) is the Delta of the
+// element's query.
+template <int NT, class MOD, class DeltaOf>
+__device__ __forceinline__ void softmax_grad(float (&dp)[NT][4], const float (&p)[NT][4],
+                                             const GradFactors<MOD, NT>& grad, DeltaOf delta) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float ds = p[j][i] * (dp[j][i] - delta(j, i));
+            if constexpr (MOD::has_grad_factor) ds *= grad[j][i];
+            dp[j][i] = ds;
+        }
+}
+
+// The same with the modifier's factor recovered from P (ScoreMod::grad_from_prob) rather than
+// kept in registers; at(j, i) gives the element's {row, key, lse2, delta}.
+struct ElementCoords {
+    int row, key;
+    float lse2, delta;
+};
+template <int NT, class MOD, class At>
+__device__ __forceinline__ void softmax_grad_recovered(float (&dp)[NT][4], const float (&p)[NT][4], const MOD& mod,
+                                                       At at) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const ElementCoords c = at(j, i);
+            float ds = p[j][i] * (dp[j][i] - c.delta);
+            if constexpr (MOD::has_grad_factor) ds *= mod.grad_from_prob(p[j][i], c.lse2, c.row, c.key);
+            dp[j][i] = ds;
+        }
+}
+
 // A score tile held as NT·4 consecutive floats (the wgmma accumulator) seen as NT blocks of 4.
 template <int NT>
 __device__ __forceinline__ float (&as_blocks(float (&s)[NT * 4]))[NT][4] {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# compute-sanitizer's memcheck, racecheck, synccheck and initcheck over every kernel family
+# (tools/sanitize_driver.py); prints one summary line per tool and keeps the logs in $1 (default
+# ./sanitize-logs).
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+logs="${1:-sanitize-logs}"
+mkdir -p "$logs"
+# Compile every variant once outside the sanitizer (CuPy's disk cache keeps them).
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" python3 "$here/tools/sanitize_driver.py" > "$logs/plain.log" 2>&1 \
+    || { echo "driver failed without the sanitizer:"; tail -20 "$logs/plain.log"; exit 1; }
+status=0
+for tool in memcheck racecheck synccheck initcheck; do
+    extra=()
+    [ "$tool" = racecheck ] && extra=(--racecheck-report analysis)
+    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" compute-sanitizer --tool "$tool" "${extra[@]}" \
+        --error-exitcode 9 python3 "$here/tools/sanitize_driver.py" > "$logs/$tool.log" 2>&1
+    rc=$?
+    summary="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/$tool.log" | tail -1)"
+    echo "$tool: exit $rc; ${summary:-no summary line}"
+    [ "$rc" -ne 0 ] && status=1
+done
+exit "$status"

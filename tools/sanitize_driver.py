@@ -1,0 +1,49 @@
+"""Every kernel family once, forward and backward, on problems small enough for
+compute-sanitizer's slow tools (racecheck): run under `tools/sanitize.sh`."""
+
+from __future__ import annotations
+
+import os
+
+import cupy
+import ml_dtypes
+import numpy
+
+import cuflash
+from cuflash import kernels
+from cuflash.sparse import BlockMask
+
+
+def _arrays(rng, dtype, b, hq, hkv, n, d):
+    def make(*shape):
+        return cupy.asarray(rng.standard_normal(shape, dtype=numpy.float32).astype(dtype))
+    return make(b, hq, n, d), make(b, hkv, n, d), make(b, hkv, n, d), make(b, hq, n, d)
+
+
+def main():
+    rng = numpy.random.default_rng(0)
+    n = 200
+    slopes = cupy.asarray(numpy.linspace(0.1, 0.5, 2, dtype=numpy.float32))
+    pattern = numpy.array([[1, 0], [1, 1]], bool)
+    options = (
+        {"causal": True},
+        {"window": (60, 20), "softcap": 10.0, "alibi_slopes": slopes},
+        {"causal": True, "block_mask": BlockMask.from_dense(pattern, block_size=128, shape=(n, n))},
+    )
+    cases = (("bfloat16", 64, False), ("bfloat16", 128, True), ("float16", 96, False),
+             ("float32", 64, False))
+    for dtype_name, d, hopper_off in cases:
+        os.environ[kernels.DISABLE_HOPPER_ENV] = "1" if hopper_off else "0"
+        dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": numpy.float16, "float32": numpy.float32}[dtype_name]
+        q, k, v, dout = _arrays(rng, dtype, 1, 2, 1, n, d)
+        for opts in options:
+            out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+            for deterministic in (False, True):
+                cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **opts)
+            cupy.cuda.Device().synchronize()
+            print(f"ran {dtype_name} D={d} sm90={'off' if hopper_off else 'on'} "
+                  f"{sorted(k for k in opts)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
