@@ -1,0 +1,197 @@
+"""The public functions of ``cuflash.torch`` (see the package docstring and docs/torch.md)."""
+
+from typing import Optional
+
+import torch
+
+from . import _ops
+from ._ops import block_mask_handle
+
+# Under torch.compile the handle of a mask object is computed once, while tracing, and the graph
+# holds the resulting int (Dynamo guards on the mask object, so another mask recompiles).
+_traced_mask_handle = torch.compiler.assume_constant_result(block_mask_handle)
+
+
+def _window(window, name: str) -> tuple[int, int]:
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair of ints (left, right), got {window!r}") from None
+    return int(left), int(right)
+
+
+def _check_tensors(**tensors) -> None:
+    """Tensors, all on one device."""
+    first = None
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if first is None:
+            first = name
+        elif x.device != tensors[first].device:
+            raise ValueError(f"{first} and {name} must be on one device, got {first} on "
+                             f"{tensors[first].device} and {name} on {x.device}")
+
+
+def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
+              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, block_mask=None,
+              deterministic: bool = False, return_lse: bool = False):
+    """``cuflash.attention`` on torch tensors, differentiable with respect to q, k and v.
+
+    Parameters
+    ----------
+    q, k, v : Tensor
+        ``(..., Hq, Nq, D)``, ``(..., Hkv, Nk, D)``, ``(..., Hkv, Nk, Dv)``: one dtype (float16,
+        bfloat16 or float32), one device (CUDA or CPU). Leading axes broadcast; ``Hq`` is a
+        multiple of ``Hkv`` (grouped-query attention); any strides.
+    causal, scale
+        As in ``cuflash.attention`` (a causal mask is aligned to the bottom-right corner when
+        ``Nq != Nk``).
+    window : (int, int)
+        Sliding window ``(left, right)``, -1 for unbounded, flash-attn's semantics.
+    softcap : float
+        Scores become ``softcap · tanh(scores / softcap)``; 0 turns it off.
+    alibi_slopes : Tensor, optional
+        float32 ``(Hq,)`` or ``(B, Hq)``: flash-attn's ALiBi bias.
+    block_mask : cuflash.sparse.BlockMask or int, optional
+        A block-sparse pattern, or its handle from ``block_mask_handle`` (see docs/torch.md for
+        its use under ``torch.compile``).
+    deterministic : bool
+        Bit-identical gradients from run to run (``cuflash.attention_backward``).
+    return_lse : bool
+        Also return the log-sum-exp of each row, float32 ``(..., Hq, Nq)``, not differentiable.
+
+    ``window``, ``softcap`` and ``alibi_slopes`` raise ``NotImplementedError`` when the installed
+    cuflash core does not have them; at their defaults they are never passed on.
+    """
+    out, lse = _attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                          alibi_slopes=alibi_slopes, block_mask=block_mask,
+                          deterministic=deterministic, seq_major=False)
+    return (out, lse) if return_lse else out
+
+
+def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
+               deterministic, seq_major):
+    if alibi_slopes is None:
+        _check_tensors(q=q, k=k, v=v)
+    else:
+        _check_tensors(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    left, right = _window(window, "window")
+    softcap = float(softcap)
+    _ops.check_options((left, right), softcap, alibi_slopes)
+    handle = _traced_mask_handle(block_mask)
+    return _ops.attention_forward(
+        q, k, v, bool(causal), None if scale is None else float(scale), left, right, softcap,
+        alibi_slopes, handle, bool(seq_major), bool(deterministic))
+
+
+# ----------------------------------------------------------------------------- flash-attn
+
+def _unsupported_flash_attn(dropout_p, return_attn_probs) -> None:
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p!r}: cuflash has no attention dropout; pass dropout_p=0.0 "
+            f"(or apply dropout elsewhere in the model)")
+    if return_attn_probs:
+        raise NotImplementedError(
+            "return_attn_probs=True: cuflash never forms the attention probabilities; use "
+            "cuflash.torch.attention(..., return_lse=True) for the log-sum-exp")
+
+
+def _check_bshd(**tensors) -> None:
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seqlen, nheads, headdim), got "
+                             f"{tuple(x.shape)}")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                    return_attn_probs=False):
+    """flash-attn's ``flash_attn_func``: q ``(B, Sq, Hq, D)``, k and v ``(B, Sk, Hkv, D)``.
+
+    Returns ``out`` ``(B, Sq, Hq, Dv)``, contiguous. ``dropout_p > 0`` and
+    ``return_attn_probs=True`` raise ``NotImplementedError``.
+    """
+    _unsupported_flash_attn(dropout_p, return_attn_probs)
+    _check_bshd(q=q, k=k, v=v)
+    out, _ = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                        scale=softmax_scale, window=window_size, softcap=softcap,
+                        alibi_slopes=alibi_slopes, block_mask=None, deterministic=deterministic,
+                        seq_major=True)
+    return out.transpose(1, 2)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False):
+    """flash-attn's ``flash_attn_qkvpacked_func``: qkv ``(B, S, 3, H, D)``; returns
+    ``(B, S, H, D)``."""
+    _unsupported_flash_attn(dropout_p, return_attn_probs)
+    _check_tensors(qkv=qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
+                         f"{tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False):
+    """flash-attn's ``flash_attn_kvpacked_func``: q ``(B, Sq, Hq, D)``, kv
+    ``(B, Sk, 2, Hkv, D)``; returns ``(B, Sq, Hq, D)``."""
+    _unsupported_flash_attn(dropout_p, return_attn_probs)
+    _check_tensors(q=q, kv=kv)
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must have shape (batch, seqlen, 2, nheads_k, headdim), got "
+                         f"{tuple(kv.shape)}")
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic)
+
+
+# ----------------------------------------------------------------------------- SDPA
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention`` for the cases cuflash computes.
+
+    ``(..., H, L, E)`` inputs as in torch. ``attn_mask``, ``dropout_p > 0`` and ``is_causal``
+    with ``L != S`` (torch aligns that mask to the top-left corner, cuflash to the bottom-right)
+    raise ``NotImplementedError``; different query and key/value head counts need
+    ``enable_gqa=True``, as in torch. The output's memory follows the query's: a query that is a
+    ``(B, L, H, E)`` tensor transposed gives an output that is one too, as torch's flash kernel
+    does.
+    """
+    _check_tensors(query=query, key=key, value=value)
+    if attn_mask is not None:
+        raise NotImplementedError(
+            "attn_mask is not supported: cuflash computes causal or unmasked attention (or a "
+            "block-sparse cuflash.sparse.BlockMask through cuflash.torch.attention)")
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p!r}: cuflash has no attention dropout; pass dropout_p=0.0")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.dim() < 3:
+            raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape "
+                             f"{tuple(x.shape)}")
+    nq, nk = query.shape[-2], key.shape[-2]
+    if is_causal and nq != nk:
+        raise NotImplementedError(
+            f"is_causal=True with L={nq} != S={nk}: torch aligns this mask to the top-left corner "
+            f"and cuflash to the bottom-right; use cuflash.torch.attention(causal=True) for the "
+            f"bottom-right alignment")
+    hq, hkv = query.shape[-3], key.shape[-3]
+    if hq != hkv and not enable_gqa:
+        raise ValueError(f"query has {hq} heads and key {hkv}: pass enable_gqa=True for "
+                         f"grouped-query attention")
+    seq_major = query.stride(-3) < query.stride(-2)
+    out, _ = _attention(query, key, value, causal=is_causal, scale=scale, window=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, block_mask=None, deterministic=False,
+                        seq_major=seq_major)
+    return out
+

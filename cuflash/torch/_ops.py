@@ -1,0 +1,250 @@
+"""The custom operators ``cuflash::attention_forward`` / ``cuflash::attention_backward``.
+
+Both are ``torch.library.custom_op``s with fake (meta) implementations, so ``torch.compile``
+traces through them without graph breaks; the forward carries ``register_autograd``, whose
+backward calls the backward operator and saves only q, k, v, out and the log-sum-exp.
+
+A block mask is not a tensor: the operators take an int handle into a registry of masks
+(``block_mask_handle``); -1 means no mask.
+"""
+
+import inspect
+import threading
+from typing import Optional
+
+import torch
+
+import cuflash
+
+from . import _bridge
+
+NO_MASK = -1
+
+
+# ----------------------------------------------------------------------------- block masks
+
+_mask_lock = threading.Lock()
+_mask_ids: dict = {}   # mask -> handle; BlockMask compares by value, so equal masks share one
+_masks: list = []      # handle -> mask
+
+
+def block_mask_handle(block_mask) -> int:
+    """The int handle of ``block_mask`` (registering it on first use); -1 for ``None``.
+
+    The registry keeps every mask registered alive for the life of the process; equal
+    ``cuflash.sparse.BlockMask`` objects share one handle.
+    """
+    if block_mask is None:
+        return NO_MASK
+    if isinstance(block_mask, int) and not isinstance(block_mask, bool):
+        lookup_block_mask(block_mask)  # validates
+        return block_mask
+    with _mask_lock:
+        handle = _mask_ids.get(block_mask)
+        if handle is None:
+            handle = len(_masks)
+            _masks.append(block_mask)
+            _mask_ids[block_mask] = handle
+    return handle
+
+
+def lookup_block_mask(handle: int):
+    if handle == NO_MASK:
+        return None
+    if not 0 <= handle < len(_masks):
+        raise ValueError(f"{handle} is not a block mask handle from cuflash.torch.block_mask_handle")
+    return _masks[handle]
+
+
+# ----------------------------------------------------------------------------- core options
+
+def _parameters(function) -> frozenset:
+    return frozenset(inspect.signature(function).parameters)
+
+
+# Read once: the functions below are traced by torch.compile, which need not follow inspect.
+_CORE_OPTIONS = _parameters(cuflash.attention) & _parameters(cuflash.attention_backward)
+_GRADS_HAVE_OUT = {"dq", "dk", "dv"} <= _parameters(cuflash.attention_backward)
+
+
+def core_supports(*names: str) -> bool:
+    """Whether ``cuflash.attention`` and ``cuflash.attention_backward`` take these keywords."""
+    return set(names) <= _CORE_OPTIONS
+
+
+def _grads_have_out() -> bool:
+    """Whether ``cuflash.attention_backward`` writes into given ``dq``, ``dk``, ``dv``."""
+    return _GRADS_HAVE_OUT
+
+
+def check_options(window, softcap, alibi_slopes) -> None:
+    """NotImplementedError naming each non-default option the installed core lacks."""
+    requested = []
+    if tuple(window) != (-1, -1):
+        requested.append("window")
+    if softcap != 0.0:
+        requested.append("softcap")
+    if alibi_slopes is not None:
+        requested.append("alibi_slopes")
+    for name in requested:
+        if not core_supports(name):
+            raise NotImplementedError(
+                f"{name} is not supported by the installed cuflash core "
+                f"(cuflash.attention has no {name!r} argument); leave it at its default")
+
+
+def _core_options(window_left, window_right, softcap, alibi_slopes, convert):
+    """Keyword arguments for the core: only the options that differ from their defaults."""
+    options = {}
+    if (window_left, window_right) != (-1, -1):
+        options["window"] = (int(window_left), int(window_right))
+    if softcap != 0.0:
+        options["softcap"] = float(softcap)
+    if alibi_slopes is not None:
+        options["alibi_slopes"] = convert(alibi_slopes)
+    return options
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def _out_shapes(q, k, v):
+    """Shapes of (out, lse) as ``cuflash.attention`` gives them, and whether out has a head axis.
+
+    A 2-D input is one head ``(1, N, D)``; when q, k and v are all 2-D, so are the outputs.
+    """
+    if q.dim() == k.dim() == v.dim() == 2:
+        return (q.shape[0], v.shape[1]), (q.shape[0],), False
+    batch = tuple(torch.broadcast_shapes(*(x.shape[:-3] for x in (q, k, v))))
+    hq = q.shape[-3] if q.dim() >= 3 else 1
+    nq, dv = q.shape[-2], v.shape[-1]
+    return batch + (hq, nq, dv), batch + (hq, nq), True
+
+
+def _empty_out(q, k, v, seq_major: bool):
+    """The output ``(..., Hq, Nq, Dv)``; with ``seq_major`` its memory is ``(..., Nq, Hq, Dv)``."""
+    shape, _, heads = _out_shapes(q, k, v)
+    if seq_major and heads:
+        return q.new_empty(shape[:-3] + (shape[-2], shape[-3], shape[-1])).transpose(-3, -2)
+    return q.new_empty(shape)
+
+
+def _empty_lse(q, k, v):
+    return q.new_empty(_out_shapes(q, k, v)[1], dtype=torch.float32)
+
+
+def _empty_grads(q, k, v):
+    """Gradient buffers: like the inputs (strides included) when the core writes into given
+    buffers, contiguous otherwise (the core's own allocation)."""
+    if _grads_have_out():
+        return tuple(torch.empty_like(x) for x in (q, k, v))
+    return tuple(x.new_empty(x.shape) for x in (q, k, v))
+
+
+# ----------------------------------------------------------------------------- forward
+
+@torch.library.custom_op("cuflash::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: Optional[float], window_left: int, window_right: int,
+                      softcap: float, alibi_slopes: Optional[torch.Tensor], block_mask: int,
+                      seq_major: bool, deterministic: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of ``cuflash.attention`` on tensors in the (..., H, N, D) layout.
+
+    ``seq_major`` lays the output's memory out as (..., N, H, Dv) (the layout flash-attn returns)
+    instead of (..., H, N, Dv). ``deterministic`` does nothing here: it is kept for the backward.
+    """
+    mask = lookup_block_mask(block_mask)
+    out = _empty_out(q, k, v, seq_major)
+    if q.device.type == "cuda":
+        with _bridge.cuda_scope(q.device) as allocator:
+            options = _core_options(window_left, window_right, softcap, alibi_slopes,
+                                    _bridge.to_cupy)
+            _, lse = cuflash.attention(
+                _bridge.to_cupy(q), _bridge.to_cupy(k), _bridge.to_cupy(v), causal=causal,
+                scale=scale, block_mask=mask, return_lse=True, out=_bridge.to_cupy(out),
+                **options)
+            return out, allocator.to_torch(lse)
+    if q.device.type != "cpu":
+        raise ValueError(f"cuflash runs on CUDA and CPU tensors, got a tensor on {q.device}")
+    options = _core_options(window_left, window_right, softcap, alibi_slopes, _bridge.to_numpy)
+    _, lse = cuflash.attention(
+        _bridge.to_numpy(q), _bridge.to_numpy(k), _bridge.to_numpy(v), causal=causal,
+        scale=scale, block_mask=mask, return_lse=True, out=_bridge.to_numpy(out), **options)
+    return out, _bridge.from_numpy(lse)
+
+
+@attention_forward.register_fake
+def _(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
+      seq_major, deterministic):
+    return _empty_out(q, k, v, seq_major), _empty_lse(q, k, v)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@torch.library.custom_op("cuflash::attention_backward", mutates_args=())
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                       scale: Optional[float], window_left: int, window_right: int,
+                       softcap: float, alibi_slopes: Optional[torch.Tensor], block_mask: int,
+                       deterministic: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``cuflash.attention_backward``."""
+    mask = lookup_block_mask(block_mask)
+    grads = _empty_grads(q, k, v) if _grads_have_out() else None
+    if q.device.type == "cuda":
+        with _bridge.cuda_scope(q.device) as allocator:
+            convert = _bridge.to_cupy
+            options = _core_options(window_left, window_right, softcap, alibi_slopes, convert)
+            if grads is not None:
+                options.update(zip(("dq", "dk", "dv"), map(convert, grads)))
+            result = cuflash.attention_backward(
+                *map(convert, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
+                block_mask=mask, deterministic=deterministic, **options)
+            if grads is not None:
+                return grads
+            return tuple(allocator.to_torch(g) for g in result)
+    if q.device.type != "cpu":
+        raise ValueError(f"cuflash runs on CUDA and CPU tensors, got a tensor on {q.device}")
+    convert = _bridge.to_numpy
+    options = _core_options(window_left, window_right, softcap, alibi_slopes, convert)
+    if grads is not None:
+        options.update(zip(("dq", "dk", "dv"), map(convert, grads)))
+    result = cuflash.attention_backward(
+        *map(convert, (dout, q, k, v, out, lse)), causal=causal, scale=scale, block_mask=mask,
+        deterministic=deterministic, **options)
+    if grads is not None:
+        return grads
+    return tuple(_bridge.from_numpy(g) for g in result)
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap, alibi_slopes,
+      block_mask, deterministic):
+    return _empty_grads(q, k, v)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
+     _seq_major, deterministic) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.options = (causal, scale, window_left, window_right, softcap, block_mask, deterministic)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
+
+
+def _backward(ctx, dout, _dlse):
+    if dout is None:  # only lse was used: nothing flows back
+        return (None,) * 12
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    causal, scale, window_left, window_right, softcap, block_mask, deterministic = ctx.options
+    dq, dk, dv = attention_backward(
+        dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap,
+        alibi_slopes, block_mask, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+

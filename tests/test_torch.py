@@ -1,0 +1,495 @@
+"""cuflash.torch on CPU tensors (the NumPy path): values and gradients against torch's own
+attention, the custom operators (opcheck, torch.compile), the drop-in signatures and what they
+refuse. GPU behaviour (zero copy, streams, allocator, graphs, training) is in test_torch_gpu.py.
+
+Correctness rule (as in oracle.py): ``max|result − ref64| ≤ 2·max|naive − ref64| + 1e-5``, with
+``ref64`` torch's ``scaled_dot_product_attention`` (or plain attention with the options) in
+float64 and ``naive`` plain attention computed in the inputs' dtype.
+"""
+
+import inspect
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import cuflash  # noqa: E402
+import cuflash.torch as ct  # noqa: E402
+from cuflash.torch import _ops  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DTYPE_IDS = ["float16", "bfloat16", "float32"]
+FACTOR, SLACK = 2.0, 1e-5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def core_has(name):
+    return name in inspect.signature(cuflash.attention).parameters
+
+
+def needs_core(name):
+    return pytest.mark.skipif(
+        not core_has(name),
+        reason=f"cuflash.attention has no {name!r} argument in this version of the core")
+
+
+# ----------------------------------------------------------------------------- references
+
+def plain_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                    alibi_slopes=None):
+    """softmax(logits) v computed plainly in q's dtype, (..., H, N, D) layout, GQA by repeat.
+
+    Masks follow cuflash (and flash-attn): aligned to the bottom-right corner; a row with nothing
+    to attend to gives 0.
+    """
+    hq, nq, nk = q.shape[-3], q.shape[-2], k.shape[-2]
+    group = hq // k.shape[-3]
+    k = k.repeat_interleave(group, dim=-3)
+    v = v.repeat_interleave(group, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(nq, device=s.device)[:, None]
+    j = torch.arange(nk, device=s.device)[None, :]
+    if alibi_slopes is not None:
+        distance = (i + nk - nq - j).abs().to(s.dtype)
+        s = s - alibi_slopes.to(s.device, s.dtype)[..., None, None] * distance
+    keep = torch.ones(nq, nk, dtype=torch.bool, device=s.device)
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0:
+        keep &= j <= i + nk - nq + right
+    if left >= 0:
+        keep &= j >= i + nk - nq - left
+    s = s.masked_fill(~keep, -math.inf)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p @ v
+
+
+def assert_close(result, ref64, naive, what=""):
+    error = (result.double() - ref64).abs().max().item()
+    allowed = FACTOR * (naive.double() - ref64).abs().max().item() + SLACK
+    assert not torch.isnan(result).any(), f"{what}: NaN in result"
+    assert error <= allowed, f"{what}: max|error| {error:.3e} > allowed {allowed:.3e}"
+
+
+def leaf(x, dtype=None):
+    return x.to(dtype or x.dtype).detach().requires_grad_(True)
+
+
+def grads_of(fn, inputs, dout):
+    out = fn(*inputs)
+    (out.float() * dout.float()).sum().backward()
+    return out.detach(), [x.grad for x in inputs]
+
+
+def check_against_reference(dtype, q, k, v, fn, device="cpu", **options):
+    """fn(q, k, v) (the cuflash call) against plain attention with ``options``: out and grads.
+
+    q, k, v are float32 CPU tensors; they are rounded to ``dtype`` and moved to ``device`` for
+    ``fn`` and the naive attention; the float64 reference runs on the CPU.
+    """
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    ins = [leaf(x.to(device)) for x in (q, k, v)]
+    ins64 = [leaf(x, torch.float64) for x in (q, k, v)]
+    ins_naive = [leaf(x.to(device)) for x in (q, k, v)]
+    alibi = options.pop("alibi_slopes", None)
+
+    def reference(*qkv):
+        return plain_attention(*qkv, alibi_slopes=alibi, **options)
+
+    with torch.no_grad():
+        shape = reference(*(x.double() for x in (q, k, v))).shape
+    dout = torch.randn(shape).to(dtype)
+    out, grads = grads_of(fn, ins, dout.to(device))
+    out64, grads64 = grads_of(reference, ins64, dout.double())
+    naive, grads_naive = grads_of(reference, ins_naive, dout.to(device))
+    assert out.dtype == dtype and out.shape == out64.shape and out.device == ins[0].device
+    assert_close(out.cpu(), out64, naive.cpu(), "out")
+    for name, g, g64, gn, x in zip("qkv", grads, grads64, grads_naive, ins):
+        assert g.shape == x.shape and g.dtype == dtype, f"d{name}: {g.shape} {g.dtype}"
+        assert_close(g.cpu(), g64, gn.cpu(), f"d{name}")
+
+
+def randn(*shape):
+    return torch.randn(*shape, dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _seed(seed):
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- values, grads
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_matches_sdpa(dtype, causal):
+    q, k, v = randn(2, 4, 96, 32), randn(2, 4, 96, 32), randn(2, 4, 96, 32)
+    check_against_reference(dtype, q, k, v, lambda *x: ct.attention(*x, causal=causal),
+                            causal=causal)
+    # the float64 reference itself is torch's SDPA
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    assert torch.allclose(plain_attention(q.double(), k.double(), v.double(), causal=causal),
+                          ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa_and_unequal_lengths(causal):
+    q, k, v = randn(2, 4, 40, 32), randn(2, 2, 130, 32), randn(2, 2, 130, 16)
+    check_against_reference(torch.float32, q, k, v,
+                            lambda *x: ct.attention(*x, causal=causal, scale=0.3),
+                            causal=causal, scale=0.3)
+
+
+def test_broadcast_leading_axes_sum_gradients():
+    q, k, v = randn(3, 2, 50, 16), randn(1, 2, 60, 16), randn(1, 2, 60, 16)
+    check_against_reference(torch.float32, q, k, v, ct.attention)
+
+
+def test_return_lse_is_logsumexp_and_not_differentiable():
+    q, k, v = (leaf(randn(2, 3, 70, 32)) for _ in range(3))
+    out, lse = ct.attention(q, k, v, causal=True, return_lse=True)
+    assert lse.shape == (2, 3, 70) and lse.dtype == torch.float32
+    assert out.requires_grad and not lse.requires_grad
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(32)
+    s = s.masked_fill(torch.ones(70, 70, dtype=torch.bool).triu(1), -math.inf)
+    assert torch.allclose(lse.double(), torch.logsumexp(s, -1), atol=1e-5)
+
+
+def test_noncontiguous_inputs():
+    base = randn(2, 50, 3, 4, 32)  # (B, N, 3, H, D), as a fused projection gives
+    q, k, v = (x.transpose(1, 2) for x in base.unbind(2))
+    check_against_reference(torch.float32, q, k, v, ct.attention)
+
+
+def test_deterministic_is_accepted_and_repeatable():
+    q, k, v = (leaf(randn(1, 2, 64, 32)) for _ in range(3))
+    runs = []
+    for _ in range(2):
+        for x in (q, k, v):
+            x.grad = None
+        ct.attention(q, k, v, deterministic=True).square().sum().backward()
+        runs.append([x.grad.clone() for x in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_two_dimensional_inputs():
+    q, k, v = randn(40, 16), randn(50, 16), randn(50, 8)
+    out, lse = ct.attention(q, k, v, return_lse=True)
+    assert out.shape == (40, 8) and lse.shape == (40,)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q[None], k[None], v[None])[0],
+                          atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- options
+
+@needs_core("window")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_window(causal):
+    q, k, v = randn(2, 2, 80, 32), randn(2, 2, 100, 32), randn(2, 2, 100, 32)
+    check_against_reference(torch.float16, q, k, v,
+                            lambda *x: ct.attention(*x, causal=causal, window=(17, 5)),
+                            causal=causal, window=(17, 5))
+
+
+@needs_core("softcap")
+def test_softcap():
+    q, k, v = (randn(2, 2, 80, 32) * 3 for _ in range(3))
+    check_against_reference(torch.bfloat16, q, k, v, lambda *x: ct.attention(*x, softcap=2.5),
+                            softcap=2.5)
+
+
+@needs_core("alibi_slopes")
+@pytest.mark.parametrize("per_batch", [False, True], ids=["(H,)", "(B,H)"])
+def test_alibi(per_batch):
+    q, k, v = randn(2, 4, 60, 32), randn(2, 2, 90, 32), randn(2, 2, 90, 32)
+    slopes = torch.rand((2, 4) if per_batch else (4,), dtype=torch.float32) * 0.3
+    check_against_reference(
+        torch.float32, q, k, v, lambda *x: ct.attention(*x, causal=True, alibi_slopes=slopes),
+        causal=True, alibi_slopes=slopes)
+
+
+@needs_core("window")
+@needs_core("softcap")
+@needs_core("alibi_slopes")
+def test_flash_attn_options_match_attention():
+    q, k, v = randn(2, 64, 4, 32), randn(2, 64, 2, 32), randn(2, 64, 2, 32)
+    slopes = torch.rand(4) * 0.2
+    out = ct.flash_attn_func(q, k, v, softmax_scale=0.2, causal=True, window_size=(9, 3),
+                             softcap=4.0, alibi_slopes=slopes, deterministic=True)
+    expected = ct.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=0.2,
+                            causal=True, window=(9, 3), softcap=4.0, alibi_slopes=slopes)
+    assert torch.equal(out, expected.transpose(1, 2))
+
+
+@pytest.mark.parametrize("name, value", [("window", (4, 4)), ("softcap", 1.0),
+                                         ("alibi_slopes", "tensor")])
+def test_option_missing_from_core_raises(monkeypatch, name, value):
+    monkeypatch.setattr(_ops, "core_supports", lambda *names: False)
+    q = randn(1, 2, 16, 8)
+    value = torch.ones(2) if value == "tensor" else value
+    with pytest.raises(NotImplementedError, match=name):
+        ct.attention(q, q, q, **{name: value})
+    ct.attention(q, q, q)  # defaults are never passed on
+
+
+# ----------------------------------------------------------------------------- block masks
+
+def test_block_mask_object_and_handle():
+    from cuflash.sparse import BlockMask
+    layout = np.tril(np.ones((4, 4), dtype=bool))
+    layout[3, 0] = False
+    mask = BlockMask.from_dense(layout, block_size=16)
+    q, k, v = randn(2, 2, 64, 16), randn(2, 2, 64, 16), randn(2, 2, 64, 16)
+    expected = cuflash.attention(q.numpy(), k.numpy(), v.numpy(), block_mask=mask)
+    handle = ct.block_mask_handle(mask)
+    assert ct.block_mask_handle(BlockMask.from_dense(layout, block_size=16)) == handle
+    for given in (mask, handle):
+        out = ct.attention(q, k, v, block_mask=given)
+        assert np.array_equal(out.numpy(), expected)
+    with pytest.raises(ValueError, match="handle"):
+        ct.attention(q, k, v, block_mask=10**9)
+    qs = [leaf(x) for x in (q, k, v)]
+    ct.attention(*qs, block_mask=mask).sum().backward()
+    dq, dk, dv = cuflash.attention_backward(
+        np.ones_like(expected), q.numpy(), k.numpy(), v.numpy(), expected,
+        cuflash.attention(q.numpy(), k.numpy(), v.numpy(), block_mask=mask, return_lse=True)[1],
+        block_mask=mask)
+    for x, g in zip(qs, (dq, dk, dv)):
+        assert np.array_equal(x.grad.numpy(), g)
+
+
+def test_block_mask_under_compile_recompiles_per_mask():
+    from cuflash.sparse import BlockMask
+    masks = [BlockMask.from_dense(np.tril(np.ones((4, 4), dtype=bool)), block_size=16),
+             BlockMask.from_dense(np.eye(4, dtype=bool), block_size=16)]
+    q, k, v = randn(1, 2, 64, 16), randn(1, 2, 64, 16), randn(1, 2, 64, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, m: ct.attention(q, k, v, block_mask=m),
+                             backend="aot_eager", fullgraph=True)
+    for mask in masks + masks[:1]:
+        assert torch.equal(compiled(q, k, v, mask), ct.attention(q, k, v, block_mask=mask))
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@pytest.mark.parametrize("seq_major", [False, True], ids=["hnd", "nhd"])
+def test_opcheck_forward(seq_major):
+    q, k, v = (leaf(randn(2, 4, 48, 16)) for _ in range(3))
+    torch.library.opcheck(torch.ops.cuflash.attention_forward.default,
+                          (q, k, v, True, None, -1, -1, 0.0, None, -1, seq_major, False))
+
+
+def test_opcheck_backward():
+    q, k, v = (randn(2, 4, 48, 16) for _ in range(3))
+    out, lse = torch.ops.cuflash.attention_forward(q, k, v, False, 0.5, -1, -1, 0.0, None, -1,
+                                                   False, False)
+    torch.library.opcheck(torch.ops.cuflash.attention_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, False, 0.5, -1, -1, 0.0,
+                           None, -1, False))
+
+
+@needs_core("alibi_slopes")
+@needs_core("window")
+def test_opcheck_with_options():
+    q, k, v = (leaf(randn(2, 4, 48, 16)) for _ in range(3))
+    slopes = torch.rand(4)
+    torch.library.opcheck(torch.ops.cuflash.attention_forward.default,
+                          (q, k, v, False, None, 8, 2, 0.0, slopes, -1, True, False))
+
+
+def test_fake_shapes_and_strides_match_real():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = randn(2, 50, 4, 16).transpose(1, 2), randn(2, 2, 60, 16), randn(2, 2, 60, 8)
+    real = torch.ops.cuflash.attention_forward(q, k, v, False, None, -1, -1, 0.0, None, -1,
+                                               True, False)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+        fake = torch.ops.cuflash.attention_forward(fq, fk, fv, False, None, -1, -1, 0.0, None,
+                                                   -1, True, False)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self, api):
+        super().__init__()
+        self.api = api
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).unbind(2)
+        if self.api == "flash_attn":
+            return ct.flash_attn_func(q, k, v, causal=True).reshape(b, n, 32)
+        if self.api == "sdpa":
+            out = ct.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                  v.transpose(1, 2), is_causal=True)
+            return out.transpose(1, 2).reshape(b, n, 32)
+        return ct.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            causal=True).transpose(1, 2).reshape(b, n, 32)
+
+
+def _c_compiler_reason():
+    return None if shutil.which("cc") or shutil.which("gcc") else "inductor needs a C compiler"
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("api", ["attention", "flash_attn", "sdpa"])
+def test_compile_fullgraph(backend, api):
+    if backend == "inductor" and _c_compiler_reason():
+        pytest.skip(_c_compiler_reason())
+    model = TinyAttention(api)
+    x = randn(2, 40, 32)
+    eager_out = model(x)
+    eager_out.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert torch.allclose(out, eager_out, atol=1e-6)
+    for g, e in zip((p.grad for p in model.parameters()), eager_grads):
+        assert torch.allclose(g, e, atol=1e-5)
+
+
+@needs_core("window")
+@needs_core("softcap")
+@needs_core("alibi_slopes")
+def test_compile_fullgraph_with_options():
+    slopes = torch.rand(4) * 0.2
+
+    def f(q, k, v):
+        return ct.flash_attn_func(q, k, v, causal=True, window_size=(8, 0), softcap=3.0,
+                                  alibi_slopes=slopes, deterministic=True)
+
+    q, k, v = (leaf(randn(2, 40, 4, 16)) for _ in range(3))
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = f(q, k, v)
+    assert torch.equal(out, expected)
+    for g, e in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
+        assert torch.equal(g, e)
+
+
+# ----------------------------------------------------------------------------- drop-ins
+
+def test_flash_attn_func_layout_and_grads():
+    q, k, v = randn(2, 70, 4, 32), randn(2, 90, 2, 32), randn(2, 90, 2, 16)
+    ins = [leaf(x) for x in (q, k, v)]
+    out = ct.flash_attn_func(*ins, causal=True)
+    assert out.shape == (2, 70, 4, 16) and out.is_contiguous()
+    out.square().sum().backward()
+    ins2 = [leaf(x.transpose(1, 2)) for x in (q, k, v)]
+    expected = ct.attention(*ins2, causal=True)
+    assert torch.equal(out, expected.transpose(1, 2))
+    expected.square().sum().backward()
+    for a, b in zip(ins, ins2):
+        assert torch.equal(a.grad, b.grad.transpose(1, 2))
+
+
+def test_flash_attn_func_values():
+    q, k, v = randn(2, 64, 4, 32), randn(2, 64, 4, 32), randn(2, 64, 4, 32)
+    check_against_reference(
+        torch.float16, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        lambda *x: ct.flash_attn_func(*(t.transpose(1, 2) for t in x), causal=True,
+                                      softmax_scale=0.25).transpose(1, 2),
+        causal=True, scale=0.25)
+
+
+def test_packed_variants_match_unpacked():
+    qkv = leaf(randn(2, 50, 3, 4, 16))
+    out = ct.flash_attn_qkvpacked_func(qkv, causal=True)
+    q, k, v = (leaf(x) for x in qkv.detach().unbind(2))
+    expected = ct.flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(qkv.grad, torch.stack([q.grad, k.grad, v.grad], dim=2))
+    kv = randn(2, 60, 2, 2, 16)
+    q = randn(2, 50, 4, 16)
+    assert torch.equal(ct.flash_attn_kvpacked_func(q, kv, softmax_scale=0.1),
+                       ct.flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], softmax_scale=0.1))
+
+
+@pytest.mark.parametrize("call, option", [
+    (lambda q: ct.flash_attn_func(q, q, q, dropout_p=0.1), "dropout_p"),
+    (lambda q: ct.flash_attn_func(q, q, q, return_attn_probs=True), "return_attn_probs"),
+    (lambda q: ct.flash_attn_qkvpacked_func(torch.stack([q] * 3, 2), 0.1), "dropout_p"),
+    (lambda q: ct.flash_attn_kvpacked_func(q, torch.stack([q] * 2, 2), return_attn_probs=True),
+     "return_attn_probs"),
+    (lambda q: ct.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=bool)),
+     "attn_mask"),
+    (lambda q: ct.scaled_dot_product_attention(q, q, q, dropout_p=0.5), "dropout_p"),
+    (lambda q: ct.scaled_dot_product_attention(q, q[:, :, :4], q[:, :, :4], is_causal=True),
+     "is_causal"),
+])
+def test_unsupported_options_raise(call, option):
+    with pytest.raises(NotImplementedError, match=option):
+        call(randn(1, 2, 8, 8))
+
+
+def test_sdpa_matches_torch():
+    q, k, v = randn(2, 4, 70, 32), randn(2, 2, 70, 32), randn(2, 2, 70, 32)
+    out = ct.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2, enable_gqa=True)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2,
+                                              enable_gqa=True)
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="enable_gqa"):
+        ct.scaled_dot_product_attention(q, k, v)
+    # unequal lengths without a causal mask are fine
+    out = ct.scaled_dot_product_attention(q, k[:, :, :30], v[:, :, :30], enable_gqa=True)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k[:, :, :30], v[:, :, :30],
+                                                              enable_gqa=True), atol=1e-5)
+
+
+def test_sdpa_output_memory_follows_query():
+    x = randn(2, 30, 3, 4, 16)
+    q, k, v = (t.transpose(1, 2) for t in x.unbind(2))  # (B, H, N, D) views of (B, N, H, D)
+    out = ct.scaled_dot_product_attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()
+    out = ct.scaled_dot_product_attention(q.contiguous(), k, v)
+    assert out.is_contiguous()
+
+
+def test_rejects_non_tensors():
+    q = randn(1, 2, 8, 8)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        ct.attention(q, q.numpy(), q)
+    with pytest.raises(ValueError, match="one device"):
+        ct.attention(q, q, q.to("meta"))
+    with pytest.raises(ValueError, match="batch, seqlen, nheads, headdim"):
+        ct.flash_attn_func(q[0], q[0], q[0])
+
+
+# ----------------------------------------------------------------------------- packaging
+
+def test_core_import_does_not_import_torch():
+    code = "import sys, cuflash; cuflash.attention; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_train_tiny_lm_example_cpu():
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import train_tiny_lm
+    finally:
+        sys.path.pop(0)
+    ours, theirs = train_tiny_lm.run(device="cpu", dtype="float32", steps=4, batch=2,
+                                     seq_len=32, dim=32, heads=2)
+    assert ours[-1] < ours[0]
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3

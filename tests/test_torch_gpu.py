@@ -1,0 +1,305 @@
+"""cuflash.torch on CUDA tensors: values, zero copy, torch's stream and allocator, CUDA graphs,
+torch.compile and a short training run. Skipped without torch or a CUDA device.
+
+Run: ``python -m pytest -m gpu tests/test_torch_gpu.py``.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cuflash  # noqa: E402
+import cuflash.torch as ct  # noqa: E402
+from test_torch import (DTYPE_IDS, DTYPES, TinyAttention, check_against_reference,  # noqa: E402
+                        needs_core, randn)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")]
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+@pytest.fixture(autouse=True)
+def _seed(seed):
+    torch.manual_seed(seed)
+
+
+def cuda(*shape, dtype=torch.float16):
+    return torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+@pytest.fixture
+def record_core(monkeypatch):
+    """Wrap cuflash.attention / attention_backward to record what the core receives: the CuPy
+    arrays, CuPy's current stream and its current allocator, and what it returns."""
+    import cupy
+    calls = []
+
+    def wrap(name):
+        original = getattr(cuflash, name)
+
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            calls.append(dict(name=name, args=args, kwargs=kwargs, result=result,
+                              stream=cupy.cuda.get_current_stream().ptr))
+            return result
+        monkeypatch.setattr(cuflash, name, wrapper)
+
+    wrap("attention")
+    wrap("attention_backward")
+    return calls
+
+
+# ----------------------------------------------------------------------------- values
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128, 96])
+def test_matches_sdpa_cuda(dtype, causal, d):
+    q, k, v = randn(2, 4, 300, d), randn(2, 2, 300, d), randn(2, 2, 300, d)
+    check_against_reference(dtype, q, k, v, lambda *x: ct.attention(*x, causal=causal),
+                            device="cuda", causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_flash_attn_func_cuda(dtype):
+    q, k, v = randn(2, 200, 8, 64), randn(2, 260, 2, 64), randn(2, 260, 2, 64)
+    check_against_reference(
+        dtype, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        lambda *x: ct.flash_attn_func(*(t.transpose(1, 2) for t in x),
+                                      causal=True).transpose(1, 2),
+        device="cuda", causal=True)
+
+
+def test_sdpa_matches_torch_cuda():
+    q, k, v = cuda(2, 8, 500, 64), cuda(2, 8, 500, 64), cuda(2, 8, 500, 64)
+    out = ct.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (out.float() - expected.float()).abs().max() < 1e-2
+
+
+@needs_core("window")
+@needs_core("softcap")
+@needs_core("alibi_slopes")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["float16", "bfloat16", "float32"])
+def test_options_cuda(dtype):
+    q, k, v = randn(2, 4, 300, 64) * 2, randn(2, 2, 350, 64), randn(2, 2, 350, 64)
+    slopes = torch.rand(4, device="cuda") * 0.1
+    check_against_reference(
+        dtype, q, k, v,
+        lambda *x: ct.attention(*x, causal=True, window=(100, 0), softcap=5.0,
+                                alibi_slopes=slopes),
+        device="cuda", causal=True, window=(100, 0), softcap=5.0, alibi_slopes=slopes.cpu())
+
+
+def test_block_mask_cuda():
+    import numpy as np
+    from cuflash.sparse import BlockMask
+    layout = np.tril(np.ones((4, 4), dtype=bool))
+    layout[2, 0] = False
+    mask = BlockMask.from_dense(layout, block_size=128)
+    q, k, v = cuda(1, 4, 512, 64), cuda(1, 4, 512, 64), cuda(1, 4, 512, 64)
+    out = ct.attention(q, k, v, block_mask=mask)
+    import cupy
+    expected = cuflash.attention(*(cupy.from_dlpack(x) for x in (q, k, v)), block_mask=mask)
+    assert torch.equal(out.cpu(), torch.from_numpy(cupy.asnumpy(expected)))
+
+
+def test_deterministic_gradients_are_bitwise_repeatable():
+    q, k, v = (cuda(2, 8, 1000, 96).requires_grad_() for _ in range(3))
+    dout = cuda(2, 8, 1000, 96)
+    runs = []
+    for _ in range(3):
+        runs.append(torch.autograd.grad(ct.attention(q, k, v, deterministic=True), (q, k, v),
+                                        dout))
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+# ----------------------------------------------------------------------------- zero copy
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["float16", "bfloat16", "float32"])
+def test_zero_copy_flash_attn_layout(record_core, dtype):
+    qkv = cuda(2, 300, 3, 4, 64, dtype=dtype).requires_grad_()
+    q, k, v = qkv.unbind(2)
+    out = ct.flash_attn_func(q, k, v, causal=True)
+    fwd = record_core[-1]
+    cq, ck, cv = fwd["args"]
+    # the core read the very memory of q, k, v: (B, H, S, D) views of the packed tensor
+    for tensor, array in ((q, cq), (k, ck), (v, cv)):
+        assert array.data.ptr == tensor.data_ptr()
+        assert array.strides == tuple(s * tensor.element_size()
+                                      for s in tensor.transpose(1, 2).stride())
+    # and wrote the result in place into the tensor returned, a contiguous (B, S, H, D)
+    assert fwd["kwargs"]["out"].data.ptr == out.data_ptr() and out.is_contiguous()
+    # the log-sum-exp the core returned is the tensor saved for the backward (no copy)
+    lse = fwd["result"][1]
+    out.backward(torch.ones_like(out))
+    bwd = record_core[-1]
+    assert bwd["args"][5].data.ptr == lse.data.ptr
+    assert bwd["args"][1].data.ptr == q.data_ptr()
+    assert qkv.grad is not None and torch.isfinite(qkv.grad.float()).all()
+
+
+def test_zero_copy_gradients(record_core):
+    q, k, v = (cuda(2, 4, 256, 64).requires_grad_() for _ in range(3))
+    dq, dk, dv = torch.autograd.grad(ct.attention(q, k, v), (q, k, v), cuda(2, 4, 256, 64))
+    core_grads = record_core[-1]["result"]
+    for tensor, array in zip((dq, dk, dv), core_grads):
+        assert tensor.data_ptr() == array.data.ptr
+
+
+def test_memory_comes_from_torch():
+    """Nothing is allocated from CuPy's pool; torch's allocator sees the outputs and scratch, and
+    no copy of an input."""
+    import cupy
+    pool = cupy.get_default_memory_pool()
+    b, h, n, d = 4, 16, 4096, 64                        # 32 MiB per float16 tensor
+    q, k, v, dout = (cuda(b, h, n, d) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    ct.attention(q, k, v).backward(dout)                  # compile the kernels first
+    for x in (q, k, v):
+        x.grad = None
+    pool.free_all_blocks()
+    pool_before = pool.total_bytes()
+    tensor_bytes = q.numel() * q.element_size()
+    lse_bytes = b * h * n * 4
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ct.attention(q, k, v)
+    torch.cuda.synchronize()
+    forward_peak = torch.cuda.max_memory_allocated() - base
+    assert tensor_bytes + lse_bytes <= forward_peak <= tensor_bytes + lse_bytes + 8 * MIB
+
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(dout)
+    torch.cuda.synchronize()
+    backward_peak = torch.cuda.max_memory_allocated() - base
+    grads = 3 * tensor_bytes
+    scratch = q.numel() * 4 + 2 * b * h * (n + 128) * 4  # float32 dq accumulator, lse2, delta
+    assert grads <= backward_peak <= grads + scratch + 16 * MIB
+    assert pool.total_bytes() == pool_before
+
+
+# ----------------------------------------------------------------------------- streams
+
+def test_runs_on_torch_current_stream(record_core):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        q, k, v = (cuda(2, 8, 2048, 64).requires_grad_() for _ in range(3))
+        out = ct.attention(q, k, v, causal=True)
+        out.backward(torch.ones_like(out))
+        assert record_core[0]["stream"] == side.cuda_stream
+        assert record_core[1]["stream"] == side.cuda_stream
+    torch.cuda.current_stream().wait_stream(side)
+    expected = ct.attention(q.detach(), k.detach(), v.detach(), causal=True)
+    assert record_core[-1]["stream"] == torch.cuda.current_stream().cuda_stream
+    assert torch.equal(out, expected)
+
+
+def test_default_stream_is_followed(record_core):
+    q = cuda(1, 2, 128, 64)
+    ct.attention(q, q, q)
+    assert record_core[-1]["stream"] == torch.cuda.current_stream().cuda_stream
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+def test_cuda_graph_capture_forward():
+    static = [cuda(2, 8, 1024, 64) for _ in range(3)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):                                # warm up: compile, upload
+            ct.attention(*static, causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_lse = ct.attention(*static, causal=True, return_lse=True)
+    for _ in range(2):
+        fresh = [cuda(2, 8, 1024, 64) for _ in range(3)]
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        out, lse = ct.attention(*fresh, causal=True, return_lse=True)
+        assert torch.equal(static_out, out) and torch.equal(static_lse, lse)
+
+
+def test_cuda_graph_make_graphed_callables_forward_backward():
+    torch.manual_seed(0)
+    model = TinyAttention("flash_attn").cuda().half()
+    eager_model = TinyAttention("flash_attn").cuda().half()
+    eager_model.load_state_dict(model.state_dict())
+    x = torch.randn(4, 256, 32, device="cuda", dtype=torch.float16, requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(model, (x,))
+    for _ in range(2):
+        data = torch.randn_like(x).requires_grad_()
+        data_eager = data.detach().clone().requires_grad_()
+        out = graphed(data)
+        out.float().square().sum().backward()
+        expected = eager_model(data_eager)
+        expected.float().square().sum().backward()
+        assert torch.equal(out, expected)
+        # dq may be accumulated with atomics (head dim 8 runs the portable kernels)
+        assert torch.allclose(data.grad, data_eager.grad, rtol=1e-3, atol=1e-3)
+        for p, e in zip(model.parameters(), eager_model.parameters()):
+            assert torch.allclose(p.grad, e.grad, rtol=1e-3, atol=1e-3)
+            p.grad = e.grad = None
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("api", ["attention", "flash_attn", "sdpa"])
+def test_compile_fullgraph_cuda(backend, api):
+    model = TinyAttention(api).cuda()
+    x = torch.randn(2, 128, 32, device="cuda")
+    # float32 inputs run the float32 kernels; compare compiled and eager
+    expected = model(x)
+    expected.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    out.square().sum().backward()
+    assert torch.allclose(out, expected, atol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _example():
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import train_tiny_lm
+    finally:
+        sys.path.pop(0)
+    return train_tiny_lm
+
+
+def test_train_tiny_lm_matches_sdpa():
+    ours, theirs = _example().run(device="cuda", dtype="bfloat16", steps=50)
+    assert ours[-1] < 0.6 * ours[0], ours
+    assert ours[0] == pytest.approx(math.log(64), abs=0.5)
+    worst = max(abs(a - b) for a, b in zip(ours, theirs))
+    assert worst <= 0.1, list(zip(ours, theirs))
+
+
+@pytest.mark.slow
+def test_train_tiny_lm_compiled():
+    ours, theirs = _example().run(device="cuda", dtype="bfloat16", steps=20, compile=True)
+    assert ours[-1] < 0.8 * ours[0], ours
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) <= 0.1
