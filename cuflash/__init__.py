@@ -1,6 +1,7 @@
 """cuflash: exact FlashAttention for CuPy, with a NumPy implementation of the same algorithm.
 
 ``attention``, ``attention_backward`` and ``attention_vjp`` take NumPy or CuPy arrays;
+``kernel_plan`` says which kernels a call would run and why the faster ones were passed over;
 ``cuflash.reference`` is the naive float64 oracle; ``cuflash.sparse`` builds block masks.
 """
 
@@ -8,9 +9,10 @@ __version__ = "0.1.0"
 
 from . import reference
 from ._api import attention, attention_backward, attention_vjp
+from ._plan import KernelPlan, kernel_plan
 
-__all__ = ["attention", "attention_backward", "attention_vjp", "reference", "sparse",
-           "__version__"]
+__all__ = ["attention", "attention_backward", "attention_vjp", "kernel_plan", "KernelPlan",
+           "reference", "sparse", "__version__"]
 
 
 def __getattr__(name):

@@ -1,30 +1,20 @@
-"""The public functions: validate, normalise to the 4-D form, dispatch to a back end.
+"""The public functions: validate into one ``AttentionSpec``, normalise to the 4-D form,
+dispatch to a back end.
 
 Both back ends (``cuflash.cpu`` for NumPy arrays, ``cuflash.kernels`` for CuPy arrays) expose the
-same ``forward`` and ``backward`` entry points and receive the same 4-D views (see
+same entry points, ``forward(q, k, v, out, lse, spec)`` and
+``backward(dout, q, k, v, out, lse, dq, dk, dv, spec)``, and receive the same 4-D views (see
 docs/internals.md), so the only thing that depends on the array module is which one is called.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy
 
 from . import _checks
-
-
-@dataclass(frozen=True)
-class _Problem:
-    """One validated call: sizes, options, and the back end that will run it."""
-    xp: Any
-    backend: Any
-    shapes: _checks.Shapes
-    dtype: numpy.dtype
-    scale: float
-    causal: bool
-    block_mask: Any
+from ._spec import AttentionSpec
 
 
 def _backend(xp):
@@ -35,35 +25,83 @@ def _backend(xp):
     return kernels
 
 
-def _problem(q, k, v, *, causal, scale, block_mask) -> _Problem:
+def _spec(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
+          deterministic=False) -> tuple[Any, AttentionSpec]:
+    """Validate one call: the array module of the inputs and the spec every back end reads."""
     xp = _checks.common_module({"q": q, "k": k, "v": v})
     dtype = _checks.check_dtypes({"q": q, "k": k, "v": v})
     shapes = _checks.attention_shapes(q, k, v)
     causal = _checks.check_bool(causal, "causal")
     scale = _checks.check_scale(scale, shapes.d)
+    window = _checks.check_window(window)
+    softcap = _checks.check_softcap(softcap, scale)
     _checks.check_block_mask(block_mask, shapes.nq, shapes.nk, shapes.hq)
-    return _Problem(xp, _backend(xp), shapes, dtype, scale, causal, block_mask)
+    deterministic = _checks.check_bool(deterministic, "deterministic")
+    with _checks.device_context(q):
+        alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
+    return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,
+                             window=window, softcap=softcap, alibi=alibi, block_mask=block_mask,
+                             deterministic=deterministic)
 
 
-def _inputs_4d(p: _Problem, q, k, v):
-    return tuple(_checks.as_4d(x, p.shapes.batch, p.xp) for x in (q, k, v))
+def _inputs_4d(spec: AttentionSpec, xp, q, k, v):
+    return tuple(_checks.as_4d(x, spec.shapes.batch, xp) for x in (q, k, v))
 
 
-def attention(q, k, v, *, causal=False, scale=None, block_mask=None, return_lse=False, out=None):
+def _forward(spec: AttentionSpec, xp, q, k, v, out):
+    """Run the forward pass of a validated call; returns ``(out, lse)`` in the caller's shapes."""
+    s = spec.shapes
+    with _checks.device_context(q):
+        q4, k4, v4 = _inputs_4d(spec, xp, q, k, v)
+        result = xp.empty(s.out_shape, spec.dtype) if out is None else out
+        out4 = _checks.writable_4d(result, s.b)
+        target = out4 if out4 is not None else xp.empty((s.b, s.hq, s.nq, s.dv), spec.dtype)
+        lse = xp.empty(s.lse_shape, numpy.float32)
+        _backend(xp).forward(q4, k4, v4, target, lse.reshape(s.b, s.hq, s.nq), spec)
+        if out4 is None:  # `out` has strides the back ends cannot write through
+            result[...] = target.reshape(s.out_shape)
+    return result, lse
+
+
+def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
+    """Run the backward pass of a validated call; returns ``(dq, dk, dv)``."""
+    s = spec.shapes
+    for name, x in (("dout", dout), ("out", out)):
+        _checks.check_like(x, name, s.out_shape, spec.dtype, xp, device_of=q)
+    _checks.check_like(lse, "lse", s.lse_shape, numpy.dtype(numpy.float32), xp, device_of=q)
+    with _checks.device_context(q):
+        q4, k4, v4 = _inputs_4d(spec, xp, q, k, v)
+        dout4 = _checks.as_4d(dout, s.batch, xp)
+        out4 = _checks.as_4d(out, s.batch, xp)
+        lse3 = xp.ascontiguousarray(lse).reshape(s.b, s.hq, s.nq)
+        # Gradients for the full broadcast batch; broadcast axes are summed below.
+        dq = xp.empty((s.b, s.hq, s.nq, s.d), spec.dtype)
+        dk = xp.empty((s.b, s.hkv, s.nk, s.d), spec.dtype)
+        dv = xp.empty((s.b, s.hkv, s.nk, s.dv), spec.dtype)
+        _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, dq, dk, dv, spec)
+        return tuple(
+            _checks.reduce_to_shape(g.reshape(s.batch + g.shape[1:]), x.shape, xp)
+            for g, x in ((dq, q), (dk, k), (dv, v)))
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+              alibi_slopes=None, block_mask=None, return_lse=False, out=None):
     """Exact softmax attention, ``softmax(scale · q kᵀ) v``, without forming the score matrix.
 
     Parameters
     ----------
-    q : array, shape ``(..., Hq, Nq, D)``
-    k : array, shape ``(..., Hkv, Nk, D)``
-    v : array, shape ``(..., Hkv, Nk, Dv)``
+    q : array, shape ``(..., Hq, Nq, D)`` or ``(Nq, D)``
+    k : array, shape ``(..., Hkv, Nk, D)`` or ``(Nk, D)``
+    v : array, shape ``(..., Hkv, Nk, Dv)`` or ``(Nk, Dv)``
         NumPy arrays run the tiled algorithm of ``cuflash.cpu``; CuPy arrays run the CUDA kernels
         on their device and CuPy's current stream. All three must be of one module (and device),
-        with one dtype: float16, bfloat16 (``ml_dtypes.bfloat16``) or float32. Leading axes
-        broadcast as in ``numpy.matmul``. ``Hq`` must be a multiple of ``Hkv``: query head ``h``
-        uses key/value head ``h // (Hq // Hkv)`` (grouped-query attention; ``Hkv = 1`` is
-        multi-query attention). ``Nq`` may differ from ``Nk`` and ``Dv`` from ``D``. Any strides
-        work; arrays whose last axis is contiguous are read in place, others are copied first.
+        with one dtype: float16, bfloat16 (``ml_dtypes.bfloat16``) or float32. As in
+        ``numpy.matmul`` the last two axes are the matrix and leading axes broadcast; a 2-D
+        input is a single head ``(1, N, D)``, and when q, k and v are all 2-D the outputs are
+        too. ``Hq`` must be a multiple of ``Hkv``: query head ``h`` uses key/value head
+        ``h // (Hq // Hkv)`` (grouped-query attention; ``Hkv = 1`` is multi-query attention).
+        ``Nq`` may differ from ``Nk`` and ``Dv`` from ``D``. Any strides work; arrays whose last
+        axis is contiguous are read in place, others are copied first.
     causal : bool, optional
         Mask out keys "after" each query. With ``Nq != Nk`` the mask is aligned to the bottom
         right corner of the score matrix: query ``i`` attends to keys ``j <= i + Nk - Nq``.
@@ -81,24 +119,56 @@ def attention(q, k, v, *, causal=False, scale=None, block_mask=None, return_lse=
             1 1
 
     scale : float, optional
-        Factor applied to ``q kᵀ`` before the softmax; finite and positive. Default
-        ``1 / sqrt(D)``.
+        Factor applied to ``q kᵀ`` before the softmax; finite and positive (and within float32
+        range: ``scale·log2(e)`` is computed in float32). Default ``1 / sqrt(D)``.
+    window : (int, int), optional
+        Sliding-window (local) attention, flash-attn's ``window_size``: query ``i`` attends to
+        keys ``j`` with ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; ``-1`` leaves that
+        side unbounded. The default ``(-1, -1)`` is no window. With ``causal=True`` the right
+        side becomes ``min(right, 0)`` (0 if unbounded). For ``Nq = Nk = 6``,
+        ``window=(2, 1)`` (left) and ``window=(2, 1), causal=True`` (right)::
+
+            1 1 0 0 0 0        1 0 0 0 0 0
+            1 1 1 0 0 0        1 1 0 0 0 0
+            1 1 1 1 0 0        1 1 1 0 0 0
+            0 1 1 1 1 0        0 1 1 1 0 0
+            0 0 1 1 1 1        0 0 1 1 1 0
+            0 0 0 1 1 1        0 0 0 1 1 1
+
+        and, aligned to the bottom right like ``causal``, ``Nq = 3``, ``Nk = 6``,
+        ``window=(1, 0)``::
+
+            0 0 1 1 0 0
+            0 0 0 1 1 0
+            0 0 0 0 1 1
+
+    softcap : float, optional
+        Soft-capping of the scores (Gemma 2): the scaled score ``x = scale · q·k`` becomes
+        ``softcap · tanh(x / softcap)`` before the softmax. ``0.0`` (the default) is off;
+        otherwise finite and positive.
+    alibi_slopes : float32 array, shape ``(Hq,)`` or ``(..., Hq)``, optional
+        ALiBi: adds ``-slope[h] · |i + Nk - Nq - j|`` to the (soft-capped) scaled score of
+        query ``i``, key ``j`` in query head ``h``. Leading axes broadcast against the batch
+        axes of the inputs (``(B, Hq)`` gives each batch element its own slopes). An array of
+        the inputs' module and device; finite values.
     block_mask : cuflash.sparse.BlockMask, optional
-        Block-sparse pattern: only the blocks it keeps are computed (combined with ``causal`` by
-        intersection).
+        Block-sparse pattern: only the blocks it keeps are computed (combined with ``causal``
+        and ``window`` by intersection).
     return_lse : bool, optional
-        Also return the log-sum-exp of the scaled scores of each row (natural log).
+        Also return the log-sum-exp of each row's logits (natural log; the logits are the scaled
+        scores after ``softcap`` and ALiBi).
     out : array, optional
         Where to write the result: exactly the output's shape, dtype and array module (and
         device), any strides, not overlapping ``q``, ``k`` or ``v``.
 
     Returns
     -------
-    out : array, shape ``(..., Hq, Nq, Dv)``, dtype of q
-    lse : array, shape ``(..., Hq, Nq)``, float32
+    out : array, shape ``(..., Hq, Nq, Dv)`` (``(Nq, Dv)`` for 2-D inputs), dtype of q
+    lse : array, shape ``(..., Hq, Nq)`` (``(Nq,)`` for 2-D inputs), float32
         Only with ``return_lse=True``.
 
-    A row with nothing to attend to (fully masked) gives output 0 and lse ``-inf``.
+    A row with nothing to attend to (fully masked by ``causal``, ``window`` or ``block_mask``)
+    gives output 0 and lse ``-inf``.
 
     Examples
     --------
@@ -106,35 +176,29 @@ def attention(q, k, v, *, causal=False, scale=None, block_mask=None, return_lse=
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 8, 100, 64), dtype=np.float32)
     >>> cuflash.attention(q, k, v, causal=True).shape
     (2, 8, 100, 64)
+    >>> slopes = 2.0 ** -np.arange(1, 9, dtype=np.float32)
+    >>> cuflash.attention(q, k, v, window=(32, 0), softcap=30.0, alibi_slopes=slopes).shape
+    (2, 8, 100, 64)
     """
-    p = _problem(q, k, v, causal=causal, scale=scale, block_mask=block_mask)
+    xp, spec = _spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes, block_mask=block_mask)
     return_lse = _checks.check_bool(return_lse, "return_lse")
     if out is not None:
-        _checks.check_out(out, p.shapes, p.dtype, p.xp, {"q": q, "k": k, "v": v})
-    s, xp = p.shapes, p.xp
-    with _checks.device_context(q):
-        q4, k4, v4 = _inputs_4d(p, q, k, v)
-        result = xp.empty(s.out_shape, p.dtype) if out is None else out
-        out4 = _checks.writable_4d(result, s.b)
-        target = out4 if out4 is not None else xp.empty((s.b, s.hq, s.nq, s.dv), p.dtype)
-        lse = xp.empty(s.lse_shape, numpy.float32)
-        p.backend.forward(q4, k4, v4, target, lse.reshape(s.b, s.hq, s.nq),
-                          scale=p.scale, causal=p.causal, block_mask=p.block_mask)
-        if out4 is None:  # `out` has strides the back ends cannot write through
-            result[...] = target.reshape(s.out_shape)
+        _checks.check_out(out, spec.shapes, spec.dtype, xp, {"q": q, "k": k, "v": v})
+    result, lse = _forward(spec, xp, q, k, v, out)
     return (result, lse) if return_lse else result
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, block_mask=None,
-                       deterministic=False):
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
+                       softcap=0.0, alibi_slopes=None, block_mask=None, deterministic=False):
     """Gradients of ``attention`` with respect to q, k and v.
 
     Parameters
     ----------
     dout : array, shape and dtype of ``out``
         Gradient of the loss with respect to the attention output.
-    q, k, v, causal, scale, block_mask
-        As given to ``attention``.
+    q, k, v, causal, scale, window, softcap, alibi_slopes, block_mask
+        As given to ``attention``. The slopes are constants: they get no gradient.
     out, lse : arrays
         What ``attention(q, k, v, ..., return_lse=True)`` returned: the scores are recomputed
         from q and k, normalised by ``lse``.
@@ -151,44 +215,29 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, blo
     -------
     dq, dk, dv : arrays with the shapes and dtype of q, k and v
         Gradients of inputs broadcast along leading axes are summed over those axes; ``dk``
-        and ``dv`` are summed over the query heads that share a key/value head.
+        and ``dv`` are summed over the query heads that share a key/value head. Under
+        ``softcap`` the gradient flows through ``tanh`` (a factor ``1 - tanh²``).
     """
-    p = _problem(q, k, v, causal=causal, scale=scale, block_mask=block_mask)
-    deterministic = _checks.check_bool(deterministic, "deterministic")
-    s, xp = p.shapes, p.xp
-    for name, x in (("dout", dout), ("out", out)):
-        _checks.check_like(x, name, s.out_shape, p.dtype, xp, device_of=q)
-    _checks.check_like(lse, "lse", s.lse_shape, numpy.dtype(numpy.float32), xp, device_of=q)
-    with _checks.device_context(q):
-        q4, k4, v4 = _inputs_4d(p, q, k, v)
-        dout4 = _checks.as_4d(dout, s.batch, xp)
-        out4 = _checks.as_4d(out, s.batch, xp)
-        lse3 = xp.ascontiguousarray(lse).reshape(s.b, s.hq, s.nq)
-        # Gradients for the full broadcast batch; broadcast axes are summed below.
-        dq = xp.empty((s.b, s.hq, s.nq, s.d), p.dtype)
-        dk = xp.empty((s.b, s.hkv, s.nk, s.d), p.dtype)
-        dv = xp.empty((s.b, s.hkv, s.nk, s.dv), p.dtype)
-        p.backend.backward(dout4, q4, k4, v4, out4, lse3, dq, dk, dv,
-                           scale=p.scale, causal=p.causal, block_mask=p.block_mask,
-                           deterministic=deterministic)
-        return tuple(
-            _checks.reduce_to_shape(g.reshape(s.batch + g.shape[1:]), x.shape, xp)
-            for g, x in ((dq, q), (dk, k), (dv, v)))
+    xp, spec = _spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes, block_mask=block_mask,
+                     deterministic=deterministic)
+    return _backward(spec, xp, dout, q, k, v, out, lse)
 
 
-def attention_vjp(q, k, v, *, causal=False, scale=None, block_mask=None, deterministic=False
+def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                  alibi_slopes=None, block_mask=None, deterministic=False
                   ) -> tuple[Any, Callable]:
     """Run ``attention`` and return ``(out, vjp)``; ``vjp(dout)`` returns ``(dq, dk, dv)``.
 
-    ``vjp`` keeps q, k, v, out and lse alive and calls ``attention_backward`` with them and with
-    the options given here.
+    The options are those of ``attention`` and ``attention_backward``, validated once here.
+    ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them.
     """
-    deterministic = _checks.check_bool(deterministic, "deterministic")
-    out, lse = attention(q, k, v, causal=causal, scale=scale, block_mask=block_mask,
-                         return_lse=True)
+    xp, spec = _spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes, block_mask=block_mask,
+                     deterministic=deterministic)
+    out, lse = _forward(spec, xp, q, k, v, None)
 
     def vjp(dout):
-        return attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
-                                  block_mask=block_mask, deterministic=deterministic)
+        return _backward(spec, xp, dout, q, k, v, out, lse)
 
     return out, vjp

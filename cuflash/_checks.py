@@ -21,6 +21,12 @@ SUPPORTED_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(ml_dtypes.bfloat16),
                     numpy.dtype(numpy.float32))
 _SUPPORTED_NAMES = "float16, bfloat16 (ml_dtypes.bfloat16) or float32"
 
+# The kernels use scale, scale·log2 e, scale / softcap, softcap·log2 e and slope·log2 e as float32
+# numbers: each must be a normal float32 number (slopes: finite).
+_F32_MAX = float(numpy.finfo(numpy.float32).max)
+_F32_TINY = float(numpy.finfo(numpy.float32).tiny)
+_LOG2E = math.log2(math.e)
+
 
 # ----------------------------------------------------------------------------- array modules
 
@@ -31,12 +37,24 @@ def array_module(x: Any, name: str = "array"):
     never imported here, so this works where CuPy is not installed.
     """
     if isinstance(x, numpy.ndarray):
+        _refuse_subclass(x, name)
         return numpy
     if type(x).__module__.partition(".")[0] == "cupy" and "cupy" in sys.modules:
         cupy = sys.modules["cupy"]
         if isinstance(x, cupy.ndarray):
             return cupy
     raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {_type_name(x)}")
+
+
+def _refuse_subclass(x: numpy.ndarray, name: str) -> None:
+    """NumPy subclasses whose meaning the computation would drop are refused."""
+    if isinstance(x, numpy.ma.MaskedArray):
+        raise TypeError(f"{name} is a numpy.ma.MaskedArray: its mask would be ignored; pass a "
+                        f"plain array ({name}.filled(...) or numpy.asarray({name})) and express "
+                        f"masking with causal, window or block_mask")
+    if isinstance(x, numpy.matrix):
+        raise TypeError(f"{name} is a numpy.matrix, which is always 2-D and multiplies with *; "
+                        f"pass numpy.asarray({name})")
 
 
 def _type_name(x: Any) -> str:
@@ -87,35 +105,140 @@ def check_bool(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, shortened when huge (a 400-digit integer)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]}"
+
+
+def _real(value: Any, name: str, kind: str, allowed: str) -> float:
+    """A real number (not a bool) as a Python float: ``TypeError`` (saying ``kind``) for anything
+    else, ``ValueError`` (saying ``allowed``) for a number that overflows float."""
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {_show(value)} of type {_type_name(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be {allowed}, got {_show(value)}, which does not fit in a "
+                         f"float") from None
+
+
+def _normal_f32(value: float) -> bool:
+    return _F32_TINY <= abs(value) <= _F32_MAX
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     """``scale`` as a float: ``None`` gives ``1 / sqrt(head_dim)``."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, (bool, numpy.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {scale!r} "
-                        f"of type {_type_name(scale)}")
-    value = float(scale)
+    value = _real(scale, "scale", "a real number or None", "finite and positive")
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"scale must be finite and positive, got {scale!r}")
+        raise ValueError(f"scale must be finite and positive, got {_show(scale)}")
+    if not (_normal_f32(value) and _normal_f32(value * _LOG2E)):
+        raise ValueError(
+            f"scale must be finite and positive, got {_show(scale)}, outside the range the "
+            f"computation supports: scale and scale·log2(e) are float32, so {_F32_TINY:.3g} <= "
+            f"scale <= {_F32_MAX / _LOG2E:.3g}")
+    return value
+
+
+def check_window(window: Any) -> tuple[int, int]:
+    """``(left, right)`` as two Python ints, each -1 (unbounded) or ≥ 0."""
+    allowed = "a pair (left, right) of integers, each -1 (unbounded) or >= 0"
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be {allowed}, got {_show(window)}")
+    for side, value in zip(("left", "right"), window):
+        if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"window must be {allowed}, got {_show(window)} ({side} is of type "
+                            f"{_type_name(value)})")
+        if value < -1:
+            raise ValueError(f"window must be {allowed}, got {_show(window)} ({side} = {value})")
+    return int(window[0]), int(window[1])
+
+
+def check_softcap(softcap: Any, scale: float) -> float:
+    """``softcap`` as a float: 0.0 (off) or positive, with ``scale / softcap`` and
+    ``softcap·log2 e`` representable in float32 (the kernels use both)."""
+    allowed = "0.0 (off) or a finite positive real number"
+    value = _real(softcap, "softcap", allowed, allowed)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"softcap must be {allowed}, got {_show(softcap)}")
+    if value == 0:
+        return 0.0
+    if not (_normal_f32(scale / value) and _normal_f32(value * _LOG2E)):
+        raise ValueError(
+            f"softcap must be {allowed}, got {_show(softcap)}, outside the range the computation "
+            f"supports with scale={scale:g}: scale / softcap and softcap·log2(e) are float32, so "
+            f"softcap must lie in [{max(scale / _F32_MAX, _F32_TINY / _LOG2E):.3g}, "
+            f"{min(scale / _F32_TINY, _F32_MAX / _LOG2E):.3g}]")
     return value
 
 
 def check_block_mask(block_mask: Any, nq: int, nk: int, hq: int) -> None:
-    """A block mask is anything with the documented BlockMask interface; it checks its own sizes."""
+    """``block_mask`` is ``None`` or a ``cuflash.sparse.BlockMask`` for this problem."""
     if block_mask is None:
         return
-    required = ("check_compatible", "to_dense", "block_size", "shape")
-    if not all(hasattr(block_mask, attr) for attr in required):
+    from .sparse import BlockMask  # scipy is imported only when a mask is given
+    if not isinstance(block_mask, BlockMask):
         raise TypeError(
             f"block_mask must be a cuflash.sparse.BlockMask or None, got {_type_name(block_mask)}")
     block_mask.check_compatible(nq, nk, hq)
+
+
+def check_alibi(slopes: Any, shapes: "Shapes", xp, device_of: Any):
+    """ALiBi slopes as the back ends read them: ``None``, or a new C-contiguous float32 array
+    ``(B, Hq)`` of ``xp`` on the device of ``device_of`` (call it with that device current).
+
+    ``slopes`` must be a float32 array of ``xp`` on that device, of shape ``(Hq,)`` or
+    ``(..., Hq)`` whose leading axes broadcast to the batch axes, with finite values
+    (``|slope| ≤ float32 max / log2 e``: the kernels use ``slope·log2 e``).
+    """
+    if slopes is None:
+        return None
+    what = f"a float32 {xp.__name__}.ndarray of shape (Hq,) or (..., Hq)"
+    try:
+        module = array_module(slopes, "alibi_slopes")
+    except TypeError as error:
+        if isinstance(slopes, numpy.ndarray):  # a refused NumPy subclass: keep its reason
+            raise
+        raise TypeError(f"alibi_slopes must be {what}, got {_type_name(slopes)}") from error
+    if module is not xp:
+        where = "in host memory" if xp is numpy else f"on device {_device_id(device_of)}"
+        got = "in host memory" if module is numpy else f"on device {_device_id(slopes)}"
+        raise TypeError(f"alibi_slopes must be {what} {where} like q, got {_type_name(slopes)} "
+                        f"{got}")
+    if _device_id(slopes) != _device_id(device_of):
+        raise ValueError(f"alibi_slopes must be on device {_device_id(device_of)} like q, got "
+                         f"device {_device_id(slopes)}")
+    if slopes.dtype != numpy.float32:
+        raise TypeError(f"alibi_slopes must have dtype float32, got {slopes.dtype}")
+    batch, hq = shapes.batch, shapes.hq
+    lead = tuple(slopes.shape[:-1])
+    if (slopes.ndim == 0 or slopes.shape[-1] != hq or len(lead) > len(batch)
+            or any(n not in (1, m) for n, m in zip(lead[::-1], batch[::-1]))):
+        raise ValueError(
+            f"alibi_slopes must have shape (Hq,) = ({hq},) or (..., {hq}) with leading axes that "
+            f"broadcast to the batch axes {batch}, got shape {tuple(slopes.shape)}")
+    bound = _F32_MAX / _LOG2E
+    finite = xp.abs(slopes) <= bound  # False for NaN and ±inf
+    if not bool(finite.all()):
+        bad = slopes[~finite].ravel()[:3]
+        bad = bad.get() if xp is not numpy else bad
+        raise ValueError(f"alibi_slopes must be finite, with |slope| <= {bound:.3g}, got "
+                         f"{', '.join(repr(float(x)) for x in bad)}")
+    full = xp.broadcast_to(slopes, batch + (hq,)).reshape(shapes.b, hq)
+    return xp.array(full, dtype=numpy.float32, order="C", copy=True)
 
 
 # ----------------------------------------------------------------------------- shapes and dtypes
 
 @dataclass(frozen=True)
 class Shapes:
-    """The sizes of one attention problem (``batch`` is the broadcast of the leading axes)."""
+    """The sizes of one attention problem (``batch`` is the broadcast of the leading axes).
+
+    ``heads_axis`` is False when q, k and v are all 2-D ``(N, D)`` matrices: one head, and the
+    outputs have no head axis either (``out`` ``(Nq, Dv)``, ``lse`` ``(Nq,)``).
+    """
     batch: tuple[int, ...]
     hq: int
     hkv: int
@@ -123,6 +246,7 @@ class Shapes:
     nk: int
     d: int
     dv: int
+    heads_axis: bool = True
 
     @property
     def b(self) -> int:
@@ -130,25 +254,34 @@ class Shapes:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return self.batch + (self.hq, self.nq, self.dv)
+        """The shape of ``out`` as the caller sees it."""
+        heads = (self.hq,) if self.heads_axis else ()
+        return self.batch + heads + (self.nq, self.dv)
 
     @property
     def lse_shape(self) -> tuple[int, ...]:
-        return self.batch + (self.hq, self.nq)
+        """The shape of ``lse`` as the caller sees it."""
+        heads = (self.hq,) if self.heads_axis else ()
+        return self.batch + heads + (self.nq,)
 
 
 def attention_shapes(q: Any, k: Any, v: Any) -> Shapes:
-    """Check q ``(..., Hq, Nq, D)``, k ``(..., Hkv, Nk, D)``, v ``(..., Hkv, Nk, Dv)``."""
+    """Check q ``(..., Hq, Nq, D)``, k ``(..., Hkv, Nk, D)``, v ``(..., Hkv, Nk, Dv)``.
+
+    As in ``numpy.matmul`` the last two axes are the matrix: a 2-D input ``(N, D)`` is one head,
+    ``(1, N, D)``.
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim < 3:
+        if x.ndim < 2:
             raise ValueError(
-                f"{name} must have at least 3 dimensions (..., heads, seq_len, head_dim), got "
-                f"shape {tuple(x.shape)}; for a single head use {name}[None]")
+                f"{name} must have at least 2 dimensions (..., seq_len, head_dim), got shape "
+                f"{tuple(x.shape)}")
         if 0 in x.shape:
             raise ValueError(f"{name} must not have an empty axis, got shape {tuple(x.shape)}")
-    hq, nq, d = q.shape[-3:]
-    hkv, nk, dk = k.shape[-3:]
-    hv, nv, dv = v.shape[-3:]
+    qs, ks, vs = (_with_head_axis_shape(x.shape) for x in (q, k, v))
+    hq, nq, d = qs[-3:]
+    hkv, nk, dk = ks[-3:]
+    hv, nv, dv = vs[-3:]
     if dk != d:
         raise ValueError(f"q and k must have the same head dimension (last axis), got "
                          f"q {tuple(q.shape)} and k {tuple(k.shape)}")
@@ -160,11 +293,22 @@ def attention_shapes(q: Any, k: Any, v: Any) -> Shapes:
                          f"heads, got {hq} query heads (q {tuple(q.shape)}) and {hkv} key/value "
                          f"heads (k {tuple(k.shape)})")
     try:
-        batch = numpy.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        batch = numpy.broadcast_shapes(qs[:-3], ks[:-3], vs[:-3])
     except ValueError:
         raise ValueError(f"the leading axes of q, k and v must broadcast together, got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}") from None
-    return Shapes(tuple(batch), hq, hkv, nq, nk, d, dv)
+    heads_axis = max(q.ndim, k.ndim, v.ndim) > 2
+    return Shapes(tuple(batch), hq, hkv, nq, nk, d, dv, heads_axis)
+
+
+def _with_head_axis_shape(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    return shape if len(shape) >= 3 else (1,) + shape
+
+
+def with_head_axis(x: Any) -> Any:
+    """``x`` itself, or a ``(1, N, D)`` view of a 2-D ``x``."""
+    return x if x.ndim >= 3 else x[None]
 
 
 def check_dtypes(arrays: dict[str, Any]) -> numpy.dtype:
@@ -186,6 +330,8 @@ def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype, xp
     try:
         got = array_module(x, name)
     except TypeError:
+        if isinstance(x, numpy.ndarray):  # a refused NumPy subclass: keep its reason
+            raise
         got = None
     if got is not xp:
         raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {_type_name(x)}")
@@ -256,6 +402,7 @@ def as_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
     stride 0). Anything whose last axis is not contiguous, or whose strides are negative, is
     copied to a C-contiguous array.
     """
+    x = with_head_axis(x)
     full = xp.broadcast_to(x, batch + tuple(x.shape[-3:]))
     stride = _leading_stride(full.shape[:-3], full.strides[:-3])
     if stride is None or not _kernel_ready(full):
@@ -266,6 +413,7 @@ def as_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
 
 def writable_4d(out: Any, b: int):
     """A 4-D view through which a back end can write into ``out``, or ``None`` if it has none."""
+    out = with_head_axis(out)
     stride = _leading_stride(out.shape[:-3], out.strides[:-3])
     if stride is None or not _kernel_ready(out):
         return None

@@ -14,19 +14,27 @@ from typing import Any
 
 import numpy
 
+from . import _mask
 from ._checks import Shapes
 
-UNBOUNDED = -1  # a window side that is not limited (flash-attn's -1)
+UNBOUNDED = _mask.UNBOUNDED  # a window side that is not limited (flash-attn's -1)
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
     """Shapes, dtype and every option of one call.
 
-    ``window`` is the user's ``(left, right)``; ``causal`` is kept apart for the schedule (its
-    heaviest query tiles go first) but the key band that both define is ``band()``.
-    ``alibi`` is ``None`` or a C-contiguous float32 array of shape ``(B, Hq)`` (``B`` the
-    flattened broadcast batch) on the inputs' device, ready for the kernels.
+    ``window`` is the user's ``(left, right)`` (Python ints, each -1 or ≥ 0); ``causal`` is
+    kept apart for the schedule (its heaviest query tiles go first) but the key band that both
+    define is ``band()``. ``scale`` is a positive float whose ``scale·log2 e`` is a normal
+    float32; ``softcap`` is 0.0 (off) or a positive float with ``scale / softcap`` and
+    ``softcap·log2 e`` normal float32 numbers. ``alibi`` is ``None`` or a C-contiguous float32
+    array of shape ``(B, Hq)`` (``B = shapes.b``, the flattened broadcast batch; row ``b`` holds
+    the slopes of the query heads of batch element ``b``), in the inputs' array module and on
+    their device, owned by the spec (a copy of the caller's slopes) and finite with
+    ``|slope·log2 e|`` a finite float32. ``block_mask`` is ``None`` or a
+    ``cuflash.sparse.BlockMask`` compatible with the shapes. ``deterministic`` is only read by
+    backward passes. The rules themselves (band and score modifier) are in ``_mask``.
     """
 
     shapes: Shapes
@@ -47,10 +55,12 @@ class AttentionSpec:
         Query ``i`` sees key ``j`` when ``i + Nk − Nq − left ≤ j ≤ i + Nk − Nq + right``
         (flash-attn's ``window_size``); causal intersects that with ``j ≤ i + Nk − Nq``.
         """
-        left, right = self.window
-        if self.causal:
-            right = 0 if right == UNBOUNDED else min(right, 0)
-        return left, right
+        return _mask.band(self.window, self.causal)
+
+    @property
+    def shift(self) -> int:
+        """``Nk − Nq``: query ``i`` is aligned with key ``i + shift`` (bottom right)."""
+        return self.shapes.nk - self.shapes.nq
 
     @property
     def banded(self) -> bool:

@@ -10,9 +10,14 @@ Precision is the kernels': inputs are upcast to float32 tile by tile, every prod
 float32, and the operands the kernels feed to 16-bit tensor-core products (P before P·V; P and dS
 in the backward pass) are rounded to the input dtype first.
 
-Both entry points take the 4-D views described in docs/internals.md and write into the arrays
-they are given. The tiles are small matrices, for which BLAS threads bring nothing but overhead:
-``OPENBLAS_NUM_THREADS=1`` usually makes this module faster.
+Masks and score modifiers follow ``cuflash._mask`` (the twin of the kernels' ``mask.cuh`` and
+``score_mod.cuh``): tiles that a window, causal or a block mask leaves empty are never visited,
+and the logits are formed in base 2 as the kernels form them.
+
+Both entry points take the 4-D views described in docs/internals.md and an ``AttentionSpec``
+(``cuflash._spec``), and write into the arrays they are given. The tiles are small matrices, for
+which BLAS threads bring nothing but overhead: ``OPENBLAS_NUM_THREADS=1`` usually makes this
+module faster.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from . import _mask
 
 BLOCK_M = 128  # query rows per tile
 BLOCK_N = 128  # key rows per tile
@@ -30,17 +37,18 @@ LN2 = math.log(2.0)
 _F32 = np.float32
 
 
-def forward(q, k, v, out, lse, *, scale, causal, block_mask=None):
+def forward(q, k, v, out, lse, spec):
     """Write ``attention(q, k, v)`` into ``out`` ``(B, Hq, Nq, Dv)`` and ``lse`` ``(B, Hq, Nq)``.
 
-    Online softmax in base 2: ``S = q kᵀ · scale · log2(e)``; for each key tile the running row
-    maximum ``m`` and running sum ``l`` are updated and the accumulator rescaled by
-    ``exp2(m_old - m_new)``. At the end ``out = acc / l`` and ``lse = (m + log2 l) · ln 2``.
+    Online softmax in base 2: ``S`` holds the logits times ``log2(e)`` (``q kᵀ · scale · log2(e)``
+    without a score modifier); for each key tile the running row maximum ``m`` and running sum
+    ``l`` are updated and the accumulator rescaled by ``exp2(m_old - m_new)``. At the end
+    ``out = acc / l`` and ``lse = (m + log2 l) · ln 2``.
     """
     b, hq, nq, _ = q.shape
     hkv, nk, dv = v.shape[1], v.shape[2], v.shape[3]
-    grid = _TileGrid(nq, nk, hq, hkv, causal=causal, block_mask=block_mask)
-    scale_log2 = _F32(scale * LOG2E)
+    grid = _TileGrid(spec, nq, nk, hq, hkv)
+    scores = _Scores(spec, hkv)
     k_tiles = k[:, :, None]  # (B, Hkv, 1, Nk, D): one key/value head for a group of query heads
     v_tiles = v[:, :, None]
 
@@ -54,9 +62,9 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None):
 
         for j in grid.live_in_row(i):
             cols = grid.cols(j)
-            s = (qi @ k_tiles[..., cols, :].astype(_F32).swapaxes(-1, -2)) * scale_log2
+            s, _ = scores(qi @ k_tiles[..., cols, :].astype(_F32).swapaxes(-1, -2), rows, cols)
             keep = grid.keep(i, j)
-            if keep is not None:  # only tiles that straddle the diagonal or mask some heads
+            if keep is not None:  # only tiles that straddle the band's edge or mask some heads
                 s = np.where(keep, s, -np.inf)
             new_max = np.maximum(row_max, s.max(axis=-1, keepdims=True))
             # A row that has seen only masked keys keeps max -inf; subtracting 0 instead makes
@@ -75,22 +83,21 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None):
         lse[:, :, rows] = row_lse.reshape(b, hq, -1)
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
-             deterministic=False):
+def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
     """Write the gradients of ``forward`` into ``dq``, ``dk``, ``dv``.
 
     For each key/value tile (outer loop) and each query tile that reaches it: recompute
-    ``P = exp2(S · scale · log2 e − lse · log2 e)``, then ``dV += Pᵀ dO``, ``dP = dO Vᵀ``,
-    ``dS = P ∘ (dP − Δ)`` with ``Δ = rowsum(dO ∘ O)``, ``dK += scale · dSᵀ Q`` and
-    ``dQ += scale · dS K``. ``deterministic`` is accepted for symmetry with the GPU: this loop
-    always adds in the same order.
+    ``P = exp2(S − lse · log2 e)`` (``S`` the base-2 logits of ``forward``), then
+    ``dV += Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − Δ) ∘ g`` with ``Δ = rowsum(dO ∘ O)`` and
+    ``g`` the score modifier's ``dlogit / d(scale·s)`` (``1 − tanh²`` under softcap, else 1),
+    ``dK += scale · dSᵀ Q`` and ``dQ += scale · dS K``. ``spec.deterministic`` changes nothing
+    here: this loop always adds in the same order.
     """
-    del deterministic
     hkv, nk = k.shape[1], k.shape[2]
     b, hq, nq, d = q.shape
-    grid = _TileGrid(nq, nk, hq, hkv, causal=causal, block_mask=block_mask)
-    scale_log2 = _F32(scale * LOG2E)
-    scale32 = _F32(scale)
+    grid = _TileGrid(spec, nq, nk, hq, hkv)
+    scores = _Scores(spec, hkv)
+    scale32 = _F32(spec.scale)
 
     # Per-row constants, (B, Hkv, G, Nq, 1).
     delta = _grouped((dout.astype(_F32) * out.astype(_F32)).sum(axis=-1)[..., None], hkv)
@@ -110,7 +117,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
             rows = grid.rows(i)
             qi = _grouped(q[:, :, rows], hkv).astype(_F32)  # (B, Hkv, G, m, D)
             doi = _grouped(dout[:, :, rows], hkv).astype(_F32)
-            s = (qi @ kj.swapaxes(-1, -2)) * scale_log2
+            s, grad = scores(qi @ kj.swapaxes(-1, -2), rows, cols)
             keep = grid.keep(i, j)
             if keep is not None:
                 s = np.where(keep, s, -np.inf)
@@ -118,7 +125,10 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
             # Sums over the group axis add the contributions of every query head of the group.
             dv_acc += (_as_operand(p, v.dtype).swapaxes(-1, -2) @ doi).sum(axis=2, keepdims=True)
             dp = doi @ vj.swapaxes(-1, -2)
-            ds = _as_operand(p * (dp - delta[..., rows, :]), q.dtype)
+            ds = p * (dp - delta[..., rows, :])
+            if grad is not None:
+                ds = ds * grad
+            ds = _as_operand(ds, q.dtype)
             dk_acc += (ds.swapaxes(-1, -2) @ qi).sum(axis=2, keepdims=True) * scale32
             dq_acc[..., rows, :] += (ds @ kj) * scale32
 
@@ -126,6 +136,25 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
         dk[:, :, cols] = dk_acc[:, :, 0].astype(dk.dtype)
         dv[:, :, cols] = dv_acc[:, :, 0].astype(dv.dtype)
     dq[...] = dq_acc.reshape(b, hq, nq, d).astype(dq.dtype)
+
+
+class _Scores:
+    """Raw float32 score tiles ``(B, Hkv, G, m, n)`` → base-2 logits and the softcap factor.
+
+    ``_mask.logits`` with the kernels' constants: without a modifier this is
+    ``s · float32(scale · log2 e)``, exactly what the unmodified kernels compute.
+    """
+
+    def __init__(self, spec, hkv):
+        self.spec = spec
+        # (B, Hkv, G): the slopes of each query head, laid out like the score tiles.
+        self.slopes = None if spec.alibi is None else _grouped(np.asarray(spec.alibi), hkv)
+
+    def __call__(self, s, rows, cols):
+        spec = self.spec
+        return _mask.logits(s, rows, cols, nq=spec.shapes.nq, nk=spec.shapes.nk,
+                            scale=spec.scale, softcap=spec.softcap, slopes=self.slopes,
+                            log2=True)
 
 
 def _grouped(x, hkv):
@@ -144,14 +173,15 @@ class _TileGrid:
     """Which (query tile, key tile) pairs hold work, and the element mask of each.
 
     Tiles are ``BLOCK_M × BLOCK_N``, or the block mask's blocks when one is given. A tile is
-    skipped when every element is masked (causally, or by the block mask for every head); a
-    ``keep`` mask is built only for tiles that are partly masked.
+    skipped when every element is masked (by the band of causal and the window, or by the block
+    mask for every head); a ``keep`` mask is built only for tiles that are partly masked.
     """
 
-    def __init__(self, nq, nk, hq, hkv, *, causal, block_mask):
+    def __init__(self, spec, nq, nk, hq, hkv):
         self.nq, self.nk, self.hq, self.hkv = nq, nk, hq, hkv
-        self.causal = causal
-        self.offset = nk - nq  # bottom-right alignment: query i sees keys j <= i + offset
+        self.banded = spec.banded
+        self.left, self.right = spec.band()
+        block_mask = spec.block_mask
         if block_mask is None:
             self.bm, self.bn = BLOCK_M, BLOCK_N
             self.blocks = None
@@ -161,13 +191,14 @@ class _TileGrid:
         self.row_tiles = -(-nq // self.bm)
         self.col_tiles = -(-nk // self.bn)
 
-        live = np.ones((self.row_tiles, self.col_tiles), dtype=bool)
-        if causal:
-            last_row = np.minimum((np.arange(self.row_tiles) + 1) * self.bm, nq) - 1
-            first_col = np.arange(self.col_tiles) * self.bn
-            live &= first_col[None, :] <= last_row[:, None] + self.offset
+        row_start = np.arange(self.row_tiles)[:, None] * self.bm
+        col_start = np.arange(self.col_tiles)[None, :] * self.bn
+        live = _mask.blocks_visible(row_start, np.minimum(row_start + self.bm, nq),
+                                    col_start, np.minimum(col_start + self.bn, nk),
+                                    nq, nk, self.left, self.right)
+        live = np.broadcast_to(live, (self.row_tiles, self.col_tiles))
         if self.blocks is not None:
-            live &= self.blocks.any(axis=0)
+            live = live & self.blocks.any(axis=0)
         self.live = live
 
     def rows(self, i):
@@ -187,9 +218,9 @@ class _TileGrid:
         ``(B, Hkv, G, m, n)``."""
         rows, cols = self.rows(i), self.cols(j)
         keep = None
-        if self.causal and cols.stop - 1 > rows.start + self.offset:
-            keep = (np.arange(cols.start, cols.stop)[None, :]
-                    <= np.arange(rows.start, rows.stop)[:, None] + self.offset)
+        if self.banded and _mask.partial(rows.start, rows.stop, cols.start, cols.stop,
+                                         self.nq, self.nk, self.left, self.right):
+            keep = _mask.visible(self.nq, self.nk, self.left, self.right, rows=rows, cols=cols)
         if self.blocks is not None:
             heads = self.blocks[:, i, j]
             if not heads.all():  # kept for some heads only: mask the others

@@ -7,62 +7,80 @@ Every function works on NumPy or CuPy arrays and computes with the arrays' own m
 - ``chunked_attention``: the same oracle over blocks of query rows (optionally only some rows),
   so that 16K–64K-token problems fit in memory;
 - ``naive_attention`` / ``naive_attention_backward``: attention as a framework computes it in the
-  input dtype (each product and the softmax rounded to that dtype, accumulation in float32). Its
-  error against the oracle sets the tolerance of the tests: a result passes when
-  ``max|out − ref64| ≤ 2·max|naive − ref64| + 1e-5``.
+  input dtype (each product, each elementwise step and the softmax rounded to that dtype,
+  accumulation in float32). Its error against the oracle sets the tolerance of the tests: a
+  result passes when ``max|out − ref64| ≤ 2·max|naive − ref64| + 1e-5``.
 
-Masks: ``causal`` uses the bottom-right alignment of ``cuflash.attention`` (query ``i`` sees keys
-``j <= i + Nk - Nq``); ``mask`` is an element-level boolean array broadcastable to
-``(..., Hq, Nq, Nk)``, True where a query attends to a key. Both may be given (intersection).
+Options are those of ``cuflash.attention`` (``causal``, ``scale``, ``window``, ``softcap``,
+``alibi_slopes``, ``block_mask``), with the rules of ``cuflash._mask``; in addition ``mask`` is an
+element-level boolean array broadcastable to ``(..., Hq, Nq, Nk)``, True where a query attends to
+a key. All masks combine by intersection. Inputs may be 2-D ``(N, D)`` (one head), as for
+``cuflash.attention``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy
 
-from . import _checks
+from . import _checks, _mask
 
 
-def attention(q, k, v, *, causal=False, scale=None, mask=None):
-    """Float64 attention. Returns ``(out, lse)``, both float64; masked rows give 0 and -inf."""
-    xp, shapes, scale = _setup(q, k, v, scale)
-    q64, k64, v64 = (x.astype(xp.float64) for x in (q, k, v))
-    s = (q64 @ _repeat_heads(k64, shapes).swapaxes(-1, -2)) * scale
-    s = _apply_mask(s, _keep(xp, shapes, causal, mask))
+def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+              alibi_slopes=None, mask=None, block_mask=None, rows=None):
+    """Float64 attention. Returns ``(out, lse)``, both float64; masked rows give 0 and -inf.
+
+    ``rows`` (a 1-D sequence of query rows) computes only those rows, in that order: the
+    results have ``len(rows)`` rows. ``mask`` refers to the whole problem.
+    """
+    c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows)
+    xp = c.xp
+    q64, k64, v64 = (x.astype(xp.float64) for x in (c.q, c.k, c.v))
+    s, _ = c.logits(q64 @ _repeat_heads(k64, c.shapes).swapaxes(-1, -2), c.scale)
+    s = _apply_mask(s, c.keep)
     lse = _logsumexp(s, xp)
-    out = _softmax(s, lse, xp) @ _repeat_heads(v64, shapes)
-    return out, _broadcast_rows(lse, out, xp)
+    out = _softmax(s, lse, xp) @ _repeat_heads(v64, c.shapes)
+    return c.squeeze(out), c.squeeze(_broadcast_rows(lse, out, xp))
 
 
-def attention_backward(dout, q, k, v, *, causal=False, scale=None, mask=None):
+def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                       alibi_slopes=None, mask=None, block_mask=None):
     """Float64 gradients ``(dq, dk, dv)`` of ``sum(dout · attention(q, k, v))``.
 
     Gradients have the shapes of q, k and v (summed over broadcast axes and over the query heads
     of a group).
     """
-    xp, shapes, scale = _setup(q, k, v, scale)
-    q64, k64, v64, do = (x.astype(xp.float64) for x in (q, k, v, dout))
-    kr, vr = _repeat_heads(k64, shapes), _repeat_heads(v64, shapes)
-    s = _apply_mask((q64 @ kr.swapaxes(-1, -2)) * scale, _keep(xp, shapes, causal, mask))
+    c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask)
+    xp = c.xp
+    q64, k64, v64 = (x.astype(xp.float64) for x in (c.q, c.k, c.v))
+    do = c.unsqueeze(dout).astype(xp.float64)
+    kr, vr = _repeat_heads(k64, c.shapes), _repeat_heads(v64, c.shapes)
+    s, grad = c.logits(q64 @ kr.swapaxes(-1, -2), c.scale)
+    s = _apply_mask(s, c.keep)
     p = _softmax(s, _logsumexp(s, xp), xp)
     dv = p.swapaxes(-1, -2) @ do
     dp = do @ vr.swapaxes(-1, -2)
-    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-    dq = (ds @ kr) * scale
-    dk = (ds.swapaxes(-1, -2) @ q64) * scale
-    return _reduce_grads(xp, shapes, (dq, q), (_sum_groups(dk, shapes), k),
-                         (_sum_groups(dv, shapes), v))
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # d loss / d logit
+    if grad is not None:
+        ds = ds * grad  # d logit / d (scale·s)
+    dq = (ds @ kr) * c.scale
+    dk = (ds.swapaxes(-1, -2) @ q64) * c.scale
+    return _reduce_grads(xp, c.shapes, (dq, q), (_sum_groups(dk, c.shapes), k),
+                         (_sum_groups(dv, c.shapes), v))
 
 
-def chunked_attention(q, k, v, *, causal=False, scale=None, block_mask=None, rows=None,
-                      chunk=None):
+def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                      alibi_slopes=None, block_mask=None, rows=None, chunk=None):
     """Float64 attention computed ``chunk`` query rows at a time.
 
     Parameters
     ----------
-    q, k, v, causal, scale
+    q, k, v, causal, scale, window, softcap, alibi_slopes
         As for ``attention``.
     block_mask : cuflash.sparse.BlockMask, optional
         Expanded to elements one chunk at a time.
@@ -76,43 +94,47 @@ def chunked_attention(q, k, v, *, causal=False, scale=None, block_mask=None, row
     out : float64, shape ``(..., Hq, len(rows), Dv)``
     lse : float64, shape ``(..., Hq, len(rows))``
     """
-    xp, shapes, scale = _setup(q, k, v, scale)
-    rows = numpy.arange(shapes.nq) if rows is None else numpy.asarray(rows, dtype=numpy.int64)
-    if rows.ndim != 1 or ((rows < 0) | (rows >= shapes.nq)).any():
-        raise ValueError(f"rows must be a 1-D sequence of query rows in [0, {shapes.nq}), "
-                         f"got {rows!r}")
+    xp = _checks.common_module({"q": q, "k": k, "v": v})
+    shapes = _checks.attention_shapes(q, k, v)
+    rows = _rows(rows, shapes.nq)
     if chunk is None:
         chunk = max(1, 2**25 // (shapes.nk * shapes.hq * max(1, shapes.b)))
     outs, lses = [], []
     for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        keep = keep_mask(shapes.nq, shapes.nk, causal=causal, block_mask=block_mask, rows=part,
-                         xp=xp)
-        out, lse = attention(q[..., xp.asarray(part), :], k, v, scale=scale, mask=keep)
+        out, lse = attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                             alibi_slopes=alibi_slopes, block_mask=block_mask,
+                             rows=rows[start:start + chunk])
         outs.append(out)
         lses.append(lse)
     return xp.concatenate(outs, axis=-2), xp.concatenate(lses, axis=-1)
 
 
-def naive_attention(q, k, v, *, causal=False, scale=None, mask=None, dtype=None):
+def naive_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, mask=None, block_mask=None, rows=None, dtype=None):
     """Attention in one precision, as a framework computes it: the baseline of the error rule.
 
-    ``q·scale``, ``q kᵀ``, the softmax and ``P v`` are each rounded to ``dtype`` (default: q's
-    dtype); products accumulate in float32. Returns ``(out, lse)``: out in ``dtype``, lse (of the
-    rounded scores) in float32.
+    ``q·scale``, ``q kᵀ``, each step of the score modifier (softcap's division, ``tanh`` and
+    product; the ALiBi bias and its sum), the softmax and ``P v`` are each rounded to ``dtype``
+    (default: q's dtype); products accumulate in float32. Returns ``(out, lse)``: out in
+    ``dtype``, lse (of the rounded logits) in float32. ``rows`` as for ``attention``.
     """
-    xp, shapes, scale = _setup(q, k, v, scale)
+    c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows)
+    xp = c.xp
     dtype = q.dtype if dtype is None else numpy.dtype(dtype)
     r = _rounder(dtype)
-    kr, vr = (_repeat_heads(x.astype(xp.float32), shapes) for x in (k, v))
-    s = r(r(q.astype(xp.float32) * xp.float32(scale)) @ kr.swapaxes(-1, -2))
-    s = _apply_mask(s, _keep(xp, shapes, causal, mask))
+    kr, vr = (_repeat_heads(x.astype(xp.float32), c.shapes) for x in (c.k, c.v))
+    s = r(r(c.q.astype(xp.float32) * xp.float32(c.scale)) @ kr.swapaxes(-1, -2))
+    s, _ = c.logits(s, 1.0, rounding=r)
+    s = _apply_mask(s, c.keep)
     lse = _logsumexp(s, xp)
     out = r(r(_softmax(s, lse, xp)) @ vr).astype(dtype)
-    return out, _broadcast_rows(lse.astype(xp.float32), out, xp)
+    return c.squeeze(out), c.squeeze(_broadcast_rows(lse.astype(xp.float32), out, xp))
 
 
-def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, mask=None, dtype=None):
+def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, mask=None, block_mask=None,
+                             dtype=None):
     """Gradients of ``naive_attention`` in the same precision (each product rounded to
     ``dtype``, accumulation float32).
 
@@ -120,36 +142,44 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, mask=No
     FlashAttention backward: ``attention_backward`` receives ``out`` in the input dtype, so no
     implementation behind that contract knows the row term more precisely than this. (Autograd
     through a stored P uses ``rowsum(dP ∘ P)`` instead; on sharply peaked attention the two differ
-    by a few units of ``dtype`` in dq.)"""
-    xp, shapes, scale = _setup(q, k, v, scale)
+    by a few units of ``dtype`` in dq.) Under softcap, ``dS`` is multiplied by the rounded
+    ``1 − tanh²`` of the forward."""
+    c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask)
+    xp = c.xp
     dtype = q.dtype if dtype is None else numpy.dtype(dtype)
     r = _rounder(dtype)
-    kr, vr = (_repeat_heads(x.astype(xp.float32), shapes) for x in (k, v))
-    qs = r(q.astype(xp.float32) * xp.float32(scale))
-    s = _apply_mask(r(qs @ kr.swapaxes(-1, -2)), _keep(xp, shapes, causal, mask))
+    kr, vr = (_repeat_heads(x.astype(xp.float32), c.shapes) for x in (c.k, c.v))
+    qs = r(c.q.astype(xp.float32) * xp.float32(c.scale))
+    s, grad = c.logits(r(qs @ kr.swapaxes(-1, -2)), 1.0, rounding=r)
+    s = _apply_mask(s, c.keep)
     p = r(_softmax(s, _logsumexp(s, xp), xp))
-    do = dout.astype(xp.float32)
-    dv = r(_sum_groups(r(p.swapaxes(-1, -2) @ do), shapes))
+    do = c.unsqueeze(dout).astype(xp.float32)
+    dv = r(_sum_groups(r(p.swapaxes(-1, -2) @ do), c.shapes))
     dp = r(do @ vr.swapaxes(-1, -2))
     out = r(p @ vr)
     ds = r(p * (dp - (do * out).sum(axis=-1, keepdims=True)))
-    dq = r(r(ds @ kr) * xp.float32(scale))
-    dk = r(_sum_groups(r(ds.swapaxes(-1, -2) @ qs), shapes))
-    grads = _reduce_grads(xp, shapes, (dq, q), (dk, k), (dv, v))
+    if grad is not None:
+        ds = r(ds * grad)
+    dq = r(r(ds @ kr) * xp.float32(c.scale))
+    dk = r(_sum_groups(r(ds.swapaxes(-1, -2) @ qs), c.shapes))
+    grads = _reduce_grads(xp, c.shapes, (dq, q), (dk, k), (dv, v))
     return tuple(g.astype(dtype) for g in grads)
 
 
-def keep_mask(nq, nk, *, causal=False, block_mask=None, rows=None, xp=numpy):
-    """Element mask (True = attended) of ``causal`` and ``block_mask`` for query ``rows``.
+def keep_mask(nq, nk, *, causal=False, window=(-1, -1), block_mask=None, rows=None, xp=numpy):
+    """Element mask (True = attended) of ``causal``, ``window`` and ``block_mask`` for query
+    ``rows``.
 
-    Returns ``None`` when nothing is masked, else a bool array of shape ``(len(rows), Nk)`` (causal
-    only) or ``(H', len(rows), Nk)`` (with a block mask of ``H'`` patterns), broadcastable to
-    ``(..., Hq, len(rows), Nk)``.
+    Returns ``None`` when nothing is masked, else a bool array of shape ``(len(rows), Nk)``
+    (causal or window only) or ``(H', len(rows), Nk)`` (with a block mask of ``H'`` patterns),
+    broadcastable to ``(..., Hq, len(rows), Nk)``.
     """
     rows = numpy.arange(nq) if rows is None else numpy.asarray(rows)
+    left, right = _mask.band(_checks.check_window(window), causal)
     keep = None
-    if causal:
-        keep = xp.asarray(numpy.arange(nk)[None, :] <= rows[:, None] + (nk - nq))
+    if (left, right) != (_mask.UNBOUNDED, _mask.UNBOUNDED):
+        keep = _mask.visible(nq, nk, left, right, rows=xp.asarray(rows), xp=xp)
     if block_mask is not None:
         bq, bk = (int(n) for n in block_mask.block_size)
         dense = numpy.asarray(block_mask.to_dense(), dtype=bool)  # (H', Nqb, Nkb)
@@ -165,10 +195,67 @@ def block_mask_to_element_mask(block_mask, nq, nk):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _setup(q, k, v, scale):
+@dataclass(frozen=True)
+class _Call:
+    """One validated reference call: inputs with a head axis (q reduced to ``rows``), options."""
+    xp: Any
+    shapes: _checks.Shapes
+    scale: float
+    q: Any
+    k: Any
+    v: Any
+    rows: Any  # NumPy int64 query rows of q
+    keep: Any  # element mask for those rows, or None
+    softcap: float
+    slopes: Any  # float32 (batch..., Hq), or None
+
+    def logits(self, s, scale, rounding=None):
+        """The score modifier on raw scores ``s`` (``scale=1`` for scaled ones)."""
+        s_ = self.shapes
+        return _mask.logits(s, self.rows, slice(0, s_.nk), nq=s_.nq, nk=s_.nk, scale=scale,
+                            softcap=self.softcap, slopes=self.slopes, rounding=rounding)
+
+    def squeeze(self, x):
+        """Drop the head axis of a result when every input was 2-D."""
+        return x if self.shapes.heads_axis else x.reshape(x.shape[1:])
+
+    def unsqueeze(self, x):
+        return x if self.shapes.heads_axis else x.reshape((1,) + tuple(x.shape))
+
+
+def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_mask,
+          rows=None) -> _Call:
     xp = _checks.common_module({"q": q, "k": k, "v": v})
     shapes = _checks.attention_shapes(q, k, v)
-    return xp, shapes, _checks.check_scale(scale, shapes.d)
+    scale = _checks.check_scale(scale, shapes.d)
+    window = _checks.check_window(window)
+    softcap = _checks.check_softcap(softcap, scale)
+    causal = _checks.check_bool(causal, "causal")
+    _checks.check_block_mask(block_mask, shapes.nq, shapes.nk, shapes.hq)
+    slopes = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
+    if slopes is not None:
+        slopes = slopes.reshape(shapes.batch + (shapes.hq,))
+    some_rows = rows is not None
+    rows = _rows(rows, shapes.nq)
+    keep = keep_mask(shapes.nq, shapes.nk, causal=causal, window=window, block_mask=block_mask,
+                     rows=rows, xp=xp)
+    if mask is not None:
+        mask = xp.asarray(mask, dtype=bool)
+        if some_rows and mask.ndim >= 2 and mask.shape[-2] != 1:
+            mask = mask[..., xp.asarray(rows), :]
+        keep = mask if keep is None else keep & mask
+    q, k, v = (_checks.with_head_axis(x) for x in (q, k, v))
+    if some_rows:
+        q = q[..., xp.asarray(rows), :]
+    return _Call(xp, shapes, scale, q, k, v, rows, keep, softcap, slopes)
+
+
+def _rows(rows, nq):
+    """Query rows as a 1-D NumPy int64 array (all by default), checked."""
+    rows = numpy.arange(nq) if rows is None else numpy.asarray(rows, dtype=numpy.int64)
+    if rows.ndim != 1 or ((rows < 0) | (rows >= nq)).any():
+        raise ValueError(f"rows must be a 1-D sequence of query rows in [0, {nq}), got {rows!r}")
+    return rows
 
 
 def _repeat_heads(x, shapes):
@@ -190,14 +277,6 @@ def _broadcast_rows(lse, out, xp):
 
 def _reduce_grads(xp, shapes, *pairs):
     return tuple(_checks.reduce_to_shape(g, x.shape, xp) for g, x in pairs)
-
-
-def _keep(xp, shapes, causal, mask):
-    keep = keep_mask(shapes.nq, shapes.nk, causal=causal, xp=xp)
-    if mask is not None:
-        mask = xp.asarray(mask, dtype=bool)
-        keep = mask if keep is None else keep & mask
-    return keep
 
 
 def _apply_mask(s, keep):

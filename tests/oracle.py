@@ -51,8 +51,10 @@ def poisoned(shape, dtype, *, xp=np):
     return xp.full(shape, np.nan, dtype=dtype)
 
 
-def _combined_mask(xp, nq, nk, *, causal, mask, block_mask, rows=None):
-    keep = reference.keep_mask(nq, nk, causal=causal, block_mask=block_mask, rows=rows, xp=xp)
+def _combined_mask(xp, nq, nk, *, causal, mask, block_mask, rows=None, window=(-1, -1)):
+    """The element mask (True = attended) of all the masks of a call, for query ``rows``."""
+    keep = reference.keep_mask(nq, nk, causal=causal, window=window, block_mask=block_mask,
+                               rows=rows, xp=xp)
     if mask is not None:
         mask = xp.asarray(mask, dtype=bool)
         if rows is not None and mask.shape[-2] != 1:
@@ -61,27 +63,28 @@ def _combined_mask(xp, nq, nk, *, causal, mask, block_mask, rows=None):
     return keep
 
 
-def assert_forward_close(out, lse, q, k, v, *, causal=False, scale=None, mask=None,
-                         block_mask=None, rows=None, context=""):
+def assert_forward_close(out, lse, q, k, v, *, causal=False, scale=None, window=(-1, -1),
+                         softcap=0.0, alibi_slopes=None, mask=None, block_mask=None, rows=None,
+                         context=""):
     """Check ``out`` (and ``lse`` unless it is None) of ``attention(q, k, v, ...)``.
 
-    ``mask`` is an element mask (True = attended) broadcastable to ``(..., Hq, Nq, Nk)``;
-    ``block_mask`` a ``cuflash.sparse.BlockMask``; both combine with ``causal``. ``rows`` limits
-    the check to those query rows (for sequences too long for a full float64 reference).
-    ``context`` (e.g. the random seed) is added to every failure message.
+    The options are those of ``cuflash.attention``. ``mask`` is an element mask (True =
+    attended) broadcastable to ``(..., Hq, Nq, Nk)``; every mask combines with the others.
+    ``rows`` limits the check to those query rows (for sequences too long for a full float64
+    reference). ``context`` (e.g. the random seed) is added to every failure message.
     """
     xp = _module(q)
-    nq, nk = q.shape[-2], k.shape[-2]
-    keep = _combined_mask(xp, nq, nk, causal=causal, mask=mask, block_mask=block_mask, rows=rows)
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows)
     assert out.dtype == q.dtype, f"out has dtype {out.dtype}, expected {q.dtype}; {context}"
     if lse is not None:
         assert lse.dtype == np.float32, f"lse has dtype {lse.dtype}, expected float32; {context}"
     if rows is not None:
         index = xp.asarray(rows)
-        q, out = q[..., index, :], out[..., index, :]
+        out = out[..., index, :]
         lse = None if lse is None else lse[..., index]
-    ref_out, ref_lse = reference.attention(q, k, v, scale=scale, mask=keep)
-    naive_out, naive_lse = reference.naive_attention(q, k, v, scale=scale, mask=keep)
+    ref_out, ref_lse = reference.attention(q, k, v, **options)
+    naive_out, naive_lse = reference.naive_attention(q, k, v, **options)
     ref_lse = to_host(ref_lse)
     attended = np.isfinite(ref_lse)
 
@@ -102,14 +105,14 @@ def assert_forward_close(out, lse, q, k, v, *, causal=False, scale=None, mask=No
                     to_host(naive_lse).astype(np.float64)[attended], context)
 
 
-def assert_backward_close(grads, dout, q, k, v, *, causal=False, scale=None, mask=None,
-                          block_mask=None, context=""):
+def assert_backward_close(grads, dout, q, k, v, *, causal=False, scale=None, window=(-1, -1),
+                          softcap=0.0, alibi_slopes=None, mask=None, block_mask=None,
+                          context=""):
     """Check ``grads = (dq, dk, dv)`` of ``attention_backward(dout, q, k, v, ...)``."""
-    xp = _module(q)
-    keep = _combined_mask(xp, q.shape[-2], k.shape[-2], causal=causal, mask=mask,
-                          block_mask=block_mask)
-    refs = reference.attention_backward(dout, q, k, v, scale=scale, mask=keep)
-    naives = reference.naive_attention_backward(dout, q, k, v, scale=scale, mask=keep)
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask)
+    refs = reference.attention_backward(dout, q, k, v, **options)
+    naives = reference.naive_attention_backward(dout, q, k, v, **options)
     for name, got, x, ref, naive in zip(("dq", "dk", "dv"), grads, (q, k, v), refs, naives):
         assert got.dtype == x.dtype, f"{name} has dtype {got.dtype}, expected {x.dtype}; {context}"
         got = to_host(got).astype(np.float64)

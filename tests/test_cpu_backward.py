@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from oracle import assert_backward_close, random_array
-from test_cpu_forward import DTYPE_IDS, DTYPES, DenseBlockMask, batch_and_heads
+from test_cpu_forward import DTYPE_IDS, DTYPES, batch_and_heads, dense_block_mask
 
 import cuflash
 
@@ -95,7 +95,7 @@ def test_block_mask(rng, seed):
     blocks = rng.random((hq, 4, 4)) < 0.5
     blocks[:, :, 0] = True
     blocks[:, :, 3] = False  # key block 3 is never attended: its dk, dv are 0
-    mask = DenseBlockMask(blocks, (nq, nk), (32, 48))
+    mask = dense_block_mask(blocks, (nq, nk), (32, 48))
     dout, q, k, v, out, lse = problem(rng, (2, hq, nq, 32), (2, 2, nk, 32), (2, 2, nk, 32),
                                       ml_dtypes.bfloat16, causal=True, block_mask=mask)
     dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, block_mask=mask)

@@ -12,6 +12,7 @@ from oracle import assert_forward_close, poisoned, random_array
 
 import cuflash
 from cuflash import _checks
+from cuflash.sparse import BlockMask
 
 DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
 DTYPE_IDS = ["float16", "bfloat16", "float32"]
@@ -21,23 +22,11 @@ def qkv(rng, q_shape, k_shape, v_shape, dtype):
     return tuple(random_array(rng, shape, dtype) for shape in (q_shape, k_shape, v_shape))
 
 
-class DenseBlockMask:
-    """The documented BlockMask interface over a dense block pattern (H', Nqb, Nkb)."""
-
-    def __init__(self, blocks, shape, block_size):
-        self.blocks = np.asarray(blocks, dtype=bool)
-        self.shape = shape
-        self.block_size = block_size
-        self.num_heads = None if self.blocks.shape[0] == 1 else self.blocks.shape[0]
-        self.nblocks = self.blocks.shape[1:]
-
-    def check_compatible(self, Nq, Nk, Hq):
-        if (Nq, Nk) != self.shape or self.num_heads not in (None, Hq):
-            raise ValueError(f"block mask for {self.shape} with {self.num_heads} heads, got "
-                             f"({Nq}, {Nk}) with {Hq} heads")
-
-    def to_dense(self):
-        return self.blocks
+def dense_block_mask(blocks, shape, block_size):
+    """A BlockMask from a dense block pattern (H', Nqb, Nkb); H' = 1 is shared by all heads."""
+    blocks = np.asarray(blocks, dtype=bool)
+    layout = blocks[0] if blocks.shape[0] == 1 else blocks
+    return BlockMask.from_dense(layout, block_size=block_size, shape=shape)
 
 
 LENGTHS = [(1, 1), (17, 17), (127, 127), (1000, 1000), (17, 1000), (1000, 17), (127, 1)]
@@ -199,7 +188,7 @@ def test_block_mask_skips_blocks(rng, seed):
     blocks = rng.random((hq, 4, 4)) < 0.5
     blocks[:, :, 0] = True
     blocks[2, 1] = False
-    mask = DenseBlockMask(blocks, (nq, nk), (32, 48))
+    mask = dense_block_mask(blocks, (nq, nk), (32, 48))
     q, k, v = qkv(rng, (2, hq, nq, 32), (2, 2, nk, 32), (2, 2, nk, 32), np.float16)
     out, lse = cuflash.attention(q, k, v, block_mask=mask, return_lse=True)
     assert np.all(out[:, 2, 32:64].astype(np.float32) == 0)
@@ -210,7 +199,7 @@ def test_block_mask_skips_blocks(rng, seed):
 @pytest.mark.parametrize("nq, nk", [(130, 130), (90, 200), (200, 90)])
 def test_block_mask_with_causal(rng, seed, nq, nk):
     blocks = rng.random((1, -(-nq // 64), -(-nk // 32))) < 0.6
-    mask = DenseBlockMask(blocks, (nq, nk), (64, 32))
+    mask = dense_block_mask(blocks, (nq, nk), (64, 32))
     q, k, v = qkv(rng, (2, 4, nq, 32), (2, 4, nk, 32), (2, 4, nk, 32), ml_dtypes.bfloat16)
     out, lse = cuflash.attention(q, k, v, block_mask=mask, causal=True, return_lse=True)
     assert_forward_close(out, lse, q, k, v, block_mask=mask, causal=True,
@@ -252,8 +241,9 @@ def test_import_and_cpu_path_need_no_cupy():
 
 
 def test_public_names():
-    assert sorted(cuflash.__all__) == ["__version__", "attention", "attention_backward",
-                                       "attention_vjp", "reference", "sparse"]
+    assert sorted(cuflash.__all__) == ["KernelPlan", "__version__", "attention",
+                                       "attention_backward", "attention_vjp", "kernel_plan",
+                                       "reference", "sparse"]
     assert cuflash.sparse is importlib.import_module("cuflash.sparse")
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         cuflash.nothing  # noqa: B018

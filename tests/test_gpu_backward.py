@@ -24,6 +24,15 @@ def kernels_module():
     return importlib.import_module("cuflash.kernels.mma_backward")
 
 
+def spec_for(q, k, v, **options):
+    """The AttentionSpec cuflash.attention_backward would build for these arguments."""
+    from cuflash import _api
+
+    defaults = dict(causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                    block_mask=None, deterministic=False)
+    return _api._spec(q, k, v, **{**defaults, **options})[1]
+
+
 def forward_results(q, k, v, *, causal=False, scale=None, block_mask=None):
     """``out`` in q's dtype and ``lse`` in float32, from the float64 oracle."""
     import cupy
@@ -185,8 +194,9 @@ def test_every_gradient_element_is_written(xp_gpu, rng, seed, deterministic):
     dout, q, k, v, out, lse = problem(xp, rng, hq=4, hkv=2, nq=250, nk=240, d=64,
                                       block_mask=mask, causal=True)
     dq, dk, dv = (poisoned(x.shape, x.dtype, xp=xp) for x in (q, k, v))
-    kernels_module().backward(dout, q, k, v, out, lse, dq, dk, dv, scale=1 / 8.0, causal=True,
-                              block_mask=mask, deterministic=deterministic)
+    kernels_module().backward(dout, q, k, v, out, lse, dq, dk, dv,
+                              spec_for(q, k, v, scale=1 / 8.0, causal=True, block_mask=mask,
+                                       deterministic=deterministic))
     assert_backward_close((dq, dk, dv), dout, q, k, v, causal=True, block_mask=mask,
                           context=f"seed={seed}")
     assert not to_host(dk[:, :, 128:192]).astype(np.float32).any()
@@ -241,8 +251,9 @@ def test_every_tile_candidate(xp_gpu, rng, seed, d):
     for tiles in module._candidates(d, d):
         for deterministic in (False, True):
             dq, dk, dv = (poisoned(x.shape, x.dtype, xp=xp) for x in (q, k, v))
-            module.backward(dout, q, k, v, out, lse, dq, dk, dv, scale=d ** -0.5, causal=True,
-                            deterministic=deterministic, tiles=tiles)
+            module.backward(dout, q, k, v, out, lse, dq, dk, dv,
+                            spec_for(q, k, v, scale=d ** -0.5, causal=True,
+                                     deterministic=deterministic), tiles=tiles)
             assert_backward_close((dq, dk, dv), dout, q, k, v, causal=True,
                                   context=f"seed={seed} tiles={tiles}")
 

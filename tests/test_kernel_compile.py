@@ -45,6 +45,17 @@ def test_compile_error_is_reported_with_log():
 
 
 def test_local_headers_are_inlined_once():
-    text = _build.source("flash_fwd.cu")
-    assert '#include "common.cuh"' not in text
+    text = _build.source("flash_fwd_sm90.cu")
+    assert "#include" not in text
     assert text.count("struct f16_t") == 1
+    assert text.count("struct Mask {") == 1
+
+
+def test_every_policy_combination_is_compiled():
+    """The variant list covers each mask policy and score modifier, for every family."""
+    for name in PORTABLE_MODULES + HOPPER_MODULES:
+        expressions = " ".join(e for _, e in importlib.import_module(f"cuflash.kernels.{name}").main_variants())
+        for policy in ("Mask<false, false>", "Mask<false, true>", "Mask<true, false>", "Mask<true, true>",
+                       "ScoreMod<false, false>", "ScoreMod<true, false>", "ScoreMod<false, true>",
+                       "ScoreMod<true, true>"):
+            assert policy in expressions, f"{name} compiles no variant with {policy}"

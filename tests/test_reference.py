@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from scipy.special import logsumexp, softmax
-from test_cpu_forward import DenseBlockMask
+from test_cpu_forward import dense_block_mask
 
 from cuflash import reference
 
@@ -13,15 +13,23 @@ def random64(rng, *shapes):
     return tuple(rng.standard_normal(shape) for shape in shapes)
 
 
-def loop_attention(q, k, v, scale, keep):
-    """Attention one (batch, head) at a time with SciPy's softmax; q, k, v are 4-D."""
+def loop_attention(q, k, v, scale, keep, softcap=0.0, slopes=None):
+    """Attention one (batch, head) at a time with SciPy's softmax; q, k, v are 4-D, slopes
+    ``(B, Hq)``. The score modifier is written out element by element."""
     b, hq, nq, _ = q.shape
+    nk = k.shape[2]
     group = hq // k.shape[1]
     out = np.zeros((b, hq, nq, v.shape[-1]))
     lse = np.full((b, hq, nq), -np.inf)
     for i in range(b):
         for h in range(hq):
             s = scale * q[i, h] @ k[i, h // group].T
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
+            if slopes is not None:
+                for row in range(nq):
+                    for col in range(nk):
+                        s[row, col] -= float(slopes[i, h]) * abs(row + nk - nq - col)
             s = np.where(keep, s, -np.inf)
             for row in range(nq):
                 if keep[row].any():
@@ -43,6 +51,61 @@ def test_attention_matches_loops(rng, nq, nk, causal):
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
     np.testing.assert_allclose(lse[np.isfinite(lse)], want_lse[np.isfinite(want_lse)],
                                rtol=1e-12, atol=1e-12)
+
+
+def window_keep(nq, nk, left, right):
+    """The window's definition, one pair at a time."""
+    keep = np.ones((nq, nk), bool)
+    for i in range(nq):
+        for j in range(nk):
+            if left >= 0 and j < i + nk - nq - left:
+                keep[i, j] = False
+            if right >= 0 and j > i + nk - nq + right:
+                keep[i, j] = False
+    return keep
+
+
+@pytest.mark.parametrize("nq, nk", [(7, 7), (3, 9), (9, 3)])
+@pytest.mark.parametrize("window, causal", [((2, 1), False), ((-1, 0), False), ((1, -1), True),
+                                            ((0, 0), False), ((3, 4), True)])
+@pytest.mark.parametrize("softcap, alibi", [(0.0, False), (1.5, False), (0.0, True),
+                                            (2.0, True)], ids=["plain", "softcap", "alibi",
+                                                               "softcap-alibi"])
+def test_features_match_loops(rng, nq, nk, window, causal, softcap, alibi):
+    q, k, v = random64(rng, (2, 4, nq, 5), (2, 2, nk, 5), (2, 2, nk, 3))
+    keep = window_keep(nq, nk, window[0], min(window[1], 0) if causal and window[1] >= 0
+                       else (0 if causal else window[1]))
+    slopes = rng.uniform(0, 1, (2, 4)).astype(np.float32) if alibi else None
+    out, lse = reference.attention(q, k, v, causal=causal, window=window, softcap=softcap,
+                                   alibi_slopes=slopes, scale=0.7)
+    want_out, want_lse = loop_attention(q, k, v, 0.7, keep, softcap, slopes)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    np.testing.assert_allclose(lse[np.isfinite(lse)], want_lse[np.isfinite(want_lse)],
+                               rtol=1e-12, atol=1e-12)
+    # The naive same-precision attention applies the same options.
+    naive, naive_lse = reference.naive_attention(q.astype(np.float32), k.astype(np.float32),
+                                                 v.astype(np.float32), causal=causal,
+                                                 window=window, softcap=softcap,
+                                                 alibi_slopes=slopes, scale=0.7)
+    np.testing.assert_allclose(naive, want_out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.isneginf(naive_lse), np.isneginf(want_lse))
+
+
+def test_two_dimensional_inputs(rng):
+    q, k, v = random64(rng, (6, 4), (8, 4), (8, 3))
+    options = dict(window=(2, 1), softcap=3.0, alibi_slopes=np.array([0.5], np.float32))
+    out, lse = reference.attention(q, k, v, **options)
+    assert out.shape == (6, 3) and lse.shape == (6,)
+    head, head_lse = reference.attention(q[None], k[None], v[None], **options)
+    np.testing.assert_array_equal(out, head[0])
+    np.testing.assert_array_equal(lse, head_lse[0])
+    dout = rng.standard_normal((6, 3))
+    grads = reference.attention_backward(dout, q, k, v, **options)
+    assert [g.shape for g in grads] == [(6, 4), (8, 4), (8, 3)]
+    naive, naive_lse = reference.naive_attention(*(x.astype(np.float32) for x in (q, k, v)),
+                                                 **options)
+    assert naive.shape == (6, 3) and naive_lse.shape == (6,)
 
 
 def test_causal_masks_the_first_rows_when_queries_outnumber_keys(rng):
@@ -105,9 +168,29 @@ def test_chunked_equals_dense(rng, causal):
     np.testing.assert_allclose(part_lse, lse[..., rows], rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("options", [dict(window=(4, 2)), dict(softcap=2.0, causal=True),
+                                     dict(alibi_slopes=np.array([[0.3, 0.9]], np.float32),
+                                          window=(-1, 3))],
+                         ids=["window", "softcap", "alibi"])
+def test_chunked_with_features_equals_dense(rng, options):
+    # ALiBi depends on each row's position: chunks and chosen rows must keep it.
+    q, k, v = random64(rng, (2, 2, 37, 8), (2, 1, 29, 8), (2, 1, 29, 6))
+    out, lse = reference.attention(q, k, v, **options)
+    chunked_out, chunked_lse = reference.chunked_attention(q, k, v, chunk=5, **options)
+    np.testing.assert_allclose(chunked_out, out, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(chunked_lse, lse, rtol=1e-13, atol=1e-13)
+    rows = [36, 0, 11, 12]
+    part_out, part_lse = reference.chunked_attention(q, k, v, rows=rows, chunk=3, **options)
+    np.testing.assert_allclose(part_out, out[..., rows, :], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(part_lse, lse[..., rows], rtol=1e-13, atol=1e-13)
+    naive_rows, _ = reference.naive_attention(q, k, v, rows=rows, dtype=np.float32, **options)
+    naive_all, _ = reference.naive_attention(q, k, v, dtype=np.float32, **options)
+    np.testing.assert_array_equal(naive_rows, naive_all[..., rows, :])
+
+
 def test_chunked_with_block_mask(rng):
     blocks = rng.random((3, 3, 2)) < 0.6
-    mask = DenseBlockMask(blocks, (20, 13), (8, 7))
+    mask = dense_block_mask(blocks, (20, 13), (8, 7))
     q, k, v = random64(rng, (2, 3, 20, 4), (2, 3, 13, 4), (2, 3, 13, 4))
     element = reference.block_mask_to_element_mask(mask, 20, 13)
     assert element.shape == (3, 20, 13) and element.dtype == bool
@@ -137,6 +220,22 @@ def test_naive_is_close_but_not_exact(rng, dtype):
     error = np.abs(out.astype(np.float64) - ref_out).max()
     assert 0 < error < 50 * eps
     assert 0 < np.abs(lse - ref_lse).max() < 50 * eps * np.abs(ref_lse).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_naive_with_features_is_close_but_not_exact(rng, dtype):
+    q, k, v = (x.astype(dtype) for x in random64(rng, (2, 2, 50, 16), (2, 2, 60, 16),
+                                                 (2, 2, 60, 16)))
+    options = dict(window=(20, 3), softcap=5.0, alibi_slopes=np.array([0.1, 0.4], np.float32))
+    out, _ = reference.naive_attention(q, k, v, **options)
+    ref_out, _ = reference.attention(q, k, v, **options)
+    eps = float(ml_dtypes.finfo(dtype).eps)
+    error = np.abs(out.astype(np.float64) - ref_out).max()
+    assert 0 < error < 50 * eps
+    dout = rng.standard_normal((2, 2, 50, 16)).astype(dtype)
+    grads = reference.naive_attention_backward(dout, q, k, v, **options)
+    for got, ref in zip(grads, reference.attention_backward(dout, q, k, v, **options)):
+        assert np.abs(got.astype(np.float64) - ref).max() < 100 * eps * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])

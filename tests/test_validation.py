@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import cuflash
+from cuflash.sparse import BlockMask
 
 
 def arrays(*shapes, dtype=np.float32):
@@ -59,10 +60,17 @@ def test_mixed_dtypes():
 
 # ----------------------------------------------------------------------------- shapes
 
-def test_rank_below_three_suggests_a_head_axis():
-    with pytest.raises(ValueError, match=r"k must have at least 3 dimensions .* got shape "
-                                         r"\(24, 8\); for a single head use k\[None\]"):
-        cuflash.attention(Q[0], K[0, 0], V[0, 0][None])
+@pytest.mark.parametrize("bad", [np.ones((), np.float32), np.ones(8, np.float32)])
+def test_rank_below_two(bad):
+    with pytest.raises(ValueError, match=rf"k must have at least 2 dimensions \(\.\.\., seq_len, "
+                                         rf"head_dim\), got shape {re.escape(str(bad.shape))}"):
+        cuflash.attention(Q[0, 0], bad, V[0, 0])
+
+
+def test_two_dimensional_query_is_one_head():
+    # q (Nq, D) is (1, Nq, D): one query head, which cannot share two key/value heads.
+    with pytest.raises(ValueError, match=r"got 1 query heads \(q \(16, 8\)\) and 2 key/value"):
+        cuflash.attention(Q[0, 0], K[0], V[0])
 
 
 @pytest.mark.parametrize("name, shapes", [
@@ -122,7 +130,16 @@ def test_scale_not_finite_positive(scale):
         forward_and_backward(scale=scale)
 
 
-@pytest.mark.parametrize("scale", [1, 0.25, np.float16(0.5), np.int64(2), np.float64(0.1)])
+@pytest.mark.parametrize("scale", [1e39, 3e38, 1e-39, 1e-300, 10**400, np.float64(1e39)],
+                         ids=["1e39", "3e38", "1e-39", "1e-300", "10**400", "float64-1e39"])
+def test_scale_outside_float32(scale):
+    # Finite as a Python float (or not even that), but scale·log2(e) is no normal float32.
+    with pytest.raises(ValueError, match=r"scale must be finite and positive, got "):
+        forward_and_backward(scale=scale)
+
+
+@pytest.mark.parametrize("scale", [1, 0.25, np.float16(0.5), np.int64(2), np.float64(0.1),
+                                   1e3, 2e-38])
 def test_scale_accepts_real_numbers(scale):
     forward_and_backward(scale=scale)
 
@@ -147,7 +164,18 @@ def test_causal_accepts_numpy_bool():
     cuflash.attention(Q, K, V, causal=np.bool_(True))
 
 
-@pytest.mark.parametrize("mask", [np.ones((1, 1, 1), bool), "causal", object()])
+class DuckMask:
+    """Everything a BlockMask has, but not a BlockMask."""
+    shape, block_size, num_heads, nblocks = (16, 24), (16, 16), None, (1, 2)
+
+    def check_compatible(self, Nq, Nk, Hq):
+        pass
+
+    def to_dense(self):
+        return np.ones((1, 1, 2), bool)
+
+
+@pytest.mark.parametrize("mask", [np.ones((1, 1, 1), bool), "causal", object(), DuckMask()])
 def test_block_mask_type(mask):
     with pytest.raises(TypeError, match=r"block_mask must be a cuflash.sparse.BlockMask or None, "
                                         r"got"):
@@ -155,21 +183,135 @@ def test_block_mask_type(mask):
 
 
 def test_block_mask_checks_its_own_sizes():
-    calls = []
+    mask = BlockMask.from_dense(np.ones((2, 2), bool), block_size=16, shape=(20, 24))
+    with pytest.raises(ValueError, match=r"block_mask was built for Nq=20, Nk=24, but the inputs "
+                                         r"have Nq=16, Nk=24"):
+        forward_and_backward(block_mask=mask)
 
-    class IncompatibleMask:
-        shape, block_size = (99, 99), (16, 16)
 
-        def check_compatible(self, Nq, Nk, Hq):
-            calls.append((Nq, Nk, Hq))
-            raise ValueError(f"block mask is for (99, 99), got ({Nq}, {Nk})")
+# ----------------------------------------------------------------------------- window
 
-        def to_dense(self):
-            raise AssertionError("not reached")
+@pytest.mark.parametrize("window", [3, None, "ab", (1,), (1, 2, 3), np.array([1, 2]), (1.0, 2),
+                                    (True, 0), (0, np.bool_(False)), (1, "2"), {1: 2, 3: 4}])
+def test_window_not_a_pair_of_ints(window):
+    with pytest.raises(TypeError, match=r"window must be a pair \(left, right\) of integers, each "
+                                        r"-1 \(unbounded\) or >= 0, got "):
+        forward_and_backward(window=window)
 
-    with pytest.raises(ValueError, match=r"block mask is for \(99, 99\), got \(16, 24\)"):
-        forward_and_backward(block_mask=IncompatibleMask())
-    assert calls == [(16, 24, 4)]
+
+@pytest.mark.parametrize("window, side", [((-2, 0), "left = -2"), ((0, -5), "right = -5"),
+                                          ((np.int64(-3), 1), "left = -3")])
+def test_window_below_minus_one(window, side):
+    with pytest.raises(ValueError, match=rf"window must be a pair .* got .*\({side}\)"):
+        forward_and_backward(window=window)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), [3, 4], (np.int64(2), -1), (0, 0), (10**30, 5)])
+def test_window_accepts(window):
+    forward_and_backward(window=window)
+    forward_and_backward(window=window, causal=True)
+
+
+# ----------------------------------------------------------------------------- softcap
+
+@pytest.mark.parametrize("softcap", [True, "1", 1j, None, [1.0], np.array(30.0)])
+def test_softcap_not_a_real_number(softcap):
+    with pytest.raises(TypeError, match=r"softcap must be 0.0 \(off\) or a finite positive real "
+                                        r"number, got "):
+        forward_and_backward(softcap=softcap)
+
+
+@pytest.mark.parametrize("softcap", [-1.0, -1e-30, math.nan, math.inf, -math.inf, 10**400,
+                                     np.float32("nan")],
+                         ids=["-1", "-1e-30", "nan", "inf", "-inf", "10**400", "float32-nan"])
+def test_softcap_not_finite_positive(softcap):
+    with pytest.raises(ValueError, match=r"softcap must be 0.0 \(off\) or a finite positive real "
+                                         r"number, got "):
+        forward_and_backward(softcap=softcap)
+
+
+@pytest.mark.parametrize("softcap", [1e-45, 1e-39, 3e38])
+def test_softcap_outside_float32(softcap):
+    # scale / softcap or softcap·log2(e) would not be a normal float32.
+    with pytest.raises(ValueError, match=r"softcap must be .* outside the range the computation "
+                                         r"supports with scale=0.353553"):
+        forward_and_backward(softcap=softcap)
+
+
+@pytest.mark.parametrize("softcap", [0, 0.0, -0.0, 30, np.float32(5.0), np.int64(1), 1e30])
+def test_softcap_accepts(softcap):
+    forward_and_backward(softcap=softcap)
+
+
+# ----------------------------------------------------------------------------- alibi_slopes
+
+SLOPES = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)
+
+
+@pytest.mark.parametrize("slopes", [SLOPES.tolist(), 0.5, "slopes", (0.5,) * 4])
+def test_alibi_not_an_array(slopes):
+    with pytest.raises(TypeError, match=r"alibi_slopes must be a float32 numpy.ndarray of shape "
+                                        r"\(Hq,\) or \(\.\.\., Hq\), got "):
+        forward_and_backward(alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, ml_dtypes.bfloat16, np.int32])
+def test_alibi_wrong_dtype(dtype):
+    name = np.dtype(dtype).name
+    with pytest.raises(TypeError, match=rf"alibi_slopes must have dtype float32, got {name}"):
+        forward_and_backward(alibi_slopes=SLOPES.astype(dtype))
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (5,), (4, 1), (3, 4), (1, 2, 4), (2, 2, 4), (2, 8)])
+def test_alibi_wrong_shape(shape):
+    # Q is (2, 4, 16, 8): Hq = 4, batch (2,).
+    slopes = np.full(shape, 0.5, np.float32)
+    with pytest.raises(ValueError, match=rf"alibi_slopes must have shape \(Hq,\) = \(4,\) or "
+                                         rf"\(\.\.\., 4\) with leading axes that broadcast to the "
+                                         rf"batch axes \(2,\), got shape "
+                                         rf"{re.escape(str(shape))}"):
+        forward_and_backward(alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 3e38])
+def test_alibi_not_finite(bad):
+    slopes = SLOPES.copy()
+    slopes[2] = bad
+    with pytest.raises(ValueError, match=r"alibi_slopes must be finite, with \|slope\| <= "
+                                         rf"2.36e\+38, got {re.escape(repr(float(slopes[2])))}"):
+        forward_and_backward(alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 4), (2, 4)])
+def test_alibi_accepts_and_is_not_rewritten(shape):
+    slopes = np.broadcast_to(SLOPES, shape).copy()
+    slopes.flags.writeable = False  # read, never written
+    before = slopes.copy()
+    forward_and_backward(alibi_slopes=slopes)
+    forward_and_backward(alibi_slopes=slopes[..., ::-1])  # any strides
+    np.testing.assert_array_equal(slopes, before)
+
+
+# ----------------------------------------------------------------------------- array subclasses
+
+def test_masked_arrays_are_refused():
+    masked = np.ma.masked_array(Q, mask=Q > 1)
+    with pytest.raises(TypeError, match=r"q is a numpy.ma.MaskedArray: its mask would be ignored"):
+        cuflash.attention(masked, K, V)
+    out, lse = cuflash.attention(Q, K, V, return_lse=True)
+    with pytest.raises(TypeError, match=r"out is a numpy.ma.MaskedArray: its mask would be "
+                                        r"ignored"):
+        cuflash.attention(Q, K, V, out=np.ma.masked_array(np.empty_like(out)))
+    with pytest.raises(TypeError, match=r"dout is a numpy.ma.MaskedArray"):
+        cuflash.attention_backward(np.ma.masked_array(out), Q, K, V, out, lse)
+    with pytest.raises(TypeError, match=r"alibi_slopes is a numpy.ma.MaskedArray"):
+        cuflash.attention(Q, K, V, alibi_slopes=np.ma.masked_array(SLOPES))
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_numpy_matrix_is_refused():
+    with pytest.raises(TypeError, match=r"q is a numpy.matrix, .* pass numpy.asarray\(q\)"):
+        cuflash.attention(np.asmatrix(Q[0, 0]), K[0, 0], V[0, 0])
 
 
 # ----------------------------------------------------------------------------- out=
@@ -247,6 +389,31 @@ def test_mixed_numpy_and_cupy(xp_gpu):
     q, k, v = (xp_gpu.asarray(x.astype(np.float16)) for x in (Q, K, V))
     with pytest.raises(TypeError, match=r"out must be a cupy.ndarray like q, got numpy.ndarray"):
         cuflash.attention(q, k, v, out=np.empty((2, 4, 16, 8), np.float16))
+
+
+@pytest.mark.gpu
+def test_alibi_slopes_on_the_host_with_cupy_inputs(xp_gpu):
+    q, k, v = (xp_gpu.asarray(x.astype(np.float16)) for x in (Q, K, V))
+    with pytest.raises(TypeError, match=r"alibi_slopes must be a float32 cupy.ndarray of shape "
+                                        r"\(Hq,\) or \(\.\.\., Hq\) on device 0 like q, got "
+                                        r"numpy.ndarray in host memory"):
+        cuflash.attention(q, k, v, alibi_slopes=SLOPES)
+    with pytest.raises(TypeError, match=r"alibi_slopes must be a float32 numpy.ndarray of shape "
+                                        r"\(Hq,\) or \(\.\.\., Hq\) in host memory like q, got "
+                                        r"cupy.ndarray on device 0"):
+        cuflash.attention(Q, K, V, alibi_slopes=xp_gpu.asarray(SLOPES))
+
+
+@pytest.mark.gpu
+def test_alibi_slopes_on_another_device(xp_gpu):
+    if xp_gpu.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    with xp_gpu.cuda.Device(0):
+        q, k, v = (xp_gpu.asarray(x.astype(np.float16)) for x in (Q, K, V))
+    with xp_gpu.cuda.Device(1):
+        slopes = xp_gpu.asarray(SLOPES)
+    with pytest.raises(ValueError, match=r"alibi_slopes must be on device 0 like q, got device 1"):
+        cuflash.attention(q, k, v, alibi_slopes=slopes)
 
 
 @pytest.mark.gpu

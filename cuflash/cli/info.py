@@ -52,7 +52,7 @@ def _cuda_facts() -> dict:
     if isinstance(count, str):
         facts["devices"] = count
     else:
-        from cuflash._bench import device_properties
+        from cuflash.bench.devices import device_properties
         facts["devices"] = [_attempt(lambda i=i: device_properties(i)) for i in range(count)]
     return facts
 
@@ -60,6 +60,24 @@ def _cuda_facts() -> dict:
 def kernel_cache_dir() -> str:
     """Where CuPy keeps compiled kernels (cuflash writes no cache of its own)."""
     return os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
+
+
+# Calls whose kernel plan `cuflash info` shows: (dtype, head dim, options).
+PLAN_EXAMPLES = (("bfloat16", 128, {"causal": True}), ("bfloat16", 64, {"window": (255, 0)}),
+                 ("float16", 96, {}), ("bfloat16", 128, {"softcap": 30.0}), ("float32", 64, {}))
+
+
+def kernel_plans(examples=PLAN_EXAMPLES, seq_len: int = 1024, heads: int = 16) -> list[str]:
+    """The kernel plan (cuflash.kernel_plan) of each example call on GPU 0, as text."""
+    import cupy
+
+    from cuflash.bench.problems import DTYPES
+
+    plans = []
+    for dtype, d, options in examples:
+        q = cupy.empty((1, heads, seq_len, d), DTYPES[dtype])
+        plans.append(str(cuflash.kernel_plan(q, q, q, **options)))
+    return plans
 
 
 def gather() -> dict:
@@ -79,6 +97,7 @@ def gather() -> dict:
             "gpu": {"usable": gpu_ok, "reason": gpu_reason},
             "cpu": {"usable": True, "reason": f"NumPy {numpy.__version__}"},
         },
+        "kernel_plans": _attempt(kernel_plans) if gpu_ok else [],
     }
 
 
@@ -112,6 +131,13 @@ def _lines(facts: dict) -> list[tuple[str, str]]:
     for key, label in (("gpu", "GPU kernels"), ("cpu", "CPU path")):
         path = facts["paths"][key]
         lines.append((label, ("usable: " if path["usable"] else "not usable: ") + path["reason"]))
+    plans = facts.get("kernel_plans")
+    if isinstance(plans, str):
+        lines.append(("kernel plans", plans))
+    for plan in plans or ():
+        first, *rest = plan.splitlines()
+        lines.append(("kernel plan", first.removeprefix("call: ")))
+        lines += [("", line) for line in rest]
     return lines
 
 
@@ -123,7 +149,9 @@ Examples:
 @json_option
 def info(as_json):
     """Versions, the CUDA driver/runtime and NVRTC, the GPUs, CuPy's kernel cache directory,
-    and whether the GPU kernels and the CPU path can run here (with the reason when not).
+    whether the GPU kernels and the CPU path can run here (with the reason when not), and, with
+    a GPU, which kernel family a few example calls (1 x 16 heads x 1024 tokens) would run and
+    why the faster ones were passed over (cuflash.kernel_plan).
 
     Works without CuPy and without a GPU: what is missing is said, not raised.
     """

@@ -44,6 +44,7 @@ def spec_grid(head_dims, dtypes=("float16", "bfloat16"), *, features=True):
     if features and _FEATURE_HEAD_DIM in head_dims:
         dtype, d = dtypes[-1], _FEATURE_HEAD_DIM
         specs += [
+            spec_of(dtype, d, block_mask=_block_mask()),
             spec_of(dtype, d, causal=True, block_mask=_block_mask()),
             spec_of(dtype, d, window=(256, 0)),
             spec_of(dtype, d, softcap=30.0),

@@ -1,0 +1,60 @@
+"""Which kernels a call would run, and why the faster ones were passed over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The family of each pass for one call (``cuflash.kernel_plan``); ``str()`` reads well."""
+
+    spec: object
+    forward: object   # cuflash.kernels.Plan, or None on the NumPy path
+    backward: object
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.forward is not None
+
+    def __str__(self) -> str:
+        head = f"call: {self.spec.describe()}"
+        if not self.on_gpu:
+            return head + "\nforward: numpy (cuflash.cpu)\nbackward: numpy (cuflash.cpu)"
+        return "\n".join((head, self.forward.describe(), self.backward.describe()))
+
+
+def kernel_plan(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                alibi_slopes=None, block_mask=None, deterministic=False) -> KernelPlan:
+    """Which kernel family ``attention`` and ``attention_backward`` would run for these
+    arguments, and, for each faster family in the registry, why it was passed over.
+
+    Takes exactly the arguments of ``cuflash.attention`` (validated the same way) and runs
+    nothing. Outputs are assumed freshly allocated (an ``out=`` with unusual strides can send
+    the forward to a slower family).
+
+    >>> import numpy as np, cuflash
+    >>> q = np.zeros((1, 2, 8, 64), np.float32)
+    >>> print(cuflash.kernel_plan(q, q, q).forward)
+    None
+    """
+    from . import _api
+
+    xp, spec = _api._spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                          alibi_slopes=alibi_slopes, block_mask=block_mask,
+                          deterministic=deterministic)
+    if xp is numpy:
+        return KernelPlan(spec, None, None)
+    from . import kernels
+
+    s = spec.shapes
+    with _api._checks.device_context(q):
+        q4, k4, v4 = _api._inputs_4d(spec, xp, q, k, v)
+        # One-row stand-ins with the layout of freshly allocated outputs and gradients.
+        out = xp.empty((1, 1, 1, s.dv), spec.dtype)
+        dq, dk = xp.empty((1, 1, 1, s.d), spec.dtype), xp.empty((1, 1, 1, s.d), spec.dtype)
+        forward = kernels.plan("forward", spec, (q4, k4, v4, out))
+        backward = kernels.plan("backward", spec, (q4, k4, v4, out, out, dq, dk, out))
+    return KernelPlan(spec, forward, backward)
