@@ -5,7 +5,9 @@ accurate as a plain float32 implementation. The backward pass runs three kernels
 preparation (Delta = rowsum(dO ∘ O)), dK/dV (a block per key tile, walking the
 query tiles of every query head of its group) and dQ (a block per query tile, walking key tiles).
 Each output element is written by one thread in a fixed order, so the gradients are
-deterministic whatever ``deterministic`` says.
+deterministic whatever ``deterministic`` says. Masks (causal, window, block mask) and score
+modifiers (softcap, ALiBi) are the kernels' template policies, keyed from the call's
+``AttentionSpec``.
 """
 
 from __future__ import annotations
@@ -20,37 +22,49 @@ from ._launch import (
     F32,
     I32,
     I64,
+    LOG2E,
+    MASK_AND_SCORE_FIELDS,
     PTR,
     check_grid,
     make_struct_dtype,
+    mask_and_score_values,
+    mask_heads,
+    mask_type,
     pack_struct,
     padded_head_dim,
     pointer,
+    score_mod_type,
     stride_fields,
     vector_aligned,
 )
 
 SOURCE = "flash_f32.cu"
-LOG2E = 1.4426950408889634
 THREADS = 256  # every kernel runs a 16 x 16 thread grid
 _FLOAT = 4     # bytes
 
+# F32FwdArgs in flash_f32.cu.
 FWD_ARGS = make_struct_dtype(
     [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR)]
     + [(f"{t}_s{a}", I64) for t in "qkvo" for a in "bhn"]
     + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads")]
     + [("scale", F32), ("scale_log2", F32)]
+    + MASK_AND_SCORE_FIELDS
 )
+assert FWD_ARGS.itemsize == 216, "FWD_ARGS must match F32FwdArgs in csrc/flash_f32.cu"
 
+# F32BwdArgs in flash_f32.cu: tile_ptr / tile_idx are the block mask's CSR for the dQ kernel and
+# its transpose for the dK/dV kernel.
 _BWD_TENSORS = ("q", "k", "v", "o", "do", "dq", "dk", "dv")
 BWD_ARGS = make_struct_dtype(
     [(n, PTR) for n in ("q", "k", "v", "o", "dout", "lse", "dq_out", "dk_out", "dv_out", "delta",
-                        "row_ptr", "col_idx", "col_ptr", "row_idx")]
+                        "tile_ptr", "tile_idx")]
     + [(f"{t}_s{a}", I64) for t in _BWD_TENSORS for a in "bhn"]
     + [(n, I32) for n in ("batch", "nq", "nk", "d", "dv", "heads", "group", "m_tiles", "n_tiles",
                           "mask_heads")]
-    + [("scale", F32)]
+    + [("scale", F32), ("scale_log2", F32)]
+    + MASK_AND_SCORE_FIELDS
 )
+assert BWD_ARGS.itemsize == 360, "BWD_ARGS must match F32BwdArgs in csrc/flash_f32.cu"
 
 
 def _operand_stride(cols: int) -> int:
@@ -94,24 +108,52 @@ _FORWARD_TILES = {64: F32Tiles(64, 64), 128: F32Tiles(64, 32), 256: F32Tiles(64,
 _DQ_TILES = {64: F32Tiles(64, 64), 128: F32Tiles(64, 32), 256: F32Tiles(32, 32)}
 _DKDV_TILES = {64: F32Tiles(64, 64), 128: F32Tiles(32, 64), 256: F32Tiles(32, 32)}
 
+# Each kernel: its template name, preferred tiles and shared-memory footprint.
+_KERNELS = {
+    "forward": ("flash_f32_fwd", _FORWARD_TILES, F32Tiles.forward_bytes),
+    "dkdv": ("flash_f32_bwd_dkdv", _DKDV_TILES, F32Tiles.dkdv_bytes),
+    "dq": ("flash_f32_bwd_dq", _DQ_TILES, F32Tiles.dq_bytes),
+}
+PREP_KERNEL = "flash_f32_bwd_prep"
+
+
+def _head_dims(spec) -> tuple[int, int]:
+    return (padded_head_dim(spec.shapes.d, "head dim D"),
+            padded_head_dim(spec.shapes.dv, "value head dim Dv"))
+
 
 def _preferred(table, dqk: int, dv: int) -> F32Tiles:
     widest = max(dqk, dv)
     return next(tiles for limit, tiles in sorted(table.items()) if widest <= limit)
 
 
-def _choose(table, footprint, dqk: int, dv: int, block_mask, shared_limit: int) -> F32Tiles:
-    """The first tiles that fit in `shared_limit` bytes and divide the mask's blocks."""
+def _fitting(kernel: str, spec, shared_limit: int) -> list[F32Tiles]:
+    """The candidate tiles of `kernel` ("forward", "dkdv" or "dq") that fit in `shared_limit`
+    bytes of shared memory per block, preferred first and smallest last."""
+    _, table, footprint = _KERNELS[kernel]
+    dqk, dv = _head_dims(spec)
     candidates = (_preferred(table, dqk, dv),) + _FALLBACK
     fitting = [t for t in candidates if footprint(t, dqk, dv) <= shared_limit]
     if not fitting:
         raise RuntimeError(
             f"the float32 kernels need {footprint(candidates[-1], dqk, dv)} bytes of shared memory "
             f"per block for head dims ({dqk}, {dv}); this device allows {shared_limit}")
-    if block_mask is not None:
-        bq, bk = (int(x) for x in block_mask.block_size)
+    return fitting
+
+
+def _divides(tiles: F32Tiles, block_mask) -> bool:
+    bq, bk = (int(x) for x in block_mask.block_size)
+    return bq % tiles.block_m == 0 and bk % tiles.block_n == 0
+
+
+def tiles_for(kernel: str, spec, shared_limit: int) -> F32Tiles:
+    """The tiles `kernel` ("forward", "dkdv" or "dq") runs this call with on a device that allows
+    `shared_limit` bytes of shared memory per block: the first that fit and divide the block
+    mask's blocks."""
+    fitting = _fitting(kernel, spec, shared_limit)
+    if spec.block_mask is not None:
         for tiles in fitting:
-            if bq % tiles.block_m == 0 and bk % tiles.block_n == 0:
+            if _divides(tiles, spec.block_mask):
                 return tiles
     # No fitting tile divides the mask's blocks: device_csr raises a ValueError that says so.
     return fitting[0]
@@ -130,54 +172,49 @@ def _device_shared_limit() -> int:
     return _shared_limit(cupy.cuda.Device().id)
 
 
-def _expression(name: str, dqk: int, dv: int, tiles: F32Tiles, *, causal: bool, sparse: bool,
-                aligned: bool) -> str:
+def variant(kernel: str, spec, tiles: F32Tiles, *, aligned: bool) -> str:
+    """The template expression of `kernel` ("forward", "dkdv" or "dq") for this call."""
+    name = _KERNELS[kernel][0]
     return _build.template_expression(
-        name, dqk, dv, tiles.block_m, tiles.block_n, causal, sparse, aligned)
+        name, *_head_dims(spec), tiles.block_m, tiles.block_n, mask_type(spec), score_mod_type(spec),
+        aligned)
 
 
-def forward_variant(dqk: int, dv: int, tiles: F32Tiles, *, causal: bool, sparse: bool,
-                    aligned: bool) -> str:
-    return _expression("flash_f32_fwd", dqk, dv, tiles, causal=causal, sparse=sparse,
-                       aligned=aligned)
+def supports(spec, arrays) -> str | None:
+    """None when this family runs the call (forward and backward alike), else why not: it takes
+    float32, head dims up to 256, and block masks whose blocks some tile that fits the device's
+    shared memory divides (multiples of 16 everywhere)."""
+    if spec.dtype.name != "float32":
+        return f"takes float32 only, not {spec.dtype.name}"
+    try:
+        limit = _shared_limit(arrays[0].device.id)
+        fitting = [_fitting(kernel, spec, limit) for kernel in _KERNELS]
+    except (ValueError, RuntimeError) as error:
+        return str(error)
+    if spec.block_mask is not None:
+        for candidates in fitting:
+            if not any(_divides(tiles, spec.block_mask) for tiles in candidates):
+                bq, bk = spec.block_mask.block_size
+                return (f"needs block-mask blocks that are multiples of {candidates[-1].block_m} "
+                        f"(queries) and {candidates[-1].block_n} (keys); got {bq}x{bk}")
+    return None
 
 
-def dkdv_variant(dqk: int, dv: int, tiles: F32Tiles, *, causal: bool, sparse: bool,
-                 aligned: bool) -> str:
-    return _expression("flash_f32_bwd_dkdv", dqk, dv, tiles, causal=causal, sparse=sparse,
-                       aligned=aligned)
-
-
-def dq_variant(dqk: int, dv: int, tiles: F32Tiles, *, causal: bool, sparse: bool,
-               aligned: bool) -> str:
-    return _expression("flash_f32_bwd_dq", dqk, dv, tiles, causal=causal, sparse=sparse,
-                       aligned=aligned)
-
-
-PREP_KERNEL = "flash_f32_bwd_prep"
-
-
-def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: F32Tiles | None = None):
+def forward(q, k, v, out, lse, spec, *, tiles: F32Tiles | None = None):
     """out, lse ← attention(q, k, v) on 4-D (B, H, N, D) float32 CuPy views; see
     docs/internals.md."""
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    dqk = padded_head_dim(d, "head dim D")
-    dvp = padded_head_dim(dv, "value head dim Dv")
-    if tiles is None:
-        tiles = _choose(_FORWARD_TILES, F32Tiles.forward_bytes, dqk, dvp, block_mask,
-                        _device_shared_limit())
+    dqk, dvp = _head_dims(spec)
+    tiles = tiles or tiles_for("forward", spec, _device_shared_limit())
     m_tiles = -(-nq // tiles.block_m)
-    blocks = m_tiles * heads * batch
-    check_grid(blocks, "the float32 forward kernel")
+    blocks = check_grid(m_tiles * heads * batch, "the float32 forward kernel")
 
     tile_ptr = tile_idx = None
-    if block_mask is not None:
-        csr = block_mask.device_csr(tiles.block_m, tiles.block_n)
+    if spec.block_mask is not None:
+        csr = spec.block_mask.device_csr(tiles.block_m, tiles.block_n)
         tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
-    aligned = vector_aligned((q, k, v, out))
-    expression = forward_variant(dqk, dvp, tiles, causal=causal, sparse=block_mask is not None,
-                                 aligned=aligned)
+    expression = variant("forward", spec, tiles, aligned=vector_aligned((q, k, v, out)))
     shared = tiles.forward_bytes(dqk, dvp)
     args = pack_struct(
         FWD_ARGS,
@@ -185,33 +222,29 @@ def forward(q, k, v, out, lse, *, scale, causal, block_mask=None, tiles: F32Tile
         tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx),
         **stride_fields("qkvo", (q, k, v, out)),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
-        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
-        scale=scale, scale_log2=scale * LOG2E,
+        mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
+        **mask_and_score_values(spec),
     )
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
     kernel((blocks,), (THREADS,), (args,), shared_mem=shared)
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
-             deterministic=False, tiles: tuple[F32Tiles, F32Tiles] | None = None):
+def backward(dout, q, k, v, out, lse, dq, dk, dv, spec,
+             *, tiles: tuple[F32Tiles, F32Tiles] | None = None):
     """dq, dk, dv ← gradients of attention on 4-D float32 CuPy views (docs/internals.md); dk/dv
     summed over each GQA group.
 
-    ``deterministic`` is accepted for the common signature and has no effect: no kernel here
-    uses atomics, so repeated calls always give identical bits. ``tiles`` overrides the
-    (dK/dV, dQ) tile shapes.
+    ``spec.deterministic`` has no effect: no kernel here uses atomics, so repeated calls always
+    give identical bits. ``tiles`` overrides the (dK/dV, dQ) tile shapes.
     """
     import cupy
 
-    del deterministic
     batch, heads, nq, d = q.shape
     kv_heads, nk, dvh = k.shape[1], k.shape[2], v.shape[3]
-    dqk = padded_head_dim(d, "head dim D")
-    dvp = padded_head_dim(dvh, "value head dim Dv")
+    dqk, dvp = _head_dims(spec)
     if tiles is None:
         limit = _device_shared_limit()
-        tiles = (_choose(_DKDV_TILES, F32Tiles.dkdv_bytes, dqk, dvp, block_mask, limit),
-                 _choose(_DQ_TILES, F32Tiles.dq_bytes, dqk, dvp, block_mask, limit))
+        tiles = (tiles_for("dkdv", spec, limit), tiles_for("dq", spec, limit))
     kv_tiles, q_tiles = tiles
     dkdv_blocks = -(-nk // kv_tiles.block_n) * kv_heads * batch
     dq_blocks = -(-nq // q_tiles.block_m) * heads * batch
@@ -220,71 +253,52 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
     for blocks in (dkdv_blocks, dq_blocks, prep_blocks):
         check_grid(blocks, "the float32 backward kernels")
 
-    sparse = block_mask is not None
-    mask_heads = int(sparse and block_mask.num_heads is not None)
-    row_ptr = col_idx = col_ptr = row_idx = None
-    if sparse:
-        kv_csr = block_mask.device_csr(kv_tiles.block_m, kv_tiles.block_n)
-        q_csr = block_mask.device_csr(q_tiles.block_m, q_tiles.block_n)
-        col_ptr, row_idx = kv_csr.col_ptr, kv_csr.row_idx
-        row_ptr, col_idx = q_csr.row_ptr, q_csr.col_idx
-
     delta = cupy.empty(rows, dtype=numpy.float32)
-    aligned = vector_aligned((q, k, v, out, dout, dq, dk, dv))
     tensors = (q, k, v, out, dout, dq, dk, dv)
+    aligned = vector_aligned(tensors)
     common = dict(
         q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), dout=pointer(dout),
         lse=pointer(lse), dq_out=pointer(dq), dk_out=pointer(dk), dv_out=pointer(dv),
-        delta=pointer(delta),
-        row_ptr=pointer(row_ptr), col_idx=pointer(col_idx), col_ptr=pointer(col_ptr),
-        row_idx=pointer(row_idx), **stride_fields(_BWD_TENSORS, tensors),
+        delta=pointer(delta), **stride_fields(_BWD_TENSORS, tensors),
         batch=batch, nq=nq, nk=nk, d=d, dv=dvh, heads=heads, group=heads // kv_heads,
-        mask_heads=mask_heads, scale=scale,
+        mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
+        **mask_and_score_values(spec),
     )
 
-    def launch(expression, launch_tiles, blocks, shared):
-        if launch_tiles is None:
-            m_tiles = n_tiles = 0
-        else:
+    def launch(expression, blocks, shared, launch_tiles=None, by_key=False):
+        m_tiles = n_tiles = 0
+        tile_ptr = tile_idx = None
+        if launch_tiles is not None:
             m_tiles = -(-nq // launch_tiles.block_m)
             n_tiles = -(-nk // launch_tiles.block_n)
-        args = pack_struct(BWD_ARGS, m_tiles=m_tiles, n_tiles=n_tiles, **common)
+            if spec.block_mask is not None:
+                csr = spec.block_mask.device_csr(launch_tiles.block_m, launch_tiles.block_n)
+                tile_ptr, tile_idx = (csr.col_ptr, csr.row_idx) if by_key else (csr.row_ptr, csr.col_idx)
+        args = pack_struct(BWD_ARGS, m_tiles=m_tiles, n_tiles=n_tiles, tile_ptr=pointer(tile_ptr),
+                           tile_idx=pointer(tile_idx), **common)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
         kernel((blocks,), (THREADS,), (args,), shared_mem=shared)
 
-    launch(PREP_KERNEL, None, prep_blocks, 0)
-    options = dict(causal=causal, sparse=sparse, aligned=aligned)
-    launch(dkdv_variant(dqk, dvp, kv_tiles, **options), kv_tiles, dkdv_blocks,
-           kv_tiles.dkdv_bytes(dqk, dvp))
-    launch(dq_variant(dqk, dvp, q_tiles, **options), q_tiles, dq_blocks,
-           q_tiles.dq_bytes(dqk, dvp))
+    launch(PREP_KERNEL, prep_blocks, 0)
+    launch(variant("dkdv", spec, kv_tiles, aligned=aligned), dkdv_blocks,
+           kv_tiles.dkdv_bytes(dqk, dvp), kv_tiles, by_key=True)
+    launch(variant("dq", spec, q_tiles, aligned=aligned), dq_blocks,
+           q_tiles.dq_bytes(dqk, dvp), q_tiles)
 
 
-def variants_for(dqk: int, dv: int, *, causal: bool, sparse: bool = False, aligned: bool = True):
-    """The (source, expression) pairs that one problem's forward and backward compile, with the
-    preferred tiles."""
-    options = dict(causal=causal, sparse=sparse, aligned=aligned)
-    return [
-        (SOURCE, forward_variant(dqk, dv, _preferred(_FORWARD_TILES, dqk, dv), **options)),
-        (SOURCE, dkdv_variant(dqk, dv, _preferred(_DKDV_TILES, dqk, dv), **options)),
-        (SOURCE, dq_variant(dqk, dv, _preferred(_DQ_TILES, dqk, dv), **options)),
-    ]
+def main_variants() -> list[tuple[str, str]]:
+    """(source, expression) pairs for the compile check: the row preparation kernel, then the
+    forward, dK/dV and dQ kernels with their preferred tiles for every spec of the variant grid
+    (head dims 64, 128 and 256, dense and causal; each mask policy and score modifier at 128)."""
+    from ._variants import spec_grid
 
-
-def main_variants():
-    """(source, expression) pairs for the compile check: head dims 64, 128 and 256, causal and
-    not, forward and backward, plus the row preparation kernel."""
     pairs = [(SOURCE, PREP_KERNEL)]
-    for dim in (64, 128, 256):
-        for causal in (False, True):
-            pairs += variants_for(dim, dim, causal=causal)
-    return pairs
+    for spec in spec_grid(head_dims=(64, 128, 256), dtypes=("float32",)):
+        for kernel, (_, table, _) in _KERNELS.items():
+            tiles = _preferred(table, *_head_dims(spec))
+            pairs.append((SOURCE, variant(kernel, spec, tiles, aligned=True)))
+    return list(dict.fromkeys(pairs))
 
 
-def flops(batch: int, heads: int, nq: int, nk: int, d: int, dv: int, *, causal: bool) -> float:
-    """Matmul FLOPs of the forward pass as the papers count them (causal: half)."""
-    total = 2.0 * batch * heads * nq * nk * (d + dv)
-    return total / 2 if causal else total
-
-
-__all__ = ["forward", "backward", "F32Tiles", "main_variants", "variants_for", "flops"]
+__all__ = ["forward", "backward", "supports", "F32Tiles", "tiles_for", "variant", "main_variants",
+           "FWD_ARGS", "BWD_ARGS"]

@@ -4,18 +4,18 @@
 // shared memory, lse saved; the backward pass recomputes P from lse) with every operand kept in
 // float32, so the result is as accurate as a plain float32 implementation. The backward pass is
 // two kernels that each own what they write (dK/dV: a key tile; dQ: a query tile): no atomics, so
-// the gradients are the same bits on every run.
+// the gradients are the same bits on every run. Which keys a query sees and what happens to a
+// score before the softmax are the mask and score-modifier policies' (mask.cuh, score_mod.cuh).
 //
 // Every kernel runs 256 threads as a 16 x 16 grid. Thread (ty, tx) owns rows ty, ty + 16, ... of
 // an output tile, so the 16 threads of a row form one half-warp and a row reduction is four
 // shuffles. Products are register-tiled: gemm_nt (both operands contiguous along the reduction,
 // as Q·Kᵀ) and gemm_nn (second operand contiguous along the output columns, as P·V).
-#include "common.cuh"
+#include "args.cuh"
 
 namespace f32 {
 
 constexpr int THREADS = 256;
-constexpr float LN2 = 0.69314718055994531f;
 
 // Row stride of a Q/K/V/dO tile (head dims are multiples of 32): ≡ 4 mod 32 words, so gemm_nt's
 // float4 reads of eight consecutive rows at one column fall in eight distinct bank quads.
@@ -197,6 +197,89 @@ __device__ __forceinline__ void store_rows(float* gmem, i64 ld, const float (&ac
     }
 }
 
+// x as a value the compiler cannot see through: what is derived from it is computed where it is
+// used, not once early on and then held in registers (through the key loop, where they are
+// scarcest: the forward's budget is 128 per thread).
+__device__ __forceinline__ int opaque(int x) {
+    asm volatile("" : "+r"(x));
+    return x;
+}
+
+// The factor that turns a stored score into a natural-log logit: the raw score times the scale
+// (identity), or the base-2 logit a modifier stores (score_mod.cuh) times ln 2. The natural-log
+// paths (lse, the backward pass's P) use it with an fma, so they carry the scale itself, not
+// scale·log2 e rounded to float.
+template <class MOD>
+__device__ __forceinline__ float natural_factor(float scale) {
+    return MOD::identity ? scale : LN2_F;
+}
+
+// An S tile (rows m0 + ty + 16 i, keys n0 + tx + 16 j) through the score modifier, then −inf where
+// the row does not see the key; the element test runs only on tiles that need it.
+template <int BLOCK_M, int BLOCK_N, int TM, int TN, class MASK, class MOD>
+__device__ __forceinline__ void modify_and_mask(float (&s)[TM][TN], const MASK& mask, const MOD& mod,
+                                                int m0, int n0) {
+    m0 = opaque(m0);  // the rows' key bounds and ALiBi offsets: per tile, not hoisted out of the loop
+    const int ty = thread_row(), tx = thread_col();
+    if constexpr (!MOD::identity) {
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) s[i][j] = mod.apply(s[i][j], m0 + ty + 16 * i, n0 + tx + 16 * j);
+    }
+    if (mask.partial(m0, BLOCK_M, n0, BLOCK_N)) {
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const KeyRange keys = keys_of_row(mask, m0 + ty + 16 * i);
+#pragma unroll
+            for (int j = 0; j < TN; ++j)
+                if (!keys.contains(n0 + tx + 16 * j)) s[i][j] = -INFINITY;
+        }
+    }
+}
+
+// One key tile of the online softmax, in base 2: exponents s·scale − base with base = max·scale
+// (`scale` is the modifier's softmax_scale(): scale·log2 e on raw scores, 1 on base-2 logits), the
+// same rounded product every time, so exp2(old base − new base) rescales exactly what earlier
+// tiles added. P goes to the shared tile sp (row stride PS), acc and the row sums are rescaled. A
+// row that has seen only masked keys keeps max −inf and subtracts 0 instead, so its
+// probabilities are exp2(−inf) = 0, never NaN.
+template <int PS, int TM, int TN, int CN>
+__device__ __forceinline__ void softmax_update(const float (&s)[TM][TN], float (&row_max)[TM],
+                                               float (&row_sum)[TM], float (&acc)[TM][CN], float* sp,
+                                               float scale) {
+    const int ty = thread_row(), tx = thread_col();
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        float mx = row_max[i];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) mx = fmaxf(mx, s[i][j]);
+        mx = row_max16(mx);
+        const float base = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale);
+        const float alpha = exp2f(__fmul_rn(row_max[i], scale) - base);
+        row_max[i] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const float p = exp2f(fmaf(s[i][j], scale, -base));
+            sp[(ty + 16 * i) * PS + tx + 16 * j] = p;
+            sum += p;
+        }
+        row_sum[i] = row_sum[i] * alpha + sum;
+#pragma unroll
+        for (int c = 0; c < CN; ++c) acc[i][c] *= alpha;
+    }
+}
+
+// lse = ln Σ exp(logit) = max·nat + ln l − (max·scale − base)·ln 2, with scale and base as in
+// softmax_update and nat = natural_factor: the last term is the rounding of base, recovered
+// exactly by an fma (0 when scale is 1). −inf for a row that saw no key (l = 0).
+__device__ __forceinline__ float natural_lse(float row_max, float l, float scale, float nat) {
+    const float base = __fmul_rn(row_max, scale);
+    const float base_error = fmaf(row_max, scale, -base);
+    return l > 0.f ? fmaf(row_max, nat, fmaf(-base_error, LN2_F, logf(l))) : -INFINITY;
+}
+
 }  // namespace f32
 
 // ---------------------------------------------------------------------------------- forward
@@ -219,15 +302,17 @@ struct F32FwdArgs {
     int mask_heads;    // block-sparse: 1 = one pattern per head, 0 = shared
     float scale;       // softmax scale
     float scale_log2;  // softmax scale * log2(e)
+    MASK_AND_SCORE_FIELDS
 };
-static_assert(sizeof(F32FwdArgs) == 192, "F32FwdArgs must match FWD_ARGS in float32.py");
+static_assert(sizeof(F32FwdArgs) == 216, "F32FwdArgs must match FWD_ARGS in float32.py");
 
-// One thread block owns BLOCK_M query rows of one (batch, head) and walks its key tiles of
-// BLOCK_N keys: S = Q·Kᵀ in registers, online softmax, P through shared memory, O += P·V. The V
-// load overlaps Q·Kᵀ and the softmax; the next K load overlaps P·V.
+// One thread block owns BLOCK_M query rows of one (batch, head) and walks the key tiles of
+// BLOCK_N keys its rows see: S = Q·Kᵀ in registers, score modifier and mask, online softmax, P
+// through shared memory, O += P·V. The V load overlaps Q·Kᵀ and the softmax; the next K load
+// overlaps P·V.
 // Up to head dim 128 two blocks fit in an SM's shared memory (A100 and newer); the 128 registers
 // per thread that two blocks leave are enough without spills when Dv <= D, not when Dv > D.
-template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
+template <int DQK, int DV, int BLOCK_M, int BLOCK_N, class MASK, class MOD, bool ALIGNED>
 __global__ void __launch_bounds__(f32::THREADS, (DQK <= 128 && DV <= DQK) ? 2 : 1)
 flash_f32_fwd(const F32FwdArgs a) {
     using namespace f32;
@@ -244,17 +329,17 @@ flash_f32_fwd(const F32FwdArgs a) {
     float* sv = sk + BLOCK_N * QS;
     float* sp = sv + BLOCK_N * VS;
 
-    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
     const int b = tile.b, h = tile.h, hk = h / a.group;
     const int m0 = tile.m_tile * BLOCK_M;
-    const KeyTiles<SPARSE> keys = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
-        tile.m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const MASK mask(a);
+    const MOD mod(a, b, h);
+    const auto keys = key_tiles_of<BLOCK_M, BLOCK_N>(mask, tile.m_tile, h, a.m_tiles);
 
     const float* q = a.q + b * a.q_sb + h * a.q_sh;
     const float* k = a.k + b * a.k_sb + hk * a.k_sh;
     const float* v = a.v + b * a.v_sb + hk * a.v_sh;
 
-    const int ty = thread_row(), tx = thread_col();
     float acc[TM][CN];
     float row_max[TM], row_sum[TM];  // row_sum: this thread's columns only, reduced at the end
     zero(acc);
@@ -275,46 +360,8 @@ flash_f32_fwd(const F32FwdArgs a) {
         float s[TM][TN];
         zero(s);
         gemm_nt<TM, TN, DQK, QS, QS>(s, sq, sk);
-
-        // Element masks only where the tile crosses the causal diagonal or the end of K.
-        const int n0 = n_tile * BLOCK_N;
-        const bool tile_partial =
-            n0 + BLOCK_N > a.nk || (CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(m0, a.nq, a.nk));
-        if (tile_partial) {
-#pragma unroll
-            for (int i = 0; i < TM; ++i) {
-                const int row = m0 + ty + 16 * i;
-                const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
-#pragma unroll
-                for (int j = 0; j < TN; ++j)
-                    if (n0 + tx + 16 * j >= limit) s[i][j] = -INFINITY;
-            }
-        }
-
-        // Online softmax in base 2, exponents s·scale·log2 e − base with base = max·scale·log2 e
-        // (the same rounded product every time, so exp2(old base − new base) rescales exactly
-        // what earlier tiles added). A row that has seen only masked keys keeps max -inf and
-        // subtracts 0 instead, so its probabilities are exp2(-inf) = 0, never NaN.
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-            float mx = row_max[i];
-#pragma unroll
-            for (int j = 0; j < TN; ++j) mx = fmaxf(mx, s[i][j]);
-            mx = row_max16(mx);
-            const float base = mx == -INFINITY ? 0.f : __fmul_rn(mx, a.scale_log2);
-            const float alpha = exp2f(__fmul_rn(row_max[i], a.scale_log2) - base);
-            row_max[i] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < TN; ++j) {
-                const float p = exp2f(fmaf(s[i][j], a.scale_log2, -base));
-                sp[(ty + 16 * i) * PS + tx + 16 * j] = p;
-                sum += p;
-            }
-            row_sum[i] = row_sum[i] * alpha + sum;
-#pragma unroll
-            for (int c = 0; c < CN; ++c) acc[i][c] *= alpha;
-        }
+        modify_and_mask<BLOCK_M, BLOCK_N>(s, mask, mod, m0, n_tile * BLOCK_N);
+        softmax_update<PS>(s, row_max, row_sum, acc, sp, mod.softmax_scale());
 
         cp_async_wait_all();
         __syncthreads();  // V tile and P visible; every thread is done with this K tile
@@ -328,25 +375,20 @@ flash_f32_fwd(const F32FwdArgs a) {
     }
     cp_async_wait_all();  // nothing left in flight when no key tile was visited
 
-    // Epilogue: O = acc / l (0 for rows that saw no key) and
-    //     lse = ln Σ exp(s·scale) = max·scale + ln l − (max·scale·log2 e − base)·ln 2,
-    // the last term being the rounding of base, recovered exactly by an fma. lse then carries the
-    // scale itself, not scale·log2 e rounded to float, which the backward pass relies on.
+    // O = acc / l (0 for rows that saw no key); lse in natural log (natural_lse). The addresses
+    // come from opaque copies of b and h, so that none of their prologue terms lives through the loop.
+    const int bo = opaque(b), ho = opaque(h);
     float l[TM];
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         l[i] = row_sum16(row_sum[i]);
-        const int row = m0 + ty + 16 * i;
-        if (tx == 0 && row < a.nq) {
-            const float base = __fmul_rn(row_max[i], a.scale_log2);
-            const float base_error = fmaf(row_max[i], a.scale_log2, -base);
-            a.lse[((i64)b * a.heads + h) * a.nq + row] =
-                l[i] > 0.f ? fmaf(row_max[i], a.scale, fmaf(-base_error, LN2, logf(l[i])))
-                           : -INFINITY;
-        }
+        const int row = m0 + thread_row() + 16 * i;
+        if (thread_col() == 0 && row < a.nq)
+            a.lse[((i64)bo * a.heads + ho) * a.nq + row] =
+                natural_lse(row_max[i], l[i], mod.softmax_scale(), natural_factor<MOD>(a.scale));
     }
-    store_rows<TM, CN, ALIGNED>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, acc, m0, a.nq, a.dv,
-                                [&](int i, float x) { return l[i] > 0.f ? x / l[i] : 0.f; });
+    f32::store_rows<TM, CN, ALIGNED>(a.o + bo * a.o_sb + ho * a.o_sh, a.o_sn, acc, m0, a.nq, a.dv,
+                                     [&](int i, float x) { return l[i] > 0.f ? x / l[i] : 0.f; });
 }
 
 // ---------------------------------------------------------------------------------- backward
@@ -361,11 +403,9 @@ struct F32BwdArgs {
     float* dq_out;  // gradients, (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
     float* dk_out;
     float* dv_out;
-    float* delta;  // workspace (B, Hq, Nq): rowsum(dO ∘ O)
-    const int* row_ptr;  // block-sparse: key tiles of each query tile (dQ), else null
-    const int* col_idx;
-    const int* col_ptr;  // block-sparse: query tiles of each key tile (dK/dV), else null
-    const int* row_idx;
+    float* delta;         // workspace (B, Hq, Nq): rowsum(dO ∘ O)
+    const int* tile_ptr;  // block-sparse: CSR over query tiles (dQ) or its transpose (dK/dV)
+    const int* tile_idx;
     i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
     i64 k_sb, k_sh, k_sn;
     i64 v_sb, v_sh, v_sn;
@@ -380,8 +420,10 @@ struct F32BwdArgs {
     int n_tiles;       // ceil(nk / tile keys) of the kernel launched
     int mask_heads;    // block-sparse: 1 = one pattern per head, 0 = shared
     float scale;
+    float scale_log2;  // scale * log2(e)
+    MASK_AND_SCORE_FIELDS
 };
-static_assert(sizeof(F32BwdArgs) == 352, "F32BwdArgs must match BWD_ARGS in float32.py");
+static_assert(sizeof(F32BwdArgs) == 360, "F32BwdArgs must match BWD_ARGS in float32.py");
 
 // Per query row: Delta = rowsum(dO ∘ O). One warp per row.
 __global__ void __launch_bounds__(f32::THREADS) flash_f32_bwd_prep(const F32BwdArgs a) {
@@ -400,22 +442,71 @@ __global__ void __launch_bounds__(f32::THREADS) flash_f32_bwd_prep(const F32BwdA
     if (lane == 0) a.delta[row] = sum;
 }
 
-// The backward pass recomputes P = exp(s·scale − lse) from the natural-log lse as stored: in
-// base 2 the products s·scale·log2 e and lse·log2 e would each add a rounding of the size of the
-// exponent to every P. `lse_of` gives +inf for rows past Nq and for rows that attend to nothing
-// (lse = -inf), so that their P is exp(-inf) = 0.
+namespace f32 {
+
+// The backward pass recomputes P = exp(logit − lse) from the natural-log lse as stored, the logit
+// as value · natural_factor inside one fma: in base 2 the products s·scale·log2 e and lse·log2 e
+// would each add a rounding of the size of the exponent to every P. `lse_of` gives +inf for rows
+// past Nq and for rows that attend to nothing (lse = -inf), so that their P is exp(-inf) = 0.
 __device__ __forceinline__ float lse_of(const float* lse, int row, int nq) {
     const float x = row < nq ? lse[row] : -INFINITY;
     return x == -INFINITY ? INFINITY : x;
 }
 
+// lse (as lse_of gives it) and Δ of the query rows first + 16 k of head h.
+template <int N>
+__device__ __forceinline__ void query_stats(float (&lse_q)[N], float (&delta_q)[N], const F32BwdArgs& a,
+                                            int b, int h, int first) {
+    const float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
+    const float* delta = a.delta + ((i64)b * a.heads + h) * a.nq;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        const int row = first + 16 * k;
+        lse_q[k] = lse_of(lse, row, a.nq);
+        delta_q[k] = row < a.nq ? delta[row] : 0.f;
+    }
+}
+
+// P and dS = P ∘ (dP − Δ) of one score tile into shared tiles of row stride PS: P = 0 where the
+// query does not see the key (tested only when `partial`), and dS times the modifier's dlogit/ds
+// / scale. The tile's rows are row0 + ty + 16 i, its columns col0 + tx + 16 j: queries × keys (dQ),
+// or with TRANSPOSED keys × queries (the dK/dV kernel's Sᵀ, which also keeps Pᵀ in sp); lse and
+// delta are per query.
+template <bool TRANSPOSED, int PS, int TM, int TN, class MASK, class MOD>
+__device__ __forceinline__ void probs_and_grads(const float (&s)[TM][TN], const float (&dp)[TM][TN],
+                                                const float (&lse)[TRANSPOSED ? TN : TM],
+                                                const float (&delta)[TRANSPOSED ? TN : TM],
+                                                const MASK& mask, const MOD& mod, bool partial,
+                                                int row0, int col0, float nat, float* sp, float* sds) {
+    const int ty = thread_row(), tx = thread_col();
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int row = row0 + ty + 16 * i, col = col0 + tx + 16 * j;
+            const int query = TRANSPOSED ? col : row, key = TRANSPOSED ? row : col;
+            const int qi = TRANSPOSED ? j : i;
+            float grad;
+            const float x = mod.apply(s[i][j], query, key, grad);
+            float p = expf(fmaf(x, nat, -lse[qi]));
+            if (partial && !keys_of_row(mask, query).contains(key)) p = 0.f;
+            float ds = p * (dp[i][j] - delta[qi]);
+            if constexpr (MOD::has_grad_factor) ds *= grad;
+            if constexpr (TRANSPOSED) sp[(ty + 16 * i) * PS + tx + 16 * j] = p;
+            sds[(ty + 16 * i) * PS + tx + 16 * j] = ds;
+        }
+}
+
+}  // namespace f32
+
 // dK, dV for one key tile of BLOCK_N keys of one (batch, key/value head): the block walks the
-// query tiles (BLOCK_M rows) of every query head of the group and accumulates in registers
-//     Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ·scale − lse), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Δ),
+// query tiles (BLOCK_M rows) that see the key tile, for every query head of the group, and
+// accumulates in registers
+//     Sᵀ = K·Qᵀ, Pᵀ = exp(logitᵀ − lse), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Δ) (∘ dlogit/ds / scale),
 //     dV += Pᵀ·dO, dK += scale · dSᵀ·Q,
 // so that every element of dK and dV is written once, by one thread, in a fixed order. The next
 // dO tile loads while dK += dSᵀ·Q runs; dPᵀ runs while the next Q tile lands.
-template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
+template <int DQK, int DV, int BLOCK_M, int BLOCK_N, class MASK, class MOD, bool ALIGNED>
 __global__ void __launch_bounds__(f32::THREADS, 1)
 flash_f32_bwd_dkdv(const F32BwdArgs a) {
     using namespace f32;
@@ -435,75 +526,38 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
     float* spt = sdo + BLOCK_M * VS;  // Pᵀ
     float* sdst = spt + BLOCK_N * PS; // dSᵀ
 
-    // Key tiles in order (causal: the first ones have the most queries), heads next to each other.
-    int bid = blockIdx.x;
-    const int n_tile = bid % a.n_tiles;
-    bid /= a.n_tiles;
-    const int hk = bid % (a.heads / a.group);
-    const int b = bid / (a.heads / a.group);
-    const int n0 = n_tile * BLOCK_N;
+    const KvTile tile = kv_tile_of_block(a.n_tiles, a.heads / a.group);
+    const int b = tile.b, hk = tile.hk, n0 = tile.n_tile * BLOCK_N;
+    const MASK mask(a);
+    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, tile.n_tile, hk);
+    // dK/dV rows past Nk are never stored, so only the band's edges call for the element test.
+    const int valid_keys = min(BLOCK_N, a.nk - n0);
 
     const float* k = a.k + b * a.k_sb + hk * a.k_sh;
     const float* v = a.v + b * a.v_sb + hk * a.v_sh;
+    auto q_of = [&](int h) { return a.q + b * a.q_sb + h * a.q_sh; };
+    auto do_of = [&](int h) { return a.dout + b * a.do_sb + h * a.do_sh; };
 
-    // The first query row that sees key n0 (causal); query tiles ending before it are skipped.
-    const int first_row = CAUSAL ? max(0, n0 - (a.nk - a.nq)) : 0;
-
-    // The steps of the walk: query head g of the group, position `pos` in its query tile list.
-    int g = 0, pos = 0, end = 0;
-    auto tiles_of = [&](int gg) {
-        if constexpr (SPARSE) {
-            const int hh = hk * a.group + gg;
-            const int* ptr = a.col_ptr + (a.mask_heads ? hh * (a.n_tiles + 1) : 0);
-            pos = ptr[n_tile];
-            end = ptr[n_tile + 1];
-            if constexpr (CAUSAL)
-                while (pos < end && min((a.row_idx[pos] + 1) * BLOCK_M, a.nq) - 1 < first_row) ++pos;
-        } else {
-            pos = first_row < a.nq ? first_row / BLOCK_M : a.m_tiles;
-            end = a.m_tiles;
-        }
-    };
-    tiles_of(0);
-    while (pos == end && ++g < a.group) tiles_of(g);
-    auto advance = [&]() {
-        ++pos;
-        while (pos == end && ++g < a.group) tiles_of(g);
-    };
-    auto query_tile = [&]() -> int {
-        if constexpr (SPARSE) return a.row_idx[pos];
-        return pos;
-    };
-    auto q_of = [&]() { return a.q + b * a.q_sb + (hk * a.group + g) * a.q_sh; };
-    auto do_of = [&]() { return a.dout + b * a.do_sb + (hk * a.group + g) * a.do_sh; };
-
-    const int ty = thread_row(), tx = thread_col();
     float dk_acc[TM][CK], dv_acc[TM][CV];
     zero(dk_acc);
     zero(dv_acc);
 
-    if (g < a.group) {
-        const int m0 = query_tile() * BLOCK_M;
+    if (walk.valid()) {
+        const int m0 = walk.m_tile() * BLOCK_M;
         f32::load_tile<BLOCK_N, DQK, QS, ALIGNED>(sk, k, a.k_sn, n0, a.nk, a.d);
         f32::load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, n0, a.nk, a.dv);
-        f32::load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(), a.do_sn, m0, a.nq, a.dv);
+        f32::load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(walk.h), a.do_sn, m0, a.nq, a.dv);
         cp_async_commit();
-        f32::load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(), a.q_sn, m0, a.nq, a.d);
+        f32::load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(walk.h), a.q_sn, m0, a.nq, a.d);
         cp_async_commit();
     }
 
-    while (g < a.group) {
-        const int h = hk * a.group + g;
-        const int m0 = query_tile() * BLOCK_M;
-        const float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
-        const float* delta = a.delta + ((i64)b * a.heads + h) * a.nq;
+    while (walk.valid()) {
+        const int h = walk.h;
+        const int m0 = walk.m_tile() * BLOCK_M;
+        const MOD mod(a, b, h);
         float lse_c[TN], delta_c[TN];  // for this thread's query columns
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int m = m0 + tx + 16 * j;
-            lse_c[j] = lse_of(lse, m, a.nq);
-            delta_c[j] = m < a.nq ? delta[m] : 0.f;
-        }
+        query_stats(lse_c, delta_c, a, b, h, m0 + thread_col());
 
         wait_copies<1>();
         __syncthreads();  // dO (K, V) visible
@@ -516,47 +570,40 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
         zero(st);
         gemm_nt<TM, TN, DQK, QS, QS>(st, sk, sq);
 
-        const bool tile_partial = CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(m0, a.nq, a.nk);
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-            for (int j = 0; j < TN; ++j) {
-                float p = expf(fmaf(st[i][j], a.scale, -lse_c[j]));
-                if (tile_partial &&
-                    n0 + ty + 16 * i > causal_key_limit(m0 + tx + 16 * j, a.nq, a.nk))
-                    p = 0.f;
-                spt[(ty + 16 * i) * PS + tx + 16 * j] = p;
-                sdst[(ty + 16 * i) * PS + tx + 16 * j] = p * (dpt[i][j] - delta_c[j]);
-            }
+        const bool partial = MASK::banded && mask.partial(m0, BLOCK_M, n0, valid_keys);
+        probs_and_grads<true, PS>(st, dpt, lse_c, delta_c, mask, mod, partial, n0, m0,
+                                  natural_factor<MOD>(a.scale), spt, sdst);
         __syncthreads();  // Pᵀ, dSᵀ visible
         gemm_nn<TM, CV, BLOCK_M, PS, VS>(dv_acc, spt, sdo);
 
-        advance();
+        walk.next();
         __syncthreads();  // every thread is done with dO
-        if (g < a.group)
-            f32::load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(), a.do_sn, query_tile() * BLOCK_M, a.nq, a.dv);
+        if (walk.valid())
+            f32::load_tile<BLOCK_M, DV, VS, ALIGNED>(sdo, do_of(walk.h), a.do_sn, walk.m_tile() * BLOCK_M,
+                                                     a.nq, a.dv);
         cp_async_commit();
 
         gemm_nn<TM, CK, BLOCK_M, PS, QS>(dk_acc, sdst, sq);
         __syncthreads();  // every thread is done with Q, Pᵀ and dSᵀ
-        if (g < a.group)
-            f32::load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(), a.q_sn, query_tile() * BLOCK_M, a.nq, a.d);
+        if (walk.valid())
+            f32::load_tile<BLOCK_M, DQK, QS, ALIGNED>(sq, q_of(walk.h), a.q_sn, walk.m_tile() * BLOCK_M,
+                                                      a.nq, a.d);
         cp_async_commit();
     }
     cp_async_wait_all();
 
     // Key tiles that no query reaches get zeros: every element is written.
-    store_rows<TM, CK, ALIGNED>(a.dk_out + b * a.dk_sb + hk * a.dk_sh, a.dk_sn, dk_acc, n0, a.nk, a.d,
-                                [&](int, float x) { return x * a.scale; });
-    store_rows<TM, CV, ALIGNED>(a.dv_out + b * a.dv_sb + hk * a.dv_sh, a.dv_sn, dv_acc, n0, a.nk, a.dv,
-                                [](int, float x) { return x; });
+    f32::store_rows<TM, CK, ALIGNED>(a.dk_out + b * a.dk_sb + hk * a.dk_sh, a.dk_sn, dk_acc, n0, a.nk,
+                                     a.d, [&](int, float x) { return x * a.scale; });
+    f32::store_rows<TM, CV, ALIGNED>(a.dv_out + b * a.dv_sb + hk * a.dv_sh, a.dv_sn, dv_acc, n0, a.nk,
+                                     a.dv, [](int, float x) { return x; });
 }
 
-// dQ for one query tile of BLOCK_M rows of one (batch, head): the block walks its key tiles of
-// BLOCK_N keys and accumulates dQ += scale · dS·K in registers,
-//     S = Q·Kᵀ, P = exp(S·scale − lse), dP = dO·Vᵀ, dS = P ∘ (dP − Δ).
+// dQ for one query tile of BLOCK_M rows of one (batch, head): the block walks the key tiles of
+// BLOCK_N keys its rows see and accumulates dQ += scale · dS·K in registers,
+//     S = Q·Kᵀ, P = exp(logit − lse), dP = dO·Vᵀ, dS = P ∘ (dP − Δ) (∘ dlogit/ds / scale).
 // The next V tile loads while dS·K runs.
-template <int DQK, int DV, int BLOCK_M, int BLOCK_N, bool CAUSAL, bool SPARSE, bool ALIGNED>
+template <int DQK, int DV, int BLOCK_M, int BLOCK_N, class MASK, class MOD, bool ALIGNED>
 __global__ void __launch_bounds__(f32::THREADS, 1)
 flash_f32_bwd_dq(const F32BwdArgs a) {
     using namespace f32;
@@ -574,27 +621,18 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
     float* sv = sk + BLOCK_N * QS;
     float* sds = sv + BLOCK_N * VS;
 
-    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
     const int b = tile.b, h = tile.h, hk = h / a.group;
     const int m0 = tile.m_tile * BLOCK_M;
-    const KeyTiles<SPARSE> keys = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
-        tile.m_tile, h, a.m_tiles, a.nq, a.nk, a.row_ptr, a.col_idx, a.mask_heads);
+    const MASK mask(a);
+    const MOD mod(a, b, h);
+    const auto keys = key_tiles_of<BLOCK_M, BLOCK_N>(mask, tile.m_tile, h, a.m_tiles);
 
     const float* k = a.k + b * a.k_sb + hk * a.k_sh;
     const float* v = a.v + b * a.v_sb + hk * a.v_sh;
 
-    const int ty = thread_row(), tx = thread_col();
     float lse_r[TM], delta_r[TM];  // for this thread's rows
-    {
-        const float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
-        const float* delta = a.delta + ((i64)b * a.heads + h) * a.nq;
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-            const int row = m0 + ty + 16 * i;
-            lse_r[i] = lse_of(lse, row, a.nq);
-            delta_r[i] = row < a.nq ? delta[row] : 0.f;
-        }
-    }
+    query_stats(lse_r, delta_r, a, b, h, m0 + thread_row());
     float dq_acc[TM][CQ];
     zero(dq_acc);
 
@@ -617,19 +655,8 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
         gemm_nt<TM, TN, DV, VS, VS>(dp, sdo, sv);
 
         const int n0 = n_tile * BLOCK_N;
-        const bool tile_partial =
-            n0 + BLOCK_N > a.nk || (CAUSAL && n0 + BLOCK_N - 1 > causal_key_limit(m0, a.nq, a.nk));
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-            const int row = m0 + ty + 16 * i;
-            const int limit = CAUSAL ? min(a.nk, causal_key_limit(row, a.nq, a.nk) + 1) : a.nk;
-#pragma unroll
-            for (int j = 0; j < TN; ++j) {
-                float p = expf(fmaf(s[i][j], a.scale, -lse_r[i]));
-                if (tile_partial && n0 + tx + 16 * j >= limit) p = 0.f;
-                sds[(ty + 16 * i) * PS + tx + 16 * j] = p * (dp[i][j] - delta_r[i]);
-            }
-        }
+        probs_and_grads<false, PS>(s, dp, lse_r, delta_r, mask, mod, mask.partial(m0, BLOCK_M, n0, BLOCK_N),
+                                   m0, n0, natural_factor<MOD>(a.scale), nullptr, sds);
         __syncthreads();  // dS visible; every thread is done with V
         if (it + 1 < keys.count)
             f32::load_tile<BLOCK_N, DV, VS, ALIGNED>(sv, v, a.v_sn, keys[it + 1] * BLOCK_N, a.nk, a.dv);
@@ -646,6 +673,6 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
     cp_async_wait_all();
 
     // Query tiles that see no key get zeros: every element is written.
-    store_rows<TM, CQ, ALIGNED>(a.dq_out + b * a.dq_sb + h * a.dq_sh, a.dq_sn, dq_acc, m0, a.nq, a.d,
-                                [&](int, float x) { return x * a.scale; });
+    f32::store_rows<TM, CQ, ALIGNED>(a.dq_out + b * a.dq_sb + h * a.dq_sh, a.dq_sn, dq_acc, m0, a.nq,
+                                     a.d, [&](int, float x) { return x * a.scale; });
 }
