@@ -10,11 +10,11 @@ sequence length. Three or four launches on the current stream:
    once (summed over the group in registers: no atomics, deterministic).
 3. dq, in one of two ways:
 
-   - default (``deterministic=False``): the dk/dv kernel also adds each tile's ``dS K`` into a
-     float32 accumulator with atomic adds, and ``flash_bwd_dq_convert`` casts it to dq. The
+   - default (``spec.deterministic`` false): the dk/dv kernel also adds each tile's ``dS K``
+     into a float32 accumulator with atomic adds, and ``flash_bwd_dq_convert`` casts it to dq. The
      order in which the thread blocks' additions land varies from run to run, so dq can differ
      in its last bits between identical calls (dk and dv never do). Fastest.
-   - ``deterministic=True``: no float atomics anywhere. ``flash_bwd_dq``, one thread block per
+   - ``spec.deterministic``: no float atomics anywhere. ``flash_bwd_dq``, one thread block per
      query tile, walks its key tiles in a fixed order, recomputes the probabilities and dP, and
      writes dq once: repeated calls give bit-identical dq, dk and dv. It recomputes ``Q Kᵀ`` and
      ``dO Vᵀ`` a second time (7 matrix products per tile pair instead of 5), so it is slower, and
@@ -33,36 +33,26 @@ import numpy
 
 from . import _build
 from ._launch import (
-    F32,
-    I32,
-    I64,
-    PTR,
+    BWD_ARGS,
+    LOG2E,
+    block_mask_csr,
     check_grid,
     element_type,
-    make_struct_dtype,
+    mask_and_score_values,
+    mask_heads,
+    mask_type,
     pack_struct,
     padded_head_dim,
     pointer,
+    score_mod_type,
     stride_fields,
     vector_aligned,
 )
 
 SOURCE = "flash_bwd.cu"
-LOG2E = 1.4426950408889634
 ROW_ALIGN = 128  # scratch rows per (batch, head) are a multiple of this: every query tile divides it
 PRE_ROWS = 32    # rows per thread block of flash_bwd_pre
 SMEM_PAD = 8
-A100_SHARED_BYTES = 163 * 1024
-
-BWD_ARGS = make_struct_dtype(
-    [(n, PTR) for n in ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2",
-                        "delta", "dq_accum", "tile_ptr", "tile_idx")]
-    + [(f"{t}_s{a}", I64) for t in ("q", "k", "v", "o", "do", "gq", "gk", "gv") for a in "bhn"]
-    + [(n, I32) for n in ("batch", "nq", "nk", "d", "dv", "heads", "kv_heads", "group", "m_tiles",
-                          "n_tiles", "rows_pad", "dqk", "mask_heads")]
-    + [("scale", F32), ("scale_log2", F32)]
-)
-assert BWD_ARGS.itemsize == 368, "BWD_ARGS must match BwdArgs in flash_bwd.cu"
 
 
 @dataclass(frozen=True)
@@ -196,19 +186,20 @@ def variant_pre(dtype, *, aligned: bool, zero_dq: bool) -> str:
     return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq)
 
 
-def variant_dkdv(dtype, dqk: int, dv: int, tiles: BwdTiles, *, causal: bool, sparse: bool,
-                 aligned: bool, atomic_dq: bool) -> str:
+def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> str:
+    dqk, dvp = _padded_dims(spec)
     return _build.template_expression(
-        "flash_bwd_dkdv", element_type(dtype), dqk, dv, tiles.warps, tiles.mt, tiles.col_split,
-        tiles.col_passes, tiles.block_m, tiles.stages, tiles.kv_in_regs, causal, sparse, aligned, atomic_dq,
+        "flash_bwd_dkdv", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.col_split,
+        tiles.col_passes, tiles.block_m, tiles.stages, tiles.kv_in_regs, mask_type(spec),
+        score_mod_type(spec), aligned, atomic_dq,
     )
 
 
-def variant_dq(dtype, dqk: int, dv: int, tiles: BwdTiles, *, causal: bool, sparse: bool,
-               aligned: bool) -> str:
+def variant_dq(spec, tiles: BwdTiles, *, aligned: bool) -> str:
+    dqk, dvp = _padded_dims(spec)
     return _build.template_expression(
-        "flash_bwd_dq", element_type(dtype), dqk, dv, tiles.dq_warps, tiles.dq_mt,
-        tiles.dq_block_n, tiles.dq_in_regs, causal, sparse, aligned,
+        "flash_bwd_dq", element_type(spec.dtype), dqk, dvp, tiles.dq_warps, tiles.dq_mt,
+        tiles.dq_block_n, tiles.dq_in_regs, mask_type(spec), score_mod_type(spec), aligned,
     )
 
 
@@ -216,22 +207,53 @@ def variant_convert(dtype, *, aligned: bool) -> str:
     return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned)
 
 
-def scratch(batch: int, heads: int, nq: int, dqk: int, *, atomic_dq: bool):
-    """Per-call scratch (see workspace_bytes): rows per (batch, head), base-2 lse, Delta and,
-    for atomic dq, the float32 dq accumulator."""
+def _padded_dims(spec) -> tuple[int, int]:
+    return (padded_head_dim(spec.shapes.d, "head dim D"),
+            padded_head_dim(spec.shapes.dv, "value head dim Dv"))
+
+
+def tiles_for(spec) -> BwdTiles:
+    """The tile shape a call runs with: the first candidate for its head dims whose tiles divide
+    the block mask's blocks (the default without one)."""
+    dqk, dvp = _padded_dims(spec)
+    return default_tiles(dqk, dvp, None if spec.block_mask is None else spec.block_mask.block_size)
+
+
+def supports(spec, arrays) -> str | None:
+    """None when this family runs the call, else why not: any 16-bit call on sm_80+ whose block
+    mask (if any) has blocks the tiles divide. `arrays` (q, k, v, dout, out, dq, dk, dv) may
+    have any alignment."""
+    del arrays  # unaligned views run the element-wise load/store variants
+    if spec.dtype.name not in ("float16", "bfloat16"):
+        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    try:
+        tiles_for(spec)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def scratch(spec, *, atomic_dq: bool):
+    """Per-call scratch (see workspace_bytes): ``(rows_pad, lse2, delta, dq_accum)``, the rows
+    per (batch, head), base-2 lse, Delta and, for atomic dq, the float32 dq accumulator (None
+    otherwise)."""
     import cupy
 
-    rows_pad = rows_padded(nq)
-    lse2 = cupy.empty((batch, heads, rows_pad), numpy.float32)
-    delta = cupy.empty((batch, heads, rows_pad), numpy.float32)
-    dq_accum = cupy.empty((batch, heads, rows_pad, dqk), numpy.float32) if atomic_dq else None
+    s = spec.shapes
+    rows_pad = rows_padded(s.nq)
+    lse2 = cupy.empty((s.b, s.hq, rows_pad), numpy.float32)
+    delta = cupy.empty((s.b, s.hq, rows_pad), numpy.float32)
+    dq_accum = None
+    if atomic_dq:
+        dq_accum = cupy.empty((s.b, s.hq, rows_pad, _padded_dims(spec)[0]), numpy.float32)
     return rows_pad, lse2, delta, dq_accum
 
 
-def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, *, scale, block_mask, rows_pad, lse2,
-                    delta, dq_accum, dqk):
-    """``args(m_tiles, n_tiles, index)``: the BWD_ARGS of each launch of one backward call (they
-    differ only in the launch's tile counts and block-sparse index)."""
+def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, *, rows_pad, lse2, delta, dq_accum,
+                    dqk: int | None = None):
+    """``args(m_tiles=0, n_tiles=0, index=(None, None))``: the BWD_ARGS of each launch of one
+    backward call (they differ only in the launch's tile counts and block-sparse index).
+    `dqk`, the dq accumulator's row length, defaults to the padded head dim."""
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     fields = dict(
@@ -239,10 +261,11 @@ def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, *, scale, block_mask, r
         lse=pointer(lse), grad_q=pointer(dq), grad_k=pointer(dk), grad_v=pointer(dv),
         lse2=pointer(lse2), delta=pointer(delta), dq_accum=pointer(dq_accum),
         batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
-        group=heads // kv_heads, rows_pad=rows_pad, dqk=dqk,
-        mask_heads=int(block_mask is not None and block_mask.num_heads is not None),
-        scale=scale, scale_log2=scale * LOG2E,
+        group=heads // kv_heads, rows_pad=rows_pad,
+        dqk=padded_head_dim(d, "head dim D") if dqk is None else dqk,
+        mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
         **stride_fields(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)),
+        **mask_and_score_values(spec),
     )
 
     def args(m_tiles=0, n_tiles=0, index=(None, None)):
@@ -252,64 +275,61 @@ def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, *, scale, block_mask, r
     return args
 
 
-def tile_index(block_mask, tile_m: int, tile_n: int, *, by_key: bool):
+def tile_index(spec, tile_m: int, tile_n: int, *, by_key: bool):
     """The block mask refined to (tile_m, tile_n) tiles, as ``(ptr, idx)``: per query tile (CSR)
     or, ``by_key``, per key tile (its transpose); ``(None, None)`` when dense."""
-    if block_mask is None:
+    if not by_key:
+        return block_mask_csr(spec, tile_m, tile_n)
+    if spec.block_mask is None:
         return None, None
-    csr = block_mask.device_csr(tile_m, tile_n)
-    return (csr.col_ptr, csr.row_idx) if by_key else (csr.row_ptr, csr.col_idx)
+    csr = spec.block_mask.device_csr(tile_m, tile_n)
+    return csr.col_ptr, csr.row_idx
 
 
-def preprocess(args, dtype, *, rows_pad: int, heads: int, batch: int, aligned: bool, zero_dq: bool):
-    """Launch flash_bwd_pre: Delta, base-2 lse (and the zeroed dq accumulator)."""
-    kernel = _build.get_function(SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq))
-    blocks = check_grid(rows_pad // PRE_ROWS * heads * batch, "flash_bwd_pre")
+def preprocess(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool):
+    """Launch flash_bwd_pre: Delta, base-2 lse (and the zeroed dq accumulator). `aligned`: out
+    and dout allow 16-byte loads."""
+    kernel = _build.get_function(SOURCE, variant_pre(spec.dtype, aligned=aligned, zero_dq=zero_dq))
+    blocks = check_grid(rows_pad // PRE_ROWS * spec.shapes.hq * spec.shapes.b, "flash_bwd_pre")
     kernel((blocks,), (256,), (args(),))
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=None,
-             deterministic=False, tiles: BwdTiles | None = None):
-    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
+def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: BwdTiles | None = None):
+    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md. dq goes through
+    the float32 accumulator and atomic adds unless ``spec.deterministic``."""
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    dqk = padded_head_dim(d, "head dim D")
-    dvp = padded_head_dim(dv_dim, "value head dim Dv")
-    if tiles is None:
-        tiles = default_tiles(dqk, dvp, None if block_mask is None else block_mask.block_size)
-    atomic_dq = not deterministic
-    sparse = block_mask is not None
+    dqk, dvp = _padded_dims(spec)
+    tiles = tiles or tiles_for(spec)
+    atomic_dq = not spec.deterministic
     aligned = vector_aligned((q, k, v, out, dout, dq, dk, dv), (d, dv_dim))
-    rows_pad, lse2, delta, dq_accum = scratch(batch, heads, nq, dqk, atomic_dq=atomic_dq)
-    args = argument_packer(dout, q, k, v, out, lse, dq, dk, dv, scale=scale, block_mask=block_mask,
-                           rows_pad=rows_pad, lse2=lse2, delta=delta, dq_accum=dq_accum, dqk=dqk)
+    rows_pad, lse2, delta, dq_accum = scratch(spec, atomic_dq=atomic_dq)
+    args = argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, rows_pad=rows_pad, lse2=lse2,
+                           delta=delta, dq_accum=dq_accum)
 
     # 1. Delta, lse2, zeroed dq accumulator.
-    preprocess(args, q.dtype, rows_pad=rows_pad, heads=heads, batch=batch, aligned=aligned,
-               zero_dq=atomic_dq)
+    preprocess(args, spec, rows_pad=rows_pad, aligned=aligned, zero_dq=atomic_dq)
 
     # 2. dK, dV (and dQ through atomics).
     m_tiles, n_tiles = -(-nq // tiles.block_m), -(-nk // tiles.block_n)
-    index = tile_index(block_mask, tiles.block_m, tiles.block_n, by_key=True)
+    index = tile_index(spec, tiles.block_m, tiles.block_n, by_key=True)
     shared = tiles.dkdv_shared_bytes(dqk, dvp, atomic_dq=atomic_dq)
-    expression = variant_dkdv(q.dtype, dqk, dvp, tiles, causal=causal, sparse=sparse,
-                              aligned=aligned, atomic_dq=atomic_dq)
+    expression = variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=atomic_dq)
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
     blocks = check_grid(n_tiles * kv_heads * batch, "flash_bwd_dkdv")
     kernel((blocks,), (tiles.warps * 32,), (args(m_tiles, n_tiles, index),), shared_mem=shared)
 
     # 3. dQ.
     if atomic_dq:
-        kernel = _build.get_function(SOURCE, variant_convert(q.dtype, aligned=aligned))
+        kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned))
         threads = batch * heads * nq * (-(-d // 8))
         blocks = check_grid(-(-threads // 256), "flash_bwd_dq_convert")
         kernel((blocks,), (256,), (args(),))
     else:
         m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
-        index = tile_index(block_mask, tiles.dq_block_m, tiles.dq_block_n, by_key=False)
+        index = tile_index(spec, tiles.dq_block_m, tiles.dq_block_n, by_key=False)
         shared = tiles.dq_shared_bytes(dqk, dvp)
-        expression = variant_dq(q.dtype, dqk, dvp, tiles, causal=causal, sparse=sparse,
-                                aligned=aligned)
+        expression = variant_dq(spec, tiles, aligned=aligned)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
         blocks = check_grid(m_tiles * heads * batch, "flash_bwd_dq")
         kernel((blocks,), (tiles.dq_warps * 32,), (args(m_tiles, n_tiles, index),),
@@ -318,44 +338,34 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, scale, causal, block_mask=N
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for every supported architecture without register spills:
-    both dtypes x head dims 64/128/256 x causal, for the dk/dv kernel with and without atomic dq
-    and for the deterministic dq kernel; block-sparse (default and fallback tiles), unaligned,
-    and the small per-row kernels."""
+    for every spec of the grid (both dtypes x head dims x dense/causal, and each mask policy and
+    score modifier), the dk/dv kernel with and without atomic dq and the deterministic dq
+    kernel; block-sparse fallback tiles (64-row blocks), unaligned views, and the small per-row
+    kernels."""
+    from ._variants import spec_grid, spec_of
+    from ..sparse import BlockMask
+
     out = []
     for dtype in ("float16", "bfloat16"):
         for aligned in (False, True):
-            out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=True)))
-            out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=False)))
+            for zero_dq in (True, False):
+                out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq)))
             out.append((SOURCE, variant_convert(dtype, aligned=aligned)))
-        for d in (64, 128, 256):
-            tiles = default_tiles(d, d)
-            for causal in (False, True):
-                for atomic_dq in (True, False):
-                    out.append((SOURCE, variant_dkdv(dtype, d, d, tiles, causal=causal, sparse=False,
-                                                     aligned=True, atomic_dq=atomic_dq)))
-                out.append((SOURCE, variant_dq(dtype, d, d, tiles, causal=causal, sparse=False,
-                                               aligned=True)))
-        tiles = default_tiles(128, 128)
-        out.append((SOURCE, variant_dkdv(dtype, 128, 128, tiles, causal=True, sparse=True,
-                                         aligned=True, atomic_dq=True)))
-        out.append((SOURCE, variant_dq(dtype, 128, 128, tiles, causal=True, sparse=True,
-                                       aligned=True)))
+
+    def both_paths(spec, aligned=True):
+        tiles = tiles_for(spec)
+        return [(SOURCE, variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=True)),
+                (SOURCE, variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=False)),
+                (SOURCE, variant_dq(spec, tiles, aligned=aligned))]
+
+    for spec in spec_grid(head_dims=(32, 64, 96, 128, 256)):
+        out += both_paths(spec)
+    small_blocks = BlockMask.from_dense(numpy.ones((16, 16), bool), block_size=64)
     for d in (64, 128):
-        fallback = default_tiles(d, d, block_size=(64, 64))
-        out.append((SOURCE, variant_dkdv("float16", d, d, fallback, causal=True, sparse=True,
-                                         aligned=True, atomic_dq=True)))
-    tiles = default_tiles(64, 128)
-    out.append((SOURCE, variant_dkdv("float16", 64, 128, tiles, causal=False, sparse=False,
-                                     aligned=False, atomic_dq=True)))
-    out.append((SOURCE, variant_dq("float16", 64, 128, tiles, causal=False, sparse=False,
-                                   aligned=False)))
+        out += both_paths(spec_of("float16", d, causal=True, block_mask=small_blocks))
+    out += both_paths(spec_of("float16", 64, 128), aligned=False)
     return list(dict.fromkeys(out))
 
 
-def flops(batch: int, heads: int, nq: int, nk: int, d: int, dv: int, *, causal: bool) -> float:
-    """Matmul FLOPs of the backward pass as the papers count them: 2.5x the forward."""
-    total = 2.5 * 2.0 * batch * heads * nq * nk * (d + dv)
-    return total / 2 if causal else total
-
-
-__all__ = ["backward", "BwdTiles", "default_tiles", "workspace_bytes", "main_variants", "flops"]
+__all__ = ["backward", "supports", "BwdTiles", "default_tiles", "tiles_for", "workspace_bytes",
+           "main_variants"]

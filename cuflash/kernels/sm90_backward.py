@@ -119,13 +119,13 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles |
     if d != dv_dim or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d)
-    rows_pad, lse2, delta, _ = mma_backward.scratch(batch, heads, nq, d, atomic_dq=False)
+    rows_pad, lse2, delta, _ = mma_backward.scratch(spec, atomic_dq=False)
     args = mma_backward.argument_packer(
         dout, q, k, v, out, lse, dq, dk, dv, spec, rows_pad=rows_pad, lse2=lse2, delta=delta,
         dq_accum=None, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view).
-    mma_backward.preprocess(args, q.dtype, rows_pad=rows_pad, heads=heads, batch=batch,
+    mma_backward.preprocess(args, spec, rows_pad=rows_pad,
                             aligned=vector_aligned((out, dout), (dv_dim,)), zero_dq=False)
 
     # 2. dK, dV: one block per key tile; 3. dQ: one block per query tile.
@@ -137,7 +137,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles |
     )
     for variant, tile_m, tile_n, shared, warpgroups, by_key in launches:
         m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
-        index = mma_backward.tile_index(spec.block_mask, tile_m, tile_n, by_key=by_key)
+        index = mma_backward.tile_index(spec, tile_m, tile_n, by_key=by_key)
         expression = variant(spec, tiles)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,

@@ -18,13 +18,19 @@
 //   flash_bwd_dq          the deterministic alternative to ATOMIC_DQ: one thread block per query
 //                         tile walks its key tiles, recomputes P and dP, and writes dQ once.
 //
+// The mask (mask.cuh) and the score modifier (score_mod.cuh) are template policies, as in the
+// forward: which tiles are visited and which pairs are masked is the mask's to say, and P is
+// recomputed as mod.prob(mod.apply(s)), with dS = P * (dP - Delta) * grad where the modifier has a
+// gradient factor (softcap: kept per element by flash_bwd_dq, recovered from P by flash_bwd_dkdv,
+// which has no registers to spare). The final `* scale` of dK and dQ covers the rest of dlogit/ds.
+//
 // Scratch rows (lse2, delta, dq_accum) are padded per (batch, head) to rows_pad, a multiple of
 // every query tile height, with lse2 = +inf and delta = 0 in the padding: tile loads and
 // accumulator updates then need no bounds checks and masked query rows drop out by themselves.
 #include "args.cuh"
 
-
-constexpr float LOG2E_F = 1.4426950408889634f;
+#include "arch/sm80_mma.cuh"
+#include "bwd_pieces.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // Preprocessing: 32 rows per block, 8 threads per row.
@@ -78,150 +84,246 @@ flash_bwd_pre(const BwdArgs a) {
 // dS^T never leave registers. With WC > 1 (large head dims, where dK + dV of a whole slab would
 // not fit in registers) the WC warps of one slab split the query columns of S^T/dP^T and the
 // head-dim columns of dK/dV, and exchange P^T and dS^T through shared memory.
-template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int PASSES, int BLOCK_M, int STAGES,
-          bool KV_IN_REGS, bool CAUSAL, bool SPARSE, bool ALIGNED, bool ATOMIC_DQ>
-__global__ void __launch_bounds__(WARPS * 32)
-flash_bwd_dkdv(const BwdArgs a) {
-    constexpr int THREADS = WARPS * 32;
-    constexpr int WN = WARPS / WC;           // key slabs of MT * 16 rows
-    constexpr int BLOCK_N = WN * MT * 16;
-    constexpr int KS = DQK + SMEM_PAD, QS = DQK + SMEM_PAD;  // shared row strides (elements)
-    constexpr int VS = DV + SMEM_PAD, OS = DV + SMEM_PAD;
-    constexpr int PS = BLOCK_M + SMEM_PAD;
-    constexpr int CM = BLOCK_M / WC;         // query columns of S^T per warp
-    constexpr int CMP = CM / PASSES;         // ... per pass
-    constexpr int CTP = CMP / 8;             // their n8 tiles
-    constexpr int KMP = CMP / 16;            // k16 steps of P^T dO, dS^T Q per pass
-    constexpr int KT = DQK / WC / 8;         // n8 tiles of dK per warp
-    constexpr int VT = DV / WC / 8;          // n8 tiles of dV per warp
-    constexpr int KQK = DQK / 16, KVD = DV / 16, KM = BLOCK_M / 16;  // k16 steps
-    constexpr bool P_SMEM = WC > 1;
-    constexpr bool DS_SMEM = WC > 1 || ATOMIC_DQ;
+
+// The kernel's shared buffers: K and V of the key tile, STAGES buffers of the query tile (Q, dO,
+// lse2, Delta), and P^T / dS^T when they are exchanged.
+struct DkdvSmem {
+    u16 *sk, *sv, *sq, *sdo, *sp, *sds;
+    float *sl, *sd;
+};
+
+// One warp's place in the tile: accumulator row group g and column pair t, its first key row kr0,
+// first query column c0, first dK / dV columns, and its ldmatrix lane addresses (bytes; query-tile
+// operands add the stage offset). sp / sds: this thread's element (row kr0 + g, column 2t) of the
+// exchanged P^T / dS^T.
+struct DkdvWarp {
+    int g, t, kr0, c0, dk0, dv0;
+    u32 sk_a, sv_a, sq_b, sdo_b, sq_bt, sdo_bt, sp_a, sds_a, sds_at, sk_bt;
+    u16 *sp, *sds;
+};
+
+template <int DQK_, int DV_, int WARPS, int MT_, int WC, int PASSES, int BLOCK_M_, int STAGES, bool ATOMIC_DQ>
+struct DkdvShape {
+    static constexpr int DQK = DQK_, DV = DV_, MT = MT_, BLOCK_M = BLOCK_M_;
+    static constexpr int THREADS = WARPS * 32;
+    static constexpr int WN = WARPS / WC;           // key slabs of MT * 16 rows
+    static constexpr int BLOCK_N = WN * MT * 16;
+    static constexpr int KS = DQK + SMEM_PAD, QS = DQK + SMEM_PAD;  // shared row strides (elements)
+    static constexpr int VS = DV + SMEM_PAD, OS = DV + SMEM_PAD;
+    static constexpr int PS = BLOCK_M + SMEM_PAD;
+    static constexpr int CM = BLOCK_M / WC;         // query columns of S^T per warp
+    static constexpr int CMP = CM / PASSES;         // ... per pass
+    static constexpr int CTP = CMP / 8;             // their n8 tiles
+    static constexpr int KMP = CMP / 16;            // k16 steps of P^T dO, dS^T Q per pass
+    static constexpr int KT = DQK / WC / 8;         // n8 tiles of dK per warp
+    static constexpr int VT = DV / WC / 8;          // n8 tiles of dV per warp
+    static constexpr int KQK = DQK / 16, KVD = DV / 16, KM = BLOCK_M / 16;  // k16 steps
+    static constexpr bool P_SMEM = WC > 1;
+    static constexpr bool DS_SMEM = WC > 1 || ATOMIC_DQ;
     static_assert(WARPS % WC == 0 && CMP % 16 == 0 && CMP * PASSES == CM && KT % 2 == 0 && VT % 2 == 0,
                   "tile shape");
     static_assert(STAGES == 1 || STAGES == 2, "one or two query-tile buffers");
 
-    extern __shared__ __align__(16) u16 smem[];
-    u16* sk = smem;
-    u16* sv = sk + BLOCK_N * KS;
-    u16* sq = sv + BLOCK_N * VS;
-    u16* sdo = sq + STAGES * BLOCK_M * QS;
-    u16* sp = sdo + STAGES * BLOCK_M * OS;
-    u16* sds = sp + (P_SMEM ? BLOCK_N * PS : 0);
-    float* sl = reinterpret_cast<float*>(sds + (DS_SMEM ? BLOCK_N * PS : 0));
-    float* sd = sl + STAGES * BLOCK_M;
-
-    const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
-    const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
-    const int n0 = n_tile * BLOCK_N;
-    const int offset = a.nk - a.nq;  // query row i sees key columns j <= i + offset
-
-    QueryTileWalk<BLOCK_M, BLOCK_N, CAUSAL, SPARSE> walk(a, n_tile, hk);
-
-    auto load_query_tile = [&](int hh, int tile, int stage) {
-        const int m0 = tile * BLOCK_M;
-        load_tile<BLOCK_M, DQK, THREADS, ALIGNED>(sq + stage * BLOCK_M * QS, a.q + b * a.q_sb + hh * a.q_sh,
-                                                  a.q_sn, m0, a.nq, a.d);
-        load_tile<BLOCK_M, DV, THREADS, ALIGNED>(sdo + stage * BLOCK_M * OS, a.dout + b * a.do_sb + hh * a.do_sh,
-                                                 a.do_sn, m0, a.nq, a.dv);
-        const i64 r = ((i64)b * a.heads + hh) * a.rows_pad + m0;
-        load_f32_async<BLOCK_M, THREADS>(sl + stage * BLOCK_M, a.lse2 + r);
-        load_f32_async<BLOCK_M, THREADS>(sd + stage * BLOCK_M, a.delta + r);
-    };
-
-    load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk, a.d);
-    load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk, a.dv);
-    int m_tile = walk.valid() ? walk.m_tile() : 0;
-    if (walk.valid()) load_query_tile(walk.h, m_tile, 0);
-    cp_async_commit();
-
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
-    const int wn = warp % WN, wc = warp / WN;
-    const int kr0 = wn * MT * 16;          // the warp's first key row in the tile
-    const int c0 = wc * CM;                // its first query column of S^T
-    const int dk0 = wc * (DQK / WC), dv0 = wc * (DV / WC);  // its first dK / dV column
-
-    // ldmatrix lane addresses (bytes); query-tile operands add the stage offset.
-    const u32 sk_a = smem_addr(sk) + (kr0 * KS + ldsm_a_offset(lane, KS)) * 2;    // K slab, A
-    const u32 sv_a = smem_addr(sv) + (kr0 * VS + ldsm_a_offset(lane, VS)) * 2;    // V slab, A
-    const u32 sq_b = smem_addr(sq) + (c0 * QS + ldsm_b_offset(lane, QS)) * 2;     // Q^T, B
-    const u32 sdo_b = smem_addr(sdo) + (c0 * OS + ldsm_b_offset(lane, OS)) * 2;   // dO^T, B
-    const u32 sq_bt = smem_addr(sq) + (dk0 + ldsm_bt_offset(lane, QS)) * 2;       // Q, B
-    const u32 sdo_bt = smem_addr(sdo) + (dv0 + ldsm_bt_offset(lane, OS)) * 2;     // dO, B
-    const u32 sp_a = smem_addr(sp) + (kr0 * PS + ldsm_a_offset(lane, PS)) * 2;    // P^T, A
-    const u32 sds_a = smem_addr(sds) + (kr0 * PS + ldsm_a_offset(lane, PS)) * 2;  // dS^T, A
-    const u32 sds_at = smem_addr(sds) + ldsm_b_offset(lane, PS) * 2;              // dS, A (trans)
-    const u32 sk_bt = smem_addr(sk) + ldsm_bt_offset(lane, KS) * 2;               // K, B
-
-    float dk_acc[MT][KT][4], dv_acc[MT][VT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int j = 0; j < KT; ++j) dk_acc[mt][j][0] = dk_acc[mt][j][1] = dk_acc[mt][j][2] = dk_acc[mt][j][3] = 0.f;
-#pragma unroll
-        for (int j = 0; j < VT; ++j) dv_acc[mt][j][0] = dv_acc[mt][j][1] = dv_acc[mt][j][2] = dv_acc[mt][j][3] = 0.f;
-    }
-    u32 kf[KV_IN_REGS ? MT : 1][KV_IN_REGS ? KQK : 1][4];
-    u32 vf[KV_IN_REGS ? MT : 1][KV_IN_REGS ? KVD : 1][4];
-
-    // dQ += dS K for the current query tile, added to the float32 accumulator. The product is
-    // split over warps by rows (QM 16-row slabs each) and 16-column chunks of the head dim, and
-    // done in passes of at most 32 accumulator registers, since dK and dV stay live meanwhile.
-    constexpr int RS = BLOCK_M / 16;
-    constexpr int QM = (RS % 2 == 0 && RS / 2 <= WARPS) ? 2 : 1;
-    constexpr int ROW_GROUPS = RS / QM;
-    constexpr int COL_GROUPS = WARPS / ROW_GROUPS;
-    constexpr int CH = DQK / 16;
-    constexpr int QC = (CH + COL_GROUPS - 1) / COL_GROUPS;
-    constexpr int PASS = QC * QM <= 4 ? QC : (4 / QM > 0 ? 4 / QM : 1);
+    // dQ += dS K (ATOMIC_DQ): split over warps by rows (QM 16-row slabs each) and 16-column chunks
+    // of the head dim, in passes of at most 32 accumulator registers (dK and dV stay live).
+    static constexpr int RS = BLOCK_M / 16;
+    static constexpr int QM = (RS % 2 == 0 && RS / 2 <= WARPS) ? 2 : 1;
+    static constexpr int ROW_GROUPS = RS / QM;
+    static constexpr int COL_GROUPS = WARPS / ROW_GROUPS;
+    static constexpr int CH = DQK / 16;
+    static constexpr int QC = (CH + COL_GROUPS - 1) / COL_GROUPS;
+    static constexpr int PASS = QC * QM <= 4 ? QC : (4 / QM > 0 ? 4 / QM : 1);
     static_assert(!ATOMIC_DQ || (ROW_GROUPS <= WARPS && WARPS % ROW_GROUPS == 0), "dQ warp layout");
-    auto dq_phase = [&](int hh, int m0) {
-        const int wr = warp % ROW_GROUPS, wcol = warp / ROW_GROUPS;
-        const int r0 = wr * QM * 16;
-        float* acc_base = a.dq_accum + (((i64)b * a.heads + hh) * a.rows_pad + m0 + r0) * DQK;
+
+    static __device__ __forceinline__ DkdvSmem carve(u16* smem) {
+        DkdvSmem s;
+        s.sk = smem;
+        s.sv = s.sk + BLOCK_N * KS;
+        s.sq = s.sv + BLOCK_N * VS;
+        s.sdo = s.sq + STAGES * BLOCK_M * QS;
+        s.sp = s.sdo + STAGES * BLOCK_M * OS;
+        s.sds = s.sp + (P_SMEM ? BLOCK_N * PS : 0);
+        s.sl = reinterpret_cast<float*>(s.sds + (DS_SMEM ? BLOCK_N * PS : 0));
+        s.sd = s.sl + STAGES * BLOCK_M;
+        return s;
+    }
+
+    static __device__ __forceinline__ DkdvWarp warp_of(const DkdvSmem& s, int warp, int lane) {
+        DkdvWarp w;
+        w.g = lane / 4;
+        w.t = lane % 4;
+        w.kr0 = (warp % WN) * MT * 16;
+        w.c0 = (warp / WN) * CM;
+        w.dk0 = (warp / WN) * (DQK / WC);
+        w.dv0 = (warp / WN) * (DV / WC);
+        w.sk_a = smem_addr(s.sk) + (w.kr0 * KS + ldsm_a_offset(lane, KS)) * 2;    // K slab, A
+        w.sv_a = smem_addr(s.sv) + (w.kr0 * VS + ldsm_a_offset(lane, VS)) * 2;    // V slab, A
+        w.sq_b = smem_addr(s.sq) + (w.c0 * QS + ldsm_b_offset(lane, QS)) * 2;     // Q^T, B
+        w.sdo_b = smem_addr(s.sdo) + (w.c0 * OS + ldsm_b_offset(lane, OS)) * 2;   // dO^T, B
+        w.sq_bt = smem_addr(s.sq) + (w.dk0 + ldsm_bt_offset(lane, QS)) * 2;       // Q, B
+        w.sdo_bt = smem_addr(s.sdo) + (w.dv0 + ldsm_bt_offset(lane, OS)) * 2;     // dO, B
+        w.sp_a = smem_addr(s.sp) + (w.kr0 * PS + ldsm_a_offset(lane, PS)) * 2;    // P^T, A
+        w.sds_a = smem_addr(s.sds) + (w.kr0 * PS + ldsm_a_offset(lane, PS)) * 2;  // dS^T, A
+        w.sds_at = smem_addr(s.sds) + ldsm_b_offset(lane, PS) * 2;                // dS, A (trans)
+        w.sk_bt = smem_addr(s.sk) + ldsm_bt_offset(lane, KS) * 2;                 // K, B
+        w.sp = s.sp + (w.kr0 + w.g) * PS + 2 * w.t;
+        w.sds = s.sds + (w.kr0 + w.g) * PS + 2 * w.t;
+        return w;
+    }
+};
+
+// Q, dO, lse2 and Delta of query tile m_tile of head hh into buffer `stage` (asynchronous).
+template <class S, bool ALIGNED>
+__device__ __forceinline__ void load_query_tile(const BwdArgs& a, const DkdvSmem& s, int b, int hh, int m_tile,
+                                                int stage) {
+    constexpr int BM = S::BLOCK_M;
+    const int m0 = m_tile * BM;
+    load_tile<BM, S::DQK, S::THREADS, ALIGNED>(s.sq + stage * BM * S::QS, a.q + b * a.q_sb + hh * a.q_sh, a.q_sn,
+                                               m0, a.nq, a.d);
+    load_tile<BM, S::DV, S::THREADS, ALIGNED>(s.sdo + stage * BM * S::OS, a.dout + b * a.do_sb + hh * a.do_sh,
+                                              a.do_sn, m0, a.nq, a.dv);
+    const i64 r = ((i64)b * a.heads + hh) * a.rows_pad + m0;
+    load_f32_async<BM, S::THREADS>(s.sl + stage * BM, a.lse2 + r);
+    load_f32_async<BM, S::THREADS>(s.sd + stage * BM, a.delta + r);
+}
+
+// One pass over the warp's CMP query columns `pass` (query row col_base + cp is column cp of the
+// tile): S^T = K Q^T → P^T, then dV += P^T dO (or P^T to shared memory), dP^T = V dO^T → dS^T,
+// then dK += dS^T Q (or dS^T to shared memory only). lse2 / delta: the stage's rows.
+template <class S, typename T, class MASK, class MOD, class KA, class VA>
+__device__ __forceinline__ void dkdv_pass(float (&dk_acc)[S::MT][S::KT][4], float (&dv_acc)[S::MT][S::VT][4],
+                                          const KA& ka, const VA& va, const DkdvWarp& w, int pass, u32 q_stage,
+                                          u32 o_stage, const float* lse2, const float* delta, const MASK& mask,
+                                          const MOD& mod, int key_base, int col_base) {
+    constexpr int MT = S::MT, CTP = S::CTP, QS = S::QS, OS = S::OS;
+    const int cp = w.c0 + pass * S::CMP;  // first query column of this pass
+
+    float s[MT][CTP][4];
+    zero_acc(s);
+    warp_gemm<T, false, S::KQK>(s, ka, w.sq_b + q_stage + pass * S::CMP * QS * 2, 32, 16 * QS * 2);
+    GradFactors<MOD, CTP> grad;  // unused: the softcap factor is recovered from P^T (dead stores)
+    const bool partial = mask.partial(col_base + cp, S::CMP, key_base, MT * 16);
 #pragma unroll
-        for (int p0 = 0; p0 < QC; p0 += PASS) {
-            float acc[QM][2 * PASS][4];
+    for (int mt = 0; mt < MT; ++mt)
+        recompute_probs_transposed(s[mt], grad, mask, mod, partial, key_base + mt * 16 + w.g, col_base + cp, w.t,
+                                   lse2 + cp);
+    if constexpr (!S::P_SMEM) {
+        warp_gemm<T, true, S::KMP>(dv_acc, packed_a<T>(s), w.sdo_bt + o_stage + cp * OS * 2, 16 * OS * 2, 32);
+    } else {
+        store_pairs_smem<T, S::PS>(w.sp + cp, s);
+    }
+
+    float dp[MT][CTP][4];
+    zero_acc(dp);
+    warp_gemm<T, false, S::KVD>(dp, va, w.sdo_b + o_stage + pass * S::CMP * OS * 2, 32, 16 * OS * 2);
+    // dS^T; the softcap factor comes back from P^T (keeping it would cost CTP * 4 registers more,
+    // and the D = 128 variants have none to spare).
 #pragma unroll
-            for (int qm = 0; qm < QM; ++qm)
+    for (int mt = 0; mt < MT; ++mt)
+        softmax_grad_recovered<CTP>(dp[mt], s[mt], mod, [&](int j, int i) {
+            const int col = cp + j * 8 + 2 * w.t, e = i % 2;
+            const float2 l2 = *reinterpret_cast<const float2*>(lse2 + col);
+            const float2 d2 = *reinterpret_cast<const float2*>(delta + col);
+            return ElementCoords{col_base + col + e, key_base + mt * 16 + w.g + (i / 2) * 8, e ? l2.y : l2.x,
+                                 e ? d2.y : d2.x};
+        });
+    if constexpr (S::DS_SMEM) store_pairs_smem<T, S::PS>(w.sds + cp, dp);
+    if constexpr (!S::P_SMEM) {
+        // dK += dS^T Q, scaled at the end.
+        warp_gemm<T, true, S::KMP>(dk_acc, packed_a<T>(dp), w.sq_bt + q_stage + cp * QS * 2, 16 * QS * 2, 32);
+    }
+}
+
+// WC > 1: dV += P^T dO and dK += dS^T Q over all query columns, from the exchanged P^T / dS^T,
+// for the warp's head-dim columns.
+template <class S, typename T>
+__device__ __forceinline__ void dkdv_from_smem(float (&dk_acc)[S::MT][S::KT][4], float (&dv_acc)[S::MT][S::VT][4],
+                                               const DkdvWarp& w, u32 q_stage, u32 o_stage) {
+    warp_gemm<T, true, S::KM>(dv_acc, SmemA<S::PS>{w.sp_a}, w.sdo_bt + o_stage, 16 * S::OS * 2, 32);
+    warp_gemm<T, true, S::KM>(dk_acc, SmemA<S::PS>{w.sds_a}, w.sq_bt + q_stage, 16 * S::QS * 2, 32);
+}
+
+// dQ += dS K for one query tile, added to the float32 accumulator rows `dq_rows` (row 0 = the
+// tile's first row, DQK floats per row). dS comes back from dS^T in shared memory through
+// ldmatrix.trans.
+template <class S, typename T>
+__device__ __forceinline__ void dq_atomic_add(float* dq_rows, const DkdvWarp& w, int warp) {
+    constexpr int QM = S::QM, QC = S::QC, PASS = S::PASS, DQK = S::DQK, PS = S::PS, KS = S::KS;
+    const int wr = warp % S::ROW_GROUPS, wcol = warp / S::ROW_GROUPS;
+    const int r0 = wr * QM * 16;
+    float* acc_base = dq_rows + (i64)r0 * DQK;
 #pragma unroll
-                for (int j = 0; j < 2 * PASS; ++j) acc[qm][j][0] = acc[qm][j][1] = acc[qm][j][2] = acc[qm][j][3] = 0.f;
+    for (int p0 = 0; p0 < QC; p0 += PASS) {
+        float acc[QM][2 * PASS][4];
+        zero_acc(acc);
 #pragma unroll
-            for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-                u32 da[QM][4];
+        for (int kk = 0; kk < S::BLOCK_N / 16; ++kk) {
+            u32 da[QM][4];
 #pragma unroll
-                for (int qm = 0; qm < QM; ++qm) ldmatrix_x4_trans(da[qm], sds_at + (kk * 16 * PS + r0 + qm * 16) * 2);
-#pragma unroll
-                for (int i = 0; i < PASS; ++i) {
-                    const int chunk = wcol * QC + p0 + i;
-                    if (p0 + i < QC && chunk < CH) {
-                        u32 kb[4];
-                        ldmatrix_x4_trans(kb, sk_bt + (kk * 16 * KS + chunk * 16) * 2);
-#pragma unroll
-                        for (int qm = 0; qm < QM; ++qm) {
-                            mma_16816<T>(acc[qm][2 * i], da[qm], kb[0], kb[1]);
-                            mma_16816<T>(acc[qm][2 * i + 1], da[qm], kb[2], kb[3]);
-                        }
-                    }
-                }
-            }
+            for (int qm = 0; qm < QM; ++qm) ldmatrix_x4_trans(da[qm], w.sds_at + (kk * 16 * PS + r0 + qm * 16) * 2);
 #pragma unroll
             for (int i = 0; i < PASS; ++i) {
                 const int chunk = wcol * QC + p0 + i;
-                if (p0 + i < QC && chunk < CH) {
+                if (p0 + i < QC && chunk < S::CH) {
+                    u32 kb[4];
+                    ldmatrix_x4_trans(kb, w.sk_bt + (kk * 16 * KS + chunk * 16) * 2);
 #pragma unroll
-                    for (int qm = 0; qm < QM; ++qm)
-#pragma unroll
-                        for (int jj = 0; jj < 2; ++jj) {
-                            float* p = acc_base + (qm * 16 + g) * DQK + chunk * 16 + jj * 8 + 2 * t;
-                            red_add_f32x2(p, acc[qm][2 * i + jj][0], acc[qm][2 * i + jj][1]);
-                            red_add_f32x2(p + 8 * DQK, acc[qm][2 * i + jj][2], acc[qm][2 * i + jj][3]);
-                        }
+                    for (int qm = 0; qm < QM; ++qm) {
+                        mma_16816<T>(acc[qm][2 * i], da[qm], kb[0], kb[1]);
+                        mma_16816<T>(acc[qm][2 * i + 1], da[qm], kb[2], kb[3]);
+                    }
                 }
             }
         }
-    };
+#pragma unroll
+        for (int i = 0; i < PASS; ++i) {
+            const int chunk = wcol * QC + p0 + i;
+            if (p0 + i < QC && chunk < S::CH) {
+#pragma unroll
+                for (int qm = 0; qm < QM; ++qm)
+#pragma unroll
+                    for (int jj = 0; jj < 2; ++jj) {
+                        float* p = acc_base + (qm * 16 + w.g) * DQK + chunk * 16 + jj * 8 + 2 * w.t;
+                        red_add_f32x2(p, acc[qm][2 * i + jj][0], acc[qm][2 * i + jj][1]);
+                        red_add_f32x2(p + 8 * DQK, acc[qm][2 * i + jj][2], acc[qm][2 * i + jj][3]);
+                    }
+            }
+        }
+    }
+}
+
+template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int PASSES, int BLOCK_M, int STAGES,
+          bool KV_IN_REGS, class MASK, class MOD, bool ALIGNED, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(WARPS * 32)
+flash_bwd_dkdv(const BwdArgs a) {
+    using S = DkdvShape<DQK, DV, WARPS, MT, WC, PASSES, BLOCK_M, STAGES, ATOMIC_DQ>;
+    constexpr int BLOCK_N = S::BLOCK_N, THREADS = S::THREADS;
+
+    extern __shared__ __align__(16) u16 smem[];
+    const DkdvSmem sm = S::carve(smem);
+
+    const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
+    const int b = tile.b, hk = tile.hk;
+    const int n0 = tile.n_tile * BLOCK_N;
+    const MASK mask(a);
+    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, tile.n_tile, hk);
+
+    load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sm.sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk, a.d);
+    load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sm.sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk, a.dv);
+    int m_tile = walk.valid() ? walk.m_tile() : 0;
+    if (walk.valid()) load_query_tile<S, ALIGNED>(a, sm, b, walk.h, m_tile, 0);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / 32;
+    const DkdvWarp w = S::warp_of(sm, warp, threadIdx.x % 32);
+
+    float dk_acc[MT][S::KT][4], dv_acc[MT][S::VT][4];
+    zero_acc(dk_acc);
+    zero_acc(dv_acc);
+    u32 kf[KV_IN_REGS ? MT : 1][KV_IN_REGS ? S::KQK : 1][4];
+    u32 vf[KV_IN_REGS ? MT : 1][KV_IN_REGS ? S::KVD : 1][4];
+    const auto ka = cached_a<KV_IN_REGS, S::KS>(kf, w.sk_a);
+    const auto va = cached_a<KV_IN_REGS, S::VS>(vf, w.sv_a);
 
     int stage = 0;
     for (int it = 0; walk.valid(); ++it) {
@@ -234,251 +336,37 @@ flash_bwd_dkdv(const BwdArgs a) {
         const bool has_next = ahead.valid();
         const int next_m_tile = has_next ? ahead.m_tile() : 0;
         if constexpr (STAGES == 2) {
-            if (has_next) load_query_tile(ahead.h, next_m_tile, stage ^ 1);
+            if (has_next) load_query_tile<S, ALIGNED>(a, sm, b, ahead.h, next_m_tile, stage ^ 1);
             cp_async_commit();
         }
-
         if constexpr (KV_IN_REGS) {
             if (it == 0) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                    for (int kk = 0; kk < KQK; ++kk) ldmatrix_x4(kf[mt][kk], sk_a + (mt * 16 * KS + kk * 16) * 2);
-#pragma unroll
-                    for (int kk = 0; kk < KVD; ++kk) ldmatrix_x4(vf[mt][kk], sv_a + (mt * 16 * VS + kk * 16) * 2);
-                }
+                load_a_frags<S::KS>(kf, w.sk_a);
+                load_a_frags<S::VS>(vf, w.sv_a);
             }
         }
 
-        const u32 q_stage = stage * BLOCK_M * QS * 2, o_stage = stage * BLOCK_M * OS * 2;
-
+        const MOD mod(a, b, walk.h);
+        const u32 q_stage = stage * BLOCK_M * S::QS * 2, o_stage = stage * BLOCK_M * S::OS * 2;
 #pragma unroll 1
-        for (int pass = 0; pass < PASSES; ++pass) {
-            const int cp = c0 + pass * CMP;  // first query column of this pass
-            const float* lse2 = sl + stage * BLOCK_M + cp;
-            const float* delta = sd + stage * BLOCK_M + cp;
-
-            // S^T = K Q^T, then P^T = exp2(S^T * scale * log2 e - lse2) in place.
-            float s[MT][CTP][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int j = 0; j < CTP; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KQK; ++kk) {
-                u32 ka[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    if constexpr (KV_IN_REGS) {
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) ka[mt][r] = kf[mt][kk][r];
-                    } else {
-                        ldmatrix_x4(ka[mt], sk_a + (mt * 16 * KS + kk * 16) * 2);
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < CTP; j += 2) {
-                    u32 qb[4];
-                    ldmatrix_x4(qb, sq_b + q_stage + ((pass * CMP + j * 8) * QS + kk * 16) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(s[mt][j], ka[mt], qb[0], qb[1]);
-                        mma_16816<T>(s[mt][j + 1], ka[mt], qb[2], qb[3]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < CTP; ++j) {
-                const float2 l2 = *reinterpret_cast<const float2*>(lse2 + j * 8 + 2 * t);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    s[mt][j][0] = fast_exp2(fmaf(s[mt][j][0], a.scale_log2, -l2.x));
-                    s[mt][j][1] = fast_exp2(fmaf(s[mt][j][1], a.scale_log2, -l2.y));
-                    s[mt][j][2] = fast_exp2(fmaf(s[mt][j][2], a.scale_log2, -l2.x));
-                    s[mt][j][3] = fast_exp2(fmaf(s[mt][j][3], a.scale_log2, -l2.y));
-                }
-            }
-            // Element masks only where the warp's block crosses the causal diagonal or the end of
-            // K; query rows past Nq already give P = 0 through lse2 = +inf.
-            const int key_base = n0 + kr0;
-            const bool partial = key_base + MT * 16 > a.nk ||
-                                 (CAUSAL && key_base + MT * 16 - 1 > m0 + cp + offset);
-            if (partial) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        const int key = key_base + mt * 16 + g + half * 8;
-                        // Query rows before this one cannot see the key.
-                        const int col_min = CAUSAL ? key - offset : -2147483647;
-#pragma unroll
-                        for (int j = 0; j < CTP; ++j)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                const int col = m0 + cp + j * 8 + 2 * t + e;
-                                if (key >= a.nk || col < col_min) s[mt][j][half * 2 + e] = 0.f;
-                            }
-                    }
-            }
-
-            if constexpr (!P_SMEM) {
-                // dV += P^T dO, P^T straight from the accumulators.
-#pragma unroll
-                for (int kk = 0; kk < KMP; ++kk) {
-                    u32 pa[MT][4];
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                        pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                        pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                        pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                    }
-#pragma unroll
-                    for (int j = 0; j < VT; j += 2) {
-                        u32 ob[4];
-                        ldmatrix_x4_trans(ob, sdo_bt + o_stage + ((cp + kk * 16) * OS + j * 8) * 2);
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            mma_16816<T>(dv_acc[mt][j], pa[mt], ob[0], ob[1]);
-                            mma_16816<T>(dv_acc[mt][j + 1], pa[mt], ob[2], ob[3]);
-                        }
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int j = 0; j < CTP; ++j) {
-                        u16* row = sp + (kr0 + mt * 16 + g) * PS + cp + j * 8 + 2 * t;
-                        *reinterpret_cast<u32*>(row) = pack2<T>(s[mt][j][0], s[mt][j][1]);
-                        *reinterpret_cast<u32*>(row + 8 * PS) = pack2<T>(s[mt][j][2], s[mt][j][3]);
-                    }
-            }
-
-            // dP^T = V dO^T, then dS^T = P^T * (dP^T - Delta) in place.
-            float dp[MT][CTP][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int j = 0; j < CTP; ++j) dp[mt][j][0] = dp[mt][j][1] = dp[mt][j][2] = dp[mt][j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KVD; ++kk) {
-                u32 va[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    if constexpr (KV_IN_REGS) {
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) va[mt][r] = vf[mt][kk][r];
-                    } else {
-                        ldmatrix_x4(va[mt], sv_a + (mt * 16 * VS + kk * 16) * 2);
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < CTP; j += 2) {
-                    u32 ob[4];
-                    ldmatrix_x4(ob, sdo_b + o_stage + ((pass * CMP + j * 8) * OS + kk * 16) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(dp[mt][j], va[mt], ob[0], ob[1]);
-                        mma_16816<T>(dp[mt][j + 1], va[mt], ob[2], ob[3]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < CTP; ++j) {
-                const float2 d2 = *reinterpret_cast<const float2*>(delta + j * 8 + 2 * t);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    dp[mt][j][0] = s[mt][j][0] * (dp[mt][j][0] - d2.x);
-                    dp[mt][j][1] = s[mt][j][1] * (dp[mt][j][1] - d2.y);
-                    dp[mt][j][2] = s[mt][j][2] * (dp[mt][j][2] - d2.x);
-                    dp[mt][j][3] = s[mt][j][3] * (dp[mt][j][3] - d2.y);
-                }
-            }
-            if constexpr (DS_SMEM) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int j = 0; j < CTP; ++j) {
-                        u16* row = sds + (kr0 + mt * 16 + g) * PS + cp + j * 8 + 2 * t;
-                        *reinterpret_cast<u32*>(row) = pack2<T>(dp[mt][j][0], dp[mt][j][1]);
-                        *reinterpret_cast<u32*>(row + 8 * PS) = pack2<T>(dp[mt][j][2], dp[mt][j][3]);
-                    }
-            }
-
-            if constexpr (!P_SMEM) {
-                // dK += dS^T Q, dS^T straight from the accumulators (scaled at the end).
-#pragma unroll
-                for (int kk = 0; kk < KMP; ++kk) {
-                    u32 da[MT][4];
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        da[mt][0] = pack2<T>(dp[mt][2 * kk][0], dp[mt][2 * kk][1]);
-                        da[mt][1] = pack2<T>(dp[mt][2 * kk][2], dp[mt][2 * kk][3]);
-                        da[mt][2] = pack2<T>(dp[mt][2 * kk + 1][0], dp[mt][2 * kk + 1][1]);
-                        da[mt][3] = pack2<T>(dp[mt][2 * kk + 1][2], dp[mt][2 * kk + 1][3]);
-                    }
-#pragma unroll
-                    for (int j = 0; j < KT; j += 2) {
-                        u32 qb[4];
-                        ldmatrix_x4_trans(qb, sq_bt + q_stage + ((cp + kk * 16) * QS + j * 8) * 2);
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            mma_16816<T>(dk_acc[mt][j], da[mt], qb[0], qb[1]);
-                            mma_16816<T>(dk_acc[mt][j + 1], da[mt], qb[2], qb[3]);
-                        }
-                    }
-                }
-            }
-        }
+        for (int pass = 0; pass < PASSES; ++pass)
+            dkdv_pass<S, T>(dk_acc, dv_acc, ka, va, w, pass, q_stage, o_stage, sm.sl + stage * BLOCK_M,
+                            sm.sd + stage * BLOCK_M, mask, mod, n0 + w.kr0, m0);
 
         // P^T / dS^T in shared memory complete; with one buffer, every warp is done with Q and dO.
-        if constexpr (P_SMEM || ATOMIC_DQ || STAGES == 1) __syncthreads();
-
-        if constexpr (P_SMEM) {
-            // dV += P^T dO and dK += dS^T Q over all query columns, for this warp's head-dim columns.
-#pragma unroll
-            for (int kk = 0; kk < KM; ++kk) {
-                u32 pa[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(pa[mt], sp_a + (mt * 16 * PS + kk * 16) * 2);
-#pragma unroll
-                for (int j = 0; j < VT; j += 2) {
-                    u32 ob[4];
-                    ldmatrix_x4_trans(ob, sdo_bt + o_stage + (kk * 16 * OS + j * 8) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(dv_acc[mt][j], pa[mt], ob[0], ob[1]);
-                        mma_16816<T>(dv_acc[mt][j + 1], pa[mt], ob[2], ob[3]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < KM; ++kk) {
-                u32 da[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(da[mt], sds_a + (mt * 16 * PS + kk * 16) * 2);
-#pragma unroll
-                for (int j = 0; j < KT; j += 2) {
-                    u32 qb[4];
-                    ldmatrix_x4_trans(qb, sq_bt + q_stage + (kk * 16 * QS + j * 8) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(dk_acc[mt][j], da[mt], qb[0], qb[1]);
-                        mma_16816<T>(dk_acc[mt][j + 1], da[mt], qb[2], qb[3]);
-                    }
-                }
-            }
+        if constexpr (S::P_SMEM || ATOMIC_DQ || STAGES == 1) __syncthreads();
+        if constexpr (S::P_SMEM) {
+            dkdv_from_smem<S, T>(dk_acc, dv_acc, w, q_stage, o_stage);
             if constexpr (STAGES == 1) __syncthreads();  // every warp is done with Q and dO
         }
-
         if constexpr (STAGES == 1) {
             // The next query tile loads while this one's dQ is computed.
-            if (has_next) load_query_tile(ahead.h, next_m_tile, 0);
+            if (has_next) load_query_tile<S, ALIGNED>(a, sm, b, ahead.h, next_m_tile, 0);
             cp_async_commit();
         }
-
-        if constexpr (ATOMIC_DQ) dq_phase(walk.h, m0);
+        if constexpr (ATOMIC_DQ) {
+            dq_atomic_add<S, T>(a.dq_accum + (((i64)b * a.heads + walk.h) * a.rows_pad + m0) * DQK, w, warp);
+        }
 
         walk = ahead;
         m_tile = next_m_tile;
@@ -487,40 +375,15 @@ flash_bwd_dkdv(const BwdArgs a) {
     cp_async_wait_all();
 
     // Epilogue: dK * scale and dV, once. Key tiles no query sees write zeros.
+    const float dk_scale[2] = {a.scale, a.scale}, one[2] = {1.f, 1.f};
     u16* dk = a.grad_k + b * a.gk_sb + hk * a.gk_sh;
     u16* dv = a.grad_v + b * a.gv_sb + hk * a.gv_sh;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int row = n0 + kr0 + mt * 16 + g + half * 8;
-            if (row < a.nk) {
-                u16* krow = dk + (i64)row * a.gk_sn;
-                u16* vrow = dv + (i64)row * a.gv_sn;
-#pragma unroll
-                for (int j = 0; j < KT; ++j) {
-                    const int col = dk0 + j * 8 + 2 * t;
-                    const float x0 = dk_acc[mt][j][half * 2] * a.scale, x1 = dk_acc[mt][j][half * 2 + 1] * a.scale;
-                    if (ALIGNED && col + 1 < a.d) {
-                        *reinterpret_cast<u32*>(krow + col) = pack2<T>(x0, x1);
-                    } else {
-                        if (col < a.d) krow[col] = from_float<T>(x0);
-                        if (col + 1 < a.d) krow[col + 1] = from_float<T>(x1);
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < VT; ++j) {
-                    const int col = dv0 + j * 8 + 2 * t;
-                    const float x0 = dv_acc[mt][j][half * 2], x1 = dv_acc[mt][j][half * 2 + 1];
-                    if (ALIGNED && col + 1 < a.dv) {
-                        *reinterpret_cast<u32*>(vrow + col) = pack2<T>(x0, x1);
-                    } else {
-                        if (col < a.dv) vrow[col] = from_float<T>(x0);
-                        if (col + 1 < a.dv) vrow[col + 1] = from_float<T>(x1);
-                    }
-                }
-            }
-        }
+    for (int mt = 0; mt < MT; ++mt) {
+        const int row0 = n0 + w.kr0 + mt * 16 + w.g;
+        store_rows<T, ALIGNED>(dk, a.gk_sn, a.nk, a.d, dk_acc[mt], row0, w.dk0, w.t, dk_scale);
+        store_rows<T, ALIGNED>(dv, a.gv_sn, a.nk, a.dv, dv_acc[mt], row0, w.dv0, w.t, one);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -558,11 +421,12 @@ flash_bwd_dq_convert(const BwdArgs a) {
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic dQ: one thread block owns BLOCK_M query rows of one (batch, head), each warp MT
-// 16-row slabs of them, and walks the key tiles that the rows see (a range, or a CSR row).
-// K/V tiles are double-buffered; S = Q K^T and dP = dO V^T are recomputed, dS = P * (dP - Delta)
-// converts to A fragments in registers, and dQ += dS K accumulates in registers.
-template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool QDO_IN_REGS, bool CAUSAL,
-          bool SPARSE, bool ALIGNED>
+// 16-row slabs of them, and walks the key tiles that the rows see (key_tiles_of: a range, or the
+// part of a CSR row inside it). K/V tiles are double-buffered; S = Q K^T and dP = dO V^T are
+// recomputed, dS = P * (dP - Delta) converts to A fragments in registers, and dQ += dS K
+// accumulates in registers.
+template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool QDO_IN_REGS, class MASK,
+          class MOD, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_bwd_dq(const BwdArgs a) {
     constexpr int THREADS = WARPS * 32;
@@ -580,13 +444,13 @@ flash_bwd_dq(const BwdArgs a) {
     u16* sk = sdo + BLOCK_M * OS;     // two stages
     u16* sv = sk + 2 * BLOCK_N * KS;  // two stages
 
-    const QueryTile tile = query_tile_of_block<CAUSAL>(a.m_tiles, a.heads);
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
     const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
     const int m0 = m_tile * BLOCK_M;
-    const int offset = a.nk - a.nq;
-    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N, CAUSAL, SPARSE>(
-        m_tile, h, a.m_tiles, a.nq, a.nk, a.tile_ptr, a.tile_idx, a.mask_heads);
+    const MASK mask(a);
+    const MOD mod(a, b, h);
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
@@ -604,19 +468,6 @@ flash_bwd_dq(const BwdArgs a) {
     const int g = lane / 4, t = lane % 4;
     const int row0 = m0 + warp * MT * 16;  // the warp's first query row
 
-    // Per-row constants of the rows this thread holds (scratch rows are padded: no bounds check).
-    float lse2[MT][2], delta[MT][2];
-    {
-        const i64 base = ((i64)b * a.heads + h) * a.rows_pad + row0 + g;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                lse2[mt][half] = a.lse2[base + mt * 16 + half * 8];
-                delta[mt][half] = a.delta[base + mt * 16 + half * 8];
-            }
-    }
-
     const u32 sq_a = smem_addr(sq) + (warp * MT * 16 * QS + ldsm_a_offset(lane, QS)) * 2;
     const u32 sdo_a = smem_addr(sdo) + (warp * MT * 16 * OS + ldsm_a_offset(lane, OS)) * 2;
     const u32 sk_b = smem_addr(sk) + ldsm_b_offset(lane, KS) * 2;
@@ -624,12 +475,11 @@ flash_bwd_dq(const BwdArgs a) {
     const u32 sk_bt = smem_addr(sk) + ldsm_bt_offset(lane, KS) * 2;
 
     float acc[MT][QT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < QT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+    zero_acc(acc);
     u32 qf[QDO_IN_REGS ? MT : 1][QDO_IN_REGS ? KQK : 1][4];
     u32 of[QDO_IN_REGS ? MT : 1][QDO_IN_REGS ? KVD : 1][4];
+    const auto qa = cached_a<QDO_IN_REGS, QS>(qf, sq_a);
+    const auto oa = cached_a<QDO_IN_REGS, OS>(of, sdo_a);
 
     int stage = 0;
     for (int it = 0; it < n_count; ++it) {
@@ -638,145 +488,50 @@ flash_bwd_dq(const BwdArgs a) {
         const int n0 = n_tile * BLOCK_N;
         if (it + 1 < n_count) {
             const int next = key_tile[it + 1];
-            load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk + (stage ^ 1) * BLOCK_N * KS, k, a.k_sn, next * BLOCK_N, a.nk, a.d);
-            load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv + (stage ^ 1) * BLOCK_N * VS, v, a.v_sn, next * BLOCK_N, a.nk, a.dv);
+            load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk + (stage ^ 1) * BLOCK_N * KS, k, a.k_sn, next * BLOCK_N, a.nk,
+                                                      a.d);
+            load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv + (stage ^ 1) * BLOCK_N * VS, v, a.v_sn, next * BLOCK_N, a.nk,
+                                                     a.dv);
             n_tile = next;
         }
         cp_async_commit();
-
         if constexpr (QDO_IN_REGS) {
             if (it == 0) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                    for (int kk = 0; kk < KQK; ++kk) ldmatrix_x4(qf[mt][kk], sq_a + (mt * 16 * QS + kk * 16) * 2);
-#pragma unroll
-                    for (int kk = 0; kk < KVD; ++kk) ldmatrix_x4(of[mt][kk], sdo_a + (mt * 16 * OS + kk * 16) * 2);
-                }
+                load_a_frags<QS>(qf, sq_a);
+                load_a_frags<OS>(of, sdo_a);
             }
         }
         const u32 k_stage = stage * BLOCK_N * KS * 2, v_stage = stage * BLOCK_N * VS * 2;
 
-        // S = Q K^T and dP = dO V^T.
+        // S = Q K^T and dP = dO V^T; P in place of S, dS = P * (dP - Delta) in place of dP.
         float s[MT][NT][4], dp[MT][NT][4];
+        zero_acc(s);
+        zero_acc(dp);
+        warp_gemm<T, false, KQK>(s, qa, sk_b + k_stage, 32, 16 * KS * 2);
+        warp_gemm<T, false, KVD>(dp, oa, sv_b + v_stage, 32, 16 * VS * 2);
+        // lse2 and Delta of this thread's rows (scratch rows are padded: no bounds check), read
+        // here rather than kept in registers through the loop.
+        const i64 rows = ((i64)b * a.heads + h) * a.rows_pad + row0 + g;
+        const bool partial = mask.partial(row0, MT * 16, n0, BLOCK_N);
+        GradFactors<MOD, NT> grad[MT];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
-                dp[mt][j][0] = dp[mt][j][1] = dp[mt][j][2] = dp[mt][j][3] = 0.f;
-            }
-#pragma unroll
-        for (int kk = 0; kk < KQK; ++kk) {
-            u32 qa[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (QDO_IN_REGS) {
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) qa[mt][r] = qf[mt][kk][r];
-                } else {
-                    ldmatrix_x4(qa[mt], sq_a + (mt * 16 * QS + kk * 16) * 2);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                u32 kb[4];
-                ldmatrix_x4(kb, sk_b + k_stage + (j * 8 * KS + kk * 16) * 2);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816<T>(s[mt][j], qa[mt], kb[0], kb[1]);
-                    mma_16816<T>(s[mt][j + 1], qa[mt], kb[2], kb[3]);
-                }
-            }
+        for (int mt = 0; mt < MT; ++mt) {
+            const float lse2[2] = {a.lse2[rows + mt * 16], a.lse2[rows + mt * 16 + 8]};
+            const float delta[2] = {a.delta[rows + mt * 16], a.delta[rows + mt * 16 + 8]};
+            recompute_probs(s[mt], grad[mt], mask, mod, partial, row0 + mt * 16 + g, n0, t, lse2);
+            softmax_grad<NT, MOD>(dp[mt], s[mt], grad[mt], [&](int, int i) { return delta[i / 2]; });
         }
-#pragma unroll
-        for (int kk = 0; kk < KVD; ++kk) {
-            u32 oa[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (QDO_IN_REGS) {
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) oa[mt][r] = of[mt][kk][r];
-                } else {
-                    ldmatrix_x4(oa[mt], sdo_a + (mt * 16 * OS + kk * 16) * 2);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                u32 vb[4];
-                ldmatrix_x4(vb, sv_b + v_stage + (j * 8 * VS + kk * 16) * 2);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816<T>(dp[mt][j], oa[mt], vb[0], vb[1]);
-                    mma_16816<T>(dp[mt][j + 1], oa[mt], vb[2], vb[3]);
-                }
-            }
-        }
-
-        // P = exp2(S * scale * log2 e - lse2), masked to 0 on partial tiles; dS = P * (dP - Delta).
-        const bool partial = n0 + BLOCK_N > a.nk || (CAUSAL && n0 + BLOCK_N - 1 > row0 + offset);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int row = row0 + mt * 16 + g + half * 8;
-                const int limit = CAUSAL ? min(a.nk, row + offset + 1) : a.nk;
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        float p = fast_exp2(fmaf(s[mt][j][half * 2 + e], a.scale_log2, -lse2[mt][half]));
-                        if (partial && n0 + j * 8 + 2 * t + e >= limit) p = 0.f;
-                        dp[mt][j][half * 2 + e] = p * (dp[mt][j][half * 2 + e] - delta[mt][half]);
-                    }
-            }
 
         // dQ += dS K (scaled at the end).
-#pragma unroll
-        for (int kk = 0; kk < KN; ++kk) {
-            u32 da[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                da[mt][0] = pack2<T>(dp[mt][2 * kk][0], dp[mt][2 * kk][1]);
-                da[mt][1] = pack2<T>(dp[mt][2 * kk][2], dp[mt][2 * kk][3]);
-                da[mt][2] = pack2<T>(dp[mt][2 * kk + 1][0], dp[mt][2 * kk + 1][1]);
-                da[mt][3] = pack2<T>(dp[mt][2 * kk + 1][2], dp[mt][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int j = 0; j < QT; j += 2) {
-                u32 kb[4];
-                ldmatrix_x4_trans(kb, sk_bt + k_stage + (kk * 16 * KS + j * 8) * 2);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816<T>(acc[mt][j], da[mt], kb[0], kb[1]);
-                    mma_16816<T>(acc[mt][j + 1], da[mt], kb[2], kb[3]);
-                }
-            }
-        }
+        warp_gemm<T, true, KN>(acc, packed_a<T>(dp), sk_bt + k_stage, 16 * KS * 2, 32);
         stage ^= 1;
     }
     cp_async_wait_all();
 
     // Epilogue: dQ * scale, once; rows that see no key write zeros.
+    const float dq_scale[2] = {a.scale, a.scale};
     u16* dq = a.grad_q + b * a.gq_sb + h * a.gq_sh;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int row = row0 + mt * 16 + g + half * 8;
-            if (row < a.nq) {
-                u16* qrow = dq + (i64)row * a.gq_sn;
-#pragma unroll
-                for (int j = 0; j < QT; ++j) {
-                    const int col = j * 8 + 2 * t;
-                    const float x0 = acc[mt][j][half * 2] * a.scale, x1 = acc[mt][j][half * 2 + 1] * a.scale;
-                    if (ALIGNED && col + 1 < a.d) {
-                        *reinterpret_cast<u32*>(qrow + col) = pack2<T>(x0, x1);
-                    } else {
-                        if (col < a.d) qrow[col] = from_float<T>(x0);
-                        if (col + 1 < a.d) qrow[col + 1] = from_float<T>(x1);
-                    }
-                }
-            }
-        }
+        store_rows<T, ALIGNED>(dq, a.gq_sn, a.nq, a.d, acc[mt], row0 + mt * 16 + g, 0, t, dq_scale);
 }
