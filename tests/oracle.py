@@ -153,3 +153,13 @@ def _check_rule(name, got, ref, naive, context):
             f"{name}: max|result - ref64| = {error[worst]:.3g} at {tuple(map(int, worst))} "
             f"(result {got[worst]:.6g}, ref64 {ref[worst]:.6g}) exceeds "
             f"{FACTOR:g}·max|naive - ref64| + {SLACK:g} = {bound:.3g}; {context}")
+
+
+def spec_for(q, k, v, **options):
+    """The AttentionSpec cuflash.attention / attention_backward would build for these arguments
+    (for tests that call a back end's entry points directly)."""
+    from cuflash import _api
+
+    defaults = dict(causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                    block_mask=None, deterministic=False)
+    return _api._spec(q, k, v, **{**defaults, **options})[1]

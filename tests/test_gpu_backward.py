@@ -13,7 +13,7 @@ import pytest
 
 import cuflash
 from cuflash import reference
-from oracle import assert_backward_close, poisoned, random_array, to_host
+from oracle import assert_backward_close, poisoned, random_array, spec_for, to_host
 
 pytestmark = pytest.mark.gpu
 
@@ -23,14 +23,6 @@ HALF_DTYPES = [np.float16, ml_dtypes.bfloat16]
 def kernels_module():
     return importlib.import_module("cuflash.kernels.mma_backward")
 
-
-def spec_for(q, k, v, **options):
-    """The AttentionSpec cuflash.attention_backward would build for these arguments."""
-    from cuflash import _api
-
-    defaults = dict(causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    block_mask=None, deterministic=False)
-    return _api._spec(q, k, v, **{**defaults, **options})[1]
 
 
 def forward_results(q, k, v, *, causal=False, scale=None, block_mask=None):

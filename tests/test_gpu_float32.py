@@ -11,7 +11,7 @@ import pytest
 
 import cuflash
 from oracle import (assert_backward_close, assert_forward_close, poisoned, random_array,
-                    to_host)
+                    spec_for, to_host)
 
 pytestmark = pytest.mark.gpu
 
@@ -145,10 +145,11 @@ def test_every_output_element_is_written(xp_gpu, rng, seed):
     q, k, v = inputs(xp, rng, b=b, hq=hq, hkv=hkv, nq=nq, nk=nk, d=d)
     out = poisoned((b, hq, nq, d), F32, xp=xp)
     lse = poisoned((b, hq, nq), F32, xp=xp)
-    forward(q, k, v, out, lse, scale=d ** -0.5, causal=True)
+    spec = spec_for(q, k, v, causal=True)
+    forward(q, k, v, out, lse, spec)
     dout = random_array(rng, out.shape, F32, xp=xp)
     grads = tuple(poisoned(x.shape, F32, xp=xp) for x in (q, k, v))
-    backward(dout, q, k, v, out, lse, *grads, scale=d ** -0.5, causal=True)
+    backward(dout, q, k, v, out, lse, *grads, spec)
     assert_forward_close(out, lse, q, k, v, causal=True, context=f"seed={seed}")
     assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
     assert not to_host(out)[:, :, :nq - nk].any()

@@ -131,7 +131,8 @@ def mask_and_score_values(spec) -> dict:
 
 def mask_type(spec) -> str:
     """The kernels' mask policy for this call (csrc/mask.cuh)."""
-    return _build.template_expression("Mask", spec.banded, spec.sparse)
+    left, right = spec.band()
+    return _build.template_expression("Mask", left != -1, right != -1, spec.sparse)
 
 
 def score_mod_type(spec) -> str:

@@ -230,7 +230,7 @@ __device__ __forceinline__ void modify_and_mask(float (&s)[TM][TN], const MASK& 
     if (mask.partial(m0, BLOCK_M, n0, BLOCK_N)) {
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
-            const KeyRange keys = keys_of_row(mask, m0 + ty + 16 * i);
+            const auto keys = keys_of_row(mask, m0 + ty + 16 * i);
 #pragma unroll
             for (int j = 0; j < TN; ++j)
                 if (!keys.contains(n0 + tx + 16 * j)) s[i][j] = -INFINITY;

@@ -5,20 +5,20 @@
 #pragma once
 #include "mask.cuh"
 
-// Scores of keys a row does not see become −inf (the softmax then gives them weight 0). `row0` is
-// the row of this thread's half 0, key0 the key of block 0's column 0 (half 1 is row0 + 8;
-// columns are key0 + 8j + 2t + e).
+// Scores of keys a row does not see become `hidden`: −inf before the softmax (which then gives
+// them weight 0), 0 for probabilities. `row0` is the row of this thread's half 0, key0 the key of
+// block 0's column 0 (half 1 is row0 + 8; columns are key0 + 8j + 2t + e).
 template <int NT, class MASK>
 __device__ __forceinline__ void mask_scores(float (&s)[NT][4], const MASK& mask, int row0, int key0,
-                                            int t) {
+                                            int t, float hidden = -INFINITY) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        const KeyRange keys = keys_of_row(mask, row0 + half * 8);
+        const auto keys = keys_of_row(mask, row0 + half * 8);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-                if (!keys.contains(key0 + j * 8 + 2 * t + e)) s[j][half * 2 + e] = -INFINITY;
+                if (!keys.contains(key0 + j * 8 + 2 * t + e)) s[j][half * 2 + e] = hidden;
     }
 }
 
@@ -90,21 +90,17 @@ __device__ __forceinline__ void recompute_probs(float (&s)[NT][4], GradFactors<M
                                                 const MOD& mod, bool partial, int row0, int key0, int t,
                                                 const float (&lse2)[2]) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = row0 + half * 8;
-        const KeyRange keys = keys_of_row(mask, row);
+    for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int key = key0 + j * 8 + 2 * t + e;
                 float gr;
-                float p = mod.prob(mod.apply(s[j][half * 2 + e], row, key, gr), lse2[half]);
-                if (partial && !keys.contains(key)) p = 0.f;
-                s[j][half * 2 + e] = p;
+                const float x = mod.apply(s[j][half * 2 + e], row0 + half * 8, key0 + j * 8 + 2 * t + e, gr);
+                s[j][half * 2 + e] = mod.prob(x, lse2[half]);
                 if constexpr (MOD::has_grad_factor) grad[j][half * 2 + e] = gr;
             }
-    }
+    if (partial) mask_scores(s, mask, row0, key0, t, 0.f);
 }
 
 // The same for Sᵀ (rows = keys: key_row0 for half 0, + 8 for half 1; columns are queries
@@ -129,10 +125,13 @@ __device__ __forceinline__ void recompute_probs_transposed(float (&s)[NT][4], Gr
             }
         }
     }
-    if (partial) {
+    // Only a band hides pairs here. Keys past Nk need no mask in this layout: their K and V rows
+    // are zero-filled, their dK/dV rows are never stored and their dS meets zero K rows in dQ;
+    // leaving them unmasked keeps a per-element select out of every dense step.
+    if (MASK::banded && partial) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const RowRange rows = rows_of_key(mask, key_row0 + half * 8);
+            const auto rows = rows_of_key(mask, key_row0 + half * 8);
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
