@@ -11,7 +11,8 @@ no slowdown, against another copy of cuflash imported under a different name.
           with the default (atomic dq) mode dk/dv compared bit for bit and dq reported.
 --timing  the dense benchmark grid (bf16, 16K tokens, hidden 2048, N = 1K..16K, D = 64/128,
           causal or not) and the block-sparse grid (N = 16K, 32 heads, D = 64, 128×128 blocks at
-          densities 0.5/0.25/0.1), forward and forward+backward; the two versions alternate
+          densities 0.5/0.25/0.1), forward and forward+backward, then the portable (mma.sync)
+          kernels at N = 4096 for D = 64, 96, 128; the two versions alternate
           call by call and each point is the median of the alternating rounds.
 """
 
@@ -181,6 +182,20 @@ def timing(old) -> None:
             rows.append((f"sparse density={density:4} {mode:7}", t_old, t_new))
             print(f"{rows[-1][0]}  old {t_old:8.3f}  new {t_new:8.3f}  ratio {t_new / t_old:.3f}",
                   flush=True)
+    print("\n== portable kernels (mma.sync; CUFLASH_DISABLE_SM90=1 for D = 64, 128), bfloat16, "
+          "N = 4096, B = 4, H = 16")
+    import os
+    for d in (64, 96, 128):
+        os.environ["CUFLASH_DISABLE_SM90"] = "1"
+        q, k, v, dout = _inputs(rng, ml_dtypes.bfloat16, 4, 16, 16, 4096, 4096, d, d)
+        for causal in (False, True):
+            for mode in ("fwd", "fwd+bwd"):
+                t_new, t_old = _time_pair([_step(cuflash, q, k, v, dout, mode, causal=causal),
+                                           _step(old, q, k, v, dout, mode, causal=causal)])
+                rows.append((f"portable causal={causal!s:5} D={d:3} {mode:7}", t_old, t_new))
+                print(f"{rows[-1][0]}  old {t_old:8.3f}  new {t_new:8.3f}  ratio {t_new / t_old:.3f}",
+                      flush=True)
+        os.environ["CUFLASH_DISABLE_SM90"] = "0"
     worst = max(rows, key=lambda r: r[2] / r[1])
     slower = [r for r in rows if r[2] > 1.02 * r[1]]
     print(f"\npoints: {len(rows)}; slower than old by more than 2%: {len(slower)}; "
