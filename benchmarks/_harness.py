@@ -2,7 +2,7 @@
 checks, their per-case loop (one "ok"/"FAIL" line a case, stopped only by a broken CUDA
 context), the compile report, the timing grid and tile sweep loops, and torch SDPA timings.
 
-Timing and the torch hand-over are those of ``cuflash._bench`` (CUDA events on the current
+Timing and the torch hand-over are those of ``cuflash.bench`` (CUDA events on the current
 stream, median reported; DLPack with a uint16 detour for bfloat16). Importing this module puts
 the repository root and ``tests/`` (for ``oracle``) on ``sys.path``.
 """
@@ -23,16 +23,15 @@ sys.path.insert(0, str(ROOT))
 
 import cupy  # noqa: E402
 
-from cuflash import _bench  # noqa: E402
-from cuflash._bench import to_torch  # noqa: E402
+from cuflash.bench import DTYPES as _DTYPES  # noqa: E402
+from cuflash.bench.problems import DENSE_HEAD_DIMS, DENSE_SEQ_LENS  # noqa: E402
+from cuflash.bench import GpuDevice, device_properties  # noqa: E402
+from cuflash.bench.baselines import to_torch  # noqa: E402
 
-DTYPES = {name: _bench.DTYPES[name] for name in ("bfloat16", "float16")}
+DTYPES = {name: _DTYPES[name] for name in ("bfloat16", "float16")}
 SHORT = {"bfloat16": "bf16", "float16": "fp16"}
 # torch SDPA back ends timed side by side: (column name, SDPBackend member).
 SDPA_BACKENDS = (("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"))
-# The dense grid of benchmarks/NOTES.md: B = 16384 / N, H = 2048 / D.
-SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
-HEAD_DIMS = (64, 128)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -100,7 +99,7 @@ def dense_cases(add, dtypes, *, zero_rows=False):
     add("bf16 D=128 N=128 dense (B=2,H=4)", dtype="bfloat16", d=128, nq=128, b=2, hq=4)
     add("bf16 D=64  N=128 dense (B=2,H=4)", dtype="bfloat16", d=64, nq=128, b=2, hq=4)
     for dtype in dtypes:
-        for d in HEAD_DIMS:
+        for d in DENSE_HEAD_DIMS:
             for causal in (False, True):
                 for n in (1, 17, 127, 128, 1000, 4097):
                     b, h = (1, 2) if n >= 1000 else (2, 4)
@@ -108,7 +107,7 @@ def dense_cases(add, dtypes, *, zero_rows=False):
                         dtype=dtype, d=d, nq=n, b=b, hq=h, causal=causal)
     for nq, nk in ((1, 300), (300, 1), (100, 333), (333, 100), (64, 4096), (4096, 64), (1000, 1500)):
         for causal in (False, True):
-            for d in HEAD_DIMS:
+            for d in DENSE_HEAD_DIMS:
                 kw = {"zero_rows": (0, nq - nk)} if zero_rows and causal and nq > nk else {}
                 add(f"bf16 D={d:<3d} Nq={nq} Nk={nk} causal={int(causal)}", dtype="bfloat16", d=d,
                     nq=nq, nk=nk, b=2, hq=2, causal=causal, **kw)
@@ -171,7 +170,7 @@ def compile_report(module, expressions):
 
 @functools.cache
 def _gpu():
-    return _bench.GpuDevice()
+    return GpuDevice()
 
 
 def median_ms(fn, *, warmup=2, reps=10):
@@ -246,8 +245,8 @@ def timing_grid(torch, dtypes, time_problem, row):
     its line (after the problem's name); a failure prints a FAIL line and the grid goes on."""
     for dtype_name in dtypes:
         for causal in (False, True):
-            for d in HEAD_DIMS:
-                for n in SEQ_LENS:
+            for d in DENSE_HEAD_DIMS:
+                for n in DENSE_SEQ_LENS:
                     name = f"{SHORT[dtype_name]} D={d:<3d} N={n:<5d} causal={int(causal)}"
                     try:
                         result = time_problem(torch, DTYPES[dtype_name], n, d, causal)
@@ -263,7 +262,7 @@ def timing_grid(torch, dtypes, time_problem, row):
 def sweep_shapes(tiles_for):
     """(d, tiles, causal) for each tile shape ``tiles_for(d)`` of a sweep, D = 64 and 128,
     causal and not."""
-    for d in HEAD_DIMS:
+    for d in DENSE_HEAD_DIMS:
         for tiles in tiles_for(d):
             for causal in (False, True):
                 yield d, tiles, causal
@@ -273,7 +272,7 @@ def sweep_grid(dtype_name, problems, tiles_for, tile_name, time_problem, key):
     """One line per (D, N, causal) of ``problems``: for each of ``tiles_for(d)``, the TFLOP/s
     ``time_problem(None, dtype, n, d, causal, tiles=tiles, baselines=False)[key]``."""
     dtype = DTYPES[dtype_name]
-    for d in HEAD_DIMS:
+    for d in DENSE_HEAD_DIMS:
         for n, causal in problems:
             cells = []
             for tiles in tiles_for(d):
@@ -312,7 +311,7 @@ def check_main(doc, *, needs, compile_stage, cases, tile_cases, check_case, run_
 
     t0 = time.perf_counter()
     device = cupy.cuda.Device()
-    name = _bench.device_properties(device.id)["name"]
+    name = device_properties(device.id)["name"]
     print(f"device: {name}, sm_{device.compute_capability}, CuPy {cupy.__version__}, "
           f"NVRTC {'.'.join(map(str, cupy.cuda.nvrtc.getVersion()))}, seed {seed}")
     if device.compute_capability != "90":
@@ -329,7 +328,7 @@ def check_main(doc, *, needs, compile_stage, cases, tile_cases, check_case, run_
         else:
             status |= probes(seed) > 0
 
-        print("\n== correctness (DESIGN.md rule against the float64 oracle)")
+        print("\n== correctness (the rule of cuflash.check.rule against the float64 oracle)")
         all_cases = cases() + ([] if args.no_sweep else tile_cases())
         passed, failed = run_correctness(all_cases, seed, check_case)
         print(f"correctness: {passed} passed, {failed} failed  [{time.perf_counter() - t0:.0f}s so far]")

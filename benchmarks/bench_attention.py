@@ -1,4 +1,4 @@
-"""The benchmark protocol of DESIGN.md, in one command.
+"""The benchmark protocol of docs/design.md, in one command.
 
     python benchmarks/bench_attention.py             dense: N 1K–16K, D 64 and 128, causal and
                                                      not, forward and forward+backward, bf16
@@ -6,7 +6,7 @@
     python benchmarks/bench_attention.py --smoke     tiny sizes: does everything run? (seconds)
 
 Any other ``cuflash bench`` option may follow (``cuflash bench --help``); given later, it wins.
-The sweep lives in ``cuflash._bench``, so an installed wheel runs the same thing as
+The sweep lives in ``cuflash.bench``, so an installed wheel runs the same thing as
 ``cuflash bench``.
 """
 

@@ -1,11 +1,11 @@
-"""The Hopper forward kernel (cuflash/kernels/flash_fwd_sm90.cu) on one sm_90 GPU: is it right,
+"""The Hopper forward kernel (cuflash/kernels/csrc/flash_fwd_sm90.cu) on one sm_90 GPU: is it right,
 and how fast is it next to the mma.sync kernel and torch SDPA (flash and cuDNN back ends).
 
     PYTHONPATH=$PWD python3 benchmarks/check_sm90.py [--no-timing] [--no-sweep] [--no-torch]
                                                     [--dtypes bfloat16,float16] [--seed N]
 
 1. compile: every main variant, with registers and local memory as the driver reports them;
-2. correctness: each case against the float64 oracle with the DESIGN.md rule
+2. correctness: each case against the float64 oracle with the correctness rule
    (max|out − ref64| ≤ 2·max|naive − ref64| + 1e-5), outputs and lse poisoned with NaN first;
    one line per case, a failure never stops the others (a broken CUDA context does: then the
    remaining GPU work would only repeat the first error);
@@ -30,6 +30,7 @@ from _harness import (  # noqa: E402
     timing_grid,
 )
 
+from cuflash.bench import forward_flops  # noqa: E402
 from cuflash.kernels import mma_forward, sm90_forward  # noqa: E402
 from cuflash.kernels.sm90_forward import Sm90Tiles  # noqa: E402
 
@@ -189,7 +190,7 @@ def time_problem(torch, dtype, n, d, causal, *, tiles=None, baselines=True):
     b, h = 16384 // n, 2048 // d
     rng = cupy.random.default_rng([n, d])
     q, k, v = (randn(rng, (b, h, n, d), dtype) for _ in range(3))
-    flop = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0)
+    flop = forward_flops(b, h, n, n, d, causal=causal)
     tf = lambda ms: flop / ms / 1e9  # noqa: E731
     scale = 1.0 / math.sqrt(d)
     out_sm90, out_mma = cupy.empty_like(q), cupy.empty_like(q)

@@ -1,4 +1,4 @@
-"""The Hopper backward kernels (cuflash/kernels/flash_bwd_sm90.cu) on one sm_90 GPU: are they
+"""The Hopper backward kernels (cuflash/kernels/csrc/flash_bwd_sm90.cu) on one sm_90 GPU: are they
 right, and how fast is forward + backward next to the mma.sync backward and torch SDPA (flash and
 cuDNN back ends).
 
@@ -7,7 +7,7 @@ cuDNN back ends).
 
 1. compile: every main variant (and the sweep's tile shapes), registers and local memory;
 2. correctness: ``sm90_backward.backward`` called directly, gradients poisoned with NaN first,
-   against the float64 oracle with the DESIGN.md rule (tests/oracle.py); the forward results it
+   against the float64 oracle with the correctness rule (cuflash/check/rule.py, through tests/oracle.py); the forward results it
    differentiates are the oracle's own (rounded to the input dtype), so a failure points at the
    backward. One line per case; a failure never stops the others (a broken CUDA context does);
 3. determinism: two runs bit-identical;
@@ -33,6 +33,7 @@ from _harness import (  # noqa: E402
     ratio, scale_cases, sdpa_tflops, sweep_grid, sweep_shapes, timing_grid,
 )
 
+from cuflash.bench import BACKWARD_FLOP_FACTOR, forward_flops  # noqa: E402
 from cuflash.kernels import mma_backward, sm90_backward, sm90_forward  # noqa: E402
 from cuflash.kernels.sm90_backward import Sm90BwdTiles  # noqa: E402
 
@@ -170,7 +171,8 @@ def time_problem(torch, dtype, n, d, causal, *, tiles=None, baselines=True):
     b, h = 16384 // n, 2048 // d
     rng = cupy.random.default_rng([n, d])
     q, k, v, dout = (randn(rng, (b, h, n, d), dtype) for _ in range(4))
-    fwd_flop = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0)
+    fwd_flop = forward_flops(b, h, n, n, d, causal=causal)
+    bwd_flop, fb_flop = BACKWARD_FLOP_FACTOR * fwd_flop, (1 + BACKWARD_FLOP_FACTOR) * fwd_flop
     scale = 1.0 / math.sqrt(d)
     out = cupy.empty_like(q)
     lse = cupy.empty((b, h, n), cupy.float32)
@@ -183,12 +185,12 @@ def time_problem(torch, dtype, n, d, causal, *, tiles=None, baselines=True):
                                             causal=causal)
     r = {}
     fwd()
-    r["bwd"] = 2.5 * fwd_flop / median_ms(bwd, reps=REPS) / 1e9
+    r["bwd"] = bwd_flop / median_ms(bwd, reps=REPS) / 1e9
     if not baselines:
         return r
-    r["fb"] = 3.5 * fwd_flop / median_ms(lambda: (fwd(), bwd()), reps=REPS) / 1e9
-    r["fb_mma"] = 3.5 * fwd_flop / median_ms(lambda: (fwd(), bwd_mma()), reps=REPS) / 1e9
-    r["bwd_mma"] = 2.5 * fwd_flop / median_ms(bwd_mma, reps=REPS) / 1e9
+    r["fb"] = fb_flop / median_ms(lambda: (fwd(), bwd()), reps=REPS) / 1e9
+    r["fb_mma"] = fb_flop / median_ms(lambda: (fwd(), bwd_mma()), reps=REPS) / 1e9
+    r["bwd_mma"] = bwd_flop / median_ms(bwd_mma, reps=REPS) / 1e9
     fwd()
     bwd()
     bwd_mma()
@@ -197,7 +199,7 @@ def time_problem(torch, dtype, n, d, causal, *, tiles=None, baselines=True):
         x32, y32 = x.astype(cupy.float32), y.astype(cupy.float32)
         rel = max(rel, float((cupy.abs(x32 - y32).max() / cupy.abs(y32).max()).get()))
     r["reldiff"] = rel
-    r.update(sdpa_tflops(torch, 3.5 * fwd_flop, q, k, v, causal, dout=dout, reps=REPS))
+    r.update(sdpa_tflops(torch, fb_flop, q, k, v, causal, dout=dout, reps=REPS))
     return r
 
 

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy
 
 import cuflash
-from cuflash._bench import GpuDevice
+from cuflash.bench import GpuDevice
 
 
 def main():

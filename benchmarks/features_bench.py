@@ -123,7 +123,6 @@ def sliding_window(torch, flex, create_block_mask, seq_lens):
             _line(f"N={n} {mode} (band/causal area {fraction:.3f})",
                   [f"{dense:.3f}", f"{ours:.3f}", f"{limit:.3f} {'ok' if ours <= limit else 'MISS'}",
                    f"{t_flex:.3f}", f"{t_sdpa:.3f}", f"{t_flex / ours:.2f}x"])
-        del bool_mask
         torch.cuda.empty_cache()
 
 

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy
 
 import cuflash
-from cuflash._bench import GpuDevice, format_bytes
+from cuflash.bench import GpuDevice, format_bytes
 
 
 def cuflash_peaks(device, q, k, v, dout):

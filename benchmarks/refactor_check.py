@@ -134,11 +134,13 @@ def _median_ms(fn, reps):
     return cupy.cuda.get_elapsed_time(start, stop) / reps
 
 
-def _time_pair(calls, rounds=5, reps=10):
+def _time_pair(calls, rounds=6, reps=10):
+    """Median per call of each of the two, timed in alternating order round by round (the one
+    timed second in a round runs on a GPU the first has just warmed)."""
     times = [[], []]
-    for _ in range(rounds):
-        for i, fn in enumerate(calls):
-            times[i].append(_median_ms(fn, reps))
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[i].append(_median_ms(calls[i], reps))
     return [statistics.median(t) for t in times]
 
 

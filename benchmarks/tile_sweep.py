@@ -20,6 +20,7 @@ import numpy  # noqa: E402
 from _harness import DTYPES, SDPA_BACKENDS, median_ms, randn, sdpa_ms, short_error  # noqa: E402
 
 import cuflash  # noqa: E402
+from cuflash.bench import BACKWARD_FLOP_FACTOR, forward_flops  # noqa: E402
 from cuflash.kernels import mma_forward  # noqa: E402
 
 TIMING = dict(warmup=3, reps=20)  # per median
@@ -46,7 +47,7 @@ def main():
     ):
         b, h = 16384 // n, 2048 // d
         q, k, v = (randn(rng, (b, h, n, d), DTYPES["bfloat16"]) for _ in range(3))
-        fl = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0) * (3.5 if args.bwd else 1.0)
+        fl = forward_flops(b, h, n, n, d, causal=causal) * (1 + BACKWARD_FLOP_FACTOR if args.bwd else 1)
         tf = lambda ms: fl / ms / 1e9
         ref = {}
         if not args.no_torch:

@@ -17,6 +17,8 @@ from typing import Any
 import ml_dtypes
 import numpy
 
+from ._mask import LOG2E as _LOG2E
+
 SUPPORTED_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(ml_dtypes.bfloat16),
                     numpy.dtype(numpy.float32))
 _SUPPORTED_NAMES = "float16, bfloat16 (ml_dtypes.bfloat16) or float32"
@@ -25,7 +27,6 @@ _SUPPORTED_NAMES = "float16, bfloat16 (ml_dtypes.bfloat16) or float32"
 # numbers: each must be a normal float32 number (slopes: finite).
 _F32_MAX = float(numpy.finfo(numpy.float32).max)
 _F32_TINY = float(numpy.finfo(numpy.float32).tiny)
-_LOG2E = math.log2(math.e)
 
 
 # ----------------------------------------------------------------------------- array modules

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import numpy
 
 UNBOUNDED = -1  # a band side that is not limited (flash-attn's -1)
-LOG2E = math.log2(math.e)
+LOG2E = math.log2(math.e)  # the one definition; the softmax runs in base 2
+LN2 = math.log(2.0)
 
 
 def _module(x: Any):

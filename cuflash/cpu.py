@@ -22,7 +22,6 @@ module faster.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -31,8 +30,7 @@ from . import _mask
 BLOCK_M = 128  # query rows per tile
 BLOCK_N = 128  # key rows per tile
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+LOG2E, LN2 = _mask.LOG2E, _mask.LN2
 
 _F32 = np.float32
 

@@ -1,10 +1,13 @@
-"""Shared fixtures and the skip for tests marked ``gpu``.
+"""Shared fixtures, the skip for tests marked ``gpu`` and the ``compile`` group.
 
-- The ``gpu`` marker is declared in pyproject.toml. Tests carrying it are skipped, with the reason,
-  when CuPy is missing or sees no CUDA device; ``python -m pytest -m gpu`` on a machine with a GPU
-  runs them.
+- The ``gpu`` marker is declared in pyproject.toml. Tests carrying it are skipped, with the reason
+  ``cuflash.kernels.availability()`` gives (no CuPy, no NVIDIA driver, no device, a device older
+  than sm_80); ``python -m pytest -m gpu`` on a machine with a GPU runs them.
+- Every test of ``test_kernel_compile.py`` gets the ``compile`` marker here: they compile each
+  kernel variant through NVRTC (minutes on a small machine), so pyproject.toml leaves them out of
+  the default run (``-m "not compile"``); ``python -m pytest -m compile`` runs them, as CI does.
 - pyproject.toml puts ``tests/`` on ``sys.path`` (``pythonpath = ["tests"]``), so any test module
-  reaches the correctness rule with
+  applies the correctness rule (``cuflash/check/rule.py``) with
   ``from oracle import assert_forward_close, assert_backward_close``.
 - ``seed`` is fresh for every test (set ``CUFLASH_TEST_SEED`` to replay one); pass
   ``context=f"seed={seed}"`` to the oracle so that a failure names it.
@@ -28,25 +31,30 @@ import pytest  # noqa: E402
 
 @functools.cache
 def cuda_unavailable_reason() -> str | None:
-    """Why GPU tests cannot run here, or None when they can."""
+    """Why GPU tests cannot run here (in the library's words: "no NVIDIA driver found", ...),
+    or None when they can."""
     try:
-        import cupy
-    except Exception as error:  # ImportError, or a broken CUDA installation
-        return f"CuPy cannot be imported ({type(error).__name__}: {error})"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:
+        from cuflash import kernels
+        usable, reason = kernels.availability()
+    except Exception as error:  # a broken CUDA installation
         return f"{type(error).__name__}: {error}"
-    return None if count > 0 else "CuPy sees no device"
+    return None if usable else reason
 
 
+COMPILE_MODULES = ("test_kernel_compile.py",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects, so that the marker counts
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in COMPILE_MODULES:
+            item.add_marker(pytest.mark.compile)
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
     reason = cuda_unavailable_reason()
     if reason is not None:
-        skip = pytest.mark.skip(reason=f"no CUDA device: {reason}")
+        skip = pytest.mark.skip(reason=f"GPU kernels cannot run here: {reason}")
         for item in gpu_items:
             item.add_marker(skip)
 
@@ -68,6 +76,6 @@ def xp_gpu():
     """The ``cupy`` module, or a skip when no CUDA device is usable."""
     reason = cuda_unavailable_reason()
     if reason is not None:
-        pytest.skip(f"no CUDA device: {reason}")
+        pytest.skip(f"GPU kernels cannot run here: {reason}")
     import cupy
     return cupy

@@ -13,8 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 import cuflash
-from cuflash import _bench
-from cuflash.cli import _verify, main
+from cuflash.bench import baselines, devices, problems, sweeps, tables
+from cuflash.check import verify
+from cuflash.cli import main
 from cuflash.cli._options import TOKENS
 from cuflash.cli._patterns import PARAMETERS, PATTERNS
 from cuflash.cli._png import SIGNATURE, encode_png
@@ -28,6 +29,8 @@ PATHFINDER_CHECK = ["check", "--device", "cpu", "--seq-len", "256", "--heads", "
                     "--head-dim", "32", "--rows", "32", "--no-backward"]
 TINY_BENCH = ["bench", "--device", "cpu", "--smoke", "--no-torch", "--repeats", "1",
               "--warmup", "0", "--mode", "fwd", "--total-tokens", "256", "--hidden", "64"]
+TINY_SPARSE_BENCH = ["bench", "--device", "cpu", "--smoke", "--no-torch", "--repeats", "1",
+                     "--warmup", "0", "--mode", "fwd", "--sparse"]
 
 
 def _runner():
@@ -212,7 +215,7 @@ def test_check_fails_with_exit_status_1_on_a_wrong_output(monkeypatch):
 
 def test_check_fails_on_an_unwritten_row_outside_the_sample(monkeypatch):
     attention = cuflash.attention
-    sampled = set(_verify.sample_rows(256, 32, 0).tolist())
+    sampled = set(verify.sample_rows(256, 32, 0).tolist())
     unsampled = min(set(range(256)) - sampled)
 
     def leaves_a_row(*args, **kwargs):
@@ -274,7 +277,7 @@ def test_check_gpu_where_there_is_none_says_why(monkeypatch):
 
 
 def test_check_that_cannot_fit_says_what_it_needs(monkeypatch):
-    monkeypatch.setattr(_bench.CpuDevice, "free_bytes", lambda self: 10 * 2**20)
+    monkeypatch.setattr(devices.CpuDevice, "free_bytes", lambda self: 10 * 2**20)
     result = invoke(*SMALL_CHECK[:-4], "--seq-len", "64K", code=3)
     assert "needs about" in result.output and "10.0 MiB is free" in result.output
     assert "Traceback" not in result.output
@@ -286,6 +289,79 @@ def test_check_out_of_memory_while_running_exits_3(monkeypatch):
 
     monkeypatch.setattr(cuflash, "attention", no_memory)
     assert "out of cpu memory" in invoke(*SMALL_CHECK, code=3).output
+
+
+def _no_gpu(monkeypatch, reason="no NVIDIA driver found (libcuda.so.1 is not installed)"):
+    from cuflash import kernels
+    monkeypatch.setattr(kernels, "availability", lambda: (False, reason))
+
+
+def test_check_without_a_gpu_says_so_and_runs_a_small_size(monkeypatch):
+    _no_gpu(monkeypatch)
+    result = invoke("check", "--heads", "1", "--head-dim", "16", "--rows", "16",
+                    "--no-backward", "--json")
+    assert json.loads(result.stdout)["seq_len"] == 4096
+    note = result.stderr
+    assert "running on the CPU" in note and "no NVIDIA driver found" in note
+    assert "--seq-len 16K" in note and "estimate:" in note
+
+
+def test_check_on_the_cpu_keeps_an_explicit_length(monkeypatch):
+    _no_gpu(monkeypatch)
+    result = invoke("check", "--seq-len", "300", *SMALL_CHECK[5:], "--no-backward", "--json")
+    assert json.loads(result.stdout)["seq_len"] == 300
+    assert "running on the CPU" not in result.stderr
+
+
+def test_check_huge_length_exits_3_with_the_estimate_before_allocating():
+    result = invoke("check", "--device", "cpu", "--seq-len", "1e10", code=3)
+    assert "needs about" in result.output and "TiB" in result.output
+    assert "--seq-len" in result.output and "Traceback" not in result.output
+
+
+def test_check_too_long_is_refused_naming_force(monkeypatch):
+    monkeypatch.setattr(verify, "estimate_seconds", lambda *args, **kwargs: 5 * 3600.0)
+    result = invoke(*SMALL_CHECK, "--no-backward", code=3)
+    assert "about 5.0 h" in result.output and "--force" in result.output
+    forced = invoke(*SMALL_CHECK, "--no-backward", "--force")
+    assert forced.stdout.splitlines()[-1] == "PASS"
+    assert "Ctrl-C stops it" in forced.stderr
+
+
+def test_check_draws_no_progress_bar_off_a_terminal():
+    for args in (SMALL_CHECK, [*SMALL_CHECK, "--json"]):
+        assert "float64 reference" not in invoke(*args, "--no-backward").stderr
+
+
+def test_check_ctrl_c_stops_cleanly(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cuflash, "attention", interrupted)
+    result = invoke(*SMALL_CHECK, code=130)
+    assert "interrupted by Ctrl-C" in result.output and "Traceback" not in result.output
+
+
+def test_check_repeats_on_the_cpu_says_they_do_not_apply():
+    assert "--repeats applies to the GPU" in invoke(*SMALL_CHECK, "--no-backward", "--repeats",
+                                                    "3").stderr
+
+
+@pytest.mark.parametrize("args, option, words", [
+    (["--seq-len", "40"], "--seq-len", "--inputs random"),
+    (["--block-size", "64"], "--block-size", "--pattern"),
+    (["--seq-len", "1.5"], "--seq-len", "whole number"),
+])
+def test_check_option_errors_name_the_option(args, option, words):
+    result = invoke("check", "--device", "cpu", *args, code=2)
+    assert option in result.output and words in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_short_random_inputs_need_no_image():
+    record = invoke_json("check", "--device", "cpu", "--seq-len", "30", "--inputs", "random",
+                         "--heads", "1", "--head-dim", "16", "--no-backward")
+    assert record["passed"] and record["seq_len"] == 30
 
 
 # ----------------------------------------------------------------------------- memory
@@ -341,6 +417,39 @@ def test_memory_bad_range_is_a_usage_error():
     assert "--max-seq-len" in result.output
 
 
+def test_memory_ctrl_c_prints_what_was_measured(monkeypatch):
+    attention = cuflash.attention
+
+    def interrupted_at_512(q, *args, **kwargs):
+        if q.shape[-2] >= 512:
+            raise KeyboardInterrupt
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash, "attention", interrupted_at_512)
+    result = invoke(*MEMORY, code=130)
+    assert "interrupted by Ctrl-C at 512 tokens" in result.stdout
+    assert any(line.split()[:1] == ["256"] for line in result.stdout.splitlines())
+    assert "Traceback" not in result.output
+
+
+def test_memory_does_not_try_a_length_that_cannot_fit(monkeypatch):
+    monkeypatch.setattr(devices.CpuDevice, "free_bytes", lambda self: 120_000)
+    record = invoke_json(*MEMORY)
+    assert [r["seq_len"] for r in record["results"]] == [256]
+    assert record["stopped"].startswith("stopped at 512 tokens: its arrays alone would need")
+
+
+def test_memory_min_above_the_default_max_runs_that_length():
+    record = invoke_json("memory", "--device", "cpu", "--min-seq-len", "8K", "--heads", "1",
+                         "--head-dim", "8")
+    assert [r["seq_len"] for r in record["results"]] == [8192]
+
+
+def test_memory_plot_into_a_missing_directory_is_refused_first(tmp_path):
+    result = invoke(*MEMORY, "--plot", tmp_path / "missing" / "m.png", code=2)
+    assert "--plot" in result.output and "does not exist" in result.output
+
+
 # ----------------------------------------------------------------------------- bench
 
 def test_bench_dense_table_and_json():
@@ -370,14 +479,14 @@ def test_bench_without_torch_says_so(monkeypatch):
 
 
 def test_bench_sparse_sweep():
-    record = invoke_json(*TINY_BENCH, "--sparse")
+    record = invoke_json(*TINY_SPARSE_BENCH)
     assert record["sweep"] == "sparse"
     masks = [r["mask"] for r in record["results"]]
     assert masks[:2] == ["random 1", "random 0.25"] and "butterfly" in masks
     assert any(m.startswith("image-local") for m in masks)
     for r in record["results"]:
         assert r["tflops"]["cuflash"] > 0 and set(r["tflops"]) == {"cuflash", "flex"}
-    table = _bench.format_sparse_table(record["results"])
+    table = tables.format_sparse_table(record["results"])
     assert "cuflash/flex" in table and "[1] not run" in table
 
 
@@ -409,6 +518,37 @@ def test_bench_baselines_choose_what_runs(monkeypatch):
 ])
 def test_bench_bad_options(args, option):
     assert option in invoke(*TINY_BENCH, *args, code=2).output
+
+
+@pytest.mark.parametrize("args, option, words", [
+    ([*TINY_BENCH, "--seq-lens", "96"], "--total-tokens", "not a multiple of 96"),
+    ([*TINY_BENCH, "--seq-lens", "64", "--head-dims", "48"], "--hidden", "not a multiple of 48"),
+    ([*TINY_SPARSE_BENCH, "--seq-lens", "1K"], "--seq-lens", "dense sweep only"),
+    ([*TINY_SPARSE_BENCH, "--hidden", "128"], "--hidden", "dense sweep only"),
+    ([*TINY_SPARSE_BENCH, "--causal", "yes"], "--causal", "dense sweep only"),
+    ([*TINY_BENCH, "--baselines", "flex"], "--baselines", "--no-torch"),
+])
+def test_bench_refuses_what_it_would_not_run_as_asked(args, option, words):
+    result = invoke(*args, code=2)
+    assert option in result.output and words in result.output
+
+
+def test_bench_sparse_compares_with_flex_only():
+    result = invoke("bench", "--device", "cpu", "--sparse", "--smoke", "--baselines",
+                    "sdpa-flash", code=2)
+    assert "--baselines" in result.output and "flex" in result.output
+
+
+def test_bench_smoke_says_which_value_it_set():
+    result = invoke("bench", "--device", "cpu", "--smoke", "--no-torch", "--seq-lens", "2K",
+                    code=2)
+    assert "1024 (set by --smoke)" in result.output and "--total-tokens" in result.output
+
+
+def test_bench_full_grid_on_the_cpu_is_refused_naming_force():
+    result = invoke("bench", "--device", "cpu", "--no-torch", "--mode", "fwd", code=3)
+    assert "would take" in result.output and "--force" in result.output
+    assert "--smoke" in result.output
 
 
 # ----------------------------------------------------------------------------- mask
@@ -462,6 +602,40 @@ def test_mask_show_bad_options(args, option):
     assert option in invoke("mask", "show", *args, code=2).output
 
 
+@pytest.mark.parametrize("where, words", [("missing-dir/x.png", "does not exist"),
+                                          (".", "is a directory")])
+def test_mask_show_png_path_errors_name_the_option(tmp_path, where, words):
+    result = invoke("mask", "show", "butterfly", "--seq-len", "1K", "--png", tmp_path / where,
+                    code=2)
+    assert "--png" in result.output and words in result.output
+    assert "Traceback" not in result.output
+
+
+def test_mask_show_huge_length_draws_without_building():
+    args = ["mask", "show", "causal", "--seq-len", "64M", "--max-rows", "8", "--max-cols", "8"]
+    result = invoke(*args)
+    picture = result.stdout.splitlines()[2:]
+    assert picture[0] == "█·······" and picture[-1] == "████████"
+    assert "drawn from blocks of" in result.stderr and "--force" in result.stderr
+    record = invoke_json(*args)
+    assert record["kept_blocks"] is None and record["density"] is None
+    assert record["kept_blocks_at_most"] == 524288 * 524289 // 2
+
+
+def test_mask_show_huge_random_pattern_is_refused():
+    result = invoke("mask", "show", "random", "--seq-len", "4M", code=3)
+    assert "--block-size" in result.output and "--force" in result.output
+
+
+def test_mask_show_png_of_many_blocks_is_shrunk(tmp_path):
+    path = tmp_path / "big.png"
+    invoke("mask", "show", "sliding-window", "--seq-len", "128K", "--block-size", "64",
+           "--window", "64", "--png", path)
+    width, height, pixels = _decode_png(path.read_bytes())
+    assert width == height == 512  # 2048 blocks a side, four to a pixel
+    assert (np.diag(pixels) == 0).all() and pixels[0, -1] == 255
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def _decode_png(data):
@@ -493,61 +667,69 @@ def test_png_round_trip():
 
 
 @pytest.mark.parametrize("text, count", [("16384", 16384), ("16K", 16384), ("16k", 16384),
-                                         ("1M", 2**20), (" 4K ", 4096), (7, 7)])
+                                         ("1M", 2**20), (" 4K ", 4096), (7, 7), ("1e4", 10**4),
+                                         ("1.5K", 1536)])
 def test_token_counts(text, count):
     assert TOKENS.convert(text, None, None) == count
 
 
+@pytest.mark.parametrize("text", ["1.5", "nan", "inf", "1e-3", "", "K", "16G"])
+def test_token_counts_reject_what_is_not_a_whole_number(text):
+    import click
+    with pytest.raises(click.BadParameter):
+        TOKENS.convert(text, None, None)
+
+
 def test_sampled_rows_hold_the_ends():
-    rows = _verify.sample_rows(1000, 10, seed=3)
+    rows = verify.sample_rows(1000, 10, seed=3)
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 999
     assert (np.diff(rows) > 0).all()
-    np.testing.assert_array_equal(_verify.sample_rows(8, None, 0), np.arange(8))
-    np.testing.assert_array_equal(_verify.sample_rows(8, 100, 0), np.arange(8))
+    np.testing.assert_array_equal(verify.sample_rows(8, None, 0), np.arange(8))
+    np.testing.assert_array_equal(verify.sample_rows(8, 100, 0), np.arange(8))
 
 
 def test_memory_estimate_grows_with_the_problem():
-    small = _verify.estimate_bytes(16384, 8, 64, 2, 256, backward=False)
-    assert small < _verify.estimate_bytes(16384, 8, 64, 2, 256, backward=True)
-    assert small < _verify.estimate_bytes(65536, 8, 64, 2, 256, backward=False)
+    small = verify.estimate_bytes(16384, 8, 64, 2, 256, backward=False)
+    assert small < verify.estimate_bytes(16384, 8, 64, 2, 256, backward=True)
+    assert small < verify.estimate_bytes(65536, 8, 64, 2, 256, backward=False)
     assert small > 4 * 8 * 16384 * 64 * 2  # at least q, k, v and out
 
 
 def test_flops_follow_the_papers():
-    p = _bench.Problem(batch=2, heads=3, seq_len=1024, head_dim=64, causal=False)
+    p = problems.Problem(batch=2, heads=3, seq_len=1024, head_dim=64, causal=False)
     assert p.flops("fwd") == 4 * 2 * 3 * 1024 * 1024 * 64
     assert p.flops("fwdbwd") == 3.5 * p.flops("fwd")
-    causal = _bench.Problem(batch=2, heads=3, seq_len=1024, head_dim=64, causal=True)
+    causal = problems.Problem(batch=2, heads=3, seq_len=1024, head_dim=64, causal=True)
     assert causal.flops("fwd") == p.flops("fwd") / 2
     assert p.flops("fwd", density=0.25) == p.flops("fwd") / 4
 
 
 def test_dense_grid_matches_the_protocol():
-    problems = _bench.dense_problems()
-    assert len(problems) == 5 * 2 * 2
-    for p in problems:
+    grid = problems.dense_problems()
+    assert len(grid) == 5 * 2 * 2
+    for p in grid:
         assert p.batch * p.seq_len == 16384 and p.heads * p.head_dim == 2048
         assert p.dtype == "bfloat16"
 
 
 def test_random_block_layout_keeps_the_diagonal():
-    layout = _bench.random_block_layout(64, 0.1, seed=1)
+    layout = sweeps.random_block_layout(64, 0.1, seed=1)
     assert layout.diagonal().all()
     assert layout.mean() == pytest.approx(0.1, abs=1 / 64**2)
-    assert _bench.random_block_layout(8, 1.0).all()
+    assert sweeps.random_block_layout(8, 1.0).all()
     with pytest.raises(ValueError, match="density"):
-        _bench.random_block_layout(8, 0)
+        sweeps.random_block_layout(8, 0)
 
 
 def test_cpu_peak_memory_sees_temporary_arrays():
-    device = _bench.CpuDevice()
+    device = devices.CpuDevice()
     result, peak = device.peak_bytes(lambda: float(np.ones(2**20).sum()))
     assert result == 2**20 and 8 * 2**20 <= peak < 9 * 2**20
 
 
 def test_gpu_peak_memory_hook_accounting():
     pytest.importorskip("cupy")
-    hook = _bench._peak_hook_class()()
+    hook = devices._peak_hook_class()()
     hook.malloc_postprocess(device_id=0, size=1000, mem_size=1024, mem_ptr=1, pmem_id=1)
     hook.malloc_postprocess(device_id=0, size=500, mem_size=512, mem_ptr=2, pmem_id=2)
     hook.free_postprocess(device_id=0, mem_size=1024, mem_ptr=1, pmem_id=1)
@@ -558,11 +740,11 @@ def test_gpu_peak_memory_hook_accounting():
 
 def test_torch_runners_say_torch_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
-    inputs = _bench.Inputs.random(_bench.CpuDevice(), (1, 1, 8, 8), "float32")
-    with pytest.raises(_bench.Unavailable, match="torch not importable"):
-        _bench.sdpa_runner("FLASH_ATTENTION", inputs, "fwd", causal=False)
-    with pytest.raises(_bench.Unavailable, match="torch not importable"):
-        _bench.flex_runner(inputs, "fwd", causal=False)
+    inputs = problems.Inputs.random(devices.CpuDevice(), (1, 1, 8, 8), "float32")
+    with pytest.raises(devices.Unavailable, match="torch not importable"):
+        baselines.sdpa_runner("FLASH_ATTENTION", inputs, "fwd", causal=False)
+    with pytest.raises(devices.Unavailable, match="torch not importable"):
+        baselines.flex_runner(inputs, "fwd", causal=False)
 
 
 def test_tables_footnote_what_could_not_run():
@@ -572,7 +754,7 @@ def test_tables_footnote_what_could_not_run():
               "tflops": {"cuflash": 100.0, "sdpa-flash": 200.0, "sdpa-cudnn": None,
                          "flex": None},
               "notes": {"sdpa-cudnn": "n/a (no kernel)", "flex": "n/a (no kernel)"}}
-    table = _bench.format_dense_table([record])
+    table = tables.format_dense_table([record])
     assert "n/a [1]" in table and "[1] no kernel" in table and "[2]" not in table
     assert "0.50" in table and "100.0" in table and "200.0" in table
 

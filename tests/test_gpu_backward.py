@@ -1,4 +1,4 @@
-"""The GPU backward pass (dq, dk, dv) against the float64 oracle (DESIGN.md rule), on CuPy arrays.
+"""The GPU backward pass (dq, dk, dv) against the float64 oracle (correctness rule (cuflash/check/rule.py)), on CuPy arrays.
 
 Most tests feed the backward pass the oracle's own ``out`` and ``lse`` (rounded to the input
 dtype and float32), so that a failure here points at the backward kernels, not the forward; one

@@ -1,6 +1,6 @@
 """The float32 CUDA-core kernels (cuflash/kernels/flash_f32.cu) against the float64 oracle.
 
-float32 is the exact path: no TF32, no 16-bit operands, so the DESIGN.md rule compares these
+float32 is the exact path: no TF32, no 16-bit operands, so the correctness rule (cuflash/check/rule.py) compares these
 kernels with a plain float32 implementation. Forward and backward run end to end through the
 public API; the cases are chosen so that few kernel variants are compiled (head dims 17 and 32
 share the padded dim 32, 100 and 128 share 128).

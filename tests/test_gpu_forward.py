@@ -1,4 +1,4 @@
-"""The GPU forward pass against the float64 oracle (DESIGN.md rule), on CuPy arrays."""
+"""The GPU forward pass against the float64 oracle (correctness rule (cuflash/check/rule.py)), on CuPy arrays."""
 
 import ml_dtypes
 import numpy as np

@@ -6,8 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cuflash import pathfinder
-from cuflash.pathfinder import (image_side_for, pathfinder_image, pathfinder_qkv, project_to_qkv,
+from cuflash.check import pathfinder
+from cuflash.check.pathfinder import (image_side_for, pathfinder_image, pathfinder_qkv, project_to_qkv,
                                 random_qkv)
 
 

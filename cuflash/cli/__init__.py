@@ -1,7 +1,7 @@
 """The ``cuflash`` command: check, measure and inspect cuflash on this machine.
 
 Each command parses its options, calls the library and prints; the work lives in the library
-(``cuflash``, ``cuflash.sparse``, ``cuflash.pathfinder``, ``cuflash._bench``) and in the small
+(``cuflash``, ``cuflash.sparse``, ``cuflash.check``, ``cuflash.bench``) and in the small
 helpers next to the commands. See docs/cli.md.
 """
 

@@ -1,4 +1,5 @@
-"""What the commands share: choosing the device, errors, number formatting, plotting."""
+"""What the commands share: choosing the device, estimates and refusals, errors, progress,
+number formatting, plotting."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import sys
 
 import click
 
-from cuflash import _bench
-from cuflash._bench import format_bytes as size
+from cuflash.bench.devices import Unavailable, select_device
+from cuflash.bench.devices import format_bytes as size
 
 log = logging.getLogger("cuflash.cli")
+
+
+# A long request: above WARN_SECONDS the estimate says so (and that Ctrl-C stops it); above
+# REFUSE_SECONDS the command refuses unless --force is given.
+WARN_SECONDS = 60
+REFUSE_SECONDS = 30 * 60
 
 
 class NotEnoughMemory(click.ClickException):
@@ -21,26 +28,80 @@ class NotEnoughMemory(click.ClickException):
     exit_code = 3
 
 
-def choose_device(requested: str, *, quiet: bool = False):
-    """The device for ``--device``; says on stderr which one was used and why."""
+class TooLong(click.ClickException):
+    """A request estimated to run longer than REFUSE_SECONDS without --force. Exit status 3."""
+
+    exit_code = 3
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: the command stopped where it was, without a traceback. Exit status 130."""
+
+    exit_code = 130
+
+
+def choose_device(requested: str):
+    """``(device, reason)`` for ``--device``; says on stderr which device is used and, when
+    ``auto`` fell back to the CPU, why (``reason``, empty otherwise)."""
     try:
-        device, note = _bench.select_device(requested)
-    except _bench.Unavailable as error:
+        device, note = select_device(requested)
+    except Unavailable as error:
         raise click.BadParameter(str(error), param_hint="--device") from error
-    if not quiet:
-        click.echo(f"device: {device.name} — {device.description}"
-                   + (f" ({note})" if note else ""), err=True)
-    return device
+    click.echo(f"device: {device.name} — {device.description}"
+               + (f" ({note})" if note else ""), err=True)
+    return device, note
 
 
-def require_fit(device, needed: int, what: str):
-    """Raise NotEnoughMemory when ``needed`` bytes exceed what ``device`` has free."""
+def duration(t: float) -> str:
+    """Seconds in words for an estimate: ``under a second``, ``about 40 s``, ``about 12 min``,
+    ``about 3.5 h``."""
+    if t < 1:
+        return "under a second"
+    if t < 100:
+        return f"about {t:.0f} s"
+    if t < 100 * 60:
+        return f"about {t / 60:.0f} min"
+    if t < 48 * 3600:
+        return f"about {t / 3600:.1f} h"
+    return f"about {t / 86400:,.0f} days"
+
+
+def require_reasonable(device, *, seconds: float, needed: int, what: str, force: bool,
+                       smaller: str, quiet: bool = False) -> None:
+    """Check an estimate before a long request runs, and say it on stderr.
+
+    Memory: raise NotEnoughMemory (exit status 3) when ``needed`` bytes exceed what ``device``
+    has free. Time: raise TooLong (exit status 3) above REFUSE_SECONDS unless ``force``, and warn
+    above WARN_SECONDS. ``smaller`` says how to ask for less (it ends both messages);
+    ``quiet`` leaves out the estimate line when nothing is wrong.
+    """
     free = device.free_bytes()
     log.info("%s needs about %s; %s free on the %s", what, size(needed), size(free), device.name)
+    where = "CPU (NumPy path)" if device.name == "cpu" else "GPU"
     if needed > free:
         raise NotEnoughMemory(
             f"{what} needs about {size(needed)} of {device.name} memory, but only {size(free)} "
-            "is free; use fewer tokens, heads or rows")
+            f"is free; {smaller}")
+    if seconds > REFUSE_SECONDS and not force:
+        raise TooLong(
+            f"{what} would take {duration(seconds)} on the {where}, over the "
+            f"{REFUSE_SECONDS // 60} min this command runs without asking; {smaller}, or add "
+            "--force to run it anyway")
+    line = f"estimate: {duration(seconds)} on the {where}, {size(needed)} of memory " \
+           f"({size(free)} free)"
+    if seconds > WARN_SECONDS:
+        click.echo(f"{line}; Ctrl-C stops it", err=True)
+    elif not quiet:
+        click.echo(line, err=True)
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(what: str):
+    """Turn Ctrl-C into a one-line message and exit status 130 instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted by Ctrl-C; {what}") from None
 
 
 @contextlib.contextmanager
@@ -90,6 +151,45 @@ def pyplot_or_fail():
     return plt
 
 
-def progress(length: int, label: str):
-    """A progress bar on stderr (a single label line when stderr is not a terminal)."""
+def save_figure(plt, figure, path: str) -> None:
+    """Write a matplotlib figure to ``path`` (as given to --plot) and say so on stderr."""
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as error:
+        raise click.ClickException(f"--plot {path}: cannot write it ({error.strerror or error})"
+                                   ) from error
+    finally:
+        plt.close(figure)
+    click.echo(f"plot written to {path}", err=True)
+
+
+class _NoBar:
+    """What ``progress`` gives when no bar is drawn: a context whose ``update`` does nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, steps: int) -> None:
+        pass
+
+
+def progress(length: int, label: str, *, enabled: bool = True):
+    """A progress bar on stderr, or nothing at all when ``enabled`` is false (``--json``) or
+    stderr is not a terminal (a log file, a pipe, a test)."""
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
     return click.progressbar(length=length, label=label, file=sys.stderr)
+
+
+def write_file(path: str, data: bytes, option: str) -> None:
+    """Write ``data`` to ``path``; an OSError becomes a one-line error naming the option."""
+    try:
+        with open(path, "wb") as file:
+            file.write(data)
+    except OSError as error:
+        raise click.ClickException(f"{option} {path}: cannot write it ({error.strerror or error})"
+                                   ) from error

@@ -2,31 +2,65 @@
 
 from __future__ import annotations
 
+import decimal
+import os
+
 import click
 
-from cuflash._bench import DTYPES
+from cuflash.bench.problems import DTYPES
 
 
 class TokenCount(click.ParamType):
-    """A positive token count: ``16384``, ``16K`` or ``16k`` (×1024), ``1M`` (×1024²)."""
+    """A positive token count: ``16384``, ``16K`` or ``16k`` (×1024), ``1M`` (×1024²), ``1.5K``,
+    ``1e6`` — any spelling of a whole number."""
 
     name = "N"
     _suffixes = {"k": 2**10, "m": 2**20}
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             count = value
         else:
             text = str(value).strip().lower()
             factor = self._suffixes.get(text[-1:], 1)
             digits = text[:-1] if factor > 1 else text
             try:
-                count = int(digits) * factor
-            except ValueError:
-                self.fail(f"{value!r} is not a token count (examples: 4096, 16K, 1M)", param, ctx)
+                number = decimal.Decimal(digits) * factor
+            except decimal.InvalidOperation:
+                number = None
+            if number is None or not number.is_finite() or number != number.to_integral_value():
+                self.fail(f"{value!r} is not a whole number of tokens (examples: 4096, 16K, 1M)",
+                          param, ctx)
+            count = int(number)
         if count < 1:
             self.fail(f"must be at least 1, got {value!r}", param, ctx)
         return count
+
+
+class OutputFile(click.ParamType):
+    """A file to write: its directory must exist and be writable, and it must not be a
+    directory. Checked when the command starts, so that a long run never ends on a bad path."""
+
+    name = "FILE"
+
+    def __init__(self, suffix: str = ""):
+        self.suffix = suffix
+        if suffix:
+            self.name = f"FILE{suffix}"
+
+    def convert(self, value, param, ctx):
+        path = os.fspath(value)
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            self.fail(f"{path!r} is a directory; give a file name such as "
+                      f"{os.path.join(path, 'out' + self.suffix)!r}", param, ctx)
+        if not os.path.isdir(directory):
+            self.fail(f"cannot write {path!r}: directory {os.path.dirname(path) or directory!r} "
+                      "does not exist", param, ctx)
+        if not os.access(directory, os.W_OK):
+            self.fail(f"cannot write {path!r}: directory {directory!r} is not writable",
+                      param, ctx)
+        return path
 
 
 class CommaList(click.ParamType):
@@ -104,8 +138,12 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON record on stdout and nothing else there.")
 
 plot_option = click.option(
-    "--plot", type=click.Path(dir_okay=False, writable=True), default=None, metavar="FILE.png",
+    "--plot", type=OutputFile(".png"), default=None,
     help="Also draw the results into this PNG (needs matplotlib: pip install 'cuflash[plot]').")
+
+force_option = click.option(
+    "--force", is_flag=True,
+    help="Run even when the estimate says it takes more than 30 minutes.")
 
 
 def pattern_parameter_options(f):

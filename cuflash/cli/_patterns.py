@@ -12,8 +12,8 @@ from typing import Callable
 
 import click
 
-from cuflash._bench import random_block_layout
-from cuflash.pathfinder import image_side_for
+from cuflash.bench.sweeps import random_block_layout
+from cuflash.check.pathfinder import image_side_for
 
 # Option name → (kind, help). Kinds: "tokens" (accepts 16K), "count" (int ≥ 0), "fraction".
 PARAMETERS = {
@@ -31,11 +31,24 @@ PARAMETERS = {
 }
 
 
+# Building a pattern costs about this much per kept block (scipy arrays, then the BlockMask's
+# CSR in both directions), measured on the causal pattern.
+BYTES_PER_BLOCK = 100
+SECONDS_PER_BLOCK = 1e-6
+
+
 @dataclass(frozen=True)
 class Pattern:
     summary: str
     defaults: dict
     build: Callable  # (seq_len, block_size, parameters, seed) -> scipy block-level pattern or layout
+    # (seq_len, block_size, parameters) -> about how many blocks the pattern keeps (at least as
+    # many as it does), computed without building it
+    blocks: Callable
+    # Whether the pattern is defined on tokens, so that building it with larger blocks gives
+    # exactly the "any block kept" picture of groups of its blocks (False: random blocks).
+    on_tokens: bool = True
+    seconds_per_block: float = SECONDS_PER_BLOCK
 
     def describe(self, parameters: dict) -> str:
         return " ".join(f"{name}={value}" for name, value in parameters.items()
@@ -54,45 +67,87 @@ def _image_local(n, b, p, seed):
     return _sparse().image_local(side, side, radius=p["radius"], block_size=b)[:blocks, :blocks]
 
 
+def _per_row(n, b, keys_per_row):
+    """Kept blocks of a pattern whose every block row keeps about ``keys_per_row`` blocks."""
+    nb = math.ceil(n / b)
+    return nb * min(nb, math.ceil(keys_per_row))
+
+
+def _band_blocks(b, window):
+    return 2 * math.ceil(window / b) + 1
+
+
+def _longformer_blocks(n, b, p):
+    global_blocks = math.ceil(p["global-tokens"] / b)
+    return (_per_row(n, b, _band_blocks(b, p["window"]) + global_blocks)
+            + global_blocks * math.ceil(n / b))
+
+
+def _image_local_blocks(n, b, p):
+    side = image_side_for(n)  # a block of b pixels spans b / side image rows, plus the radius
+    return _per_row(n, b, ((b / side + 2 * p["radius"] + 2) * side) / b + 1)
+
+
 PATTERNS = {
     "causal": Pattern(
         "query i sees keys 0..i (as --causal, expressed as blocks)", {},
-        lambda n, b, p, seed: _sparse().causal(n, block_size=b)),
+        lambda n, b, p, seed: _sparse().causal(n, block_size=b),
+        lambda n, b, p: math.ceil(n / b) * (math.ceil(n / b) + 1) // 2),
     "sliding-window": Pattern(
         "keys within --window tokens of the query", {"window": 512},
-        lambda n, b, p, seed: _sparse().sliding_window(n, window=p["window"], block_size=b)),
+        lambda n, b, p, seed: _sparse().sliding_window(n, window=p["window"], block_size=b),
+        lambda n, b, p: _per_row(n, b, _band_blocks(b, p["window"]))),
     "strided": Pattern(
         "Sparse Transformer strided: a local window plus every --stride-th key",
         {"stride": 2048, "window": None},
         lambda n, b, p, seed: _sparse().strided(n, stride=p["stride"], window=p["window"],
-                                                block_size=b)),
+                                                block_size=b),
+        lambda n, b, p: _per_row(n, b, _band_blocks(b, p["window"] or p["stride"])
+                                 + 2 * (n / p["stride"] + 1))),
     "fixed": Pattern(
         "Sparse Transformer fixed: the query's segment plus the last keys of every segment",
         {"stride": 1024, "summary": 1},
         lambda n, b, p, seed: _sparse().fixed(n, stride=p["stride"], summary=p["summary"],
-                                              block_size=b)),
+                                              block_size=b),
+        lambda n, b, p: _per_row(n, b, math.ceil(p["stride"] / b) + 1 + (n / p["stride"] + 1)
+                                 * (math.ceil(p["summary"] / b) + 1))),
     "butterfly": Pattern(
         "flat butterfly: block (I, J) kept when I XOR J is 0 or a power of two", {},
-        lambda n, b, p, seed: _sparse().butterfly(n, block_size=b)),
+        lambda n, b, p, seed: _sparse().butterfly(n, block_size=b),
+        lambda n, b, p: _per_row(n, b, 2 + max(1, n - 1).bit_length()),
+        seconds_per_block=1e-5),
     "longformer": Pattern(
         "Longformer: a sliding window plus global tokens", {"window": 512, "global-tokens": 128},
         lambda n, b, p, seed: _sparse().longformer(n, window=p["window"],
                                                    global_tokens=p["global-tokens"],
-                                                   block_size=b)),
+                                                   block_size=b),
+        _longformer_blocks),
     "bigbird": Pattern(
         "BigBird: window, global tokens and random blocks (seeded by --seed)",
         {"window": 512, "global-tokens": 128, "num-random": 3},
         lambda n, b, p, seed: _sparse().bigbird(n, window=p["window"],
                                                 global_tokens=p["global-tokens"],
                                                 num_random=p["num-random"], seed=seed,
-                                                block_size=b)),
+                                                block_size=b),
+        lambda n, b, p: _longformer_blocks(n, b, p) + p["num-random"] * math.ceil(n / b),
+        on_tokens=False),
     "image-local": Pattern(
         "2-D neighbourhood over the image the sequence is read from (square of --radius)",
-        {"radius": 8}, _image_local),
+        {"radius": 8}, _image_local, _image_local_blocks),
     "random": Pattern(
         "random blocks at --density, diagonal kept (seeded by --seed)", {"density": 0.25},
-        lambda n, b, p, seed: random_block_layout(math.ceil(n / b), p["density"], seed=seed)),
+        lambda n, b, p, seed: random_block_layout(math.ceil(n / b), p["density"], seed=seed),
+        # the layout is built dense: one byte per block of the whole square, and more to draw
+        lambda n, b, p: max(p["density"], 0.1) * math.ceil(n / b) ** 2,
+        on_tokens=False),
 }
+
+
+def build_cost(name: str, seq_len: int, block_size: int, parameters: dict) -> tuple[int, float]:
+    """``(bytes, seconds)`` that building pattern ``name`` takes, roughly, without building it."""
+    pattern = PATTERNS[name]
+    blocks = pattern.blocks(seq_len, block_size, parameters)
+    return int(blocks * BYTES_PER_BLOCK), blocks * pattern.seconds_per_block
 
 
 def default_text(option: str) -> str:

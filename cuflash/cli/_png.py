@@ -26,7 +26,3 @@ def encode_png(pixels) -> bytes:
     return (SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
             + _chunk(b"IEND", b""))
 
-
-def write_png(path, pixels) -> None:
-    with open(path, "wb") as file:
-        file.write(encode_png(pixels))

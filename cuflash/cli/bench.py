@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
+import math
+
 import click
 from click.core import ParameterSource
 
-from cuflash import _bench
+import cuflash.bench as measure
+from cuflash.bench.estimate import attention_seconds
 from cuflash.cli._common import (choose_device, echo_json, progress, pyplot_or_fail,
+                                 require_reasonable, save_figure, stop_on_ctrl_c,
                                  translate_errors)
 from cuflash.cli._options import (TOKENS, POSITIVE, CommaList, device_option, dtype_option,
-                                  json_option, plot_option, seed_option)
+                                  force_option, json_option, plot_option, seed_option)
 
 EXAMPLES = """\b
 Examples:
   cuflash bench --smoke                     tiny sizes: does everything run? (seconds)
-  cuflash bench                             the full dense grid (DESIGN.md protocol)
+  cuflash bench                             the full dense grid (docs/design.md protocol)
   cuflash bench --seq-lens 4K,16K --head-dims 128 --causal yes --mode fwd
   cuflash bench --sparse                    block-sparse masks, cuflash against FlexAttention
   cuflash bench --no-torch --json > cuflash-only.json
@@ -25,8 +30,8 @@ Examples:
 # FlexAttention compiles few graphs.
 SMOKE = {"seq_lens": (512,), "head_dims": (64,), "total_tokens": 1024, "hidden": 256,
          "warmup": 1, "repeats": 3}
-SPARSE = {"seq_len": _bench.SPARSE_SEQ_LEN, "heads": _bench.SPARSE_HEADS,
-          "densities": _bench.SPARSE_DENSITIES}
+SPARSE = {"seq_len": measure.SPARSE_SEQ_LEN, "heads": measure.SPARSE_HEADS,
+          "densities": measure.SPARSE_DENSITIES}
 SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
 
 
@@ -40,9 +45,9 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
 @click.option("--mode", type=click.Choice(["fwd", "fwdbwd", "both"]), default="both",
               show_default=True, help="Time the forward pass, forward+backward, or both.")
 @click.option("--total-tokens", type=TOKENS, default="16K", show_default=True,
-              help="Tokens per call: batch = total / N.")
+              help="Tokens per call: batch = total / N (a multiple of every N).")
 @click.option("--hidden", type=POSITIVE, default=2048, show_default=True,
-              help="Model width: heads = hidden / D.")
+              help="Model width: heads = hidden / D (a multiple of every D).")
 @dtype_option
 @click.option("--sparse", is_flag=True,
               help="Run the block-sparse sweep instead: 16K tokens, 32 heads × 64, random "
@@ -51,8 +56,8 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
 @click.option("--smoke", is_flag=True,
               help="Tiny sizes and few runs, to check quickly that every implementation runs; "
                    "options given explicitly still apply.")
-@click.option("--baselines", type=CommaList(click.Choice(_bench.BASELINES), "NAME,..."),
-              default=",".join(_bench.BASELINES), show_default=True,
+@click.option("--baselines", type=CommaList(click.Choice(measure.BASELINES), "NAME,..."),
+              default=",".join(measure.BASELINES), show_default=True,
               help="The torch implementations to time next to cuflash (the sparse sweep "
                    "uses flex only).")
 @click.option("--no-torch", is_flag=True,
@@ -63,58 +68,75 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
               help="Timed runs; the median is reported.")
 @device_option
 @seed_option
+@force_option
 @json_option
 @plot_option
 @click.pass_context
 def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dtype, sparse,
-          smoke, baselines, no_torch, warmup, repeats, device, seed, as_json, plot):
+          smoke, baselines, no_torch, warmup, repeats, device, seed, force, as_json, plot):
     """TFLOP/s of cuflash, side by side with torch's scaled_dot_product_attention (flash and
     cuDNN back ends) and compiled FlexAttention, in the same process on the same arrays (handed
     to torch through DLPack).
 
-    The dense sweep follows DESIGN.md: 16K tokens per call (batch = 16384 / N), hidden size 2048
-    (heads = 2048 / D), N from 1K to 16K, D = 64 and 128, causal and not. FLOPs: 4·B·H·N²·D
-    for the forward (half when causal), 2.5 times that for the backward. Times are CUDA events
-    around each run after warm-up; the table shows the median and the ratio cuflash / SDPA-flash.
-    torch is needed only for its columns: without it they read "n/a (torch not importable)".
+    The dense sweep follows the protocol of docs/design.md: 16K tokens per call (batch =
+    16384 / N), hidden size 2048 (heads = 2048 / D), N from 1K to 16K, D = 64 and 128, causal
+    and not. FLOPs: 4·B·H·N²·D for the forward (half when causal), 2.5 times that for the
+    backward. Times are CUDA events around each run after warm-up; the table shows the median
+    and the ratio cuflash / SDPA-flash. torch is needed only for its columns: without it they
+    read "n/a (torch not importable)".
+
+    Before it starts, bench estimates its time and memory: it stops (exit status 3) when the
+    memory is not free, or when it would take over 30 minutes unless --force is given.
     """
+    explicit = {name for name in ctx.params
+                if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
+    _check_combinations(explicit, sparse, no_torch, baselines)
+    set_by_smoke = set()
     if smoke:
         values = {"seq_lens": seq_lens, "head_dims": head_dims, "total_tokens": total_tokens,
                   "hidden": hidden, "warmup": warmup, "repeats": repeats}
         for name, small in SMOKE.items():
-            if ctx.get_parameter_source(name) == ParameterSource.DEFAULT:
+            if name not in explicit:
                 values[name] = small
+                set_by_smoke.add(name)
         seq_lens, head_dims, total_tokens, hidden, warmup, repeats = values.values()
+    if not sparse:
+        _check_grid(seq_lens, head_dims, total_tokens, hidden, set_by_smoke)
     plt = pyplot_or_fail() if plot else None
-    target = choose_device(device)
-    if target.name == "cpu" and not smoke:
-        click.echo("note: on the CPU the NumPy path is timed; the full grid takes hours "
-                   "(try --smoke)", err=True)
+    target, _ = choose_device(device)
     modes = ("fwd", "fwdbwd") if mode == "both" else (mode,)
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[causal_modes]
-    options = {"baselines": () if no_torch else baselines, "warmup": warmup, "repeats": repeats,
-               "seed": seed}
+    chosen = () if no_torch else (("flex",) if sparse else baselines)
+    options = {"baselines": chosen, "warmup": warmup, "repeats": repeats, "seed": seed}
+    smaller = ("use --smoke, fewer --seq-lens or --head-dims, fewer --repeats or --baselines"
+               if not sparse else "use --smoke or fewer --repeats")
 
-    with translate_errors(target):
+    with translate_errors(target), stop_on_ctrl_c("no table was printed"):
         if sparse:
             sizes = SMOKE_SPARSE if smoke else SPARSE
-            masks = _bench.sparse_masks(sizes["seq_len"], densities=sizes["densities"],
-                                        seed=seed)
-            steps = len(masks) * len(modes) * len(_bench.SPARSE_IMPLEMENTATIONS)
-            with progress(steps, "timing") as bar:
-                records = _bench.run_sparse(target, masks, heads=sizes["heads"], modes=modes,
-                                            dtype=dtype.name, on_step=lambda: bar.update(1),
-                                            **options)
-            table = _bench.format_sparse_table(records)
+            masks = measure.sparse_masks(sizes["seq_len"], densities=sizes["densities"],
+                                         seed=seed)
+            problems = [(measure.Problem(1, sizes["heads"], mask.shape[0],
+                                         measure.SPARSE_HEAD_DIM, False, dtype.name),
+                         mask.element_density) for _, mask in masks]
+            _require_reasonable(target, problems, modes, chosen, warmup, repeats, force,
+                                smaller)
+            steps = len(masks) * len(modes) * len(measure.SPARSE_IMPLEMENTATIONS)
+            with progress(steps, "timing", enabled=not as_json) as bar:
+                records = measure.run_sparse(target, masks, heads=sizes["heads"], modes=modes,
+                                             dtype=dtype.name, on_step=lambda: bar.update(1),
+                                             **options)
+            table = measure.format_sparse_table(records)
         else:
-            problems = _bench.dense_problems(seq_lens, head_dims, causal,
-                                             total_tokens=total_tokens, hidden=hidden,
-                                             dtype=dtype.name)
-            steps = len(problems) * len(modes) * len(_bench.IMPLEMENTATIONS)
-            with progress(steps, "timing") as bar:
-                records = _bench.run_dense(target, problems, modes,
-                                           on_step=lambda: bar.update(1), **options)
-            table = _bench.format_dense_table(records)
+            grid = measure.dense_problems(seq_lens, head_dims, causal, total_tokens=total_tokens,
+                                          hidden=hidden, dtype=dtype.name)
+            _require_reasonable(target, [(p, 1.0) for p in grid], modes, chosen, warmup,
+                                repeats, force, smaller)
+            steps = len(grid) * len(modes) * len(measure.IMPLEMENTATIONS)
+            with progress(steps, "timing", enabled=not as_json) as bar:
+                records = measure.run_dense(target, grid, modes,
+                                            on_step=lambda: bar.update(1), **options)
+            table = measure.format_dense_table(records)
 
     if as_json:
         echo_json({"command": "bench", "sweep": "sparse" if sparse else "dense",
@@ -127,6 +149,71 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
         (_plot_sparse if sparse else _plot_dense)(plt, plot, records, target)
 
 
+# Options that shape the dense grid, which the block-sparse sweep (fixed sizes) does not read.
+DENSE_ONLY = {"seq_lens": "--seq-lens", "head_dims": "--head-dims", "causal_modes": "--causal",
+              "total_tokens": "--total-tokens", "hidden": "--hidden"}
+
+
+def _check_combinations(explicit, sparse, no_torch, baselines):
+    """Refuse options that would be silently ignored in this combination."""
+    if sparse:
+        for name, option in DENSE_ONLY.items():
+            if name in explicit:
+                raise click.BadParameter(
+                    "shapes the dense sweep only; --sparse runs its fixed sizes (16K tokens, "
+                    "32 heads × 64, or --smoke for 1K tokens and 2 heads)", param_hint=option)
+        if "baselines" in explicit and set(baselines) != {"flex"}:
+            raise click.BadParameter("the sparse sweep compares with flex only (SDPA has no "
+                                     "block-sparse masks); give --baselines flex or leave it out",
+                                     param_hint="--baselines")
+    if no_torch and "baselines" in explicit:
+        raise click.BadParameter("--no-torch runs no baselines; give one of the two",
+                                 param_hint="--baselines")
+
+
+def _check_grid(seq_lens, head_dims, total_tokens, hidden, set_by_smoke):
+    """Refuse a grid that cannot be run as asked: batch = total / N and heads = hidden / D must
+    be whole numbers."""
+    for name, option, total, sizes, what in (
+            ("total_tokens", "--total-tokens", total_tokens, seq_lens, "batch = total / N"),
+            ("hidden", "--hidden", hidden, head_dims, "heads = hidden / D")):
+        for size in sizes:
+            if total % size:
+                by = " (set by --smoke)" if name in set_by_smoke else ""
+                step = math.lcm(*sizes)
+                raise click.BadParameter(
+                    f"{total}{by} is not a multiple of {size}, so {what} would not be a whole "
+                    f"number; give a multiple of every value asked for, such as "
+                    f"{step * -(-total // step)}", param_hint=option)
+
+
+# FlexAttention compiles one graph per shape and mode: about this long each, on the first call.
+FLEX_COMPILE_SECONDS = 10
+
+
+def _require_reasonable(device, problems, modes, baselines, warmup, repeats, force, smaller):
+    """Estimate the sweep (cuflash's runs, each baseline taken as long as cuflash, FlexAttention's
+    compiles) and the memory of its largest problem, and refuse or warn as the other commands
+    do."""
+    torch_present = importlib.util.find_spec("torch") is not None
+    seconds, needed = 0.0, 0
+    for problem, fraction in problems:
+        b, h, n, d = problem.shape
+        for mode in modes:
+            one = attention_seconds(device, batch=b, heads=h, seq_len=n, head_dim=d,
+                                    dtype=problem.dtype, causal=problem.causal,
+                                    fraction=fraction, backward=mode == "fwdbwd",
+                                    calls=warmup + repeats)
+            seconds += one * (1 + (len(baselines) if torch_present else 0))
+            if torch_present and "flex" in baselines:
+                seconds += FLEX_COMPILE_SECONDS
+        # q, k, v, dout, out and the three gradients, for cuflash and for the torch side
+        needed = max(needed, 8 * b * h * n * d * measure.DTYPES[problem.dtype].itemsize
+                     * (2 if baselines and torch_present else 1))
+    require_reasonable(device, seconds=seconds, needed=needed, what="this sweep", force=force,
+                       smaller=smaller)
+
+
 def _plot_dense(plt, path, records, device):
     panels = sorted({(r["mode"], r["causal"]) for r in records})
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -134,7 +221,7 @@ def _plot_dense(plt, path, records, device):
         chosen = [r for r in records if r["mode"] == mode and r["causal"] == causal]
         for d in sorted({r["head_dim"] for r in chosen}):
             rows = [r for r in chosen if r["head_dim"] == d]
-            for name in _bench.IMPLEMENTATIONS:
+            for name in measure.IMPLEMENTATIONS:
                 points = [(r["seq_len"], r["tflops"][name]) for r in rows
                           if r["tflops"].get(name) is not None]
                 if points:
@@ -146,7 +233,7 @@ def _plot_dense(plt, path, records, device):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle(device.description)
-    _save(plt, figure, path)
+    save_figure(plt, figure, path)
 
 
 def _plot_sparse(plt, path, records, device):
@@ -163,11 +250,4 @@ def _plot_sparse(plt, path, records, device):
         ax.set_title(mode)
         ax.legend()
     figure.suptitle(device.description)
-    _save(plt, figure, path)
-
-
-def _save(plt, figure, path):
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    click.echo(f"plot written to {path}", err=True)
+    save_figure(plt, figure, path)

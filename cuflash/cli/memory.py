@@ -5,12 +5,14 @@ from __future__ import annotations
 import click
 
 import cuflash
-from cuflash._bench import Inputs
-from cuflash.cli._common import (choose_device, echo_json, progress, pyplot_or_fail, size,
-                                 tokens, translate_errors)
+from cuflash.bench.estimate import attention_seconds
+from cuflash.bench.problems import Inputs
+from cuflash.cli._common import (Interrupted, choose_device, echo_json, progress, pyplot_or_fail,
+                                 require_reasonable, save_figure, size, tokens,
+                                 translate_errors)
 from cuflash.cli._options import (TOKENS, batch_option, causal_option, device_option,
-                                  dtype_option, head_dim_option, heads_option, json_option,
-                                  plot_option)
+                                  dtype_option, force_option, head_dim_option, heads_option,
+                                  json_option, plot_option)
 
 DEFAULT_MAX = {"gpu": 2**20, "cpu": 4096}
 
@@ -57,47 +59,67 @@ def _lengths(low, high):
 @click.option("--min-seq-len", type=TOKENS, default="1K", show_default=True,
               help="First sequence length; it doubles from there.")
 @click.option("--max-seq-len", type=TOKENS, default=None,
-              help="Last sequence length to try [default: 1M on the GPU, 4K on the CPU]. "
-                   "The sweep stops earlier when the device is full.")
+              help="Last sequence length to try [default: 1M on the GPU, 4K on the CPU, or "
+                   "--min-seq-len if larger]. The sweep stops earlier when the device is full.")
+@force_option
 @json_option
 @plot_option
-def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_len, as_json,
-           plot):
+def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_len, force,
+           as_json, plot):
     """Peak memory of the forward pass and of forward+backward, doubling the sequence length
-    until --max-seq-len or until the device runs out of memory.
+    until --max-seq-len or until the device is full.
 
     Peak memory is the most memory the arrays of a call held at once, its inputs included (on
     the GPU: bytes handed out by CuPy's memory pool, followed by a memory hook; on the CPU:
     tracemalloc). Next to it stands what standard attention needs for one N×N score matrix per
     head and batch element, the matrix FlashAttention never forms (compare Table 21 of the
     FlashAttention paper).
+
+    Before it starts, the sweep estimates its time: it stops (exit status 3) when it would take
+    over 30 minutes unless --force is given. A length whose arrays would not fit in the free
+    memory is not tried: the sweep ends there and says so. Ctrl-C ends it early too, with the
+    table of the lengths measured so far (exit status 130).
     """
     plt = pyplot_or_fail() if plot else None
-    target = choose_device(device)
-    high = max_seq_len or DEFAULT_MAX[target.name]
-    if high < min_seq_len:
+    target, _ = choose_device(device)
+    if max_seq_len is not None and max_seq_len < min_seq_len:
         raise click.BadParameter(f"is smaller than --min-seq-len {min_seq_len}",
                                  param_hint="--max-seq-len")
+    high = max_seq_len or max(min_seq_len, DEFAULT_MAX[target.name])
+    shape = {"batch": batch, "heads": heads, "head_dim": head_dim, "dtype": dtype}
     lengths = list(_lengths(min_seq_len, high))
-    records, failure = [], None
-    with translate_errors(target), progress(len(lengths), "measuring") as bar:
+    fitting = [n for n in lengths if _arrays_bytes(n, **shape) <= target.free_bytes()] or \
+        lengths[:1]
+    estimate = sum(attention_seconds(target, seq_len=n, causal=causal, backward=True, calls=2,
+                                     **shape) for n in fitting)
+    require_reasonable(target, seconds=estimate, needed=_arrays_bytes(min_seq_len, **shape),
+                       what="this sweep", force=force,
+                       smaller="use a smaller --max-seq-len, fewer heads or a smaller batch")
+
+    records, stopped = [], None
+    with translate_errors(target), progress(len(lengths), "measuring",
+                                            enabled=not as_json) as bar:
         for n in lengths:
+            needed, free = _arrays_bytes(n, **shape), target.free_bytes()
+            if needed > free:
+                stopped = (f"stopped at {tokens(n)} tokens: its arrays alone would need "
+                           f"{size(needed)} of {target.name} memory, {size(free)} is free")
+                break
             try:
-                forward, both = _measure(target, n, batch=batch, heads=heads, head_dim=head_dim,
-                                         dtype=dtype, causal=causal, seed=0)
+                forward, both = _measure(target, n, causal=causal, seed=0, **shape)
             except target.out_of_memory as error:
-                failure = (n, str(error).strip())
+                # free memory read here, once the failed attempt's arrays are released
+                stopped = (f"stopped at {tokens(n)} tokens: out of {target.name} memory (its "
+                           f"arrays alone need {size(needed)}, {size(target.free_bytes())} is "
+                           f"free): {str(error).strip()}")
+                break
+            except KeyboardInterrupt:
+                stopped = f"interrupted by Ctrl-C at {tokens(n)} tokens"
                 break
             records.append({"seq_len": n, "forward_bytes": forward,
                             "forward_backward_bytes": both,
                             "scores_bytes": batch * heads * n * n * dtype.itemsize})
             bar.update(1)
-    stopped = None
-    if failure:  # free memory read here, once the failed attempt's arrays are released
-        n, message = failure
-        needed = 8 * batch * heads * n * head_dim * dtype.itemsize  # q, k, v, out and grads
-        stopped = (f"stopped at {tokens(n)} tokens: out of {target.name} memory (its arrays "
-                   f"alone need {size(needed)}, {size(target.free_bytes())} is free): {message}")
 
     setup = {"heads": heads, "head_dim": head_dim, "batch": batch, "dtype": dtype.name,
              "causal": causal}
@@ -107,8 +129,17 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
                    "stopped": stopped})
     else:
         _print_table(setup, records, stopped, target)
-    if plot:
+    if plot and records:
         _plot(plt, plot, setup, records, target)
+    if stopped and stopped.startswith("interrupted"):
+        raise Interrupted("the table above holds the lengths measured before it")
+
+
+def _arrays_bytes(n, *, batch, heads, head_dim, dtype):
+    """Memory the arrays of a forward+backward call at length ``n`` need at least: q, k, v,
+    dout, out and the three gradients in the input dtype, lse, and float32 scratch for dq."""
+    elements = batch * heads * n * head_dim
+    return elements * (8 * dtype.itemsize + 4) + batch * heads * n * 8
 
 
 def _print_table(setup, records, stopped, device):
@@ -144,7 +175,4 @@ def _plot(plt, path, setup, records, device):
                    f"{setup['dtype']} — {device.name}")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    click.echo(f"plot written to {path}", err=True)
+    save_figure(plt, figure, path)

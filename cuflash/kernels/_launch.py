@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy
 
 from . import _build
+from .._mask import LOG2E
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32  # head dims are padded inside the kernel to a multiple of this
@@ -109,7 +109,6 @@ def pointer(x) -> int:
     return 0 if x is None else int(x.data.ptr)
 
 
-LOG2E = math.log2(math.e)
 
 # ---- mask and score modifier: template keys and argument fields (csrc/mask.cuh, score_mod.cuh)
 

@@ -10,13 +10,14 @@ sample of query rows (``rows``), on the same device as the arrays:
   gradients of the whole problem need only the sampled rows of the score matrix: the reference
   for dq (every row), dk and dv is exact and costs as much as the forward reference.
 
-A result passes when ``max|result − ref64| ≤ 2·max|naive − ref64| + 1e-5`` (DESIGN.md), where
-``naive`` is the plain same-precision computation on the same rows. Results are poisoned (filled
-with NaN) before the call, and any NaN left anywhere fails.
+A result passes the rule of :mod:`cuflash.check.rule`, ``max|result − ref64| ≤
+2·max|naive − ref64| + 1e-5``, where ``naive`` is the plain same-precision computation on the same
+rows. Results are poisoned (filled with NaN) before the call, and any NaN left anywhere fails.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ import numpy
 
 import cuflash
 from cuflash import reference
+from cuflash.bench.estimate import CPU_ASSUMED_FLOPS, CPU_SMALL_FLOPS, attention_seconds
+from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
+from cuflash.check import rule
 
-ABSOLUTE_SLACK = 1e-5
 # Scores held at once by a reference step: 2**25 float64 values (256 MiB) per temporary.
 REFERENCE_SCORES = 2**25
 
@@ -57,6 +60,49 @@ def estimate_bytes(n: int, heads: int, head_dim: int, itemsize: int, rows: int, 
     return int(1.1 * (arrays + reference_bytes))
 
 
+# The float64 rate assumed for the reference on a GPU (consumer parts reach about this much).
+GPU_FLOAT64_FLOPS = 1e12
+REFERENCE_FLOPS_PER_ELEMENT = 8  # per score and head dimension: float64 and naive, two products
+CALIBRATION_TOKENS = 256
+
+
+def estimate_seconds(device, n: int, heads: int, head_dim: int, dtype, rows: int, *,
+                     backward: bool, causal: bool = False, fraction: float = 1.0,
+                     repeats: int = 10) -> float:
+    """Roughly how long :func:`run_check` takes: cuflash's calls (one on the CPU; the first, the
+    timed and the peak-memory calls on the GPU) plus the float64 reference on ``rows`` rows."""
+    calls = 1 if device.name == "cpu" else repeats + 2
+    seconds = attention_seconds(device, batch=1, heads=heads, seq_len=n, head_dim=head_dim,
+                                dtype=dtype, causal=causal, fraction=fraction, backward=backward,
+                                calls=calls)
+    scores = heads * min(rows, n) * n
+    passes = 1 + (2.5 if backward else 0)
+    flops = passes * scores * head_dim * REFERENCE_FLOPS_PER_ELEMENT
+    if device.name == "gpu":
+        return seconds + flops / GPU_FLOAT64_FLOPS
+    if flops < CPU_SMALL_FLOPS:
+        return seconds + flops / CPU_ASSUMED_FLOPS
+    return seconds + scores * _cpu_reference_seconds(head_dim, numpy.dtype(dtype).name, backward)
+
+
+@functools.cache
+def _cpu_reference_seconds(head_dim: int, dtype_name: str, backward: bool) -> float:
+    """Seconds per score (row × key × head) of the reference steps on the CPU, timed once on a
+    small problem."""
+    n = CALIBRATION_TOKENS
+    rng = numpy.random.default_rng(0)
+    dtype = DTYPES[dtype_name]
+    q, k, v, dout = (rng.standard_normal((1, 1, n, head_dim), dtype=numpy.float32).astype(dtype)
+                     for _ in range(4))
+    rows = numpy.arange(n)
+    start = time.perf_counter()
+    _forward_reference(numpy, q, k, v, rows, causal=False, block_mask=None, on_step=None)
+    if backward:
+        _backward_reference(numpy, dout, q, k, v, rows, causal=False, block_mask=None,
+                            on_step=None)
+    return (time.perf_counter() - start) / (n * n)
+
+
 @dataclass
 class Comparison:
     """One result against float64: its error, the naive same-precision error, the bound."""
@@ -68,11 +114,11 @@ class Comparison:
 
     @property
     def allowed(self) -> float:
-        return 2 * self.naive_error + ABSOLUTE_SLACK
+        return rule.allowed(self.naive_error)
 
     @property
     def passed(self) -> bool:
-        return math.isfinite(self.error) and self.error <= self.allowed
+        return rule.passes(self.error, self.naive_error)
 
     def record(self) -> dict:
         finite = (lambda x: x if math.isfinite(x) else None)
@@ -136,12 +182,6 @@ def _measured(device, fn: Callable, *, repeats: int, inputs, flops: float):
     return result, Phase(elapsed, flops, held + peak)
 
 
-def forward_flops(n: int, heads: int, head_dim: int, *, causal: bool, block_mask=None) -> float:
-    """``4·H·N²·D``, halved when causal, times the kept fraction of a block mask (batch 1)."""
-    fraction = (0.5 if causal else 1.0) * (block_mask.element_density if block_mask else 1.0)
-    return 4.0 * heads * n * n * head_dim * fraction
-
-
 def run_check(device, q, k, v, *, rows, causal: bool, block_mask=None, backward: bool = True,
               repeats: int = 10, seed: int = 0, on_step: Callable | None = None) -> CheckResult:
     """Run cuflash on ``q, k, v`` (``(1, H, N, D)`` arrays of ``device``), time it, and compare
@@ -152,7 +192,8 @@ def run_check(device, q, k, v, *, rows, causal: bool, block_mask=None, backward:
     xp = device.xp
     _, heads, n, head_dim = q.shape
     options = {"causal": causal, "block_mask": block_mask}
-    flops = forward_flops(n, heads, head_dim, causal=causal, block_mask=block_mask)
+    flops = forward_flops(1, heads, n, n, head_dim, causal=causal,
+                          fraction=block_mask.element_density if block_mask else 1.0)
     poisoned = xp.full(q.shape[:-1] + v.shape[-1:], xp.nan, dtype=q.dtype)
     (out, lse), fwd = _measured(
         device, lambda: cuflash.attention(q, k, v, return_lse=True, out=poisoned, **options),
@@ -163,7 +204,7 @@ def run_check(device, q, k, v, *, rows, causal: bool, block_mask=None, backward:
         dout = _sparse_dout(device, out, rows, seed)
         grads, bwd = _measured(
             device, lambda: cuflash.attention_backward(dout, q, k, v, out, lse, **options),
-            repeats=repeats, inputs=(q, k, v, out, lse, dout), flops=2.5 * flops)
+            repeats=repeats, inputs=(q, k, v, out, lse, dout), flops=BACKWARD_FLOP_FACTOR * flops)
 
     result = CheckResult(fwd, bwd)
     where = "all" if len(rows) == n else f"{len(rows)} sampled"

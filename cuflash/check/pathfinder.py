@@ -37,6 +37,7 @@ __all__ = [
 # a row then range from about this value down to about zero: softmax weights are sharp but not
 # one-hot, which is where low-precision error and masking mistakes show.
 SELF_SCORE_TARGET = 10.0
+MIN_SIDE = 8  # pixels: smaller images have no room for two markers and a curve between them
 FOURIER_FEATURES = 32
 PIXEL_WEIGHT = 0.5
 
@@ -84,8 +85,8 @@ def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None =
     different curves (``connected=False``); ``distractors`` more curves cross the image (by default
     one per 32 pixels of side). ``connected=None`` draws the label from the seed.
     """
-    if side < 8:
-        raise ValueError(f"side must be at least 8 pixels, got {side}")
+    if side < MIN_SIDE:
+        raise ValueError(f"side must be at least {MIN_SIDE} pixels, got {side}")
     rng = numpy.random.default_rng(seed)
     if connected is None:
         connected = bool(rng.integers(2))

@@ -1,0 +1,97 @@
+"""How long attention takes on a device, estimated before a long request runs.
+
+On the CPU the NumPy path is timed once per process on a small problem of the same heads, head
+dimension and dtype (a fraction of a second), and the time scales with the FLOPs. On the GPU the
+rate is a fraction of the device's tensor-core peak, worked out from its SM count, clock and
+compute capability. Either way the result is an estimate, meant to tell seconds from hours.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy
+
+from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
+
+__all__ = ["attention_seconds", "flops_per_second"]
+
+# Calibration on the CPU: one problem of this many tokens (eight 128-row tiles each way, enough
+# for the cost per tile to dominate) and at most this many heads (more heads per tile are
+# cheaper per FLOP, so the estimate errs on the long side).
+CALIBRATION_TOKENS = 1024
+CALIBRATION_HEADS = 8
+
+# Dense 16-bit tensor-core FLOP per clock per SM (float32 accumulation) by compute capability;
+# others get FALLBACK_TENSOR_FLOP_PER_CLOCK (the consumer parts of sm_86/sm_89/sm_120).
+TENSOR_FLOP_PER_CLOCK = {(8, 0): 2048, (9, 0): 4096, (10, 0): 8192}
+FALLBACK_TENSOR_FLOP_PER_CLOCK = 512
+CUDA_CORE_FLOP_PER_CLOCK = 256  # float32: 128 lanes, one FMA each
+GPU_EFFICIENCY = 0.35  # the fraction of the peak an attention kernel is assumed to reach
+GPU_CALL_SECONDS = 2e-4  # host cost of one call (validation, launch)
+
+
+# Below this many FLOPs a CPU request is about as quick as the calibration itself: it is not
+# calibrated, and this rate (a slow machine's) stands in.
+CPU_SMALL_FLOPS = 2e9
+CPU_ASSUMED_FLOPS = 5e9
+
+
+def flops_per_second(device, *, heads: int, head_dim: int, dtype, backward: bool = False,
+                     flops: float | None = None) -> float:
+    """The attention FLOP rate assumed for ``device`` (forward, or backward when asked), for a
+    request of ``flops`` FLOPs (None: any size)."""
+    dtype = numpy.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    if device.name == "cpu":
+        if flops is not None and flops < CPU_SMALL_FLOPS:
+            return CPU_ASSUMED_FLOPS
+        return _cpu_rate(min(heads, CALIBRATION_HEADS), head_dim, dtype.name, backward)
+    p = device.properties
+    clock_hz = p.get("clock_khz", 0) * 1e3 or 1.5e9
+    if dtype.itemsize == 4:
+        per_clock = CUDA_CORE_FLOP_PER_CLOCK
+    else:
+        per_clock = TENSOR_FLOP_PER_CLOCK.get((p["major"], p["minor"]),
+                                              FALLBACK_TENSOR_FLOP_PER_CLOCK)
+    return GPU_EFFICIENCY * p["multiprocessors"] * clock_hz * per_clock
+
+
+def attention_seconds(device, *, batch: int, heads: int, seq_len: int, head_dim: int, dtype,
+                      causal: bool = False, fraction: float = 1.0, backward: bool = False,
+                      calls: int = 1) -> float:
+    """Seconds of ``calls`` forward calls (followed by a backward each when ``backward``)."""
+    flops = forward_flops(batch, heads, seq_len, seq_len, head_dim, causal=causal,
+                          fraction=fraction)
+    rate = functools.partial(flops_per_second, device, heads=batch * heads, head_dim=head_dim,
+                             dtype=dtype, flops=calls * flops)
+    one = flops / rate()
+    if backward:
+        one += BACKWARD_FLOP_FACTOR * flops / rate(backward=True)
+    overhead = GPU_CALL_SECONDS * (2 if backward else 1) if device.name == "gpu" else 0.0
+    return calls * (one + overhead)
+
+
+@functools.cache
+def _cpu_rate(heads: int, head_dim: int, dtype_name: str, backward: bool) -> float:
+    """FLOP/s of the NumPy path on one small problem, the faster of two runs."""
+    import cuflash
+
+    rng = numpy.random.default_rng(0)
+    shape = (1, heads, CALIBRATION_TOKENS, head_dim)
+    dtype = DTYPES[dtype_name]
+    q, k, v, dout = (rng.standard_normal(shape, dtype=numpy.float32).astype(dtype)
+                     for _ in range(4))
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    flops = forward_flops(1, heads, CALIBRATION_TOKENS, CALIBRATION_TOKENS, head_dim)
+    if backward:
+        flops *= BACKWARD_FLOP_FACTOR
+        run = lambda: cuflash.attention_backward(dout, q, k, v, out, lse)  # noqa: E731
+    else:
+        run = lambda: cuflash.attention(q, k, v)  # noqa: E731
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return flops / max(best, 1e-6)

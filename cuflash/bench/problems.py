@@ -1,0 +1,98 @@
+"""What is measured: the FLOP count, one attention problem, the dense grid, random inputs.
+
+FLOPs are counted as in the FlashAttention papers: the forward is ``4·B·H·Nq·Nk·D``, halved when
+causal and multiplied by the kept fraction of a block mask; the backward is 2.5 times the
+forward, so a forward+backward step counts 3.5 times the forward. ``cuflash check`` and
+``cuflash bench`` both count with :func:`forward_flops`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy
+
+__all__ = ["BACKWARD_FLOP_FACTOR", "DTYPES", "Inputs", "Problem", "dense_problems",
+           "forward_flops"]
+
+DTYPES = {"float16": numpy.dtype(numpy.float16), "bfloat16": numpy.dtype(ml_dtypes.bfloat16),
+          "float32": numpy.dtype(numpy.float32)}
+
+# The dense grid of the benchmark protocol (docs/design.md): 16K tokens in total
+# (batch = 16384 / N), hidden size 2048 (heads = 2048 / D), bfloat16.
+DENSE_SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
+DENSE_HEAD_DIMS = (64, 128)
+TOTAL_TOKENS = 16384
+HIDDEN = 2048
+
+# The block-sparse sweep: one long sequence, 128×128 blocks.
+SPARSE_SEQ_LEN, SPARSE_HEADS, SPARSE_HEAD_DIM, SPARSE_BLOCK = 16384, 32, 64, 128
+SPARSE_DENSITIES = (1.0, 0.5, 0.25, 0.1)
+
+MODES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
+BACKWARD_FLOP_FACTOR = 2.5
+
+
+def forward_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, *,
+                  causal: bool = False, fraction: float = 1.0) -> float:
+    """``4·B·H·Nq·Nk·D``, halved when causal, times ``fraction`` (a block mask's kept part)."""
+    return 4.0 * batch * heads * nq * nk * head_dim * (0.5 if causal else 1.0) * fraction
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention call: ``(batch, heads, seq_len, head_dim)`` inputs, causal or not."""
+
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    causal: bool
+    dtype: str = "bfloat16"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.heads, self.seq_len, self.head_dim)
+
+    def flops(self, mode: str = "fwd", density: float = 1.0) -> float:
+        """FLOPs of one call (see the module docstring); ``mode`` "fwd" or "fwdbwd"."""
+        forward = forward_flops(self.batch, self.heads, self.seq_len, self.seq_len,
+                                self.head_dim, causal=self.causal, fraction=density)
+        return forward * (1 + BACKWARD_FLOP_FACTOR if mode == "fwdbwd" else 1)
+
+
+def dense_problems(seq_lens=DENSE_SEQ_LENS, head_dims=DENSE_HEAD_DIMS, causal=(False, True), *,
+                   total_tokens=TOTAL_TOKENS, hidden=HIDDEN, dtype="bfloat16") -> list[Problem]:
+    """The dense grid: ``batch = total_tokens / N``, ``heads = hidden / D``.
+
+    Each N must divide ``total_tokens`` and each D must divide ``hidden``; otherwise the grid
+    would not be the one asked for, and ``ValueError`` says which value does not fit.
+    """
+    for n in seq_lens:
+        if total_tokens % n:
+            raise ValueError(f"total_tokens {total_tokens} is not a multiple of the sequence "
+                             f"length {n}: batch = total_tokens / N must be a whole number")
+    for d in head_dims:
+        if hidden % d:
+            raise ValueError(f"hidden {hidden} is not a multiple of the head dimension {d}: "
+                             "heads = hidden / D must be a whole number")
+    return [Problem(batch=total_tokens // n, heads=hidden // d, seq_len=n, head_dim=d,
+                    causal=is_causal, dtype=dtype)
+            for is_causal in causal for d in head_dims for n in seq_lens]
+
+
+@dataclass
+class Inputs:
+    """q, k, v and an output gradient on one device, and their torch views when asked for."""
+
+    q: object
+    k: object
+    v: object
+    dout: object
+    torch_views: dict = field(default_factory=dict)
+
+    @classmethod
+    def random(cls, device, shape, dtype, seed=0):
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else numpy.dtype(dtype)
+        return cls(*(device.random(shape, dtype, (seed, i)) for i in range(4)))

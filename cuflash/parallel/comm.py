@@ -1,0 +1,305 @@
+"""Communicators: what ring (and Ulysses) attention needs from the transport, and the in-process
+simulated ring.
+
+A communicator is any object with:
+
+- ``rank``, ``size``: this rank and the number of ranks;
+- ``timeout``: seconds a wait may take before it fails (``None``: wait forever);
+- ``exchange(send, dst, src, recv_like=None) -> Pending``: send the arrays ``send`` to rank
+  ``dst`` and receive as many arrays from rank ``src`` (shaped and typed like ``recv_like``,
+  default like ``send``), started at once; ``Pending.wait()`` returns the received arrays. On a
+  GPU the transfer runs on a side stream, overlapping whatever the current stream computes,
+  and ``wait()`` makes the current stream wait for it. ``shift(send, offset=1)`` is the ring
+  step: send to ``rank + offset``, receive from ``rank − offset``;
+- ``all_to_all(arrays) -> list``: ``arrays[j]`` goes to rank ``j``; element ``i`` of the result
+  came from rank ``i``;
+- ``all_gather(x) -> list`` and ``all_reduce(x, op="sum")`` for small arrays, and ``barrier()``.
+
+Every rank must make the same calls in the same order. Implementations:
+
+- :class:`LocalRing` (here): ``P`` ranks simulated in one process, one thread per rank, messages
+  through mailboxes: the same algorithm on NumPy arrays (or CuPy arrays on one GPU) without NCCL.
+- :class:`cuflash.parallel.NcclComm`: CuPy's NCCL bindings, one process per GPU.
+- :class:`cuflash.parallel.TorchComm`: ``torch.distributed`` point-to-point operations.
+
+Failures never hang silently: a wait that passes ``timeout`` raises :class:`CommTimeout`; in a
+``LocalRing`` a rank that waits for a rank that has already failed or returned raises
+:class:`CommError` at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy
+
+__all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
+           "array_module"]
+
+DEFAULT_TIMEOUT = 600.0  # seconds
+
+
+class CommError(RuntimeError):
+    """A collective or point-to-point operation failed (a peer failed, or the calls of the
+    ranks do not match)."""
+
+
+class CommTimeout(CommError, TimeoutError):
+    """A wait passed the communicator's timeout: a peer has probably failed or hangs."""
+
+
+@runtime_checkable
+class Pending(Protocol):
+    def wait(self) -> list: ...
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    rank: int
+    size: int
+    timeout: float | None
+
+    def exchange(self, send: Sequence, dst: int, src: int, recv_like: Sequence | None = None
+                 ) -> Pending: ...
+
+    def shift(self, send: Sequence, offset: int = 1) -> Pending: ...
+
+    def all_to_all(self, arrays: Sequence) -> list: ...
+
+    def all_gather(self, x) -> list: ...
+
+    def all_reduce(self, x, op: str = "sum"): ...
+
+    def barrier(self) -> None: ...
+
+
+def array_module(x):
+    """``numpy`` or ``cupy`` for an array."""
+    if type(x).__module__.partition(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return numpy
+
+
+class Done:
+    """A ``Pending`` whose result is already there."""
+
+    def __init__(self, result):
+        self.result = list(result)
+
+    def wait(self) -> list:
+        return self.result
+
+
+class CommBase:
+    """``shift`` and the small collectives written with ``exchange``; subclasses may do better."""
+
+    rank: int
+    size: int
+    timeout: float | None
+
+    def shift(self, send: Sequence, offset: int = 1) -> Pending:
+        if self.size == 1 and offset % self.size == 0:
+            return Done(send)
+        return self.exchange(send, (self.rank + offset) % self.size,
+                             (self.rank - offset) % self.size)
+
+    def all_gather(self, x) -> list:
+        return self.all_to_all([x] * self.size)
+
+    def all_reduce(self, x, op: str = "sum"):
+        parts = self.all_gather(x)
+        xp = array_module(x)
+        reduce = {"sum": lambda a, b: a + b, "max": xp.maximum, "min": xp.minimum}[op]
+        result = parts[0]
+        for part in parts[1:]:
+            result = reduce(result, part)
+        return result
+
+    def barrier(self) -> None:
+        self.all_gather(numpy.zeros(1, numpy.int32))
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}(rank {self.rank} of {self.size})"
+
+
+# ----------------------------------------------------------------------------- LocalRing
+
+class LocalRing:
+    """``size`` ranks in one process: ``run(fn, ...)`` calls ``fn(comm, ...)`` for every rank in
+    its own thread, each with its :class:`LocalComm`, and returns the results in rank order.
+
+    Messages are copies put in per-(sender, receiver) mailboxes, so a rank can never see a later
+    change to an array it received. A rank that raises makes every rank waiting for it raise
+    :class:`CommError` (naming it) instead of waiting; ``run`` then raises the first failure.
+    Works with NumPy arrays and with CuPy arrays on one GPU.
+
+    >>> ring = LocalRing(3)
+    >>> ring.run(lambda comm: comm.rank * 10)
+    [0, 10, 20]
+    """
+
+    def __init__(self, size: int, *, timeout: float | None = 60.0):
+        if int(size) < 1:
+            raise ValueError(f"a LocalRing needs at least one rank, got size={size}")
+        self.size = int(size)
+        self.timeout = timeout
+        self._lock = threading.Condition()
+        self._boxes: dict[tuple[int, int], collections.deque] = collections.defaultdict(
+            collections.deque)
+        self._state: list[str] = ["idle"] * self.size  # idle, running, done, failed
+        self._errors: list[BaseException | None] = [None] * self.size
+        self.comms = [LocalComm(self, r) for r in range(self.size)]
+
+    def run(self, fn: Callable, *per_rank: Sequence, **kwargs) -> list:
+        """``[fn(comm_r, a_r, b_r, ..., **kwargs) for r in ranks]``, run concurrently.
+
+        Each positional argument after ``fn`` is a sequence with one item per rank.
+        """
+        for i, seq in enumerate(per_rank):
+            if len(seq) != self.size:
+                raise ValueError(f"argument {i} of run() must hold one item per rank "
+                                 f"({self.size}), got {len(seq)}")
+        with self._lock:
+            self._boxes.clear()
+            self._state = ["running"] * self.size
+            self._errors = [None] * self.size
+        results: list[Any] = [None] * self.size
+
+        def body(r):
+            try:
+                results[r] = fn(self.comms[r], *(seq[r] for seq in per_rank), **kwargs)
+                state = "done"
+            except BaseException as error:  # noqa: BLE001 - reported by run()
+                self._errors[r] = error
+                state = "failed"
+            with self._lock:
+                self._state[r] = state
+                self._lock.notify_all()
+
+        if self.size == 1:
+            body(0)
+        else:
+            threads = [threading.Thread(target=body, args=(r,), daemon=True,
+                                        name=f"cuflash-local-rank-{r}")
+                       for r in range(self.size)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        failed = [r for r in range(self.size) if self._errors[r] is not None]
+        if failed:
+            # The root cause first: a failure that is not a consequence of another rank's.
+            roots = [r for r in failed if not isinstance(self._errors[r], _PeerFailed)]
+            first = (roots or failed)[0]
+            raise self._errors[first]
+        return results
+
+    # -- mailboxes (called by LocalComm with the lock held)
+
+    def _post(self, src: int, dst: int, tag: str, payload) -> None:
+        with self._lock:
+            self._boxes[src, dst].append((tag, payload))
+            self._lock.notify_all()
+
+    def _take(self, src: int, dst: int, tag: str):
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        with self._lock:
+            while True:
+                box = self._boxes[src, dst]
+                if box:
+                    got, payload = box.popleft()
+                    if got != tag:
+                        raise CommError(
+                            f"rank {dst}: expected a {tag!r} message from rank {src}, got "
+                            f"{got!r}: the ranks do not make the same calls in the same order")
+                    return payload
+                state = self._state[src]
+                if state == "failed":
+                    error = self._errors[src]
+                    raise _PeerFailed(
+                        f"rank {dst}: rank {src} failed before sending the {tag!r} message "
+                        f"this rank waits for ({type(error).__name__}: {error})")
+                if state == "done":
+                    raise _PeerFailed(
+                        f"rank {dst}: rank {src} returned without sending the {tag!r} message "
+                        f"this rank waits for: the ranks do not make the same calls")
+                if deadline is None:
+                    self._lock.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CommTimeout(
+                        f"rank {dst}: no {tag!r} message from rank {src} within "
+                        f"{self.timeout:g} s (LocalRing timeout): rank {src} may hang")
+                self._lock.wait(left)
+
+
+class _PeerFailed(CommError):
+    """Raised in a rank that waited for a rank that had failed or returned."""
+
+
+class _LocalPending:
+    def __init__(self, ring: LocalRing, src: int, dst: int, tag: str):
+        self.ring, self.src, self.dst, self.tag = ring, src, dst, tag
+        self._result = None
+
+    def wait(self) -> list:
+        if self._result is None:
+            self._result = self.ring._take(self.src, self.dst, self.tag)
+        return self._result
+
+
+class LocalComm(CommBase):
+    """Rank ``rank`` of a :class:`LocalRing`."""
+
+    def __init__(self, ring: LocalRing, rank: int):
+        self.ring = ring
+        self.rank = rank
+        self.size = ring.size
+
+    @property
+    def timeout(self):
+        return self.ring.timeout
+
+    def _check_peer(self, peer, what):
+        if not 0 <= int(peer) < self.size:
+            raise ValueError(f"{what} must be a rank in [0, {self.size}), got {peer}")
+        return int(peer)
+
+    def exchange(self, send, dst, src, recv_like=None) -> Pending:
+        dst, src = self._check_peer(dst, "dst"), self._check_peer(src, "src")
+        self.ring._post(self.rank, dst, "exchange", [x.copy() for x in send])
+        return _Checked(_LocalPending(self.ring, src, self.rank, "exchange"),
+                        recv_like if recv_like is not None else send, src, self.rank)
+
+    def all_to_all(self, arrays):
+        if len(arrays) != self.size:
+            raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
+                             f"got {len(arrays)}")
+        for dst, x in enumerate(arrays):
+            if dst != self.rank:
+                self.ring._post(self.rank, dst, "all_to_all", x.copy())
+        return [arrays[src].copy() if src == self.rank
+                else self.ring._take(src, self.rank, "all_to_all") for src in range(self.size)]
+
+
+class _Checked:
+    """Checks that what arrives has the shapes and dtypes the receiver expects (as NCCL
+    would need: it receives into buffers of the expected size)."""
+
+    def __init__(self, pending, like, src, rank):
+        self.pending = pending
+        self.like = [(tuple(x.shape), numpy.dtype(x.dtype)) for x in like]
+        self.src, self.rank = src, rank
+
+    def wait(self):
+        got = self.pending.wait()
+        shapes = [(tuple(x.shape), numpy.dtype(x.dtype)) for x in got]
+        if shapes != self.like:
+            raise CommError(f"rank {self.rank}: received {shapes} from rank {self.src}, "
+                            f"expected {self.like}: the ranks' arrays differ in shape or dtype")
+        return got

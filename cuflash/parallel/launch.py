@@ -1,0 +1,162 @@
+"""Start one process per GPU for CuPy programs: ``python -m cuflash.parallel.launch``.
+
+::
+
+    python -m cuflash.parallel.launch --gpus 2 script.py [args ...]
+    python -m cuflash.parallel.launch --gpus 2 -m package.module [args ...]
+
+Each process gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+``MASTER_ADDR``/``MASTER_PORT`` (so ``torch.distributed`` can initialise from the environment
+too) and ``CUFLASH_NCCL_ID_FILE``: a path in a fresh directory where rank 0 writes NCCL's
+unique id and the others read it (``NcclComm.from_env()`` does both). ``LOCAL_RANK`` is the GPU
+the process should use (``from_env`` selects it).
+
+When a process exits with an error, the launcher stops the others (SIGTERM, then SIGKILL after
+``--grace`` seconds) and exits with that process's code, so one failing rank never leaves the
+others waiting. ``--timeout`` sets ``CUFLASH_COMM_TIMEOUT``, the communicators' wait limit.
+
+Several nodes: run the launcher on every node with ``--nnodes``, ``--node-rank`` and
+``--rdzv-dir`` (a fresh directory on a file system every node sees).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+__all__ = ["launch", "main"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int = 0,
+           rdzv_dir: str | None = None, timeout: float | None = None, grace: float = 5.0,
+           env: dict | None = None, master_addr: str = "127.0.0.1",
+           master_port: int | None = None) -> int:
+    """Run ``command`` (an argv list, e.g. ``[sys.executable, "script.py"]``) in ``gpus``
+    processes on this node; returns the exit code (0 when every process succeeded)."""
+    gpus, nnodes, node_rank = int(gpus), int(nnodes), int(node_rank)
+    if gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if nnodes > 1 and rdzv_dir is None:
+        raise ValueError("with several nodes, --rdzv-dir must name a directory that every "
+                         "node sees")
+    temporary = None
+    if rdzv_dir is None:
+        temporary = tempfile.TemporaryDirectory(prefix="cuflash-launch-")
+        rdzv_dir = temporary.name
+    os.makedirs(rdzv_dir, exist_ok=True)
+    id_file = os.path.join(rdzv_dir, "nccl_unique_id")
+    if node_rank == 0 and os.path.exists(id_file):
+        os.remove(id_file)  # a stale id from an earlier run would mislead the other ranks
+    base = dict(os.environ if env is None else env)
+    base.update({
+        "WORLD_SIZE": str(gpus * nnodes),
+        "LOCAL_WORLD_SIZE": str(gpus),
+        "CUFLASH_NCCL_ID_FILE": id_file,
+        "MASTER_ADDR": base.get("MASTER_ADDR", master_addr),
+        "MASTER_PORT": str(master_port or base.get("MASTER_PORT") or _free_port()),
+    })
+    if timeout is not None:
+        base["CUFLASH_COMM_TIMEOUT"] = str(timeout)
+    processes = []
+    try:
+        for local in range(gpus):
+            child = dict(base, RANK=str(node_rank * gpus + local), LOCAL_RANK=str(local))
+            processes.append(subprocess.Popen(list(command), env=child))
+        return _watch(processes, grace)
+    except KeyboardInterrupt:
+        _stop(processes, grace, signal.SIGINT)
+        return 130
+    finally:
+        _stop(processes, grace)
+        if temporary is not None:
+            temporary.cleanup()
+
+
+def _watch(processes, grace: float) -> int:
+    """Wait for every process; on the first failure stop the others and return its code."""
+    while True:
+        running = False
+        for rank, p in enumerate(processes):
+            code = p.poll()
+            if code is None:
+                running = True
+            elif code != 0:
+                others = [r for r, q in enumerate(processes) if q.poll() is None]
+                if others:
+                    print(f"cuflash.parallel.launch: rank {rank} exited with code {code}; "
+                          f"stopping rank{'s' if len(others) > 1 else ''} "
+                          f"{', '.join(map(str, others))}", file=sys.stderr, flush=True)
+                _stop(processes, grace)
+                return code
+        if not running:
+            return 0
+        time.sleep(0.05)
+
+
+def _stop(processes, grace: float, first=signal.SIGTERM) -> None:
+    alive = [p for p in processes if p.poll() is None]
+    for p in alive:
+        try:
+            p.send_signal(first)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for p in alive:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cuflash.parallel.launch",
+        description="Start one process per GPU (RANK, LOCAL_RANK, WORLD_SIZE and an NCCL "
+                    "rendezvous file in the environment); stop them all if one fails.")
+    parser.add_argument("--gpus", type=int, required=True, help="processes (GPUs) on this node")
+    parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this node's index")
+    parser.add_argument("--rdzv-dir", default=None,
+                        help="directory for the NCCL unique id (shared by all nodes; default: "
+                             "a fresh temporary directory)")
+    parser.add_argument("--master-addr", default="127.0.0.1",
+                        help="MASTER_ADDR for torch.distributed (default 127.0.0.1)")
+    parser.add_argument("--master-port", type=int, default=None,
+                        help="MASTER_PORT for torch.distributed (default: a free port)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="communication timeout in seconds (CUFLASH_COMM_TIMEOUT)")
+    parser.add_argument("--grace", type=float, default=5.0,
+                        help="seconds between SIGTERM and SIGKILL when stopping ranks")
+    parser.add_argument("-m", dest="module", action="store_true",
+                        help="run the target as a module (python -m target)")
+    parser.add_argument("target", help="script (or module with -m)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the target")
+    options = parser.parse_args(argv)
+    command = [sys.executable] + (["-m", options.target] if options.module
+                                  else [options.target]) + list(options.args)
+    try:
+        return launch(command, options.gpus, nnodes=options.nnodes,
+                      node_rank=options.node_rank, rdzv_dir=options.rdzv_dir,
+                      timeout=options.timeout, grace=options.grace,
+                      master_addr=options.master_addr, master_port=options.master_port)
+    except ValueError as error:
+        parser.error(str(error))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

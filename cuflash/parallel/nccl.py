@@ -1,0 +1,364 @@
+"""``NcclComm``: the communicator over NCCL through CuPy's bindings (``cupy.cuda.nccl``).
+
+One process per GPU. Transfers run on a side stream of the communicator (``comm.stream``):
+``exchange`` records an event on the current (compute) stream once its buffers are ready, makes
+the side stream wait for it and issues the sends and receives there inside one NCCL group;
+``Pending.wait()`` makes the current stream wait for the transfer's completion event. The compute
+stream therefore never waits for a transfer it does not need yet, and the next chunk moves while
+the current one is computed.
+
+Timeouts. NCCL's kernels wait on the GPU for their peer; a peer that died would leave them
+waiting forever. So every host-side wait here polls its completion event with a deadline
+(``timeout`` seconds, default ``CUFLASH_COMM_TIMEOUT`` or 600) and checks NCCL's asynchronous
+error state; past the deadline the communicator is aborted (``ncclCommAbort``) and
+:class:`~cuflash.parallel.comm.CommTimeout` says which operation, which peer and how long. The
+creation of the communicator itself has the same deadline. The launcher
+(``python -m cuflash.parallel.launch``) stops every rank as soon as one exits with an error.
+
+Setting up, in each process (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set by the launcher or by
+``torchrun``)::
+
+    comm = NcclComm.from_env()      # NCCL unique id from CUFLASH_NCCL_ID_FILE (the launcher)
+    comm = NcclComm.from_torch()    # ... or through torch.distributed, when it is initialised
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+import numpy
+
+from .comm import DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module
+
+__all__ = ["NcclComm", "read_unique_id", "unique_id_bytes"]
+
+ID_BYTES = 128
+_POLL_MIN, _POLL_MAX = 50e-6, 1e-3  # seconds between polls of a completion event
+
+
+def _nccl():
+    try:
+        from cupy.cuda import nccl
+    except ImportError as error:  # pragma: no cover - needs a CuPy without NCCL support
+        raise RuntimeError(f"NcclComm needs CuPy with NCCL: {error}") from error
+    if not getattr(nccl, "available", True) or not hasattr(nccl, "NcclCommunicator"):
+        raise RuntimeError(
+            "NcclComm needs the NCCL library, which CuPy could not load: install it with "
+            "`pip install nvidia-nccl-cu13` (or -cu12 for CUDA 12)")
+    return nccl
+
+
+def env_timeout(default: float = DEFAULT_TIMEOUT) -> float | None:
+    """``CUFLASH_COMM_TIMEOUT`` in seconds (``0`` or ``none``: no timeout), else ``default``."""
+    value = os.environ.get("CUFLASH_COMM_TIMEOUT")
+    if value is None or value == "":
+        return default
+    if value.lower() in ("0", "none", "inf"):
+        return None
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- the unique id
+
+def unique_id_bytes(uid) -> bytes:
+    """CuPy's unique id (a tuple of 128 signed chars) as 128 bytes."""
+    return bytes(int(c) & 0xFF for c in uid)
+
+
+def _unique_id_tuple(data: bytes) -> tuple:
+    if len(data) != ID_BYTES:
+        raise CommError(f"an NCCL unique id has {ID_BYTES} bytes, got {len(data)}")
+    return tuple(b - 256 if b > 127 else b for b in data)
+
+
+def write_unique_id(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a reader sees all of it or no file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nccl_id.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_unique_id(path: str, timeout: float | None, *, rank: int = -1) -> bytes:
+    """Wait for ``path`` (written by rank 0) and return its bytes."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if len(data) == ID_BYTES:
+                return data
+        except FileNotFoundError:
+            pass
+        if deadline is not None and time.monotonic() > deadline:
+            raise CommTimeout(f"rank {rank}: rank 0 did not write the NCCL unique id to {path} "
+                              f"within {timeout:g} s (did rank 0 start?)")
+        time.sleep(0.01)
+
+
+def rendezvous_file(path: str, rank: int, timeout: float | None, make) -> bytes:
+    """Rank 0 writes ``make()`` to ``path``; every rank returns the bytes in it."""
+    if rank == 0:
+        data = make()
+        write_unique_id(path, data)
+        return data
+    return read_unique_id(path, timeout, rank=rank)
+
+
+# ----------------------------------------------------------------------------- pending
+
+class _NcclPending:
+    def __init__(self, comm: "NcclComm", received, keep, done, what: str):
+        self.comm, self.received, self.keep, self.done, self.what = (comm, received, keep,
+                                                                     done, what)
+        self._waited = False
+
+    def wait(self):
+        if not self._waited:
+            self.comm._poll(self.done, self.what)
+            self.comm.cupy.cuda.get_current_stream().wait_event(self.done)
+            self.keep = None  # the current stream now runs after the transfer
+            self._waited = True
+        return self.received
+
+
+# ----------------------------------------------------------------------------- NcclComm
+
+class NcclComm(CommBase):
+    """An NCCL communicator of ``size`` ranks, this process being ``rank``, on one GPU.
+
+    ``unique_id``: NCCL's unique id (bytes or CuPy's tuple), the same on every rank (made by
+    one rank with ``cupy.cuda.nccl.get_unique_id()``). ``device``: the CUDA device (default: the
+    current one). ``timeout``: seconds for every wait, ``None`` for none.
+    """
+
+    def __init__(self, rank: int, size: int, unique_id, *, device: int | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT):
+        import cupy
+        self.cupy = cupy
+        self.nccl = _nccl()
+        self.rank, self.size, self.timeout = int(rank), int(size), timeout
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank must be in [0, {self.size}), got {rank}")
+        self.device = cupy.cuda.Device(cupy.cuda.Device().id if device is None else device)
+        uid = (_unique_id_tuple(bytes(unique_id)) if isinstance(unique_id, (bytes, bytearray))
+               else tuple(unique_id))
+        self._comm = self._create(uid)
+        with self.device:
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+        self._byte = getattr(self.nccl, "NCCL_UINT8", getattr(self.nccl, "NCCL_INT8", 0))
+
+    def _create(self, uid):
+        """``NcclCommunicator(size, uid, rank)`` with the deadline: the call blocks until every
+        rank has joined, so it runs in a helper thread that is waited for."""
+        result = {}
+        device_id = self.device.id
+
+        def create():
+            try:
+                self.cupy.cuda.Device(device_id).use()
+                result["comm"] = self.nccl.NcclCommunicator(self.size, uid, self.rank)
+            except BaseException as error:  # noqa: BLE001 - re-raised below
+                result["error"] = error
+
+        thread = threading.Thread(target=create, daemon=True, name="cuflash-nccl-init")
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            raise CommTimeout(f"rank {self.rank}: NCCL communicator of {self.size} ranks not "
+                              f"created within {self.timeout:g} s: not every rank joined")
+        if "error" in result:
+            raise CommError(f"rank {self.rank}: creating the NCCL communicator failed: "
+                            f"{result['error']}") from result["error"]
+        return result["comm"]
+
+    # -- set-up helpers
+
+    @classmethod
+    def from_env(cls, *, timeout: float | None | str = "env") -> "NcclComm":
+        """The communicator of a process started by ``python -m cuflash.parallel.launch`` (or
+        ``torchrun``): ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (the GPU) from the
+        environment, the unique id from ``CUFLASH_NCCL_ID`` (hex), ``CUFLASH_NCCL_ID_FILE``
+        (written by rank 0, read by the others), or torch.distributed when initialised."""
+        import cupy
+        env = os.environ
+        try:
+            rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        except KeyError as error:
+            raise RuntimeError(
+                f"NcclComm.from_env needs {error.args[0]} in the environment: start the "
+                f"processes with `python -m cuflash.parallel.launch --gpus N script.py` or "
+                f"torchrun") from None
+        local = int(env.get("LOCAL_RANK", rank))
+        if timeout == "env":
+            timeout = env_timeout()
+        cupy.cuda.Device(local).use()
+        nccl = _nccl()
+
+        def make():
+            return unique_id_bytes(nccl.get_unique_id())
+
+        if env.get("CUFLASH_NCCL_ID"):
+            data = bytes.fromhex(env["CUFLASH_NCCL_ID"])
+        elif env.get("CUFLASH_NCCL_ID_FILE"):
+            data = rendezvous_file(env["CUFLASH_NCCL_ID_FILE"], rank, timeout, make)
+        else:
+            try:
+                import torch.distributed as dist
+                initialised = dist.is_available() and dist.is_initialized()
+            except ImportError:
+                initialised = False
+            if not initialised:
+                raise RuntimeError(
+                    "NcclComm.from_env needs CUFLASH_NCCL_ID_FILE (set by "
+                    "`python -m cuflash.parallel.launch`), CUFLASH_NCCL_ID, or an initialised "
+                    "torch.distributed (then use NcclComm.from_torch())")
+            return cls.from_torch(timeout=timeout, device=local)
+        return cls(rank, size, data, device=local, timeout=timeout)
+
+    @classmethod
+    def from_torch(cls, group=None, *, timeout: float | None = DEFAULT_TIMEOUT,
+                   device: int | None = None) -> "NcclComm":
+        """A CuPy NCCL communicator over the ranks of a ``torch.distributed`` group, the
+        unique id broadcast through torch (for torchrun users who compute with CuPy)."""
+        import torch
+        import torch.distributed as dist
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        if device is None:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        box = [unique_id_bytes(_nccl().get_unique_id()) if rank == 0 else None]
+        source = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(box, src=source, group=group)
+        return cls(rank, size, box[0], device=device, timeout=timeout)
+
+    def close(self) -> None:
+        """Destroy the NCCL communicator (after the pending work)."""
+        if self._comm is not None:
+            self.stream.synchronize()
+            self._comm.destroy()
+            self._comm = None
+
+    def abort(self) -> None:
+        if self._comm is not None:
+            self._comm.abort()
+            self._comm = None
+
+    def __repr__(self):
+        return f"NcclComm(rank={self.rank}, size={self.size}, device={self.device.id})"
+
+    # -- waiting
+
+    def _poll(self, event, what: str) -> None:
+        """Wait on the host for ``event`` with the deadline, watching NCCL's error state."""
+        if self.timeout is None:  # the stream waits on the GPU; nothing to watch here
+            return
+        deadline = time.monotonic() + self.timeout
+        pause = _POLL_MIN
+        while not event.done:
+            if self._comm is None:
+                raise CommError(f"rank {self.rank}: the NCCL communicator was aborted")
+            try:
+                self._comm.check_async_error()
+            except Exception as error:
+                self.abort()
+                raise CommError(f"rank {self.rank}: NCCL reported an error during {what}: "
+                                f"{error}") from error
+            if time.monotonic() > deadline:
+                self.abort()
+                raise CommTimeout(
+                    f"rank {self.rank}: {what} did not complete within {self.timeout:g} s; "
+                    f"a peer has probably failed or stopped calling. The NCCL communicator "
+                    f"was aborted")
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_MAX)
+
+    def _issue(self, sends, recvs, what, *, ready_stream=None):
+        """Issue ``sends``/``recvs`` ((array, peer) lists) in one group on the side stream
+        after ``ready_stream`` (default: the current stream); returns the completion event."""
+        cupy = self.cupy
+        if self._comm is None:
+            raise CommError(f"rank {self.rank}: the NCCL communicator is closed or aborted")
+        ready = cupy.cuda.Event(disable_timing=True)
+        ready.record(ready_stream or cupy.cuda.get_current_stream())
+        self.stream.wait_event(ready)
+        self.nccl.groupStart()
+        try:
+            for x, peer in sends:
+                if x.nbytes:
+                    self._comm.send(x.data.ptr, x.nbytes, self._byte, peer, self.stream.ptr)
+            for x, peer in recvs:
+                if x.nbytes:
+                    self._comm.recv(x.data.ptr, x.nbytes, self._byte, peer, self.stream.ptr)
+        finally:
+            self.nccl.groupEnd()
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(self.stream)
+        return done
+
+    # -- the protocol
+
+    def exchange(self, send, dst, src, recv_like=None):
+        cupy = self.cupy
+        like = send if recv_like is None else recv_like
+        with self.device:
+            send = [cupy.ascontiguousarray(x) for x in send]
+            received = [cupy.empty(x.shape, x.dtype) for x in like]
+            done = self._issue([(x, int(dst)) for x in send],
+                               [(x, int(src)) for x in received],
+                               f"the exchange with ranks {dst} (send) and {src} (receive)")
+        return _NcclPending(self, received, send, done,
+                            f"the exchange with ranks {dst} (send) and {src} (receive)")
+
+    def all_to_all(self, arrays):
+        """``arrays[j]`` to rank ``j``; every rank must send arrays of one shape and dtype (the
+        receive buffers are shaped like the arrays sent)."""
+        cupy = self.cupy
+        if len(arrays) != self.size:
+            raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
+                             f"got {len(arrays)}")
+        with self.device:
+            arrays = [cupy.ascontiguousarray(x) for x in arrays]
+            received = [arrays[r].copy() if r == self.rank else cupy.empty_like(arrays[r])
+                        for r in range(self.size)]
+            others = [r for r in range(self.size) if r != self.rank]
+            done = self._issue([(arrays[r], r) for r in others],
+                               [(received[r], r) for r in others], "an all-to-all")
+            return _NcclPending(self, received, arrays, done, "an all-to-all").wait()
+
+    def all_gather(self, x):
+        """All-gather a small array (NumPy or CuPy); NumPy inputs never touch the current
+        stream (the copies run on the side stream), so they do not wait for queued work."""
+        cupy = self.cupy
+        host = array_module(x) is numpy
+        with self.device:
+            if host:
+                with self.stream:
+                    x_d = cupy.asarray(numpy.ascontiguousarray(x))
+                    out = cupy.empty((self.size,) + x_d.shape, x_d.dtype)
+                    done = self._gather(x_d, out, ready_stream=self.stream)
+                    self._poll(done, "an all-gather")
+                    parts = out.get(stream=self.stream)
+                    self.stream.synchronize()
+                return [parts[r] for r in range(self.size)]
+            x_d = cupy.ascontiguousarray(x)
+            out = cupy.empty((self.size,) + x_d.shape, x_d.dtype)
+            done = self._gather(x_d, out)
+            _NcclPending(self, None, x_d, done, "an all-gather").wait()
+            return [out[r] for r in range(self.size)]
+
+    def _gather(self, x_d, out, ready_stream=None):
+        if self._comm is None:
+            raise CommError(f"rank {self.rank}: the NCCL communicator is closed or aborted")
+        cupy = self.cupy
+        ready = cupy.cuda.Event(disable_timing=True)
+        ready.record(ready_stream or cupy.cuda.get_current_stream())
+        self.stream.wait_event(ready)
+        self._comm.allGather(x_d.data.ptr, out.data.ptr, x_d.nbytes, self._byte,
+                             self.stream.ptr)
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(self.stream)
+        return done

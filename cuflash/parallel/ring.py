@@ -1,0 +1,354 @@
+"""Ring attention: exact attention over a sequence sharded across ranks (context parallelism).
+
+Every rank holds the query, key and value rows of its part of the sequence (see
+:mod:`cuflash.parallel.layout`). Key/value chunks travel around the ring, one hop per step, while
+each rank attends its queries to the chunk it holds; after ``P`` steps every query has seen every
+key. Each step's partial result is merged into a float32 accumulator by log-sum-exp::
+
+    lse = logaddexp(lse_acc, lse_step)
+    out = exp(lse_acc − lse)·out_acc + exp(lse_step − lse)·out_step
+
+(a row that has seen nothing keeps out 0 and lse −inf, never NaN). Causal and sliding-window
+masks refer to GLOBAL positions: each (query chunk, key chunk) pair becomes a cuflash call with
+the options that express the global mask on it (:mod:`cuflash.parallel._plan`), or no call.
+
+The backward pass sends the key/value chunks around again. FlashAttention's backward of one pair,
+given the *final* output and log-sum-exp of the rows, yields exactly that pair's share of the
+gradients (``P_pair = exp(scale·S − lse)``, ``Δ = rowsum(dO ∘ O)``), so ``dq`` is summed
+locally over the steps and the float32 ``dk``/``dv`` of each chunk ride around the ring behind
+it, collecting every rank's share, and arrive at their owner after the last step.
+
+With a communicator on a GPU, the transfer of the next chunk runs on a side stream while the
+current one is computed.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Callable
+
+import numpy
+
+import cuflash
+from cuflash import _mask
+
+from . import _plan
+from . import layout as _layout
+from .comm import array_module
+
+__all__ = ["merge", "ring_attention", "ring_attention_backward", "ring_attention_vjp"]
+
+_F32 = numpy.float32
+_SIGNATURE = 64  # int64 values all-gathered by the check of the ranks' shapes and options
+
+
+# ----------------------------------------------------------------------------- the merge
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Combine two partial attention results over disjoint key sets into one, in float32.
+
+    ``out_*`` ``(..., N, Dv)`` (any float dtype), ``lse_*`` ``(..., N)``. Returns float32
+    ``(out, lse)``. Rows whose ``lse`` is −inf in both give out 0 and lse −inf.
+    """
+    xp = array_module(out_a)
+    out = xp.array(out_a, dtype=_F32, copy=True)
+    lse = xp.array(lse_a, dtype=_F32, copy=True)
+    _merge_into(xp, out, lse, out_b, lse_b)
+    return out, lse
+
+
+def _merge_into(xp, out, lse, out_b, lse_b):
+    """``(out, lse) ← merge(out, lse, out_b, lse_b)`` in place (``out``, ``lse`` float32 views)."""
+    lse_b = lse_b.astype(_F32, copy=False)
+    new = xp.logaddexp(lse, lse_b)
+    safe = xp.where(new == -numpy.inf, _F32(0), new)  # both sides saw nothing
+    weight_a = xp.exp(lse - safe)[..., None]
+    weight_b = xp.exp(lse_b - safe)[..., None]
+    out *= weight_a
+    term = out_b.astype(_F32)  # a new array: scaled in place, then added
+    term *= weight_b
+    out += term
+    lse[...] = new
+
+
+# ----------------------------------------------------------------------------- options
+
+class _Options:
+    """The validated options of one ring call, shared by the forward and backward passes."""
+
+    def __init__(self, q, k, v, *, comm, causal, layout, window, softcap, scale, alibi_slopes,
+                 block_mask, validate):
+        if comm is None:
+            raise TypeError("ring attention needs a communicator: comm=LocalRing(...).comms[r], "
+                            "NcclComm.from_env() or TorchComm()")
+        if alibi_slopes is not None:
+            raise NotImplementedError(
+                "alibi_slopes is not supported by ring attention: the ALiBi bias depends on "
+                "|i − j| over global positions, which a per-chunk call cannot express; use "
+                "ulysses_attention, which sees whole sequences")
+        if block_mask is not None:
+            raise NotImplementedError("block_mask is not supported by ring attention")
+        self.comm = comm
+        self.layout = _layout.check_layout(layout)
+        from cuflash import _checks
+        self.causal = _checks.check_bool(causal, "causal")
+        self.window = _checks.check_window(window)
+        self.softcap = float(softcap)
+        d = q.shape[-1]
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.ndim < 2:
+                raise ValueError(f"{name} must have at least 2 dimensions (..., N, D), got "
+                                 f"shape {tuple(x.shape)}")
+        self.nq_local, self.nk_local = q.shape[-2], k.shape[-2]
+        if k.shape[-2] != v.shape[-2]:
+            raise ValueError(f"k and v must have one length, got {k.shape[-2]} and "
+                             f"{v.shape[-2]}")
+        size = comm.size
+        for what, n_local in (("query", self.nq_local), ("key", self.nk_local)):
+            if self.layout == "zigzag" and n_local % 2:
+                raise ValueError(
+                    f"{what} chunk of {n_local} rows on rank {comm.rank}: layout 'zigzag' "
+                    f"needs an even local length (two chunks), i.e. a sequence length N = "
+                    f"{n_local * size} that is a multiple of 2·P = {2 * size}")
+        self.band = _mask.band(self.window, self.causal)  # over the whole problem
+        if validate:
+            self._validate(q, k, v)
+
+    def _signature(self, q, k, v) -> numpy.ndarray:
+        def code(text):
+            return zlib.crc32(text.encode())
+        values = [self.nq_local, self.nk_local, q.ndim, k.ndim, *q.shape[:-2], -1,
+                  *k.shape[:-2], -1, q.shape[-1], v.shape[-1], code(str(q.dtype)),
+                  int(self.causal), code(self.layout), *self.window,
+                  code(repr(self.softcap)), code(repr(self.scale))]
+        return numpy.asarray(values, dtype=numpy.int64)
+
+    def _validate(self, q, k, v):
+        """All ranks must call with the same shapes and options: compared with one small
+        all-gather, so that a mismatch is an error rather than a hang or a wrong result."""
+        signature = self._signature(q, k, v)
+        if signature.size >= _SIGNATURE:
+            raise ValueError(f"inputs of {q.ndim} dimensions are more than ring attention "
+                             f"checks; pass validate=False")
+        mine = numpy.zeros(_SIGNATURE, numpy.int64)
+        mine[0] = signature.size
+        mine[1:1 + signature.size] = signature
+        for r, theirs in enumerate(_host(x) for x in self.comm.all_gather(mine)):
+            if not numpy.array_equal(theirs, mine):
+                raise ValueError(
+                    f"rank {self.comm.rank}: rank {r} calls ring attention with other shapes, "
+                    f"dtype or options (every rank must pass chunks of one shape and the same "
+                    f"causal, layout, window, softcap and scale); here q {tuple(q.shape)}, "
+                    f"k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}, causal={self.causal}, "
+                    f"layout={self.layout!r}, window={self.window}")
+
+    def calls(self, source: int):
+        left, right = self.band
+        return _plan.plan_step(self.layout, self.comm.size, self.comm.rank, source,
+                               self.nq_local, self.nk_local, left, right)
+
+    def attention_options(self, call) -> dict:
+        return dict(causal=call.causal, window=call.window, softcap=self.softcap,
+                    scale=self.scale)
+
+
+def _host(x):
+    return x.get() if type(x).__module__.partition(".")[0] == "cupy" else numpy.asarray(x)
+
+
+def _rows(x, call_slice, axis=-2):
+    index = [slice(None)] * x.ndim
+    index[axis % x.ndim] = call_slice
+    return x[tuple(index)]
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _out_shape(q, k, v) -> tuple:
+    """The shape of ``cuflash.attention(q, k, v)`` (2-D inputs are one head)."""
+    if q.ndim == k.ndim == v.ndim == 2:
+        return (q.shape[0], v.shape[1])
+    lead = [x.shape[:-3] if x.ndim >= 3 else () for x in (q, k, v)]
+    hq = q.shape[-3] if q.ndim >= 3 else 1
+    return tuple(numpy.broadcast_shapes(*lead)) + (hq, q.shape[-2], v.shape[-1])
+
+
+def _forward(q, k, v, opts: _Options):
+    xp = array_module(q)
+    comm = opts.comm
+    size, rank = comm.size, comm.rank
+    shape = _out_shape(q, k, v)
+    acc = xp.zeros(shape, _F32)
+    lse = xp.full(shape[:-1], -numpy.inf, _F32)
+    k_cur, v_cur = k, v
+    fresh = True  # nothing merged yet
+    for step in range(size):
+        source = (rank - step) % size
+        pending = comm.shift([k_cur, v_cur]) if step + 1 < size else None
+        for call in opts.calls(source):
+            o, l = cuflash.attention(_rows(q, call.row_slice), _rows(k_cur, call.col_slice),
+                                     _rows(v_cur, call.col_slice), return_lse=True,
+                                     **opts.attention_options(call))
+            if fresh and call.rows == (0, opts.nq_local):  # every row: a copy, not a merge
+                acc[...] = o
+                lse[...] = l
+            else:
+                _merge_into(xp, _rows(acc, call.row_slice), _rows(lse, call.row_slice, -1),
+                            o, l)
+            fresh = False
+        if pending is not None:
+            k_cur, v_cur = pending.wait()
+    return acc.astype(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _backward(dout, q, k, v, out, lse, opts: _Options, deterministic: bool):
+    xp = array_module(q)
+    comm = opts.comm
+    size, rank = comm.size, comm.rank
+    dq = xp.zeros(q.shape, _F32)
+    k_cur, v_cur = k, v
+    d_pending = None
+    for step in range(size):
+        source = (rank - step) % size
+        kv_pending = comm.shift([k_cur, v_cur]) if step + 1 < size else None
+        calls = opts.calls(source)
+        dk = dv = None
+        if calls:
+            dk = xp.zeros(k.shape, _F32)
+            dv = xp.zeros(v.shape, _F32)
+        for call in calls:
+            rows, cols = call.row_slice, call.col_slice
+            gq, gk, gv = cuflash.attention_backward(
+                _rows(dout, rows), _rows(q, rows), _rows(k_cur, cols), _rows(v_cur, cols),
+                _rows(out, rows), _rows(lse, rows, -1), deterministic=deterministic,
+                **opts.attention_options(call))
+            _rows(dq, rows)[...] += gq.astype(_F32, copy=False)
+            _rows(dk, cols)[...] += gk.astype(_F32, copy=False)
+            _rows(dv, cols)[...] += gv.astype(_F32, copy=False)
+        if d_pending is not None:  # the shares of the ranks before this one
+            dk_in, dv_in = d_pending.wait()
+            if dk is None:
+                dk, dv = dk_in, dv_in
+            else:
+                dk += dk_in
+                dv += dv_in
+        elif dk is None:
+            dk = xp.zeros(k.shape, _F32)
+            dv = xp.zeros(v.shape, _F32)
+        # The gradients of the chunk of `source` follow it to the next rank; after the last
+        # step they reach their owner.
+        d_pending = comm.shift([dk, dv])
+        if kv_pending is not None:
+            k_cur, v_cur = kv_pending.wait()
+    dk, dv = d_pending.wait()
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag",
+                   window=(-1, -1), softcap: float = 0.0, scale: float | None = None,
+                   alibi_slopes=None, block_mask=None, return_lse: bool = False,
+                   validate: bool = True):
+    """Exact attention over a sequence sharded across the ranks of ``comm``.
+
+    Parameters
+    ----------
+    q : array ``(..., Hq, Nq/P, D)``
+    k, v : arrays ``(..., Hkv, Nk/P, D)`` and ``(..., Hkv, Nk/P, Dv)``
+        This rank's rows of the whole ``q``, ``k``, ``v``, cut by ``layout`` (use
+        ``cuflash.parallel.shard``). NumPy or CuPy arrays (or torch tensors, see below);
+        everything ``cuflash.attention`` accepts (dtypes, GQA with ``Hq % Hkv == 0``, ``Dv != D``,
+        ``Nq != Nk``, broadcasting leading axes). Every rank passes arrays of one shape.
+    comm : communicator
+        ``LocalRing(P).comms[r]``, ``NcclComm`` or ``TorchComm`` (see
+        :mod:`cuflash.parallel.comm`).
+    causal, window, softcap, scale
+        As for ``cuflash.attention``, over the WHOLE sequence: positions are global, causal and
+        the window aligned to the bottom right of the whole ``Nq × Nk`` problem.
+    layout : ``"zigzag"`` (default) or ``"contiguous"``
+        How the sequence was sharded; it must match ``shard``.
+    return_lse : bool
+        Also return this rank's rows of the log-sum-exp (float32), as ``cuflash.attention``.
+    validate : bool
+        Check with one small all-gather that every rank calls with the same shapes and options
+        (a mismatch raises ``ValueError`` instead of hanging). ``False`` skips it.
+
+    Returns
+    -------
+    out : this rank's rows of the output, ``(..., Hq, Nq/P, Dv)``, dtype of q
+    lse : ``(..., Hq, Nq/P)`` float32, with ``return_lse=True``
+
+    ``alibi_slopes`` and ``block_mask`` are not supported (``NotImplementedError``). With torch
+    tensors, the arrays are taken without copies (CUDA: on torch's current stream) and the
+    results are tensors; gradients flow through :func:`cuflash.parallel.torch_ring_attention`.
+    """
+    tensors = _torch_call(lambda *a: ring_attention(
+        *a, comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
+        scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask, return_lse=return_lse,
+        validate=validate), q, k, v)
+    if tensors is not None:
+        return tensors
+    opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
+                    softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
+                    block_mask=block_mask, validate=validate)
+    out, lse = _forward(q, k, v, opts)
+    return (out, lse) if return_lse else out
+
+
+def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = False,
+                            layout: str = "zigzag", window=(-1, -1), softcap: float = 0.0,
+                            scale: float | None = None, alibi_slopes=None, block_mask=None,
+                            deterministic: bool = False, validate: bool = True):
+    """Gradients ``(dq, dk, dv)`` of :func:`ring_attention`, each this rank's rows.
+
+    ``out`` and ``lse`` are what ``ring_attention(..., return_lse=True)`` returned on this rank;
+    ``dout`` is this rank's rows of the output gradient. The options must be those of the
+    forward call. ``deterministic`` is passed to every ``cuflash.attention_backward`` call (the
+    ring's own sums are always in one order).
+    """
+    tensors = _torch_call(lambda *a: ring_attention_backward(
+        *a, comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
+        scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask,
+        deterministic=deterministic, validate=validate), dout, q, k, v, out, lse)
+    if tensors is not None:
+        return tensors
+    opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
+                    softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
+                    block_mask=block_mask, validate=validate)
+    if tuple(lse.shape) != tuple(out.shape[:-1]):
+        raise ValueError(f"lse must have shape {tuple(out.shape[:-1])} (out without its last "
+                         f"axis), got {tuple(lse.shape)}")
+    return _backward(dout, q, k, v, out, lse, opts, bool(deterministic))
+
+
+def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag",
+                       window=(-1, -1), softcap: float = 0.0, scale: float | None = None,
+                       deterministic: bool = False, validate: bool = True
+                       ) -> tuple[Any, Callable]:
+    """``(out, vjp)``: :func:`ring_attention` now, ``vjp(dout) -> (dq, dk, dv)`` later.
+
+    The options are checked once, here; ``vjp`` keeps q, k, v, out and lse alive.
+    """
+    opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
+                    softcap=softcap, scale=scale, alibi_slopes=None, block_mask=None,
+                    validate=validate)
+    out, lse = _forward(q, k, v, opts)
+
+    def vjp(dout):
+        return _backward(dout, q, k, v, out, lse, opts, bool(deterministic))
+
+    return out, vjp
+
+
+def _torch_call(fn, *args):
+    """``fn`` on the arrays of torch tensors, results back as tensors; ``None`` when the
+    arguments are not tensors."""
+    if type(args[0]).__module__.partition(".")[0] != "torch":
+        return None
+    from ._torch import call_on_arrays
+    return call_on_arrays(fn, *args)

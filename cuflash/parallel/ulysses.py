@@ -1,0 +1,106 @@
+"""Ulysses (all-to-all, head-parallel) attention: the other way to shard a sequence.
+
+Every rank holds its rows of the sequence for ALL heads. One all-to-all per input turns that
+into ALL rows for ``H/P`` heads; each rank then runs ``cuflash.attention`` on whole sequences
+(so every option works, ALiBi included, with global positions for free), and one all-to-all
+turns the output back into sequence shards. The backward pass does the same with ``dout``,
+``out`` and ``lse`` and sends the gradients back.
+
+Needs ``Hq`` and ``Hkv`` divisible by ``P``. Communication per rank is about four times its
+share of q/k/v/out (``(P−1)/P`` of each), independent of how the sequence is masked, and is not
+overlapped with compute; compare ring attention in docs/parallel.md.
+"""
+
+from __future__ import annotations
+
+import cuflash
+
+from . import layout as _layout
+from .comm import array_module
+
+__all__ = ["ulysses_attention", "ulysses_attention_backward"]
+
+
+def _check(comm, q, k, v, layout):
+    if comm is None:
+        raise TypeError("ulysses attention needs a communicator (comm=...)")
+    _layout.check_layout(layout)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 3:
+            raise ValueError(f"ulysses attention needs a head axis: {name} must be "
+                             f"(..., H, N, D), got shape {tuple(x.shape)}")
+    size = comm.size
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if hq % size or hkv % size:
+        raise ValueError(f"ulysses attention splits the heads over the P = {size} ranks: Hq = "
+                         f"{hq} and Hkv = {hkv} must both be multiples of {size}; use "
+                         f"ring_attention otherwise")
+
+
+def _to_heads(x, comm, layout, seq_axis=-2):
+    """This rank's rows of every head → every row of this rank's heads (global order)."""
+    xp = array_module(x)
+    seq_axis %= x.ndim
+    head_axis = seq_axis - 1
+    group = x.shape[head_axis] // comm.size
+    pieces = []
+    for j in range(comm.size):
+        index = [slice(None)] * x.ndim
+        index[head_axis] = slice(j * group, (j + 1) * group)
+        pieces.append(xp.ascontiguousarray(x[tuple(index)]))
+    received = comm.all_to_all(pieces)
+    return _layout.unshard(received, layout, axis=seq_axis)
+
+
+def _to_sequence(y, comm, layout, seq_axis=-2):
+    """Every row of this rank's heads → this rank's rows of every head."""
+    xp = array_module(y)
+    seq_axis %= y.ndim
+    pieces = [xp.ascontiguousarray(_layout.shard(y, j, comm.size, layout, axis=seq_axis))
+              for j in range(comm.size)]
+    received = comm.all_to_all(pieces)
+    return xp.concatenate(received, axis=seq_axis - 1)
+
+
+def _slopes(alibi_slopes, comm, hq):
+    if alibi_slopes is None:
+        return None
+    group = hq // comm.size
+    return alibi_slopes[..., comm.rank * group:(comm.rank + 1) * group]
+
+
+def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "contiguous",
+                      window=(-1, -1), softcap: float = 0.0, scale: float | None = None,
+                      alibi_slopes=None, return_lse: bool = False):
+    """Exact attention over a sequence sharded across ranks, by all-to-all over heads.
+
+    Inputs and results are this rank's rows (``shard(x, rank, P, layout)``), as for
+    :func:`cuflash.parallel.ring_attention`; options are ``cuflash.attention``'s over the whole
+    sequence. ``alibi_slopes`` (shape ``(Hq,)`` or ``(..., Hq)``) are the slopes of all heads.
+    """
+    _check(comm, q, k, v, layout)
+    hq = q.shape[-3]
+    qh, kh, vh = (_to_heads(x, comm, layout) for x in (q, k, v))
+    out, lse = cuflash.attention(qh, kh, vh, causal=causal, window=window, softcap=softcap,
+                                 scale=scale, alibi_slopes=_slopes(alibi_slopes, comm, hq),
+                                 return_lse=True)
+    out = _to_sequence(out, comm, layout)
+    if not return_lse:
+        return out
+    return out, _to_sequence(lse, comm, layout, seq_axis=-1)
+
+
+def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = False,
+                               layout: str = "contiguous", window=(-1, -1),
+                               softcap: float = 0.0, scale: float | None = None,
+                               alibi_slopes=None, deterministic: bool = False):
+    """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
+    _check(comm, q, k, v, layout)
+    hq = q.shape[-3]
+    qh, kh, vh, douth, outh = (_to_heads(x, comm, layout) for x in (q, k, v, dout, out))
+    lseh = _to_heads(lse, comm, layout, seq_axis=-1)
+    grads = cuflash.attention_backward(douth, qh, kh, vh, outh, lseh, causal=causal,
+                                       window=window, softcap=softcap, scale=scale,
+                                       alibi_slopes=_slopes(alibi_slopes, comm, hq),
+                                       deterministic=deterministic)
+    return tuple(_to_sequence(g, comm, layout) for g in grads)

@@ -1,0 +1,618 @@
+"""cuflash.parallel on the CPU: ring and Ulysses attention on a simulated ring (LocalRing), the
+per-pair mask plan, the log-sum-exp merge, the layouts, failures, torch, and the launcher.
+
+Every ring result is gathered (``unshard``) and checked against the float64 oracle with the
+project's rule (``oracle.assert_forward_close`` / ``assert_backward_close``), and compared with
+single-process ``cuflash.attention`` / ``attention_backward``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+from oracle import assert_backward_close, assert_forward_close, random_array
+
+import cuflash
+from cuflash import _mask
+from cuflash.parallel import (CommError, CommTimeout, LocalRing, merge, positions,
+                              ring_attention, ring_attention_backward, ring_attention_vjp,
+                              segments, shard, ulysses_attention, ulysses_attention_backward,
+                              unshard)
+from cuflash.parallel import _plan
+
+F32 = np.float32
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _shards(x, size, layout, axis=-2):
+    return [shard(x, r, size, layout, axis=axis) for r in range(size)]
+
+
+def _run_ring(size, layout, q, k, v, dout, **options):
+    """Ring forward (with lse) and backward on a LocalRing; results gathered."""
+
+    def rank(comm, q, k, v, dout):
+        out, lse = ring_attention(q, k, v, comm=comm, layout=layout, return_lse=True,
+                                  **options)
+        grads = ring_attention_backward(dout, q, k, v, out, lse, comm=comm, layout=layout,
+                                        **options)
+        return out, lse, grads
+
+    results = LocalRing(size).run(rank, *(_shards(x, size, layout) for x in (q, k, v, dout)))
+    out = unshard([r[0] for r in results], layout)
+    lse = unshard([r[1] for r in results], layout, axis=-1)
+    grads = tuple(unshard([r[2][i] for r in results], layout) for i in range(3))
+    return out, lse, grads
+
+
+def _check_against_single(out, lse, grads, q, k, v, dout, context, **options):
+    assert_forward_close(out, lse, q, k, v, context=context, **options)
+    assert_backward_close(grads, dout, q, k, v, context=context, **options)
+    ref_out, ref_lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    ref_grads = cuflash.attention_backward(dout, q, k, v, ref_out, ref_lse, **options)
+    tol = 1e-5 if q.dtype == F32 else 3e-2
+    np.testing.assert_allclose(out.astype(F32), ref_out.astype(F32), atol=tol, rtol=0)
+    seen = np.isfinite(ref_lse)
+    assert np.array_equal(np.isfinite(lse), seen), context
+    np.testing.assert_allclose(lse[seen], ref_lse[seen], atol=tol, rtol=0)
+    for got, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(got.astype(F32), ref.astype(F32), atol=10 * tol, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def _covered(layout, size, nq_local, nk_local, left, right):
+    """How often the calls of every rank and step cover each global (query, key) pair."""
+    nq, nk = nq_local * size, nk_local * size
+    count = np.zeros((nq, nk), np.int64)
+    for rank in range(size):
+        qpos = positions(nq, rank, size, layout)
+        for step in range(size):
+            source = (rank - step) % size
+            kpos = positions(nk, source, size, layout)
+            for call in _plan.plan_step(layout, size, rank, source, nq_local, nk_local, left,
+                                        right):
+                rows = np.arange(*call.rows)
+                cols = np.arange(*call.cols)
+                l_, r_ = _mask.band(call.window, call.causal)
+                keep = _mask.visible(len(rows), len(cols), l_, r_)
+                count[np.ix_(qpos[rows], kpos[cols])] += keep
+    return count
+
+
+BANDS = [(-1, -1), (-1, 0), (0, -1), (0, 0), (3, 0), (5, 2), (1, 7), (-1, 4), (9, -1),
+         (40, 0), (0, 40)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_plan_covers_the_global_mask_exactly_once(layout, size):
+    """Every (query, key) pair the global band admits is computed by exactly one call of one
+    step of one rank, and no other pair is."""
+    lengths = [(4, 4), (6, 6), (4, 8), (8, 4), (2, 6)] if layout == "zigzag" else \
+        [(3, 3), (5, 5), (2, 5), (5, 2), (1, 4)]
+    for (nq_local, nk_local), (left, right) in itertools.product(lengths, BANDS):
+        nq, nk = nq_local * size, nk_local * size
+        expected = _mask.visible(nq, nk, left, right).astype(np.int64)
+        got = _covered(layout, size, nq_local, nk_local, left, right)
+        assert np.array_equal(got, expected), (layout, size, nq_local, nk_local, left, right)
+
+
+def test_plan_uses_plain_calls_for_the_usual_cases():
+    """Zigzag causal: one causal call on the diagonal step, one dense call per other step;
+    contiguous causal: future chunks skipped; non-causal: one dense call per step."""
+    dense = ((-1, -1), False)
+    for size in (2, 4):
+        for rank in range(size):
+            for step in range(size):
+                source = (rank - step) % size
+                calls = _plan.plan_step("zigzag", size, rank, source, 8, 8, -1, 0)
+                assert len(calls) == 1
+                call = calls[0]
+                if source == rank:
+                    assert (call.rows, call.cols, call.causal) == ((0, 8), (0, 8), True)
+                elif source < rank:  # both query chunks see the first key chunk fully
+                    assert (call.rows, call.cols) == ((0, 8), (0, 4))
+                    assert (call.window, call.causal) == dense
+                else:  # the second query chunk sees both key chunks fully
+                    assert (call.rows, call.cols) == ((4, 8), (0, 8))
+                    assert (call.window, call.causal) == dense
+                calls = _plan.plan_step("contiguous", size, rank, source, 8, 8, -1, 0)
+                assert len(calls) == (0 if source > rank else 1)
+                if source < rank:
+                    assert (calls[0].window, calls[0].causal) == dense
+                calls = _plan.plan_step("zigzag", size, rank, source, 8, 8, -1, -1)
+                assert [(c.rows, c.cols, c.window, c.causal) for c in calls] == [
+                    ((0, 8), (0, 8), (-1, -1), False)]
+
+
+def test_plan_window_offsets():
+    """A window pair is one trimmed call whose local window is the global band, shifted."""
+    # 2 ranks, contiguous, 8 rows each, window (3, 0): rank 1 sees only the last 3 keys of
+    # rank 0's chunk, from its first 3 rows.
+    calls = _plan.plan_step("contiguous", 2, 1, 0, 8, 8, 3, 0)
+    assert len(calls) == 1
+    call = calls[0]
+    assert call.rows == (0, 3) and call.cols == (5, 8)
+    # rows 8, 9, 10 see keys 5..7 with j >= i − 3: a lower triangle plus the diagonal above it
+    l_, r_ = _mask.band(call.window, call.causal)
+    keep = _mask.visible(3, 3, l_, r_)
+    assert keep.tolist() == [[True, True, True], [False, True, True], [False, False, True]]
+    assert _plan.plan_step("contiguous", 2, 0, 1, 8, 8, 3, 0) == ()  # the future
+    assert _plan.plan_step("contiguous", 4, 3, 0, 8, 8, 3, 0) == ()  # too far back
+
+
+# ----------------------------------------------------------------------------- ring: exactness
+
+CASES = [  # (causal, window)
+    (False, (-1, -1)),
+    (True, (-1, -1)),
+    (False, (21, 9)),
+    (True, (33, -1)),
+    (False, (-1, 5)),
+]
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("size", [2, 3, 4])
+@pytest.mark.parametrize("causal, window", CASES)
+def test_ring_matches_single_process(size, layout, causal, window, seed, rng):
+    n = {2: 96, 3: 144, 4: 192}[size] if layout == "contiguous" else \
+        {2: 120, 3: 168, 4: 240}[size]
+    q = random_array(rng, (2, 4, n, 16), F32)
+    k = random_array(rng, (2, 2, n, 16), F32)  # grouped-query: 2 query heads per kv head
+    v = random_array(rng, (2, 2, n, 24), F32)  # Dv != D
+    dout = random_array(rng, (2, 4, n, 24), F32)
+    options = dict(causal=causal, window=window)
+    out, lse, grads = _run_ring(size, layout, q, k, v, dout, **options)
+    _check_against_single(out, lse, grads, q, k, v, dout,
+                          f"seed={seed} P={size} {layout} {options}", **options)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ring_query_and_key_lengths_differ(layout, seed, rng):
+    """Nq != Nk: causal and the window are aligned bottom-right on the WHOLE problem; with
+    Nq > Nk the first query rows see nothing (out 0, lse −inf, gradients 0)."""
+    size = 3
+    for nq, nk, causal, window in [(72, 144, True, (-1, -1)), (144, 72, True, (-1, -1)),
+                                   (144, 72, False, (10, 0)), (72, 144, False, (30, 5))]:
+        q = random_array(rng, (1, 2, nq, 16), F32)
+        k = random_array(rng, (1, 2, nk, 16), F32)
+        v = random_array(rng, (1, 2, nk, 16), F32)
+        dout = random_array(rng, q.shape, F32)
+        options = dict(causal=causal, window=window)
+        out, lse, grads = _run_ring(size, layout, q, k, v, dout, **options)
+        _check_against_single(out, lse, grads, q, k, v, dout,
+                              f"seed={seed} {layout} Nq={nq} Nk={nk} {options}", **options)
+        if nq > nk and causal:
+            assert np.isneginf(lse[..., : nq - nk]).all()
+            assert (out[..., : nq - nk, :] == 0).all()
+
+
+def test_ring_softcap_scale_and_broadcast(seed, rng):
+    size, layout = 2, "zigzag"
+    q = random_array(rng, (2, 4, 96, 32), F32)
+    k = random_array(rng, (1, 4, 96, 32), F32)  # broadcast over the batch axis
+    v = random_array(rng, (1, 4, 96, 32), F32)
+    dout = random_array(rng, q.shape, F32)
+    options = dict(causal=True, softcap=5.0, scale=0.3)
+    out, lse, grads = _run_ring(size, layout, q, k, v, dout, **options)
+    _check_against_single(out, lse, grads, q, k, v, dout, f"seed={seed} {options}", **options)
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)])
+def test_ring_16_bit(dtype, seed, rng):
+    """16-bit inputs: per-step partials are rounded to the input dtype by cuflash before the
+    float32 merge; the result stays within the rule."""
+    q = random_array(rng, (1, 4, 128, 32), dtype)
+    k = random_array(rng, (1, 4, 128, 32), dtype)
+    v = random_array(rng, (1, 4, 128, 32), dtype)
+    dout = random_array(rng, q.shape, dtype)
+    out, lse, grads = _run_ring(4, "zigzag", q, k, v, dout, causal=True)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    context = f"seed={seed} {dtype}"
+    assert_forward_close(out, lse, q, k, v, causal=True, context=context)
+    assert_backward_close(grads, dout, q, k, v, causal=True, context=context)
+
+
+def test_ring_two_dimensional_inputs(rng):
+    q, k, v, dout = (random_array(rng, (64, 16), F32) for _ in range(4))
+    out, lse, grads = _run_ring(2, "zigzag", q, k, v, dout, causal=True)
+    assert out.shape == (64, 16) and lse.shape == (64,)
+    ref_out, ref_lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
+
+
+def test_ring_vjp_equals_forward_and_backward(rng):
+    size, layout = 3, "zigzag"
+    q, k, v, dout = (random_array(rng, (1, 2, 96, 16), F32) for _ in range(4))
+    options = dict(causal=True, window=(20, -1))
+
+    def rank(comm, q, k, v, dout):
+        out, vjp = ring_attention_vjp(q, k, v, comm=comm, layout=layout, **options)
+        return out, vjp(dout)
+
+    results = LocalRing(size).run(rank, *(_shards(x, size, layout) for x in (q, k, v, dout)))
+    out, _, grads = _run_ring(size, layout, q, k, v, dout, **options)
+    np.testing.assert_array_equal(unshard([r[0] for r in results], layout), out)
+    for i in range(3):
+        np.testing.assert_array_equal(unshard([r[1][i] for r in results], layout), grads[i])
+
+
+def test_ring_is_deterministic(rng):
+    q, k, v, dout = (random_array(rng, (1, 2, 96, 16), F32) for _ in range(4))
+    first = _run_ring(3, "zigzag", q, k, v, dout, causal=True)
+    second = _run_ring(3, "zigzag", q, k, v, dout, causal=True)
+    for a, b in zip(first[:2] + first[2], second[:2] + second[2]):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- the merge
+
+def test_merge_of_key_halves_is_attention(rng):
+    """Attention over keys [0, m) merged with attention over [m, n) is attention over all."""
+    q = random_array(rng, (2, 3, 40, 16), F32)
+    k = random_array(rng, (2, 3, 70, 16), F32)
+    v = random_array(rng, (2, 3, 70, 16), F32)
+    a = cuflash.attention(q, k[..., :30, :], v[..., :30, :], return_lse=True)
+    b = cuflash.attention(q, k[..., 30:, :], v[..., 30:, :], return_lse=True)
+    out, lse = merge(*a, *b)
+    ref_out, ref_lse = cuflash.attention(q, k, v, return_lse=True)
+    assert out.dtype == F32 and lse.dtype == F32
+    np.testing.assert_allclose(out, ref_out, atol=2e-6)
+    np.testing.assert_allclose(lse, ref_lse, atol=2e-6)
+
+
+def test_merge_negative_infinity_rows():
+    """Rows that saw nothing on one side take the other side; on both sides stay 0 / −inf;
+    never NaN (and no floating-point warnings)."""
+    out_a = np.array([[1.0, 2.0], [3.0, 4.0], [0.0, 0.0], [0.0, 0.0]], F32)
+    lse_a = np.array([0.5, -np.inf, -np.inf, 1.0], F32)
+    out_b = np.array([[0.0, 0.0], [5.0, 6.0], [0.0, 0.0], [7.0, 8.0]], F32)
+    lse_b = np.array([-np.inf, 2.0, -np.inf, 1.0], F32)
+    with np.errstate(all="raise"):
+        out, lse = merge(out_a, lse_a, out_b, lse_b)
+    np.testing.assert_array_equal(out[0], [1.0, 2.0])
+    np.testing.assert_array_equal(out[1], [5.0, 6.0])
+    np.testing.assert_array_equal(out[2], [0.0, 0.0])
+    np.testing.assert_allclose(out[3], [3.5, 4.0])
+    assert lse[0] == F32(0.5) and lse[1] == F32(2.0) and np.isneginf(lse[2])
+    np.testing.assert_allclose(lse[3], 1.0 + np.log(2.0), rtol=1e-6)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+
+
+def test_ring_rows_that_see_nothing(rng):
+    """A window that leaves whole query chunks with no key on most steps, and rows with no
+    key at all (Nq > Nk, causal): out exactly 0 and lse −inf there, no NaN anywhere."""
+    q = random_array(rng, (1, 2, 192, 16), F32)
+    k = random_array(rng, (1, 2, 96, 16), F32)
+    v = random_array(rng, (1, 2, 96, 16), F32)
+    dout = random_array(rng, q.shape, F32)
+    options = dict(causal=True, window=(4, -1))
+    out, lse, grads = _run_ring(4, "zigzag", q, k, v, dout, **options)
+    assert np.isneginf(lse[..., :96]).all() and (out[..., :96, :] == 0).all()
+    assert (grads[0][..., :96, :] == 0).all()
+    assert not any(np.isnan(x).any() for x in (out, lse) + grads)
+    assert_forward_close(out, lse, q, k, v, **options)
+    assert_backward_close(grads, dout, q, k, v, **options)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_shard_unshard_round_trip(layout, rng):
+    for size in range(1, 6):
+        n = 2 * size * 3
+        x = rng.standard_normal((2, 3, n, 4))
+        parts = _shards(x, size, layout)
+        assert all(p.shape == (2, 3, n // size, 4) for p in parts)
+        np.testing.assert_array_equal(unshard(parts, layout), x)
+        # the positions are those the shard holds
+        for r, part in enumerate(parts):
+            np.testing.assert_array_equal(part, x[:, :, positions(n, r, size, layout)])
+        # another axis (lse-like arrays)
+        y = rng.standard_normal((3, n))
+        np.testing.assert_array_equal(unshard(_shards(y, size, layout, axis=-1), layout,
+                                              axis=-1), y)
+        # every position is held by exactly one rank
+        held = np.sort(np.concatenate([positions(n, r, size, layout) for r in range(size)]))
+        np.testing.assert_array_equal(held, np.arange(n))
+
+
+def test_zigzag_chunks():
+    """With P ranks the sequence is 2P chunks; rank r holds chunks r and 2P − 1 − r."""
+    size, chunk = 4, 3
+    n = 2 * size * chunk
+    for r in range(size):
+        expected = list(range(r * chunk, (r + 1) * chunk)) + \
+            list(range((2 * size - 1 - r) * chunk, (2 * size - r) * chunk))
+        assert positions(n, r, size, "zigzag").tolist() == expected
+        assert segments(2 * chunk, r, size, "zigzag") == (
+            (0, r * chunk, chunk), (chunk, (2 * size - 1 - r) * chunk, chunk))
+
+
+def test_uneven_lengths_are_refused(rng):
+    x = np.zeros((1, 2, 100, 8), F32)
+    with pytest.raises(ValueError, match=r"N = 100.*P = 3.*'contiguous'"):
+        shard(x, 0, 3, "contiguous")
+    with pytest.raises(ValueError, match=r"N = 100.*P = 4.*'zigzag'.*2·P = 8"):
+        shard(x, 0, 4, "zigzag")
+    with pytest.raises(ValueError, match=r"N = 90.*P = 4.*'zigzag'"):
+        positions(90, 0, 4, "zigzag")
+    # Local chunks of odd length cannot be zigzag halves.
+    q = np.zeros((1, 2, 25, 8), F32)
+    with pytest.raises(ValueError, match=r"zigzag.*N = 50.*2·P = 4"):
+        LocalRing(2).run(lambda comm, q: ring_attention(q, q, q, comm=comm), [q, q])
+
+
+def test_unsupported_options_are_refused():
+    q = np.zeros((1, 2, 8, 8), F32)
+    with pytest.raises(NotImplementedError, match="alibi"):
+        LocalRing(1).run(lambda comm: ring_attention(q, q, q, comm=comm,
+                                                     alibi_slopes=np.ones(2, F32)))
+    with pytest.raises(ValueError, match="layout"):
+        LocalRing(1).run(lambda comm: ring_attention(q, q, q, comm=comm, layout="striped"))
+    with pytest.raises(TypeError, match="communicator"):
+        ring_attention(q, q, q, comm=None)
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_mismatched_ranks_raise_instead_of_hanging():
+    """A rank with another chunk shape, or other options, is an error on every rank."""
+    a = np.zeros((1, 2, 16, 8), F32)
+    b = np.zeros((1, 2, 12, 8), F32)
+    with pytest.raises(ValueError, match="other shapes"):
+        LocalRing(2).run(lambda comm, q: ring_attention(q, q, q, comm=comm), [a, b])
+    with pytest.raises(ValueError, match="other shapes"):
+        LocalRing(2).run(lambda comm, c: ring_attention(a, a, a, comm=comm, causal=c),
+                         [True, False])
+
+
+def test_a_failing_rank_does_not_hang_the_others():
+    """Rank 1 raises before sending: rank 0, waiting for it, fails at once naming it, and run()
+    raises rank 1's own error."""
+    q = np.zeros((1, 2, 16, 8), F32)
+
+    def rank(comm):
+        if comm.rank == 1:
+            raise ValueError("rank 1 broke")
+        return ring_attention(q, q, q, comm=comm, validate=False)
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="rank 1 broke"):
+        LocalRing(3, timeout=30).run(rank)
+    assert time.monotonic() - start < 10
+
+
+def test_a_hanging_rank_times_out():
+    q = np.zeros((1, 2, 16, 8), F32)
+    seen = {}
+
+    def rank(comm):
+        if comm.rank == 1:
+            time.sleep(1.0)  # hangs (then leaves without calling)
+            return None
+        try:
+            return ring_attention(q, q, q, comm=comm, validate=False)
+        except CommTimeout as error:
+            seen["error"] = str(error)
+            raise
+
+    start = time.monotonic()
+    with pytest.raises(CommError):
+        LocalRing(2, timeout=0.2).run(rank)
+    assert time.monotonic() - start < 10
+    assert "within 0.2 s" in seen["error"] and "rank 1" in seen["error"]
+
+
+def test_calls_in_different_orders_are_detected():
+    def rank(comm):
+        if comm.rank == 0:
+            comm.all_gather(np.zeros(1))
+        else:
+            comm.shift([np.zeros(1)]).wait()
+
+    with pytest.raises(CommError, match="same order|do not make the same calls"):
+        LocalRing(2, timeout=5).run(rank)
+
+
+def test_local_ring_collectives():
+    def rank(comm):
+        x = np.array([comm.rank + 1.0])
+        gathered = [float(y[0]) for y in comm.all_gather(x)]
+        total = float(comm.all_reduce(x)[0])
+        moved = comm.all_to_all([np.array([10 * comm.rank + j]) for j in range(comm.size)])
+        comm.barrier()
+        shifted = comm.shift([x], offset=2).wait()[0]
+        return gathered, total, [int(m[0]) for m in moved], float(shifted[0])
+
+    results = LocalRing(4).run(rank)
+    for r, (gathered, total, moved, shifted) in enumerate(results):
+        assert gathered == [1.0, 2.0, 3.0, 4.0] and total == 10.0
+        assert moved == [10 * s + r for s in range(4)]
+        assert shifted == (r - 2) % 4 + 1.0
+
+
+# ----------------------------------------------------------------------------- Ulysses
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ulysses_matches_single_process(layout, seed, rng):
+    size = 2
+    q = random_array(rng, (1, 4, 96, 16), F32)
+    k = random_array(rng, (1, 2, 96, 16), F32)
+    v = random_array(rng, (1, 2, 96, 16), F32)
+    dout = random_array(rng, q.shape, F32)
+    slopes = (2.0 ** -np.arange(1, 5)).astype(F32)
+    options = dict(causal=True, window=(40, -1), softcap=8.0, alibi_slopes=slopes)
+
+    def rank(comm, q, k, v, dout):
+        out, lse = ulysses_attention(q, k, v, comm=comm, layout=layout, return_lse=True,
+                                     **options)
+        grads = ulysses_attention_backward(dout, q, k, v, out, lse, comm=comm, layout=layout,
+                                           **options)
+        return out, lse, grads
+
+    results = LocalRing(size).run(rank, *(_shards(x, size, layout) for x in (q, k, v, dout)))
+    out = unshard([r[0] for r in results], layout)
+    lse = unshard([r[1] for r in results], layout, axis=-1)
+    grads = tuple(unshard([r[2][i] for r in results], layout) for i in range(3))
+    _check_against_single(out, lse, grads, q, k, v, dout, f"seed={seed} {layout}", **options)
+
+
+def test_ulysses_needs_divisible_heads():
+    q = np.zeros((1, 3, 16, 8), F32)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        LocalRing(2).run(lambda comm: ulysses_attention(q, q, q, comm=comm))
+
+
+# ----------------------------------------------------------------------------- the check
+
+def test_check_sharded_on_the_cpu():
+    from cuflash.parallel import check_sharded
+    result = check_sharded(ranks=3, device="cpu", seq_len=192, heads=4, kv_heads=2,
+                           head_dim=16, rows=48, window=(40, 3))
+    assert result.passed, result.report()
+    assert [c.name for c in result.comparisons] == ["out", "lse", "dq", "dk", "dv"]
+    report = result.report()
+    assert "PASS" in report and "3 ranks (simulated, cpu)" in report
+    assert result.record()["passed"] is True
+
+
+# ----------------------------------------------------------------------------- torch
+
+def test_torch_tensors_and_autograd(rng):
+    torch = pytest.importorskip("torch")
+    import cuflash.torch
+    from cuflash.parallel import torch_ring_attention
+    size, layout = 2, "zigzag"
+    q, k, v, dout = (torch.from_numpy(random_array(rng, (1, 2, 64, 16), F32))
+                     for _ in range(4))
+    ref = cuflash.torch.attention(*(x.clone().requires_grad_() for x in (q, k, v)),
+                                  causal=True)
+
+    def rank(comm, q, k, v, dout):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = torch_ring_attention(*leaves, comm=comm, causal=True, layout=layout)
+        out.backward(dout)
+        return out.detach(), [x.grad for x in leaves]
+
+    parts = [[shard(x, r, size, layout) for r in range(size)] for x in (q, k, v, dout)]
+    results = LocalRing(size).run(rank, *parts)
+    out = unshard([r[0] for r in results], layout)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=0)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    cuflash.torch.attention(*leaves, causal=True).backward(dout)
+    for i in range(3):
+        torch.testing.assert_close(unshard([r[1][i] for r in results], layout), leaves[i].grad,
+                                   atol=1e-5, rtol=0)
+
+
+def _gloo_rank(rank, size, port, n, seed, queue):
+    """One process of the TorchComm test: ring attention over torch.distributed (Gloo)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from cuflash.parallel import TorchComm
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        comm = TorchComm(timeout=60)
+        rng = np.random.default_rng(seed)
+        q, k, v, dout = (rng.standard_normal((1, 2, n, 16), dtype=F32) for _ in range(4))
+        parts = [shard(x, rank, size, "zigzag") for x in (q, k, v, dout)]
+        out, lse = ring_attention(*parts[:3], comm=comm, causal=True, return_lse=True)
+        grads = ring_attention_backward(parts[3], *parts[:3], out, lse, comm=comm, causal=True)
+        heads = ulysses_attention(*parts[:3], comm=comm, layout="zigzag", causal=True)
+        queue.put((rank, out, lse, grads, heads))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torch_comm_over_gloo_processes(rng):
+    """TorchComm with real processes (Gloo on the CPU): the same answers as one process."""
+    pytest.importorskip("torch")
+    import multiprocessing
+
+    from cuflash.parallel.launch import _free_port
+    size, n, seed = 2, 64, int(rng.integers(1 << 31))
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_gloo_rank, args=(r, size, port, n, seed, queue))
+                 for r in range(size)]
+    for p in processes:
+        p.start()
+    try:
+        results = sorted((queue.get(timeout=120) for _ in range(size)), key=lambda r: r[0])
+    finally:
+        for p in processes:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in processes)
+    rng = np.random.default_rng(seed)
+    q, k, v, dout = (rng.standard_normal((1, 2, n, 16), dtype=F32) for _ in range(4))
+    out = unshard([r[1] for r in results], "zigzag")
+    lse = unshard([r[2] for r in results], "zigzag", axis=-1)
+    grads = tuple(unshard([r[3][i] for r in results], "zigzag") for i in range(3))
+    _check_against_single(out, lse, grads, q, k, v, dout, f"seed={seed} gloo", causal=True)
+    np.testing.assert_allclose(unshard([r[4] for r in results], "zigzag"), out, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+def _launch(tmp_path, body, gpus, **options):
+    from cuflash.parallel.launch import launch
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    return launch([sys.executable, str(script)], gpus, **options)
+
+
+def test_launcher_environment_and_rendezvous(tmp_path):
+    """Every process gets its rank and the rendezvous file; rank 0's bytes reach all ranks."""
+    code = _launch(tmp_path, f"""
+        import os, sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from cuflash.parallel.nccl import rendezvous_file
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        assert os.environ["LOCAL_RANK"] == str(rank) and size == 3
+        assert os.environ["MASTER_PORT"]
+        data = rendezvous_file(os.environ["CUFLASH_NCCL_ID_FILE"], rank, 30,
+                               lambda: bytes(range(128)))
+        assert data == bytes(range(128)), data
+        open(os.path.join({str(tmp_path)!r}, f"ok{{rank}}"), "w").close()
+        """, 3, timeout=30)
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1", "ok2"]
+
+
+def test_launcher_stops_every_rank_when_one_fails(tmp_path):
+    start = time.monotonic()
+    code = _launch(tmp_path, """
+        import os, sys, time
+        if os.environ["RANK"] == "1":
+            sys.exit(3)
+        time.sleep(60)
+        """, 2, grace=1.0)
+    assert code == 3
+    assert time.monotonic() - start < 30
+
+
+def test_launcher_command_line_errors():
+    result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "0",
+                             "x.py"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "at least 1" in result.stderr
