@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import cupy  # noqa: E402
 
+from cuflash import _api  # noqa: E402
 from cuflash.bench import DTYPES as _DTYPES  # noqa: E402
 from cuflash.bench.problems import DENSE_HEAD_DIMS, DENSE_SEQ_LENS  # noqa: E402
 from cuflash.bench import GpuDevice, device_properties  # noqa: E402
@@ -68,6 +69,14 @@ def free_pool() -> None:
 
 def randn(rng, shape, dtype):
     return rng.standard_normal(shape, dtype=cupy.float32).astype(dtype)
+
+
+def spec_for(q, k, v, **options):
+    """The AttentionSpec ``cuflash.attention`` / ``attention_backward`` would build for these
+    arguments (the launchers' entry points take it); options left out take the API's defaults."""
+    defaults = dict(causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                    block_mask=None, deterministic=False)
+    return _api._spec(q, k, v, **{**defaults, **options})[1]
 
 
 def make_inputs(rng, *, dtype, b, hq, hkv, nq, nk, d, layout, dout=False):
@@ -147,15 +156,15 @@ def run_correctness(cases, seed, check_case):
 
 
 def compile_report(module, expressions):
-    """Compile each kernel of ``module`` (its SOURCE and OPTIONS) and print registers and local
-    memory; returns the number that failed to compile."""
+    """Compile each kernel of ``module`` (its SOURCE, and its OPTIONS where it has any) and print
+    registers and local memory; returns the number that failed to compile."""
     from cuflash.kernels import _build
 
     bad = 0
     for expression in expressions:
         start = time.perf_counter()
         try:
-            kernel = _build.get_function(module.SOURCE, expression, options=module.OPTIONS)
+            kernel = _build.get_function(module.SOURCE, expression, options=getattr(module, "OPTIONS", ()))
             regs, local = kernel.num_regs, kernel.local_size_bytes
             flag = "" if local == 0 else "  <-- local memory (spills)"
             print(f"  {expression:60s} regs {regs:3d}  local {local:4d} B  "

@@ -26,12 +26,13 @@ import cupy  # noqa: E402
 import numpy  # noqa: E402
 from _harness import (  # noqa: E402
     DTYPES, SHORT, check_main, compile_report, dense_cases, fmt, make_inputs, median_ms, randn,
-    ratio, scale_cases, sdpa_tflops, short_error, stop_if_broken, sweep_grid, sweep_shapes,
-    timing_grid,
+    ratio, scale_cases, sdpa_tflops, short_error, spec_for, stop_if_broken, sweep_grid,
+    sweep_shapes, timing_grid,
 )
 
 from cuflash.bench import forward_flops  # noqa: E402
 from cuflash.kernels import mma_forward, sm90_forward  # noqa: E402
+from cuflash.kernels._variants import spec_of  # noqa: E402
 from cuflash.kernels.sm90_forward import Sm90Tiles  # noqa: E402
 
 
@@ -50,10 +51,11 @@ def check_case(rng, *, dtype, d, nq, nk=None, b=1, hq=2, hkv=None, causal=False,
         out = cupy.full((b, hq, nq, d), numpy.nan, dtype=dtype)
     lse = cupy.full((b, hq, nq), numpy.nan, dtype=cupy.float32)
     s = 1.0 / math.sqrt(d) if scale is None else scale
-    if not sm90_forward.supports(q, k, v, out, block_mask, tiles):
-        raise AssertionError("supports() returned False for a case it should take")
-    sm90_forward.forward(q, k, v, out, lse, scale=s, causal=causal, block_mask=block_mask,
-                         tiles=tiles)
+    spec = spec_for(q, k, v, causal=causal, scale=s, block_mask=block_mask)
+    reason = sm90_forward.supports(spec, (q, k, v, out))
+    if reason is not None:
+        raise AssertionError(f"supports() refused a case it should take: {reason}")
+    sm90_forward.forward(q, k, v, out, lse, spec, tiles=tiles)
     cupy.cuda.Device().synchronize()
     try:
         assert_forward_close(out, lse, q, k, v, causal=causal, scale=s, block_mask=block_mask,
@@ -165,7 +167,8 @@ def run_probes(seed):
                 out = cupy.full((b, h, n, d), numpy.nan, dtype=dtype)
                 lse = cupy.full((b, h, n), numpy.nan, dtype=cupy.float32)
                 try:
-                    sm90_forward.forward(q, k, v, out, lse, scale=scale, causal=False)
+                    spec = spec_for(q, k, v, scale=scale, causal=False)
+                    sm90_forward.forward(q, k, v, out, lse, spec)
                     cupy.cuda.Device().synchronize()
                     got, want = cupy.asnumpy(out.astype(cupy.float64)), cupy.asnumpy(expected)
                     err = float(numpy.abs(got - want).max()) if not numpy.isnan(got).any() else math.nan
@@ -192,14 +195,13 @@ def time_problem(torch, dtype, n, d, causal, *, tiles=None, baselines=True):
     q, k, v = (randn(rng, (b, h, n, d), dtype) for _ in range(3))
     flop = forward_flops(b, h, n, n, d, causal=causal)
     tf = lambda ms: flop / ms / 1e9  # noqa: E731
-    scale = 1.0 / math.sqrt(d)
+    spec = spec_for(q, k, v, scale=1.0 / math.sqrt(d), causal=causal)
     out_sm90, out_mma = cupy.empty_like(q), cupy.empty_like(q)
     lse = cupy.empty((b, h, n), cupy.float32)
     result = {"sm90": tf(median_ms(lambda: sm90_forward.forward(
-        q, k, v, out_sm90, lse, scale=scale, causal=causal, tiles=tiles)))}
+        q, k, v, out_sm90, lse, spec, tiles=tiles)))}
     if baselines:
-        result["mma"] = tf(median_ms(lambda: mma_forward.forward(
-            q, k, v, out_mma, lse, scale=scale, causal=causal)))
+        result["mma"] = tf(median_ms(lambda: mma_forward.forward(q, k, v, out_mma, lse, spec)))
         diff = cupy.abs(out_sm90.astype(cupy.float32) - out_mma.astype(cupy.float32)).max()
         result["maxdiff"] = float(diff.get())
         result.update(sdpa_tflops(torch, flop, q, k, v, causal))
@@ -240,7 +242,7 @@ def run_sweep(dtype_name):
 def run_compile_report(sweep):
     expressions = [e for _, e in sm90_forward.main_variants()]
     if sweep:
-        expressions += [sm90_forward.variant("bfloat16", d, tiles, causal=causal, sparse=False)
+        expressions += [sm90_forward.variant(spec_of("bfloat16", d, causal=causal), tiles)
                         for d, tiles, causal in sweep_shapes(sweep_tiles)]
     return compile_report(sm90_forward, expressions)
 

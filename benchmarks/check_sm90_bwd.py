@@ -30,11 +30,12 @@ import cupy  # noqa: E402
 import numpy  # noqa: E402
 from _harness import (  # noqa: E402
     SHORT, check_main, compile_report, dense_cases, fmt, make_inputs, median_ms, randn,
-    ratio, scale_cases, sdpa_tflops, sweep_grid, sweep_shapes, timing_grid,
+    ratio, scale_cases, sdpa_tflops, spec_for, sweep_grid, sweep_shapes, timing_grid,
 )
 
 from cuflash.bench import BACKWARD_FLOP_FACTOR, forward_flops  # noqa: E402
 from cuflash.kernels import mma_backward, sm90_backward, sm90_forward  # noqa: E402
+from cuflash.kernels._variants import spec_of  # noqa: E402
 from cuflash.kernels.sm90_backward import Sm90BwdTiles  # noqa: E402
 
 
@@ -52,10 +53,11 @@ def oracle_forward(q, k, v, *, causal, scale, block_mask):
 
 def run_backward(dout, q, k, v, out, lse, *, scale, causal, block_mask, tiles):
     dq, dk, dv = (cupy.full(x.shape, numpy.nan, dtype=x.dtype) for x in (q, k, v))
-    if not sm90_backward.supports(q, k, v, dout, block_mask, out=out, grads=(dq, dk, dv), tiles=tiles):
-        raise AssertionError("supports() returned False for a case it should take")
-    sm90_backward.backward(dout, q, k, v, out, lse, dq, dk, dv, scale=scale, causal=causal,
-                           block_mask=block_mask, tiles=tiles)
+    spec = spec_for(q, k, v, scale=scale, causal=causal, block_mask=block_mask)
+    reason = sm90_backward.supports(spec, (q, k, v, dout, out, dq, dk, dv))
+    if reason is not None:
+        raise AssertionError(f"supports() refused a case it should take: {reason}")
+    sm90_backward.backward(dout, q, k, v, out, lse, dq, dk, dv, spec, tiles=tiles)
     cupy.cuda.Device().synchronize()
     return dq, dk, dv
 
@@ -173,16 +175,14 @@ def time_problem(torch, dtype, n, d, causal, *, tiles=None, baselines=True):
     q, k, v, dout = (randn(rng, (b, h, n, d), dtype) for _ in range(4))
     fwd_flop = forward_flops(b, h, n, n, d, causal=causal)
     bwd_flop, fb_flop = BACKWARD_FLOP_FACTOR * fwd_flop, (1 + BACKWARD_FLOP_FACTOR) * fwd_flop
-    scale = 1.0 / math.sqrt(d)
+    spec = spec_for(q, k, v, scale=1.0 / math.sqrt(d), causal=causal)
     out = cupy.empty_like(q)
     lse = cupy.empty((b, h, n), cupy.float32)
     grads = tuple(cupy.empty_like(x) for x in (q, k, v))
     grads_mma = tuple(cupy.empty_like(x) for x in (q, k, v))
-    fwd = lambda: sm90_forward.forward(q, k, v, out, lse, scale=scale, causal=causal)  # noqa: E731
-    bwd = lambda: sm90_backward.backward(dout, q, k, v, out, lse, *grads, scale=scale,  # noqa: E731
-                                         causal=causal, tiles=tiles)
-    bwd_mma = lambda: mma_backward.backward(dout, q, k, v, out, lse, *grads_mma, scale=scale,  # noqa: E731
-                                            causal=causal)
+    fwd = lambda: sm90_forward.forward(q, k, v, out, lse, spec)  # noqa: E731
+    bwd = lambda: sm90_backward.backward(dout, q, k, v, out, lse, *grads, spec, tiles=tiles)  # noqa: E731
+    bwd_mma = lambda: mma_backward.backward(dout, q, k, v, out, lse, *grads_mma, spec)  # noqa: E731
     r = {}
     fwd()
     r["bwd"] = bwd_flop / median_ms(bwd, reps=REPS) / 1e9
@@ -229,8 +229,9 @@ def run_compile_report(sweep):
     expressions = [e for _, e in sm90_backward.main_variants()]
     if sweep:
         for d, tiles, causal in sweep_shapes(sweep_tiles):
-            expressions.append(sm90_backward.variant_dkdv("bfloat16", d, tiles, causal=causal, sparse=False))
-            expressions.append(sm90_backward.variant_dq("bfloat16", d, tiles, causal=causal, sparse=False))
+            spec = spec_of("bfloat16", d, causal=causal)
+            expressions.append(sm90_backward.variant_dkdv(spec, tiles))
+            expressions.append(sm90_backward.variant_dq(spec, tiles))
     return compile_report(sm90_backward, dict.fromkeys(expressions))
 
 

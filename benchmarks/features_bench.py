@@ -164,6 +164,8 @@ def main():
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # One compiled graph per (shape, mask or score_mod, grad mode): more than the default limit.
+    torch._dynamo.config.recompile_limit = 64
     flex = torch.compile(flex_attention, dynamic=False)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cupy {cupy.__version__}")
     sliding_window(torch, flex, create_block_mask, (16384,) if args.quick else (16384, 32768))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cupy  # noqa: E402
 import numpy  # noqa: E402
-from _harness import DTYPES, SDPA_BACKENDS, median_ms, randn, sdpa_ms, short_error  # noqa: E402
+from _harness import DTYPES, SDPA_BACKENDS, median_ms, randn, sdpa_ms, short_error, spec_for  # noqa: E402
 
 import cuflash  # noqa: E402
 from cuflash.bench import BACKWARD_FLOP_FACTOR, forward_flops  # noqa: E402
@@ -66,10 +66,9 @@ def main():
         else:
             out = cupy.empty_like(q)
             lse = cupy.empty((b, h, n), numpy.float32)
-            scale = d ** -0.5
+            spec = spec_for(q, k, v, scale=d ** -0.5, causal=causal)
             for tiles in candidate_tiles(d):
-                ms = median_ms(lambda: mma_forward.forward(q, k, v, out, lse, scale=scale, causal=causal, tiles=tiles),
-                               **TIMING)
+                ms = median_ms(lambda: mma_forward.forward(q, k, v, out, lse, spec, tiles=tiles), **TIMING)
                 rows.append((n, d, causal, f"{tiles.warps}w{tiles.mt}x{tiles.block_n}{'q' if tiles.q_in_regs else ''}", tf(ms), ref))
         for row in rows[-(1 if args.bwd else len(candidate_tiles(d))):]:
             n_, d_, c_, name, t, r = row
