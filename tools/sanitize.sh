@@ -13,7 +13,8 @@ status=0
 for tool in memcheck racecheck synccheck initcheck; do
     extra=()
     [ "$tool" = racecheck ] && extra=(--racecheck-report analysis)
-    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" compute-sanitizer --tool "$tool" "${extra[@]}" \
+    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" timeout "${SANITIZE_TIMEOUT:-600}" \
+        compute-sanitizer --tool "$tool" "${extra[@]}" \
         --error-exitcode 9 python3 "$here/tools/sanitize_driver.py" > "$logs/$tool.log" 2>&1
     rc=$?
     summary="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/$tool.log" | tail -1)"

@@ -22,11 +22,10 @@ def _arrays(rng, dtype, b, hq, hkv, n, d):
 
 def main():
     rng = numpy.random.default_rng(0)
-    n = 200
+    n = 150
     slopes = cupy.asarray(numpy.linspace(0.1, 0.5, 2, dtype=numpy.float32))
     pattern = numpy.array([[1, 0], [1, 1]], bool)
     options = (
-        {"causal": True},
         {"window": (60, 20), "softcap": 10.0, "alibi_slopes": slopes},
         {"causal": True, "block_mask": BlockMask.from_dense(pattern, block_size=128, shape=(n, n))},
     )

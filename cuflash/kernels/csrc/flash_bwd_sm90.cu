@@ -135,8 +135,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         // mask hides (keys past Nk are masked too, though their dK/dV rows are never written).
         wgmma_wait<1>();
         reg_fence(s);
-        recompute_probs_transposed(as_blocks<CT>(s), grad, mask, mod, mask.partial(m0, BLOCK_M, key_row0, 16),
-                                   key_row0 + g, m0, t, lse2);
+        recompute_probs_transposed(as_blocks<CT>(s), grad, mask, mod, false, key_row0 + g, m0, t, lse2);
+        if (mask.partial(m0, BLOCK_M, key_row0, 16)) mask_probs_transposed(as_blocks<CT>(s), mask, key_row0 + g, m0, t);
         pack_a<T, KM>(pf, s);
 
         // dV += Pᵀ dO, running while dSᵀ is formed.
@@ -297,8 +297,8 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         wgmma_wait<1>();
         reg_fence(s);
         const int n0 = key_tile[j] * BLOCK_N;
-        recompute_probs(as_blocks<NT>(s), grad, mask, mod, mask.partial(warp_row0, 16, n0, BLOCK_N),
-                        warp_row0 + g, n0, t, lse2);
+        recompute_probs(as_blocks<NT>(s), grad, mask, mod, false, warp_row0 + g, n0, t, lse2);
+        if (mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(as_blocks<NT>(s), mask, warp_row0 + g, n0, t, 0.f);
 
         // dS = P ∘ (dP − Delta[row]).
         wgmma_wait<0>();

@@ -84,23 +84,29 @@ using GradFactors = float[MOD::has_grad_factor ? NT : 1][4];
 
 // S (rows = queries: row0 for half 0, row0 + 8 for half 1; columns key0 + 8j + 2t + e) becomes P
 // in place: the modifier's logit, exp2 against the row's lse2, 0 where the mask hides the key
-// (tested only on `partial` tiles). grad receives the modifier's factor.
+// (tested only on `partial` tiles, element by element: this keeps the sm80 kernels' register
+// allocation spill-free; a kernel that prefers one branch per tile passes partial = false and
+// calls mask_scores(..., 0.f) itself). grad receives the modifier's factor.
 template <int NT, class MASK, class MOD>
 __device__ __forceinline__ void recompute_probs(float (&s)[NT][4], GradFactors<MOD, NT>& grad, const MASK& mask,
                                                 const MOD& mod, bool partial, int row0, int key0, int t,
                                                 const float (&lse2)[2]) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + half * 8;
+        const auto keys = keys_of_row(mask, row);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
+                const int key = key0 + j * 8 + 2 * t + e;
                 float gr;
-                const float x = mod.apply(s[j][half * 2 + e], row0 + half * 8, key0 + j * 8 + 2 * t + e, gr);
-                s[j][half * 2 + e] = mod.prob(x, lse2[half]);
+                float p = mod.prob(mod.apply(s[j][half * 2 + e], row, key, gr), lse2[half]);
+                if (partial && !keys.contains(key)) p = 0.f;
+                s[j][half * 2 + e] = p;
                 if constexpr (MOD::has_grad_factor) grad[j][half * 2 + e] = gr;
             }
-    if (partial) mask_scores(s, mask, row0, key0, t, 0.f);
+    }
 }
 
 // The same for Sᵀ (rows = keys: key_row0 for half 0, + 8 for half 1; columns are queries
@@ -109,26 +115,37 @@ template <int NT, class MASK, class MOD>
 __device__ __forceinline__ void recompute_probs_transposed(float (&s)[NT][4], GradFactors<MOD, NT>& grad,
                                                            const MASK& mask, const MOD& mod, bool partial,
                                                            int key_row0, int query0, int t, const float* lse2) {
+    // Only a band hides pairs here. Keys past Nk need no mask in this layout: their K and V rows
+    // are zero-filled, their dK/dV rows are never stored and their dS meets zero K rows in dQ;
+    // leaving them unmasked keeps a per-element select out of every dense step.
+    const bool masked = MASK::banded && partial;
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const float2 l2 = *reinterpret_cast<const float2*>(lse2 + j * 8 + 2 * t);
+    for (int half = 0; half < 2; ++half) {
+        const int key = key_row0 + half * 8;
+        const auto rows = rows_of_key(mask, key);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int key = key_row0 + half * 8;
+        for (int j = 0; j < NT; ++j) {
+            const float2 l2 = *reinterpret_cast<const float2*>(lse2 + j * 8 + 2 * t);
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int query = query0 + j * 8 + 2 * t + e;
                 float gr;
-                const float p = mod.prob(mod.apply(s[j][half * 2 + e], query, key, gr), e ? l2.y : l2.x);
+                float p = mod.prob(mod.apply(s[j][half * 2 + e], query, key, gr), e ? l2.y : l2.x);
+                if (masked && !rows.contains(query)) p = 0.f;
                 s[j][half * 2 + e] = p;
                 if constexpr (MOD::has_grad_factor) grad[j][half * 2 + e] = gr;
             }
         }
     }
-    // Only a band hides pairs here. Keys past Nk need no mask in this layout: their K and V rows
-    // are zero-filled, their dK/dV rows are never stored and their dS meets zero K rows in dQ;
-    // leaving them unmasked keeps a per-element select out of every dense step.
-    if (MASK::banded && partial) {
+}
+
+// The transposed tile's mask as a separate pass, for kernels that prefer one branch per tile to
+// a select per element (the Hopper dK/dV kernel): call recompute_probs_transposed with
+// partial = false, then this where the tile is partial.
+template <int NT, class MASK>
+__device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const MASK& mask, int key_row0,
+                                                      int query0, int t) {
+    if constexpr (MASK::banded) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const auto rows = rows_of_key(mask, key_row0 + half * 8);
