@@ -161,7 +161,11 @@ class NcclComm(CommBase):
         def create():
             try:
                 self.cupy.cuda.Device(device_id).use()
-                result["comm"] = self.nccl.NcclCommunicator(self.size, uid, self.rank)
+                try:
+                    result["comm"] = self.nccl.NcclCommunicator(self.size, uid, self.rank)
+                except TypeError:  # CuPy 14 takes the id as bytes, older versions as a tuple
+                    result["comm"] = self.nccl.NcclCommunicator(self.size, unique_id_bytes(uid),
+                                                                self.rank)
             except BaseException as error:  # noqa: BLE001 - re-raised below
                 result["error"] = error
 
