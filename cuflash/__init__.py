@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 from . import reference
 from ._api import attention, attention_backward, attention_vjp
 from ._plan import KernelPlan, kernel_plan
+from ._warnings import CuflashNumericalWarning
 
 __all__ = ["attention", "attention_backward", "attention_vjp", "kernel_plan", "KernelPlan",
+           "CuflashNumericalWarning",
            "reference", "sparse", "__version__"]
 
 

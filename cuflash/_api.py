@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy
 
-from . import _checks
+from . import _checks, _warnings
 from ._spec import AttentionSpec
 
 
@@ -60,6 +60,8 @@ def _forward(spec: AttentionSpec, xp, q, k, v, out):
         _backend(xp).forward(q4, k4, v4, target, lse.reshape(s.b, s.hq, s.nq), spec)
         if out4 is None:  # `out` has strides the back ends cannot write through
             result[...] = target.reshape(s.out_shape)
+    if xp is numpy:  # on the GPU a check would make every call wait for the device
+        _warnings.check_forward(result, lse, (q, k, v))
     return result, lse
 
 
@@ -69,7 +71,8 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
     for name, x in (("dout", dout), ("out", out)):
         _checks.check_like(x, name, s.out_shape, spec.dtype, xp, device_of=q)
     _checks.check_like(lse, "lse", s.lse_shape, numpy.dtype(numpy.float32), xp, device_of=q)
-    with _checks.device_context(q):
+    # quiet: NumPy's warnings off here too, for the casts of the broadcast sums below
+    with _checks.device_context(q), _warnings.quiet_if_numpy(xp):
         q4, k4, v4 = _inputs_4d(spec, xp, q, k, v)
         dout4 = _checks.as_4d(dout, s.batch, xp)
         out4 = _checks.as_4d(out, s.batch, xp)
@@ -79,9 +82,12 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
         dk = xp.empty((s.b, s.hkv, s.nk, s.d), spec.dtype)
         dv = xp.empty((s.b, s.hkv, s.nk, s.dv), spec.dtype)
         _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, dq, dk, dv, spec)
-        return tuple(
+        grads = tuple(
             _checks.reduce_to_shape(g.reshape(s.batch + g.shape[1:]), x.shape, xp)
             for g, x in ((dq, q), (dk, k), (dv, v)))
+    if xp is numpy:  # on the GPU a check would make every call wait for the device
+        _warnings.check_backward(grads, (dout, q, k, v, out), lse, spec.dtype)
+    return grads
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,

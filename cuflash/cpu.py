@@ -18,6 +18,11 @@ Both entry points take the 4-D views described in docs/internals.md and an ``Att
 (``cuflash._spec``), and write into the arrays they are given. The tiles are small matrices, for
 which BLAS threads bring nothing but overhead: ``OPENBLAS_NUM_THREADS=1`` usually makes this
 module faster.
+
+Both entry points run under ``numpy.errstate`` with overflow, invalid and divide ignored
+(``cuflash._warnings.quiet``): NumPy's own warnings would name an operation inside this module,
+once per tile. ``cuflash._api`` checks the results instead and issues one
+``CuflashNumericalWarning`` when finite inputs gave inf or NaN.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _mask
+from ._warnings import quiet
 
 BLOCK_M = 128  # query rows per tile
 BLOCK_N = 128  # key rows per tile
@@ -35,6 +41,7 @@ LOG2E, LN2 = _mask.LOG2E, _mask.LN2
 _F32 = np.float32
 
 
+@quiet
 def forward(q, k, v, out, lse, spec):
     """Write ``attention(q, k, v)`` into ``out`` ``(B, Hq, Nq, Dv)`` and ``lse`` ``(B, Hq, Nq)``.
 
@@ -81,6 +88,7 @@ def forward(q, k, v, out, lse, spec):
         lse[:, :, rows] = row_lse.reshape(b, hq, -1)
 
 
+@quiet
 def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
     """Write the gradients of ``forward`` into ``dq``, ``dk``, ``dv``.
 

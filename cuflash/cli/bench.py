@@ -10,8 +10,8 @@ from click.core import ParameterSource
 
 import cuflash.bench as measure
 from cuflash.bench.estimate import attention_seconds
-from cuflash.cli._common import (choose_device, echo_json, progress, pyplot_or_fail,
-                                 require_reasonable, save_figure, stop_on_ctrl_c,
+from cuflash.cli._common import (Interrupted, choose_device, echo_json, progress,
+                                 pyplot_or_fail, require_reasonable, save_figure, stop_on_ctrl_c,
                                  translate_errors)
 from cuflash.cli._options import (TOKENS, POSITIVE, CommaList, device_option, dtype_option,
                                   force_option, json_option, plot_option, seed_option)
@@ -86,7 +86,8 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
     read "n/a (torch not importable)".
 
     Before it starts, bench estimates its time and memory: it stops (exit status 3) when the
-    memory is not free, or when it would take over 30 minutes unless --force is given.
+    memory is not free, or when it would take over 30 minutes unless --force is given. Ctrl-C
+    ends it early, with the table of the rows measured so far (exit status 130).
     """
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
@@ -123,10 +124,13 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
                                 smaller)
             steps = len(masks) * len(modes) * len(measure.SPARSE_IMPLEMENTATIONS)
             with progress(steps, "timing", enabled=not as_json) as bar:
-                records = measure.run_sparse(target, masks, heads=sizes["heads"], modes=modes,
-                                             dtype=dtype.name, on_step=lambda: bar.update(1),
-                                             **options)
-            table = measure.format_sparse_table(records)
+                # One row (mask and mode) at a time, so that Ctrl-C keeps the rows measured.
+                runs = [lambda labelled=labelled, m=m: measure.run_sparse(
+                            target, [labelled], heads=sizes["heads"], modes=(m,),
+                            dtype=dtype.name, on_step=lambda: bar.update(1), **options)
+                        for labelled in masks for m in modes]
+                records, stopped = _run_rows(runs)
+            format_table = measure.format_sparse_table
         else:
             grid = measure.dense_problems(seq_lens, head_dims, causal, total_tokens=total_tokens,
                                           hidden=hidden, dtype=dtype.name)
@@ -134,19 +138,40 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
                                 repeats, force, smaller)
             steps = len(grid) * len(modes) * len(measure.IMPLEMENTATIONS)
             with progress(steps, "timing", enabled=not as_json) as bar:
-                records = measure.run_dense(target, grid, modes,
-                                            on_step=lambda: bar.update(1), **options)
-            table = measure.format_dense_table(records)
+                runs = [lambda problem=problem, m=m: measure.run_dense(
+                            target, [problem], (m,), on_step=lambda: bar.update(1), **options)
+                        for problem in grid for m in modes]
+                records, stopped = _run_rows(runs)
+            format_table = measure.format_dense_table
+        if stopped and not records:
+            raise Interrupted("interrupted by Ctrl-C; no table was printed")
 
     if as_json:
         echo_json({"command": "bench", "sweep": "sparse" if sparse else "dense",
                    "device": target.name, "device_description": target.description,
-                   "results": records})
+                   "results": records, "stopped": stopped})
     else:
         click.echo(f"cuflash bench — {target.description}")
-        click.echo(table)
+        click.echo(format_table(records))
+        if stopped:
+            click.echo(stopped)
     if plot:
         (_plot_sparse if sparse else _plot_dense)(plt, plot, records, target)
+    if stopped:
+        raise Interrupted("the table above holds the rows measured before it")
+
+
+def _run_rows(runs):
+    """Run each ``run()`` (one row of the table each) and gather their records; Ctrl-C stops
+    there. Returns ``(records, stopped)``: ``stopped`` says where it was interrupted, or is
+    None."""
+    records = []
+    try:
+        for run in runs:
+            records.extend(run())
+    except KeyboardInterrupt:
+        return records, f"interrupted by Ctrl-C after {len(records)} of {len(runs)} rows"
+    return records, None
 
 
 # Options that shape the dense grid, which the block-sparse sweep (fixed sizes) does not read.

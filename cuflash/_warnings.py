@@ -1,0 +1,129 @@
+"""Numerical warnings of the NumPy path.
+
+NumPy's own floating-point warnings ("overflow encountered in cast", "invalid value encountered
+in matmul", ...) are switched off inside the NumPy path (``quiet``): they name a NumPy operation
+deep inside cuflash, once per operation, and say nothing about the cause. Instead, after a call
+on NumPy arrays, ``check_forward`` and ``check_backward`` look at the results: when they hold inf
+or NaN although every input was finite, something overflowed, and one
+``CuflashNumericalWarning`` says what and what to do about it. Inputs that already hold inf or
+NaN give no warning: what they do is described in docs/api.md, "Numerical limits".
+
+The GPU path is not checked: reading a flag back from the device would make every call wait for
+the GPU (and break CUDA-graph capture), so results are never inspected there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import warnings
+
+import numpy
+
+__all__ = ["CuflashNumericalWarning", "check_backward", "check_forward", "quiet",
+           "quiet_if_numpy"]
+
+FLOAT16_MAX = 65504.0
+FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)  # about 3.4e38, also bfloat16's range
+
+SEE = "see 'Numerical limits' in docs/api.md"
+
+
+class CuflashNumericalWarning(RuntimeWarning):
+    """A result of the NumPy path holds inf or NaN although its inputs were finite: an
+    intermediate overflowed the range of its dtype. The message says which and what to do."""
+
+
+def _errstate():
+    return numpy.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
+def quiet(function):
+    """Run ``function`` with NumPy's overflow, invalid and divide warnings off (results
+    unchanged: only the reporting is)."""
+
+    @functools.wraps(function)
+    def quietly(*args, **kwargs):
+        with _errstate():
+            return function(*args, **kwargs)
+
+    return quietly
+
+
+def quiet_if_numpy(xp):
+    """``quiet`` as a context, for NumPy arrays only: a ``with`` block for code shared by both
+    paths."""
+    return _errstate() if xp is numpy else contextlib.nullcontext()
+
+
+def _finite(x) -> bool:
+    return bool(numpy.isfinite(x).all())
+
+
+def _valid_lse(lse) -> bool:
+    """lse of an empty row is -inf; NaN or +inf come from non-finite inputs or an overflow."""
+    return not bool((numpy.isnan(lse) | numpy.isposinf(lse)).any())
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_cuflash() -> int:
+    """The ``stacklevel`` of the first frame outside the cuflash package, counted from the
+    function that calls ``warnings.warn`` (which is ``_warn``): the user's call, however deep
+    inside cuflash the check runs."""
+    level, frame = 1, sys._getframe(1)  # _warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CuflashNumericalWarning, stacklevel=_outside_cuflash())
+
+
+def _names(names) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def check_forward(out, lse, inputs) -> None:
+    """Warn once if ``out`` (or ``lse``) of a NumPy forward pass is not finite although q, k and
+    v (``inputs``) are."""
+    if _finite(out) and _valid_lse(lse):
+        return
+    if not all(_finite(x) for x in inputs):
+        return
+    if not _valid_lse(lse):
+        what = ("the logits scale·q·kᵀ (after softcap and ALiBi), computed in float32, "
+                f"overflowed float32 (|x| > {FLOAT32_MAX:.3g}). Scale q, k or `scale` down")
+    else:
+        what = ("the weighted sum of the rows of v, accumulated in float32, overflowed float32 "
+                f"(|x| > {FLOAT32_MAX:.3g}). Scale v down")
+    _warn(f"cuflash.attention: the output holds inf or NaN although q, k and v are finite: "
+          f"{what} ({SEE})")
+
+
+def check_backward(grads, inputs, lse, dtype) -> None:
+    """Warn once if a gradient of a NumPy backward pass is not finite although its inputs
+    (``inputs``: dout, q, k, v, out; ``lse`` may be -inf for empty rows) are."""
+    bad = [name for name, g in zip(("dq", "dk", "dv"), grads) if not _finite(g)]
+    if not bad:
+        return
+    if not (all(_finite(x) for x in inputs) and _valid_lse(lse)):
+        return
+    if numpy.dtype(dtype) == numpy.float16:
+        if bad == ["dv"]:
+            what = f"dv = Pᵀ·dO exceeded {FLOAT16_MAX:g}, the largest float16"
+        else:
+            what = (f"in float16, dS = P∘(dP − Δ), rounded to float16 like the GPU kernels' "
+                    f"tensor-core operands, or a gradient exceeded {FLOAT16_MAX:g}, the largest "
+                    f"float16 (dS_ij = P_ij·dO_i·(v_j − o_i) becomes inf once |dS_ij| ≥ 65520)")
+        what += ". Use bfloat16 or float32 inputs (float32's range), or scale v or dout down"
+    else:
+        what = (f"an intermediate (the logits, dP = dO·vᵀ, dS or a sum of them) exceeded "
+                f"float32's range (|x| > {FLOAT32_MAX:.3g}). Scale the inputs down")
+    _warn(f"cuflash.attention_backward: {_names(bad)} hold{'s' if len(bad) == 1 else ''} inf or "
+          f"NaN although dout, q, k, v, out and lse are finite: {what} ({SEE})")

@@ -1,0 +1,287 @@
+"""The numerical limits of docs/api.md ("Numerical limits"), on the NumPy path.
+
+- A NaN or inf in ``v`` at a masked key reaches the rows of every query tile that visits its key
+  tile (``0 · NaN = NaN`` in ``P·V``), and every row in the float64 oracle.
+- float16 backward: ``dS = P·dO·(v − o)`` is rounded to float16 before ``dq``/``dk``, so it turns
+  into ``inf`` once it reaches 65520; bfloat16 and float32 do not overflow there.
+- NumPy's own RuntimeWarnings never escape; an overflow with finite inputs gives exactly one
+  ``CuflashNumericalWarning`` at the caller's line.
+- ``cuflash bench`` stopped by Ctrl-C prints the rows it measured.
+"""
+
+import contextlib
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from oracle import assert_backward_close
+
+import cuflash
+from cuflash import reference
+from cuflash._warnings import CuflashNumericalWarning
+
+
+@contextlib.contextmanager
+def numpy_warnings_fail():
+    """Record warnings: any RuntimeWarning other than cuflash's raises; cuflash's are kept."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("error", RuntimeWarning)
+        warnings.simplefilter("always", CuflashNumericalWarning)  # first in the list: wins
+        yield caught
+
+
+def cuflash_warnings(caught):
+    return [w for w in caught if issubclass(w.category, CuflashNumericalWarning)]
+
+
+# ----------------------------------------------------------------------------- masked NaN
+
+N, NAN_KEY, NAN_COL = 256, 200, 1  # causal: rows 200-255 attend to key 200, rows 0-199 do not
+
+
+def causal_problem(dtype, value=np.nan):
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((3, N, 8), dtype=np.float32).astype(dtype) for _ in range(3))
+    v[:, NAN_KEY, NAN_COL] = value
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16],
+                         ids=["float32", "float16", "bfloat16"])
+def test_nan_in_v_at_a_masked_key_reaches_the_rows_of_the_tiles_that_visit_it(dtype):
+    q, k, v = causal_problem(dtype)
+    with numpy_warnings_fail() as caught:
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    assert not caught  # NaN came with the inputs: nothing to warn about
+    nan = np.isnan(out.astype(np.float32))
+    # Rows 0-127: their tile never visits keys 128-255 (all masked), so it stays finite.
+    assert not nan[:, :128].any()
+    # Rows 128-255 share the tile of keys 128-255: NaN in column 1, rows 128-199 included,
+    # although key 200 is masked for them (P = 0 there, and 0 · NaN = NaN).
+    assert nan[:, 128:, NAN_COL].all()
+    assert not np.delete(nan, NAN_COL, axis=-1).any()
+    assert np.isfinite(lse).all()  # lse does not read v
+
+    ref_out, _ = reference.attention(q, k, v, causal=True)  # the full P·V: every row
+    assert np.isnan(ref_out[..., NAN_COL]).all()
+    assert not np.isnan(np.delete(ref_out, NAN_COL, axis=-1)).any()
+
+
+def test_inf_in_v_at_a_masked_key_gives_nan_in_rows_that_do_not_see_it():
+    q, k, v = causal_problem(np.float32, value=np.inf)
+    with numpy_warnings_fail() as caught:  # 0 · inf in a matmul: no "invalid value" warning
+        out = cuflash.attention(q, k, v, causal=True)
+    assert not caught
+    assert np.isfinite(out[:, :128]).all()
+    assert np.isnan(out[:, 128:NAN_KEY, NAN_COL]).all()  # masked for them: 0 · inf
+    assert not np.isfinite(out[:, NAN_KEY:, NAN_COL]).any()  # they attend to it
+
+
+def test_nan_at_a_masked_key_spreads_further_in_the_backward_pass():
+    q, k, v = causal_problem(np.float32)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = np.ones_like(out)
+    with numpy_warnings_fail() as caught:
+        dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    assert not caught
+    assert np.isfinite(dq[:, :128]).all() and np.isnan(dq[:, 128:]).all()  # Δ = rowsum(dO∘O)
+    assert np.isnan(dk).all()  # every key is visited by rows 128-255
+    assert np.isfinite(dv).all()  # Pᵀ·dO reads no v
+
+
+def test_nan_in_k_at_a_masked_key_does_not_leak():
+    q, k, v = causal_problem(np.float32, value=0.0)
+    k[:, N - 1] = np.nan  # the last key: attended by the last row only
+    with numpy_warnings_fail():
+        out = cuflash.attention(q, k, v, causal=True)
+    assert np.isfinite(out[:, :-1]).all() and np.isnan(out[:, -1]).all()
+
+
+# ----------------------------------------------------------------------------- float16 backward
+
+def two_keys(a, dtype=np.float16, d=64):
+    """P = 1/2 exactly, o = 0, dout all ones: dS = ±P·dO·v_j = ±(d/2)·a."""
+    q = np.zeros((2, 4, d), dtype)
+    k = (0.1 * np.random.default_rng(1).standard_normal((2, 2, d))).astype(dtype)
+    v = np.empty((2, 2, d), dtype)
+    v[:, 0], v[:, 1] = a, -a
+    dout = np.ones((2, 4, d), dtype)
+    return dout, q, k, v
+
+
+def test_float16_ds_just_below_65504_is_finite():
+    dout, q, k, v = two_keys(2000.0)  # dS = ±64000
+    with numpy_warnings_fail() as caught:
+        out, lse = cuflash.attention(q, k, v, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse)
+    assert not caught
+    assert all(np.isfinite(g).all() for g in grads)
+    ref = reference.attention_backward(dout, q, k, v)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g.astype(np.float64), r, rtol=2e-3, atol=2e-3 * abs(r).max())
+
+
+def test_float16_ds_from_65520_overflows_with_one_cuflash_warning():
+    dout, q, k, v = two_keys(2048.0)  # dS = ±65536: inf in float16
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    assert np.isfinite(out).all() and (out == 0).all()
+    with numpy_warnings_fail() as caught:
+        dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse)
+    assert not np.isfinite(dq).any() and not np.isfinite(dk).any()
+    assert np.isfinite(dv).all()
+    (warning,) = caught
+    assert warning.category is CuflashNumericalWarning
+    assert issubclass(CuflashNumericalWarning, RuntimeWarning)
+    assert warning.filename == __file__  # the caller's line, not cuflash's
+    text = str(warning.message)
+    for words in ("cuflash.attention_backward", "dq and dk", "float16", "65504",
+                  "bfloat16 or float32", "Numerical limits"):
+        assert words in text
+
+
+def large_v_problem(dtype):
+    """The docs' example: v = ±3e4, q, k and dout standard normal, D = 64, N = 32."""
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 1, 32, 64)).astype(dtype)
+    v = (3e4 * rng.choice([-1, 1], size=(1, 32, 64))).astype(dtype)
+    dout = rng.standard_normal((1, 32, 64)).astype(dtype)
+    return dout, q, k, v
+
+
+def exact_ds(dout, q, k, v):
+    """dS = P ∘ (dP − Δ) in float64, and dP = dO·vᵀ."""
+    q, k, v, dout = (x.astype(np.float64)[0] for x in (q, k, v, dout))
+    s = q @ k.T / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    dp = dout @ v.T
+    return p * (dp - (dout * (p @ v)).sum(axis=-1, keepdims=True)), dp
+
+
+def test_float16_backward_with_large_v_overflows_and_warns_once():
+    dout, q, k, v = large_v_problem(np.float16)
+    ds, dp = exact_ds(dout, q, k, v)
+    assert abs(ds).max() >= 65520 and abs(dp).max() > 5e5  # the condition of the docs
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    assert np.isfinite(out).all()
+    with numpy_warnings_fail() as caught:
+        dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse)
+    assert np.isinf(dq).any() and np.isinf(dk).any()
+    assert np.isfinite(dv).all()
+    assert len(caught) == 1 and caught[0].category is CuflashNumericalWarning
+
+
+def test_attention_vjp_warns_once_too():
+    dout, q, k, v = large_v_problem(np.float16)
+    out, vjp = cuflash.attention_vjp(q, k, v)
+    with numpy_warnings_fail() as caught:
+        vjp(dout)
+    assert [w.category for w in caught] == [CuflashNumericalWarning]
+    assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=["bfloat16", "float32"])
+def test_bfloat16_and_float32_do_not_overflow_there(dtype):
+    dout, q, k, v = large_v_problem(dtype)
+    with numpy_warnings_fail() as caught:
+        out, lse = cuflash.attention(q, k, v, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse)
+    assert not caught
+    assert_backward_close(grads, dout, q, k, v)
+
+
+def test_a_caller_seterr_raise_does_not_raise_inside_cuflash():
+    dout, q, k, v = two_keys(2048.0)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    before = np.geterr()
+    with np.errstate(all="raise"), numpy_warnings_fail() as caught:
+        cuflash.attention_backward(dout, q, k, v, out, lse)
+    assert [w.category for w in caught] == [CuflashNumericalWarning]
+    assert np.geterr() == before
+
+
+# ----------------------------------------------------------------------------- float32 forward
+
+def test_float32_logits_overflow_warns_from_the_forward_pass():
+    x = np.full((4, 8), 1e20, np.float32)  # q·k = 8e40: beyond float32
+    with numpy_warnings_fail() as caught:
+        out = cuflash.attention(x, x, x)
+    assert not np.isfinite(out).all()
+    (warning,) = caught
+    assert warning.filename == __file__
+    assert "cuflash.attention:" in str(warning.message) and "logits" in str(warning.message)
+
+
+def test_finite_results_give_no_warning():
+    rng = np.random.default_rng(2)
+    q, k, v = rng.standard_normal((3, 2, 200, 32)).astype(np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        cuflash.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True)
+
+
+def test_an_empty_row_is_not_an_overflow():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((5, 16)).astype(np.float32)
+    k, v = rng.standard_normal((2, 2, 16)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)  # rows 0-2 see nothing
+        cuflash.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True)
+    assert np.isneginf(lse[:3]).all()
+
+
+# ----------------------------------------------------------------------------- bench: Ctrl-C
+
+BENCH = ["bench", "--device", "cpu", "--smoke", "--no-torch", "--repeats", "1", "--warmup", "0",
+         "--mode", "fwd", "--total-tokens", "256", "--hidden", "64", "--causal", "no",
+         "--seq-lens", "64,128"]
+
+
+def run_bench(monkeypatch, stop_at, *extra):
+    """``cuflash bench`` whose cuflash.attention raises KeyboardInterrupt from ``stop_at``
+    tokens on."""
+    from cuflash.cli import main
+    attention = cuflash.attention
+
+    def interrupted(q, *args, **kwargs):
+        if q.shape[-2] >= stop_at:
+            raise KeyboardInterrupt
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash, "attention", interrupted)
+    try:
+        runner = CliRunner(mix_stderr=False)  # Click < 8.2
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [*BENCH, *extra])
+
+
+def test_bench_ctrl_c_prints_the_rows_measured(monkeypatch):
+    result = run_bench(monkeypatch, 128)
+    assert result.exit_code == 130
+    lines = result.stdout.splitlines()
+    assert "TFLOP/s" in result.stdout
+    assert any(line.split()[:4] == ["fwd", "no", "64", "64"] for line in lines)
+    assert not any(line.split()[3:4] == ["128"] for line in lines)
+    assert "interrupted by Ctrl-C after 1 of 2 rows" in result.stdout
+    assert "the table above" in result.stderr and "Traceback" not in result.output
+
+
+def test_bench_ctrl_c_with_json_keeps_the_rows_measured(monkeypatch):
+    import json
+    result = run_bench(monkeypatch, 128, "--json")
+    assert result.exit_code == 130
+    record = json.loads(result.stdout)
+    assert [r["seq_len"] for r in record["results"]] == [64]
+    assert record["stopped"] == "interrupted by Ctrl-C after 1 of 2 rows"
+
+
+def test_bench_ctrl_c_before_any_row(monkeypatch):
+    result = run_bench(monkeypatch, 1)
+    assert result.exit_code == 130
+    assert result.stdout == ""
+    assert "interrupted by Ctrl-C; no table was printed" in result.stderr
