@@ -1,0 +1,332 @@
+"""Train a small transformer on Pathfinder-style images, pixel by pixel, with cuflash attention or
+torch's scaled_dot_product_attention.
+
+Each image (``cuflash.check.pathfinder``) holds two round markers, joined by one dashed curve or
+not, among distractor curves; the label is "connected". Every pixel is a token (a learned
+embedding of its value plus a 2-D position embedding); pre-norm transformer blocks, mean pooling
+or a CLS token, and a linear head. 32×32, 64×64 and 128×128 images are 1,024, 4,096 and 16,384
+tokens (the last is the length of LRA's Path-X). The training set (seeds 0, 1, ...) and the
+held-out test set (seeds from 2**40) are fixed and balanced, generated once at start. The model is
+initialised, and batches (with a random flip or rotation) are drawn, from ``--seed``: both
+``--attention`` choices see the same weights and the same batches.
+
+    python examples/train_pathfinder.py --size 64 --budget-minutes 8 --log a.json
+    python examples/train_pathfinder.py --compare a.json b.json --plot compare.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy
+import torch
+import torch.nn.functional as F
+
+import cuflash.torch as cuflash_torch
+from cuflash.check.pathfinder import pathfinder_image
+
+TEST_SEEDS = 2**40      # the first test image's seed; training images use seeds 0, 1, ...
+TIMING_SKIP = 5         # steps left out of the mean step time (allocator and autotuning warm-up)
+
+
+def _draw(job):
+    side, seed = job
+    image = pathfinder_image(side, seed=seed, connected=seed % 2 == 0)  # balanced by seed parity
+    return numpy.rint(image.pixels * 255).astype(numpy.uint8).ravel(), image.connected
+
+
+def pathfinder_set(side: int, count: int, first_seed: int, *, name: str, workers: int,
+                   cache_dir: str | None):
+    """``count`` images as (uint8 pixels (count, side*side), int64 labels (count,))."""
+    cache = Path(cache_dir) / f"pathfinder-{side}-{first_seed}-{count}.npz" if cache_dir else None
+    if cache and cache.exists():
+        with numpy.load(cache) as saved:
+            print(f"{name} set: {count} images of {side}×{side} from {cache}", flush=True)
+            return saved["pixels"], saved["labels"]
+    print(f"{name} set: generating {count} images of {side}×{side} ...", flush=True)
+    start = time.perf_counter()
+    jobs = [(side, first_seed + i) for i in range(count)]
+    if workers > 1 and count >= 64:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_draw, jobs, chunksize=max(1, count // (8 * workers))))
+    else:
+        results = [_draw(job) for job in jobs]
+    pixels = numpy.stack([pixels for pixels, _ in results])
+    labels = numpy.array([connected for _, connected in results], dtype=numpy.int64)
+    print(f"  done in {time.perf_counter() - start:.1f}s ({labels.sum()} connected)", flush=True)
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        numpy.savez(cache, pixels=pixels, labels=labels)
+    return pixels, labels
+
+
+def batches(rng: numpy.random.Generator, count: int, batch: int):
+    """(image indices, flips in 0..7) for each step: shuffled epochs of the training set."""
+    while True:
+        order = rng.permutation(count)
+        for i in range(0, count - batch + 1, batch):
+            yield order[i:i + batch], rng.integers(8, size=batch)
+
+
+def dihedral_indices(side: int) -> torch.Tensor:
+    """(8, side*side): the pixel gathers of the 8 flips and rotations of a square image."""
+    grid = torch.arange(side * side).view(side, side)
+    views = [torch.rot90(g, r) for g in (grid, grid.T) for r in range(4)]
+    return torch.stack([view.reshape(-1) for view in views])
+
+
+ATTENTION = {  # (B, H, N, D) in, (B, H, N, D) out
+    "cuflash": lambda q, k, v: cuflash_torch.attention(q, k, v, causal=False),
+    "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+}
+
+
+def sincos_2d(side: int, width: int) -> torch.Tensor:
+    """(side*side, width): sin/cos of the row in the first half of the width, of the column in
+    the second half, at geometrically spaced frequencies."""
+    frequencies = 10000.0 ** (-torch.arange(width // 4) / (width // 4))
+    angles = torch.arange(side, dtype=torch.float32)[:, None] * frequencies
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)               # (side, width/2)
+    rows, cols = axis[:, None].expand(-1, side, -1), axis[None].expand(side, -1, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, width)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int, heads: int, attention):
+        super().__init__()
+        self.heads, self.attention = heads, attention
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.proj = torch.nn.Linear(width, width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        b, n, width = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, width // self.heads)
+        q, k, v = qkv.transpose(1, 3).unbind(2)                        # (B, H, N, D) each
+        out = self.attention(q, k, v)                                   # (B, H, N, D)
+        x = x + self.proj(out.transpose(1, 2).reshape(b, n, width))
+        return x + self.mlp(self.norm2(x))
+
+
+class PathfinderTransformer(torch.nn.Module):
+    def __init__(self, side, width, heads, layers, attention, position="sincos", pool="mean"):
+        super().__init__()
+        self.value = torch.nn.Embedding(256, width)                     # one per pixel value
+        if position == "learned":
+            self.position = torch.nn.Parameter(0.02 * torch.randn(side * side, width))
+        else:
+            self.register_buffer("position", sincos_2d(side, width), persistent=False)
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
+        self.blocks = torch.nn.ModuleList(Block(width, heads, attention) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, 2)
+
+    def forward(self, pixels):                                          # (B, side*side) uint8
+        x = self.value(pixels.long()) + self.position
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return self.head(x[:, 0] if self.cls is not None else x.mean(dim=1))
+
+
+def evaluate(model, pixels, labels, batch, autocast) -> int:
+    """The number of test images classified correctly."""
+    model.eval()
+    correct = 0
+    with torch.no_grad(), torch.autocast(**autocast):
+        for i in range(0, pixels.shape[0], batch):
+            logits = model(pixels[i:i + batch])
+            correct += int((logits.argmax(dim=1) == labels[i:i + batch]).sum())
+    model.train()
+    return correct
+
+
+def train(args) -> dict:
+    device = torch.device(args.device)
+    side, tokens = args.size, args.size ** 2
+    (train_x, train_y), (test_x, test_y) = [
+        [torch.from_numpy(a).to(device) for a in pathfinder_set(
+            side, count, first, name=name, workers=args.workers, cache_dir=args.cache_dir)]
+        for name, count, first in (("train", args.train_size, 0),
+                                   ("test", args.test_size, TEST_SEEDS))]
+    flips = dihedral_indices(side).to(device)
+
+    torch.manual_seed(args.seed)
+    model = PathfinderTransformer(side, args.width, args.heads, args.layers,
+                                  ATTENTION[args.attention], args.position, args.pool).to(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
+                                  weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)))
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    draw = batches(numpy.random.default_rng(args.seed), args.train_size, args.batch)
+    print(f"{args.attention}: {tokens} tokens, {args.layers}-layer transformer of width "
+          f"{args.width} ({args.heads} heads, {parameters:,} parameters), batch {args.batch}, "
+          f"{args.dtype}, {device}", flush=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def loss_of(index, flip):
+        index, flip = torch.as_tensor(index, device=device), torch.as_tensor(flip, device=device)
+        with torch.autocast(**autocast):
+            logits = model(train_x[index].gather(1, flips[flip]))
+        return F.cross_entropy(logits.float(), train_y[index])
+
+    # One forward and backward before the clock starts, so that compiling kernels on first use
+    # does not count against the budget; the optimizer does not step, so nothing changes.
+    start = time.perf_counter()
+    loss_of(numpy.arange(args.batch), numpy.zeros(args.batch, dtype=numpy.int64)).backward()
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+    print(f"warm-up pass, not timed (GPU kernels compile on first use): "
+          f"{time.perf_counter() - start:.1f}s", flush=True)
+
+    budget = math.inf if args.budget_minutes is None else 60 * args.budget_minutes
+    losses, step_times, window = [], [], []
+    stopped, start = "steps", time.perf_counter()
+    for step in range(1, args.steps + 1):
+        tick = time.perf_counter()
+        loss = loss_of(*next(draw))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        sync()
+        step_times.append(time.perf_counter() - tick)
+        window.append(losses[-1])
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget:
+            stopped = "budget"
+        if step == 1 or step % args.print_every == 0 or step == args.steps or stopped == "budget":
+            recent = step_times[-len(window):]
+            print(f"step {step:6d}  loss {sum(window) / len(window):.4f}  "
+                  f"{args.batch * tokens * len(recent) / sum(recent):12,.0f} tokens/s  "
+                  f"elapsed {elapsed:7.1f}s", flush=True)
+            window = []
+        if stopped == "budget":
+            break
+
+    correct = evaluate(model, test_x, test_y, args.batch, autocast)
+    accuracy = correct / args.test_size
+    print(f"test accuracy {100 * accuracy:.1f}% ({correct}/{args.test_size} images; chance 50%)")
+    timed = step_times[TIMING_SKIP:] if len(step_times) > TIMING_SKIP else step_times
+    mean = sum(timed) / len(timed)
+    print(f"mean step time {1e3 * mean:.2f} ms over steps {len(step_times) - len(timed) + 1}-"
+          f"{len(step_times)} ({args.batch * tokens / mean:,.0f} tokens/s); {len(step_times)} "
+          f"steps in {sum(step_times):.1f}s, stopped by {stopped}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    config = dict(vars(args), tokens=tokens, parameters=parameters, device_name=name)
+    return dict(config=config, loss=losses, step_time=step_times, test_accuracy=accuracy,
+                mean_step_time=mean, stopped=stopped)
+
+
+def plot(logs: list[dict], path: str) -> None:
+    """Loss against step and against training time, one curve per log (smoothed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("--plot needs matplotlib (pip install matplotlib)")
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for log in logs:
+        config, loss = log["config"], numpy.asarray(log["loss"])
+        width = max(1, len(loss) // 20)
+        smooth = numpy.convolve(loss, numpy.ones(width) / width, mode="valid")
+        steps = numpy.arange(width, len(loss) + 1)
+        seconds = numpy.cumsum(log["step_time"])[width - 1:]
+        label = (f"{config['attention']} {config['size']}² ({config['tokens']:,} tokens): "
+                 f"test {100 * log['test_accuracy']:.1f}%")
+        by_step.plot(steps, smooth, label=label)
+        by_time.plot(seconds, smooth, label=label)
+    for axes, xlabel in ((by_step, "step"), (by_time, "training time (s)")):
+        axes.axhline(math.log(2), color="grey", linestyle=":", linewidth=1)   # chance
+        axes.set(xlabel=xlabel, ylabel="training loss")
+        axes.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    sizes = sorted({log["config"]["size"] for log in logs})
+    figure.suptitle("Pathfinder " + ", ".join(f"{size}×{size}" for size in sizes))
+    figure.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def power_of_two_side(text: str) -> int:
+    side = int(text)
+    if side < 8 or side & (side - 1):
+        raise argparse.ArgumentTypeError(f"--size must be a power of two ≥ 8, got {text}")
+    return side
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    add = parser.add_argument
+    add("--size", type=power_of_two_side, default=32,
+        help="image side: 32, 64, 128 (1K, 4K, 16K tokens); any power of two ≥ 8")
+    add("--attention", choices=sorted(ATTENTION), default="cuflash")
+    add("--steps", type=int, default=1000, help="at most this many steps")
+    add("--budget-minutes", type=float, default=None, help="stop after this much training time")
+    add("--batch", type=int, default=32)
+    add("--lr", type=float, default=5e-4)
+    add("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
+    add("--weight-decay", type=float, default=0.05)
+    add("--dtype", choices=["bf16", "fp32"], default=None,
+        help="bf16: bfloat16 autocast (CUDA only); default bf16 on CUDA, fp32 on CPU")
+    add("--device", choices=["cuda", "cpu"], default="cuda")
+    add("--layers", type=int, default=4)
+    add("--width", type=int, default=128)
+    add("--heads", type=int, default=4)
+    add("--position", choices=["sincos", "learned"], default="sincos")
+    add("--pool", choices=["mean", "cls"], default="mean")
+    add("--seed", type=int, default=0, help="initialisation and batch order")
+    add("--train-size", type=int, default=20000, help="training images")
+    add("--test-size", type=int, default=1000, help="held-out test images")
+    add("--workers", type=int, default=os.cpu_count() or 1, help="processes drawing images")
+    add("--cache-dir", default=None, help="keep generated image sets here (.npz)")
+    add("--print-every", type=int, default=50)
+    add("--log", default=None, help="write losses, step times, accuracy and config (JSON)")
+    add("--plot", default=None, help="plot the loss curves (PNG; needs matplotlib)")
+    add("--compare", nargs="+", default=None, metavar="LOG",
+        help="plot these --log files with --plot instead of training")
+    args = parser.parse_args(argv)
+
+    if args.compare:
+        if not args.plot:
+            parser.error("--compare needs --plot OUT.png")
+        plot([json.loads(Path(name).read_text()) for name in args.compare], args.plot)
+        return 0
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.device == "cpu" and args.dtype == "bf16":
+        parser.error("bf16 autocast is for --device cuda; use --dtype fp32 on CPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device visible to torch; use --device cpu")
+    if args.width % args.heads or args.width % 4:
+        parser.error("--width must be a multiple of --heads and of 4")
+    if args.train_size < args.batch:
+        parser.error("--train-size must be at least --batch")
+
+    result = train(args)
+    if args.log:
+        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.log).write_text(json.dumps(result))
+        print(f"log written to {args.log}")
+    if args.plot:
+        plot([result], args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
