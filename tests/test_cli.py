@@ -3,6 +3,7 @@
 GPU runs (marked ``gpu``) are at the end; they are skipped where no CUDA device is usable.
 """
 
+import importlib
 import json
 import struct
 import sys
@@ -362,6 +363,192 @@ def test_check_short_random_inputs_need_no_image():
     record = invoke_json("check", "--device", "cpu", "--seq-len", "30", "--inputs", "random",
                          "--heads", "1", "--head-dim", "16", "--no-backward")
     assert record["passed"] and record["seq_len"] == 30
+
+
+# ----------------------------------------------------------------------------- check --gpus N
+
+SHARDED_CHECK = ["check", "--device", "cpu", "--gpus", "2", "--seq-len", "1K", "--heads", "2",
+                 "--head-dim", "32", "--rows", "32"]
+
+
+def test_check_gpus_simulated_on_the_cpu_passes_and_says_so():
+    result = invoke(*SHARDED_CHECK, "--causal")
+    text = result.stdout
+    assert text.startswith("cuflash ring attention — 2 ranks (simulated, cpu), layout zigzag; "
+                           "1,024 tokens")
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert f"\n{name} " in text
+    assert text.splitlines()[-1] == "PASS"
+    assert "simulating 2 ranks in one process" in result.stderr
+    assert "on the CPU" in result.stderr and "--device cpu was given" in result.stderr
+
+
+def test_check_gpus_json_maps_the_options():
+    record = invoke_json(*SHARDED_CHECK, "--dtype", "float16", "--causal", "--seed", "3")
+    assert record["passed"] is True and record["command"] == "check"
+    assert record["gpus"] == 2 and record["mode"] == "simulated" and record["device"] == "cpu"
+    assert (record["seq_len"], record["heads"], record["head_dim"], record["rows"]) == \
+        (1024, 2, 32, 32)
+    assert record["dtype"] == "float16" and record["causal"] is True and record["seed"] == 3
+    assert record["layout"] == "zigzag" and record["inputs"] == "random"
+    assert record["scaling"] is None and "ring_forward_and_backward_simulated" in \
+        record["times_s"]
+    assert set(record["checks"]) == {"out", "lse", "dq", "dk", "dv"}
+    for check in record["checks"].values():
+        assert check["passed"] and 0 <= check["error"] <= check["allowed"]
+        assert check["max_diff_vs_single"] is not None
+
+
+def test_check_gpus_forward_only_every_row():
+    record = invoke_json(*SHARDED_CHECK[:-2], "--rows", "all", "--no-backward", "--gpus", "4")
+    assert record["passed"] and record["gpus"] == 4 and record["rows"] == "all"
+    assert record["backward"] is False and set(record["checks"]) == {"out", "lse"}
+
+
+def test_check_gpus_without_a_gpu_runs_a_small_size(monkeypatch):
+    _no_gpu(monkeypatch)
+    result = invoke("check", "--gpus", "3", "--heads", "1", "--head-dim", "16", "--rows", "16",
+                    "--no-backward", "--json")
+    assert json.loads(result.stdout)["seq_len"] == 4092  # 4K cut to a multiple of 2·3
+    note = result.stderr
+    assert "simulating 3 ranks in one process" in note and "on the CPU" in note
+    assert "the GPU kernels cannot run here" in note
+    assert "--seq-len 16K" in note and "estimate:" in note
+
+
+def test_check_gpus_fails_with_exit_status_1_on_a_wrong_ring(monkeypatch):
+    from cuflash.parallel import check as sharded
+    ring = sharded.ring_attention
+
+    def wrong(*args, **kwargs):
+        out, lse = ring(*args, **kwargs)
+        out[..., 0] += np.asarray(0.5, dtype=out.dtype)
+        return out, lse
+
+    monkeypatch.setattr(sharded, "ring_attention", wrong)
+    result = invoke(*SHARDED_CHECK, "--no-backward", code=1)
+    assert result.stdout.splitlines()[-1] == "FAIL"
+    assert "FAIL" in next(line for line in result.stdout.splitlines() if line.startswith("out"))
+
+
+@pytest.mark.parametrize("args, option, words", [
+    (["--gpus", "0"], "--gpus", "x>=1"),
+    (["--gpus", "-2"], "--gpus", "x>=1"),
+    (["--gpus", "2", "--seq-len", "1002"], "--seq-len", "multiple of 4"),
+    (["--gpus", "3", "--seq-len", "1K"], "--seq-len", "nearest: 1,020 or 1,026"),
+    (["--gpus", "3", "--path-256"], "--path-256", "multiple of 6"),
+    (["--gpus", "2", "--pattern", "image-local"], "--pattern", "dense attention only"),
+    (["--gpus", "2", "--pattern", "sliding-window", "--window", "64"], "--pattern",
+     "dense attention only"),
+    (["--gpus", "2", "--inputs", "pathfinder"], "--inputs", "random normal"),
+    (["--gpus", "2", "--radius", "3"], "--radius", "--pattern"),
+])
+def test_check_gpus_refuses_what_it_cannot_honour(args, option, words):
+    result = invoke("check", "--device", "cpu", *args, code=2)
+    assert option in result.output and words in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_gpus_huge_length_exits_3_before_allocating():
+    result = invoke("check", "--device", "cpu", "--gpus", "2", "--seq-len", "1e10", code=3)
+    assert "needs about" in result.output and "TiB" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_gpus_too_long_is_refused_naming_force(monkeypatch):
+    command = importlib.import_module("cuflash.cli.check")
+    monkeypatch.setattr(command, "_sharded_estimate", lambda *args: (5 * 3600.0, 2**20, 0))
+    result = invoke(*SHARDED_CHECK, "--no-backward", code=3)
+    assert "about 5.0 h" in result.output and "--force" in result.output
+    forced = invoke(*SHARDED_CHECK, "--no-backward", "--force")
+    assert forced.stdout.splitlines()[-1] == "PASS" and "Ctrl-C stops it" in forced.stderr
+
+
+def test_check_gpus_repeats_on_a_simulated_ring_says_they_do_not_apply():
+    stderr = invoke(*SHARDED_CHECK, "--no-backward", "--repeats", "3").stderr
+    assert "a simulated ring is timed once" in stderr
+
+
+def test_check_gpus_1_is_the_plain_check():
+    plain, one = invoke_json(*SMALL_CHECK), invoke_json(*SMALL_CHECK, "--gpus", "1")
+    assert set(one) == set(plain) and "gpus" not in one
+    for key in ("seq_len", "inputs", "rows", "pattern", "checks"):
+        assert one[key] == plain[key]
+    assert invoke(*SMALL_CHECK, "--gpus", "1").stdout.startswith("cuflash check — 256 tokens")
+
+
+class _FakeGpu:
+    name = "gpu"
+    description = "a GPU that is not there"
+    out_of_memory = (MemoryError,)
+
+    def free_bytes(self):
+        return 2**40
+
+
+def _fake_gpus(monkeypatch, visible, *, fail=None):
+    """``cuflash check`` on a GPU machine with ``visible`` GPUs, check_sharded replaced by a
+    stand-in that records its arguments and returns a passing result with these times."""
+    command = importlib.import_module("cuflash.cli.check")
+    from cuflash.parallel import check as sharded
+    calls = []
+
+    def fake_check_sharded(**kwargs):
+        calls.append(kwargs)
+        if fail:
+            raise fail
+        config = dict(kwargs, kv_heads=kwargs["heads"], layout="zigzag", window=[-1, -1],
+                      softcap=0.0, rows_checked=min(kwargs["rows"], kwargs["seq_len"]))
+        times = ({"ring_forward": 0.010, "single_forward": 0.018, "ring_backward": 0.025,
+                  "single_backward": 0.046} if kwargs["mode"] == "processes"
+                 else {"ring_forward_and_backward_simulated": 0.5})
+        result = sharded.ShardedCheck(config, times=times)
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            result.comparisons.append(sharded.Comparison(name, 1e-3, 2e-3, "all", 1e-4))
+        return result
+
+    monkeypatch.setattr(command, "choose_device", lambda requested: (_FakeGpu(), ""))
+    monkeypatch.setattr(command, "_sharded_estimate", lambda *args: (1.0, 2**30, 2**20))
+    monkeypatch.setattr(sharded, "gpu_count", lambda: visible)
+    monkeypatch.setattr(sharded, "check_sharded", fake_check_sharded)
+    return calls
+
+
+def test_check_gpus_with_enough_gpus_runs_one_process_each(monkeypatch):
+    calls = _fake_gpus(monkeypatch, visible=4)
+    result = invoke("check", "--gpus", "2", "--seq-len", "1M", "--causal", "--dtype", "float16",
+                    "--repeats", "3", "--rows", "all", "--seed", "7", "--no-backward")
+    assert calls == [dict(ranks=2, device="gpu", mode="processes", seq_len=2**20, heads=8,
+                          head_dim=64, dtype="float16", causal=True, backward=False,
+                          rows=2**20, seed=7, repeats=3, timeout=300.0)]
+    assert "ring attention across 2 GPUs (4 visible), one process each" in result.stderr
+    lines = result.stdout.splitlines()
+    assert "ring: the slowest of 2 ranks" in result.stdout
+    forward = next(line for line in lines if line.startswith("forward") and "×" in line)
+    assert forward.split() == ["forward", "1.80×", "0.900"]
+    assert lines[-1] == "PASS"
+    record = invoke_json("check", "--gpus", "2")
+    assert record["mode"] == "processes" and record["seq_len"] == 16384
+    assert record["scaling"]["backward"] == {"speedup": pytest.approx(1.84),
+                                             "efficiency": pytest.approx(0.92)}
+
+
+def test_check_gpus_with_too_few_gpus_simulates_on_one(monkeypatch):
+    calls = _fake_gpus(monkeypatch, visible=1)
+    result = invoke("check", "--gpus", "3", "--json")
+    assert calls[0]["mode"] == "simulated" and calls[0]["device"] == "gpu"
+    assert calls[0]["seq_len"] == 16380  # Path-X cut to a multiple of 2·3
+    assert "16,380 tokens, the largest multiple of 2·N = 6" in result.stderr
+    assert "simulating 3 ranks in one process (a thread each) on GPU 0" in result.stderr
+    assert "but 1 is visible" in result.stderr
+    assert json.loads(result.stdout)["scaling"] is None
+
+
+def test_check_gpus_failing_processes_are_an_error_without_a_traceback(monkeypatch):
+    _fake_gpus(monkeypatch, visible=2, fail=RuntimeError(
+        "the ring attention processes failed (exit code 1); their output is above"))
+    result = invoke("check", "--gpus", "2", code=1)
+    assert "processes failed" in result.output and "Traceback" not in result.output
 
 
 # ----------------------------------------------------------------------------- memory

@@ -7,6 +7,8 @@ import math
 import click
 import click.core
 
+from cuflash.bench.devices import CpuDevice
+from cuflash.bench.estimate import attention_seconds
 from cuflash.check import verify
 from cuflash.check.pathfinder import MIN_SIDE, pathfinder_qkv, random_qkv
 from cuflash.cli._common import (choose_device, duration, echo_json, log, progress,
@@ -23,6 +25,18 @@ PATH_X, PATH_256 = 128 * 128, 256 * 256
 CPU_SEQ_LEN = 64 * 64
 MIN_PATHFINDER_TOKENS = (MIN_SIDE - 1) ** 2 + 1  # the smallest length with an 8×8 image
 
+# --gpus N (ring attention, zigzag layout) estimates. A ring simulated on the CPU runs its ranks
+# as threads of one process that share the cores: about this many times the time of the same
+# attention in one call. Host work (making, saving, loading, gathering and comparing the arrays
+# in float64) costs about HOST_SECONDS_PER_ELEMENT and HOST_BYTES_PER_ELEMENT per element of q;
+# each process of a real ring also loads the inputs (RANK_HOST_ITEMS of them per element).
+CPU_RING_SLOWDOWN = 4
+HOST_SECONDS_PER_ELEMENT = 2e-7
+HOST_BYTES_PER_ELEMENT = 64
+RANK_HOST_ITEMS = 5
+PROCESS_START_SECONDS = 10
+RING_TIMEOUT = 300.0  # seconds a rank waits for another before the ring gives up
+
 EXAMPLES = """\b
 Examples:
   cuflash check                                  Path-X: 16K tokens, 128×128 image
@@ -30,10 +44,12 @@ Examples:
   cuflash check --pattern image-local --radius 8 block-sparse 2-D neighbourhood
   cuflash check --causal --dtype float16 --rows all --seq-len 4K
   cuflash check --device cpu --seq-len 1024 --heads 2 --json
+  cuflash check --gpus 2 --seq-len 1M --causal   ring attention over 2 GPUs, 1M tokens
 
 \b
 Without a GPU the check runs on the CPU (NumPy path) at 4K tokens, which takes seconds;
---seq-len 16K asks for Path-X's full size there.
+--seq-len 16K asks for Path-X's full size there. --gpus N with fewer than N GPUs visible
+simulates the N ranks in one process (on the CPU, at 4K tokens unless --seq-len says).
 
 \b
 Exit status: 0 PASS, 1 FAIL, 2 bad options, 3 does not fit in memory or would take over
@@ -96,6 +112,10 @@ def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward):
 @click.option("--backward/--no-backward", default=True, show_default=True,
               help="Also run and check the backward pass.")
 @device_option
+@click.option("--gpus", type=POSITIVE, default=1, show_default=True, metavar="N",
+              help="Shard the sequence across N GPUs (ring attention, zigzag layout: the length "
+                   "must be a multiple of 2·N), one process each, on random normal q, k, v; "
+                   "with fewer GPUs visible the N ranks are simulated in one process.")
 @click.option("--rows", type=RowCount(), default="256", show_default=True,
               help="Query rows compared with float64 (sampled, always with the first and last), "
                    "or 'all'.")
@@ -106,7 +126,7 @@ def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward):
 @json_option
 @click.pass_context
 def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block_size, inputs,
-          backward, device, rows, repeats, seed, force, as_json, **pattern_options):
+          backward, device, gpus, rows, repeats, seed, force, as_json, **pattern_options):
     """Run cuflash on long inputs and check it against a float64 reference.
 
     The inputs are those of Path-X: a 128×128 Pathfinder-style image (two markers, joined or
@@ -125,12 +145,24 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
 
     Prints time, TFLOP/s (4·H·N²·D forward, half when causal, times the kept fraction of a
     block mask; backward 2.5 times that) and peak memory (inputs included), then PASS or FAIL.
+
+    --gpus N shards the sequence across N GPUs with ring attention (one process per GPU), on
+    random normal q, k, v, and compares the gathered result with float64 as above (out and lse
+    on the sampled rows) and with cuflash on one GPU; it prints the time of the slowest rank
+    next to one GPU's, and the speed-up and scaling efficiency.
     """
     asked = _seq_len(seq_len, path_256)
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     explicit = lambda name: (ctx.get_parameter_source(name)  # noqa: E731
                              != click.core.ParameterSource.DEFAULT)
     _check_mask_options(pattern, given, explicit("block_size"))
+    if gpus > 1:
+        _check_sharded(ctx, gpus=gpus, asked=asked, path_256=path_256, heads=heads,
+                       head_dim=head_dim, dtype=dtype, causal=causal, pattern=pattern,
+                       inputs=inputs, backward=backward, device=device, rows=rows,
+                       repeats=repeats, seed=seed, force=force, as_json=as_json,
+                       explicit=explicit)
+        return
     parameters = pattern_parameters(pattern, given) if pattern != "dense" else {}
     if inputs == "pathfinder" and asked is not None and asked < MIN_PATHFINDER_TOKENS:
         raise click.BadParameter(
@@ -242,3 +274,171 @@ def _print_report(setup, result, dtype_name, n):
                    f"{c.naive_error:>18.3e}  {verdict}")
     click.echo("")
     click.echo("PASS" if result.passed else "FAIL")
+
+
+# ----------------------------------------------------------------------------- --gpus N
+
+def _multiple(n, chunks):
+    """The largest multiple of ``chunks`` up to ``n`` (at least ``chunks``)."""
+    return max(chunks, n // chunks * chunks)
+
+
+def _sharded_length(gpus, asked, path_256):
+    """The length asked for, refused unless the zigzag layout can split it over ``gpus``
+    ranks; None when none was asked for."""
+    chunks = 2 * gpus
+    if asked is None or asked % chunks == 0:
+        return asked
+    lower, upper = asked // chunks * chunks, (asked // chunks + 1) * chunks
+    nearest = f"{lower:,} or {upper:,}" if lower else f"{upper:,}"
+    raise click.BadParameter(
+        f"--gpus {gpus} cuts the sequence into 2·N = {chunks} equal chunks (the zigzag layout: "
+        f"rank r holds chunks r and 2·N−1−r), so the length must be a multiple of {chunks}; "
+        f"{asked:,} is not (nearest: {nearest})",
+        param_hint="--path-256" if path_256 else "--seq-len")
+
+
+def _default_length(gpus, full, what):
+    """``full`` tokens, or the largest multiple of 2·N below it, saying so on stderr."""
+    n = _multiple(full, 2 * gpus)
+    if n != full:
+        click.echo(f"note: {n:,} tokens, the largest multiple of 2·N = {2 * gpus} up to {what} "
+                   f"(the zigzag layout needs one)", err=True)
+    return n
+
+
+def _sharded_estimate(target, mode, gpus, n, heads, head_dim, dtype, rows, backward, causal,
+                      repeats):
+    """``(seconds, device bytes, host bytes)`` of check_sharded; host bytes are 0 on the CPU,
+    where they are part of the device's."""
+    elements = heads * n * head_dim
+    # One device: cuflash's calls and the float64 reference, as in the plain check.
+    single = verify.estimate_seconds(target, n, heads, head_dim, dtype, rows,
+                                     backward=backward, causal=causal, repeats=repeats)
+    calls = repeats + 2 if mode == "processes" else 1  # first call, warm-up, timed calls
+    ring = attention_seconds(target, batch=1, heads=heads, seq_len=n, head_dim=head_dim,
+                             dtype=dtype, causal=causal, backward=backward, calls=calls)
+    if mode == "processes":
+        ring = ring / gpus + PROCESS_START_SECONDS
+    elif target.name == "cpu":
+        ring *= CPU_RING_SLOWDOWN
+    estimate = single + ring + HOST_SECONDS_PER_ELEMENT * elements
+    # The one-device check and its reference run on the device after the ring (in processes
+    # mode, on GPU 0 once the ranks have exited); a simulated ring adds its shards, outputs
+    # and float32 accumulators there.
+    needed = verify.estimate_bytes(n, heads, head_dim, dtype.itemsize, rows, backward)
+    if mode == "simulated":
+        needed += elements * (12 * dtype.itemsize + 8)
+    host = elements * HOST_BYTES_PER_ELEMENT
+    if mode == "processes":
+        host += gpus * elements * RANK_HOST_ITEMS * dtype.itemsize
+    if target.name == "cpu":
+        return estimate, needed + host, 0
+    return estimate, needed, host
+
+
+def _scaling(times, gpus):
+    """Speed-up and efficiency (one GPU's time / (N × the ring's)) of each timed phase."""
+    scaling = {}
+    for phase in ("forward", "backward"):
+        ring, single = times.get(f"ring_{phase}"), times.get(f"single_{phase}")
+        if ring and single:
+            speedup = single / ring
+            scaling[phase] = {"speedup": speedup, "efficiency": speedup / gpus}
+    return scaling or None
+
+
+def _check_sharded(ctx, *, gpus, asked, path_256, heads, head_dim, dtype, causal, pattern,
+                   inputs, backward, device, rows, repeats, seed, force, as_json, explicit):
+    """``cuflash check --gpus N``: check_sharded with the options of the plain check."""
+    from cuflash.parallel.check import check_sharded, gpu_count
+
+    if pattern != "dense":
+        raise click.BadParameter(
+            f"block-sparse patterns run on one device; --gpus {gpus} shards dense attention "
+            "only (leave out --pattern, or use --gpus 1)", param_hint="--pattern")
+    if inputs == "pathfinder" and explicit("inputs"):
+        raise click.BadParameter(
+            f"--gpus {gpus} checks ring attention on random normal q, k, v; Pathfinder inputs "
+            "run with --gpus 1 (leave out --inputs, or give --inputs random)",
+            param_hint="--inputs")
+    asked = _sharded_length(gpus, asked, path_256)
+
+    target, reason = choose_device(device)
+    visible = gpu_count() if target.name == "gpu" else 0
+    mode = "processes" if visible >= gpus else "simulated"
+    if mode == "processes":
+        click.echo(f"sharded: ring attention across {gpus} GPUs ({visible} visible), one "
+                   "process each, zigzag layout; q, k, v random normal", err=True)
+    elif target.name == "gpu":
+        click.echo(f"note: --gpus {gpus} asks for {gpus} GPUs but {visible} "
+                   f"{'is' if visible == 1 else 'are'} visible: simulating {gpus} ranks in one "
+                   f"process (a thread each) on GPU 0; the results are checked the same way, "
+                   f"but the time is not that of {gpus} GPUs", err=True)
+    else:
+        why = "--device cpu was given" if not reason else "the GPU kernels cannot run here"
+        click.echo(f"note: simulating {gpus} ranks in one process (a thread each) on the CPU "
+                   f"(cuflash's NumPy path): {why}; the results are checked the same way, but "
+                   f"the time is not that of {gpus} GPUs", err=True)
+    if mode == "simulated" and explicit("repeats"):
+        click.echo("note: --repeats times a ring of one process per GPU; a simulated ring is "
+                   "timed once", err=True)
+
+    row_count = 256 if rows is None else rows
+    if asked is not None:
+        n = asked
+    elif target.name == "cpu":
+        full, _, _ = _sharded_estimate(target, mode, gpus, _multiple(PATH_X, 2 * gpus), heads,
+                                       head_dim, dtype, row_count, backward, causal, repeats)
+        n = _multiple(CPU_SEQ_LEN, 2 * gpus)
+        click.echo(f"note: Path-X's 16K tokens would take {duration(full)} here, so this check "
+                   f"uses {tokens(n)} tokens; --seq-len 16K asks for the full size.", err=True)
+    else:
+        n = _default_length(gpus, PATH_X, "Path-X's 16K")
+    row_count = n if rows is None else min(rows, n)
+
+    smaller = "use fewer tokens (--seq-len), heads or rows"
+    estimate, needed, host = _sharded_estimate(target, mode, gpus, n, heads, head_dim, dtype,
+                                               row_count, backward, causal, repeats)
+    if host:
+        require_reasonable(CpuDevice(), seconds=0, needed=host, what="this check", force=force,
+                           smaller=smaller, quiet=True)
+    require_reasonable(target, seconds=estimate, needed=needed, what="this check", force=force,
+                       smaller=smaller)
+
+    with translate_errors(target), stop_on_ctrl_c("the check did not finish"):
+        try:
+            result = check_sharded(
+                ranks=gpus, device=target.name, mode=mode, seq_len=n, heads=heads,
+                head_dim=head_dim, dtype=dtype.name, causal=causal, backward=backward,
+                rows=row_count, seed=seed, repeats=repeats,
+                # check_sharded stops the processes after 10 × timeout: room for a forced run
+                timeout=max(RING_TIMEOUT, estimate / 5))
+        except (RuntimeError, TimeoutError) as error:
+            raise click.ClickException(str(error)) from error
+
+    record = result.record()
+    config = record["config"]
+    scaling = _scaling(result.times, gpus) if mode == "processes" else None
+    if as_json:
+        echo_json({"command": "check", "passed": result.passed, "gpus": gpus, "mode": mode,
+                   "visible_gpus": visible, "device": target.name,
+                   "device_description": target.description, "inputs": "random",
+                   **{key: config[key] for key in ("seq_len", "heads", "kv_heads", "head_dim",
+                                                   "dtype", "causal", "layout", "seed")},
+                   "rows": "all" if config["rows_checked"] == n else config["rows_checked"],
+                   "backward": backward, "times_s": record["times_s"], "scaling": scaling,
+                   "checks": record["comparisons"]})
+    else:
+        body, _, verdict = result.report().rpartition("\n\n")
+        click.echo(body)
+        click.echo("")
+        if scaling:
+            click.echo(f"{'':10}{'speed-up':>12}{'efficiency':>14}   one GPU / ring; ring: the "
+                       f"slowest of {gpus} ranks")
+            for phase, s in scaling.items():
+                click.echo(f"{phase:10}{s['speedup']:>11.2f}×{s['efficiency']:>14.3f}")
+            click.echo("")
+        click.echo(verdict)
+    if not result.passed:
+        ctx.exit(1)

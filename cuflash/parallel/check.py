@@ -112,7 +112,7 @@ class ShardedCheck:
             f"backward: dout random on those rows, zero elsewhere", ""]
         t = self.times
         if "ring_forward_and_backward_simulated" in t:
-            lines += [f"simulated ring, every rank in this process, one after another: "
+            lines += [f"simulated ring, every rank a thread of this process: "
                       f"{_ms(t['ring_forward_and_backward_simulated'])} (not a speed)", ""]
         elif t:
             lines.append(f"{'':10}{'ring':>12}{'one device':>14}")
