@@ -1,0 +1,93 @@
+"""Which kernel family runs a call: the registry's order, the reasons it gives, kernel_plan()."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class StubFamily(kernels.Family):
+    """A family whose launcher's answer is fixed: `refusal` (None = it runs the call)."""
+
+    refusal: str | None = None
+
+    def launcher(self):
+        return types.SimpleNamespace(supports=lambda spec, arrays: self.refusal)
+
+
+def _stub(name, refusal=None, hopper=False):
+    return StubFamily(name, "stub", "forward", f"{name} kernels", hopper=hopper, refusal=refusal)
+
+
+def test_first_family_that_supports_the_call_runs_it(monkeypatch):
+    monkeypatch.setitem(kernels.REGISTRY, "forward",
+                        (_stub("fast", "takes D = 64 only"), _stub("portable"), _stub("slow")))
+    plan = kernels.plan("forward", spec=None, arrays=())
+    assert plan.family.name == "portable"
+    assert plan.passed_over == (("fast", "takes D = 64 only"),)
+    assert plan.describe().splitlines() == ["forward: portable (portable kernels)",
+                                            "  passed over fast: takes D = 64 only"]
+
+
+def test_no_family_gives_every_reason(monkeypatch):
+    monkeypatch.setitem(kernels.REGISTRY, "forward", (_stub("a", "no a"), _stub("b", "no b")))
+    plan = kernels.plan("forward", spec=None, arrays=())
+    assert plan.family is None
+    assert plan.passed_over == (("a", "no a"), ("b", "no b"))
+
+
+def test_hopper_families_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    monkeypatch.setitem(kernels.REGISTRY, "forward", (_stub("sm90", hopper=True), _stub("sm80")))
+    plan = kernels.plan("forward", spec=None, arrays=())
+    assert plan.family.name == "sm80"
+    assert plan.passed_over == (("sm90", f"disabled by {kernels.DISABLE_HOPPER_ENV}"),)
+
+
+def test_registries_list_the_fastest_family_first():
+    for pass_name in ("forward", "backward"):
+        names = [f.name for f in kernels.REGISTRY[pass_name]]
+        assert names == ["sm90-wgmma", "sm80-mma", "float32"]
+
+
+def test_kernel_plan_on_numpy_names_the_numpy_path():
+    q = np.zeros((2, 4, 33, 64), np.float32)
+    plan = cuflash.kernel_plan(q, q, q, causal=True, window=(16, 0), softcap=5.0)
+    assert not plan.on_gpu
+    assert str(plan).splitlines() == [
+        "call: float32, D=64, Dv=64, causal, window=(16, 0), softcap=5", "forward: numpy (cuflash.cpu)",
+        "backward: numpy (cuflash.cpu)"]
+
+
+def test_kernel_plan_validates_like_attention():
+    q = np.zeros((1, 2, 8, 64), np.float32)
+    with pytest.raises(ValueError, match="window"):
+        cuflash.kernel_plan(q, q, q, window=(-2, 0))
+
+
+@pytest.mark.gpu
+def test_kernel_plan_on_the_gpu_gives_the_reasons(xp_gpu):
+    hopper = kernels._launch.on_hopper(xp_gpu.empty(1))
+    q96 = xp_gpu.zeros((1, 2, 128, 96), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q96, q96, q96, causal=True)
+    assert plan.forward.family.name == plan.backward.family.name == "sm80-mma"
+    reason = dict(plan.forward.passed_over)["sm90-wgmma"]
+    assert reason == ("takes D = Dv in (64, 128); got D=96, Dv=96" if hopper
+                      else "needs compute capability 9.0 (Hopper)")
+
+    q32 = xp_gpu.zeros((1, 2, 128, 64), np.float32)
+    plan = cuflash.kernel_plan(q32, q32, q32)
+    assert plan.forward.family.name == "float32"
+    assert [name for name, _ in plan.forward.passed_over] == ["sm90-wgmma", "sm80-mma"]
+
+    q64 = xp_gpu.zeros((1, 2, 128, 64), ml_dtypes.bfloat16)
+    expected = "sm90-wgmma" if hopper else "sm80-mma"
+    assert cuflash.kernel_plan(q64, q64, q64, window=(32, 0)).forward.family.name == expected
