@@ -74,9 +74,7 @@ def randn(rng, shape, dtype):
 def spec_for(q, k, v, **options):
     """The AttentionSpec ``cuflash.attention`` / ``attention_backward`` would build for these
     arguments (the launchers' entry points take it); options left out take the API's defaults."""
-    defaults = dict(causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    block_mask=None, deterministic=False)
-    return _api._spec(q, k, v, **{**defaults, **options})[1]
+    return _api._spec(q, k, v, **options)[1]
 
 
 def make_inputs(rng, *, dtype, b, hq, hkv, nq, nk, d, layout, dout=False):

@@ -25,9 +25,10 @@ def _backend(xp):
     return kernels
 
 
-def _spec(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
-          deterministic=False) -> tuple[Any, AttentionSpec]:
-    """Validate one call: the array module of the inputs and the spec every back end reads."""
+def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+          block_mask=None, deterministic=False) -> tuple[Any, AttentionSpec]:
+    """Validate one call: the array module of the inputs and the spec every back end reads.
+    The defaults are the public functions' (for callers of a back end's entry points)."""
     xp = _checks.common_module({"q": q, "k": k, "v": v})
     dtype = _checks.check_dtypes({"q": q, "k": k, "v": v})
     shapes = _checks.attention_shapes(q, k, v)

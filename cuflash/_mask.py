@@ -58,7 +58,7 @@ def band(window: tuple[int, int], causal: bool) -> tuple[int, int]:
     return left, right
 
 
-def _clamped(nq: int, nk: int, left: int, right: int) -> tuple[int, int]:
+def clamped_band(nq: int, nk: int, left: int, right: int) -> tuple[int, int]:
     """The band with sides that admit every key cut down to ``left ≤ Nk``, ``right ≤ Nq`` (as
     ``AttentionSpec.kernel_band`` sends them to the kernels), so arithmetic stays small."""
     left = left if left == UNBOUNDED else min(int(left), nk)
@@ -80,7 +80,7 @@ def key_range(rows, nq: int, nk: int, left: int, right: int, *, xp=numpy):
     ``end − begin`` is the number of keys a row sees (0 for a row that sees none).
     """
     rows = _indices(rows, xp)
-    left, right = _clamped(nq, nk, left, right)
+    left, right = clamped_band(nq, nk, left, right)
     shift = nk - nq
     begin = xp.zeros_like(rows) if left == UNBOUNDED else xp.clip(rows + shift - left, 0, nk)
     end = xp.full_like(rows, nk) if right == UNBOUNDED else xp.clip(rows + shift + right + 1, 0, nk)
@@ -91,7 +91,7 @@ def row_range(keys, nq: int, nk: int, left: int, right: int, *, xp=numpy):
     """The query rows that see each of ``keys``, as half-open ``(begin, end)`` int64 arrays
     (``Mask::row_begin`` / ``row_end``), clipped so that ``0 ≤ begin ≤ end ≤ Nq``."""
     keys = _indices(keys, xp)
-    left, right = _clamped(nq, nk, left, right)
+    left, right = clamped_band(nq, nk, left, right)
     shift = nk - nq
     begin = xp.zeros_like(keys) if right == UNBOUNDED else xp.clip(keys - shift - right, 0, nq)
     end = xp.full_like(keys, nq) if left == UNBOUNDED else xp.clip(keys - shift + left + 1, 0, nq)
@@ -116,7 +116,7 @@ def blocks_visible(row_start, row_stop, col_start, col_stop, nq: int, nk: int, l
     ``col_start − (row_stop − 1)`` to ``(col_stop − 1) − row_start``; the band admits
     ``shift − left … shift + right``. The block holds work when the two ranges meet.
     """
-    left, right = _clamped(nq, nk, left, right)
+    left, right = clamped_band(nq, nk, left, right)
     shift = nk - nq
     low = numpy.asarray(col_start) - (numpy.asarray(row_stop) - 1)
     high = (numpy.asarray(col_stop) - 1) - numpy.asarray(row_start)
@@ -133,7 +133,7 @@ def partial(row_start: int, row_stop: int, col_start: int, col_stop: int, nq: in
     """Whether rows ``[row_start, row_stop)`` × keys ``[col_start, col_stop)`` (within the
     problem) hold a pair that is not seen: a key right of the top row's band or left of the
     bottom row's band (``Mask::partial``). Only such blocks need the per-element test."""
-    left, right = _clamped(nq, nk, left, right)
+    left, right = clamped_band(nq, nk, left, right)
     shift = nk - nq
     if right != UNBOUNDED and col_stop - 1 > row_start + shift + right:
         return True

@@ -40,7 +40,7 @@ def kernel_plan(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
     >>> print(cuflash.kernel_plan(q, q, q).forward)
     None
     """
-    from . import _api
+    from . import _api, _checks
 
     xp, spec = _api._spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                           alibi_slopes=alibi_slopes, block_mask=block_mask,
@@ -50,7 +50,7 @@ def kernel_plan(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
     from . import kernels
 
     s = spec.shapes
-    with _api._checks.device_context(q):
+    with _checks.device_context(q):
         q4, k4, v4 = _api._inputs_4d(spec, xp, q, k, v)
         # One-row stand-ins with the layout of freshly allocated outputs and gradients.
         out = xp.empty((1, 1, 1, s.dv), spec.dtype)

@@ -58,11 +58,6 @@ class AttentionSpec:
         return _mask.band(self.window, self.causal)
 
     @property
-    def shift(self) -> int:
-        """``Nk − Nq``: query ``i`` is aligned with key ``i + shift`` (bottom right)."""
-        return self.shapes.nk - self.shapes.nq
-
-    @property
     def banded(self) -> bool:
         """Whether some query sees fewer than all keys because of causal or a window."""
         return self.band() != (UNBOUNDED, UNBOUNDED)
@@ -76,10 +71,8 @@ class AttentionSpec:
         small enough for int32 arithmetic in the kernels: ``left ≤ Nk`` and ``right ≤ Nq``
         already admit everything (see ``csrc/mask.cuh``)."""
         s = self.shapes
-        left, right = self.band()
-        left = s.nk if left == UNBOUNDED else min(left, s.nk)
-        right = s.nq if right == UNBOUNDED else min(right, s.nq)
-        return left, right
+        left, right = _mask.clamped_band(s.nq, s.nk, *self.band())
+        return (s.nk if left == UNBOUNDED else left), (s.nq if right == UNBOUNDED else right)
 
     # ---- the score modifier: what happens to a score before the softmax
 

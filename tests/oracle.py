@@ -158,6 +158,4 @@ def spec_for(q, k, v, **options):
     (for tests that call a back end's entry points directly)."""
     from cuflash import _api
 
-    defaults = dict(causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    block_mask=None, deterministic=False)
-    return _api._spec(q, k, v, **{**defaults, **options})[1]
+    return _api._spec(q, k, v, **options)[1]

@@ -34,6 +34,12 @@ def padded_head_dim(d: int, what: str) -> int:
     return -(-d // HEAD_DIM_STEP) * HEAD_DIM_STEP
 
 
+def padded_head_dims(spec) -> tuple[int, int]:
+    """The call's head dims D and Dv padded as the kernels hold them."""
+    return (padded_head_dim(spec.shapes.d, "head dim D"),
+            padded_head_dim(spec.shapes.dv, "value head dim Dv"))
+
+
 def element_strides(x) -> tuple[int, ...]:
     return tuple(s // x.itemsize for s in x.strides)
 
@@ -139,13 +145,13 @@ def score_mod_type(spec) -> str:
     return _build.template_expression("ScoreMod", spec.has_softcap, spec.has_alibi)
 
 
-def block_mask_csr(spec, tile_m: int, tile_n: int):
-    """Row pointers and indices of the block mask refined to (tile_m, tile_n) tiles, or (None,
-    None) without one."""
+def block_mask_csr(spec, tile_m: int, tile_n: int, *, by_key: bool = False):
+    """The block mask refined to (tile_m, tile_n) tiles as ``(ptr, idx)``: per query tile (its
+    CSR) or, ``by_key``, per key tile (the transpose); ``(None, None)`` without a mask."""
     if spec.block_mask is None:
         return None, None
     csr = spec.block_mask.device_csr(tile_m, tile_n)
-    return csr.row_ptr, csr.col_idx
+    return (csr.col_ptr, csr.row_idx) if by_key else (csr.row_ptr, csr.col_idx)
 
 
 # The argument struct of both 16-bit forward kernels (FwdArgs in csrc/args.cuh).

@@ -25,13 +25,14 @@ from ._launch import (
     LOG2E,
     MASK_AND_SCORE_FIELDS,
     PTR,
+    block_mask_csr,
     check_grid,
     make_struct_dtype,
     mask_and_score_values,
     mask_heads,
     mask_type,
     pack_struct,
-    padded_head_dim,
+    padded_head_dims,
     pointer,
     score_mod_type,
     stride_fields,
@@ -117,9 +118,6 @@ _KERNELS = {
 PREP_KERNEL = "flash_f32_bwd_prep"
 
 
-def _head_dims(spec) -> tuple[int, int]:
-    return (padded_head_dim(spec.shapes.d, "head dim D"),
-            padded_head_dim(spec.shapes.dv, "value head dim Dv"))
 
 
 def _preferred(table, dqk: int, dv: int) -> F32Tiles:
@@ -131,7 +129,7 @@ def _fitting(kernel: str, spec, shared_limit: int) -> list[F32Tiles]:
     """The candidate tiles of `kernel` ("forward", "dkdv" or "dq") that fit in `shared_limit`
     bytes of shared memory per block, preferred first and smallest last."""
     _, table, footprint = _KERNELS[kernel]
-    dqk, dv = _head_dims(spec)
+    dqk, dv = padded_head_dims(spec)
     candidates = (_preferred(table, dqk, dv),) + _FALLBACK
     fitting = [t for t in candidates if footprint(t, dqk, dv) <= shared_limit]
     if not fitting:
@@ -176,7 +174,7 @@ def variant(kernel: str, spec, tiles: F32Tiles, *, aligned: bool) -> str:
     """The template expression of `kernel` ("forward", "dkdv" or "dq") for this call."""
     name = _KERNELS[kernel][0]
     return _build.template_expression(
-        name, *_head_dims(spec), tiles.block_m, tiles.block_n, mask_type(spec), score_mod_type(spec),
+        name, *padded_head_dims(spec), tiles.block_m, tiles.block_n, mask_type(spec), score_mod_type(spec),
         aligned)
 
 
@@ -205,15 +203,12 @@ def forward(q, k, v, out, lse, spec, *, tiles: F32Tiles | None = None):
     docs/internals.md."""
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    dqk, dvp = _head_dims(spec)
+    dqk, dvp = padded_head_dims(spec)
     tiles = tiles or tiles_for("forward", spec, _device_shared_limit())
     m_tiles = -(-nq // tiles.block_m)
     blocks = check_grid(m_tiles * heads * batch, "the float32 forward kernel")
 
-    tile_ptr = tile_idx = None
-    if spec.block_mask is not None:
-        csr = spec.block_mask.device_csr(tiles.block_m, tiles.block_n)
-        tile_ptr, tile_idx = csr.row_ptr, csr.col_idx
+    tile_ptr, tile_idx = block_mask_csr(spec, tiles.block_m, tiles.block_n)
     expression = variant("forward", spec, tiles, aligned=vector_aligned((q, k, v, out)))
     shared = tiles.forward_bytes(dqk, dvp)
     args = pack_struct(
@@ -241,7 +236,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec,
 
     batch, heads, nq, d = q.shape
     kv_heads, nk, dvh = k.shape[1], k.shape[2], v.shape[3]
-    dqk, dvp = _head_dims(spec)
+    dqk, dvp = padded_head_dims(spec)
     if tiles is None:
         limit = _device_shared_limit()
         tiles = (tiles_for("dkdv", spec, limit), tiles_for("dq", spec, limit))
@@ -271,9 +266,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec,
         if launch_tiles is not None:
             m_tiles = -(-nq // launch_tiles.block_m)
             n_tiles = -(-nk // launch_tiles.block_n)
-            if spec.block_mask is not None:
-                csr = spec.block_mask.device_csr(launch_tiles.block_m, launch_tiles.block_n)
-                tile_ptr, tile_idx = (csr.col_ptr, csr.row_idx) if by_key else (csr.row_ptr, csr.col_idx)
+            tile_ptr, tile_idx = block_mask_csr(spec, launch_tiles.block_m, launch_tiles.block_n,
+                                                by_key=by_key)
         args = pack_struct(BWD_ARGS, m_tiles=m_tiles, n_tiles=n_tiles, tile_ptr=pointer(tile_ptr),
                            tile_idx=pointer(tile_idx), **common)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
@@ -295,7 +289,7 @@ def main_variants() -> list[tuple[str, str]]:
     pairs = [(SOURCE, PREP_KERNEL)]
     for spec in spec_grid(head_dims=(64, 128, 256), dtypes=("float32",)):
         for kernel, (_, table, _) in _KERNELS.items():
-            tiles = _preferred(table, *_head_dims(spec))
+            tiles = _preferred(table, *padded_head_dims(spec))
             pairs.append((SOURCE, variant(kernel, spec, tiles, aligned=True)))
     return list(dict.fromkeys(pairs))
 

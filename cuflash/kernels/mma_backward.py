@@ -43,6 +43,7 @@ from ._launch import (
     mask_type,
     pack_struct,
     padded_head_dim,
+    padded_head_dims,
     pointer,
     score_mod_type,
     stride_fields,
@@ -187,7 +188,7 @@ def variant_pre(dtype, *, aligned: bool, zero_dq: bool) -> str:
 
 
 def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> str:
-    dqk, dvp = _padded_dims(spec)
+    dqk, dvp = padded_head_dims(spec)
     return _build.template_expression(
         "flash_bwd_dkdv", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.col_split,
         tiles.col_passes, tiles.block_m, tiles.stages, tiles.kv_in_regs, mask_type(spec),
@@ -196,7 +197,7 @@ def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> st
 
 
 def variant_dq(spec, tiles: BwdTiles, *, aligned: bool) -> str:
-    dqk, dvp = _padded_dims(spec)
+    dqk, dvp = padded_head_dims(spec)
     return _build.template_expression(
         "flash_bwd_dq", element_type(spec.dtype), dqk, dvp, tiles.dq_warps, tiles.dq_mt,
         tiles.dq_block_n, tiles.dq_in_regs, mask_type(spec), score_mod_type(spec), aligned,
@@ -207,15 +208,10 @@ def variant_convert(dtype, *, aligned: bool) -> str:
     return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned)
 
 
-def _padded_dims(spec) -> tuple[int, int]:
-    return (padded_head_dim(spec.shapes.d, "head dim D"),
-            padded_head_dim(spec.shapes.dv, "value head dim Dv"))
-
-
 def tiles_for(spec) -> BwdTiles:
     """The tile shape a call runs with: the first candidate for its head dims whose tiles divide
     the block mask's blocks (the default without one)."""
-    dqk, dvp = _padded_dims(spec)
+    dqk, dvp = padded_head_dims(spec)
     return default_tiles(dqk, dvp, None if spec.block_mask is None else spec.block_mask.block_size)
 
 
@@ -245,15 +241,13 @@ def scratch(spec, *, atomic_dq: bool):
     delta = cupy.empty((s.b, s.hq, rows_pad), numpy.float32)
     dq_accum = None
     if atomic_dq:
-        dq_accum = cupy.empty((s.b, s.hq, rows_pad, _padded_dims(spec)[0]), numpy.float32)
+        dq_accum = cupy.empty((s.b, s.hq, rows_pad, padded_head_dims(spec)[0]), numpy.float32)
     return rows_pad, lse2, delta, dq_accum
 
 
-def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, *, rows_pad, lse2, delta, dq_accum,
-                    dqk: int | None = None):
+def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, *, rows_pad, lse2, delta, dq_accum):
     """``args(m_tiles=0, n_tiles=0, index=(None, None))``: the BWD_ARGS of each launch of one
-    backward call (they differ only in the launch's tile counts and block-sparse index).
-    `dqk`, the dq accumulator's row length, defaults to the padded head dim."""
+    backward call (they differ only in the launch's tile counts and block-sparse index)."""
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     fields = dict(
@@ -262,7 +256,7 @@ def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, *, rows_pad, lse2
         lse2=pointer(lse2), delta=pointer(delta), dq_accum=pointer(dq_accum),
         batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
         group=heads // kv_heads, rows_pad=rows_pad,
-        dqk=padded_head_dim(d, "head dim D") if dqk is None else dqk,
+        dqk=padded_head_dims(spec)[0],  # the dq accumulator's row length
         mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
         **stride_fields(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)),
         **mask_and_score_values(spec),
@@ -273,17 +267,6 @@ def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, *, rows_pad, lse2
                            tile_ptr=pointer(index[0]), tile_idx=pointer(index[1]))
 
     return args
-
-
-def tile_index(spec, tile_m: int, tile_n: int, *, by_key: bool):
-    """The block mask refined to (tile_m, tile_n) tiles, as ``(ptr, idx)``: per query tile (CSR)
-    or, ``by_key``, per key tile (its transpose); ``(None, None)`` when dense."""
-    if not by_key:
-        return block_mask_csr(spec, tile_m, tile_n)
-    if spec.block_mask is None:
-        return None, None
-    csr = spec.block_mask.device_csr(tile_m, tile_n)
-    return csr.col_ptr, csr.row_idx
 
 
 def preprocess(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool):
@@ -299,7 +282,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: BwdTiles | Non
     the float32 accumulator and atomic adds unless ``spec.deterministic``."""
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    dqk, dvp = _padded_dims(spec)
+    dqk, dvp = padded_head_dims(spec)
     tiles = tiles or tiles_for(spec)
     atomic_dq = not spec.deterministic
     aligned = vector_aligned((q, k, v, out, dout, dq, dk, dv), (d, dv_dim))
@@ -312,7 +295,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: BwdTiles | Non
 
     # 2. dK, dV (and dQ through atomics).
     m_tiles, n_tiles = -(-nq // tiles.block_m), -(-nk // tiles.block_n)
-    index = tile_index(spec, tiles.block_m, tiles.block_n, by_key=True)
+    index = block_mask_csr(spec, tiles.block_m, tiles.block_n, by_key=True)
     shared = tiles.dkdv_shared_bytes(dqk, dvp, atomic_dq=atomic_dq)
     expression = variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=atomic_dq)
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
@@ -327,7 +310,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: BwdTiles | Non
         kernel((blocks,), (256,), (args(),))
     else:
         m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
-        index = tile_index(spec, tiles.dq_block_m, tiles.dq_block_n, by_key=False)
+        index = block_mask_csr(spec, tiles.dq_block_m, tiles.dq_block_n)
         shared = tiles.dq_shared_bytes(dqk, dvp)
         expression = variant_dq(spec, tiles, aligned=aligned)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)

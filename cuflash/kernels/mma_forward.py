@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _build
-from ._launch import (element_type, forward_args, mask_type, padded_head_dim, score_mod_type,
+from ._launch import (element_type, forward_args, mask_type, padded_head_dims, score_mod_type,
                       vector_aligned)
 
 SOURCE = "flash_fwd.cu"
@@ -58,7 +58,7 @@ def tiles_for_mask(tiles: FwdTiles, block_size, dqk: int, dv: int) -> FwdTiles:
 
 
 def variant(spec, tiles: FwdTiles, *, aligned: bool) -> str:
-    dqk, dvp = padded_head_dim(spec.shapes.d, "head dim D"), padded_head_dim(spec.shapes.dv, "value head dim Dv")
+    dqk, dvp = padded_head_dims(spec)
     return _build.template_expression(
         "flash_fwd", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.block_n,
         tiles.q_in_regs, mask_type(spec), score_mod_type(spec), aligned,
@@ -68,8 +68,7 @@ def variant(spec, tiles: FwdTiles, *, aligned: bool) -> str:
 def tiles_for(spec) -> FwdTiles:
     """The tile shape a call runs with: the default for its head dims, refined to divide the
     block mask's blocks."""
-    dqk = padded_head_dim(spec.shapes.d, "head dim D")
-    dvp = padded_head_dim(spec.shapes.dv, "value head dim Dv")
+    dqk, dvp = padded_head_dims(spec)
     tiles = default_tiles(dqk, dvp)
     if spec.block_mask is not None:
         tiles = tiles_for_mask(tiles, spec.block_mask.block_size, dqk, dvp)
@@ -90,8 +89,7 @@ def supports(spec, arrays) -> str | None:
 def forward(q, k, v, out, lse, spec, *, tiles: FwdTiles | None = None):
     """Run the forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
     d, dv = q.shape[3], v.shape[3]
-    dqk = padded_head_dim(d, "head dim D")
-    dvp = padded_head_dim(dv, "value head dim Dv")
+    dqk, dvp = padded_head_dims(spec)
     tiles = tiles or tiles_for(spec)
     args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=tiles.block_m, tile_n=tiles.block_n)
     aligned = vector_aligned((q, k, v, out), (d, dv))
