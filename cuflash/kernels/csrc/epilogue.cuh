@@ -1,6 +1,7 @@
 // Stores of results to global memory in the input dtype.
 #pragma once
 #include "arch/ptx.cuh"
+#include "arch/sm90_wgmma.cuh"
 
 // Columns col and col + 1 of one output row of `ncols` valid columns: one 32-bit store when both
 // are in range and the row allows it (ALIGNED, checked on the host), else element by element.
@@ -32,3 +33,43 @@ __device__ __forceinline__ void store_rows(u16* out, i64 ld, int nrows, int ncol
         }
     }
 }
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A warpgroup's 64 rows of a wgmma accumulator (D columns, OT = D / 8 blocks of 4 floats per
+// thread), each row multiplied by factor[half], into rows row0.. of a row-major output of `nrows`
+// rows with row stride `ld`, through the warpgroup's own 64 rows of a 128-byte-swizzled shared
+// tile at `stage` (a tile of ROWS rows): every global store is then a whole 16-byte chunk of a
+// row. Warpgroup `wg` synchronises on named barrier 1 + wg; `warp` is the warp inside the
+// warpgroup, (g, t) the lane's accumulator row group and column pair.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void store_rows_sw128(u16* out, i64 ld, int nrows, const float (&acc)[D / 2],
+                                                 const float (&factor)[2], u32 stage, int row0, int wg,
+                                                 int warp, int g, int t) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = warp * 16 + g + half * 8;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            const u32 x = pack2<T>(acc[4 * i + half * 2] * factor[half], acc[4 * i + half * 2 + 1] * factor[half]);
+            const u32 addr = stage + sw128_offset<ROWS>(r, i) + 4 * t;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory");
+        }
+    }
+    named_barrier(1 + wg, 128);
+    constexpr int CHUNKS = D / 8;
+#pragma unroll
+    for (int c = 0; c < 64 * CHUNKS / 128; ++c) {
+        const int idx = c * 128 + threadIdx.x % 128;
+        const int r = idx / CHUNKS, chunk = idx % CHUNKS;
+        const int row = row0 + r;
+        if (row < nrows) {
+            uint4 x;
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                         : "r"(stage + sw128_offset<ROWS>(r, chunk))
+                         : "memory");
+            *reinterpret_cast<uint4*>(out + (i64)row * ld + chunk * 8) = x;
+        }
+    }
+}
+#endif

@@ -30,7 +30,7 @@
 #include "args.cuh"
 
 #include "arch/sm80_mma.cuh"
-#include "bwd_pieces.cuh"
+#include "sm80_pieces.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // Preprocessing: 32 rows per block, 8 threads per row.

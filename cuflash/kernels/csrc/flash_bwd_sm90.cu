@@ -180,23 +180,11 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     cp_async_wait<0>();
 
     // dK·scale and dV, once; key tiles that no query sees write zeros.
-    u16* dk = a.grad_k + b * a.gk_sb + hk * a.gk_sh;
-    u16* dv = a.grad_v + b * a.gv_sb + hk * a.gv_sh;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = key_row0 + g + half * 8;
-        if (row < a.nk) {
-            u16* krow = dk + (i64)row * a.gk_sn;
-            u16* vrow = dv + (i64)row * a.gv_sn;
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                const int col = 8 * i + 2 * t;
-                *reinterpret_cast<u32*>(krow + col) =
-                    pack2<T>(dk_acc[4 * i + 2 * half] * a.scale, dk_acc[4 * i + 2 * half + 1] * a.scale);
-                *reinterpret_cast<u32*>(vrow + col) = pack2<T>(dv_acc[4 * i + 2 * half], dv_acc[4 * i + 2 * half + 1]);
-            }
-        }
-    }
+    const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {1.f, 1.f};
+    store_rows<T, true>(a.grad_k + b * a.gk_sb + hk * a.gk_sh, a.gk_sn, a.nk, D, as_blocks<D / 8>(dk_acc),
+                        key_row0 + g, 0, t, dk_factor);
+    store_rows<T, true>(a.grad_v + b * a.gv_sb + hk * a.gv_sh, a.gv_sn, a.nk, D, as_blocks<D / 8>(dv_acc),
+                        key_row0 + g, 0, t, dv_factor);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include "args.cuh"
 
 #include "arch/sm80_mma.cuh"
+#include "sm80_pieces.cuh"
 
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool Q_IN_REGS, class MASK,
           class MOD, bool ALIGNED>
@@ -85,35 +86,10 @@ flash_fwd(const FwdArgs a) {
             }
         }
 
+        // S = Q·Kᵀ; Q from registers or shared memory, K from shared memory.
         float s[MT][NT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
-
-#pragma unroll
-        for (int kk = 0; kk < KQK; ++kk) {
-            u32 qa[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (Q_IN_REGS) {
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) qa[mt][r] = qf[mt][kk][r];
-                } else {
-                    ldmatrix_x4(qa[mt], sq_warp + (mt * 16 * QS + kk * 16) * 2);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                u32 kb[4];
-                ldmatrix_x4(kb, sk_lane + (j * 8 * KS + kk * 16) * 2);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816<T>(s[mt][j], qa[mt], kb[0], kb[1]);
-                    mma_16816<T>(s[mt][j + 1], qa[mt], kb[2], kb[3]);
-                }
-            }
-        }
+        zero_acc(s);
+        warp_gemm<T, false, KQK>(s, cached_a<Q_IN_REGS, QS>(qf, sq_warp), sk_lane, 16 * 2, 16 * KS * 2);
 
         // Score modifier, then element masks only where the tile holds keys some row does not see.
         const int n0 = n_tile * BLOCK_N;

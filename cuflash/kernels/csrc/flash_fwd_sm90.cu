@@ -180,37 +180,17 @@ flash_fwd_sm90(const FwdArgs a) {
 
     // Epilogue: O = acc / l (0 for rows that saw no key), lse = ln(sum) + max·scale. O goes
     // through this warpgroup's own rows of the Q tile (no other warpgroup reads them, and its
-    // last Q·Kᵀ has completed) so that global stores are whole 16-byte chunks of a row.
-    u16* out = a.o + b * a.o_sb + h * a.o_sh;
+    // last Q·Kᵀ has completed).
     float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
-    const u32 so = sq + wg * 64 * 128;  // box 0 of this warpgroup's rows
+    const int row0 = m0 + wg * 64;  // this warpgroup's first row
+    float inv[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = warp * 16 + g + half * 8;  // row inside the warpgroup
         const RowResult res = finish_row(row_max[half], row_sum[half], mod.softmax_scale());
-        const float inv = res.inv;
-        if (t == 0 && m0 + wg * 64 + r < a.nq) lse[m0 + wg * 64 + r] = res.lse;
-#pragma unroll
-        for (int i = 0; i < OT; ++i) {
-            const u32 x = pack2<T>(o[4 * i + half * 2] * inv, o[4 * i + half * 2 + 1] * inv);
-            const u32 addr = so + sw128_offset<BLOCK_M>(r, i) + 4 * t;
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory");
-        }
+        inv[half] = res.inv;
+        if (t == 0 && row0 + r < a.nq) lse[row0 + r] = res.lse;
     }
-    named_barrier(1 + wg, 128);
-    constexpr int CHUNKS = D / 8;
-#pragma unroll
-    for (int c = 0; c < 64 * CHUNKS / 128; ++c) {
-        const int idx = c * 128 + threadIdx.x % 128;
-        const int r = idx / CHUNKS, chunk = idx % CHUNKS;
-        const int row = m0 + wg * 64 + r;
-        if (row < a.nq) {
-            uint4 x;
-            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
-                         : "r"(so + sw128_offset<BLOCK_M>(r, chunk))
-                         : "memory");
-            *reinterpret_cast<uint4*>(out + (i64)row * a.o_sn + chunk * 8) = x;
-        }
-    }
+    store_rows_sw128<T, D, BLOCK_M>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, a.nq, o, inv, sq + wg * 64 * 128,
+                                    row0, wg, warp, g, t);
 }

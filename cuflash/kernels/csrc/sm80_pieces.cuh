@@ -1,7 +1,6 @@
-// Warp-level pieces of the mma.sync backward kernels (flash_bwd.cu): the GEMM loop over ldmatrix
-// operands, the sources of its A fragments, and 16-bit tiles exchanged through shared memory. (P
-// and dS are recomputed by softmax.cuh's recompute_probs* / softmax_grad*, one 16-row slab at a
-// time.)
+// Warp-level pieces of the mma.sync kernels (flash_fwd.cu, flash_bwd.cu): the GEMM loop over
+// ldmatrix operands, the sources of its A fragments, and 16-bit tiles exchanged through shared
+// memory.
 //
 // Everything is __forceinline__ and sized by template parameters, so a kernel still compiles to
 // one straight-line body: the loops unroll and every fragment stays in registers.
