@@ -39,23 +39,28 @@ from cuflash.kernels.sm90_forward import Sm90Tiles  # noqa: E402
 # ----------------------------------------------------------------------------- correctness
 
 def check_case(rng, *, dtype, d, nq, nk=None, b=1, hq=2, hkv=None, causal=False, scale=None,
-               layout="bhnd", out_layout="bhnd", block_mask=None, rows=None, tiles=None, seed=0):
+               layout="bhnd", out_layout="bhnd", block_mask=None, rows=None, tiles=None, seed=0,
+               dv=None, kernel=sm90_forward):
+    """One case through `kernel` (a Hopper forward launcher module) against the oracle."""
     from oracle import assert_forward_close
 
     nk = nq if nk is None else nk
+    dv = d if dv is None else dv
     hkv = hq if hkv is None else hkv
     q, k, v = make_inputs(rng, dtype=dtype, b=b, hq=hq, hkv=hkv, nq=nq, nk=nk, d=d, layout=layout)
+    if dv != d:
+        v = randn(rng, v.shape[:3] + (dv,), dtype)
     if out_layout == "bnhd":
-        out = cupy.full((b, nq, hq, d), numpy.nan, dtype=dtype).transpose(0, 2, 1, 3)
+        out = cupy.full((b, nq, hq, dv), numpy.nan, dtype=dtype).transpose(0, 2, 1, 3)
     else:
-        out = cupy.full((b, hq, nq, d), numpy.nan, dtype=dtype)
+        out = cupy.full((b, hq, nq, dv), numpy.nan, dtype=dtype)
     lse = cupy.full((b, hq, nq), numpy.nan, dtype=cupy.float32)
     s = 1.0 / math.sqrt(d) if scale is None else scale
     spec = spec_for(q, k, v, causal=causal, scale=s, block_mask=block_mask)
-    reason = sm90_forward.supports(spec, (q, k, v, out))
+    reason = kernel.supports(spec, (q, k, v, out))
     if reason is not None:
         raise AssertionError(f"supports() refused a case it should take: {reason}")
-    sm90_forward.forward(q, k, v, out, lse, spec, tiles=tiles)
+    kernel.forward(q, k, v, out, lse, spec, tiles=tiles)
     cupy.cuda.Device().synchronize()
     try:
         assert_forward_close(out, lse, q, k, v, causal=causal, scale=s, block_mask=block_mask,

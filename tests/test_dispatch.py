@@ -53,9 +53,9 @@ def test_hopper_families_can_be_switched_off(monkeypatch):
 
 
 def test_registries_list_the_fastest_family_first():
-    for pass_name in ("forward", "backward"):
-        names = [f.name for f in kernels.REGISTRY[pass_name]]
-        assert names == ["sm90-wgmma", "sm80-mma", "float32"]
+    names = {pass_name: [f.name for f in kernels.REGISTRY[pass_name]] for pass_name in ("forward", "backward")}
+    assert names["forward"] == ["sm90-tma", "sm90-wgmma", "sm80-mma", "float32"]
+    assert names["backward"] == ["sm90-wgmma", "sm80-mma", "float32"]
 
 
 def test_kernel_plan_on_numpy_names_the_numpy_path():
@@ -78,16 +78,24 @@ def test_kernel_plan_on_the_gpu_gives_the_reasons(xp_gpu):
     hopper = kernels._launch.on_hopper(xp_gpu.empty(1))
     q96 = xp_gpu.zeros((1, 2, 128, 96), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q96, q96, q96, causal=True)
-    assert plan.forward.family.name == plan.backward.family.name == "sm80-mma"
-    reason = dict(plan.forward.passed_over)["sm90-wgmma"]
+    assert plan.forward.family.name == ("sm90-tma" if hopper else "sm80-mma")
+    assert plan.backward.family.name == "sm80-mma"
+    reason = dict(plan.backward.passed_over)["sm90-wgmma"]
     assert reason == ("takes D = Dv in (64, 128); got D=96, Dv=96" if hopper
                       else "needs compute capability 9.0 (Hopper)")
 
     q32 = xp_gpu.zeros((1, 2, 128, 64), np.float32)
     plan = cuflash.kernel_plan(q32, q32, q32)
     assert plan.forward.family.name == "float32"
-    assert [name for name, _ in plan.forward.passed_over] == ["sm90-wgmma", "sm80-mma"]
+    assert [name for name, _ in plan.forward.passed_over] == ["sm90-tma", "sm90-wgmma", "sm80-mma"]
 
     q64 = xp_gpu.zeros((1, 2, 128, 64), ml_dtypes.bfloat16)
-    expected = "sm90-wgmma" if hopper else "sm80-mma"
+    expected = "sm90-tma" if hopper else "sm80-mma"
     assert cuflash.kernel_plan(q64, q64, q64, window=(32, 0)).forward.family.name == expected
+    # A broadcast (stride-0) key axis is beyond TMA: the previous Hopper kernel takes it.
+    k_broadcast = xp_gpu.zeros((1, 1, 128, 64), ml_dtypes.bfloat16)
+    q_two = xp_gpu.zeros((2, 2, 128, 64), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q_two, k_broadcast, k_broadcast)
+    if hopper:
+        assert plan.forward.family.name == "sm90-wgmma"
+        assert "no broadcast axes" in dict(plan.forward.passed_over)["sm90-tma"]

@@ -11,7 +11,7 @@ from cuflash.kernels import _build
 ARCHS = ("sm_80", "sm_90", "sm_90a")
 # Modules whose kernels compile for every architecture, and the Hopper-only ones (sm_90a).
 PORTABLE_MODULES = ("mma_forward", "mma_backward", "float32")
-HOPPER_MODULES = ("sm90_forward", "sm90_backward")
+HOPPER_MODULES = ("sm90_tma_forward", "sm90_forward", "sm90_backward")
 
 
 def _variants_by_source(modules):

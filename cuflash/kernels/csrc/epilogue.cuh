@@ -39,12 +39,13 @@ __device__ __forceinline__ void store_rows(u16* out, i64 ld, int nrows, int ncol
 // thread), each row multiplied by factor[half], into rows row0.. of a row-major output of `nrows`
 // rows with row stride `ld`, through the warpgroup's own 64 rows of a 128-byte-swizzled shared
 // tile at `stage` (a tile of ROWS rows): every global store is then a whole 16-byte chunk of a
-// row. Warpgroup `wg` synchronises on named barrier 1 + wg; `warp` is the warp inside the
-// warpgroup, (g, t) the lane's accumulator row group and column pair.
+// row. Only the first `ncols` columns (a multiple of 8) are stored: D may be a padded width.
+// Warpgroup `wg` synchronises on named barrier 1 + wg; `warp` is the warp inside the warpgroup,
+// (g, t) the lane's accumulator row group and column pair.
 template <typename T, int D, int ROWS>
 __device__ __forceinline__ void store_rows_sw128(u16* out, i64 ld, int nrows, const float (&acc)[D / 2],
                                                  const float (&factor)[2], u32 stage, int row0, int wg,
-                                                 int warp, int g, int t) {
+                                                 int warp, int g, int t, int ncols = D) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = warp * 16 + g + half * 8;
@@ -62,7 +63,7 @@ __device__ __forceinline__ void store_rows_sw128(u16* out, i64 ld, int nrows, co
         const int idx = c * 128 + threadIdx.x % 128;
         const int r = idx / CHUNKS, chunk = idx % CHUNKS;
         const int row = row0 + r;
-        if (row < nrows) {
+        if (row < nrows && chunk * 8 < ncols) {
             uint4 x;
             asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                          : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)

@@ -1,0 +1,102 @@
+// sm_90a pieces of a warp-specialised kernel: tensor-memory-accelerator (TMA) copies, the
+// mbarriers that say when they have landed or when a buffer may be refilled, and the register
+// hand-over between producer and consumer warpgroups.
+#pragma once
+#include "arch/sm90_wgmma.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// A CUtensorMap (128 bytes, 64-byte aligned), encoded on the host and passed by value in a
+// __grid_constant__ kernel parameter, where TMA reads it.
+struct __align__(64) TmaDesc {
+    u64 bits[16];
+};
+
+// ---- mbarriers (shared-memory u64 words addressed by their shared-space address)
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+// Makes the inits visible to the async proxy (TMA) before any copy signals them.
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// The producer's arrival, announcing how many bytes the copies it issues will deliver.
+__device__ __forceinline__ void mbar_arrive_expect_bytes(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Blocks until the barrier's phase with this parity has completed. A freshly initialised
+// barrier counts as having completed the phase before its first, so waiting on parity 1 passes
+// at once: that is how a producer sees every buffer of a new ring as free.
+__device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
+    u32 done;
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    while (!mbar_test(bar, parity)) {
+    }
+}
+
+// Position in a ring of STAGES buffers, with the parity of the mbarrier phase that fills (or
+// frees) the current one: it flips each time the ring wraps.
+template <int STAGES>
+struct RingSlot {
+    int stage = 0;
+    u32 phase = 0;
+    __device__ __forceinline__ void advance() {
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+};
+
+// ---- TMA
+
+__device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* desc) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(desc) : "memory");
+}
+// One box of a 4-D tensor (coordinates innermost first) into shared memory at `dst`, signalling
+// `bar` with its byte count when it lands. Elements outside the tensor arrive as zeros.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* desc, u32 bar, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+        "l"(desc), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+
+// ---- warp specialisation
+
+// 1 for one elected lane of a fully active warp, 0 for the others.
+__device__ __forceinline__ bool elect_one_lane() {
+    u32 elected;
+    asm volatile(
+        "{\n.reg .pred p;\n.reg .b32 lane;\n"
+        "elect.sync lane|p, 0xffffffff;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(elected));
+    return elected != 0;
+}
+// Hands registers between warpgroups: the producer gives most of its share back, the consumers
+// take it. Every warp of the warpgroup must execute it.
+template <int REGS>
+__device__ __forceinline__ void release_registers() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS>
+__device__ __forceinline__ void claim_registers() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL

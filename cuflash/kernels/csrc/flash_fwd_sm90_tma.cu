@@ -1,0 +1,256 @@
+// FlashAttention forward for Hopper (sm_90a), warp-specialised: one producer warpgroup moves Q, K
+// and V with TMA, two consumer warpgroups run the wgmma GEMMs and the online softmax.
+//
+// Thread block: 3 warpgroups, BLOCK_M = 128 query rows of one (batch, head).
+//   warpgroup 0, the producer: gives its registers away (setmaxnreg) and one elected thread
+//     issues TMA copies: the Q tile once, then each visited key tile's K and V into rings of
+//     STAGES buffers. A "full" mbarrier per buffer counts the bytes in; an "empty" one collects
+//     one arrival per consumer before the buffer is refilled.
+//   warpgroups 1 and 2, the consumers: 64 query rows each. Per key tile j: S_j = Q·K_jᵀ and
+//     O += P_{j-1}·V_{j-1} are issued back to back, the softmax of S_j runs while the tensor
+//     cores finish the second, then O is rescaled and P_j packed into registers (wgmma's register
+//     A operand), never touching shared memory.
+// Head dims are padded to DP / DVP, multiples of 64 (one 128-byte swizzled box per 64 columns);
+// TMA fills columns past D and rows past N with zeros, so padding never reaches a result.
+#include "args.cuh"
+#include "arch/sm90_tma.cuh"
+
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "flash_fwd_sm90_tma.cu needs the sm_90a target (-arch=sm_90a)"
+#endif
+
+// The three tensors' TMA descriptors: 4-D views (D, N, heads, batch), boxes of 64 columns.
+struct QkvMaps {
+    TmaDesc q, k, v;
+};
+
+// Shared-memory plan of one thread block (all offsets from a 1024-byte aligned base).
+template <int DP, int DVP, int BLOCK_N, int STAGES>
+struct TmaForwardLayout {
+    static constexpr int CONSUMERS = 2;
+    static constexpr int BLOCK_M = 64 * CONSUMERS;
+    static constexpr int THREADS = 128 * (CONSUMERS + 1);
+    // The Q tile, reused to stage O for the stores: as many 64-column boxes as the wider needs.
+    static constexpr u32 Q_BOXES = (DP > DVP ? DP : DVP) / 64;
+    static constexpr u32 Q_BYTES = Q_BOXES * BLOCK_M * 128;
+    static constexpr u32 Q_LOAD_BYTES = DP / 64 * BLOCK_M * 128;
+    static constexpr u32 K_STAGE = DP / 64 * BLOCK_N * 128;
+    static constexpr u32 V_STAGE = DVP / 64 * BLOCK_N * 128;
+    static constexpr u32 K_RING = Q_BYTES;
+    static constexpr u32 V_RING = K_RING + STAGES * K_STAGE;
+    // Registers per thread after the hand-over: 128·24 + 256·240 fits the SM's 64K.
+    static constexpr int PRODUCER_REGS = 24;
+    static constexpr int CONSUMER_REGS = 240;
+};
+
+// mbarriers: Q, then full/empty for each K and V buffer.
+template <int STAGES>
+struct TmaForwardBarriers {
+    u32 base;
+    __device__ __forceinline__ u32 q() const { return base; }
+    __device__ __forceinline__ u32 k_full(int s) const { return base + 8 * (1 + s); }
+    __device__ __forceinline__ u32 k_empty(int s) const { return base + 8 * (1 + STAGES + s); }
+    __device__ __forceinline__ u32 v_full(int s) const { return base + 8 * (1 + 2 * STAGES + s); }
+    __device__ __forceinline__ u32 v_empty(int s) const { return base + 8 * (1 + 3 * STAGES + s); }
+    static constexpr int COUNT = 1 + 4 * STAGES;
+
+    __device__ __forceinline__ void init(int consumers) const {
+        mbar_init(q(), 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(k_full(s), 1);
+            mbar_init(v_full(s), 1);
+            mbar_init(k_empty(s), consumers);
+            mbar_init(v_empty(s), consumers);
+        }
+        mbar_init_fence();
+    }
+};
+
+// The producer's one thread: Q, then K_j and V_j for every visited key tile, each into the next
+// ring buffer once both consumers have released it.
+template <class L, int BLOCK_N, int STAGES, class Tiles>
+__device__ __forceinline__ void produce_tiles(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
+                                              const Tiles& key_tile, int n_count, int m0, int h, int hk, int b) {
+    constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
+    tma_prefetch_desc(&maps.q);
+    tma_prefetch_desc(&maps.k);
+    tma_prefetch_desc(&maps.v);
+    mbar_arrive_expect_bytes(bar.q(), L::Q_LOAD_BYTES);
+#pragma unroll
+    for (int c = 0; c < L::CONSUMERS; ++c)
+#pragma unroll
+        for (int box = 0; box < K_BOXES; ++box)
+            tma_load_4d(base + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(), 64 * box, m0 + 64 * c, h, b);
+    RingSlot<STAGES> slot;
+    for (int j = 0; j < n_count; ++j, slot.advance()) {
+        const int key0 = key_tile[j] * BLOCK_N;
+        mbar_wait(bar.k_empty(slot.stage), slot.phase ^ 1);
+        mbar_arrive_expect_bytes(bar.k_full(slot.stage), L::K_STAGE);
+#pragma unroll
+        for (int box = 0; box < K_BOXES; ++box)
+            tma_load_4d(base + L::K_RING + slot.stage * L::K_STAGE + box * BLOCK_N * 128, &maps.k,
+                        bar.k_full(slot.stage), 64 * box, key0, hk, b);
+        mbar_wait(bar.v_empty(slot.stage), slot.phase ^ 1);
+        mbar_arrive_expect_bytes(bar.v_full(slot.stage), L::V_STAGE);
+#pragma unroll
+        for (int box = 0; box < V_BOXES; ++box)
+            tma_load_4d(base + L::V_RING + slot.stage * L::V_STAGE + box * BLOCK_N * 128, &maps.v,
+                        bar.v_full(slot.stage), 64 * box, key0, hk, b);
+    }
+}
+
+// O(64 × DVP) += P(64 × BLOCK_N, registers) · V(BLOCK_N × DVP, shared, row-major): in slices of
+// at most 128 columns (wgmma's N), slice c starting 2c boxes (2c·BLOCK_N·128 bytes) into V.
+template <typename T, int DVP, int BLOCK_N>
+__device__ __forceinline__ void issue_pv(float (&o)[DVP / 2], const u32 (&p)[BLOCK_N / 16][4], u32 v_stage) {
+    constexpr int SLICE = DVP % 128 == 0 ? 128 : 64;
+#pragma unroll
+    for (int c = 0; c < DVP / SLICE; ++c) {
+        float (&oc)[SLICE / 2] = *reinterpret_cast<float(*)[SLICE / 2]>(&o[c * SLICE / 2]);
+        const u64 desc = sw128_desc(v_stage + c * (SLICE / 64) * BLOCK_N * 128, BLOCK_N * 128);
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) wgmma_rs<T, SLICE, 1>(oc, p[kk], desc + ((u32)(kk * 2048) >> 4), 1);
+    }
+    wgmma_commit();
+}
+
+// S(64 × BLOCK_N) = Q(64 × DP) · Kᵀ, both K-major in shared memory.
+template <typename T, int DP, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u32 k_stage) {
+    const u64 desc_k = sw128_desc(k_stage, 16);
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk)
+        wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + kmajor_step(kk, BLOCK_N), kk > 0);
+    wgmma_commit();
+}
+
+template <typename T, int D, int DV, int BLOCK_N, int STAGES, class MASK, class MOD>
+__global__ void __launch_bounds__(384, 1)
+flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a) {
+    constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
+    using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES>;
+    constexpr int BLOCK_M = L::BLOCK_M;
+    constexpr int NT = BLOCK_N / 8, OT = DVP / 8, KPV = BLOCK_N / 16;
+    static_assert(BLOCK_N == 64 || BLOCK_N == 128, "BLOCK_N must be 64 or 128");
+    static_assert(DP <= 256 && DVP <= 256, "head dims up to 256");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ __align__(8) u64 barrier_words[TmaForwardBarriers<STAGES>::COUNT];
+    const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1024-byte alignment
+    const TmaForwardBarriers<STAGES> bar{smem_addr(barrier_words)};
+    if (threadIdx.x == 0) bar.init(L::CONSUMERS);
+    __syncthreads();
+
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
+    const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
+    const int m0 = m_tile * BLOCK_M;
+    const MASK mask(a);
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
+    const int n_count = key_tile.count;
+    const int wg = threadIdx.x / 128;
+
+    if (wg == 0) {
+        release_registers<L::PRODUCER_REGS>();
+        if (threadIdx.x < 32 && elect_one_lane() && n_count > 0)
+            produce_tiles<L, BLOCK_N, STAGES>(maps, bar, base, key_tile, n_count, m0, h, h / a.group, b);
+        return;
+    }
+    claim_registers<L::CONSUMER_REGS>();
+
+    const int c = wg - 1;                     // consumer index: rows m0 + 64c ..
+    const int warp = (threadIdx.x / 32) % 4;  // rows 16·warp.. of those
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int warp_row0 = m0 + c * 64 + warp * 16;
+    const bool leader = threadIdx.x % 128 == 0;  // arrives on the "empty" barriers for the warpgroup
+    const MOD mod(a, b, h);
+    const u64 desc_q = sw128_desc(base + c * 64 * 128, 16);
+
+    float o[OT * 4], s[NT * 4];
+    u32 pf[KPV][4];
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
+
+    // Modifier, mask (only where the tile holds keys some row of this warp does not see) and the
+    // online softmax of S_j in place; alpha rescales what O held before.
+    auto softmax = [&](int n_tile, float (&alpha)[2]) {
+        const int n0 = n_tile * BLOCK_N;
+        float (&sb)[NT][4] = as_blocks<NT>(s);
+        modify_scores(sb, mod, warp_row0 + g, n0, t);
+        if (mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, mask, warp_row0 + g, n0, t);
+        online_softmax(sb, row_max, row_sum, mod.softmax_scale(), alpha);
+    };
+    auto k_stage = [&](int stage) { return base + L::K_RING + stage * L::K_STAGE; };
+    auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
+
+    if (n_count > 0) {
+        mbar_wait(bar.q(), 0);
+        RingSlot<STAGES> ks, vs;  // the K buffer of the current step, the V buffer of the previous
+        mbar_wait(bar.k_full(ks.stage), ks.phase);
+        wgmma_fence();
+        issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
+        wgmma_wait<0>();
+        reg_fence(s);
+        if (leader) mbar_arrive(bar.k_empty(ks.stage));
+        ks.advance();
+        {
+            float alpha[2];
+            softmax(key_tile[0], alpha);
+        }
+        pack_a<T, KPV>(pf, s);
+
+        for (int j = 1; j < n_count; ++j) {
+            mbar_wait(bar.k_full(ks.stage), ks.phase);
+            reg_fence(s);
+            reg_fence(o);
+            reg_fence_frag(pf);
+            wgmma_fence();
+            issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
+            mbar_wait(bar.v_full(vs.stage), vs.phase);
+            issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
+            wgmma_wait<1>();
+            reg_fence(s);
+            if (leader) mbar_arrive(bar.k_empty(ks.stage));
+            float alpha[2];
+            softmax(key_tile[j], alpha);
+            wgmma_wait<0>();
+            reg_fence(o);
+            reg_fence_frag(pf);
+            if (leader) mbar_arrive(bar.v_empty(vs.stage));
+#pragma unroll
+            for (int i = 0; i < OT; ++i) {
+                o[4 * i + 0] *= alpha[0];
+                o[4 * i + 1] *= alpha[0];
+                o[4 * i + 2] *= alpha[1];
+                o[4 * i + 3] *= alpha[1];
+            }
+            pack_a<T, KPV>(pf, s);
+            ks.advance();
+            vs.advance();
+        }
+
+        mbar_wait(bar.v_full(vs.stage), vs.phase);
+        reg_fence(o);
+        reg_fence_frag(pf);
+        wgmma_fence();
+        issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
+        wgmma_wait<0>();
+        reg_fence(o);
+    }
+
+    // Epilogue: O / l through this consumer's own rows of the Q tile (its last Q·Kᵀ is done and
+    // no one else reads them), lse = ln(l) + max·scale; rows that saw no key give 0 and −inf.
+    float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
+    const int row0 = m0 + c * 64;
+    float inv[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = warp * 16 + g + half * 8;
+        const RowResult res = finish_row(row_max[half], row_sum[half], mod.softmax_scale());
+        inv[half] = res.inv;
+        if (t == 0 && row0 + r < a.nq) lse[row0 + r] = res.lse;
+    }
+    store_rows_sw128<T, DVP, BLOCK_M>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, a.nq, o, inv, base + c * 64 * 128,
+                                      row0, wg, warp, g, t, a.dv);
+}

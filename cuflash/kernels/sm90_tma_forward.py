@@ -1,0 +1,106 @@
+"""Launch of the warp-specialised Hopper forward kernel (flash_fwd_sm90_tma.cu: TMA producer
+warpgroup, two wgmma consumer warpgroups, sm_90a) for float16 / bfloat16.
+
+Same entry point as ``sm90_forward.forward``; ``supports()`` says whether a call can take this
+path (compute capability 9.0, head dims 64 ≤ D, Dv ≤ 256 in multiples of 32, views TMA can
+describe, block masks whose blocks are whole tiles). Everything else falls to the next family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import _build, _tma
+from ._launch import element_type, forward_args, mask_type, on_hopper, score_mod_type, vector_aligned
+
+SOURCE = "flash_fwd_sm90_tma.cu"
+ARCH = "sm_90a"
+OPTIONS = (f"-arch={ARCH}",)
+HEAD_DIMS = (64, 96, 128, 160, 192, 224, 256)  # padded to multiples of 64 inside the kernel
+THREADS = 384          # a producer warpgroup and two consumer warpgroups
+BLOCK_M = 128          # 64 query rows per consumer
+MAX_SHARED = 227 * 1024 - 256  # the SM's limit per block, less the static mbarriers
+
+
+def _padded(d: int) -> int:
+    return -(-d // 64) * 64
+
+
+@dataclass(frozen=True)
+class TmaTiles:
+    """`block_n` keys per K/V tile, in rings of `stages` buffers."""
+
+    block_n: int = 128
+    stages: int = 2
+
+    def shared_bytes(self, d: int, dv: int) -> int:
+        dp, dvp = _padded(d), _padded(dv)
+        q_tile = max(dp, dvp) * BLOCK_M * 2
+        # Q (also O's staging), the K and V rings, 1 KB to round the base up to 1024 bytes.
+        return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
+
+
+def default_tiles(d: int, dv: int) -> TmaTiles:
+    """128-key tiles while the consumers' registers hold O and S together (Dv ≤ 128) and shared
+    memory holds the rings, 64 beyond; three stages at D = Dv = 64, two otherwise."""
+    sizes = (128, 64) if _padded(dv) <= 128 else (64,)
+    for block_n in sizes:
+        for stages in ((3, 2) if max(d, dv) <= 64 else (2,)):
+            tiles = TmaTiles(block_n, stages)
+            if tiles.shared_bytes(d, dv) <= MAX_SHARED:
+                return tiles
+    raise ValueError(f"no tile shape fits shared memory for D={d}, Dv={dv}")
+
+
+def variant(spec, tiles: TmaTiles) -> str:
+    return _build.template_expression(
+        "flash_fwd_sm90_tma", element_type(spec.dtype), spec.shapes.d, spec.shapes.dv, tiles.block_n,
+        tiles.stages, mask_type(spec), score_mod_type(spec),
+    )
+
+
+def supports(spec, arrays) -> str | None:
+    """None when ``forward`` can run this call, else why not."""
+    q, k, v, out = arrays
+    if not on_hopper(q):
+        return "needs compute capability 9.0 (Hopper)"
+    if spec.dtype.name not in ("float16", "bfloat16"):
+        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    d, dv = spec.shapes.d, spec.shapes.dv
+    if d not in HEAD_DIMS or dv not in HEAD_DIMS:
+        return f"takes D and Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"
+    if not vector_aligned((q, k, v, out), (d, dv)):
+        return "needs 16-byte aligned rows and strides"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        reason = _tma.why_not_expressible(x)
+        if reason:
+            return f"{name}: {reason}"
+    if spec.block_mask is not None:
+        tiles = default_tiles(d, dv)
+        bq, bk = spec.block_mask.block_size
+        if bq % BLOCK_M or bk % tiles.block_n:
+            return (f"needs block-mask blocks that are multiples of its {BLOCK_M}x{tiles.block_n} "
+                    f"tiles; got {bq}x{bk}")
+    return None
+
+
+def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
+    """Run the kernel on 4-D (B, H, N, D) CuPy views; the caller checks ``supports()`` first."""
+    d, dv = q.shape[3], v.shape[3]
+    tiles = tiles or default_tiles(d, dv)
+    args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=BLOCK_M, tile_n=tiles.block_n)
+    maps = _tma.pack([_tma.encode(q, 64), _tma.encode(k, tiles.block_n), _tma.encode(v, tiles.block_n)])
+    shared = tiles.shared_bytes(d, dv)
+    kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
+    kernel((blocks,), (THREADS,), (maps, args), shared_mem=shared)
+
+
+def main_variants() -> list[tuple[str, str]]:
+    """The variants that must compile for ARCH (sm_90a only) without register spills."""
+    from ._variants import spec_grid, spec_of
+
+    specs = spec_grid((64, 96, 128, 256)) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
+    return [(SOURCE, variant(spec, default_tiles(spec.shapes.d, spec.shapes.dv))) for spec in specs]
+
+
+__all__ = ["forward", "supports", "main_variants", "TmaTiles", "default_tiles", "variant", "ARCH"]
