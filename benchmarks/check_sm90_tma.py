@@ -32,6 +32,8 @@ from check_sm90 import check_case, correctness_cases  # noqa: E402
 
 from cuflash.bench import forward_flops  # noqa: E402
 from cuflash.kernels import mma_forward, sm90_forward, sm90_tma_forward  # noqa: E402
+from cuflash.kernels._variants import spec_of  # noqa: E402
+from cuflash.kernels.sm90_tma_forward import TmaTiles  # noqa: E402
 
 TOKENS, HIDDEN = 16384, 2048
 
@@ -61,6 +63,54 @@ def grid():
         for causal in (False, True):
             for n in seq_lens:
                 yield d, dv, n, causal
+
+
+def sweep_tiles(d):
+    """Tile shapes timed against the default: consumers (2 or 3), ping-pong, ring depth."""
+    if d <= 64:
+        return [TmaTiles(128, 3, 2, False), TmaTiles(128, 3, 2, True), TmaTiles(128, 3, 3, False),
+                TmaTiles(128, 3, 3, True), TmaTiles(128, 2, 3, True)]
+    if d <= 128:
+        return [TmaTiles(128, 2, 2, False), TmaTiles(128, 2, 2, True)]
+    return [TmaTiles(64, 2, 2, False), TmaTiles(64, 2, 2, True)]
+
+
+def tile_name(t: TmaTiles) -> str:
+    return f"{t.consumers}c x{t.block_n} s{t.stages}{' pp' if t.pingpong else ''}"
+
+
+def sweep_cases():
+    """Each swept tile shape checked before it is timed."""
+    return [(f"bf16 D={d} tiles {tile_name(t)} N={n} causal={int(causal)}",
+             dict(dtype="bfloat16", d=d, nq=n, b=2, hq=2, hkv=1, causal=causal, tiles=t,
+                  kernel=sm90_tma_forward))
+            for d in (64, 96, 128, 256) for t in sweep_tiles(d) for n, causal in ((1000, False), (777, True))]
+
+
+def time_tiles(dtype, n, d, causal, tiles):
+    b, h = TOKENS // n, HIDDEN // d
+    rng = cupy.random.default_rng([n, d])
+    q, k, v = (randn(rng, (b, h, n, d), dtype) for _ in range(3))
+    flop = forward_flops(b, h, n, n, d, causal=causal)
+    spec = spec_for(q, k, v, causal=causal)
+    out, lse = cupy.empty_like(q), cupy.empty((b, h, n), cupy.float32)
+    return flop / median_ms(lambda: sm90_tma_forward.forward(q, k, v, out, lse, spec, tiles=tiles)) / 1e9
+
+
+def run_sweep():
+    print("\n== tile sweep, bf16, TFLOP/s")
+    for d in (64, 96, 128, 256):
+        for n, causal in ((1024, True), (2048, False), (8192, False), (16384, True)):
+            cells = []
+            for t in sweep_tiles(d):
+                try:
+                    cells.append(f"{tile_name(t)}: {time_tiles(DTYPES['bfloat16'], n, d, causal, t):.1f}")
+                except Exception as error:
+                    cells.append(f"{tile_name(t)}: FAIL {short_error(error, 120)}")
+                    stop_if_broken(error, "during the sweep")
+                finally:
+                    free_pool()
+            print(f"D={d:<3d} N={n:<5d} causal={int(causal)}  " + " | ".join(cells), flush=True)
 
 
 def time_problem(torch, dtype, n, d, dv, causal):
@@ -99,6 +149,7 @@ def main():
     parser.add_argument("--no-correctness", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--quick", action="store_true", help="every fourth check_sm90 case only")
+    parser.add_argument("--sweep", action="store_true", help="check and time other tile shapes")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
@@ -107,10 +158,15 @@ def main():
     status = 0
     try:
         print("\n== compile (sm_90a)")
-        status |= compile_report(sm90_tma_forward, [e for _, e in sm90_tma_forward.main_variants()]) > 0
+        expressions = [e for _, e in sm90_tma_forward.main_variants()]
+        if args.sweep:
+            expressions += [sm90_tma_forward.variant(spec_of("bfloat16", d), t)
+                            for d in (64, 96, 128, 256) for t in sweep_tiles(d)]
+        status |= compile_report(sm90_tma_forward, expressions) > 0
         if not args.no_correctness:
             print("\n== correctness (the rule of cuflash.check.rule against the float64 oracle)")
-            passed, failed = run_correctness(cases(args.quick), seed, check_case)
+            passed, failed = run_correctness(cases(args.quick) + (sweep_cases() if args.sweep else []),
+                                             seed, check_case)
             print(f"correctness: {passed} passed, {failed} failed  [{time.perf_counter() - t0:.0f}s so far]")
             status |= failed > 0
         if not args.no_timing:
@@ -125,6 +181,8 @@ def main():
                     stop_if_broken(error, f"while timing {name}")
                 finally:
                     free_pool()
+        if args.sweep:
+            run_sweep()
     except BrokenContext as error:
         print(f"\nSTOPPED: {error}")
         status = 1

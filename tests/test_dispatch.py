@@ -75,7 +75,9 @@ def test_kernel_plan_validates_like_attention():
 
 @pytest.mark.gpu
 def test_kernel_plan_on_the_gpu_gives_the_reasons(xp_gpu):
-    hopper = kernels._launch.on_hopper(xp_gpu.empty(1))
+    from cuflash.kernels import _launch
+
+    hopper = _launch.on_hopper(xp_gpu.empty(1))
     q96 = xp_gpu.zeros((1, 2, 128, 96), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q96, q96, q96, causal=True)
     assert plan.forward.family.name == ("sm90-tma" if hopper else "sm80-mma")

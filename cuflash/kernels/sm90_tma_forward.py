@@ -17,8 +17,6 @@ SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
 OPTIONS = (f"-arch={ARCH}",)
 HEAD_DIMS = (64, 96, 128, 160, 192, 224, 256)  # padded to multiples of 64 inside the kernel
-THREADS = 384          # a producer warpgroup and two consumer warpgroups
-BLOCK_M = 128          # 64 query rows per consumer
 MAX_SHARED = 227 * 1024 - 256  # the SM's limit per block, less the static mbarriers
 
 
@@ -28,14 +26,25 @@ def _padded(d: int) -> int:
 
 @dataclass(frozen=True)
 class TmaTiles:
-    """`block_n` keys per K/V tile, in rings of `stages` buffers."""
+    """`consumers` warpgroups of 64 query rows each against `block_n` keys per K/V tile, in
+    rings of `stages` buffers; with `pingpong` the consumers take turns issuing their GEMMs."""
 
     block_n: int = 128
     stages: int = 2
+    consumers: int = 2
+    pingpong: bool = False
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.consumers
+
+    @property
+    def threads(self) -> int:
+        return 128 * (self.consumers + 1)  # and the producer warpgroup
 
     def shared_bytes(self, d: int, dv: int) -> int:
         dp, dvp = _padded(d), _padded(dv)
-        q_tile = max(dp, dvp) * BLOCK_M * 2
+        q_tile = max(dp, dvp) * self.block_m * 2
         # Q (also O's staging), the K and V rings, 1 KB to round the base up to 1024 bytes.
         return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
@@ -55,7 +64,7 @@ def default_tiles(d: int, dv: int) -> TmaTiles:
 def variant(spec, tiles: TmaTiles) -> str:
     return _build.template_expression(
         "flash_fwd_sm90_tma", element_type(spec.dtype), spec.shapes.d, spec.shapes.dv, tiles.block_n,
-        tiles.stages, mask_type(spec), score_mod_type(spec),
+        tiles.stages, tiles.consumers, tiles.pingpong, mask_type(spec), score_mod_type(spec),
     )
 
 
@@ -78,8 +87,8 @@ def supports(spec, arrays) -> str | None:
     if spec.block_mask is not None:
         tiles = default_tiles(d, dv)
         bq, bk = spec.block_mask.block_size
-        if bq % BLOCK_M or bk % tiles.block_n:
-            return (f"needs block-mask blocks that are multiples of its {BLOCK_M}x{tiles.block_n} "
+        if bq % tiles.block_m or bk % tiles.block_n:
+            return (f"needs block-mask blocks that are multiples of its {tiles.block_m}x{tiles.block_n} "
                     f"tiles; got {bq}x{bk}")
     return None
 
@@ -88,11 +97,11 @@ def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
     """Run the kernel on 4-D (B, H, N, D) CuPy views; the caller checks ``supports()`` first."""
     d, dv = q.shape[3], v.shape[3]
     tiles = tiles or default_tiles(d, dv)
-    args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=BLOCK_M, tile_n=tiles.block_n)
+    args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=tiles.block_m, tile_n=tiles.block_n)
     maps = _tma.pack([_tma.encode(q, 64), _tma.encode(k, tiles.block_n), _tma.encode(v, tiles.block_n)])
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
-    kernel((blocks,), (THREADS,), (maps, args), shared_mem=shared)
+    kernel((blocks,), (tiles.threads,), (maps, args), shared_mem=shared)
 
 
 def main_variants() -> list[tuple[str, str]]:

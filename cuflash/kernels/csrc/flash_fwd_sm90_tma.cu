@@ -1,15 +1,16 @@
 // FlashAttention forward for Hopper (sm_90a), warp-specialised: one producer warpgroup moves Q, K
 // and V with TMA, two consumer warpgroups run the wgmma GEMMs and the online softmax.
 //
-// Thread block: 3 warpgroups, BLOCK_M = 128 query rows of one (batch, head).
+// Thread block: 1 + CONSUMERS warpgroups, BLOCK_M = 64·CONSUMERS query rows of one (batch, head).
 //   warpgroup 0, the producer: gives its registers away (setmaxnreg) and one elected thread
 //     issues TMA copies: the Q tile once, then each visited key tile's K and V into rings of
 //     STAGES buffers. A "full" mbarrier per buffer counts the bytes in; an "empty" one collects
 //     one arrival per consumer before the buffer is refilled.
-//   warpgroups 1 and 2, the consumers: 64 query rows each. Per key tile j: S_j = Q·K_jᵀ and
+//   warpgroups 1.., the consumers: 64 query rows each. Per key tile j: S_j = Q·K_jᵀ and
 //     O += P_{j-1}·V_{j-1} are issued back to back, the softmax of S_j runs while the tensor
 //     cores finish the second, then O is rescaled and P_j packed into registers (wgmma's register
-//     A operand), never touching shared memory.
+//     A operand), never touching shared memory. With PINGPONG the consumers take turns to issue
+//     their GEMMs (named barriers), so that one's softmax runs under another's GEMMs.
 // Head dims are padded to DP / DVP, multiples of 64 (one 128-byte swizzled box per 64 columns);
 // TMA fills columns past D and rows past N with zeros, so padding never reaches a result.
 #include "args.cuh"
@@ -25,9 +26,9 @@ struct QkvMaps {
 };
 
 // Shared-memory plan of one thread block (all offsets from a 1024-byte aligned base).
-template <int DP, int DVP, int BLOCK_N, int STAGES>
+template <int DP, int DVP, int BLOCK_N, int STAGES, int CONSUMERS_>
 struct TmaForwardLayout {
-    static constexpr int CONSUMERS = 2;
+    static constexpr int CONSUMERS = CONSUMERS_;
     static constexpr int BLOCK_M = 64 * CONSUMERS;
     static constexpr int THREADS = 128 * (CONSUMERS + 1);
     // The Q tile, reused to stage O for the stores: as many 64-column boxes as the wider needs.
@@ -38,9 +39,10 @@ struct TmaForwardLayout {
     static constexpr u32 V_STAGE = DVP / 64 * BLOCK_N * 128;
     static constexpr u32 K_RING = Q_BYTES;
     static constexpr u32 V_RING = K_RING + STAGES * K_STAGE;
-    // Registers per thread after the hand-over: 128·24 + 256·240 fits the SM's 64K.
+    // Registers per thread after the hand-over, within the SM's 64K: 128·24 + 256·240 with two
+    // consumers, 128·24 + 384·160 with three.
     static constexpr int PRODUCER_REGS = 24;
-    static constexpr int CONSUMER_REGS = 240;
+    static constexpr int CONSUMER_REGS = CONSUMERS == 2 ? 240 : 160;
 };
 
 // mbarriers: Q, then full/empty for each K and V buffer.
@@ -63,6 +65,31 @@ struct TmaForwardBarriers {
             mbar_init(v_empty(s), consumers);
         }
         mbar_init_fence();
+    }
+};
+
+// Ping-pong between consumer warpgroups: consumer c issues its GEMMs only in its turn (named
+// barrier FIRST_ID + c, 256 threads: its own 128 syncing, the previous consumer's 128 arriving),
+// then hands the turn on. Without PINGPONG every call is a no-op.
+template <bool PINGPONG, int CONSUMERS>
+struct GemmTurns {
+    static constexpr int FIRST_ID = 8;  // ids below are the epilogue's (1 + warpgroup)
+    int me, next;
+    __device__ __forceinline__ explicit GemmTurns(int c) : me(FIRST_ID + c), next(FIRST_ID + (c + 1) % CONSUMERS) {}
+    // Consumer 0 goes first: the last one hands it the first turn.
+    __device__ __forceinline__ void open(int c) const {
+        if (PINGPONG && c == CONSUMERS - 1) named_barrier_arrive(FIRST_ID, 256);
+    }
+    __device__ __forceinline__ void begin() const {
+        if (PINGPONG) named_barrier(me, 256);
+    }
+    __device__ __forceinline__ void end() const {
+        if (PINGPONG) named_barrier_arrive(next, 256);
+    }
+    // The last consumer's final hand-over is still pending on consumer 0's barrier: consume it,
+    // so that no arrival outlives the loop.
+    __device__ __forceinline__ void close(int c) const {
+        if (PINGPONG && c == 0) named_barrier(FIRST_ID, 256);
     }
 };
 
@@ -124,15 +151,16 @@ __device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u3
     wgmma_commit();
 }
 
-template <typename T, int D, int DV, int BLOCK_N, int STAGES, class MASK, class MOD>
-__global__ void __launch_bounds__(384, 1)
+template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD>
+__global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
 flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a) {
     constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
-    using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES>;
+    using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, CONSUMERS>;
     constexpr int BLOCK_M = L::BLOCK_M;
     constexpr int NT = BLOCK_N / 8, OT = DVP / 8, KPV = BLOCK_N / 16;
     static_assert(BLOCK_N == 64 || BLOCK_N == 128, "BLOCK_N must be 64 or 128");
     static_assert(DP <= 256 && DVP <= 256, "head dims up to 256");
+    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ __align__(8) u64 barrier_words[TmaForwardBarriers<STAGES>::COUNT];
@@ -185,11 +213,15 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
     auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
 
     if (n_count > 0) {
+        const GemmTurns<PINGPONG, CONSUMERS> turns(c);
+        turns.open(c);
         mbar_wait(bar.q(), 0);
         RingSlot<STAGES> ks, vs;  // the K buffer of the current step, the V buffer of the previous
         mbar_wait(bar.k_full(ks.stage), ks.phase);
+        turns.begin();
         wgmma_fence();
         issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
+        turns.end();
         wgmma_wait<0>();
         reg_fence(s);
         if (leader) mbar_arrive(bar.k_empty(ks.stage));
@@ -205,10 +237,12 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
             reg_fence(s);
             reg_fence(o);
             reg_fence_frag(pf);
+            turns.begin();
             wgmma_fence();
             issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
             mbar_wait(bar.v_full(vs.stage), vs.phase);
             issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
+            turns.end();
             wgmma_wait<1>();
             reg_fence(s);
             if (leader) mbar_arrive(bar.k_empty(ks.stage));
@@ -233,10 +267,13 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         mbar_wait(bar.v_full(vs.stage), vs.phase);
         reg_fence(o);
         reg_fence_frag(pf);
+        turns.begin();
         wgmma_fence();
         issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
+        turns.end();
         wgmma_wait<0>();
         reg_fence(o);
+        turns.close(c);
     }
 
     // Epilogue: O / l through this consumer's own rows of the Q tile (its last Q·Kᵀ is done and

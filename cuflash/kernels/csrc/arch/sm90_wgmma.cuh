@@ -53,6 +53,10 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Arrives on named barrier `id` without waiting (the other side of a named_barrier).
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // wgmma reads and writes its registers asynchronously, which the compiler cannot see: pinning
 // each register with an empty asm keeps reads of a result after the wgmma_wait that completes
