@@ -66,17 +66,18 @@ def grid():
 
 
 def sweep_tiles(d):
-    """Tile shapes timed against the default: consumers (2 or 3), ping-pong, ring depth."""
+    """Tile shapes timed side by side: consumers (2 or 3), ping-pong, persistence."""
     if d <= 64:
-        return [TmaTiles(128, 3, 2, False), TmaTiles(128, 3, 2, True), TmaTiles(128, 3, 3, False),
-                TmaTiles(128, 3, 3, True), TmaTiles(128, 2, 3, True)]
-    if d <= 128:
-        return [TmaTiles(128, 2, 2, False), TmaTiles(128, 2, 2, True)]
-    return [TmaTiles(64, 2, 2, False), TmaTiles(64, 2, 2, True)]
+        shapes = [TmaTiles(128, 3, 2, False), TmaTiles(128, 2, 3, True), TmaTiles(128, 3, 3, True)]
+    elif d <= 128:
+        shapes = [TmaTiles(128, 2, 2, False), TmaTiles(128, 2, 2, True)]
+    else:
+        shapes = [TmaTiles(64, 2, 2, False), TmaTiles(64, 2, 2, True)]
+    return shapes + [TmaTiles(t.block_n, t.stages, t.consumers, t.pingpong, True) for t in shapes]
 
 
 def tile_name(t: TmaTiles) -> str:
-    return f"{t.consumers}c x{t.block_n} s{t.stages}{' pp' if t.pingpong else ''}"
+    return f"{t.consumers}c x{t.block_n} s{t.stages}{' pp' if t.pingpong else ''}{' P' if t.persistent else ''}"
 
 
 def sweep_cases():
@@ -84,7 +85,10 @@ def sweep_cases():
     return [(f"bf16 D={d} tiles {tile_name(t)} N={n} causal={int(causal)}",
              dict(dtype="bfloat16", d=d, nq=n, b=2, hq=2, hkv=1, causal=causal, tiles=t,
                   kernel=sm90_tma_forward))
-            for d in (64, 96, 128, 256) for t in sweep_tiles(d) for n, causal in ((1000, False), (777, True))]
+            for d in (64, 96, 128, 256) for t in sweep_tiles(d) for n, causal in ((1000, False), (777, True))] + [
+        (f"bf16 D={d} tiles {tile_name(t)} Nq=1000 Nk=200 causal=1 (800 rows see no key)",
+         dict(dtype="bfloat16", d=d, nq=1000, nk=200, b=3, hq=2, causal=True, tiles=t, kernel=sm90_tma_forward))
+        for d in (64, 128) for t in sweep_tiles(d)]
 
 
 def time_tiles(dtype, n, d, causal, tiles):
@@ -100,7 +104,7 @@ def time_tiles(dtype, n, d, causal, tiles):
 def run_sweep():
     print("\n== tile sweep, bf16, TFLOP/s")
     for d in (64, 96, 128, 256):
-        for n, causal in ((1024, True), (2048, False), (8192, False), (16384, True)):
+        for n, causal in ((1024, False), (1024, True), (2048, False), (4096, True), (8192, False), (16384, True)):
             cells = []
             for t in sweep_tiles(d):
                 try:

@@ -8,7 +8,10 @@ describe, block masks whose blocks are whole tiles). Everything else falls to th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import numpy
 
 from . import _build, _tma
 from ._launch import element_type, forward_args, mask_type, on_hopper, score_mod_type, vector_aligned
@@ -20,6 +23,13 @@ HEAD_DIMS = (64, 96, 128, 160, 192, 224, 256)  # padded to multiples of 64 insid
 MAX_SHARED = 227 * 1024 - 256  # the SM's limit per block, less the static mbarriers
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+
+
 def _padded(d: int) -> int:
     return -(-d // 64) * 64
 
@@ -27,12 +37,14 @@ def _padded(d: int) -> int:
 @dataclass(frozen=True)
 class TmaTiles:
     """`consumers` warpgroups of 64 query rows each against `block_n` keys per K/V tile, in
-    rings of `stages` buffers; with `pingpong` the consumers take turns issuing their GEMMs."""
+    rings of `stages` buffers; with `pingpong` the consumers take turns issuing their GEMMs;
+    `persistent` launches one thread block per SM, each walking every SM-count-th query tile."""
 
     block_n: int = 128
     stages: int = 2
     consumers: int = 2
     pingpong: bool = False
+    persistent: bool = False  # one thread block per SM walking the tiles (host side only)
 
     @property
     def block_m(self) -> int:
@@ -101,7 +113,8 @@ def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
     maps = _tma.pack([_tma.encode(q, 64), _tma.encode(k, tiles.block_n), _tma.encode(v, tiles.block_n)])
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
-    kernel((blocks,), (tiles.threads,), (maps, args), shared_mem=shared)
+    grid = min(blocks, _sm_count(q.device.id)) if tiles.persistent else blocks
+    kernel((grid,), (tiles.threads,), (maps, args, numpy.int32(blocks)), shared_mem=shared)
 
 
 def main_variants() -> list[tuple[str, str]]:

@@ -34,6 +34,18 @@ __device__ __forceinline__ void store_rows(u16* out, i64 ld, int nrows, int ncol
     }
 }
 
+// Zeros into rows [row0, row0 + rows) (those below `nrows`) × the first `ncols` columns (a
+// multiple of 8, rows 16-byte aligned) of a row-major output, by `threads` threads (this one is
+// `thread`): for rows that see no key at all.
+__device__ __forceinline__ void store_zero_rows(u16* out, i64 ld, int nrows, int ncols, int row0, int rows,
+                                                int thread, int threads) {
+    const int chunks = ncols / 8;
+    for (int i = thread; i < rows * chunks; i += threads) {
+        const int row = row0 + i / chunks;
+        if (row < nrows) *reinterpret_cast<uint4*>(out + (i64)row * ld + (i % chunks) * 8) = make_uint4(0, 0, 0, 0);
+    }
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // A warpgroup's 64 rows of a wgmma accumulator (D columns, OT = D / 8 blocks of 4 floats per
 // thread), each row multiplied by factor[half], into rows row0.. of a row-major output of `nrows`

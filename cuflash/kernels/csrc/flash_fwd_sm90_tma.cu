@@ -13,6 +13,11 @@
 //     their GEMMs (named barriers), so that one's softmax runs under another's GEMMs.
 // Head dims are padded to DP / DVP, multiples of 64 (one 128-byte swizzled box per 64 columns);
 // TMA fills columns past D and rows past N with zeros, so padding never reaches a result.
+//
+// A thread block may own several query tiles (index blockIdx.x, + gridDim.x, ... below
+// tile_count): launched with one block per SM it is persistent, and the producer streams the next
+// tile's K and V while the consumers finish the previous one. The Q buffer, which also stages O,
+// is refilled only once both consumers have stored their rows ("q_empty").
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -45,19 +50,21 @@ struct TmaForwardLayout {
     static constexpr int CONSUMER_REGS = CONSUMERS == 2 ? 240 : 160;
 };
 
-// mbarriers: Q, then full/empty for each K and V buffer.
+// mbarriers: full/empty for the Q buffer and for each K and V buffer.
 template <int STAGES>
 struct TmaForwardBarriers {
     u32 base;
     __device__ __forceinline__ u32 q() const { return base; }
-    __device__ __forceinline__ u32 k_full(int s) const { return base + 8 * (1 + s); }
-    __device__ __forceinline__ u32 k_empty(int s) const { return base + 8 * (1 + STAGES + s); }
-    __device__ __forceinline__ u32 v_full(int s) const { return base + 8 * (1 + 2 * STAGES + s); }
-    __device__ __forceinline__ u32 v_empty(int s) const { return base + 8 * (1 + 3 * STAGES + s); }
-    static constexpr int COUNT = 1 + 4 * STAGES;
+    __device__ __forceinline__ u32 q_empty() const { return base + 8; }
+    __device__ __forceinline__ u32 k_full(int s) const { return base + 8 * (2 + s); }
+    __device__ __forceinline__ u32 k_empty(int s) const { return base + 8 * (2 + STAGES + s); }
+    __device__ __forceinline__ u32 v_full(int s) const { return base + 8 * (2 + 2 * STAGES + s); }
+    __device__ __forceinline__ u32 v_empty(int s) const { return base + 8 * (2 + 3 * STAGES + s); }
+    static constexpr int COUNT = 2 + 4 * STAGES;
 
     __device__ __forceinline__ void init(int consumers) const {
         mbar_init(q(), 1);
+        mbar_init(q_empty(), consumers);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
@@ -93,36 +100,66 @@ struct GemmTurns {
     }
 };
 
-// The producer's one thread: Q, then K_j and V_j for every visited key tile, each into the next
-// ring buffer once both consumers have released it.
-template <class L, int BLOCK_N, int STAGES, class Tiles>
-__device__ __forceinline__ void produce_tiles(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
-                                              const Tiles& key_tile, int n_count, int m0, int h, int hk, int b) {
+// One query tile of the persistent walk: which (batch, head, rows) and the key tiles it visits.
+template <int BLOCK_M, int BLOCK_N, class MASK>
+struct TmaTileWork {
+    int b, h, m0;
+    KeyTiles<MASK::sparse> key_tile;
+    __device__ __forceinline__ TmaTileWork(const MASK& mask, const FwdArgs& a, int index) {
+        const QueryTile tile = query_tile_at<MASK::banded>(index, a.m_tiles, a.heads);
+        b = tile.b;
+        h = tile.h;
+        m0 = tile.m_tile * BLOCK_M;
+        key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, tile.m_tile, h, a.m_tiles);
+    }
+};
+
+// The producer's one thread: for each of its query tiles that visits any key tile, K_j and V_j
+// for every visited key tile, each into the next ring buffer once the consumers have released it,
+// and Q once they have released the Q buffer. The first STAGES K/V tiles go before Q: their
+// buffers are free while the consumers still store the previous tile's O. The ring positions run
+// on from one query tile to the next.
+template <class L, int BLOCK_N, int STAGES, class MASK>
+__device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
+                                        const MASK& mask, const FwdArgs& a, int tile_count) {
     constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
     tma_prefetch_desc(&maps.q);
     tma_prefetch_desc(&maps.k);
     tma_prefetch_desc(&maps.v);
-    mbar_arrive_expect_bytes(bar.q(), L::Q_LOAD_BYTES);
-#pragma unroll
-    for (int c = 0; c < L::CONSUMERS; ++c)
-#pragma unroll
-        for (int box = 0; box < K_BOXES; ++box)
-            tma_load_4d(base + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(), 64 * box, m0 + 64 * c, h, b);
     RingSlot<STAGES> slot;
-    for (int j = 0; j < n_count; ++j, slot.advance()) {
-        const int key0 = key_tile[j] * BLOCK_N;
-        mbar_wait(bar.k_empty(slot.stage), slot.phase ^ 1);
-        mbar_arrive_expect_bytes(bar.k_full(slot.stage), L::K_STAGE);
+    u32 q_fills = 0;
+    for (int index = blockIdx.x; index < tile_count; index += gridDim.x) {
+        const TmaTileWork<L::BLOCK_M, BLOCK_N, MASK> work(mask, a, index);
+        const int n_count = work.key_tile.count, hk = work.h / a.group;
+        auto load_kv = [&](int j) {
+            const int key0 = work.key_tile[j] * BLOCK_N;
+            mbar_wait(bar.k_empty(slot.stage), slot.phase ^ 1);
+            mbar_arrive_expect_bytes(bar.k_full(slot.stage), L::K_STAGE);
 #pragma unroll
-        for (int box = 0; box < K_BOXES; ++box)
-            tma_load_4d(base + L::K_RING + slot.stage * L::K_STAGE + box * BLOCK_N * 128, &maps.k,
-                        bar.k_full(slot.stage), 64 * box, key0, hk, b);
-        mbar_wait(bar.v_empty(slot.stage), slot.phase ^ 1);
-        mbar_arrive_expect_bytes(bar.v_full(slot.stage), L::V_STAGE);
+            for (int box = 0; box < K_BOXES; ++box)
+                tma_load_4d(base + L::K_RING + slot.stage * L::K_STAGE + box * BLOCK_N * 128, &maps.k,
+                            bar.k_full(slot.stage), 64 * box, key0, hk, work.b);
+            mbar_wait(bar.v_empty(slot.stage), slot.phase ^ 1);
+            mbar_arrive_expect_bytes(bar.v_full(slot.stage), L::V_STAGE);
 #pragma unroll
-        for (int box = 0; box < V_BOXES; ++box)
-            tma_load_4d(base + L::V_RING + slot.stage * L::V_STAGE + box * BLOCK_N * 128, &maps.v,
-                        bar.v_full(slot.stage), 64 * box, key0, hk, b);
+            for (int box = 0; box < V_BOXES; ++box)
+                tma_load_4d(base + L::V_RING + slot.stage * L::V_STAGE + box * BLOCK_N * 128, &maps.v,
+                            bar.v_full(slot.stage), 64 * box, key0, hk, work.b);
+            slot.advance();
+        };
+        const int ahead = min(n_count, STAGES);
+        for (int j = 0; j < ahead; ++j) load_kv(j);
+        if (n_count == 0) continue;  // the consumers store such a tile without the Q buffer
+        mbar_wait(bar.q_empty(), (q_fills & 1) ^ 1);
+        ++q_fills;
+        mbar_arrive_expect_bytes(bar.q(), L::Q_LOAD_BYTES);
+#pragma unroll
+        for (int c = 0; c < L::CONSUMERS; ++c)
+#pragma unroll
+            for (int box = 0; box < K_BOXES; ++box)
+                tma_load_4d(base + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(), 64 * box, work.m0 + 64 * c,
+                            work.h, work.b);
+        for (int j = ahead; j < n_count; ++j) load_kv(j);
     }
 }
 
@@ -151,48 +188,27 @@ __device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u3
     wgmma_commit();
 }
 
-template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD>
-__global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
-flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a) {
-    constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
-    using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, CONSUMERS>;
+// One consumer warpgroup's share of one query tile: 64 rows against every visited key tile,
+// then O / l and lse stored. `ks` / `vs` are the K and V ring positions, carried from tile to
+// tile; `q_fills` counts the Q buffer's fills so far.
+template <typename T, class L, int DP, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, class MASK, class MOD,
+          class Work>
+__device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask, const Work& work,
+                                             const TmaForwardBarriers<STAGES>& bar, u32 base,
+                                             RingSlot<STAGES>& ks, RingSlot<STAGES>& vs, u32& q_fills) {
     constexpr int BLOCK_M = L::BLOCK_M;
     constexpr int NT = BLOCK_N / 8, OT = DVP / 8, KPV = BLOCK_N / 16;
-    static_assert(BLOCK_N == 64 || BLOCK_N == 128, "BLOCK_N must be 64 or 128");
-    static_assert(DP <= 256 && DVP <= 256, "head dims up to 256");
-    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
-
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    __shared__ __align__(8) u64 barrier_words[TmaForwardBarriers<STAGES>::COUNT];
-    const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1024-byte alignment
-    const TmaForwardBarriers<STAGES> bar{smem_addr(barrier_words)};
-    if (threadIdx.x == 0) bar.init(L::CONSUMERS);
-    __syncthreads();
-
-    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
-    const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
-    const int m0 = m_tile * BLOCK_M;
-    const MASK mask(a);
-    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
-    const int n_count = key_tile.count;
-    const int wg = threadIdx.x / 128;
-
-    if (wg == 0) {
-        release_registers<L::PRODUCER_REGS>();
-        if (threadIdx.x < 32 && elect_one_lane() && n_count > 0)
-            produce_tiles<L, BLOCK_N, STAGES>(maps, bar, base, key_tile, n_count, m0, h, h / a.group, b);
-        return;
-    }
-    claim_registers<L::CONSUMER_REGS>();
-
-    const int c = wg - 1;                     // consumer index: rows m0 + 64c ..
+    const int c = threadIdx.x / 128 - 1;      // consumer index: rows m0 + 64c ..
     const int warp = (threadIdx.x / 32) % 4;  // rows 16·warp.. of those
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    const int warp_row0 = m0 + c * 64 + warp * 16;
+    const int warp_row0 = work.m0 + c * 64 + warp * 16;
     const bool leader = threadIdx.x % 128 == 0;  // arrives on the "empty" barriers for the warpgroup
-    const MOD mod(a, b, h);
+    const int n_count = work.key_tile.count;
+    const MOD mod(a, work.b, work.h);
     const u64 desc_q = sw128_desc(base + c * 64 * 128, 16);
+    auto k_stage = [&](int stage) { return base + L::K_RING + stage * L::K_STAGE; };
+    auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
 
     float o[OT * 4], s[NT * 4];
     u32 pf[KPV][4];
@@ -209,14 +225,12 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         if (mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, mask, warp_row0 + g, n0, t);
         online_softmax(sb, row_max, row_sum, mod.softmax_scale(), alpha);
     };
-    auto k_stage = [&](int stage) { return base + L::K_RING + stage * L::K_STAGE; };
-    auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
 
     if (n_count > 0) {
-        const GemmTurns<PINGPONG, CONSUMERS> turns(c);
+        const GemmTurns<PINGPONG, L::CONSUMERS> turns(c);
         turns.open(c);
-        mbar_wait(bar.q(), 0);
-        RingSlot<STAGES> ks, vs;  // the K buffer of the current step, the V buffer of the previous
+        mbar_wait(bar.q(), q_fills & 1);
+        ++q_fills;
         mbar_wait(bar.k_full(ks.stage), ks.phase);
         turns.begin();
         wgmma_fence();
@@ -228,7 +242,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         ks.advance();
         {
             float alpha[2];
-            softmax(key_tile[0], alpha);
+            softmax(work.key_tile[0], alpha);
         }
         pack_a<T, KPV>(pf, s);
 
@@ -247,7 +261,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
             reg_fence(s);
             if (leader) mbar_arrive(bar.k_empty(ks.stage));
             float alpha[2];
-            softmax(key_tile[j], alpha);
+            softmax(work.key_tile[j], alpha);
             wgmma_wait<0>();
             reg_fence(o);
             reg_fence_frag(pf);
@@ -273,13 +287,17 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         turns.end();
         wgmma_wait<0>();
         reg_fence(o);
+        if (leader) mbar_arrive(bar.v_empty(vs.stage));
+        vs.advance();
         turns.close(c);
     }
 
-    // Epilogue: O / l through this consumer's own rows of the Q tile (its last Q·Kᵀ is done and
-    // no one else reads them), lse = ln(l) + max·scale; rows that saw no key give 0 and −inf.
-    float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
-    const int row0 = m0 + c * 64;
+    // Epilogue: lse = ln(l) + max·scale and O / l through this consumer's own rows of the Q
+    // buffer (its last Q·Kᵀ is done and no one else reads them), which is then released for the
+    // next tile's Q. Rows that saw no key give 0 and −inf; a tile that visits no key tile never
+    // had the Q buffer and stores its zeros directly.
+    float* lse = a.lse + ((i64)work.b * a.heads + work.h) * a.nq;
+    const int row0 = work.m0 + c * 64;
     float inv[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -288,6 +306,44 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         inv[half] = res.inv;
         if (t == 0 && row0 + r < a.nq) lse[row0 + r] = res.lse;
     }
-    store_rows_sw128<T, DVP, BLOCK_M>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, a.nq, o, inv, base + c * 64 * 128,
-                                      row0, wg, warp, g, t, a.dv);
+    u16* out = a.o + work.b * a.o_sb + work.h * a.o_sh;
+    if (n_count == 0) {
+        store_zero_rows(out, a.o_sn, a.nq, a.dv, row0, 64, threadIdx.x % 128, 128);
+        return;
+    }
+    store_rows_sw128<T, DVP, BLOCK_M>(out, a.o_sn, a.nq, o, inv, base + c * 64 * 128, row0, c + 1, warp, g, t, a.dv);
+    fence_proxy_async_shared();  // these reads of the buffer come before the next TMA write to it
+    named_barrier(c + 2, 128);   // (the store's own barrier id) every thread has read its rows
+    if (leader) mbar_arrive(bar.q_empty());
+}
+
+template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD>
+__global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
+flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count) {
+    constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
+    using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, CONSUMERS>;
+    static_assert(BLOCK_N == 64 || BLOCK_N == 128, "BLOCK_N must be 64 or 128");
+    static_assert(DP <= 256 && DVP <= 256, "head dims up to 256");
+    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ __align__(8) u64 barrier_words[TmaForwardBarriers<STAGES>::COUNT];
+    const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1024-byte alignment
+    const TmaForwardBarriers<STAGES> bar{smem_addr(barrier_words)};
+    if (threadIdx.x == 0) bar.init(L::CONSUMERS);
+    __syncthreads();
+    const MASK mask(a);
+
+    if (threadIdx.x < 128) {
+        release_registers<L::PRODUCER_REGS>();
+        if (threadIdx.x < 32 && elect_one_lane()) produce<L, BLOCK_N, STAGES>(maps, bar, base, mask, a, tile_count);
+        return;
+    }
+    claim_registers<L::CONSUMER_REGS>();
+    RingSlot<STAGES> ks, vs;
+    u32 q_fills = 0;
+    for (int index = blockIdx.x; index < tile_count; index += gridDim.x) {
+        const TmaTileWork<L::BLOCK_M, BLOCK_N, MASK> work(mask, a, index);
+        consume_tile<T, L, DP, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD>(a, mask, work, bar, base, ks, vs, q_fills);
+    }
 }

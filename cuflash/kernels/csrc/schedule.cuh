@@ -3,7 +3,8 @@
 #pragma once
 #include "mask.cuh"
 
-// The query tile a thread block owns, from a 1-D grid of m_tiles × heads × batch blocks: the
+// The query tile a thread block owns, from a 1-D grid of m_tiles × heads × batch blocks (or
+// tile `index` of that order, for kernels whose blocks walk several): the
 // tiles of one head next to each other (they share K/V in L2), and with a banded mask (causal,
 // window) the last tiles first: under causal they are the heaviest, so short tiles fill the tail
 // of the launch.
@@ -11,11 +12,14 @@ struct QueryTile {
     int b, h, m_tile;
 };
 template <bool HEAVY_LAST>
+__device__ __forceinline__ QueryTile query_tile_at(int index, int m_tiles, int heads) {
+    const int m_tile_rev = index % m_tiles;
+    index /= m_tiles;
+    return {index / heads, index % heads, HEAVY_LAST ? m_tiles - 1 - m_tile_rev : m_tile_rev};
+}
+template <bool HEAVY_LAST>
 __device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads) {
-    int bid = blockIdx.x;
-    const int m_tile_rev = bid % m_tiles;
-    bid /= m_tiles;
-    return {bid / heads, bid % heads, HEAVY_LAST ? m_tiles - 1 - m_tile_rev : m_tile_rev};
+    return query_tile_at<HEAVY_LAST>(blockIdx.x, m_tiles, heads);
 }
 
 // The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles × kv_heads × batch
