@@ -116,9 +116,9 @@ struct TmaTileWork {
 
 // The producer's one thread: for each of its query tiles that visits any key tile, K_j and V_j
 // for every visited key tile, each into the next ring buffer once the consumers have released it,
-// and Q once they have released the Q buffer. The first STAGES K/V tiles go before Q: their
-// buffers are free while the consumers still store the previous tile's O. The ring positions run
-// on from one query tile to the next.
+// and Q once they have released the Q buffer. After the first tile, the first STAGES K/V tiles go
+// before Q: their buffers are free while the consumers still store the previous tile's O. The
+// ring positions run on from one query tile to the next.
 template <class L, int BLOCK_N, int STAGES, class MASK>
 __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
                                         const MASK& mask, const FwdArgs& a, int tile_count) {
@@ -147,9 +147,10 @@ __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBar
                             bar.v_full(slot.stage), 64 * box, key0, hk, work.b);
             slot.advance();
         };
-        const int ahead = min(n_count, STAGES);
-        for (int j = 0; j < ahead; ++j) load_kv(j);
         if (n_count == 0) continue;  // the consumers store such a tile without the Q buffer
+        // A block's first Q goes first (nothing to overlap yet); later ones wait for the buffer.
+        const int ahead = q_fills == 0 ? 0 : min(n_count, STAGES);
+        for (int j = 0; j < ahead; ++j) load_kv(j);
         mbar_wait(bar.q_empty(), (q_fills & 1) ^ 1);
         ++q_fills;
         mbar_arrive_expect_bytes(bar.q(), L::Q_LOAD_BYTES);
