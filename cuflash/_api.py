@@ -5,15 +5,20 @@ Both back ends (``cuflash.cpu`` for NumPy arrays, ``cuflash.kernels`` for CuPy a
 same entry points, ``forward(q, k, v, out, lse, spec)`` and
 ``backward(dout, q, k, v, out, lse, dq, dk, dv, spec)``, and receive the same 4-D views (see
 docs/internals.md), so the only thing that depends on the array module is which one is called.
+
+The public functions go through ``_calls``, which runs CuPy calls whose signature it has seen
+before without validating and planning them again; the first call of a signature, and every
+NumPy call, takes the path below (``validated_forward`` / ``validated_backward``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import numpy
 
-from . import _checks, _warnings
+from . import _calls, _checks, _warnings
 from ._spec import AttentionSpec
 
 
@@ -89,6 +94,25 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
     if xp is numpy:  # on the GPU a check would make every call wait for the device
         _warnings.check_backward(grads, (dout, q, k, v, out), lse, spec.dtype)
     return grads
+
+
+def validated_forward(q, k, v, out, options: dict, return_lse):
+    """Validate and run one forward call: ``(xp, spec, result, lse)``."""
+    xp, spec = _spec(q, k, v, **options)
+    _checks.check_bool(return_lse, "return_lse")
+    if out is not None:
+        _checks.check_out(out, spec.shapes, spec.dtype, xp, {"q": q, "k": k, "v": v})
+    result, lse = _forward(spec, xp, q, k, v, out)
+    return xp, spec, result, lse
+
+
+def validated_backward(dout, q, k, v, out, lse, options: dict, alibi=None):
+    """Validate and run one backward call: ``(xp, spec, (dq, dk, dv))``. ``alibi``: the slopes
+    copy of the spec to use instead of a new one (a vjp's forward copy)."""
+    xp, spec = _spec(q, k, v, **options)
+    if alibi is not None:
+        spec = dataclasses.replace(spec, alibi=alibi)
+    return xp, spec, _backward(spec, xp, dout, q, k, v, out, lse)
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
@@ -187,13 +211,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     >>> cuflash.attention(q, k, v, window=(32, 0), softcap=30.0, alibi_slopes=slopes).shape
     (2, 8, 100, 64)
     """
-    xp, spec = _spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                     alibi_slopes=alibi_slopes, block_mask=block_mask)
-    return_lse = _checks.check_bool(return_lse, "return_lse")
-    if out is not None:
-        _checks.check_out(out, spec.shapes, spec.dtype, xp, {"q": q, "k": k, "v": v})
-    result, lse = _forward(spec, xp, q, k, v, out)
-    return (result, lse) if return_lse else result
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, block_mask=block_mask)
+    result, lse, _ = _calls.forward(q, k, v, out, options, return_lse)
+    return (result, lse) if return_lse else result  # return_lse: checked to be a bool
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
@@ -225,10 +246,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         and ``dv`` are summed over the query heads that share a key/value head. Under
         ``softcap`` the gradient flows through ``tanh`` (a factor ``1 - tanh²``).
     """
-    xp, spec = _spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                     alibi_slopes=alibi_slopes, block_mask=block_mask,
-                     deterministic=deterministic)
-    return _backward(spec, xp, dout, q, k, v, out, lse)
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, block_mask=block_mask, deterministic=deterministic)
+    return _calls.backward(dout, q, k, v, out, lse, options)
 
 
 def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
@@ -239,12 +259,13 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     The options are those of ``attention`` and ``attention_backward``, validated once here.
     ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them.
     """
-    xp, spec = _spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                     alibi_slopes=alibi_slopes, block_mask=block_mask,
-                     deterministic=deterministic)
-    out, lse = _forward(spec, xp, q, k, v, None)
+    forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                           alibi_slopes=alibi_slopes, block_mask=block_mask)
+    _checks.check_bool(deterministic, "deterministic")  # before running anything
+    out, lse, spec = _calls.forward(q, k, v, None, forward_options, True)
+    options = dict(forward_options, deterministic=deterministic)
 
-    def vjp(dout):
-        return _backward(spec, xp, dout, q, k, v, out, lse)
+    def vjp(dout):  # with the forward's copy of the ALiBi slopes, as the docstring promises
+        return _calls.backward(dout, q, k, v, out, lse, options, alibi=spec.alibi)
 
     return out, vjp

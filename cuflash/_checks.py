@@ -230,7 +230,13 @@ def check_alibi(slopes: Any, shapes: "Shapes", xp, device_of: Any):
         bad = slopes[~finite].ravel()[:3]
         raise ValueError(f"alibi_slopes must be finite, with |slope| <= {bound:.3g}, got "
                          f"{', '.join(repr(float(x)) for x in bad)}")
-    full = xp.broadcast_to(slopes, batch + (hq,)).reshape(shapes.b, hq)
+    return alibi_copy(slopes, shapes, xp)
+
+
+def alibi_copy(slopes: Any, shapes: "Shapes", xp):
+    """Checked ``slopes`` as the back ends read them: a new C-contiguous float32 ``(B, Hq)``
+    array (call it with the slopes' device current)."""
+    full = xp.broadcast_to(slopes, shapes.batch + (shapes.hq,)).reshape(shapes.b, shapes.hq)
     return xp.array(full, dtype=numpy.float32, order="C", copy=True)
 
 
@@ -367,8 +373,21 @@ def _overlaps(a: Any, b: Any, xp) -> bool:
             return bool(numpy.shares_memory(a, b, max_work=10_000))
         except numpy.exceptions.TooHardError:
             return bool(numpy.may_share_memory(a, b))
-    # CuPy's exact test materialises every element's address; the memory-range test is cheap.
-    return bool(xp.shares_memory(a, b, max_work="MAY_SHARE_BOUNDS"))
+    # An exact test would materialise every element's address; the memory-range test is cheap.
+    return ranges_overlap(a.data.ptr, byte_range(a), b.data.ptr, byte_range(b))
+
+
+def byte_range(x: Any) -> tuple[int, int]:
+    """``(low, high)``: the bytes an array can touch are ``[ptr + low, ptr + high)``."""
+    low = sum(s * (n - 1) for n, s in zip(x.shape, x.strides) if s < 0)
+    high = sum(s * (n - 1) for n, s in zip(x.shape, x.strides) if s > 0) + x.itemsize
+    return low, high
+
+
+def ranges_overlap(a_ptr: int, a_range: tuple[int, int], b_ptr: int,
+                   b_range: tuple[int, int]) -> bool:
+    """Whether two arrays' byte ranges (``byte_range``, from their data pointers) meet."""
+    return a_ptr + a_range[0] < b_ptr + b_range[1] and b_ptr + b_range[0] < a_ptr + a_range[1]
 
 
 # ----------------------------------------------------------------------------- 4-D views
@@ -406,12 +425,22 @@ def as_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
     stride 0). Anything whose last axis is not contiguous, or whose strides are negative, is
     copied to a C-contiguous array.
     """
+    view = view_4d(x, batch, xp)
+    if view is not None:
+        return view
+    x = with_head_axis(x)
+    full = xp.ascontiguousarray(xp.broadcast_to(x, batch + tuple(x.shape[-3:])))
+    stride = _leading_stride(full.shape[:-3], full.strides[:-3])
+    return _batch_view(full, math.prod(batch), stride, xp)
+
+
+def view_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
+    """``as_4d(x, batch, xp)`` when it is a view of ``x`` (same data pointer), else ``None``."""
     x = with_head_axis(x)
     full = xp.broadcast_to(x, batch + tuple(x.shape[-3:]))
     stride = _leading_stride(full.shape[:-3], full.strides[:-3])
     if stride is None or not _kernel_ready(full):
-        full = xp.ascontiguousarray(full)
-        stride = _leading_stride(full.shape[:-3], full.strides[:-3])
+        return None
     return _batch_view(full, math.prod(batch), stride, xp)
 
 

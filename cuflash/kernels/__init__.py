@@ -5,6 +5,12 @@ is a launcher module with ``supports(spec, arrays) -> None | reason`` and the pa
 the first family that supports a call runs it. ``plan()`` says which family a call gets and why
 each faster one was passed over (``cuflash.kernel_plan`` and ``cuflash info`` show it).
 
+A family may also offer ``prepare_<entry>(spec, arrays)``: everything its entry point does that
+depends only on the spec and the arrays' layout (tiles, compiled kernels, packed arguments), as a
+callable that takes the entry point's arguments and only fills in their data pointers and
+launches. ``prepare()`` returns it (``None`` for a family without one, whose calls then always
+take the entry point); the cached call path of ``cuflash._calls`` keeps it per call signature.
+
 Entry points take the 4-D (B, H, N, D) views described in docs/internals.md and the call's
 ``AttentionSpec``.
 """
@@ -14,6 +20,8 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+
+from .. import _checks
 
 # Set to 1 to pass over the Hopper (sm_90a) families (comparison, debugging).
 DISABLE_HOPPER_ENV = "CUFLASH_DISABLE_SM90"
@@ -86,23 +94,49 @@ def plan(pass_name: str, spec, arrays) -> Plan:
     return Plan(pass_name, None, tuple(passed_over))
 
 
-def _run(pass_name: str, spec, arrays, args):
+def _chosen(pass_name: str, spec, arrays) -> Family:
     chosen = plan(pass_name, spec, arrays)
     if chosen.family is None:
         raise ValueError(f"no GPU kernel runs this {pass_name} pass ({spec.describe()}):\n"
                          + chosen.describe())
-    chosen.family.run(*args, spec)
+    return chosen.family
+
+
+def _prepared(family: Family, spec, arrays):
+    preparer = getattr(family.launcher(), f"prepare_{family.entry}", None)
+    return None if preparer is None else preparer(spec, arrays)
+
+
+def prepare(pass_name: str, spec, arrays):
+    """The prepared launch of `pass_name` for this spec and the layout of `arrays` (as in
+    ``plan``): a callable taking the pass's entry-point arguments, the spec last, that reads only
+    their data pointers; ``None`` when the chosen family offers none."""
+    return _prepared(_chosen(pass_name, spec, arrays), spec, arrays)
+
+
+def dispatch_state() -> tuple:
+    """What, beside the call itself, decides which family runs it: the Hopper switch and the
+    registries, by identity (cheap to hash; whoever keys on this keeps ``REGISTRY``'s values
+    alive so that an identity is never reused)."""
+    return (os.environ.get(DISABLE_HOPPER_ENV, ""), id(REGISTRY["forward"]),
+            id(REGISTRY["backward"]))
+
+
+def _run(pass_name: str, spec, arrays, args):
+    family = _chosen(pass_name, spec, arrays)
+    launch = _prepared(family, spec, arrays)
+    (launch or family.run)(*args, spec)
 
 
 def forward(q, k, v, out, lse, spec):
     """out, lse ← attention(q, k, v); see docs/internals.md for shapes and strides."""
-    with q.device:
+    with _checks.device_context(q):
         _run("forward", spec, (q, k, v, out), (q, k, v, out, lse))
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
     """dq, dk, dv ← gradients of attention; dk/dv summed over each GQA group."""
-    with q.device:
+    with _checks.device_context(q):
         _run("backward", spec, (q, k, v, dout, out, dq, dk, dv),
              (dout, q, k, v, out, lse, dq, dk, dv))
 

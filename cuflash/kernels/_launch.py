@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import struct
+from dataclasses import dataclass
+from typing import Any
 
 import numpy
 
@@ -97,11 +100,68 @@ def pack_struct(dtype: numpy.dtype, **values) -> numpy.ndarray:
     array's bytes as the parameter. The record is handed over as one opaque field of the same
     size and alignment, because CuPy inspects every field of a structured argument on each
     launch, which cost tens of microseconds per call for these 30–50-field structs."""
-    missing = set(dtype.names) - set(values)
-    if missing:
-        raise KeyError(f"kernel arguments missing: {sorted(missing)}")
-    record = numpy.array([tuple(values[name] for name in dtype.names)], dtype=dtype)
-    return record.view(_opaque(dtype.itemsize))
+    return PackedArgs(dtype, (), values).pack(())
+
+
+class PackedArgs:
+    """An argument struct packed once, of which each launch re-fills only the pointer fields.
+
+    Everything but the pointers depends on the call's layout alone (sizes, strides, options), so
+    a prepared launch packs it once; ``pack(pointers)`` copies the packed bytes and writes the
+    ``pointer_names`` fields (uint64, in that order) into the copy. A fresh copy per launch keeps
+    concurrent calls from different threads apart."""
+
+    def __init__(self, dtype: numpy.dtype, pointer_names, values: dict):
+        pointer_names = tuple(pointer_names)
+        missing = set(dtype.names) - set(values) - set(pointer_names)
+        if missing:
+            raise KeyError(f"kernel arguments missing: {sorted(missing)}")
+        record = numpy.zeros(1, dtype)
+        for name in dtype.names:
+            if name not in pointer_names:
+                record[name] = values[name]
+        self._bytes = record.tobytes()
+        self._opaque = _opaque(dtype.itemsize)
+        self._runs = _pointer_runs(dtype, pointer_names)
+
+    def pack(self, pointers) -> numpy.ndarray:
+        buffer = bytearray(self._bytes)
+        for packer, offset, start, stop in self._runs:
+            packer.pack_into(buffer, offset, *pointers[start:stop])
+        return numpy.frombuffer(buffer, self._opaque)
+
+
+def _pointer_runs(dtype: numpy.dtype, names) -> tuple:
+    """``(struct.Struct, byte offset, first, stop)`` per run of adjacent pointer fields among
+    ``names`` (taken in order): one ``pack_into`` writes a whole run."""
+    runs = []
+    for index, name in enumerate(names):
+        field, offset = dtype.fields[name][:2]
+        if field != numpy.dtype(PTR):
+            raise TypeError(f"argument {name} is not a pointer field")
+        if runs and runs[-1][1] + 8 * (index - runs[-1][2]) == offset:
+            runs[-1][3] = index + 1
+        else:
+            runs.append([None, offset, index, index + 1])
+    return tuple((struct.Struct(f"<{stop - start}Q"), offset, start, stop)
+                 for _, offset, start, stop in runs)
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch of a prepared call: the compiled function, its 1-D grid and block, its
+    dynamic shared memory and its packed arguments; calling it with the pointers launches it on
+    CuPy's current stream."""
+
+    kernel: Any
+    blocks: int
+    threads: int
+    shared: int
+    args: PackedArgs
+
+    def __call__(self, pointers) -> None:
+        self.kernel((self.blocks,), (self.threads,), (self.args.pack(pointers),),
+                    shared_mem=self.shared)
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,21 +241,42 @@ def mask_heads(spec) -> int:
     return int(spec.block_mask is not None and spec.block_mask.num_heads is not None)
 
 
-def forward_args(q, k, v, out, lse, spec, *, tile_m, tile_n):
-    """The forward kernels' argument struct for 4-D views, and the grid size (thread blocks):
+# The fields of FWD_ARGS a forward launch re-fills per call, in this order (see forward_pointers).
+FWD_POINTERS = ("q", "k", "v", "o", "lse", "alibi")
+
+
+def forward_pointers(q, k, v, out, lse, spec) -> tuple[int, ...]:
+    """The FWD_POINTERS values of one call; any views with the prepared layout will do (only
+    their data pointers are read)."""
+    return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, pointer(spec.alibi))
+
+
+def forward_args(spec, arrays, *, tile_m, tile_n) -> tuple[PackedArgs, int]:
+    """The forward kernels' argument struct for 4-D views ``arrays`` = (q, k, v, out) (their
+    layout; the pointers are FWD_POINTERS, filled per call), and the grid size (thread blocks):
     one block per `tile_m` query rows of each (batch, head). With a block mask, its CSR refined
-    to (tile_m, tile_n) tiles."""
+    to (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds)."""
+    q, k, v, out = arrays
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     m_tiles = -(-nq // tile_m)
     blocks = check_grid(m_tiles * heads * batch, "the forward kernel")
     tile_ptr, tile_idx = block_mask_csr(spec, tile_m, tile_n)
-    args = pack_struct(
-        FWD_ARGS,
-        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
-        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **stride_fields("qkvo", (q, k, v, out)),
+    values = dict(
+        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **stride_fields("qkvo", arrays),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
         **mask_and_score_values(spec),
     )
-    return args, blocks
+    return PackedArgs(FWD_ARGS, FWD_POINTERS, values), blocks
+
+
+class ForwardLaunch:
+    """A prepared forward pass: ``launch(q, k, v, out, lse, spec)`` with the entry point's
+    arguments (views of the prepared layout) only fills in their pointers and launches."""
+
+    def __init__(self, launch: KernelLaunch):
+        self.launch = launch
+
+    def __call__(self, q, k, v, out, lse, spec) -> None:
+        self.launch(forward_pointers(q, k, v, out, lse, spec))

@@ -35,13 +35,14 @@ from . import _build
 from ._launch import (
     BWD_ARGS,
     LOG2E,
+    KernelLaunch,
+    PackedArgs,
     block_mask_csr,
     check_grid,
     element_type,
     mask_and_score_values,
     mask_heads,
     mask_type,
-    pack_struct,
     padded_head_dim,
     padded_head_dims,
     pointer,
@@ -229,31 +230,68 @@ def supports(spec, arrays) -> str | None:
     return None
 
 
-def scratch(spec, *, atomic_dq: bool):
-    """Per-call scratch (see workspace_bytes): ``(rows_pad, lse2, delta, dq_accum)``, the rows
-    per (batch, head), base-2 lse, Delta and, for atomic dq, the float32 dq accumulator (None
-    otherwise)."""
-    import cupy
+@dataclass(frozen=True)
+class Scratch:
+    """The workspace of one backward call (see workspace_bytes), as one float32 allocation:
+    ``rows`` base-2 lse values, ``rows`` Delta values, then ``accum`` values of the dq
+    accumulator (atomic dq only; 0 otherwise). ``rows_pad`` is the rows per (batch, head)."""
 
-    s = spec.shapes
-    rows_pad = rows_padded(s.nq)
-    lse2 = cupy.empty((s.b, s.hq, rows_pad), numpy.float32)
-    delta = cupy.empty((s.b, s.hq, rows_pad), numpy.float32)
-    dq_accum = None
-    if atomic_dq:
-        dq_accum = cupy.empty((s.b, s.hq, rows_pad, padded_head_dims(spec)[0]), numpy.float32)
-    return rows_pad, lse2, delta, dq_accum
+    rows_pad: int
+    rows: int
+    accum: int
+
+    @classmethod
+    def of(cls, spec, *, atomic_dq: bool) -> "Scratch":
+        s = spec.shapes
+        rows_pad = rows_padded(s.nq)
+        rows = s.b * s.hq * rows_pad
+        return cls(rows_pad, rows, rows * padded_head_dims(spec)[0] if atomic_dq else 0)
+
+    def allocate(self):
+        """``(buffer, (lse2, delta, dq_accum))``: the allocation and the three pointers (0 for
+        an absent accumulator). Every part starts 512-byte aligned (rows_pad is a multiple of
+        128)."""
+        import cupy
+
+        buffer = cupy.empty(2 * self.rows + self.accum, numpy.float32)
+        base = buffer.data.ptr
+        return buffer, (base, base + 4 * self.rows, base + 8 * self.rows if self.accum else 0)
 
 
-def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, *, rows_pad, lse2, delta, dq_accum):
-    """``args(m_tiles=0, n_tiles=0, index=(None, None))``: the BWD_ARGS of each launch of one
-    backward call (they differ only in the launch's tile counts and block-sparse index)."""
+# The fields of BWD_ARGS a backward launch re-fills per call, in this order (BackwardLaunch).
+BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2", "delta",
+                "dq_accum", "alibi")
+
+
+class BackwardLaunch:
+    """A prepared backward pass: ``launch(dout, q, k, v, out, lse, dq, dk, dv, spec)`` with the
+    entry point's arguments (views of the prepared layout; only their pointers are read)
+    allocates the workspace, fills in the pointers and runs the launches in order. Returns the
+    workspace buffer (the caller may keep it alive, as a captured graph needs)."""
+
+    def __init__(self, scratch: Scratch, launches: tuple[KernelLaunch, ...]):
+        self.scratch = scratch
+        self.launches = launches
+
+    def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, spec):
+        workspace, (lse2, delta, dq_accum) = self.scratch.allocate()
+        pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, lse.data.ptr,
+                    dq.data.ptr, dk.data.ptr, dv.data.ptr, lse2, delta, dq_accum,
+                    pointer(spec.alibi))
+        for launch in self.launches:
+            launch(pointers)
+        return workspace
+
+
+def argument_packer(spec, arrays, *, rows_pad: int):
+    """``args(m_tiles=0, n_tiles=0, index=(None, None))``: the packed BWD_ARGS of each launch of
+    a backward call with the layout of 4-D views ``arrays`` = (q, k, v, dout, out, dq, dk, dv)
+    (they differ only in the launch's tile counts and block-sparse index; the pointers are
+    BWD_POINTERS, filled per call)."""
+    q, k, v, dout, out, dq, dk, dv = arrays
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     fields = dict(
-        q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), dout=pointer(dout),
-        lse=pointer(lse), grad_q=pointer(dq), grad_k=pointer(dk), grad_v=pointer(dv),
-        lse2=pointer(lse2), delta=pointer(delta), dq_accum=pointer(dq_accum),
         batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
         group=heads // kv_heads, rows_pad=rows_pad,
         dqk=padded_head_dims(spec)[0],  # the dq accumulator's row length
@@ -263,35 +301,38 @@ def argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, *, rows_pad, lse2
     )
 
     def args(m_tiles=0, n_tiles=0, index=(None, None)):
-        return pack_struct(BWD_ARGS, **fields, m_tiles=m_tiles, n_tiles=n_tiles,
-                           tile_ptr=pointer(index[0]), tile_idx=pointer(index[1]))
+        return PackedArgs(BWD_ARGS, BWD_POINTERS,
+                          dict(fields, m_tiles=m_tiles, n_tiles=n_tiles,
+                               tile_ptr=pointer(index[0]), tile_idx=pointer(index[1])))
 
     return args
 
 
-def preprocess(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool):
-    """Launch flash_bwd_pre: Delta, base-2 lse (and the zeroed dq accumulator). `aligned`: out
-    and dout allow 16-byte loads."""
+def preprocess_launch(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool) -> KernelLaunch:
+    """The flash_bwd_pre launch: Delta, base-2 lse (and the zeroed dq accumulator). `aligned`:
+    out and dout allow 16-byte loads."""
     kernel = _build.get_function(SOURCE, variant_pre(spec.dtype, aligned=aligned, zero_dq=zero_dq))
     blocks = check_grid(rows_pad // PRE_ROWS * spec.shapes.hq * spec.shapes.b, "flash_bwd_pre")
-    kernel((blocks,), (256,), (args(),))
+    return KernelLaunch(kernel, blocks, 256, 0, args())
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: BwdTiles | None = None):
-    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md. dq goes through
-    the float32 accumulator and atomic adds unless ``spec.deterministic``."""
+def prepare_backward(spec, arrays, *, tiles: BwdTiles | None = None) -> BackwardLaunch:
+    """The backward launches for this spec and the layout of 4-D (B, H, N, D) views ``arrays`` =
+    (q, k, v, dout, out, dq, dk, dv); see docs/internals.md. dq goes through the float32
+    accumulator and atomic adds unless ``spec.deterministic``."""
+    q, k, v, dout, out, dq, dk, dv = arrays
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     dqk, dvp = padded_head_dims(spec)
     tiles = tiles or tiles_for(spec)
     atomic_dq = not spec.deterministic
-    aligned = vector_aligned((q, k, v, out, dout, dq, dk, dv), (d, dv_dim))
-    rows_pad, lse2, delta, dq_accum = scratch(spec, atomic_dq=atomic_dq)
-    args = argument_packer(dout, q, k, v, out, lse, dq, dk, dv, spec, rows_pad=rows_pad, lse2=lse2,
-                           delta=delta, dq_accum=dq_accum)
+    aligned = vector_aligned(arrays, (d, dv_dim))
+    scratch = Scratch.of(spec, atomic_dq=atomic_dq)
+    args = argument_packer(spec, arrays, rows_pad=scratch.rows_pad)
 
     # 1. Delta, lse2, zeroed dq accumulator.
-    preprocess(args, spec, rows_pad=rows_pad, aligned=aligned, zero_dq=atomic_dq)
+    launches = [preprocess_launch(args, spec, rows_pad=scratch.rows_pad, aligned=aligned,
+                                  zero_dq=atomic_dq)]
 
     # 2. dK, dV (and dQ through atomics).
     m_tiles, n_tiles = -(-nq // tiles.block_m), -(-nk // tiles.block_n)
@@ -300,14 +341,15 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: BwdTiles | Non
     expression = variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=atomic_dq)
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
     blocks = check_grid(n_tiles * kv_heads * batch, "flash_bwd_dkdv")
-    kernel((blocks,), (tiles.warps * 32,), (args(m_tiles, n_tiles, index),), shared_mem=shared)
+    launches.append(KernelLaunch(kernel, blocks, tiles.warps * 32, shared,
+                                 args(m_tiles, n_tiles, index)))
 
     # 3. dQ.
     if atomic_dq:
         kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned))
         threads = batch * heads * nq * (-(-d // 8))
         blocks = check_grid(-(-threads // 256), "flash_bwd_dq_convert")
-        kernel((blocks,), (256,), (args(),))
+        launches.append(KernelLaunch(kernel, blocks, 256, 0, args()))
     else:
         m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
         index = block_mask_csr(spec, tiles.dq_block_m, tiles.dq_block_n)
@@ -315,8 +357,16 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: BwdTiles | Non
         expression = variant_dq(spec, tiles, aligned=aligned)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
         blocks = check_grid(m_tiles * heads * batch, "flash_bwd_dq")
-        kernel((blocks,), (tiles.dq_warps * 32,), (args(m_tiles, n_tiles, index),),
-               shared_mem=shared)
+        launches.append(KernelLaunch(kernel, blocks, tiles.dq_warps * 32, shared,
+                                     args(m_tiles, n_tiles, index)))
+    return BackwardLaunch(scratch, tuple(launches))
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: BwdTiles | None = None):
+    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md. dq goes through
+    the float32 accumulator and atomic adds unless ``spec.deterministic``."""
+    arrays = (q, k, v, dout, out, dq, dk, dv)
+    prepare_backward(spec, arrays, tiles=tiles)(dout, q, k, v, out, lse, dq, dk, dv, spec)
 
 
 def main_variants() -> list[tuple[str, str]]:
@@ -350,5 +400,5 @@ def main_variants() -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-__all__ = ["backward", "supports", "BwdTiles", "default_tiles", "tiles_for", "workspace_bytes",
+__all__ = ["backward", "prepare_backward", "supports", "BwdTiles", "default_tiles", "tiles_for", "workspace_bytes",
            "main_variants"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _build
-from ._launch import (element_type, forward_args, mask_type, padded_head_dims, score_mod_type,
-                      vector_aligned)
+from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type,
+                      padded_head_dims, score_mod_type, vector_aligned)
 
 SOURCE = "flash_fwd.cu"
 
@@ -86,17 +86,23 @@ def supports(spec, arrays) -> str | None:
     return None
 
 
-def forward(q, k, v, out, lse, spec, *, tiles: FwdTiles | None = None):
-    """Run the forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
+def prepare_forward(spec, arrays, *, tiles: FwdTiles | None = None) -> ForwardLaunch:
+    """The forward launch for this spec and the layout of 4-D (B, H, N, D) CuPy views
+    ``arrays`` = (q, k, v, out) (docs/internals.md): compiled kernel, grid and packed arguments."""
+    q, k, v, out = arrays
     d, dv = q.shape[3], v.shape[3]
     dqk, dvp = padded_head_dims(spec)
     tiles = tiles or tiles_for(spec)
-    args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=tiles.block_m, tile_n=tiles.block_n)
-    aligned = vector_aligned((q, k, v, out), (d, dv))
-    expression = variant(spec, tiles, aligned=aligned)
+    args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
+    aligned = vector_aligned(arrays, (d, dv))
     shared = tiles.shared_bytes(dqk, dvp)
-    kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
-    kernel((blocks,), (tiles.warps * 32,), (args,), shared_mem=shared)
+    kernel = _build.get_function(SOURCE, variant(spec, tiles, aligned=aligned), shared_bytes=shared)
+    return ForwardLaunch(KernelLaunch(kernel, blocks, tiles.warps * 32, shared, args))
+
+
+def forward(q, k, v, out, lse, spec, *, tiles: FwdTiles | None = None):
+    """Run the forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md."""
+    prepare_forward(spec, (q, k, v, out), tiles=tiles)(q, k, v, out, lse, spec)
 
 
 def main_variants() -> list[tuple[str, str]]:
@@ -109,4 +115,4 @@ def main_variants() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["forward", "supports", "FwdTiles", "default_tiles", "tiles_for", "variant", "main_variants"]
+__all__ = ["forward", "prepare_forward", "supports", "FwdTiles", "default_tiles", "tiles_for", "variant", "main_variants"]

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 
 from . import _build, mma_backward
-from ._launch import block_mask_csr, check_grid, element_type, mask_type, on_hopper, score_mod_type, vector_aligned
+from ._launch import (KernelLaunch, block_mask_csr, check_grid, element_type, mask_type, on_hopper,
+                      score_mod_type, vector_aligned)
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -110,39 +111,50 @@ def supports(spec, arrays) -> str | None:
     return None
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles | None = None):
-    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md. The caller
-    checks ``supports()`` first. Always deterministic (no atomics): every gradient element is
-    written by exactly one thread block, whatever ``spec.deterministic`` says."""
+def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
+    """The backward launches (a ``mma_backward.BackwardLaunch``) for this spec and the layout of
+    4-D (B, H, N, D) CuPy views ``arrays`` = (q, k, v, dout, out, dq, dk, dv); see
+    docs/internals.md. The caller checks ``supports()`` first. Always deterministic (no
+    atomics): every gradient element is written by exactly one thread block, whatever
+    ``spec.deterministic`` says."""
+    q, k, v, dout, out, dq, dk, dv = arrays
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     if d != dv_dim or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d)
-    rows_pad, lse2, delta, _ = mma_backward.scratch(spec, atomic_dq=False)
-    args = mma_backward.argument_packer(
-        dout, q, k, v, out, lse, dq, dk, dv, spec, rows_pad=rows_pad, lse2=lse2, delta=delta,
-        dq_accum=None)
+    scratch = mma_backward.Scratch.of(spec, atomic_dq=False)
+    args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view).
-    mma_backward.preprocess(args, spec, rows_pad=rows_pad,
-                            aligned=vector_aligned((out, dout), (dv_dim,)), zero_dq=False)
+    launches = [mma_backward.preprocess_launch(
+        args, spec, rows_pad=scratch.rows_pad, aligned=vector_aligned((out, dout), (dv_dim,)),
+        zero_dq=False)]
 
     # 2. dK, dV: one block per key tile; 3. dQ: one block per query tile.
-    launches = (
+    kernels = (
         (variant_dkdv, tiles.dkdv_block_m, tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d),
          tiles.dkdv_warpgroups, True),
         (variant_dq, tiles.dq_block_m, tiles.dq_block_n, tiles.dq_shared_bytes(d),
          tiles.dq_warpgroups, False),
     )
-    for variant, tile_m, tile_n, shared, warpgroups, by_key in launches:
+    for variant, tile_m, tile_n, shared, warpgroups, by_key in kernels:
         m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
         index = block_mask_csr(spec, tile_m, tile_n, by_key=by_key)
         expression = variant(spec, tiles)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,
                             expression)
-        kernel((blocks,), (128 * warpgroups,), (args(m_tiles, n_tiles, index),), shared_mem=shared)
+        launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared,
+                                     args(m_tiles, n_tiles, index)))
+    return mma_backward.BackwardLaunch(scratch, tuple(launches))
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles | None = None):
+    """Write dq, dk, dv for 4-D (B, H, N, D) CuPy views; see docs/internals.md and
+    ``prepare_backward``."""
+    arrays = (q, k, v, dout, out, dq, dk, dv)
+    prepare_backward(spec, arrays, tiles=tiles)(dout, q, k, v, out, lse, dq, dk, dv, spec)
 
 
 def main_variants() -> list[tuple[str, str]]:
@@ -156,4 +168,4 @@ def main_variants() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["backward", "supports", "main_variants", "Sm90BwdTiles", "default_tiles", "ARCH"]
+__all__ = ["backward", "prepare_backward", "supports", "main_variants", "Sm90BwdTiles", "default_tiles", "ARCH"]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 
 from . import _build
-from ._launch import element_type, forward_args, mask_type, on_hopper, score_mod_type, vector_aligned
+from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type, on_hopper,
+                      score_mod_type, vector_aligned)
 
 SOURCE = "flash_fwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -80,18 +81,25 @@ def supports(spec, arrays) -> str | None:
     return None
 
 
-def forward(q, k, v, out, lse, spec, *, tiles: Sm90Tiles | None = None):
-    """Run the Hopper forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md.
+def prepare_forward(spec, arrays, *, tiles: Sm90Tiles | None = None) -> ForwardLaunch:
+    """The forward launch for this spec and the layout of 4-D (B, H, N, D) CuPy views
+    ``arrays`` = (q, k, v, out) (docs/internals.md): compiled kernel, grid and packed arguments.
     The caller checks ``supports()`` first."""
+    q, k, v, out = arrays
     d, dv = q.shape[3], v.shape[3]
     if d != dv or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 forward kernel takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}")
     tiles = tiles or default_tiles(d)
-    args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=tiles.block_m, tile_n=tiles.block_n)
-    expression = variant(spec, tiles)
+    args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
     shared = tiles.shared_bytes(d)
-    kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
-    kernel((blocks,), (tiles.threads,), (args,), shared_mem=shared)
+    kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
+    return ForwardLaunch(KernelLaunch(kernel, blocks, tiles.threads, shared, args))
+
+
+def forward(q, k, v, out, lse, spec, *, tiles: Sm90Tiles | None = None):
+    """Run the Hopper forward kernel on 4-D (B, H, N, D) CuPy views; see docs/internals.md.
+    The caller checks ``supports()`` first."""
+    prepare_forward(spec, (q, k, v, out), tiles=tiles)(q, k, v, out, lse, spec)
 
 
 def main_variants() -> list[tuple[str, str]]:
@@ -101,4 +109,4 @@ def main_variants() -> list[tuple[str, str]]:
     return [(SOURCE, variant(spec, default_tiles(spec.shapes.d))) for spec in spec_grid(HEAD_DIMS)]
 
 
-__all__ = ["forward", "supports", "main_variants", "Sm90Tiles", "default_tiles", "variant", "ARCH"]
+__all__ = ["forward", "prepare_forward", "supports", "main_variants", "Sm90Tiles", "default_tiles", "variant", "ARCH"]

@@ -1,0 +1,207 @@
+"""Per-call cost of small attention calls, host included, against SDPA and CUDA-graph replay.
+
+    python benchmarks/host_cost.py [--calls N] [--profile]
+
+For bf16 causal (B, H, N, D) = (1, 16, 128, 64) and (8, 16, 512, 64), one process, prints:
+
+- per call, host included: N back-to-back calls then one synchronisation, divided by N, for
+  cuflash forward, SDPA forward (torch.nn.functional.scaled_dot_product_attention, when torch is
+  importable), cuflash forward+backward and SDPA forward+backward (autograd);
+- host cost per forward and per backward call: the time to issue a burst of calls that the GPU's
+  launch queue absorbs without blocking (the device is idle and synchronised before each burst);
+- pure GPU time per forward and per forward+backward: CUDA events around one replay of a graph
+  holding 20 captured calls (no host work between the kernels);
+- graph replay per call: back-to-back replays of a graph holding one call, host included.
+
+Each figure is printed beside its target (issue 13): host ≤ 15 µs per forward and ≤ 30 µs per
+backward call, cuflash ≤ SDPA at both shapes, graph replay within 5% of the pure GPU time.
+``--profile`` adds where the host time of the cached calls goes (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import cupy
+import ml_dtypes
+import numpy
+
+import cuflash
+
+SHAPES = ((1, 16, 128, 64), (8, 16, 512, 64))
+HOST_FORWARD_US, HOST_BACKWARD_US, REPLAY_SLACK = 15.0, 30.0, 0.05
+GRAPH_CALLS = 20
+BURST = 100  # calls issued per host-cost burst: 300 launches, well inside the launch queue
+
+
+def _inputs(shape):
+    rng = cupy.random.default_rng(0)
+    return tuple(rng.standard_normal(shape, dtype=numpy.float32).astype(ml_dtypes.bfloat16)
+                 for _ in range(4))
+
+
+class Cuflash:
+    def __init__(self, shape):
+        self.q, self.k, self.v, self.dout = _inputs(shape)
+        self.out, self.lse = cuflash.attention(self.q, self.k, self.v, causal=True,
+                                               return_lse=True)
+
+    def forward(self):
+        return cuflash.attention(self.q, self.k, self.v, causal=True)
+
+    def backward(self):
+        return cuflash.attention_backward(self.dout, self.q, self.k, self.v, self.out, self.lse,
+                                          causal=True)
+
+    def forward_backward(self):
+        out, lse = cuflash.attention(self.q, self.k, self.v, causal=True, return_lse=True)
+        return cuflash.attention_backward(self.dout, self.q, self.k, self.v, out, lse, causal=True)
+
+
+class Sdpa:
+    def __init__(self, torch, shape):
+        self.torch = torch
+        self.q, self.k, self.v, self.dout = (
+            torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        for x in (self.q, self.k, self.v):
+            x.requires_grad_(True)
+        self.sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def forward(self):
+        with self.torch.no_grad():
+            return self.sdpa(self.q, self.k, self.v, is_causal=True)
+
+    def forward_backward(self):
+        out = self.sdpa(self.q, self.k, self.v, is_causal=True)
+        return self.torch.autograd.grad(out, (self.q, self.k, self.v), self.dout)
+
+
+def per_call_us(fn, sync, calls):
+    """Wall time per call of `calls` back-to-back calls, host and GPU included."""
+    for _ in range(10):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def host_us(fn, sync, bursts=20):
+    """Time to issue one call while the device keeps up (median over bursts of BURST calls)."""
+    times = []
+    for _ in range(bursts):
+        sync()
+        start = time.perf_counter()
+        for _ in range(BURST):
+            fn()
+        times.append((time.perf_counter() - start) / BURST * 1e6)
+    sync()
+    return float(numpy.median(times))
+
+
+def capture(fn, calls):
+    """A CUDA graph of `calls` calls of `fn` on a fresh non-blocking stream (warmed up first);
+    returns (graph, stream, results kept alive for the replays)."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        fn()
+        stream.synchronize()
+        stream.begin_capture()
+        results = [fn() for _ in range(calls)]
+        graph = stream.end_capture()
+    return graph, stream, results
+
+
+def gpu_us(fn):
+    """Pure GPU time per call: CUDA events around one replay of GRAPH_CALLS captured calls."""
+    graph, stream, _results = capture(fn, GRAPH_CALLS)
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    with stream:
+        for _ in range(20):
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / GRAPH_CALLS)
+    return float(numpy.median(times[2:]))
+
+
+def replay_us(fn, calls):
+    """Per call, host included, of back-to-back replays of a graph holding one call."""
+    graph, stream, _results = capture(fn, 1)
+    return per_call_us(lambda: graph.launch(stream), stream.synchronize, calls)
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+def report(shape, calls, torch):
+    ours = Cuflash(shape)
+    sync = cupy.cuda.get_current_stream().synchronize
+    print(f"\n== (B, H, N, D) = {shape}, bf16, causal")
+    fwd = per_call_us(ours.forward, sync, calls)
+    fwd_bwd = per_call_us(ours.forward_backward, sync, calls)
+    sdpa_fwd = sdpa_fwd_bwd = None
+    if torch is not None:
+        theirs = Sdpa(torch, shape)
+        sdpa_fwd = per_call_us(theirs.forward, torch.cuda.synchronize, calls)
+        sdpa_fwd_bwd = per_call_us(theirs.forward_backward, torch.cuda.synchronize, calls)
+
+    def against(ours_us, sdpa_us):
+        if sdpa_us is None:
+            return "SDPA: torch not importable"
+        return (f"SDPA {sdpa_us:7.1f} µs   ratio {ours_us / sdpa_us:5.2f}   target ≤ 1.00: "
+                f"{verdict(ours_us <= sdpa_us)}")
+
+    print(f"per call, host included  forward          {fwd:7.1f} µs   {against(fwd, sdpa_fwd)}")
+    print(f"                         forward+backward {fwd_bwd:7.1f} µs   "
+          f"{against(fwd_bwd, sdpa_fwd_bwd)}")
+    host_fwd, host_bwd = host_us(ours.forward, sync), host_us(ours.backward, sync)
+    print(f"host cost                forward          {host_fwd:7.1f} µs   target ≤ "
+          f"{HOST_FORWARD_US:.0f}: {verdict(host_fwd <= HOST_FORWARD_US)}")
+    print(f"                         backward         {host_bwd:7.1f} µs   target ≤ "
+          f"{HOST_BACKWARD_US:.0f}: {verdict(host_bwd <= HOST_BACKWARD_US)}")
+    for name, fn in (("forward", ours.forward), ("forward+backward", ours.forward_backward)):
+        gpu, replay = gpu_us(fn), replay_us(fn, calls)
+        print(f"graph, {name:17s} pure GPU {gpu:7.1f} µs   replay {replay:7.1f} µs   "
+              f"ratio {replay / gpu:5.3f}   target ≤ {1 + REPLAY_SLACK:.2f}: "
+              f"{verdict(replay <= (1 + REPLAY_SLACK) * gpu)}")
+    return ours
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=1000, help="back-to-back calls per timing")
+    parser.add_argument("--profile", action="store_true", help="cProfile the cached calls")
+    args = parser.parse_args()
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            torch = None
+    except ImportError:
+        torch = None
+    print(f"cuflash {cuflash.__version__}; device {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}; "
+          f"torch {'not importable' if torch is None else torch.__version__}")
+    for shape in SHAPES:
+        ours = report(shape, args.calls, torch)
+    if args.profile:
+        for name, fn in (("forward", ours.forward), ("backward", ours.backward)):
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(500):
+                fn()
+            profile.disable()
+            cupy.cuda.get_current_stream().synchronize()
+            print(f"\n== {name}: 500 cached calls")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    main()

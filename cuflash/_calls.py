@@ -1,0 +1,285 @@
+"""The cached call path: validate and plan a CuPy call once per call signature, then only launch.
+
+A call's signature is everything that decides its validation, its kernel plan and its packed
+kernel arguments: the type, shape, strides, dtype, device and 16-byte alignment of every array
+argument, every option (with its Python type, so that ``1`` is not taken for ``True``), and the
+kernel registry's state (``kernels.dispatch_state``). The first call of a signature takes the
+validated path of ``_api``; when its arrays can be read and written in place, the entry kept for
+the signature then holds the spec, the output shapes and the prepared launch of the pass
+(``kernels.prepare``). Every later call with that signature allocates the outputs (and the
+backward's workspace), writes the arrays' data pointers into a copy of the packed arguments and
+launches: no validation, no planning, no views, nothing read back from the device.
+
+What is redone per call, because it is not part of the signature:
+
+- the data pointers (only their alignment is in the signature);
+- ``out=`` must not overlap q, k or v: a comparison of byte ranges;
+- ALiBi slopes are keyed by their layout; their values are copied to the spec's ``(B, Hq)``
+  array on every call, as on the validated path (in a vjp the backward uses the forward's copy).
+
+Block masks are keyed by the mask itself (immutable, hashed by content); the entry keeps the mask,
+and with it its device CSR, alive. A call whose signature holds anything else (an option of
+another type, a NumPy array, a list) takes the validated path every time, as do calls whose
+inputs would be copied (non-contiguous last axis), whose ``out=`` cannot be written in place or
+whose gradients are summed over broadcast axes; their signature is remembered as such.
+
+Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees when it returns
+(the backward's workspace, an lse not returned, the ALiBi copy) and the block mask (whose device
+index the kernels read) are kept alive as long as the call's outputs are, since the graph's
+replays use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import weakref
+from typing import Any
+
+import numpy
+
+from . import _checks, kernels
+
+_MAX_ENTRIES = 1024
+_entries: dict = {}
+_UNCACHED = object()  # a signature seen before whose calls take the validated path
+_stats = {"builds": 0, "hits": 0}
+
+
+class _NotCacheable(Exception):
+    """An argument whose value the signature cannot stand for."""
+
+
+def clear() -> None:
+    """Forget every cached call (the next call of each signature is validated again)."""
+    _entries.clear()
+
+
+def stats() -> dict:
+    """``{"builds": entries built, "hits": calls served from an entry, "entries": held}``."""
+    return dict(_stats, entries=len(_entries))
+
+
+# ----------------------------------------------------------------------------- signatures
+
+_ndarray = None  # cupy.ndarray, once CuPy is imported (it never is here)
+
+
+def _cupy_ndarray():
+    global _ndarray
+    if _ndarray is None and "cupy" in sys.modules:
+        _ndarray = sys.modules["cupy"].ndarray
+    return _ndarray
+
+
+def array_signature(x: Any) -> tuple:
+    """What of an array decides a call's validation and launch, its data pointer aside."""
+    if x.__class__ is not (_ndarray or _cupy_ndarray()):
+        raise _NotCacheable
+    data = x.data
+    return (x.shape, x.strides, x.dtype, data.ptr & 15, data.device_id)
+
+
+_SCALARS = frozenset((bool, int, float, str, type(None)))
+
+
+def option_signature(value: Any):
+    """An option's value as a key: scalars with their type, tuples element-wise, CuPy arrays by
+    layout, block masks as themselves; anything else is not cacheable."""
+    cls = value.__class__
+    if cls in _SCALARS:
+        return cls, value
+    if cls is tuple:
+        return (tuple, *map(option_signature, value))
+    if cls is (_ndarray or _cupy_ndarray()):
+        return array_signature(value)
+    blockmask = sys.modules.get("cuflash.sparse._blockmask")
+    if blockmask is not None and cls is blockmask.BlockMask:
+        return value
+    raise _NotCacheable
+
+
+def signature(pass_name: str, arrays, options: dict):
+    """The key of one call, or ``None`` when it cannot be cached."""
+    try:
+        return (pass_name, *map(array_signature, arrays),
+                *map(option_signature, options.values()), *kernels.dispatch_state())
+    except (_NotCacheable, AttributeError, TypeError):  # TypeError: unhashable, ...
+        return None
+
+
+def _remember(key, entry) -> None:
+    if key is None:
+        return
+    if len(_entries) >= _MAX_ENTRIES:
+        _entries.clear()
+    _entries[key] = entry
+
+
+# ----------------------------------------------------------------------------- graph capture
+
+def stream_capturing() -> bool:
+    """Whether CuPy's current stream is capturing a CUDA graph."""
+    import cupy
+
+    return cupy.cuda.get_current_stream().is_capturing()
+
+
+def _release(_buffers) -> None:
+    pass
+
+
+def keep_alive_with(outputs, buffers) -> None:
+    """Keep ``buffers`` alive until every one of ``outputs`` is gone (a captured graph writes
+    them on each replay)."""
+    for output in outputs:
+        weakref.finalize(output, _release, buffers)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def forward(q, k, v, out, options: dict, return_lse):
+    """``(result, lse, spec)`` of one forward call (``options``: ``_api._spec``'s)."""
+    key = signature("forward", (q, k, v) if out is None else (q, k, v, out),
+                    dict(options, return_lse=return_lse))
+    entry = _entries.get(key) if key is not None else None
+    if entry is not None and entry is not _UNCACHED:
+        done = entry(q, k, v, out, options["alibi_slopes"])
+        if done is not None:
+            _stats["hits"] += 1
+            return done
+    from . import _api
+
+    xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, return_lse)
+    if xp is not numpy and stream_capturing():
+        keep_alive_with((result,), (lse, spec.alibi, spec.block_mask))
+    if key is not None and entry is None:
+        _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result))
+    return result, lse, spec
+
+
+@dataclasses.dataclass(frozen=True)
+class _ForwardEntry:
+    spec: Any             # validated; its alibi is the first call's copy
+    launch: Any           # kernels.prepare("forward", ...)
+    out_shape: tuple
+    lse_shape: tuple
+    out_range: tuple      # byte range of out= (None when the call allocates it)
+    input_ranges: tuple
+    registries: tuple     # keeps dispatch_state()'s identities unique
+
+    @classmethod
+    def build(cls, xp, spec, q, k, v, out, result):
+        """The entry for this call's signature, or _UNCACHED."""
+        if xp is numpy:
+            return _UNCACHED
+        s = spec.shapes
+        with _checks.device_context(q):
+            views = [_checks.view_4d(x, s.batch, xp) for x in (q, k, v)]
+            views.append(_checks.writable_4d(result, s.b))
+            if any(view is None for view in views):
+                return _UNCACHED
+            launch = kernels.prepare("forward", spec, tuple(views))
+        if launch is None:
+            return _UNCACHED
+        _stats["builds"] += 1
+        return cls(spec, launch, s.out_shape, s.lse_shape,
+                   None if out is None else _checks.byte_range(out),
+                   tuple(_checks.byte_range(x) for x in (q, k, v)),
+                   (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
+
+    def __call__(self, q, k, v, out, slopes):
+        import cupy
+
+        spec = self.spec
+        with _checks.device_context(q):
+            if out is None:
+                result = cupy.empty(self.out_shape, spec.dtype)
+            else:
+                self._check_apart(out, (q, k, v))
+                result = out
+            lse = cupy.empty(self.lse_shape, numpy.float32)
+            if (result.data.ptr | lse.data.ptr) & 15:  # the prepared launch assumed alignment
+                return None
+            if slopes is not None:
+                spec = dataclasses.replace(spec, alibi=_checks.alibi_copy(slopes, spec.shapes,
+                                                                          cupy))
+            self.launch(q, k, v, result, lse, spec)
+            if stream_capturing():
+                keep_alive_with((result,), (lse, spec.alibi, spec.block_mask))
+        return result, lse, spec
+
+    def _check_apart(self, out, inputs) -> None:
+        """``out`` must not overlap the inputs (the rule of ``_checks.check_out``)."""
+        out_ptr = out.data.ptr
+        for name, x, x_range in zip("qkv", inputs, self.input_ranges):
+            if _checks.ranges_overlap(out_ptr, self.out_range, x.data.ptr, x_range):
+                raise ValueError(f"out must not share memory with {name}")
+
+
+# ----------------------------------------------------------------------------- backward
+
+def backward(dout, q, k, v, out, lse, options: dict, alibi=None):
+    """``(dq, dk, dv)`` of one backward call (``options``: ``_api._spec``'s). ``alibi``: the
+    spec's slopes copy to use instead of a new one (a vjp's forward copy)."""
+    key = signature("backward", (dout, q, k, v, out, lse), options)
+    entry = _entries.get(key) if key is not None else None
+    if entry is not None and entry is not _UNCACHED:
+        done = entry(dout, q, k, v, out, lse, options["alibi_slopes"], alibi)
+        if done is not None:
+            _stats["hits"] += 1
+            return done
+    from . import _api
+
+    xp, spec, grads = _api.validated_backward(dout, q, k, v, out, lse, options, alibi=alibi)
+    if key is not None and entry is None:
+        _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, grads))
+    return grads
+
+
+@dataclasses.dataclass(frozen=True)
+class _BackwardEntry:
+    spec: Any
+    launch: Any           # kernels.prepare("backward", ...)
+    registries: tuple
+
+    @classmethod
+    def build(cls, xp, spec, dout, q, k, v, out, lse, grads):
+        """The entry for this call's signature, or _UNCACHED."""
+        if xp is numpy:
+            return _UNCACHED
+        s = spec.shapes
+        # Gradients summed over broadcast axes (or of 2-D inputs) are new arrays: not cached.
+        if any(x.ndim < 3 or x.shape[:-3] != s.batch for x in (q, k, v)):
+            return _UNCACHED
+        if not lse.flags.c_contiguous:
+            return _UNCACHED
+        with _checks.device_context(q):
+            views = [_checks.view_4d(x, s.batch, xp) for x in (q, k, v, dout, out)]
+            if any(view is None for view in views):
+                return _UNCACHED
+            views += [g.reshape((s.b,) + g.shape[-3:]) for g in grads]
+            launch = kernels.prepare("backward", spec, tuple(views))
+        if launch is None:
+            return _UNCACHED
+        _stats["builds"] += 1
+        return cls(spec, launch, (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
+
+    def __call__(self, dout, q, k, v, out, lse, slopes, alibi):
+        import cupy
+
+        spec = self.spec
+        with _checks.device_context(q):
+            dq = cupy.empty(q.shape, spec.dtype)
+            dk = cupy.empty(k.shape, spec.dtype)
+            dv = cupy.empty(v.shape, spec.dtype)
+            if (dq.data.ptr | dk.data.ptr | dv.data.ptr) & 15:  # the launch assumed alignment
+                return None
+            if slopes is not None:
+                if alibi is None:
+                    alibi = _checks.alibi_copy(slopes, spec.shapes, cupy)
+                spec = dataclasses.replace(spec, alibi=alibi)
+            workspace = self.launch(dout, q, k, v, out, lse, dq, dk, dv, spec)
+            if stream_capturing():
+                keep_alive_with((dq, dk, dv), (workspace, spec.alibi, spec.block_mask))
+        return dq, dk, dv

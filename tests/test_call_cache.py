@@ -1,0 +1,203 @@
+"""The cached call path (cuflash._calls) on CuPy arrays, host side only: no GPU is needed.
+
+The arrays are CuPy arrays over made-up pointers (tests/fake_device.py); kernel launches are
+recorded instead of run. A repeated call must reuse its entry and send the kernels exactly the
+bytes the validated path would send; anything that changes validation, plan or arguments must
+give another entry. The GPU results of cached calls are checked in test_gpu_calls.py.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import _calls
+
+pytest.importorskip("cupy")
+
+BF16 = ml_dtypes.bfloat16
+SHAPE = (2, 4, 128, 64)
+
+
+@pytest.fixture(params=["90", "80"], ids=["sm90", "sm80"])
+def device(request, monkeypatch):
+    from fake_device import FakeDevice
+
+    return FakeDevice(monkeypatch, compute_capability=request.param)
+
+
+def _qkv(device, shape=SHAPE, dtype=BF16):
+    return tuple(device.empty(shape, dtype) for _ in range(3))
+
+
+def _builds():
+    return _calls.stats()["builds"]
+
+
+def _uncached(device, call):
+    """The launches `call` makes on the validated path (every cache entry forgotten)."""
+    _calls.clear()
+    device.take_launches()
+    call()
+    return device.take_launches()
+
+
+def _pointer_free(launches, *pointers):
+    """The launches with the given pointer values blanked out of the argument bytes."""
+    blanked = []
+    for expression, grid, block, shared, record in launches:
+        for ptr in pointers:
+            record = record.replace(int(ptr).to_bytes(8, "little"), b"P" * 8)
+        blanked.append((expression, grid, block, shared, record))
+    return blanked
+
+
+def test_a_repeated_forward_reuses_its_entry_and_sends_the_same_arguments(device):
+    q, k, v = _qkv(device)
+    cuflash.attention(q, k, v, causal=True)
+    assert _builds() == 1
+    device.take_launches()
+    cuflash.attention(q, k, v, causal=True)
+    cached = device.take_launches()
+    assert _builds() == 1 and _calls.stats()["hits"] == 1
+    assert len(cached) == 1
+    uncached = _uncached(device, lambda: cuflash.attention(q, k, v, causal=True))
+    # Only the output and lse pointers (fresh allocations) may differ.
+    assert _pointer_free(cached, *_output_pointers(cached)) == _pointer_free(
+        uncached, *_output_pointers(uncached))
+
+
+def _output_pointers(launches):
+    """The out and lse pointers (fields 3 and 4 of FWD_ARGS) of a forward launch."""
+    record = launches[0][4]
+    return [int.from_bytes(record[8 * i:8 * i + 8], "little") for i in (3, 4)]
+
+
+def test_new_arrays_of_the_same_layout_reuse_the_entry_with_their_pointers(device):
+    q, k, v = _qkv(device)
+    cuflash.attention(q, k, v)
+    device.take_launches()
+    q2, k2, v2 = _qkv(device)
+    cuflash.attention(q2, k2, v2)
+    (launch,) = device.take_launches()
+    assert _builds() == 1
+    record = launch[4]
+    assert [int.from_bytes(record[8 * i:8 * i + 8], "little") for i in range(3)] == [
+        x.data.ptr for x in (q2, k2, v2)]
+
+
+@pytest.mark.parametrize("change", [
+    dict(causal=False), dict(scale=0.1), dict(window=(16, 0)), dict(softcap=20.0),
+    dict(scale=0.125 + 1e-9), dict(window=(-1, 3))])
+def test_each_option_gives_its_own_entry(device, change):
+    q, k, v = _qkv(device)
+    base = dict(causal=True, scale=0.125, window=(-1, -1), softcap=0.0)
+    cuflash.attention(q, k, v, **base)
+    cuflash.attention(q, k, v, **dict(base, **change))
+    assert _builds() == 2
+    launches = device.take_launches()
+    assert launches[0][4] != launches[1][4] or launches[0][0] != launches[1][0]
+
+
+def test_shape_dtype_stride_and_alignment_give_their_own_entries(device):
+    q, k, v = _qkv(device)
+    cuflash.attention(q, k, v)
+    cuflash.attention(*_qkv(device, shape=(2, 4, 256, 64)))            # shape
+    cuflash.attention(*_qkv(device, dtype=np.float16))                 # dtype
+    t = device.empty((2, 128, 4, 64), BF16).transpose(0, 2, 1, 3)     # strides
+    cuflash.attention(t, t, t)
+    offset = device.empty((2 * 4 * 128 * 64 + 4,), BF16)[4:].reshape(SHAPE)  # 16-byte alignment
+    cuflash.attention(offset, k, v)
+    assert _builds() == 5
+    cuflash.attention(t, t, t)
+    assert _builds() == 5
+
+
+def test_a_bool_option_given_as_an_int_is_refused_every_time(device):
+    q, k, v = _qkv(device)
+    cuflash.attention(q, k, v, causal=True)
+    for _ in range(2):
+        with pytest.raises(TypeError, match="causal must be True or False"):
+            cuflash.attention(q, k, v, causal=1)
+
+
+def test_out_overlapping_an_input_is_refused_on_the_cached_path(device):
+    q, k, v = _qkv(device)
+    out = device.empty(SHAPE, BF16)
+    cuflash.attention(q, k, v, out=out)
+    cuflash.attention(q, k, v, out=out)
+    assert _builds() == 1
+    with pytest.raises(ValueError, match="share memory with k"):
+        cuflash.attention(q, k, k, out=k)  # new signature: validated
+    with pytest.raises(ValueError, match="share memory with q"):
+        cuflash.attention(q, k, v, out=q)  # out's layout equals the cached one's: checked per call
+
+
+def test_alibi_slopes_are_keyed_by_layout_and_copied_per_call(device):
+    q, k, v = _qkv(device)
+    slopes = device.empty((4,), np.float32)
+    cuflash.attention(q, k, v, alibi_slopes=slopes)
+    cuflash.attention(q, k, v, alibi_slopes=device.empty((4,), np.float32))
+    assert _builds() == 1
+    cuflash.attention(q, k, v, alibi_slopes=device.empty((2, 4), np.float32))
+    assert _builds() == 2
+
+
+def test_a_repeated_backward_reuses_its_entry_and_sends_the_same_arguments(device):
+    q, k, v = _qkv(device)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = device.empty(SHAPE, BF16)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    builds = _builds()
+    device.take_launches()
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    cached = device.take_launches()
+    assert _builds() == builds
+    assert [g.shape for g in grads] == [g.shape for g in first] == [SHAPE] * 3
+    uncached = _uncached(device, lambda: cuflash.attention_backward(
+        dout, q, k, v, out, lse, causal=True, deterministic=True))
+    assert [launch[:4] for launch in cached] == [launch[:4] for launch in uncached]
+    assert len(cached) == 3
+    # The gradient and workspace pointers are fresh each call; nothing else differs.
+    assert [len(launch[4]) for launch in cached] == [len(launch[4]) for launch in uncached]
+    fixed = slice(0, 6 * 8), slice(12 * 8, None)  # q k v o dout lse | the rest after dq_accum
+    for a, b in zip(cached, uncached):
+        assert all(a[4][part] == b[4][part] for part in fixed)
+
+
+def test_deterministic_gives_its_own_backward_entry(device):
+    q, k, v = _qkv(device)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    dout = device.empty(SHAPE, BF16)
+    cuflash.attention_backward(dout, q, k, v, out, lse)
+    builds = _builds()
+    cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True)
+    assert _builds() == builds + 1
+
+
+def test_vjp_goes_through_the_cache(device):
+    q, k, v = _qkv(device)
+    dout = device.empty(SHAPE, BF16)
+    for _ in range(3):
+        out, vjp = cuflash.attention_vjp(q, k, v, causal=True)
+        vjp(dout)
+    assert _builds() == 2  # one forward and one backward entry
+    assert _calls.stats()["hits"] == 4
+
+
+def test_numpy_calls_are_never_cached():
+    _calls.clear()
+    q = np.zeros((1, 2, 16, 32), np.float32)
+    cuflash.attention(q, q, q)
+    assert _calls.stats()["entries"] == 0
+
+
+def test_backward_of_2d_inputs_is_not_cached(device):
+    q, k, v = _qkv(device, shape=(128, 64))
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    assert _builds() == 1  # the forward writes 2-D outputs in place
+    entry = _calls._BackwardEntry.build(device.cupy, cuflash._api._spec(q, k, v)[1], out, q, k,
+                                        v, out, lse, (q, k, v))
+    assert entry is _calls._UNCACHED

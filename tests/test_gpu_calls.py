@@ -1,0 +1,136 @@
+"""Cached calls and CUDA-graph capture on the GPU (cuflash._calls).
+
+- Calls served from the cache, with new arrays (new pointers, same layout), give bit for bit what
+  the validated path gives for the same inputs, and pass the correctness rule.
+- A forward and a backward captured into one CUDA graph on a CuPy stream replay to the eager
+  results bit for bit, also after the inputs' contents are replaced in place; buffers a call
+  frees when it returns (an lse not returned, the backward's workspace) stay reserved for the
+  graph.
+
+Backward passes use ``deterministic=True`` so that every family's gradients are reproducible.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import _calls
+from cuflash.kernels import mma_backward
+from oracle import assert_backward_close, assert_forward_close, random_array
+
+pytestmark = pytest.mark.gpu
+
+BF16 = ml_dtypes.bfloat16
+CASES = {
+    "causal": dict(causal=True),
+    "window-softcap": dict(causal=True, window=(48, 0), softcap=20.0),
+    "alibi": dict(alibi=True),
+}
+
+
+def _inputs(xp, rng, shape, dtype=BF16):
+    """q, k, v and dout."""
+    return tuple(random_array(rng, shape, dtype, xp=xp) for _ in range(4))
+
+
+def _options(xp, rng, case, hq):
+    options = dict(CASES[case])
+    if options.pop("alibi", False):
+        options["alibi_slopes"] = xp.asarray(rng.uniform(0.01, 0.5, hq).astype(np.float32))
+    return options
+
+
+def _run(q, k, v, dout, options):
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
+    return (out, lse, *grads)
+
+
+def _assert_identical(got, expected, xp):
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert bool(xp.array_equal(a.view(np.uint8), b.view(np.uint8))), f"{name} differs"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shape", [(1, 16, 128, 64), (2, 4, 300, 128), (2, 2, 200, 96)])
+def test_cached_calls_with_new_arrays_give_the_validated_results(xp_gpu, rng, seed, shape, case):
+    xp = xp_gpu
+    options = _options(xp, rng, case, shape[1])
+    _calls.clear()
+    _run(*_inputs(xp, rng, shape), options)  # builds the entries
+    for _ in range(2):
+        q, k, v, dout = _inputs(xp, rng, shape)  # new pointers, same layout
+        hits = _calls.stats()["hits"]
+        cached = _run(q, k, v, dout, options)
+        assert _calls.stats()["hits"] == hits + 2
+        _calls.clear()
+        validated = _run(q, k, v, dout, options)
+        _assert_identical(cached, validated, xp)
+        rule_options = {key: value for key, value in options.items() if key != "alibi_slopes"}
+        slopes = options.get("alibi_slopes")
+        assert_forward_close(cached[0], cached[1], q, k, v, alibi_slopes=slopes,
+                             context=f"seed={seed}", **rule_options)
+        assert_backward_close(cached[2:], dout, q, k, v, alibi_slopes=slopes,
+                              context=f"seed={seed}", **rule_options)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_graph_capture_replays_forward_and_backward(xp_gpu, rng, seed, case):
+    xp = xp_gpu
+    shape = (2, 8, 256, 64)
+    q, k, v, dout = _inputs(xp, rng, shape)
+    options = _options(xp, rng, case, shape[1])
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        _run(q, k, v, dout, options)  # compiles and caches outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        captured = _run(q, k, v, dout, options)
+        graph = stream.end_capture()
+        for x in captured:
+            x.fill(np.nan)
+        graph.launch()
+        stream.synchronize()
+    _assert_identical(captured, _run(q, k, v, dout, options), xp)
+
+    with stream:  # new contents in the same buffers, then replay
+        for x in (q, k, v, dout):
+            x[...] = random_array(rng, shape, BF16, xp=xp)
+        graph.launch()
+        stream.synchronize()
+    eager = _run(q, k, v, dout, options)
+    _assert_identical(captured, eager, xp)
+    assert_forward_close(captured[0], captured[1], q, k, v, causal=options.get("causal", False),
+                         window=options.get("window", (-1, -1)),
+                         softcap=options.get("softcap", 0.0),
+                         alibi_slopes=options.get("alibi_slopes"), context=f"seed={seed}")
+
+
+def test_buffers_freed_by_a_captured_call_stay_reserved_for_the_graph(xp_gpu, rng):
+    xp = xp_gpu
+    b, h, n, d = 2, 4, 256, 64
+    q, k, v, dout = _inputs(xp, rng, (b, h, n, d))
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+        stream.synchronize()
+        stream.begin_capture()
+        g_out = cuflash.attention(q, k, v, causal=True)  # its lse is not returned
+        g_out2, g_lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, g_out2, g_lse, causal=True,
+                                           deterministic=True)
+        graph = stream.end_capture()
+        # Same sizes on the same stream: CuPy's pool would hand out the freed blocks here.
+        lse_sized = xp.full((b, h, n), 7.0, np.float32)
+        workspace = mma_backward.workspace_bytes(b, h, n, d, deterministic=True) // 4
+        workspace_sized = xp.full((workspace,), 7.0, np.float32)
+        graph.launch()
+        stream.synchronize()
+    assert bool((lse_sized == 7.0).all())
+    assert bool((workspace_sized == 7.0).all())
+    assert not bool(xp.isnan(g_out).any()) and all(not bool(xp.isnan(g).any()) for g in grads)
