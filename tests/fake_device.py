@@ -3,8 +3,9 @@
 ``FakeDevice`` (a context manager built on pytest's ``monkeypatch``) makes ``cupy.empty`` return
 arrays over made-up device pointers (CuPy's array metadata needs no driver) and stubs every point
 where the call path talks to the driver: the current device, the compute capability, kernel
-compilation and launch, the capture query, the ALiBi slopes' copy. Launches are recorded (kernel expression, grid, block,
-argument bytes), so a test can compare what two calls would have sent to the GPU.
+compilation and launch, TMA descriptors, the capture query, the ALiBi slopes' copy. Launches are
+recorded (kernel expression, grid, block, argument bytes), so a test can compare what two calls
+would have sent to the GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ class FakeKernel:
         self.max_dynamic_shared_size_bytes = 1 << 20
 
     def __call__(self, grid, block, args, shared_mem=0):
-        (record,) = args
+        # The argument struct (an opaque record); what a kernel takes beside it (TMA
+        # descriptors, a count) is kept apart, in side_arguments.
+        (record,) = [a for a in args if isinstance(a, np.ndarray) and a.dtype.names == ("bytes",)]
+        self.device.side_arguments.append(tuple(np.asarray(a).copy() for a in args if a is not record))
         self.device.launches.append((self.expression, grid, block, shared_mem, record.tobytes()))
 
 
@@ -33,9 +37,9 @@ class FakeDevice:
         from cupy.cuda import memory
 
         from cuflash import _calls, _checks
-        from cuflash.kernels import _build, _launch
+        from cuflash.kernels import _build, _launch, _tma, sm90_tma_forward
 
-        self.cupy, self.launches, self.compiled = cupy, [], []
+        self.cupy, self.launches, self.compiled, self.side_arguments = cupy, [], [], []
         pointers = itertools.count(1)
 
         def empty(shape, dtype=float, order="C"):
@@ -54,6 +58,10 @@ class FakeDevice:
         monkeypatch.setattr(_checks, "device_context", lambda x: contextlib.nullcontext())
         monkeypatch.setattr(_launch, "_compute_capability", lambda device_id: compute_capability)
         monkeypatch.setattr(_build, "get_function", get_function)
+        # TMA descriptors come from the driver: a stand-in holding what the real one encodes.
+        monkeypatch.setattr(_tma, "encode", lambda x, box_rows: np.array(
+            ([x.data.ptr, box_rows, *x.shape, *x.strides] + [0] * 16)[:16], np.uint64))
+        monkeypatch.setattr(sm90_tma_forward, "_sm_count", lambda device_id: 132)
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
         monkeypatch.setattr(_checks, "alibi_copy",  # the copy itself needs the device
                             lambda slopes, shapes, xp: empty((shapes.b, shapes.hq), np.float32))

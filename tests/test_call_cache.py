@@ -201,3 +201,19 @@ def test_backward_of_2d_inputs_is_not_cached(device):
     entry = _calls._BackwardEntry.build(device.cupy, cuflash._api._spec(q, k, v)[1], out, q, k,
                                         v, out, lse, (q, k, v))
     assert entry is _calls._UNCACHED
+
+
+def test_a_cached_hopper_forward_encodes_its_tma_descriptors_for_each_call(monkeypatch):
+    """The TMA descriptors hold the data addresses: a cached call must describe its own arrays."""
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    cuflash.attention(*_qkv(device))
+    q, k, v = _qkv(device)
+    device.side_arguments.clear()
+    cuflash.attention(q, k, v)
+    assert _builds() == 1 and _calls.stats()["hits"] == 1
+    ((maps, tile_count),) = device.side_arguments
+    addresses = maps["bits"][0][::16]  # the stand-in descriptor starts with the address
+    assert [int(a) for a in addresses] == [q.data.ptr, k.data.ptr, v.data.ptr]
+    assert int(tile_count) == SHAPE[0] * SHAPE[1] * -(-SHAPE[2] // 192)

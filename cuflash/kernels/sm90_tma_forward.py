@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy
 
 from . import _build, _tma
-from ._launch import element_type, forward_args, mask_type, on_hopper, score_mod_type, vector_aligned
+from ._launch import (element_type, forward_args, forward_pointers, mask_type, on_hopper, score_mod_type,
+                      vector_aligned)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
@@ -124,16 +125,38 @@ def supports(spec, arrays) -> str | None:
     return None
 
 
-def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
-    """Run the kernel on 4-D (B, H, N, D) CuPy views; the caller checks ``supports()`` first."""
+class TmaForwardLaunch:
+    """A prepared launch of this kernel: the packed arguments and the grid are fixed; each call
+    fills in the data pointers and encodes the three TMA descriptors (they hold the addresses)."""
+
+    def __init__(self, kernel, grid: int, tile_count: int, tiles: TmaTiles, shared: int, args):
+        self.kernel, self.grid, self.tile_count = kernel, grid, numpy.int32(tile_count)
+        self.tiles, self.shared, self.args = tiles, shared, args
+
+    def __call__(self, q, k, v, out, lse, spec) -> None:
+        maps = _tma.pack([_tma.encode(q, 64), _tma.encode(k, self.tiles.block_n),
+                          _tma.encode(v, self.tiles.block_n)])
+        args = self.args.pack(forward_pointers(q, k, v, out, lse, spec))
+        self.kernel((self.grid,), (self.tiles.threads,), (maps, args, self.tile_count), shared_mem=self.shared)
+
+
+def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> TmaForwardLaunch:
+    """The launch for this spec and the layout of 4-D (B, H, N, D) CuPy views ``arrays`` =
+    (q, k, v, out): compiled kernel, grid and packed arguments. The caller checks
+    ``supports()`` first."""
+    q, k, v, out = arrays
     d, dv = q.shape[3], v.shape[3]
     tiles = tiles or tiles_for(spec)
-    args, blocks = forward_args(q, k, v, out, lse, spec, tile_m=tiles.block_m, tile_n=tiles.block_n)
-    maps = _tma.pack([_tma.encode(q, 64), _tma.encode(k, tiles.block_n), _tma.encode(v, tiles.block_n)])
+    args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
     grid = min(blocks, _sm_count(q.device.id)) if tiles.persistent else blocks
-    kernel((grid,), (tiles.threads,), (maps, args, numpy.int32(blocks)), shared_mem=shared)
+    return TmaForwardLaunch(kernel, grid, blocks, tiles, shared, args)
+
+
+def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
+    """Run the kernel on 4-D (B, H, N, D) CuPy views; the caller checks ``supports()`` first."""
+    prepare_forward(spec, (q, k, v, out), tiles=tiles)(q, k, v, out, lse, spec)
 
 
 def main_variants() -> list[tuple[str, str]]:
@@ -144,4 +167,4 @@ def main_variants() -> list[tuple[str, str]]:
     return [(SOURCE, variant(spec, tiles_for(spec))) for spec in specs]
 
 
-__all__ = ["forward", "supports", "main_variants", "TmaTiles", "default_tiles", "tiles_for", "variant", "ARCH"]
+__all__ = ["forward", "prepare_forward", "supports", "main_variants", "TmaTiles", "default_tiles", "tiles_for", "variant", "ARCH"]
