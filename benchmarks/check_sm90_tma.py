@@ -66,14 +66,14 @@ def grid():
 
 
 def sweep_tiles(d):
-    """Tile shapes timed side by side: consumers (2 or 3), ping-pong, persistence."""
+    """Tile shapes timed side by side: consumers (2 or 3), ping-pong, key-tile width,
+    persistence."""
     if d <= 64:
-        shapes = [TmaTiles(128, 3, 2, False), TmaTiles(128, 2, 3, True), TmaTiles(128, 3, 3, True)]
-    elif d <= 128:
-        shapes = [TmaTiles(128, 2, 2, False), TmaTiles(128, 2, 2, True)]
-    else:
-        shapes = [TmaTiles(64, 2, 2, False), TmaTiles(64, 2, 2, True)]
-    return shapes + [TmaTiles(t.block_n, t.stages, t.consumers, t.pingpong, True) for t in shapes]
+        return [TmaTiles(128, 2, 3, True), TmaTiles(128, 2, 3, True, True)]
+    if d <= 128:
+        return [TmaTiles(128, 2), TmaTiles(176, 2), TmaTiles(176, 2, persistent=True),
+                TmaTiles(128, 2, persistent=True)]
+    return [TmaTiles(64, 2), TmaTiles(80, 2), TmaTiles(80, 2, persistent=True), TmaTiles(64, 2, persistent=True)]
 
 
 def tile_name(t: TmaTiles) -> str:

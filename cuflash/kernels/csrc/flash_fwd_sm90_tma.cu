@@ -323,7 +323,8 @@ __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
 flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count) {
     constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
     using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, CONSUMERS>;
-    static_assert(BLOCK_N == 64 || BLOCK_N == 128, "BLOCK_N must be 64 or 128");
+    static_assert(BLOCK_N == 64 || BLOCK_N == 80 || BLOCK_N == 128 || BLOCK_N == 176,
+                  "BLOCK_N must be 64, 80, 128 or 176 (the Q·Kᵀ wgmma widths wrapped)");
     static_assert(DP <= 256 && DVP <= 256, "head dims up to 256");
     static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
 

@@ -88,28 +88,56 @@ __device__ __forceinline__ void reg_fence(u32 (&r)[N]) {
     "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
     "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
+// Accumulator lists of the key-tile widths 80 and 176 (Q·Kᵀ only).
+#define SM90_R40 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}"
+#define SM90_R88 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}"
+#define SM90_D40(d) \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+    "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+    "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+    "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+    "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+#define SM90_D88(d) \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+    "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+    "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+    "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+    "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
+    "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
+    "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
+    "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+    "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), \
+    "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), \
+    "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), \
+    "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
+
 // D(64 × N, f32) (+)= A(64 × 16) · B(16 × N), both operands in shared memory (descriptors);
 // accumulate == 0 overwrites D. TRANS_A / TRANS_B = 1 for MN-major operands.
 template <typename T, int N, int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], u64 desc_a, u64 desc_b, int accumulate) {
-    static_assert(N == 64 || N == 128, "wgmma_ss: N must be 64 or 128");
-#define SM90_SS(SHAPE, TY, REGS, TAIL, ACC)                                                        \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " TAIL ", 0;\n"                                  \
-                 "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " REGS                   \
-                 : ACC                                                                              \
-                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B))
-    if constexpr (N == 128) {
-        if constexpr (T::is_bf16) {
-            SM90_SS("m64n128k16", "bf16", SM90_R64 ", %64, %65, p, 1, 1, %67, %68;\n}\n", "%66", SM90_D64(d));
-        } else {
-            SM90_SS("m64n128k16", "f16", SM90_R64 ", %64, %65, p, 1, 1, %67, %68;\n}\n", "%66", SM90_D64(d));
-        }
+    static_assert(N == 64 || N == 80 || N == 128 || N == 176, "wgmma_ss: N must be 64, 80, 128 or 176");
+#define SM90_SS(SHAPE, REGS, TAIL, ACC)                                                            \
+    if constexpr (T::is_bf16) {                                                                    \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " TAIL ", 0;\n"                              \
+                     "wgmma.mma_async.sync.aligned." SHAPE ".f32.bf16.bf16 " REGS                  \
+                     : ACC                                                                          \
+                     : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));     \
+    } else {                                                                                       \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " TAIL ", 0;\n"                              \
+                     "wgmma.mma_async.sync.aligned." SHAPE ".f32.f16.f16 " REGS                    \
+                     : ACC                                                                          \
+                     : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));     \
+    }
+    if constexpr (N == 176) {
+        SM90_SS("m64n176k16", SM90_R88 ", %88, %89, p, 1, 1, %91, %92;\n}\n", "%90", SM90_D88(d))
+    } else if constexpr (N == 128) {
+        SM90_SS("m64n128k16", SM90_R64 ", %64, %65, p, 1, 1, %67, %68;\n}\n", "%66", SM90_D64(d))
+    } else if constexpr (N == 80) {
+        SM90_SS("m64n80k16", SM90_R40 ", %40, %41, p, 1, 1, %43, %44;\n}\n", "%42", SM90_D40(d))
     } else {
-        if constexpr (T::is_bf16) {
-            SM90_SS("m64n64k16", "bf16", SM90_R32 ", %32, %33, p, 1, 1, %35, %36;\n}\n", "%34", SM90_D32(d));
-        } else {
-            SM90_SS("m64n64k16", "f16", SM90_R32 ", %32, %33, p, 1, 1, %35, %36;\n}\n", "%34", SM90_D32(d));
-        }
+        SM90_SS("m64n64k16", SM90_R32 ", %32, %33, p, 1, 1, %35, %36;\n}\n", "%34", SM90_D32(d))
     }
 #undef SM90_SS
 }
