@@ -180,9 +180,19 @@ def _gpu():
     return GpuDevice()
 
 
-def median_ms(fn, *, warmup=2, reps=10):
-    """Median GPU time of ``reps`` calls of ``fn`` after ``warmup`` calls, in milliseconds."""
-    return statistics.median(_gpu().times(fn, warmup=warmup, repeats=reps)) * 1e3
+def median_ms(fn, *, warmup=2, reps=10, batch=1):
+    """Median GPU time of ``reps`` calls of ``fn`` after ``warmup`` calls, in milliseconds. With
+    ``batch`` > 1 each sample times that many back-to-back calls (one pair of events around them,
+    divided by ``batch``): the host prepares the next call while the GPU runs the last, so a call
+    shorter than its own host work is not timed as its host work."""
+    if batch == 1:
+        return statistics.median(_gpu().times(fn, warmup=warmup, repeats=reps)) * 1e3
+
+    def calls():
+        for _ in range(batch):
+            fn()
+
+    return statistics.median(_gpu().times(calls, warmup=1, repeats=reps)) * 1e3 / batch
 
 
 def torch_module(use_torch):

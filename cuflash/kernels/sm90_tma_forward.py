@@ -64,33 +64,40 @@ class TmaTiles:
         return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
 
-def default_tiles(d: int, dv: int) -> TmaTiles:
-    """The tile shape for these head dims (benchmarks/NOTES.md has the sweeps, H200): three
-    consumers taking turns (ping-pong) at D = Dv = 64, where the softmax dominates; else two,
-    with 128-key tiles while the consumers' registers hold O and S together (Dv ≤ 128) and
-    shared memory holds the rings, 64 beyond."""
+def candidate_tiles(d: int, dv: int, *, banded: bool) -> list[TmaTiles]:
+    """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
+    - D = Dv = 64: three consumers taking turns (ping-pong), where the softmax dominates;
+    - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
+      skipping of masked tiles);
+    - Dv > 128: 80-key tiles, the widest whose S still fits beside a 256-wide O in registers.
+    Then narrower fall-backs, for shared memory and block masks."""
     if max(d, dv) <= 64:
-        return TmaTiles(128, 2, consumers=3, pingpong=True)
-    for block_n in ((128, 64) if _padded(dv) <= 128 else (64,)):
-        tiles = TmaTiles(block_n, 2)
-        if tiles.shared_bytes(d, dv) <= MAX_SHARED:
-            return tiles
-    raise ValueError(f"no tile shape fits shared memory for D={d}, Dv={dv}")
+        return [TmaTiles(128, 2, consumers=3, pingpong=True), TmaTiles(128, 3), TmaTiles(64, 3)]
+    if _padded(dv) <= 128:
+        widths = (128, 64) if banded else (176, 128, 64)
+    else:
+        widths = (80, 64)
+    return [TmaTiles(block_n, 2) for block_n in widths]
 
 
 def tiles_for(spec) -> TmaTiles:
-    """default_tiles (two consumers where a block mask's rows need them), persistent for short
-    unmasked rows: there a thread block's start-up is a large part of its work, and one block per
-    SM streams the next tile's K/V under the previous tile's stores. Not under a band or block
-    mask (tiles of unequal work, dealt out statically) nor for long rows (measured 5-9% slower
-    at 8K keys)."""
-    tiles = default_tiles(spec.shapes.d, spec.shapes.dv)
-    if spec.block_mask is not None and spec.block_mask.block_size[0] % tiles.block_m:
-        # 128-row mask blocks do not split into three consumers' 192 rows: two, three stages deep.
-        tiles = TmaTiles(tiles.block_n, 3 if tiles.consumers == 3 else tiles.stages)
-    if not spec.banded and spec.block_mask is None and spec.shapes.nk <= PERSISTENT_MAX_KEYS:
-        tiles = dataclasses.replace(tiles, persistent=True)
-    return tiles
+    """The first candidate that fits shared memory and whose tiles a block mask's blocks are
+    whole multiples of; persistent for short unmasked rows: there a thread block's start-up is
+    a large part of its work, and one block per SM streams the next tile's K/V under the
+    previous tile's stores. Not under a band or block mask (tiles of unequal work, dealt out
+    statically) nor for long rows (measured 5-9% slower at 8K keys)."""
+    d, dv = spec.shapes.d, spec.shapes.dv
+    for tiles in candidate_tiles(d, dv, banded=spec.banded):
+        if tiles.shared_bytes(d, dv) > MAX_SHARED:
+            continue
+        if spec.block_mask is not None:
+            bq, bk = spec.block_mask.block_size
+            if bq % tiles.block_m or bk % tiles.block_n:
+                continue
+        if not spec.banded and spec.block_mask is None and spec.shapes.nk <= PERSISTENT_MAX_KEYS:
+            tiles = dataclasses.replace(tiles, persistent=True)
+        return tiles
+    return None
 
 
 def variant(spec, tiles: TmaTiles) -> str:
@@ -116,12 +123,10 @@ def supports(spec, arrays) -> str | None:
         reason = _tma.why_not_expressible(x)
         if reason:
             return f"{name}: {reason}"
-    if spec.block_mask is not None:
-        tiles = tiles_for(spec)
-        bq, bk = spec.block_mask.block_size
-        if bq % tiles.block_m or bk % tiles.block_n:
-            return (f"needs block-mask blocks that are multiples of its {tiles.block_m}x{tiles.block_n} "
-                    f"tiles; got {bq}x{bk}")
+    if tiles_for(spec) is None:
+        shapes = ", ".join(f"{t.block_m}x{t.block_n}" for t in candidate_tiles(d, dv, banded=spec.banded))
+        return (f"needs block-mask blocks that are multiples of one of its tile shapes ({shapes}); "
+                f"got {spec.block_mask.block_size[0]}x{spec.block_mask.block_size[1]}")
     return None
 
 
@@ -167,4 +172,5 @@ def main_variants() -> list[tuple[str, str]]:
     return [(SOURCE, variant(spec, tiles_for(spec))) for spec in specs]
 
 
-__all__ = ["forward", "prepare_forward", "supports", "main_variants", "TmaTiles", "default_tiles", "tiles_for", "variant", "ARCH"]
+__all__ = ["forward", "prepare_forward", "supports", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",
+           "variant", "ARCH"]
