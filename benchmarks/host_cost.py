@@ -13,7 +13,7 @@ For bf16 causal (B, H, N, D) = (1, 16, 128, 64) and (8, 16, 512, 64), one proces
   holding 20 captured calls (no host work between the kernels);
 - graph replay per call: back-to-back replays of a graph holding one call, host included.
 
-Each figure is printed beside its target (issue 13): host ≤ 15 µs per forward and ≤ 30 µs per
+Each figure is printed beside its target: host ≤ 15 µs per forward and ≤ 30 µs per
 backward call, cuflash ≤ SDPA at both shapes, graph replay within 5% of the pure GPU time.
 ``--profile`` adds where the host time of the cached calls goes (cProfile).
 """

@@ -125,8 +125,10 @@ def supports(spec, arrays) -> str | None:
             return f"{name}: {reason}"
     if tiles_for(spec) is None:
         shapes = ", ".join(f"{t.block_m}x{t.block_n}" for t in candidate_tiles(d, dv, banded=spec.banded))
-        return (f"needs block-mask blocks that are multiples of one of its tile shapes ({shapes}); "
-                f"got {spec.block_mask.block_size[0]}x{spec.block_mask.block_size[1]}")
+        if spec.block_mask is None:
+            return f"no tile shape ({shapes}) fits shared memory at D={d}, Dv={dv}"
+        bq, bk = spec.block_mask.block_size
+        return f"needs block-mask blocks that are multiples of one of its tile shapes ({shapes}); got {bq}x{bk}"
     return None
 
 

@@ -1,0 +1,72 @@
+"""The host side of the warp-specialised Hopper forward (cuflash/kernels/sm90_tma_forward.py and
+_tma.py): which tile shape a call gets and which views TMA can describe. No GPU needed; the
+kernel itself is checked in the GPU suites and compiled in the compile group."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from cuflash.kernels import _tma, sm90_tma_forward
+from cuflash.kernels._variants import spec_of
+from cuflash.sparse import BlockMask
+
+
+def _view(shape, strides_elems, ptr=1 << 20, itemsize=2):
+    """What why_not_expressible reads of a CuPy view: shape, strides, base pointer."""
+    return types.SimpleNamespace(shape=shape, ndim=len(shape), itemsize=itemsize,
+                                 strides=tuple(s * itemsize for s in strides_elems),
+                                 data=types.SimpleNamespace(ptr=ptr))
+
+
+def test_contiguous_and_strided_views_are_expressible():
+    assert _tma.why_not_expressible(_view((2, 4, 100, 64), (4 * 100 * 64, 100 * 64, 64, 1))) is None
+    # (B, N, H, D) storage seen as (B, H, N, D): rows 4·64 elements apart
+    assert _tma.why_not_expressible(_view((2, 4, 100, 64), (100 * 4 * 64, 64, 4 * 64, 1))) is None
+    # size-1 axes may carry any stride
+    assert _tma.why_not_expressible(_view((1, 1, 100, 64), (0, 3, 64, 1))) is None
+
+
+@pytest.mark.parametrize("view, words", [
+    (_view((2, 4, 100, 64), (0, 6400, 64, 1)), "no broadcast axes"),
+    (_view((2, 4, 100, 64), (25600, 6400, 65, 1)), "16-byte units"),
+    (_view((2, 4, 100, 64), (25600, 6400, 64, 1), ptr=(1 << 20) + 2), "16-byte aligned base"),
+    (_view((2, 4, 100, 64), (25600, 6400, 128, 2)), "contiguous last axis"),
+])
+def test_views_tma_cannot_describe_are_refused_with_the_reason(view, words):
+    assert words in _tma.why_not_expressible(view)
+
+
+def test_tile_choice_follows_head_dims_and_masks():
+    plain64 = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64))
+    assert (plain64.consumers, plain64.pingpong, plain64.block_n) == (3, True, 128)
+    assert plain64.block_m == 192 and plain64.threads == 512
+    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).block_n == 176
+    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128, causal=True)).block_n == 128
+    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 256)).block_n == 80
+    # 128-row mask blocks cannot feed three consumers' 192 rows: two consumers then
+    mask = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
+    masked64 = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, block_mask=mask))
+    assert masked64.block_m == 128 and 128 % masked64.block_n == 0
+
+
+def test_persistent_only_for_short_unmasked_rows():
+    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).persistent  # 1K keys
+    assert not sm90_tma_forward.tiles_for(spec_of("bfloat16", 128, causal=True)).persistent
+    assert not sm90_tma_forward.tiles_for(spec_of("bfloat16", 128, window=(64, 64))).persistent
+
+
+@pytest.mark.parametrize("d, dv", [(64, 64), (96, 96), (128, 128), (160, 160), (192, 128), (256, 256),
+                                   (256, 64), (64, 256)])
+def test_every_chosen_shape_fits_shared_memory(d, dv):
+    for causal in (False, True):
+        tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", d, dv, causal=causal))
+        assert tiles.shared_bytes(d, dv) <= sm90_tma_forward.MAX_SHARED
+
+
+def test_mask_blocks_no_tile_shape_divides_are_refused_by_name():
+    mask = BlockMask.from_dense(np.ones((16, 16), bool), block_size=64, shape=(1024, 1024))
+    spec = spec_of("bfloat16", 128, block_mask=mask)
+    assert sm90_tma_forward.tiles_for(spec) is None
