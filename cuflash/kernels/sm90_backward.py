@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 
 from . import _build, mma_backward
-from ._launch import block_mask_csr, check_grid, element_type, mask_type, on_hopper, score_mod_type, vector_aligned
+from ._launch import check_grid, tile_index, element_type, mask_type, on_hopper, score_mod_type, vector_aligned
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -137,7 +137,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles |
     )
     for variant, tile_m, tile_n, shared, warpgroups, by_key in launches:
         m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
-        index = block_mask_csr(spec, tile_m, tile_n, by_key=by_key)
+        index = tile_index(spec, tile_m, tile_n, by_key=by_key)
         expression = variant(spec, tiles)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,
