@@ -2,7 +2,8 @@
 
 ``attention``, ``attention_backward`` and ``attention_vjp`` take NumPy or CuPy arrays;
 ``kernel_plan`` says which kernels a call would run and why the faster ones were passed over;
-``cuflash.reference`` is the naive float64 oracle; ``cuflash.sparse`` builds block masks.
+``cuflash.reference`` is the naive float64 oracle; ``cuflash.sparse`` builds block-sparse and
+exact masks.
 """
 
 __version__ = "0.1.0"

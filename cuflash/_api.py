@@ -31,7 +31,7 @@ def _backend(xp):
 
 
 def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-          block_mask=None, deterministic=False) -> tuple[Any, AttentionSpec]:
+          block_mask=None, deterministic=False, mask=None) -> tuple[Any, AttentionSpec]:
     """Validate one call: the array module of the inputs and the spec every back end reads.
     The defaults are the public functions' (for callers of a back end's entry points)."""
     xp = _checks.common_module({"q": q, "k": k, "v": v})
@@ -42,12 +42,13 @@ def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, al
     window = _checks.check_window(window)
     softcap = _checks.check_softcap(softcap, scale)
     _checks.check_block_mask(block_mask, shapes.nq, shapes.nk, shapes.hq)
+    _checks.check_exact_mask(mask, block_mask, shapes.nq, shapes.nk, shapes.hq)
     deterministic = _checks.check_bool(deterministic, "deterministic")
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
     return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,
                              window=window, softcap=softcap, alibi=alibi, block_mask=block_mask,
-                             deterministic=deterministic)
+                             deterministic=deterministic, exact_mask=mask)
 
 
 def _inputs_4d(spec: AttentionSpec, xp, q, k, v):
@@ -116,7 +117,7 @@ def validated_backward(dout, q, k, v, out, lse, options: dict, alibi=None):
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              alibi_slopes=None, block_mask=None, return_lse=False, out=None):
+              alibi_slopes=None, block_mask=None, mask=None, return_lse=False, out=None):
     """Exact softmax attention, ``softmax(scale · q kᵀ) v``, without forming the score matrix.
 
     Parameters
@@ -183,8 +184,13 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         axes of the inputs (``(B, Hq)`` gives each batch element its own slopes). An array of
         the inputs' module and device; finite values.
     block_mask : cuflash.sparse.BlockMask, optional
-        Block-sparse pattern: only the blocks it keeps are computed (combined with ``causal``
-        and ``window`` by intersection).
+        Block-sparse pattern (approximate, fastest): only the blocks it keeps are computed, each
+        in full (combined with ``causal`` and ``window`` by intersection).
+    mask : cuflash.sparse.ExactMask, optional
+        Exact element pattern: query ``i`` attends key ``j`` only where the pattern allows it
+        (combined with ``causal`` and ``window`` by intersection). Tiles with no allowed pair are
+        skipped and fully allowed tiles run unmasked, so sparse patterns cost about what
+        block-sparse attention on the same tiles does. Not together with ``block_mask``.
     return_lse : bool, optional
         Also return the log-sum-exp of each row's logits (natural log; the logits are the scaled
         scores after ``softcap`` and ALiBi).
@@ -198,7 +204,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     lse : array, shape ``(..., Hq, Nq)`` (``(Nq,)`` for 2-D inputs), float32
         Only with ``return_lse=True``.
 
-    A row with nothing to attend to (fully masked by ``causal``, ``window`` or ``block_mask``)
+    A row with nothing to attend to (fully masked by ``causal``, ``window``, ``block_mask`` or
+    ``mask``)
     gives output 0 and lse ``-inf``.
 
     Examples
@@ -212,20 +219,21 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     (2, 8, 100, 64)
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, block_mask=block_mask)
+                   alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask)
     result, lse, _ = _calls.forward(q, k, v, out, options, return_lse)
     return (result, lse) if return_lse else result  # return_lse: checked to be a bool
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
-                       softcap=0.0, alibi_slopes=None, block_mask=None, deterministic=False):
+                       softcap=0.0, alibi_slopes=None, block_mask=None, mask=None,
+                       deterministic=False):
     """Gradients of ``attention`` with respect to q, k and v.
 
     Parameters
     ----------
     dout : array, shape and dtype of ``out``
         Gradient of the loss with respect to the attention output.
-    q, k, v, causal, scale, window, softcap, alibi_slopes, block_mask
+    q, k, v, causal, scale, window, softcap, alibi_slopes, block_mask, mask
         As given to ``attention``. The slopes are constants: they get no gradient.
     out, lse : arrays
         What ``attention(q, k, v, ..., return_lse=True)`` returned: the scores are recomputed
@@ -247,12 +255,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         ``softcap`` the gradient flows through ``tanh`` (a factor ``1 - tanh²``).
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, block_mask=block_mask, deterministic=deterministic)
+                   alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
+                   deterministic=deterministic)
     return _calls.backward(dout, q, k, v, out, lse, options)
 
 
 def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                  alibi_slopes=None, block_mask=None, deterministic=False
+                  alibi_slopes=None, block_mask=None, mask=None, deterministic=False
                   ) -> tuple[Any, Callable]:
     """Run ``attention`` and return ``(out, vjp)``; ``vjp(dout)`` returns ``(dq, dk, dv)``.
 
@@ -260,7 +269,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them.
     """
     forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                           alibi_slopes=alibi_slopes, block_mask=block_mask)
+                           alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask)
     _checks.check_bool(deterministic, "deterministic")  # before running anything
     out, lse, spec = _calls.forward(q, k, v, None, forward_options, True)
     options = dict(forward_options, deterministic=deterministic)

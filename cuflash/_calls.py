@@ -85,7 +85,7 @@ _SCALARS = frozenset((bool, int, float, str, type(None)))
 
 def option_signature(value: Any):
     """An option's value as a key: scalars with their type, tuples element-wise, CuPy arrays by
-    layout, block masks as themselves; anything else is not cacheable."""
+    layout, block and exact masks as themselves; anything else is not cacheable."""
     cls = value.__class__
     if cls in _SCALARS:
         return cls, value
@@ -93,9 +93,10 @@ def option_signature(value: Any):
         return (tuple, *map(option_signature, value))
     if cls is (_ndarray or _cupy_ndarray()):
         return array_signature(value)
-    blockmask = sys.modules.get("cuflash.sparse._blockmask")
-    if blockmask is not None and cls is blockmask.BlockMask:
-        return value
+    for module, name in (("cuflash.sparse._blockmask", "BlockMask"), ("cuflash.sparse._exactmask", "ExactMask")):
+        defined = sys.modules.get(module)
+        if defined is not None and cls is getattr(defined, name):
+            return value  # immutable, hashed by content
     raise _NotCacheable
 
 
@@ -152,7 +153,7 @@ def forward(q, k, v, out, options: dict, return_lse):
 
     xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, return_lse)
     if xp is not numpy and stream_capturing():
-        keep_alive_with((result,), (lse, spec.alibi, spec.block_mask))
+        keep_alive_with((result,), (lse, spec.alibi, spec.block_mask, spec.exact_mask))
     if key is not None and entry is None:
         _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result))
     return result, lse, spec
@@ -206,7 +207,7 @@ class _ForwardEntry:
                                                                           cupy))
             self.launch(q, k, v, result, lse, spec)
             if stream_capturing():
-                keep_alive_with((result,), (lse, spec.alibi, spec.block_mask))
+                keep_alive_with((result,), (lse, spec.alibi, spec.block_mask, spec.exact_mask))
         return result, lse, spec
 
     def _check_apart(self, out, inputs) -> None:
@@ -281,5 +282,5 @@ class _BackwardEntry:
                 spec = dataclasses.replace(spec, alibi=alibi)
             workspace = self.launch(dout, q, k, v, out, lse, dq, dk, dv, spec)
             if stream_capturing():
-                keep_alive_with((dq, dk, dv), (workspace, spec.alibi, spec.block_mask))
+                keep_alive_with((dq, dk, dv), (workspace, spec.alibi, spec.block_mask, spec.exact_mask))
         return dq, dk, dv

@@ -179,11 +179,38 @@ def check_block_mask(block_mask: Any, nq: int, nk: int, hq: int) -> None:
     """``block_mask`` is ``None`` or a ``cuflash.sparse.BlockMask`` for this problem."""
     if block_mask is None:
         return
-    from .sparse import BlockMask  # scipy is imported only when a mask is given
+    from .sparse import BlockMask, ExactMask  # scipy is imported only when a mask is given
     if not isinstance(block_mask, BlockMask):
-        raise TypeError(
-            f"block_mask must be a cuflash.sparse.BlockMask or None, got {_type_name(block_mask)}")
+        hint = ""
+        if isinstance(block_mask, ExactMask):
+            hint = " (an ExactMask is not coarsened to blocks: pass it as mask=)"
+        raise TypeError(f"block_mask must be a cuflash.sparse.BlockMask or None, got "
+                        f"{_type_name(block_mask)}{hint}")
     block_mask.check_compatible(nq, nk, hq)
+
+
+def check_exact_mask(mask: Any, block_mask: Any, nq: int, nk: int, hq: int) -> None:
+    """``mask`` is ``None`` or a ``cuflash.sparse.ExactMask`` for this problem, and not given
+    together with ``block_mask``."""
+    if mask is None:
+        return
+    from .sparse import BlockMask, ExactMask
+    if not isinstance(mask, ExactMask):
+        if isinstance(mask, BlockMask):
+            hint = " (a BlockMask is block-sparse: pass it as block_mask=)"
+        elif type(mask).__module__.partition(".")[0] == "scipy":
+            hint = " (build one with cuflash.sparse.ExactMask.from_scipy(pattern))"
+        elif hasattr(mask, "shape"):
+            hint = " (build one with cuflash.sparse.ExactMask.from_dense(array))"
+        else:
+            hint = ""
+        raise TypeError(f"mask must be a cuflash.sparse.ExactMask or None, got "
+                        f"{_type_name(mask)}{hint}")
+    if block_mask is not None:
+        raise ValueError("give mask= (exact) or block_mask= (block-sparse), not both; for "
+                         "block-sparse attention restricted to a pattern, build one ExactMask "
+                         "of the pairs both allow")
+    mask.check_compatible(nq, nk, hq)
 
 
 def check_alibi(slopes: Any, shapes: "Shapes", xp, device_of: Any):

@@ -33,8 +33,9 @@ class AttentionSpec:
     the slopes of the query heads of batch element ``b``), in the inputs' array module and on
     their device, owned by the spec (a copy of the caller's slopes) and finite with
     ``|slope·log2 e|`` a finite float32. ``block_mask`` is ``None`` or a
-    ``cuflash.sparse.BlockMask`` compatible with the shapes. ``deterministic`` is only read by
-    backward passes. The rules themselves (band and score modifier) are in ``_mask``.
+    ``cuflash.sparse.BlockMask`` compatible with the shapes; ``exact_mask`` is ``None`` or a
+    ``cuflash.sparse.ExactMask`` compatible with them (never both). ``deterministic`` is only
+    read by backward passes. The rules themselves (band and score modifier) are in ``_mask``.
     """
 
     shapes: Shapes
@@ -46,6 +47,7 @@ class AttentionSpec:
     alibi: Any = field(default=None, compare=False, repr=False)
     block_mask: Any = field(default=None, compare=False)
     deterministic: bool = False
+    exact_mask: Any = field(default=None, compare=False)
 
     # ---- the mask: which keys a query sees
 
@@ -90,7 +92,13 @@ class AttentionSpec:
 
     @property
     def sparse(self) -> bool:
+        """Whether a block mask (block-sparse attention) is given."""
         return self.block_mask is not None
+
+    @property
+    def exact(self) -> bool:
+        """Whether an exact mask (an element pattern) is given."""
+        return self.exact_mask is not None
 
     def describe(self) -> str:
         """The options in one line, for reports and error messages."""
@@ -105,6 +113,8 @@ class AttentionSpec:
             parts.append("alibi")
         if self.sparse:
             parts.append(f"block_mask{tuple(self.block_mask.block_size)}")
+        if self.exact:
+            parts.append(f"mask(exact, {self.exact_mask.density:.3g} dense)")
         if self.deterministic:
             parts.append("deterministic")
         return ", ".join(parts)

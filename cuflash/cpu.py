@@ -11,8 +11,9 @@ float32, and the operands the kernels feed to 16-bit tensor-core products (P bef
 in the backward pass) are rounded to the input dtype first.
 
 Masks and score modifiers follow ``cuflash._mask`` (the twin of the kernels' ``mask.cuh`` and
-``score_mod.cuh``): tiles that a window, causal or a block mask leaves empty are never visited,
-and the logits are formed in base 2 as the kernels form them.
+``score_mod.cuh``): tiles that a window, causal, a block mask or an exact mask leaves empty are
+never visited, an exact mask's partial tiles read their bits as the kernels do, and the logits
+are formed in base 2 as the kernels form them.
 
 Both entry points take the 4-D views described in docs/internals.md and an ``AttentionSpec``
 (``cuflash._spec``), and write into the arrays they are given. The tiles are small matrices, for
@@ -180,7 +181,9 @@ class _TileGrid:
 
     Tiles are ``BLOCK_M × BLOCK_N``, or the block mask's blocks when one is given. A tile is
     skipped when every element is masked (by the band of causal and the window, or by the block
-    mask for every head); a ``keep`` mask is built only for tiles that are partly masked.
+    or exact mask for every head); a ``keep`` mask is built only for tiles that are partly
+    masked. An exact mask's tiles are classified and its partial tiles' bits read from
+    ``ExactMask.tile_bits``, the arrays the kernels read.
     """
 
     def __init__(self, spec, nq, nk, hq, hkv):
@@ -188,6 +191,8 @@ class _TileGrid:
         self.banded = spec.banded
         self.left, self.right = spec.band()
         block_mask = spec.block_mask
+        self.exact = None if spec.exact_mask is None else _ExactTiles(spec.exact_mask, BLOCK_M,
+                                                                      BLOCK_N)
         if block_mask is None:
             self.bm, self.bn = BLOCK_M, BLOCK_N
             self.blocks = None
@@ -205,6 +210,8 @@ class _TileGrid:
         live = np.broadcast_to(live, (self.row_tiles, self.col_tiles))
         if self.blocks is not None:
             live = live & self.blocks.any(axis=0)
+        if self.exact is not None:
+            live = live & (self.exact.slot != _ExactTiles.EMPTY).any(axis=0)
         self.live = live
 
     def rows(self, i):
@@ -232,4 +239,48 @@ class _TileGrid:
             if not heads.all():  # kept for some heads only: mask the others
                 heads = heads.reshape(self.hkv, self.hq // self.hkv, 1, 1)
                 keep = heads if keep is None else heads & keep
+        if self.exact is not None:
+            pairs = self.exact.keep(i, j, rows.stop - rows.start, cols.stop - cols.start)
+            if pairs is not None:
+                if pairs.shape[0] > 1:  # one pattern per query head
+                    pairs = pairs.reshape(self.hkv, self.hq // self.hkv, *pairs.shape[1:])
+                else:
+                    pairs = pairs[0]
+                keep = pairs if keep is None else pairs & keep
+        return keep
+
+
+class _ExactTiles:
+    """An exact mask at ``tile_m × tile_n`` tiles: each tile's slot per stored head (``FULL``,
+    ``EMPTY`` or the index of its bitmask) and the pairs a partial tile allows, decoded from the
+    bits as ``csrc/mask.cuh`` reads them."""
+
+    FULL, EMPTY = -1, -2
+
+    def __init__(self, exact_mask, tile_m, tile_n):
+        self.tile_m, self.tile_n = tile_m, tile_n
+        tiles = exact_mask.tile_bits(tile_m, tile_n)
+        heads, tiles_m = tiles.row_ptr.shape[0], tiles.row_ptr.shape[1] - 1
+        tiles_n = tiles.col_ptr.shape[1] - 1
+        self.slot = np.full((heads, tiles_m, tiles_n), self.EMPTY, np.int64)
+        counts = np.diff(tiles.row_ptr, axis=1).ravel()
+        flat_rows = np.repeat(np.arange(heads * tiles_m), counts)
+        self.slot[flat_rows // tiles_m, flat_rows % tiles_m, tiles.col_idx] = tiles.row_slot
+        words_per_row = -(-tile_n // 32)
+        self.bits = tiles.bits.reshape(-1, tile_m, words_per_row)
+
+    def keep(self, i, j, height, width):
+        """``None`` when tile ``(i, j)`` is full for every head, else bool ``(H', height,
+        width)``: the pairs each stored pattern allows."""
+        slots = self.slot[:, i, j]
+        if (slots == self.FULL).all():
+            return None
+        cols = np.arange(width)
+        keep = np.empty((slots.size, height, width), dtype=bool)
+        for h, slot in enumerate(slots):
+            if slot < 0:
+                keep[h] = slot == self.FULL
+            else:
+                words = self.bits[slot, :height, cols // 32]  # (width, height)
+                keep[h] = ((words.T >> (cols % 32).astype(np.uint32)) & 1).astype(bool)
         return keep

@@ -12,9 +12,9 @@ Every function works on NumPy or CuPy arrays and computes with the arrays' own m
   result passes when ``max|out − ref64| ≤ 2·max|naive − ref64| + 1e-5``.
 
 Options are those of ``cuflash.attention`` (``causal``, ``scale``, ``window``, ``softcap``,
-``alibi_slopes``, ``block_mask``), with the rules of ``cuflash._mask``; in addition ``mask`` is an
-element-level boolean array broadcastable to ``(..., Hq, Nq, Nk)``, True where a query attends to
-a key. All masks combine by intersection. Inputs may be 2-D ``(N, D)`` (one head), as for
+``alibi_slopes``, ``block_mask``, and ``mask`` as a ``cuflash.sparse.ExactMask``), with the rules
+of ``cuflash._mask``; ``mask`` may also be an element-level boolean array broadcastable to
+``(..., Hq, Nq, Nk)``, True where a query attends to a key. All masks combine by intersection. Inputs may be 2-D ``(N, D)`` (one head), as for
 ``cuflash.attention``.
 """
 
@@ -239,15 +239,26 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
     rows = _rows(rows, shapes.nq)
     keep = keep_mask(shapes.nq, shapes.nk, causal=causal, window=window, block_mask=block_mask,
                      rows=rows, xp=xp)
-    if mask is not None:
+    if _is_exact_mask(mask):
+        _checks.check_exact_mask(mask, block_mask, shapes.nq, shapes.nk, shapes.hq)
+        mask = xp.asarray(mask.element_rows(rows))  # (H', len(rows), Nk)
+    elif mask is not None:
         mask = xp.asarray(mask, dtype=bool)
         if some_rows and mask.ndim >= 2 and mask.shape[-2] != 1:
             mask = mask[..., xp.asarray(rows), :]
+    if mask is not None:
         keep = mask if keep is None else keep & mask
     q, k, v = (_checks.with_head_axis(x) for x in (q, k, v))
     if some_rows:
         q = q[..., xp.asarray(rows), :]
     return _Call(xp, shapes, scale, q, k, v, rows, keep, softcap, slopes)
+
+
+def _is_exact_mask(mask):
+    if mask is None or not hasattr(mask, "element_rows"):
+        return False
+    from .sparse import ExactMask
+    return isinstance(mask, ExactMask)
 
 
 def _rows(rows, nq):

@@ -176,6 +176,28 @@ def pattern_parameters(name: str, given: dict) -> dict:
             for option, default in pattern.defaults.items()}
 
 
+def build_exact_mask(name: str, seq_len: int, *, block_size: int, parameters: dict,
+                     seed: int = 0):
+    """An ExactMask of pattern ``name`` at element level for one ``seq_len × seq_len`` problem:
+    patterns on tokens are built pair by pair; patterns drawn per block (random, bigbird) are
+    drawn with ``block_size`` and every pair of a drawn block is allowed."""
+    sparse = _sparse()
+    pattern = PATTERNS[name]
+    try:
+        if pattern.on_tokens:
+            elements = pattern.build(seq_len, 1, parameters, seed)
+        else:
+            blocks = pattern.build(seq_len, block_size, parameters, seed)
+            if not hasattr(blocks, "tocoo"):
+                import scipy.sparse
+                blocks = scipy.sparse.csr_array(blocks)
+            elements = sparse.expand_blocks(blocks, block_size=block_size,
+                                            shape=(seq_len, seq_len))
+        return sparse.ExactMask.from_scipy(elements)
+    except ValueError as error:
+        raise click.UsageError(f"cannot build pattern {name!r}: {error}") from error
+
+
 def build_mask(name: str, seq_len: int, *, block_size: int, parameters: dict, seed: int = 0):
     """A BlockMask of pattern ``name`` for one ``seq_len × seq_len`` problem.
 

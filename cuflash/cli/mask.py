@@ -12,13 +12,17 @@ from cuflash.cli._common import (NotEnoughMemory, TooLong, duration, echo_json, 
                                  stop_on_ctrl_c, tokens, write_file)
 from cuflash.cli._options import (TOKENS, POSITIVE, OutputFile, json_option,
                                   pattern_parameter_options, seed_option)
-from cuflash.cli._patterns import PATTERNS, build_cost, build_mask, pattern_parameters
+from cuflash.cli._patterns import (PATTERNS, build_cost, build_exact_mask, build_mask,
+                                   pattern_parameters)
 from cuflash.cli._png import encode_png
 
 PNG_SIDE = 512  # pictures are scaled up to about this many pixels on their longer side
 # Patterns that keep more blocks than this (about 2 s and 200 MiB to build) are not built
 # without --force: see ``show``.
 FULL_BUILD_BLOCKS = 2_000_000
+# An exact mask lists every allowed pair (about 20 bytes each while it is built): patterns that
+# may allow more than this many are not built without --force.
+EXACT_BUILD_PAIRS = 64_000_000
 
 
 @click.group(short_help="Block-sparse patterns: list, show, draw.")
@@ -52,6 +56,7 @@ Examples:
   cuflash mask show random --density 0.1 --png random.png
   cuflash mask show image-local --json
   cuflash mask show causal --seq-len 64M           drawn without building 2^38 blocks
+  cuflash mask show sliding-window --seq-len 4K --window 200 --exact
 """)
 @click.argument("pattern", type=click.Choice(list(PATTERNS)), metavar="PATTERN")
 @click.option("--seq-len", type=TOKENS, default="16K", show_default=True,
@@ -67,8 +72,12 @@ Examples:
                    f"than {PNG_SIDE} blocks a side are shrunk to {PNG_SIDE} pixels).")
 @click.option("--force", is_flag=True,
               help="Build the whole pattern even when it is too large to build quickly.")
+@click.option("--exact", is_flag=True,
+              help="Build the pattern pair by pair as an ExactMask (attention's mask=) and "
+                   "count the full, partial and empty tiles of each kernel's tile shape, and "
+                   "the bytes of the partial tiles' bitmasks.")
 @json_option
-def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, as_json,
+def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exact, as_json,
          **pattern_options):
     """Build PATTERN for one --seq-len problem, print its density and block counts, and draw it.
 
@@ -79,9 +88,19 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, as_
     memory): patterns defined on tokens are then drawn from the same pattern built with larger
     blocks, which keeps exactly the groups of blocks that hold a kept one, and the counts are
     bounds; random patterns are refused (exit status 3). --force builds it anyway.
+
+    With --exact the pattern is the exact mask of its pairs (block-drawn patterns allow every
+    pair of a drawn block): the picture shows tiles of the Hopper forward kernel, '█' full (run
+    unmasked), '▒' partial (one bit per pair), '·' empty (skipped).
     """
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     parameters = pattern_parameters(pattern, given)
+    if exact:
+        if png:
+            raise click.UsageError("--png draws block masks; it does not combine with --exact")
+        _show_exact(pattern, seq_len, block_size, seed, parameters, max_rows, max_cols, force,
+                    as_json)
+        return
     nqb = nkb = math.ceil(seq_len / block_size)
     cost_bytes, cost_seconds = build_cost(pattern, seq_len, block_size, parameters)
     blocks_bound = PATTERNS[pattern].blocks(seq_len, block_size, parameters)
@@ -134,6 +153,76 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, as_
     click.echo(drawn.render(max_rows=max_rows, max_cols=max_cols))
     if png:
         click.echo(f"PNG written to {png}", err=True)
+
+
+def kernel_tile_shapes(head_dim: int) -> dict:
+    """``(tile_m, tile_n)`` → the GPU kernels that walk an exact mask at those tiles, for 16-bit
+    and float32 inputs with D = Dv = ``head_dim``."""
+    from cuflash.kernels import float32, mma_backward, mma_forward, sm90_backward, sm90_forward
+
+    shapes = {}
+
+    def add(tile, kernel):
+        shapes.setdefault((int(tile[0]), int(tile[1])), []).append(kernel)
+
+    padded = -(-head_dim // 32) * 32
+    fwd = mma_forward.default_tiles(padded, padded)
+    add((fwd.block_m, fwd.block_n), "sm80 forward")
+    bwd = mma_backward.default_tiles(padded, padded, exact=True)
+    add((bwd.block_m, bwd.block_n), "sm80 dK/dV")
+    add((bwd.dq_block_m, bwd.dq_block_n), "sm80 dQ")
+    if head_dim in sm90_forward.HEAD_DIMS:
+        hopper = sm90_forward.default_tiles(head_dim)
+        add((hopper.block_m, hopper.block_n), "sm90 forward")
+        hopper_bwd = sm90_backward.default_tiles(head_dim)
+        add((hopper_bwd.dkdv_block_m, hopper_bwd.dkdv_block_n), "sm90 dK/dV")
+        add((hopper_bwd.dq_block_m, hopper_bwd.dq_block_n), "sm90 dQ")
+    for kernel, (_, table, _) in float32._KERNELS.items():
+        tiles = float32._preferred(table, padded, padded)
+        add((tiles.block_m, tiles.block_n), f"float32 {kernel}")
+    return shapes
+
+
+def _show_exact(pattern, seq_len, block_size, seed, parameters, max_rows, max_cols, force,
+                as_json):
+    """``cuflash mask show --exact``: the pattern's ExactMask, its tiles and bitmasks."""
+    from cuflash.sparse._exactmask import REPORT_TILE
+
+    blocks_bound = PATTERNS[pattern].blocks(seq_len, block_size, parameters)
+    pairs_bound = min(blocks_bound * block_size ** 2, seq_len ** 2)
+    if pairs_bound > EXACT_BUILD_PAIRS and not force:
+        raise TooLong(
+            f"pattern {pattern!r} at {tokens(seq_len)} tokens may allow about "
+            f"{pairs_bound:,.0f} pairs, each listed in an exact mask; use a smaller --seq-len, "
+            "or add --force to build it anyway")
+    with stop_on_ctrl_c("the pattern was not built"):
+        exact = build_exact_mask(pattern, seq_len, block_size=block_size, parameters=parameters,
+                                 seed=seed)
+    tiles = []
+    for head_dim in (64, 128):
+        for (tile_m, tile_n), kernels in kernel_tile_shapes(head_dim).items():
+            counts = exact.tile_counts(tile_m, tile_n)
+            tiles.append({"head_dim": head_dim, "tile": [tile_m, tile_n], "kernels": kernels,
+                          "full": counts.full, "partial": counts.partial,
+                          "empty": counts.empty, "bitmask_bytes": counts.bitmask_bytes})
+    if as_json:
+        echo_json({"pattern": pattern, "parameters": parameters, "seq_len": seq_len,
+                   "exact": True, "allowed_pairs": exact.nnz, "density": exact.density,
+                   "tiles": tiles})
+        return
+    options = PATTERNS[pattern].describe(parameters)
+    click.echo(f"{pattern}{' ' + options if options else ''} — {tokens(seq_len)} tokens, exact "
+               f"(pair by pair)")
+    click.echo(f"{exact.nnz:,} allowed pairs: density {exact.density:.4f}")
+    click.echo("tiles per kernel (full run unmasked, partial test a bit per pair, empty are "
+               "skipped):")
+    for row in tiles:
+        m, n = row["tile"]
+        click.echo(f"  D={row['head_dim']:<3} {m:>3}x{n:<3} {', '.join(row['kernels'])}: "
+                   f"{row['full']:,} full, {row['partial']:,} partial, {row['empty']:,} empty; "
+                   f"bitmasks {size(row['bitmask_bytes'])}")
+    click.echo(f"{REPORT_TILE[0]}x{REPORT_TILE[1]} tiles: █ full, ▒ partial, · empty")
+    click.echo(exact.render(max_rows=max_rows, max_cols=max_cols))
 
 
 def _group(blocks: int, cells: int) -> int:

@@ -178,13 +178,16 @@ def pointer(x) -> int:
 
 # ---- mask and score modifier: template keys and argument fields (csrc/mask.cuh, score_mod.cuh)
 
-# The fields every argument struct ends with (MASK_AND_SCORE_FIELDS in csrc/args.cuh).
-MASK_AND_SCORE_FIELDS = [("alibi", PTR), ("window_left", I32), ("window_right", I32),
-                         ("cap_in", F32), ("cap_out", F32)]
+# The fields every argument struct ends with (MASK_AND_SCORE_FIELDS in csrc/args.cuh). The exact
+# mask's tile_slot / tile_bits depend on the launch's tile shape: tile_index() gives them, with
+# the tile CSR; mask_and_score_values() the rest.
+MASK_AND_SCORE_FIELDS = [("tile_slot", PTR), ("tile_bits", PTR), ("alibi", PTR),
+                         ("window_left", I32), ("window_right", I32), ("cap_in", F32),
+                         ("cap_out", F32)]
 
 
 def mask_and_score_values(spec) -> dict:
-    """The values of MASK_AND_SCORE_FIELDS for one call."""
+    """The values of MASK_AND_SCORE_FIELDS for one call, but for tile_index()'s."""
     left, right = spec.kernel_band()
     softcap = spec.softcap
     return {
@@ -197,6 +200,8 @@ def mask_and_score_values(spec) -> dict:
 def mask_type(spec) -> str:
     """The kernels' mask policy for this call (csrc/mask.cuh)."""
     left, right = spec.band()
+    if spec.exact_mask is not None:
+        return _build.template_expression("Mask", left != -1, right != -1, True, True)
     return _build.template_expression("Mask", left != -1, right != -1, spec.sparse)
 
 
@@ -206,12 +211,33 @@ def score_mod_type(spec) -> str:
 
 
 def block_mask_csr(spec, tile_m: int, tile_n: int, *, by_key: bool = False):
-    """The block mask refined to (tile_m, tile_n) tiles as ``(ptr, idx)``: per query tile (its
-    CSR) or, ``by_key``, per key tile (the transpose); ``(None, None)`` without a mask."""
+    """The block mask (or the exact mask's non-empty tiles) at (tile_m, tile_n) tiles as
+    ``(ptr, idx)``: per query tile (its CSR) or, ``by_key``, per key tile (the transpose);
+    ``(None, None)`` without a mask."""
+    if spec.exact_mask is not None:
+        bits = spec.exact_mask.device_tile_bits(tile_m, tile_n)
+        return (bits.col_ptr, bits.row_idx) if by_key else (bits.row_ptr, bits.col_idx)
     if spec.block_mask is None:
         return None, None
     csr = spec.block_mask.device_csr(tile_m, tile_n)
     return (csr.col_ptr, csr.row_idx) if by_key else (csr.row_ptr, csr.col_idx)
+
+
+# tile_index() for launches that walk no tiles.
+NO_TILE_INDEX = {"tile_ptr": 0, "tile_idx": 0, "tile_slot": 0, "tile_bits": 0}
+
+
+def tile_index(spec, tile_m: int, tile_n: int, *, by_key: bool = False) -> dict:
+    """The argument fields of the tile walk of one launch at (tile_m, tile_n) tiles:
+    ``tile_ptr`` / ``tile_idx`` (block_mask_csr) and, for an exact mask, each tile's bitmask
+    slot (``tile_slot``, in the same order) and the bitmasks (``tile_bits``)."""
+    ptr, idx = block_mask_csr(spec, tile_m, tile_n, by_key=by_key)
+    slot = bits = None
+    if spec.exact_mask is not None:
+        tiles = spec.exact_mask.device_tile_bits(tile_m, tile_n)
+        slot, bits = (tiles.col_slot if by_key else tiles.row_slot), tiles.bits
+    return {"tile_ptr": pointer(ptr), "tile_idx": pointer(idx), "tile_slot": pointer(slot),
+            "tile_bits": pointer(bits)}
 
 
 # The argument struct of both 16-bit forward kernels (FwdArgs in csrc/args.cuh).
@@ -222,7 +248,7 @@ FWD_ARGS = make_struct_dtype(
     + [("scale_log2", F32)]
     + MASK_AND_SCORE_FIELDS
 )
-assert FWD_ARGS.itemsize == 216, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
+assert FWD_ARGS.itemsize == 232, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
 
 # The argument struct of every 16-bit backward kernel (BwdArgs in csrc/args.cuh).
 BWD_ARGS = make_struct_dtype(
@@ -234,11 +260,13 @@ BWD_ARGS = make_struct_dtype(
     + [("scale", F32), ("scale_log2", F32)]
     + MASK_AND_SCORE_FIELDS
 )
-assert BWD_ARGS.itemsize == 392, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
+assert BWD_ARGS.itemsize == 408, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
 
 
 def mask_heads(spec) -> int:
-    return int(spec.block_mask is not None and spec.block_mask.num_heads is not None)
+    """1 when the block or exact mask holds one pattern per query head, else 0."""
+    mask = spec.exact_mask if spec.exact_mask is not None else spec.block_mask
+    return int(mask is not None and mask.num_heads is not None)
 
 
 # The fields of FWD_ARGS a forward launch re-fills per call, in this order (see forward_pointers).
@@ -254,16 +282,15 @@ def forward_pointers(q, k, v, out, lse, spec) -> tuple[int, ...]:
 def forward_args(spec, arrays, *, tile_m, tile_n) -> tuple[PackedArgs, int]:
     """The forward kernels' argument struct for 4-D views ``arrays`` = (q, k, v, out) (their
     layout; the pointers are FWD_POINTERS, filled per call), and the grid size (thread blocks):
-    one block per `tile_m` query rows of each (batch, head). With a block mask, its CSR refined
-    to (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds)."""
+    one block per `tile_m` query rows of each (batch, head). With a block or exact mask, its tile
+    index at (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds)."""
     q, k, v, out = arrays
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     m_tiles = -(-nq // tile_m)
     blocks = check_grid(m_tiles * heads * batch, "the forward kernel")
-    tile_ptr, tile_idx = block_mask_csr(spec, tile_m, tile_n)
     values = dict(
-        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx), **stride_fields("qkvo", arrays),
+        **tile_index(spec, tile_m, tile_n), **stride_fields("qkvo", arrays),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
         **mask_and_score_values(spec),

@@ -2,7 +2,8 @@
 
 Each launcher's ``main_variants()`` turns ``spec_grid(...)`` into its own template expressions, so
 one list says which option combinations must always build: every dtype and head dim dense and
-causal, plus each mask policy and score modifier (and all of them together) at one head dim.
+causal, exact masks (alone and with causal) at every head dim in one dtype, plus each mask policy
+and score modifier (and all of them together) at one head dim.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def _block_mask():
     return BlockMask.from_dense(numpy.ones((_N // 128, _N // 128), bool), block_size=128)
 
 
+def _exact_mask():
+    from ..sparse import ExactMask
+
+    return ExactMask.from_dense(numpy.eye(_N, dtype=bool))
+
+
 class _Slopes:
     """Stands for an ALiBi slope array in a spec that is only compiled, never launched."""
     data = None
@@ -37,10 +44,15 @@ def spec_of(dtype, d: int, dv: int | None = None, **options) -> AttentionSpec:
 
 
 def spec_grid(head_dims, dtypes=("float16", "bfloat16"), *, features=True):
-    """Dense and causal for every (dtype, head dim); then, with ``features``, each mask policy and
-    score modifier alone and all together in bfloat16 at D = 128 (if listed)."""
+    """Dense and causal for every (dtype, head dim); with ``features``, an exact mask alone and
+    with causal for every head dim in the last dtype (its extra registers matter most where the
+    tiles are largest), then each mask policy and score modifier alone and all together in that
+    dtype at D = 128 (if listed)."""
     specs = [spec_of(dtype, d, causal=causal)
              for dtype in dtypes for d in head_dims for causal in (False, True)]
+    if features:
+        specs += [spec_of(dtypes[-1], d, causal=causal, exact_mask=_exact_mask())
+                  for d in head_dims for causal in (False, True)]
     if features and _FEATURE_HEAD_DIM in head_dims:
         dtype, d = dtypes[-1], _FEATURE_HEAD_DIM
         specs += [
@@ -51,5 +63,7 @@ def spec_grid(head_dims, dtypes=("float16", "bfloat16"), *, features=True):
             spec_of(dtype, d, causal=True, alibi=_Slopes()),
             spec_of(dtype, d, causal=True, window=(256, 0), softcap=30.0, alibi=_Slopes(),
                     block_mask=_block_mask()),
+            spec_of(dtype, d, window=(256, 64), softcap=30.0, alibi=_Slopes(),
+                    exact_mask=_exact_mask()),
         ]
     return specs

@@ -24,8 +24,8 @@ from ._launch import (
     I64,
     LOG2E,
     MASK_AND_SCORE_FIELDS,
+    NO_TILE_INDEX,
     PTR,
-    block_mask_csr,
     check_grid,
     make_struct_dtype,
     mask_and_score_values,
@@ -36,6 +36,7 @@ from ._launch import (
     pointer,
     score_mod_type,
     stride_fields,
+    tile_index,
     vector_aligned,
 )
 
@@ -51,7 +52,7 @@ FWD_ARGS = make_struct_dtype(
     + [("scale", F32), ("scale_log2", F32)]
     + MASK_AND_SCORE_FIELDS
 )
-assert FWD_ARGS.itemsize == 216, "FWD_ARGS must match F32FwdArgs in csrc/flash_f32.cu"
+assert FWD_ARGS.itemsize == 232, "FWD_ARGS must match F32FwdArgs in csrc/flash_f32.cu"
 
 # F32BwdArgs in flash_f32.cu: tile_ptr / tile_idx are the block mask's CSR for the dQ kernel and
 # its transpose for the dK/dV kernel.
@@ -65,7 +66,7 @@ BWD_ARGS = make_struct_dtype(
     + [("scale", F32), ("scale_log2", F32)]
     + MASK_AND_SCORE_FIELDS
 )
-assert BWD_ARGS.itemsize == 360, "BWD_ARGS must match F32BwdArgs in csrc/flash_f32.cu"
+assert BWD_ARGS.itemsize == 376, "BWD_ARGS must match F32BwdArgs in csrc/flash_f32.cu"
 
 
 def _operand_stride(cols: int) -> int:
@@ -208,14 +209,12 @@ def forward(q, k, v, out, lse, spec, *, tiles: F32Tiles | None = None):
     m_tiles = -(-nq // tiles.block_m)
     blocks = check_grid(m_tiles * heads * batch, "the float32 forward kernel")
 
-    tile_ptr, tile_idx = block_mask_csr(spec, tiles.block_m, tiles.block_n)
     expression = variant("forward", spec, tiles, aligned=vector_aligned((q, k, v, out)))
     shared = tiles.forward_bytes(dqk, dvp)
     args = pack_struct(
         FWD_ARGS,
         q=pointer(q), k=pointer(k), v=pointer(v), o=pointer(out), lse=pointer(lse),
-        tile_ptr=pointer(tile_ptr), tile_idx=pointer(tile_idx),
-        **stride_fields("qkvo", (q, k, v, out)),
+        **tile_index(spec, tiles.block_m, tiles.block_n), **stride_fields("qkvo", (q, k, v, out)),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
         **mask_and_score_values(spec),
@@ -262,14 +261,12 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec,
 
     def launch(expression, blocks, shared, launch_tiles=None, by_key=False):
         m_tiles = n_tiles = 0
-        tile_ptr = tile_idx = None
+        index = NO_TILE_INDEX
         if launch_tiles is not None:
             m_tiles = -(-nq // launch_tiles.block_m)
             n_tiles = -(-nk // launch_tiles.block_n)
-            tile_ptr, tile_idx = block_mask_csr(spec, launch_tiles.block_m, launch_tiles.block_n,
-                                                by_key=by_key)
-        args = pack_struct(BWD_ARGS, m_tiles=m_tiles, n_tiles=n_tiles, tile_ptr=pointer(tile_ptr),
-                           tile_idx=pointer(tile_idx), **common)
+            index = tile_index(spec, launch_tiles.block_m, launch_tiles.block_n, by_key=by_key)
+        args = pack_struct(BWD_ARGS, m_tiles=m_tiles, n_tiles=n_tiles, **index, **common)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
         kernel((blocks,), (THREADS,), (args,), shared_mem=shared)
 

@@ -35,9 +35,9 @@ from . import _build
 from ._launch import (
     BWD_ARGS,
     LOG2E,
+    NO_TILE_INDEX,
     KernelLaunch,
     PackedArgs,
-    block_mask_csr,
     check_grid,
     element_type,
     mask_and_score_values,
@@ -48,6 +48,7 @@ from ._launch import (
     pointer,
     score_mod_type,
     stride_fields,
+    tile_index,
     vector_aligned,
 )
 
@@ -144,18 +145,29 @@ _CANDIDATES = {
 }
 
 
-def _candidates(dqk: int, dv: int):
+# Exact masks at head dims up to 128: the bit tests need a few registers, which four column
+# passes of the dK/dV kernel (half the live Sᵀ / dPᵀ of two) and 32-key tiles of the dQ kernel
+# make room for.
+_EXACT_CANDIDATES = {
+    128: tuple(BwdTiles(**{**tiles.__dict__, "col_passes": 4, "dq_block_n": 32})
+               for tiles in _CANDIDATES[128]),
+}
+
+
+def _candidates(dqk: int, dv: int, *, exact: bool = False):
     widest = max(dqk, dv)
     for limit in sorted(_CANDIDATES):
         if widest <= limit:
+            if exact and limit in _EXACT_CANDIDATES:
+                return _EXACT_CANDIDATES[limit]
             return _CANDIDATES[limit]
     raise ValueError(f"head dims up to 256 are supported, got padded widths {dqk} and {dv}")
 
 
-def default_tiles(dqk: int, dv: int, block_size=None) -> BwdTiles:
-    """The tile shape for padded head dims (dqk, dv); with a block mask's ``(bq, bk)``, the first
-    candidate whose query and key tiles divide the blocks."""
-    candidates = _candidates(dqk, dv)
+def default_tiles(dqk: int, dv: int, block_size=None, *, exact: bool = False) -> BwdTiles:
+    """The tile shape for padded head dims (dqk, dv) (``exact``: for an exact mask); with a block
+    mask's ``(bq, bk)``, the first candidate whose query and key tiles divide the blocks."""
+    candidates = _candidates(dqk, dv, exact=exact)
     if block_size is None:
         return candidates[0]
     bq, bk = (int(n) for n in block_size)
@@ -213,7 +225,8 @@ def tiles_for(spec) -> BwdTiles:
     """The tile shape a call runs with: the first candidate for its head dims whose tiles divide
     the block mask's blocks (the default without one)."""
     dqk, dvp = padded_head_dims(spec)
-    return default_tiles(dqk, dvp, None if spec.block_mask is None else spec.block_mask.block_size)
+    return default_tiles(dqk, dvp, None if spec.block_mask is None else spec.block_mask.block_size,
+                         exact=spec.exact_mask is not None)
 
 
 def supports(spec, arrays) -> str | None:
@@ -284,10 +297,10 @@ class BackwardLaunch:
 
 
 def argument_packer(spec, arrays, *, rows_pad: int):
-    """``args(m_tiles=0, n_tiles=0, index=(None, None))``: the packed BWD_ARGS of each launch of
+    """``args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX)``: the packed BWD_ARGS of each launch of
     a backward call with the layout of 4-D views ``arrays`` = (q, k, v, dout, out, dq, dk, dv)
-    (they differ only in the launch's tile counts and block-sparse index; the pointers are
-    BWD_POINTERS, filled per call)."""
+    (they differ only in the launch's tile counts and tile index, ``tile_index``; the pointers
+    are BWD_POINTERS, filled per call)."""
     q, k, v, dout, out, dq, dk, dv = arrays
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -300,10 +313,8 @@ def argument_packer(spec, arrays, *, rows_pad: int):
         **mask_and_score_values(spec),
     )
 
-    def args(m_tiles=0, n_tiles=0, index=(None, None)):
-        return PackedArgs(BWD_ARGS, BWD_POINTERS,
-                          dict(fields, m_tiles=m_tiles, n_tiles=n_tiles,
-                               tile_ptr=pointer(index[0]), tile_idx=pointer(index[1])))
+    def args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX):
+        return PackedArgs(BWD_ARGS, BWD_POINTERS, dict(fields, m_tiles=m_tiles, n_tiles=n_tiles, **index))
 
     return args
 
@@ -336,7 +347,7 @@ def prepare_backward(spec, arrays, *, tiles: BwdTiles | None = None) -> Backward
 
     # 2. dK, dV (and dQ through atomics).
     m_tiles, n_tiles = -(-nq // tiles.block_m), -(-nk // tiles.block_n)
-    index = block_mask_csr(spec, tiles.block_m, tiles.block_n, by_key=True)
+    index = tile_index(spec, tiles.block_m, tiles.block_n, by_key=True)
     shared = tiles.dkdv_shared_bytes(dqk, dvp, atomic_dq=atomic_dq)
     expression = variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=atomic_dq)
     kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
@@ -352,7 +363,7 @@ def prepare_backward(spec, arrays, *, tiles: BwdTiles | None = None) -> Backward
         launches.append(KernelLaunch(kernel, blocks, 256, 0, args()))
     else:
         m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
-        index = block_mask_csr(spec, tiles.dq_block_m, tiles.dq_block_n)
+        index = tile_index(spec, tiles.dq_block_m, tiles.dq_block_n)
         shared = tiles.dq_shared_bytes(dqk, dvp)
         expression = variant_dq(spec, tiles, aligned=aligned)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 
 from . import _build, mma_backward
-from ._launch import (KernelLaunch, block_mask_csr, check_grid, element_type, mask_type, on_hopper,
-                      score_mod_type, vector_aligned)
+from ._launch import (KernelLaunch, check_grid, element_type, mask_type, on_hopper, score_mod_type, tile_index,
+                      vector_aligned)
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -140,7 +140,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     )
     for variant, tile_m, tile_n, shared, warpgroups, by_key in kernels:
         m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
-        index = block_mask_csr(spec, tile_m, tile_n, by_key=by_key)
+        index = tile_index(spec, tile_m, tile_n, by_key=by_key)
         expression = variant(spec, tiles)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,

@@ -64,19 +64,23 @@ class TmaTiles:
         return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
 
-def candidate_tiles(d: int, dv: int, *, banded: bool) -> list[TmaTiles]:
+def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
     - D = Dv = 64: three consumers taking turns (ping-pong), where the softmax dominates;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
-      skipping of masked tiles);
+      skipping of masked tiles) or an exact mask (its rows of bits hold at most 128 keys);
     - Dv > 128: 80-key tiles, the widest whose S still fits beside a 256-wide O in registers.
-    Then narrower fall-backs, for shared memory and block masks."""
+    Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
+    within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
+    # An exact mask's row of bits takes registers that three consumers (128 each as compiled)
+    # and 80-key tiles beside a 256-wide O do not have: the next shape then (no spills).
     if max(d, dv) <= 64:
-        return [TmaTiles(128, 2, consumers=3, pingpong=True), TmaTiles(128, 3), TmaTiles(64, 3)]
+        three = [] if exact else [TmaTiles(128, 2, consumers=3, pingpong=True)]
+        return three + [TmaTiles(128, 3), TmaTiles(64, 3)]
     if _padded(dv) <= 128:
-        widths = (128, 64) if banded else (176, 128, 64)
+        widths = (128, 64) if banded or exact else (176, 128, 64)
     else:
-        widths = (80, 64)
+        widths = (64,) if exact else (80, 64)
     return [TmaTiles(block_n, 2) for block_n in widths]
 
 
@@ -87,14 +91,14 @@ def tiles_for(spec) -> TmaTiles:
     previous tile's stores. Not under a band or block mask (tiles of unequal work, dealt out
     statically) nor for long rows (measured 5-9% slower at 8K keys)."""
     d, dv = spec.shapes.d, spec.shapes.dv
-    for tiles in candidate_tiles(d, dv, banded=spec.banded):
+    for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact_mask is not None):
         if tiles.shared_bytes(d, dv) > MAX_SHARED:
             continue
         if spec.block_mask is not None:
             bq, bk = spec.block_mask.block_size
             if bq % tiles.block_m or bk % tiles.block_n:
                 continue
-        if not spec.banded and spec.block_mask is None and spec.shapes.nk <= PERSISTENT_MAX_KEYS:
+        if not (spec.banded or spec.sparse or spec.exact) and spec.shapes.nk <= PERSISTENT_MAX_KEYS:
             tiles = dataclasses.replace(tiles, persistent=True)
         return tiles
     return None
@@ -124,7 +128,8 @@ def supports(spec, arrays) -> str | None:
         if reason:
             return f"{name}: {reason}"
     if tiles_for(spec) is None:
-        shapes = ", ".join(f"{t.block_m}x{t.block_n}" for t in candidate_tiles(d, dv, banded=spec.banded))
+        shapes = ", ".join(f"{t.block_m}x{t.block_n}"
+                           for t in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact_mask is not None))
         if spec.block_mask is None:
             return f"no tile shape ({shapes}) fits shared memory at D={d}, Dv={dv}"
         bq, bk = spec.block_mask.block_size

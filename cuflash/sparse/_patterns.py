@@ -23,7 +23,7 @@ import numpy
 
 from ._csr import ramp, sorted_unique
 from ._intervals import Grid, every_unit_attends, union
-from ._validate import nonnegative_int, nonnegative_pair, positive_int
+from ._validate import nonnegative_int, nonnegative_pair, positive_int, positive_pair
 
 
 def causal(nq, nk=None, *, block_size=None):
@@ -191,6 +191,65 @@ def image_local(height, width, *, radius, block_size=None):
     inside = (key_row >= 0) & (key_row < height)
     key_row, unit, lo, hi = key_row[inside], unit[inside], lo[inside], hi[inside]
     return grid.to_sparse(grid.keys(unit, key_row * width + lo, key_row * width + hi))
+
+
+def document(lengths, *, causal=False, block_size=None):
+    """Packed sequences (document masking): tokens attend only within their own document.
+
+    ``lengths`` are the documents' lengths in tokens, in order; the problem is
+    ``n = sum(lengths)`` queries and keys. Query ``i`` of the document ``[s, e)`` attends keys
+    ``s <= j < e``, or with ``causal=True`` keys ``s <= j <= i``. At block level a block is kept
+    when any of its pairs is (blocks straddling two documents hold parts of both).
+    """
+    lengths = numpy.asarray(lengths)
+    if lengths.ndim != 1 or lengths.size == 0 or not numpy.issubdtype(lengths.dtype, numpy.integer):
+        raise TypeError(f"lengths must be a non-empty 1-D sequence of integers, got {lengths!r}")
+    if (lengths < 1).any():
+        raise ValueError(f"lengths must be positive, got {lengths[lengths < 1][:5].tolist()}")
+    ends = numpy.cumsum(lengths.astype(numpy.int64))
+    starts = ends - lengths
+    grid = Grid(int(ends[-1]), None, block_size, nq_name="sum(lengths)")
+    # Every (query unit, document) pair that overlaps, as one key interval each.
+    first_unit, last_unit = starts // grid.bq, (ends - 1) // grid.bq
+    counts = last_unit - first_unit + 1
+    doc = numpy.repeat(numpy.arange(lengths.size), counts)
+    units = numpy.repeat(first_unit, counts) + ramp(counts)
+    lo = starts[doc]
+    hi = ends[doc] - 1
+    if causal:
+        last_query = numpy.minimum((units + 1) * grid.bq, ends[doc]) - 1
+        hi = numpy.minimum(hi, last_query)
+    return grid.to_sparse(grid.keys(units, lo, hi))
+
+
+def prefix_lm(nq, nk=None, *, prefix, block_size=None):
+    """Prefix language modelling: every query attends the first ``prefix`` keys (bidirectional
+    within the prefix) and, after it, causally: query ``i`` attends key ``j`` when
+    ``j < prefix`` or ``j <= i'`` (``i' = i + nk - nq``)."""
+    grid = Grid(nq, nk, block_size)
+    prefix = nonnegative_int("prefix", prefix)
+    if prefix > grid.nk:
+        raise ValueError(f"prefix={prefix} exceeds the key length nk={grid.nk}")
+    units, _, last = grid.query_ranges()
+    return grid.to_sparse(grid.keys(units, numpy.zeros_like(last),
+                                    numpy.maximum(last + grid.offset, prefix - 1)))
+
+
+def expand_blocks(pattern, *, block_size, shape):
+    """A block-level pattern (one entry per ``bq × bk`` block, e.g. from :func:`bigbird`) as the
+    element-level pattern of shape ``shape = (nq, nk)`` that sets every pair of a set block:
+    for ``ExactMask.from_scipy``. Partial last blocks are cut at the problem's edge."""
+    import scipy.sparse
+
+    bq, bk = positive_pair("block_size", block_size)
+    nq, nk = (positive_int(f"shape[{i}]", n) for i, n in enumerate(shape))
+    expected = (-(-nq // bq), -(-nk // bk))
+    if tuple(pattern.shape) != expected:
+        raise ValueError(f"pattern has shape {tuple(pattern.shape)}, but shape={tuple(shape)} with "
+                         f"block_size=({bq}, {bk}) has {expected} blocks")
+    blocks = scipy.sparse.csr_array(pattern).astype(bool)
+    elements = scipy.sparse.kron(blocks, numpy.ones((bq, bk), dtype=bool), format="csr")
+    return scipy.sparse.csr_array(elements[:nq, :nk])
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -10,6 +10,8 @@
 
 // The fields every argument struct ends with (the float32 kernels' structs too).
 #define MASK_AND_SCORE_FIELDS                                                                  \
+    const int* tile_slot;  /* exact mask: bitmask slot per tile_idx entry (mask.cuh), or null */  \
+    const u32* tile_bits;  /* exact mask: bitmasks of the partial tiles, or null */              \
     const float* alibi;  /* ALiBi slopes, (B, Hq) contiguous, or null */                        \
     int window_left;     /* key band, clamped on the host (mask.cuh) */                          \
     int window_right;                                                                          \
@@ -35,7 +37,7 @@ struct FwdArgs {
     float scale_log2;      // softmax scale * log2(e)
     MASK_AND_SCORE_FIELDS
 };
-static_assert(sizeof(FwdArgs) == 216, "FwdArgs must match FWD_ARGS in _launch.py");
+static_assert(sizeof(FwdArgs) == 232, "FwdArgs must match FWD_ARGS in _launch.py");
 
 // One struct for every backward kernel (preprocessing, mma.sync and wgmma variants).
 struct BwdArgs {
@@ -71,4 +73,4 @@ struct BwdArgs {
     float scale_log2;            // scale * log2(e)
     MASK_AND_SCORE_FIELDS
 };
-static_assert(sizeof(BwdArgs) == 392, "BwdArgs must match BWD_ARGS in _launch.py");
+static_assert(sizeof(BwdArgs) == 408, "BwdArgs must match BWD_ARGS in _launch.py");

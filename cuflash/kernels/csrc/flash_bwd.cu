@@ -347,11 +347,12 @@ flash_bwd_dkdv(const BwdArgs a) {
         }
 
         const MOD mod(a, b, walk.h);
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, walk.slot());
         const u32 q_stage = stage * BLOCK_M * S::QS * 2, o_stage = stage * BLOCK_M * S::OS * 2;
 #pragma unroll 1
         for (int pass = 0; pass < PASSES; ++pass)
             dkdv_pass<S, T>(dk_acc, dv_acc, ka, va, w, pass, q_stage, o_stage, sm.sl + stage * BLOCK_M,
-                            sm.sd + stage * BLOCK_M, mask, mod, n0 + w.kr0, m0);
+                            sm.sd + stage * BLOCK_M, tile_mask, mod, n0 + w.kr0, m0);
 
         // P^T / dS^T in shared memory complete; with one buffer, every warp is done with Q and dO.
         if constexpr (S::P_SMEM || ATOMIC_DQ || STAGES == 1) __syncthreads();
@@ -512,13 +513,14 @@ flash_bwd_dq(const BwdArgs a) {
         // lse2 and Delta of this thread's rows (scratch rows are padded: no bounds check), read
         // here rather than kept in registers through the loop.
         const i64 rows = ((i64)b * a.heads + h) * a.rows_pad + row0 + g;
-        const bool partial = mask.partial(row0, MT * 16, n0, BLOCK_N);
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(it));
+        const bool partial = tile_mask.partial(row0, MT * 16, n0, BLOCK_N);
         GradFactors<MOD, NT> grad[MT];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             const float lse2[2] = {a.lse2[rows + mt * 16], a.lse2[rows + mt * 16 + 8]};
             const float delta[2] = {a.delta[rows + mt * 16], a.delta[rows + mt * 16 + 8]};
-            recompute_probs(s[mt], grad[mt], mask, mod, partial, row0 + mt * 16 + g, n0, t, lse2);
+            recompute_probs(s[mt], grad[mt], tile_mask, mod, partial, row0 + mt * 16 + g, n0, t, lse2);
             softmax_grad<NT, MOD>(dp[mt], s[mt], grad[mt], [&](int, int i) { return delta[i / 2]; });
         }
 

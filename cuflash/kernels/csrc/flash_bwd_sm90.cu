@@ -116,6 +116,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         if (has_next) load_query_tile(ahead.h, next_m_tile, stage ^ 1);
         cp_async_commit();
 
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, walk.slot());
         const u32 st = (u32)(stage * QT_BYTES) >> 4;
         const float* lse2 = rows + stage * 2 * BLOCK_M;
         const float* delta = lse2 + BLOCK_M;
@@ -135,8 +136,9 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         // mask hides (keys past Nk are masked too, though their dK/dV rows are never written).
         wgmma_wait<1>();
         reg_fence(s);
-        recompute_probs_transposed(as_blocks<CT>(s), grad, mask, mod, false, key_row0 + g, m0, t, lse2);
-        if (mask.partial(m0, BLOCK_M, key_row0, 16)) mask_probs_transposed(as_blocks<CT>(s), mask, key_row0 + g, m0, t);
+        recompute_probs_transposed(as_blocks<CT>(s), grad, tile_mask, mod, false, key_row0 + g, m0, t, lse2);
+        if (tile_mask.partial(m0, BLOCK_M, key_row0, 16))
+            mask_probs_transposed(as_blocks<CT>(s), tile_mask, key_row0 + g, m0, t);
         pack_a<T, KM>(pf, s);
 
         // dV += Pᵀ dO, running while dSᵀ is formed.
@@ -285,8 +287,10 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         wgmma_wait<1>();
         reg_fence(s);
         const int n0 = key_tile[j] * BLOCK_N;
-        recompute_probs(as_blocks<NT>(s), grad, mask, mod, false, warp_row0 + g, n0, t, lse2);
-        if (mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(as_blocks<NT>(s), mask, warp_row0 + g, n0, t, 0.f);
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(j));
+        recompute_probs(as_blocks<NT>(s), grad, tile_mask, mod, false, warp_row0 + g, n0, t, lse2);
+        if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N))
+            mask_scores(as_blocks<NT>(s), tile_mask, warp_row0 + g, n0, t, 0.f);
 
         // dS = P ∘ (dP − Delta[row]).
         wgmma_wait<0>();

@@ -304,7 +304,7 @@ struct F32FwdArgs {
     float scale_log2;  // softmax scale * log2(e)
     MASK_AND_SCORE_FIELDS
 };
-static_assert(sizeof(F32FwdArgs) == 216, "F32FwdArgs must match FWD_ARGS in float32.py");
+static_assert(sizeof(F32FwdArgs) == 232, "F32FwdArgs must match FWD_ARGS in float32.py");
 
 // One thread block owns BLOCK_M query rows of one (batch, head) and walks the key tiles of
 // BLOCK_N keys its rows see: S = Q·Kᵀ in registers, score modifier and mask, online softmax, P
@@ -360,7 +360,8 @@ flash_f32_fwd(const F32FwdArgs a) {
         float s[TM][TN];
         zero(s);
         gemm_nt<TM, TN, DQK, QS, QS>(s, sq, sk);
-        modify_and_mask<BLOCK_M, BLOCK_N>(s, mask, mod, m0, n_tile * BLOCK_N);
+        modify_and_mask<BLOCK_M, BLOCK_N>(s, mask.template tile<BLOCK_M, BLOCK_N>(m0, n_tile * BLOCK_N, keys.slot(it)),
+                                          mod, m0, n_tile * BLOCK_N);
         softmax_update<PS>(s, row_max, row_sum, acc, sp, mod.softmax_scale());
 
         cp_async_wait_all();
@@ -423,7 +424,7 @@ struct F32BwdArgs {
     float scale_log2;  // scale * log2(e)
     MASK_AND_SCORE_FIELDS
 };
-static_assert(sizeof(F32BwdArgs) == 360, "F32BwdArgs must match BWD_ARGS in float32.py");
+static_assert(sizeof(F32BwdArgs) == 376, "F32BwdArgs must match BWD_ARGS in float32.py");
 
 // Per query row: Delta = rowsum(dO ∘ O). One warp per row.
 __global__ void __launch_bounds__(f32::THREADS) flash_f32_bwd_prep(const F32BwdArgs a) {
@@ -489,7 +490,7 @@ __device__ __forceinline__ void probs_and_grads(const float (&s)[TM][TN], const 
             float grad;
             const float x = mod.apply(s[i][j], query, key, grad);
             float p = expf(fmaf(x, nat, -lse[qi]));
-            if (partial && !keys_of_row(mask, query).contains(key)) p = 0.f;
+            if (partial && !sees(mask, query, key)) p = 0.f;
             float ds = p * (dp[i][j] - delta[qi]);
             if constexpr (MOD::has_grad_factor) ds *= grad;
             if constexpr (TRANSPOSED) sp[(ty + 16 * i) * PS + tx + 16 * j] = p;
@@ -570,8 +571,9 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
         zero(st);
         gemm_nt<TM, TN, DQK, QS, QS>(st, sk, sq);
 
-        const bool partial = MASK::banded && mask.partial(m0, BLOCK_M, n0, valid_keys);
-        probs_and_grads<true, PS>(st, dpt, lse_c, delta_c, mask, mod, partial, n0, m0,
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, walk.slot());
+        const bool partial = hides_pairs(tile_mask) && tile_mask.partial(m0, BLOCK_M, n0, valid_keys);
+        probs_and_grads<true, PS>(st, dpt, lse_c, delta_c, tile_mask, mod, partial, n0, m0,
                                   natural_factor<MOD>(a.scale), spt, sdst);
         __syncthreads();  // Pᵀ, dSᵀ visible
         gemm_nn<TM, CV, BLOCK_M, PS, VS>(dv_acc, spt, sdo);
@@ -655,7 +657,8 @@ flash_f32_bwd_dq(const F32BwdArgs a) {
         gemm_nt<TM, TN, DV, VS, VS>(dp, sdo, sv);
 
         const int n0 = n_tile * BLOCK_N;
-        probs_and_grads<false, PS>(s, dp, lse_r, delta_r, mask, mod, mask.partial(m0, BLOCK_M, n0, BLOCK_N),
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, keys.slot(it));
+        probs_and_grads<false, PS>(s, dp, lse_r, delta_r, tile_mask, mod, tile_mask.partial(m0, BLOCK_M, n0, BLOCK_N),
                                    m0, n0, natural_factor<MOD>(a.scale), nullptr, sds);
         __syncthreads();  // dS visible; every thread is done with V
         if (it + 1 < keys.count)

@@ -94,11 +94,12 @@ flash_fwd(const FwdArgs a) {
         // Score modifier, then element masks only where the tile holds keys some row does not see.
         const int n0 = n_tile * BLOCK_N;
         const int warp_row0 = m0 + warp * MT * 16;
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(it));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) modify_scores(s[mt], mod, warp_row0 + mt * 16 + g, n0, t);
-        if (mask.partial(warp_row0, MT * 16, n0, BLOCK_N)) {
+        if (tile_mask.partial(warp_row0, MT * 16, n0, BLOCK_N)) {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) mask_scores(s[mt], mask, warp_row0 + mt * 16 + g, n0, t);
+            for (int mt = 0; mt < MT; ++mt) mask_scores(s[mt], tile_mask, warp_row0 + mt * 16 + g, n0, t);
         }
 
         // Online softmax in base 2; P packed to 16-bit A fragments for P·V.

@@ -19,8 +19,9 @@
 
 template <typename T, int D, int WG, int BLOCK_N, int STAGES, class MASK, class MOD>
 // At D = 64 two thread blocks fit an SM's shared memory; the bound keeps their registers within
-// the SM's too (128 per thread), which is worth 1.36x on causal calls.
-__global__ void __launch_bounds__(WG * 128, D <= 64 ? 2 : 1)
+// the SM's too (128 per thread), which is worth 1.36x on causal calls. An exact mask's bit tests
+// need a few registers more than 128 leave: its variants hold one block per SM.
+__global__ void __launch_bounds__(WG * 128, (D <= 64 && !MASK::exact) ? 2 : 1)
 flash_fwd_sm90(const FwdArgs a) {
     constexpr int THREADS = WG * 128;
     constexpr int BLOCK_M = WG * 64;
@@ -95,11 +96,12 @@ flash_fwd_sm90(const FwdArgs a) {
     // Score modifier and masks, then the online softmax of S in place (S becomes P in float);
     // returns each row's rescale factor for O. Element masks only where the tile holds keys some
     // row of this warp does not see.
-    auto softmax = [&](int n_tile, float (&alpha)[2]) {
-        const int n0 = n_tile * BLOCK_N;
+    auto softmax = [&](int j, float (&alpha)[2]) {
+        const int n0 = key_tile[j] * BLOCK_N;
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(j));
         float (&sb)[NT][4] = as_blocks<NT>(s);
         modify_scores(sb, mod, warp_row0 + g, n0, t);
-        if (mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, mask, warp_row0 + g, n0, t);
+        if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, tile_mask, warp_row0 + g, n0, t);
         online_softmax(sb, row_max, row_sum, mod.softmax_scale(), alpha);
     };
 
@@ -135,7 +137,7 @@ flash_fwd_sm90(const FwdArgs a) {
         reg_fence(s);
         {
             float alpha[2];
-            softmax(key_tile[0], alpha);
+            softmax(0, alpha);
         }
         pack_a<T, KPV>(pf, s);
 
@@ -154,7 +156,7 @@ flash_fwd_sm90(const FwdArgs a) {
             wgmma_wait<1>();
             reg_fence(s);
             float alpha[2];
-            softmax(key_tile[j], alpha);
+            softmax(j, alpha);
             wgmma_wait<0>();
             reg_fence(o);
 #pragma unroll

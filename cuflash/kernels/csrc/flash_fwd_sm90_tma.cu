@@ -104,7 +104,7 @@ struct GemmTurns {
 template <int BLOCK_M, int BLOCK_N, class MASK>
 struct TmaTileWork {
     int b, h, m0;
-    KeyTiles<MASK::sparse> key_tile;
+    KeyTiles<MASK::sparse, MASK::exact> key_tile;
     __device__ __forceinline__ TmaTileWork(const MASK& mask, const FwdArgs& a, int index) {
         const QueryTile tile = query_tile_at<MASK::banded>(index, a.m_tiles, a.heads);
         b = tile.b;
@@ -217,13 +217,15 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
 #pragma unroll
     for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
 
-    // Modifier, mask (only where the tile holds keys some row of this warp does not see) and the
-    // online softmax of S_j in place; alpha rescales what O held before.
-    auto softmax = [&](int n_tile, float (&alpha)[2]) {
-        const int n0 = n_tile * BLOCK_N;
+    // Modifier, mask (only where the tile holds keys some row of this warp does not see; an
+    // exact mask's bits only on its partial tiles) and the online softmax of the j-th visited
+    // tile's S in place; alpha rescales what O held before.
+    auto softmax = [&](int j, float (&alpha)[2]) {
+        const int n0 = work.key_tile[j] * BLOCK_N;
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(work.m0, n0, work.key_tile.slot(j));
         float (&sb)[NT][4] = as_blocks<NT>(s);
         modify_scores(sb, mod, warp_row0 + g, n0, t);
-        if (mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, mask, warp_row0 + g, n0, t);
+        if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, tile_mask, warp_row0 + g, n0, t);
         online_softmax(sb, row_max, row_sum, mod.softmax_scale(), alpha);
     };
 
@@ -243,7 +245,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         ks.advance();
         {
             float alpha[2];
-            softmax(work.key_tile[0], alpha);
+            softmax(0, alpha);
         }
         pack_a<T, KPV>(pf, s);
 
@@ -262,7 +264,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
             reg_fence(s);
             if (leader) mbar_arrive(bar.k_empty(ks.stage));
             float alpha[2];
-            softmax(work.key_tile[j], alpha);
+            softmax(j, alpha);
             wgmma_wait<0>();
             reg_fence(o);
             reg_fence_frag(pf);

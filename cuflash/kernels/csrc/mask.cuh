@@ -4,7 +4,8 @@
 //
 //     i + shift − left  ≤  j  ≤  i + shift + right,        shift = Nk − Nq (bottom-right aligned),
 //
-// and, with a block mask, when the (query tile, key tile) block is kept. Causal is the band
+// and, with a block mask, when the (query tile, key tile) block is kept; with an exact mask, when
+// the pair is allowed by the element pattern. Causal is the band
 // (unbounded, 0), a sliding window (left, right) is flash-attn's window_size. The host sends the
 // band already clamped (cuflash/_spec.py, AttentionSpec.kernel_band): an unbounded left side as
 // Nk and an unbounded right side as Nq, which admit every key yet keep every sum below in int32.
@@ -15,26 +16,53 @@
 //   partial(rows, keys)           whether a tile holds a pair that is not seen (needs the test)
 //   key_tiles_of (schedule.cuh)   the key tiles a query tile visits
 //   QueryTileWalk (schedule.cuh)  the query tiles a key tile is seen by
+//   tile(row0, key0, slot)        the mask of one tile of the walk, for the per-element tests
 // LEFT / RIGHT say whether that side of the band is bounded at all; an unbounded side compiles
 // away (dense attention has neither, causal only RIGHT), so each call pays only for the bounds
 // it has: every live register counts in kernels that keep two thread blocks per SM.
+//
+// EXACT (an exact mask, cuflash.sparse.ExactMask) walks the tile CSR of the non-empty tiles of the
+// element pattern (SPARSE is true too). Each tile the walk visits carries a slot (tile_slot, one
+// per CSR entry): −1 for a full tile, which runs exactly as an unmasked one, else the index of its
+// bitmask in tile_bits: BLOCK_M rows of ceil(BLOCK_N / 32) words, bit c % 32 of word c / 32 of row
+// r set when query row0 + r sees key key0 + c. tile() turns (mask, slot) into an ExactTile whose
+// partial() and element tests (keys_of_row, rows_of_key, sees) combine the band with the bits.
 #pragma once
 #include "arch/ptx.cuh"
 
-template <bool LEFT, bool RIGHT, bool SPARSE>
+template <class MASK, int BLOCK_M, int BLOCK_N>
+struct ExactTile;
+
+template <bool LEFT, bool RIGHT, bool SPARSE, bool EXACT = false>
 struct Mask {
+    static_assert(SPARSE || !EXACT, "an exact mask walks the tile CSR of its non-empty tiles");
     static constexpr bool banded = LEFT || RIGHT;
     static constexpr bool sparse = SPARSE;
+    static constexpr bool exact = EXACT;
     static constexpr bool left_bounded = LEFT;
     int nq, nk, shift, left, right;
-    const int* tile_ptr;  // block-sparse: CSR over query tiles (or its transpose), else null
+    const int* tile_ptr;  // block-sparse or exact: CSR over query tiles (or its transpose), else null
     const int* tile_idx;
-    int mask_heads;       // block-sparse: 1 = one pattern per query head, 0 = one shared
+    int mask_heads;       // block-sparse or exact: 1 = one pattern per query head, 0 = one shared
+    const int* tile_slot;  // exact: per CSR entry, −1 (full tile) or the tile's bitmask index
+    const u32* tile_bits;  // exact: the partial tiles' bitmasks
 
     template <class Args>
     __device__ __forceinline__ explicit Mask(const Args& a)
         : nq(a.nq), nk(a.nk), shift(a.nk - a.nq), left(a.window_left), right(a.window_right),
-          tile_ptr(a.tile_ptr), tile_idx(a.tile_idx), mask_heads(a.mask_heads) {}
+          tile_ptr(a.tile_ptr), tile_idx(a.tile_idx), mask_heads(a.mask_heads),
+          tile_slot(a.tile_slot), tile_bits(a.tile_bits) {}
+
+    // The mask of the BLOCK_M × BLOCK_N tile at (row0, key0) that the walk gives `slot`: the mask
+    // itself unless it is exact.
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ auto tile(int row0, int key0, int slot) const {
+        if constexpr (EXACT) {
+            return ExactTile<Mask, BLOCK_M, BLOCK_N>(*this, row0, key0, slot);
+        } else {
+            return *this;
+        }
+    }
 
     __device__ __forceinline__ int key_begin(int row) const {
         if constexpr (LEFT) return max(0, row + shift - left);
@@ -87,4 +115,111 @@ template <class MASK>
 __device__ __forceinline__ auto rows_of_key(const MASK& mask, int key) {
     constexpr int NO_ROW = 0x7fffffff;
     return RowRange<MASK::left_bounded>{key >= mask.nk ? NO_ROW : mask.row_begin(key), mask.row_end(key)};
+}
+
+// Whether a tile's mask can hide pairs inside the tile (a band or an exact mask's bits): only
+// then do partial tiles need the per-element test in layouts where keys past Nk are harmless.
+template <class MASK>
+__device__ __forceinline__ constexpr bool hides_pairs(const MASK&) {
+    return MASK::banded;
+}
+
+// A pair test: whether query `row` sees `key`.
+template <class MASK>
+__device__ __forceinline__ bool sees(const MASK& mask, int row, int key) {
+    return keys_of_row(mask, row).contains(key);
+}
+
+// ---- exact masks: one tile of the walk, its band and its bits
+
+// One row of a tile's bits, held in registers (BLOCK_N <= 128 keys: at most four words).
+template <int BLOCK_N>
+struct RowBits {
+    static_assert(BLOCK_N <= 128, "a tile row of bits is at most four words");
+    static constexpr int WORDS = (BLOCK_N + 31) / 32;  // 32-bit words per tile row in memory
+    u32 word[WORDS];
+
+    __device__ __forceinline__ void load(const u32* row) {
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) word[i] = __ldg(row + i);
+    }
+    __device__ __forceinline__ void fill() {
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) word[i] = ~0u;
+    }
+    // Bit c (0 <= c < BLOCK_N), the word picked by selects: an indexed register array would
+    // go to local memory.
+    __device__ __forceinline__ bool test(int c) const {
+        u32 x = word[0];
+#pragma unroll
+        for (int i = 1; i < WORDS; ++i)
+            if (c >= 32 * i) x = word[i];
+        return (x >> (c & 31)) & 1u;
+    }
+};
+
+template <class MASK, int BLOCK_M, int BLOCK_N>
+struct ExactTile {
+    // softmax.cuh tests elements of partial tiles only where a mask can hide pairs inside one.
+    static constexpr bool banded = true;
+    static constexpr bool exact = true;
+    static constexpr bool left_bounded = MASK::left_bounded;
+    static constexpr int WORDS = RowBits<BLOCK_N>::WORDS;
+    const MASK& band;  // the kernel's mask (a reference: no copy of its fields to keep live)
+    int slot;  // the tile's bitmask (−1: a full tile); an index, not a pointer: one register less
+    int row0, key0;
+
+    __device__ __forceinline__ ExactTile(const MASK& mask, int row0_, int key0_, int slot_)
+        : band(mask), slot(slot_), row0(row0_), key0(key0_) {}
+
+    __device__ __forceinline__ bool has_bits() const { return slot >= 0; }
+    // The words of query `row` of the tile (has_bits() only).
+    __device__ __forceinline__ const u32* row_words(int row) const {
+        return band.tile_bits + ((i64)slot * BLOCK_M + (row - row0)) * WORDS;
+    }
+    __device__ __forceinline__ bool partial(int r0, int rows, int k0, int keys) const {
+        return has_bits() || band.partial(r0, rows, k0, keys);
+    }
+    // The row's bits (all set in a full tile).
+    __device__ __forceinline__ RowBits<BLOCK_N> row_bits(int row) const {
+        RowBits<BLOCK_N> r;
+        if (has_bits()) r.load(row_words(row));
+        else r.fill();
+        return r;
+    }
+};
+
+template <bool LEFT, int BLOCK_N>
+struct ExactKeyRange {
+    KeyRange<LEFT> band;
+    RowBits<BLOCK_N> bits;
+    int key0;
+    __device__ __forceinline__ bool contains(int key) const { return band.contains(key) && bits.test(key - key0); }
+};
+template <class MASK, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ auto keys_of_row(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, int row) {
+    return ExactKeyRange<MASK::left_bounded, BLOCK_N>{keys_of_row(tile.band, row), tile.row_bits(row), tile.key0};
+}
+
+// For tiles held transposed: one key's bit in each query row, read as the element is tested.
+template <class TILE>
+struct ExactRowRange {
+    RowRange<TILE::left_bounded> band;
+    const TILE& tile;
+    int c;  // the key's column in the tile
+    __device__ __forceinline__ bool contains(int row) const {
+        if (!tile.has_bits()) return band.contains(row);
+        return ((__ldg(tile.row_words(row) + c / 32) >> (c % 32)) & 1u) && band.contains(row);
+    }
+};
+template <class MASK, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ auto rows_of_key(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, int key) {
+    return ExactRowRange<ExactTile<MASK, BLOCK_M, BLOCK_N>>{rows_of_key(tile.band, key), tile, key - tile.key0};
+}
+
+template <class MASK, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ bool sees(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, int row, int key) {
+    if (!keys_of_row(tile.band, row).contains(key)) return false;
+    const int c = key - tile.key0;
+    return !tile.has_bits() || ((__ldg(tile.row_words(row) + c / 32) >> (c % 32)) & 1u);
 }

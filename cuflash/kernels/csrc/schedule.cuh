@@ -35,18 +35,24 @@ __device__ __forceinline__ KvTile kv_tile_of_block(int n_tiles, int kv_heads) {
 
 // The key tiles (of BLOCK_N keys) that query tile m_tile (of BLOCK_M rows) visits, in ascending
 // order: the band's tile range (dense), or the part of the tile CSR's row inside it
-// (block-sparse, one pattern per head or one shared).
-template <bool SPARSE>
+// (block-sparse or exact, one pattern per head or one shared). slot(i) is the i-th tile's
+// bitmask slot for Mask::tile (exact masks; −1 otherwise).
+template <bool SPARSE, bool EXACT>
 struct KeyTiles {
     const int* idx;
+    const int* slots;
     int first, count;
     __device__ __forceinline__ int operator[](int i) const {
         if constexpr (SPARSE) return idx[first + i];
         return first + i;
     }
+    __device__ __forceinline__ int slot(int i) const {
+        if constexpr (EXACT) return slots[first + i];
+        return -1;
+    }
 };
 template <int BLOCK_M, int BLOCK_N, class MASK>
-__device__ __forceinline__ KeyTiles<MASK::sparse> key_tiles_of(const MASK& mask, int m_tile, int h,
+__device__ __forceinline__ KeyTiles<MASK::sparse, MASK::exact> key_tiles_of(const MASK& mask, int m_tile, int h,
                                                               int m_tiles) {
     const int row0 = m_tile * BLOCK_M;
     int n_begin = 0, n_end = (mask.nk + BLOCK_N - 1) / BLOCK_N;
@@ -61,25 +67,27 @@ __device__ __forceinline__ KeyTiles<MASK::sparse> key_tiles_of(const MASK& mask,
             first = lower_bound_index(mask.tile_idx, first, last, n_begin);
             last = lower_bound_index(mask.tile_idx, first, last, n_end);
         }
-        return {mask.tile_idx, first, last - first};
+        return {mask.tile_idx, mask.tile_slot, first, last - first};
     }
-    return {mask.tile_idx, n_begin, max(0, n_end - n_begin)};
+    return {mask.tile_idx, mask.tile_slot, n_begin, max(0, n_end - n_begin)};
 }
 
 // The (query head, query tile) pairs a dK/dV thread block visits for its key tile n_tile of one
 // (batch, key/value head): the query heads of the GQA group in order and, for each, the query
 // tiles whose rows see the key tile: a range (dense) or the part of its column of the transposed
-// block-sparse index inside that range. A value type, so the next pair can be looked at ahead.
+// block-sparse (or exact) index inside that range; slot() is the current tile's bitmask slot for
+// Mask::tile (exact masks; −1 otherwise). A value type, so the next pair can be looked at ahead.
 template <int BLOCK_M, int BLOCK_N, class MASK>
 struct QueryTileWalk {
     const int* col_ptr;
     const int* row_idx;
+    const int* slots;
     int n_tile, n_tiles, m_tiles, mask_heads, m_begin, m_end, h_end;
     int h, pos, end;
 
     template <class Args>
     __device__ __forceinline__ QueryTileWalk(const MASK& mask, const Args& a, int n_tile_, int hk)
-        : col_ptr(mask.tile_ptr), row_idx(mask.tile_idx), n_tile(n_tile_), n_tiles(a.n_tiles),
+        : col_ptr(mask.tile_ptr), row_idx(mask.tile_idx), slots(mask.tile_slot), n_tile(n_tile_), n_tiles(a.n_tiles),
           m_tiles(a.m_tiles), mask_heads(mask.mask_heads), m_begin(0), m_end(a.m_tiles),
           h_end((hk + 1) * a.group) {
         if constexpr (MASK::banded) {
@@ -95,6 +103,10 @@ struct QueryTileWalk {
     __device__ __forceinline__ int m_tile() const {
         if constexpr (MASK::sparse) return row_idx[pos];
         return pos;
+    }
+    __device__ __forceinline__ int slot() const {
+        if constexpr (MASK::exact) return slots[pos];
+        return -1;
     }
     __device__ __forceinline__ void next() {
         ++pos;

@@ -1,0 +1,377 @@
+"""Exact masks (cuflash.sparse.ExactMask, attention's ``mask=``): the builders, the tile layout the
+kernels read, bad input, and attention against the float64 oracle on the NumPy path and on every
+GPU kernel family (sm80, sm90 with CUFLASH_DISABLE_SM90 toggled, float32), forward and backward,
+combined with causal, windows, softcap, ALiBi and grouped heads.
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import scipy.sparse
+from click.testing import CliRunner
+from oracle import assert_backward_close, assert_forward_close, poisoned, random_array, to_host
+
+import cuflash
+from cuflash import kernels
+from cuflash.cli import main
+from cuflash.sparse import (BlockMask, ExactMask, causal, document, expand_blocks, prefix_lm,
+                            sliding_window)
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
+DTYPE_IDS = ["float16", "bfloat16", "float32"]
+
+
+def mixed_pattern(rng, nq, nk, *, heads=None, density=0.03):
+    """A pattern with full, partial and empty tiles at every kernel's tile shape (for problems
+    of about 300 × 300): documents (dense squares on the diagonal, cut at odd places), scattered
+    pairs, an allowed bottom-left corner, an empty top-right corner and a row that sees no key.
+    ``heads``: one pattern per head, else one shared."""
+    count = heads or 1
+    dense = np.zeros((count, nq, nk), dtype=bool)
+    for h in range(count):
+        cuts = np.sort(rng.choice(np.arange(1, min(nq, nk)), size=3, replace=False))
+        edges = [0, *cuts, min(nq, nk)]
+        for start, stop in zip(edges[:-1], edges[1:]):
+            dense[h, start:stop, start:stop] = True
+        dense[h] |= rng.random((nq, nk)) < density
+        dense[h, nq - 128:, :128] = True
+        dense[h, :128, nk - 128:] = False
+        dense[h, nq // 2] = False
+    return ExactMask.from_dense(dense if heads else dense[0])
+
+
+# ----------------------------------------------------------------------------- builders
+
+def brute_document(lengths, causal_):
+    n = sum(lengths)
+    doc = np.repeat(np.arange(len(lengths)), lengths)
+    keep = doc[:, None] == doc[None, :]
+    if causal_:
+        keep &= np.arange(n)[None, :] <= np.arange(n)[:, None]
+    return keep
+
+
+@pytest.mark.parametrize("causal_", [False, True])
+def test_document_masks_match_their_definition(causal_):
+    lengths = [5, 1, 17, 9, 3]
+    expected = brute_document(lengths, causal_)
+    np.testing.assert_array_equal(document(lengths, causal=causal_).toarray(), expected)
+    # Block level: a block is set when any of its pairs is.
+    blocks = document(lengths, causal=causal_, block_size=4).toarray()
+    padded = np.zeros((36, 36), bool)
+    padded[:35, :35] = expected
+    np.testing.assert_array_equal(blocks, padded.reshape(9, 4, 9, 4).any(axis=(1, 3)))
+
+
+def test_prefix_lm_sees_the_prefix_then_causally():
+    got = prefix_lm(7, prefix=3).toarray()
+    i, j = np.indices((7, 7))
+    np.testing.assert_array_equal(got, (j < 3) | (j <= i))
+    got = prefix_lm(4, 7, prefix=2).toarray()  # bottom-right aligned as causal
+    i, j = np.indices((4, 7))
+    np.testing.assert_array_equal(got, (j < 2) | (j <= i + 3))
+
+
+def test_expand_blocks_gives_every_pair_of_a_set_block():
+    blocks = scipy.sparse.csr_array(np.array([[1, 0], [1, 1]], bool))
+    got = expand_blocks(blocks, block_size=4, shape=(6, 7)).toarray()
+    expected = np.zeros((6, 7), bool)
+    expected[:4, :4] = expected[4:, :] = True
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("builder", [
+    lambda: causal(200), lambda: sliding_window(200, window=(30, 5)),
+    lambda: document([70, 50, 80], causal=True), lambda: prefix_lm(200, prefix=50)])
+def test_element_builders_make_exact_masks(builder):
+    pattern = builder()
+    mask = ExactMask.from_scipy(pattern)
+    np.testing.assert_array_equal(mask.to_element_dense()[0], pattern.toarray())
+    assert mask.nnz == pattern.nnz and mask.num_heads is None
+
+
+# ----------------------------------------------------------------------------- the tile layout
+
+def decode(tiles, tile_m, tile_n, heads, nq, nk):
+    """The pairs a TileBits allows, read as the kernels read it (docs/sparse.md)."""
+    words_per_row = -(-tile_n // 32)
+    got = np.zeros((heads, nq, nk), bool)
+    for h in range(heads):
+        for i in range(tiles.row_ptr.shape[1] - 1):
+            for e in range(tiles.row_ptr[h, i], tiles.row_ptr[h, i + 1]):
+                j, slot = tiles.col_idx[e], tiles.row_slot[e]
+                rows = slice(i * tile_m, min((i + 1) * tile_m, nq))
+                cols = slice(j * tile_n, min((j + 1) * tile_n, nk))
+                if slot < 0:
+                    got[h, rows, cols] = True
+                    continue
+                words = tiles.bits[slot * tile_m * words_per_row:][:tile_m * words_per_row]
+                words = words.reshape(tile_m, words_per_row)
+                c = np.arange(cols.stop - cols.start)
+                bits = (words[:rows.stop - rows.start, c // 32] >> (c % 32).astype(np.uint32)) & 1
+                got[h, rows, cols] = bits.astype(bool)
+    return got
+
+
+@pytest.mark.parametrize("tile", [(128, 64), (64, 128), (64, 64), (128, 128), (128, 32),
+                                  (64, 32), (32, 64), (16, 16)])
+def test_tile_bits_hold_exactly_the_pattern(rng, tile):
+    nq, nk = 301, 283
+    mask = mixed_pattern(rng, nq, nk, heads=3)
+    tile_m, tile_n = tile
+    tiles = mask.tile_bits(tile_m, tile_n)
+    np.testing.assert_array_equal(decode(tiles, tile_m, tile_n, 3, nq, nk),
+                                  mask.to_element_dense())
+    # The key-major walk sees the same tiles with the same slots.
+    for h in range(3):
+        for j in range(tiles.col_ptr.shape[1] - 1):
+            for e in range(tiles.col_ptr[h, j], tiles.col_ptr[h, j + 1]):
+                i = tiles.row_idx[e]
+                row = tiles.col_idx[tiles.row_ptr[h, i]:tiles.row_ptr[h, i + 1]]
+                position = tiles.row_ptr[h, i] + int(np.flatnonzero(row == j)[0])
+                assert tiles.col_slot[e] == tiles.row_slot[position]
+    counts = mask.tile_counts(tile_m, tile_n)
+    tiles_m, tiles_n = -(-nq // tile_m), -(-nk // tile_n)
+    assert counts.full + counts.partial + counts.empty == 3 * tiles_m * tiles_n
+    assert counts.full and counts.partial and counts.empty
+    # At most one bit per pair of the partial tiles (rows padded to whole 32-bit words).
+    assert counts.bitmask_bytes == counts.partial * tile_m * (-(-tile_n // 32) * 32) // 8
+    if tile_n % 32 == 0:
+        assert counts.bitmask_bytes * 8 <= counts.partial * tile_m * tile_n
+
+
+def test_tiles_are_cached_per_shape(rng):
+    mask = mixed_pattern(rng, 200, 200)
+    assert mask.tile_bits(64, 64) is mask.tile_bits(64, 64)
+    assert mask.tile_bits(64, 64) is not mask.tile_bits(128, 64)
+
+
+def test_construction_round_trips(rng):
+    dense = rng.random((2, 90, 70)) < 0.2
+    mask = ExactMask.from_dense(dense)
+    assert mask == ExactMask.from_scipy([scipy.sparse.coo_array(d) for d in dense])
+    assert hash(mask) == hash(ExactMask.from_dense(dense))
+    np.testing.assert_array_equal(mask.element_rows([5, 80])[:, :, :], dense[:, [5, 80]])
+    np.testing.assert_array_equal(np.stack([m.toarray() for m in mask.to_scipy()]), dense)
+    import pickle
+    assert pickle.loads(pickle.dumps(mask)) == mask
+    with pytest.raises(AttributeError):
+        mask._shape = (1, 1)
+
+
+def test_repr_and_render_report_full_partial_and_empty_tiles(rng):
+    mask = ExactMask.from_scipy(document([300, 212], causal=True))
+    text = repr(mask)
+    counts = mask.tile_counts(128, 128)
+    assert text.startswith("ExactMask(shape=(512, 512), num_heads=None")
+    assert (f"{counts.full:,} full, {counts.partial:,} partial, {counts.empty:,} empty; "
+            f"bitmasks {counts.bitmask_bytes:,} bytes") in text
+    assert counts.full and counts.partial and counts.empty
+    picture = mask.render().splitlines()
+    assert len(picture) == 4 and all(len(line) == 4 for line in picture)
+    assert picture[0] == "▒···" and picture[1][0] == "█" and picture[3] == "··▒▒"
+
+
+def test_cli_mask_show_exact_counts_tiles_and_bitmask_bytes():
+    runner = CliRunner()
+    args = ["mask", "show", "sliding-window", "--seq-len", "2K", "--window", "100", "--exact"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "exact" in lines[0] and "allowed pairs" in lines[1]
+    assert any("sm90 forward" in line and "partial" in line and "bitmasks" in line
+               for line in lines)
+    assert set("".join(lines[-16:])) <= {"█", "▒", "·"}
+    import json
+    record = json.loads(runner.invoke(main, args + ["--json"]).output)
+    expected = ExactMask.from_scipy(sliding_window(2048, window=100))
+    assert record["allowed_pairs"] == expected.nnz
+    for row in record["tiles"]:
+        counts = expected.tile_counts(*row["tile"])
+        assert (row["full"], row["partial"], row["empty"], row["bitmask_bytes"]) == (
+            counts.full, counts.partial, counts.empty, counts.bitmask_bytes)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def qkv(shape_q=(1, 4, 100, 32), nk=120, hkv=4):
+    q = np.zeros(shape_q, np.float32)
+    k = np.zeros(shape_q[:-3] + (hkv, nk, shape_q[-1]), np.float32)
+    return q, k, k
+
+
+def test_a_pattern_of_the_wrong_shape_is_refused_naming_mask():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"mask was built for Nq=100, Nk=100.*Nk=120"):
+        cuflash.attention(q, k, v, mask=ExactMask.from_scipy(causal(100)))
+    with pytest.raises(ValueError, match="shape=.*disagrees with the pattern's shape"):
+        ExactMask.from_scipy(causal(100, 120), shape=(100, 100))
+
+
+def test_the_wrong_number_of_heads_is_refused():
+    q, k, v = qkv()
+    mask = ExactMask.from_scipy([causal(100, 120)] * 3)
+    with pytest.raises(ValueError, match="mask holds one pattern per head for 3 heads.*Hq=4"):
+        cuflash.attention(q, k, v, mask=mask)
+    with pytest.raises(ValueError, match="mask holds"):
+        cuflash.attention_backward(q, q, k, v, q, np.zeros((1, 4, 100), np.float32), mask=mask)
+
+
+@pytest.mark.parametrize("given, words", [
+    (lambda: BlockMask.from_dense(np.ones((1, 1), bool), block_size=128, shape=(100, 120)),
+     "a BlockMask is block-sparse: pass it as block_mask="),
+    (lambda: causal(100, 120), "ExactMask.from_scipy"),
+    (lambda: np.ones((100, 120), bool), "ExactMask.from_dense"),
+    (lambda: "causal", "mask must be a cuflash.sparse.ExactMask or None"),
+])
+def test_mask_of_the_wrong_type_is_a_type_error(given, words):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=words):
+        cuflash.attention(q, k, v, mask=given())
+
+
+def test_an_exact_mask_is_never_taken_as_a_block_mask():
+    q, k, v = qkv()
+    exact = ExactMask.from_scipy(causal(100, 120))
+    with pytest.raises(TypeError, match="is not coarsened to blocks: pass it as mask="):
+        cuflash.attention(q, k, v, block_mask=exact)
+    blocks = exact.to_block_mask(64)
+    with pytest.raises(ValueError, match="not both"):
+        cuflash.attention(q, k, v, mask=exact, block_mask=blocks)
+
+
+@pytest.mark.parametrize("array, error", [
+    (np.ones(5, bool), ValueError), (np.ones((2, 0, 3), bool), ValueError),
+    (np.ones((4, 4), np.float32), TypeError), (scipy.sparse.eye(4), TypeError)])
+def test_from_dense_refuses_what_is_not_a_bool_pattern(array, error):
+    with pytest.raises(error, match="array"):
+        ExactMask.from_dense(array)
+
+
+def test_builders_refuse_bad_arguments():
+    with pytest.raises(TypeError, match="lengths"):
+        document([1.5, 2])
+    with pytest.raises(ValueError, match="lengths must be positive"):
+        document([3, 0])
+    with pytest.raises(ValueError, match="prefix=9 exceeds"):
+        prefix_lm(5, 8, prefix=9)
+    with pytest.raises(ValueError, match="block_size"):
+        expand_blocks(scipy.sparse.eye(2), block_size=4, shape=(20, 8))
+
+
+# ----------------------------------------------------------------------------- attention
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    if request.param == "numpy":
+        return np
+    return request.getfixturevalue("xp_gpu")
+
+
+@pytest.fixture(params=["sm90", "portable"])
+def hopper(request, monkeypatch):
+    """Runs a GPU case with the Hopper kernels allowed and with them disabled."""
+    if request.param == "portable":
+        monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    else:
+        monkeypatch.delenv(kernels.DISABLE_HOPPER_ENV, raising=False)
+    return request.param
+
+
+def run_case(xp, rng, seed, *, dtype, b=2, hq=4, hkv=2, nq=333, nk=301, d=64, per_head=False,
+             causal=False, window=(-1, -1), softcap=0.0, alibi=False, deterministic=False,
+             density=0.03):
+    """Forward into a NaN-poisoned ``out`` and backward of one exact-mask case, each checked by
+    the rule against the float64 oracle given the same pattern."""
+    q = random_array(rng, (b, hq, nq, d), dtype, xp=xp)
+    k = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
+    v = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
+    mask = mixed_pattern(rng, nq, nk, heads=hq if per_head else None, density=density)
+    slopes = None
+    if alibi:
+        slopes = xp.asarray((2.0 ** (-8.0 * np.arange(1, hq + 1) / hq)).astype(np.float32))
+    options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes, mask=mask)
+    context = f"seed={seed}, per_head={per_head}, {options | dict(alibi_slopes=alibi, mask=mask)}"
+    out = poisoned((b, hq, nq, d), dtype, xp=xp)
+    got, lse = cuflash.attention(q, k, v, **options, return_lse=True, out=out)
+    assert got is out
+    assert_forward_close(out, lse, q, k, v, **options, context=context)
+    dout = random_array(rng, out.shape, dtype, xp=xp)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options,
+                                       deterministic=deterministic)
+    assert_backward_close(grads, dout, q, k, v, **options, context=context)
+    empty_row = nq // 2  # sees no key: output 0, lse -inf, dq 0
+    assert np.all(to_host(out)[:, :, empty_row].astype(np.float32) == 0)
+    assert np.all(np.isneginf(to_host(lse)[:, :, empty_row]))
+    assert np.all(to_host(grads[0])[:, :, empty_row].astype(np.float32) == 0)
+    return mask, (q, k, v), out, grads
+
+
+FEATURES = {
+    "plain": dict(),
+    "per-head": dict(per_head=True),
+    "causal": dict(causal=True),
+    "window": dict(window=(90, 20)),
+    "softcap-alibi-gqa": dict(softcap=20.0, alibi=True, hkv=1),
+    "everything-per-head": dict(per_head=True, causal=True, window=(150, 0), softcap=30.0,
+                                alibi=True, hkv=2, nq=257, nk=391),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_exact_mask_on_the_numpy_path(rng, seed, dtype, feature):
+    run_case(np, rng, seed, dtype=dtype, **FEATURES[feature])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_exact_mask_on_every_gpu_family(xp_gpu, hopper, rng, seed, dtype, feature, d):
+    if hopper == "sm90" and dtype is np.float32:
+        pytest.skip("float32 has one family")
+    case = dict(FEATURES[feature], d=d)
+    mask, (q, k, v), _, _ = run_case(xp_gpu, rng, seed, dtype=dtype, **case)
+    plan = cuflash.kernel_plan(q, k, v, mask=mask, causal=case.get("causal", False))
+    families = {plan.forward.family.name, plan.backward.family.name}
+    if dtype is np.float32:
+        assert families == {"float32"}
+    elif hopper == "portable" or kernels._launch.on_hopper(q) is False:
+        assert families == {"sm80-mma"}
+    else:
+        assert families == {"sm90-wgmma"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=DTYPE_IDS[:2])
+def test_deterministic_backward_with_an_exact_mask(xp_gpu, hopper, seed, dtype):
+    options = dict(dtype=dtype, per_head=True, causal=True, softcap=30.0, deterministic=True)
+    first = run_case(xp_gpu, np.random.default_rng(seed), seed, **options)[3]
+    second = run_case(xp_gpu, np.random.default_rng(seed), seed, **options)[3]
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(to_host(a).view(np.uint16), to_host(b).view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=["bfloat16", "float32"])
+def test_exact_differs_from_its_block_sparse_coarsening(xp, rng, dtype):
+    """The same pattern as a BlockMask computes whole blocks: different rows, where a block holds
+    pairs the pattern leaves out; the exact mask is what the oracle computes."""
+    n, d = 256, 64
+    q, k, v = (random_array(rng, (1, 2, n, d), dtype, xp=xp) for _ in range(3))
+    pattern = sliding_window(n, window=(40, 0))
+    exact = ExactMask.from_scipy(pattern)
+    out_exact = to_host(cuflash.attention(q, k, v, mask=exact)).astype(np.float64)
+    out_blocks = to_host(cuflash.attention(q, k, v, block_mask=exact.to_block_mask(64)))
+    assert_forward_close(xp.asarray(out_exact.astype(dtype)), None, q, k, v, mask=exact)
+    differs = np.abs(out_exact - out_blocks.astype(np.float64)).max(axis=(0, 1, 3)) > 1e-2
+    assert differs[100:].all()  # every row past the first window loses keys to the blocks
+
+
+def test_cli_mask_show_exact_refuses_huge_patterns_and_pictures():
+    runner = CliRunner()
+    result = runner.invoke(main, ["mask", "show", "causal", "--seq-len", "16K", "--exact"])
+    assert result.exit_code == 3 and "--force" in result.output
+    result = runner.invoke(main, ["mask", "show", "causal", "--seq-len", "1K", "--exact",
+                                  "--png", "x.png"])
+    assert result.exit_code == 2 and "--exact" in result.output
