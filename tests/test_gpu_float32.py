@@ -173,14 +173,6 @@ def test_repeated_calls_are_bit_identical(xp_gpu, rng, seed):
             assert np.array_equal(first, again), f"{name} differs between calls; seed={seed}"
 
 
-def test_argument_structs_match_the_kernels():
-    # flash_f32.cu static_asserts the C sizes; the NumPy records must have the same.
-    from cuflash.kernels import float32
-
-    assert float32.FWD_ARGS.itemsize == 216
-    assert float32.BWD_ARGS.itemsize == 360
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_finite_differences(xp_gpu, rng, seed, causal):
     """Elements of the float32 kernel's gradients against central differences of the float64

@@ -62,3 +62,18 @@ def test_every_policy_combination_is_compiled():
                        "ScoreMod<false, false>", "ScoreMod<true, false>", "ScoreMod<false, true>",
                        "ScoreMod<true, true>"):
             assert policy in expressions, f"{name} compiles no variant with {policy}"
+
+
+def test_argument_records_match_the_kernels_structs():
+    """Each kernel source static_asserts its argument structs' C sizes; the NumPy records the
+    launchers pack must have the same sizes (a field added on one side only fails here)."""
+    import re
+
+    from cuflash.kernels import _launch, float32
+
+    for source, name, record in (("flash_f32.cu", "F32FwdArgs", float32.FWD_ARGS),
+                                 ("flash_f32.cu", "F32BwdArgs", float32.BWD_ARGS),
+                                 ("flash_fwd.cu", "FwdArgs", _launch.FWD_ARGS),
+                                 ("flash_bwd.cu", "BwdArgs", _launch.BWD_ARGS)):
+        (size,) = re.findall(rf"sizeof\({name}\) == (\d+)", _build.source(source))
+        assert record.itemsize == int(size), name
