@@ -46,10 +46,11 @@ def test_tile_choice_follows_head_dims_and_masks():
     assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).block_n == 176
     assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128, causal=True)).block_n == 128
     assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 256)).block_n == 80
-    # 128-row mask blocks cannot feed three consumers' 192 rows: two consumers then
+    # three consumers only unmasked and unmodified: they are compiled within 128 registers
     mask = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
-    masked64 = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, block_mask=mask))
-    assert masked64.block_m == 128 and 128 % masked64.block_n == 0
+    for options in (dict(causal=True), dict(window=(64, 0)), dict(softcap=30.0), dict(block_mask=mask)):
+        tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
+        assert tiles.consumers == 2 and tiles.block_m == 128, options
 
 
 def test_persistent_only_for_short_unmasked_rows():

@@ -64,18 +64,20 @@ class TmaTiles:
         return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
 
-def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False) -> list[TmaTiles]:
+def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
-    - D = Dv = 64: three consumers taking turns (ping-pong), where the softmax dominates;
+    - D = Dv = 64, `plain` (no mask, no score modifier): three consumers taking turns
+      (ping-pong), where the softmax dominates;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
       skipping of masked tiles) or an exact mask (its rows of bits hold at most 128 keys);
     - Dv > 128: 80-key tiles, the widest whose S still fits beside a 256-wide O in registers.
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
     within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
-    # An exact mask's row of bits takes registers that three consumers (128 each as compiled)
-    # and 80-key tiles beside a 256-wide O do not have: the next shape then (no spills).
+    # Three consumers are compiled within 128 registers each: any mask or score modifier
+    # spills there (and an exact mask's bits spill beside a 256-wide O at 80 keys): the next
+    # shape then.
     if max(d, dv) <= 64:
-        three = [] if exact else [TmaTiles(128, 2, consumers=3, pingpong=True)]
+        three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain else []
         return three + [TmaTiles(128, 3), TmaTiles(64, 3)]
     if _padded(dv) <= 128:
         widths = (128, 64) if banded or exact else (176, 128, 64)
@@ -91,7 +93,8 @@ def tiles_for(spec) -> TmaTiles:
     previous tile's stores. Not under a band or block mask (tiles of unequal work, dealt out
     statically) nor for long rows (measured 5-9% slower at 8K keys)."""
     d, dv = spec.shapes.d, spec.shapes.dv
-    for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact_mask is not None):
+    plain = not (spec.banded or spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi)
+    for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain):
         if tiles.shared_bytes(d, dv) > MAX_SHARED:
             continue
         if spec.block_mask is not None:
@@ -129,7 +132,7 @@ def supports(spec, arrays) -> str | None:
             return f"{name}: {reason}"
     if tiles_for(spec) is None:
         shapes = ", ".join(f"{t.block_m}x{t.block_n}"
-                           for t in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact_mask is not None))
+                           for t in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact))
         if spec.block_mask is None:
             return f"no tile shape ({shapes}) fits shared memory at D={d}, Dv={dv}"
         bq, bk = spec.block_mask.block_size
@@ -175,7 +178,11 @@ def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
     from ._variants import spec_grid, spec_of
 
-    specs = spec_grid((64, 96, 128, 256)) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
+    # The tile shape depends on the options at D = 64 (three consumers only unmasked) and at
+    # Dv > 128 (exact masks): their masked and modified variants too.
+    features = (dict(window=(256, 0)), dict(softcap=30.0), dict(causal=True, softcap=30.0))
+    specs = (spec_grid((64, 96, 128, 256)) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
+             + [spec_of("bfloat16", d, **options) for d in (64, 256) for options in features])
     return [(SOURCE, variant(spec, tiles_for(spec))) for spec in specs]
 
 
