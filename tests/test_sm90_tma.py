@@ -9,9 +9,16 @@ import types
 import numpy as np
 import pytest
 
+import dataclasses
+
 from cuflash.kernels import _tma, sm90_tma_forward
 from cuflash.kernels._variants import spec_of
 from cuflash.sparse import BlockMask
+
+
+def _long(spec, n=8192):
+    """The spec with n queries and keys (spec_of's have 1024)."""
+    return dataclasses.replace(spec, shapes=dataclasses.replace(spec.shapes, nq=n, nk=n))
 
 
 def _view(shape, strides_elems, ptr=1 << 20, itemsize=2):
@@ -43,8 +50,9 @@ def test_tile_choice_follows_head_dims_and_masks():
     plain64 = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64))
     assert (plain64.consumers, plain64.pingpong, plain64.block_n) == (3, True, 128)
     assert plain64.block_m == 192 and plain64.threads == 512
-    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).block_n == 176
-    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128, causal=True)).block_n == 128
+    assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 128))).block_n == 176
+    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).block_n == 128  # short rows
+    assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 128, causal=True))).block_n == 128
     assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 256)).block_n == 80
     # three consumers only unmasked and unmodified: they are compiled within 128 registers
     mask = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
@@ -53,10 +61,12 @@ def test_tile_choice_follows_head_dims_and_masks():
         assert tiles.consumers == 2 and tiles.block_m == 128, options
 
 
-def test_persistent_only_for_short_unmasked_rows():
-    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).persistent  # 1K keys
-    assert not sm90_tma_forward.tiles_for(spec_of("bfloat16", 128, causal=True)).persistent
-    assert not sm90_tma_forward.tiles_for(spec_of("bfloat16", 128, window=(64, 64))).persistent
+def test_persistent_only_for_short_unmasked_rows_at_wide_values():
+    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 256)).persistent  # 1K keys
+    assert not sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 256))).persistent
+    assert not sm90_tma_forward.tiles_for(spec_of("bfloat16", 256, causal=True)).persistent
+    assert not sm90_tma_forward.tiles_for(spec_of("bfloat16", 256, window=(64, 64))).persistent
+    assert not sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).persistent
 
 
 @pytest.mark.parametrize("d, dv", [(64, 64), (96, 96), (128, 128), (160, 160), (192, 128), (256, 256),

@@ -64,12 +64,14 @@ class TmaTiles:
         return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
 
-def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False) -> list[TmaTiles]:
+def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False,
+                    short: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
     - D = Dv = 64, `plain` (no mask, no score modifier): three consumers taking turns
       (ping-pong), where the softmax dominates;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
-      skipping of masked tiles) or an exact mask (its rows of bits hold at most 128 keys);
+      skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys) or for
+      `short` rows (at most PERSISTENT_MAX_KEYS keys, where 176 measured slower);
     - Dv > 128: 80-key tiles, the widest whose S still fits beside a 256-wide O in registers.
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
     within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
@@ -80,7 +82,7 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
         three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain else []
         return three + [TmaTiles(128, 3), TmaTiles(64, 3)]
     if _padded(dv) <= 128:
-        widths = (128, 64) if banded or exact else (176, 128, 64)
+        widths = (128, 64) if banded or exact or short else (176, 128, 64)
     else:
         widths = (64,) if exact else (80, 64)
     return [TmaTiles(block_n, 2) for block_n in widths]
@@ -88,20 +90,22 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
 
 def tiles_for(spec) -> TmaTiles:
     """The first candidate that fits shared memory and whose tiles a block mask's blocks are
-    whole multiples of; persistent for short unmasked rows: there a thread block's start-up is
-    a large part of its work, and one block per SM streams the next tile's K/V under the
-    previous tile's stores. Not under a band or block mask (tiles of unequal work, dealt out
-    statically) nor for long rows (measured 5-9% slower at 8K keys)."""
+    whole multiples of; persistent for short unmasked rows at Dv > 128, where one block per SM
+    streaming the next tile's K/V under the previous tile's stores measured faster (at Dv ≤ 128
+    the final grid measured it slower: benchmarks/NOTES.md). Never under a band or mask: tiles
+    of unequal work are dealt out statically (measured 30-40% slower causal), nor for long rows
+    (5-9% slower at 8K keys)."""
     d, dv = spec.shapes.d, spec.shapes.dv
     plain = not (spec.banded or spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi)
-    for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain):
+    short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
+    for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short):
         if tiles.shared_bytes(d, dv) > MAX_SHARED:
             continue
         if spec.block_mask is not None:
             bq, bk = spec.block_mask.block_size
             if bq % tiles.block_m or bk % tiles.block_n:
                 continue
-        if not (spec.banded or spec.sparse or spec.exact) and spec.shapes.nk <= PERSISTENT_MAX_KEYS:
+        if _padded(dv) > 128 and not (spec.banded or spec.sparse or spec.exact) and short:
             tiles = dataclasses.replace(tiles, persistent=True)
         return tiles
     return None
