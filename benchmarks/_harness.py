@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import cupy  # noqa: E402
 
+import cuflash  # noqa: E402
 from cuflash import _api  # noqa: E402
 from cuflash.bench import DTYPES as _DTYPES  # noqa: E402
 from cuflash.bench.problems import DENSE_HEAD_DIMS, DENSE_SEQ_LENS  # noqa: E402
@@ -195,6 +196,32 @@ def median_ms(fn, *, warmup=2, reps=10, batch=1):
     return statistics.median(_gpu().times(calls, warmup=1, repeats=reps)) * 1e3 / batch
 
 
+def cuflash_step(q, k, v, dout, mode, **options):
+    """One timed step: the forward (mode "fwd") or the forward and its backward ("fwd+bwd")."""
+    def run():
+        out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+        if mode == "fwd+bwd":
+            cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+    return run
+
+
+def torch_events_ms(torch, fn, reps=10, rounds=3):
+    """Median over `rounds` of the torch-event time of `reps` back-to-back calls of `fn`, per
+    call, in milliseconds (torch's current stream, after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / reps)
+    return statistics.median(times)
+
+
 def torch_module(use_torch):
     """torch with ``torch.nn.attention`` (SDPBackend, sdpa_kernel: torch >= 2.3), or None (with
     a line saying why) when it is not usable or not asked for."""
@@ -285,11 +312,11 @@ def sweep_shapes(tiles_for):
                 yield d, tiles, causal
 
 
-def sweep_grid(dtype_name, problems, tiles_for, tile_name, time_problem, key):
+def sweep_grid(dtype_name, problems, tiles_for, tile_name, time_problem, key, head_dims=DENSE_HEAD_DIMS):
     """One line per (D, N, causal) of ``problems``: for each of ``tiles_for(d)``, the TFLOP/s
     ``time_problem(None, dtype, n, d, causal, tiles=tiles, baselines=False)[key]``."""
     dtype = DTYPES[dtype_name]
-    for d in DENSE_HEAD_DIMS:
+    for d in head_dims:
         for n, causal in problems:
             cells = []
             for tiles in tiles_for(d):

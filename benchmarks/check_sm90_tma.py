@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cupy  # noqa: E402
 from _harness import (  # noqa: E402
     DTYPES, compile_report, fmt, median_ms, randn, ratio, run_correctness, sdpa_tflops,
-    short_error, spec_for, stop_if_broken, torch_module, free_pool, BrokenContext,
+    short_error, spec_for, stop_if_broken, sweep_grid, torch_module, free_pool, BrokenContext,
 )
 from check_sm90 import check_case, correctness_cases  # noqa: E402
 
@@ -115,18 +115,12 @@ def time_tiles(dtype, n, d, causal, tiles):
 
 def run_sweep():
     print("\n== tile sweep, bf16, TFLOP/s")
-    for d in (64, 96, 128, 256):
-        for n, causal in ((1024, False), (1024, True), (2048, False), (4096, True), (8192, False), (16384, True)):
-            cells = []
-            for t in sweep_tiles(d):
-                try:
-                    cells.append(f"{tile_name(t)}: {time_tiles(DTYPES['bfloat16'], n, d, causal, t):.1f}")
-                except Exception as error:
-                    cells.append(f"{tile_name(t)}: FAIL {short_error(error, 120)}")
-                    stop_if_broken(error, "during the sweep")
-                finally:
-                    free_pool()
-            print(f"D={d:<3d} N={n:<5d} causal={int(causal)}  " + " | ".join(cells), flush=True)
+
+    def timed(torch, dtype, n, d, causal, *, tiles, baselines):
+        return {"tma": time_tiles(dtype, n, d, causal, tiles)}
+
+    problems = ((1024, False), (1024, True), (2048, False), (4096, True), (8192, False), (16384, True))
+    sweep_grid("bfloat16", problems, sweep_tiles, tile_name, timed, "tma", head_dims=(64, 96, 128, 256))
 
 
 def time_problem(torch, dtype, n, d, dv, causal):

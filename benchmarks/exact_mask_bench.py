@@ -20,48 +20,17 @@ FlexAttention is skipped when torch is missing.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import cupy
 import numpy
 import scipy.sparse
 
-import cuflash
+from _harness import cuflash_step, median_ms, torch_events_ms  # benchmarks/_harness.py
 from cuflash.sparse import ExactMask, document
 
 N = 16384
 HIDDEN = 2048
 BLOCK = 128  # block size of the block-sparse comparison
-
-
-def _ms(fn, reps=10, rounds=3):
-    fn()
-    cupy.cuda.Device().synchronize()
-    times = []
-    for _ in range(rounds):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(reps):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / reps)
-    return statistics.median(times)
-
-
-def _torch_ms(torch, fn, reps=10, rounds=3):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / reps)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -93,14 +62,6 @@ def clustered_graph(rng, n, clusters=32, links=3, p=0.4):
 
 def _line(name, values):
     print(f"{name:34}" + "".join(f"{v:>13}" for v in values), flush=True)
-
-
-def _cuflash_step(q, k, v, dout, mode, **options):
-    def run():
-        out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
-        if mode == "fwd+bwd":
-            cuflash.attention_backward(dout, q, k, v, out, lse, **options)
-    return run
 
 
 def _flex_step(torch, flex, block_mask, q, k, v, dout, mode):
@@ -153,13 +114,13 @@ def bench_pattern(name, exact, mask_mod, head_dims, torch, flex, create_block_ma
             cq, ck, cv, cdo = (rng.standard_normal((1, heads, N, d), dtype=cupy.float32)
                                .astype(DTYPES["bfloat16"]) for _ in range(4))
         for mode in ("fwd", "fwd+bwd"):
-            ours = _ms(_cuflash_step(cq, ck, cv, cdo, mode, mask=exact))
-            theirs_blocks = _ms(_cuflash_step(cq, ck, cv, cdo, mode, block_mask=blocks))
+            ours = median_ms(cuflash_step(cq, ck, cv, cdo, mode, mask=exact), reps=3, batch=10)
+            theirs_blocks = median_ms(cuflash_step(cq, ck, cv, cdo, mode, block_mask=blocks), reps=3, batch=10)
             vs_blocks = theirs_blocks / ours
             cells = [f"{ours:.3f}", f"{theirs_blocks:.3f}",
                      f"{vs_blocks:.2f}x {'ok' if vs_blocks >= 0.9 else 'MISS'}"]
             if torch is not None:
-                t_flex = _torch_ms(torch, _flex_step(torch, flex, flex_mask, q, k, v, dout, mode))
+                t_flex = torch_events_ms(torch, _flex_step(torch, flex, flex_mask, q, k, v, dout, mode))
                 vs_flex = t_flex / ours
                 cells += [f"{t_flex:.3f}", f"{vs_flex:.2f}x {'ok' if vs_flex >= 1.3 else 'MISS'}"]
             else:

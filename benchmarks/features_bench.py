@@ -17,57 +17,19 @@ Times are medians of CUDA-event timings after warm-up; ratios > 1 mean cuflash i
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import cupy
 import numpy
 
-import cuflash
+from _harness import cuflash_step, median_ms, torch_events_ms  # benchmarks/_harness.py
 
 WINDOW = 4096
 HEAD_DIM, HIDDEN = 128, 2048
 
 
-def _ms(fn, reps=10, rounds=3):
-    fn()
-    times = []
-    for _ in range(rounds):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(reps):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / reps)
-    return statistics.median(times)
-
-
-def _torch_ms(torch, fn, reps=10, rounds=3):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / reps)
-    return statistics.median(times)
-
-
 def _tensors(torch, b, h, n, d):
     g = torch.Generator(device="cuda").manual_seed(0)
     return [torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
-
-
-def _cuflash_step(q, k, v, dout, mode, **options):
-    def run():
-        out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
-        if mode == "fwd+bwd":
-            cuflash.attention_backward(dout, q, k, v, out, lse, **options)
-    return run
 
 
 def _torch_step(torch, fn, q, k, v, dout, mode):
@@ -111,11 +73,11 @@ def sliding_window(torch, flex, create_block_mask, seq_lens):
             a, b_, c, attn_mask=bool_mask)
         fraction = _band_area(n, left) / _band_area(n, n)
         for mode in ("fwd", "fwd+bwd"):
-            dense = _ms(_cuflash_step(cq, ck, cv, cdo, mode, causal=True))
-            ours = _ms(_cuflash_step(cq, ck, cv, cdo, mode, causal=True, window=(left, 0)))
-            t_flex = _torch_ms(torch, _torch_step(torch, flex_fn, q, k, v, dout, mode))
+            dense = median_ms(cuflash_step(cq, ck, cv, cdo, mode, causal=True), reps=3, batch=10)
+            ours = median_ms(cuflash_step(cq, ck, cv, cdo, mode, causal=True, window=(left, 0)), reps=3, batch=10)
+            t_flex = torch_events_ms(torch, _torch_step(torch, flex_fn, q, k, v, dout, mode))
             try:
-                t_sdpa = _torch_ms(torch, _torch_step(torch, sdpa_fn, q, k, v, dout, mode), reps=3)
+                t_sdpa = torch_events_ms(torch, _torch_step(torch, sdpa_fn, q, k, v, dout, mode), reps=3)
             except RuntimeError as error:  # a full N×N mask can exhaust memory at long N
                 t_sdpa = float("nan")
                 print(f"  sdpa failed: {str(error)[:120]}")
@@ -146,11 +108,11 @@ def score_mods(torch, flex, seq_lens):
         q, k, v, dout = _tensors(torch, b, heads, n, HEAD_DIM)
         cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, dout))
         for mode in ("fwd", "fwd+bwd"):
-            plain = _ms(_cuflash_step(cq, ck, cv, cdo, mode))
+            plain = median_ms(cuflash_step(cq, ck, cv, cdo, mode), reps=3, batch=10)
             for name, options, score_mod in cases:
-                ours = _ms(_cuflash_step(cq, ck, cv, cdo, mode, **options))
+                ours = median_ms(cuflash_step(cq, ck, cv, cdo, mode, **options), reps=3, batch=10)
                 flex_fn = lambda a, b_, c, m=score_mod: flex(a, b_, c, score_mod=m)  # noqa: E731
-                t_flex = _torch_ms(torch, _torch_step(torch, flex_fn, q, k, v, dout, mode))
+                t_flex = torch_events_ms(torch, _torch_step(torch, flex_fn, q, k, v, dout, mode))
                 over = ours / plain - 1
                 _line(f"N={n} B={b} {mode} {name}",
                       [f"{plain:.3f}", f"{ours:.3f}", f"{over:+.1%} {'ok' if over <= 0.10 else 'MISS'}",

@@ -90,6 +90,21 @@ def on_hopper(x) -> bool:
     return _compute_capability(x.device.id) == "90"
 
 
+def why_not_16bit(spec) -> str | None:
+    """None for a float16/bfloat16 call, else the reason a tensor-core family cannot take it."""
+    if spec.dtype.name not in ("float16", "bfloat16"):
+        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    return None
+
+
+def why_not_hopper_16bit(spec, x) -> str | None:
+    """None for a float16/bfloat16 call on a compute-capability 9.0 device (array `x`'s), else
+    the reason a Hopper family cannot take it."""
+    if not on_hopper(x):
+        return "needs compute capability 9.0 (Hopper)"
+    return why_not_16bit(spec)
+
+
 def make_struct_dtype(fields) -> numpy.dtype:
     """A NumPy structured dtype with the C layout of a kernel's argument struct."""
     return numpy.dtype([(name, kind) for name, kind in fields], align=True)

@@ -50,6 +50,7 @@ from ._launch import (
     stride_fields,
     tile_index,
     vector_aligned,
+    why_not_16bit,
 )
 
 SOURCE = "flash_bwd.cu"
@@ -234,8 +235,9 @@ def supports(spec, arrays) -> str | None:
     mask (if any) has blocks the tiles divide. `arrays` (q, k, v, dout, out, dq, dk, dv) may
     have any alignment."""
     del arrays  # unaligned views run the element-wise load/store variants
-    if spec.dtype.name not in ("float16", "bfloat16"):
-        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    reason = why_not_16bit(spec)
+    if reason:
+        return reason
     try:
         tiles_for(spec)
     except ValueError as error:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from . import _build
 from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type,
-                      padded_head_dims, score_mod_type, vector_aligned)
+                      padded_head_dims, score_mod_type, vector_aligned, why_not_16bit)
 
 SOURCE = "flash_fwd.cu"
 
@@ -77,8 +77,9 @@ def tiles_for(spec) -> FwdTiles:
 
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: it takes any 16-bit call on sm_80+."""
-    if spec.dtype.name not in ("float16", "bfloat16"):
-        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    reason = why_not_16bit(spec)
+    if reason:
+        return reason
     try:
         tiles_for(spec)
     except ValueError as error:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 
 from . import _build, mma_backward
-from ._launch import (KernelLaunch, check_grid, element_type, mask_type, on_hopper, score_mod_type, tile_index,
-                      vector_aligned)
+from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
+                      vector_aligned, why_not_hopper_16bit)
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -93,10 +93,9 @@ def supports(spec, arrays) -> str | None:
     float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of
     every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
     q = arrays[0]
-    if not on_hopper(q):
-        return "needs compute capability 9.0 (Hopper)"
-    if spec.dtype.name not in ("float16", "bfloat16"):
-        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    reason = why_not_hopper_16bit(spec, q)
+    if reason:
+        return reason
     d, dv = spec.shapes.d, spec.shapes.dv
     if d != dv or d not in HEAD_DIMS:
         return f"takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"

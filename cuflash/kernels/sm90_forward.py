@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 
 from . import _build
-from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type, on_hopper,
-                      score_mod_type, vector_aligned)
+from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type,
+                      score_mod_type, vector_aligned, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -63,10 +63,9 @@ def supports(spec, arrays) -> str | None:
     device, float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row
     strides, and block masks whose blocks are whole multiples of the tile."""
     q, k, v, out = arrays
-    if not on_hopper(q):
-        return "needs compute capability 9.0 (Hopper)"
-    if spec.dtype.name not in ("float16", "bfloat16"):
-        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    reason = why_not_hopper_16bit(spec, q)
+    if reason:
+        return reason
     d, dv = spec.shapes.d, spec.shapes.dv
     if d != dv or d not in HEAD_DIMS:
         return f"takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"

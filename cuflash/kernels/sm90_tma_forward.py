@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy
 
 from . import _build, _tma
-from ._launch import (element_type, forward_args, forward_pointers, mask_type, on_hopper, score_mod_type,
-                      vector_aligned)
+from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type,
+                      vector_aligned, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
@@ -121,10 +121,9 @@ def variant(spec, tiles: TmaTiles) -> str:
 def supports(spec, arrays) -> str | None:
     """None when ``forward`` can run this call, else why not."""
     q, k, v, out = arrays
-    if not on_hopper(q):
-        return "needs compute capability 9.0 (Hopper)"
-    if spec.dtype.name not in ("float16", "bfloat16"):
-        return f"takes float16/bfloat16, not {spec.dtype.name}"
+    reason = why_not_hopper_16bit(spec, q)
+    if reason:
+        return reason
     d, dv = spec.shapes.d, spec.shapes.dv
     if d not in HEAD_DIMS or dv not in HEAD_DIMS:
         return f"takes D and Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"
