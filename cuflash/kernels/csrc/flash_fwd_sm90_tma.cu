@@ -1,9 +1,9 @@
 // FlashAttention forward for Hopper (sm_90a), warp-specialised: one producer warpgroup moves Q, K
-// and V with TMA, two consumer warpgroups run the wgmma GEMMs and the online softmax.
+// and V with TMA, two or three consumer warpgroups run the wgmma GEMMs and the online softmax.
 //
 // Thread block: 1 + CONSUMERS warpgroups, BLOCK_M = 64·CONSUMERS query rows of one (batch, head).
 //   warpgroup 0, the producer: gives its registers away (setmaxnreg) and one elected thread
-//     issues TMA copies: the Q tile once, then each visited key tile's K and V into rings of
+//     issues TMA copies: each query tile's Q, then each visited key tile's K and V into rings of
 //     STAGES buffers. A "full" mbarrier per buffer counts the bytes in; an "empty" one collects
 //     one arrival per consumer before the buffer is refilled.
 //   warpgroups 1.., the consumers: 64 query rows each. Per key tile j: S_j = Q·K_jᵀ and
