@@ -158,7 +158,7 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
 def kernel_tile_shapes(head_dim: int) -> dict:
     """``(tile_m, tile_n)`` → the GPU kernels that walk an exact mask at those tiles, for 16-bit
     and float32 inputs with D = Dv = ``head_dim``."""
-    from cuflash.kernels import float32, mma_backward, mma_forward, sm90_backward, sm90_forward
+    from cuflash.kernels import float32, mma_backward, mma_forward, sm90_backward, sm90_tma_forward
 
     shapes = {}
 
@@ -171,9 +171,10 @@ def kernel_tile_shapes(head_dim: int) -> dict:
     bwd = mma_backward.default_tiles(padded, padded, exact=True)
     add((bwd.block_m, bwd.block_n), "sm80 dK/dV")
     add((bwd.dq_block_m, bwd.dq_block_n), "sm80 dQ")
-    if head_dim in sm90_forward.HEAD_DIMS:
-        hopper = sm90_forward.default_tiles(head_dim)
+    if head_dim in sm90_tma_forward.HEAD_DIMS:
+        hopper = sm90_tma_forward.candidate_tiles(head_dim, head_dim, banded=False, exact=True)[0]
         add((hopper.block_m, hopper.block_n), "sm90 forward")
+    if head_dim in sm90_backward.HEAD_DIMS:
         hopper_bwd = sm90_backward.default_tiles(head_dim)
         add((hopper_bwd.dkdv_block_m, hopper_bwd.dkdv_block_n), "sm90 dK/dV")
         add((hopper_bwd.dq_block_m, hopper_bwd.dq_block_n), "sm90 dQ")
