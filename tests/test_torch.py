@@ -269,6 +269,36 @@ def test_block_mask_object_and_handle():
         assert np.array_equal(x.grad.numpy(), g)
 
 
+def test_exact_mask_object_and_handle():
+    """mask= carries an ExactMask to the core's mask= (the exact pattern, not its blocks)."""
+    from cuflash.sparse import ExactMask, document
+    mask = ExactMask.from_scipy(document([20, 27, 17], causal=True))
+    q, k, v = randn(2, 2, 64, 16), randn(2, 2, 64, 16), randn(2, 2, 64, 16)
+    expected, lse = cuflash.attention(q.numpy(), k.numpy(), v.numpy(), mask=mask, return_lse=True)
+    for given in (mask, ct.block_mask_handle(mask)):
+        out = ct.attention(q, k, v, mask=given)
+        assert np.array_equal(out.numpy(), expected)
+    qs = [leaf(x) for x in (q, k, v)]
+    ct.attention(*qs, mask=mask).sum().backward()
+    grads = cuflash.attention_backward(np.ones_like(expected), q.numpy(), k.numpy(), v.numpy(),
+                                       expected, lse, mask=mask)
+    for x, g in zip(qs, grads):
+        assert np.array_equal(x.grad.numpy(), g)
+
+
+def test_masks_in_the_wrong_slot_or_both_are_refused():
+    from cuflash.sparse import BlockMask, ExactMask
+    exact = ExactMask.from_dense(np.tril(np.ones((64, 64), dtype=bool)))
+    blocks = BlockMask.from_dense(np.tril(np.ones((4, 4), dtype=bool)), block_size=16)
+    q = randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="not both"):
+        ct.attention(q, q, q, block_mask=blocks, mask=exact)
+    with pytest.raises(TypeError, match="ExactMask"):
+        ct.attention(q, q, q, mask=blocks)
+    with pytest.raises(TypeError, match="BlockMask"):
+        ct.attention(q, q, q, block_mask=ct.block_mask_handle(exact))
+
+
 def test_block_mask_under_compile_recompiles_per_mask():
     from cuflash.sparse import BlockMask
     masks = [BlockMask.from_dense(np.tril(np.ones((4, 4), dtype=bool)), block_size=16),

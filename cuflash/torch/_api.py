@@ -35,7 +35,7 @@ def _check_tensors(**tensors) -> None:
 
 def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
               window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, block_mask=None,
-              deterministic: bool = False, return_lse: bool = False):
+              mask=None, deterministic: bool = False, return_lse: bool = False):
     """``cuflash.attention`` on torch tensors, differentiable with respect to q, k and v.
 
     Parameters
@@ -56,6 +56,9 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     block_mask : cuflash.sparse.BlockMask or int, optional
         A block-sparse pattern, or its handle from ``block_mask_handle`` (see docs/torch.md for
         its use under ``torch.compile``).
+    mask : cuflash.sparse.ExactMask or int, optional
+        An element-exact pattern (``cuflash.attention``'s ``mask=``), or its handle from
+        ``block_mask_handle``; not together with ``block_mask``.
     deterministic : bool
         Bit-identical gradients from run to run (``cuflash.attention_backward``).
     return_lse : bool
@@ -65,9 +68,28 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     cuflash core does not have them; at their defaults they are never passed on.
     """
     out, lse = _attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                          alibi_slopes=alibi_slopes, block_mask=block_mask,
+                          alibi_slopes=alibi_slopes, block_mask=_one_mask(block_mask, mask),
                           deterministic=deterministic, seq_major=False)
     return (out, lse) if return_lse else out
+
+
+def _one_mask(block_mask, mask):
+    """The one mask the operators carry: a BlockMask for ``block_mask``, an ExactMask for
+    ``mask`` (either may be a handle), refused in the other slot or together, as the core does."""
+    from cuflash.sparse import BlockMask, ExactMask
+
+    if block_mask is not None and mask is not None:
+        raise ValueError("give block_mask (block-sparse) or mask (exact), not both")
+    chosen, name, kind = ((mask, "mask", ExactMask) if mask is not None
+                          else (block_mask, "block_mask", BlockMask))
+    if chosen is None:
+        return None
+    registered = chosen if not isinstance(chosen, int) or isinstance(chosen, bool) else \
+        _ops.lookup_block_mask(chosen)
+    if not isinstance(registered, kind):
+        raise TypeError(f"{name} takes a cuflash.sparse.{kind.__name__} (or its handle), got "
+                        f"{type(registered).__name__}")
+    return chosen
 
 
 def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,

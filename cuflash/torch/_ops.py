@@ -4,8 +4,9 @@ Both are ``torch.library.custom_op``s with fake (meta) implementations, so ``tor
 traces through them without graph breaks; the forward carries ``register_autograd``, whose
 backward calls the backward operator and saves only q, k, v, out and the log-sum-exp.
 
-A block mask is not a tensor: the operators take an int handle into a registry of masks
-(``block_mask_handle``); -1 means no mask.
+A mask (a block-sparse ``BlockMask`` or an element-exact ``ExactMask``) is not a tensor: the
+operators take an int handle into a registry of masks (``block_mask_handle``); -1 means no
+mask.
 """
 
 import inspect
@@ -54,6 +55,17 @@ def lookup_block_mask(handle: int):
     if not 0 <= handle < len(_masks):
         raise ValueError(f"{handle} is not a block mask handle from cuflash.torch.block_mask_handle")
     return _masks[handle]
+
+
+def mask_options(handle: int) -> dict:
+    """The core's keyword for the mask behind ``handle``: ``block_mask=`` for a block-sparse
+    pattern, ``mask=`` for an exact one, nothing without a mask."""
+    from cuflash.sparse import ExactMask
+
+    registered = lookup_block_mask(handle)
+    if registered is None:
+        return {}
+    return {"mask" if isinstance(registered, ExactMask) else "block_mask": registered}
 
 
 # ----------------------------------------------------------------------------- core options
@@ -153,7 +165,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     ``seq_major`` lays the output's memory out as (..., N, H, Dv) (the layout flash-attn returns)
     instead of (..., H, N, Dv). ``deterministic`` does nothing here: it is kept for the backward.
     """
-    mask = lookup_block_mask(block_mask)
+    masking = mask_options(block_mask)
     out = _empty_out(q, k, v, seq_major)
     if q.device.type == "cuda":
         with _bridge.cuda_scope(q.device) as allocator:
@@ -161,15 +173,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
                                     _bridge.to_cupy)
             _, lse = cuflash.attention(
                 _bridge.to_cupy(q), _bridge.to_cupy(k), _bridge.to_cupy(v), causal=causal,
-                scale=scale, block_mask=mask, return_lse=True, out=_bridge.to_cupy(out),
-                **options)
+                scale=scale, return_lse=True, out=_bridge.to_cupy(out), **masking, **options)
             return out, allocator.to_torch(lse)
     if q.device.type != "cpu":
         raise ValueError(f"cuflash runs on CUDA and CPU tensors, got a tensor on {q.device}")
     options = _core_options(window_left, window_right, softcap, alibi_slopes, _bridge.to_numpy)
     _, lse = cuflash.attention(
         _bridge.to_numpy(q), _bridge.to_numpy(k), _bridge.to_numpy(v), causal=causal,
-        scale=scale, block_mask=mask, return_lse=True, out=_bridge.to_numpy(out), **options)
+        scale=scale, return_lse=True, out=_bridge.to_numpy(out), **masking, **options)
     return out, _bridge.from_numpy(lse)
 
 
@@ -189,7 +200,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        deterministic: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ``cuflash.attention_backward``."""
-    mask = lookup_block_mask(block_mask)
+    masking = mask_options(block_mask)
     grads = _empty_grads(q, k, v) if _grads_have_out() else None
     if q.device.type == "cuda":
         with _bridge.cuda_scope(q.device) as allocator:
@@ -199,7 +210,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 options.update(zip(("dq", "dk", "dv"), map(convert, grads)))
             result = cuflash.attention_backward(
                 *map(convert, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
-                block_mask=mask, deterministic=deterministic, **options)
+                deterministic=deterministic, **masking, **options)
             if grads is not None:
                 return grads
             return tuple(allocator.to_torch(g) for g in result)
@@ -210,8 +221,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if grads is not None:
         options.update(zip(("dq", "dk", "dv"), map(convert, grads)))
     result = cuflash.attention_backward(
-        *map(convert, (dout, q, k, v, out, lse)), causal=causal, scale=scale, block_mask=mask,
-        deterministic=deterministic, **options)
+        *map(convert, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
+        deterministic=deterministic, **masking, **options)
     if grads is not None:
         return grads
     return tuple(_bridge.from_numpy(g) for g in result)
