@@ -37,7 +37,7 @@ class FakeDevice:
         from cupy.cuda import memory
 
         from cuflash import _calls, _checks
-        from cuflash.kernels import _build, _launch, _tma, sm90_tma_forward
+        from cuflash.kernels import _build, _launch, _tma
 
         self.cupy, self.launches, self.compiled, self.side_arguments = cupy, [], [], []
         pointers = itertools.count(1)
@@ -59,9 +59,9 @@ class FakeDevice:
         monkeypatch.setattr(_launch, "_compute_capability", lambda device_id: compute_capability)
         monkeypatch.setattr(_build, "get_function", get_function)
         # TMA descriptors come from the driver: a stand-in holding what the real one encodes.
-        monkeypatch.setattr(_tma, "encode", lambda x, box_rows: np.array(
-            ([x.data.ptr, box_rows, *x.shape, *x.strides] + [0] * 16)[:16], np.uint64))
-        monkeypatch.setattr(sm90_tma_forward, "_sm_count", lambda device_id: 132)
+        monkeypatch.setattr(_tma, "_encode", lambda address, shape, strides, dtype_name, box_rows: np.array(
+            ([address, box_rows, *shape, *strides] + [0] * 16)[:16], np.uint64))
+        monkeypatch.setattr(_launch, "sm_count", lambda device_id: 132)
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
         monkeypatch.setattr(_checks, "alibi_copy",  # the copy itself needs the device
                             lambda slopes, shapes, xp: empty((shapes.b, shapes.hq), np.float32))

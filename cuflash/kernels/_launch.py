@@ -85,6 +85,14 @@ def _compute_capability(device_id: int) -> str:
     return cupy.cuda.Device(device_id).compute_capability
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device_id: int) -> int:
+    """Streaming multiprocessors of a device (looked up once per device)."""
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+
+
 def on_hopper(x) -> bool:
     """Whether CuPy array `x` lives on a compute-capability 9.0 device (looked up once per device)."""
     return _compute_capability(x.device.id) == "90"

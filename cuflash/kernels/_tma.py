@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 
 import numpy
 
@@ -53,14 +54,28 @@ def _encode_function():
     return function
 
 
-def encode(x, box_rows: int) -> numpy.ndarray:
-    """The descriptor of 4-D view ``x`` (B, H, N, D) for boxes of ``box_rows`` × 64 elements, as
-    16 uint64 words (read-only: shared between calls). Box coordinates are (column, row, head,
-    batch)."""
-    reason = why_not_expressible(x)
-    if reason:
-        raise ValueError(reason)
-    return _encode(x.data.ptr, x.shape, x.strides, x.dtype.name, box_rows)
+@dataclass(frozen=True)
+class TensorLayout:
+    """All that a descriptor of a 4-D view (B, H, N, D) holds besides its address, for boxes of
+    ``box_rows`` × 64 elements: checked once (``of``), then ``descriptor(address)`` per call.
+    Box coordinates are (column, row, head, batch)."""
+
+    shape: tuple
+    byte_strides: tuple
+    dtype_name: str
+    box_rows: int
+
+    @classmethod
+    def of(cls, x, box_rows: int) -> "TensorLayout":
+        reason = why_not_expressible(x)
+        if reason:
+            raise ValueError(reason)
+        return cls(tuple(x.shape), tuple(x.strides), x.dtype.name, box_rows)
+
+    def descriptor(self, address: int) -> numpy.ndarray:
+        """The 16 uint64 words of the descriptor for data at ``address`` (read-only: shared
+        between calls)."""
+        return _encode(address, self.shape, self.byte_strides, self.dtype_name, self.box_rows)
 
 
 # A descriptor is a pure function of these: calls that reuse their buffers (training loops over

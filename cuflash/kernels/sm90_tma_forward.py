@@ -9,14 +9,13 @@ describe, block masks whose blocks are whole tiles). Everything else falls to th
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import numpy
 
-from . import _build, _tma
-from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type,
-                      vector_aligned, why_not_hopper_16bit)
+from . import _build, _launch, _tma
+from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type, vector_aligned,
+                      why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
@@ -24,13 +23,6 @@ OPTIONS = (f"-arch={ARCH}",)
 HEAD_DIMS = (64, 96, 128, 160, 192, 224, 256)  # padded to multiples of 64 inside the kernel
 PERSISTENT_MAX_KEYS = 2048
 MAX_SHARED = 227 * 1024 - 256  # the SM's limit per block, less the static mbarriers
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_id: int) -> int:
-    import cupy
-
-    return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
 
 def _padded(d: int) -> int:
@@ -144,32 +136,34 @@ def supports(spec, arrays) -> str | None:
 
 
 class TmaForwardLaunch:
-    """A prepared launch of this kernel: the packed arguments and the grid are fixed; each call
-    fills in the data pointers and encodes the three TMA descriptors (they hold the addresses)."""
+    """A prepared launch of this kernel: the packed arguments, the grid and the tensors' TMA
+    layouts are fixed; each call fills in the data pointers and the three descriptors' addresses
+    (a descriptor holds its tensor's address)."""
 
-    def __init__(self, kernel, grid: int, tile_count: int, tiles: TmaTiles, shared: int, args):
+    def __init__(self, kernel, grid: int, tile_count: int, tiles: TmaTiles, shared: int, args, layouts):
         self.kernel, self.grid, self.tile_count = kernel, grid, numpy.int32(tile_count)
-        self.tiles, self.shared, self.args = tiles, shared, args
+        self.tiles, self.shared, self.args, self.layouts = tiles, shared, args, layouts
 
     def __call__(self, q, k, v, out, lse, spec) -> None:
-        maps = _tma.pack([_tma.encode(q, 64), _tma.encode(k, self.tiles.block_n),
-                          _tma.encode(v, self.tiles.block_n)])
+        maps = _tma.pack([layout.descriptor(x.data.ptr) for layout, x in zip(self.layouts, (q, k, v))])
         args = self.args.pack(forward_pointers(q, k, v, out, lse, spec))
         self.kernel((self.grid,), (self.tiles.threads,), (maps, args, self.tile_count), shared_mem=self.shared)
 
 
 def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> TmaForwardLaunch:
     """The launch for this spec and the layout of 4-D (B, H, N, D) CuPy views ``arrays`` =
-    (q, k, v, out): compiled kernel, grid and packed arguments. The caller checks
-    ``supports()`` first."""
+    (q, k, v, out): compiled kernel, grid, packed arguments and TMA layouts (Q in boxes of one
+    consumer's 64 rows, K and V in key tiles). The caller checks ``supports()`` first."""
     q, k, v, out = arrays
     d, dv = q.shape[3], v.shape[3]
     tiles = tiles or tiles_for(spec)
     args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
-    grid = min(blocks, _sm_count(q.device.id)) if tiles.persistent else blocks
-    return TmaForwardLaunch(kernel, grid, blocks, tiles, shared, args)
+    grid = min(blocks, _launch.sm_count(q.device.id)) if tiles.persistent else blocks
+    layouts = (_tma.TensorLayout.of(q, 64), _tma.TensorLayout.of(k, tiles.block_n),
+               _tma.TensorLayout.of(v, tiles.block_n))
+    return TmaForwardLaunch(kernel, grid, blocks, tiles, shared, args, layouts)
 
 
 def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
