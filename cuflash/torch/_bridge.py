@@ -175,3 +175,17 @@ def cuda_scope(device: torch.device):
         allocator = TorchAllocator(device)
         with stream, cupy.cuda.using_allocator(allocator):
             yield allocator
+
+
+@contextlib.contextmanager
+def core_scope(device: torch.device):
+    """Where the core runs for tensors on ``device``: yields ``(to_core, to_torch)``, how tensors
+    cross to the core's arrays (CuPy on CUDA, inside ``cuda_scope``; NumPy on the CPU) and how
+    the core's new arrays come back as tensors."""
+    if device.type == "cuda":
+        with cuda_scope(device) as allocator:
+            yield to_cupy, allocator.to_torch
+    elif device.type == "cpu":
+        yield to_numpy, from_numpy
+    else:
+        raise ValueError(f"cuflash runs on CUDA and CPU tensors, got a tensor on {device}")

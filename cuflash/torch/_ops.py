@@ -167,21 +167,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     """
     masking = mask_options(block_mask)
     out = _empty_out(q, k, v, seq_major)
-    if q.device.type == "cuda":
-        with _bridge.cuda_scope(q.device) as allocator:
-            options = _core_options(window_left, window_right, softcap, alibi_slopes,
-                                    _bridge.to_cupy)
-            _, lse = cuflash.attention(
-                _bridge.to_cupy(q), _bridge.to_cupy(k), _bridge.to_cupy(v), causal=causal,
-                scale=scale, return_lse=True, out=_bridge.to_cupy(out), **masking, **options)
-            return out, allocator.to_torch(lse)
-    if q.device.type != "cpu":
-        raise ValueError(f"cuflash runs on CUDA and CPU tensors, got a tensor on {q.device}")
-    options = _core_options(window_left, window_right, softcap, alibi_slopes, _bridge.to_numpy)
-    _, lse = cuflash.attention(
-        _bridge.to_numpy(q), _bridge.to_numpy(k), _bridge.to_numpy(v), causal=causal,
-        scale=scale, return_lse=True, out=_bridge.to_numpy(out), **masking, **options)
-    return out, _bridge.from_numpy(lse)
+    with _bridge.core_scope(q.device) as (to_core, to_torch):
+        options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
+        _, lse = cuflash.attention(*map(to_core, (q, k, v)), causal=causal, scale=scale,
+                                   return_lse=True, out=to_core(out), **masking, **options)
+        return out, to_torch(lse)
 
 
 @attention_forward.register_fake
@@ -202,30 +192,16 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     """(dq, dk, dv) of ``cuflash.attention_backward``."""
     masking = mask_options(block_mask)
     grads = _empty_grads(q, k, v) if _grads_have_out() else None
-    if q.device.type == "cuda":
-        with _bridge.cuda_scope(q.device) as allocator:
-            convert = _bridge.to_cupy
-            options = _core_options(window_left, window_right, softcap, alibi_slopes, convert)
-            if grads is not None:
-                options.update(zip(("dq", "dk", "dv"), map(convert, grads)))
-            result = cuflash.attention_backward(
-                *map(convert, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
-                deterministic=deterministic, **masking, **options)
-            if grads is not None:
-                return grads
-            return tuple(allocator.to_torch(g) for g in result)
-    if q.device.type != "cpu":
-        raise ValueError(f"cuflash runs on CUDA and CPU tensors, got a tensor on {q.device}")
-    convert = _bridge.to_numpy
-    options = _core_options(window_left, window_right, softcap, alibi_slopes, convert)
-    if grads is not None:
-        options.update(zip(("dq", "dk", "dv"), map(convert, grads)))
-    result = cuflash.attention_backward(
-        *map(convert, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
-        deterministic=deterministic, **masking, **options)
-    if grads is not None:
-        return grads
-    return tuple(_bridge.from_numpy(g) for g in result)
+    with _bridge.core_scope(q.device) as (to_core, to_torch):
+        options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
+        if grads is not None:
+            options.update(zip(("dq", "dk", "dv"), map(to_core, grads)))
+        result = cuflash.attention_backward(
+            *map(to_core, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
+            deterministic=deterministic, **masking, **options)
+        if grads is not None:
+            return grads
+        return tuple(to_torch(g) for g in result)
 
 
 @attention_backward.register_fake
