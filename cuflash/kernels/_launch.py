@@ -105,6 +105,19 @@ def why_not_16bit(spec) -> str | None:
     return None
 
 
+def why_not_16bit_tiled(spec, tiles_for) -> str | None:
+    """None for a float16/bfloat16 call that ``tiles_for(spec)`` finds tiles for, else the
+    reason (``tiles_for`` raises ValueError naming what no tile shape fits)."""
+    reason = why_not_16bit(spec)
+    if reason:
+        return reason
+    try:
+        tiles_for(spec)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def why_not_hopper_16bit(spec, x) -> str | None:
     """None for a float16/bfloat16 call on a compute-capability 9.0 device (array `x`'s), else
     the reason a Hopper family cannot take it."""

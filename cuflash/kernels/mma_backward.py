@@ -50,7 +50,7 @@ from ._launch import (
     stride_fields,
     tile_index,
     vector_aligned,
-    why_not_16bit,
+    why_not_16bit_tiled,
 )
 
 SOURCE = "flash_bwd.cu"
@@ -235,14 +235,7 @@ def supports(spec, arrays) -> str | None:
     mask (if any) has blocks the tiles divide. `arrays` (q, k, v, dout, out, dq, dk, dv) may
     have any alignment."""
     del arrays  # unaligned views run the element-wise load/store variants
-    reason = why_not_16bit(spec)
-    if reason:
-        return reason
-    try:
-        tiles_for(spec)
-    except ValueError as error:
-        return str(error)
-    return None
+    return why_not_16bit_tiled(spec, tiles_for)
 
 
 @dataclass(frozen=True)

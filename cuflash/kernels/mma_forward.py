@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from . import _build
 from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type,
-                      padded_head_dims, score_mod_type, vector_aligned, why_not_16bit)
+                      padded_head_dims, score_mod_type, vector_aligned, why_not_16bit_tiled)
 
 SOURCE = "flash_fwd.cu"
 
@@ -77,14 +77,7 @@ def tiles_for(spec) -> FwdTiles:
 
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: it takes any 16-bit call on sm_80+."""
-    reason = why_not_16bit(spec)
-    if reason:
-        return reason
-    try:
-        tiles_for(spec)
-    except ValueError as error:
-        return str(error)
-    return None
+    return why_not_16bit_tiled(spec, tiles_for)
 
 
 def prepare_forward(spec, arrays, *, tiles: FwdTiles | None = None) -> ForwardLaunch:
