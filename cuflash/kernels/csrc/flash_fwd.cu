@@ -108,13 +108,7 @@ flash_fwd(const FwdArgs a) {
         for (int mt = 0; mt < MT; ++mt) {
             float alpha[2];
             online_softmax(s[mt], row_max[mt], row_sum[mt], mod.softmax_scale(), alpha);
-#pragma unroll
-            for (int j = 0; j < OT; ++j) {
-                acc[mt][j][0] *= alpha[0];
-                acc[mt][j][1] *= alpha[0];
-                acc[mt][j][2] *= alpha[1];
-                acc[mt][j][3] *= alpha[1];
-            }
+            rescale_rows(acc[mt], alpha);
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)

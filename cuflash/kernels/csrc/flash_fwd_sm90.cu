@@ -159,13 +159,7 @@ flash_fwd_sm90(const FwdArgs a) {
             softmax(j, alpha);
             wgmma_wait<0>();
             reg_fence(o);
-#pragma unroll
-            for (int i = 0; i < OT; ++i) {
-                o[4 * i + 0] *= alpha[0];
-                o[4 * i + 1] *= alpha[0];
-                o[4 * i + 2] *= alpha[1];
-                o[4 * i + 3] *= alpha[1];
-            }
+            rescale_rows(as_blocks<OT>(o), alpha);
             pack_a<T, KPV>(pf, s);
         }
 

@@ -269,13 +269,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
             reg_fence(o);
             reg_fence_frag(pf);
             if (leader) mbar_arrive(bar.v_empty(vs.stage));
-#pragma unroll
-            for (int i = 0; i < OT; ++i) {
-                o[4 * i + 0] *= alpha[0];
-                o[4 * i + 1] *= alpha[0];
-                o[4 * i + 2] *= alpha[1];
-                o[4 * i + 3] *= alpha[1];
-            }
+            rescale_rows(as_blocks<OT>(o), alpha);
             pack_a<T, KPV>(pf, s);
             ks.advance();
             vs.advance();

@@ -66,6 +66,19 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&row_ma
     }
 }
 
+// What was accumulated before (an mma accumulator tile of NT blocks, row halves 0 and 1) times
+// the online softmax's rescale factor alpha of each row half.
+template <int NT>
+__device__ __forceinline__ void rescale_rows(float (&acc)[NT][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        acc[j][0] *= alpha[0];
+        acc[j][1] *= alpha[0];
+        acc[j][2] *= alpha[1];
+        acc[j][3] *= alpha[1];
+    }
+}
+
 // The end of a row: 1 / l for the output (0 for a row that saw no key) and the natural-log lse
 // (−inf for such a row). `sum` is this lane's partial row sum.
 struct RowResult {
