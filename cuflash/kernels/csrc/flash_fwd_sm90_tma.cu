@@ -35,7 +35,6 @@ template <int DP, int DVP, int BLOCK_N, int STAGES, int CONSUMERS_>
 struct TmaForwardLayout {
     static constexpr int CONSUMERS = CONSUMERS_;
     static constexpr int BLOCK_M = 64 * CONSUMERS;
-    static constexpr int THREADS = 128 * (CONSUMERS + 1);
     // The Q tile, reused to stage O for the stores: as many 64-column boxes as the wider needs.
     static constexpr u32 Q_BOXES = (DP > DVP ? DP : DVP) / 64;
     static constexpr u32 Q_BYTES = Q_BOXES * BLOCK_M * 128;

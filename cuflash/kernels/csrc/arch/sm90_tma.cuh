@@ -28,9 +28,7 @@ __device__ __forceinline__ void mbar_arrive_expect_bytes(u32 bar, u32 bytes) {
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Blocks until the barrier's phase with this parity has completed. A freshly initialised
-// barrier counts as having completed the phase before its first, so waiting on parity 1 passes
-// at once: that is how a producer sees every buffer of a new ring as free.
+// Whether the barrier's phase with this parity has completed (one non-blocking test).
 __device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
     u32 done;
     asm volatile(
@@ -42,6 +40,9 @@ __device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
         : "memory");
     return done != 0;
 }
+// Blocks until the barrier's phase with this parity has completed. A freshly initialised
+// barrier counts as having completed the phase before its first, so waiting on parity 1 passes
+// at once: that is how a producer sees every buffer of a new ring as free.
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     while (!mbar_test(bar, parity)) {
     }
