@@ -11,6 +11,7 @@ from cuflash.kernels import _build
 ARCHS = ("sm_80", "sm_90", "sm_90a")
 # Modules whose kernels compile for every architecture, and the Hopper-only ones (sm_90a).
 PORTABLE_MODULES = ("mma_forward", "mma_backward", "float32")
+DECODE_MODULES = ("decode",)  # KV-cache decode: no block or exact masks, so not in the policy check
 HOPPER_MODULES = ("sm90_tma_forward", "sm90_forward", "sm90_backward")
 
 
@@ -24,7 +25,7 @@ def _variants_by_source(modules):
 
 
 CASES = [(source, expressions, arch)
-         for source, expressions in sorted(_variants_by_source(PORTABLE_MODULES).items())
+         for source, expressions in sorted(_variants_by_source(PORTABLE_MODULES + DECODE_MODULES).items())
          for arch in ARCHS]
 CASES += [(source, expressions, "sm_90a")
           for source, expressions in sorted(_variants_by_source(HOPPER_MODULES).items())]
@@ -69,11 +70,13 @@ def test_argument_records_match_the_kernels_structs():
     launchers pack must have the same sizes (a field added on one side only fails here)."""
     import re
 
-    from cuflash.kernels import _launch, float32
+    from cuflash.kernels import _launch, decode, float32
 
     for source, name, record in (("flash_f32.cu", "F32FwdArgs", float32.FWD_ARGS),
                                  ("flash_f32.cu", "F32BwdArgs", float32.BWD_ARGS),
                                  ("flash_fwd.cu", "FwdArgs", _launch.FWD_ARGS),
-                                 ("flash_bwd.cu", "BwdArgs", _launch.BWD_ARGS)):
+                                 ("flash_bwd.cu", "BwdArgs", _launch.BWD_ARGS),
+                                 ("flash_decode.cu", "DecodeArgs", decode.DECODE_ARGS),
+                                 ("flash_decode.cu", "AppendArgs", decode.APPEND_ARGS)):
         (size,) = re.findall(rf"sizeof\({name}\) == (\d+)", _build.source(source))
         assert record.itemsize == int(size), name

@@ -159,12 +159,6 @@ __device__ __forceinline__ void load_tile(float* smem, const float* gmem, i64 ld
     }
 }
 
-// Waits until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void wait_copies() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Writes rows ty + 16 i (from `row0`, below `nrows`) of a gemm_nn accumulator to a row-major
 // global matrix, columns below `ncols`, each value passed through `finish(i, x)`.
 template <int TM, int CN, bool ALIGNED, typename Finish>
@@ -560,13 +554,13 @@ flash_f32_bwd_dkdv(const F32BwdArgs a) {
         float lse_c[TN], delta_c[TN];  // for this thread's query columns
         query_stats(lse_c, delta_c, a, b, h, m0 + thread_col());
 
-        wait_copies<1>();
+        cp_async_wait<1>();
         __syncthreads();  // dO (K, V) visible
         float st[TM][TN], dpt[TM][TN];
         zero(dpt);
         gemm_nt<TM, TN, DV, VS, VS>(dpt, sv, sdo);
 
-        wait_copies<0>();
+        cp_async_wait<0>();
         __syncthreads();  // Q visible
         zero(st);
         gemm_nt<TM, TN, DQK, QS, QS>(st, sk, sq);

@@ -1,0 +1,390 @@
+// KV-cache decode: a few query rows of each batch row against its cache (contiguous or paged),
+// split over the keys (mma.sync tensor cores, sm_80+).
+//
+// Decode reads every cached key and value once and does little arithmetic on them, so it runs at
+// the pace of device memory, and only when enough of it is in flight: one thread block per
+// (batch row, key/value head) would leave most of the GPU idle. So:
+//   - the query rows of one GQA group are packed into one 16-row tile (row r is query position
+//     r / group of query head hk·group + r % group), so each K/V byte is read once per group;
+//   - the keys a batch row sees are dealt to `splits` thread blocks in whole 64-key tiles; each
+//     writes its normalised partial output and lse, and decode_combine merges them by their
+//     log-sum-exp (a single split writes the output directly);
+//   - K/V tiles stream through a STAGES-deep cp.async ring, and the four warps of a block take
+//     16 keys each of every tile with their own online softmax, merged through shared memory at
+//     the end.
+// Which keys a row sees and how a score is modified are the shared policies (mask.cuh,
+// score_mod.cuh), built per batch row from its own key count.
+#include "args.cuh"
+
+#include "arch/sm80_mma.cuh"
+#include "sm80_pieces.cuh"
+
+// Mirrored by DECODE_ARGS in kernels/decode.py.
+struct DecodeArgs {
+    const u16* q;            // (B, Sq, Hq, D) strides below
+    const u16* k;            // contiguous: (B_cache, S_cache, Hkv, D); paged: (pages, page_size, Hkv, D)
+    const u16* v;
+    u16* o;                  // (B, Sq, Hq, Dv)
+    float* lse;              // (B, Hq, Sq) contiguous, natural log
+    float* o_part;           // splits > 1: (splits, B, Hq, Sq, Dv) float32, normalised
+    float* lse_part;         // splits > 1: (splits, B, Hq, Sq)
+    const int* seqlens;      // (B,): keys each batch row sees
+    const int* block_table;  // paged: (B, table_stride) page numbers, else null
+    const int* batch_idx;    // contiguous: cache batch row of each batch row, or null (identity)
+    const float* alibi;      // ALiBi slopes, (B, Hq) contiguous, or null
+    i64 q_sb, q_sn, q_sh;    // strides in elements: batch, position, head
+    i64 o_sb, o_sn, o_sh;
+    i64 k_sb, k_sn, k_sh;    // batch row (page when paged), position, head
+    i64 v_sb, v_sn, v_sh;
+    i64 table_stride;
+    int batch, sq, heads, group, d, dv;
+    int page_size;           // paged: keys per page
+    int splits, row_chunks;  // key splits per batch row; 16-row chunks of the packed rows
+    int window_left, window_right;  // key band, unbounded sides as 2^30 (mask.cuh)
+    float scale_log2, cap_in, cap_out;
+};
+static_assert(sizeof(DecodeArgs) == 248, "DecodeArgs must match DECODE_ARGS in kernels/decode.py");
+
+// What the mask and score-modifier policies read, for one batch row: its Sq query rows against
+// its own key count.
+struct DecodeRowView {
+    int nq, nk, window_left, window_right, heads;
+    const float* alibi;
+    float scale_log2, cap_in, cap_out;
+    const int* tile_ptr;
+    const int* tile_idx;
+    int mask_heads;
+    const int* tile_slot;
+    const u32* tile_bits;
+
+    __device__ __forceinline__ DecodeRowView(const DecodeArgs& a, int nk_)
+        : nq(a.sq), nk(nk_), window_left(a.window_left), window_right(a.window_right), heads(a.heads),
+          alibi(a.alibi), scale_log2(a.scale_log2), cap_in(a.cap_in), cap_out(a.cap_out), tile_ptr(nullptr),
+          tile_idx(nullptr), mask_heads(0), tile_slot(nullptr), tile_bits(nullptr) {}
+};
+
+constexpr int DECODE_WARPS = 4;
+constexpr int DECODE_ROWS = 16;                  // packed query rows per thread block
+constexpr int DECODE_BLOCK_N = DECODE_WARPS * 16;  // keys per tile: 16 per warp
+
+// One packed query row: its query position and head.
+struct PackedRow {
+    int pos, head;
+};
+__device__ __forceinline__ PackedRow packed_row(const DecodeArgs& a, int hk, int row) {
+    return {row / a.group, hk * a.group + row % a.group};
+}
+
+// Where key `key` of batch row b starts in a cache (contiguous or through the page table).
+template <bool PAGED>
+__device__ __forceinline__ const u16* cache_row(const u16* base, i64 sb, i64 sn, const DecodeArgs& a, int b,
+                                                int key) {
+    if constexpr (PAGED) {
+        const int page = a.block_table[b * a.table_stride + key / a.page_size];
+        return base + page * sb + (key % a.page_size) * sn;
+    } else {
+        const int cb = a.batch_idx ? a.batch_idx[b] : b;
+        return base + cb * sb + (i64)key * sn;
+    }
+}
+
+// Rows [key0, key0 + BLOCK_N) of one cache (K or V) of batch row b, head hk, into a padded
+// shared tile of COLS columns (zeros past `key_end` and past `ncols`, so padding never feeds NaN
+// into an mma).
+template <int COLS, bool PAGED>
+__device__ __forceinline__ void load_cache_tile(u16* smem, const u16* cache, i64 sb, i64 sn, int ncols,
+                                                const DecodeArgs& a, int b, int key0, int key_end) {
+    constexpr int CHUNKS = COLS / 8, STRIDE = COLS + SMEM_PAD;
+#pragma unroll
+    for (int c = threadIdx.x; c < DECODE_BLOCK_N * CHUNKS; c += DECODE_WARPS * 32) {
+        const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+        const int key = key0 + r;
+        const bool valid = key < key_end && col < ncols;
+        const u16* src = valid ? cache_row<PAGED>(cache, sb, sn, a, b, key) + col : cache;
+        cp_async_16(smem_addr(smem + r * STRIDE + col), src, valid ? 16 : 0);
+    }
+}
+template <int D, int DV, bool PAGED>
+__device__ __forceinline__ void load_kv_tile(u16* sk, u16* sv, const DecodeArgs& a, int b, int hk, int key0,
+                                             int key_end) {
+    load_cache_tile<D, PAGED>(sk, a.k + hk * a.k_sh, a.k_sb, a.k_sn, a.d, a, b, key0, key_end);
+    load_cache_tile<DV, PAGED>(sv, a.v + hk * a.v_sh, a.v_sb, a.v_sn, a.dv, a, b, key0, key_end);
+}
+
+// This thread's two accumulator rows (g and g + 8 of the tile): their query positions and
+// score modifiers (ALiBi slopes differ per head). Rows past the packed rows borrow the last one:
+// their results are never stored.
+template <class MOD>
+struct RowPair {
+    int pos[2];
+    MOD mod[2];
+};
+template <class MOD>
+__device__ __forceinline__ RowPair<MOD> row_pair(const DecodeArgs& a, const DecodeRowView& view, int b, int hk,
+                                                 int row, int packed) {
+    const PackedRow r0 = packed_row(a, hk, min(row, packed - 1));
+    const PackedRow r1 = packed_row(a, hk, min(row + 8, packed - 1));
+    return {{r0.pos, r1.pos}, {MOD(view, b, r0.head), MOD(view, b, r1.head)}};
+}
+
+// The score modifier, then the band, on one warp's 16 × 16 score tile (NT = 2 blocks of 8 keys).
+template <class MASK, class MOD>
+__device__ __forceinline__ void modify_and_mask(float (&s)[2][4], const MASK& mask, const RowPair<MOD>& rows,
+                                                bool partial, int key0, int t) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int pos = rows.pos[half];
+        const auto keys = keys_of_row(mask, pos);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = key0 + j * 8 + 2 * t + e;
+                float& x = s[j][half * 2 + e];
+                if constexpr (!MOD::identity) x = rows.mod[half].apply(x, pos, key);
+                if (partial && !keys.contains(key)) x = -INFINITY;
+            }
+    }
+}
+
+template <typename T, int D, int DV, int STAGES, class MASK, class MOD, bool PAGED>
+__global__ void __launch_bounds__(DECODE_WARPS * 32)
+flash_decode(const DecodeArgs a) {
+    constexpr int BLOCK_N = DECODE_BLOCK_N, ROWS = DECODE_ROWS;
+    constexpr int QS = D + SMEM_PAD, KS = D + SMEM_PAD, VS = DV + SMEM_PAD;
+    constexpr int STAGE = BLOCK_N * (KS + VS);  // elements per ring stage
+    constexpr int OT = DV / 8;
+
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sq = smem;
+    u16* ring = sq + ROWS * QS;
+
+    // Block order: row chunks of one key split next to each other (they read the same K/V).
+    int index = blockIdx.x;
+    const int chunk = index % a.row_chunks;
+    index /= a.row_chunks;
+    const int split = index % a.splits;
+    index /= a.splits;
+    const int kv_heads = a.heads / a.group;
+    const int hk = index % kv_heads, b = index / kv_heads;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int packed = a.sq * a.group;
+    const int row0 = chunk * ROWS;
+
+    const DecodeRowView view(a, a.seqlens[b]);
+    const MASK mask(view);
+
+    // The keys this chunk's rows see (the band is monotone in the row), dealt to the splits in
+    // whole tiles.
+    const int pos_first = row0 / a.group, pos_last = min(packed - 1, row0 + ROWS - 1) / a.group;
+    const int key_lo = mask.key_begin(pos_first), key_hi = mask.key_end(pos_last);
+    const int span_tiles = key_hi > key_lo ? (key_hi - key_lo + BLOCK_N - 1) / BLOCK_N : 0;
+    const int per_split = (span_tiles + a.splits - 1) / a.splits;
+    const int first_tile = split * per_split;
+    const int n_tiles = max(0, min(per_split, span_tiles - first_tile));
+    const int key_first = key_lo + first_tile * BLOCK_N;
+
+    const RowPair<MOD> rows = row_pair<MOD>(a, view, b, hk, row0 + g, packed);
+    const float scale = rows.mod[0].softmax_scale();
+
+    // Q: the chunk's packed rows, zeros past the last one and past D.
+    for (int c = threadIdx.x; c < ROWS * (D / 8); c += DECODE_WARPS * 32) {
+        const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+        const bool valid = row0 + r < packed && col < a.d;
+        const u16* src = a.q;
+        if (valid) {
+            const PackedRow pr = packed_row(a, hk, row0 + r);
+            src = a.q + b * a.q_sb + pr.pos * a.q_sn + pr.head * a.q_sh + col;
+        }
+        cp_async_16(smem_addr(sq + r * QS + col), src, valid ? 16 : 0);
+    }
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < n_tiles)
+            load_kv_tile<D, DV, PAGED>(ring + s * STAGE, ring + s * STAGE + BLOCK_N * KS, a, b, hk,
+                                       key_first + s * BLOCK_N, key_hi);
+        cp_async_commit();
+    }
+
+    const u32 q_lane = smem_addr(sq) + ldsm_a_offset(lane, QS) * 2;
+    const u32 k_lane = ldsm_b_offset(lane, KS) * 2 + warp * 16 * KS * 2;
+    const u32 v_lane = ldsm_bt_offset(lane, VS) * 2 + warp * 16 * VS * 2;
+
+    float acc[1][OT][4];
+    zero_acc(acc);
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+    for (int it = 0; it < n_tiles; ++it) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile `it` visible; every warp is done with the stage refilled below
+        const int ahead = it + STAGES - 1;
+        if (ahead < n_tiles) {
+            u16* stage = ring + (ahead % STAGES) * STAGE;
+            load_kv_tile<D, DV, PAGED>(stage, stage + BLOCK_N * KS, a, b, hk, key_first + ahead * BLOCK_N, key_hi);
+        }
+        cp_async_commit();
+
+        const u32 sk = smem_addr(ring + (it % STAGES) * STAGE);
+        const u32 sv = sk + BLOCK_N * KS * 2;
+        float s[1][2][4];
+        zero_acc(s);
+        warp_gemm<T, false, D / 16>(s, SmemA<QS>{q_lane}, sk + k_lane, 16 * 2, 16 * KS * 2);
+
+        const int key0 = key_first + it * BLOCK_N + warp * 16;
+        const bool partial = mask.partial(pos_first, pos_last - pos_first + 1, key0, 16);
+        modify_and_mask(s[0], mask, rows, partial, key0, t);
+        float alpha[2];
+        online_softmax(s[0], row_max, row_sum, scale, alpha);
+        rescale_rows(acc[0], alpha);
+        warp_gemm<T, true, 1>(acc, packed_a<T>(s), sv + v_lane, 0, 16 * 2);
+    }
+    cp_async_wait_all();
+    __syncthreads();  // the ring is free: it holds the warps' partial results now
+
+    // Merge the four warps' partial rows: each warp's (max · scale, sum) per row, and its
+    // accumulator.
+    float* part_o = reinterpret_cast<float*>(ring);  // [warp][ROWS][DV]
+    float* part_m = part_o + DECODE_WARPS * ROWS * DV;  // [warp][ROWS]
+    float* part_l = part_m + DECODE_WARPS * ROWS;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = g + half * 8;
+        const float l = quad_sum(row_sum[half]);
+        if (t == 0) {
+            part_m[warp * ROWS + r] = row_max[half] == -INFINITY ? -INFINITY : row_max[half] * scale;
+            part_l[warp * ROWS + r] = l;
+        }
+#pragma unroll
+        for (int j = 0; j < OT; ++j)
+            *reinterpret_cast<float2*>(part_o + (warp * ROWS + r) * DV + j * 8 + 2 * t) =
+                make_float2(acc[0][j][half * 2], acc[0][j][half * 2 + 1]);
+    }
+    __syncthreads();
+
+    // Thread (row r, lane c of 8) finishes columns c, c + 8, ... of row r.
+    constexpr int COL_THREADS = DECODE_WARPS * 32 / ROWS;
+    const int r = threadIdx.x / COL_THREADS, c0 = threadIdx.x % COL_THREADS;
+    if (row0 + r >= packed) return;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < DECODE_WARPS; ++w) m = fmaxf(m, part_m[w * ROWS + r]);
+    float weight[DECODE_WARPS], l = 0.f;
+#pragma unroll
+    for (int w = 0; w < DECODE_WARPS; ++w) {
+        const float mw = part_m[w * ROWS + r];
+        weight[w] = mw == -INFINITY ? 0.f : fast_exp2(mw - m);
+        l += weight[w] * part_l[w * ROWS + r];
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float lse = l > 0.f ? (m + __log2f(l)) * LN2_F : -INFINITY;
+    const PackedRow pr = packed_row(a, hk, row0 + r);
+    const i64 out_row = ((i64)b * a.heads + pr.head) * a.sq + pr.pos;  // (B, Hq, Sq) order
+    if (a.splits == 1) {
+        u16* o = a.o + b * a.o_sb + pr.pos * a.o_sn + pr.head * a.o_sh;
+        for (int col = c0; col < a.dv; col += COL_THREADS) {
+            float x = 0.f;
+#pragma unroll
+            for (int w = 0; w < DECODE_WARPS; ++w) x += weight[w] * part_o[(w * ROWS + r) * DV + col];
+            o[col] = from_float<T>(x * inv);
+        }
+        if (c0 == 0) a.lse[out_row] = lse;
+    } else {
+        const i64 part_row = (i64)split * a.batch * a.heads * a.sq + out_row;
+        float* o = a.o_part + part_row * a.dv;
+        for (int col = c0; col < a.dv; col += COL_THREADS) {
+            float x = 0.f;
+#pragma unroll
+            for (int w = 0; w < DECODE_WARPS; ++w) x += weight[w] * part_o[(w * ROWS + r) * DV + col];
+            o[col] = x * inv;
+        }
+        if (c0 == 0) a.lse_part[part_row] = lse;
+    }
+}
+
+// The splits' partial outputs of each (batch row, head, query position) merged by their lse,
+// one warp per row: out = Σ exp(lse_s − lse) · o_s with lse = log Σ exp(lse_s). Splits that saw
+// no key (lse −inf) weigh 0 and their partial output is never read.
+template <typename T>
+__global__ void __launch_bounds__(128)
+decode_combine(const DecodeArgs a) {
+    const i64 rows = (i64)a.batch * a.heads * a.sq;
+    const i64 row = (i64)blockIdx.x * 4 + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    float m = -INFINITY;
+    for (int s = lane; s < a.splits; s += 32) m = fmaxf(m, a.lse_part[s * rows + row]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float total = 0.f;
+    for (int s = lane; s < a.splits; s += 32) {
+        const float x = a.lse_part[s * rows + row];
+        total += x == -INFINITY ? 0.f : __expf(x - m);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
+
+    const int pos = (int)(row % a.sq);
+    const int head = (int)((row / a.sq) % a.heads);
+    const int b = (int)(row / a.sq / a.heads);
+    u16* out = a.o + b * a.o_sb + pos * a.o_sn + head * a.o_sh;
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    for (int col = lane; col < a.dv; col += 32) {
+        float x = 0.f;
+        for (int s = 0; s < a.splits; ++s) {
+            const float ls = a.lse_part[s * rows + row];
+            if (ls != -INFINITY) x += __expf(ls - m) * a.o_part[(s * rows + row) * a.dv + col];
+        }
+        out[col] = from_float<T>(x * inv);
+    }
+    if (lane == 0) a.lse[row] = total > 0.f ? m + __logf(total) : -INFINITY;
+}
+
+// New keys and values (B, S_new, Hkv, D / Dv) written into the caches at positions
+// seqlens[b] + i (seqlens: the lengths before the append), one 16-bit element per thread-step.
+// Mirrored by APPEND_ARGS in kernels/decode.py.
+struct AppendArgs {
+    const u16* k_new;
+    const u16* v_new;
+    u16* k;
+    u16* v;
+    const int* seqlens;
+    const int* block_table;
+    const int* batch_idx;
+    i64 kn_sb, kn_sn, kn_sh;
+    i64 vn_sb, vn_sn, vn_sh;
+    i64 k_sb, k_sn, k_sh;
+    i64 v_sb, v_sn, v_sh;
+    i64 table_stride;
+    int batch, s_new, kv_heads, d, dv, page_size;
+};
+static_assert(sizeof(AppendArgs) == 184, "AppendArgs must match APPEND_ARGS in kernels/decode.py");
+
+template <bool PAGED>
+__global__ void __launch_bounds__(128)
+kv_append(const AppendArgs a) {
+    // One thread block per new (batch row, position, head) row.
+    int index = blockIdx.x;
+    const int hk = index % a.kv_heads;
+    index /= a.kv_heads;
+    const int i = index % a.s_new, b = index / a.s_new;
+    const int key = a.seqlens[b] + i;
+    const u16* kn = a.k_new + b * a.kn_sb + i * a.kn_sn + hk * a.kn_sh;
+    const u16* vn = a.v_new + b * a.vn_sb + i * a.vn_sn + hk * a.vn_sh;
+    u16* k;
+    u16* v;
+    if constexpr (PAGED) {
+        const int page = a.block_table[b * a.table_stride + key / a.page_size];
+        k = a.k + page * a.k_sb + (key % a.page_size) * a.k_sn;
+        v = a.v + page * a.v_sb + (key % a.page_size) * a.v_sn;
+    } else {
+        const int cb = a.batch_idx ? a.batch_idx[b] : b;
+        k = a.k + cb * a.k_sb + (i64)key * a.k_sn;
+        v = a.v + cb * a.v_sb + (i64)key * a.v_sn;
+    }
+    k += hk * a.k_sh;
+    v += hk * a.v_sh;
+    for (int c = threadIdx.x; c < a.d; c += blockDim.x) k[c] = kn[c];
+    for (int c = threadIdx.x; c < a.dv; c += blockDim.x) v[c] = vn[c];
+}

@@ -1,0 +1,219 @@
+"""Launch of the KV-cache decode kernels (csrc/flash_decode.cu) for float16 / bfloat16.
+
+``forward`` runs a few query rows per batch row against a contiguous or paged cache: the keys of
+each batch row are split over ``splits`` thread blocks (chosen from the occupancy unless given),
+whose normalised partial results ``decode_combine`` merges by their log-sum-exp. ``append``
+writes new keys and values into the cache in place. ``why_not`` says when the kernels cannot
+take a call (the public API then takes its generic route).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from . import _build
+from ._launch import (F32, I32, I64, PTR, KernelLaunch, PackedArgs, check_grid, element_strides, element_type,
+                      make_struct_dtype, padded_head_dim, pointer, sm_count)
+from .._mask import LOG2E, UNBOUNDED, band
+
+SOURCE = "flash_decode.cu"
+WARPS = 4
+ROWS = 16         # packed query rows (query positions × the GQA group) per thread block
+BLOCK_N = 64      # keys per tile
+UNBOUNDED_BAND = 1 << 30  # an unbounded band side, in the kernels' int32 arithmetic (mask.cuh)
+BLOCKS_PER_SM = 2  # resident decode blocks per SM the split count aims to fill
+MIN_SPLIT_TILES = 4  # fewer key tiles per split would spend more on merging than it saves
+MAX_SPLITS = 128
+SHARED_LIMIT = 110 * 1024  # per block: two blocks per SM on Hopper (at D, Dv <= 128)
+
+DECODE_ARGS = make_struct_dtype(
+    [(n, PTR) for n in ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "block_table",
+                        "batch_idx", "alibi")]
+    + [(f"{t}_s{a}", I64) for t in "qokv" for a in "bnh"]
+    + [("table_stride", I64)]
+    + [(n, I32) for n in ("batch", "sq", "heads", "group", "d", "dv", "page_size", "splits", "row_chunks",
+                          "window_left", "window_right")]
+    + [("scale_log2", F32), ("cap_in", F32), ("cap_out", F32)]
+)
+APPEND_ARGS = make_struct_dtype(
+    [(n, PTR) for n in ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_idx")]
+    + [(f"{t}_s{a}", I64) for t in ("kn", "vn", "k", "v") for a in "bnh"]
+    + [("table_stride", I64)]
+    + [(n, I32) for n in ("batch", "s_new", "kv_heads", "d", "dv", "page_size")]
+)
+
+
+def why_not(q, k_cache, v_cache, *, paged: bool) -> str | None:
+    """None when the decode kernels take these CuPy arrays, else the reason."""
+    from ._launch import _compute_capability
+
+    if q.dtype.name not in ("float16", "bfloat16"):
+        return f"takes float16/bfloat16, not {q.dtype.name}"
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return "q, k_cache and v_cache must share one dtype"
+    if int(_compute_capability(q.device.id)) < 80:
+        return "needs compute capability 8.0 or newer"
+    d, dv = q.shape[-1], v_cache.shape[-1]
+    for name, width in (("D", d), ("Dv", dv)):
+        if width > 256 or width % 8:
+            return f"takes head dims that are multiples of 8 up to 256; {name} = {width}"
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        strides = element_strides(x)
+        if strides[-1] != 1:
+            return f"needs {name}'s last axis contiguous"
+        if x.data.ptr % 16 or any((s * x.itemsize) % 16 for s in strides[:-1]):
+            return f"needs {name}'s rows 16-byte aligned"
+    return None
+
+
+def stages_for(dqk: int, dvp: int) -> int:
+    """K/V ring stages: as many as fit two blocks per Hopper SM (at least two)."""
+    stage = BLOCK_N * (dqk + dvp + 16) * 2
+    q_tile = ROWS * (dqk + 8) * 2
+    return max(2, min(4, (SHARED_LIMIT - q_tile) // stage))
+
+
+def shared_bytes(dqk: int, dvp: int, stages: int) -> int:
+    return ROWS * (dqk + 8) * 2 + stages * BLOCK_N * (dqk + dvp + 16) * 2
+
+
+def choose_splits(blocks_per_split: int, key_tiles: int, sms: int) -> int:
+    """Key splits per batch row: enough thread blocks to fill every SM ``BLOCKS_PER_SM`` times
+    over, with at least ``MIN_SPLIT_TILES`` key tiles per split. ``blocks_per_split`` counts the
+    blocks one split launches (batch rows × key/value heads × row chunks), ``key_tiles`` the
+    64-key tiles of the longest row (the cache's capacity: the lengths stay on the device)."""
+    wanted = -(-BLOCKS_PER_SM * sms // blocks_per_split)
+    return max(1, min(wanted, key_tiles // MIN_SPLIT_TILES, MAX_SPLITS))
+
+
+def _mask_type(causal: bool, window) -> str:
+    left, right = band(tuple(window), causal)
+    return _build.template_expression("Mask", left != UNBOUNDED, right != UNBOUNDED, False)
+
+
+def _kernel_band(causal: bool, window) -> tuple[int, int]:
+    left, right = band(tuple(window), causal)
+    return tuple(UNBOUNDED_BAND if x == UNBOUNDED else min(x, UNBOUNDED_BAND) for x in (left, right))
+
+
+def variant(dtype, dqk: int, dvp: int, *, causal: bool, window, softcap: bool, alibi: bool,
+            paged: bool) -> str:
+    return _build.template_expression(
+        "flash_decode", element_type(dtype), dqk, dvp, stages_for(dqk, dvp), _mask_type(causal, window),
+        _build.template_expression("ScoreMod", softcap, alibi), paged,
+    )
+
+
+def _strides3(x) -> tuple[int, int, int]:
+    """(batch-or-page, position, head) element strides of a 4-D (B, S, H, D) array."""
+    sb, sn, sh, _ = element_strides(x)
+    return sb, sn, sh
+
+
+def forward(q, k_cache, v_cache, seqlens, out, lse, *, scale: float, causal: bool, window, softcap: float,
+            alibi, block_table=None, cache_batch_idx=None, num_splits: int = 0) -> int:
+    """out, lse ← attention of q (B, Sq, Hq, D) over the first seqlens[b] keys of each batch
+    row's cache; returns the split count used. See the module docstring."""
+    import cupy
+
+    batch, sq, heads, d = q.shape
+    kv_heads, dv = k_cache.shape[2], v_cache.shape[3]
+    paged = block_table is not None
+    dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(dv, "value head dim Dv")
+    group = heads // kv_heads
+    row_chunks = -(-(sq * group) // ROWS)
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    if num_splits <= 0:
+        num_splits = choose_splits(batch * kv_heads * row_chunks, -(-capacity // BLOCK_N), sm_count(q.device.id))
+    splits = int(num_splits)
+    o_part = lse_part = None
+    if splits > 1:
+        o_part = cupy.empty((splits, batch, heads, sq, dv), cupy.float32)
+        lse_part = cupy.empty((splits, batch, heads, sq), cupy.float32)
+    left, right = _kernel_band(causal, window)
+    values = dict(
+        **{f"q_s{a}": s for a, s in zip("bnh", _strides3(q))},
+        **{f"o_s{a}": s for a, s in zip("bnh", _strides3(out))},
+        **{f"k_s{a}": s for a, s in zip("bnh", _strides3(k_cache))},
+        **{f"v_s{a}": s for a, s in zip("bnh", _strides3(v_cache))},
+        table_stride=block_table.shape[1] if paged else 0,
+        batch=batch, sq=sq, heads=heads, group=group, d=d, dv=dv,
+        page_size=k_cache.shape[1] if paged else 0, splits=splits, row_chunks=row_chunks,
+        window_left=left, window_right=right,
+        scale_log2=scale * LOG2E, cap_in=scale / softcap if softcap > 0 else 0.0, cap_out=softcap * LOG2E,
+    )
+    pointers = ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "block_table", "batch_idx", "alibi")
+    args = PackedArgs(DECODE_ARGS, pointers, values).pack(tuple(pointer(x) for x in (
+        q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, cache_batch_idx, alibi)))
+    stages = stages_for(dqk, dvp)
+    shared = shared_bytes(dqk, dvp, stages)
+    expression = variant(q.dtype, dqk, dvp, causal=causal, window=window, softcap=softcap > 0,
+                         alibi=alibi is not None, paged=paged)
+    kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
+    blocks = check_grid(splits * batch * kv_heads * row_chunks, "the decode kernel")
+    kernel((blocks,), (WARPS * 32,), (args,), shared_mem=shared)
+    if splits > 1:
+        combine = _build.get_function(SOURCE, _combine_variant(q.dtype))
+        rows = batch * heads * sq
+        combine((check_grid(-(-rows // 4), "the decode combine kernel"),), (128,), (args,))
+    return splits
+
+
+def _combine_variant(dtype) -> str:
+    return _build.template_expression("decode_combine", element_type(dtype))
+
+
+def append(k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None, cache_batch_idx=None) -> None:
+    """Writes k_new / v_new (B, S_new, Hkv, D / Dv) into the caches in place at positions
+    cache_seqlens[b] + i (the lengths before the append), through block_table when paged."""
+    batch, s_new, kv_heads, d = k_new.shape
+    if batch * s_new * kv_heads == 0:
+        return
+    paged = block_table is not None
+    values = dict(
+        **{f"kn_s{a}": s for a, s in zip("bnh", _strides3(k_new))},
+        **{f"vn_s{a}": s for a, s in zip("bnh", _strides3(v_new))},
+        **{f"k_s{a}": s for a, s in zip("bnh", _strides3(k_cache))},
+        **{f"v_s{a}": s for a, s in zip("bnh", _strides3(v_cache))},
+        table_stride=block_table.shape[1] if paged else 0,
+        batch=batch, s_new=s_new, kv_heads=kv_heads, d=d, dv=v_new.shape[3],
+        page_size=k_cache.shape[1] if paged else 0,
+    )
+    pointers = ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_idx")
+    args = PackedArgs(APPEND_ARGS, pointers, values).pack(tuple(pointer(x) for x in (
+        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx)))
+    kernel = _build.get_function(SOURCE, _append_variant(paged))
+    kernel((check_grid(batch * s_new * kv_heads, "the cache append kernel"),), (128,), (args,))
+
+
+@functools.lru_cache(maxsize=None)
+def _append_variant(paged: bool) -> str:
+    return _build.template_expression("kv_append", paged)
+
+
+def main_variants() -> list[tuple[str, str]]:
+    """The variants that must compile for every supported architecture without register spills:
+    each head dim contiguous and paged, each band and score modifier at D = 128, the combine
+    and append kernels."""
+    import numpy
+
+    out = []
+    for dtype in ("float16", "bfloat16"):
+        for d in (64, 128, 256):
+            for paged in (False, True):
+                out.append((SOURCE, variant(numpy.dtype(dtype), d, d, causal=False, window=(-1, -1),
+                                            softcap=False, alibi=False, paged=paged)))
+        out.append((SOURCE, _combine_variant(numpy.dtype(dtype))))
+    for causal, window, softcap, alibi in ((True, (-1, -1), False, False), (False, (256, 0), False, False),
+                                           (False, (-1, -1), True, False), (True, (-1, -1), False, True),
+                                           (True, (256, -1), True, True)):
+        out.append((SOURCE, variant(numpy.dtype("bfloat16"), 128, 128, causal=causal, window=window,
+                                    softcap=softcap, alibi=alibi, paged=True)))
+    out.append((SOURCE, variant(numpy.dtype("bfloat16"), 192, 128, causal=True, window=(-1, -1),
+                                softcap=False, alibi=False, paged=False)))
+    out += [(SOURCE, _append_variant(paged)) for paged in (False, True)]
+    return out
+
+
+__all__ = ["why_not", "forward", "append", "choose_splits", "stages_for", "variant", "main_variants",
+           "DECODE_ARGS", "APPEND_ARGS"]
