@@ -10,9 +10,11 @@ take a call (the public API then takes its generic route).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Any
 
 from . import _build
-from ._launch import (F32, I32, I64, PTR, KernelLaunch, PackedArgs, check_grid, element_strides, element_type,
+from ._launch import (F32, I32, I64, PTR, PackedArgs, check_grid, element_strides, element_type,
                       make_struct_dtype, padded_head_dim, pointer, sm_count)
 from .._mask import LOG2E, UNBOUNDED, band
 
@@ -77,13 +79,30 @@ def shared_bytes(dqk: int, dvp: int, stages: int) -> int:
     return ROWS * (dqk + 8) * 2 + stages * BLOCK_N * (dqk + dvp + 16) * 2
 
 
-def choose_splits(blocks_per_split: int, key_tiles: int, sms: int) -> int:
-    """Key splits per batch row: enough thread blocks to fill every SM ``BLOCKS_PER_SM`` times
-    over, with at least ``MIN_SPLIT_TILES`` key tiles per split. ``blocks_per_split`` counts the
-    blocks one split launches (batch rows × key/value heads × row chunks), ``key_tiles`` the
-    64-key tiles of the longest row (the cache's capacity: the lengths stay on the device)."""
-    wanted = -(-BLOCKS_PER_SM * sms // blocks_per_split)
-    return max(1, min(wanted, key_tiles // MIN_SPLIT_TILES, MAX_SPLITS))
+@functools.lru_cache(maxsize=None)
+def resident_blocks(device_id: int, shared: int) -> int:
+    """Decode blocks one SM holds at once, as its shared memory allows (registers allow more)."""
+    import cupy
+
+    per_sm = cupy.cuda.runtime.getDeviceProperties(device_id)["sharedMemPerMultiprocessor"]
+    return max(1, min(4, per_sm // (shared + 1024)))
+
+
+def choose_splits(blocks_per_split: int, key_tiles: int, slots: int) -> int:
+    """Key splits per batch row. A split count s launches s · ``blocks_per_split`` blocks (batch
+    rows × key/value heads × row chunks) into ``slots`` resident places (SMs × blocks per SM);
+    memory-bound blocks finish together, so a last wave that is partly empty costs a whole one.
+    The fewest splits whose waves are at least 95% full (or, failing that, the fullest), with at
+    least ``MIN_SPLIT_TILES`` key tiles each. ``key_tiles`` counts the 64-key tiles of the
+    longest row the cache holds (its capacity: the lengths stay on the device)."""
+    most = max(1, min(key_tiles // MIN_SPLIT_TILES, MAX_SPLITS))
+
+    def fill(s: int) -> float:
+        blocks = s * blocks_per_split
+        return blocks / (-(-blocks // slots) * slots)
+
+    best = max(fill(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if fill(s) >= min(0.95, best))
 
 
 def _mask_type(causal: bool, window) -> str:
@@ -110,53 +129,95 @@ def _strides3(x) -> tuple[int, int, int]:
     return sb, sn, sh
 
 
-def forward(q, k_cache, v_cache, seqlens, out, lse, *, scale: float, causal: bool, window, softcap: float,
-            alibi, block_table=None, cache_batch_idx=None, num_splits: int = 0) -> int:
-    """out, lse ← attention of q (B, Sq, Hq, D) over the first seqlens[b] keys of each batch
-    row's cache; returns the split count used. See the module docstring."""
-    import cupy
+DECODE_POINTERS = ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "block_table", "batch_idx",
+                   "alibi")
 
-    batch, sq, heads, d = q.shape
-    kv_heads, dv = k_cache.shape[2], v_cache.shape[3]
-    paged = block_table is not None
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """A prepared decode call: everything but the data pointers, which each call fills in."""
+
+    kernel: Any
+    combine: Any
+    blocks: int
+    shared: int
+    args: PackedArgs
+    splits: int
+    rows: int  # batch rows × query heads × query positions
+    dv: int
+
+    def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx) -> None:
+        import cupy
+
+        work = o_part = lse_part = None
+        if self.splits > 1:
+            work = cupy.empty(self.splits * self.rows * (self.dv + 1), cupy.float32)
+            o_part, lse_part = work.data.ptr, work.data.ptr + self.splits * self.rows * self.dv * 4
+        args = self.args.pack(tuple(x if isinstance(x, int) else pointer(x) for x in (
+            q, k_cache, v_cache, out, lse, o_part or 0, lse_part or 0, seqlens, block_table, batch_idx,
+            alibi)))
+        self.kernel((self.blocks,), (WARPS * 32,), (args,), shared_mem=self.shared)
+        if self.splits > 1:
+            self.combine((-(-self.rows // 4),), (128,), (args,))
+            from .._calls import keep_alive_with, stream_capturing
+
+            if stream_capturing():  # the graph's replays write the workspace
+                keep_alive_with((out, lse), (work,))
+
+
+def _layout(x) -> tuple | None:
+    return None if x is None else (x.shape, x.strides, x.dtype.name)
+
+
+@functools.lru_cache(maxsize=256)
+def _prepared(layouts, device_id: int, scale: float, causal: bool, window, softcap: float, alibi: bool,
+              batch_idx: bool, num_splits: int) -> DecodeLaunch:
+    (q_shape, q_strides, dtype), k_layout, v_layout, o_layout, table_layout = layouts
+    batch, sq, heads, d = q_shape
+    (pages_or_batch, page_or_capacity, kv_heads, _), k_strides, _ = k_layout
+    dv = v_layout[0][3]
+    element = lambda strides: tuple(s // 2 for s in strides[:3])  # noqa: E731  (16-bit elements)
+    paged = table_layout is not None
     dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(dv, "value head dim Dv")
     group = heads // kv_heads
     row_chunks = -(-(sq * group) // ROWS)
-    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    if num_splits <= 0:
-        num_splits = choose_splits(batch * kv_heads * row_chunks, -(-capacity // BLOCK_N), sm_count(q.device.id))
-    splits = int(num_splits)
-    o_part = lse_part = None
-    if splits > 1:
-        o_part = cupy.empty((splits, batch, heads, sq, dv), cupy.float32)
-        lse_part = cupy.empty((splits, batch, heads, sq), cupy.float32)
+    stages = stages_for(dqk, dvp)
+    shared = shared_bytes(dqk, dvp, stages)
+    capacity = table_layout[0][1] * page_or_capacity if paged else page_or_capacity
+    splits = num_splits or choose_splits(batch * kv_heads * row_chunks, -(-capacity // BLOCK_N),
+                                         sm_count(device_id) * resident_blocks(device_id, shared))
     left, right = _kernel_band(causal, window)
     values = dict(
-        **{f"q_s{a}": s for a, s in zip("bnh", _strides3(q))},
-        **{f"o_s{a}": s for a, s in zip("bnh", _strides3(out))},
-        **{f"k_s{a}": s for a, s in zip("bnh", _strides3(k_cache))},
-        **{f"v_s{a}": s for a, s in zip("bnh", _strides3(v_cache))},
-        table_stride=block_table.shape[1] if paged else 0,
+        **{f"q_s{a}": s for a, s in zip("bnh", element(q_strides))},
+        **{f"o_s{a}": s for a, s in zip("bnh", element(o_layout[1]))},
+        **{f"k_s{a}": s for a, s in zip("bnh", element(k_strides))},
+        **{f"v_s{a}": s for a, s in zip("bnh", element(v_layout[1]))},
+        table_stride=table_layout[1][0] // 4 if paged else 0,
         batch=batch, sq=sq, heads=heads, group=group, d=d, dv=dv,
-        page_size=k_cache.shape[1] if paged else 0, splits=splits, row_chunks=row_chunks,
+        page_size=page_or_capacity if paged else 0, splits=splits, row_chunks=row_chunks,
         window_left=left, window_right=right,
         scale_log2=scale * LOG2E, cap_in=scale / softcap if softcap > 0 else 0.0, cap_out=softcap * LOG2E,
     )
-    pointers = ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "block_table", "batch_idx", "alibi")
-    args = PackedArgs(DECODE_ARGS, pointers, values).pack(tuple(pointer(x) for x in (
-        q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, cache_batch_idx, alibi)))
-    stages = stages_for(dqk, dvp)
-    shared = shared_bytes(dqk, dvp, stages)
-    expression = variant(q.dtype, dqk, dvp, causal=causal, window=window, softcap=softcap > 0,
-                         alibi=alibi is not None, paged=paged)
-    kernel = _build.get_function(SOURCE, expression, shared_bytes=shared)
+    kernel = _build.get_function(SOURCE, variant(dtype, dqk, dvp, causal=causal,
+                                                 window=window, softcap=softcap > 0, alibi=alibi, paged=paged),
+                                 shared_bytes=shared)
+    combine = _build.get_function(SOURCE, _combine_variant(dtype)) if splits > 1 else None
     blocks = check_grid(splits * batch * kv_heads * row_chunks, "the decode kernel")
-    kernel((blocks,), (WARPS * 32,), (args,), shared_mem=shared)
-    if splits > 1:
-        combine = _build.get_function(SOURCE, _combine_variant(q.dtype))
-        rows = batch * heads * sq
-        combine((check_grid(-(-rows // 4), "the decode combine kernel"),), (128,), (args,))
-    return splits
+    check_grid(-(-(batch * heads * sq) // 4), "the decode combine kernel")
+    return DecodeLaunch(kernel, combine, blocks, shared, PackedArgs(DECODE_ARGS, DECODE_POINTERS, values),
+                        splits, batch * heads * sq, dv)
+
+
+def forward(q, k_cache, v_cache, seqlens, out, lse, *, scale: float, causal: bool, window, softcap: float,
+            alibi, block_table=None, cache_batch_idx=None, num_splits: int = 0) -> int:
+    """out, lse ← attention of q (B, Sq, Hq, D) over the first seqlens[b] keys of each batch
+    row's cache; returns the split count used. The launch is prepared once per layout and
+    options; later calls only fill in the pointers."""
+    layouts = (_layout(q), _layout(k_cache), _layout(v_cache), _layout(out), _layout(block_table))
+    launch = _prepared(layouts, q.device.id, float(scale), bool(causal), tuple(window), float(softcap),
+                       alibi is not None, cache_batch_idx is not None, int(num_splits))
+    launch(q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, cache_batch_idx)
+    return launch.splits
 
 
 def _combine_variant(dtype) -> str:

@@ -75,40 +75,45 @@ __device__ __forceinline__ PackedRow packed_row(const DecodeArgs& a, int hk, int
     return {row / a.group, hk * a.group + row % a.group};
 }
 
-// Where key `key` of batch row b starts in a cache (contiguous or through the page table).
-template <bool PAGED>
-__device__ __forceinline__ const u16* cache_row(const u16* base, i64 sb, i64 sn, const DecodeArgs& a, int b,
-                                                int key) {
-    if constexpr (PAGED) {
-        const int page = a.block_table[b * a.table_stride + key / a.page_size];
-        return base + page * sb + (key % a.page_size) * sn;
-    } else {
-        const int cb = a.batch_idx ? a.batch_idx[b] : b;
-        return base + cb * sb + (i64)key * sn;
-    }
+// Where key `key` of batch row b lies in a cache: its batch row (page, when paged) and position
+// in it. Args: DecodeArgs or AppendArgs (the same paging fields).
+struct CacheSlot {
+    i64 row;
+    int pos;
+};
+template <bool PAGED, class Args>
+__device__ __forceinline__ CacheSlot cache_slot(const Args& a, int b, int key) {
+    if constexpr (PAGED) return {a.block_table[b * a.table_stride + key / a.page_size], key % a.page_size};
+    return {a.batch_idx ? a.batch_idx[b] : b, key};
 }
 
-// Rows [key0, key0 + BLOCK_N) of one cache (K or V) of batch row b, head hk, into a padded
-// shared tile of COLS columns (zeros past `key_end` and past `ncols`, so padding never feeds NaN
-// into an mma).
-template <int COLS, bool PAGED>
-__device__ __forceinline__ void load_cache_tile(u16* smem, const u16* cache, i64 sb, i64 sn, int ncols,
-                                                const DecodeArgs& a, int b, int key0, int key_end) {
-    constexpr int CHUNKS = COLS / 8, STRIDE = COLS + SMEM_PAD;
-#pragma unroll
-    for (int c = threadIdx.x; c < DECODE_BLOCK_N * CHUNKS; c += DECODE_WARPS * 32) {
-        const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
-        const int key = key0 + r;
-        const bool valid = key < key_end && col < ncols;
-        const u16* src = valid ? cache_row<PAGED>(cache, sb, sn, a, b, key) + col : cache;
-        cp_async_16(smem_addr(smem + r * STRIDE + col), src, valid ? 16 : 0);
-    }
-}
+// K and V rows [key0, key0 + BLOCK_N) of batch row b, head hk, into one ring stage; zeros past
+// `key_end` and past the head dims, so padding never feeds NaN into an mma. Two threads share a
+// key row: its place in the caches (a page-table read when paged) is found once for K and V.
 template <int D, int DV, bool PAGED>
 __device__ __forceinline__ void load_kv_tile(u16* sk, u16* sv, const DecodeArgs& a, int b, int hk, int key0,
                                              int key_end) {
-    load_cache_tile<D, PAGED>(sk, a.k + hk * a.k_sh, a.k_sb, a.k_sn, a.d, a, b, key0, key_end);
-    load_cache_tile<DV, PAGED>(sv, a.v + hk * a.v_sh, a.v_sb, a.v_sn, a.dv, a, b, key0, key_end);
+    constexpr int PER_ROW = DECODE_WARPS * 32 / DECODE_BLOCK_N;
+    constexpr int KS = D + SMEM_PAD, VS = DV + SMEM_PAD;
+    const int r = threadIdx.x / PER_ROW, part = threadIdx.x % PER_ROW;
+    const bool row_valid = key0 + r < key_end;
+    const u16* k = a.k;
+    const u16* v = a.v;
+    if (row_valid) {
+        const CacheSlot slot = cache_slot<PAGED>(a, b, key0 + r);
+        k += slot.row * a.k_sb + slot.pos * a.k_sn + hk * a.k_sh;
+        v += slot.row * a.v_sb + slot.pos * a.v_sn + hk * a.v_sh;
+    }
+#pragma unroll
+    for (int c = part; c < D / 8; c += PER_ROW) {
+        const bool valid = row_valid && c * 8 < a.d;
+        cp_async_16(smem_addr(sk + r * KS + c * 8), valid ? k + c * 8 : a.k, valid ? 16 : 0);
+    }
+#pragma unroll
+    for (int c = part; c < DV / 8; c += PER_ROW) {
+        const bool valid = row_valid && c * 8 < a.dv;
+        cp_async_16(smem_addr(sv + r * VS + c * 8), valid ? v + c * 8 : a.v, valid ? 16 : 0);
+    }
 }
 
 // This thread's two accumulator rows (g and g + 8 of the tile): their query positions and
@@ -369,22 +374,11 @@ kv_append(const AppendArgs a) {
     const int hk = index % a.kv_heads;
     index /= a.kv_heads;
     const int i = index % a.s_new, b = index / a.s_new;
-    const int key = a.seqlens[b] + i;
     const u16* kn = a.k_new + b * a.kn_sb + i * a.kn_sn + hk * a.kn_sh;
     const u16* vn = a.v_new + b * a.vn_sb + i * a.vn_sn + hk * a.vn_sh;
-    u16* k;
-    u16* v;
-    if constexpr (PAGED) {
-        const int page = a.block_table[b * a.table_stride + key / a.page_size];
-        k = a.k + page * a.k_sb + (key % a.page_size) * a.k_sn;
-        v = a.v + page * a.v_sb + (key % a.page_size) * a.v_sn;
-    } else {
-        const int cb = a.batch_idx ? a.batch_idx[b] : b;
-        k = a.k + cb * a.k_sb + (i64)key * a.k_sn;
-        v = a.v + cb * a.v_sb + (i64)key * a.v_sn;
-    }
-    k += hk * a.k_sh;
-    v += hk * a.v_sh;
+    const CacheSlot slot = cache_slot<PAGED>(a, b, a.seqlens[b] + i);
+    u16* k = a.k + slot.row * a.k_sb + slot.pos * a.k_sn + hk * a.k_sh;
+    u16* v = a.v + slot.row * a.v_sb + slot.pos * a.v_sn + hk * a.v_sh;
     for (int c = threadIdx.x; c < a.d; c += blockDim.x) k[c] = kn[c];
     for (int c = threadIdx.x; c < a.dv; c += blockDim.x) v[c] = vn[c];
 }
