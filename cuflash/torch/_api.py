@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops
+from . import _bridge, _ops
 from ._ops import block_mask_handle
 
 # Under torch.compile the handle of a mask object is computed once, while tracing, and the graph
@@ -217,3 +217,51 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                         seq_major=seq_major)
     return out
 
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
+                            rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
+                            cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False):
+    """flash-attn's ``flash_attn_with_kvcache``: ``cuflash.attention_with_kvcache`` on tensors.
+
+    The same arguments, in flash-attn's order, and the same results: ``out`` ``(B, Sq, Hq, Dv)``,
+    and with ``return_softmax_lse=True`` also ``softmax_lse`` float32 ``(B, Hq, Sq)``. ``k_cache``
+    and ``v_cache`` are written in place when ``k`` and ``v`` are given; ``cache_seqlens`` is not
+    updated. ``cache_seqlens=None`` means every row's whole cache (``S_cache`` keys, or
+    ``max_pages · page_size``), as in flash-attn; it is required with ``k`` and ``v``. Forward
+    only (flash-attn's has no backward either): the result does not require grad.
+    ``rotary_cos``, ``rotary_sin`` and ``cache_leftpad`` raise ``NotImplementedError``;
+    ``rotary_interleaved`` only matters with them. Tensors stay where they are: CUDA tensors run
+    on torch's current stream without copies, CPU tensors through NumPy views.
+    """
+    import cuflash
+
+    _check_tensors(**{name: x for name, x in (
+        ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+        ("cache_batch_idx", cache_batch_idx), ("block_table", block_table),
+        ("alibi_slopes", alibi_slopes)) if x is not None})
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required when k and v are given: it says where "
+                             "in each row's cache they are written")
+        cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+    elif isinstance(cache_seqlens, torch.Tensor):
+        _check_tensors(q=q, cache_seqlens=cache_seqlens)
+    with torch.no_grad(), _bridge.core_scope(q.device) as (to_core, to_torch):
+        def core(x):
+            return to_core(x) if isinstance(x, torch.Tensor) else x
+
+        out, lse = cuflash.attention_with_kvcache(
+            core(q), core(k_cache), core(v_cache), core(k), core(v),
+            cache_seqlens=core(cache_seqlens), block_table=core(block_table),
+            cache_batch_idx=core(cache_batch_idx), causal=causal, scale=softmax_scale,
+            window=window_size, softcap=softcap, alibi_slopes=core(alibi_slopes),
+            num_splits=num_splits, return_lse=True, rotary_cos=rotary_cos,
+            rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+        out, lse = to_torch(out), to_torch(lse)
+    return (out, lse) if return_softmax_lse else out

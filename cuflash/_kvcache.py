@@ -1,0 +1,328 @@
+"""``attention_with_kvcache``: attention of new queries against a KV cache (incremental decoding),
+with flash-attn's ``flash_attn_with_kvcache`` semantics.
+
+A call is validated once (``cuflash._kvcache_spec``) and takes one of three routes:
+
+- ``numpy``: NumPy arrays. The new keys are written into the caches, then each batch row's
+  visible keys are gathered (a view of a contiguous cache, a copy through the block table of a
+  paged one) and attended to with ``cuflash.attention`` (the tiled algorithm of ``cuflash.cpu``),
+  with ``Nk`` the row's key count, so that causal, window and ALiBi are bottom-right aligned per
+  row by the same rules as everywhere else (``cuflash._mask``). The readable statement of what
+  the decode kernel computes.
+- ``decode``: CuPy arrays the decode kernel takes (``cuflash.kernels.decode.why_not``): one
+  launch appends, one attends every batch row, reading the caches in place. Nothing is read back
+  from the device, so a call can be captured in a CUDA graph.
+- ``generic``: other CuPy arrays (float32, head dims the kernel does not take, caches whose last
+  axis is strided), or no decode kernel at all: the ``numpy`` route's loop on the GPU, each row
+  through ``cuflash.attention``'s kernels. It reads the cache lengths (and the index arrays) back
+  to the host, so it synchronises and cannot be captured in a CUDA graph; slow but exact.
+
+``kvcache_plan`` says which route a call takes and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+
+import numpy
+
+from . import _calls, _checks, _mask
+from ._kvcache_spec import KVCacheSpec, check_host_values, check_out, refuse_unsupported, validate
+
+NUMPY, DECODE, GENERIC = "numpy", "decode", "generic"
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
+                           block_table=None, cache_batch_idx=None, causal=False, scale=None,
+                           window=(-1, -1), softcap=0.0, alibi_slopes=None, num_splits=0,
+                           return_lse=False, out=None, rotary_cos=None, rotary_sin=None,
+                           cache_leftpad=None):
+    """Attention of ``q`` against a KV cache, after appending ``k`` and ``v`` to it in place.
+
+    flash-attn's ``flash_attn_with_kvcache`` with cuflash's option names (``scale``,
+    ``window``, ``return_lse``); docs/api.md, "Attention with a KV cache", maps the two.
+
+    Parameters
+    ----------
+    q : array ``(B, Sq, Hq, D)``
+        The new queries of each batch row (``Sq = 1`` for one decoding step).
+    k_cache, v_cache : arrays ``(B_cache, S_cache, Hkv, D)`` and ``(…, Dv)``, or pages
+        ``(num_pages, page_size, Hkv, D)`` and ``(…, Dv)`` with ``block_table``
+        The caches. Batch row ``b`` uses cache row ``cache_batch_idx[b]`` (default ``b``) of a
+        contiguous cache, or the pages ``block_table[b]`` of a paged one. ``Hq`` is a multiple
+        of ``Hkv`` (grouped-query attention). Written in place when ``k`` and ``v`` are given.
+    k, v : arrays ``(B, S_new, Hkv, D)`` and ``(B, S_new, Hkv, Dv)``, optional
+        New keys and values, written into the caches at positions ``cache_seqlens[b]`` …
+        ``cache_seqlens[b] + S_new - 1`` of each batch row before attending.
+    cache_seqlens : int or int32 array ``(B,)``
+        Keys already in each row's cache, before ``k`` and ``v`` are appended. Batch row ``b``
+        attends to ``L_b = cache_seqlens[b] + S_new`` keys. Not updated by the call (as in
+        flash-attn): add ``S_new`` yourself for the next step.
+    block_table : int32 array ``(B, max_pages)``, optional
+        A paged cache: key ``p`` of batch row ``b`` is row ``p % page_size`` of page
+        ``block_table[b, p // page_size]``. ``page_size`` must be a multiple of 16. A row holds
+        at most ``max_pages · page_size`` keys.
+    cache_batch_idx : int32 array ``(B,)``, optional
+        Contiguous caches only: the cache row of each batch row (``B_cache`` may then differ from
+        ``B``).
+    causal, scale, window, softcap, alibi_slopes
+        As in ``cuflash.attention``, aligned to the bottom right of each batch row's scores:
+        query ``i`` sees key ``j`` when ``j ≤ i + L_b − Sq`` (causal), and the ALiBi distance is
+        ``|i + L_b − Sq − j|``. ``alibi_slopes``: float32 ``(Hq,)`` or ``(B, Hq)``.
+    num_splits : int
+        Key splits of the decode kernel (0: chosen from the device's occupancy; 1: none). The
+        result is the same up to rounding; the NumPy and generic routes ignore it.
+    return_lse : bool
+        Also return the log-sum-exp of each row, float32 ``(B, Hq, Sq)`` (natural log).
+    out : array ``(B, Sq, Hq, Dv)``, optional
+        Where to write the result (any strides, not overlapping the inputs).
+    rotary_cos, rotary_sin, cache_leftpad
+        flash-attn options cuflash does not support: ``NotImplementedError`` unless ``None``.
+
+    Returns
+    -------
+    out : array ``(B, Sq, Hq, Dv)`` in q's dtype, and with ``return_lse`` ``lse`` ``(B, Hq, Sq)``.
+    A query row that sees no key (``L_b = 0``, or masked by causal or a window) gives 0 and
+    lse ``-inf``.
+
+    Lengths in a CuPy array are not read on the host by the decode route (see docs/api.md for
+    what it does with lengths outside ``[0, capacity − S_new]``).
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> rng = np.random.default_rng(0)
+    >>> k_cache = np.zeros((2, 64, 2, 16), np.float32); v_cache = np.zeros_like(k_cache)
+    >>> q, k, v = rng.standard_normal((3, 2, 1, 2, 16), dtype=np.float32)
+    >>> lengths = np.array([5, 9], np.int32)
+    >>> cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths).shape
+    (2, 1, 2, 16)
+    """
+    refuse_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+    spec = validate(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                    block_table=block_table, cache_batch_idx=cache_batch_idx, causal=causal,
+                    scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                    num_splits=num_splits)
+    return_lse = _checks.check_bool(return_lse, "return_lse")
+    if out is not None:
+        check_out(out, spec, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+    xp = spec.xp
+    with _checks.device_context(q):
+        result = xp.empty(spec.out_shape, spec.dtype) if out is None else out
+        lse = xp.empty(spec.lse_shape, numpy.float32)
+        route, _, decode = _choose(spec, _kernel_ready(q), k_cache, v_cache)
+        if route == DECODE:
+            _run_decode(spec, decode, q, k_cache, v_cache, k, v, result, lse, return_lse)
+        else:
+            _run_rows(spec, q, k_cache, v_cache, k, v, result, lse)
+    return (result, lse) if return_lse else result
+
+
+# ----------------------------------------------------------------------------- the route
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """Which route ``attention_with_kvcache`` takes for one call (``kvcache_plan``), and why."""
+
+    spec: KVCacheSpec
+    route: str        # "numpy", "decode" or "generic"
+    reason: str       # why this route (for "generic": why not the decode kernel)
+
+    def __str__(self) -> str:
+        return f"call: {self.spec.describe()}\nroute: {self.route} ({self.reason})"
+
+
+def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
+                 cache_batch_idx=None, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                 alibi_slopes=None, num_splits=0, return_lse=False, out=None, rotary_cos=None,
+                 rotary_sin=None, cache_leftpad=None) -> KVCachePlan:
+    """The route ``attention_with_kvcache`` would take for these arguments, and why; validated
+    the same way, and nothing is written or run.
+
+    >>> import numpy as np, cuflash
+    >>> q = np.zeros((1, 1, 2, 8), np.float32); cache = np.zeros((1, 32, 2, 8), np.float32)
+    >>> cuflash.kvcache_plan(q, cache, cache, cache_seqlens=3).route
+    'numpy'
+    """
+    refuse_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+    spec = validate(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                    block_table=block_table, cache_batch_idx=cache_batch_idx, causal=causal,
+                    scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                    num_splits=num_splits)
+    _checks.check_bool(return_lse, "return_lse")
+    if out is not None:
+        check_out(out, spec, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+    with _checks.device_context(q):
+        route, reason, _ = _choose(spec, _kernel_ready(q), k_cache, v_cache)
+    return KVCachePlan(spec, route, reason)
+
+
+def decode_module():
+    """``cuflash.kernels.decode``, or the ``ImportError`` that importing it raised."""
+    try:
+        return importlib.import_module("cuflash.kernels.decode")
+    except ImportError as error:
+        return error
+
+
+def _choose(spec: KVCacheSpec, q, k_cache, v_cache):
+    """``(route, reason, decode module or None)``."""
+    if spec.xp is numpy:
+        return NUMPY, "NumPy arrays: cuflash.attention's NumPy path, one batch row at a time", None
+    decode = decode_module()
+    if isinstance(decode, ImportError):
+        return GENERIC, f"no decode kernel: importing cuflash.kernels.decode failed ({decode})", None
+    why_not = decode.why_not(q, k_cache, v_cache, paged=spec.paged)
+    if why_not is not None:
+        return GENERIC, f"the decode kernel does not take this call: {why_not}", None
+    return DECODE, "cuflash.kernels.decode: one append launch, one attention launch", decode
+
+
+def _kernel_ready(x):
+    """``x``, or a copy whose last axis is contiguous (the kernels read rows of 16 bytes)."""
+    if x.strides[-1] == x.itemsize:
+        return x
+    return _checks.array_module(x).ascontiguousarray(x)
+
+
+# ----------------------------------------------------------------------------- numpy and generic
+
+@dataclass(frozen=True)
+class _HostIndex:
+    """The lengths and index arrays of a call as NumPy arrays (read back from the GPU by the
+    generic route)."""
+
+    lengths: numpy.ndarray        # int64 (B,), before the append
+    block_table: numpy.ndarray | None
+    cache_batch_idx: numpy.ndarray | None
+
+
+def _host_index(spec: KVCacheSpec, num_rows: int) -> _HostIndex:
+    if spec.xp is numpy:  # checked by validate()
+        return _HostIndex(spec.lengths, spec.block_table, spec.cache_batch_idx)
+
+    def host(x):
+        return None if x is None else x.get()
+
+    lengths = spec.lengths if spec.lengths is not None else host(spec.seqlens).astype(numpy.int64)
+    index = _HostIndex(lengths, host(spec.block_table), host(spec.cache_batch_idx))
+    check_host_values(spec, index.lengths, index.block_table, index.cache_batch_idx,
+                      num_rows=num_rows)
+    return index
+
+
+def _cache_slots(spec: KVCacheSpec, index: _HostIndex, row: int, start: int, stop: int):
+    """The index into a cache of keys ``start … stop − 1`` of batch row ``row``: a row and a
+    slice of a contiguous cache, or pages and offsets through the block table."""
+    if not spec.paged:
+        cache_row = row if index.cache_batch_idx is None else int(index.cache_batch_idx[row])
+        return cache_row, slice(start, stop)
+    positions = numpy.arange(start, stop)
+    pages = index.block_table[row, positions // spec.page_size]
+    xp = spec.xp
+    return xp.asarray(pages.astype(numpy.int64)), xp.asarray(positions % spec.page_size)
+
+
+def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
+    """Append every row's new keys, then attend each row with ``cuflash.attention``."""
+    from ._api import attention
+
+    index = _host_index(spec, k_cache.shape[0])
+    if k is not None:  # every write before any read, as one kernel launch would order them
+        for row in range(spec.b):
+            start = int(index.lengths[row])
+            slots = _cache_slots(spec, index, row, start, start + spec.s_new)
+            k_cache[slots] = k[row]
+            v_cache[slots] = v[row]
+    for row in range(spec.b):
+        keys = int(index.lengths[row]) + spec.s_new
+        heads_first = out[row].transpose(1, 0, 2)  # (Hq, Sq, Dv): cuflash.attention's layout
+        if keys == 0:  # nothing to attend to
+            heads_first[...] = 0
+            lse[row] = -numpy.inf
+            continue
+        slots = _cache_slots(spec, index, row, 0, keys)
+        _, lse[row] = attention(
+            q[row].transpose(1, 0, 2), k_cache[slots].transpose(1, 0, 2),
+            v_cache[slots].transpose(1, 0, 2), causal=spec.causal, scale=spec.scale,
+            window=spec.window, softcap=spec.softcap,
+            alibi_slopes=None if spec.alibi is None else spec.alibi[row], return_lse=True,
+            out=heads_first)
+
+
+# ----------------------------------------------------------------------------- decode kernel
+
+def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse,
+                return_lse: bool) -> None:
+    """The decode kernel's append and attention; nothing read back from the device."""
+    xp = spec.xp
+    before, visible, bad = _device_lengths(spec)
+    table = None if spec.block_table is None else xp.ascontiguousarray(spec.block_table)
+    rows = None if spec.cache_batch_idx is None else xp.ascontiguousarray(spec.cache_batch_idx)
+    q = _kernel_ready(q)
+    temporaries = [before, visible, bad, table, rows, spec.alibi, q]
+    if k is not None:
+        k, v = _kernel_ready(k), _kernel_ready(v)
+        temporaries += [k, v]
+        decode.append(k, v, k_cache, v_cache, before, block_table=table, cache_batch_idx=rows)
+    target = out if out.strides[-1] == out.itemsize else xp.empty(spec.out_shape, spec.dtype)
+    # Sides that admit every key are cut down to the largest that matters (int32 in the kernel).
+    window = _mask.clamped_band(spec.sq, spec.capacity, *spec.window)
+    decode.forward(q, k_cache, v_cache, visible, target, lse, scale=spec.scale,
+                   causal=spec.causal, window=window, softcap=spec.softcap, alibi=spec.alibi,
+                   block_table=table, cache_batch_idx=rows, num_splits=spec.num_splits)
+    if target is not out:
+        out[...] = target
+    if bad is not None:
+        _mark_rows(out, bad[:, None, None, None])
+        if return_lse:
+            _mark_rows(lse, bad[:, None, None])
+    if xp is not numpy and _calls.stream_capturing():  # a replayed graph reuses these buffers
+        _calls.keep_alive_with((out, lse), (temporaries, target))
+
+
+def _device_lengths(spec: KVCacheSpec):
+    """``(before, visible, bad)`` as int32 ``(B,)`` device arrays: each row's cache length
+    before the append (where the new keys go), the keys it attends to, and (for lengths that
+    were not checked on the host, else ``None``) which rows had a length outside
+    ``[0, capacity − S_new]``. Such a length is clamped into that range, so that no access
+    leaves the row's cache, and the row's output is then set to NaN (``_mark_rows``)."""
+    xp = spec.xp
+    if spec.lengths is not None:  # an int, checked on the host: all rows alike
+        length = int(spec.lengths[0])
+        before = xp.full(spec.b, length, numpy.int32)
+        visible = before if not spec.s_new else xp.full(spec.b, length + spec.s_new, numpy.int32)
+        return before, visible, None
+    before, visible, bad = _guard_kernel()(xp.ascontiguousarray(spec.seqlens),
+                                           numpy.int32(spec.capacity - spec.s_new),
+                                           numpy.int32(spec.s_new))
+    return before, visible, bad
+
+
+@functools.cache
+def _guard_kernel():
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "int32 length, int32 room, int32 appended", "int32 before, int32 visible, bool bad",
+        "bad = length < 0 || length > room; before = min(max(length, 0), room); "
+        "visible = before + appended;",
+        "cuflash_kvcache_lengths")
+
+
+@functools.cache
+def _mark_kernel():
+    import cupy
+
+    return cupy.ElementwiseKernel("bool bad, T nan", "T x", "if (bad) x = nan;",
+                                  "cuflash_kvcache_mark_rows")
+
+
+def _mark_rows(x, bad) -> None:
+    """Set NaN in place where ``bad`` (broadcast against ``x``) holds, through an unsigned
+    integer view of ``x`` (any float dtype, any strides)."""
+    bits = numpy.dtype(f"uint{8 * x.itemsize}")
+    nan = numpy.array(numpy.nan, dtype=x.dtype).view(bits)[()]
+    _mark_kernel()(bad, nan, x.view(bits))

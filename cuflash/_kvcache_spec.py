@@ -1,0 +1,358 @@
+"""One ``attention_with_kvcache`` call, validated: the frozen ``KVCacheSpec`` its routes read.
+
+Everything a call's arrays say through their shapes, dtypes and modules is checked here, once,
+before anything is written. Values held on the host (a Python ``int`` for ``cache_seqlens``,
+NumPy index arrays) are checked too (``check_host_values``); values held in CuPy arrays are not
+read here: reading them would make the call wait for the GPU and could not be captured in a CUDA
+graph. ``cuflash._kvcache`` says what each route does about those.
+
+Errors are ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind, wrong value), naming
+what was given and what is allowed; flash-attn options that cuflash does not have raise
+``NotImplementedError`` naming the option.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy
+
+from . import _checks
+
+# Pages hold whole multiples of 16 keys: the kernels' key tiles then start on a page boundary
+# and the smallest tile (16 keys) never straddles two pages.
+PAGE_MULTIPLE = 16
+
+_INDEX_DTYPE = numpy.dtype(numpy.int32)  # flash-attn's dtype for lengths, tables and indices
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shapes, dtype and options of one call.
+
+    ``capacity`` is how many keys one batch row's cache holds: ``S_cache`` for a contiguous cache,
+    ``max_pages · page_size`` for a paged one. ``s_new`` is the number of keys appended (0 without
+    ``k``/``v``). ``lengths`` holds the cache lengths before the append as a NumPy int64 ``(B,)``
+    array when they are known on the host (an ``int``, or NumPy inputs), else ``None``; then
+    ``seqlens`` is the caller's CuPy int32 ``(B,)`` array. ``alibi`` is ``None`` or a new
+    C-contiguous float32 ``(B, Hq)`` array of the inputs' module (the caller's slopes copied).
+    ``window`` is the caller's ``(left, right)`` as Python ints.
+    """
+
+    xp: Any
+    dtype: numpy.dtype
+    b: int
+    sq: int
+    hq: int
+    hkv: int
+    d: int
+    dv: int
+    paged: bool
+    page_size: int          # keys per page (paged), or S_cache (contiguous)
+    capacity: int
+    s_new: int
+    scale: float
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    num_splits: int
+    lengths: Any = field(compare=False, repr=False)
+    seqlens: Any = field(compare=False, repr=False)
+    block_table: Any = field(compare=False, repr=False)
+    cache_batch_idx: Any = field(compare=False, repr=False)
+    alibi: Any = field(compare=False, repr=False)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.b, self.sq, self.hq, self.dv)
+
+    @property
+    def lse_shape(self) -> tuple[int, int, int]:
+        return (self.b, self.hq, self.sq)
+
+    def describe(self) -> str:
+        """The call in one line, for reports."""
+        cache = (f"paged cache (page_size={self.page_size}, capacity {self.capacity})"
+                 if self.paged else f"contiguous cache (capacity {self.capacity})")
+        parts = [self.dtype.name, f"B={self.b}", f"Sq={self.sq}", f"Hq={self.hq}",
+                 f"Hkv={self.hkv}", f"D={self.d}", f"Dv={self.dv}", cache]
+        if self.s_new:
+            parts.append(f"append {self.s_new}")
+        if self.causal:
+            parts.append("causal")
+        if self.window != (-1, -1):
+            parts.append(f"window={self.window}")
+        if self.softcap:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.alibi is not None:
+            parts.append("alibi")
+        return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the call
+
+def refuse_unsupported(**options) -> None:
+    """flash-attn options cuflash does not implement: ``NotImplementedError`` when given."""
+    reasons = {
+        "rotary_cos": "cuflash applies no rotary embedding; rotate q and k before the call",
+        "rotary_sin": "cuflash applies no rotary embedding; rotate q and k before the call",
+        "cache_leftpad": "caches start at position 0 in cuflash; left-padded caches are not "
+                         "supported",
+    }
+    for name, value in options.items():
+        if value is not None:
+            raise NotImplementedError(f"{name} is not supported: {reasons[name]}")
+
+
+def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_batch_idx,
+             causal, scale, window, softcap, alibi_slopes, num_splits) -> KVCacheSpec:
+    """Check one call (nothing is read from a device, nothing is written) into a spec."""
+    arrays = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+    if (k is None) != (v is None):
+        raise ValueError(f"give k and v together or neither, got k={_kind(k)} and v={_kind(v)}")
+    if k is not None:
+        arrays.update(k=k, v=v)
+    xp = _checks.common_module(arrays)
+    dtype = _checks.check_dtypes(arrays)
+    for name, x in arrays.items():
+        _check_4d(name, x)
+
+    b, sq, hq, d = q.shape
+    paged = block_table is not None
+    layout = ("(num_pages, page_size, Hkv, {})" if paged else "(B_cache, S_cache, Hkv, {})")
+    _check_caches(k_cache, v_cache, d, hq, layout)
+    hkv, dv = k_cache.shape[2], v_cache.shape[3]
+
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx applies to a contiguous cache only: with a "
+                             "block_table, each batch row's pages are listed in its row of the "
+                             "table")
+        _check_index_array("block_table", block_table, (b, None), xp, q)
+        page_size = k_cache.shape[1]
+        if page_size % PAGE_MULTIPLE:
+            raise ValueError(
+                f"with a block_table the caches are pages (num_pages, page_size, Hkv, D) and "
+                f"page_size must be a multiple of {PAGE_MULTIPLE}, got k_cache "
+                f"{tuple(k_cache.shape)} (page_size {page_size}); a contiguous cache "
+                f"(B_cache, S_cache, Hkv, D) takes no block_table")
+        capacity = block_table.shape[1] * page_size
+    else:
+        page_size = capacity = k_cache.shape[1]
+        if cache_batch_idx is None:
+            if k_cache.shape[0] != b:
+                raise ValueError(
+                    f"a contiguous cache without cache_batch_idx holds one row per batch row: "
+                    f"k_cache must have {b} rows like q {tuple(q.shape)}, got "
+                    f"{tuple(k_cache.shape)} (pass cache_batch_idx to pick rows of a larger "
+                    f"cache)")
+        else:
+            _check_index_array("cache_batch_idx", cache_batch_idx, (b,), xp, q)
+
+    s_new = 0
+    if k is not None:
+        s_new = k.shape[1]
+        for name, x, width in (("k", k, d), ("v", v, dv)):
+            expected = (b, s_new, hkv, width)
+            if tuple(x.shape) != expected:
+                raise ValueError(f"{name} must have shape (B, S_new, Hkv, {'Dv' if name == 'v' else 'D'}) "
+                                 f"= {expected}, got {tuple(x.shape)}")
+        if xp is numpy:
+            for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+                if not cache.flags.writeable:
+                    raise ValueError(f"{name} must be writable to append k and v, got a "
+                                     f"read-only array")
+        if s_new > capacity:
+            raise ValueError(f"k and v append {s_new} keys, more than a batch row's cache holds "
+                             f"({capacity})")
+
+    lengths, seqlens = _check_seqlens(cache_seqlens, b, xp, q)
+    causal = _checks.check_bool(causal, "causal")
+    scale = _checks.check_scale(scale, d)
+    window = _checks.check_window(window)
+    softcap = _checks.check_softcap(softcap, scale)
+    num_splits = _check_num_splits(num_splits)
+    shapes = _checks.Shapes(batch=(b,), hq=hq, hkv=hkv, nq=sq, nk=capacity, d=d, dv=dv)
+    with _checks.device_context(q):
+        alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
+
+    spec = KVCacheSpec(xp=xp, dtype=dtype, b=b, sq=sq, hq=hq, hkv=hkv, d=d, dv=dv, paged=paged,
+                       page_size=page_size, capacity=capacity, s_new=s_new, scale=scale,
+                       causal=causal, window=window, softcap=softcap, num_splits=num_splits,
+                       lengths=lengths, seqlens=seqlens, block_table=block_table,
+                       cache_batch_idx=cache_batch_idx, alibi=alibi)
+    if xp is numpy:
+        check_host_values(spec, lengths, block_table, cache_batch_idx, num_rows=k_cache.shape[0])
+    elif lengths is not None:
+        check_host_values(spec, lengths, None, None, num_rows=k_cache.shape[0])
+    return spec
+
+
+def check_out(out, spec: KVCacheSpec, inputs: dict) -> None:
+    """``out=``: exactly ``(B, Sq, Hq, Dv)`` in the inputs' dtype, writable, apart from them."""
+    _checks.check_like(out, "out", spec.out_shape, spec.dtype, spec.xp,
+                       device_of=next(iter(inputs.values())))
+    if spec.xp is numpy and not out.flags.writeable:
+        raise ValueError("out must be writable, got a read-only array")
+    if any(stride == 0 and n > 1 for n, stride in zip(out.shape, out.strides)):
+        raise ValueError(f"out must not have overlapping elements, got strides {out.strides} "
+                         f"for shape {tuple(out.shape)}")
+    for name, x in inputs.items():
+        if x is not None and _checks._overlaps(out, x, spec.xp):
+            raise ValueError(f"out must not share memory with {name}")
+
+
+# ----------------------------------------------------------------------------- values
+
+def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, *,
+                      num_rows: int) -> None:
+    """The checks that read values: the lengths (``None``: unknown here), NumPy index arrays
+    (``None``: unknown or absent), and that no two appended keys land in one cache slot.
+
+    ``num_rows``: the caches' first axis (pages, or cache rows).
+    """
+    if lengths is not None:
+        room = spec.capacity - spec.s_new
+        bad = numpy.flatnonzero((lengths < 0) | (lengths > room))
+        if bad.size:
+            row = int(bad[0])
+            what = (f"cache_seqlens[{row}] = {int(lengths[row])}" if lengths.size > 1
+                    and not numpy.all(lengths == lengths[0]) else
+                    f"cache_seqlens = {int(lengths[row])}")
+            appended = f" with {spec.s_new} keys appended" if spec.s_new else ""
+            raise ValueError(
+                f"{what} is outside [0, {room}]: a batch row's cache holds {spec.capacity} "
+                f"keys{appended}" + (" (the writes would pass the end of the cache)"
+                                     if spec.s_new and lengths[row] > room else ""))
+    if cache_batch_idx is not None:
+        _check_in_range("cache_batch_idx", numpy.asarray(cache_batch_idx), num_rows,
+                        "rows of the cache")
+    if block_table is not None and lengths is not None:
+        used = -(-(lengths + spec.s_new) // spec.page_size)  # pages each row reads
+        table = numpy.asarray(block_table)
+        for row in range(spec.b):
+            _check_in_range(f"block_table[{row}, :{int(used[row])}]", table[row, :used[row]],
+                            num_rows, "pages (k_cache.shape[0])")
+    if spec.s_new and lengths is not None:
+        _check_distinct_slots(spec, lengths, block_table, cache_batch_idx)
+
+
+def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx) -> None:
+    """Two batch rows must not append into one cache slot: which value would land there would
+    depend on the order of the writes. Checked when every index is known on the host."""
+    positions = lengths[:, None] + numpy.arange(spec.s_new)[None, :]  # (B, S_new)
+    if spec.paged:
+        if block_table is None:
+            return
+        table = numpy.asarray(block_table).astype(numpy.int64)
+        pages = numpy.take_along_axis(table, positions // spec.page_size, axis=1)
+        slots = pages * spec.page_size + positions % spec.page_size
+    else:
+        if cache_batch_idx is None and spec.cache_batch_idx is not None:
+            return  # a CuPy index: not known here
+        rows = (numpy.arange(spec.b) if cache_batch_idx is None
+                else numpy.asarray(cache_batch_idx).astype(numpy.int64))
+        slots = rows[:, None] * spec.capacity + positions
+    owner = numpy.repeat(numpy.arange(spec.b), spec.s_new)
+    order = numpy.argsort(slots.ravel(), kind="stable")
+    flat = slots.ravel()[order]
+    clash = numpy.flatnonzero(flat[1:] == flat[:-1])
+    if clash.size:
+        first, second = owner[order[clash[0]]], owner[order[clash[0] + 1]]
+        where = "a page of both rows' block_table" if spec.paged else "one cache row"
+        raise ValueError(
+            f"batch rows {first} and {second} would append keys into the same cache slot "
+            f"({where}); appended keys must go to distinct slots")
+
+
+def _check_in_range(name, values, limit, what) -> None:
+    bad = numpy.flatnonzero((values < 0) | (values >= limit))
+    if bad.size:
+        raise ValueError(f"{name} must index the {limit} {what}, got {int(values.flat[bad[0]])}")
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def _kind(x) -> str:
+    return "None" if x is None else "an array"
+
+
+def _check_4d(name, x) -> None:
+    shapes = {"q": "(B, Sq, Hq, D)", "k_cache": "(B_cache, S_cache, Hkv, D) or (num_pages, "
+              "page_size, Hkv, D)", "v_cache": "(B_cache, S_cache, Hkv, Dv) or (num_pages, "
+              "page_size, Hkv, Dv)", "k": "(B, S_new, Hkv, D)", "v": "(B, S_new, Hkv, Dv)"}
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have 4 dimensions {shapes[name]}, got shape "
+                         f"{tuple(x.shape)}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must not have an empty axis, got shape {tuple(x.shape)}")
+
+
+def _check_caches(k_cache, v_cache, d, hq, layout) -> None:
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache must have q's head dimension D = {d} in its last axis, "
+                         f"{layout.format('D')}, got {tuple(k_cache.shape)}")
+    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
+        raise ValueError(f"v_cache must match k_cache in its first three axes "
+                         f"{layout.format('Dv')}, got k_cache {tuple(k_cache.shape)} and "
+                         f"v_cache {tuple(v_cache.shape)}")
+    hkv = k_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"the number of query heads must be a multiple of the number of "
+                         f"key/value heads, got {hq} query heads and {hkv} in the caches "
+                         f"(k_cache {tuple(k_cache.shape)})")
+
+
+def _check_index_array(name, x, shape, xp, q) -> None:
+    """An int32 array of the inputs' module and device with ``shape`` (``None``: any length)."""
+    what = f"an int32 {xp.__name__}.ndarray of shape {_shape_text(shape)}"
+    try:
+        module = _checks.array_module(x, name)
+    except TypeError:
+        if isinstance(x, numpy.ndarray):
+            raise
+        raise TypeError(f"{name} must be {what}, got {_checks._type_name(x)}") from None
+    if module is not xp:
+        raise TypeError(f"{name} must be {what} like q, got {_checks._type_name(x)}")
+    if _checks._device_id(x) != _checks._device_id(q):
+        raise ValueError(f"{name} must be on device {_checks._device_id(q)} like q, got device "
+                         f"{_checks._device_id(x)}")
+    if x.dtype != _INDEX_DTYPE:
+        raise TypeError(f"{name} must have dtype int32, got {x.dtype}")
+    if x.ndim != len(shape) or any(n is not None and m != n for m, n in zip(x.shape, shape)) \
+            or 0 in x.shape:
+        raise ValueError(f"{name} must have shape {_shape_text(shape)}, got {tuple(x.shape)}")
+
+
+def _shape_text(shape) -> str:
+    names = ["max_pages" if n is None else str(n) for n in shape]
+    return f"({', '.join(names)}{',' if len(names) == 1 else ''})"
+
+
+def _check_seqlens(cache_seqlens, b, xp, q):
+    """``(lengths, seqlens)``: host lengths (NumPy int64 ``(B,)``) when known there, and the
+    caller's array (``None`` for an int)."""
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens,
+                                                                       (bool, numpy.bool_)):
+        return numpy.full(b, int(cache_seqlens), dtype=numpy.int64), None
+    if cache_seqlens is None or isinstance(cache_seqlens, (bool, numpy.bool_, numbers.Number)):
+        raise TypeError(f"cache_seqlens must be an int or an int32 array of shape ({b},) (the "
+                        f"number of keys in each batch row's cache before k and v are "
+                        f"appended), got {cache_seqlens!r}")
+    _check_index_array("cache_seqlens", cache_seqlens, (b,), xp, q)
+    if xp is numpy:
+        return cache_seqlens.astype(numpy.int64), cache_seqlens
+    return None, cache_seqlens
+
+
+def _check_num_splits(num_splits) -> int:
+    if isinstance(num_splits, (bool, numpy.bool_)) or not isinstance(num_splits,
+                                                                      numbers.Integral):
+        raise TypeError(f"num_splits must be an int (0 = chosen automatically), got "
+                        f"{num_splits!r}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be 0 (chosen automatically) or a positive number of "
+                         f"key splits, got {num_splits}")
+    return int(num_splits)

@@ -1,0 +1,256 @@
+"""``cuflash.attention_with_kvcache`` on the GPU against the float64 oracle of
+tests/kvcache_cases.py: the decode kernel (``cuflash.kernels.decode``) for 16-bit inputs, the
+generic route for the rest. Outputs are poisoned with NaN; every test asserts which route ran.
+
+Cache lengths are mixed per batch row (1, 17, 1000, 4097, 33000 keys), caches contiguous or paged
+through shuffled pages; the NumPy cases are in tests/test_kvcache_cpu.py.
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from kvcache_cases import (assert_cache_appended, assert_kvcache_close, expected, make_case,
+                           poisoned_out, to_host)
+
+import cuflash
+from cuflash.check.rule import allowed
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [ml_dtypes.bfloat16, np.float16]
+DTYPE_IDS = ["bfloat16", "float16"]
+LENGTHS = [1, 17, 1000, 4097, 33000]
+CAPACITY = 33024  # 33000 rounded up to whole pages of 256 keys
+HEADS = [(32, 8), (8, 8), (16, 1)]
+HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (128, 64)]
+
+
+@pytest.fixture
+def decode_calls(xp_gpu, monkeypatch):
+    """Counts the decode kernel's launches (``{"append": n, "forward": n}``)."""
+    from cuflash.kernels import decode
+
+    calls = {"append": 0, "forward": 0}
+    for name in calls:
+        original = getattr(decode, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(decode, name, counted)
+    return calls
+
+
+def run(case, seed, *, route="decode", **extra):
+    """Plan, call into a NaN-poisoned ``out``, check against the oracle and the caches."""
+    plan = cuflash.kvcache_plan(*case.args, **case.kwargs, **extra)
+    assert plan.route == route, str(plan)
+    out = poisoned_out(case)
+    got, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, return_lse=True,
+                                              out=out, **extra)
+    assert got is out
+    context = f"seed={seed}, {case.k_cache.shape} {plan.spec.describe()}"
+    assert_kvcache_close(case, out, lse, context)
+    assert_cache_appended(case, context)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- the decode kernel
+
+@pytest.mark.parametrize("hq, hkv", HEADS, ids=[f"{a}-{b}" for a, b in HEADS])
+@pytest.mark.parametrize("sq", [1, 4, 16])
+@pytest.mark.parametrize("d, dv", HEAD_DIMS, ids=[f"D{d}-Dv{dv}" for d, dv in HEAD_DIMS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_decode_kernel(xp_gpu, rng, seed, decode_calls, dtype, d, dv, sq, hq, hkv):
+    case = make_case(rng, xp_gpu, dtype=dtype, b=len(LENGTHS), sq=sq, hq=hq, hkv=hkv, d=d, dv=dv,
+                     lengths=LENGTHS, capacity=CAPACITY)
+    run(case, seed)
+    assert decode_calls == {"append": 0, "forward": 1}
+
+
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_paged_equals_contiguous(xp_gpu, rng, seed, decode_calls, dtype, page_size):
+    """A paged cache (shuffled pages) and a contiguous one holding the same keys: both pass the
+    rule, and they differ from each other by no more than the rule allows either to differ
+    from the oracle."""
+    cupy = xp_gpu
+    paged = make_case(rng, cupy, dtype=dtype, b=len(LENGTHS), sq=4, hq=32, hkv=8, d=128,
+                      lengths=LENGTHS, capacity=CAPACITY, page_size=page_size, causal=True)
+    out_paged, _ = run(paged, seed)
+    rows_k = cupy.zeros((len(LENGTHS), CAPACITY, 8, 128), paged.k_cache.dtype)
+    rows_v = cupy.zeros_like(rows_k)
+    for row, n in enumerate(LENGTHS):
+        keys, values = paged.row_keys(row)
+        rows_k[row, :n], rows_v[row, :n] = keys, values
+    out_rows = cuflash.attention_with_kvcache(paged.q, rows_k, rows_v,
+                                              cache_seqlens=paged.seqlens, causal=True)
+    assert decode_calls["forward"] == 2
+    _, _, naive_errors = expected(paged)
+    bound = allowed(max(e[0] for e in naive_errors if e is not None))
+    difference = float(cupy.abs(out_paged.astype(cupy.float32) - out_rows.astype(cupy.float32)).max())
+    assert difference <= bound, f"paged vs contiguous: {difference:.3g} > {bound:.3g}; seed={seed}"
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("s_new, sq", [(1, 1), (4, 4), (16, 16)])
+def test_append_then_attend(xp_gpu, rng, seed, decode_calls, paged, s_new, sq):
+    lengths = [0, 16, 999, 4096, 32000]
+    case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=len(lengths), sq=sq, hq=32,
+                     hkv=8, d=128, lengths=lengths, capacity=CAPACITY, s_new=s_new,
+                     page_size=64 if paged else None, causal=True)
+    run(case, seed)
+    assert decode_calls == {"append": 1, "forward": 1}
+
+
+def test_cache_batch_idx(xp_gpu, rng, seed, decode_calls):
+    case = make_case(rng, xp_gpu, dtype=np.float16, b=4, sq=2, hq=16, hkv=4, d=64,
+                     lengths=[5, 300, 0, 2047], capacity=2048, batch_idx=True, spare_rows=3,
+                     s_new=1, causal=True)
+    run(case, seed)
+
+
+FEATURES = [
+    dict(causal=True),
+    dict(window=(256, 0)),
+    dict(window=(100, 3), causal=True),
+    dict(window=(-1, 2)),
+    dict(softcap=30.0),
+    dict(alibi="heads"),
+    dict(alibi="batch", causal=True),
+    dict(softcap=5.0, alibi="heads", window=(1000, 0), scale=0.05),
+]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("sq", [1, 16])
+@pytest.mark.parametrize("features", FEATURES, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_features(xp_gpu, rng, seed, decode_calls, features, sq, paged):
+    case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=len(LENGTHS), sq=sq, hq=32, hkv=8,
+                     d=128, lengths=LENGTHS, capacity=CAPACITY, s_new=1,
+                     page_size=256 if paged else None, **features)
+    run(case, seed)
+
+
+def test_rows_that_see_no_key(xp_gpu, rng, seed, decode_calls):
+    """Empty caches and queries the causal mask leaves without keys: 0 and lse -inf."""
+    case = make_case(rng, xp_gpu, dtype=np.float16, b=3, sq=16, hq=8, hkv=8, d=64,
+                     lengths=[0, 5, 600], capacity=1024, causal=True)
+    out, lse = run(case, seed)
+    assert (to_host(out[0]) == 0).all() and np.isneginf(to_host(lse[0])).all()
+    assert np.isneginf(to_host(lse[1, :, :11])).all()
+
+
+def test_num_splits(xp_gpu, rng, seed, decode_calls):
+    """No split and the automatic split count both pass the rule and agree within it."""
+    case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=len(LENGTHS), sq=1, hq=32, hkv=8,
+                     d=128, lengths=LENGTHS, capacity=CAPACITY)
+    out_one, lse_one = run(case, seed, num_splits=1)
+    out_auto, lse_auto = run(case, seed, num_splits=0)
+    out_many, _ = run(case, seed, num_splits=7)
+    _, _, naive_errors = expected(case)
+    bound = allowed(max(e[0] for e in naive_errors if e is not None))
+    for other in (out_auto, out_many):
+        difference = float(abs(to_host(out_one).astype(np.float64)
+                               - to_host(other).astype(np.float64)).max())
+        assert difference <= bound, f"num_splits: {difference:.3g} > {bound:.3g}; seed={seed}"
+
+
+def test_int_seqlens_and_strided_out(xp_gpu, rng, seed, decode_calls):
+    cupy = xp_gpu
+    case = make_case(rng, cupy, dtype=np.float16, b=3, sq=4, hq=8, hkv=2, d=64,
+                     lengths=[700] * 3, capacity=1024, seqlens_as="int", s_new=4, causal=True)
+    buffer = cupy.full((3, 8, 4, 64), np.nan, np.float16)  # out as a (B, Hq, Sq, Dv) transpose
+    out = buffer.transpose(0, 2, 1, 3)
+    got, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, out=out, return_lse=True)
+    assert got is out
+    assert_kvcache_close(case, out, lse, f"seed={seed}")
+    assert_cache_appended(case, f"seed={seed}")
+
+
+def test_device_lengths_out_of_range_give_nan_rows(xp_gpu, rng, seed, decode_calls):
+    """CuPy lengths are not read on the host: a length outside [0, capacity − S_new] is clamped
+    into the row's cache (no access leaves it) and the row's output and lse are NaN; the other
+    rows are right."""
+    cupy = xp_gpu
+    case = make_case(rng, cupy, dtype=np.float16, b=3, sq=1, hq=8, hkv=2, d=64,
+                     lengths=[10, 20, 30], capacity=64, s_new=1)
+    case.seqlens[...] = cupy.asarray([10, 64, -3], np.int32)
+    out = poisoned_out(case)
+    _, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, out=out, return_lse=True)
+    out, lse = to_host(out), to_host(lse)
+    assert np.isnan(out[1:]).all() and np.isnan(lse[1:]).all()
+    good = type(case)(**{**case.__dict__, "q": case.q[:1], "k_cache": case.k_cache[:1],
+                         "v_cache": case.v_cache[:1], "k": case.k[:1], "v": case.v[:1],
+                         "lengths": case.lengths[:1], "seqlens": case.seqlens[:1],
+                         "k_cache_before": case.k_cache_before[:1],
+                         "v_cache_before": case.v_cache_before[:1]})
+    assert_kvcache_close(good, cupy.asarray(out[:1]), cupy.asarray(lse[:1]), f"seed={seed}")
+    assert_cache_appended(good, f"seed={seed}")
+    # Rows 1 and 2 wrote inside their own cache rows only: (row 1 at 63, row 2 at 0).
+    for row, position in ((1, 63), (2, 0)):
+        got = to_host(case.k_cache[row]).view(np.uint16)
+        want = to_host(case.k_cache_before[row]).view(np.uint16).copy()
+        want[position] = to_host(case.k[row, 0]).view(np.uint16)
+        assert (got == want).all()
+
+
+# ----------------------------------------------------------------------------- the generic route
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_float32_takes_the_generic_route(xp_gpu, rng, seed, paged):
+    case = make_case(rng, xp_gpu, dtype=np.float32, b=len(LENGTHS), sq=4, hq=8, hkv=2, d=64,
+                     lengths=LENGTHS, capacity=CAPACITY, s_new=2, page_size=16 if paged else None,
+                     causal=True, alibi="batch")
+    plan = cuflash.kvcache_plan(*case.args, **case.kwargs)
+    assert "decode kernel does not take this call" in plan.reason
+    run(case, seed, route="generic")
+
+
+def test_odd_head_dim_takes_the_generic_route(xp_gpu, rng, seed):
+    case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=3, sq=2, hq=4, hkv=2, d=36, dv=20,
+                     lengths=[1, 17, 1000], capacity=1024, s_new=1, window=(50, 0))
+    run(case, seed, route="generic")
+
+
+def test_generic_route_checks_device_lengths(xp_gpu, rng):
+    """The generic route reads lengths back, so it refuses bad ones before writing anything."""
+    case = make_case(rng, xp_gpu, dtype=np.float32, b=2, sq=1, hq=4, hkv=2, d=64,
+                     lengths=[3, 5], capacity=64, s_new=1)
+    case.seqlens[...] = xp_gpu.asarray([3, 64], np.int32)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 64 is outside \[0, 63\]"):
+        cuflash.attention_with_kvcache(*case.args, **case.kwargs)
+    assert_cache_appended(type(case)(**{**case.__dict__, "k": None, "v": None}))
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_cuda_graph_capture_and_replay(xp_gpu, rng, seed, decode_calls, paged):
+    """A decode step (append + attend, lengths in a device array) captured once and replayed
+    with new queries, keys and lengths written into the same buffers gives the bits an eager
+    call gives on copies of the same state."""
+    cupy = xp_gpu
+    lengths = [1, 17, 1000, 4097]
+    case = make_case(rng, cupy, dtype=ml_dtypes.bfloat16, b=4, sq=1, hq=32, hkv=8, d=128,
+                     lengths=lengths, capacity=8192, s_new=1, page_size=256 if paged else None,
+                     causal=True, alibi="heads")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        cuflash.attention_with_kvcache(*case.args, **case.kwargs)  # compiles outside the capture
+        stream.begin_capture()
+        out, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, return_lse=True)
+        graph = stream.end_capture()
+        for step in range(3):
+            case.q[...] = cupy.asarray(rng.standard_normal(case.q.shape, np.float32)).astype(case.q.dtype)
+            case.k[...] = cupy.asarray(rng.standard_normal(case.k.shape, np.float32)).astype(case.k.dtype)
+            case.seqlens += 1 + step
+            k_cache, v_cache = case.k_cache.copy(), case.v_cache.copy()
+            graph.launch()
+            want, want_lse = cuflash.attention_with_kvcache(
+                case.q, k_cache, v_cache, case.k, case.v, **case.kwargs, return_lse=True)
+            stream.synchronize()
+            assert (to_host(out).view(np.uint16) == to_host(want).view(np.uint16)).all(), step
+            assert (to_host(lse) == to_host(want_lse)).all(), step
+            assert (to_host(case.k_cache).view(np.uint16) == to_host(k_cache).view(np.uint16)).all()

@@ -1,0 +1,388 @@
+"""``cuflash.attention_with_kvcache`` on NumPy arrays against an independent float64 oracle
+(tests/kvcache_cases.py), every error it raises, and the decode route's arguments through a fake
+decode module. The GPU cases are in tests/test_kvcache.py.
+"""
+
+import dataclasses
+import types
+
+import ml_dtypes
+import numpy as np
+import pytest
+from kvcache_cases import (assert_cache_appended, assert_kvcache_close, make_case, oracle_row,
+                           poisoned_out)
+
+import cuflash
+from cuflash import _kvcache
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
+DTYPE_IDS = ["float16", "bfloat16", "float32"]
+
+
+def run(case, seed, **extra):
+    """Call into a NaN-poisoned ``out``; check the result, the lse and the caches."""
+    out = poisoned_out(case)
+    got, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, return_lse=True,
+                                              out=out, **extra)
+    assert got is out
+    context = f"seed={seed}"
+    assert_kvcache_close(case, out, lse, context)
+    assert_cache_appended(case, context)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- against the oracle
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_step(rng, seed, dtype, paged):
+    case = make_case(rng, np, dtype=dtype, b=4, sq=1, hq=8, hkv=2, d=32,
+                     lengths=[0, 1, 17, 95], capacity=96, page_size=16 if paged else None)
+    run(case, seed)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_append_then_attend(rng, seed, paged, causal):
+    case = make_case(rng, np, dtype=np.float16, b=3, sq=5, hq=4, hkv=4, d=24,
+                     lengths=[0, 30, 59], capacity=64, page_size=16 if paged else None, s_new=5,
+                     causal=causal, spare_rows=3)
+    run(case, seed)
+
+
+def test_cache_batch_idx(rng, seed):
+    case = make_case(rng, np, dtype=ml_dtypes.bfloat16, b=3, sq=2, hq=6, hkv=3, d=16,
+                     lengths=[7, 0, 40], capacity=48, batch_idx=True, spare_rows=4, s_new=2,
+                     causal=True)
+    run(case, seed)
+
+
+@pytest.mark.parametrize("sq, lengths", [(7, [0, 3, 40]), (1, [5, 5, 5])])
+def test_causal_bottom_right_per_row(rng, seed, sq, lengths):
+    """Each row's causal mask is aligned to its own key count: with fewer keys than queries the
+    first rows see nothing (output 0, lse -inf)."""
+    case = make_case(rng, np, dtype=np.float32, b=3, sq=sq, hq=4, hkv=2, d=16,
+                     lengths=lengths, capacity=48, causal=True)
+    out, lse = run(case, seed)
+    if sq == 7:  # row 1 has 3 keys: queries 0..3 see none
+        assert np.isneginf(lse[1, :, :4]).all() and np.isfinite(lse[1, :, 4:]).all()
+        assert (out[1, :4] == 0).all()
+
+
+@pytest.mark.parametrize("window", [(4, 0), (0, 2), (10, -1), (3, 3)])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_window(rng, seed, window, paged):
+    case = make_case(rng, np, dtype=np.float16, b=3, sq=4, hq=4, hkv=1, d=32,
+                     lengths=[2, 31, 60], capacity=64, page_size=32 if paged else None, s_new=1,
+                     window=window, causal=window[1] == 2)
+    run(case, seed)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("alibi", ["heads", "batch"])
+def test_softcap_and_alibi(rng, seed, alibi, dtype):
+    case = make_case(rng, np, dtype=dtype, b=3, sq=3, hq=8, hkv=2, d=32, dv=48,
+                     lengths=[1, 17, 70], capacity=80, page_size=16, s_new=2, softcap=5.0,
+                     alibi=alibi, causal=True, scale=0.3)
+    run(case, seed)
+
+
+@pytest.mark.parametrize("d, dv", [(16, 40), (40, 16), (8, 8)])
+def test_head_dims(rng, seed, d, dv):
+    case = make_case(rng, np, dtype=np.float32, b=2, sq=2, hq=3, hkv=1, d=d, dv=dv,
+                     lengths=[9, 33], capacity=48, page_size=16, s_new=1)
+    run(case, seed)
+
+
+def test_int_seqlens(rng, seed):
+    case = make_case(rng, np, dtype=np.float16, b=3, sq=1, hq=4, hkv=2, d=32, lengths=[20] * 3,
+                     capacity=32, seqlens_as="int", s_new=1)
+    run(case, seed)
+
+
+def test_seqlens_zero_gives_zero_and_neg_inf(rng, seed):
+    case = make_case(rng, np, dtype=np.float32, b=2, sq=3, hq=2, hkv=2, d=8, lengths=[0, 0],
+                     capacity=16)
+    out, lse = run(case, seed)
+    assert (out == 0).all() and np.isneginf(lse).all()
+
+
+def test_lse_layout_and_default_out(rng):
+    case = make_case(rng, np, dtype=np.float32, b=2, sq=3, hq=4, hkv=2, d=8, lengths=[5, 6],
+                     capacity=16)
+    out = cuflash.attention_with_kvcache(*case.args, **case.kwargs)
+    assert out.shape == (2, 3, 4, 8)
+    out2, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, return_lse=True)
+    assert lse.shape == (2, 4, 3) and lse.dtype == np.float32
+    np.testing.assert_array_equal(out, out2)
+
+
+def test_matches_attention_on_the_gathered_keys(rng):
+    """A contiguous cache at full length is ordinary attention in (B, N, H, D) layout."""
+    case = make_case(rng, np, dtype=np.float32, b=2, sq=5, hq=4, hkv=2, d=16, lengths=[16, 16],
+                     capacity=16, causal=True)
+    out = cuflash.attention_with_kvcache(*case.args, **case.kwargs)
+    t = (0, 2, 1, 3)
+    want = cuflash.attention(case.q.transpose(t), case.k_cache.transpose(t),
+                             case.v_cache.transpose(t), causal=True)
+    np.testing.assert_array_equal(out, want.transpose(t))
+
+
+def test_paged_equals_contiguous(rng):
+    """The same keys through a shuffled block table or in rows give the same numbers."""
+    paged = make_case(rng, np, dtype=np.float16, b=3, sq=2, hq=4, hkv=2, d=16,
+                      lengths=[3, 40, 63], capacity=64, page_size=16, s_new=1)
+    rows = np.stack([np.concatenate([paged.row_keys(b)[0],
+                                     np.zeros((63 - int(paged.lengths[b]),) + paged.k.shape[2:],
+                                              paged.k.dtype)]) for b in range(3)])
+    rows_v = np.stack([np.concatenate([paged.row_keys(b)[1],
+                                       np.zeros((63 - int(paged.lengths[b]),) + paged.v.shape[2:],
+                                                paged.v.dtype)]) for b in range(3)])
+    lengths = paged.lengths.astype(np.int32) + 1
+    got = cuflash.attention_with_kvcache(*paged.args, **paged.kwargs)
+    want = cuflash.attention_with_kvcache(paged.q, rows, rows_v, cache_seqlens=lengths)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_numpy_route_reported(rng):
+    case = make_case(rng, np, dtype=np.float32, b=1, sq=1, hq=2, hkv=2, d=8, lengths=[3],
+                     capacity=16)
+    plan = cuflash.kvcache_plan(*case.args, **case.kwargs)
+    assert plan.route == "numpy"
+    assert "numpy" in str(plan)
+
+
+# ----------------------------------------------------------------------------- the oracle itself
+
+def test_oracle_row_matches_reference(rng):
+    """The independent oracle agrees with cuflash.reference on a full-length row."""
+    q = rng.standard_normal((3, 4, 8))
+    keys, values = rng.standard_normal((2, 11, 2, 8))
+    slopes = np.array([0.5, 0.25, 0.1, 0.05], np.float32)
+    for options in (dict(causal=True, window=(-1, -1)), dict(causal=False, window=(2, 1))):
+        out, lse = oracle_row(q, keys, values, scale=0.4, softcap=3.0, slopes=slopes, **options)
+        ref, ref_lse = cuflash.reference.attention(
+            q.transpose(1, 0, 2), keys.transpose(1, 0, 2), values.transpose(1, 0, 2), scale=0.4,
+            softcap=3.0, alibi_slopes=slopes, **options)
+        np.testing.assert_allclose(out, ref.transpose(1, 0, 2), atol=1e-12)
+        np.testing.assert_allclose(lse, ref_lse, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def small(rng, **overrides):
+    options = dict(dtype=np.float32, b=2, sq=1, hq=4, hkv=2, d=8, lengths=[3, 5], capacity=32)
+    options.update(overrides)
+    return make_case(rng, np, **options)
+
+
+def call(case, **changes):
+    args = dict(zip(("q", "k_cache", "v_cache", "k", "v"), case.args))
+    kwargs = case.kwargs
+    for key, value in changes.items():
+        (args if key in args else kwargs)[key] = value
+    return cuflash.attention_with_kvcache(*args.values(), **kwargs)
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(q="not an array"), TypeError, "q must be a numpy.ndarray"),
+    (dict(q=np.zeros((2, 1, 4, 8), np.float64)), TypeError, "float64"),
+    (dict(q=np.zeros((2, 1, 4, 8), np.float16)), TypeError, "same dtype"),
+    (dict(q=np.zeros((2, 4, 8), np.float32)), ValueError, r"q must have 4 dimensions \(B, Sq"),
+    (dict(q=np.zeros((2, 0, 4, 8), np.float32)), ValueError, "empty axis"),
+    (dict(q=np.zeros((2, 1, 4, 16), np.float32)), ValueError, "head dimension D = 16"),
+    (dict(q=np.zeros((2, 1, 3, 8), np.float32)), ValueError, "multiple of the number of key/value"),
+    (dict(q=np.zeros((3, 1, 4, 8), np.float32)), ValueError, "must have 3 rows"),
+    (dict(v_cache=np.zeros((2, 31, 2, 8), np.float32)), ValueError, "v_cache must match k_cache"),
+    (dict(k=np.zeros((2, 1, 2, 8), np.float32)), ValueError, "give k and v together"),
+    (dict(k=np.zeros((2, 1, 2, 8), np.float32), v=np.zeros((2, 2, 2, 8), np.float32)),
+     ValueError, r"v must have shape \(B, S_new, Hkv, Dv\) = \(2, 1, 2, 8\)"),
+    (dict(k=np.zeros((2, 1, 1, 8), np.float32), v=np.zeros((2, 1, 1, 8), np.float32)),
+     ValueError, r"k must have shape"),
+    (dict(cache_seqlens=None), TypeError, "cache_seqlens must be an int or an int32 array"),
+    (dict(cache_seqlens=3.0), TypeError, "cache_seqlens must be an int"),
+    (dict(cache_seqlens=True), TypeError, "cache_seqlens must be an int"),
+    (dict(cache_seqlens=np.array([3, 5], np.int64)), TypeError, "cache_seqlens must have dtype int32"),
+    (dict(cache_seqlens=np.array([3, 5, 1], np.int32)), ValueError, r"cache_seqlens must have shape \(2,\)"),
+    (dict(cache_seqlens=[3, 5]), TypeError, "cache_seqlens must be an int32 numpy.ndarray"),
+    (dict(cache_seqlens=-1), ValueError, r"cache_seqlens = -1 is outside \[0, 32\]"),
+    (dict(cache_seqlens=33), ValueError, r"cache_seqlens = 33 is outside \[0, 32\]"),
+    (dict(cache_seqlens=np.array([3, 40], np.int32)), ValueError, r"cache_seqlens\[1\] = 40"),
+    (dict(cache_batch_idx=np.array([0, 2], np.int32)), ValueError, r"cache_batch_idx must index the 2 rows"),
+    (dict(cache_batch_idx=np.array([0, 1], np.int64)), TypeError, "cache_batch_idx must have dtype int32"),
+    (dict(cache_batch_idx=np.array([[0, 1]], np.int32)), ValueError, r"cache_batch_idx must have shape \(2,\)"),
+    (dict(causal=1), TypeError, "causal must be True or False"),
+    (dict(scale=-1.0), ValueError, "scale must be finite and positive"),
+    (dict(window=(-2, 0)), ValueError, "window must be"),
+    (dict(softcap=-1.0), ValueError, "softcap must be"),
+    (dict(alibi_slopes=np.ones(3, np.float32)), ValueError, r"alibi_slopes must have shape \(Hq,\)"),
+    (dict(alibi_slopes=np.ones(4, np.float64)), TypeError, "alibi_slopes must have dtype float32"),
+    (dict(num_splits=-1), ValueError, "num_splits must be 0"),
+    (dict(num_splits=1.5), TypeError, "num_splits must be an int"),
+    (dict(num_splits=True), TypeError, "num_splits must be an int"),
+    (dict(return_lse=1), TypeError, "return_lse must be True or False"),
+    (dict(out=np.zeros((2, 1, 4, 4), np.float32)), ValueError, r"out must have shape \(2, 1, 4, 8\)"),
+    (dict(out=np.zeros((2, 1, 4, 8), np.float16)), TypeError, "out must have dtype float32"),
+    (dict(rotary_cos=np.zeros((32, 4), np.float32)), NotImplementedError, "rotary_cos is not supported"),
+    (dict(rotary_sin=np.zeros((32, 4), np.float32)), NotImplementedError, "rotary_sin"),
+    (dict(cache_leftpad=np.zeros(2, np.int32)), NotImplementedError, "cache_leftpad is not supported"),
+])
+def test_errors(rng, changes, error, match):
+    with pytest.raises(error, match=match):
+        call(small(rng), **changes)
+
+
+def test_errors_of_a_paged_cache(rng):
+    contiguous = small(rng, capacity=40)
+    with pytest.raises(ValueError, match=r"page_size must be a multiple of 16, got k_cache "
+                                         r"\(2, 40, 2, 8\).*a contiguous cache"):
+        call(contiguous, block_table=np.zeros((2, 2), np.int32))
+    case = small(rng, capacity=32, page_size=16, spare_rows=1)  # 5 pages, tables of 2
+    with pytest.raises(ValueError, match="cache_batch_idx applies to a contiguous cache only"):
+        call(case, cache_batch_idx=np.array([0, 1], np.int32))
+    with pytest.raises(ValueError, match=r"block_table must have shape \(2, max_pages\)"):
+        call(case, block_table=np.zeros((3, 2), np.int32))
+    with pytest.raises(TypeError, match="block_table must have dtype int32"):
+        call(case, block_table=np.zeros((2, 2), np.int64))
+    with pytest.raises(ValueError, match=r"block_table\[1, :1\] must index the 5 pages"):
+        call(case, block_table=np.array([[0, 1], [7, 2]], np.int32))
+    # Entries past a row's length are never read: any value is accepted there.
+    call(case, block_table=np.array([[0, 99], [3, -5]], np.int32))
+    with pytest.raises(ValueError, match=r"outside \[0, 32\]"):
+        call(case, cache_seqlens=np.array([3, 33], np.int32))
+
+
+def test_capacity_overflow_refused_before_anything_is_written(rng):
+    case = small(rng, s_new=2, lengths=[3, 31])
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 31 is outside \[0, 30\].*2 keys "
+                                         r"appended.*pass the end of the cache"):
+        call(case)
+    assert_cache_appended(dataclasses.replace(case, k=None, v=None))  # nothing written
+    with pytest.raises(ValueError, match="more than a batch row's cache holds"):
+        s_new = 33
+        call(case, k=np.zeros((2, s_new, 2, 8), np.float32), v=np.zeros((2, s_new, 2, 8), np.float32))
+
+
+def test_conflicting_appends_refused(rng):
+    case = small(rng, s_new=1, batch_idx=True, spare_rows=2)
+    with pytest.raises(ValueError, match="batch rows 0 and 1 would append keys into the same cache "
+                                         "slot"):
+        call(case, cache_batch_idx=np.array([1, 1], np.int32), cache_seqlens=4)
+    # Sharing a cache row without appending is fine (both rows read it).
+    call(case, cache_batch_idx=np.array([1, 1], np.int32), k=None, v=None)
+    paged = small(rng, s_new=1, capacity=32, page_size=16)
+    with pytest.raises(ValueError, match="same cache slot"):
+        call(paged, block_table=np.array([[0, 1], [0, 2]], np.int32), cache_seqlens=2)
+
+
+def test_read_only_cache_refused_for_appends(rng):
+    case = small(rng, s_new=1)
+    case.k_cache.flags.writeable = False
+    with pytest.raises(ValueError, match="k_cache must be writable to append"):
+        call(case)
+
+
+def test_out_must_not_overlap_the_cache(rng):
+    case = small(rng)
+    with pytest.raises(ValueError, match="out must not share memory with k_cache"):
+        view = np.lib.stride_tricks.as_strided(case.k_cache, (2, 1, 4, 8),
+                                               case.k_cache.strides[:2] + (32, 4))
+        call(case, out=view)
+
+
+def test_mixed_modules_refused(rng):
+    case = small(rng)
+    with pytest.raises(TypeError, match="k_cache must be a numpy.ndarray"):
+        call(case, k_cache=case.k_cache.tolist())
+
+
+# ----------------------------------------------------------------------------- routes
+
+def _gpu_like(spec):
+    """The spec with a stand-in array module, so that route choice passes the NumPy check."""
+    return dataclasses.replace(spec, xp=types.SimpleNamespace(__name__="cupy"))
+
+
+def _spec(case):
+    from cuflash._kvcache_spec import validate
+
+    return validate(*case.args, **case.kwargs, num_splits=0)
+
+
+def test_generic_route_when_the_kernel_refuses(rng, monkeypatch):
+    spec = _gpu_like(_spec(small(rng)))
+    fake = types.SimpleNamespace(why_not=lambda q, k, v, *, paged: "float32 is not 16-bit")
+    monkeypatch.setattr(_kvcache, "decode_module", lambda: fake)
+    route, reason, _ = _kvcache._choose(spec, None, None, None)
+    assert route == "generic" and "float32 is not 16-bit" in reason
+    monkeypatch.setattr(_kvcache, "decode_module", lambda: ImportError("no module named decode"))
+    route, reason, _ = _kvcache._choose(spec, None, None, None)
+    assert route == "generic" and "no module named decode" in reason
+    fake.why_not = lambda q, k, v, *, paged: None
+    monkeypatch.setattr(_kvcache, "decode_module", lambda: fake)
+    assert _kvcache._choose(spec, None, None, None)[0] == "decode"
+
+
+class FakeDecode:
+    """The decode module's interface in NumPy: records the arguments, appends as the kernel
+    would, and attends with the independent oracle."""
+
+    def __init__(self):
+        self.calls = []
+
+    def why_not(self, q, k_cache, v_cache, *, paged):
+        return None
+
+    def append(self, k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None,
+               cache_batch_idx=None):
+        self.calls.append(("append", cache_seqlens.copy()))
+        for b in range(k_new.shape[0]):
+            for i in range(k_new.shape[1]):
+                p = int(cache_seqlens[b]) + i
+                if block_table is not None:
+                    where = (block_table[b, p // k_cache.shape[1]], p % k_cache.shape[1])
+                else:
+                    where = (b if cache_batch_idx is None else cache_batch_idx[b], p)
+                k_cache[where] = k_new[b, i]
+                v_cache[where] = v_new[b, i]
+
+    def forward(self, q, k_cache, v_cache, seqlens, out, lse, *, scale, causal, window, softcap,
+                alibi, block_table=None, cache_batch_idx=None, num_splits=0):
+        self.calls.append(("forward", seqlens.copy(), dict(scale=scale, causal=causal,
+                                                           window=window, softcap=softcap,
+                                                           num_splits=num_splits)))
+        assert seqlens.dtype == np.int32 and lse.flags.c_contiguous
+        assert alibi is None or (alibi.shape == (q.shape[0], q.shape[2])
+                                 and alibi.dtype == np.float32 and alibi.flags.c_contiguous)
+        for b in range(q.shape[0]):
+            n = int(seqlens[b])
+            pos = np.arange(n)
+            if block_table is not None:
+                where = (block_table[b, pos // k_cache.shape[1]], pos % k_cache.shape[1])
+            else:
+                where = (np.full(n, b if cache_batch_idx is None else cache_batch_idx[b]), pos)
+            o, l = oracle_row(q[b], k_cache[where], v_cache[where], causal=causal, scale=scale,
+                              window=window, softcap=softcap,
+                              slopes=None if alibi is None else alibi[b])
+            out[b] = o.astype(out.dtype)
+            lse[b] = l
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_route_arguments(rng, seed, paged):
+    """What the decode route hands the kernel: lengths before the append to ``append``, visible
+    lengths to ``forward``, the window cut to the problem, slopes as (B, Hq), the options."""
+    case = make_case(rng, np, dtype=np.float16, b=2, sq=3, hq=4, hkv=2, d=16, lengths=[9, 9],
+                     capacity=32, page_size=16 if paged else None, s_new=2, seqlens_as="int",
+                     causal=True, window=(10**12, -1), softcap=4.0, alibi="heads")
+    spec = _spec(case)
+    fake = FakeDecode()
+    out, lse = poisoned_out(case), np.full((2, 4, 3), np.nan, np.float32)
+    _kvcache._run_decode(spec, fake, *case.args, out, lse, True)
+    (_, before), (_, visible, options) = fake.calls
+    np.testing.assert_array_equal(before, [9, 9])
+    np.testing.assert_array_equal(visible, [11, 11])
+    assert options == dict(scale=spec.scale, causal=True, window=(32, -1), softcap=4.0,
+                           num_splits=0)
+    assert_kvcache_close(case, out, lse, f"seed={seed}")
+    assert_cache_appended(case, f"seed={seed}")
