@@ -105,6 +105,23 @@ def choose_splits(blocks_per_split: int, key_tiles: int, slots: int) -> int:
     return next(s for s in range(1, most + 1) if fill(s) >= min(0.95, best))
 
 
+def _auto_splits(blocks_per_split: int, capacity: int, device_id: int, shared: int) -> int:
+    return choose_splits(blocks_per_split, -(-capacity // BLOCK_N),
+                         sm_count(device_id) * resident_blocks(device_id, shared))
+
+
+def chosen_num_splits(q, k_cache, v_cache, seqlens=None, *, paged: bool = False, block_table=None) -> int:
+    """The split count ``forward`` picks with ``num_splits=0`` for these arrays (the capacity
+    of the cache decides, not ``seqlens``: the lengths stay on the device)."""
+    batch, sq, heads, d = q.shape
+    kv_heads = k_cache.shape[2]
+    dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(v_cache.shape[3], "value head dim Dv")
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged and block_table is not None else k_cache.shape[1]
+    row_chunks = -(-(sq * (heads // kv_heads)) // ROWS)
+    shared = shared_bytes(dqk, dvp, stages_for(dqk, dvp))
+    return _auto_splits(batch * kv_heads * row_chunks, capacity, q.device.id, shared)
+
+
 def _mask_type(causal: bool, window) -> str:
     left, right = band(tuple(window), causal)
     return _build.template_expression("Mask", left != UNBOUNDED, right != UNBOUNDED, False)
@@ -184,8 +201,7 @@ def _prepared(layouts, device_id: int, scale: float, causal: bool, window, softc
     stages = stages_for(dqk, dvp)
     shared = shared_bytes(dqk, dvp, stages)
     capacity = table_layout[0][1] * page_or_capacity if paged else page_or_capacity
-    splits = num_splits or choose_splits(batch * kv_heads * row_chunks, -(-capacity // BLOCK_N),
-                                         sm_count(device_id) * resident_blocks(device_id, shared))
+    splits = num_splits or _auto_splits(batch * kv_heads * row_chunks, capacity, device_id, shared)
     left, right = _kernel_band(causal, window)
     values = dict(
         **{f"q_s{a}": s for a, s in zip("bnh", element(q_strides))},
@@ -276,5 +292,5 @@ def main_variants() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["why_not", "forward", "append", "choose_splits", "stages_for", "variant", "main_variants",
+__all__ = ["why_not", "forward", "append", "choose_splits", "chosen_num_splits", "stages_for", "variant", "main_variants",
            "DECODE_ARGS", "APPEND_ARGS"]
