@@ -217,6 +217,9 @@ def _prepared(layouts, device_id: int, scale: float, causal: bool, window, softc
     kernel = _build.get_function(SOURCE, variant(dtype, dqk, dvp, causal=causal,
                                                  window=window, softcap=softcap > 0, alibi=alibi, paged=paged),
                                  shared_bytes=shared)
+    # All of the SM's unified L1/shared memory as shared memory: the blocks per SM that
+    # resident_blocks counts on (the caches stream through cp.async.cg, bypassing L1).
+    kernel.preferred_shared_memory_carveout = 100
     combine = _build.get_function(SOURCE, _combine_variant(dtype)) if splits > 1 else None
     blocks = check_grid(splits * batch * kv_heads * row_chunks, "the decode kernel")
     check_grid(-(-(batch * heads * sq) // 4), "the decode combine kernel")
