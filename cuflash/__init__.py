@@ -1,6 +1,7 @@
 """cuflash: exact FlashAttention for CuPy, with a NumPy implementation of the same algorithm.
 
 ``attention``, ``attention_backward`` and ``attention_vjp`` take NumPy or CuPy arrays;
+``attention_varlen`` (and its backward and vjp) takes packed sequences of different lengths;
 ``kernel_plan`` says which kernels a call would run and why the faster ones were passed over;
 ``cuflash.reference`` is the naive float64 oracle; ``cuflash.sparse`` builds block-sparse and
 exact masks.
@@ -9,11 +10,13 @@ exact masks.
 __version__ = "0.1.0"
 
 from . import reference
-from ._api import attention, attention_backward, attention_vjp
+from ._api import (attention, attention_backward, attention_varlen, attention_varlen_backward,
+                   attention_varlen_vjp, attention_vjp)
 from ._plan import KernelPlan, kernel_plan
 from ._warnings import CuflashNumericalWarning
 
-__all__ = ["attention", "attention_backward", "attention_vjp", "kernel_plan", "KernelPlan",
+__all__ = ["attention", "attention_backward", "attention_vjp", "attention_varlen",
+           "attention_varlen_backward", "attention_varlen_vjp", "kernel_plan", "KernelPlan",
            "CuflashNumericalWarning",
            "reference", "sparse", "__version__"]
 
