@@ -314,7 +314,9 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                 _checks.check_offset_values(host, name, total, max_name, max_len)
             hosts.append(host)
         # The kernels read B + 1 contiguous int32 offsets on the inputs' device.
-        cu_q, cu_k = (xp.ascontiguousarray(xp.asarray(cu)) for cu in (cu_seqlens_q, cu_seqlens_k))
+        cu_q, cu_k = (cu if _checks.array_module(cu) is xp and cu.flags.c_contiguous
+                      else xp.ascontiguousarray(xp.asarray(cu))
+                      for cu in (cu_seqlens_q, cu_seqlens_k))
     layout = VarlenLayout(cu_q=cu_q, cu_k=cu_k, total_q=total_q, total_k=total_k, max_q=max_q,
                           max_k=max_k, host_q=hosts[0], host_k=hosts[1])
     return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,

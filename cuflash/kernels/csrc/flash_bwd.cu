@@ -459,7 +459,10 @@ flash_bwd_dq_convert(const BwdArgs a) {
 // accumulates in registers.
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool QDO_IN_REGS, class MASK,
           class MOD, bool ALIGNED, bool VARLEN = false>
-__global__ void __launch_bounds__(WARPS * 32)
+// VARLEN: one block per SM at least (minBlocks 1). A sequence's lengths are loaded values, not
+// kernel parameters ptxas can reload at will; left to its default the register allocator caps
+// the D = 64 causal variant at 168 registers and spills. Dense variants keep their bounds (0: none).
+__global__ void __launch_bounds__(WARPS * 32, VARLEN ? 1 : 0)
 flash_bwd_dq(const BwdArgs a) {
     constexpr int THREADS = WARPS * 32;
     constexpr int BLOCK_M = WARPS * MT * 16;
@@ -509,6 +512,7 @@ flash_bwd_dq(const BwdArgs a) {
     const u32 sk_b = smem_addr(sk) + ldsm_b_offset(lane, KS) * 2;
     const u32 sv_b = smem_addr(sv) + ldsm_b_offset(lane, VS) * 2;
     const u32 sk_bt = smem_addr(sk) + ldsm_bt_offset(lane, KS) * 2;
+    const i64 scratch_rows = scratch_offset<VARLEN>(a, seq, b, h);
 
     float acc[MT][QT][4];
     zero_acc(acc);
@@ -547,7 +551,7 @@ flash_bwd_dq(const BwdArgs a) {
         warp_gemm<T, false, KVD>(dp, oa, sv_b + v_stage, 32, 16 * VS * 2);
         // lse2 and Delta of this thread's rows (scratch rows are padded: no bounds check), read
         // here rather than kept in registers through the loop.
-        const i64 rows = scratch_offset<VARLEN>(a, seq, b, h) + row0 + g;
+        const i64 rows = scratch_rows + row0 + g;
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(it));
         const bool partial = tile_mask.partial(row0, MT * 16, n0, BLOCK_N);
         GradFactors<MOD, NT> grad[MT];
