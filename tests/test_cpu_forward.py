@@ -242,8 +242,8 @@ def test_import_and_cpu_path_need_no_cupy():
 
 def test_public_names():
     assert sorted(cuflash.__all__) == ["CuflashNumericalWarning", "KernelPlan", "__version__", "attention",
-                                      "attention_varlen", "attention_varlen_backward", "attention_varlen_vjp",
-                                       "attention_backward", "attention_vjp", "kernel_plan",
+                                       "attention_backward", "attention_varlen", "attention_varlen_backward",
+                                       "attention_varlen_vjp", "attention_vjp", "kernel_plan",
                                        "reference", "sparse"]
     assert cuflash.sparse is importlib.import_module("cuflash.sparse")
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
