@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy
 
 from . import _calls, _checks, _warnings
-from ._spec import AttentionSpec
+from ._spec import AttentionSpec, VarlenLayout
 
 
 def _backend(xp):
@@ -276,5 +276,218 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
 
     def vjp(dout):  # with the forward's copy of the ALiBi slopes, as the docstring promises
         return _calls.backward(dout, q, k, v, out, lse, options, alibi=spec.alibi)
+
+    return out, vjp
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                 causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                 deterministic=False, check_offsets=True) -> tuple[Any, AttentionSpec]:
+    """Validate one varlen call: the inputs' array module and the spec (with its
+    ``VarlenLayout``). Offsets are read back to the host and checked unless ``check_offsets`` is
+    False for CuPy offsets (NumPy offsets are always checked: it costs no synchronisation)."""
+    xp = _checks.common_module({"q": q, "k": k, "v": v})
+    dtype = _checks.check_dtypes({"q": q, "k": k, "v": v})
+    check_offsets = _checks.check_bool(check_offsets, "check_offsets")
+    _checks.check_offset_arrays(cu_seqlens_q, cu_seqlens_k, xp, device_of=q)
+    max_q = _checks.check_max_seqlen(max_seqlen_q, "max_seqlen_q")
+    max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    shapes = _checks.varlen_shapes(q, k, v, cu_seqlens_q.shape[0] - 1, max_q, max_k)
+    total_q, total_k = q.shape[0], k.shape[0]
+    causal = _checks.check_bool(causal, "causal")
+    scale = _checks.check_scale(scale, shapes.d)
+    window = _checks.check_window(window)
+    softcap = _checks.check_softcap(softcap, scale)
+    deterministic = _checks.check_bool(deterministic, "deterministic")
+    with _checks.device_context(q):
+        alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
+        hosts = []
+        for name, cu, total, max_name, max_len in (
+                ("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_q),
+                ("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_k)):
+            on_host = isinstance(cu, numpy.ndarray)
+            host = None
+            if on_host or check_offsets:  # a GPU array's values: one synchronisation
+                host = numpy.asarray(cu if on_host else cu.get(), dtype=numpy.int64)
+                _checks.check_offset_values(host, name, total, max_name, max_len)
+            hosts.append(host)
+        # The kernels read B + 1 contiguous int32 offsets on the inputs' device.
+        cu_q, cu_k = (cu if _checks.array_module(cu) is xp and cu.flags.c_contiguous
+                      else xp.ascontiguousarray(xp.asarray(cu))
+                      for cu in (cu_seqlens_q, cu_seqlens_k))
+    layout = VarlenLayout(cu_q=cu_q, cu_k=cu_k, total_q=total_q, total_k=total_k, max_q=max_q,
+                          max_k=max_k, host_q=hosts[0], host_k=hosts[1])
+    return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,
+                             window=window, softcap=softcap, alibi=alibi,
+                             deterministic=deterministic, varlen=layout)
+
+
+def _packed(x, xp):
+    """``x`` itself when the kernels can read it in place (last axis contiguous, other strides
+    non-negative whole elements), else a C-contiguous copy."""
+    return x if _checks.kernel_ready(x) else xp.ascontiguousarray(x)
+
+
+def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
+    """Run the forward pass of a validated varlen call: ``(out, lse)``, out ``(total_q, Hq, Dv)``
+    and lse ``(Hq, total_q)``."""
+    s, layout = spec.shapes, spec.varlen
+    with _checks.device_context(q):
+        result = xp.empty((layout.total_q, s.hq, s.dv), spec.dtype) if out is None else out
+        target = result if _checks.kernel_ready(result) else xp.empty(result.shape, spec.dtype)
+        lse = xp.empty((s.hq, layout.total_q), numpy.float32)
+        if layout.total_q:  # no rows, nothing to compute (and no kernel launches 0 blocks)
+            q, k, v = (_packed(x, xp) for x in (q, k, v))
+            _backend(xp).forward(q, k, v, target, lse, spec)
+        if target is not result:
+            result[...] = target
+    if xp is numpy:
+        _warnings.check_forward(result, lse, (q, k, v))
+    elif _calls.stream_capturing():  # the graph's replays write these: keep them alive
+        _calls.keep_alive_with((result,), (lse, target, spec.alibi, layout.cu_q, layout.cu_k))
+    return result, lse
+
+
+def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
+    """Run the backward pass of a validated varlen call: ``(dq, dk, dv)``."""
+    s, layout = spec.shapes, spec.varlen
+    out_shape = (layout.total_q, s.hq, s.dv)
+    for name, x in (("dout", dout), ("out", out)):
+        _checks.check_like(x, name, out_shape, spec.dtype, xp, device_of=q)
+    _checks.check_like(lse, "lse", (s.hq, layout.total_q), numpy.dtype(numpy.float32), xp,
+                       device_of=q)
+    with _checks.device_context(q):
+        dq = xp.empty(q.shape, spec.dtype)
+        dk = xp.empty(k.shape, spec.dtype)
+        dv = xp.empty(v.shape, spec.dtype)
+        if layout.total_q == 0:  # no query sees any key: the gradients of k and v are 0
+            dk[...] = 0
+            dv[...] = 0
+            return dq, dk, dv
+        q, k, v, dout, out = (_packed(x, xp) for x in (q, k, v, dout, out))
+        lse = xp.ascontiguousarray(lse)
+        if xp is numpy:
+            _backend(xp).backward(dout, q, k, v, out, lse, dq, dk, dv, spec)
+        else:
+            from . import kernels
+
+            arrays = (q, k, v, dout, out, dq, dk, dv)
+            launch = kernels.prepare("backward", spec, arrays)
+            args = (dout, q, k, v, out, lse, dq, dk, dv)
+            workspace = launch(*args, spec) if launch is not None else kernels.backward(*args, spec)
+            if _calls.stream_capturing():
+                _calls.keep_alive_with((dq, dk, dv), (workspace, lse, spec.alibi, layout.cu_q,
+                                                      layout.cu_k))
+    if xp is numpy:
+        _warnings.check_backward((dq, dk, dv), (dout, q, k, v, out), lse, spec.dtype)
+    return dq, dk, dv
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                     causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                     return_lse=False, out=None, check_offsets=True):
+    """Attention over packed sequences of different lengths (flash-attn's
+    ``flash_attn_varlen_func``): each sequence attends to its own keys only.
+
+    Parameters
+    ----------
+    q : array, shape ``(total_q, Hq, D)``
+    k : array, shape ``(total_k, Hkv, D)``
+    v : array, shape ``(total_k, Hkv, Dv)``
+        B sequences laid one after another along the first axis: sequence ``b`` owns query rows
+        ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` and key/value rows
+        ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]``. NumPy or CuPy arrays of one dtype (float16,
+        bfloat16, float32), as for ``attention``; grouped heads (``Hq % Hkv == 0``) and
+        ``Dv != D`` work the same way. Any strides whose last axis is contiguous are read in
+        place; nothing is padded or copied per sequence.
+    cu_seqlens_q, cu_seqlens_k : int32 arrays, shape ``(B + 1,)``
+        The sequences' row offsets: 0 first, non-decreasing, ``total_q`` (``total_k``) last.
+        A sequence may be empty on either side: its queries see no key (output 0, lse
+        ``-inf``), its keys get gradient 0. For CuPy inputs: CuPy arrays on their device, or
+        NumPy arrays (copied to the device).
+    max_seqlen_q, max_seqlen_k : int
+        At least the longest query (key) sequence; the GPU grid is sized for them.
+    causal, scale, window, softcap, alibi_slopes
+        As for ``attention``, applied to each sequence with its own lengths ``(nq, nk)``:
+        causal and windows are aligned to the bottom right of each sequence (query ``i`` of a
+        sequence sees keys ``j <= i + nk - nq``), ALiBi distances are ``|i + nk - nq - j|``
+        within the sequence. Slopes: ``(Hq,)`` or ``(B, Hq)``, one row per sequence.
+    return_lse : bool, optional
+        Also return the log-sum-exp of each row's logits, shape ``(Hq, total_q)`` float32
+        (flash-attn's varlen layout).
+    out : array, optional
+        Where to write the result, shape ``(total_q, Hq, Dv)``, as for ``attention``.
+    check_offsets : bool, optional
+        Check the offsets' values (the default): for CuPy offsets this reads them back to the
+        host, a synchronisation with the device. ``False`` skips it (no synchronisation, so the
+        call can be captured in a CUDA graph); the offsets and ``max_seqlen_*`` must then be
+        right: wrong ones give undefined results (wrong values or out-of-bounds memory access).
+        NumPy offsets are always checked (it costs nothing).
+
+    Returns
+    -------
+    out : array, shape ``(total_q, Hq, Dv)``, dtype of q
+    lse : array, shape ``(Hq, total_q)``, float32; only with ``return_lse=True``
+
+    Raises ``ValueError`` for offsets that do not start at 0, decrease, end elsewhere than at
+    the rows of q (k), sequences longer than ``max_seqlen_*``, or offset arrays of different
+    lengths; ``TypeError`` for offsets that are not int32 arrays.
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> rng = np.random.default_rng(0)
+    >>> cu = np.array([0, 5, 12, 30], np.int32)          # three sequences: 5, 7 and 18 tokens
+    >>> q, k, v = rng.standard_normal((3, 30, 4, 64), dtype=np.float32)
+    >>> cuflash.attention_varlen(q, k, v, cu, cu, 18, 18, causal=True).shape
+    (30, 4, 64)
+    """
+    xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            causal=causal, scale=scale, window=window, softcap=softcap,
+                            alibi_slopes=alibi_slopes, check_offsets=check_offsets)
+    return_lse = _checks.check_bool(return_lse, "return_lse")
+    if out is not None:
+        _checks.check_out(out, spec.shapes, spec.dtype, xp, {"q": q, "k": k, "v": v},
+                          shape=(spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv))
+    result, lse = _varlen_forward(spec, xp, q, k, v, out)
+    return (result, lse) if return_lse else result
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, *, causal=False, scale=None, window=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False,
+                              check_offsets=True):
+    """Gradients of ``attention_varlen`` with respect to q, k and v.
+
+    ``dout`` and ``out`` are ``(total_q, Hq, Dv)``, ``lse`` ``(Hq, total_q)`` float32 (what
+    ``attention_varlen(..., return_lse=True)`` returned); every other argument is as given to
+    ``attention_varlen``, and ``deterministic`` as for ``attention_backward``. Returns
+    ``(dq, dk, dv)`` with the shapes and dtype of q, k and v (``dk``, ``dv`` summed over the
+    query heads of a group; keys of a sequence without queries get 0).
+    """
+    xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            causal=causal, scale=scale, window=window, softcap=softcap,
+                            alibi_slopes=alibi_slopes, deterministic=deterministic,
+                            check_offsets=check_offsets)
+    return _varlen_backward(spec, xp, dout, q, k, v, out, lse)
+
+
+def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                         causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                         alibi_slopes=None, deterministic=False, check_offsets=True
+                         ) -> tuple[Any, Callable]:
+    """Run ``attention_varlen`` and return ``(out, vjp)``; ``vjp(dout)`` returns
+    ``(dq, dk, dv)``. Validated once (the offsets are checked, and read back, once); ``vjp``
+    keeps the inputs, out, lse and the validated call alive."""
+    xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            causal=causal, scale=scale, window=window, softcap=softcap,
+                            alibi_slopes=alibi_slopes, deterministic=deterministic,
+                            check_offsets=check_offsets)
+    out, lse = _varlen_forward(spec, xp, q, k, v, None)
+
+    def vjp(dout):
+        return _varlen_backward(spec, xp, dout, q, k, v, out, lse)
 
     return out, vjp

@@ -381,9 +381,12 @@ def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype, xp
         raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
 
 
-def check_out(out: Any, shapes: Shapes, dtype: numpy.dtype, xp, inputs: dict[str, Any]) -> None:
-    """``out``: a writable array of exactly the output's shape and dtype, apart from the inputs."""
-    check_like(out, "out", shapes.out_shape, dtype, xp, device_of=next(iter(inputs.values())))
+def check_out(out: Any, shapes: Shapes, dtype: numpy.dtype, xp, inputs: dict[str, Any],
+              shape: tuple[int, ...] | None = None) -> None:
+    """``out``: a writable array of exactly the output's shape (``shape``, default
+    ``shapes.out_shape``) and dtype, apart from the inputs."""
+    shape = shapes.out_shape if shape is None else shape
+    check_like(out, "out", shape, dtype, xp, device_of=next(iter(inputs.values())))
     if xp is numpy and not out.flags.writeable:
         raise ValueError("out must be writable, got a read-only array")
     if any(stride == 0 and n > 1 for n, stride in zip(out.shape, out.strides)):
@@ -428,7 +431,7 @@ def _leading_stride(shape: tuple[int, ...], strides: tuple[int, ...]) -> int | N
     return axes[-1][1] if axes else 0
 
 
-def _kernel_ready(x: Any) -> bool:
+def kernel_ready(x: Any) -> bool:
     """Last axis contiguous, other strides non-negative whole elements."""
     item = x.itemsize
     return (x.strides[-1] == item
@@ -466,7 +469,7 @@ def view_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
     x = with_head_axis(x)
     full = xp.broadcast_to(x, batch + tuple(x.shape[-3:]))
     stride = _leading_stride(full.shape[:-3], full.strides[:-3])
-    if stride is None or not _kernel_ready(full):
+    if stride is None or not kernel_ready(full):
         return None
     return _batch_view(full, math.prod(batch), stride, xp)
 
@@ -475,7 +478,7 @@ def writable_4d(out: Any, b: int):
     """A 4-D view through which a back end can write into ``out``, or ``None`` if it has none."""
     out = with_head_axis(out)
     stride = _leading_stride(out.shape[:-3], out.strides[:-3])
-    if stride is None or not _kernel_ready(out):
+    if stride is None or not kernel_ready(out):
         return None
     return _batch_view(out, b, stride, array_module(out))
 
@@ -493,3 +496,90 @@ def reduce_to_shape(g: Any, shape: tuple[int, ...], xp) -> Any:
         lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
     acc = numpy.promote_types(g.dtype, numpy.float32)
     return g.sum(axis=axes, dtype=acc).reshape(shape).astype(g.dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+def varlen_shapes(q: Any, k: Any, v: Any, batch: int, max_q: int, max_k: int) -> Shapes:
+    """Check packed q ``(total_q, Hq, D)``, k ``(total_k, Hkv, D)``, v ``(total_k, Hkv, Dv)``;
+    the shapes of ``batch`` sequences of at most ``(max_q, max_k)`` rows (``cuflash._spec``'s
+    ``VarlenLayout``). The row axes may be empty (every sequence empty), the others not."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have 3 dimensions (total_rows, heads, head_dim) for "
+                             f"packed sequences, got shape {tuple(x.shape)}")
+        if 0 in x.shape[1:]:
+            raise ValueError(f"{name} must have at least one head and a head_dim of at least 1, "
+                             f"got shape {tuple(x.shape)}")
+    (total_q, hq, d), (total_k, hkv, dk), (nv, hv, dv) = q.shape, k.shape, v.shape
+    if dk != d:
+        raise ValueError(f"q and k must have the same head dimension (last axis), got "
+                         f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if (nv, hv) != (total_k, hkv):
+        raise ValueError(f"k and v must have the same number of rows and heads (axes 0, 1), got "
+                         f"k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if hq % hkv:
+        raise ValueError(f"the number of query heads must be a multiple of the number of key/value "
+                         f"heads, got {hq} query heads (q {tuple(q.shape)}) and {hkv} key/value "
+                         f"heads (k {tuple(k.shape)})")
+    for name, total in (("q", total_q), ("k", total_k)):
+        if total >= 2**31:
+            raise ValueError(f"{name} has {total} rows; packed sequences hold at most 2**31 - 1")
+    return Shapes((batch,), hq, hkv, max_q, max_k, d, dv)
+
+
+def check_max_seqlen(value: Any, name: str) -> int:
+    """``max_seqlen_q`` / ``max_seqlen_k``: a non-negative integer below 2**31."""
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_show(value)} of type {_type_name(value)}")
+    if not 0 <= value < 2**31:
+        raise ValueError(f"{name} must be between 0 and 2**31 - 1, got {value}")
+    return int(value)
+
+
+def check_offset_arrays(cu_q: Any, cu_k: Any, xp, device_of: Any) -> None:
+    """``cu_seqlens_q`` / ``cu_seqlens_k``: 1-D int32 arrays of one length B + 1 ≥ 2, of the
+    inputs' module (CuPy inputs also take NumPy offsets) and, on the GPU, on their device."""
+    what = "a 1-D int32 array of B + 1 offsets"
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        try:
+            module = array_module(cu, name)
+        except TypeError as error:
+            if isinstance(cu, numpy.ndarray):
+                raise
+            raise TypeError(f"{name} must be {what}, got {_type_name(cu)}") from error
+        if xp is numpy and module is not numpy:
+            raise TypeError(f"{name} must be a numpy.ndarray like q, got {_type_name(cu)} on "
+                            f"device {_device_id(cu)}")
+        if module is not numpy and _device_id(cu) != _device_id(device_of):
+            raise ValueError(f"{name} must be on device {_device_id(device_of)} like q, got "
+                             f"device {_device_id(cu)}")
+        if cu.dtype != numpy.int32:
+            raise TypeError(f"{name} must have dtype int32 (flash-attn's offsets), got {cu.dtype}")
+        if cu.ndim != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be {what} (at least one sequence), got shape "
+                             f"{tuple(cu.shape)}")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1 (one "
+                         f"offset more than sequences), got {cu_q.shape[0]} and {cu_k.shape[0]}")
+
+
+def check_offset_values(host: Any, name: str, total: int, max_name: str, max_len: int) -> None:
+    """The values of one offset array (on the host): 0 first, non-decreasing, ``total`` last,
+    no sequence longer than ``max_len``."""
+    host = numpy.asarray(host, dtype=numpy.int64)
+    if host[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {host[0]} first")
+    lengths = numpy.diff(host)
+    if (lengths < 0).any():
+        b = int(numpy.flatnonzero(lengths < 0)[0])
+        raise ValueError(f"{name} must be non-decreasing (offsets of consecutive sequences), got "
+                         f"{name}[{b}] = {host[b]} > {name}[{b + 1}] = {host[b + 1]}")
+    if host[-1] != total:
+        rows = "q" if name.endswith("_q") else "k and v"
+        raise ValueError(f"the last entry of {name} must equal the rows of {rows} ({total}), got "
+                         f"{host[-1]}")
+    if lengths.size and lengths.max() > max_len:
+        b = int(numpy.argmax(lengths))
+        raise ValueError(f"{max_name} must be at least the longest sequence's length: sequence "
+                         f"{b} has {lengths[b]} rows in {name}, {max_name} is {max_len}")

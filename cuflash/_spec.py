@@ -21,6 +21,43 @@ UNBOUNDED = _mask.UNBOUNDED  # a window side that is not limited (flash-attn's -
 
 
 @dataclass(frozen=True)
+class VarlenLayout:
+    """Packed variable-length sequences (``cuflash.attention_varlen``): B sequences laid one after
+    another along the row axis of q ``(total_q, Hq, D)``, k ``(total_k, Hkv, D)`` and v
+    ``(total_k, Hkv, Dv)``; sequence ``b`` owns query rows ``cu_q[b]:cu_q[b + 1]`` and key rows
+    ``cu_k[b]:cu_k[b + 1]``.
+
+    ``cu_q`` / ``cu_k`` are int32 arrays of B + 1 offsets in the inputs' array module and on their
+    device (what the kernels read); ``host_q`` / ``host_k`` are the same offsets as NumPy int64
+    arrays when they were checked (always for NumPy inputs), ``None`` when the caller turned the
+    check off. ``max_q`` / ``max_k`` are the caller's ``max_seqlen_q`` / ``max_seqlen_k``: at least
+    every sequence's length (checked with the offsets); the spec's ``shapes`` holds them as
+    ``nq`` / ``nk``, and ``shapes.b`` is B.
+    """
+
+    cu_q: Any = field(compare=False, repr=False)
+    cu_k: Any = field(compare=False, repr=False)
+    total_q: int
+    total_k: int
+    max_q: int
+    max_k: int
+    host_q: Any = field(default=None, compare=False, repr=False)
+    host_k: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def count(self) -> int:
+        """B, the number of sequences."""
+        return int(self.cu_q.shape[0]) - 1
+
+    def sequences(self):
+        """``(b, q_rows, k_rows)`` per sequence, rows as slices of the packed axis (host offsets
+        needed: the NumPy path, which always has them)."""
+        for b in range(self.count):
+            yield (b, slice(int(self.host_q[b]), int(self.host_q[b + 1])),
+                   slice(int(self.host_k[b]), int(self.host_k[b + 1])))
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     """Shapes, dtype and every option of one call.
 
@@ -35,7 +72,11 @@ class AttentionSpec:
     ``|slope·log2 e|`` a finite float32. ``block_mask`` is ``None`` or a
     ``cuflash.sparse.BlockMask`` compatible with the shapes; ``exact_mask`` is ``None`` or a
     ``cuflash.sparse.ExactMask`` compatible with them (never both). ``deterministic`` is only
-    read by backward passes. The rules themselves (band and score modifier) are in ``_mask``.
+    read by backward passes. ``varlen`` is ``None`` (dense) or the ``VarlenLayout`` of packed
+    variable-length sequences; then ``shapes`` is ``(B,)`` sequences of at most
+    ``(nq, nk) = (max_seqlen_q, max_seqlen_k)``, every rule applies to each sequence with its own
+    lengths, and the back ends receive packed ``(total, H, D)`` arrays (docs/internals.md). The
+    rules themselves (band and score modifier) are in ``_mask``.
     """
 
     shapes: Shapes
@@ -48,6 +89,7 @@ class AttentionSpec:
     block_mask: Any = field(default=None, compare=False)
     deterministic: bool = False
     exact_mask: Any = field(default=None, compare=False)
+    varlen: VarlenLayout | None = None
 
     # ---- the mask: which keys a query sees
 
@@ -115,6 +157,8 @@ class AttentionSpec:
             parts.append(f"block_mask{tuple(self.block_mask.block_size)}")
         if self.exact:
             parts.append(f"mask(exact, {self.exact_mask.density:.3g} dense)")
+        if self.varlen is not None:
+            parts.append(f"varlen({self.shapes.b} sequences)")
         if self.deterministic:
             parts.append("deterministic")
         return ", ".join(parts)

@@ -28,6 +28,7 @@ once per tile. ``cuflash._api`` checks the results instead and issues one
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 
@@ -50,7 +51,17 @@ def forward(q, k, v, out, lse, spec):
     without a score modifier); for each key tile the running row maximum ``m`` and running sum
     ``l`` are updated and the accumulator rescaled by ``exp2(m_old - m_new)``. At the end
     ``out = acc / l`` and ``lse = (m + log2 l) · ln 2``.
+
+    A varlen spec (packed sequences: q ``(total_q, Hq, D)``, out ``(total_q, Hq, Dv)``, lse
+    ``(Hq, total_q)``) runs this on each sequence in turn (``_sequences``).
     """
+    if spec.varlen is not None:
+        for seq, rows_q, rows_k in _sequences(spec):
+            if seq.shapes.nq:
+                forward(*(_batch_of(x, rows) for x, rows in ((q, rows_q), (k, rows_k),
+                                                             (v, rows_k), (out, rows_q))),
+                        lse[None, :, rows_q], seq)
+        return
     b, hq, nq, _ = q.shape
     hkv, nk, dv = v.shape[1], v.shape[2], v.shape[3]
     grid = _TileGrid(spec, nq, nk, hq, hkv)
@@ -99,7 +110,21 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
     ``g`` the score modifier's ``dlogit / d(scale·s)`` (``1 − tanh²`` under softcap, else 1),
     ``dK += scale · dSᵀ Q`` and ``dQ += scale · dS K``. ``spec.deterministic`` changes nothing
     here: this loop always adds in the same order.
+
+    A varlen spec (packed ``(total, H, D)`` arrays, lse ``(Hq, total_q)``) runs this on each
+    sequence in turn; keys of a sequence without queries get gradient 0.
     """
+    if spec.varlen is not None:
+        for seq, rows_q, rows_k in _sequences(spec):
+            if seq.shapes.nq == 0:
+                dk[rows_k] = 0
+                dv[rows_k] = 0
+                continue
+            views = [_batch_of(x, rows) for x, rows in ((dout, rows_q), (q, rows_q), (k, rows_k),
+                                                         (v, rows_k), (out, rows_q))]
+            grads = [_batch_of(x, rows) for x, rows in ((dq, rows_q), (dk, rows_k), (dv, rows_k))]
+            backward(*views, lse[None, :, rows_q], *grads, seq)
+        return
     hkv, nk = k.shape[1], k.shape[2]
     b, hq, nq, d = q.shape
     grid = _TileGrid(spec, nq, nk, hq, hkv)
@@ -143,6 +168,24 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
         dk[:, :, cols] = dk_acc[:, :, 0].astype(dk.dtype)
         dv[:, :, cols] = dv_acc[:, :, 0].astype(dv.dtype)
     dq[...] = dq_acc.reshape(b, hq, nq, d).astype(dq.dtype)
+
+
+def _sequences(spec):
+    """``(spec of one sequence, its query rows, its key rows)`` for each sequence of a varlen
+    spec: a dense spec of one batch element with the sequence's own lengths (so causal, windows
+    and ALiBi align to each sequence) and its row of ALiBi slopes; rows are slices of the packed
+    axis."""
+    for b, rows_q, rows_k in spec.varlen.sequences():
+        shapes = dataclasses.replace(spec.shapes, batch=(1,), nq=rows_q.stop - rows_q.start,
+                                     nk=rows_k.stop - rows_k.start)
+        alibi = None if spec.alibi is None else spec.alibi[b:b + 1]
+        yield dataclasses.replace(spec, shapes=shapes, alibi=alibi, varlen=None), rows_q, rows_k
+
+
+def _batch_of(x, rows):
+    """Rows of a packed ``(total, H, D)`` array (or lse ``(H, total)``'s transpose) as the 4-D
+    view ``(1, H, n, D)`` the dense entry points take; writes go through to ``x``."""
+    return x[rows].transpose(1, 0, 2)[None]
 
 
 class _Scores:

@@ -165,3 +165,95 @@ def spec_for(q, k, v, **options):
     from cuflash import _api
 
     return _api._spec(q, k, v, **options)[1]
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+def varlen_sequences(cu_q, cu_k):
+    """``(b, query rows, key rows)`` of each sequence of packed offsets (NumPy or CuPy)."""
+    host_q, host_k = to_host(cu_q).astype(np.int64), to_host(cu_k).astype(np.int64)
+    for b in range(len(host_q) - 1):
+        yield b, slice(int(host_q[b]), int(host_q[b + 1])), slice(int(host_k[b]),
+                                                                  int(host_k[b + 1]))
+
+
+def _heads_first(x, rows):
+    """Rows of a packed ``(total, H, D)`` array as ``(H, n, D)`` (one sequence, dense form)."""
+    return x[rows].transpose(1, 0, 2)
+
+
+def _slopes_of(alibi_slopes, b):
+    if alibi_slopes is None or alibi_slopes.ndim == 1:
+        return alibi_slopes
+    return alibi_slopes[b]
+
+
+def _varlen_forward_refs(q, k, v, cu_q, cu_k, alibi_slopes, options):
+    """Packed float64 oracle and same-precision naive results (host arrays): out and lse of
+    each sequence in its rows; rows of sequences without keys stay 0 / -inf."""
+    total_q, hq, dv = q.shape[0], q.shape[1], v.shape[2]
+    outs = [np.zeros((total_q, hq, dv)) for _ in range(2)]
+    lses = [np.full((hq, total_q), -np.inf) for _ in range(2)]
+    for b, rq, rk in varlen_sequences(cu_q, cu_k):
+        if rq.stop == rq.start or rk.stop == rk.start:
+            continue
+        args = (_heads_first(q, rq), _heads_first(k, rk), _heads_first(v, rk))
+        slopes = _slopes_of(alibi_slopes, b)
+        for fn, out, lse in zip((reference.attention, reference.naive_attention), outs, lses):
+            o, l = fn(*args, alibi_slopes=slopes, **options)
+            out[rq] = to_host(o).astype(np.float64).transpose(1, 0, 2)
+            lse[:, rq] = to_host(l)
+    return outs, lses
+
+
+def assert_varlen_forward_close(out, lse, q, k, v, cu_q, cu_k, *, alibi_slopes=None, context="",
+                                **options):
+    """Check ``out`` (and ``lse`` unless None) of ``attention_varlen(q, k, v, cu_q, cu_k, ...)``:
+    every sequence against the oracle of that sequence alone (``attention`` on ``(H, n, D)``),
+    the rule applied to the packed results as a whole. ``options``: ``attention``'s."""
+    assert out.dtype == q.dtype, f"out has dtype {out.dtype}, expected {q.dtype}; {context}"
+    (ref_out, naive_out), (ref_lse, naive_lse) = _varlen_forward_refs(q, k, v, cu_q, cu_k,
+                                                                      alibi_slopes, options)
+    attended = np.isfinite(ref_lse).T  # (total_q, Hq)
+    out = to_host(out).astype(np.float64)
+    _check_shape("out", out, ref_out, context)
+    _check_no_nan("out", out, context)
+    _check_masked_rows_are_zero(out, attended, context)
+    _check_rule("out", out, ref_out, naive_out, context)
+    if lse is not None:
+        assert lse.dtype == np.float32, f"lse has dtype {lse.dtype}, expected float32; {context}"
+        lse = to_host(lse).astype(np.float64)
+        _check_shape("lse", lse, ref_lse, context)
+        _check_no_nan("lse", lse, context)
+        hidden = ~attended.T
+        if not np.all(np.isneginf(lse[hidden])):
+            raise AssertionError(f"lse of rows without keys must be -inf, got "
+                                 f"{lse[hidden][~np.isneginf(lse[hidden])][:5]}; {context}")
+        _check_rule("lse", lse[~hidden], ref_lse[~hidden], naive_lse[~hidden], context)
+
+
+def assert_varlen_backward_close(grads, dout, q, k, v, cu_q, cu_k, *, alibi_slopes=None,
+                                 context="", **options):
+    """Check ``grads = (dq, dk, dv)`` of ``attention_varlen_backward``: each sequence's rows
+    against the oracle of that sequence alone, the rule applied to the packed gradients as a
+    whole (rows of sequences without keys or without queries are 0 in the reference)."""
+    xs = (q, k, v)
+    refs = [np.zeros(x.shape) for x in xs]
+    naives = [np.zeros(x.shape) for x in xs]
+    for b, rq, rk in varlen_sequences(cu_q, cu_k):
+        if rq.stop == rq.start or rk.stop == rk.start:
+            continue
+        args = (_heads_first(dout, rq), _heads_first(q, rq), _heads_first(k, rk),
+                _heads_first(v, rk))
+        slopes = _slopes_of(alibi_slopes, b)
+        for fn, into in ((reference.attention_backward, refs),
+                         (reference.naive_attention_backward, naives)):
+            for g, rows, target in zip(fn(*args, alibi_slopes=slopes, **options), (rq, rk, rk),
+                                       into):
+                target[rows] = to_host(g).astype(np.float64).transpose(1, 0, 2)
+    for name, got, x, ref, naive in zip(("dq", "dk", "dv"), grads, xs, refs, naives):
+        assert got.dtype == x.dtype, f"{name} has dtype {got.dtype}, expected {x.dtype}; {context}"
+        got = to_host(got).astype(np.float64)
+        _check_shape(name, got, x, context)
+        _check_no_nan(name, got, context)
+        _check_rule(name, got, ref, naive, context)

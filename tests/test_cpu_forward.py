@@ -243,8 +243,10 @@ def test_import_and_cpu_path_need_no_cupy():
 def test_public_names():
     assert sorted(cuflash.__all__) == ["CuflashNumericalWarning", "KVCachePlan", "KernelPlan",
                                        "__version__", "attention", "attention_backward",
-                                       "attention_vjp", "attention_with_kvcache", "kernel_plan",
-                                       "kvcache_plan", "reference", "sparse"]
+                                       "attention_varlen", "attention_varlen_backward",
+                                       "attention_varlen_vjp", "attention_vjp",
+                                       "attention_with_kvcache", "kernel_plan", "kvcache_plan",
+                                       "reference", "sparse"]
     assert cuflash.sparse is importlib.import_module("cuflash.sparse")
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         cuflash.nothing  # noqa: B018

@@ -62,12 +62,29 @@ def vector_aligned(arrays, widths=()) -> bool:
 
 def stride_fields(names, arrays) -> dict:
     """``{name_sb, name_sh, name_sn}`` element strides of 4-D (B, H, N, D) arrays, as the
-    argument structs name them."""
+    argument structs name them. A varlen call's packed (total, H, D) arrays get batch stride 0:
+    the kernels find each sequence's rows through the offsets (csrc/schedule.cuh, sequence_of)."""
     fields = {}
     for name, x in zip(names, arrays):
-        sb, sh, sn, _ = element_strides(x)
+        if x.ndim == 3:
+            sb, (sn, sh, _) = 0, element_strides(x)
+        else:
+            sb, sh, sn, _ = element_strides(x)
         fields.update({f"{name}_sb": sb, f"{name}_sh": sh, f"{name}_sn": sn})
     return fields
+
+
+def varlen_values(spec) -> dict:
+    """The argument fields of packed variable-length sequences (``cu_q``, ``cu_k`` are pointers
+    filled per call, see forward_pointers): ``total_q`` (lse's head stride), 0 for a dense call."""
+    return {"total_q": 0 if spec.varlen is None else spec.varlen.total_q}
+
+
+def varlen_pointers(spec) -> tuple[int, int]:
+    """The device offsets (cu_q, cu_k) of a varlen call, (0, 0) for a dense one."""
+    if spec.varlen is None:
+        return 0, 0
+    return pointer(spec.varlen.cu_q), pointer(spec.varlen.cu_k)
 
 
 def check_grid(blocks: int, what: str) -> int:
@@ -116,6 +133,15 @@ def why_not_16bit_tiled(spec, tiles_for) -> str | None:
     except ValueError as error:
         return str(error)
     return None
+
+
+def why_not_varlen(spec, family: str) -> str | None:
+    """The reason a family without packed variable-length sequences cannot take a varlen call
+    (None for any other call)."""
+    if spec.varlen is None:
+        return None
+    return (f"packed variable-length sequences (attention_varlen) are not implemented in the "
+            f"{family} kernels")
 
 
 def why_not_hopper_16bit(spec, x) -> str | None:
@@ -196,6 +222,8 @@ class KernelLaunch:
     args: PackedArgs
 
     def __call__(self, pointers) -> None:
+        if self.blocks == 0:  # nothing to do (a varlen call without keys); CUDA refuses 0 blocks
+            return
         self.kernel((self.blocks,), (self.threads,), (self.args.pack(pointers),),
                     shared_mem=self.shared)
 
@@ -278,25 +306,27 @@ def tile_index(spec, tile_m: int, tile_n: int, *, by_key: bool = False) -> dict:
 
 # The argument struct of both 16-bit forward kernels (FwdArgs in csrc/args.cuh).
 FWD_ARGS = make_struct_dtype(
-    [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR)]
+    [("q", PTR), ("k", PTR), ("v", PTR), ("o", PTR), ("lse", PTR), ("tile_ptr", PTR), ("tile_idx", PTR),
+     ("cu_q", PTR), ("cu_k", PTR)]
     + [(f"{t}_s{a}", I64) for t in "qkvo" for a in "bhn"]
-    + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads")]
+    + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads",
+                          "total_q")]
     + [("scale_log2", F32)]
     + MASK_AND_SCORE_FIELDS
 )
-assert FWD_ARGS.itemsize == 232, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
+assert FWD_ARGS.itemsize == 248, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
 
 # The argument struct of every 16-bit backward kernel (BwdArgs in csrc/args.cuh).
 BWD_ARGS = make_struct_dtype(
     [(n, PTR) for n in ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2",
-                        "delta", "dq_accum", "tile_ptr", "tile_idx")]
+                        "delta", "dq_accum", "tile_ptr", "tile_idx", "cu_q", "cu_k")]
     + [(f"{t}_s{a}", I64) for t in ("q", "k", "v", "o", "do", "gq", "gk", "gv") for a in "bhn"]
     + [(n, I32) for n in ("batch", "nq", "nk", "d", "dv", "heads", "kv_heads", "group", "m_tiles",
-                          "n_tiles", "rows_pad", "dqk", "mask_heads")]
+                          "n_tiles", "rows_pad", "dqk", "mask_heads", "total_q")]
     + [("scale", F32), ("scale_log2", F32)]
     + MASK_AND_SCORE_FIELDS
 )
-assert BWD_ARGS.itemsize == 408, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
+assert BWD_ARGS.itemsize == 424, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
 
 
 def mask_heads(spec) -> int:
@@ -306,30 +336,32 @@ def mask_heads(spec) -> int:
 
 
 # The fields of FWD_ARGS a forward launch re-fills per call, in this order (see forward_pointers).
-FWD_POINTERS = ("q", "k", "v", "o", "lse", "alibi")
+FWD_POINTERS = ("q", "k", "v", "o", "lse", "alibi", "cu_q", "cu_k")
 
 
 def forward_pointers(q, k, v, out, lse, spec) -> tuple[int, ...]:
     """The FWD_POINTERS values of one call; any views with the prepared layout will do (only
     their data pointers are read)."""
-    return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, pointer(spec.alibi))
+    return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, pointer(spec.alibi),
+            *varlen_pointers(spec))
 
 
 def forward_args(spec, arrays, *, tile_m, tile_n) -> tuple[PackedArgs, int]:
     """The forward kernels' argument struct for 4-D views ``arrays`` = (q, k, v, out) (their
     layout; the pointers are FWD_POINTERS, filled per call), and the grid size (thread blocks):
     one block per `tile_m` query rows of each (batch, head). With a block or exact mask, its tile
-    index at (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds)."""
-    q, k, v, out = arrays
-    batch, heads, nq, d = q.shape
-    kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    index at (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds). A varlen
+    call's arrays are packed (total, H, D): its grid covers the longest sequence's tiles."""
+    s = spec.shapes
+    batch, heads, nq, d = s.b, s.hq, s.nq, s.d
+    kv_heads, nk, dv = s.hkv, s.nk, s.dv
     m_tiles = -(-nq // tile_m)
     blocks = check_grid(m_tiles * heads * batch, "the forward kernel")
     values = dict(
         **tile_index(spec, tile_m, tile_n), **stride_fields("qkvo", arrays),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
-        **mask_and_score_values(spec),
+        **mask_and_score_values(spec), **varlen_values(spec),
     )
     return PackedArgs(FWD_ARGS, FWD_POINTERS, values), blocks
 

@@ -8,6 +8,7 @@ and score modifier (and all of them together) at one head dim.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy
@@ -67,3 +68,26 @@ def spec_grid(head_dims, dtypes=("float16", "bfloat16"), *, features=True):
                     exact_mask=_exact_mask()),
         ]
     return specs
+
+
+def varlen_spec_grid():
+    """Packed variable-length sequences (``attention_varlen``): dense and causal for both dtypes
+    at every head dim the sm80 kernels tile differently (64, 96, 128, 256), ``Dv ≠ D``, and every
+    mask policy and score modifier together at D = 128 (what varlen calls can combine)."""
+    specs = [_varlen(spec_of(dtype, d, causal=causal))
+             for dtype in ("float16", "bfloat16") for d in (64, 96, 128, 256)
+             for causal in (False, True)]
+    specs += [_varlen(spec_of("bfloat16", 128, 64, causal=True)),
+              _varlen(spec_of("bfloat16", 128, window=(256, 64), softcap=30.0, alibi=_Slopes())),
+              _varlen(spec_of("bfloat16", 128, causal=True, window=(256, 0), softcap=30.0,
+                              alibi=_Slopes()))]
+    return specs
+
+
+def _varlen(spec: AttentionSpec) -> AttentionSpec:
+    """``spec`` as one packed sequence (only compiled, never launched: no offsets)."""
+    from .._spec import VarlenLayout
+
+    n = spec.shapes.nq
+    layout = VarlenLayout(cu_q=None, cu_k=None, total_q=n, total_k=n, max_q=n, max_k=n)
+    return dataclasses.replace(spec, varlen=layout)

@@ -49,6 +49,8 @@ from ._launch import (
     score_mod_type,
     stride_fields,
     tile_index,
+    varlen_pointers,
+    varlen_values,
     vector_aligned,
     why_not_16bit_tiled,
 )
@@ -197,8 +199,15 @@ def workspace_bytes(B: int, Hq: int, Nq: int, D: int, *, deterministic: bool = F
     return total
 
 
-def variant_pre(dtype, *, aligned: bool, zero_dq: bool) -> str:
-    return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq)
+# Every kernel's template ends with a defaulted VARLEN flag: varlen variants spell it, dense ones
+# leave it out (their expressions are those they always were).
+def _varlen_flag(varlen: bool) -> tuple:
+    return (True,) if varlen else ()
+
+
+def variant_pre(dtype, *, aligned: bool, zero_dq: bool, varlen: bool = False) -> str:
+    return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq,
+                                      *_varlen_flag(varlen))
 
 
 def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> str:
@@ -206,7 +215,7 @@ def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> st
     return _build.template_expression(
         "flash_bwd_dkdv", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.col_split,
         tiles.col_passes, tiles.block_m, tiles.stages, tiles.kv_in_regs, mask_type(spec),
-        score_mod_type(spec), aligned, atomic_dq,
+        score_mod_type(spec), aligned, atomic_dq, *_varlen_flag(spec.varlen is not None),
     )
 
 
@@ -215,11 +224,13 @@ def variant_dq(spec, tiles: BwdTiles, *, aligned: bool) -> str:
     return _build.template_expression(
         "flash_bwd_dq", element_type(spec.dtype), dqk, dvp, tiles.dq_warps, tiles.dq_mt,
         tiles.dq_block_n, tiles.dq_in_regs, mask_type(spec), score_mod_type(spec), aligned,
+        *_varlen_flag(spec.varlen is not None),
     )
 
 
-def variant_convert(dtype, *, aligned: bool) -> str:
-    return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned)
+def variant_convert(dtype, *, aligned: bool, varlen: bool = False) -> str:
+    return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned,
+                                      *_varlen_flag(varlen))
 
 
 def tiles_for(spec) -> BwdTiles:
@@ -232,7 +243,7 @@ def tiles_for(spec) -> BwdTiles:
 
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: any 16-bit call on sm_80+ whose block
-    mask (if any) has blocks the tiles divide. `arrays` (q, k, v, dout, out, dq, dk, dv) may
+    mask (if any) has blocks the tiles divide, packed variable-length sequences included. `arrays` (q, k, v, dout, out, dq, dk, dv) may
     have any alignment."""
     del arrays  # unaligned views run the element-wise load/store variants
     return why_not_16bit_tiled(spec, tiles_for)
@@ -242,7 +253,10 @@ def supports(spec, arrays) -> str | None:
 class Scratch:
     """The workspace of one backward call (see workspace_bytes), as one float32 allocation:
     ``rows`` base-2 lse values, ``rows`` Delta values, then ``accum`` values of the dq
-    accumulator (atomic dq only; 0 otherwise). ``rows_pad`` is the rows per (batch, head)."""
+    accumulator (atomic dq only; 0 otherwise). ``rows_pad`` is the rows per (batch, head), or for
+    a varlen call the rows per head: every sequence's rows rounded up to ROW_ALIGN, each starting
+    on a multiple of it, ``(ceil(total_q / ROW_ALIGN) + B) · ROW_ALIGN`` in all (where each
+    sequence starts is csrc/schedule.cuh's scratch_offset)."""
 
     rows_pad: int
     rows: int
@@ -251,8 +265,12 @@ class Scratch:
     @classmethod
     def of(cls, spec, *, atomic_dq: bool) -> "Scratch":
         s = spec.shapes
-        rows_pad = rows_padded(s.nq)
-        rows = s.b * s.hq * rows_pad
+        if spec.varlen is None:
+            rows_pad = rows_padded(s.nq)
+            rows = s.b * s.hq * rows_pad
+        else:
+            rows_pad = (-(-spec.varlen.total_q // ROW_ALIGN) + s.b) * ROW_ALIGN
+            rows = s.hq * rows_pad
         return cls(rows_pad, rows, rows * padded_head_dims(spec)[0] if atomic_dq else 0)
 
     def allocate(self):
@@ -268,7 +286,7 @@ class Scratch:
 
 # The fields of BWD_ARGS a backward launch re-fills per call, in this order (BackwardLaunch).
 BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2", "delta",
-                "dq_accum", "alibi")
+                "dq_accum", "alibi", "cu_q", "cu_k")
 
 
 class BackwardLaunch:
@@ -285,7 +303,7 @@ class BackwardLaunch:
         workspace, (lse2, delta, dq_accum) = self.scratch.allocate()
         pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, lse.data.ptr,
                     dq.data.ptr, dk.data.ptr, dv.data.ptr, lse2, delta, dq_accum,
-                    pointer(spec.alibi))
+                    pointer(spec.alibi), *varlen_pointers(spec))
         for launch in self.launches:
             launch(pointers)
         return workspace
@@ -295,17 +313,18 @@ def argument_packer(spec, arrays, *, rows_pad: int):
     """``args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX)``: the packed BWD_ARGS of each launch of
     a backward call with the layout of 4-D views ``arrays`` = (q, k, v, dout, out, dq, dk, dv)
     (they differ only in the launch's tile counts and tile index, ``tile_index``; the pointers
-    are BWD_POINTERS, filled per call)."""
+    are BWD_POINTERS, filled per call). A varlen call's arrays are packed (total, H, D)."""
     q, k, v, dout, out, dq, dk, dv = arrays
-    batch, heads, nq, d = q.shape
-    kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    s = spec.shapes
+    batch, heads, nq, d = s.b, s.hq, s.nq, s.d
+    kv_heads, nk, dv_dim = s.hkv, s.nk, s.dv
     fields = dict(
         batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
         group=heads // kv_heads, rows_pad=rows_pad,
         dqk=padded_head_dims(spec)[0],  # the dq accumulator's row length
         mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
         **stride_fields(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)),
-        **mask_and_score_values(spec),
+        **mask_and_score_values(spec), **varlen_values(spec),
     )
 
     def args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX):
@@ -316,19 +335,40 @@ def argument_packer(spec, arrays, *, rows_pad: int):
 
 def preprocess_launch(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool) -> KernelLaunch:
     """The flash_bwd_pre launch: Delta, base-2 lse (and the zeroed dq accumulator). `aligned`:
-    out and dout allow 16-byte loads."""
-    kernel = _build.get_function(SOURCE, variant_pre(spec.dtype, aligned=aligned, zero_dq=zero_dq))
-    blocks = check_grid(rows_pad // PRE_ROWS * spec.shapes.hq * spec.shapes.b, "flash_bwd_pre")
+    out and dout allow 16-byte loads. A varlen call's grid covers the longest sequence's padded
+    rows for each (sequence, head), its row blocks sent as m_tiles."""
+    varlen = spec.varlen is not None
+    kernel = _build.get_function(SOURCE, variant_pre(spec.dtype, aligned=aligned, zero_dq=zero_dq,
+                                                     varlen=varlen))
+    row_blocks = (rows_padded(spec.shapes.nq) if varlen else rows_pad) // PRE_ROWS
+    blocks = check_grid(row_blocks * spec.shapes.hq * spec.shapes.b, "flash_bwd_pre")
+    return KernelLaunch(kernel, blocks, 256, 0, args(m_tiles=row_blocks if varlen else 0))
+
+
+def convert_launch(args, spec, *, aligned: bool) -> KernelLaunch:
+    """The flash_bwd_dq_convert launch: one thread per 8 columns of each row of dq. A varlen
+    call's grid covers the longest sequence's rows for each (sequence, head), its blocks per
+    (sequence, head) sent as m_tiles."""
+    s = spec.shapes
+    varlen = spec.varlen is not None
+    kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned, varlen=varlen))
+    chunks = -(-s.d // 8)
+    if varlen:
+        per_head = -(-s.nq * chunks // 256)
+        blocks = check_grid(per_head * s.hq * s.b, "flash_bwd_dq_convert")
+        return KernelLaunch(kernel, blocks, 256, 0, args(m_tiles=per_head))
+    blocks = check_grid(-(-s.b * s.hq * s.nq * chunks // 256), "flash_bwd_dq_convert")
     return KernelLaunch(kernel, blocks, 256, 0, args())
 
 
 def prepare_backward(spec, arrays, *, tiles: BwdTiles | None = None) -> BackwardLaunch:
     """The backward launches for this spec and the layout of 4-D (B, H, N, D) views ``arrays`` =
-    (q, k, v, dout, out, dq, dk, dv); see docs/internals.md. dq goes through the float32
+    (q, k, v, dout, out, dq, dk, dv); see docs/internals.md (a varlen call's are packed
+    (total, H, D): every grid covers the longest sequence). dq goes through the float32
     accumulator and atomic adds unless ``spec.deterministic``."""
-    q, k, v, dout, out, dq, dk, dv = arrays
-    batch, heads, nq, d = q.shape
-    kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    s = spec.shapes
+    batch, heads, nq, d = s.b, s.hq, s.nq, s.d
+    kv_heads, nk, dv_dim = s.hkv, s.nk, s.dv
     dqk, dvp = padded_head_dims(spec)
     tiles = tiles or tiles_for(spec)
     atomic_dq = not spec.deterministic
@@ -352,10 +392,7 @@ def prepare_backward(spec, arrays, *, tiles: BwdTiles | None = None) -> Backward
 
     # 3. dQ.
     if atomic_dq:
-        kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned))
-        threads = batch * heads * nq * (-(-d // 8))
-        blocks = check_grid(-(-threads // 256), "flash_bwd_dq_convert")
-        launches.append(KernelLaunch(kernel, blocks, 256, 0, args()))
+        launches.append(convert_launch(args, spec, aligned=aligned))
     else:
         m_tiles, n_tiles = -(-nq // tiles.dq_block_m), -(-nk // tiles.dq_block_n)
         index = tile_index(spec, tiles.dq_block_m, tiles.dq_block_n)
@@ -403,6 +440,15 @@ def main_variants() -> list[tuple[str, str]]:
     for d in (64, 128):
         out += both_paths(spec_of("float16", d, causal=True, block_mask=small_blocks))
     out += both_paths(spec_of("float16", 64, 128), aligned=False)
+    from ._variants import varlen_spec_grid
+
+    for dtype in ("float16", "bfloat16"):
+        for aligned in (False, True):
+            for zero_dq in (True, False):
+                out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq, varlen=True)))
+            out.append((SOURCE, variant_convert(dtype, aligned=aligned, varlen=True)))
+    for spec in varlen_spec_grid():
+        out += both_paths(spec)
     return list(dict.fromkeys(out))
 
 

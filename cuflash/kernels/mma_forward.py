@@ -58,10 +58,13 @@ def tiles_for_mask(tiles: FwdTiles, block_size, dqk: int, dv: int) -> FwdTiles:
 
 
 def variant(spec, tiles: FwdTiles, *, aligned: bool) -> str:
+    """The kernel's template expression; a varlen call's adds VARLEN = true (dense calls leave
+    the defaulted flag out, so their expressions are those they always were)."""
     dqk, dvp = padded_head_dims(spec)
+    varlen = (True,) if spec.varlen is not None else ()
     return _build.template_expression(
         "flash_fwd", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.block_n,
-        tiles.q_in_regs, mask_type(spec), score_mod_type(spec), aligned,
+        tiles.q_in_regs, mask_type(spec), score_mod_type(spec), aligned, *varlen,
     )
 
 
@@ -76,15 +79,16 @@ def tiles_for(spec) -> FwdTiles:
 
 
 def supports(spec, arrays) -> str | None:
-    """None when this family runs the call, else why not: it takes any 16-bit call on sm_80+."""
+    """None when this family runs the call, else why not: it takes any 16-bit call on sm_80+,
+    packed variable-length sequences included."""
     return why_not_16bit_tiled(spec, tiles_for)
 
 
 def prepare_forward(spec, arrays, *, tiles: FwdTiles | None = None) -> ForwardLaunch:
     """The forward launch for this spec and the layout of 4-D (B, H, N, D) CuPy views
-    ``arrays`` = (q, k, v, out) (docs/internals.md): compiled kernel, grid and packed arguments."""
-    q, k, v, out = arrays
-    d, dv = q.shape[3], v.shape[3]
+    ``arrays`` = (q, k, v, out) (docs/internals.md; a varlen call's are packed (total, H, D)):
+    compiled kernel, grid and packed arguments."""
+    d, dv = spec.shapes.d, spec.shapes.dv
     dqk, dvp = padded_head_dims(spec)
     tiles = tiles or tiles_for(spec)
     args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
@@ -103,10 +107,12 @@ def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for every supported architecture without register spills."""
     from ._variants import spec_grid
 
+    from ._variants import varlen_spec_grid
+
     out = []
-    for spec in spec_grid(head_dims=(32, 64, 96, 128, 256)):
+    for spec in spec_grid(head_dims=(32, 64, 96, 128, 256)) + varlen_spec_grid():
         out.append((SOURCE, variant(spec, tiles_for(spec), aligned=spec.shapes.d % 8 == 0)))
-    return out
+    return list(dict.fromkeys(out))
 
 
 __all__ = ["forward", "prepare_forward", "supports", "FwdTiles", "default_tiles", "tiles_for", "variant", "main_variants"]

@@ -26,18 +26,21 @@ struct FwdArgs {
     float* lse;
     const int* tile_ptr;  // block-sparse: CSR over query tiles (see sparse docs), else null
     const int* tile_idx;
-    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
+    const int* cu_q;       // packed sequences (varlen): B + 1 query row offsets, else null
+    const int* cu_k;       // ... and key row offsets (schedule.cuh, sequence_of)
+    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row (varlen: batch stride 0)
     i64 k_sb, k_sh, k_sn;
     i64 v_sb, v_sh, v_sn;
     i64 o_sb, o_sh, o_sn;
-    int nq, nk, d, dv;
+    int nq, nk, d, dv;     // varlen: nq, nk are the longest sequence's lengths
     int heads, group;      // query heads; query heads per key/value head
     int m_tiles;           // ceil(nq / BLOCK_M)
     int mask_heads;        // block-sparse: 1 = one pattern per head, 0 = shared
+    int total_q;           // varlen: packed query rows (lse is (Hq, total_q)); 0 dense
     float scale_log2;      // softmax scale * log2(e)
     MASK_AND_SCORE_FIELDS
 };
-static_assert(sizeof(FwdArgs) == 232, "FwdArgs must match FWD_ARGS in _launch.py");
+static_assert(sizeof(FwdArgs) == 248, "FwdArgs must match FWD_ARGS in _launch.py");
 
 // One struct for every backward kernel (preprocessing, mma.sync and wgmma variants).
 struct BwdArgs {
@@ -46,16 +49,18 @@ struct BwdArgs {
     const u16* v;
     const u16* o;
     const u16* dout;
-    const float* lse;      // natural log, (B, Hq, Nq) contiguous
+    const float* lse;      // natural log, (B, Hq, Nq) contiguous; varlen (Hq, total_q)
     u16* grad_q;
     u16* grad_k;
     u16* grad_v;
-    float* lse2;           // scratch (B, Hq, rows_pad): lse * log2(e), +inf where lse = -inf
-    float* delta;          // scratch (B, Hq, rows_pad): rowsum(dO * O)
-    float* dq_accum;       // scratch (B, Hq, rows_pad, dqk): dS K without the scale, or null
+    float* lse2;           // scratch rows (scratch_offset): lse * log2(e), +inf where lse = -inf
+    float* delta;          // scratch rows: rowsum(dO * O)
+    float* dq_accum;       // scratch rows of dqk floats: dS K without the scale, or null
     const int* tile_ptr;   // block-sparse: CSR (dq kernel) or its transpose (dkdv kernel)
     const int* tile_idx;
-    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row
+    const int* cu_q;       // packed sequences (varlen): B + 1 query row offsets, else null
+    const int* cu_k;       // ... and key row offsets (schedule.cuh, sequence_of)
+    i64 q_sb, q_sh, q_sn;  // strides in elements: batch, head, row (varlen: batch stride 0)
     i64 k_sb, k_sh, k_sn;
     i64 v_sb, v_sh, v_sn;
     i64 o_sb, o_sh, o_sn;
@@ -63,14 +68,15 @@ struct BwdArgs {
     i64 gq_sb, gq_sh, gq_sn;
     i64 gk_sb, gk_sh, gk_sn;
     i64 gv_sb, gv_sh, gv_sn;
-    int batch, nq, nk, d, dv;
+    int batch, nq, nk, d, dv;    // varlen: nq, nk are the longest sequence's lengths
     int heads, kv_heads, group;  // query heads, key/value heads, query heads per key/value head
     int m_tiles, n_tiles;        // query and key tiles of the kernel being launched
-    int rows_pad;                // scratch rows per (batch, head)
+    int rows_pad;                // scratch rows per (batch, head); varlen: per head (scratch_offset)
     int dqk;                     // dq_accum row length (padded head dim)
     int mask_heads;              // block-sparse: 1 = one pattern per head, 0 = shared
+    int total_q;                 // varlen: packed query rows (lse is (Hq, total_q)); 0 dense
     float scale;
     float scale_log2;            // scale * log2(e)
     MASK_AND_SCORE_FIELDS
 };
-static_assert(sizeof(BwdArgs) == 408, "BwdArgs must match BWD_ARGS in _launch.py");
+static_assert(sizeof(BwdArgs) == 424, "BwdArgs must match BWD_ARGS in _launch.py");

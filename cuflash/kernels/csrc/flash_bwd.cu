@@ -27,6 +27,10 @@
 // Scratch rows (lse2, delta, dq_accum) are padded per (batch, head) to rows_pad, a multiple of
 // every query tile height, with lse2 = +inf and delta = 0 in the padding: tile loads and
 // accumulator updates then need no bounds checks and masked query rows drop out by themselves.
+// Where a (batch, head)'s scratch rows start is scratch_offset's to say (schedule.cuh).
+//
+// VARLEN: packed variable-length sequences (schedule.cuh, sequence_of). Every grid covers the
+// longest sequence; a block whose tile lies past its own sequence's end exits at once.
 #include "args.cuh"
 
 #include "arch/sm80_mma.cuh"
@@ -36,20 +40,24 @@
 // Preprocessing: 32 rows per block, 8 threads per row.
 constexpr int PRE_ROWS = 32;
 
-template <typename T, bool ALIGNED, bool ZERO_DQ>
+// VARLEN: m_tiles is the row blocks of the longest sequence's padded rows.
+template <typename T, bool ALIGNED, bool ZERO_DQ, bool VARLEN = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_pre(const BwdArgs a) {
-    const int row_blocks = a.rows_pad / PRE_ROWS;
+    const int row_blocks = VARLEN ? a.m_tiles : a.rows_pad / PRE_ROWS;
     const int rb = blockIdx.x % row_blocks;
     const int bh = blockIdx.x / row_blocks;
     const int h = bh % a.heads, b = bh / a.heads;
+    const Sequence seq = sequence_of<VARLEN>(a, b);
+    // Past the sequence's padded scratch rows: nothing of this sequence to write.
+    if (VARLEN && rb * PRE_ROWS >= (seq.nq + SCRATCH_ALIGN - 1) / SCRATCH_ALIGN * SCRATCH_ALIGN) return;
     const int row = rb * PRE_ROWS + threadIdx.x / 8;
     const int part = threadIdx.x % 8;
 
     float acc = 0.f;
-    if (row < a.nq) {
-        const u16* o = a.o + b * a.o_sb + h * a.o_sh + row * a.o_sn;
-        const u16* g = a.dout + b * a.do_sb + h * a.do_sh + row * a.do_sn;
+    if (row < seq.nq) {
+        const u16* o = a.o + b * a.o_sb + h * a.o_sh + seq.q0 * a.o_sn + row * a.o_sn;
+        const u16* g = a.dout + b * a.do_sb + h * a.do_sh + seq.q0 * a.do_sn + row * a.do_sn;
         if constexpr (ALIGNED) {
             for (int c = part * 8; c < a.dv; c += 64) {
                 const uint4 x = *reinterpret_cast<const uint4*>(o + c);
@@ -63,14 +71,15 @@ flash_bwd_pre(const BwdArgs a) {
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
     acc += __shfl_xor_sync(0xffffffffu, acc, 2);
     acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-    const i64 idx = (i64)bh * a.rows_pad + row;
+    const i64 scratch = scratch_offset<VARLEN>(a, seq, b, h);
+    const i64 idx = scratch + row;
     if (part == 0) {
         a.delta[idx] = acc;
-        const float l = row < a.nq ? a.lse[(i64)bh * a.nq + row] : -INFINITY;
+        const float l = row < seq.nq ? a.lse[lse_offset<VARLEN>(a, seq, b, h) + row] : -INFINITY;
         a.lse2[idx] = l == -INFINITY ? INFINITY : l * LOG2E_F;
     }
     if constexpr (ZERO_DQ) {
-        float4* acc4 = reinterpret_cast<float4*>(a.dq_accum + ((i64)bh * a.rows_pad + rb * PRE_ROWS) * a.dqk);
+        float4* acc4 = reinterpret_cast<float4*>(a.dq_accum + (scratch + rb * PRE_ROWS) * a.dqk);
         const int n4 = PRE_ROWS * a.dqk / 4;
         for (int i = threadIdx.x; i < n4; i += 256) acc4[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
@@ -173,16 +182,18 @@ struct DkdvShape {
 };
 
 // Q, dO, lse2 and Delta of query tile m_tile of head hh into buffer `stage` (asynchronous).
-template <class S, bool ALIGNED>
-__device__ __forceinline__ void load_query_tile(const BwdArgs& a, const DkdvSmem& s, int b, int hh, int m_tile,
-                                                int stage) {
+template <class S, bool ALIGNED, bool VARLEN>
+__device__ __forceinline__ void load_query_tile(const BwdArgs& a, const DkdvSmem& s, const Sequence& seq, int b,
+                                                int hh, int m_tile, int stage) {
     constexpr int BM = S::BLOCK_M;
     const int m0 = m_tile * BM;
-    load_tile<BM, S::DQK, S::THREADS, ALIGNED>(s.sq + stage * BM * S::QS, a.q + b * a.q_sb + hh * a.q_sh, a.q_sn,
-                                               m0, a.nq, a.d);
-    load_tile<BM, S::DV, S::THREADS, ALIGNED>(s.sdo + stage * BM * S::OS, a.dout + b * a.do_sb + hh * a.do_sh,
-                                              a.do_sn, m0, a.nq, a.dv);
-    const i64 r = ((i64)b * a.heads + hh) * a.rows_pad + m0;
+    load_tile<BM, S::DQK, S::THREADS, ALIGNED>(s.sq + stage * BM * S::QS,
+                                               a.q + b * a.q_sb + hh * a.q_sh + seq.q0 * a.q_sn, a.q_sn, m0, seq.nq,
+                                               a.d);
+    load_tile<BM, S::DV, S::THREADS, ALIGNED>(s.sdo + stage * BM * S::OS,
+                                              a.dout + b * a.do_sb + hh * a.do_sh + seq.q0 * a.do_sn, a.do_sn, m0,
+                                              seq.nq, a.dv);
+    const i64 r = scratch_offset<VARLEN>(a, seq, b, hh) + m0;
     load_f32_async<BM, S::THREADS>(s.sl + stage * BM, a.lse2 + r);
     load_f32_async<BM, S::THREADS>(s.sd + stage * BM, a.delta + r);
 }
@@ -293,7 +304,7 @@ __device__ __forceinline__ void dq_atomic_add(float* dq_rows, const DkdvWarp& w,
 }
 
 template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int PASSES, int BLOCK_M, int STAGES,
-          bool KV_IN_REGS, class MASK, class MOD, bool ALIGNED, bool ATOMIC_DQ>
+          bool KV_IN_REGS, class MASK, class MOD, bool ALIGNED, bool ATOMIC_DQ, bool VARLEN = false>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_bwd_dkdv(const BwdArgs a) {
     using S = DkdvShape<DQK, DV, WARPS, MT, WC, PASSES, BLOCK_M, STAGES, ATOMIC_DQ>;
@@ -305,13 +316,18 @@ flash_bwd_dkdv(const BwdArgs a) {
     const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk;
     const int n0 = tile.n_tile * BLOCK_N;
-    const MASK mask(a);
-    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, tile.n_tile, hk);
+    const Sequence seq = sequence_of<VARLEN>(a, b);
+    if (VARLEN && n0 >= seq.nk) return;  // past this sequence's end (before any barrier)
+    const MASK mask(a, seq.nq, seq.nk);
+    const int m_tiles = VARLEN ? (seq.nq + BLOCK_M - 1) / BLOCK_M : a.m_tiles;
+    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, tile.n_tile, hk, m_tiles);
 
-    load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sm.sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk, a.d);
-    load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sm.sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk, a.dv);
+    load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sm.sk, a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn, a.k_sn, n0,
+                                              seq.nk, a.d);
+    load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sm.sv, a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn, a.v_sn, n0,
+                                             seq.nk, a.dv);
     int m_tile = walk.valid() ? walk.m_tile() : 0;
-    if (walk.valid()) load_query_tile<S, ALIGNED>(a, sm, b, walk.h, m_tile, 0);
+    if (walk.valid()) load_query_tile<S, ALIGNED, VARLEN>(a, sm, seq, b, walk.h, m_tile, 0);
     cp_async_commit();
 
     const int warp = threadIdx.x / 32;
@@ -336,7 +352,7 @@ flash_bwd_dkdv(const BwdArgs a) {
         const bool has_next = ahead.valid();
         const int next_m_tile = has_next ? ahead.m_tile() : 0;
         if constexpr (STAGES == 2) {
-            if (has_next) load_query_tile<S, ALIGNED>(a, sm, b, ahead.h, next_m_tile, stage ^ 1);
+            if (has_next) load_query_tile<S, ALIGNED, VARLEN>(a, sm, seq, b, ahead.h, next_m_tile, stage ^ 1);
             cp_async_commit();
         }
         if constexpr (KV_IN_REGS) {
@@ -346,7 +362,7 @@ flash_bwd_dkdv(const BwdArgs a) {
             }
         }
 
-        const MOD mod(a, b, walk.h);
+        const MOD mod(a, b, walk.h, seq.nq, seq.nk);
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, walk.slot());
         const u32 q_stage = stage * BLOCK_M * S::QS * 2, o_stage = stage * BLOCK_M * S::OS * 2;
 #pragma unroll 1
@@ -362,11 +378,11 @@ flash_bwd_dkdv(const BwdArgs a) {
         }
         if constexpr (STAGES == 1) {
             // The next query tile loads while this one's dQ is computed.
-            if (has_next) load_query_tile<S, ALIGNED>(a, sm, b, ahead.h, next_m_tile, 0);
+            if (has_next) load_query_tile<S, ALIGNED, VARLEN>(a, sm, seq, b, ahead.h, next_m_tile, 0);
             cp_async_commit();
         }
         if constexpr (ATOMIC_DQ) {
-            dq_atomic_add<S, T>(a.dq_accum + (((i64)b * a.heads + walk.h) * a.rows_pad + m0) * DQK, w, warp);
+            dq_atomic_add<S, T>(a.dq_accum + (scratch_offset<VARLEN>(a, seq, b, walk.h) + m0) * DQK, w, warp);
         }
 
         walk = ahead;
@@ -377,31 +393,46 @@ flash_bwd_dkdv(const BwdArgs a) {
 
     // Epilogue: dK * scale and dV, once. Key tiles no query sees write zeros.
     const float dk_scale[2] = {a.scale, a.scale}, one[2] = {1.f, 1.f};
-    u16* dk = a.grad_k + b * a.gk_sb + hk * a.gk_sh;
-    u16* dv = a.grad_v + b * a.gv_sb + hk * a.gv_sh;
+    u16* dk = a.grad_k + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn;
+    u16* dv = a.grad_v + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         const int row0 = n0 + w.kr0 + mt * 16 + w.g;
-        store_rows<T, ALIGNED>(dk, a.gk_sn, a.nk, a.d, dk_acc[mt], row0, w.dk0, w.t, dk_scale);
-        store_rows<T, ALIGNED>(dv, a.gv_sn, a.nk, a.dv, dv_acc[mt], row0, w.dv0, w.t, one);
+        store_rows<T, ALIGNED>(dk, a.gk_sn, seq.nk, a.d, dk_acc[mt], row0, w.dk0, w.t, dk_scale);
+        store_rows<T, ALIGNED>(dv, a.gv_sn, seq.nk, a.dv, dv_acc[mt], row0, w.dv0, w.t, one);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// dQ accumulator -> dQ: one thread per 8 columns of one row.
-template <typename T, bool ALIGNED>
+// dQ accumulator -> dQ: one thread per 8 columns of one row. Dense: the threads cover every row
+// of every (batch, head) in turn. VARLEN: m_tiles blocks of 256 threads cover the longest
+// sequence's rows of each (sequence, head); threads past their sequence's rows exit.
+template <typename T, bool ALIGNED, bool VARLEN = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_dq_convert(const BwdArgs a) {
     const int chunks = (a.d + 7) / 8;
-    const i64 idx = (i64)blockIdx.x * 256 + threadIdx.x;
-    const i64 row_all = idx / chunks;
-    if (row_all >= (i64)a.batch * a.heads * a.nq) return;
-    const int c = (int)(idx % chunks) * 8;
-    const int row = (int)(row_all % a.nq);
-    const int bh = (int)(row_all / a.nq);
-    const int h = bh % a.heads, b = bh / a.heads;
-    const float* src = a.dq_accum + ((i64)bh * a.rows_pad + row) * a.dqk + c;
-    u16* dst = a.grad_q + b * a.gq_sb + h * a.gq_sh + row * a.gq_sn + c;
+    int b, h, row, c;
+    if constexpr (VARLEN) {
+        const int part = blockIdx.x % a.m_tiles, bh = blockIdx.x / a.m_tiles;
+        h = bh % a.heads;
+        b = bh / a.heads;
+        const int idx = part * 256 + threadIdx.x;
+        row = idx / chunks;
+        c = (idx % chunks) * 8;
+    } else {
+        const i64 idx = (i64)blockIdx.x * 256 + threadIdx.x;
+        const i64 row_all = idx / chunks;
+        if (row_all >= (i64)a.batch * a.heads * a.nq) return;
+        c = (int)(idx % chunks) * 8;
+        row = (int)(row_all % a.nq);
+        const int bh = (int)(row_all / a.nq);
+        h = bh % a.heads;
+        b = bh / a.heads;
+    }
+    const Sequence seq = sequence_of<VARLEN>(a, b);
+    if (VARLEN && row >= seq.nq) return;
+    const float* src = a.dq_accum + (scratch_offset<VARLEN>(a, seq, b, h) + row) * a.dqk + c;
+    u16* dst = a.grad_q + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn + row * a.gq_sn + c;
     const float4 x = *reinterpret_cast<const float4*>(src);
     const float4 y = *reinterpret_cast<const float4*>(src + 4);
     const float s = a.scale;
@@ -427,8 +458,11 @@ flash_bwd_dq_convert(const BwdArgs a) {
 // recomputed, dS = P * (dP - Delta) converts to A fragments in registers, and dQ += dS K
 // accumulates in registers.
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool QDO_IN_REGS, class MASK,
-          class MOD, bool ALIGNED>
-__global__ void __launch_bounds__(WARPS * 32)
+          class MOD, bool ALIGNED, bool VARLEN = false>
+// VARLEN: one block per SM at least (minBlocks 1). A sequence's lengths are loaded values, not
+// kernel parameters ptxas can reload at will; left to its default the register allocator caps
+// the D = 64 causal variant at 168 registers and spills. Dense variants keep their bounds (0: none).
+__global__ void __launch_bounds__(WARPS * 32, VARLEN ? 1 : 0)
 flash_bwd_dq(const BwdArgs a) {
     constexpr int THREADS = WARPS * 32;
     constexpr int BLOCK_M = WARPS * MT * 16;
@@ -447,21 +481,25 @@ flash_bwd_dq(const BwdArgs a) {
 
     const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
     const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
-    const int hk = h / a.group;
+    const Sequence seq = sequence_of<VARLEN>(a, b);
     const int m0 = m_tile * BLOCK_M;
-    const MASK mask(a);
-    const MOD mod(a, b, h);
+    if (VARLEN && m0 >= seq.nq) return;  // past this sequence's end (before any barrier)
+    const int hk = h / a.group;
+    const MASK mask(a, seq.nq, seq.nk);
+    const MOD mod(a, b, h, seq.nq, seq.nk);
     const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
-    const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
-    const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
-    load_tile<BLOCK_M, DQK, THREADS, ALIGNED>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq, a.d);
-    load_tile<BLOCK_M, DV, THREADS, ALIGNED>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq, a.dv);
+    const u16* k = a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn;
+    const u16* v = a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn;
+    load_tile<BLOCK_M, DQK, THREADS, ALIGNED>(sq, a.q + b * a.q_sb + h * a.q_sh + seq.q0 * a.q_sn, a.q_sn, m0, seq.nq,
+                                              a.d);
+    load_tile<BLOCK_M, DV, THREADS, ALIGNED>(sdo, a.dout + b * a.do_sb + h * a.do_sh + seq.q0 * a.do_sn, a.do_sn, m0,
+                                             seq.nq, a.dv);
     int n_tile = n_count > 0 ? key_tile[0] : 0;
     if (n_count > 0) {
-        load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
-        load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
+        load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, seq.nk, a.d);
+        load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, seq.nk, a.dv);
     }
     cp_async_commit();
 
@@ -474,6 +512,7 @@ flash_bwd_dq(const BwdArgs a) {
     const u32 sk_b = smem_addr(sk) + ldsm_b_offset(lane, KS) * 2;
     const u32 sv_b = smem_addr(sv) + ldsm_b_offset(lane, VS) * 2;
     const u32 sk_bt = smem_addr(sk) + ldsm_bt_offset(lane, KS) * 2;
+    const i64 scratch_rows = scratch_offset<VARLEN>(a, seq, b, h);
 
     float acc[MT][QT][4];
     zero_acc(acc);
@@ -489,10 +528,10 @@ flash_bwd_dq(const BwdArgs a) {
         const int n0 = n_tile * BLOCK_N;
         if (it + 1 < n_count) {
             const int next = key_tile[it + 1];
-            load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk + (stage ^ 1) * BLOCK_N * KS, k, a.k_sn, next * BLOCK_N, a.nk,
-                                                      a.d);
-            load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv + (stage ^ 1) * BLOCK_N * VS, v, a.v_sn, next * BLOCK_N, a.nk,
-                                                     a.dv);
+            load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk + (stage ^ 1) * BLOCK_N * KS, k, a.k_sn, next * BLOCK_N,
+                                                      seq.nk, a.d);
+            load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv + (stage ^ 1) * BLOCK_N * VS, v, a.v_sn, next * BLOCK_N,
+                                                     seq.nk, a.dv);
             n_tile = next;
         }
         cp_async_commit();
@@ -512,7 +551,7 @@ flash_bwd_dq(const BwdArgs a) {
         warp_gemm<T, false, KVD>(dp, oa, sv_b + v_stage, 32, 16 * VS * 2);
         // lse2 and Delta of this thread's rows (scratch rows are padded: no bounds check), read
         // here rather than kept in registers through the loop.
-        const i64 rows = ((i64)b * a.heads + h) * a.rows_pad + row0 + g;
+        const i64 rows = scratch_rows + row0 + g;
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(it));
         const bool partial = tile_mask.partial(row0, MT * 16, n0, BLOCK_N);
         GradFactors<MOD, NT> grad[MT];
@@ -532,8 +571,8 @@ flash_bwd_dq(const BwdArgs a) {
 
     // Epilogue: dQ * scale, once; rows that see no key write zeros.
     const float dq_scale[2] = {a.scale, a.scale};
-    u16* dq = a.grad_q + b * a.gq_sb + h * a.gq_sh;
+    u16* dq = a.grad_q + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-        store_rows<T, ALIGNED>(dq, a.gq_sn, a.nq, a.d, acc[mt], row0 + mt * 16 + g, 0, t, dq_scale);
+        store_rows<T, ALIGNED>(dq, a.gq_sn, seq.nq, a.d, acc[mt], row0 + mt * 16 + g, 0, t, dq_scale);
 }

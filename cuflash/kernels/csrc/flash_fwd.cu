@@ -6,13 +6,16 @@
 // lse are written once at the end. The mask (mask.cuh) and the score modifier (score_mod.cuh)
 // are template policies: which keys are visited, which elements are masked and how scores are
 // modified is theirs to say.
+//
+// VARLEN: packed variable-length sequences (schedule.cuh, sequence_of). The grid covers the
+// longest sequence; a block whose query tile lies past its own sequence's end exits at once.
 #include "args.cuh"
 
 #include "arch/sm80_mma.cuh"
 #include "sm80_pieces.cuh"
 
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool Q_IN_REGS, class MASK,
-          class MOD, bool ALIGNED>
+          class MOD, bool ALIGNED, bool VARLEN = false>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_fwd(const FwdArgs a) {
     constexpr int THREADS = WARPS * 32;
@@ -31,14 +34,16 @@ flash_fwd(const FwdArgs a) {
 
     const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
     const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
-    const int hk = h / a.group;
-    const MASK mask(a);
-    const MOD mod(a, b, h);
-
-    const u16* q = a.q + b * a.q_sb + h * a.q_sh;
-    const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
-    const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
+    const Sequence seq = sequence_of<VARLEN>(a, b);
     const int m0 = m_tile * BLOCK_M;
+    if (VARLEN && m0 >= seq.nq) return;  // past this sequence's end (before any barrier)
+    const int hk = h / a.group;
+    const MASK mask(a, seq.nq, seq.nk);
+    const MOD mod(a, b, h, seq.nq, seq.nk);
+
+    const u16* q = a.q + b * a.q_sb + h * a.q_sh + seq.q0 * a.q_sn;
+    const u16* k = a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn;
+    const u16* v = a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn;
     const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
@@ -55,9 +60,9 @@ flash_fwd(const FwdArgs a) {
         row_sum[mt][0] = row_sum[mt][1] = 0.f;
     }
 
-    load_tile<BLOCK_M, DQK, THREADS, ALIGNED>(sq, q, a.q_sn, m0, a.nq, a.d);
+    load_tile<BLOCK_M, DQK, THREADS, ALIGNED>(sq, q, a.q_sn, m0, seq.nq, a.d);
     int n_tile = n_count > 0 ? key_tile[0] : 0;
-    if (n_count > 0) load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+    if (n_count > 0) load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, seq.nk, a.d);
     cp_async_commit();
 
     // ldmatrix lane addresses (byte offsets inside a tile) for A, B and transposed-B operands.
@@ -73,7 +78,7 @@ flash_fwd(const FwdArgs a) {
     for (int it = 0; it < n_count; ++it) {
         cp_async_wait_all();
         __syncthreads();  // K tile (and Q) visible; every warp is done with the previous V
-        load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, a.nk, a.dv);
+        load_tile<BLOCK_N, DV, THREADS, ALIGNED>(sv, v, a.v_sn, n_tile * BLOCK_N, seq.nk, a.dv);
         cp_async_commit();
 
         if constexpr (Q_IN_REGS) {
@@ -124,7 +129,7 @@ flash_fwd(const FwdArgs a) {
         __syncthreads();  // V tile visible; every warp is done with this K tile
         if (it + 1 < n_count) {
             n_tile = key_tile[it + 1];
-            load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, a.nk, a.d);
+            load_tile<BLOCK_N, DQK, THREADS, ALIGNED>(sk, k, a.k_sn, n_tile * BLOCK_N, seq.nk, a.d);
         }
         cp_async_commit();
 
@@ -143,8 +148,8 @@ flash_fwd(const FwdArgs a) {
     }
 
     // Epilogue: O = acc / l (0 for rows that saw no key), lse = ln(sum) + max·scale.
-    u16* o = a.o + b * a.o_sb + h * a.o_sh;
-    float* lse = a.lse + ((i64)b * a.heads + h) * a.nq;
+    u16* o = a.o + b * a.o_sb + h * a.o_sh + seq.q0 * a.o_sn;
+    float* lse = a.lse + lse_offset<VARLEN>(a, seq, b, h);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         const int row0 = m0 + (warp * MT + mt) * 16 + g;
@@ -153,8 +158,8 @@ flash_fwd(const FwdArgs a) {
         for (int half = 0; half < 2; ++half) {
             const RowResult r = finish_row(row_max[mt][half], row_sum[mt][half], mod.softmax_scale());
             inv[half] = r.inv;
-            if (t == 0 && row0 + half * 8 < a.nq) lse[row0 + half * 8] = r.lse;
+            if (t == 0 && row0 + half * 8 < seq.nq) lse[row0 + half * 8] = r.lse;
         }
-        store_rows<T, ALIGNED>(o, a.o_sn, a.nq, a.dv, acc[mt], row0, 0, t, inv);
+        store_rows<T, ALIGNED>(o, a.o_sn, seq.nq, a.dv, acc[mt], row0, 0, t, inv);
     }
 }

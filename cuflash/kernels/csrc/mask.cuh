@@ -48,8 +48,11 @@ struct Mask {
     const u32* tile_bits;  // exact: the partial tiles' bitmasks
 
     template <class Args>
-    __device__ __forceinline__ explicit Mask(const Args& a)
-        : nq(a.nq), nk(a.nk), shift(a.nk - a.nq), left(a.window_left), right(a.window_right),
+    __device__ __forceinline__ explicit Mask(const Args& a) : Mask(a, a.nq, a.nk) {}
+    // The mask of one sequence of nq_ queries and nk_ keys (a varlen call's, schedule.cuh).
+    template <class Args>
+    __device__ __forceinline__ Mask(const Args& a, int nq_, int nk_)
+        : nq(nq_), nk(nk_), shift(nk_ - nq_), left(a.window_left), right(a.window_right),
           tile_ptr(a.tile_ptr), tile_idx(a.tile_idx), mask_heads(a.mask_heads),
           tile_slot(a.tile_slot), tile_bits(a.tile_bits) {}
 

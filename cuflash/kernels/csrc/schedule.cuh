@@ -1,7 +1,54 @@
-// Which thread block owns which tile, and which tiles it visits: grid decoding and the query /
-// key tile walks, all read off the mask policy (mask.cuh).
+// Which thread block owns which tile, and which tiles it visits: grid decoding, the sequence a
+// block works on, and the query / key tile walks, all read off the mask policy (mask.cuh).
 #pragma once
 #include "mask.cuh"
+
+// ---- The sequence of a batch index: the one home of packed variable-length sequences in CUDA.
+//
+// A dense call holds B sequences of the same lengths (nq, nk), sequence b at b·(batch stride).
+// A varlen call (cuflash.attention_varlen) packs B sequences of different lengths along the row
+// axis of (total, H, D) buffers: sequence b owns query rows cu_q[b] .. cu_q[b + 1] and key rows
+// cu_k[b] .. cu_k[b + 1]; the host sends a batch stride of 0, nq / nk as the longest lengths, and
+// a grid sized for the longest sequence. A kernel asks sequence_of for the sequence's first rows
+// and lengths, adds q0 / k0 rows to its base pointers, builds its mask and score modifier from
+// the sequence's lengths (so causal, windows and ALiBi are aligned per sequence) and, before any
+// barrier, lets blocks whose tile lies past the sequence's end exit. VARLEN = false compiles all
+// of it away: q0 = k0 = 0 and the lengths are the call's, so dense kernels keep their code.
+struct Sequence {
+    int q0, k0;  // first query / key row of the sequence in the packed rows (0 dense)
+    int nq, nk;  // its lengths
+};
+template <bool VARLEN, class Args>
+__device__ __forceinline__ Sequence sequence_of(const Args& a, int b) {
+    if constexpr (VARLEN) {
+        const int q0 = a.cu_q[b], k0 = a.cu_k[b];
+        return {q0, k0, a.cu_q[b + 1] - q0, a.cu_k[b + 1] - k0};
+    } else {
+        return {0, 0, a.nq, a.nk};
+    }
+}
+
+// Where the forward's lse values of (sequence b, query head h) start: lse is (B, Hq, Nq) dense
+// and (Hq, total_q) varlen (flash-attn's varlen layout).
+template <bool VARLEN, class Args>
+__device__ __forceinline__ i64 lse_offset(const Args& a, const Sequence& s, int b, int h) {
+    if constexpr (VARLEN) return (i64)h * a.total_q + s.q0;
+    return ((i64)b * a.heads + h) * a.nq;
+}
+
+// Where the backward's scratch rows (lse2, delta, dq_accum rows) of (sequence b, query head h)
+// start. Each sequence's rows are padded to a multiple of SCRATCH_ALIGN (every query tile height
+// divides it) and start on such a multiple, so tile loads need no bounds checks and stay 16-byte
+// aligned. Dense: (B, Hq, rows_pad). Varlen: (Hq, rows_pad) with rows_pad =
+// (ceil(total_q / SCRATCH_ALIGN) + B) · SCRATCH_ALIGN, sequence b's rows at
+// (floor(q0 / SCRATCH_ALIGN) + b) · SCRATCH_ALIGN: padding the previous sequence's rows never
+// reaches that far, and no sequence's rows reach past rows_pad (the host's mma_backward.Scratch).
+constexpr int SCRATCH_ALIGN = 128;  // ROW_ALIGN in mma_backward.py
+template <bool VARLEN, class Args>
+__device__ __forceinline__ i64 scratch_offset(const Args& a, const Sequence& s, int b, int h) {
+    if constexpr (VARLEN) return (i64)h * a.rows_pad + (i64)(s.q0 / SCRATCH_ALIGN + b) * SCRATCH_ALIGN;
+    return ((i64)b * a.heads + h) * a.rows_pad;
+}
 
 // The query tile a thread block owns, from a 1-D grid of m_tiles × heads × batch blocks (or
 // tile `index` of that order, for kernels whose blocks walk several): the
@@ -87,13 +134,17 @@ struct QueryTileWalk {
 
     template <class Args>
     __device__ __forceinline__ QueryTileWalk(const MASK& mask, const Args& a, int n_tile_, int hk)
+        : QueryTileWalk(mask, a, n_tile_, hk, a.m_tiles) {}
+    // m_tiles_: the query tiles of the sequence (a varlen call's sequences differ in length).
+    template <class Args>
+    __device__ __forceinline__ QueryTileWalk(const MASK& mask, const Args& a, int n_tile_, int hk, int m_tiles_)
         : col_ptr(mask.tile_ptr), row_idx(mask.tile_idx), slots(mask.tile_slot), n_tile(n_tile_), n_tiles(a.n_tiles),
-          m_tiles(a.m_tiles), mask_heads(mask.mask_heads), m_begin(0), m_end(a.m_tiles),
+          m_tiles(m_tiles_), mask_heads(mask.mask_heads), m_begin(0), m_end(m_tiles_),
           h_end((hk + 1) * a.group) {
         if constexpr (MASK::banded) {
             const int key0 = n_tile * BLOCK_N;
             const int first_row = mask.row_begin(key0);
-            m_begin = first_row >= mask.nq ? a.m_tiles : first_row / BLOCK_M;
+            m_begin = first_row >= mask.nq ? m_tiles_ : first_row / BLOCK_M;
             m_end = max(0, (mask.row_end(key0 + BLOCK_N - 1) + BLOCK_M - 1) / BLOCK_M);
         }
         open(hk * a.group);

@@ -34,9 +34,13 @@ struct ScoreMod {
     int shift;         // Nk − Nq
 
     template <class Args>
-    __device__ __forceinline__ ScoreMod(const Args& a, int b, int h)
+    __device__ __forceinline__ ScoreMod(const Args& a, int b, int h) : ScoreMod(a, b, h, a.nq, a.nk) {}
+    // The modifier of one sequence of nq queries and nk keys (a varlen call's, schedule.cuh):
+    // ALiBi's distance is aligned to the bottom right of each sequence.
+    template <class Args>
+    __device__ __forceinline__ ScoreMod(const Args& a, int b, int h, int nq, int nk)
         : scale_log2(a.scale_log2), cap_in(a.cap_in), cap_out(a.cap_out), slope_log2(0.f),
-          shift(a.nk - a.nq) {
+          shift(nk - nq) {
         if constexpr (ALIBI) slope_log2 = a.alibi[(i64)b * a.heads + h] * LOG2E_F;
     }
 

@@ -1,0 +1,399 @@
+"""Packed variable-length sequences (``cuflash.attention_varlen``) against the float64 oracle of
+each sequence alone, on the NumPy path (default suite) and the GPU kernels (``-m gpu``).
+
+Each sequence of a varlen call is attention over that sequence alone: causal, windows and ALiBi
+are aligned to the bottom right of each sequence (flash-attn's ``flash_attn_varlen_func``).
+``oracle.assert_varlen_forward_close`` / ``assert_varlen_backward_close`` compute the oracle
+sequence by sequence and apply the rule to the packed results as a whole. Lengths are odd, mixed
+and include empty sequences on either side; outputs are poisoned with NaN before each call.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from oracle import (assert_varlen_backward_close, assert_varlen_forward_close, poisoned,
+                    random_array, varlen_sequences)
+
+import cuflash
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
+DTYPE_IDS = ["float16", "bfloat16", "float32"]
+
+
+def offsets(lengths, xp=np):
+    """int32 offsets ``(B + 1,)`` of sequences of these lengths."""
+    return xp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+
+def make_case(rng, xp, dtype, lens_q, lens_k=None, *, hq=4, hkv=2, d=32, dv=None, alibi=None):
+    """Packed q, k, v, their offsets, max lengths and ALiBi slopes (None, ``"heads"`` (Hq,) or
+    ``"sequences"`` (B, Hq))."""
+    lens_k = lens_q if lens_k is None else lens_k
+    dv = dv or d
+    q = random_array(rng, (sum(lens_q), hq, d), dtype, xp=xp)
+    k = random_array(rng, (sum(lens_k), hkv, d), dtype, xp=xp)
+    v = random_array(rng, (sum(lens_k), hkv, dv), dtype, xp=xp)
+    slopes = None
+    if alibi is not None:
+        base = 2.0 ** (-8.0 * np.arange(1, hq + 1) / hq)
+        shape = (hq,) if alibi == "heads" else (len(lens_q), hq)
+        slopes = xp.asarray((base * rng.uniform(0.5, 1.5, shape)).astype(np.float32))
+    return (q, k, v, offsets(lens_q, xp), offsets(lens_k, xp), max(lens_q), max(lens_k)), slopes
+
+
+def run_case(xp, rng, seed, *, dtype, lens_q, lens_k=None, hq=4, hkv=2, d=32, dv=None,
+             alibi=None, deterministic=False, backward=True, **options):
+    """Forward into a poisoned ``out`` and backward (through the vjp and the explicit backward,
+    which must agree bit for bit) of one case, each checked by the rule."""
+    args, slopes = make_case(rng, xp, dtype, lens_q, lens_k, hq=hq, hkv=hkv, d=d, dv=dv,
+                             alibi=alibi)
+    q, k, v, cu_q, cu_k, max_q, max_k = args
+    options = dict(options, alibi_slopes=slopes)
+    context = f"seed={seed}, lens_q={lens_q}, lens_k={lens_k}, {options | dict(alibi_slopes=alibi)}"
+
+    out = poisoned((q.shape[0], hq, v.shape[2]), dtype, xp=xp)
+    got, lse = cuflash.attention_varlen(*args, **options, return_lse=True, out=out)
+    assert got is out
+    assert lse.shape == (hq, q.shape[0])
+    assert_varlen_forward_close(out, lse, q, k, v, cu_q, cu_k, **options, context=context)
+    if not backward:
+        return out, lse
+    dout = random_array(rng, out.shape, dtype, xp=xp)
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                              **options, deterministic=deterministic)
+    assert_varlen_backward_close(grads, dout, q, k, v, cu_q, cu_k, **options, context=context)
+    out2, vjp = cuflash.attention_varlen_vjp(*args, **options, deterministic=deterministic)
+    np.testing.assert_array_equal(to_np(out2), to_np(out))
+    if deterministic or xp is np:
+        for g, g2 in zip(grads, vjp(dout)):
+            np.testing.assert_array_equal(to_np(g), to_np(g2))
+    return out, lse, grads
+
+
+def to_np(x):
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
+# Lengths with an empty query side, an empty key side, one token, and tile-boundary sizes.
+MIXED_Q = [37, 0, 1, 130, 5, 64]
+MIXED_K = [50, 9, 0, 129, 5, 64]
+
+
+# ----------------------------------------------------------------------------- NumPy path
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_numpy_every_dtype(rng, seed, dtype):
+    run_case(np, rng, seed, dtype=dtype, lens_q=MIXED_Q, lens_k=MIXED_K, causal=True)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(causal=True),  # nq != nk per sequence: bottom-right aligned in each
+    dict(window=(7, 3)),
+    dict(window=(20, 0), causal=True),
+    dict(softcap=5.0),
+    dict(alibi="heads", causal=True),
+    dict(alibi="sequences"),
+    dict(causal=True, window=(30, 0), softcap=10.0, alibi="sequences"),
+], ids=["dense", "causal", "window", "window-causal", "softcap", "alibi-heads",
+        "alibi-sequences", "all"])
+def test_numpy_options(rng, seed, options):
+    run_case(np, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=MIXED_Q, lens_k=MIXED_K, **options)
+
+
+def test_numpy_gqa_mqa_and_dv(rng, seed):
+    run_case(np, rng, seed, dtype=np.float16, lens_q=[40, 3, 90], lens_k=[17, 60, 90], hq=6,
+             hkv=1, d=24, dv=40, causal=True)
+    run_case(np, rng, seed, dtype=np.float32, lens_q=[40, 3, 90], hq=4, hkv=4, d=48, dv=16)
+
+
+def test_numpy_equals_dense_per_sequence(rng):
+    """The NumPy path runs the tiled algorithm on each sequence: bit for bit ``attention`` (and
+    its backward) of the sequence alone."""
+    (q, k, v, cu_q, cu_k, max_q, max_k), slopes = make_case(
+        rng, np, ml_dtypes.bfloat16, [33, 140, 2], [70, 140, 9], alibi="sequences")
+    options = dict(causal=True, window=(50, 0), softcap=8.0)
+    out, vjp = cuflash.attention_varlen_vjp(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes=slopes,
+                                            **options)
+    dout = random_array(rng, out.shape, q.dtype)
+    dq, dk, dv = vjp(dout)
+    for b, rq, rk in varlen_sequences(cu_q, cu_k):
+        heads = [x[r].transpose(1, 0, 2) for x, r in ((q, rq), (k, rk), (v, rk))]
+        o, dense_vjp = cuflash.attention_vjp(*heads, alibi_slopes=slopes[b], **options)
+        np.testing.assert_array_equal(o.transpose(1, 0, 2), out[rq])
+        for g, got, rows in zip(dense_vjp(dout[rq].transpose(1, 0, 2)), (dq, dk, dv), (rq, rk, rk)):
+            np.testing.assert_array_equal(g.transpose(1, 0, 2), got[rows])
+
+
+def test_numpy_empty_sequences(rng):
+    """Rows without keys: output 0, lse -inf, gradient 0; keys without queries: gradient 0."""
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, np, np.float32, [4, 0, 3], [0, 5, 2])
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True)
+    assert (out[:4] == 0).all() and np.isneginf(lse[:, :4]).all()
+    dq, dk, dv = cuflash.attention_varlen_backward(np.ones_like(out), q, k, v, out, lse, cu_q,
+                                                   cu_k, max_q, max_k)
+    assert (dq[:4] == 0).all() and (dk[:5] == 0).all() and (dv[:5] == 0).all()
+    assert np.abs(dk[5:]).max() > 0
+
+
+def test_numpy_no_rows_at_all(rng):
+    (q, k, v, cu_q, cu_k, _, _), _ = make_case(rng, np, np.float32, [0, 0], [3, 0])
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 0, 3, return_lse=True)
+    assert out.shape == (0, 4, 32) and lse.shape == (4, 0)
+    dq, dk, dv = cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, 0, 3)
+    assert dq.shape == (0, 4, 32) and (dk == 0).all() and (dv == 0).all()
+
+
+def test_numpy_strided_inputs_and_out(rng, seed):
+    """Inputs read in place from a (total, 3, H, D) buffer, out written into a wider buffer."""
+    lens = [20, 1, 57]
+    qkv = random_array(rng, (sum(lens), 3, 4, 32), np.float16)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    cu = offsets(lens)
+    wide = poisoned((sum(lens), 4, 40), np.float16)
+    out = wide[..., :32]
+    got, lse = cuflash.attention_varlen(q, k, v, cu, cu, 57, 57, causal=True, out=out,
+                                        return_lse=True)
+    assert got is out and np.isnan(wide[..., 32:]).all()
+    assert_varlen_forward_close(out, lse, q, k, v, cu, cu, causal=True, context=f"seed={seed}")
+
+
+def test_max_seqlen_larger_than_needed(rng):
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, np, np.float32, [9, 30])
+    exact = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+    roomy = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 1000, 4000, causal=True)
+    np.testing.assert_array_equal(exact, roomy)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def _valid(rng):
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, np, np.float32, [3, 5], [4, 6])
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                max_seqlen_k=max_k)
+
+
+def _call(args):
+    a = dict(args)
+    return cuflash.attention_varlen(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("cu_seqlens_q"),
+                                    a.pop("cu_seqlens_k"), a.pop("max_seqlen_q"),
+                                    a.pop("max_seqlen_k"), **a)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(cu_seqlens_q=np.array([1, 3, 8], np.int32)), ValueError, "cu_seqlens_q must start at 0"),
+    (dict(cu_seqlens_q=np.array([0, 9, 8], np.int32)), ValueError,
+     r"cu_seqlens_q must be non-decreasing.*cu_seqlens_q\[1\] = 9 > cu_seqlens_q\[2\] = 8"),
+    (dict(cu_seqlens_q=np.array([0, 3, 7], np.int32)), ValueError,
+     r"last entry of cu_seqlens_q must equal the rows of q \(8\), got 7"),
+    (dict(cu_seqlens_k=np.array([0, 4, 11], np.int32), max_seqlen_k=7), ValueError,
+     r"last entry of cu_seqlens_k must equal the rows of k and v \(10\), got 11"),
+    (dict(max_seqlen_q=4), ValueError,
+     "max_seqlen_q must be at least the longest sequence's length: sequence 1 has 5 rows"),
+    (dict(max_seqlen_k=5), ValueError, "max_seqlen_k must be at least"),
+    (dict(cu_seqlens_k=np.array([0, 10], np.int32)), ValueError,
+     "cu_seqlens_q and cu_seqlens_k must have the same length B \\+ 1"),
+    (dict(cu_seqlens_q=np.array([0, 3, 8], np.int64)), TypeError,
+     "cu_seqlens_q must have dtype int32"),
+    (dict(cu_seqlens_q=[0, 3, 8]), TypeError, "cu_seqlens_q must be a 1-D int32 array"),
+    (dict(cu_seqlens_q=np.array([0], np.int32), cu_seqlens_k=np.array([0], np.int32)),
+     ValueError, "at least one sequence"),
+    (dict(cu_seqlens_q=np.array([[0, 3, 8]], np.int32)), ValueError, "1-D int32 array"),
+    (dict(max_seqlen_q=5.0), TypeError, "max_seqlen_q must be an int"),
+    (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be between 0"),
+    (dict(q=np.zeros((8, 1, 4, 32), np.float32)), ValueError, "q must have 3 dimensions"),
+    (dict(v=np.zeros((9, 2, 32), np.float32)), ValueError, "k and v must have the same number"),
+    (dict(alibi_slopes=np.zeros((3, 4), np.float32)), ValueError, "alibi_slopes must have shape"),
+    (dict(out=np.zeros((8, 4, 31), np.float32)), ValueError, r"out must have shape \(8, 4, 32\)"),
+    (dict(check_offsets=1), TypeError, "check_offsets must be True or False"),
+])
+def test_errors_name_the_problem(rng, change, error, message):
+    with pytest.raises(error, match=message):
+        _call(_valid(rng) | change)
+
+
+def test_backward_checks_its_arrays(rng):
+    args = _valid(rng)
+    out, lse = _call(args | dict(return_lse=True))
+    rest = [args[n] for n in ("q", "k", "v")]
+    offsets_and_max = [args[n] for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                         "max_seqlen_k")]
+    with pytest.raises(ValueError, match=r"lse must have shape \(4, 8\)"):
+        cuflash.attention_varlen_backward(out, *rest, out, lse.T.copy(), *offsets_and_max)
+    with pytest.raises(ValueError, match=r"dout must have shape \(8, 4, 32\)"):
+        cuflash.attention_varlen_backward(out[:7], *rest, out, lse, *offsets_and_max)
+
+
+def test_gpu_offsets_with_numpy_inputs_are_refused(rng):
+    cupy = pytest.importorskip("cupy")
+    args = _valid(rng)
+    fake = cupy.ndarray((3,), np.int32, memptr=cupy.cuda.MemoryPointer(
+        cupy.cuda.UnownedMemory(1 << 32, 12, None, device_id=0), 0))
+    with pytest.raises(TypeError, match="cu_seqlens_q must be a numpy.ndarray like q"):
+        _call(args | dict(cu_seqlens_q=fake))
+
+
+# ----------------------------------------------------------------------------- GPU host side
+
+def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
+    """On a compute-capability 9.0 device the Hopper families refuse varlen calls with their
+    reason and sm80-mma runs them: a VARLEN variant over a grid sized for the longest sequence,
+    reading the offsets' device pointers."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _api, kernels
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    lens = [100, 7, 300]
+    total = sum(lens)
+    q, k, v = (device.empty((total, 8, 128), ml_dtypes.bfloat16) for _ in range(3))
+    cu = device.empty((4,), np.int32)
+    options = dict(causal=True, check_offsets=False)  # fake offsets cannot be read back
+    _, spec = _api._varlen_spec(q, k, v, cu, cu, 300, 300, **options)
+    plan = kernels.plan("forward", spec, (q, k, v, q))
+    assert plan.family.name == "sm80-mma"
+    assert [name for name, _ in plan.passed_over] == ["sm90-tma", "sm90-wgmma"]
+    assert all("attention_varlen" in reason for _, reason in plan.passed_over)
+    backward_plan = kernels.plan("backward", spec, (q, k, v, q, q, q, k, v))
+    assert backward_plan.family.name == "sm80-mma"
+
+    out = cuflash.attention_varlen(q, k, v, cu, cu, 300, 300, **options)
+    assert out.shape == (total, 8, 128)
+    (expression, grid, *_), = device.take_launches()
+    assert expression.startswith("flash_fwd<bf16_t, 128, 128") and expression.endswith(", true>")
+    assert grid == (-(-300 // 128) * 8 * 3,)  # m_tiles of the longest sequence × heads × B
+
+    cuflash.attention_varlen_backward(out, q, k, v, out, device.empty((8, total), np.float32),
+                                      cu, cu, 300, 300, **options)
+    names = [launch[0].partition("<")[0] for launch in device.take_launches()]
+    assert names == ["flash_bwd_pre", "flash_bwd_dkdv", "flash_bwd_dq_convert"]
+
+
+def test_float32_gpu_calls_are_refused_with_the_reason(monkeypatch):
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _api, kernels
+
+    device = FakeDevice(monkeypatch, compute_capability="80")
+    q = device.empty((10, 2, 64), np.float32)
+    cu = device.empty((2,), np.int32)
+    _, spec = _api._varlen_spec(q, q, q, cu, cu, 10, 10, check_offsets=False)
+    with pytest.raises(ValueError, match="not implemented in the float32 kernels"):
+        kernels.forward(q, q, q, q, q, spec)
+
+
+# ----------------------------------------------------------------------------- GPU kernels
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("d, dv", [(64, 64), (128, 128), (96, 96), (128, 64), (64, 128)])
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+def test_gpu_against_oracle(xp_gpu, rng, seed, dtype, d, dv, causal):
+    run_case(xp_gpu, rng, seed, dtype=dtype, lens_q=MIXED_Q, lens_k=MIXED_K, hq=4, hkv=2, d=d,
+             dv=dv, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [
+    dict(window=(7, 3)),
+    dict(window=(100, 0), causal=True),
+    dict(softcap=5.0),
+    dict(alibi="heads", causal=True),
+    dict(alibi="sequences"),
+    dict(causal=True, window=(60, 0), softcap=10.0, alibi="sequences"),
+    dict(causal=True, deterministic=True),
+], ids=["window", "window-causal", "softcap", "alibi-heads", "alibi-sequences", "all",
+        "deterministic"])
+def test_gpu_options(xp_gpu, rng, seed, options):
+    run_case(xp_gpu, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=MIXED_Q, lens_k=MIXED_K, d=128,
+             hq=6, hkv=2, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+def test_gpu_long_mixed_lengths(xp_gpu, rng, seed, causal):
+    """Lengths 1, 0, 127, 1000 and 3000 in one call (nq != nk for some sequences)."""
+    run_case(xp_gpu, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=[1, 0, 127, 1000, 3000],
+             lens_k=[1, 5, 127, 1300, 3000], hq=4, hkv=1, d=128, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_equals_dense_per_sequence(xp_gpu, rng, monkeypatch, d):
+    """Each sequence through the dense API (sm80 family: CUFLASH_DISABLE_SM90) gives the same
+    numbers bit for bit: same kernel, same tiles, same arithmetic; deterministic backward too.
+    With the Hopper families the dense results differ in rounding only (both pass the rule,
+    checked by the other tests)."""
+    monkeypatch.setenv("CUFLASH_DISABLE_SM90", "1")
+    (q, k, v, cu_q, cu_k, max_q, max_k), slopes = make_case(
+        rng, xp_gpu, ml_dtypes.bfloat16, [130, 1, 257], [200, 64, 257], hq=4, hkv=2, d=d,
+        alibi="sequences")
+    options = dict(causal=True, window=(90, 0), softcap=20.0, deterministic=True)
+    out, vjp = cuflash.attention_varlen_vjp(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes=slopes,
+                                            **options)
+    dout = random_array(rng, out.shape, q.dtype, xp=xp_gpu)
+    grads = vjp(dout)
+    for b, rq, rk in varlen_sequences(cu_q, cu_k):
+        heads = [xp_gpu.ascontiguousarray(x[r].transpose(1, 0, 2))
+                 for x, r in ((q, rq), (k, rk), (v, rk))]
+        o, dense_vjp = cuflash.attention_vjp(*heads, alibi_slopes=slopes[b], **options)
+        np.testing.assert_array_equal(to_np(o.transpose(1, 0, 2)), to_np(out[rq]))
+        dense_grads = dense_vjp(xp_gpu.ascontiguousarray(dout[rq].transpose(1, 0, 2)))
+        for g, got, rows in zip(dense_grads, grads, (rq, rk, rk)):
+            np.testing.assert_array_equal(to_np(g.transpose(1, 0, 2)), to_np(got[rows]))
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward_is_bit_identical(xp_gpu, rng):
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(
+        rng, xp_gpu, ml_dtypes.bfloat16, [700, 3, 1500], hq=8, hkv=2, d=128)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,
+                                        return_lse=True)
+    dout = random_array(rng, out.shape, q.dtype, xp=xp_gpu)
+    runs = [cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                              causal=True, deterministic=True) for _ in range(2)]
+    for first, second in zip(*runs):
+        np.testing.assert_array_equal(to_np(first), to_np(second))
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_on_the_host_and_unchecked(xp_gpu, rng, seed):
+    """NumPy offsets with CuPy inputs (copied to the device, checked without a synchronisation)
+    and device offsets with check_offsets=False give the checked call's numbers."""
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, xp_gpu, np.float16, MIXED_Q, MIXED_K)
+    checked = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+    host = cuflash.attention_varlen(q, k, v, cu_q.get(), cu_k.get(), max_q, max_k, causal=True)
+    unchecked = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,
+                                         check_offsets=False)
+    for other in (host, unchecked):
+        np.testing.assert_array_equal(to_np(other), to_np(checked))
+
+
+@pytest.mark.gpu
+def test_gpu_device_offsets_are_checked(xp_gpu, rng):
+    (q, k, v, _, cu_k, max_q, max_k), _ = make_case(rng, xp_gpu, np.float16, [3, 5], [4, 6])
+    bad = xp_gpu.asarray(np.array([0, 6, 8], np.int32))
+    with pytest.raises(ValueError, match="max_seqlen_q must be at least"):
+        cuflash.attention_varlen(q, k, v, bad, cu_k, 5, max_k)
+
+
+@pytest.mark.gpu
+def test_gpu_plan_names_the_family(xp_gpu, rng):
+    from cuflash import _api, kernels
+
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, xp_gpu, ml_dtypes.bfloat16, [5, 9],
+                                                        d=128)
+    _, spec = _api._varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k)
+    assert kernels.plan("forward", spec, (q, k, v, q)).family.name == "sm80-mma"
+    assert kernels.plan("backward", spec, (q, k, v, q, q, q, k, v)).family.name == "sm80-mma"
+
+
+@pytest.mark.gpu
+def test_gpu_float32_is_refused(xp_gpu, rng):
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, xp_gpu, np.float32, [5, 9])
+    with pytest.raises(ValueError, match="not implemented in the float32 kernels"):
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
