@@ -51,6 +51,42 @@ def main():
     cupy.cuda.Device().synchronize()
     print("ran bfloat16 D=256 sm90=on persistent walk", flush=True)
 
+    _varlen(rng)
+    _decode(rng)
+
+
+def _varlen(rng):
+    """Packed sequences of lengths 70, 0, 150 (an empty one between two that end mid-tile),
+    causal, forward and both backward modes."""
+    seqlens = numpy.array([0, 70, 70, 220], numpy.int32)
+    cu = cupy.asarray(seqlens)
+    q, k, v, dout = (cupy.asarray(rng.standard_normal((220, h, 64), dtype=numpy.float32).astype(ml_dtypes.bfloat16))
+                     for h in (4, 2, 2, 4))
+    out, lse = cuflash.attention_varlen(q, k, v, cu, cu, 150, 150, causal=True, return_lse=True)
+    for deterministic in (False, True):
+        cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, 150, 150, causal=True,
+                                          deterministic=deterministic)
+    cupy.cuda.Device().synchronize()
+    print("ran varlen bfloat16 D=64 causal", flush=True)
+
+
+def _decode(rng):
+    """The decode kernel through a paged cache with an append, split over the keys (with a
+    combine) and not, and a contiguous cache with a sliding window."""
+    def make(*shape):
+        return cupy.asarray(rng.standard_normal(shape, dtype=numpy.float32).astype(ml_dtypes.bfloat16))
+    q, k_new, v_new = make(2, 2, 8, 64), make(2, 2, 2, 64), make(2, 2, 2, 64)
+    pages = make(12, 16, 2, 64), make(12, 16, 2, 64)
+    table = cupy.asarray(rng.permutation(12)[:10].reshape(2, 5).astype(numpy.int32))
+    lengths = cupy.asarray(numpy.array([30, 61], numpy.int32))
+    for splits in (1, 3):
+        cuflash.attention_with_kvcache(q, *pages, k_new, v_new, cache_seqlens=lengths, block_table=table,
+                                       causal=True, num_splits=splits)
+    cache = make(2, 300, 2, 64), make(2, 300, 2, 64)
+    cuflash.attention_with_kvcache(q, *cache, cache_seqlens=lengths, window=(40, 0))
+    cupy.cuda.Device().synchronize()
+    print("ran decode bfloat16 D=64 paged and contiguous", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -88,31 +88,35 @@ __device__ __forceinline__ CacheSlot cache_slot(const Args& a, int b, int key) {
 }
 
 // K and V rows [key0, key0 + BLOCK_N) of batch row b, head hk, into one ring stage; zeros past
-// `key_end` and past the head dims, so padding never feeds NaN into an mma. Two threads share a
-// key row: its place in the caches (a page-table read when paged) is found once for K and V.
+// `key_end` and past the head dims, so padding never feeds NaN into an mma. Eight threads copy
+// one key row's 128-byte runs (each copy instruction of a warp then covers four whole lines),
+// and find the row's place in the caches (a page-table read when paged) once for K and V.
 template <int D, int DV, bool PAGED>
 __device__ __forceinline__ void load_kv_tile(u16* sk, u16* sv, const DecodeArgs& a, int b, int hk, int key0,
                                              int key_end) {
-    constexpr int PER_ROW = DECODE_WARPS * 32 / DECODE_BLOCK_N;
+    constexpr int PER_ROW = 8, ROWS_PER_PASS = DECODE_WARPS * 32 / PER_ROW;
     constexpr int KS = D + SMEM_PAD, VS = DV + SMEM_PAD;
-    const int r = threadIdx.x / PER_ROW, part = threadIdx.x % PER_ROW;
-    const bool row_valid = key0 + r < key_end;
-    const u16* k = a.k;
-    const u16* v = a.v;
-    if (row_valid) {
-        const CacheSlot slot = cache_slot<PAGED>(a, b, key0 + r);
-        k += slot.row * a.k_sb + slot.pos * a.k_sn + hk * a.k_sh;
-        v += slot.row * a.v_sb + slot.pos * a.v_sn + hk * a.v_sh;
-    }
+    const int part = threadIdx.x % PER_ROW;
 #pragma unroll
-    for (int c = part; c < D / 8; c += PER_ROW) {
-        const bool valid = row_valid && c * 8 < a.d;
-        cp_async_16(smem_addr(sk + r * KS + c * 8), valid ? k + c * 8 : a.k, valid ? 16 : 0);
-    }
+    for (int r = threadIdx.x / PER_ROW; r < DECODE_BLOCK_N; r += ROWS_PER_PASS) {
+        const bool row_valid = key0 + r < key_end;
+        const u16* k = a.k;
+        const u16* v = a.v;
+        if (row_valid) {
+            const CacheSlot slot = cache_slot<PAGED>(a, b, key0 + r);
+            k += slot.row * a.k_sb + slot.pos * a.k_sn + hk * a.k_sh;
+            v += slot.row * a.v_sb + slot.pos * a.v_sn + hk * a.v_sh;
+        }
 #pragma unroll
-    for (int c = part; c < DV / 8; c += PER_ROW) {
-        const bool valid = row_valid && c * 8 < a.dv;
-        cp_async_16(smem_addr(sv + r * VS + c * 8), valid ? v + c * 8 : a.v, valid ? 16 : 0);
+        for (int c = part; c < D / 8; c += PER_ROW) {
+            const bool valid = row_valid && c * 8 < a.d;
+            cp_async_16(smem_addr(sk + r * KS + c * 8), valid ? k + c * 8 : a.k, valid ? 16 : 0);
+        }
+#pragma unroll
+        for (int c = part; c < DV / 8; c += PER_ROW) {
+            const bool valid = row_valid && c * 8 < a.dv;
+            cp_async_16(smem_addr(sv + r * VS + c * 8), valid ? v + c * 8 : a.v, valid ? 16 : 0);
+        }
     }
 }
 
