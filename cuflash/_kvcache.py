@@ -22,7 +22,6 @@ A call is validated once (``cuflash._kvcache_spec``) and takes one of three rout
 
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass
 
@@ -256,13 +255,18 @@ def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
 
 def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse,
                 return_lse: bool) -> None:
-    """The decode kernel's append and attention; nothing read back from the device."""
+    """The decode kernel's append and attention; nothing read back from the device. Lengths
+    in a CuPy array are checked by the kernels themselves: a row whose length lies outside
+    ``[0, capacity − S_new]`` writes nothing to its cache and gets NaN output and lse."""
     xp = spec.xp
-    before, visible, bad = _device_lengths(spec)
+    if spec.lengths is not None:  # an int, checked on the host: all rows alike
+        before = xp.full(spec.b, int(spec.lengths[0]), numpy.int32)
+    else:
+        before = xp.ascontiguousarray(spec.seqlens)
     table = None if spec.block_table is None else xp.ascontiguousarray(spec.block_table)
     rows = None if spec.cache_batch_idx is None else xp.ascontiguousarray(spec.cache_batch_idx)
     q = _kernel_ready(q)
-    temporaries = [before, visible, bad, table, rows, spec.alibi, q]
+    temporaries = [before, table, rows, spec.alibi, q]
     if k is not None:
         k, v = _kernel_ready(k), _kernel_ready(v)
         temporaries += [k, v]
@@ -270,59 +274,10 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse,
     target = out if out.strides[-1] == out.itemsize else xp.empty(spec.out_shape, spec.dtype)
     # Sides that admit every key are cut down to the largest that matters (int32 in the kernel).
     window = _mask.clamped_band(spec.sq, spec.capacity, *spec.window)
-    decode.forward(q, k_cache, v_cache, visible, target, lse, scale=spec.scale,
+    decode.forward(q, k_cache, v_cache, before, target, lse, appended=spec.s_new, scale=spec.scale,
                    causal=spec.causal, window=window, softcap=spec.softcap, alibi=spec.alibi,
                    block_table=table, cache_batch_idx=rows, num_splits=spec.num_splits)
     if target is not out:
         out[...] = target
-    if bad is not None:
-        _mark_rows(out, bad[:, None, None, None])
-        if return_lse:
-            _mark_rows(lse, bad[:, None, None])
     if xp is not numpy and _calls.stream_capturing():  # a replayed graph reuses these buffers
-        _calls.keep_alive_with((out, lse), (temporaries, target))
-
-
-def _device_lengths(spec: KVCacheSpec):
-    """``(before, visible, bad)`` as int32 ``(B,)`` device arrays: each row's cache length
-    before the append (where the new keys go), the keys it attends to, and (for lengths that
-    were not checked on the host, else ``None``) which rows had a length outside
-    ``[0, capacity − S_new]``. Such a length is clamped into that range, so that no access
-    leaves the row's cache, and the row's output is then set to NaN (``_mark_rows``)."""
-    xp = spec.xp
-    if spec.lengths is not None:  # an int, checked on the host: all rows alike
-        length = int(spec.lengths[0])
-        before = xp.full(spec.b, length, numpy.int32)
-        visible = before if not spec.s_new else xp.full(spec.b, length + spec.s_new, numpy.int32)
-        return before, visible, None
-    before, visible, bad = _guard_kernel()(xp.ascontiguousarray(spec.seqlens),
-                                           numpy.int32(spec.capacity - spec.s_new),
-                                           numpy.int32(spec.s_new))
-    return before, visible, bad
-
-
-@functools.cache
-def _guard_kernel():
-    import cupy
-
-    return cupy.ElementwiseKernel(
-        "int32 length, int32 room, int32 appended", "int32 before, int32 visible, bool bad",
-        "bad = length < 0 || length > room; before = min(max(length, 0), room); "
-        "visible = before + appended;",
-        "cuflash_kvcache_lengths")
-
-
-@functools.cache
-def _mark_kernel():
-    import cupy
-
-    return cupy.ElementwiseKernel("bool bad, T nan", "T x", "if (bad) x = nan;",
-                                  "cuflash_kvcache_mark_rows")
-
-
-def _mark_rows(x, bad) -> None:
-    """Set NaN in place where ``bad`` (broadcast against ``x``) holds, through an unsigned
-    integer view of ``x`` (any float dtype, any strides)."""
-    bits = numpy.dtype(f"uint{8 * x.itemsize}")
-    nan = numpy.array(numpy.nan, dtype=x.dtype).view(bits)[()]
-    _mark_kernel()(bad, nan, x.view(bits))
+        _calls.keep_alive_with((out, lse), (temporaries, target, lse))

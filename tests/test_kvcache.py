@@ -170,30 +170,31 @@ def test_int_seqlens_and_strided_out(xp_gpu, rng, seed, decode_calls):
 
 
 def test_device_lengths_out_of_range_give_nan_rows(xp_gpu, rng, seed, decode_calls):
-    """CuPy lengths are not read on the host: a length outside [0, capacity − S_new] is clamped
-    into the row's cache (no access leaves it) and the row's output and lse are NaN; the other
-    rows are right."""
+    """CuPy lengths are not read on the host: a row whose length lies outside
+    [0, capacity − S_new] appends nothing (its cache is unchanged, bit for bit) and gets NaN
+    output and lse; the other rows are right, split over the keys or not."""
     cupy = xp_gpu
-    case = make_case(rng, cupy, dtype=np.float16, b=3, sq=1, hq=8, hkv=2, d=64,
-                     lengths=[10, 20, 30], capacity=64, s_new=1)
-    case.seqlens[...] = cupy.asarray([10, 64, -3], np.int32)
-    out = poisoned_out(case)
-    _, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, out=out, return_lse=True)
-    out, lse = to_host(out), to_host(lse)
-    assert np.isnan(out[1:]).all() and np.isnan(lse[1:]).all()
-    good = type(case)(**{**case.__dict__, "q": case.q[:1], "k_cache": case.k_cache[:1],
-                         "v_cache": case.v_cache[:1], "k": case.k[:1], "v": case.v[:1],
-                         "lengths": case.lengths[:1], "seqlens": case.seqlens[:1],
-                         "k_cache_before": case.k_cache_before[:1],
-                         "v_cache_before": case.v_cache_before[:1]})
-    assert_kvcache_close(good, cupy.asarray(out[:1]), cupy.asarray(lse[:1]), f"seed={seed}")
-    assert_cache_appended(good, f"seed={seed}")
-    # Rows 1 and 2 wrote inside their own cache rows only: (row 1 at 63, row 2 at 0).
-    for row, position in ((1, 63), (2, 0)):
-        got = to_host(case.k_cache[row]).view(np.uint16)
-        want = to_host(case.k_cache_before[row]).view(np.uint16).copy()
-        want[position] = to_host(case.k[row, 0]).view(np.uint16)
-        assert (got == want).all()
+    for num_splits in (1, 3):
+        case = make_case(rng, cupy, dtype=np.float16, b=3, sq=1, hq=8, hkv=2, d=64,
+                         lengths=[10, 20, 30], capacity=64, s_new=1)
+        case.seqlens[...] = cupy.asarray([10, 64, -3], np.int32)
+        out = poisoned_out(case)
+        _, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, out=out, return_lse=True,
+                                                num_splits=num_splits)
+        out, lse = to_host(out), to_host(lse)
+        assert np.isnan(out[1:]).all() and np.isnan(lse[1:]).all()
+        good = type(case)(**{**case.__dict__, "q": case.q[:1], "k_cache": case.k_cache[:1],
+                             "v_cache": case.v_cache[:1], "k": case.k[:1], "v": case.v[:1],
+                             "lengths": case.lengths[:1], "seqlens": case.seqlens[:1],
+                             "k_cache_before": case.k_cache_before[:1],
+                             "v_cache_before": case.v_cache_before[:1]})
+        context = f"seed={seed}, num_splits={num_splits}"
+        assert_kvcache_close(good, cupy.asarray(out[:1]), cupy.asarray(lse[:1]), context)
+        assert_cache_appended(good, context)
+        for row in (1, 2):
+            for cache, before in ((case.k_cache, case.k_cache_before), (case.v_cache, case.v_cache_before)):
+                got = to_host(cache[row]).view(np.uint16)
+                assert (got == to_host(before[row]).view(np.uint16)).all(), context
 
 
 # ----------------------------------------------------------------------------- the generic route

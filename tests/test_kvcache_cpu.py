@@ -346,12 +346,14 @@ class FakeDecode:
                 k_cache[where] = k_new[b, i]
                 v_cache[where] = v_new[b, i]
 
-    def forward(self, q, k_cache, v_cache, seqlens, out, lse, *, scale, causal, window, softcap,
-                alibi, block_table=None, cache_batch_idx=None, num_splits=0):
-        self.calls.append(("forward", seqlens.copy(), dict(scale=scale, causal=causal,
-                                                           window=window, softcap=softcap,
-                                                           num_splits=num_splits)))
-        assert seqlens.dtype == np.int32 and lse.flags.c_contiguous
+    def forward(self, q, k_cache, v_cache, cache_seqlens, out, lse, *, appended, scale, causal, window,
+                softcap, alibi, block_table=None, cache_batch_idx=None, num_splits=0):
+        self.calls.append(("forward", cache_seqlens.copy(), dict(appended=appended, scale=scale,
+                                                                 causal=causal, window=window,
+                                                                 softcap=softcap,
+                                                                 num_splits=num_splits)))
+        assert cache_seqlens.dtype == np.int32 and lse.flags.c_contiguous
+        seqlens = cache_seqlens + appended
         assert alibi is None or (alibi.shape == (q.shape[0], q.shape[2])
                                  and alibi.dtype == np.float32 and alibi.flags.c_contiguous)
         for b in range(q.shape[0]):
@@ -370,8 +372,9 @@ class FakeDecode:
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_decode_route_arguments(rng, seed, paged):
-    """What the decode route hands the kernel: lengths before the append to ``append``, visible
-    lengths to ``forward``, the window cut to the problem, slopes as (B, Hq), the options."""
+    """What the decode route hands the kernel: the lengths before the append to ``append`` and
+    to ``forward`` (with the count appended), the window cut to the problem, slopes as (B, Hq),
+    the options."""
     case = make_case(rng, np, dtype=np.float16, b=2, sq=3, hq=4, hkv=2, d=16, lengths=[9, 9],
                      capacity=32, page_size=16 if paged else None, s_new=2, seqlens_as="int",
                      causal=True, window=(10**12, -1), softcap=4.0, alibi="heads")
@@ -379,10 +382,10 @@ def test_decode_route_arguments(rng, seed, paged):
     fake = FakeDecode()
     out, lse = poisoned_out(case), np.full((2, 4, 3), np.nan, np.float32)
     _kvcache._run_decode(spec, fake, *case.args, out, lse, True)
-    (_, before), (_, visible, options) = fake.calls
+    (_, before), (_, before_forward, options) = fake.calls
     np.testing.assert_array_equal(before, [9, 9])
-    np.testing.assert_array_equal(visible, [11, 11])
-    assert options == dict(scale=spec.scale, causal=True, window=(32, -1), softcap=4.0,
-                           num_splits=0)
+    np.testing.assert_array_equal(before_forward, [9, 9])
+    assert options == dict(appended=2, scale=spec.scale, causal=True, window=(32, -1),
+                           softcap=4.0, num_splits=0)
     assert_kvcache_close(case, out, lse, f"seed={seed}")
     assert_cache_appended(case, f"seed={seed}")

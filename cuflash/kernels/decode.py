@@ -33,15 +33,15 @@ DECODE_ARGS = make_struct_dtype(
                         "batch_idx", "alibi")]
     + [(f"{t}_s{a}", I64) for t in "qokv" for a in "bnh"]
     + [("table_stride", I64)]
-    + [(n, I32) for n in ("batch", "sq", "heads", "group", "d", "dv", "page_size", "splits", "row_chunks",
-                          "window_left", "window_right")]
+    + [(n, I32) for n in ("batch", "sq", "heads", "group", "d", "dv", "page_size", "appended", "capacity",
+                          "splits", "row_chunks", "window_left", "window_right")]
     + [("scale_log2", F32), ("cap_in", F32), ("cap_out", F32)]
 )
 APPEND_ARGS = make_struct_dtype(
     [(n, PTR) for n in ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_idx")]
     + [(f"{t}_s{a}", I64) for t in ("kn", "vn", "k", "v") for a in "bnh"]
     + [("table_stride", I64)]
-    + [(n, I32) for n in ("batch", "s_new", "kv_heads", "d", "dv", "page_size")]
+    + [(n, I32) for n in ("batch", "appended", "kv_heads", "d", "dv", "page_size", "capacity")]
 )
 
 
@@ -186,9 +186,14 @@ def _layout(x) -> tuple | None:
     return None if x is None else (x.shape, x.strides, x.dtype.name)
 
 
+def capacity_of(k_cache, block_table=None) -> int:
+    """Keys one batch row's cache holds: its length, or pages per row × page size."""
+    return k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+
+
 @functools.lru_cache(maxsize=256)
-def _prepared(layouts, device_id: int, scale: float, causal: bool, window, softcap: float, alibi: bool,
-              batch_idx: bool, num_splits: int) -> DecodeLaunch:
+def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool, window, softcap: float,
+              alibi: bool, batch_idx: bool, num_splits: int) -> DecodeLaunch:
     (q_shape, q_strides, dtype), k_layout, v_layout, o_layout, table_layout = layouts
     batch, sq, heads, d = q_shape
     (pages_or_batch, page_or_capacity, kv_heads, _), k_strides, _ = k_layout
@@ -210,7 +215,8 @@ def _prepared(layouts, device_id: int, scale: float, causal: bool, window, softc
         **{f"v_s{a}": s for a, s in zip("bnh", element(v_layout[1]))},
         table_stride=table_layout[1][0] // 4 if paged else 0,
         batch=batch, sq=sq, heads=heads, group=group, d=d, dv=dv,
-        page_size=page_or_capacity if paged else 0, splits=splits, row_chunks=row_chunks,
+        page_size=page_or_capacity if paged else 0, appended=appended, capacity=capacity,
+        splits=splits, row_chunks=row_chunks,
         window_left=left, window_right=right,
         scale_log2=scale * LOG2E, cap_in=scale / softcap if softcap > 0 else 0.0, cap_out=softcap * LOG2E,
     )
@@ -222,20 +228,22 @@ def _prepared(layouts, device_id: int, scale: float, causal: bool, window, softc
     kernel.preferred_shared_memory_carveout = 100
     combine = _build.get_function(SOURCE, _combine_variant(dtype)) if splits > 1 else None
     blocks = check_grid(splits * batch * kv_heads * row_chunks, "the decode kernel")
-    check_grid(-(-(batch * heads * sq) // 4), "the decode combine kernel")
+    check_grid(batch * heads * sq, "the decode combine kernel (one warp per query row)")
     return DecodeLaunch(kernel, combine, blocks, shared, PackedArgs(DECODE_ARGS, DECODE_POINTERS, values),
                         splits, batch * heads * sq, dv)
 
 
-def forward(q, k_cache, v_cache, seqlens, out, lse, *, scale: float, causal: bool, window, softcap: float,
-            alibi, block_table=None, cache_batch_idx=None, num_splits: int = 0) -> int:
-    """out, lse ← attention of q (B, Sq, Hq, D) over the first seqlens[b] keys of each batch
-    row's cache; returns the split count used. The launch is prepared once per layout and
-    options; later calls only fill in the pointers."""
+def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, scale: float, causal: bool,
+            window, softcap: float, alibi, block_table=None, cache_batch_idx=None, num_splits: int = 0) -> int:
+    """out, lse ← attention of q (B, Sq, Hq, D) over the first cache_seqlens[b] + appended keys
+    of each batch row's cache (cache_seqlens: int32 (B,) on the device, the lengths before
+    ``appended`` keys were added); a row whose length lies outside [0, capacity − appended]
+    gets NaN output and lse. Returns the split count used. The launch is prepared once per
+    layout and options; later calls only fill in the pointers."""
     layouts = (_layout(q), _layout(k_cache), _layout(v_cache), _layout(out), _layout(block_table))
-    launch = _prepared(layouts, q.device.id, float(scale), bool(causal), tuple(window), float(softcap),
-                       alibi is not None, cache_batch_idx is not None, int(num_splits))
-    launch(q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, cache_batch_idx)
+    launch = _prepared(layouts, q.device.id, int(appended), float(scale), bool(causal), tuple(window),
+                       float(softcap), alibi is not None, cache_batch_idx is not None, int(num_splits))
+    launch(q, k_cache, v_cache, cache_seqlens, out, lse, alibi, block_table, cache_batch_idx)
     return launch.splits
 
 
@@ -245,7 +253,8 @@ def _combine_variant(dtype) -> str:
 
 def append(k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None, cache_batch_idx=None) -> None:
     """Writes k_new / v_new (B, S_new, Hkv, D / Dv) into the caches in place at positions
-    cache_seqlens[b] + i (the lengths before the append), through block_table when paged."""
+    cache_seqlens[b] + i (the lengths before the append), through block_table when paged;
+    nothing for a row whose length lies outside [0, capacity − S_new]."""
     batch, s_new, kv_heads, d = k_new.shape
     if batch * s_new * kv_heads == 0:
         return
@@ -256,8 +265,8 @@ def append(k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None, c
         **{f"k_s{a}": s for a, s in zip("bnh", _strides3(k_cache))},
         **{f"v_s{a}": s for a, s in zip("bnh", _strides3(v_cache))},
         table_stride=block_table.shape[1] if paged else 0,
-        batch=batch, s_new=s_new, kv_heads=kv_heads, d=d, dv=v_new.shape[3],
-        page_size=k_cache.shape[1] if paged else 0,
+        batch=batch, appended=s_new, kv_heads=kv_heads, d=d, dv=v_new.shape[3],
+        page_size=k_cache.shape[1] if paged else 0, capacity=capacity_of(k_cache, block_table),
     )
     pointers = ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_idx")
     args = PackedArgs(APPEND_ARGS, pointers, values).pack(tuple(pointer(x) for x in (
@@ -295,5 +304,5 @@ def main_variants() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["why_not", "forward", "append", "choose_splits", "chosen_num_splits", "stages_for", "variant", "main_variants",
+__all__ = ["why_not", "forward", "append", "capacity_of", "choose_splits", "chosen_num_splits", "stages_for", "variant", "main_variants",
            "DECODE_ARGS", "APPEND_ARGS"]

@@ -28,7 +28,7 @@ struct DecodeArgs {
     float* lse;              // (B, Hq, Sq) contiguous, natural log
     float* o_part;           // splits > 1: (splits, B, Hq, Sq, Dv) float32, normalised
     float* lse_part;         // splits > 1: (splits, B, Hq, Sq)
-    const int* seqlens;      // (B,): keys each batch row sees
+    const int* seqlens;      // (B,): each batch row's cache length before the append
     const int* block_table;  // paged: (B, table_stride) page numbers, else null
     const int* batch_idx;    // contiguous: cache batch row of each batch row, or null (identity)
     const float* alibi;      // ALiBi slopes, (B, Hq) contiguous, or null
@@ -39,11 +39,12 @@ struct DecodeArgs {
     i64 table_stride;
     int batch, sq, heads, group, d, dv;
     int page_size;           // paged: keys per page
+    int appended, capacity;  // keys appended by this call; keys a batch row's cache holds
     int splits, row_chunks;  // key splits per batch row; 16-row chunks of the packed rows
     int window_left, window_right;  // key band, unbounded sides as 2^30 (mask.cuh)
     float scale_log2, cap_in, cap_out;
 };
-static_assert(sizeof(DecodeArgs) == 248, "DecodeArgs must match DECODE_ARGS in kernels/decode.py");
+static_assert(sizeof(DecodeArgs) == 256, "DecodeArgs must match DECODE_ARGS in kernels/decode.py");
 
 // What the mask and score-modifier policies read, for one batch row: its Sq query rows against
 // its own key count.
@@ -66,6 +67,17 @@ struct DecodeRowView {
 constexpr int DECODE_WARPS = 4;
 constexpr int DECODE_ROWS = 16;                  // packed query rows per thread block
 constexpr int DECODE_BLOCK_N = DECODE_WARPS * 16;  // keys per tile: 16 per warp
+
+// The keys batch row b sees (its cache length plus the keys this call appends), or −1 when its
+// length lies outside [0, capacity − appended]. Lengths stay on the device, unchecked by the
+// host: such a row's keys are neither written nor read, and its output and lse are NaN.
+// Args: DecodeArgs or AppendArgs.
+template <class Args>
+__device__ __forceinline__ int visible_keys(const Args& a, int b) {
+    const int before = a.seqlens[b];
+    return before < 0 || before > a.capacity - a.appended ? -1 : before + a.appended;
+}
+#define NAN_F __int_as_float(0x7fc00000)
 
 // One packed query row: its query position and head.
 struct PackedRow {
@@ -182,7 +194,8 @@ flash_decode(const DecodeArgs a) {
     const int packed = a.sq * a.group;
     const int row0 = chunk * ROWS;
 
-    const DecodeRowView view(a, a.seqlens[b]);
+    const int nk = visible_keys(a, b);
+    const DecodeRowView view(a, max(nk, 0));
     const MASK mask(view);
 
     // The keys this chunk's rows see (the band is monotone in the row), dealt to the splits in
@@ -286,8 +299,8 @@ flash_decode(const DecodeArgs a) {
         weight[w] = mw == -INFINITY ? 0.f : fast_exp2(mw - m);
         l += weight[w] * part_l[w * ROWS + r];
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? (m + __log2f(l)) * LN2_F : -INFINITY;
+    const float inv = nk < 0 ? NAN_F : l > 0.f ? 1.f / l : 0.f;
+    const float lse = nk < 0 ? NAN_F : l > 0.f ? (m + __log2f(l)) * LN2_F : -INFINITY;
     const PackedRow pr = packed_row(a, hk, row0 + r);
     const i64 out_row = ((i64)b * a.heads + pr.head) * a.sq + pr.pos;  // (B, Hq, Sq) order
     if (a.splits == 1) {
@@ -318,32 +331,37 @@ flash_decode(const DecodeArgs a) {
 template <typename T>
 __global__ void __launch_bounds__(128)
 decode_combine(const DecodeArgs a) {
-    const i64 rows = (i64)a.batch * a.heads * a.sq;
-    const i64 row = (i64)blockIdx.x * 4 + threadIdx.x / 32;
+    const int rows = a.batch * a.heads * a.sq;  // below 2^31: the host checks the grid
+    const int row = blockIdx.x * 4 + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;
+    const int pos = row % a.sq;
+    const int head = (row / a.sq) % a.heads;
+    const int b = row / a.sq / a.heads;
+    u16* out = a.o + b * a.o_sb + pos * a.o_sn + head * a.o_sh;
+    if (visible_keys(a, b) < 0) {
+        for (int col = lane; col < a.dv; col += 32) out[col] = from_float<T>(NAN_F);
+        if (lane == 0) a.lse[row] = NAN_F;
+        return;
+    }
     float m = -INFINITY;
-    for (int s = lane; s < a.splits; s += 32) m = fmaxf(m, a.lse_part[s * rows + row]);
+    for (int s = lane; s < a.splits; s += 32) m = fmaxf(m, a.lse_part[(i64)s * rows + row]);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float total = 0.f;
     for (int s = lane; s < a.splits; s += 32) {
-        const float x = a.lse_part[s * rows + row];
+        const float x = a.lse_part[(i64)s * rows + row];
         total += x == -INFINITY ? 0.f : __expf(x - m);
     }
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
 
-    const int pos = (int)(row % a.sq);
-    const int head = (int)((row / a.sq) % a.heads);
-    const int b = (int)(row / a.sq / a.heads);
-    u16* out = a.o + b * a.o_sb + pos * a.o_sn + head * a.o_sh;
     const float inv = total > 0.f ? 1.f / total : 0.f;
     for (int col = lane; col < a.dv; col += 32) {
         float x = 0.f;
         for (int s = 0; s < a.splits; ++s) {
-            const float ls = a.lse_part[s * rows + row];
-            if (ls != -INFINITY) x += __expf(ls - m) * a.o_part[(s * rows + row) * a.dv + col];
+            const float ls = a.lse_part[(i64)s * rows + row];
+            if (ls != -INFINITY) x += __expf(ls - m) * a.o_part[((i64)s * rows + row) * a.dv + col];
         }
         out[col] = from_float<T>(x * inv);
     }
@@ -351,7 +369,8 @@ decode_combine(const DecodeArgs a) {
 }
 
 // New keys and values (B, S_new, Hkv, D / Dv) written into the caches at positions
-// seqlens[b] + i (seqlens: the lengths before the append), one 16-bit element per thread-step.
+// seqlens[b] + i (seqlens: the lengths before the append), one 16-bit element per thread-step;
+// nothing for a row whose length is out of range (visible_keys).
 // Mirrored by APPEND_ARGS in kernels/decode.py.
 struct AppendArgs {
     const u16* k_new;
@@ -366,9 +385,9 @@ struct AppendArgs {
     i64 k_sb, k_sn, k_sh;
     i64 v_sb, v_sn, v_sh;
     i64 table_stride;
-    int batch, s_new, kv_heads, d, dv, page_size;
+    int batch, appended, kv_heads, d, dv, page_size, capacity;
 };
-static_assert(sizeof(AppendArgs) == 184, "AppendArgs must match APPEND_ARGS in kernels/decode.py");
+static_assert(sizeof(AppendArgs) == 192, "AppendArgs must match APPEND_ARGS in kernels/decode.py");
 
 template <bool PAGED>
 __global__ void __launch_bounds__(128)
@@ -377,7 +396,8 @@ kv_append(const AppendArgs a) {
     int index = blockIdx.x;
     const int hk = index % a.kv_heads;
     index /= a.kv_heads;
-    const int i = index % a.s_new, b = index / a.s_new;
+    const int i = index % a.appended, b = index / a.appended;
+    if (visible_keys(a, b) < 0) return;
     const u16* kn = a.k_new + b * a.kn_sb + i * a.kn_sn + hk * a.kn_sh;
     const u16* vn = a.v_new + b * a.vn_sb + i * a.vn_sn + hk * a.vn_sh;
     const CacheSlot slot = cache_slot<PAGED>(a, b, a.seqlens[b] + i);
