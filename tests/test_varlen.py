@@ -238,9 +238,10 @@ def test_gpu_offsets_with_numpy_inputs_are_refused(rng):
 # ----------------------------------------------------------------------------- GPU host side
 
 def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
-    """On a compute-capability 9.0 device the Hopper families refuse varlen calls with their
-    reason and sm80-mma runs them: a VARLEN variant over a grid sized for the longest sequence,
-    reading the offsets' device pointers."""
+    """On a compute-capability 9.0 device the Hopper TMA forward takes varlen calls and the
+    Hopper backward refuses them with its reason (sm80-mma runs it); with the Hopper families
+    switched off, sm80-mma's forward runs a VARLEN variant over a grid sized for the longest
+    sequence, reading the offsets' device pointers."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -254,11 +255,14 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     options = dict(causal=True, check_offsets=False)  # fake offsets cannot be read back
     _, spec = _api._varlen_spec(q, k, v, cu, cu, 300, 300, **options)
     plan = kernels.plan("forward", spec, (q, k, v, q))
-    assert plan.family.name == "sm80-mma"
-    assert [name for name, _ in plan.passed_over] == ["sm90-tma", "sm90-wgmma"]
-    assert all("attention_varlen" in reason for _, reason in plan.passed_over)
+    assert plan.family.name == "sm90-tma" and not plan.passed_over
     backward_plan = kernels.plan("backward", spec, (q, k, v, q, q, q, k, v))
     assert backward_plan.family.name == "sm80-mma"
+    assert [name for name, _ in backward_plan.passed_over] == ["sm90-wgmma"]
+    assert "attention_varlen" in backward_plan.passed_over[0][1]
+
+    monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    assert kernels.plan("forward", spec, (q, k, v, q)).family.name == "sm80-mma"
 
     out = cuflash.attention_varlen(q, k, v, cu, cu, 300, 300, **options)
     assert out.shape == (total, 8, 128)
@@ -388,7 +392,8 @@ def test_gpu_plan_names_the_family(xp_gpu, rng):
     (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, xp_gpu, ml_dtypes.bfloat16, [5, 9],
                                                         d=128)
     _, spec = _api._varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k)
-    assert kernels.plan("forward", spec, (q, k, v, q)).family.name == "sm80-mma"
+    hopper = q.device.compute_capability == "90"
+    assert kernels.plan("forward", spec, (q, k, v, q)).family.name == ("sm90-tma" if hopper else "sm80-mma")
     assert kernels.plan("backward", spec, (q, k, v, q, q, q, k, v)).family.name == "sm80-mma"
 
 

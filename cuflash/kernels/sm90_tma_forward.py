@@ -15,7 +15,7 @@ import numpy
 
 from . import _build, _launch, _tma
 from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type, vector_aligned,
-                      why_not_hopper_16bit, why_not_varlen)
+                      why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
@@ -104,17 +104,24 @@ def tiles_for(spec) -> TmaTiles:
 
 
 def variant(spec, tiles: TmaTiles) -> str:
+    """The kernel's template expression; a varlen call's adds VARLEN = true (dense calls leave
+    the defaulted flag out)."""
+    varlen = (True,) if spec.varlen is not None else ()
     return _build.template_expression(
         "flash_fwd_sm90_tma", element_type(spec.dtype), spec.shapes.d, spec.shapes.dv, tiles.block_n,
-        tiles.stages, tiles.consumers, tiles.pingpong, mask_type(spec), score_mod_type(spec),
+        tiles.stages, tiles.consumers, tiles.pingpong, mask_type(spec), score_mod_type(spec), *varlen,
     )
+
+
+def tma_view(x):
+    """The 4-D (B, H, N, D) view TMA describes: the array itself, or a varlen call's packed
+    (total, H, D) array as one batch of `total` rows (the kernel adds each sequence's first row
+    to its row coordinates)."""
+    return x.transpose(1, 0, 2)[None] if x.ndim == 3 else x
 
 
 def supports(spec, arrays) -> str | None:
     """None when ``forward`` can run this call, else why not."""
-    reason = why_not_varlen(spec, "Hopper TMA forward")
-    if reason:
-        return reason
     q, k, v, out = arrays
     reason = why_not_hopper_16bit(spec, q)
     if reason:
@@ -125,7 +132,7 @@ def supports(spec, arrays) -> str | None:
     if not vector_aligned((q, k, v, out), (d, dv)):
         return "needs 16-byte aligned rows and strides"
     for name, x in (("q", q), ("k", k), ("v", v)):
-        reason = _tma.why_not_expressible(x)
+        reason = _tma.why_not_expressible(tma_view(x))
         if reason:
             return f"{name}: {reason}"
     if tiles_for(spec) is None:
@@ -158,14 +165,14 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> TmaForwar
     (q, k, v, out): compiled kernel, grid, packed arguments and TMA layouts (Q in boxes of one
     consumer's 64 rows, K and V in key tiles). The caller checks ``supports()`` first."""
     q, k, v, out = arrays
-    d, dv = q.shape[3], v.shape[3]
+    d, dv = spec.shapes.d, spec.shapes.dv
     tiles = tiles or tiles_for(spec)
     args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
     grid = min(blocks, _launch.sm_count(q.device.id)) if tiles.persistent else blocks
-    layouts = (_tma.TensorLayout.of(q, 64), _tma.TensorLayout.of(k, tiles.block_n),
-               _tma.TensorLayout.of(v, tiles.block_n))
+    layouts = (_tma.TensorLayout.of(tma_view(q), 64), _tma.TensorLayout.of(tma_view(k), tiles.block_n),
+               _tma.TensorLayout.of(tma_view(v), tiles.block_n))
     return TmaForwardLaunch(kernel, grid, blocks, tiles, shared, args, layouts)
 
 
@@ -176,14 +183,16 @@ def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import spec_grid, spec_of
+    from ._variants import spec_grid, spec_of, varlen_spec_grid
 
     # The tile shape depends on the options at D = 64 (three consumers only unmasked) and at
     # Dv > 128 (exact masks): their masked and modified variants too.
     features = (dict(window=(256, 0)), dict(softcap=30.0), dict(causal=True, softcap=30.0))
     specs = (spec_grid((64, 96, 128, 256)) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
              + [spec_of("bfloat16", d, **options) for d in (64, 256) for options in features])
-    return [(SOURCE, variant(spec, tiles_for(spec))) for spec in specs]
+    varlen = [spec for spec in varlen_spec_grid()
+              if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS and tiles_for(spec) is not None]
+    return [(SOURCE, variant(spec, tiles_for(spec))) for spec in specs + varlen]
 
 
 __all__ = ["forward", "prepare_forward", "supports", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",

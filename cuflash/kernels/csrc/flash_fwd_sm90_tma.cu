@@ -99,18 +99,42 @@ struct GemmTurns {
     }
 };
 
-// One query tile of the persistent walk: which (batch, head, rows) and the key tiles it visits.
-template <int BLOCK_M, int BLOCK_N, class MASK>
+// One query tile of the persistent walk: which (batch, head, rows), the sequence it belongs to
+// (VARLEN: packed sequences, schedule.cuh; else the whole call), its mask and score modifier
+// (built from the sequence's lengths), and the key tiles it visits. A varlen tile past its
+// sequence's end is skipped by producer and consumers alike.
+template <int BLOCK_M, int BLOCK_N, class MASK, bool VARLEN>
 struct TmaTileWork {
     int b, h, m0;
+    Sequence seq;
     KeyTiles<MASK::sparse, MASK::exact> key_tile;
-    __device__ __forceinline__ TmaTileWork(const MASK& mask, const FwdArgs& a, int index) {
+    __device__ __forceinline__ TmaTileWork(const FwdArgs& a, int index) {
         const QueryTile tile = query_tile_at<MASK::banded>(index, a.m_tiles, a.heads);
         b = tile.b;
         h = tile.h;
         m0 = tile.m_tile * BLOCK_M;
-        key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, tile.m_tile, h, a.m_tiles);
+        seq = sequence_of<VARLEN>(a, b);
     }
+    __device__ __forceinline__ bool past_end() const { return VARLEN && m0 >= seq.nq; }
+    // The kernel's mask, or the sequence's.
+    __device__ __forceinline__ MASK mask_of(const MASK& kernel_mask, const FwdArgs& a) const {
+        if constexpr (VARLEN) return MASK(a, seq.nq, seq.nk);
+        return kernel_mask;
+    }
+    template <class MOD>
+    __device__ __forceinline__ MOD mod_of(const FwdArgs& a) const {
+        if constexpr (VARLEN) return MOD(a, b, h, seq.nq, seq.nk);
+        return MOD(a, b, h);
+    }
+    __device__ __forceinline__ void walk(const MASK& mask, const FwdArgs& a) {
+        key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m0 / BLOCK_M, h, a.m_tiles);
+    }
+    // TMA coordinates: the packed rows of a varlen call are one batch of `total` rows.
+    __device__ __forceinline__ int q_row(int row) const { return seq.q0 + row; }
+    __device__ __forceinline__ int k_row(int key) const { return seq.k0 + key; }
+    __device__ __forceinline__ int batch() const { return VARLEN ? 0 : b; }
+    // Where the tile's (batch, head) lse values start.
+    __device__ __forceinline__ i64 lse_start(const FwdArgs& a) const { return lse_offset<VARLEN>(a, seq, b, h); }
 };
 
 // The producer's one thread: for each of its query tiles that visits any key tile, K_j and V_j
@@ -118,7 +142,7 @@ struct TmaTileWork {
 // and Q once they have released the Q buffer. After the first tile, the first STAGES K/V tiles go
 // before Q: their buffers are free while the consumers still store the previous tile's O. The
 // ring positions run on from one query tile to the next.
-template <class L, int BLOCK_N, int STAGES, class MASK>
+template <class L, int BLOCK_N, int STAGES, bool VARLEN, class MASK>
 __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
                                         const MASK& mask, const FwdArgs& a, int tile_count) {
     constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
@@ -128,7 +152,9 @@ __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBar
     RingSlot<STAGES> slot;
     u32 q_fills = 0;
     for (int index = blockIdx.x; index < tile_count; index += gridDim.x) {
-        const TmaTileWork<L::BLOCK_M, BLOCK_N, MASK> work(mask, a, index);
+        TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN> work(a, index);
+        if (work.past_end()) continue;
+        work.walk(work.mask_of(mask, a), a);
         const int n_count = work.key_tile.count, hk = work.h / a.group;
         auto load_kv = [&](int j) {
             const int key0 = work.key_tile[j] * BLOCK_N;
@@ -137,13 +163,13 @@ __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBar
 #pragma unroll
             for (int box = 0; box < K_BOXES; ++box)
                 tma_load_4d(base + L::K_RING + slot.stage * L::K_STAGE + box * BLOCK_N * 128, &maps.k,
-                            bar.k_full(slot.stage), 64 * box, key0, hk, work.b);
+                            bar.k_full(slot.stage), 64 * box, work.k_row(key0), hk, work.batch());
             mbar_wait(bar.v_empty(slot.stage), slot.phase ^ 1);
             mbar_arrive_expect_bytes(bar.v_full(slot.stage), L::V_STAGE);
 #pragma unroll
             for (int box = 0; box < V_BOXES; ++box)
                 tma_load_4d(base + L::V_RING + slot.stage * L::V_STAGE + box * BLOCK_N * 128, &maps.v,
-                            bar.v_full(slot.stage), 64 * box, key0, hk, work.b);
+                            bar.v_full(slot.stage), 64 * box, work.k_row(key0), hk, work.batch());
             slot.advance();
         };
         if (n_count == 0) continue;  // the consumers store such a tile without the Q buffer
@@ -157,8 +183,8 @@ __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBar
         for (int c = 0; c < L::CONSUMERS; ++c)
 #pragma unroll
             for (int box = 0; box < K_BOXES; ++box)
-                tma_load_4d(base + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(), 64 * box, work.m0 + 64 * c,
-                            work.h, work.b);
+                tma_load_4d(base + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(), 64 * box,
+                            work.q_row(work.m0 + 64 * c), work.h, work.batch());
         for (int j = ahead; j < n_count; ++j) load_kv(j);
     }
 }
@@ -205,7 +231,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     const int warp_row0 = work.m0 + c * 64 + warp * 16;
     const bool leader = threadIdx.x % 128 == 0;  // arrives on the "empty" barriers for the warpgroup
     const int n_count = work.key_tile.count;
-    const MOD mod(a, work.b, work.h);
+    const MOD mod = work.template mod_of<MOD>(a);
     const u64 desc_q = sw128_desc(base + c * 64 * 128, 16);
     auto k_stage = [&](int stage) { return base + L::K_RING + stage * L::K_STAGE; };
     auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
@@ -292,7 +318,8 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     // buffer (its last Q·Kᵀ is done and no one else reads them), which is then released for the
     // next tile's Q. Rows that saw no key give 0 and −inf; a tile that visits no key tile never
     // had the Q buffer and stores its zeros directly.
-    float* lse = a.lse + ((i64)work.b * a.heads + work.h) * a.nq;
+    const int nq = work.seq.nq;
+    float* lse = a.lse + work.lse_start(a);
     const int row0 = work.m0 + c * 64;
     float inv[2];
 #pragma unroll
@@ -300,20 +327,21 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         const int r = warp * 16 + g + half * 8;
         const RowResult res = finish_row(row_max[half], row_sum[half], mod.softmax_scale());
         inv[half] = res.inv;
-        if (t == 0 && row0 + r < a.nq) lse[row0 + r] = res.lse;
+        if (t == 0 && row0 + r < nq) lse[row0 + r] = res.lse;
     }
-    u16* out = a.o + work.b * a.o_sb + work.h * a.o_sh;
+    u16* out = a.o + work.b * a.o_sb + work.h * a.o_sh + work.seq.q0 * a.o_sn;
     if (n_count == 0) {
-        store_zero_rows(out, a.o_sn, a.nq, a.dv, row0, 64, threadIdx.x % 128, 128);
+        store_zero_rows(out, a.o_sn, nq, a.dv, row0, 64, threadIdx.x % 128, 128);
         return;
     }
-    store_rows_sw128<T, DVP, BLOCK_M>(out, a.o_sn, a.nq, o, inv, base + c * 64 * 128, row0, c + 1, warp, g, t, a.dv);
+    store_rows_sw128<T, DVP, BLOCK_M>(out, a.o_sn, nq, o, inv, base + c * 64 * 128, row0, c + 1, warp, g, t, a.dv);
     fence_proxy_async_shared();  // these reads of the buffer come before the next TMA write to it
     named_barrier(c + 2, 128);   // (the store's own barrier id) every thread has read its rows
     if (leader) mbar_arrive(bar.q_empty());
 }
 
-template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD>
+template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD,
+          bool VARLEN = false>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
 flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count) {
     constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
@@ -333,14 +361,18 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
 
     if (threadIdx.x < 128) {
         release_registers<L::PRODUCER_REGS>();
-        if (threadIdx.x < 32 && elect_one_lane()) produce<L, BLOCK_N, STAGES>(maps, bar, base, mask, a, tile_count);
+        if (threadIdx.x < 32 && elect_one_lane()) produce<L, BLOCK_N, STAGES, VARLEN>(maps, bar, base, mask, a, tile_count);
         return;
     }
     claim_registers<L::CONSUMER_REGS>();
     RingSlot<STAGES> ks, vs;
     u32 q_fills = 0;
     for (int index = blockIdx.x; index < tile_count; index += gridDim.x) {
-        const TmaTileWork<L::BLOCK_M, BLOCK_N, MASK> work(mask, a, index);
-        consume_tile<T, L, DP, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD>(a, mask, work, bar, base, ks, vs, q_fills);
+        TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN> work(a, index);
+        if (work.past_end()) continue;
+        const MASK tile_mask = work.mask_of(mask, a);
+        work.walk(tile_mask, a);
+        consume_tile<T, L, DP, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD>(a, tile_mask, work, bar, base, ks, vs,
+                                                                         q_fills);
     }
 }
