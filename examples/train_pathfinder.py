@@ -4,7 +4,7 @@ torch's scaled_dot_product_attention.
 Each image (``cuflash.check.pathfinder``, ``separate=True``) holds two round markers, joined by
 one dashed curve or not, among distractor curves that never touch it; the label is "connected".
 Every pixel is a token (a learned embedding of its value plus a 2-D position embedding); pre-norm
-transformer blocks, mean pooling or a CLS token, and a linear head. 32×32, 64×64 and 128×128
+transformer blocks, max or mean pooling or a CLS token, and a linear head. 32×32, 64×64 and 128×128
 images are 1,024, 4,096 and 16,384 tokens (the last is the length of LRA's Path-X). The training
 set (seeds 0, 1, ...) and the held-out test set (seeds from 2**40) are fixed and balanced,
 generated once at start (``--cache-dir`` keeps them). The model is initialised, and batches (with
@@ -137,9 +137,18 @@ class Block(torch.nn.Module):
 
 
 class PathfinderTransformer(torch.nn.Module):
-    def __init__(self, side, width, heads, layers, attention, position="sincos", pool="mean"):
+    def __init__(self, side, width, heads, layers, attention, position="sincos", pool="max",
+                 stem=0):
         super().__init__()
+        self.side, self.pool = side, pool
         self.value = torch.nn.Embedding(256, width)                     # one per pixel value
+        # Optional: 3×3 convolutions over the image whose output is added to each pixel's token,
+        # so a token also describes its neighbourhood (still one token per pixel).
+        convs = []
+        for i in range(stem):
+            convs += [torch.nn.Conv2d(1 if i == 0 else width, width, 3, padding=1),
+                      torch.nn.GELU()]
+        self.stem = torch.nn.Sequential(*convs[:-1]) if stem else None
         if position == "learned":
             self.position = torch.nn.Parameter(0.02 * torch.randn(side * side, width))
         else:
@@ -151,11 +160,16 @@ class PathfinderTransformer(torch.nn.Module):
 
     def forward(self, pixels):                                          # (B, side*side) uint8
         x = self.value(pixels.long()) + self.position
+        if self.stem is not None:
+            image = pixels.view(-1, 1, self.side, self.side).to(x.dtype) / 255
+            x = x + self.stem(image).flatten(2).transpose(1, 2)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
+        if self.pool == "max":
+            return self.head(x.amax(dim=1))
         return self.head(x[:, 0] if self.cls is not None else x.mean(dim=1))
 
 
@@ -186,7 +200,7 @@ def train(args) -> dict:
 
     torch.manual_seed(args.seed)
     model = PathfinderTransformer(side, args.width, args.heads, args.layers,
-                                  attention, args.position, args.pool).to(device)
+                                  attention, args.position, args.pool, args.stem).to(device)
     parameters = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
                                   weight_decay=args.weight_decay)
@@ -327,7 +341,10 @@ def main(argv=None) -> int:
     add("--width", type=int, default=128)
     add("--heads", type=int, default=4)
     add("--position", choices=["sincos", "learned"], default="sincos")
-    add("--pool", choices=["mean", "cls"], default="mean")
+    add("--pool", choices=["max", "mean", "cls"], default="max",
+        help="max or mean over the tokens, or a CLS token")
+    add("--stem", type=int, default=0, metavar="N",
+        help="N 3×3 convolutions over the image added to the pixel tokens (default 0: none)")
     add("--sdpa-backend", choices=["default", *SDPA_BACKENDS], default="default",
         help="with --attention sdpa: the back end torch may use (default: its own choice)")
     add("--seed", type=int, default=0, help="initialisation and batch order")

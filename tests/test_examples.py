@@ -88,3 +88,13 @@ def test_train_pathfinder_compare_plot(train_pathfinder, tmp_path):
 def test_train_pathfinder_refuses_sizes(train_pathfinder, size):
     with pytest.raises(SystemExit):
         train_pathfinder.main(["--size", size, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("options", [["--stem", "2"], ["--pool", "mean"], ["--pool", "cls"]])
+def test_train_pathfinder_model_options(train_pathfinder, tmp_path, options):
+    log = tmp_path / "options.json"
+    assert train_pathfinder.main(TINY + ["--attention", "cuflash", *options, "--steps", "1",
+                                         "--log", str(log)]) == 0
+    result = json.loads(log.read_text())
+    assert result["config"][options[0][2:]] == type(result["config"][options[0][2:]])(options[1])
+    assert len(result["loss"]) == 1
