@@ -1,17 +1,19 @@
 """Train a small transformer on Pathfinder-style images, pixel by pixel, with cuflash attention or
 torch's scaled_dot_product_attention.
 
-Each image (``cuflash.check.pathfinder``) holds two round markers, joined by one dashed curve or
-not, among distractor curves; the label is "connected". Every pixel is a token (a learned
-embedding of its value plus a 2-D position embedding); pre-norm transformer blocks, mean pooling
-or a CLS token, and a linear head. 32×32, 64×64 and 128×128 images are 1,024, 4,096 and 16,384
-tokens (the last is the length of LRA's Path-X). The training set (seeds 0, 1, ...) and the
-held-out test set (seeds from 2**40) are fixed and balanced, generated once at start. The model is
-initialised, and batches (with a random flip or rotation) are drawn, from ``--seed``: both
-``--attention`` choices see the same weights and the same batches.
+Each image (``cuflash.check.pathfinder``, ``separate=True``) holds two round markers, joined by
+one dashed curve or not, among distractor curves that never touch it; the label is "connected".
+Every pixel is a token (a learned embedding of its value plus a 2-D position embedding); pre-norm
+transformer blocks, max or mean pooling or a CLS token, and a linear head. 32×32, 64×64 and 128×128
+images are 1,024, 4,096 and 16,384 tokens (the last is the length of LRA's Path-X). The training
+set (seeds 0, 1, ...) and the held-out test set (seeds from 2**40) are fixed and balanced,
+generated once at start (``--cache-dir`` keeps them). The model is initialised, and batches (with
+a random flip or rotation) are drawn, from ``--seed``: both ``--attention`` choices see the same
+weights and the same batches.
 
-    python examples/train_pathfinder.py --size 64 --budget-minutes 8 --log a.json
-    python examples/train_pathfinder.py --compare a.json b.json --plot compare.png
+    python examples/train_pathfinder.py --size 32 --budget-minutes 4 --out runs
+    python examples/train_pathfinder.py --size 32 --budget-minutes 4 --out runs --attention sdpa
+    python examples/pathfinder_report.py runs --plot runs/loss.png
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-import cuflash.torch as cuflash_torch
 from cuflash.check.pathfinder import pathfinder_image
+from cuflash.torch import scaled_dot_product_attention
 
 TEST_SEEDS = 2**40      # the first test image's seed; training images use seeds 0, 1, ...
-TIMING_SKIP = 5         # steps left out of the mean step time (allocator and autotuning warm-up)
+TIMING_SKIP = 10        # steps left out of the mean step time (allocator and autotuning warm-up)
+EVAL_IMAGES = 512       # test images of the periodic evaluations (the final one uses all)
 
 
 def _draw(job):
     side, seed = job
-    image = pathfinder_image(side, seed=seed, connected=seed % 2 == 0)  # balanced by seed parity
+    image = pathfinder_image(side, seed=seed, connected=seed % 2 == 0, separate=True)  # balanced
     return numpy.rint(image.pixels * 255).astype(numpy.uint8).ravel(), image.connected
 
 
@@ -82,10 +85,26 @@ def dihedral_indices(side: int) -> torch.Tensor:
     return torch.stack([view.reshape(-1) for view in views])
 
 
-ATTENTION = {  # (B, H, N, D) in, (B, H, N, D) out
-    "cuflash": lambda q, k, v: cuflash_torch.attention(q, k, v, causal=False),
-    "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+# The one-import switch: cuflash.torch.scaled_dot_product_attention takes torch's arguments.
+# (B, H, N, D) in, (B, H, N, D) out; non-causal, no mask, the default 1/sqrt(D) scale.
+ATTENTION = {
+    "cuflash": scaled_dot_product_attention,
+    "sdpa": F.scaled_dot_product_attention,
 }
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+
+
+def sdpa_with(backend: str):
+    """torch's attention restricted to one back end (to measure how much two correct attention
+    implementations' rounding alone moves the loss curve)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    chosen = getattr(SDPBackend, SDPA_BACKENDS[backend])
+
+    def attention(q, k, v):
+        with sdpa_kernel(chosen):
+            return F.scaled_dot_product_attention(q, k, v)
+    return attention
 
 
 def sincos_2d(side: int, width: int) -> torch.Tensor:
@@ -118,9 +137,18 @@ class Block(torch.nn.Module):
 
 
 class PathfinderTransformer(torch.nn.Module):
-    def __init__(self, side, width, heads, layers, attention, position="sincos", pool="mean"):
+    def __init__(self, side, width, heads, layers, attention, position="sincos", pool="max",
+                 stem=0):
         super().__init__()
+        self.side, self.pool = side, pool
         self.value = torch.nn.Embedding(256, width)                     # one per pixel value
+        # Optional: 3×3 convolutions over the image whose output is added to each pixel's token,
+        # so a token also describes its neighbourhood (still one token per pixel).
+        convs = []
+        for i in range(stem):
+            convs += [torch.nn.Conv2d(1 if i == 0 else width, width, 3, padding=1),
+                      torch.nn.GELU()]
+        self.stem = torch.nn.Sequential(*convs[:-1]) if stem else None
         if position == "learned":
             self.position = torch.nn.Parameter(0.02 * torch.randn(side * side, width))
         else:
@@ -132,11 +160,16 @@ class PathfinderTransformer(torch.nn.Module):
 
     def forward(self, pixels):                                          # (B, side*side) uint8
         x = self.value(pixels.long()) + self.position
+        if self.stem is not None:
+            image = pixels.view(-1, 1, self.side, self.side).to(x.dtype) / 255
+            x = x + self.stem(image).flatten(2).transpose(1, 2)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
+        if self.pool == "max":
+            return self.head(x.amax(dim=1))
         return self.head(x[:, 0] if self.cls is not None else x.mean(dim=1))
 
 
@@ -153,6 +186,9 @@ def evaluate(model, pixels, labels, batch, autocast) -> int:
 
 
 def train(args) -> dict:
+    attention = ATTENTION[args.attention]
+    if args.attention == "sdpa" and args.sdpa_backend != "default":
+        attention = sdpa_with(args.sdpa_backend)
     device = torch.device(args.device)
     side, tokens = args.size, args.size ** 2
     (train_x, train_y), (test_x, test_y) = [
@@ -164,7 +200,7 @@ def train(args) -> dict:
 
     torch.manual_seed(args.seed)
     model = PathfinderTransformer(side, args.width, args.heads, args.layers,
-                                  ATTENTION[args.attention], args.position, args.pool).to(device)
+                                  attention, args.position, args.pool, args.stem).to(device)
     parameters = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
                                   weight_decay=args.weight_decay)
@@ -172,7 +208,15 @@ def train(args) -> dict:
         optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     draw = batches(numpy.random.default_rng(args.seed), args.train_size, args.batch)
-    print(f"{args.attention}: {tokens} tokens, {args.layers}-layer transformer of width "
+    evals = []                                       # (step, training seconds, test accuracy)
+
+    def periodic_eval(step, elapsed):
+        count = min(EVAL_IMAGES, args.test_size)
+        accuracy = evaluate(model, test_x[:count], test_y[:count], args.batch, autocast) / count
+        evals.append((step, elapsed, accuracy))
+        print(f"step {step:6d}  test accuracy {100 * accuracy:.1f}% on {count} images", flush=True)
+    print(f"{args.attention}{'' if args.sdpa_backend == 'default' else ' ' + args.sdpa_backend}: "
+          f"{tokens} tokens, {args.layers}-layer transformer of width "
           f"{args.width} ({args.heads} heads, {parameters:,} parameters), batch {args.batch}, "
           f"{args.dtype}, {device}", flush=True)
 
@@ -217,12 +261,18 @@ def train(args) -> dict:
                   f"{args.batch * tokens * len(recent) / sum(recent):12,.0f} tokens/s  "
                   f"elapsed {elapsed:7.1f}s", flush=True)
             window = []
+        if args.eval_every and step % args.eval_every == 0 and stopped != "budget":
+            sync()
+            pause = time.perf_counter()
+            periodic_eval(step, elapsed)
+            start += time.perf_counter() - pause      # evaluations do not count against the budget
         if stopped == "budget":
             break
 
     correct = evaluate(model, test_x, test_y, args.batch, autocast)
     accuracy = correct / args.test_size
     print(f"test accuracy {100 * accuracy:.1f}% ({correct}/{args.test_size} images; chance 50%)")
+    evals.append((len(losses), sum(step_times), accuracy))
     timed = step_times[TIMING_SKIP:] if len(step_times) > TIMING_SKIP else step_times
     mean = sum(timed) / len(timed)
     print(f"mean step time {1e3 * mean:.2f} ms over steps {len(step_times) - len(timed) + 1}-"
@@ -231,7 +281,8 @@ def train(args) -> dict:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     config = dict(vars(args), tokens=tokens, parameters=parameters, device_name=name)
     return dict(config=config, loss=losses, step_time=step_times, test_accuracy=accuracy,
-                mean_step_time=mean, stopped=stopped)
+                test_correct=correct, evals=evals, mean_step_time=mean,
+                timed_steps=len(timed), images_per_second=args.batch / mean, stopped=stopped)
 
 
 def plot(logs: list[dict], path: str) -> None:
@@ -266,8 +317,8 @@ def plot(logs: list[dict], path: str) -> None:
 
 def power_of_two_side(text: str) -> int:
     side = int(text)
-    if side < 8 or side & (side - 1):
-        raise argparse.ArgumentTypeError(f"--size must be a power of two ≥ 8, got {text}")
+    if side < 32 or side & (side - 1):   # 16×16 has no room for two separate curves
+        raise argparse.ArgumentTypeError(f"--size must be a power of two ≥ 32, got {text}")
     return side
 
 
@@ -275,12 +326,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     add = parser.add_argument
     add("--size", type=power_of_two_side, default=32,
-        help="image side: 32, 64, 128 (1K, 4K, 16K tokens); any power of two ≥ 8")
+        help="image side: 32, 64, 128 (1K, 4K, 16K tokens); any power of two ≥ 32")
     add("--attention", choices=sorted(ATTENTION), default="cuflash")
     add("--steps", type=int, default=1000, help="at most this many steps")
     add("--budget-minutes", type=float, default=None, help="stop after this much training time")
     add("--batch", type=int, default=32)
-    add("--lr", type=float, default=5e-4)
+    add("--lr", type=float, default=1e-3)
     add("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
     add("--weight-decay", type=float, default=0.05)
     add("--dtype", choices=["bf16", "fp32"], default=None,
@@ -290,13 +341,24 @@ def main(argv=None) -> int:
     add("--width", type=int, default=128)
     add("--heads", type=int, default=4)
     add("--position", choices=["sincos", "learned"], default="sincos")
-    add("--pool", choices=["mean", "cls"], default="mean")
+    add("--pool", choices=["max", "mean", "cls"], default="max",
+        help="max or mean over the tokens, or a CLS token")
+    add("--stem", type=int, default=0, metavar="N",
+        help="N 3×3 convolutions over the image added to the pixel tokens (default 0: none)")
+    add("--sdpa-backend", choices=["default", *SDPA_BACKENDS], default="default",
+        help="with --attention sdpa: the back end torch may use (default: its own choice)")
     add("--seed", type=int, default=0, help="initialisation and batch order")
     add("--train-size", type=int, default=20000, help="training images")
     add("--test-size", type=int, default=1000, help="held-out test images")
     add("--workers", type=int, default=os.cpu_count() or 1, help="processes drawing images")
     add("--cache-dir", default=None, help="keep generated image sets here (.npz)")
     add("--print-every", type=int, default=50)
+    add("--eval-every", type=int, default=0,
+        help="also test on the first 512 test images every this many steps (0: only at the end)")
+    add("--out", default=None, metavar="DIR",
+        help="write the log as DIR/pathfinder-SIZE-ATTENTION.json (unless --log is given)")
+    add("--prepare-only", action="store_true",
+        help="generate (or load) the image sets, save them to --cache-dir, and stop")
     add("--log", default=None, help="write losses, step times, accuracy and config (JSON)")
     add("--plot", default=None, help="plot the loss curves (PNG; needs matplotlib)")
     add("--compare", nargs="+", default=None, metavar="LOG",
@@ -308,6 +370,13 @@ def main(argv=None) -> int:
             parser.error("--compare needs --plot OUT.png")
         plot([json.loads(Path(name).read_text()) for name in args.compare], args.plot)
         return 0
+    if args.prepare_only:
+        if not args.cache_dir:
+            parser.error("--prepare-only needs --cache-dir")
+        for count, first in ((args.train_size, 0), (args.test_size, TEST_SEEDS)):
+            pathfinder_set(args.size, count, first, name="prepare", workers=args.workers,
+                           cache_dir=args.cache_dir)
+        return 0
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.device == "cpu" and args.dtype == "bf16":
         parser.error("bf16 autocast is for --device cuda; use --dtype fp32 on CPU")
@@ -318,6 +387,11 @@ def main(argv=None) -> int:
     if args.train_size < args.batch:
         parser.error("--train-size must be at least --batch")
 
+    if args.sdpa_backend != "default" and args.attention != "sdpa":
+        parser.error("--sdpa-backend is for --attention sdpa")
+    if args.out and not args.log:
+        backend = "" if args.sdpa_backend == "default" else f"-{args.sdpa_backend}"
+        args.log = str(Path(args.out) / f"pathfinder-{args.size}-{args.attention}{backend}.json")
     result = train(args)
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,10 @@ import pytest
 pytest.importorskip("torch")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_pathfinder.py"
-TINY = ["--device", "cpu", "--size", "16", "--steps", "2", "--batch", "2", "--layers", "1",
-        "--width", "32", "--train-size", "8", "--test-size", "8", "--workers", "1"]
+TINY = ["--device", "cpu", "--size", "32", "--steps", "3", "--batch", "2", "--layers", "1",
+        "--width", "16", "--heads", "2", "--train-size", "8", "--test-size", "8", "--workers", "1",
+        "--eval-every", "2"]
+REPORT = Path(__file__).resolve().parents[1] / "examples" / "pathfinder_report.py"
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +34,41 @@ def test_train_pathfinder_cuflash_and_sdpa(train_pathfinder, tmp_path, capsys):
         assert "test accuracy" in out and "chance 50%" in out, out
         assert "mean step time" in out, out
         logs[attention] = json.loads(log.read_text())
-        assert len(logs[attention]["loss"]) == len(logs[attention]["step_time"]) == 2
+        assert len(logs[attention]["loss"]) == len(logs[attention]["step_time"]) == 3
         assert 0.0 <= logs[attention]["test_accuracy"] <= 1.0
-        assert logs[attention]["config"]["tokens"] == 16 * 16
+        assert logs[attention]["config"]["tokens"] == 32 * 32
+        assert [step for step, _, _ in logs[attention]["evals"]] == [2, 3]
     # Same seed: same weights and same first batch, so the first losses agree (float32).
     assert logs["cuflash"]["loss"][0] == pytest.approx(logs["sdpa"]["loss"][0], abs=1e-4)
+
+
+def test_train_pathfinder_out_dir_and_report(train_pathfinder, tmp_path, capsys):
+    """--out names the logs by size and attention; the report helper pairs them into tables."""
+    for run in (["cuflash"], ["sdpa"], ["sdpa", "--sdpa-backend", "math"]):
+        assert train_pathfinder.main(TINY + ["--attention", *run, "--out",
+                                             str(tmp_path / "train")]) == 0
+    assert sorted(path.name for path in (tmp_path / "train").iterdir()) == [
+        "pathfinder-32-cuflash.json", "pathfinder-32-sdpa-math.json", "pathfinder-32-sdpa.json"]
+    timing = tmp_path / "timing"
+    timing.mkdir()
+    for path in (tmp_path / "train").iterdir():
+        (timing / path.name).write_text(path.read_text())
+    spec = importlib.util.spec_from_file_location("pathfinder_report", REPORT)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    capsys.readouterr()
+    markdown = tmp_path / "report.md"
+    assert report.main([str(tmp_path / "train"), str(timing), "--markdown", str(markdown)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == markdown.read_text().strip()
+    for run in ("cuflash", "sdpa-math"):
+        start = f"| 32×32 | 0 | {run} | 1–3 |"
+        rows = [line for line in out.splitlines() if line.startswith(start)]
+        assert len(rows) == 1, out
+        assert float(rows[0].split("|")[6]) < 1e-3      # mean |Δloss|, float32 on CPU
+    assert sum(line.startswith("| 32×32 | 1,024 | ") for line in out.splitlines()) == 4, out
+    timing_row = [line for line in out.splitlines() if line.startswith("| 32×32 | 1,024 | 2 |")]
+    assert len(timing_row) == 1 and timing_row[0].rstrip(" |").endswith("×"), out
 
 
 def test_train_pathfinder_compare_plot(train_pathfinder, tmp_path):
@@ -52,7 +84,17 @@ def test_train_pathfinder_compare_plot(train_pathfinder, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("size", ["12", "4"])
+@pytest.mark.parametrize("size", ["12", "4", "16"])
 def test_train_pathfinder_refuses_sizes(train_pathfinder, size):
     with pytest.raises(SystemExit):
         train_pathfinder.main(["--size", size, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("options", [["--stem", "2"], ["--pool", "mean"], ["--pool", "cls"]])
+def test_train_pathfinder_model_options(train_pathfinder, tmp_path, options):
+    log = tmp_path / "options.json"
+    assert train_pathfinder.main(TINY + ["--attention", "cuflash", *options, "--steps", "1",
+                                         "--log", str(log)]) == 0
+    result = json.loads(log.read_text())
+    assert result["config"][options[0][2:]] == type(result["config"][options[0][2:]])(options[1])
+    assert len(result["loss"]) == 1

@@ -119,3 +119,49 @@ def test_random_inputs_are_standard_normal():
     for x in (q, k, v):
         assert abs(float(x.mean())) < 0.02 and float(x.std()) == pytest.approx(1, abs=0.02)
     assert not np.array_equal(q, k)
+
+
+def _joined(pixels, a, b, reach=1):
+    """Whether lit pixels lead from a to b in steps of at most ``reach`` pixels (Chebyshev)."""
+    lit = pixels > 0
+    seen, todo = {a}, [a]
+    while todo:
+        r, c = todo.pop()
+        for dr in range(-reach, reach + 1):
+            for dc in range(-reach, reach + 1):
+                p = (r + dr, c + dc)
+                if (0 <= p[0] < lit.shape[0] and 0 <= p[1] < lit.shape[1] and lit[p]
+                        and p not in seen):
+                    seen.add(p)
+                    todo.append(p)
+    return b in seen
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_separate_curves_make_the_label_readable_from_the_pixels(side):
+    """With separate=True the dashes of one curve are at most 2 pixels apart, and different
+    curves at least 4: stepping over one dark pixel joins the markers exactly when connected."""
+    for seed in range(12):
+        image = pathfinder_image(side, seed=seed, connected=seed % 2 == 0, separate=True)
+        assert _joined(image.pixels, *image.markers, reach=2) is image.connected, seed
+
+
+def test_separate_curves_balance_the_classes():
+    # The same number of curves for both labels, so the amount of ink says little; the marker
+    # distance is matched (it tells the classes apart much less than without separate=True).
+    ink = {True: [], False: []}
+    distance = {True: [], False: []}
+    for seed in range(60):
+        image = pathfinder_image(32, seed=seed, connected=seed % 2 == 0, separate=True)
+        ink[image.connected].append(image.pixels.sum())
+        (r1, c1), (r2, c2) = image.markers
+        distance[image.connected].append(math.hypot(r1 - r2, c1 - c2))
+    assert np.mean(ink[True]) == pytest.approx(np.mean(ink[False]), rel=0.15)
+    assert np.mean(distance[True]) == pytest.approx(np.mean(distance[False]), rel=0.2)
+
+
+def test_default_images_are_unchanged_by_the_separate_option():
+    a = pathfinder_image(32, seed=4)
+    b = pathfinder_image(32, seed=4, separate=False)
+    np.testing.assert_array_equal(a.pixels, b.pixels)
+    assert a.connected == pathfinder_image(32, seed=4, separate=True).connected

@@ -78,12 +78,17 @@ def image_side_for(seq_len: int) -> int:
 
 
 def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None = None,
-                     distractors: int | None = None) -> PathfinderImage:
+                     distractors: int | None = None, separate: bool = False) -> PathfinderImage:
     """Draw one Pathfinder-style image.
 
     Two markers sit at the ends of one dashed curve (``connected=True``) or at the ends of two
     different curves (``connected=False``); ``distractors`` more curves cross the image (by default
     one per 32 pixels of side). ``connected=None`` draws the label from the seed.
+
+    ``separate=True`` draws the variant made for training a classifier (see
+    ``_separate_curves``): the curves never touch, so the label can be read off the pixels; both
+    labels have the same number and lengths of curves; and the two markers are about as far apart
+    in either case. The default draws curves that may cross, which is what ``cuflash check`` uses.
     """
     if side < MIN_SIDE:
         raise ValueError(f"side must be at least {MIN_SIDE} pixels, got {side}")
@@ -95,7 +100,10 @@ def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None =
 
     pixels = numpy.zeros((side, side), dtype=numpy.float32)
     length = 0.9 * side
-    if connected:
+    radius = max(2, side // 40)
+    if separate:
+        curves, ends = _separate_curves(rng, side, connected, distractors, radius)
+    elif connected:
         path = _random_curve(rng, side, length)
         ends = (path[0], path[-1])
         curves = [path]
@@ -103,16 +111,74 @@ def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None =
         first, second = _random_curve(rng, side, length / 2), _random_curve(rng, side, length / 2)
         ends = (first[0], second[-1])
         curves = [first, second]
-    curves += [_random_curve(rng, side, length * rng.uniform(0.3, 0.8)) for _ in range(distractors)]
+    if not separate:
+        curves += [_random_curve(rng, side, length * rng.uniform(0.3, 0.8))
+                   for _ in range(distractors)]
 
     dash_on, dash_off = max(2.0, side / 32), max(1.5, side / 64)
     for curve in curves:
         _draw_dashed(pixels, curve, dash_on, dash_off, phase=rng.uniform(0, dash_on + dash_off))
-    radius = max(2, side // 40)
     markers = tuple((int(round(r)), int(round(c))) for r, c in ends)
     for center in markers:
         _draw_disc(pixels, center, radius)
     return PathfinderImage(pixels=pixels, connected=connected, markers=markers)
+
+
+SEPARATE_LENGTH = 0.7      # of the side: both marked curves, with ``separate=True``
+SEPARATE_GAP = 3           # pixels left dark between two curves (or a curve and a marker)
+
+
+def _separate_curves(rng: numpy.random.Generator, side: int, connected: bool, distractors: int,
+                     radius: int) -> tuple[list[numpy.ndarray], tuple]:
+    """Curves that keep ``SEPARATE_GAP`` dark pixels between each other, and the marker centres.
+
+    Both labels draw two curves of ``SEPARATE_LENGTH * side`` pixels, A and B, then the
+    distractors (as long as in the default images). Connected: the markers sit on both ends of A.
+    Not connected: on one end of A and on the end of B whose distance to it is nearer A's own
+    end-to-end distance, so the distance between the markers says little about the label; B (and
+    A, when connected) keeps a marker-sized disc clear at both ends either way, so the unmarked
+    end of a curve looks the same in both classes. A curve that comes too close to an earlier one
+    is drawn again (the whole image after 50 tries).
+    """
+    length = SEPARATE_LENGTH * side
+    gap = SEPARATE_GAP
+    while True:
+        near = numpy.zeros((side + 2 * gap, side + 2 * gap), dtype=bool)  # within gap of a curve
+        curves = []
+        for index in range(2 + distractors):
+            for _ in range(50):
+                size = length if index < 2 else 0.9 * side * rng.uniform(0.3, 0.8)
+                curve = _random_curve(rng, side, size)
+                rows, cols = _footprint(curve, side, radius if index < 2 else 0) + gap
+                if not near[rows, cols].any():
+                    for dr in range(-gap, gap + 1):
+                        for dc in range(-gap, gap + 1):
+                            near[rows + dr, cols + dc] = True
+                    curves.append(curve)
+                    break
+            else:
+                break
+        if len(curves) == 2 + distractors:
+            break
+    a, b = curves[0], curves[1]
+    if connected:
+        return curves, (a[0], a[-1])
+    span = numpy.hypot(*(a[0] - a[-1]))
+    end = min((b[0], b[-1]), key=lambda point: abs(numpy.hypot(*(point - a[0])) - span))
+    return curves, (a[0], end)
+
+
+def _footprint(curve: numpy.ndarray, side: int, radius: int) -> numpy.ndarray:
+    """(2, n): the rows and columns of the pixels a curve can light, dashes and gaps alike, with
+    marker discs at both ends (``radius > 0``); pixels may repeat."""
+    cells = numpy.rint(curve).astype(numpy.intp)
+    if radius:
+        offsets = numpy.array([(r, c) for r in range(-radius, radius + 1)
+                               for c in range(-radius, radius + 1) if r * r + c * c <= radius ** 2])
+        ends = numpy.rint(curve[[0, -1]]).astype(numpy.intp)
+        discs = (ends[:, None, :] + offsets[None]).reshape(-1, 2)
+        cells = numpy.concatenate([cells, numpy.clip(discs, 0, side - 1)])
+    return cells.T
 
 
 def _random_curve(rng: numpy.random.Generator, side: int, length: float) -> numpy.ndarray:
@@ -123,24 +189,26 @@ def _random_curve(rng: numpy.random.Generator, side: int, length: float) -> nump
     """
     step = 0.5
     margin = max(3.0, side / 16)
-    point = rng.uniform(margin, side - margin, size=2)
+    row, col = rng.uniform(margin, side - margin, size=2)
     heading = rng.uniform(0, 2 * math.pi)
     curvature = 0.0
     max_curvature = 4.0 / side
-    points = numpy.empty((int(length / step), 2))
-    centre = numpy.array([side / 2, side / 2])
-    for i in range(points.shape[0]):
-        points[i] = point
-        curvature = numpy.clip(curvature + rng.normal(0, max_curvature / 4), -max_curvature,
-                            max_curvature)
+    count = int(length / step)
+    # One draw for all the curvature steps: the same numbers as one draw per step.
+    wander = rng.normal(0, max_curvature / 4, size=count).tolist()
+    points = numpy.empty((count, 2))
+    centre, low, high, reach = side / 2, margin, side - margin, 4 * margin
+    for i in range(count):
+        points[i] = row, col
+        curvature = min(max(curvature + wander[i], -max_curvature), max_curvature)
         heading += curvature * step
-        ahead = point + 4 * margin * numpy.array([math.sin(heading), math.cos(heading)])
-        if numpy.any(ahead < margin) or numpy.any(ahead > side - margin):
-            to_centre = math.atan2(centre[0] - point[0], centre[1] - point[1])
+        ahead_row, ahead_col = row + reach * math.sin(heading), col + reach * math.cos(heading)
+        if min(ahead_row, ahead_col) < low or max(ahead_row, ahead_col) > high:
+            to_centre = math.atan2(centre - row, centre - col)
             turn = math.remainder(to_centre - heading, 2 * math.pi)
-            heading += numpy.clip(turn, -0.1, 0.1)
-        point = numpy.clip(point + step * numpy.array([math.sin(heading), math.cos(heading)]),
-                        1, side - 2)
+            heading += min(max(turn, -0.1), 0.1)
+        row = min(max(row + step * math.sin(heading), 1), side - 2)
+        col = min(max(col + step * math.cos(heading), 1), side - 2)
     return points
 
 
