@@ -302,6 +302,18 @@ class Shapes:
         return self.batch + heads + (self.nq,)
 
 
+
+def _check_qk_pairing(q, k, d: int, dk: int, hq: int, hkv: int) -> None:
+    """q and k share the head dimension, and the query heads split evenly into the key/value
+    heads' groups (dense and packed calls alike)."""
+    if dk != d:
+        raise ValueError(f"q and k must have the same head dimension (last axis), got "
+                         f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if hq % hkv:
+        raise ValueError(f"the number of query heads must be a multiple of the number of key/value "
+                         f"heads, got {hq} query heads (q {tuple(q.shape)}) and {hkv} key/value "
+                         f"heads (k {tuple(k.shape)})")
+
 def attention_shapes(q: Any, k: Any, v: Any) -> Shapes:
     """Check q ``(..., Hq, Nq, D)``, k ``(..., Hkv, Nk, D)``, v ``(..., Hkv, Nk, Dv)``.
 
@@ -319,16 +331,10 @@ def attention_shapes(q: Any, k: Any, v: Any) -> Shapes:
     hq, nq, d = qs[-3:]
     hkv, nk, dk = ks[-3:]
     hv, nv, dv = vs[-3:]
-    if dk != d:
-        raise ValueError(f"q and k must have the same head dimension (last axis), got "
-                         f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    _check_qk_pairing(q, k, d, dk, hq, hkv)
     if (hv, nv) != (hkv, nk):
         raise ValueError(f"k and v must have the same number of heads and keys (axes -3, -2), "
                          f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if hq % hkv:
-        raise ValueError(f"the number of query heads must be a multiple of the number of key/value "
-                         f"heads, got {hq} query heads (q {tuple(q.shape)}) and {hkv} key/value "
-                         f"heads (k {tuple(k.shape)})")
     try:
         batch = numpy.broadcast_shapes(qs[:-3], ks[:-3], vs[:-3])
     except ValueError:
@@ -512,16 +518,10 @@ def varlen_shapes(q: Any, k: Any, v: Any, batch: int, max_q: int, max_k: int) ->
             raise ValueError(f"{name} must have at least one head and a head_dim of at least 1, "
                              f"got shape {tuple(x.shape)}")
     (total_q, hq, d), (total_k, hkv, dk), (nv, hv, dv) = q.shape, k.shape, v.shape
-    if dk != d:
-        raise ValueError(f"q and k must have the same head dimension (last axis), got "
-                         f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    _check_qk_pairing(q, k, d, dk, hq, hkv)
     if (nv, hv) != (total_k, hkv):
         raise ValueError(f"k and v must have the same number of rows and heads (axes 0, 1), got "
                          f"k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if hq % hkv:
-        raise ValueError(f"the number of query heads must be a multiple of the number of key/value "
-                         f"heads, got {hq} query heads (q {tuple(q.shape)}) and {hkv} key/value "
-                         f"heads (k {tuple(k.shape)})")
     for name, total in (("q", total_q), ("k", total_k)):
         if total >= 2**31:
             raise ValueError(f"{name} has {total} rows; packed sequences hold at most 2**31 - 1")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+import cuflash
 from cuflash import reference
 from cuflash.check.rule import FACTOR, SLACK, allowed
 
@@ -280,3 +281,15 @@ def poisoned_out(case, xp=None):
     xp = xp or case.xp
     b, sq, hq, _ = case.q.shape
     return xp.full((b, sq, hq, case.v_cache.shape[3]), np.nan, dtype=case.q.dtype)
+
+
+def call_and_check(case: Case, context: str, **extra):
+    """``attention_with_kvcache`` into a NaN-poisoned ``out``: the result is ``out`` itself and
+    passes the rule, and the caches were appended to exactly; returns ``(out, lse)``."""
+    out = poisoned_out(case)
+    got, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, return_lse=True,
+                                              out=out, **extra)
+    assert got is out
+    assert_kvcache_close(case, out, lse, context)
+    assert_cache_appended(case, context)
+    return out, lse

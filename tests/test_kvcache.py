@@ -9,8 +9,8 @@ through shuffled pages; the NumPy cases are in tests/test_kvcache_cpu.py.
 import ml_dtypes
 import numpy as np
 import pytest
-from kvcache_cases import (assert_cache_appended, assert_kvcache_close, expected, make_case,
-                           poisoned_out, to_host)
+from kvcache_cases import (assert_cache_appended, assert_kvcache_close, call_and_check, expected,
+                           make_case, poisoned_out, to_host)
 
 import cuflash
 from cuflash.check.rule import allowed
@@ -50,14 +50,7 @@ def run(case, seed, *, route="decode", **extra):
     """Plan, call into a NaN-poisoned ``out``, check against the oracle and the caches."""
     plan = cuflash.kvcache_plan(*case.args, **case.kwargs, **extra)
     assert plan.route == route, str(plan)
-    out = poisoned_out(case)
-    got, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, return_lse=True,
-                                              out=out, **extra)
-    assert got is out
-    context = f"seed={seed}, {case.k_cache.shape} {plan.spec.describe()}"
-    assert_kvcache_close(case, out, lse, context)
-    assert_cache_appended(case, context)
-    return out, lse
+    return call_and_check(case, f"seed={seed}, {case.k_cache.shape} {plan.spec.describe()}", **extra)
 
 
 # ----------------------------------------------------------------------------- the decode kernel

@@ -9,8 +9,8 @@ import types
 import ml_dtypes
 import numpy as np
 import pytest
-from kvcache_cases import (assert_cache_appended, assert_kvcache_close, make_case, oracle_row,
-                           poisoned_out)
+from kvcache_cases import (assert_cache_appended, assert_kvcache_close, call_and_check, make_case,
+                           oracle_row, poisoned_out)
 
 import cuflash
 from cuflash import _kvcache
@@ -21,14 +21,7 @@ DTYPE_IDS = ["float16", "bfloat16", "float32"]
 
 def run(case, seed, **extra):
     """Call into a NaN-poisoned ``out``; check the result, the lse and the caches."""
-    out = poisoned_out(case)
-    got, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, return_lse=True,
-                                              out=out, **extra)
-    assert got is out
-    context = f"seed={seed}"
-    assert_kvcache_close(case, out, lse, context)
-    assert_cache_appended(case, context)
-    return out, lse
+    return call_and_check(case, f"seed={seed}", **extra)
 
 
 # ----------------------------------------------------------------------------- against the oracle

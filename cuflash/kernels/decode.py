@@ -116,7 +116,7 @@ def chosen_num_splits(q, k_cache, v_cache, seqlens=None, *, paged: bool = False,
     batch, sq, heads, d = q.shape
     kv_heads = k_cache.shape[2]
     dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(v_cache.shape[3], "value head dim Dv")
-    capacity = block_table.shape[1] * k_cache.shape[1] if paged and block_table is not None else k_cache.shape[1]
+    capacity = capacity_of(k_cache, block_table if paged else None)
     row_chunks = -(-(sq * (heads // kv_heads)) // ROWS)
     shared = shared_bytes(dqk, dvp, stages_for(dqk, dvp))
     return _auto_splits(batch * kv_heads * row_chunks, capacity, q.device.id, shared)
@@ -304,5 +304,6 @@ def main_variants() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["why_not", "forward", "append", "capacity_of", "choose_splits", "chosen_num_splits", "stages_for", "variant", "main_variants",
+__all__ = ["why_not", "forward", "append", "capacity_of", "choose_splits", "chosen_num_splits", "stages_for",
+           "variant", "main_variants",
            "DECODE_ARGS", "APPEND_ARGS"]
