@@ -16,6 +16,7 @@ import cuflash  # noqa: E402
 import cuflash.torch as ct  # noqa: E402
 from test_torch import (DTYPE_IDS, DTYPES, TinyAttention, check_against_reference,  # noqa: E402
                         needs_core, randn)
+from test_torch_varlen import check_varlen  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")]
@@ -74,6 +75,17 @@ def test_flash_attn_func_cuda(dtype):
         lambda *x: ct.flash_attn_func(*(t.transpose(1, 2) for t in x),
                                       causal=True).transpose(1, 2),
         device="cuda", causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal=True, window_size=(70, 0),
+                                                             softcap=5.0, alibi="sequences")],
+                         ids=["causal", "options"])
+def test_flash_attn_varlen_func_cuda(dtype, options):
+    """test_torch_varlen.check_varlen on CUDA tensors (the GPU's varlen kernels, offsets not
+    read back): every sequence against the oracle of that sequence alone."""
+    check_varlen(dtype, "cuda", lens_q=[130, 0, 257, 64, 1], lens_k=[300, 17, 257, 5, 0], hq=8,
+                 hkv=2, d=64, same_as_dense=False, **options)
 
 
 def test_sdpa_matches_torch_cuda():

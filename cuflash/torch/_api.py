@@ -109,24 +109,30 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
 
 # ----------------------------------------------------------------------------- flash-attn
 
-def _unsupported_flash_attn(dropout_p, return_attn_probs) -> None:
+def _unsupported_flash_attn(dropout_p, return_attn_probs,
+                            lse_from="cuflash.torch.attention(..., return_lse=True)") -> None:
     if dropout_p != 0.0:
         raise NotImplementedError(
             f"dropout_p={dropout_p!r}: cuflash has no attention dropout; pass dropout_p=0.0 "
             f"(or apply dropout elsewhere in the model)")
     if return_attn_probs:
         raise NotImplementedError(
-            "return_attn_probs=True: cuflash never forms the attention probabilities; use "
-            "cuflash.torch.attention(..., return_lse=True) for the log-sum-exp")
+            f"return_attn_probs=True: cuflash never forms the attention probabilities; use "
+            f"{lse_from} for the log-sum-exp")
 
 
-def _check_bshd(**tensors) -> None:
+def _check_layout(layout: tuple, **tensors) -> None:
+    """Tensors with one axis per name in ``layout`` (flash-attn's names)."""
     for name, x in tensors.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have shape (batch, seqlen, nheads, headdim), got "
+        if x.dim() != len(layout):
+            raise ValueError(f"{name} must have shape ({', '.join(layout)}), got "
                              f"{tuple(x.shape)}")
+
+
+def _check_bshd(**tensors) -> None:
+    _check_layout(("batch", "seqlen", "nheads", "headdim"), **tensors)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -174,6 +180,55 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     k, v = kv.unbind(2)
     return flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic)
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+def _max_seqlen(value, name: str):
+    """``max_seqlen_q`` / ``max_seqlen_k`` as the operators take it: checked by the core's rule,
+    or passed on as it is when ``torch.compile`` made it symbolic."""
+    if isinstance(value, torch.SymInt):
+        return value
+    from cuflash import _checks
+
+    return _checks.check_max_seqlen(value, name)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False,
+                           window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attn's ``flash_attn_varlen_func``: ``cuflash.attention_varlen`` on tensors,
+    differentiable with respect to q, k and v.
+
+    q ``(total_q, Hq, D)``, k ``(total_k, Hkv, D)``, v ``(total_k, Hkv, Dv)``: sequences packed
+    one after another; ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 ``(B + 1,)`` on q's device,
+    their row offsets; ``max_seqlen_q`` / ``max_seqlen_k`` Python ints, at least the longest
+    sequence. Returns ``out`` ``(total_q, Hq, Dv)``. Causal masks, windows and ALiBi are aligned
+    to the bottom right of each sequence; ``alibi_slopes`` is float32 ``(Hq,)`` or ``(B, Hq)``.
+    ``dropout_p > 0``, ``return_attn_probs=True`` and ``block_table`` raise
+    ``NotImplementedError``. As in flash-attn, the offsets of CUDA tensors are not checked
+    (no host synchronisation); CPU offsets are (docs/torch.md, "Packed sequences").
+    """
+    _unsupported_flash_attn(dropout_p, return_attn_probs,
+                            lse_from="torch.ops.cuflash.attention_varlen_forward (out, lse)")
+    if block_table is not None:
+        raise NotImplementedError(
+            f"block_table is not supported by flash_attn_varlen_func (got a "
+            f"{type(block_table).__name__}): cuflash reads packed keys and values as rows of k "
+            f"and v; pass block_table=None (flash_attn_with_kvcache takes a paged cache)")
+    _check_layout(("total", "nheads", "headdim"), q=q, k=k, v=v)
+    tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if alibi_slopes is not None:
+        tensors["alibi_slopes"] = alibi_slopes
+    _check_tensors(**tensors)
+    left, right = _window(window_size, "window_size")
+    out, _ = _ops.attention_varlen_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, _max_seqlen(max_seqlen_q, "max_seqlen_q"),
+        _max_seqlen(max_seqlen_k, "max_seqlen_k"), bool(causal),
+        None if softmax_scale is None else float(softmax_scale), left, right, float(softcap),
+        alibi_slopes, bool(deterministic))
+    return out
 
 
 # ----------------------------------------------------------------------------- SDPA

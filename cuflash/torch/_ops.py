@@ -1,8 +1,11 @@
-"""The custom operators ``cuflash::attention_forward`` / ``cuflash::attention_backward``.
+"""The custom operators ``cuflash::attention_forward`` / ``cuflash::attention_backward``, and
+``cuflash::attention_varlen_forward`` / ``cuflash::attention_varlen_backward`` for packed
+sequences.
 
-Both are ``torch.library.custom_op``s with fake (meta) implementations, so ``torch.compile``
-traces through them without graph breaks; the forward carries ``register_autograd``, whose
-backward calls the backward operator and saves only q, k, v, out and the log-sum-exp.
+All are ``torch.library.custom_op``s with fake (meta) implementations, so ``torch.compile``
+traces through them without graph breaks; each forward carries ``register_autograd``, whose
+backward calls its backward operator and saves only q, k, v, out and the log-sum-exp (and the
+offsets).
 
 A mask (a block-sparse ``BlockMask`` or an element-exact ``ExactMask``) is not a tensor: the
 operators take an int handle into a registry of masks (``block_mask_handle``); -1 means no
@@ -235,3 +238,106 @@ def _backward(ctx, dout, _dlse):
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
+
+
+# ----------------------------------------------------------------------------- packed sequences
+#
+# ``cuflash::attention_varlen_forward`` / ``cuflash::attention_varlen_backward``: the core's
+# ``attention_varlen`` / ``attention_varlen_backward`` on packed ``(total, H, D)`` tensors. As in
+# flash-attn, the offsets of CUDA tensors are not read back to be checked (no host
+# synchronisation, so the calls can be captured in a CUDA graph); CPU offsets are always checked
+# by the core (docs/torch.md, "Packed sequences").
+
+def _varlen_core_arguments(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                           scale, window_left, window_right, softcap, alibi_slopes, to_core):
+    """The core's positional offsets and lengths, and its keywords, for one varlen call."""
+    options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
+    options.update(causal=causal, scale=scale, check_offsets=False)
+    return (to_core(cu_seqlens_q), to_core(cu_seqlens_k), max_seqlen_q, max_seqlen_k), options
+
+
+def _empty_varlen_out(q, v):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+
+
+def _empty_varlen_lse(q):
+    return q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("cuflash::attention_varlen_forward", mutates_args=())
+def attention_varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                             max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                             scale: Optional[float], window_left: int, window_right: int,
+                             softcap: float, alibi_slopes: Optional[torch.Tensor],
+                             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of ``cuflash.attention_varlen``: out ``(total_q, Hq, Dv)``, lse
+    ``(Hq, total_q)`` float32. ``deterministic`` does nothing here: it is kept for the
+    backward."""
+    out = _empty_varlen_out(q, v)
+    with _bridge.core_scope(q.device) as (to_core, to_torch):
+        offsets, options = _varlen_core_arguments(
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+            window_right, softcap, alibi_slopes, to_core)
+        _, lse = cuflash.attention_varlen(*map(to_core, (q, k, v)), *offsets, return_lse=True,
+                                          out=to_core(out), **options)
+        return out, to_torch(lse)
+
+
+@attention_varlen_forward.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+      window_left, window_right, softcap, alibi_slopes, deterministic):
+    return _empty_varlen_out(q, v), _empty_varlen_lse(q)
+
+
+@torch.library.custom_op("cuflash::attention_varlen_backward", mutates_args=())
+def attention_varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                              cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                              max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                              scale: Optional[float], window_left: int, window_right: int,
+                              softcap: float, alibi_slopes: Optional[torch.Tensor],
+                              deterministic: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``cuflash.attention_varlen_backward``, contiguous."""
+    with _bridge.core_scope(q.device) as (to_core, to_torch):
+        offsets, options = _varlen_core_arguments(
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+            window_right, softcap, alibi_slopes, to_core)
+        grads = cuflash.attention_varlen_backward(
+            *map(to_core, (dout, q, k, v, out, lse)), *offsets, deterministic=deterministic,
+            **options)
+        return tuple(to_torch(g) for g in grads)
+
+
+@attention_varlen_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+      scale, window_left, window_right, softcap, alibi_slopes, deterministic):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v))
+
+
+def _setup_varlen_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+     window_right, softcap, alibi_slopes, deterministic) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.options = (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap,
+                   deterministic)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    if dout is None:  # only lse was used: nothing flows back
+        return (None,) * 14
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap,
+     deterministic) = ctx.options
+    dq, dk, dv = attention_varlen_backward(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+        scale, window_left, window_right, softcap, alibi_slopes, deterministic)
+    return (dq, dk, dv) + (None,) * 11
+
+
+attention_varlen_forward.register_autograd(_varlen_backward,
+                                           setup_context=_setup_varlen_context)

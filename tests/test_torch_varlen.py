@@ -1,0 +1,269 @@
+"""``cuflash.torch.flash_attn_varlen_func`` on CPU tensors: flash-attn's signature, values and
+gradients of every sequence against ``cuflash.torch.flash_attn_func`` on that sequence alone and
+against the float64 oracle (the correctness rule of oracle.py), the operators (opcheck, fake
+shapes, ``torch.compile``), the refused options and the offset checks. The GPU twin of
+``check_varlen`` is in test_torch_gpu.py.
+"""
+
+import inspect
+import shutil
+
+import numpy as np
+import pytest
+from oracle import assert_varlen_backward_close, assert_varlen_forward_close
+
+torch = pytest.importorskip("torch")
+
+import cuflash.torch as ct  # noqa: E402
+from cuflash.torch._bridge import to_numpy  # noqa: E402
+
+# flash-attn 2's documented signature (flash_attn/flash_attn_interface.py), in its order.
+FLASH_ATTN_VARLEN_SIGNATURE = (
+    ("q", inspect.Parameter.empty), ("k", inspect.Parameter.empty),
+    ("v", inspect.Parameter.empty), ("cu_seqlens_q", inspect.Parameter.empty),
+    ("cu_seqlens_k", inspect.Parameter.empty), ("max_seqlen_q", inspect.Parameter.empty),
+    ("max_seqlen_k", inspect.Parameter.empty), ("dropout_p", 0.0), ("softmax_scale", None),
+    ("causal", False), ("window_size", (-1, -1)), ("softcap", 0.0), ("alibi_slopes", None),
+    ("deterministic", False), ("return_attn_probs", False), ("block_table", None),
+)
+
+# Query and key lengths per sequence: unequal within a sequence, and empty on either side.
+LENS_Q = [5, 0, 23, 9, 14]
+LENS_K = [12, 4, 23, 3, 0]
+
+
+def offsets(lengths, device="cpu"):
+    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32,
+                        device=device)
+
+
+def packed(lens_q, lens_k, *, hq=4, hkv=2, d=32, dv=None, dtype=torch.float32, device="cpu"):
+    """Packed q, k, v leaves, a dout, and the call's offsets and max lengths."""
+    dv = dv or d
+    q = torch.randn(sum(lens_q), hq, d).to(dtype)
+    k = torch.randn(sum(lens_k), hkv, d).to(dtype)
+    v = torch.randn(sum(lens_k), hkv, dv).to(dtype)
+    dout = torch.randn(sum(lens_q), hq, dv).to(dtype)
+    leaves = [x.to(device).requires_grad_(True) for x in (q, k, v)]
+    layout = (offsets(lens_q, device), offsets(lens_k, device), max(lens_q), max(lens_k))
+    return leaves, dout.to(device), layout
+
+
+def check_varlen(dtype, device="cpu", *, lens_q=LENS_Q, lens_k=LENS_K, hq=4, hkv=2, d=32,
+                 dv=None, alibi=None, same_as_dense=True, **options):
+    """flash_attn_varlen_func's out and (dq, dk, dv): against the oracle of each sequence alone
+    (the rule) and, with ``same_as_dense``, bit for bit against flash_attn_func on each sequence
+    alone (the NumPy path computes both alike; the GPU's varlen and dense kernels need not).
+    ``alibi``: None, ``"heads"`` (Hq,) or ``"sequences"`` (B, Hq) slopes; ``options``:
+    flash-attn's keywords."""
+    (q, k, v), dout, (cu_q, cu_k, max_q, max_k) = packed(lens_q, lens_k, hq=hq, hkv=hkv, d=d,
+                                                         dv=dv, dtype=dtype, device=device)
+    slopes = None
+    if alibi is not None:
+        slopes = (torch.rand((hq,) if alibi == "heads" else (len(lens_q), hq)) * 0.3).to(device)
+    out = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes=slopes,
+                                    **options)
+    assert out.shape == (q.shape[0], hq, v.shape[2]) and out.dtype == dtype
+    assert out.device == q.device
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    host = [to_numpy(x.detach().cpu()) for x in (q, k, v, cu_q, cu_k)]
+    core = dict(causal=options.get("causal", False), scale=options.get("softmax_scale"),
+                window=options.get("window_size", (-1, -1)), softcap=options.get("softcap", 0.0),
+                alibi_slopes=None if slopes is None else slopes.cpu().numpy())
+    assert_varlen_forward_close(to_numpy(out.detach().cpu()), None, *host, **core,
+                                context=f"{dtype} {options} alibi={alibi}")
+    assert_varlen_backward_close([to_numpy(g.cpu()) for g in grads], to_numpy(dout.cpu()),
+                                 *host, **core, context=f"{dtype} {options} alibi={alibi}")
+
+    # each sequence alone, through the dense drop-in
+    for b in range(len(lens_q) if same_as_dense else 0):
+        rq = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        rk = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if rq.start == rq.stop or rk.start == rk.stop:
+            continue
+        alone = [x.detach()[rows][None].requires_grad_(True)
+                 for x, rows in ((q, rq), (k, rk), (v, rk))]
+        one_slopes = slopes if slopes is None or slopes.dim() == 1 else slopes[b:b + 1]
+        expected = ct.flash_attn_func(*alone, alibi_slopes=one_slopes, **options)
+        expected_grads = torch.autograd.grad(expected, alone, dout[rq][None])
+        torch.testing.assert_close(out[rq], expected[0], rtol=0, atol=0)
+        for g, e, rows in zip(grads, expected_grads, (rq, rk, rk)):
+            torch.testing.assert_close(g[rows], e[0], rtol=0, atol=0)
+
+
+@pytest.fixture(autouse=True)
+def _seed(seed):
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- signature
+
+def test_signature_is_flash_attn():
+    parameters = inspect.signature(ct.flash_attn_varlen_func).parameters.values()
+    assert tuple((p.name, p.default) for p in parameters) == FLASH_ATTN_VARLEN_SIGNATURE
+
+
+def test_positional_call_in_flash_attn_order():
+    (q, k, v), _, (cu_q, cu_k, max_q, max_k) = packed(LENS_Q, LENS_K)
+    out = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, 0.3, True, (7, 0),
+                                    0.0, None, True, False, None)
+    expected = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=0.3,
+                                         causal=True, window_size=(7, 0), deterministic=True)
+    assert torch.equal(out, expected)
+
+
+# ----------------------------------------------------------------------------- values, grads
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_matches_each_sequence_alone(dtype, causal):
+    check_varlen(dtype, causal=causal, softmax_scale=0.2)
+
+
+def test_gqa_and_value_dim():
+    check_varlen(torch.float32, hq=6, hkv=2, d=16, dv=24, causal=True)
+
+
+@pytest.mark.parametrize("window", [(6, 2), (4, 0), (-1, 3)])
+def test_window(window):
+    check_varlen(torch.float32, window_size=window)
+
+
+def test_causal_window_softcap():
+    check_varlen(torch.bfloat16, causal=True, window_size=(10, 0), softcap=3.0)
+
+
+@pytest.mark.parametrize("alibi", ["heads", "sequences"], ids=["(H,)", "(B,H)"])
+def test_alibi(alibi):
+    check_varlen(torch.float32, alibi=alibi, causal=True)
+
+
+def test_deterministic_is_repeatable():
+    (q, k, v), dout, layout = packed(LENS_Q, LENS_K)
+    runs = [torch.autograd.grad(ct.flash_attn_varlen_func(q, k, v, *layout, deterministic=True),
+                                (q, k, v), dout) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_noncontiguous_packed_inputs():
+    """q, k, v as views of one fused projection ``(total, 3, H, D)``."""
+    cu = offsets([7, 20, 5])
+    qkv = torch.randn(32, 3, 4, 16, requires_grad=True)
+    out = ct.flash_attn_varlen_func(*qkv.unbind(1), cu, cu, 20, 20, causal=True)
+    expected = ct.flash_attn_varlen_func(*(x.contiguous() for x in qkv.detach().unbind(1)),
+                                         cu, cu, 20, 20, causal=True)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+# ----------------------------------------------------------------------------- refusals, errors
+
+@pytest.mark.parametrize("option, value", [("dropout_p", 0.1), ("return_attn_probs", True),
+                                           ("block_table", "tensor")])
+def test_unsupported_options_raise(option, value):
+    (q, k, v), _, layout = packed(LENS_Q, LENS_K)
+    value = torch.zeros(5, 1, dtype=torch.int32) if value == "tensor" else value
+    with pytest.raises(NotImplementedError, match=option):
+        ct.flash_attn_varlen_func(q, k, v, *layout, **{option: value})
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda cu_q, cu_k: (cu_q.flip(0), cu_k), ValueError, "cu_seqlens_q must start at 0"),
+    (lambda cu_q, cu_k: (cu_q, torch.tensor([0, 12, 10, 39, 42, 42], dtype=torch.int32)),
+     ValueError, r"cu_seqlens_k must be non-decreasing .* cu_seqlens_k\[1\] = 12 > "),
+    (lambda cu_q, cu_k: (cu_q[:-1], cu_k[:-1]), ValueError,
+     r"the last entry of cu_seqlens_q must equal the rows of q \(51\), got 37"),
+    (lambda cu_q, cu_k: (cu_q.long(), cu_k), TypeError,
+     "cu_seqlens_q must have dtype int32 .* got int64"),
+    (lambda cu_q, cu_k: (cu_q, cu_k[:-1]), ValueError,
+     "cu_seqlens_q and cu_seqlens_k must have the same length"),
+])
+def test_bad_offsets_name_the_problem(change, error, match):
+    (q, k, v), _, (cu_q, cu_k, max_q, max_k) = packed(LENS_Q, LENS_K)
+    with pytest.raises(error, match=match):
+        ct.flash_attn_varlen_func(q, k, v, *change(cu_q, cu_k), max_q, max_k)
+
+
+def test_bad_max_seqlen_and_tensors():
+    (q, k, v), _, (cu_q, cu_k, max_q, max_k) = packed(LENS_Q, LENS_K)
+    with pytest.raises(ValueError, match="max_seqlen_q must be at least the longest sequence's "
+                                         "length: sequence 2 has 23 rows"):
+        ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, max_k)
+    with pytest.raises(TypeError,
+                       match=r"max_seqlen_k must be an int, got tensor\(23\) of type torch.Tensor"):
+        ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, torch.tensor(max_k))
+    with pytest.raises(ValueError, match=r"q must have shape \(total, nheads, headdim\)"):
+        ct.flash_attn_varlen_func(q[None], k, v, cu_q, cu_k, max_q, max_k)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be a torch.Tensor"):
+        ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k.tolist(), max_q, max_k)
+    with pytest.raises(ValueError, match="one device"):
+        ct.flash_attn_varlen_func(q, k, v, cu_q.to("meta"), cu_k, max_q, max_k)
+
+
+# ----------------------------------------------------------------------------- operators
+
+def _op_args(dtype=torch.float32):
+    (q, k, v), dout, layout = packed(LENS_Q, LENS_K, dtype=dtype)
+    return (q, k, v), dout, layout
+
+
+def test_opcheck_forward():
+    (q, k, v), _, layout = _op_args()
+    torch.library.opcheck(torch.ops.cuflash.attention_varlen_forward.default,
+                          (q, k, v, *layout, True, None, 8, 0, 0.0, torch.rand(4), False))
+
+
+def test_opcheck_backward():
+    (q, k, v), dout, layout = _op_args()
+    q, k, v = (x.detach() for x in (q, k, v))
+    options = (False, 0.5, -1, -1, 2.0, None, True)
+    out, lse = torch.ops.cuflash.attention_varlen_forward(q, k, v, *layout, *options)
+    assert lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
+    torch.library.opcheck(torch.ops.cuflash.attention_varlen_backward.default,
+                          (dout, q, k, v, out, lse, *layout, *options))
+
+
+def test_fake_shapes_match_real():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    (q, k, v), dout, layout = packed(LENS_Q, LENS_K, dv=16)
+    q, k, v = (x.detach() for x in (q, k, v))
+    options = (True, None, -1, -1, 0.0, None, False)
+    real = torch.ops.cuflash.attention_varlen_forward(q, k, v, *layout, *options)
+    real_grads = torch.ops.cuflash.attention_varlen_backward(dout, q, k, v, *real, *layout,
+                                                             *options)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fdout, fcq, fck = (mode.from_tensor(x) for x in (q, k, v, dout, *layout[:2]))
+        fake = torch.ops.cuflash.attention_varlen_forward(fq, fk, fv, fcq, fck, *layout[2:],
+                                                          *options)
+        fake_grads = torch.ops.cuflash.attention_varlen_backward(fdout, fq, fk, fv, *fake, fcq,
+                                                                 fck, *layout[2:], *options)
+    for r, f in zip(real + real_grads, fake + fake_grads):
+        assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
+
+
+@pytest.mark.parametrize("backend, dynamic", [("eager", None), ("aot_eager", None),
+                                              ("aot_eager", True), ("inductor", None)])
+def test_compile_fullgraph(backend, dynamic):
+    """dynamic=True makes sizes and max_seqlen symbolic from the first call."""
+    if backend == "inductor" and not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("inductor needs a C compiler")
+    slopes = torch.rand(4) * 0.2
+
+    def f(q, k, v, cu_q, cu_k, max_q, max_k):
+        return ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,
+                                         window_size=(8, 0), softcap=3.0, alibi_slopes=slopes)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=dynamic)
+    # other lengths on the second call: Dynamo retraces with symbolic sizes and max_seqlen
+    for lens_q, lens_k in ((LENS_Q, LENS_K), ([3, 30, 8], [9, 30, 1])):
+        (q, k, v), dout, layout = packed(lens_q, lens_k)
+        expected = f(q, k, v, *layout)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
+        out = compiled(q, k, v, *layout)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
