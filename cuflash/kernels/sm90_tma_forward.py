@@ -15,7 +15,7 @@ import numpy
 
 from . import _build, _launch, _tma
 from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type, vector_aligned,
-                      why_not_hopper_16bit)
+                      why_not_dropout, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
@@ -122,6 +122,9 @@ def tma_view(x):
 
 def supports(spec, arrays) -> str | None:
     """None when ``forward`` can run this call, else why not."""
+    reason = why_not_dropout(spec)
+    if reason:
+        return reason
     q, k, v, out = arrays
     reason = why_not_hopper_16bit(spec, q)
     if reason:
