@@ -14,9 +14,10 @@ Every function works on NumPy or CuPy arrays and computes with the arrays' own m
 Options are those of ``cuflash.attention`` (``causal``, ``scale``, ``window``, ``softcap``,
 ``alibi_slopes``, ``block_mask``, ``mask`` as a ``cuflash.sparse.ExactMask``, and ``dropout_p``,
 ``dropout_seed``, ``dropout_offset``), with the rules of ``cuflash._mask`` and the dropout mask of
-``cuflash._dropout`` (dense, built for the whole problem: ``P ∘ Z / (1 − p)`` multiplies V); ``mask`` may also be an element-level boolean array broadcastable to
-``(..., Hq, Nq, Nk)``, True where a query attends to a key. All masks combine by intersection. Inputs may be 2-D ``(N, D)`` (one head), as for
-``cuflash.attention``.
+``cuflash._dropout`` (dense, built for the whole problem: ``P ∘ Z / (1 − p)`` multiplies V);
+``mask`` may also be an element-level boolean array broadcastable to ``(..., Hq, Nq, Nk)``,
+True where a query attends to a key. All masks combine by intersection. Inputs may be 2-D
+``(N, D)`` (one head), as for ``cuflash.attention``.
 """
 
 from __future__ import annotations

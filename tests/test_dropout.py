@@ -258,13 +258,16 @@ def test_explicit_seed_required(rng, call):
 
 
 @pytest.mark.parametrize("options, error, message", [
-    (dict(dropout_p=float("nan")), ValueError, r"dropout_p must be a real number in \[0, 1\), got nan"),
+    (dict(dropout_p=float("nan")), ValueError,
+     r"dropout_p must be a real number in \[0, 1\), got nan"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be .*got 1.0"),
     (dict(dropout_p=-0.1), ValueError, r"dropout_p must be .*got -0.1"),
     (dict(dropout_p=True), TypeError, r"dropout_p must be .*got True of type bool"),
     (dict(dropout_p="0.1"), TypeError, r"dropout_p must be .*of type str"),
-    (dict(dropout_p=0.1, dropout_seed=-1), ValueError, r"dropout_seed must be an int in \[0, 2\*\*64\), got -1"),
-    (dict(dropout_p=0.1, dropout_seed=2**64), ValueError, r"dropout_seed must be .*got 18446744073709551616"),
+    (dict(dropout_p=0.1, dropout_seed=-1), ValueError,
+     r"dropout_seed must be an int in \[0, 2\*\*64\), got -1"),
+    (dict(dropout_p=0.1, dropout_seed=2**64), ValueError,
+     r"dropout_seed must be .*got 18446744073709551616"),
     (dict(dropout_p=0.1, dropout_seed=1.0), TypeError, r"dropout_seed must be .*of type float"),
     (dict(dropout_p=0.1, dropout_seed=True), TypeError, r"dropout_seed must be .*of type bool"),
     (dict(dropout_p=0.0, dropout_seed="1"), TypeError, r"dropout_seed must be .*of type str"),
