@@ -31,7 +31,8 @@ def _backend(xp):
 
 
 def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-          block_mask=None, deterministic=False, mask=None) -> tuple[Any, AttentionSpec]:
+          block_mask=None, deterministic=False, mask=None, dropout_p=0.0, dropout_seed=None,
+          dropout_offset=0) -> tuple[Any, AttentionSpec]:
     """Validate one call: the array module of the inputs and the spec every back end reads.
     The defaults are the public functions' (for callers of a back end's entry points)."""
     xp = _checks.common_module({"q": q, "k": k, "v": v})
@@ -44,11 +45,13 @@ def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, al
     _checks.check_block_mask(block_mask, shapes.nq, shapes.nk, shapes.hq)
     _checks.check_exact_mask(mask, block_mask, shapes.nq, shapes.nk, shapes.hq)
     deterministic = _checks.check_bool(deterministic, "deterministic")
+    dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes)
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
     return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,
                              window=window, softcap=softcap, alibi=alibi, block_mask=block_mask,
-                             deterministic=deterministic, exact_mask=mask)
+                             deterministic=deterministic, exact_mask=mask, dropout_p=dropout[0],
+                             dropout_seed=dropout[1], dropout_offset=dropout[2])
 
 
 def _inputs_4d(spec: AttentionSpec, xp, q, k, v):
@@ -117,7 +120,8 @@ def validated_backward(dout, q, k, v, out, lse, options: dict, alibi=None):
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              alibi_slopes=None, block_mask=None, mask=None, return_lse=False, out=None):
+              alibi_slopes=None, block_mask=None, mask=None, dropout_p=0.0, dropout_seed=None,
+              dropout_offset=0, return_lse=False, out=None):
     """Exact softmax attention, ``softmax(scale · q kᵀ) v``, without forming the score matrix.
 
     Parameters
@@ -191,6 +195,21 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         (combined with ``causal`` and ``window`` by intersection). Tiles with no allowed pair are
         skipped and fully allowed tiles run unmasked, so sparse patterns cost about what
         block-sparse attention on the same tiles does. Not together with ``block_mask``.
+    dropout_p : float, optional
+        Attention dropout (flash-attn's ``dropout_p``): each element of the softmax matrix is
+        zeroed with probability ``dropout_p`` and the kept ones are scaled by
+        ``1 / (1 - dropout_p)``, so the output is unbiased. A real number in ``[0, 1)``; 0.0
+        (the default) is off and runs exactly the computation without dropout. NumPy inputs
+        only for now: the GPU kernels refuse it (``ValueError``).
+    dropout_seed : int, optional
+        The seed of the dropout mask, an int in ``[0, 2**64)``; required when
+        ``dropout_p > 0``. Give ``attention_backward`` the same seed and offset: the mask is a
+        pure function of ``(seed, offset, batch index, head, row, key)`` (docs/api.md,
+        "Dropout"), and ``attention_vjp`` draws and remembers one for you.
+    dropout_offset : int, optional
+        A second input of the mask, an int in ``[0, 2**32)`` (default 0): calls with one seed
+        and different offsets (e.g. the layers of a model, or training steps) draw independent
+        masks.
     return_lse : bool, optional
         Also return the log-sum-exp of each row's logits (natural log; the logits are the scaled
         scores after ``softcap`` and ALiBi).
@@ -219,14 +238,15 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     (2, 8, 100, 64)
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask)
+                   alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
     result, lse, _ = _calls.forward(q, k, v, out, options, return_lse)
     return (result, lse) if return_lse else result  # return_lse: checked to be a bool
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
                        softcap=0.0, alibi_slopes=None, block_mask=None, mask=None,
-                       deterministic=False):
+                       dropout_p=0.0, dropout_seed=None, dropout_offset=0, deterministic=False):
     """Gradients of ``attention`` with respect to q, k and v.
 
     Parameters
@@ -235,6 +255,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         Gradient of the loss with respect to the attention output.
     q, k, v, causal, scale, window, softcap, alibi_slopes, block_mask, mask
         As given to ``attention``. The slopes are constants: they get no gradient.
+    dropout_p, dropout_seed, dropout_offset
+        As given to ``attention``: the same seed and offset regenerate the forward's mask (an
+        explicit seed is required when ``dropout_p > 0``).
     out, lse : arrays
         What ``attention(q, k, v, ..., return_lse=True)`` returned: the scores are recomputed
         from q and k, normalised by ``lse``.
@@ -256,27 +279,38 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset,
                    deterministic=deterministic)
     return _calls.backward(dout, q, k, v, out, lse, options)
 
 
 def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                  alibi_slopes=None, block_mask=None, mask=None, deterministic=False
+                  alibi_slopes=None, block_mask=None, mask=None, dropout_p=0.0,
+                  dropout_seed=None, dropout_offset=0, deterministic=False
                   ) -> tuple[Any, Callable]:
     """Run ``attention`` and return ``(out, vjp)``; ``vjp(dout)`` returns ``(dq, dk, dv)``.
 
     The options are those of ``attention`` and ``attention_backward``, validated once here.
-    ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them.
+    ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them. With
+    ``dropout_p > 0`` and no ``dropout_seed``, a seed is drawn from NumPy's default generator
+    (fresh entropy); the backward pass always uses the forward's seed and offset, and
+    ``vjp.dropout_seed`` holds the seed (0 without dropout).
     """
-    forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                           alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask)
     _checks.check_bool(deterministic, "deterministic")  # before running anything
+    if dropout_seed is None and _checks.check_dropout(
+            dropout_p, None, dropout_offset, None, seed_required=False)[0]:
+        dropout_seed = int(numpy.random.default_rng().integers(2**64, dtype=numpy.uint64))
+    forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                           alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
+                           dropout_p=dropout_p, dropout_seed=dropout_seed,
+                           dropout_offset=dropout_offset)
     out, lse, spec = _calls.forward(q, k, v, None, forward_options, True)
     options = dict(forward_options, deterministic=deterministic)
 
     def vjp(dout):  # with the forward's copy of the ALiBi slopes, as the docstring promises
         return _calls.backward(dout, q, k, v, out, lse, options, alibi=spec.alibi)
 
+    vjp.dropout_seed = spec.dropout_seed
     return out, vjp
 
 

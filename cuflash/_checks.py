@@ -583,3 +583,37 @@ def check_offset_values(host: Any, name: str, total: int, max_name: str, max_len
         b = int(numpy.argmax(lengths))
         raise ValueError(f"{max_name} must be at least the longest sequence's length: sequence "
                          f"{b} has {lengths[b]} rows in {name}, {max_name} is {max_len}")
+
+
+def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
+                  seed_required: bool = True) -> tuple[float, int, int]:
+    """``(dropout_p, dropout_seed, dropout_offset)`` checked: p a real number in [0, 1), seed an
+    int in [0, 2**64) (required when p > 0), offset an int in [0, 2**32). With p = 0 the seed
+    and offset are checked when given and returned as 0: they change nothing. The counter layout
+    of ``cuflash._dropout`` also needs ``B · Hq < 2**32`` (checked unless ``shapes`` is None).
+    ``seed_required=False`` returns seed 0 for a missing seed (for a caller that draws one)."""
+    allowed = "a real number in [0, 1)"
+    value = _real(p, "dropout_p", allowed, allowed)
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p must be {allowed}, got {_show(p)}")
+    for name, x, limit, bound in (("dropout_seed", seed, "2**64", 2**64),
+                                  ("dropout_offset", offset, "2**32", 2**32)):
+        if x is None and name == "dropout_seed":
+            continue
+        if isinstance(x, (bool, numpy.bool_)) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name} must be an int in [0, {limit}), got {_show(x)} of type "
+                            f"{_type_name(x)}")
+        if not 0 <= int(x) < bound:
+            raise ValueError(f"{name} must be an int in [0, {limit}), got {_show(x)}")
+    if value == 0.0:
+        return 0.0, 0, 0
+    if seed is None and not seed_required:
+        seed = 0
+    if seed is None:
+        raise ValueError(f"dropout_p={value:g} needs an explicit dropout_seed (an int in "
+                         f"[0, 2**64)), the same one for the forward and the backward pass; "
+                         f"attention_vjp draws one when none is given")
+    if shapes is not None and shapes.b * shapes.hq >= 2**32:
+        raise ValueError(f"dropout needs batch · Hq < 2**32 (its random counter holds "
+                         f"b · Hq + h in 32 bits), got {shapes.b} · {shapes.hq}")
+    return value, int(seed), int(offset)

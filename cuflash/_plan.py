@@ -27,7 +27,8 @@ class KernelPlan:
 
 
 def kernel_plan(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                alibi_slopes=None, block_mask=None, mask=None, deterministic=False) -> KernelPlan:
+                alibi_slopes=None, block_mask=None, mask=None, dropout_p=0.0, dropout_seed=None,
+                dropout_offset=0, deterministic=False) -> KernelPlan:
     """Which kernel family ``attention`` and ``attention_backward`` would run for these
     arguments, and, for each faster family in the registry, why it was passed over.
 
@@ -44,7 +45,8 @@ def kernel_plan(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
 
     xp, spec = _api._spec(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                           alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
-                          deterministic=deterministic)
+                          dropout_p=dropout_p, dropout_seed=dropout_seed,
+                          dropout_offset=dropout_offset, deterministic=deterministic)
     if xp is numpy:
         return KernelPlan(spec, None, None)
     from . import kernels

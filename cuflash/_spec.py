@@ -75,8 +75,10 @@ class AttentionSpec:
     read by backward passes. ``varlen`` is ``None`` (dense) or the ``VarlenLayout`` of packed
     variable-length sequences; then ``shapes`` is ``(B,)`` sequences of at most
     ``(nq, nk) = (max_seqlen_q, max_seqlen_k)``, every rule applies to each sequence with its own
-    lengths, and the back ends receive packed ``(total, H, D)`` arrays (docs/internals.md). The
-    rules themselves (band and score modifier) are in ``_mask``.
+    lengths, and the back ends receive packed ``(total, H, D)`` arrays (docs/internals.md).
+    ``dropout_p`` is 0.0 (off; then ``dropout_seed`` and ``dropout_offset`` are 0) or in (0, 1)
+    with a seed in [0, 2**64) and an offset in [0, 2**32): the mask is ``_dropout.keep_mask``
+    of those (dense calls only). The rules themselves (band and score modifier) are in ``_mask``.
     """
 
     shapes: Shapes
@@ -90,6 +92,9 @@ class AttentionSpec:
     deterministic: bool = False
     exact_mask: Any = field(default=None, compare=False)
     varlen: VarlenLayout | None = None
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
+    dropout_offset: int = 0
 
     # ---- the mask: which keys a query sees
 
@@ -133,6 +138,10 @@ class AttentionSpec:
         return self.has_softcap or self.has_alibi
 
     @property
+    def has_dropout(self) -> bool:
+        return self.dropout_p > 0.0
+
+    @property
     def sparse(self) -> bool:
         """Whether a block mask (block-sparse attention) is given."""
         return self.block_mask is not None
@@ -159,6 +168,8 @@ class AttentionSpec:
             parts.append(f"mask(exact, {self.exact_mask.density:.3g} dense)")
         if self.varlen is not None:
             parts.append(f"varlen({self.shapes.b} sequences)")
+        if self.has_dropout:
+            parts.append(f"dropout_p={self.dropout_p:g}")
         if self.deterministic:
             parts.append("deterministic")
         return ", ".join(parts)

@@ -32,7 +32,7 @@ import dataclasses
 
 import numpy as np
 
-from . import _mask
+from . import _dropout, _mask
 from ._warnings import quiet
 
 BLOCK_M = 128  # query rows per tile
@@ -52,6 +52,13 @@ def forward(q, k, v, out, lse, spec):
     ``l`` are updated and the accumulator rescaled by ``exp2(m_old - m_new)``. At the end
     ``out = acc / l`` and ``lse = (m + log2 l) · ln 2``.
 
+    With dropout (``spec.dropout_p > 0``) the dropped elements of each probability tile are
+    zeroed before ``P·V`` (the kept ones are not scaled there), while ``l`` sums the undropped
+    ``P``; the factor ``1 / (1 − p)`` is applied once at the end: ``out = acc / l · (1 / (1 −
+    p))``, all in float32. lse is that of the undropped softmax. The mask is
+    ``_dropout.keep_mask`` of each element's own coordinates, so it does not depend on the
+    tiles.
+
     A varlen spec (packed sequences: q ``(total_q, Hq, D)``, out ``(total_q, Hq, Dv)``, lse
     ``(Hq, total_q)``) runs this on each sequence in turn (``_sequences``).
     """
@@ -66,6 +73,7 @@ def forward(q, k, v, out, lse, spec):
     hkv, nk, dv = v.shape[1], v.shape[2], v.shape[3]
     grid = _TileGrid(spec, nq, nk, hq, hkv)
     scores = _Scores(spec, hkv)
+    dropout = _Dropout(spec, b, hq, hkv)
     k_tiles = k[:, :, None]  # (B, Hkv, 1, Nk, D): one key/value head for a group of query heads
     v_tiles = v[:, :, None]
 
@@ -90,12 +98,17 @@ def forward(q, k, v, out, lse, spec):
             p = np.exp2(s - safe_max)
             correction = np.exp2(row_max - safe_max)
             row_sum = row_sum * correction + p.sum(axis=-1, keepdims=True)
+            if dropout:
+                p = dropout.drop(p, rows, cols)
             acc = acc * correction + _as_operand(p, v.dtype) @ v_tiles[..., cols, :].astype(_F32)
             row_max = new_max
 
         empty = row_sum == 0  # nothing attended: output 0, lse -inf
         safe_sum = np.where(empty, _F32(1), row_sum)
-        out[:, :, rows] = (acc / safe_sum).reshape(b, hq, -1, dv).astype(out.dtype)
+        result = acc / safe_sum
+        if dropout:
+            result = result * dropout.rescale
+        out[:, :, rows] = result.reshape(b, hq, -1, dv).astype(out.dtype)
         row_lse = np.where(empty, -np.inf, (row_max + np.log2(safe_sum)) * _F32(LN2))
         lse[:, :, rows] = row_lse.reshape(b, hq, -1)
 
@@ -110,6 +123,11 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
     ``g`` the score modifier's ``dlogit / d(scale·s)`` (``1 − tanh²`` under softcap, else 1),
     ``dK += scale · dSᵀ Q`` and ``dQ += scale · dS K``. ``spec.deterministic`` changes nothing
     here: this loop always adds in the same order.
+
+    With dropout the mask ``Z`` of the forward is regenerated per tile and, with
+    ``r = 1 / (1 − p)``: ``dV += (P ∘ Z)ᵀ dO`` (the tile's sum times ``r`` at the end, as the
+    forward scales its output), ``dP = (dO Vᵀ) ∘ Z · r``, and ``dS = P ∘ (dP − Δ)`` with
+    ``Δ = rowsum(dO ∘ O)`` of the dropped output ``O``.
 
     A varlen spec (packed ``(total, H, D)`` arrays, lse ``(Hq, total_q)``) runs this on each
     sequence in turn; keys of a sequence without queries get gradient 0.
@@ -129,6 +147,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
     b, hq, nq, d = q.shape
     grid = _TileGrid(spec, nq, nk, hq, hkv)
     scores = _Scores(spec, hkv)
+    dropout = _Dropout(spec, b, hq, hkv)
     scale32 = _F32(spec.scale)
 
     # Per-row constants, (B, Hkv, G, Nq, 1).
@@ -154,9 +173,14 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
             if keep is not None:
                 s = np.where(keep, s, -np.inf)
             p = np.exp2(s - lse_log2[..., rows, :])
+            kept = dropout.keep(rows, cols) if dropout else None
+            p_out = p if kept is None else np.where(kept, p, _F32(0))  # what multiplied V
             # Sums over the group axis add the contributions of every query head of the group.
-            dv_acc += (_as_operand(p, v.dtype).swapaxes(-1, -2) @ doi).sum(axis=2, keepdims=True)
+            dv_acc += (_as_operand(p_out, v.dtype).swapaxes(-1, -2) @ doi).sum(axis=2,
+                                                                               keepdims=True)
             dp = doi @ vj.swapaxes(-1, -2)
+            if kept is not None:
+                dp = np.where(kept, dp * dropout.rescale, _F32(0))
             ds = p * (dp - delta[..., rows, :])
             if grad is not None:
                 ds = ds * grad
@@ -165,6 +189,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
             dq_acc[..., rows, :] += (ds @ kj) * scale32
 
         # Key tiles that no query reaches get zeros: the back end writes every element.
+        if dropout:
+            dv_acc = dv_acc * dropout.rescale
         dk[:, :, cols] = dk_acc[:, :, 0].astype(dk.dtype)
         dv[:, :, cols] = dv_acc[:, :, 0].astype(dv.dtype)
     dq[...] = dq_acc.reshape(b, hq, nq, d).astype(dq.dtype)
@@ -205,6 +231,34 @@ class _Scores:
         return _mask.logits(s, rows, cols, nq=spec.shapes.nq, nk=spec.shapes.nk,
                             scale=spec.scale, softcap=spec.softcap, slopes=self.slopes,
                             log2=True)
+
+
+class _Dropout:
+    """The dropout mask of a spec, tile by tile (falsy when the spec has no dropout).
+
+    ``keep(rows, cols)`` is bool ``(B, Hkv, G, m, n)``: ``_dropout.keep_mask`` at each element's
+    batch index, query head ``h = kv_head · G + g``, row and key. ``rescale`` is the float32
+    ``1 / (1 − p)``.
+    """
+
+    def __init__(self, spec, b, hq, hkv):
+        self.spec, self.hq = spec, hq
+        self.batch = np.arange(b).reshape(b, 1, 1, 1, 1)
+        self.heads = np.arange(hq).reshape(1, hkv, hq // hkv, 1, 1)
+        self.rescale = _F32(1.0 / (1.0 - spec.dropout_p))
+
+    def __bool__(self):
+        return self.spec.dropout_p > 0.0
+
+    def keep(self, rows, cols):
+        spec = self.spec
+        return _dropout.keep_mask(spec.dropout_seed, spec.dropout_offset, spec.dropout_p,
+                                  self.batch, self.heads, np.arange(rows.start, rows.stop)[:, None],
+                                  np.arange(cols.start, cols.stop), hq=self.hq)
+
+    def drop(self, p, rows, cols):
+        """``p`` with the dropped elements of tile ``(rows, cols)`` set to 0."""
+        return np.where(self.keep(rows, cols), p, _F32(0))
 
 
 def _grouped(x, hkv):

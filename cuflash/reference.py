@@ -12,10 +12,12 @@ Every function works on NumPy or CuPy arrays and computes with the arrays' own m
   result passes when ``max|out − ref64| ≤ 2·max|naive − ref64| + 1e-5``.
 
 Options are those of ``cuflash.attention`` (``causal``, ``scale``, ``window``, ``softcap``,
-``alibi_slopes``, ``block_mask``, and ``mask`` as a ``cuflash.sparse.ExactMask``), with the rules
-of ``cuflash._mask``; ``mask`` may also be an element-level boolean array broadcastable to
-``(..., Hq, Nq, Nk)``, True where a query attends to a key. All masks combine by intersection. Inputs may be 2-D ``(N, D)`` (one head), as for
-``cuflash.attention``.
+``alibi_slopes``, ``block_mask``, ``mask`` as a ``cuflash.sparse.ExactMask``, and ``dropout_p``,
+``dropout_seed``, ``dropout_offset``), with the rules of ``cuflash._mask`` and the dropout mask of
+``cuflash._dropout`` (dense, built for the whole problem: ``P ∘ Z / (1 − p)`` multiplies V);
+``mask`` may also be an element-level boolean array broadcastable to ``(..., Hq, Nq, Nk)``,
+True where a query attends to a key. All masks combine by intersection. Inputs may be 2-D
+``(N, D)`` (one head), as for ``cuflash.attention``.
 """
 
 from __future__ import annotations
@@ -26,36 +28,40 @@ from typing import Any
 
 import numpy
 
-from . import _checks, _mask
+from . import _checks, _dropout, _mask
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-              alibi_slopes=None, mask=None, block_mask=None, rows=None):
+              alibi_slopes=None, mask=None, block_mask=None, rows=None, dropout_p=0.0,
+              dropout_seed=None, dropout_offset=0):
     """Float64 attention. Returns ``(out, lse)``, both float64; masked rows give 0 and -inf.
 
     ``rows`` (a 1-D sequence of query rows) computes only those rows, in that order: the
     results have ``len(rows)`` rows. ``mask`` refers to the whole problem.
     """
     c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
-              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows)
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows,
+              dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
     q64, k64, v64 = (x.astype(xp.float64) for x in (c.q, c.k, c.v))
     s, _ = c.logits(q64 @ _repeat_heads(k64, c.shapes).swapaxes(-1, -2), c.scale)
     s = _apply_mask(s, c.keep)
     lse = _logsumexp(s, xp)
-    out = _softmax(s, lse, xp) @ _repeat_heads(v64, c.shapes)
+    out = c.dropped(_softmax(s, lse, xp)) @ _repeat_heads(v64, c.shapes)
     return c.squeeze(out), c.squeeze(_broadcast_rows(lse, out, xp))
 
 
 def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                       alibi_slopes=None, mask=None, block_mask=None):
+                       alibi_slopes=None, mask=None, block_mask=None, dropout_p=0.0,
+                       dropout_seed=None, dropout_offset=0):
     """Float64 gradients ``(dq, dk, dv)`` of ``sum(dout · attention(q, k, v))``.
 
     Gradients have the shapes of q, k and v (summed over broadcast axes and over the query heads
     of a group).
     """
     c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
-              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask)
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask,
+              dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
     q64, k64, v64 = (x.astype(xp.float64) for x in (c.q, c.k, c.v))
     do = c.unsqueeze(dout).astype(xp.float64)
@@ -63,8 +69,8 @@ def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -
     s, grad = c.logits(q64 @ kr.swapaxes(-1, -2), c.scale)
     s = _apply_mask(s, c.keep)
     p = _softmax(s, _logsumexp(s, xp), xp)
-    dv = p.swapaxes(-1, -2) @ do
-    dp = do @ vr.swapaxes(-1, -2)
+    dv = c.dropped(p).swapaxes(-1, -2) @ do
+    dp = c.dropped(do @ vr.swapaxes(-1, -2))  # d loss / d P: through the dropout mask
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # d loss / d logit
     if grad is not None:
         ds = ds * grad  # d logit / d (scale·s)
@@ -110,16 +116,19 @@ def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), sof
 
 
 def naive_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, mask=None, block_mask=None, rows=None, dtype=None):
+                    alibi_slopes=None, mask=None, block_mask=None, rows=None, dtype=None,
+                    dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """Attention in one precision, as a framework computes it: the baseline of the error rule.
 
     ``q·scale``, ``q kᵀ``, each step of the score modifier (softcap's division, ``tanh`` and
     product; the ALiBi bias and its sum), the softmax and ``P v`` are each rounded to ``dtype``
     (default: q's dtype); products accumulate in float32. Returns ``(out, lse)``: out in
-    ``dtype``, lse (of the rounded logits) in float32. ``rows`` as for ``attention``.
+    ``dtype``, lse (of the rounded logits) in float32. ``rows`` as for ``attention``. Dropout
+    multiplies the rounded softmax by the mask and ``1 / (1 − p)``, rounded again.
     """
     c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
-              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows)
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows,
+              dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
     dtype = q.dtype if dtype is None else numpy.dtype(dtype)
     r = _rounder(dtype)
@@ -128,13 +137,13 @@ def naive_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
     s, _ = c.logits(s, 1.0, rounding=r)
     s = _apply_mask(s, c.keep)
     lse = _logsumexp(s, xp)
-    out = r(r(_softmax(s, lse, xp)) @ vr).astype(dtype)
+    out = r(c.dropped(r(_softmax(s, lse, xp)), rounding=r) @ vr).astype(dtype)
     return c.squeeze(out), c.squeeze(_broadcast_rows(lse.astype(xp.float32), out, xp))
 
 
 def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1),
                              softcap=0.0, alibi_slopes=None, mask=None, block_mask=None,
-                             dtype=None):
+                             dtype=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """Gradients of ``naive_attention`` in the same precision (each product rounded to
     ``dtype``, accumulation float32).
 
@@ -143,9 +152,11 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=
     implementation behind that contract knows the row term more precisely than this. (Autograd
     through a stored P uses ``rowsum(dP ∘ P)`` instead; on sharply peaked attention the two differ
     by a few units of ``dtype`` in dq.) Under softcap, ``dS`` is multiplied by the rounded
-    ``1 − tanh²`` of the forward."""
+    ``1 − tanh²`` of the forward. Dropout: ``dV`` from the dropped ``P``, ``dP`` through the mask
+    (each rounded)."""
     c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
-              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask)
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask,
+              dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
     dtype = q.dtype if dtype is None else numpy.dtype(dtype)
     r = _rounder(dtype)
@@ -155,9 +166,10 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=
     s = _apply_mask(s, c.keep)
     p = r(_softmax(s, _logsumexp(s, xp), xp))
     do = c.unsqueeze(dout).astype(xp.float32)
-    dv = r(_sum_groups(r(p.swapaxes(-1, -2) @ do), c.shapes))
-    dp = r(do @ vr.swapaxes(-1, -2))
-    out = r(p @ vr)
+    pd = c.dropped(p, rounding=r)
+    dv = r(_sum_groups(r(pd.swapaxes(-1, -2) @ do), c.shapes))
+    dp = c.dropped(r(do @ vr.swapaxes(-1, -2)), rounding=r)
+    out = r(pd @ vr)
     ds = r(p * (dp - (do * out).sum(axis=-1, keepdims=True)))
     if grad is not None:
         ds = r(ds * grad)
@@ -208,6 +220,15 @@ class _Call:
     keep: Any  # element mask for those rows, or None
     softcap: float
     slopes: Any  # float32 (batch..., Hq), or None
+    dropout_keep: Any = None  # bool (batch..., Hq, len(rows), Nk), or None
+    dropout_scale: float = 1.0  # 1 / (1 - p)
+
+    def dropped(self, x, rounding=None):
+        """``x ∘ Z / (1 − p)`` (``x`` itself without dropout), rounded by ``rounding``."""
+        if self.dropout_keep is None:
+            return x
+        y = self.xp.where(self.dropout_keep, x * x.dtype.type(self.dropout_scale), 0)
+        return y if rounding is None else rounding(y)
 
     def logits(self, s, scale, rounding=None):
         """The score modifier on raw scores ``s`` (``scale=1`` for scaled ones)."""
@@ -224,7 +245,7 @@ class _Call:
 
 
 def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_mask,
-          rows=None) -> _Call:
+          rows=None, dropout=(0.0, None, 0)) -> _Call:
     xp = _checks.common_module({"q": q, "k": k, "v": v})
     shapes = _checks.attention_shapes(q, k, v)
     scale = _checks.check_scale(scale, shapes.d)
@@ -248,10 +269,16 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
             mask = mask[..., xp.asarray(rows), :]
     if mask is not None:
         keep = mask if keep is None else keep & mask
+    p, seed, offset = _checks.check_dropout(*dropout, shapes)
+    dropout_keep = None
+    if p > 0:
+        dropout_keep = xp.asarray(_dropout.dense_keep(seed, offset, p, shapes.batch, shapes.hq,
+                                                      rows, shapes.nk))
     q, k, v = (_checks.with_head_axis(x) for x in (q, k, v))
     if some_rows:
         q = q[..., xp.asarray(rows), :]
-    return _Call(xp, shapes, scale, q, k, v, rows, keep, softcap, slopes)
+    return _Call(xp, shapes, scale, q, k, v, rows, keep, softcap, slopes, dropout_keep,
+                 1.0 / (1.0 - p) if p > 0 else 1.0)
 
 
 def _is_exact_mask(mask):

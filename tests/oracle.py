@@ -63,17 +63,19 @@ def _combined_mask(xp, nq, nk, *, causal, mask, block_mask, rows=None, window=(-
 
 def assert_forward_close(out, lse, q, k, v, *, causal=False, scale=None, window=(-1, -1),
                          softcap=0.0, alibi_slopes=None, mask=None, block_mask=None, rows=None,
-                         context=""):
+                         dropout_p=0.0, dropout_seed=None, dropout_offset=0, context=""):
     """Check ``out`` (and ``lse`` unless it is None) of ``attention(q, k, v, ...)``.
 
-    The options are those of ``cuflash.attention``. ``mask`` is an element mask (True =
+    The options are those of ``cuflash.attention`` (dropout included: the references draw the
+    same mask from ``cuflash._dropout``). ``mask`` is an element mask (True =
     attended) broadcastable to ``(..., Hq, Nq, Nk)``; every mask combines with the others.
     ``rows`` limits the check to those query rows (for sequences too long for a full float64
     reference). ``context`` (e.g. the random seed) is added to every failure message.
     """
     xp = _module(q)
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows)
+                   alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
     assert out.dtype == q.dtype, f"out has dtype {out.dtype}, expected {q.dtype}; {context}"
     if lse is not None:
         assert lse.dtype == np.float32, f"lse has dtype {lse.dtype}, expected float32; {context}"
@@ -105,12 +107,14 @@ def assert_forward_close(out, lse, q, k, v, *, causal=False, scale=None, window=
 
 def assert_backward_close(grads, dout, q, k, v, *, causal=False, scale=None, window=(-1, -1),
                           softcap=0.0, alibi_slopes=None, mask=None, block_mask=None,
-                          context="", partial_sums=0):
+                          dropout_p=0.0, dropout_seed=None, dropout_offset=0, context="",
+                          partial_sums=0):
     """Check ``grads = (dq, dk, dv)`` of ``attention_backward(dout, q, k, v, ...)``.
     ``partial_sums``: gradients summed from that many partials each rounded to the input dtype
     (ring attention) get ``cuflash.check.rule.sharded_allowance`` on top of the rule."""
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask)
+                   alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
     refs = reference.attention_backward(dout, q, k, v, **options)
     naives = reference.naive_attention_backward(dout, q, k, v, **options)
     for name, got, x, ref, naive in zip(("dq", "dk", "dv"), grads, (q, k, v), refs, naives):

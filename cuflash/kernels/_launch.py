@@ -125,7 +125,7 @@ def why_not_16bit(spec) -> str | None:
 def why_not_16bit_tiled(spec, tiles_for) -> str | None:
     """None for a float16/bfloat16 call that ``tiles_for(spec)`` finds tiles for, else the
     reason (``tiles_for`` raises ValueError naming what no tile shape fits)."""
-    reason = why_not_16bit(spec)
+    reason = why_not_dropout(spec) or why_not_16bit(spec)
     if reason:
         return reason
     try:
@@ -133,6 +133,14 @@ def why_not_16bit_tiled(spec, tiles_for) -> str | None:
     except ValueError as error:
         return str(error)
     return None
+
+
+def why_not_dropout(spec) -> str | None:
+    """The reason every kernel family gives for a call with dropout (None for any other call):
+    the kernels do not draw the mask of ``cuflash._dropout`` yet."""
+    if not spec.has_dropout:
+        return None
+    return f"dropout is not implemented in the GPU kernels yet (dropout_p={spec.dropout_p:g})"
 
 
 def why_not_varlen(spec, family: str) -> str | None:

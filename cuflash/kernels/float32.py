@@ -36,6 +36,7 @@ from ._launch import (
     pointer,
     score_mod_type,
     stride_fields,
+    why_not_dropout,
     why_not_varlen,
     tile_index,
     vector_aligned,
@@ -184,7 +185,7 @@ def supports(spec, arrays) -> str | None:
     """None when this family runs the call (forward and backward alike), else why not: it takes
     float32, head dims up to 256, and block masks whose blocks some tile that fits the device's
     shared memory divides (multiples of 16 everywhere)."""
-    reason = why_not_varlen(spec, "float32")
+    reason = why_not_dropout(spec) or why_not_varlen(spec, "float32")
     if reason:
         return reason
     if spec.dtype.name != "float32":

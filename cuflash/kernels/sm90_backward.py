@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from . import _build, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
-                      vector_aligned, why_not_hopper_16bit, why_not_varlen)
+                      vector_aligned, why_not_dropout, why_not_hopper_16bit,
+                      why_not_varlen)
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -92,7 +93,7 @@ def supports(spec, arrays) -> str | None:
     """None when ``backward`` can run this call, else why not: a compute-capability 9.0 device,
     float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of
     every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
-    reason = why_not_varlen(spec, "Hopper wgmma backward")
+    reason = why_not_dropout(spec) or why_not_varlen(spec, "Hopper wgmma backward")
     if reason:
         return reason
     q = arrays[0]

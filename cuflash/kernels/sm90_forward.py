@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from . import _build
 from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type,
-                      score_mod_type, vector_aligned, why_not_hopper_16bit, why_not_varlen)
+                      score_mod_type, vector_aligned, why_not_dropout, why_not_hopper_16bit,
+                      why_not_varlen)
 
 SOURCE = "flash_fwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -62,7 +63,7 @@ def supports(spec, arrays) -> str | None:
     """None when ``forward`` can run this call, else why not: it needs a compute-capability 9.0
     device, float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row
     strides, and block masks whose blocks are whole multiples of the tile."""
-    reason = why_not_varlen(spec, "Hopper wgmma forward")
+    reason = why_not_dropout(spec) or why_not_varlen(spec, "Hopper wgmma forward")
     if reason:
         return reason
     q, k, v, out = arrays

@@ -15,7 +15,7 @@ import numpy
 
 from . import _build, _launch, _tma
 from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type, vector_aligned,
-                      why_not_hopper_16bit)
+                      why_not_dropout, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
@@ -122,6 +122,9 @@ def tma_view(x):
 
 def supports(spec, arrays) -> str | None:
     """None when ``forward`` can run this call, else why not."""
+    reason = why_not_dropout(spec)
+    if reason:
+        return reason
     q, k, v, out = arrays
     reason = why_not_hopper_16bit(spec, q)
     if reason:
@@ -192,7 +195,8 @@ def main_variants() -> list[tuple[str, str]]:
              + [spec_of("bfloat16", d, **options) for d in (64, 256) for options in features])
     varlen = [spec for spec in varlen_spec_grid()
               if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS and tiles_for(spec) is not None]
-    return [(SOURCE, variant(spec, tiles_for(spec))) for spec in specs + varlen]
+    # Options the kernel does not template on (a varlen call's GQA, say) give repeats: one each.
+    return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs + varlen))
 
 
 __all__ = ["forward", "prepare_forward", "supports", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",

@@ -113,8 +113,8 @@ def _unsupported_flash_attn(dropout_p, return_attn_probs,
                             lse_from="cuflash.torch.attention(..., return_lse=True)") -> None:
     if dropout_p != 0.0:
         raise NotImplementedError(
-            f"dropout_p={dropout_p!r}: cuflash has no attention dropout; pass dropout_p=0.0 "
-            f"(or apply dropout elsewhere in the model)")
+            f"dropout_p={dropout_p!r}: cuflash's GPU kernels have no attention dropout yet; pass "
+            f"dropout_p=0.0 (or apply dropout elsewhere in the model)")
     if return_attn_probs:
         raise NotImplementedError(
             f"return_attn_probs=True: cuflash never forms the attention probabilities; use "
@@ -251,7 +251,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             "block-sparse cuflash.sparse.BlockMask through cuflash.torch.attention)")
     if dropout_p != 0.0:
         raise NotImplementedError(
-            f"dropout_p={dropout_p!r}: cuflash has no attention dropout; pass dropout_p=0.0")
+            f"dropout_p={dropout_p!r}: cuflash's GPU kernels have no attention dropout yet; "
+            f"pass dropout_p=0.0")
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.dim() < 3:
             raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape "

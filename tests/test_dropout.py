@@ -1,0 +1,336 @@
+"""Attention dropout: the random contract of ``cuflash._dropout`` (Philox4x32-10), the NumPy path
+against the float64 oracle given the same mask, its statistics, the seed rule, the checks, and the
+GPU families' refusal."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import _api, _dropout, cpu, kernels, reference
+from oracle import assert_backward_close, assert_forward_close, random_array
+
+# ----------------------------------------------------------------------------- the generator
+
+# Random123's known-answer vectors for Philox4x32-10: (counter, key, output).
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter, key, expected", KAT)
+def test_philox_known_answers(counter, key, expected):
+    assert tuple(int(w) for w in _dropout.philox4x32_10(counter, key)) == expected
+
+
+def test_philox_is_elementwise_over_arrays():
+    counters = [np.array([c[i] for c, _, _ in KAT], np.uint32) for i in range(4)]
+    keys = [np.array([k[i] for _, k, _ in KAT], np.uint32) for i in range(2)]
+    words = _dropout.philox4x32_10(counters, keys)
+    assert [tuple(int(w[n]) for w in words) for n in range(3)] == [e for _, _, e in KAT]
+
+
+def test_keep_mask_follows_the_documented_counter_layout():
+    """Element (b, h, i, j): key (seed lo, seed hi), counter (j // 4, i, b·Hq + h, offset), word
+    j % 4, kept when the draw is at least floor(p · 2**32)."""
+    seed, offset, p, hq = 0x0123456789ABCDEF, 77, 0.3, 5
+    dense = _dropout.dense_keep(seed, offset, p, (2, 3), hq, np.arange(9), 11)
+    assert dense.shape == (2, 3, hq, 9, 11)
+    threshold = math.floor(p * 2**32)
+    for b0, b1, h, i, j in [(0, 0, 0, 0, 0), (1, 2, 4, 8, 10), (0, 1, 3, 5, 7), (1, 0, 2, 1, 4)]:
+        b = b0 * 3 + b1  # the flattened batch index
+        words = _dropout.philox4x32_10((j // 4, i, b * hq + h, offset),
+                                       (seed & 0xFFFFFFFF, seed >> 32))
+        assert dense[b0, b1, h, i, j] == (int(words[j % 4]) >= threshold)
+
+
+def test_threshold():
+    assert _dropout.threshold(0.0) == 0
+    assert _dropout.threshold(0.5) == 2**31
+    assert _dropout.threshold(np.nextafter(1.0, 0.0)) == 2**32 - 1
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_rate_within_binomial_bounds(p):
+    keep = _dropout.dense_keep(12345, 0, p, (2,), 4, np.arange(128), 257)
+    n = keep.size
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(keep.sum() - n * (1 - p)) <= 5 * sigma
+    # Each of the four words of a Philox call, and each row, keeps at the same rate.
+    for lane in range(4):
+        column = keep[..., lane::4]
+        assert abs(column.sum() - column.size * (1 - p)) <= 5 * math.sqrt(column.size * p * (1 - p))
+
+
+def test_masks_of_different_seeds_offsets_heads_are_unrelated():
+    base = _dropout.dense_keep(1, 0, 0.5, (1,), 2, np.arange(64), 64)
+    for other in (_dropout.dense_keep(2, 0, 0.5, (1,), 2, np.arange(64), 64),
+                  _dropout.dense_keep(1, 1, 0.5, (1,), 2, np.arange(64), 64),
+                  _dropout.dense_keep(2**32 + 1, 0, 0.5, (1,), 2, np.arange(64), 64)):
+        agreement = (base == other).mean()
+        assert 0.45 < agreement < 0.55
+    assert 0.45 < (base[0, 0] == base[0, 1]).mean() < 0.55
+
+
+# ----------------------------------------------------------------------------- the NumPy path
+
+def _inputs(rng, shape_q, shape_kv, dtype, dv=None):
+    q = random_array(rng, shape_q, dtype)
+    k = random_array(rng, shape_kv, dtype)
+    v = random_array(rng, shape_kv[:-1] + (dv or shape_kv[-1],), dtype)
+    return q, k, v
+
+
+CASES = [
+    dict(),
+    dict(causal=True),
+    dict(window=(20, 5), softcap=15.0),
+    dict(causal=True, alibi=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32],
+                         ids=["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("case", CASES, ids=["plain", "causal", "window-softcap", "causal-alibi"])
+def test_forward_and_gradients_match_the_oracle(rng, seed, dtype, case):
+    """GQA (4 query heads over 2 key/value heads), Nq != Nk, Dv != D, p = 0.2."""
+    q, k, v = _inputs(rng, (2, 4, 70, 32), (2, 2, 90, 32), dtype, dv=48)
+    options = {name: value for name, value in case.items() if name != "alibi"}
+    if case.get("alibi"):
+        options["alibi_slopes"] = (2.0 ** -np.arange(1, 5)).astype(np.float32)
+    dropout = dict(dropout_p=0.2, dropout_seed=seed, dropout_offset=3)
+    out, lse = cuflash.attention(q, k, v, **options, **dropout, return_lse=True)
+    assert_forward_close(out, lse, q, k, v, **options, **dropout, context=f"seed={seed}")
+    dout = random_array(rng, out.shape, dtype)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options, **dropout)
+    assert_backward_close(grads, dout, q, k, v, **options, **dropout, context=f"seed={seed}")
+
+
+def test_broadcast_batch_uses_the_flattened_batch_index(rng, seed):
+    """q (2, 1, ...) against k, v (1, 3, ...): six batch elements, six different masks."""
+    q = random_array(rng, (2, 1, 2, 40, 32), np.float16)
+    k = random_array(rng, (1, 3, 2, 50, 32), np.float16)
+    v = random_array(rng, (1, 3, 2, 50, 32), np.float16)
+    dropout = dict(dropout_p=0.3, dropout_seed=seed)
+    out, lse = cuflash.attention(q, k, v, **dropout, return_lse=True)
+    assert out.shape == (2, 3, 2, 40, 32)
+    assert_forward_close(out, lse, q, k, v, **dropout, context=f"seed={seed}")
+    dout = random_array(rng, out.shape, np.float16)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **dropout)
+    assert_backward_close(grads, dout, q, k, v, **dropout, context=f"seed={seed}")
+
+
+def test_lse_is_that_of_the_undropped_softmax(rng):
+    q, k, v = _inputs(rng, (1, 2, 50, 32), (1, 2, 60, 32), np.float32)
+    _, lse = cuflash.attention(q, k, v, return_lse=True)
+    _, lse_dropped = cuflash.attention(q, k, v, dropout_p=0.5, dropout_seed=1, return_lse=True)
+    np.testing.assert_array_equal(lse, lse_dropped)
+
+
+def test_oracle_differs_without_the_mask(rng):
+    """The oracle comparison can fail: a result computed with another seed's mask is rejected."""
+    q, k, v = _inputs(rng, (2, 4, 70, 32), (2, 4, 70, 32), np.float16)
+    out, lse = cuflash.attention(q, k, v, dropout_p=0.2, dropout_seed=1, return_lse=True)
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_forward_close(out, lse, q, k, v, dropout_p=0.2, dropout_seed=2)
+
+
+def test_mean_over_seeds_approaches_the_undropped_output(rng):
+    """Each output element is an unbiased estimate: over S seeds its mean lies within a few
+    standard errors of the p = 0 output, the standard error coming from the variance
+    ``p/(1−p) · Σ_j P_ij² V_j²`` of one draw. The same statistic for the output without the
+    1/(1−p) rescaling is far off, so the bound can fail."""
+    p, seeds = 0.5, 40
+    q, k, v = _inputs(rng, (1, 2, 24, 16), (1, 2, 48, 16), np.float32)
+    v = v + np.float32(2)  # outputs away from 0, so that a wrong scale stands out
+    plain = cuflash.attention(q, k, v).astype(np.float64)
+    mean = np.mean([cuflash.attention(q, k, v, dropout_p=p, dropout_seed=s)
+                    for s in range(seeds)], axis=0, dtype=np.float64)
+    s = (q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)) / math.sqrt(16)
+    probs = np.exp(s - s.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    variance = p / (1 - p) * (probs**2 @ v.astype(np.float64)**2)
+    standard_error = np.sqrt(variance / seeds)
+    z = np.abs(mean - plain) / standard_error
+    assert z.max() < 6.0, z.max()  # 768 elements: the largest of 768 |normals| is about 3.5
+    biased = np.abs(mean * (1 - p) - plain) / standard_error
+    assert np.median(biased) > 6.0
+
+
+def test_same_seed_same_bits_other_seed_or_offset_other_result(rng):
+    q, k, v = _inputs(rng, (1, 2, 40, 32), (1, 2, 40, 32), np.float16)
+    first = cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=9)
+    np.testing.assert_array_equal(first, cuflash.attention(q, k, v, dropout_p=0.25,
+                                                           dropout_seed=9))
+    for other in (dict(dropout_seed=10), dict(dropout_seed=9, dropout_offset=1)):
+        assert not np.array_equal(first, cuflash.attention(q, k, v, dropout_p=0.25, **other))
+
+
+def test_results_do_not_depend_on_the_tiles(rng, monkeypatch):
+    """Tiles of 128 × 128 and 32 × 48: the masks are the same bits (next test), so the results
+    differ only by the order of float32 sums (and BLAS's own blocking of the tile products): by
+    units of float16 rounding, where a different mask changes them by a large fraction of their
+    size; both pass the oracle with the one mask."""
+    q, k, v = _inputs(rng, (1, 4, 100, 32), (1, 2, 130, 32), np.float16)
+    options = dict(causal=True, softcap=20.0, dropout_p=0.3, dropout_seed=123)
+    out, lse = cuflash.attention(q, k, v, **options, return_lse=True)
+    dout = random_array(rng, out.shape, np.float16)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+    monkeypatch.setattr(cpu, "BLOCK_M", 32)
+    monkeypatch.setattr(cpu, "BLOCK_N", 48)
+    out_small, lse_small = cuflash.attention(q, k, v, **options, return_lse=True)
+    grads_small = cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+    assert_forward_close(out_small, lse_small, q, k, v, **options)
+    assert_backward_close(grads_small, dout, q, k, v, **options)
+    other_mask = cuflash.attention(q, k, v, **dict(options, dropout_seed=124))
+    assert np.abs(other_mask.astype(np.float32) - out).max() > 0.1 * np.abs(out).max()
+    for small, large in zip((out_small, *grads_small), (out, *grads)):
+        small, large = small.astype(np.float32), large.astype(np.float32)
+        assert np.abs(small - large).max() <= 2**-8 * np.abs(large).max()
+
+
+def test_mask_of_a_tile_equals_the_dense_mask():
+    """The NumPy path's tile masks are slices of the whole problem's mask, whatever the tiles."""
+    q = np.zeros((3, 4, 70, 8), np.float16)
+    spec = _api._spec(q, q[:, :2], q[:, :2], dropout_p=0.4, dropout_seed=77,
+                      dropout_offset=5)[1]
+    tiles = cpu._Dropout(spec, 3, 4, 2)
+    dense = _dropout.dense_keep(77, 5, 0.4, (3,), 4, np.arange(70), 70).reshape(3, 2, 2, 70, 70)
+    for rows, cols in ((slice(0, 32), slice(0, 48)), (slice(32, 70), slice(48, 70)),
+                       (slice(5, 6), slice(3, 70))):
+        np.testing.assert_array_equal(tiles.keep(rows, cols), dense[..., rows, cols])
+
+
+def test_zero_dropout_is_bit_identical_to_no_dropout(rng):
+    q, k, v = _inputs(rng, (2, 4, 60, 32), (2, 2, 60, 32), np.float16)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    out0, lse0 = cuflash.attention(q, k, v, causal=True, dropout_p=0.0, dropout_seed=5,
+                                   dropout_offset=7, return_lse=True)
+    np.testing.assert_array_equal(out, out0)
+    np.testing.assert_array_equal(lse, lse0)
+    dout = random_array(rng, out.shape, np.float16)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    grads0 = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, dropout_p=0.0)
+    for g, g0 in zip(grads, grads0):
+        np.testing.assert_array_equal(g, g0)
+    # The spec is today's: seed and offset are dropped with p = 0.
+    assert _api._spec(q, k, v, dropout_p=0.0, dropout_seed=5)[1] == _api._spec(q, k, v)[1]
+
+
+# ----------------------------------------------------------------------------- the seed rule
+
+def test_vjp_draws_and_remembers_the_seed(rng):
+    q, k, v = _inputs(rng, (1, 2, 40, 32), (1, 2, 40, 32), np.float16)
+    out, vjp = cuflash.attention_vjp(q, k, v, causal=True, dropout_p=0.3)
+    seed = vjp.dropout_seed
+    assert isinstance(seed, int) and 0 <= seed < 2**64
+    again, lse = cuflash.attention(q, k, v, causal=True, dropout_p=0.3, dropout_seed=seed,
+                                   return_lse=True)
+    np.testing.assert_array_equal(out, again)
+    dout = random_array(rng, out.shape, np.float16)
+    for g, expected in zip(vjp(dout), cuflash.attention_backward(
+            dout, q, k, v, out, lse, causal=True, dropout_p=0.3, dropout_seed=seed)):
+        np.testing.assert_array_equal(g, expected)
+    _, other = cuflash.attention_vjp(q, k, v, causal=True, dropout_p=0.3)
+    assert other.dropout_seed != seed
+    _, given = cuflash.attention_vjp(q, k, v, dropout_p=0.3, dropout_seed=11)
+    assert given.dropout_seed == 11
+    _, off = cuflash.attention_vjp(q, k, v)
+    assert off.dropout_seed == 0
+
+
+@pytest.mark.parametrize("call", ["attention", "attention_backward"])
+def test_explicit_seed_required(rng, call):
+    q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
+    with pytest.raises(ValueError, match="dropout_p=0.1 needs an explicit dropout_seed"):
+        if call == "attention":
+            cuflash.attention(q, k, v, dropout_p=0.1)
+        else:
+            cuflash.attention_backward(q, q, k, v, q, np.zeros((1, 1, 8), np.float32),
+                                       dropout_p=0.1)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(dropout_p=float("nan")), ValueError,
+     r"dropout_p must be a real number in \[0, 1\), got nan"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be .*got 1.0"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be .*got -0.1"),
+    (dict(dropout_p=True), TypeError, r"dropout_p must be .*got True of type bool"),
+    (dict(dropout_p="0.1"), TypeError, r"dropout_p must be .*of type str"),
+    (dict(dropout_p=0.1, dropout_seed=-1), ValueError,
+     r"dropout_seed must be an int in \[0, 2\*\*64\), got -1"),
+    (dict(dropout_p=0.1, dropout_seed=2**64), ValueError,
+     r"dropout_seed must be .*got 18446744073709551616"),
+    (dict(dropout_p=0.1, dropout_seed=1.0), TypeError, r"dropout_seed must be .*of type float"),
+    (dict(dropout_p=0.1, dropout_seed=True), TypeError, r"dropout_seed must be .*of type bool"),
+    (dict(dropout_p=0.0, dropout_seed="1"), TypeError, r"dropout_seed must be .*of type str"),
+    (dict(dropout_p=0.1, dropout_seed=1, dropout_offset=2**32), ValueError,
+     r"dropout_offset must be an int in \[0, 2\*\*32\), got 4294967296"),
+    (dict(dropout_p=0.1, dropout_seed=1, dropout_offset=None), TypeError,
+     r"dropout_offset must be .*of type NoneType"),
+])
+def test_invalid_dropout_options(rng, options, error, message):
+    q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
+    for call in (lambda: cuflash.attention(q, k, v, **options),
+                 lambda: cuflash.attention_vjp(q, k, v, **options),
+                 lambda: cuflash.attention_backward(q, q, k, v, q, np.zeros((1, 1, 8), np.float32),
+                                                    **options),
+                 lambda: reference.attention(q, k, v, **options)):
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_numpy_integers_are_seeds(rng):
+    q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
+    np.testing.assert_array_equal(
+        cuflash.attention(q, k, v, dropout_p=0.5, dropout_seed=np.uint64(2**63 + 5)),
+        cuflash.attention(q, k, v, dropout_p=0.5, dropout_seed=2**63 + 5))
+
+
+# ----------------------------------------------------------------------------- GPU families
+
+def test_every_gpu_family_refuses_dropout():
+    """Without CuPy: each launcher's supports() gives the reason before looking at the arrays."""
+    q = np.zeros((2, 4, 64, 64), np.float16)
+    spec = _api._spec(q, q, q, dropout_p=0.1, dropout_seed=1)[1]
+    assert "dropout_p=0.1" in spec.describe()
+    families = {f.module: f for registry in kernels.REGISTRY.values() for f in registry}
+    assert len(families) >= 6
+    for family in families.values():
+        reason = family.launcher().supports(spec, (None,) * 8)
+        assert reason == "dropout is not implemented in the GPU kernels yet (dropout_p=0.1)"
+    plain = _api._spec(q, q, q)[1]
+    assert kernels._launch.why_not_dropout(plain) is None
+
+
+def test_gpu_calls_refuse_dropout_and_the_cache_keeps_them_apart(monkeypatch):
+    """On a fake device: kernel_plan names dropout for every family, a dropout call raises
+    ValueError naming it, also after a p = 0 call of the same arrays built a cache entry."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _calls
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q, k, v = (device.empty((2, 4, 128, 64), np.float16) for _ in range(3))
+    plan = cuflash.kernel_plan(q, k, v, dropout_p=0.1, dropout_seed=1)
+    for pass_plan in (plan.forward, plan.backward):
+        assert pass_plan.family is None
+        assert all("dropout is not implemented" in reason for _, reason in pass_plan.passed_over)
+    cuflash.attention(q, k, v)
+    cuflash.attention(q, k, v)
+    assert _calls.stats()["hits"] == 1
+    with pytest.raises(ValueError, match="dropout is not implemented in the GPU kernels yet"):
+        cuflash.attention(q, k, v, dropout_p=0.1, dropout_seed=1)
+    with pytest.raises(ValueError, match="dropout is not implemented in the GPU kernels yet"):
+        cuflash.attention_vjp(q, k, v, dropout_p=0.1)
+    assert _calls.stats()["hits"] == 1
+    # p = 0 with a seed is a call without dropout: it runs.
+    cuflash.attention(q, k, v, dropout_p=0.0, dropout_seed=1)
