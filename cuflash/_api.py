@@ -358,12 +358,6 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                              deterministic=deterministic, varlen=layout)
 
 
-def _packed(x, xp):
-    """``x`` itself when the kernels can read it in place (last axis contiguous, other strides
-    non-negative whole elements), else a C-contiguous copy."""
-    return x if _checks.kernel_ready(x) else xp.ascontiguousarray(x)
-
-
 def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
     """Run the forward pass of a validated varlen call: ``(out, lse)``, out ``(total_q, Hq, Dv)``
     and lse ``(Hq, total_q)``."""
@@ -373,7 +367,7 @@ def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
         target = result if _checks.kernel_ready(result) else xp.empty(result.shape, spec.dtype)
         lse = xp.empty((s.hq, layout.total_q), numpy.float32)
         if layout.total_q:  # no rows, nothing to compute (and no kernel launches 0 blocks)
-            q, k, v = (_packed(x, xp) for x in (q, k, v))
+            q, k, v = (_checks.kernel_readable(x) for x in (q, k, v))
             _backend(xp).forward(q, k, v, target, lse, spec)
         if target is not result:
             result[...] = target
@@ -400,7 +394,7 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
             dk[...] = 0
             dv[...] = 0
             return dq, dk, dv
-        q, k, v, dout, out = (_packed(x, xp) for x in (q, k, v, dout, out))
+        q, k, v, dout, out = (_checks.kernel_readable(x) for x in (q, k, v, dout, out))
         lse = xp.ascontiguousarray(lse)
         if xp is numpy:
             _backend(xp).backward(dout, q, k, v, out, lse, dq, dk, dv, spec)

@@ -444,6 +444,12 @@ def kernel_ready(x: Any) -> bool:
             and all(s >= 0 and s % item == 0 for s in x.strides[:-1]))
 
 
+def kernel_readable(x: Any) -> Any:
+    """``x`` itself when the kernels can read it in place (``kernel_ready``), else a
+    C-contiguous copy."""
+    return x if kernel_ready(x) else array_module(x).ascontiguousarray(x)
+
+
 def _batch_view(x: Any, b: int, stride: int, xp) -> Any:
     """View of ``x`` with its leading axes replaced by one axis of ``b`` elements and ``stride``."""
     shape = (b,) + tuple(x.shape[-3:])

@@ -111,9 +111,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     with _checks.device_context(q):
         result = xp.empty(spec.out_shape, spec.dtype) if out is None else out
         lse = xp.empty(spec.lse_shape, numpy.float32)
-        route, _, decode = _choose(spec, _kernel_ready(q), k_cache, v_cache)
+        # The kernels read q in place when they can, else a copy, made once for both steps.
+        ready_q = q if xp is numpy else _checks.kernel_readable(q)
+        route, _, decode = _choose(spec, ready_q, k_cache, v_cache)
         if route == DECODE:
-            _run_decode(spec, decode, q, k_cache, v_cache, k, v, result, lse, return_lse)
+            _run_decode(spec, decode, ready_q, k_cache, v_cache, k, v, result, lse)
         else:
             _run_rows(spec, q, k_cache, v_cache, k, v, result, lse)
     return (result, lse) if return_lse else result
@@ -154,7 +156,8 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
     if out is not None:
         check_out(out, spec, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
     with _checks.device_context(q):
-        route, reason, _ = _choose(spec, _kernel_ready(q), k_cache, v_cache)
+        route, reason, _ = _choose(spec, q if spec.xp is numpy else _checks.kernel_readable(q),
+                                   k_cache, v_cache)
     return KVCachePlan(spec, route, reason)
 
 
@@ -178,12 +181,6 @@ def _choose(spec: KVCacheSpec, q, k_cache, v_cache):
         return GENERIC, f"the decode kernel does not take this call: {why_not}", None
     return DECODE, "cuflash.kernels.decode: one append launch, one attention launch", decode
 
-
-def _kernel_ready(x):
-    """``x``, or a copy whose last axis is contiguous (the kernels read rows of 16 bytes)."""
-    if x.strides[-1] == x.itemsize:
-        return x
-    return _checks.array_module(x).ascontiguousarray(x)
 
 
 # ----------------------------------------------------------------------------- numpy and generic
@@ -253,9 +250,8 @@ def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
 
 # ----------------------------------------------------------------------------- decode kernel
 
-def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse,
-                return_lse: bool) -> None:
-    """The decode kernel's append and attention; nothing read back from the device. Lengths
+def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) -> None:
+    """The decode kernel's append and attention (``q`` already readable in place); nothing read back from the device. Lengths
     in a CuPy array are checked by the kernels themselves: a row whose length lies outside
     ``[0, capacity − S_new]`` writes nothing to its cache and gets NaN output and lse."""
     xp = spec.xp
@@ -265,10 +261,9 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse,
         before = xp.ascontiguousarray(spec.seqlens)
     table = None if spec.block_table is None else xp.ascontiguousarray(spec.block_table)
     rows = None if spec.cache_batch_idx is None else xp.ascontiguousarray(spec.cache_batch_idx)
-    q = _kernel_ready(q)
     temporaries = [before, table, rows, spec.alibi, q]
     if k is not None:
-        k, v = _kernel_ready(k), _kernel_ready(v)
+        k, v = _checks.kernel_readable(k), _checks.kernel_readable(v)
         temporaries += [k, v]
         decode.append(k, v, k_cache, v_cache, before, block_table=table, cache_batch_idx=rows)
     target = out if out.strides[-1] == out.itemsize else xp.empty(spec.out_shape, spec.dtype)

@@ -374,7 +374,7 @@ def test_decode_route_arguments(rng, seed, paged):
     spec = _spec(case)
     fake = FakeDecode()
     out, lse = poisoned_out(case), np.full((2, 4, 3), np.nan, np.float32)
-    _kvcache._run_decode(spec, fake, *case.args, out, lse, True)
+    _kvcache._run_decode(spec, fake, *case.args, out, lse)
     (_, before), (_, before_forward, options) = fake.calls
     np.testing.assert_array_equal(before, [9, 9])
     np.testing.assert_array_equal(before_forward, [9, 9])
