@@ -105,21 +105,36 @@ def choose_splits(blocks_per_split: int, key_tiles: int, slots: int) -> int:
     return next(s for s in range(1, most + 1) if fill(s) >= min(0.95, best))
 
 
-def _auto_splits(blocks_per_split: int, capacity: int, device_id: int, shared: int) -> int:
-    return choose_splits(blocks_per_split, -(-capacity // BLOCK_N),
-                         sm_count(device_id) * resident_blocks(device_id, shared))
+@dataclass(frozen=True)
+class Geometry:
+    """The launch shape of one decode problem: padded head dims, the GQA group, 16-row chunks
+    of the packed query rows, shared memory, and the blocks one key split launches."""
+
+    dqk: int
+    dvp: int
+    group: int
+    row_chunks: int
+    shared: int
+    blocks_per_split: int
+
+    @classmethod
+    def of(cls, batch: int, sq: int, heads: int, kv_heads: int, d: int, dv: int) -> "Geometry":
+        dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(dv, "value head dim Dv")
+        group = heads // kv_heads
+        row_chunks = -(-(sq * group) // ROWS)
+        return cls(dqk, dvp, group, row_chunks, shared_bytes(dqk, dvp, stages_for(dqk, dvp)),
+                   batch * kv_heads * row_chunks)
+
+    def auto_splits(self, capacity: int, device_id: int) -> int:
+        return choose_splits(self.blocks_per_split, -(-capacity // BLOCK_N),
+                             sm_count(device_id) * resident_blocks(device_id, self.shared))
 
 
 def chosen_num_splits(q, k_cache, v_cache, seqlens=None, *, paged: bool = False, block_table=None) -> int:
     """The split count ``forward`` picks with ``num_splits=0`` for these arrays (the capacity
     of the cache decides, not ``seqlens``: the lengths stay on the device)."""
-    batch, sq, heads, d = q.shape
-    kv_heads = k_cache.shape[2]
-    dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(v_cache.shape[3], "value head dim Dv")
-    capacity = capacity_of(k_cache, block_table if paged else None)
-    row_chunks = -(-(sq * (heads // kv_heads)) // ROWS)
-    shared = shared_bytes(dqk, dvp, stages_for(dqk, dvp))
-    return _auto_splits(batch * kv_heads * row_chunks, capacity, q.device.id, shared)
+    geometry = Geometry.of(*q.shape[:3], k_cache.shape[2], q.shape[3], v_cache.shape[3])
+    return geometry.auto_splits(capacity_of(k_cache, block_table if paged else None), q.device.id)
 
 
 def _mask_type(causal: bool, window) -> str:
@@ -140,10 +155,10 @@ def variant(dtype, dqk: int, dvp: int, *, causal: bool, window, softcap: bool, a
     )
 
 
-def _strides3(x) -> tuple[int, int, int]:
-    """(batch-or-page, position, head) element strides of a 4-D (B, S, H, D) array."""
-    sb, sn, sh, _ = element_strides(x)
-    return sb, sn, sh
+def _stride_fields(name: str, strides) -> dict:
+    """``{name_sb, name_sn, name_sh}`` from the element strides of a 4-D (B, S, H, D) array:
+    batch row (page, when paged), position, head."""
+    return {f"{name}_s{a}": s for a, s in zip("bnh", strides[:3])}
 
 
 DECODE_POINTERS = ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "block_table", "batch_idx",
@@ -166,12 +181,12 @@ class DecodeLaunch:
     def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx) -> None:
         import cupy
 
-        work = o_part = lse_part = None
+        work, o_part, lse_part = None, 0, 0
         if self.splits > 1:
             work = cupy.empty(self.splits * self.rows * (self.dv + 1), cupy.float32)
             o_part, lse_part = work.data.ptr, work.data.ptr + self.splits * self.rows * self.dv * 4
         args = self.args.pack(tuple(x if isinstance(x, int) else pointer(x) for x in (
-            q, k_cache, v_cache, out, lse, o_part or 0, lse_part or 0, seqlens, block_table, batch_idx,
+            q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, batch_idx,
             alibi)))
         self.kernel((self.blocks,), (WARPS * 32,), (args,), shared_mem=self.shared)
         if self.splits > 1:
@@ -183,7 +198,8 @@ class DecodeLaunch:
 
 
 def _layout(x) -> tuple | None:
-    return None if x is None else (x.shape, x.strides, x.dtype.name)
+    """What a prepared launch depends on of one array: shape, element strides, dtype."""
+    return None if x is None else (x.shape, element_strides(x), x.dtype.name)
 
 
 def capacity_of(k_cache, block_table=None) -> int:
@@ -196,25 +212,19 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
               alibi: bool, batch_idx: bool, num_splits: int) -> DecodeLaunch:
     (q_shape, q_strides, dtype), k_layout, v_layout, o_layout, table_layout = layouts
     batch, sq, heads, d = q_shape
-    (pages_or_batch, page_or_capacity, kv_heads, _), k_strides, _ = k_layout
+    (_, page_or_capacity, kv_heads, _), k_strides, _ = k_layout
     dv = v_layout[0][3]
-    element = lambda strides: tuple(s // 2 for s in strides[:3])  # noqa: E731  (16-bit elements)
     paged = table_layout is not None
-    dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(dv, "value head dim Dv")
-    group = heads // kv_heads
-    row_chunks = -(-(sq * group) // ROWS)
-    stages = stages_for(dqk, dvp)
-    shared = shared_bytes(dqk, dvp, stages)
+    geometry = Geometry.of(batch, sq, heads, kv_heads, d, dv)
+    dqk, dvp, row_chunks, shared = geometry.dqk, geometry.dvp, geometry.row_chunks, geometry.shared
     capacity = table_layout[0][1] * page_or_capacity if paged else page_or_capacity
-    splits = num_splits or _auto_splits(batch * kv_heads * row_chunks, capacity, device_id, shared)
+    splits = num_splits or geometry.auto_splits(capacity, device_id)
     left, right = _kernel_band(causal, window)
     values = dict(
-        **{f"q_s{a}": s for a, s in zip("bnh", element(q_strides))},
-        **{f"o_s{a}": s for a, s in zip("bnh", element(o_layout[1]))},
-        **{f"k_s{a}": s for a, s in zip("bnh", element(k_strides))},
-        **{f"v_s{a}": s for a, s in zip("bnh", element(v_layout[1]))},
-        table_stride=table_layout[1][0] // 4 if paged else 0,
-        batch=batch, sq=sq, heads=heads, group=group, d=d, dv=dv,
+        **_stride_fields("q", q_strides), **_stride_fields("o", o_layout[1]),
+        **_stride_fields("k", k_strides), **_stride_fields("v", v_layout[1]),
+        table_stride=table_layout[1][0] if paged else 0,
+        batch=batch, sq=sq, heads=heads, group=geometry.group, d=d, dv=dv,
         page_size=page_or_capacity if paged else 0, appended=appended, capacity=capacity,
         splits=splits, row_chunks=row_chunks,
         window_left=left, window_right=right,
@@ -227,7 +237,7 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     # resident_blocks counts on (the caches stream through cp.async.cg, bypassing L1).
     kernel.preferred_shared_memory_carveout = 100
     combine = _build.get_function(SOURCE, _combine_variant(dtype)) if splits > 1 else None
-    blocks = check_grid(splits * batch * kv_heads * row_chunks, "the decode kernel")
+    blocks = check_grid(splits * geometry.blocks_per_split, "the decode kernel")
     check_grid(batch * heads * sq, "the decode combine kernel (one warp per query row)")
     return DecodeLaunch(kernel, combine, blocks, shared, PackedArgs(DECODE_ARGS, DECODE_POINTERS, values),
                         splits, batch * heads * sq, dv)
@@ -260,11 +270,9 @@ def append(k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None, c
         return
     paged = block_table is not None
     values = dict(
-        **{f"kn_s{a}": s for a, s in zip("bnh", _strides3(k_new))},
-        **{f"vn_s{a}": s for a, s in zip("bnh", _strides3(v_new))},
-        **{f"k_s{a}": s for a, s in zip("bnh", _strides3(k_cache))},
-        **{f"v_s{a}": s for a, s in zip("bnh", _strides3(v_cache))},
-        table_stride=block_table.shape[1] if paged else 0,
+        **_stride_fields("kn", element_strides(k_new)), **_stride_fields("vn", element_strides(v_new)),
+        **_stride_fields("k", element_strides(k_cache)), **_stride_fields("v", element_strides(v_cache)),
+        table_stride=element_strides(block_table)[0] if paged else 0,
         batch=batch, appended=s_new, kv_heads=kv_heads, d=d, dv=v_new.shape[3],
         page_size=k_cache.shape[1] if paged else 0, capacity=capacity_of(k_cache, block_table),
     )
