@@ -261,3 +261,21 @@ def assert_varlen_backward_close(grads, dout, q, k, v, cu_q, cu_k, *, alibi_slop
         _check_shape(name, got, x, context)
         _check_no_nan(name, got, context)
         _check_rule(name, got, ref, naive, context)
+
+
+def check_forward_and_backward(q, k, v, options: dict, *, rng, deterministic=False, context=""):
+    """``cuflash.attention`` into a NaN-poisoned ``out`` (the result is ``out`` itself) and
+    ``cuflash.attention_backward`` of a random ``dout``, each checked by the rule with the
+    call's ``options``; returns ``(out, lse, grads)``."""
+    import cuflash
+
+    xp = _module(q)
+    out = poisoned(q.shape[:-1] + v.shape[-1:], q.dtype, xp=xp)
+    got, lse = cuflash.attention(q, k, v, **options, return_lse=True, out=out)
+    assert got is out, context
+    assert_forward_close(out, lse, q, k, v, **options, context=context)
+    dout = random_array(rng, out.shape, q.dtype, xp=xp)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options,
+                                       deterministic=deterministic)
+    assert_backward_close(grads, dout, q, k, v, **options, context=context)
+    return out, lse, grads

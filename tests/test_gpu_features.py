@@ -10,9 +10,8 @@ causal, grouped heads and a block mask) at ``D = 64``. Sizes are odd and around 
 import ml_dtypes
 import numpy as np
 import pytest
-from oracle import assert_backward_close, assert_forward_close, poisoned, random_array
+from oracle import check_forward_and_backward, random_array
 
-import cuflash
 from cuflash.sparse import BlockMask
 
 DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
@@ -53,17 +52,8 @@ def run_case(xp, rng, seed, *, dtype, b=2, hq=4, hkv=2, nq=257, nk=301, d=64, dv
     options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes,
                    block_mask=block_mask)
     context = f"seed={seed}, {options | dict(alibi_slopes=alibi)}"
-
-    out = poisoned((b, hq, nq, dv), dtype, xp=xp)
-    got, lse = cuflash.attention(q, k, v, **options, return_lse=True, out=out)
-    assert got is out
-    assert_forward_close(out, lse, q, k, v, **options, context=context)
-
-    dout = random_array(rng, out.shape, dtype, xp=xp)
-    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options,
-                                       deterministic=deterministic)
-    assert_backward_close(grads, dout, q, k, v, **options, context=context)
-    return out, lse, grads
+    return check_forward_and_backward(q, k, v, options, rng=rng, deterministic=deterministic,
+                                      context=context)
 
 
 # ----------------------------------------------------------------------------- dtype × head dim
