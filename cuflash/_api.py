@@ -32,7 +32,7 @@ def _backend(xp):
 
 def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
           block_mask=None, deterministic=False, mask=None, dropout_p=0.0, dropout_seed=None,
-          dropout_offset=0) -> tuple[Any, AttentionSpec]:
+          dropout_offset=0, grad_dtype=None) -> tuple[Any, AttentionSpec]:
     """Validate one call: the array module of the inputs and the spec every back end reads.
     The defaults are the public functions' (for callers of a back end's entry points)."""
     xp = _checks.common_module({"q": q, "k": k, "v": v})
@@ -46,12 +46,14 @@ def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, al
     _checks.check_exact_mask(mask, block_mask, shapes.nq, shapes.nk, shapes.hq)
     deterministic = _checks.check_bool(deterministic, "deterministic")
     dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes)
+    float32_grads = _checks.check_grad_dtype(grad_dtype, dtype)
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
     return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,
                              window=window, softcap=softcap, alibi=alibi, block_mask=block_mask,
                              deterministic=deterministic, exact_mask=mask, dropout_p=dropout[0],
-                             dropout_seed=dropout[1], dropout_offset=dropout[2])
+                             dropout_seed=dropout[1], dropout_offset=dropout[2],
+                             float32_grads=float32_grads)
 
 
 def _inputs_4d(spec: AttentionSpec, xp, q, k, v):
@@ -88,9 +90,9 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
         out4 = _checks.as_4d(out, s.batch, xp)
         lse3 = xp.ascontiguousarray(lse).reshape(s.b, s.hq, s.nq)
         # Gradients for the full broadcast batch; broadcast axes are summed below.
-        dq = xp.empty((s.b, s.hq, s.nq, s.d), spec.dtype)
-        dk = xp.empty((s.b, s.hkv, s.nk, s.d), spec.dtype)
-        dv = xp.empty((s.b, s.hkv, s.nk, s.dv), spec.dtype)
+        dq = xp.empty((s.b, s.hq, s.nq, s.d), spec.grad_dtype)
+        dk = xp.empty((s.b, s.hkv, s.nk, s.d), spec.grad_dtype)
+        dv = xp.empty((s.b, s.hkv, s.nk, s.dv), spec.grad_dtype)
         _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, dq, dk, dv, spec)
         grads = tuple(
             _checks.reduce_to_shape(g.reshape(s.batch + g.shape[1:]), x.shape, xp)
@@ -246,7 +248,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
                        softcap=0.0, alibi_slopes=None, block_mask=None, mask=None,
-                       dropout_p=0.0, dropout_seed=None, dropout_offset=0, deterministic=False):
+                       dropout_p=0.0, dropout_seed=None, dropout_offset=0, deterministic=False,
+                       grad_dtype=None):
     """Gradients of ``attention`` with respect to q, k and v.
 
     Parameters
@@ -269,10 +272,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         instead, recomputing the scores once more (a backward 8–20% slower on an H200). The
         Hopper kernels, the float32 kernels and the NumPy path never use atomics and are always
         deterministic; for them the flag changes nothing.
+    grad_dtype : None or float32, optional
+        ``None`` (or the inputs' dtype) returns the gradients in the inputs' dtype. ``float32``
+        returns them unrounded from the kernels' float32 accumulators: for callers that add the
+        gradients of several calls (ring attention adds one per ring step), so that the sum is
+        rounded once rather than once per call. Every back end accepts it.
 
     Returns
     -------
-    dq, dk, dv : arrays with the shapes and dtype of q, k and v
+    dq, dk, dv : arrays with the shapes of q, k and v, in their dtype (or ``grad_dtype``)
         Gradients of inputs broadcast along leading axes are summed over those axes; ``dk``
         and ``dv`` are summed over the query heads that share a key/value head. Under
         ``softcap`` the gradient flows through ``tanh`` (a factor ``1 - tanh²``).
@@ -280,7 +288,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
                    dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset,
-                   deterministic=deterministic)
+                   deterministic=deterministic, grad_dtype=grad_dtype)
     return _calls.backward(dout, q, k, v, out, lse, options)
 
 

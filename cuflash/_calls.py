@@ -84,13 +84,15 @@ _SCALARS = frozenset((bool, int, float, str, type(None)))
 
 
 def option_signature(value: Any):
-    """An option's value as a key: scalars with their type, tuples element-wise, CuPy arrays by
-    layout, block and exact masks as themselves; anything else is not cacheable."""
+    """An option's value as a key: scalars with their type, tuples element-wise, dtypes by
+    name, CuPy arrays by layout, block and exact masks as themselves; anything else is not cacheable."""
     cls = value.__class__
     if cls in _SCALARS:
         return cls, value
     if cls is tuple:
         return (tuple, *map(option_signature, value))
+    if isinstance(value, numpy.dtype) or (cls is type and issubclass(value, numpy.generic)):
+        return numpy.dtype, numpy.dtype(value).str
     if cls is (_ndarray or _cupy_ndarray()):
         return array_signature(value)
     for module, name in (("cuflash.sparse._blockmask", "BlockMask"), ("cuflash.sparse._exactmask", "ExactMask")):
@@ -271,9 +273,9 @@ class _BackwardEntry:
 
         spec = self.spec
         with _checks.device_context(q):
-            dq = cupy.empty(q.shape, spec.dtype)
-            dk = cupy.empty(k.shape, spec.dtype)
-            dv = cupy.empty(v.shape, spec.dtype)
+            dq = cupy.empty(q.shape, spec.grad_dtype)
+            dk = cupy.empty(k.shape, spec.grad_dtype)
+            dv = cupy.empty(v.shape, spec.grad_dtype)
             if (dq.data.ptr | dk.data.ptr | dv.data.ptr) & 15:  # the launch assumed alignment
                 return None
             if slopes is not None:

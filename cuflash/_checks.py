@@ -106,6 +106,23 @@ def check_bool(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def check_grad_dtype(grad_dtype: Any, dtype: numpy.dtype) -> bool:
+    """Whether a backward call stores float32 gradients: ``grad_dtype`` is None or the inputs'
+    dtype (gradients in that dtype), or float32."""
+    if grad_dtype is None:
+        return False
+    try:
+        wanted = numpy.dtype(grad_dtype)
+    except TypeError:
+        wanted = None
+    if wanted == dtype:
+        return False
+    if wanted == numpy.float32:
+        return True
+    raise ValueError(f"grad_dtype must be None, the inputs' dtype ({dtype}) or float32, got "
+                     f"{_show(grad_dtype)}")
+
+
 def _show(value: Any, limit: int = 60) -> str:
     """``repr(value)``, shortened when huge (a 400-digit integer)."""
     text = repr(value)

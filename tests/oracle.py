@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from cuflash import reference
-from cuflash.check.rule import FACTOR, SLACK, allowed, sharded_allowance
+from cuflash.check.rule import FACTOR, SLACK, allowed
 
 
 def to_host(x):
@@ -107,11 +107,8 @@ def assert_forward_close(out, lse, q, k, v, *, causal=False, scale=None, window=
 
 def assert_backward_close(grads, dout, q, k, v, *, causal=False, scale=None, window=(-1, -1),
                           softcap=0.0, alibi_slopes=None, mask=None, block_mask=None,
-                          dropout_p=0.0, dropout_seed=None, dropout_offset=0, context="",
-                          partial_sums=0):
-    """Check ``grads = (dq, dk, dv)`` of ``attention_backward(dout, q, k, v, ...)``.
-    ``partial_sums``: gradients summed from that many partials each rounded to the input dtype
-    (ring attention) get ``cuflash.check.rule.sharded_allowance`` on top of the rule."""
+                          dropout_p=0.0, dropout_seed=None, dropout_offset=0, context=""):
+    """Check ``grads = (dq, dk, dv)`` of ``attention_backward(dout, q, k, v, ...)``."""
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask,
                    dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
@@ -123,9 +120,7 @@ def assert_backward_close(grads, dout, q, k, v, *, causal=False, scale=None, win
         _check_shape(name, got, x, context)
         _check_no_nan(name, got, context)
         ref = to_host(ref)
-        extra = sharded_allowance(steps=partial_sums, dtype_name=np.dtype(x.dtype).name,
-                                  magnitude=np.abs(ref).max() if ref.size else 0.0)
-        _check_rule(name, got, ref, to_host(naive).astype(np.float64), context, extra)
+        _check_rule(name, got, ref, to_host(naive).astype(np.float64), context)
 
 
 def _check_shape(name, got, expected, context):
@@ -148,19 +143,18 @@ def _check_masked_rows_are_zero(out, attended, context):
                              f"{np.abs(masked_rows).max():.3g}; {context}")
 
 
-def _check_rule(name, got, ref, naive, context, extra=0.0):
+def _check_rule(name, got, ref, naive, context):
     if got.size == 0:
         return
     error = np.abs(got - ref)
     worst = np.unravel_index(np.argmax(error), error.shape)
     naive_error = np.abs(naive - ref).max()
-    bound = allowed(naive_error) + extra
+    bound = allowed(naive_error)
     if not error[worst] <= bound:  # NaN fails
-        rounding = f" + {extra:.3g} (rounded partial sums)" if extra else ""
         raise AssertionError(
             f"{name}: max|result - ref64| = {error[worst]:.3g} at {tuple(map(int, worst))} "
             f"(result {got[worst]:.6g}, ref64 {ref[worst]:.6g}) exceeds "
-            f"{FACTOR:g}·max|naive - ref64| + {SLACK:g}{rounding} = {bound:.3g}; {context}")
+            f"{FACTOR:g}·max|naive - ref64| + {SLACK:g} = {bound:.3g}; {context}")
 
 
 def spec_for(q, k, v, **options):

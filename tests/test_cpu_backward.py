@@ -8,6 +8,8 @@ from test_cpu_forward import DTYPE_IDS, DTYPES, batch_and_heads, dense_block_mas
 
 import cuflash
 
+BF16 = ml_dtypes.bfloat16
+
 
 def problem(rng, q_shape, k_shape, v_shape, dtype, *, causal=False, block_mask=None,
             scale=None):
@@ -125,3 +127,26 @@ def test_deterministic_flag_gives_the_same_bits(rng):
     second = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=False)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16])
+def test_float32_gradients_are_the_unrounded_default(rng, dtype):
+    dout, q, k, v, out, lse = problem(rng, (1, 4, 77, 32), (1, 2, 93, 32), (1, 2, 93, 24), dtype)
+    narrow = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    wide = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                      grad_dtype=np.float32)
+    for w, n in zip(wide, narrow):
+        assert w.dtype == np.float32
+        assert not np.array_equal(w, w.astype(dtype).astype(np.float32))  # really unrounded
+        np.testing.assert_array_equal(w.astype(dtype), n)
+    same = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, grad_dtype=dtype)
+    for s, n in zip(same, narrow):
+        np.testing.assert_array_equal(s, n)
+
+
+@pytest.mark.parametrize("bad", [np.float64, "int32", np.float16, "no such dtype"])
+def test_grad_dtype_other_than_float32_is_refused(rng, bad):
+    dout, q, k, v, out, lse = problem(rng, (1, 2, 16, 32), (1, 2, 16, 32), (1, 2, 16, 32),
+                                      BF16)
+    with pytest.raises(ValueError, match="grad_dtype"):
+        cuflash.attention_backward(dout, q, k, v, out, lse, grad_dtype=bad)

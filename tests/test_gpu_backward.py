@@ -233,6 +233,44 @@ def test_deterministic_is_bit_identical_and_agrees_with_default(xp_gpu, rng, see
     assert np.abs(a - b).max() <= 2e-2 * scale
 
 
+# ----------------------------------------------------------------------------- float32 gradients
+
+@pytest.mark.parametrize("family", ["preferred", "portable"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_float32_gradients_are_the_unrounded_default(xp_gpu, rng, seed, monkeypatch, family, dtype,
+                                                     d, deterministic):
+    """grad_dtype=float32 writes every element (poisoned before) unrounded: rounded to the input
+    dtype they are the default gradients bit for bit, except an atomic dq, whose summation order
+    varies (it is checked against the rule instead). "portable" keeps the Hopper kernels out."""
+    import dataclasses
+
+    from cuflash import kernels
+
+    if family == "portable":
+        monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    xp = xp_gpu
+    dout, q, k, v, out, lse = problem(xp, rng, hq=4, hkv=2, nq=1000, nk=777, d=d, dtype=dtype,
+                                      causal=True)
+    spec = spec_for(q, k, v, causal=True, deterministic=deterministic)
+    wide = tuple(poisoned(x.shape, np.float32, xp=xp) for x in (q, k, v))
+    kernels.backward(dout, q, k, v, out, lse, *wide, dataclasses.replace(spec, float32_grads=True))
+    narrow = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                        deterministic=deterministic)
+    public = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                        deterministic=deterministic, grad_dtype=np.float32)
+    assert all(g.dtype == np.float32 for g in public)
+    rounded = tuple(to_host(w).astype(dtype) for w in wide)
+    context = f"seed={seed} {family} d={d} deterministic={deterministic}"
+    assert_backward_close(rounded, dout, q, k, v, causal=True, context=context)
+    exact = ("dq", "dk", "dv") if deterministic else ("dk", "dv")
+    for name, w, r, n, p in zip(("dq", "dk", "dv"), wide, rounded, narrow, public):
+        if name in exact:
+            assert np.array_equal(r.view(np.uint16), bits(n)), f"{name}: {context}"
+            assert np.array_equal(to_host(p), to_host(w)), f"{name} (public call): {context}"
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_every_tile_candidate(xp_gpu, rng, seed, d):
     """The tiles= keyword: every candidate shape (the block-mask fallbacks included) on a dense

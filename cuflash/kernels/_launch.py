@@ -29,6 +29,15 @@ def element_type(dtype) -> str:
     raise TypeError(f"the tensor-core kernels take float16 or bfloat16, not {name}")
 
 
+def trailing_flags(*flags: bool) -> tuple:
+    """Defaulted ``false`` flags that end a kernel template (VARLEN, F32_GRADS, ...), spelled up
+    to the last one set: an expression without them is the one that call always had."""
+    flags = list(flags)
+    while flags and not flags[-1]:
+        flags.pop()
+    return tuple(bool(f) for f in flags)
+
+
 def padded_head_dim(d: int, what: str) -> int:
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(

@@ -70,6 +70,12 @@ def spec_grid(head_dims, dtypes=("float16", "bfloat16"), *, features=True):
     return specs
 
 
+def float32_grads_specs(head_dims):
+    """Backward passes that store float32 gradients (``grad_dtype=float32``): causal at every
+    head dim in bfloat16. Only the gradient stores differ from the 16-bit variants."""
+    return [spec_of("bfloat16", d, causal=True, float32_grads=True) for d in head_dims]
+
+
 def varlen_spec_grid():
     """Packed variable-length sequences (``attention_varlen``): dense and causal for both dtypes
     at every head dim the sm80 kernels tile differently (64, 96, 128, 256), ``Dv ≠ D``, and every

@@ -27,6 +27,7 @@ base-2 log-sum-exp), plus, on the default path, a float32 dq accumulator of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy
@@ -49,6 +50,7 @@ from ._launch import (
     score_mod_type,
     stride_fields,
     tile_index,
+    trailing_flags,
     varlen_pointers,
     varlen_values,
     vector_aligned,
@@ -199,15 +201,15 @@ def workspace_bytes(B: int, Hq: int, Nq: int, D: int, *, deterministic: bool = F
     return total
 
 
-# Every kernel's template ends with a defaulted VARLEN flag: varlen variants spell it, dense ones
-# leave it out (their expressions are those they always were).
-def _varlen_flag(varlen: bool) -> tuple:
-    return (True,) if varlen else ()
+# Every kernel's template ends with defaulted flags, VARLEN then F32_GRADS (float32 gradients),
+# spelled only up to the last one set (trailing_flags).
+def _gradient_flags(spec) -> tuple:
+    return trailing_flags(spec.varlen is not None, spec.float32_grads)
 
 
 def variant_pre(dtype, *, aligned: bool, zero_dq: bool, varlen: bool = False) -> str:
     return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq,
-                                      *_varlen_flag(varlen))
+                                      *trailing_flags(varlen))
 
 
 def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> str:
@@ -215,7 +217,7 @@ def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> st
     return _build.template_expression(
         "flash_bwd_dkdv", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.col_split,
         tiles.col_passes, tiles.block_m, tiles.stages, tiles.kv_in_regs, mask_type(spec),
-        score_mod_type(spec), aligned, atomic_dq, *_varlen_flag(spec.varlen is not None),
+        score_mod_type(spec), aligned, atomic_dq, *_gradient_flags(spec),
     )
 
 
@@ -224,13 +226,14 @@ def variant_dq(spec, tiles: BwdTiles, *, aligned: bool) -> str:
     return _build.template_expression(
         "flash_bwd_dq", element_type(spec.dtype), dqk, dvp, tiles.dq_warps, tiles.dq_mt,
         tiles.dq_block_n, tiles.dq_in_regs, mask_type(spec), score_mod_type(spec), aligned,
-        *_varlen_flag(spec.varlen is not None),
+        *_gradient_flags(spec),
     )
 
 
-def variant_convert(dtype, *, aligned: bool, varlen: bool = False) -> str:
+def variant_convert(dtype, *, aligned: bool, varlen: bool = False,
+                    float32_grads: bool = False) -> str:
     return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned,
-                                      *_varlen_flag(varlen))
+                                      *trailing_flags(varlen, float32_grads))
 
 
 def tiles_for(spec) -> BwdTiles:
@@ -351,7 +354,8 @@ def convert_launch(args, spec, *, aligned: bool) -> KernelLaunch:
     (sequence, head) sent as m_tiles."""
     s = spec.shapes
     varlen = spec.varlen is not None
-    kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned, varlen=varlen))
+    kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned, varlen=varlen,
+                                                         float32_grads=spec.float32_grads))
     chunks = -(-s.d // 8)
     if varlen:
         per_head = -(-s.nq * chunks // 256)
@@ -416,8 +420,8 @@ def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for every supported architecture without register spills:
     for every spec of the grid (both dtypes x head dims x dense/causal, and each mask policy and
     score modifier), the dk/dv kernel with and without atomic dq and the deterministic dq
-    kernel; block-sparse fallback tiles (64-row blocks), unaligned views, and the small per-row
-    kernels."""
+    kernel; block-sparse fallback tiles (64-row blocks), unaligned views, float32 gradients, and
+    the small per-row kernels."""
     from ._variants import spec_grid, spec_of
     from ..sparse import BlockMask
 
@@ -440,7 +444,14 @@ def main_variants() -> list[tuple[str, str]]:
     for d in (64, 128):
         out += both_paths(spec_of("float16", d, causal=True, block_mask=small_blocks))
     out += both_paths(spec_of("float16", 64, 128), aligned=False)
-    from ._variants import varlen_spec_grid
+    from ._variants import float32_grads_specs, varlen_spec_grid
+
+    for spec in float32_grads_specs((32, 64, 96, 128, 256)):
+        out += both_paths(spec)
+    out += both_paths(dataclasses.replace(spec_of("bfloat16", 96, 64), float32_grads=True),
+                      aligned=False)
+    for aligned in (False, True):
+        out.append((SOURCE, variant_convert("bfloat16", aligned=aligned, float32_grads=True)))
 
     for dtype in ("float16", "bfloat16"):
         for aligned in (False, True):

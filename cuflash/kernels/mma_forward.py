@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from . import _build
 from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type,
-                      padded_head_dims, score_mod_type, vector_aligned, why_not_16bit_tiled)
+                      padded_head_dims, score_mod_type, trailing_flags, vector_aligned,
+                      why_not_16bit_tiled)
 
 SOURCE = "flash_fwd.cu"
 
@@ -61,7 +62,7 @@ def variant(spec, tiles: FwdTiles, *, aligned: bool) -> str:
     """The kernel's template expression; a varlen call's adds VARLEN = true (dense calls leave
     the defaulted flag out, so their expressions are those they always were)."""
     dqk, dvp = padded_head_dims(spec)
-    varlen = (True,) if spec.varlen is not None else ()
+    varlen = trailing_flags(spec.varlen is not None)
     return _build.template_expression(
         "flash_fwd", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.block_n,
         tiles.q_in_regs, mask_type(spec), score_mod_type(spec), aligned, *varlen,

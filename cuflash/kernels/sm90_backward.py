@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import _build, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
-                      vector_aligned, why_not_dropout, why_not_hopper_16bit,
+                      trailing_flags, vector_aligned, why_not_dropout, why_not_hopper_16bit,
                       why_not_varlen)
 
 SOURCE = "flash_bwd_sm90.cu"
@@ -78,14 +78,14 @@ def default_tiles(d: int) -> Sm90BwdTiles:
 def variant_dkdv(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dkdv", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
-        tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
+        tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec), *trailing_flags(spec.float32_grads),
     )
 
 
 def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dq", element_type(spec.dtype), spec.shapes.d, tiles.dq_warpgroups,
-        tiles.dq_block_n, mask_type(spec), score_mod_type(spec),
+        tiles.dq_block_n, mask_type(spec), score_mod_type(spec), *trailing_flags(spec.float32_grads),
     )
 
 
@@ -162,10 +162,10 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles |
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import spec_grid
+    from ._variants import float32_grads_specs, spec_grid
 
     out = []
-    for spec in spec_grid(HEAD_DIMS):
+    for spec in spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS):
         tiles = default_tiles(spec.shapes.d)
         out += [(SOURCE, variant_dkdv(spec, tiles)), (SOURCE, variant_dq(spec, tiles))]
     return out

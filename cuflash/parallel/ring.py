@@ -16,7 +16,9 @@ The backward pass sends the key/value chunks around again. FlashAttention's back
 given the *final* output and log-sum-exp of the rows, yields exactly that pair's share of the
 gradients (``P_pair = exp(scale·S − lse)``, ``Δ = rowsum(dO ∘ O)``), so ``dq`` is summed
 locally over the steps and the float32 ``dk``/``dv`` of each chunk ride around the ring behind
-it, collecting every rank's share, and arrive at their owner after the last step.
+it, collecting every rank's share, and arrive at their owner after the last step. Each pair's
+gradients come from the kernels in float32 (``grad_dtype``), so every gradient is rounded to the
+input dtype once, at the end, as a single call's is.
 
 With a communicator on a GPU, the transfer of the next chunk runs on a side stream while the
 current one is computed.
@@ -225,10 +227,10 @@ def _backward(dout, q, k, v, out, lse, opts: _Options, deterministic: bool):
             gq, gk, gv = cuflash.attention_backward(
                 _rows(dout, rows), _rows(q, rows), _rows(k_cur, cols), _rows(v_cur, cols),
                 _rows(out, rows), _rows(lse, rows, -1), deterministic=deterministic,
-                **opts.attention_options(call))
-            _rows(dq, rows)[...] += gq.astype(_F32, copy=False)
-            _rows(dk, cols)[...] += gk.astype(_F32, copy=False)
-            _rows(dv, cols)[...] += gv.astype(_F32, copy=False)
+                grad_dtype=_F32, **opts.attention_options(call))
+            _rows(dq, rows)[...] += gq
+            _rows(dk, cols)[...] += gk
+            _rows(dv, cols)[...] += gv
         if d_pending is not None:  # the shares of the ranks before this one
             dk_in, dv_in = d_pending.wait()
             if dk is None:

@@ -1,4 +1,5 @@
-// Stores of results to global memory in the input dtype.
+// Stores of results to global memory: in the input dtype, or as float32 for gradients asked for
+// in float32 (callers that sum partial gradients, such as ring attention, round only once).
 #pragma once
 #include "arch/ptx.cuh"
 #include "arch/sm90_wgmma.cuh"
@@ -17,15 +18,44 @@ __device__ __forceinline__ void store_pair(u16* row, int col, int ncols, float x
 
 // One thread's two rows (half 0: row0, half 1: row0 + 8) of an mma accumulator tile of NT blocks
 // of 8 columns starting at column col0, each multiplied by factor[half], into a row-major output
-// of `nrows` rows × `ncols` columns with row stride `ld`.
-template <typename T, bool ALIGNED, int NT>
-__device__ __forceinline__ void store_rows(u16* out, i64 ld, int nrows, int ncols, const float (&acc)[NT][4],
+// of `nrows` rows × `ncols` columns with row stride `ld`, of 16-bit T or float32 elements E.
+// The same pair as float32 (T only names the inputs' dtype): one 64-bit store when aligned.
+template <typename T, bool ALIGNED>
+__device__ __forceinline__ void store_pair(float* row, int col, int ncols, float x0, float x1) {
+    if (ALIGNED && col + 1 < ncols) {
+        *reinterpret_cast<float2*>(row + col) = make_float2(x0, x1);
+    } else {
+        if (col < ncols) row[col] = x0;
+        if (col + 1 < ncols) row[col + 1] = x1;
+    }
+}
+
+// A gradient output's element: the input dtype's 16 bits, or float32 with F32_GRADS. The
+// argument structs carry every gradient pointer as u16*; grad_rows gives it its real type
+// before any offset is added.
+template <bool F32_GRADS> struct GradElement { typedef u16 type; };
+template <> struct GradElement<true> { typedef float type; };
+
+template <bool F32_GRADS>
+__device__ __forceinline__ typename GradElement<F32_GRADS>::type* grad_rows(u16* p) {
+    return reinterpret_cast<typename GradElement<F32_GRADS>::type*>(p);
+}
+
+// One gradient element as stored: rounded to T, or the float itself with F32_GRADS.
+template <typename T, bool F32_GRADS>
+__device__ __forceinline__ typename GradElement<F32_GRADS>::type grad_value(float x) {
+    if constexpr (F32_GRADS) return x;
+    else return from_float<T>(x);
+}
+
+template <typename T, bool ALIGNED, int NT, typename E>
+__device__ __forceinline__ void store_rows(E* out, i64 ld, int nrows, int ncols, const float (&acc)[NT][4],
                                            int row0, int col0, int t, const float (&factor)[2]) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = row0 + half * 8;
         if (row < nrows) {
-            u16* r = out + (i64)row * ld;
+            E* r = out + (i64)row * ld;
 #pragma unroll
             for (int j = 0; j < NT; ++j)
                 store_pair<T, ALIGNED>(r, col0 + j * 8 + 2 * t, ncols, acc[j][half * 2] * factor[half],

@@ -14,7 +14,7 @@
 //                         dS^T Q directly. With ATOMIC_DQ it also adds dS K into the dQ
 //                         accumulator (dS^T goes through shared memory and comes back transposed
 //                         by ldmatrix.trans).
-//   flash_bwd_dq_convert  dQ accumulator * scale -> dQ in the input dtype.
+//   flash_bwd_dq_convert  dQ accumulator * scale -> dQ in the input dtype (or float32).
 //   flash_bwd_dq          the deterministic alternative to ATOMIC_DQ: one thread block per query
 //                         tile walks its key tiles, recomputes P and dP, and writes dQ once.
 //
@@ -31,6 +31,9 @@
 //
 // VARLEN: packed variable-length sequences (schedule.cuh, sequence_of). Every grid covers the
 // longest sequence; a block whose tile lies past its own sequence's end exits at once.
+//
+// F32_GRADS: dQ, dK and dV are stored as float32 rather than rounded to the input dtype
+// (epilogue.cuh, grad_rows), for callers that add partial gradients of several calls.
 #include "args.cuh"
 
 #include "arch/sm80_mma.cuh"
@@ -304,7 +307,8 @@ __device__ __forceinline__ void dq_atomic_add(float* dq_rows, const DkdvWarp& w,
 }
 
 template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int PASSES, int BLOCK_M, int STAGES,
-          bool KV_IN_REGS, class MASK, class MOD, bool ALIGNED, bool ATOMIC_DQ, bool VARLEN = false>
+          bool KV_IN_REGS, class MASK, class MOD, bool ALIGNED, bool ATOMIC_DQ, bool VARLEN = false,
+          bool F32_GRADS = false>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_bwd_dkdv(const BwdArgs a) {
     using S = DkdvShape<DQK, DV, WARPS, MT, WC, PASSES, BLOCK_M, STAGES, ATOMIC_DQ>;
@@ -393,8 +397,8 @@ flash_bwd_dkdv(const BwdArgs a) {
 
     // Epilogue: dK * scale and dV, once. Key tiles no query sees write zeros.
     const float dk_scale[2] = {a.scale, a.scale}, one[2] = {1.f, 1.f};
-    u16* dk = a.grad_k + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn;
-    u16* dv = a.grad_v + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn;
+    auto* dk = grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn;
+    auto* dv = grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         const int row0 = n0 + w.kr0 + mt * 16 + w.g;
@@ -407,7 +411,7 @@ flash_bwd_dkdv(const BwdArgs a) {
 // dQ accumulator -> dQ: one thread per 8 columns of one row. Dense: the threads cover every row
 // of every (batch, head) in turn. VARLEN: m_tiles blocks of 256 threads cover the longest
 // sequence's rows of each (sequence, head); threads past their sequence's rows exit.
-template <typename T, bool ALIGNED, bool VARLEN = false>
+template <typename T, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_dq_convert(const BwdArgs a) {
     const int chunks = (a.d + 7) / 8;
@@ -432,11 +436,14 @@ flash_bwd_dq_convert(const BwdArgs a) {
     const Sequence seq = sequence_of<VARLEN>(a, b);
     if (VARLEN && row >= seq.nq) return;
     const float* src = a.dq_accum + (scratch_offset<VARLEN>(a, seq, b, h) + row) * a.dqk + c;
-    u16* dst = a.grad_q + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn + row * a.gq_sn + c;
+    auto* dst = grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn + row * a.gq_sn + c;
     const float4 x = *reinterpret_cast<const float4*>(src);
     const float4 y = *reinterpret_cast<const float4*>(src + 4);
     const float s = a.scale;
-    if constexpr (ALIGNED) {
+    if constexpr (F32_GRADS && ALIGNED) {
+        *reinterpret_cast<float4*>(dst) = make_float4(x.x * s, x.y * s, x.z * s, x.w * s);
+        *reinterpret_cast<float4*>(dst + 4) = make_float4(y.x * s, y.y * s, y.z * s, y.w * s);
+    } else if constexpr (ALIGNED) {
         uint4 out;
         out.x = pack2<T>(x.x * s, x.y * s);
         out.y = pack2<T>(x.z * s, x.w * s);
@@ -447,7 +454,7 @@ flash_bwd_dq_convert(const BwdArgs a) {
         const float vals[8] = {x.x, x.y, x.z, x.w, y.x, y.y, y.z, y.w};
 #pragma unroll
         for (int e = 0; e < 8; ++e)
-            if (c + e < a.d) dst[e] = from_float<T>(vals[e] * s);
+            if (c + e < a.d) dst[e] = grad_value<T, F32_GRADS>(vals[e] * s);
     }
 }
 
@@ -458,7 +465,7 @@ flash_bwd_dq_convert(const BwdArgs a) {
 // recomputed, dS = P * (dP - Delta) converts to A fragments in registers, and dQ += dS K
 // accumulates in registers.
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool QDO_IN_REGS, class MASK,
-          class MOD, bool ALIGNED, bool VARLEN = false>
+          class MOD, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false>
 // VARLEN: one block per SM at least (minBlocks 1). A sequence's lengths are loaded values, not
 // kernel parameters ptxas can reload at will; left to its default the register allocator caps
 // the D = 64 causal variant at 168 registers and spills. Dense variants keep their bounds (0: none).
@@ -571,7 +578,7 @@ flash_bwd_dq(const BwdArgs a) {
 
     // Epilogue: dQ * scale, once; rows that see no key write zeros.
     const float dq_scale[2] = {a.scale, a.scale};
-    u16* dq = a.grad_q + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn;
+    auto* dq = grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         store_rows<T, ALIGNED>(dq, a.gq_sn, seq.nq, a.d, acc[mt], row0 + mt * 16 + g, 0, t, dq_scale);

@@ -20,6 +20,7 @@
 // gradient is ever accumulated by two thread blocks: results are bit-identical from run to run.
 //
 // Only D = Dv ∈ {64, 128} with 16-byte aligned rows; everything else runs flash_bwd.cu.
+// F32_GRADS: the gradients are stored as float32 (epilogue.cuh, grad_rows), as in flash_bwd.cu.
 #include "args.cuh"
 #include "arch/sm90_wgmma.cuh"
 
@@ -30,7 +31,7 @@
 
 // ---------------------------------------------------------------------------------------------
 // dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows.
-template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD>
+template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool F32_GRADS = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dkdv(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -183,15 +184,15 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
     // dK·scale and dV, once; key tiles that no query sees write zeros.
     const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {1.f, 1.f};
-    store_rows<T, true>(a.grad_k + b * a.gk_sb + hk * a.gk_sh, a.gk_sn, a.nk, D, as_blocks<D / 8>(dk_acc),
-                        key_row0 + g, 0, t, dk_factor);
-    store_rows<T, true>(a.grad_v + b * a.gv_sb + hk * a.gv_sh, a.gv_sn, a.nk, D, as_blocks<D / 8>(dv_acc),
-                        key_row0 + g, 0, t, dv_factor);
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh, a.gk_sn, a.nk, D,
+                        as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh, a.gv_sn, a.nk, D,
+                        as_blocks<D / 8>(dv_acc), key_row0 + g, 0, t, dv_factor);
 }
 
 // ---------------------------------------------------------------------------------------------
 // dQ for one query tile of BLOCK_M = 64·WG rows; key tiles of BLOCK_N keys, double-buffered.
-template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD>
+template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD, bool F32_GRADS = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -313,16 +314,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     cp_async_wait<0>();
 
     // dQ·scale, once; rows that see no key write zeros.
-    u16* dq = a.grad_q + b * a.gq_sb + h * a.gq_sh;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = warp_row0 + g + half * 8;
-        if (row < a.nq) {
-            u16* qrow = dq + (i64)row * a.gq_sn;
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i)
-                *reinterpret_cast<u32*>(qrow + 8 * i + 2 * t) =
-                    pack2<T>(dq_acc[4 * i + 2 * half] * a.scale, dq_acc[4 * i + 2 * half + 1] * a.scale);
-        }
-    }
+    const float dq_factor[2] = {a.scale, a.scale};
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh, a.gq_sn, a.nq, D,
+                        as_blocks<D / 8>(dq_acc), warp_row0 + g, 0, t, dq_factor);
 }
