@@ -500,7 +500,9 @@ def _fake_gpus(monkeypatch, visible, *, fail=None):
         config = dict(kwargs, kv_heads=kwargs["heads"], layout="zigzag", window=[-1, -1],
                       softcap=0.0, rows_checked=min(kwargs["rows"], kwargs["seq_len"]))
         times = ({"ring_forward": 0.010, "single_forward": 0.018, "ring_backward": 0.025,
-                  "single_backward": 0.046} if kwargs["mode"] == "processes"
+                  "single_backward": 0.046, "ring_forward_per_rank": [0.009, 0.010],
+                  "ring_forward_transfers_per_rank": [0.002, 0.0025]}
+                 if kwargs["mode"] == "processes"
                  else {"ring_forward_and_backward_simulated": 0.5})
         result = sharded.ShardedCheck(config, times=times)
         for name in ("out", "lse", "dq", "dk", "dv"):
@@ -524,6 +526,7 @@ def test_check_gpus_with_enough_gpus_runs_one_process_each(monkeypatch):
     assert "ring attention across 2 GPUs (4 visible), one process each" in result.stderr
     lines = result.stdout.splitlines()
     assert "ring: the slowest of 2 ranks" in result.stdout
+    assert "0: 9.000 ms (2.000 ms), 1: 10.000 ms (2.500 ms)" in result.stdout
     forward = next(line for line in lines if line.startswith("forward") and "×" in line)
     assert forward.split() == ["forward", "1.80×", "0.900"]
     assert lines[-1] == "PASS"

@@ -162,6 +162,9 @@ def test_check_sharded_two_gpus(options):
     print(result.report())
     assert result.passed, result.report()
     assert result.times["ring_forward"] > 0 and result.times["ring_backward"] > 0
+    for phase in ("forward", "backward"):
+        assert len(result.times[f"ring_{phase}_per_rank"]) == 2
+        assert all(t > 0 for t in result.times[f"ring_{phase}_transfers_per_rank"])
 
 
 @needs_two

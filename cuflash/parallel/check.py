@@ -115,11 +115,16 @@ class ShardedCheck:
             lines += [f"simulated ring, every rank a thread of this process: "
                       f"{_ms(t['ring_forward_and_backward_simulated'])} (not a speed)", ""]
         elif t:
-            lines.append(f"{'':10}{'ring':>12}{'one device':>14}")
+            lines.append(f"{'':10}{'ring':>12}{'one device':>14}   per rank: time (transfers "
+                         f"on the side stream, overlapped)")
             for phase in ("forward", "backward"):
                 if f"ring_{phase}" in t:
+                    ranks = zip(t.get(f"ring_{phase}_per_rank", []),
+                                t.get(f"ring_{phase}_transfers_per_rank", []))
+                    per_rank = ", ".join(f"{r}: {_ms(s)} ({_ms(c)})"
+                                         for r, (s, c) in enumerate(ranks))
                     lines.append(f"{phase:10}{_ms(t.get(f'ring_{phase}')):>12}"
-                                 f"{_ms(t.get(f'single_{phase}')):>14}")
+                                 f"{_ms(t.get(f'single_{phase}')):>14}   {per_rank}")
             lines.append("")
         lines.append(f"{'':6}{'rows':>12}{'max |error|':>14}{'allowed':>12}"
                      f"{'naive ' + c['dtype']:>18}{'vs one device':>16}")
@@ -166,19 +171,24 @@ def _rank_work(comm, q, k, v, dout, config, *, timer=None):
              if config["backward"] else None)
     times = {}
     if timer is not None:
-        times["ring_forward"] = timer(lambda: ring_attention(q, k, v, comm=comm, **options))
+        phases = [("forward", lambda: ring_attention(q, k, v, comm=comm, **options))]
         if config["backward"]:
-            times["ring_backward"] = timer(lambda: ring_attention_backward(
-                dout, q, k, v, out, lse, comm=comm, **options))
+            phases.append(("backward", lambda: ring_attention_backward(
+                dout, q, k, v, out, lse, comm=comm, **options)))
+        for phase, fn in phases:
+            times[f"ring_{phase}"], times[f"ring_{phase}_transfers"] = timer(fn)
     return out, lse, grads, times
 
 
 def _gpu_timer(comm, repeats):
+    """``timer(fn)``: seconds per call of ``fn`` on this rank, and the seconds its transfers
+    took on the communicator's side stream (overlapped with the computation or not)."""
     import cupy
 
     def timer(fn):
         fn()  # warm-up
         comm.barrier()
+        comm.start_timing()
         stream = cupy.cuda.get_current_stream()
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record(stream)
@@ -186,7 +196,8 @@ def _gpu_timer(comm, repeats):
             fn()
         end.record(stream)
         end.synchronize()
-        return cupy.cuda.get_elapsed_time(start, end) / 1e3 / repeats
+        seconds = cupy.cuda.get_elapsed_time(start, end) / 1e3 / repeats
+        return seconds, comm.transfer_seconds() / repeats
     return timer
 
 
@@ -349,7 +360,9 @@ def _run_processes(config, q, k, v, dout):
             shards.append(_load(os.path.join(directory, f"rank{r}.npz"), dtype))
             with open(os.path.join(directory, f"rank{r}.json")) as f:
                 for name, seconds in json.load(f).items():
-                    times[name] = max(times.get(name, 0.0), seconds)  # the slowest rank
+                    times.setdefault(f"{name}_per_rank", []).append(seconds)
+        for name in [n for n in times if n.endswith("_per_rank")]:
+            times[name.removesuffix("_per_rank")] = max(times[name])  # the slowest rank
     return shards, times
 
 

@@ -151,6 +151,23 @@ class NcclComm(CommBase):
         with self.device:
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self._byte = getattr(self.nccl, "NCCL_UINT8", getattr(self.nccl, "NCCL_INT8", 0))
+        self._transfers = None  # (start, end) timing events of each group, while timing
+
+    # -- timing
+
+    def start_timing(self) -> None:
+        """Record the side-stream time of every transfer from now on (see transfer_seconds)."""
+        self._transfers = []
+
+    def transfer_seconds(self) -> float:
+        """Seconds the side stream spent in transfers since ``start_timing`` (waits for them),
+        whether or not they overlapped computation; timing stops."""
+        transfers, self._transfers = self._transfers or [], None
+        total = 0.0
+        for start, end in transfers:
+            end.synchronize()
+            total += self.cupy.cuda.get_elapsed_time(start, end) / 1e3
+        return total
 
     def _create(self, uid):
         """``NcclCommunicator(size, uid, rank)`` with the deadline: the call blocks until every
@@ -289,6 +306,10 @@ class NcclComm(CommBase):
         ready = cupy.cuda.Event(disable_timing=True)
         ready.record(ready_stream or cupy.cuda.get_current_stream())
         self.stream.wait_event(ready)
+        timed = self._transfers is not None
+        if timed:
+            start = cupy.cuda.Event()
+            start.record(self.stream)
         self.nccl.groupStart()
         try:
             for x, peer in sends:
@@ -299,8 +320,10 @@ class NcclComm(CommBase):
                     self._comm.recv(x.data.ptr, x.nbytes, self._byte, peer, self.stream.ptr)
         finally:
             self.nccl.groupEnd()
-        done = cupy.cuda.Event(disable_timing=True)
+        done = cupy.cuda.Event(disable_timing=not timed)
         done.record(self.stream)
+        if timed:
+            self._transfers.append((start, done))
         return done
 
     # -- the protocol
