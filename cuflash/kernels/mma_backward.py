@@ -39,6 +39,7 @@ from ._launch import (
     KernelLaunch,
     PackedArgs,
     check_grid,
+    dropout_values,
     element_type,
     mask_and_score_values,
     mask_heads,
@@ -199,10 +200,15 @@ def workspace_bytes(B: int, Hq: int, Nq: int, D: int, *, deterministic: bool = F
     return total
 
 
-# Every kernel's template ends with a defaulted VARLEN flag: varlen variants spell it, dense ones
-# leave it out (their expressions are those they always were).
+# Every kernel's template ends with a defaulted VARLEN flag, the dK/dV and dQ kernels' with VARLEN
+# and DROPOUT: spelled only when true (_build.trailing_flags), so other variants keep their
+# expressions.
 def _varlen_flag(varlen: bool) -> tuple:
-    return (True,) if varlen else ()
+    return _build.trailing_flags(varlen)
+
+
+def _spec_flags(spec) -> tuple:
+    return _build.trailing_flags(spec.varlen is not None, spec.has_dropout)
 
 
 def variant_pre(dtype, *, aligned: bool, zero_dq: bool, varlen: bool = False) -> str:
@@ -215,7 +221,7 @@ def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> st
     return _build.template_expression(
         "flash_bwd_dkdv", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.col_split,
         tiles.col_passes, tiles.block_m, tiles.stages, tiles.kv_in_regs, mask_type(spec),
-        score_mod_type(spec), aligned, atomic_dq, *_varlen_flag(spec.varlen is not None),
+        score_mod_type(spec), aligned, atomic_dq, *_spec_flags(spec),
     )
 
 
@@ -224,7 +230,7 @@ def variant_dq(spec, tiles: BwdTiles, *, aligned: bool) -> str:
     return _build.template_expression(
         "flash_bwd_dq", element_type(spec.dtype), dqk, dvp, tiles.dq_warps, tiles.dq_mt,
         tiles.dq_block_n, tiles.dq_in_regs, mask_type(spec), score_mod_type(spec), aligned,
-        *_varlen_flag(spec.varlen is not None),
+        *_spec_flags(spec),
     )
 
 
@@ -243,7 +249,8 @@ def tiles_for(spec) -> BwdTiles:
 
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: any 16-bit call on sm_80+ whose block
-    mask (if any) has blocks the tiles divide, packed variable-length sequences included. `arrays` (q, k, v, dout, out, dq, dk, dv) may
+    mask (if any) has blocks the tiles divide, packed variable-length sequences and dropout
+    included (not both together). `arrays` (q, k, v, dout, out, dq, dk, dv) may
     have any alignment."""
     del arrays  # unaligned views run the element-wise load/store variants
     return why_not_16bit_tiled(spec, tiles_for)
@@ -324,7 +331,7 @@ def argument_packer(spec, arrays, *, rows_pad: int):
         dqk=padded_head_dims(spec)[0],  # the dq accumulator's row length
         mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
         **stride_fields(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)),
-        **mask_and_score_values(spec), **varlen_values(spec),
+        **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),
     )
 
     def args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX):
@@ -434,7 +441,10 @@ def main_variants() -> list[tuple[str, str]]:
                 (SOURCE, variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=False)),
                 (SOURCE, variant_dq(spec, tiles, aligned=aligned))]
 
-    for spec in spec_grid(head_dims=(32, 64, 96, 128, 256)):
+    from ._variants import dropout_spec_grid
+
+    head_dims = (32, 64, 96, 128, 256)
+    for spec in spec_grid(head_dims) + dropout_spec_grid(head_dims):
         out += both_paths(spec)
     small_blocks = BlockMask.from_dense(numpy.ones((16, 16), bool), block_size=64)
     for d in (64, 128):
