@@ -158,20 +158,32 @@ _EXACT_CANDIDATES = {
 }
 
 
-def _candidates(dqk: int, dv: int, *, exact: bool = False):
+# Dropout at head dims up to 128: the Philox rounds need the registers that four column passes of
+# the dK/dV kernel free (the dQ kernel keeps its 64-key tiles: at 32 keys ptxas aims at 128
+# registers and spills).
+_DROPOUT_CANDIDATES = {
+    128: tuple(BwdTiles(**{**tiles.__dict__, "col_passes": 4}) for tiles in _CANDIDATES[128]),
+}
+
+
+def _candidates(dqk: int, dv: int, *, exact: bool = False, dropout: bool = False):
     widest = max(dqk, dv)
     for limit in sorted(_CANDIDATES):
         if widest <= limit:
             if exact and limit in _EXACT_CANDIDATES:
                 return _EXACT_CANDIDATES[limit]
+            if dropout and limit in _DROPOUT_CANDIDATES:
+                return _DROPOUT_CANDIDATES[limit]
             return _CANDIDATES[limit]
     raise ValueError(f"head dims up to 256 are supported, got padded widths {dqk} and {dv}")
 
 
-def default_tiles(dqk: int, dv: int, block_size=None, *, exact: bool = False) -> BwdTiles:
-    """The tile shape for padded head dims (dqk, dv) (``exact``: for an exact mask); with a block
-    mask's ``(bq, bk)``, the first candidate whose query and key tiles divide the blocks."""
-    candidates = _candidates(dqk, dv, exact=exact)
+def default_tiles(dqk: int, dv: int, block_size=None, *, exact: bool = False,
+                  dropout: bool = False) -> BwdTiles:
+    """The tile shape for padded head dims (dqk, dv) (``exact``: for an exact mask, ``dropout``:
+    with dropout); with a block mask's ``(bq, bk)``, the first candidate whose query and key
+    tiles divide the blocks."""
+    candidates = _candidates(dqk, dv, exact=exact, dropout=dropout)
     if block_size is None:
         return candidates[0]
     bq, bk = (int(n) for n in block_size)
@@ -244,7 +256,7 @@ def tiles_for(spec) -> BwdTiles:
     the block mask's blocks (the default without one)."""
     dqk, dvp = padded_head_dims(spec)
     return default_tiles(dqk, dvp, None if spec.block_mask is None else spec.block_mask.block_size,
-                         exact=spec.exact_mask is not None)
+                         exact=spec.exact_mask is not None, dropout=spec.has_dropout)
 
 
 def supports(spec, arrays) -> str | None:

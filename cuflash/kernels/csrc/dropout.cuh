@@ -96,68 +96,83 @@ struct DropoutMask {
     }
 };
 
-// The keep bits of NT consecutive blocks (keys along columns), block j at key0 + 8j, in bits
-// 4j .. 4j + 3 of one word. row0 / key0 as keys_along_columns. One block at a time (unroll 1):
-// unrolled, the scheduler interleaves all the Philox calls and their registers add up.
+// The keep bits of one 16×8 block of a thread. KEYS_ALONG_ROWS: an Sᵀ block, row0 the thread's
+// key of half 0 and col0 the block's first query (keys_along_rows); else a P block, row0 the
+// thread's query and col0 the block's first key (keys_along_columns).
+template <bool KEYS_ALONG_ROWS>
+__device__ __forceinline__ u32 block_keep(const DropoutMask& mask, int row0, int col0, int lane) {
+    return KEYS_ALONG_ROWS ? mask.keys_along_rows(row0, col0, lane) : mask.keys_along_columns(row0, col0, lane);
+}
+
+__device__ __forceinline__ bool kept(u32 keep, int i) { return keep >> i & 1u; }
+
+// Where the kernels draw the mask is a matter of registers, found by compiling every variant:
+// the forward draws a tile's bits before its S exists, one block at a time (keep_bits), which
+// made room in the D = 64 tiles; the backward kernels draw each block's bits where they apply
+// them (drop_grads, mark_dropped), which spilled less there than bits kept across the products.
+
+// The keep bits of NT consecutive P blocks of a thread (block j at key col0 + 8j) in bits
+// 4j .. 4j + 3 of one word, one block at a time (unroll 1: unrolled, the scheduler interleaves
+// the Philox calls and their registers add up).
 template <int NT>
-__device__ __forceinline__ u32 keep_bits_of_row_blocks(const DropoutMask& mask, int row0, int key0, int lane) {
+__device__ __forceinline__ u32 keep_bits(const DropoutMask& mask, int row0, int col0, int lane) {
     static_assert(NT <= 8, "4 bits per block in one word");
     u32 keep = 0;
 #pragma unroll 1
-    for (int j = 0; j < NT; ++j) keep |= mask.keys_along_columns(row0, key0 + 8 * j, lane) << (4 * j);
+    for (int j = 0; j < NT; ++j) keep |= block_keep<false>(mask, row0, col0 + 8 * j, lane) << (4 * j);
     return keep;
 }
 
-// Elements of P whose keep bit (keep_bits_of_row_blocks) is clear set to 0: the forward's P
-// before P·V.
+// P with the elements whose keep bit (keep_bits) is clear set to 0: the forward's P before P·V.
 template <int NT>
 __device__ __forceinline__ void drop_probs(float (&p)[NT][4], u32 keep) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-            if (!(keep >> (4 * j + i) & 1u)) p[j][i] = 0.f;
+            if (!kept(keep, 4 * j + i)) p[j][i] = 0.f;
 }
 
-// dP of the kept elements times 1 / (1 − p), 0 for the dropped ones (keys along columns: the
-// deterministic dQ kernel), as the NumPy path computes it before dS = P ∘ (dP − Δ).
+// dP of the kept elements times 1 / (1 − p), 0 for the dropped ones (the deterministic dQ
+// kernel's P blocks, block j at key key0 + 8j), as the NumPy path computes it before
+// dS = P ∘ (dP − Δ).
 template <int NT>
 __device__ __forceinline__ void drop_grads(float (&dp)[NT][4], const DropoutMask& mask, int row0, int key0,
                                            int lane) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-        const u32 keep = mask.keys_along_columns(row0, key0 + 8 * j, lane);
+        const u32 keep = block_keep<false>(mask, row0, key0 + 8 * j, lane);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dp[j][i] = keep >> i & 1u ? dp[j][i] * mask.rescale : 0.f;
+        for (int i = 0; i < 4; ++i) dp[j][i] = kept(keep, i) ? dp[j][i] * mask.rescale : 0.f;
     }
 }
 
 // The dK/dV kernel needs the mask twice per element (P ∘ Z for dV, then Z for dP) and has no
-// registers to keep it: the sign of P carries it instead (P ≥ 0, so −P marks a dropped element;
-// for P = 0 the mark does not matter, dS and P ∘ Z are 0 either way). mark_dropped turns Pᵀ
-// (keys along rows) into marked Pᵀ; dropped_prob gives P ∘ Z of a marked element, and unmark
-// restores P and applies the mask and 1 / (1 − p) to dPᵀ.
+// registers to spare between the two: the sign of P carries it (P ≥ 0, so −P marks a dropped
+// element; for P = 0 the mark does not matter, dS and P ∘ Z are 0 either way). mark_dropped
+// marks Pᵀ (block j at query query0 + 8j), dropped_prob gives P ∘ Z of a marked element, and
+// unmark_dropped restores P and applies the mask and 1 / (1 − p) to dPᵀ.
 template <int NT>
 __device__ __forceinline__ void mark_dropped(float (&p)[NT][4], const DropoutMask& mask, int key0, int query0,
                                              int lane) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-        const u32 keep = mask.keys_along_rows(key0, query0 + 8 * j, lane);
+        const u32 keep = block_keep<true>(mask, key0, query0 + 8 * j, lane);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-            if (!(keep >> i & 1u)) p[j][i] = -p[j][i];
+            if (!kept(keep, i)) p[j][i] = -p[j][i];
     }
 }
 
 __device__ __forceinline__ float dropped_prob(float marked) { return fmaxf(marked, 0.f); }
 
 template <int NT>
-__device__ __forceinline__ void unmark_dropped(float (&p)[NT][4], float (&dp)[NT][4], const DropoutMask& mask) {
+__device__ __forceinline__ void unmark_dropped(float (&p)[NT][4], float (&dp)[NT][4], float rescale) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            dp[j][i] = signbit(p[j][i]) ? 0.f : dp[j][i] * mask.rescale;
+            dp[j][i] = signbit(p[j][i]) ? 0.f : dp[j][i] * rescale;
             p[j][i] = fabsf(p[j][i]);
         }
 }

@@ -240,7 +240,7 @@ __device__ __forceinline__ void dkdv_pass(float (&dk_acc)[S::MT][S::KT][4], floa
     warp_gemm<T, false, S::KVD>(dp, va, w.sdo_b + o_stage + pass * S::CMP * OS * 2, 32, 16 * OS * 2);
     if constexpr (DROPOUT) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) unmark_dropped(s[mt], dp[mt], drop);
+        for (int mt = 0; mt < MT; ++mt) unmark_dropped(s[mt], dp[mt], drop.rescale);
     }
     // dS^T; the softcap factor comes back from P^T (keeping it would cost CTP * 4 registers more,
     // and the D = 128 variants have none to spare).

@@ -95,16 +95,14 @@ flash_fwd(const FwdArgs a) {
             }
         }
 
-        // The tile's dropout mask (4 bits per 16×8 block) before S exists: drawn after the softmax,
-        // next to S and O, the Philox rounds' registers made the D = 64 variants spill.
+        // The tile's dropout mask, drawn before S exists (dropout.cuh, keep_bits).
         const int n0 = n_tile * BLOCK_N;
         const int warp_row0 = m0 + warp * MT * 16;
         u32 keep[MT];
         if constexpr (DROPOUT) {
             const DropoutMask drop(a, b, h);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-                keep[mt] = keep_bits_of_row_blocks<NT>(drop, warp_row0 + mt * 16 + g, n0, lane);
+            for (int mt = 0; mt < MT; ++mt) keep[mt] = keep_bits<NT>(drop, warp_row0 + mt * 16 + g, n0, lane);
         }
 
         // S = Q·Kᵀ; Q from registers or shared memory, K from shared memory.
