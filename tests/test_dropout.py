@@ -1,6 +1,6 @@
 """Attention dropout: the random contract of ``cuflash._dropout`` (Philox4x32-10), the NumPy path
-against the float64 oracle given the same mask, its statistics, the seed rule, the checks, and the
-GPU families' refusal."""
+against the float64 oracle given the same mask, its statistics, the seed rule, the checks, and
+which GPU families take it (the sm80 ones; tests/test_dropout_gpu.py runs them)."""
 
 from __future__ import annotations
 
@@ -296,41 +296,70 @@ def test_numpy_integers_are_seeds(rng):
 
 # ----------------------------------------------------------------------------- GPU families
 
-def test_every_gpu_family_refuses_dropout():
-    """Without CuPy: each launcher's supports() gives the reason before looking at the arrays."""
+def test_only_the_sm80_families_take_dropout():
+    """Without CuPy: the sm80 launchers take a dropout call, every other family gives the reason
+    before looking at the arrays, and the sm80 ones refuse dropout with packed sequences."""
+    import dataclasses
+
+    from cuflash._spec import VarlenLayout
+
     q = np.zeros((2, 4, 64, 64), np.float16)
     spec = _api._spec(q, q, q, dropout_p=0.1, dropout_seed=1)[1]
     assert "dropout_p=0.1" in spec.describe()
     families = {f.module: f for registry in kernels.REGISTRY.values() for f in registry}
     assert len(families) >= 6
-    for family in families.values():
+    sm80 = {"mma_forward", "mma_backward"}
+    for module, family in families.items():
         reason = family.launcher().supports(spec, (None,) * 8)
-        assert reason == "dropout is not implemented in the GPU kernels yet (dropout_p=0.1)"
+        if module in sm80:
+            assert reason is None, module
+        else:
+            assert reason == "dropout (dropout_p=0.1) runs in the sm80-mma kernels only", module
     plain = _api._spec(q, q, q)[1]
     assert kernels._launch.why_not_dropout(plain) is None
+    packed = dataclasses.replace(spec, varlen=VarlenLayout(cu_q=None, cu_k=None, total_q=64,
+                                                           total_k=64, max_q=64, max_k=64))
+    for module in sm80:
+        assert families[module].launcher().supports(packed, (None,) * 8) == (
+            "dropout with packed variable-length sequences is not implemented")
 
 
-def test_gpu_calls_refuse_dropout_and_the_cache_keeps_them_apart(monkeypatch):
-    """On a fake device: kernel_plan names dropout for every family, a dropout call raises
-    ValueError naming it, also after a p = 0 call of the same arrays built a cache entry."""
+def test_gpu_dropout_calls_run_the_sm80_dropout_variants(monkeypatch):
+    """On a fake Hopper device: a dropout call compiles the DROPOUT variants of the sm80 kernels
+    and sends them the mask's parameters; the cached call path keeps it apart from the p = 0
+    call of the same arrays, and p = 0 with a seed is the call without dropout."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
     from cuflash import _calls
+    from cuflash.kernels import _launch
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     q, k, v = (device.empty((2, 4, 128, 64), np.float16) for _ in range(3))
-    plan = cuflash.kernel_plan(q, k, v, dropout_p=0.1, dropout_seed=1)
-    for pass_plan in (plan.forward, plan.backward):
-        assert pass_plan.family is None
-        assert all("dropout is not implemented" in reason for _, reason in pass_plan.passed_over)
     cuflash.attention(q, k, v)
     cuflash.attention(q, k, v)
     assert _calls.stats()["hits"] == 1
-    with pytest.raises(ValueError, match="dropout is not implemented in the GPU kernels yet"):
-        cuflash.attention(q, k, v, dropout_p=0.1, dropout_seed=1)
-    with pytest.raises(ValueError, match="dropout is not implemented in the GPU kernels yet"):
-        cuflash.attention_vjp(q, k, v, dropout_p=0.1)
+    plain = device.take_launches()
+    assert plain[0][0].startswith("flash_fwd_sm90")
+
+    seed = 2**40 + 7
+    options = dict(dropout_p=0.1, dropout_seed=seed, dropout_offset=3)
+    out, lse = cuflash.attention(q, k, v, **options, return_lse=True)
     assert _calls.stats()["hits"] == 1
-    # p = 0 with a seed is a call without dropout: it runs.
+    cuflash.attention_backward(out, q, k, v, out, lse, **options)
+    launches = device.take_launches()
+    (forward,) = [x for x in launches if x[0].startswith("flash_fwd<")]
+    assert forward[0].endswith(", false, true>")  # VARLEN = false, DROPOUT = true
+    args = np.frombuffer(forward[4], _launch.FWD_ARGS)[0]
+    assert (args["drop_threshold"], args["drop_seed_lo"], args["drop_seed_hi"],
+            args["drop_offset"]) == (_dropout.threshold(0.1), 7, 2**8, 3)
+    assert args["drop_rescale"] == np.float32(1 / 0.9)
+    dkdv = [x for x in launches if x[0].startswith(("flash_bwd_dkdv<", "flash_bwd_dq<"))]
+    assert dkdv and all(x[0].endswith(", false, true>") for x in dkdv)
+    for launch in launches:
+        if launch[0].startswith("flash_bwd"):
+            bwd = np.frombuffer(launch[4], _launch.BWD_ARGS)[0]
+            assert bwd["drop_threshold"] == _dropout.threshold(0.1)
+
     cuflash.attention(q, k, v, dropout_p=0.0, dropout_seed=1)
+    assert device.take_launches()[0][0] == plain[0][0]

@@ -40,6 +40,15 @@ def template_expression(name: str, *args) -> str:
     return f"{name}<{', '.join(spelled)}>"
 
 
+def trailing_flags(*flags: bool) -> tuple[bool, ...]:
+    """A template's trailing flags that default to false, spelled up to the last true one: a
+    variant without them keeps the expression it always had (and its compiled module)."""
+    flags = tuple(bool(f) for f in flags)
+    while flags and not flags[-1]:
+        flags = flags[:-1]
+    return flags
+
+
 @functools.lru_cache(maxsize=None)
 def _module(source_name: str, expression: str, device_id: int, options: tuple = ()):
     import cupy

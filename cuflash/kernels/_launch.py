@@ -10,13 +10,14 @@ from typing import Any
 import numpy
 
 from . import _build
+from .. import _dropout
 from .._mask import LOG2E
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32  # head dims are padded inside the kernel to a multiple of this
 
 # Pointers travel as uint64, strides as int64 (in elements), sizes as int32, scalars as float32.
-PTR, I64, I32, F32 = numpy.uint64, numpy.int64, numpy.int32, numpy.float32
+PTR, I64, I32, F32, U32 = numpy.uint64, numpy.int64, numpy.int32, numpy.float32, numpy.uint32
 
 
 def element_type(dtype) -> str:
@@ -27,15 +28,6 @@ def element_type(dtype) -> str:
     if name == "bfloat16":
         return "bf16_t"
     raise TypeError(f"the tensor-core kernels take float16 or bfloat16, not {name}")
-
-
-def trailing_flags(*flags: bool) -> tuple:
-    """Defaulted ``false`` flags that end a kernel template (VARLEN, F32_GRADS, ...), spelled up
-    to the last one set: an expression without them is the one that call always had."""
-    flags = list(flags)
-    while flags and not flags[-1]:
-        flags.pop()
-    return tuple(bool(f) for f in flags)
 
 
 def padded_head_dim(d: int, what: str) -> int:
@@ -133,8 +125,9 @@ def why_not_16bit(spec) -> str | None:
 
 def why_not_16bit_tiled(spec, tiles_for) -> str | None:
     """None for a float16/bfloat16 call that ``tiles_for(spec)`` finds tiles for, else the
-    reason (``tiles_for`` raises ValueError naming what no tile shape fits)."""
-    reason = why_not_dropout(spec) or why_not_16bit(spec)
+    reason (``tiles_for`` raises ValueError naming what no tile shape fits). The sm80 families
+    that use it draw the dropout mask, but not for packed sequences."""
+    reason = why_not_packed_dropout(spec) or why_not_16bit(spec)
     if reason:
         return reason
     try:
@@ -145,11 +138,20 @@ def why_not_16bit_tiled(spec, tiles_for) -> str | None:
 
 
 def why_not_dropout(spec) -> str | None:
-    """The reason every kernel family gives for a call with dropout (None for any other call):
-    the kernels do not draw the mask of ``cuflash._dropout`` yet."""
+    """The reason a family without dropout (Hopper, float32) gives for a call with dropout
+    (None for any other call): only the sm80 mma.sync kernels draw the mask of
+    ``cuflash._dropout`` (csrc/dropout.cuh), so the registry passes such a call on to them."""
     if not spec.has_dropout:
         return None
-    return f"dropout is not implemented in the GPU kernels yet (dropout_p={spec.dropout_p:g})"
+    return f"dropout (dropout_p={spec.dropout_p:g}) runs in the sm80-mma kernels only"
+
+
+def why_not_packed_dropout(spec) -> str | None:
+    """The sm80 families' reason for dropout with packed variable-length sequences: the mask's
+    batch index would be the sequence's, which no caller can ask for yet."""
+    if spec.has_dropout and spec.varlen is not None:
+        return "dropout with packed variable-length sequences is not implemented"
+    return None
 
 
 def why_not_varlen(spec, family: str) -> str | None:
@@ -278,6 +280,21 @@ def mask_and_score_values(spec) -> dict:
     }
 
 
+# ---- dropout: argument fields (DROPOUT_FIELDS in csrc/dropout.cuh), after the mask fields
+
+DROPOUT_FIELDS = [("drop_threshold", U32), ("drop_seed_lo", U32), ("drop_seed_hi", U32),
+                  ("drop_offset", U32), ("drop_rescale", F32)]
+
+
+def dropout_values(spec) -> dict:
+    """The values of DROPOUT_FIELDS for one call (threshold 0 and factor 1 without dropout; the
+    kernels read them only in their DROPOUT variants)."""
+    seed, p = spec.dropout_seed, spec.dropout_p
+    return {"drop_threshold": _dropout.threshold(p) if spec.has_dropout else 0,
+            "drop_seed_lo": seed & 0xFFFFFFFF, "drop_seed_hi": seed >> 32,
+            "drop_offset": spec.dropout_offset, "drop_rescale": 1.0 / (1.0 - p)}
+
+
 def mask_type(spec) -> str:
     """The kernels' mask policy for this call (csrc/mask.cuh)."""
     left, right = spec.band()
@@ -329,9 +346,9 @@ FWD_ARGS = make_struct_dtype(
     + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads",
                           "total_q")]
     + [("scale_log2", F32)]
-    + MASK_AND_SCORE_FIELDS
+    + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS
 )
-assert FWD_ARGS.itemsize == 248, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
+assert FWD_ARGS.itemsize == 272, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
 
 # The argument struct of every 16-bit backward kernel (BwdArgs in csrc/args.cuh).
 BWD_ARGS = make_struct_dtype(
@@ -341,9 +358,9 @@ BWD_ARGS = make_struct_dtype(
     + [(n, I32) for n in ("batch", "nq", "nk", "d", "dv", "heads", "kv_heads", "group", "m_tiles",
                           "n_tiles", "rows_pad", "dqk", "mask_heads", "total_q")]
     + [("scale", F32), ("scale_log2", F32)]
-    + MASK_AND_SCORE_FIELDS
+    + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS
 )
-assert BWD_ARGS.itemsize == 424, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
+assert BWD_ARGS.itemsize == 448, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
 
 
 def mask_heads(spec) -> int:
@@ -378,7 +395,7 @@ def forward_args(spec, arrays, *, tile_m, tile_n) -> tuple[PackedArgs, int]:
         **tile_index(spec, tile_m, tile_n), **stride_fields("qkvo", arrays),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
-        **mask_and_score_values(spec), **varlen_values(spec),
+        **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),
     )
     return PackedArgs(FWD_ARGS, FWD_POINTERS, values), blocks
 

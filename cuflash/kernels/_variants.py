@@ -3,7 +3,8 @@
 Each launcher's ``main_variants()`` turns ``spec_grid(...)`` into its own template expressions, so
 one list says which option combinations must always build: every dtype and head dim dense and
 causal, exact masks (alone and with causal) at every head dim in one dtype, plus each mask policy
-and score modifier (and all of them together) at one head dim.
+and score modifier (and all of them together) at one head dim; packed sequences and dropout (the
+sm80 kernels only) in grids of their own.
 """
 
 from __future__ import annotations
@@ -74,6 +75,26 @@ def float32_grads_specs(head_dims):
     """Backward passes that store float32 gradients (``grad_dtype=float32``): causal at every
     head dim in bfloat16. Only the gradient stores differ from the 16-bit variants."""
     return [spec_of("bfloat16", d, causal=True, float32_grads=True) for d in head_dims]
+
+
+def dropout_spec_grid(head_dims):
+    """Dropout (the sm80 kernels' DROPOUT variants): alone and with causal at every head dim in
+    bfloat16, once in float16, with ``Dv ≠ D``, and with every mask policy and score modifier
+    at D = 128 (if listed)."""
+    drop = dict(dropout_p=0.1, dropout_seed=1)
+    specs = [spec_of("bfloat16", d, causal=causal, **drop)
+             for d in head_dims for causal in (False, True)]
+    specs += [spec_of("float16", head_dims[-1], **drop),
+              spec_of("bfloat16", 64, 128, causal=True, **drop)]
+    if _FEATURE_HEAD_DIM in head_dims:
+        d = _FEATURE_HEAD_DIM
+        specs += [
+            spec_of("bfloat16", d, causal=True, window=(256, 0), softcap=30.0, alibi=_Slopes(),
+                    block_mask=_block_mask(), **drop),
+            spec_of("bfloat16", d, window=(256, 64), softcap=30.0, alibi=_Slopes(),
+                    exact_mask=_exact_mask(), **drop),
+        ]
+    return specs
 
 
 def varlen_spec_grid():

@@ -40,6 +40,7 @@ from ._launch import (
     KernelLaunch,
     PackedArgs,
     check_grid,
+    dropout_values,
     element_type,
     mask_and_score_values,
     mask_heads,
@@ -50,7 +51,6 @@ from ._launch import (
     score_mod_type,
     stride_fields,
     tile_index,
-    trailing_flags,
     varlen_pointers,
     varlen_values,
     vector_aligned,
@@ -159,20 +159,32 @@ _EXACT_CANDIDATES = {
 }
 
 
-def _candidates(dqk: int, dv: int, *, exact: bool = False):
+# Dropout at head dims up to 128: the Philox rounds need the registers that four column passes of
+# the dK/dV kernel free (the dQ kernel keeps its 64-key tiles: at 32 keys ptxas aims at 128
+# registers and spills).
+_DROPOUT_CANDIDATES = {
+    128: tuple(BwdTiles(**{**tiles.__dict__, "col_passes": 4}) for tiles in _CANDIDATES[128]),
+}
+
+
+def _candidates(dqk: int, dv: int, *, exact: bool = False, dropout: bool = False):
     widest = max(dqk, dv)
     for limit in sorted(_CANDIDATES):
         if widest <= limit:
             if exact and limit in _EXACT_CANDIDATES:
                 return _EXACT_CANDIDATES[limit]
+            if dropout and limit in _DROPOUT_CANDIDATES:
+                return _DROPOUT_CANDIDATES[limit]
             return _CANDIDATES[limit]
     raise ValueError(f"head dims up to 256 are supported, got padded widths {dqk} and {dv}")
 
 
-def default_tiles(dqk: int, dv: int, block_size=None, *, exact: bool = False) -> BwdTiles:
-    """The tile shape for padded head dims (dqk, dv) (``exact``: for an exact mask); with a block
-    mask's ``(bq, bk)``, the first candidate whose query and key tiles divide the blocks."""
-    candidates = _candidates(dqk, dv, exact=exact)
+def default_tiles(dqk: int, dv: int, block_size=None, *, exact: bool = False,
+                  dropout: bool = False) -> BwdTiles:
+    """The tile shape for padded head dims (dqk, dv) (``exact``: for an exact mask, ``dropout``:
+    with dropout); with a block mask's ``(bq, bk)``, the first candidate whose query and key
+    tiles divide the blocks."""
+    candidates = _candidates(dqk, dv, exact=exact, dropout=dropout)
     if block_size is None:
         return candidates[0]
     bq, bk = (int(n) for n in block_size)
@@ -201,15 +213,17 @@ def workspace_bytes(B: int, Hq: int, Nq: int, D: int, *, deterministic: bool = F
     return total
 
 
-# Every kernel's template ends with defaulted flags, VARLEN then F32_GRADS (float32 gradients),
-# spelled only up to the last one set (trailing_flags).
-def _gradient_flags(spec) -> tuple:
-    return trailing_flags(spec.varlen is not None, spec.float32_grads)
+# Every kernel's template ends with defaulted flags: VARLEN; the dK/dV and dQ kernels' VARLEN,
+# DROPOUT, then F32_GRADS (float32 gradients), the dQ conversion's VARLEN, F32_GRADS. They are
+# spelled only up to the last one set (_build.trailing_flags), so other variants keep their
+# expressions.
+def _spec_flags(spec) -> tuple:
+    return _build.trailing_flags(spec.varlen is not None, spec.has_dropout, spec.float32_grads)
 
 
 def variant_pre(dtype, *, aligned: bool, zero_dq: bool, varlen: bool = False) -> str:
     return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq,
-                                      *trailing_flags(varlen))
+                                      *_build.trailing_flags(varlen))
 
 
 def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> str:
@@ -217,7 +231,7 @@ def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> st
     return _build.template_expression(
         "flash_bwd_dkdv", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.col_split,
         tiles.col_passes, tiles.block_m, tiles.stages, tiles.kv_in_regs, mask_type(spec),
-        score_mod_type(spec), aligned, atomic_dq, *_gradient_flags(spec),
+        score_mod_type(spec), aligned, atomic_dq, *_spec_flags(spec),
     )
 
 
@@ -226,14 +240,14 @@ def variant_dq(spec, tiles: BwdTiles, *, aligned: bool) -> str:
     return _build.template_expression(
         "flash_bwd_dq", element_type(spec.dtype), dqk, dvp, tiles.dq_warps, tiles.dq_mt,
         tiles.dq_block_n, tiles.dq_in_regs, mask_type(spec), score_mod_type(spec), aligned,
-        *_gradient_flags(spec),
+        *_spec_flags(spec),
     )
 
 
 def variant_convert(dtype, *, aligned: bool, varlen: bool = False,
                     float32_grads: bool = False) -> str:
     return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned,
-                                      *trailing_flags(varlen, float32_grads))
+                                      *_build.trailing_flags(varlen, float32_grads))
 
 
 def tiles_for(spec) -> BwdTiles:
@@ -241,12 +255,13 @@ def tiles_for(spec) -> BwdTiles:
     the block mask's blocks (the default without one)."""
     dqk, dvp = padded_head_dims(spec)
     return default_tiles(dqk, dvp, None if spec.block_mask is None else spec.block_mask.block_size,
-                         exact=spec.exact_mask is not None)
+                         exact=spec.exact_mask is not None, dropout=spec.has_dropout)
 
 
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: any 16-bit call on sm_80+ whose block
-    mask (if any) has blocks the tiles divide, packed variable-length sequences included. `arrays` (q, k, v, dout, out, dq, dk, dv) may
+    mask (if any) has blocks the tiles divide, packed variable-length sequences and dropout
+    included (not both together). `arrays` (q, k, v, dout, out, dq, dk, dv) may
     have any alignment."""
     del arrays  # unaligned views run the element-wise load/store variants
     return why_not_16bit_tiled(spec, tiles_for)
@@ -327,7 +342,7 @@ def argument_packer(spec, arrays, *, rows_pad: int):
         dqk=padded_head_dims(spec)[0],  # the dq accumulator's row length
         mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
         **stride_fields(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)),
-        **mask_and_score_values(spec), **varlen_values(spec),
+        **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),
     )
 
     def args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX):
@@ -422,8 +437,9 @@ def main_variants() -> list[tuple[str, str]]:
     score modifier), the dk/dv kernel with and without atomic dq and the deterministic dq
     kernel; block-sparse fallback tiles (64-row blocks), unaligned views, float32 gradients, and
     the small per-row kernels."""
-    from ._variants import spec_grid, spec_of
     from ..sparse import BlockMask
+    from ._variants import (dropout_spec_grid, float32_grads_specs, spec_grid, spec_of,
+                            varlen_spec_grid)
 
     out = []
     for dtype in ("float16", "bfloat16"):
@@ -438,18 +454,20 @@ def main_variants() -> list[tuple[str, str]]:
                 (SOURCE, variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=False)),
                 (SOURCE, variant_dq(spec, tiles, aligned=aligned))]
 
-    for spec in spec_grid(head_dims=(32, 64, 96, 128, 256)):
+    head_dims = (32, 64, 96, 128, 256)
+    for spec in spec_grid(head_dims) + dropout_spec_grid(head_dims):
         out += both_paths(spec)
     small_blocks = BlockMask.from_dense(numpy.ones((16, 16), bool), block_size=64)
     for d in (64, 128):
         out += both_paths(spec_of("float16", d, causal=True, block_mask=small_blocks))
     out += both_paths(spec_of("float16", 64, 128), aligned=False)
-    from ._variants import float32_grads_specs, varlen_spec_grid
 
-    for spec in float32_grads_specs((32, 64, 96, 128, 256)):
+    for spec in float32_grads_specs(head_dims):
         out += both_paths(spec)
     out += both_paths(dataclasses.replace(spec_of("bfloat16", 96, 64), float32_grads=True),
                       aligned=False)
+    out += both_paths(spec_of("bfloat16", 128, causal=True, dropout_p=0.1, dropout_seed=1,
+                              float32_grads=True))
     for aligned in (False, True):
         out.append((SOURCE, variant_convert("bfloat16", aligned=aligned, float32_grads=True)))
 

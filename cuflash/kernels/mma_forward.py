@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from . import _build
 from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type,
-                      padded_head_dims, score_mod_type, trailing_flags, vector_aligned,
-                      why_not_16bit_tiled)
+                      padded_head_dims, score_mod_type, vector_aligned, why_not_16bit_tiled)
 
 SOURCE = "flash_fwd.cu"
 
@@ -32,13 +31,14 @@ class FwdTiles:
         return 2 * (self.block_m * (dqk + pad) + self.block_n * (dqk + pad) + self.block_n * (dv + pad))
 
 
-def default_tiles(dqk: int, dv: int) -> FwdTiles:
+def default_tiles(dqk: int, dv: int, *, dropout: bool = False) -> FwdTiles:
     """Per padded head dim, the fastest tile measured that compiles without register spills. Two
     16-row slabs per warp halve the shared-memory reads per FLOP (each K/V fragment serves both);
-    at D = 128 that leaves room for only 32 keys per tile, and at D = 256 for one slab."""
+    at D = 128 that leaves room for only 32 keys per tile, and at D = 256 for one slab. With
+    dropout, Q stays in shared memory at D = 64: its registers go to the Philox rounds."""
     widest = max(dqk, dv)
     if widest <= 64:
-        return FwdTiles(warps=4, mt=2, block_n=64, q_in_regs=True)
+        return FwdTiles(warps=4, mt=2, block_n=64, q_in_regs=not (dropout and widest > 32))
     if widest <= 128:
         return FwdTiles(warps=4, mt=2, block_n=32, q_in_regs=False)
     return FwdTiles(warps=4, mt=1, block_n=64, q_in_regs=False)
@@ -59,13 +59,13 @@ def tiles_for_mask(tiles: FwdTiles, block_size, dqk: int, dv: int) -> FwdTiles:
 
 
 def variant(spec, tiles: FwdTiles, *, aligned: bool) -> str:
-    """The kernel's template expression; a varlen call's adds VARLEN = true (dense calls leave
-    the defaulted flag out, so their expressions are those they always were)."""
+    """The kernel's template expression; the defaulted flags VARLEN and DROPOUT are spelled only
+    when a call needs them (``_build.trailing_flags``)."""
     dqk, dvp = padded_head_dims(spec)
-    varlen = trailing_flags(spec.varlen is not None)
     return _build.template_expression(
         "flash_fwd", element_type(spec.dtype), dqk, dvp, tiles.warps, tiles.mt, tiles.block_n,
-        tiles.q_in_regs, mask_type(spec), score_mod_type(spec), aligned, *varlen,
+        tiles.q_in_regs, mask_type(spec), score_mod_type(spec), aligned,
+        *_build.trailing_flags(spec.varlen is not None, spec.has_dropout),
     )
 
 
@@ -73,7 +73,7 @@ def tiles_for(spec) -> FwdTiles:
     """The tile shape a call runs with: the default for its head dims, refined to divide the
     block mask's blocks."""
     dqk, dvp = padded_head_dims(spec)
-    tiles = default_tiles(dqk, dvp)
+    tiles = default_tiles(dqk, dvp, dropout=spec.has_dropout)
     if spec.block_mask is not None:
         tiles = tiles_for_mask(tiles, spec.block_mask.block_size, dqk, dvp)
     return tiles
@@ -81,7 +81,7 @@ def tiles_for(spec) -> FwdTiles:
 
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: it takes any 16-bit call on sm_80+,
-    packed variable-length sequences included."""
+    packed variable-length sequences and dropout included (not both together)."""
     return why_not_16bit_tiled(spec, tiles_for)
 
 
@@ -106,12 +106,11 @@ def forward(q, k, v, out, lse, spec, *, tiles: FwdTiles | None = None):
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for every supported architecture without register spills."""
-    from ._variants import spec_grid
-
-    from ._variants import varlen_spec_grid
+    from ._variants import dropout_spec_grid, spec_grid, varlen_spec_grid
 
     out = []
-    for spec in spec_grid(head_dims=(32, 64, 96, 128, 256)) + varlen_spec_grid():
+    head_dims = (32, 64, 96, 128, 256)
+    for spec in spec_grid(head_dims) + varlen_spec_grid() + dropout_spec_grid(head_dims):
         out.append((SOURCE, variant(spec, tiles_for(spec), aligned=spec.shapes.d % 8 == 0)))
     return list(dict.fromkeys(out))
 

@@ -15,7 +15,7 @@ import numpy
 
 from . import _build, _launch, _tma
 from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type,
-                      trailing_flags, vector_aligned, why_not_dropout, why_not_hopper_16bit)
+                      vector_aligned, why_not_dropout, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
@@ -106,7 +106,7 @@ def tiles_for(spec) -> TmaTiles:
 def variant(spec, tiles: TmaTiles) -> str:
     """The kernel's template expression; a varlen call's adds VARLEN = true (dense calls leave
     the defaulted flag out)."""
-    varlen = trailing_flags(spec.varlen is not None)
+    varlen = _build.trailing_flags(spec.varlen is not None)
     return _build.template_expression(
         "flash_fwd_sm90_tma", element_type(spec.dtype), spec.shapes.d, spec.shapes.dv, tiles.block_n,
         tiles.stages, tiles.consumers, tiles.pingpong, mask_type(spec), score_mod_type(spec), *varlen,

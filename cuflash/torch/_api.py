@@ -113,7 +113,7 @@ def _unsupported_flash_attn(dropout_p, return_attn_probs,
                             lse_from="cuflash.torch.attention(..., return_lse=True)") -> None:
     if dropout_p != 0.0:
         raise NotImplementedError(
-            f"dropout_p={dropout_p!r}: cuflash's GPU kernels have no attention dropout yet; pass "
+            f"dropout_p={dropout_p!r}: the torch wrappers take no attention dropout yet; pass "
             f"dropout_p=0.0 (or apply dropout elsewhere in the model)")
     if return_attn_probs:
         raise NotImplementedError(
@@ -251,7 +251,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             "block-sparse cuflash.sparse.BlockMask through cuflash.torch.attention)")
     if dropout_p != 0.0:
         raise NotImplementedError(
-            f"dropout_p={dropout_p!r}: cuflash's GPU kernels have no attention dropout yet; "
+            f"dropout_p={dropout_p!r}: the torch wrappers take no attention dropout yet; "
             f"pass dropout_p=0.0")
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.dim() < 3:

@@ -1,12 +1,13 @@
 // Argument structs of the 16-bit kernels, passed by value. Each has a twin NumPy structured
 // dtype on the host (FWD_ARGS and BWD_ARGS in _launch.py); the size checks catch a field added
 // on one side only. Both end with the same mask and score-modifier fields, which the policies
-// of mask.cuh and score_mod.cuh read by name.
+// of mask.cuh and score_mod.cuh read by name, then the dropout fields (dropout.cuh).
 #pragma once
 #include "schedule.cuh"
 #include "score_mod.cuh"
 #include "softmax.cuh"
 #include "epilogue.cuh"
+#include "dropout.cuh"
 
 // The fields every argument struct ends with (the float32 kernels' structs too).
 #define MASK_AND_SCORE_FIELDS                                                                  \
@@ -39,8 +40,9 @@ struct FwdArgs {
     int total_q;           // varlen: packed query rows (lse is (Hq, total_q)); 0 dense
     float scale_log2;      // softmax scale * log2(e)
     MASK_AND_SCORE_FIELDS
+    DROPOUT_FIELDS
 };
-static_assert(sizeof(FwdArgs) == 248, "FwdArgs must match FWD_ARGS in _launch.py");
+static_assert(sizeof(FwdArgs) == 272, "FwdArgs must match FWD_ARGS in _launch.py");
 
 // One struct for every backward kernel (preprocessing, mma.sync and wgmma variants).
 struct BwdArgs {
@@ -78,5 +80,6 @@ struct BwdArgs {
     float scale;
     float scale_log2;            // scale * log2(e)
     MASK_AND_SCORE_FIELDS
+    DROPOUT_FIELDS
 };
-static_assert(sizeof(BwdArgs) == 424, "BwdArgs must match BWD_ARGS in _launch.py");
+static_assert(sizeof(BwdArgs) == 448, "BwdArgs must match BWD_ARGS in _launch.py");

@@ -32,6 +32,11 @@
 // VARLEN: packed variable-length sequences (schedule.cuh, sequence_of). Every grid covers the
 // longest sequence; a block whose tile lies past its own sequence's end exits at once.
 //
+// DROPOUT (dropout.cuh; flash_bwd_dkdv and flash_bwd_dq): the forward's mask Z is drawn again per
+// tile, in the NumPy path's order (docs/internals.md "Dropout"): dV accumulates (P ∘ Z)ᵀ dO and is
+// scaled by 1 / (1 − p) once at the end, dP = (dO Vᵀ) ∘ Z · 1 / (1 − p), dS = P ∘ (dP − Delta),
+// where Delta = rowsum(dO ∘ O) of the forward's (dropped) output is what flash_bwd_pre computes.
+//
 // F32_GRADS: dQ, dK and dV are stored as float32 rather than rounded to the input dtype
 // (epilogue.cuh, grad_rows), for callers that add partial gradients of several calls.
 #include "args.cuh"
@@ -204,11 +209,11 @@ __device__ __forceinline__ void load_query_tile(const BwdArgs& a, const DkdvSmem
 // One pass over the warp's CMP query columns `pass` (query row col_base + cp is column cp of the
 // tile): S^T = K Q^T → P^T, then dV += P^T dO (or P^T to shared memory), dP^T = V dO^T → dS^T,
 // then dK += dS^T Q (or dS^T to shared memory only). lse2 / delta: the stage's rows.
-template <class S, typename T, class MASK, class MOD, class KA, class VA>
+template <class S, typename T, bool DROPOUT, class MASK, class MOD, class KA, class VA>
 __device__ __forceinline__ void dkdv_pass(float (&dk_acc)[S::MT][S::KT][4], float (&dv_acc)[S::MT][S::VT][4],
                                           const KA& ka, const VA& va, const DkdvWarp& w, int pass, u32 q_stage,
                                           u32 o_stage, const float* lse2, const float* delta, const MASK& mask,
-                                          const MOD& mod, int key_base, int col_base) {
+                                          const MOD& mod, const DropoutMask& drop, int key_base, int col_base) {
     constexpr int MT = S::MT, CTP = S::CTP, QS = S::QS, OS = S::OS;
     const int cp = w.c0 + pass * S::CMP;  // first query column of this pass
 
@@ -221,15 +226,25 @@ __device__ __forceinline__ void dkdv_pass(float (&dk_acc)[S::MT][S::KT][4], floa
     for (int mt = 0; mt < MT; ++mt)
         recompute_probs_transposed(s[mt], grad, mask, mod, partial, key_base + mt * 16 + w.g, col_base + cp, w.t,
                                    lse2 + cp);
+    if constexpr (DROPOUT) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            mark_dropped(s[mt], drop, key_base + mt * 16 + w.g, col_base + cp, w.g * 4 + w.t);
+    }
     if constexpr (!S::P_SMEM) {
-        warp_gemm<T, true, S::KMP>(dv_acc, packed_a<T>(s), w.sdo_bt + o_stage + cp * OS * 2, 16 * OS * 2, 32);
+        warp_gemm<T, true, S::KMP>(dv_acc, packed_a<T, DROPOUT>(s), w.sdo_bt + o_stage + cp * OS * 2, 16 * OS * 2,
+                                   32);
     } else {
-        store_pairs_smem<T, S::PS>(w.sp + cp, s);
+        store_pairs_smem<T, S::PS, DROPOUT>(w.sp + cp, s);
     }
 
     float dp[MT][CTP][4];
     zero_acc(dp);
     warp_gemm<T, false, S::KVD>(dp, va, w.sdo_b + o_stage + pass * S::CMP * OS * 2, 32, 16 * OS * 2);
+    if constexpr (DROPOUT) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) unmark_dropped(s[mt], dp[mt], drop.rescale);
+    }
     // dS^T; the softcap factor comes back from P^T (keeping it would cost CTP * 4 registers more,
     // and the D = 128 variants have none to spare).
 #pragma unroll
@@ -308,7 +323,7 @@ __device__ __forceinline__ void dq_atomic_add(float* dq_rows, const DkdvWarp& w,
 
 template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int PASSES, int BLOCK_M, int STAGES,
           bool KV_IN_REGS, class MASK, class MOD, bool ALIGNED, bool ATOMIC_DQ, bool VARLEN = false,
-          bool F32_GRADS = false>
+          bool DROPOUT = false, bool F32_GRADS = false>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_bwd_dkdv(const BwdArgs a) {
     using S = DkdvShape<DQK, DV, WARPS, MT, WC, PASSES, BLOCK_M, STAGES, ATOMIC_DQ>;
@@ -367,12 +382,13 @@ flash_bwd_dkdv(const BwdArgs a) {
         }
 
         const MOD mod(a, b, walk.h, seq.nq, seq.nk);
+        const DropoutMask drop(a, b, walk.h);
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, walk.slot());
         const u32 q_stage = stage * BLOCK_M * S::QS * 2, o_stage = stage * BLOCK_M * S::OS * 2;
 #pragma unroll 1
         for (int pass = 0; pass < PASSES; ++pass)
-            dkdv_pass<S, T>(dk_acc, dv_acc, ka, va, w, pass, q_stage, o_stage, sm.sl + stage * BLOCK_M,
-                            sm.sd + stage * BLOCK_M, tile_mask, mod, n0 + w.kr0, m0);
+            dkdv_pass<S, T, DROPOUT>(dk_acc, dv_acc, ka, va, w, pass, q_stage, o_stage, sm.sl + stage * BLOCK_M,
+                                     sm.sd + stage * BLOCK_M, tile_mask, mod, drop, n0 + w.kr0, m0);
 
         // P^T / dS^T in shared memory complete; with one buffer, every warp is done with Q and dO.
         if constexpr (S::P_SMEM || ATOMIC_DQ || STAGES == 1) __syncthreads();
@@ -394,6 +410,11 @@ flash_bwd_dkdv(const BwdArgs a) {
         if constexpr (STAGES == 2) stage ^= 1;
     }
     cp_async_wait_all();
+    if constexpr (DROPOUT) {  // dV = 1 / (1 − p) · Σ (P ∘ Z)ᵀ dO
+        const float rescale[2] = {a.drop_rescale, a.drop_rescale};
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) rescale_rows(dv_acc[mt], rescale);
+    }
 
     // Epilogue: dK * scale and dV, once. Key tiles no query sees write zeros.
     const float dk_scale[2] = {a.scale, a.scale}, one[2] = {1.f, 1.f};
@@ -465,7 +486,7 @@ flash_bwd_dq_convert(const BwdArgs a) {
 // recomputed, dS = P * (dP - Delta) converts to A fragments in registers, and dQ += dS K
 // accumulates in registers.
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool QDO_IN_REGS, class MASK,
-          class MOD, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false>
+          class MOD, bool ALIGNED, bool VARLEN = false, bool DROPOUT = false, bool F32_GRADS = false>
 // VARLEN: one block per SM at least (minBlocks 1). A sequence's lengths are loaded values, not
 // kernel parameters ptxas can reload at will; left to its default the register allocator caps
 // the D = 64 causal variant at 168 registers and spills. Dense variants keep their bounds (0: none).
@@ -494,6 +515,7 @@ flash_bwd_dq(const BwdArgs a) {
     const int hk = h / a.group;
     const MASK mask(a, seq.nq, seq.nk);
     const MOD mod(a, b, h, seq.nq, seq.nk);
+    const DropoutMask drop(a, b, h);
     const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
@@ -567,6 +589,7 @@ flash_bwd_dq(const BwdArgs a) {
             const float lse2[2] = {a.lse2[rows + mt * 16], a.lse2[rows + mt * 16 + 8]};
             const float delta[2] = {a.delta[rows + mt * 16], a.delta[rows + mt * 16 + 8]};
             recompute_probs(s[mt], grad[mt], tile_mask, mod, partial, row0 + mt * 16 + g, n0, t, lse2);
+            if constexpr (DROPOUT) drop_grads(dp[mt], drop, row0 + mt * 16 + g, n0, lane);
             softmax_grad<NT, MOD>(dp[mt], s[mt], grad[mt], [&](int, int i) { return delta[i / 2]; });
         }
 

@@ -9,13 +9,17 @@
 //
 // VARLEN: packed variable-length sequences (schedule.cuh, sequence_of). The grid covers the
 // longest sequence; a block whose query tile lies past its own sequence's end exits at once.
+//
+// DROPOUT (dropout.cuh): the dropped elements of each P tile are zeroed after the row sums took
+// them and before P is rounded for P·V; the output is scaled by 1 / (1 − p) once, at the end (the
+// NumPy path's order, docs/internals.md "Dropout"). lse is that of the undropped softmax.
 #include "args.cuh"
 
 #include "arch/sm80_mma.cuh"
 #include "sm80_pieces.cuh"
 
 template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool Q_IN_REGS, class MASK,
-          class MOD, bool ALIGNED, bool VARLEN = false>
+          class MOD, bool ALIGNED, bool VARLEN = false, bool DROPOUT = false>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_fwd(const FwdArgs a) {
     constexpr int THREADS = WARPS * 32;
@@ -91,14 +95,22 @@ flash_fwd(const FwdArgs a) {
             }
         }
 
+        // The tile's dropout mask, drawn before S exists (dropout.cuh, keep_bits).
+        const int n0 = n_tile * BLOCK_N;
+        const int warp_row0 = m0 + warp * MT * 16;
+        u32 keep[MT];
+        if constexpr (DROPOUT) {
+            const DropoutMask drop(a, b, h);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) keep[mt] = keep_bits<NT>(drop, warp_row0 + mt * 16 + g, n0, lane);
+        }
+
         // S = Q·Kᵀ; Q from registers or shared memory, K from shared memory.
         float s[MT][NT][4];
         zero_acc(s);
         warp_gemm<T, false, KQK>(s, cached_a<Q_IN_REGS, QS>(qf, sq_warp), sk_lane, 16 * 2, 16 * KS * 2);
 
         // Score modifier, then element masks only where the tile holds keys some row does not see.
-        const int n0 = n_tile * BLOCK_N;
-        const int warp_row0 = m0 + warp * MT * 16;
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(it));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) modify_scores(s[mt], mod, warp_row0 + mt * 16 + g, n0, t);
@@ -114,6 +126,10 @@ flash_fwd(const FwdArgs a) {
             float alpha[2];
             online_softmax(s[mt], row_max[mt], row_sum[mt], mod.softmax_scale(), alpha);
             rescale_rows(acc[mt], alpha);
+        }
+        if constexpr (DROPOUT) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) drop_probs(s[mt], keep[mt]);
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -147,7 +163,8 @@ flash_fwd(const FwdArgs a) {
             }
     }
 
-    // Epilogue: O = acc / l (0 for rows that saw no key), lse = ln(sum) + max·scale.
+    // Epilogue: O = acc / l (· 1 / (1 − p) with dropout; 0 for rows that saw no key),
+    // lse = ln(sum) + max·scale.
     u16* o = a.o + b * a.o_sb + h * a.o_sh + seq.q0 * a.o_sn;
     float* lse = a.lse + lse_offset<VARLEN>(a, seq, b, h);
 #pragma unroll
@@ -157,7 +174,7 @@ flash_fwd(const FwdArgs a) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const RowResult r = finish_row(row_max[mt][half], row_sum[mt][half], mod.softmax_scale());
-            inv[half] = r.inv;
+            inv[half] = DROPOUT ? r.inv * a.drop_rescale : r.inv;
             if (t == 0 && row0 + half * 8 < seq.nq) lse[row0 + half * 8] = r.lse;
         }
         store_rows<T, ALIGNED>(o, a.o_sn, seq.nq, a.dv, acc[mt], row0, 0, t, inv);

@@ -68,22 +68,31 @@ __device__ __forceinline__ CachedA<IN_REGS, STRIDE, RM, RK> cached_a(const u32 (
 }
 
 // From float accumulators (MT slabs × NJ n8 blocks) in 16-bit: blocks 2kk and 2kk + 1 of the
-// accumulator layout are exactly the A fragment of k16 step kk.
-template <typename T, int MT, int NJ>
+// accumulator layout are exactly the A fragment of k16 step kk. MARKED: the accumulators are P
+// with dropped elements marked by their sign (dropout.cuh), and P ∘ Z is packed.
+template <bool MARKED>
+__device__ __forceinline__ float operand_value(float x) {
+    if constexpr (MARKED) return dropped_prob(x);
+    return x;
+}
+template <typename T, int MT, int NJ, bool MARKED = false>
 struct PackedA {
     const float (&acc)[MT][NJ][4];
+    __device__ __forceinline__ u32 pair(int mt, int j, int i) const {
+        return pack2<T>(operand_value<MARKED>(acc[mt][j][i]), operand_value<MARKED>(acc[mt][j][i + 1]));
+    }
     __device__ __forceinline__ void operator()(u32 (&a)[MT][4], int kk) const {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            a[mt][0] = pack2<T>(acc[mt][2 * kk][0], acc[mt][2 * kk][1]);
-            a[mt][1] = pack2<T>(acc[mt][2 * kk][2], acc[mt][2 * kk][3]);
-            a[mt][2] = pack2<T>(acc[mt][2 * kk + 1][0], acc[mt][2 * kk + 1][1]);
-            a[mt][3] = pack2<T>(acc[mt][2 * kk + 1][2], acc[mt][2 * kk + 1][3]);
+            a[mt][0] = pair(mt, 2 * kk, 0);
+            a[mt][1] = pair(mt, 2 * kk, 2);
+            a[mt][2] = pair(mt, 2 * kk + 1, 0);
+            a[mt][3] = pair(mt, 2 * kk + 1, 2);
         }
     }
 };
-template <typename T, int MT, int NJ>
-__device__ __forceinline__ PackedA<T, MT, NJ> packed_a(const float (&acc)[MT][NJ][4]) {
+template <typename T, bool MARKED = false, int MT, int NJ>
+__device__ __forceinline__ PackedA<T, MT, NJ, MARKED> packed_a(const float (&acc)[MT][NJ][4]) {
     return {acc};
 }
 
@@ -117,15 +126,17 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NJ][4], const A& a, u
 }
 
 // One thread's share of an accumulator tile as 16-bit pairs into a padded shared tile of row
-// stride STRIDE; `base` is this thread's element (row g, column 2t) of slab 0, block 0.
-template <typename T, int STRIDE, int MT, int NJ>
+// stride STRIDE; `base` is this thread's element (row g, column 2t) of slab 0, block 0. MARKED as
+// for PackedA.
+template <typename T, int STRIDE, bool MARKED = false, int MT, int NJ>
 __device__ __forceinline__ void store_pairs_smem(u16* base, const float (&acc)[MT][NJ][4]) {
+    const PackedA<T, MT, NJ, MARKED> packed{acc};
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int j = 0; j < NJ; ++j) {
             u16* row = base + mt * 16 * STRIDE + j * 8;
-            *reinterpret_cast<u32*>(row) = pack2<T>(acc[mt][j][0], acc[mt][j][1]);
-            *reinterpret_cast<u32*>(row + 8 * STRIDE) = pack2<T>(acc[mt][j][2], acc[mt][j][3]);
+            *reinterpret_cast<u32*>(row) = packed.pair(mt, j, 0);
+            *reinterpret_cast<u32*>(row + 8 * STRIDE) = packed.pair(mt, j, 2);
         }
 }

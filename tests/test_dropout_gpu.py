@@ -1,0 +1,185 @@
+"""Dropout in the GPU kernels (the sm80 family, csrc/dropout.cuh): the mask bit for bit against
+``cuflash._dropout``, and forward and gradients against the float64 oracle drawing the same mask.
+
+The exact-mask tests choose inputs whose results expose ``P ∘ Z``: with ``q = 0`` every key a row
+sees has the same probability, and a one-hot value row per chosen key makes each output column
+that key's ``P ∘ Z / (1 − p)`` (the forward kernel); a one-hot ``dout`` row per chosen query
+makes each ``dv`` column that query's (the dK/dV kernel, which draws the mask with keys along
+the rows of its tiles). Dropped elements are exactly 0, kept ones are not.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from oracle import check_forward_and_backward, poisoned, random_array, to_host
+
+import cuflash
+from cuflash import _dropout, reference
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [np.float16, ml_dtypes.bfloat16]
+DTYPE_IDS = ["float16", "bfloat16"]
+
+
+def _seed_and_offset(rng):
+    return int(rng.integers(2**64, dtype=np.uint64)), int(rng.integers(2**32))
+
+
+def _expected_zeros(b, hq, rows, cols, nq, nk, *, causal, seed, offset, p):
+    """True where element (b, h, rows, cols) of P ∘ Z is 0: dropped, or hidden by causal."""
+    keep = _dropout.dense_keep(seed, offset, p, (b,), hq, rows, nk)[..., cols]
+    if causal:
+        visible = reference.keep_mask(nq, nk, causal=True, rows=rows, xp=np)[..., cols]
+        keep = keep & visible
+    return ~keep
+
+
+# ----------------------------------------------------------------------------- the exact mask
+
+MASK_CASES = {
+    # (b, hq, nq, nk, d, dv, causal)
+    "short-keys": (2, 3, 1000, 97, 64, 128, False),
+    "long-keys": (1, 2, 1000, 4097, 128, 256, False),
+    "causal": (2, 2, 17, 1000, 96, 256, True),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forward_mask_is_the_numpy_mask(xp_gpu, rng, seed, dtype, case):
+    cp = xp_gpu
+    b, hq, nq, nk, d, dv, causal = MASK_CASES[case]
+    p = 0.3
+    drop_seed, offset = _seed_and_offset(rng)
+    # Value column c is one-hot at key cols[c] (the last key included).
+    cols = np.unique(np.linspace(0, nk - 1, min(nk, dv)).round().astype(np.int64))
+    v = np.zeros((b, hq, nk, dv), dtype)
+    v[:, :, cols, np.arange(len(cols))] = 1
+    q = cp.zeros((b, hq, nq, d), dtype)
+    k = cp.asarray(random_array(rng, (b, hq, nk, d), dtype))
+    out = poisoned((b, hq, nq, dv), dtype, xp=cp)
+    cuflash.attention(q, k, cp.asarray(v), causal=causal, dropout_p=p, dropout_seed=drop_seed,
+                      dropout_offset=offset, out=out)
+    got = to_host(out).astype(np.float32)[..., :len(cols)]
+    assert not np.isnan(got).any()
+    expected = _expected_zeros(b, hq, np.arange(nq), cols, nq, nk, causal=causal, seed=drop_seed,
+                               offset=offset, p=p)
+    np.testing.assert_array_equal(got == 0, expected, err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_mask_is_the_numpy_mask(xp_gpu, rng, seed, dtype, deterministic):
+    """dv = (P ∘ Z)ᵀ dout / (1 − p): with one-hot dout rows, dv's columns are P ∘ Z of chosen
+    queries, drawn by the dK/dV kernel."""
+    cp = xp_gpu
+    b, hq, nq, nk, d, dv = 2, 2, 1000, 4097, 64, 128
+    p = 0.25
+    drop_seed, offset = _seed_and_offset(rng)
+    options = dict(dropout_p=p, dropout_seed=drop_seed, dropout_offset=offset)
+    rows = np.unique(np.linspace(0, nq - 1, dv).round().astype(np.int64))
+    q = cp.zeros((b, hq, nq, d), dtype)
+    k = cp.asarray(random_array(rng, (b, hq, nk, d), dtype))
+    v = cp.asarray(random_array(rng, (b, hq, nk, dv), dtype))
+    out, lse = cuflash.attention(q, k, v, **options, return_lse=True)
+    dout = np.zeros((b, hq, nq, dv), dtype)
+    dout[:, :, rows, np.arange(len(rows))] = 1
+    _, _, grad_v = cuflash.attention_backward(cp.asarray(dout), q, k, v, out, lse, **options,
+                                              deterministic=deterministic)
+    got = to_host(grad_v).astype(np.float32)[..., :len(rows)]  # (b, h, nk, rows)
+    expected = _expected_zeros(b, hq, rows, np.arange(nk), nq, nk, causal=False, seed=drop_seed,
+                               offset=offset, p=p)
+    np.testing.assert_array_equal(got == 0, expected.swapaxes(-1, -2), err_msg=f"seed={seed}")
+
+
+# ----------------------------------------------------------------------------- against the oracle
+
+CASES = {
+    "d64": dict(d=64),
+    "d128-causal": dict(d=128, causal=True),
+    "d96-nq17": dict(d=96, nq=17, nk=1000),
+    "gqa-dv": dict(d=64, dv=128, hq=4, hkv=2, causal=True),
+    "long-keys": dict(d=128, nq=17, nk=4097, b=1),
+    "window-softcap-alibi": dict(d=128, window=(300, 40), softcap=30.0, alibi=True, hq=4, hkv=1),
+    "dv-smaller": dict(d=128, dv=64, nq=1000, nk=4097, b=1, hq=2, hkv=2, causal=True),
+}
+
+
+def _case(xp, rng, dtype, *, b=2, hq=2, hkv=2, nq=1000, nk=1000, d=64, dv=None, causal=False,
+          window=(-1, -1), softcap=0.0, alibi=False, p=0.17):
+    dv = dv or d
+    q = random_array(rng, (b, hq, nq, d), dtype, xp=xp)
+    k = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
+    v = random_array(rng, (b, hkv, nk, dv), dtype, xp=xp)
+    slopes = None
+    if alibi:
+        slopes = xp.asarray((2.0 ** (-8.0 * np.arange(1, hq + 1) / hq)).astype(np.float32))
+    drop_seed, offset = _seed_and_offset(rng)
+    options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes,
+                   dropout_p=p, dropout_seed=drop_seed, dropout_offset=offset)
+    return q, k, v, options
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forward_and_gradients_match_the_oracle(xp_gpu, rng, seed, dtype, case):
+    q, k, v, options = _case(xp_gpu, rng, dtype, **CASES[case])
+    check_forward_and_backward(q, k, v, options, rng=rng, context=f"seed={seed}, {case}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_deterministic_backward(xp_gpu, rng, seed, dtype):
+    """deterministic=True passes the oracle and repeats bit for bit."""
+    q, k, v, options = _case(xp_gpu, rng, dtype, d=128, nq=1000, nk=1000, causal=True, hq=4,
+                             hkv=2, p=0.3)
+    out, lse, grads = check_forward_and_backward(q, k, v, options, rng=rng, deterministic=True,
+                                                 context=f"seed={seed}")
+    dout = random_array(rng, out.shape, dtype, xp=xp_gpu)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, **options, deterministic=True)
+    again = cuflash.attention_backward(dout, q, k, v, out, lse, **options, deterministic=True)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(to_host(a).view(np.uint16), to_host(b).view(np.uint16))
+
+
+# ----------------------------------------------------------------------------- seeds and p = 0
+
+def test_other_seed_or_offset_other_mask(xp_gpu, rng):
+    q, k, v, options = _case(xp_gpu, rng, ml_dtypes.bfloat16, d=64, nq=257, nk=300, p=0.5)
+    first = to_host(cuflash.attention(q, k, v, **options)).astype(np.float32)
+    again = to_host(cuflash.attention(q, k, v, **options)).astype(np.float32)
+    np.testing.assert_array_equal(first, again)
+    for other in (dict(dropout_seed=options["dropout_seed"] ^ 1),
+                  dict(dropout_offset=options["dropout_offset"] ^ 1)):
+        changed = to_host(cuflash.attention(q, k, v, **{**options, **other})).astype(np.float32)
+        assert np.abs(changed - first).max() > 0.1 * np.abs(first).max(), other
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_zero_dropout_is_bit_identical_to_no_dropout(xp_gpu, rng, deterministic):
+    """p = 0 is the call without dropout (dq too when deterministic; the atomic dq's order of
+    additions varies between any two calls)."""
+    q, k, v, _ = _case(xp_gpu, rng, np.float16, d=128, nq=1000, nk=1000, hq=4, hkv=2)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    out0, lse0 = cuflash.attention(q, k, v, causal=True, dropout_p=0.0, dropout_seed=5,
+                                   dropout_offset=7, return_lse=True)
+    np.testing.assert_array_equal(to_host(out).view(np.uint16), to_host(out0).view(np.uint16))
+    np.testing.assert_array_equal(to_host(lse), to_host(lse0))
+    dout = random_array(rng, out.shape, np.float16, xp=xp_gpu)
+    grads, grads0 = (cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                                deterministic=deterministic, **extra)
+                     for extra in ({}, dict(dropout_p=0.0, dropout_seed=5)))
+    compared = zip(grads, grads0) if deterministic else zip(grads[1:], grads0[1:])
+    for g, g0 in compared:
+        np.testing.assert_array_equal(to_host(g).view(np.uint16), to_host(g0).view(np.uint16))
+
+
+def test_lse_is_that_of_the_undropped_softmax(xp_gpu, rng):
+    """(On Hopper the call without dropout runs another family: equal up to float32 rounding.)"""
+    q, k, v, options = _case(xp_gpu, rng, ml_dtypes.bfloat16, d=64, nq=300, nk=513, p=0.4)
+    _, lse = cuflash.attention(q, k, v, **options, return_lse=True)
+    plain = {key: value for key, value in options.items() if not key.startswith("dropout")}
+    _, lse_plain = cuflash.attention(q, k, v, **plain, return_lse=True)
+    np.testing.assert_allclose(to_host(lse), to_host(lse_plain), rtol=1e-5, atol=1e-5)
