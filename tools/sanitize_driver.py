@@ -1,6 +1,7 @@
 """Every kernel family once, forward and backward, on problems small enough for
 compute-sanitizer's slow tools (racecheck): run under `tools/sanitize.sh`. The environment
-variable SANITIZE_PARTS (comma-separated: dense, varlen, decode; all by default) picks parts."""
+variable SANITIZE_PARTS (comma-separated: dense, varlen, decode, dropout; all by default) picks
+parts."""
 
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ def _arrays(rng, dtype, b, hq, hkv, n, d):
 
 def main():
     rng = numpy.random.default_rng(0)
-    parts = os.environ.get("SANITIZE_PARTS", "dense,varlen,decode").split(",")
+    parts = os.environ.get("SANITIZE_PARTS", "dense,varlen,decode,dropout").split(",")
     if "dense" in parts:
         _dense(rng)
     if "varlen" in parts:
         _varlen(rng)
     if "decode" in parts:
         _decode(rng)
+    if "dropout" in parts:
+        _dropout(rng)
 
 
 def _dense(rng):
@@ -61,6 +64,28 @@ def _dense(rng):
     cuflash.attention(q, k, v)
     cupy.cuda.Device().synchronize()
     print("ran bfloat16 D=256 sm90=on persistent walk", flush=True)
+
+
+def _dropout(rng):
+    """Dropout (the sm80 kernels at D = 64, 96 and 128, causal and with a window), both backward
+    modes, and float32 gradients (sm80 and Hopper backward)."""
+    n = 150
+    for d in (64, 96, 128):
+        q, k, v, dout = _arrays(rng, ml_dtypes.bfloat16, 1, 2, 1, n, d)
+        for opts in ({"causal": True}, {"window": (60, 20), "softcap": 10.0}):
+            drop = dict(dropout_p=0.2, dropout_seed=7, **opts)
+            out, lse = cuflash.attention(q, k, v, return_lse=True, **drop)
+            for deterministic in (False, True):
+                cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **drop)
+            cupy.cuda.Device().synchronize()
+            print(f"ran dropout bfloat16 D={d} {sorted(opts)}", flush=True)
+        for hopper_off in ("1", "0"):
+            os.environ[kernels.DISABLE_HOPPER_ENV] = hopper_off
+            out, lse = cuflash.attention(q, k, v, return_lse=True, causal=True)
+            cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, grad_dtype=numpy.float32)
+            cupy.cuda.Device().synchronize()
+            print(f"ran float32 gradients bfloat16 D={d} sm90={'off' if hopper_off == '1' else 'on'}",
+                  flush=True)
 
 
 def _varlen(rng):
