@@ -296,16 +296,21 @@ def test_numpy_integers_are_seeds(rng):
 
 # ----------------------------------------------------------------------------- GPU families
 
-def test_only_the_sm80_families_take_dropout():
-    """Without CuPy: the sm80 launchers take a dropout call, every other family gives the reason
-    before looking at the arrays, and the sm80 ones refuse dropout with packed sequences."""
+def test_only_the_sm80_families_take_dropout(monkeypatch):
+    """Without CuPy: the sm80 launchers take a dropout call once switched on (and say how
+    before), every other family gives the reason before looking at the arrays, and the sm80 ones
+    refuse dropout with packed sequences."""
     import dataclasses
 
     from cuflash._spec import VarlenLayout
 
+
     q = np.zeros((2, 4, 64, 64), np.float16)
     spec = _api._spec(q, q, q, dropout_p=0.1, dropout_seed=1)[1]
     assert "dropout_p=0.1" in spec.describe()
+    monkeypatch.setenv(kernels._launch.GPU_DROPOUT_ENV, "0")
+    assert "CUFLASH_GPU_DROPOUT=1" in kernels._launch.why_not_sm80_dropout(spec)
+    monkeypatch.setenv(kernels._launch.GPU_DROPOUT_ENV, "1")
     families = {f.module: f for registry in kernels.REGISTRY.values() for f in registry}
     assert len(families) >= 6
     sm80 = {"mma_forward", "mma_backward"}
@@ -333,6 +338,8 @@ def test_gpu_dropout_calls_run_the_sm80_dropout_variants(monkeypatch):
 
     from cuflash import _calls
     from cuflash.kernels import _launch
+
+    monkeypatch.setenv(_launch.GPU_DROPOUT_ENV, "1")
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     q, k, v = (device.empty((2, 4, 128, 64), np.float16) for _ in range(3))
