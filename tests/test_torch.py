@@ -1,6 +1,7 @@
 """cuflash.torch on CPU tensors (the NumPy path): values and gradients against torch's own
 attention, the custom operators (opcheck, torch.compile), the drop-in signatures and what they
-refuse. GPU behaviour (zero copy, streams, allocator, graphs, training) is in test_torch_gpu.py.
+refuse, and attention dropout (against the core with the same seed; the seed rule). GPU behaviour
+(zero copy, streams, allocator, graphs, training) is in test_torch_gpu.py.
 
 Correctness rule (as in oracle.py): ``max|result − ref64| ≤ 2·max|naive − ref64| + 1e-5``, with
 ``ref64`` torch's ``scaled_dot_product_attention`` (or plain attention with the options) in
@@ -22,7 +23,8 @@ F = torch.nn.functional
 
 import cuflash  # noqa: E402
 import cuflash.torch as ct  # noqa: E402
-from cuflash.torch import _ops  # noqa: E402
+from cuflash import _dropout  # noqa: E402
+from cuflash.torch import _bridge, _ops  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 DTYPE_IDS = ["float16", "bfloat16", "float32"]
@@ -43,11 +45,12 @@ def needs_core(name):
 # ----------------------------------------------------------------------------- references
 
 def plain_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                    alibi_slopes=None):
+                    alibi_slopes=None, dropout=None):
     """softmax(logits) v computed plainly in q's dtype, (..., H, N, D) layout, GQA by repeat.
 
     Masks follow cuflash (and flash-attn): aligned to the bottom-right corner; a row with nothing
-    to attend to gives 0.
+    to attend to gives 0. ``dropout`` is ``(p, seed, offset)``: cuflash's mask
+    (``cuflash._dropout``) applied to the probabilities.
     """
     hq, nq, nk = q.shape[-3], q.shape[-2], k.shape[-2]
     group = hq // k.shape[-3]
@@ -72,6 +75,10 @@ def plain_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
         keep &= j >= i + nk - nq - left
     s = s.masked_fill(~keep, -math.inf)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if dropout is not None:
+        rate, seed, offset = dropout
+        keep = _dropout.dense_keep(seed, offset, rate, tuple(p.shape[:-3]), hq, np.arange(nq), nk)
+        p = p * torch.from_numpy(keep).to(p.device) / (1 - rate)
     return p @ v
 
 
@@ -233,7 +240,7 @@ def test_flash_attn_options_match_attention():
 
 
 @pytest.mark.parametrize("name, value", [("window", (4, 4)), ("softcap", 1.0),
-                                         ("alibi_slopes", "tensor")])
+                                         ("alibi_slopes", "tensor"), ("dropout_p", 0.1)])
 def test_option_missing_from_core_raises(monkeypatch, name, value):
     monkeypatch.setattr(_ops, "core_supports", lambda *names: False)
     q = randn(1, 2, 16, 8)
@@ -455,14 +462,12 @@ def test_packed_variants_match_unpacked():
 
 
 @pytest.mark.parametrize("call, option", [
-    (lambda q: ct.flash_attn_func(q, q, q, dropout_p=0.1), "dropout_p"),
     (lambda q: ct.flash_attn_func(q, q, q, return_attn_probs=True), "return_attn_probs"),
-    (lambda q: ct.flash_attn_qkvpacked_func(torch.stack([q] * 3, 2), 0.1), "dropout_p"),
+    (lambda q: ct.flash_attn_func(q, q, q, 0.1, return_attn_probs=True), "return_attn_probs"),
     (lambda q: ct.flash_attn_kvpacked_func(q, torch.stack([q] * 2, 2), return_attn_probs=True),
      "return_attn_probs"),
     (lambda q: ct.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=bool)),
      "attn_mask"),
-    (lambda q: ct.scaled_dot_product_attention(q, q, q, dropout_p=0.5), "dropout_p"),
     (lambda q: ct.scaled_dot_product_attention(q, q[:, :, :4], q[:, :, :4], is_causal=True),
      "is_causal"),
 ])
@@ -503,6 +508,208 @@ def test_rejects_non_tensors():
         ct.attention(q, q, q.to("meta"))
     with pytest.raises(ValueError, match="batch, seqlen, nheads, headdim"):
         ct.flash_attn_func(q[0], q[0], q[0])
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def numpy_of(*tensors):
+    return [_bridge.to_numpy(x) for x in tensors]  # bfloat16 too
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("drop_seed", [12345, 2**64 - 3], ids=["seed", "seed>=2**63"])
+def test_dropout_equals_the_core_with_the_same_seed(dtype, drop_seed):
+    """Forward and gradients bit for bit those of cuflash.attention / attention_backward on the
+    same arrays, seed and offset (GQA, Nq != Nk, causal); a seed of 2**63 or more crosses the
+    int64 seed tensor intact."""
+    q, k, v = (leaf(x.to(dtype)) for x in (randn(2, 4, 40, 16), randn(2, 2, 56, 16),
+                                           randn(2, 2, 56, 8)))
+    dropout = dict(dropout_p=0.3, dropout_seed=drop_seed, dropout_offset=9)
+    out = ct.attention(q, k, v, causal=True, **dropout)
+    dout = torch.randn(out.shape).to(dtype)
+    out.backward(dout)
+    arrays = numpy_of(q, k, v)
+    expected, lse = cuflash.attention(*arrays, causal=True, return_lse=True, **dropout)
+    assert np.array_equal(numpy_of(out)[0], expected)
+    grads = cuflash.attention_backward(*numpy_of(dout), *arrays, expected, lse, causal=True,
+                                       **dropout)
+    for x, g in zip((q, k, v), grads):
+        assert np.array_equal(numpy_of(x.grad)[0], g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_dropout_against_float64_attention_with_the_same_mask(dtype):
+    """Out and gradients against torch autograd through plain float64 attention with cuflash's
+    mask (the correctness rule of this file)."""
+    q, k, v = randn(2, 4, 48, 32), randn(2, 2, 64, 32), randn(2, 2, 64, 32)
+    drop_seed = 2**40 + 7
+    check_against_reference(
+        dtype, q, k, v,
+        lambda *x: ct.attention(*x, causal=True, dropout_p=0.2, dropout_seed=drop_seed,
+                                dropout_offset=3),
+        causal=True, dropout=(0.2, drop_seed, 3))
+
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+def test_dropout_gradcheck():
+    """torch.autograd.gradcheck with a fixed seed (float32, the widest dtype cuflash takes, so
+    with finite-difference steps and tolerances to match)."""
+    q, k, v = (leaf(randn(1, 2, 6, 4)) for _ in range(3))
+    assert torch.autograd.gradcheck(
+        lambda *x: ct.attention(*x, dropout_p=0.3, dropout_seed=11, dropout_offset=2),
+        (q, k, v), eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+def test_zero_dropout_is_the_call_without_dropout():
+    """dropout_p = 0 is bit-identical to no dropout (a seed changes nothing) and draws no seed."""
+    q, k, v = (leaf(randn(2, 2, 40, 16)) for _ in range(3))
+    plain = ct.attention(q, k, v, causal=True)
+    state = torch.get_rng_state()
+    for extra in (dict(dropout_p=0.0), dict(dropout_p=0.0, dropout_seed=5, dropout_offset=1)):
+        assert torch.equal(ct.attention(q, k, v, causal=True, **extra), plain)
+    assert torch.equal(ct.flash_attn_func(q, k, v, 0.0), ct.flash_attn_func(q, k, v))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def dropout_calls():
+    """Each torch entry point with dropout_p = 0.25 and no seed, on (B, H, N, D) tensors."""
+    def bshd(f):
+        return lambda q, k, v: f(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+
+    return {
+        "attention": lambda q, k, v: ct.attention(q, k, v, dropout_p=0.25),
+        "flash_attn_func": bshd(lambda q, k, v: ct.flash_attn_func(q, k, v, 0.25)),
+        "qkvpacked": bshd(lambda q, k, v: ct.flash_attn_qkvpacked_func(
+            torch.stack([q, k, v], 2), dropout_p=0.25)),
+        "kvpacked": bshd(lambda q, k, v: ct.flash_attn_kvpacked_func(
+            q, torch.stack([k, v], 2), 0.25)),
+        "sdpa": lambda q, k, v: ct.scaled_dot_product_attention(q, k, v, dropout_p=0.25),
+    }
+
+
+@pytest.mark.parametrize("name", list(dropout_calls()))
+def test_dropout_seed_comes_from_torch_default_generator(name):
+    """Without a seed, each entry point draws one with _ops.draw_seed (torch's CPU generator):
+    after the same torch.manual_seed, its out and gradients are those of an explicit call with
+    that seed; another manual_seed gives another mask."""
+    call = dropout_calls()[name]
+    q, k, v = (leaf(randn(2, 2, 40, 16)) for _ in range(3))
+    torch.manual_seed(1234)
+    out = call(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    torch.manual_seed(1234)
+    drop_seed = int(_ops.draw_seed())
+    expected = ct.attention(q, k, v, dropout_p=0.25, dropout_seed=drop_seed)
+    assert torch.equal(out, expected)
+    for g, e in zip(grads, torch.autograd.grad(expected.square().sum(), (q, k, v))):
+        assert torch.equal(g, e)
+    torch.manual_seed(1234)
+    assert torch.equal(call(q, k, v), out)
+    torch.manual_seed(4321)
+    assert not torch.equal(call(q, k, v), out)
+
+
+@pytest.mark.parametrize("name", list(dropout_calls()))
+def test_dropout_keep_rate_is_one_minus_p(name):
+    """With q = 0 every key has probability 1/Nk, and v = identity makes out[..., i, j] that
+    element's (Z / (1 - p)) / Nk: the zeros are the dropped elements, within 5 binomial standard
+    deviations of p = 0.25, and the kept ones are scaled by 1 / (1 - p)."""
+    n, p = 64, 0.25
+    q = torch.zeros(2, 4, n, n)
+    k = randn(2, 4, n, n)
+    v = torch.eye(n).expand(2, 4, n, n)
+    out = dropout_calls()[name](q, k, v)
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - p) <= 5 * math.sqrt(p * (1 - p) / out.numel())
+    kept = out[out != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / ((1 - p) * n)))
+
+
+def test_dropout_offset_changes_the_mask():
+    q, k, v = (randn(1, 2, 40, 16) for _ in range(3))
+    a, b = (ct.attention(q, k, v, dropout_p=0.3, dropout_seed=7, dropout_offset=offset)
+            for offset in (0, 1))
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be a real number in \[0, 1\)"),
+    (dict(dropout_p=0.1, dropout_seed=-1), ValueError, "dropout_seed must be an int"),
+    (dict(dropout_p=0.1, dropout_seed=1.5), TypeError, "dropout_seed must be an int"),
+    (dict(dropout_p=0.1, dropout_offset=2**32), ValueError, "dropout_offset must be an int"),
+])
+def test_invalid_dropout_options_are_the_cores_errors(options, error, match):
+    q = randn(1, 2, 8, 8)
+    with pytest.raises(error, match=match):
+        ct.attention(q, q, q, **options)
+
+
+def test_opcheck_with_dropout():
+    q, k, v = (leaf(randn(2, 4, 48, 16)) for _ in range(3))
+    dropout = (0.2, _ops.seed_tensor(2**63 + 5), 4)
+    torch.library.opcheck(torch.ops.cuflash.attention_forward.default,
+                          (q, k, v, True, None, -1, -1, 0.0, None, -1, True, False, *dropout))
+    out, lse = torch.ops.cuflash.attention_forward(q, k, v, True, None, -1, -1, 0.0, None, -1,
+                                                   False, False, *dropout)
+    torch.library.opcheck(torch.ops.cuflash.attention_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
+                           out.detach(), lse, True, None, -1, -1, 0.0, None, -1, False,
+                           *dropout))
+
+
+def _flash_attn_dropout(q, k, v):
+    return ct.flash_attn_func(q, k, v, 0.2, causal=True)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_dropout_compile_fullgraph(backend):
+    """The seed is drawn inside the graph (no graph break). inductor draws it with its own
+    generator, also seeded by torch.manual_seed; ``fallback_random`` makes it draw eager's, so
+    the compiled out and gradients equal the eager ones with either back end."""
+    if backend == "inductor" and _c_compiler_reason():
+        pytest.skip(_c_compiler_reason())
+    from torch._inductor import config as inductor_config
+    q, k, v = (leaf(randn(2, 40, 4, 16)) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(_flash_attn_dropout, backend=backend, fullgraph=True)
+    results = []
+    with inductor_config.patch(fallback_random=True):
+        for f in (compiled, _flash_attn_dropout):
+            torch.manual_seed(77)
+            out = f(q, k, v)
+            results.append((out,) + torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
+def test_dropout_inductor_generator_follows_manual_seed():
+    """Without fallback_random, inductor's own draw of the seed is repeatable under
+    torch.manual_seed, and another seed gives another mask."""
+    if _c_compiler_reason():
+        pytest.skip(_c_compiler_reason())
+    q, k, v = (randn(2, 40, 4, 16) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(_flash_attn_dropout, backend="inductor", fullgraph=True)
+    outs = []
+    for manual_seed in (5, 5, 6):
+        torch.manual_seed(manual_seed)
+        outs.append(compiled(q, k, v))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    assert not torch.equal(outs[0], ct.flash_attn_func(q, k, v, causal=True))  # dropout is on
+
+
+def test_dropout_under_activation_checkpointing():
+    """torch.utils.checkpoint restores the CPU generator before recomputing the forward, so the
+    recomputation draws the same seed: the gradients are those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+    q, k, v = (leaf(randn(2, 40, 4, 16)) for _ in range(3))
+    runs = []
+    for wrap in (lambda f, *x: f(*x), lambda f, *x: checkpoint(f, *x, use_reentrant=False)):
+        torch.manual_seed(3)
+        out = wrap(_flash_attn_dropout, q, k, v)
+        runs.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for got, expected in zip(*runs):
+        assert torch.equal(got, expected)
 
 
 # ----------------------------------------------------------------------------- packaging

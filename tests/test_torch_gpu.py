@@ -1,5 +1,5 @@
 """cuflash.torch on CUDA tensors: values, zero copy, torch's stream and allocator, CUDA graphs,
-torch.compile and a short training run. Skipped without torch or a CUDA device.
+torch.compile, attention dropout and a short training run. Skipped without torch or a CUDA device.
 
 Run: ``python -m pytest -m gpu tests/test_torch_gpu.py``.
 """
@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 
 import cuflash  # noqa: E402
 import cuflash.torch as ct  # noqa: E402
-from test_torch import (DTYPE_IDS, DTYPES, TinyAttention, check_against_reference,  # noqa: E402
-                        needs_core, randn)
+from test_torch import (DTYPE_IDS, DTYPES, TinyAttention, _flash_attn_dropout,  # noqa: E402
+                        check_against_reference, needs_core, randn)
 from test_torch_varlen import check_varlen  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
@@ -289,6 +289,75 @@ def test_compile_fullgraph_cuda(backend, api):
     assert torch.allclose(out, expected, atol=1e-5)
     for p, g in zip(model.parameters(), grads):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+@pytest.fixture
+def gpu_dropout(monkeypatch):
+    """Switch the sm80 dropout kernels on (off by default until verified: docs/internals.md,
+    "Dropout")."""
+    from cuflash.kernels import _launch
+
+    monkeypatch.setenv(_launch.GPU_DROPOUT_ENV, "1")
+
+
+def test_dropout_cuda_needs_the_switch(monkeypatch):
+    from cuflash.kernels import _launch
+
+    monkeypatch.delenv(_launch.GPU_DROPOUT_ENV, raising=False)
+    q = cuda(2, 128, 4, 64)
+    with pytest.raises(ValueError, match=_launch.GPU_DROPOUT_ENV):
+        ct.flash_attn_func(q, q, q, 0.1)
+    ct.flash_attn_func(q, q, q, 0.0)  # no dropout runs as before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_dropout_cuda_against_float64_with_the_same_mask(gpu_dropout, dtype):
+    q, k, v = randn(2, 4, 300, 64), randn(2, 2, 350, 64), randn(2, 2, 350, 64)
+    drop_seed = 2**63 + 12345
+    check_against_reference(
+        dtype, q, k, v,
+        lambda *x: ct.attention(*x, causal=True, dropout_p=0.17, dropout_seed=drop_seed,
+                                dropout_offset=5),
+        device="cuda", causal=True, dropout=(0.17, drop_seed, 5))
+
+
+def test_dropout_cuda_seed_from_torch_generator(gpu_dropout):
+    """flash_attn_func without a seed draws it from torch's CPU generator: after the same
+    torch.manual_seed it equals the explicit call with that seed (deterministic gradients, so
+    bit for bit)."""
+    from cuflash.torch import _ops
+
+    q, k, v = (cuda(2, 200, 4, 64).requires_grad_() for _ in range(3))
+    torch.manual_seed(9)
+    out = ct.flash_attn_func(q, k, v, 0.1, causal=True, deterministic=True)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    torch.manual_seed(9)
+    drop_seed = int(_ops.draw_seed())
+    expected = ct.attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=True,
+                            dropout_p=0.1, dropout_seed=drop_seed,
+                            deterministic=True).transpose(1, 2)
+    assert torch.equal(out, expected)
+    for g, e in zip(grads, torch.autograd.grad(expected.float().square().sum(), (q, k, v))):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_dropout_cuda_compile_fullgraph(gpu_dropout, backend):
+    """The CPU seed tensor next to CUDA tensors compiles without graph breaks; with inductor's
+    fallback_random the compiled call draws eager's seed."""
+    from torch._inductor import config as inductor_config
+
+    q, k, v = (cuda(2, 128, 4, 64).requires_grad_() for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(_flash_attn_dropout, backend=backend, fullgraph=True)
+    results = []
+    with inductor_config.patch(fallback_random=True):
+        for f in (compiled, _flash_attn_dropout):
+            torch.manual_seed(21)
+            results.append(f(q, k, v))
+    assert torch.equal(*results)
 
 
 # ----------------------------------------------------------------------------- training

@@ -169,6 +169,14 @@ def test_unsupported_options_raise(option, value):
         ct.flash_attn_varlen_func(q, k, v, *layout, **{option: value})
 
 
+def test_dropout_is_refused_for_packed_sequences():
+    (q, k, v), _, layout = packed(LENS_Q, LENS_K)
+    with pytest.raises(NotImplementedError, match="packed sequences have no dropout"):
+        ct.flash_attn_varlen_func(q, k, v, *layout, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p must be"):  # the core's check of p
+        ct.flash_attn_varlen_func(q, k, v, *layout, dropout_p=1.5)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (lambda cu_q, cu_k: (cu_q.flip(0), cu_k), ValueError, "cu_seqlens_q must start at 0"),
     (lambda cu_q, cu_k: (cu_q, torch.tensor([0, 12, 10, 39, 42, 42], dtype=torch.int32)),

@@ -4,6 +4,8 @@ from typing import Optional
 
 import torch
 
+from cuflash import _checks
+
 from . import _bridge, _ops
 from ._ops import block_mask_handle
 
@@ -35,7 +37,8 @@ def _check_tensors(**tensors) -> None:
 
 def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
               window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, block_mask=None,
-              mask=None, deterministic: bool = False, return_lse: bool = False):
+              mask=None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+              dropout_offset: int = 0, deterministic: bool = False, return_lse: bool = False):
     """``cuflash.attention`` on torch tensors, differentiable with respect to q, k and v.
 
     Parameters
@@ -59,6 +62,13 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     mask : cuflash.sparse.ExactMask or int, optional
         An element-exact pattern (``cuflash.attention``'s ``mask=``), or its handle from
         ``block_mask_handle``; not together with ``block_mask``.
+    dropout_p, dropout_seed, dropout_offset
+        Attention dropout, as in ``cuflash.attention`` (docs/api.md, "Dropout"): ``dropout_p``
+        in [0, 1) is applied whenever it is above 0 (pass 0.0 in evaluation). ``dropout_seed``,
+        an int in [0, 2**64), is used as given; when it is None a seed is drawn from torch's
+        CPU default generator (``torch.manual_seed`` makes runs repeatable). The backward pass
+        uses the forward's seed and offset. On CUDA, dropout needs ``CUFLASH_GPU_DROPOUT=1``
+        until the GPU kernels are verified (``ValueError`` otherwise).
     deterministic : bool
         Bit-identical gradients from run to run (``cuflash.attention_backward``).
     return_lse : bool
@@ -69,8 +79,27 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     """
     out, lse = _attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                           alibi_slopes=alibi_slopes, block_mask=_one_mask(block_mask, mask),
-                          deterministic=deterministic, seq_major=False)
+                          deterministic=deterministic, seq_major=False, dropout_p=dropout_p,
+                          dropout_seed=dropout_seed, dropout_offset=dropout_offset)
     return (out, lse) if return_lse else out
+
+
+def _checked_dropout_p(dropout_p, dropout_seed=None, dropout_offset=0) -> float:
+    """``dropout_p`` as a float, the three checked by the core's rule (a missing seed is
+    allowed: the caller draws one)."""
+    return _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, None,
+                                 seed_required=False)[0]
+
+
+def _dropout(dropout_p, dropout_seed, dropout_offset):
+    """``(dropout_p, seed tensor or None, dropout_offset)`` for the operators: the given seed,
+    or with ``dropout_p > 0`` and none given a drawn one (``_ops.draw_seed``); no seed without
+    dropout."""
+    p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
+    if p == 0.0:
+        return 0.0, None, 0
+    seed = _ops.draw_seed() if dropout_seed is None else _ops.seed_tensor(int(dropout_seed))
+    return p, seed, int(dropout_offset)
 
 
 def _one_mask(block_mask, mask):
@@ -93,28 +122,26 @@ def _one_mask(block_mask, mask):
 
 
 def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
-               deterministic, seq_major):
+               deterministic, seq_major, dropout_p, dropout_seed=None, dropout_offset=0):
     if alibi_slopes is None:
         _check_tensors(q=q, k=k, v=v)
     else:
         _check_tensors(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
     left, right = _window(window, "window")
     softcap = float(softcap)
-    _ops.check_options((left, right), softcap, alibi_slopes)
+    dropout_p, dropout_seed, dropout_offset = _dropout(dropout_p, dropout_seed, dropout_offset)
+    _ops.check_options((left, right), softcap, alibi_slopes, dropout_p)
     handle = _traced_mask_handle(block_mask)
     return _ops.attention_forward(
         q, k, v, bool(causal), None if scale is None else float(scale), left, right, softcap,
-        alibi_slopes, handle, bool(seq_major), bool(deterministic))
+        alibi_slopes, handle, bool(seq_major), bool(deterministic), dropout_p, dropout_seed,
+        dropout_offset)
 
 
 # ----------------------------------------------------------------------------- flash-attn
 
-def _unsupported_flash_attn(dropout_p, return_attn_probs,
-                            lse_from="cuflash.torch.attention(..., return_lse=True)") -> None:
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p!r}: the torch wrappers take no attention dropout yet; pass "
-            f"dropout_p=0.0 (or apply dropout elsewhere in the model)")
+def _refuse_attn_probs(return_attn_probs,
+                       lse_from="cuflash.torch.attention(..., return_lse=True)") -> None:
     if return_attn_probs:
         raise NotImplementedError(
             f"return_attn_probs=True: cuflash never forms the attention probabilities; use "
@@ -140,15 +167,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     return_attn_probs=False):
     """flash-attn's ``flash_attn_func``: q ``(B, Sq, Hq, D)``, k and v ``(B, Sk, Hkv, D)``.
 
-    Returns ``out`` ``(B, Sq, Hq, Dv)``, contiguous. ``dropout_p > 0`` and
-    ``return_attn_probs=True`` raise ``NotImplementedError``.
+    Returns ``out`` ``(B, Sq, Hq, Dv)``, contiguous. As in flash-attn, ``dropout_p > 0`` is
+    applied whenever it is given (pass ``dropout_p if self.training else 0.0``), with a seed
+    drawn from torch's CPU default generator (``cuflash.torch.attention``).
+    ``return_attn_probs=True`` raises ``NotImplementedError``.
     """
-    _unsupported_flash_attn(dropout_p, return_attn_probs)
+    _refuse_attn_probs(return_attn_probs)
     _check_bshd(q=q, k=k, v=v)
     out, _ = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                         scale=softmax_scale, window=window_size, softcap=softcap,
                         alibi_slopes=alibi_slopes, block_mask=None, deterministic=deterministic,
-                        seq_major=True)
+                        seq_major=True, dropout_p=dropout_p)
     return out.transpose(1, 2)
 
 
@@ -157,13 +186,13 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               deterministic=False, return_attn_probs=False):
     """flash-attn's ``flash_attn_qkvpacked_func``: qkv ``(B, S, 3, H, D)``; returns
     ``(B, S, H, D)``."""
-    _unsupported_flash_attn(dropout_p, return_attn_probs)
+    _refuse_attn_probs(return_attn_probs)
     _check_tensors(qkv=qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
                          f"{tuple(qkv.shape)}")
     q, k, v = qkv.unbind(2)
-    return flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size, softcap,
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic)
 
 
@@ -172,13 +201,13 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              deterministic=False, return_attn_probs=False):
     """flash-attn's ``flash_attn_kvpacked_func``: q ``(B, Sq, Hq, D)``, kv
     ``(B, Sk, 2, Hkv, D)``; returns ``(B, Sq, Hq, D)``."""
-    _unsupported_flash_attn(dropout_p, return_attn_probs)
+    _refuse_attn_probs(return_attn_probs)
     _check_tensors(q=q, kv=kv)
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"kv must have shape (batch, seqlen, 2, nheads_k, headdim), got "
                          f"{tuple(kv.shape)}")
     k, v = kv.unbind(2)
-    return flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size, softcap,
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic)
 
 
@@ -189,8 +218,6 @@ def _max_seqlen(value, name: str):
     or passed on as it is when ``torch.compile`` made it symbolic."""
     if isinstance(value, torch.SymInt):
         return value
-    from cuflash import _checks
-
     return _checks.check_max_seqlen(value, name)
 
 
@@ -210,8 +237,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``NotImplementedError``. As in flash-attn, the offsets of CUDA tensors are not checked
     (no host synchronisation); CPU offsets are (docs/torch.md, "Packed sequences").
     """
-    _unsupported_flash_attn(dropout_p, return_attn_probs,
-                            lse_from="torch.ops.cuflash.attention_varlen_forward (out, lse)")
+    if _checked_dropout_p(dropout_p):
+        raise NotImplementedError(
+            f"dropout_p={dropout_p!r}: packed sequences have no dropout (cuflash.attention_varlen "
+            f"takes none); pass dropout_p=0.0, or pad the sequences and use flash_attn_func")
+    _refuse_attn_probs(return_attn_probs,
+                       lse_from="torch.ops.cuflash.attention_varlen_forward (out, lse)")
     if block_table is not None:
         raise NotImplementedError(
             f"block_table is not supported by flash_attn_varlen_func (got a "
@@ -237,9 +268,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, enable_gqa=False):
     """``torch.nn.functional.scaled_dot_product_attention`` for the cases cuflash computes.
 
-    ``(..., H, L, E)`` inputs as in torch. ``attn_mask``, ``dropout_p > 0`` and ``is_causal``
-    with ``L != S`` (torch aligns that mask to the top-left corner, cuflash to the bottom-right)
-    raise ``NotImplementedError``; different query and key/value head counts need
+    ``(..., H, L, E)`` inputs as in torch. As in torch, ``dropout_p`` is applied as given (pass
+    0.0 in evaluation), with a seed drawn from torch's CPU default generator
+    (``cuflash.torch.attention``). ``attn_mask`` and ``is_causal`` with ``L != S`` (torch aligns
+    that mask to the top-left corner, cuflash to the bottom-right) raise
+    ``NotImplementedError``; different query and key/value head counts need
     ``enable_gqa=True``, as in torch. The output's memory follows the query's: a query that is a
     ``(B, L, H, E)`` tensor transposed gives an output that is one too, as torch's flash kernel
     does.
@@ -249,10 +282,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise NotImplementedError(
             "attn_mask is not supported: cuflash computes causal or unmasked attention (or a "
             "block-sparse cuflash.sparse.BlockMask through cuflash.torch.attention)")
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p!r}: the torch wrappers take no attention dropout yet; "
-            f"pass dropout_p=0.0")
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.dim() < 3:
             raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape "
@@ -270,7 +299,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     seq_major = query.stride(-3) < query.stride(-2)
     out, _ = _attention(query, key, value, causal=is_causal, scale=scale, window=(-1, -1),
                         softcap=0.0, alibi_slopes=None, block_mask=None, deterministic=False,
-                        seq_major=seq_major)
+                        seq_major=seq_major, dropout_p=dropout_p)
     return out
 
 

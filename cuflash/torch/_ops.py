@@ -5,7 +5,7 @@ sequences.
 All are ``torch.library.custom_op``s with fake (meta) implementations, so ``torch.compile``
 traces through them without graph breaks; each forward carries ``register_autograd``, whose
 backward calls its backward operator and saves only q, k, v, out and the log-sum-exp (and the
-offsets).
+offsets, or the dropout seed).
 
 A mask (a block-sparse ``BlockMask`` or an element-exact ``ExactMask``) is not a tensor: the
 operators take an int handle into a registry of masks (``block_mask_handle``); -1 means no
@@ -92,9 +92,9 @@ def _grads_have_out() -> bool:
     return _GRADS_HAVE_OUT
 
 
-def check_options(window, softcap, alibi_slopes) -> None:
+def check_options(window, softcap, alibi_slopes, dropout_p=0.0) -> None:
     """NotImplementedError naming each non-default option the installed core lacks."""
-    requested = []
+    requested = ["dropout_p"] if dropout_p != 0.0 else []
     if tuple(window) != (-1, -1):
         requested.append("window")
     if softcap != 0.0:
@@ -118,6 +118,35 @@ def _core_options(window_left, window_right, softcap, alibi_slopes, convert):
     if alibi_slopes is not None:
         options["alibi_slopes"] = convert(alibi_slopes)
     return options
+
+
+# ----------------------------------------------------------------------------- dropout
+#
+# The dropout seed travels as a CPU int64 scalar tensor holding the seed's 64 bits: a tensor can
+# be drawn inside a compiled graph (an int read out of a tensor would break the graph), and a CPU
+# one is read by the launch without waiting for the GPU. The offset is a plain int.
+
+def seed_tensor(seed: int) -> torch.Tensor:
+    """The int64 scalar that carries ``seed``, an int in [0, 2**64) (its bits, two's
+    complement)."""
+    return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+
+
+def draw_seed() -> torch.Tensor:
+    """A fresh seed, in [0, 2**63 - 1), from torch's CPU default generator
+    (``torch.default_generator``, which ``torch.manual_seed`` seeds) whatever the device of the
+    attention's tensors: a seed drawn on a GPU would have to be read back for the launch, a
+    synchronisation per call that a CUDA graph cannot capture."""
+    return torch.randint(2**63 - 1, (), dtype=torch.int64)
+
+
+def _dropout_options(dropout_p, dropout_seed, dropout_offset) -> dict:
+    """The core's dropout keywords, none without dropout (so that ``dropout_p = 0`` runs exactly
+    the call without it)."""
+    if dropout_p == 0.0:
+        return {}
+    seed = None if dropout_seed is None else int(dropout_seed) % 2**64
+    return dict(dropout_p=dropout_p, dropout_seed=seed, dropout_offset=dropout_offset)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -161,17 +190,20 @@ def _empty_grads(q, k, v):
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: Optional[float], window_left: int, window_right: int,
                       softcap: float, alibi_slopes: Optional[torch.Tensor], block_mask: int,
-                      seq_major: bool, deterministic: bool
+                      seq_major: bool, deterministic: bool, dropout_p: float = 0.0,
+                      dropout_seed: Optional[torch.Tensor] = None, dropout_offset: int = 0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of ``cuflash.attention`` on tensors in the (..., H, N, D) layout.
 
     ``seq_major`` lays the output's memory out as (..., N, H, Dv) (the layout flash-attn returns)
     instead of (..., H, N, Dv). ``deterministic`` does nothing here: it is kept for the backward.
+    ``dropout_seed`` is a CPU int64 scalar (``seed_tensor``), required when ``dropout_p > 0``.
     """
     masking = mask_options(block_mask)
     out = _empty_out(q, k, v, seq_major)
     with _bridge.core_scope(q.device) as (to_core, to_torch):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
+        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
         _, lse = cuflash.attention(*map(to_core, (q, k, v)), causal=causal, scale=scale,
                                    return_lse=True, out=to_core(out), **masking, **options)
         return out, to_torch(lse)
@@ -179,7 +211,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
 
 @attention_forward.register_fake
 def _(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
-      seq_major, deterministic):
+      seq_major, deterministic, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     return _empty_out(q, k, v, seq_major), _empty_lse(q, k, v)
 
 
@@ -190,13 +222,16 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, causal: bool,
                        scale: Optional[float], window_left: int, window_right: int,
                        softcap: float, alibi_slopes: Optional[torch.Tensor], block_mask: int,
-                       deterministic: bool
+                       deterministic: bool, dropout_p: float = 0.0,
+                       dropout_seed: Optional[torch.Tensor] = None, dropout_offset: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of ``cuflash.attention_backward``."""
+    """(dq, dk, dv) of ``cuflash.attention_backward``; the dropout arguments must be the
+    forward's, which regenerate its mask."""
     masking = mask_options(block_mask)
     grads = _empty_grads(q, k, v) if _grads_have_out() else None
     with _bridge.core_scope(q.device) as (to_core, to_torch):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
+        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
         if grads is not None:
             options.update(zip(("dq", "dk", "dv"), map(to_core, grads)))
         result = cuflash.attention_backward(
@@ -209,7 +244,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 @attention_backward.register_fake
 def _(dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap, alibi_slopes,
-      block_mask, deterministic):
+      block_mask, deterministic, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     return _empty_grads(q, k, v)
 
 
@@ -217,23 +252,27 @@ def _(dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
-     _seq_major, deterministic) = inputs
+     _seq_major, deterministic, dropout_p, dropout_seed, dropout_offset) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-    ctx.options = (causal, scale, window_left, window_right, softcap, block_mask, deterministic)
+    # The backward gets the forward's very seed and offset: the same dropout mask.
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, dropout_seed)
+    ctx.options = (causal, scale, window_left, window_right, softcap, block_mask, deterministic,
+                   dropout_p, dropout_offset)
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
 def _backward(ctx, dout, _dlse):
+    no_grads = (None,) * (len(ctx.needs_input_grad) - 3)  # the inputs after q, k and v
     if dout is None:  # only lse was used: nothing flows back
-        return (None,) * 12
-    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-    causal, scale, window_left, window_right, softcap, block_mask, deterministic = ctx.options
+        return (None,) * 3 + no_grads
+    q, k, v, out, lse, alibi_slopes, dropout_seed = ctx.saved_tensors
+    (causal, scale, window_left, window_right, softcap, block_mask, deterministic, dropout_p,
+     dropout_offset) = ctx.options
     dq, dk, dv = attention_backward(
         dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap,
-        alibi_slopes, block_mask, deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        alibi_slopes, block_mask, deterministic, dropout_p, dropout_seed, dropout_offset)
+    return (dq, dk, dv) + no_grads
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
