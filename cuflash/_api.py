@@ -201,8 +201,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         Attention dropout (flash-attn's ``dropout_p``): each element of the softmax matrix is
         zeroed with probability ``dropout_p`` and the kept ones are scaled by
         ``1 / (1 - dropout_p)``, so the output is unbiased. A real number in ``[0, 1)``; 0.0
-        (the default) is off and runs exactly the computation without dropout. NumPy inputs
-        only for now: the GPU kernels refuse it (``ValueError``).
+        (the default) is off and runs exactly the computation without dropout. On the GPU
+        only the sm80 kernels (float16/bfloat16) implement it, and they are not yet verified
+        on a GPU: a CuPy call raises ``ValueError`` unless the environment variable
+        ``CUFLASH_GPU_DROPOUT=1`` is set (docs/api.md, "Dropout").
     dropout_seed : int, optional
         The seed of the dropout mask, an int in ``[0, 2**64)``; required when
         ``dropout_p > 0``. Give ``attention_backward`` the same seed and offset: the mask is a
