@@ -100,6 +100,11 @@ def device_context(x: Any):
 
 # ----------------------------------------------------------------------------- scalar options
 
+def is_integer(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool: what every integer option takes."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy.bool_))
+
+
 def check_bool(value: Any, name: str) -> bool:
     if isinstance(value, (bool, numpy.bool_)):
         return bool(value)
@@ -166,7 +171,7 @@ def check_window(window: Any) -> tuple[int, int]:
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(f"window must be {allowed}, got {_show(window)}")
     for side, value in zip(("left", "right"), window):
-        if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral):
+        if not is_integer(value):
             raise TypeError(f"window must be {allowed}, got {_show(window)} ({side} is of type "
                             f"{_type_name(value)})")
         if value < -1:
@@ -553,7 +558,7 @@ def varlen_shapes(q: Any, k: Any, v: Any, batch: int, max_q: int, max_k: int) ->
 
 def check_max_seqlen(value: Any, name: str) -> int:
     """``max_seqlen_q`` / ``max_seqlen_k``: a non-negative integer below 2**31."""
-    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an int, got {_show(value)} of type {_type_name(value)}")
     if not 0 <= value < 2**31:
         raise ValueError(f"{name} must be between 0 and 2**31 - 1, got {value}")
@@ -623,7 +628,7 @@ def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
                                   ("dropout_offset", offset, "2**32", 2**32)):
         if x is None and name == "dropout_seed":
             continue
-        if isinstance(x, (bool, numpy.bool_)) or not isinstance(x, numbers.Integral):
+        if not is_integer(x):
             raise TypeError(f"{name} must be an int in [0, {limit}), got {_show(x)} of type "
                             f"{_type_name(x)}")
         if not 0 <= int(x) < bound:

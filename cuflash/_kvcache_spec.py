@@ -334,8 +334,7 @@ def _shape_text(shape) -> str:
 def _check_seqlens(cache_seqlens, b, xp, q):
     """``(lengths, seqlens)``: host lengths (NumPy int64 ``(B,)``) when known there, and the
     caller's array (``None`` for an int)."""
-    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens,
-                                                                       (bool, numpy.bool_)):
+    if _checks.is_integer(cache_seqlens):
         return numpy.full(b, int(cache_seqlens), dtype=numpy.int64), None
     if cache_seqlens is None or isinstance(cache_seqlens, (bool, numpy.bool_, numbers.Number)):
         raise TypeError(f"cache_seqlens must be an int or an int32 array of shape ({b},) (the "
@@ -348,8 +347,7 @@ def _check_seqlens(cache_seqlens, b, xp, q):
 
 
 def _check_num_splits(num_splits) -> int:
-    if isinstance(num_splits, (bool, numpy.bool_)) or not isinstance(num_splits,
-                                                                      numbers.Integral):
+    if not _checks.is_integer(num_splits):
         raise TypeError(f"num_splits must be an int (0 = chosen automatically), got "
                         f"{num_splits!r}")
     if num_splits < 0:
