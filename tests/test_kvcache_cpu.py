@@ -304,14 +304,14 @@ def _spec(case):
 
 def test_generic_route_when_the_kernel_refuses(rng, monkeypatch):
     spec = _gpu_like(_spec(small(rng)))
-    fake = types.SimpleNamespace(why_not=lambda q, k, v, *, paged: "float32 is not 16-bit")
+    fake = types.SimpleNamespace(why_not=lambda q, k, v: "float32 is not 16-bit")
     monkeypatch.setattr(_kvcache, "decode_module", lambda: fake)
     route, reason, _ = _kvcache._choose(spec, None, None, None)
     assert route == "generic" and "float32 is not 16-bit" in reason
     monkeypatch.setattr(_kvcache, "decode_module", lambda: ImportError("no module named decode"))
     route, reason, _ = _kvcache._choose(spec, None, None, None)
     assert route == "generic" and "no module named decode" in reason
-    fake.why_not = lambda q, k, v, *, paged: None
+    fake.why_not = lambda q, k, v: None
     monkeypatch.setattr(_kvcache, "decode_module", lambda: fake)
     assert _kvcache._choose(spec, None, None, None)[0] == "decode"
 
@@ -323,7 +323,7 @@ class FakeDecode:
     def __init__(self):
         self.calls = []
 
-    def why_not(self, q, k_cache, v_cache, *, paged):
+    def why_not(self, q, k_cache, v_cache):
         return None
 
     def append(self, k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None,

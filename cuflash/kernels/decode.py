@@ -45,7 +45,7 @@ APPEND_ARGS = make_struct_dtype(
 )
 
 
-def why_not(q, k_cache, v_cache, *, paged: bool) -> str | None:
+def why_not(q, k_cache, v_cache) -> str | None:
     """None when the decode kernels take these CuPy arrays, else the reason."""
     from ._launch import _compute_capability
 
@@ -204,12 +204,17 @@ def _layout(x) -> tuple | None:
 
 def capacity_of(k_cache, block_table=None) -> int:
     """Keys one batch row's cache holds: its length, or pages per row × page size."""
-    return k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+    return _capacity(k_cache.shape, None if block_table is None else block_table.shape)
+
+
+def _capacity(k_cache_shape, table_shape) -> int:
+    """``capacity_of`` from the shapes (what a prepared launch keeps)."""
+    return k_cache_shape[1] * (1 if table_shape is None else table_shape[1])
 
 
 @functools.lru_cache(maxsize=256)
 def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool, window, softcap: float,
-              alibi: bool, batch_idx: bool, num_splits: int) -> DecodeLaunch:
+              alibi: bool, num_splits: int) -> DecodeLaunch:
     (q_shape, q_strides, dtype), k_layout, v_layout, o_layout, table_layout = layouts
     batch, sq, heads, d = q_shape
     (_, page_or_capacity, kv_heads, _), k_strides, _ = k_layout
@@ -217,7 +222,7 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     paged = table_layout is not None
     geometry = Geometry.of(batch, sq, heads, kv_heads, d, dv)
     dqk, dvp, row_chunks, shared = geometry.dqk, geometry.dvp, geometry.row_chunks, geometry.shared
-    capacity = table_layout[0][1] * page_or_capacity if paged else page_or_capacity
+    capacity = _capacity(k_layout[0], table_layout[0] if paged else None)
     splits = num_splits or geometry.auto_splits(capacity, device_id)
     left, right = _kernel_band(causal, window)
     values = dict(
@@ -252,7 +257,7 @@ def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, 
     layout and options; later calls only fill in the pointers."""
     layouts = (_layout(q), _layout(k_cache), _layout(v_cache), _layout(out), _layout(block_table))
     launch = _prepared(layouts, q.device.id, int(appended), float(scale), bool(causal), tuple(window),
-                       float(softcap), alibi is not None, cache_batch_idx is not None, int(num_splits))
+                       float(softcap), alibi is not None, int(num_splits))
     launch(q, k_cache, v_cache, cache_seqlens, out, lse, alibi, block_table, cache_batch_idx)
     return launch.splits
 
@@ -264,26 +269,43 @@ def _combine_variant(dtype) -> str:
 def append(k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None, cache_batch_idx=None) -> None:
     """Writes k_new / v_new (B, S_new, Hkv, D / Dv) into the caches in place at positions
     cache_seqlens[b] + i (the lengths before the append), through block_table when paged;
-    nothing for a row whose length lies outside [0, capacity − S_new]."""
-    batch, s_new, kv_heads, d = k_new.shape
-    if batch * s_new * kv_heads == 0:
+    nothing for a row whose length lies outside [0, capacity − S_new]. Prepared once per layout,
+    like ``forward``; later calls only fill in the pointers."""
+    layouts = tuple(_layout(x) for x in (k_new, v_new, k_cache, v_cache, block_table))
+    prepared = _prepared_append(layouts, k_new.device.id)
+    if prepared is None:  # nothing to write
         return
-    paged = block_table is not None
+    kernel, args, blocks = prepared
+    kernel((blocks,), (128,), (args.pack(tuple(pointer(x) for x in (
+        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx))),))
+
+
+APPEND_POINTERS = ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_idx")
+
+
+@functools.lru_cache(maxsize=256)
+def _prepared_append(layouts, device_id: int):
+    """``(kernel, packed arguments, blocks)`` of the append for these layouts (``_layout`` of
+    k_new, v_new, k_cache, v_cache, block_table), or None when there is nothing to write."""
+    (kn_shape, kn_strides, _), (vn_shape, vn_strides, _), k_layout, v_layout, table_layout = layouts
+    batch, s_new, kv_heads, d = kn_shape
+    if batch * s_new * kv_heads == 0:
+        return None
+    paged = table_layout is not None
+    page_or_capacity = k_layout[0][1]
     values = dict(
-        **_stride_fields("kn", element_strides(k_new)), **_stride_fields("vn", element_strides(v_new)),
-        **_stride_fields("k", element_strides(k_cache)), **_stride_fields("v", element_strides(v_cache)),
-        table_stride=element_strides(block_table)[0] if paged else 0,
-        batch=batch, appended=s_new, kv_heads=kv_heads, d=d, dv=v_new.shape[3],
-        page_size=k_cache.shape[1] if paged else 0, capacity=capacity_of(k_cache, block_table),
+        **_stride_fields("kn", kn_strides), **_stride_fields("vn", vn_strides),
+        **_stride_fields("k", k_layout[1]), **_stride_fields("v", v_layout[1]),
+        table_stride=table_layout[1][0] if paged else 0,
+        batch=batch, appended=s_new, kv_heads=kv_heads, d=d, dv=vn_shape[3],
+        page_size=page_or_capacity if paged else 0,
+        capacity=_capacity(k_layout[0], table_layout[0] if paged else None),
     )
-    pointers = ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_idx")
-    args = PackedArgs(APPEND_ARGS, pointers, values).pack(tuple(pointer(x) for x in (
-        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx)))
     kernel = _build.get_function(SOURCE, _append_variant(paged))
-    kernel((check_grid(batch * s_new * kv_heads, "the cache append kernel"),), (128,), (args,))
+    blocks = check_grid(batch * s_new * kv_heads, "the cache append kernel")
+    return kernel, PackedArgs(APPEND_ARGS, APPEND_POINTERS, values), blocks
 
 
-@functools.lru_cache(maxsize=None)
 def _append_variant(paged: bool) -> str:
     return _build.template_expression("kv_append", paged)
 
