@@ -99,14 +99,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     >>> cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths).shape
     (2, 1, 2, 16)
     """
-    refuse_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
-    spec = validate(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
-                    block_table=block_table, cache_batch_idx=cache_batch_idx, causal=causal,
-                    scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                    num_splits=num_splits)
-    return_lse = _checks.check_bool(return_lse, "return_lse")
-    if out is not None:
-        check_out(out, spec, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+    spec, return_lse = _validated(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+        cache_batch_idx=cache_batch_idx, causal=causal, scale=scale, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=return_lse,
+        out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
     xp = spec.xp
     with _checks.device_context(q):
         result = xp.empty(spec.out_shape, spec.dtype) if out is None else out
@@ -147,18 +144,27 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
     >>> cuflash.kvcache_plan(q, cache, cache, cache_seqlens=3).route
     'numpy'
     """
-    refuse_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
-    spec = validate(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
-                    block_table=block_table, cache_batch_idx=cache_batch_idx, causal=causal,
-                    scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                    num_splits=num_splits)
-    _checks.check_bool(return_lse, "return_lse")
-    if out is not None:
-        check_out(out, spec, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+    spec, _ = _validated(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+        cache_batch_idx=cache_batch_idx, causal=causal, scale=scale, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=return_lse,
+        out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
     with _checks.device_context(q):
         route, reason, _ = _choose(spec, q if spec.xp is numpy else _checks.kernel_readable(q),
                                    k_cache, v_cache)
     return KVCachePlan(spec, route, reason)
+
+
+def _validated(q, k_cache, v_cache, k, v, *, return_lse, out, rotary_cos, rotary_sin,
+               cache_leftpad, **options) -> tuple[KVCacheSpec, bool]:
+    """``(spec, return_lse)`` of one call, every argument checked (the call itself and
+    ``kvcache_plan`` alike)."""
+    refuse_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+    spec = validate(q, k_cache, v_cache, k, v, **options)
+    return_lse = _checks.check_bool(return_lse, "return_lse")
+    if out is not None:
+        check_out(out, spec, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+    return spec, return_lse
 
 
 def decode_module():
