@@ -248,7 +248,7 @@ class _Dropout:
         self.rescale = _F32(1.0 / (1.0 - spec.dropout_p))
 
     def __bool__(self):
-        return self.spec.dropout_p > 0.0
+        return self.spec.has_dropout
 
     def keep(self, rows, cols):
         spec = self.spec

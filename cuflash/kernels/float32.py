@@ -36,10 +36,10 @@ from ._launch import (
     pointer,
     score_mod_type,
     stride_fields,
-    why_not_dropout,
-    why_not_varlen,
     tile_index,
     vector_aligned,
+    why_not_dropout,
+    why_not_varlen,
 )
 
 SOURCE = "flash_f32.cu"

@@ -163,7 +163,7 @@ _EXACT_CANDIDATES = {
 # the dK/dV kernel free (the dQ kernel keeps its 64-key tiles: at 32 keys ptxas aims at 128
 # registers and spills).
 _DROPOUT_CANDIDATES = {
-    128: tuple(BwdTiles(**{**tiles.__dict__, "col_passes": 4}) for tiles in _CANDIDATES[128]),
+    128: tuple(dataclasses.replace(tiles, col_passes=4) for tiles in _CANDIDATES[128]),
 }
 
 

@@ -78,14 +78,16 @@ def default_tiles(d: int) -> Sm90BwdTiles:
 def variant_dkdv(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dkdv", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
-        tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec), *_build.trailing_flags(spec.float32_grads),
+        tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
+        *_build.trailing_flags(spec.float32_grads),
     )
 
 
 def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dq", element_type(spec.dtype), spec.shapes.d, tiles.dq_warpgroups,
-        tiles.dq_block_n, mask_type(spec), score_mod_type(spec), *_build.trailing_flags(spec.float32_grads),
+        tiles.dq_block_n, mask_type(spec), score_mod_type(spec),
+        *_build.trailing_flags(spec.float32_grads),
     )
 
 
