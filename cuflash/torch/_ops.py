@@ -250,6 +250,11 @@ def _(dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap
 
 # ----------------------------------------------------------------------------- autograd
 
+def _no_grads_after_qkv(ctx) -> tuple:
+    """No gradient for each input of an operator after q, k and v (options, offsets, ...)."""
+    return (None,) * (len(ctx.needs_input_grad) - 3)
+
+
 def _setup_context(ctx, inputs, output):
     (q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
      _seq_major, deterministic, dropout_p, dropout_seed, dropout_offset) = inputs
@@ -263,7 +268,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
-    no_grads = (None,) * (len(ctx.needs_input_grad) - 3)  # the inputs after q, k and v
+    no_grads = _no_grads_after_qkv(ctx)
     if dout is None:  # only lse was used: nothing flows back
         return (None,) * 3 + no_grads
     q, k, v, out, lse, alibi_slopes, dropout_seed = ctx.saved_tensors
@@ -367,15 +372,16 @@ def _setup_varlen_context(ctx, inputs, output):
 
 
 def _varlen_backward(ctx, dout, _dlse):
+    no_grads = _no_grads_after_qkv(ctx)
     if dout is None:  # only lse was used: nothing flows back
-        return (None,) * 14
+        return (None,) * 3 + no_grads
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
     (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap,
      deterministic) = ctx.options
     dq, dk, dv = attention_varlen_backward(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
         scale, window_left, window_right, softcap, alibi_slopes, deterministic)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + no_grads
 
 
 attention_varlen_forward.register_autograd(_varlen_backward,
