@@ -20,9 +20,9 @@ NumPy path, the oracle and the CUDA kernels) draw the same mask:
 Philox4x32-10 is the counter-based generator of Salmon et al. (SC 2011), as in Random123 and
 cuRAND: ten rounds of two 32×32→64-bit multiplies (``M0 = 0xD2511F53``, ``M1 = 0xCD9E8D57``) with
 the key bumped by the Weyl constants (``W0 = 0x9E3779B9``, ``W1 = 0xBB67AE85``) between rounds.
-``philox4x32_10`` reproduces Random123's known-answer vectors (tests/test_dropout.py). The CUDA
-kernels, when they implement dropout, must reproduce ``keep_mask`` bit for bit from their tile
-coordinates (docs/internals.md, "Dropout").
+``philox4x32_10`` reproduces Random123's known-answer vectors (tests/test_dropout.py). The sm80
+kernels draw the same mask from their tile coordinates (csrc/dropout.cuh; off by default until
+checked on a GPU, docs/internals.md, "Dropout").
 """
 
 from __future__ import annotations
