@@ -8,7 +8,6 @@ Targets (forward and forward+backward):
   target 1  forward+backward ≥ 1.0× torch SDPA flash (sdpa_kernel(SDPBackend.FLASH_ATTENTION))
             with the same dropout_p
   target 2  overhead of dropout over cuflash without it ≤ 15%
-Sets CUFLASH_GPU_DROPOUT=1 (the GPU dropout kernels are off by default until verified on a GPU).
 Times are medians of CUDA-event timings after warm-up; "vs sdpa" and "vs p=0" > 1 mean the
 dropout call is faster. The dropout calls run the sm80 (mma.sync) kernels on every device (the
 Hopper kernels take no dropout): "p=0" is the default kernels' time without dropout (the Hopper
@@ -83,11 +82,6 @@ def main():
     parser.add_argument("--no-torch", action="store_true", help="skip torch SDPA")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from cuflash.kernels import _launch
-
-    # The GPU dropout kernels are off by default until verified on a GPU (docs/internals.md).
-    os.environ.setdefault(_launch.GPU_DROPOUT_ENV, "1")
-
     torch = None
     if not args.no_torch:
         try:

@@ -200,7 +200,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     dropout_p : float, optional
         Attention dropout (flash-attn's ``dropout_p``): each element of the softmax matrix is
         zeroed with probability ``dropout_p`` and the kept ones are scaled by
-        ``1 / (1 - dropout_p)``, so the output is unbiased. A real number in ``[0, 1)``; 0.0
+        ``1 / (1 - dropout_p)``, so the output is unbiased. A real number in ``[0, 1)``, used
+        rounded to a multiple of 1/256 (8 random bits per element; rates below 1/512 are
+        refused, docs/api.md, "Dropout"); 0.0
         (the default) is off and runs exactly the computation without dropout. On the GPU
         only the sm80 kernels (float16/bfloat16) implement it, and they are not yet verified
         on a GPU: a CuPy call raises ``ValueError`` unless the environment variable

@@ -17,6 +17,7 @@ from typing import Any
 import ml_dtypes
 import numpy
 
+from . import _dropout
 from ._mask import LOG2E as _LOG2E
 
 SUPPORTED_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(ml_dtypes.bfloat16),
@@ -635,6 +636,10 @@ def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
             raise ValueError(f"{name} must be an int in [0, {limit}), got {_show(x)}")
     if value == 0.0:
         return 0.0, 0, 0
+    if _dropout.threshold(value) == 0:
+        raise ValueError(f"dropout_p={value:g} is below 1/512: dropout draws 8 bits per element, "
+                         f"so its rates are multiples of 1/256 and this one would round to no "
+                         f"dropout; pass 0.0 or a rate of at least 1/512")
     if seed is None and not seed_required:
         seed = 0
     if seed is None:

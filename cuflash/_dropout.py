@@ -9,20 +9,26 @@ NumPy path, the oracle and the CUDA kernels) draw the same mask:
 - ``b``: the batch index (the flattened broadcast leading axes, ``0 ≤ b < B``), ``h`` the query
   head (``0 ≤ h < Hq``), ``i`` the query row, ``j`` the key (``0 ≤ i < Nq``, ``0 ≤ j < Nk``);
 - key ``(k0, k1) = (seed mod 2³², seed div 2³²)`` (``0 ≤ seed < 2⁶⁴``);
-- counter ``(c0, c1, c2, c3) = (j div 4, i, b · Hq + h, offset)`` (``0 ≤ offset < 2³²``, and
+- counter ``(c0, c1, c2, c3) = (j div 16, i, b · Hq + h, offset)`` (``0 ≤ offset < 2³²``, and
   ``B · Hq < 2³²``);
-- the element's 32-bit draw is word ``j mod 4`` of ``Philox4x32-10(counter, key)``, so one Philox
-  call serves four consecutive keys of one row;
-- the element is kept when ``draw ≥ threshold``, ``threshold = min(2³² − 1, floor(p · 2³²))``
-  (``p · 2³²`` computed exactly in float64: ``p`` is a float64 and 2³² a power of two), which
-  keeps it with probability ``1 − threshold / 2³²`` (``1 − p`` up to 2⁻³²).
+- the element's 8-bit draw is byte ``j mod 16`` of ``Philox4x32-10(counter, key)`` (byte ``4w + c``
+  is bits ``8c … 8c + 7`` of word ``w``), so one Philox call serves 16 consecutive keys of one
+  row;
+- the element is kept when ``draw ≥ threshold``, ``threshold = min(255, round(p · 256))`` (halves up).
+
+So the rate is quantised to a multiple of 1/256: the effective rate is ``threshold / 256``, and
+the kept elements are scaled by ``1 / (1 − threshold / 256)`` (``rescale``), which keeps the output
+unbiased (flash-attn quantises the same way, to 1/256, but scales by ``1 / (1 − p)``). A rate
+that would round to 0 (``0 < p < 1/512``) is refused rather than silently ignored. Eight bits per
+element, not 32, make the Philox work per element a quarter of what it would be: in the kernels
+it costs as much as the matrix products would otherwise.
 
 Philox4x32-10 is the counter-based generator of Salmon et al. (SC 2011), as in Random123 and
 cuRAND: ten rounds of two 32×32→64-bit multiplies (``M0 = 0xD2511F53``, ``M1 = 0xCD9E8D57``) with
 the key bumped by the Weyl constants (``W0 = 0x9E3779B9``, ``W1 = 0xBB67AE85``) between rounds.
 ``philox4x32_10`` reproduces Random123's known-answer vectors (tests/test_dropout.py). The sm80
-kernels draw the same mask from their tile coordinates (csrc/dropout.cuh; off by default until
-checked on a GPU, docs/internals.md, "Dropout").
+kernels draw the same mask from their tile coordinates (csrc/dropout.cuh, docs/internals.md,
+"Dropout").
 """
 
 from __future__ import annotations
@@ -63,24 +69,38 @@ def philox4x32_10(counter, key):
     return c0, c1, c2, c3
 
 
+KEYS_PER_CALL = 16  # one Philox call: 128 bits, one byte per key
+
+
 def threshold(p: float) -> int:
-    """The draw below which an element is dropped: ``min(2³² − 1, floor(p · 2³²))``."""
-    return min(2**32 - 1, math.floor(float(p) * 2.0**32))
+    """The draw below which an element is dropped: ``min(255, round(p · 256))``, halves
+    rounded up (``p · 256`` is exact in float64)."""
+    scaled = float(p) * 256.0
+    whole = math.floor(scaled)
+    return min(255, whole + (scaled - whole >= 0.5))  # not floor(scaled + 0.5): that sum rounds
+
+
+def effective_p(p: float) -> float:
+    """The rate the mask really drops at: ``threshold(p) / 256``."""
+    return threshold(p) / 256.0
+
+
+def rescale(p: float) -> float:
+    """The factor of the kept elements, ``1 / (1 − effective_p(p))`` (1 for p = 0)."""
+    return 256.0 / (256.0 - threshold(p))
 
 
 def draws(seed: int, offset: int, hq: int, b, h, rows, cols):
-    """The uint32 draw of each element ``(b, h, rows, cols)`` (integer arrays, broadcast
-    together) of a problem with ``hq`` query heads."""
+    """The 8-bit draw of each element ``(b, h, rows, cols)`` (integer arrays, broadcast
+    together) of a problem with ``hq`` query heads, as uint32."""
     b, h, rows, cols = np.broadcast_arrays(*(np.asarray(x, dtype=np.int64)
                                              for x in (b, h, rows, cols)))
     key = (seed & 0xFFFFFFFF, seed >> 32)
-    counter = (cols >> 2, rows, b * hq + h, np.full(cols.shape, offset, np.int64))
+    counter = (cols // KEYS_PER_CALL, rows, b * hq + h, np.full(cols.shape, offset, np.int64))
     words = philox4x32_10(counter, key)
-    lane = cols & 3
-    out = words[3].copy()
-    for word in range(3):
-        np.copyto(out, words[word], where=lane == word)
-    return out
+    byte = cols % KEYS_PER_CALL
+    word = np.select([byte // 4 == w for w in range(3)], words[:3], words[3]).astype(_U32)
+    return (word >> (8 * (byte % 4)).astype(_U32)) & _U32(0xFF)
 
 
 def keep_mask(seed: int, offset: int, p: float, b, h, rows, cols, *, hq: int):

@@ -238,14 +238,14 @@ class _Dropout:
 
     ``keep(rows, cols)`` is bool ``(B, Hkv, G, m, n)``: ``_dropout.keep_mask`` at each element's
     batch index, query head ``h = kv_head · G + g``, row and key. ``rescale`` is the float32
-    ``1 / (1 − p)``.
+    ``_dropout.rescale(p)``, ``1 / (1 − p)`` at the rate the mask really drops.
     """
 
     def __init__(self, spec, b, hq, hkv):
         self.spec, self.hq = spec, hq
         self.batch = np.arange(b).reshape(b, 1, 1, 1, 1)
         self.heads = np.arange(hq).reshape(1, hkv, hq // hkv, 1, 1)
-        self.rescale = _F32(1.0 / (1.0 - spec.dropout_p))
+        self.rescale = _F32(_dropout.rescale(spec.dropout_p))
 
     def __bool__(self):
         return self.spec.has_dropout

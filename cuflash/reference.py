@@ -124,7 +124,7 @@ def naive_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
     product; the ALiBi bias and its sum), the softmax and ``P v`` are each rounded to ``dtype``
     (default: q's dtype); products accumulate in float32. Returns ``(out, lse)``: out in
     ``dtype``, lse (of the rounded logits) in float32. ``rows`` as for ``attention``. Dropout
-    multiplies the rounded softmax by the mask and ``1 / (1 − p)``, rounded again.
+    multiplies the rounded softmax by the mask and ``_dropout.rescale(p)``, rounded again.
     """
     c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
               alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows,
@@ -278,7 +278,7 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
     if some_rows:
         q = q[..., xp.asarray(rows), :]
     return _Call(xp, shapes, scale, q, k, v, rows, keep, softcap, slopes, dropout_keep,
-                 1.0 / (1.0 - p) if p > 0 else 1.0)
+                 _dropout.rescale(p))
 
 
 def _is_exact_mask(mask):

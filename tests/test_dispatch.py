@@ -109,10 +109,7 @@ def test_dropout_on_hopper_runs_the_sm80_family(monkeypatch):
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
-    from cuflash.kernels import _launch
-
     device = FakeDevice(monkeypatch, compute_capability="90")
-    monkeypatch.setenv(_launch.GPU_DROPOUT_ENV, "1")
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q, q, q, causal=True, dropout_p=0.1, dropout_seed=3)
     reason = "dropout (dropout_p=0.1) runs in the sm80-mma kernels only"
@@ -123,19 +120,12 @@ def test_dropout_on_hopper_runs_the_sm80_family(monkeypatch):
     assert cuflash.kernel_plan(q, q, q, causal=True).forward.family.name == "sm90-tma"
 
 
-def test_gpu_dropout_is_refused_until_switched_on(monkeypatch):
-    """Without CUFLASH_GPU_DROPOUT=1 no family takes a dropout call on CuPy arrays, and the call
-    raises naming the switch; with it, the sm80 family does."""
+def test_gpu_dropout_runs_the_sm80_family(monkeypatch):
+    """On a compute-capability 8.0 device a dropout call runs the sm80 kernels, both passes."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
-    from cuflash.kernels import _launch
-
     device = FakeDevice(monkeypatch, compute_capability="80")
-    monkeypatch.delenv(_launch.GPU_DROPOUT_ENV, raising=False)
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
-    with pytest.raises(ValueError, match=_launch.GPU_DROPOUT_ENV):
-        cuflash.attention(q, q, q, dropout_p=0.1, dropout_seed=3)
-    monkeypatch.setenv(_launch.GPU_DROPOUT_ENV, "1")
     plan = cuflash.kernel_plan(q, q, q, dropout_p=0.1, dropout_seed=3)
     assert plan.forward.family.name == plan.backward.family.name == "sm80-mma"

@@ -38,35 +38,50 @@ def test_philox_is_elementwise_over_arrays():
 
 
 def test_keep_mask_follows_the_documented_counter_layout():
-    """Element (b, h, i, j): key (seed lo, seed hi), counter (j // 4, i, b·Hq + h, offset), word
-    j % 4, kept when the draw is at least floor(p · 2**32)."""
+    """Element (b, h, i, j): key (seed lo, seed hi), counter (j // 16, i, b·Hq + h, offset),
+    byte j % 16 (byte c of word w is byte 4w + c, little-endian), kept when the byte is at least
+    round(p · 256)."""
     seed, offset, p, hq = 0x0123456789ABCDEF, 77, 0.3, 5
-    dense = _dropout.dense_keep(seed, offset, p, (2, 3), hq, np.arange(9), 11)
-    assert dense.shape == (2, 3, hq, 9, 11)
-    threshold = math.floor(p * 2**32)
-    for b0, b1, h, i, j in [(0, 0, 0, 0, 0), (1, 2, 4, 8, 10), (0, 1, 3, 5, 7), (1, 0, 2, 1, 4)]:
+    dense = _dropout.dense_keep(seed, offset, p, (2, 3), hq, np.arange(9), 37)
+    assert dense.shape == (2, 3, hq, 9, 37)
+    threshold = 77  # round(0.3 · 256) = round(76.8)
+    cases = [(0, 0, 0, 0, 0), (1, 2, 4, 8, 36), (0, 1, 3, 5, 7), (1, 0, 2, 1, 19), (0, 2, 1, 3, 15)]
+    for b0, b1, h, i, j in cases:
         b = b0 * 3 + b1  # the flattened batch index
-        words = _dropout.philox4x32_10((j // 4, i, b * hq + h, offset),
+        words = _dropout.philox4x32_10((j // 16, i, b * hq + h, offset),
                                        (seed & 0xFFFFFFFF, seed >> 32))
-        assert dense[b0, b1, h, i, j] == (int(words[j % 4]) >= threshold)
+        byte = int(words[j % 16 // 4]).to_bytes(4, "little")[j % 4]
+        assert dense[b0, b1, h, i, j] == (byte >= threshold)
 
 
-def test_threshold():
-    assert _dropout.threshold(0.0) == 0
-    assert _dropout.threshold(0.5) == 2**31
-    assert _dropout.threshold(np.nextafter(1.0, 0.0)) == 2**32 - 1
+@pytest.mark.parametrize("p,threshold", [
+    (0.0, 0), (0.1, 26), (0.5, 128), (0.25, 64), (1 / 512, 1), (3 / 512, 2),
+    (np.nextafter(1 / 512, 0.0), 0), (0.998, 255), (np.nextafter(1.0, 0.0), 255)])
+def test_threshold_rounds_p_to_a_multiple_of_1_256(p, threshold):
+    assert _dropout.threshold(p) == threshold
+    assert _dropout.effective_p(p) == threshold / 256
+    assert _dropout.rescale(p) == 1.0 / (1.0 - threshold / 256)
+
+
+def test_rates_that_round_to_no_dropout_are_refused(rng):
+    q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
+    with pytest.raises(ValueError, match="below 1/512"):
+        cuflash.attention(q, k, v, dropout_p=0.001, dropout_seed=1)
+    out = cuflash.attention(q, k, v, dropout_p=1 / 512, dropout_seed=1)
+    assert np.isfinite(out).all()
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_rate_within_binomial_bounds(p):
     keep = _dropout.dense_keep(12345, 0, p, (2,), 4, np.arange(128), 257)
-    n = keep.size
-    sigma = math.sqrt(n * p * (1 - p))
-    assert abs(keep.sum() - n * (1 - p)) <= 5 * sigma
-    # Each of the four words of a Philox call, and each row, keeps at the same rate.
-    for lane in range(4):
-        column = keep[..., lane::4]
-        assert abs(column.sum() - column.size * (1 - p)) <= 5 * math.sqrt(column.size * p * (1 - p))
+    n, rate = keep.size, _dropout.effective_p(p)
+    sigma = math.sqrt(n * rate * (1 - rate))
+    assert abs(keep.sum() - n * (1 - rate)) <= 5 * sigma
+    # Each of the 16 bytes of a Philox call, and each row, keeps at the same rate.
+    for byte in range(16):
+        column = keep[..., byte::16]
+        bound = 5 * math.sqrt(column.size * rate * (1 - rate))
+        assert abs(column.sum() - column.size * (1 - rate)) <= bound
 
 
 def test_masks_of_different_seeds_offsets_heads_are_unrelated():
@@ -297,20 +312,18 @@ def test_numpy_integers_are_seeds(rng):
 # ----------------------------------------------------------------------------- GPU families
 
 def test_only_the_sm80_families_take_dropout(monkeypatch):
-    """Without CuPy: the sm80 launchers take a dropout call once switched on (and say how
-    before), every other family gives the reason before looking at the arrays, and the sm80 ones
-    refuse dropout with packed sequences."""
+    """Without CuPy: the sm80 launchers take a dropout call, every other family gives the reason
+    before looking at the arrays, and the sm80 ones refuse dropout with packed sequences."""
     import dataclasses
 
     from cuflash._spec import VarlenLayout
+    from cuflash.kernels import _launch
 
 
     q = np.zeros((2, 4, 64, 64), np.float16)
     spec = _api._spec(q, q, q, dropout_p=0.1, dropout_seed=1)[1]
     assert "dropout_p=0.1" in spec.describe()
-    monkeypatch.setenv(kernels._launch.GPU_DROPOUT_ENV, "0")
-    assert "CUFLASH_GPU_DROPOUT=1" in kernels._launch.why_not_sm80_dropout(spec)
-    monkeypatch.setenv(kernels._launch.GPU_DROPOUT_ENV, "1")
+    assert _launch.why_not_sm80_dropout(spec) is None
     families = {f.module: f for registry in kernels.REGISTRY.values() for f in registry}
     assert len(families) >= 6
     sm80 = {"mma_forward", "mma_backward"}
@@ -321,7 +334,7 @@ def test_only_the_sm80_families_take_dropout(monkeypatch):
         else:
             assert reason == "dropout (dropout_p=0.1) runs in the sm80-mma kernels only", module
     plain = _api._spec(q, q, q)[1]
-    assert kernels._launch.why_not_dropout(plain) is None
+    assert _launch.why_not_dropout(plain) is None
     packed = dataclasses.replace(spec, varlen=VarlenLayout(cu_q=None, cu_k=None, total_q=64,
                                                            total_k=64, max_q=64, max_k=64))
     for module in sm80:
@@ -338,8 +351,6 @@ def test_gpu_dropout_calls_run_the_sm80_dropout_variants(monkeypatch):
 
     from cuflash import _calls
     from cuflash.kernels import _launch
-
-    monkeypatch.setenv(_launch.GPU_DROPOUT_ENV, "1")
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     q, k, v = (device.empty((2, 4, 128, 64), np.float16) for _ in range(3))
@@ -360,7 +371,7 @@ def test_gpu_dropout_calls_run_the_sm80_dropout_variants(monkeypatch):
     args = np.frombuffer(forward[4], _launch.FWD_ARGS)[0]
     assert (args["drop_threshold"], args["drop_seed_lo"], args["drop_seed_hi"],
             args["drop_offset"]) == (_dropout.threshold(0.1), 7, 2**8, 3)
-    assert args["drop_rescale"] == np.float32(1 / 0.9)
+    assert (args["drop_threshold"], args["drop_rescale"]) == (26, np.float32(256 / 230))
     dkdv = [x for x in launches if x[0].startswith(("flash_bwd_dkdv<", "flash_bwd_dq<"))]
     assert dkdv and all(x[0].endswith(", false, true>") for x in dkdv)
     for launch in launches:

@@ -21,13 +21,6 @@ from cuflash import _dropout, reference
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def gpu_dropout_on(monkeypatch):
-    """The kernels under test run only with the switch on (docs/internals.md, "Dropout")."""
-    from cuflash.kernels import _launch
-
-    monkeypatch.setenv(_launch.GPU_DROPOUT_ENV, "1")
-
 DTYPES = [np.float16, ml_dtypes.bfloat16]
 DTYPE_IDS = ["float16", "bfloat16"]
 

@@ -13,6 +13,7 @@ from oracle import assert_forward_close, check_forward_and_backward, random_arra
 
 import cuflash
 from cuflash import kernels
+from cuflash.kernels import _launch
 from cuflash.cli import main
 from cuflash.sparse import (BlockMask, ExactMask, causal, document, expand_blocks, prefix_lm,
                             sliding_window)
@@ -331,7 +332,7 @@ def test_exact_mask_on_every_gpu_family(xp_gpu, hopper, rng, seed, dtype, featur
     families = (plan.forward.family.name, plan.backward.family.name)
     if dtype is np.float32:
         assert families == ("float32", "float32")
-    elif hopper == "portable" or kernels._launch.on_hopper(q) is False:
+    elif hopper == "portable" or _launch.on_hopper(q) is False:
         assert families == ("sm80-mma", "sm80-mma")
     else:
         assert families == ("sm90-tma", "sm90-wgmma")

@@ -78,7 +78,7 @@ def plain_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
     if dropout is not None:
         rate, seed, offset = dropout
         keep = _dropout.dense_keep(seed, offset, rate, tuple(p.shape[:-3]), hq, np.arange(nq), nk)
-        p = p * torch.from_numpy(keep).to(p.device) / (1 - rate)
+        p = p * torch.from_numpy(keep).to(p.device) * _dropout.rescale(rate)
     return p @ v
 
 

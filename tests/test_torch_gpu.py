@@ -293,27 +293,8 @@ def test_compile_fullgraph_cuda(backend, api):
 
 # ----------------------------------------------------------------------------- dropout
 
-@pytest.fixture
-def gpu_dropout(monkeypatch):
-    """Switch the sm80 dropout kernels on (off by default until verified: docs/internals.md,
-    "Dropout")."""
-    from cuflash.kernels import _launch
-
-    monkeypatch.setenv(_launch.GPU_DROPOUT_ENV, "1")
-
-
-def test_dropout_cuda_needs_the_switch(monkeypatch):
-    from cuflash.kernels import _launch
-
-    monkeypatch.delenv(_launch.GPU_DROPOUT_ENV, raising=False)
-    q = cuda(2, 128, 4, 64)
-    with pytest.raises(ValueError, match=_launch.GPU_DROPOUT_ENV):
-        ct.flash_attn_func(q, q, q, 0.1)
-    ct.flash_attn_func(q, q, q, 0.0)  # no dropout runs as before
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_dropout_cuda_against_float64_with_the_same_mask(gpu_dropout, dtype):
+def test_dropout_cuda_against_float64_with_the_same_mask(dtype):
     q, k, v = randn(2, 4, 300, 64), randn(2, 2, 350, 64), randn(2, 2, 350, 64)
     drop_seed = 2**63 + 12345
     check_against_reference(
@@ -323,7 +304,7 @@ def test_dropout_cuda_against_float64_with_the_same_mask(gpu_dropout, dtype):
         device="cuda", causal=True, dropout=(0.17, drop_seed, 5))
 
 
-def test_dropout_cuda_seed_from_torch_generator(gpu_dropout):
+def test_dropout_cuda_seed_from_torch_generator():
     """flash_attn_func without a seed draws it from torch's CPU generator: after the same
     torch.manual_seed it equals the explicit call with that seed (deterministic gradients, so
     bit for bit)."""
@@ -344,7 +325,7 @@ def test_dropout_cuda_seed_from_torch_generator(gpu_dropout):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_dropout_cuda_compile_fullgraph(gpu_dropout, backend):
+def test_dropout_cuda_compile_fullgraph(backend):
     """The CPU seed tensor next to CUDA tensors compiles without graph breaks; with inductor's
     fallback_random the compiled call draws eager's seed."""
     from torch._inductor import config as inductor_config

@@ -69,7 +69,6 @@ def _dense(rng):
 def _dropout(rng):
     """Dropout (the sm80 kernels at D = 64, 96 and 128, causal and with a window), both backward
     modes, and float32 gradients (sm80 and Hopper backward)."""
-    os.environ[kernels._launch.GPU_DROPOUT_ENV] = "1"
     n = 150
     for d in (64, 96, 128):
         q, k, v, dout = _arrays(rng, ml_dtypes.bfloat16, 1, 2, 1, n, d)

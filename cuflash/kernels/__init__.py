@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass
 
 from .. import _checks
-from . import _launch
 
 # Set to 1 to pass over the Hopper (sm_90a) families (comparison, debugging).
 DISABLE_HOPPER_ENV = "CUFLASH_DISABLE_SM90"
@@ -116,11 +115,10 @@ def prepare(pass_name: str, spec, arrays):
 
 
 def dispatch_state() -> tuple:
-    """What, beside the call itself, decides which family runs it: the Hopper switch, the GPU
-    dropout switch and the registries, by identity (cheap to hash; whoever keys on this keeps
-    ``REGISTRY``'s values alive so that an identity is never reused)."""
-    return (os.environ.get(DISABLE_HOPPER_ENV, ""), os.environ.get(_launch.GPU_DROPOUT_ENV, ""),
-            id(REGISTRY["forward"]), id(REGISTRY["backward"]))
+    """What, beside the call itself, decides which family runs it: the Hopper switch and the
+    registries, by identity (cheap to hash; whoever keys on this keeps ``REGISTRY``'s values
+    alive so that an identity is never reused)."""
+    return (os.environ.get(DISABLE_HOPPER_ENV, ""), id(REGISTRY["forward"]), id(REGISTRY["backward"]))
 
 
 def _run(pass_name: str, spec, arrays, args):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -147,23 +146,14 @@ def why_not_dropout(spec) -> str | None:
     return f"dropout (dropout_p={spec.dropout_p:g}) runs in the sm80-mma kernels only"
 
 
-# The sm80 dropout kernels compile wherever CI compiles and run clean under compute-sanitizer,
-# but their results have not been checked against the NumPy mask on a GPU yet: until they have,
-# they run only when this variable is "1" (tests/test_dropout_gpu.py sets it).
-GPU_DROPOUT_ENV = "CUFLASH_GPU_DROPOUT"
-
-
 def why_not_sm80_dropout(spec) -> str | None:
     """The sm80 families' reason to refuse a dropout call (None for any other call): packed
     variable-length sequences (the mask's batch index would be the sequence's, which no caller
-    can ask for yet), or the kernels not switched on (GPU_DROPOUT_ENV)."""
+    can ask for yet)."""
     if not spec.has_dropout:
         return None
     if spec.varlen is not None:
         return "dropout with packed variable-length sequences is not implemented"
-    if os.environ.get(GPU_DROPOUT_ENV) != "1":
-        return (f"dropout in the GPU kernels is not yet verified on a GPU and runs only with "
-                f"{GPU_DROPOUT_ENV}=1 (NumPy arrays take dropout)")
     return None
 
 
@@ -305,7 +295,7 @@ def dropout_values(spec) -> dict:
     seed, p = spec.dropout_seed, spec.dropout_p
     return {"drop_threshold": _dropout.threshold(p) if spec.has_dropout else 0,
             "drop_seed_lo": seed & 0xFFFFFFFF, "drop_seed_hi": seed >> 32,
-            "drop_offset": spec.dropout_offset, "drop_rescale": 1.0 / (1.0 - p)}
+            "drop_offset": spec.dropout_offset, "drop_rescale": _dropout.rescale(p)}
 
 
 def mask_type(spec) -> str:

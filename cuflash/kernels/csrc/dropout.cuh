@@ -1,25 +1,24 @@
 // Attention dropout in the kernels: the random contract of cuflash/_dropout.py, the one CUDA home
 // of it. Element (b, h, i, j) of P (h the query head, i the query row, j the key) is kept when
 //
-//   word (j mod 4) of Philox4x32-10(counter = (j div 4, i, b·Hq + h, offset), key = seed halves)
+//   byte (j mod 16) of Philox4x32-10(counter = (j div 16, i, b·Hq + h, offset), key = seed halves)
 //
-// is >= threshold (threshold = min(2³² − 1, floor(p · 2³²)), computed on the host). One Philox call
-// gives the draws of 4 consecutive keys of one row, a "quad".
+// is >= threshold (threshold = min(255, round(p · 256)), computed on the host). One Philox call
+// gives the draws of 16 consecutive keys of one row, a "chunk"; its 16 comparisons are made four
+// bytes at a time (kept_nibble).
 //
 // The mma.sync m16n8 accumulator gives a thread the column pairs (2t, 2t+1) of rows g and g + 8 of
-// each 16×8 block: 4 elements out of 4 different-or-shared quads depending on which axis holds the
-// keys. Either way the 32 lanes of a warp need exactly 32 Philox calls per 16×8 block (128 draws),
-// so each lane makes one call and the lanes trade the comparisons' bits with shuffles:
+// each 16×8 block. A chunk's 16 elements are therefore spread over the lanes, so each call is
+// made by one lane and its 16 keep bits are shuffled to the lanes that hold the elements:
 //
-//   keys along columns (forward, dQ kernel): lanes t and t^1 of a row group share a quad; the even
-//     lane draws row g, the odd one row g + 8, and one shuffle swaps the halves each one needs.
-//   keys along rows (dK/dV kernel's Sᵀ): rows g of lanes with g = 4a .. 4a + 3 form a quad; the 4
-//     lanes of such a group (same t) draw the 4 (quad, query) pairs they hold and swap a 4 × 4
-//     transpose of bits in 3 shuffles.
+//   keys along columns (forward, dQ kernel): the 4 lanes of a row group (same g) need the chunks
+//     of their 2 rows; each makes a quarter of those calls, and 4 shuffles gather them.
+//   keys along rows (dK/dV kernel's Sᵀ, 16 keys per warp tile = one chunk per query): the 8 lanes
+//     of a column pair (same t) need the chunks of their 2·NT queries; each makes an eighth of
+//     those calls, and up to 8 shuffles gather them.
 //
-// Cost per element: a quarter of a Philox call (10 rounds of two 32×32→64-bit products) plus a
-// shuffle or less; computing every element's call in its own thread would cost 2× (keys along
-// columns) or 4× (along rows) the Philox work.
+// Cost per element: a sixteenth of a Philox call (10 rounds of two 32×32→64-bit products), a
+// quarter of a 4-byte comparison and a few bit moves.
 #pragma once
 #include "arch/ptx.cuh"
 
@@ -46,81 +45,132 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, u32 k0, u32 k1) {
     return c;
 }
 
-// The 4 comparisons of one Philox call as bits 0..3 (bit w: word w >= threshold).
-__device__ __forceinline__ u32 kept_words(uint4 w, u32 threshold) {
-    return u32(w.x >= threshold) | u32(w.y >= threshold) << 1 | u32(w.z >= threshold) << 2 |
-           u32(w.w >= threshold) << 3;
+// Bits 0..3: byte c of x >= the byte threshold (t4 = threshold in all 4 bytes). Bit 7 of each byte
+// of `low` compares the low 7 bits (x | 0x80 minus t mod 128 never borrows into the next byte);
+// the top bits decide where they differ. The product moves bits 7, 15, 23, 31 to bits 28..31
+// with no carries between its terms.
+__device__ __forceinline__ u32 kept_nibble(u32 x, u32 t4) {
+    constexpr u32 HIGH = 0x80808080u;
+    const u32 low = (x | HIGH) - (t4 & ~HIGH);
+    const u32 ge = ((x & ~t4) | (~(x ^ t4) & low)) & HIGH;
+    return ge * 0x00204081u >> 28;
 }
 
-// The dropout mask of one (batch, query head): which elements of its P a warp keeps, per 16×8
-// accumulator block. Bit i of the returned masks is element i = half·2 + e of the thread's block
-// (rows row0 + 8·half, columns col0 + 2t + e, the layout of softmax.cuh). Every lane of the warp
-// must call together (shuffles).
+// The 16 comparisons of one Philox call as bits 0..15 (bit c: byte c >= threshold).
+__device__ __forceinline__ u32 kept_bytes(uint4 w, u32 t4) {
+    return kept_nibble(w.x, t4) | kept_nibble(w.y, t4) << 4 | kept_nibble(w.z, t4) << 8 | kept_nibble(w.w, t4) << 12;
+}
+
+// The dropout mask of one (batch, query head). Its keep words hold 4 bits per 16×8 accumulator
+// block of a thread: bit 4j + i is element i = half·2 + e of block j (rows row0 + 8·half, columns
+// col0 + 8j + 2t + e, the layout of softmax.cuh). Every lane of the warp must call together
+// (shuffles).
 struct DropoutMask {
-    u32 k0, k1, bh, offset, threshold;
-    float rescale;  // 1 / (1 − p)
+    u32 k0, k1, bh, offset, t4;
+    float rescale;  // 1 / (1 − threshold / 256)
 
     template <class Args>
     __device__ __forceinline__ DropoutMask(const Args& a, int b, int h)
         : k0(a.drop_seed_lo), k1(a.drop_seed_hi), bh(u32(b) * u32(a.heads) + u32(h)), offset(a.drop_offset),
-          threshold(a.drop_threshold), rescale(a.drop_rescale) {}
+          t4(a.drop_threshold * 0x01010101u), rescale(a.drop_rescale) {}
 
-    __device__ __forceinline__ u32 quad(u32 key_quad, u32 query) const {
-        return kept_words(philox4x32_10(make_uint4(key_quad, query, bh, offset), k0, k1), threshold);
+    // Keep bits of keys 16·key_chunk .. 16·key_chunk + 15 of one query row.
+    __device__ __forceinline__ u32 chunk(u32 key_chunk, u32 query) const {
+        return kept_bytes(philox4x32_10(make_uint4(key_chunk, query, bh, offset), k0, k1), t4);
     }
 
     // Rows are queries: row0 is this thread's query of half 0 (row group g included), key0 the
-    // block's first key (a multiple of 8).
+    // first key of the NT blocks (a multiple of 16). The row group's 4 lanes need NT chunks,
+    // k = 0 .. NT − 1 of (half, chunk) = (k % 2, k / 2); lane t makes calls k = t + 4m.
+    template <int NT>
     __device__ __forceinline__ u32 keys_along_columns(int row0, int key0, int lane) const {
-        const int t = lane % 4, odd = t & 1;
-        const u32 mine = quad(u32(key0) / 4 + t / 2, u32(row0 + 8 * odd));
-        const u32 theirs = __shfl_xor_sync(0xffffffffu, mine, 1);
-        // Words 2t % 4 and 2t % 4 + 1 of each half: the even lane holds words 0, 1, the odd one 2, 3.
-        return odd ? (theirs >> 2) | (mine & 0xCu) : (mine & 0x3u) | (theirs & 0x3u) << 2;
+        static_assert(NT % 2 == 0 && NT <= 8, "whole chunks, 4 bits per block in one word");
+        constexpr int CALLS = (NT + 3) / 4;  // per lane; 16 bits each
+        const int t = lane % 4;
+        u32 mine = 0;
+#pragma unroll 1
+        for (int m = 0; m < CALLS; ++m) {
+            const int k = t + 4 * m;
+            if (k < NT) mine |= chunk(u32(key0) / 16 + k / 2, u32(row0 + 8 * (k % 2))) << (16 * m);
+        }
+        u32 keep = 0;
+#pragma unroll
+        for (int src = 0; src < 4 && src < NT; ++src) {
+            // Lane t's elements of a chunk are its bytes 2t, 2t + 1 (first block) and 8 + 2t, 9 + 2t.
+            const u32 theirs = __shfl_sync(0xffffffffu, mine, (lane & ~3) | src) >> (2 * t);
+#pragma unroll
+            for (int m = 0; m < CALLS; ++m) {
+                const int k = src + 4 * m, half = k % 2, block = 2 * (k / 2);
+                if (k < NT) {
+                    const u32 bits = theirs >> (16 * m);
+                    keep |= (bits & 3u) << (4 * block + 2 * half) | (bits >> 8 & 3u) << (4 * block + 4 + 2 * half);
+                }
+            }
+        }
+        return keep;
     }
 
-    // Rows are keys (Sᵀ): key0 is this thread's key of half 0 (row group g included; the block's
-    // first key a multiple of 16), query0 the block's first query.
+    // Rows are keys (Sᵀ): key0 is this thread's key of half 0 (row group g included; the tile's
+    // first key, key0 − g, a multiple of 16), query0 the first query of the NT blocks. The 8 lanes
+    // of column pair t need the chunks of queries query0 + 8j + 2t + e, c = 2j + e = 0 .. 2·NT − 1;
+    // lane g makes calls c = g + 8m.
+    template <int NT>
     __device__ __forceinline__ u32 keys_along_rows(int key0, int query0, int lane) const {
-        const int t = lane % 4, r = (lane / 4) % 4;  // r: this lane's key within its quad
-        // This lane draws the (quad, query) pair of its group's element r: half r / 2, column r % 2.
-        const u32 mine = quad(u32(key0) / 4 + 2 * (r / 2), u32(query0 + 2 * t + r % 2));
-        // Element i is word r of the draw of group lane i (lane ^ (r ^ i) << 2).
-        u32 keep = (mine >> r & 1u) << r;
+        static_assert(NT <= 8, "4 bits per block in one word");
+        constexpr int CALLS = (2 * NT + 7) / 8;  // per lane; 16 bits each
+        const int t = lane % 4, g = lane / 4;
+        const u32 key_chunk = u32(key0 - g) / 16;
+        u32 mine = 0;
+#pragma unroll 1
+        for (int m = 0; m < CALLS; ++m) {
+            const int c = g + 8 * m;
+            if (c < 2 * NT) mine |= chunk(key_chunk, u32(query0 + 8 * (c / 2) + 2 * t + c % 2)) << (16 * m);
+        }
+        u32 keep = 0;
 #pragma unroll
-        for (int k = 1; k < 4; ++k) {
-            const u32 theirs = __shfl_xor_sync(0xffffffffu, mine, k * 4);
-            keep |= (theirs >> r & 1u) << (r ^ k);
+        for (int src = 0; src < 8 && src < 2 * NT; ++src) {
+            // Lane g's elements of a chunk are its bytes g (half 0) and g + 8 (half 1).
+            const u32 theirs = __shfl_sync(0xffffffffu, mine, 4 * src + t) >> g;
+#pragma unroll
+            for (int m = 0; m < CALLS; ++m) {
+                const int c = src + 8 * m, j = c / 2, e = c % 2;
+                if (c < 2 * NT) {
+                    const u32 bits = theirs >> (16 * m);
+                    keep |= (bits & 1u) << (4 * j + e) | (bits >> 8 & 1u) << (4 * j + 2 + e);
+                }
+            }
         }
         return keep;
     }
 };
 
-// The keep bits of one 16×8 block of a thread. KEYS_ALONG_ROWS: an Sᵀ block, row0 the thread's
-// key of half 0 and col0 the block's first query (keys_along_rows); else a P block, row0 the
-// thread's query and col0 the block's first key (keys_along_columns).
-template <bool KEYS_ALONG_ROWS>
-__device__ __forceinline__ u32 block_keep(const DropoutMask& mask, int row0, int col0, int lane) {
-    return KEYS_ALONG_ROWS ? mask.keys_along_rows(row0, col0, lane) : mask.keys_along_columns(row0, col0, lane);
-}
-
 __device__ __forceinline__ bool kept(u32 keep, int i) { return keep >> i & 1u; }
 
 // Where the kernels draw the mask is a matter of registers, found by compiling every variant:
-// the forward draws a tile's bits before its S exists, one block at a time (keep_bits), which
-// made room in the D = 64 tiles; the backward kernels draw each block's bits where they apply
-// them (drop_grads, mark_dropped), which spilled less there than bits kept across the products.
+// the forward and the dQ kernel draw a tile's bits before its S exists (slab_keep_bits), when
+// only the accumulators are live; the dK/dV kernel draws them where it applies them
+// (mark_dropped). The calls of one lane run one after the other (unroll 1: unrolled, the
+// scheduler interleaves the Philox calls and their registers add up).
 
-// The keep bits of NT consecutive P blocks of a thread (block j at key col0 + 8j) in bits
-// 4j .. 4j + 3 of one word, one block at a time (unroll 1: unrolled, the scheduler interleaves
-// the Philox calls and their registers add up).
+// The keep bits of NT consecutive P blocks of a thread (block j at key col0 + 8j, col0 a multiple
+// of 16) in bits 4j .. 4j + 3 of one word.
 template <int NT>
 __device__ __forceinline__ u32 keep_bits(const DropoutMask& mask, int row0, int col0, int lane) {
-    static_assert(NT <= 8, "4 bits per block in one word");
-    u32 keep = 0;
+    return mask.template keys_along_columns<NT>(row0, col0, lane);
+}
+
+// The keep bits of MT 16-row slabs (slab mt at rows row0 + 16·mt) of NT blocks each, drawn slab
+// after slab: unrolled, the slabs' Philox calls interleave and their registers add up, so a
+// 64-bit word carries the bits out of a loop that is not.
+template <int MT, int NT>
+__device__ __forceinline__ void slab_keep_bits(u32 (&keep)[MT], const DropoutMask& mask, int row0, int col0,
+                                               int lane) {
+    static_assert(MT <= 2, "keep bits of at most two slabs in one 64-bit word");
+    u64 slabs = 0;
 #pragma unroll 1
-    for (int j = 0; j < NT; ++j) keep |= block_keep<false>(mask, row0, col0 + 8 * j, lane) << (4 * j);
-    return keep;
+    for (int mt = 0; mt < MT; ++mt) slabs |= u64(keep_bits<NT>(mask, row0 + 16 * mt, col0, lane)) << (32 * mt);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) keep[mt] = u32(slabs >> (32 * mt));
 }
 
 // P with the elements whose keep bit (keep_bits) is clear set to 0: the forward's P before P·V.
@@ -133,35 +183,30 @@ __device__ __forceinline__ void drop_probs(float (&p)[NT][4], u32 keep) {
             if (!kept(keep, 4 * j + i)) p[j][i] = 0.f;
 }
 
-// dP of the kept elements times 1 / (1 − p), 0 for the dropped ones (the deterministic dQ
-// kernel's P blocks, block j at key key0 + 8j), as the NumPy path computes it before
-// dS = P ∘ (dP − Δ).
+// dP of the kept elements (keep_bits) times the rescale, 0 for the dropped ones (the
+// deterministic dQ kernel's P blocks), as the NumPy path computes it before dS = P ∘ (dP − Δ).
 template <int NT>
-__device__ __forceinline__ void drop_grads(float (&dp)[NT][4], const DropoutMask& mask, int row0, int key0,
-                                           int lane) {
+__device__ __forceinline__ void drop_grads(float (&dp)[NT][4], u32 keep, float rescale) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const u32 keep = block_keep<false>(mask, row0, key0 + 8 * j, lane);
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dp[j][i] = kept(keep, i) ? dp[j][i] * mask.rescale : 0.f;
-    }
+        for (int i = 0; i < 4; ++i) dp[j][i] = kept(keep, 4 * j + i) ? dp[j][i] * rescale : 0.f;
 }
 
 // The dK/dV kernel needs the mask twice per element (P ∘ Z for dV, then Z for dP) and has no
 // registers to spare between the two: the sign of P carries it (P ≥ 0, so −P marks a dropped
 // element; for P = 0 the mark does not matter, dS and P ∘ Z are 0 either way). mark_dropped
-// marks Pᵀ (block j at query query0 + 8j), dropped_prob gives P ∘ Z of a marked element, and
-// unmark_dropped restores P and applies the mask and 1 / (1 − p) to dPᵀ.
+// marks Pᵀ (block j at query query0 + 8j; key0 − g a multiple of 16), dropped_prob gives P ∘ Z of a marked element, and
+// unmark_dropped restores P and applies the mask and the rescale to dPᵀ.
 template <int NT>
 __device__ __forceinline__ void mark_dropped(float (&p)[NT][4], const DropoutMask& mask, int key0, int query0,
                                              int lane) {
+    const u32 keep = mask.template keys_along_rows<NT>(key0, query0, lane);
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const u32 keep = block_keep<true>(mask, key0, query0 + 8 * j, lane);
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-            if (!kept(keep, i)) p[j][i] = -p[j][i];
-    }
+            if (!kept(keep, 4 * j + i)) p[j][i] = -p[j][i];
 }
 
 __device__ __forceinline__ float dropped_prob(float marked) { return fmaxf(marked, 0.f); }

@@ -571,6 +571,8 @@ flash_bwd_dq(const BwdArgs a) {
             }
         }
         const u32 k_stage = stage * BLOCK_N * KS * 2, v_stage = stage * BLOCK_N * VS * 2;
+        u32 keep[MT];  // the tile's dropout mask, drawn before S exists (dropout.cuh)
+        if constexpr (DROPOUT) slab_keep_bits<MT, NT>(keep, drop, row0 + g, n0, lane);
 
         // S = Q K^T and dP = dO V^T; P in place of S, dS = P * (dP - Delta) in place of dP.
         float s[MT][NT][4], dp[MT][NT][4];
@@ -589,7 +591,7 @@ flash_bwd_dq(const BwdArgs a) {
             const float lse2[2] = {a.lse2[rows + mt * 16], a.lse2[rows + mt * 16 + 8]};
             const float delta[2] = {a.delta[rows + mt * 16], a.delta[rows + mt * 16 + 8]};
             recompute_probs(s[mt], grad[mt], tile_mask, mod, partial, row0 + mt * 16 + g, n0, t, lse2);
-            if constexpr (DROPOUT) drop_grads(dp[mt], drop, row0 + mt * 16 + g, n0, lane);
+            if constexpr (DROPOUT) drop_grads(dp[mt], keep[mt], drop.rescale);
             softmax_grad<NT, MOD>(dp[mt], s[mt], grad[mt], [&](int, int i) { return delta[i / 2]; });
         }
 

@@ -95,15 +95,11 @@ flash_fwd(const FwdArgs a) {
             }
         }
 
-        // The tile's dropout mask, drawn before S exists (dropout.cuh, keep_bits).
+        // The tile's dropout mask, drawn before S exists (dropout.cuh, slab_keep_bits).
         const int n0 = n_tile * BLOCK_N;
         const int warp_row0 = m0 + warp * MT * 16;
         u32 keep[MT];
-        if constexpr (DROPOUT) {
-            const DropoutMask drop(a, b, h);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) keep[mt] = keep_bits<NT>(drop, warp_row0 + mt * 16 + g, n0, lane);
-        }
+        if constexpr (DROPOUT) slab_keep_bits<MT, NT>(keep, DropoutMask(a, b, h), warp_row0 + g, n0, lane);
 
         // S = Q·Kᵀ; Q from registers or shared memory, K from shared memory.
         float s[MT][NT][4];

@@ -7,8 +7,6 @@
 // not sm_80), so this section is compiled only there and the other kernels never see it.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-typedef unsigned long long u64;
-
 // Operand tiles live in shared memory in the 128-byte swizzle: a tile of ROWS rows and 64·B
 // columns of 16-bit values is B "boxes" of 64 columns, each ROWS × 128 bytes, one after the
 // other; inside a box, row r takes bytes [128 r, 128 r + 128) and its 16-byte chunk j (columns
