@@ -103,20 +103,24 @@ def test_kernel_plan_on_the_gpu_gives_the_reasons(xp_gpu):
         assert "no broadcast axes" in dict(plan.forward.passed_over)["sm90-tma"]
 
 
-def test_dropout_on_hopper_runs_the_sm80_family(monkeypatch):
-    """On a fake compute-capability 9.0 device: only the sm80 kernels draw the dropout mask, so
-    kernel_plan passes over the Hopper families, naming dropout, for both passes."""
+def test_dropout_on_hopper_runs_the_hopper_kernels_that_draw_the_mask(monkeypatch):
+    """On a fake compute-capability 9.0 device: the TMA forward and the wgmma backward draw the
+    dropout mask; kernel_plan shows them chosen, and a head dim they do not take falls to sm80,
+    past the wgmma forward, which names dropout."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q, q, q, causal=True, dropout_p=0.1, dropout_seed=3)
-    reason = "dropout (dropout_p=0.1) runs in the sm80-mma kernels only"
-    assert plan.forward.family.name == "sm80-mma"
-    assert plan.forward.passed_over == (("sm90-tma", reason), ("sm90-wgmma", reason))
-    assert plan.backward.family.name == "sm80-mma"
-    assert plan.backward.passed_over == (("sm90-wgmma", reason),)
+    assert plan.forward.family.name == "sm90-tma"
+    assert plan.backward.family.name == "sm90-wgmma"
+    odd = device.empty((1, 2, 128, 40), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(odd, odd, odd, dropout_p=0.1, dropout_seed=3)
+    reason = ("dropout (dropout_p=0.1) runs in the sm80-mma, sm90-tma forward and sm90-wgmma "
+              "backward kernels only")
+    assert plan.forward.family.name == plan.backward.family.name == "sm80-mma"
+    assert ("sm90-wgmma", reason) in plan.forward.passed_over
     assert cuflash.kernel_plan(q, q, q, causal=True).forward.family.name == "sm90-tma"
 
 

@@ -311,9 +311,10 @@ def test_numpy_integers_are_seeds(rng):
 
 # ----------------------------------------------------------------------------- GPU families
 
-def test_only_the_sm80_families_take_dropout(monkeypatch):
-    """Without CuPy: the sm80 launchers take a dropout call, every other family gives the reason
-    before looking at the arrays, and the sm80 ones refuse dropout with packed sequences."""
+def test_only_the_families_that_draw_the_mask_take_dropout(monkeypatch):
+    """Without CuPy: the sm80 launchers, the Hopper TMA forward and the Hopper wgmma backward get
+    past dropout (the Hopper ones then ask for a Hopper device), every other family gives the
+    reason before looking at the arrays, and the four refuse dropout with packed sequences."""
     import dataclasses
 
     from cuflash._spec import VarlenLayout
@@ -323,42 +324,60 @@ def test_only_the_sm80_families_take_dropout(monkeypatch):
     q = np.zeros((2, 4, 64, 64), np.float16)
     spec = _api._spec(q, q, q, dropout_p=0.1, dropout_seed=1)[1]
     assert "dropout_p=0.1" in spec.describe()
-    assert _launch.why_not_sm80_dropout(spec) is None
+    assert _launch.why_not_dropout_kernel(spec) is None
     families = {f.module: f for registry in kernels.REGISTRY.values() for f in registry}
+    arity = {f.module: 4 if name == "forward" else 8
+             for name, registry in kernels.REGISTRY.items() for f in registry}
     assert len(families) >= 6
-    sm80 = {"mma_forward", "mma_backward"}
+    drawing = {"mma_forward", "mma_backward", "sm90_tma_forward", "sm90_backward"}
+    monkeypatch.setattr(_launch, "on_hopper", lambda x: False)
     for module, family in families.items():
-        reason = family.launcher().supports(spec, (None,) * 8)
-        if module in sm80:
+        reason = family.launcher().supports(spec, (None,) * arity[module])
+        if module in {"mma_forward", "mma_backward"}:
             assert reason is None, module
+        elif module in drawing:
+            assert reason == "needs compute capability 9.0 (Hopper)", module
         else:
-            assert reason == "dropout (dropout_p=0.1) runs in the sm80-mma kernels only", module
+            assert reason == ("dropout (dropout_p=0.1) runs in the sm80-mma, sm90-tma forward "
+                              "and sm90-wgmma backward kernels only"), module
     plain = _api._spec(q, q, q)[1]
     assert _launch.why_not_dropout(plain) is None
     packed = dataclasses.replace(spec, varlen=VarlenLayout(cu_q=None, cu_k=None, total_q=64,
                                                            total_k=64, max_q=64, max_k=64))
-    for module in sm80:
-        assert families[module].launcher().supports(packed, (None,) * 8) == (
+    for module in drawing:
+        assert families[module].launcher().supports(packed, (None,) * arity[module]) == (
             "dropout with packed variable-length sequences is not implemented")
 
 
-def test_gpu_dropout_calls_run_the_sm80_dropout_variants(monkeypatch):
-    """On a fake Hopper device: a dropout call compiles the DROPOUT variants of the sm80 kernels
-    and sends them the mask's parameters; the cached call path keeps it apart from the p = 0
-    call of the same arrays, and p = 0 with a seed is the call without dropout."""
+# Per compute capability, the forward kernel and the backward kernels that draw the mask in a
+# dropout call at D = 64, float16 (the sm80 default backward: dK/dV with atomic dQ).
+DROPOUT_KERNELS = {
+    "80": ("flash_fwd<", ("flash_bwd_dkdv<",)),
+    "90": ("flash_fwd_sm90_tma<", ("flash_bwd_sm90_dkdv<", "flash_bwd_sm90_dq<")),
+}
+
+
+@pytest.mark.parametrize("capability", list(DROPOUT_KERNELS))
+def test_gpu_dropout_calls_run_the_dropout_variants(monkeypatch, capability):
+    """On a fake device: a dropout call compiles the DROPOUT variants (sm80 kernels on 8.0, the
+    Hopper TMA forward and wgmma backward on 9.0) and sends them the mask's parameters; the
+    cached call path keeps it apart from the p = 0 call of the same arrays, and p = 0 with a seed
+    is the call without dropout."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
     from cuflash import _calls
     from cuflash.kernels import _launch
 
-    device = FakeDevice(monkeypatch, compute_capability="90")
+    forward_kernel, backward_kernels = DROPOUT_KERNELS[capability]
+    device = FakeDevice(monkeypatch, compute_capability=capability)
     q, k, v = (device.empty((2, 4, 128, 64), np.float16) for _ in range(3))
     cuflash.attention(q, k, v)
     cuflash.attention(q, k, v)
     assert _calls.stats()["hits"] == 1
     plain = device.take_launches()
-    assert plain[0][0].startswith("flash_fwd_sm90")
+    assert plain[0][0].startswith(forward_kernel)
+    assert not plain[0][0].endswith(", false, true>")
 
     seed = 2**40 + 7
     options = dict(dropout_p=0.1, dropout_seed=seed, dropout_offset=3)
@@ -366,18 +385,20 @@ def test_gpu_dropout_calls_run_the_sm80_dropout_variants(monkeypatch):
     assert _calls.stats()["hits"] == 1
     cuflash.attention_backward(out, q, k, v, out, lse, **options)
     launches = device.take_launches()
-    (forward,) = [x for x in launches if x[0].startswith("flash_fwd<")]
+    (forward,) = [x for x in launches if x[0].startswith(forward_kernel)]
     assert forward[0].endswith(", false, true>")  # VARLEN = false, DROPOUT = true
     args = np.frombuffer(forward[4], _launch.FWD_ARGS)[0]
     assert (args["drop_threshold"], args["drop_seed_lo"], args["drop_seed_hi"],
             args["drop_offset"]) == (_dropout.threshold(0.1), 7, 2**8, 3)
     assert (args["drop_threshold"], args["drop_rescale"]) == (26, np.float32(256 / 230))
-    dkdv = [x for x in launches if x[0].startswith(("flash_bwd_dkdv<", "flash_bwd_dq<"))]
-    assert dkdv and all(x[0].endswith(", false, true>") for x in dkdv)
-    for launch in launches:
-        if launch[0].startswith("flash_bwd"):
-            bwd = np.frombuffer(launch[4], _launch.BWD_ARGS)[0]
-            assert bwd["drop_threshold"] == _dropout.threshold(0.1)
+    backward = [x for x in launches if x[0].startswith(backward_kernels)]
+    # sm80: VARLEN = false, DROPOUT = true; Hopper: DROPOUT = true (it has no VARLEN flag).
+    flags = ", false, true>" if capability == "80" else ", true>"
+    assert sorted(x[0].split("<")[0] + "<" for x in backward) == sorted(backward_kernels)
+    assert all(x[0].endswith(flags) for x in backward)
+    for launch in backward:
+        bwd = np.frombuffer(launch[4], _launch.BWD_ARGS)[0]
+        assert (bwd["drop_threshold"], bwd["drop_seed_lo"], bwd["drop_offset"]) == (26, 7, 3)
 
     cuflash.attention(q, k, v, dropout_p=0.0, dropout_seed=1)
     assert device.take_launches()[0][0] == plain[0][0]

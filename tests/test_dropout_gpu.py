@@ -1,9 +1,10 @@
-"""Dropout in the GPU kernels (the sm80 family, csrc/dropout.cuh): the mask bit for bit against
-``cuflash._dropout``, and forward and gradients against the float64 oracle drawing the same mask.
+"""Dropout in the GPU kernels (csrc/dropout.cuh: the sm80 family and, on Hopper, the TMA forward
+and the wgmma backward): the mask bit for bit against ``cuflash._dropout``, and forward and
+gradients against the float64 oracle drawing the same mask.
 
 The exact-mask tests choose inputs whose results expose ``P ∘ Z``: with ``q = 0`` every key a row
 sees has the same probability, and a one-hot value row per chosen key makes each output column
-that key's ``P ∘ Z / (1 − p)`` (the forward kernel); a one-hot ``dout`` row per chosen query
+that key's ``P ∘ Z`` times the rescale (the forward kernel); a one-hot ``dout`` row per chosen query
 makes each ``dv`` column that query's (the dK/dV kernel, which draws the mask with keys along
 the rows of its tiles). Dropped elements are exactly 0, kept ones are not.
 """
@@ -19,6 +20,30 @@ import cuflash
 from cuflash import _dropout, reference
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True, params=["default", "sm80"])
+def family(request, monkeypatch):
+    """Every test runs with the default kernels (on Hopper the TMA forward and the wgmma
+    backward, where they take the call) and with the sm80 kernels forced."""
+    from cuflash.kernels import DISABLE_HOPPER_ENV
+
+    if request.param == "sm80":
+        monkeypatch.setenv(DISABLE_HOPPER_ENV, "1")
+    else:
+        monkeypatch.delenv(DISABLE_HOPPER_ENV, raising=False)
+    return request.param
+
+
+def test_hopper_draws_the_mask_in_its_own_kernels(xp_gpu, family):
+    """On Hopper the default runs of this file exercise the Hopper kernels' dropout."""
+    from cuflash.kernels import _launch
+
+    q = xp_gpu.zeros((1, 2, 256, 64), ml_dtypes.bfloat16)
+    if family == "sm80" or not _launch.on_hopper(q):
+        pytest.skip("the Hopper kernels run only on compute capability 9.0, by default")
+    plan = cuflash.kernel_plan(q, q, q, dropout_p=0.2, dropout_seed=1)
+    assert (plan.forward.family.name, plan.backward.family.name) == ("sm90-tma", "sm90-wgmma")
 
 
 DTYPES = [np.float16, ml_dtypes.bfloat16]
@@ -74,10 +99,10 @@ def test_forward_mask_is_the_numpy_mask(xp_gpu, rng, seed, dtype, case):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_backward_mask_is_the_numpy_mask(xp_gpu, rng, seed, dtype, deterministic):
-    """dv = (P ∘ Z)ᵀ dout / (1 − p): with one-hot dout rows, dv's columns are P ∘ Z of chosen
+    """dv = (P ∘ Z)ᵀ dout · rescale: with one-hot dout rows, dv's columns are P ∘ Z of chosen
     queries, drawn by the dK/dV kernel."""
     cp = xp_gpu
-    b, hq, nq, nk, d, dv = 2, 2, 1000, 4097, 64, 128
+    b, hq, nq, nk, d, dv = 2, 2, 1000, 4097, 128, 128  # D = Dv: the Hopper backward takes it
     p = 0.25
     drop_seed, offset = _seed_and_offset(rng)
     options = dict(dropout_p=p, dropout_seed=drop_seed, dropout_offset=offset)

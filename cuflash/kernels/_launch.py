@@ -127,7 +127,7 @@ def why_not_16bit_tiled(spec, tiles_for) -> str | None:
     """None for a float16/bfloat16 call that ``tiles_for(spec)`` finds tiles for, else the
     reason (``tiles_for`` raises ValueError naming what no tile shape fits). The sm80 families
     that use it draw the dropout mask, but not for packed sequences."""
-    reason = why_not_sm80_dropout(spec) or why_not_16bit(spec)
+    reason = why_not_dropout_kernel(spec) or why_not_16bit(spec)
     if reason:
         return reason
     try:
@@ -138,18 +138,19 @@ def why_not_16bit_tiled(spec, tiles_for) -> str | None:
 
 
 def why_not_dropout(spec) -> str | None:
-    """The reason a family without dropout (Hopper, float32) gives for a call with dropout
-    (None for any other call): only the sm80 mma.sync kernels draw the mask of
-    ``cuflash._dropout`` (csrc/dropout.cuh), so the registry passes such a call on to them."""
+    """The reason a family without dropout (the Hopper wgmma forward, float32) gives for a call
+    with dropout (None for any other call): only the kernels that include csrc/dropout.cuh draw
+    the mask of ``cuflash._dropout``, so the registry passes such a call on to them."""
     if not spec.has_dropout:
         return None
-    return f"dropout (dropout_p={spec.dropout_p:g}) runs in the sm80-mma kernels only"
+    return (f"dropout (dropout_p={spec.dropout_p:g}) runs in the sm80-mma, sm90-tma forward and "
+            f"sm90-wgmma backward kernels only")
 
 
-def why_not_sm80_dropout(spec) -> str | None:
-    """The sm80 families' reason to refuse a dropout call (None for any other call): packed
-    variable-length sequences (the mask's batch index would be the sequence's, which no caller
-    can ask for yet)."""
+def why_not_dropout_kernel(spec) -> str | None:
+    """The reason a family that draws the mask refuses a dropout call (None for any other call):
+    packed variable-length sequences (the mask's batch index would be the sequence's, which no
+    caller can ask for yet)."""
     if not spec.has_dropout:
         return None
     if spec.varlen is not None:

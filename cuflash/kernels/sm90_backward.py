@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import _build, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
-                      vector_aligned, why_not_dropout, why_not_hopper_16bit,
+                      vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit,
                       why_not_varlen)
 
 SOURCE = "flash_bwd_sm90.cu"
@@ -67,11 +67,13 @@ class Sm90BwdTiles:
         return 2 * d * (2 * bm + 4 * bn) + 1024
 
 
-def default_tiles(d: int) -> Sm90BwdTiles:
+def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
     """128 keys per dk/dv block, 128 query rows per dq block against 64-key tiles. Query tiles of
     the dk/dv block: 128 rows at D = 64 (10% faster on an H200, benchmarks/NOTES.md), 64 at
-    D = 128 (dK + dV of 64 keys × 128 columns already take 128 registers per thread)."""
-    return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=128 if d <= 64 else 64, dq_warpgroups=2,
+    D = 128 (dK + dV of 64 keys × 128 columns already take 128 registers per thread) and with
+    dropout (its keep bits and Philox rounds spill beside a 128-row Sᵀ and dPᵀ)."""
+    wide = d <= 64 and not dropout
+    return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=128 if wide else 64, dq_warpgroups=2,
                         dq_block_n=64)
 
 
@@ -79,7 +81,7 @@ def variant_dkdv(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dkdv", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.float32_grads),
+        *_build.trailing_flags(spec.has_dropout, spec.float32_grads),
     )
 
 
@@ -87,7 +89,7 @@ def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dq", element_type(spec.dtype), spec.shapes.d, tiles.dq_warpgroups,
         tiles.dq_block_n, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.float32_grads),
+        *_build.trailing_flags(spec.has_dropout, spec.float32_grads),
     )
 
 
@@ -95,7 +97,7 @@ def supports(spec, arrays) -> str | None:
     """None when ``backward`` can run this call, else why not: a compute-capability 9.0 device,
     float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of
     every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
-    reason = why_not_dropout(spec) or why_not_varlen(spec, "Hopper wgmma backward")
+    reason = why_not_dropout_kernel(spec) or why_not_varlen(spec, "Hopper wgmma backward")
     if reason:
         return reason
     q = arrays[0]
@@ -108,7 +110,7 @@ def supports(spec, arrays) -> str | None:
     if not vector_aligned(list(arrays), (d, dv)):
         return "needs 16-byte aligned rows and strides"
     if spec.block_mask is not None:
-        tiles = default_tiles(d)
+        tiles = default_tiles(d, dropout=spec.has_dropout)
         bq, bk = spec.block_mask.block_size
         if (bq % tiles.dkdv_block_m or bq % tiles.dq_block_m
                 or bk % tiles.dkdv_block_n or bk % tiles.dq_block_n):
@@ -127,7 +129,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     if d != dv_dim or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
-    tiles = tiles or default_tiles(d)
+    tiles = tiles or default_tiles(d, dropout=spec.has_dropout)
     scratch = mma_backward.Scratch.of(spec, atomic_dq=False)
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad)
 
@@ -164,13 +166,14 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles |
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import float32_grads_specs, spec_grid
+    from ._variants import dropout_spec_grid, float32_grads_specs, spec_grid
 
+    dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS) if spec.shapes.d == spec.shapes.dv]
     out = []
-    for spec in spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS):
-        tiles = default_tiles(spec.shapes.d)
+    for spec in spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout:
+        tiles = default_tiles(spec.shapes.d, dropout=spec.has_dropout)
         out += [(SOURCE, variant_dkdv(spec, tiles)), (SOURCE, variant_dq(spec, tiles))]
-    return out
+    return list(dict.fromkeys(out))
 
 
 __all__ = ["backward", "prepare_backward", "supports", "main_variants", "Sm90BwdTiles", "default_tiles", "ARCH"]

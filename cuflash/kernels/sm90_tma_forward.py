@@ -15,7 +15,7 @@ import numpy
 
 from . import _build, _launch, _tma
 from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type,
-                      vector_aligned, why_not_dropout, why_not_hopper_16bit)
+                      vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
@@ -59,16 +59,16 @@ class TmaTiles:
 def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False,
                     short: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
-    - D = Dv = 64, `plain` (no mask, no score modifier): three consumers taking turns
-      (ping-pong), where the softmax dominates;
+    - D = Dv = 64, `plain` (no mask, no score modifier, no dropout): three consumers taking
+      turns (ping-pong), where the softmax dominates;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
       skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys) or for
       `short` rows (at most PERSISTENT_MAX_KEYS keys, where 176 measured slower);
     - Dv > 128: 80-key tiles, the widest whose S still fits beside a 256-wide O in registers.
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
     within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
-    # Three consumers are compiled within 128 registers each: any mask or score modifier
-    # spills there (and an exact mask's bits spill beside a 256-wide O at 80 keys): the next
+    # Three consumers are compiled within 128 registers each: any mask, score modifier or
+    # dropout spills there (and an exact mask's bits spill beside a 256-wide O at 80 keys): the next
     # shape then.
     if max(d, dv) <= 64:
         three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain else []
@@ -88,7 +88,8 @@ def tiles_for(spec) -> TmaTiles:
     of unequal work are dealt out statically (measured 30-40% slower causal), nor for long rows
     (5-9% slower at 8K keys)."""
     d, dv = spec.shapes.d, spec.shapes.dv
-    plain = not (spec.banded or spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi)
+    plain = not (spec.banded or spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi
+                 or spec.has_dropout)
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short):
         if tiles.shared_bytes(d, dv) > MAX_SHARED:
@@ -104,12 +105,12 @@ def tiles_for(spec) -> TmaTiles:
 
 
 def variant(spec, tiles: TmaTiles) -> str:
-    """The kernel's template expression; a varlen call's adds VARLEN = true (dense calls leave
-    the defaulted flag out)."""
-    varlen = _build.trailing_flags(spec.varlen is not None)
+    """The kernel's template expression; its defaulted flags VARLEN and DROPOUT are spelled only
+    up to the last true one (_build.trailing_flags)."""
+    flags = _build.trailing_flags(spec.varlen is not None, spec.has_dropout)
     return _build.template_expression(
         "flash_fwd_sm90_tma", element_type(spec.dtype), spec.shapes.d, spec.shapes.dv, tiles.block_n,
-        tiles.stages, tiles.consumers, tiles.pingpong, mask_type(spec), score_mod_type(spec), *varlen,
+        tiles.stages, tiles.consumers, tiles.pingpong, mask_type(spec), score_mod_type(spec), *flags,
     )
 
 
@@ -122,7 +123,7 @@ def tma_view(x):
 
 def supports(spec, arrays) -> str | None:
     """None when ``forward`` can run this call, else why not."""
-    reason = why_not_dropout(spec)
+    reason = why_not_dropout_kernel(spec)
     if reason:
         return reason
     q, k, v, out = arrays
@@ -186,7 +187,7 @@ def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import spec_grid, spec_of, varlen_spec_grid
+    from ._variants import dropout_spec_grid, spec_grid, spec_of, varlen_spec_grid
 
     # The tile shape depends on the options at D = 64 (three consumers only unmasked) and at
     # Dv > 128 (exact masks): their masked and modified variants too.
@@ -195,8 +196,10 @@ def main_variants() -> list[tuple[str, str]]:
              + [spec_of("bfloat16", d, **options) for d in (64, 256) for options in features])
     varlen = [spec for spec in varlen_spec_grid()
               if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS and tiles_for(spec) is not None]
+    dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS)
+               if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS and tiles_for(spec) is not None]
     # Options the kernel does not template on (a varlen call's GQA, say) give repeats: one each.
-    return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs + varlen))
+    return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs + varlen + dropout))
 
 
 __all__ = ["forward", "prepare_forward", "supports", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",

@@ -146,10 +146,18 @@ struct DropoutMask {
 
 __device__ __forceinline__ bool kept(u32 keep, int i) { return keep >> i & 1u; }
 
+// Keep words: the bits of NT blocks in words of 8 blocks each, element i of block j at bit
+// 4 (j mod 8) + i of word j / 8 (the Hopper tiles have up to 22 blocks per row).
+template <int NT>
+using KeepWords = u32[(NT + 7) / 8];
+
+template <int W>
+__device__ __forceinline__ bool kept(const u32 (&keep)[W], int j, int i) { return kept(keep[j / 8], 4 * (j % 8) + i); }
+
 // Where the kernels draw the mask is a matter of registers, found by compiling every variant:
-// the forward and the dQ kernel draw a tile's bits before its S exists (slab_keep_bits), when
-// only the accumulators are live; the dK/dV kernel draws them where it applies them
-// (mark_dropped). The calls of one lane run one after the other (unroll 1: unrolled, the
+// the sm80 forward and dQ kernel draw a tile's bits before its S exists (slab_keep_bits), when
+// only the accumulators are live; the sm80 dK/dV kernel draws them where it applies them
+// (mark_dropped); the Hopper kernels draw them while their GEMMs run (keep_words). The calls of one lane run one after the other (unroll 1: unrolled, the
 // scheduler interleaves the Philox calls and their registers add up).
 
 // The keep bits of NT consecutive P blocks of a thread (block j at key col0 + 8j, col0 a multiple
@@ -159,38 +167,68 @@ __device__ __forceinline__ u32 keep_bits(const DropoutMask& mask, int row0, int 
     return mask.template keys_along_columns<NT>(row0, col0, lane);
 }
 
-// The keep bits of MT 16-row slabs (slab mt at rows row0 + 16·mt) of NT blocks each, drawn slab
-// after slab: unrolled, the slabs' Philox calls interleave and their registers add up, so a
+// The keep bits of MT 16-row slabs (slab mt at rows row0 + 16·mt) of NT ≤ 8 blocks each, drawn
+// slab after slab: unrolled, the slabs' Philox calls interleave and their registers add up, so a
 // 64-bit word carries the bits out of a loop that is not.
 template <int MT, int NT>
-__device__ __forceinline__ void slab_keep_bits(u32 (&keep)[MT], const DropoutMask& mask, int row0, int col0,
+__device__ __forceinline__ void slab_keep_bits(u32 (&keep)[MT][1], const DropoutMask& mask, int row0, int col0,
                                                int lane) {
     static_assert(MT <= 2, "keep bits of at most two slabs in one 64-bit word");
     u64 slabs = 0;
 #pragma unroll 1
     for (int mt = 0; mt < MT; ++mt) slabs |= u64(keep_bits<NT>(mask, row0 + 16 * mt, col0, lane)) << (32 * mt);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) keep[mt] = u32(slabs >> (32 * mt));
+    for (int mt = 0; mt < MT; ++mt) keep[mt][0] = u32(slabs >> (32 * mt));
 }
 
-// P with the elements whose keep bit (keep_bits) is clear set to 0: the forward's P before P·V.
-template <int NT>
-__device__ __forceinline__ void drop_probs(float (&p)[NT][4], u32 keep) {
+// The keep words of any number NT of blocks of one 16-row slab, 8 blocks at a time: keys along
+// columns (P; block j at key col0 + 8j, col0 a multiple of 16, NT even) or along rows (Sᵀ; block
+// j at query col0 + 8j).
+template <bool KEYS_ALONG_ROWS, int NT, int WORD = 0>
+__device__ __forceinline__ void keep_words(KeepWords<NT>& keep, const DropoutMask& mask, int row0, int col0,
+                                           int lane) {
+    if constexpr (8 * WORD < NT) {
+        constexpr int BLOCKS = NT - 8 * WORD < 8 ? NT - 8 * WORD : 8;
+        if constexpr (KEYS_ALONG_ROWS)
+            keep[WORD] = mask.template keys_along_rows<BLOCKS>(row0, col0 + 64 * WORD, lane);
+        else
+            keep[WORD] = mask.template keys_along_columns<BLOCKS>(row0, col0 + 64 * WORD, lane);
+        keep_words<KEYS_ALONG_ROWS, NT, WORD + 1>(keep, mask, row0, col0, lane);
+    }
+}
+
+// P with the dropped elements set to 0: the forward's P before P·V.
+template <int NT, int W>
+__device__ __forceinline__ void drop_probs(float (&p)[NT][4], const u32 (&keep)[W]) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-            if (!kept(keep, 4 * j + i)) p[j][i] = 0.f;
+            if (!kept(keep, j, i)) p[j][i] = 0.f;
 }
 
-// dP of the kept elements (keep_bits) times the rescale, 0 for the dropped ones (the
-// deterministic dQ kernel's P blocks), as the NumPy path computes it before dS = P ∘ (dP − Δ).
-template <int NT>
-__device__ __forceinline__ void drop_grads(float (&dp)[NT][4], u32 keep, float rescale) {
+// dP of the kept elements times the rescale, 0 for the dropped ones, as the NumPy path computes
+// it before dS = P ∘ (dP − Δ) (the dQ kernels' P blocks, the Hopper dK/dV kernel's Pᵀ blocks).
+template <int NT, int W>
+__device__ __forceinline__ void drop_grads(float (&dp)[NT][4], const u32 (&keep)[W], float rescale) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dp[j][i] = kept(keep, 4 * j + i) ? dp[j][i] * rescale : 0.f;
+        for (int i = 0; i < 4; ++i) dp[j][i] = kept(keep, j, i) ? dp[j][i] * rescale : 0.f;
+}
+
+// P ∘ Z from P already packed as wgmma A fragments (sm90_wgmma.cuh, pack_a: register r of k16
+// step kk holds elements 2 (r mod 2), +1 of block 2kk + r / 2, the first in the low half): the
+// dropped halves cleared (+0 in both 16-bit formats), P itself left whole for dS.
+template <int KS, int W>
+__device__ __forceinline__ void drop_packed(u32 (&f)[KS][4], const u32 (&keep)[W]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int j = 2 * kk + r / 2, i = 2 * (r % 2);
+            f[kk][r] &= (kept(keep, j, i) ? 0x0000FFFFu : 0u) | (kept(keep, j, i + 1) ? 0xFFFF0000u : 0u);
+        }
 }
 
 // The dK/dV kernel needs the mask twice per element (P ∘ Z for dV, then Z for dP) and has no

@@ -21,6 +21,10 @@
 //
 // Only D = Dv ∈ {64, 128} with 16-byte aligned rows; everything else runs flash_bwd.cu.
 // F32_GRADS: the gradients are stored as float32 (epilogue.cuh, grad_rows), as in flash_bwd.cu.
+// DROPOUT (dropout.cuh): the forward's mask Z is drawn again per tile while the tile's first two
+// GEMMs run, in the NumPy path's order: dV accumulates (P ∘ Z)ᵀ dO (P packed, then its dropped
+// halves cleared) and is scaled by the rescale once at the end; dP = (dO Vᵀ) ∘ Z · rescale and
+// dS = P ∘ (dP − Delta), as in flash_bwd.cu.
 #include "args.cuh"
 #include "arch/sm90_wgmma.cuh"
 
@@ -31,7 +35,8 @@
 
 // ---------------------------------------------------------------------------------------------
 // dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows.
-template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool F32_GRADS = false>
+template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
+          bool F32_GRADS = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dkdv(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -105,6 +110,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     int stage = 0;
     while (walk.valid()) {
         const MOD mod(a, b, walk.h);
+        const DropoutMask drop(a, b, walk.h);
         const int m0 = m_tile * BLOCK_M;
         cp_async_wait<0>();
         fence_proxy_async_shared();
@@ -131,6 +137,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         for (int kk = 0; kk < KD; ++kk)
             wgmma_ss<T, BLOCK_M, 0, 0>(dp, desc_v + kmajor_step(kk, BLOCK_N), desc_do + st + kmajor_step(kk, BLOCK_M), kk > 0);
         wgmma_commit();
+        KeepWords<CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
+        if constexpr (DROPOUT) keep_words<true, CT>(keep, drop, key_row0 + g, m0, lane);
 
         // Pᵀ from Sᵀ while dPᵀ runs. Query rows past Nq and rows that attend to nothing have
         // lse2 = +inf, so P = 0 there; element masks only where the warp's 16 keys hold a pair the
@@ -141,6 +149,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         if (tile_mask.partial(m0, BLOCK_M, key_row0, 16))
             mask_probs_transposed(as_blocks<CT>(s), tile_mask, key_row0 + g, m0, t);
         pack_a<T, KM>(pf, s);
+        if constexpr (DROPOUT) drop_packed(pf, keep);
 
         // dV += Pᵀ dO, running while dSᵀ is formed.
         reg_fence_frag(pf);
@@ -154,6 +163,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]).
         wgmma_wait<1>();
         reg_fence(dp);
+        if constexpr (DROPOUT) drop_grads(as_blocks<CT>(dp), keep, drop.rescale);
         // The softcap factor comes back from Pᵀ: 32 more live registers would spill at D = 128.
         softmax_grad_recovered<CT>(as_blocks<CT>(dp), as_blocks<CT>(s), mod, [&](int j, int i) {
             const int col = 8 * j + 2 * t + (i & 1);
@@ -183,7 +193,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     cp_async_wait<0>();
 
     // dK·scale and dV, once; key tiles that no query sees write zeros.
-    const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {1.f, 1.f};
+    const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
+    const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {dv_scale, dv_scale};
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh, a.gk_sn, a.nk, D,
                         as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh, a.gv_sn, a.nk, D,
@@ -192,7 +203,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
 // ---------------------------------------------------------------------------------------------
 // dQ for one query tile of BLOCK_M = 64·WG rows; key tiles of BLOCK_N keys, double-buffered.
-template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD, bool F32_GRADS = false>
+template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD, bool DROPOUT = false,
+          bool F32_GRADS = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -217,6 +229,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     const int m0 = m_tile * BLOCK_M;
     const MASK mask(a);
     const MOD mod(a, b, h);
+    const DropoutMask drop(a, b, h);
     const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
@@ -283,11 +296,13 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         for (int kk = 0; kk < KD; ++kk)
             wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + st + kmajor_step(kk, BLOCK_N), kk > 0);
         wgmma_commit();
+        const int n0 = key_tile[j] * BLOCK_N;
+        KeepWords<NT> keep;  // the tile's dropout mask, drawn while S and dP run
+        if constexpr (DROPOUT) keep_words<false, NT>(keep, drop, warp_row0 + g, n0, lane);
 
         // P from S while dP runs; zero where the mask hides the key.
         wgmma_wait<1>();
         reg_fence(s);
-        const int n0 = key_tile[j] * BLOCK_N;
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(j));
         recompute_probs(as_blocks<NT>(s), grad, tile_mask, mod, false, warp_row0 + g, n0, t, lse2);
         if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N))
@@ -296,6 +311,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         // dS = P ∘ (dP − Delta[row]).
         wgmma_wait<0>();
         reg_fence(dp);
+        if constexpr (DROPOUT) drop_grads(as_blocks<NT>(dp), keep, drop.rescale);
         softmax_grad<NT, MOD>(as_blocks<NT>(dp), as_blocks<NT>(s), grad, [&](int, int i) { return delta[i / 2]; });
         pack_a<T, KN>(df, dp);
 

@@ -98,7 +98,7 @@ flash_fwd(const FwdArgs a) {
         // The tile's dropout mask, drawn before S exists (dropout.cuh, slab_keep_bits).
         const int n0 = n_tile * BLOCK_N;
         const int warp_row0 = m0 + warp * MT * 16;
-        u32 keep[MT];
+        u32 keep[MT][1];
         if constexpr (DROPOUT) slab_keep_bits<MT, NT>(keep, DropoutMask(a, b, h), warp_row0 + g, n0, lane);
 
         // S = Q·Kᵀ; Q from registers or shared memory, K from shared memory.

@@ -218,7 +218,7 @@ __device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u3
 // then O / l and lse stored. `ks` / `vs` are the K and V ring positions, carried from tile to
 // tile; `q_fills` counts the Q buffer's fills so far.
 template <typename T, class L, int DP, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, class MASK, class MOD,
-          class Work>
+          bool DROPOUT, class Work>
 __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask, const Work& work,
                                              const TmaForwardBarriers<STAGES>& bar, u32 base,
                                              RingSlot<STAGES>& ks, RingSlot<STAGES>& vs, u32& q_fills) {
@@ -232,6 +232,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     const bool leader = threadIdx.x % 128 == 0;  // arrives on the "empty" barriers for the warpgroup
     const int n_count = work.key_tile.count;
     const MOD mod = work.template mod_of<MOD>(a);
+    const DropoutMask drop(a, work.b, work.h);
     const u64 desc_q = sw128_desc(base + c * 64 * 128, 16);
     auto k_stage = [&](int stage) { return base + L::K_RING + stage * L::K_STAGE; };
     auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
@@ -244,7 +245,8 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
 
     // Modifier, mask (only where the tile holds keys some row of this warp does not see; an
     // exact mask's bits only on its partial tiles) and the online softmax of the j-th visited
-    // tile's S in place; alpha rescales what O held before.
+    // tile's S in place; alpha rescales what O held before. DROPOUT: the dropped elements of P
+    // are zeroed after the row sums took them (dropout.cuh), as in flash_fwd.cu.
     auto softmax = [&](int j, float (&alpha)[2]) {
         const int n0 = work.key_tile[j] * BLOCK_N;
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(work.m0, n0, work.key_tile.slot(j));
@@ -252,6 +254,11 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         modify_scores(sb, mod, warp_row0 + g, n0, t);
         if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, tile_mask, warp_row0 + g, n0, t);
         online_softmax(sb, row_max, row_sum, mod.softmax_scale(), alpha);
+        if constexpr (DROPOUT) {
+            KeepWords<NT> keep;
+            keep_words<false, NT>(keep, drop, warp_row0 + g, n0, lane);
+            drop_probs(sb, keep);
+        }
     };
 
     if (n_count > 0) {
@@ -326,7 +333,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     for (int half = 0; half < 2; ++half) {
         const int r = warp * 16 + g + half * 8;
         const RowResult res = finish_row(row_max[half], row_sum[half], mod.softmax_scale());
-        inv[half] = res.inv;
+        inv[half] = DROPOUT ? res.inv * a.drop_rescale : res.inv;  // · 1 / (1 − p) with dropout
         if (t == 0 && row0 + r < nq) lse[row0 + r] = res.lse;
     }
     u16* out = a.o + work.b * a.o_sb + work.h * a.o_sh + work.seq.q0 * a.o_sn;
@@ -341,7 +348,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
 }
 
 template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD,
-          bool VARLEN = false>
+          bool VARLEN = false, bool DROPOUT = false>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
 flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count) {
     constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
@@ -372,7 +379,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         if (work.past_end()) continue;
         const MASK tile_mask = work.mask_of(mask, a);
         work.walk(tile_mask, a);
-        consume_tile<T, L, DP, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD>(a, tile_mask, work, bar, base, ks, vs,
-                                                                         q_fills);
+        consume_tile<T, L, DP, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD, DROPOUT>(a, tile_mask, work, bar, base,
+                                                                                  ks, vs, q_fills);
     }
 }
