@@ -199,14 +199,13 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         block-sparse attention on the same tiles does. Not together with ``block_mask``.
     dropout_p : float, optional
         Attention dropout (flash-attn's ``dropout_p``): each element of the softmax matrix is
-        zeroed with probability ``dropout_p`` and the kept ones are scaled by
-        ``1 / (1 - dropout_p)``, so the output is unbiased. A real number in ``[0, 1)``, used
-        rounded to a multiple of 1/256 (8 random bits per element; rates below 1/512 are
-        refused, docs/api.md, "Dropout"); 0.0
-        (the default) is off and runs exactly the computation without dropout. On the GPU
-        only the sm80 kernels (float16/bfloat16) implement it, and they are not yet verified
-        on a GPU: a CuPy call raises ``ValueError`` unless the environment variable
-        ``CUFLASH_GPU_DROPOUT=1`` is set (docs/api.md, "Dropout").
+        zeroed with probability ``dropout_p`` rounded to a multiple of 1/256 (8 random bits per
+        element keep the mask cheap to draw), and the kept ones are scaled by
+        ``1 / (1 - rounded rate)``, so the output is unbiased. A real number in ``[0, 1)``;
+        rates ``0 < p < 1/512``, which would round to no dropout, raise ``ValueError``
+        (docs/api.md, "Dropout"). 0.0 (the default) is off and runs exactly the computation
+        without dropout. On the GPU the sm80 kernels implement it, for float16/bfloat16 (on
+        Hopper too); float32 CuPy arrays take no dropout.
     dropout_seed : int, optional
         The seed of the dropout mask, an int in ``[0, 2**64)``; required when
         ``dropout_p > 0``. Give ``attention_backward`` the same seed and offset: the mask is a

@@ -67,8 +67,8 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
         in [0, 1) is applied whenever it is above 0 (pass 0.0 in evaluation). ``dropout_seed``,
         an int in [0, 2**64), is used as given; when it is None a seed is drawn from torch's
         CPU default generator (``torch.manual_seed`` makes runs repeatable). The backward pass
-        uses the forward's seed and offset. On CUDA, dropout needs ``CUFLASH_GPU_DROPOUT=1``
-        until the GPU kernels are verified (``ValueError`` otherwise).
+        uses the forward's seed and offset. The rate is rounded to a multiple of 1/256. On CUDA,
+        float16 and bfloat16 only (``ValueError`` for float32).
     deterministic : bool
         Bit-identical gradients from run to run (``cuflash.attention_backward``).
     return_lse : bool
