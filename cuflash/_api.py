@@ -204,8 +204,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         ``1 / (1 - rounded rate)``, so the output is unbiased. A real number in ``[0, 1)``;
         rates ``0 < p < 1/512``, which would round to no dropout, raise ``ValueError``
         (docs/api.md, "Dropout"). 0.0 (the default) is off and runs exactly the computation
-        without dropout. On the GPU the sm80 kernels implement it, for float16/bfloat16 (on
-        Hopper too); float32 CuPy arrays take no dropout.
+        without dropout. On the GPU the sm80 kernels and the Hopper TMA forward and wgmma
+        backward implement it, for float16/bfloat16; float32 CuPy arrays take no dropout.
     dropout_seed : int, optional
         The seed of the dropout mask, an int in ``[0, 2**64)``; required when
         ``dropout_p > 0``. Give ``attention_backward`` the same seed and offset: the mask is a
