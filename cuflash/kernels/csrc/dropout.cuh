@@ -157,8 +157,9 @@ __device__ __forceinline__ bool kept(const u32 (&keep)[W], int j, int i) { retur
 // Where the kernels draw the mask is a matter of registers, found by compiling every variant:
 // the sm80 forward and dQ kernel draw a tile's bits before its S exists (slab_keep_bits), when
 // only the accumulators are live; the sm80 dK/dV kernel draws them where it applies them
-// (mark_dropped); the Hopper kernels draw them while their GEMMs run (keep_words). The calls of one lane run one after the other (unroll 1: unrolled, the
-// scheduler interleaves the Philox calls and their registers add up).
+// (mark_dropped); the Hopper kernels draw them while their GEMMs run (keep_words). The calls of
+// one lane run one after the other (unroll 1: unrolled, the scheduler interleaves the Philox
+// calls and their registers add up).
 
 // The keep bits of NT consecutive P blocks of a thread (block j at key col0 + 8j, col0 a multiple
 // of 16) in bits 4j .. 4j + 3 of one word.
@@ -234,8 +235,8 @@ __device__ __forceinline__ void drop_packed(u32 (&f)[KS][4], const u32 (&keep)[W
 // The dK/dV kernel needs the mask twice per element (P ∘ Z for dV, then Z for dP) and has no
 // registers to spare between the two: the sign of P carries it (P ≥ 0, so −P marks a dropped
 // element; for P = 0 the mark does not matter, dS and P ∘ Z are 0 either way). mark_dropped
-// marks Pᵀ (block j at query query0 + 8j; key0 − g a multiple of 16), dropped_prob gives P ∘ Z of a marked element, and
-// unmark_dropped restores P and applies the mask and the rescale to dPᵀ.
+// marks Pᵀ (block j at query query0 + 8j; key0 − g a multiple of 16), dropped_prob gives P ∘ Z
+// of a marked element, and unmark_dropped restores P and applies the mask and the rescale to dPᵀ.
 template <int NT>
 __device__ __forceinline__ void mark_dropped(float (&p)[NT][4], const DropoutMask& mask, int key0, int query0,
                                              int lane) {
