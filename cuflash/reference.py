@@ -6,6 +6,8 @@ Every function works on NumPy or CuPy arrays and computes with the arrays' own m
   matrix;
 - ``chunked_attention``: the same oracle over blocks of query rows (optionally only some rows),
   so that 16K–64K-token problems fit in memory;
+- ``attention_probs``: the float64 softmax matrix itself, with the dropout mask in its signs (for
+  tests of what a call dropped; flash-attn's ``return_attn_probs``);
 - ``naive_attention`` / ``naive_attention_backward``: attention as a framework computes it in the
   input dtype (each product, each elementwise step and the softmax rounded to that dtype,
   accumulation in float32). Its error against the oracle sets the tolerance of the tests: a
@@ -14,7 +16,8 @@ Every function works on NumPy or CuPy arrays and computes with the arrays' own m
 Options are those of ``cuflash.attention`` (``causal``, ``scale``, ``window``, ``softcap``,
 ``alibi_slopes``, ``block_mask``, ``mask`` as a ``cuflash.sparse.ExactMask``, and ``dropout_p``,
 ``dropout_seed``, ``dropout_offset``), with the rules of ``cuflash._mask`` and the dropout mask of
-``cuflash._dropout`` (dense, built for the whole problem: ``P ∘ Z / (1 − p)`` multiplies V);
+``cuflash._dropout`` (dense, built for the whole problem: ``P ∘ Z`` times ``_dropout.rescale(p)``
+multiplies V);
 ``mask`` may also be an element-level boolean array broadcastable to ``(..., Hq, Nq, Nk)``,
 True where a query attends to a key. All masks combine by intersection. Inputs may be 2-D
 ``(N, D)`` (one head), as for ``cuflash.attention``.
@@ -49,6 +52,26 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     lse = _logsumexp(s, xp)
     out = c.dropped(_softmax(s, lse, xp)) @ _repeat_heads(v64, c.shapes)
     return c.squeeze(out), c.squeeze(_broadcast_rows(lse, out, xp))
+
+
+def attention_probs(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, mask=None, block_mask=None, rows=None, dropout_p=0.0,
+                    dropout_seed=None, dropout_offset=0):
+    """The float64 softmax matrix ``P`` ``(..., Hq, Nq, Nk)`` of the call (``v`` only sets the
+    problem's shape), masked entries 0. With dropout, the entries the call drops are negated
+    (``-P``), as flash-attn encodes its mask in ``return_attn_probs``: ``P >= 0`` where kept, and
+    ``P ∘ Z · _dropout.rescale(p)`` is what multiplies V. Forms the whole matrix: for tests."""
+    c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
+              alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows,
+              dropout=(dropout_p, dropout_seed, dropout_offset))
+    xp = c.xp
+    q64, k64 = (x.astype(xp.float64) for x in (c.q, c.k))
+    s, _ = c.logits(q64 @ _repeat_heads(k64, c.shapes).swapaxes(-1, -2), c.scale)
+    s = _apply_mask(s, c.keep)
+    probs = _softmax(s, _logsumexp(s, xp), xp)
+    if c.dropout_keep is not None:
+        probs = xp.where(c.dropout_keep, probs, -probs)
+    return c.squeeze(probs)
 
 
 def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
@@ -221,10 +244,10 @@ class _Call:
     softcap: float
     slopes: Any  # float32 (batch..., Hq), or None
     dropout_keep: Any = None  # bool (batch..., Hq, len(rows), Nk), or None
-    dropout_scale: float = 1.0  # 1 / (1 - p)
+    dropout_scale: float = 1.0  # _dropout.rescale(p)
 
     def dropped(self, x, rounding=None):
-        """``x ∘ Z / (1 − p)`` (``x`` itself without dropout), rounded by ``rounding``."""
+        """``x ∘ Z`` times the rescale (``x`` itself without dropout), rounded by ``rounding``."""
         if self.dropout_keep is None:
             return x
         y = self.xp.where(self.dropout_keep, x * x.dtype.type(self.dropout_scale), 0)

@@ -142,6 +142,24 @@ def test_broadcast_batch_uses_the_flattened_batch_index(rng, seed):
     assert_backward_close(grads, dout, q, k, v, **dropout, context=f"seed={seed}")
 
 
+def test_attention_probs_carry_the_mask_in_their_signs(rng):
+    """reference.attention_probs: the softmax matrix, negated where the call drops; its kept part
+    times the rescale, applied to v, is the output, and its signs are the documented mask."""
+    q, k, v = _inputs(rng, (2, 4, 33, 16), (2, 2, 50, 16), np.float32)
+    options = dict(causal=True, softcap=8.0, dropout_p=0.2, dropout_seed=11, dropout_offset=4)
+    probs = reference.attention_probs(q, k, v, **options)
+    assert probs.shape == (2, 4, 33, 50)
+    np.testing.assert_allclose(np.abs(probs).sum(-1), 1.0, rtol=1e-12)
+    keep = _dropout.dense_keep(11, 4, 0.2, (2,), 4, np.arange(33), 50)
+    assert ((probs < 0) == (~keep & (probs != 0))).all()
+    out, _ = reference.attention(q, k, v, **options)
+    v64 = np.repeat(v.astype(np.float64), 2, axis=1)
+    np.testing.assert_allclose(np.maximum(probs, 0) * _dropout.rescale(0.2) @ v64, out,
+                               rtol=1e-12, atol=1e-12)
+    plain = reference.attention_probs(q, k, v, causal=True, softcap=8.0)
+    np.testing.assert_array_equal(np.abs(probs), plain)
+
+
 def test_lse_is_that_of_the_undropped_softmax(rng):
     q, k, v = _inputs(rng, (1, 2, 50, 32), (1, 2, 60, 32), np.float32)
     _, lse = cuflash.attention(q, k, v, return_lse=True)

@@ -461,11 +461,31 @@ def test_packed_variants_match_unpacked():
                        ct.flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], softmax_scale=0.1))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_return_attn_probs_gives_the_call_s_softmax_and_mask(p):
+    """flash-attn's triple: the output is the call's (same seed as without the option), lse its
+    log-sum-exp, and S_dmask the softmax matrix with the dropped entries negated, so that
+    (S_dmask ∘ Z) · rescale @ v is the output."""
+    q, k, v = randn(2, 37, 4, 16), randn(2, 45, 2, 16), randn(2, 45, 2, 16)
+    options = dict(causal=True, window_size=(20, 3), softcap=5.0)
+    torch.manual_seed(7)
+    plain = ct.flash_attn_func(q, k, v, p, **options)
+    torch.manual_seed(7)
+    out, lse, probs = ct.flash_attn_func(q, k, v, p, **options, return_attn_probs=True)
+    assert torch.equal(out, plain)
+    assert probs.shape == (2, 4, 37, 45) and probs.dtype == q.dtype and lse.shape == (2, 4, 37)
+    assert torch.allclose(probs.abs().sum(-1), torch.ones(2, 4, 37))
+    kept = probs.clamp(min=0) * _dropout.rescale(p)
+    expected = kept @ v.transpose(1, 2).repeat_interleave(2, dim=1)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
+    dropped = ((probs < 0).sum() / (probs != 0).sum()).item()  # among the keys a row sees
+    assert (dropped == 0.0) if p == 0 else abs(dropped - p) < 0.1
+    packed = ct.flash_attn_kvpacked_func(q, torch.stack([k, v], 2), p, **options,
+                                         return_attn_probs=True)
+    assert len(packed) == 3 and packed[2].shape == probs.shape
+
+
 @pytest.mark.parametrize("call, option", [
-    (lambda q: ct.flash_attn_func(q, q, q, return_attn_probs=True), "return_attn_probs"),
-    (lambda q: ct.flash_attn_func(q, q, q, 0.1, return_attn_probs=True), "return_attn_probs"),
-    (lambda q: ct.flash_attn_kvpacked_func(q, torch.stack([q] * 2, 2), return_attn_probs=True),
-     "return_attn_probs"),
     (lambda q: ct.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=bool)),
      "attn_mask"),
     (lambda q: ct.scaled_dot_product_attention(q, q[:, :, :4], q[:, :, :4], is_causal=True),

@@ -304,6 +304,20 @@ def test_dropout_cuda_against_float64_with_the_same_mask(dtype):
         device="cuda", causal=True, dropout=(0.17, drop_seed, 5))
 
 
+def test_return_attn_probs_on_cuda_tensors():
+    """S_dmask of a CUDA call: on q's device, in q's dtype, its signs the mask the kernels
+    applied (its kept part times the rescale, applied to v, is the kernels' output)."""
+    from cuflash import _dropout
+
+    q, k, v = (cuda(2, 150, 4, 64) for _ in range(3))
+    out, lse, probs = ct.flash_attn_func(q, k, v, 0.25, causal=True, return_attn_probs=True)
+    assert probs.device == q.device and probs.dtype == q.dtype and probs.shape == (2, 4, 150, 150)
+    kept = probs.float().clamp(min=0) * _dropout.rescale(0.25)
+    expected = (kept @ v.float().transpose(1, 2)).transpose(1, 2)
+    assert torch.allclose(out.float(), expected, atol=2e-2)
+    assert lse.shape == (2, 4, 150) and lse.dtype == torch.float32
+
+
 def test_dropout_cuda_seed_from_torch_generator():
     """flash_attn_func without a seed draws it from torch's CPU generator: after the same
     torch.manual_seed it equals the explicit call with that seed (deterministic gradients, so

@@ -148,6 +148,22 @@ def _refuse_attn_probs(return_attn_probs,
             f"{lse_from} for the log-sum-exp")
 
 
+def _attn_probs(q, k, v, *, causal, scale, window, softcap, alibi_slopes, dropout_p,
+                dropout_seed):
+    """flash-attn's ``S_dmask`` for ``return_attn_probs=True``, (B, Hq, Sq, Sk) in q's dtype on
+    q's device, from (B, H, S, D) views: ``cuflash.reference.attention_probs`` (the softmax
+    matrix, dropped entries negated) computed in float64 on the CPU. For tests: it forms the
+    whole matrix and reads the inputs back from the device."""
+    from cuflash import reference
+
+    arrays = [_bridge.to_numpy(x.detach().cpu()) for x in (q, k, v)]
+    slopes = None if alibi_slopes is None else _bridge.to_numpy(alibi_slopes.detach().cpu())
+    probs = reference.attention_probs(*arrays, causal=causal, scale=scale, window=window,
+                                      softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p,
+                                      dropout_seed=dropout_seed)
+    return torch.from_numpy(probs).to(device=q.device, dtype=q.dtype)
+
+
 def _check_layout(layout: tuple, **tensors) -> None:
     """Tensors with one axis per name in ``layout`` (flash-attn's names)."""
     for name, x in tensors.items():
@@ -170,15 +186,25 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     Returns ``out`` ``(B, Sq, Hq, Dv)``, contiguous. As in flash-attn, ``dropout_p > 0`` is
     applied whenever it is given (pass ``dropout_p if self.training else 0.0``), with a seed
     drawn from torch's CPU default generator (``cuflash.torch.attention``).
-    ``return_attn_probs=True`` raises ``NotImplementedError``.
+    ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` as flash-attn does, for
+    tests: ``softmax_lse`` float32 ``(B, Hq, Sq)``, and ``S_dmask`` ``(B, Hq, Sq, Sk)`` the exact
+    softmax matrix with the entries this call dropped negated
+    (``cuflash.reference.attention_probs``, formed in float64 on the CPU; not differentiable).
     """
-    _refuse_attn_probs(return_attn_probs)
     _check_bshd(q=q, k=k, v=v)
-    out, _ = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                        scale=softmax_scale, window=window_size, softcap=softcap,
-                        alibi_slopes=alibi_slopes, block_mask=None, deterministic=deterministic,
-                        seq_major=True, dropout_p=dropout_p)
-    return out.transpose(1, 2)
+    q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    seed = None
+    if return_attn_probs and _checked_dropout_p(dropout_p) > 0:
+        seed = int(_ops.draw_seed())  # one seed for the call and for S_dmask
+    options = dict(causal=causal, scale=softmax_scale, window=window_size, softcap=softcap,
+                   alibi_slopes=alibi_slopes)
+    out, lse = _attention(q_, k_, v_, **options, block_mask=None, deterministic=deterministic,
+                          seq_major=True, dropout_p=dropout_p, dropout_seed=seed)
+    out = out.transpose(1, 2)
+    if not return_attn_probs:
+        return out
+    probs = _attn_probs(q_, k_, v_, **options, dropout_p=dropout_p, dropout_seed=seed)
+    return out, lse.detach(), probs
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -186,14 +212,13 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               deterministic=False, return_attn_probs=False):
     """flash-attn's ``flash_attn_qkvpacked_func``: qkv ``(B, S, 3, H, D)``; returns
     ``(B, S, H, D)``."""
-    _refuse_attn_probs(return_attn_probs)
     _check_tensors(qkv=qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
                          f"{tuple(qkv.shape)}")
     q, k, v = qkv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic)
+                           alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -201,14 +226,13 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              deterministic=False, return_attn_probs=False):
     """flash-attn's ``flash_attn_kvpacked_func``: q ``(B, Sq, Hq, D)``, kv
     ``(B, Sk, 2, Hkv, D)``; returns ``(B, Sq, Hq, D)``."""
-    _refuse_attn_probs(return_attn_probs)
     _check_tensors(q=q, kv=kv)
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"kv must have shape (batch, seqlen, 2, nheads_k, headdim), got "
                          f"{tuple(kv.shape)}")
     k, v = kv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic)
+                           alibi_slopes, deterministic, return_attn_probs)
 
 
 # ----------------------------------------------------------------------------- packed sequences
