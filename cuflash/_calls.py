@@ -10,6 +10,11 @@ the signature then holds the spec, the output shapes and the prepared launch of 
 backward's workspace), writes the arrays' data pointers into a copy of the packed arguments and
 launches: no validation, no planning, no views, nothing read back from the device.
 
+A call finds its entry first by a quick key, which names the options by the identity of their
+objects (held with the key) beside the arrays' layout and the registry state; only when that
+misses (new option objects: a float computed per call, ``1`` for ``True``) is the full signature
+built, and an entry found there is then held under the quick key too (``_lookup``).
+
 What is redone per call, because it is not part of the signature:
 
 - the data pointers (only their alignment is in the signature);
@@ -53,6 +58,7 @@ class _NotCacheable(Exception):
 def clear() -> None:
     """Forget every cached call (the next call of each signature is validated again)."""
     _entries.clear()
+    _quick.clear()
 
 
 def stats() -> dict:
@@ -84,29 +90,46 @@ _SCALARS = frozenset((bool, int, float, str, type(None)))
 
 
 def option_signature(value: Any):
-    """An option's value as a key: scalars with their type, tuples element-wise, dtypes by
-    name, CuPy arrays by layout, block and exact masks as themselves; anything else is not cacheable."""
+    """An option's value as a key: CuPy arrays by layout, anything else as ``fixed_signature``
+    keys it."""
+    if value.__class__ is (_ndarray or _cupy_ndarray()):
+        return array_signature(value)
+    return fixed_signature(value)
+
+
+def fixed_signature(value: Any):
+    """The key of an option value that cannot change (so its identity stands for it, see
+    ``_lookup``): scalars with their type, tuples element-wise, dtypes by name, block and exact
+    masks as themselves; anything else (a tuple holding an array, say) is not cacheable."""
     cls = value.__class__
     if cls in _SCALARS:
         return cls, value
     if cls is tuple:
-        return (tuple, *map(option_signature, value))
+        return (tuple, *map(fixed_signature, value))
     if isinstance(value, numpy.dtype) or (cls is type and issubclass(value, numpy.generic)):
         return numpy.dtype, numpy.dtype(value).str
-    if cls is (_ndarray or _cupy_ndarray()):
-        return array_signature(value)
-    for module, name in (("cuflash.sparse._blockmask", "BlockMask"), ("cuflash.sparse._exactmask", "ExactMask")):
+    for module, name in (("cuflash.sparse._blockmask", "BlockMask"),
+                         ("cuflash.sparse._exactmask", "ExactMask")):
         defined = sys.modules.get(module)
         if defined is not None and cls is getattr(defined, name):
             return value  # immutable, hashed by content
     raise _NotCacheable
 
 
-def signature(pass_name: str, arrays, options: dict):
-    """The key of one call, or ``None`` when it cannot be cached."""
+def layout_signature(arrays) -> tuple | None:
+    """The part of a call's keys that is read afresh on every call: the arrays' signatures and
+    the registry state; ``None`` when an array cannot be cached (a NumPy array, say)."""
     try:
-        return (pass_name, *map(array_signature, arrays),
-                *map(option_signature, options.values()), *kernels.dispatch_state())
+        return (*map(array_signature, arrays), *kernels.dispatch_state())
+    except (_NotCacheable, AttributeError):
+        return None
+
+
+def signature(pass_name: str, layout: tuple, values: tuple):
+    """The key of one call (``layout``: its ``layout_signature``; ``values``: its option
+    values, in the entry point's order), or ``None`` when an option cannot be cached."""
+    try:
+        return (pass_name, layout, *map(option_signature, values))
     except (_NotCacheable, AttributeError, TypeError):  # TypeError: unhashable, ...
         return None
 
@@ -117,6 +140,46 @@ def _remember(key, entry) -> None:
     if len(_entries) >= _MAX_ENTRIES:
         _entries.clear()
     _entries[key] = entry
+
+
+# ----------------------------------------------------------------------------- lookup
+
+# Entries by quick key (below), each with the option objects its key names by identity.
+_MAX_QUICK = 256
+_quick: dict = {}
+
+
+def _lookup(pass_name: str, arrays, values: tuple, slopes):
+    """``(entry, key)`` of one call: its entry (``None`` when its signature has none yet) and
+    its signature (``None`` when it cannot be cached, or was not needed).
+
+    The full signature tags every option with its type, a few microseconds per call. The quick
+    key names the options by the identity of their objects instead, beside the arrays' layout
+    (and the ALiBi slopes', since an array's shape can be set in place); it keeps those objects
+    alive, so that no identity is reused while it is held. Every option the signature accepts
+    but an array cannot change (``fixed_signature``), so the same objects have the same
+    signature. A call that repeats a call site's options (literals, defaults, a model's
+    constants) finds its entry by the quick key; one with new objects (a float computed per
+    call, ``1`` for ``True``) takes the full signature, and an entry found there is then held
+    under its quick key too."""
+    layout = layout_signature(arrays)
+    if layout is None:
+        return None, None
+    try:
+        quick = (pass_name, layout, tuple(map(id, values)),
+                 None if slopes is None else array_signature(slopes))
+    except (_NotCacheable, AttributeError):
+        quick = None
+    held = _quick.get(quick)
+    if held is not None:
+        return held[1], None
+    key = signature(pass_name, layout, values)
+    entry = _entries.get(key) if key is not None else None
+    if quick is not None and entry is not None and entry is not _UNCACHED:
+        if len(_quick) >= _MAX_QUICK:
+            _quick.clear()
+        _quick[quick] = (values, entry)
+    return entry, key
 
 
 # ----------------------------------------------------------------------------- graph capture
@@ -143,11 +206,11 @@ def keep_alive_with(outputs, buffers) -> None:
 
 def forward(q, k, v, out, options: dict, return_lse):
     """``(result, lse, spec)`` of one forward call (``options``: ``_api._spec``'s)."""
-    key = signature("forward", (q, k, v) if out is None else (q, k, v, out),
-                    dict(options, return_lse=return_lse))
-    entry = _entries.get(key) if key is not None else None
+    slopes = options["alibi_slopes"]
+    entry, key = _lookup("forward", (q, k, v) if out is None else (q, k, v, out),
+                         (*options.values(), return_lse), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry(q, k, v, out, options["alibi_slopes"])
+        done = entry(q, k, v, out, slopes)
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -225,10 +288,10 @@ class _ForwardEntry:
 def backward(dout, q, k, v, out, lse, options: dict, alibi=None):
     """``(dq, dk, dv)`` of one backward call (``options``: ``_api._spec``'s). ``alibi``: the
     spec's slopes copy to use instead of a new one (a vjp's forward copy)."""
-    key = signature("backward", (dout, q, k, v, out, lse), options)
-    entry = _entries.get(key) if key is not None else None
+    slopes = options["alibi_slopes"]
+    entry, key = _lookup("backward", (dout, q, k, v, out, lse), tuple(options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry(dout, q, k, v, out, lse, options["alibi_slopes"], alibi)
+        done = entry(dout, q, k, v, out, lse, slopes, alibi)
         if done is not None:
             _stats["hits"] += 1
             return done

@@ -24,9 +24,18 @@ class FakeKernel:
     def __call__(self, grid, block, args, shared_mem=0):
         # The argument struct (an opaque record); what a kernel takes beside it (TMA
         # descriptors, a count) is kept apart, in side_arguments.
-        (record,) = [a for a in args if isinstance(a, np.ndarray) and a.dtype.names == ("bytes",)]
-        self.device.side_arguments.append(tuple(np.asarray(a).copy() for a in args if a is not record))
+        args = [_by_value(a) for a in args]
+        (record,) = [a for a in args if a.dtype.names == ("bytes",)]
+        self.device.side_arguments.append(tuple(a for a in args if a is not record))
         self.device.launches.append((self.expression, grid, block, shared_mem, record.tobytes()))
+
+
+def _by_value(argument):
+    """A copy of a by-value kernel argument as an array: a structured NumPy scalar (how the
+    launchers pass their structs, _launch.by_value) as the 1-element record it holds."""
+    if isinstance(argument, np.void):
+        return np.asarray(argument).reshape(1).copy()
+    return np.asarray(argument).copy()
 
 
 class FakeDevice:

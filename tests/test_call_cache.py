@@ -217,3 +217,158 @@ def test_a_cached_hopper_forward_encodes_its_tma_descriptors_for_each_call(monke
     addresses = maps["bits"][0][::16]  # the stand-in descriptor starts with the address
     assert [int(a) for a in addresses] == [q.data.ptr, k.data.ptr, v.data.ptr]
     assert int(tile_count) == SHAPE[0] * SHAPE[1] * -(-SHAPE[2] // 192)
+
+
+# ----------------------------------------------------------------------------- what is sent
+
+# The argument fields a cached call fills from fresh allocations (outputs, lse, the backward's
+# workspace, the ALiBi copy): they differ from call to call, whatever the path.
+FRESH_FIELDS = {"forward": ("o", "lse", "alibi"),
+                "backward": ("grad_q", "grad_k", "grad_v", "lse2", "delta", "dq_accum", "alibi")}
+
+
+def _sent(device, call):
+    """What `call` sends the kernels: per launch (expression, grid, block, shared memory,
+    argument bytes with the FRESH_FIELDS zeroed), and the bytes of the other arguments."""
+    from cuflash.kernels import _launch
+
+    device.take_launches()
+    device.side_arguments.clear()
+    call()
+    layouts = {"forward": _launch.FWD_ARGS, "backward": _launch.BWD_ARGS}
+    launches = []
+    for expression, grid, block, shared, record in device.take_launches():
+        (pass_name,) = [name for name, dtype in layouts.items() if dtype.itemsize == len(record)]
+        args = np.frombuffer(record, layouts[pass_name]).copy()
+        for name in FRESH_FIELDS[pass_name]:
+            args[name] = 0
+        launches.append((expression, grid, block, shared, args.tobytes()))
+    return launches, [tuple(a.tobytes() for a in side) for side in device.side_arguments]
+
+
+def _on_fake_device(monkeypatch, device, mask):
+    """``mask`` with its device tile index in made-up device memory (the real one uploads)."""
+    from cuflash.sparse._csr import TileCSR
+
+    def device_csr(self, tile_m, tile_n):
+        return self._cache.setdefault(("fake", tile_m, tile_n), TileCSR(
+            *(device.empty(a.shape, a.dtype) for a in self.tile_csr(tile_m, tile_n))))
+
+    monkeypatch.setattr(type(mask), "device_csr", device_csr)
+    return mask
+
+
+def _case_options(case, device, monkeypatch):
+    if case == "alibi":
+        return dict(alibi_slopes=device.empty((SHAPE[1],), np.float32))
+    if case == "block-mask":
+        from cuflash.sparse import BlockMask
+
+        layout = np.tril(np.ones((2, 2), np.int8))  # 128 x 128 blocks of 256 x 256 scores
+        return dict(block_mask=_on_fake_device(monkeypatch, device,
+                                               BlockMask.from_dense(layout, block_size=128)))
+    return {"causal": dict(causal=True),
+            "window-softcap": dict(window=(32, 0), softcap=20.0),
+            "dropout": dict(dropout_p=0.1, dropout_seed=2**40 + 7, dropout_offset=3)}[case]
+
+
+@pytest.mark.parametrize("case", ["causal", "window-softcap", "alibi", "dropout", "block-mask"])
+def test_cached_calls_send_what_the_validated_path_sends(device, monkeypatch, case):
+    """Forward and backward: the validated call (which builds the entries), the call found by its
+    full signature and the call found by its quick key launch the same kernels with the same
+    grid, block, shared memory and argument bytes (fresh allocations aside)."""
+    shape = SHAPE[:2] + (256, SHAPE[3])
+    q, k, v, dout = (device.empty(shape, BF16) for _ in range(4))
+    options = _case_options(case, device, monkeypatch)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    calls = (lambda: cuflash.attention(q, k, v, return_lse=True, **options),
+             lambda: cuflash.attention_backward(dout, q, k, v, out, lse, **options))
+    _calls.clear()
+    builds = _builds()
+    validated = [_sent(device, call) for call in calls]
+    assert _builds() == builds + 2 and all(launches for launches, _ in validated)
+    for _ in range(2):  # found by the full signature, then by the quick key
+        hits = _calls.stats()["hits"]
+        assert [_sent(device, call) for call in calls] == validated
+        assert _calls.stats()["hits"] == hits + 2 and _builds() == builds + 2
+    assert len(_calls._quick) == 2
+
+
+def _bytes_cupy_sends(argument, size):
+    """The parameter bytes CuPy hands the driver for a NumPy scalar argument (what
+    cupy/cuda/function.pyx does with one: a CScalar holding a copy)."""
+    import ctypes
+
+    from cupy._core._scalar import CScalar
+
+    held = CScalar(argument)  # its copy lives as long as it does
+    return ctypes.string_at(held.ptr, size)
+
+
+def test_structs_reach_cupy_as_scalars_that_hold_the_packed_bytes():
+    """The launchers hand CuPy each struct (and the TMA descriptors) as a NumPy scalar
+    (_launch.by_value); CuPy sends the bytes a 1-element record would have sent."""
+    from cuflash.kernels import _launch, _tma
+
+    values = {name: index for index, name in enumerate(_launch.FWD_ARGS.names)}
+    packed = _launch.PackedArgs(_launch.FWD_ARGS, _launch.FWD_POINTERS, values)
+    pointers = tuple(range(1 << 40, (1 << 40) + len(_launch.FWD_POINTERS)))
+    argument = packed.pack(pointers)
+    assert isinstance(argument, np.void)
+    record = np.zeros(1, _launch.FWD_ARGS)
+    for name in _launch.FWD_ARGS.names:
+        record[name] = values[name]
+    record[list(_launch.FWD_POINTERS)] = pointers
+    assert _bytes_cupy_sends(argument, record.nbytes) == record.tobytes()
+
+    descriptors = [np.arange(16, dtype=np.uint64) * (i + 3) for i in range(3)]
+    maps = _tma.pack(descriptors)
+    assert isinstance(maps, np.void)
+    assert _bytes_cupy_sends(maps, 384) == np.concatenate(descriptors).tobytes()
+
+
+# ----------------------------------------------------------------------------- quick keys
+
+def _warm(device, q, k, v, **options):
+    """Three calls: the quick key of these options then holds the entry."""
+    for _ in range(3):
+        cuflash.attention(q, k, v, **options)
+    assert len(_calls._quick) == 1
+
+
+def test_a_quick_key_tells_option_types_apart(device):
+    q, k, v = _qkv(device)
+    _warm(device, q, k, v, causal=True, scale=1.0)
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        cuflash.attention(q, k, v, causal=1, scale=1.0)
+    cuflash.attention(q, k, v, causal=True, scale=1)  # equal to 1.0, but another signature
+    assert _builds() == 2
+    cuflash.attention(q, k, v, causal=True, scale=float("1.0"))  # a new object, same signature
+    assert _builds() == 2
+
+
+def test_a_quick_key_tells_alignment_and_device_apart(device):
+    import cupy
+    from cupy.cuda import memory
+
+    q, k, v = _qkv(device)
+    _warm(device, q, k, v, causal=True)
+    offset = device.empty((2 * 4 * 128 * 64 + 4,), BF16)[4:].reshape(SHAPE)
+    cuflash.attention(offset, k, v, causal=True)
+    assert _builds() == 2
+
+    def on_device_1():
+        mem = memory.UnownedMemory(0x7000 << 32, 2 * 4 * 128 * 64 * 2, None, device_id=1)
+        return cupy.ndarray(SHAPE, BF16, memptr=memory.MemoryPointer(mem, 0))
+
+    cuflash.attention(on_device_1(), on_device_1(), on_device_1(), causal=True)
+    assert _builds() == 3
+
+
+def test_a_quick_key_reads_the_layout_of_alibi_slopes_reshaped_in_place(device):
+    q, k, v = _qkv(device)
+    slopes = device.empty((4,), np.float32)
+    _warm(device, q, k, v, alibi_slopes=slopes)
+    slopes.shape = (1, 4)  # the same object, another layout
+    cuflash.attention(q, k, v, alibi_slopes=slopes)
+    assert _builds() == 2

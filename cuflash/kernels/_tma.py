@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy
 
+from ._launch import by_value
+
 BOX_COLUMNS = 64           # 64 16-bit values: one 128-byte swizzled row
 _DESCRIPTOR_BYTES = 128
 _MAX_STRIDE = 1 << 40      # the driver's limit on a global stride, in bytes
@@ -113,8 +115,7 @@ def descriptors_dtype(count: int) -> numpy.dtype:
         numpy.dtype({"names": ["bits"], "formats": [(numpy.uint64, (16 * count,))]}), alignment=64)
 
 
-def pack(descriptors) -> numpy.ndarray:
+def pack(descriptors) -> numpy.void:
     """Descriptors as one by-value kernel argument (a struct of TmaDesc in csrc/arch/sm90_tma.cuh)."""
-    record = numpy.zeros(1, dtype=descriptors_dtype(len(descriptors)))
-    record["bits"][0] = numpy.concatenate(descriptors)
-    return record
+    record = numpy.frombuffer(b"".join(descriptors), descriptors_dtype(len(descriptors)))
+    return by_value(record)
