@@ -55,9 +55,9 @@ def forward(q, k, v, out, lse, spec):
     With dropout (``spec.dropout_p > 0``) the dropped elements of each probability tile are
     zeroed before ``P·V`` (the kept ones are not scaled there), while ``l`` sums the undropped
     ``P``; the factor ``r = _dropout.rescale(p)`` (``1 / (1 − p)`` at the rate the mask really
-    drops) is applied once at the end: ``out = acc / l · r``, all in float32. lse is that of the undropped softmax. The mask is
-    ``_dropout.keep_mask`` of each element's own coordinates, so it does not depend on the
-    tiles.
+    drops) is applied once at the end: ``out = acc / l · r``, all in float32. lse is that of the
+    undropped softmax. The mask is ``_dropout.keep_mask`` of each element's own coordinates, so
+    it does not depend on the tiles.
 
     A varlen spec (packed sequences: q ``(total_q, Hq, D)``, out ``(total_q, Hq, Dv)``, lse
     ``(Hq, total_q)``) runs this on each sequence in turn (``_sequences``).
@@ -125,8 +125,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
     here: this loop always adds in the same order.
 
     With dropout the mask ``Z`` of the forward is regenerated per tile and, with
-    ``r = _dropout.rescale(p)``: ``dV += (P ∘ Z)ᵀ dO`` (the tile's sum times ``r`` at the end, as the
-    forward scales its output), ``dP = (dO Vᵀ) ∘ Z · r``, and ``dS = P ∘ (dP − Δ)`` with
+    ``r = _dropout.rescale(p)``: ``dV += (P ∘ Z)ᵀ dO`` (the tile's sum times ``r`` at the end,
+    as the forward scales its output), ``dP = (dO Vᵀ) ∘ Z · r``, and ``dS = P ∘ (dP − Δ)`` with
     ``Δ = rowsum(dO ∘ O)`` of the dropped output ``O``.
 
     A varlen spec (packed ``(total, H, D)`` arrays, lse ``(Hq, total_q)``) runs this on each

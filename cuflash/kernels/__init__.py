@@ -118,7 +118,8 @@ def dispatch_state() -> tuple:
     """What, beside the call itself, decides which family runs it: the Hopper switch and the
     registries, by identity (cheap to hash; whoever keys on this keeps ``REGISTRY``'s values
     alive so that an identity is never reused)."""
-    return (os.environ.get(DISABLE_HOPPER_ENV, ""), id(REGISTRY["forward"]), id(REGISTRY["backward"]))
+    return (os.environ.get(DISABLE_HOPPER_ENV, ""), id(REGISTRY["forward"]),
+            id(REGISTRY["backward"]))
 
 
 def _run(pass_name: str, spec, arrays, args):

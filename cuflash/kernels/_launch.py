@@ -303,7 +303,7 @@ def dropout_values(spec) -> dict:
     """The values of DROPOUT_FIELDS for one call (threshold 0 and factor 1 without dropout; the
     kernels read them only in their DROPOUT variants)."""
     seed, p = spec.dropout_seed, spec.dropout_p
-    return {"drop_threshold": _dropout.threshold(p) if spec.has_dropout else 0,
+    return {"drop_threshold": _dropout.threshold(p),
             "drop_seed_lo": seed & 0xFFFFFFFF, "drop_seed_hi": seed >> 32,
             "drop_offset": spec.dropout_offset, "drop_rescale": _dropout.rescale(p)}
 

@@ -3,8 +3,8 @@
 Each launcher's ``main_variants()`` turns ``spec_grid(...)`` into its own template expressions, so
 one list says which option combinations must always build: every dtype and head dim dense and
 causal, exact masks (alone and with causal) at every head dim in one dtype, plus each mask policy
-and score modifier (and all of them together) at one head dim; packed sequences and dropout (the
-sm80 kernels only) in grids of their own.
+and score modifier (and all of them together) at one head dim; packed sequences and dropout in
+grids of their own.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def float32_grads_specs(head_dims):
 
 
 def dropout_spec_grid(head_dims):
-    """Dropout (the sm80 kernels' DROPOUT variants): alone and with causal at every head dim in
+    """Dropout (the DROPOUT variants of the kernels that draw the mask): alone and with causal at
+    every head dim in
     bfloat16, once in float16, with ``Dv ≠ D``, and with every mask policy and score modifier
     at D = 128 (if listed)."""
     drop = dict(dropout_p=0.1, dropout_seed=1)

@@ -68,8 +68,8 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
     within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
     # Three consumers are compiled within 128 registers each: any mask, score modifier or
-    # dropout spills there (and an exact mask's bits spill beside a 256-wide O at 80 keys): the next
-    # shape then.
+    # dropout spills there (and an exact mask's bits spill beside a 256-wide O at 80 keys): the
+    # next shape then.
     if max(d, dv) <= 64:
         three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain else []
         return three + [TmaTiles(128, 3), TmaTiles(64, 3)]
@@ -194,12 +194,12 @@ def main_variants() -> list[tuple[str, str]]:
     features = (dict(window=(256, 0)), dict(softcap=30.0), dict(causal=True, softcap=30.0))
     specs = (spec_grid((64, 96, 128, 256)) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
              + [spec_of("bfloat16", d, **options) for d in (64, 256) for options in features])
-    varlen = [spec for spec in varlen_spec_grid()
-              if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS and tiles_for(spec) is not None]
-    dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS)
-               if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS and tiles_for(spec) is not None]
+    # Of the packed-sequence and dropout grids (built for the sm80 kernels), what this kernel takes.
+    specs += [spec for spec in varlen_spec_grid() + dropout_spec_grid(HEAD_DIMS)
+              if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS
+              and tiles_for(spec) is not None]
     # Options the kernel does not template on (a varlen call's GQA, say) give repeats: one each.
-    return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs + varlen + dropout))
+    return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs))
 
 
 __all__ = ["forward", "prepare_forward", "supports", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",

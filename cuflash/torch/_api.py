@@ -156,8 +156,8 @@ def _attn_probs(q, k, v, *, causal, scale, window, softcap, alibi_slopes, dropou
     whole matrix and reads the inputs back from the device."""
     from cuflash import reference
 
-    arrays = [_bridge.to_numpy(x.detach().cpu()) for x in (q, k, v)]
-    slopes = None if alibi_slopes is None else _bridge.to_numpy(alibi_slopes.detach().cpu())
+    arrays = [_bridge.to_numpy(x.cpu()) for x in (q, k, v)]  # to_numpy detaches
+    slopes = None if alibi_slopes is None else _bridge.to_numpy(alibi_slopes.cpu())
     probs = reference.attention_probs(*arrays, causal=causal, scale=scale, window=window,
                                       softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p,
                                       dropout_seed=dropout_seed)
