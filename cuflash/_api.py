@@ -268,12 +268,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         What ``attention(q, k, v, ..., return_lse=True)`` returned: the scores are recomputed
         from q and k, normalised by ``lse``.
     deterministic : bool, optional
-        Ask for bit-identical gradients from run to run. Only the portable GPU kernels (sm_80
-        and newer, used for float16/bfloat16 except on Hopper with D = Dv in {64, 128}) need it:
-        by default they add each key tile's share of ``dq`` with float32 atomics, whose order
-        varies; with ``deterministic=True`` a separate kernel computes ``dq`` per query tile
-        instead, recomputing the scores once more (a backward 8–20% slower on an H200). The
-        Hopper kernels, the float32 kernels and the NumPy path never use atomics and are always
+        Ask for bit-identical gradients from run to run. The float16/bfloat16 GPU kernels (the
+        portable sm_80 ones, and Hopper's with D = Dv in {64, 128}) add each key tile's share of
+        ``dq`` into a float32 accumulator by default, in an order that varies; with
+        ``deterministic=True`` a separate kernel computes ``dq`` per query tile instead,
+        recomputing the scores once more (benchmarks/NOTES.md has the cost on an H200). The
+        float32 kernels and the NumPy path never accumulate that way and are always
         deterministic; for them the flag changes nothing.
     grad_dtype : None or float32, optional
         ``None`` (or the inputs' dtype) returns the gradients in the inputs' dtype. ``float32``

@@ -133,3 +133,34 @@ def test_gpu_dropout_runs_the_sm80_family(monkeypatch):
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q, q, q, dropout_p=0.1, dropout_seed=3)
     assert plan.forward.family.name == plan.backward.family.name == "sm80-mma"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkeypatch, d):
+    """On a fake compute-capability 9.0 device the default backward forms dQ inside the dK/dV
+    kernel (float32 adds into the accumulator flash_bwd_pre zeroes, then the cast): no dq kernel.
+    deterministic=True runs the dq kernel and has no accumulator."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q, k, v, out, dout = (device.empty((1, 2, 256, d), ml_dtypes.bfloat16) for _ in range(5))
+    lse = device.empty((1, 2, 256), np.float32)
+    expected = {
+        False: ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_dq_convert"],
+        True: ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq"],
+    }
+    for deterministic, names in expected.items():
+        cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                   deterministic=deterministic)
+        launches = device.take_launches()
+        assert [x[0].split("<")[0] for x in launches] == names
+        pre, dkdv = launches[0][0], launches[1][0]
+        # flash_bwd_pre<T, ALIGNED, ZERO_DQ...>; the dK/dV kernel's last flag is ATOMIC_DQ.
+        assert pre.split(", ")[2].rstrip(">") == ("false" if deterministic else "true")
+        assert dkdv.endswith(", ScoreMod<false, false>>" if deterministic
+                             else ", ScoreMod<false, false>, false, false, true>")
+        accum = np.frombuffer(launches[1][4], _launch.BWD_ARGS)[0]["dq_accum"]
+        assert (accum == 0) == deterministic

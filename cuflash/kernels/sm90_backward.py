@@ -4,11 +4,16 @@ Same entry point as ``mma_backward.backward``; ``supports()`` says whether a cal
 path (compute capability 9.0, D = Dv ∈ {64, 128}, 16-byte aligned rows, block masks whose blocks
 are whole tiles). Everything else belongs to ``mma_backward``.
 
-Three launches: ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2 lse, padded rows), then
-``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ). No gradient is accumulated with
-atomics, so results are bit-identical from run to run whatever ``deterministic`` says; the
-scratch memory is that of the deterministic mma path (``mma_backward.workspace_bytes(...,
-deterministic=True)``).
+Two launch sequences, both starting with ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2
+lse, padded rows):
+- default (``deterministic=False``): ``flash_bwd_sm90_dkdv`` with the fused dQ (dK, dV, and dS·K
+  added into a float32 dQ accumulator that flash_bwd_pre zeroes), then ``flash_bwd_dq_convert``.
+  Five GEMMs per tile pair; the float adds of several blocks land in any order.
+- ``deterministic=True``: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ, with S
+  and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two blocks, so
+  results are bit-identical from run to run; scratch is lse2 and Delta only.
+The one call shape the fused dQ cannot tile (D = 64 with 64-row query tiles, the dropout tiles)
+runs the deterministic sequence whatever ``deterministic`` says.
 """
 
 from __future__ import annotations
@@ -57,10 +62,19 @@ class Sm90BwdTiles:
     def dq_block_m(self) -> int:
         return 64 * self.dq_warpgroups
 
-    def dkdv_shared_bytes(self, d: int) -> int:
-        # K, V, two stages of Q and dO, two stages of lse2 + Delta, 1 KB for the 1024-byte alignment.
+    def dkdv_shared_bytes(self, d: int, *, atomic_dq: bool = False) -> int:
+        # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile,) two stages of lse2 + Delta,
+        # 1 KB for the 1024-byte alignment.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
-        return 2 * d * (2 * bn + 4 * bm) + 4 * 4 * bm + 1024
+        ds = 2 * bn * bm if atomic_dq else 0
+        return 2 * d * (2 * bn + 4 * bm) + ds + 4 * 4 * bm + 1024
+
+    def fused_dq_columns(self, d: int) -> int:
+        """Columns of the dQ part each dK/dV warpgroup computes with the fused dQ (flash_bwd_sm90.cu,
+        FusedDq): all D when the query tile has a 64-row part per warpgroup, else D / warpgroups."""
+        if self.dkdv_block_m == 64 * self.dkdv_warpgroups:
+            return d
+        return d // self.dkdv_warpgroups
 
     def dq_shared_bytes(self, d: int) -> int:
         bm, bn = self.dq_block_m, self.dq_block_n
@@ -77,11 +91,18 @@ def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
                         dq_block_n=64)
 
 
-def variant_dkdv(spec, tiles: Sm90BwdTiles) -> str:
+def fuses_dq(spec, tiles: Sm90BwdTiles) -> bool:
+    """Whether the dK/dV kernel also forms dQ (float32 adds in any order): for calls that do not
+    ask for ``deterministic``, where each warpgroup's dQ part is at least 64 columns wide (the
+    narrowest wgmma tile the kernels instantiate)."""
+    return not spec.deterministic and tiles.fused_dq_columns(spec.shapes.d) >= 64
+
+
+def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dkdv", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.has_dropout, spec.float32_grads),
+        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq),
     )
 
 
@@ -121,39 +142,42 @@ def supports(spec, arrays) -> str | None:
 def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     """The backward launches (a ``mma_backward.BackwardLaunch``) for this spec and the layout of
     4-D (B, H, N, D) CuPy views ``arrays`` = (q, k, v, dout, out, dq, dk, dv); see
-    docs/internals.md. The caller checks ``supports()`` first. Always deterministic (no
-    atomics): every gradient element is written by exactly one thread block, whatever
-    ``spec.deterministic`` says."""
+    docs/internals.md and the module docstring for the two launch sequences. The caller checks
+    ``supports()`` first."""
     q, k, v, dout, out, dq, dk, dv = arrays
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     if d != dv_dim or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d, dropout=spec.has_dropout)
-    scratch = mma_backward.Scratch.of(spec, atomic_dq=False)
+    atomic_dq = fuses_dq(spec, tiles)
+    scratch = mma_backward.Scratch.of(spec, atomic_dq=atomic_dq)
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad)
 
-    # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view).
+    # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view), and the zeroed
+    # dQ accumulator of the fused dQ.
     launches = [mma_backward.preprocess_launch(
         args, spec, rows_pad=scratch.rows_pad, aligned=vector_aligned((out, dout), (dv_dim,)),
-        zero_dq=False)]
+        zero_dq=atomic_dq)]
 
-    # 2. dK, dV: one block per key tile; 3. dQ: one block per query tile.
-    kernels = (
-        (variant_dkdv, tiles.dkdv_block_m, tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d),
-         tiles.dkdv_warpgroups, True),
-        (variant_dq, tiles.dq_block_m, tiles.dq_block_n, tiles.dq_shared_bytes(d),
-         tiles.dq_warpgroups, False),
-    )
-    for variant, tile_m, tile_n, shared, warpgroups, by_key in kernels:
+    # 2. dK, dV (and the fused dQ): one block per key tile; 3. dQ: one block per query tile, or
+    # the accumulator's cast.
+    kernels = [(variant_dkdv(spec, tiles, atomic_dq=atomic_dq), tiles.dkdv_block_m,
+                tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d, atomic_dq=atomic_dq),
+                tiles.dkdv_warpgroups, True)]
+    if not atomic_dq:
+        kernels.append((variant_dq(spec, tiles), tiles.dq_block_m, tiles.dq_block_n,
+                        tiles.dq_shared_bytes(d), tiles.dq_warpgroups, False))
+    for expression, tile_m, tile_n, shared, warpgroups, by_key in kernels:
         m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
         index = tile_index(spec, tile_m, tile_n, by_key=by_key)
-        expression = variant(spec, tiles)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,
                             expression)
         launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared,
                                      args(m_tiles, n_tiles, index)))
+    if atomic_dq:
+        launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (d,))))
     return mma_backward.BackwardLaunch(scratch, tuple(launches))
 
 
@@ -173,6 +197,8 @@ def main_variants() -> list[tuple[str, str]]:
     for spec in spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout:
         tiles = default_tiles(spec.shapes.d, dropout=spec.has_dropout)
         out += [(SOURCE, variant_dkdv(spec, tiles)), (SOURCE, variant_dq(spec, tiles))]
+        if tiles.fused_dq_columns(spec.shapes.d) >= 64:
+            out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
     return list(dict.fromkeys(out))
 
 

@@ -25,6 +25,13 @@
 // GEMMs run, in the NumPy path's order: dV accumulates (P ∘ Z)ᵀ dO (P packed, then its dropped
 // halves cleared) and is scaled by the rescale once at the end; dP = (dO Vᵀ) ∘ Z · rescale and
 // dS = P ∘ (dP − Delta), as in flash_bwd.cu.
+//
+// ATOMIC_DQ: the dK/dV kernel also forms dQ, so the dq kernel is not launched: five GEMMs per
+// tile pair instead of seven. Each warpgroup writes its dSᵀ (bf16/f16) into a shared tile, and
+// after a barrier the block's dS (query rows × all BLOCK_N keys) times K lands in registers, one
+// 64-row by DQ_N-column part per warpgroup, which red.global.add adds into flash_bwd.cu's float32
+// dQ accumulator (zeroed by flash_bwd_pre, cast by flash_bwd_dq_convert). Float adds from several
+// blocks in any order: not bit-identical run to run, so deterministic calls take the dq kernel.
 #include "args.cuh"
 #include "arch/sm90_wgmma.cuh"
 
@@ -34,9 +41,53 @@
 
 
 // ---------------------------------------------------------------------------------------------
+// The dK/dV kernel's fused dQ (ATOMIC_DQ): how the BLOCK_M × D tile dS·K is dealt out to the WG
+// warpgroups, each computing 64 query rows × N columns over all 64·WG keys of the block. With
+// 64·WG query rows, warpgroup w takes rows 64w.. and every column; with 64, columns w·N.. .
+template <int D, int WG, int BLOCK_M>
+struct FusedDq {
+    static constexpr bool BY_ROWS = BLOCK_M == 64 * WG;
+    static constexpr int N = BY_ROWS ? D : D / WG;
+    static constexpr int BLOCK_N = 64 * WG;
+    __device__ static int row0(int wg) { return BY_ROWS ? 64 * wg : 0; }
+    __device__ static int col0(int wg) { return BY_ROWS ? 0 : N * wg; }
+    // A = dS read MN-major from the dSᵀ tile (keys are its rows, 64 queries per box): this
+    // warpgroup's rows are box row0 / 64. k16 steps are 16 key rows, 2048 bytes.
+    __device__ static u64 ds_desc(u32 sds, int wg) { return sw128_desc(sds + (row0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
+    // B = K read MN-major (K = keys, N = head-dim columns), from box col0 / 64 on.
+    __device__ static u64 k_desc(u32 sk, int wg) { return sw128_desc(sk + (col0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
+};
+
+// A warp's dSᵀ fragments (the A operands `df` of dK += dSᵀ Q: keys `row` and row + 8, queries
+// 16kk + 2t.. and 16kk + 8 + 2t..) into the 128-byte-swizzled dSᵀ tile of ROWS keys.
+template <int ROWS, int KM>
+__device__ __forceinline__ void store_ds_transposed(u32 sds, const u32 (&df)[KM][4], int row, int t) {
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = row + 8 * (i & 1), chunk = 2 * kk + (i >> 1);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sds + sw128_offset<ROWS>(r, chunk) + 4 * t),
+                         "r"(df[kk][i])
+                         : "memory");
+        }
+}
+
+// Adds an m64nN accumulator fragment (NB blocks of 8 columns; rows g and g + 8 of the warp) to
+// float32 rows of LD floats at `p` (this thread's first element).
+template <int NB, int LD>
+__device__ __forceinline__ void add_rows_f32(float* p, const float (&x)[NB][4]) {
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+        red_add_f32x2(p + 8 * j, x[j][0], x[j][1]);
+        red_add_f32x2(p + 8 * LD + 8 * j, x[j][2], x[j][3]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows.
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
-          bool F32_GRADS = false>
+          bool F32_GRADS = false, bool ATOMIC_DQ = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dkdv(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -48,6 +99,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     constexpr int KM = BLOCK_M / 16;           // k16 steps over the query tile
     static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
+    using DQ = FusedDq<D, WG, BLOCK_M>;
+    static_assert(!ATOMIC_DQ || DQ::N >= 64, "fused dQ needs parts of at least 64 columns");
 
     // Dynamic shared memory is only 16-byte aligned; the swizzle needs 1024 (the host adds 1 KB).
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -56,8 +109,9 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     const u32 sv = sk + KV_BYTES;
     const u32 sq = sv + KV_BYTES;         // two stages
     const u32 sdo = sq + 2 * QT_BYTES;    // two stages
+    const u32 sds = sdo + 2 * QT_BYTES;   // ATOMIC_DQ: dSᵀ, BLOCK_N keys × BLOCK_M queries
     // Per stage: lse2[BLOCK_M], then Delta[BLOCK_M].
-    float* rows = reinterpret_cast<float*>(smem_raw + (sdo + 2 * QT_BYTES - base));
+    float* rows = reinterpret_cast<float*>(smem_raw + (sds + (ATOMIC_DQ ? BLOCK_N * BLOCK_M * 2 : 0) - base));
 
     const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
@@ -179,12 +233,32 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         for (int kk = 0; kk < KM; ++kk)
             wgmma_rs<T, D, 1>(dk_acc, df[kk], desc_q_mn + st + ((u32)(kk * 2048) >> 4), 1);
         wgmma_commit();
+        if constexpr (ATOMIC_DQ) {  // dSᵀ into shared memory while dK runs
+            store_ds_transposed<BLOCK_N, KM>(sds, df, threadIdx.x / 32 * 16 + g, t);
+            fence_proxy_async_shared();
+            __syncthreads();  // both warpgroups' dSᵀ stored
+        }
         wgmma_wait<0>();
         // The register operands stay untouched until the products that read them have landed.
         reg_fence_frag(pf);
         reg_fence_frag(df);
         reg_fence(dv_acc);
         reg_fence(dk_acc);
+        if constexpr (ATOMIC_DQ) {
+            // dQ part = dS K, in the registers the Pᵀ and dSᵀ operands have just freed.
+            float dq[DQ::N / 2];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+                wgmma_ss<T, DQ::N, 1, 1>(dq, DQ::ds_desc(sds, wg) + ((u32)(kk * 2048) >> 4),
+                                         DQ::k_desc(sk, wg) + ((u32)(kk * 2048) >> 4), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            reg_fence(dq);
+            // The accumulator's rows are D floats here (a.dqk: D ∈ {64, 128} needs no padding).
+            const i64 r = ((i64)b * a.heads + walk.h) * a.rows_pad + m0 + DQ::row0(wg) + warp * 16 + g;
+            add_rows_f32<DQ::N / 8, D>(a.dq_accum + r * D + DQ::col0(wg) + 2 * t, as_blocks<DQ::N / 8>(dq));
+        }
 
         walk = ahead;
         m_tile = next_m_tile;
