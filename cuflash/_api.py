@@ -30,18 +30,31 @@ def _backend(xp):
     return kernels
 
 
+def _module_and_dtype(q, k, v) -> tuple[Any, numpy.dtype]:
+    """The array module and the dtype that q, k and v share (checked in that order)."""
+    arrays = {"q": q, "k": k, "v": v}
+    return _checks.common_module(arrays), _checks.check_dtypes(arrays)
+
+
+def _band_and_score_options(shapes, causal, scale, window,
+                            softcap) -> tuple[bool, float, tuple[int, int], float]:
+    """``(causal, scale, window, softcap)`` checked, in that order (the scale's default and the
+    softcap's check depend on the head dim and the scale)."""
+    causal = _checks.check_bool(causal, "causal")
+    scale = _checks.check_scale(scale, shapes.d)
+    window = _checks.check_window(window)
+    softcap = _checks.check_softcap(softcap, scale)
+    return causal, scale, window, softcap
+
+
 def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
           block_mask=None, deterministic=False, mask=None, dropout_p=0.0, dropout_seed=None,
           dropout_offset=0, grad_dtype=None) -> tuple[Any, AttentionSpec]:
     """Validate one call: the array module of the inputs and the spec every back end reads.
     The defaults are the public functions' (for callers of a back end's entry points)."""
-    xp = _checks.common_module({"q": q, "k": k, "v": v})
-    dtype = _checks.check_dtypes({"q": q, "k": k, "v": v})
+    xp, dtype = _module_and_dtype(q, k, v)
     shapes = _checks.attention_shapes(q, k, v)
-    causal = _checks.check_bool(causal, "causal")
-    scale = _checks.check_scale(scale, shapes.d)
-    window = _checks.check_window(window)
-    softcap = _checks.check_softcap(softcap, scale)
+    causal, scale, window, softcap = _band_and_score_options(shapes, causal, scale, window, softcap)
     _checks.check_block_mask(block_mask, shapes.nq, shapes.nk, shapes.hq)
     _checks.check_exact_mask(mask, block_mask, shapes.nq, shapes.nk, shapes.hq)
     deterministic = _checks.check_bool(deterministic, "deterministic")
@@ -333,18 +346,14 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     """Validate one varlen call: the inputs' array module and the spec (with its
     ``VarlenLayout``). Offsets are read back to the host and checked unless ``check_offsets`` is
     False for CuPy offsets (NumPy offsets are always checked: it costs no synchronisation)."""
-    xp = _checks.common_module({"q": q, "k": k, "v": v})
-    dtype = _checks.check_dtypes({"q": q, "k": k, "v": v})
+    xp, dtype = _module_and_dtype(q, k, v)
     check_offsets = _checks.check_bool(check_offsets, "check_offsets")
     _checks.check_offset_arrays(cu_seqlens_q, cu_seqlens_k, xp, device_of=q)
     max_q = _checks.check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     shapes = _checks.varlen_shapes(q, k, v, cu_seqlens_q.shape[0] - 1, max_q, max_k)
     total_q, total_k = q.shape[0], k.shape[0]
-    causal = _checks.check_bool(causal, "causal")
-    scale = _checks.check_scale(scale, shapes.d)
-    window = _checks.check_window(window)
-    softcap = _checks.check_softcap(softcap, scale)
+    causal, scale, window, softcap = _band_and_score_options(shapes, causal, scale, window, softcap)
     deterministic = _checks.check_bool(deterministic, "deterministic")
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)

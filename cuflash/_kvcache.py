@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from . import _calls, _checks, _mask
+from . import _calls, _checks
 from ._kvcache_spec import KVCacheSpec, check_host_values, check_out, refuse_unsupported, validate
 
 NUMPY, DECODE, GENERIC = "numpy", "decode", "generic"
@@ -273,10 +273,8 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
         temporaries += [k, v]
         decode.append(k, v, k_cache, v_cache, before, block_table=table, cache_batch_idx=rows)
     target = out if out.strides[-1] == out.itemsize else xp.empty(spec.out_shape, spec.dtype)
-    # Sides that admit every key are cut down to the largest that matters (int32 in the kernel).
-    window = _mask.clamped_band(spec.sq, spec.capacity, *spec.window)
     decode.forward(q, k_cache, v_cache, before, target, lse, appended=spec.s_new, scale=spec.scale,
-                   causal=spec.causal, window=window, softcap=spec.softcap, alibi=spec.alibi,
+                   causal=spec.causal, window=spec.window, softcap=spec.softcap, alibi=spec.alibi,
                    block_table=table, cache_batch_idx=rows, num_splits=spec.num_splits)
     if target is not out:
         out[...] = target

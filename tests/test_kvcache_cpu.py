@@ -366,8 +366,8 @@ class FakeDecode:
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_decode_route_arguments(rng, seed, paged):
     """What the decode route hands the kernel: the lengths before the append to ``append`` and
-    to ``forward`` (with the count appended), the window cut to the problem, slopes as (B, Hq),
-    the options."""
+    to ``forward`` (with the count appended), the caller's window (the launcher cuts it to the
+    problem: ``test_decode_launch_band``), slopes as (B, Hq), the options."""
     case = make_case(rng, np, dtype=np.float16, b=2, sq=3, hq=4, hkv=2, d=16, lengths=[9, 9],
                      capacity=32, page_size=16 if paged else None, s_new=2, seqlens_as="int",
                      causal=True, window=(10**12, -1), softcap=4.0, alibi="heads")
@@ -378,7 +378,59 @@ def test_decode_route_arguments(rng, seed, paged):
     (_, before), (_, before_forward, options) = fake.calls
     np.testing.assert_array_equal(before, [9, 9])
     np.testing.assert_array_equal(before_forward, [9, 9])
-    assert options == dict(appended=2, scale=spec.scale, causal=True, window=(32, -1),
+    assert options == dict(appended=2, scale=spec.scale, causal=True, window=(10**12, -1),
                            softcap=4.0, num_splits=0)
     assert_kvcache_close(case, out, lse, f"seed={seed}")
     assert_cache_appended(case, f"seed={seed}")
+
+
+
+UNBOUNDED_BAND = 1 << 30  # cuflash.kernels.decode.UNBOUNDED_BAND
+
+
+@pytest.mark.parametrize("causal, window, sq, capacity, expected", [
+    (False, (-1, -1), 3, 32, (UNBOUNDED_BAND, UNBOUNDED_BAND)),
+    (True, (-1, -1), 3, 32, (UNBOUNDED_BAND, 0)),
+    (True, (-1, 5), 3, 32, (UNBOUNDED_BAND, 0)),
+    (False, (4, 2), 3, 32, (4, 2)),
+    (False, (10**12, 10**12), 3, 32, (32, 3)),
+    (True, (10**12, 10**12), 3, 32, (32, 0)),
+    (False, (33, 4), 3, 32, (32, 3)),
+    (False, (32, 3), 3, 32, (32, 3)),
+    (False, (0, 0), 16, 7, (0, 0)),
+    # past 2^30 keys, a side that admits them all is sent as 2^30 (like an unbounded one)
+    (False, (2**31 - 1, 2**31), 2, 256 * (2**22 + 8), (UNBOUNDED_BAND, 2)),
+    (False, (2**30 + 5, -1), 2, 256 * (2**22 + 8), (UNBOUNDED_BAND, UNBOUNDED_BAND)),
+], ids=str)
+def test_decode_launch_band(monkeypatch, causal, window, sq, capacity, expected):
+    """The band the decode launcher packs for the kernel (through a fake device): sides that
+    admit every key cut down to Sq and the capacity (``_mask.clamped_band``), an unbounded side
+    as 2^30, the mask variant bounded on the sides the caller's band is."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash._mask import UNBOUNDED, band
+    from cuflash.kernels import decode
+
+    device = FakeDevice(monkeypatch)
+    page = 256
+    q = cupy.empty((1, sq, 2, 64), np.float16)
+    if capacity % page:  # a contiguous cache
+        table = None
+        k_cache, v_cache = (cupy.empty((1, capacity, 1, 64), np.float16) for _ in range(2))
+    else:  # one page, listed capacity / page times
+        table = cupy.empty((1, capacity // page), np.int32)
+        k_cache, v_cache = (cupy.empty((1, page, 1, 64), np.float16) for _ in range(2))
+    decode._prepared.cache_clear()  # no launch prepared elsewhere, and none kept after
+    try:
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, block_table=table,
+                                       cache_seqlens=cupy.empty((1,), np.int32), causal=causal,
+                                       window=window, num_splits=1)
+    finally:
+        decode._prepared.cache_clear()
+    (launch,) = [x for x in device.take_launches() if x[0].startswith("flash_decode<")]
+    record = np.frombuffer(launch[4], decode.DECODE_ARGS)[0]
+    assert (int(record["window_left"]), int(record["window_right"])) == expected
+    assert (int(record["sq"]), int(record["capacity"])) == (sq, capacity)
+    bounded = (str(side != UNBOUNDED).lower() for side in band(window, causal))
+    assert "Mask<{}, {}, false>".format(*bounded) in launch[0]

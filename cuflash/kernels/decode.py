@@ -16,7 +16,7 @@ from typing import Any
 from . import _build
 from ._launch import (F32, I32, I64, PTR, PackedArgs, check_grid, element_strides, element_type,
                       make_struct_dtype, padded_head_dim, pointer, sm_count)
-from .._mask import LOG2E, UNBOUNDED, band
+from .._mask import LOG2E, UNBOUNDED, band, clamped_band
 
 SOURCE = "flash_decode.cu"
 WARPS = 4
@@ -142,9 +142,14 @@ def _mask_type(causal: bool, window) -> str:
     return _build.template_expression("Mask", left != UNBOUNDED, right != UNBOUNDED, False)
 
 
-def _kernel_band(causal: bool, window) -> tuple[int, int]:
-    left, right = band(tuple(window), causal)
-    return tuple(UNBOUNDED_BAND if x == UNBOUNDED else min(x, UNBOUNDED_BAND) for x in (left, right))
+def _kernel_band(causal: bool, window, sq: int, capacity: int) -> tuple[int, int]:
+    """``(window_left, window_right)`` as the kernel reads them: the band with sides that admit
+    every key cut down by ``_mask.clamped_band`` to the Sq query rows and the cache's capacity
+    (each taken as at most ``UNBOUNDED_BAND``, so that no side exceeds it), an unbounded side sent
+    as ``UNBOUNDED_BAND``."""
+    left, right = clamped_band(min(sq, UNBOUNDED_BAND), min(capacity, UNBOUNDED_BAND),
+                               *band(tuple(window), causal))
+    return tuple(UNBOUNDED_BAND if x == UNBOUNDED else x for x in (left, right))
 
 
 def variant(dtype, dqk: int, dvp: int, *, causal: bool, window, softcap: bool, alibi: bool,
@@ -224,7 +229,7 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     dqk, dvp, row_chunks, shared = geometry.dqk, geometry.dvp, geometry.row_chunks, geometry.shared
     capacity = _capacity(k_layout[0], table_layout[0] if paged else None)
     splits = num_splits or geometry.auto_splits(capacity, device_id)
-    left, right = _kernel_band(causal, window)
+    left, right = _kernel_band(causal, window, sq, capacity)
     values = dict(
         **_stride_fields("q", q_strides), **_stride_fields("o", o_layout[1]),
         **_stride_fields("k", k_strides), **_stride_fields("v", v_layout[1]),

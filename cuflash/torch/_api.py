@@ -77,10 +77,10 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     ``window``, ``softcap`` and ``alibi_slopes`` raise ``NotImplementedError`` when the installed
     cuflash core does not have them; at their defaults they are never passed on.
     """
-    out, lse = _attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                          alibi_slopes=alibi_slopes, block_mask=_one_mask(block_mask, mask),
-                          deterministic=deterministic, seq_major=False, dropout_p=dropout_p,
-                          dropout_seed=dropout_seed, dropout_offset=dropout_offset)
+    out, lse, _ = _attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                             alibi_slopes=alibi_slopes, block_mask=_one_mask(block_mask, mask),
+                             deterministic=deterministic, seq_major=False, dropout_p=dropout_p,
+                             dropout_seed=dropout_seed, dropout_offset=dropout_offset)
     return (out, lse) if return_lse else out
 
 
@@ -123,19 +123,21 @@ def _one_mask(block_mask, mask):
 
 def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
                deterministic, seq_major, dropout_p, dropout_seed=None, dropout_offset=0):
+    """``(out, lse, dropout)`` of the forward operator, with ``dropout`` the
+    ``(dropout_p, seed tensor or None, dropout_offset)`` it ran with (``_dropout``)."""
     if alibi_slopes is None:
         _check_tensors(q=q, k=k, v=v)
     else:
         _check_tensors(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
     left, right = _window(window, "window")
     softcap = float(softcap)
-    dropout_p, dropout_seed, dropout_offset = _dropout(dropout_p, dropout_seed, dropout_offset)
-    _ops.check_options((left, right), softcap, alibi_slopes, dropout_p)
+    dropout = _dropout(dropout_p, dropout_seed, dropout_offset)
+    _ops.check_options((left, right), softcap, alibi_slopes, dropout[0])
     handle = _traced_mask_handle(block_mask)
-    return _ops.attention_forward(
+    out, lse = _ops.attention_forward(
         q, k, v, bool(causal), None if scale is None else float(scale), left, right, softcap,
-        alibi_slopes, handle, bool(seq_major), bool(deterministic), dropout_p, dropout_seed,
-        dropout_offset)
+        alibi_slopes, handle, bool(seq_major), bool(deterministic), *dropout)
+    return out, lse, dropout
 
 
 # ----------------------------------------------------------------------------- flash-attn
@@ -193,17 +195,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     """
     _check_bshd(q=q, k=k, v=v)
     q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    seed = None
-    if return_attn_probs and _checked_dropout_p(dropout_p) > 0:
-        seed = int(_ops.draw_seed())  # one seed for the call and for S_dmask
     options = dict(causal=causal, scale=softmax_scale, window=window_size, softcap=softcap,
                    alibi_slopes=alibi_slopes)
-    out, lse = _attention(q_, k_, v_, **options, block_mask=None, deterministic=deterministic,
-                          seq_major=True, dropout_p=dropout_p, dropout_seed=seed)
+    out, lse, (p, seed, _) = _attention(q_, k_, v_, **options, block_mask=None,
+                                        deterministic=deterministic, seq_major=True,
+                                        dropout_p=dropout_p)
     out = out.transpose(1, 2)
     if not return_attn_probs:
         return out
-    probs = _attn_probs(q_, k_, v_, **options, dropout_p=dropout_p, dropout_seed=seed)
+    # The rate and the very seed the operator ran with (drawn by _dropout when p > 0).
+    probs = _attn_probs(q_, k_, v_, **options, dropout_p=p,
+                        dropout_seed=None if seed is None else _ops.seed_value(seed))
     return out, lse.detach(), probs
 
 
@@ -321,9 +323,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise ValueError(f"query has {hq} heads and key {hkv}: pass enable_gqa=True for "
                          f"grouped-query attention")
     seq_major = query.stride(-3) < query.stride(-2)
-    out, _ = _attention(query, key, value, causal=is_causal, scale=scale, window=(-1, -1),
-                        softcap=0.0, alibi_slopes=None, block_mask=None, deterministic=False,
-                        seq_major=seq_major, dropout_p=dropout_p)
+    out, _, _ = _attention(query, key, value, causal=is_causal, scale=scale, window=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, block_mask=None, deterministic=False,
+                           seq_major=seq_major, dropout_p=dropout_p)
     return out
 
 

@@ -132,6 +132,12 @@ def seed_tensor(seed: int) -> torch.Tensor:
     return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
 
 
+def seed_value(seed: torch.Tensor) -> int:
+    """The seed, an int in [0, 2**64), that a ``seed_tensor`` carries: what the operators pass on
+    to the core."""
+    return int(seed) % 2**64
+
+
 def draw_seed() -> torch.Tensor:
     """A fresh seed, in [0, 2**63 - 1), from torch's CPU default generator
     (``torch.default_generator``, which ``torch.manual_seed`` seeds) whatever the device of the
@@ -145,7 +151,7 @@ def _dropout_options(dropout_p, dropout_seed, dropout_offset) -> dict:
     the call without it)."""
     if dropout_p == 0.0:
         return {}
-    seed = None if dropout_seed is None else int(dropout_seed) % 2**64
+    seed = None if dropout_seed is None else seed_value(dropout_seed)
     return dict(dropout_p=dropout_p, dropout_seed=seed, dropout_offset=dropout_offset)
 
 
