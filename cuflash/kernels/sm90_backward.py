@@ -7,7 +7,8 @@ are whole tiles). Everything else belongs to ``mma_backward``.
 Two launch sequences, both starting with ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2
 lse, padded rows):
 - default (``deterministic=False``): ``flash_bwd_sm90_dkdv`` with the fused dQ (dK, dV, and dS·K
-  added into a float32 dQ accumulator that flash_bwd_pre zeroes), then ``flash_bwd_dq_convert``.
+  added by bulk reduce-adds into a float32 dQ accumulator that flash_bwd_pre zeroes), then
+  ``flash_bwd_dq_convert``.
   Five GEMMs per tile pair; the float adds of several blocks land in any order.
 - ``deterministic=True``: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ, with S
   and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two blocks, so
@@ -63,11 +64,12 @@ class Sm90BwdTiles:
         return 64 * self.dq_warpgroups
 
     def dkdv_shared_bytes(self, d: int, *, atomic_dq: bool = False) -> int:
-        # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile,) two stages of lse2 + Delta,
-        # 1 KB for the 1024-byte alignment.
+        # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile and the staging rows of its dQ
+        # parts, 64 rows of columns + 8 floats per warpgroup,) two stages of lse2 + Delta, (two
+        # scratch-row indices,) 1 KB for the 1024-byte alignment.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
-        ds = 2 * bn * bm if atomic_dq else 0
-        return 2 * d * (2 * bn + 4 * bm) + ds + 4 * 4 * bm + 1024
+        fused = 2 * bn * bm + self.dkdv_warpgroups * 64 * (self.fused_dq_columns(d) + 8) * 4 + 16
+        return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + 4 * 4 * bm + 1024
 
     def fused_dq_columns(self, d: int) -> int:
         """Columns of the dQ part each dK/dV warpgroup computes with the fused dQ (flash_bwd_sm90.cu,

@@ -29,11 +29,14 @@
 // ATOMIC_DQ: the dK/dV kernel also forms dQ, so the dq kernel is not launched: five GEMMs per
 // tile pair instead of seven. Each warpgroup writes its dSᵀ (bf16/f16) into a shared tile, and
 // after a barrier the block's dS (query rows × all BLOCK_N keys) times K lands in registers, one
-// 64-row by DQ_N-column part per warpgroup, which red.global.add adds into flash_bwd.cu's float32
-// dQ accumulator (zeroed by flash_bwd_pre, cast by flash_bwd_dq_convert). Float adds from several
-// blocks in any order: not bit-identical run to run, so deterministic calls take the dq kernel.
+// 64-row by DQ_N-column part per warpgroup. Each warp stages its 16 rows of it in shared memory
+// and hands them to the TMA unit as bulk float32 reduce-adds into flash_bwd.cu's dQ accumulator
+// (zeroed by flash_bwd_pre, cast by flash_bwd_dq_convert): whole 256-byte rows, where an 8-byte
+// red.global.add per thread and pair cost an L2 request per 32-byte sector (1,536 per tile pair
+// at D = 128). Float adds from several blocks in any order: not bit-identical run to run, so
+// deterministic calls take the dq kernel.
 #include "args.cuh"
-#include "arch/sm90_wgmma.cuh"
+#include "arch/sm90_tma.cuh"
 
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "flash_bwd_sm90.cu needs the sm_90a target (-arch=sm_90a)"
@@ -56,6 +59,10 @@ struct FusedDq {
     __device__ static u64 ds_desc(u32 sds, int wg) { return sw128_desc(sds + (row0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
     // B = K read MN-major (K = keys, N = head-dim columns), from box col0 / 64 on.
     __device__ static u64 k_desc(u32 sk, int wg) { return sw128_desc(sk + (col0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
+    // Staging rows of the part in shared memory: N floats and 8 of padding, so that the 8-byte
+    // stores of a half-warp (rows g = 0..3, 8 floats each) hit 32 different banks.
+    static constexpr int STAGE_LD = N + 8;
+    static constexpr int STAGE_BYTES = WG * 64 * STAGE_LD * 4;
 };
 
 // A warp's dSᵀ fragments (the A operands `df` of dK += dSᵀ Q: keys `row` and row + 8, queries
@@ -73,14 +80,29 @@ __device__ __forceinline__ void store_ds_transposed(u32 sds, const u32 (&df)[KM]
         }
 }
 
-// Adds an m64nN accumulator fragment (NB blocks of 8 columns; rows g and g + 8 of the warp) to
-// float32 rows of LD floats at `p` (this thread's first element).
-template <int NB, int LD>
-__device__ __forceinline__ void add_rows_f32(float* p, const float (&x)[NB][4]) {
+// A warp's 16 rows of an m64nN float32 accumulator (NB blocks of 8 columns; this thread's rows
+// g and g + 8) added into global rows of LD floats starting at `dst` (the warp's first row and
+// the part's first column), through `stage` (the warp's 16 staging rows of STAGE_LD floats):
+// each of lanes 0..15 hands one row to the TMA unit as a bulk reduce-add. The lane first waits
+// until its previous row has been read, so the staging rows may be rewritten.
+template <int NB, int LD, int STAGE_LD>
+__device__ __forceinline__ void add_rows_by_bulk(float* dst, u32 stage, const float (&x)[NB][4], int lane) {
+    const int g = lane / 4, t = lane % 4;
+    if (lane < 16) bulk_wait_read();
+    __syncwarp();
 #pragma unroll
-    for (int j = 0; j < NB; ++j) {
-        red_add_f32x2(p + 8 * j, x[j][0], x[j][1]);
-        red_add_f32x2(p + 8 * LD + 8 * j, x[j][2], x[j][3]);
+    for (int j = 0; j < NB; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n"
+                         ::"r"(stage + ((g + 8 * half) * STAGE_LD + 8 * j + 2 * t) * 4),
+                         "f"(x[j][2 * half]), "f"(x[j][2 * half + 1])
+                         : "memory");
+    fence_proxy_async_shared();
+    __syncwarp();
+    if (lane < 16) {
+        bulk_reduce_add_f32(dst + lane * LD, stage + lane * STAGE_LD * 4, NB * 8 * 4);
+        bulk_commit();
     }
 }
 
@@ -109,9 +131,11 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     const u32 sv = sk + KV_BYTES;
     const u32 sq = sv + KV_BYTES;         // two stages
     const u32 sdo = sq + 2 * QT_BYTES;    // two stages
-    const u32 sds = sdo + 2 * QT_BYTES;   // ATOMIC_DQ: dSᵀ, BLOCK_N keys × BLOCK_M queries
-    // Per stage: lse2[BLOCK_M], then Delta[BLOCK_M].
-    float* rows = reinterpret_cast<float*>(smem_raw + (sds + (ATOMIC_DQ ? BLOCK_N * BLOCK_M * 2 : 0) - base));
+    const u32 sds = sdo + 2 * QT_BYTES;   // ATOMIC_DQ: dSᵀ, BLOCK_N keys × BLOCK_M queries,
+    const u32 sdq = sds + BLOCK_N * BLOCK_M * 2;  // then the dQ parts' staging rows
+    // Per stage: lse2[BLOCK_M], then Delta[BLOCK_M]; then the fused dQ's first scratch row per stage.
+    float* rows = reinterpret_cast<float*>(smem_raw + (ATOMIC_DQ ? sdq + DQ::STAGE_BYTES : sds) - base);
+    i64* scratch_row = reinterpret_cast<i64*>(rows + 4 * BLOCK_M);
 
     const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
@@ -127,6 +151,9 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         const i64 r = ((i64)b * a.heads + hh) * a.rows_pad + m0;
         load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M, a.lse2 + r);
         load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M + BLOCK_M, a.delta + r);
+        // The fused dQ's accumulator rows are the scratch rows: kept here rather than in a
+        // register through the tile (the kernel has none to spare).
+        if (ATOMIC_DQ && threadIdx.x == 0) scratch_row[stage] = r;
     };
 
     int m_tile = walk.valid() ? walk.m_tile() : 0;
@@ -256,8 +283,10 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
             wgmma_wait<0>();
             reg_fence(dq);
             // The accumulator's rows are D floats here (a.dqk: D ∈ {64, 128} needs no padding).
-            const i64 r = ((i64)b * a.heads + walk.h) * a.rows_pad + m0 + DQ::row0(wg) + warp * 16 + g;
-            add_rows_f32<DQ::N / 8, D>(a.dq_accum + r * D + DQ::col0(wg) + 2 * t, as_blocks<DQ::N / 8>(dq));
+            const i64 r = scratch_row[stage] + DQ::row0(wg) + warp * 16;
+            add_rows_by_bulk<DQ::N / 8, D, DQ::STAGE_LD>(a.dq_accum + r * D + DQ::col0(wg),
+                                                         sdq + (wg * 64 + warp * 16) * DQ::STAGE_LD * 4,
+                                                         as_blocks<DQ::N / 8>(dq), lane);
         }
 
         walk = ahead;
@@ -265,6 +294,9 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         stage ^= 1;
     }
     cp_async_wait<0>();
+    if constexpr (ATOMIC_DQ) {
+        if (lane < 16) bulk_wait();  // the staging rows stay until the last reduce-adds are done
+    }
 
     // dK·scale and dV, once; key tiles that no query sees write zeros.
     const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
