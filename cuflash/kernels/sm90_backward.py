@@ -13,8 +13,9 @@ lse, padded rows):
 - ``deterministic=True``: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ, with S
   and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two blocks, so
   results are bit-identical from run to run; scratch is lse2 and Delta only.
-The one call shape the fused dQ cannot tile (D = 64 with 64-row query tiles, the dropout tiles)
-runs the deterministic sequence whatever ``deterministic`` says.
+Calls where the fused dQ does not pay (``fused_dq_pays``: D = 64 with 64-row query tiles, the
+dropout tiles, which it cannot tile; D = 128 under a band, where it measured slower) run the
+deterministic sequence whatever ``deterministic`` says.
 """
 
 from __future__ import annotations
@@ -93,11 +94,19 @@ def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
                         dq_block_n=64)
 
 
+def fused_dq_pays(spec, tiles: Sm90BwdTiles) -> bool:
+    """Whether the fused dQ is the faster sequence for this call: each warpgroup's dQ part must be
+    at least 64 columns wide (the narrowest wgmma tile the kernels instantiate), and at D = 128
+    under a band (causal, window) the two-kernel sequence measured as fast or faster on an H200
+    (benchmarks/NOTES.md, b3)."""
+    d = spec.shapes.d
+    return tiles.fused_dq_columns(d) >= 64 and not (d == 128 and spec.banded)
+
+
 def fuses_dq(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether the dK/dV kernel also forms dQ (float32 adds in any order): for calls that do not
-    ask for ``deterministic``, where each warpgroup's dQ part is at least 64 columns wide (the
-    narrowest wgmma tile the kernels instantiate)."""
-    return not spec.deterministic and tiles.fused_dq_columns(spec.shapes.d) >= 64
+    ask for ``deterministic``, where it pays."""
+    return not spec.deterministic and fused_dq_pays(spec, tiles)
 
 
 def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
@@ -199,7 +208,7 @@ def main_variants() -> list[tuple[str, str]]:
     for spec in spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout:
         tiles = default_tiles(spec.shapes.d, dropout=spec.has_dropout)
         out += [(SOURCE, variant_dkdv(spec, tiles)), (SOURCE, variant_dq(spec, tiles))]
-        if tiles.fused_dq_columns(spec.shapes.d) >= 64:
+        if fused_dq_pays(spec, tiles):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
     return list(dict.fromkeys(out))
 
