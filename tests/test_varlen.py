@@ -238,10 +238,10 @@ def test_gpu_offsets_with_numpy_inputs_are_refused(rng):
 # ----------------------------------------------------------------------------- GPU host side
 
 def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
-    """On a compute-capability 9.0 device the Hopper TMA forward takes varlen calls and the
-    Hopper backward refuses them with its reason (sm80-mma runs it); with the Hopper families
-    switched off, sm80-mma's forward runs a VARLEN variant over a grid sized for the longest
-    sequence, reading the offsets' device pointers."""
+    """On a compute-capability 9.0 device the Hopper TMA forward and wgmma backward take varlen
+    calls, with VARLEN variants over grids sized for the longest sequence (the backward's fused
+    dQ where it pays: not at D = 128 under causal); with the Hopper families switched off,
+    sm80-mma runs both, reading the offsets' device pointers."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -257,9 +257,19 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     plan = kernels.plan("forward", spec, (q, k, v, q))
     assert plan.family.name == "sm90-tma" and not plan.passed_over
     backward_plan = kernels.plan("backward", spec, (q, k, v, q, q, q, k, v))
-    assert backward_plan.family.name == "sm80-mma"
-    assert [name for name, _ in backward_plan.passed_over] == ["sm90-wgmma"]
-    assert "attention_varlen" in backward_plan.passed_over[0][1]
+    assert backward_plan.family.name == "sm90-wgmma" and not backward_plan.passed_over
+    lse = device.empty((8, total), np.float32)
+    for causal, names in ((True, ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq"]),
+                          (False, ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_dq_convert"])):
+        cuflash.attention_varlen_backward(q, q, k, v, q, lse, cu, cu, 300, 300, causal=causal,
+                                          check_offsets=False)
+        launches = device.take_launches()
+        assert [launch[0].partition("<")[0] for launch in launches] == names
+        # The Hopper kernels' last flag is VARLEN; the fused dQ adds to flash_bwd_dq_convert's
+        # accumulator.
+        assert all(launch[0].endswith(", true>") for launch in launches[1:] if "sm90" in launch[0])
+        dkdv_grid = launches[1][1]
+        assert dkdv_grid == (-(-300 // 128) * 8 * 3,)  # key tiles of the longest × heads × B
 
     monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
     assert kernels.plan("forward", spec, (q, k, v, q)).family.name == "sm80-mma"
@@ -394,7 +404,8 @@ def test_gpu_plan_names_the_family(xp_gpu, rng):
     _, spec = _api._varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k)
     hopper = q.device.compute_capability == "90"
     assert kernels.plan("forward", spec, (q, k, v, q)).family.name == ("sm90-tma" if hopper else "sm80-mma")
-    assert kernels.plan("backward", spec, (q, k, v, q, q, q, k, v)).family.name == "sm80-mma"
+    assert kernels.plan("backward", spec, (q, k, v, q, q, q, k, v)).family.name == (
+        "sm90-wgmma" if hopper else "sm80-mma")
 
 
 @pytest.mark.gpu

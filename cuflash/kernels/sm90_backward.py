@@ -2,7 +2,8 @@
 
 Same entry point as ``mma_backward.backward``; ``supports()`` says whether a call can take this
 path (compute capability 9.0, D = Dv ∈ {64, 128}, 16-byte aligned rows, block masks whose blocks
-are whole tiles). Everything else belongs to ``mma_backward``.
+are whole tiles; packed variable-length sequences too, without dropout). Everything else belongs
+to ``mma_backward``.
 
 Two launch sequences, both starting with ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2
 lse, padded rows):
@@ -25,8 +26,7 @@ from dataclasses import dataclass
 
 from . import _build, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
-                      vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit,
-                      why_not_varlen)
+                      vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -113,7 +113,8 @@ def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dkdv", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq),
+        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq,
+                               spec.varlen is not None),
     )
 
 
@@ -121,7 +122,7 @@ def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dq", element_type(spec.dtype), spec.shapes.d, tiles.dq_warpgroups,
         tiles.dq_block_n, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.has_dropout, spec.float32_grads),
+        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, spec.varlen is not None),
     )
 
 
@@ -129,7 +130,7 @@ def supports(spec, arrays) -> str | None:
     """None when ``backward`` can run this call, else why not: a compute-capability 9.0 device,
     float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of
     every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
-    reason = why_not_dropout_kernel(spec) or why_not_varlen(spec, "Hopper wgmma backward")
+    reason = why_not_dropout_kernel(spec)
     if reason:
         return reason
     q = arrays[0]
@@ -152,12 +153,13 @@ def supports(spec, arrays) -> str | None:
 
 def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     """The backward launches (a ``mma_backward.BackwardLaunch``) for this spec and the layout of
-    4-D (B, H, N, D) CuPy views ``arrays`` = (q, k, v, dout, out, dq, dk, dv); see
-    docs/internals.md and the module docstring for the two launch sequences. The caller checks
-    ``supports()`` first."""
+    4-D (B, H, N, D) CuPy views ``arrays`` = (q, k, v, dout, out, dq, dk, dv) (a varlen call's are
+    packed (total, H, D): every grid covers the longest sequence); see docs/internals.md and the
+    module docstring for the two launch sequences. The caller checks ``supports()`` first."""
     q, k, v, dout, out, dq, dk, dv = arrays
-    batch, heads, nq, d = q.shape
-    kv_heads, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    s = spec.shapes
+    batch, heads, nq, d = s.b, s.hq, s.nq, s.d
+    kv_heads, nk, dv_dim = s.hkv, s.nk, s.dv
     if d != dv_dim or d not in HEAD_DIMS:
         raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d, dropout=spec.has_dropout)
@@ -201,11 +203,13 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles |
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import dropout_spec_grid, float32_grads_specs, spec_grid
+    from ._variants import dropout_spec_grid, float32_grads_specs, spec_grid, varlen_spec_grid
 
     dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS) if spec.shapes.d == spec.shapes.dv]
+    varlen = [spec for spec in varlen_spec_grid()
+              if spec.shapes.d == spec.shapes.dv and spec.shapes.d in HEAD_DIMS]
     out = []
-    for spec in spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout:
+    for spec in spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen:
         tiles = default_tiles(spec.shapes.d, dropout=spec.has_dropout)
         out += [(SOURCE, variant_dkdv(spec, tiles)), (SOURCE, variant_dq(spec, tiles))]
         if fused_dq_pays(spec, tiles):

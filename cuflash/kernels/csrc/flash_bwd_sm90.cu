@@ -20,6 +20,10 @@
 // gradient is ever accumulated by two thread blocks: results are bit-identical from run to run.
 //
 // Only D = Dv ∈ {64, 128} with 16-byte aligned rows; everything else runs flash_bwd.cu.
+// VARLEN: packed variable-length sequences, as in flash_bwd.cu (schedule.cuh, sequence_of): the
+// grids cover the longest sequence, each block offsets its rows by its sequence's first row,
+// builds its mask and score modifier from the sequence's lengths and exits before any barrier
+// when its tile lies past the sequence's end.
 // F32_GRADS: the gradients are stored as float32 (epilogue.cuh, grad_rows), as in flash_bwd.cu.
 // DROPOUT (dropout.cuh): the forward's mask Z is drawn again per tile while the tile's first two
 // GEMMs run, in the NumPy path's order: dV accumulates (P ∘ Z)ᵀ dO (P packed, then its dropped
@@ -109,7 +113,7 @@ __device__ __forceinline__ void add_rows_by_bulk(float* dst, u32 stage, const fl
 // ---------------------------------------------------------------------------------------------
 // dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows.
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
-          bool F32_GRADS = false, bool ATOMIC_DQ = false>
+          bool F32_GRADS = false, bool ATOMIC_DQ = false, bool VARLEN = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dkdv(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -140,15 +144,19 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
-    const MASK mask(a);
-    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, n_tile, hk);
+    const Sequence seq = sequence_of<VARLEN>(a, b);
+    if (VARLEN && n0 >= seq.nk) return;  // past this sequence's end (before any barrier)
+    const MASK mask(a, seq.nq, seq.nk);
+    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, n_tile, hk,
+                                               VARLEN ? (seq.nq + BLOCK_M - 1) / BLOCK_M : a.m_tiles);
 
     auto load_query_tile = [&](int hh, int tile, int stage) {
         const int m0 = tile * BLOCK_M;
-        load_tile_sw128<BLOCK_M, D, THREADS>(sq + stage * QT_BYTES, a.q + b * a.q_sb + hh * a.q_sh, a.q_sn, m0, a.nq);
-        load_tile_sw128<BLOCK_M, D, THREADS>(sdo + stage * QT_BYTES, a.dout + b * a.do_sb + hh * a.do_sh,
-                                             a.do_sn, m0, a.nq);
-        const i64 r = ((i64)b * a.heads + hh) * a.rows_pad + m0;
+        load_tile_sw128<BLOCK_M, D, THREADS>(sq + stage * QT_BYTES, a.q + b * a.q_sb + hh * a.q_sh + seq.q0 * a.q_sn,
+                                             a.q_sn, m0, seq.nq);
+        load_tile_sw128<BLOCK_M, D, THREADS>(sdo + stage * QT_BYTES,
+                                             a.dout + b * a.do_sb + hh * a.do_sh + seq.q0 * a.do_sn, a.do_sn, m0, seq.nq);
+        const i64 r = scratch_offset<VARLEN>(a, seq, b, hh) + m0;
         load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M, a.lse2 + r);
         load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M + BLOCK_M, a.delta + r);
         // The fused dQ's accumulator rows are the scratch rows: kept here rather than in a
@@ -158,8 +166,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
     int m_tile = walk.valid() ? walk.m_tile() : 0;
     if (walk.valid()) {
-        load_tile_sw128<BLOCK_N, D, THREADS>(sk, a.k + b * a.k_sb + hk * a.k_sh, a.k_sn, n0, a.nk);
-        load_tile_sw128<BLOCK_N, D, THREADS>(sv, a.v + b * a.v_sb + hk * a.v_sh, a.v_sn, n0, a.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sk, a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn, a.k_sn, n0, seq.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sv, a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn, a.v_sn, n0, seq.nk);
         load_query_tile(walk.h, m_tile, 0);
     }
     cp_async_commit();
@@ -190,7 +198,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
     int stage = 0;
     while (walk.valid()) {
-        const MOD mod(a, b, walk.h);
+        const MOD mod(a, b, walk.h, seq.nq, seq.nk);
         const DropoutMask drop(a, b, walk.h);
         const int m0 = m_tile * BLOCK_M;
         cp_async_wait<0>();
@@ -301,16 +309,16 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     // dK·scale and dV, once; key tiles that no query sees write zeros.
     const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
     const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {dv_scale, dv_scale};
-    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh, a.gk_sn, a.nk, D,
-                        as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
-    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh, a.gv_sn, a.nk, D,
-                        as_blocks<D / 8>(dv_acc), key_row0 + g, 0, t, dv_factor);
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
+                        seq.nk, D, as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn, a.gv_sn,
+                        seq.nk, D, as_blocks<D / 8>(dv_acc), key_row0 + g, 0, t, dv_factor);
 }
 
 // ---------------------------------------------------------------------------------------------
 // dQ for one query tile of BLOCK_M = 64·WG rows; key tiles of BLOCK_N keys, double-buffered.
 template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD, bool DROPOUT = false,
-          bool F32_GRADS = false>
+          bool F32_GRADS = false, bool VARLEN = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
@@ -333,19 +341,22 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int hk = h / a.group;
     const int m0 = m_tile * BLOCK_M;
-    const MASK mask(a);
-    const MOD mod(a, b, h);
+    const Sequence seq = sequence_of<VARLEN>(a, b);
+    if (VARLEN && m0 >= seq.nq) return;  // past this sequence's end (before any barrier)
+    const MASK mask(a, seq.nq, seq.nk);
+    const MOD mod(a, b, h, seq.nq, seq.nk);
     const DropoutMask drop(a, b, h);
     const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
     const int n_count = key_tile.count;
 
-    const u16* k = a.k + b * a.k_sb + hk * a.k_sh;
-    const u16* v = a.v + b * a.v_sb + hk * a.v_sh;
+    const u16* k = a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn;
+    const u16* v = a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn;
     if (n_count > 0) {
-        load_tile_sw128<BLOCK_M, D, THREADS>(sq, a.q + b * a.q_sb + h * a.q_sh, a.q_sn, m0, a.nq);
-        load_tile_sw128<BLOCK_M, D, THREADS>(sdo, a.dout + b * a.do_sb + h * a.do_sh, a.do_sn, m0, a.nq);
-        load_tile_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile[0] * BLOCK_N, a.nk);
-        load_tile_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile[0] * BLOCK_N, a.nk);
+        load_tile_sw128<BLOCK_M, D, THREADS>(sq, a.q + b * a.q_sb + h * a.q_sh + seq.q0 * a.q_sn, a.q_sn, m0, seq.nq);
+        load_tile_sw128<BLOCK_M, D, THREADS>(sdo, a.dout + b * a.do_sb + h * a.do_sh + seq.q0 * a.do_sn, a.do_sn, m0,
+                                             seq.nq);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile[0] * BLOCK_N, seq.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile[0] * BLOCK_N, seq.nk);
     }
     cp_async_commit();
 
@@ -355,14 +366,15 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     const int g = lane / 4, t = lane % 4;
     const int warp_row0 = m0 + wg * 64 + warp * 16;
 
-    // lse2 and Delta of the two rows this thread holds (padded scratch; beyond it, an empty row).
+    // lse2 and Delta of the two rows this thread holds (padded scratch; beyond it, an empty row;
+    // a sequence's scratch rows are padded to a multiple of the tile).
     float lse2[2], delta[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = warp_row0 + g + half * 8;
-        const i64 idx = ((i64)b * a.heads + h) * a.rows_pad + row;
-        lse2[half] = row < a.rows_pad ? a.lse2[idx] : INFINITY;
-        delta[half] = row < a.rows_pad ? a.delta[idx] : 0.f;
+        const i64 idx = scratch_offset<VARLEN>(a, seq, b, h) + row;
+        lse2[half] = VARLEN || row < a.rows_pad ? a.lse2[idx] : INFINITY;
+        delta[half] = VARLEN || row < a.rows_pad ? a.delta[idx] : 0.f;
     }
 
     // S = Q Kᵀ, dP = dO Vᵀ exactly as the forward's Q·Kᵀ; dQ += dS K reads K MN-major exactly as
@@ -387,8 +399,8 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         __syncthreads();  // K_j, V_j visible; every warpgroup is done with the other stage
         if (j + 1 < n_count) {
             const int next = key_tile[j + 1] * BLOCK_N;
-            load_tile_sw128<BLOCK_N, D, THREADS>(sk + (stage ^ 1) * KV_BYTES, k, a.k_sn, next, a.nk);
-            load_tile_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, a.nk);
+            load_tile_sw128<BLOCK_N, D, THREADS>(sk + (stage ^ 1) * KV_BYTES, k, a.k_sn, next, seq.nk);
+            load_tile_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, seq.nk);
         }
         cp_async_commit();
 
@@ -437,6 +449,6 @@ flash_bwd_sm90_dq(const BwdArgs a) {
 
     // dQ·scale, once; rows that see no key write zeros.
     const float dq_factor[2] = {a.scale, a.scale};
-    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh, a.gq_sn, a.nq, D,
-                        as_blocks<D / 8>(dq_acc), warp_row0 + g, 0, t, dq_factor);
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn, a.gq_sn,
+                        seq.nq, D, as_blocks<D / 8>(dq_acc), warp_row0 + g, 0, t, dq_factor);
 }
