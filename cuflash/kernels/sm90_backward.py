@@ -9,8 +9,10 @@ Two launch sequences, both starting with ``flash_bwd_pre`` from flash_bwd.cu (De
 lse, padded rows):
 - default (``deterministic=False``): ``flash_bwd_sm90_dkdv`` with the fused dQ (dK, dV, and dS·K
   added by bulk reduce-adds into a float32 dQ accumulator that flash_bwd_pre zeroes), then
-  ``flash_bwd_dq_convert``.
-  Five GEMMs per tile pair; the float adds of several blocks land in any order.
+  ``flash_bwd_dq_convert``. Five GEMMs per tile pair; the float adds of several blocks land in
+  any order. Scratch is that of the mma path's default, ``mma_backward.workspace_bytes``: lse2,
+  Delta and the accumulator, 4·D bytes per query row and head (256 MiB at B = 1, Hq = 16,
+  Nq = 64K, D = 64).
 - ``deterministic=True``: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ, with S
   and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two blocks, so
   results are bit-identical from run to run; scratch is lse2 and Delta only.
