@@ -1,7 +1,8 @@
 // FlashAttention backward for Hopper (sm_90a): warpgroup MMA (wgmma) with operands in shared memory.
 //
 // Two kernels after flash_bwd_pre (flash_bwd.cu: Delta = rowsum(dO∘O), lse2 = lse·log2 e with
-// +inf for rows that attend to nothing and in the padding up to rows_pad):
+// +inf for rows that attend to nothing and in the padding up to rows_pad), the deterministic
+// sequence; by default the first also forms dQ and the second does not run (ATOMIC_DQ below):
 //
 //   flash_bwd_sm90_dkdv  one thread block per BLOCK_N = 64·WG keys of one (batch, key/value head);
 //                        warpgroup w owns 64 of them (the M extent of one wgmma). Keys are the

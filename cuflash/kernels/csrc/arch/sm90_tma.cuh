@@ -1,6 +1,6 @@
-// sm_90a pieces of a warp-specialised kernel: tensor-memory-accelerator (TMA) copies, the
-// mbarriers that say when they have landed or when a buffer may be refilled, and the register
-// hand-over between producer and consumer warpgroups.
+// sm_90a pieces of a warp-specialised kernel: tensor-memory-accelerator (TMA) copies and bulk
+// reduce-adds, the mbarriers that say when copies have landed or when a buffer may be refilled,
+// and the register hand-over between producer and consumer warpgroups.
 #pragma once
 #include "arch/sm90_wgmma.cuh"
 
