@@ -161,14 +161,8 @@ __device__ __forceinline__ bool kept(const u32 (&keep)[W], int j, int i) { retur
 // one lane run one after the other (unroll 1: unrolled, the scheduler interleaves the Philox
 // calls and their registers add up).
 
-// The keep bits of NT consecutive P blocks of a thread (block j at key col0 + 8j, col0 a multiple
-// of 16) in bits 4j .. 4j + 3 of one word.
-template <int NT>
-__device__ __forceinline__ u32 keep_bits(const DropoutMask& mask, int row0, int col0, int lane) {
-    return mask.template keys_along_columns<NT>(row0, col0, lane);
-}
-
-// The keep bits of MT 16-row slabs (slab mt at rows row0 + 16·mt) of NT ≤ 8 blocks each, drawn
+// The keep bits of MT 16-row slabs (slab mt at rows row0 + 16·mt) of NT ≤ 8 blocks each (block
+// j at key col0 + 8j, col0 a multiple of 16, in bits 4j .. 4j + 3 of the slab's word), drawn
 // slab after slab: unrolled, the slabs' Philox calls interleave and their registers add up, so a
 // 64-bit word carries the bits out of a loop that is not.
 template <int MT, int NT>
@@ -177,7 +171,8 @@ __device__ __forceinline__ void slab_keep_bits(u32 (&keep)[MT][1], const Dropout
     static_assert(MT <= 2, "keep bits of at most two slabs in one 64-bit word");
     u64 slabs = 0;
 #pragma unroll 1
-    for (int mt = 0; mt < MT; ++mt) slabs |= u64(keep_bits<NT>(mask, row0 + 16 * mt, col0, lane)) << (32 * mt);
+    for (int mt = 0; mt < MT; ++mt)
+        slabs |= u64(mask.template keys_along_columns<NT>(row0 + 16 * mt, col0, lane)) << (32 * mt);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) keep[mt][0] = u32(slabs >> (32 * mt));
 }
