@@ -166,3 +166,31 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
                              else ", ScoreMod<false, false>, false, false, true>")
         accum = np.frombuffer(launches[1][4], _launch.BWD_ARGS)[0]["dq_accum"]
         assert (accum == 0) == two_kernels
+
+
+def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
+    """kernel_plan's plans name the tiles of the Hopper TMA forward and the launch sequence of
+    the backward, including whether its gradients are bit-identical run to run."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q, q, q)
+    assert plan.forward.detail == ("192-row query tiles against 128-key tiles, "
+                                   "3 consumer warpgroups taking turns")
+    assert "  runs 192-row query tiles" in str(plan)
+    fused = "the dK/dV kernel forming dQ too (float32 adds in any order: not bit-identical run to run)"
+    two_kernels = "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
+    assert plan.backward.detail == fused
+    assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == two_kernels
+    wide = device.empty((1, 2, 128, 128), ml_dtypes.bfloat16)
+    assert cuflash.kernel_plan(wide, wide, wide, causal=True).backward.detail == two_kernels
+
+    device = FakeDevice(monkeypatch, compute_capability="80")
+    q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q, q, q)
+    assert plan.forward.detail == ""
+    assert plan.backward.detail == ("the dK/dV kernel adding dQ by float32 atomics (in any order: "
+                                    "not bit-identical run to run)")
+    assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == two_kernels

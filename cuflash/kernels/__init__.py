@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import _checks
 
@@ -75,10 +75,20 @@ class Plan:
     pass_name: str
     family: Family | None
     passed_over: tuple[tuple[str, str], ...]
+    spec: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def detail(self) -> str:
+        """How the chosen family runs this call (its launcher's ``describe_call``: tiles, launch
+        sequence), or "" when it says nothing more. Worked out when asked, not per call."""
+        describe_call = getattr(self.family.launcher(), "describe_call", None) if self.family else None
+        return describe_call(self.spec) if describe_call else ""
 
     def describe(self) -> str:
         chosen = self.family.name if self.family else "none"
         lines = [f"{self.pass_name}: {chosen}" + (f" ({self.family.summary})" if self.family else "")]
+        if self.detail:
+            lines.append(f"  runs {self.detail}")
         lines += [f"  passed over {name}: {reason}" for name, reason in self.passed_over]
         return "\n".join(lines)
 
@@ -89,9 +99,9 @@ def plan(pass_name: str, spec, arrays) -> Plan:
     for family in REGISTRY[pass_name]:
         reason = family.why_not(spec, arrays)
         if reason is None:
-            return Plan(pass_name, family, tuple(passed_over))
+            return Plan(pass_name, family, tuple(passed_over), spec)
         passed_over.append((family.name, reason))
-    return Plan(pass_name, None, tuple(passed_over))
+    return Plan(pass_name, None, tuple(passed_over), spec)
 
 
 def _chosen(pass_name: str, spec, arrays) -> Family:

@@ -258,6 +258,13 @@ def tiles_for(spec) -> BwdTiles:
                          exact=spec.exact_mask is not None, dropout=spec.has_dropout)
 
 
+def describe_call(spec) -> str:
+    """The launch sequence this call runs (``cuflash.kernel_plan``)."""
+    if spec.deterministic:
+        return "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
+    return "the dK/dV kernel adding dQ by float32 atomics (in any order: not bit-identical run to run)"
+
+
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: any 16-bit call on sm_80+ whose block
     mask (if any) has blocks the tiles divide, packed variable-length sequences and dropout
@@ -481,5 +488,5 @@ def main_variants() -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-__all__ = ["backward", "prepare_backward", "supports", "BwdTiles", "default_tiles", "tiles_for", "workspace_bytes",
+__all__ = ["backward", "prepare_backward", "supports", "describe_call", "BwdTiles", "default_tiles", "tiles_for", "workspace_bytes",
            "main_variants"]

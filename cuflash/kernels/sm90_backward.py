@@ -111,6 +111,13 @@ def fuses_dq(spec, tiles: Sm90BwdTiles) -> bool:
     return not spec.deterministic and fused_dq_pays(spec, tiles)
 
 
+def describe_call(spec) -> str:
+    """The launch sequence this call runs (``cuflash.kernel_plan``)."""
+    if fuses_dq(spec, default_tiles(spec.shapes.d, dropout=spec.has_dropout)):
+        return "the dK/dV kernel forming dQ too (float32 adds in any order: not bit-identical run to run)"
+    return "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
+
+
 def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dkdv", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
@@ -219,4 +226,4 @@ def main_variants() -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-__all__ = ["backward", "prepare_backward", "supports", "main_variants", "Sm90BwdTiles", "default_tiles", "ARCH"]
+__all__ = ["backward", "prepare_backward", "supports", "describe_call", "main_variants", "Sm90BwdTiles", "default_tiles", "ARCH"]

@@ -104,6 +104,17 @@ def tiles_for(spec) -> TmaTiles:
     return None
 
 
+def describe_call(spec) -> str:
+    """The tile shape this call runs with (``cuflash.kernel_plan``)."""
+    tiles = tiles_for(spec)
+    if tiles is None:
+        return ""
+    return (f"{tiles.block_m}-row query tiles against {tiles.block_n}-key tiles, "
+            f"{tiles.consumers} consumer warpgroups"
+            + (" taking turns" if tiles.pingpong else "")
+            + (", one thread block per SM" if tiles.persistent else ""))
+
+
 def variant(spec, tiles: TmaTiles) -> str:
     """The kernel's template expression; its defaulted flags VARLEN and DROPOUT are spelled only
     up to the last true one (_build.trailing_flags)."""
@@ -202,5 +213,5 @@ def main_variants() -> list[tuple[str, str]]:
     return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs))
 
 
-__all__ = ["forward", "prepare_forward", "supports", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",
+__all__ = ["forward", "prepare_forward", "supports", "describe_call", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",
            "variant", "ARCH"]
