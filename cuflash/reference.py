@@ -46,11 +46,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
               alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows,
               dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
-    q64, k64, v64 = (x.astype(xp.float64) for x in (c.q, c.k, c.v))
-    s, _ = c.logits(q64 @ _repeat_heads(k64, c.shapes).swapaxes(-1, -2), c.scale)
-    s = _apply_mask(s, c.keep)
-    lse = _logsumexp(s, xp)
-    out = c.dropped(_softmax(s, lse, xp)) @ _repeat_heads(v64, c.shapes)
+    probs, lse = _probs64(c)
+    out = c.dropped(probs) @ _repeat_heads(c.v.astype(xp.float64), c.shapes)
     return c.squeeze(out), c.squeeze(_broadcast_rows(lse, out, xp))
 
 
@@ -64,14 +61,21 @@ def attention_probs(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
     c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
               alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows,
               dropout=(dropout_p, dropout_seed, dropout_offset))
+    probs, _ = _probs64(c)
+    if c.dropout_keep is not None:
+        probs = c.xp.where(c.dropout_keep, probs, -probs)
+    return c.squeeze(probs)
+
+
+def _probs64(c):
+    """``(P, lse)`` of a call in float64: the masked, modified scores' softmax (before dropout)
+    and its log-sum-exp."""
     xp = c.xp
     q64, k64 = (x.astype(xp.float64) for x in (c.q, c.k))
     s, _ = c.logits(q64 @ _repeat_heads(k64, c.shapes).swapaxes(-1, -2), c.scale)
     s = _apply_mask(s, c.keep)
-    probs = _softmax(s, _logsumexp(s, xp), xp)
-    if c.dropout_keep is not None:
-        probs = xp.where(c.dropout_keep, probs, -probs)
-    return c.squeeze(probs)
+    lse = _logsumexp(s, xp)
+    return _softmax(s, lse, xp), lse
 
 
 def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,

@@ -87,8 +87,9 @@ class Plan:
     def describe(self) -> str:
         chosen = self.family.name if self.family else "none"
         lines = [f"{self.pass_name}: {chosen}" + (f" ({self.family.summary})" if self.family else "")]
-        if self.detail:
-            lines.append(f"  runs {self.detail}")
+        detail = self.detail
+        if detail:
+            lines.append(f"  runs {detail}")
         lines += [f"  passed over {name}: {reason}" for name, reason in self.passed_over]
         return "\n".join(lines)
 

@@ -28,7 +28,7 @@
     u32 drop_seed_lo;    /* Philox key: seed mod 2^32 */                                        \
     u32 drop_seed_hi;    /* ... and seed div 2^32 */                                            \
     u32 drop_offset;     /* Philox counter word 3 */                                            \
-    float drop_rescale;  /* float32(1 / (1 - p)): 1 without dropout */
+    float drop_rescale;  /* float32 _dropout.rescale(p): 1 without dropout */
 
 __device__ __forceinline__ uint4 philox4x32_10(uint4 c, u32 k0, u32 k1) {
     constexpr u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
