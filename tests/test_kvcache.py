@@ -140,15 +140,17 @@ def test_rows_that_see_no_key(xp_gpu, rng, seed, decode_calls):
 
 
 def test_num_splits(xp_gpu, rng, seed, decode_calls):
-    """No split and the automatic split count both pass the rule and agree within it."""
+    """No split, the automatic split count and others (45: the combine kernel takes splits 32 at
+    a time, 8 by 8) all pass the rule and agree within it."""
     case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=len(LENGTHS), sq=1, hq=32, hkv=8,
                      d=128, lengths=LENGTHS, capacity=CAPACITY)
     out_one, lse_one = run(case, seed, num_splits=1)
     out_auto, lse_auto = run(case, seed, num_splits=0)
     out_many, _ = run(case, seed, num_splits=7)
+    out_over_32, _ = run(case, seed, num_splits=45)
     _, _, naive_errors = expected(case)
     bound = allowed(max(e[0] for e in naive_errors if e is not None))
-    for other in (out_auto, out_many):
+    for other in (out_auto, out_many, out_over_32):
         difference = float(abs(to_host(out_one).astype(np.float64)
                                - to_host(other).astype(np.float64)).max())
         assert difference <= bound, f"num_splits: {difference:.3g} > {bound:.3g}; seed={seed}"

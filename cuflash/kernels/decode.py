@@ -26,6 +26,7 @@ UNBOUNDED_BAND = 1 << 30  # an unbounded band side, in the kernels' int32 arithm
 BLOCKS_PER_SM = 2  # resident decode blocks per SM the split count aims to fill
 MIN_SPLIT_TILES = 4  # fewer key tiles per split would spend more on merging than it saves
 MAX_SPLITS = 128
+COMBINE_COLUMNS = 32  # output columns per warp of decode_combine (DECODE_COMBINE_COLUMNS)
 SHARED_LIMIT = 110 * 1024  # per block: two blocks per SM on Hopper (at D, Dv <= 128)
 
 DECODE_ARGS = make_struct_dtype(
@@ -183,6 +184,11 @@ class DecodeLaunch:
     rows: int  # batch rows × query heads × query positions
     dv: int
 
+    @property
+    def combine_warps(self) -> int:
+        """decode_combine's warps: one per row and COMBINE_COLUMNS output columns."""
+        return self.rows * -(-self.dv // COMBINE_COLUMNS)
+
     def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx) -> None:
         import cupy
 
@@ -195,7 +201,7 @@ class DecodeLaunch:
             alibi)))
         self.kernel((self.blocks,), (WARPS * 32,), (args,), shared_mem=self.shared)
         if self.splits > 1:
-            self.combine((-(-self.rows // 4),), (128,), (args,))
+            self.combine((-(-self.combine_warps // 4),), (128,), (args,))
             from .._calls import keep_alive_with, stream_capturing
 
             if stream_capturing():  # the graph's replays write the workspace
@@ -248,9 +254,10 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     kernel.preferred_shared_memory_carveout = 100
     combine = _build.get_function(SOURCE, _combine_variant(dtype)) if splits > 1 else None
     blocks = check_grid(splits * geometry.blocks_per_split, "the decode kernel")
-    check_grid(batch * heads * sq, "the decode combine kernel (one warp per query row)")
-    return DecodeLaunch(kernel, combine, blocks, shared, PackedArgs(DECODE_ARGS, DECODE_POINTERS, values),
-                        splits, batch * heads * sq, dv)
+    launch = DecodeLaunch(kernel, combine, blocks, shared, PackedArgs(DECODE_ARGS, DECODE_POINTERS, values),
+                          splits, batch * heads * sq, dv)
+    check_grid(launch.combine_warps, "the decode combine kernel (one warp per query row and 32 columns)")
+    return launch
 
 
 def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, scale: float, causal: bool,

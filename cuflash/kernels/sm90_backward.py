@@ -76,10 +76,14 @@ class Sm90BwdTiles:
 
     def fused_dq_columns(self, d: int) -> int:
         """Columns of the dQ part each dK/dV warpgroup computes with the fused dQ (flash_bwd_sm90.cu,
-        FusedDq): all D when the query tile has a 64-row part per warpgroup, else D / warpgroups."""
+        FusedDq): all D when the query tile has a 64-row part per warpgroup, else D / warpgroups
+        of a 64-row tile; 0 for other shapes (one warpgroup against 128 rows), which it cannot
+        deal out."""
         if self.dkdv_block_m == 64 * self.dkdv_warpgroups:
             return d
-        return d // self.dkdv_warpgroups
+        if self.dkdv_block_m == 64:
+            return d // self.dkdv_warpgroups
+        return 0
 
     def dq_shared_bytes(self, d: int) -> int:
         bm, bn = self.dq_block_m, self.dq_block_n

@@ -55,6 +55,7 @@
 template <int D, int WG, int BLOCK_M>
 struct FusedDq {
     static constexpr bool BY_ROWS = BLOCK_M == 64 * WG;
+    static_assert(BY_ROWS || BLOCK_M == 64, "a query tile of 64 rows, or 64 per warpgroup");
     static constexpr int N = BY_ROWS ? D : D / WG;
     static constexpr int BLOCK_N = 64 * WG;
     __device__ static int row0(int wg) { return BY_ROWS ? 64 * wg : 0; }
@@ -229,6 +230,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         wgmma_commit();
         KeepWords<CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
         if constexpr (DROPOUT) keep_words<true, CT>(keep, drop, key_row0 + g, m0, lane);
+        TransposedBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
+        bits.load(tile_mask, key_row0, lane);
 
         // Pᵀ from Sᵀ while dPᵀ runs. Query rows past Nq and rows that attend to nothing have
         // lse2 = +inf, so P = 0 there; element masks only where the warp's 16 keys hold a pair the
@@ -237,7 +240,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         reg_fence(s);
         recompute_probs_transposed(as_blocks<CT>(s), grad, tile_mask, mod, false, key_row0 + g, m0, t, lse2);
         if (tile_mask.partial(m0, BLOCK_M, key_row0, 16))
-            mask_probs_transposed(as_blocks<CT>(s), tile_mask, key_row0 + g, m0, t);
+            mask_probs_transposed(as_blocks<CT>(s), tile_mask, bits, key_row0 + g, m0, t);
         pack_a<T, KM>(pf, s);
         if constexpr (DROPOUT) drop_packed(pf, keep);
 
@@ -418,14 +421,16 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         const int n0 = key_tile[j] * BLOCK_N;
         KeepWords<NT> keep;  // the tile's dropout mask, drawn while S and dP run
         if constexpr (DROPOUT) keep_words<false, NT>(keep, drop, warp_row0 + g, n0, lane);
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(j));
+        AccumulatorBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
+        bits.load(tile_mask, warp_row0 + g, t);
 
         // P from S while dP runs; zero where the mask hides the key.
         wgmma_wait<1>();
         reg_fence(s);
-        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(j));
         recompute_probs(as_blocks<NT>(s), grad, tile_mask, mod, false, warp_row0 + g, n0, t, lse2);
         if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N))
-            mask_scores(as_blocks<NT>(s), tile_mask, warp_row0 + g, n0, t, 0.f);
+            mask_scores(as_blocks<NT>(s), tile_mask, bits, warp_row0 + g, n0, t, 0.f);
 
         // dS = P ∘ (dP − Delta[row]).
         wgmma_wait<0>();

@@ -325,23 +325,32 @@ flash_decode(const DecodeArgs a) {
     }
 }
 
-// The splits' partial outputs of each (batch row, head, query position) merged by their lse,
-// one warp per row: out = Σ exp(lse_s − lse) · o_s with lse = log Σ exp(lse_s). Splits that saw
-// no key (lse −inf) weigh 0 and their partial output is never read.
+// The splits' partial outputs of each (batch row, head, query position) merged by their lse:
+// out = Σ exp(lse_s − lse) · o_s with lse = log Σ exp(lse_s). Splits that saw no key (lse −inf)
+// weigh 0 and their partial output is never read.
+// One warp per (row, 32 output columns), DECODE_COMBINE_COLUMNS: a small decode has few rows (32
+// at batch 1), and a warp that walked every column of its row split after split waited on one
+// dependent load at a time. Here each lane holds one split's weight (lanes 0..31, then the next
+// 32 splits) and the warp's loads of the splits' columns are independent, so they overlap.
+constexpr int DECODE_COMBINE_COLUMNS = 32;
 template <typename T>
 __global__ void __launch_bounds__(128)
 decode_combine(const DecodeArgs a) {
-    const int rows = a.batch * a.heads * a.sq;  // below 2^31: the host checks the grid
-    const int row = blockIdx.x * 4 + threadIdx.x / 32;
+    const int rows = a.batch * a.heads * a.sq;  // rows · column chunks below 2^31: the host checks
+    const int chunks = (a.dv + DECODE_COMBINE_COLUMNS - 1) / DECODE_COMBINE_COLUMNS;
+    const int item = blockIdx.x * 4 + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    if (row >= rows) return;
+    if (item >= rows * chunks) return;
+    const int row = item / chunks;
+    const int col = (item % chunks) * DECODE_COMBINE_COLUMNS + lane;
     const int pos = row % a.sq;
     const int head = (row / a.sq) % a.heads;
     const int b = row / a.sq / a.heads;
     u16* out = a.o + b * a.o_sb + pos * a.o_sn + head * a.o_sh;
+    const bool first_chunk = item % chunks == 0;
     if (visible_keys(a, b) < 0) {
-        for (int col = lane; col < a.dv; col += 32) out[col] = from_float<T>(NAN_F);
-        if (lane == 0) a.lse[row] = NAN_F;
+        if (col < a.dv) out[col] = from_float<T>(NAN_F);
+        if (first_chunk && lane == 0) a.lse[row] = NAN_F;
         return;
     }
     float m = -INFINITY;
@@ -355,17 +364,30 @@ decode_combine(const DecodeArgs a) {
     }
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
-
     const float inv = total > 0.f ? 1.f / total : 0.f;
-    for (int col = lane; col < a.dv; col += 32) {
-        float x = 0.f;
-        for (int s = 0; s < a.splits; ++s) {
-            const float ls = a.lse_part[(i64)s * rows + row];
-            if (ls != -INFINITY) x += __expf(ls - m) * a.o_part[((i64)s * rows + row) * a.dv + col];
+
+    float x = 0.f;
+    for (int s0 = 0; s0 < a.splits; s0 += 32) {
+        const int s = s0 + lane;
+        const float ls = s < a.splits ? a.lse_part[(i64)s * rows + row] : -INFINITY;
+        const float weight = ls == -INFINITY ? 0.f : __expf(ls - m) * inv;  // this lane's split
+        const int count = min(32, a.splits - s0);
+        const float* part = a.o_part + ((i64)s0 * rows + row) * a.dv + col;
+        // Eight splits at a time, their loads issued together. Lanes past the last split hold
+        // weight 0, so the last group needs no bound of its own.
+        for (int i = 0; i < count; i += 8) {
+            float w[8], y[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                w[u] = __shfl_sync(0xffffffffu, weight, i + u);
+                y[u] = w[u] != 0.f && col < a.dv ? part[(i64)(i + u) * rows * a.dv] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) x += w[u] * y[u];
         }
-        out[col] = from_float<T>(x * inv);
     }
-    if (lane == 0) a.lse[row] = total > 0.f ? m + __logf(total) : -INFINITY;
+    if (col < a.dv) out[col] = from_float<T>(x);
+    if (first_chunk && lane == 0) a.lse[row] = total > 0.f ? m + __logf(total) : -INFINITY;
 }
 
 // New keys and values (B, S_new, Hkv, D / Dv) written into the caches at positions

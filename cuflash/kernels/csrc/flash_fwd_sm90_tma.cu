@@ -243,16 +243,30 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
 #pragma unroll
     for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
 
-    // Modifier, mask (only where the tile holds keys some row of this warp does not see; an
-    // exact mask's bits only on its partial tiles) and the online softmax of the j-th visited
-    // tile's S in place; alpha rescales what O held before. DROPOUT: the dropped elements of P
-    // are zeroed after the row sums took them (dropout.cuh), as in flash_fwd.cu.
-    auto softmax = [&](int j, float (&alpha)[2]) {
+    // The j-th visited tile's mask and this thread's bits of it (exact masks), read while the
+    // GEMM that makes its S runs: the tile index and its bits come from global memory.
+    using TileMask = decltype(mask.template tile<BLOCK_M, BLOCK_N>(0, 0, 0));
+    struct TileAhead {
+        int n0;
+        TileMask mask;
+        AccumulatorBits<TileMask> bits;
+    };
+    auto tile_ahead = [&](int j) {
         const int n0 = work.key_tile[j] * BLOCK_N;
-        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(work.m0, n0, work.key_tile.slot(j));
+        TileAhead ahead{n0, mask.template tile<BLOCK_M, BLOCK_N>(work.m0, n0, work.key_tile.slot(j)), {}};
+        ahead.bits.load(ahead.mask, warp_row0 + g, t);
+        return ahead;
+    };
+
+    // Modifier, mask (only where the tile holds keys some row of this warp does not see; an
+    // exact mask's bits only on its partial tiles) and the online softmax of that tile's S in
+    // place; alpha rescales what O held before. DROPOUT: the dropped elements of P are zeroed
+    // after the row sums took them (dropout.cuh), as in flash_fwd.cu.
+    auto softmax = [&](const TileAhead& tile, float (&alpha)[2]) {
+        const int n0 = tile.n0;
         float (&sb)[NT][4] = as_blocks<NT>(s);
         modify_scores(sb, mod, warp_row0 + g, n0, t);
-        if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, tile_mask, warp_row0 + g, n0, t);
+        if (tile.mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, tile.mask, tile.bits, warp_row0 + g, n0, t);
         online_softmax(sb, row_max, row_sum, mod.softmax_scale(), alpha);
         if constexpr (DROPOUT) {
             KeepWords<NT> keep;
@@ -271,13 +285,14 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         wgmma_fence();
         issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
         turns.end();
-        wgmma_wait<0>();
-        reg_fence(s);
-        if (leader) mbar_arrive(bar.k_empty(ks.stage));
-        ks.advance();
         {
+            const TileAhead tile = tile_ahead(0);
+            wgmma_wait<0>();
+            reg_fence(s);
+            if (leader) mbar_arrive(bar.k_empty(ks.stage));
+            ks.advance();
             float alpha[2];
-            softmax(0, alpha);
+            softmax(tile, alpha);
         }
         pack_a<T, KPV>(pf, s);
 
@@ -292,11 +307,12 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
             mbar_wait(bar.v_full(vs.stage), vs.phase);
             issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
             turns.end();
+            const TileAhead tile = tile_ahead(j);
             wgmma_wait<1>();
             reg_fence(s);
             if (leader) mbar_arrive(bar.k_empty(ks.stage));
             float alpha[2];
-            softmax(j, alpha);
+            softmax(tile, alpha);
             wgmma_wait<0>();
             reg_fence(o);
             reg_fence_frag(pf);

@@ -226,3 +226,67 @@ __device__ __forceinline__ bool sees(const ExactTile<MASK, BLOCK_M, BLOCK_N>& ti
     const int c = key - tile.key0;
     return !tile.has_bits() || ((__ldg(tile.row_words(row) + c / 32) >> (c % 32)) & 1u);
 }
+
+// ---- exact masks: a thread's bits, loaded ahead of the element tests
+//
+// The generic tests above find an element's word by selects and read it per row (or, transposed,
+// per element); on a partial tile that cost several times the softmax's own work. The mma
+// accumulator layouts fix which bits a thread needs, so these load them once per tile, before the
+// GEMM that makes the scores completes (the caller issues load() first and waits afterwards), and
+// each element test is one AND with a constant. Other masks get an empty stand-in, so a kernel
+// can load "the tile's bits" whatever its mask.
+
+// Rows held as rows (columns are keys): rows `row` and row + 8 of the tile, columns 8j + 2t + e
+// from the tile's first key. Each row's words are shifted right by 2t, so that column 8j + 2t + e
+// is bit 8·(j % 4) + e of word j / 4: a constant per element.
+template <class TILE>
+struct AccumulatorBits {
+    __device__ __forceinline__ void load(const TILE&, int, int) {}
+};
+template <class MASK, int BLOCK_M, int BLOCK_N>
+struct AccumulatorBits<ExactTile<MASK, BLOCK_M, BLOCK_N>> {
+    static constexpr int WORDS = RowBits<BLOCK_N>::WORDS;
+    u32 word[2][WORDS];
+    __device__ __forceinline__ void load(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, int row, int t) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int i = 0; i < WORDS; ++i)
+                word[half][i] = tile.has_bits() ? __ldg(tile.row_words(row + 8 * half) + i) >> (2 * t) : ~0u;
+    }
+    // Whether the bits allow column 8j + 2t + e of row half `half`.
+    __device__ __forceinline__ bool allows(int half, int j, int e) const {
+        return word[half][j / 4] & (1u << (8 * (j % 4) + e));
+    }
+};
+
+// A kernel's `const auto` tile gives the same bits.
+template <class TILE>
+struct AccumulatorBits<const TILE> : AccumulatorBits<TILE> {};
+
+// Tiles held transposed (keys as rows, query columns 8j + 2t + e from the tile's first row): a
+// warp's 16 keys are 16 consecutive bits of one word in every query row's bitmask. Lane l loads
+// that half-word of query rows 32i + l; column_bits() hands a thread the half-word of one of its
+// query columns by a shuffle, in which key row g + 8·half is bit g + 8·half.
+template <class TILE>
+struct TransposedBits {
+    __device__ __forceinline__ void load(const TILE&, int, int) {}
+};
+template <class MASK, int BLOCK_M, int BLOCK_N>
+struct TransposedBits<ExactTile<MASK, BLOCK_M, BLOCK_N>> {
+    static_assert(BLOCK_M % 32 == 0, "query tiles of whole 32-row groups");
+    u32 word[BLOCK_M / 32];
+    // key_row0: the warp's first key; its offset in the tile is a multiple of 16.
+    __device__ __forceinline__ void load(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, int key_row0, int lane) {
+        const int c0 = key_row0 - tile.key0;
+#pragma unroll
+        for (int i = 0; i < BLOCK_M / 32; ++i)
+            word[i] = tile.has_bits() ? __ldg(tile.row_words(tile.row0 + 32 * i + lane) + c0 / 32) >> (c0 % 32) : ~0u;
+    }
+    // Needs the whole warp: the 16 keys' bits of query column 8j + 2t + e.
+    __device__ __forceinline__ u32 column_bits(int j, int e, int t) const {
+        return __shfl_sync(0xffffffffu, word[j / 4], 8 * (j % 4) + 2 * t + e);
+    }
+};
+template <class TILE>
+struct TransposedBits<const TILE> : TransposedBits<TILE> {};

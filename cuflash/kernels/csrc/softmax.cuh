@@ -22,6 +22,43 @@ __device__ __forceinline__ void mask_scores(float (&s)[NT][4], const MASK& mask,
     }
 }
 
+// The same with the tile's bits loaded ahead (mask.cuh, AccumulatorBits; a no-op stand-in for
+// masks other than exact tiles). key0 must be the tile's first key. An exact tile without bits is
+// full: only its band can hide pairs. The bits are clear past Nk, so only a band adds a test.
+template <int NT, class TILE>
+__device__ __forceinline__ void mask_scores(float (&s)[NT][4], const TILE& tile, const AccumulatorBits<TILE>&,
+                                            int row0, int key0, int t, float hidden = -INFINITY) {
+    mask_scores(s, tile, row0, key0, t, hidden);
+}
+template <int NT, class MASK, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ void mask_scores(float (&s)[NT][4], const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile,
+                                            const AccumulatorBits<ExactTile<MASK, BLOCK_M, BLOCK_N>>& bits,
+                                            int row0, int key0, int t, float hidden = -INFINITY) {
+    if (!tile.has_bits()) {
+        mask_scores(s, tile.band, row0, key0, t, hidden);
+        return;
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const auto band = keys_of_row(tile.band, row0 + half * 8);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                bool seen = bits.allows(half, j, e);
+                if constexpr (MASK::banded) seen = seen && band.contains(key0 + j * 8 + 2 * t + e);
+                if (!seen) s[j][half * 2 + e] = hidden;
+            }
+    }
+}
+template <int NT, class MASK, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ void mask_scores(float (&s)[NT][4], const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile,
+                                            int row0, int key0, int t, float hidden = -INFINITY) {
+    AccumulatorBits<ExactTile<MASK, BLOCK_M, BLOCK_N>> bits;
+    bits.load(tile, row0, t);
+    mask_scores(s, tile, bits, row0, key0, t, hidden);
+}
+
 // Score modifier (score_mod.cuh) applied in place, same coordinates as mask_scores.
 template <int NT, class MOD>
 __device__ __forceinline__ void modify_scores(float (&s)[NT][4], const MOD& mod, int row0, int key0,
@@ -169,6 +206,40 @@ __device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const M
                     if (!rows.contains(query0 + j * 8 + 2 * t + e)) s[j][half * 2 + e] = 0.f;
         }
     }
+}
+
+// The same with the tile's bits loaded ahead (mask.cuh, TransposedBits; a no-op stand-in for
+// masks other than exact tiles). query0 must be the tile's first row and key_row this thread's
+// first key (the warp's first key + g). The whole warp must call it: the bits travel by shuffles.
+template <int NT, class TILE>
+__device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const TILE& tile, const TransposedBits<TILE>&,
+                                                      int key_row, int query0, int t) {
+    mask_probs_transposed(s, tile, key_row, query0, t);
+}
+template <int NT, class MASK, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile,
+                                                      const TransposedBits<ExactTile<MASK, BLOCK_M, BLOCK_N>>& bits,
+                                                      int key_row, int query0, int t) {
+    static_assert(NT * 8 == BLOCK_M, "one column block per 8 query rows of the tile");
+    if (tile.has_bits()) {
+        const int g = threadIdx.x % 32 / 4;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const u32 x = bits.column_bits(j, e, t) >> g;
+                if (!(x & 1u)) s[j][e] = 0.f;         // key row g
+                if (!(x & 0x100u)) s[j][2 + e] = 0.f;  // key row g + 8
+            }
+    }
+    mask_probs_transposed(s, tile.band, key_row, query0, t);
+}
+template <int NT, class MASK, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile,
+                                                      int key_row, int query0, int t) {
+    TransposedBits<ExactTile<MASK, BLOCK_M, BLOCK_N>> bits;
+    bits.load(tile, key_row - threadIdx.x % 32 / 4, threadIdx.x % 32);
+    mask_probs_transposed(s, tile, bits, key_row, query0, t);
 }
 
 // dS = P ∘ (dP − Delta) (∘ the modifier's factor), in place in dp; delta(j, e) is the Delta of the
