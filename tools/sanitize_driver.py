@@ -1,7 +1,7 @@
 """Every kernel family once, forward and backward, on problems small enough for
 compute-sanitizer's slow tools (racecheck): run under `tools/sanitize.sh`. The environment
-variable SANITIZE_PARTS (comma-separated: dense, varlen, decode, dropout; all by default) picks
-parts."""
+variable SANITIZE_PARTS (comma-separated: dense, exact, varlen, decode, dropout; all by default)
+picks parts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy
 
 import cuflash
 from cuflash import kernels
-from cuflash.sparse import BlockMask
+from cuflash.sparse import BlockMask, ExactMask
 
 
 def _arrays(rng, dtype, b, hq, hkv, n, d):
@@ -24,9 +24,11 @@ def _arrays(rng, dtype, b, hq, hkv, n, d):
 
 def main():
     rng = numpy.random.default_rng(0)
-    parts = os.environ.get("SANITIZE_PARTS", "dense,varlen,decode,dropout").split(",")
+    parts = os.environ.get("SANITIZE_PARTS", "dense,exact,varlen,decode,dropout").split(",")
     if "dense" in parts:
         _dense(rng)
+    if "exact" in parts:
+        _exact(rng)
     if "varlen" in parts:
         _varlen(rng)
     if "decode" in parts:
@@ -64,6 +66,28 @@ def _dense(rng):
     cuflash.attention(q, k, v)
     cupy.cuda.Device().synchronize()
     print("ran bfloat16 D=256 sm90=on persistent walk", flush=True)
+
+
+def _exact(rng):
+    """An exact mask with full, partial and empty tiles (random pairs, plus a diagonal so every
+    row sees a key), alone and under causal, GQA, both backward modes, on both kernel families."""
+    n = 300
+    pattern = (rng.random((n, n)) < 0.3) | numpy.eye(n, dtype=bool)
+    pattern[:128, :128] = True  # one full tile
+    pattern[128:256, 256:] = False
+    mask = ExactMask.from_dense(pattern)
+    for hopper_off in (False, True):
+        os.environ[kernels.DISABLE_HOPPER_ENV] = "1" if hopper_off else "0"
+        for d in (64, 128):
+            q, k, v, dout = _arrays(rng, ml_dtypes.bfloat16, 1, 4, 2, n, d)
+            for causal in (False, True):
+                out, lse = cuflash.attention(q, k, v, mask=mask, causal=causal, return_lse=True)
+                for deterministic in (False, True):
+                    cuflash.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=causal,
+                                               deterministic=deterministic)
+                cupy.cuda.Device().synchronize()
+            print(f"ran exact mask bfloat16 D={d} sm90={'off' if hopper_off else 'on'}", flush=True)
+    os.environ[kernels.DISABLE_HOPPER_ENV] = "0"
 
 
 def _dropout(rng):
