@@ -194,3 +194,21 @@ def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
     assert plan.backward.detail == ("the dK/dV kernel adding dQ by float32 atomics (in any order: "
                                     "not bit-identical run to run)")
     assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == two_kernels
+
+
+def test_head_dim_32_takes_the_tma_forward_only_for_long_rows(monkeypatch):
+    """Padded to 64 inside the TMA kernel, D = 32 measured slower than the mma.sync kernel on
+    rows of up to 2K keys and faster beyond (benchmarks/NOTES.md)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    short = device.empty((1, 2, 2048, 32), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(short, short, short, causal=True)
+    assert plan.forward.family.name == "sm80-mma"
+    assert "rows of more than 2048 keys" in dict(plan.forward.passed_over)["sm90-tma"]
+    long = device.empty((1, 2, 2049, 32), ml_dtypes.bfloat16)
+    assert cuflash.kernel_plan(long, long, long, causal=True).forward.family.name == "sm90-tma"
+    wide_values = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
+    assert cuflash.kernel_plan(short[:, :, :128], short[:, :, :128], wide_values).forward.family.name == "sm90-tma"
+

@@ -35,6 +35,13 @@ def test_head_dims(xp_gpu, rng, seed, dtype, causal, d):
     run(xp_gpu, rng, seed, d=d, nq=200, dtype=dtype, causal=causal)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_32_on_long_rows(xp_gpu, rng, seed, causal):
+    """D = 32 with more than 2K keys: on Hopper, the TMA forward padded to 64 columns (shorter
+    rows take the mma.sync kernel, test_head_dims)."""
+    run(xp_gpu, rng, seed, b=1, hq=2, d=32, nq=2100, dtype=ml_dtypes.bfloat16, causal=causal)
+
+
 @pytest.mark.parametrize("d", [1, 8, 17, 40, 72, 100, 160, 200, 255])
 def test_odd_head_dims_are_padded_inside(xp_gpu, rng, seed, d):
     run(xp_gpu, rng, seed, d=d, nq=130, dtype=ml_dtypes.bfloat16, causal=True)

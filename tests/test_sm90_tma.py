@@ -69,7 +69,7 @@ def test_persistent_only_for_short_unmasked_rows_at_wide_values():
     assert not sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).persistent
 
 
-@pytest.mark.parametrize("d, dv", [(64, 64), (96, 96), (128, 128), (160, 160), (192, 128), (256, 256),
+@pytest.mark.parametrize("d, dv", [(32, 32), (64, 64), (96, 96), (128, 128), (160, 160), (192, 128), (256, 256),
                                    (256, 64), (64, 256)])
 def test_every_chosen_shape_fits_shared_memory(d, dv):
     for causal in (False, True):

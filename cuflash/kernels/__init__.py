@@ -52,7 +52,7 @@ class Family:
 
 FORWARD = (
     Family("sm90-tma", "sm90_tma_forward", "forward",
-           "Hopper, warp-specialised: TMA producer, wgmma consumers; 16-bit, 64 <= D, Dv <= 256",
+           "Hopper, warp-specialised: TMA producer, wgmma consumers; 16-bit, 32 <= D, Dv <= 256",
            hopper=True),
     Family("sm90-wgmma", "sm90_forward", "forward",
            "Hopper wgmma, 16-bit, D = Dv in {64, 128}", hopper=True),

@@ -2,7 +2,7 @@
 warpgroup, two wgmma consumer warpgroups, sm_90a) for float16 / bfloat16.
 
 Same entry point as ``sm90_forward.forward``; ``supports()`` says whether a call can take this
-path (compute capability 9.0, head dims 64 ≤ D, Dv ≤ 256 in multiples of 32, views TMA can
+path (compute capability 9.0, head dims 32 ≤ D, Dv ≤ 256 in multiples of 32, views TMA can
 describe, block masks whose blocks are whole tiles). Everything else falls to the next family.
 """
 
@@ -20,7 +20,9 @@ from ._launch import (element_type, forward_args, forward_pointers, mask_type, s
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
 OPTIONS = (f"-arch={ARCH}",)
-HEAD_DIMS = (64, 96, 128, 160, 192, 224, 256)  # padded to multiples of 64 inside the kernel
+# Padded to multiples of 64 inside the kernel (a 64-column box per 64 columns; TMA fills the
+# columns past D with zeros): D = 32 runs the D = 64 kernel's GEMMs, D = 96 the D = 128 ones.
+HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 PERSISTENT_MAX_KEYS = 2048
 MAX_SHARED = 227 * 1024 - 256  # the SM's limit per block, less the static mbarriers
 
@@ -144,6 +146,10 @@ def supports(spec, arrays) -> str | None:
     d, dv = spec.shapes.d, spec.shapes.dv
     if d not in HEAD_DIMS or dv not in HEAD_DIMS:
         return f"takes D and Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"
+    if max(d, dv) <= 32 and spec.shapes.nk <= PERSISTENT_MAX_KEYS:
+        # Padded to 64, half of each GEMM is zeros: measured slower than the mma.sync kernel
+        # on short rows (causal, 1K keys: 0.83x), faster on long ones (benchmarks/NOTES.md).
+        return f"at D, Dv <= 32 takes rows of more than {PERSISTENT_MAX_KEYS} keys; got {spec.shapes.nk}"
     if not vector_aligned((q, k, v, out), (d, dv)):
         return "needs 16-byte aligned rows and strides"
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -203,7 +209,7 @@ def main_variants() -> list[tuple[str, str]]:
     # The tile shape depends on the options at D = 64 (three consumers only unmasked) and at
     # Dv > 128 (exact masks): their masked and modified variants too.
     features = (dict(window=(256, 0)), dict(softcap=30.0), dict(causal=True, softcap=30.0))
-    specs = (spec_grid((64, 96, 128, 256)) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
+    specs = (spec_grid((32, 64, 96, 128, 256)) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
              + [spec_of("bfloat16", d, **options) for d in (64, 256) for options in features])
     # Of the packed-sequence and dropout grids (built for the sm80 kernels), what this kernel takes.
     specs += [spec for spec in varlen_spec_grid() + dropout_spec_grid(HEAD_DIMS)
