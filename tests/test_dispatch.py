@@ -211,4 +211,3 @@ def test_head_dim_32_takes_the_tma_forward_only_for_long_rows(monkeypatch):
     assert cuflash.kernel_plan(long, long, long, causal=True).forward.family.name == "sm90-tma"
     wide_values = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     assert cuflash.kernel_plan(short[:, :, :128], short[:, :, :128], wide_values).forward.family.name == "sm90-tma"
-

@@ -434,3 +434,34 @@ def test_decode_launch_band(monkeypatch, causal, window, sq, capacity, expected)
     assert (int(record["sq"]), int(record["capacity"])) == (sq, capacity)
     bounded = (str(side != UNBOUNDED).lower() for side in band(window, causal))
     assert "Mask<{}, {}, false>".format(*bounded) in launch[0]
+
+
+@pytest.mark.parametrize("dv, sq", [(64, 1), (96, 3), (256, 16)])
+def test_decode_combine_grid_covers_every_row_and_column(monkeypatch, dv, sq):
+    """decode_combine takes one warp per (query row, 32 output columns), four warps a block: the
+    launch (through a fake device) must cover B × Hq × Sq rows times ceil(Dv / 32) column groups,
+    with the kernel's own column count."""
+    import re
+
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _build, decode
+
+    (columns,) = re.findall(r"constexpr int DECODE_COMBINE_COLUMNS = (\d+);", _build.source(decode.SOURCE))
+    assert int(columns) == decode.COMBINE_COLUMNS
+    device = FakeDevice(monkeypatch)
+    b, hq, hkv, capacity = 3, 8, 2, 4096
+    q = cupy.empty((b, sq, hq, 64), np.float16)
+    k_cache = cupy.empty((b, capacity, hkv, 64), np.float16)
+    v_cache = cupy.empty((b, capacity, hkv, dv), np.float16)
+    decode._prepared.cache_clear()
+    try:
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=cupy.empty((b,), np.int32),
+                                       num_splits=5)
+    finally:
+        decode._prepared.cache_clear()
+    (combine,) = [x for x in device.take_launches() if x[0].startswith("decode_combine<")]
+    (grid,), (threads,) = combine[1], combine[2]
+    warps = b * hq * sq * -(-dv // decode.COMBINE_COLUMNS)
+    assert threads == 128 and grid == -(-warps // 4)
