@@ -79,9 +79,8 @@ def float32_grads_specs(head_dims):
 
 def dropout_spec_grid(head_dims):
     """Dropout (the DROPOUT variants of the kernels that draw the mask): alone and with causal at
-    every head dim in
-    bfloat16, once in float16, with ``Dv ≠ D``, and with every mask policy and score modifier
-    at D = 128 (if listed)."""
+    every head dim in bfloat16, once in float16, with ``Dv ≠ D``, and with every mask policy and
+    score modifier at D = 128 (if listed)."""
     drop = dict(dropout_p=0.1, dropout_seed=1)
     specs = [spec_of("bfloat16", d, causal=causal, **drop)
              for d in head_dims for causal in (False, True)]

@@ -258,10 +258,14 @@ def tiles_for(spec) -> BwdTiles:
                          exact=spec.exact_mask is not None, dropout=spec.has_dropout)
 
 
+# kernel_plan's words for the deterministic launch sequence, in this family and the Hopper one.
+TWO_KERNELS = "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
+
+
 def describe_call(spec) -> str:
     """The launch sequence this call runs (``cuflash.kernel_plan``)."""
     if spec.deterministic:
-        return "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
+        return TWO_KERNELS
     return "the dK/dV kernel adding dQ by float32 atomics (in any order: not bit-identical run to run)"
 
 

@@ -119,7 +119,7 @@ def describe_call(spec) -> str:
     """The launch sequence this call runs (``cuflash.kernel_plan``)."""
     if fuses_dq(spec, default_tiles(spec.shapes.d, dropout=spec.has_dropout)):
         return "the dK/dV kernel forming dQ too (float32 adds in any order: not bit-identical run to run)"
-    return "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
+    return mma_backward.TWO_KERNELS
 
 
 def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:

@@ -234,13 +234,6 @@ __device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const E
     }
     mask_probs_transposed(s, tile.band, key_row, query0, t);
 }
-template <int NT, class MASK, int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile,
-                                                      int key_row, int query0, int t) {
-    TransposedBits<ExactTile<MASK, BLOCK_M, BLOCK_N>> bits;
-    bits.load(tile, key_row - threadIdx.x % 32 / 4, threadIdx.x % 32);
-    mask_probs_transposed(s, tile, bits, key_row, query0, t);
-}
 
 // dS = P ∘ (dP − Delta) (∘ the modifier's factor), in place in dp; delta(j, e) is the Delta of the
 // element's query.
