@@ -211,3 +211,33 @@ def test_head_dim_32_takes_the_tma_forward_only_for_long_rows(monkeypatch):
     assert cuflash.kernel_plan(long, long, long, causal=True).forward.family.name == "sm90-tma"
     wide_values = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     assert cuflash.kernel_plan(short[:, :, :128], short[:, :, :128], wide_values).forward.family.name == "sm90-tma"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_warp_specialised_dkdv_kernel_when_asked(monkeypatch, d):
+    """CUFLASH_SM90_BWD_WS=1 swaps the dK/dV kernel for its warp-specialised twin (one more
+    warpgroup, the producer), which takes TMA descriptors of q, k, v and dout with boxes of a
+    query tile's and a key tile's rows; the rest of the sequence is unchanged."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import WARP_SPECIALISED_BACKWARD_ENV, sm90_backward
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q, k, v, out, dout = (device.empty((1, 2, 256, d), ml_dtypes.bfloat16) for _ in range(5))
+    lse = device.empty((1, 2, 256), np.float32)
+    tiles = sm90_backward.default_tiles(d)
+    for ws in ("0", "1"):
+        monkeypatch.setenv(WARP_SPECIALISED_BACKWARD_ENV, ws)
+        for deterministic in (False, True):
+            cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic)
+            launches = device.take_launches()
+            sides = device.side_arguments[-len(launches):]
+            dkdv = launches[1]
+            assert dkdv[0].startswith("flash_bwd_sm90_dkdv_ws<" if ws == "1" else "flash_bwd_sm90_dkdv<")
+            assert dkdv[2] == (128 * (tiles.dkdv_warpgroups + (ws == "1")),)
+            if ws == "1":
+                (maps,) = sides[1]
+                assert maps.nbytes == 4 * 128
+            else:
+                assert sides[1] == ()
