@@ -150,8 +150,8 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
     q, k, v, out, dout = (device.empty((1, 2, 256, d), ml_dtypes.bfloat16) for _ in range(5))
     lse = device.empty((1, 2, 256), np.float32)
     expected = {
-        False: ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_dq_convert"],
-        True: ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq"],
+        False: ["flash_bwd_pre", "flash_bwd_sm90_dkdv_ws", "flash_bwd_dq_convert"],
+        True: ["flash_bwd_pre", "flash_bwd_sm90_dkdv_ws", "flash_bwd_sm90_dq"],
     }
     for deterministic in (False, True):
         cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
@@ -180,12 +180,14 @@ def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
     assert plan.forward.detail == ("192-row query tiles against 128-key tiles, "
                                    "3 consumer warpgroups taking turns")
     assert "  runs 192-row query tiles" in str(plan)
-    fused = "the dK/dV kernel forming dQ too (float32 adds in any order: not bit-identical run to run)"
+    fused = ("the warp-specialised dK/dV kernel forming dQ too (float32 adds in any order: "
+             "not bit-identical run to run)")
+    ws_two_kernels = "a warp-specialised dK/dV kernel, then a dQ kernel (bit-identical run to run)"
     two_kernels = "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
     assert plan.backward.detail == fused
-    assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == two_kernels
+    assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == ws_two_kernels
     wide = device.empty((1, 2, 128, 128), ml_dtypes.bfloat16)
-    assert cuflash.kernel_plan(wide, wide, wide, causal=True).backward.detail == two_kernels
+    assert cuflash.kernel_plan(wide, wide, wide, causal=True).backward.detail == ws_two_kernels
 
     device = FakeDevice(monkeypatch, compute_capability="80")
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
@@ -211,3 +213,37 @@ def test_head_dim_32_takes_the_tma_forward_only_for_long_rows(monkeypatch):
     assert cuflash.kernel_plan(long, long, long, causal=True).forward.family.name == "sm90-tma"
     wide_values = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     assert cuflash.kernel_plan(short[:, :, :128], short[:, :, :128], wide_values).forward.family.name == "sm90-tma"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_warp_specialised_dkdv_kernel_by_default(monkeypatch, d):
+    """The dK/dV kernel is the warp-specialised one (one more warpgroup, the producer), which
+    takes TMA descriptors of q, k, v and dout with boxes of a query tile's and a key tile's rows;
+    CUFLASH_SM90_BWD_WS=0 swaps in the cp.async kernel, and the rest of the sequence is the same."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import WARP_SPECIALISED_BACKWARD_ENV, sm90_backward
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q, k, v, out, dout = (device.empty((1, 2, 256, d), ml_dtypes.bfloat16) for _ in range(5))
+    lse = device.empty((1, 2, 256), np.float32)
+    tiles = sm90_backward.default_tiles(d)
+    for ws in (None, "1", "0"):
+        if ws is None:
+            monkeypatch.delenv(WARP_SPECIALISED_BACKWARD_ENV, raising=False)
+        else:
+            monkeypatch.setenv(WARP_SPECIALISED_BACKWARD_ENV, ws)
+        producer = ws != "0"
+        for deterministic in (False, True):
+            cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic)
+            launches = device.take_launches()
+            sides = device.side_arguments[-len(launches):]
+            dkdv = launches[1]
+            assert dkdv[0].startswith("flash_bwd_sm90_dkdv_ws<" if producer else "flash_bwd_sm90_dkdv<")
+            assert dkdv[2] == (128 * (tiles.dkdv_warpgroups + producer),)
+            if producer:
+                (maps,) = sides[1]
+                assert maps.nbytes == 4 * 128
+            else:
+                assert sides[1] == ()

@@ -371,7 +371,7 @@ def test_only_the_families_that_draw_the_mask_take_dropout(monkeypatch):
 # dropout call at D = 64, float16 (the sm80 default backward: dK/dV with atomic dQ).
 DROPOUT_KERNELS = {
     "80": ("flash_fwd<", ("flash_bwd_dkdv<",)),
-    "90": ("flash_fwd_sm90_tma<", ("flash_bwd_sm90_dkdv<", "flash_bwd_sm90_dq<")),
+    "90": ("flash_fwd_sm90_tma<", ("flash_bwd_sm90_dkdv_ws<", "flash_bwd_sm90_dq<")),
 }
 
 

@@ -25,6 +25,7 @@ from .. import _checks
 
 # Set to 1 to pass over the Hopper (sm_90a) families (comparison, debugging).
 DISABLE_HOPPER_ENV = "CUFLASH_DISABLE_SM90"
+WARP_SPECIALISED_BACKWARD_ENV = "CUFLASH_SM90_BWD_WS"  # 0: the cp.async dK/dV kernel, not the warp-specialised one (sm90_backward)
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,11 @@ def prepare(pass_name: str, spec, arrays):
 
 
 def dispatch_state() -> tuple:
-    """What, beside the call itself, decides which family runs it: the Hopper switch and the
-    registries, by identity (cheap to hash; whoever keys on this keeps ``REGISTRY``'s values
-    alive so that an identity is never reused)."""
-    return (os.environ.get(DISABLE_HOPPER_ENV, ""), id(REGISTRY["forward"]),
-            id(REGISTRY["backward"]))
+    """What, beside the call itself, decides which family runs it and how: the Hopper switch,
+    the warp-specialised backward's switch and the registries, by identity (cheap to hash;
+    whoever keys on this keeps ``REGISTRY``'s values alive so that an identity is never reused)."""
+    return (os.environ.get(DISABLE_HOPPER_ENV, ""), os.environ.get(WARP_SPECIALISED_BACKWARD_ENV, ""),
+            id(REGISTRY["forward"]), id(REGISTRY["backward"]))
 
 
 def _run(pass_name: str, spec, arrays, args):

@@ -26,7 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from . import _build, mma_backward
+import os
+
+from . import _build, _tma, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
                       vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
 
@@ -116,10 +118,12 @@ def fuses_dq(spec, tiles: Sm90BwdTiles) -> bool:
 
 
 def describe_call(spec) -> str:
-    """The launch sequence this call runs (``cuflash.kernel_plan``)."""
+    """The launch sequence this call runs (``cuflash.kernel_plan``; views TMA cannot describe
+    keep the cp.async dK/dV kernel even where this names the warp-specialised one)."""
+    dkdv = "warp-specialised dK/dV kernel" if producer_wanted(spec) else "dK/dV kernel"
     if fuses_dq(spec, default_tiles(spec.shapes.d, dropout=spec.has_dropout)):
-        return "the dK/dV kernel forming dQ too (float32 adds in any order: not bit-identical run to run)"
-    return mma_backward.TWO_KERNELS
+        return f"the {dkdv} forming dQ too (float32 adds in any order: not bit-identical run to run)"
+    return f"a {dkdv}, then a dQ kernel (bit-identical run to run)"
 
 
 def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
@@ -128,6 +132,15 @@ def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
         *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq,
                                spec.varlen is not None),
+    )
+
+
+def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
+    """The warp-specialised dK/dV kernel (a TMA producer warpgroup; dense calls only)."""
+    return _build.template_expression(
+        "flash_bwd_sm90_dkdv_ws", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
+        tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
+        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq),
     )
 
 
@@ -164,6 +177,49 @@ def supports(spec, arrays) -> str | None:
     return None
 
 
+def producer_fits(spec) -> bool:
+    """Whether the warp-specialised dK/dV kernel takes this call: dense calls whose consumers
+    compile within the 240 registers setmaxnreg gives them without spills (exact masks at D = 64
+    and dropout beside a score modifier spill 4-24 bytes)."""
+    return (spec.varlen is None and not (spec.exact and spec.shapes.d == 64)
+            and not (spec.has_dropout and (spec.has_softcap or spec.has_alibi)))
+
+
+def producer_wanted(spec) -> bool:
+    """Whether the call should take the warp-specialised dK/dV kernel: wherever it fits, unless
+    CUFLASH_SM90_BWD_WS=0 asks for the cp.async kernel (for comparison)."""
+    from . import WARP_SPECIALISED_BACKWARD_ENV
+
+    return os.environ.get(WARP_SPECIALISED_BACKWARD_ENV) != "0" and producer_fits(spec)
+
+
+def warp_specialised(spec, arrays) -> bool:
+    """Whether the dK/dV kernel runs warp-specialised (flash_bwd_sm90_dkdv_ws: a TMA producer
+    warpgroup feeding the consumers through mbarriers): ``producer_wanted``, and q, k, v and
+    dout are views TMA can describe."""
+    if not producer_wanted(spec):
+        return False
+    q, k, v, dout = arrays[:4]
+    return all(_tma.why_not_expressible(x) is None for x in (q, k, v, dout))
+
+
+@dataclass(frozen=True)
+class WarpSpecialisedLaunch:
+    """The warp-specialised dK/dV launch: ``launch`` plus the TMA layouts of q, k, v and dout,
+    whose descriptors each call encodes from their addresses (BWD_POINTERS 0, 1, 2 and 4)."""
+
+    launch: KernelLaunch
+    layouts: tuple
+
+    def __call__(self, pointers) -> None:
+        launch = self.launch
+        if launch.blocks == 0:
+            return
+        maps = _tma.pack([layout.descriptor(pointers[i]) for layout, i in zip(self.layouts, (0, 1, 2, 4))])
+        launch.kernel((launch.blocks,), (launch.threads,), (maps, launch.args.pack(pointers)),
+                      shared_mem=launch.shared)
+
+
 def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     """The backward launches (a ``mma_backward.BackwardLaunch``) for this spec and the layout of
     4-D (B, H, N, D) CuPy views ``arrays`` = (q, k, v, dout, out, dq, dk, dv) (a varlen call's are
@@ -188,9 +244,10 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
 
     # 2. dK, dV (and the fused dQ): one block per key tile; 3. dQ: one block per query tile, or
     # the accumulator's cast.
-    kernels = [(variant_dkdv(spec, tiles, atomic_dq=atomic_dq), tiles.dkdv_block_m,
-                tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d, atomic_dq=atomic_dq),
-                tiles.dkdv_warpgroups, True)]
+    producer = warp_specialised(spec, arrays)
+    dkdv = (variant_dkdv_ws if producer else variant_dkdv)(spec, tiles, atomic_dq=atomic_dq)
+    kernels = [(dkdv, tiles.dkdv_block_m, tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d, atomic_dq=atomic_dq),
+                tiles.dkdv_warpgroups + producer, True)]
     if not atomic_dq:
         kernels.append((variant_dq(spec, tiles), tiles.dq_block_m, tiles.dq_block_n,
                         tiles.dq_shared_bytes(d), tiles.dq_warpgroups, False))
@@ -200,8 +257,11 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,
                             expression)
-        launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared,
-                                     args(m_tiles, n_tiles, index)))
+        launch = KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index))
+        if expression == dkdv and producer:  # boxes of a query tile's rows (Q, dO), a key tile's (K, V)
+            launch = WarpSpecialisedLaunch(launch, tuple(
+                _tma.TensorLayout.of(x, rows) for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m))))
+        launches.append(launch)
     if atomic_dq:
         launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (d,))))
     return mma_backward.BackwardLaunch(scratch, tuple(launches))
@@ -227,6 +287,10 @@ def main_variants() -> list[tuple[str, str]]:
         out += [(SOURCE, variant_dkdv(spec, tiles)), (SOURCE, variant_dq(spec, tiles))]
         if fused_dq_pays(spec, tiles):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
+        if producer_fits(spec):
+            out.append((SOURCE, variant_dkdv_ws(spec, tiles)))
+            if fused_dq_pays(spec, tiles):
+                out.append((SOURCE, variant_dkdv_ws(spec, tiles, atomic_dq=True)))
     return list(dict.fromkeys(out))
 
 

@@ -113,18 +113,178 @@ __device__ __forceinline__ void add_rows_by_bulk(float* dst, u32 stage, const fl
 }
 
 // ---------------------------------------------------------------------------------------------
-// dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows.
+// The dK/dV kernels' shared-memory plan (all offsets from a 1024-byte aligned base): K, V; two
+// stages of Q and dO; (ATOMIC_DQ) the dSᵀ tile and the dQ parts' staging rows; per stage lse2
+// and Delta rows (floats); (ATOMIC_DQ) each stage's first scratch row.
+template <int D, int WG, int BLOCK_M, bool ATOMIC_DQ>
+struct DkdvSmem {
+    static constexpr int BLOCK_N = WG * 64;
+    static constexpr u32 KV_BYTES = BLOCK_N * D * 2;  // K or V
+    static constexpr u32 QT_BYTES = BLOCK_M * D * 2;  // one Q or dO stage
+    using DQ = FusedDq<D, WG, BLOCK_M>;
+    u32 sk;               // the aligned base's shared address: K starts there
+    unsigned char* base;  // the same as a pointer into the kernel's shared array, for plain loads
+    __device__ __forceinline__ explicit DkdvSmem(unsigned char* raw)
+        : sk((smem_addr(raw) + 1023u) & ~1023u), base(raw + (((smem_addr(raw) + 1023u) & ~1023u) - smem_addr(raw))) {}
+    template <class X>
+    __device__ __forceinline__ X* at(u32 addr) const { return reinterpret_cast<X*>(base + (addr - sk)); }
+    __device__ __forceinline__ u32 sv() const { return sk + KV_BYTES; }
+    __device__ __forceinline__ u32 sq(int stage) const { return sk + 2 * KV_BYTES + stage * QT_BYTES; }
+    __device__ __forceinline__ u32 sdo(int stage) const { return sk + 2 * KV_BYTES + (2 + stage) * QT_BYTES; }
+    __device__ __forceinline__ u32 sds() const { return sk + 2 * KV_BYTES + 4 * QT_BYTES; }
+    __device__ __forceinline__ u32 sdq() const { return sds() + BLOCK_N * BLOCK_M * 2; }
+    __device__ __forceinline__ u32 rows(int stage) const {  // lse2[BLOCK_M], then Delta[BLOCK_M]
+        return (ATOMIC_DQ ? sdq() + DQ::STAGE_BYTES : sds()) + stage * 2 * BLOCK_M * 4;
+    }
+    __device__ __forceinline__ u32 scratch_row(int stage) const { return rows(2) + stage * 8; }
+};
+
+// One consumer warpgroup's share of one query tile in a dK/dV kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
+// Pᵀ and dSᵀ, dV += Pᵀ dO and dK += dSᵀ Q into the accumulators and (ATOMIC_DQ) this
+// warpgroup's part of dS K added into the float32 dQ accumulator. `stage` picks the Q / dO
+// buffer and its lse2, Delta and scratch rows. `sync(id)` waits for every consumer thread of the
+// block under named barrier `id` (the dSᵀ tile is shared by the warpgroups).
+template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT, bool ATOMIC_DQ, class Sync>
+__device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
+                                                const DropoutMask& drop, const DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>& sm,
+                                                int wg, int stage, int m0, int n0, int slot,
+                                                float (&dk_acc)[D / 2], float (&dv_acc)[D / 2], Sync sync) {
+    constexpr int BLOCK_N = WG * 64;
+    constexpr int CT = BLOCK_M / 8;  // 8-column blocks of Sᵀ
+    constexpr int KD = D / 16;       // k16 steps over the head dim
+    constexpr int KM = BLOCK_M / 16;  // k16 steps over the query tile
+    using DQ = FusedDq<D, WG, BLOCK_M>;
+    const int warp = (threadIdx.x / 32) % 4;  // rows 16·warp..+15 of the warpgroup's 64 keys
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int key_row0 = n0 + wg * 64 + warp * 16;  // the warp's first key
+    const float* lse2 = sm.template at<const float>(sm.rows(stage));
+    const float* delta = lse2 + BLOCK_M;
+
+    // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ: A = this warpgroup's 64 rows of K / V (K-major over d, 64 rows =
+    // 8 atoms = 8192 bytes into each box), B = the Q / dO tile (K-major over d).
+    // dV += Pᵀ dO, dK += dSᵀ Q: B = dO / Q read MN-major (K = query rows, N = d): k16 step kk
+    // starts 16 rows (2048 bytes) further, the next 64-column box is BLOCK_M·128 bytes further.
+    const u64 desc_k = sw128_desc(sm.sk + wg * 64 * 128, 16);
+    const u64 desc_v = sw128_desc(sm.sv() + wg * 64 * 128, 16);
+    const u64 desc_q = sw128_desc(sm.sq(stage), 16);
+    const u64 desc_do = sw128_desc(sm.sdo(stage), 16);
+    const u64 desc_q_mn = sw128_desc(sm.sq(stage), BLOCK_M * 128);
+    const u64 desc_do_mn = sw128_desc(sm.sdo(stage), BLOCK_M * 128);
+    float s[BLOCK_M / 2], dp[BLOCK_M / 2];
+    GradFactors<MOD, CT> grad;  // unused: recovered from Pᵀ below (the stores are dead code)
+    u32 pf[KM][4], df[KM][4];
+
+    const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+        wgmma_ss<T, BLOCK_M, 0, 0>(s, desc_k + kmajor_step(kk, BLOCK_N), desc_q + kmajor_step(kk, BLOCK_M), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+        wgmma_ss<T, BLOCK_M, 0, 0>(dp, desc_v + kmajor_step(kk, BLOCK_N), desc_do + kmajor_step(kk, BLOCK_M), kk > 0);
+    wgmma_commit();
+    KeepWords<CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
+    if constexpr (DROPOUT) keep_words<true, CT>(keep, drop, key_row0 + g, m0, lane);
+    TransposedBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
+    bits.load(tile_mask, key_row0, lane);
+
+    // Pᵀ from Sᵀ while dPᵀ runs. Query rows past Nq and rows that attend to nothing have
+    // lse2 = +inf, so P = 0 there; element masks only where the warp's 16 keys hold a pair the
+    // mask hides (keys past Nk are masked too, though their dK/dV rows are never written).
+    wgmma_wait<1>();
+    reg_fence(s);
+    recompute_probs_transposed(as_blocks<CT>(s), grad, tile_mask, mod, false, key_row0 + g, m0, t, lse2);
+    if (tile_mask.partial(m0, BLOCK_M, key_row0, 16))
+        mask_probs_transposed(as_blocks<CT>(s), tile_mask, bits, key_row0 + g, m0, t);
+    pack_a<T, KM>(pf, s);
+    if constexpr (DROPOUT) drop_packed(pf, keep);
+
+    // dV += Pᵀ dO, running while dSᵀ is formed.
+    reg_fence_frag(pf);
+    reg_fence(dv_acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk)
+        wgmma_rs<T, D, 1>(dv_acc, pf[kk], desc_do_mn + ((u32)(kk * 2048) >> 4), 1);
+    wgmma_commit();
+
+    // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]).
+    wgmma_wait<1>();
+    reg_fence(dp);
+    if constexpr (DROPOUT) drop_grads(as_blocks<CT>(dp), keep, drop.rescale);
+    // The softcap factor comes back from Pᵀ: 32 more live registers would spill at D = 128.
+    softmax_grad_recovered<CT>(as_blocks<CT>(dp), as_blocks<CT>(s), mod, [&](int j, int i) {
+        const int col = 8 * j + 2 * t + (i & 1);
+        return ElementCoords{m0 + col, key_row0 + g + (i / 2) * 8, lse2[col], delta[col]};
+    });
+    pack_a<T, KM>(df, dp);
+
+    // dK += dSᵀ Q (scaled once at the end).
+    reg_fence_frag(df);
+    reg_fence(dk_acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk)
+        wgmma_rs<T, D, 1>(dk_acc, df[kk], desc_q_mn + ((u32)(kk * 2048) >> 4), 1);
+    wgmma_commit();
+    if constexpr (ATOMIC_DQ) {  // dSᵀ into shared memory while dK runs
+        sync(2);  // every warpgroup's dQ part of the previous tile has read the dSᵀ tile
+        store_ds_transposed<BLOCK_N, KM>(sm.sds(), df, (wg * 4 + warp) * 16 + g, t);
+        fence_proxy_async_shared();
+        sync(1);  // both warpgroups' dSᵀ stored
+    }
+    wgmma_wait<0>();
+    // The register operands stay untouched until the products that read them have landed.
+    reg_fence_frag(pf);
+    reg_fence_frag(df);
+    reg_fence(dv_acc);
+    reg_fence(dk_acc);
+    if constexpr (ATOMIC_DQ) {
+        // dQ part = dS K, in the registers the Pᵀ and dSᵀ operands have just freed.
+        float dq[DQ::N / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+            wgmma_ss<T, DQ::N, 1, 1>(dq, DQ::ds_desc(sm.sds(), wg) + ((u32)(kk * 2048) >> 4),
+                                     DQ::k_desc(sm.sk, wg) + ((u32)(kk * 2048) >> 4), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dq);
+        // The accumulator's rows are D floats here (a.dqk: D ∈ {64, 128} needs no padding). The
+        // tile's first scratch row is kept in shared memory, not in a register through the tile
+        // (the kernel has none to spare).
+        const i64 r = *sm.template at<const i64>(sm.scratch_row(stage)) + DQ::row0(wg) + warp * 16;
+        add_rows_by_bulk<DQ::N / 8, D, DQ::STAGE_LD>(a.dq_accum + r * D + DQ::col0(wg),
+                                                     sm.sdq() + (wg * 64 + warp * 16) * DQ::STAGE_LD * 4,
+                                                     as_blocks<DQ::N / 8>(dq), lane);
+    }
+}
+
+// dK·scale and dV of one consumer warpgroup's 64 keys, once; key tiles that no query sees
+// write zeros.
+template <typename T, int D, bool DROPOUT, bool F32_GRADS>
+__device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
+                                           float (&dk_acc)[D / 2], float (&dv_acc)[D / 2]) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
+    const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {dv_scale, dv_scale};
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
+                        seq.nk, D, as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn, a.gv_sn,
+                        seq.nk, D, as_blocks<D / 8>(dv_acc), key_row0 + g, 0, t, dv_factor);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows, loaded by every
+// thread with cp.async into two stages.
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
           bool F32_GRADS = false, bool ATOMIC_DQ = false, bool VARLEN = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dkdv(const BwdArgs a) {
     constexpr int THREADS = WG * 128;
     constexpr int BLOCK_N = WG * 64;
-    constexpr int KV_BYTES = BLOCK_N * D * 2;  // K or V
-    constexpr int QT_BYTES = BLOCK_M * D * 2;  // one Q or dO stage
-    constexpr int CT = BLOCK_M / 8;            // 8-column blocks of Sᵀ
-    constexpr int KD = D / 16;                 // k16 steps over the head dim
-    constexpr int KM = BLOCK_M / 16;           // k16 steps over the query tile
     static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
     using DQ = FusedDq<D, WG, BLOCK_M>;
@@ -132,16 +292,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
     // Dynamic shared memory is only 16-byte aligned; the swizzle needs 1024 (the host adds 1 KB).
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const u32 base = smem_addr(smem_raw);
-    const u32 sk = (base + 1023u) & ~1023u;
-    const u32 sv = sk + KV_BYTES;
-    const u32 sq = sv + KV_BYTES;         // two stages
-    const u32 sdo = sq + 2 * QT_BYTES;    // two stages
-    const u32 sds = sdo + 2 * QT_BYTES;   // ATOMIC_DQ: dSᵀ, BLOCK_N keys × BLOCK_M queries,
-    const u32 sdq = sds + BLOCK_N * BLOCK_M * 2;  // then the dQ parts' staging rows
-    // Per stage: lse2[BLOCK_M], then Delta[BLOCK_M]; then the fused dQ's first scratch row per stage.
-    float* rows = reinterpret_cast<float*>(smem_raw + (ATOMIC_DQ ? sdq + DQ::STAGE_BYTES : sds) - base);
-    i64* scratch_row = reinterpret_cast<i64*>(rows + 4 * BLOCK_M);
+    const DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ> sm(smem_raw);
 
     const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
@@ -154,49 +305,30 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
     auto load_query_tile = [&](int hh, int tile, int stage) {
         const int m0 = tile * BLOCK_M;
-        load_tile_sw128<BLOCK_M, D, THREADS>(sq + stage * QT_BYTES, a.q + b * a.q_sb + hh * a.q_sh + seq.q0 * a.q_sn,
+        load_tile_sw128<BLOCK_M, D, THREADS>(sm.sq(stage), a.q + b * a.q_sb + hh * a.q_sh + seq.q0 * a.q_sn,
                                              a.q_sn, m0, seq.nq);
-        load_tile_sw128<BLOCK_M, D, THREADS>(sdo + stage * QT_BYTES,
-                                             a.dout + b * a.do_sb + hh * a.do_sh + seq.q0 * a.do_sn, a.do_sn, m0, seq.nq);
+        load_tile_sw128<BLOCK_M, D, THREADS>(sm.sdo(stage), a.dout + b * a.do_sb + hh * a.do_sh + seq.q0 * a.do_sn,
+                                             a.do_sn, m0, seq.nq);
         const i64 r = scratch_offset<VARLEN>(a, seq, b, hh) + m0;
-        load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M, a.lse2 + r);
-        load_f32_async<BLOCK_M, THREADS>(rows + stage * 2 * BLOCK_M + BLOCK_M, a.delta + r);
-        // The fused dQ's accumulator rows are the scratch rows: kept here rather than in a
-        // register through the tile (the kernel has none to spare).
-        if (ATOMIC_DQ && threadIdx.x == 0) scratch_row[stage] = r;
+        float* rows = sm.template at<float>(sm.rows(stage));
+        load_f32_async<BLOCK_M, THREADS>(rows, a.lse2 + r);
+        load_f32_async<BLOCK_M, THREADS>(rows + BLOCK_M, a.delta + r);
+        if (ATOMIC_DQ && threadIdx.x == 0) *sm.template at<i64>(sm.scratch_row(stage)) = r;
     };
 
     int m_tile = walk.valid() ? walk.m_tile() : 0;
     if (walk.valid()) {
-        load_tile_sw128<BLOCK_N, D, THREADS>(sk, a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn, a.k_sn, n0, seq.nk);
-        load_tile_sw128<BLOCK_N, D, THREADS>(sv, a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn, a.v_sn, n0, seq.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sm.sk, a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn, a.k_sn, n0, seq.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sm.sv(), a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn, a.v_sn, n0,
+                                             seq.nk);
         load_query_tile(walk.h, m_tile, 0);
     }
     cp_async_commit();
 
     const int wg = threadIdx.x / 128;
-    const int warp = (threadIdx.x / 32) % 4;  // rows 16·warp..+15 of the warpgroup's 64 keys
-    const int lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;
-    const int key_row0 = n0 + wg * 64 + warp * 16;  // the warp's first key
-
-    // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ: A = this warpgroup's 64 rows of K / V (K-major over d, 64 rows =
-    // 8 atoms = 8192 bytes into each box), B = the Q / dO tile (K-major over d).
-    // dV += Pᵀ dO, dK += dSᵀ Q: B = dO / Q read MN-major (K = query rows, N = d): k16 step kk
-    // starts 16 rows (2048 bytes) further, the next 64-column box is BLOCK_M·128 bytes further.
-    const u64 desc_k = sw128_desc(sk + wg * 64 * 128, 16);
-    const u64 desc_v = sw128_desc(sv + wg * 64 * 128, 16);
-    const u64 desc_q = sw128_desc(sq, 16);
-    const u64 desc_do = sw128_desc(sdo, 16);
-    const u64 desc_q_mn = sw128_desc(sq, BLOCK_M * 128);
-    const u64 desc_do_mn = sw128_desc(sdo, BLOCK_M * 128);
-
     float dk_acc[D / 2], dv_acc[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
-    float s[BLOCK_M / 2], dp[BLOCK_M / 2];
-    GradFactors<MOD, CT> grad;  // unused: recovered from Pᵀ below (the stores are dead code)
-    u32 pf[KM][4], df[KM][4];
 
     int stage = 0;
     while (walk.valid()) {
@@ -214,92 +346,10 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         if (has_next) load_query_tile(ahead.h, next_m_tile, stage ^ 1);
         cp_async_commit();
 
-        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, walk.slot());
-        const u32 st = (u32)(stage * QT_BYTES) >> 4;
-        const float* lse2 = rows + stage * 2 * BLOCK_M;
-        const float* delta = lse2 + BLOCK_M;
-
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk)
-            wgmma_ss<T, BLOCK_M, 0, 0>(s, desc_k + kmajor_step(kk, BLOCK_N), desc_q + st + kmajor_step(kk, BLOCK_M), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk)
-            wgmma_ss<T, BLOCK_M, 0, 0>(dp, desc_v + kmajor_step(kk, BLOCK_N), desc_do + st + kmajor_step(kk, BLOCK_M), kk > 0);
-        wgmma_commit();
-        KeepWords<CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
-        if constexpr (DROPOUT) keep_words<true, CT>(keep, drop, key_row0 + g, m0, lane);
-        TransposedBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
-        bits.load(tile_mask, key_row0, lane);
-
-        // Pᵀ from Sᵀ while dPᵀ runs. Query rows past Nq and rows that attend to nothing have
-        // lse2 = +inf, so P = 0 there; element masks only where the warp's 16 keys hold a pair the
-        // mask hides (keys past Nk are masked too, though their dK/dV rows are never written).
-        wgmma_wait<1>();
-        reg_fence(s);
-        recompute_probs_transposed(as_blocks<CT>(s), grad, tile_mask, mod, false, key_row0 + g, m0, t, lse2);
-        if (tile_mask.partial(m0, BLOCK_M, key_row0, 16))
-            mask_probs_transposed(as_blocks<CT>(s), tile_mask, bits, key_row0 + g, m0, t);
-        pack_a<T, KM>(pf, s);
-        if constexpr (DROPOUT) drop_packed(pf, keep);
-
-        // dV += Pᵀ dO, running while dSᵀ is formed.
-        reg_fence_frag(pf);
-        reg_fence(dv_acc);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KM; ++kk)
-            wgmma_rs<T, D, 1>(dv_acc, pf[kk], desc_do_mn + st + ((u32)(kk * 2048) >> 4), 1);
-        wgmma_commit();
-
-        // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]).
-        wgmma_wait<1>();
-        reg_fence(dp);
-        if constexpr (DROPOUT) drop_grads(as_blocks<CT>(dp), keep, drop.rescale);
-        // The softcap factor comes back from Pᵀ: 32 more live registers would spill at D = 128.
-        softmax_grad_recovered<CT>(as_blocks<CT>(dp), as_blocks<CT>(s), mod, [&](int j, int i) {
-            const int col = 8 * j + 2 * t + (i & 1);
-            return ElementCoords{m0 + col, key_row0 + g + (i / 2) * 8, lse2[col], delta[col]};
-        });
-        pack_a<T, KM>(df, dp);
-
-        // dK += dSᵀ Q (scaled once at the end).
-        reg_fence_frag(df);
-        reg_fence(dk_acc);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KM; ++kk)
-            wgmma_rs<T, D, 1>(dk_acc, df[kk], desc_q_mn + st + ((u32)(kk * 2048) >> 4), 1);
-        wgmma_commit();
-        if constexpr (ATOMIC_DQ) {  // dSᵀ into shared memory while dK runs
-            store_ds_transposed<BLOCK_N, KM>(sds, df, threadIdx.x / 32 * 16 + g, t);
-            fence_proxy_async_shared();
-            __syncthreads();  // both warpgroups' dSᵀ stored
-        }
-        wgmma_wait<0>();
-        // The register operands stay untouched until the products that read them have landed.
-        reg_fence_frag(pf);
-        reg_fence_frag(df);
-        reg_fence(dv_acc);
-        reg_fence(dk_acc);
-        if constexpr (ATOMIC_DQ) {
-            // dQ part = dS K, in the registers the Pᵀ and dSᵀ operands have just freed.
-            float dq[DQ::N / 2];
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-                wgmma_ss<T, DQ::N, 1, 1>(dq, DQ::ds_desc(sds, wg) + ((u32)(kk * 2048) >> 4),
-                                         DQ::k_desc(sk, wg) + ((u32)(kk * 2048) >> 4), kk > 0);
-            wgmma_commit();
-            wgmma_wait<0>();
-            reg_fence(dq);
-            // The accumulator's rows are D floats here (a.dqk: D ∈ {64, 128} needs no padding).
-            const i64 r = scratch_row[stage] + DQ::row0(wg) + warp * 16;
-            add_rows_by_bulk<DQ::N / 8, D, DQ::STAGE_LD>(a.dq_accum + r * D + DQ::col0(wg),
-                                                         sdq + (wg * 64 + warp * 16) * DQ::STAGE_LD * 4,
-                                                         as_blocks<DQ::N / 8>(dq), lane);
-        }
+        // The block's barrier at the loop's top already orders the dSᵀ tile's reuse (id 2).
+        dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
+            a, mask, mod, drop, sm, wg, stage, m0, n0, walk.slot(), dk_acc, dv_acc,
+            [](int id) { if (id == 1) __syncthreads(); });
 
         walk = ahead;
         m_tile = next_m_tile;
@@ -307,16 +357,109 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     }
     cp_async_wait<0>();
     if constexpr (ATOMIC_DQ) {
-        if (lane < 16) bulk_wait();  // the staging rows stay until the last reduce-adds are done
+        if (threadIdx.x % 32 < 16) bulk_wait();  // the staging rows stay until the last reduce-adds are done
+    }
+    store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same, warp-specialised (dense calls): warpgroup 0 is a producer whose one elected thread
+// loads K and V once and each query tile's Q and dO (TMA, 128-byte swizzled boxes, zeros past
+// the tensor's end) and lse2 and Delta rows (bulk copies) into two stages guarded by mbarriers;
+// warpgroups 1..WG are the consumers, with the producer's registers (setmaxnreg). Consumers
+// release a stage after its last read; no block-wide barrier runs in the loop.
+struct BwdMaps {
+    TmaDesc q, k, v, dout;
+};
+
+template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
+          bool F32_GRADS = false, bool ATOMIC_DQ = false>
+__global__ void __launch_bounds__((WG + 1) * 128, 1)
+flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
+    constexpr int BLOCK_N = WG * 64;
+    constexpr int CONSUMERS = WG * 128;
+    using SM = DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>;
+    static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
+    static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
+    static_assert(!ATOMIC_DQ || FusedDq<D, WG, BLOCK_M>::N >= 64, "fused dQ needs parts of at least 64 columns");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // mbarriers: K and V in; each stage's Q, dO, lse2, Delta in; each stage free again.
+    __shared__ __align__(8) u64 barrier_words[5];
+    const u32 kv_full = smem_addr(barrier_words);
+    auto full = [&](int stage) { return kv_full + 8 * (1 + stage); };
+    auto empty = [&](int stage) { return kv_full + 8 * (3 + stage); };
+    const SM sm(smem_raw);
+    if (threadIdx.x == 0) {
+        mbar_init(kv_full, 1);
+        for (int stage = 0; stage < 2; ++stage) {
+            mbar_init(full(stage), 1);
+            mbar_init(empty(stage), WG);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
+    const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
+    const int n0 = n_tile * BLOCK_N;
+    const Sequence seq = sequence_of<false>(a, b);
+    const MASK mask(a, seq.nq, seq.nk);
+    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, n_tile, hk, a.m_tiles);
+
+    if (threadIdx.x < 128) {
+        release_registers<24>();
+        if (threadIdx.x >= 32 || !elect_one_lane() || !walk.valid()) return;
+        tma_prefetch_desc(&maps.q);
+        tma_prefetch_desc(&maps.dout);
+        mbar_arrive_expect_bytes(kv_full, 2 * SM::KV_BYTES);
+#pragma unroll
+        for (int box = 0; box < D / 64; ++box) {
+            tma_load_4d(sm.sk + box * BLOCK_N * 128, &maps.k, kv_full, 64 * box, n0, hk, b);
+            tma_load_4d(sm.sv() + box * BLOCK_N * 128, &maps.v, kv_full, 64 * box, n0, hk, b);
+        }
+        RingSlot<2> slot;
+        for (; walk.valid(); walk.next(), slot.advance()) {
+            const int m0 = walk.m_tile() * BLOCK_M;
+            const i64 r = scratch_offset<false>(a, seq, b, walk.h) + m0;
+            mbar_wait(empty(slot.stage), slot.phase ^ 1);
+            if constexpr (ATOMIC_DQ) *sm.template at<i64>(sm.scratch_row(slot.stage)) = r;
+            mbar_arrive_expect_bytes(full(slot.stage), 2 * SM::QT_BYTES + 2 * BLOCK_M * 4);
+#pragma unroll
+            for (int box = 0; box < D / 64; ++box) {
+                tma_load_4d(sm.sq(slot.stage) + box * BLOCK_M * 128, &maps.q, full(slot.stage), 64 * box, m0, walk.h, b);
+                tma_load_4d(sm.sdo(slot.stage) + box * BLOCK_M * 128, &maps.dout, full(slot.stage), 64 * box, m0,
+                            walk.h, b);
+            }
+            bulk_load(sm.rows(slot.stage), a.lse2 + r, BLOCK_M * 4, full(slot.stage));
+            bulk_load(sm.rows(slot.stage) + BLOCK_M * 4, a.delta + r, BLOCK_M * 4, full(slot.stage));
+        }
+        return;
     }
 
-    // dK·scale and dV, once; key tiles that no query sees write zeros.
-    const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
-    const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {dv_scale, dv_scale};
-    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
-                        seq.nk, D, as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
-    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn, a.gv_sn,
-                        seq.nk, D, as_blocks<D / 8>(dv_acc), key_row0 + g, 0, t, dv_factor);
+    claim_registers<240>();
+    const int wg = threadIdx.x / 128 - 1;
+    float dk_acc[D / 2], dv_acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    if (walk.valid()) mbar_wait(kv_full, 0);
+    RingSlot<2> slot;
+    for (; walk.valid(); walk.next(), slot.advance()) {
+        const MOD mod(a, b, walk.h, seq.nq, seq.nk);
+        const DropoutMask drop(a, b, walk.h);
+        mbar_wait(full(slot.stage), slot.phase);
+        dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
+            a, mask, mod, drop, sm, wg, slot.stage, walk.m_tile() * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
+            [](int id) { named_barrier(id, CONSUMERS); });
+        // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
+        // the scratch row): only then may its leader release it.
+        named_barrier(3 + wg, 128);
+        if (threadIdx.x % 128 == 0) mbar_arrive(empty(slot.stage));
+    }
+    if constexpr (ATOMIC_DQ) {
+        if (threadIdx.x % 32 < 16) bulk_wait();  // the staging rows stay until the last reduce-adds are done
+    }
+    store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
 }
 
 // ---------------------------------------------------------------------------------------------

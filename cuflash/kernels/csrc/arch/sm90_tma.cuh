@@ -77,6 +77,14 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* desc, u32 ba
         : "memory");
 }
 
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` into shared memory
+// at `dst`, signalling `bar` with the byte count when they land.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
 // ---- bulk reductions (shared → global, by the TMA unit, asynchronous to the issuing thread)
 
 // Adds `bytes` (a multiple of 16) of float32 at shared address `src` into global `dst`, element

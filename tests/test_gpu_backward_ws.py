@@ -1,0 +1,82 @@
+"""Both Hopper dK/dV kernels against the float64 oracle, in both backward modes, over the options
+they take: the warp-specialised one (the default: a TMA producer warpgroup feeding two consumer
+warpgroups through mbarriers) and the cp.async one (``CUFLASH_SM90_BWD_WS=0``, which the rest of
+the suite no longer reaches on dense calls); each test asserts that kernel_plan names the kernel.
+Runs on Hopper only (elsewhere neither kernel exists)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash.sparse import BlockMask, ExactMask
+from oracle import assert_backward_close, random_array
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True, params=["warp-specialised", "cp.async"])
+def dkdv_kernel(request, monkeypatch, xp_gpu):
+    from cuflash import kernels
+    from cuflash.kernels import _launch
+
+    if _launch._compute_capability(xp_gpu.cuda.Device().id) != "90":
+        pytest.skip("the Hopper dK/dV kernels")
+    monkeypatch.setenv(kernels.WARP_SPECIALISED_BACKWARD_ENV, "1" if request.param == "warp-specialised" else "0")
+    return request.param
+
+
+def run(xp, rng, seed, kernel, *, b=1, hq=2, hkv=None, nq=300, nk=None, d=64, dtype=ml_dtypes.bfloat16,
+        deterministic=False, **options):
+    hkv, nk = hkv or hq, nk or nq
+    q = random_array(rng, (b, hq, nq, d), dtype, xp=xp)
+    k = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
+    v = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
+    plan = cuflash.kernel_plan(q, k, v, deterministic=deterministic, **options)
+    assert plan.backward.family.name == "sm90-wgmma", str(plan)
+    assert ("warp-specialised" in plan.backward.detail) == (kernel == "warp-specialised"), str(plan)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    dout = random_array(rng, out.shape, dtype, xp=xp)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
+    assert_backward_close(grads, dout, q, k, v, context=f"seed={seed} deterministic={deterministic}",
+                          **options)
+    return grads
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_head_dims(xp_gpu, rng, seed, dkdv_kernel, dtype, d, causal, deterministic):
+    run(xp_gpu, rng, seed, dkdv_kernel, d=d, dtype=dtype, causal=causal, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("nq,nk", [(1, 300), (300, 1), (129, 333), (640, 257)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths(xp_gpu, rng, seed, dkdv_kernel, nq, nk, causal):
+    run(xp_gpu, rng, seed, dkdv_kernel, nq=nq, nk=nk, d=128, causal=causal)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 3)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_grouped_heads(xp_gpu, rng, seed, dkdv_kernel, hq, hkv, deterministic):
+    run(xp_gpu, rng, seed, dkdv_kernel, b=2, hq=hq, hkv=hkv, nq=256, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("options", [dict(window=(100, 20)), dict(softcap=20.0), dict(causal=True, softcap=5.0)],
+                         ids=str)
+def test_band_and_score_modifier(xp_gpu, rng, seed, dkdv_kernel, options):
+    run(xp_gpu, rng, seed, dkdv_kernel, d=128, **options)
+
+
+def test_block_sparse(xp_gpu, rng, seed, dkdv_kernel):
+    pattern = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1]], bool)
+    mask = BlockMask.from_dense(pattern, block_size=128, shape=(384, 384))
+    run(xp_gpu, rng, seed, dkdv_kernel, nq=384, d=128, block_mask=mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_mask(xp_gpu, rng, seed, dkdv_kernel, causal):
+    n = 300
+    pattern = (np.random.default_rng(seed).random((n, n)) < 0.2) | np.eye(n, dtype=bool)
+    run(xp_gpu, rng, seed, dkdv_kernel, nq=n, d=128, mask=ExactMask.from_dense(pattern), causal=causal)
