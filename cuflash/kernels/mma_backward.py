@@ -244,10 +244,11 @@ def variant_dq(spec, tiles: BwdTiles, *, aligned: bool) -> str:
     )
 
 
-def variant_convert(dtype, *, aligned: bool, varlen: bool = False,
-                    float32_grads: bool = False) -> str:
+def variant_convert(dtype, *, aligned: bool, varlen: bool = False, float32_grads: bool = False,
+                    fragment_order: bool = False) -> str:
+    """fragment_order: the accumulator of the Hopper fused dQ (flash_bwd_sm90.cu), not row-major."""
     return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned,
-                                      *_build.trailing_flags(varlen, float32_grads))
+                                      *_build.trailing_flags(varlen, float32_grads, fragment_order))
 
 
 def tiles_for(spec) -> BwdTiles:
@@ -374,14 +375,16 @@ def preprocess_launch(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool
     return KernelLaunch(kernel, blocks, 256, 0, args(m_tiles=row_blocks if varlen else 0))
 
 
-def convert_launch(args, spec, *, aligned: bool) -> KernelLaunch:
+def convert_launch(args, spec, *, aligned: bool, fragment_order: bool = False) -> KernelLaunch:
     """The flash_bwd_dq_convert launch: one thread per 8 columns of each row of dq. A varlen
     call's grid covers the longest sequence's rows for each (sequence, head), its blocks per
-    (sequence, head) sent as m_tiles."""
+    (sequence, head) sent as m_tiles. ``fragment_order``: the accumulator is the Hopper fused
+    dQ's (schedule.cuh, dq_fragment_offset)."""
     s = spec.shapes
     varlen = spec.varlen is not None
     kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned, varlen=varlen,
-                                                         float32_grads=spec.float32_grads))
+                                                         float32_grads=spec.float32_grads,
+                                                         fragment_order=fragment_order))
     chunks = -(-s.d // 8)
     if varlen:
         per_head = -(-s.nq * chunks // 256)
@@ -447,7 +450,7 @@ def main_variants() -> list[tuple[str, str]]:
     for every spec of the grid (both dtypes x head dims x dense/causal, and each mask policy and
     score modifier), the dk/dv kernel with and without atomic dq and the deterministic dq
     kernel; block-sparse fallback tiles (64-row blocks), unaligned views, float32 gradients, and
-    the small per-row kernels."""
+    the small per-row kernels (the dQ cast also for the Hopper fused dQ's accumulator order)."""
     from ..sparse import BlockMask
     from ._variants import (dropout_spec_grid, float32_grads_specs, spec_grid, spec_of,
                             varlen_spec_grid)
@@ -457,7 +460,8 @@ def main_variants() -> list[tuple[str, str]]:
         for aligned in (False, True):
             for zero_dq in (True, False):
                 out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq)))
-            out.append((SOURCE, variant_convert(dtype, aligned=aligned)))
+            out += [(SOURCE, variant_convert(dtype, aligned=aligned, fragment_order=order))
+                    for order in (False, True)]
 
     def both_paths(spec, aligned=True):
         tiles = tiles_for(spec)
@@ -480,13 +484,15 @@ def main_variants() -> list[tuple[str, str]]:
     out += both_paths(spec_of("bfloat16", 128, causal=True, dropout_p=0.1, dropout_seed=1,
                               float32_grads=True))
     for aligned in (False, True):
-        out.append((SOURCE, variant_convert("bfloat16", aligned=aligned, float32_grads=True)))
+        out += [(SOURCE, variant_convert("bfloat16", aligned=aligned, float32_grads=True, fragment_order=order))
+                for order in (False, True)]
 
     for dtype in ("float16", "bfloat16"):
         for aligned in (False, True):
             for zero_dq in (True, False):
                 out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq, varlen=True)))
-            out.append((SOURCE, variant_convert(dtype, aligned=aligned, varlen=True)))
+            out += [(SOURCE, variant_convert(dtype, aligned=aligned, varlen=True, fragment_order=order))
+                    for order in (False, True)]
     for spec in varlen_spec_grid():
         out += both_paths(spec)
     return list(dict.fromkeys(out))

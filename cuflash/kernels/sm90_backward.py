@@ -69,11 +69,11 @@ class Sm90BwdTiles:
         return 64 * self.dq_warpgroups
 
     def dkdv_shared_bytes(self, d: int, *, atomic_dq: bool = False) -> int:
-        # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile and the staging rows of its dQ
-        # parts, 64 rows of columns + 8 floats per warpgroup,) two stages of lse2 + Delta, (two
-        # scratch-row indices,) 1 KB for the 1024-byte alignment.
+        # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile and the staging floats of its dQ
+        # parts, 64 rows per warpgroup,) two stages of lse2 + Delta, (two scratch-row indices,)
+        # 1 KB for the 1024-byte alignment.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
-        fused = 2 * bn * bm + self.dkdv_warpgroups * 64 * (self.fused_dq_columns(d) + 8) * 4 + 16
+        fused = 2 * bn * bm + self.dkdv_warpgroups * 64 * self.fused_dq_columns(d) * 4 + 16
         return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + 4 * 4 * bm + 1024
 
     def fused_dq_columns(self, d: int) -> int:
@@ -106,9 +106,11 @@ def fused_dq_pays(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether the fused dQ is the faster sequence for this call: each warpgroup's dQ part must be
     at least 64 columns wide (the narrowest wgmma tile the kernels instantiate), and at D = 128
     under a band (causal, window) the two-kernel sequence measured as fast or faster on an H200
-    (benchmarks/NOTES.md, b3)."""
+    (benchmarks/NOTES.md, b3). Packed sequences at D = 64 take the two kernels too: their fused
+    variant (cp.async kernel) spills 16 bytes."""
     d = spec.shapes.d
-    return tiles.fused_dq_columns(d) >= 64 and not (d == 128 and spec.banded)
+    return (tiles.fused_dq_columns(d) >= 64 and not (d == 128 and spec.banded)
+            and not (d == 64 and spec.varlen is not None))
 
 
 def fuses_dq(spec, tiles: Sm90BwdTiles) -> bool:
@@ -166,6 +168,9 @@ def supports(spec, arrays) -> str | None:
     d, dv = spec.shapes.d, spec.shapes.dv
     if d != dv or d not in HEAD_DIMS:
         return f"takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"
+    reason = why_not_options(spec)
+    if reason:
+        return reason
     if not vector_aligned(list(arrays), (d, dv)):
         return "needs 16-byte aligned rows and strides"
     if spec.block_mask is not None:
@@ -174,6 +179,15 @@ def supports(spec, arrays) -> str | None:
         if (bq % tiles.dkdv_block_m or bq % tiles.dq_block_m
                 or bk % tiles.dkdv_block_n or bk % tiles.dq_block_n):
             return f"needs block-mask blocks that are multiples of 128x128; got {bq}x{bk}"
+    return None
+
+
+def why_not_options(spec) -> str | None:
+    """The options this family's kernels cannot combine (None if it can): dropout beside softcap
+    or ALiBi at D = 128, which no dK/dV kernel of it compiles within 255 registers without
+    spills (the mma.sync family takes those calls)."""
+    if spec.has_dropout and spec.shapes.d == 128 and (spec.has_softcap or spec.has_alibi):
+        return "does not take dropout beside softcap or ALiBi at D = 128"
     return None
 
 
@@ -263,7 +277,8 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                 _tma.TensorLayout.of(x, rows) for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m))))
         launches.append(launch)
     if atomic_dq:
-        launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (d,))))
+        launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (d,)),
+                                                    fragment_order=True))
     return mma_backward.BackwardLaunch(scratch, tuple(launches))
 
 
@@ -278,7 +293,8 @@ def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
     from ._variants import dropout_spec_grid, float32_grads_specs, spec_grid, varlen_spec_grid
 
-    dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS) if spec.shapes.d == spec.shapes.dv]
+    dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS)
+               if spec.shapes.d == spec.shapes.dv and why_not_options(spec) is None]
     varlen = [spec for spec in varlen_spec_grid()
               if spec.shapes.d == spec.shapes.dv and spec.shapes.d in HEAD_DIMS]
     out = []

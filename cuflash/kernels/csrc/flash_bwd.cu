@@ -14,7 +14,8 @@
 //                         dS^T Q directly. With ATOMIC_DQ it also adds dS K into the dQ
 //                         accumulator (dS^T goes through shared memory and comes back transposed
 //                         by ldmatrix.trans).
-//   flash_bwd_dq_convert  dQ accumulator * scale -> dQ in the input dtype (or float32).
+//   flash_bwd_dq_convert  dQ accumulator * scale -> dQ in the input dtype (or float32); also for
+//                         the Hopper fused dQ's accumulator (FRAGMENT_ORDER).
 //   flash_bwd_dq          the deterministic alternative to ATOMIC_DQ: one thread block per query
 //                         tile walks its key tiles, recomputes P and dP, and writes dQ once.
 //
@@ -225,7 +226,7 @@ __device__ __forceinline__ void dkdv_pass(float (&dk_acc)[S::MT][S::KT][4], floa
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         recompute_probs_transposed(s[mt], grad, mask, mod, partial, key_base + mt * 16 + w.g, col_base + cp, w.t,
-                                   lse2 + cp);
+                                   ColumnPairs<CTP, false>(lse2 + cp, w.t));
     if constexpr (DROPOUT) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -432,7 +433,9 @@ flash_bwd_dkdv(const BwdArgs a) {
 // dQ accumulator -> dQ: one thread per 8 columns of one row. Dense: the threads cover every row
 // of every (batch, head) in turn. VARLEN: m_tiles blocks of 256 threads cover the longest
 // sequence's rows of each (sequence, head); threads past their sequence's rows exit.
-template <typename T, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false>
+// FRAGMENT_ORDER: the accumulator is in the Hopper fused dQ's order (schedule.cuh,
+// dq_fragment_offset), not row-major.
+template <typename T, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false, bool FRAGMENT_ORDER = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_dq_convert(const BwdArgs a) {
     const int chunks = (a.d + 7) / 8;
@@ -456,7 +459,8 @@ flash_bwd_dq_convert(const BwdArgs a) {
     }
     const Sequence seq = sequence_of<VARLEN>(a, b);
     if (VARLEN && row >= seq.nq) return;
-    const float* src = a.dq_accum + (scratch_offset<VARLEN>(a, seq, b, h) + row) * a.dqk + c;
+    const i64 scratch_row = scratch_offset<VARLEN>(a, seq, b, h) + row;
+    const float* src = a.dq_accum + (FRAGMENT_ORDER ? dq_fragment_offset(scratch_row, c, a.dqk) : scratch_row * a.dqk + c);
     auto* dst = grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn + row * a.gq_sn + c;
     const float4 x = *reinterpret_cast<const float4*>(src);
     const float4 y = *reinterpret_cast<const float4*>(src + 4);

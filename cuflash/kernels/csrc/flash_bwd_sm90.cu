@@ -35,11 +35,13 @@
 // tile pair instead of seven. Each warpgroup writes its dSᵀ (bf16/f16) into a shared tile, and
 // after a barrier the block's dS (query rows × all BLOCK_N keys) times K lands in registers, one
 // 64-row by DQ_N-column part per warpgroup. Each warp stages its 16 rows of it in shared memory
-// and hands them to the TMA unit as bulk float32 reduce-adds into flash_bwd.cu's dQ accumulator
-// (zeroed by flash_bwd_pre, cast by flash_bwd_dq_convert): whole 256-byte rows, where an 8-byte
-// red.global.add per thread and pair cost an L2 request per 32-byte sector (1,536 per tile pair
-// at D = 128). Float adds from several blocks in any order: not bit-identical run to run, so
-// deterministic calls take the dq kernel.
+// and hands them to the TMA unit as one bulk float32 reduce-add into flash_bwd.cu's dQ
+// accumulator (zeroed by flash_bwd_pre, cast by flash_bwd_dq_convert), which keeps the order of
+// the warp's accumulator fragments (schedule.cuh, dq_fragment_offset) so that the warp's part is
+// one contiguous run: an 8-byte red.global.add per thread and pair cost an L2 request per 32-byte
+// sector (1,536 per tile pair at D = 128), and a bulk reduce-add per row (row-major
+// accumulator) cost 16 serialised issues per warp and tile. Float adds from several blocks in any
+// order: not bit-identical run to run, so deterministic calls take the dq kernel.
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -65,10 +67,9 @@ struct FusedDq {
     __device__ static u64 ds_desc(u32 sds, int wg) { return sw128_desc(sds + (row0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
     // B = K read MN-major (K = keys, N = head-dim columns), from box col0 / 64 on.
     __device__ static u64 k_desc(u32 sk, int wg) { return sw128_desc(sk + (col0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
-    // Staging rows of the part in shared memory: N floats and 8 of padding, so that the 8-byte
-    // stores of a half-warp (rows g = 0..3, 8 floats each) hit 32 different banks.
-    static constexpr int STAGE_LD = N + 8;
-    static constexpr int STAGE_BYTES = WG * 64 * STAGE_LD * 4;
+    // Staging floats of the part in shared memory, 16 rows by N columns per warp, in the
+    // accumulator's order (dq_fragment_offset).
+    static constexpr int STAGE_BYTES = WG * 64 * N * 4;
 };
 
 // A warp's dSᵀ fragments (the A operands `df` of dK += dSᵀ Q: keys `row` and row + 8, queries
@@ -87,34 +88,33 @@ __device__ __forceinline__ void store_ds_transposed(u32 sds, const u32 (&df)[KM]
 }
 
 // A warp's 16 rows of an m64nN float32 accumulator (NB blocks of 8 columns; this thread's rows
-// g and g + 8) added into global rows of LD floats starting at `dst` (the warp's first row and
-// the part's first column), through `stage` (the warp's 16 staging rows of STAGE_LD floats):
-// each of lanes 0..15 hands one row to the TMA unit as a bulk reduce-add. The lane first waits
-// until its previous row has been read, so the staging rows may be rewritten.
-template <int NB, int LD, int STAGE_LD>
-__device__ __forceinline__ void add_rows_by_bulk(float* dst, u32 stage, const float (&x)[NB][4], int lane) {
-    const int g = lane / 4, t = lane % 4;
-    if (lane < 16) bulk_wait_read();
+// g and g + 8) added into the dQ accumulator's run that starts at `dst` (dq_fragment_offset of
+// the warp's first row and the part's first column), through `stage` (the warp's 16·8·NB staging
+// floats, in the same order): one bulk reduce-add, from lane 0. Lane 0 first waits until its
+// previous one has read the staging floats, so they may be rewritten.
+template <int NB>
+__device__ __forceinline__ void add_part_by_bulk(float* dst, u32 stage, const float (&x)[NB][4], int lane) {
+    if (lane == 0) bulk_wait_read();
     __syncwarp();
 #pragma unroll
     for (int j = 0; j < NB; ++j)
 #pragma unroll
         for (int half = 0; half < 2; ++half)
             asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n"
-                         ::"r"(stage + ((g + 8 * half) * STAGE_LD + 8 * j + 2 * t) * 4),
+                         ::"r"(stage + ((2 * j + half) * 32 + lane) * 8),
                          "f"(x[j][2 * half]), "f"(x[j][2 * half + 1])
                          : "memory");
     fence_proxy_async_shared();
     __syncwarp();
-    if (lane < 16) {
-        bulk_reduce_add_f32(dst + lane * LD, stage + lane * STAGE_LD * 4, NB * 8 * 4);
+    if (lane == 0) {
+        bulk_reduce_add_f32(dst, stage, NB * 8 * 16 * 4);
         bulk_commit();
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The dK/dV kernels' shared-memory plan (all offsets from a 1024-byte aligned base): K, V; two
-// stages of Q and dO; (ATOMIC_DQ) the dSᵀ tile and the dQ parts' staging rows; per stage lse2
+// stages of Q and dO; (ATOMIC_DQ) the dSᵀ tile and the dQ parts' staging floats; per stage lse2
 // and Delta rows (floats); (ATOMIC_DQ) each stage's first scratch row.
 template <int D, int WG, int BLOCK_M, bool ATOMIC_DQ>
 struct DkdvSmem {
@@ -193,9 +193,13 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     // Pᵀ from Sᵀ while dPᵀ runs. Query rows past Nq and rows that attend to nothing have
     // lse2 = +inf, so P = 0 there; element masks only where the warp's 16 keys hold a pair the
     // mask hides (keys past Nk are masked too, though their dK/dV rows are never written).
+    // lse2 and Delta are loaded ahead at 64-row query tiles without a score modifier or dropout
+    // (elsewhere their registers spill).
+    constexpr bool AHEAD = BLOCK_M == 64 && MOD::identity && !DROPOUT;
+    const ColumnPairs<CT, AHEAD> lse2_pairs(lse2, t);
     wgmma_wait<1>();
     reg_fence(s);
-    recompute_probs_transposed(as_blocks<CT>(s), grad, tile_mask, mod, false, key_row0 + g, m0, t, lse2);
+    recompute_probs_transposed(as_blocks<CT>(s), grad, tile_mask, mod, false, key_row0 + g, m0, t, lse2_pairs);
     if (tile_mask.partial(m0, BLOCK_M, key_row0, 16))
         mask_probs_transposed(as_blocks<CT>(s), tile_mask, bits, key_row0 + g, m0, t);
     pack_a<T, KM>(pf, s);
@@ -211,13 +215,15 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     wgmma_commit();
 
     // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]).
+    const ColumnPairs<CT, AHEAD> delta_pairs(delta, t);
     wgmma_wait<1>();
     reg_fence(dp);
     if constexpr (DROPOUT) drop_grads(as_blocks<CT>(dp), keep, drop.rescale);
     // The softcap factor comes back from Pᵀ: 32 more live registers would spill at D = 128.
     softmax_grad_recovered<CT>(as_blocks<CT>(dp), as_blocks<CT>(s), mod, [&](int j, int i) {
-        const int col = 8 * j + 2 * t + (i & 1);
-        return ElementCoords{m0 + col, key_row0 + g + (i / 2) * 8, lse2[col], delta[col]};
+        const float2 l2 = lse2_pairs(j, t), dl = delta_pairs(j, t);
+        return ElementCoords{m0 + 8 * j + 2 * t + (i & 1), key_row0 + g + (i / 2) * 8, i & 1 ? l2.y : l2.x,
+                             i & 1 ? dl.y : dl.x};
     });
     pack_a<T, KM>(df, dp);
 
@@ -256,9 +262,8 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         // tile's first scratch row is kept in shared memory, not in a register through the tile
         // (the kernel has none to spare).
         const i64 r = *sm.template at<const i64>(sm.scratch_row(stage)) + DQ::row0(wg) + warp * 16;
-        add_rows_by_bulk<DQ::N / 8, D, DQ::STAGE_LD>(a.dq_accum + r * D + DQ::col0(wg),
-                                                     sm.sdq() + (wg * 64 + warp * 16) * DQ::STAGE_LD * 4,
-                                                     as_blocks<DQ::N / 8>(dq), lane);
+        add_part_by_bulk<DQ::N / 8>(a.dq_accum + dq_fragment_offset(r, DQ::col0(wg), D),
+                                    sm.sdq() + (wg * 4 + warp) * 16 * DQ::N * 4, as_blocks<DQ::N / 8>(dq), lane);
     }
 }
 
@@ -357,7 +362,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     }
     cp_async_wait<0>();
     if constexpr (ATOMIC_DQ) {
-        if (threadIdx.x % 32 < 16) bulk_wait();  // the staging rows stay until the last reduce-adds are done
+        if (threadIdx.x % 32 == 0) bulk_wait();  // the staging floats stay until the last reduce-add is done
     }
     store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
 }
@@ -457,7 +462,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         if (threadIdx.x % 128 == 0) mbar_arrive(empty(slot.stage));
     }
     if constexpr (ATOMIC_DQ) {
-        if (threadIdx.x % 32 < 16) bulk_wait();  // the staging rows stay until the last reduce-adds are done
+        if (threadIdx.x % 32 == 0) bulk_wait();  // the staging floats stay until the last reduce-add is done
     }
     store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
 }

@@ -50,6 +50,18 @@ __device__ __forceinline__ i64 scratch_offset(const Args& a, const Sequence& s, 
     return ((i64)b * a.heads + h) * a.rows_pad;
 }
 
+// Where the Hopper fused dQ keeps row `row`'s columns c..c + 7 (c a multiple of 8) in the float32
+// accumulator (FRAGMENT_ORDER; `row` counts scratch rows from the accumulator's start, d floats a
+// row): rows go in blocks of 16, and each block's 16·d floats follow a warp's slice of a wgmma
+// accumulator — 8-column chunk, then row half (rows 0-7, 8-15), then lane 4g + t holding columns
+// 2t, 2t + 1 of row g — so a warp's 16 rows of any chunk-aligned column range are one contiguous
+// run: one bulk reduce-add per warp and tile, from staging stores that hit 32 different banks.
+// The 8 columns asked for are contiguous too (lanes 4g..4g + 3).
+__device__ __forceinline__ i64 dq_fragment_offset(i64 row, int c, int d) {
+    const int i = (int)(row % 16);
+    return (row - i) * d + ((c / 8) * 2 + i / 8) * 64 + (i % 8) * 8;
+}
+
 // The query tile a thread block owns, from a 1-D grid of m_tiles × heads × batch blocks (or
 // tile `index` of that order, for kernels whose blocks walk several): the
 // tiles of one head next to each other (they share K/V in L2), and with a banded mask (causal,

@@ -159,12 +159,35 @@ __device__ __forceinline__ void recompute_probs(float (&s)[NT][4], GradFactors<M
     }
 }
 
+// A thread's per-query values (lse2, Delta) of a transposed tile's columns 8j + 2t, 8j + 2t + 1.
+// AHEAD: loaded from shared memory into registers at once, ahead of their use, so that they can
+// be issued before a wgmma wait (whose memory clobber would otherwise hold the loads back until
+// the scores are in); that takes 2·NT registers. Otherwise each is loaded where it is used.
+template <int NT, bool AHEAD>
+struct ColumnPairs {
+    const float* rows;
+    __device__ __forceinline__ ColumnPairs(const float* rows_, int) : rows(rows_) {}
+    __device__ __forceinline__ float2 operator()(int j, int t) const {
+        return *reinterpret_cast<const float2*>(rows + j * 8 + 2 * t);
+    }
+};
+template <int NT>
+struct ColumnPairs<NT, true> {
+    float2 v[NT];
+    __device__ __forceinline__ ColumnPairs(const float* rows, int t) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) v[j] = *reinterpret_cast<const float2*>(rows + j * 8 + 2 * t);
+    }
+    __device__ __forceinline__ float2 operator()(int j, int) const { return v[j]; }
+};
+
 // The same for Sᵀ (rows = keys: key_row0 for half 0, + 8 for half 1; columns are queries
 // query0 + 8j + 2t + e, whose lse2 are lse2[8j + 2t + e]).
-template <int NT, class MASK, class MOD>
+template <int NT, class MASK, class MOD, bool AHEAD>
 __device__ __forceinline__ void recompute_probs_transposed(float (&s)[NT][4], GradFactors<MOD, NT>& grad,
                                                            const MASK& mask, const MOD& mod, bool partial,
-                                                           int key_row0, int query0, int t, const float* lse2) {
+                                                           int key_row0, int query0, int t,
+                                                           const ColumnPairs<NT, AHEAD>& lse2) {
     // Only a band hides pairs here. Keys past Nk need no mask in this layout: their K and V rows
     // are zero-filled, their dK/dV rows are never stored and their dS meets zero K rows in dQ;
     // leaving them unmasked keeps a per-element select out of every dense step.
@@ -175,7 +198,7 @@ __device__ __forceinline__ void recompute_probs_transposed(float (&s)[NT][4], Gr
         const auto rows = rows_of_key(mask, key);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            const float2 l2 = *reinterpret_cast<const float2*>(lse2 + j * 8 + 2 * t);
+            const float2 l2 = lse2(j, t);
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int query = query0 + j * 8 + 2 * t + e;
