@@ -341,12 +341,8 @@ class KernelLaunch:
             return
         driver, described = self._state or self._build_driver(len(maps))
         with driver.lock:
-            for i, (layout, index) in enumerate(zip(maps, map_pointers)):
-                address = pointers[index]
-                if described[i] != address:  # a descriptor holds its tensor's address
-                    driver.params[0][128 * i:128 * (i + 1)] = (
-                        layout.descriptor(address).view(numpy.uint8))
-                    described[i] = address
+            if maps:
+                _write_descriptors(driver.params[0], described, maps, map_pointers, pointers)
             self.args.write_pointers(driver.params[1 if maps else 0], pointers)
             driver(current_stream() if stream is None else stream)
 
@@ -370,6 +366,16 @@ class KernelLaunch:
         if self.blocks:
             self.kernel((self.blocks,), (self.threads,),
                         self.cupy_arguments(pointers, maps, map_pointers), shared_mem=self.shared)
+
+
+def _write_descriptors(buffer, described: list, maps, map_pointers, pointers) -> None:
+    """Write into `buffer` (one parameter of 128-byte CUtensorMaps) the descriptor of each map
+    whose address in `pointers` is not the one it describes already (``described``)."""
+    for i, (layout, index) in enumerate(zip(maps, map_pointers)):
+        address = pointers[index]
+        if described[i] != address:  # a descriptor holds its tensor's address
+            buffer[128 * i:128 * (i + 1)] = layout.descriptor(address).view(numpy.uint8)
+            described[i] = address
 
 
 @functools.lru_cache(maxsize=None)
