@@ -144,6 +144,7 @@ class FakeDevice:
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
         monkeypatch.setattr(cupy.cuda.driver, "launchKernel", self.launch_kernel)
         monkeypatch.setattr(_launch, "_bound", _launch._BoundContexts())  # no context bound yet
+        monkeypatch.setattr(_launch, "_cupy", None)  # as in a process that launched nothing yet
         monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
         monkeypatch.setattr(cupy.cuda.runtime, "memGetInfo",
                             lambda: self.contexts_bound.append(0) or (1 << 30, 1 << 30))

@@ -247,7 +247,16 @@ def _pointer_runs(dtype: numpy.dtype, names) -> tuple:
 
 # ---- launches through the driver
 
-_cupy = None  # the cupy module, once a launch is prepared (this module imports without CuPy)
+_cupy = None  # the cupy module, once a launch needs it (this module imports without CuPy)
+
+
+def _cupy_module():
+    global _cupy
+    if _cupy is None:
+        import cupy
+
+        _cupy = cupy
+    return _cupy
 
 
 class _BoundContexts(threading.local):
@@ -265,13 +274,13 @@ def current_stream() -> int:
     runtime binds a device's primary context to a thread lazily, at the thread's first runtime
     call that needs one; a driver launch on a thread where none came yet would find no context.
     A launch sequence looks this up once, not per kernel."""
-    runtime = _cupy.cuda.runtime
-    device = runtime.getDevice()
+    cuda = _cupy_module().cuda
+    device = cuda.runtime.getDevice()
     bound = _bound.devices
     if device not in bound:
-        runtime.memGetInfo()  # a runtime call that needs the context, as CuPy makes
+        cuda.runtime.memGetInfo()  # a runtime call that needs the context, as CuPy makes
         bound.add(device)
-    return _cupy.cuda.get_current_stream().ptr
+    return cuda.get_current_stream().ptr
 
 
 class DriverLaunch:
@@ -289,10 +298,7 @@ class DriverLaunch:
     device."""
 
     def __init__(self, kernel, grid: int, block: int, shared: int, params):
-        global _cupy
-        import cupy
-
-        _cupy = cupy
+        self._launch_kernel = _cupy_module().cuda.driver.launchKernel
         sizes = [len(p) for p in params]
         offsets = [64 * sum(-(-n // 64) for n in sizes[:i]) for i in range(len(sizes))]
         total = offsets[-1] + sizes[-1]
@@ -311,7 +317,7 @@ class DriverLaunch:
     def __call__(self, stream: int) -> None:
         """Launch on `stream` with the parameters as they are now (hold ``lock`` while writing
         them and launching)."""
-        _cupy.cuda.driver.launchKernel(*self._shape, stream, self._kernel_params, 0)
+        self._launch_kernel(*self._shape, stream, self._kernel_params, 0)
 
 
 @dataclass(frozen=True)
