@@ -6,28 +6,96 @@ where the call path talks to the driver: the current device, the compute capabil
 compilation and launch, TMA descriptors, the capture query, the ALiBi slopes' copy. Launches are
 recorded (kernel expression, grid, block, argument bytes), so a test can compare what two calls
 would have sent to the GPU.
+
+A launch reaches the fake by either road a real one takes: CuPy's ``RawKernel.__call__``
+(``FakeKernel.__call__``: the arguments as CuPy gets them) or the driver's ``cuLaunchKernel``
+(``launch_kernel``, standing in for ``cupy.cuda.driver.launchKernel``: it reads each parameter
+through the ``kernelParams`` pointers, as many bytes as the kernel's C signature in csrc/ says,
+as the driver does). Both record the same thing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import itertools
+import re
+from pathlib import Path
 
 import numpy as np
+
+CSRC = Path(__file__).resolve().parent.parent / "cuflash" / "kernels" / "csrc"
 
 
 class FakeKernel:
     def __init__(self, device, expression):
         self.device, self.expression = device, expression
         self.max_dynamic_shared_size_bytes = 1 << 20
+        self.kernel = FakeFunction(next(device.function_pointers))  # RawKernel.kernel
+        device.functions[self.kernel.ptr] = self
 
     def __call__(self, grid, block, args, shared_mem=0):
+        self.record(grid, block, [_by_value(a) for a in args], shared_mem)
+
+    def record(self, grid, block, args, shared_mem):
         # The argument struct (an opaque record); what a kernel takes beside it (TMA
         # descriptors, a count) is kept apart, in side_arguments.
-        args = [_by_value(a) for a in args]
+        self.device.parameters.append(tuple(a.tobytes() for a in args))
         (record,) = [a for a in args if a.dtype.names == ("bytes",)]
         self.device.side_arguments.append(tuple(a for a in args if a is not record))
         self.device.launches.append((self.expression, grid, block, shared_mem, record.tobytes()))
+
+    @property
+    def parameters(self) -> tuple:
+        """The dtype of each parameter of this kernel, from its C signature."""
+        return tuple(_PARAMETER_TYPES[kind]() for kind in kernel_signatures()[self.name])
+
+    @property
+    def name(self) -> str:
+        return self.expression.partition("<")[0]
+
+
+class FakeFunction:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+# The by-value parameter types of the kernels (csrc/args.cuh, arch/sm90_tma.cuh), as NumPy
+# dtypes of their size and alignment (argument structs as the opaque records by_value sends).
+def _parameter_types() -> dict:
+    from cuflash.kernels import _launch, _tma
+
+    return {"FwdArgs": lambda: _launch._opaque(_launch.FWD_ARGS.itemsize),
+            "BwdArgs": lambda: _launch._opaque(_launch.BWD_ARGS.itemsize),
+            "QkvMaps": lambda: _tma.descriptors_dtype(3),
+            "BwdMaps": lambda: _tma.descriptors_dtype(4),
+            "int": lambda: np.dtype(np.int32)}
+
+
+class _Types(dict):
+    def __missing__(self, kind):
+        types = _parameter_types()
+        if kind not in types:
+            raise KeyError(f"fake_device: no size known for kernel parameter type {kind}")
+        return types[kind]
+
+
+_PARAMETER_TYPES = _Types()
+_KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?"
+                     r"(\w+)\(([^)]*)\)")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_signatures() -> dict:
+    """Each kernel's parameter types, by name, from the sources in csrc/."""
+    signatures = {}
+    for path in CSRC.glob("*.cu"):
+        for name, params in _KERNEL.findall(path.read_text()):
+            kinds = [[word for word in p.split() if word not in ("const", "__grid_constant__")][0]
+                     for p in params.split(",") if p.strip()]
+            signatures[name] = tuple(kinds)
+    return signatures
 
 
 def _by_value(argument):
@@ -49,6 +117,8 @@ class FakeDevice:
         from cuflash.kernels import _build, _launch, _tma
 
         self.cupy, self.launches, self.compiled, self.side_arguments = cupy, [], [], []
+        self.functions, self.function_pointers = {}, itertools.count(0x7000)
+        self.streams, self.contexts_bound, self.parameters = [0x5000], [], []
         pointers = itertools.count(1)
 
         def empty(shape, dtype=float, order="C"):
@@ -72,10 +142,30 @@ class FakeDevice:
             ([address, box_rows, *shape, *strides] + [0] * 16)[:16], np.uint64))
         monkeypatch.setattr(_launch, "sm_count", lambda device_id: 132)
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
+        monkeypatch.setattr(cupy.cuda.driver, "launchKernel", self.launch_kernel)
+        monkeypatch.setattr(_launch, "_bound", _launch._BoundContexts())  # no context bound yet
+        monkeypatch.setattr(_launch, "_cupy", None)  # as in a process that launched nothing yet
+        monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
+        monkeypatch.setattr(cupy.cuda.runtime, "memGetInfo",
+                            lambda: self.contexts_bound.append(0) or (1 << 30, 1 << 30))
+        monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: FakeFunction(self.streams[-1]))
         monkeypatch.setattr(_checks, "alibi_copy",  # the copy itself needs the device
                             lambda slopes, shapes, xp: empty((shapes.b, shapes.hq), np.float32))
         _calls.clear()
         monkeypatch.setattr(_calls, "_stats", {"builds": 0, "hits": 0})
+
+    def launch_kernel(self, function, gx, gy, gz, bx, by, bz, shared_mem, stream, kernel_params,
+                      extra):
+        """cuLaunchKernel: the parameters are read through `kernel_params` (void **), each as
+        many bytes as the kernel's signature gives it, and recorded as a RawKernel launch is."""
+        kernel = self.functions[function]
+        assert (gy, gz, by, bz, extra) == (1, 1, 1, 1, 0) and stream == self.streams[-1]
+        types = kernel.parameters
+        addresses = (ctypes.c_void_p * len(types)).from_address(kernel_params)
+        args = [np.frombuffer(ctypes.string_at(address, dtype.itemsize), dtype).copy()
+                for address, dtype in zip(addresses, types)]
+        args = [a if a.dtype.names else a.reshape(()) for a in args]  # scalars as _by_value has them
+        kernel.record((gx,), (bx,), args, shared_mem)
 
     def take_launches(self):
         launches, self.launches = self.launches, []

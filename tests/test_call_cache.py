@@ -372,3 +372,57 @@ def test_a_quick_key_reads_the_layout_of_alibi_slopes_reshaped_in_place(device):
     slopes.shape = (1, 4)  # the same object, another layout
     cuflash.attention(q, k, v, alibi_slopes=slopes)
     assert _builds() == 2
+
+
+# ----------------------------------------------------------------------------- switches
+
+def test_environment_switches_take_effect_on_the_next_cached_call(monkeypatch):
+    """The Hopper switch and the warp-specialised backward's switch are part of every call's key,
+    read afresh per call: setting or clearing one changes the next call's kernels."""
+    from fake_device import FakeDevice
+
+    from cuflash import kernels
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q, k, v, dout = (device.empty(SHAPE, BF16) for _ in range(4))
+
+    def kernel_names():
+        device.take_launches()
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+        return [launch[0].partition("<")[0] for launch in device.take_launches()]
+
+    hopper = kernel_names()
+    assert hopper[0] == "flash_fwd_sm90_tma" and hopper[2] == "flash_bwd_sm90_dkdv_ws"
+    assert kernel_names() == hopper and _calls.stats()["hits"] == 2
+    monkeypatch.setenv(kernels.WARP_SPECIALISED_BACKWARD_ENV, "0")
+    assert kernel_names()[::2] == ["flash_fwd_sm90_tma", "flash_bwd_sm90_dkdv"]
+    monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    for _ in range(2):  # validated, then cached
+        assert kernel_names()[::2] == ["flash_fwd", "flash_bwd_dkdv"]
+    monkeypatch.delenv(kernels.DISABLE_HOPPER_ENV)
+    monkeypatch.delenv(kernels.WARP_SPECIALISED_BACKWARD_ENV)
+    assert kernel_names() == hopper
+
+
+def test_switch_values_follow_every_change_made_through_os_environ(monkeypatch):
+    import os
+
+    from cuflash import kernels
+
+    names = (kernels.DISABLE_HOPPER_ENV, kernels.WARP_SPECIALISED_BACKWARD_ENV)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+
+    def as_os_environ_has_them():
+        return tuple(None if os.environ.get(name) is None else os.environ.get(name).encode()
+                     for name in names)
+
+    assert kernels.switch_values() == as_os_environ_has_them() == (None, None)
+    for value in ("1", "0", "", "yes"):
+        os.environ[names[0]] = value
+        monkeypatch.setenv(names[1], value)
+        assert kernels.switch_values() == as_os_environ_has_them() == (value.encode(),) * 2
+    del os.environ[names[0]]
+    os.environ.pop(names[1])
+    assert kernels.switch_values() == (None, None)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy
@@ -201,9 +202,9 @@ class PackedArgs:
     """An argument struct packed once, of which each launch re-fills only the pointer fields.
 
     Everything but the pointers depends on the call's layout alone (sizes, strides, options), so
-    a prepared launch packs it once; ``pack(pointers)`` copies the packed bytes and writes the
-    ``pointer_names`` fields (uint64, in that order) into the copy. A fresh copy per launch keeps
-    concurrent calls from different threads apart."""
+    a prepared launch packs it once (``packed``); ``write_pointers(buffer, pointers)`` writes the
+    ``pointer_names`` fields (uint64, in that order) into a buffer holding those bytes, and
+    ``pack(pointers)`` does so into a fresh copy, as the argument CuPy's ``RawKernel`` takes."""
 
     def __init__(self, dtype: numpy.dtype, pointer_names, values: dict):
         pointer_names = tuple(pointer_names)
@@ -214,14 +215,17 @@ class PackedArgs:
         for name in dtype.names:
             if name not in pointer_names:
                 record[name] = values[name]
-        self._bytes = record.tobytes()
+        self.packed = record.tobytes()
         self._opaque = _opaque(dtype.itemsize)
         self._runs = _pointer_runs(dtype, pointer_names)
 
-    def pack(self, pointers) -> numpy.void:
-        buffer = bytearray(self._bytes)
+    def write_pointers(self, buffer, pointers) -> None:
         for packer, offset, start, stop in self._runs:
             packer.pack_into(buffer, offset, *pointers[start:stop])
+
+    def pack(self, pointers) -> numpy.void:
+        buffer = bytearray(self.packed)
+        self.write_pointers(buffer, pointers)
         return by_value(numpy.frombuffer(buffer, self._opaque))
 
 
@@ -241,23 +245,143 @@ def _pointer_runs(dtype: numpy.dtype, names) -> tuple:
                  for _, offset, start, stop in runs)
 
 
+# ---- launches through the driver
+
+_cupy = None  # the cupy module, once a launch needs it (this module imports without CuPy)
+
+
+def _cupy_module():
+    global _cupy
+    if _cupy is None:
+        import cupy
+
+        _cupy = cupy
+    return _cupy
+
+
+class _BoundContexts(threading.local):
+    def __init__(self):
+        self.devices = set()
+
+
+_bound = _BoundContexts()
+
+
+def current_stream() -> int:
+    """The handle of CuPy's current stream on the current device, once that device's context is
+    bound to this thread, as CuPy's own launches find them (``_get_stream`` and
+    ``runtime._ensure_context`` in cupy/cuda/function.pyx, which Python cannot call). The
+    runtime binds a device's primary context to a thread lazily, at the thread's first runtime
+    call that needs one; a driver launch on a thread where none came yet would find no context.
+    A launch sequence looks this up once, not per kernel."""
+    cuda = _cupy_module().cuda
+    device = cuda.runtime.getDevice()
+    bound = _bound.devices
+    if device not in bound:
+        cuda.runtime.memGetInfo()  # a runtime call that needs the context, as CuPy makes
+        bound.add(device)
+    return cuda.get_current_stream().ptr
+
+
+class DriverLaunch:
+    """One kernel launched straight through the driver (``cuLaunchKernel``, the call CuPy's
+    ``RawKernel.__call__`` ends in), with its by-value parameters kept in one persistent buffer.
+
+    CuPy converts every argument afresh on each launch (a copy of each struct into a
+    ``CScalar``, a vector of pointers to them): 5-12 µs per launch with these structs on the
+    H200 host. Here the parameter bytes (``params``: a writable uint8 view per parameter, each
+    64-byte aligned as a CUtensorMap wants) and the array of pointers to them are built once;
+    a call rewrites what changed in place and launches. The driver copies the parameters before
+    cuLaunchKernel returns, so they can be rewritten at once for the next launch; ``lock`` keeps
+    threads launching the same prepared call from rewriting them under each other (CuPy runs
+    cuLaunchKernel without the GIL). ``kernel``: CuPy's RawKernel, compiled for the current
+    device."""
+
+    def __init__(self, kernel, grid: int, block: int, shared: int, params):
+        self._launch_kernel = _cupy_module().cuda.driver.launchKernel
+        sizes = [len(p) for p in params]
+        offsets = [64 * sum(-(-n // 64) for n in sizes[:i]) for i in range(len(sizes))]
+        total = offsets[-1] + sizes[-1]
+        self._storage = numpy.zeros(total + 64, numpy.uint8)
+        base = -self._storage.ctypes.data % 64
+        self.params = tuple(self._storage[base + o:base + o + n] for o, n in zip(offsets, sizes))
+        for view, data in zip(self.params, params):
+            view[:] = numpy.frombuffer(data, numpy.uint8)
+        self._pointers = numpy.array([view.ctypes.data for view in self.params], numpy.uintp)
+        self._function = kernel.kernel  # CuPy's Function: its module stays loaded while held
+        # CuPy launches at least one block and one thread in each dimension; so does this.
+        self._shape = (self._function.ptr, max(1, grid), 1, 1, max(1, block), 1, 1, shared)
+        self._kernel_params = self._pointers.ctypes.data
+        self.lock = threading.Lock()
+
+    def __call__(self, stream: int) -> None:
+        """Launch on `stream` with the parameters as they are now (hold ``lock`` while writing
+        them and launching)."""
+        self._launch_kernel(*self._shape, stream, self._kernel_params, 0)
+
+
 @dataclass(frozen=True)
 class KernelLaunch:
     """One kernel launch of a prepared call: the compiled function, its 1-D grid and block, its
-    dynamic shared memory and its packed arguments; calling it with the pointers launches it on
-    CuPy's current stream."""
+    dynamic shared memory, its packed arguments and the scalars the kernel takes after them
+    (``tail``: NumPy scalars); calling it with the pointers launches it on CuPy's current stream
+    (or `stream`). A kernel that reads tensors through TMA takes their descriptors first:
+    ``maps`` (``_tma.TensorLayout`` of each) with ``map_pointers`` (the index of each one's
+    address in `pointers`), both the same on every call.
+
+    Launches go through ``DriverLaunch``, built at the first call; ``cupy_arguments`` are the
+    same parameters as CuPy's RawKernel takes them (the reference the tests hold the driver's
+    bytes to, ``launch_through_cupy``)."""
 
     kernel: Any
     blocks: int
     threads: int
     shared: int
     args: PackedArgs
+    tail: tuple = ()
+    # [DriverLaunch, the address each descriptor in its buffer describes], from the first call.
+    _state: list = field(default_factory=list, init=False, repr=False, compare=False)
 
-    def __call__(self, pointers) -> None:
+    def __call__(self, pointers, stream: int | None = None, maps=(), map_pointers=()) -> None:
         if self.blocks == 0:  # nothing to do (a varlen call without keys); CUDA refuses 0 blocks
             return
-        self.kernel((self.blocks,), (self.threads,), (self.args.pack(pointers),),
-                    shared_mem=self.shared)
+        driver, described = self._state or self._build_driver(len(maps))
+        with driver.lock:
+            if maps:
+                _write_descriptors(driver.params[0], described, maps, map_pointers, pointers)
+            self.args.write_pointers(driver.params[1 if maps else 0], pointers)
+            driver(current_stream() if stream is None else stream)
+
+    def _build_driver(self, map_count: int) -> list:
+        params = [b"\0" * 128 * map_count] if map_count else []
+        params += [self.args.packed, *(numpy.asarray(x).tobytes() for x in self.tail)]
+        driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params)
+        self._state[:] = [driver, [None] * map_count]
+        return self._state
+
+    def cupy_arguments(self, pointers, maps=(), map_pointers=()) -> tuple:
+        """The arguments CuPy's RawKernel takes for the same launch."""
+        from . import _tma
+
+        descriptors = [layout.descriptor(pointers[i]) for layout, i in zip(maps, map_pointers)]
+        head = (_tma.pack(descriptors),) if descriptors else ()
+        return (*head, self.args.pack(pointers), *self.tail)
+
+    def launch_through_cupy(self, pointers, maps=(), map_pointers=()) -> None:
+        """The same launch through CuPy's RawKernel.__call__ (slower: the reference)."""
+        if self.blocks:
+            self.kernel((self.blocks,), (self.threads,),
+                        self.cupy_arguments(pointers, maps, map_pointers), shared_mem=self.shared)
+
+
+def _write_descriptors(buffer, described: list, maps, map_pointers, pointers) -> None:
+    """Write into `buffer` (one parameter of 128-byte CUtensorMaps) the descriptor of each map
+    whose address in `pointers` is not the one it describes already (``described``)."""
+    for i, (layout, index) in enumerate(zip(maps, map_pointers)):
+        address = pointers[index]
+        if described[i] != address:  # a descriptor holds its tensor's address
+            buffer[128 * i:128 * (i + 1)] = layout.descriptor(address).view(numpy.uint8)
+            described[i] = address
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,6 +40,7 @@ from ._launch import (
     KernelLaunch,
     PackedArgs,
     check_grid,
+    current_stream,
     dropout_values,
     element_type,
     mask_and_score_values,
@@ -334,8 +335,9 @@ class BackwardLaunch:
         pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, lse.data.ptr,
                     dq.data.ptr, dk.data.ptr, dv.data.ptr, lse2, delta, dq_accum,
                     pointer(spec.alibi), *varlen_pointers(spec))
+        stream = current_stream()
         for launch in self.launches:
-            launch(pointers)
+            launch(pointers, stream)
         return workspace
 
 

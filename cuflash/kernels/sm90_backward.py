@@ -225,13 +225,8 @@ class WarpSpecialisedLaunch:
     launch: KernelLaunch
     layouts: tuple
 
-    def __call__(self, pointers) -> None:
-        launch = self.launch
-        if launch.blocks == 0:
-            return
-        maps = _tma.pack([layout.descriptor(pointers[i]) for layout, i in zip(self.layouts, (0, 1, 2, 4))])
-        launch.kernel((launch.blocks,), (launch.threads,), (maps, launch.args.pack(pointers)),
-                      shared_mem=launch.shared)
+    def __call__(self, pointers, stream=None) -> None:
+        self.launch(pointers, stream, maps=self.layouts, map_pointers=(0, 1, 2, 4))
 
 
 def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):

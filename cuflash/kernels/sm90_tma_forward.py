@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy
 
 from . import _build, _launch, _tma
-from ._launch import (element_type, forward_args, forward_pointers, mask_type, score_mod_type,
+from ._launch import (KernelLaunch, element_type, forward_args, forward_pointers, mask_type, score_mod_type,
                       vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
@@ -168,17 +168,14 @@ def supports(spec, arrays) -> str | None:
 
 class TmaForwardLaunch:
     """A prepared launch of this kernel: the packed arguments, the grid and the tensors' TMA
-    layouts are fixed; each call fills in the data pointers and the three descriptors' addresses
-    (a descriptor holds its tensor's address)."""
+    layouts are fixed; each call fills in the data pointers and the three descriptors (a
+    descriptor holds its tensor's address: FWD_POINTERS 0, 1 and 2)."""
 
-    def __init__(self, kernel, grid: int, tile_count: int, tiles: TmaTiles, shared: int, args, layouts):
-        self.kernel, self.grid, self.tile_count = kernel, grid, numpy.int32(tile_count)
-        self.tiles, self.shared, self.args, self.layouts = tiles, shared, args, layouts
+    def __init__(self, launch: KernelLaunch, tiles: TmaTiles, layouts):
+        self.launch, self.tiles, self.layouts = launch, tiles, layouts
 
     def __call__(self, q, k, v, out, lse, spec) -> None:
-        maps = _tma.pack([layout.descriptor(x.data.ptr) for layout, x in zip(self.layouts, (q, k, v))])
-        args = self.args.pack(forward_pointers(q, k, v, out, lse, spec))
-        self.kernel((self.grid,), (self.tiles.threads,), (maps, args, self.tile_count), shared_mem=self.shared)
+        self.launch(forward_pointers(q, k, v, out, lse, spec), maps=self.layouts, map_pointers=(0, 1, 2))
 
 
 def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> TmaForwardLaunch:
@@ -194,7 +191,8 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> TmaForwar
     grid = min(blocks, _launch.sm_count(q.device.id)) if tiles.persistent else blocks
     layouts = (_tma.TensorLayout.of(tma_view(q), 64), _tma.TensorLayout.of(tma_view(k), tiles.block_n),
                _tma.TensorLayout.of(tma_view(v), tiles.block_n))
-    return TmaForwardLaunch(kernel, grid, blocks, tiles, shared, args, layouts)
+    return TmaForwardLaunch(KernelLaunch(kernel, grid, tiles.threads, shared, args, tail=(numpy.int32(blocks),)),
+                            tiles, layouts)
 
 
 def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):

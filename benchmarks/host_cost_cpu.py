@@ -1,0 +1,102 @@
+"""Python time of cached calls without a GPU: what cuflash's host path costs per call.
+
+    python benchmarks/host_cost_cpu.py [--calls N] [--repeats R]
+
+Cached bf16 causal forward and backward calls at (B, H, N, D) = (1, 16, 128, 64) and
+(8, 16, 512, 64) on ``tests/fake_device.py``'s fake device, as compute capability 9.0 (TMA
+forward, wgmma backward) and 8.0 (sm80 mma). ``cupy.empty``, the driver's launch and the device
+and stream queries are stand-ins that cost next to nothing; a launch that goes through CuPy's
+``RawKernel.__call__`` keeps what CuPy does per argument before the driver call (``CScalar``
+for a NumPy scalar, ``CNumpyArray`` for an array). So the figures are cuflash's Python plus
+CuPy's argument conversion, without CuPy's allocation, launch, device and stream calls (which
+``host_cost.py`` measures on a GPU). Best of R × N calls, µs per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import cuflash  # noqa: E402
+from fake_device import FakeDevice, FakeKernel  # noqa: E402
+
+SHAPES = ((1, 16, 128, 64), (8, 16, 512, 64))
+
+
+def _cupy_conversion(self, grid, block, args, shared_mem=0):
+    """What CuPy's Function.__call__ does with each argument before the driver call."""
+    from cupy._core._scalar import CScalar
+    from cupy.cuda.function import CNumpyArray
+
+    return [CNumpyArray(a) if isinstance(a, numpy.ndarray) else CScalar(a) for a in args]
+
+
+def _cheap_stand_ins(monkeypatch, device):
+    """cupy.empty from a few arrays made once, memoised TMA descriptors, launches and queries that
+    do nothing."""
+    import cupy
+
+    from cuflash.kernels import _tma
+
+    made = {}
+
+    def empty(shape, dtype=float, order="C"):
+        key = (shape, dtype)
+        if key not in made:
+            made[key] = device.empty(shape, dtype)
+        return made[key]
+
+    monkeypatch.setattr(cupy, "empty", empty)
+    # The real encoder is memoised by address: so is its stand-in here.
+    monkeypatch.setattr(_tma, "_encode", functools.lru_cache(maxsize=256)(_tma._encode))
+    monkeypatch.setattr(FakeKernel, "__call__", _cupy_conversion)
+    monkeypatch.setattr(cupy.cuda.driver, "launchKernel", lambda *args: None, raising=False)
+
+
+def best_us(fn, calls, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best / calls * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    print("| fake device | shape | forward µs | backward µs |\n|---|---|---|---|")
+    for capability in ("90", "80"):
+        for shape in SHAPES:
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                device = FakeDevice(monkeypatch, compute_capability=capability)
+                _cheap_stand_ins(monkeypatch, device)
+                q, k, v, dout = (device.empty(shape, ml_dtypes.bfloat16) for _ in range(4))
+                out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+
+                def forward():
+                    cuflash.attention(q, k, v, causal=True)
+
+                def backward():
+                    cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+
+                forward(), backward()
+                fwd = best_us(forward, args.calls, args.repeats)
+                bwd = best_us(backward, args.calls, args.repeats)
+            print(f"| {capability[0]}.{capability[1]} | {shape} | {fwd:.1f} | {bwd:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
