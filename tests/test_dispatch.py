@@ -138,9 +138,8 @@ def test_gpu_dropout_runs_the_sm80_family(monkeypatch):
 @pytest.mark.parametrize("d, causal", [(64, False), (64, True), (128, False), (128, True)])
 def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkeypatch, d, causal):
     """On a fake compute-capability 9.0 device the default backward forms dQ inside the dK/dV
-    kernel (float32 adds into the accumulator flash_bwd_pre zeroes, then the cast): no dq kernel.
-    deterministic=True runs the dq kernel and has no accumulator, and so does every call at
-    D = 128 under a band, where the fused dQ does not pay."""
+    kernel (float32 adds into the accumulator flash_bwd_pre zeroes, then the cast of its fragment
+    order): no dq kernel. deterministic=True runs the dq kernel and has no accumulator."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -157,7 +156,7 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
         cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
                                    deterministic=deterministic)
         launches = device.take_launches()
-        two_kernels = deterministic or (d == 128 and causal)
+        two_kernels = deterministic
         assert [x[0].split("<")[0] for x in launches] == expected[two_kernels]
         pre, dkdv = launches[0][0], launches[1][0]
         # flash_bwd_pre<T, ALIGNED, ZERO_DQ...>; the dK/dV kernel's last flag is ATOMIC_DQ.
@@ -166,6 +165,8 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
                              else ", ScoreMod<false, false>, false, false, true>")
         accum = np.frombuffer(launches[1][4], _launch.BWD_ARGS)[0]["dq_accum"]
         assert (accum == 0) == two_kernels
+        if not two_kernels:  # the cast reads the accumulator in its fragment order (last flag)
+            assert launches[2][0].endswith(", false, false, true>")
 
 
 def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
@@ -187,7 +188,7 @@ def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
     assert plan.backward.detail == fused
     assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == ws_two_kernels
     wide = device.empty((1, 2, 128, 128), ml_dtypes.bfloat16)
-    assert cuflash.kernel_plan(wide, wide, wide, causal=True).backward.detail == ws_two_kernels
+    assert cuflash.kernel_plan(wide, wide, wide, causal=True).backward.detail == fused
 
     device = FakeDevice(monkeypatch, compute_capability="80")
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)

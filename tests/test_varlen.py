@@ -240,8 +240,8 @@ def test_gpu_offsets_with_numpy_inputs_are_refused(rng):
 def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     """On a compute-capability 9.0 device the Hopper TMA forward and wgmma backward take varlen
     calls, with VARLEN variants over grids sized for the longest sequence (the backward's fused
-    dQ where it pays: not at D = 128 under causal); with the Hopper families switched off,
-    sm80-mma runs both, reading the offsets' device pointers."""
+    dQ at D = 128, causal or not; its cp.async dK/dV kernel, the one with VARLEN variants); with
+    the Hopper families switched off, sm80-mma runs both, reading the offsets' device pointers."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -259,7 +259,7 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     backward_plan = kernels.plan("backward", spec, (q, k, v, q, q, q, k, v))
     assert backward_plan.family.name == "sm90-wgmma" and not backward_plan.passed_over
     lse = device.empty((8, total), np.float32)
-    for causal, names in ((True, ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq"]),
+    for causal, names in ((True, ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_dq_convert"]),
                           (False, ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_dq_convert"])):
         cuflash.attention_varlen_backward(q, q, k, v, q, lse, cu, cu, 300, 300, causal=causal,
                                           check_offsets=False)

@@ -16,9 +16,15 @@ lse, padded rows):
 - ``deterministic=True``: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ, with S
   and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two blocks, so
   results are bit-identical from run to run; scratch is lse2 and Delta only.
-Calls where the fused dQ does not pay (``fused_dq_pays``: D = 64 with 64-row query tiles, the
-dropout tiles, which it cannot tile; D = 128 under a band, where it measured slower) run the
-deterministic sequence whatever ``deterministic`` says.
+Calls the fused dQ cannot take (``fused_dq_pays``: D = 64 with 64-row query tiles, the dropout
+tiles, which it cannot deal out; packed sequences at D = 64) run the deterministic sequence
+whatever ``deterministic`` says.
+
+The dK/dV kernel is ``flash_bwd_sm90_dkdv_ws`` wherever it fits (``producer_fits``, views TMA can
+describe): a TMA producer warpgroup feeds two consumer warpgroups through mbarriers.
+``CUFLASH_SM90_BWD_WS=0`` keeps the cp.async kernel (every thread loads), for comparison; packed
+sequences always take it. The fused dQ's accumulator keeps the order of the warps' wgmma
+fragments (csrc/schedule.cuh, ``dq_fragment_offset``), which ``flash_bwd_dq_convert`` undoes.
 """
 
 from __future__ import annotations
@@ -104,13 +110,10 @@ def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
 
 def fused_dq_pays(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether the fused dQ is the faster sequence for this call: each warpgroup's dQ part must be
-    at least 64 columns wide (the narrowest wgmma tile the kernels instantiate), and at D = 128
-    under a band (causal, window) the two-kernel sequence measured as fast or faster on an H200
-    (benchmarks/NOTES.md, b3). Packed sequences at D = 64 take the two kernels too: their fused
-    variant (cp.async kernel) spills 16 bytes."""
+    at least 64 columns wide (the narrowest wgmma tile the kernels instantiate). Packed sequences
+    at D = 64 take the two kernels: their fused variant (cp.async kernel) spills 16 bytes."""
     d = spec.shapes.d
-    return (tiles.fused_dq_columns(d) >= 64 and not (d == 128 and spec.banded)
-            and not (d == 64 and spec.varlen is not None))
+    return tiles.fused_dq_columns(d) >= 64 and not (d == 64 and spec.varlen is not None)
 
 
 def fuses_dq(spec, tiles: Sm90BwdTiles) -> bool:
