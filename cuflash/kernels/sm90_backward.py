@@ -29,10 +29,8 @@ fragments (csrc/schedule.cuh, ``dq_fragment_offset``), which ``flash_bwd_dq_conv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
 import os
+from dataclasses import dataclass
 
 from . import _build, _tma, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
