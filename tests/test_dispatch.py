@@ -78,13 +78,17 @@ def test_kernel_plan_on_the_gpu_gives_the_reasons(xp_gpu):
     from cuflash.kernels import _launch
 
     hopper = _launch.on_hopper(xp_gpu.empty(1))
-    q96 = xp_gpu.zeros((1, 2, 128, 96), ml_dtypes.bfloat16)
-    plan = cuflash.kernel_plan(q96, q96, q96, causal=True)
+    q160 = xp_gpu.zeros((1, 2, 128, 160), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q160, q160, q160, causal=True)
     assert plan.forward.family.name == ("sm90-tma" if hopper else "sm80-mma")
     assert plan.backward.family.name == "sm80-mma"
     reason = dict(plan.backward.passed_over)["sm90-wgmma"]
-    assert reason == ("takes D = Dv in (64, 128); got D=96, Dv=96" if hopper
+    assert reason == ("takes D and Dv up to 128; got D=160, Dv=160" if hopper
                       else "needs compute capability 9.0 (Hopper)")
+    # Narrower head dims run the Hopper backward's 64- or 128-column tiles with zero columns.
+    q96 = xp_gpu.zeros((1, 2, 128, 96), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q96, q96, q96, causal=True)
+    assert plan.backward.family.name == ("sm90-wgmma" if hopper else "sm80-mma")
 
     q32 = xp_gpu.zeros((1, 2, 128, 64), np.float32)
     plan = cuflash.kernel_plan(q32, q32, q32)
@@ -105,8 +109,9 @@ def test_kernel_plan_on_the_gpu_gives_the_reasons(xp_gpu):
 
 def test_dropout_on_hopper_runs_the_hopper_kernels_that_draw_the_mask(monkeypatch):
     """On a fake compute-capability 9.0 device: the TMA forward and the wgmma backward draw the
-    dropout mask; kernel_plan shows them chosen, and a head dim they do not take falls to sm80,
-    past the wgmma forward, which names dropout."""
+    dropout mask; kernel_plan shows them chosen, and a head dim the TMA forward does not take
+    falls to sm80, past the wgmma forward, which names dropout (the wgmma backward takes it, with
+    zero columns up to 64)."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -119,7 +124,8 @@ def test_dropout_on_hopper_runs_the_hopper_kernels_that_draw_the_mask(monkeypatc
     plan = cuflash.kernel_plan(odd, odd, odd, dropout_p=0.1, dropout_seed=3)
     reason = ("dropout (dropout_p=0.1) runs in the sm80-mma, sm90-tma forward and sm90-wgmma "
               "backward kernels only")
-    assert plan.forward.family.name == plan.backward.family.name == "sm80-mma"
+    assert plan.forward.family.name == "sm80-mma"
+    assert plan.backward.family.name == "sm90-wgmma"
     assert ("sm90-wgmma", reason) in plan.forward.passed_over
     assert cuflash.kernel_plan(q, q, q, causal=True).forward.family.name == "sm90-tma"
 

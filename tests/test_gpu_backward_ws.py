@@ -10,7 +10,7 @@ import pytest
 
 import cuflash
 from cuflash.sparse import BlockMask, ExactMask
-from oracle import assert_backward_close, random_array
+from oracle import assert_backward_close, poisoned, random_array, spec_for, to_host
 
 pytestmark = pytest.mark.gpu
 
@@ -26,12 +26,12 @@ def dkdv_kernel(request, monkeypatch, xp_gpu):
     return request.param
 
 
-def run(xp, rng, seed, kernel, *, b=1, hq=2, hkv=None, nq=300, nk=None, d=64, dtype=ml_dtypes.bfloat16,
+def run(xp, rng, seed, kernel, *, b=1, hq=2, hkv=None, nq=300, nk=None, d=64, dv=None, dtype=ml_dtypes.bfloat16,
         deterministic=False, **options):
-    hkv, nk = hkv or hq, nk or nq
+    hkv, nk, dv = hkv or hq, nk or nq, dv or d
     q = random_array(rng, (b, hq, nq, d), dtype, xp=xp)
     k = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
-    v = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
+    v = random_array(rng, (b, hkv, nk, dv), dtype, xp=xp)
     plan = cuflash.kernel_plan(q, k, v, deterministic=deterministic, **options)
     assert plan.backward.family.name == "sm90-wgmma", str(plan)
     assert ("warp-specialised" in plan.backward.detail) == (kernel == "warp-specialised"), str(plan)
@@ -49,6 +49,45 @@ def run(xp, rng, seed, kernel, *, b=1, hq=2, hkv=None, nq=300, nk=None, d=64, dt
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 def test_head_dims(xp_gpu, rng, seed, dkdv_kernel, dtype, d, causal, deterministic):
     run(xp_gpu, rng, seed, dkdv_kernel, d=d, dtype=dtype, causal=causal, deterministic=deterministic)
+
+
+# Head dims below the tile's 64 or 128 columns: the loads fill the rest with zeros, the stores
+# skip it, and the fused dQ's accumulator rows are the tile's width.
+PADDED_HEAD_DIMS = [(32, 32), (40, 40), (96, 96), (80, 80), (128, 96), (96, 64), (48, 64)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d, dv", PADDED_HEAD_DIMS, ids=[f"{d}-{dv}" for d, dv in PADDED_HEAD_DIMS])
+def test_padded_head_dims(xp_gpu, rng, seed, dkdv_kernel, d, dv, causal, deterministic):
+    run(xp_gpu, rng, seed, dkdv_kernel, nq=333, nk=290, d=d, dv=dv, causal=causal, deterministic=deterministic)
+
+
+def test_padded_head_dims_grouped_with_modifier(xp_gpu, rng, seed, dkdv_kernel):
+    run(xp_gpu, rng, seed, dkdv_kernel, b=2, hq=6, hkv=2, nq=200, d=96, window=(60, 10), softcap=15.0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("d, dv", [(96, 96), (40, 56)], ids=["96-96", "40-56"])
+def test_padded_head_dims_write_only_their_columns(xp_gpu, rng, seed, dkdv_kernel, d, dv, deterministic):
+    """Gradients into column slices of wider buffers poisoned with NaN: the stores fill the
+    slices' every element and leave the 8 guard columns past them alone."""
+    from cuflash.kernels import sm90_backward
+
+    xp, b, hq, nq, nk = xp_gpu, 1, 2, 200, 170
+    q = random_array(rng, (b, hq, nq, d), ml_dtypes.bfloat16, xp=xp)
+    k = random_array(rng, (b, hq, nk, d), ml_dtypes.bfloat16, xp=xp)
+    v = random_array(rng, (b, hq, nk, dv), ml_dtypes.bfloat16, xp=xp)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = random_array(rng, out.shape, ml_dtypes.bfloat16, xp=xp)
+    buffers = [poisoned(x.shape[:-1] + (x.shape[-1] + 8,), x.dtype, xp=xp) for x in (q, k, v)]
+    dq, dk, dv_ = (buf[..., :x.shape[-1]] for buf, x in zip(buffers, (q, k, v)))
+    spec = spec_for(q, k, v, causal=True, deterministic=deterministic)
+    assert sm90_backward.supports(spec, (q, k, v, dout, out, dq, dk, dv_)) is None
+    sm90_backward.backward(dout, q, k, v, out, lse, dq, dk, dv_, spec)
+    assert_backward_close((dq, dk, dv_), dout, q, k, v, causal=True, context=f"seed={seed}")
+    for buf, x in zip(buffers, (q, k, v)):
+        assert np.isnan(to_host(buf[..., x.shape[-1]:]).astype(np.float32)).all()
 
 
 @pytest.mark.parametrize("nq,nk", [(1, 300), (300, 1), (129, 333), (640, 257)])

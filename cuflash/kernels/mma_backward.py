@@ -294,7 +294,9 @@ class Scratch:
     accum: int
 
     @classmethod
-    def of(cls, spec, *, atomic_dq: bool) -> "Scratch":
+    def of(cls, spec, *, atomic_dq: bool, dqk: int | None = None) -> "Scratch":
+        """``dqk``: the accumulator's row length, when a family pads D further than this
+        module's kernels do (``padded_head_dims``)."""
         s = spec.shapes
         if spec.varlen is None:
             rows_pad = rows_padded(s.nq)
@@ -302,7 +304,7 @@ class Scratch:
         else:
             rows_pad = (-(-spec.varlen.total_q // ROW_ALIGN) + s.b) * ROW_ALIGN
             rows = s.hq * rows_pad
-        return cls(rows_pad, rows, rows * padded_head_dims(spec)[0] if atomic_dq else 0)
+        return cls(rows_pad, rows, rows * (dqk or padded_head_dims(spec)[0]) if atomic_dq else 0)
 
     def allocate(self):
         """``(buffer, (lse2, delta, dq_accum))``: the allocation and the three pointers (0 for
@@ -341,11 +343,12 @@ class BackwardLaunch:
         return workspace
 
 
-def argument_packer(spec, arrays, *, rows_pad: int):
+def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
     """``args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX)``: the packed BWD_ARGS of each launch of
     a backward call with the layout of 4-D views ``arrays`` = (q, k, v, dout, out, dq, dk, dv)
     (they differ only in the launch's tile counts and tile index, ``tile_index``; the pointers
-    are BWD_POINTERS, filled per call). A varlen call's arrays are packed (total, H, D)."""
+    are BWD_POINTERS, filled per call). A varlen call's arrays are packed (total, H, D).
+    ``dqk``: the dq accumulator's row length, as for ``Scratch.of``."""
     q, k, v, dout, out, dq, dk, dv = arrays
     s = spec.shapes
     batch, heads, nq, d = s.b, s.hq, s.nq, s.d
@@ -353,7 +356,7 @@ def argument_packer(spec, arrays, *, rows_pad: int):
     fields = dict(
         batch=batch, nq=nq, nk=nk, d=d, dv=dv_dim, heads=heads, kv_heads=kv_heads,
         group=heads // kv_heads, rows_pad=rows_pad,
-        dqk=padded_head_dims(spec)[0],  # the dq accumulator's row length
+        dqk=dqk or padded_head_dims(spec)[0],  # the dq accumulator's row length
         mask_heads=mask_heads(spec), scale=spec.scale, scale_log2=spec.scale * LOG2E,
         **stride_fields(("q", "k", "v", "o", "do", "gq", "gk", "gv"), (q, k, v, out, dout, dq, dk, dv)),
         **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),

@@ -1,9 +1,10 @@
 """Launch of the Hopper backward kernels (flash_bwd_sm90.cu, wgmma, sm_90a) for float16 / bfloat16.
 
 Same entry point as ``mma_backward.backward``; ``supports()`` says whether a call can take this
-path (compute capability 9.0, D = Dv ∈ {64, 128}, 16-byte aligned rows, block masks whose blocks
-are whole tiles; packed variable-length sequences too, without dropout). Everything else belongs
-to ``mma_backward``.
+path (compute capability 9.0, D and Dv up to 128, 16-byte aligned rows, block masks whose blocks
+are whole tiles; packed variable-length sequences too). Everything else belongs to
+``mma_backward``. The kernels hold one head dim for Q/K and V/dO, 64 or 128 (``tile_head_dim``):
+narrower calls run it with zero columns past D and Dv, which the loads fill and the stores skip.
 
 Two launch sequences, both starting with ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2
 lse, padded rows):
@@ -12,7 +13,7 @@ lse, padded rows):
   ``flash_bwd_dq_convert``. Five GEMMs per tile pair; the float adds of several blocks land in
   any order. Scratch is that of the mma path's default, ``mma_backward.workspace_bytes``: lse2,
   Delta and the accumulator, 4·D bytes per query row and head (256 MiB at B = 1, Hq = 16,
-  Nq = 64K, D = 64).
+  Nq = 64K, D = 64), with D the tile's head dim (128 at D = 96).
 - ``deterministic=True``: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ, with S
   and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two blocks, so
   results are bit-identical from run to run; scratch is lse2 and Delta only.
@@ -39,7 +40,14 @@ from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_m
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
 OPTIONS = (f"-arch={ARCH}",)
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128)  # the tile's head dim: a call's D and Dv, padded to the next of these
+
+
+def tile_head_dim(spec) -> int:
+    """The head dim of the tiles that run this call: D and Dv padded to 64 or 128 (either larger
+    than 128: 0, which no kernel of this family takes)."""
+    widest = max(spec.shapes.d, spec.shapes.dv)
+    return next((d for d in HEAD_DIMS if widest <= d), 0)
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ def fused_dq_pays(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether the fused dQ is the faster sequence for this call: each warpgroup's dQ part must be
     at least 64 columns wide (the narrowest wgmma tile the kernels instantiate). Packed sequences
     at D = 64 take the two kernels: their fused variant (cp.async kernel) spills 16 bytes."""
-    d = spec.shapes.d
+    d = tile_head_dim(spec)
     return tiles.fused_dq_columns(d) >= 64 and not (d == 64 and spec.varlen is not None)
 
 
@@ -124,14 +132,14 @@ def describe_call(spec) -> str:
     """The launch sequence this call runs (``cuflash.kernel_plan``; views TMA cannot describe
     keep the cp.async dK/dV kernel even where this names the warp-specialised one)."""
     dkdv = "warp-specialised dK/dV kernel" if producer_wanted(spec) else "dK/dV kernel"
-    if fuses_dq(spec, default_tiles(spec.shapes.d, dropout=spec.has_dropout)):
+    if fuses_dq(spec, default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)):
         return f"the {dkdv} forming dQ too (float32 adds in any order: not bit-identical run to run)"
     return f"a {dkdv}, then a dQ kernel (bit-identical run to run)"
 
 
 def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
     return _build.template_expression(
-        "flash_bwd_sm90_dkdv", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
+        "flash_bwd_sm90_dkdv", element_type(spec.dtype), tile_head_dim(spec), tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
         *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq,
                                spec.varlen is not None),
@@ -141,7 +149,7 @@ def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
 def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
     """The warp-specialised dK/dV kernel (a TMA producer warpgroup; dense calls only)."""
     return _build.template_expression(
-        "flash_bwd_sm90_dkdv_ws", element_type(spec.dtype), spec.shapes.d, tiles.dkdv_warpgroups,
+        "flash_bwd_sm90_dkdv_ws", element_type(spec.dtype), tile_head_dim(spec), tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
         *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq),
     )
@@ -149,7 +157,7 @@ def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> st
 
 def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
-        "flash_bwd_sm90_dq", element_type(spec.dtype), spec.shapes.d, tiles.dq_warpgroups,
+        "flash_bwd_sm90_dq", element_type(spec.dtype), tile_head_dim(spec), tiles.dq_warpgroups,
         tiles.dq_block_n, mask_type(spec), score_mod_type(spec),
         *_build.trailing_flags(spec.has_dropout, spec.float32_grads, spec.varlen is not None),
     )
@@ -157,8 +165,9 @@ def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
 
 def supports(spec, arrays) -> str | None:
     """None when ``backward`` can run this call, else why not: a compute-capability 9.0 device,
-    float16 or bfloat16, D = Dv ∈ {64, 128}, 16-byte aligned base pointers and row strides of
-    every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
+    float16 or bfloat16, D and Dv up to 128, 16-byte aligned base pointers, row strides and row
+    widths of every array, and block masks whose blocks are whole multiples of both kernels'
+    tiles."""
     reason = why_not_dropout_kernel(spec)
     if reason:
         return reason
@@ -167,15 +176,15 @@ def supports(spec, arrays) -> str | None:
     if reason:
         return reason
     d, dv = spec.shapes.d, spec.shapes.dv
-    if d != dv or d not in HEAD_DIMS:
-        return f"takes D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"
+    if not tile_head_dim(spec):
+        return f"takes D and Dv up to {HEAD_DIMS[-1]}; got D={d}, Dv={dv}"
     reason = why_not_options(spec)
     if reason:
         return reason
     if not vector_aligned(list(arrays), (d, dv)):
         return "needs 16-byte aligned rows and strides"
     if spec.block_mask is not None:
-        tiles = default_tiles(d, dropout=spec.has_dropout)
+        tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
         bq, bk = spec.block_mask.block_size
         if (bq % tiles.dkdv_block_m or bq % tiles.dq_block_m
                 or bk % tiles.dkdv_block_n or bk % tiles.dq_block_n):
@@ -187,7 +196,7 @@ def why_not_options(spec) -> str | None:
     """The options this family's kernels cannot combine (None if it can): dropout beside softcap
     or ALiBi at D = 128, which no dK/dV kernel of it compiles within 255 registers without
     spills (the mma.sync family takes those calls)."""
-    if spec.has_dropout and spec.shapes.d == 128 and (spec.has_softcap or spec.has_alibi):
+    if spec.has_dropout and tile_head_dim(spec) == 128 and (spec.has_softcap or spec.has_alibi):
         return "does not take dropout beside softcap or ALiBi at D = 128"
     return None
 
@@ -196,7 +205,7 @@ def producer_fits(spec) -> bool:
     """Whether the warp-specialised dK/dV kernel takes this call: dense calls whose consumers
     compile within the 240 registers setmaxnreg gives them without spills (exact masks at D = 64
     and dropout beside a score modifier spill 4-24 bytes)."""
-    return (spec.varlen is None and not (spec.exact and spec.shapes.d == 64)
+    return (spec.varlen is None and not (spec.exact and tile_head_dim(spec) == 64)
             and not (spec.has_dropout and (spec.has_softcap or spec.has_alibi)))
 
 
@@ -237,14 +246,17 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     module docstring for the two launch sequences. The caller checks ``supports()`` first."""
     q, k, v, dout, out, dq, dk, dv = arrays
     s = spec.shapes
-    batch, heads, nq, d = s.b, s.hq, s.nq, s.d
+    batch, heads, nq = s.b, s.hq, s.nq
     kv_heads, nk, dv_dim = s.hkv, s.nk, s.dv
-    if d != dv_dim or d not in HEAD_DIMS:
-        raise ValueError(f"the sm_90 backward kernels take D = Dv in {HEAD_DIMS}; got D={d}, Dv={dv_dim}")
+    d = tile_head_dim(spec)
+    if not d:
+        raise ValueError(f"the sm_90 backward kernels take D and Dv up to {HEAD_DIMS[-1]}; "
+                         f"got D={s.d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d, dropout=spec.has_dropout)
     atomic_dq = fuses_dq(spec, tiles)
-    scratch = mma_backward.Scratch.of(spec, atomic_dq=atomic_dq)
-    args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad)
+    # The fused dQ's accumulator rows are the tile's D floats (fragment order, flash_bwd_sm90.cu).
+    scratch = mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=d)
+    args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view), and the zeroed
     # dQ accumulator of the fused dQ.
@@ -273,7 +285,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                 _tma.TensorLayout.of(x, rows) for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m))))
         launches.append(launch)
     if atomic_dq:
-        launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (d,)),
+        launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (s.d,)),
                                                     fragment_order=True))
     return mma_backward.BackwardLaunch(scratch, tuple(launches))
 

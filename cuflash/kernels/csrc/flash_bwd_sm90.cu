@@ -20,7 +20,11 @@
 // from a row-major tile; MN-major B from a row-major [k][n] tile; A from registers) and no
 // gradient is ever accumulated by two thread blocks: results are bit-identical from run to run.
 //
-// Only D = Dv ∈ {64, 128} with 16-byte aligned rows; everything else runs flash_bwd.cu.
+// D is the tile's head dim, 64 or 128, for both Q/K and V/dO, with 16-byte aligned rows;
+// everything else runs flash_bwd.cu. Narrower head dims a.d and a.dv (multiples of 8) run the
+// tile of the next of the two with zero columns: loads fill the columns past a.d (Q, K) and
+// a.dv (V, dO) with zeros, so S and dP are exact and dK, dV and dQ come out zero there, and the
+// stores skip them. The GEMMs then do D / a.d times the useful work.
 // VARLEN: packed variable-length sequences, as in flash_bwd.cu (schedule.cuh, sequence_of): the
 // grids cover the longest sequence, each block offsets its rows by its sequence's first row,
 // builds its mask and score modifier from the sequence's lengths and exits before any barrier
@@ -258,7 +262,7 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         wgmma_commit();
         wgmma_wait<0>();
         reg_fence(dq);
-        // The accumulator's rows are D floats here (a.dqk: D ∈ {64, 128} needs no padding). The
+        // The accumulator's rows are D floats here (the host sets a.dqk to the tile's D). The
         // tile's first scratch row is kept in shared memory, not in a register through the tile
         // (the kernel has none to spare).
         const i64 r = *sm.template at<const i64>(sm.scratch_row(stage)) + DQ::row0(wg) + warp * 16;
@@ -267,8 +271,8 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     }
 }
 
-// dK·scale and dV of one consumer warpgroup's 64 keys, once; key tiles that no query sees
-// write zeros.
+// dK·scale and dV of one consumer warpgroup's 64 keys (their a.d and a.dv real columns), once;
+// key tiles that no query sees write zeros.
 template <typename T, int D, bool DROPOUT, bool F32_GRADS>
 __device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
                                            float (&dk_acc)[D / 2], float (&dv_acc)[D / 2]) {
@@ -276,9 +280,9 @@ __device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, cons
     const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
     const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {dv_scale, dv_scale};
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
-                        seq.nk, D, as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
+                        seq.nk, a.d, as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn, a.gv_sn,
-                        seq.nk, D, as_blocks<D / 8>(dv_acc), key_row0 + g, 0, t, dv_factor);
+                        seq.nk, a.dv, as_blocks<D / 8>(dv_acc), key_row0 + g, 0, t, dv_factor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,9 +315,9 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     auto load_query_tile = [&](int hh, int tile, int stage) {
         const int m0 = tile * BLOCK_M;
         load_tile_sw128<BLOCK_M, D, THREADS>(sm.sq(stage), a.q + b * a.q_sb + hh * a.q_sh + seq.q0 * a.q_sn,
-                                             a.q_sn, m0, seq.nq);
+                                             a.q_sn, m0, seq.nq, a.d);
         load_tile_sw128<BLOCK_M, D, THREADS>(sm.sdo(stage), a.dout + b * a.do_sb + hh * a.do_sh + seq.q0 * a.do_sn,
-                                             a.do_sn, m0, seq.nq);
+                                             a.do_sn, m0, seq.nq, a.dv);
         const i64 r = scratch_offset<VARLEN>(a, seq, b, hh) + m0;
         float* rows = sm.template at<float>(sm.rows(stage));
         load_f32_async<BLOCK_M, THREADS>(rows, a.lse2 + r);
@@ -323,9 +327,10 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
     int m_tile = walk.valid() ? walk.m_tile() : 0;
     if (walk.valid()) {
-        load_tile_sw128<BLOCK_N, D, THREADS>(sm.sk, a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn, a.k_sn, n0, seq.nk);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sm.sk, a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn, a.k_sn, n0, seq.nk,
+                                             a.d);
         load_tile_sw128<BLOCK_N, D, THREADS>(sm.sv(), a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn, a.v_sn, n0,
-                                             seq.nk);
+                                             seq.nk, a.dv);
         load_query_tile(walk.h, m_tile, 0);
     }
     cp_async_commit();
@@ -504,11 +509,12 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     const u16* k = a.k + b * a.k_sb + hk * a.k_sh + seq.k0 * a.k_sn;
     const u16* v = a.v + b * a.v_sb + hk * a.v_sh + seq.k0 * a.v_sn;
     if (n_count > 0) {
-        load_tile_sw128<BLOCK_M, D, THREADS>(sq, a.q + b * a.q_sb + h * a.q_sh + seq.q0 * a.q_sn, a.q_sn, m0, seq.nq);
+        load_tile_sw128<BLOCK_M, D, THREADS>(sq, a.q + b * a.q_sb + h * a.q_sh + seq.q0 * a.q_sn, a.q_sn, m0, seq.nq,
+                                             a.d);
         load_tile_sw128<BLOCK_M, D, THREADS>(sdo, a.dout + b * a.do_sb + h * a.do_sh + seq.q0 * a.do_sn, a.do_sn, m0,
-                                             seq.nq);
-        load_tile_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile[0] * BLOCK_N, seq.nk);
-        load_tile_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile[0] * BLOCK_N, seq.nk);
+                                             seq.nq, a.dv);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sk, k, a.k_sn, key_tile[0] * BLOCK_N, seq.nk, a.d);
+        load_tile_sw128<BLOCK_N, D, THREADS>(sv, v, a.v_sn, key_tile[0] * BLOCK_N, seq.nk, a.dv);
     }
     cp_async_commit();
 
@@ -551,8 +557,8 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         __syncthreads();  // K_j, V_j visible; every warpgroup is done with the other stage
         if (j + 1 < n_count) {
             const int next = key_tile[j + 1] * BLOCK_N;
-            load_tile_sw128<BLOCK_N, D, THREADS>(sk + (stage ^ 1) * KV_BYTES, k, a.k_sn, next, seq.nk);
-            load_tile_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, seq.nk);
+            load_tile_sw128<BLOCK_N, D, THREADS>(sk + (stage ^ 1) * KV_BYTES, k, a.k_sn, next, seq.nk, a.d);
+            load_tile_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, seq.nk, a.dv);
         }
         cp_async_commit();
 
@@ -604,5 +610,5 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     // dQ·scale, once; rows that see no key write zeros.
     const float dq_factor[2] = {a.scale, a.scale};
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn, a.gq_sn,
-                        seq.nq, D, as_blocks<D / 8>(dq_acc), warp_row0 + g, 0, t, dq_factor);
+                        seq.nq, a.d, as_blocks<D / 8>(dq_acc), warp_row0 + g, 0, t, dq_factor);
 }

@@ -165,18 +165,21 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u
 }
 
 // Rows [row0, row0 + ROWS) × columns [0, D) of a row-major global matrix (row stride `ld`
-// elements, `nrows` valid rows) into a swizzled shared tile at `dst`; rows past the end are
-// zero-filled (src-size 0) so padding never feeds NaN into a wgmma. THREADS is a multiple of
-// D / 8, so each thread copies one fixed chunk column and rows that step by a multiple of 8:
-// its swizzle term (row % 8) never changes and the shared offset advances by a constant.
+// elements, `nrows` valid rows, `ncols` valid columns, a multiple of 8) into a swizzled shared
+// tile at `dst`; rows and columns past the ends are zero-filled (src-size 0) so padding never
+// feeds NaN into a wgmma. THREADS is a multiple of D / 8, so each thread copies one fixed chunk
+// column and rows that step by a multiple of 8: its swizzle term (row % 8) never changes and
+// the shared offset advances by a constant.
 template <int ROWS, int D, int THREADS>
-__device__ __forceinline__ void load_tile_sw128(u32 dst, const u16* src, i64 ld, int row0, int nrows) {
+__device__ __forceinline__ void load_tile_sw128(u32 dst, const u16* src, i64 ld, int row0, int nrows,
+                                                int ncols = D) {
     constexpr int CHUNKS = D / 8;              // 16-byte chunks per row
     constexpr int ROW_STEP = THREADS / CHUNKS;  // rows between one thread's copies
     constexpr int COPIES = (ROWS + ROW_STEP - 1) / ROW_STEP;
     static_assert(THREADS % CHUNKS == 0 && ROW_STEP % 8 == 0, "swizzle term must stay fixed");
     const int chunk = threadIdx.x % CHUNKS;
     const int r0 = threadIdx.x / CHUNKS;
+    const bool column_valid = chunk * 8 < ncols;
     const u32 dst0 = dst + sw128_offset<ROWS>(r0, chunk);
     const u16* p = src + (i64)(row0 + r0) * ld + chunk * 8;
     const i64 step = (i64)ROW_STEP * ld;
@@ -184,7 +187,7 @@ __device__ __forceinline__ void load_tile_sw128(u32 dst, const u16* src, i64 ld,
     for (int c = 0; c < COPIES; ++c, p += step) {
         const int r = r0 + c * ROW_STEP;
         if (ROWS % ROW_STEP == 0 || r < ROWS) {
-            const bool valid = row0 + r < nrows;
+            const bool valid = column_valid && row0 + r < nrows;
             cp_async_16(dst0 + c * ROW_STEP * 128, valid ? p : src, valid ? 16 : 0);
         }
     }
