@@ -160,6 +160,30 @@ def test_zero_copy_flash_attn_layout(record_core, dtype):
     assert qkv.grad is not None and torch.isfinite(qkv.grad.float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int32, torch.int64,
+                                   torch.uint8], ids=str)
+def test_cupy_views_share_memory_shape_and_strides(dtype):
+    """``to_cupy`` of contiguous, sliced, transposed and empty tensors: the same pointer, shape,
+    strides and values (dtypes without a direct view go through DLPack)."""
+    import cupy
+    from cuflash.torch import _bridge
+
+    base = (torch.arange(2 * 3 * 40 * 8, device="cuda") % 251).to(dtype).view(2, 3, 40, 8)
+    views = [base, base[:, 1:, 5:37:2, :6], base.transpose(1, 2), base[:, :, :0]]
+    with _bridge.cuda_scope(base.device):
+        for t in views:
+            a = _bridge.to_cupy(t)
+            assert a.data.ptr == t.data_ptr() and a.shape == tuple(t.shape)
+            assert a.strides == tuple(s * t.element_size() for s in t.stride())
+            host = cupy.asnumpy(a)
+            expected = t.cpu()
+            if dtype == torch.bfloat16:
+                expected = expected.view(torch.int16).numpy().view(host.dtype)
+            else:
+                expected = expected.numpy()
+            assert (host == expected).all()
+
+
 def test_zero_copy_gradients(record_core):
     q, k, v = (cuda(2, 4, 256, 64).requires_grad_() for _ in range(3))
     dq, dk, dv = torch.autograd.grad(ct.attention(q, k, v), (q, k, v), cuda(2, 4, 256, 64))
