@@ -26,8 +26,8 @@ def dkdv_kernel(request, monkeypatch, xp_gpu):
     return request.param
 
 
-def run(xp, rng, seed, kernel, *, b=1, hq=2, hkv=None, nq=300, nk=None, d=64, dv=None, dtype=ml_dtypes.bfloat16,
-        deterministic=False, **options):
+def run(xp, rng, seed, kernel, *, b=1, hq=2, hkv=None, nq=300, nk=None, d=64, dv=None,
+        dtype=ml_dtypes.bfloat16, deterministic=False, **options):
     hkv, nk, dv = hkv or hq, nk or nq, dv or d
     q = random_array(rng, (b, hq, nq, d), dtype, xp=xp)
     k = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
@@ -60,7 +60,8 @@ PADDED_HEAD_DIMS = [(32, 32), (40, 40), (96, 96), (80, 80), (128, 96), (96, 64),
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d, dv", PADDED_HEAD_DIMS, ids=[f"{d}-{dv}" for d, dv in PADDED_HEAD_DIMS])
 def test_padded_head_dims(xp_gpu, rng, seed, dkdv_kernel, d, dv, causal, deterministic):
-    run(xp_gpu, rng, seed, dkdv_kernel, nq=333, nk=290, d=d, dv=dv, causal=causal, deterministic=deterministic)
+    run(xp_gpu, rng, seed, dkdv_kernel, nq=333, nk=290, d=d, dv=dv, causal=causal,
+        deterministic=deterministic)
 
 
 def test_padded_head_dims_grouped_with_modifier(xp_gpu, rng, seed, dkdv_kernel):

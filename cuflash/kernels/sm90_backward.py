@@ -2,7 +2,7 @@
 
 Same entry point as ``mma_backward.backward``; ``supports()`` says whether a call can take this
 path (compute capability 9.0, D and Dv up to 128, 16-byte aligned rows, block masks whose blocks
-are whole tiles; packed variable-length sequences too). Everything else belongs to
+are whole tiles; packed variable-length sequences too, without dropout). Everything else belongs to
 ``mma_backward``. The kernels hold one head dim for Q/K and V/dO, 64 or 128 (``tile_head_dim``):
 narrower calls run it with zero columns past D and Dv, which the loads fill and the stores skip.
 
@@ -194,10 +194,10 @@ def supports(spec, arrays) -> str | None:
 
 def why_not_options(spec) -> str | None:
     """The options this family's kernels cannot combine (None if it can): dropout beside softcap
-    or ALiBi at D = 128, which no dK/dV kernel of it compiles within 255 registers without
-    spills (the mma.sync family takes those calls)."""
+    or ALiBi on 128-column tiles (D or Dv above 64), which no dK/dV kernel of it compiles within
+    255 registers without spills (the mma.sync family takes those calls)."""
     if spec.has_dropout and tile_head_dim(spec) == 128 and (spec.has_softcap or spec.has_alibi):
-        return "does not take dropout beside softcap or ALiBi at D = 128"
+        return "does not take dropout beside softcap or ALiBi with D or Dv above 64"
     return None
 
 
