@@ -43,12 +43,12 @@ def twice(monkeypatch):
     pairs = []
     through_driver = _launch.KernelLaunch.__call__
 
-    def both(self, pointers, stream=None, maps=(), map_pointers=()):
+    def both(self, pointers, stream=None):
         device = self.kernel.device
         before = len(device.parameters)
-        through_driver(self, pointers, stream, maps, map_pointers)
+        through_driver(self, pointers, stream)
         if self.blocks:
-            reference = self.cupy_arguments(pointers, maps, map_pointers)
+            reference = self.cupy_arguments(pointers)
             pairs.append((device.parameters[before:], [tuple(map(_bytes_cupy_sends, reference))]))
 
     monkeypatch.setattr(_launch.KernelLaunch, "__call__", both)

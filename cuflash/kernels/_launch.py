@@ -327,7 +327,7 @@ class KernelLaunch:
     (``tail``: NumPy scalars); calling it with the pointers launches it on CuPy's current stream
     (or `stream`). A kernel that reads tensors through TMA takes their descriptors first:
     ``maps`` (``_tma.TensorLayout`` of each) with ``map_pointers`` (the index of each one's
-    address in `pointers`), both the same on every call.
+    address in `pointers`); a call encodes the descriptors of addresses that changed.
 
     Launches go through ``DriverLaunch``, built at the first call; ``cupy_arguments`` are the
     same parameters as CuPy's RawKernel takes them (the reference the tests hold the driver's
@@ -339,39 +339,42 @@ class KernelLaunch:
     shared: int
     args: PackedArgs
     tail: tuple = ()
+    maps: tuple = ()
+    map_pointers: tuple = ()
     # [DriverLaunch, the address each descriptor in its buffer describes], from the first call.
     _state: list = field(default_factory=list, init=False, repr=False, compare=False)
 
-    def __call__(self, pointers, stream: int | None = None, maps=(), map_pointers=()) -> None:
+    def __call__(self, pointers, stream: int | None = None) -> None:
         if self.blocks == 0:  # nothing to do (a varlen call without keys); CUDA refuses 0 blocks
             return
-        driver, described = self._state or self._build_driver(len(maps))
+        driver, described = self._state or self._build_driver()
         with driver.lock:
-            if maps:
-                _write_descriptors(driver.params[0], described, maps, map_pointers, pointers)
-            self.args.write_pointers(driver.params[1 if maps else 0], pointers)
+            if self.maps:
+                _write_descriptors(driver.params[0], described, self.maps, self.map_pointers, pointers)
+            self.args.write_pointers(driver.params[1 if self.maps else 0], pointers)
             driver(current_stream() if stream is None else stream)
 
-    def _build_driver(self, map_count: int) -> list:
+    def _build_driver(self) -> list:
+        map_count = len(self.maps)
         params = [b"\0" * 128 * map_count] if map_count else []
         params += [self.args.packed, *(numpy.asarray(x).tobytes() for x in self.tail)]
         driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params)
         self._state[:] = [driver, [None] * map_count]
         return self._state
 
-    def cupy_arguments(self, pointers, maps=(), map_pointers=()) -> tuple:
+    def cupy_arguments(self, pointers) -> tuple:
         """The arguments CuPy's RawKernel takes for the same launch."""
         from . import _tma
 
-        descriptors = [layout.descriptor(pointers[i]) for layout, i in zip(maps, map_pointers)]
+        descriptors = [layout.descriptor(pointers[i]) for layout, i in zip(self.maps, self.map_pointers)]
         head = (_tma.pack(descriptors),) if descriptors else ()
         return (*head, self.args.pack(pointers), *self.tail)
 
-    def launch_through_cupy(self, pointers, maps=(), map_pointers=()) -> None:
+    def launch_through_cupy(self, pointers) -> None:
         """The same launch through CuPy's RawKernel.__call__ (slower: the reference)."""
         if self.blocks:
-            self.kernel((self.blocks,), (self.threads,),
-                        self.cupy_arguments(pointers, maps, map_pointers), shared_mem=self.shared)
+            self.kernel((self.blocks,), (self.threads,), self.cupy_arguments(pointers),
+                        shared_mem=self.shared)
 
 
 def _write_descriptors(buffer, described: list, maps, map_pointers, pointers) -> None:

@@ -227,16 +227,8 @@ def warp_specialised(spec, arrays) -> bool:
     return all(_tma.why_not_expressible(x) is None for x in (q, k, v, dout))
 
 
-@dataclass(frozen=True)
-class WarpSpecialisedLaunch:
-    """The warp-specialised dK/dV launch: ``launch`` plus the TMA layouts of q, k, v and dout,
-    whose descriptors each call encodes from their addresses (BWD_POINTERS 0, 1, 2 and 4)."""
-
-    launch: KernelLaunch
-    layouts: tuple
-
-    def __call__(self, pointers, stream=None) -> None:
-        self.launch(pointers, stream, maps=self.layouts, map_pointers=(0, 1, 2, 4))
+# BWD_POINTERS of the tensors the warp-specialised dK/dV kernel reads through TMA: q, k, v, dout.
+WARP_SPECIALISED_MAP_POINTERS = (0, 1, 2, 4)
 
 
 def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
@@ -279,11 +271,12 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,
                             expression)
-        launch = KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index))
+        maps = ()
         if expression == dkdv and producer:  # boxes of a query tile's rows (Q, dO), a key tile's (K, V)
-            launch = WarpSpecialisedLaunch(launch, tuple(
-                _tma.TensorLayout.of(x, rows) for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m))))
-        launches.append(launch)
+            maps = tuple(_tma.TensorLayout.of(x, rows)
+                         for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m)))
+        launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index),
+                                     maps=maps, map_pointers=WARP_SPECIALISED_MAP_POINTERS if maps else ()))
     if atomic_dq:
         launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (s.d,)),
                                                     fragment_order=True))

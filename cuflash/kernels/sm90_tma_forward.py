@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy
 
 from . import _build, _launch, _tma
-from ._launch import (KernelLaunch, element_type, forward_args, forward_pointers, mask_type, score_mod_type,
+from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type, score_mod_type,
                       vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
@@ -166,19 +166,7 @@ def supports(spec, arrays) -> str | None:
     return None
 
 
-class TmaForwardLaunch:
-    """A prepared launch of this kernel: the packed arguments, the grid and the tensors' TMA
-    layouts are fixed; each call fills in the data pointers and the three descriptors (a
-    descriptor holds its tensor's address: FWD_POINTERS 0, 1 and 2)."""
-
-    def __init__(self, launch: KernelLaunch, tiles: TmaTiles, layouts):
-        self.launch, self.tiles, self.layouts = launch, tiles, layouts
-
-    def __call__(self, q, k, v, out, lse, spec) -> None:
-        self.launch(forward_pointers(q, k, v, out, lse, spec), maps=self.layouts, map_pointers=(0, 1, 2))
-
-
-def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> TmaForwardLaunch:
+def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLaunch:
     """The launch for this spec and the layout of 4-D (B, H, N, D) CuPy views ``arrays`` =
     (q, k, v, out): compiled kernel, grid, packed arguments and TMA layouts (Q in boxes of one
     consumer's 64 rows, K and V in key tiles). The caller checks ``supports()`` first."""
@@ -191,8 +179,9 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> TmaForwar
     grid = min(blocks, _launch.sm_count(q.device.id)) if tiles.persistent else blocks
     layouts = (_tma.TensorLayout.of(tma_view(q), 64), _tma.TensorLayout.of(tma_view(k), tiles.block_n),
                _tma.TensorLayout.of(tma_view(v), tiles.block_n))
-    return TmaForwardLaunch(KernelLaunch(kernel, grid, tiles.threads, shared, args, tail=(numpy.int32(blocks),)),
-                            tiles, layouts)
+    # Each call encodes the descriptors of q, k and v (FWD_POINTERS 0, 1, 2) whose addresses changed.
+    return ForwardLaunch(KernelLaunch(kernel, grid, tiles.threads, shared, args, tail=(numpy.int32(blocks),),
+                                      maps=layouts, map_pointers=(0, 1, 2)))
 
 
 def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
