@@ -358,6 +358,95 @@ def test_fake_shapes_and_strides_match_real():
         assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
 
 
+# ----------------------------------------------------------------------------- eager calls
+
+def _operators_only(monkeypatch):
+    """Every call through the operators, as under torch.compile."""
+    monkeypatch.setattr(_ops, "_runs_eagerly", lambda *tensors: False)
+
+
+def _forward_backward(fn, inputs, dout):
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, dout))
+
+
+@pytest.mark.parametrize("api", ["attention", "varlen"])
+def test_eager_calls_equal_the_operators(monkeypatch, api):
+    """Eager calls skip the dispatcher for the operators' bodies: the same bits, values and
+    gradients, as through the operators."""
+    if api == "attention":
+        q, k, v = leaf(randn(2, 4, 37, 16)), leaf(randn(2, 4, 37, 16)), leaf(randn(2, 4, 37, 8))
+        slopes = torch.rand(4)
+
+        def fn(q, k, v):
+            return ct.attention(q, k, v, causal=True, window=(9, -1), softcap=3.0,
+                                alibi_slopes=slopes, dropout_p=0.25, dropout_seed=11)
+    else:
+        q, k, v = (leaf(randn(53, 4, 16)) for _ in range(3))
+        offsets = torch.tensor([0, 20, 53], dtype=torch.int32)
+
+        def fn(q, k, v):
+            return ct.flash_attn_varlen_func(q, k, v, offsets, offsets, 33, 33, causal=True)
+    dout = randn(*fn(q, k, v).shape)
+    eager = _forward_backward(fn, (q, k, v), dout)
+    _operators_only(monkeypatch)
+    through_operators = _forward_backward(fn, (q, k, v), dout)
+    for a, b in zip(eager, through_operators):
+        assert torch.equal(a, b)
+
+
+def test_eager_calls_do_not_dispatch(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("an eager call reached the operator")
+
+    for name in ("attention_forward", "attention_backward"):
+        monkeypatch.setattr(_ops, name, refuse)
+    q, k, v = (leaf(randn(1, 2, 16, 8)) for _ in range(3))
+    ct.attention(q, k, v, causal=True).sum().backward()
+    assert all(x.grad is not None for x in (q, k, v))
+
+
+def test_modes_transforms_and_subclasses_meet_the_operators():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (randn(1, 2, 16, 8) for _ in range(3))
+    with Seen() as seen:
+        ct.attention(q, k, v)
+    assert "cuflash.attention_forward.default" in seen.ops
+    with FakeTensorMode() as mode:  # fake tensors reach the operator's fake implementation
+        out = ct.attention(*(mode.from_tensor(x) for x in (q, k, v)))
+    assert out.shape == q.shape and type(out).__name__ == "FakeTensor"
+    with torch.device("cpu"):  # a function mode
+        assert not _ops._runs_eagerly(q)
+    under_transform = []
+    torch.func.grad(lambda x: under_transform.append(_ops._runs_eagerly(x)) or x.sum())(q)
+    assert under_transform == [False]
+    assert _ops._runs_eagerly(q, None, torch.nn.Parameter(q))
+
+
+@pytest.mark.parametrize("path", ["eager", "operators"])
+def test_second_derivative_is_refused(monkeypatch, path):
+    """No double backward, eager or through the operators: a gradient recorded with
+    create_graph=True raises when differentiated, rather than silently not depending on q."""
+    if path == "operators":
+        _operators_only(monkeypatch)
+    q, k, v = (leaf(randn(1, 2, 16, 8)) for _ in range(3))
+    (dq,) = torch.autograd.grad(ct.attention(q, k, v).sum(), q, create_graph=True)
+    assert dq.requires_grad
+    with pytest.raises(RuntimeError):
+        dq.square().sum().backward()
+
+
 class TinyAttention(torch.nn.Module):
     def __init__(self, api):
         super().__init__()

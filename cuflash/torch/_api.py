@@ -134,7 +134,7 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     dropout = _dropout(dropout_p, dropout_seed, dropout_offset)
     _ops.check_options((left, right), softcap, alibi_slopes, dropout[0])
     handle = _traced_mask_handle(block_mask)
-    out, lse = _ops.attention_forward(
+    out, lse = _ops.call_forward(
         q, k, v, bool(causal), None if scale is None else float(scale), left, right, softcap,
         alibi_slopes, handle, bool(seq_major), bool(deterministic), *dropout)
     return out, lse, dropout
@@ -280,7 +280,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         tensors["alibi_slopes"] = alibi_slopes
     _check_tensors(**tensors)
     left, right = _window(window_size, "window_size")
-    out, _ = _ops.attention_varlen_forward(
+    out, _ = _ops.call_varlen_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, _max_seqlen(max_seqlen_q, "max_seqlen_q"),
         _max_seqlen(max_seqlen_k, "max_seqlen_k"), bool(causal),
         None if softmax_scale is None else float(softmax_scale), left, right, float(softcap),

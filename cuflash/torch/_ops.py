@@ -7,6 +7,13 @@ traces through them without graph breaks; each forward carries ``register_autogr
 backward calls its backward operator and saves only q, k, v, out and the log-sum-exp (and the
 offsets, or the dropout seed).
 
+In eager mode the public functions reach the same bodies through ``call_forward`` /
+``call_varlen_forward`` instead: a plain ``torch.autograd.Function`` with the operators' context
+and backward rules, without the dispatcher (``_runs_eagerly`` says when; the operators stay what
+``torch.compile``, tensor subclasses, dispatch modes and functorch transforms see). The operators'
+autograd costs about 50 µs of Python per forward for these 14-15 arguments (torch rebuilds the
+schema's argument list once per argument to fill in defaults), more than the rest of a small call.
+
 A mask (a block-sparse ``BlockMask`` or an element-exact ``ExactMask``) is not a tensor: the
 operators take an int handle into a registry of masks (``block_mask_handle``); -1 means no
 mask.
@@ -164,7 +171,10 @@ def _out_shapes(q, k, v):
     """
     if q.dim() == k.dim() == v.dim() == 2:
         return (q.shape[0], v.shape[1]), (q.shape[0],), False
-    batch = tuple(torch.broadcast_shapes(*(x.shape[:-3] for x in (q, k, v))))
+    batch = q.shape[:-3]
+    if not batch == k.shape[:-3] == v.shape[:-3]:  # equal leading axes need no broadcasting
+        batch = torch.broadcast_shapes(batch, k.shape[:-3], v.shape[:-3])
+    batch = tuple(batch)
     hq = q.shape[-3] if q.dim() >= 3 else 1
     nq, dv = q.shape[-2], v.shape[-1]
     return batch + (hq, nq, dv), batch + (hq, nq), True
@@ -192,8 +202,7 @@ def _empty_grads(q, k, v):
 
 # ----------------------------------------------------------------------------- forward
 
-@torch.library.custom_op("cuflash::attention_forward", mutates_args=())
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+def _forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: Optional[float], window_left: int, window_right: int,
                       softcap: float, alibi_slopes: Optional[torch.Tensor], block_mask: int,
                       seq_major: bool, deterministic: bool, dropout_p: float = 0.0,
@@ -215,6 +224,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         return out, to_torch(lse)
 
 
+attention_forward = torch.library.custom_op("cuflash::attention_forward", _forward_body,
+                                            mutates_args=())
+
+
 @attention_forward.register_fake
 def _(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
       seq_major, deterministic, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
@@ -223,8 +236,7 @@ def _(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, 
 
 # ----------------------------------------------------------------------------- backward
 
-@torch.library.custom_op("cuflash::attention_backward", mutates_args=())
-def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, causal: bool,
                        scale: Optional[float], window_left: int, window_right: int,
                        softcap: float, alibi_slopes: Optional[torch.Tensor], block_mask: int,
@@ -246,6 +258,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         if grads is not None:
             return grads
         return tuple(to_torch(g) for g in result)
+
+
+attention_backward = torch.library.custom_op("cuflash::attention_backward", _backward_body,
+                                             mutates_args=())
 
 
 @attention_backward.register_fake
@@ -273,21 +289,27 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
-def _backward(ctx, dout, _dlse):
-    no_grads = _no_grads_after_qkv(ctx)
-    if dout is None:  # only lse was used: nothing flows back
-        return (None,) * 3 + no_grads
-    q, k, v, out, lse, alibi_slopes, dropout_seed = ctx.saved_tensors
-    (causal, scale, window_left, window_right, softcap, block_mask, deterministic, dropout_p,
-     dropout_offset) = ctx.options
-    dq, dk, dv = attention_backward(
-        dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap,
-        alibi_slopes, block_mask, deterministic, dropout_p, dropout_seed, dropout_offset)
-    return (dq, dk, dv) + no_grads
+def _backward_rule(run_backward):
+    """The forward's autograd backward, with ``run_backward`` computing (dq, dk, dv): the backward
+    operator, or its body in eager mode."""
+
+    def backward(ctx, dout, _dlse):
+        no_grads = _no_grads_after_qkv(ctx)
+        if dout is None:  # only lse was used: nothing flows back
+            return (None,) * 3 + no_grads
+        q, k, v, out, lse, alibi_slopes, dropout_seed = ctx.saved_tensors
+        (causal, scale, window_left, window_right, softcap, block_mask, deterministic, dropout_p,
+         dropout_offset) = ctx.options
+        dq, dk, dv = run_backward(
+            dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap,
+            alibi_slopes, block_mask, deterministic, dropout_p, dropout_seed, dropout_offset)
+        return (dq, dk, dv) + no_grads
+
+    return backward
 
 
-attention_forward.register_autograd(_backward, setup_context=_setup_context)
-
+attention_forward.register_autograd(_backward_rule(attention_backward),
+                                    setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- packed sequences
@@ -314,13 +336,12 @@ def _empty_varlen_lse(q):
     return q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("cuflash::attention_varlen_forward", mutates_args=())
-def attention_varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                             max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                             scale: Optional[float], window_left: int, window_right: int,
-                             softcap: float, alibi_slopes: Optional[torch.Tensor],
-                             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _varlen_forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                         scale: Optional[float], window_left: int, window_right: int,
+                         softcap: float, alibi_slopes: Optional[torch.Tensor],
+                         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of ``cuflash.attention_varlen``: out ``(total_q, Hq, Dv)``, lse
     ``(Hq, total_q)`` float32. ``deterministic`` does nothing here: it is kept for the
     backward."""
@@ -334,21 +355,24 @@ def attention_varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out, to_torch(lse)
 
 
+attention_varlen_forward = torch.library.custom_op(
+    "cuflash::attention_varlen_forward", _varlen_forward_body, mutates_args=())
+
+
 @attention_varlen_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
       window_left, window_right, softcap, alibi_slopes, deterministic):
     return _empty_varlen_out(q, v), _empty_varlen_lse(q)
 
 
-@torch.library.custom_op("cuflash::attention_varlen_backward", mutates_args=())
-def attention_varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                              cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                              max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                              scale: Optional[float], window_left: int, window_right: int,
-                              softcap: float, alibi_slopes: Optional[torch.Tensor],
-                              deterministic: bool
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _varlen_backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                          max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                          scale: Optional[float], window_left: int, window_right: int,
+                          softcap: float, alibi_slopes: Optional[torch.Tensor],
+                          deterministic: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ``cuflash.attention_varlen_backward``, contiguous."""
     with _bridge.core_scope(q.device) as (to_core, to_torch):
         offsets, options = _varlen_core_arguments(
@@ -358,6 +382,10 @@ def attention_varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
             *map(to_core, (dout, q, k, v, out, lse)), *offsets, deterministic=deterministic,
             **options)
         return tuple(to_torch(g) for g in grads)
+
+
+attention_varlen_backward = torch.library.custom_op(
+    "cuflash::attention_varlen_backward", _varlen_backward_body, mutates_args=())
 
 
 @attention_varlen_backward.register_fake
@@ -377,18 +405,132 @@ def _setup_varlen_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
-def _varlen_backward(ctx, dout, _dlse):
-    no_grads = _no_grads_after_qkv(ctx)
-    if dout is None:  # only lse was used: nothing flows back
-        return (None,) * 3 + no_grads
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
-    (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap,
-     deterministic) = ctx.options
-    dq, dk, dv = attention_varlen_backward(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-        scale, window_left, window_right, softcap, alibi_slopes, deterministic)
-    return (dq, dk, dv) + no_grads
+def _varlen_backward_rule(run_backward):
+    """The varlen forward's autograd backward, with ``run_backward`` computing (dq, dk, dv): the
+    backward operator, or its body in eager mode."""
+
+    def backward(ctx, dout, _dlse):
+        no_grads = _no_grads_after_qkv(ctx)
+        if dout is None:  # only lse was used: nothing flows back
+            return (None,) * 3 + no_grads
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap,
+         deterministic) = ctx.options
+        dq, dk, dv = run_backward(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            causal, scale, window_left, window_right, softcap, alibi_slopes, deterministic)
+        return (dq, dk, dv) + no_grads
+
+    return backward
 
 
-attention_varlen_forward.register_autograd(_varlen_backward,
+attention_varlen_forward.register_autograd(_varlen_backward_rule(attention_varlen_backward),
                                            setup_context=_setup_varlen_context)
+
+
+# ----------------------------------------------------------------------------- eager calls
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _runs_eagerly(*tensors) -> bool:
+    """Whether a call may skip the operators and run their bodies (``call_forward``): not while
+    torch.compile or export traces, under no functorch transform, dispatch mode or function
+    mode, and with plain tensors only (no subclass: FakeTensor, DTensor, ...), all of which must
+    meet the operators. ``None`` stands for an absent optional tensor."""
+    if torch.compiler.is_compiling():
+        return False
+    return (not torch._C._are_functorch_transforms_active()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and all(x is None or type(x) in _PLAIN_TENSORS for x in tensors))
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """Gradients that raise when differentiated: the eager functions' answer to
+    ``create_graph=True``, where the operators' backward (which has no autograd) raises too."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("cuflash attention has no second derivative: its gradients cannot be "
+                           "differentiated (create_graph=True)")
+
+
+def _first_order(rule):
+    """The backward ``rule``, with gradients that refuse to be differentiated when the graph of
+    the backward is recorded: unmarked, they would silently not depend on q, k and v."""
+
+    def backward(ctx, *grads):
+        with torch.no_grad():
+            result = rule(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return result
+        present = [i for i, g in enumerate(result) if g is not None]
+        marked = _NotDifferentiable.apply(*(result[i].detach().requires_grad_() for i in present))
+        result = list(result)
+        for i, g in zip(present, marked):
+            result[i] = g
+        return tuple(result)
+
+    return backward
+
+
+def _eager_function(name: str, body, setup_context, backward):
+    """A ``torch.autograd.Function`` made of an operator's body, context and backward rule
+    (first order only, as the operators are). Its forward takes the context first: a Function
+    with a separate ``setup_context`` binds its arguments through ``inspect.signature`` on every
+    call (about 60 µs for these)."""
+
+    def forward(ctx, *args):
+        output = body(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(_first_order(backward)),
+    })
+
+
+def _eager_call(operator, function, body, tensors, args):
+    """``operator(*args)``, or in eager mode the same through ``function`` (an
+    ``_eager_function``) when a gradient is wanted, else ``body`` alone; ``tensors``: the tensor
+    arguments among ``args``."""
+    if not _runs_eagerly(*tensors):
+        return operator(*args)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+        return function.apply(*args)
+    return body(*args)
+
+
+_EagerAttention = _eager_function("EagerAttention", _forward_body, _setup_context,
+                                  _backward_rule(_backward_body))
+
+
+def call_forward(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes,
+                 block_mask, seq_major, deterministic, dropout_p, dropout_seed, dropout_offset):
+    """``attention_forward`` with every argument given: (out, lse), differentiable as the
+    operator is, through the operator or in eager mode straight through its body."""
+    args = (q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
+            seq_major, deterministic, dropout_p, dropout_seed, dropout_offset)
+    return _eager_call(attention_forward, _EagerAttention, _forward_body,
+                       (q, k, v, alibi_slopes, dropout_seed), args)
+
+
+_EagerVarlenAttention = _eager_function("EagerVarlenAttention", _varlen_forward_body,
+                                        _setup_varlen_context,
+                                        _varlen_backward_rule(_varlen_backward_body))
+
+
+def call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                        scale, window_left, window_right, softcap, alibi_slopes, deterministic):
+    """``attention_varlen_forward``, through the operator or in eager mode its body
+    (``call_forward``)."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+            window_left, window_right, softcap, alibi_slopes, deterministic)
+    return _eager_call(attention_varlen_forward, _EagerVarlenAttention, _varlen_forward_body,
+                       (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes), args)
