@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU tests (`pytest -m gpu`) on one machine, in groups of test files that run side by side
+# (a cold run is mostly NVRTC compiling kernel variants, one CPU core per group). Prints each
+# group's pytest summary line and exits non-zero when a group fails; the logs stay in $1
+# (default ./gpu-test-logs). CUFLASH_TEST_GROUPS picks groups by name (comma-separated); PYTHON
+# names the interpreter (default python3).
+#
+#   tools/gpu_tests.sh [LOG_DIR]
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+logs="${1:-gpu-test-logs}"
+mkdir -p "$logs"
+
+# name: files (roughly even run times on an H200 from a cold kernel cache)
+groups=(
+    "backward_ws: tests/test_gpu_backward_ws.py"
+    "backward: tests/test_gpu_backward.py tests/test_dispatch.py tests/test_validation.py"
+    "forward: tests/test_gpu_forward.py tests/test_gpu_float32.py tests/test_sparse_attention.py tests/test_exact_mask.py"
+    "features: tests/test_gpu_features.py tests/test_gpu_calls.py"
+    "dropout: tests/test_dropout_gpu.py"
+    "varlen_torch: tests/test_varlen.py tests/test_torch_gpu.py tests/test_torch_kvcache.py"
+    "kvcache: tests/test_kvcache.py"
+    "cli_parallel: tests/test_cli.py tests/test_parallel_gpu.py"
+)
+
+# Every test file with GPU tests is in a group: a new file must be added above.
+listed=" $(printf '%s ' "${groups[@]#*:}") "
+for file in $(grep -l "mark.gpu\|mark\.gpu" "$here"/tests/test_*.py); do
+    file="tests/${file##*/}"
+    [[ "$listed" == *" $file "* ]] || { echo "tools/gpu_tests.sh: $file is in no group"; exit 2; }
+done
+
+names=()
+for group in "${groups[@]}"; do
+    name="${group%%:*}"
+    if [ -n "${CUFLASH_TEST_GROUPS:-}" ] && [[ ",$CUFLASH_TEST_GROUPS," != *",$name,"* ]]; then
+        continue
+    fi
+    names+=("$name")
+    # shellcheck disable=SC2086
+    (cd "$here" && PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+        "${PYTHON:-python3}" -m pytest -m gpu -q -p no:cacheprovider ${group#*:} > "$logs/$name.log" 2>&1;
+     echo $? > "$logs/$name.rc") &
+done
+wait
+
+status=0
+for name in "${names[@]}"; do
+    rc="$(cat "$logs/$name.rc")"
+    echo "$name: exit $rc; $(tail -1 "$logs/$name.log")"
+    # 5: no test collected (a group whose tests all carry other marks) is not a failure
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && status=1
+done
+exit "$status"
