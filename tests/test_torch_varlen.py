@@ -27,6 +27,18 @@ FLASH_ATTN_VARLEN_SIGNATURE = (
     ("deterministic", False), ("return_attn_probs", False), ("block_table", None),
 )
 
+# flash-attn 2's packed variants (flash_attn/flash_attn_interface.py): the same options from
+# dropout_p on, without block_table.
+_OPTIONS = FLASH_ATTN_VARLEN_SIGNATURE[7:-1]
+FLASH_ATTN_VARLEN_PACKED_SIGNATURES = {
+    "flash_attn_varlen_qkvpacked_func": (
+        ("qkv", inspect.Parameter.empty), ("cu_seqlens", inspect.Parameter.empty),
+        ("max_seqlen", inspect.Parameter.empty), *_OPTIONS),
+    "flash_attn_varlen_kvpacked_func": (
+        ("q", inspect.Parameter.empty), ("kv", inspect.Parameter.empty),
+        *FLASH_ATTN_VARLEN_SIGNATURE[3:7], *_OPTIONS),
+}
+
 # Query and key lengths per sequence: unequal within a sequence, and empty on either side.
 LENS_Q = [5, 0, 23, 9, 14]
 LENS_K = [12, 4, 23, 3, 0]
@@ -156,6 +168,58 @@ def test_noncontiguous_packed_inputs():
     assert torch.equal(out, expected)
     out.sum().backward()
     assert qkv.grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("name", sorted(FLASH_ATTN_VARLEN_PACKED_SIGNATURES))
+def test_packed_variants_have_flash_attn_signatures(name):
+    parameters = inspect.signature(getattr(ct, name)).parameters.values()
+    assert tuple((p.name, p.default) for p in parameters) == FLASH_ATTN_VARLEN_PACKED_SIGNATURES[name]
+
+
+def test_qkvpacked_is_the_call_on_its_parts():
+    cu = offsets([7, 0, 20, 5])
+    qkv = torch.randn(32, 3, 4, 16, requires_grad=True)
+    parts = [x.detach().clone().requires_grad_(True) for x in qkv.unbind(1)]
+    dout = torch.randn(32, 4, 16)
+    options = dict(softmax_scale=0.2, causal=True, window_size=(6, 0), softcap=2.0)
+    out = ct.flash_attn_varlen_qkvpacked_func(qkv, cu, 20, **options)
+    expected = ct.flash_attn_varlen_func(*parts, cu, cu, 20, 20, **options)
+    assert torch.equal(out, expected)
+    out.backward(dout)
+    expected.backward(dout)
+    assert torch.equal(qkv.grad, torch.stack([x.grad for x in parts], 1))
+
+
+def test_kvpacked_is_the_call_on_its_parts():
+    (q, k, v), dout, layout = packed(LENS_Q, LENS_K)
+    kv = torch.stack([k.detach(), v.detach()], 1).requires_grad_(True)
+    out = ct.flash_attn_varlen_kvpacked_func(q, kv, *layout, causal=True, deterministic=True)
+    expected = ct.flash_attn_varlen_func(q, k, v, *layout, causal=True, deterministic=True)
+    assert torch.equal(out, expected)
+    (dkv,) = torch.autograd.grad(out, kv, dout)
+    assert torch.equal(dkv, torch.stack(torch.autograd.grad(expected, (k, v), dout), 1))
+
+
+@pytest.mark.parametrize("call", ["qkvpacked", "kvpacked"])
+def test_packed_variants_check_the_packed_axis_and_refuse_what_varlen_does(call):
+    (q, k, v), _, (cu_q, cu_k, max_q, max_k) = packed(LENS_Q, LENS_Q, hkv=4)
+    if call == "qkvpacked":
+        def run(packed_tensor, **options):
+            return ct.flash_attn_varlen_qkvpacked_func(packed_tensor, cu_q, max_q, **options)
+        good, bad, name = torch.stack([q, k, v], 1), torch.stack([q, k], 1), "qkv"
+    else:
+        def run(packed_tensor, **options):
+            return ct.flash_attn_varlen_kvpacked_func(q, packed_tensor, cu_q, cu_k, max_q, max_k,
+                                                      **options)
+        good, bad, name = torch.stack([k, v], 1), torch.stack([k, v, v], 1), "kv"
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(total"):
+        run(bad)
+    with pytest.raises(ValueError, match=rf"{name} must have shape"):
+        run(good[None])
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        run(good, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="return_attn_probs"):
+        run(good, return_attn_probs=True)
 
 
 # ----------------------------------------------------------------------------- refusals, errors

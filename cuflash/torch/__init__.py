@@ -3,7 +3,8 @@
 - ``attention``: cuflash's own layout ``(..., H, N, D)``.
 - ``flash_attn_func``, ``flash_attn_qkvpacked_func``, ``flash_attn_kvpacked_func``: the
   flash-attn 2 functions, layout ``(B, S, H, D)``; ``flash_attn_varlen_func``, packed sequences
-  ``(total, H, D)``; ``flash_attn_with_kvcache`` (forward only, through
+  ``(total, H, D)``, with ``flash_attn_varlen_qkvpacked_func`` and
+  ``flash_attn_varlen_kvpacked_func``; ``flash_attn_with_kvcache`` (forward only, through
   ``cuflash.attention_with_kvcache``, not the operators below).
 - ``scaled_dot_product_attention``: ``torch.nn.functional.scaled_dot_product_attention``'s
   signature, layout ``(B, H, N, D)``.
@@ -25,9 +26,11 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
         f"importing torch failed: {error}") from error
 
 from ._api import (attention, block_mask_handle, flash_attn_func, flash_attn_kvpacked_func,
-                   flash_attn_qkvpacked_func, flash_attn_varlen_func, flash_attn_with_kvcache,
-                   scaled_dot_product_attention)
+                   flash_attn_qkvpacked_func, flash_attn_varlen_func,
+                   flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func,
+                   flash_attn_with_kvcache, scaled_dot_product_attention)
 
 __all__ = ["attention", "block_mask_handle", "flash_attn_func", "flash_attn_kvpacked_func",
-           "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
-           "scaled_dot_product_attention"]
+           "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_with_kvcache", "scaled_dot_product_attention"]

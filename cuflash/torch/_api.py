@@ -209,16 +209,22 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     return out, lse.detach(), probs
 
 
+def _unpack(x, name: str, layout: tuple) -> tuple:
+    """The tensors flash-attn packs along the axis that ``layout`` (its names) gives as a count
+    ("3" or "2"), as views."""
+    axis = next(i for i, size in enumerate(layout) if size.isdigit())
+    if x.dim() != len(layout) or x.shape[axis] != int(layout[axis]):
+        raise ValueError(f"{name} must have shape ({', '.join(layout)}), got {tuple(x.shape)}")
+    return x.unbind(axis)
+
+
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                               deterministic=False, return_attn_probs=False):
     """flash-attn's ``flash_attn_qkvpacked_func``: qkv ``(B, S, 3, H, D)``; returns
     ``(B, S, H, D)``."""
     _check_tensors(qkv=qkv)
-    if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
-                         f"{tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(2)
+    q, k, v = _unpack(qkv, "qkv", ("batch", "seqlen", "3", "nheads", "headdim"))
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -229,10 +235,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     """flash-attn's ``flash_attn_kvpacked_func``: q ``(B, Sq, Hq, D)``, kv
     ``(B, Sk, 2, Hkv, D)``; returns ``(B, Sq, Hq, D)``."""
     _check_tensors(q=q, kv=kv)
-    if kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(f"kv must have shape (batch, seqlen, 2, nheads_k, headdim), got "
-                         f"{tuple(kv.shape)}")
-    k, v = kv.unbind(2)
+    k, v = _unpack(kv, "kv", ("batch", "seqlen", "2", "nheads_k", "headdim"))
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -286,6 +289,35 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         None if softmax_scale is None else float(softmax_scale), left, right, float(softcap),
         alibi_slopes, bool(deterministic))
     return out
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
+                                     softmax_scale=None, causal=False, window_size=(-1, -1),
+                                     softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """flash-attn's ``flash_attn_varlen_qkvpacked_func``: qkv ``(total, 3, H, D)``, one set of
+    offsets and max length for queries and keys; returns ``(total, H, D)``
+    (``flash_attn_varlen_func``, whose refusals apply)."""
+    _check_tensors(qkv=qkv)
+    q, k, v = _unpack(qkv, "qkv", ("total", "3", "nheads", "headdim"))
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+                                    causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False,
+                                    return_attn_probs=False):
+    """flash-attn's ``flash_attn_varlen_kvpacked_func``: q ``(total_q, Hq, D)``, kv
+    ``(total_k, 2, Hkv, D)``; returns ``(total_q, Hq, D)`` (``flash_attn_varlen_func``, whose
+    refusals apply)."""
+    _check_tensors(q=q, kv=kv)
+    k, v = _unpack(kv, "kv", ("total_k", "2", "nheads_k", "headdim"))
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                                  softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 # ----------------------------------------------------------------------------- SDPA
