@@ -17,18 +17,25 @@ A call is validated once (``cuflash._kvcache_spec``) and takes one of three rout
   through ``cuflash.attention``'s kernels. It reads the cache lengths (and the index arrays) back
   to the host, so it synchronises and cannot be captured in a CUDA graph; slow but exact.
 
+A call with rotary tables first rotates q and the new keys (``cuflash._rotary``, array operations
+on the inputs' device) and takes its route with the rotated arrays.
+
 ``kvcache_plan`` says which route a call takes and why.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy
 
 from . import _calls, _checks
-from ._kvcache_spec import KVCacheSpec, check_host_values, check_out, refuse_unsupported, validate
+from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_out, check_rotary,
+                            refuse_unsupported, validate)
+from ._rotary import rotate
 
 NUMPY, DECODE, GENERIC = "numpy", "decode", "generic"
 
@@ -37,7 +44,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                            block_table=None, cache_batch_idx=None, causal=False, scale=None,
                            window=(-1, -1), softcap=0.0, alibi_slopes=None, num_splits=0,
                            return_lse=False, out=None, rotary_cos=None, rotary_sin=None,
-                           cache_leftpad=None):
+                           rotary_interleaved=True, cache_leftpad=None):
     """Attention of ``q`` against a KV cache, after appending ``k`` and ``v`` to it in place.
 
     flash-attn's ``flash_attn_with_kvcache`` with cuflash's option names (``scale``,
@@ -77,8 +84,19 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         Also return the log-sum-exp of each row, float32 ``(B, Hq, Sq)`` (natural log).
     out : array ``(B, Sq, Hq, Dv)``, optional
         Where to write the result (any strides, not overlapping the inputs).
-    rotary_cos, rotary_sin, cache_leftpad
-        flash-attn options cuflash does not support: ``NotImplementedError`` unless ``None``.
+    rotary_cos, rotary_sin : arrays ``(seqlen_ro, rotary_dim / 2)`` of q's dtype, optional
+        Rotary position embedding of the first ``rotary_dim`` dimensions of ``q`` and ``k``
+        (flash-attn's): the new keys are rotated to positions ``cache_seqlens[b] + i`` and
+        appended rotated; the queries are rotated to positions ``cache_seqlens[b] + i`` when the
+        call is causal or has a window, else all to ``cache_seqlens[b]``. Needs ``k`` and ``v``,
+        and a row for every position of the cache (``seqlen_ro ≥ capacity``). ``q`` and ``k``
+        themselves are not modified. Computed by array operations before the kernels
+        (``cuflash._rotary``), not inside them.
+    rotary_interleaved : bool
+        Which dimensions the rotation pairs: ``2i`` and ``2i + 1`` (True, flash-attn's default),
+        or ``i`` and ``i + rotary_dim / 2`` (False, GPT-NeoX style).
+    cache_leftpad
+        A flash-attn option cuflash does not support: ``NotImplementedError`` unless ``None``.
 
     Returns
     -------
@@ -99,13 +117,16 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     >>> cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths).shape
     (2, 1, 2, 16)
     """
-    spec, return_lse = _validated(
+    spec, return_lse, rotary = _validated(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
         cache_batch_idx=cache_batch_idx, causal=causal, scale=scale, window=window,
         softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=return_lse,
-        out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+        out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        rotary_interleaved=rotary_interleaved, cache_leftpad=cache_leftpad)
     xp = spec.xp
     with _checks.device_context(q):
+        if rotary is not None:
+            q, k = _rotated(spec, rotary, q, k)
         result = xp.empty(spec.out_shape, spec.dtype) if out is None else out
         lse = xp.empty(spec.lse_shape, numpy.float32)
         # The kernels read q in place when they can, else a copy, made once for both steps.
@@ -135,7 +156,7 @@ class KVCachePlan:
 def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                  cache_batch_idx=None, causal=False, scale=None, window=(-1, -1), softcap=0.0,
                  alibi_slopes=None, num_splits=0, return_lse=False, out=None, rotary_cos=None,
-                 rotary_sin=None, cache_leftpad=None) -> KVCachePlan:
+                 rotary_sin=None, rotary_interleaved=True, cache_leftpad=None) -> KVCachePlan:
     """The route ``attention_with_kvcache`` would take for these arguments, and why; validated
     the same way, and nothing is written or run.
 
@@ -144,11 +165,12 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
     >>> cuflash.kvcache_plan(q, cache, cache, cache_seqlens=3).route
     'numpy'
     """
-    spec, _ = _validated(
+    spec, _, _ = _validated(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
         cache_batch_idx=cache_batch_idx, causal=causal, scale=scale, window=window,
         softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=return_lse,
-        out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+        out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        rotary_interleaved=rotary_interleaved, cache_leftpad=cache_leftpad)
     with _checks.device_context(q):
         route, reason, _ = _choose(spec, q if spec.xp is numpy else _checks.kernel_readable(q),
                                    k_cache, v_cache)
@@ -156,15 +178,39 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
 
 
 def _validated(q, k_cache, v_cache, k, v, *, return_lse, out, rotary_cos, rotary_sin,
-               cache_leftpad, **options) -> tuple[KVCacheSpec, bool]:
-    """``(spec, return_lse)`` of one call, every argument checked (the call itself and
-    ``kvcache_plan`` alike)."""
-    refuse_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+               rotary_interleaved, cache_leftpad, **options) -> tuple[KVCacheSpec, bool, Any]:
+    """``(spec, return_lse, rotary)`` of one call, every argument checked (the call itself and
+    ``kvcache_plan`` alike); ``rotary``: a ``Rotary`` or ``None``."""
+    refuse_unsupported(cache_leftpad=cache_leftpad)
     spec = validate(q, k_cache, v_cache, k, v, **options)
+    rotary = check_rotary(rotary_cos, rotary_sin, rotary_interleaved, spec, q)
     return_lse = _checks.check_bool(return_lse, "return_lse")
     if out is not None:
         check_out(out, spec, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
-    return spec, return_lse
+    return spec, return_lse, rotary
+
+
+def _rotated(spec: KVCacheSpec, rotary: Rotary, q, k):
+    """``(q, k)`` rotated by the call's rotary embedding (new arrays), at flash-attn's positions:
+    new key ``i`` of batch row ``b`` at ``cache_seqlens[b] + i``; query ``i`` there too when the
+    call is causal or has a window, else every query of the row at ``cache_seqlens[b]``. The
+    positions stay on the device when the lengths are (nothing is read back)."""
+    xp = spec.xp
+    if spec.lengths is None:  # a CuPy array, not read here
+        start = spec.seqlens.astype(numpy.int64)[:, None]
+    elif xp is numpy:
+        start = spec.lengths[:, None]
+    else:  # one int for every row, known on the host
+        start = int(spec.lengths[0])
+
+    def positions(count, step):
+        return xp.broadcast_to(start + step * xp.arange(count), (spec.b, count))
+
+    ordered = spec.causal or spec.window != (-1, -1)
+    turn = functools.partial(rotate, cos=rotary.cos, sin=rotary.sin,
+                             interleaved=rotary.interleaved)
+    return (turn(q, positions=positions(spec.sq, 1 if ordered else 0)),
+            turn(k, positions=positions(spec.s_new, 1)))
 
 
 def decode_module():

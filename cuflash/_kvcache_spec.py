@@ -96,14 +96,52 @@ class KVCacheSpec:
 def refuse_unsupported(**options) -> None:
     """flash-attn options cuflash does not implement: ``NotImplementedError`` when given."""
     reasons = {
-        "rotary_cos": "cuflash applies no rotary embedding; rotate q and k before the call",
-        "rotary_sin": "cuflash applies no rotary embedding; rotate q and k before the call",
         "cache_leftpad": "caches start at position 0 in cuflash; left-padded caches are not "
                          "supported",
     }
     for name, value in options.items():
         if value is not None:
             raise NotImplementedError(f"{name} is not supported: {reasons[name]}")
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """The rotary embedding of one call (flash-attn's ``rotary_cos`` / ``rotary_sin``): tables
+    ``(seqlen_ro, rotary_dim / 2)`` of q's dtype and module, row ``p`` for position ``p``, and
+    which dimensions pair up (``interleaved``: 0 & 1, 2 & 3, ...; else ``i`` & ``i + rotary_dim
+    / 2``, GPT-NeoX style)."""
+
+    cos: Any
+    sin: Any
+    interleaved: bool
+
+
+def check_rotary(rotary_cos, rotary_sin, rotary_interleaved, spec: KVCacheSpec,
+                 q) -> Rotary | None:
+    """The call's rotary embedding, checked against its spec; ``None`` without tables."""
+    interleaved = _checks.check_bool(rotary_interleaved, "rotary_interleaved")
+    if rotary_cos is None and rotary_sin is None:
+        return None
+    if rotary_cos is None or rotary_sin is None:
+        raise ValueError(f"give rotary_cos and rotary_sin together, got rotary_cos="
+                         f"{_kind(rotary_cos)} and rotary_sin={_kind(rotary_sin)}")
+    if not spec.s_new:
+        raise ValueError("rotary_cos and rotary_sin rotate the new keys as they are appended: "
+                         "give k and v too (as flash-attn requires)")
+    tables = {"q": q, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin}
+    _checks.common_module(tables)
+    _checks.check_dtypes(tables)
+    shape = tuple(rotary_cos.shape)
+    if len(shape) != 2 or tuple(rotary_sin.shape) != shape or shape[1] == 0:
+        raise ValueError(f"rotary_cos and rotary_sin must both have shape (seqlen_ro, rotary_dim "
+                         f"/ 2), got {shape} and {tuple(rotary_sin.shape)}")
+    if 2 * shape[1] > spec.d:
+        raise ValueError(f"rotary_dim = 2 · {shape[1]} (the tables' columns) must be at most the "
+                         f"head dimension D = {spec.d}")
+    if shape[0] < spec.capacity:
+        raise ValueError(f"rotary_cos and rotary_sin must have a row for every position of the "
+                         f"cache: at least {spec.capacity} rows (its capacity), got {shape[0]}")
+    return Rotary(rotary_cos, rotary_sin, interleaved)
 
 
 def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_batch_idx,

@@ -9,14 +9,18 @@ attention of ``cuflash.reference.naive_attention`` on each row's keys.
 
 Usage: ``case = make_case(rng, xp, ...)``, call ``cuflash.attention_with_kvcache(*case.args,
 **case.kwargs)``, then ``assert_kvcache_close(case, out, lse)`` and
-``assert_cache_appended(case)``.
+``assert_cache_appended(case)``. With rotary tables: ``rotated, rotary = rotary_case(case, cos,
+sin, interleaved)`` (the case rotated independently in float64) and
+``call_and_check_rotated(case, rotated, rotary, context)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 import cuflash
@@ -277,6 +281,63 @@ def assert_cache_appended(case, context=""):
                             f"{np.argwhere(~same)[:3].tolist()}; {context}")
 
 
+# ----------------------------------------------------------------------------- rotary embedding
+
+def rotary_tables(seqlen_ro, rotary_dim, dtype, xp=np, base=10000.0):
+    """The usual RoPE tables ``(seqlen_ro, rotary_dim / 2)``: angle ``p · base^(−2i/rotary_dim)``,
+    rounded to ``dtype``."""
+    angles = np.arange(seqlen_ro)[:, None] * base ** (-np.arange(0, rotary_dim, 2) / rotary_dim)
+    return tuple(xp.asarray(f(angles).astype(dtype)) for f in (np.cos, np.sin))
+
+
+def rotate64(x, cos, sin, positions, interleaved):
+    """``x`` ``(B, S, H, D)`` rotated at ``positions`` ``(B, S)``, written independently of
+    cuflash: each pair as a complex number times ``cos + i·sin``, in float64, then rounded to
+    ``x``'s dtype. Host arrays."""
+    x, cos, sin = to_host(x), to_host(cos), to_host(sin)
+    half = cos.shape[1]
+    pairs = np.arange(half)
+    first, second = (2 * pairs, 2 * pairs + 1) if interleaved else (pairs, pairs + half)
+    x64 = x.astype(np.float64)
+    turn = (cos.astype(np.float64) + 1j * sin.astype(np.float64))[positions][:, :, None, :]
+    z = (x64[..., first] + 1j * x64[..., second]) * turn
+    x64[..., first], x64[..., second] = z.real, z.imag
+    return x64.astype(x.dtype)
+
+
+def rotary_case(case: Case, cos, sin, interleaved: bool) -> tuple[Case, dict]:
+    """The case the oracle reads for a call of ``case`` with these tables — q and k rotated by
+    ``rotate64`` at flash-attn's positions (new keys at ``L_b + i``; queries there too when causal
+    or windowed, else all at ``L_b``) — and the call's rotary keywords."""
+    xp, lengths = case.xp, case.lengths
+    ordered = case.options.get("causal") or tuple(case.options.get("window", (-1, -1))) != (-1, -1)
+    sq = case.q.shape[1]
+    q_positions = lengths[:, None] + (np.arange(sq) if ordered else np.zeros(sq, np.int64))
+    k_positions = lengths[:, None] + np.arange(case.s_new)
+    rotated = dataclasses.replace(
+        case, q=xp.asarray(rotate64(case.q, cos, sin, q_positions, interleaved)),
+        k=xp.asarray(rotate64(case.k, cos, sin, k_positions, interleaved)))
+    return rotated, dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
+
+
+def assert_cache_appended_rotated(case: Case, rotated: Case, context=""):
+    """As ``assert_cache_appended``, the appended keys being ``rotated.k`` up to rounding:
+    cuflash rotates in float32 and ``rotate64`` in float64, and both round once to the dtype, so
+    they may differ by one rounding of the dtype plus a few of float32's (relative to the
+    largest key, since a turned pair may cancel)."""
+    cache = to_host(case.k_cache)
+    held = np.stack([cache[case.slots(row, int(n), int(n) + case.s_new)]
+                     for row, n in enumerate(case.lengths)])
+    want = to_host(rotated.k).astype(np.float64)
+    error = np.abs(held.astype(np.float64) - want)
+    bound = (ml_dtypes.finfo(case.q.dtype).eps * np.abs(want)
+             + 4 * np.finfo(np.float32).eps * np.abs(want).max())
+    assert (error <= bound).all(), (
+        f"the appended keys differ from the rotated keys by up to {error.max():.3g}; {context}")
+    # Everything else (and v_cache) bit for bit: the case whose appended keys are those held.
+    assert_cache_appended(dataclasses.replace(case, k=case.xp.asarray(held)), context)
+
+
 def poisoned_out(case, xp=None):
     xp = xp or case.xp
     b, sq, hq, _ = case.q.shape
@@ -293,3 +354,18 @@ def call_and_check(case: Case, context: str, **extra):
     assert_kvcache_close(case, out, lse, context)
     assert_cache_appended(case, context)
     return out, lse
+
+
+def call_and_check_rotated(case: Case, rotated: Case, rotary: dict, context: str):
+    """``call_and_check`` with the rotary keywords of ``rotary_case``: the result against the
+    oracle of the rotated case, the rotated keys appended, q and k themselves unchanged."""
+    q, k = case.q.copy(), case.k.copy()
+    out = poisoned_out(case)
+    got, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, **rotary,
+                                              return_lse=True, out=out)
+    assert got is out
+    assert_kvcache_close(rotated, out, lse, context)
+    assert_cache_appended_rotated(case, rotated, context)
+    assert (to_host(case.q) == to_host(q)).all() and (to_host(case.k) == to_host(k)).all(), (
+        f"q and k must not be rotated in place; {context}")
+

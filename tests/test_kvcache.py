@@ -9,8 +9,9 @@ through shuffled pages; the NumPy cases are in tests/test_kvcache_cpu.py.
 import ml_dtypes
 import numpy as np
 import pytest
-from kvcache_cases import (assert_cache_appended, assert_kvcache_close, call_and_check, expected,
-                           make_case, poisoned_out, to_host)
+from kvcache_cases import (assert_cache_appended, assert_kvcache_close, call_and_check,
+                           call_and_check_rotated, expected, make_case, poisoned_out, rotary_case,
+                           rotary_tables, to_host)
 
 import cuflash
 from cuflash.check.rule import allowed
@@ -194,6 +195,24 @@ def test_device_lengths_out_of_range_give_nan_rows(xp_gpu, rng, seed, decode_cal
             for cache, before in ((case.k_cache, case.k_cache_before), (case.v_cache, case.v_cache_before)):
                 got = to_host(cache[row]).view(np.uint16)
                 assert (got == to_host(before[row]).view(np.uint16)).all(), context
+
+
+@pytest.mark.parametrize("dtype, route", [(ml_dtypes.bfloat16, "decode"), (np.float16, "decode"),
+                                          (np.float32, "generic")],
+                         ids=["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_rotary(xp_gpu, rng, seed, dtype, route, interleaved, paged):
+    """q and the appended k rotated on the device (cuflash._rotary, before the kernels), against
+    the oracle of the case rotated in float64; lengths in a device array are not read back."""
+    case = make_case(rng, xp_gpu, dtype=dtype, b=len(FEATURE_LENGTHS), sq=4, hq=32, hkv=8,
+                     d=128, lengths=FEATURE_LENGTHS, capacity=FEATURE_CAPACITY, s_new=4,
+                     page_size=256 if paged else None, causal=True)
+    tables = rotary_tables(FEATURE_CAPACITY, 64, dtype, xp_gpu)
+    rotated, rotary = rotary_case(case, *tables, interleaved)
+    plan = cuflash.kvcache_plan(*case.args, **case.kwargs, **rotary)
+    assert plan.route == route, str(plan)
+    call_and_check_rotated(case, rotated, rotary, f"seed={seed}")
 
 
 # ----------------------------------------------------------------------------- the generic route

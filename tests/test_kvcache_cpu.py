@@ -9,8 +9,9 @@ import types
 import ml_dtypes
 import numpy as np
 import pytest
-from kvcache_cases import (assert_cache_appended, assert_kvcache_close, call_and_check, make_case,
-                           oracle_row, poisoned_out)
+from kvcache_cases import (assert_cache_appended, assert_kvcache_close, call_and_check,
+                           call_and_check_rotated, make_case, oracle_row, poisoned_out,
+                           rotary_case, rotary_tables)
 
 import cuflash
 from cuflash import _kvcache
@@ -161,6 +162,44 @@ def test_oracle_row_matches_reference(rng):
         np.testing.assert_allclose(lse, ref_lse, atol=1e-12)
 
 
+# ----------------------------------------------------------------------------- rotary embedding
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(window=(6, -1))],
+                         ids=["full", "causal", "window"])
+def test_rotary(rng, seed, dtype, interleaved, options):
+    """q and the appended k rotated at flash-attn's positions (queries all at the cache length
+    unless causal or windowed), against the oracle of the case rotated by rotate64."""
+    case = make_case(rng, np, dtype=dtype, b=3, sq=3, hq=4, hkv=2, d=40, lengths=[0, 9, 29],
+                     capacity=32, s_new=3, **options)
+    rotated, rotary = rotary_case(case, *rotary_tables(40, 24, dtype), interleaved)
+    call_and_check_rotated(case, rotated, rotary, f"seed={seed}")
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_rotary_of_int_lengths_and_pages(rng, seed, paged):
+    case = make_case(rng, np, dtype=np.float16, b=2, sq=1, hq=2, hkv=2, d=32, lengths=[21, 21],
+                     capacity=32, s_new=1, seqlens_as="int", page_size=16 if paged else None)
+    rotated, rotary = rotary_case(case, *rotary_tables(32, 32, np.float16), True)
+    call_and_check_rotated(case, rotated, rotary, f"seed={seed}")
+
+
+def test_rotary_turns_each_pair_by_its_angle():
+    """One vector, by hand: at position 1 pair i turns by the table's angle, the rest is kept."""
+    cos = np.array([[1.0, 1.0], [0.0, 0.6]], np.float32)
+    sin = np.array([[0.0, 0.0], [1.0, 0.8]], np.float32)
+    x = np.array([[[[1.0, 2.0, 3.0, 4.0, 5.0]]]], np.float32)
+    from cuflash._rotary import rotate
+    interleaved = rotate(x, cos, sin, np.array([[1]]), interleaved=True)
+    neox = rotate(x, cos, sin, np.array([[1]]), interleaved=False)
+    # interleaved pairs (1, 2) by 90° and (3, 4) by (0.6, 0.8); neox pairs (1, 3) and (2, 4)
+    np.testing.assert_allclose(interleaved.ravel(), [-2.0, 1.0, 0.6 * 3 - 0.8 * 4,
+                                                     0.8 * 3 + 0.6 * 4, 5.0], rtol=1e-6)
+    np.testing.assert_allclose(neox.ravel(), [-3.0, 0.6 * 2 - 0.8 * 4, 1.0,
+                                              0.8 * 2 + 0.6 * 4, 5.0], rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- errors
 
 def small(rng, **overrides):
@@ -216,13 +255,40 @@ def call(case, **changes):
     (dict(return_lse=1), TypeError, "return_lse must be True or False"),
     (dict(out=np.zeros((2, 1, 4, 4), np.float32)), ValueError, r"out must have shape \(2, 1, 4, 8\)"),
     (dict(out=np.zeros((2, 1, 4, 8), np.float16)), TypeError, "out must have dtype float32"),
-    (dict(rotary_cos=np.zeros((32, 4), np.float32)), NotImplementedError, "rotary_cos is not supported"),
-    (dict(rotary_sin=np.zeros((32, 4), np.float32)), NotImplementedError, "rotary_sin"),
+    (dict(rotary_cos=np.zeros((32, 4), np.float32)), ValueError, "give rotary_cos and rotary_sin together"),
+    (dict(rotary_cos=np.zeros((32, 4), np.float32), rotary_sin=np.zeros((32, 4), np.float32)),
+     ValueError, "give k and v too"),
+    (dict(rotary_interleaved=1), TypeError, "rotary_interleaved must be True or False"),
     (dict(cache_leftpad=np.zeros(2, np.int32)), NotImplementedError, "cache_leftpad is not supported"),
 ])
 def test_errors(rng, changes, error, match):
     with pytest.raises(error, match=match):
         call(small(rng), **changes)
+
+
+@pytest.mark.parametrize("cos, sin, error, match", [
+    ((32, 4), (32, 3), ValueError, r"must both have shape \(seqlen_ro, rotary_dim / 2\)"),
+    ((32, 4, 1), (32, 4, 1), ValueError, "must both have shape"),
+    ((32, 0), (32, 0), ValueError, "must both have shape"),
+    ((32, 5), (32, 5), ValueError, r"rotary_dim = 2 · 5 .* at most the head dimension D = 8"),
+    ((31, 4), (31, 4), ValueError, "at least 32 rows"),
+    ("float16", (32, 4), TypeError, "same dtype"),
+    ("list", (32, 4), TypeError, "rotary_cos must be a numpy.ndarray or cupy.ndarray"),
+])
+def test_rotary_errors(rng, cos, sin, error, match):
+    case = small(rng, s_new=1)
+    tables = []
+    for spec in (cos, sin):
+        if spec == "float16":
+            tables.append(np.zeros((32, 4), np.float16))
+        elif spec == "list":
+            tables.append(np.zeros((32, 4), np.float32).tolist())
+        else:
+            tables.append(np.zeros(spec, np.float32))
+    before = case.k_cache.copy()
+    with pytest.raises(error, match=match):
+        call(case, rotary_cos=tables[0], rotary_sin=tables[1])
+    assert np.array_equal(case.k_cache, before)  # refused before anything is written
 
 
 def test_errors_of_a_paged_cache(rng):

@@ -79,15 +79,29 @@ def test_int_seqlens_and_cache_batch_idx(seed):
     np.testing.assert_array_equal(k_cache[2, 5].numpy(), k[0, 0].numpy())
 
 
-@pytest.mark.parametrize("option, match", [
-    (dict(rotary_cos=torch.zeros(48, 8)), "rotary_cos is not supported"),
-    (dict(rotary_sin=torch.zeros(48, 8)), "rotary_sin is not supported"),
-    (dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), "cache_leftpad is not supported"),
-])
-def test_unsupported_options(seed, option, match):
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_is_the_core_s(seed, interleaved):
+    """flash-attn's rotary arguments, in its positional order, reach the core's rotation."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+    angles = torch.arange(48.0)[:, None] * 10000.0 ** (-torch.arange(0, 12, 2) / 12)
+    cos, sin = angles.cos(), angles.sin()
+    lengths = torch.tensor([0, 7, 40], dtype=torch.int32)
+    expected_k = k_cache.numpy().copy()
+    want = cuflash.attention_with_kvcache(
+        q.numpy(), expected_k, v_cache.numpy().copy(), k.numpy(), v.numpy(),
+        cache_seqlens=lengths.numpy(), causal=True, rotary_cos=cos.numpy(),
+        rotary_sin=sin.numpy(), rotary_interleaved=interleaved)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, lengths, causal=True,
+                                  rotary_interleaved=interleaved)
+    np.testing.assert_array_equal(out.numpy(), want)
+    np.testing.assert_array_equal(k_cache.numpy(), expected_k)  # the rotated keys appended
+
+
+def test_unsupported_options(seed):
     q, k_cache, v_cache, _, _ = tensors(seed)
-    with pytest.raises(NotImplementedError, match=match):
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, **option)
+    with pytest.raises(NotImplementedError, match="cache_leftpad is not supported"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3,
+                                cache_leftpad=torch.zeros(3, dtype=torch.int32))
 
 
 def test_errors_name_the_argument(seed):

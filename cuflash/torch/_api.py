@@ -378,16 +378,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     updated. ``cache_seqlens=None`` means every row's whole cache (``S_cache`` keys, or
     ``max_pages · page_size``), as in flash-attn; it is required with ``k`` and ``v``. Forward
     only (flash-attn's has no backward either): the result does not require grad.
-    ``rotary_cos``, ``rotary_sin`` and ``cache_leftpad`` raise ``NotImplementedError``;
-    ``rotary_interleaved`` only matters with them. Tensors stay where they are: CUDA tensors run
-    on torch's current stream without copies, CPU tensors through NumPy views.
+    ``rotary_cos`` / ``rotary_sin`` rotate q and the appended k as flash-attn does
+    (``cuflash.attention_with_kvcache``); ``cache_leftpad`` raises ``NotImplementedError``.
+    Tensors stay where they are: CUDA tensors run on torch's current stream without copies, CPU
+    tensors through NumPy views.
     """
     import cuflash
 
     _check_tensors(**{name: x for name, x in (
         ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
         ("cache_batch_idx", cache_batch_idx), ("block_table", block_table),
-        ("alibi_slopes", alibi_slopes)) if x is not None})
+        ("alibi_slopes", alibi_slopes), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin))
+        if x is not None})
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required when k and v are given: it says where "
@@ -404,7 +406,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             cache_seqlens=core(cache_seqlens), block_table=core(block_table),
             cache_batch_idx=core(cache_batch_idx), causal=causal, scale=softmax_scale,
             window=window_size, softcap=softcap, alibi_slopes=core(alibi_slopes),
-            num_splits=num_splits, return_lse=True, rotary_cos=rotary_cos,
-            rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
+            num_splits=num_splits, return_lse=True, rotary_cos=core(rotary_cos),
+            rotary_sin=core(rotary_sin), rotary_interleaved=rotary_interleaved,
+            cache_leftpad=cache_leftpad)
         out, lse = to_torch(out), to_torch(lse)
     return (out, lse) if return_softmax_lse else out
