@@ -410,7 +410,8 @@ def test_switch_values_follow_every_change_made_through_os_environ(monkeypatch):
 
     from cuflash import kernels
 
-    names = (kernels.DISABLE_HOPPER_ENV, kernels.WARP_SPECIALISED_BACKWARD_ENV)
+    names = (kernels.DISABLE_HOPPER_ENV, kernels.WARP_SPECIALISED_BACKWARD_ENV,
+             kernels.ORDERED_DQ_ENV)
     for name in names:
         monkeypatch.delenv(name, raising=False)
 
@@ -418,11 +419,13 @@ def test_switch_values_follow_every_change_made_through_os_environ(monkeypatch):
         return tuple(None if os.environ.get(name) is None else os.environ.get(name).encode()
                      for name in names)
 
-    assert kernels.switch_values() == as_os_environ_has_them() == (None, None)
+    assert kernels.switch_values() == as_os_environ_has_them() == (None, None, None)
     for value in ("1", "0", "", "yes"):
         os.environ[names[0]] = value
         monkeypatch.setenv(names[1], value)
-        assert kernels.switch_values() == as_os_environ_has_them() == (value.encode(),) * 2
+        os.environ.update({names[2]: value})
+        assert kernels.switch_values() == as_os_environ_has_them() == (value.encode(),) * 3
     del os.environ[names[0]]
     os.environ.pop(names[1])
-    assert kernels.switch_values() == (None, None)
+    os.environ.pop(names[2])
+    assert kernels.switch_values() == (None, None, None)

@@ -175,6 +175,52 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
             assert launches[2][0].endswith(", false, false, true>")
 
 
+@pytest.mark.parametrize("d, window", [(64, (-1, -1)), (128, (-1, 0)), (128, (40, 7))])
+def test_ordered_dq_switch_fuses_dq_for_deterministic_calls(monkeypatch, d, window):
+    """CUFLASH_SM90_ORDERED_DQ=1: deterministic calls form dQ in the warp-specialised dK/dV
+    kernel with ordered adds (its last flag), their semaphores zeroed by flash_bwd_pre (its last
+    flag) in a workspace 4 bytes per 32 rows larger than the default's; default calls, block
+    masks and the cp.async kernel are as without the switch."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import ORDERED_DQ_ENV, WARP_SPECIALISED_BACKWARD_ENV, mma_backward
+    from cuflash.sparse import BlockMask
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q, k, v, out, dout = (device.empty((2, 4, 320, d), ml_dtypes.bfloat16) for _ in range(5))
+    lse = device.empty((2, 4, 320), np.float32)
+    workspaces = []
+    monkeypatch.setattr(mma_backward.Scratch, "allocate",
+                        lambda self, _allocate=mma_backward.Scratch.allocate:
+                        workspaces.append(self) or _allocate(self))
+
+    def sequence(**options):
+        cuflash.attention_backward(dout, q, k, v, out, lse, window=window, **options)
+        return [x[0] for x in device.take_launches()]
+
+    default = sequence()
+    monkeypatch.setenv(ORDERED_DQ_ENV, "1")
+    assert sequence() == default  # calls that need no order are unchanged
+    ordered = sequence(deterministic=True)
+    assert [x.split("<")[0] for x in ordered] == [
+        "flash_bwd_pre", "flash_bwd_sm90_dkdv_ws", "flash_bwd_dq_convert"]
+    assert ordered[0] == default[0][:-1] + ", false, true>"  # VARLEN false, ZERO_SEMS true
+    assert ordered[1] == default[1][:-1] + ", true>"        # ORDERED_DQ after ATOMIC_DQ
+    assert ordered[2] == default[2]
+    fused, with_semaphores = workspaces[-3], workspaces[-1]
+    assert with_semaphores.accum == fused.accum and fused.semaphores == 0
+    assert with_semaphores.semaphores == with_semaphores.rows // 32 == 2 * 4 * 384 // 32
+    assert "in key-tile order" in cuflash.kernel_plan(q, k, v, window=window,
+                                                      deterministic=True).backward.detail
+
+    mask = BlockMask.from_dense(np.ones((3, 3), bool), block_size=128, shape=(320, 320))
+    assert cuflash.kernel_plan(q, k, v, block_mask=mask, deterministic=True).backward.detail == (
+        "a warp-specialised dK/dV kernel, then a dQ kernel (bit-identical run to run)")
+    monkeypatch.setenv(WARP_SPECIALISED_BACKWARD_ENV, "0")
+    assert sequence(deterministic=True)[-1].startswith("flash_bwd_sm90_dq<")
+
+
 def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
     """kernel_plan's plans name the tiles of the Hopper TMA forward and the launch sequence of
     the backward, including whether its gradients are bit-identical run to run."""

@@ -100,6 +100,7 @@ def test_forward_parameters_are_the_bytes_cupy_would_send(monkeypatch, twice, ca
 
 BACKWARD_CASES = {"sm90-ws": ("90", {}, {}), "sm90-cp-async": ("90", {}, {"CUFLASH_SM90_BWD_WS": "0"}),
                   "sm90-deterministic": ("90", dict(deterministic=True), {}),
+                  "sm90-ordered-dq": ("90", dict(deterministic=True), {"CUFLASH_SM90_ORDERED_DQ": "1"}),
                   "sm80-mma": ("80", {}, {}), "sm80-deterministic": ("80", dict(deterministic=True), {})}
 
 
@@ -128,7 +129,8 @@ def test_backward_parameters_are_the_bytes_cupy_would_send(monkeypatch, twice, c
                 assert [int(a) for a in maps[::16]] == [x.data.ptr for x in (q, k, v, dout)]
         kernels_seen.update(launch[0].partition("<")[0] for launch in device.take_launches())
     # The warp-specialised dK/dV kernel runs on the Hopper fake unless its switch says 0.
-    assert ("flash_bwd_sm90_dkdv_ws" in kernels_seen) == (capability == "90" and not environment)
+    assert ("flash_bwd_sm90_dkdv_ws" in kernels_seen) == (
+        capability == "90" and environment.get("CUFLASH_SM90_BWD_WS") != "0")
 
 
 def test_launches_bind_the_context_once_per_thread_and_use_the_current_stream(monkeypatch):

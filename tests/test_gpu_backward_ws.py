@@ -120,3 +120,40 @@ def test_exact_mask(xp_gpu, rng, seed, dkdv_kernel, causal):
     n = 300
     pattern = (np.random.default_rng(seed).random((n, n)) < 0.2) | np.eye(n, dtype=bool)
     run(xp_gpu, rng, seed, dkdv_kernel, nq=n, d=128, mask=ExactMask.from_dense(pattern), causal=causal)
+
+
+# ----------------------------------------------------------------------------- ordered fused dQ
+
+ORDERED_CASES = [dict(d=64), dict(d=128, causal=True), dict(d=64, causal=True, b=2, hq=8, hkv=2),
+                 dict(d=128, window=(200, 30)), dict(d=96, causal=True),
+                 dict(d=128, softcap=20.0, causal=True), dict(d=64, nq=700, nk=1000, causal=True)]
+
+
+@pytest.mark.parametrize("options", ORDERED_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_ordered_dq_is_exact_and_bit_identical(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, options):
+    """CUFLASH_SM90_ORDERED_DQ=1: deterministic calls form dQ in the warp-specialised kernel with
+    the adds of each dQ tile in key-tile order: within the rule of the float64 oracle, and the
+    same bits on 50 reruns."""
+    from cuflash import kernels
+
+    if dkdv_kernel != "warp-specialised":
+        pytest.skip("ordered adds: the warp-specialised kernel only")
+    monkeypatch.setenv(kernels.ORDERED_DQ_ENV, "1")
+    options = dict(dict(nq=1000), **options)
+    xp = xp_gpu
+    b, hq, nq, d = options.pop("b", 1), options.pop("hq", 4), options.pop("nq"), options.pop("d")
+    hkv, nk = options.pop("hkv", hq), options.pop("nk", nq)
+    q = random_array(rng, (b, hq, nq, d), ml_dtypes.bfloat16, xp=xp)
+    k = random_array(rng, (b, hkv, nk, d), ml_dtypes.bfloat16, xp=xp)
+    v = random_array(rng, (b, hkv, nk, d), ml_dtypes.bfloat16, xp=xp)
+    plan = cuflash.kernel_plan(q, k, v, deterministic=True, **options)
+    assert "in key-tile order" in plan.backward.detail, str(plan)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    dout = random_array(rng, out.shape, ml_dtypes.bfloat16, xp=xp)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
+    assert_backward_close(first, dout, q, k, v, context=f"seed={seed} ordered dQ", **options)
+    for run in range(50):
+        again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
+        for name, x, y in zip(("dq", "dk", "dv"), first, again):
+            assert (to_host(x).view(np.uint16) == to_host(y).view(np.uint16)).all(), (
+                f"{name} differs on rerun {run}; seed={seed}")

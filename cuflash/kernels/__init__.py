@@ -26,6 +26,9 @@ from .. import _checks
 # Set to 1 to pass over the Hopper (sm_90a) families (comparison, debugging).
 DISABLE_HOPPER_ENV = "CUFLASH_DISABLE_SM90"
 WARP_SPECIALISED_BACKWARD_ENV = "CUFLASH_SM90_BWD_WS"  # 0: the cp.async dK/dV kernel, not the warp-specialised one (sm90_backward)
+# 1: deterministic Hopper backward calls take the fused dQ with ordered adds (sm90_backward.ordered_dq),
+# not the dQ kernel; not the default until it has been run and measured on a GPU.
+ORDERED_DQ_ENV = "CUFLASH_SM90_ORDERED_DQ"
 
 
 @dataclass(frozen=True)
@@ -128,13 +131,13 @@ def prepare(pass_name: str, spec, arrays):
 
 def dispatch_state() -> tuple:
     """What, beside the call itself, decides which family runs it and how: the Hopper switch,
-    the warp-specialised backward's switch (``switch_values``) and the registries, by identity
+    the Hopper backward's two switches (``switch_values``) and the registries, by identity
     (cheap to hash; whoever keys on this keeps ``REGISTRY``'s values alive so that an identity
     is never reused)."""
     return (*switch_values(), id(REGISTRY["forward"]), id(REGISTRY["backward"]))
 
 
-_SWITCHES = (DISABLE_HOPPER_ENV, WARP_SPECIALISED_BACKWARD_ENV)
+_SWITCHES = (DISABLE_HOPPER_ENV, WARP_SPECIALISED_BACKWARD_ENV, ORDERED_DQ_ENV)
 _ENCODED_SWITCHES = tuple(map(getattr(os.environ, "encodekey", str), _SWITCHES))
 
 

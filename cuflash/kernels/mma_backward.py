@@ -61,6 +61,7 @@ from ._launch import (
 SOURCE = "flash_bwd.cu"
 ROW_ALIGN = 128  # scratch rows per (batch, head) are a multiple of this: every query tile divides it
 PRE_ROWS = 32    # rows per thread block of flash_bwd_pre
+SEMAPHORE_ROWS = PRE_ROWS  # scratch rows per semaphore of ordered dq adds (csrc/schedule.cuh, dq_semaphore_rows)
 SMEM_PAD = 8
 
 
@@ -222,9 +223,11 @@ def _spec_flags(spec) -> tuple:
     return _build.trailing_flags(spec.varlen is not None, spec.has_dropout, spec.float32_grads)
 
 
-def variant_pre(dtype, *, aligned: bool, zero_dq: bool, varlen: bool = False) -> str:
+def variant_pre(dtype, *, aligned: bool, zero_dq: bool, varlen: bool = False,
+                zero_semaphores: bool = False) -> str:
+    """zero_semaphores: also those of the Hopper fused dQ's ordered adds (``Scratch``)."""
     return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq,
-                                      *_build.trailing_flags(varlen))
+                                      *_build.trailing_flags(varlen, zero_semaphores))
 
 
 def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> str:
@@ -284,7 +287,9 @@ def supports(spec, arrays) -> str | None:
 class Scratch:
     """The workspace of one backward call (see workspace_bytes), as one float32 allocation:
     ``rows`` base-2 lse values, ``rows`` Delta values, then ``accum`` values of the dq
-    accumulator (atomic dq only; 0 otherwise). ``rows_pad`` is the rows per (batch, head), or for
+    accumulator (atomic dq only; 0 otherwise), then ``semaphores`` int32 values (the Hopper fused
+    dQ's ordered adds: one per 32 rows, csrc/schedule.cuh's dq_semaphore; 0 otherwise).
+    ``rows_pad`` is the rows per (batch, head), or for
     a varlen call the rows per head: every sequence's rows rounded up to ROW_ALIGN, each starting
     on a multiple of it, ``(ceil(total_q / ROW_ALIGN) + B) · ROW_ALIGN`` in all (where each
     sequence starts is csrc/schedule.cuh's scratch_offset)."""
@@ -292,11 +297,14 @@ class Scratch:
     rows_pad: int
     rows: int
     accum: int
+    semaphores: int = 0
 
     @classmethod
-    def of(cls, spec, *, atomic_dq: bool, dqk: int | None = None) -> "Scratch":
+    def of(cls, spec, *, atomic_dq: bool, dqk: int | None = None,
+           semaphores: bool = False) -> "Scratch":
         """``dqk``: the accumulator's row length, when a family pads D further than this
-        module's kernels do (``padded_head_dims``)."""
+        module's kernels do (``padded_head_dims``); ``semaphores``: those of ordered adds into
+        the accumulator (dense calls)."""
         s = spec.shapes
         if spec.varlen is None:
             rows_pad = rows_padded(s.nq)
@@ -304,15 +312,18 @@ class Scratch:
         else:
             rows_pad = (-(-spec.varlen.total_q // ROW_ALIGN) + s.b) * ROW_ALIGN
             rows = s.hq * rows_pad
-        return cls(rows_pad, rows, rows * (dqk or padded_head_dims(spec)[0]) if atomic_dq else 0)
+        if semaphores and not (atomic_dq and spec.varlen is None):
+            raise ValueError("semaphores order the adds into a dense call's dq accumulator")
+        return cls(rows_pad, rows, rows * (dqk or padded_head_dims(spec)[0]) if atomic_dq else 0,
+                   rows // SEMAPHORE_ROWS if semaphores else 0)
 
     def allocate(self):
         """``(buffer, (lse2, delta, dq_accum))``: the allocation and the three pointers (0 for
-        an absent accumulator). Every part starts 512-byte aligned (rows_pad is a multiple of
-        128)."""
+        an absent accumulator; the semaphores follow it). Every part starts 512-byte aligned
+        (rows_pad is a multiple of 128)."""
         import cupy
 
-        buffer = cupy.empty(2 * self.rows + self.accum, numpy.float32)
+        buffer = cupy.empty(2 * self.rows + self.accum + self.semaphores, numpy.float32)
         base = buffer.data.ptr
         return buffer, (base, base + 4 * self.rows, base + 8 * self.rows if self.accum else 0)
 
@@ -368,13 +379,14 @@ def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
     return args
 
 
-def preprocess_launch(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool) -> KernelLaunch:
-    """The flash_bwd_pre launch: Delta, base-2 lse (and the zeroed dq accumulator). `aligned`:
-    out and dout allow 16-byte loads. A varlen call's grid covers the longest sequence's padded
-    rows for each (sequence, head), its row blocks sent as m_tiles."""
+def preprocess_launch(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool,
+                      zero_semaphores: bool = False) -> KernelLaunch:
+    """The flash_bwd_pre launch: Delta, base-2 lse (and the zeroed dq accumulator, and its
+    semaphores). `aligned`: out and dout allow 16-byte loads. A varlen call's grid covers the
+    longest sequence's padded rows for each (sequence, head), its row blocks sent as m_tiles."""
     varlen = spec.varlen is not None
     kernel = _build.get_function(SOURCE, variant_pre(spec.dtype, aligned=aligned, zero_dq=zero_dq,
-                                                     varlen=varlen))
+                                                     varlen=varlen, zero_semaphores=zero_semaphores))
     row_blocks = (rows_padded(spec.shapes.nq) if varlen else rows_pad) // PRE_ROWS
     blocks = check_grid(row_blocks * spec.shapes.hq * spec.shapes.b, "flash_bwd_pre")
     return KernelLaunch(kernel, blocks, 256, 0, args(m_tiles=row_blocks if varlen else 0))
@@ -465,6 +477,8 @@ def main_variants() -> list[tuple[str, str]]:
         for aligned in (False, True):
             for zero_dq in (True, False):
                 out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq)))
+            # with the semaphores of the Hopper fused dQ's ordered adds (sm90_backward.ordered_dq)
+            out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=True, zero_semaphores=True)))
             out += [(SOURCE, variant_convert(dtype, aligned=aligned, fragment_order=order))
                     for order in (False, True)]
 

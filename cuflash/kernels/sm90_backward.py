@@ -20,6 +20,11 @@ lse, padded rows):
 Calls the fused dQ cannot take (``fused_dq_pays``: D = 64 with 64-row query tiles, the dropout
 tiles, which it cannot deal out; packed sequences at D = 64) run the deterministic sequence
 whatever ``deterministic`` says.
+- ``deterministic=True`` with CUFLASH_SM90_ORDERED_DQ=1 (``ordered_dq``; not yet run on a GPU,
+  so not the default): the first sequence with the fused dQ's adds in key-tile order
+  (flash_bwd_sm90.cu, ORDERED_DQ: one semaphore per 32 scratch rows, zeroed by flash_bwd_pre),
+  bit-identical run to run with five GEMMs per tile pair; warp-specialised kernel, no block-sparse
+  or exact mask. Scratch: the default's plus 4 bytes per 32 query rows and head.
 
 The dK/dV kernel is ``flash_bwd_sm90_dkdv_ws`` wherever it fits (``producer_fits``, views TMA can
 describe): a TMA producer warpgroup feeds two consumer warpgroups through mbarriers.
@@ -128,12 +133,35 @@ def fuses_dq(spec, tiles: Sm90BwdTiles) -> bool:
     return not spec.deterministic and fused_dq_pays(spec, tiles)
 
 
+def ordered_dq_fits(spec, tiles: Sm90BwdTiles) -> bool:
+    """Whether the fused dQ can add in key-tile order for this call (flash_bwd_sm90.cu,
+    ORDERED_DQ: bit-identical sums): where it pays, in the warp-specialised kernel, with no
+    block-sparse or exact mask (whose key tiles per query tile are no range)."""
+    return (fused_dq_pays(spec, tiles) and producer_fits(spec) and spec.block_mask is None
+            and not spec.exact)
+
+
+def ordered_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
+    """Whether a ``deterministic`` call takes the fused dQ with ordered adds instead of the dQ
+    kernel: only when CUFLASH_SM90_ORDERED_DQ=1 asks for it (not yet run on a GPU), the dK/dV
+    kernel runs warp-specialised and ``ordered_dq_fits``."""
+    from . import ORDERED_DQ_ENV
+
+    return (spec.deterministic and producer and os.environ.get(ORDERED_DQ_ENV) == "1"
+            and ordered_dq_fits(spec, tiles))
+
+
 def describe_call(spec) -> str:
     """The launch sequence this call runs (``cuflash.kernel_plan``; views TMA cannot describe
     keep the cp.async dK/dV kernel even where this names the warp-specialised one)."""
-    dkdv = "warp-specialised dK/dV kernel" if producer_wanted(spec) else "dK/dV kernel"
-    if fuses_dq(spec, default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)):
+    producer = producer_wanted(spec)
+    dkdv = "warp-specialised dK/dV kernel" if producer else "dK/dV kernel"
+    tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
+    if fuses_dq(spec, tiles):
         return f"the {dkdv} forming dQ too (float32 adds in any order: not bit-identical run to run)"
+    if ordered_dq(spec, tiles, producer):
+        return (f"the {dkdv} forming dQ too, its float32 adds in key-tile order (bit-identical run "
+                f"to run; CUFLASH_SM90_ORDERED_DQ=1)")
     return f"a {dkdv}, then a dQ kernel (bit-identical run to run)"
 
 
@@ -146,12 +174,14 @@ def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
     )
 
 
-def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
-    """The warp-specialised dK/dV kernel (a TMA producer warpgroup; dense calls only)."""
+def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False,
+                    ordered_dq: bool = False) -> str:
+    """The warp-specialised dK/dV kernel (a TMA producer warpgroup; dense calls only);
+    ``ordered_dq``: the fused dQ's adds in key-tile order."""
     return _build.template_expression(
         "flash_bwd_sm90_dkdv_ws", element_type(spec.dtype), tile_head_dim(spec), tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq),
+        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq or ordered_dq, ordered_dq),
     )
 
 
@@ -245,21 +275,25 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         raise ValueError(f"the sm_90 backward kernels take D and Dv up to {HEAD_DIMS[-1]}; "
                          f"got D={s.d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d, dropout=spec.has_dropout)
-    atomic_dq = fuses_dq(spec, tiles)
+    producer = warp_specialised(spec, arrays)
+    ordered = ordered_dq(spec, tiles, producer)
+    atomic_dq = fuses_dq(spec, tiles) or ordered
     # The fused dQ's accumulator rows are the tile's D floats (fragment order, flash_bwd_sm90.cu).
-    scratch = mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=d)
+    scratch = mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=d, semaphores=ordered)
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view), and the zeroed
-    # dQ accumulator of the fused dQ.
+    # dQ accumulator of the fused dQ (and the semaphores of its ordered adds).
     launches = [mma_backward.preprocess_launch(
         args, spec, rows_pad=scratch.rows_pad, aligned=vector_aligned((out, dout), (dv_dim,)),
-        zero_dq=atomic_dq)]
+        zero_dq=atomic_dq, zero_semaphores=ordered)]
 
     # 2. dK, dV (and the fused dQ): one block per key tile; 3. dQ: one block per query tile, or
     # the accumulator's cast.
-    producer = warp_specialised(spec, arrays)
-    dkdv = (variant_dkdv_ws if producer else variant_dkdv)(spec, tiles, atomic_dq=atomic_dq)
+    if producer:
+        dkdv = variant_dkdv_ws(spec, tiles, atomic_dq=atomic_dq, ordered_dq=ordered)
+    else:
+        dkdv = variant_dkdv(spec, tiles, atomic_dq=atomic_dq)
     kernels = [(dkdv, tiles.dkdv_block_m, tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d, atomic_dq=atomic_dq),
                 tiles.dkdv_warpgroups + producer, True)]
     if not atomic_dq:
@@ -308,6 +342,8 @@ def main_variants() -> list[tuple[str, str]]:
             out.append((SOURCE, variant_dkdv_ws(spec, tiles)))
             if fused_dq_pays(spec, tiles):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, atomic_dq=True)))
+            if ordered_dq_fits(spec, tiles):
+                out.append((SOURCE, variant_dkdv_ws(spec, tiles, ordered_dq=True)))
     return list(dict.fromkeys(out))
 
 

@@ -49,10 +49,13 @@
 // Preprocessing: 32 rows per block, 8 threads per row.
 constexpr int PRE_ROWS = 32;
 
-// VARLEN: m_tiles is the row blocks of the longest sequence's padded rows.
-template <typename T, bool ALIGNED, bool ZERO_DQ, bool VARLEN = false>
+// VARLEN: m_tiles is the row blocks of the longest sequence's padded rows. ZERO_SEMS (dense
+// calls): also zero the ordered fused dQ's semaphore of each block's rows (schedule.cuh).
+template <typename T, bool ALIGNED, bool ZERO_DQ, bool VARLEN = false, bool ZERO_SEMS = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_pre(const BwdArgs a) {
+    static_assert(!ZERO_SEMS || (ZERO_DQ && !VARLEN && PRE_ROWS == dq_semaphore_rows()),
+                  "semaphores: one per block of rows of a dense call's zeroed accumulator");
     const int row_blocks = VARLEN ? a.m_tiles : a.rows_pad / PRE_ROWS;
     const int rb = blockIdx.x % row_blocks;
     const int bh = blockIdx.x / row_blocks;
@@ -91,6 +94,9 @@ flash_bwd_pre(const BwdArgs a) {
         float4* acc4 = reinterpret_cast<float4*>(a.dq_accum + (scratch + rb * PRE_ROWS) * a.dqk);
         const int n4 = PRE_ROWS * a.dqk / 4;
         for (int i = threadIdx.x; i < n4; i += 256) acc4[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    if constexpr (ZERO_SEMS) {
+        if (threadIdx.x == 0) *dq_semaphore(a, scratch + rb * PRE_ROWS) = 0;
     }
 }
 

@@ -45,7 +45,8 @@
 // one contiguous run: an 8-byte red.global.add per thread and pair cost an L2 request per 32-byte
 // sector (1,536 per tile pair at D = 128), and a bulk reduce-add per row (row-major
 // accumulator) cost 16 serialised issues per warp and tile. Float adds from several blocks in any
-// order: not bit-identical run to run, so deterministic calls take the dq kernel.
+// order: not bit-identical run to run, so deterministic calls take the dq kernel, unless
+// ORDERED_DQ (below, warp-specialised kernel, dense and banded masks) orders the adds.
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -116,6 +117,48 @@ __device__ __forceinline__ void add_part_by_bulk(float* dst, u32 stage, const fl
     }
 }
 
+// The order in which key tiles add their parts into one dQ tile. Unordered: as the blocks get
+// there, so the float sums differ from run to run. Ordered (ORDERED_DQ): the key tile whose rank
+// among those that visit the dQ tile is r (schedule.cuh, key_tile_rank) adds its part after the r
+// before it have landed, so the sums are bit-identical run to run. The tile's semaphore
+// (schedule.cuh, dq_semaphore) counts the parts that have landed: the block's leader waits for it
+// to reach the rank before the block's warps add, and adds 1 once every warp's reduce-add has
+// completed. Key tiles of one (batch, key/value head) are consecutive blocks, launched in the order
+// of the ranks, so a block waits only on blocks launched before it; the rank-0 block of every dQ
+// tile never waits. Under a mask bounded on the right (causal, a window's right side) the order is
+// descending (schedule.cuh, key_tile_rank), so that key tiles arrive at a query tile in their order
+// and rarely wait. A wait that lasts a quarter of a second can only be a rank the semaphore never
+// reaches (the tile walks and key_tile_rank disagreeing): the block then adds unordered
+// (wait_until_equal_gpu gives up), so that such a bug shows as gradients that differ from run to
+// run, the tests' check, rather than as a hung GPU.
+struct UnorderedDqAdds {
+    __device__ __forceinline__ void before(bool) const {}
+    template <class Sync>
+    __device__ __forceinline__ void after(bool, int, Sync) const {}
+};
+struct OrderedDqAdds {
+    int* semaphore;
+    int rank;
+    __device__ __forceinline__ void before(bool leader) const {
+        if (leader) wait_until_equal_gpu(semaphore, rank);
+    }
+    template <class Sync>
+    __device__ __forceinline__ void after(bool leader, int lane, Sync sync) const {
+        if (lane == 0) bulk_wait();  // this warp's reduce-add has landed, not only read its floats
+        sync(1);
+        if (leader) red_release_gpu_add(semaphore, 1);
+    }
+};
+template <bool ORDERED, int BLOCK_M, int BLOCK_N, class MASK>
+__device__ __forceinline__ auto dq_adds(const BwdArgs& a, const MASK& mask, i64 scratch_row, int h, int m_tile,
+                                        int n_tile) {
+    if constexpr (ORDERED)
+        return OrderedDqAdds{dq_semaphore(a, scratch_row),
+                             key_tile_rank<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles, n_tile)};
+    else
+        return UnorderedDqAdds{};
+}
+
 // ---------------------------------------------------------------------------------------------
 // The dK/dV kernels' shared-memory plan (all offsets from a 1024-byte aligned base): K, V; two
 // stages of Q and dO; (ATOMIC_DQ) the dSᵀ tile and the dQ parts' staging floats; per stage lse2
@@ -147,12 +190,15 @@ struct DkdvSmem {
 // Pᵀ and dSᵀ, dV += Pᵀ dO and dK += dSᵀ Q into the accumulators and (ATOMIC_DQ) this
 // warpgroup's part of dS K added into the float32 dQ accumulator. `stage` picks the Q / dO
 // buffer and its lse2, Delta and scratch rows. `sync(id)` waits for every consumer thread of the
-// block under named barrier `id` (the dSᵀ tile is shared by the warpgroups).
-template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT, bool ATOMIC_DQ, class Sync>
+// block under named barrier `id` (the dSᵀ tile is shared by the warpgroups); `adds` orders the
+// dQ part's adds (UnorderedDqAdds or OrderedDqAdds).
+template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT, bool ATOMIC_DQ, class Sync,
+          class Adds = UnorderedDqAdds>
 __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
                                                 const DropoutMask& drop, const DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>& sm,
                                                 int wg, int stage, int m0, int n0, int slot,
-                                                float (&dk_acc)[D / 2], float (&dv_acc)[D / 2], Sync sync) {
+                                                float (&dk_acc)[D / 2], float (&dv_acc)[D / 2], Sync sync,
+                                                const Adds& adds = Adds{}) {
     constexpr int BLOCK_N = WG * 64;
     constexpr int CT = BLOCK_M / 8;  // 8-column blocks of Sᵀ
     constexpr int KD = D / 16;       // k16 steps over the head dim
@@ -243,7 +289,8 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         sync(2);  // every warpgroup's dQ part of the previous tile has read the dSᵀ tile
         store_ds_transposed<BLOCK_N, KM>(sm.sds(), df, (wg * 4 + warp) * 16 + g, t);
         fence_proxy_async_shared();
-        sync(1);  // both warpgroups' dSᵀ stored
+        adds.before(wg == 0 && threadIdx.x % 128 == 0);  // while dK runs
+        sync(1);  // both warpgroups' dSᵀ stored (and the earlier key tiles' parts added)
     }
     wgmma_wait<0>();
     // The register operands stay untouched until the products that read them have landed.
@@ -268,6 +315,7 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         const i64 r = *sm.template at<const i64>(sm.scratch_row(stage)) + DQ::row0(wg) + warp * 16;
         add_part_by_bulk<DQ::N / 8>(a.dq_accum + dq_fragment_offset(r, DQ::col0(wg), D),
                                     sm.sdq() + (wg * 4 + warp) * 16 * DQ::N * 4, as_blocks<DQ::N / 8>(dq), lane);
+        adds.after(wg == 0 && threadIdx.x % 128 == 0, lane, sync);
     }
 }
 
@@ -377,19 +425,21 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 // loads K and V once and each query tile's Q and dO (TMA, 128-byte swizzled boxes, zeros past
 // the tensor's end) and lse2 and Delta rows (bulk copies) into two stages guarded by mbarriers;
 // warpgroups 1..WG are the consumers, with the producer's registers (setmaxnreg). Consumers
-// release a stage after its last read; no block-wide barrier runs in the loop.
+// release a stage after its last read; no block-wide barrier runs in the loop. ORDERED_DQ: the
+// fused dQ's adds in key-tile order (OrderedDqAdds; dense and banded masks).
 struct BwdMaps {
     TmaDesc q, k, v, dout;
 };
 
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
-          bool F32_GRADS = false, bool ATOMIC_DQ = false>
+          bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false>
 __global__ void __launch_bounds__((WG + 1) * 128, 1)
 flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
     constexpr int BLOCK_N = WG * 64;
     constexpr int CONSUMERS = WG * 128;
     using SM = DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>;
     static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
+    static_assert(!ORDERED_DQ || (ATOMIC_DQ && !MASK::sparse), "ordered adds of the fused dQ, dense or banded");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
     static_assert(!ATOMIC_DQ || FusedDq<D, WG, BLOCK_M>::N >= 64, "fused dQ needs parts of at least 64 columns");
 
@@ -410,7 +460,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     }
     __syncthreads();
 
-    const KvTile tile = kv_tile_of_block(a.n_tiles, a.kv_heads);
+    const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
     const Sequence seq = sequence_of<false>(a, b);
@@ -458,9 +508,12 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         const MOD mod(a, b, walk.h, seq.nq, seq.nk);
         const DropoutMask drop(a, b, walk.h);
         mbar_wait(full(slot.stage), slot.phase);
+        const int m_tile = walk.m_tile();
         dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
-            a, mask, mod, drop, sm, wg, slot.stage, walk.m_tile() * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
-            [](int id) { named_barrier(id, CONSUMERS); });
+            a, mask, mod, drop, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
+            [](int id) { named_barrier(id, CONSUMERS); },
+            dq_adds<ORDERED_DQ, BLOCK_M, BLOCK_N>(a, mask, scratch_offset<false>(a, seq, b, walk.h) + m_tile * BLOCK_M,
+                                                  walk.h, m_tile, n_tile));
         // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
         // the scratch row): only then may its leader release it.
         named_barrier(3 + wg, 128);

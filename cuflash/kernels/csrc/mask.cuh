@@ -40,6 +40,7 @@ struct Mask {
     static constexpr bool sparse = SPARSE;
     static constexpr bool exact = EXACT;
     static constexpr bool left_bounded = LEFT;
+    static constexpr bool right_bounded = RIGHT;
     int nq, nk, shift, left, right;
     const int* tile_ptr;  // block-sparse or exact: CSR over query tiles (or its transpose), else null
     const int* tile_idx;

@@ -50,6 +50,17 @@ __device__ __forceinline__ i64 scratch_offset(const Args& a, const Sequence& s, 
     return ((i64)b * a.heads + h) * a.rows_pad;
 }
 
+// The semaphores of the Hopper fused dQ with ordered adds (flash_bwd_sm90.cu, ORDERED_DQ): one
+// int per dq_semaphore_rows() scratch rows, right after the dQ accumulator (dense calls: B·Hq·
+// rows_pad rows of dqk floats), zeroed by flash_bwd_pre (ZERO_SEMS: one per block of its rows).
+// A query tile's semaphore is that of its first scratch row (tile heights are multiples of it).
+__device__ constexpr int dq_semaphore_rows() { return 32; }
+template <class Args>
+__device__ __forceinline__ int* dq_semaphore(const Args& a, i64 row) {
+    int* first = reinterpret_cast<int*>(a.dq_accum + (i64)a.batch * a.heads * a.rows_pad * a.dqk);
+    return first + row / dq_semaphore_rows();
+}
+
 // Where the Hopper fused dQ keeps row `row`'s columns c..c + 7 (c a multiple of 8) in the float32
 // accumulator (FRAGMENT_ORDER; `row` counts scratch rows from the accumulator's start, d floats a
 // row): rows go in blocks of 16, and each block's 16·d floats follow a warp's slice of a wgmma
@@ -83,12 +94,14 @@ __device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads)
 
 // The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles × kv_heads × batch
 // blocks: the key tiles of one head next to each other, in order (under causal the first key
-// tiles, seen by the most query rows, are the heaviest and go first).
+// tiles, seen by the most query rows, are the heaviest and go first), or REVERSED.
 struct KvTile {
     int b, hk, n_tile;
 };
+template <bool REVERSED = false>
 __device__ __forceinline__ KvTile kv_tile_of_block(int n_tiles, int kv_heads) {
     const int bid = blockIdx.x / n_tiles;
+    if constexpr (REVERSED) return {bid / kv_heads, bid % kv_heads, n_tiles - 1 - (int)(blockIdx.x % n_tiles)};
     return {bid / kv_heads, bid % kv_heads, (int)(blockIdx.x % n_tiles)};
 }
 
@@ -129,6 +142,22 @@ __device__ __forceinline__ KeyTiles<MASK::sparse, MASK::exact> key_tiles_of(cons
         return {mask.tile_idx, mask.tile_slot, first, last - first};
     }
     return {mask.tile_idx, mask.tile_slot, n_begin, max(0, n_end - n_begin)};
+}
+
+// The place of key tile n_tile among the key tiles that visit query tile m_tile (dense and banded
+// masks: a range), in the order the ordered fused dQ adds them (flash_bwd_sm90.cu, ORDERED_DQ):
+// descending under a mask bounded on the right (causal, windows), whose key tiles'
+// walks start at the band's edge, so that the last key tile of a query tile's range gets there
+// first; ascending otherwise (every walk starts at query tile 0). The dK/dV grid launches key
+// tiles in the same order (kv_tile_of_block), so a block only waits on blocks launched before it.
+template <class MASK>
+__device__ constexpr bool descending_key_tiles() { return MASK::right_bounded; }
+template <int BLOCK_M, int BLOCK_N, class MASK>
+__device__ __forceinline__ int key_tile_rank(const MASK& mask, int m_tile, int h, int m_tiles, int n_tile) {
+    static_assert(!MASK::sparse, "a tile CSR's key tiles are no range");
+    const auto tiles = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, m_tiles);
+    if constexpr (descending_key_tiles<MASK>()) return tiles.first + tiles.count - 1 - n_tile;
+    return n_tile - tiles.first;
 }
 
 // The (query head, query tile) pairs a dK/dV thread block visits for its key tile n_tile of one

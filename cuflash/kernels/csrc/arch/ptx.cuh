@@ -102,6 +102,33 @@ __device__ __forceinline__ void red_add_f32x2(float* p, float x, float y) {
 #endif
 }
 
+// A counter in global memory shared by thread blocks: waited on with acquire semantics (what the
+// writer did before its release is visible after), and incremented with release semantics, both
+// at GPU scope. The wait gives up after 2^18 polls (a quarter of a second or more), so that a
+// count that never comes costs time instead of hanging the GPU; a trap there would be clearer,
+// but any trap in the kernel made ptxas spill the caller's registers.
+__device__ __forceinline__ void wait_until_equal_gpu(const int* p, int value) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done, late;\n"
+        ".reg .b32 seen, polls;\n"
+        "mov.b32 polls, 0;\n"
+        "WAIT:\n"
+        "ld.acquire.gpu.global.b32 seen, [%0];\n"
+        "setp.eq.s32 done, seen, %1;\n"
+        "@done bra DONE;\n"
+        "add.u32 polls, polls, 1;\n"
+        "setp.eq.u32 late, polls, 262144;\n"
+        "@late bra DONE;\n"
+        "nanosleep.u32 32;\n"
+        "bra WAIT;\n"
+        "DONE:\n"
+        "}\n" ::"l"(p), "r"(value) : "memory");
+}
+__device__ __forceinline__ void red_release_gpu_add(int* p, int value) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(value) : "memory");
+}
+
 // First index in [lo, hi) of the ascending array `a` whose value is >= `value` (hi if none).
 __device__ __forceinline__ int lower_bound_index(const int* a, int lo, int hi, int value) {
     while (lo < hi) {
