@@ -432,6 +432,10 @@ def test_modes_transforms_and_subclasses_meet_the_operators():
     torch.func.grad(lambda x: under_transform.append(_ops._runs_eagerly(x)) or x.sum())(q)
     assert under_transform == [False]
     assert _ops._runs_eagerly(q, None, torch.nn.Parameter(q))
+    traced = torch.jit.trace(lambda q, k, v: ct.attention(q, k, v, causal=True), (q, k, v),
+                             check_trace=False)
+    assert "cuflash::attention_forward" in str(traced.graph)  # the operator is what a trace records
+    assert torch.equal(traced(q, k, v), ct.attention(q, k, v, causal=True))
 
 
 @pytest.mark.parametrize("path", ["eager", "operators"])

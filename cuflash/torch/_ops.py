@@ -435,10 +435,10 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 def _runs_eagerly(*tensors) -> bool:
     """Whether a call may skip the operators and run their bodies (``call_forward``): not while
-    torch.compile or export traces, under no functorch transform, dispatch mode or function
-    mode, and with plain tensors only (no subclass: FakeTensor, DTensor, ...), all of which must
-    meet the operators. ``None`` stands for an absent optional tensor."""
-    if torch.compiler.is_compiling():
+    torch.compile, export or ``torch.jit.trace`` traces, under no functorch transform, dispatch
+    mode or function mode, and with plain tensors only (no subclass: FakeTensor, DTensor, ...),
+    all of which must meet the operators. ``None`` stands for an absent optional tensor."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     return (not torch._C._are_functorch_transforms_active()
             and torch._C._len_torch_dispatch_stack() == 0
