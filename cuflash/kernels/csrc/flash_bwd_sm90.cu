@@ -460,7 +460,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     }
     __syncthreads();
 
-    const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads);
+    const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>(),
+                                         ORDERED_DQ && !descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
     const Sequence seq = sequence_of<false>(a, b);
