@@ -123,38 +123,42 @@ __device__ __forceinline__ void add_part_by_bulk(float* dst, u32 stage, const fl
 // before it have landed, so the sums are bit-identical run to run. The tile's semaphore
 // (schedule.cuh, dq_semaphore) counts the parts that have landed: the block's leader waits for it
 // to reach the rank before the block's warps add, and adds 1 once every warp's reduce-add has
-// completed. Key tiles of one (batch, key/value head) are consecutive blocks, launched in the order
-// of the ranks, so a block waits only on blocks launched before it; the rank-0 block of every dQ
-// tile never waits. Under a mask bounded on the right (causal, a window's right side) the order is
-// descending (schedule.cuh, key_tile_rank), so that key tiles arrive at a query tile in their order
-// and rarely wait. A wait that lasts a quarter of a second can only be a rank the semaphore never
-// reaches (the tile walks and key_tile_rank disagreeing): the block then adds unordered
-// (wait_until_equal_gpu gives up), so that such a bug shows as gradients that differ from run to
-// run, the tests' check, rather than as a hung GPU.
+// completed (OrderedDqAdds: at its next tile). The grid launches key tiles in the order of their
+// ranks (schedule.cuh, kv_tile_of_block), so a block waits only on blocks launched before it; the
+// rank-0 block of every dQ tile never waits. Under a mask bounded on the right (causal, a window's
+// right side) the order is descending (schedule.cuh, key_tile_rank), so that key tiles arrive at a
+// query tile in their order and rarely wait. A wait that lasts a quarter of a second can only be a
+// rank the semaphore never reaches (the tile walks and key_tile_rank disagreeing): the block then
+// adds unordered (wait_until_equal_gpu gives up), so that such a bug shows as gradients that differ
+// from run to run, the tests' check, rather than as a hung GPU.
 struct UnorderedDqAdds {
+    __device__ __forceinline__ void settle(int) const {}
+    __device__ __forceinline__ void release_previous(bool) const {}
     __device__ __forceinline__ void before(bool) const {}
-    template <class Sync>
-    __device__ __forceinline__ void after(bool, int, Sync) const {}
 };
+// `previous`: the semaphore of the tile the block added to last (null before its first), released
+// only at the next tile, once every warp's reduce-add into it has landed: waiting for that
+// right after the adds would stall each warp for the reduce-add's round trip on every tile.
 struct OrderedDqAdds {
     int* semaphore;
     int rank;
+    int* previous;
+    __device__ __forceinline__ void settle(int lane) const {
+        if (previous && lane == 0) bulk_wait();  // the previous tile's reduce-add has landed
+    }
+    __device__ __forceinline__ void release_previous(bool leader) const {
+        if (leader && previous) red_release_gpu_add(previous, 1);
+    }
     __device__ __forceinline__ void before(bool leader) const {
         if (leader) wait_until_equal_gpu(semaphore, rank);
-    }
-    template <class Sync>
-    __device__ __forceinline__ void after(bool leader, int lane, Sync sync) const {
-        if (lane == 0) bulk_wait();  // this warp's reduce-add has landed, not only read its floats
-        sync(1);
-        if (leader) red_release_gpu_add(semaphore, 1);
     }
 };
 template <bool ORDERED, int BLOCK_M, int BLOCK_N, class MASK>
 __device__ __forceinline__ auto dq_adds(const BwdArgs& a, const MASK& mask, i64 scratch_row, int h, int m_tile,
-                                        int n_tile) {
+                                        int n_tile, int* previous) {
     if constexpr (ORDERED)
         return OrderedDqAdds{dq_semaphore(a, scratch_row),
-                             key_tile_rank<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles, n_tile)};
+                             key_tile_rank<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles, n_tile), previous};
     else
         return UnorderedDqAdds{};
 }
@@ -286,10 +290,13 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         wgmma_rs<T, D, 1>(dk_acc, df[kk], desc_q_mn + ((u32)(kk * 2048) >> 4), 1);
     wgmma_commit();
     if constexpr (ATOMIC_DQ) {  // dSᵀ into shared memory while dK runs
-        sync(2);  // every warpgroup's dQ part of the previous tile has read the dSᵀ tile
+        const bool leader = wg == 0 && threadIdx.x % 128 == 0;
+        adds.settle(lane);
+        sync(2);  // every warpgroup's dQ part of the previous tile has read the dSᵀ tile (and landed)
+        adds.release_previous(leader);
         store_ds_transposed<BLOCK_N, KM>(sm.sds(), df, (wg * 4 + warp) * 16 + g, t);
         fence_proxy_async_shared();
-        adds.before(wg == 0 && threadIdx.x % 128 == 0);  // while dK runs
+        adds.before(leader);
         sync(1);  // both warpgroups' dSᵀ stored (and the earlier key tiles' parts added)
     }
     wgmma_wait<0>();
@@ -315,7 +322,6 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         const i64 r = *sm.template at<const i64>(sm.scratch_row(stage)) + DQ::row0(wg) + warp * 16;
         add_part_by_bulk<DQ::N / 8>(a.dq_accum + dq_fragment_offset(r, DQ::col0(wg), D),
                                     sm.sdq() + (wg * 4 + warp) * 16 * DQ::N * 4, as_blocks<DQ::N / 8>(dq), lane);
-        adds.after(wg == 0 && threadIdx.x % 128 == 0, lane, sync);
     }
 }
 
@@ -505,16 +511,18 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
     if (walk.valid()) mbar_wait(kv_full, 0);
     RingSlot<2> slot;
+    int* last_added = nullptr;  // ORDERED_DQ: the semaphore of the tile this block added to last
     for (; walk.valid(); walk.next(), slot.advance()) {
         const MOD mod(a, b, walk.h, seq.nq, seq.nk);
         const DropoutMask drop(a, b, walk.h);
         mbar_wait(full(slot.stage), slot.phase);
         const int m_tile = walk.m_tile();
+        const auto adds = dq_adds<ORDERED_DQ, BLOCK_M, BLOCK_N>(
+            a, mask, scratch_offset<false>(a, seq, b, walk.h) + m_tile * BLOCK_M, walk.h, m_tile, n_tile, last_added);
         dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
             a, mask, mod, drop, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
-            [](int id) { named_barrier(id, CONSUMERS); },
-            dq_adds<ORDERED_DQ, BLOCK_M, BLOCK_N>(a, mask, scratch_offset<false>(a, seq, b, walk.h) + m_tile * BLOCK_M,
-                                                  walk.h, m_tile, n_tile));
+            [](int id) { named_barrier(id, CONSUMERS); }, adds);
+        if constexpr (ORDERED_DQ) last_added = adds.semaphore;
         // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
         // the scratch row): only then may its leader release it.
         named_barrier(3 + wg, 128);
@@ -522,6 +530,10 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     }
     if constexpr (ATOMIC_DQ) {
         if (threadIdx.x % 32 == 0) bulk_wait();  // the staging floats stay until the last reduce-add is done
+    }
+    if constexpr (ORDERED_DQ) {  // the last tile's adds have landed in every warp: release it
+        named_barrier(1, CONSUMERS);
+        if (wg == 0 && threadIdx.x % 128 == 0 && last_added) red_release_gpu_add(last_added, 1);
     }
     store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
 }
