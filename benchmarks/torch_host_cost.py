@@ -4,7 +4,7 @@
 
 A small bf16 causal problem, (B, H, N, D) = (2, 4, 128, 32), whose kernels take a few
 microseconds, so that back-to-back calls measure the host. Prints µs per call (best of three
-runs of N calls, synchronised after each run) for:
+runs of N calls, host_cost.py's per_call_us) for:
 
 - the core on CuPy arrays (the cached path): forward, backward;
 - the pieces of a CUDA call in ``cuflash.torch``: entering and leaving ``_bridge.cuda_scope``
@@ -26,9 +26,10 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import torch
+
+import host_cost  # benchmarks/host_cost.py
 
 import cuflash
 import cuflash.torch as cuflash_torch
@@ -38,17 +39,8 @@ SHAPE = (2, 4, 128, 32)
 
 
 def per_call_us(fn, calls: int) -> float:
-    for _ in range(min(calls, 50)):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best / calls * 1e6
+    """Best of three runs of host_cost.py's per-call time, synchronised through torch."""
+    return min(host_cost.per_call_us(fn, torch.cuda.synchronize, calls) for _ in range(3))
 
 
 def cases():

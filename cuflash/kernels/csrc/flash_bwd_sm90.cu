@@ -533,7 +533,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     }
     if constexpr (ORDERED_DQ) {  // the last tile's adds have landed in every warp: release it
         named_barrier(1, CONSUMERS);
-        if (wg == 0 && threadIdx.x % 128 == 0 && last_added) red_release_gpu_add(last_added, 1);
+        OrderedDqAdds{nullptr, 0, last_added}.release_previous(wg == 0 && threadIdx.x % 128 == 0);
     }
     store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
 }
