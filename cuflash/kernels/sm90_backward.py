@@ -20,8 +20,8 @@ lse, padded rows):
 Calls the fused dQ cannot take (``fused_dq_pays``: D = 64 with 64-row query tiles, the dropout
 tiles, which it cannot deal out; packed sequences at D = 64) run the deterministic sequence
 whatever ``deterministic`` says.
-- ``deterministic=True`` with CUFLASH_SM90_ORDERED_DQ=1 (``ordered_dq``; not yet run on a GPU,
-  so not the default): the first sequence with the fused dQ's adds in key-tile order
+- ``deterministic=True`` with CUFLASH_SM90_ORDERED_DQ=1 (``ordered_dq``; correct on an H200 but
+  slower than the dQ kernel where it counts, so not the default: benchmarks/NOTES.md, b7): the first sequence with the fused dQ's adds in key-tile order
   (flash_bwd_sm90.cu, ORDERED_DQ: one semaphore per 32 scratch rows, zeroed by flash_bwd_pre),
   bit-identical run to run with five GEMMs per tile pair; warp-specialised kernel, no block-sparse
   or exact mask. Scratch: the default's plus 4 bytes per 32 query rows and head.
@@ -143,7 +143,7 @@ def ordered_dq_fits(spec, tiles: Sm90BwdTiles) -> bool:
 
 def ordered_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
     """Whether a ``deterministic`` call takes the fused dQ with ordered adds instead of the dQ
-    kernel: only when CUFLASH_SM90_ORDERED_DQ=1 asks for it (not yet run on a GPU), the dK/dV
+    kernel: only when CUFLASH_SM90_ORDERED_DQ=1 asks for it (opt-in: 0.58-0.82x the default on an H200), the dK/dV
     kernel runs warp-specialised and ``ordered_dq_fits``."""
     from . import ORDERED_DQ_ENV
 
