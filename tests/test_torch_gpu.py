@@ -184,6 +184,33 @@ def test_cupy_views_share_memory_shape_and_strides(dtype):
             assert (host == expected).all()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_allocations_come_back_as_views_of_their_buffers(dtype):
+    """``to_torch`` of arrays CuPy allocated through torch (any scope's allocator): sliced,
+    transposed and empty views keep their pointer, shape, strides and values, and the tensor
+    keeps the memory alive after CuPy lets go of it; CuPy's own arrays come back through DLPack,
+    still without a copy."""
+    import cupy
+    from cuflash.torch import _bridge
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    with _bridge.cuda_scope(device):
+        a = cupy.arange(4 * 6, dtype=dtype).reshape(4, 6)
+    foreign = cupy.arange(10, dtype=dtype)  # CuPy's pool, outside any scope
+    with _bridge.cuda_scope(device) as allocator:
+        for view in (a, a[1:, ::2], a.T, a[:0], foreign[3:]):
+            t = allocator.to_torch(view)
+            assert t.shape == view.shape and t.dtype == _bridge.torch_dtype(view.dtype)
+            assert t.stride() == tuple(s // view.itemsize for s in view.strides)
+            if view.size:
+                assert t.data_ptr() == view.data.ptr
+            assert (t.cpu().numpy() == cupy.asnumpy(view)).all()
+        kept = allocator.to_torch(cupy.full((1000,), 7, dtype=dtype)[::3])
+        others = [cupy.full((1000,), -1, dtype=dtype) for _ in range(8)]  # may reuse freed memory
+    torch.cuda.synchronize()
+    assert (kept == 7).all() and len(others) == 8
+
+
 def test_zero_copy_gradients(record_core):
     q, k, v = (cuda(2, 4, 256, 64).requires_grad_() for _ in range(3))
     dq, dk, dv = torch.autograd.grad(ct.attention(q, k, v), (q, k, v), cuda(2, 4, 256, 64))

@@ -70,11 +70,11 @@ def lookup_block_mask(handle: int):
 def mask_options(handle: int) -> dict:
     """The core's keyword for the mask behind ``handle``: ``block_mask=`` for a block-sparse
     pattern, ``mask=`` for an exact one, nothing without a mask."""
-    from cuflash.sparse import ExactMask
-
     registered = lookup_block_mask(handle)
     if registered is None:
         return {}
+    from cuflash.sparse import ExactMask  # after the common case: an import costs a microsecond
+
     return {"mask" if isinstance(registered, ExactMask) else "block_mask": registered}
 
 
