@@ -14,6 +14,7 @@ NumPy call, takes the path below (``validated_forward`` / ``validated_backward``
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import numpy
@@ -90,29 +91,65 @@ def _forward(spec: AttentionSpec, xp, q, k, v, out):
     return result, lse
 
 
-def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
-    """Run the backward pass of a validated call; returns ``(dq, dk, dv)``."""
+_NO_GRADS = (None, None, None)
+
+
+def _check_given_grads(spec: AttentionSpec, xp, grads, dout, q, k, v, out, lse) -> None:
+    """The given ones of ``grads`` (dq, dk, dv; ``None`` where not given), by ``out=``'s rule
+    (``_checks.check_out``): each exactly its input's shape in the gradients' dtype, apart from
+    every other array of the call, given gradients included."""
+    apart = dict(zip(_checks.GRAD_APART_FROM, (q, k, v, dout, out, lse)))
+    for name, grad, x in zip(_checks.GRAD_NAMES, grads, (q, k, v)):
+        if grad is not None:
+            _checks.check_out(grad, x.shape, spec.grad_dtype, xp, apart, name=name)
+            apart[name] = grad
+
+
+def _written_in_place(shapes, x, grad):
+    """The 4-D view through which a back end writes the gradient of input ``x`` straight into
+    the given ``grad``, or ``None``: when none is given, when ``x`` is broadcast along the batch
+    (its gradient is a sum over it) or when ``grad``'s strides cannot be written."""
+    if grad is None or math.prod(_checks.with_head_axis(x).shape[:-3]) != shapes.b:
+        return None
+    return _checks.writable_4d(grad, shapes.b)
+
+
+def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS):
+    """Run the backward pass of a validated call; returns ``(dq, dk, dv)``: the given arrays of
+    ``grads`` (``None`` where not given), written, and new arrays for the others."""
     s = spec.shapes
     for name, x in (("dout", dout), ("out", out)):
         _checks.check_like(x, name, s.out_shape, spec.dtype, xp, device_of=q)
     _checks.check_like(lse, "lse", s.lse_shape, numpy.dtype(numpy.float32), xp, device_of=q)
+    _check_given_grads(spec, xp, grads, dout, q, k, v, out, lse)
+    inputs = (q, k, v)
     # quiet: NumPy's warnings off here too, for the casts of the broadcast sums below
     with _checks.device_context(q), _warnings.quiet_if_numpy(xp):
         q4, k4, v4 = _inputs_4d(spec, xp, q, k, v)
         dout4 = _checks.as_4d(dout, s.batch, xp)
         out4 = _checks.as_4d(out, s.batch, xp)
         lse3 = xp.ascontiguousarray(lse).reshape(s.b, s.hq, s.nq)
-        # Gradients for the full broadcast batch; broadcast axes are summed below.
-        dq = xp.empty((s.b, s.hq, s.nq, s.d), spec.grad_dtype)
-        dk = xp.empty((s.b, s.hkv, s.nk, s.d), spec.grad_dtype)
-        dv = xp.empty((s.b, s.hkv, s.nk, s.dv), spec.grad_dtype)
-        _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, dq, dk, dv, spec)
-        grads = tuple(
-            _checks.reduce_to_shape(g.reshape(s.batch + g.shape[1:]), x.shape, xp)
-            for g, x in ((dq, q), (dk, k), (dv, v)))
+        in_place = [_written_in_place(s, x, grad) for x, grad in zip(inputs, grads)]
+        # Elsewhere, gradients for the full broadcast batch; broadcast axes are summed below.
+        full = ((s.b, s.hq, s.nq, s.d), (s.b, s.hkv, s.nk, s.d), (s.b, s.hkv, s.nk, s.dv))
+        targets = [xp.empty(shape, spec.grad_dtype) if view is None else view
+                   for view, shape in zip(in_place, full)]
+        _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, *targets, spec)
+        results = tuple(grad if view is not None else _summed(s, xp, target, x, grad)
+                        for grad, view, target, x in zip(grads, in_place, targets, inputs))
     if xp is numpy:  # on the GPU a check would make every call wait for the device
-        _warnings.check_backward(grads, (dout, q, k, v, out), lse, spec.dtype)
-    return grads
+        _warnings.check_backward(results, (dout, q, k, v, out), lse, spec.dtype)
+    return results
+
+
+def _summed(shapes, xp, target, x, grad):
+    """The gradient of input ``x`` from the back end's full-batch ``target``, summed over the
+    axes along which ``x`` is broadcast; written into ``grad`` when one is given."""
+    summed = _checks.reduce_to_shape(target.reshape(shapes.batch + target.shape[1:]), x.shape, xp)
+    if grad is None:
+        return summed
+    grad[...] = summed
+    return grad
 
 
 def validated_forward(q, k, v, out, options: dict, return_lse):
@@ -120,18 +157,19 @@ def validated_forward(q, k, v, out, options: dict, return_lse):
     xp, spec = _spec(q, k, v, **options)
     _checks.check_bool(return_lse, "return_lse")
     if out is not None:
-        _checks.check_out(out, spec.shapes, spec.dtype, xp, {"q": q, "k": k, "v": v})
+        _checks.check_out(out, spec.shapes.out_shape, spec.dtype, xp, {"q": q, "k": k, "v": v})
     result, lse = _forward(spec, xp, q, k, v, out)
     return xp, spec, result, lse
 
 
-def validated_backward(dout, q, k, v, out, lse, options: dict, alibi=None):
+def validated_backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=_NO_GRADS):
     """Validate and run one backward call: ``(xp, spec, (dq, dk, dv))``. ``alibi``: the slopes
-    copy of the spec to use instead of a new one (a vjp's forward copy)."""
+    copy of the spec to use instead of a new one (a vjp's forward copy); ``grads``: the arrays
+    given for dq, dk, dv (``None`` where not given)."""
     xp, spec = _spec(q, k, v, **options)
     if alibi is not None:
         spec = dataclasses.replace(spec, alibi=alibi)
-    return xp, spec, _backward(spec, xp, dout, q, k, v, out, lse)
+    return xp, spec, _backward(spec, xp, dout, q, k, v, out, lse, grads)
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
@@ -265,7 +303,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1),
                        softcap=0.0, alibi_slopes=None, block_mask=None, mask=None,
                        dropout_p=0.0, dropout_seed=None, dropout_offset=0, deterministic=False,
-                       grad_dtype=None):
+                       grad_dtype=None, dq=None, dk=None, dv=None):
     """Gradients of ``attention`` with respect to q, k and v.
 
     Parameters
@@ -294,19 +332,29 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         returns them unrounded from the kernels' float32 accumulators: for callers that add the
         gradients of several calls (ring attention adds one per ring step), so that the sum is
         rounded once rather than once per call. Every back end accepts it.
+    dq, dk, dv : arrays, optional
+        Where to write each gradient, as ``out=`` is for ``attention``: exactly the shape of q,
+        k or v, the gradients' dtype (the inputs', or float32 with ``grad_dtype=float32``), the
+        inputs' array module (and device), any strides, not overlapping dout, q, k, v, out, lse
+        or one another. Any of them may be given; the others are new arrays. The gradient of a
+        broadcast input is written as its sum. Strides the kernels can write (last axis
+        contiguous, e.g. ``torch.empty_like`` of a transposed input) are written in place, and
+        repeated CuPy calls with them take the cached path; other strides go through a
+        temporary copy.
 
     Returns
     -------
     dq, dk, dv : arrays with the shapes of q, k and v, in their dtype (or ``grad_dtype``)
-        Gradients of inputs broadcast along leading axes are summed over those axes; ``dk``
-        and ``dv`` are summed over the query heads that share a key/value head. Under
-        ``softcap`` the gradient flows through ``tanh`` (a factor ``1 - tanh²``).
+        The given arrays themselves where given. Gradients of inputs broadcast along leading
+        axes are summed over those axes; ``dk`` and ``dv`` are summed over the query heads that
+        share a key/value head. Under ``softcap`` the gradient flows through ``tanh`` (a factor
+        ``1 - tanh²``).
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
                    dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset,
                    deterministic=deterministic, grad_dtype=grad_dtype)
-    return _calls.backward(dout, q, k, v, out, lse, options)
+    return _calls.backward(dout, q, k, v, out, lse, options, grads=(dq, dk, dv))
 
 
 def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
@@ -399,22 +447,27 @@ def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
     return result, lse
 
 
-def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
-    """Run the backward pass of a validated varlen call: ``(dq, dk, dv)``."""
+def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS):
+    """Run the backward pass of a validated varlen call: ``(dq, dk, dv)``, the given arrays of
+    ``grads`` (``None`` where not given) written, as for ``_backward``."""
     s, layout = spec.shapes, spec.varlen
     out_shape = (layout.total_q, s.hq, s.dv)
     for name, x in (("dout", dout), ("out", out)):
         _checks.check_like(x, name, out_shape, spec.dtype, xp, device_of=q)
     _checks.check_like(lse, "lse", (s.hq, layout.total_q), numpy.dtype(numpy.float32), xp,
                        device_of=q)
+    _check_given_grads(spec, xp, grads, dout, q, k, v, out, lse)
     with _checks.device_context(q):
-        dq = xp.empty(q.shape, spec.dtype)
-        dk = xp.empty(k.shape, spec.dtype)
-        dv = xp.empty(v.shape, spec.dtype)
+        results = tuple(xp.empty(x.shape, spec.grad_dtype) if grad is None else grad
+                        for grad, x in zip(grads, (q, k, v)))
         if layout.total_q == 0:  # no query sees any key: the gradients of k and v are 0
-            dk[...] = 0
-            dv[...] = 0
-            return dq, dk, dv
+            for grad in results[1:]:
+                grad[...] = 0
+            return results
+        # Given gradients whose strides the back ends cannot write go through a temporary.
+        targets = tuple(grad if _checks.kernel_ready(grad) else xp.empty(grad.shape, grad.dtype)
+                        for grad in results)
+        dq, dk, dv = targets
         q, k, v, dout, out = (_checks.kernel_readable(x) for x in (q, k, v, dout, out))
         lse = xp.ascontiguousarray(lse)
         if xp is numpy:
@@ -427,11 +480,16 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse):
             args = (dout, q, k, v, out, lse, dq, dk, dv)
             workspace = launch(*args, spec) if launch is not None else kernels.backward(*args, spec)
             if _calls.stream_capturing():
-                _calls.keep_alive_with((dq, dk, dv), (workspace, lse, spec.alibi, layout.cu_q,
-                                                      layout.cu_k))
+                # The temporaries too; never a result, which its own finaliser would keep alive.
+                temporaries = [t for t, grad in zip(targets, results) if t is not grad]
+                _calls.keep_alive_with(results, (workspace, lse, spec.alibi, layout.cu_q,
+                                                 layout.cu_k, temporaries))
+        for grad, target in zip(results, targets):
+            if target is not grad:
+                grad[...] = target
     if xp is numpy:
-        _warnings.check_backward((dq, dk, dv), (dout, q, k, v, out), lse, spec.dtype)
-    return dq, dk, dv
+        _warnings.check_backward(results, (dout, q, k, v, out), lse, spec.dtype)
+    return results
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -498,8 +556,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                             alibi_slopes=alibi_slopes, check_offsets=check_offsets)
     return_lse = _checks.check_bool(return_lse, "return_lse")
     if out is not None:
-        _checks.check_out(out, spec.shapes, spec.dtype, xp, {"q": q, "k": k, "v": v},
-                          shape=(spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv))
+        _checks.check_out(out, (spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv),
+                          spec.dtype, xp, {"q": q, "k": k, "v": v})
     result, lse = _varlen_forward(spec, xp, q, k, v, out)
     return (result, lse) if return_lse else result
 
@@ -507,20 +565,21 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, *, causal=False, scale=None, window=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False,
-                              check_offsets=True):
+                              check_offsets=True, dq=None, dk=None, dv=None):
     """Gradients of ``attention_varlen`` with respect to q, k and v.
 
     ``dout`` and ``out`` are ``(total_q, Hq, Dv)``, ``lse`` ``(Hq, total_q)`` float32 (what
     ``attention_varlen(..., return_lse=True)`` returned); every other argument is as given to
     ``attention_varlen``, and ``deterministic`` as for ``attention_backward``. Returns
     ``(dq, dk, dv)`` with the shapes and dtype of q, k and v (``dk``, ``dv`` summed over the
-    query heads of a group; keys of a sequence without queries get 0).
+    query heads of a group; keys of a sequence without queries get 0). ``dq``, ``dk``, ``dv``:
+    arrays to write the gradients into, as for ``attention_backward`` (then returned themselves).
     """
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal=causal, scale=scale, window=window, softcap=softcap,
                             alibi_slopes=alibi_slopes, deterministic=deterministic,
                             check_offsets=check_offsets)
-    return _varlen_backward(spec, xp, dout, q, k, v, out, lse)
+    return _varlen_backward(spec, xp, dout, q, k, v, out, lse, (dq, dk, dv))
 
 
 def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,

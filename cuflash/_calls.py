@@ -6,9 +6,9 @@ argument, every option (with its Python type, so that ``1`` is not taken for ``T
 kernel registry's state (``kernels.dispatch_state``). The first call of a signature takes the
 validated path of ``_api``; when its arrays can be read and written in place, the entry kept for
 the signature then holds the spec, the output shapes and the prepared launch of the pass
-(``kernels.prepare``). Every later call with that signature allocates the outputs (and the
-backward's workspace), writes the arrays' data pointers into a copy of the packed arguments and
-launches: no validation, no planning, no views, nothing read back from the device.
+(``kernels.prepare``). Every later call with that signature allocates the outputs it is not
+given (and the backward's workspace), writes the arrays' data pointers into a copy of the packed
+arguments and launches: no validation, no planning, no views, nothing read back from the device.
 
 A call finds its entry first by a quick key, which names the options by the identity of their
 objects (held with the key) beside the arrays' layout and the registry state; only when that
@@ -18,15 +18,18 @@ built, and an entry found there is then held under the quick key too (``_lookup`
 What is redone per call, because it is not part of the signature:
 
 - the data pointers (only their alignment is in the signature);
-- ``out=`` must not overlap q, k or v: a comparison of byte ranges;
+- ``out=`` must not overlap q, k or v, nor given gradients (``dq=``, ``dk=``, ``dv=``) the
+  backward's other arrays or one another: comparisons of byte ranges;
 - ALiBi slopes are keyed by their layout; their values are copied to the spec's ``(B, Hq)``
   array on every call, as on the validated path (in a vjp the backward uses the forward's copy).
 
 Block masks are keyed by the mask itself (immutable, hashed by content); the entry keeps the mask,
 and with it its device CSR, alive. A call whose signature holds anything else (an option of
 another type, a NumPy array, a list) takes the validated path every time, as do calls whose
-inputs would be copied (non-contiguous last axis), whose ``out=`` cannot be written in place or
-whose gradients are summed over broadcast axes; their signature is remembered as such.
+inputs would be copied (non-contiguous last axis), whose ``out=`` or given gradients cannot be
+written in place, or whose gradients are summed over broadcast axes; their signature is
+remembered as such. Given gradients are keyed by their layout like every array argument, and
+the key says which of the three are given.
 
 Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees when it returns
 (the backward's workspace, an lse not returned, the ALiBi copy) and the block mask (whose device
@@ -37,6 +40,7 @@ replays use them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import weakref
 from typing import Any
@@ -262,7 +266,8 @@ class _ForwardEntry:
             if out is None:
                 result = cupy.empty(self.out_shape, spec.dtype)
             else:
-                self._check_apart(out, (q, k, v))
+                _check_apart("out", out.data.ptr, self.out_range,
+                             zip("qkv", (q.data.ptr, k.data.ptr, v.data.ptr), self.input_ranges))
                 result = out
             lse = cupy.empty(self.lse_shape, numpy.float32)
             if (result.data.ptr | lse.data.ptr) & 15:  # the prepared launch assumed alignment
@@ -275,43 +280,63 @@ class _ForwardEntry:
                 keep_alive_with((result,), (lse, spec.alibi, spec.block_mask, spec.exact_mask))
         return result, lse, spec
 
-    def _check_apart(self, out, inputs) -> None:
-        """``out`` must not overlap the inputs (the rule of ``_checks.check_out``)."""
-        out_ptr = out.data.ptr
-        for name, x, x_range in zip("qkv", inputs, self.input_ranges):
-            if _checks.ranges_overlap(out_ptr, self.out_range, x.data.ptr, x_range):
-                raise ValueError(f"out must not share memory with {name}")
+
+def _check_apart(name: str, ptr: int, byte_range: tuple, others) -> None:
+    """The array the call writes as its argument ``name`` (data pointer ``ptr``) must not overlap
+    any of ``others``, ``(name, data pointer, byte range)`` triples: the rule of
+    ``_checks.check_out``, by the byte ranges of the entry's first call (which the signature
+    fixes)."""
+    for other, other_ptr, other_range in others:
+        if _checks.ranges_overlap(ptr, byte_range, other_ptr, other_range):
+            raise ValueError(f"{name} must not share memory with {other}")
 
 
 # ----------------------------------------------------------------------------- backward
 
-def backward(dout, q, k, v, out, lse, options: dict, alibi=None):
+# The pass name in the key of a backward call, by which of dq, dk, dv it gives: their layouts
+# follow the other arrays' in the key, which must also say whose they are.
+_BACKWARD_NAMES = {
+    given: " ".join(["backward"] + [name for name, g in zip(_checks.GRAD_NAMES, given) if g])
+    for given in itertools.product((False, True), repeat=3)}
+
+
+def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, None, None)):
     """``(dq, dk, dv)`` of one backward call (``options``: ``_api._spec``'s). ``alibi``: the
-    spec's slopes copy to use instead of a new one (a vjp's forward copy)."""
+    spec's slopes copy to use instead of a new one (a vjp's forward copy); ``grads``: the arrays
+    given for dq, dk, dv (``None`` where not given), written and returned."""
     slopes = options["alibi_slopes"]
-    entry, key = _lookup("backward", (dout, q, k, v, out, lse), tuple(options.values()), slopes)
+    dq, dk, dv = grads
+    entry, key = _lookup(_BACKWARD_NAMES[dq is not None, dk is not None, dv is not None],
+                         (dout, q, k, v, out, lse, *(g for g in grads if g is not None)),
+                         tuple(options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry(dout, q, k, v, out, lse, slopes, alibi)
+        done = entry(dout, q, k, v, out, lse, grads, slopes, alibi)
         if done is not None:
             _stats["hits"] += 1
             return done
     from . import _api
 
-    xp, spec, grads = _api.validated_backward(dout, q, k, v, out, lse, options, alibi=alibi)
+    xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, alibi=alibi,
+                                               grads=grads)
     if key is not None and entry is None:
-        _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, grads))
-    return grads
+        _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result,
+                                            given=grads))
+    return result
 
 
 @dataclasses.dataclass(frozen=True)
 class _BackwardEntry:
     spec: Any
     launch: Any           # kernels.prepare("backward", ...)
+    apart: tuple | None   # (name, byte range) of the arrays given gradients must not overlap
+                          # (_checks.GRAD_APART_FROM); None when no gradient is given
+    grad_ranges: tuple    # byte range of each given gradient, None where not given
     registries: tuple
 
     @classmethod
-    def build(cls, xp, spec, dout, q, k, v, out, lse, grads):
-        """The entry for this call's signature, or _UNCACHED."""
+    def build(cls, xp, spec, dout, q, k, v, out, lse, grads, given=(None, None, None)):
+        """The entry for this call's signature (``grads``: its results; ``given``: the arrays
+        it was given for them, ``None`` where not given), or _UNCACHED."""
         if xp is numpy:
             return _UNCACHED
         s = spec.shapes
@@ -320,25 +345,44 @@ class _BackwardEntry:
             return _UNCACHED
         if not lse.flags.c_contiguous:
             return _UNCACHED
+        # The launch is prepared for 16-byte aligned gradients (see __call__): an entry for
+        # given ones that are not (their signature holds their alignment) would never serve.
+        if any(g.data.ptr & 15 for g in grads):
+            return _UNCACHED
         with _checks.device_context(q):
             views = [_checks.view_4d(x, s.batch, xp) for x in (q, k, v, dout, out)]
+            # What the back end wrote on the validated path: the new arrays' full-batch form, or
+            # the given arrays' writable views (None: written through a temporary).
+            views += [g.reshape((s.b,) + g.shape[-3:]) if d is None else _checks.writable_4d(g, s.b)
+                      for g, d in zip(grads, given)]
             if any(view is None for view in views):
                 return _UNCACHED
-            views += [g.reshape((s.b,) + g.shape[-3:]) for g in grads]
             launch = kernels.prepare("backward", spec, tuple(views))
         if launch is None:
             return _UNCACHED
         _stats["builds"] += 1
-        return cls(spec, launch, (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
+        apart = None
+        if any(d is not None for d in given):
+            apart = tuple(zip(_checks.GRAD_APART_FROM,
+                              map(_checks.byte_range, (q, k, v, dout, out, lse))))
+        return cls(spec, launch, apart,
+                   tuple(None if d is None else _checks.byte_range(d) for d in given),
+                   (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
 
-    def __call__(self, dout, q, k, v, out, lse, slopes, alibi):
+    def __call__(self, dout, q, k, v, out, lse, grads, slopes, alibi):
         import cupy
 
         spec = self.spec
         with _checks.device_context(q):
-            dq = cupy.empty(q.shape, spec.grad_dtype)
-            dk = cupy.empty(k.shape, spec.grad_dtype)
-            dv = cupy.empty(v.shape, spec.grad_dtype)
+            if self.apart is not None:
+                self._check_apart(grads, (q, k, v, dout, out, lse))
+            dq, dk, dv = grads
+            if dq is None:
+                dq = cupy.empty(q.shape, spec.grad_dtype)
+            if dk is None:
+                dk = cupy.empty(k.shape, spec.grad_dtype)
+            if dv is None:
+                dv = cupy.empty(v.shape, spec.grad_dtype)
             if (dq.data.ptr | dk.data.ptr | dv.data.ptr) & 15:  # the launch assumed alignment
                 return None
             if slopes is not None:
@@ -349,3 +393,14 @@ class _BackwardEntry:
             if stream_capturing():
                 keep_alive_with((dq, dk, dv), (workspace, spec.alibi, spec.block_mask, spec.exact_mask))
         return dq, dk, dv
+
+    def _check_apart(self, grads, arrays) -> None:
+        """Each given gradient must not overlap ``arrays`` (those of ``GRAD_APART_FROM``) nor a
+        given gradient before it (the rule of ``_checks.check_out``, as
+        ``_api._check_given_grads`` applies it)."""
+        others = [(name, x.data.ptr, x_range) for (name, x_range), x in zip(self.apart, arrays)]
+        for name, grad, grad_range in zip(_checks.GRAD_NAMES, grads, self.grad_ranges):
+            if grad is not None:
+                ptr = grad.data.ptr
+                _check_apart(name, ptr, grad_range, others)
+                others.append((name, ptr, grad_range))

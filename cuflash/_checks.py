@@ -410,20 +410,26 @@ def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype, xp
         raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
 
 
-def check_out(out: Any, shapes: Shapes, dtype: numpy.dtype, xp, inputs: dict[str, Any],
-              shape: tuple[int, ...] | None = None) -> None:
-    """``out``: a writable array of exactly the output's shape (``shape``, default
-    ``shapes.out_shape``) and dtype, apart from the inputs."""
-    shape = shapes.out_shape if shape is None else shape
-    check_like(out, "out", shape, dtype, xp, device_of=next(iter(inputs.values())))
+# The arguments of the gradients of q, k and v, and the arrays of a backward call that a given
+# gradient must not overlap (besides the gradients given before it), in the order checked.
+GRAD_NAMES = ("dq", "dk", "dv")
+GRAD_APART_FROM = ("q", "k", "v", "dout", "out", "lse")
+
+
+def check_out(out: Any, shape: tuple[int, ...], dtype: numpy.dtype, xp, inputs: dict[str, Any],
+              name: str = "out") -> None:
+    """``out`` (the argument ``name``: an output written in place, ``out=`` or a gradient): a
+    writable array of exactly this shape and dtype, on the device of the first of ``inputs``
+    (name → array), apart from every one of them."""
+    check_like(out, name, shape, dtype, xp, device_of=next(iter(inputs.values())))
     if xp is numpy and not out.flags.writeable:
-        raise ValueError("out must be writable, got a read-only array")
-    if any(stride == 0 and n > 1 for n, stride in zip(out.shape, out.strides)):
-        raise ValueError(f"out must not have overlapping elements, got strides {out.strides} "
+        raise ValueError(f"{name} must be writable, got a read-only array")
+    if out.size and any(stride == 0 and n > 1 for n, stride in zip(out.shape, out.strides)):
+        raise ValueError(f"{name} must not have overlapping elements, got strides {out.strides} "
                          f"for shape {tuple(out.shape)}")
-    for name, x in inputs.items():
+    for other, x in inputs.items():
         if _overlaps(out, x, xp):
-            raise ValueError(f"out must not share memory with {name}")
+            raise ValueError(f"{name} must not share memory with {other}")
 
 
 def _overlaps(a: Any, b: Any, xp) -> bool:

@@ -227,9 +227,9 @@ FRESH_FIELDS = {"forward": ("o", "lse", "alibi"),
                 "backward": ("grad_q", "grad_k", "grad_v", "lse2", "delta", "dq_accum", "alibi")}
 
 
-def _sent(device, call):
+def _sent(device, call, fresh=FRESH_FIELDS):
     """What `call` sends the kernels: per launch (expression, grid, block, shared memory,
-    argument bytes with the FRESH_FIELDS zeroed), and the bytes of the other arguments."""
+    argument bytes with the `fresh` fields zeroed), and the bytes of the other arguments."""
     from cuflash.kernels import _launch
 
     device.take_launches()
@@ -240,7 +240,7 @@ def _sent(device, call):
     for expression, grid, block, shared, record in device.take_launches():
         (pass_name,) = [name for name, dtype in layouts.items() if dtype.itemsize == len(record)]
         args = np.frombuffer(record, layouts[pass_name]).copy()
-        for name in FRESH_FIELDS[pass_name]:
+        for name in fresh[pass_name]:
             args[name] = 0
         launches.append((expression, grid, block, shared, args.tobytes()))
     return launches, [tuple(a.tobytes() for a in side) for side in device.side_arguments]
@@ -292,6 +292,129 @@ def test_cached_calls_send_what_the_validated_path_sends(device, monkeypatch, ca
         assert [_sent(device, call) for call in calls] == validated
         assert _calls.stats()["hits"] == hits + 2 and _builds() == builds + 2
     assert len(_calls._quick) == 2
+
+
+# ----------------------------------------------------------------------------- given gradients
+
+def _seq_major(device, shape=SHAPE, dtype=BF16):
+    """A (B, H, N, D) array laid out (B, N, H, D) in memory: what ``torch.empty_like`` gives for
+    a (B, N, H, D) tensor seen as (B, H, N, D), as the torch adapter passes its gradients."""
+    b, h, n, d = shape
+    return device.empty((b, n, h, d), dtype).transpose(0, 2, 1, 3)
+
+
+def _seq_major_problem(device):
+    q, k, v, dout = (_seq_major(device) for _ in range(4))
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    return dout, q, k, v, out, lse
+
+
+def _backward_fields(device, *names):
+    """The fields ``names`` of each backward launch since the last look."""
+    from cuflash.kernels import _launch
+
+    return [tuple(int(np.frombuffer(record, _launch.BWD_ARGS)[name][0]) for name in names)
+            for *_, record in device.take_launches() if len(record) == _launch.BWD_ARGS.itemsize]
+
+
+def test_given_gradients_are_cached_and_written_in_place(device):
+    problem = _seq_major_problem(device)
+    (h, n, d), builds = SHAPE[1:], _builds()
+    for call in range(3):  # validated, then found by the full signature, then by the quick key
+        grads = tuple(_seq_major(device) for _ in range(3))
+        hits = _calls.stats()["hits"]
+        got = cuflash.attention_backward(*problem, causal=True, dq=grads[0], dk=grads[1],
+                                         dv=grads[2])
+        assert all(g is given for g, given in zip(got, grads))
+        assert _calls.stats()["hits"] == hits + (call > 0) and _builds() == builds + 1
+        sent = _backward_fields(device, "grad_q", "grad_k", "grad_v", "gq_sh", "gq_sn", "gv_sn")
+        assert sent and all(fields == (*(g.data.ptr for g in grads), d, h * d, h * d)
+                            for fields in sent)
+
+
+def test_cached_given_gradients_send_what_the_validated_path_sends(device):
+    problem = _seq_major_problem(device)
+    grads = dict(dq=_seq_major(device), dk=_seq_major(device), dv=_seq_major(device))
+
+    def call():
+        cuflash.attention_backward(*problem, causal=True, deterministic=True, **grads)
+
+    # Only the workspace differs from call to call: the gradients' pointers are the given ones.
+    workspace = dict(FRESH_FIELDS, backward=("lse2", "delta", "dq_accum", "alibi"))
+    validated = _sent(device, call, workspace)
+    hits = _calls.stats()["hits"]
+    assert _sent(device, call, workspace) == validated and _calls.stats()["hits"] == hits + 1
+
+
+def test_each_layout_and_choice_of_given_gradients_has_its_own_entry(device):
+    """Entries for given gradients of other strides, and for another choice of gradients of one
+    layout, launch with those gradients' own strides."""
+    problem = _seq_major_problem(device)
+    (h, n, d), builds = SHAPE[1:], _builds()
+    sent = []
+    for grads in (dict(dq=_seq_major(device)), dict(dq=device.empty(SHAPE, BF16)),
+                  dict(dk=_seq_major(device)), dict(dq=_seq_major(device))):
+        cuflash.attention_backward(*problem, causal=True, **grads)
+        sent.append(_backward_fields(device, "gq_sn", "gk_sn")[0])
+    assert _builds() == builds + 3  # the last call is the first's signature
+    assert sent == [(h * d, d), (d, d), (d, h * d), (h * d, d)]
+
+
+def test_given_gradients_written_through_a_temporary_are_not_cached(device):
+    dout, q, k, v, out, lse = _seq_major_problem(device)
+    spec = cuflash._api._spec(q, k, v)[1]
+    strided = device.empty(SHAPE[:3] + (2 * SHAPE[3],), BF16)[..., ::2]
+    grads = (strided, device.empty(SHAPE, BF16), device.empty(SHAPE, BF16))
+    assert _calls._BackwardEntry.build(device.cupy, spec, dout, q, k, v, out, lse, grads,
+                                       given=(strided, None, None)) is _calls._UNCACHED
+
+
+def test_misaligned_given_gradients_are_not_cached(device):
+    problem = _seq_major_problem(device)
+    offset = device.empty((SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3] + 4,), BF16)
+    dq = offset[4:].reshape(SHAPE)  # 8 bytes past a 16-byte boundary
+    builds, hits = _builds(), _calls.stats()["hits"]
+    for _ in range(2):
+        assert cuflash.attention_backward(*problem, causal=True, dq=dq)[0] is dq
+    assert _builds() == builds and _calls.stats()["hits"] == hits
+
+
+def test_given_gradients_overlapping_are_refused_on_the_cached_path(device, monkeypatch):
+    dout, q, k, v, out, lse = _seq_major_problem(device)
+
+    def grads(**given):
+        return dict(dict(dq=_seq_major(device), dk=_seq_major(device), dv=_seq_major(device)),
+                    **given)
+
+    for _ in range(2):
+        cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, **grads())
+
+    def validated(*args, **kwargs):
+        raise AssertionError("the cached path passed this call on")
+
+    monkeypatch.setattr(cuflash._api, "validated_backward", validated)
+    shared = _seq_major(device)
+    out_memory = device.cupy.lib.stride_tricks.as_strided(out, SHAPE, shared.strides)
+    # Each of the cached layout: the overlap is found per call, from the pointers.
+    for given, message in [(dict(dq=q), "dq must not share memory with q"),
+                           (dict(dk=dout), "dk must not share memory with dout"),
+                           (dict(dv=out_memory), "dv must not share memory with out"),
+                           (dict(dq=shared, dv=shared), "dv must not share memory with dq")]:
+        with pytest.raises(ValueError, match=message):
+            cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, **grads(**given))
+
+
+def test_given_gradients_of_another_module_or_device_are_refused(device):
+    import cupy
+    from cupy.cuda import memory
+
+    problem = _seq_major_problem(device)
+    with pytest.raises(TypeError, match="dk must be a cupy.ndarray like q, got numpy.ndarray"):
+        cuflash.attention_backward(*problem, causal=True, dk=np.empty(SHAPE, BF16))
+    mem = memory.UnownedMemory(0x7000 << 32, 2 * int(np.prod(SHAPE)), None, device_id=1)
+    elsewhere = cupy.ndarray(SHAPE, BF16, memptr=memory.MemoryPointer(mem, 0))
+    with pytest.raises(ValueError, match="dv must be on device 0 like q, got device 1"):
+        cuflash.attention_backward(*problem, causal=True, dv=elsewhere)
 
 
 def _bytes_cupy_sends(argument, size):

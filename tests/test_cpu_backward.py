@@ -1,9 +1,11 @@
 """cuflash.attention_backward / attention_vjp on NumPy arrays against the float64 oracle."""
 
+from functools import partial
+
 import ml_dtypes
 import numpy as np
 import pytest
-from oracle import assert_backward_close, random_array
+from oracle import assert_backward_close, poisoned, random_array, to_host
 from test_cpu_forward import DTYPE_IDS, DTYPES, batch_and_heads, dense_block_mask
 
 import cuflash
@@ -150,3 +152,84 @@ def test_grad_dtype_other_than_float32_is_refused(rng, bad):
                                       BF16)
     with pytest.raises(ValueError, match="grad_dtype"):
         cuflash.attention_backward(dout, q, k, v, out, lse, grad_dtype=bad)
+
+
+# ----------------------------------------------------------------------------- dq=, dk=, dv=
+
+GRAD_LAYOUTS = ["contiguous", "transposed", "strided", "reversed"]
+
+
+def grad_buffer(shape, dtype, layout, *, xp=np):
+    """A NaN-filled array of ``shape`` to give as a gradient, laid out as ``layout``:
+    C-contiguous; "transposed", heads and rows swapped in memory (``torch.empty_like`` of a
+    (B, N, H, D) tensor seen as (B, H, N, D), at least 3-D); or, written through a temporary,
+    "strided" (every other element of a wider last axis) or "reversed" (rows backwards)."""
+    if layout == "transposed":
+        return poisoned(shape[:-3] + (shape[-2], shape[-3], shape[-1]), dtype,
+                        xp=xp).swapaxes(-2, -3)
+    if layout == "strided":
+        return poisoned(shape[:-1] + (2 * shape[-1],), dtype, xp=xp)[..., ::2]
+    full = poisoned(shape, dtype, xp=xp)
+    return full[..., ::-1, :] if layout == "reversed" else full
+
+
+def assert_given_grads_written(backward, given):
+    """``backward()`` (a backward call of the API) given ``given`` (dq, dk, dv; None where not
+    given) returns the given arrays themselves, holding bit for bit the gradients of the call
+    without them, and writes nothing beside them (the rest of a "strided" buffer stays NaN)."""
+    expected = backward()
+    got = backward(**dict(zip(("dq", "dk", "dv"), given)))
+    for name, grad, want, buffer in zip(("dq", "dk", "dv"), got, expected, given):
+        if buffer is not None:
+            assert grad is buffer, name
+            if buffer.base is not None and buffer.base.shape[-1] == 2 * buffer.shape[-1]:
+                assert np.isnan(to_host(buffer.base[..., 1::2])).all(), name
+        assert grad.shape == want.shape and grad.dtype == want.dtype, name
+        np.testing.assert_array_equal(np.ascontiguousarray(to_host(grad)).view(np.uint8),
+                                      np.ascontiguousarray(to_host(want)).view(np.uint8),
+                                      err_msg=name)
+    return got
+
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_given_gradients_are_written_and_returned(rng, seed, dtype, layout):
+    dout, q, k, v, out, lse = problem(rng, (2, 4, 70, 32), (2, 2, 90, 32), (2, 2, 90, 48), dtype,
+                                      causal=True)  # grouped heads, Dv != D
+    given = tuple(grad_buffer(x.shape, dtype, layout) for x in (q, k, v))
+    grads = assert_given_grads_written(
+        partial(cuflash.attention_backward, dout, q, k, v, out, lse, causal=True), given)
+    assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+@pytest.mark.parametrize("names", [("dq",), ("dk",), ("dv",), ("dq", "dv"), ("dk", "dv")])
+def test_any_of_the_gradients_may_be_given(rng, names):
+    dout, q, k, v, out, lse = problem(rng, (2, 4, 40, 32), (2, 4, 50, 32), (2, 4, 50, 32), BF16)
+    given = tuple(grad_buffer(x.shape, BF16, "transposed") if name in names else None
+                  for name, x in zip(("dq", "dk", "dv"), (q, k, v)))
+    assert_given_grads_written(
+        partial(cuflash.attention_backward, dout, q, k, v, out, lse, window=(8, 8)), given)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "reversed"])
+def test_given_gradients_of_broadcast_inputs_hold_the_sums(rng, layout):
+    dout, q, k, v, out, lse = problem(rng, (2, 3, 4, 40, 32), (3, 2, 50, 32), (1, 1, 2, 50, 16),
+                                      np.float16)
+    given = tuple(grad_buffer(x.shape, np.float16, layout) for x in (q, k, v))
+    assert_given_grads_written(partial(cuflash.attention_backward, dout, q, k, v, out, lse),
+                               given)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_given_gradients_of_2d_inputs(rng, layout):
+    dout, q, k, v, out, lse = problem(rng, (40, 16), (50, 16), (50, 24), np.float32)
+    given = tuple(grad_buffer(x.shape, np.float32, layout) for x in (q, k, v))
+    assert_given_grads_written(
+        partial(cuflash.attention_backward, dout, q, k, v, out, lse, causal=True), given)
+
+
+def test_given_float32_gradients(rng):
+    dout, q, k, v, out, lse = problem(rng, (1, 4, 77, 32), (1, 2, 93, 32), (1, 2, 93, 24), BF16)
+    given = tuple(grad_buffer(x.shape, np.float32, "transposed") for x in (q, k, v))
+    assert_given_grads_written(
+        partial(cuflash.attention_backward, dout, q, k, v, out, lse, grad_dtype=np.float32), given)

@@ -6,6 +6,7 @@ test runs the forward and backward end to end through ``attention_vjp``.
 """
 
 import importlib
+from functools import partial
 
 import ml_dtypes
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import cuflash
 from cuflash import reference
 from oracle import assert_backward_close, poisoned, random_array, spec_for, to_host
+from test_cpu_backward import GRAD_LAYOUTS, assert_given_grads_written, grad_buffer
 
 pytestmark = pytest.mark.gpu
 
@@ -159,6 +161,60 @@ def test_unaligned_views_take_the_scalar_path(xp_gpu, rng, seed):
         grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True,
                                            deterministic=deterministic)
         assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+# ----------------------------------------------------------------------------- dq=, dk=, dv=
+#
+# deterministic=True throughout: the given gradients must hold bit for bit what the call without
+# them returns, and the default dq varies in its last bits from run to run.
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [np.float32])
+def test_given_gradients_are_written_and_returned(xp_gpu, rng, seed, dtype, layout):
+    dout, q, k, v, out, lse = problem(xp_gpu, rng, b=2, hq=4, hkv=2, nq=200, nk=300, d=64,
+                                      dv=128, dtype=dtype, causal=True)
+    given = tuple(grad_buffer(x.shape, dtype, layout, xp=xp_gpu) for x in (q, k, v))
+    grads = assert_given_grads_written(partial(cuflash.attention_backward, dout, q, k, v, out,
+                                               lse, causal=True, deterministic=True), given)
+    assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
+@pytest.mark.parametrize("names", [("dq",), ("dk",), ("dv",), ("dq", "dv"), ("dk", "dv")])
+def test_any_of_the_gradients_may_be_given(xp_gpu, rng, names):
+    dout, q, k, v, out, lse = problem(xp_gpu, rng, b=2, hq=4, nq=150, d=128,
+                                      dtype=ml_dtypes.bfloat16)
+    given = tuple(grad_buffer(x.shape, x.dtype, "transposed", xp=xp_gpu) if name in names else None
+                  for name, x in zip(("dq", "dk", "dv"), (q, k, v)))
+    assert_given_grads_written(partial(cuflash.attention_backward, dout, q, k, v, out, lse,
+                                       deterministic=True), given)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_given_gradients_of_broadcast_inputs_hold_the_sums(xp_gpu, rng, layout):
+    xp, dtype = xp_gpu, ml_dtypes.bfloat16
+    q = random_array(rng, (2, 3, 4, 77, 64), dtype, xp=xp)
+    k = random_array(rng, (3, 2, 90, 64), dtype, xp=xp)  # broadcast over the first batch axis
+    v = random_array(rng, (1, 1, 2, 90, 64), dtype, xp=xp)  # over both
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    dout = random_array(rng, out.shape, dtype, xp=xp)
+    given = tuple(grad_buffer(x.shape, dtype, layout, xp=xp) for x in (q, k, v))
+    assert_given_grads_written(partial(cuflash.attention_backward, dout, q, k, v, out, lse,
+                                       deterministic=True), given)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_given_float32_gradients(xp_gpu, rng, dtype):
+    dout, q, k, v, out, lse = problem(xp_gpu, rng, b=1, hq=4, hkv=2, nq=177, nk=193, d=64,
+                                      dtype=dtype)
+    given = tuple(grad_buffer(x.shape, np.float32, "transposed", xp=xp_gpu) for x in (q, k, v))
+    assert_given_grads_written(partial(cuflash.attention_backward, dout, q, k, v, out, lse,
+                                       deterministic=True, grad_dtype=np.float32), given)
+
+
+def test_given_gradients_of_another_module_are_refused(xp_gpu, rng):
+    dout, q, k, v, out, lse = problem(xp_gpu, rng, nq=16, d=64)
+    with pytest.raises(TypeError, match=r"dq must be a cupy.ndarray like q, got numpy.ndarray"):
+        cuflash.attention_backward(dout, q, k, v, out, lse, dq=np.empty(q.shape, q.dtype))
 
 
 def test_runs_on_current_stream(xp_gpu, rng, seed):

@@ -12,6 +12,8 @@ Backward passes use ``deterministic=True`` so that every family's gradients are 
 
 from __future__ import annotations
 
+from functools import partial
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ import pytest
 import cuflash
 from cuflash import _calls
 from cuflash.kernels import mma_backward
-from oracle import assert_backward_close, assert_forward_close, random_array
+from oracle import assert_backward_close, assert_forward_close, poisoned, random_array
 
 pytestmark = pytest.mark.gpu
 
@@ -76,6 +78,37 @@ def test_cached_calls_with_new_arrays_give_the_validated_results(xp_gpu, rng, se
                              context=f"seed={seed}", **rule_options)
         assert_backward_close(cached[2:], dout, q, k, v, alibi_slopes=slopes,
                               context=f"seed={seed}", **rule_options)
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_cached_calls_write_given_gradients(xp_gpu, rng, seed, hkv):
+    """Gradients given as the torch adapter gives them (``torch.empty_like`` of (B, N, H, D)
+    inputs seen as (B, H, N, D)): from the second call on the cached path writes into them and
+    returns them, holding bit for bit the validated path's gradients without them."""
+    xp = xp_gpu
+    b, n, h, d = 2, 300, 4, 64
+
+    def seq_major(heads, values=False):
+        shape = (b, n, heads, d)
+        x = random_array(rng, shape, BF16, xp=xp) if values else poisoned(shape, BF16, xp=xp)
+        return x.transpose(0, 2, 1, 3)
+
+    q, dout = seq_major(h, True), seq_major(h, True)
+    k, v = seq_major(hkv, True), seq_major(hkv, True)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    backward = partial(cuflash.attention_backward, dout, q, k, v, out, lse, causal=True,
+                       deterministic=True)
+    _calls.clear()
+    expected = backward()
+    for call in range(3):  # validated (builds the entry), then cached
+        given = (seq_major(h), seq_major(hkv), seq_major(hkv))
+        hits = _calls.stats()["hits"]
+        grads = backward(dq=given[0], dk=given[1], dv=given[2])
+        assert _calls.stats()["hits"] == hits + (call > 0)
+        assert all(g is x for g, x in zip(grads, given))
+        for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+            assert bool(xp.array_equal(got.view(np.uint16), want.view(np.uint16))), name
+    assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
 
 
 @pytest.mark.parametrize("case", CASES)

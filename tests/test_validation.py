@@ -379,6 +379,78 @@ def test_backward_arguments():
         cuflash.attention_backward(out.tolist(), Q, K, V, out, lse)
 
 
+# ----------------------------------------------------------------------------- dq=, dk=, dv=
+
+def _backward_into(**grads):
+    out, lse = cuflash.attention(Q, K, V, return_lse=True)
+    return cuflash.attention_backward(out, Q, K, V, out, lse, **grads)
+
+
+def _read_only(shape):
+    x = np.empty(shape, np.float32)
+    x.flags.writeable = False
+    return x
+
+
+@pytest.mark.parametrize("grads, error, message", [
+    (dict(dq=np.empty((2, 4, 16, 9), np.float32)), ValueError,
+     r"dq must have shape \(2, 4, 16, 8\), got \(2, 4, 16, 9\)"),
+    (dict(dk=np.empty((2, 4, 16, 8), np.float32)), ValueError,  # q's shape, not k's
+     r"dk must have shape \(2, 2, 24, 8\), got \(2, 4, 16, 8\)"),
+    (dict(dv=np.empty((2, 2, 24, 8), np.float16)), TypeError,
+     r"dv must have dtype float32, got float16"),
+    (dict(dq=[0.0] * 8), TypeError, r"dq must be a numpy.ndarray like q, got list"),
+    (dict(dk=np.ma.masked_array(np.empty((2, 2, 24, 8), np.float32))), TypeError,
+     r"dk is a numpy.ma.MaskedArray"),
+    (dict(dv=_read_only((2, 2, 24, 8))), ValueError, "dv must be writable, got a read-only array"),
+    (dict(dq=np.lib.stride_tricks.as_strided(np.empty(8, np.float32), (2, 4, 16, 8),
+                                             (0, 0, 0, 4))), ValueError,
+     r"dq must not have overlapping elements, got strides \(0, 0, 0, 4\)"),
+])
+def test_given_gradient_wrong(grads, error, message):
+    with pytest.raises(error, match=message):
+        _backward_into(**grads)
+
+
+def test_given_float32_gradients_need_grad_dtype_float32():
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in (Q, K, V))
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    wide = np.empty(q.shape, np.float32)
+    with pytest.raises(TypeError, match=r"dq must have dtype bfloat16, got float32"):
+        cuflash.attention_backward(out, q, k, v, out, lse, dq=wide)
+    with pytest.raises(TypeError, match=r"dq must have dtype float32, got bfloat16"):
+        cuflash.attention_backward(out, q, k, v, out, lse, dq=np.empty_like(q),
+                                   grad_dtype=np.float32)
+    cuflash.attention_backward(out, q, k, v, out, lse, dq=wide, grad_dtype=np.float32)
+
+
+@pytest.mark.parametrize("name, shared", [
+    ("q", "dq"), ("k", "dq"), ("v", "dk"), ("dout", "dk"), ("out", "dv"), ("lse", "dq")])
+def test_given_gradient_overlapping_an_argument(name, shared):
+    out, lse = cuflash.attention(Q, K, V, return_lse=True)
+    arrays = dict(dout=out.copy(), q=Q, k=K, v=V, out=out, lse=lse)
+    grad_shape = dict(dq=Q.shape, dk=K.shape, dv=V.shape)[shared]
+    # The argument and the gradient in one buffer, sharing one element.
+    size = arrays[name].size
+    buffer = np.empty(size - 1 + math.prod(grad_shape), np.float32)
+    arrays[name] = buffer[:size].reshape(arrays[name].shape)
+    arrays[name][...] = dict(dout=out, q=Q, k=K, v=V, out=out, lse=lse)[name]
+    grad = buffer[size - 1:].reshape(grad_shape)
+    with pytest.raises(ValueError, match=f"{shared} must not share memory with {name}"):
+        cuflash.attention_backward(*(arrays[n] for n in ("dout", "q", "k", "v", "out", "lse")),
+                                   **{shared: grad})
+
+
+def test_given_gradients_overlapping_one_another():
+    dk = np.empty(K.shape, np.float32)
+    with pytest.raises(ValueError, match="dv must not share memory with dk"):
+        _backward_into(dk=dk, dv=dk)
+    buffer = np.empty((2, 2, 24, 16), np.float32)
+    with pytest.raises(ValueError, match="dv must not share memory with dk"):
+        _backward_into(dk=buffer[..., :8], dv=buffer[..., 7:15])
+    _backward_into(dk=buffer[..., :8], dv=buffer[..., 8:])  # side by side is fine
+
+
 # ----------------------------------------------------------------------------- CuPy specifics
 
 @pytest.mark.gpu

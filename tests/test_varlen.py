@@ -10,11 +10,14 @@ and include empty sequences on either side; outputs are poisoned with NaN before
 
 from __future__ import annotations
 
+from functools import partial
+
 import ml_dtypes
 import numpy as np
 import pytest
 from oracle import (assert_varlen_backward_close, assert_varlen_forward_close, poisoned,
                     random_array, varlen_sequences)
+from test_cpu_backward import GRAD_LAYOUTS, assert_given_grads_written, grad_buffer
 
 import cuflash
 
@@ -160,6 +163,35 @@ def test_numpy_strided_inputs_and_out(rng, seed):
     assert_varlen_forward_close(out, lse, q, k, v, cu, cu, causal=True, context=f"seed={seed}")
 
 
+def check_given_gradients(xp, rng, dtype, layout, **options):
+    """dq=, dk=, dv= (all three, or dk alone) in ``layout`` are written and returned, holding bit
+    for bit the gradients of the call without them."""
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, xp, dtype, MIXED_Q, MIXED_K, d=64)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,
+                                        return_lse=True)
+    dout = random_array(rng, out.shape, q.dtype, xp=xp)
+    backward = partial(cuflash.attention_varlen_backward, dout, q, k, v, out, lse, cu_q, cu_k,
+                       max_q, max_k, causal=True, **options)
+    assert_given_grads_written(backward, [grad_buffer(x.shape, dtype, layout, xp=xp)
+                                          for x in (q, k, v)])
+    assert_given_grads_written(backward, [None, grad_buffer(k.shape, dtype, layout, xp=xp), None])
+
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+def test_numpy_given_gradients(rng, layout):
+    check_given_gradients(np, rng, np.float16, layout)
+
+
+def test_numpy_given_gradients_without_query_rows(rng):
+    (q, k, v, cu_q, cu_k, _, _), _ = make_case(rng, np, np.float32, [0, 0], [3, 0])
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 0, 3, return_lse=True)
+    given = [grad_buffer(x.shape, x.dtype, "strided") for x in (q, k, v)]
+    grads = cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, 0, 3,
+                                              dq=given[0], dk=given[1], dv=given[2])
+    assert all(g is x for g, x in zip(grads, given))
+    assert (grads[1] == 0).all() and (grads[2] == 0).all()
+
+
 def test_max_seqlen_larger_than_needed(rng):
     (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, np, np.float32, [9, 30])
     exact = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
@@ -224,6 +256,11 @@ def test_backward_checks_its_arrays(rng):
         cuflash.attention_varlen_backward(out, *rest, out, lse.T.copy(), *offsets_and_max)
     with pytest.raises(ValueError, match=r"dout must have shape \(8, 4, 32\)"):
         cuflash.attention_varlen_backward(out[:7], *rest, out, lse, *offsets_and_max)
+    with pytest.raises(ValueError, match=r"dk must have shape \(10, 2, 32\), got \(8, 4, 32\)"):
+        cuflash.attention_varlen_backward(out, *rest, out, lse, *offsets_and_max,
+                                          dk=np.empty_like(out))
+    with pytest.raises(ValueError, match="dq must not share memory with out"):
+        cuflash.attention_varlen_backward(out.copy(), *rest, out, lse, *offsets_and_max, dq=out)
 
 
 def test_gpu_offsets_with_numpy_inputs_are_refused(rng):
@@ -359,6 +396,12 @@ def test_gpu_equals_dense_per_sequence(xp_gpu, rng, monkeypatch, d):
         dense_grads = dense_vjp(xp_gpu.ascontiguousarray(dout[rq].transpose(1, 0, 2)))
         for g, got, rows in zip(dense_grads, grads, (rq, rk, rk)):
             np.testing.assert_array_equal(to_np(g.transpose(1, 0, 2)), to_np(got[rows]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+def test_gpu_given_gradients(xp_gpu, rng, layout):
+    check_given_gradients(xp_gpu, rng, ml_dtypes.bfloat16, layout, deterministic=True)
 
 
 @pytest.mark.gpu
