@@ -109,13 +109,14 @@ def to_cupy(t: torch.Tensor):
     cupy = _cupy_module()
     dtype = _VIEWABLE.get(t.dtype)
     if dtype is not None:
-        if t.is_contiguous():  # the common case: CuPy's own C strides, no span to add up
-            span, strides = t.numel() * dtype.itemsize, None
+        numel = t.numel()
+        if numel and t.is_contiguous():  # the common case: CuPy's C strides, no span to add up
+            span, strides = numel * dtype.itemsize, None
         else:
             itemsize = dtype.itemsize
             strides = tuple(itemsize * s for s in t.stride())
             # Bytes from the first element to one past the last (torch strides are never negative).
-            span = 0 if t.numel() == 0 else itemsize + sum((n - 1) * s for n, s in zip(t.shape, strides))
+            span = 0 if numel == 0 else itemsize + sum((n - 1) * s for n, s in zip(t.shape, strides))
         memory = cupy.cuda.UnownedMemory(t.data_ptr(), span, t, t.get_device())
         return cupy.ndarray(tuple(t.shape), dtype, cupy.cuda.MemoryPointer(memory, 0), strides)
     t = t.detach()
