@@ -431,7 +431,7 @@ def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
     """Run the forward pass of a validated varlen call: ``(out, lse)``, out ``(total_q, Hq, Dv)``
     and lse ``(Hq, total_q)``."""
     s, layout = spec.shapes, spec.varlen
-    with _checks.device_context(q):
+    with _checks.device_context(q), _calls.CapturedAllocations(q) as allocations:
         result = xp.empty((layout.total_q, s.hq, s.dv), spec.dtype) if out is None else out
         target = result if _checks.kernel_ready(result) else xp.empty(result.shape, spec.dtype)
         lse = xp.empty((s.hq, layout.total_q), numpy.float32)
@@ -440,10 +440,9 @@ def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
             _backend(xp).forward(q, k, v, target, lse, spec)
         if target is not result:
             result[...] = target
+    allocations.keep((result,), spec)
     if xp is numpy:
         _warnings.check_forward(result, lse, (q, k, v))
-    elif _calls.stream_capturing():  # the graph's replays write these: keep them alive
-        _calls.keep_alive_with((result,), (lse, target, spec.alibi, layout.cu_q, layout.cu_k))
     return result, lse
 
 
@@ -457,7 +456,7 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO
     _checks.check_like(lse, "lse", (s.hq, layout.total_q), numpy.dtype(numpy.float32), xp,
                        device_of=q)
     _check_given_grads(spec, xp, grads, dout, q, k, v, out, lse)
-    with _checks.device_context(q):
+    with _checks.device_context(q), _calls.CapturedAllocations(q) as allocations:
         results = tuple(xp.empty(x.shape, spec.grad_dtype) if grad is None else grad
                         for grad, x in zip(grads, (q, k, v)))
         if layout.total_q == 0:  # no query sees any key: the gradients of k and v are 0
@@ -478,15 +477,11 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO
             arrays = (q, k, v, dout, out, dq, dk, dv)
             launch = kernels.prepare("backward", spec, arrays)
             args = (dout, q, k, v, out, lse, dq, dk, dv)
-            workspace = launch(*args, spec) if launch is not None else kernels.backward(*args, spec)
-            if _calls.stream_capturing():
-                # The temporaries too; never a result, which its own finaliser would keep alive.
-                temporaries = [t for t, grad in zip(targets, results) if t is not grad]
-                _calls.keep_alive_with(results, (workspace, lse, spec.alibi, layout.cu_q,
-                                                 layout.cu_k, temporaries))
+            (launch or kernels.backward)(*args, spec)
         for grad, target in zip(results, targets):
             if target is not grad:
                 grad[...] = target
+    allocations.keep(results, spec)
     if xp is numpy:
         _warnings.check_backward(results, (dout, q, k, v, out), lse, spec.dtype)
     return results

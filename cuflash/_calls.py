@@ -34,7 +34,9 @@ the key says which of the three are given.
 Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees when it returns
 (the backward's workspace, an lse not returned, the ALiBi copy) and the block mask (whose device
 index the kernels read) are kept alive as long as the call's outputs are, since the graph's
-replays use them.
+replays use them. A call on the validated path (every call of an uncached signature) records
+what it allocates instead (``CapturedAllocations``: copies of inputs, temporaries, full-batch
+gradients of broadcast inputs, workspaces) and keeps all of it.
 """
 
 from __future__ import annotations
@@ -206,6 +208,51 @@ def keep_alive_with(outputs, buffers) -> None:
         weakref.finalize(output, _release, buffers)
 
 
+class CapturedAllocations:
+    """Every buffer a call allocates while CuPy's current stream captures a CUDA graph, to keep
+    alive with the call's results (``keep``): the graph's replays read and write them after the
+    call has let them go, and CuPy would hand their memory to the next allocation. The validated
+    paths allocate more than the cached ones (copies of inputs, temporaries for strides the
+    kernels cannot write, full-batch gradients of broadcast inputs, workspaces), so rather than
+    list them, this records what the current allocator hands out. Outside a capture, and for
+    NumPy arrays, it does nothing."""
+
+    __slots__ = ("buffers", "_scope")
+
+    def __init__(self, x):
+        # (a CuPy array's class lives in the cupy package, as _checks.array_module tells them)
+        capturing = type(x).__module__.partition(".")[0] == "cupy" and stream_capturing()
+        self.buffers = [] if capturing else None
+        self._scope = None
+
+    def __enter__(self):
+        if self.buffers is not None:
+            import cupy
+
+            allocate, buffers = cupy.cuda.get_allocator(), self.buffers
+
+            def recorded(size):
+                memory = allocate(size)
+                buffers.append(memory)
+                return memory
+
+            self._scope = cupy.cuda.using_allocator(recorded)
+            self._scope.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._scope is not None:
+            self._scope.__exit__(*exc)
+        return False
+
+    def keep(self, outputs, spec) -> None:
+        """Keep what was recorded, and the spec (its ALiBi copy, its masks' device copies, a
+        varlen call's offsets, all made before or outside the call's allocations), alive while
+        any of ``outputs`` is."""
+        if self.buffers is not None:
+            keep_alive_with(outputs, (self.buffers, spec))
+
+
 # ----------------------------------------------------------------------------- forward
 
 def forward(q, k, v, out, options: dict, return_lse):
@@ -220,9 +267,9 @@ def forward(q, k, v, out, options: dict, return_lse):
             return done
     from . import _api
 
-    xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, return_lse)
-    if xp is not numpy and stream_capturing():
-        keep_alive_with((result,), (lse, spec.alibi, spec.block_mask, spec.exact_mask))
+    with CapturedAllocations(q) as allocations:
+        xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, return_lse)
+    allocations.keep((result,), spec)
     if key is not None and entry is None:
         _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result))
     return result, lse, spec
@@ -316,8 +363,10 @@ def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, No
             return done
     from . import _api
 
-    xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, alibi=alibi,
-                                               grads=grads)
+    with CapturedAllocations(q) as allocations:
+        xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, alibi=alibi,
+                                                   grads=grads)
+    allocations.keep(result, spec)
     if key is not None and entry is None:
         _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result,
                                             given=grads))

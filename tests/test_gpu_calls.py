@@ -143,6 +143,45 @@ def test_graph_capture_replays_forward_and_backward(xp_gpu, rng, seed, case):
                          alibi_slopes=options.get("alibi_slopes"), context=f"seed={seed}")
 
 
+def test_uncached_calls_keep_their_buffers_for_a_captured_graph(xp_gpu, rng):
+    """Calls that take the validated path every time (k and v broadcast along the batch, whose
+    gradients are summed from full-batch temporaries; a transposed q, copied before the kernels
+    read it) allocate more than cached ones: under a capture, all of it must stay with the graph.
+    The pool would hand those blocks to the arrays made after the capture; the replay must
+    neither write into them nor read what they hold."""
+    xp = xp_gpu
+    b, h, n, d = 3, 4, 192, 64
+    q = random_array(rng, (b, h, n, d), BF16, xp=xp)
+    q_odd = xp.ascontiguousarray(q.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # read through a copy
+    k, v = (random_array(rng, (1, h, n, d), BF16, xp=xp) for _ in range(2))
+    dout = random_array(rng, (b, h, n, d), BF16, xp=xp)
+    options = dict(causal=True, deterministic=True)
+
+    def run():
+        out, lse = cuflash.attention(q_odd, k, v, causal=True, return_lse=True)
+        return (out, lse) + tuple(cuflash.attention_backward(dout, q_odd, k, v, out, lse, **options))
+
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        expected = run()
+        stream.synchronize()
+        stream.begin_capture()
+        captured = run()
+        graph = stream.end_capture()
+        for x in captured:
+            x.fill(np.nan)
+        # Blocks of the sizes the calls let go, filled with a marker: a bfloat16 (B, H, N, D)
+        # array (the copies of q, the full-batch dk and dv), float32 rows (lse, Delta) and a
+        # float32 (B, H, N, D) accumulator (dQ).
+        counts = {b * h * n * d // 2: 6, b * h * n: 4, b * h * n * d: 2}
+        markers = [xp.full((size,), 7.0, np.float32) for size, count in counts.items()
+                   for _ in range(count)]
+        graph.launch()
+        stream.synchronize()
+    assert all(bool((m == 7.0).all()) for m in markers)
+    _assert_identical(captured, expected, xp)
+
+
 def test_buffers_freed_by_a_captured_call_stay_reserved_for_the_graph(xp_gpu, rng):
     xp = xp_gpu
     b, h, n, d = 2, 4, 256, 64
