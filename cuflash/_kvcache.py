@@ -33,7 +33,7 @@ from typing import Any
 import numpy
 
 from . import _calls, _checks
-from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_out, check_rotary,
+from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_rotary,
                             refuse_unsupported, validate)
 from ._rotary import rotate
 
@@ -186,7 +186,9 @@ def _validated(q, k_cache, v_cache, k, v, *, return_lse, out, rotary_cos, rotary
     rotary = check_rotary(rotary_cos, rotary_sin, rotary_interleaved, spec, q)
     return_lse = _checks.check_bool(return_lse, "return_lse")
     if out is not None:
-        check_out(out, spec, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+        inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v}
+        _checks.check_out(out, spec.out_shape, spec.dtype, spec.xp,
+                          {name: x for name, x in inputs.items() if x is not None})
     return spec, return_lse, rotary
 
 

@@ -228,20 +228,6 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
     return spec
 
 
-def check_out(out, spec: KVCacheSpec, inputs: dict) -> None:
-    """``out=``: exactly ``(B, Sq, Hq, Dv)`` in the inputs' dtype, writable, apart from them."""
-    _checks.check_like(out, "out", spec.out_shape, spec.dtype, spec.xp,
-                       device_of=next(iter(inputs.values())))
-    if spec.xp is numpy and not out.flags.writeable:
-        raise ValueError("out must be writable, got a read-only array")
-    if any(stride == 0 and n > 1 for n, stride in zip(out.shape, out.strides)):
-        raise ValueError(f"out must not have overlapping elements, got strides {out.strides} "
-                         f"for shape {tuple(out.shape)}")
-    for name, x in inputs.items():
-        if x is not None and _checks._overlaps(out, x, spec.xp):
-            raise ValueError(f"out must not share memory with {name}")
-
-
 # ----------------------------------------------------------------------------- values
 
 def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, *,
