@@ -77,7 +77,7 @@ def _inputs_4d(spec: AttentionSpec, xp, q, k, v):
 def _forward(spec: AttentionSpec, xp, q, k, v, out):
     """Run the forward pass of a validated call; returns ``(out, lse)`` in the caller's shapes."""
     s = spec.shapes
-    with _checks.device_context(q):
+    with _checks.device_context(q), _calls.CapturedAllocations(q) as allocations:
         q4, k4, v4 = _inputs_4d(spec, xp, q, k, v)
         result = xp.empty(s.out_shape, spec.dtype) if out is None else out
         out4 = _checks.writable_4d(result, s.b)
@@ -86,6 +86,7 @@ def _forward(spec: AttentionSpec, xp, q, k, v, out):
         _backend(xp).forward(q4, k4, v4, target, lse.reshape(s.b, s.hq, s.nq), spec)
         if out4 is None:  # `out` has strides the back ends cannot write through
             result[...] = target.reshape(s.out_shape)
+    allocations.keep((result,), spec)
     if xp is numpy:  # on the GPU a check would make every call wait for the device
         _warnings.check_forward(result, lse, (q, k, v))
     return result, lse
@@ -124,7 +125,8 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS)
     _check_given_grads(spec, xp, grads, dout, q, k, v, out, lse)
     inputs = (q, k, v)
     # quiet: NumPy's warnings off here too, for the casts of the broadcast sums below
-    with _checks.device_context(q), _warnings.quiet_if_numpy(xp):
+    with (_checks.device_context(q), _warnings.quiet_if_numpy(xp),
+          _calls.CapturedAllocations(q) as allocations):
         q4, k4, v4 = _inputs_4d(spec, xp, q, k, v)
         dout4 = _checks.as_4d(dout, s.batch, xp)
         out4 = _checks.as_4d(out, s.batch, xp)
@@ -137,6 +139,7 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS)
         _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, *targets, spec)
         results = tuple(grad if view is not None else _summed(s, xp, target, x, grad)
                         for grad, view, target, x in zip(grads, in_place, targets, inputs))
+    allocations.keep(results, spec)
     if xp is numpy:  # on the GPU a check would make every call wait for the device
         _warnings.check_backward(results, (dout, q, k, v, out), lse, spec.dtype)
     return results
@@ -427,13 +430,19 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                              deterministic=deterministic, varlen=layout)
 
 
+def _kernel_target(result, xp):
+    """Where the back ends write ``result`` of a varlen call: itself, or a temporary to copy
+    from when its strides are not ones they can write."""
+    return result if _checks.kernel_ready(result) else xp.empty(result.shape, result.dtype)
+
+
 def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
     """Run the forward pass of a validated varlen call: ``(out, lse)``, out ``(total_q, Hq, Dv)``
     and lse ``(Hq, total_q)``."""
     s, layout = spec.shapes, spec.varlen
     with _checks.device_context(q), _calls.CapturedAllocations(q) as allocations:
         result = xp.empty((layout.total_q, s.hq, s.dv), spec.dtype) if out is None else out
-        target = result if _checks.kernel_ready(result) else xp.empty(result.shape, spec.dtype)
+        target = _kernel_target(result, xp)
         lse = xp.empty((s.hq, layout.total_q), numpy.float32)
         if layout.total_q:  # no rows, nothing to compute (and no kernel launches 0 blocks)
             q, k, v = (_checks.kernel_readable(x) for x in (q, k, v))
@@ -463,9 +472,7 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO
             for grad in results[1:]:
                 grad[...] = 0
             return results
-        # Given gradients whose strides the back ends cannot write go through a temporary.
-        targets = tuple(grad if _checks.kernel_ready(grad) else xp.empty(grad.shape, grad.dtype)
-                        for grad in results)
+        targets = tuple(_kernel_target(grad, xp) for grad in results)
         dq, dk, dv = targets
         q, k, v, dout, out = (_checks.kernel_readable(x) for x in (q, k, v, dout, out))
         lse = xp.ascontiguousarray(lse)

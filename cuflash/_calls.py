@@ -35,8 +35,8 @@ Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees w
 (the backward's workspace, an lse not returned, the ALiBi copy) and the block mask (whose device
 index the kernels read) are kept alive as long as the call's outputs are, since the graph's
 replays use them. A call on the validated path (every call of an uncached signature) records
-what it allocates instead (``CapturedAllocations``: copies of inputs, temporaries, full-batch
-gradients of broadcast inputs, workspaces) and keeps all of it.
+what it allocates instead (``CapturedAllocations``, around ``_api``'s runners: copies of inputs,
+temporaries, full-batch gradients of broadcast inputs, workspaces) and keeps all of it.
 """
 
 from __future__ import annotations
@@ -267,9 +267,7 @@ def forward(q, k, v, out, options: dict, return_lse):
             return done
     from . import _api
 
-    with CapturedAllocations(q) as allocations:
-        xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, return_lse)
-    allocations.keep((result,), spec)
+    xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, return_lse)
     if key is not None and entry is None:
         _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result))
     return result, lse, spec
@@ -353,9 +351,11 @@ def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, No
     given for dq, dk, dv (``None`` where not given), written and returned."""
     slopes = options["alibi_slopes"]
     dq, dk, dv = grads
-    entry, key = _lookup(_BACKWARD_NAMES[dq is not None, dk is not None, dv is not None],
-                         (dout, q, k, v, out, lse, *(g for g in grads if g is not None)),
-                         tuple(options.values()), slopes)
+    given = (dq is not None, dk is not None, dv is not None)
+    arrays = (dout, q, k, v, out, lse)
+    if True in given:
+        arrays += tuple(g for g in grads if g is not None)
+    entry, key = _lookup(_BACKWARD_NAMES[given], arrays, tuple(options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
         done = entry(dout, q, k, v, out, lse, grads, slopes, alibi)
         if done is not None:
@@ -363,10 +363,8 @@ def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, No
             return done
     from . import _api
 
-    with CapturedAllocations(q) as allocations:
-        xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, alibi=alibi,
-                                                   grads=grads)
-    allocations.keep(result, spec)
+    xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, alibi=alibi,
+                                               grads=grads)
     if key is not None and entry is None:
         _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result,
                                             given=grads))
@@ -377,7 +375,7 @@ def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, No
 class _BackwardEntry:
     spec: Any
     launch: Any           # kernels.prepare("backward", ...)
-    apart: tuple | None   # (name, byte range) of the arrays given gradients must not overlap
+    apart: tuple | None   # byte ranges of the arrays given gradients must not overlap
                           # (_checks.GRAD_APART_FROM); None when no gradient is given
     grad_ranges: tuple    # byte range of each given gradient, None where not given
     registries: tuple
@@ -412,8 +410,7 @@ class _BackwardEntry:
         _stats["builds"] += 1
         apart = None
         if any(d is not None for d in given):
-            apart = tuple(zip(_checks.GRAD_APART_FROM,
-                              map(_checks.byte_range, (q, k, v, dout, out, lse))))
+            apart = tuple(map(_checks.byte_range, (q, k, v, dout, out, lse)))
         return cls(spec, launch, apart,
                    tuple(None if d is None else _checks.byte_range(d) for d in given),
                    (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
@@ -447,7 +444,8 @@ class _BackwardEntry:
         """Each given gradient must not overlap ``arrays`` (those of ``GRAD_APART_FROM``) nor a
         given gradient before it (the rule of ``_checks.check_out``, as
         ``_api._check_given_grads`` applies it)."""
-        others = [(name, x.data.ptr, x_range) for (name, x_range), x in zip(self.apart, arrays)]
+        others = [(name, x.data.ptr, x_range)
+                  for name, x_range, x in zip(_checks.GRAD_APART_FROM, self.apart, arrays)]
         for name, grad, grad_range in zip(_checks.GRAD_NAMES, grads, self.grad_ranges):
             if grad is not None:
                 ptr = grad.data.ptr

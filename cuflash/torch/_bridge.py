@@ -169,8 +169,8 @@ class TorchAllocator:
         if (buffer.numel() % itemsize or offset % itemsize
                 or any(stride % itemsize or stride < 0 for stride in a.strides)):
             return _from_cupy_dlpack(a)
-        return buffer.view(dtype).as_strided(a.shape, tuple(stride // itemsize for stride in a.strides),
-                                offset // itemsize)
+        strides = tuple(stride // itemsize for stride in a.strides)
+        return buffer.view(dtype).as_strided(a.shape, strides, offset // itemsize)
 
 
 def _from_cupy_dlpack(a) -> torch.Tensor:

@@ -86,17 +86,11 @@ def _parameters(function) -> frozenset:
 
 # Read once: the functions below are traced by torch.compile, which need not follow inspect.
 _CORE_OPTIONS = _parameters(cuflash.attention) & _parameters(cuflash.attention_backward)
-_GRADS_HAVE_OUT = {"dq", "dk", "dv"} <= _parameters(cuflash.attention_backward)
 
 
 def core_supports(*names: str) -> bool:
     """Whether ``cuflash.attention`` and ``cuflash.attention_backward`` take these keywords."""
     return set(names) <= _CORE_OPTIONS
-
-
-def _grads_have_out() -> bool:
-    """Whether ``cuflash.attention_backward`` writes into given ``dq``, ``dk``, ``dv``."""
-    return _GRADS_HAVE_OUT
 
 
 def check_options(window, softcap, alibi_slopes, dropout_p=0.0) -> None:
@@ -193,11 +187,8 @@ def _empty_lse(q, k, v):
 
 
 def _empty_grads(q, k, v):
-    """Gradient buffers: like the inputs (strides included) when the core writes into given
-    buffers, contiguous otherwise (the core's own allocation)."""
-    if _grads_have_out():
-        return tuple(torch.empty_like(x) for x in (q, k, v))
-    return tuple(x.new_empty(x.shape) for x in (q, k, v))
+    """Gradient buffers like the inputs, strides included (the core writes into them)."""
+    return tuple(torch.empty_like(x) for x in (q, k, v))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -246,18 +237,15 @@ def _backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     """(dq, dk, dv) of ``cuflash.attention_backward``; the dropout arguments must be the
     forward's, which regenerate its mask."""
     masking = mask_options(block_mask)
-    grads = _empty_grads(q, k, v) if _grads_have_out() else None
-    with _bridge.core_scope(q.device) as (to_core, to_torch):
+    grads = _empty_grads(q, k, v)
+    with _bridge.core_scope(q.device) as (to_core, _):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
         options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
-        if grads is not None:
-            options.update(zip(("dq", "dk", "dv"), map(to_core, grads)))
-        result = cuflash.attention_backward(
+        cuflash.attention_backward(
             *map(to_core, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
-            deterministic=deterministic, **masking, **options)
-        if grads is not None:
-            return grads
-        return tuple(to_torch(g) for g in result)
+            deterministic=deterministic, **masking, **options,
+            **dict(zip(("dq", "dk", "dv"), map(to_core, grads))))
+        return grads
 
 
 attention_backward = torch.library.custom_op("cuflash::attention_backward", _backward_body,
