@@ -78,13 +78,18 @@ def test_kernel_plan_on_the_gpu_gives_the_reasons(xp_gpu):
     from cuflash.kernels import _launch
 
     hopper = _launch.on_hopper(xp_gpu.empty(1))
+    # D = 160 runs the Hopper backward's 256-column tile, whose split dK/dV kernel is
+    # warp-specialised only: a broadcast key axis, beyond TMA, falls to the mma.sync kernels.
     q160 = xp_gpu.zeros((1, 2, 128, 160), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q160, q160, q160, causal=True)
     assert plan.forward.family.name == ("sm90-tma" if hopper else "sm80-mma")
+    assert plan.backward.family.name == ("sm90-wgmma" if hopper else "sm80-mma")
+    kv160 = xp_gpu.zeros((1, 1, 128, 160), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(xp_gpu.zeros((2, 2, 128, 160), ml_dtypes.bfloat16), kv160, kv160)
     assert plan.backward.family.name == "sm80-mma"
     reason = dict(plan.backward.passed_over)["sm90-wgmma"]
-    assert reason == ("takes D and Dv up to 128; got D=160, Dv=160" if hopper
-                      else "needs compute capability 9.0 (Hopper)")
+    assert reason.startswith("takes D or Dv above 128 only in the warp-specialised dK/dV kernel"
+                             if hopper else "needs compute capability 9.0 (Hopper)"), reason
     # Narrower head dims run the Hopper backward's 64- or 128-column tiles with zero columns.
     q96 = xp_gpu.zeros((1, 2, 128, 96), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q96, q96, q96, causal=True)
@@ -266,6 +271,45 @@ def test_head_dim_32_takes_the_tma_forward_only_for_long_rows(monkeypatch):
     assert cuflash.kernel_plan(long, long, long, causal=True).forward.family.name == "sm90-tma"
     wide_values = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     assert cuflash.kernel_plan(short[:, :, :128], short[:, :, :128], wide_values).forward.family.name == "sm90-tma"
+
+
+@pytest.mark.parametrize("d, dv", [(256, 256), (192, 128), (160, 160), (64, 256)])
+def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
+    """D or Dv above 128 runs the 256-column tile: the warp-specialised dK/dV kernel (a producer
+    and two consumers splitting one 64-key tile's columns), then the dQ kernel with one
+    warpgroup, in both modes (there is no fused dQ); CUFLASH_SM90_BWD_WS=0, dropout, exact masks
+    and packed sequences leave it to the mma.sync kernels, saying why."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import WARP_SPECIALISED_BACKWARD_ENV, sm90_backward
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    n = 200
+    q, k = (device.empty((1, 2, n, d), ml_dtypes.bfloat16) for _ in range(2))
+    v, out, dout = (device.empty((1, 2, n, dv), ml_dtypes.bfloat16) for _ in range(3))
+    lse = device.empty((1, 2, n), np.float32)
+    tiles = sm90_backward.default_tiles(256)
+    assert (tiles.dkdv_block_n, tiles.dkdv_block_m, tiles.dq_block_m, tiles.dq_block_n) == (64, 64, 64, 64)
+    for deterministic in (False, True):
+        plan = cuflash.kernel_plan(q, k, v, deterministic=deterministic)
+        assert plan.backward.family.name == "sm90-wgmma", str(plan)
+        assert "warp-specialised dK/dV kernel, then a dQ kernel" in plan.backward.detail
+        cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic)
+        pre, dkdv, dq = device.take_launches()
+        assert pre[0].startswith("flash_bwd_pre<")
+        assert dkdv[0].startswith("flash_bwd_sm90_dkdv_ws<bf16_t, 256, 2, 64,")
+        assert dkdv[1:4] == ((2 * 4,), (384,), tiles.dkdv_shared_bytes(256))  # 4 key tiles per head
+        assert dq[0].startswith("flash_bwd_sm90_dq<bf16_t, 256, 1, 64,")
+        assert dq[1:4] == ((2 * 4,), (128,), tiles.dq_shared_bytes(256))
+    assert tiles.dkdv_shared_bytes(256) <= 227 * 1024 and tiles.dq_shared_bytes(256) <= 227 * 1024
+    monkeypatch.setenv(WARP_SPECIALISED_BACKWARD_ENV, "0")
+    plan = cuflash.kernel_plan(q, k, v)
+    assert plan.backward.family.name == "sm80-mma"
+    assert "only in the warp-specialised dK/dV kernel" in dict(plan.backward.passed_over)["sm90-wgmma"]
+    monkeypatch.delenv(WARP_SPECIALISED_BACKWARD_ENV)
+    plan = cuflash.kernel_plan(q, k, v, dropout_p=0.1, dropout_seed=3)
+    assert dict(plan.backward.passed_over)["sm90-wgmma"] == "does not take dropout with D or Dv above 128"
 
 
 @pytest.mark.parametrize("d", [64, 128])

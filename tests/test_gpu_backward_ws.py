@@ -69,12 +69,14 @@ def test_padded_head_dims_grouped_with_modifier(xp_gpu, rng, seed, dkdv_kernel):
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("d, dv", [(96, 96), (40, 56)], ids=["96-96", "40-56"])
+@pytest.mark.parametrize("d, dv", [(96, 96), (40, 56), (200, 136)], ids=["96-96", "40-56", "200-136"])
 def test_padded_head_dims_write_only_their_columns(xp_gpu, rng, seed, dkdv_kernel, d, dv, deterministic):
     """Gradients into column slices of wider buffers poisoned with NaN: the stores fill the
     slices' every element and leave the 8 guard columns past them alone."""
     from cuflash.kernels import sm90_backward
 
+    if max(d, dv) > 128 and dkdv_kernel != "warp-specialised":
+        pytest.skip("split columns: the warp-specialised kernel only")
     xp, b, hq, nq, nk = xp_gpu, 1, 2, 200, 170
     q = random_array(rng, (b, hq, nq, d), ml_dtypes.bfloat16, xp=xp)
     k = random_array(rng, (b, hq, nk, d), ml_dtypes.bfloat16, xp=xp)
@@ -120,6 +122,49 @@ def test_exact_mask(xp_gpu, rng, seed, dkdv_kernel, causal):
     n = 300
     pattern = (np.random.default_rng(seed).random((n, n)) < 0.2) | np.eye(n, dtype=bool)
     run(xp_gpu, rng, seed, dkdv_kernel, nq=n, d=128, mask=ExactMask.from_dense(pattern), causal=causal)
+
+
+# ------------------------------------------------------- the 256-column tile: split dK/dV columns
+
+# D or Dv above 128: the two consumers split one 64-key tile's dK and dV columns, each forming
+# half of the query tile's Pᵀ and dSᵀ for both; dQ from the dQ kernel in both modes.
+SPLIT_CASES = [dict(d=256), dict(d=256, causal=True), dict(d=256, causal=True, dtype=np.float16),
+               dict(d=192, dv=128, causal=True), dict(d=160, nq=333, nk=290), dict(d=64, dv=256),
+               dict(d=256, nq=129, nk=333, causal=True), dict(d=256, nq=1, nk=300), dict(d=256, nq=300, nk=1),
+               dict(d=256, b=2, hq=6, hkv=2, causal=True), dict(d=256, window=(100, 20), softcap=20.0),
+               dict(d=256, causal=True, softcap=5.0, alibi_slopes="heads")]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("options", SPLIT_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_split_columns_past_128(xp_gpu, rng, seed, dkdv_kernel, options, deterministic):
+    if dkdv_kernel != "warp-specialised":
+        pytest.skip("split columns: the warp-specialised kernel only")
+    options = dict(options)
+    if options.get("alibi_slopes") == "heads":
+        options["alibi_slopes"] = xp_gpu.asarray(np.random.default_rng(seed).uniform(0.01, 0.5, options.get("hq", 2)),
+                                                 np.float32)
+    run(xp_gpu, rng, seed, dkdv_kernel, deterministic=deterministic, **options)
+
+
+def test_split_columns_block_sparse_and_bit_identical(xp_gpu, rng, seed, dkdv_kernel):
+    """A block mask at D = 256 (64-row tiles inside 128-blocks), and the same bits on reruns in
+    the default mode too: no gradient is added by two blocks on this tile."""
+    if dkdv_kernel != "warp-specialised":
+        pytest.skip("split columns: the warp-specialised kernel only")
+    pattern = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1]], bool)
+    mask = BlockMask.from_dense(pattern, block_size=128, shape=(384, 384))
+    xp = xp_gpu
+    q, k, v = (random_array(rng, (1, 2, 384, 256), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
+    assert "warp-specialised" in cuflash.kernel_plan(q, k, v, block_mask=mask).backward.detail
+    out, lse = cuflash.attention(q, k, v, return_lse=True, block_mask=mask)
+    dout = random_array(rng, out.shape, ml_dtypes.bfloat16, xp=xp)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, block_mask=mask)
+    assert_backward_close(first, dout, q, k, v, block_mask=mask, context=f"seed={seed}")
+    for rerun in range(5):
+        again = cuflash.attention_backward(dout, q, k, v, out, lse, block_mask=mask)
+        for name, x, y in zip(("dq", "dk", "dv"), first, again):
+            assert (to_host(x).view(np.uint16) == to_host(y).view(np.uint16)).all(), f"{name}, rerun {rerun}"
 
 
 # ----------------------------------------------------------------------------- ordered fused dQ

@@ -56,19 +56,23 @@ def spec_grid(head_dims, dtypes=("float16", "bfloat16"), *, features=True):
         specs += [spec_of(dtypes[-1], d, causal=causal, exact_mask=_exact_mask())
                   for d in head_dims for causal in (False, True)]
     if features and _FEATURE_HEAD_DIM in head_dims:
-        dtype, d = dtypes[-1], _FEATURE_HEAD_DIM
-        specs += [
-            spec_of(dtype, d, block_mask=_block_mask()),
-            spec_of(dtype, d, causal=True, block_mask=_block_mask()),
-            spec_of(dtype, d, window=(256, 0)),
-            spec_of(dtype, d, softcap=30.0),
-            spec_of(dtype, d, causal=True, alibi=_Slopes()),
-            spec_of(dtype, d, causal=True, window=(256, 0), softcap=30.0, alibi=_Slopes(),
-                    block_mask=_block_mask()),
-            spec_of(dtype, d, window=(256, 64), softcap=30.0, alibi=_Slopes(),
-                    exact_mask=_exact_mask()),
-        ]
+        specs += feature_specs(_FEATURE_HEAD_DIM, dtypes[-1])
     return specs
+
+
+def feature_specs(d: int, dtype="bfloat16"):
+    """Each mask policy and score modifier alone, and all of them together, at head dim d."""
+    return [
+        spec_of(dtype, d, block_mask=_block_mask()),
+        spec_of(dtype, d, causal=True, block_mask=_block_mask()),
+        spec_of(dtype, d, window=(256, 0)),
+        spec_of(dtype, d, softcap=30.0),
+        spec_of(dtype, d, causal=True, alibi=_Slopes()),
+        spec_of(dtype, d, causal=True, window=(256, 0), softcap=30.0, alibi=_Slopes(),
+                block_mask=_block_mask()),
+        spec_of(dtype, d, window=(256, 64), softcap=30.0, alibi=_Slopes(),
+                exact_mask=_exact_mask()),
+    ]
 
 
 def float32_grads_specs(head_dims):

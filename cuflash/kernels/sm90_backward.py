@@ -3,8 +3,12 @@
 Same entry point as ``mma_backward.backward``; ``supports()`` says whether a call can take this
 path (compute capability 9.0, D and Dv up to 128, 16-byte aligned rows, block masks whose blocks
 are whole tiles; packed variable-length sequences too, without dropout). Everything else belongs to
-``mma_backward``. The kernels hold one head dim for Q/K and V/dO, 64 or 128 (``tile_head_dim``):
-narrower calls run it with zero columns past D and Dv, which the loads fill and the stores skip.
+``mma_backward``. The kernels hold one head dim for Q/K and V/dO, 64, 128 or 256
+(``tile_head_dim``): narrower calls run it with zero columns past D and Dv, which the loads fill
+and the stores skip. At 256 (D or Dv above 128) the warp-specialised dK/dV kernel's two consumers
+split one 64-key tile's dK and dV by columns, and dQ always comes from the dQ kernel (the
+deterministic sequence, whatever ``deterministic`` says): no fused dQ, no cp.async dK/dV kernel,
+no dropout, exact masks or packed sequences there (``why_not_options``).
 
 Two launch sequences, both starting with ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2
 lse, padded rows):
@@ -35,6 +39,7 @@ fragments (csrc/schedule.cuh, ``dq_fragment_offset``), which ``flash_bwd_dq_conv
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -45,12 +50,13 @@ from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_m
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
 OPTIONS = (f"-arch={ARCH}",)
-HEAD_DIMS = (64, 128)  # the tile's head dim: a call's D and Dv, padded to the next of these
+HEAD_DIMS = (64, 128, 256)  # the tile's head dim: a call's D and Dv, padded to the next of these
+SPLIT_HEAD_DIM = 256  # the tile whose dK/dV consumers split columns (flash_bwd_sm90.cu, SplitDkdvSmem)
 
 
 def tile_head_dim(spec) -> int:
-    """The head dim of the tiles that run this call: D and Dv padded to 64 or 128 (either larger
-    than 128: 0, which no kernel of this family takes)."""
+    """The head dim of the tiles that run this call: D and Dv padded to 64, 128 or 256 (either
+    larger than 256: 0, which no kernel of this family takes)."""
     widest = max(spec.shapes.d, spec.shapes.dv)
     return next((d for d in HEAD_DIMS if widest <= d), 0)
 
@@ -60,7 +66,9 @@ class Sm90BwdTiles:
     """Tile shapes of the two kernels.
 
     dk/dv kernel: ``dkdv_warpgroups`` × 64 keys per thread block (one 64-key slab per
-    warpgroup), query tiles of ``dkdv_block_m`` rows double-buffered in shared memory.
+    warpgroup), query tiles of ``dkdv_block_m`` rows double-buffered in shared memory; with
+    ``split_columns`` (the 256-column tile) one 64-key slab whose dK and dV columns the two
+    warpgroups split, against 64-row query tiles.
     dq kernel: ``dq_warpgroups`` × 64 query rows per thread block, key tiles of ``dq_block_n``
     keys double-buffered.
     """
@@ -69,6 +77,7 @@ class Sm90BwdTiles:
     dkdv_block_m: int = 64
     dq_warpgroups: int = 2
     dq_block_n: int = 64
+    split_columns: bool = False
 
     def __post_init__(self):
         if self.dkdv_block_m not in (64, 128) or self.dq_block_n not in (64, 128):
@@ -76,10 +85,12 @@ class Sm90BwdTiles:
         if self.dkdv_warpgroups not in (1, 2) or self.dq_warpgroups not in (1, 2):
             # Three warpgroups leave too few registers per thread: the accumulators spill.
             raise ValueError(f"{self}: 1 or 2 warpgroups per kernel")
+        if self.split_columns and (self.dkdv_warpgroups, self.dkdv_block_m) != (2, 64):
+            raise ValueError(f"{self}: split columns take two warpgroups and 64-row query tiles")
 
     @property
     def dkdv_block_n(self) -> int:
-        return 64 * self.dkdv_warpgroups
+        return 64 if self.split_columns else 64 * self.dkdv_warpgroups
 
     @property
     def dq_block_m(self) -> int:
@@ -89,15 +100,19 @@ class Sm90BwdTiles:
         # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile and the staging floats of its dQ
         # parts, 64 rows per warpgroup,) two stages of lse2 + Delta, (two scratch-row indices,)
         # 1 KB for the 1024-byte alignment.
+        # Split columns: the Pᵀ and dSᵀ tiles instead of the fused dQ's.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
         fused = 2 * bn * bm + self.dkdv_warpgroups * 64 * self.fused_dq_columns(d) * 4 + 16
-        return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + 4 * 4 * bm + 1024
+        transposed = 2 * (2 * bn * bm) if self.split_columns else 0
+        return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + transposed + 4 * 4 * bm + 1024
 
     def fused_dq_columns(self, d: int) -> int:
         """Columns of the dQ part each dK/dV warpgroup computes with the fused dQ (flash_bwd_sm90.cu,
         FusedDq): all D when the query tile has a 64-row part per warpgroup, else D / warpgroups
-        of a 64-row tile; 0 for other shapes (one warpgroup against 128 rows), which it cannot
-        deal out."""
+        of a 64-row tile; 0 for other shapes (one warpgroup against 128 rows, split columns),
+        which it cannot deal out."""
+        if self.split_columns:
+            return 0
         if self.dkdv_block_m == 64 * self.dkdv_warpgroups:
             return d
         if self.dkdv_block_m == 64:
@@ -113,7 +128,12 @@ def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
     """128 keys per dk/dv block, 128 query rows per dq block against 64-key tiles. Query tiles of
     the dk/dv block: 128 rows at D = 64 (10% faster on an H200, benchmarks/NOTES.md), 64 at
     D = 128 (dK + dV of 64 keys × 128 columns already take 128 registers per thread) and with
-    dropout (its keep bits and Philox rounds spill beside a 128-row Sᵀ and dPᵀ)."""
+    dropout (its keep bits and Philox rounds spill beside a 128-row Sᵀ and dPᵀ). The 256-column
+    tile: 64 keys whose columns the two dk/dv warpgroups split, and one dq warpgroup (two
+    stages of 64-row K and V tiles and a 64-row Q and dO take 192 KB of shared memory)."""
+    if d == SPLIT_HEAD_DIM:
+        return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=64, dq_warpgroups=1, dq_block_n=64,
+                            split_columns=True)
     wide = d <= 64 and not dropout
     return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=128 if wide else 64, dq_warpgroups=2,
                         dq_block_n=64)
@@ -213,21 +233,35 @@ def supports(spec, arrays) -> str | None:
         return reason
     if not vector_aligned(list(arrays), (d, dv)):
         return "needs 16-byte aligned rows and strides"
+    if tile_head_dim(spec) == SPLIT_HEAD_DIM and not warp_specialised(spec, arrays):
+        from . import WARP_SPECIALISED_BACKWARD_ENV
+
+        return (f"takes D or Dv above 128 only in the warp-specialised dK/dV kernel: views TMA can "
+                f"describe, and {WARP_SPECIALISED_BACKWARD_ENV} not 0")
     if spec.block_mask is not None:
         tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
         bq, bk = spec.block_mask.block_size
-        if (bq % tiles.dkdv_block_m or bq % tiles.dq_block_m
-                or bk % tiles.dkdv_block_n or bk % tiles.dq_block_n):
-            return f"needs block-mask blocks that are multiples of 128x128; got {bq}x{bk}"
+        rows = math.lcm(tiles.dkdv_block_m, tiles.dq_block_m)
+        keys = math.lcm(tiles.dkdv_block_n, tiles.dq_block_n)
+        if bq % rows or bk % keys:
+            return f"needs block-mask blocks that are multiples of {rows}x{keys}; got {bq}x{bk}"
     return None
 
 
 def why_not_options(spec) -> str | None:
     """The options this family's kernels cannot combine (None if it can): dropout beside softcap
     or ALiBi on 128-column tiles (D or Dv above 64), which no dK/dV kernel of it compiles within
-    255 registers without spills (the mma.sync family takes those calls)."""
-    if spec.has_dropout and tile_head_dim(spec) == 128 and (spec.has_softcap or spec.has_alibi):
+    255 registers without spills; on the 256-column tile (D or Dv above 128), dropout, exact masks
+    and packed sequences, which its split dK/dV kernel does not implement. The mma.sync family
+    takes those calls."""
+    d = tile_head_dim(spec)
+    if spec.has_dropout and d == 128 and (spec.has_softcap or spec.has_alibi):
         return "does not take dropout beside softcap or ALiBi with D or Dv above 64"
+    if d == SPLIT_HEAD_DIM:
+        for present, what in ((spec.has_dropout, "dropout"), (spec.exact, "exact masks"),
+                              (spec.varlen is not None, "packed sequences")):
+            if present:
+                return f"does not take {what} with D or Dv above 128"
     return None
 
 
@@ -276,6 +310,8 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                          f"got D={s.d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d, dropout=spec.has_dropout)
     producer = warp_specialised(spec, arrays)
+    if tiles.split_columns and not producer:
+        raise ValueError("split dK/dV columns (D or Dv above 128) need the warp-specialised kernel")
     ordered = ordered_dq(spec, tiles, producer)
     atomic_dq = fuses_dq(spec, tiles) or ordered
     # The fused dQ's accumulator rows are the tile's D floats (fragment order, flash_bwd_sm90.cu).
@@ -326,16 +362,24 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles |
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import dropout_spec_grid, float32_grads_specs, spec_grid, varlen_spec_grid
+    from ._variants import (dropout_spec_grid, feature_specs, float32_grads_specs, spec_grid, spec_of,
+                            varlen_spec_grid)
 
     dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS)
                if spec.shapes.d == spec.shapes.dv and why_not_options(spec) is None]
     varlen = [spec for spec in varlen_spec_grid()
-              if spec.shapes.d == spec.shapes.dv and spec.shapes.d in HEAD_DIMS]
+              if spec.shapes.d == spec.shapes.dv and spec.shapes.d in HEAD_DIMS
+              and why_not_options(spec) is None]
+    # The 256-column tile's masks and score modifiers (the grid's features are at D = 128),
+    # and D = 192 with Dv = 128 on it.
+    split = feature_specs(SPLIT_HEAD_DIM) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
     out = []
-    for spec in spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen:
-        tiles = default_tiles(spec.shapes.d, dropout=spec.has_dropout)
-        out += [(SOURCE, variant_dkdv(spec, tiles)), (SOURCE, variant_dq(spec, tiles))]
+    specs = spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen + split
+    for spec in (spec for spec in specs if why_not_options(spec) is None):
+        tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
+        if not tiles.split_columns:  # the cp.async dK/dV kernel has no split columns
+            out.append((SOURCE, variant_dkdv(spec, tiles)))
+        out.append((SOURCE, variant_dq(spec, tiles)))
         if fused_dq_pays(spec, tiles):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
         if producer_fits(spec):

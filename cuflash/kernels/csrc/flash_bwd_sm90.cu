@@ -20,11 +20,12 @@
 // from a row-major tile; MN-major B from a row-major [k][n] tile; A from registers) and no
 // gradient is ever accumulated by two thread blocks: results are bit-identical from run to run.
 //
-// D is the tile's head dim, 64 or 128, for both Q/K and V/dO, with 16-byte aligned rows;
-// everything else runs flash_bwd.cu. Narrower head dims a.d and a.dv (multiples of 8) run the
-// tile of the next of the two with zero columns: loads fill the columns past a.d (Q, K) and
-// a.dv (V, dO) with zeros, so S and dP are exact and dK, dV and dQ come out zero there, and the
-// stores skip them. The GEMMs then do D / a.d times the useful work.
+// D is the tile's head dim, 64, 128 or 256 (warp-specialised dK/dV kernel only, columns split
+// across its consumers, dQ always from the dq kernel: dkdv_split_query_tile), for both Q/K and
+// V/dO, with 16-byte aligned rows; everything else runs flash_bwd.cu. Narrower head dims a.d and
+// a.dv (multiples of 8) run the tile of the next of these with zero columns: loads fill the
+// columns past a.d (Q, K) and a.dv (V, dO) with zeros, so S and dP are exact and dK, dV and dQ
+// come out zero there, and the stores skip them. The GEMMs then do D / a.d times the useful work.
 // VARLEN: packed variable-length sequences, as in flash_bwd.cu (schedule.cuh, sequence_of): the
 // grids cover the longest sequence, each block offsets its rows by its sequence's first row,
 // builds its mask and score modifier from the sequence's lengths and exits before any barrier
@@ -77,15 +78,17 @@ struct FusedDq {
     static constexpr int STAGE_BYTES = WG * 64 * N * 4;
 };
 
-// A warp's dSᵀ fragments (the A operands `df` of dK += dSᵀ Q: keys `row` and row + 8, queries
-// 16kk + 2t.. and 16kk + 8 + 2t..) into the 128-byte-swizzled dSᵀ tile of ROWS keys.
+// A warp's dSᵀ (or Pᵀ) fragments (the A operands `df` of dK += dSᵀ Q: keys `row` and row + 8,
+// queries 16kk + 2t.. and 16kk + 8 + 2t.., counted from query chunk `chunk0`, 8 queries a chunk)
+// into the 128-byte-swizzled transposed tile of ROWS keys.
 template <int ROWS, int KM>
-__device__ __forceinline__ void store_ds_transposed(u32 sds, const u32 (&df)[KM][4], int row, int t) {
+__device__ __forceinline__ void store_ds_transposed(u32 sds, const u32 (&df)[KM][4], int row, int t,
+                                                    int chunk0 = 0) {
 #pragma unroll
     for (int kk = 0; kk < KM; ++kk)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int r = row + 8 * (i & 1), chunk = 2 * kk + (i >> 1);
+            const int r = row + 8 * (i & 1), chunk = chunk0 + 2 * kk + (i >> 1);
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sds + sw128_offset<ROWS>(r, chunk) + 4 * t),
                          "r"(df[kk][i])
                          : "memory");
@@ -164,31 +167,57 @@ __device__ __forceinline__ auto dq_adds(const BwdArgs& a, const MASK& mask, i64 
 }
 
 // ---------------------------------------------------------------------------------------------
-// The dK/dV kernels' shared-memory plan (all offsets from a 1024-byte aligned base): K, V; two
-// stages of Q and dO; (ATOMIC_DQ) the dSᵀ tile and the dQ parts' staging floats; per stage lse2
-// and Delta rows (floats); (ATOMIC_DQ) each stage's first scratch row.
-template <int D, int WG, int BLOCK_M, bool ATOMIC_DQ>
-struct DkdvSmem {
-    static constexpr int BLOCK_N = WG * 64;
+// What every dK/dV kernel's shared-memory plan starts with (all offsets from a 1024-byte aligned
+// base): K and V of BLOCK_N keys, then two stages of Q and dO of BLOCK_M rows; tail() is the
+// first byte after them.
+template <int D, int BLOCK_N_, int BLOCK_M_>
+struct DkdvStages {
+    static constexpr int BLOCK_N = BLOCK_N_, BLOCK_M = BLOCK_M_;
     static constexpr u32 KV_BYTES = BLOCK_N * D * 2;  // K or V
     static constexpr u32 QT_BYTES = BLOCK_M * D * 2;  // one Q or dO stage
-    using DQ = FusedDq<D, WG, BLOCK_M>;
     u32 sk;               // the aligned base's shared address: K starts there
     unsigned char* base;  // the same as a pointer into the kernel's shared array, for plain loads
-    __device__ __forceinline__ explicit DkdvSmem(unsigned char* raw)
+    __device__ __forceinline__ explicit DkdvStages(unsigned char* raw)
         : sk((smem_addr(raw) + 1023u) & ~1023u), base(raw + (((smem_addr(raw) + 1023u) & ~1023u) - smem_addr(raw))) {}
     template <class X>
     __device__ __forceinline__ X* at(u32 addr) const { return reinterpret_cast<X*>(base + (addr - sk)); }
     __device__ __forceinline__ u32 sv() const { return sk + KV_BYTES; }
     __device__ __forceinline__ u32 sq(int stage) const { return sk + 2 * KV_BYTES + stage * QT_BYTES; }
     __device__ __forceinline__ u32 sdo(int stage) const { return sk + 2 * KV_BYTES + (2 + stage) * QT_BYTES; }
-    __device__ __forceinline__ u32 sds() const { return sk + 2 * KV_BYTES + 4 * QT_BYTES; }
-    __device__ __forceinline__ u32 sdq() const { return sds() + BLOCK_N * BLOCK_M * 2; }
+    __device__ __forceinline__ u32 tail() const { return sk + 2 * KV_BYTES + 4 * QT_BYTES; }
+};
+
+// The dK/dV kernels' shared-memory plan: K, V; two stages of Q and dO; (ATOMIC_DQ) the dSᵀ tile
+// and the dQ parts' staging floats; per stage lse2 and Delta rows (floats); (ATOMIC_DQ) each
+// stage's first scratch row.
+template <int D, int WG, int BLOCK_M, bool ATOMIC_DQ>
+struct DkdvSmem : DkdvStages<D, WG * 64, BLOCK_M> {
+    using DQ = FusedDq<D, WG, BLOCK_M>;
+    __device__ __forceinline__ explicit DkdvSmem(unsigned char* raw) : DkdvStages<D, WG * 64, BLOCK_M>(raw) {}
+    __device__ __forceinline__ u32 sds() const { return this->tail(); }
+    __device__ __forceinline__ u32 sdq() const { return sds() + WG * 64 * BLOCK_M * 2; }
     __device__ __forceinline__ u32 rows(int stage) const {  // lse2[BLOCK_M], then Delta[BLOCK_M]
         return (ATOMIC_DQ ? sdq() + DQ::STAGE_BYTES : sds()) + stage * 2 * BLOCK_M * 4;
     }
     __device__ __forceinline__ u32 scratch_row(int stage) const { return rows(2) + stage * 8; }
 };
+
+// Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 keys × N queries each), issued as two commit groups: A = 64 rows
+// of K / V (K-major over the head dim, a tile of KV_ROWS rows per box), B = N rows of the Q / dO
+// tile (K-major, a tile of Q_ROWS rows per box).
+template <typename T, int D, int N, int KV_ROWS, int Q_ROWS>
+__device__ __forceinline__ void issue_transposed_scores(float (&s)[N / 2], float (&dp)[N / 2], u64 desc_k, u64 desc_q,
+                                                        u64 desc_v, u64 desc_do) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<T, N, 0, 0>(s, desc_k + kmajor_step(kk, KV_ROWS), desc_q + kmajor_step(kk, Q_ROWS), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<T, N, 0, 0>(dp, desc_v + kmajor_step(kk, KV_ROWS), desc_do + kmajor_step(kk, Q_ROWS), kk > 0);
+    wgmma_commit();
+}
 
 // One consumer warpgroup's share of one query tile in a dK/dV kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
 // Pᵀ and dSᵀ, dV += Pᵀ dO and dK += dSᵀ Q into the accumulators and (ATOMIC_DQ) this
@@ -230,15 +259,7 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     u32 pf[KM][4], df[KM][4];
 
     const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk)
-        wgmma_ss<T, BLOCK_M, 0, 0>(s, desc_k + kmajor_step(kk, BLOCK_N), desc_q + kmajor_step(kk, BLOCK_M), kk > 0);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk)
-        wgmma_ss<T, BLOCK_M, 0, 0>(dp, desc_v + kmajor_step(kk, BLOCK_N), desc_do + kmajor_step(kk, BLOCK_M), kk > 0);
-    wgmma_commit();
+    issue_transposed_scores<T, D, BLOCK_M, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do);
     KeepWords<CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
     if constexpr (DROPOUT) keep_words<true, CT>(keep, drop, key_row0 + g, m0, lane);
     TransposedBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
@@ -325,18 +346,18 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     }
 }
 
-// dK·scale and dV of one consumer warpgroup's 64 keys (their a.d and a.dv real columns), once;
-// key tiles that no query sees write zeros.
-template <typename T, int D, bool DROPOUT, bool F32_GRADS>
+// dK·scale and dV of one consumer warpgroup's 64 keys, columns col0 .. col0 + COLS (of their a.d
+// and a.dv real columns), once; key tiles that no query sees write zeros.
+template <typename T, int COLS, bool DROPOUT, bool F32_GRADS>
 __device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
-                                           float (&dk_acc)[D / 2], float (&dv_acc)[D / 2]) {
+                                           float (&dk_acc)[COLS / 2], float (&dv_acc)[COLS / 2], int col0 = 0) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
     const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {dv_scale, dv_scale};
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
-                        seq.nk, a.d, as_blocks<D / 8>(dk_acc), key_row0 + g, 0, t, dk_factor);
+                        seq.nk, a.d, as_blocks<COLS / 8>(dk_acc), key_row0 + g, col0, t, dk_factor);
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn, a.gv_sn,
-                        seq.nk, a.dv, as_blocks<D / 8>(dv_acc), key_row0 + g, 0, t, dv_factor);
+                        seq.nk, a.dv, as_blocks<COLS / 8>(dv_acc), key_row0 + g, col0, t, dv_factor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,12 +448,138 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Head dims past 128 (the D = 256 tile; warp-specialised kernel only). dK and dV of 64 keys × D
+// columns would take D floats per thread of one warpgroup, more than a consumer has, so the two
+// consumers share one 64-key tile and split dK and dV by columns instead: warpgroup w keeps
+// columns D/2·w .. D/2·(w + 1). Both need the whole Pᵀ and dSᵀ of a query tile, so each computes
+// Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for half of the tile's 64 queries (m64n32 wgmmas), writes its half
+// of Pᵀ and dSᵀ into two shared tiles, and reads both tiles whole as the shared A operands of
+// dV += Pᵀ dO and dK += dSᵀ Q: four GEMMs per tile pair, none repeated. No fused dQ: its staging
+// floats (64 rows × D) do not fit beside two stages of Q and dO, so dQ is the dq kernel's.
+// Shared-memory plan: K, V; two stages of Q and dO; the Pᵀ and dSᵀ tiles (64 keys × 64 queries,
+// one 128-byte-swizzled box each); per stage lse2 and Delta rows.
+template <int D>
+struct SplitDkdvSmem : DkdvStages<D, 64, 64> {
+    static constexpr u32 T_BYTES = 64 * 64 * 2;  // the Pᵀ or dSᵀ tile
+    __device__ __forceinline__ explicit SplitDkdvSmem(unsigned char* raw) : DkdvStages<D, 64, 64>(raw) {}
+    __device__ __forceinline__ u32 spt() const { return this->tail(); }
+    __device__ __forceinline__ u32 sdst() const { return spt() + T_BYTES; }
+    __device__ __forceinline__ u32 rows(int stage) const {  // lse2[BLOCK_M], then Delta[BLOCK_M]
+        return sdst() + T_BYTES + stage * 2 * 64 * 4;
+    }
+};
+
+// The shared-memory plan of a dK/dV kernel: keys split across the warpgroups (D ≤ 128) or
+// columns (D = 256).
+template <int D, int WG, int BLOCK_M, bool ATOMIC_DQ, bool SPLIT = (D > 128)>
+struct DkdvLayout {
+    using type = DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>;
+};
+template <int D, int WG, int BLOCK_M, bool ATOMIC_DQ>
+struct DkdvLayout<D, WG, BLOCK_M, ATOMIC_DQ, true> {
+    using type = SplitDkdvSmem<D>;
+};
+
+// One consumer warpgroup's share of one query tile with split columns (see SplitDkdvSmem):
+// its half of Sᵀ, Pᵀ, dPᵀ and dSᵀ, then its columns of dV and dK. Named barriers over both
+// consumers (256 threads; ids past the kernel's 3 + warpgroup): 5, both done reading the previous
+// tile's Pᵀ and dSᵀ (their last GEMMs have completed); 6, Pᵀ whole; 7, dSᵀ whole.
+template <typename T, int D, class MASK, class MOD>
+__device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
+                                                      const SplitDkdvSmem<D>& sm, int wg, int stage, int m0, int n0,
+                                                      int slot, float (&dk_acc)[D / 4], float (&dv_acc)[D / 4]) {
+    using SM = SplitDkdvSmem<D>;
+    constexpr int BLOCK_M = SM::BLOCK_M, BLOCK_N = SM::BLOCK_N;
+    constexpr int HALF = BLOCK_M / 2;  // this warpgroup's queries of Sᵀ and dPᵀ
+    constexpr int CT = HALF / 8;       // their 8-column blocks
+    constexpr int KH = HALF / 16;      // their k16 steps
+    constexpr int KD = D / 16;         // k16 steps over the head dim
+    constexpr int KM = BLOCK_M / 16;   // k16 steps over the query tile
+    constexpr int COLS = D / 2;        // this warpgroup's columns of dK and dV
+    static_assert(!MASK::exact, "an exact mask's bits are loaded per whole query tile");
+    const int warp = (threadIdx.x / 32) % 4;  // keys 16·warp..+15 of the tile
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int key_row0 = n0 + warp * 16;
+    const int q0 = m0 + wg * HALF;  // this warpgroup's first query
+    const float* lse2 = sm.template at<const float>(sm.rows(stage)) + wg * HALF;
+    const float* delta = lse2 + BLOCK_M;
+
+    // Sᵀ, dPᵀ: A = K / V (K-major over d), B = rows q0.. of the Q / dO tile (K-major; HALF rows
+    // = HALF·128 bytes into each 64-column box).
+    const u64 desc_k = sw128_desc(sm.sk, 16);
+    const u64 desc_v = sw128_desc(sm.sv(), 16);
+    const u64 desc_q = sw128_desc(sm.sq(stage) + wg * HALF * 128, 16);
+    const u64 desc_do = sw128_desc(sm.sdo(stage) + wg * HALF * 128, 16);
+    float s[HALF / 2], dp[HALF / 2];
+    GradFactors<MOD, CT> grad;  // unused: recovered from Pᵀ below (the stores are dead code)
+    u32 pf[KH][4], df[KH][4];
+    issue_transposed_scores<T, D, HALF, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do);
+    const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
+    constexpr bool AHEAD = MOD::identity;
+    const ColumnPairs<CT, AHEAD> lse2_pairs(lse2, t);
+
+    // Pᵀ, as in dkdv_query_tile, into this warpgroup's half of the Pᵀ tile.
+    wgmma_wait<1>();
+    reg_fence(s);
+    recompute_probs_transposed(as_blocks<CT>(s), grad, tile_mask, mod, false, key_row0 + g, q0, t, lse2_pairs);
+    if (tile_mask.partial(q0, HALF, key_row0, 16)) mask_probs_transposed(as_blocks<CT>(s), tile_mask, key_row0 + g, q0, t);
+    pack_a<T, KH>(pf, s);
+    named_barrier(5, 256);
+    store_ds_transposed<BLOCK_N, KH>(sm.spt(), pf, warp * 16 + g, t, wg * 2 * KH);
+    fence_proxy_async_shared();
+    named_barrier(6, 256);
+
+    // dV[:, COLS·wg ..] += Pᵀ dO: A = the Pᵀ tile (K-major: its 64 queries are the 128-byte row),
+    // B = dO read MN-major from box COLS/64·wg on (k16 step: 16 query rows, 2048 bytes; next box
+    // BLOCK_M·128 bytes further). Runs while dSᵀ is formed.
+    const u64 desc_pt = sw128_desc(sm.spt(), 16);
+    const u64 desc_dst = sw128_desc(sm.sdst(), 16);
+    const u32 my_boxes = wg * (COLS / 64) * BLOCK_M * 128;
+    const u64 desc_do_mn = sw128_desc(sm.sdo(stage) + my_boxes, BLOCK_M * 128);
+    const u64 desc_q_mn = sw128_desc(sm.sq(stage) + my_boxes, BLOCK_M * 128);
+    reg_fence(dv_acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk)
+        wgmma_ss<T, COLS, 0, 1>(dv_acc, desc_pt + kmajor_step(kk, BLOCK_N), desc_do_mn + ((u32)(kk * 2048) >> 4), 1);
+    wgmma_commit();
+
+    // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]) into this warpgroup's half of the dSᵀ tile.
+    const ColumnPairs<CT, AHEAD> delta_pairs(delta, t);
+    wgmma_wait<1>();
+    reg_fence(dp);
+    softmax_grad_recovered<CT>(as_blocks<CT>(dp), as_blocks<CT>(s), mod, [&](int j, int i) {
+        const float2 l2 = lse2_pairs(j, t), dl = delta_pairs(j, t);
+        return ElementCoords{q0 + 8 * j + 2 * t + (i & 1), key_row0 + g + (i / 2) * 8, i & 1 ? l2.y : l2.x,
+                             i & 1 ? dl.y : dl.x};
+    });
+    pack_a<T, KH>(df, dp);
+    store_ds_transposed<BLOCK_N, KH>(sm.sdst(), df, warp * 16 + g, t, wg * 2 * KH);
+    fence_proxy_async_shared();
+    named_barrier(7, 256);
+
+    // dK[:, COLS·wg ..] += dSᵀ Q (scaled once at the end).
+    reg_fence(dk_acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk)
+        wgmma_ss<T, COLS, 0, 1>(dk_acc, desc_dst + kmajor_step(kk, BLOCK_N), desc_q_mn + ((u32)(kk * 2048) >> 4), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(dv_acc);
+    reg_fence(dk_acc);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The same, warp-specialised (dense calls): warpgroup 0 is a producer whose one elected thread
 // loads K and V once and each query tile's Q and dO (TMA, 128-byte swizzled boxes, zeros past
 // the tensor's end) and lse2 and Delta rows (bulk copies) into two stages guarded by mbarriers;
 // warpgroups 1..WG are the consumers, with the producer's registers (setmaxnreg). Consumers
 // release a stage after its last read; no block-wide barrier runs in the loop. ORDERED_DQ: the
-// fused dQ's adds in key-tile order (OrderedDqAdds; dense and banded masks).
+// fused dQ's adds in key-tile order (OrderedDqAdds; dense and banded masks). D = 256: the two
+// consumers split one 64-key tile's columns (dkdv_split_query_tile), without the fused dQ,
+// dropout or exact masks.
 struct BwdMaps {
     TmaDesc q, k, v, dout;
 };
@@ -441,10 +588,14 @@ template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DR
           bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false>
 __global__ void __launch_bounds__((WG + 1) * 128, 1)
 flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
-    constexpr int BLOCK_N = WG * 64;
+    constexpr bool SPLIT = D > 128;  // dK, dV split by columns (dkdv_split_query_tile)
+    constexpr int BLOCK_N = SPLIT ? 64 : WG * 64;
     constexpr int CONSUMERS = WG * 128;
-    using SM = DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>;
-    static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
+    constexpr int ACC = SPLIT ? D / 4 : D / 2;  // dK or dV floats per thread
+    using SM = typename DkdvLayout<D, WG, BLOCK_M, ATOMIC_DQ>::type;
+    static_assert(D == 64 || D == 128 || D == 256, "head dim must be 64, 128 or 256");
+    static_assert(!SPLIT || (WG == 2 && BLOCK_M == 64 && !ATOMIC_DQ && !DROPOUT && !MASK::exact),
+                  "D = 256: two consumers, 64-row query tiles, no fused dQ, dropout or exact mask");
     static_assert(!ORDERED_DQ || (ATOMIC_DQ && !MASK::sparse), "ordered adds of the fused dQ, dense or banded");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
     static_assert(!ATOMIC_DQ || FusedDq<D, WG, BLOCK_M>::N >= 64, "fused dQ needs parts of at least 64 columns");
@@ -506,9 +657,9 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
 
     claim_registers<240>();
     const int wg = threadIdx.x / 128 - 1;
-    float dk_acc[D / 2], dv_acc[D / 2];
+    float dk_acc[ACC], dv_acc[ACC];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    for (int i = 0; i < ACC; ++i) dk_acc[i] = dv_acc[i] = 0.f;
     if (walk.valid()) mbar_wait(kv_full, 0);
     RingSlot<2> slot;
     int* last_added = nullptr;  // ORDERED_DQ: the semaphore of the tile this block added to last
@@ -517,12 +668,18 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         const DropoutMask drop(a, b, walk.h);
         mbar_wait(full(slot.stage), slot.phase);
         const int m_tile = walk.m_tile();
-        const auto adds = dq_adds<ORDERED_DQ, BLOCK_M, BLOCK_N>(
-            a, mask, scratch_offset<false>(a, seq, b, walk.h) + m_tile * BLOCK_M, walk.h, m_tile, n_tile, last_added);
-        dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
-            a, mask, mod, drop, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
-            [](int id) { named_barrier(id, CONSUMERS); }, adds);
-        if constexpr (ORDERED_DQ) last_added = adds.semaphore;
+        if constexpr (SPLIT) {
+            dkdv_split_query_tile<T, D, MASK, MOD>(a, mask, mod, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(),
+                                                   dk_acc, dv_acc);
+        } else {
+            const auto adds = dq_adds<ORDERED_DQ, BLOCK_M, BLOCK_N>(
+                a, mask, scratch_offset<false>(a, seq, b, walk.h) + m_tile * BLOCK_M, walk.h, m_tile, n_tile,
+                last_added);
+            dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
+                a, mask, mod, drop, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
+                [](int id) { named_barrier(id, CONSUMERS); }, adds);
+            if constexpr (ORDERED_DQ) last_added = adds.semaphore;
+        }
         // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
         // the scratch row): only then may its leader release it.
         named_barrier(3 + wg, 128);
@@ -535,7 +692,11 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         named_barrier(1, CONSUMERS);
         OrderedDqAdds{nullptr, 0, last_added}.release_previous(wg == 0 && threadIdx.x % 128 == 0);
     }
-    store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
+    if constexpr (SPLIT)
+        store_dkdv<T, D / 2, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc,
+                                                 wg * D / 2);
+    else
+        store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,7 +712,8 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int NT = BLOCK_N / 8;            // 8-column blocks of S
     constexpr int KD = D / 16;                 // k16 steps over the head dim
     constexpr int KN = BLOCK_N / 16;           // k16 steps over the key tile
-    static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
+    constexpr int SLICE = D < 128 ? D : 128;   // dQ columns per wgmma (its N is at most 128 here)
+    static_assert(D == 64 || D == 128 || (D == 256 && WG == 1), "head dim must be 64 or 128, or 256 with one warpgroup");
     static_assert(BLOCK_N == 64 || BLOCK_N == 128, "key tile must be 64 or 128 keys");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -659,13 +821,19 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         softmax_grad<NT, MOD>(as_blocks<NT>(dp), as_blocks<NT>(s), grad, [&](int, int i) { return delta[i / 2]; });
         pack_a<T, KN>(df, dp);
 
-        // dQ += dS K (scaled once at the end).
+        // dQ += dS K (scaled once at the end), in slices of SLICE columns: slice c starts
+        // SLICE/64·c boxes into K.
         reg_fence_frag(df);
         reg_fence(dq_acc);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KN; ++kk)
-            wgmma_rs<T, D, 1>(dq_acc, df[kk], desc_k_mn + st + ((u32)(kk * 2048) >> 4), 1);
+        for (int c = 0; c < D / SLICE; ++c) {
+            float (&dq_c)[SLICE / 2] = *reinterpret_cast<float(*)[SLICE / 2]>(&dq_acc[c * SLICE / 2]);
+            const u32 slice = (u32)(c * (SLICE / 64) * BLOCK_N * 128) >> 4;
+#pragma unroll
+            for (int kk = 0; kk < KN; ++kk)
+                wgmma_rs<T, SLICE, 1>(dq_c, df[kk], desc_k_mn + st + slice + ((u32)(kk * 2048) >> 4), 1);
+        }
         wgmma_commit();
         wgmma_wait<0>();
         reg_fence_frag(df);
