@@ -1,7 +1,7 @@
 """Every kernel family once, forward and backward, on problems small enough for
 compute-sanitizer's slow tools (racecheck): run under `tools/sanitize.sh`. The environment
-variable SANITIZE_PARTS (comma-separated: dense, exact, varlen, decode, dropout; all by default)
-picks parts."""
+variable SANITIZE_PARTS (comma-separated: dense, split, exact, varlen, decode, dropout; all by
+default) picks parts."""
 
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ def _arrays(rng, dtype, b, hq, hkv, n, d):
 
 def main():
     rng = numpy.random.default_rng(0)
-    parts = os.environ.get("SANITIZE_PARTS", "dense,exact,varlen,decode,dropout").split(",")
+    parts = os.environ.get("SANITIZE_PARTS", "dense,split,exact,varlen,decode,dropout").split(",")
     if "dense" in parts:
         _dense(rng)
+    if "split" in parts:
+        _split(rng)
     if "exact" in parts:
         _exact(rng)
     if "varlen" in parts:
@@ -38,6 +40,29 @@ def main():
 
 
 def _dense(rng):
+    # D = 96 and 40 run the Hopper backward's 128- and 64-column tiles with zero columns.
+    _dense_cases(rng, (("bfloat16", 64, False), ("bfloat16", 128, False), ("bfloat16", 128, True),
+                       ("float16", 96, False), ("bfloat16", 40, False), ("float32", 64, False)))
+
+    # More query tiles than SMs, unmasked and short: the Hopper forward's persistent walk, where
+    # a thread block refills its Q buffer and runs its K/V ring on from one tile to the next.
+    os.environ[kernels.DISABLE_HOPPER_ENV] = "0"
+    q, k, v, _ = _arrays(rng, ml_dtypes.bfloat16, 4, 8, 4, 900, 256)
+    cuflash.attention(q, k, v)
+    cupy.cuda.Device().synchronize()
+    print("ran bfloat16 D=256 sm90=on persistent walk", flush=True)
+
+
+def _split(rng):
+    """The Hopper backward's 256-column tile (its two dK/dV consumers split the columns and trade
+    Pᵀ and dSᵀ through shared memory; the dQ kernel with one warpgroup), at D = 256 and, with
+    zero columns, 160."""
+    _dense_cases(rng, (("bfloat16", 256, False), ("float16", 160, False)))
+
+
+def _dense_cases(rng, cases):
+    """Forward and both backward modes of each (dtype, D, Hopper off) case under a window with
+    softcap and ALiBi, and under causal with a block mask."""
     n = 150
     slopes = cupy.asarray(numpy.linspace(0.1, 0.5, 2, dtype=numpy.float32))
     pattern = numpy.array([[1, 0], [1, 1]], bool)
@@ -45,9 +70,6 @@ def _dense(rng):
         {"window": (60, 20), "softcap": 10.0, "alibi_slopes": slopes},
         {"causal": True, "block_mask": BlockMask.from_dense(pattern, block_size=128, shape=(n, n))},
     )
-    # D = 96 and 40 run the Hopper backward's 128- and 64-column tiles with zero columns.
-    cases = (("bfloat16", 64, False), ("bfloat16", 128, False), ("bfloat16", 128, True), ("float16", 96, False),
-             ("bfloat16", 40, False), ("float32", 64, False))
     for dtype_name, d, hopper_off in cases:
         os.environ[kernels.DISABLE_HOPPER_ENV] = "1" if hopper_off else "0"
         dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": numpy.float16, "float32": numpy.float32}[dtype_name]
@@ -59,14 +81,6 @@ def _dense(rng):
             cupy.cuda.Device().synchronize()
             print(f"ran {dtype_name} D={d} sm90={'off' if hopper_off else 'on'} "
                   f"{sorted(k for k in opts)}", flush=True)
-
-    # More query tiles than SMs, unmasked and short: the Hopper forward's persistent walk, where
-    # a thread block refills its Q buffer and runs its K/V ring on from one tile to the next.
-    os.environ[kernels.DISABLE_HOPPER_ENV] = "0"
-    q, k, v, _ = _arrays(rng, ml_dtypes.bfloat16, 4, 8, 4, 900, 256)
-    cuflash.attention(q, k, v)
-    cupy.cuda.Device().synchronize()
-    print("ran bfloat16 D=256 sm90=on persistent walk", flush=True)
 
 
 def _exact(rng):
