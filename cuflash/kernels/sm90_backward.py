@@ -125,17 +125,20 @@ class Sm90BwdTiles:
 
 
 def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
-    """128 keys per dk/dv block, 128 query rows per dq block against 64-key tiles. Query tiles of
-    the dk/dv block: 128 rows at D = 64 (10% faster on an H200, benchmarks/NOTES.md), 64 at
-    D = 128 (dK + dV of 64 keys × 128 columns already take 128 registers per thread) and with
-    dropout (its keep bits and Philox rounds spill beside a 128-row Sᵀ and dPᵀ). The 256-column
-    tile: 64 keys whose columns the two dk/dv warpgroups split, and one dq warpgroup (two
-    stages of 64-row K and V tiles and a 64-row Q and dO take 192 KB of shared memory)."""
+    """128 keys per dk/dv block, 64 query rows per dq block (one warpgroup) against 64-key tiles.
+    Query tiles of the dk/dv block: 128 rows at D = 64 (10% faster on an H200,
+    benchmarks/NOTES.md), 64 at D = 128 (dK + dV of 64 keys × 128 columns already take 128
+    registers per thread) and with dropout (its keep bits and Philox rounds spill beside a
+    128-row Sᵀ and dPᵀ). The dq kernel's one warpgroup lets two to four blocks share an SM, so
+    one block's softmax runs under another's GEMMs: 0-15% faster than two warpgroups in
+    lockstep on an H200 ("Hopper backward v7"). The 256-column tile: 64 keys whose columns the
+    two dk/dv warpgroups split (two stages of 64-row K and V tiles and a 64-row Q and dO take
+    the dq block 192 KB of shared memory)."""
     if d == SPLIT_HEAD_DIM:
         return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=64, dq_warpgroups=1, dq_block_n=64,
                             split_columns=True)
     wide = d <= 64 and not dropout
-    return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=128 if wide else 64, dq_warpgroups=2,
+    return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=128 if wide else 64, dq_warpgroups=1,
                         dq_block_n=64)
 
 
