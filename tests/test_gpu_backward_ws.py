@@ -138,6 +138,8 @@ SPLIT_CASES = [dict(d=256), dict(d=256, causal=True), dict(d=256, causal=True, d
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("options", SPLIT_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_split_columns_past_128(xp_gpu, rng, seed, dkdv_kernel, options, deterministic):
+    """Head dims past 128 (and Dv ≠ D) under every mask policy and score modifier the 256-column
+    tile takes, odd lengths and GQA, against the float64 oracle."""
     if dkdv_kernel != "warp-specialised":
         pytest.skip("split columns: the warp-specialised kernel only")
     options = dict(options)

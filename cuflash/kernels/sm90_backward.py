@@ -1,7 +1,7 @@
 """Launch of the Hopper backward kernels (flash_bwd_sm90.cu, wgmma, sm_90a) for float16 / bfloat16.
 
 Same entry point as ``mma_backward.backward``; ``supports()`` says whether a call can take this
-path (compute capability 9.0, D and Dv up to 128, 16-byte aligned rows, block masks whose blocks
+path (compute capability 9.0, D and Dv up to 256, 16-byte aligned rows, block masks whose blocks
 are whole tiles; packed variable-length sequences too, without dropout). Everything else belongs to
 ``mma_backward``. The kernels hold one head dim for Q/K and V/dO, 64, 128 or 256
 (``tile_head_dim``): narrower calls run it with zero columns past D and Dv, which the loads fill
@@ -131,7 +131,7 @@ def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
     registers per thread) and with dropout (its keep bits and Philox rounds spill beside a
     128-row Sᵀ and dPᵀ). The dq kernel's one warpgroup lets two to four blocks share an SM, so
     one block's softmax runs under another's GEMMs: 0-15% faster than two warpgroups in
-    lockstep on an H200 ("Hopper backward v7"). The 256-column tile: 64 keys whose columns the
+    lockstep on an H200 (benchmarks/NOTES.md, "The Hopper dQ kernel with one warpgroup"). The 256-column tile: 64 keys whose columns the
     two dk/dv warpgroups split (two stages of 64-row K and V tiles and a 64-row Q and dO take
     the dq block 192 KB of shared memory)."""
     if d == SPLIT_HEAD_DIM:
@@ -218,9 +218,9 @@ def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
 
 def supports(spec, arrays) -> str | None:
     """None when ``backward`` can run this call, else why not: a compute-capability 9.0 device,
-    float16 or bfloat16, D and Dv up to 128, 16-byte aligned base pointers, row strides and row
-    widths of every array, and block masks whose blocks are whole multiples of both kernels'
-    tiles."""
+    float16 or bfloat16, D and Dv up to 256 (above 128: views TMA can describe, and the options
+    ``why_not_options`` allows), 16-byte aligned base pointers, row strides and row widths of
+    every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
     reason = why_not_dropout_kernel(spec)
     if reason:
         return reason

@@ -234,7 +234,6 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
                                                 const Adds& adds = Adds{}) {
     constexpr int BLOCK_N = WG * 64;
     constexpr int CT = BLOCK_M / 8;  // 8-column blocks of Sᵀ
-    constexpr int KD = D / 16;       // k16 steps over the head dim
     constexpr int KM = BLOCK_M / 16;  // k16 steps over the query tile
     using DQ = FusedDq<D, WG, BLOCK_M>;
     const int warp = (threadIdx.x / 32) % 4;  // rows 16·warp..+15 of the warpgroup's 64 keys
@@ -493,7 +492,6 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     constexpr int HALF = BLOCK_M / 2;  // this warpgroup's queries of Sᵀ and dPᵀ
     constexpr int CT = HALF / 8;       // their 8-column blocks
     constexpr int KH = HALF / 16;      // their k16 steps
-    constexpr int KD = D / 16;         // k16 steps over the head dim
     constexpr int KM = BLOCK_M / 16;   // k16 steps over the query tile
     constexpr int COLS = D / 2;        // this warpgroup's columns of dK and dV
     static_assert(!MASK::exact, "an exact mask's bits are loaded per whole query tile");
