@@ -368,11 +368,9 @@ def main_variants() -> list[tuple[str, str]]:
     from ._variants import (dropout_spec_grid, feature_specs, float32_grads_specs, spec_grid, spec_of,
                             varlen_spec_grid)
 
-    dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS)
-               if spec.shapes.d == spec.shapes.dv and why_not_options(spec) is None]
+    dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS) if spec.shapes.d == spec.shapes.dv]
     varlen = [spec for spec in varlen_spec_grid()
-              if spec.shapes.d == spec.shapes.dv and spec.shapes.d in HEAD_DIMS
-              and why_not_options(spec) is None]
+              if spec.shapes.d == spec.shapes.dv and spec.shapes.d in HEAD_DIMS]
     # The 256-column tile's masks and score modifiers (the grid's features are at D = 128),
     # and D = 192 with Dv = 128 on it.
     split = feature_specs(SPLIT_HEAD_DIM) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]

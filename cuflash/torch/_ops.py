@@ -241,10 +241,10 @@ def _backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     with _bridge.core_scope(q.device) as (to_core, _):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
         options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        dq, dk, dv = map(to_core, grads)
         cuflash.attention_backward(
             *map(to_core, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
-            deterministic=deterministic, **masking, **options,
-            **dict(zip(("dq", "dk", "dv"), map(to_core, grads))))
+            deterministic=deterministic, dq=dq, dk=dk, dv=dv, **masking, **options)
         return grads
 
 

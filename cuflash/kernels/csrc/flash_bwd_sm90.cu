@@ -459,12 +459,13 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 // one 128-byte-swizzled box each); per stage lse2 and Delta rows.
 template <int D>
 struct SplitDkdvSmem : DkdvStages<D, 64, 64> {
-    static constexpr u32 T_BYTES = 64 * 64 * 2;  // the Pᵀ or dSᵀ tile
-    __device__ __forceinline__ explicit SplitDkdvSmem(unsigned char* raw) : DkdvStages<D, 64, 64>(raw) {}
+    using Stages = DkdvStages<D, 64, 64>;
+    static constexpr u32 T_BYTES = Stages::BLOCK_N * Stages::BLOCK_M * 2;  // the Pᵀ or dSᵀ tile
+    __device__ __forceinline__ explicit SplitDkdvSmem(unsigned char* raw) : Stages(raw) {}
     __device__ __forceinline__ u32 spt() const { return this->tail(); }
     __device__ __forceinline__ u32 sdst() const { return spt() + T_BYTES; }
     __device__ __forceinline__ u32 rows(int stage) const {  // lse2[BLOCK_M], then Delta[BLOCK_M]
-        return sdst() + T_BYTES + stage * 2 * 64 * 4;
+        return sdst() + T_BYTES + stage * 2 * Stages::BLOCK_M * 4;
     }
 };
 
@@ -536,12 +537,16 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     const u32 my_boxes = wg * (COLS / 64) * BLOCK_M * 128;
     const u64 desc_do_mn = sw128_desc(sm.sdo(stage) + my_boxes, BLOCK_M * 128);
     const u64 desc_q_mn = sw128_desc(sm.sq(stage) + my_boxes, BLOCK_M * 128);
-    reg_fence(dv_acc);
-    wgmma_fence();
+    // acc += (a transposed tile, K-major) · (this warpgroup's columns of Q or dO, MN-major).
+    auto issue_update = [&](float (&acc)[D / 4], u64 desc_t, u64 desc_mn) {
+        reg_fence(acc);
+        wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < KM; ++kk)
-        wgmma_ss<T, COLS, 0, 1>(dv_acc, desc_pt + kmajor_step(kk, BLOCK_N), desc_do_mn + ((u32)(kk * 2048) >> 4), 1);
-    wgmma_commit();
+        for (int kk = 0; kk < KM; ++kk)
+            wgmma_ss<T, COLS, 0, 1>(acc, desc_t + kmajor_step(kk, BLOCK_N), desc_mn + ((u32)(kk * 2048) >> 4), 1);
+        wgmma_commit();
+    };
+    issue_update(dv_acc, desc_pt, desc_do_mn);
 
     // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]) into this warpgroup's half of the dSᵀ tile.
     const ColumnPairs<CT, AHEAD> delta_pairs(delta, t);
@@ -558,12 +563,7 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     named_barrier(7, 256);
 
     // dK[:, COLS·wg ..] += dSᵀ Q (scaled once at the end).
-    reg_fence(dk_acc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < KM; ++kk)
-        wgmma_ss<T, COLS, 0, 1>(dk_acc, desc_dst + kmajor_step(kk, BLOCK_N), desc_q_mn + ((u32)(kk * 2048) >> 4), 1);
-    wgmma_commit();
+    issue_update(dk_acc, desc_dst, desc_q_mn);
     wgmma_wait<0>();
     reg_fence(dv_acc);
     reg_fence(dk_acc);
