@@ -69,15 +69,20 @@ def why_not(q, k_cache, v_cache) -> str | None:
     return None
 
 
+def _stage_bytes(dqk: int, dvp: int) -> int:
+    """One ring stage: a K and a V tile whose rows are whole 128-byte lines (RingTile in
+    flash_decode.cu)."""
+    return BLOCK_N * (-(-dqk // 64) + -(-dvp // 64)) * 64 * 2
+
+
 def stages_for(dqk: int, dvp: int) -> int:
     """K/V ring stages: as many as fit two blocks per Hopper SM (at least two)."""
-    stage = BLOCK_N * (dqk + dvp + 16) * 2
     q_tile = ROWS * (dqk + 8) * 2
-    return max(2, min(4, (SHARED_LIMIT - q_tile) // stage))
+    return max(2, min(4, (SHARED_LIMIT - q_tile) // _stage_bytes(dqk, dvp)))
 
 
 def shared_bytes(dqk: int, dvp: int, stages: int) -> int:
-    return ROWS * (dqk + 8) * 2 + stages * BLOCK_N * (dqk + dvp + 16) * 2
+    return stages * _stage_bytes(dqk, dvp) + ROWS * (dqk + 8) * 2
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,9 +9,9 @@
 //   - the keys a batch row sees are dealt to `splits` thread blocks in whole 64-key tiles; each
 //     writes its normalised partial output and lse, and decode_combine merges them by their
 //     log-sum-exp (a single split writes the output directly);
-//   - K/V tiles stream through a STAGES-deep cp.async ring, and the four warps of a block take
-//     16 keys each of every tile with their own online softmax, merged through shared memory at
-//     the end.
+//   - K/V tiles stream through a STAGES-deep cp.async ring (in the layout of RingTile below), and
+//     the four warps of a block take 16 keys each of every tile with their own online softmax,
+//     merged through shared memory at the end.
 // Which keys a row sees and how a score is modified are the shared policies (mask.cuh,
 // score_mod.cuh), built per batch row from its own key count.
 #include "args.cuh"
@@ -99,15 +99,32 @@ __device__ __forceinline__ CacheSlot cache_slot(const Args& a, int b, int key) {
     return {a.batch_idx ? a.batch_idx[b] : b, key};
 }
 
-// K and V rows [key0, key0 + BLOCK_N) of batch row b, head hk, into one ring stage; zeros past
-// `key_end` and past the head dims, so padding never feeds NaN into an mma. Eight threads copy
-// one key row's 128-byte runs (each copy instruction of a warp then covers four whole lines),
-// and find the row's place in the caches (a page-table read when paged) once for K and V.
+// One K or V tile of the ring: BLOCK_N rows of ROW elements (the head dim rounded up to whole
+// 128-byte lines), the 16-byte chunk c of row r stored at chunk c ^ (r % 8) of its line.
+// Why not the mma.sync kernels' rows padded by 16 bytes: there every other row starts in the
+// middle of a 32-byte sector of shared memory, and a cp.async whose destination straddles
+// sectors fetched its source sectors from L2 twice (ncu on the H200: 1.5x the L2 sectors of the
+// bytes read, a third of them L2 hits, DRAM at 85% of peak; benchmarks/NOTES.md). Whole lines
+// keep every copy in place, and the XOR keeps an ldmatrix's eight rows on distinct banks.
+template <int WIDTH>
+struct RingTile {
+    static constexpr int ROW = (WIDTH + 63) / 64 * 64;  // elements per row
+    static constexpr int BYTES = DECODE_BLOCK_N * ROW * 2;
+    // Byte offset of chunk `chunk` (8 elements) of row `row`.
+    __device__ static __forceinline__ u32 offset(int row, int chunk) {
+        return row * ROW * 2 + ((chunk ^ (row % 8)) << 4);
+    }
+};
+
+// K and V rows [key0, key0 + BLOCK_N) of batch row b, head hk, into one ring stage (shared
+// addresses sk, sv); zeros past `key_end` and past the head dims, so padding never feeds NaN
+// into an mma. Eight threads copy one key row's 128-byte runs (each copy instruction of a warp
+// then covers four whole lines), and find the row's place in the caches (a page-table read
+// when paged) once for K and V.
 template <int D, int DV, bool PAGED>
-__device__ __forceinline__ void load_kv_tile(u16* sk, u16* sv, const DecodeArgs& a, int b, int hk, int key0,
+__device__ __forceinline__ void load_kv_tile(u32 sk, u32 sv, const DecodeArgs& a, int b, int hk, int key0,
                                              int key_end) {
     constexpr int PER_ROW = 8, ROWS_PER_PASS = DECODE_WARPS * 32 / PER_ROW;
-    constexpr int KS = D + SMEM_PAD, VS = DV + SMEM_PAD;
     const int part = threadIdx.x % PER_ROW;
 #pragma unroll
     for (int r = threadIdx.x / PER_ROW; r < DECODE_BLOCK_N; r += ROWS_PER_PASS) {
@@ -122,13 +139,47 @@ __device__ __forceinline__ void load_kv_tile(u16* sk, u16* sv, const DecodeArgs&
 #pragma unroll
         for (int c = part; c < D / 8; c += PER_ROW) {
             const bool valid = row_valid && c * 8 < a.d;
-            cp_async_16(smem_addr(sk + r * KS + c * 8), valid ? k + c * 8 : a.k, valid ? 16 : 0);
+            cp_async_16(sk + RingTile<D>::offset(r, c), valid ? k + c * 8 : a.k, valid ? 16 : 0);
         }
 #pragma unroll
         for (int c = part; c < DV / 8; c += PER_ROW) {
             const bool valid = row_valid && c * 8 < a.dv;
-            cp_async_16(smem_addr(sv + r * VS + c * 8), valid ? v + c * 8 : a.v, valid ? 16 : 0);
+            cp_async_16(sv + RingTile<DV>::offset(r, c), valid ? v + c * 8 : a.v, valid ? 16 : 0);
         }
+    }
+}
+
+// S (16 rows × this warp's 16 keys) = Q · Kᵀ: Q from its padded tile (SmemA), K's rows from the
+// swizzled tile at `sk`, read as ldsm_b_offset would read a plain [n][k] tile.
+template <typename T, int D, class A>
+__device__ __forceinline__ void decode_scores(float (&s)[1][2][4], const A& q, u32 sk, int warp, int lane) {
+    const int row = warp * 16 + lane % 8 + (lane / 16) * 8;
+    const int half = (lane / 8) % 2;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        u32 af[1][4], bf[4];
+        q(af, kk);
+        ldmatrix_x4(bf, sk + RingTile<D>::offset(row, 2 * kk + half));
+        mma_16816<T>(s[0][0], af[0], bf[0], bf[1]);
+        mma_16816<T>(s[0][1], af[0], bf[2], bf[3]);
+    }
+}
+
+// O (16 rows × DV) += P (16 rows × this warp's 16 keys) · V, V's rows from the swizzled tile at
+// `sv`, read as ldsm_bt_offset would read a plain [k][n] tile.
+template <typename T, int DV>
+__device__ __forceinline__ void decode_values(float (&acc)[1][DV / 8][4], const float (&s)[1][2][4], u32 sv,
+                                              int warp, int lane) {
+    const int row = warp * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+    const int half = lane / 16;
+    u32 af[1][4];
+    packed_a<T>(s)(af, 0);
+#pragma unroll
+    for (int j = 0; j < DV / 8; j += 2) {
+        u32 bf[4];
+        ldmatrix_x4_trans(bf, sv + RingTile<DV>::offset(row, j + half));
+        mma_16816<T>(acc[0][j], af[0], bf[0], bf[1]);
+        mma_16816<T>(acc[0][j + 1], af[0], bf[2], bf[3]);
     }
 }
 
@@ -172,13 +223,14 @@ template <typename T, int D, int DV, int STAGES, class MASK, class MOD, bool PAG
 __global__ void __launch_bounds__(DECODE_WARPS * 32)
 flash_decode(const DecodeArgs a) {
     constexpr int BLOCK_N = DECODE_BLOCK_N, ROWS = DECODE_ROWS;
-    constexpr int QS = D + SMEM_PAD, KS = D + SMEM_PAD, VS = DV + SMEM_PAD;
-    constexpr int STAGE = BLOCK_N * (KS + VS);  // elements per ring stage
+    constexpr int QS = D + SMEM_PAD;
+    constexpr int STAGE = RingTile<D>::BYTES + RingTile<DV>::BYTES;  // bytes per ring stage
     constexpr int OT = DV / 8;
 
-    extern __shared__ __align__(16) u16 smem[];
-    u16* sq = smem;
-    u16* ring = sq + ROWS * QS;
+    // The ring first: its tiles' lines must start on 128-byte boundaries (RingTile).
+    extern __shared__ __align__(128) u16 smem[];
+    u16* ring = smem;
+    u16* sq = ring + STAGES * STAGE / 2;
 
     // Block order: row chunks of one key split next to each other (they read the same K/V).
     int index = blockIdx.x;
@@ -222,17 +274,17 @@ flash_decode(const DecodeArgs a) {
         }
         cp_async_16(smem_addr(sq + r * QS + col), src, valid ? 16 : 0);
     }
+    const u32 ring_addr = smem_addr(ring);
+    auto stage_k = [&](int stage) { return ring_addr + stage * STAGE; };  // the stage's K tile
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < n_tiles)
-            load_kv_tile<D, DV, PAGED>(ring + s * STAGE, ring + s * STAGE + BLOCK_N * KS, a, b, hk,
+            load_kv_tile<D, DV, PAGED>(stage_k(s), stage_k(s) + RingTile<D>::BYTES, a, b, hk,
                                        key_first + s * BLOCK_N, key_hi);
         cp_async_commit();
     }
 
-    const u32 q_lane = smem_addr(sq) + ldsm_a_offset(lane, QS) * 2;
-    const u32 k_lane = ldsm_b_offset(lane, KS) * 2 + warp * 16 * KS * 2;
-    const u32 v_lane = ldsm_bt_offset(lane, VS) * 2 + warp * 16 * VS * 2;
+    const SmemA<QS> q_frags{smem_addr(sq) + ldsm_a_offset(lane, QS) * 2};
 
     float acc[1][OT][4];
     zero_acc(acc);
@@ -243,16 +295,17 @@ flash_decode(const DecodeArgs a) {
         __syncthreads();  // tile `it` visible; every warp is done with the stage refilled below
         const int ahead = it + STAGES - 1;
         if (ahead < n_tiles) {
-            u16* stage = ring + (ahead % STAGES) * STAGE;
-            load_kv_tile<D, DV, PAGED>(stage, stage + BLOCK_N * KS, a, b, hk, key_first + ahead * BLOCK_N, key_hi);
+            const u32 stage = stage_k(ahead % STAGES);
+            load_kv_tile<D, DV, PAGED>(stage, stage + RingTile<D>::BYTES, a, b, hk, key_first + ahead * BLOCK_N,
+                                       key_hi);
         }
         cp_async_commit();
 
-        const u32 sk = smem_addr(ring + (it % STAGES) * STAGE);
-        const u32 sv = sk + BLOCK_N * KS * 2;
+        const u32 sk = stage_k(it % STAGES);
+        const u32 sv = sk + RingTile<D>::BYTES;
         float s[1][2][4];
         zero_acc(s);
-        warp_gemm<T, false, D / 16>(s, SmemA<QS>{q_lane}, sk + k_lane, 16 * 2, 16 * KS * 2);
+        decode_scores<T, D>(s, q_frags, sk, warp, lane);
 
         const int key0 = key_first + it * BLOCK_N + warp * 16;
         const bool partial = mask.partial(pos_first, pos_last - pos_first + 1, key0, 16);
@@ -260,7 +313,7 @@ flash_decode(const DecodeArgs a) {
         float alpha[2];
         online_softmax(s[0], row_max, row_sum, scale, alpha);
         rescale_rows(acc[0], alpha);
-        warp_gemm<T, true, 1>(acc, packed_a<T>(s), sv + v_lane, 0, 16 * 2);
+        decode_values<T, DV>(acc, s, sv, warp, lane);
     }
     cp_async_wait_all();
     __syncthreads();  // the ring is free: it holds the warps' partial results now
