@@ -50,6 +50,7 @@ from typing import Any
 import numpy
 
 from . import _checks, kernels
+from .kernels import _launch
 
 _MAX_ENTRIES = 1024
 _entries: dict = {}
@@ -269,7 +270,7 @@ def forward(q, k, v, out, options: dict, return_lse):
 
     xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, return_lse)
     if key is not None and entry is None:
-        _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result))
+        _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result, return_lse))
     return result, lse, spec
 
 
@@ -282,9 +283,10 @@ class _ForwardEntry:
     out_range: tuple      # byte range of out= (None when the call allocates it)
     input_ranges: tuple
     registries: tuple     # keeps dispatch_state()'s identities unique
+    keeps_lse: bool       # return_lse: else no lse is allocated and the kernel stores none
 
     @classmethod
-    def build(cls, xp, spec, q, k, v, out, result):
+    def build(cls, xp, spec, q, k, v, out, result, return_lse):
         """The entry for this call's signature, or _UNCACHED."""
         if xp is numpy:
             return _UNCACHED
@@ -301,7 +303,7 @@ class _ForwardEntry:
         return cls(spec, launch, s.out_shape, s.lse_shape,
                    None if out is None else _checks.byte_range(out),
                    tuple(_checks.byte_range(x) for x in (q, k, v)),
-                   (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
+                   (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]), return_lse)
 
     def __call__(self, q, k, v, out, slopes):
         import cupy
@@ -314,14 +316,15 @@ class _ForwardEntry:
                 _check_apart("out", out.data.ptr, self.out_range,
                              zip("qkv", (q.data.ptr, k.data.ptr, v.data.ptr), self.input_ranges))
                 result = out
-            lse = cupy.empty(self.lse_shape, numpy.float32)
-            if (result.data.ptr | lse.data.ptr) & 15:  # the prepared launch assumed alignment
-                return None
+            lse = cupy.empty(self.lse_shape, numpy.float32) if self.keeps_lse else None
+            if result.data.ptr & 15 or (lse is not None and lse.data.ptr & 15):
+                return None  # the prepared launch assumed alignment
             if slopes is not None:
                 spec = dataclasses.replace(spec, alibi=_checks.alibi_copy(slopes, spec.shapes,
                                                                           cupy))
-            self.launch(q, k, v, result, lse, spec)
-            if stream_capturing():
+            stream = _launch.launch_stream()
+            self.launch(q, k, v, result, lse, spec, stream.ptr)
+            if stream.is_capturing():
                 keep_alive_with((result,), (lse, spec.alibi, spec.block_mask, spec.exact_mask))
         return result, lse, spec
 
@@ -435,8 +438,9 @@ class _BackwardEntry:
                 if alibi is None:
                     alibi = _checks.alibi_copy(slopes, spec.shapes, cupy)
                 spec = dataclasses.replace(spec, alibi=alibi)
-            workspace = self.launch(dout, q, k, v, out, lse, dq, dk, dv, spec)
-            if stream_capturing():
+            stream = _launch.launch_stream()
+            workspace = self.launch(dout, q, k, v, out, lse, dq, dk, dv, spec, stream.ptr)
+            if stream.is_capturing():
                 keep_alive_with((dq, dk, dv), (workspace, spec.alibi, spec.block_mask, spec.exact_mask))
         return dq, dk, dv
 

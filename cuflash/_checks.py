@@ -92,10 +92,16 @@ def common_module(arrays: dict[str, Any]):
     return xp
 
 
+_NO_SWITCH = contextlib.nullcontext()  # reusable: holds no state
+
+
 def device_context(x: Any):
-    """Context manager that makes ``x``'s device current (a no-op for NumPy arrays)."""
-    if array_module(x) is numpy:
-        return contextlib.nullcontext()
+    """Context manager that makes ``x``'s device current (a no-op for NumPy arrays and for
+    arrays on the current device: entering CuPy's ``Device`` costs about 1 µs even then, a
+    fifth of a small call's launch)."""
+    xp = array_module(x)
+    if xp is numpy or x.data.device_id == xp.cuda.runtime.getDevice():
+        return _NO_SWITCH
     return x.device
 
 

@@ -61,6 +61,16 @@ class FakeFunction:
         self.ptr = ptr
 
 
+class FakeStream:
+    """CuPy's current stream as the launches read it: its handle, never capturing."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def is_capturing(self) -> bool:
+        return False
+
+
 # The by-value parameter types of the kernels (csrc/args.cuh, arch/sm90_tma.cuh), as NumPy
 # dtypes of their size and alignment (argument structs as the opaque records by_value sends).
 def _parameter_types() -> dict:
@@ -148,7 +158,7 @@ class FakeDevice:
         monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
         monkeypatch.setattr(cupy.cuda.runtime, "memGetInfo",
                             lambda: self.contexts_bound.append(0) or (1 << 30, 1 << 30))
-        monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: FakeFunction(self.streams[-1]))
+        monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: FakeStream(self.streams[-1]))
         monkeypatch.setattr(_checks, "alibi_copy",  # the copy itself needs the device
                             lambda slopes, shapes, xp: empty((shapes.b, shapes.hq), np.float32))
         _calls.clear()

@@ -54,25 +54,38 @@ def _pointer_free(launches, *pointers):
     return blanked
 
 
-def test_a_repeated_forward_reuses_its_entry_and_sends_the_same_arguments(device):
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_a_repeated_forward_reuses_its_entry_and_sends_the_same_arguments(device, return_lse):
     q, k, v = _qkv(device)
-    cuflash.attention(q, k, v, causal=True)
+
+    def call():
+        return cuflash.attention(q, k, v, causal=True, return_lse=return_lse)
+
+    call()
     assert _builds() == 1
     device.take_launches()
-    cuflash.attention(q, k, v, causal=True)
+    result = call()
     cached = device.take_launches()
     assert _builds() == 1 and _calls.stats()["hits"] == 1
     assert len(cached) == 1
-    uncached = _uncached(device, lambda: cuflash.attention(q, k, v, causal=True))
-    # Only the output and lse pointers (fresh allocations) may differ.
-    assert _pointer_free(cached, *_output_pointers(cached)) == _pointer_free(
-        uncached, *_output_pointers(uncached))
+    # A call that does not return lse allocates none, and its kernel stores none.
+    assert isinstance(result, tuple) == return_lse
+    assert (_output_pointers(cached)[1] != 0) == return_lse
+    uncached = _uncached(device, call)
+    # Only the output and lse pointers (fresh allocations, or none) may differ.
+    assert _output_fields_blank(cached) == _output_fields_blank(uncached)
 
 
 def _output_pointers(launches):
     """The out and lse pointers (fields 3 and 4 of FWD_ARGS) of a forward launch."""
     record = launches[0][4]
     return [int.from_bytes(record[8 * i:8 * i + 8], "little") for i in (3, 4)]
+
+
+def _output_fields_blank(launches):
+    """The launches with the out and lse fields of FWD_ARGS blanked out."""
+    return [(expression, grid, block, shared, record[:24] + b"P" * 16 + record[40:])
+            for expression, grid, block, shared, record in launches]
 
 
 def test_new_arrays_of_the_same_layout_reuse_the_entry_with_their_pointers(device):

@@ -80,6 +80,31 @@ def test_cached_calls_with_new_arrays_give_the_validated_results(xp_gpu, rng, se
                               context=f"seed={seed}", **rule_options)
 
 
+@pytest.mark.parametrize("hopper", [True, False])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shape", [(1, 16, 128, 64), (2, 4, 300, 128), (2, 2, 200, 96)])
+def test_cached_forward_without_lse_writes_the_same_output(xp_gpu, rng, monkeypatch, shape, case,
+                                                            hopper):
+    """A cached call that does not return lse allocates none and its kernel stores none (every
+    prepared forward family: the TMA and wgmma forwards on Hopper, the sm80 one without)."""
+    from cuflash import kernels
+
+    xp = xp_gpu
+    if not hopper:
+        monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    options = _options(xp, rng, case, shape[1])
+    q, k, v, _ = _inputs(xp, rng, shape)
+    expected, _ = cuflash.attention(q, k, v, return_lse=True, **options)
+    _calls.clear()
+    out = poisoned(expected.shape, expected.dtype, xp=xp)
+    cuflash.attention(q, k, v, out=out, **options)  # builds the entry
+    hits = _calls.stats()["hits"]
+    out = poisoned(expected.shape, expected.dtype, xp=xp)  # new pointer, same layout
+    assert cuflash.attention(q, k, v, out=out, **options) is out
+    assert _calls.stats()["hits"] == hits + 1
+    assert bool(xp.array_equal(out.view(np.uint16), expected.view(np.uint16)))
+
+
 @pytest.mark.parametrize("hkv", [4, 2])
 def test_cached_calls_write_given_gradients(xp_gpu, rng, seed, hkv):
     """Gradients given as the torch adapter gives them (``torch.empty_like`` of (B, N, H, D)

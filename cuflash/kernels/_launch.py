@@ -267,20 +267,25 @@ class _BoundContexts(threading.local):
 _bound = _BoundContexts()
 
 
-def current_stream() -> int:
-    """The handle of CuPy's current stream on the current device, once that device's context is
+def launch_stream():
+    """CuPy's current stream (its object) on the current device, once that device's context is
     bound to this thread, as CuPy's own launches find them (``_get_stream`` and
     ``runtime._ensure_context`` in cupy/cuda/function.pyx, which Python cannot call). The
     runtime binds a device's primary context to a thread lazily, at the thread's first runtime
     call that needs one; a driver launch on a thread where none came yet would find no context.
-    A launch sequence looks this up once, not per kernel."""
+    A call looks this up once, not per kernel, and asks the same object whether it captures."""
     cuda = _cupy_module().cuda
     device = cuda.runtime.getDevice()
     bound = _bound.devices
     if device not in bound:
         cuda.runtime.memGetInfo()  # a runtime call that needs the context, as CuPy makes
         bound.add(device)
-    return cuda.get_current_stream().ptr
+    return cuda.get_current_stream()
+
+
+def current_stream() -> int:
+    """The handle of ``launch_stream()``."""
+    return launch_stream().ptr
 
 
 class DriverLaunch:
@@ -515,8 +520,8 @@ FWD_POINTERS = ("q", "k", "v", "o", "lse", "alibi", "cu_q", "cu_k")
 
 def forward_pointers(q, k, v, out, lse, spec) -> tuple[int, ...]:
     """The FWD_POINTERS values of one call; any views with the prepared layout will do (only
-    their data pointers are read)."""
-    return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, pointer(spec.alibi),
+    their data pointers are read). ``lse`` may be None: the kernels then store none."""
+    return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, pointer(lse), pointer(spec.alibi),
             *varlen_pointers(spec))
 
 
@@ -542,10 +547,11 @@ def forward_args(spec, arrays, *, tile_m, tile_n) -> tuple[PackedArgs, int]:
 
 class ForwardLaunch:
     """A prepared forward pass: ``launch(q, k, v, out, lse, spec)`` with the entry point's
-    arguments (views of the prepared layout) only fills in their pointers and launches."""
+    arguments (views of the prepared layout) only fills in their pointers and launches, on
+    `stream` (a handle) or CuPy's current stream."""
 
     def __init__(self, launch: KernelLaunch):
         self.launch = launch
 
-    def __call__(self, q, k, v, out, lse, spec) -> None:
-        self.launch(forward_pointers(q, k, v, out, lse, spec))
+    def __call__(self, q, k, v, out, lse, spec, stream: int | None = None) -> None:
+        self.launch(forward_pointers(q, k, v, out, lse, spec), stream)

@@ -336,19 +336,21 @@ BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v",
 class BackwardLaunch:
     """A prepared backward pass: ``launch(dout, q, k, v, out, lse, dq, dk, dv, spec)`` with the
     entry point's arguments (views of the prepared layout; only their pointers are read)
-    allocates the workspace, fills in the pointers and runs the launches in order. Returns the
-    workspace buffer (the caller may keep it alive, as a captured graph needs)."""
+    allocates the workspace, fills in the pointers and runs the launches in order, on `stream`
+    (a handle) or CuPy's current stream. Returns the workspace buffer (the caller may keep it
+    alive, as a captured graph needs)."""
 
     def __init__(self, scratch: Scratch, launches: tuple[KernelLaunch, ...]):
         self.scratch = scratch
         self.launches = launches
 
-    def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, spec):
+    def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, spec, stream: int | None = None):
         workspace, (lse2, delta, dq_accum) = self.scratch.allocate()
         pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, lse.data.ptr,
                     dq.data.ptr, dk.data.ptr, dv.data.ptr, lse2, delta, dq_accum,
                     pointer(spec.alibi), *varlen_pointers(spec))
-        stream = current_stream()
+        if stream is None:
+            stream = current_stream()
         for launch in self.launches:
             launch(pointers, stream)
         return workspace

@@ -24,7 +24,7 @@ struct FwdArgs {
     const u16* k;
     const u16* v;
     u16* o;
-    float* lse;
+    float* lse;           // (B, Hq, Nq) or varlen (Hq, total_q); null: not stored (store_lse)
     const int* tile_ptr;  // block-sparse: CSR over query tiles (see sparse docs), else null
     const int* tile_idx;
     const int* cu_q;       // packed sequences (varlen): B + 1 query row offsets, else null

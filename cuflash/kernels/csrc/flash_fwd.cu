@@ -171,7 +171,7 @@ flash_fwd(const FwdArgs a) {
         for (int half = 0; half < 2; ++half) {
             const RowResult r = finish_row(row_max[mt][half], row_sum[mt][half], mod.softmax_scale());
             inv[half] = DROPOUT ? r.inv * a.drop_rescale : r.inv;
-            if (t == 0 && row0 + half * 8 < seq.nq) lse[row0 + half * 8] = r.lse;
+            if (t == 0 && row0 + half * 8 < seq.nq) store_lse(a, lse, row0 + half * 8, r.lse);
         }
         store_rows<T, ALIGNED>(o, a.o_sn, seq.nq, a.dv, acc[mt], row0, 0, t, inv);
     }

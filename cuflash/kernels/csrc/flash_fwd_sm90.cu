@@ -185,7 +185,7 @@ flash_fwd_sm90(const FwdArgs a) {
         const int r = warp * 16 + g + half * 8;  // row inside the warpgroup
         const RowResult res = finish_row(row_max[half], row_sum[half], mod.softmax_scale());
         inv[half] = res.inv;
-        if (t == 0 && row0 + r < a.nq) lse[row0 + r] = res.lse;
+        if (t == 0 && row0 + r < a.nq) store_lse(a, lse, row0 + r, res.lse);
     }
     store_rows_sw128<T, D, BLOCK_M>(a.o + b * a.o_sb + h * a.o_sh, a.o_sn, a.nq, o, inv, sq + wg * 64 * 128,
                                     row0, wg, warp, g, t);

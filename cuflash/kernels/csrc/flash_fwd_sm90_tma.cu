@@ -350,7 +350,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         const int r = warp * 16 + g + half * 8;
         const RowResult res = finish_row(row_max[half], row_sum[half], mod.softmax_scale());
         inv[half] = DROPOUT ? res.inv * a.drop_rescale : res.inv;  // · 1 / (1 − p) with dropout
-        if (t == 0 && row0 + r < nq) lse[row0 + r] = res.lse;
+        if (t == 0 && row0 + r < nq) store_lse(a, lse, row0 + r, res.lse);
     }
     u16* out = a.o + work.b * a.o_sb + work.h * a.o_sh + work.seq.q0 * a.o_sn;
     if (n_count == 0) {

@@ -36,6 +36,13 @@ __device__ __forceinline__ i64 lse_offset(const Args& a, const Sequence& s, int 
     return ((i64)b * a.heads + h) * a.nq;
 }
 
+// A forward's lse value of one row (`lse`: the pointer at lse_offset), unless the call sent no lse:
+// a caller that does not keep lse passes a null FwdArgs::lse and allocates none.
+template <class Args>
+__device__ __forceinline__ void store_lse(const Args& a, float* lse, int row, float value) {
+    if (a.lse != nullptr) lse[row] = value;
+}
+
 // Where the backward's scratch rows (lse2, delta, dq_accum rows) of (sequence b, query head h)
 // start. Each sequence's rows are padded to a multiple of SCRATCH_ALIGN (every query tile height
 // divides it) and start on such a multiple, so tile loads need no bounds checks and stay 16-byte
