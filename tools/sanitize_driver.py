@@ -163,8 +163,11 @@ def _decode(rng):
                                        causal=True, num_splits=splits)
     cache = make(2, 300, 2, 64), make(2, 300, 2, 64)
     cuflash.attention_with_kvcache(q, *cache, cache_seqlens=lengths, window=(40, 0))
+    # A head dim whose ring rows are padded to whole lines (96 -> 128 columns), split in three.
+    cache = make(2, 300, 2, 96), make(2, 300, 2, 96)
+    cuflash.attention_with_kvcache(make(2, 2, 8, 96), *cache, cache_seqlens=lengths, num_splits=3)
     cupy.cuda.Device().synchronize()
-    print("ran decode bfloat16 D=64 paged and contiguous", flush=True)
+    print("ran decode bfloat16 D=64 paged and contiguous, D=96 split", flush=True)
 
 
 if __name__ == "__main__":

@@ -379,12 +379,13 @@ flash_decode(const DecodeArgs a) {
 }
 
 // The splits' partial outputs of each (batch row, head, query position) merged by their lse:
-// out = Σ exp(lse_s − lse) · o_s with lse = log Σ exp(lse_s). Splits that saw no key (lse −inf)
-// weigh 0 and their partial output is never read.
+// out = Σ exp(lse_s − lse) · o_s with lse = log Σ exp(lse_s). Splits that saw no key (lse −inf,
+// partial output 0) weigh 0.
 // One warp per (row, 32 output columns), DECODE_COMBINE_COLUMNS: a small decode has few rows (32
-// at batch 1), and a warp that walked every column of its row split after split waited on one
-// dependent load at a time. Here each lane holds one split's weight (lanes 0..31, then the next
-// 32 splits) and the warp's loads of the splits' columns are independent, so they overlap.
+// at batch 1), and the time of a combine is that of its chain of dependent loads. Lane l holds
+// split l's lse and its weight (then splits 32 + l, ...); the columns of the first 32 splits are
+// loaded before the weights are known, beside the lse loads, so that the common case (at most
+// 32 splits) waits on one round trip to memory.
 constexpr int DECODE_COMBINE_COLUMNS = 32;
 template <typename T>
 __global__ void __launch_bounds__(128)
@@ -406,37 +407,46 @@ decode_combine(const DecodeArgs a) {
         if (first_chunk && lane == 0) a.lse[row] = NAN_F;
         return;
     }
-    float m = -INFINITY;
-    for (int s = lane; s < a.splits; s += 32) m = fmaxf(m, a.lse_part[(i64)s * rows + row]);
+    const i64 split_stride = (i64)rows * a.dv;  // between two splits' partial outputs
+    const float* part = a.o_part + (i64)row * a.dv + col;
+    const int first = min(32, a.splits);
+    float y[32];
+#pragma unroll
+    for (int u = 0; u < 32; ++u) y[u] = u < first && col < a.dv ? part[u * split_stride] : 0.f;
+    auto split_lse = [&](int s) { return s < a.splits ? a.lse_part[(i64)s * rows + row] : -INFINITY; };
+    const float lse0 = split_lse(lane);
+
+    float m = lse0;
+    for (int s = 32 + lane; s < a.splits; s += 32) m = fmaxf(m, split_lse(s));
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float total = 0.f;
-    for (int s = lane; s < a.splits; s += 32) {
-        const float x = a.lse_part[(i64)s * rows + row];
-        total += x == -INFINITY ? 0.f : __expf(x - m);
-    }
+    auto unscaled_weight = [&](float ls) { return ls == -INFINITY ? 0.f : __expf(ls - m); };
+    float total = unscaled_weight(lse0);
+    for (int s = 32 + lane; s < a.splits; s += 32) total += unscaled_weight(split_lse(s));
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
     const float inv = total > 0.f ? 1.f / total : 0.f;
 
     float x = 0.f;
-    for (int s0 = 0; s0 < a.splits; s0 += 32) {
-        const int s = s0 + lane;
-        const float ls = s < a.splits ? a.lse_part[(i64)s * rows + row] : -INFINITY;
-        const float weight = ls == -INFINITY ? 0.f : __expf(ls - m) * inv;  // this lane's split
+    const float weight0 = unscaled_weight(lse0) * inv;  // this lane's split
+#pragma unroll
+    for (int u = 0; u < 32; ++u) {
+        const float w = __shfl_sync(0xffffffffu, weight0, u);
+        if (w != 0.f) x += w * y[u];
+    }
+    // Splits past the first 32: their loads issued eight at a time, once the weights are known.
+    for (int s0 = 32; s0 < a.splits; s0 += 32) {
+        const float weight = unscaled_weight(split_lse(s0 + lane)) * inv;
         const int count = min(32, a.splits - s0);
-        const float* part = a.o_part + ((i64)s0 * rows + row) * a.dv + col;
-        // Eight splits at a time, their loads issued together. Lanes past the last split hold
-        // weight 0, so the last group needs no bound of its own.
         for (int i = 0; i < count; i += 8) {
-            float w[8], y[8];
+            float w[8], z[8];
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
                 w[u] = __shfl_sync(0xffffffffu, weight, i + u);
-                y[u] = w[u] != 0.f && col < a.dv ? part[(i64)(i + u) * rows * a.dv] : 0.f;
+                z[u] = w[u] != 0.f && col < a.dv ? part[(i64)(s0 + i + u) * split_stride] : 0.f;
             }
 #pragma unroll
-            for (int u = 0; u < 8; ++u) x += w[u] * y[u];
+            for (int u = 0; u < 8; ++u) x += w[u] * z[u];
         }
     }
     if (col < a.dv) out[col] = from_float<T>(x);
