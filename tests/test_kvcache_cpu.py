@@ -531,3 +531,18 @@ def test_decode_combine_grid_covers_every_row_and_column(monkeypatch, dv, sq):
     (grid,), (threads,) = combine[1], combine[2]
     warps = b * hq * sq * -(-dv // decode.COMBINE_COLUMNS)
     assert threads == 128 and grid == -(-warps // 4)
+
+
+@pytest.mark.parametrize("batch_kv_heads, key_tiles, expected", [
+    (8, 64, 32),    # batch 1, 8 KV heads, 4K keys: 32 splits of two tiles fill 256 of 264 places
+    (16, 64, 16),   # batch 2: 16 splits already fill them
+    (64, 64, 4),    # batch 8
+    (512, 512, 1),  # batch 64: the rows alone fill two waves
+    (8, 4, 2),      # a short cache: never fewer than MIN_SPLIT_TILES tiles a split
+])
+def test_split_count_fills_the_resident_places(batch_kv_heads, key_tiles, expected):
+    from cuflash.kernels import decode
+
+    splits = decode.choose_splits(batch_kv_heads, key_tiles, 132 * 2)
+    assert splits == expected
+    assert splits == 1 or key_tiles // splits >= decode.MIN_SPLIT_TILES

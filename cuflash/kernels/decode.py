@@ -24,7 +24,7 @@ ROWS = 16         # packed query rows (query positions × the GQA group) per thr
 BLOCK_N = 64      # keys per tile
 UNBOUNDED_BAND = 1 << 30  # an unbounded band side, in the kernels' int32 arithmetic (mask.cuh)
 BLOCKS_PER_SM = 2  # resident decode blocks per SM the split count aims to fill
-MIN_SPLIT_TILES = 4  # fewer key tiles per split would spend more on merging than it saves
+MIN_SPLIT_TILES = 2  # key tiles per split at least (one-tile splits measured slower: benchmarks/NOTES.md)
 MAX_SPLITS = 128
 COMBINE_COLUMNS = 32  # output columns per warp of decode_combine (DECODE_COMBINE_COLUMNS)
 SHARED_LIMIT = 110 * 1024  # per block: two blocks per SM on Hopper (at D, Dv <= 128)
