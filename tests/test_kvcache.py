@@ -67,6 +67,19 @@ def test_decode_kernel(xp_gpu, rng, seed, decode_calls, dtype, d, dv, sq, hq, hk
     assert decode_calls == {"append": 0, "forward": 1}
 
 
+@pytest.mark.parametrize("d, dv", [(32, 32), (96, 96), (160, 96), (40, 72)],
+                         ids=["D32", "D96", "D160-Dv96", "D40-Dv72"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_kernel_head_dims_short_of_whole_lines(xp_gpu, rng, seed, decode_calls, d, dv,
+                                                      num_splits):
+    """Head dims whose ring rows are padded to whole 128-byte lines (flash_decode.cu, RingTile),
+    split and not."""
+    case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=len(LENGTHS), sq=4, hq=32, hkv=8,
+                     d=d, dv=dv, lengths=LENGTHS, capacity=CAPACITY, causal=True)
+    run(case, seed, num_splits=num_splits)
+    assert decode_calls == {"append": 0, "forward": 1}
+
+
 @pytest.mark.parametrize("page_size", [16, 64, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_paged_equals_contiguous(xp_gpu, rng, seed, decode_calls, dtype, page_size):
