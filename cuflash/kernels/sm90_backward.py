@@ -131,9 +131,9 @@ def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
     registers per thread) and with dropout (its keep bits and Philox rounds spill beside a
     128-row Sᵀ and dPᵀ). The dq kernel's one warpgroup lets two to four blocks share an SM, so
     one block's softmax runs under another's GEMMs: 0-15% faster than two warpgroups in
-    lockstep on an H200 (benchmarks/NOTES.md, "The Hopper dQ kernel with one warpgroup"). The 256-column tile: 64 keys whose columns the
-    two dk/dv warpgroups split (two stages of 64-row K and V tiles and a 64-row Q and dO take
-    the dq block 192 KB of shared memory)."""
+    lockstep on an H200 (benchmarks/NOTES.md, "The Hopper dQ kernel with one warpgroup"). The
+    256-column tile: 64 keys whose columns the two dk/dv warpgroups split (two stages of 64-row
+    K and V tiles and a 64-row Q and dO take the dq block 192 KB of shared memory)."""
     if d == SPLIT_HEAD_DIM:
         return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=64, dq_warpgroups=1, dq_block_n=64,
                             split_columns=True)
