@@ -155,14 +155,7 @@ template <typename T, int D, class A>
 __device__ __forceinline__ void decode_scores(float (&s)[1][2][4], const A& q, u32 sk, int warp, int lane) {
     const int row = warp * 16 + lane % 8 + (lane / 16) * 8;
     const int half = (lane / 8) % 2;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        u32 af[1][4], bf[4];
-        q(af, kk);
-        ldmatrix_x4(bf, sk + RingTile<D>::offset(row, 2 * kk + half));
-        mma_16816<T>(s[0][0], af[0], bf[0], bf[1]);
-        mma_16816<T>(s[0][1], af[0], bf[2], bf[3]);
-    }
+    warp_gemm<T, false, D / 16>(s, q, [=](int kk, int) { return sk + RingTile<D>::offset(row, 2 * kk + half); });
 }
 
 // O (16 rows × DV) += P (16 rows × this warp's 16 keys) · V, V's rows from the swizzled tile at
@@ -172,15 +165,8 @@ __device__ __forceinline__ void decode_values(float (&acc)[1][DV / 8][4], const 
                                               int warp, int lane) {
     const int row = warp * 16 + lane % 8 + ((lane / 8) % 2) * 8;
     const int half = lane / 16;
-    u32 af[1][4];
-    packed_a<T>(s)(af, 0);
-#pragma unroll
-    for (int j = 0; j < DV / 8; j += 2) {
-        u32 bf[4];
-        ldmatrix_x4_trans(bf, sv + RingTile<DV>::offset(row, j + half));
-        mma_16816<T>(acc[0][j], af[0], bf[0], bf[1]);
-        mma_16816<T>(acc[0][j + 1], af[0], bf[2], bf[3]);
-    }
+    warp_gemm<T, true, 1>(acc, packed_a<T>(s),
+                          [=](int, int pair) { return sv + RingTile<DV>::offset(row, 2 * pair + half); });
 }
 
 // This thread's two accumulator rows (g and g + 8 of the tile): their query positions and

@@ -100,9 +100,10 @@ __device__ __forceinline__ PackedA<T, MT, NJ, MARKED> packed_a(const float (&acc
 
 // acc (MT slabs × NJ n8 blocks) += A · B over KSTEPS k16 steps. B comes from shared memory, two n8
 // blocks per ldmatrix.x4 (TRANS_B: .trans, for [k][n] storage; else [n][k]) at lane address
-// b + kk·b_kstep + (j / 2)·b_jstep bytes, each load feeding all MT slabs.
-template <typename T, bool TRANS_B, int KSTEPS, int MT, int NJ, class A>
-__device__ __forceinline__ void warp_gemm(float (&acc)[MT][NJ][4], const A& a, u32 b, int b_kstep, int b_jstep) {
+// b_addr(kk, j / 2) bytes, each load feeding all MT slabs. The address is a function so that a
+// tile with swizzled rows (the decode's ring, flash_decode.cu) shares this loop.
+template <typename T, bool TRANS_B, int KSTEPS, int MT, int NJ, class A, class BAddr>
+__device__ __forceinline__ void warp_gemm(float (&acc)[MT][NJ][4], const A& a, const BAddr& b_addr) {
     static_assert(NJ % 2 == 0, "n8 blocks come in pairs");
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
@@ -112,9 +113,9 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NJ][4], const A& a, u
         for (int j = 0; j < NJ; j += 2) {
             u32 bf[4];
             if constexpr (TRANS_B) {
-                ldmatrix_x4_trans(bf, b + kk * b_kstep + (j / 2) * b_jstep);
+                ldmatrix_x4_trans(bf, b_addr(kk, j / 2));
             } else {
-                ldmatrix_x4(bf, b + kk * b_kstep + (j / 2) * b_jstep);
+                ldmatrix_x4(bf, b_addr(kk, j / 2));
             }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -123,6 +124,12 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NJ][4], const A& a, u
             }
         }
     }
+}
+
+// The same with B in a padded tile: lane address b + kk·b_kstep + (j / 2)·b_jstep bytes.
+template <typename T, bool TRANS_B, int KSTEPS, int MT, int NJ, class A>
+__device__ __forceinline__ void warp_gemm(float (&acc)[MT][NJ][4], const A& a, u32 b, int b_kstep, int b_jstep) {
+    warp_gemm<T, TRANS_B, KSTEPS>(acc, a, [=](int kk, int pair) { return b + kk * b_kstep + pair * b_jstep; });
 }
 
 // One thread's share of an accumulator tile as 16-bit pairs into a padded shared tile of row
