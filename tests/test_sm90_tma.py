@@ -56,9 +56,22 @@ def test_tile_choice_follows_head_dims_and_masks():
     assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 256)).block_n == 80
     # three consumers only unmasked and unmodified: they are compiled within 128 registers
     mask = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
-    for options in (dict(causal=True), dict(window=(64, 0)), dict(softcap=30.0), dict(block_mask=mask)):
+    for options in (dict(softcap=30.0), dict(block_mask=mask), dict(causal=True, softcap=30.0)):
         tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
         assert tiles.consumers == 2 and tiles.block_m == 128, options
+    # a band alone over short rows: one consumer, two blocks per SM; over long rows, two consumers
+    for options in (dict(causal=True), dict(window=(64, 0))):
+        short = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
+        assert (short.consumers, short.block_m, short.threads) == (1, 64, 256), options
+        assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 64, **options))).consumers == 2, options
+
+
+def test_one_consumer_tiles_leave_room_for_a_second_block():
+    """The one-consumer tile is chosen so that two blocks share an SM: both must fit its 228 KB
+    of shared memory (each block also holds 1 KB the GPU reserves)."""
+    tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, causal=True))
+    assert tiles.consumers == 1
+    assert 2 * (tiles.shared_bytes(64, 64) + 1024) <= 228 * 1024
 
 
 def test_persistent_only_for_short_unmasked_rows_at_wide_values():

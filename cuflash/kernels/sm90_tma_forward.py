@@ -1,5 +1,5 @@
 """Launch of the warp-specialised Hopper forward kernel (flash_fwd_sm90_tma.cu: TMA producer
-warpgroup, two wgmma consumer warpgroups, sm_90a) for float16 / bfloat16.
+warpgroup, one to three wgmma consumer warpgroups, sm_90a) for float16 / bfloat16.
 
 Same entry point as ``sm90_forward.forward``; ``supports()`` says whether a call can take this
 path (compute capability 9.0, head dims 32 ≤ D, Dv ≤ 256 in multiples of 32, views TMA can
@@ -59,10 +59,13 @@ class TmaTiles:
 
 
 def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False,
-                    short: bool = False) -> list[TmaTiles]:
+                    short: bool = False, short_band: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
     - D = Dv = 64, `plain` (no mask, no score modifier, no dropout): three consumers taking
       turns (ping-pong), where the softmax dominates;
+    - D = Dv = 64, `short_band` (a causal or window band alone, rows of at most
+      PERSISTENT_MAX_KEYS keys): one consumer, two blocks per SM, so that one block's first
+      softmax and epilogue, a large part of a short banded tile, run under the other's GEMMs;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
       skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys) or for
       `short` rows (at most PERSISTENT_MAX_KEYS keys, where 176 measured slower);
@@ -74,7 +77,8 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     # next shape then.
     if max(d, dv) <= 64:
         three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain else []
-        return three + [TmaTiles(128, 3), TmaTiles(64, 3)]
+        one = [TmaTiles(128, 2, consumers=1)] if short_band else []
+        return three + one + [TmaTiles(128, 3), TmaTiles(64, 3)]
     if _padded(dv) <= 128:
         widths = (128, 64) if banded or exact or short else (176, 128, 64)
     else:
@@ -93,7 +97,10 @@ def tiles_for(spec) -> TmaTiles:
     plain = not (spec.banded or spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi
                  or spec.has_dropout)
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
-    for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short):
+    band_alone = spec.banded and not (spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi
+                                      or spec.has_dropout)
+    for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
+                                 short_band=band_alone and short):
         if tiles.shared_bytes(d, dv) > MAX_SHARED:
             continue
         if spec.block_mask is not None:
@@ -112,8 +119,9 @@ def describe_call(spec) -> str:
     if tiles is None:
         return ""
     return (f"{tiles.block_m}-row query tiles against {tiles.block_n}-key tiles, "
-            f"{tiles.consumers} consumer warpgroups"
+            f"{tiles.consumers} consumer warpgroup{'s' if tiles.consumers > 1 else ''}"
             + (" taking turns" if tiles.pingpong else "")
+            + (", two thread blocks per SM" if tiles.consumers == 1 else "")
             + (", one thread block per SM" if tiles.persistent else ""))
 
 
@@ -202,6 +210,10 @@ def main_variants() -> list[tuple[str, str]]:
     specs += [spec for spec in varlen_spec_grid() + dropout_spec_grid(HEAD_DIMS)
               if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS
               and tiles_for(spec) is not None]
+    # Under a band at D = 64 the tile shape also depends on the row length: longer rows too.
+    longer = 4 * PERSISTENT_MAX_KEYS
+    specs += [dataclasses.replace(spec, shapes=dataclasses.replace(spec.shapes, nq=longer, nk=longer))
+              for spec in specs if spec.banded and spec.shapes.nk <= PERSISTENT_MAX_KEYS]
     # Options the kernel does not template on (a varlen call's GQA, say) give repeats: one each.
     return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs))
 

@@ -1,5 +1,5 @@
 // FlashAttention forward for Hopper (sm_90a), warp-specialised: one producer warpgroup moves Q, K
-// and V with TMA, two or three consumer warpgroups run the wgmma GEMMs and the online softmax.
+// and V with TMA, one to three consumer warpgroups run the wgmma GEMMs and the online softmax.
 //
 // Thread block: 1 + CONSUMERS warpgroups, BLOCK_M = 64·CONSUMERS query rows of one (batch, head).
 //   warpgroup 0, the producer: gives its registers away (setmaxnreg) and one elected thread
@@ -17,7 +17,7 @@
 // A thread block may own several query tiles (index blockIdx.x, + gridDim.x, ... below
 // tile_count): launched with one block per SM it is persistent, and the producer streams the next
 // tile's K and V while the consumers finish the previous one. The Q buffer, which also stages O,
-// is refilled only once both consumers have stored their rows ("q_empty").
+// is refilled only once every consumer has stored its rows ("q_empty").
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -29,6 +29,10 @@
 struct QkvMaps {
     TmaDesc q, k, v;
 };
+
+// One consumer leaves room for a second block on the SM: the two blocks' tiles run out of phase,
+// one's first softmax and epilogue under the other's GEMMs (short rows, where those dominate).
+__host__ __device__ constexpr int tma_forward_blocks_per_sm(int consumers) { return consumers == 1 ? 2 : 1; }
 
 // Shared-memory plan of one thread block (all offsets from a 1024-byte aligned base).
 template <int DP, int DVP, int BLOCK_N, int STAGES, int CONSUMERS_>
@@ -44,9 +48,10 @@ struct TmaForwardLayout {
     static constexpr u32 K_RING = Q_BYTES;
     static constexpr u32 V_RING = K_RING + STAGES * K_STAGE;
     // Registers per thread after the hand-over, within the SM's 64K: 128·24 + 256·240 with two
-    // consumers, 128·24 + 384·160 with three.
+    // consumers, 128·24 + 384·160 with three; with one, two blocks share the SM, each within
+    // 32K: 128·24 + 128·232.
     static constexpr int PRODUCER_REGS = 24;
-    static constexpr int CONSUMER_REGS = CONSUMERS == 2 ? 240 : 160;
+    static constexpr int CONSUMER_REGS = CONSUMERS == 1 ? 232 : CONSUMERS == 2 ? 240 : 160;
 };
 
 // mbarriers: full/empty for the Q buffer and for each K and V buffer.
@@ -365,14 +370,14 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
 
 template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD,
           bool VARLEN = false, bool DROPOUT = false>
-__global__ void __launch_bounds__(128 * (CONSUMERS + 1), 1)
+__global__ void __launch_bounds__(128 * (CONSUMERS + 1), tma_forward_blocks_per_sm(CONSUMERS))
 flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count) {
     constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
     using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, CONSUMERS>;
     static_assert(BLOCK_N == 64 || BLOCK_N == 80 || BLOCK_N == 128 || BLOCK_N == 176,
                   "BLOCK_N must be 64, 80, 128 or 176 (the Q·Kᵀ wgmma widths wrapped)");
     static_assert(DP <= 256 && DVP <= 256, "head dims up to 256");
-    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
+    static_assert(CONSUMERS >= 1 && CONSUMERS <= 3, "one to three consumer warpgroups");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ __align__(8) u64 barrier_words[TmaForwardBarriers<STAGES>::COUNT];
