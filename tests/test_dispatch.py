@@ -150,11 +150,14 @@ def test_gpu_dropout_runs_the_sm80_family(monkeypatch):
 def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkeypatch, d, causal):
     """On a fake compute-capability 9.0 device the default backward forms dQ inside the dK/dV
     kernel (float32 adds into the accumulator flash_bwd_pre zeroes, then the cast of its fragment
-    order): no dq kernel. deterministic=True runs the dq kernel and has no accumulator."""
+    order): no dq kernel. deterministic=True with CUFLASH_SM90_ORDERED_DQ=0 runs the dq kernel and
+    has no accumulator."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
-    from cuflash.kernels import _launch
+    from cuflash.kernels import ORDERED_DQ_ENV, _launch
+
+    monkeypatch.setenv(ORDERED_DQ_ENV, "0")
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     q, k, v, out, dout = (device.empty((1, 2, 256, d), ml_dtypes.bfloat16) for _ in range(5))
@@ -181,11 +184,11 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
 
 
 @pytest.mark.parametrize("d, window", [(64, (-1, -1)), (128, (-1, 0)), (128, (40, 7))])
-def test_ordered_dq_switch_fuses_dq_for_deterministic_calls(monkeypatch, d, window):
-    """CUFLASH_SM90_ORDERED_DQ=1: deterministic calls form dQ in the warp-specialised dK/dV
-    kernel with ordered adds (its last flag), their semaphores zeroed by flash_bwd_pre (its last
-    flag) in a workspace 4 bytes per 32 rows larger than the default's; default calls, block
-    masks and the cp.async kernel are as without the switch."""
+def test_deterministic_calls_fuse_dq_with_ordered_adds(monkeypatch, d, window):
+    """Deterministic calls form dQ in the warp-specialised dK/dV kernel with ordered adds (its
+    last flag), their semaphores zeroed by flash_bwd_pre (its last flag) in a workspace 4 bytes
+    per 32 rows larger than the default's; default calls are unchanged; block masks, the cp.async
+    kernel and CUFLASH_SM90_ORDERED_DQ=0 take the dQ kernel instead."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -204,8 +207,9 @@ def test_ordered_dq_switch_fuses_dq_for_deterministic_calls(monkeypatch, d, wind
         cuflash.attention_backward(dout, q, k, v, out, lse, window=window, **options)
         return [x[0] for x in device.take_launches()]
 
-    default = sequence()
-    monkeypatch.setenv(ORDERED_DQ_ENV, "1")
+    monkeypatch.setenv(ORDERED_DQ_ENV, "0")
+    default, two_kernels = sequence(), sequence(deterministic=True)
+    monkeypatch.delenv(ORDERED_DQ_ENV)
     assert sequence() == default  # calls that need no order are unchanged
     ordered = sequence(deterministic=True)
     assert [x.split("<")[0] for x in ordered] == [
@@ -213,11 +217,12 @@ def test_ordered_dq_switch_fuses_dq_for_deterministic_calls(monkeypatch, d, wind
     assert ordered[0] == default[0][:-1] + ", false, true>"  # VARLEN false, ZERO_SEMS true
     assert ordered[1] == default[1][:-1] + ", true>"        # ORDERED_DQ after ATOMIC_DQ
     assert ordered[2] == default[2]
-    fused, with_semaphores = workspaces[-3], workspaces[-1]
+    fused, with_semaphores = workspaces[-2], workspaces[-1]
     assert with_semaphores.accum == fused.accum and fused.semaphores == 0
     assert with_semaphores.semaphores == with_semaphores.rows // 32 == 2 * 4 * 384 // 32
     assert "in key-tile order" in cuflash.kernel_plan(q, k, v, window=window,
                                                       deterministic=True).backward.detail
+    assert two_kernels[-1].startswith("flash_bwd_sm90_dq<")
 
     mask = BlockMask.from_dense(np.ones((3, 3), bool), block_size=128, shape=(320, 320))
     assert cuflash.kernel_plan(q, k, v, block_mask=mask, deterministic=True).backward.detail == (
@@ -240,12 +245,16 @@ def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
     assert "  runs 192-row query tiles" in str(plan)
     fused = ("the warp-specialised dK/dV kernel forming dQ too (float32 adds in any order: "
              "not bit-identical run to run)")
+    ordered = ("the warp-specialised dK/dV kernel forming dQ too, its float32 adds in key-tile order "
+               "(bit-identical run to run)")
     ws_two_kernels = "a warp-specialised dK/dV kernel, then a dQ kernel (bit-identical run to run)"
     two_kernels = "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
     assert plan.backward.detail == fused
-    assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == ws_two_kernels
+    assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == ordered
     wide = device.empty((1, 2, 128, 128), ml_dtypes.bfloat16)
     assert cuflash.kernel_plan(wide, wide, wide, causal=True).backward.detail == fused
+    widest = device.empty((1, 2, 128, 256), ml_dtypes.bfloat16)  # no fused dQ past 128 columns
+    assert cuflash.kernel_plan(widest, widest, widest, deterministic=True).backward.detail == ws_two_kernels
 
     device = FakeDevice(monkeypatch, compute_capability="80")
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)

@@ -99,8 +99,8 @@ def test_forward_parameters_are_the_bytes_cupy_would_send(monkeypatch, twice, ca
 
 
 BACKWARD_CASES = {"sm90-ws": ("90", {}, {}), "sm90-cp-async": ("90", {}, {"CUFLASH_SM90_BWD_WS": "0"}),
-                  "sm90-deterministic": ("90", dict(deterministic=True), {}),
-                  "sm90-ordered-dq": ("90", dict(deterministic=True), {"CUFLASH_SM90_ORDERED_DQ": "1"}),
+                  "sm90-ordered-dq": ("90", dict(deterministic=True), {}),
+                  "sm90-dq-kernel": ("90", dict(deterministic=True), {"CUFLASH_SM90_ORDERED_DQ": "0"}),
                   "sm80-mma": ("80", {}, {}), "sm80-deterministic": ("80", dict(deterministic=True), {})}
 
 

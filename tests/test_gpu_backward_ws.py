@@ -178,14 +178,14 @@ ORDERED_CASES = [dict(d=64), dict(d=128, causal=True), dict(d=64, causal=True, b
 
 @pytest.mark.parametrize("options", ORDERED_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_ordered_dq_is_exact_and_bit_identical(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, options):
-    """CUFLASH_SM90_ORDERED_DQ=1: deterministic calls form dQ in the warp-specialised kernel with
-    the adds of each dQ tile in key-tile order: within the rule of the float64 oracle, and the
-    same bits on 50 reruns."""
+    """Deterministic calls form dQ in the warp-specialised kernel with the adds of each dQ tile
+    in key-tile order (their dQ writer waiting on the tile's semaphore): within the rule of the
+    float64 oracle, and the same bits on 50 reruns."""
     from cuflash import kernels
 
     if dkdv_kernel != "warp-specialised":
         pytest.skip("ordered adds: the warp-specialised kernel only")
-    monkeypatch.setenv(kernels.ORDERED_DQ_ENV, "1")
+    monkeypatch.delenv(kernels.ORDERED_DQ_ENV, raising=False)
     options = dict(dict(nq=1000), **options)
     xp = xp_gpu
     b, hq, nq, d = options.pop("b", 1), options.pop("hq", 4), options.pop("nq"), options.pop("d")

@@ -44,6 +44,15 @@ def _dense(rng):
     _dense_cases(rng, (("bfloat16", 64, False), ("bfloat16", 128, False), ("bfloat16", 128, True),
                        ("float16", 96, False), ("bfloat16", 40, False), ("float32", 64, False)))
 
+    # A causal band alone over short rows: the Hopper forward's one-consumer tile (two thread
+    # blocks per SM), and the backward's dQ writer in both modes.
+    q, k, v, dout = _arrays(rng, ml_dtypes.bfloat16, 1, 2, 1, 150, 64)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    for deterministic in (False, True):
+        cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=deterministic)
+    cupy.cuda.Device().synchronize()
+    print("ran bfloat16 D=64 sm90=on causal (one-consumer forward)", flush=True)
+
     # More query tiles than SMs, unmasked and short: the Hopper forward's persistent walk, where
     # a thread block refills its Q buffer and runs its K/V ring on from one tile to the next.
     os.environ[kernels.DISABLE_HOPPER_ENV] = "0"

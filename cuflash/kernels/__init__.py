@@ -26,8 +26,8 @@ from .. import _checks
 # Set to 1 to pass over the Hopper (sm_90a) families (comparison, debugging).
 DISABLE_HOPPER_ENV = "CUFLASH_DISABLE_SM90"
 WARP_SPECIALISED_BACKWARD_ENV = "CUFLASH_SM90_BWD_WS"  # 0: the cp.async dK/dV kernel, not the warp-specialised one (sm90_backward)
-# 1: deterministic Hopper backward calls take the fused dQ with ordered adds (sm90_backward.ordered_dq),
-# not the dQ kernel; not the default until it has been run and measured on a GPU.
+# 0: deterministic Hopper backward calls take the dQ kernel, not the fused dQ with ordered adds
+# (sm90_backward.ordered_dq, the default where it fits), for comparison.
 ORDERED_DQ_ENV = "CUFLASH_SM90_ORDERED_DQ"
 
 

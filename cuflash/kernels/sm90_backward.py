@@ -18,17 +18,17 @@ lse, padded rows):
   any order. Scratch is that of the mma path's default, ``mma_backward.workspace_bytes``: lse2,
   Delta and the accumulator, 4·D bytes per query row and head (256 MiB at B = 1, Hq = 16,
   Nq = 64K, D = 64), with D the tile's head dim (128 at D = 96).
-- ``deterministic=True``: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq`` (dQ, with S
-  and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two blocks, so
-  results are bit-identical from run to run; scratch is lse2 and Delta only.
+- ``deterministic=True`` where ``ordered_dq`` says (warp-specialised kernel, no block-sparse or
+  exact mask): the first sequence with the fused dQ's adds in key-tile order (flash_bwd_sm90.cu,
+  ORDERED_DQ: one semaphore per 32 scratch rows, zeroed by flash_bwd_pre), bit-identical run to
+  run with five GEMMs per tile pair. Scratch: the default's plus 4 bytes per 32 query rows and
+  head.
+- other ``deterministic=True`` calls: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq``
+  (dQ, with S and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two
+  blocks, so results are bit-identical from run to run; scratch is lse2 and Delta only.
 Calls the fused dQ cannot take (``fused_dq_pays``: D = 64 with 64-row query tiles, the dropout
 tiles, which it cannot deal out; packed sequences at D = 64) run the deterministic sequence
 whatever ``deterministic`` says.
-- ``deterministic=True`` with CUFLASH_SM90_ORDERED_DQ=1 (``ordered_dq``; correct on an H200 but
-  slower than the dQ kernel where it counts, so not the default: benchmarks/NOTES.md, b7): the first sequence with the fused dQ's adds in key-tile order
-  (flash_bwd_sm90.cu, ORDERED_DQ: one semaphore per 32 scratch rows, zeroed by flash_bwd_pre),
-  bit-identical run to run with five GEMMs per tile pair; warp-specialised kernel, no block-sparse
-  or exact mask. Scratch: the default's plus 4 bytes per 32 query rows and head.
 
 The dK/dV kernel is ``flash_bwd_sm90_dkdv_ws`` wherever it fits (``producer_fits``, views TMA can
 describe): a TMA producer warpgroup feeds two consumer warpgroups through mbarriers.
@@ -98,11 +98,11 @@ class Sm90BwdTiles:
 
     def dkdv_shared_bytes(self, d: int, *, atomic_dq: bool = False) -> int:
         # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile and the staging floats of its dQ
-        # parts, 64 rows per warpgroup,) two stages of lse2 + Delta, (two scratch-row indices,)
-        # 1 KB for the 1024-byte alignment.
+        # parts, 64 rows per warpgroup,) two stages of lse2 + Delta, (two scratch-row indices and
+        # the dQ writer's tile header,) 1 KB for the 1024-byte alignment.
         # Split columns: the Pᵀ and dSᵀ tiles instead of the fused dQ's.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
-        fused = 2 * bn * bm + self.dkdv_warpgroups * 64 * self.fused_dq_columns(d) * 4 + 16
+        fused = 2 * bn * bm + self.dkdv_warpgroups * 64 * self.fused_dq_columns(d) * 4 + 32
         transposed = 2 * (2 * bn * bm) if self.split_columns else 0
         return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + transposed + 4 * 4 * bm + 1024
 
@@ -166,11 +166,12 @@ def ordered_dq_fits(spec, tiles: Sm90BwdTiles) -> bool:
 
 def ordered_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
     """Whether a ``deterministic`` call takes the fused dQ with ordered adds instead of the dQ
-    kernel: only when CUFLASH_SM90_ORDERED_DQ=1 asks for it (opt-in: 0.58-0.82x the default on an H200), the dK/dV
-    kernel runs warp-specialised and ``ordered_dq_fits``."""
+    kernel: where the dK/dV kernel runs warp-specialised and ``ordered_dq_fits`` (0.85-1.01x the
+    default's backward on an H200, against 0.77-0.95x for the dQ kernel: benchmarks/NOTES.md,
+    "the dQ writer"), unless CUFLASH_SM90_ORDERED_DQ=0 asks for the dQ kernel."""
     from . import ORDERED_DQ_ENV
 
-    return (spec.deterministic and producer and os.environ.get(ORDERED_DQ_ENV) == "1"
+    return (spec.deterministic and producer and os.environ.get(ORDERED_DQ_ENV) != "0"
             and ordered_dq_fits(spec, tiles))
 
 
@@ -184,7 +185,7 @@ def describe_call(spec) -> str:
         return f"the {dkdv} forming dQ too (float32 adds in any order: not bit-identical run to run)"
     if ordered_dq(spec, tiles, producer):
         return (f"the {dkdv} forming dQ too, its float32 adds in key-tile order (bit-identical run "
-                f"to run; CUFLASH_SM90_ORDERED_DQ=1)")
+                f"to run)")
     return f"a {dkdv}, then a dQ kernel (bit-identical run to run)"
 
 

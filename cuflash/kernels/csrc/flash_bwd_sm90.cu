@@ -39,15 +39,17 @@
 // ATOMIC_DQ: the dK/dV kernel also forms dQ, so the dq kernel is not launched: five GEMMs per
 // tile pair instead of seven. Each warpgroup writes its dSᵀ (bf16/f16) into a shared tile, and
 // after a barrier the block's dS (query rows × all BLOCK_N keys) times K lands in registers, one
-// 64-row by DQ_N-column part per warpgroup. Each warp stages its 16 rows of it in shared memory
-// and hands them to the TMA unit as one bulk float32 reduce-add into flash_bwd.cu's dQ
-// accumulator (zeroed by flash_bwd_pre, cast by flash_bwd_dq_convert), which keeps the order of
-// the warp's accumulator fragments (schedule.cuh, dq_fragment_offset) so that the warp's part is
-// one contiguous run: an 8-byte red.global.add per thread and pair cost an L2 request per 32-byte
-// sector (1,536 per tile pair at D = 128), and a bulk reduce-add per row (row-major
-// accumulator) cost 16 serialised issues per warp and tile. Float adds from several blocks in any
-// order: not bit-identical run to run, so deterministic calls take the dq kernel, unless
-// ORDERED_DQ (below, warp-specialised kernel, dense and banded masks) orders the adds.
+// 64-row by DQ_N-column part per warpgroup. Each warp stages its 16 rows of it in shared memory,
+// and the TMA unit adds them as bulk float32 reduce-adds into flash_bwd.cu's dQ accumulator
+// (zeroed by flash_bwd_pre, cast by flash_bwd_dq_convert), which keeps the order of the warps'
+// accumulator fragments (schedule.cuh, dq_fragment_offset) so that a warp's part, and a whole
+// tile's, is one contiguous run: an 8-byte red.global.add per thread and pair cost an L2 request
+// per 32-byte sector (1,536 per tile pair at D = 128), and a bulk reduce-add per row (row-major
+// accumulator) cost 16 serialised issues per warp and tile. In the cp.async kernel each warp
+// issues its own add; in the warp-specialised one a writer warp adds the whole tile
+// (write_dq_parts). Float adds from several blocks in any order: not bit-identical run to run,
+// so deterministic calls take the dq kernel, unless ORDERED_DQ (warp-specialised kernel, dense
+// and banded masks) orders the adds.
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -73,9 +75,11 @@ struct FusedDq {
     __device__ static u64 ds_desc(u32 sds, int wg) { return sw128_desc(sds + (row0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
     // B = K read MN-major (K = keys, N = head-dim columns), from box col0 / 64 on.
     __device__ static u64 k_desc(u32 sk, int wg) { return sw128_desc(sk + (col0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
-    // Staging floats of the part in shared memory, 16 rows by N columns per warp, in the
-    // accumulator's order (dq_fragment_offset).
+    // Staging floats of the tile's dQ in shared memory, in the accumulator's order
+    // (dq_fragment_offset): a warp's 16 rows by N columns are one contiguous run, and the
+    // tile's runs lie as in the accumulator, so that the whole tile is one run too.
     static constexpr int STAGE_BYTES = WG * 64 * N * 4;
+    __device__ static u32 stage_offset(int wg, int warp) { return 4 * (u32)dq_fragment_offset(row0(wg) + 16 * warp, col0(wg), D); }
 };
 
 // A warp's dSᵀ (or Pᵀ) fragments (the A operands `df` of dK += dSᵀ Q: keys `row` and row + 8,
@@ -96,14 +100,9 @@ __device__ __forceinline__ void store_ds_transposed(u32 sds, const u32 (&df)[KM]
 }
 
 // A warp's 16 rows of an m64nN float32 accumulator (NB blocks of 8 columns; this thread's rows
-// g and g + 8) added into the dQ accumulator's run that starts at `dst` (dq_fragment_offset of
-// the warp's first row and the part's first column), through `stage` (the warp's 16·8·NB staging
-// floats, in the same order): one bulk reduce-add, from lane 0. Lane 0 first waits until its
-// previous one has read the staging floats, so they may be rewritten.
+// g and g + 8) into its staging floats at `stage`, in the accumulator's order.
 template <int NB>
-__device__ __forceinline__ void add_part_by_bulk(float* dst, u32 stage, const float (&x)[NB][4], int lane) {
-    if (lane == 0) bulk_wait_read();
-    __syncwarp();
+__device__ __forceinline__ void stage_part(u32 stage, const float (&x)[NB][4], int lane) {
 #pragma unroll
     for (int j = 0; j < NB; ++j)
 #pragma unroll
@@ -112,6 +111,17 @@ __device__ __forceinline__ void add_part_by_bulk(float* dst, u32 stage, const fl
                          ::"r"(stage + ((2 * j + half) * 32 + lane) * 8),
                          "f"(x[j][2 * half]), "f"(x[j][2 * half + 1])
                          : "memory");
+}
+
+// The same, added into the dQ accumulator's run that starts at `dst` (dq_fragment_offset of
+// the warp's first row and the part's first column), through `stage` (the warp's 16·8·NB staging
+// floats, in the same order): one bulk reduce-add, from lane 0. Lane 0 first waits until its
+// previous one has read the staging floats, so they may be rewritten.
+template <int NB>
+__device__ __forceinline__ void add_part_by_bulk(float* dst, u32 stage, const float (&x)[NB][4], int lane) {
+    if (lane == 0) bulk_wait_read();
+    __syncwarp();
+    stage_part<NB>(stage, x, lane);
     fence_proxy_async_shared();
     __syncwarp();
     if (lane == 0) {
@@ -120,51 +130,52 @@ __device__ __forceinline__ void add_part_by_bulk(float* dst, u32 stage, const fl
     }
 }
 
-// The order in which key tiles add their parts into one dQ tile. Unordered: as the blocks get
-// there, so the float sums differ from run to run. Ordered (ORDERED_DQ): the key tile whose rank
-// among those that visit the dQ tile is r (schedule.cuh, key_tile_rank) adds its part after the r
-// before it have landed, so the sums are bit-identical run to run. The tile's semaphore
-// (schedule.cuh, dq_semaphore) counts the parts that have landed: the block's leader waits for it
-// to reach the rank before the block's warps add, and adds 1 once every warp's reduce-add has
-// completed (OrderedDqAdds: at its next tile). The grid launches key tiles in the order of their
-// ranks (schedule.cuh, kv_tile_of_block), so a block waits only on blocks launched before it; the
-// rank-0 block of every dQ tile never waits. Under a mask bounded on the right (causal, a window's
-// right side) the order is descending (schedule.cuh, key_tile_rank), so that key tiles arrive at a
-// query tile in their order and rarely wait. A wait that lasts a quarter of a second can only be a
-// rank the semaphore never reaches (the tile walks and key_tile_rank disagreeing): the block then
-// adds unordered (wait_until_equal_gpu gives up), so that such a bug shows as gradients that differ
-// from run to run, the tests' check, rather than as a hung GPU.
-struct UnorderedDqAdds {
-    __device__ __forceinline__ void settle(int) const {}
-    __device__ __forceinline__ void release_previous(bool) const {}
-    __device__ __forceinline__ void before(bool) const {}
+// Where a warp's part of the fused dQ goes. DqPartsByWarp (the cp.async dK/dV kernel): the warp
+// adds it itself (add_part_by_bulk). DqPartsToWriter (the warp-specialised kernel): the warp
+// stages it once the writer has read the previous tile's staging floats ("dq_empty"), and
+// arrives on "dq_full"; the producer warpgroup's writer warp adds the whole tile
+// (write_dq_parts), so that no consumer waits on a reduce-add or on another block's turn.
+struct DqPartsByWarp {
+    template <int NB>
+    __device__ __forceinline__ void add(float* dst, i64, u32 stage, const float (&x)[NB][4], int lane) const {
+        add_part_by_bulk<NB>(dst, stage, x, lane);
+    }
 };
-// `previous`: the semaphore of the tile the block added to last (null before its first), released
-// only at the next tile, once every warp's reduce-add into it has landed: waiting for that
-// right after the adds would stall each warp for the reduce-add's round trip on every tile.
-struct OrderedDqAdds {
-    int* semaphore;
+// What the writer needs of a staged tile, written by the first consumer thread beside the
+// staging floats: the tile's first scratch row (−1: no more tiles) and (ordered adds) this key
+// tile's rank there. The writer reads it after "dq_full", before "dq_empty".
+struct DqTileHeader {
+    i64 row;
     int rank;
-    int* previous;
-    __device__ __forceinline__ void settle(int lane) const {
-        if (previous && lane == 0) bulk_wait();  // the previous tile's reduce-add has landed
+};
+__device__ __forceinline__ void write_dq_header(u32 header, i64 row, int rank) {
+    asm volatile("st.shared.b64 [%0], %1;\n st.shared.b32 [%0 + 8], %2;\n" ::"r"(header), "l"(row), "r"(rank)
+                 : "memory");
+}
+// (The consumers' registers are few: the policy keeps shared addresses, and "dq_empty" is the
+// mbarrier after "dq_full".)
+struct DqPartsToWriter {
+    u32 full;    // mbarrier: every consumer warp's part staged; full + 8: the staging floats read
+    u32 tiles;   // (the parity of) the query tiles this block has staged before this one
+    u32 header;  // the DqTileHeader's shared address
+    int rank;
+    template <int NB>
+    __device__ __forceinline__ void add(float*, i64 tile_row, u32 stage, const float (&x)[NB][4], int lane) const {
+        mbar_wait(full + 8, (tiles & 1) ^ 1);
+        if (threadIdx.x == 128) write_dq_header(header, tile_row, rank);
+        stage_part<NB>(stage, x, lane);
+        fence_proxy_async_shared();  // the staging stores come before the writer's bulk read
+        __syncwarp();
+        if (lane == 0) mbar_arrive(full);
     }
-    __device__ __forceinline__ void release_previous(bool leader) const {
-        if (leader && previous) red_release_gpu_add(previous, 1);
-    }
-    __device__ __forceinline__ void before(bool leader) const {
-        if (leader) wait_until_equal_gpu(semaphore, rank);
+    // After the block's last tile: the header that ends the writer's loop.
+    __device__ __forceinline__ void finish(int lane) const {
+        mbar_wait(full + 8, (tiles & 1) ^ 1);
+        if (threadIdx.x == 128) write_dq_header(header, -1, 0);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(full);
     }
 };
-template <bool ORDERED, int BLOCK_M, int BLOCK_N, class MASK>
-__device__ __forceinline__ auto dq_adds(const BwdArgs& a, const MASK& mask, i64 scratch_row, int h, int m_tile,
-                                        int n_tile, int* previous) {
-    if constexpr (ORDERED)
-        return OrderedDqAdds{dq_semaphore(a, scratch_row),
-                             key_tile_rank<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles, n_tile), previous};
-    else
-        return UnorderedDqAdds{};
-}
 
 // ---------------------------------------------------------------------------------------------
 // What every dK/dV kernel's shared-memory plan starts with (all offsets from a 1024-byte aligned
@@ -200,6 +211,7 @@ struct DkdvSmem : DkdvStages<D, WG * 64, BLOCK_M> {
         return (ATOMIC_DQ ? sdq() + DQ::STAGE_BYTES : sds()) + stage * 2 * BLOCK_M * 4;
     }
     __device__ __forceinline__ u32 scratch_row(int stage) const { return rows(2) + stage * 8; }
+    __device__ __forceinline__ u32 dq_header() const { return scratch_row(2); }  // DqTileHeader
 };
 
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 keys × N queries each), issued as two commit groups: A = 64 rows
@@ -223,15 +235,15 @@ __device__ __forceinline__ void issue_transposed_scores(float (&s)[N / 2], float
 // Pᵀ and dSᵀ, dV += Pᵀ dO and dK += dSᵀ Q into the accumulators and (ATOMIC_DQ) this
 // warpgroup's part of dS K added into the float32 dQ accumulator. `stage` picks the Q / dO
 // buffer and its lse2, Delta and scratch rows. `sync(id)` waits for every consumer thread of the
-// block under named barrier `id` (the dSᵀ tile is shared by the warpgroups); `adds` orders the
-// dQ part's adds (UnorderedDqAdds or OrderedDqAdds).
+// block under named barrier `id` (the dSᵀ tile is shared by the warpgroups); `parts` takes the
+// warp's part of dQ (DqPartsByWarp or DqPartsToWriter).
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT, bool ATOMIC_DQ, class Sync,
-          class Adds = UnorderedDqAdds>
+          class Parts = DqPartsByWarp>
 __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
                                                 const DropoutMask& drop, const DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>& sm,
                                                 int wg, int stage, int m0, int n0, int slot,
                                                 float (&dk_acc)[D / 2], float (&dv_acc)[D / 2], Sync sync,
-                                                const Adds& adds = Adds{}) {
+                                                const Parts& parts = Parts{}) {
     constexpr int BLOCK_N = WG * 64;
     constexpr int CT = BLOCK_M / 8;  // 8-column blocks of Sᵀ
     constexpr int KM = BLOCK_M / 16;  // k16 steps over the query tile
@@ -310,14 +322,10 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         wgmma_rs<T, D, 1>(dk_acc, df[kk], desc_q_mn + ((u32)(kk * 2048) >> 4), 1);
     wgmma_commit();
     if constexpr (ATOMIC_DQ) {  // dSᵀ into shared memory while dK runs
-        const bool leader = wg == 0 && threadIdx.x % 128 == 0;
-        adds.settle(lane);
-        sync(2);  // every warpgroup's dQ part of the previous tile has read the dSᵀ tile (and landed)
-        adds.release_previous(leader);
+        sync(2);  // every warpgroup's dQ part of the previous tile has read the dSᵀ tile
         store_ds_transposed<BLOCK_N, KM>(sm.sds(), df, (wg * 4 + warp) * 16 + g, t);
         fence_proxy_async_shared();
-        adds.before(leader);
-        sync(1);  // both warpgroups' dSᵀ stored (and the earlier key tiles' parts added)
+        sync(1);  // both warpgroups' dSᵀ stored
     }
     wgmma_wait<0>();
     // The register operands stay untouched until the products that read them have landed.
@@ -339,9 +347,10 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         // The accumulator's rows are D floats here (the host sets a.dqk to the tile's D). The
         // tile's first scratch row is kept in shared memory, not in a register through the tile
         // (the kernel has none to spare).
-        const i64 r = *sm.template at<const i64>(sm.scratch_row(stage)) + DQ::row0(wg) + warp * 16;
-        add_part_by_bulk<DQ::N / 8>(a.dq_accum + dq_fragment_offset(r, DQ::col0(wg), D),
-                                    sm.sdq() + (wg * 4 + warp) * 16 * DQ::N * 4, as_blocks<DQ::N / 8>(dq), lane);
+        const i64 tile_row = *sm.template at<const i64>(sm.scratch_row(stage));
+        const i64 r = tile_row + DQ::row0(wg) + warp * 16;
+        parts.add(a.dq_accum + dq_fragment_offset(r, DQ::col0(wg), D), tile_row,
+                  sm.sdq() + DQ::stage_offset(wg, warp), as_blocks<DQ::N / 8>(dq), lane);
     }
 }
 
@@ -569,13 +578,58 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     reg_fence(dk_acc);
 }
 
+// The warp-specialised kernel's dQ writer (one elected thread of the producer warpgroup's second
+// warp): per visited query tile, once every consumer warp has staged its part ("dq_full"), the
+// tile's BLOCK_M × D floats go into the accumulator as one bulk reduce-add (the staging floats lie
+// in the accumulator's order), and "dq_empty" is signalled as soon as the TMA unit has read them.
+// The tile's first scratch row and rank come from the consumers' header (DqTileHeader), which also
+// ends the loop: the writer runs within the producer's 24 registers, with no walk of its own.
+// ORDERED (bit-identical sums run to run): the key tile whose rank among those that visit the dQ
+// tile is r (schedule.cuh, key_tile_rank) adds its part after the r before it have landed. The
+// tile's semaphore (schedule.cuh, dq_semaphore) counts the parts that have landed: the writer
+// waits for it to reach the rank before its add, and adds 1 as soon as the add has completed.
+// That round trip is the writer's, off the consumers' path; releasing the tile one tile later
+// instead (so that the writer never waits on it) made each key tile start about two tile-steps
+// after the one before it, and measured 0.66-0.81x the default's backward at N <= 8K, against
+// 0.85-1.01x this way (benchmarks/NOTES.md). The grid launches key tiles in the order of their
+// ranks (kv_tile_of_block), so a block waits only on blocks launched before it (its consumers
+// wait on its writer through "dq_empty"); the rank-0 block of every dQ tile never waits. A wait
+// that lasts a quarter of a second can only be a rank the semaphore never reaches (the tile
+// walks and key_tile_rank disagreeing): the writer then adds unordered (wait_until_equal_gpu
+// gives up), so that such a bug shows as gradients that differ from run to run, the tests'
+// check, rather than as a hung GPU.
+template <bool ORDERED, int D, int BLOCK_M>
+__device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile DqTileHeader* header, u32 sdq,
+                                               u32 full, u32 empty) {
+    for (u32 tiles = 0;; ++tiles) {
+        mbar_wait(full, tiles & 1);
+        const i64 r = header->row;
+        if (r < 0) break;
+        int* semaphore = nullptr;
+        if constexpr (ORDERED) {
+            semaphore = dq_semaphore(a, r);
+            wait_until_equal_gpu(semaphore, header->rank);
+        }
+        bulk_reduce_add_f32(a.dq_accum + r * D, sdq, BLOCK_M * D * 4);
+        bulk_commit();
+        bulk_wait_read();
+        mbar_arrive(empty);
+        if constexpr (ORDERED) {
+            bulk_wait();
+            red_release_gpu_add(semaphore, 1);
+        }
+    }
+    bulk_wait();
+}
+
 // ---------------------------------------------------------------------------------------------
 // The same, warp-specialised (dense calls): warpgroup 0 is a producer whose one elected thread
 // loads K and V once and each query tile's Q and dO (TMA, 128-byte swizzled boxes, zeros past
 // the tensor's end) and lse2 and Delta rows (bulk copies) into two stages guarded by mbarriers;
 // warpgroups 1..WG are the consumers, with the producer's registers (setmaxnreg). Consumers
-// release a stage after its last read; no block-wide barrier runs in the loop. ORDERED_DQ: the
-// fused dQ's adds in key-tile order (OrderedDqAdds; dense and banded masks). D = 256: the two
+// release a stage after its last read; no block-wide barrier runs in the loop. ATOMIC_DQ: the
+// producer warpgroup's second warp is the dQ writer (write_dq_parts); ORDERED_DQ: its adds in
+// key-tile order (dense and banded masks). D = 256: the two
 // consumers split one 64-key tile's columns (dkdv_split_query_tile), without the fused dQ,
 // dropout or exact masks.
 struct BwdMaps {
@@ -599,11 +653,13 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     static_assert(!ATOMIC_DQ || FusedDq<D, WG, BLOCK_M>::N >= 64, "fused dQ needs parts of at least 64 columns");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    // mbarriers: K and V in; each stage's Q, dO, lse2, Delta in; each stage free again.
-    __shared__ __align__(8) u64 barrier_words[5];
+    // mbarriers: K and V in; each stage's Q, dO, lse2, Delta in; each stage free again;
+    // (ATOMIC_DQ) every consumer warp's dQ part staged, the staging floats read by the writer.
+    __shared__ __align__(8) u64 barrier_words[7];
     const u32 kv_full = smem_addr(barrier_words);
     auto full = [&](int stage) { return kv_full + 8 * (1 + stage); };
     auto empty = [&](int stage) { return kv_full + 8 * (3 + stage); };
+    const u32 dq_full = kv_full + 8 * 5, dq_empty = dq_full + 8;  // DqPartsToWriter's order
     const SM sm(smem_raw);
     if (threadIdx.x == 0) {
         mbar_init(kv_full, 1);
@@ -611,21 +667,36 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             mbar_init(full(stage), 1);
             mbar_init(empty(stage), WG);
         }
+        mbar_init(dq_full, WG * 4);
+        mbar_init(dq_empty, 1);
         mbar_init_fence();
     }
     __syncthreads();
 
-    const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>(),
-                                         ORDERED_DQ && !descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads);
+    const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
     const Sequence seq = sequence_of<false>(a, b);
     const MASK mask(a, seq.nq, seq.nk);
-    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> walk(mask, a, n_tile, hk, a.m_tiles);
+    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> block_walk(mask, a, n_tile, hk, a.m_tiles);
 
     if (threadIdx.x < 128) {
         release_registers<24>();
-        if (threadIdx.x >= 32 || !elect_one_lane() || !walk.valid()) return;
+        if constexpr (ATOMIC_DQ && !SPLIT) {
+            if (threadIdx.x / 32 == 1) {
+                if (elect_one_lane())
+                    write_dq_parts<ORDERED_DQ, D, BLOCK_M>(a, sm.template at<const DqTileHeader>(sm.dq_header()),
+                                                           sm.sdq(), dq_full, dq_empty);
+                return;
+            }
+        }
+        if (threadIdx.x >= 32 || !elect_one_lane()) return;
+        // Beside the writer, the producer builds its walk anew within its 24 registers: the
+        // consumers' one (above), live across the hand-over, would not fit there with the
+        // writer's. Without the writer, building it here would not fit.
+        auto walk = ATOMIC_DQ ? QueryTileWalk<BLOCK_M, BLOCK_N, MASK>(MASK(a, seq.nq, seq.nk), a, n_tile, hk, a.m_tiles)
+                              : block_walk;
+        if (!walk.valid()) return;
         tma_prefetch_desc(&maps.q);
         tma_prefetch_desc(&maps.dout);
         mbar_arrive_expect_bytes(kv_full, 2 * SM::KV_BYTES);
@@ -658,9 +729,9 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     float dk_acc[ACC], dv_acc[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    auto walk = block_walk;
     if (walk.valid()) mbar_wait(kv_full, 0);
     RingSlot<2> slot;
-    int* last_added = nullptr;  // ORDERED_DQ: the semaphore of the tile this block added to last
     for (; walk.valid(); walk.next(), slot.advance()) {
         const MOD mod(a, b, walk.h, seq.nq, seq.nk);
         const DropoutMask drop(a, b, walk.h);
@@ -670,26 +741,19 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             dkdv_split_query_tile<T, D, MASK, MOD>(a, mask, mod, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(),
                                                    dk_acc, dv_acc);
         } else {
-            const auto adds = dq_adds<ORDERED_DQ, BLOCK_M, BLOCK_N>(
-                a, mask, scratch_offset<false>(a, seq, b, walk.h) + m_tile * BLOCK_M, walk.h, m_tile, n_tile,
-                last_added);
+            int rank = 0;
+            if constexpr (ORDERED_DQ) rank = key_tile_rank<BLOCK_M, BLOCK_N>(mask, m_tile, walk.h, a.m_tiles, n_tile);
             dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                 a, mask, mod, drop, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
-                [](int id) { named_barrier(id, CONSUMERS); }, adds);
-            if constexpr (ORDERED_DQ) last_added = adds.semaphore;
+                [](int id) { named_barrier(id, CONSUMERS); },
+                DqPartsToWriter{dq_full, (u32)slot.stage, sm.dq_header(), rank});  // stage = tiles % 2
         }
         // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
         // the scratch row): only then may its leader release it.
         named_barrier(3 + wg, 128);
         if (threadIdx.x % 128 == 0) mbar_arrive(empty(slot.stage));
     }
-    if constexpr (ATOMIC_DQ) {
-        if (threadIdx.x % 32 == 0) bulk_wait();  // the staging floats stay until the last reduce-add is done
-    }
-    if constexpr (ORDERED_DQ) {  // the last tile's adds have landed in every warp: release it
-        named_barrier(1, CONSUMERS);
-        OrderedDqAdds{nullptr, 0, last_added}.release_previous(wg == 0 && threadIdx.x % 128 == 0);
-    }
+    if constexpr (ATOMIC_DQ && !SPLIT) DqPartsToWriter{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
     if constexpr (SPLIT)
         store_dkdv<T, D / 2, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc,
                                                  wg * D / 2);

@@ -101,18 +101,12 @@ __device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads)
 
 // The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles × kv_heads × batch
 // blocks: the key tiles of one head next to each other, in order (under causal the first key
-// tiles, seen by the most query rows, are the heaviest and go first), or REVERSED; or, with
-// ACROSS_HEADS, key tile 0 of every (batch, head) first, then key tile 1 of every one, and so on.
+// tiles, seen by the most query rows, are the heaviest and go first), or REVERSED.
 struct KvTile {
     int b, hk, n_tile;
 };
-template <bool REVERSED = false, bool ACROSS_HEADS = false>
+template <bool REVERSED = false>
 __device__ __forceinline__ KvTile kv_tile_of_block(int n_tiles, int kv_heads) {
-    if constexpr (ACROSS_HEADS) {
-        const int heads = gridDim.x / n_tiles;  // batch × kv_heads
-        const int bh = blockIdx.x % heads, n_tile = blockIdx.x / heads;
-        return {bh / kv_heads, bh % kv_heads, REVERSED ? n_tiles - 1 - n_tile : n_tile};
-    }
     const int bid = blockIdx.x / n_tiles;
     if constexpr (REVERSED) return {bid / kv_heads, bid % kv_heads, n_tiles - 1 - (int)(blockIdx.x % n_tiles)};
     return {bid / kv_heads, bid % kv_heads, (int)(blockIdx.x % n_tiles)};
@@ -162,11 +156,9 @@ __device__ __forceinline__ KeyTiles<MASK::sparse, MASK::exact> key_tiles_of(cons
 // descending under a mask bounded on the right (causal, windows), whose key tiles'
 // walks start at the band's edge, so that the last key tile of a query tile's range gets there
 // first; ascending otherwise (every walk starts at query tile 0). The dK/dV grid launches key
-// tiles in the same order (kv_tile_of_block), so a block only waits on blocks launched before it:
-// descending, a head's key tiles last first; ascending, key tile n of every head before key tile
-// n + 1 of any (ACROSS_HEADS), so that a wave of blocks holds few key tiles of one head and those
-// wait on each other a few tile-steps at most, instead of key tile n waiting n tile-steps for the
-// chain of the n before it.
+// tiles in the same order (kv_tile_of_block), a head's key tiles next to each other (last first
+// when descending), so a block only waits on blocks launched before it, and the blocks that run
+// side by side share their head's Q and dO in L2.
 template <class MASK>
 __device__ constexpr bool descending_key_tiles() { return MASK::right_bounded; }
 template <int BLOCK_M, int BLOCK_N, class MASK>
