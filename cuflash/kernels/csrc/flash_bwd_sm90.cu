@@ -152,8 +152,8 @@ __device__ __forceinline__ void write_dq_header(u32 header, i64 row, int rank) {
     asm volatile("st.shared.b64 [%0], %1;\n st.shared.b32 [%0 + 8], %2;\n" ::"r"(header), "l"(row), "r"(rank)
                  : "memory");
 }
-// (The consumers' registers are few: the policy keeps shared addresses, and "dq_empty" is the
-// mbarrier after "dq_full".)
+// The policy holds shared addresses only (the consumers have no registers to spare); "dq_empty"
+// is the mbarrier after "dq_full".
 struct DqPartsToWriter {
     u32 full;    // mbarrier: every consumer warp's part staged; full + 8: the staging floats read
     u32 tiles;   // (the parity of) the query tiles this block has staged before this one
@@ -691,9 +691,9 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             }
         }
         if (threadIdx.x >= 32 || !elect_one_lane()) return;
-        // Beside the writer, the producer builds its walk anew within its 24 registers: the
-        // consumers' one (above), live across the hand-over, would not fit there with the
-        // writer's. Without the writer, building it here would not fit.
+        // Beside the writer, the producer builds its walk anew after the hand-over: the block's
+        // walk kept live across setmaxnreg made the heaviest masked variant spill there. Without
+        // the writer the block's walk fits, and building one here spills at D = 64 instead.
         auto walk = ATOMIC_DQ ? QueryTileWalk<BLOCK_M, BLOCK_N, MASK>(MASK(a, seq.nq, seq.nk), a, n_tile, hk, a.m_tiles)
                               : block_walk;
         if (!walk.valid()) return;
