@@ -56,7 +56,7 @@ def test_tile_choice_follows_head_dims_and_masks():
     assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 256)).block_n == 80
     # three consumers only unmasked and unmodified: they are compiled within 128 registers
     mask = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
-    for options in (dict(softcap=30.0), dict(block_mask=mask), dict(causal=True, softcap=30.0)):
+    for options in (dict(softcap=30.0), dict(causal=True, softcap=30.0), dict(block_mask=mask, softcap=30.0)):
         tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
         assert tiles.consumers == 2 and tiles.block_m == 128, options
     # a band alone over short rows: one consumer, two blocks per SM; over long rows, two consumers
@@ -64,6 +64,18 @@ def test_tile_choice_follows_head_dims_and_masks():
         short = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
         assert (short.consumers, short.block_m, short.threads) == (1, 64, 256), options
         assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 64, **options))).consumers == 2, options
+
+
+def test_block_masks_keeping_few_keys_per_row_take_one_consumer():
+    """A block mask alone that keeps at most 2K keys per query row on average (here all 1K, or a
+    tenth of 16K) runs the one-consumer tile; one that keeps more (all of 8K) runs two."""
+    rng = np.random.default_rng(0)
+    few = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
+    sparse = BlockMask.from_dense(rng.random((128, 128)) < 0.1, block_size=128)
+    many = BlockMask.from_dense(np.ones((64, 64), bool), block_size=128)
+    for mask, consumers in ((few, 1), (sparse, 1), (many, 2)):
+        spec = _long(spec_of("bfloat16", 64, block_mask=mask), mask.shape[0])
+        assert sm90_tma_forward.tiles_for(spec).consumers == consumers, mask
 
 
 def test_one_consumer_tiles_leave_room_for_a_second_block():

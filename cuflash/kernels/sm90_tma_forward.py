@@ -59,13 +59,15 @@ class TmaTiles:
 
 
 def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False,
-                    short: bool = False, short_band: bool = False) -> list[TmaTiles]:
+                    short: bool = False, few_keys: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
     - D = Dv = 64, `plain` (no mask, no score modifier, no dropout): three consumers taking
       turns (ping-pong), where the softmax dominates;
-    - D = Dv = 64, `short_band` (a causal or window band alone, rows of at most
-      PERSISTENT_MAX_KEYS keys): one consumer, two blocks per SM, so that one block's first
-      softmax and epilogue, a large part of a short banded tile, run under the other's GEMMs;
+    - D = Dv = 64, `few_keys` (a causal or window band alone over rows of at most
+      PERSISTENT_MAX_KEYS keys, or a block mask that keeps at most that many keys per query row
+      on average; no score modifier, exact mask or dropout): one consumer, two blocks per SM, so
+      that one block's first softmax and epilogue, a large part of a tile that visits few key
+      tiles, run under the other's GEMMs;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
       skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys) or for
       `short` rows (at most PERSISTENT_MAX_KEYS keys, where 176 measured slower);
@@ -77,13 +79,24 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     # next shape then.
     if max(d, dv) <= 64:
         three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain else []
-        one = [TmaTiles(128, 2, consumers=1)] if short_band else []
+        one = [TmaTiles(128, 2, consumers=1)] if few_keys else []
         return three + one + [TmaTiles(128, 3), TmaTiles(64, 3)]
     if _padded(dv) <= 128:
         widths = (128, 64) if banded or exact or short else (176, 128, 64)
     else:
         widths = (64,) if exact else (80, 64)
     return [TmaTiles(block_n, 2) for block_n in widths]
+
+
+def few_keys(spec) -> bool:
+    """Whether a call's query tiles visit few key tiles (``candidate_tiles``): a band alone over
+    rows of at most PERSISTENT_MAX_KEYS keys, or a block mask alone that keeps at most that many
+    keys per query row on average."""
+    if spec.exact or spec.has_softcap or spec.has_alibi or spec.has_dropout:
+        return False
+    if spec.sparse:
+        return spec.block_mask.element_density * spec.shapes.nk <= PERSISTENT_MAX_KEYS
+    return spec.banded and spec.shapes.nk <= PERSISTENT_MAX_KEYS
 
 
 def tiles_for(spec) -> TmaTiles:
@@ -97,10 +110,8 @@ def tiles_for(spec) -> TmaTiles:
     plain = not (spec.banded or spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi
                  or spec.has_dropout)
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
-    band_alone = spec.banded and not (spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi
-                                      or spec.has_dropout)
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
-                                 short_band=band_alone and short):
+                                 few_keys=few_keys(spec)):
         if tiles.shared_bytes(d, dv) > MAX_SHARED:
             continue
         if spec.block_mask is not None:
@@ -197,6 +208,13 @@ def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
     prepare_forward(spec, (q, k, v, out), tiles=tiles)(q, k, v, out, lse, spec)
 
 
+def _ones_mask(n: int):
+    """A block mask that keeps every 128 × 128 block of an n × n problem."""
+    from ..sparse import BlockMask
+
+    return BlockMask.from_dense(numpy.ones((-(-n // 128),) * 2, bool), block_size=128, shape=(n, n))
+
+
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
     from ._variants import dropout_spec_grid, spec_grid, spec_of, varlen_spec_grid
@@ -210,10 +228,14 @@ def main_variants() -> list[tuple[str, str]]:
     specs += [spec for spec in varlen_spec_grid() + dropout_spec_grid(HEAD_DIMS)
               if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS
               and tiles_for(spec) is not None]
-    # Under a band at D = 64 the tile shape also depends on the row length: longer rows too.
+    # Under a band or a block mask at D = 64 the tile shape also depends on how many keys a row
+    # keeps: block masks there (the sparse sweep's head dim), and longer rows too.
     longer = 4 * PERSISTENT_MAX_KEYS
-    specs += [dataclasses.replace(spec, shapes=dataclasses.replace(spec.shapes, nq=longer, nk=longer))
-              for spec in specs if spec.banded and spec.shapes.nk <= PERSISTENT_MAX_KEYS]
+    specs += [spec_of("bfloat16", 64, causal=causal, block_mask=_ones_mask(spec_of("bfloat16", 64).shapes.nk))
+              for causal in (False, True)]
+    specs += [dataclasses.replace(spec, shapes=dataclasses.replace(spec.shapes, nq=longer, nk=longer),
+                                  block_mask=spec.block_mask and _ones_mask(longer))
+              for spec in specs if few_keys(spec)]
     # Options the kernel does not template on (a varlen call's GQA, say) give repeats: one each.
     return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs))
 
