@@ -13,7 +13,7 @@ import dataclasses
 
 from cuflash.kernels import _tma, sm90_tma_forward
 from cuflash.kernels._variants import spec_of
-from cuflash.sparse import BlockMask
+from cuflash.sparse import BlockMask, ExactMask
 
 
 def _long(spec, n=8192):
@@ -66,9 +66,9 @@ def test_tile_choice_follows_head_dims_and_masks():
         assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 64, **options))).consumers == 2, options
 
 
-def test_block_masks_keeping_few_keys_per_row_take_one_consumer():
-    """A block mask alone that keeps at most 2K keys per query row on average (here all 1K, or a
-    tenth of 16K) runs the one-consumer tile; one that keeps more (all of 8K) runs two."""
+def test_masks_keeping_few_keys_per_row_take_one_consumer():
+    """A block or exact mask that keeps at most 2K keys per query row on average (here all 1K,
+    or a tenth of 16K) runs the one-consumer tile; one that keeps more (all of 8K) runs two."""
     rng = np.random.default_rng(0)
     few = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
     sparse = BlockMask.from_dense(rng.random((128, 128)) < 0.1, block_size=128)
@@ -76,6 +76,13 @@ def test_block_masks_keeping_few_keys_per_row_take_one_consumer():
     for mask, consumers in ((few, 1), (sparse, 1), (many, 2)):
         spec = _long(spec_of("bfloat16", 64, block_mask=mask), mask.shape[0])
         assert sm90_tma_forward.tiles_for(spec).consumers == consumers, mask
+    # An exact mask: by the pairs it keeps per row, 0.3 of 1K keys, or (read as the same
+    # density over 8K keys: tiles_for looks at the density and the shapes only) of 8K.
+    exact = ExactMask.from_dense(rng.random((1024, 1024)) < 0.3)
+    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, exact_mask=exact)).consumers == 1
+    assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 64, exact_mask=exact))).consumers == 2
+    # a score modifier keeps two consumers (one would spill)
+    assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, exact_mask=exact, softcap=5.0)).consumers == 2
 
 
 def test_one_consumer_tiles_leave_room_for_a_second_block():

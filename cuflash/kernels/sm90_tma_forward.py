@@ -64,8 +64,8 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     - D = Dv = 64, `plain` (no mask, no score modifier, no dropout): three consumers taking
       turns (ping-pong), where the softmax dominates;
     - D = Dv = 64, `few_keys` (a causal or window band alone over rows of at most
-      PERSISTENT_MAX_KEYS keys, or a block mask that keeps at most that many keys per query row
-      on average; no score modifier, exact mask or dropout): one consumer, two blocks per SM, so
+      PERSISTENT_MAX_KEYS keys, or a block or exact mask that keeps at most that many keys per
+      query row on average; no score modifier or dropout): one consumer, two blocks per SM, so
       that one block's first softmax and epilogue, a large part of a tile that visits few key
       tiles, run under the other's GEMMs;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
@@ -90,28 +90,31 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
 
 def few_keys(spec) -> bool:
     """Whether a call's query tiles visit few key tiles (``candidate_tiles``): a band alone over
-    rows of at most PERSISTENT_MAX_KEYS keys, or a block mask alone that keeps at most that many
-    keys per query row on average."""
-    if spec.exact or spec.has_softcap or spec.has_alibi or spec.has_dropout:
+    rows of at most PERSISTENT_MAX_KEYS keys, or a block or exact mask (with a band or not) that
+    keeps at most that many keys per query row on average; no score modifier or dropout."""
+    if spec.has_softcap or spec.has_alibi or spec.has_dropout:
         return False
+    if spec.exact:
+        return spec.exact_mask.density * spec.shapes.nk <= PERSISTENT_MAX_KEYS
     if spec.sparse:
         return spec.block_mask.element_density * spec.shapes.nk <= PERSISTENT_MAX_KEYS
     return spec.banded and spec.shapes.nk <= PERSISTENT_MAX_KEYS
 
 
-def tiles_for(spec) -> TmaTiles:
+def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     """The first candidate that fits shared memory and whose tiles a block mask's blocks are
     whole multiples of; persistent for short unmasked rows at Dv > 128, where one block per SM
     streaming the next tile's K/V under the previous tile's stores measured faster (at Dv ≤ 128
     the final grid measured it slower: benchmarks/NOTES.md). Never under a band or mask: tiles
     of unequal work are dealt out statically (measured 30-40% slower causal), nor for long rows
-    (5-9% slower at 8K keys)."""
+    (5-9% slower at 8K keys). `few` overrides ``few_keys(spec)`` (the variants list asks for
+    both)."""
     d, dv = spec.shapes.d, spec.shapes.dv
     plain = not (spec.banded or spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi
                  or spec.has_dropout)
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
-                                 few_keys=few_keys(spec)):
+                                 few_keys=few_keys(spec) if few is None else few):
         if tiles.shared_bytes(d, dv) > MAX_SHARED:
             continue
         if spec.block_mask is not None:
@@ -208,16 +211,9 @@ def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
     prepare_forward(spec, (q, k, v, out), tiles=tiles)(q, k, v, out, lse, spec)
 
 
-def _ones_mask(n: int):
-    """A block mask that keeps every 128 × 128 block of an n × n problem."""
-    from ..sparse import BlockMask
-
-    return BlockMask.from_dense(numpy.ones((-(-n // 128),) * 2, bool), block_size=128, shape=(n, n))
-
-
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import dropout_spec_grid, spec_grid, spec_of, varlen_spec_grid
+    from ._variants import _block_mask, dropout_spec_grid, spec_grid, spec_of, varlen_spec_grid
 
     # The tile shape depends on the options at D = 64 (three consumers only unmasked) and at
     # Dv > 128 (exact masks): their masked and modified variants too.
@@ -228,16 +224,12 @@ def main_variants() -> list[tuple[str, str]]:
     specs += [spec for spec in varlen_spec_grid() + dropout_spec_grid(HEAD_DIMS)
               if spec.shapes.d in HEAD_DIMS and spec.shapes.dv in HEAD_DIMS
               and tiles_for(spec) is not None]
-    # Under a band or a block mask at D = 64 the tile shape also depends on how many keys a row
-    # keeps: block masks there (the sparse sweep's head dim), and longer rows too.
-    longer = 4 * PERSISTENT_MAX_KEYS
-    specs += [spec_of("bfloat16", 64, causal=causal, block_mask=_ones_mask(spec_of("bfloat16", 64).shapes.nk))
-              for causal in (False, True)]
-    specs += [dataclasses.replace(spec, shapes=dataclasses.replace(spec.shapes, nq=longer, nk=longer),
-                                  block_mask=spec.block_mask and _ones_mask(longer))
-              for spec in specs if few_keys(spec)]
+    # Under a band or a mask at D = 64 the tile shape also depends on how many keys a row keeps
+    # (few_keys): block masks there too (the sparse sweep's head dim), each with both shapes.
+    specs += [spec_of("bfloat16", 64, causal=causal, block_mask=_block_mask()) for causal in (False, True)]
+    shapes = [(spec, few) for spec in specs for few in ({None, True, False} if few_keys(spec) else {None})]
     # Options the kernel does not template on (a varlen call's GQA, say) give repeats: one each.
-    return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec))) for spec in specs))
+    return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec, few=few))) for spec, few in shapes))
 
 
 __all__ = ["forward", "prepare_forward", "supports", "describe_call", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",
