@@ -166,9 +166,9 @@ def ordered_dq_fits(spec, tiles: Sm90BwdTiles) -> bool:
 
 def ordered_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
     """Whether a ``deterministic`` call takes the fused dQ with ordered adds instead of the dQ
-    kernel: where the dK/dV kernel runs warp-specialised and ``ordered_dq_fits`` (0.85-1.01x the
+    kernel: where the dK/dV kernel runs warp-specialised and ``ordered_dq_fits`` (0.85-1.03x the
     default's backward on an H200, against 0.77-0.95x for the dQ kernel: benchmarks/NOTES.md,
-    "the dQ writer"), unless CUFLASH_SM90_ORDERED_DQ=0 asks for the dQ kernel."""
+    "Hopper backward v8"), unless CUFLASH_SM90_ORDERED_DQ=0 asks for the dQ kernel."""
     from . import ORDERED_DQ_ENV
 
     return (spec.deterministic and producer and os.environ.get(ORDERED_DQ_ENV) != "0"

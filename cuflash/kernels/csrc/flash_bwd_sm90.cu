@@ -79,7 +79,9 @@ struct FusedDq {
     // (dq_fragment_offset): a warp's 16 rows by N columns are one contiguous run, and the
     // tile's runs lie as in the accumulator, so that the whole tile is one run too.
     static constexpr int STAGE_BYTES = WG * 64 * N * 4;
-    __device__ static u32 stage_offset(int wg, int warp) { return 4 * (u32)dq_fragment_offset(row0(wg) + 16 * warp, col0(wg), D); }
+    __device__ static u32 stage_offset(int wg, int warp) {
+        return 4 * (u32)dq_fragment_offset(row0(wg) + 16 * warp, col0(wg), D);
+    }
 };
 
 // A warp's dSᵀ (or Pᵀ) fragments (the A operands `df` of dK += dSᵀ Q: keys `row` and row + 8,
@@ -590,14 +592,14 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
 // waits for it to reach the rank before its add, and adds 1 as soon as the add has completed.
 // That round trip is the writer's, off the consumers' path; releasing the tile one tile later
 // instead (so that the writer never waits on it) made each key tile start about two tile-steps
-// after the one before it, and measured 0.66-0.81x the default's backward at N <= 8K, against
-// 0.85-1.01x this way (benchmarks/NOTES.md). The grid launches key tiles in the order of their
-// ranks (kv_tile_of_block), so a block waits only on blocks launched before it (its consumers
-// wait on its writer through "dq_empty"); the rank-0 block of every dQ tile never waits. A wait
-// that lasts a quarter of a second can only be a rank the semaphore never reaches (the tile
-// walks and key_tile_rank disagreeing): the writer then adds unordered (wait_until_equal_gpu
-// gives up), so that such a bug shows as gradients that differ from run to run, the tests'
-// check, rather than as a hung GPU.
+// after the one before it: 0.66-0.81x the default's backward without a mask at N <= 8K, against
+// 0.85-0.95x this way (benchmarks/NOTES.md, "Hopper backward v8"). The grid launches key tiles
+// in the order of their ranks (kv_tile_of_block), so a block waits only on blocks launched
+// before it (its consumers wait on its writer through "dq_empty"); the rank-0 block of every dQ
+// tile never waits. A wait that lasts a quarter of a second can only be a rank the semaphore
+// never reaches (the tile walks and key_tile_rank disagreeing): the writer then adds unordered
+// (wait_until_equal_gpu gives up), so that such a bug shows as gradients that differ from run to
+// run, the tests' check, rather than as a hung GPU.
 template <bool ORDERED, int D, int BLOCK_M>
 __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile DqTileHeader* header, u32 sdq,
                                                u32 full, u32 empty) {
@@ -753,7 +755,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         named_barrier(3 + wg, 128);
         if (threadIdx.x % 128 == 0) mbar_arrive(empty(slot.stage));
     }
-    if constexpr (ATOMIC_DQ && !SPLIT) DqPartsToWriter{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
+    if constexpr (ATOMIC_DQ && !SPLIT)
+        DqPartsToWriter{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
     if constexpr (SPLIT)
         store_dkdv<T, D / 2, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc,
                                                  wg * D / 2);
