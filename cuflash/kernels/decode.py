@@ -75,14 +75,18 @@ def _stage_bytes(dqk: int, dvp: int) -> int:
     return BLOCK_N * (-(-dqk // 64) + -(-dvp // 64)) * 64 * 2
 
 
+def _q_tile_bytes(dqk: int) -> int:
+    """The packed query rows, padded by 16 bytes."""
+    return ROWS * (dqk + 8) * 2
+
+
 def stages_for(dqk: int, dvp: int) -> int:
     """K/V ring stages: as many as fit two blocks per Hopper SM (at least two)."""
-    q_tile = ROWS * (dqk + 8) * 2
-    return max(2, min(4, (SHARED_LIMIT - q_tile) // _stage_bytes(dqk, dvp)))
+    return max(2, min(4, (SHARED_LIMIT - _q_tile_bytes(dqk)) // _stage_bytes(dqk, dvp)))
 
 
 def shared_bytes(dqk: int, dvp: int, stages: int) -> int:
-    return stages * _stage_bytes(dqk, dvp) + ROWS * (dqk + 8) * 2
+    return stages * _stage_bytes(dqk, dvp) + _q_tile_bytes(dqk)
 
 
 @functools.lru_cache(maxsize=None)

@@ -92,7 +92,7 @@ def few_keys(spec) -> bool:
     """Whether a call's query tiles visit few key tiles (``candidate_tiles``): a band alone over
     rows of at most PERSISTENT_MAX_KEYS keys, or a block or exact mask (with a band or not) that
     keeps at most that many keys per query row on average; no score modifier or dropout."""
-    if spec.has_softcap or spec.has_alibi or spec.has_dropout:
+    if spec.score_modified or spec.has_dropout:
         return False
     if spec.exact:
         return spec.exact_mask.density * spec.shapes.nk <= PERSISTENT_MAX_KEYS
@@ -110,8 +110,7 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     (5-9% slower at 8K keys). `few` overrides ``few_keys(spec)`` (the variants list asks for
     both)."""
     d, dv = spec.shapes.d, spec.shapes.dv
-    plain = not (spec.banded or spec.sparse or spec.exact or spec.has_softcap or spec.has_alibi
-                 or spec.has_dropout)
+    plain = not (spec.banded or spec.sparse or spec.exact or spec.score_modified or spec.has_dropout)
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
                                  few_keys=few_keys(spec) if few is None else few):

@@ -150,8 +150,10 @@ struct DqTileHeader {
     i64 row;
     int rank;
 };
+// Written through its shared address (one register in the consumers, where a pointer takes two).
 __device__ __forceinline__ void write_dq_header(u32 header, i64 row, int rank) {
-    asm volatile("st.shared.b64 [%0], %1;\n st.shared.b32 [%0 + 8], %2;\n" ::"r"(header), "l"(row), "r"(rank)
+    asm volatile("st.shared.b64 [%0], %1;\n st.shared.b32 [%0 + %3], %2;\n" ::"r"(header), "l"(row), "r"(rank),
+                 "n"(__builtin_offsetof(DqTileHeader, rank))
                  : "memory");
 }
 // The policy holds shared addresses only (the consumers have no registers to spare); "dq_empty"
