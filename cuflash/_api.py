@@ -324,12 +324,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     deterministic : bool, optional
         Ask for bit-identical gradients from run to run. The float16/bfloat16 GPU kernels (the
         portable sm_80 ones, and Hopper's with D and Dv up to 128) add each key tile's share of
-        ``dq`` into a float32 accumulator by default, in an order that varies; with
-        ``deterministic=True`` a separate kernel computes ``dq`` per query tile instead,
-        recomputing the scores once more (docs/api.md, "The backward's two modes", has the cost
-        on an H200: 0.70-0.83x the default's speed, less workspace). The
-        float32 kernels and the NumPy path never accumulate that way and are always
-        deterministic; for them the flag changes nothing.
+        ``dq`` into a float32 accumulator by default, in an order that varies. With
+        ``deterministic=True`` Hopper's warp-specialised kernel (no block-sparse or exact mask)
+        makes those adds in key-tile order; elsewhere a separate kernel computes ``dq`` per
+        query tile, recomputing the scores once more (docs/api.md, "The backward's two modes",
+        has the cost on an H200: 0.85-1.03x the default's speed). The float32 kernels and the
+        NumPy path never accumulate that way and are always deterministic; for them the flag
+        changes nothing.
     grad_dtype : None or float32, optional
         ``None`` (or the inputs' dtype) returns the gradients in the inputs' dtype. ``float32``
         returns them unrounded from the kernels' float32 accumulators: for callers that add the

@@ -148,12 +148,13 @@ struct DqPartsByWarp {
 // tile's rank there. The writer reads it after "dq_full", before "dq_empty".
 struct DqTileHeader {
     i64 row;
-    int rank;
+    int rank;  // right after row
 };
 // Written through its shared address (one register in the consumers, where a pointer takes two).
+// (Older NVRTC releases reject offsetof in an asm operand: rank's offset is row's size.)
 __device__ __forceinline__ void write_dq_header(u32 header, i64 row, int rank) {
     asm volatile("st.shared.b64 [%0], %1;\n st.shared.b32 [%0 + %3], %2;\n" ::"r"(header), "l"(row), "r"(rank),
-                 "n"(__builtin_offsetof(DqTileHeader, rank))
+                 "n"(sizeof(i64))
                  : "memory");
 }
 // The policy holds shared addresses only (the consumers have no registers to spare); "dq_empty"
