@@ -52,6 +52,16 @@ def test_local_headers_are_inlined_once():
     assert text.count("struct Mask {") == 1
 
 
+def test_sources_avoid_what_older_nvrtc_rejects():
+    """The kernels compile at run time with the user's NVRTC, which may be older than the one
+    that compiles them here. NVRTC 12 rejects offsetof (``__builtin_offsetof``) in an asm operand,
+    which NVRTC 13 accepts: every warp-specialised Hopper backward once failed to compile on a
+    GPU machine while this check passed. The sources spell such offsets as sizes instead."""
+    for source in ("flash_fwd.cu", "flash_bwd.cu", "flash_f32.cu", "flash_decode.cu",
+                   "flash_fwd_sm90.cu", "flash_fwd_sm90_tma.cu", "flash_bwd_sm90.cu"):
+        assert "offsetof(" not in _build.source(source), source
+
+
 def test_every_policy_combination_is_compiled():
     """The variant list covers each mask policy and score modifier, for every family."""
     for name in PORTABLE_MODULES + HOPPER_MODULES:
