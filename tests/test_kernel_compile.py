@@ -2,6 +2,8 @@
 spills. Needs no GPU: NVRTC runs on any machine with the CUDA NVRTC library (the `test` extra)."""
 
 import importlib
+import os
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -31,12 +33,28 @@ CASES += [(source, expressions, "sm_90a")
           for source, expressions in sorted(_variants_by_source(HOPPER_MODULES).items())]
 
 
+# CI runs this group twice: with the newest NVRTC, where no variant may spill, and with the
+# oldest of CUDA 13 (.ci/run sets CUFLASH_OLDEST_NVRTC=13.0), which must compile every variant:
+# a newer NVRTC accepts code an older one rejects (offsetof in an asm operand, once). The older
+# one's ptxas spills a few variants the newer does not; those are reported, not failed
+# (benchmarks/NOTES.md lists them).
+OLDEST_NVRTC = os.environ.get("CUFLASH_OLDEST_NVRTC")
+
+
 @pytest.mark.parametrize("source,expressions,arch", CASES,
                          ids=[f"{source}-{arch}" for source, _, arch in CASES])
 def test_compiles_without_spills(source, expressions, arch):
+    if OLDEST_NVRTC:
+        from cupy.cuda import nvrtc
+
+        assert ".".join(map(str, nvrtc.getVersion())) == OLDEST_NVRTC, "not the NVRTC asked for"
     report = _build.parse_ptxas_report(_build.compile_offline(source, expressions, arch))
     assert len(report) == len(expressions), f"ptxas reported {len(report)} of {len(expressions)} kernels"
     spilled = [r for r in report if r["spill_stores"] or r["spill_loads"] or r["stack"]]
+    if OLDEST_NVRTC:
+        for r in spilled:
+            warnings.warn(f"NVRTC {OLDEST_NVRTC}: {r['name']} spills {r['spill_stores']} bytes")
+        return
     assert not spilled, f"register spills in {source} for {arch}: {spilled}"
 
 
