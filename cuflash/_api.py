@@ -328,7 +328,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
         ``deterministic=True`` Hopper's warp-specialised kernel (no block-sparse or exact mask)
         makes those adds in key-tile order; elsewhere a separate kernel computes ``dq`` per
         query tile, recomputing the scores once more (docs/api.md, "The backward's two modes",
-        has the cost on an H200: 0.85-1.03x the default's speed). The float32 kernels and the
+        has the cost on an H200: 0.84-1.04x the default's speed). The float32 kernels and the
         NumPy path never accumulate that way and are always deterministic; for them the flag
         changes nothing.
     grad_dtype : None or float32, optional

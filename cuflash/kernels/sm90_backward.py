@@ -166,7 +166,7 @@ def ordered_dq_fits(spec, tiles: Sm90BwdTiles) -> bool:
 
 def ordered_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
     """Whether a ``deterministic`` call takes the fused dQ with ordered adds instead of the dQ
-    kernel: where the dK/dV kernel runs warp-specialised and ``ordered_dq_fits`` (0.85-1.03x the
+    kernel: where the dK/dV kernel runs warp-specialised and ``ordered_dq_fits`` (0.84-1.04x the
     default's backward on an H200, against 0.77-0.95x for the dQ kernel: benchmarks/NOTES.md,
     "Hopper backward v8"), unless CUFLASH_SM90_ORDERED_DQ=0 asks for the dQ kernel."""
     from . import ORDERED_DQ_ENV
