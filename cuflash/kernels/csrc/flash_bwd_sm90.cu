@@ -166,17 +166,22 @@ struct DqPartsToWriter {
     int rank;
     template <int NB>
     __device__ __forceinline__ void add(float*, i64 tile_row, u32 stage, const float (&x)[NB][4], int lane) const {
-        mbar_wait(full + 8, (tiles & 1) ^ 1);
-        if (threadIdx.x == 128) write_dq_header(header, tile_row, rank);
-        stage_part<NB>(stage, x, lane);
-        fence_proxy_async_shared();  // the staging stores come before the writer's bulk read
-        __syncwarp();
-        if (lane == 0) mbar_arrive(full);
+        hand_over(tile_row, rank, lane, [&] {
+            stage_part<NB>(stage, x, lane);
+            fence_proxy_async_shared();  // the staging stores come before the writer's bulk read
+        });
     }
     // After the block's last tile: the header that ends the writer's loop.
     __device__ __forceinline__ void finish(int lane) const {
+        hand_over(-1, 0, lane, [] {});
+    }
+    // Once the writer has read the previous tile's staging floats: the header, this warp's
+    // staging (`stage`), then this warp's arrival on "dq_full".
+    template <class Stage>
+    __device__ __forceinline__ void hand_over(i64 row, int rank_, int lane, Stage stage) const {
         mbar_wait(full + 8, (tiles & 1) ^ 1);
-        if (threadIdx.x == 128) write_dq_header(header, -1, 0);
+        if (threadIdx.x == 128) write_dq_header(header, row, rank_);
+        stage();
         __syncwarp();
         if (lane == 0) mbar_arrive(full);
     }
