@@ -170,7 +170,8 @@ def naive_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
 
 def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1),
                              softcap=0.0, alibi_slopes=None, mask=None, block_mask=None,
-                             dtype=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
+                             dtype=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+                             out=None):
     """Gradients of ``naive_attention`` in the same precision (each product rounded to
     ``dtype``, accumulation float32).
 
@@ -178,9 +179,12 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=
     FlashAttention backward: ``attention_backward`` receives ``out`` in the input dtype, so no
     implementation behind that contract knows the row term more precisely than this. (Autograd
     through a stored P uses ``rowsum(dP ∘ P)`` instead; on sharply peaked attention the two differ
-    by a few units of ``dtype`` in dq.) Under softcap, ``dS`` is multiplied by the rounded
-    ``1 − tanh²`` of the forward. Dropout: ``dV`` from the dropped ``P``, ``dP`` through the mask
-    (each rounded)."""
+    by a few units of ``dtype`` in dq.) ``out``, when given, is the output that backward pass
+    receives, and the row term is formed from it: the two then share the rounding of ``out``
+    rather than each carrying a draw of its own, which over few elements (tiny head dims) made
+    the comparison of maxima a matter of luck. Without it, the row term comes from this function's
+    own rounded output. Under softcap, ``dS`` is multiplied by the rounded ``1 − tanh²`` of the
+    forward. Dropout: ``dV`` from the dropped ``P``, ``dP`` through the mask (each rounded)."""
     c = _call(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
               alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask,
               dropout=(dropout_p, dropout_seed, dropout_offset))
@@ -196,7 +200,7 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=
     pd = c.dropped(p, rounding=r)
     dv = r(_sum_groups(r(pd.swapaxes(-1, -2) @ do), c.shapes))
     dp = c.dropped(r(do @ vr.swapaxes(-1, -2)), rounding=r)
-    out = r(pd @ vr)
+    out = r(pd @ vr) if out is None else c.unsqueeze(out).astype(xp.float32)
     ds = r(p * (dp - (do * out).sum(axis=-1, keepdims=True)))
     if grad is not None:
         ds = r(ds * grad)

@@ -107,13 +107,16 @@ def assert_forward_close(out, lse, q, k, v, *, causal=False, scale=None, window=
 
 def assert_backward_close(grads, dout, q, k, v, *, causal=False, scale=None, window=(-1, -1),
                           softcap=0.0, alibi_slopes=None, mask=None, block_mask=None,
-                          dropout_p=0.0, dropout_seed=None, dropout_offset=0, context=""):
-    """Check ``grads = (dq, dk, dv)`` of ``attention_backward(dout, q, k, v, ...)``."""
+                          dropout_p=0.0, dropout_seed=None, dropout_offset=0, out=None,
+                          context=""):
+    """Check ``grads = (dq, dk, dv)`` of ``attention_backward(dout, q, k, v, ...)``; ``out``: the
+    output that call received, for the naive baseline's row term (see
+    ``reference.naive_attention_backward``)."""
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask,
                    dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
     refs = reference.attention_backward(dout, q, k, v, **options)
-    naives = reference.naive_attention_backward(dout, q, k, v, **options)
+    naives = reference.naive_attention_backward(dout, q, k, v, **options, out=out)
     for name, got, x, ref, naive in zip(("dq", "dk", "dv"), grads, (q, k, v), refs, naives):
         assert got.dtype == x.dtype, f"{name} has dtype {got.dtype}, expected {x.dtype}; {context}"
         got = to_host(got).astype(np.float64)

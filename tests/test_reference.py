@@ -250,3 +250,22 @@ def test_naive_backward_is_close(rng, dtype):
         assert got.shape == x.shape and got.dtype == dtype
         scale = np.abs(ref).max()
         assert np.abs(got.astype(np.float64) - ref).max() < 100 * eps * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_naive_backward_row_term_from_the_given_out(rng, dtype):
+    q, k, v = (x.astype(dtype) for x in random64(rng, (2, 3, 40, 16), (2, 3, 50, 16),
+                                                 (2, 3, 50, 24)))
+    dout = rng.standard_normal((2, 3, 40, 24)).astype(dtype)
+    options = dict(causal=True, softcap=4.0)
+    own = reference.naive_attention_backward(dout, q, k, v, **options)
+    # naive_attention's output is the one the backward forms for itself: the same gradients.
+    out, _ = reference.naive_attention(q, k, v, **options)
+    same = reference.naive_attention_backward(dout, q, k, v, **options, out=out)
+    for a, b in zip(own, same):
+        assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+    # Another output moves dq and dk (through the row term) and leaves dv alone.
+    shifted = reference.naive_attention_backward(dout, q, k, v, **options,
+                                                 out=(out.astype(np.float32) * 1.01).astype(dtype))
+    assert not np.array_equal(shifted[0], own[0]) and not np.array_equal(shifted[1], own[1])
+    assert np.array_equal(shifted[2].view(np.uint16), own[2].view(np.uint16))
