@@ -5,6 +5,8 @@ import importlib
 import os
 import warnings
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 import pytest
 
@@ -26,11 +28,31 @@ def _variants_by_source(modules):
     return grouped
 
 
-CASES = [(source, expressions, arch)
-         for source, expressions in sorted(_variants_by_source(PORTABLE_MODULES + DECODE_MODULES).items())
-         for arch in ARCHS]
-CASES += [(source, expressions, "sm_90a")
-          for source, expressions in sorted(_variants_by_source(HOPPER_MODULES).items())]
+# Variants per NVRTC program. Whole sources (up to 277 variants) would leave one core idle behind
+# the largest; each program pays the front end once (about a second).
+CHUNK = 48
+
+
+def _chunks(expressions):
+    """``expressions`` dealt into programs of at most about CHUNK (neighbours in the list differ
+    in cost alike). A kernel that is no template is compiled by every program of its source, so
+    each program names it, and ptxas reports one kernel per expression."""
+    plain = [e for e in expressions if "<" not in e]
+    templated = [e for e in expressions if "<" in e]
+    count = max(1, -(-len(templated) // CHUNK))
+    return [tuple(templated[i::count]) + tuple(plain) for i in range(count)]
+
+
+CASES, CASE_IDS = [], []
+for _source, _expressions in sorted(_variants_by_source(PORTABLE_MODULES + DECODE_MODULES).items()):
+    for _arch in ARCHS:
+        for _part, _chunk in enumerate(_chunks(_expressions)):
+            CASES.append((_source, _chunk, _arch))
+            CASE_IDS.append(f"{_source}-{_arch}-{_part}")
+for _source, _expressions in sorted(_variants_by_source(HOPPER_MODULES).items()):
+    for _part, _chunk in enumerate(_chunks(_expressions)):
+        CASES.append((_source, _chunk, "sm_90a"))
+        CASE_IDS.append(f"{_source}-sm_90a-{_part}")
 
 
 # CI runs this group twice: with the newest NVRTC, where no variant may spill, and with the
@@ -41,14 +63,36 @@ CASES += [(source, expressions, "sm_90a")
 OLDEST_NVRTC = os.environ.get("CUFLASH_OLDEST_NVRTC")
 
 
-@pytest.mark.parametrize("source,expressions,arch", CASES,
-                         ids=[f"{source}-{arch}" for source, _, arch in CASES])
-def test_compiles_without_spills(source, expressions, arch):
-    if OLDEST_NVRTC:
-        from cupy.cuda import nvrtc
+def _nvrtc_version() -> str:
+    from cupy.cuda import nvrtc
 
-        assert ".".join(map(str, nvrtc.getVersion())) == OLDEST_NVRTC, "not the NVRTC asked for"
-    report = _build.parse_ptxas_report(_build.compile_offline(source, expressions, arch))
+    return ".".join(map(str, nvrtc.getVersion()))
+
+
+@pytest.fixture(scope="module")
+def compiled(request):
+    """``{(source, expressions, arch): future of its ptxas report}`` for the cases this run
+    selected, compiled by a pool of processes, one per core, largest first: a test waits for its
+    own. The processes inherit the environment, and with it the NVRTC library preloaded."""
+    selected = [tuple(item.callspec.params[name] for name in ("source", "expressions", "arch"))
+                for item in request.session.items
+                if item.originalname == "test_compiles_without_spills"]
+    workers = max(1, min(len(selected), len(os.sched_getaffinity(0))))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        if OLDEST_NVRTC:
+            assert pool.submit(_nvrtc_version).result() == OLDEST_NVRTC, "not the NVRTC asked for"
+        futures = {case: pool.submit(_build.compile_offline, *case)
+                   for case in sorted(selected, key=lambda case: -len(case[1]))}
+        yield futures
+        for future in futures.values():
+            future.cancel()  # what a stopped run (-x) has not started
+
+
+@pytest.mark.parametrize("source,expressions,arch", CASES, ids=CASE_IDS)
+def test_compiles_without_spills(compiled, source, expressions, arch):
+    if OLDEST_NVRTC:
+        assert _nvrtc_version() == OLDEST_NVRTC, "not the NVRTC asked for"
+    report = _build.parse_ptxas_report(compiled[source, expressions, arch].result())
     assert len(report) == len(expressions), f"ptxas reported {len(report)} of {len(expressions)} kernels"
     spilled = [r for r in report if r["spill_stores"] or r["spill_loads"] or r["stack"]]
     if OLDEST_NVRTC:
