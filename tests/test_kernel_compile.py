@@ -43,16 +43,22 @@ def _chunks(expressions):
     return [tuple(templated[i::count]) + tuple(plain) for i in range(count)]
 
 
-CASES, CASE_IDS = [], []
-for _source, _expressions in sorted(_variants_by_source(PORTABLE_MODULES + DECODE_MODULES).items()):
-    for _arch in ARCHS:
-        for _part, _chunk in enumerate(_chunks(_expressions)):
-            CASES.append((_source, _chunk, _arch))
-            CASE_IDS.append(f"{_source}-{_arch}-{_part}")
-for _source, _expressions in sorted(_variants_by_source(HOPPER_MODULES).items()):
-    for _part, _chunk in enumerate(_chunks(_expressions)):
-        CASES.append((_source, _chunk, "sm_90a"))
-        CASE_IDS.append(f"{_source}-sm_90a-{_part}")
+def _cases():
+    """``(source, expressions, arch)`` of every program the group compiles, and their test ids."""
+    programs = [(source, expressions, arch)
+                for source, expressions in sorted(_variants_by_source(PORTABLE_MODULES + DECODE_MODULES).items())
+                for arch in ARCHS]
+    programs += [(source, expressions, "sm_90a")
+                 for source, expressions in sorted(_variants_by_source(HOPPER_MODULES).items())]
+    cases, ids = [], []
+    for source, expressions, arch in programs:
+        for part, chunk in enumerate(_chunks(expressions)):
+            cases.append((source, chunk, arch))
+            ids.append(f"{source}-{arch}-{part}")
+    return cases, ids
+
+
+CASES, CASE_IDS = _cases()
 
 
 # CI runs this group twice: with the newest NVRTC, where no variant may spill, and with the
