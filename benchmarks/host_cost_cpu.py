@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -40,9 +41,11 @@ def _cupy_conversion(self, grid, block, args, shared_mem=0):
     return [CNumpyArray(a) if isinstance(a, numpy.ndarray) else CScalar(a) for a in args]
 
 
-def _cheap_stand_ins(monkeypatch, device):
-    """cupy.empty from a few arrays made once, memoised TMA descriptors, launches and queries that
-    do nothing."""
+def _cheap_stand_ins(monkeypatch, device, addresses=2):
+    """cupy.empty from a few arrays made once (``addresses`` of each shape and dtype, handed out
+    in turn, as a caching allocator hands a loop's outputs a few addresses over and over: the
+    TMA descriptors of outputs are then rewritten as they are in such a loop), memoised TMA
+    descriptors, launches and queries that do nothing."""
     import cupy
 
     from cuflash.kernels import _tma
@@ -52,8 +55,8 @@ def _cheap_stand_ins(monkeypatch, device):
     def empty(shape, dtype=float, order="C"):
         key = (shape, dtype)
         if key not in made:
-            made[key] = device.empty(shape, dtype)
-        return made[key]
+            made[key] = itertools.cycle([device.empty(shape, dtype) for _ in range(addresses)])
+        return next(made[key])
 
     monkeypatch.setattr(cupy, "empty", empty)
     # The real encoder is memoised by address: so is its stand-in here.
@@ -76,13 +79,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--addresses", type=int, default=2,
+                        help="addresses cupy.empty's stand-in cycles through per shape (default 2)")
     args = parser.parse_args()
     print("| fake device | shape | forward µs | backward µs |\n|---|---|---|---|")
     for capability in ("90", "80"):
         for shape in SHAPES:
             with pytest.MonkeyPatch.context() as monkeypatch:
                 device = FakeDevice(monkeypatch, compute_capability=capability)
-                _cheap_stand_ins(monkeypatch, device)
+                _cheap_stand_ins(monkeypatch, device, args.addresses)
                 q, k, v, dout = (device.empty(shape, ml_dtypes.bfloat16) for _ in range(4))
                 out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
 

@@ -173,7 +173,7 @@ def _lookup(pass_name: str, arrays, values: tuple, slopes):
     if layout is None:
         return None, None
     try:
-        quick = (pass_name, layout, tuple(map(id, values)),
+        quick = (pass_name, layout, *map(id, values),
                  None if slopes is None else array_signature(slopes))
     except (_NotCacheable, AttributeError):
         quick = None
@@ -306,26 +306,27 @@ class _ForwardEntry:
                    (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]), return_lse)
 
     def __call__(self, q, k, v, out, slopes):
-        import cupy
-
+        cupy = _launch.cupy_module()
+        device = cupy.cuda.runtime.getDevice()
+        if q.data.device_id != device:
+            with q.device:
+                return self(q, k, v, out, slopes)
         spec = self.spec
-        with _checks.device_context(q):
-            if out is None:
-                result = cupy.empty(self.out_shape, spec.dtype)
-            else:
-                _check_apart("out", out.data.ptr, self.out_range,
-                             zip("qkv", (q.data.ptr, k.data.ptr, v.data.ptr), self.input_ranges))
-                result = out
-            lse = cupy.empty(self.lse_shape, numpy.float32) if self.keeps_lse else None
-            if result.data.ptr & 15 or (lse is not None and lse.data.ptr & 15):
-                return None  # the prepared launch assumed alignment
-            if slopes is not None:
-                spec = dataclasses.replace(spec, alibi=_checks.alibi_copy(slopes, spec.shapes,
-                                                                          cupy))
-            stream = _launch.launch_stream()
-            self.launch(q, k, v, result, lse, spec, stream.ptr)
-            if stream.is_capturing():
-                keep_alive_with((result,), (lse, spec.alibi, spec.block_mask, spec.exact_mask))
+        if out is None:
+            result = cupy.empty(self.out_shape, spec.dtype)
+        else:
+            _check_apart("out", out.data.ptr, self.out_range,
+                         zip("qkv", (q.data.ptr, k.data.ptr, v.data.ptr), self.input_ranges))
+            result = out
+        lse = cupy.empty(self.lse_shape, numpy.float32) if self.keeps_lse else None
+        if result.data.ptr & 15 or (lse is not None and lse.data.ptr & 15):
+            return None  # the prepared launch assumed alignment
+        if slopes is not None:
+            spec = dataclasses.replace(spec, alibi=_checks.alibi_copy(slopes, spec.shapes, cupy))
+        stream = _launch.launch_stream(device)
+        self.launch(q, k, v, result, lse, spec, stream.ptr)
+        if stream.is_capturing():
+            keep_alive_with((result,), (lse, spec.alibi, spec.block_mask, spec.exact_mask))
         return result, lse, spec
 
 
@@ -419,29 +420,33 @@ class _BackwardEntry:
                    (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
 
     def __call__(self, dout, q, k, v, out, lse, grads, slopes, alibi):
-        import cupy
-
+        cupy = _launch.cupy_module()
+        device = cupy.cuda.runtime.getDevice()
+        if q.data.device_id != device:
+            with q.device:
+                return self(dout, q, k, v, out, lse, grads, slopes, alibi)
         spec = self.spec
-        with _checks.device_context(q):
-            if self.apart is not None:
-                self._check_apart(grads, (q, k, v, dout, out, lse))
-            dq, dk, dv = grads
+        if self.apart is not None:
+            self._check_apart(grads, (q, k, v, dout, out, lse))
+        dq, dk, dv = grads
+        if dq is None or dk is None or dv is None:
+            grad_dtype = spec.grad_dtype
             if dq is None:
-                dq = cupy.empty(q.shape, spec.grad_dtype)
+                dq = cupy.empty(q.shape, grad_dtype)
             if dk is None:
-                dk = cupy.empty(k.shape, spec.grad_dtype)
+                dk = cupy.empty(k.shape, grad_dtype)
             if dv is None:
-                dv = cupy.empty(v.shape, spec.grad_dtype)
-            if (dq.data.ptr | dk.data.ptr | dv.data.ptr) & 15:  # the launch assumed alignment
-                return None
-            if slopes is not None:
-                if alibi is None:
-                    alibi = _checks.alibi_copy(slopes, spec.shapes, cupy)
-                spec = dataclasses.replace(spec, alibi=alibi)
-            stream = _launch.launch_stream()
-            workspace = self.launch(dout, q, k, v, out, lse, dq, dk, dv, spec, stream.ptr)
-            if stream.is_capturing():
-                keep_alive_with((dq, dk, dv), (workspace, spec.alibi, spec.block_mask, spec.exact_mask))
+                dv = cupy.empty(v.shape, grad_dtype)
+        if (dq.data.ptr | dk.data.ptr | dv.data.ptr) & 15:  # the launch assumed alignment
+            return None
+        if slopes is not None:
+            if alibi is None:
+                alibi = _checks.alibi_copy(slopes, spec.shapes, cupy)
+            spec = dataclasses.replace(spec, alibi=alibi)
+        stream = _launch.launch_stream(device)
+        workspace = self.launch(dout, q, k, v, out, lse, dq, dk, dv, spec, stream.ptr)
+        if stream.is_capturing():
+            keep_alive_with((dq, dk, dv), (workspace, spec.alibi, spec.block_mask, spec.exact_mask))
         return dq, dk, dv
 
     def _check_apart(self, grads, arrays) -> None:

@@ -150,7 +150,8 @@ def switch_values() -> tuple:
     them up there sees what ``os.environ.get`` would, at a twentieth of the cost."""
     data = getattr(os.environ, "_data", None)
     if data.__class__ is dict:
-        return tuple(map(data.get, _ENCODED_SWITCHES))
+        disable, warp_specialised, ordered = _ENCODED_SWITCHES
+        return data.get(disable), data.get(warp_specialised), data.get(ordered)
     return tuple(os.environ.get(name) for name in _SWITCHES)
 
 

@@ -250,7 +250,8 @@ def _pointer_runs(dtype: numpy.dtype, names) -> tuple:
 _cupy = None  # the cupy module, once a launch needs it (this module imports without CuPy)
 
 
-def _cupy_module():
+def cupy_module():
+    """The cupy module (imported at the first launch: this module imports without CuPy)."""
     global _cupy
     if _cupy is None:
         import cupy
@@ -267,15 +268,17 @@ class _BoundContexts(threading.local):
 _bound = _BoundContexts()
 
 
-def launch_stream():
-    """CuPy's current stream (its object) on the current device, once that device's context is
-    bound to this thread, as CuPy's own launches find them (``_get_stream`` and
-    ``runtime._ensure_context`` in cupy/cuda/function.pyx, which Python cannot call). The
-    runtime binds a device's primary context to a thread lazily, at the thread's first runtime
-    call that needs one; a driver launch on a thread where none came yet would find no context.
-    A call looks this up once, not per kernel, and asks the same object whether it captures."""
-    cuda = _cupy_module().cuda
-    device = cuda.runtime.getDevice()
+def launch_stream(device: int | None = None):
+    """CuPy's current stream (its object) on the current device (`device`, when the caller
+    has asked the runtime already), once that device's context is bound to this thread, as
+    CuPy's own launches find them (``_get_stream`` and ``runtime._ensure_context`` in
+    cupy/cuda/function.pyx, which Python cannot call). The runtime binds a device's primary
+    context to a thread lazily, at the thread's first runtime call that needs one; a driver
+    launch on a thread where none came yet would find no context. A call looks this up once,
+    not per kernel, and asks the same object whether it captures."""
+    cuda = cupy_module().cuda
+    if device is None:
+        device = cuda.runtime.getDevice()
     bound = _bound.devices
     if device not in bound:
         cuda.runtime.memGetInfo()  # a runtime call that needs the context, as CuPy makes
@@ -294,25 +297,28 @@ class DriverLaunch:
 
     CuPy converts every argument afresh on each launch (a copy of each struct into a
     ``CScalar``, a vector of pointers to them): 5-12 µs per launch with these structs on the
-    H200 host. Here the parameter bytes (``params``: a writable uint8 view per parameter, each
-    64-byte aligned as a CUtensorMap wants) and the array of pointers to them are built once;
-    a call rewrites what changed in place and launches. The driver copies the parameters before
-    cuLaunchKernel returns, so they can be rewritten at once for the next launch; ``lock`` keeps
-    threads launching the same prepared call from rewriting them under each other (CuPy runs
-    cuLaunchKernel without the GIL). ``kernel``: CuPy's RawKernel, compiled for the current
-    device."""
+    H200 host. Here the parameter bytes (``params``: a writable byte memoryview per parameter,
+    each 64-byte aligned as a CUtensorMap wants) and the array of pointers to them are built
+    once; a call rewrites what changed in place and launches. The driver copies the parameters
+    before cuLaunchKernel returns, so they can be rewritten at once for the next launch;
+    ``lock`` keeps threads launching the same prepared call from rewriting them under each other
+    (CuPy runs cuLaunchKernel without the GIL). ``kernel``: CuPy's RawKernel, compiled for the
+    current device."""
 
     def __init__(self, kernel, grid: int, block: int, shared: int, params):
-        self._launch_kernel = _cupy_module().cuda.driver.launchKernel
+        self._launch_kernel = cupy_module().cuda.driver.launchKernel
         sizes = [len(p) for p in params]
         offsets = [64 * sum(-(-n // 64) for n in sizes[:i]) for i in range(len(sizes))]
         total = offsets[-1] + sizes[-1]
         self._storage = numpy.zeros(total + 64, numpy.uint8)
         base = -self._storage.ctypes.data % 64
-        self.params = tuple(self._storage[base + o:base + o + n] for o, n in zip(offsets, sizes))
-        for view, data in zip(self.params, params):
+        views = [self._storage[base + o:base + o + n] for o, n in zip(offsets, sizes)]
+        for view, data in zip(views, params):
             view[:] = numpy.frombuffer(data, numpy.uint8)
-        self._pointers = numpy.array([view.ctypes.data for view in self.params], numpy.uintp)
+        # Byte memoryviews: a slice assignment or a pack_into through one costs a fraction of
+        # NumPy's.
+        self.params = tuple(memoryview(view) for view in views)
+        self._pointers = numpy.array([view.ctypes.data for view in views], numpy.uintp)
         self._function = kernel.kernel  # CuPy's Function: its module stays loaded while held
         # CuPy launches at least one block and one thread in each dimension; so does this.
         self._shape = (self._function.ptr, max(1, grid), 1, 1, max(1, block), 1, 1, shared)
@@ -334,9 +340,9 @@ class KernelLaunch:
     ``maps`` (``_tma.TensorLayout`` of each) with ``map_pointers`` (the index of each one's
     address in `pointers`); a call encodes the descriptors of addresses that changed.
 
-    Launches go through ``DriverLaunch``, built at the first call; ``cupy_arguments`` are the
-    same parameters as CuPy's RawKernel takes them (the reference the tests hold the driver's
-    bytes to, ``launch_through_cupy``)."""
+    Launches go through a ``DriverLaunch``, built at the first call (``_writer``); ``cupy_arguments``
+    are the same parameters as CuPy's RawKernel takes them (the reference the tests hold the
+    driver's bytes to, ``launch_through_cupy``)."""
 
     kernel: Any
     blocks: int
@@ -346,26 +352,43 @@ class KernelLaunch:
     tail: tuple = ()
     maps: tuple = ()
     map_pointers: tuple = ()
-    # [DriverLaunch, the address each descriptor in its buffer describes], from the first call.
+    # The function that writes a call's pointers and launches, from the first call.
     _state: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __call__(self, pointers, stream: int | None = None) -> None:
-        if self.blocks == 0:  # nothing to do (a varlen call without keys); CUDA refuses 0 blocks
-            return
-        driver, described = self._state or self._build_driver()
-        with driver.lock:
-            if self.maps:
-                _write_descriptors(driver.params[0], described, self.maps, self.map_pointers, pointers)
-            self.args.write_pointers(driver.params[1 if self.maps else 0], pointers)
-            driver(current_stream() if stream is None else stream)
+        launch = self._state[0] if self._state else self._writer()
+        launch(pointers, current_stream() if stream is None else stream)
 
-    def _build_driver(self) -> list:
+    def _writer(self):
+        """``launch(pointers, stream)`` of this kernel through a new ``DriverLaunch``: rewrite
+        the descriptors whose address changed and the pointer fields, then launch, under the
+        driver's lock."""
+        if self.blocks == 0:  # nothing to do (a varlen call without keys); CUDA refuses 0 blocks
+            def launch(pointers, stream):
+                pass
+            self._state[:] = [launch]
+            return launch
         map_count = len(self.maps)
         params = [b"\0" * 128 * map_count] if map_count else []
         params += [self.args.packed, *(numpy.asarray(x).tobytes() for x in self.tail)]
         driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params)
-        self._state[:] = [driver, [None] * map_count]
-        return self._state
+        lock, args, write_pointers = driver.lock, driver.params[1 if map_count else 0], self.args.write_pointers
+        descriptors = driver.params[0] if map_count else None
+        maps = tuple(zip(range(map_count), self.maps, self.map_pointers))
+        described = [None] * map_count  # the address each descriptor in the buffer describes
+
+        def launch(pointers, stream):
+            with lock:
+                for i, layout, index in maps:
+                    address = pointers[index]
+                    if described[i] != address:  # a descriptor holds its tensor's address
+                        descriptors[128 * i:128 * (i + 1)] = layout.descriptor_bytes(address)
+                        described[i] = address
+                write_pointers(args, pointers)
+                driver(stream)
+
+        self._state[:] = [launch]
+        return launch
 
     def cupy_arguments(self, pointers) -> tuple:
         """The arguments CuPy's RawKernel takes for the same launch."""
@@ -380,16 +403,6 @@ class KernelLaunch:
         if self.blocks:
             self.kernel((self.blocks,), (self.threads,), self.cupy_arguments(pointers),
                         shared_mem=self.shared)
-
-
-def _write_descriptors(buffer, described: list, maps, map_pointers, pointers) -> None:
-    """Write into `buffer` (one parameter of 128-byte CUtensorMaps) the descriptor of each map
-    whose address in `pointers` is not the one it describes already (``described``)."""
-    for i, (layout, index) in enumerate(zip(maps, map_pointers)):
-        address = pointers[index]
-        if described[i] != address:  # a descriptor holds its tensor's address
-            buffer[128 * i:128 * (i + 1)] = layout.descriptor(address).view(numpy.uint8)
-            described[i] = address
 
 
 @functools.lru_cache(maxsize=None)

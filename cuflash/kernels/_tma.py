@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy
 
@@ -21,6 +21,7 @@ BOX_COLUMNS = 64           # 64 16-bit values: one 128-byte swizzled row
 _DESCRIPTOR_BYTES = 128
 _MAX_STRIDE = 1 << 40      # the driver's limit on a global stride, in bytes
 _MAX_DIM = 1 << 32
+_MEMO_ADDRESSES = 64       # descriptors held per layout (TensorLayout.descriptor_bytes)
 
 # CUtensorMap enums (cuda.h)
 _DATA_TYPE = {"float16": 6, "bfloat16": 9}
@@ -66,6 +67,8 @@ class TensorLayout:
     byte_strides: tuple
     dtype_name: str
     box_rows: int
+    # descriptor_bytes' memo: a loop's tensors come back to a few addresses
+    _bytes_at: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, x, box_rows: int) -> "TensorLayout":
@@ -78,6 +81,15 @@ class TensorLayout:
         """The 16 uint64 words of the descriptor for data at ``address`` (read-only: shared
         between calls)."""
         return _encode(address, self.shape, self.byte_strides, self.dtype_name, self.box_rows)
+
+    def descriptor_bytes(self, address: int) -> bytes:
+        """``descriptor(address)`` as the 128 bytes a launch copies into its parameters."""
+        held = self._bytes_at.get(address)
+        if held is None:
+            if len(self._bytes_at) >= _MEMO_ADDRESSES:
+                self._bytes_at.clear()
+            held = self._bytes_at[address] = self.descriptor(address).tobytes()
+        return held
 
 
 # A descriptor is a pure function of these: calls that reuse their buffers (training loops over
