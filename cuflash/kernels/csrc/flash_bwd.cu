@@ -328,12 +328,36 @@ __device__ __forceinline__ void dq_atomic_add(float* dq_rows, const DkdvWarp& w,
     }
 }
 
+// The column passes a dK/dV variant runs: the tile's PASSES, doubled in two variants that NVRTC
+// 13.0's ptxas spills at that count (13.5's does not): D = 32 without a mask, the atomic dQ or
+// dropout, which it squeezes into 128 registers (two blocks per SM), and D = 128 with a banded
+// block mask, softcap, ALiBi and the atomic dQ, at 255. Twice the passes hold half the query
+// columns of Sᵀ and dPᵀ at a time and change nothing else: each element of Sᵀ, dPᵀ, dK and dV
+// comes from the same products, accumulated in the same order, so the results are bit-identical.
+// Every other variant runs PASSES, and keeps its compiled code: the policies' flags are matched
+// off their template arguments, which instantiates neither policy ahead of the kernel's own first
+// use (that order is the order of the constants a module emits).
+template <int DQK, int WC, int PASSES, int BLOCK_M, bool ATOMIC_DQ, bool DROPOUT, class MASK, class MOD>
+struct DkdvPasses;
+template <int DQK, int WC, int PASSES, int BLOCK_M, bool ATOMIC_DQ, bool DROPOUT, bool LEFT, bool RIGHT, bool SPARSE,
+          bool EXACT, bool SOFTCAP, bool ALIBI>
+struct DkdvPasses<DQK, WC, PASSES, BLOCK_M, ATOMIC_DQ, DROPOUT, Mask<LEFT, RIGHT, SPARSE, EXACT>,
+                  ScoreMod<SOFTCAP, ALIBI>> {
+    static __device__ constexpr int run() {
+        const bool halves = (BLOCK_M / WC / PASSES) % 32 == 0;  // passes stay whole k16 steps
+        const bool light = DQK == 32 && PASSES == 1 && !LEFT && !RIGHT && !SPARSE && !ATOMIC_DQ && !DROPOUT;
+        const bool heavy = DQK == 128 && PASSES == 2 && (LEFT || RIGHT) && SPARSE && SOFTCAP && ALIBI && ATOMIC_DQ;
+        return halves && (light || heavy) ? 2 * PASSES : PASSES;
+    }
+};
+
 template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int PASSES, int BLOCK_M, int STAGES,
           bool KV_IN_REGS, class MASK, class MOD, bool ALIGNED, bool ATOMIC_DQ, bool VARLEN = false,
           bool DROPOUT = false, bool F32_GRADS = false>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_bwd_dkdv(const BwdArgs a) {
-    using S = DkdvShape<DQK, DV, WARPS, MT, WC, PASSES, BLOCK_M, STAGES, ATOMIC_DQ>;
+    constexpr int RUN_PASSES = DkdvPasses<DQK, WC, PASSES, BLOCK_M, ATOMIC_DQ, DROPOUT, MASK, MOD>::run();
+    using S = DkdvShape<DQK, DV, WARPS, MT, WC, RUN_PASSES, BLOCK_M, STAGES, ATOMIC_DQ>;
     constexpr int BLOCK_N = S::BLOCK_N, THREADS = S::THREADS;
 
     extern __shared__ __align__(16) u16 smem[];
@@ -393,7 +417,7 @@ flash_bwd_dkdv(const BwdArgs a) {
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, walk.slot());
         const u32 q_stage = stage * BLOCK_M * S::QS * 2, o_stage = stage * BLOCK_M * S::OS * 2;
 #pragma unroll 1
-        for (int pass = 0; pass < PASSES; ++pass)
+        for (int pass = 0; pass < RUN_PASSES; ++pass)
             dkdv_pass<S, T, DROPOUT>(dk_acc, dv_acc, ka, va, w, pass, q_stage, o_stage, sm.sl + stage * BLOCK_M,
                                      sm.sd + stage * BLOCK_M, tile_mask, mod, drop, n0 + w.kr0, m0);
 
@@ -613,8 +637,22 @@ flash_bwd_dq(const BwdArgs a) {
 
     // Epilogue: dQ * scale, once; rows that see no key write zeros.
     const float dq_scale[2] = {a.scale, a.scale};
-    auto* dq = grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn;
+    // D = 256 with an exact banded mask: the block's (batch, head) and the warp's first row are
+    // derived again from blockIdx and threadIdx, read anew (asm volatile, which the compiler cannot
+    // merge with the first reads), rather than kept live through the key loop, where NVRTC 13.0's
+    // ptxas spills them at 255 registers. The same values; other variants keep their code.
+    int out_b = b, out_h = h, out_row0 = row0;
+    if constexpr (DQK == 256 && MASK::exact && MASK::banded) {
+        u32 block, thread;
+        asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block));
+        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(thread));
+        const QueryTile again = query_tile_at<MASK::banded>((int)block, a.m_tiles, a.heads);
+        out_b = again.b;
+        out_h = again.h;
+        out_row0 = again.m_tile * BLOCK_M + (int)(thread / 32) * MT * 16;
+    }
+    auto* dq = grad_rows<F32_GRADS>(a.grad_q) + out_b * a.gq_sb + out_h * a.gq_sh + seq.q0 * a.gq_sn;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-        store_rows<T, ALIGNED>(dq, a.gq_sn, seq.nq, a.d, acc[mt], row0 + mt * 16 + g, 0, t, dq_scale);
+        store_rows<T, ALIGNED>(dq, a.gq_sn, seq.nq, a.d, acc[mt], out_row0 + mt * 16 + g, 0, t, dq_scale);
 }

@@ -753,8 +753,19 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         } else {
             int rank = 0;
             if constexpr (ORDERED_DQ) rank = key_tile_rank<BLOCK_M, BLOCK_N>(mask, m_tile, walk.h, a.m_tiles, n_tile);
+            // D = 128 with an exact causal mask and no fused dQ: the warpgroup index is derived
+            // again per tile from threadIdx, read anew (asm volatile, which the compiler cannot
+            // merge with the first read), rather than kept live through the loop with the
+            // warp's key offset, where NVRTC 13.0's ptxas spills it at the consumers' 240
+            // registers. The same value; other variants keep their code.
+            int tile_wg = wg;
+            if constexpr (D == 128 && MASK::exact && MASK::right_bounded && MOD::identity && !ATOMIC_DQ) {
+                u32 thread;
+                asm volatile("mov.u32 %0, %%tid.x;" : "=r"(thread));
+                tile_wg = (int)(thread / 128) - 1;
+            }
             dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
-                a, mask, mod, drop, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
+                a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
                 [](int id) { named_barrier(id, CONSUMERS); },
                 DqPartsToWriter{dq_full, (u32)slot.stage, sm.dq_header(), rank});  // stage = tiles % 2
         }
