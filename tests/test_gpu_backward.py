@@ -448,3 +448,59 @@ def test_workspace_is_linear_in_sequence_length():
     assert module.workspace_bytes(1, 16, 65536, 64) == rows * (2 * 4 + 64 * 4)  # 264 MiB
     assert module.workspace_bytes(1, 16, 65536, 64, deterministic=True) == rows * 2 * 4  # 8 MiB
     assert module.workspace_bytes(1, 16, 2 * 65536, 64) == 2 * module.workspace_bytes(1, 16, 65536, 64)
+
+
+# ----------------------------------------------------------------------------- tight registers
+
+def _tight_register_cases():
+    """Calls that reach the backward variants whose registers are tight (NVRTC 13.0's ptxas once
+    spilled them: benchmarks/NOTES.md, "The five NVRTC 13.0 spills removed"): ``{id: (whether
+    the portable family is forced, the variant's expression, the call)}``."""
+    import test_exact_mask
+    import test_gpu_features
+
+    bf16 = ml_dtypes.bfloat16
+    return {
+        "dkdv-d32-f16": (True, "flash_bwd_dkdv<f16_t, 32, 32, 8, 1, 1, 1, 64, 2, true, Mask<false, false, false>, "
+                               "ScoreMod<false, false>, true, false>",
+                         partial(check, d=32, dtype=np.float16, deterministic=True)),
+        "dkdv-d32-bf16": (True, "flash_bwd_dkdv<bf16_t, 32, 32, 8, 1, 1, 1, 64, 2, true, Mask<false, false, false>, "
+                                "ScoreMod<false, false>, true, false>",
+                          partial(check, d=32, dtype=bf16, deterministic=True)),
+        "dkdv-d128-window-blocks-softcap-alibi": (
+            True, "flash_bwd_dkdv<bf16_t, 128, 128, 8, 1, 1, 2, 64, 2, false, Mask<true, true, true>, "
+                  "ScoreMod<true, true>, true, true>",
+            partial(test_gpu_features.run_case, dtype=bf16, d=128, window=(100, 30), softcap=20.0,
+                    alibi="heads", block=64)),
+        "dq-d256-causal-exact": (
+            True, "flash_bwd_dq<bf16_t, 256, 256, 4, 1, 32, false, Mask<false, true, true, true>, "
+                  "ScoreMod<false, false>, true>",
+            partial(test_exact_mask.run_case, dtype=bf16, d=256, causal=True, deterministic=True)),
+        "dkdv-ws-d128-causal-exact-deterministic": (
+            False, "flash_bwd_sm90_dkdv_ws<bf16_t, 128, 2, 64, Mask<false, true, true, true>, "
+                   "ScoreMod<false, false>>",
+            partial(test_exact_mask.run_case, dtype=bf16, d=128, causal=True, deterministic=True)),
+    }
+
+
+@pytest.mark.parametrize("case", ["dkdv-d32-f16", "dkdv-d32-bf16", "dkdv-d128-window-blocks-softcap-alibi",
+                                  "dq-d256-causal-exact", "dkdv-ws-d128-causal-exact-deterministic"])
+def test_variants_with_tight_registers(xp_gpu, rng, seed, monkeypatch, case):
+    """Each against the float64 oracle, after checking that the call compiles that variant."""
+    import cupy
+
+    from cuflash import _calls, kernels
+    from cuflash.kernels import _build
+
+    portable, expression, call = _tight_register_cases()[case]
+    if portable:
+        monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    elif cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("a Hopper kernel")
+    compiled = []
+    get_function = _build.get_function
+    monkeypatch.setattr(_build, "get_function",
+                        lambda source, name, **options: compiled.append(name) or get_function(source, name, **options))
+    _calls.clear()  # prepared launches look their kernels up once
+    call(xp_gpu, rng, seed)
+    assert expression in compiled, f"{case} ran {compiled}"
