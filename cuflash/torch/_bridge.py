@@ -16,6 +16,8 @@ import ml_dtypes
 import numpy
 import torch
 
+from ..kernels._launch import cupy_module
+
 _BF16 = numpy.dtype(ml_dtypes.bfloat16)
 
 _NUMPY_OF_TORCH = {
@@ -92,21 +94,10 @@ class _NoSyncExport:
 # call of the core, and a call crosses four to six tensors.
 _VIEWABLE = {**_NUMPY_OF_TORCH, torch.int32: numpy.dtype(numpy.int32), torch.int64: numpy.dtype(numpy.int64)}
 
-_cupy = None  # the module, once a CUDA call has imported it (the core imports it lazily too)
-
-
-def _cupy_module():
-    global _cupy
-    if _cupy is None:
-        import cupy
-        _cupy = cupy
-    return _cupy
-
-
 def to_cupy(t: torch.Tensor):
     """A CuPy view of a CUDA tensor (no copy, any strides); call inside ``cuda_scope``. The view
     keeps the tensor alive (its memory's owner)."""
-    cupy = _cupy_module()
+    cupy = cupy_module()
     dtype = _VIEWABLE.get(t.dtype)
     if dtype is not None:
         numel = t.numel()
@@ -150,7 +141,7 @@ class TorchAllocator:
         self.index = device.index
 
     def __call__(self, size: int):
-        cupy = _cupy_module()
+        cupy = cupy_module()
         buffer = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
         memory = cupy.cuda.UnownedMemory(buffer.data_ptr(), size, _TorchBuffer(buffer), self.index)
         return cupy.cuda.MemoryPointer(memory, 0)
@@ -204,7 +195,7 @@ def _cupy_stream(handle: int, index: int):
     key = (index, handle)
     wrapped = _per_thread.streams.get(key)
     if wrapped is None:
-        cupy = _cupy_module()
+        cupy = cupy_module()
         # torch's default stream is CUDA's legacy default stream (handle 0)
         wrapped = cupy.cuda.Stream.null if handle == 0 else cupy.cuda.ExternalStream(handle, index)
         _per_thread.streams[key] = wrapped
@@ -232,7 +223,7 @@ class cuda_scope:
         self._index = device.index if device.index is not None else torch.cuda.current_device()
 
     def __enter__(self) -> TorchAllocator:
-        cupy = _cupy_module()
+        cupy = cupy_module()
         index = self._index
         exits = []
         try:
