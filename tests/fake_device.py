@@ -149,7 +149,7 @@ class FakeDevice:
         monkeypatch.setattr(_build, "get_function", get_function)
         # TMA descriptors come from the driver: a stand-in holding what the real one encodes.
         monkeypatch.setattr(_tma, "_encode", lambda address, shape, strides, dtype_name, box_rows: np.array(
-            ([address, box_rows, *shape, *strides] + [0] * 16)[:16], np.uint64))
+            ([address, box_rows, *shape, *strides] + [0] * 16)[:16], np.uint64).tobytes())
         monkeypatch.setattr(_launch, "sm_count", lambda device_id: 132)
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
         monkeypatch.setattr(cupy.cuda.driver, "launchKernel", self.launch_kernel)

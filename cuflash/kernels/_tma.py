@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy
 
@@ -21,7 +21,6 @@ BOX_COLUMNS = 64           # 64 16-bit values: one 128-byte swizzled row
 _DESCRIPTOR_BYTES = 128
 _MAX_STRIDE = 1 << 40      # the driver's limit on a global stride, in bytes
 _MAX_DIM = 1 << 32
-_MEMO_ADDRESSES = 64       # descriptors held per layout (TensorLayout.descriptor_bytes)
 
 # CUtensorMap enums (cuda.h)
 _DATA_TYPE = {"float16": 6, "bfloat16": 9}
@@ -67,8 +66,6 @@ class TensorLayout:
     byte_strides: tuple
     dtype_name: str
     box_rows: int
-    # descriptor_bytes' memo: a loop's tensors come back to a few addresses
-    _bytes_at: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, x, box_rows: int) -> "TensorLayout":
@@ -78,24 +75,19 @@ class TensorLayout:
         return cls(tuple(x.shape), tuple(x.strides), x.dtype.name, box_rows)
 
     def descriptor(self, address: int) -> numpy.ndarray:
-        """The 16 uint64 words of the descriptor for data at ``address`` (read-only: shared
-        between calls)."""
-        return _encode(address, self.shape, self.byte_strides, self.dtype_name, self.box_rows)
+        """The 16 uint64 words of the descriptor for data at ``address`` (read-only)."""
+        return numpy.frombuffer(self.descriptor_bytes(address), dtype=numpy.uint64)
 
     def descriptor_bytes(self, address: int) -> bytes:
-        """``descriptor(address)`` as the 128 bytes a launch copies into its parameters."""
-        held = self._bytes_at.get(address)
-        if held is None:
-            if len(self._bytes_at) >= _MEMO_ADDRESSES:
-                self._bytes_at.clear()
-            held = self._bytes_at[address] = self.descriptor(address).tobytes()
-        return held
+        """The descriptor for data at ``address`` as the 128 bytes a launch copies into its
+        parameters (shared between calls)."""
+        return _encode(address, self.shape, self.byte_strides, self.dtype_name, self.box_rows)
 
 
 # A descriptor is a pure function of these: calls that reuse their buffers (training loops over
 # a caching allocator) skip the driver call.
 @functools.lru_cache(maxsize=256)
-def _encode(address: int, shape, byte_strides, dtype_name: str, box_rows: int) -> numpy.ndarray:
+def _encode(address: int, shape, byte_strides, dtype_name: str, box_rows: int) -> bytes:
     batch, heads, rows, cols = shape
     # Axes of size 1 are never stepped along; any legal stride describes them.
     strides = [s if n > 1 else 16 for n, s in zip((rows, heads, batch), byte_strides[2::-1])]
@@ -112,9 +104,7 @@ def _encode(address: int, shape, byte_strides, dtype_name: str, box_rows: int) -
     if status != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} for shape "
                            f"{shape}, strides {byte_strides}, box {box_rows}x{BOX_COLUMNS}")
-    words = numpy.frombuffer(ctypes.string_at(aligned, _DESCRIPTOR_BYTES), dtype=numpy.uint64).copy()
-    words.flags.writeable = False
-    return words
+    return ctypes.string_at(aligned, _DESCRIPTOR_BYTES)
 
 
 @functools.lru_cache(maxsize=None)
