@@ -42,6 +42,26 @@ def test_head_dim_32_on_long_rows(xp_gpu, rng, seed, causal):
     run(xp_gpu, rng, seed, b=1, hq=2, d=32, nq=2100, dtype=ml_dtypes.bfloat16, causal=causal)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("d,window", [(64, None), (32, None), (64, (-1, 40))])
+def test_long_causal_rows(xp_gpu, rng, seed, dtype, d, window):
+    """Causal alone, or a window bounded on the right only, over rows of more than 2K keys: on
+    Hopper three consumer warpgroups taking turns (192-row query tiles), here with a last tile
+    the rows end inside, a GQA group and Nq < Nk."""
+    xp = xp_gpu
+    options = dict(causal=True) if window is None else dict(window=window)
+    q = random_array(rng, (1, 4, 2333, d), dtype, xp=xp)
+    k, v = (random_array(rng, (1, 2, 2400, d), dtype, xp=xp) for _ in range(2))
+    plan = cuflash.kernel_plan(q, k, v, **options).forward
+    if xp.cuda.Device().compute_capability == "90":
+        assert plan.family.name == "sm90-tma"
+        assert plan.detail.endswith("3 consumer warpgroups taking turns"), plan.detail
+    out = poisoned(q.shape, dtype, xp=xp)
+    got, lse = cuflash.attention(q, k, v, return_lse=True, out=out, **options)
+    assert got is out
+    assert_forward_close(out, lse, q, k, v, context=f"seed={seed}", **options)
+
+
 @pytest.mark.parametrize("d", [1, 8, 17, 40, 72, 100, 160, 200, 255])
 def test_odd_head_dims_are_padded_inside(xp_gpu, rng, seed, d):
     run(xp_gpu, rng, seed, d=d, nq=130, dtype=ml_dtypes.bfloat16, causal=True)

@@ -59,11 +59,21 @@ def test_tile_choice_follows_head_dims_and_masks():
     for options in (dict(softcap=30.0), dict(causal=True, softcap=30.0), dict(block_mask=mask, softcap=30.0)):
         tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
         assert tiles.consumers == 2 and tiles.block_m == 128, options
-    # a band alone over short rows: one consumer, two blocks per SM; over long rows, two consumers
-    for options in (dict(causal=True), dict(window=(64, 0))):
+    # a band alone over short rows: one consumer, two blocks per SM; over long rows, three
+    # ping-pong consumers when the band is bounded on the right alone (causal), else two (a
+    # window's left edge spills beside three)
+    for options, long_consumers in ((dict(causal=True), 3), (dict(window=(-1, 16)), 3),
+                                    (dict(window=(64, 0)), 2), (dict(window=(64, -1)), 2)):
         short = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
         assert (short.consumers, short.block_m, short.threads) == (1, 64, 256), options
-        assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 64, **options))).consumers == 2, options
+        tiles = sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 64, **options)))
+        assert (tiles.consumers, tiles.pingpong) == (long_consumers, long_consumers == 3), options
+    # long causal rows with anything else keep two consumers; so do wider head dims
+    for spec in (_long(spec_of("bfloat16", 64, causal=True, softcap=30.0)),
+                 _long(spec_of("bfloat16", 64, causal=True, dropout_p=0.1, dropout_seed=1)),
+                 _long(spec_of("bfloat16", 128, causal=True))):
+        assert sm90_tma_forward.tiles_for(spec).consumers == 2, spec.describe()
+    assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 32, causal=True))).consumers == 3
 
 
 def test_masks_keeping_few_keys_per_row_take_one_consumer():

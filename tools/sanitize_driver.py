@@ -53,6 +53,12 @@ def _dense(rng):
     cupy.cuda.Device().synchronize()
     print("ran bfloat16 D=64 sm90=on causal (one-consumer forward)", flush=True)
 
+    # The same band over rows of more than 2K keys: the forward's three consumers taking turns.
+    q, k, v, _ = _arrays(rng, ml_dtypes.bfloat16, 1, 1, 1, 2100, 64)
+    cuflash.attention(q, k, v, causal=True)
+    cupy.cuda.Device().synchronize()
+    print("ran bfloat16 D=64 sm90=on causal, 2100 keys (three-consumer forward)", flush=True)
+
     # More query tiles than SMs, unmasked and short: the Hopper forward's persistent walk, where
     # a thread block refills its Q buffer and runs its K/V ring on from one tile to the next.
     os.environ[kernels.DISABLE_HOPPER_ENV] = "0"
