@@ -215,7 +215,8 @@ def test_deterministic_calls_fuse_dq_with_ordered_adds(monkeypatch, d, window):
     assert [x.split("<")[0] for x in ordered] == [
         "flash_bwd_pre", "flash_bwd_sm90_dkdv_ws", "flash_bwd_dq_convert"]
     assert ordered[0] == default[0][:-1] + ", false, true>"  # VARLEN false, ZERO_SEMS true
-    assert ordered[1] == default[1][:-1] + ", true>"        # ORDERED_DQ after ATOMIC_DQ
+    # ORDERED_DQ after ATOMIC_DQ; without a band also ROTATED_DQ (3 key tiles against 3 query tiles)
+    assert ordered[1] == default[1][:-1] + (", true, true>" if window == (-1, -1) else ", true>")
     assert ordered[2] == default[2]
     fused, with_semaphores = workspaces[-2], workspaces[-1]
     assert with_semaphores.accum == fused.accum and fused.semaphores == 0
@@ -353,3 +354,29 @@ def test_warp_specialised_dkdv_kernel_by_default(monkeypatch, d):
                 assert maps.nbytes == 4 * 128
             else:
                 assert sides[1] == ()
+
+
+def test_ordered_dq_rotates_its_walks_only_where_measured_faster():
+    """Deterministic calls without a band, with at least as many query tiles as key tiles and at
+    most 16 key tiles per head, start each key tile's walk at its own query tile
+    (sm90_backward.rotated_dq); the variant's expression says so, and other calls keep theirs."""
+    from cuflash.kernels import sm90_backward
+    from cuflash.kernels._variants import spec_of
+
+    def rotates(d, nq, nk, **options):
+        spec = spec_of("bfloat16", d, deterministic=True, **options)
+        spec = dataclasses.replace(spec, shapes=dataclasses.replace(spec.shapes, nq=nq, nk=nk))
+        return sm90_backward.rotated_dq(spec, sm90_backward.default_tiles(d))
+
+    assert rotates(64, 2048, 2048) and rotates(128, 2048, 2048) and rotates(128, 1500, 700)
+    assert not rotates(64, 2048, 2048, causal=True)  # a band: walks start at its edge
+    assert not rotates(64, 2048, 2048, window=(300, -1))
+    assert not rotates(64, 300, 2100)  # fewer query tiles than key tiles: starts would repeat
+    assert not rotates(64, 4096, 4096) and not rotates(128, 8192, 8192)  # 32, 64 key tiles
+    spec = spec_of("bfloat16", 64, deterministic=True)
+    tiles = sm90_backward.default_tiles(64)
+    plain = sm90_backward.variant_dkdv_ws(spec, tiles, ordered_dq=True)
+    rotated = sm90_backward.variant_dkdv_ws(spec, tiles, ordered_dq=True, rotated_dq=True)
+    assert rotated == plain[:-1] + ", true>" and plain.endswith("true, true>")
+    listed = {expression for _, expression in sm90_backward.main_variants()}
+    assert plain in listed and rotated in listed

@@ -173,7 +173,10 @@ def test_split_columns_block_sparse_and_bit_identical(xp_gpu, rng, seed, dkdv_ke
 
 ORDERED_CASES = [dict(d=64), dict(d=128, causal=True), dict(d=64, causal=True, b=2, hq=8, hkv=2),
                  dict(d=128, window=(200, 30)), dict(d=96, causal=True),
-                 dict(d=128, softcap=20.0, causal=True), dict(d=64, nq=700, nk=1000, causal=True)]
+                 dict(d=128, softcap=20.0, causal=True), dict(d=64, nq=700, nk=1000, causal=True),
+                 # without a band the walks rotate (sm90_backward.rotated_dq) where they can
+                 dict(d=128, nq=1500, nk=700), dict(d=64, b=2, hq=8, hkv=2), dict(d=128, softcap=20.0),
+                 dict(d=64, nq=300, nk=2100)]
 
 
 @pytest.mark.parametrize("options", ORDERED_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))

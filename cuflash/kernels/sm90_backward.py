@@ -175,6 +175,25 @@ def ordered_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
             and ordered_dq_fits(spec, tiles))
 
 
+# At most this many key tiles per (batch, key/value head) rotate their walks (rotated_dq).
+ROTATED_MAX_KEY_TILES = 16
+
+
+def rotated_dq(spec, tiles: Sm90BwdTiles) -> bool:
+    """Whether an ordered fused dQ (``ordered_dq``) rotates its walks (flash_bwd_sm90.cu,
+    ROTATED_DQ): each key tile starts at its own query tile, so that a head's key tiles do not
+    queue behind one another at each query tile's adds. Without a band, with at least as many
+    query tiles as key tiles and at most ROTATED_MAX_KEY_TILES key tiles per head (its blocks
+    then also wait on blocks launched after them, so all must be in flight at once). On an
+    H200 it took the deterministic backward at 2K keys from 0.85x the default's speed to 0.97x
+    (D = 64) and from 0.87x to 0.96x (D = 128); a first version that also rotated 64 key tiles
+    (8K keys at D = 128) lost 3-5% there (benchmarks/NOTES.md, "Rotated walks for the ordered
+    dQ")."""
+    s = spec.shapes
+    m_tiles, n_tiles = -(-s.nq // tiles.dkdv_block_m), -(-s.nk // tiles.dkdv_block_n)
+    return not spec.banded and n_tiles <= min(m_tiles, ROTATED_MAX_KEY_TILES)
+
+
 def describe_call(spec) -> str:
     """The launch sequence this call runs (``cuflash.kernel_plan``; views TMA cannot describe
     keep the cp.async dK/dV kernel even where this names the warp-specialised one)."""
@@ -199,13 +218,14 @@ def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
 
 
 def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False,
-                    ordered_dq: bool = False) -> str:
+                    ordered_dq: bool = False, rotated_dq: bool = False) -> str:
     """The warp-specialised dK/dV kernel (a TMA producer warpgroup; dense calls only);
-    ``ordered_dq``: the fused dQ's adds in key-tile order."""
+    ``ordered_dq``: the fused dQ's adds in key-tile order; ``rotated_dq``: their walks rotated."""
     return _build.template_expression(
         "flash_bwd_sm90_dkdv_ws", element_type(spec.dtype), tile_head_dim(spec), tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq or ordered_dq, ordered_dq),
+        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq or ordered_dq, ordered_dq,
+                               rotated_dq),
     )
 
 
@@ -331,7 +351,8 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     # 2. dK, dV (and the fused dQ): one block per key tile; 3. dQ: one block per query tile, or
     # the accumulator's cast.
     if producer:
-        dkdv = variant_dkdv_ws(spec, tiles, atomic_dq=atomic_dq, ordered_dq=ordered)
+        dkdv = variant_dkdv_ws(spec, tiles, atomic_dq=atomic_dq, ordered_dq=ordered,
+                               rotated_dq=ordered and rotated_dq(spec, tiles))
     else:
         dkdv = variant_dkdv(spec, tiles, atomic_dq=atomic_dq)
     kernels = [(dkdv, tiles.dkdv_block_m, tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d, atomic_dq=atomic_dq),
@@ -390,6 +411,8 @@ def main_variants() -> list[tuple[str, str]]:
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, atomic_dq=True)))
             if ordered_dq_fits(spec, tiles):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, ordered_dq=True)))
+                if not spec.banded:
+                    out.append((SOURCE, variant_dkdv_ws(spec, tiles, ordered_dq=True, rotated_dq=True)))
     return list(dict.fromkeys(out))
 
 

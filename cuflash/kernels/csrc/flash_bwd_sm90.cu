@@ -639,7 +639,8 @@ __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile 
 // warpgroups 1..WG are the consumers, with the producer's registers (setmaxnreg). Consumers
 // release a stage after its last read; no block-wide barrier runs in the loop. ATOMIC_DQ: the
 // producer warpgroup's second warp is the dQ writer (write_dq_parts); ORDERED_DQ: its adds in
-// key-tile order (dense and banded masks). D = 256: the two
+// key-tile order (dense and banded masks); ROTATED_DQ: without a band, each key tile's walk
+// starts at its own query tile (schedule.cuh, key_tile_rank), so the ordered adds do not queue. D = 256: the two
 // consumers split one 64-key tile's columns (dkdv_split_query_tile), without the fused dQ,
 // dropout or exact masks.
 struct BwdMaps {
@@ -647,7 +648,7 @@ struct BwdMaps {
 };
 
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
-          bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false>
+          bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false, bool ROTATED_DQ = false>
 __global__ void __launch_bounds__((WG + 1) * 128, 1)
 flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
     constexpr bool SPLIT = D > 128;  // dK, dV split by columns (dkdv_split_query_tile)
@@ -659,6 +660,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     static_assert(!SPLIT || (WG == 2 && BLOCK_M == 64 && !ATOMIC_DQ && !DROPOUT && !MASK::exact),
                   "D = 256: two consumers, 64-row query tiles, no fused dQ, dropout or exact mask");
     static_assert(!ORDERED_DQ || (ATOMIC_DQ && !MASK::sparse), "ordered adds of the fused dQ, dense or banded");
+    static_assert(!ROTATED_DQ || (ORDERED_DQ && !MASK::banded), "rotated walks: ordered adds without a band");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
     static_assert(!ATOMIC_DQ || FusedDq<D, WG, BLOCK_M>::N >= 64, "fused dQ needs parts of at least 64 columns");
 
@@ -688,7 +690,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     const int n0 = n_tile * BLOCK_N;
     const Sequence seq = sequence_of<false>(a, b);
     const MASK mask(a, seq.nq, seq.nk);
-    QueryTileWalk<BLOCK_M, BLOCK_N, MASK> block_walk(mask, a, n_tile, hk, a.m_tiles);
+    using Walk = QueryTileWalk<BLOCK_M, BLOCK_N, MASK, ROTATED_DQ>;
+    Walk block_walk(mask, a, n_tile, hk, a.m_tiles);
 
     if (threadIdx.x < 128) {
         release_registers<24>();
@@ -704,8 +707,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         // Beside the writer, the producer builds its walk anew after the hand-over: the block's
         // walk kept live across setmaxnreg made the heaviest masked variant spill there. Without
         // the writer the block's walk fits, and building one here spills at D = 64 instead.
-        auto walk = ATOMIC_DQ ? QueryTileWalk<BLOCK_M, BLOCK_N, MASK>(MASK(a, seq.nq, seq.nk), a, n_tile, hk, a.m_tiles)
-                              : block_walk;
+        auto walk = ATOMIC_DQ ? Walk(MASK(a, seq.nq, seq.nk), a, n_tile, hk, a.m_tiles) : block_walk;
         if (!walk.valid()) return;
         tma_prefetch_desc(&maps.q);
         tma_prefetch_desc(&maps.dout);
@@ -752,7 +754,9 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
                                                    dk_acc, dv_acc);
         } else {
             int rank = 0;
-            if constexpr (ORDERED_DQ) rank = key_tile_rank<BLOCK_M, BLOCK_N>(mask, m_tile, walk.h, a.m_tiles, n_tile);
+            if constexpr (ORDERED_DQ)
+                rank = key_tile_rank<BLOCK_M, BLOCK_N, MASK, ROTATED_DQ>(mask, m_tile, walk.h, a.m_tiles, n_tile,
+                                                                         a.n_tiles);
             // D = 128 with an exact causal mask and no fused dQ: the warpgroup index is derived
             // again per tile from threadIdx, read anew (asm volatile, which the compiler cannot
             // merge with the first read), rather than kept live through the loop with the

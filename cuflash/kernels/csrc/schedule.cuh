@@ -159,11 +159,31 @@ __device__ __forceinline__ KeyTiles<MASK::sparse, MASK::exact> key_tiles_of(cons
 // tiles in the same order (kv_tile_of_block), a head's key tiles next to each other (last first
 // when descending), so a block only waits on blocks launched before it, and the blocks that run
 // side by side share their head's Q and dO in L2.
+//
+// ROTATED (ordered adds without a mask): key tile j of N starts its walk at query tile
+// floor(j·M / N) of M and wraps around (QueryTileWalk), so that a head's key tiles reach a query
+// tile one step after another instead of all at once, each behind the one before it; a tile's
+// rank is then the order in which the walks get there. It needs distinct starts (M ≥ N), and
+// every key tile of a head in flight at once, since a block then also waits on blocks launched
+// after it: few key tiles per head, far fewer than any Hopper GPU's SMs (one dK/dV block per
+// SM). The host picks the calls (sm90_backward.rotated_dq).
+__device__ __forceinline__ int rotated_walk_start(int n_tile, int n_tiles, int m_tiles) {
+    return n_tile * m_tiles / n_tiles;  // 32-bit: N is small, and M < 2^26 for any int length
+}
 template <class MASK>
 __device__ constexpr bool descending_key_tiles() { return MASK::right_bounded; }
-template <int BLOCK_M, int BLOCK_N, class MASK>
-__device__ __forceinline__ int key_tile_rank(const MASK& mask, int m_tile, int h, int m_tiles, int n_tile) {
+template <int BLOCK_M, int BLOCK_N, class MASK, bool ROTATED = false>
+__device__ __forceinline__ int key_tile_rank(const MASK& mask, int m_tile, int h, int m_tiles, int n_tile,
+                                             int n_tiles) {
     static_assert(!MASK::sparse, "a tile CSR's key tiles are no range");
+    static_assert(!ROTATED || !MASK::banded, "rotated walks cover every query tile");
+    if constexpr (ROTATED) {
+        // Walks that start at or before m_tile (their starts increase with the key tile).
+        const int started = ((m_tile + 1) * n_tiles + m_tiles - 1) / m_tiles;
+        // Those after n_tile's own start got here first; past the wrap, also all after it.
+        return m_tile >= rotated_walk_start(n_tile, n_tiles, m_tiles) ? started - n_tile - 1
+                                                                       : n_tiles - n_tile - 1 + started;
+    }
     const auto tiles = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, m_tiles);
     if constexpr (descending_key_tiles<MASK>()) return tiles.first + tiles.count - 1 - n_tile;
     return n_tile - tiles.first;
@@ -174,8 +194,11 @@ __device__ __forceinline__ int key_tile_rank(const MASK& mask, int m_tile, int h
 // tiles whose rows see the key tile: a range (dense) or the part of its column of the transposed
 // block-sparse (or exact) index inside that range; slot() is the current tile's bitmask slot for
 // Mask::tile (exact masks; −1 otherwise). A value type, so the next pair can be looked at ahead.
-template <int BLOCK_M, int BLOCK_N, class MASK>
+// ROTATED: each head's query tiles from rotated_walk_start on, wrapping around (key_tile_rank);
+// the start is worked out where it is needed, not held (the producer has 24 registers).
+template <int BLOCK_M, int BLOCK_N, class MASK, bool ROTATED = false>
 struct QueryTileWalk {
+    static_assert(!ROTATED || !(MASK::banded || MASK::sparse), "rotated walks cover every query tile");
     const int* col_ptr;
     const int* row_idx;
     const int* slots;
@@ -203,6 +226,10 @@ struct QueryTileWalk {
     __device__ __forceinline__ bool valid() const { return pos < end; }
     __device__ __forceinline__ int m_tile() const {
         if constexpr (MASK::sparse) return row_idx[pos];
+        if constexpr (ROTATED) {
+            const int m = pos + rotated_walk_start(n_tile, n_tiles, m_tiles);  // pos counts from m_begin = 0
+            return m < m_end ? m : m - m_end;
+        }
         return pos;
     }
     __device__ __forceinline__ int slot() const {
