@@ -371,6 +371,8 @@ def test_ordered_dq_rotates_its_walks_only_where_measured_faster():
     assert rotates(64, 2048, 2048) and rotates(128, 2048, 2048) and rotates(128, 1500, 700)
     assert not rotates(64, 2048, 2048, causal=True)  # a band: walks start at its edge
     assert not rotates(64, 2048, 2048, window=(300, -1))
+    assert not rotates(128, 2048, 2048, dropout_p=0.1, dropout_seed=1)  # not measured with these
+    assert not rotates(128, 2048, 2048, float32_grads=True)
     assert not rotates(64, 300, 2100)  # fewer query tiles than key tiles: starts would repeat
     assert not rotates(64, 4096, 4096) and not rotates(128, 8192, 8192)  # 32, 64 key tiles
     spec = spec_of("bfloat16", 64, deterministic=True)

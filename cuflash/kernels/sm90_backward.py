@@ -182,16 +182,17 @@ ROTATED_MAX_KEY_TILES = 16
 def rotated_dq(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether an ordered fused dQ (``ordered_dq``) rotates its walks (flash_bwd_sm90.cu,
     ROTATED_DQ): each key tile starts at its own query tile, so that a head's key tiles do not
-    queue behind one another at each query tile's adds. Without a band, with at least as many
-    query tiles as key tiles and at most ROTATED_MAX_KEY_TILES key tiles per head (its blocks
-    then also wait on blocks launched after them, so all must be in flight at once). On an
-    H200 it took the deterministic backward at 2K keys from 0.85x the default's speed to 0.97x
-    (D = 64) and from 0.87x to 0.96x (D = 128); a first version that also rotated 64 key tiles
-    (8K keys at D = 128) lost 3-5% there (benchmarks/NOTES.md, "Rotated walks for the ordered
-    dQ")."""
+    queue behind one another at each query tile's adds. Without a band, dropout or float32
+    gradients (not measured with them), with at least as many query tiles as key tiles and at most
+    ROTATED_MAX_KEY_TILES key tiles per head (its blocks then also wait on blocks launched after
+    them, so all must be in flight at once). On an H200 it took the deterministic backward at 2K
+    keys from 0.85x the default's speed to 0.97x (D = 64) and from 0.87x to 0.96x (D = 128); a
+    first version that also rotated 64 key tiles (8K keys at D = 128) lost 3-5% there
+    (benchmarks/NOTES.md, "Rotated walks for the ordered dQ")."""
     s = spec.shapes
     m_tiles, n_tiles = -(-s.nq // tiles.dkdv_block_m), -(-s.nk // tiles.dkdv_block_n)
-    return not spec.banded and n_tiles <= min(m_tiles, ROTATED_MAX_KEY_TILES)
+    return (not (spec.banded or spec.has_dropout or spec.float32_grads)
+            and n_tiles <= min(m_tiles, ROTATED_MAX_KEY_TILES))
 
 
 def describe_call(spec) -> str:
@@ -411,7 +412,7 @@ def main_variants() -> list[tuple[str, str]]:
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, atomic_dq=True)))
             if ordered_dq_fits(spec, tiles):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, ordered_dq=True)))
-                if not spec.banded:
+                if rotated_dq(spec, tiles):
                     out.append((SOURCE, variant_dkdv_ws(spec, tiles, ordered_dq=True, rotated_dq=True)))
     return list(dict.fromkeys(out))
 
