@@ -364,8 +364,7 @@ def test_ordered_dq_rotates_its_walks_only_where_measured_faster():
     from cuflash.kernels._variants import spec_of
 
     def rotates(d, nq, nk, **options):
-        spec = spec_of("bfloat16", d, deterministic=True, **options)
-        spec = dataclasses.replace(spec, shapes=dataclasses.replace(spec.shapes, nq=nq, nk=nk))
+        spec = spec_of("bfloat16", d, deterministic=True, nq=nq, nk=nk, **options)
         return sm90_backward.rotated_dq(spec, sm90_backward.default_tiles(d))
 
     assert rotates(64, 2048, 2048) and rotates(128, 2048, 2048) and rotates(128, 1500, 700)

@@ -38,10 +38,12 @@ class _Slopes:
     data = None
 
 
-def spec_of(dtype, d: int, dv: int | None = None, **options) -> AttentionSpec:
-    """A spec for a (1, 1, N, D) problem with these options."""
+def spec_of(dtype, d: int, dv: int | None = None, *, nq: int = _N, nk: int | None = None,
+            **options) -> AttentionSpec:
+    """A spec for a (1, 1, Nq, D) problem against Nk keys (both 1024 unless given) with these
+    options."""
     dv = d if dv is None else dv
-    shapes = Shapes((1,), 1, 1, _N, _N, d, dv)
+    shapes = Shapes((1,), 1, 1, nq, nq if nk is None else nk, d, dv)
     return AttentionSpec(shapes=shapes, dtype=numpy.dtype(dtype), scale=1 / math.sqrt(d), **options)
 
 

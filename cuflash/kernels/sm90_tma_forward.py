@@ -89,6 +89,12 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     return [TmaTiles(block_n, 2) for block_n in widths]
 
 
+def _nothing_beyond_a_band(spec) -> bool:
+    """Whether a call holds nothing beyond a causal or window band: no block or exact mask, score
+    modifier or dropout (beside any of those, three consumers spill)."""
+    return not (spec.sparse or spec.exact or spec.score_modified or spec.has_dropout)
+
+
 def few_keys(spec) -> bool:
     """Whether a call's query tiles visit few key tiles (``candidate_tiles``): a band alone over
     rows of at most PERSISTENT_MAX_KEYS keys, or a block or exact mask (with a band or not) that
@@ -109,8 +115,7 @@ def long_causal(spec) -> bool:
     than two at 4K-16K keys on an H200; shorter rows take one consumer, ``few_keys``)."""
     left, right = spec.band()
     return (left == -1 and right != -1 and spec.shapes.nk > PERSISTENT_MAX_KEYS
-            and spec.varlen is None
-            and not (spec.sparse or spec.exact or spec.score_modified or spec.has_dropout))
+            and spec.varlen is None and _nothing_beyond_a_band(spec))
 
 
 def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
@@ -122,7 +127,7 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     (5-9% slower at 8K keys). `few` overrides ``few_keys(spec)`` (the variants list asks for
     both)."""
     d, dv = spec.shapes.d, spec.shapes.dv
-    plain = not (spec.banded or spec.sparse or spec.exact or spec.score_modified or spec.has_dropout)
+    plain = not spec.banded and _nothing_beyond_a_band(spec)
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
                                  few_keys=few_keys(spec) if few is None else few,
@@ -240,8 +245,7 @@ def main_variants() -> list[tuple[str, str]]:
     # (few_keys): block masks there too (the sparse sweep's head dim), each with both shapes.
     specs += [spec_of("bfloat16", 64, causal=causal, block_mask=_block_mask()) for causal in (False, True)]
     # Causal rows longer than that take three consumers (long_causal), at D = 32 too.
-    specs += [dataclasses.replace(spec, shapes=dataclasses.replace(spec.shapes, nq=4096, nk=4096))
-              for spec in spec_grid((32, 64), features=False) if spec.causal]
+    specs += [spec_of(dtype, d, causal=True, nq=4096) for dtype in ("float16", "bfloat16") for d in (32, 64)]
     shapes = [(spec, few) for spec in specs for few in ((True, False) if few_keys(spec) else (None,))]
     # Options the kernel does not template on (a varlen call's GQA, say) give repeats: one each.
     return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec, few=few))) for spec, few in shapes))
