@@ -1,7 +1,7 @@
 """Every kernel family once, forward and backward, on problems small enough for
 compute-sanitizer's slow tools (racecheck): run under `tools/sanitize.sh`. The environment
-variable SANITIZE_PARTS (comma-separated: dense, split, exact, varlen, decode, dropout; all by
-default) picks parts."""
+variable SANITIZE_PARTS (comma-separated: dense, ordered, split, exact, varlen, decode, dropout;
+all by default) picks parts."""
 
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ def _arrays(rng, dtype, b, hq, hkv, n, d):
 
 def main():
     rng = numpy.random.default_rng(0)
-    parts = os.environ.get("SANITIZE_PARTS", "dense,split,exact,varlen,decode,dropout").split(",")
+    parts = os.environ.get("SANITIZE_PARTS", "dense,ordered,split,exact,varlen,decode,dropout").split(",")
     if "dense" in parts:
         _dense(rng)
+    if "ordered" in parts:
+        _ordered(rng)
     if "split" in parts:
         _split(rng)
     if "exact" in parts:
@@ -66,6 +68,25 @@ def _dense(rng):
     cuflash.attention(q, k, v)
     cupy.cuda.Device().synchronize()
     print("ran bfloat16 D=256 sm90=on persistent walk", flush=True)
+
+
+def _ordered(rng):
+    """Deterministic calls without a band on the Hopper backward: the fused dQ's ordered adds with
+    rotated walks (each key tile starts at its own query tile and wraps around), at D = 64 with a
+    GQA group and D = 128 with softcap, more query tiles than key tiles."""
+    from cuflash.kernels import sm90_backward
+    from cuflash.kernels._variants import spec_of
+
+    os.environ[kernels.DISABLE_HOPPER_ENV] = "0"
+    for d, nq, nk, opts in ((64, 520, 300, {}), (128, 450, 200, {"softcap": 10.0})):
+        spec = spec_of("bfloat16", d, deterministic=True, nq=nq, nk=nk, **opts)
+        assert sm90_backward.rotated_dq(spec, sm90_backward.default_tiles(d)), (d, nq, nk)
+        q, _, _, dout = _arrays(rng, ml_dtypes.bfloat16, 1, 4, 2, nq, d)
+        _, k, v, _ = _arrays(rng, ml_dtypes.bfloat16, 1, 4, 2, nk, d)
+        out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
+        cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **opts)
+        cupy.cuda.Device().synchronize()
+        print(f"ran ordered dQ, rotated walks, bfloat16 D={d} {nq}x{nk} {sorted(opts)}", flush=True)
 
 
 def _split(rng):
