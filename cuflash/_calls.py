@@ -274,6 +274,19 @@ def forward(q, k, v, out, options: dict, return_lse):
     return result, lse, spec
 
 
+def prepared_forward(q, k, v, out, options: dict):
+    """``(result, lse, entry)`` of one forward call with ``return_lse=True``, validated and run
+    (``options``: ``attention``'s keywords, any subset), with the entry that would serve later
+    calls of its signature (``None`` when they would take the validated path): for callers that
+    key calls themselves (``cuflash.torch``) and then launch ``entry.launch`` with their own
+    pointers."""
+    from . import _api
+
+    xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, True)
+    entry = _ForwardEntry.build(xp, spec, q, k, v, out, result, True)
+    return result, lse, (None if entry is _UNCACHED else entry)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ForwardEntry:
     spec: Any             # validated; its alibi is the first call's copy
@@ -373,6 +386,16 @@ def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, No
         _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result,
                                             given=grads))
     return result
+
+
+def prepared_backward(dout, q, k, v, out, lse, options: dict, grads):
+    """``((dq, dk, dv), entry)`` of one backward call writing the given ``grads``, as
+    ``prepared_forward``."""
+    from . import _api
+
+    xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, grads=grads)
+    entry = _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result, given=grads)
+    return result, (None if entry is _UNCACHED else entry)
 
 
 @dataclasses.dataclass(frozen=True)

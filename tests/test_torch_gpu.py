@@ -36,24 +36,65 @@ def cuda(*shape, dtype=torch.float16):
 
 @pytest.fixture
 def record_core(monkeypatch):
-    """Wrap cuflash.attention / attention_backward to record what the core receives: the CuPy
-    arrays, CuPy's current stream and its current allocator, and what it returns."""
+    """Record what the core receives on the road through CuPy views: the CuPy arrays, CuPy's
+    current stream, and what it returns. The operators take that road for a signature's first
+    call (``_calls.prepared_forward`` / ``prepared_backward``, recorded as ``attention`` /
+    ``attention_backward`` calls) and for calls their cache does not serve (``cuflash.attention``
+    / ``attention_backward``); the cache is emptied first, so every signature starts there."""
     import cupy
+    from cuflash import _calls
+    from cuflash.torch import _cached
+    _cached.clear()
     calls = []
+
+    def record(name, args, kwargs, result):
+        calls.append(dict(name=name, args=args, kwargs=kwargs, result=result,
+                          stream=cupy.cuda.get_current_stream().ptr))
 
     def wrap(name):
         original = getattr(cuflash, name)
 
         def wrapper(*args, **kwargs):
             result = original(*args, **kwargs)
-            calls.append(dict(name=name, args=args, kwargs=kwargs, result=result,
-                              stream=cupy.cuda.get_current_stream().ptr))
+            record(name, args, kwargs, result)
             return result
         monkeypatch.setattr(cuflash, name, wrapper)
 
     wrap("attention")
     wrap("attention_backward")
+    prepared_forward, prepared_backward = _calls.prepared_forward, _calls.prepared_backward
+
+    def forward(q, k, v, out, options):
+        result, lse, entry = prepared_forward(q, k, v, out, options)
+        record("attention", (q, k, v), dict(options, out=out), (result, lse))
+        return result, lse, entry
+
+    def backward(dout, q, k, v, out, lse, options, grads):
+        result, entry = prepared_backward(dout, q, k, v, out, lse, options, grads)
+        dq, dk, dv = grads
+        record("attention_backward", (dout, q, k, v, out, lse), dict(options, dq=dq, dk=dk, dv=dv),
+               result)
+        return result, entry
+
+    monkeypatch.setattr(_calls, "prepared_forward", forward)
+    monkeypatch.setattr(_calls, "prepared_backward", backward)
     return calls
+
+
+@pytest.fixture
+def record_launches(monkeypatch):
+    """Record every kernel launch of the core, on either road: its pointers and the stream it
+    ran on (``KernelLaunch.__call__``, which every prepared and validated launch ends in)."""
+    from cuflash.kernels import _launch
+    launches = []
+    original = _launch.KernelLaunch.__call__
+
+    def wrapper(self, pointers, stream=None):
+        launches.append(dict(pointers=tuple(pointers),
+                             stream=_launch.current_stream() if stream is None else stream))
+        return original(self, pointers, stream)
+    monkeypatch.setattr(_launch.KernelLaunch, "__call__", wrapper)
+    return launches
 
 
 # ----------------------------------------------------------------------------- values
@@ -257,24 +298,31 @@ def test_memory_comes_from_torch():
 
 # ----------------------------------------------------------------------------- streams
 
-def test_runs_on_torch_current_stream(record_core):
+def test_runs_on_torch_current_stream(record_core, record_launches):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         q, k, v = (cuda(2, 8, 2048, 64).requires_grad_() for _ in range(3))
-        out = ct.attention(q, k, v, causal=True)
-        out.backward(torch.ones_like(out))
+        for _ in range(2):  # the core's road, then the operators' cache
+            out = ct.attention(q, k, v, causal=True)
+            out.backward(torch.ones_like(out))
         assert record_core[0]["stream"] == side.cuda_stream
         assert record_core[1]["stream"] == side.cuda_stream
+        assert len(record_core) == 2 and len(record_launches) > 2
+        assert all(launch["stream"] == side.cuda_stream for launch in record_launches)
     torch.cuda.current_stream().wait_stream(side)
+    launched = len(record_launches)
     expected = ct.attention(q.detach(), k.detach(), v.detach(), causal=True)
-    assert record_core[-1]["stream"] == torch.cuda.current_stream().cuda_stream
+    assert len(record_core) == 2 and len(record_launches) == launched + 1  # served by the cache
+    assert record_launches[-1]["stream"] == torch.cuda.current_stream().cuda_stream
     assert torch.equal(out, expected)
 
 
-def test_default_stream_is_followed(record_core):
+def test_default_stream_is_followed(record_core, record_launches):
     q = cuda(1, 2, 128, 64)
-    ct.attention(q, q, q)
+    for _ in range(2):
+        ct.attention(q, q, q)
+        assert record_launches[-1]["stream"] == torch.cuda.current_stream().cuda_stream
     assert record_core[-1]["stream"] == torch.cuda.current_stream().cuda_stream
 
 
@@ -320,6 +368,100 @@ def test_cuda_graph_make_graphed_callables_forward_backward():
         for p, e in zip(model.parameters(), eager_model.parameters()):
             assert torch.allclose(p.grad, e.grad, rtol=1e-3, atol=1e-3)
             p.grad = e.grad = None
+
+
+# ----------------------------------------------------------------------------- the operators' cache
+
+CACHED_CASES = {
+    "bf16-d64-causal": (torch.bfloat16, (2, 4, 300, 64), (2, 4, 300, 64), dict(causal=True)),
+    "f16-d128-window-softcap": (torch.float16, (1, 3, 257, 128), (1, 3, 257, 128),
+                                dict(window=(70, 20), softcap=10.0)),
+    "bf16-d96-gqa-nq-ne-nk": (torch.bfloat16, (2, 8, 200, 96), (2, 2, 333, 96), dict(causal=True)),
+    "bf16-d32": (torch.bfloat16, (3, 2, 150, 32), (3, 2, 150, 32), dict(scale=0.3)),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("case", CACHED_CASES)
+def test_cached_calls_meet_the_oracle(case, deterministic):
+    """A signature's second call is served by the operators' cache (torch's pointers, stream and
+    allocations, no CuPy views) and meets the float64 oracle like the first."""
+    from cuflash.torch import _cached
+    dtype, q_shape, kv_shape, options = CACHED_CASES[case]
+    _cached.clear()
+    call = lambda q, k, v: ct.attention(q, k, v, deterministic=deterministic, **options)  # noqa: E731
+    for served in (False, True):
+        before = _cached.stats()
+        q, k, v = (randn(*shape) for shape in (q_shape, kv_shape, kv_shape))
+        check_against_reference(dtype, q, k, v, call, device="cuda", **options)
+        after = _cached.stats()
+        assert after["hits"] - before["hits"] == (2 if served else 0)
+        assert after["builds"] - before["builds"] == (0 if served else 2)
+
+
+def _poison_torch_memory(*tensors):
+    """Hand NaN-filled blocks of these tensors' sizes back to torch's caching allocator, so that
+    the next allocations of those sizes likely start as NaN."""
+    for t in [torch.full_like(t, float("nan")) for t in tensors]:
+        del t
+
+
+@pytest.mark.parametrize("mask_kind", ["block", "exact"])
+def test_cached_calls_equal_the_core_road_with_masks(mask_kind):
+    """With block-sparse and exact masks (and a flash-attn layout), the cache's calls give the
+    very bits of the core's road, written into memory that held NaN."""
+    import numpy as np
+    from cuflash.sparse import BlockMask, ExactMask
+    from cuflash.torch import _cached
+    n = 384
+    rng = np.random.default_rng(0)
+    if mask_kind == "block":
+        mask = dict(block_mask=BlockMask.from_dense(np.tril(rng.random((3, 3)) < 0.7) | np.eye(3, dtype=bool),
+                                                    block_size=128))
+    else:
+        mask = dict(mask=ExactMask.from_dense((rng.random((n, n)) < 0.2) | np.eye(n, dtype=bool)))
+    qkv = cuda(2, n, 3, 4, 64, dtype=torch.bfloat16).requires_grad_()
+    dout = cuda(2, n, 4, 64, dtype=torch.bfloat16)
+    runs = []
+    _cached.clear()
+    for served in (False, True, True):
+        before = _cached.stats()["hits"]
+        q, k, v = qkv.unbind(2)
+        if runs:
+            _poison_torch_memory(dout, qkv, qkv)
+        out = ct.flash_attn_func(q, k, v, deterministic=True, **mask) if mask_kind == "block" else \
+            ct.attention(*(x.transpose(1, 2) for x in (q, k, v)), deterministic=True, **mask).transpose(1, 2)
+        grad, = torch.autograd.grad(out, qkv, dout)
+        assert _cached.stats()["hits"] - before == (2 if served else 0)
+        runs.append((out, grad))
+    for out, grad in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(grad, runs[0][1])
+        assert not out.isnan().any() and not grad.isnan().any()
+
+
+def test_calls_the_cache_does_not_serve(monkeypatch):
+    """ALiBi slopes, dropout and float32 (which the core does not cache) take the core's road
+    every time; a change of the kernel switches builds a new entry."""
+    from cuflash import kernels
+    from cuflash.torch import _cached
+    q, k, v = (cuda(1, 4, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+    slopes = torch.linspace(0.1, 0.5, 4, device="cuda")
+    _cached.clear()
+    for _ in range(2):
+        ct.attention(q, k, v, alibi_slopes=slopes)
+        ct.attention(q, k, v, dropout_p=0.1, dropout_seed=3)
+        ct.attention(q.float(), k.float(), v.float())
+    assert _cached.stats()["hits"] == 0 and _cached.stats()["builds"] == 1  # float32, once
+    first = ct.attention(q, k, v, causal=True)
+    builds = _cached.stats()["builds"]
+    monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    other = ct.attention(q, k, v, causal=True)
+    assert _cached.stats()["builds"] == builds + 1
+    monkeypatch.delenv(kernels.DISABLE_HOPPER_ENV)
+    assert torch.allclose(first.float(), other.float(), atol=2e-2)
+    hits = _cached.stats()["hits"]
+    assert torch.equal(ct.attention(q, k, v, causal=True), first)
+    assert _cached.stats()["hits"] == hits + 1
 
 
 # ----------------------------------------------------------------------------- torch.compile

@@ -279,11 +279,18 @@ def launch_stream(device: int | None = None):
     cuda = cupy_module().cuda
     if device is None:
         device = cuda.runtime.getDevice()
+    bind_context(device)
+    return cuda.get_current_stream()
+
+
+def bind_context(device: int) -> None:
+    """Bind the current device's (``device``'s) primary context to this thread, once per thread
+    and device (see ``launch_stream``), before a driver launch."""
     bound = _bound.devices
     if device not in bound:
-        cuda.runtime.memGetInfo()  # a runtime call that needs the context, as CuPy makes
+        # a runtime call that needs the context, as CuPy makes
+        cupy_module().cuda.runtime.memGetInfo()
         bound.add(device)
-    return cuda.get_current_stream()
 
 
 def current_stream() -> int:
@@ -568,3 +575,7 @@ class ForwardLaunch:
 
     def __call__(self, q, k, v, out, lse, spec, stream: int | None = None) -> None:
         self.launch(forward_pointers(q, k, v, out, lse, spec), stream)
+
+    def launch_pointers(self, pointers, stream: int) -> None:
+        """Launch with the FWD_POINTERS values ``pointers`` on ``stream`` (a handle)."""
+        self.launch(pointers, stream)

@@ -323,9 +323,17 @@ class Scratch:
         (rows_pad is a multiple of 128)."""
         import cupy
 
-        buffer = cupy.empty(2 * self.rows + self.accum + self.semaphores, numpy.float32)
-        base = buffer.data.ptr
-        return buffer, (base, base + 4 * self.rows, base + 8 * self.rows if self.accum else 0)
+        buffer = cupy.empty(self.nbytes // 4, numpy.float32)
+        return buffer, self.pointers(buffer.data.ptr)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * (2 * self.rows + self.accum + self.semaphores)
+
+    def pointers(self, base: int) -> tuple[int, int, int]:
+        """``(lse2, delta, dq_accum)`` in a workspace of ``nbytes`` at ``base`` (512-byte
+        aligned), as ``allocate`` places them."""
+        return base, base + 4 * self.rows, base + 8 * self.rows if self.accum else 0
 
 
 # The fields of BWD_ARGS a backward launch re-fills per call, in this order (BackwardLaunch).
@@ -349,11 +357,14 @@ class BackwardLaunch:
         pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, lse.data.ptr,
                     dq.data.ptr, dk.data.ptr, dv.data.ptr, lse2, delta, dq_accum,
                     pointer(spec.alibi), *varlen_pointers(spec))
-        if stream is None:
-            stream = current_stream()
+        self.launch_pointers(pointers, current_stream() if stream is None else stream)
+        return workspace
+
+    def launch_pointers(self, pointers, stream: int) -> None:
+        """Run the launches in order with the BWD_POINTERS values ``pointers`` (the workspace's
+        from ``scratch.pointers``) on ``stream`` (a handle)."""
         for launch in self.launches:
             launch(pointers, stream)
-        return workspace
 
 
 def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):

@@ -171,7 +171,7 @@ def _from_cupy_dlpack(a) -> torch.Tensor:
     return torch.from_dlpack(a)
 
 
-def _current_raw_stream(index: int) -> int:
+def current_raw_stream(index: int) -> int:
     """The handle of torch's current stream on device ``index`` (0: the legacy default stream),
     without making a ``torch.cuda.Stream`` object (3 µs per call on an H200 host)."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -232,7 +232,7 @@ class cuda_scope:
                 for scope in (torch.cuda.device(index), cupy.cuda.Device(index)):
                     scope.__enter__()
                     exits.append(scope.__exit__)
-            stream = _cupy_stream(_current_raw_stream(index), index)
+            stream = _cupy_stream(current_raw_stream(index), index)
             stream.__enter__()
             exits.append(stream.__exit__)
             allocator = _allocator(index)

@@ -27,7 +27,7 @@ import torch
 
 import cuflash
 
-from . import _bridge
+from . import _bridge, _cached
 
 NO_MASK = -1
 
@@ -205,13 +205,25 @@ def _forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     instead of (..., H, N, Dv). ``deterministic`` does nothing here: it is kept for the backward.
     ``dropout_seed`` is a CPU int64 scalar (``seed_tensor``), required when ``dropout_p > 0``.
     """
-    masking = mask_options(block_mask)
     out = _empty_out(q, k, v, seq_major)
+    key = None
+    if _cached.cacheable(q, alibi_slopes, dropout_p):
+        key = _cached.forward_key(q, k, v, out, (causal.__class__, causal, scale.__class__, scale,
+                                                 window_left, window_right, softcap, block_mask))
+        lse = None if key is None else _cached.forward(key, q, k, v, out)
+        if lse is not None:
+            return out, lse
+    masking = mask_options(block_mask)
     with _bridge.core_scope(q.device) as (to_core, to_torch):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
         options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
-        _, lse = cuflash.attention(*map(to_core, (q, k, v)), causal=causal, scale=scale,
-                                   return_lse=True, out=to_core(out), **masking, **options)
+        views = [to_core(x) for x in (q, k, v, out)]
+        if key is not None:
+            options.update(causal=causal, scale=scale, **masking)
+            lse = _cached.build_forward(key, *views, options)
+        else:
+            _, lse = cuflash.attention(*views[:3], causal=causal, scale=scale, return_lse=True,
+                                       out=views[3], **masking, **options)
         return out, to_torch(lse)
 
 
@@ -236,15 +248,27 @@ def _backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ``cuflash.attention_backward``; the dropout arguments must be the
     forward's, which regenerate its mask."""
-    masking = mask_options(block_mask)
     grads = _empty_grads(q, k, v)
+    key = None
+    if _cached.cacheable(q, alibi_slopes, dropout_p):
+        key = _cached.backward_key(dout, q, k, v, out, lse,
+                                   (causal.__class__, causal, scale.__class__, scale, window_left,
+                                    window_right, softcap, block_mask, deterministic.__class__,
+                                    deterministic))
+        if key is not None and _cached.backward(key, dout, q, k, v, out, lse, grads):
+            return grads
+    masking = mask_options(block_mask)
     with _bridge.core_scope(q.device) as (to_core, _):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
         options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
-        dq, dk, dv = map(to_core, grads)
-        cuflash.attention_backward(
-            *map(to_core, (dout, q, k, v, out, lse)), causal=causal, scale=scale,
-            deterministic=deterministic, dq=dq, dk=dk, dv=dv, **masking, **options)
+        views = [to_core(x) for x in (dout, q, k, v, out, lse)]
+        given = [to_core(g) for g in grads]
+        options.update(causal=causal, scale=scale, deterministic=deterministic, **masking)
+        if key is not None:
+            _cached.build_backward(key, *views, given, options)
+        else:
+            dq, dk, dv = given
+            cuflash.attention_backward(*views, dq=dq, dk=dk, dv=dv, **options)
         return grads
 
 
