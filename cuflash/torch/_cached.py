@@ -53,11 +53,15 @@ def cacheable(q, alibi_slopes, dropout_p) -> bool:
     return alibi_slopes is None and dropout_p == 0.0 and q.is_cuda
 
 
-def _key(pass_name: str, tensors, options: tuple) -> tuple | None:
-    """The key of a call, or None when its signature is known to take the core's road."""
+def _lookup(pass_name: str, tensors, options: tuple):
+    """``(entry, None)`` of a call with an entry; ``(None, key)`` when its signature has none yet
+    (a build keeps one under ``key``); ``(None, None)`` when its calls take the core's road."""
     key = (pass_name, *[(t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15)
                         for t in tensors], options, *kernels.dispatch_state())
-    return None if _entries.get(key) is _UNCACHED else key
+    entry = _entries.get(key)
+    if entry is None:
+        return None, key
+    return (None, None) if entry is _UNCACHED else (entry, None)
 
 
 def _remember(key, entry) -> None:
@@ -79,25 +83,19 @@ def _run(launch, pointers, device: int) -> None:
 
 # ----------------------------------------------------------------------------- forward
 
-def forward_key(q, k, v, out, options: tuple) -> tuple | None:
-    """The key of a forward writing ``out`` (``options``: the operator's, see module doc), or
-    None when such calls take the core's road."""
-    return _key("forward", (q, k, v, out), options)
-
-
-def forward(key, q, k, v, out):
-    """The lse of the forward of ``key`` written into ``out``, or None when there is no entry
-    (or the call cannot use it): then the caller takes the core's road."""
-    entry = _entries.get(key)
+def forward(q, k, v, out, options: tuple):
+    """``(lse, None)`` of a cached forward written into ``out`` (``options``: the operator's, see
+    the module doc), or ``(None, key)`` as ``_lookup`` gives it (``build_forward`` then keeps an
+    entry under a key that is not None)."""
+    entry, key = _lookup("forward", (q, k, v, out), options)
     if entry is None:
-        return None
+        return None, key
     lse = q.new_empty(entry.lse_shape, dtype=torch.float32)
-    # (the key holds the inputs' 16-byte alignment; torch's allocations are aligned further)
     pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
     # FWD_POINTERS: no ALiBi slopes, no packed-sequence offsets here
     _run(entry.launch, (*pointers, 0, 0, 0), q.get_device())
     _stats["hits"] += 1
-    return lse
+    return lse, None
 
 
 def build_forward(key, q, k, v, out, options: dict):
@@ -111,18 +109,13 @@ def build_forward(key, q, k, v, out, options: dict):
 
 # ----------------------------------------------------------------------------- backward
 
-def backward_key(dout, q, k, v, out, lse, options: tuple) -> tuple | None:
-    """The key of a backward writing gradients laid out as ``torch.empty_like`` lays out q, k
-    and v (a function of their layout, which the key holds), or None as ``forward_key``."""
-    return _key("backward", (dout, q, k, v, out, lse), options)
-
-
-def backward(key, dout, q, k, v, out, lse, grads) -> bool:
-    """Write ``grads`` (dq, dk, dv) by the backward of ``key``; False when there is no entry
-    (or the call cannot use it): then the caller takes the core's road."""
-    entry = _entries.get(key)
+def backward(dout, q, k, v, out, lse, grads, options: tuple):
+    """``(True, None)`` once a cached backward wrote ``grads`` (dq, dk, dv, laid out as
+    ``torch.empty_like`` lays out q, k and v: a function of their layout, which the key holds);
+    else ``(False, key)`` as ``forward``."""
+    entry, key = _lookup("backward", (dout, q, k, v, out, lse), options)
     if entry is None:
-        return False
+        return False, key
     dq, dk, dv = grads
     pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(),
                 lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
@@ -130,9 +123,9 @@ def backward(key, dout, q, k, v, out, lse, grads) -> bool:
     workspace = q.new_empty(max(launch.scratch.nbytes, 1), dtype=torch.uint8)
     # BWD_POINTERS: the workspace's three parts, then no ALiBi slopes or packed-sequence offsets
     _run(launch, (*pointers, *launch.scratch.pointers(workspace.data_ptr()), 0, 0, 0),
-            q.get_device())
+         q.get_device())
     _stats["hits"] += 1
-    return True
+    return True, None
 
 
 def build_backward(key, dout, q, k, v, out, lse, grads, options: dict) -> None:

@@ -208,9 +208,8 @@ def _forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     out = _empty_out(q, k, v, seq_major)
     key = None
     if _cached.cacheable(q, alibi_slopes, dropout_p):
-        key = _cached.forward_key(q, k, v, out, (causal.__class__, causal, scale.__class__, scale,
-                                                 window_left, window_right, softcap, block_mask))
-        lse = None if key is None else _cached.forward(key, q, k, v, out)
+        lse, key = _cached.forward(q, k, v, out, (causal.__class__, causal, scale.__class__, scale,
+                                                  window_left, window_right, softcap, block_mask))
         if lse is not None:
             return out, lse
     masking = mask_options(block_mask)
@@ -251,11 +250,11 @@ def _backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     grads = _empty_grads(q, k, v)
     key = None
     if _cached.cacheable(q, alibi_slopes, dropout_p):
-        key = _cached.backward_key(dout, q, k, v, out, lse,
-                                   (causal.__class__, causal, scale.__class__, scale, window_left,
-                                    window_right, softcap, block_mask, deterministic.__class__,
-                                    deterministic))
-        if key is not None and _cached.backward(key, dout, q, k, v, out, lse, grads):
+        done, key = _cached.backward(dout, q, k, v, out, lse, grads,
+                                     (causal.__class__, causal, scale.__class__, scale,
+                                      window_left, window_right, softcap, block_mask,
+                                      deterministic.__class__, deterministic))
+        if done:
             return grads
     masking = mask_options(block_mask)
     with _bridge.core_scope(q.device) as (to_core, _):
