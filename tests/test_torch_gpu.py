@@ -406,31 +406,39 @@ def _poison_torch_memory(*tensors):
         del t
 
 
-@pytest.mark.parametrize("mask_kind", ["block", "exact"])
+@pytest.mark.parametrize("mask_kind", ["block", "exact", "none"])
 def test_cached_calls_equal_the_core_road_with_masks(mask_kind):
-    """With block-sparse and exact masks (and a flash-attn layout), the cache's calls give the
-    very bits of the core's road, written into memory that held NaN."""
+    """With block-sparse and exact masks on strided (B, S, H, D) inputs, and through
+    flash_attn_func (its output laid out (B, S, H, D)), the cache's calls give the very bits of
+    the core's road, written into memory that held NaN."""
     import numpy as np
     from cuflash.sparse import BlockMask, ExactMask
     from cuflash.torch import _cached
     n = 384
     rng = np.random.default_rng(0)
     if mask_kind == "block":
-        mask = dict(block_mask=BlockMask.from_dense(np.tril(rng.random((3, 3)) < 0.7) | np.eye(3, dtype=bool),
-                                                    block_size=128))
+        layout = np.tril(rng.random((3, 3)) < 0.7) | np.eye(3, dtype=bool)
+        options = dict(block_mask=BlockMask.from_dense(layout, block_size=128))
+    elif mask_kind == "exact":
+        options = dict(mask=ExactMask.from_dense((rng.random((n, n)) < 0.2) | np.eye(n, dtype=bool)))
     else:
-        mask = dict(mask=ExactMask.from_dense((rng.random((n, n)) < 0.2) | np.eye(n, dtype=bool)))
+        options = dict(causal=True)
     qkv = cuda(2, n, 3, 4, 64, dtype=torch.bfloat16).requires_grad_()
     dout = cuda(2, n, 4, 64, dtype=torch.bfloat16)
+
+    def call(q, k, v):
+        if mask_kind == "none":
+            return ct.flash_attn_func(q, k, v, deterministic=True, **options)
+        heads_first = (x.transpose(1, 2) for x in (q, k, v))
+        return ct.attention(*heads_first, deterministic=True, **options).transpose(1, 2)
+
     runs = []
     _cached.clear()
     for served in (False, True, True):
         before = _cached.stats()["hits"]
-        q, k, v = qkv.unbind(2)
         if runs:
             _poison_torch_memory(dout, qkv, qkv)
-        out = ct.flash_attn_func(q, k, v, deterministic=True, **mask) if mask_kind == "block" else \
-            ct.attention(*(x.transpose(1, 2) for x in (q, k, v)), deterministic=True, **mask).transpose(1, 2)
+        out = call(*qkv.unbind(2))
         grad, = torch.autograd.grad(out, qkv, dout)
         assert _cached.stats()["hits"] - before == (2 if served else 0)
         runs.append((out, grad))
