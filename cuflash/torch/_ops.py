@@ -14,6 +14,9 @@ and backward rules, without the dispatcher (``_runs_eagerly`` says when; the ope
 autograd costs about 50 µs of Python per forward for these 14-15 arguments (torch rebuilds the
 schema's argument list once per argument to fill in defaults), more than the rest of a small call.
 
+On CUDA tensors the bodies serve a signature's later calls from ``_cached``: the core's prepared
+launch, fed the tensors' pointers and torch's stream, without crossing to CuPy.
+
 A mask (a block-sparse ``BlockMask`` or an element-exact ``ExactMask``) is not a tensor: the
 operators take an int handle into a registry of masks (``block_mask_handle``); -1 means no
 mask.
