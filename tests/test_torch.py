@@ -318,6 +318,48 @@ def test_block_mask_under_compile_recompiles_per_mask():
         assert torch.equal(compiled(q, k, v, mask), ct.attention(q, k, v, block_mask=mask))
 
 
+def test_cache_keys_a_call_by_its_layout_options_and_switches(monkeypatch):
+    """The operators' cache of CUDA calls (``_cached``), its keying on the CPU: a launch stands
+    in for the kernels. A signature has no entry until one is kept; then a call with the same
+    layout, options and kernel switches launches it with its own pointers and a new lse; other
+    options (a scale of another type too), a switch, a view 4 bytes off 16-byte alignment or a new
+    shape miss; a signature kept as uncached answers that it takes the core's road."""
+    from cuflash import kernels
+    from cuflash.torch import _cached
+    launched = []
+    monkeypatch.setattr(_cached, "_run", lambda launch, pointers, device: launched.append(pointers))
+
+    class Entry:
+        lse_shape = (2, 4, 8)
+        launch = None
+
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    out = torch.empty(2, 4, 8, 16)
+    options = (bool, True, float, 0.5, -1, -1, 0.0, -1)
+    _cached.clear()
+    lse, key = _cached.forward(q, k, v, out, options)
+    assert lse is None and key is not None and not launched
+    _cached._remember(key, Entry())
+    lse, again = _cached.forward(q, k, v, out, options)
+    assert again is None and lse.shape == (2, 4, 8) and lse.dtype == torch.float32
+    assert launched[-1] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                            lse.data_ptr(), 0, 0, 0)
+    misses = [(q, k, v, out, (bool, True, int, 1, -1, -1, 0.0, -1)),   # scale 1, not 0.5
+              (q, k, v, out, (bool, False, float, 0.5, -1, -1, 0.0, -1)),
+              (torch.randn(2, 4, 9, 16), k, v, torch.empty(2, 4, 9, 16), options),
+              (torch.randn(2 * 4 * 8 * 16 + 1)[1:].view(2, 4, 8, 16), k, v, out, options)]
+    for call in misses:
+        assert _cached.forward(*call)[1] not in (None, key)
+    monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    assert _cached.forward(q, k, v, out, options)[1] not in (None, key)
+    monkeypatch.delenv(kernels.DISABLE_HOPPER_ENV)
+    assert len(launched) == 1
+    _cached._remember(key, None)
+    assert _cached.forward(q, k, v, out, options) == (None, None)
+    assert _cached.stats()["hits"] >= 1
+    _cached.clear()
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 @pytest.mark.parametrize("seq_major", [False, True], ids=["hnd", "nhd"])
