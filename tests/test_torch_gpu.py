@@ -402,8 +402,8 @@ def test_cached_calls_meet_the_oracle(case, deterministic):
 def _poison_torch_memory(*tensors):
     """Hand NaN-filled blocks of these tensors' sizes back to torch's caching allocator, so that
     the next allocations of those sizes likely start as NaN."""
-    for t in [torch.full_like(t, float("nan")) for t in tensors]:
-        del t
+    filled = [torch.full_like(t, float("nan")) for t in tensors]
+    del filled
 
 
 @pytest.mark.parametrize("mask_kind", ["block", "exact", "none"])

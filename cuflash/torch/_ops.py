@@ -159,6 +159,13 @@ def _dropout_options(dropout_p, dropout_seed, dropout_offset) -> dict:
     return dict(dropout_p=dropout_p, dropout_seed=seed, dropout_offset=dropout_offset)
 
 
+def _cached_options(causal, scale, window_left, window_right, softcap, block_mask) -> tuple:
+    """The options as the operators' cache keys a call (``_cached``): causal and scale with their
+    types, as the core's own keys hold each option's type; the mask by its handle."""
+    return (causal.__class__, causal, scale.__class__, scale, window_left, window_right, softcap,
+            block_mask)
+
+
 # ----------------------------------------------------------------------------- shapes
 
 def _out_shapes(q, k, v):
@@ -211,21 +218,19 @@ def _forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     out = _empty_out(q, k, v, seq_major)
     key = None
     if _cached.cacheable(q, alibi_slopes, dropout_p):
-        lse, key = _cached.forward(q, k, v, out, (causal.__class__, causal, scale.__class__, scale,
-                                                  window_left, window_right, softcap, block_mask))
+        lse, key = _cached.forward(q, k, v, out, _cached_options(causal, scale, window_left,
+                                                                 window_right, softcap, block_mask))
         if lse is not None:
             return out, lse
-    masking = mask_options(block_mask)
     with _bridge.core_scope(q.device) as (to_core, to_torch):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
         options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        options.update(causal=causal, scale=scale, **mask_options(block_mask))
         views = [to_core(x) for x in (q, k, v, out)]
         if key is not None:
-            options.update(causal=causal, scale=scale, **masking)
             lse = _cached.build_forward(key, *views, options)
         else:
-            _, lse = cuflash.attention(*views[:3], causal=causal, scale=scale, return_lse=True,
-                                       out=views[3], **masking, **options)
+            _, lse = cuflash.attention(*views[:3], return_lse=True, out=views[3], **options)
         return out, to_torch(lse)
 
 
@@ -253,19 +258,18 @@ def _backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     grads = _empty_grads(q, k, v)
     key = None
     if _cached.cacheable(q, alibi_slopes, dropout_p):
+        keyed = _cached_options(causal, scale, window_left, window_right, softcap, block_mask)
         done, key = _cached.backward(dout, q, k, v, out, lse, grads,
-                                     (causal.__class__, causal, scale.__class__, scale,
-                                      window_left, window_right, softcap, block_mask,
-                                      deterministic.__class__, deterministic))
+                                     (*keyed, deterministic.__class__, deterministic))
         if done:
             return grads
-    masking = mask_options(block_mask)
     with _bridge.core_scope(q.device) as (to_core, _):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
         options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        options.update(causal=causal, scale=scale, deterministic=deterministic,
+                       **mask_options(block_mask))
         views = [to_core(x) for x in (dout, q, k, v, out, lse)]
         given = [to_core(g) for g in grads]
-        options.update(causal=causal, scale=scale, deterministic=deterministic, **masking)
         if key is not None:
             _cached.build_backward(key, *views, given, options)
         else:
