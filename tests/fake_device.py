@@ -21,6 +21,7 @@ import ctypes
 import functools
 import itertools
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,8 @@ def _parameter_types() -> dict:
             "BwdArgs": lambda: _launch._opaque(_launch.BWD_ARGS.itemsize),
             "QkvMaps": lambda: _tma.descriptors_dtype(3),
             "BwdMaps": lambda: _tma.descriptors_dtype(4),
-            "int": lambda: np.dtype(np.int32)}
+            "int": lambda: np.dtype(np.int32),
+            "int*": lambda: np.dtype(np.uint64)}
 
 
 class _Types(dict):
@@ -151,6 +153,8 @@ class FakeDevice:
         monkeypatch.setattr(_tma, "_encode", lambda address, shape, strides, dtype_name, box_rows: np.array(
             ([address, box_rows, *shape, *strides] + [0] * 16)[:16], np.uint64).tobytes())
         monkeypatch.setattr(_launch, "sm_count", lambda device_id: 132)
+        # A persistent grid's tile counter, one per stream (TileCounters allocates on the device).
+        monkeypatch.setattr(_launch, "tile_counters", types.SimpleNamespace(pointer=lambda stream: stream << 16))
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
         monkeypatch.setattr(cupy.cuda.driver, "launchKernel", self.launch_kernel)
         monkeypatch.setattr(_launch, "_bound", _launch._BoundContexts())  # no context bound yet

@@ -215,10 +215,29 @@ def test_a_cached_hopper_forward_encodes_its_tma_descriptors_for_each_call(monke
     device.side_arguments.clear()
     cuflash.attention(q, k, v)
     assert _builds() == 1 and _calls.stats()["hits"] == 1
-    ((maps, tile_count),) = device.side_arguments
+    ((maps, tile_count, tile_counter),) = device.side_arguments
+    assert int(tile_counter) == 0  # as many thread blocks as tiles: no counter
     addresses = maps["bits"][0][::16]  # the stand-in descriptor starts with the address
     assert [int(a) for a in addresses] == [q.data.ptr, k.data.ptr, v.data.ptr]
     assert int(tile_count) == SHAPE[0] * SHAPE[1] * -(-SHAPE[2] // 192)
+
+
+def test_a_persistent_hopper_forward_sends_its_streams_tile_counter(monkeypatch):
+    """More query tiles than the SMs hold: one block per SM, with the address of the counter of
+    the stream the call runs on (a counter per stream; launches on one stream run in turn)."""
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q, k, v = _qkv(device, (2, 16, 1100, 128))  # 2 · 16 · 9 tiles of 128 rows
+    for stream in (0x5000, 0x6000, 0x5000):
+        device.streams.append(stream)
+        device.take_launches()
+        device.side_arguments.clear()
+        cuflash.attention(q, k, v, causal=True)
+        ((_, grid, _, _, _),) = device.take_launches()
+        ((_, tile_count, tile_counter),) = device.side_arguments
+        assert (grid, int(tile_count)) == ((132,), 2 * 16 * 9)
+        assert int(tile_counter) == stream << 16  # the stand-in's counter address for the stream
 
 
 # ----------------------------------------------------------------------------- what is sent

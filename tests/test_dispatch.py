@@ -242,7 +242,8 @@ def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q, q, q)
     assert plan.forward.detail == ("192-row query tiles against 128-key tiles, "
-                                   "3 consumer warpgroups taking turns")
+                                   "3 consumer warpgroups taking turns, a persistent grid where the "
+                                   "tiles outnumber the blocks the SMs hold")
     assert "  runs 192-row query tiles" in str(plan)
     fused = ("the warp-specialised dK/dV kernel forming dQ too (float32 adds in any order: "
              "not bit-identical run to run)")

@@ -91,9 +91,10 @@ def test_forward_parameters_are_the_bytes_cupy_would_send(monkeypatch, twice, ca
     if capability == "90":  # the TMA descriptors lead; the stand-in's first word is the address
         for parameters, (q, k, v) in zip(sent, (first, first, second, first)):
             maps = np.frombuffer(parameters[0], np.uint64)
-            assert len(parameters) == 3 and maps.size == 48
+            assert len(parameters) == 4 and maps.size == 48
             assert [int(a) for a in maps[::16]] == [q.data.ptr, k.data.ptr, v.data.ptr]
             assert int(np.frombuffer(parameters[2], np.int32)[0]) > 0  # tile_count
+            assert int(np.frombuffer(parameters[3], np.uint64)[0]) == 0  # a grid of one block per tile
     else:
         assert all(len(parameters) == 1 for parameters in sent)
 
@@ -165,3 +166,29 @@ def test_descriptors_are_written_only_when_their_address_changes(monkeypatch):
     q2 = device.empty(SHAPE, BF16)
     cuflash.attention(q2, k, v)
     assert encoded == [q2.data.ptr]
+
+
+def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
+    """A persistent grid's counter: launches on one stream share one (they run in turn); every
+    launch captured into a graph gets its own; each new counter is zeroed on its stream first;
+    slabs are allocated as they fill up."""
+    cupy = pytest.importorskip("cupy")
+    from cuflash.kernels import _launch
+
+    runtime = cupy.cuda.runtime
+    capturing, memsets, slabs = set(), [], iter((1 << 40, 1 << 41))
+    monkeypatch.setattr(runtime, "getDevice", lambda: 0)
+    monkeypatch.setattr(runtime, "streamIsCapturing", lambda stream: int(stream in capturing))
+    monkeypatch.setattr(runtime, "malloc", lambda size: next(slabs))
+    monkeypatch.setattr(runtime, "memsetAsync", lambda ptr, value, size, stream: memsets.append((ptr, value, size, stream)))
+    counters = _launch.TileCounters()
+    counters.SLAB = 3
+    first = counters.pointer(5)
+    assert counters.pointer(5) == first
+    second = counters.pointer(6)
+    capturing.add(7)
+    captured = [counters.pointer(7), counters.pointer(7)]
+    assert [first, second, *captured] == [1 << 40, (1 << 40) + 8, (1 << 40) + 16, 1 << 41]
+    assert memsets == [(p, 0, 8, s) for p, s in zip((first, second, *captured), (5, 6, 7, 7))]
+    capturing.clear()
+    assert counters.pointer(7) == (1 << 41) + 8  # the stream's own, after the capture

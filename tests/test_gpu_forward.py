@@ -55,7 +55,7 @@ def test_long_causal_rows(xp_gpu, rng, seed, dtype, d, window):
     plan = cuflash.kernel_plan(q, k, v, **options).forward
     if xp.cuda.Device().compute_capability == "90":
         assert plan.family.name == "sm90-tma"
-        assert plan.detail.endswith("3 consumer warpgroups taking turns"), plan.detail
+        assert "3 consumer warpgroups taking turns" in plan.detail, plan.detail
     out = poisoned(q.shape, dtype, xp=xp)
     got, lse = cuflash.attention(q, k, v, return_lse=True, out=out, **options)
     assert got is out
@@ -135,3 +135,92 @@ def test_long_single_head_against_chunked_reference(xp_gpu, rng, seed, n, rows):
     picked = np.sort(rng.choice(n, size=rows, replace=False))
     picked[-1] = n - 1
     assert_forward_close(out, lse, q, k, v, causal=True, rows=picked, context=f"seed={seed}")
+
+
+# ---- the Hopper forward's persistent grid: one thread block per SM drawing tiles from a counter
+
+PERSISTENT_CASES = {
+    "plain D=128": dict(d=128),
+    "causal D=128": dict(d=128, causal=True),
+    "window GQA D=64": dict(d=64, hkv=2, window=(300, 40)),
+    "causal softcap D=96": dict(d=96, causal=True, softcap=20.0),
+    "causal D=256": dict(d=256, causal=True),
+}
+
+
+@pytest.fixture
+def hopper_tma(xp_gpu):
+    from cuflash.kernels import _launch
+
+    if not _launch.on_hopper(xp_gpu.empty(1)):
+        pytest.skip("the persistent grid belongs to the Hopper forward")
+    from cuflash.kernels import sm90_tma_forward
+
+    return sm90_tma_forward
+
+
+def _grid_forced(monkeypatch, sm90_tma_forward, persistent):
+    """Every call after this takes the persistent grid (or one block per tile), whatever the
+    policy says; the call caches are emptied so that no earlier launch is reused."""
+    import dataclasses
+
+    from cuflash import _calls
+
+    chosen = sm90_tma_forward.tiles_for
+    monkeypatch.setattr(sm90_tma_forward, "tiles_for", lambda spec, **kw: (
+        None if chosen(spec, **kw) is None else dataclasses.replace(chosen(spec, **kw), persistent=persistent)))
+    _calls.clear()
+
+
+@pytest.mark.parametrize("case", list(PERSISTENT_CASES))
+def test_persistent_grid_gives_the_bits_of_one_block_per_tile(xp_gpu, rng, seed, monkeypatch, hopper_tma, case):
+    """More query tiles than SMs, odd lengths: the persistent grid computes each tile as a block
+    of its own would, so the outputs are identical; launch after launch on one stream (the counter
+    is left at zero for the next) and on a second stream."""
+    from cuflash.kernels import _launch
+
+    xp = xp_gpu
+    options = dict(PERSISTENT_CASES[case])
+    d, hkv = options.pop("d"), options.pop("hkv", 8)
+    q = random_array(rng, (3, 8, 1100, d), ml_dtypes.bfloat16, xp=xp)
+    k, v = (random_array(rng, (3, hkv, 1037, d), ml_dtypes.bfloat16, xp=xp) for _ in range(2))
+    _grid_forced(monkeypatch, hopper_tma, False)
+    expected, expected_lse = cuflash.attention(q, k, v, return_lse=True, **options)
+
+    _grid_forced(monkeypatch, hopper_tma, True)
+    counters = []
+    real_pointer = _launch.tile_counters.pointer
+    monkeypatch.setattr(_launch.tile_counters, "pointer", lambda stream: counters.append(stream) or real_pointer(stream))
+    side = xp.cuda.Stream(non_blocking=True)
+    for stream in (xp.cuda.get_current_stream(), xp.cuda.get_current_stream(), side, side):
+        with stream:
+            out = poisoned(expected.shape, ml_dtypes.bfloat16, xp=xp)
+            got, lse = cuflash.attention(q, k, v, return_lse=True, out=out, **options)
+        stream.synchronize()
+        assert bool((got.view(np.uint16) == expected.view(np.uint16)).all()), case
+        assert bool((lse == expected_lse).all()), case
+    assert len(counters) == 4  # every call drew its tiles from a counter
+    assert_forward_close(got, lse, q, k, v, context=f"seed={seed}", **options)
+
+
+def test_persistent_grid_under_graph_capture(xp_gpu, rng, seed, monkeypatch, hopper_tma):
+    """A captured persistent launch has a counter of its own: its replays, before and after
+    eager launches on the stream it was captured from, give the eager result."""
+    xp = xp_gpu
+    q, k, v = (random_array(rng, (2, 8, 1500, 128), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
+    _grid_forced(monkeypatch, hopper_tma, True)
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        eager = cuflash.attention(q, k, v, causal=True)  # compiles and caches outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        captured = cuflash.attention(q, k, v, causal=True)
+        graph = stream.end_capture()
+        for _ in range(2):
+            captured.fill(np.nan)
+            graph.launch()
+            again = cuflash.attention(q, k, v, causal=True)
+            stream.synchronize()
+            assert bool((captured.view(np.uint16) == eager.view(np.uint16)).all())
+            assert bool((again.view(np.uint16) == eager.view(np.uint16)).all())
+    assert_forward_close(eager, None, q, k, v, causal=True, context=f"seed={seed}")

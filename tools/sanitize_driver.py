@@ -1,7 +1,7 @@
 """Every kernel family once, forward and backward, on problems small enough for
 compute-sanitizer's slow tools (racecheck): run under `tools/sanitize.sh`. The environment
-variable SANITIZE_PARTS (comma-separated: dense, ordered, split, exact, varlen, decode, dropout;
-all by default) picks parts."""
+variable SANITIZE_PARTS (comma-separated: dense, ordered, split, exact, varlen, decode, dropout,
+persistent; all by default) picks parts."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _arrays(rng, dtype, b, hq, hkv, n, d):
 
 def main():
     rng = numpy.random.default_rng(0)
-    parts = os.environ.get("SANITIZE_PARTS", "dense,ordered,split,exact,varlen,decode,dropout").split(",")
+    parts = os.environ.get("SANITIZE_PARTS", "dense,ordered,split,exact,varlen,decode,dropout,persistent").split(",")
     if "dense" in parts:
         _dense(rng)
     if "ordered" in parts:
@@ -39,6 +39,8 @@ def main():
         _decode(rng)
     if "dropout" in parts:
         _dropout(rng)
+    if "persistent" in parts:
+        _persistent(rng)
 
 
 def _dense(rng):
@@ -68,6 +70,32 @@ def _dense(rng):
     cuflash.attention(q, k, v)
     cupy.cuda.Device().synchronize()
     print("ran bfloat16 D=256 sm90=on persistent walk", flush=True)
+
+
+def _persistent(rng):
+    """The Hopper forward's persistent grid (one thread block per SM, or two with one consumer,
+    drawing tiles from a counter) over more tiles than blocks: O staged in the last V buffer
+    (two consumers at D = 128 causal; one consumer under a window) and in the Q buffer (three
+    consumers at D = 64; 80-key tiles at D = 256)."""
+    import dataclasses
+
+    from cuflash import _api
+    from cuflash.kernels import _launch, sm90_tma_forward
+
+    q, k, v, _ = _arrays(rng, ml_dtypes.bfloat16, 1, 1, 1, 8, 64)
+    if not _launch.on_hopper(q):
+        print("skipped the persistent grid: not a Hopper GPU", flush=True)
+        return
+    for d, heads, n, options in ((128, 9, 2000, {"causal": True}), (64, 9, 2000, {"window": (128, 0)}),
+                                 (64, 14, 2000, {}), (256, 16, 1100, {})):
+        q, k, v, out = _arrays(rng, ml_dtypes.bfloat16, 1, heads, heads, n, d)
+        spec = _api._spec(q, k, v, **options)[1]
+        tiles = dataclasses.replace(sm90_tma_forward.tiles_for(spec), persistent=True)
+        launch = sm90_tma_forward.prepare_forward(spec, (q, k, v, out), tiles=tiles)
+        assert launch.launch.tile_counter, (d, options)  # more tiles than the grid's blocks
+        launch(q, k, v, out, cupy.empty((1, heads, n), numpy.float32), spec)
+        cupy.cuda.Device().synchronize()
+        print(f"ran the persistent forward grid, bfloat16 D={d} {tiles} {sorted(options)}", flush=True)
 
 
 def _ordered(rng):

@@ -338,12 +338,56 @@ class DriverLaunch:
         self._launch_kernel(*self._shape, stream, self._kernel_params, 0)
 
 
+class TileCounters:
+    """The counters persistent kernels draw their tiles from (``TileTickets`` in
+    csrc/arch/sm90_tma.cuh): two ints that must be zero when a launch starts and that its last
+    thread block sets back to zero. One counter serves every launch on a stream, since they run
+    one after the other. A launch captured into a CUDA graph gets a counter of its own, zeroed
+    by a memset captured before it: the graph's replays may run beside later launches on the
+    stream it was captured from. Counters are carved from 32 KiB slabs, one at a time per
+    device, never freed (a captured launch's counter lives as long as its graph may)."""
+
+    SLAB = 4096  # counters per slab
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_stream: dict[tuple[int, int], int] = {}
+        self._slabs: dict[int, list] = {}  # device -> [memory, next free counter]
+
+    def pointer(self, stream: int) -> int:
+        """The address of the counter for a launch on ``stream`` (a handle) on the current device."""
+        runtime = cupy_module().cuda.runtime
+        device = runtime.getDevice()
+        if runtime.streamIsCapturing(stream):
+            return self._new(device, stream)
+        counter = self._by_stream.get((device, stream))
+        if counter is None:
+            counter = self._by_stream.setdefault((device, stream), self._new(device, stream))
+        return counter
+
+    def _new(self, device: int, stream: int) -> int:
+        """A counter of its own, zeroed on ``stream`` before any launch that follows there."""
+        cupy = cupy_module()
+        with self._lock:
+            slab = self._slabs.get(device)
+            if slab is None or slab[1] == self.SLAB:
+                slab = self._slabs[device] = [cupy.cuda.runtime.malloc(8 * self.SLAB), 0]
+            counter = slab[0] + 8 * slab[1]
+            slab[1] += 1
+        cupy.cuda.runtime.memsetAsync(counter, 0, 8, stream)
+        return counter
+
+
+tile_counters = TileCounters()
+
+
 @dataclass(frozen=True)
 class KernelLaunch:
     """One kernel launch of a prepared call: the compiled function, its 1-D grid and block, its
     dynamic shared memory, its packed arguments and the scalars the kernel takes after them
-    (``tail``: NumPy scalars); calling it with the pointers launches it on CuPy's current stream
-    (or `stream`). A kernel that reads tensors through TMA takes their descriptors first:
+    (``tail``: NumPy scalars), then, with ``tile_counter``, the address of the stream's
+    ``TileCounters`` counter (a persistent grid); calling it with the pointers launches it on
+    CuPy's current stream (or `stream`). A kernel that reads tensors through TMA takes their descriptors first:
     ``maps`` (``_tma.TensorLayout`` of each) with ``map_pointers`` (the index of each one's
     address in `pointers`); a call encodes the descriptors of addresses that changed.
 
@@ -359,6 +403,7 @@ class KernelLaunch:
     tail: tuple = ()
     maps: tuple = ()
     map_pointers: tuple = ()
+    tile_counter: bool = False
     # The function that writes a call's pointers and launches, from the first call.
     _state: list = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -378,9 +423,12 @@ class KernelLaunch:
         map_count = len(self.maps)
         params = [b"\0" * 128 * map_count] if map_count else []
         params += [self.args.packed, *(numpy.asarray(x).tobytes() for x in self.tail)]
+        if self.tile_counter:
+            params.append(bytes(8))
         driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params)
         lock, args, write_pointers = driver.lock, driver.params[1 if map_count else 0], self.args.write_pointers
         descriptors = driver.params[0] if map_count else None
+        counter = driver.params[-1] if self.tile_counter else None
         maps = tuple(zip(range(map_count), self.maps, self.map_pointers))
         described = [None] * map_count  # the address each descriptor in the buffer describes
 
@@ -392,6 +440,8 @@ class KernelLaunch:
                         descriptors[128 * i:128 * (i + 1)] = layout.descriptor_bytes(address)
                         described[i] = address
                 write_pointers(args, pointers)
+                if counter is not None:
+                    struct.pack_into("<Q", counter, 0, tile_counters.pointer(stream))
                 driver(stream)
 
         self._state[:] = [launch]
@@ -403,7 +453,8 @@ class KernelLaunch:
 
         descriptors = [layout.descriptor(pointers[i]) for layout, i in zip(self.maps, self.map_pointers)]
         head = (_tma.pack(descriptors),) if descriptors else ()
-        return (*head, self.args.pack(pointers), *self.tail)
+        counter = (numpy.uint64(tile_counters.pointer(current_stream())),) if self.tile_counter else ()
+        return (*head, self.args.pack(pointers), *self.tail, *counter)
 
     def launch_through_cupy(self, pointers) -> None:
         """The same launch through CuPy's RawKernel.__call__ (slower: the reference)."""

@@ -24,6 +24,7 @@ OPTIONS = (f"-arch={ARCH}",)
 # columns past D with zeros): D = 32 runs the D = 64 kernel's GEMMs, D = 96 the D = 128 ones.
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 PERSISTENT_MAX_KEYS = 2048
+PERSISTENT_GRID_MAX_KEYS = 4096  # persistent_grid
 MAX_SHARED = 227 * 1024 - 256  # the SM's limit per block, less the static mbarriers
 
 
@@ -35,13 +36,14 @@ def _padded(d: int) -> int:
 class TmaTiles:
     """`consumers` warpgroups of 64 query rows each against `block_n` keys per K/V tile, in
     rings of `stages` buffers; with `pingpong` the consumers take turns issuing their GEMMs;
-    `persistent` launches one thread block per SM, each walking every SM-count-th query tile."""
+    `persistent` launches one thread block per SM, each taking the next query tile from a counter
+    as it finishes one (``_launch.TileCounters``)."""
 
     block_n: int = 128
     stages: int = 2
     consumers: int = 2
     pingpong: bool = False
-    persistent: bool = False  # one thread block per SM walking the tiles (host side only)
+    persistent: bool = False  # one thread block per SM drawing the tiles (host side only)
 
     @property
     def block_m(self) -> int:
@@ -53,8 +55,9 @@ class TmaTiles:
 
     def shared_bytes(self, d: int, dv: int) -> int:
         dp, dvp = _padded(d), _padded(dv)
-        q_tile = max(dp, dvp) * self.block_m * 2
-        # Q (also O's staging), the K and V rings, 1 KB to round the base up to 1024 bytes.
+        # Q (also O's staging when a V buffer cannot hold O: TmaForwardLayout::O_IN_V), the K and V
+        # rings, 1 KB to round the base up to 1024 bytes.
+        q_tile = (dp if self.block_n >= self.block_m else max(dp, dvp)) * self.block_m * 2
         return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
 
@@ -118,14 +121,25 @@ def long_causal(spec) -> bool:
             and spec.varlen is None and _nothing_beyond_a_band(spec))
 
 
+def persistent_grid(spec, tiles: TmaTiles) -> bool:
+    """Whether a call's query tiles go to a persistent grid (one block per SM, or two with one
+    consumer, drawing tiles from a counter as they finish): dense calls (no block or exact mask,
+    no packed sequences; bands, score modifiers and dropout allowed) over rows of at most
+    PERSISTENT_GRID_MAX_KEYS keys, with key tiles of at least 128. The grid hides a block's
+    start-up and the next tile's loads under the previous tile's softmax and stores: measured
+    on an H200 (benchmarks/NOTES.md, "The persistent Hopper forward") +3-19% at 1K keys, about
+    even at 2K-4K, 2-5% slower on causal rows of 16K keys (where a block's fixed cost is a
+    small share), and 8-10% slower with the 80-key tiles of Dv > 128, whose O is staged in the
+    Q buffer, so that the next Q waits for the stores. The launcher keeps one block per tile
+    when the tiles do not outnumber the blocks the SMs hold."""
+    return (tiles.block_n >= 128 and spec.shapes.nk <= PERSISTENT_GRID_MAX_KEYS
+            and not (spec.sparse or spec.exact) and spec.varlen is None)
+
+
 def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     """The first candidate that fits shared memory and whose tiles a block mask's blocks are
-    whole multiples of; persistent for short unmasked rows at Dv > 128, where one block per SM
-    streaming the next tile's K/V under the previous tile's stores measured faster (at Dv ≤ 128
-    the final grid measured it slower: benchmarks/NOTES.md). Never under a band or mask: tiles
-    of unequal work are dealt out statically (measured 30-40% slower causal), nor for long rows
-    (5-9% slower at 8K keys). `few` overrides ``few_keys(spec)`` (the variants list asks for
-    both)."""
+    whole multiples of, persistent where ``persistent_grid`` says so. `few` overrides
+    ``few_keys(spec)`` (the variants list asks for both)."""
     d, dv = spec.shapes.d, spec.shapes.dv
     plain = not spec.banded and _nothing_beyond_a_band(spec)
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
@@ -138,9 +152,7 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
             bq, bk = spec.block_mask.block_size
             if bq % tiles.block_m or bk % tiles.block_n:
                 continue
-        if _padded(dv) > 128 and not (spec.banded or spec.sparse or spec.exact) and short:
-            tiles = dataclasses.replace(tiles, persistent=True)
-        return tiles
+        return dataclasses.replace(tiles, persistent=persistent_grid(spec, tiles))
     return None
 
 
@@ -153,7 +165,7 @@ def describe_call(spec) -> str:
             f"{tiles.consumers} consumer warpgroup{'s' if tiles.consumers > 1 else ''}"
             + (" taking turns" if tiles.pingpong else "")
             + (", two thread blocks per SM" if tiles.consumers == 1 else "")
-            + (", one thread block per SM" if tiles.persistent else ""))
+            + (", a persistent grid where the tiles outnumber the blocks the SMs hold" if tiles.persistent else ""))
 
 
 def variant(spec, tiles: TmaTiles) -> str:
@@ -215,12 +227,18 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLa
     args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
-    grid = min(blocks, _launch.sm_count(q.device.id)) if tiles.persistent else blocks
+    # A persistent grid fills every SM once: two blocks per SM with one consumer each.
+    resident = _launch.sm_count(q.device.id) * (2 if tiles.consumers == 1 else 1)
+    persistent = tiles.persistent and blocks > resident
+    grid = resident if persistent else blocks
     layouts = (_tma.TensorLayout.of(tma_view(q), 64), _tma.TensorLayout.of(tma_view(k), tiles.block_n),
                _tma.TensorLayout.of(tma_view(v), tiles.block_n))
+    # The kernel's last two parameters: the tile count and the tile counter of a persistent grid
+    # (a null one for a grid of one block per tile).
+    tail = (numpy.int32(blocks),) if persistent else (numpy.int32(blocks), numpy.uint64(0))
     # Each call encodes the descriptors of q, k and v (FWD_POINTERS 0, 1, 2) whose addresses changed.
-    return ForwardLaunch(KernelLaunch(kernel, grid, tiles.threads, shared, args, tail=(numpy.int32(blocks),),
-                                      maps=layouts, map_pointers=(0, 1, 2)))
+    return ForwardLaunch(KernelLaunch(kernel, grid, tiles.threads, shared, args, tail=tail, maps=layouts,
+                                      map_pointers=(0, 1, 2), tile_counter=persistent))
 
 
 def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
@@ -252,4 +270,4 @@ def main_variants() -> list[tuple[str, str]]:
 
 
 __all__ = ["forward", "prepare_forward", "supports", "describe_call", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",
-           "variant", "ARCH"]
+           "persistent_grid", "variant", "ARCH"]

@@ -14,10 +14,14 @@
 // Head dims are padded to DP / DVP, multiples of 64 (one 128-byte swizzled box per 64 columns);
 // TMA fills columns past D and rows past N with zeros, so padding never reaches a result.
 //
-// A thread block may own several query tiles (index blockIdx.x, + gridDim.x, ... below
-// tile_count): launched with one block per SM it is persistent, and the producer streams the next
-// tile's K and V while the consumers finish the previous one. The Q buffer, which also stages O,
-// is refilled only once every consumer has stored its rows ("q_empty").
+// A thread block may own several query tiles: launched with one block per SM it is persistent,
+// takes tiles from a counter as it finishes them (TileTickets), and its producer streams the next
+// tile's Q, K and V while the consumers finish the previous one. The producer posts each tile's
+// index to the consumers through two shared slots ("mailbox"). The epilogue stages O in shared
+// memory for 16-byte stores: in the V buffer of the tile's last key tile where one holds the whole
+// O tile (TmaForwardLayout::O_IN_V), so that the consumers can release the Q buffer as soon as
+// their last Q·Kᵀ is done and the next tile's Q lands under the last softmax, P·V and stores;
+// else in the Q buffer, released after the stores.
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -39,10 +43,11 @@ template <int DP, int DVP, int BLOCK_N, int STAGES, int CONSUMERS_>
 struct TmaForwardLayout {
     static constexpr int CONSUMERS = CONSUMERS_;
     static constexpr int BLOCK_M = 64 * CONSUMERS;
-    // The Q tile, reused to stage O for the stores: as many 64-column boxes as the wider needs.
-    static constexpr u32 Q_BOXES = (DP > DVP ? DP : DVP) / 64;
-    static constexpr u32 Q_BYTES = Q_BOXES * BLOCK_M * 128;
+    // O is staged in a V buffer when one holds it (BLOCK_N ≥ BLOCK_M rows of DVP columns),
+    // else in the Q buffer, which then holds as many 64-column boxes as the wider of Q and O.
+    static constexpr bool O_IN_V = BLOCK_N >= BLOCK_M;
     static constexpr u32 Q_LOAD_BYTES = DP / 64 * BLOCK_M * 128;
+    static constexpr u32 Q_BYTES = (O_IN_V || DP >= DVP ? DP : DVP) / 64 * BLOCK_M * 128;
     static constexpr u32 K_STAGE = DP / 64 * BLOCK_N * 128;
     static constexpr u32 V_STAGE = DVP / 64 * BLOCK_N * 128;
     static constexpr u32 K_RING = Q_BYTES;
@@ -54,7 +59,8 @@ struct TmaForwardLayout {
     static constexpr int CONSUMER_REGS = CONSUMERS == 1 ? 232 : CONSUMERS == 2 ? 240 : 160;
 };
 
-// mbarriers: full/empty for the Q buffer and for each K and V buffer.
+// mbarriers: full/empty for the Q buffer, for each K and V buffer and for each mailbox slot
+// (every consumer thread reads the slot, so every one arrives on its "empty" barrier).
 template <int STAGES>
 struct TmaForwardBarriers {
     u32 base;
@@ -64,11 +70,17 @@ struct TmaForwardBarriers {
     __device__ __forceinline__ u32 k_empty(int s) const { return base + 8 * (2 + STAGES + s); }
     __device__ __forceinline__ u32 v_full(int s) const { return base + 8 * (2 + 2 * STAGES + s); }
     __device__ __forceinline__ u32 v_empty(int s) const { return base + 8 * (2 + 3 * STAGES + s); }
-    static constexpr int COUNT = 2 + 4 * STAGES;
+    __device__ __forceinline__ u32 tile_full(int s) const { return base + 8 * (2 + 4 * STAGES + s); }
+    __device__ __forceinline__ u32 tile_empty(int s) const { return base + 8 * (4 + 4 * STAGES + s); }
+    static constexpr int COUNT = 6 + 4 * STAGES;
 
     __device__ __forceinline__ void init(int consumers) const {
         mbar_init(q(), 1);
         mbar_init(q_empty(), consumers);
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(tile_full(s), 1);
+            mbar_init(tile_empty(s), 128 * consumers);
+        }
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
@@ -142,56 +154,93 @@ struct TmaTileWork {
     __device__ __forceinline__ i64 lse_start(const FwdArgs& a) const { return lse_offset<VARLEN>(a, seq, b, h); }
 };
 
-// The producer's one thread: for each of its query tiles that visits any key tile, K_j and V_j
-// for every visited key tile, each into the next ring buffer once the consumers have released it,
-// and Q once they have released the Q buffer. After the first tile, the first STAGES K/V tiles go
-// before Q: their buffers are free while the consumers still store the previous tile's O. The
-// ring positions run on from one query tile to the next.
+// The query tiles' indices, posted by the producer's thread to the consumers through two shared
+// slots filled in turn; an index past the last tile tells them to stop. `n` counts the indices
+// posted (or taken) so far: slot n % 2, its barriers' phase parity (n / 2) % 2.
+struct TileMailbox {
+    volatile int* slots;  // two ints of shared memory
+    template <int STAGES>
+    __device__ __forceinline__ void post(const TmaForwardBarriers<STAGES>& bar, u32 n, int index) const {
+        mbar_wait(bar.tile_empty(n % 2), (n / 2 % 2) ^ 1);
+        slots[n % 2] = index;
+        mbar_arrive(bar.tile_full(n % 2));
+    }
+    template <int STAGES>
+    __device__ __forceinline__ int take(const TmaForwardBarriers<STAGES>& bar, u32 n) const {
+        mbar_wait(bar.tile_full(n % 2), n / 2 % 2);
+        const int index = slots[n % 2];
+        mbar_arrive(bar.tile_empty(n % 2));
+        return index;
+    }
+};
+
+// The producer's one thread, for one query tile that visits any key tile: K_j and V_j for every
+// visited key tile, each into the next ring buffer once the consumers have released it, and Q
+// once they have released the Q buffer. After a block's first tile, the first K/V tiles go before
+// Q: their buffers free up while the consumers still finish the previous tile. The ring positions
+// run on from one query tile to the next.
+template <class L, int BLOCK_N, int STAGES, class Work>
+__device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
+                                             const Work& work, const FwdArgs& a, RingSlot<STAGES>& slot,
+                                             u32& q_fills) {
+    constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
+    const int n_count = work.key_tile.count, hk = work.h / a.group;
+    auto load_kv = [&](int j) {
+        const int key0 = work.key_tile[j] * BLOCK_N;
+        mbar_wait(bar.k_empty(slot.stage), slot.phase ^ 1);
+        mbar_arrive_expect_bytes(bar.k_full(slot.stage), L::K_STAGE);
+#pragma unroll
+        for (int box = 0; box < K_BOXES; ++box)
+            tma_load_4d(base + L::K_RING + slot.stage * L::K_STAGE + box * BLOCK_N * 128, &maps.k,
+                        bar.k_full(slot.stage), 64 * box, work.k_row(key0), hk, work.batch());
+        mbar_wait(bar.v_empty(slot.stage), slot.phase ^ 1);
+        mbar_arrive_expect_bytes(bar.v_full(slot.stage), L::V_STAGE);
+#pragma unroll
+        for (int box = 0; box < V_BOXES; ++box)
+            tma_load_4d(base + L::V_RING + slot.stage * L::V_STAGE + box * BLOCK_N * 128, &maps.v,
+                        bar.v_full(slot.stage), 64 * box, work.k_row(key0), hk, work.batch());
+        slot.advance();
+    };
+    // A block's first Q goes first. With O_IN_V only the first K/V go ahead: the next buffer
+    // still stages the previous tile's O, and Q must not wait for it.
+    const int ahead = q_fills == 0 ? 0 : min(n_count, L::O_IN_V ? 1 : STAGES);
+    for (int j = 0; j < ahead; ++j) load_kv(j);
+    mbar_wait(bar.q_empty(), (q_fills & 1) ^ 1);
+    ++q_fills;
+    mbar_arrive_expect_bytes(bar.q(), L::Q_LOAD_BYTES);
+#pragma unroll
+    for (int c = 0; c < L::CONSUMERS; ++c)
+#pragma unroll
+        for (int box = 0; box < K_BOXES; ++box)
+            tma_load_4d(base + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(), 64 * box,
+                        work.q_row(work.m0 + 64 * c), work.h, work.batch());
+    for (int j = ahead; j < n_count; ++j) load_kv(j);
+}
+
+// The producer's one thread: draws the block's query tiles, posts each to the consumers and loads
+// what it needs (a tile past its sequence's end or that visits no key tile needs nothing). The
+// next tile is drawn before this one's loads, so that the draw's latency runs under them.
 template <class L, int BLOCK_N, int STAGES, bool VARLEN, class MASK>
 __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
-                                        const MASK& mask, const FwdArgs& a, int tile_count) {
-    constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
+                                        const TileMailbox& mailbox, const TileTickets& tickets, const MASK& mask,
+                                        const FwdArgs& a) {
     tma_prefetch_desc(&maps.q);
     tma_prefetch_desc(&maps.k);
     tma_prefetch_desc(&maps.v);
     RingSlot<STAGES> slot;
     u32 q_fills = 0;
-    for (int index = blockIdx.x; index < tile_count; index += gridDim.x) {
+    for (int index = tickets.first(), n = 0;; ++n) {
+        mailbox.post(bar, n, index);
+        if (index >= tickets.tile_count) break;
+        const int next = tickets.next(index);
         TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN> work(a, index);
-        if (work.past_end()) continue;
-        work.walk(work.mask_of(mask, a), a);
-        const int n_count = work.key_tile.count, hk = work.h / a.group;
-        auto load_kv = [&](int j) {
-            const int key0 = work.key_tile[j] * BLOCK_N;
-            mbar_wait(bar.k_empty(slot.stage), slot.phase ^ 1);
-            mbar_arrive_expect_bytes(bar.k_full(slot.stage), L::K_STAGE);
-#pragma unroll
-            for (int box = 0; box < K_BOXES; ++box)
-                tma_load_4d(base + L::K_RING + slot.stage * L::K_STAGE + box * BLOCK_N * 128, &maps.k,
-                            bar.k_full(slot.stage), 64 * box, work.k_row(key0), hk, work.batch());
-            mbar_wait(bar.v_empty(slot.stage), slot.phase ^ 1);
-            mbar_arrive_expect_bytes(bar.v_full(slot.stage), L::V_STAGE);
-#pragma unroll
-            for (int box = 0; box < V_BOXES; ++box)
-                tma_load_4d(base + L::V_RING + slot.stage * L::V_STAGE + box * BLOCK_N * 128, &maps.v,
-                            bar.v_full(slot.stage), 64 * box, work.k_row(key0), hk, work.batch());
-            slot.advance();
-        };
-        if (n_count == 0) continue;  // the consumers store such a tile without the Q buffer
-        // A block's first Q goes first (nothing to overlap yet); later ones wait for the buffer.
-        const int ahead = q_fills == 0 ? 0 : min(n_count, STAGES);
-        for (int j = 0; j < ahead; ++j) load_kv(j);
-        mbar_wait(bar.q_empty(), (q_fills & 1) ^ 1);
-        ++q_fills;
-        mbar_arrive_expect_bytes(bar.q(), L::Q_LOAD_BYTES);
-#pragma unroll
-        for (int c = 0; c < L::CONSUMERS; ++c)
-#pragma unroll
-            for (int box = 0; box < K_BOXES; ++box)
-                tma_load_4d(base + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(), 64 * box,
-                            work.q_row(work.m0 + 64 * c), work.h, work.batch());
-        for (int j = ahead; j < n_count; ++j) load_kv(j);
+        if (!work.past_end()) {
+            work.walk(work.mask_of(mask, a), a);
+            if (work.key_tile.count > 0) produce_tile<L, BLOCK_N, STAGES>(maps, bar, base, work, a, slot, q_fills);
+        }
+        index = next;
     }
+    tickets.finish();
 }
 
 // O(64 × DVP) += P(64 × BLOCK_N, registers) · V(BLOCK_N × DVP, shared, row-major): in slices of
@@ -221,7 +270,9 @@ __device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u3
 
 // One consumer warpgroup's share of one query tile: 64 rows against every visited key tile,
 // then O / l and lse stored. `ks` / `vs` are the K and V ring positions, carried from tile to
-// tile; `q_fills` counts the Q buffer's fills so far.
+// tile; `q_fills` counts the Q buffer's fills so far. With O_IN_V the Q buffer is released once
+// the tile's last Q·Kᵀ is done (`release_q`), for the producer to load the next tile's Q under
+// the rest, and the last V buffer once O has left it.
 template <typename T, class L, int DP, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, class MASK, class MOD,
           bool DROPOUT, class Work>
 __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask, const Work& work,
@@ -280,6 +331,11 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         }
     };
 
+    auto release_q = [&](int j) {
+        if (L::O_IN_V && leader && j == n_count - 1) mbar_arrive(bar.q_empty());
+    };
+    int last_v = 0;  // the V buffer of the last key tile (O's staging with O_IN_V)
+
     if (n_count > 0) {
         const GemmTurns<PINGPONG, L::CONSUMERS> turns(c);
         turns.open(c);
@@ -295,6 +351,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
             wgmma_wait<0>();
             reg_fence(s);
             if (leader) mbar_arrive(bar.k_empty(ks.stage));
+            release_q(0);
             ks.advance();
             float alpha[2];
             softmax(tile, alpha);
@@ -316,6 +373,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
             wgmma_wait<1>();
             reg_fence(s);
             if (leader) mbar_arrive(bar.k_empty(ks.stage));
+            release_q(j);
             float alpha[2];
             softmax(tile, alpha);
             wgmma_wait<0>();
@@ -337,15 +395,15 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         turns.end();
         wgmma_wait<0>();
         reg_fence(o);
-        if (leader) mbar_arrive(bar.v_empty(vs.stage));
+        last_v = vs.stage;
+        if (!L::O_IN_V && leader) mbar_arrive(bar.v_empty(vs.stage));
         vs.advance();
         turns.close(c);
     }
 
-    // Epilogue: lse = ln(l) + max·scale and O / l through this consumer's own rows of the Q
-    // buffer (its last Q·Kᵀ is done and no one else reads them), which is then released for the
-    // next tile's Q. Rows that saw no key give 0 and −inf; a tile that visits no key tile never
-    // had the Q buffer and stores its zeros directly.
+    // Epilogue: lse = ln(l) + max·scale, and O / l through the staging buffer (with O_IN_V, once
+    // every consumer's last P·V has read it), which is then released. Rows that saw no key give 0
+    // and −inf; a tile that visits no key tile has no buffer and stores its zeros directly.
     const int nq = work.seq.nq;
     float* lse = a.lse + work.lse_start(a);
     const int row0 = work.m0 + c * 64;
@@ -362,16 +420,22 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         store_zero_rows(out, a.o_sn, nq, a.dv, row0, 64, threadIdx.x % 128, 128);
         return;
     }
-    store_rows_sw128<T, DVP, BLOCK_M>(out, a.o_sn, nq, o, inv, base + c * 64 * 128, row0, c + 1, warp, g, t, a.dv);
+    u32 staging = base;
+    if constexpr (L::O_IN_V) {
+        named_barrier(1, 128 * L::CONSUMERS);
+        staging = v_stage(last_v);
+    }
+    store_rows_sw128<T, DVP, BLOCK_M>(out, a.o_sn, nq, o, inv, staging + c * 64 * 128, row0, c + 1, warp, g, t, a.dv);
     fence_proxy_async_shared();  // these reads of the buffer come before the next TMA write to it
     named_barrier(c + 2, 128);   // (the store's own barrier id) every thread has read its rows
-    if (leader) mbar_arrive(bar.q_empty());
+    if (leader) mbar_arrive(L::O_IN_V ? bar.v_empty(last_v) : bar.q_empty());
 }
 
 template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD,
           bool VARLEN = false, bool DROPOUT = false>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), tma_forward_blocks_per_sm(CONSUMERS))
-flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count) {
+flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count,
+                   int* tile_counter) {
     constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
     using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, CONSUMERS>;
     static_assert(BLOCK_N == 64 || BLOCK_N == 80 || BLOCK_N == 128 || BLOCK_N == 176,
@@ -381,21 +445,26 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ __align__(8) u64 barrier_words[TmaForwardBarriers<STAGES>::COUNT];
+    __shared__ int mailbox_slots[2];
     const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1024-byte alignment
     const TmaForwardBarriers<STAGES> bar{smem_addr(barrier_words)};
     if (threadIdx.x == 0) bar.init(L::CONSUMERS);
     __syncthreads();
     const MASK mask(a);
+    const TileMailbox mailbox{mailbox_slots};
 
     if (threadIdx.x < 128) {
         release_registers<L::PRODUCER_REGS>();
-        if (threadIdx.x < 32 && elect_one_lane()) produce<L, BLOCK_N, STAGES, VARLEN>(maps, bar, base, mask, a, tile_count);
+        if (threadIdx.x < 32 && elect_one_lane())
+            produce<L, BLOCK_N, STAGES, VARLEN>(maps, bar, base, mailbox, TileTickets{tile_counter, tile_count}, mask, a);
         return;
     }
     claim_registers<L::CONSUMER_REGS>();
     RingSlot<STAGES> ks, vs;
     u32 q_fills = 0;
-    for (int index = blockIdx.x; index < tile_count; index += gridDim.x) {
+    for (u32 n = 0;; ++n) {
+        const int index = mailbox.take(bar, n);
+        if (index >= tile_count) break;
         TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN> work(a, index);
         if (work.past_end()) continue;
         const MASK tile_mask = work.mask_of(mask, a);

@@ -62,6 +62,35 @@ struct RingSlot {
     }
 };
 
+// ---- persistent grids: which tile a thread block takes next
+
+// The tiles of a launch, dealt to its thread blocks. A block starts with tile blockIdx.x. In a
+// grid of one block per tile (no counter) that is its only one. In a persistent grid (fewer
+// blocks, one per SM) a block's next tile is gridDim.x plus a ticket drawn from `counter`, so that
+// blocks take the tiles in order as they finish, as the hardware deals the blocks of a full grid
+// (a fixed deal leaves some SMs the heavy tiles of a causal call). The counter holds two ints,
+// tickets drawn and blocks done, both zero when a launch starts: the last block to finish sets
+// them back, for the next launch on the same stream (the host keeps one counter per stream and
+// one per captured launch: _launch.TileCounters).
+struct TileTickets {
+    int* counter;
+    int tile_count;
+    __device__ __forceinline__ int first() const { return blockIdx.x; }
+    __device__ __forceinline__ int next(int index) const {
+        return counter == nullptr ? index + (int)gridDim.x : (int)gridDim.x + atomicAdd(counter, 1);
+    }
+    // Called once per block, after the draw that ran past the last tile: no block draws again
+    // once every block has got here.
+    __device__ __forceinline__ void finish() const {
+        if (counter == nullptr) return;
+        __threadfence();
+        if (atomicAdd(counter + 1, 1) == (int)gridDim.x - 1) {
+            counter[0] = 0;
+            counter[1] = 0;
+        }
+    }
+};
+
 // ---- TMA
 
 __device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* desc) {
