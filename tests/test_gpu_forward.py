@@ -224,3 +224,32 @@ def test_persistent_grid_under_graph_capture(xp_gpu, rng, seed, monkeypatch, hop
             assert bool((captured.view(np.uint16) == eager.view(np.uint16)).all())
             assert bool((again.view(np.uint16) == eager.view(np.uint16)).all())
     assert_forward_close(eager, None, q, k, v, causal=True, context=f"seed={seed}")
+
+
+def test_persistent_grid_with_packed_sequences_and_masks(xp_gpu, rng, seed, monkeypatch, hopper_tma):
+    """Tiles of unequal work (block and exact masks) and tiles past their sequence's end (packed
+    sequences) on the persistent grid: the bits of one block per tile."""
+    from cuflash.sparse import BlockMask, ExactMask, document
+
+    xp = xp_gpu
+    n = 1280
+    q, k, v = (random_array(rng, (2, 8, n, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
+    blocks = BlockMask.from_dense(rng.random((8, n // 128, n // 128)) < 0.4, block_size=128)
+    exact = ExactMask.from_scipy(document([300, 17, 700, 263], causal=True))
+    lengths = [1100, 5, 900, 333, 1024]
+    cu = xp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    packed = [random_array(rng, (sum(lengths), 8, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3)]
+    calls = {
+        "block mask": lambda: cuflash.attention(q, k, v, block_mask=blocks),
+        "exact mask, causal": lambda: cuflash.attention(q, k, v, mask=exact, causal=True),
+        "packed sequences, causal": lambda: cuflash.attention_varlen(*packed, cu, cu, max(lengths), max(lengths),
+                                                                     causal=True),
+    }
+    for name, call in calls.items():
+        _grid_forced(monkeypatch, hopper_tma, False)
+        expected = call()
+        _grid_forced(monkeypatch, hopper_tma, True)
+        got = call()
+        assert bool((got.view(np.uint16) == expected.view(np.uint16)).all()), name
+        if name == "block mask":
+            assert_forward_close(got, None, q, k, v, block_mask=blocks, context=f"seed={seed}")
