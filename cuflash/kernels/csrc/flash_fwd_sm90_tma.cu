@@ -174,6 +174,18 @@ struct TileMailbox {
     }
 };
 
+// One K or V tile (BOXES boxes of 64 columns × BLOCK_N keys from key row `key_row`) into the ring
+// buffer at `dst`, once its "empty" barrier (phase parity `phase`) says the consumers are done
+// with what it held; its "full" barrier counts the bytes in.
+template <int BOXES, int BLOCK_N>
+__device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 full, u32 empty, u32 phase,
+                                               int key_row, int hk, int batch) {
+    mbar_wait(empty, phase ^ 1);
+    mbar_arrive_expect_bytes(full, BOXES * BLOCK_N * 128);
+#pragma unroll
+    for (int box = 0; box < BOXES; ++box) tma_load_4d(dst + box * BLOCK_N * 128, map, full, 64 * box, key_row, hk, batch);
+}
+
 // The producer's one thread, for one query tile that visits any key tile: K_j and V_j for every
 // visited key tile, each into the next ring buffer once the consumers have released it, and Q
 // once they have released the Q buffer. After a block's first tile, the first K/V tiles go before
@@ -186,19 +198,11 @@ __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwa
     constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
     const int n_count = work.key_tile.count, hk = work.h / a.group;
     auto load_kv = [&](int j) {
-        const int key0 = work.key_tile[j] * BLOCK_N;
-        mbar_wait(bar.k_empty(slot.stage), slot.phase ^ 1);
-        mbar_arrive_expect_bytes(bar.k_full(slot.stage), L::K_STAGE);
-#pragma unroll
-        for (int box = 0; box < K_BOXES; ++box)
-            tma_load_4d(base + L::K_RING + slot.stage * L::K_STAGE + box * BLOCK_N * 128, &maps.k,
-                        bar.k_full(slot.stage), 64 * box, work.k_row(key0), hk, work.batch());
-        mbar_wait(bar.v_empty(slot.stage), slot.phase ^ 1);
-        mbar_arrive_expect_bytes(bar.v_full(slot.stage), L::V_STAGE);
-#pragma unroll
-        for (int box = 0; box < V_BOXES; ++box)
-            tma_load_4d(base + L::V_RING + slot.stage * L::V_STAGE + box * BLOCK_N * 128, &maps.v,
-                        bar.v_full(slot.stage), 64 * box, work.k_row(key0), hk, work.batch());
+        const int key_row = work.k_row(work.key_tile[j] * BLOCK_N);
+        load_ring_tile<K_BOXES, BLOCK_N>(base + L::K_RING + slot.stage * L::K_STAGE, &maps.k, bar.k_full(slot.stage),
+                                         bar.k_empty(slot.stage), slot.phase, key_row, hk, work.batch());
+        load_ring_tile<V_BOXES, BLOCK_N>(base + L::V_RING + slot.stage * L::V_STAGE, &maps.v, bar.v_full(slot.stage),
+                                         bar.v_empty(slot.stage), slot.phase, key_row, hk, work.batch());
         slot.advance();
     };
     // A block's first Q goes first. With O_IN_V only the first K/V go ahead: the next buffer
