@@ -387,9 +387,10 @@ class KernelLaunch:
     dynamic shared memory, its packed arguments and the scalars the kernel takes after them
     (``tail``: NumPy scalars), then, with ``tile_counter``, the address of the stream's
     ``TileCounters`` counter (a persistent grid); calling it with the pointers launches it on
-    CuPy's current stream (or `stream`). A kernel that reads tensors through TMA takes their descriptors first:
-    ``maps`` (``_tma.TensorLayout`` of each) with ``map_pointers`` (the index of each one's
-    address in `pointers`); a call encodes the descriptors of addresses that changed.
+    CuPy's current stream (or `stream`). A kernel that reads tensors through TMA takes their
+    descriptors first: ``maps`` (``_tma.TensorLayout`` of each) with ``map_pointers`` (the index
+    of each one's address in `pointers`); a call encodes the descriptors of addresses that
+    changed.
 
     Launches go through a ``DriverLaunch``, built at the first call (``_writer``); ``cupy_arguments``
     are the same parameters as CuPy's RawKernel takes them (the reference the tests hold the

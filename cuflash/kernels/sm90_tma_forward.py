@@ -127,10 +127,11 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     no packed sequences; bands, score modifiers and dropout allowed) over rows of at most
     PERSISTENT_GRID_MAX_KEYS keys, with key tiles of at least 128. The grid hides a block's
     start-up and the next tile's loads under the previous tile's softmax and stores: measured
-    on an H200 (benchmarks/NOTES.md, "The persistent Hopper forward") +3-19% at 1K keys, about
-    even at 2K-4K, 2-5% slower on causal rows of 16K keys (where a block's fixed cost is a
-    small share), and 8-10% slower with the 80-key tiles of Dv > 128, whose O is staged in the
-    Q buffer, so that the next Q waits for the stores. The launcher keeps one block per tile
+    on an H200 against one block per tile (benchmarks/NOTES.md, "The persistent Hopper
+    forward", three runs) +7-22% at 1K causal keys and 0-12% at 1K unmasked, within ±4% at
+    2K-4K (+1-2% on average), 2-5% slower on causal rows of 16K keys (where a block's fixed cost
+    is a small share), and 8-10% slower with the 80-key tiles of Dv > 128, whose O is staged in
+    the Q buffer, so that the next Q waits for the stores. The launcher keeps one block per tile
     when the tiles do not outnumber the blocks the SMs hold."""
     return (tiles.block_n >= 128 and spec.shapes.nk <= PERSISTENT_GRID_MAX_KEYS
             and not (spec.sparse or spec.exact) and spec.varlen is None)

@@ -183,7 +183,8 @@ __device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 
     mbar_wait(empty, phase ^ 1);
     mbar_arrive_expect_bytes(full, BOXES * BLOCK_N * 128);
 #pragma unroll
-    for (int box = 0; box < BOXES; ++box) tma_load_4d(dst + box * BLOCK_N * 128, map, full, 64 * box, key_row, hk, batch);
+    for (int box = 0; box < BOXES; ++box)
+        tma_load_4d(dst + box * BLOCK_N * 128, map, full, 64 * box, key_row, hk, batch);
 }
 
 // The producer's one thread, for one query tile that visits any key tile: K_j and V_j for every
