@@ -6,8 +6,9 @@ SDPA's FlashAttention-2 and cuDNN back ends in the same process.
 
 bf16, 16K tokens per call, hidden 2048 (B = 16384 / N, H = 2048 / D), TFLOP/s with the papers'
 FLOP count, best of two alternated medians of 20 back-to-back prepared launches. Each row also
-checks that both grids give the same bits and that two heads' rows meet a float64 reference;
-the shipped grid is the one ``sm90_tma_forward.persistent_grid`` picks.
+checks that both grids give the same bits and that 64 sampled rows of every head meet the
+float64 oracle under the correctness rule; the shipped grid is the one
+``sm90_tma_forward.persistent_grid`` picks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cupy  # noqa: E402
 import numpy  # noqa: E402
-from _harness import median_ms, randn, sdpa_tflops, spec_for, torch_module  # noqa: E402
+from _harness import free_pool, median_ms, randn, sdpa_tflops, spec_for, torch_module  # noqa: E402
+from oracle import assert_forward_close  # noqa: E402
 
 from cuflash.bench import forward_flops  # noqa: E402
 from cuflash.kernels import sm90_tma_forward  # noqa: E402
@@ -31,17 +33,6 @@ POINTS = ([(128, n, False) for n in (1024, 2048, 4096, 8192, 16384)]
           + [(128, n, True) for n in (1024, 2048, 4096, 16384)]
           + [(64, n, False) for n in (1024, 2048, 8192)] + [(64, n, True) for n in (1024, 2048, 4096, 16384)]
           + [(256, 1024, False), (256, 8192, False), (256, 2048, True), (96, 4096, False), (96, 4096, True)])
-
-
-def reference_rows(q, k, v, causal, b, h):
-    """Head (b, h)'s output in float64."""
-    qq, kk, vv = (x[b, h].astype(cupy.float64) for x in (q, k, v))
-    s = qq @ kk.T / numpy.sqrt(q.shape[-1])
-    if causal:
-        n = s.shape[0]
-        s = cupy.where(cupy.arange(n)[None, :] <= cupy.arange(n)[:, None], s, -cupy.inf)
-    p = cupy.exp(s - s.max(1, keepdims=True))
-    return (p @ vv) / p.sum(1, keepdims=True)
 
 
 def main():
@@ -67,10 +58,12 @@ def main():
         notes = []
         if not bool((runs[0][1].view(cupy.uint16) == runs[1][1].view(cupy.uint16)).all()):
             notes.append("the grids' outputs differ")
-        for bb, hh in ((0, 0), (b - 1, h - 1)):
-            err = float(cupy.abs(runs[0][1][bb, hh].astype(cupy.float64) - reference_rows(q, k, v, causal, bb, hh)).max())
-            if not err < 0.03:
-                notes.append(f"error {err:.3g} in head {(bb, hh)}")
+        rows = numpy.sort(numpy.random.default_rng(n).choice(n, size=64, replace=False))
+        rows[-1] = n - 1
+        try:
+            assert_forward_close(runs[0][1], None, q, k, v, causal=causal, rows=rows)
+        except AssertionError as error:
+            notes.append(f"against the oracle: {str(error)[:200]}")
         rates = [[], []]
         for order in ((0, 1), (1, 0)):
             for i in order:
@@ -83,7 +76,7 @@ def main():
               f"{'persistent' if shipped.persistent else 'one block per tile'} | {sdpa['flash']:.1f} | "
               f"{sdpa['cudnn']:.1f} | {ours / sdpa['cudnn']:.2f} | {'; '.join(notes)} |", flush=True)
         del q, k, v, runs
-        cupy.get_default_memory_pool().free_all_blocks()
+        free_pool()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,12 @@ class TmaTiles:
         return 64 * self.consumers
 
     @property
+    def blocks_per_sm(self) -> int:
+        """Thread blocks an SM holds (tma_forward_blocks_per_sm in the kernel): two with one
+        consumer, which leaves room for a second block."""
+        return 2 if self.consumers == 1 else 1
+
+    @property
     def threads(self) -> int:
         return 128 * (self.consumers + 1)  # and the producer warpgroup
 
@@ -165,7 +171,7 @@ def describe_call(spec) -> str:
     return (f"{tiles.block_m}-row query tiles against {tiles.block_n}-key tiles, "
             f"{tiles.consumers} consumer warpgroup{'s' if tiles.consumers > 1 else ''}"
             + (" taking turns" if tiles.pingpong else "")
-            + (", two thread blocks per SM" if tiles.consumers == 1 else "")
+            + (", two thread blocks per SM" if tiles.blocks_per_sm == 2 else "")
             + (", a persistent grid where the tiles outnumber the blocks the SMs hold" if tiles.persistent else ""))
 
 
@@ -228,8 +234,7 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLa
     args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
-    # A persistent grid fills every SM once: two blocks per SM with one consumer each.
-    resident = _launch.sm_count(q.device.id) * (2 if tiles.consumers == 1 else 1)
+    resident = _launch.sm_count(q.device.id) * tiles.blocks_per_sm  # a persistent grid fills every SM once
     persistent = tiles.persistent and blocks > resident
     grid = resident if persistent else blocks
     layouts = (_tma.TensorLayout.of(tma_view(q), 64), _tma.TensorLayout.of(tma_view(k), tiles.block_n),
