@@ -117,11 +117,31 @@ def test_block_sparse(xp_gpu, rng, seed, dkdv_kernel):
     run(xp_gpu, rng, seed, dkdv_kernel, nq=384, d=128, block_mask=mask)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_exact_mask(xp_gpu, rng, seed, dkdv_kernel, causal):
-    n = 300
-    pattern = (np.random.default_rng(seed).random((n, n)) < 0.2) | np.eye(n, dtype=bool)
-    run(xp_gpu, rng, seed, dkdv_kernel, nq=n, d=128, mask=ExactMask.from_dense(pattern), causal=causal)
+def _exact_pattern(seed, nq, nk):
+    return ExactMask.from_dense((np.random.default_rng(seed).random((nq, nk)) < 0.2) | np.eye(nq, nk, dtype=bool))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(causal=True, softcap=20.0)], ids=str)
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_exact_mask(xp_gpu, rng, seed, dkdv_kernel, d, options):
+    """At D ≤ 64 (the 64-column tile, 128-row query tiles) these are the options an exact mask
+    takes to the warp-specialised kernel (sm90_backward.exact_fits_narrow_tile)."""
+    nq, nk = 300, 333
+    run(xp_gpu, rng, seed, dkdv_kernel, nq=nq, nk=nk, d=d, mask=_exact_pattern(seed, nq, nk), **options)
+
+
+@pytest.mark.parametrize("options", [dict(window=(90, 20)), dict(causal=True, alibi_slopes="heads"),
+                                     dict(deterministic=True)], ids=str)
+def test_exact_mask_options_the_narrow_tile_leaves_to_the_cp_async_kernel(xp_gpu, rng, seed, dkdv_kernel,
+                                                                           options):
+    """Exact masks at D = 64 with a left-hand band, ALiBi or deterministic, whose warp-specialised
+    variants would spill, run the cp.async dK/dV kernel even when the default asks for the other."""
+    if dkdv_kernel != "warp-specialised":
+        pytest.skip("what the default chooses")
+    options = dict(options)
+    if options.get("alibi_slopes") == "heads":
+        options["alibi_slopes"] = xp_gpu.asarray([0.25, 0.0625], np.float32)
+    run(xp_gpu, rng, seed, "cp.async", nq=300, d=64, mask=_exact_pattern(seed, 300, 300), **options)
 
 
 # ------------------------------------------------------- the 256-column tile: split dK/dV columns

@@ -39,10 +39,12 @@ fragments (csrc/schedule.cuh, ``dq_fragment_offset``), which ``flash_bwd_dq_conv
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 
+from .._mask import UNBOUNDED
 from . import _build, _tma, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
                       vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
@@ -292,10 +294,22 @@ def why_not_options(spec) -> str | None:
 
 def producer_fits(spec) -> bool:
     """Whether the warp-specialised dK/dV kernel takes this call: dense calls whose consumers
-    compile within the 240 registers setmaxnreg gives them without spills (exact masks at D = 64
-    and dropout beside a score modifier spill 4-24 bytes)."""
-    return (spec.varlen is None and not (spec.exact and tile_head_dim(spec) == 64)
+    compile within the 240 registers setmaxnreg gives them without spills (dropout beside a score
+    modifier spills 4-24 bytes; exact masks on the 64-column tile, ``exact_fits_narrow_tile``)."""
+    return (spec.varlen is None
+            and not (spec.exact and tile_head_dim(spec) == 64 and not exact_fits_narrow_tile(spec))
             and not (spec.has_dropout and (spec.has_softcap or spec.has_alibi)))
+
+
+def exact_fits_narrow_tile(spec) -> bool:
+    """Whether an exact mask on the 64-column tile (D, Dv ≤ 64: 128-row query tiles) compiles in
+    the warp-specialised dK/dV kernel without spills: with the fused dQ's adds in any order (its
+    dQ lives in shared memory), at most a right-hand band (causal) and softcap. A left-hand band
+    spills 4-12 bytes there, ALiBi 40, the variant without the fused dQ (deterministic calls)
+    4-8 (NVRTC 13.0 and 13.5)."""
+    tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
+    left, _ = spec.band()
+    return fuses_dq(spec, tiles) and left == UNBOUNDED and not spec.has_alibi
 
 
 def producer_wanted(spec) -> bool:
@@ -388,8 +402,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, tiles: Sm90BwdTiles |
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import (dropout_spec_grid, feature_specs, float32_grads_specs, spec_grid, spec_of,
-                            varlen_spec_grid)
+    from ._variants import (dropout_spec_grid, exact_mask_stand_in, feature_specs, float32_grads_specs,
+                            spec_grid, spec_of, varlen_spec_grid)
 
     dropout = [spec for spec in dropout_spec_grid(HEAD_DIMS) if spec.shapes.d == spec.shapes.dv]
     varlen = [spec for spec in varlen_spec_grid()
@@ -397,8 +411,11 @@ def main_variants() -> list[tuple[str, str]]:
     # The 256-column tile's masks and score modifiers (the grid's features are at D = 128),
     # and D = 192 with Dv = 128 on it.
     split = feature_specs(SPLIT_HEAD_DIM) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
+    # The most an exact mask on the 64-column tile takes to the warp-specialised kernel
+    # (exact_fits_narrow_tile): causal and softcap.
+    narrow_exact = [spec_of("bfloat16", 64, causal=True, softcap=30.0, exact_mask=exact_mask_stand_in())]
     out = []
-    specs = spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen + split
+    specs = spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen + split + narrow_exact
     for spec in (spec for spec in specs if why_not_options(spec) is None):
         tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
         if not tiles.split_columns:  # the cp.async dK/dV kernel has no split columns
@@ -407,7 +424,8 @@ def main_variants() -> list[tuple[str, str]]:
         if fused_dq_pays(spec, tiles):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
         if producer_fits(spec):
-            out.append((SOURCE, variant_dkdv_ws(spec, tiles)))
+            if producer_fits(dataclasses.replace(spec, deterministic=True)):  # its dQ kernel's twin
+                out.append((SOURCE, variant_dkdv_ws(spec, tiles)))
             if fused_dq_pays(spec, tiles):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, atomic_dq=True)))
             if ordered_dq_fits(spec, tiles):
