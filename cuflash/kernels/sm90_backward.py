@@ -303,10 +303,10 @@ def producer_fits(spec) -> bool:
 
 def exact_fits_narrow_tile(spec) -> bool:
     """Whether an exact mask on the 64-column tile (D, Dv ≤ 64: 128-row query tiles) compiles in
-    the warp-specialised dK/dV kernel without spills: with the fused dQ's adds in any order (its
-    dQ lives in shared memory), at most a right-hand band (causal) and softcap. A left-hand band
-    spills 4-12 bytes there, ALiBi 40, the variant without the fused dQ (deterministic calls)
-    4-8 (NVRTC 13.0 and 13.5)."""
+    the warp-specialised dK/dV kernel without spills, as compiled with NVRTC 13.0 and 13.5: the
+    variants with the fused dQ (adds in any order) and at most a right-hand band (causal) and
+    softcap. A left-hand band spills 4-12 bytes there, ALiBi 40, and the variant without the
+    fused dQ (what deterministic calls launch) 4-8."""
     tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
     left, _ = spec.band()
     return fuses_dq(spec, tiles) and left == UNBOUNDED and not spec.has_alibi
@@ -424,7 +424,8 @@ def main_variants() -> list[tuple[str, str]]:
         if fused_dq_pays(spec, tiles):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
         if producer_fits(spec):
-            if producer_fits(dataclasses.replace(spec, deterministic=True)):  # its dQ kernel's twin
+            # the variant without the fused dQ, which the same options launch with deterministic=True
+            if producer_fits(dataclasses.replace(spec, deterministic=True)):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles)))
             if fused_dq_pays(spec, tiles):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, atomic_dq=True)))
