@@ -404,6 +404,6 @@ def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_
     assert fits(spec(128, window=(90, 20), alibi=_Slopes())) and fits(spec(128, deterministic=True))
     listed = {expression for _, expression in sm90_backward.main_variants()}
     tiles = sm90_backward.default_tiles(64)
-    for options in (dict(), dict(causal=True), dict(causal=True, softcap=30.0)):
+    for options in (dict(), dict(causal=True), dict(softcap=30.0), dict(causal=True, softcap=30.0)):
         assert sm90_backward.variant_dkdv_ws(spec(64, **options), tiles, atomic_dq=True) in listed
     assert sm90_backward.variant_dkdv_ws(spec(64), tiles) not in listed  # deterministic: cp.async

@@ -121,7 +121,8 @@ def _exact_pattern(seed, nq, nk):
     return ExactMask.from_dense((np.random.default_rng(seed).random((nq, nk)) < 0.2) | np.eye(nq, nk, dtype=bool))
 
 
-@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(causal=True, softcap=20.0)], ids=str)
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(softcap=20.0), dict(causal=True, softcap=20.0)],
+                         ids=str)
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_exact_mask(xp_gpu, rng, seed, dkdv_kernel, d, options):
     """At D ≤ 64 (the 64-column tile, 128-row query tiles) these are the options an exact mask

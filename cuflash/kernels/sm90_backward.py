@@ -411,9 +411,10 @@ def main_variants() -> list[tuple[str, str]]:
     # The 256-column tile's masks and score modifiers (the grid's features are at D = 128),
     # and D = 192 with Dv = 128 on it.
     split = feature_specs(SPLIT_HEAD_DIM) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
-    # The most an exact mask on the 64-column tile takes to the warp-specialised kernel
-    # (exact_fits_narrow_tile): causal and softcap.
-    narrow_exact = [spec_of("bfloat16", 64, causal=True, softcap=30.0, exact_mask=exact_mask_stand_in())]
+    # What an exact mask on the 64-column tile takes to the warp-specialised kernel beside what
+    # the grid has (exact_fits_narrow_tile): softcap, without and with causal.
+    narrow_exact = [spec_of("bfloat16", 64, causal=causal, softcap=30.0, exact_mask=exact_mask_stand_in())
+                    for causal in (False, True)]
     out = []
     specs = spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen + split + narrow_exact
     for spec in (spec for spec in specs if why_not_options(spec) is None):
