@@ -130,3 +130,18 @@ def test_mask_blocks_no_tile_shape_divides_are_refused_by_name():
     mask = BlockMask.from_dense(np.ones((16, 16), bool), block_size=64, shape=(1024, 1024))
     spec = spec_of("bfloat16", 128, block_mask=mask)
     assert sm90_tma_forward.tiles_for(spec) is None
+
+
+def test_exact_mask_tiles_leave_room_for_the_records_beside_k():
+    """An exact mask's forward keeps, beside each K buffer, the tile's index, bitmask slot and bits
+    in static shared memory (ExactStage): the tile shape chosen must fit with them."""
+    from cuflash.kernels import sm90_tma_forward as F
+    from cuflash.kernels._variants import exact_mask_stand_in, spec_of
+
+    assert F.TmaTiles(block_n=80, stages=2, consumers=2).exact_record_bytes() == 2 * (16 + 128 * 3 * 4)
+    assert F.TmaTiles(block_n=128, stages=3, consumers=2).exact_record_bytes() == 3 * (16 + 128 * 4 * 4)
+    for d, dv in ((32, 32), (64, 64), (96, 96), (128, 128), (192, 128), (256, 256), (64, 256)):
+        for causal in (False, True):
+            spec = spec_of("bfloat16", d, dv, causal=causal, exact_mask=exact_mask_stand_in())
+            tiles = F.tiles_for(spec)
+            assert tiles.shared_bytes(d, dv) + tiles.exact_record_bytes() <= F.MAX_SHARED, (d, dv, tiles)

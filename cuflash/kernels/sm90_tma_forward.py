@@ -66,6 +66,12 @@ class TmaTiles:
         q_tile = (dp if self.block_n >= self.block_m else max(dp, dvp)) * self.block_m * 2
         return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
+    def exact_record_bytes(self) -> int:
+        """The static shared memory an exact mask's variant adds (ExactStage in the kernel): per K
+        buffer, the tile's index and bitmask slot (16 bytes) and its bits (one 32-bit word per 32
+        keys of each query row)."""
+        return self.stages * (16 + self.block_m * -(-self.block_n // 32) * 4)
+
 
 def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False,
                     short: bool = False, few_keys: bool = False, long_causal: bool = False) -> list[TmaTiles]:
@@ -153,7 +159,7 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
                                  few_keys=few_keys(spec) if few is None else few,
                                  long_causal=long_causal(spec)):
-        if tiles.shared_bytes(d, dv) > MAX_SHARED:
+        if tiles.shared_bytes(d, dv) + (tiles.exact_record_bytes() if spec.exact else 0) > MAX_SHARED:
             continue
         if spec.block_mask is not None:
             bq, bk = spec.block_mask.block_size

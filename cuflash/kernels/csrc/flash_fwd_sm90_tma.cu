@@ -11,6 +11,8 @@
 //     cores finish the second, then O is rescaled and P_j packed into registers (wgmma's register
 //     A operand), never touching shared memory. With PINGPONG the consumers take turns to issue
 //     their GEMMs (named barriers), so that one's softmax runs under another's GEMMs.
+// With an exact mask the producer also leaves each visited tile's index, bitmask slot and bits
+// beside its K buffer (ExactStage), so that the consumers' per-tile mask work reads shared memory.
 // Head dims are padded to DP / DVP, multiples of 64 (one 128-byte swizzled box per 64 columns);
 // TMA fills columns past D and rows past N with zeros, so padding never reaches a result.
 //
@@ -116,12 +118,51 @@ struct GemmTurns {
     }
 };
 
+// Exact masks: what the producer leaves beside each K ring buffer for the consumers, so that they
+// read a visited tile's index, bitmask slot and bits from shared memory, with no global load or
+// address arithmetic of their own (mask.cuh, AccumulatorBits::load_shared). The bits arrive by a
+// bulk copy counted on the buffer's "full" barrier; a full tile (slot −1) has none.
+template <bool EXACT, int BLOCK_M, int BLOCK_N>
+struct ExactStage {
+    static constexpr int WORDS = (BLOCK_N + 31) / 32;
+    static constexpr u32 BITS_BYTES = BLOCK_M * WORDS * 4;
+    int n_tile, slot, pad[2];
+    u32 bits[BLOCK_M * WORDS];
+};
+template <int BLOCK_M, int BLOCK_N>
+struct ExactStage<false, BLOCK_M, BLOCK_N> {  // other masks leave nothing
+    int n_tile, slot;
+};
+
+// What a K load carries beside the tile (load_ring_tile): nothing, or an exact mask's record.
+struct NothingBeside {
+    __device__ __forceinline__ u32 post() const { return 0; }
+    __device__ __forceinline__ void load(u32) const {}
+};
+template <int BLOCK_M, int BLOCK_N>
+struct ExactBeside {
+    using Stage = ExactStage<true, BLOCK_M, BLOCK_N>;
+    Stage* stage;
+    int n_tile, slot;
+    const u32* tile_bits;
+    // Once the buffer is free: the tile's index and slot, and the bytes its bits add.
+    __device__ __forceinline__ u32 post() const {
+        stage->n_tile = n_tile;
+        stage->slot = slot;
+        return slot >= 0 ? Stage::BITS_BYTES : 0;
+    }
+    __device__ __forceinline__ void load(u32 full) const {
+        if (slot >= 0) bulk_load(smem_addr(stage->bits), tile_bits + (i64)slot * (BLOCK_M * Stage::WORDS), Stage::BITS_BYTES, full);
+    }
+};
+
 // One query tile of the persistent walk: which (batch, head, rows), the sequence it belongs to
 // (VARLEN: packed sequences, schedule.cuh; else the whole call), its mask and score modifier
 // (built from the sequence's lengths), and the key tiles it visits. A varlen tile past its
 // sequence's end is skipped by producer and consumers alike.
 template <int BLOCK_M, int BLOCK_N, class MASK, bool VARLEN>
 struct TmaTileWork {
+    using Mask = MASK;
     int b, h, m0;
     Sequence seq;
     KeyTiles<MASK::sparse, MASK::exact> key_tile;
@@ -176,15 +217,16 @@ struct TileMailbox {
 
 // One K or V tile (BOXES boxes of 64 columns × BLOCK_N keys from key row `key_row`) into the ring
 // buffer at `dst`, once its "empty" barrier (phase parity `phase`) says the consumers are done
-// with what it held; its "full" barrier counts the bytes in.
-template <int BOXES, int BLOCK_N>
+// with what it held; its "full" barrier counts the bytes in, those of `beside` too.
+template <int BOXES, int BLOCK_N, class Beside = NothingBeside>
 __device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 full, u32 empty, u32 phase,
-                                               int key_row, int hk, int batch) {
+                                               int key_row, int hk, int batch, const Beside& beside = {}) {
     mbar_wait(empty, phase ^ 1);
-    mbar_arrive_expect_bytes(full, BOXES * BLOCK_N * 128);
+    mbar_arrive_expect_bytes(full, BOXES * BLOCK_N * 128 + beside.post());
 #pragma unroll
     for (int box = 0; box < BOXES; ++box)
         tma_load_4d(dst + box * BLOCK_N * 128, map, full, 64 * box, key_row, hk, batch);
+    beside.load(full);
 }
 
 // The producer's one thread, for one query tile that visits any key tile: K_j and V_j for every
@@ -194,14 +236,22 @@ __device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 
 // run on from one query tile to the next.
 template <class L, int BLOCK_N, int STAGES, class Work>
 __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
+                                             ExactStage<Work::Mask::exact, L::BLOCK_M, BLOCK_N>* exact,
                                              const Work& work, const FwdArgs& a, RingSlot<STAGES>& slot,
                                              u32& q_fills) {
     constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
     const int n_count = work.key_tile.count, hk = work.h / a.group;
     auto load_kv = [&](int j) {
-        const int key_row = work.k_row(work.key_tile[j] * BLOCK_N);
+        const int n_tile = work.key_tile[j];
+        const int key_row = work.k_row(n_tile * BLOCK_N);
+        const auto beside = [&] {
+            if constexpr (Work::Mask::exact)
+                return ExactBeside<L::BLOCK_M, BLOCK_N>{&exact[slot.stage], n_tile, work.key_tile.slot(j), a.tile_bits};
+            else
+                return NothingBeside{};
+        }();
         load_ring_tile<K_BOXES, BLOCK_N>(base + L::K_RING + slot.stage * L::K_STAGE, &maps.k, bar.k_full(slot.stage),
-                                         bar.k_empty(slot.stage), slot.phase, key_row, hk, work.batch());
+                                         bar.k_empty(slot.stage), slot.phase, key_row, hk, work.batch(), beside);
         load_ring_tile<V_BOXES, BLOCK_N>(base + L::V_RING + slot.stage * L::V_STAGE, &maps.v, bar.v_full(slot.stage),
                                          bar.v_empty(slot.stage), slot.phase, key_row, hk, work.batch());
         slot.advance();
@@ -227,6 +277,7 @@ __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwa
 // next tile is drawn before this one's loads, so that the draw's latency runs under them.
 template <class L, int BLOCK_N, int STAGES, bool VARLEN, class MASK>
 __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
+                                        ExactStage<MASK::exact, L::BLOCK_M, BLOCK_N>* exact,
                                         const TileMailbox& mailbox, const TileTickets& tickets, const MASK& mask,
                                         const FwdArgs& a) {
     tma_prefetch_desc(&maps.q);
@@ -241,7 +292,7 @@ __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBar
         TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN> work(a, index);
         if (!work.past_end()) {
             work.walk(work.mask_of(mask, a), a);
-            if (work.key_tile.count > 0) produce_tile<L, BLOCK_N, STAGES>(maps, bar, base, work, a, slot, q_fills);
+            if (work.key_tile.count > 0) produce_tile<L, BLOCK_N, STAGES>(maps, bar, base, exact, work, a, slot, q_fills);
         }
         index = next;
     }
@@ -282,6 +333,7 @@ template <typename T, class L, int DP, int DVP, int BLOCK_N, int STAGES, bool PI
           bool DROPOUT, class Work>
 __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask, const Work& work,
                                              const TmaForwardBarriers<STAGES>& bar, u32 base,
+                                             const ExactStage<MASK::exact, L::BLOCK_M, BLOCK_N>* exact,
                                              RingSlot<STAGES>& ks, RingSlot<STAGES>& vs, u32& q_fills) {
     constexpr int BLOCK_M = L::BLOCK_M;
     constexpr int NT = BLOCK_N / 8, OT = DVP / 8, KPV = BLOCK_N / 16;
@@ -305,7 +357,8 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
 
     // The j-th visited tile's mask and this thread's bits of it (exact masks), read while the
-    // GEMM that makes its S runs: the tile index and its bits come from global memory.
+    // GEMM that makes its S runs: the tile index from global memory (block-sparse walks), or an
+    // exact mask's index, slot and bits from what the producer left beside K (ExactStage).
     using TileMask = decltype(mask.template tile<BLOCK_M, BLOCK_N>(0, 0, 0));
     struct TileAhead {
         int n0;
@@ -313,10 +366,24 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         AccumulatorBits<TileMask> bits;
     };
     auto tile_ahead = [&](int j) {
-        const int n0 = work.key_tile[j] * BLOCK_N;
-        TileAhead ahead{n0, mask.template tile<BLOCK_M, BLOCK_N>(work.m0, n0, work.key_tile.slot(j)), {}};
-        ahead.bits.load(ahead.mask, warp_row0 + g, t);
-        return ahead;
+        if constexpr (MASK::exact) {
+            const auto& stage = exact[ks.stage];
+            const int n0 = stage.n_tile * BLOCK_N;
+            TileAhead ahead{n0, mask.template tile<BLOCK_M, BLOCK_N>(work.m0, n0, stage.slot), {}};
+            ahead.bits.load_shared(ahead.mask, stage.bits, warp_row0 + g - work.m0, t);
+            return ahead;
+        } else {
+            const int n0 = work.key_tile[j] * BLOCK_N;
+            TileAhead ahead{n0, mask.template tile<BLOCK_M, BLOCK_N>(work.m0, n0, work.key_tile.slot(j)), {}};
+            ahead.bits.load(ahead.mask, warp_row0 + g, t);
+            return ahead;
+        }
+    };
+    // A K buffer goes back to the producer once this warpgroup is done with it: its GEMM (the
+    // leader waited for it) and, with an exact mask, every thread's reads of the record beside it.
+    auto release_k = [&]() {
+        if constexpr (MASK::exact) named_barrier(c + 2, 128);
+        if (leader) mbar_arrive(bar.k_empty(ks.stage));
     };
 
     // Modifier, mask (only where the tile holds keys some row of this warp does not see; an
@@ -355,7 +422,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
             const TileAhead tile = tile_ahead(0);
             wgmma_wait<0>();
             reg_fence(s);
-            if (leader) mbar_arrive(bar.k_empty(ks.stage));
+            release_k();
             release_q(0);
             ks.advance();
             float alpha[2];
@@ -377,7 +444,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
             const TileAhead tile = tile_ahead(j);
             wgmma_wait<1>();
             reg_fence(s);
-            if (leader) mbar_arrive(bar.k_empty(ks.stage));
+            release_k();
             release_q(j);
             float alpha[2];
             softmax(tile, alpha);
@@ -451,6 +518,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ __align__(8) u64 barrier_words[TmaForwardBarriers<STAGES>::COUNT];
     __shared__ int mailbox_slots[2];
+    __shared__ __align__(16) ExactStage<MASK::exact, L::BLOCK_M, BLOCK_N> exact_stages[STAGES];
     const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1024-byte alignment
     const TmaForwardBarriers<STAGES> bar{smem_addr(barrier_words)};
     if (threadIdx.x == 0) bar.init(L::CONSUMERS);
@@ -461,7 +529,8 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
     if (threadIdx.x < 128) {
         release_registers<L::PRODUCER_REGS>();
         if (threadIdx.x < 32 && elect_one_lane())
-            produce<L, BLOCK_N, STAGES, VARLEN>(maps, bar, base, mailbox, TileTickets{tile_counter, tile_count}, mask, a);
+            produce<L, BLOCK_N, STAGES, VARLEN>(maps, bar, base, exact_stages, mailbox,
+                                                TileTickets{tile_counter, tile_count}, mask, a);
         return;
     }
     claim_registers<L::CONSUMER_REGS>();
@@ -475,6 +544,6 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         const MASK tile_mask = work.mask_of(mask, a);
         work.walk(tile_mask, a);
         consume_tile<T, L, DP, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD, DROPOUT>(a, tile_mask, work, bar, base,
-                                                                                  ks, vs, q_fills);
+                                                                                  exact_stages, ks, vs, q_fills);
     }
 }

@@ -255,6 +255,16 @@ struct AccumulatorBits<ExactTile<MASK, BLOCK_M, BLOCK_N>> {
             for (int i = 0; i < WORDS; ++i)
                 word[half][i] = tile.has_bits() ? __ldg(tile.row_words(row + 8 * half) + i) >> (2 * t) : ~0u;
     }
+    // The same from a copy of the tile's bitmask in shared memory (`rows`: its first row's words),
+    // `row` counted from the tile's first row.
+    __device__ __forceinline__ void load_shared(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, const u32* rows, int row,
+                                                int t) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int i = 0; i < WORDS; ++i)
+                word[half][i] = tile.has_bits() ? rows[(row + 8 * half) * WORDS + i] >> (2 * t) : ~0u;
+    }
     // Whether the bits allow column 8j + 2t + e of row half `half`.
     __device__ __forceinline__ bool allows(int half, int j, int e) const {
         return word[half][j / 4] & (1u << (8 * (j % 4) + e));
