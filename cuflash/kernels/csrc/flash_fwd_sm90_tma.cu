@@ -124,7 +124,7 @@ struct GemmTurns {
 // bulk copy counted on the buffer's "full" barrier; a full tile (slot −1) has none.
 template <bool EXACT, int BLOCK_M, int BLOCK_N>
 struct ExactStage {
-    static constexpr int WORDS = (BLOCK_N + 31) / 32;
+    static constexpr int WORDS = RowBits<BLOCK_N>::WORDS;
     static constexpr u32 BITS_BYTES = BLOCK_M * WORDS * 4;
     int n_tile, slot, pad[2];
     u32 bits[BLOCK_M * WORDS];
@@ -152,7 +152,7 @@ struct ExactBeside {
         return slot >= 0 ? Stage::BITS_BYTES : 0;
     }
     __device__ __forceinline__ void load(u32 full) const {
-        if (slot >= 0) bulk_load(smem_addr(stage->bits), tile_bits + (i64)slot * (BLOCK_M * Stage::WORDS), Stage::BITS_BYTES, full);
+        if (slot >= 0) bulk_load(smem_addr(stage->bits), tile_bitmask_row<BLOCK_M, BLOCK_N>(tile_bits, slot, 0), Stage::BITS_BYTES, full);
     }
 };
 

@@ -162,6 +162,13 @@ struct RowBits {
     }
 };
 
+// Row `row` (from the tile's first) of the bitmask in `tile_bits` of the partial tile a walk gives
+// `slot`: each bitmask is BLOCK_M rows of RowBits<BLOCK_N>::WORDS words.
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ const u32* tile_bitmask_row(const u32* tile_bits, int slot, int row) {
+    return tile_bits + ((i64)slot * BLOCK_M + row) * RowBits<BLOCK_N>::WORDS;
+}
+
 template <class MASK, int BLOCK_M, int BLOCK_N>
 struct ExactTile {
     // softmax.cuh tests elements of partial tiles only where a mask can hide pairs inside one.
@@ -179,7 +186,7 @@ struct ExactTile {
     __device__ __forceinline__ bool has_bits() const { return slot >= 0; }
     // The words of query `row` of the tile (has_bits() only).
     __device__ __forceinline__ const u32* row_words(int row) const {
-        return band.tile_bits + ((i64)slot * BLOCK_M + (row - row0)) * WORDS;
+        return tile_bitmask_row<BLOCK_M, BLOCK_N>(band.tile_bits, slot, row - row0);
     }
     __device__ __forceinline__ bool partial(int r0, int rows, int k0, int keys) const {
         return has_bits() || band.partial(r0, rows, k0, keys);
