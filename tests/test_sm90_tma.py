@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+import scipy.sparse
 
 import dataclasses
 
@@ -103,7 +104,7 @@ def test_one_consumer_tiles_leave_room_for_a_second_block():
     assert 2 * (tiles.shared_bytes(64, 64) + 1024) <= 228 * 1024
 
 
-def test_persistent_grid_for_dense_rows_of_at_most_4k_keys_with_wide_key_tiles():
+def test_persistent_grid_for_short_dense_rows_and_masks_with_wide_key_tiles():
     tiles_for = sm90_tma_forward.tiles_for
     for options in (dict(), dict(causal=True), dict(window=(100, 0), softcap=5.0)):
         for d in (64, 96, 128):
@@ -112,10 +113,14 @@ def test_persistent_grid_for_dense_rows_of_at_most_4k_keys_with_wide_key_tiles()
     assert not tiles_for(_long(spec_of("bfloat16", 128), 4097)).persistent
     assert not tiles_for(_long(spec_of("bfloat16", 64, causal=True))).persistent
     assert not tiles_for(spec_of("bfloat16", 256)).persistent  # 80-key tiles: O staged in the Q buffer
-    mask = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
-    assert not tiles_for(spec_of("bfloat16", 128, block_mask=mask)).persistent
-    exact = ExactMask.from_dense(np.tril(np.ones((1024, 1024), bool)))
-    assert not tiles_for(spec_of("bfloat16", 128, exact_mask=exact)).persistent
+    # Masks at any length: their query tiles visit few key tiles, a block's fixed cost dominates.
+    for n in (1024, 16384):
+        mask = BlockMask.from_dense(np.ones((n // 128, n // 128), bool), block_size=128)
+        exact = ExactMask.from_scipy(scipy.sparse.eye_array(n, dtype=bool, format="csr"))
+        for d in (64, 128):
+            assert tiles_for(_long(spec_of("bfloat16", d, block_mask=mask), n)).persistent, (n, d)
+            assert tiles_for(_long(spec_of("bfloat16", d, exact_mask=exact), n)).persistent, (n, d)
+    assert not tiles_for(_long(spec_of("bfloat16", 256, block_mask=mask), n)).persistent  # 64-key tiles
 
 
 @pytest.mark.parametrize("d, dv", [(32, 32), (64, 64), (96, 96), (128, 128), (160, 160), (192, 128), (256, 256),
