@@ -185,6 +185,11 @@ def evaluate(model, pixels, labels, batch, autocast) -> int:
     return correct
 
 
+def optimizer_kind(args) -> str:
+    """AdamW's implementation: --optimizer, else fused on CUDA and foreach on the CPU."""
+    return args.optimizer or ("fused" if args.device == "cuda" else "foreach")
+
+
 def train(args) -> dict:
     attention = ATTENTION[args.attention]
     if args.attention == "sdpa" and args.sdpa_backend != "default":
@@ -202,8 +207,11 @@ def train(args) -> dict:
     model = PathfinderTransformer(side, args.width, args.heads, args.layers,
                                   attention, args.position, args.pool, args.stem).to(device)
     parameters = sum(p.numel() for p in model.parameters())
+    # One update rule either way; "fused" runs it in one kernel per step, "foreach" in a few
+    # kernels per group of tensors, whose launches cost host time a small step may not hide.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay,
+                                  **{optimizer_kind(args): True})
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -218,7 +226,7 @@ def train(args) -> dict:
     print(f"{args.attention}{'' if args.sdpa_backend == 'default' else ' ' + args.sdpa_backend}: "
           f"{tokens} tokens, {args.layers}-layer transformer of width "
           f"{args.width} ({args.heads} heads, {parameters:,} parameters), batch {args.batch}, "
-          f"{args.dtype}, {device}", flush=True)
+          f"{args.dtype}, {optimizer_kind(args)} AdamW, {device}", flush=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
@@ -279,7 +287,7 @@ def train(args) -> dict:
           f"{len(step_times)} ({args.batch * tokens / mean:,.0f} tokens/s); {len(step_times)} "
           f"steps in {sum(step_times):.1f}s, stopped by {stopped}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    config = dict(vars(args), tokens=tokens, parameters=parameters, device_name=name)
+    config = dict(vars(args), optimizer=optimizer_kind(args), tokens=tokens, parameters=parameters, device_name=name)
     return dict(config=config, loss=losses, step_time=step_times, test_accuracy=accuracy,
                 test_correct=correct, evals=evals, mean_step_time=mean,
                 timed_steps=len(timed), images_per_second=args.batch / mean, stopped=stopped)
@@ -334,6 +342,9 @@ def main(argv=None) -> int:
     add("--lr", type=float, default=1e-3)
     add("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
     add("--weight-decay", type=float, default=0.05)
+    add("--optimizer", choices=["fused", "foreach"], default=None,
+        help="AdamW's implementation, one update rule: fused (the default on CUDA) or foreach "
+             "(the default on the CPU)")
     add("--dtype", choices=["bf16", "fp32"], default=None,
         help="bf16: bfloat16 autocast (CUDA only); default bf16 on CUDA, fp32 on CPU")
     add("--device", choices=["cuda", "cpu"], default="cuda")

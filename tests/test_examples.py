@@ -42,6 +42,21 @@ def test_train_pathfinder_cuflash_and_sdpa(train_pathfinder, tmp_path, capsys):
     assert logs["cuflash"]["loss"][0] == pytest.approx(logs["sdpa"]["loss"][0], abs=1e-4)
 
 
+def test_train_pathfinder_optimizers_agree(train_pathfinder, tmp_path, capsys):
+    """--optimizer picks AdamW's implementation, not its update rule: fused and foreach runs
+    from one seed give the same losses to float32 rounding, and the log names the one used."""
+    logs = {}
+    for kind in ("fused", "foreach"):
+        log = tmp_path / f"{kind}.json"
+        assert train_pathfinder.main(TINY + ["--attention", "sdpa", "--optimizer", kind,
+                                             "--lr", "0.01", "--warmup", "1",
+                                             "--log", str(log)]) == 0
+        assert f"{kind} AdamW" in capsys.readouterr().out
+        logs[kind] = json.loads(log.read_text())
+        assert logs[kind]["config"]["optimizer"] == kind
+    assert logs["fused"]["loss"] == pytest.approx(logs["foreach"]["loss"], rel=1e-5, abs=1e-6)
+
+
 def test_train_pathfinder_out_dir_and_report(train_pathfinder, tmp_path, capsys):
     """--out names the logs by size and attention; the report helper pairs them into tables."""
     for run in (["cuflash"], ["sdpa"], ["sdpa", "--sdpa-backend", "math"]):
