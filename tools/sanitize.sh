@@ -2,8 +2,9 @@
 # compute-sanitizer's memcheck, racecheck, synccheck and initcheck over every kernel family
 # (tools/sanitize_driver.py); prints one summary line per tool and keeps the logs in $1 (default
 # ./sanitize-logs). racecheck reports hazards in the warp-specialised Hopper backward
-# (flash_bwd_sm90_dkdv_ws) between accesses its mbarriers order, which racecheck does not model:
-# see docs/internals.md and tools/racecheck_mbarrier_probe.py.
+# (flash_bwd_sm90_dkdv_ws) and in the exact-mask variants of the TMA forward (flash_fwd_sm90_tma)
+# between accesses their mbarriers order, which racecheck does not model: see docs/internals.md
+# and tools/racecheck_mbarrier_probe.py.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 logs="${1:-sanitize-logs}"
