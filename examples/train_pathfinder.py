@@ -287,7 +287,8 @@ def train(args) -> dict:
           f"{len(step_times)} ({args.batch * tokens / mean:,.0f} tokens/s); {len(step_times)} "
           f"steps in {sum(step_times):.1f}s, stopped by {stopped}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    config = dict(vars(args), optimizer=optimizer_kind(args), tokens=tokens, parameters=parameters, device_name=name)
+    config = dict(vars(args), optimizer=optimizer_kind(args), tokens=tokens, parameters=parameters,
+                  device_name=name)
     return dict(config=config, loss=losses, step_time=step_times, test_accuracy=accuracy,
                 test_correct=correct, evals=evals, mean_step_time=mean,
                 timed_steps=len(timed), images_per_second=args.batch / mean, stopped=stopped)

@@ -113,7 +113,7 @@ def test_persistent_grid_for_short_dense_rows_and_masks_with_wide_key_tiles():
     assert not tiles_for(_long(spec_of("bfloat16", 128), 4097)).persistent
     assert not tiles_for(_long(spec_of("bfloat16", 64, causal=True))).persistent
     assert not tiles_for(spec_of("bfloat16", 256)).persistent  # 80-key tiles: O staged in the Q buffer
-    # Masks at any length: their query tiles visit few key tiles, a block's fixed cost dominates.
+    # Masks at any length: their query tiles visit few key tiles, so a block's fixed cost weighs.
     for n in (1024, 16384):
         mask = BlockMask.from_dense(np.ones((n // 128, n // 128), bool), block_size=128)
         exact = ExactMask.from_scipy(scipy.sparse.eye_array(n, dtype=bool, format="csr"))
