@@ -2,8 +2,10 @@
 # The GPU tests (`pytest -m gpu`) on one machine, in groups of test files that run side by side
 # (a cold run is mostly NVRTC compiling kernel variants, one CPU core per group). Prints each
 # group's pytest summary line and exits non-zero when a group fails; the logs stay in $1
-# (default ./gpu-test-logs). CUFLASH_TEST_GROUPS picks groups by name (comma-separated); PYTHON
-# names the interpreter (default python3).
+# (default ./gpu-test-logs). It also prints a line as each group finishes, and when stopped from
+# outside (a time limit's TERM, Ctrl-C) it stops the running groups and reports how far each got.
+# CUFLASH_TEST_GROUPS picks groups by name (comma-separated); PYTHON names the interpreter
+# (default python3).
 #
 #   tools/gpu_tests.sh [LOG_DIR]
 set -uo pipefail
@@ -31,17 +33,41 @@ for file in $(grep -l "mark.gpu\|mark\.gpu" "$here"/tests/test_*.py); do
 done
 
 names=()
+pids=()
+start=$SECONDS
 for group in "${groups[@]}"; do
     name="${group%%:*}"
     if [ -n "${CUFLASH_TEST_GROUPS:-}" ] && [[ ",$CUFLASH_TEST_GROUPS," != *",$name,"* ]]; then
         continue
     fi
     names+=("$name")
+    rm -f "$logs/$name.rc"
     # shellcheck disable=SC2086
     (cd "$here" && PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
         "${PYTHON:-python3}" -m pytest -m gpu -q -p no:cacheprovider ${group#*:} > "$logs/$name.log" 2>&1;
-     echo $? > "$logs/$name.rc") &
+     rc=$?; echo $rc > "$logs/$name.rc"; echo "($((SECONDS - start)) s) $name finished: exit $rc") &
+    pids+=($!)
 done
+
+# Killed from outside (a time limit, Ctrl-C): stop the groups still running and say how far each
+# got, so that a run cut short still reports the groups that ended and the failures seen so far.
+stop_groups() {
+    trap - TERM INT
+    echo "tools/gpu_tests.sh: stopped after $((SECONDS - start)) s"
+    for i in "${!names[@]}"; do
+        name="${names[$i]}"
+        if [ -f "$logs/$name.rc" ]; then
+            echo "$name: exit $(cat "$logs/$name.rc"); $(tail -1 "$logs/$name.log")"
+        else
+            pkill -TERM -P "${pids[$i]}" 2> /dev/null
+            kill -TERM "${pids[$i]}" 2> /dev/null
+            failed="$(grep -cE '^(FAILED|ERROR) ' "$logs/$name.log" 2> /dev/null)"
+            echo "$name: stopped before it ended; progress: $(tr '\r' '\n' < "$logs/$name.log" | grep -E '\[ *[0-9]+%\]' | tail -1); failure lines so far: ${failed:-0}"
+        fi
+    done
+    exit 124
+}
+trap stop_groups TERM INT
 wait
 
 status=0
