@@ -355,6 +355,8 @@ class _ExactTiles:
     FULL, EMPTY = -1, -2
 
     def __init__(self, exact_mask, tile_m, tile_n):
+        from .sparse._exactmask import bitmask_words_per_row  # loaded with the mask already
+
         self.tile_m, self.tile_n = tile_m, tile_n
         tiles = exact_mask.tile_bits(tile_m, tile_n)
         heads, tiles_m = tiles.row_ptr.shape[0], tiles.row_ptr.shape[1] - 1
@@ -363,8 +365,7 @@ class _ExactTiles:
         counts = np.diff(tiles.row_ptr, axis=1).ravel()
         flat_rows = np.repeat(np.arange(heads * tiles_m), counts)
         self.slot[flat_rows // tiles_m, flat_rows % tiles_m, tiles.col_idx] = tiles.row_slot
-        words_per_row = -(-tile_n // 32)
-        self.bits = tiles.bits.reshape(-1, tile_m, words_per_row)
+        self.bits = tiles.bits.reshape(-1, tile_m, bitmask_words_per_row(tile_n))
 
     def keep(self, i, j, height, width):
         """``None`` when tile ``(i, j)`` is full for every head, else bool ``(H', height,

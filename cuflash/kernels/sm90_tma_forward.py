@@ -70,7 +70,9 @@ class TmaTiles:
         """The static shared memory an exact mask's variant adds (ExactStage in the kernel): per K
         buffer, the tile's index and bitmask slot (16 bytes) and its bits (one 32-bit word per 32
         keys of each query row)."""
-        return self.stages * (16 + self.block_m * -(-self.block_n // 32) * 4)
+        from ..sparse._exactmask import bitmask_words_per_row
+
+        return self.stages * (16 + self.block_m * bitmask_words_per_row(self.block_n) * 4)
 
 
 def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False,

@@ -25,6 +25,12 @@ from . import _convert, _csr
 from ._validate import ceil_div, positive_int, problem_shape
 
 WORD_BITS = 32
+
+
+def bitmask_words_per_row(tile_n: int) -> int:
+    """The 32-bit words each query row of a partial tile's bitmask takes (``tile_n`` keys)."""
+    return ceil_div(tile_n, WORD_BITS)
+
 # The tile shape of repr() and of the default picture: the Hopper forward kernel's at D = 128.
 REPORT_TILE = (128, 128)
 
@@ -289,7 +295,7 @@ class ExactMask:
             raise ValueError(f"the mask has too many {tile_m}x{tile_n} tiles for int32 indices; "
                              "use fewer heads per call")
 
-        words_per_row = ceil_div(tile_n, WORD_BITS)
+        words_per_row = bitmask_words_per_row(tile_n)
         pair_slot = slot[pair_tile].astype(numpy.int64)
         in_partial = pair_slot >= 0
         bit = ((pair_slot[in_partial] * tile_m + rows[in_partial] % tile_m) * words_per_row
