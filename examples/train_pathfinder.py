@@ -207,11 +207,12 @@ def train(args) -> dict:
     model = PathfinderTransformer(side, args.width, args.heads, args.layers,
                                   attention, args.position, args.pool, args.stem).to(device)
     parameters = sum(p.numel() for p in model.parameters())
+    adamw = optimizer_kind(args)
     # One update rule either way; "fused" runs it in one kernel per step, "foreach" in a few
     # kernels per group of tensors, whose launches cost host time a small step may not hide.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
                                   weight_decay=args.weight_decay,
-                                  **{optimizer_kind(args): True})
+                                  **{adamw: True})
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -226,7 +227,7 @@ def train(args) -> dict:
     print(f"{args.attention}{'' if args.sdpa_backend == 'default' else ' ' + args.sdpa_backend}: "
           f"{tokens} tokens, {args.layers}-layer transformer of width "
           f"{args.width} ({args.heads} heads, {parameters:,} parameters), batch {args.batch}, "
-          f"{args.dtype}, {optimizer_kind(args)} AdamW, {device}", flush=True)
+          f"{args.dtype}, {adamw} AdamW, {device}", flush=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
@@ -287,8 +288,7 @@ def train(args) -> dict:
           f"{len(step_times)} ({args.batch * tokens / mean:,.0f} tokens/s); {len(step_times)} "
           f"steps in {sum(step_times):.1f}s, stopped by {stopped}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    config = dict(vars(args), optimizer=optimizer_kind(args), tokens=tokens, parameters=parameters,
-                  device_name=name)
+    config = dict(vars(args), optimizer=adamw, tokens=tokens, parameters=parameters, device_name=name)
     return dict(config=config, loss=losses, step_time=step_times, test_accuracy=accuracy,
                 test_correct=correct, evals=evals, mean_step_time=mean,
                 timed_steps=len(timed), images_per_second=args.batch / mean, stopped=stopped)

@@ -13,7 +13,7 @@ import scipy.sparse
 import dataclasses
 
 from cuflash.kernels import _tma, sm90_tma_forward
-from cuflash.kernels._variants import spec_of
+from cuflash.kernels._variants import exact_mask_stand_in, spec_of
 from cuflash.sparse import BlockMask, ExactMask
 
 
@@ -140,9 +140,7 @@ def test_mask_blocks_no_tile_shape_divides_are_refused_by_name():
 def test_exact_mask_tiles_leave_room_for_the_records_beside_k():
     """An exact mask's forward keeps, beside each K buffer, the tile's index, bitmask slot and bits
     in static shared memory (ExactStage): the tile shape chosen must fit with them."""
-    from cuflash.kernels import sm90_tma_forward as F
-    from cuflash.kernels._variants import exact_mask_stand_in, spec_of
-
+    F = sm90_tma_forward
     assert F.TmaTiles(block_n=80, stages=2, consumers=2).exact_record_bytes() == 2 * (16 + 128 * 3 * 4)
     assert F.TmaTiles(block_n=128, stages=3, consumers=2).exact_record_bytes() == 3 * (16 + 128 * 4 * 4)
     for d, dv in ((32, 32), (64, 64), (96, 96), (128, 128), (192, 128), (256, 256), (64, 256)):

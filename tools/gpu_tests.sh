@@ -49,6 +49,10 @@ for group in "${groups[@]}"; do
     pids+=($!)
 done
 
+summary() {  # a group's line once it has ended: its exit status and pytest's summary line
+    echo "$1: exit $(cat "$logs/$1.rc"); $(tail -1 "$logs/$1.log")"
+}
+
 # Killed from outside (a time limit, Ctrl-C): stop the groups still running and say how far each
 # got, so that a run cut short still reports the groups that ended and the failures seen so far.
 stop_groups() {
@@ -57,7 +61,7 @@ stop_groups() {
     for i in "${!names[@]}"; do
         name="${names[$i]}"
         if [ -f "$logs/$name.rc" ]; then
-            echo "$name: exit $(cat "$logs/$name.rc"); $(tail -1 "$logs/$name.log")"
+            summary "$name"
         else
             pkill -TERM -P "${pids[$i]}" 2> /dev/null
             kill -TERM "${pids[$i]}" 2> /dev/null
@@ -73,7 +77,7 @@ wait
 status=0
 for name in "${names[@]}"; do
     rc="$(cat "$logs/$name.rc")"
-    echo "$name: exit $rc; $(tail -1 "$logs/$name.log")"
+    summary "$name"
     # 5: no test collected (a group whose tests all carry other marks) is not a failure
     [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && status=1
 done
