@@ -256,21 +256,24 @@ struct AccumulatorBits<ExactTile<MASK, BLOCK_M, BLOCK_N>> {
     static constexpr int WORDS = RowBits<BLOCK_N>::WORDS;
     u32 word[2][WORDS];
     __device__ __forceinline__ void load(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, int row, int t) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-            for (int i = 0; i < WORDS; ++i)
-                word[half][i] = tile.has_bits() ? __ldg(tile.row_words(row + 8 * half) + i) >> (2 * t) : ~0u;
+        fill(tile, row, t, [&tile](int r, int i) { return __ldg(tile.row_words(r) + i); });
     }
     // The same from a copy of the tile's bitmask in shared memory (`rows`: its first row's words),
     // `row` counted from the tile's first row.
     __device__ __forceinline__ void load_shared(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, const u32* rows, int row,
                                                 int t) {
+        fill(tile, row, t, [rows](int r, int i) { return rows[r * WORDS + i]; });
+    }
+    // Rows `row` and `row` + 8 of the tile's bits, shifted to this thread's columns (all set in a
+    // full tile); `word_at(r, i)` reads word i of row r.
+    template <class WordAt>
+    __device__ __forceinline__ void fill(const ExactTile<MASK, BLOCK_M, BLOCK_N>& tile, int row, int t,
+                                         const WordAt& word_at) {
 #pragma unroll
         for (int half = 0; half < 2; ++half)
 #pragma unroll
             for (int i = 0; i < WORDS; ++i)
-                word[half][i] = tile.has_bits() ? rows[(row + 8 * half) * WORDS + i] >> (2 * t) : ~0u;
+                word[half][i] = tile.has_bits() ? word_at(row + 8 * half, i) >> (2 * t) : ~0u;
     }
     // Whether the bits allow column 8j + 2t + e of row half `half`.
     __device__ __forceinline__ bool allows(int half, int j, int e) const {
