@@ -238,6 +238,8 @@ def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
+    from cuflash.kernels import WARP_SPECIALISED_BACKWARD_ENV
+
     device = FakeDevice(monkeypatch, compute_capability="90")
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(q, q, q)
@@ -257,6 +259,13 @@ def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
     assert cuflash.kernel_plan(wide, wide, wide, causal=True).backward.detail == fused
     widest = device.empty((1, 2, 128, 256), ml_dtypes.bfloat16)  # no fused dQ past 128 columns
     assert cuflash.kernel_plan(widest, widest, widest, deterministic=True).backward.detail == ws_two_kernels
+    # Dropout's 64-row tiles at D = 64: the fused dQ by turns, in the warp-specialised kernel only.
+    drop = dict(dropout_p=0.1, dropout_seed=1)
+    assert cuflash.kernel_plan(q, q, q, **drop).backward.detail == fused
+    assert cuflash.kernel_plan(q, q, q, deterministic=True, **drop).backward.detail == ordered
+    monkeypatch.setenv(WARP_SPECIALISED_BACKWARD_ENV, "0")
+    assert cuflash.kernel_plan(q, q, q, **drop).backward.detail == two_kernels
+    monkeypatch.delenv(WARP_SPECIALISED_BACKWARD_ENV)
 
     device = FakeDevice(monkeypatch, compute_capability="80")
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
@@ -400,7 +409,7 @@ def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_
     assert fits(spec(64, window=(-1, 20)))  # a right-hand band only
     assert not fits(spec(64, window=(90, 20))) and not fits(spec(64, causal=True, alibi=_Slopes()))
     assert not fits(spec(64, deterministic=True))
-    assert not fits(spec(64, dropout_p=0.1, dropout_seed=1))  # 64-row tiles: no fused dQ
+    assert not fits(spec(64, dropout_p=0.1, dropout_seed=1))  # dropout's 64-row tiles: not compiled
     assert fits(spec(128, window=(90, 20), alibi=_Slopes())) and fits(spec(128, deterministic=True))
     listed = {expression for _, expression in sm90_backward.main_variants()}
     tiles = sm90_backward.default_tiles(64)

@@ -125,6 +125,9 @@ def test_backward_mask_is_the_numpy_mask(xp_gpu, rng, seed, dtype, deterministic
 
 CASES = {
     "d64": dict(d=64),
+    # D = 64 (64-row tiles, the fused dQ by turns): key tiles that walk odd numbers of query tiles
+    "d64-causal-odd": dict(d=64, nq=1111, nk=1000, causal=True),
+    "d64-window": dict(d=64, nq=777, nk=1000, window=(200, 30)),
     "d128-causal": dict(d=128, causal=True),
     "d96-nq17": dict(d=96, nq=17, nk=1000),
     "gqa-dv": dict(d=64, dv=128, hq=4, hkv=2, causal=True),
@@ -156,10 +159,11 @@ def test_forward_and_gradients_match_the_oracle(xp_gpu, rng, seed, dtype, case):
     check_forward_and_backward(q, k, v, options, rng=rng, context=f"seed={seed}, {case}")
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_deterministic_backward(xp_gpu, rng, seed, dtype):
+def test_deterministic_backward(xp_gpu, rng, seed, dtype, d):
     """deterministic=True passes the oracle and repeats bit for bit."""
-    q, k, v, options = _case(xp_gpu, rng, dtype, d=128, nq=1000, nk=1000, causal=True, hq=4,
+    q, k, v, options = _case(xp_gpu, rng, dtype, d=d, nq=1000, nk=1000, causal=True, hq=4,
                              hkv=2, p=0.3)
     out, lse, grads = check_forward_and_backward(q, k, v, options, rng=rng, deterministic=True,
                                                  context=f"seed={seed}")

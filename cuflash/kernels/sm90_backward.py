@@ -26,9 +26,9 @@ lse, padded rows):
 - other ``deterministic=True`` calls: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq``
   (dQ, with S and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two
   blocks, so results are bit-identical from run to run; scratch is lse2 and Delta only.
-Calls the fused dQ cannot take (``fused_dq_pays``: D = 64 with 64-row query tiles, the dropout
-tiles, which it cannot deal out; packed sequences at D = 64) run the deterministic sequence
-whatever ``deterministic`` says.
+Calls the fused dQ cannot take (``fused_dq_pays``: dropout's 64-row query tiles at D = 64 in the
+cp.async kernel, whose warpgroups cannot take turns at forming dQ as the warp-specialised one's
+do; packed sequences at D = 64) run the deterministic sequence whatever ``deterministic`` says.
 
 The dK/dV kernel is ``flash_bwd_sm90_dkdv_ws`` wherever it fits (``producer_fits``, views TMA can
 describe): a TMA producer warpgroup feeds two consumer warpgroups through mbarriers.
@@ -104,22 +104,31 @@ class Sm90BwdTiles:
         # the dQ writer's tile header,) 1 KB for the 1024-byte alignment.
         # Split columns: the Pᵀ and dSᵀ tiles instead of the fused dQ's.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
-        fused = 2 * bn * bm + self.dkdv_warpgroups * 64 * self.fused_dq_columns(d) * 4 + 32
+        parts = 1 if self.fused_dq_by_turns(d) else self.dkdv_warpgroups
+        fused = 2 * bn * bm + parts * 64 * self.fused_dq_columns(d) * 4 + 32
         transposed = 2 * (2 * bn * bm) if self.split_columns else 0
         return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + transposed + 4 * 4 * bm + 1024
 
     def fused_dq_columns(self, d: int) -> int:
         """Columns of the dQ part each dK/dV warpgroup computes with the fused dQ (flash_bwd_sm90.cu,
-        FusedDq): all D when the query tile has a 64-row part per warpgroup, else D / warpgroups
-        of a 64-row tile; 0 for other shapes (one warpgroup against 128 rows, split columns),
-        which it cannot deal out."""
+        FusedDq): all D when the query tile has a 64-row part per warpgroup or when the
+        warpgroups take turns (``fused_dq_by_turns``), else D / warpgroups of a 64-row tile; 0
+        for other shapes (one warpgroup against 128 rows, split columns), which it cannot deal
+        out."""
         if self.split_columns:
             return 0
-        if self.dkdv_block_m == 64 * self.dkdv_warpgroups:
+        if self.dkdv_block_m == 64 * self.dkdv_warpgroups or self.fused_dq_by_turns(d):
             return d
         if self.dkdv_block_m == 64:
             return d // self.dkdv_warpgroups
         return 0
+
+    def fused_dq_by_turns(self, d: int) -> bool:
+        """Whether the fused dQ of a 64-row query tile goes whole to one warpgroup in turn
+        (FusedDq::BY_TURNS; the warp-specialised kernel only): where D / warpgroups would be
+        narrower than the 64-column parts the kernels instantiate (D = 64 with two warpgroups)."""
+        return (not self.split_columns and self.dkdv_block_m == 64 and self.dkdv_warpgroups > 1
+                and d // self.dkdv_warpgroups < 64)
 
     def dq_shared_bytes(self, d: int) -> int:
         bm, bn = self.dq_block_m, self.dq_block_n
@@ -144,25 +153,28 @@ def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
                         dq_block_n=64)
 
 
-def fused_dq_pays(spec, tiles: Sm90BwdTiles) -> bool:
-    """Whether the fused dQ is the faster sequence for this call: each warpgroup's dQ part must be
-    at least 64 columns wide (the narrowest wgmma tile the kernels instantiate). Packed sequences
-    at D = 64 take the two kernels: their fused variant (cp.async kernel) spills 16 bytes."""
+def fused_dq_pays(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
+    """Whether the fused dQ is the faster sequence for this call in the dK/dV kernel ``producer``
+    names (warp-specialised or not): each warpgroup's dQ part must be at least 64 columns wide
+    (the narrowest wgmma tile the kernels instantiate), and parts formed by turns need the
+    warp-specialised kernel's dQ writer. Packed sequences at D = 64 take the two kernels: their
+    fused variant (cp.async kernel) spills 16 bytes."""
     d = tile_head_dim(spec)
-    return tiles.fused_dq_columns(d) >= 64 and not (d == 64 and spec.varlen is not None)
+    return (tiles.fused_dq_columns(d) >= 64 and (producer or not tiles.fused_dq_by_turns(d))
+            and not (d == 64 and spec.varlen is not None))
 
 
-def fuses_dq(spec, tiles: Sm90BwdTiles) -> bool:
+def fuses_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
     """Whether the dK/dV kernel also forms dQ (float32 adds in any order): for calls that do not
     ask for ``deterministic``, where it pays."""
-    return not spec.deterministic and fused_dq_pays(spec, tiles)
+    return not spec.deterministic and fused_dq_pays(spec, tiles, producer)
 
 
 def ordered_dq_fits(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether the fused dQ can add in key-tile order for this call (flash_bwd_sm90.cu,
     ORDERED_DQ: bit-identical sums): where it pays, in the warp-specialised kernel, with no
     block-sparse or exact mask (whose key tiles per query tile are no range)."""
-    return (fused_dq_pays(spec, tiles) and producer_fits(spec) and spec.block_mask is None
+    return (fused_dq_pays(spec, tiles, True) and producer_fits(spec) and spec.block_mask is None
             and not spec.exact)
 
 
@@ -203,7 +215,7 @@ def describe_call(spec) -> str:
     producer = producer_wanted(spec)
     dkdv = "warp-specialised dK/dV kernel" if producer else "dK/dV kernel"
     tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
-    if fuses_dq(spec, tiles):
+    if fuses_dq(spec, tiles, producer):
         return f"the {dkdv} forming dQ too (float32 adds in any order: not bit-identical run to run)"
     if ordered_dq(spec, tiles, producer):
         return (f"the {dkdv} forming dQ too, its float32 adds in key-tile order (bit-identical run "
@@ -306,10 +318,11 @@ def exact_fits_narrow_tile(spec) -> bool:
     the warp-specialised dK/dV kernel without spills, as compiled with NVRTC 13.0 and 13.5: the
     variants with the fused dQ (adds in any order) and at most a right-hand band (causal) and
     softcap. A left-hand band spills 4-12 bytes there, ALiBi 40, and the variant without the
-    fused dQ (what deterministic calls launch) 4-8."""
+    fused dQ (what deterministic calls launch) 4-8. Dropout's 64-row tiles are not among them."""
     tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
     left, _ = spec.band()
-    return fuses_dq(spec, tiles) and left == UNBOUNDED and not spec.has_alibi
+    return (tiles.dkdv_block_m == 128 and fuses_dq(spec, tiles, True) and left == UNBOUNDED
+            and not spec.has_alibi)
 
 
 def producer_wanted(spec) -> bool:
@@ -352,7 +365,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     if tiles.split_columns and not producer:
         raise ValueError("split dK/dV columns (D or Dv above 128) need the warp-specialised kernel")
     ordered = ordered_dq(spec, tiles, producer)
-    atomic_dq = fuses_dq(spec, tiles) or ordered
+    atomic_dq = fuses_dq(spec, tiles, producer) or ordered
     # The fused dQ's accumulator rows are the tile's D floats (fragment order, flash_bwd_sm90.cu).
     scratch = mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=d, semaphores=ordered)
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad, dqk=d)
@@ -422,13 +435,13 @@ def main_variants() -> list[tuple[str, str]]:
         if not tiles.split_columns:  # the cp.async dK/dV kernel has no split columns
             out.append((SOURCE, variant_dkdv(spec, tiles)))
         out.append((SOURCE, variant_dq(spec, tiles)))
-        if fused_dq_pays(spec, tiles):
+        if fused_dq_pays(spec, tiles, False):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
         if producer_fits(spec):
             # the variant without the fused dQ, which the same options launch with deterministic=True
             if producer_fits(dataclasses.replace(spec, deterministic=True)):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles)))
-            if fused_dq_pays(spec, tiles):
+            if fused_dq_pays(spec, tiles, True):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, atomic_dq=True)))
             if ordered_dq_fits(spec, tiles):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles, ordered_dq=True)))

@@ -61,15 +61,23 @@
 // ---------------------------------------------------------------------------------------------
 // The dK/dV kernel's fused dQ (ATOMIC_DQ): how the BLOCK_M × D tile dS·K is dealt out to the WG
 // warpgroups, each computing 64 query rows × N columns over all 64·WG keys of the block. With
-// 64·WG query rows, warpgroup w takes rows 64w.. and every column; with 64, columns w·N.. .
+// 64·WG query rows, warpgroup w takes rows 64w.. and every column; with 64, columns w·N.. . BY_TURNS
+// (64 rows whose D / WG columns would be narrower than the 64 of the narrowest part the
+// kernels instantiate; the warp-specialised kernel only): the whole tile, by one warpgroup in
+// turn (`forms`), so that each forms every other tile's dQ.
 template <int D, int WG, int BLOCK_M>
 struct FusedDq {
     static constexpr bool BY_ROWS = BLOCK_M == 64 * WG;
     static_assert(BY_ROWS || BLOCK_M == 64, "a query tile of 64 rows, or 64 per warpgroup");
-    static constexpr int N = BY_ROWS ? D : D / WG;
+    static constexpr bool BY_TURNS = !BY_ROWS && D / WG < 64;
+    static constexpr int N = BY_ROWS || BY_TURNS ? D : D / WG;
+    static constexpr int PARTS = BY_TURNS ? 1 : WG;  // warpgroups that stage a part of each tile
     static constexpr int BLOCK_N = 64 * WG;
     __device__ static int row0(int wg) { return BY_ROWS ? 64 * wg : 0; }
-    __device__ static int col0(int wg) { return BY_ROWS ? 0 : N * wg; }
+    __device__ static int col0(int wg) { return BY_ROWS || BY_TURNS ? 0 : N * wg; }
+    // Whether warpgroup `wg` forms a part of the tile in double-buffer stage `stage` (which
+    // alternates from one query tile to the next).
+    __device__ static bool forms(int wg, int stage) { return !BY_TURNS || wg == stage % WG; }
     // A = dS read MN-major from the dSᵀ tile (keys are its rows, 64 queries per box): this
     // warpgroup's rows are box row0 / 64. k16 steps are 16 key rows, 2048 bytes.
     __device__ static u64 ds_desc(u32 sds, int wg) { return sw128_desc(sds + (row0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
@@ -78,7 +86,7 @@ struct FusedDq {
     // Staging floats of the tile's dQ in shared memory, in the accumulator's order
     // (dq_fragment_offset): a warp's 16 rows by N columns are one contiguous run, and the
     // tile's runs lie as in the accumulator, so that the whole tile is one run too.
-    static constexpr int STAGE_BYTES = WG * 64 * N * 4;
+    static constexpr int STAGE_BYTES = PARTS * 64 * N * 4;
     __device__ static u32 stage_offset(int wg, int warp) {
         return 4 * (u32)dq_fragment_offset(row0(wg) + 16 * warp, col0(wg), D);
     }
@@ -158,7 +166,9 @@ __device__ __forceinline__ void write_dq_header(u32 header, i64 row, int rank) {
                  : "memory");
 }
 // The policy holds shared addresses only (the consumers have no registers to spare); "dq_empty"
-// is the mbarrier after "dq_full".
+// is the mbarrier after "dq_full". PARTS: the warpgroups that stage a part of each tile
+// (FusedDq::PARTS); the first thread of the first of them writes the header.
+template <int PARTS>
 struct DqPartsToWriter {
     u32 full;    // mbarrier: every consumer warp's part staged; full + 8: the staging floats read
     u32 tiles;   // (the parity of) the query tiles this block has staged before this one
@@ -180,7 +190,7 @@ struct DqPartsToWriter {
     template <class Stage>
     __device__ __forceinline__ void hand_over(i64 row, int rank_, int lane, Stage stage) const {
         mbar_wait(full + 8, (tiles & 1) ^ 1);
-        if (threadIdx.x == 128) write_dq_header(header, row, rank_);
+        if (PARTS == 1 ? threadIdx.x % 128 == 0 : threadIdx.x == 128) write_dq_header(header, row, rank_);
         stage();
         __syncwarp();
         if (lane == 0) mbar_arrive(full);
@@ -344,6 +354,7 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     reg_fence(dv_acc);
     reg_fence(dk_acc);
     if constexpr (ATOMIC_DQ) {
+        if (!DQ::forms(wg, stage)) return;
         // dQ part = dS K, in the registers the Pᵀ and dSᵀ operands have just freed.
         float dq[DQ::N / 2];
         wgmma_fence();
@@ -390,7 +401,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
     using DQ = FusedDq<D, WG, BLOCK_M>;
-    static_assert(!ATOMIC_DQ || DQ::N >= 64, "fused dQ needs parts of at least 64 columns");
+    // (Its warps add their own parts, each from its own staging floats: no turns.)
+    static_assert(!ATOMIC_DQ || (DQ::N >= 64 && !DQ::BY_TURNS), "fused dQ needs parts of at least 64 columns");
 
     // Dynamic shared memory is only 16-byte aligned; the swizzle needs 1024 (the host adds 1 KB).
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -662,7 +674,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     static_assert(!ORDERED_DQ || (ATOMIC_DQ && !MASK::sparse), "ordered adds of the fused dQ, dense or banded");
     static_assert(!ROTATED_DQ || (ORDERED_DQ && !MASK::banded), "rotated walks: ordered adds without a band");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
-    static_assert(!ATOMIC_DQ || FusedDq<D, WG, BLOCK_M>::N >= 64, "fused dQ needs parts of at least 64 columns");
+    using DQ = FusedDq<D, WG, BLOCK_M>;
+    static_assert(!ATOMIC_DQ || DQ::N >= 64, "fused dQ needs parts of at least 64 columns");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // mbarriers: K and V in; each stage's Q, dO, lse2, Delta in; each stage free again;
@@ -679,7 +692,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             mbar_init(full(stage), 1);
             mbar_init(empty(stage), WG);
         }
-        mbar_init(dq_full, WG * 4);
+        mbar_init(dq_full, DQ::PARTS * 4);
         mbar_init(dq_empty, 1);
         mbar_init_fence();
     }
@@ -771,15 +784,17 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                 a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
                 [](int id) { named_barrier(id, CONSUMERS); },
-                DqPartsToWriter{dq_full, (u32)slot.stage, sm.dq_header(), rank});  // stage = tiles % 2
+                DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), rank});  // stage = tiles % 2
         }
         // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
         // the scratch row): only then may its leader release it.
         named_barrier(3 + wg, 128);
         if (threadIdx.x % 128 == 0) mbar_arrive(empty(slot.stage));
     }
-    if constexpr (ATOMIC_DQ && !SPLIT)
-        DqPartsToWriter{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
+    if constexpr (ATOMIC_DQ && !SPLIT) {
+        if (DQ::forms(wg, slot.stage))  // the warpgroup(s) whose turn the next tile would be
+            DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
+    }
     if constexpr (SPLIT)
         store_dkdv<T, D / 2, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc,
                                                  wg * D / 2);
