@@ -21,7 +21,12 @@ groups=(
     "features: tests/test_gpu_features.py tests/test_gpu_calls.py"
     "dropout: tests/test_dropout_gpu.py"
     "varlen_torch: tests/test_varlen.py tests/test_torch_gpu.py tests/test_torch_kvcache.py"
-    "kvcache: tests/test_kvcache.py"
+    # the KV-cache file in four processes (alone it outlasts a 10-minute run; arguments are
+    # read as shell words, so a -k expression may be quoted)
+    "kvcache_grid_d128: tests/test_kvcache.py::test_decode_kernel -k D128"
+    "kvcache_grid_rest: tests/test_kvcache.py::test_decode_kernel -k 'not D128'"
+    "kvcache_features: tests/test_kvcache.py::test_features"
+    "kvcache_rest: tests/test_kvcache.py -k 'not test_features and (not test_decode_kernel or short_of_whole_lines)'"
     "cli_parallel: tests/test_cli.py tests/test_parallel_gpu.py"
 )
 
@@ -42,9 +47,9 @@ for group in "${groups[@]}"; do
     fi
     names+=("$name")
     rm -f "$logs/$name.rc"
-    # shellcheck disable=SC2086
+    eval "args=(${group#*:})"
     (cd "$here" && PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
-        "${PYTHON:-python3}" -m pytest -m gpu -q -p no:cacheprovider ${group#*:} > "$logs/$name.log" 2>&1;
+        "${PYTHON:-python3}" -m pytest -m gpu -q -p no:cacheprovider "${args[@]}" > "$logs/$name.log" 2>&1;
      rc=$?; echo $rc > "$logs/$name.rc"; echo "($((SECONDS - start)) s) $name finished: exit $rc") &
     pids+=($!)
 done
@@ -66,7 +71,9 @@ stop_groups() {
             pkill -TERM -P "${pids[$i]}" 2> /dev/null
             kill -TERM "${pids[$i]}" 2> /dev/null
             failed="$(grep -cE '^(FAILED|ERROR) ' "$logs/$name.log" 2> /dev/null)"
-            echo "$name: stopped before it ended; progress: $(tr '\r' '\n' < "$logs/$name.log" | grep -E '\[ *[0-9]+%\]' | tail -1); failure lines so far: ${failed:-0}"
+            # pytest -q's progress lines: one character per test run so far
+            done_tests="$(grep -E '^[.sFExX]+ *(\[ *[0-9]+%\])?$' "$logs/$name.log" 2> /dev/null | tr -cd '.sFExX' | wc -c)"
+            echo "$name: stopped before it ended; $done_tests tests run; failure lines so far: ${failed:-0}"
         fi
     done
     exit 124
