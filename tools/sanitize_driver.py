@@ -170,8 +170,10 @@ def _exact(rng):
 
 
 def _dropout(rng):
-    """Dropout (the sm80 kernels at D = 64, 96 and 128, causal and with a window), both backward
-    modes, and float32 gradients (sm80 and Hopper backward)."""
+    """Dropout at D = 64, 96 and 128 on the default kernels (on Hopper: the TMA forward; the
+    warp-specialised dK/dV kernel under causal, whose consumers take turns at the fused dQ at
+    D = 64, the cp.async one beside softcap), causal and with a window, both backward modes, and
+    float32 gradients (sm80 and Hopper backward)."""
     n = 150
     for d in (64, 96, 128):
         q, k, v, dout = _arrays(rng, ml_dtypes.bfloat16, 1, 2, 1, n, d)
