@@ -371,7 +371,8 @@ def test_only_the_families_that_draw_the_mask_take_dropout(monkeypatch):
 # dropout call at D = 64, float16 (the sm80 default backward: dK/dV with atomic dQ).
 DROPOUT_KERNELS = {
     "80": ("flash_fwd<", ("flash_bwd_dkdv<",)),
-    "90": ("flash_fwd_sm90_tma<", ("flash_bwd_sm90_dkdv_ws<", "flash_bwd_sm90_dq<")),
+    # D = 64 on Hopper: the dK/dV kernel's consumers take turns forming dQ (no dQ kernel)
+    "90": ("flash_fwd_sm90_tma<", ("flash_bwd_sm90_dkdv_ws<",)),
 }
 
 
@@ -410,8 +411,8 @@ def test_gpu_dropout_calls_run_the_dropout_variants(monkeypatch, capability):
             args["drop_offset"]) == (_dropout.threshold(0.1), 7, 2**8, 3)
     assert (args["drop_threshold"], args["drop_rescale"]) == (26, np.float32(256 / 230))
     backward = [x for x in launches if x[0].startswith(backward_kernels)]
-    # sm80: VARLEN = false, DROPOUT = true; Hopper: DROPOUT = true (it has no VARLEN flag).
-    flags = ", false, true>" if capability == "80" else ", true>"
+    # sm80: VARLEN = false, DROPOUT = true; Hopper: DROPOUT = true, F32_GRADS = false, ATOMIC_DQ = true.
+    flags = ", false, true>" if capability == "80" else ", true, false, true>"
     assert sorted(x[0].split("<")[0] + "<" for x in backward) == sorted(backward_kernels)
     assert all(x[0].endswith(flags) for x in backward)
     for launch in backward:
