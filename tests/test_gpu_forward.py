@@ -227,29 +227,53 @@ def test_persistent_grid_under_graph_capture(xp_gpu, rng, seed, monkeypatch, hop
 
 
 def test_persistent_grid_with_packed_sequences_and_masks(xp_gpu, rng, seed, monkeypatch, hopper_tma):
-    """Tiles of unequal work (block and exact masks) and tiles past their sequence's end (packed
-    sequences) on the persistent grid: the bits of one block per tile."""
+    """Tiles of unequal work (block and exact masks, with query rows that see no key) and tiles
+    past their sequence's end (packed sequences) on the persistent grid: the bits of one block
+    per tile, drawn from the tile counter; rows that see no key give 0 and lse -inf."""
+    from cuflash.kernels import _launch
     from cuflash.sparse import BlockMask, ExactMask, document
 
     xp = xp_gpu
     n = 1280
     q, k, v = (random_array(rng, (2, 8, n, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
     blocks = BlockMask.from_dense(rng.random((8, n // 128, n // 128)) < 0.4, block_size=128)
-    exact = ExactMask.from_scipy(document([300, 17, 700, 263], causal=True))
+    layout = rng.random((8, n // 128, n // 128)) < 0.3
+    layout[:, 3] = False  # query rows 384..511 of every head see no key
+    layout[5, 7:] = False  # and rows 896.. of head 5
+    blocks_with_empty_rows = BlockMask.from_dense(layout, block_size=128)
+    documents = document([300, 17, 700, 263], causal=True)
+    exact = ExactMask.from_scipy(documents)
+    pairs = rng.random((n, n)) < 0.05
+    pairs[200:333] = False  # rows that see no key, across a tile boundary
+    pairs[:, 1000:] = False
+    exact_with_empty_rows = ExactMask.from_dense(pairs)
     lengths = [1100, 5, 900, 333, 1024]
     cu = xp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     packed = [random_array(rng, (sum(lengths), 8, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3)]
-    calls = {
-        "block mask": lambda: cuflash.attention(q, k, v, block_mask=blocks),
-        "exact mask, causal": lambda: cuflash.attention(q, k, v, mask=exact, causal=True),
-        "packed sequences, causal": lambda: cuflash.attention_varlen(*packed, cu, cu, max(lengths), max(lengths),
-                                                                     causal=True),
-    }
+    masked = {"block mask": dict(block_mask=blocks),
+              "block mask, empty rows": dict(block_mask=blocks_with_empty_rows),
+              "exact mask, causal": dict(mask=exact, causal=True),
+              "exact mask, empty rows": dict(mask=exact_with_empty_rows)}
+    element_masks = {"exact mask, causal": documents.toarray().astype(bool), "exact mask, empty rows": pairs}
+    calls = {name: (lambda options=options: cuflash.attention(q, k, v, return_lse=True, **options))
+             for name, options in masked.items()}
+    calls["packed sequences, causal"] = lambda: cuflash.attention_varlen(*packed, cu, cu, max(lengths), max(lengths),
+                                                                        causal=True, return_lse=True)
+    counters = []
+    real_pointer = _launch.tile_counters.pointer
+    monkeypatch.setattr(_launch.tile_counters, "pointer", lambda stream: counters.append(stream) or real_pointer(stream))
     for name, call in calls.items():
         _grid_forced(monkeypatch, hopper_tma, False)
-        expected = call()
+        expected, expected_lse = call()
         _grid_forced(monkeypatch, hopper_tma, True)
-        got = call()
+        drawn = len(counters)
+        got, lse = call()
+        assert len(counters) == drawn + 1, name  # the persistent grid ran
         assert bool((got.view(np.uint16) == expected.view(np.uint16)).all()), name
-        if name == "block mask":
-            assert_forward_close(got, None, q, k, v, block_mask=blocks, context=f"seed={seed}")
+        assert bool((lse == expected_lse).all()), name
+        if name in masked:  # the oracle takes an exact mask's pairs as a dense array
+            oracle_options = dict(masked[name], **({"mask": element_masks[name]} if name in element_masks else {}))
+            assert_forward_close(got, lse, q, k, v, context=f"seed={seed}, {name}", **oracle_options)
+    for name, rows in (("block mask, empty rows", slice(384, 512)), ("exact mask, empty rows", slice(200, 333))):
+        got, lse = cuflash.attention(q, k, v, return_lse=True, **masked[name])
+        assert bool((got[:, :, rows] == 0).all()) and bool(xp.isneginf(lse[:, :, rows]).all()), name

@@ -76,7 +76,8 @@ def _persistent(rng):
     """The Hopper forward's persistent grid (one thread block per SM, or two with one consumer,
     drawing tiles from a counter) over more tiles than blocks: O staged in the last V buffer
     (two consumers at D = 128 causal; one consumer under a window) and in the Q buffer (three
-    consumers at D = 64; 80-key tiles at D = 256)."""
+    consumers at D = 64; 80-key tiles at D = 256), and block and exact masks with rows that see no
+    key (one consumer, two blocks per SM)."""
     import dataclasses
 
     from cuflash import _api
@@ -96,6 +97,21 @@ def _persistent(rng):
         launch(q, k, v, out, cupy.empty((1, heads, n), numpy.float32), spec)
         cupy.cuda.Device().synchronize()
         print(f"ran the persistent forward grid, bfloat16 D={d} {tiles} {sorted(options)}", flush=True)
+    # Block and exact masks, whose calls take the grid by default, with query rows that see no
+    # key: 2 x 8 x 20 tiles of 64 rows, more than two blocks on each SM.
+    n = 1280
+    q, k, v, _ = _arrays(rng, ml_dtypes.bfloat16, 2, 8, 8, n, 64)
+    layout = rng.random((8, n // 128, n // 128)) < 0.3
+    layout[:, 3] = False
+    pairs = rng.random((n, n)) < 0.05
+    pairs[200:333] = False
+    for name, options in (("block mask", {"block_mask": BlockMask.from_dense(layout, block_size=128)}),
+                          ("exact mask", {"mask": ExactMask.from_dense(pairs)})):
+        spec = _api._spec(q, k, v, **options)[1]
+        assert sm90_tma_forward.tiles_for(spec).persistent, name
+        cuflash.attention(q, k, v, **options)
+        cupy.cuda.Device().synchronize()
+        print(f"ran the persistent forward grid, bfloat16 D=64 {name} with empty rows", flush=True)
 
 
 def _ordered(rng):
