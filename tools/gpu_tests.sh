@@ -13,16 +13,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 logs="${1:-gpu-test-logs}"
 mkdir -p "$logs"
 
-# name: files (roughly even run times on an H200 from a cold kernel cache)
+# name: pytest arguments, read as shell words so that a -k expression may be quoted (roughly even
+# run times on an H200 from a cold kernel cache)
 groups=(
     "backward_ws: tests/test_gpu_backward_ws.py"
     "backward: tests/test_gpu_backward.py tests/test_dispatch.py tests/test_validation.py"
     "forward: tests/test_gpu_forward.py tests/test_gpu_float32.py tests/test_sparse_attention.py tests/test_exact_mask.py"
     "features: tests/test_gpu_features.py tests/test_gpu_calls.py"
-    "dropout: tests/test_dropout_gpu.py"
+    # the dropout file in four processes by kernel family and dtype (alone it took six minutes)
+    "dropout_hopper_f16: tests/test_dropout_gpu.py -k 'default and not bfloat16'"
+    "dropout_hopper_bf16: tests/test_dropout_gpu.py -k 'default and bfloat16'"
+    "dropout_sm80_f16: tests/test_dropout_gpu.py -k 'sm80 and not bfloat16'"
+    "dropout_sm80_bf16: tests/test_dropout_gpu.py -k 'sm80 and bfloat16'"
     "varlen_torch: tests/test_varlen.py tests/test_torch_gpu.py tests/test_torch_kvcache.py"
-    # the KV-cache file in four processes (alone it outlasts a 10-minute run; arguments are
-    # read as shell words, so a -k expression may be quoted)
+    # the KV-cache file in four processes (alone it outlasts a 10-minute run)
     "kvcache_grid_d128: tests/test_kvcache.py::test_decode_kernel -k D128"
     "kvcache_grid_rest: tests/test_kvcache.py::test_decode_kernel -k 'not D128'"
     "kvcache_features: tests/test_kvcache.py::test_features"

@@ -76,7 +76,8 @@ class TmaTiles:
 
 
 def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False,
-                    short: bool = False, few_keys: bool = False, long_causal: bool = False) -> list[TmaTiles]:
+                    short: bool = False, few_keys: bool = False, long_causal: bool = False,
+                    dropout: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
     - D = Dv = 64, `plain` (no mask, no score modifier, no dropout) or `long_causal` (causal
       alone over rows of more than PERSISTENT_MAX_KEYS keys): three consumers taking turns
@@ -87,8 +88,10 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
       that one block's first softmax and epilogue, a large part of a tile that visits few key
       tiles, run under the other's GEMMs;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
-      skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys) or for
-      `short` rows (at most PERSISTENT_MAX_KEYS keys, where 176 measured slower);
+      skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys), for
+      `short` rows (at most PERSISTENT_MAX_KEYS keys, where 176 measured slower) and with
+      `dropout` (128 measured 11-17% faster at D = 128: benchmarks/NOTES.md, "Dropout's key
+      tiles in the Hopper forward");
     - Dv > 128: 80-key tiles, the widest whose S still fits beside a 256-wide O in registers.
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
     within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
@@ -100,7 +103,7 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
         one = [TmaTiles(128, 2, consumers=1)] if few_keys else []
         return three + one + [TmaTiles(128, 3), TmaTiles(64, 3)]
     if _padded(dv) <= 128:
-        widths = (128, 64) if banded or exact or short else (176, 128, 64)
+        widths = (128, 64) if banded or exact or short or dropout else (176, 128, 64)
     else:
         widths = (64,) if exact else (80, 64)
     return [TmaTiles(block_n, 2) for block_n in widths]
@@ -165,7 +168,7 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
                                  few_keys=few_keys(spec) if few is None else few,
-                                 long_causal=long_causal(spec)):
+                                 long_causal=long_causal(spec), dropout=spec.has_dropout):
         if tiles.shared_bytes(d, dv) + (tiles.exact_record_bytes() if spec.exact else 0) > MAX_SHARED:
             continue
         if spec.block_mask is not None:
@@ -229,7 +232,8 @@ def supports(spec, arrays) -> str | None:
             return f"{name}: {reason}"
     if tiles_for(spec) is None:
         shapes = ", ".join(f"{t.block_m}x{t.block_n}"
-                           for t in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact))
+                           for t in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact,
+                                                    dropout=spec.has_dropout))
         if spec.block_mask is None:
             return f"no tile shape ({shapes}) fits shared memory at D={d}, Dv={dv}"
         bq, bk = spec.block_mask.block_size
