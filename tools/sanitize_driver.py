@@ -98,7 +98,7 @@ def _persistent(rng):
         cupy.cuda.Device().synchronize()
         print(f"ran the persistent forward grid, bfloat16 D={d} {tiles} {sorted(options)}", flush=True)
     # Block and exact masks, whose calls take the grid by default, with query rows that see no
-    # key: 2 x 8 x 20 tiles of 64 rows, more than two blocks on each SM.
+    # key: 2 x 8 x 20 tiles of 64 rows, more than two blocks on every SM hold at once.
     n = 1280
     q, k, v, _ = _arrays(rng, ml_dtypes.bfloat16, 2, 8, 8, n, 64)
     layout = rng.random((8, n // 128, n // 128)) < 0.3

@@ -90,7 +90,7 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
       skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys), for
       `short` rows (at most PERSISTENT_MAX_KEYS keys, where 176 measured slower) and with
-      `dropout` (128 measured 11-17% faster at D = 128: benchmarks/NOTES.md, "Dropout's key
+      `dropout` (128 measured 9-17% faster at D = 128: benchmarks/NOTES.md, "Dropout's key
       tiles in the Hopper forward");
     - Dv > 128: 80-key tiles, the widest whose S still fits beside a 256-wide O in registers.
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
