@@ -254,7 +254,9 @@ def test_persistent_grid_with_packed_sequences_and_masks(xp_gpu, rng, seed, monk
               "block mask, empty rows": dict(block_mask=blocks_with_empty_rows),
               "exact mask, causal": dict(mask=exact, causal=True),
               "exact mask, empty rows": dict(mask=exact_with_empty_rows)}
-    element_masks = {"exact mask, causal": documents.toarray().astype(bool), "exact mask, empty rows": pairs}
+    # the same options for the oracle, which takes an exact mask's pairs as a dense array
+    oracle = dict(masked, **{"exact mask, causal": dict(mask=documents.toarray().astype(bool), causal=True),
+                             "exact mask, empty rows": dict(mask=pairs)})
     calls = {name: (lambda options=options: cuflash.attention(q, k, v, return_lse=True, **options))
              for name, options in masked.items()}
     calls["packed sequences, causal"] = lambda: cuflash.attention_varlen(*packed, cu, cu, max(lengths), max(lengths),
@@ -262,18 +264,18 @@ def test_persistent_grid_with_packed_sequences_and_masks(xp_gpu, rng, seed, monk
     counters = []
     real_pointer = _launch.tile_counters.pointer
     monkeypatch.setattr(_launch.tile_counters, "pointer", lambda stream: counters.append(stream) or real_pointer(stream))
+    results = {}
     for name, call in calls.items():
         _grid_forced(monkeypatch, hopper_tma, False)
         expected, expected_lse = call()
         _grid_forced(monkeypatch, hopper_tma, True)
         drawn = len(counters)
-        got, lse = call()
+        got, lse = results[name] = call()
         assert len(counters) == drawn + 1, name  # the persistent grid ran
         assert bool((got.view(np.uint16) == expected.view(np.uint16)).all()), name
         assert bool((lse == expected_lse).all()), name
-        if name in masked:  # the oracle takes an exact mask's pairs as a dense array
-            oracle_options = dict(masked[name], **({"mask": element_masks[name]} if name in element_masks else {}))
-            assert_forward_close(got, lse, q, k, v, context=f"seed={seed}, {name}", **oracle_options)
+        if name in oracle:
+            assert_forward_close(got, lse, q, k, v, context=f"seed={seed}, {name}", **oracle[name])
     for name, rows in (("block mask, empty rows", slice(384, 512)), ("exact mask, empty rows", slice(200, 333))):
-        got, lse = cuflash.attention(q, k, v, return_lse=True, **masked[name])
+        got, lse = results[name]
         assert bool((got[:, :, rows] == 0).all()) and bool(xp.isneginf(lse[:, :, rows]).all()), name
