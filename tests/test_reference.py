@@ -185,7 +185,9 @@ def test_chunked_with_features_equals_dense(rng, options):
     np.testing.assert_allclose(part_lse, lse[..., rows], rtol=1e-13, atol=1e-13)
     naive_rows, _ = reference.naive_attention(q, k, v, rows=rows, dtype=np.float32, **options)
     naive_all, _ = reference.naive_attention(q, k, v, dtype=np.float32, **options)
-    np.testing.assert_array_equal(naive_rows, naive_all[..., rows, :])
+    # Not bit for bit: a float32 matmul may sum a row's products in another order when it has
+    # another number of rows to tile (NumPy 2.4's BLAS does, by an ulp or so).
+    np.testing.assert_allclose(naive_rows, naive_all[..., rows, :], rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_with_block_mask(rng):
