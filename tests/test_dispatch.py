@@ -396,7 +396,7 @@ def test_ordered_dq_rotates_its_walks_only_where_measured_faster():
 def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_it_compiles():
     """On the 64-column tile (D, Dv ≤ 64) an exact mask runs the warp-specialised dK/dV kernel
     with the fused dQ where that variant compiles without spills: alone, under causal, with
-    softcap. A left-hand band, ALiBi and deterministic calls keep the cp.async kernel; at D = 128
+    softcap or dropout (whose 64-row tiles form dQ by turns). A left-hand band, ALiBi and deterministic calls keep the cp.async kernel; at D = 128
     every exact mask takes the warp-specialised one. main_variants lists what can be launched."""
     from cuflash.kernels import sm90_backward
     from cuflash.kernels._variants import _Slopes, exact_mask_stand_in, spec_of
@@ -409,10 +409,15 @@ def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_
     assert fits(spec(64, window=(-1, 20)))  # a right-hand band only
     assert not fits(spec(64, window=(90, 20))) and not fits(spec(64, causal=True, alibi=_Slopes()))
     assert not fits(spec(64, deterministic=True))
-    assert not fits(spec(64, dropout_p=0.1, dropout_seed=1))  # dropout's 64-row tiles: not compiled
+    drop = dict(dropout_p=0.1, dropout_seed=1)  # dropout's 64-row tiles: the fused dQ by turns
+    assert fits(spec(64, **drop)) and fits(spec(64, causal=True, **drop))
+    assert not fits(spec(64, deterministic=True, **drop)) and not fits(spec(64, window=(90, 0), **drop))
     assert fits(spec(128, window=(90, 20), alibi=_Slopes())) and fits(spec(128, deterministic=True))
     listed = {expression for _, expression in sm90_backward.main_variants()}
     tiles = sm90_backward.default_tiles(64)
     for options in (dict(), dict(causal=True), dict(softcap=30.0), dict(causal=True, softcap=30.0)):
         assert sm90_backward.variant_dkdv_ws(spec(64, **options), tiles, atomic_dq=True) in listed
+    turns = sm90_backward.default_tiles(64, dropout=True)
+    for options in (drop, dict(causal=True, **drop)):
+        assert sm90_backward.variant_dkdv_ws(spec(64, **options), turns, atomic_dq=True) in listed
     assert sm90_backward.variant_dkdv_ws(spec(64), tiles) not in listed  # deterministic: cp.async

@@ -280,10 +280,10 @@ def hopper(request, monkeypatch):
 
 
 def run_case(xp, rng, seed, *, dtype, b=2, hq=4, hkv=2, nq=333, nk=301, d=64, per_head=False,
-             causal=False, window=(-1, -1), softcap=0.0, alibi=False, deterministic=False,
-             density=0.03):
+             causal=False, window=(-1, -1), softcap=0.0, alibi=False, dropout=False,
+             deterministic=False, density=0.03):
     """Forward into a NaN-poisoned ``out`` and backward of one exact-mask case, each checked by
-    the rule against the float64 oracle given the same pattern."""
+    the rule against the float64 oracle given the same pattern (and the same dropout mask)."""
     q = random_array(rng, (b, hq, nq, d), dtype, xp=xp)
     k = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
     v = random_array(rng, (b, hkv, nk, d), dtype, xp=xp)
@@ -292,6 +292,9 @@ def run_case(xp, rng, seed, *, dtype, b=2, hq=4, hkv=2, nq=333, nk=301, d=64, pe
     if alibi:
         slopes = xp.asarray((2.0 ** (-8.0 * np.arange(1, hq + 1) / hq)).astype(np.float32))
     options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes, mask=mask)
+    if dropout:
+        options |= dict(dropout_p=0.17, dropout_seed=int(rng.integers(2**63)),
+                        dropout_offset=int(rng.integers(2**32)))
     context = f"seed={seed}, per_head={per_head}, {options | dict(alibi_slopes=alibi, mask=mask)}"
     out, lse, grads = check_forward_and_backward(q, k, v, options, rng=rng,
                                                  deterministic=deterministic, context=context)
@@ -310,6 +313,8 @@ FEATURES = {
     "softcap-alibi-gqa": dict(softcap=20.0, alibi=True, hkv=1),
     "everything-per-head": dict(per_head=True, causal=True, window=(150, 0), softcap=30.0,
                                 alibi=True, hkv=2, nq=257, nk=391),
+    "dropout": dict(dropout=True),
+    "dropout-causal-per-head": dict(dropout=True, causal=True, per_head=True, nq=391, nk=257),
 }
 
 
@@ -327,8 +332,12 @@ def test_exact_mask_on_every_gpu_family(xp_gpu, hopper, rng, seed, dtype, featur
     if hopper == "sm90" and dtype is np.float32:
         pytest.skip("float32 has one family")
     case = dict(FEATURES[feature], d=d)
+    dropout = case.get("dropout", False)
+    if dropout and dtype is np.float32:
+        pytest.skip("the float32 kernels draw no dropout mask")
     mask, (q, k, v), _, _ = run_case(xp_gpu, rng, seed, dtype=dtype, **case)
-    plan = cuflash.kernel_plan(q, k, v, mask=mask, causal=case.get("causal", False))
+    drawn = dict(dropout_p=0.17, dropout_seed=1) if dropout else {}
+    plan = cuflash.kernel_plan(q, k, v, mask=mask, causal=case.get("causal", False), **drawn)
     families = (plan.forward.family.name, plan.backward.family.name)
     if dtype is np.float32:
         assert families == ("float32", "float32")
@@ -336,6 +345,8 @@ def test_exact_mask_on_every_gpu_family(xp_gpu, hopper, rng, seed, dtype, featur
         assert families == ("sm80-mma", "sm80-mma")
     else:
         assert families == ("sm90-tma", "sm90-wgmma")
+        if dropout:  # at D = 64 too, where its 64-row tiles form dQ by turns
+            assert "warp-specialised" in plan.backward.detail, plan.backward.detail
 
 
 @pytest.mark.gpu

@@ -314,15 +314,16 @@ def producer_fits(spec) -> bool:
 
 
 def exact_fits_narrow_tile(spec) -> bool:
-    """Whether an exact mask on the 64-column tile (D, Dv ≤ 64: 128-row query tiles) compiles in
-    the warp-specialised dK/dV kernel without spills, as compiled with NVRTC 13.0 and 13.5: the
-    variants with the fused dQ (adds in any order) and at most a right-hand band (causal) and
-    softcap. A left-hand band spills 4-12 bytes there, ALiBi 40, and the variant without the
-    fused dQ (what deterministic calls launch) 4-8. Dropout's 64-row tiles are not among them."""
-    tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
+    """Whether an exact mask on the 64-column tile (D, Dv ≤ 64) compiles in the warp-specialised
+    dK/dV kernel without spills, as compiled with NVRTC 13.0 and 13.5: the variants with the
+    fused dQ (adds in any order; with dropout, on its 64-row tiles, formed by turns) and at most
+    a right-hand band (causal) and softcap. A left-hand band spills 4-12 bytes there, ALiBi 40,
+    and the variant without the fused dQ (what deterministic calls launch) 4-8."""
+    d = tile_head_dim(spec)
+    tiles = default_tiles(d, dropout=spec.has_dropout)
     left, _ = spec.band()
-    return (tiles.dkdv_block_m == 128 and fuses_dq(spec, tiles, True) and left == UNBOUNDED
-            and not spec.has_alibi)
+    return ((tiles.dkdv_block_m == 128 or tiles.fused_dq_by_turns(d)) and fuses_dq(spec, tiles, True)
+            and left == UNBOUNDED and not spec.has_alibi)
 
 
 def producer_wanted(spec) -> bool:
@@ -425,9 +426,13 @@ def main_variants() -> list[tuple[str, str]]:
     # and D = 192 with Dv = 128 on it.
     split = feature_specs(SPLIT_HEAD_DIM) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
     # What an exact mask on the 64-column tile takes to the warp-specialised kernel beside what
-    # the grid has (exact_fits_narrow_tile): softcap, without and with causal.
+    # the grid has (exact_fits_narrow_tile): softcap, and dropout in both dtypes, without and
+    # with causal.
     narrow_exact = [spec_of("bfloat16", 64, causal=causal, softcap=30.0, exact_mask=exact_mask_stand_in())
                     for causal in (False, True)]
+    narrow_exact += [spec_of(dtype, 64, causal=causal, exact_mask=exact_mask_stand_in(),
+                             dropout_p=0.1, dropout_seed=1)
+                     for dtype in ("float16", "bfloat16") for causal in (False, True)]
     out = []
     specs = spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen + split + narrow_exact
     for spec in (spec for spec in specs if why_not_options(spec) is None):
