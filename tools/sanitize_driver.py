@@ -75,9 +75,10 @@ def _dense(rng):
 def _persistent(rng):
     """The Hopper forward's persistent grid (one thread block per SM, or two with one consumer,
     drawing tiles from a counter) over more tiles than blocks: O staged in the last V buffer
-    (two consumers at D = 128 causal; one consumer under a window) and in the Q buffer (three
-    consumers at D = 64; 80-key tiles at D = 256), and block and exact masks with rows that see no
-    key (one consumer, two blocks per SM)."""
+    (two consumers at D = 128, unmasked, where each tile's last P·V goes with the next tile's first
+    Q·Kᵀ, and causal; one consumer under a window) and in the Q buffer (three consumers at D = 64;
+    80-key tiles at D = 256), and block and exact masks with rows that see no key (one consumer,
+    two blocks per SM, the last P·V carried over as unmasked)."""
     import dataclasses
 
     from cuflash import _api
@@ -87,7 +88,8 @@ def _persistent(rng):
     if not _launch.on_hopper(q):
         print("skipped the persistent grid: not a Hopper GPU", flush=True)
         return
-    for d, heads, n, options in ((128, 9, 2000, {"causal": True}), (64, 9, 2000, {"window": (128, 0)}),
+    for d, heads, n, options in ((128, 9, 2000, {}), (128, 9, 2000, {"causal": True}),
+                                 (64, 9, 2000, {"window": (128, 0)}),
                                  (64, 14, 2000, {}), (256, 16, 1100, {})):
         q, k, v, out = _arrays(rng, ml_dtypes.bfloat16, 1, heads, heads, n, d)
         spec = _api._spec(q, k, v, **options)[1]

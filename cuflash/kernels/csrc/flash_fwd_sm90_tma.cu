@@ -23,7 +23,9 @@
 // memory for 16-byte stores: in the V buffer of the tile's last key tile where one holds the whole
 // O tile (TmaForwardLayout::O_IN_V), so that the consumers can release the Q buffer as soon as
 // their last Q·Kᵀ is done and the next tile's Q lands under the last softmax, P·V and stores;
-// else in the Q buffer, released after the stores.
+// else in the Q buffer, released after the stores. Where O is staged in a V buffer, a consumer
+// carries each tile's last P·V over to its next tile, issued right after that tile's first Q·Kᵀ
+// (carries_last_pv), so that at the seam between two tiles neither GEMM waits alone.
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -324,19 +326,99 @@ __device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u3
     wgmma_commit();
 }
 
-// One consumer warpgroup's share of one query tile: 64 rows against every visited key tile,
-// then O / l and lse stored. `ks` / `vs` are the K and V ring positions, carried from tile to
-// tile; `q_fills` counts the Q buffer's fills so far. With O_IN_V the Q buffer is released once
-// the tile's last Q·Kᵀ is done (`release_q`), for the producer to load the next tile's Q under
-// the rest, and the last V buffer once O has left it.
+// What a consumer warpgroup still owes a query tile once its loop over the key tiles is done:
+// the last P·V (P in its registers, V in ring buffer `v_stage`), then O / l and lse stored.
+struct TileOwed {
+    u16* out;     // the tile's (batch, head) rows of O
+    float* lse;   // ... and of lse
+    int nq, row0, v_stage;
+    float row_max[2], row_sum[2], scale;
+};
+
+// O / l and lse of the rows a warpgroup owes (its last P·V done): O goes through the staging
+// buffer (with O_IN_V the V buffer of the tile's last key tile, once every consumer's last P·V
+// has read it), which is then released. Rows that saw no key give 0 and −inf.
+template <typename T, class L, int DVP, int BLOCK_N, int STAGES, bool DROPOUT>
+__device__ __forceinline__ void store_tile(const FwdArgs& a, const TileOwed& owed, const float (&o)[DVP / 2],
+                                           const TmaForwardBarriers<STAGES>& bar, u32 base) {
+    const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    float inv[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = warp * 16 + g + half * 8;
+        const RowResult res = finish_row(owed.row_max[half], owed.row_sum[half], owed.scale);
+        inv[half] = DROPOUT ? res.inv * a.drop_rescale : res.inv;  // · 1 / (1 − p) with dropout
+        if (t == 0 && owed.row0 + r < owed.nq) store_lse(a, owed.lse, owed.row0 + r, res.lse);
+    }
+    u32 staging = base;
+    if constexpr (L::O_IN_V) {
+        named_barrier(1, 128 * L::CONSUMERS);
+        staging = base + L::V_RING + owed.v_stage * L::V_STAGE;
+    }
+    store_rows_sw128<T, DVP, L::BLOCK_M>(owed.out, a.o_sn, owed.nq, o, inv, staging + c * 64 * 128, owed.row0, c + 1,
+                                         warp, g, t, a.dv);
+    fence_proxy_async_shared();  // these reads of the buffer come before the next TMA write to it
+    named_barrier(c + 2, 128);   // (the store's own barrier id) every thread has read its rows
+    if (threadIdx.x % 128 == 0) mbar_arrive(L::O_IN_V ? bar.v_empty(owed.v_stage) : bar.q_empty());
+}
+
+// Whether a warpgroup carries a tile's last P·V over to its next tile, issued with that tile's
+// first Q·Kᵀ: then the tensor cores run it under the next tile's first softmax, and that
+// Q·Kᵀ under nothing but it, instead of each waiting alone at the tiles' seam. It needs the
+// next tile's Q loaded before the stores (O staged in a V buffer: O_IN_V) and GEMMs issued
+// without turns (ping-pong counts them per tile). Not under a band, where it gained nothing on an
+// H200 (−3% to +1% at 1K-4K keys; benchmarks/NOTES.md, "the seam between two tiles").
+template <class L, bool PINGPONG, class MASK>
+__device__ __forceinline__ constexpr bool carries_last_pv() { return L::O_IN_V && !PINGPONG && !MASK::banded; }
+
+// One consumer warpgroup's registers and ring positions, carried from tile to tile: S, O and P
+// (wgmma's register A operand), where the K and V rings stand, the Q buffer's fills so far, and
+// what it owes the previous tile (`owes`: carries_last_pv).
+template <int NT, int OT, int KPV, int STAGES>
+struct ConsumerState {
+    float o[OT * 4], s[NT * 4];
+    u32 pf[KPV][4];
+    RingSlot<STAGES> ks, vs;
+    u32 q_fills = 0;
+    bool owes = false;
+    TileOwed owed;
+};
+
+// The last P·V a warpgroup owes, issued alone (no next tile to go with: the block's last, or one
+// that visits no key tile), then the stores.
+template <typename T, class L, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, bool DROPOUT, class State>
+__device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const TmaForwardBarriers<STAGES>& bar,
+                                             u32 base, const GemmTurns<PINGPONG, L::CONSUMERS>& turns, int c) {
+    mbar_wait(bar.v_full(st.vs.stage), st.vs.phase);
+    reg_fence(st.o);
+    reg_fence_frag(st.pf);
+    turns.begin();
+    wgmma_fence();
+    issue_pv<T, DVP, BLOCK_N>(st.o, st.pf, base + L::V_RING + st.vs.stage * L::V_STAGE);
+    turns.end();
+    wgmma_wait<0>();
+    reg_fence(st.o);
+    if (!L::O_IN_V && threadIdx.x % 128 == 0) mbar_arrive(bar.v_empty(st.vs.stage));
+    st.vs.advance();
+    turns.close(c);
+    store_tile<T, L, DVP, BLOCK_N, STAGES, DROPOUT>(a, st.owed, st.o, bar, base);
+    st.owes = false;
+}
+
+// One consumer warpgroup's share of one query tile: 64 rows against every visited key tile. The
+// tile's last P·V and its stores are owed (`st.owed`) when the loop ends: paid at once, or with
+// carries_last_pv by the warpgroup's next tile, or after the block's last (settle_alone). With
+// O_IN_V the Q buffer is released once the tile's last Q·Kᵀ is done (`release_q`), for the
+// producer to load the next tile's Q under the rest.
 template <typename T, class L, int DP, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, class MASK, class MOD,
-          bool DROPOUT, class Work>
+          bool DROPOUT, class Work, class State>
 __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask, const Work& work,
                                              const TmaForwardBarriers<STAGES>& bar, u32 base,
-                                             const ExactStage<MASK::exact, L::BLOCK_M, BLOCK_N>* exact,
-                                             RingSlot<STAGES>& ks, RingSlot<STAGES>& vs, u32& q_fills) {
+                                             const ExactStage<MASK::exact, L::BLOCK_M, BLOCK_N>* exact, State& st) {
     constexpr int BLOCK_M = L::BLOCK_M;
     constexpr int NT = BLOCK_N / 8, OT = DVP / 8, KPV = BLOCK_N / 16;
+    constexpr bool CARRY = carries_last_pv<L, PINGPONG, MASK>();
     const int c = threadIdx.x / 128 - 1;      // consumer index: rows m0 + 64c ..
     const int warp = (threadIdx.x / 32) % 4;  // rows 16·warp.. of those
     const int lane = threadIdx.x % 32;
@@ -349,12 +431,36 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     const u64 desc_q = sw128_desc(base + c * 64 * 128, 16);
     auto k_stage = [&](int stage) { return base + L::K_RING + stage * L::K_STAGE; };
     auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
+    float (&o)[OT * 4] = st.o;
+    float (&s)[NT * 4] = st.s;
+    u32 (&pf)[KPV][4] = st.pf;
+    RingSlot<STAGES>& ks = st.ks;
+    RingSlot<STAGES>& vs = st.vs;
+    const GemmTurns<PINGPONG, L::CONSUMERS> turns(c);
 
-    float o[OT * 4], s[NT * 4];
-    u32 pf[KPV][4];
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    // This tile's rows and their softmax state, for the stores whenever they come.
+    auto rows_owed = [&](int last_v) {
+        return TileOwed{a.o + work.b * a.o_sb + work.h * a.o_sh + work.seq.q0 * a.o_sn, a.lse + work.lse_start(a),
+                        work.seq.nq, work.m0 + c * 64, last_v, {row_max[0], row_max[1]}, {row_sum[0], row_sum[1]},
+                        mod.softmax_scale()};
+    };
+
+    if (n_count == 0) {  // no buffer: the zeros go straight out (after what the last tile owes)
+        if (st.owes) {
+            turns.open(c);
+            settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
+        }
+        const TileOwed rows = rows_owed(0);
 #pragma unroll
-    for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
+        for (int half = 0; half < 2; ++half) {
+            const int r = warp * 16 + g + half * 8;
+            const RowResult res = finish_row(row_max[half], row_sum[half], rows.scale);
+            if (t == 0 && rows.row0 + r < rows.nq) store_lse(a, rows.lse, rows.row0 + r, res.lse);
+        }
+        store_zero_rows(rows.out, a.o_sn, rows.nq, a.dv, rows.row0, 64, threadIdx.x % 128, 128);
+        return;
+    }
 
     // The j-th visited tile's mask and this thread's bits of it (exact masks), read while the
     // GEMM that makes its S runs: the tile index from global memory (block-sparse walks), or an
@@ -406,101 +512,84 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     auto release_q = [&](int j) {
         if (L::O_IN_V && leader && j == n_count - 1) mbar_arrive(bar.q_empty());
     };
-    int last_v = 0;  // the V buffer of the last key tile (O's staging with O_IN_V)
 
-    if (n_count > 0) {
-        const GemmTurns<PINGPONG, L::CONSUMERS> turns(c);
-        turns.open(c);
-        mbar_wait(bar.q(), q_fills & 1);
-        ++q_fills;
-        mbar_wait(bar.k_full(ks.stage), ks.phase);
-        turns.begin();
-        wgmma_fence();
-        issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
-        turns.end();
-        {
-            const TileAhead tile = tile_ahead(0);
-            wgmma_wait<0>();
-            reg_fence(s);
-            release_k();
-            release_q(0);
-            ks.advance();
-            float alpha[2];
-            softmax(tile, alpha);
-        }
-        pack_a<T, KPV>(pf, s);
-
-        for (int j = 1; j < n_count; ++j) {
-            mbar_wait(bar.k_full(ks.stage), ks.phase);
-            reg_fence(s);
-            reg_fence(o);
-            reg_fence_frag(pf);
-            turns.begin();
-            wgmma_fence();
-            issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
-            mbar_wait(bar.v_full(vs.stage), vs.phase);
-            issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
-            turns.end();
-            const TileAhead tile = tile_ahead(j);
-            wgmma_wait<1>();
-            reg_fence(s);
-            release_k();
-            release_q(j);
-            float alpha[2];
-            softmax(tile, alpha);
-            wgmma_wait<0>();
-            reg_fence(o);
-            reg_fence_frag(pf);
-            if (leader) mbar_arrive(bar.v_empty(vs.stage));
-            rescale_rows(as_blocks<OT>(o), alpha);
-            pack_a<T, KPV>(pf, s);
-            ks.advance();
-            vs.advance();
-        }
-
+    // The first key tile: S_0 = Q·K_0ᵀ, with the previous tile's last P·V behind it (CARRY), whose
+    // O is stored once the softmax of S_0 has run under it.
+    const bool owes = CARRY && st.owes;
+    turns.open(c);
+    mbar_wait(bar.q(), st.q_fills & 1);
+    ++st.q_fills;
+    mbar_wait(bar.k_full(ks.stage), ks.phase);
+    if (owes) {
+        reg_fence(o);
+        reg_fence_frag(pf);
+    }
+    turns.begin();
+    wgmma_fence();
+    issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
+    if (owes) {
         mbar_wait(bar.v_full(vs.stage), vs.phase);
+        issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
+    } else if constexpr (CARRY) {
+        wgmma_commit();  // an empty group, so that the waits below count alike on both paths
+    }
+    turns.end();
+    {
+        const TileAhead tile = tile_ahead(0);
+        wgmma_wait<CARRY ? 1 : 0>();
+        reg_fence(s);
+        release_k();
+        release_q(0);
+        ks.advance();
+        float alpha[2];
+        softmax(tile, alpha);
+    }
+    if constexpr (CARRY) {
+        wgmma_wait<0>();
+        reg_fence(o);
+        reg_fence_frag(pf);
+        if (owes) vs.advance();
+    }
+    pack_a<T, KPV>(pf, s);
+    if (owes) {
+        store_tile<T, L, DVP, BLOCK_N, STAGES, DROPOUT>(a, st.owed, o, bar, base);
+        st.owes = false;
+    }
+#pragma unroll
+    for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
+
+    for (int j = 1; j < n_count; ++j) {
+        mbar_wait(bar.k_full(ks.stage), ks.phase);
+        reg_fence(s);
         reg_fence(o);
         reg_fence_frag(pf);
         turns.begin();
         wgmma_fence();
+        issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
+        mbar_wait(bar.v_full(vs.stage), vs.phase);
         issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
         turns.end();
+        const TileAhead tile = tile_ahead(j);
+        wgmma_wait<1>();
+        reg_fence(s);
+        release_k();
+        release_q(j);
+        float alpha[2];
+        softmax(tile, alpha);
         wgmma_wait<0>();
         reg_fence(o);
-        last_v = vs.stage;
-        if (!L::O_IN_V && leader) mbar_arrive(bar.v_empty(vs.stage));
+        reg_fence_frag(pf);
+        if (leader) mbar_arrive(bar.v_empty(vs.stage));
+        rescale_rows(as_blocks<OT>(o), alpha);
+        pack_a<T, KPV>(pf, s);
+        ks.advance();
         vs.advance();
-        turns.close(c);
     }
 
-    // Epilogue: lse = ln(l) + max·scale, and O / l through the staging buffer (with O_IN_V, once
-    // every consumer's last P·V has read it), which is then released. Rows that saw no key give 0
-    // and −inf; a tile that visits no key tile has no buffer and stores its zeros directly.
-    const int nq = work.seq.nq;
-    float* lse = a.lse + work.lse_start(a);
-    const int row0 = work.m0 + c * 64;
-    float inv[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int r = warp * 16 + g + half * 8;
-        const RowResult res = finish_row(row_max[half], row_sum[half], mod.softmax_scale());
-        inv[half] = DROPOUT ? res.inv * a.drop_rescale : res.inv;  // · 1 / (1 − p) with dropout
-        if (t == 0 && row0 + r < nq) store_lse(a, lse, row0 + r, res.lse);
-    }
-    u16* out = a.o + work.b * a.o_sb + work.h * a.o_sh + work.seq.q0 * a.o_sn;
-    if (n_count == 0) {
-        store_zero_rows(out, a.o_sn, nq, a.dv, row0, 64, threadIdx.x % 128, 128);
-        return;
-    }
-    u32 staging = base;
-    if constexpr (L::O_IN_V) {
-        named_barrier(1, 128 * L::CONSUMERS);
-        staging = v_stage(last_v);
-    }
-    store_rows_sw128<T, DVP, BLOCK_M>(out, a.o_sn, nq, o, inv, staging + c * 64 * 128, row0, c + 1, warp, g, t, a.dv);
-    fence_proxy_async_shared();  // these reads of the buffer come before the next TMA write to it
-    named_barrier(c + 2, 128);   // (the store's own barrier id) every thread has read its rows
-    if (leader) mbar_arrive(L::O_IN_V ? bar.v_empty(last_v) : bar.q_empty());
+    // What the tile owes now: its last P·V, V in the buffer `vs` stands at, then the stores.
+    st.owed = rows_owed(vs.stage);
+    st.owes = true;
+    if constexpr (!CARRY) settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
 }
 
 template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD,
@@ -534,8 +623,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         return;
     }
     claim_registers<L::CONSUMER_REGS>();
-    RingSlot<STAGES> ks, vs;
-    u32 q_fills = 0;
+    ConsumerState<BLOCK_N / 8, DVP / 8, BLOCK_N / 16, STAGES> st;
     for (u32 n = 0;; ++n) {
         const int index = mailbox.take(bar, n);
         if (index >= tile_count) break;
@@ -544,6 +632,12 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         const MASK tile_mask = work.mask_of(mask, a);
         work.walk(tile_mask, a);
         consume_tile<T, L, DP, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD, DROPOUT>(a, tile_mask, work, bar, base,
-                                                                                  exact_stages, ks, vs, q_fills);
+                                                                                  exact_stages, st);
+    }
+    if (st.owes) {  // the block's last tile
+        const int c = threadIdx.x / 128 - 1;
+        const GemmTurns<PINGPONG, L::CONSUMERS> turns(c);
+        turns.open(c);
+        settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
     }
 }
