@@ -23,9 +23,9 @@
 // memory for 16-byte stores: in the V buffer of the tile's last key tile where one holds the whole
 // O tile (TmaForwardLayout::O_IN_V), so that the consumers can release the Q buffer as soon as
 // their last Q·Kᵀ is done and the next tile's Q lands under the last softmax, P·V and stores;
-// else in the Q buffer, released after the stores. Where O is staged in a V buffer, a consumer
-// carries each tile's last P·V over to its next tile, issued right after that tile's first Q·Kᵀ
-// (carries_last_pv), so that at the seam between two tiles neither GEMM waits alone.
+// else in the Q buffer, released after the stores. Where O is staged in a V buffer and no band
+// bounds the rows, a consumer carries each tile's last P·V over to its next tile, issued right
+// after that tile's first Q·Kᵀ (carries_last_pv), so that at the seam neither GEMM waits alone.
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -338,7 +338,7 @@ struct TileOwed {
 // O / l and lse of the rows a warpgroup owes (its last P·V done): O goes through the staging
 // buffer (with O_IN_V the V buffer of the tile's last key tile, once every consumer's last P·V
 // has read it), which is then released. Rows that saw no key give 0 and −inf.
-template <typename T, class L, int DVP, int BLOCK_N, int STAGES, bool DROPOUT>
+template <typename T, class L, int DVP, int STAGES, bool DROPOUT>
 __device__ __forceinline__ void store_tile(const FwdArgs& a, const TileOwed& owed, const float (&o)[DVP / 2],
                                            const TmaForwardBarriers<STAGES>& bar, u32 base) {
     const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
@@ -402,7 +402,7 @@ __device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const 
     if (!L::O_IN_V && threadIdx.x % 128 == 0) mbar_arrive(bar.v_empty(st.vs.stage));
     st.vs.advance();
     turns.close(c);
-    store_tile<T, L, DVP, BLOCK_N, STAGES, DROPOUT>(a, st.owed, st.o, bar, base);
+    store_tile<T, L, DVP, STAGES, DROPOUT>(a, st.owed, st.o, bar, base);
     st.owes = false;
 }
 
@@ -552,7 +552,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     }
     pack_a<T, KPV>(pf, s);
     if (owes) {
-        store_tile<T, L, DVP, BLOCK_N, STAGES, DROPOUT>(a, st.owed, o, bar, base);
+        store_tile<T, L, DVP, STAGES, DROPOUT>(a, st.owed, o, bar, base);
         st.owes = false;
     }
 #pragma unroll
