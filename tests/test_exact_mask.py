@@ -279,6 +279,9 @@ def hopper(request, monkeypatch):
     return request.param
 
 
+DROPOUT_P = 0.17  # the dropout cases' rate
+
+
 def run_case(xp, rng, seed, *, dtype, b=2, hq=4, hkv=2, nq=333, nk=301, d=64, per_head=False,
              causal=False, window=(-1, -1), softcap=0.0, alibi=False, dropout=False,
              deterministic=False, density=0.03):
@@ -293,7 +296,7 @@ def run_case(xp, rng, seed, *, dtype, b=2, hq=4, hkv=2, nq=333, nk=301, d=64, pe
         slopes = xp.asarray((2.0 ** (-8.0 * np.arange(1, hq + 1) / hq)).astype(np.float32))
     options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes, mask=mask)
     if dropout:
-        options |= dict(dropout_p=0.17, dropout_seed=int(rng.integers(2**63)),
+        options |= dict(dropout_p=DROPOUT_P, dropout_seed=int(rng.integers(2**63)),
                         dropout_offset=int(rng.integers(2**32)))
     context = f"seed={seed}, per_head={per_head}, {options | dict(alibi_slopes=alibi, mask=mask)}"
     out, lse, grads = check_forward_and_backward(q, k, v, options, rng=rng,
@@ -336,7 +339,7 @@ def test_exact_mask_on_every_gpu_family(xp_gpu, hopper, rng, seed, dtype, featur
     if dropout and dtype is np.float32:
         pytest.skip("the float32 kernels draw no dropout mask")
     mask, (q, k, v), _, _ = run_case(xp_gpu, rng, seed, dtype=dtype, **case)
-    drawn = dict(dropout_p=0.17, dropout_seed=1) if dropout else {}
+    drawn = dict(dropout_p=DROPOUT_P, dropout_seed=1) if dropout else {}
     plan = cuflash.kernel_plan(q, k, v, mask=mask, causal=case.get("causal", False), **drawn)
     families = (plan.forward.family.name, plan.backward.family.name)
     if dtype is np.float32:

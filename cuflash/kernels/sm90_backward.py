@@ -319,11 +319,9 @@ def exact_fits_narrow_tile(spec) -> bool:
     fused dQ (adds in any order; with dropout, on its 64-row tiles, formed by turns) and at most
     a right-hand band (causal) and softcap. A left-hand band spills 4-12 bytes there, ALiBi 40,
     and the variant without the fused dQ (what deterministic calls launch) 4-8."""
-    d = tile_head_dim(spec)
-    tiles = default_tiles(d, dropout=spec.has_dropout)
+    tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
     left, _ = spec.band()
-    return ((tiles.dkdv_block_m == 128 or tiles.fused_dq_by_turns(d)) and fuses_dq(spec, tiles, True)
-            and left == UNBOUNDED and not spec.has_alibi)
+    return fuses_dq(spec, tiles, True) and left == UNBOUNDED and not spec.has_alibi
 
 
 def producer_wanted(spec) -> bool:
