@@ -139,8 +139,10 @@ def test_long_single_head_against_chunked_reference(xp_gpu, rng, seed, n, rows):
 
 # ---- the Hopper forward's persistent grid: one thread block per SM drawing tiles from a counter
 
-PERSISTENT_CASES = {
+PERSISTENT_CASES = {  # keys per row: 1,037 unless `nk` says otherwise
     "plain D=128": dict(d=128),
+    "plain D=128, 176-key tiles and one Q buffer": dict(d=128, nk=2111),
+    "plain D=64, O staged in the Q buffers": dict(d=64),
     "causal D=128": dict(d=128, causal=True),
     "window GQA D=64": dict(d=64, hkv=2, window=(300, 40)),
     "causal softcap D=96": dict(d=96, causal=True, softcap=20.0),
@@ -181,9 +183,9 @@ def test_persistent_grid_gives_the_bits_of_one_block_per_tile(xp_gpu, rng, seed,
 
     xp = xp_gpu
     options = dict(PERSISTENT_CASES[case])
-    d, hkv = options.pop("d"), options.pop("hkv", 8)
+    d, hkv, nk = options.pop("d"), options.pop("hkv", 8), options.pop("nk", 1037)
     q = random_array(rng, (3, 8, 1100, d), ml_dtypes.bfloat16, xp=xp)
-    k, v = (random_array(rng, (3, hkv, 1037, d), ml_dtypes.bfloat16, xp=xp) for _ in range(2))
+    k, v = (random_array(rng, (3, hkv, nk, d), ml_dtypes.bfloat16, xp=xp) for _ in range(2))
     _grid_forced(monkeypatch, hopper_tma, False)
     expected, expected_lse = cuflash.attention(q, k, v, return_lse=True, **options)
 

@@ -125,6 +125,24 @@ def test_persistent_grid_for_short_dense_rows_and_masks_with_wide_key_tiles():
     assert not tiles_for(_long(spec_of("bfloat16", 256, block_mask=mask), n)).persistent  # 64-key tiles
 
 
+def test_a_second_q_buffer_where_shared_memory_holds_it():
+    """128-key tiles at D <= 128 hold a second Q buffer beside their rings (with two blocks per
+    SM where one consumer runs, and beside an exact mask's records); 176-key tiles at D = 128 and
+    the 80-key tiles of wider heads do not."""
+    F = sm90_tma_forward
+    exact = exact_mask_stand_in()
+    for d in (32, 64, 96, 128):
+        for options in (dict(), dict(causal=True), dict(exact_mask=exact)):
+            spec = spec_of("bfloat16", d, **options)  # 1K keys
+            tiles = F.tiles_for(spec)
+            assert tiles.q_buffers == 2 and F.fits_shared_memory(spec, tiles), (d, options, tiles)
+            reserved = 1024 + F.STATIC_BARRIERS + (tiles.exact_record_bytes() if "exact_mask" in options else 0)
+            assert tiles.blocks_per_sm * (tiles.shared_bytes(d, d) + reserved) <= F.SM_SHARED, (d, options)
+    assert F.tiles_for(_long(spec_of("bfloat16", 128), 4096)).q_buffers == 1
+    assert F.tiles_for(spec_of("bfloat16", 256)).q_buffers == 1
+    assert F.tiles_for(spec_of("bfloat16", 192, 128)).q_buffers == 1
+
+
 @pytest.mark.parametrize("d, dv", [(32, 32), (64, 64), (96, 96), (128, 128), (160, 160), (192, 128), (256, 256),
                                    (256, 64), (64, 256)])
 def test_every_chosen_shape_fits_shared_memory(d, dv):

@@ -76,9 +76,10 @@ def _persistent(rng):
     """The Hopper forward's persistent grid (one thread block per SM, or two with one consumer,
     drawing tiles from a counter) over more tiles than blocks: O staged in the last V buffer
     (two consumers at D = 128, unmasked, where each tile's last P·V goes with the next tile's first
-    Q·Kᵀ, and causal; one consumer under a window) and in the Q buffer (three consumers at D = 64;
-    80-key tiles at D = 256), and block and exact masks with rows that see no key (one consumer,
-    two blocks per SM, the last P·V carried over as unmasked)."""
+    Q·Kᵀ, with two Q buffers beside 128-key tiles and one beside 176-key tiles, and causal; one
+    consumer under a window) and in the Q buffers (three consumers at D = 64; one buffer beside
+    the 80-key tiles of D = 256), and block and exact masks with rows that see no key (one
+    consumer, two blocks per SM, the last P·V carried over as unmasked)."""
     import dataclasses
 
     from cuflash import _api
@@ -88,7 +89,7 @@ def _persistent(rng):
     if not _launch.on_hopper(q):
         print("skipped the persistent grid: not a Hopper GPU", flush=True)
         return
-    for d, heads, n, options in ((128, 9, 2000, {}), (128, 9, 2000, {"causal": True}),
+    for d, heads, n, options in ((128, 9, 2000, {}), (128, 9, 2100, {}), (128, 9, 2000, {"causal": True}),
                                  (64, 9, 2000, {"window": (128, 0)}),
                                  (64, 14, 2000, {}), (256, 16, 1100, {})):
         q, k, v, out = _arrays(rng, ml_dtypes.bfloat16, 1, heads, heads, n, d)

@@ -25,7 +25,9 @@ OPTIONS = (f"-arch={ARCH}",)
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 PERSISTENT_MAX_KEYS = 2048
 PERSISTENT_GRID_MAX_KEYS = 4096  # persistent_grid
-MAX_SHARED = 227 * 1024 - 256  # the SM's limit per block, less the static mbarriers
+SM_SHARED = 228 * 1024  # an SM's shared memory, of which each resident block reserves 1 KB
+STATIC_BARRIERS = 256  # the kernel's static mbarriers and mailbox, at most
+MAX_SHARED = SM_SHARED - 1024 - STATIC_BARRIERS  # 227 KB less the barriers: the limit per block
 
 
 def _padded(d: int) -> int:
@@ -37,13 +39,16 @@ class TmaTiles:
     """`consumers` warpgroups of 64 query rows each against `block_n` keys per K/V tile, in
     rings of `stages` buffers; with `pingpong` the consumers take turns issuing their GEMMs;
     `persistent` launches one thread block per SM, each taking the next query tile from a counter
-    as it finishes one (``_launch.TileCounters``)."""
+    as it finishes one (``_launch.TileCounters``); with `q_buffers` = 2 a block's query tiles take
+    two Q buffers in turn, so that the next tile's Q loads under the previous tile
+    (``with_second_q_buffer``)."""
 
     block_n: int = 128
     stages: int = 2
     consumers: int = 2
     pingpong: bool = False
     persistent: bool = False  # one thread block per SM drawing the tiles (host side only)
+    q_buffers: int = 1
 
     @property
     def block_m(self) -> int:
@@ -64,7 +69,7 @@ class TmaTiles:
         # Q (also O's staging when a V buffer cannot hold O: TmaForwardLayout::O_IN_V), the K and V
         # rings, 1 KB to round the base up to 1024 bytes.
         q_tile = (dp if self.block_n >= self.block_m else max(dp, dvp)) * self.block_m * 2
-        return q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
+        return self.q_buffers * q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
     def exact_record_bytes(self) -> int:
         """The static shared memory an exact mask's variant adds (ExactStage in the kernel): per K
@@ -159,22 +164,39 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
             and (masked or spec.shapes.nk <= PERSISTENT_GRID_MAX_KEYS))
 
 
+def fits_shared_memory(spec, tiles: TmaTiles) -> bool:
+    """Whether `tiles` (with an exact mask's records beside K) fit the shared memory each of the
+    SM's `blocks_per_sm` resident blocks has."""
+    d, dv = spec.shapes.d, spec.shapes.dv
+    used = tiles.shared_bytes(d, dv) + (tiles.exact_record_bytes() if spec.exact else 0)
+    return used <= SM_SHARED // tiles.blocks_per_sm - 1024 - STATIC_BARRIERS
+
+
+def with_second_q_buffer(spec, tiles: TmaTiles) -> TmaTiles:
+    """`tiles` with a second Q buffer where it fits: on a persistent grid the next tile's Q then
+    loads under the previous tile's key tiles, not after its last Q·Kᵀ (or, where O is staged in
+    the Q buffer, after its stores). One block per tile never touches it."""
+    second = dataclasses.replace(tiles, q_buffers=2)
+    return second if fits_shared_memory(spec, second) else tiles
+
+
 def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     """The first candidate that fits shared memory and whose tiles a block mask's blocks are
-    whole multiples of, persistent where ``persistent_grid`` says so. `few` overrides
-    ``few_keys(spec)`` (the variants list asks for both)."""
+    whole multiples of, persistent where ``persistent_grid`` says so, with a second Q buffer
+    where it fits. `few` overrides ``few_keys(spec)`` (the variants list asks for both)."""
     d, dv = spec.shapes.d, spec.shapes.dv
     plain = not spec.banded and _nothing_beyond_a_band(spec)
     short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
                                  few_keys=few_keys(spec) if few is None else few,
                                  long_causal=long_causal(spec), dropout=spec.has_dropout):
-        if tiles.shared_bytes(d, dv) + (tiles.exact_record_bytes() if spec.exact else 0) > MAX_SHARED:
+        if not fits_shared_memory(spec, tiles):
             continue
         if spec.block_mask is not None:
             bq, bk = spec.block_mask.block_size
             if bq % tiles.block_m or bk % tiles.block_n:
                 continue
+        tiles = with_second_q_buffer(spec, tiles)
         return dataclasses.replace(tiles, persistent=persistent_grid(spec, tiles))
     return None
 
@@ -197,7 +219,7 @@ def variant(spec, tiles: TmaTiles) -> str:
     flags = _build.trailing_flags(spec.varlen is not None, spec.has_dropout)
     return _build.template_expression(
         "flash_fwd_sm90_tma", element_type(spec.dtype), spec.shapes.d, spec.shapes.dv, tiles.block_n,
-        tiles.stages, tiles.consumers, tiles.pingpong, mask_type(spec), score_mod_type(spec), *flags,
+        tiles.stages, tiles.q_buffers, tiles.consumers, tiles.pingpong, mask_type(spec), score_mod_type(spec), *flags,
     )
 
 

@@ -23,9 +23,12 @@
 // memory for 16-byte stores: in the V buffer of the tile's last key tile where one holds the whole
 // O tile (TmaForwardLayout::O_IN_V), so that the consumers can release the Q buffer as soon as
 // their last Q·Kᵀ is done and the next tile's Q lands under the last softmax, P·V and stores;
-// else in the Q buffer, released after the stores. Where O is staged in a V buffer and no band
-// bounds the rows, a consumer carries each tile's last P·V over to its next tile, issued right
-// after that tile's first Q·Kᵀ (carries_last_pv), so that at the seam neither GEMM waits alone.
+// else in the Q buffer, released after the stores. With Q_BUFFERS = 2 (where shared memory holds
+// a second Q buffer: the host decides), tiles take the two Q buffers in turn, so that the next
+// tile's Q loads while the consumers still run the previous tile, not only under its last
+// softmax or after its stores. Where O is staged in a V buffer and no band bounds the rows, a
+// consumer carries each tile's last P·V over to its next tile, issued right after that tile's
+// first Q·Kᵀ (carries_last_pv), so that at the seam neither GEMM waits alone.
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -43,9 +46,10 @@ struct QkvMaps {
 __host__ __device__ constexpr int tma_forward_blocks_per_sm(int consumers) { return consumers == 1 ? 2 : 1; }
 
 // Shared-memory plan of one thread block (all offsets from a 1024-byte aligned base).
-template <int DP, int DVP, int BLOCK_N, int STAGES, int CONSUMERS_>
+template <int DP, int DVP, int BLOCK_N, int STAGES, int Q_BUFFERS_, int CONSUMERS_>
 struct TmaForwardLayout {
     static constexpr int CONSUMERS = CONSUMERS_;
+    static constexpr int Q_BUFFERS = Q_BUFFERS_;
     static constexpr int BLOCK_M = 64 * CONSUMERS;
     // O is staged in a V buffer when one holds it (BLOCK_N ≥ BLOCK_M rows of DVP columns),
     // else in the Q buffer, which then holds as many 64-column boxes as the wider of Q and O.
@@ -54,34 +58,36 @@ struct TmaForwardLayout {
     static constexpr u32 Q_BYTES = (O_IN_V || DP >= DVP ? DP : DVP) / 64 * BLOCK_M * 128;
     static constexpr u32 K_STAGE = DP / 64 * BLOCK_N * 128;
     static constexpr u32 V_STAGE = DVP / 64 * BLOCK_N * 128;
-    static constexpr u32 K_RING = Q_BYTES;
+    static constexpr u32 K_RING = Q_BUFFERS * Q_BYTES;
     static constexpr u32 V_RING = K_RING + STAGES * K_STAGE;
     // Registers per thread after the hand-over, within the SM's 64K: 128·24 + 256·240 with two
     // consumers, 128·24 + 384·160 with three; with one, two blocks share the SM, each within
     // 32K: 128·24 + 128·232.
     static constexpr int PRODUCER_REGS = 24;
     static constexpr int CONSUMER_REGS = CONSUMERS == 1 ? 232 : CONSUMERS == 2 ? 240 : 160;
+    __device__ static u32 q_buffer(u32 base, int stage) { return base + stage * Q_BYTES; }
 };
 
-// mbarriers: full/empty for the Q buffer, for each K and V buffer and for each mailbox slot
-// (every consumer thread reads the slot, so every one arrives on its "empty" barrier).
+// mbarriers: full/empty for each of the (at most two) Q buffers, for each K and V buffer and for
+// each mailbox slot (every consumer thread reads the slot, so every one arrives on its "empty"
+// barrier).
 template <int STAGES>
 struct TmaForwardBarriers {
     u32 base;
-    __device__ __forceinline__ u32 q() const { return base; }
-    __device__ __forceinline__ u32 q_empty() const { return base + 8; }
-    __device__ __forceinline__ u32 k_full(int s) const { return base + 8 * (2 + s); }
-    __device__ __forceinline__ u32 k_empty(int s) const { return base + 8 * (2 + STAGES + s); }
-    __device__ __forceinline__ u32 v_full(int s) const { return base + 8 * (2 + 2 * STAGES + s); }
-    __device__ __forceinline__ u32 v_empty(int s) const { return base + 8 * (2 + 3 * STAGES + s); }
-    __device__ __forceinline__ u32 tile_full(int s) const { return base + 8 * (2 + 4 * STAGES + s); }
-    __device__ __forceinline__ u32 tile_empty(int s) const { return base + 8 * (4 + 4 * STAGES + s); }
-    static constexpr int COUNT = 6 + 4 * STAGES;
+    __device__ __forceinline__ u32 q(int s) const { return base + 8 * s; }
+    __device__ __forceinline__ u32 q_empty(int s) const { return base + 8 * (2 + s); }
+    __device__ __forceinline__ u32 k_full(int s) const { return base + 8 * (4 + s); }
+    __device__ __forceinline__ u32 k_empty(int s) const { return base + 8 * (4 + STAGES + s); }
+    __device__ __forceinline__ u32 v_full(int s) const { return base + 8 * (4 + 2 * STAGES + s); }
+    __device__ __forceinline__ u32 v_empty(int s) const { return base + 8 * (4 + 3 * STAGES + s); }
+    __device__ __forceinline__ u32 tile_full(int s) const { return base + 8 * (4 + 4 * STAGES + s); }
+    __device__ __forceinline__ u32 tile_empty(int s) const { return base + 8 * (6 + 4 * STAGES + s); }
+    static constexpr int COUNT = 8 + 4 * STAGES;
 
     __device__ __forceinline__ void init(int consumers) const {
-        mbar_init(q(), 1);
-        mbar_init(q_empty(), consumers);
         for (int s = 0; s < 2; ++s) {
+            mbar_init(q(s), 1);
+            mbar_init(q_empty(s), consumers);
             mbar_init(tile_full(s), 1);
             mbar_init(tile_empty(s), 128 * consumers);
         }
@@ -233,9 +239,9 @@ __device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 
 
 // The producer's one thread, for one query tile that visits any key tile: K_j and V_j for every
 // visited key tile, each into the next ring buffer once the consumers have released it, and Q
-// once they have released the Q buffer. After a block's first tile, the first K/V tiles go before
-// Q: their buffers free up while the consumers still finish the previous tile. The ring positions
-// run on from one query tile to the next.
+// once they have released the Q buffer. The thread waits for each buffer in the order it issues
+// them, so after a block's first tile the loads go in the order their buffers free up while the
+// consumers finish the previous tile. The ring positions run on from one query tile to the next.
 template <class L, int BLOCK_N, int STAGES, class Work>
 __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
                                              ExactStage<Work::Mask::exact, L::BLOCK_M, BLOCK_N>* exact,
@@ -243,35 +249,52 @@ __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwa
                                              u32& q_fills) {
     constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
     const int n_count = work.key_tile.count, hk = work.h / a.group;
-    auto load_kv = [&](int j) {
-        const int n_tile = work.key_tile[j];
-        const int key_row = work.k_row(n_tile * BLOCK_N);
+    auto key_row = [&](int j) { return work.k_row(work.key_tile[j] * BLOCK_N); };
+    auto load_k = [&](int j) {
         const auto beside = [&] {
             if constexpr (Work::Mask::exact)
-                return ExactBeside<L::BLOCK_M, BLOCK_N>{&exact[slot.stage], n_tile, work.key_tile.slot(j), a.tile_bits};
+                return ExactBeside<L::BLOCK_M, BLOCK_N>{&exact[slot.stage], work.key_tile[j], work.key_tile.slot(j),
+                                                        a.tile_bits};
             else
                 return NothingBeside{};
         }();
         load_ring_tile<K_BOXES, BLOCK_N>(base + L::K_RING + slot.stage * L::K_STAGE, &maps.k, bar.k_full(slot.stage),
-                                         bar.k_empty(slot.stage), slot.phase, key_row, hk, work.batch(), beside);
+                                         bar.k_empty(slot.stage), slot.phase, key_row(j), hk, work.batch(), beside);
+    };
+    auto load_v = [&](int j) {  // the second of a key tile's two loads: the ring moves on
         load_ring_tile<V_BOXES, BLOCK_N>(base + L::V_RING + slot.stage * L::V_STAGE, &maps.v, bar.v_full(slot.stage),
-                                         bar.v_empty(slot.stage), slot.phase, key_row, hk, work.batch());
+                                         bar.v_empty(slot.stage), slot.phase, key_row(j), hk, work.batch());
         slot.advance();
     };
-    // A block's first Q goes first. With O_IN_V only the first K/V go ahead: the next buffer
-    // still stages the previous tile's O, and Q must not wait for it.
-    const int ahead = q_fills == 0 ? 0 : min(n_count, L::O_IN_V ? 1 : STAGES);
-    for (int j = 0; j < ahead; ++j) load_kv(j);
-    mbar_wait(bar.q_empty(), (q_fills & 1) ^ 1);
+    // Q goes first where its buffer is free: a block's first, or with two Q buffers, the one the
+    // tile before the previous released. With one, the previous tile still holds it. Then, with
+    // O_IN_V, only K_0 goes ahead of Q: its buffer is free once the previous tile's second-last
+    // Q·Kᵀ is done, the Q buffer once its last one is, and V_0's only once that tile's softmax has
+    // run (the buffer after it stages the tile's O until its stores), so Q loads under the
+    // previous tile's last softmax. Without O_IN_V the Q buffer stages O and frees up last.
+    const bool q_waits = L::Q_BUFFERS == 1 && q_fills > 0;
+    const int kv_ahead = q_waits && !L::O_IN_V ? min(n_count, STAGES) : 0;
+    for (int j = 0; j < kv_ahead; ++j) {
+        load_k(j);
+        load_v(j);
+    }
+    const bool k0_ahead = q_waits && L::O_IN_V;
+    if (k0_ahead) load_k(0);
+    const int qb = q_fills % L::Q_BUFFERS;
+    mbar_wait(bar.q_empty(qb), (q_fills / L::Q_BUFFERS & 1) ^ 1);
     ++q_fills;
-    mbar_arrive_expect_bytes(bar.q(), L::Q_LOAD_BYTES);
+    mbar_arrive_expect_bytes(bar.q(qb), L::Q_LOAD_BYTES);
 #pragma unroll
     for (int c = 0; c < L::CONSUMERS; ++c)
 #pragma unroll
         for (int box = 0; box < K_BOXES; ++box)
-            tma_load_4d(base + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(), 64 * box,
+            tma_load_4d(L::q_buffer(base, qb) + (box * L::BLOCK_M + c * 64) * 128, &maps.q, bar.q(qb), 64 * box,
                         work.q_row(work.m0 + 64 * c), work.h, work.batch());
-    for (int j = ahead; j < n_count; ++j) load_kv(j);
+    if (k0_ahead) load_v(0);
+    for (int j = kv_ahead + k0_ahead; j < n_count; ++j) {
+        load_k(j);
+        load_v(j);
+    }
 }
 
 // The producer's one thread: draws the block's query tiles, posts each to the consumers and loads
@@ -331,13 +354,14 @@ __device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u3
 struct TileOwed {
     u16* out;     // the tile's (batch, head) rows of O
     float* lse;   // ... and of lse
-    int nq, row0, v_stage;
+    int nq, row0, v_stage, q_buffer;
     float row_max[2], row_sum[2], scale;
 };
 
 // O / l and lse of the rows a warpgroup owes (its last P·V done): O goes through the staging
 // buffer (with O_IN_V the V buffer of the tile's last key tile, once every consumer's last P·V
-// has read it), which is then released. Rows that saw no key give 0 and −inf.
+// has read it; else the tile's Q buffer), which is then released. Rows that saw no key give 0
+// and −inf.
 template <typename T, class L, int DVP, int STAGES, bool DROPOUT>
 __device__ __forceinline__ void store_tile(const FwdArgs& a, const TileOwed& owed, const float (&o)[DVP / 2],
                                            const TmaForwardBarriers<STAGES>& bar, u32 base) {
@@ -351,7 +375,7 @@ __device__ __forceinline__ void store_tile(const FwdArgs& a, const TileOwed& owe
         inv[half] = DROPOUT ? res.inv * a.drop_rescale : res.inv;  // · 1 / (1 − p) with dropout
         if (t == 0 && owed.row0 + r < owed.nq) store_lse(a, owed.lse, owed.row0 + r, res.lse);
     }
-    u32 staging = base;
+    u32 staging = L::q_buffer(base, owed.q_buffer);
     if constexpr (L::O_IN_V) {
         named_barrier(1, 128 * L::CONSUMERS);
         staging = base + L::V_RING + owed.v_stage * L::V_STAGE;
@@ -360,7 +384,7 @@ __device__ __forceinline__ void store_tile(const FwdArgs& a, const TileOwed& owe
                                          warp, g, t, a.dv);
     fence_proxy_async_shared();  // these reads of the buffer come before the next TMA write to it
     named_barrier(c + 2, 128);   // (the store's own barrier id) every thread has read its rows
-    if (threadIdx.x % 128 == 0) mbar_arrive(L::O_IN_V ? bar.v_empty(owed.v_stage) : bar.q_empty());
+    if (threadIdx.x % 128 == 0) mbar_arrive(L::O_IN_V ? bar.v_empty(owed.v_stage) : bar.q_empty(owed.q_buffer));
 }
 
 // Whether a warpgroup carries a tile's last P·V over to its next tile, issued with that tile's
@@ -373,7 +397,7 @@ template <class L, bool PINGPONG, class MASK>
 __device__ __forceinline__ constexpr bool carries_last_pv() { return L::O_IN_V && !PINGPONG && !MASK::banded; }
 
 // One consumer warpgroup's registers and ring positions, carried from tile to tile: S, O and P
-// (wgmma's register A operand), where the K and V rings stand, the Q buffer's fills so far, and
+// (wgmma's register A operand), where the K and V rings stand, the Q buffers' fills so far, and
 // what it owes the previous tile (`owes`: carries_last_pv).
 template <int NT, int OT, int KPV, int STAGES>
 struct ConsumerState {
@@ -428,7 +452,8 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     const int n_count = work.key_tile.count;
     const MOD mod = work.template mod_of<MOD>(a);
     const DropoutMask drop(a, work.b, work.h);
-    const u64 desc_q = sw128_desc(base + c * 64 * 128, 16);
+    const int qb = st.q_fills % L::Q_BUFFERS;  // this tile's Q buffer
+    const u64 desc_q = sw128_desc(L::q_buffer(base, qb) + c * 64 * 128, 16);
     auto k_stage = [&](int stage) { return base + L::K_RING + stage * L::K_STAGE; };
     auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
     float (&o)[OT * 4] = st.o;
@@ -442,7 +467,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     // This tile's rows and their softmax state, for the stores whenever they come.
     auto rows_owed = [&](int last_v) {
         return TileOwed{a.o + work.b * a.o_sb + work.h * a.o_sh + work.seq.q0 * a.o_sn, a.lse + work.lse_start(a),
-                        work.seq.nq, work.m0 + c * 64, last_v, {row_max[0], row_max[1]}, {row_sum[0], row_sum[1]},
+                        work.seq.nq, work.m0 + c * 64, last_v, qb, {row_max[0], row_max[1]}, {row_sum[0], row_sum[1]},
                         mod.softmax_scale()};
     };
 
@@ -510,14 +535,14 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     };
 
     auto release_q = [&](int j) {
-        if (L::O_IN_V && leader && j == n_count - 1) mbar_arrive(bar.q_empty());
+        if (L::O_IN_V && leader && j == n_count - 1) mbar_arrive(bar.q_empty(qb));
     };
 
     // The first key tile: S_0 = Q·K_0ᵀ, with the previous tile's last P·V behind it (CARRY), whose
     // O is stored once the softmax of S_0 has run under it.
     const bool owes = CARRY && st.owes;
     turns.open(c);
-    mbar_wait(bar.q(), st.q_fills & 1);
+    mbar_wait(bar.q(qb), st.q_fills / L::Q_BUFFERS & 1);
     ++st.q_fills;
     mbar_wait(bar.k_full(ks.stage), ks.phase);
     if (owes) {
@@ -592,17 +617,18 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     if constexpr (!CARRY) settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
 }
 
-template <typename T, int D, int DV, int BLOCK_N, int STAGES, int CONSUMERS, bool PINGPONG, class MASK, class MOD,
-          bool VARLEN = false, bool DROPOUT = false>
+template <typename T, int D, int DV, int BLOCK_N, int STAGES, int Q_BUFFERS, int CONSUMERS, bool PINGPONG, class MASK,
+          class MOD, bool VARLEN = false, bool DROPOUT = false>
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), tma_forward_blocks_per_sm(CONSUMERS))
 flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count,
                    int* tile_counter) {
     constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
-    using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, CONSUMERS>;
+    using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, Q_BUFFERS, CONSUMERS>;
     static_assert(BLOCK_N == 64 || BLOCK_N == 80 || BLOCK_N == 128 || BLOCK_N == 176,
                   "BLOCK_N must be 64, 80, 128 or 176 (the Q·Kᵀ wgmma widths wrapped)");
     static_assert(DP <= 256 && DVP <= 256, "head dims up to 256");
     static_assert(CONSUMERS >= 1 && CONSUMERS <= 3, "one to three consumer warpgroups");
+    static_assert(Q_BUFFERS == 1 || Q_BUFFERS == 2, "one or two Q buffers");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ __align__(8) u64 barrier_words[TmaForwardBarriers<STAGES>::COUNT];
