@@ -396,8 +396,9 @@ def test_ordered_dq_rotates_its_walks_only_where_measured_faster():
 def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_it_compiles():
     """On the 64-column tile (D, Dv ≤ 64) an exact mask runs the warp-specialised dK/dV kernel
     with the fused dQ where that variant compiles without spills: alone, under causal, with
-    softcap or dropout (whose 64-row tiles form dQ by turns). A left-hand band, ALiBi and deterministic calls keep the cp.async kernel; at D = 128
-    every exact mask takes the warp-specialised one. main_variants lists what can be launched."""
+    softcap or dropout (whose 64-row tiles form dQ by turns). A left-hand band, ALiBi and
+    deterministic calls keep the cp.async kernel; at D = 128 every exact mask takes the
+    warp-specialised one. main_variants lists what can be launched."""
     from cuflash.kernels import sm90_backward
     from cuflash.kernels._variants import _Slopes, exact_mask_stand_in, spec_of
 

@@ -66,6 +66,10 @@ struct TmaForwardLayout {
     static constexpr int PRODUCER_REGS = 24;
     static constexpr int CONSUMER_REGS = CONSUMERS == 1 ? 232 : CONSUMERS == 2 ? 240 : 160;
     __device__ static u32 q_buffer(u32 base, int stage) { return base + stage * Q_BYTES; }
+    // The Q buffers are filled in turn: after `fills` fills, the next takes buffer q_stage(fills),
+    // whose barriers are in phase q_parity(fills).
+    __device__ static int q_stage(u32 fills) { return fills % Q_BUFFERS; }
+    __device__ static u32 q_parity(u32 fills) { return fills / Q_BUFFERS & 1; }
 };
 
 // mbarriers: full/empty for each of the (at most two) Q buffers, for each K and V buffer and for
@@ -249,21 +253,24 @@ __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwa
                                              u32& q_fills) {
     constexpr int K_BOXES = L::K_STAGE / (BLOCK_N * 128), V_BOXES = L::V_STAGE / (BLOCK_N * 128);
     const int n_count = work.key_tile.count, hk = work.h / a.group;
-    auto key_row = [&](int j) { return work.k_row(work.key_tile[j] * BLOCK_N); };
+    auto key_row = [&](int n_tile) { return work.k_row(n_tile * BLOCK_N); };
     auto load_k = [&](int j) {
+        const int n_tile = work.key_tile[j];
         const auto beside = [&] {
             if constexpr (Work::Mask::exact)
-                return ExactBeside<L::BLOCK_M, BLOCK_N>{&exact[slot.stage], work.key_tile[j], work.key_tile.slot(j),
+                return ExactBeside<L::BLOCK_M, BLOCK_N>{&exact[slot.stage], n_tile, work.key_tile.slot(j),
                                                         a.tile_bits};
             else
                 return NothingBeside{};
         }();
         load_ring_tile<K_BOXES, BLOCK_N>(base + L::K_RING + slot.stage * L::K_STAGE, &maps.k, bar.k_full(slot.stage),
-                                         bar.k_empty(slot.stage), slot.phase, key_row(j), hk, work.batch(), beside);
+                                         bar.k_empty(slot.stage), slot.phase, key_row(n_tile), hk, work.batch(),
+                                         beside);
     };
     auto load_v = [&](int j) {  // the second of a key tile's two loads: the ring moves on
         load_ring_tile<V_BOXES, BLOCK_N>(base + L::V_RING + slot.stage * L::V_STAGE, &maps.v, bar.v_full(slot.stage),
-                                         bar.v_empty(slot.stage), slot.phase, key_row(j), hk, work.batch());
+                                         bar.v_empty(slot.stage), slot.phase, key_row(work.key_tile[j]), hk,
+                                         work.batch());
         slot.advance();
     };
     // Q goes first where its buffer is free: a block's first, or with two Q buffers, the one the
@@ -280,8 +287,8 @@ __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwa
     }
     const bool k0_ahead = q_waits && L::O_IN_V;
     if (k0_ahead) load_k(0);
-    const int qb = q_fills % L::Q_BUFFERS;
-    mbar_wait(bar.q_empty(qb), (q_fills / L::Q_BUFFERS & 1) ^ 1);
+    const int qb = L::q_stage(q_fills);
+    mbar_wait(bar.q_empty(qb), L::q_parity(q_fills) ^ 1);
     ++q_fills;
     mbar_arrive_expect_bytes(bar.q(qb), L::Q_LOAD_BYTES);
 #pragma unroll
@@ -452,7 +459,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     const int n_count = work.key_tile.count;
     const MOD mod = work.template mod_of<MOD>(a);
     const DropoutMask drop(a, work.b, work.h);
-    const int qb = st.q_fills % L::Q_BUFFERS;  // this tile's Q buffer
+    const int qb = L::q_stage(st.q_fills);  // this tile's Q buffer
     const u64 desc_q = sw128_desc(L::q_buffer(base, qb) + c * 64 * 128, 16);
     auto k_stage = [&](int stage) { return base + L::K_RING + stage * L::K_STAGE; };
     auto v_stage = [&](int stage) { return base + L::V_RING + stage * L::V_STAGE; };
@@ -542,7 +549,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     // O is stored once the softmax of S_0 has run under it.
     const bool owes = CARRY && st.owes;
     turns.open(c);
-    mbar_wait(bar.q(qb), st.q_fills / L::Q_BUFFERS & 1);
+    mbar_wait(bar.q(qb), L::q_parity(st.q_fills));
     ++st.q_fills;
     mbar_wait(bar.k_full(ks.stage), ks.phase);
     if (owes) {
