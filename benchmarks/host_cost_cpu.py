@@ -4,8 +4,9 @@
 
 Cached bf16 causal forward and backward calls at (B, H, N, D) = (1, 16, 128, 64) and
 (8, 16, 512, 64) on ``tests/fake_device.py``'s fake device, as compute capability 9.0 (TMA
-forward, wgmma backward) and 8.0 (sm80 mma). ``cupy.empty``, the driver's launch and the device
-and stream queries are stand-ins that cost next to nothing; a launch that goes through CuPy's
+forward, wgmma backward) and 8.0 (sm80 mma). The allocations (``cupy.empty``,
+``_launch.new_array``, ``_launch.device_memory``), the driver's launch and the device and stream
+queries are stand-ins that cost next to nothing; a launch that goes through CuPy's
 ``RawKernel.__call__`` keeps what CuPy does per argument before the driver call (``CScalar``
 for a NumPy scalar, ``CNumpyArray`` for an array). So the figures are cuflash's Python plus
 CuPy's argument conversion, without CuPy's allocation, launch, device and stream calls (which
@@ -42,13 +43,13 @@ def _cupy_conversion(self, grid, block, args, shared_mem=0):
 
 
 def _cheap_stand_ins(monkeypatch, device, addresses=2):
-    """cupy.empty from a few arrays made once (``addresses`` of each shape and dtype, handed out
+    """Allocations from a few arrays made once (``addresses`` of each shape and dtype, handed out
     in turn, as a caching allocator hands a loop's outputs a few addresses over and over: the
     TMA descriptors of outputs are then rewritten as they are in such a loop), memoised TMA
     descriptors, launches and queries that do nothing."""
     import cupy
 
-    from cuflash.kernels import _tma
+    from cuflash.kernels import _launch, _tma
 
     made = {}
 
@@ -59,6 +60,16 @@ def _cheap_stand_ins(monkeypatch, device, addresses=2):
         return next(made[key])
 
     monkeypatch.setattr(cupy, "empty", empty)
+    monkeypatch.setattr(_launch, "new_array", empty)
+    workspaces = {}
+
+    def device_memory(nbytes):
+        if nbytes not in workspaces:
+            workspaces[nbytes] = itertools.cycle(
+                [device.empty((nbytes,), numpy.uint8).data for _ in range(addresses)])
+        return next(workspaces[nbytes])
+
+    monkeypatch.setattr(_launch, "device_memory", device_memory)
     # The real encoder is memoised by address: so is its stand-in here.
     monkeypatch.setattr(_tma, "_encode", functools.lru_cache(maxsize=256)(_tma._encode))
     monkeypatch.setattr(FakeKernel, "__call__", _cupy_conversion)

@@ -56,6 +56,7 @@ _MAX_ENTRIES = 1024
 _entries: dict = {}
 _UNCACHED = object()  # a signature seen before whose calls take the validated path
 _stats = {"builds": 0, "hits": 0}
+_FLOAT32 = numpy.dtype(numpy.float32)
 
 
 class _NotCacheable(Exception):
@@ -326,12 +327,12 @@ class _ForwardEntry:
                 return self(q, k, v, out, slopes)
         spec = self.spec
         if out is None:
-            result = cupy.empty(self.out_shape, spec.dtype)
+            result = _launch.new_array(self.out_shape, spec.dtype)
         else:
             _check_apart("out", out.data.ptr, self.out_range,
                          zip("qkv", (q.data.ptr, k.data.ptr, v.data.ptr), self.input_ranges))
             result = out
-        lse = cupy.empty(self.lse_shape, numpy.float32) if self.keeps_lse else None
+        lse = _launch.new_array(self.lse_shape, _FLOAT32) if self.keeps_lse else None
         if result.data.ptr & 15 or (lse is not None and lse.data.ptr & 15):
             return None  # the prepared launch assumed alignment
         if slopes is not None:
@@ -455,11 +456,11 @@ class _BackwardEntry:
         if dq is None or dk is None or dv is None:
             grad_dtype = spec.grad_dtype
             if dq is None:
-                dq = cupy.empty(q.shape, grad_dtype)
+                dq = _launch.new_array(q.shape, grad_dtype)
             if dk is None:
-                dk = cupy.empty(k.shape, grad_dtype)
+                dk = _launch.new_array(k.shape, grad_dtype)
             if dv is None:
-                dv = cupy.empty(v.shape, grad_dtype)
+                dv = _launch.new_array(v.shape, grad_dtype)
         if (dq.data.ptr | dk.data.ptr | dv.data.ptr) & 15:  # the launch assumed alignment
             return None
         if slopes is not None:

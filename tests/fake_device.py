@@ -1,7 +1,8 @@
 """CuPy arrays without a GPU, for tests of the host side of the CuPy path.
 
-``FakeDevice`` (a context manager built on pytest's ``monkeypatch``) makes ``cupy.empty`` return
-arrays over made-up device pointers (CuPy's array metadata needs no driver) and stubs every point
+``FakeDevice`` (a context manager built on pytest's ``monkeypatch``) makes ``cupy.empty`` and
+``_launch.new_array`` return arrays over made-up device pointers, and ``_launch.device_memory``
+such memory (CuPy's array metadata needs no driver), and stubs every point
 where the call path talks to the driver: the current device, the compute capability, kernel
 compilation and launch, TMA descriptors, the capture query, the ALiBi slopes' copy. Launches are
 recorded (kernel expression, grid, block, argument bytes), so a test can compare what two calls
@@ -144,8 +145,14 @@ class FakeDevice:
             self.compiled.append(expression)
             return FakeKernel(self, expression)
 
+        def device_memory(nbytes):
+            return memory.MemoryPointer(
+                memory.UnownedMemory(next(pointers) << 32, max(nbytes, 1), None, device_id=0), 0)
+
         self.empty = empty
         monkeypatch.setattr(cupy, "empty", empty)
+        monkeypatch.setattr(_launch, "new_array", empty)
+        monkeypatch.setattr(_launch, "device_memory", device_memory)
         monkeypatch.setattr(_checks, "device_context", lambda x: contextlib.nullcontext())
         monkeypatch.setattr(_launch, "_compute_capability", lambda device_id: compute_capability)
         monkeypatch.setattr(_build, "get_function", get_function)

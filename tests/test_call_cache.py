@@ -169,6 +169,36 @@ def test_a_repeated_backward_reuses_its_entry_and_sends_the_same_arguments(devic
         assert all(a[4][part] == b[4][part] for part in fixed)
 
 
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_cached_calls_allocate_their_outputs_and_one_workspace(device, monkeypatch, return_lse):
+    """A cached forward allocates out (and lse when returned); a cached backward dq, dk, dv as
+    arrays and its workspace as raw memory of the prepared size, and nothing else: no
+    ``cupy.empty`` (whose wrapper costs more per call)."""
+    import cupy
+
+    from cuflash.kernels import _launch
+
+    q, k, v = _qkv(device)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = device.empty(SHAPE, BF16)
+    cuflash.attention(q, k, v, causal=True, return_lse=return_lse)
+    cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    made = []
+    for name, module in (("new_array", _launch), ("device_memory", _launch), ("empty", cupy)):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, real=real, name=name: made.append(
+            (name, args)) or real(*args))
+    hits = _calls.stats()["hits"]
+    cuflash.attention(q, k, v, causal=True, return_lse=return_lse)
+    assert made == [("new_array", (SHAPE, np.dtype(BF16)))] + (
+        [("new_array", (SHAPE[:3], np.dtype(np.float32)))] if return_lse else [])
+    made.clear()
+    cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    assert _calls.stats()["hits"] == hits + 2
+    assert [m[0] for m in made] == ["new_array"] * 3 + ["device_memory"]
+    assert made[-1][1][0] > 0
+
+
 def test_deterministic_gives_its_own_backward_entry(device):
     q, k, v = _qkv(device)
     out, lse = cuflash.attention(q, k, v, return_lse=True)

@@ -260,6 +260,20 @@ def cupy_module():
     return _cupy
 
 
+def new_array(shape: tuple, dtype):
+    """An uninitialised C-ordered CuPy array from CuPy's current allocator: ``cupy.empty``
+    without its Python wrapper, which took 0.7 of its 3.4 µs per call on the H200 host (a
+    cached call allocates its outputs this way)."""
+    return cupy_module().ndarray(shape, dtype)
+
+
+def device_memory(nbytes: int):
+    """``nbytes`` of device memory from CuPy's current allocator, as a ``MemoryPointer`` (freed
+    when the last reference goes): for workspaces the kernels reach only through pointers.
+    0.7 µs per call on the H200 host, where an array of the same bytes took 3.4 µs."""
+    return cupy_module().cuda.alloc(nbytes)
+
+
 class _BoundContexts(threading.local):
     def __init__(self):
         self.devices = set()

@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from . import _build
+from . import _build, _launch
 from ._launch import (F32, I32, I64, PTR, PackedArgs, check_grid, element_strides, element_type,
                       make_struct_dtype, padded_head_dim, pointer, sm_count)
 from .._mask import LOG2E, UNBOUNDED, band, clamped_band
@@ -199,12 +199,10 @@ class DecodeLaunch:
         return self.rows * -(-self.dv // COMBINE_COLUMNS)
 
     def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx) -> None:
-        import cupy
-
         work, o_part, lse_part = None, 0, 0
         if self.splits > 1:
-            work = cupy.empty(self.splits * self.rows * (self.dv + 1), cupy.float32)
-            o_part, lse_part = work.data.ptr, work.data.ptr + self.splits * self.rows * self.dv * 4
+            work = _launch.device_memory(4 * self.splits * self.rows * (self.dv + 1))
+            o_part, lse_part = work.ptr, work.ptr + self.splits * self.rows * self.dv * 4
         args = self.args.pack(tuple(x if isinstance(x, int) else pointer(x) for x in (
             q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, batch_idx,
             alibi)))

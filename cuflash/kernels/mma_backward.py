@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from . import _build
+from . import _build, _launch
 from ._launch import (
     BWD_ARGS,
     LOG2E,
@@ -285,7 +285,7 @@ def supports(spec, arrays) -> str | None:
 
 @dataclass(frozen=True)
 class Scratch:
-    """The workspace of one backward call (see workspace_bytes), as one float32 allocation:
+    """The workspace of one backward call (see workspace_bytes), as one allocation of floats:
     ``rows`` base-2 lse values, ``rows`` Delta values, then ``accum`` values of the dq
     accumulator (atomic dq only; 0 otherwise), then ``semaphores`` int32 values (the Hopper fused
     dQ's ordered adds: one per 32 rows, csrc/schedule.cuh's dq_semaphore; 0 otherwise).
@@ -318,13 +318,12 @@ class Scratch:
                    rows // SEMAPHORE_ROWS if semaphores else 0)
 
     def allocate(self):
-        """``(buffer, (lse2, delta, dq_accum))``: the allocation and the three pointers (0 for
-        an absent accumulator; the semaphores follow it). Every part starts 512-byte aligned
-        (rows_pad is a multiple of 128)."""
-        import cupy
-
-        buffer = cupy.empty(self.nbytes // 4, numpy.float32)
-        return buffer, self.pointers(buffer.data.ptr)
+        """``(memory, (lse2, delta, dq_accum))``: the allocation (a CuPy ``MemoryPointer``) and
+        the three pointers (0 for an absent accumulator; the semaphores follow it). Every part
+        starts 512-byte aligned (rows_pad is a multiple of 128, CuPy's blocks are 512-byte
+        aligned)."""
+        memory = _launch.device_memory(self.nbytes)
+        return memory, self.pointers(memory.ptr)
 
     @property
     def nbytes(self) -> int:
