@@ -61,15 +61,7 @@ def _cheap_stand_ins(monkeypatch, device, addresses=2):
 
     monkeypatch.setattr(cupy, "empty", empty)
     monkeypatch.setattr(_launch, "new_array", empty)
-    workspaces = {}
-
-    def device_memory(nbytes):
-        if nbytes not in workspaces:
-            workspaces[nbytes] = itertools.cycle(
-                [device.empty((nbytes,), numpy.uint8).data for _ in range(addresses)])
-        return next(workspaces[nbytes])
-
-    monkeypatch.setattr(_launch, "device_memory", device_memory)
+    monkeypatch.setattr(_launch, "device_memory", lambda nbytes: empty((nbytes,), numpy.uint8).data)
     # The real encoder is memoised by address: so is its stand-in here.
     monkeypatch.setattr(_tma, "_encode", functools.lru_cache(maxsize=256)(_tma._encode))
     monkeypatch.setattr(FakeKernel, "__call__", _cupy_conversion)

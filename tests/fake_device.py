@@ -145,14 +145,10 @@ class FakeDevice:
             self.compiled.append(expression)
             return FakeKernel(self, expression)
 
-        def device_memory(nbytes):
-            return memory.MemoryPointer(
-                memory.UnownedMemory(next(pointers) << 32, max(nbytes, 1), None, device_id=0), 0)
-
         self.empty = empty
         monkeypatch.setattr(cupy, "empty", empty)
         monkeypatch.setattr(_launch, "new_array", empty)
-        monkeypatch.setattr(_launch, "device_memory", device_memory)
+        monkeypatch.setattr(_launch, "device_memory", lambda nbytes: empty(nbytes, np.uint8).data)
         monkeypatch.setattr(_checks, "device_context", lambda x: contextlib.nullcontext())
         monkeypatch.setattr(_launch, "_compute_capability", lambda device_id: compute_capability)
         monkeypatch.setattr(_build, "get_function", get_function)
