@@ -76,10 +76,11 @@ class FakeStream:
 # The by-value parameter types of the kernels (csrc/args.cuh, arch/sm90_tma.cuh), as NumPy
 # dtypes of their size and alignment (argument structs as the opaque records by_value sends).
 def _parameter_types() -> dict:
-    from cuflash.kernels import _launch, _tma
+    from cuflash.kernels import _launch, _tma, decode
 
     return {"FwdArgs": lambda: _launch._opaque(_launch.FWD_ARGS.itemsize),
             "BwdArgs": lambda: _launch._opaque(_launch.BWD_ARGS.itemsize),
+            "DecodeArgs": lambda: _launch._opaque(decode.DECODE_ARGS.itemsize),
             "QkvMaps": lambda: _tma.descriptors_dtype(3),
             "BwdMaps": lambda: _tma.descriptors_dtype(4),
             "int": lambda: np.dtype(np.int32),
@@ -160,6 +161,8 @@ class FakeDevice:
         monkeypatch.setattr(_launch, "tile_counters", types.SimpleNamespace(pointer=lambda stream: stream << 16))
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
         monkeypatch.setattr(cupy.cuda.driver, "launchKernel", self.launch_kernel)
+        monkeypatch.setattr(_launch, "launch_kernel_ex", self.launch_kernel_ex)
+        self.dependent = []  # (kernel expression, grid) of each launch made as a dependent
         monkeypatch.setattr(_launch, "_bound", _launch._BoundContexts())  # no context bound yet
         monkeypatch.setattr(_launch, "_cupy", None)  # as in a process that launched nothing yet
         monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
@@ -183,6 +186,20 @@ class FakeDevice:
                 for address, dtype in zip(addresses, types)]
         args = [a if a.dtype.names else a.reshape(()) for a in args]  # scalars as _by_value has them
         kernel.record((gx,), (bx,), args, shared_mem)
+
+    def launch_kernel_ex(self, config, function, kernel_params):
+        """cuLaunchKernelEx: the CUlaunchConfig at `config` read as the driver reads it; its one
+        attribute must be programmatic stream serialization, switched on. Recorded as
+        ``launch_kernel`` records, and listed in ``dependent``."""
+        from cuflash.kernels import _launch
+
+        head = ctypes.string_at(config, _launch.LAUNCH_CONFIG.size)
+        *shape, stream, attributes, count = _launch.LAUNCH_CONFIG.unpack(head)
+        assert count == 1
+        attribute = _launch.LAUNCH_ATTRIBUTE.unpack(ctypes.string_at(attributes, _launch.LAUNCH_ATTRIBUTE.size))
+        assert attribute == (_launch.PROGRAMMATIC_STREAM_SERIALIZATION, 1)
+        self.launch_kernel(function, *shape, stream, kernel_params, 0)
+        self.dependent.append(self.launches[-1][:2])
 
     def take_launches(self):
         launches, self.launches = self.launches, []

@@ -11,6 +11,7 @@ driver (a ``CScalar`` copy of each), call after call, as the pointers change.
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 
 import ml_dtypes
@@ -192,3 +193,119 @@ def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
     assert memsets == [(p, 0, 8, s) for p, s in zip((first, second, *captured), (5, 6, 7, 7))]
     capturing.clear()
     assert counters.pointer(7) == (1 << 41) + 8  # the stream's own, after the capture
+
+
+# ---- dependent launches (programmatic dependent launch)
+
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute of cuda.h: the id, padding to 8 bytes, a 64-byte value union."""
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig of cuda.h."""
+    _fields_ = [*((name, ctypes.c_uint) for name in ("gx", "gy", "gz", "bx", "by", "bz", "shared")),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("count", ctypes.c_uint)]
+
+
+def test_launch_config_has_the_drivers_layout():
+    assert (_launch.LAUNCH_CONFIG.size, _launch.LAUNCH_ATTRIBUTE.size) == (
+        ctypes.sizeof(_LaunchConfig), ctypes.sizeof(_LaunchAttribute))
+    config = _LaunchConfig.from_buffer_copy(
+        _launch.LAUNCH_CONFIG.pack(7, 1, 1, 384, 1, 1, 99_000, 0x5000, 0x1234, 1))
+    assert (config.gx, config.bx, config.shared, config.stream, config.attrs, config.count) == (
+        7, 384, 99_000, 0x5000, 0x1234, 1)
+    attribute = _LaunchAttribute.from_buffer_copy(
+        _launch.LAUNCH_ATTRIBUTE.pack(_launch.PROGRAMMATIC_STREAM_SERIALIZATION, 1))
+    assert (attribute.id, attribute.value) == (6, 1)
+
+
+def _backward_dependents(monkeypatch, case):
+    """``(launches, dependents)`` of each of two backward calls (the validated one, then the
+    cached one) of BACKWARD_CASES[case] on the fake device."""
+    capability, options, environment = BACKWARD_CASES[case]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    device = _device(monkeypatch, capability)
+    q, k, v, dout = (device.empty(SHAPE, BF16) for _ in range(4))
+    lse = device.empty(SHAPE[:3], np.float32)
+    calls = []
+    for _ in range(2):
+        device.dependent.clear()
+        cuflash.attention_backward(dout, q, k, v, dout, lse, causal=True, **options)
+        calls.append((device.take_launches(), list(device.dependent)))
+    return calls
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_a_backwards_later_kernels_are_dependents_of_the_one_before(monkeypatch, case):
+    """On compute capability 9.0 every kernel of a backward call but the first is launched as a
+    programmatic dependent; elsewhere none is."""
+    hopper = BACKWARD_CASES[case][0] == "90"
+    for launches, dependents in _backward_dependents(monkeypatch, case):
+        assert len(launches) == 3
+        assert dependents == ([launch[:2] for launch in launches[1:]] if hopper else [])
+
+
+def test_dependent_launches_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(_launch, "DEPENDENT_LAUNCHES", False)
+    for launches, dependents in _backward_dependents(monkeypatch, "sm90-ws"):
+        assert len(launches) == 3 and dependents == []
+
+
+def _decode_launches(monkeypatch, capability, splits):
+    cupy = pytest.importorskip("cupy")
+    from cuflash.kernels import decode
+
+    device = _device(monkeypatch, capability)
+    q = cupy.empty((2, 1, 8, 64), BF16)
+    k_cache, v_cache = (cupy.empty((2, 4096, 2, 64), BF16) for _ in range(2))
+    decode._prepared.cache_clear()
+    try:
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=cupy.empty((2,), np.int32),
+                                       num_splits=splits)
+    finally:
+        decode._prepared.cache_clear()
+    return device.take_launches(), device.dependent
+
+
+@pytest.mark.parametrize("capability", ["90", "80"])
+def test_the_decode_combine_is_a_dependent_of_the_decode_kernel(monkeypatch, capability):
+    launches, dependents = _decode_launches(monkeypatch, capability, 4)
+    assert [launch[0].partition("<")[0] for launch in launches] == ["flash_decode", "decode_combine"]
+    assert dependents == ([launches[1][:2]] if capability == "90" else [])
+    launches, dependents = _decode_launches(monkeypatch, capability, 1)
+    assert len(launches) == 1 and dependents == []
+
+
+def _kernel_body_start(name: str) -> str:
+    """The text of kernel ``name``'s body from its opening brace on (csrc/*.cu)."""
+    from fake_device import CSRC
+
+    for path in CSRC.glob("*.cu"):
+        text = path.read_text()
+        found = re.search(r"__global__\s+void\s+(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?"
+                          + name + r"\(", text)
+        if found:
+            return text[text.index("{", found.end()):]
+    raise AssertionError(f"kernel {name} not found in csrc")
+
+
+def test_every_kernel_launched_as_a_dependent_waits_before_anything_else(monkeypatch):
+    """A dependent's blocks may start while the kernel before it runs: each must wait for it
+    before its first memory access, so its first statement is the wait."""
+    names = set()
+    for case in ("sm90-ws", "sm90-cp-async", "sm90-ordered-dq", "sm90-dq-kernel"):
+        with monkeypatch.context() as patch:
+            for _, dependents in _backward_dependents(patch, case):
+                names.update(expression.partition("<")[0] for expression, _ in dependents)
+    with monkeypatch.context() as patch:
+        names.update(expression.partition("<")[0] for expression, _ in _decode_launches(patch, "90", 4)[1])
+    assert {"flash_bwd_sm90_dkdv_ws", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq",
+            "flash_bwd_dq_convert", "decode_combine"} <= names
+    # The sm80 family's kernels, which a Hopper backward may also take (D = 96, unaligned views).
+    names.update(("flash_bwd_dkdv", "flash_bwd_dq"))
+    for name in sorted(names):
+        body = _kernel_body_start(name)
+        assert body[1:].lstrip().startswith("wait_for_previous_kernel();"), name

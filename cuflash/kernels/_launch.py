@@ -312,6 +312,48 @@ def current_stream() -> int:
     return launch_stream().ptr
 
 
+# ---- dependent launches (programmatic dependent launch, compute capability 9.0)
+
+# Whether the kernels of a call after its first are launched as dependents of the one before them
+# where the device allows it (``dependent_launches``). Read when a prepared launch first runs:
+# to compare, set it before any call (or clear the prepared calls).
+DEPENDENT_LAUNCHES = True
+
+# cuLaunchKernelEx's CUlaunchConfig (grid x, y, z; block x, y, z; dynamic shared bytes; stream;
+# attribute array; attribute count) and one CUlaunchAttribute (id, then a 64-byte value union),
+# as cuda.h lays them out on 64-bit hosts.
+LAUNCH_CONFIG = struct.Struct("<7I4xQQI4x")
+LAUNCH_ATTRIBUTE = struct.Struct("<I4xi60x")
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def dependent_launches(device: int) -> bool:
+    """Whether kernels on ``device`` may be launched as programmatic dependents: on compute
+    capability 9.0, where the kernels compile the waits in (csrc/arch/ptx.cuh,
+    ``wait_for_previous_kernel``) and where their gain was measured."""
+    return DEPENDENT_LAUNCHES and _compute_capability(device) == "90"
+
+
+@functools.lru_cache(maxsize=None)
+def _cu_launch_kernel_ex():
+    import ctypes
+
+    function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    function.argtypes = (ctypes.c_void_p,) * 4
+    function.restype = ctypes.c_int
+    return function
+
+
+def launch_kernel_ex(config: int, function: int, kernel_params: int) -> None:
+    """``cuLaunchKernelEx(config, function, kernel_params, NULL)`` (addresses), which CuPy does not
+    wrap; a failure raises CuPy's ``CUDADriverError``, as its own launches do."""
+    status = _cu_launch_kernel_ex()(config, function, kernel_params, None)
+    if status:
+        from cupy_backends.cuda.api.driver import CUDADriverError
+
+        raise CUDADriverError(status)
+
+
 class DriverLaunch:
     """One kernel launched straight through the driver (``cuLaunchKernel``, the call CuPy's
     ``RawKernel.__call__`` ends in), with its by-value parameters kept in one persistent buffer.
@@ -324,9 +366,15 @@ class DriverLaunch:
     before cuLaunchKernel returns, so they can be rewritten at once for the next launch;
     ``lock`` keeps threads launching the same prepared call from rewriting them under each other
     (CuPy runs cuLaunchKernel without the GIL). ``kernel``: CuPy's RawKernel, compiled for the
-    current device."""
+    current device.
 
-    def __init__(self, kernel, grid: int, block: int, shared: int, params):
+    ``dependent``: launch it as a programmatic dependent of the kernel before it in the stream
+    (``cuLaunchKernelEx`` with programmatic stream serialization), where the current device
+    allows it (``dependent_launches``): its blocks may then start while that kernel still runs,
+    and wait for it inside (csrc/arch/ptx.cuh). Only for a kernel that waits at its start, and
+    whose stream predecessor is a kernel of the same call (never the caller's work)."""
+
+    def __init__(self, kernel, grid: int, block: int, shared: int, params, dependent: bool = False):
         self._launch_kernel = cupy_module().cuda.driver.launchKernel
         sizes = [len(p) for p in params]
         offsets = [64 * sum(-(-n // 64) for n in sizes[:i]) for i in range(len(sizes))]
@@ -345,11 +393,32 @@ class DriverLaunch:
         self._shape = (self._function.ptr, max(1, grid), 1, 1, max(1, block), 1, 1, shared)
         self._kernel_params = self._pointers.ctypes.data
         self.lock = threading.Lock()
+        self._config = None
+        if dependent and dependent_launches(cupy_module().cuda.runtime.getDevice()):
+            # The config and its one attribute, each call writing its stream in.
+            self._config = numpy.zeros(LAUNCH_CONFIG.size + LAUNCH_ATTRIBUTE.size, numpy.uint8)
+            attribute = self._config.ctypes.data + LAUNCH_CONFIG.size
+            LAUNCH_ATTRIBUTE.pack_into(self._config, LAUNCH_CONFIG.size, PROGRAMMATIC_STREAM_SERIALIZATION, 1)
+            LAUNCH_CONFIG.pack_into(self._config, 0, *self._shape[1:], 0, attribute, 1)
+            self._config_bytes = memoryview(self._config)
+            self._config_address = self._config.ctypes.data
+
+    @property
+    def dependent(self) -> bool:
+        """Whether it launches as a programmatic dependent (see the class)."""
+        return self._config is not None
 
     def __call__(self, stream: int) -> None:
         """Launch on `stream` with the parameters as they are now (hold ``lock`` while writing
         them and launching)."""
-        self._launch_kernel(*self._shape, stream, self._kernel_params, 0)
+        if self._config is None:
+            self._launch_kernel(*self._shape, stream, self._kernel_params, 0)
+        else:
+            _STREAM_FIELD.pack_into(self._config_bytes, _STREAM_OFFSET, stream)
+            launch_kernel_ex(self._config_address, self._shape[0], self._kernel_params)
+
+
+_STREAM_OFFSET, _STREAM_FIELD = 32, struct.Struct("<Q")  # CUlaunchConfig.hStream
 
 
 class TileCounters:
@@ -419,6 +488,7 @@ class KernelLaunch:
     maps: tuple = ()
     map_pointers: tuple = ()
     tile_counter: bool = False
+    dependent: bool = False  # a programmatic dependent of the launch before it (DriverLaunch)
     # The function that writes a call's pointers and launches, from the first call.
     _state: list = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -440,7 +510,8 @@ class KernelLaunch:
         params += [self.args.packed, *(numpy.asarray(x).tobytes() for x in self.tail)]
         if self.tile_counter:
             params.append(bytes(8))
-        driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params)
+        driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params,
+                              dependent=self.dependent)
         lock, args, write_pointers = driver.lock, driver.params[1 if map_count else 0], self.args.write_pointers
         descriptors = driver.params[0] if map_count else None
         counter = driver.params[-1] if self.tile_counter else None

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 from . import _build, _launch
-from ._launch import (F32, I32, I64, PTR, PackedArgs, check_grid, element_strides, element_type,
+from ._launch import (F32, I32, I64, PTR, KernelLaunch, PackedArgs, check_grid, element_strides, element_type,
                       make_struct_dtype, padded_head_dim, pointer, sm_count)
 from .._mask import LOG2E, UNBOUNDED, band, clamped_band
 
@@ -182,37 +181,36 @@ DECODE_POINTERS = ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "
 
 @dataclass(frozen=True)
 class DecodeLaunch:
-    """A prepared decode call: everything but the data pointers, which each call fills in."""
+    """A prepared decode call: everything but the data pointers, which each call fills in. With
+    key splits, ``combine`` merges their parts; it is a dependent launch of the decode kernel
+    (``_launch.DriverLaunch``), so that its blocks are in place when the splits end."""
 
-    kernel: Any
-    combine: Any
-    blocks: int
-    shared: int
-    args: PackedArgs
+    decode: KernelLaunch
+    combine: KernelLaunch | None
     splits: int
     rows: int  # batch rows × query heads × query positions
     dv: int
-
-    @property
-    def combine_warps(self) -> int:
-        """decode_combine's warps: one per row and COMBINE_COLUMNS output columns."""
-        return self.rows * -(-self.dv // COMBINE_COLUMNS)
 
     def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx) -> None:
         work, o_part, lse_part = None, 0, 0
         if self.splits > 1:
             work = _launch.device_memory(4 * self.splits * self.rows * (self.dv + 1))
             o_part, lse_part = work.ptr, work.ptr + self.splits * self.rows * self.dv * 4
-        args = self.args.pack(tuple(x if isinstance(x, int) else pointer(x) for x in (
-            q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, batch_idx,
-            alibi)))
-        self.kernel((self.blocks,), (WARPS * 32,), (args,), shared_mem=self.shared)
-        if self.splits > 1:
-            self.combine((-(-self.combine_warps // 4),), (128,), (args,))
+        pointers = tuple(x if isinstance(x, int) else pointer(x) for x in (
+            q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, batch_idx, alibi))
+        stream = _launch.current_stream()
+        self.decode(pointers, stream)
+        if self.combine is not None:
+            self.combine(pointers, stream)
             from .._calls import keep_alive_with, stream_capturing
 
             if stream_capturing():  # the graph's replays write the workspace
                 keep_alive_with((out, lse), (work,))
+
+
+def combine_warps(rows: int, dv: int) -> int:
+    """decode_combine's warps: one per row and COMBINE_COLUMNS output columns."""
+    return rows * -(-dv // COMBINE_COLUMNS)
 
 
 def _layout(x) -> tuple | None:
@@ -259,12 +257,15 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     # All of the SM's unified L1/shared memory as shared memory: the blocks per SM that
     # resident_blocks counts on (the caches stream through cp.async.cg, bypassing L1).
     kernel.preferred_shared_memory_carveout = 100
-    combine = _build.get_function(SOURCE, _combine_variant(dtype)) if splits > 1 else None
+    args = PackedArgs(DECODE_ARGS, DECODE_POINTERS, values)
     blocks = check_grid(splits * geometry.blocks_per_split, "the decode kernel")
-    launch = DecodeLaunch(kernel, combine, blocks, shared, PackedArgs(DECODE_ARGS, DECODE_POINTERS, values),
-                          splits, batch * heads * sq, dv)
-    check_grid(launch.combine_warps, "the decode combine kernel (one warp per query row and 32 columns)")
-    return launch
+    rows = batch * heads * sq
+    warps = check_grid(combine_warps(rows, dv), "the decode combine kernel (one warp per query row and 32 columns)")
+    combine = None
+    if splits > 1:
+        combine = KernelLaunch(_build.get_function(SOURCE, _combine_variant(dtype)), -(-warps // 4), 128, 0, args,
+                               dependent=True)
+    return DecodeLaunch(KernelLaunch(kernel, blocks, WARPS * 32, shared, args), combine, splits, rows, dv)
 
 
 def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, scale: float, causal: bool,

@@ -345,11 +345,18 @@ class BackwardLaunch:
     entry point's arguments (views of the prepared layout; only their pointers are read)
     allocates the workspace, fills in the pointers and runs the launches in order, on `stream`
     (a handle) or CuPy's current stream. Returns the workspace buffer (the caller may keep it
-    alive, as a captured graph needs)."""
+    alive, as a captured graph needs).
+
+    Every launch after the first is a programmatic dependent of the one before it
+    (``KernelLaunch.dependent``): where the device allows, its blocks start while that kernel
+    finishes and wait for it inside, so the call's kernels follow one another without a gap. Each
+    of them waits at its start (csrc/arch/ptx.cuh); the first waits for the caller's work as any
+    launch does."""
 
     def __init__(self, scratch: Scratch, launches: tuple[KernelLaunch, ...]):
         self.scratch = scratch
-        self.launches = launches
+        self.launches = launches[:1] + tuple(dataclasses.replace(launch, dependent=True)
+                                             for launch in launches[1:])
 
     def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, spec, stream: int | None = None):
         workspace, (lse2, delta, dq_accum) = self.scratch.allocate()

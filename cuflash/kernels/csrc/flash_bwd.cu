@@ -54,6 +54,7 @@ constexpr int PRE_ROWS = 32;
 template <typename T, bool ALIGNED, bool ZERO_DQ, bool VARLEN = false, bool ZERO_SEMS = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_pre(const BwdArgs a) {
+    let_next_kernel_start();
     static_assert(!ZERO_SEMS || (ZERO_DQ && !VARLEN && PRE_ROWS == dq_semaphore_rows()),
                   "semaphores: one per block of rows of a dense call's zeroed accumulator");
     const int row_blocks = VARLEN ? a.m_tiles : a.rows_pad / PRE_ROWS;
@@ -357,6 +358,8 @@ template <typename T, int DQK, int DV, int WARPS, int MT, int WC, int PASSES, in
           bool DROPOUT = false, bool F32_GRADS = false>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_bwd_dkdv(const BwdArgs a) {
+    wait_for_previous_kernel();
+    let_next_kernel_start();
     constexpr int RUN_PASSES = DkdvPasses<DQK, WC, PASSES, BLOCK_M, ATOMIC_DQ, DROPOUT, MASK, MOD>::run();
     using S = DkdvShape<DQK, DV, WARPS, MT, WC, RUN_PASSES, BLOCK_M, STAGES, ATOMIC_DQ>;
     constexpr int BLOCK_N = S::BLOCK_N, THREADS = S::THREADS;
@@ -469,6 +472,7 @@ flash_bwd_dkdv(const BwdArgs a) {
 template <typename T, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false, bool FRAGMENT_ORDER = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_dq_convert(const BwdArgs a) {
+    wait_for_previous_kernel();
     const int chunks = (a.d + 7) / 8;
     int b, h, row, c;
     if constexpr (VARLEN) {
@@ -527,6 +531,7 @@ template <typename T, int DQK, int DV, int WARPS, int MT, int BLOCK_N, bool QDO_
 // the D = 64 causal variant at 168 registers and spills. Dense variants keep their bounds (0: none).
 __global__ void __launch_bounds__(WARPS * 32, VARLEN ? 1 : 0)
 flash_bwd_dq(const BwdArgs a) {
+    wait_for_previous_kernel();
     constexpr int THREADS = WARPS * 32;
     constexpr int BLOCK_M = WARPS * MT * 16;
     constexpr int QS = DQK + SMEM_PAD, KS = DQK + SMEM_PAD;

@@ -396,6 +396,8 @@ template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DR
           bool F32_GRADS = false, bool ATOMIC_DQ = false, bool VARLEN = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dkdv(const BwdArgs a) {
+    wait_for_previous_kernel();
+    let_next_kernel_start();
     constexpr int THREADS = WG * 128;
     constexpr int BLOCK_N = WG * 64;
     static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
@@ -663,6 +665,8 @@ template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DR
           bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false, bool ROTATED_DQ = false>
 __global__ void __launch_bounds__((WG + 1) * 128, 1)
 flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
+    wait_for_previous_kernel();
+    let_next_kernel_start();
     constexpr bool SPLIT = D > 128;  // dK, dV split by columns (dkdv_split_query_tile)
     constexpr int BLOCK_N = SPLIT ? 64 : WG * 64;
     constexpr int CONSUMERS = WG * 128;
@@ -808,6 +812,7 @@ template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD, bool DR
           bool F32_GRADS = false, bool VARLEN = false>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dq(const BwdArgs a) {
+    wait_for_previous_kernel();
     constexpr int THREADS = WG * 128;
     constexpr int BLOCK_M = WG * 64;
     constexpr int Q_BYTES = BLOCK_M * D * 2;   // Q or dO

@@ -212,6 +212,7 @@ __device__ __forceinline__ void modify_and_mask(float (&s)[2][4], const MASK& ma
 template <typename T, int D, int DV, int STAGES, class MASK, class MOD, bool PAGED>
 __global__ void __launch_bounds__(DECODE_WARPS * 32, 2)
 flash_decode(const DecodeArgs a) {
+    let_next_kernel_start();
     constexpr int BLOCK_N = DECODE_BLOCK_N, ROWS = DECODE_ROWS;
     constexpr int QS = D + SMEM_PAD;
     constexpr int STAGE = RingTile<D>::BYTES + RingTile<DV>::BYTES;  // bytes per ring stage
@@ -380,6 +381,7 @@ constexpr int DECODE_COMBINE_COLUMNS = 32;
 template <typename T>
 __global__ void __launch_bounds__(128)
 decode_combine(const DecodeArgs a) {
+    wait_for_previous_kernel();
     const int rows = a.batch * a.heads * a.sq;  // rows · column chunks below 2^31: the host checks
     const int chunks = (a.dv + DECODE_COMBINE_COLUMNS - 1) / DECODE_COMBINE_COLUMNS;
     const int item = blockIdx.x * 4 + threadIdx.x / 32;

@@ -129,6 +129,25 @@ __device__ __forceinline__ void red_release_gpu_add(int* p, int value) {
     asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(value) : "memory");
 }
 
+// Programmatic dependent launch (compute capability 9.0). The host launches some kernels of a
+// call as dependents of the kernel before them in the stream (kernels/_launch.py,
+// DriverLaunch): such a kernel's blocks may start while that one still runs, so every thread of
+// it waits, before it touches any memory, until the kernel before it has ended and its writes
+// are visible. The kernel before lets them start early (its dependents only start once every one
+// of its blocks has started, so they never take an SM from it). For a kernel launched the usual
+// way both are no-ops, and on older architectures they compile to nothing (the host launches
+// no dependents there).
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_kernel_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
+
 // First index in [lo, hi) of the ascending array `a` whose value is >= `value` (hi if none).
 __device__ __forceinline__ int lower_bound_index(const int* a, int lo, int hi, int value) {
     while (lo < hi) {
