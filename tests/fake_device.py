@@ -81,6 +81,7 @@ def _parameter_types() -> dict:
     return {"FwdArgs": lambda: _launch._opaque(_launch.FWD_ARGS.itemsize),
             "BwdArgs": lambda: _launch._opaque(_launch.BWD_ARGS.itemsize),
             "DecodeArgs": lambda: _launch._opaque(decode.DECODE_ARGS.itemsize),
+            "AppendArgs": lambda: _launch._opaque(decode.APPEND_ARGS.itemsize),
             "QkvMaps": lambda: _tma.descriptors_dtype(3),
             "BwdMaps": lambda: _tma.descriptors_dtype(4),
             "int": lambda: np.dtype(np.int32),

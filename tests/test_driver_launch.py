@@ -254,29 +254,38 @@ def test_dependent_launches_can_be_switched_off(monkeypatch):
         assert len(launches) == 3 and dependents == []
 
 
-def _decode_launches(monkeypatch, capability, splits):
+def _decode_launches(monkeypatch, capability, splits, appended=0):
+    """``(launches, dependents)`` of a decode call on the fake device (``appended`` new keys)."""
     cupy = pytest.importorskip("cupy")
     from cuflash.kernels import decode
 
     device = _device(monkeypatch, capability)
     q = cupy.empty((2, 1, 8, 64), BF16)
     k_cache, v_cache = (cupy.empty((2, 4096, 2, 64), BF16) for _ in range(2))
+    new = {}
+    if appended:
+        new = dict(k=cupy.empty((2, appended, 2, 64), BF16), v=cupy.empty((2, appended, 2, 64), BF16))
     decode._prepared.cache_clear()
+    decode._prepared_append.cache_clear()
     try:
         cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=cupy.empty((2,), np.int32),
-                                       num_splits=splits)
+                                       num_splits=splits, **new)
     finally:
         decode._prepared.cache_clear()
+        decode._prepared_append.cache_clear()
     return device.take_launches(), device.dependent
 
 
 @pytest.mark.parametrize("capability", ["90", "80"])
-def test_the_decode_combine_is_a_dependent_of_the_decode_kernel(monkeypatch, capability):
-    launches, dependents = _decode_launches(monkeypatch, capability, 4)
-    assert [launch[0].partition("<")[0] for launch in launches] == ["flash_decode", "decode_combine"]
-    assert dependents == ([launches[1][:2]] if capability == "90" else [])
-    launches, dependents = _decode_launches(monkeypatch, capability, 1)
-    assert len(launches) == 1 and dependents == []
+@pytest.mark.parametrize("appended", [0, 3])
+def test_a_decode_calls_kernels_after_its_first_are_dependents(monkeypatch, capability, appended):
+    """The merge depends on the decode kernel, and the decode kernel on the append when the call
+    appends keys (on compute capability 9.0; elsewhere nothing is a dependent)."""
+    for splits in (4, 1):
+        launches, dependents = _decode_launches(monkeypatch, capability, splits, appended)
+        names = [launch[0].partition("<")[0] for launch in launches]
+        assert names == ["kv_append"] * bool(appended) + ["flash_decode"] + ["decode_combine"] * (splits > 1)
+        assert dependents == ([launch[:2] for launch in launches[1:]] if capability == "90" else [])
 
 
 def _kernel_body_start(name: str) -> str:
@@ -301,9 +310,9 @@ def test_every_kernel_launched_as_a_dependent_waits_before_anything_else(monkeyp
             for _, dependents in _backward_dependents(patch, case):
                 names.update(expression.partition("<")[0] for expression, _ in dependents)
     with monkeypatch.context() as patch:
-        names.update(expression.partition("<")[0] for expression, _ in _decode_launches(patch, "90", 4)[1])
+        names.update(expression.partition("<")[0] for expression, _ in _decode_launches(patch, "90", 4, 2)[1])
     assert {"flash_bwd_sm90_dkdv_ws", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq",
-            "flash_bwd_dq_convert", "decode_combine"} <= names
+            "flash_bwd_dq_convert", "flash_decode", "decode_combine"} <= names
     # The sm80 family's kernels, which a Hopper backward may also take (D = 96, unaligned views).
     names.update(("flash_bwd_dkdv", "flash_bwd_dq"))
     for name in sorted(names):

@@ -183,7 +183,8 @@ DECODE_POINTERS = ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "
 class DecodeLaunch:
     """A prepared decode call: everything but the data pointers, which each call fills in. With
     key splits, ``combine`` merges their parts; it is a dependent launch of the decode kernel
-    (``_launch.DriverLaunch``), so that its blocks are in place when the splits end."""
+    (``_launch.DriverLaunch``), so that its blocks are in place when the splits end, and the
+    decode kernel is one of the append's when the call appended keys."""
 
     decode: KernelLaunch
     combine: KernelLaunch | None
@@ -265,7 +266,10 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     if splits > 1:
         combine = KernelLaunch(_build.get_function(SOURCE, _combine_variant(dtype)), -(-warps // 4), 128, 0, args,
                                dependent=True)
-    return DecodeLaunch(KernelLaunch(kernel, blocks, WARPS * 32, shared, args), combine, splits, rows, dv)
+    # After an append (``append``, launched just before by the same call) the decode kernel is
+    # its dependent, as the merge is the decode kernel's.
+    return DecodeLaunch(KernelLaunch(kernel, blocks, WARPS * 32, shared, args, dependent=appended > 0),
+                        combine, splits, rows, dv)
 
 
 def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, scale: float, causal: bool,
@@ -292,12 +296,11 @@ def append(k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None, c
     nothing for a row whose length lies outside [0, capacity − S_new]. Prepared once per layout,
     like ``forward``; later calls only fill in the pointers."""
     layouts = tuple(_layout(x) for x in (k_new, v_new, k_cache, v_cache, block_table))
-    prepared = _prepared_append(layouts, k_new.device.id)
-    if prepared is None:  # nothing to write
+    launch = _prepared_append(layouts, k_new.device.id)
+    if launch is None:  # nothing to write
         return
-    kernel, args, blocks = prepared
-    kernel((blocks,), (128,), (args.pack(tuple(pointer(x) for x in (
-        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx))),))
+    launch(tuple(pointer(x) for x in (k_new, v_new, k_cache, v_cache, cache_seqlens, block_table,
+                                      cache_batch_idx)))
 
 
 APPEND_POINTERS = ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_idx")
@@ -305,8 +308,8 @@ APPEND_POINTERS = ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_
 
 @functools.lru_cache(maxsize=256)
 def _prepared_append(layouts, device_id: int):
-    """``(kernel, packed arguments, blocks)`` of the append for these layouts (``_layout`` of
-    k_new, v_new, k_cache, v_cache, block_table), or None when there is nothing to write."""
+    """The prepared append (a ``KernelLaunch``) for these layouts (``_layout`` of k_new, v_new,
+    k_cache, v_cache, block_table), or None when there is nothing to write."""
     (kn_shape, kn_strides, _), (vn_shape, vn_strides, _), k_layout, v_layout, table_layout = layouts
     batch, s_new, kv_heads, d = kn_shape
     if batch * s_new * kv_heads == 0:
@@ -323,7 +326,7 @@ def _prepared_append(layouts, device_id: int):
     )
     kernel = _build.get_function(SOURCE, _append_variant(paged))
     blocks = check_grid(batch * s_new * kv_heads, "the cache append kernel")
-    return kernel, PackedArgs(APPEND_ARGS, APPEND_POINTERS, values), blocks
+    return KernelLaunch(kernel, blocks, 128, 0, PackedArgs(APPEND_ARGS, APPEND_POINTERS, values))
 
 
 def _append_variant(paged: bool) -> str:

@@ -212,6 +212,7 @@ __device__ __forceinline__ void modify_and_mask(float (&s)[2][4], const MASK& ma
 template <typename T, int D, int DV, int STAGES, class MASK, class MOD, bool PAGED>
 __global__ void __launch_bounds__(DECODE_WARPS * 32, 2)
 flash_decode(const DecodeArgs a) {
+    wait_for_previous_kernel();  // a dependent of the append (kernels/decode.py)
     let_next_kernel_start();
     constexpr int BLOCK_N = DECODE_BLOCK_N, ROWS = DECODE_ROWS;
     constexpr int QS = D + SMEM_PAD;
@@ -469,6 +470,7 @@ static_assert(sizeof(AppendArgs) == 192, "AppendArgs must match APPEND_ARGS in k
 template <bool PAGED>
 __global__ void __launch_bounds__(128)
 kv_append(const AppendArgs a) {
+    let_next_kernel_start();
     // One thread block per new (batch row, position, head) row.
     int index = blockIdx.x;
     const int hk = index % a.kv_heads;
