@@ -5,7 +5,8 @@
 Cached bf16 causal forward and backward calls at (B, H, N, D) = (1, 16, 128, 64) and
 (8, 16, 512, 64) on ``tests/fake_device.py``'s fake device, as compute capability 9.0 (TMA
 forward, wgmma backward) and 8.0 (sm80 mma). The allocations (``cupy.empty``,
-``_launch.new_array``, ``_launch.device_memory``), the driver's launch and the device and stream
+``_launch.new_array``, ``_launch.device_memory``), the driver's launches (``cuLaunchKernel`` and,
+for dependent launches, ``cuLaunchKernelEx``) and the device and stream
 queries are stand-ins that cost next to nothing; a launch that goes through CuPy's
 ``RawKernel.__call__`` keeps what CuPy does per argument before the driver call (``CScalar``
 for a NumPy scalar, ``CNumpyArray`` for an array). So the figures are cuflash's Python plus
@@ -66,6 +67,7 @@ def _cheap_stand_ins(monkeypatch, device, addresses=2):
     monkeypatch.setattr(_tma, "_encode", functools.lru_cache(maxsize=256)(_tma._encode))
     monkeypatch.setattr(FakeKernel, "__call__", _cupy_conversion)
     monkeypatch.setattr(cupy.cuda.driver, "launchKernel", lambda *args: None, raising=False)
+    monkeypatch.setattr(_launch, "launch_kernel_ex", lambda *args: None)
 
 
 def best_us(fn, calls, repeats):
