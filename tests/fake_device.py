@@ -8,11 +8,13 @@ compilation and launch, TMA descriptors, the capture query, the ALiBi slopes' co
 recorded (kernel expression, grid, block, argument bytes), so a test can compare what two calls
 would have sent to the GPU.
 
-A launch reaches the fake by either road a real one takes: CuPy's ``RawKernel.__call__``
+A launch reaches the fake by any road a real one takes: CuPy's ``RawKernel.__call__``
 (``FakeKernel.__call__``: the arguments as CuPy gets them) or the driver's ``cuLaunchKernel``
 (``launch_kernel``, standing in for ``cupy.cuda.driver.launchKernel``: it reads each parameter
 through the ``kernelParams`` pointers, as many bytes as the kernel's C signature in csrc/ says,
-as the driver does). Both record the same thing.
+as the driver does), or ``cuLaunchKernelEx`` for a dependent launch (``launch_kernel_ex``,
+standing in for ``_launch.launch_kernel_ex``: the same, after reading the launch config, and
+listed in ``dependent``). All of them record the same thing.
 """
 
 from __future__ import annotations
