@@ -165,6 +165,7 @@ class FakeDevice:
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
         monkeypatch.setattr(cupy.cuda.driver, "launchKernel", self.launch_kernel)
         monkeypatch.setattr(_launch, "launch_kernel_ex", self.launch_kernel_ex)
+        monkeypatch.setattr(_launch, "launch_kernel_ex_supported", lambda: True)
         self.dependent = []  # (kernel expression, grid) of each launch made as a dependent
         monkeypatch.setattr(_launch, "_bound", _launch._BoundContexts())  # no context bound yet
         monkeypatch.setattr(_launch, "_cupy", None)  # as in a process that launched nothing yet

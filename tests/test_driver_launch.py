@@ -318,3 +318,17 @@ def test_every_kernel_launched_as_a_dependent_waits_before_anything_else(monkeyp
     for name in sorted(names):
         body = _kernel_body_start(name)
         assert body[1:].lstrip().startswith("wait_for_previous_kernel();"), name
+
+
+def test_no_dependent_launches_without_the_drivers_function(monkeypatch):
+    """A driver without cuLaunchKernelEx (before CUDA 12.0, or no libcuda.so.1): every kernel is
+    launched the usual way."""
+    from cuflash.kernels import _launch as launch
+
+    _device(monkeypatch, "90")
+    monkeypatch.setattr(launch, "launch_kernel_ex_supported", lambda: False)
+    assert not launch.dependent_launches(0)
+    monkeypatch.setattr(launch, "launch_kernel_ex_supported", lambda: True)
+    assert launch.dependent_launches(0)
+    monkeypatch.setattr(launch, "_compute_capability", lambda device: "80")
+    assert not launch.dependent_launches(0)

@@ -330,18 +330,28 @@ PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM
 def dependent_launches(device: int) -> bool:
     """Whether kernels on ``device`` may be launched as programmatic dependents: on compute
     capability 9.0, where the kernels compile the waits in (csrc/arch/ptx.cuh,
-    ``wait_for_previous_kernel``) and where their gain was measured."""
-    return DEPENDENT_LAUNCHES and _compute_capability(device) == "90"
+    ``wait_for_previous_kernel``) and where their gain was measured, with a driver that has
+    ``cuLaunchKernelEx`` (CUDA 12.0 on, found as ``libcuda.so.1``; elsewhere every kernel is
+    launched the usual way)."""
+    return DEPENDENT_LAUNCHES and _compute_capability(device) == "90" and launch_kernel_ex_supported()
 
 
 @functools.lru_cache(maxsize=None)
 def _cu_launch_kernel_ex():
+    """ctypes' ``cuLaunchKernelEx``, or None where the driver library or the function is missing."""
     import ctypes
 
-    function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    try:
+        function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError):
+        return None
     function.argtypes = (ctypes.c_void_p,) * 4
     function.restype = ctypes.c_int
     return function
+
+
+def launch_kernel_ex_supported() -> bool:
+    return _cu_launch_kernel_ex() is not None
 
 
 def launch_kernel_ex(config: int, function: int, kernel_params: int) -> None:
