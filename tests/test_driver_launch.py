@@ -221,10 +221,15 @@ def test_launch_config_has_the_drivers_layout():
     assert (attribute.id, attribute.value) == (6, 1)
 
 
+# The sm80 family's backward on a Hopper device (the Hopper kernels switched off).
+MMA_ON_HOPPER = {"sm80-mma-on-hopper": ("90", {}, {"CUFLASH_DISABLE_SM90": "1"}),
+                 "sm80-deterministic-on-hopper": ("90", dict(deterministic=True), {"CUFLASH_DISABLE_SM90": "1"})}
+
+
 def _backward_dependents(monkeypatch, case):
     """``(launches, dependents)`` of each of two backward calls (the validated one, then the
-    cached one) of BACKWARD_CASES[case] on the fake device."""
-    capability, options, environment = BACKWARD_CASES[case]
+    cached one) of BACKWARD_CASES[case] (or MMA_ON_HOPPER[case]) on the fake device."""
+    capability, options, environment = {**BACKWARD_CASES, **MMA_ON_HOPPER}[case]
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     device = _device(monkeypatch, capability)
@@ -238,11 +243,11 @@ def _backward_dependents(monkeypatch, case):
     return calls
 
 
-@pytest.mark.parametrize("case", BACKWARD_CASES)
+@pytest.mark.parametrize("case", [*BACKWARD_CASES, *MMA_ON_HOPPER])
 def test_a_backwards_later_kernels_are_dependents_of_the_one_before(monkeypatch, case):
     """On compute capability 9.0 every kernel of a backward call but the first is launched as a
-    programmatic dependent; elsewhere none is."""
-    hopper = BACKWARD_CASES[case][0] == "90"
+    programmatic dependent, whichever family runs it; elsewhere none is."""
+    hopper = {**BACKWARD_CASES, **MMA_ON_HOPPER}[case][0] == "90"
     for launches, dependents in _backward_dependents(monkeypatch, case):
         assert len(launches) == 3
         assert dependents == ([launch[:2] for launch in launches[1:]] if hopper else [])
@@ -305,16 +310,14 @@ def test_every_kernel_launched_as_a_dependent_waits_before_anything_else(monkeyp
     """A dependent's blocks may start while the kernel before it runs: each must wait for it
     before its first memory access, so its first statement is the wait."""
     names = set()
-    for case in ("sm90-ws", "sm90-cp-async", "sm90-ordered-dq", "sm90-dq-kernel"):
+    for case in ("sm90-ws", "sm90-cp-async", "sm90-ordered-dq", "sm90-dq-kernel", *MMA_ON_HOPPER):
         with monkeypatch.context() as patch:
             for _, dependents in _backward_dependents(patch, case):
                 names.update(expression.partition("<")[0] for expression, _ in dependents)
     with monkeypatch.context() as patch:
         names.update(expression.partition("<")[0] for expression, _ in _decode_launches(patch, "90", 4, 2)[1])
-    assert {"flash_bwd_sm90_dkdv_ws", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq",
-            "flash_bwd_dq_convert", "flash_decode", "decode_combine"} <= names
-    # The sm80 family's kernels, which a Hopper backward may also take (D = 96, unaligned views).
-    names.update(("flash_bwd_dkdv", "flash_bwd_dq"))
+    assert names == {"flash_bwd_sm90_dkdv_ws", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq", "flash_bwd_dkdv",
+                     "flash_bwd_dq", "flash_bwd_dq_convert", "flash_decode", "decode_combine"}
     for name in sorted(names):
         body = _kernel_body_start(name)
         assert body[1:].lstrip().startswith("wait_for_previous_kernel();"), name
