@@ -321,9 +321,13 @@ DEPENDENT_LAUNCHES = True
 
 # cuLaunchKernelEx's CUlaunchConfig (grid x, y, z; block x, y, z; dynamic shared bytes; stream;
 # attribute array; attribute count) and one CUlaunchAttribute (id, then a 64-byte value union),
-# as cuda.h lays them out on 64-bit hosts.
-LAUNCH_CONFIG = struct.Struct("<7I4xQQI4x")
+# as cuda.h lays them out on 64-bit hosts. A launch rewrites only the stream, which follows the
+# seven sizes.
+_CONFIG_SIZES = "<7I4x"
+LAUNCH_CONFIG = struct.Struct(_CONFIG_SIZES + "QQI4x")
 LAUNCH_ATTRIBUTE = struct.Struct("<I4xi60x")
+_CONFIG_STREAM = struct.Struct("<Q")
+_CONFIG_STREAM_OFFSET = struct.calcsize(_CONFIG_SIZES)
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
@@ -403,32 +407,24 @@ class DriverLaunch:
         self._shape = (self._function.ptr, max(1, grid), 1, 1, max(1, block), 1, 1, shared)
         self._kernel_params = self._pointers.ctypes.data
         self.lock = threading.Lock()
-        self._config = None
+        # ``launch(stream)``: launch on `stream` with the parameters as they are now (hold
+        # ``lock`` while writing them and launching). Chosen here, once: cuLaunchKernel, or for a
+        # dependent cuLaunchKernelEx with its config (and the config's one attribute), each call
+        # writing its stream in.
+        self.launch = self._launch
         if dependent and dependent_launches(cupy_module().cuda.runtime.getDevice()):
-            # The config and its one attribute, each call writing its stream in.
-            self._config = numpy.zeros(LAUNCH_CONFIG.size + LAUNCH_ATTRIBUTE.size, numpy.uint8)
-            attribute = self._config.ctypes.data + LAUNCH_CONFIG.size
-            LAUNCH_ATTRIBUTE.pack_into(self._config, LAUNCH_CONFIG.size, PROGRAMMATIC_STREAM_SERIALIZATION, 1)
-            LAUNCH_CONFIG.pack_into(self._config, 0, *self._shape[1:], 0, attribute, 1)
-            self._config_bytes = memoryview(self._config)
-            self._config_address = self._config.ctypes.data
+            config = numpy.zeros(LAUNCH_CONFIG.size + LAUNCH_ATTRIBUTE.size, numpy.uint8)
+            LAUNCH_ATTRIBUTE.pack_into(config, LAUNCH_CONFIG.size, PROGRAMMATIC_STREAM_SERIALIZATION, 1)
+            LAUNCH_CONFIG.pack_into(config, 0, *self._shape[1:], 0, config.ctypes.data + LAUNCH_CONFIG.size, 1)
+            self._config_bytes, self._config_address = memoryview(config), config.ctypes.data  # the view holds it
+            self.launch = self._launch_dependent
 
-    @property
-    def dependent(self) -> bool:
-        """Whether it launches as a programmatic dependent (see the class)."""
-        return self._config is not None
+    def _launch(self, stream: int) -> None:
+        self._launch_kernel(*self._shape, stream, self._kernel_params, 0)
 
-    def __call__(self, stream: int) -> None:
-        """Launch on `stream` with the parameters as they are now (hold ``lock`` while writing
-        them and launching)."""
-        if self._config is None:
-            self._launch_kernel(*self._shape, stream, self._kernel_params, 0)
-        else:
-            _STREAM_FIELD.pack_into(self._config_bytes, _STREAM_OFFSET, stream)
-            launch_kernel_ex(self._config_address, self._shape[0], self._kernel_params)
-
-
-_STREAM_OFFSET, _STREAM_FIELD = 32, struct.Struct("<Q")  # CUlaunchConfig.hStream
+    def _launch_dependent(self, stream: int) -> None:
+        _CONFIG_STREAM.pack_into(self._config_bytes, _CONFIG_STREAM_OFFSET, stream)
+        launch_kernel_ex(self._config_address, self._shape[0], self._kernel_params)
 
 
 class TileCounters:
@@ -523,6 +519,7 @@ class KernelLaunch:
         driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params,
                               dependent=self.dependent)
         lock, args, write_pointers = driver.lock, driver.params[1 if map_count else 0], self.args.write_pointers
+        launch_driver = driver.launch
         descriptors = driver.params[0] if map_count else None
         counter = driver.params[-1] if self.tile_counter else None
         maps = tuple(zip(range(map_count), self.maps, self.map_pointers))
@@ -538,7 +535,7 @@ class KernelLaunch:
                 write_pointers(args, pointers)
                 if counter is not None:
                     struct.pack_into("<Q", counter, 0, tile_counters.pointer(stream))
-                driver(stream)
+                launch_driver(stream)
 
         self._state[:] = [launch]
         return launch
