@@ -104,6 +104,21 @@ def test_paged_equals_contiguous(xp_gpu, rng, seed, decode_calls, dtype, page_si
     assert difference <= bound, f"paged vs contiguous: {difference:.3g} > {bound:.3g}; seed={seed}"
 
 
+@pytest.mark.parametrize("page_size, capacity", [(16, 4096), (48, 4080), (16, 4112)],
+                         ids=["256-pages-held", "odd-page-size-held", "257-pages-read-as-they-come"])
+def test_paged_tables_held_in_shared_memory(xp_gpu, rng, seed, decode_calls, page_size, capacity):
+    """Tables of at most 256 pages are read into shared memory at a block's start, longer ones
+    from the table tile by tile (flash_decode.cu, HeldPages); a thread's rows step from page to
+    page, also across boundaries that are not multiples of the tile (48-key pages). Rows end in
+    the middle of a page and at the capacity, with an append that crosses a page boundary."""
+    lengths = [1, 47, 1000, capacity - 3, 2049]
+    case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=len(lengths), sq=2, hq=32, hkv=8,
+                     d=128, lengths=lengths, capacity=capacity, page_size=page_size, s_new=2,
+                     causal=True)
+    run(case, seed, num_splits=3)
+    assert decode_calls == {"append": 1, "forward": 1}
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("s_new, sq", [(1, 1), (4, 4), (16, 16)])
 def test_append_then_attend(xp_gpu, rng, seed, decode_calls, paged, s_new, sq):

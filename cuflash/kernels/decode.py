@@ -21,6 +21,7 @@ SOURCE = "flash_decode.cu"
 WARPS = 4
 ROWS = 16         # packed query rows (query positions × the GQA group) per thread block
 BLOCK_N = 64      # keys per tile
+HELD_PAGES = 256  # paged: page numbers of a batch row held in shared memory (DECODE_HELD_PAGES)
 UNBOUNDED_BAND = 1 << 30  # an unbounded band side, in the kernels' int32 arithmetic (mask.cuh)
 BLOCKS_PER_SM = 2  # resident decode blocks per SM the split count aims to fill
 MIN_SPLIT_TILES = 2  # key tiles per split at least (one-tile splits measured slower: benchmarks/NOTES.md)
@@ -79,13 +80,19 @@ def _q_tile_bytes(dqk: int) -> int:
     return ROWS * (dqk + 8) * 2
 
 
-def stages_for(dqk: int, dvp: int) -> int:
+def _held_pages_bytes(paged: bool) -> int:
+    """The page numbers a paged block holds (HeldPages in flash_decode.cu)."""
+    return 4 * HELD_PAGES if paged else 0
+
+
+def stages_for(dqk: int, dvp: int, paged: bool = False) -> int:
     """K/V ring stages: as many as fit two blocks per Hopper SM (at least two)."""
-    return max(2, min(4, (SHARED_LIMIT - _q_tile_bytes(dqk)) // _stage_bytes(dqk, dvp)))
+    room = SHARED_LIMIT - _q_tile_bytes(dqk) - _held_pages_bytes(paged)
+    return max(2, min(4, room // _stage_bytes(dqk, dvp)))
 
 
-def shared_bytes(dqk: int, dvp: int, stages: int) -> int:
-    return stages * _stage_bytes(dqk, dvp) + _q_tile_bytes(dqk)
+def shared_bytes(dqk: int, dvp: int, stages: int, paged: bool = False) -> int:
+    return stages * _stage_bytes(dqk, dvp) + _q_tile_bytes(dqk) + _held_pages_bytes(paged)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,11 +134,13 @@ class Geometry:
     blocks_per_split: int
 
     @classmethod
-    def of(cls, batch: int, sq: int, heads: int, kv_heads: int, d: int, dv: int) -> "Geometry":
+    def of(cls, batch: int, sq: int, heads: int, kv_heads: int, d: int, dv: int,
+           paged: bool) -> "Geometry":
         dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(dv, "value head dim Dv")
         group = heads // kv_heads
         row_chunks = -(-(sq * group) // ROWS)
-        return cls(dqk, dvp, group, row_chunks, shared_bytes(dqk, dvp, stages_for(dqk, dvp)),
+        stages = stages_for(dqk, dvp, paged)
+        return cls(dqk, dvp, group, row_chunks, shared_bytes(dqk, dvp, stages, paged),
                    batch * kv_heads * row_chunks)
 
     def auto_splits(self, capacity: int, device_id: int) -> int:
@@ -142,7 +151,7 @@ class Geometry:
 def chosen_num_splits(q, k_cache, v_cache, seqlens=None, *, paged: bool = False, block_table=None) -> int:
     """The split count ``forward`` picks with ``num_splits=0`` for these arrays (the capacity
     of the cache decides, not ``seqlens``: the lengths stay on the device)."""
-    geometry = Geometry.of(*q.shape[:3], k_cache.shape[2], q.shape[3], v_cache.shape[3])
+    geometry = Geometry.of(*q.shape[:3], k_cache.shape[2], q.shape[3], v_cache.shape[3], paged)
     return geometry.auto_splits(capacity_of(k_cache, block_table if paged else None), q.device.id)
 
 
@@ -164,7 +173,7 @@ def _kernel_band(causal: bool, window, sq: int, capacity: int) -> tuple[int, int
 def variant(dtype, dqk: int, dvp: int, *, causal: bool, window, softcap: bool, alibi: bool,
             paged: bool) -> str:
     return _build.template_expression(
-        "flash_decode", element_type(dtype), dqk, dvp, stages_for(dqk, dvp), _mask_type(causal, window),
+        "flash_decode", element_type(dtype), dqk, dvp, stages_for(dqk, dvp, paged), _mask_type(causal, window),
         _build.template_expression("ScoreMod", softcap, alibi), paged,
     )
 
@@ -237,7 +246,7 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     (_, page_or_capacity, kv_heads, _), k_strides, _ = k_layout
     dv = v_layout[0][3]
     paged = table_layout is not None
-    geometry = Geometry.of(batch, sq, heads, kv_heads, d, dv)
+    geometry = Geometry.of(batch, sq, heads, kv_heads, d, dv, paged)
     dqk, dvp, row_chunks, shared = geometry.dqk, geometry.dvp, geometry.row_chunks, geometry.shared
     capacity = _capacity(k_layout[0], table_layout[0] if paged else None)
     splits = num_splits or geometry.auto_splits(capacity, device_id)

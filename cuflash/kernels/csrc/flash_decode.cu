@@ -67,6 +67,8 @@ struct DecodeRowView {
 constexpr int DECODE_WARPS = 4;
 constexpr int DECODE_ROWS = 16;                  // packed query rows per thread block
 constexpr int DECODE_BLOCK_N = DECODE_WARPS * 16;  // keys per tile: 16 per warp
+// Paged: the page numbers of a batch row's first pages held in shared memory (HeldPages).
+constexpr int DECODE_HELD_PAGES = 256;
 
 // The keys batch row b sees (its cache length plus the keys this call appends), or −1 when its
 // length lies outside [0, capacity − appended]. Lengths stay on the device, unchecked by the
@@ -93,9 +95,26 @@ struct CacheSlot {
     i64 row;
     int pos;
 };
+// Key `key` of a paged row: the index of its page in the row's block table, and its position in
+// that page. Pages hold a multiple of 16 keys (checked by the host), so `advance` by up to 16
+// keys crosses at most one page boundary.
+struct PagePosition {
+    int page, pos;
+    __device__ static __forceinline__ PagePosition of(int key, int page_size) {
+        const int page = key / page_size;
+        return {page, key - page * page_size};
+    }
+    __device__ __forceinline__ void advance(int keys, int page_size) {
+        pos += keys;
+        if (pos >= page_size) pos -= page_size, ++page;
+    }
+};
 template <bool PAGED, class Args>
 __device__ __forceinline__ CacheSlot cache_slot(const Args& a, int b, int key) {
-    if constexpr (PAGED) return {a.block_table[b * a.table_stride + key / a.page_size], key % a.page_size};
+    if constexpr (PAGED) {
+        const PagePosition at = PagePosition::of(key, a.page_size);
+        return {a.block_table[b * a.table_stride + at.page], at.pos};
+    }
     return {a.batch_idx ? a.batch_idx[b] : b, key};
 }
 
@@ -116,35 +135,87 @@ struct RingTile {
     }
 };
 
+// The page numbers of a paged batch row whose table has at most DECODE_HELD_PAGES entries, read
+// into shared memory by the whole block at its start, beside the row's length: each tile's copies
+// then find their pages there instead of reading the table once per row they copy (four table
+// reads per thread and tile at 16-key pages, between the copies of one tile and the next). A
+// longer table is read as the tiles come (held = 0).
+template <bool PAGED>
+struct HeldPages {
+    const int* pages;  // shared memory
+    int held;
+
+    // Starts the reads (every thread of the block); `ready()` must run before `page_row`.
+    __device__ __forceinline__ HeldPages(const DecodeArgs& a, int b, int* shared) : pages(shared), held(0) {
+        if constexpr (PAGED) {
+            const int row_pages = a.page_size > 0 ? a.capacity / a.page_size : 0;
+            held = row_pages <= DECODE_HELD_PAGES ? row_pages : 0;
+            const int* row = a.block_table + b * a.table_stride;
+            int page[DECODE_HELD_PAGES / (DECODE_WARPS * 32)];
+#pragma unroll
+            for (int j = 0; j < DECODE_HELD_PAGES / (DECODE_WARPS * 32); ++j) {
+                const int i = threadIdx.x + j * DECODE_WARPS * 32;
+                if (i < held) page[j] = row[i];
+            }
+#pragma unroll
+            for (int j = 0; j < DECODE_HELD_PAGES / (DECODE_WARPS * 32); ++j) {
+                const int i = threadIdx.x + j * DECODE_WARPS * 32;
+                if (i < held) shared[i] = page[j];
+            }
+        }
+    }
+    // The pages are in shared memory for every thread (a barrier when paged).
+    __device__ __forceinline__ void ready() const {
+        if constexpr (PAGED) {
+            if (held > 0) __syncthreads();  // the same for every thread of the block
+        }
+    }
+    // The cache row holding page `page` of batch row b (paged only).
+    __device__ __forceinline__ i64 page_row(const DecodeArgs& a, int b, int page) const {
+        return page < held ? pages[page] : a.block_table[b * a.table_stride + page];
+    }
+};
+
 // K and V rows [key0, key0 + BLOCK_N) of batch row b, head hk, into one ring stage (shared
 // addresses sk, sv); zeros past `key_end` and past the head dims, so padding never feeds NaN
 // into an mma. Eight threads copy one key row's 128-byte runs (each copy instruction of a warp
-// then covers four whole lines), and find the row's place in the caches (a page-table read
-// when paged) once for K and V.
+// then covers four whole lines), and find the row's place in the caches (`pages`) once for K
+// and V.
 template <int D, int DV, bool PAGED>
-__device__ __forceinline__ void load_kv_tile(u32 sk, u32 sv, const DecodeArgs& a, int b, int hk, int key0,
-                                             int key_end) {
+__device__ __forceinline__ void load_kv_tile(u32 sk, u32 sv, const DecodeArgs& a, const HeldPages<PAGED>& pages,
+                                             int b, int hk, int key0, int key_end) {
     constexpr int PER_ROW = 8, ROWS_PER_PASS = DECODE_WARPS * 32 / PER_ROW;
     const int part = threadIdx.x % PER_ROW;
+    // Each K/V byte is read once per call: evicted from L2 first, it leaves the rest in place
+    // (1-2% faster decode at 134 MB of cache on the H200, benchmarks/NOTES.md).
+    const unsigned long long once = l2_evict_first_policy();
+    // Paged: this thread's rows, ROWS_PER_PASS = 16 keys apart, step from page to page: one
+    // division per tile instead of one per row (the prologue's address arithmetic lies between the
+    // length's arrival and the first copies).
+    static_assert(ROWS_PER_PASS <= 16, "a step may cross one page boundary at most");
+    PagePosition at{0, 0};
+    if constexpr (PAGED) at = PagePosition::of(key0 + threadIdx.x / PER_ROW, a.page_size);
 #pragma unroll
     for (int r = threadIdx.x / PER_ROW; r < DECODE_BLOCK_N; r += ROWS_PER_PASS) {
         const bool row_valid = key0 + r < key_end;
         const u16* k = a.k;
         const u16* v = a.v;
         if (row_valid) {
-            const CacheSlot slot = cache_slot<PAGED>(a, b, key0 + r);
+            const CacheSlot slot = PAGED ? CacheSlot{pages.page_row(a, b, at.page), at.pos}
+                                         : cache_slot<false>(a, b, key0 + r);
             k += slot.row * a.k_sb + slot.pos * a.k_sn + hk * a.k_sh;
             v += slot.row * a.v_sb + slot.pos * a.v_sn + hk * a.v_sh;
         }
+        if constexpr (PAGED) at.advance(ROWS_PER_PASS, a.page_size);
 #pragma unroll
         for (int c = part; c < D / 8; c += PER_ROW) {
             const bool valid = row_valid && c * 8 < a.d;
-            cp_async_16(sk + RingTile<D>::offset(r, c), valid ? k + c * 8 : a.k, valid ? 16 : 0);
+            cp_async_16_with_policy(sk + RingTile<D>::offset(r, c), valid ? k + c * 8 : a.k, valid ? 16 : 0, once);
         }
 #pragma unroll
         for (int c = part; c < DV / 8; c += PER_ROW) {
             const bool valid = row_valid && c * 8 < a.dv;
-            cp_async_16(sv + RingTile<DV>::offset(r, c), valid ? v + c * 8 : a.v, valid ? 16 : 0);
+            cp_async_16_with_policy(sv + RingTile<DV>::offset(r, c), valid ? v + c * 8 : a.v, valid ? 16 : 0, once);
         }
     }
 }
@@ -223,6 +294,7 @@ flash_decode(const DecodeArgs a) {
     extern __shared__ __align__(128) u16 smem[];
     u16* ring = smem;
     u16* sq = ring + STAGES * STAGE / 2;
+    int* held_pages = reinterpret_cast<int*>(sq + ROWS * QS);  // paged only (DECODE_HELD_PAGES)
 
     // Block order: row chunks of one key split next to each other (they read the same K/V).
     int index = blockIdx.x;
@@ -239,6 +311,7 @@ flash_decode(const DecodeArgs a) {
     const int row0 = chunk * ROWS;
 
     const int nk = visible_keys(a, b);
+    const HeldPages<PAGED> pages(a, b, held_pages);  // read beside the length
     const DecodeRowView view(a, max(nk, 0));
     const MASK mask(view);
 
@@ -268,10 +341,11 @@ flash_decode(const DecodeArgs a) {
     }
     const u32 ring_addr = smem_addr(ring);
     auto stage_k = [&](int stage) { return ring_addr + stage * STAGE; };  // the stage's K tile
+    pages.ready();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < n_tiles)
-            load_kv_tile<D, DV, PAGED>(stage_k(s), stage_k(s) + RingTile<D>::BYTES, a, b, hk,
+            load_kv_tile<D, DV, PAGED>(stage_k(s), stage_k(s) + RingTile<D>::BYTES, a, pages, b, hk,
                                        key_first + s * BLOCK_N, key_hi);
         cp_async_commit();
     }
@@ -288,8 +362,8 @@ flash_decode(const DecodeArgs a) {
         const int ahead = it + STAGES - 1;
         if (ahead < n_tiles) {
             const u32 stage = stage_k(ahead % STAGES);
-            load_kv_tile<D, DV, PAGED>(stage, stage + RingTile<D>::BYTES, a, b, hk, key_first + ahead * BLOCK_N,
-                                       key_hi);
+            load_kv_tile<D, DV, PAGED>(stage, stage + RingTile<D>::BYTES, a, pages, b, hk,
+                                       key_first + ahead * BLOCK_N, key_hi);
         }
         cp_async_commit();
 

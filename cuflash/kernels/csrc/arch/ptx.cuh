@@ -72,6 +72,19 @@ __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, int src_by
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(src_bytes));
 }
+// An L2 policy under which lines are evicted before others: for data read once (a KV cache's
+// stream), so that it does not push out what will be read again.
+__device__ __forceinline__ unsigned long long l2_evict_first_policy() {
+    unsigned long long policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    return policy;
+}
+// cp_async_16 under an L2 policy (l2_evict_first_policy).
+__device__ __forceinline__ void cp_async_16_with_policy(u32 dst, const void* src, int src_bytes,
+                                                        unsigned long long policy) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes), "l"(policy));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 // Waits until at most N of this thread's committed copy groups are still in flight.
