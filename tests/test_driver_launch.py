@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
+import types
 
 import ml_dtypes
 import numpy as np
@@ -171,28 +172,54 @@ def test_descriptors_are_written_only_when_their_address_changes(monkeypatch):
 
 def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
     """A persistent grid's counter: launches on one stream share one (they run in turn); every
-    launch captured into a graph gets its own; each new counter is zeroed on its stream first;
-    slabs are allocated as they fill up."""
+    launch captured into a graph gets its own; slabs are allocated as they fill up. Every new
+    counter is zero before its first launch: a slab made outside a capture is zeroed whole on
+    its stream, and once a later call outside any capture has seen that memset end, its counters
+    need no memset of their own (so a captured launch adds no memset node to its graph); until
+    then, and in slabs made during a capture, each new counter is zeroed on its stream."""
     cupy = pytest.importorskip("cupy")
     from cuflash.kernels import _launch
 
     runtime = cupy.cuda.runtime
-    capturing, memsets, slabs = set(), [], iter((1 << 40, 1 << 41))
+    capturing, memsets, slabs, events = set(), [], iter((1 << 40, 1 << 41, 1 << 42)), []
+
+    class Event:
+        def __init__(self, disable_timing=False):
+            self.done, self.stream = False, None
+            events.append(self)
+
+        def record(self, stream):
+            self.stream = stream.ptr
+
     monkeypatch.setattr(runtime, "getDevice", lambda: 0)
     monkeypatch.setattr(runtime, "streamIsCapturing", lambda stream: int(stream in capturing))
     monkeypatch.setattr(runtime, "malloc", lambda size: next(slabs))
     monkeypatch.setattr(runtime, "memsetAsync", lambda ptr, value, size, stream: memsets.append((ptr, value, size, stream)))
+    monkeypatch.setattr(cupy.cuda, "Event", Event)
+    monkeypatch.setattr(cupy.cuda, "ExternalStream", lambda ptr: types.SimpleNamespace(ptr=ptr))
+    a, b, c = 1 << 40, 1 << 41, 1 << 42
     counters = _launch.TileCounters()
     counters.SLAB = 3
-    first = counters.pointer(5)
-    assert counters.pointer(5) == first
-    second = counters.pointer(6)
+    assert counters.pointer(5) == a and memsets == [(a, 0, 24, 5)]  # the slab, zeroed whole
+    assert counters.pointer(5) == a and len(memsets) == 1
+    assert [(e.stream, e.done) for e in events] == [(5, False)]
+    assert counters.pointer(6) == a + 8 and memsets[-1] == (a + 8, 0, 8, 6)  # not known zero yet
     capturing.add(7)
-    captured = [counters.pointer(7), counters.pointer(7)]
-    assert [first, second, *captured] == [1 << 40, (1 << 40) + 8, (1 << 40) + 16, 1 << 41]
-    assert memsets == [(p, 0, 8, s) for p, s in zip((first, second, *captured), (5, 6, 7, 7))]
+    assert [counters.pointer(7), counters.pointer(7)] == [a + 16, b]  # own counters; b made in the capture
+    assert memsets[-2:] == [(a + 16, 0, 8, 7), (b, 0, 8, 7)] and len(events) == 1
     capturing.clear()
-    assert counters.pointer(7) == (1 << 41) + 8  # the stream's own, after the capture
+    events[0].done = True
+    assert counters.pointer(7) == b + 8 and memsets[-1] == (b + 8, 0, 8, 7)  # b was never zeroed whole
+    assert counters.pointer(8) == b + 16 and memsets[-1] == (b + 16, 0, 8, 8)
+    assert counters.pointer(9) == c and memsets[-1] == (c, 0, 24, 9)
+    count = len(memsets)
+    capturing.add(10)
+    assert counters.pointer(10) == c + 8 and memsets[-1] == (c + 8, 0, 8, 10)  # c's memset not seen to end
+    capturing.clear()
+    events[1].done = True
+    assert counters.pointer(9) == c and len(memsets) == count + 1  # sees it end
+    capturing.add(10)
+    assert counters.pointer(10) == c + 16 and len(memsets) == count + 1  # no memset node
 
 
 # ---- dependent launches (programmatic dependent launch)

@@ -427,43 +427,81 @@ class DriverLaunch:
         launch_kernel_ex(self._config_address, self._shape[0], self._kernel_params)
 
 
+class _Slab:
+    """32 KiB of counters (``TileCounters.SLAB``) on one device, handed out once each."""
+
+    __slots__ = ("memory", "used", "zeroing", "zeroed")
+
+    def __init__(self, memory: int):
+        self.memory, self.used = memory, 0
+        self.zeroing = None  # an event after the memset of the whole slab, when there was one
+        self.zeroed = False  # that memset is known to have ended (seen outside any capture)
+
+
 class TileCounters:
     """The counters persistent kernels draw their tiles from (``TileTickets`` in
     csrc/arch/sm90_tma.cuh): two ints that must be zero when a launch starts and that its last
     thread block sets back to zero. One counter serves every launch on a stream, since they run
-    one after the other. A launch captured into a CUDA graph gets a counter of its own, zeroed
-    by a memset captured before it: the graph's replays may run beside later launches on the
-    stream it was captured from. Counters are carved from 32 KiB slabs, one at a time per
-    device, never freed (a captured launch's counter lives as long as its graph may)."""
+    one after the other. A launch captured into a CUDA graph gets a counter of its own: the
+    graph's replays may run beside later launches on the stream it was captured from. Counters
+    are carved from 32 KiB slabs, one at a time per device, never freed (a captured launch's
+    counter lives as long as its graph may).
+
+    A new counter must be zero before its first launch. A slab made outside a capture is zeroed
+    whole on the stream that needed it, and once a later call outside any capture has seen that
+    memset end, its unused counters are handed out as they are: a captured launch then needs no
+    memset node of its own in the graph (one node less per persistent launch on each replay).
+    Until then, and for slabs made during a capture, each new counter is zeroed by a memset on
+    its stream (captured with the launch when capturing)."""
 
     SLAB = 4096  # counters per slab
 
     def __init__(self):
         self._lock = threading.Lock()
         self._by_stream: dict[tuple[int, int], int] = {}
-        self._slabs: dict[int, list] = {}  # device -> [memory, next free counter]
+        self._slabs: dict[int, _Slab] = {}  # device -> the slab counters are drawn from
+        self._unconfirmed: list = []  # slabs whose zeroing memset has not been seen to end
 
     def pointer(self, stream: int) -> int:
         """The address of the counter for a launch on ``stream`` (a handle) on the current device."""
         runtime = cupy_module().cuda.runtime
         device = runtime.getDevice()
         if runtime.streamIsCapturing(stream):
-            return self._new(device, stream)
+            return self._new(device, stream, capturing=True)
+        if self._unconfirmed:
+            self._confirm_zeroed()
         counter = self._by_stream.get((device, stream))
         if counter is None:
-            counter = self._by_stream.setdefault((device, stream), self._new(device, stream))
+            counter = self._by_stream.setdefault((device, stream), self._new(device, stream, capturing=False))
         return counter
 
-    def _new(self, device: int, stream: int) -> int:
-        """A counter of its own, zeroed on ``stream`` before any launch that follows there."""
+    def _confirm_zeroed(self) -> None:
+        """Mark the slabs whose zeroing memset has ended (an event query, outside any capture)."""
+        with self._lock:
+            for slab in list(self._unconfirmed):
+                if slab.zeroing.done:
+                    slab.zeroed = True
+                    self._unconfirmed.remove(slab)
+
+    def _new(self, device: int, stream: int, *, capturing: bool) -> int:
+        """A counter of its own, zero before any launch that follows on ``stream``."""
         cupy = cupy_module()
         with self._lock:
             slab = self._slabs.get(device)
-            if slab is None or slab[1] == self.SLAB:
-                slab = self._slabs[device] = [cupy.cuda.runtime.malloc(8 * self.SLAB), 0]
-            counter = slab[0] + 8 * slab[1]
-            slab[1] += 1
-        cupy.cuda.runtime.memsetAsync(counter, 0, 8, stream)
+            fresh = slab is None or slab.used == self.SLAB
+            if fresh:
+                slab = self._slabs[device] = _Slab(cupy.cuda.runtime.malloc(8 * self.SLAB))
+                if not capturing:
+                    cupy.cuda.runtime.memsetAsync(slab.memory, 0, 8 * self.SLAB, stream)
+                    slab.zeroing = cupy.cuda.Event(disable_timing=True)
+                    slab.zeroing.record(cupy.cuda.ExternalStream(stream))
+                    self._unconfirmed.append(slab)
+            counter = slab.memory + 8 * slab.used
+            slab.used += 1
+            # zeroed already: the whole slab, known to be, or just now on this very stream
+            zero = slab.zeroed or (fresh and not capturing)
+        if not zero:
+            cupy.cuda.runtime.memsetAsync(counter, 0, 8, stream)
         return counter
 
 
