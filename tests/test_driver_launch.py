@@ -185,11 +185,20 @@ def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
 
     class Event:
         def __init__(self, disable_timing=False):
-            self.done, self.stream = False, None
+            self.ended, self.stream, self.queries = False, None, 0
             events.append(self)
 
         def record(self, stream):
             self.stream = stream.ptr
+
+        @property
+        def done(self):
+            self.queries += 1
+            return self.ended
+
+        @done.setter
+        def done(self, value):
+            self.ended = value
 
     monkeypatch.setattr(runtime, "getDevice", lambda: 0)
     monkeypatch.setattr(runtime, "streamIsCapturing", lambda stream: int(stream in capturing))
@@ -220,6 +229,22 @@ def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
     assert counters.pointer(9) == c and len(memsets) == count + 1  # sees it end
     capturing.add(10)
     assert counters.pointer(10) == c + 16 and len(memsets) == count + 1  # no memset node
+    capturing.clear()
+    # Another device's slab is zeroed on its own, and its event is queried only while that device
+    # is current.
+    device = [1]
+    monkeypatch.setattr(runtime, "getDevice", lambda: device[0])
+    slabs = iter((1 << 43,))
+    d = 1 << 43
+    assert counters.pointer(5) == d and memsets[-1] == (d, 0, 24, 5)
+    device[0] = 0
+    assert counters.pointer(5) == a and events[-1].queries == 0
+    device[0] = 1
+    events[-1].done = True
+    assert counters.pointer(5) == d and events[-1].queries == 1
+    capturing.add(10)
+    count = len(memsets)
+    assert counters.pointer(10) == d + 8 and len(memsets) == count  # no memset node
 
 
 # ---- dependent launches (programmatic dependent launch)

@@ -430,10 +430,10 @@ class DriverLaunch:
 class _Slab:
     """32 KiB of counters (``TileCounters.SLAB``) on one device, handed out once each."""
 
-    __slots__ = ("memory", "used", "zeroing", "zeroed")
+    __slots__ = ("device", "memory", "used", "zeroing", "zeroed")
 
-    def __init__(self, memory: int):
-        self.memory, self.used = memory, 0
+    def __init__(self, device: int, memory: int):
+        self.device, self.memory, self.used = device, memory, 0
         self.zeroing = None  # an event after the memset of the whole slab, when there was one
         self.zeroed = False  # that memset is known to have ended (seen outside any capture)
 
@@ -469,16 +469,17 @@ class TileCounters:
         if runtime.streamIsCapturing(stream):
             return self._new(device, stream, capturing=True)
         if self._unconfirmed:
-            self._confirm_zeroed()
+            self._confirm_zeroed(device)
         counter = self._by_stream.get((device, stream))
         if counter is None:
             counter = self._by_stream.setdefault((device, stream), self._new(device, stream, capturing=False))
         return counter
 
-    def _confirm_zeroed(self) -> None:
-        """Mark the slabs whose zeroing memset has ended (an event query, outside any capture)."""
+    def _confirm_zeroed(self, device: int) -> None:
+        """Mark the slabs of ``device`` (the current one) whose zeroing memset has ended (an event
+        query, outside any capture)."""
         with self._lock:
-            for slab in list(self._unconfirmed):
+            for slab in [s for s in self._unconfirmed if s.device == device]:
                 if slab.zeroing.done:
                     slab.zeroed = True
                     self._unconfirmed.remove(slab)
@@ -490,7 +491,7 @@ class TileCounters:
             slab = self._slabs.get(device)
             fresh = slab is None or slab.used == self.SLAB
             if fresh:
-                slab = self._slabs[device] = _Slab(cupy.cuda.runtime.malloc(8 * self.SLAB))
+                slab = self._slabs[device] = _Slab(device, cupy.cuda.runtime.malloc(8 * self.SLAB))
                 if not capturing:
                     cupy.cuda.runtime.memsetAsync(slab.memory, 0, 8 * self.SLAB, stream)
                     slab.zeroing = cupy.cuda.Event(disable_timing=True)
