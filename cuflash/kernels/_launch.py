@@ -430,10 +430,10 @@ class DriverLaunch:
 class _Slab:
     """32 KiB of counters (``TileCounters.SLAB``) on one device, handed out once each."""
 
-    __slots__ = ("device", "memory", "used", "zeroing", "zeroed")
+    __slots__ = ("memory", "used", "zeroing", "zeroed")
 
-    def __init__(self, device: int, memory: int):
-        self.device, self.memory, self.used = device, memory, 0
+    def __init__(self, memory: int):
+        self.memory, self.used = memory, 0
         self.zeroing = None  # an event after the memset of the whole slab, when there was one
         self.zeroed = False  # that memset is known to have ended (seen outside any capture)
 
@@ -460,7 +460,9 @@ class TileCounters:
         self._lock = threading.Lock()
         self._by_stream: dict[tuple[int, int], int] = {}
         self._slabs: dict[int, _Slab] = {}  # device -> the slab counters are drawn from
-        self._unconfirmed: list = []  # slabs whose zeroing memset has not been seen to end
+        # device -> its current slab while that slab's zeroing memset has not been seen to end
+        # (a full slab hands out nothing more, so only the current one matters)
+        self._unconfirmed: dict[int, _Slab] = {}
 
     def pointer(self, stream: int) -> int:
         """The address of the counter for a launch on ``stream`` (a handle) on the current device."""
@@ -476,13 +478,13 @@ class TileCounters:
         return counter
 
     def _confirm_zeroed(self, device: int) -> None:
-        """Mark the slabs of ``device`` (the current one) whose zeroing memset has ended (an event
-        query, outside any capture)."""
+        """Mark the current slab of ``device`` (the current one) zeroed once its memset has ended
+        (an event query, outside any capture)."""
         with self._lock:
-            for slab in [s for s in self._unconfirmed if s.device == device]:
-                if slab.zeroing.done:
-                    slab.zeroed = True
-                    self._unconfirmed.remove(slab)
+            slab = self._unconfirmed.get(device)
+            if slab is not None and slab.zeroing.done:
+                slab.zeroed = True
+                del self._unconfirmed[device]
 
     def _new(self, device: int, stream: int, *, capturing: bool) -> int:
         """A counter of its own, zero before any launch that follows on ``stream``."""
@@ -491,12 +493,13 @@ class TileCounters:
             slab = self._slabs.get(device)
             fresh = slab is None or slab.used == self.SLAB
             if fresh:
-                slab = self._slabs[device] = _Slab(device, cupy.cuda.runtime.malloc(8 * self.SLAB))
+                slab = self._slabs[device] = _Slab(cupy.cuda.runtime.malloc(8 * self.SLAB))
+                self._unconfirmed.pop(device, None)
                 if not capturing:
                     cupy.cuda.runtime.memsetAsync(slab.memory, 0, 8 * self.SLAB, stream)
                     slab.zeroing = cupy.cuda.Event(disable_timing=True)
                     slab.zeroing.record(cupy.cuda.ExternalStream(stream))
-                    self._unconfirmed.append(slab)
+                    self._unconfirmed[device] = slab
             counter = slab.memory + 8 * slab.used
             slab.used += 1
             # zeroed already: the whole slab, known to be, or just now on this very stream

@@ -85,13 +85,13 @@ def _held_pages_bytes(paged: bool) -> int:
     return 4 * HELD_PAGES if paged else 0
 
 
-def stages_for(dqk: int, dvp: int, paged: bool = False) -> int:
+def stages_for(dqk: int, dvp: int, paged: bool) -> int:
     """K/V ring stages: as many as fit two blocks per Hopper SM (at least two)."""
     room = SHARED_LIMIT - _q_tile_bytes(dqk) - _held_pages_bytes(paged)
     return max(2, min(4, room // _stage_bytes(dqk, dvp)))
 
 
-def shared_bytes(dqk: int, dvp: int, stages: int, paged: bool = False) -> int:
+def shared_bytes(dqk: int, dvp: int, stages: int, paged: bool) -> int:
     return stages * _stage_bytes(dqk, dvp) + _q_tile_bytes(dqk) + _held_pages_bytes(paged)
 
 

@@ -109,11 +109,16 @@ struct PagePosition {
         if (pos >= page_size) pos -= page_size, ++page;
     }
 };
+// The cache row (page number) of page `page` of batch row b, from its block table.
+template <class Args>
+__device__ __forceinline__ i64 table_page(const Args& a, int b, int page) {
+    return a.block_table[b * a.table_stride + page];
+}
 template <bool PAGED, class Args>
 __device__ __forceinline__ CacheSlot cache_slot(const Args& a, int b, int key) {
     if constexpr (PAGED) {
         const PagePosition at = PagePosition::of(key, a.page_size);
-        return {a.block_table[b * a.table_stride + at.page], at.pos};
+        return {table_page(a, b, at.page), at.pos};
     }
     return {a.batch_idx ? a.batch_idx[b] : b, key};
 }
@@ -145,7 +150,9 @@ struct HeldPages {
     const int* pages;  // shared memory
     int held;
 
-    // Starts the reads (every thread of the block); `ready()` must run before `page_row`.
+    // Starts the reads (every thread of the block); `ready()` must run before `page_row`. All of
+    // a thread's loads are issued before its stores: a store through the generic `shared` pointer
+    // could alias the next load for all the compiler knows.
     __device__ __forceinline__ HeldPages(const DecodeArgs& a, int b, int* shared) : pages(shared), held(0) {
         if constexpr (PAGED) {
             const int row_pages = a.page_size > 0 ? a.capacity / a.page_size : 0;
@@ -172,7 +179,7 @@ struct HeldPages {
     }
     // The cache row holding page `page` of batch row b (paged only).
     __device__ __forceinline__ i64 page_row(const DecodeArgs& a, int b, int page) const {
-        return page < held ? pages[page] : a.block_table[b * a.table_stride + page];
+        return page < held ? pages[page] : table_page(a, b, page);
     }
 };
 
