@@ -84,10 +84,11 @@ __device__ __forceinline__ void store_zero_rows(u16* out, i64 ld, int nrows, int
 // row. Only the first `ncols` columns (a multiple of 8) are stored: D may be a padded width.
 // Warpgroup `wg` synchronises on named barrier 1 + wg; `warp` is the warp inside the warpgroup,
 // (g, t) the lane's accumulator row group and column pair.
+// In two halves: stage_rows_sw128 writes the shared tile (after it the accumulator is free),
+// flush_rows_sw128 copies it out (a few registers: it can run under the next GEMMs).
 template <typename T, int D, int ROWS>
-__device__ __forceinline__ void store_rows_sw128(u16* out, i64 ld, int nrows, const float (&acc)[D / 2],
-                                                 const float (&factor)[2], u32 stage, int row0, int wg,
-                                                 int warp, int g, int t, int ncols = D) {
+__device__ __forceinline__ void stage_rows_sw128(const float (&acc)[D / 2], const float (&factor)[2], u32 stage,
+                                                 int warp, int g, int t) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = warp * 16 + g + half * 8;
@@ -98,6 +99,11 @@ __device__ __forceinline__ void store_rows_sw128(u16* out, i64 ld, int nrows, co
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory");
         }
     }
+}
+
+template <int D, int ROWS>
+__device__ __forceinline__ void flush_rows_sw128(u16* out, i64 ld, int nrows, u32 stage, int row0, int wg,
+                                                 int ncols = D) {
     named_barrier(1 + wg, 128);
     constexpr int CHUNKS = D / 8;
 #pragma unroll
@@ -114,5 +120,13 @@ __device__ __forceinline__ void store_rows_sw128(u16* out, i64 ld, int nrows, co
             *reinterpret_cast<uint4*>(out + (i64)row * ld + chunk * 8) = x;
         }
     }
+}
+
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void store_rows_sw128(u16* out, i64 ld, int nrows, const float (&acc)[D / 2],
+                                                 const float (&factor)[2], u32 stage, int row0, int wg,
+                                                 int warp, int g, int t, int ncols = D) {
+    stage_rows_sw128<T, D, ROWS>(acc, factor, stage, warp, g, t);
+    flush_rows_sw128<D, ROWS>(out, ld, nrows, stage, row0, wg, ncols);
 }
 #endif

@@ -28,7 +28,8 @@
 // tile's Q loads while the consumers still run the previous tile, not only under its last
 // softmax or after its stores. Where O is staged in a V buffer and no band bounds the rows, a
 // consumer carries each tile's last P·V over to its next tile, issued right after that tile's
-// first Q·Kᵀ (carries_last_pv), so that at the seam neither GEMM waits alone.
+// first Q·Kᵀ (carries_last_pv), so that at the seam neither GEMM waits alone; elsewhere a tile's
+// O staged in a V buffer is copied out under the next tile's first Q·Kᵀ (stage_owed).
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -368,10 +369,12 @@ struct TileOwed {
 // O / l and lse of the rows a warpgroup owes (its last P·V done): O goes through the staging
 // buffer (with O_IN_V the V buffer of the tile's last key tile, once every consumer's last P·V
 // has read it; else the tile's Q buffer), which is then released. Rows that saw no key give 0
-// and −inf.
-template <typename T, class L, int DVP, int STAGES, bool DROPOUT>
-__device__ __forceinline__ void store_tile(const FwdArgs& a, const TileOwed& owed, const float (&o)[DVP / 2],
-                                           const TmaForwardBarriers<STAGES>& bar, u32 base) {
+// and −inf. In two halves, as store_rows_sw128: stage_tile writes lse and the staging buffer
+// (after it O's registers are free) and returns where this warpgroup's rows are; flush_tile
+// copies them out and releases the buffer.
+template <typename T, class L, int DVP, bool DROPOUT>
+__device__ __forceinline__ u32 stage_tile(const FwdArgs& a, const TileOwed& owed, const float (&o)[DVP / 2],
+                                          u32 base) {
     const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     float inv[2];
@@ -387,8 +390,15 @@ __device__ __forceinline__ void store_tile(const FwdArgs& a, const TileOwed& owe
         named_barrier(1, 128 * L::CONSUMERS);
         staging = base + L::V_RING + owed.v_stage * L::V_STAGE;
     }
-    store_rows_sw128<T, DVP, L::BLOCK_M>(owed.out, a.o_sn, owed.nq, o, inv, staging + c * 64 * 128, owed.row0, c + 1,
-                                         warp, g, t, a.dv);
+    stage_rows_sw128<T, DVP, L::BLOCK_M>(o, inv, staging + c * 64 * 128, warp, g, t);
+    return staging + c * 64 * 128;
+}
+
+template <class L, int DVP, int STAGES>
+__device__ __forceinline__ void flush_tile(const FwdArgs& a, const TileOwed& owed, u32 staging,
+                                           const TmaForwardBarriers<STAGES>& bar) {
+    const int c = threadIdx.x / 128 - 1;
+    flush_rows_sw128<DVP, L::BLOCK_M>(owed.out, a.o_sn, owed.nq, staging, owed.row0, c + 1, a.dv);
     fence_proxy_async_shared();  // these reads of the buffer come before the next TMA write to it
     named_barrier(c + 2, 128);   // (the store's own barrier id) every thread has read its rows
     if (threadIdx.x % 128 == 0) mbar_arrive(L::O_IN_V ? bar.v_empty(owed.v_stage) : bar.q_empty(owed.q_buffer));
@@ -405,19 +415,49 @@ __device__ __forceinline__ constexpr bool carries_last_pv() { return L::O_IN_V &
 
 // One consumer warpgroup's registers and ring positions, carried from tile to tile: S, O and P
 // (wgmma's register A operand), where the K and V rings stand, the Q buffers' fills so far, and
-// what it owes the previous tile (`owes`: carries_last_pv).
+// what it owes the previous tile (`owes`: carries_last_pv; `staged`: its rows, staged at
+// `staging`, still to be copied out, see flush_staged).
 template <int NT, int OT, int KPV, int STAGES>
 struct ConsumerState {
     float o[OT * 4], s[NT * 4];
     u32 pf[KPV][4];
     RingSlot<STAGES> ks, vs;
     u32 q_fills = 0;
-    bool owes = false;
+    bool owes = false, staged = false;
+    u32 staging;
     TileOwed owed;
 };
 
+// The rows of st.owed (their last P·V done) into the staging buffer, and copied out at once, or
+// with `defer` and O staged in a V buffer, left there (st.staged) until flush_staged: a tile
+// settled alone (settle_alone) then goes out once the next tile's first Q·Kᵀ is issued, under it,
+// instead of with the tensor cores idle at the seam (+3-8% under causal at 1K-4K keys on an
+// H200; benchmarks/NOTES.md, "the stores under the next tile's first GEMM"). With O in the Q
+// buffer, which the next tile's Q may need, the copy never waits.
+template <typename T, class L, int DVP, int STAGES, bool DROPOUT, class State>
+__device__ __forceinline__ void stage_owed(const FwdArgs& a, State& st, const TmaForwardBarriers<STAGES>& bar,
+                                           u32 base, bool defer) {
+    const u32 staging = stage_tile<T, L, DVP, DROPOUT>(a, st.owed, st.o, base);
+    st.owes = false;
+    if (L::O_IN_V && defer) {
+        st.staging = staging;
+        st.staged = true;
+    } else {
+        flush_tile<L, DVP>(a, st.owed, staging, bar);
+    }
+}
+
+template <class L, int DVP, int STAGES, class State>
+__device__ __forceinline__ void flush_staged(const FwdArgs& a, State& st, const TmaForwardBarriers<STAGES>& bar) {
+    if (L::O_IN_V && st.staged) {
+        flush_tile<L, DVP>(a, st.owed, st.staging, bar);
+        st.staged = false;
+    }
+}
+
 // The last P·V a warpgroup owes, issued alone (no next tile to go with: the block's last, or one
-// that visits no key tile), then the stores.
+// that visits no key tile; or every tile's without carries_last_pv), then its rows staged, the
+// copy deferred (stage_owed).
 template <typename T, class L, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, bool DROPOUT, class State>
 __device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const TmaForwardBarriers<STAGES>& bar,
                                              u32 base, const GemmTurns<PINGPONG, L::CONSUMERS>& turns, int c) {
@@ -433,8 +473,7 @@ __device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const 
     if (!L::O_IN_V && threadIdx.x % 128 == 0) mbar_arrive(bar.v_empty(st.vs.stage));
     st.vs.advance();
     turns.close(c);
-    store_tile<T, L, DVP, STAGES, DROPOUT>(a, st.owed, st.o, bar, base);
-    st.owes = false;
+    stage_owed<T, L, DVP, STAGES, DROPOUT>(a, st, bar, base, true);
 }
 
 // One consumer warpgroup's share of one query tile: 64 rows against every visited key tile. The
@@ -483,6 +522,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
             turns.open(c);
             settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
         }
+        flush_staged<L, DVP>(a, st, bar);
         const TileOwed rows = rows_owed(0);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -566,6 +606,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         wgmma_commit();  // an empty group, so that the waits below count alike on both paths
     }
     turns.end();
+    flush_staged<L, DVP>(a, st, bar);  // the previous tile's rows, where settle_alone left them
     {
         const TileAhead tile = tile_ahead(0);
         wgmma_wait<CARRY ? 1 : 0>();
@@ -583,10 +624,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         if (owes) vs.advance();
     }
     pack_a<T, KPV>(pf, s);
-    if (owes) {
-        store_tile<T, L, DVP, STAGES, DROPOUT>(a, st.owed, o, bar, base);
-        st.owes = false;
-    }
+    if (owes) stage_owed<T, L, DVP, STAGES, DROPOUT>(a, st, bar, base, false);
 #pragma unroll
     for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
 
@@ -673,4 +711,5 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         turns.open(c);
         settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
     }
+    flush_staged<L, DVP>(a, st, bar);
 }
