@@ -477,8 +477,9 @@ __device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const 
 }
 
 // One consumer warpgroup's share of one query tile: 64 rows against every visited key tile. The
-// tile's last P·V and its stores are owed (`st.owed`) when the loop ends: paid at once, or with
-// carries_last_pv by the warpgroup's next tile, or after the block's last (settle_alone). With
+// tile's last P·V and its stores are owed (`st.owed`) when the loop ends: paid at once (the
+// stores' copy out deferred to the next tile's first Q·Kᵀ, stage_owed), or with carries_last_pv
+// by the warpgroup's next tile, or after the block's last (settle_alone). With
 // O_IN_V the Q buffer is released once the tile's last Q·Kᵀ is done (`release_q`), for the
 // producer to load the next tile's Q under the rest.
 template <typename T, class L, int DP, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, class MASK, class MOD,
