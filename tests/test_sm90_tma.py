@@ -51,7 +51,8 @@ def test_tile_choice_follows_head_dims_and_masks():
     plain64 = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64))
     assert (plain64.consumers, plain64.pingpong, plain64.block_n) == (3, True, 128)
     assert plain64.block_m == 192 and plain64.threads == 512
-    assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 128))).block_n == 176
+    assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 128), 8193)).block_n == 176
+    assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 128), 8192)).block_n == 128  # two Q buffers
     dropout = dict(dropout_p=0.1, dropout_seed=1)  # 128 keys measured faster with dropout
     assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 128, **dropout))).block_n == 128
     assert sm90_tma_forward.tiles_for(spec_of("bfloat16", 128)).block_n == 128  # short rows
@@ -111,8 +112,10 @@ def test_persistent_grid_for_short_dense_rows_and_masks_with_wide_key_tiles():
     for options in (dict(), dict(causal=True), dict(window=(100, 0), softcap=5.0)):
         for d in (64, 96, 128):
             assert tiles_for(spec_of("bfloat16", d, **options)).persistent, (d, options)  # 1K keys
-    assert tiles_for(_long(spec_of("bfloat16", 128), 4096)).persistent
-    assert not tiles_for(_long(spec_of("bfloat16", 128), 4097)).persistent
+    assert tiles_for(_long(spec_of("bfloat16", 128), 8192)).persistent
+    assert not tiles_for(_long(spec_of("bfloat16", 128), 8193)).persistent
+    assert tiles_for(_long(spec_of("bfloat16", 128, causal=True), 4096)).persistent  # under a band
+    assert not tiles_for(_long(spec_of("bfloat16", 128, causal=True), 4097)).persistent
     assert not tiles_for(_long(spec_of("bfloat16", 64, causal=True))).persistent
     assert not tiles_for(spec_of("bfloat16", 256)).persistent  # 80-key tiles: O staged in the Q buffer
     # Masks at any length: their query tiles visit few key tiles, so a block's fixed cost weighs.
@@ -138,7 +141,7 @@ def test_a_second_q_buffer_where_shared_memory_holds_it():
             assert tiles.q_buffers == 2 and F.fits_shared_memory(spec, tiles), (d, options, tiles)
             reserved = 1024 + F.STATIC_BARRIERS + (tiles.exact_record_bytes() if "exact_mask" in options else 0)
             assert tiles.blocks_per_sm * (tiles.shared_bytes(d, d) + reserved) <= F.SM_SHARED, (d, options)
-    assert F.tiles_for(_long(spec_of("bfloat16", 128), 4096)).q_buffers == 1
+    assert F.tiles_for(_long(spec_of("bfloat16", 128), 8193)).q_buffers == 1  # 176-key tiles
     assert F.tiles_for(spec_of("bfloat16", 256)).q_buffers == 1
     assert F.tiles_for(spec_of("bfloat16", 192, 128)).q_buffers == 1
 

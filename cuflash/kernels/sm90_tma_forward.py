@@ -24,7 +24,10 @@ OPTIONS = (f"-arch={ARCH}",)
 # columns past D with zeros): D = 32 runs the D = 64 kernel's GEMMs, D = 96 the D = 128 ones.
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 PERSISTENT_MAX_KEYS = 2048
-PERSISTENT_GRID_MAX_KEYS = 4096  # persistent_grid
+PERSISTENT_GRID_MAX_KEYS = 4096  # persistent_grid, rows under a band
+# Rows without a band up to this many keys take 128-key tiles and the persistent grid at Dv ≤ 128
+# (candidate_tiles' `short`, persistent_grid)
+UNBANDED_PERSISTENT_MAX_KEYS = 8192
 SM_SHARED = 228 * 1024  # an SM's shared memory, of which each resident block reserves 1 KB
 STATIC_BARRIERS = 256  # the kernel's static mbarriers and mailbox, at most
 MAX_SHARED = SM_SHARED - 1024 - STATIC_BARRIERS  # 227 KB less the barriers: the limit per block
@@ -61,14 +64,20 @@ class TmaTiles:
         return 2 if self.consumers == 1 else 1
 
     @property
+    def o_in_v(self) -> bool:
+        """Whether O is staged in a V buffer for its stores (TmaForwardLayout::O_IN_V): with one Q
+        buffer, where a V buffer holds O; with two, each tile's O goes to its own Q buffer."""
+        return self.q_buffers == 1 and self.block_n >= self.block_m
+
+    @property
     def threads(self) -> int:
         return 128 * (self.consumers + 1)  # and the producer warpgroup
 
     def shared_bytes(self, d: int, dv: int) -> int:
         dp, dvp = _padded(d), _padded(dv)
-        # Q (also O's staging when a V buffer cannot hold O: TmaForwardLayout::O_IN_V), the K and V
+        # Q (also O's staging unless O goes to a V buffer: TmaForwardLayout::O_IN_V), the K and V
         # rings, 1 KB to round the base up to 1024 bytes.
-        q_tile = (dp if self.block_n >= self.block_m else max(dp, dvp)) * self.block_m * 2
+        q_tile = (dp if self.o_in_v else max(dp, dvp)) * self.block_m * 2
         return self.q_buffers * q_tile + self.stages * self.block_n * (dp + dvp) * 2 + 1024
 
     def exact_record_bytes(self) -> int:
@@ -94,7 +103,9 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
       tiles, run under the other's GEMMs;
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
       skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys), for
-      `short` rows (at most PERSISTENT_MAX_KEYS keys, where 176 measured slower) and with
+      `short` rows (at most UNBANDED_PERSISTENT_MAX_KEYS keys, where 176 measured slower: with
+      two Q buffers, which only 128-key tiles leave room for, 128 ran 4% faster at 4K and 8K
+      keys on an H200, benchmarks/NOTES.md, "O staged in its own Q buffer") and with
       `dropout` (128 measured 9-17% faster at D = 128: benchmarks/NOTES.md, "Dropout's key
       tiles in the Hopper forward");
     - Dv > 128: 80-key tiles, the widest whose S still fits beside a 256-wide O in registers.
@@ -147,9 +158,9 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     """Whether a call's query tiles go to a persistent grid (one block per SM, or two with one
     consumer, drawing tiles from a counter as they finish), with key tiles of at least 128 and
     no packed sequences: dense calls (bands, score modifiers and dropout allowed) over rows of at
-    most PERSISTENT_GRID_MAX_KEYS keys, and block or exact masks at any length. The grid hides a
-    block's start-up and the next tile's loads under the previous tile's softmax and stores:
-    measured on an H200 against one block per tile (benchmarks/NOTES.md, "The persistent Hopper
+    most PERSISTENT_GRID_MAX_KEYS keys, or UNBANDED_PERSISTENT_MAX_KEYS without a band, and block
+    or exact masks at any length. The grid hides a block's start-up and the next tile's loads
+    under the previous tile's softmax and stores: measured on an H200 against one block per tile (benchmarks/NOTES.md, "The persistent Hopper
     forward", three runs) +7-22% at 1K causal keys and 0-12% at 1K unmasked, within ±4% at
     2K-4K (+1-2% on average), 2-5% slower on causal rows of 16K keys (where a block's fixed
     cost is a small share), and 8-10% slower with the 80-key tiles of Dv > 128, whose O is
@@ -160,8 +171,8 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     ±3% on uniform random block masks. The launcher keeps one block per tile when the tiles do
     not outnumber the blocks the SMs hold."""
     masked = spec.sparse or spec.exact
-    return (tiles.block_n >= 128 and spec.varlen is None
-            and (masked or spec.shapes.nk <= PERSISTENT_GRID_MAX_KEYS))
+    max_keys = PERSISTENT_GRID_MAX_KEYS if spec.banded else UNBANDED_PERSISTENT_MAX_KEYS
+    return tiles.block_n >= 128 and spec.varlen is None and (masked or spec.shapes.nk <= max_keys)
 
 
 def fits_shared_memory(spec, tiles: TmaTiles) -> bool:
@@ -186,7 +197,7 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     where it fits. `few` overrides ``few_keys(spec)`` (the variants list asks for both)."""
     d, dv = spec.shapes.d, spec.shapes.dv
     plain = not spec.banded and _nothing_beyond_a_band(spec)
-    short = spec.shapes.nk <= PERSISTENT_MAX_KEYS
+    short = spec.shapes.nk <= UNBANDED_PERSISTENT_MAX_KEYS  # matters only without a band
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
                                  few_keys=few_keys(spec) if few is None else few,
                                  long_causal=long_causal(spec), dropout=spec.has_dropout):

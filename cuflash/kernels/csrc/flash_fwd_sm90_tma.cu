@@ -19,17 +19,18 @@
 // A thread block may own several query tiles: launched with one block per SM it is persistent,
 // takes tiles from a counter as it finishes them (TileTickets), and its producer streams the next
 // tile's Q, K and V while the consumers finish the previous one. The producer posts each tile's
-// index to the consumers through two shared slots ("mailbox"). The epilogue stages O in shared
-// memory for 16-byte stores: in the V buffer of the tile's last key tile where one holds the whole
-// O tile (TmaForwardLayout::O_IN_V), so that the consumers can release the Q buffer as soon as
-// their last Q·Kᵀ is done and the next tile's Q lands under the last softmax, P·V and stores;
-// else in the Q buffer, released after the stores. With Q_BUFFERS = 2 (where shared memory holds
-// a second Q buffer: the host decides), tiles take the two Q buffers in turn, so that the next
-// tile's Q loads while the consumers still run the previous tile, not only under its last
-// softmax or after its stores. Where O is staged in a V buffer and no band bounds the rows, a
-// consumer carries each tile's last P·V over to its next tile, issued right after that tile's
-// first Q·Kᵀ (carries_last_pv), so that at the seam neither GEMM waits alone; elsewhere a tile's
-// O staged in a V buffer is copied out under the next tile's first Q·Kᵀ (stage_owed).
+// index to the consumers through two shared slots ("mailbox"). With Q_BUFFERS = 2 (where shared
+// memory holds a second Q buffer: the host decides), tiles take the two Q buffers in turn, so
+// that the next tile's Q loads while the consumers still run the previous tile. The epilogue
+// stages O in shared memory for 16-byte stores (TmaForwardLayout says where): with two Q buffers
+// in the tile's own, each consumer over its own rows, so that none waits for another and the
+// last V buffer goes straight back to the producer; with one, in the V buffer of the tile's last
+// key tile where one holds the whole O tile (O_IN_V), so that the next tile's Q lands under the
+// last softmax, P·V and stores, else in the Q buffer, released after the stores. Where the staged
+// O may outlive its tile (STAGING_OUTLIVES_TILE) and no band bounds the rows, a consumer carries
+// each tile's last P·V over to its next tile, issued right after that tile's first Q·Kᵀ
+// (carries_last_pv), so that at the seam neither GEMM waits alone; under a band a tile's staged
+// O is copied out under the next tile's first Q·Kᵀ (stage_owed).
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -52,9 +53,16 @@ struct TmaForwardLayout {
     static constexpr int CONSUMERS = CONSUMERS_;
     static constexpr int Q_BUFFERS = Q_BUFFERS_;
     static constexpr int BLOCK_M = 64 * CONSUMERS;
-    // O is staged in a V buffer when one holds it (BLOCK_N ≥ BLOCK_M rows of DVP columns),
-    // else in the Q buffer, which then holds as many 64-column boxes as the wider of Q and O.
-    static constexpr bool O_IN_V = BLOCK_N >= BLOCK_M;
+    // Where O is staged for its stores. With two Q buffers, in the tile's own, each consumer over
+    // its own rows of Q: no consumer waits for another's last P·V, and the last V buffer goes
+    // back to the producer at once. With one, in the V buffer of the tile's last key tile where
+    // one holds O (BLOCK_N ≥ BLOCK_M rows of DVP columns), so that the next tile's Q can load
+    // under the stores; else in the Q buffer. A Q buffer that stages O holds as many 64-column
+    // boxes as the wider of Q and O.
+    static constexpr bool O_IN_V = Q_BUFFERS == 1 && BLOCK_N >= BLOCK_M;
+    // Whether the staged O may stay past the start of the block's next tile: the next tile's Q
+    // does not need its buffer (then its copy out can run under that tile's first GEMM).
+    static constexpr bool STAGING_OUTLIVES_TILE = O_IN_V || Q_BUFFERS == 2;
     static constexpr u32 Q_LOAD_BYTES = DP / 64 * BLOCK_M * 128;
     static constexpr u32 Q_BYTES = (O_IN_V || DP >= DVP ? DP : DVP) / 64 * BLOCK_M * 128;
     static constexpr u32 K_STAGE = DP / 64 * BLOCK_N * 128;
@@ -368,7 +376,7 @@ struct TileOwed {
 
 // O / l and lse of the rows a warpgroup owes (its last P·V done): O goes through the staging
 // buffer (with O_IN_V the V buffer of the tile's last key tile, once every consumer's last P·V
-// has read it; else the tile's Q buffer), which is then released. Rows that saw no key give 0
+// has read it; else the warpgroup's own rows of the tile's Q buffer), which is then released. Rows that saw no key give 0
 // and −inf. In two halves, as store_rows_sw128: stage_tile writes lse and the staging buffer
 // (after it O's registers are free) and returns where this warpgroup's rows are; flush_tile
 // copies them out and releases the buffer.
@@ -407,11 +415,13 @@ __device__ __forceinline__ void flush_tile(const FwdArgs& a, const TileOwed& owe
 // Whether a warpgroup carries a tile's last P·V over to its next tile, issued with that tile's
 // first Q·Kᵀ: then the tensor cores run it under the next tile's first softmax, and that
 // Q·Kᵀ under nothing but it, instead of each waiting alone at the tiles' seam. It needs the
-// next tile's Q loaded before the stores (O staged in a V buffer: O_IN_V) and GEMMs issued
+// next tile's Q loaded before the stores (STAGING_OUTLIVES_TILE) and GEMMs issued
 // without turns (ping-pong counts them per tile). Not under a band, where it gained nothing on an
 // H200 (−3% to +1% at 1K-4K keys; benchmarks/NOTES.md, "the seam between two tiles").
 template <class L, bool PINGPONG, class MASK>
-__device__ __forceinline__ constexpr bool carries_last_pv() { return L::O_IN_V && !PINGPONG && !MASK::banded; }
+__device__ __forceinline__ constexpr bool carries_last_pv() {
+    return L::STAGING_OUTLIVES_TILE && !PINGPONG && !MASK::banded;
+}
 
 // One consumer warpgroup's registers and ring positions, carried from tile to tile: S, O and P
 // (wgmma's register A operand), where the K and V rings stand, the Q buffers' fills so far, and
@@ -429,17 +439,17 @@ struct ConsumerState {
 };
 
 // The rows of st.owed (their last P·V done) into the staging buffer, and copied out at once, or
-// with `defer` and O staged in a V buffer, left there (st.staged) until flush_staged: a tile
+// with `defer` where the staged O may outlive its tile, left there (st.staged) until flush_staged: a tile
 // settled alone (settle_alone) then goes out once the next tile's first Q·Kᵀ is issued, under it,
 // instead of with the tensor cores idle at the seam (+3-8% under causal at 1K-4K keys on an
-// H200; benchmarks/NOTES.md, "the stores under the next tile's first GEMM"). With O in the Q
-// buffer, which the next tile's Q may need, the copy never waits.
+// H200; benchmarks/NOTES.md, "the stores under the next tile's first GEMM"). With O in the one
+// Q buffer, which the next tile's Q needs, the copy never waits (STAGING_OUTLIVES_TILE).
 template <typename T, class L, int DVP, int STAGES, bool DROPOUT, class State>
 __device__ __forceinline__ void stage_owed(const FwdArgs& a, State& st, const TmaForwardBarriers<STAGES>& bar,
                                            u32 base, bool defer) {
     const u32 staging = stage_tile<T, L, DVP, DROPOUT>(a, st.owed, st.o, base);
     st.owes = false;
-    if (L::O_IN_V && defer) {
+    if (L::STAGING_OUTLIVES_TILE && defer) {
         st.staging = staging;
         st.staged = true;
     } else {
@@ -449,7 +459,7 @@ __device__ __forceinline__ void stage_owed(const FwdArgs& a, State& st, const Tm
 
 template <class L, int DVP, int STAGES, class State>
 __device__ __forceinline__ void flush_staged(const FwdArgs& a, State& st, const TmaForwardBarriers<STAGES>& bar) {
-    if (L::O_IN_V && st.staged) {
+    if (L::STAGING_OUTLIVES_TILE && st.staged) {
         flush_tile<L, DVP>(a, st.owed, st.staging, bar);
         st.staged = false;
     }
@@ -622,7 +632,10 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         wgmma_wait<0>();
         reg_fence(o);
         reg_fence_frag(pf);
-        if (owes) vs.advance();
+        if (owes) {
+            if (!L::O_IN_V && leader) mbar_arrive(bar.v_empty(vs.stage));
+            vs.advance();
+        }
     }
     pack_a<T, KPV>(pf, s);
     if (owes) stage_owed<T, L, DVP, STAGES, DROPOUT>(a, st, bar, base, false);
