@@ -376,10 +376,10 @@ struct TileOwed {
 
 // O / l and lse of the rows a warpgroup owes (its last P·V done): O goes through the staging
 // buffer (with O_IN_V the V buffer of the tile's last key tile, once every consumer's last P·V
-// has read it; else the warpgroup's own rows of the tile's Q buffer), which is then released. Rows that saw no key give 0
-// and −inf. In two halves, as store_rows_sw128: stage_tile writes lse and the staging buffer
-// (after it O's registers are free) and returns where this warpgroup's rows are; flush_tile
-// copies them out and releases the buffer.
+// has read it; else the warpgroup's own rows of the tile's Q buffer), which is then released.
+// Rows that saw no key give 0 and −inf. In two halves, as store_rows_sw128: stage_tile writes
+// lse and the staging buffer (after it O's registers are free) and returns where this
+// warpgroup's rows are; flush_tile copies them out and releases the buffer.
 template <typename T, class L, int DVP, bool DROPOUT>
 __device__ __forceinline__ u32 stage_tile(const FwdArgs& a, const TileOwed& owed, const float (&o)[DVP / 2],
                                           u32 base) {
@@ -439,11 +439,11 @@ struct ConsumerState {
 };
 
 // The rows of st.owed (their last P·V done) into the staging buffer, and copied out at once, or
-// with `defer` where the staged O may outlive its tile, left there (st.staged) until flush_staged: a tile
-// settled alone (settle_alone) then goes out once the next tile's first Q·Kᵀ is issued, under it,
-// instead of with the tensor cores idle at the seam (+3-8% under causal at 1K-4K keys on an
-// H200; benchmarks/NOTES.md, "the stores under the next tile's first GEMM"). With O in the one
-// Q buffer, which the next tile's Q needs, the copy never waits (STAGING_OUTLIVES_TILE).
+// with `defer` where the staged O may outlive its tile (STAGING_OUTLIVES_TILE), left there
+// (st.staged) until flush_staged: a tile settled alone (settle_alone) then goes out once the next
+// tile's first Q·Kᵀ is issued, under it, instead of with the tensor cores idle at the seam (+3-8%
+// under causal at 1K-4K keys on an H200; benchmarks/NOTES.md, "the stores under the next tile's
+// first GEMM"). With O in the one Q buffer, which the next tile's Q needs, the copy never waits.
 template <typename T, class L, int DVP, int STAGES, bool DROPOUT, class State>
 __device__ __forceinline__ void stage_owed(const FwdArgs& a, State& st, const TmaForwardBarriers<STAGES>& bar,
                                            u32 base, bool defer) {
