@@ -128,6 +128,18 @@ def test_persistent_grid_for_short_dense_rows_and_masks_with_wide_key_tiles():
     assert not tiles_for(_long(spec_of("bfloat16", 256, block_mask=mask), n)).persistent  # 64-key tiles
 
 
+def test_o_is_staged_in_its_own_q_buffer_where_there_are_two():
+    """Where O is staged decides the Q buffers' size (TmaForwardLayout::O_IN_V and Q_BYTES): a V
+    buffer with one Q buffer and key tiles as tall as the query tile, else the Q buffer, which
+    then holds the wider of Q and O."""
+    T = sm90_tma_forward.TmaTiles
+    assert T(128, 2, consumers=2).o_in_v and not T(128, 2, consumers=2, q_buffers=2).o_in_v
+    assert not T(128, 2, consumers=3).o_in_v and not T(80, 2, consumers=2).o_in_v
+    rings = 2 * 128 * (64 + 128) * 2 + 1024
+    assert T(128, 2, consumers=2).shared_bytes(64, 128) == 64 * 128 * 2 + rings  # O in a V buffer
+    assert T(128, 2, consumers=2, q_buffers=2).shared_bytes(64, 128) == 2 * 128 * 128 * 2 + rings
+
+
 def test_a_second_q_buffer_where_shared_memory_holds_it():
     """128-key tiles at D <= 128 hold a second Q buffer beside their rings (with two blocks per
     SM where one consumer runs, and beside an exact mask's records); 176-key tiles at D = 128 and

@@ -417,7 +417,8 @@ __device__ __forceinline__ void flush_tile(const FwdArgs& a, const TileOwed& owe
 // Q·Kᵀ under nothing but it, instead of each waiting alone at the tiles' seam. It needs the
 // next tile's Q loaded before the stores (STAGING_OUTLIVES_TILE) and GEMMs issued
 // without turns (ping-pong counts them per tile). Not under a band, where it gained nothing on an
-// H200 (−3% to +1% at 1K-4K keys; benchmarks/NOTES.md, "the seam between two tiles").
+// H200, timed twice (−3% to +1.5% at 1K-4K keys; benchmarks/NOTES.md, "the seam between two
+// tiles", "O staged in its own Q buffer").
 template <class L, bool PINGPONG, class MASK>
 __device__ __forceinline__ constexpr bool carries_last_pv() {
     return L::STAGING_OUTLIVES_TILE && !PINGPONG && !MASK::banded;
