@@ -157,19 +157,19 @@ def long_causal(spec) -> bool:
 def persistent_grid(spec, tiles: TmaTiles) -> bool:
     """Whether a call's query tiles go to a persistent grid (one block per SM, or two with one
     consumer, drawing tiles from a counter as they finish), with key tiles of at least 128 and
-    no packed sequences: dense calls (bands, score modifiers and dropout allowed) over rows of at
-    most PERSISTENT_GRID_MAX_KEYS keys, or UNBANDED_PERSISTENT_MAX_KEYS without a band, and block
-    or exact masks at any length. The grid hides a block's start-up and the next tile's loads
-    under the previous tile's softmax and stores: measured on an H200 against one block per tile (benchmarks/NOTES.md, "The persistent Hopper
-    forward", three runs) +7-22% at 1K causal keys and 0-12% at 1K unmasked, within ±4% at
-    2K-4K (+1-2% on average), 2-5% slower on causal rows of 16K keys (where a block's fixed
-    cost is a small share), and 8-10% slower with the 80-key tiles of Dv > 128, whose O is
-    staged in the Q buffer, so that the next Q waits for the stores. A mask's query tiles visit
-    few key tiles, and unequal numbers of them, so a block's fixed cost is a large share at any
-    row length: 16K keys, D = 64 and 128 ("Masks on the persistent grid"), +7-13% on butterfly
-    and 2-D local masks, +2-11% on exact document and graph masks and their block twins, within
-    ±3% on uniform random block masks. The launcher keeps one block per tile when the tiles do
-    not outnumber the blocks the SMs hold."""
+    no packed sequences: dense calls (bands, score modifiers and dropout allowed) over rows of
+    at most PERSISTENT_GRID_MAX_KEYS keys, or UNBANDED_PERSISTENT_MAX_KEYS without a band, and
+    block or exact masks at any length. The grid hides a block's start-up and the next tile's
+    loads under the previous tile's softmax and stores: measured on an H200 against one block
+    per tile (benchmarks/NOTES.md, "The persistent Hopper forward", three runs) +7-22% at 1K
+    causal keys and 0-12% at 1K unmasked, within ±4% at 2K-4K (+1-2% on average), 2-5% slower on
+    causal rows of 16K keys (where a block's fixed cost is a small share), and 8-10% slower with
+    the 80-key tiles of Dv > 128, whose O is staged in the Q buffer, so that the next Q waits
+    for the stores. A mask's query tiles visit few key tiles, and unequal numbers of them, so a
+    block's fixed cost is a large share at any row length: 16K keys, D = 64 and 128 ("Masks on
+    the persistent grid"), +7-13% on butterfly and 2-D local masks, +2-11% on exact document and
+    graph masks and their block twins, within ±3% on uniform random block masks. The launcher
+    keeps one block per tile when the tiles do not outnumber the blocks the SMs hold."""
     masked = spec.sparse or spec.exact
     max_keys = PERSISTENT_GRID_MAX_KEYS if spec.banded else UNBANDED_PERSISTENT_MAX_KEYS
     return tiles.block_n >= 128 and spec.varlen is None and (masked or spec.shapes.nk <= max_keys)

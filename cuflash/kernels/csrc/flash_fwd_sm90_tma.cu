@@ -29,8 +29,8 @@
 // last softmax, P·V and stores, else in the Q buffer, released after the stores. Where the staged
 // O may outlive its tile (STAGING_OUTLIVES_TILE) and no band bounds the rows, a consumer carries
 // each tile's last P·V over to its next tile, issued right after that tile's first Q·Kᵀ
-// (carries_last_pv), so that at the seam neither GEMM waits alone; under a band a tile's staged
-// O is copied out under the next tile's first Q·Kᵀ (stage_owed).
+// (carries_last_pv), so that at the seam neither GEMM waits alone; elsewhere (under a band, with
+// ping-pong) a tile's staged O is copied out under the next tile's first Q·Kᵀ (stage_owed).
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
