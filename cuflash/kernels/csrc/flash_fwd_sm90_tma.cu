@@ -466,6 +466,14 @@ __device__ __forceinline__ void flush_staged(const FwdArgs& a, State& st, const 
     }
 }
 
+// The V buffer of an owed P·V back to the producer once that GEMM is done; where O is staged in
+// it (O_IN_V) it goes back only after the stores (flush_tile).
+template <class L, int STAGES, class State>
+__device__ __forceinline__ void release_owed_v(State& st, const TmaForwardBarriers<STAGES>& bar) {
+    if (!L::O_IN_V && threadIdx.x % 128 == 0) mbar_arrive(bar.v_empty(st.vs.stage));
+    st.vs.advance();
+}
+
 // The last P·V a warpgroup owes, issued alone (no next tile to go with: the block's last, or one
 // that visits no key tile; or every tile's without carries_last_pv), then its rows staged, the
 // copy deferred (stage_owed).
@@ -481,8 +489,7 @@ __device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const 
     turns.end();
     wgmma_wait<0>();
     reg_fence(st.o);
-    if (!L::O_IN_V && threadIdx.x % 128 == 0) mbar_arrive(bar.v_empty(st.vs.stage));
-    st.vs.advance();
+    release_owed_v<L>(st, bar);
     turns.close(c);
     stage_owed<T, L, DVP, STAGES, DROPOUT>(a, st, bar, base, true);
 }
@@ -633,10 +640,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         wgmma_wait<0>();
         reg_fence(o);
         reg_fence_frag(pf);
-        if (owes) {
-            if (!L::O_IN_V && leader) mbar_arrive(bar.v_empty(vs.stage));
-            vs.advance();
-        }
+        if (owes) release_owed_v<L>(st, bar);
     }
     pack_a<T, KPV>(pf, s);
     if (owes) stage_owed<T, L, DVP, STAGES, DROPOUT>(a, st, bar, base, false);
