@@ -46,7 +46,8 @@ def main():
 def _dense(rng):
     # D = 96 and 40 run the Hopper backward's 128- and 64-column tiles with zero columns.
     _dense_cases(rng, (("bfloat16", 64, False), ("bfloat16", 128, False), ("bfloat16", 128, True),
-                       ("float16", 96, False), ("bfloat16", 40, False), ("float32", 64, False)))
+                       ("float16", 96, False), ("bfloat16", 40, False), ("float32", 64, False),
+                       ("float32", 128, False)))
 
     # A causal band alone over short rows: the Hopper forward's one-consumer tile (two thread
     # blocks per SM), and the backward's dQ writer in both modes.
