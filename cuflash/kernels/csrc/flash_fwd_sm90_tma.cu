@@ -7,10 +7,11 @@
 //     STAGES buffers. A "full" mbarrier per buffer counts the bytes in; an "empty" one collects
 //     one arrival per consumer before the buffer is refilled.
 //   warpgroups 1.., the consumers: 64 query rows each. Per key tile j: S_j = Q·K_jᵀ and
-//     O += P_{j-1}·V_{j-1} are issued back to back, the softmax of S_j runs while the tensor
-//     cores finish the second, then O is rescaled and P_j packed into registers (wgmma's register
-//     A operand), never touching shared memory. With PINGPONG the consumers take turns to issue
-//     their GEMMs (named barriers), so that one's softmax runs under another's GEMMs.
+//     O += P_{j-1}·V_{j-1} are issued back to back, then the softmax of S_j (ptxas puts the wait
+//     for the second before its exponentials: the other consumers' GEMMs fill the tensor cores
+//     meanwhile), then O is rescaled and P_j packed into registers (wgmma's register A operand),
+//     never touching shared memory. With PINGPONG the consumers take turns to issue their GEMMs
+//     (named barriers), so that one's softmax runs under another's GEMMs.
 // With an exact mask the producer also leaves each visited tile's index, bitmask slot and bits
 // beside its K buffer (ExactStage), so that the consumers' per-tile mask work reads shared memory.
 // Head dims are padded to DP / DVP, multiples of 64 (one 128-byte swizzled box per 64 columns);
@@ -355,12 +356,14 @@ __device__ __forceinline__ void issue_pv(float (&o)[DVP / 2], const u32 (&p)[BLO
     wgmma_commit();
 }
 
-// S(64 × BLOCK_N) = Q(64 × DP) · Kᵀ, both K-major in shared memory.
-template <typename T, int DP, int BLOCK_M, int BLOCK_N>
+// S(64 × BLOCK_N) = Q(64 × D) · Kᵀ, both K-major in shared memory. The k16 steps stop at the
+// last that holds a column below D: past it the padded boxes hold only TMA's zeros, which add
+// nothing (at D = 96, two of eight steps).
+template <typename T, int D, int BLOCK_M, int BLOCK_N>
 __device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u32 k_stage) {
     const u64 desc_k = sw128_desc(k_stage, 16);
 #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk)
+    for (int kk = 0; kk < (D + 15) / 16; ++kk)
         wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + kmajor_step(kk, BLOCK_N), kk > 0);
     wgmma_commit();
 }
@@ -500,7 +503,7 @@ __device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const 
 // by the warpgroup's next tile, or after the block's last (settle_alone). With
 // O_IN_V the Q buffer is released once the tile's last Q·Kᵀ is done (`release_q`), for the
 // producer to load the next tile's Q under the rest.
-template <typename T, class L, int DP, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, class MASK, class MOD,
+template <typename T, class L, int D, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, class MASK, class MOD,
           bool DROPOUT, class Work, class State>
 __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask, const Work& work,
                                              const TmaForwardBarriers<STAGES>& bar, u32 base,
@@ -617,7 +620,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     }
     turns.begin();
     wgmma_fence();
-    issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
+    issue_qk<T, D, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
     if (owes) {
         mbar_wait(bar.v_full(vs.stage), vs.phase);
         issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
@@ -654,7 +657,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         reg_fence_frag(pf);
         turns.begin();
         wgmma_fence();
-        issue_qk<T, DP, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
+        issue_qk<T, D, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
         mbar_wait(bar.v_full(vs.stage), vs.phase);
         issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
         turns.end();
@@ -721,7 +724,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         if (work.past_end()) continue;
         const MASK tile_mask = work.mask_of(mask, a);
         work.walk(tile_mask, a);
-        consume_tile<T, L, DP, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD, DROPOUT>(a, tile_mask, work, bar, base,
+        consume_tile<T, L, D, DVP, BLOCK_N, STAGES, PINGPONG, MASK, MOD, DROPOUT>(a, tile_mask, work, bar, base,
                                                                                   exact_stages, st);
     }
     if (st.owes) {  // the block's last tile
