@@ -223,12 +223,27 @@ def describe_call(spec) -> str:
     return f"a {dkdv}, then a dQ kernel (bit-identical run to run)"
 
 
+def step_dims(spec) -> tuple[int, ...]:
+    """The kernels' trailing ``QK_DIM, DP_DIM``: D and Dv rounded up to 16, the columns the
+    k16 steps of S = Q·Kᵀ and dP = dO·Vᵀ cover (csrc/flash_bwd_sm90.cu, HeadSteps); ``()``
+    where both fill the tile (its default), as at D = Dv = 64, 128 and 256."""
+    tile = tile_head_dim(spec)
+    dims = tuple(-(-x // 16) * 16 for x in (spec.shapes.d, spec.shapes.dv))
+    return () if dims == (tile, tile) else dims
+
+
+def _flags_and_steps(spec, *flags: bool) -> tuple:
+    """A variant's trailing flags, then its step_dims: every flag spelled where step dims
+    follow them, else only up to the last true one (_build.trailing_flags)."""
+    dims = step_dims(spec)
+    return (*map(bool, flags), *dims) if dims else _build.trailing_flags(*flags)
+
+
 def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dkdv", element_type(spec.dtype), tile_head_dim(spec), tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq,
-                               spec.varlen is not None),
+        *_flags_and_steps(spec, spec.has_dropout, spec.float32_grads, atomic_dq, spec.varlen is not None),
     )
 
 
@@ -239,8 +254,8 @@ def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False,
     return _build.template_expression(
         "flash_bwd_sm90_dkdv_ws", element_type(spec.dtype), tile_head_dim(spec), tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, atomic_dq or ordered_dq, ordered_dq,
-                               rotated_dq),
+        *_flags_and_steps(spec, spec.has_dropout, spec.float32_grads, atomic_dq or ordered_dq, ordered_dq,
+                          rotated_dq),
     )
 
 
@@ -248,7 +263,7 @@ def variant_dq(spec, tiles: Sm90BwdTiles) -> str:
     return _build.template_expression(
         "flash_bwd_sm90_dq", element_type(spec.dtype), tile_head_dim(spec), tiles.dq_warpgroups,
         tiles.dq_block_n, mask_type(spec), score_mod_type(spec),
-        *_build.trailing_flags(spec.has_dropout, spec.float32_grads, spec.varlen is not None),
+        *_flags_and_steps(spec, spec.has_dropout, spec.float32_grads, spec.varlen is not None),
     )
 
 
@@ -423,6 +438,8 @@ def main_variants() -> list[tuple[str, str]]:
     # The 256-column tile's masks and score modifiers (the grid's features are at D = 128),
     # and D = 192 with Dv = 128 on it.
     split = feature_specs(SPLIT_HEAD_DIM) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
+    # Head dims short of their tile: S and dP stop at the last k16 step below D or Dv (step_dims).
+    short = [spec_of("bfloat16", 96, causal=causal) for causal in (False, True)] + [spec_of("float16", 160)]
     # What an exact mask on the 64-column tile takes to the warp-specialised kernel beside what
     # the grid has (exact_fits_narrow_tile): softcap, and dropout in both dtypes, without and
     # with causal.
@@ -432,7 +449,7 @@ def main_variants() -> list[tuple[str, str]]:
                              dropout_p=0.1, dropout_seed=1)
                      for dtype in ("float16", "bfloat16") for causal in (False, True)]
     out = []
-    specs = spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen + split + narrow_exact
+    specs = spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen + split + short + narrow_exact
     for spec in (spec for spec in specs if why_not_options(spec) is None):
         tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
         if not tiles.split_columns:  # the cp.async dK/dV kernel has no split columns

@@ -237,16 +237,27 @@ struct DkdvSmem : DkdvStages<D, WG * 64, BLOCK_M> {
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 keys × N queries each), issued as two commit groups: A = 64 rows
 // of K / V (K-major over the head dim, a tile of KV_ROWS rows per box), B = N rows of the Q / dO
 // tile (K-major, a tile of Q_ROWS rows per box).
-template <typename T, int D, int N, int KV_ROWS, int Q_ROWS>
+// The k16 steps of the two GEMMs over the head dims (S over D, dP over Dv) that hold a column
+// below the call's D or Dv. The tiles are 64, 128 or 256 columns wide, padded with zeros that
+// add nothing: D = 96 runs the 128-column tile in 6 of its 8 steps, D = 192 the 256-column one
+// in 12 of 16. Compile-time counts (the kernels' QK_DIM, DP_DIM): a runtime bound around wgmma
+// makes ptxas serialise them or spill.
+template <int QK, int DP>
+struct HeadSteps {
+    static constexpr int qk = QK, dp = DP;
+};
+
+template <typename T, int D, int N, int KV_ROWS, int Q_ROWS, int QK, int DP>
 __device__ __forceinline__ void issue_transposed_scores(float (&s)[N / 2], float (&dp)[N / 2], u64 desc_k, u64 desc_q,
-                                                        u64 desc_v, u64 desc_do) {
+                                                        u64 desc_v, u64 desc_do, HeadSteps<QK, DP>) {
+    static_assert(QK <= D / 16 && DP <= D / 16, "steps within the tile");
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
+    for (int kk = 0; kk < QK; ++kk)
         wgmma_ss<T, N, 0, 0>(s, desc_k + kmajor_step(kk, KV_ROWS), desc_q + kmajor_step(kk, Q_ROWS), kk > 0);
     wgmma_commit();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
+    for (int kk = 0; kk < DP; ++kk)
         wgmma_ss<T, N, 0, 0>(dp, desc_v + kmajor_step(kk, KV_ROWS), desc_do + kmajor_step(kk, Q_ROWS), kk > 0);
     wgmma_commit();
 }
@@ -257,13 +268,13 @@ __device__ __forceinline__ void issue_transposed_scores(float (&s)[N / 2], float
 // buffer and its lse2, Delta and scratch rows. `sync(id)` waits for every consumer thread of the
 // block under named barrier `id` (the dSᵀ tile is shared by the warpgroups); `parts` takes the
 // warp's part of dQ (DqPartsByWarp or DqPartsToWriter).
-template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT, bool ATOMIC_DQ, class Sync,
-          class Parts = DqPartsByWarp>
+template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT, bool ATOMIC_DQ, class Steps,
+          class Sync, class Parts = DqPartsByWarp>
 __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
                                                 const DropoutMask& drop, const DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>& sm,
                                                 int wg, int stage, int m0, int n0, int slot,
-                                                float (&dk_acc)[D / 2], float (&dv_acc)[D / 2], Sync sync,
-                                                const Parts& parts = Parts{}) {
+                                                float (&dk_acc)[D / 2], float (&dv_acc)[D / 2], Steps steps,
+                                                Sync sync, const Parts& parts = Parts{}) {
     constexpr int BLOCK_N = WG * 64;
     constexpr int CT = BLOCK_M / 8;  // 8-column blocks of Sᵀ
     constexpr int KM = BLOCK_M / 16;  // k16 steps over the query tile
@@ -290,7 +301,7 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     u32 pf[KM][4], df[KM][4];
 
     const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
-    issue_transposed_scores<T, D, BLOCK_M, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do);
+    issue_transposed_scores<T, D, BLOCK_M, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do, steps);
     KeepWords<CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
     if constexpr (DROPOUT) keep_words<true, CT>(keep, drop, key_row0 + g, m0, lane);
     TransposedBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
@@ -393,7 +404,7 @@ __device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, cons
 // dK, dV for one key tile of BLOCK_N = 64·WG keys; query tiles of BLOCK_M rows, loaded by every
 // thread with cp.async into two stages.
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
-          bool F32_GRADS = false, bool ATOMIC_DQ = false, bool VARLEN = false>
+          bool F32_GRADS = false, bool ATOMIC_DQ = false, bool VARLEN = false, int QK_DIM = D, int DP_DIM = D>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dkdv(const BwdArgs a) {
     wait_for_previous_kernel();
@@ -466,7 +477,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         // The block's barrier at the loop's top already orders the dSᵀ tile's reuse (id 2).
         dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
             a, mask, mod, drop, sm, wg, stage, m0, n0, walk.slot(), dk_acc, dv_acc,
-            [](int id) { if (id == 1) __syncthreads(); });
+            HeadSteps<QK_DIM / 16, DP_DIM / 16>{}, [](int id) { if (id == 1) __syncthreads(); });
 
         walk = ahead;
         m_tile = next_m_tile;
@@ -517,10 +528,11 @@ struct DkdvLayout<D, WG, BLOCK_M, ATOMIC_DQ, true> {
 // its half of Sᵀ, Pᵀ, dPᵀ and dSᵀ, then its columns of dV and dK. Named barriers over both
 // consumers (256 threads; ids past the kernel's 3 + warpgroup): 5, both done reading the previous
 // tile's Pᵀ and dSᵀ (their last GEMMs have completed); 6, Pᵀ whole; 7, dSᵀ whole.
-template <typename T, int D, class MASK, class MOD>
+template <typename T, int D, class MASK, class MOD, class Steps>
 __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
                                                       const SplitDkdvSmem<D>& sm, int wg, int stage, int m0, int n0,
-                                                      int slot, float (&dk_acc)[D / 4], float (&dv_acc)[D / 4]) {
+                                                      int slot, float (&dk_acc)[D / 4], float (&dv_acc)[D / 4],
+                                                      Steps steps) {
     using SM = SplitDkdvSmem<D>;
     constexpr int BLOCK_M = SM::BLOCK_M, BLOCK_N = SM::BLOCK_N;
     constexpr int HALF = BLOCK_M / 2;  // this warpgroup's queries of Sᵀ and dPᵀ
@@ -546,7 +558,7 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     float s[HALF / 2], dp[HALF / 2];
     GradFactors<MOD, CT> grad;  // unused: recovered from Pᵀ below (the stores are dead code)
     u32 pf[KH][4], df[KH][4];
-    issue_transposed_scores<T, D, HALF, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do);
+    issue_transposed_scores<T, D, HALF, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do, steps);
     const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
     constexpr bool AHEAD = MOD::identity;
     const ColumnPairs<CT, AHEAD> lse2_pairs(lse2, t);
@@ -662,7 +674,8 @@ struct BwdMaps {
 };
 
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
-          bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false, bool ROTATED_DQ = false>
+          bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false, bool ROTATED_DQ = false,
+          int QK_DIM = D, int DP_DIM = D>
 __global__ void __launch_bounds__((WG + 1) * 128, 1)
 flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
     wait_for_previous_kernel();
@@ -768,7 +781,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         const int m_tile = walk.m_tile();
         if constexpr (SPLIT) {
             dkdv_split_query_tile<T, D, MASK, MOD>(a, mask, mod, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(),
-                                                   dk_acc, dv_acc);
+                                                   dk_acc, dv_acc, HeadSteps<QK_DIM / 16, DP_DIM / 16>{});
         } else {
             int rank = 0;
             if constexpr (ORDERED_DQ)
@@ -787,7 +800,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             }
             dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                 a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
-                [](int id) { named_barrier(id, CONSUMERS); },
+                HeadSteps<QK_DIM / 16, DP_DIM / 16>{}, [](int id) { named_barrier(id, CONSUMERS); },
                 DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), rank});  // stage = tiles % 2
         }
         // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
@@ -809,7 +822,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
 // ---------------------------------------------------------------------------------------------
 // dQ for one query tile of BLOCK_M = 64·WG rows; key tiles of BLOCK_N keys, double-buffered.
 template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD, bool DROPOUT = false,
-          bool F32_GRADS = false, bool VARLEN = false>
+          bool F32_GRADS = false, bool VARLEN = false, int QK_DIM = D, int DP_DIM = D>
 __global__ void __launch_bounds__(WG * 128, 1)
 flash_bwd_sm90_dq(const BwdArgs a) {
     wait_for_previous_kernel();
@@ -818,7 +831,8 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int Q_BYTES = BLOCK_M * D * 2;   // Q or dO
     constexpr int KV_BYTES = BLOCK_N * D * 2;  // one K or V stage
     constexpr int NT = BLOCK_N / 8;            // 8-column blocks of S
-    constexpr int KD = D / 16;                 // k16 steps over the head dim
+    static_assert(QK_DIM % 16 == 0 && DP_DIM % 16 == 0 && QK_DIM <= D && DP_DIM <= D, "HeadSteps");
+    constexpr int KQK = QK_DIM / 16, KDP = DP_DIM / 16;  // k16 steps of S and dP (HeadSteps)
     constexpr int KN = BLOCK_N / 16;           // k16 steps over the key tile
     constexpr int SLICE = D < 128 ? D : 128;   // dQ columns per wgmma (its N is at most 128 here)
     static_assert(D == 64 || D == 128 || (D == 256 && WG == 1), "head dim must be 64 or 128, or 256 with one warpgroup");
@@ -901,11 +915,11 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         const u32 st = (u32)(stage * KV_BYTES) >> 4;
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KD; ++kk)
+        for (int kk = 0; kk < KQK; ++kk)
             wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + st + kmajor_step(kk, BLOCK_N), kk > 0);
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < KD; ++kk)
+        for (int kk = 0; kk < KDP; ++kk)
             wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + st + kmajor_step(kk, BLOCK_N), kk > 0);
         wgmma_commit();
         const int n0 = key_tile[j] * BLOCK_N;
