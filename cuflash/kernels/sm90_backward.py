@@ -440,6 +440,7 @@ def main_variants() -> list[tuple[str, str]]:
     split = feature_specs(SPLIT_HEAD_DIM) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
     # Head dims short of their tile: S and dP stop at the last k16 step below D or Dv (step_dims).
     short = [spec_of("bfloat16", 96, causal=causal) for causal in (False, True)] + [spec_of("float16", 160)]
+    short += [spec_of("float16", 96, causal=True, dropout_p=0.1, dropout_seed=1)]
     # What an exact mask on the 64-column tile takes to the warp-specialised kernel beside what
     # the grid has (exact_fits_narrow_tile): softcap, and dropout in both dtypes, without and
     # with causal.
