@@ -332,6 +332,33 @@ def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
     assert dict(plan.backward.passed_over)["sm90-wgmma"] == "does not take dropout with D or Dv above 128"
 
 
+@pytest.mark.parametrize("d, dv, dims", [(96, 96, ", 96, 96>"), (192, 128, ", 192, 128>"), (40, 56, ", 48, 64>"),
+                                          (128, 128, None), (256, 256, None), (64, 64, None)])
+def test_backward_leaves_out_the_padded_k_steps(monkeypatch, d, dv, dims):
+    """Head dims short of their tile (64, 128 or 256 columns) name D and Dv rounded up to 16 as the
+    Hopper backward kernels' last template arguments, so that S = Q·Kᵀ and dP = dO·Vᵀ stop at
+    the last k16 step holding a real column; dims that fill their tile keep the expressions (and
+    compiled modules) they always had."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    n = 200
+    q, k = (device.empty((1, 2, n, d), ml_dtypes.bfloat16) for _ in range(2))
+    v, out, dout = (device.empty((1, 2, n, dv), ml_dtypes.bfloat16) for _ in range(3))
+    lse = device.empty((1, 2, n), np.float32)
+    for deterministic in (False, True):
+        cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic)
+        names = [launch[0] for launch in device.take_launches() if launch[0].startswith("flash_bwd_sm90_")]
+        assert names, "no Hopper backward kernel ran"
+        for name in names:
+            if dims is None:
+                assert not name.endswith(f", {d}, {dv}>"), name
+                assert name.endswith(">>") or name.endswith("true>"), name
+            else:
+                assert name.endswith(dims), name
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_warp_specialised_dkdv_kernel_by_default(monkeypatch, d):
     """The dK/dV kernel is the warp-specialised one (one more warpgroup, the producer), which
