@@ -293,6 +293,14 @@ def test_head_dim_32_takes_the_tma_forward_only_for_long_rows(monkeypatch):
     assert cuflash.kernel_plan(short[:, :, :128], short[:, :, :128], wide_values).forward.family.name == "sm90-tma"
 
 
+def _backward_operands(device, d, dv, n=200):
+    """``(q, k, v, out, dout, lse)`` of a bfloat16 backward call on the fake device: one batch, two
+    heads, ``n`` rows, head dims ``d`` (q, k) and ``dv`` (v, out, dout)."""
+    q, k = (device.empty((1, 2, n, d), ml_dtypes.bfloat16) for _ in range(2))
+    v, out, dout = (device.empty((1, 2, n, dv), ml_dtypes.bfloat16) for _ in range(3))
+    return q, k, v, out, dout, device.empty((1, 2, n), np.float32)
+
+
 @pytest.mark.parametrize("d, dv", [(256, 256), (192, 128), (160, 160), (64, 256)])
 def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
     """D or Dv above 128 runs the 256-column tile: the warp-specialised dK/dV kernel (a producer
@@ -305,10 +313,7 @@ def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
     from cuflash.kernels import WARP_SPECIALISED_BACKWARD_ENV, sm90_backward
 
     device = FakeDevice(monkeypatch, compute_capability="90")
-    n = 200
-    q, k = (device.empty((1, 2, n, d), ml_dtypes.bfloat16) for _ in range(2))
-    v, out, dout = (device.empty((1, 2, n, dv), ml_dtypes.bfloat16) for _ in range(3))
-    lse = device.empty((1, 2, n), np.float32)
+    q, k, v, out, dout, lse = _backward_operands(device, d, dv)
     tiles = sm90_backward.default_tiles(256)
     assert (tiles.dkdv_block_n, tiles.dkdv_block_m, tiles.dq_block_m, tiles.dq_block_n) == (64, 64, 64, 64)
     for deterministic in (False, True):
@@ -343,10 +348,7 @@ def test_backward_leaves_out_the_padded_k_steps(monkeypatch, d, dv, dims):
     from fake_device import FakeDevice
 
     device = FakeDevice(monkeypatch, compute_capability="90")
-    n = 200
-    q, k = (device.empty((1, 2, n, d), ml_dtypes.bfloat16) for _ in range(2))
-    v, out, dout = (device.empty((1, 2, n, dv), ml_dtypes.bfloat16) for _ in range(3))
-    lse = device.empty((1, 2, n), np.float32)
+    q, k, v, out, dout, lse = _backward_operands(device, d, dv)
     for deterministic in (False, True):
         cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic)
         names = [launch[0] for launch in device.take_launches() if launch[0].startswith("flash_bwd_sm90_")]

@@ -234,30 +234,28 @@ struct DkdvSmem : DkdvStages<D, WG * 64, BLOCK_M> {
     __device__ __forceinline__ u32 dq_header() const { return scratch_row(2); }  // DqTileHeader
 };
 
+// The k16 steps of the two GEMMs over the head dims (S over D, dP over Dv) that hold a column
+// below the call's D or Dv (the kernels' QK_DIM, DP_DIM: rounded up to 16 by the host). The tiles
+// are 64, 128 or 256 columns wide, padded with zeros that add nothing: D = 96 runs the
+// 128-column tile in 6 of its 8 steps, D = 192 the 256-column one in 12 of 16. Compile-time
+// counts: a runtime bound around wgmma makes ptxas serialise them or spill.
+template <int QK_DIM, int DP_DIM>
+struct HeadSteps {};  // carries the two dims down to issue_transposed_scores (k16_steps)
+
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 keys × N queries each), issued as two commit groups: A = 64 rows
 // of K / V (K-major over the head dim, a tile of KV_ROWS rows per box), B = N rows of the Q / dO
 // tile (K-major, a tile of Q_ROWS rows per box).
-// The k16 steps of the two GEMMs over the head dims (S over D, dP over Dv) that hold a column
-// below the call's D or Dv. The tiles are 64, 128 or 256 columns wide, padded with zeros that
-// add nothing: D = 96 runs the 128-column tile in 6 of its 8 steps, D = 192 the 256-column one
-// in 12 of 16. Compile-time counts (the kernels' QK_DIM, DP_DIM): a runtime bound around wgmma
-// makes ptxas serialise them or spill.
-template <int QK, int DP>
-struct HeadSteps {
-    static constexpr int qk = QK, dp = DP;
-};
-
-template <typename T, int D, int N, int KV_ROWS, int Q_ROWS, int QK, int DP>
+template <typename T, int D, int N, int KV_ROWS, int Q_ROWS, int QK_DIM, int DP_DIM>
 __device__ __forceinline__ void issue_transposed_scores(float (&s)[N / 2], float (&dp)[N / 2], u64 desc_k, u64 desc_q,
-                                                        u64 desc_v, u64 desc_do, HeadSteps<QK, DP>) {
-    static_assert(QK <= D / 16 && DP <= D / 16, "steps within the tile");
+                                                        u64 desc_v, u64 desc_do, HeadSteps<QK_DIM, DP_DIM>) {
+    static_assert(QK_DIM <= D && DP_DIM <= D, "steps within the tile");
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < QK; ++kk)
+    for (int kk = 0; kk < k16_steps(QK_DIM); ++kk)
         wgmma_ss<T, N, 0, 0>(s, desc_k + kmajor_step(kk, KV_ROWS), desc_q + kmajor_step(kk, Q_ROWS), kk > 0);
     wgmma_commit();
 #pragma unroll
-    for (int kk = 0; kk < DP; ++kk)
+    for (int kk = 0; kk < k16_steps(DP_DIM); ++kk)
         wgmma_ss<T, N, 0, 0>(dp, desc_v + kmajor_step(kk, KV_ROWS), desc_do + kmajor_step(kk, Q_ROWS), kk > 0);
     wgmma_commit();
 }
@@ -477,7 +475,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
         // The block's barrier at the loop's top already orders the dSᵀ tile's reuse (id 2).
         dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
             a, mask, mod, drop, sm, wg, stage, m0, n0, walk.slot(), dk_acc, dv_acc,
-            HeadSteps<QK_DIM / 16, DP_DIM / 16>{}, [](int id) { if (id == 1) __syncthreads(); });
+            HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { if (id == 1) __syncthreads(); });
 
         walk = ahead;
         m_tile = next_m_tile;
@@ -781,7 +779,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         const int m_tile = walk.m_tile();
         if constexpr (SPLIT) {
             dkdv_split_query_tile<T, D, MASK, MOD>(a, mask, mod, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(),
-                                                   dk_acc, dv_acc, HeadSteps<QK_DIM / 16, DP_DIM / 16>{});
+                                                   dk_acc, dv_acc, HeadSteps<QK_DIM, DP_DIM>{});
         } else {
             int rank = 0;
             if constexpr (ORDERED_DQ)
@@ -800,7 +798,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             }
             dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                 a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
-                HeadSteps<QK_DIM / 16, DP_DIM / 16>{}, [](int id) { named_barrier(id, CONSUMERS); },
+                HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { named_barrier(id, CONSUMERS); },
                 DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), rank});  // stage = tiles % 2
         }
         // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
@@ -831,8 +829,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int Q_BYTES = BLOCK_M * D * 2;   // Q or dO
     constexpr int KV_BYTES = BLOCK_N * D * 2;  // one K or V stage
     constexpr int NT = BLOCK_N / 8;            // 8-column blocks of S
-    static_assert(QK_DIM % 16 == 0 && DP_DIM % 16 == 0 && QK_DIM <= D && DP_DIM <= D, "HeadSteps");
-    constexpr int KQK = QK_DIM / 16, KDP = DP_DIM / 16;  // k16 steps of S and dP (HeadSteps)
+    static_assert(QK_DIM <= D && DP_DIM <= D, "steps within the tile");
     constexpr int KN = BLOCK_N / 16;           // k16 steps over the key tile
     constexpr int SLICE = D < 128 ? D : 128;   // dQ columns per wgmma (its N is at most 128 here)
     static_assert(D == 64 || D == 128 || (D == 256 && WG == 1), "head dim must be 64 or 128, or 256 with one warpgroup");
@@ -915,11 +912,11 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         const u32 st = (u32)(stage * KV_BYTES) >> 4;
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KQK; ++kk)
+        for (int kk = 0; kk < k16_steps(QK_DIM); ++kk)
             wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + st + kmajor_step(kk, BLOCK_N), kk > 0);
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < KDP; ++kk)
+        for (int kk = 0; kk < k16_steps(DP_DIM); ++kk)
             wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + st + kmajor_step(kk, BLOCK_N), kk > 0);
         wgmma_commit();
         const int n0 = key_tile[j] * BLOCK_N;

@@ -363,7 +363,7 @@ template <typename T, int D, int BLOCK_M, int BLOCK_N>
 __device__ __forceinline__ void issue_qk(float (&s)[BLOCK_N / 2], u64 desc_q, u32 k_stage) {
     const u64 desc_k = sw128_desc(k_stage, 16);
 #pragma unroll
-    for (int kk = 0; kk < (D + 15) / 16; ++kk)
+    for (int kk = 0; kk < k16_steps(D); ++kk)
         wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + kmajor_step(kk, BLOCK_N), kk > 0);
     wgmma_commit();
 }
