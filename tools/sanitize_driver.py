@@ -16,10 +16,11 @@ from cuflash import kernels
 from cuflash.sparse import BlockMask, ExactMask
 
 
-def _arrays(rng, dtype, b, hq, hkv, n, d):
+def _arrays(rng, dtype, b, hq, hkv, n, d, dv=None):
     def make(*shape):
         return cupy.asarray(rng.standard_normal(shape, dtype=numpy.float32).astype(dtype))
-    return make(b, hq, n, d), make(b, hkv, n, d), make(b, hkv, n, d), make(b, hq, n, d)
+    dv = dv or d
+    return make(b, hq, n, d), make(b, hkv, n, d), make(b, hkv, n, dv), make(b, hq, n, dv)
 
 
 def main():
@@ -140,12 +141,13 @@ def _ordered(rng):
 def _split(rng):
     """The Hopper backward's 256-column tile (its two dK/dV consumers split the columns and trade
     Pᵀ and dSᵀ through shared memory; the dQ kernel with one warpgroup), at D = 256 and, with
-    zero columns, 160."""
-    _dense_cases(rng, (("bfloat16", 256, False), ("float16", 160, False)))
+    zero columns, 160; and D = 192 with Dv = 128, where each consumer keeps a quarter of dV's
+    columns and the boxes of V and dO past Dv are not loaded."""
+    _dense_cases(rng, (("bfloat16", 256, False), ("float16", 160, False), ("bfloat16", 192, False, 128)))
 
 
 def _dense_cases(rng, cases):
-    """Forward and both backward modes of each (dtype, D, Hopper off) case under a window with
+    """Forward and both backward modes of each (dtype, D, Hopper off[, Dv]) case under a window with
     softcap and ALiBi, and under causal with a block mask."""
     n = 150
     slopes = cupy.asarray(numpy.linspace(0.1, 0.5, 2, dtype=numpy.float32))
@@ -154,16 +156,16 @@ def _dense_cases(rng, cases):
         {"window": (60, 20), "softcap": 10.0, "alibi_slopes": slopes},
         {"causal": True, "block_mask": BlockMask.from_dense(pattern, block_size=128, shape=(n, n))},
     )
-    for dtype_name, d, hopper_off in cases:
+    for dtype_name, d, hopper_off, *dv in cases:
         os.environ[kernels.DISABLE_HOPPER_ENV] = "1" if hopper_off else "0"
         dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": numpy.float16, "float32": numpy.float32}[dtype_name]
-        q, k, v, dout = _arrays(rng, dtype, 1, 2, 1, n, d)
+        q, k, v, dout = _arrays(rng, dtype, 1, 2, 1, n, d, *dv)
         for opts in options:
             out, lse = cuflash.attention(q, k, v, return_lse=True, **opts)
             for deterministic in (False, True):
                 cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **opts)
             cupy.cuda.Device().synchronize()
-            print(f"ran {dtype_name} D={d} sm90={'off' if hopper_off else 'on'} "
+            print(f"ran {dtype_name} D={d}{'/' + str(dv[0]) if dv else ''} sm90={'off' if hopper_off else 'on'} "
                   f"{sorted(k for k in opts)}", flush=True)
 
 

@@ -240,7 +240,15 @@ struct DkdvSmem : DkdvStages<D, WG * 64, BLOCK_M> {
 // 128-column tile in 6 of its 8 steps, D = 192 the 256-column one in 12 of 16. Compile-time
 // counts: a runtime bound around wgmma makes ptxas serialise them or spill.
 template <int QK_DIM, int DP_DIM>
-struct HeadSteps {};  // carries the two dims down to issue_transposed_scores (k16_steps)
+struct HeadSteps {  // carries the two dims down (k16_steps, split_columns)
+    static constexpr int QK = QK_DIM, DP = DP_DIM;
+};
+
+// The columns of dK (dim: QK_DIM) or dV (DP_DIM) that each consumer keeps where the two split a
+// D-column tile by columns (dkdv_split_query_tile): half the tile, or a quarter where the dim
+// fits in half of it, so that no consumer's columns are all padding (D = 192 with Dv = 128 in the
+// 256-column tile: one 64-column atom of dV each, instead of 128 real columns and 128 of zeros).
+__host__ __device__ constexpr int split_columns(int d, int dim) { return dim <= d / 2 ? d / 4 : d / 2; }
 
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 keys × N queries each), issued as two commit groups: A = 64 rows
 // of K / V (K-major over the head dim, a tile of KV_ROWS rows per box), B = N rows of the Q / dO
@@ -384,18 +392,20 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     }
 }
 
-// dK·scale and dV of one consumer warpgroup's 64 keys, columns col0 .. col0 + COLS (of their a.d
-// and a.dv real columns), once; key tiles that no query sees write zeros.
-template <typename T, int COLS, bool DROPOUT, bool F32_GRADS>
+// dK·scale and dV of one consumer warpgroup's 64 keys, columns dk_col0 .. dk_col0 + K_COLS and
+// dv_col0 .. dv_col0 + V_COLS (of their a.d and a.dv real columns), once; key tiles that no query
+// sees write zeros.
+template <typename T, int K_COLS, int V_COLS, bool DROPOUT, bool F32_GRADS>
 __device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
-                                           float (&dk_acc)[COLS / 2], float (&dv_acc)[COLS / 2], int col0 = 0) {
+                                           float (&dk_acc)[K_COLS / 2], float (&dv_acc)[V_COLS / 2],
+                                           int dk_col0 = 0, int dv_col0 = 0) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
     const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {dv_scale, dv_scale};
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
-                        seq.nk, a.d, as_blocks<COLS / 8>(dk_acc), key_row0 + g, col0, t, dk_factor);
+                        seq.nk, a.d, as_blocks<K_COLS / 8>(dk_acc), key_row0 + g, dk_col0, t, dk_factor);
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn, a.gv_sn,
-                        seq.nk, a.dv, as_blocks<COLS / 8>(dv_acc), key_row0 + g, col0, t, dv_factor);
+                        seq.nk, a.dv, as_blocks<V_COLS / 8>(dv_acc), key_row0 + g, dv_col0, t, dv_factor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,14 +495,15 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
     if constexpr (ATOMIC_DQ) {
         if (threadIdx.x % 32 == 0) bulk_wait();  // the staging floats stay until the last reduce-add is done
     }
-    store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
+    store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Head dims past 128 (the D = 256 tile; warp-specialised kernel only). dK and dV of 64 keys × D
 // columns would take D floats per thread of one warpgroup, more than a consumer has, so the two
 // consumers share one 64-key tile and split dK and dV by columns instead: warpgroup w keeps
-// columns D/2·w .. D/2·(w + 1). Both need the whole Pᵀ and dSᵀ of a query tile, so each computes
+// columns D/2·w .. D/2·(w + 1), or D/4·w .. D/4·(w + 1) of a gradient whose real columns fit in
+// D/2 (split_columns). Both need the whole Pᵀ and dSᵀ of a query tile, so each computes
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for half of the tile's 64 queries (m64n32 wgmmas), writes its half
 // of Pᵀ and dSᵀ into two shared tiles, and reads both tiles whole as the shared A operands of
 // dV += Pᵀ dO and dK += dSᵀ Q: four GEMMs per tile pair, none repeated. No fused dQ: its staging
@@ -522,6 +533,18 @@ struct DkdvLayout<D, WG, BLOCK_M, ATOMIC_DQ, true> {
     using type = SplitDkdvSmem<D>;
 };
 
+// acc += (a transposed tile of ROWS rows, K-major, at desc_t) · (the accumulator's 2·ACC columns of
+// Q or dO, MN-major at desc_mn), over KM k16 steps of query rows.
+template <typename T, int KM, int ROWS, int ACC>
+__device__ __forceinline__ void issue_split_update(float (&acc)[ACC], u64 desc_t, u64 desc_mn) {
+    reg_fence(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk)
+        wgmma_ss<T, 2 * ACC, 0, 1>(acc, desc_t + kmajor_step(kk, ROWS), desc_mn + ((u32)(kk * 2048) >> 4), 1);
+    wgmma_commit();
+}
+
 // One consumer warpgroup's share of one query tile with split columns (see SplitDkdvSmem):
 // its half of Sᵀ, Pᵀ, dPᵀ and dSᵀ, then its columns of dV and dK. Named barriers over both
 // consumers (256 threads; ids past the kernel's 3 + warpgroup): 5, both done reading the previous
@@ -529,15 +552,16 @@ struct DkdvLayout<D, WG, BLOCK_M, ATOMIC_DQ, true> {
 template <typename T, int D, class MASK, class MOD, class Steps>
 __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
                                                       const SplitDkdvSmem<D>& sm, int wg, int stage, int m0, int n0,
-                                                      int slot, float (&dk_acc)[D / 4], float (&dv_acc)[D / 4],
-                                                      Steps steps) {
+                                                      int slot, float (&dk_acc)[split_columns(D, Steps::QK) / 2],
+                                                      float (&dv_acc)[split_columns(D, Steps::DP) / 2], Steps steps) {
     using SM = SplitDkdvSmem<D>;
     constexpr int BLOCK_M = SM::BLOCK_M, BLOCK_N = SM::BLOCK_N;
     constexpr int HALF = BLOCK_M / 2;  // this warpgroup's queries of Sᵀ and dPᵀ
     constexpr int CT = HALF / 8;       // their 8-column blocks
     constexpr int KH = HALF / 16;      // their k16 steps
     constexpr int KM = BLOCK_M / 16;   // k16 steps over the query tile
-    constexpr int COLS = D / 2;        // this warpgroup's columns of dK and dV
+    // this warpgroup's columns of dK and dV
+    constexpr int K_COLS = split_columns(D, Steps::QK), V_COLS = split_columns(D, Steps::DP);
     static_assert(!MASK::exact, "an exact mask's bits are loaded per whole query tile");
     const int warp = (threadIdx.x / 32) % 4;  // keys 16·warp..+15 of the tile
     const int lane = threadIdx.x % 32;
@@ -572,24 +596,14 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     fence_proxy_async_shared();
     named_barrier(6, 256);
 
-    // dV[:, COLS·wg ..] += Pᵀ dO: A = the Pᵀ tile (K-major: its 64 queries are the 128-byte row),
-    // B = dO read MN-major from box COLS/64·wg on (k16 step: 16 query rows, 2048 bytes; next box
-    // BLOCK_M·128 bytes further). Runs while dSᵀ is formed.
+    // dV[:, V_COLS·wg ..] += Pᵀ dO: A = the Pᵀ tile (K-major: its 64 queries are the 128-byte
+    // row), B = dO read MN-major from box V_COLS/64·wg on (k16 step: 16 query rows, 2048 bytes;
+    // next box BLOCK_M·128 bytes further). Runs while dSᵀ is formed.
     const u64 desc_pt = sw128_desc(sm.spt(), 16);
     const u64 desc_dst = sw128_desc(sm.sdst(), 16);
-    const u32 my_boxes = wg * (COLS / 64) * BLOCK_M * 128;
-    const u64 desc_do_mn = sw128_desc(sm.sdo(stage) + my_boxes, BLOCK_M * 128);
-    const u64 desc_q_mn = sw128_desc(sm.sq(stage) + my_boxes, BLOCK_M * 128);
-    // acc += (a transposed tile, K-major) · (this warpgroup's columns of Q or dO, MN-major).
-    auto issue_update = [&](float (&acc)[D / 4], u64 desc_t, u64 desc_mn) {
-        reg_fence(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KM; ++kk)
-            wgmma_ss<T, COLS, 0, 1>(acc, desc_t + kmajor_step(kk, BLOCK_N), desc_mn + ((u32)(kk * 2048) >> 4), 1);
-        wgmma_commit();
-    };
-    issue_update(dv_acc, desc_pt, desc_do_mn);
+    const u64 desc_do_mn = sw128_desc(sm.sdo(stage) + wg * (V_COLS / 64) * BLOCK_M * 128, BLOCK_M * 128);
+    const u64 desc_q_mn = sw128_desc(sm.sq(stage) + wg * (K_COLS / 64) * BLOCK_M * 128, BLOCK_M * 128);
+    issue_split_update<T, KM, BLOCK_N>(dv_acc, desc_pt, desc_do_mn);
 
     // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]) into this warpgroup's half of the dSᵀ tile.
     const ColumnPairs<CT, AHEAD> delta_pairs(delta, t);
@@ -606,7 +620,7 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     named_barrier(7, 256);
 
     // dK[:, COLS·wg ..] += dSᵀ Q (scaled once at the end).
-    issue_update(dk_acc, desc_dst, desc_q_mn);
+    issue_split_update<T, KM, BLOCK_N>(dk_acc, desc_dst, desc_q_mn);
     wgmma_wait<0>();
     reg_fence(dv_acc);
     reg_fence(dk_acc);
@@ -681,7 +695,12 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     constexpr bool SPLIT = D > 128;  // dK, dV split by columns (dkdv_split_query_tile)
     constexpr int BLOCK_N = SPLIT ? 64 : WG * 64;
     constexpr int CONSUMERS = WG * 128;
-    constexpr int ACC = SPLIT ? D / 4 : D / 2;  // dK or dV floats per thread
+    // dK and dV columns per consumer (split_columns)
+    constexpr int K_COLS = SPLIT ? split_columns(D, QK_DIM) : D, V_COLS = SPLIT ? split_columns(D, DP_DIM) : D;
+    // 64-column boxes of K and Q, and of V and dO, that hold a real column. The split kernel loads
+    // only those: the boxes past them would feed nothing but dK and dV columns that are never
+    // stored (it forms no dQ). Elsewhere every box is loaded (zeros past the real columns).
+    constexpr int QK_BOXES = SPLIT ? (QK_DIM + 63) / 64 : D / 64, DP_BOXES = SPLIT ? (DP_DIM + 63) / 64 : D / 64;
     using SM = typename DkdvLayout<D, WG, BLOCK_M, ATOMIC_DQ>::type;
     static_assert(D == 64 || D == 128 || D == 256, "head dim must be 64, 128 or 256");
     static_assert(!SPLIT || (WG == 2 && BLOCK_M == 64 && !ATOMIC_DQ && !DROPOUT && !MASK::exact),
@@ -739,11 +758,11 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         if (!walk.valid()) return;
         tma_prefetch_desc(&maps.q);
         tma_prefetch_desc(&maps.dout);
-        mbar_arrive_expect_bytes(kv_full, 2 * SM::KV_BYTES);
+        mbar_arrive_expect_bytes(kv_full, (QK_BOXES + DP_BOXES) * BLOCK_N * 128);
 #pragma unroll
         for (int box = 0; box < D / 64; ++box) {
-            tma_load_4d(sm.sk + box * BLOCK_N * 128, &maps.k, kv_full, 64 * box, n0, hk, b);
-            tma_load_4d(sm.sv() + box * BLOCK_N * 128, &maps.v, kv_full, 64 * box, n0, hk, b);
+            if (box < QK_BOXES) tma_load_4d(sm.sk + box * BLOCK_N * 128, &maps.k, kv_full, 64 * box, n0, hk, b);
+            if (box < DP_BOXES) tma_load_4d(sm.sv() + box * BLOCK_N * 128, &maps.v, kv_full, 64 * box, n0, hk, b);
         }
         RingSlot<2> slot;
         for (; walk.valid(); walk.next(), slot.advance()) {
@@ -751,12 +770,15 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             const i64 r = scratch_offset<false>(a, seq, b, walk.h) + m0;
             mbar_wait(empty(slot.stage), slot.phase ^ 1);
             if constexpr (ATOMIC_DQ) *sm.template at<i64>(sm.scratch_row(slot.stage)) = r;
-            mbar_arrive_expect_bytes(full(slot.stage), 2 * SM::QT_BYTES + 2 * BLOCK_M * 4);
+            mbar_arrive_expect_bytes(full(slot.stage), (QK_BOXES + DP_BOXES) * BLOCK_M * 128 + 2 * BLOCK_M * 4);
 #pragma unroll
             for (int box = 0; box < D / 64; ++box) {
-                tma_load_4d(sm.sq(slot.stage) + box * BLOCK_M * 128, &maps.q, full(slot.stage), 64 * box, m0, walk.h, b);
-                tma_load_4d(sm.sdo(slot.stage) + box * BLOCK_M * 128, &maps.dout, full(slot.stage), 64 * box, m0,
-                            walk.h, b);
+                if (box < QK_BOXES)
+                    tma_load_4d(sm.sq(slot.stage) + box * BLOCK_M * 128, &maps.q, full(slot.stage), 64 * box, m0,
+                                walk.h, b);
+                if (box < DP_BOXES)
+                    tma_load_4d(sm.sdo(slot.stage) + box * BLOCK_M * 128, &maps.dout, full(slot.stage), 64 * box, m0,
+                                walk.h, b);
             }
             bulk_load(sm.rows(slot.stage), a.lse2 + r, BLOCK_M * 4, full(slot.stage));
             bulk_load(sm.rows(slot.stage) + BLOCK_M * 4, a.delta + r, BLOCK_M * 4, full(slot.stage));
@@ -766,9 +788,11 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
 
     claim_registers<240>();
     const int wg = threadIdx.x / 128 - 1;
-    float dk_acc[ACC], dv_acc[ACC];
+    float dk_acc[K_COLS / 2], dv_acc[V_COLS / 2];
 #pragma unroll
-    for (int i = 0; i < ACC; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    for (int i = 0; i < K_COLS / 2; ++i) dk_acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < V_COLS / 2; ++i) dv_acc[i] = 0.f;
     auto walk = block_walk;
     if (walk.valid()) mbar_wait(kv_full, 0);
     RingSlot<2> slot;
@@ -811,10 +835,10 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
     }
     if constexpr (SPLIT)
-        store_dkdv<T, D / 2, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc,
-                                                 wg * D / 2);
+        store_dkdv<T, K_COLS, V_COLS, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + (threadIdx.x / 32) % 4 * 16, dk_acc,
+                                                          dv_acc, wg * K_COLS, wg * V_COLS);
     else
-        store_dkdv<T, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
+        store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -832,6 +856,9 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     static_assert(QK_DIM <= D && DP_DIM <= D, "steps within the tile");
     constexpr int KN = BLOCK_N / 16;           // k16 steps over the key tile
     constexpr int SLICE = D < 128 ? D : 128;   // dQ columns per wgmma (its N is at most 128 here)
+    // dQ's columns up to the last 64-column box that holds a real one (the boxes past QK_DIM
+    // would only add zeros): whole slices, then REST columns (0 or 64).
+    constexpr int DQ_COLS = (QK_DIM + 63) / 64 * 64, SLICES = DQ_COLS / SLICE, REST = DQ_COLS % SLICE;
     static_assert(D == 64 || D == 128 || (D == 256 && WG == 1), "head dim must be 64 or 128, or 256 with one warpgroup");
     static_assert(BLOCK_N == 64 || BLOCK_N == 128, "key tile must be 64 or 128 keys");
 
@@ -946,12 +973,19 @@ flash_bwd_sm90_dq(const BwdArgs a) {
         reg_fence(dq_acc);
         wgmma_fence();
 #pragma unroll
-        for (int c = 0; c < D / SLICE; ++c) {
+        for (int c = 0; c < SLICES; ++c) {
             float (&dq_c)[SLICE / 2] = *reinterpret_cast<float(*)[SLICE / 2]>(&dq_acc[c * SLICE / 2]);
             const u32 slice = (u32)(c * (SLICE / 64) * BLOCK_N * 128) >> 4;
 #pragma unroll
             for (int kk = 0; kk < KN; ++kk)
                 wgmma_rs<T, SLICE, 1>(dq_c, df[kk], desc_k_mn + st + slice + ((u32)(kk * 2048) >> 4), 1);
+        }
+        if constexpr (REST > 0) {
+            float (&dq_r)[REST / 2] = *reinterpret_cast<float(*)[REST / 2]>(&dq_acc[SLICES * SLICE / 2]);
+            const u32 slice = (u32)(SLICES * (SLICE / 64) * BLOCK_N * 128) >> 4;
+#pragma unroll
+            for (int kk = 0; kk < KN; ++kk)
+                wgmma_rs<T, REST, 1>(dq_r, df[kk], desc_k_mn + st + slice + ((u32)(kk * 2048) >> 4), 1);
         }
         wgmma_commit();
         wgmma_wait<0>();
