@@ -11,7 +11,7 @@ NumPy path, the oracle and the CUDA kernels) draw the same mask:
 - key ``(k0, k1) = (seed mod 2³², seed div 2³²)`` (``0 ≤ seed < 2⁶⁴``);
 - counter ``(c0, c1, c2, c3) = (j div 16, i, b · Hq + h, offset)`` (``0 ≤ offset < 2³²``, and
   ``B · Hq < 2³²``);
-- the element's 8-bit draw is byte ``j mod 16`` of ``Philox4x32-10(counter, key)`` (byte ``4w + c``
+- the element's 8-bit draw is byte ``j mod 16`` of ``Philox4x32-7(counter, key)`` (byte ``4w + c``
   is bits ``8c … 8c + 7`` of word ``w``), so one Philox call serves 16 consecutive keys of one
   row;
 - the element is kept when ``draw ≥ threshold``, ``threshold = min(255, round(p · 256))`` (halves up).
@@ -23,12 +23,14 @@ that would round to 0 (``0 < p < 1/512``) is refused rather than silently ignore
 element, not 32, make the Philox work per element a quarter of what it would be: in the kernels
 it costs as much as the matrix products would otherwise.
 
-Philox4x32-10 is the counter-based generator of Salmon et al. (SC 2011), as in Random123 and
-cuRAND: ten rounds of two 32×32→64-bit multiplies (``M0 = 0xD2511F53``, ``M1 = 0xCD9E8D57``) with
+Philox4x32 is the counter-based generator of Salmon et al. (SC 2011), as in Random123 and
+cuRAND: rounds of two 32×32→64-bit multiplies (``M0 = 0xD2511F53``, ``M1 = 0xCD9E8D57``) with
 the key bumped by the Weyl constants (``W0 = 0x9E3779B9``, ``W1 = 0xBB67AE85``) between rounds.
-``philox4x32_10`` reproduces Random123's known-answer vectors (tests/test_dropout.py). The sm80
-kernels draw the same mask from their tile coordinates (csrc/dropout.cuh, docs/internals.md,
-"Dropout").
+Seven rounds (``ROUNDS``), as flash-attn draws its dropout mask: Salmon et al. found Philox4x32
+Crush-resistant from seven rounds, and ten (cuRAND's count) adds a safety margin. In the kernels
+the rounds are the bulk of dropout's added instructions. ``philox4x32`` reproduces Random123's known-answer vectors for 7 and 10 rounds
+(tests/test_dropout.py). The kernels draw the same mask from their tile coordinates
+(csrc/dropout.cuh, docs/internals.md, "Dropout").
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 
 M0, M1 = 0xD2511F53, 0xCD9E8D57
 W0, W1 = 0x9E3779B9, 0xBB67AE85
-ROUNDS = 10
+ROUNDS = 7  # the kernels' PHILOX_ROUNDS (csrc/dropout.cuh)
 
 _U32 = np.uint32
 _U64 = np.uint64
@@ -53,13 +55,13 @@ def _mulhilo(a, m):
     return (product >> _SHIFT).astype(_U32), (product & _MASK32).astype(_U32)
 
 
-def philox4x32_10(counter, key):
-    """Philox4x32-10 of ``counter`` (4 uint32 arrays, broadcast together) under ``key`` (2 uint32
-    values or arrays): the four uint32 output words, as a tuple of arrays."""
+def philox4x32(counter, key, rounds: int = ROUNDS):
+    """Philox4x32 with ``rounds`` rounds of ``counter`` (4 uint32 arrays, broadcast together) under
+    ``key`` (2 uint32 values or arrays): the four uint32 output words, as a tuple of arrays."""
     c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=_U32) for c in counter))
     k0, k1 = (np.asarray(k, dtype=_U32) for k in key)
     with np.errstate(over="ignore"):
-        for round_ in range(ROUNDS):
+        for round_ in range(rounds):
             if round_:
                 k0 = k0 + _U32(W0)
                 k1 = k1 + _U32(W1)
@@ -97,7 +99,7 @@ def draws(seed: int, offset: int, hq: int, b, h, rows, cols):
                                              for x in (b, h, rows, cols)))
     key = (seed & 0xFFFFFFFF, seed >> 32)
     counter = (cols // KEYS_PER_CALL, rows, b * hq + h, np.full(cols.shape, offset, np.int64))
-    words = philox4x32_10(counter, key)
+    words = philox4x32(counter, key)
     byte = cols % KEYS_PER_CALL
     word = np.select([byte // 4 == w for w in range(3)], words[:3], words[3]).astype(_U32)
     return (word >> (8 * (byte % 4)).astype(_U32)) & _U32(0xFF)

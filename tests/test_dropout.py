@@ -1,4 +1,4 @@
-"""Attention dropout: the random contract of ``cuflash._dropout`` (Philox4x32-10), the NumPy path
+"""Attention dropout: the random contract of ``cuflash._dropout`` (Philox4x32-7), the NumPy path
 against the float64 oracle given the same mask, its statistics, the seed rule, the checks, and
 which GPU families take it (the sm80 ones; tests/test_dropout_gpu.py runs them)."""
 
@@ -16,25 +16,34 @@ from oracle import assert_backward_close, assert_forward_close, random_array
 
 # ----------------------------------------------------------------------------- the generator
 
-# Random123's known-answer vectors for Philox4x32-10: (counter, key, output).
-KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
+# Random123's known-answer vectors for Philox4x32-7 (the mask's generator) and Philox4x32-10 (the
+# same round function, cuRAND's count): (counter, key, output) by rounds.
+_INPUTS = [((0, 0, 0, 0), (0, 0)), ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2),
+           ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0))]
+_OUTPUTS = {
+    7: [(0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48), (0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662),
+        (0x4DFCCABA, 0x190A87F0, 0xC47362BA, 0xB6B5242A)],
+    10: [(0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)],
+}
+KAT = [(rounds, counter, key, expected)
+       for rounds, outputs in _OUTPUTS.items() for (counter, key), expected in zip(_INPUTS, outputs)]
 
 
-@pytest.mark.parametrize("counter, key, expected", KAT)
-def test_philox_known_answers(counter, key, expected):
-    assert tuple(int(w) for w in _dropout.philox4x32_10(counter, key)) == expected
+def test_the_mask_draws_from_philox4x32_7():
+    assert _dropout.ROUNDS == 7
+
+
+@pytest.mark.parametrize("rounds, counter, key, expected", KAT)
+def test_philox_known_answers(rounds, counter, key, expected):
+    assert tuple(int(w) for w in _dropout.philox4x32(counter, key, rounds)) == expected
 
 
 def test_philox_is_elementwise_over_arrays():
-    counters = [np.array([c[i] for c, _, _ in KAT], np.uint32) for i in range(4)]
-    keys = [np.array([k[i] for _, k, _ in KAT], np.uint32) for i in range(2)]
-    words = _dropout.philox4x32_10(counters, keys)
-    assert [tuple(int(w[n]) for w in words) for n in range(3)] == [e for _, _, e in KAT]
+    counters = [np.array([c[i] for c in (c for c, _ in _INPUTS)], np.uint32) for i in range(4)]
+    keys = [np.array([k[i] for k in (k for _, k in _INPUTS)], np.uint32) for i in range(2)]
+    words = _dropout.philox4x32(counters, keys)
+    assert [tuple(int(w[n]) for w in words) for n in range(3)] == _OUTPUTS[_dropout.ROUNDS]
 
 
 def test_keep_mask_follows_the_documented_counter_layout():
@@ -48,8 +57,7 @@ def test_keep_mask_follows_the_documented_counter_layout():
     cases = [(0, 0, 0, 0, 0), (1, 2, 4, 8, 36), (0, 1, 3, 5, 7), (1, 0, 2, 1, 19), (0, 2, 1, 3, 15)]
     for b0, b1, h, i, j in cases:
         b = b0 * 3 + b1  # the flattened batch index
-        words = _dropout.philox4x32_10((j // 16, i, b * hq + h, offset),
-                                       (seed & 0xFFFFFFFF, seed >> 32))
+        words = _dropout.philox4x32((j // 16, i, b * hq + h, offset), (seed & 0xFFFFFFFF, seed >> 32))
         byte = int(words[j % 16 // 4]).to_bytes(4, "little")[j % 4]
         assert dense[b0, b1, h, i, j] == (byte >= threshold)
 

@@ -1,7 +1,7 @@
 // Attention dropout in the kernels: the random contract of cuflash/_dropout.py, the one CUDA home
 // of it. Element (b, h, i, j) of P (h the query head, i the query row, j the key) is kept when
 //
-//   byte (j mod 16) of Philox4x32-10(counter = (j div 16, i, b·Hq + h, offset), key = seed halves)
+//   byte (j mod 16) of Philox4x32-7(counter = (j div 16, i, b·Hq + h, offset), key = seed halves)
 //
 // is >= threshold (threshold = min(255, round(p · 256)), computed on the host). One Philox call
 // gives the draws of 16 consecutive keys of one row, a "chunk"; its 16 comparisons are made four
@@ -17,7 +17,7 @@
 //     of a column pair (same t) need the chunks of their 2·NT queries; each makes an eighth of
 //     those calls, and up to 8 shuffles gather them.
 //
-// Cost per element: a sixteenth of a Philox call (10 rounds of two 32×32→64-bit products), a
+// Cost per element: a sixteenth of a Philox call (7 rounds of two 32×32→64-bit products), a
 // quarter of a 4-byte comparison and a few bit moves.
 #pragma once
 #include "arch/ptx.cuh"
@@ -30,10 +30,13 @@
     u32 drop_offset;     /* Philox counter word 3 */                                            \
     float drop_rescale;  /* float32 _dropout.rescale(p): 1 without dropout */
 
-__device__ __forceinline__ uint4 philox4x32_10(uint4 c, u32 k0, u32 k1) {
+// Seven rounds, as flash-attn's mask; _dropout.ROUNDS, which the tests hold the kernels' masks to.
+constexpr int PHILOX_ROUNDS = 7;
+
+__device__ __forceinline__ uint4 philox4x32(uint4 c, u32 k0, u32 k1) {
     constexpr u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
 #pragma unroll
-    for (int round = 0; round < 10; ++round) {
+    for (int round = 0; round < PHILOX_ROUNDS; ++round) {
         if (round) {
             k0 += W0;
             k1 += W1;
@@ -76,7 +79,7 @@ struct DropoutMask {
 
     // Keep bits of keys 16·key_chunk .. 16·key_chunk + 15 of one query row.
     __device__ __forceinline__ u32 chunk(u32 key_chunk, u32 query) const {
-        return kept_bytes(philox4x32_10(make_uint4(key_chunk, query, bh, offset), k0, k1), t4);
+        return kept_bytes(philox4x32(make_uint4(key_chunk, query, bh, offset), k0, k1), t4);
     }
 
     // Rows are queries: row0 is this thread's query of half 0 (row group g included), key0 the
