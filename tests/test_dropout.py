@@ -40,8 +40,8 @@ def test_philox_known_answers(rounds, counter, key, expected):
 
 
 def test_philox_is_elementwise_over_arrays():
-    counters = [np.array([c[i] for c in (c for c, _ in _INPUTS)], np.uint32) for i in range(4)]
-    keys = [np.array([k[i] for k in (k for _, k in _INPUTS)], np.uint32) for i in range(2)]
+    counters = [np.array([c[i] for c, _ in _INPUTS], np.uint32) for i in range(4)]
+    keys = [np.array([k[i] for _, k in _INPUTS], np.uint32) for i in range(2)]
     words = _dropout.philox4x32(counters, keys)
     assert [tuple(int(w[n]) for w in words) for n in range(3)] == _OUTPUTS[_dropout.ROUNDS]
 

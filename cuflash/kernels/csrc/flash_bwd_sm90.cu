@@ -700,7 +700,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     // 64-column boxes of K and Q, and of V and dO, that hold a real column. The split kernel loads
     // only those: the boxes past them would feed nothing but dK and dV columns that are never
     // stored (it forms no dQ). Elsewhere every box is loaded (zeros past the real columns).
-    constexpr int QK_BOXES = SPLIT ? (QK_DIM + 63) / 64 : D / 64, DP_BOXES = SPLIT ? (DP_DIM + 63) / 64 : D / 64;
+    constexpr int QK_BOXES = (SPLIT ? box_columns(QK_DIM) : D) / 64, DP_BOXES = (SPLIT ? box_columns(DP_DIM) : D) / 64;
     using SM = typename DkdvLayout<D, WG, BLOCK_M, ATOMIC_DQ>::type;
     static_assert(D == 64 || D == 128 || D == 256, "head dim must be 64, 128 or 256");
     static_assert(!SPLIT || (WG == 2 && BLOCK_M == 64 && !ATOMIC_DQ && !DROPOUT && !MASK::exact),
@@ -858,7 +858,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int SLICE = D < 128 ? D : 128;   // dQ columns per wgmma (its N is at most 128 here)
     // dQ's columns up to the last 64-column box that holds a real one (the boxes past QK_DIM
     // would only add zeros): whole slices, then REST columns (0 or 64).
-    constexpr int DQ_COLS = (QK_DIM + 63) / 64 * 64, SLICES = DQ_COLS / SLICE, REST = DQ_COLS % SLICE;
+    constexpr int DQ_COLS = box_columns(QK_DIM), SLICES = DQ_COLS / SLICE, REST = DQ_COLS % SLICE;
     static_assert(D == 64 || D == 128 || (D == 256 && WG == 1), "head dim must be 64 or 128, or 256 with one warpgroup");
     static_assert(BLOCK_N == 64 || BLOCK_N == 128, "key tile must be 64 or 128 keys");
 

@@ -689,7 +689,7 @@ template <typename T, int D, int DV, int BLOCK_N, int STAGES, int Q_BUFFERS, int
 __global__ void __launch_bounds__(128 * (CONSUMERS + 1), tma_forward_blocks_per_sm(CONSUMERS))
 flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__ FwdArgs a, int tile_count,
                    int* tile_counter) {
-    constexpr int DP = (D + 63) / 64 * 64, DVP = (DV + 63) / 64 * 64;
+    constexpr int DP = box_columns(D), DVP = box_columns(DV);
     using L = TmaForwardLayout<DP, DVP, BLOCK_N, STAGES, Q_BUFFERS, CONSUMERS>;
     static_assert(BLOCK_N == 64 || BLOCK_N == 80 || BLOCK_N == 128 || BLOCK_N == 176,
                   "BLOCK_N must be 64, 80, 128 or 176 (the Q·Kᵀ wgmma widths wrapped)");

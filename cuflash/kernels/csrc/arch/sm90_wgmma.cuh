@@ -70,6 +70,10 @@ __device__ __forceinline__ void reg_fence(u32 (&r)[N]) {
 // them holds zeros, which the steps after these would only add.
 __host__ __device__ constexpr int k16_steps(int columns) { return (columns + 15) / 16; }
 
+// `columns` rounded up to whole 64-column boxes (the 128-byte swizzle's atom of 16-bit values):
+// the width a tile takes, and the boxes of it that hold one of those columns.
+__host__ __device__ constexpr int box_columns(int columns) { return (columns + 63) / 64 * 64; }
+
 // Accumulator register lists of m64nNk16 (N / 2 floats per thread).
 #define SM90_R32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define SM90_R64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
