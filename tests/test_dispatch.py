@@ -251,14 +251,14 @@ def test_kernel_plan_says_how_the_chosen_family_runs_the_call(monkeypatch):
              "not bit-identical run to run)")
     ordered = ("the warp-specialised dK/dV kernel forming dQ too, its float32 adds in key-tile order "
                "(bit-identical run to run)")
-    ws_two_kernels = "a warp-specialised dK/dV kernel, then a dQ kernel (bit-identical run to run)"
     two_kernels = "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
     assert plan.backward.detail == fused
     assert cuflash.kernel_plan(q, q, q, deterministic=True).backward.detail == ordered
     wide = device.empty((1, 2, 128, 128), ml_dtypes.bfloat16)
     assert cuflash.kernel_plan(wide, wide, wide, causal=True).backward.detail == fused
     widest = device.empty((1, 2, 128, 256), ml_dtypes.bfloat16)  # no fused dQ past 128 columns
-    assert cuflash.kernel_plan(widest, widest, widest, deterministic=True).backward.detail == ws_two_kernels
+    assert (cuflash.kernel_plan(widest, widest, widest, deterministic=True).backward.detail
+            == "a warp-specialised dK/dV kernel, then a warp-specialised dQ kernel (bit-identical run to run)")
     # Dropout's 64-row tiles at D = 64: the fused dQ by turns, in the warp-specialised kernel only.
     drop = dict(dropout_p=0.1, dropout_seed=1)
     assert cuflash.kernel_plan(q, q, q, **drop).backward.detail == fused
@@ -304,9 +304,11 @@ def _backward_operands(device, d, dv, n=200):
 @pytest.mark.parametrize("d, dv", [(256, 256), (192, 128), (160, 160), (64, 256)])
 def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
     """D or Dv above 128 runs the 256-column tile: the warp-specialised dK/dV kernel (a producer
-    and two consumers splitting one 64-key tile's columns), then the dQ kernel with one
-    warpgroup, in both modes (there is no fused dQ); CUFLASH_SM90_BWD_WS=0, dropout, exact masks
-    and packed sequences leave it to the mma.sync kernels, saying why."""
+    and two consumers splitting one 64-key tile's columns), then the warp-specialised dQ kernel
+    (a producer and two consumers over 128-row query tiles), in both modes (there is no fused
+    dQ); with a block mask, the dQ kernel with one warpgroup (64-row tiles);
+    CUFLASH_SM90_BWD_WS=0, dropout, exact masks and packed sequences leave it to the mma.sync
+    kernels, saying why."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -319,14 +321,29 @@ def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
     for deterministic in (False, True):
         plan = cuflash.kernel_plan(q, k, v, deterministic=deterministic)
         assert plan.backward.family.name == "sm90-wgmma", str(plan)
-        assert "warp-specialised dK/dV kernel, then a dQ kernel" in plan.backward.detail
+        assert "warp-specialised dK/dV kernel, then a warp-specialised dQ kernel" in plan.backward.detail
         cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic)
         pre, dkdv, dq = device.take_launches()
         assert pre[0].startswith("flash_bwd_pre<")
         assert dkdv[0].startswith("flash_bwd_sm90_dkdv_ws<bf16_t, 256, 2, 64,")
         assert dkdv[1:4] == ((2 * 4,), (384,), tiles.dkdv_shared_bytes(256))  # 4 key tiles per head
-        assert dq[0].startswith("flash_bwd_sm90_dq<bf16_t, 256, 1, 64,")
-        assert dq[1:4] == ((2 * 4,), (128,), tiles.dq_shared_bytes(256))
+        assert dq[0].startswith("flash_bwd_sm90_dq_ws<bf16_t, 256, 64,")
+        # 2 query tiles of 128 rows per head; K, Q, V and dO boxes only up to D and Dv
+        spec = cuflash.kernel_plan(q, k, v).spec
+        assert dq[1:4] == ((2 * 2,), (384,), sm90_backward.dq_ring_shared_bytes(spec))
+    from cuflash.sparse import BlockMask
+    from cuflash.sparse._csr import TileCSR
+
+    # (the tile index in made-up device memory: the real one uploads)
+    monkeypatch.setattr(BlockMask, "device_csr", lambda self, tile_m, tile_n: TileCSR(
+        *(device.empty(a.shape, a.dtype) for a in self.tile_csr(tile_m, tile_n))))
+    mask = BlockMask.from_dense(np.ones((4, 4), bool), block_size=64, shape=(200, 200))
+    plan = cuflash.kernel_plan(q, k, v, block_mask=mask)
+    assert "warp-specialised dK/dV kernel, then a dQ kernel" in plan.backward.detail
+    cuflash.attention_backward(dout, q, k, v, out, lse, block_mask=mask)
+    _, _, dq = device.take_launches()
+    assert dq[0].startswith("flash_bwd_sm90_dq<bf16_t, 256, 1, 64,")
+    assert dq[1:4] == ((2 * 4,), (128,), tiles.dq_shared_bytes(256))
     assert tiles.dkdv_shared_bytes(256) <= 227 * 1024 and tiles.dq_shared_bytes(256) <= 227 * 1024
     monkeypatch.setenv(WARP_SPECIALISED_BACKWARD_ENV, "0")
     plan = cuflash.kernel_plan(q, k, v)

@@ -104,7 +104,10 @@ def test_forward_parameters_are_the_bytes_cupy_would_send(monkeypatch, twice, ca
 BACKWARD_CASES = {"sm90-ws": ("90", {}, {}), "sm90-cp-async": ("90", {}, {"CUFLASH_SM90_BWD_WS": "0"}),
                   "sm90-ordered-dq": ("90", dict(deterministic=True), {}),
                   "sm90-dq-kernel": ("90", dict(deterministic=True), {"CUFLASH_SM90_ORDERED_DQ": "0"}),
-                  "sm80-mma": ("80", {}, {}), "sm80-deterministic": ("80", dict(deterministic=True), {})}
+                  "sm80-mma": ("80", {}, {}), "sm80-deterministic": ("80", dict(deterministic=True), {}),
+                  "sm90-split-tile": ("90", {}, {})}
+# The cases' (B, H, N, D), where not SHAPE: the 256-column tile runs the warp-specialised dQ kernel.
+CASE_SHAPES = {"sm90-split-tile": (2, 4, 256, 256)}
 
 
 @pytest.mark.parametrize("case", BACKWARD_CASES)
@@ -113,9 +116,10 @@ def test_backward_parameters_are_the_bytes_cupy_would_send(monkeypatch, twice, c
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     device = _device(monkeypatch, capability)
-    first = [device.empty(SHAPE, BF16) for _ in range(4)]
-    second = [device.empty(SHAPE, BF16) for _ in range(4)]
-    lse = device.empty(SHAPE[:3], np.float32)
+    shape = CASE_SHAPES.get(case, SHAPE)
+    first = [device.empty(shape, BF16) for _ in range(4)]
+    second = [device.empty(shape, BF16) for _ in range(4)]
+    lse = device.empty(shape[:3], np.float32)
     kernels_seen = set()
     for q, k, v, dout in (first, first, second, first):
         twice.clear()
@@ -127,7 +131,7 @@ def test_backward_parameters_are_the_bytes_cupy_would_send(monkeypatch, twice, c
             assert [_field(parameters, _launch.BWD_ARGS, name)
                     for name in ("q", "k", "v", "dout", "grad_q", "grad_k", "grad_v")] == [
                 x.data.ptr for x in (q, k, v, dout, dq, dk, dv)]
-            if len(parameters) == 2:  # warp-specialised dK/dV: descriptors of q, k, v, dout
+            if len(parameters) == 2:  # warp-specialised dK/dV or dQ: descriptors of q, k, v, dout
                 maps = np.frombuffer(parameters[0], np.uint64)
                 assert [int(a) for a in maps[::16]] == [x.data.ptr for x in (q, k, v, dout)]
         kernels_seen.update(launch[0].partition("<")[0] for launch in device.take_launches())
@@ -285,8 +289,9 @@ def _backward_dependents(monkeypatch, case):
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     device = _device(monkeypatch, capability)
-    q, k, v, dout = (device.empty(SHAPE, BF16) for _ in range(4))
-    lse = device.empty(SHAPE[:3], np.float32)
+    shape = CASE_SHAPES.get(case, SHAPE)
+    q, k, v, dout = (device.empty(shape, BF16) for _ in range(4))
+    lse = device.empty(shape[:3], np.float32)
     calls = []
     for _ in range(2):
         device.dependent.clear()
@@ -362,13 +367,14 @@ def test_every_kernel_launched_as_a_dependent_waits_before_anything_else(monkeyp
     """A dependent's blocks may start while the kernel before it runs: each must wait for it
     before its first memory access, so its first statement is the wait."""
     names = set()
-    for case in ("sm90-ws", "sm90-cp-async", "sm90-ordered-dq", "sm90-dq-kernel", *MMA_ON_HOPPER):
+    for case in ("sm90-ws", "sm90-cp-async", "sm90-ordered-dq", "sm90-dq-kernel", "sm90-split-tile", *MMA_ON_HOPPER):
         with monkeypatch.context() as patch:
             for _, dependents in _backward_dependents(patch, case):
                 names.update(expression.partition("<")[0] for expression, _ in dependents)
     with monkeypatch.context() as patch:
         names.update(expression.partition("<")[0] for expression, _ in _decode_launches(patch, "90", 4, 2)[1])
-    assert names == {"flash_bwd_sm90_dkdv_ws", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq", "flash_bwd_dkdv",
+    assert names == {"flash_bwd_sm90_dkdv_ws", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq", "flash_bwd_sm90_dq_ws",
+                     "flash_bwd_dkdv",
                      "flash_bwd_dq", "flash_bwd_dq_convert", "flash_decode", "decode_combine"}
     for name in sorted(names):
         body = _kernel_body_start(name)

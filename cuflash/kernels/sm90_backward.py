@@ -220,7 +220,8 @@ def describe_call(spec) -> str:
     if ordered_dq(spec, tiles, producer):
         return (f"the {dkdv} forming dQ too, its float32 adds in key-tile order (bit-identical run "
                 f"to run)")
-    return f"a {dkdv}, then a dQ kernel (bit-identical run to run)"
+    dq = ("warp-specialised dQ kernel" if dq_ring(spec, tiles) else "dQ kernel")
+    return f"a {dkdv}, then a {dq} (bit-identical run to run)"
 
 
 def step_dims(spec) -> tuple[int, ...]:
@@ -256,6 +257,38 @@ def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
         *_flags_and_steps(spec, spec.has_dropout, spec.float32_grads, atomic_dq or ordered_dq, ordered_dq,
                           rotated_dq),
+    )
+
+
+def dq_ring(spec, tiles: Sm90BwdTiles) -> bool:
+    """Whether the call's dQ kernel is the warp-specialised ``flash_bwd_sm90_dq_ws`` (a TMA
+    producer and two consumer warpgroups over 128-row query tiles): the 256-column tile without a
+    block mask, whose blocks then need only be multiples of the cp.async dQ kernel's 64 rows.
+    That kernel holds one warpgroup per SM at this width (192 KB of shared memory)."""
+    return tiles.split_columns and spec.block_mask is None
+
+
+# Query rows per thread block of the warp-specialised dQ kernel (DqRingSmem::BLOCK_M).
+DQ_RING_BLOCK_M = 128
+
+
+def dq_ring_shared_bytes(spec) -> int:
+    """Dynamic shared memory of ``flash_bwd_sm90_dq_ws`` for this call (DqRingSmem in
+    flash_bwd_sm90.cu): Q and dO (the boxes that hold a real column), two K buffers, two V buffers
+    where 227 KB holds them, else one, the lse2 and Delta rows and 1 KB for the alignment."""
+    qk_dim, dp_dim = step_dims(spec) or (SPLIT_HEAD_DIM, SPLIT_HEAD_DIM)
+    qk_boxes, dp_boxes = -(-qk_dim // 64), -(-dp_dim // 64)
+    bm, bn = DQ_RING_BLOCK_M, 64
+    fixed = (qk_boxes + dp_boxes) * bm * 128 + 2 * qk_boxes * bn * 128 + 2 * bm * 4 + 1024
+    v_stage = dp_boxes * bn * 128
+    return fixed + (2 if fixed + 2 * v_stage <= 227 * 1024 else 1) * v_stage
+
+
+def variant_dq_ws(spec) -> str:
+    """The warp-specialised dQ kernel of the 256-column tile (``dq_ring``)."""
+    return _build.template_expression(
+        "flash_bwd_sm90_dq_ws", element_type(spec.dtype), SPLIT_HEAD_DIM, 64, mask_type(spec),
+        score_mod_type(spec), *_flags_and_steps(spec, spec.float32_grads),
     )
 
 
@@ -399,7 +432,11 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         dkdv = variant_dkdv(spec, tiles, atomic_dq=atomic_dq)
     kernels = [(dkdv, tiles.dkdv_block_m, tiles.dkdv_block_n, tiles.dkdv_shared_bytes(d, atomic_dq=atomic_dq),
                 tiles.dkdv_warpgroups + producer, True)]
-    if not atomic_dq:
+    ring = not atomic_dq and dq_ring(spec, tiles)
+    if ring:
+        kernels.append((variant_dq_ws(spec), DQ_RING_BLOCK_M, tiles.dq_block_n, dq_ring_shared_bytes(spec),
+                        3, False))
+    elif not atomic_dq:
         kernels.append((variant_dq(spec, tiles), tiles.dq_block_m, tiles.dq_block_n,
                         tiles.dq_shared_bytes(d), tiles.dq_warpgroups, False))
     for expression, tile_m, tile_n, shared, warpgroups, by_key in kernels:
@@ -412,6 +449,8 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         if expression == dkdv and producer:  # boxes of a query tile's rows (Q, dO), a key tile's (K, V)
             maps = tuple(_tma.TensorLayout.of(x, rows)
                          for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m)))
+        elif ring and not by_key:  # the dQ kernel's: 64 query rows a box, one per consumer
+            maps = tuple(_tma.TensorLayout.of(x, 64) for x in (q, k, v, dout))
         launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index),
                                      maps=maps, map_pointers=WARP_SPECIALISED_MAP_POINTERS if maps else ()))
     if atomic_dq:
@@ -457,7 +496,10 @@ def main_variants() -> list[tuple[str, str]]:
         tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
         if not tiles.split_columns:  # the cp.async dK/dV kernel has no split columns
             out.append((SOURCE, variant_dkdv(spec, tiles)))
-        out.append((SOURCE, variant_dq(spec, tiles)))
+        if dq_ring(spec, tiles):
+            out.append((SOURCE, variant_dq_ws(spec)))
+        else:
+            out.append((SOURCE, variant_dq(spec, tiles)))
         if fused_dq_pays(spec, tiles, False):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
         if producer_fits(spec):

@@ -842,7 +842,131 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
 }
 
 // ---------------------------------------------------------------------------------------------
-// dQ for one query tile of BLOCK_M = 64·WG rows; key tiles of BLOCK_N keys, double-buffered.
+// The dQ kernels: one thread block per query tile of BLOCK_M = 64·WG rows of one (batch, head),
+// walking its key tiles like the forward; S = Q Kᵀ and dP = dO Vᵀ are recomputed and dQ += dS K
+// accumulates in registers, written once.
+
+// What the dQ kernels hold per warpgroup: dQ's registers, and the lse2 and Delta of this thread's
+// two rows.
+template <int D>
+struct DqRows {
+    float acc[D / 2];
+    float lse2[2], delta[2];
+};
+
+// Waits and releases around one key tile's GEMMs (dq_key_tile) where a producer feeds the ring
+// buffers: before S (K in), before dP (V in), after dP (V free) and after dQ (K free). The
+// cp.async kernel syncs its block around the whole step instead: every hook a no-op.
+struct NoRingHooks {
+    __device__ __forceinline__ void k_ready() const {}
+    __device__ __forceinline__ void v_ready() const {}
+    __device__ __forceinline__ void v_done() const {}
+    __device__ __forceinline__ void k_done() const {}
+};
+
+// One key tile of one warpgroup's 64 query rows: S = Q Kᵀ and dP = dO Vᵀ (both K-major in shared
+// memory, as the forward's Q·Kᵀ: desc_q / desc_do at this warpgroup's rows, desc_k / desc_v at the
+// first K and V buffers, desc_k_mn at the first K buffer read MN-major, `kst` / `vst` the tile's
+// buffers' offsets from those, in descriptor units of 16 bytes),
+// P from S while dP runs, dS = P ∘ (dP − Delta[row]), then dQ += dS K, K read MN-major as the
+// forward's P·V reads V (k16 step: 16 key rows = 2048 bytes; next box BLOCK_N·128 bytes), in
+// slices of at most 128 columns (wgmma's N here) up to the last 64-column box holding a column
+// below QK_DIM (the boxes past it would only add zeros). The tile is the walk's j-th
+// (`key_tile`), read only once the GEMMs are issued (earlier, its registers spill the heaviest
+// cp.async variant). `warp_row0`: the warp's first query row; `lane`: this thread's in its warp
+// (the caller's: read again here, it spilled that variant too).
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int QK_DIM, int DP_DIM, bool DROPOUT, class MASK, class MOD,
+          class Walk, class Hooks>
+__device__ __forceinline__ void dq_key_tile(const MASK& mask, const MOD& mod, const DropoutMask& drop, u64 desc_q,
+                                            u64 desc_do, u64 desc_k, u64 desc_v, u64 desc_k_mn, u32 kst, u32 vst,
+                                            int m0, const Walk& key_tile, int j, int warp_row0, int lane, DqRows<D>& rows,
+                                            const Hooks& hooks) {
+    constexpr int NT = BLOCK_N / 8;           // 8-column blocks of S
+    constexpr int KN = BLOCK_N / 16;          // k16 steps over the key tile
+    constexpr int SLICE = D < 128 ? D : 128;  // dQ columns per wgmma
+    constexpr int DQ_COLS = box_columns(QK_DIM), SLICES = DQ_COLS / SLICE, REST = DQ_COLS % SLICE;
+    const int g = lane / 4, t = lane % 4;
+    float s[BLOCK_N / 2], dp[BLOCK_N / 2];
+    GradFactors<MOD, NT> grad;
+    u32 df[KN][4];
+
+    hooks.k_ready();
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < k16_steps(QK_DIM); ++kk)
+        wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + kst + kmajor_step(kk, BLOCK_N), kk > 0);
+    wgmma_commit();
+    hooks.v_ready();
+#pragma unroll
+    for (int kk = 0; kk < k16_steps(DP_DIM); ++kk)
+        wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + vst + kmajor_step(kk, BLOCK_N), kk > 0);
+    wgmma_commit();
+    const int n0 = key_tile[j] * BLOCK_N;
+    KeepWords<NT> keep;  // the tile's dropout mask, drawn while S and dP run
+    if constexpr (DROPOUT) keep_words<false, NT>(keep, drop, warp_row0 + g, n0, lane);
+    const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(j));
+    AccumulatorBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
+    bits.load(tile_mask, warp_row0 + g, t);
+
+    // P from S while dP runs; zero where the mask hides the key.
+    wgmma_wait<1>();
+    reg_fence(s);
+    recompute_probs(as_blocks<NT>(s), grad, tile_mask, mod, false, warp_row0 + g, n0, t, rows.lse2);
+    if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N))
+        mask_scores(as_blocks<NT>(s), tile_mask, bits, warp_row0 + g, n0, t, 0.f);
+
+    // dS = P ∘ (dP − Delta[row]).
+    wgmma_wait<0>();
+    reg_fence(dp);
+    hooks.v_done();
+    if constexpr (DROPOUT) drop_grads(as_blocks<NT>(dp), keep, drop.rescale);
+    softmax_grad<NT, MOD>(as_blocks<NT>(dp), as_blocks<NT>(s), grad, [&](int, int i) { return rows.delta[i / 2]; });
+    pack_a<T, KN>(df, dp);
+
+    // dQ += dS K (scaled once at the end).
+    reg_fence_frag(df);
+    reg_fence(rows.acc);
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < SLICES; ++c) {
+        float (&dq_c)[SLICE / 2] = *reinterpret_cast<float(*)[SLICE / 2]>(&rows.acc[c * SLICE / 2]);
+        const u32 slice = (u32)(c * (SLICE / 64) * BLOCK_N * 128) >> 4;
+#pragma unroll
+        for (int kk = 0; kk < KN; ++kk)
+            wgmma_rs<T, SLICE, 1>(dq_c, df[kk], desc_k_mn + kst + slice + ((u32)(kk * 2048) >> 4), 1);
+    }
+    if constexpr (REST > 0) {
+        float (&dq_r)[REST / 2] = *reinterpret_cast<float(*)[REST / 2]>(&rows.acc[SLICES * SLICE / 2]);
+        const u32 slice = (u32)(SLICES * (SLICE / 64) * BLOCK_N * 128) >> 4;
+#pragma unroll
+        for (int kk = 0; kk < KN; ++kk)
+            wgmma_rs<T, REST, 1>(dq_r, df[kk], desc_k_mn + kst + slice + ((u32)(kk * 2048) >> 4), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence_frag(df);
+    reg_fence(rows.acc);
+    hooks.k_done();
+}
+
+// dQ·scale, once, for this thread's two rows (warp_row0 + g and + 8): rows that see no key
+// write zeros.
+template <typename T, int D, bool F32_GRADS>
+__device__ __forceinline__ void store_dq(const BwdArgs& a, int b, int h, const Sequence& seq, int warp_row0,
+                                         DqRows<D>& rows) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const float dq_factor[2] = {a.scale, a.scale};
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn, a.gq_sn,
+                        seq.nq, a.d, as_blocks<D / 8>(rows.acc), warp_row0 + g, 0, t, dq_factor);
+}
+
+template <int D>
+__device__ __forceinline__ void zero_dq(DqRows<D>& rows) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) rows.acc[i] = 0.f;
+}
+
+// Every thread loads (cp.async); key tiles of BLOCK_N keys double-buffered.
 template <typename T, int D, int WG, int BLOCK_N, class MASK, class MOD, bool DROPOUT = false,
           bool F32_GRADS = false, bool VARLEN = false, int QK_DIM = D, int DP_DIM = D>
 __global__ void __launch_bounds__(WG * 128, 1)
@@ -852,13 +976,7 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     constexpr int BLOCK_M = WG * 64;
     constexpr int Q_BYTES = BLOCK_M * D * 2;   // Q or dO
     constexpr int KV_BYTES = BLOCK_N * D * 2;  // one K or V stage
-    constexpr int NT = BLOCK_N / 8;            // 8-column blocks of S
     static_assert(QK_DIM <= D && DP_DIM <= D, "steps within the tile");
-    constexpr int KN = BLOCK_N / 16;           // k16 steps over the key tile
-    constexpr int SLICE = D < 128 ? D : 128;   // dQ columns per wgmma (its N is at most 128 here)
-    // dQ's columns up to the last 64-column box that holds a real one (the boxes past QK_DIM
-    // would only add zeros): whole slices, then REST columns (0 or 64).
-    constexpr int DQ_COLS = box_columns(QK_DIM), SLICES = DQ_COLS / SLICE, REST = DQ_COLS % SLICE;
     static_assert(D == 64 || D == 128 || (D == 256 && WG == 1), "head dim must be 64 or 128, or 256 with one warpgroup");
     static_assert(BLOCK_N == 64 || BLOCK_N == 128, "key tile must be 64 or 128 keys");
 
@@ -895,34 +1013,23 @@ flash_bwd_sm90_dq(const BwdArgs a) {
     const int wg = threadIdx.x / 128;
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;
+    const int g = lane / 4;
     const int warp_row0 = m0 + wg * 64 + warp * 16;
 
     // lse2 and Delta of the two rows this thread holds (padded scratch; beyond it, an empty row;
     // a sequence's scratch rows are padded to a multiple of the tile).
-    float lse2[2], delta[2];
+    DqRows<D> rows;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = warp_row0 + g + half * 8;
         const i64 idx = scratch_offset<VARLEN>(a, seq, b, h) + row;
-        lse2[half] = VARLEN || row < a.rows_pad ? a.lse2[idx] : INFINITY;
-        delta[half] = VARLEN || row < a.rows_pad ? a.delta[idx] : 0.f;
+        rows.lse2[half] = VARLEN || row < a.rows_pad ? a.lse2[idx] : INFINITY;
+        rows.delta[half] = VARLEN || row < a.rows_pad ? a.delta[idx] : 0.f;
     }
-
-    // S = Q Kᵀ, dP = dO Vᵀ exactly as the forward's Q·Kᵀ; dQ += dS K reads K MN-major exactly as
-    // the forward's P·V reads V (k16 step: 16 key rows = 2048 bytes; next box BLOCK_N·128 bytes).
+    zero_dq(rows);
     const u64 desc_q = sw128_desc(sq + wg * 64 * 128, 16);
     const u64 desc_do = sw128_desc(sdo + wg * 64 * 128, 16);
-    const u64 desc_k = sw128_desc(sk, 16);
-    const u64 desc_v = sw128_desc(sv, 16);
-    const u64 desc_k_mn = sw128_desc(sk, BLOCK_N * 128);
-
-    float dq_acc[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) dq_acc[i] = 0.f;
-    float s[BLOCK_N / 2], dp[BLOCK_N / 2];
-    GradFactors<MOD, NT> grad;
-    u32 df[KN][4];
+    const u64 desc_k = sw128_desc(sk, 16), desc_v = sw128_desc(sv, 16), desc_k_mn = sw128_desc(sk, BLOCK_N * 128);
 
     for (int j = 0; j < n_count; ++j) {
         const int stage = j & 1;
@@ -935,67 +1042,179 @@ flash_bwd_sm90_dq(const BwdArgs a) {
             load_tile_sw128<BLOCK_N, D, THREADS>(sv + (stage ^ 1) * KV_BYTES, v, a.v_sn, next, seq.nk, a.dv);
         }
         cp_async_commit();
-
         const u32 st = (u32)(stage * KV_BYTES) >> 4;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < k16_steps(QK_DIM); ++kk)
-            wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + st + kmajor_step(kk, BLOCK_N), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < k16_steps(DP_DIM); ++kk)
-            wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + st + kmajor_step(kk, BLOCK_N), kk > 0);
-        wgmma_commit();
-        const int n0 = key_tile[j] * BLOCK_N;
-        KeepWords<NT> keep;  // the tile's dropout mask, drawn while S and dP run
-        if constexpr (DROPOUT) keep_words<false, NT>(keep, drop, warp_row0 + g, n0, lane);
-        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(j));
-        AccumulatorBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
-        bits.load(tile_mask, warp_row0 + g, t);
-
-        // P from S while dP runs; zero where the mask hides the key.
-        wgmma_wait<1>();
-        reg_fence(s);
-        recompute_probs(as_blocks<NT>(s), grad, tile_mask, mod, false, warp_row0 + g, n0, t, lse2);
-        if (tile_mask.partial(warp_row0, 16, n0, BLOCK_N))
-            mask_scores(as_blocks<NT>(s), tile_mask, bits, warp_row0 + g, n0, t, 0.f);
-
-        // dS = P ∘ (dP − Delta[row]).
-        wgmma_wait<0>();
-        reg_fence(dp);
-        if constexpr (DROPOUT) drop_grads(as_blocks<NT>(dp), keep, drop.rescale);
-        softmax_grad<NT, MOD>(as_blocks<NT>(dp), as_blocks<NT>(s), grad, [&](int, int i) { return delta[i / 2]; });
-        pack_a<T, KN>(df, dp);
-
-        // dQ += dS K (scaled once at the end), in slices of SLICE columns: slice c starts
-        // SLICE/64·c boxes into K.
-        reg_fence_frag(df);
-        reg_fence(dq_acc);
-        wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < SLICES; ++c) {
-            float (&dq_c)[SLICE / 2] = *reinterpret_cast<float(*)[SLICE / 2]>(&dq_acc[c * SLICE / 2]);
-            const u32 slice = (u32)(c * (SLICE / 64) * BLOCK_N * 128) >> 4;
-#pragma unroll
-            for (int kk = 0; kk < KN; ++kk)
-                wgmma_rs<T, SLICE, 1>(dq_c, df[kk], desc_k_mn + st + slice + ((u32)(kk * 2048) >> 4), 1);
-        }
-        if constexpr (REST > 0) {
-            float (&dq_r)[REST / 2] = *reinterpret_cast<float(*)[REST / 2]>(&dq_acc[SLICES * SLICE / 2]);
-            const u32 slice = (u32)(SLICES * (SLICE / 64) * BLOCK_N * 128) >> 4;
-#pragma unroll
-            for (int kk = 0; kk < KN; ++kk)
-                wgmma_rs<T, REST, 1>(dq_r, df[kk], desc_k_mn + st + slice + ((u32)(kk * 2048) >> 4), 1);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence_frag(df);
-        reg_fence(dq_acc);
+        dq_key_tile<T, D, BLOCK_M, BLOCK_N, QK_DIM, DP_DIM, DROPOUT>(
+            mask, mod, drop, desc_q, desc_do, desc_k, desc_v, desc_k_mn, st, st, m0, key_tile, j, warp_row0, lane, rows,
+            NoRingHooks{});
     }
     cp_async_wait<0>();
+    store_dq<T, D, F32_GRADS>(a, b, h, seq, warp_row0, rows);
+}
 
-    // dQ·scale, once; rows that see no key write zeros.
-    const float dq_factor[2] = {a.scale, a.scale};
-    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn, a.gq_sn,
-                        seq.nq, a.d, as_blocks<D / 8>(dq_acc), warp_row0 + g, 0, t, dq_factor);
+// ---------------------------------------------------------------------------------------------
+// The dQ kernel of the 256-column tile, warp-specialised (dense and banded calls: no block-sparse
+// or exact mask, dropout or packed sequences, as its dK/dV kernel). The cp.async dQ kernel holds
+// one warpgroup there (a 64-row Q and dO and two stages of K and V take 192 KB), so each SM runs
+// one warpgroup whose softmax leaves the tensor cores idle. Here warpgroup 0 is a producer whose
+// one elected thread loads, by TMA, the tile's Q and dO (128 rows: 64 per consumer) with its
+// lse2 and Delta rows, then each visited key tile's K and V into rings guarded by mbarriers;
+// warpgroups 1 and 2, the consumers, take 64 rows each and walk the same key tiles, each at its
+// own pace, so that one's softmax runs under the other's GEMMs. Only the 64-column boxes that
+// hold a real column are loaded (K and Q up to QK_DIM, V and dO up to DP_DIM). K is held from
+// S to dQ's GEMM, V only for dP: K takes two ring buffers, V two where shared memory holds them
+// (DqRingSmem), else one, which the producer refills once both consumers' dP are done.
+template <int QK_BOXES, int DP_BOXES, int BLOCK_N>
+struct DqRingSmem {
+    static constexpr int BLOCK_M = 128;
+    static constexpr u32 Q_BYTES = QK_BOXES * BLOCK_M * 128, DO_BYTES = DP_BOXES * BLOCK_M * 128;
+    static constexpr u32 K_STAGE = QK_BOXES * BLOCK_N * 128, V_STAGE = DP_BOXES * BLOCK_N * 128;
+    static constexpr int K_STAGES = 2;
+    // lse2 and Delta rows, and 1 KB for the 1024-byte alignment: the rest must hold the rings.
+    static constexpr u32 FIXED = Q_BYTES + DO_BYTES + K_STAGES * K_STAGE + 2 * BLOCK_M * 4 + 1024;
+    static constexpr int V_STAGES = FIXED + 2 * V_STAGE <= 227 * 1024 ? 2 : 1;
+    static constexpr u32 BYTES = FIXED + V_STAGES * V_STAGE;
+    static_assert(BYTES <= 227 * 1024, "the dQ ring kernel's shared memory");
+    u32 sq, sdo, sk, sv, rows;
+    __device__ __forceinline__ explicit DqRingSmem(unsigned char* raw) {
+        sq = (smem_addr(raw) + 1023u) & ~1023u;
+        sdo = sq + Q_BYTES;
+        sk = sdo + DO_BYTES;
+        sv = sk + K_STAGES * K_STAGE;
+        rows = sv + V_STAGES * V_STAGE;  // lse2[BLOCK_M], then Delta[BLOCK_M]
+    }
+};
+
+// The consumers' hooks (dq_key_tile) over the two rings: wait for a buffer's "full" barrier,
+// and once this warp is done with it arrive on its "empty" one (every consumer warp arrives).
+template <int K_STAGES, int V_STAGES>
+struct DqRingHooks {
+    u32 k_full, k_empty, v_full, v_empty;  // this step's barriers
+    u32 k_phase, v_phase;
+    __device__ __forceinline__ void k_ready() const { mbar_wait(k_full, k_phase); }
+    __device__ __forceinline__ void v_ready() const { mbar_wait(v_full, v_phase); }
+    __device__ __forceinline__ void v_done() const {
+        if (threadIdx.x % 32 == 0) mbar_arrive(v_empty);
+    }
+    __device__ __forceinline__ void k_done() const {
+        if (threadIdx.x % 32 == 0) mbar_arrive(k_empty);
+    }
+};
+
+template <typename T, int D, int BLOCK_N, class MASK, class MOD, bool F32_GRADS = false, int QK_DIM = D,
+          int DP_DIM = D>
+__global__ void __launch_bounds__(3 * 128, 1)
+flash_bwd_sm90_dq_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
+    wait_for_previous_kernel();
+    constexpr int QK_BOXES = box_columns(QK_DIM) / 64, DP_BOXES = box_columns(DP_DIM) / 64;
+    using SM = DqRingSmem<QK_BOXES, DP_BOXES, BLOCK_N>;
+    constexpr int BLOCK_M = SM::BLOCK_M, K_STAGES = SM::K_STAGES, V_STAGES = SM::V_STAGES;
+    constexpr int CONSUMER_WARPS = 8;
+    static_assert(D == 256 && BLOCK_N == 64, "the 256-column tile, against 64-key tiles");
+    static_assert(!MASK::sparse && !MASK::exact, "dense and banded calls");
+    static_assert(QK_DIM <= D && DP_DIM <= D, "steps within the tile");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // mbarriers: Q, dO and the rows in; each K buffer in and free; each V buffer in and free.
+    __shared__ __align__(8) u64 barrier_words[1 + 2 * K_STAGES + 2 * V_STAGES];
+    const u32 q_full = smem_addr(barrier_words);
+    auto k_full = [&](int s) { return q_full + 8 * (1 + s); };
+    auto k_empty = [&](int s) { return q_full + 8 * (1 + K_STAGES + s); };
+    auto v_full = [&](int s) { return q_full + 8 * (1 + 2 * K_STAGES + s); };
+    auto v_empty = [&](int s) { return q_full + 8 * (1 + 2 * K_STAGES + V_STAGES + s); };
+    const SM sm(smem_raw);
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < K_STAGES; ++s) {
+            mbar_init(k_full(s), 1);
+            mbar_init(k_empty(s), CONSUMER_WARPS);
+        }
+        for (int s = 0; s < V_STAGES; ++s) {
+            mbar_init(v_full(s), 1);
+            mbar_init(v_empty(s), CONSUMER_WARPS);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
+    const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
+    const int m0 = m_tile * BLOCK_M;
+    const Sequence seq = sequence_of<false>(a, b);
+    const MASK mask(a, seq.nq, seq.nk);
+    const auto key_tile = key_tiles_of<BLOCK_M, BLOCK_N>(mask, m_tile, h, a.m_tiles);
+    const int n_count = key_tile.count;
+
+    if (threadIdx.x < 128) {
+        release_registers<24>();
+        if (threadIdx.x >= 32 || !elect_one_lane() || n_count == 0) return;
+        const int hk = h / a.group;
+        tma_prefetch_desc(&maps.k);
+        tma_prefetch_desc(&maps.v);
+        const i64 r = scratch_offset<false>(a, seq, b, h) + m0;
+        mbar_arrive_expect_bytes(q_full, SM::Q_BYTES + SM::DO_BYTES + 2 * BLOCK_M * 4);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+#pragma unroll
+            for (int box = 0; box < QK_BOXES; ++box)
+                tma_load_4d(sm.sq + (box * BLOCK_M + c * 64) * 128, &maps.q, q_full, 64 * box, m0 + 64 * c, h, b);
+#pragma unroll
+            for (int box = 0; box < DP_BOXES; ++box)
+                tma_load_4d(sm.sdo + (box * BLOCK_M + c * 64) * 128, &maps.dout, q_full, 64 * box, m0 + 64 * c, h, b);
+        }
+        bulk_load(sm.rows, a.lse2 + r, BLOCK_M * 4, q_full);
+        bulk_load(sm.rows + BLOCK_M * 4, a.delta + r, BLOCK_M * 4, q_full);
+        RingSlot<K_STAGES> ks;
+        RingSlot<V_STAGES> vs;
+        for (int j = 0; j < n_count; ++j, ks.advance(), vs.advance()) {
+            const int n0 = key_tile[j] * BLOCK_N;
+            mbar_wait(k_empty(ks.stage), ks.phase ^ 1);
+            mbar_arrive_expect_bytes(k_full(ks.stage), SM::K_STAGE);
+#pragma unroll
+            for (int box = 0; box < QK_BOXES; ++box)
+                tma_load_4d(sm.sk + ks.stage * SM::K_STAGE + box * BLOCK_N * 128, &maps.k, k_full(ks.stage), 64 * box,
+                            n0, hk, b);
+            mbar_wait(v_empty(vs.stage), vs.phase ^ 1);
+            mbar_arrive_expect_bytes(v_full(vs.stage), SM::V_STAGE);
+#pragma unroll
+            for (int box = 0; box < DP_BOXES; ++box)
+                tma_load_4d(sm.sv + vs.stage * SM::V_STAGE + box * BLOCK_N * 128, &maps.v, v_full(vs.stage), 64 * box,
+                            n0, hk, b);
+        }
+        return;
+    }
+
+    claim_registers<240>();
+    const int wg = threadIdx.x / 128 - 1;
+    const int warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4;
+    const int warp_row0 = m0 + wg * 64 + warp * 16;
+    const MOD mod(a, b, h, seq.nq, seq.nk);
+    const DropoutMask drop(a, b, h);
+    DqRows<D> rows;
+    zero_dq(rows);
+    if (n_count > 0) {
+        mbar_wait(q_full, 0);
+        const float* lse2 = reinterpret_cast<const float*>(smem_raw + (sm.rows - smem_addr(smem_raw)));
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = warp_row0 - m0 + g + half * 8;
+            rows.lse2[half] = lse2[row];
+            rows.delta[half] = lse2[BLOCK_M + row];
+        }
+    }
+    const u64 desc_q = sw128_desc(sm.sq + wg * 64 * 128, 16);
+    const u64 desc_do = sw128_desc(sm.sdo + wg * 64 * 128, 16);
+    const u64 desc_k = sw128_desc(sm.sk, 16), desc_v = sw128_desc(sm.sv, 16), desc_k_mn = sw128_desc(sm.sk, BLOCK_N * 128);
+    RingSlot<K_STAGES> ks;
+    RingSlot<V_STAGES> vs;
+    for (int j = 0; j < n_count; ++j, ks.advance(), vs.advance()) {
+        const DqRingHooks<K_STAGES, V_STAGES> hooks{k_full(ks.stage), k_empty(ks.stage), v_full(vs.stage),
+                                                    v_empty(vs.stage), ks.phase, vs.phase};
+        const u32 kst = (ks.stage * SM::K_STAGE) >> 4, vst = (vs.stage * SM::V_STAGE) >> 4;
+        dq_key_tile<T, D, BLOCK_M, BLOCK_N, QK_DIM, DP_DIM, false>(
+            mask, mod, drop, desc_q, desc_do, desc_k, desc_v, desc_k_mn, kst, vst, m0, key_tile, j, warp_row0,
+            lane, rows, hooks);
+    }
+    store_dq<T, D, F32_GRADS>(a, b, h, seq, warp_row0, rows);
 }
