@@ -6,9 +6,10 @@ are whole tiles; packed variable-length sequences too, without dropout). Everyth
 ``mma_backward``. The kernels hold one head dim for Q/K and V/dO, 64, 128 or 256
 (``tile_head_dim``): narrower calls run it with zero columns past D and Dv, which the loads fill
 and the stores skip. At 256 (D or Dv above 128) the warp-specialised dK/dV kernel's two consumers
-split one 64-key tile's dK and dV by columns, and dQ always comes from the dQ kernel (the
-deterministic sequence, whatever ``deterministic`` says): no fused dQ, no cp.async dK/dV kernel,
-no dropout, exact masks or packed sequences there (``why_not_options``).
+split one 64-key tile's dK and dV by columns, and dQ always comes from a dQ kernel (the
+deterministic sequence, whatever ``deterministic`` says), the warp-specialised one
+(``flash_bwd_sm90_dq_ws``, ``dq_ring``) without a block mask: no fused dQ, no cp.async dK/dV
+kernel, no dropout, exact masks or packed sequences there (``why_not_options``).
 
 Two launch sequences, both starting with ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2
 lse, padded rows):

@@ -13,7 +13,9 @@
 //                        written once, so no atomics.
 //   flash_bwd_sm90_dq    one thread block per 64·WG query rows of one (batch, head), walking its
 //                        key tiles like the forward: S = Q Kᵀ and dP = dO Vᵀ are recomputed and
-//                        dQ += dS K accumulates in registers, written once.
+//                        dQ += dS K accumulates in registers, written once. At 256 columns
+//                        without a block mask its warp-specialised form, flash_bwd_sm90_dq_ws,
+//                        runs instead (TMA producer, two consumers).
 //
 // Recomputing S and dP in the dq kernel costs two extra GEMMs per tile pair (seven instead of
 // five), but every operand is one of the layouts the forward kernel already reads (K-major A and B
@@ -21,7 +23,7 @@
 // gradient is ever accumulated by two thread blocks: results are bit-identical from run to run.
 //
 // D is the tile's head dim, 64, 128 or 256 (warp-specialised dK/dV kernel only, columns split
-// across its consumers, dQ always from the dq kernel: dkdv_split_query_tile), for both Q/K and
+// across its consumers, dQ always from a dq kernel: dkdv_split_query_tile), for both Q/K and
 // V/dO, with 16-byte aligned rows; everything else runs flash_bwd.cu. Narrower head dims a.d and
 // a.dv (multiples of 8) run the tile of the next of these with zero columns: loads fill the
 // columns past a.d (Q, K) and a.dv (V, dO) with zeros, so S and dP are exact and dK, dV and dQ
@@ -507,7 +509,8 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for half of the tile's 64 queries (m64n32 wgmmas), writes its half
 // of Pᵀ and dSᵀ into two shared tiles, and reads both tiles whole as the shared A operands of
 // dV += Pᵀ dO and dK += dSᵀ Q: four GEMMs per tile pair, none repeated. No fused dQ: its staging
-// floats (64 rows × D) do not fit beside two stages of Q and dO, so dQ is the dq kernel's.
+// floats (64 rows × D) do not fit beside two stages of Q and dO, so dQ is a dq kernel's
+// (flash_bwd_sm90_dq_ws, or with a block mask flash_bwd_sm90_dq).
 // Shared-memory plan: K, V; two stages of Q and dO; the Pᵀ and dSᵀ tiles (64 keys × 64 queries,
 // one 128-byte-swizzled box each); per stage lse2 and Delta rows.
 template <int D>
