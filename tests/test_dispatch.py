@@ -306,7 +306,7 @@ def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
     """D or Dv above 128 runs the 256-column tile: the warp-specialised dK/dV kernel (a producer
     and two consumers splitting one 64-key tile's columns), then the warp-specialised dQ kernel
     (a producer and two consumers over 128-row query tiles), in both modes (there is no fused
-    dQ); with a block mask, the dQ kernel with one warpgroup (64-row tiles);
+    dQ); with a block mask of 64-row blocks, the dQ kernel with one warpgroup (64-row tiles);
     CUFLASH_SM90_BWD_WS=0, dropout, exact masks and packed sequences leave it to the mma.sync
     kernels, saying why."""
     pytest.importorskip("cupy")
@@ -334,9 +334,13 @@ def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
     from cuflash.sparse import BlockMask
     from cuflash.sparse._csr import TileCSR
 
-    # (the tile index in made-up device memory: the real one uploads)
-    monkeypatch.setattr(BlockMask, "device_csr", lambda self, tile_m, tile_n: TileCSR(
-        *(device.empty(a.shape, a.dtype) for a in self.tile_csr(tile_m, tile_n))))
+    tiles_asked = []
+
+    def device_csr(self, tile_m, tile_n):  # the tile index in made-up device memory (the real one uploads)
+        tiles_asked.append((tile_m, tile_n))
+        return TileCSR(*(device.empty(a.shape, a.dtype) for a in self.tile_csr(tile_m, tile_n)))
+
+    monkeypatch.setattr(BlockMask, "device_csr", device_csr)
     mask = BlockMask.from_dense(np.ones((4, 4), bool), block_size=64, shape=(200, 200))
     plan = cuflash.kernel_plan(q, k, v, block_mask=mask)
     assert "warp-specialised dK/dV kernel, then a dQ kernel" in plan.backward.detail
@@ -344,6 +348,14 @@ def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
     _, _, dq = device.take_launches()
     assert dq[0].startswith("flash_bwd_sm90_dq<bf16_t, 256, 1, 64,")
     assert dq[1:4] == ((2 * 4,), (128,), tiles.dq_shared_bytes(256))
+    # blocks of whole 128-row tiles: the warp-specialised dQ kernel, its tile index at 128 x 64
+    mask = BlockMask.from_dense(np.ones((2, 2), bool), block_size=128, shape=(200, 200))
+    assert "then a warp-specialised dQ kernel" in cuflash.kernel_plan(q, k, v, block_mask=mask).backward.detail
+    cuflash.attention_backward(dout, q, k, v, out, lse, block_mask=mask)
+    _, _, dq = device.take_launches()
+    assert dq[0].startswith("flash_bwd_sm90_dq_ws<bf16_t, 256, 64, Mask<false, false, true")
+    assert dq[1] == (2 * 2,)
+    assert (128, 64) in tiles_asked
     assert tiles.dkdv_shared_bytes(256) <= 227 * 1024 and tiles.dq_shared_bytes(256) <= 227 * 1024
     monkeypatch.setenv(WARP_SPECIALISED_BACKWARD_ENV, "0")
     plan = cuflash.kernel_plan(q, k, v)

@@ -8,8 +8,8 @@ are whole tiles; packed variable-length sequences too, without dropout). Everyth
 and the stores skip. At 256 (D or Dv above 128) the warp-specialised dK/dV kernel's two consumers
 split one 64-key tile's dK and dV by columns, and dQ always comes from a dQ kernel (the
 deterministic sequence, whatever ``deterministic`` says), the warp-specialised one
-(``flash_bwd_sm90_dq_ws``, ``dq_ring``) without a block mask: no fused dQ, no cp.async dK/dV
-kernel, no dropout, exact masks or packed sequences there (``why_not_options``).
+(``flash_bwd_sm90_dq_ws``, ``dq_ring``) unless a block mask has 64-row blocks: no fused dQ, no
+cp.async dK/dV kernel, no dropout, exact masks or packed sequences there (``why_not_options``).
 
 Two launch sequences, both starting with ``flash_bwd_pre`` from flash_bwd.cu (Delta and base-2
 lse, padded rows):
@@ -263,10 +263,12 @@ def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False,
 
 def dq_ring(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether the call's dQ kernel is the warp-specialised ``flash_bwd_sm90_dq_ws`` (a TMA
-    producer and two consumer warpgroups over 128-row query tiles): the 256-column tile without a
-    block mask, whose blocks then need only be multiples of the cp.async dQ kernel's 64 rows.
-    That kernel holds one warpgroup per SM at this width (192 KB of shared memory)."""
-    return tiles.split_columns and spec.block_mask is None
+    producer and two consumer warpgroups over 128-row query tiles): the 256-column tile, unless a
+    block mask's blocks are not whole 128-row tiles (they need only be multiples of the cp.async
+    dQ kernel's 64 rows, which then runs). That kernel holds one warpgroup per SM at this width
+    (192 KB of shared memory)."""
+    mask = spec.block_mask
+    return tiles.split_columns and (mask is None or mask.block_size[0] % DQ_RING_BLOCK_M == 0)
 
 
 # Query rows per thread block of the warp-specialised dQ kernel (DqRingSmem::BLOCK_M).
@@ -499,7 +501,7 @@ def main_variants() -> list[tuple[str, str]]:
             out.append((SOURCE, variant_dkdv(spec, tiles)))
         if dq_ring(spec, tiles):
             out.append((SOURCE, variant_dq_ws(spec)))
-        else:
+        if not dq_ring(spec, tiles) or spec.block_mask is not None:  # (64-row blocks: dQ kernel)
             out.append((SOURCE, variant_dq(spec, tiles)))
         if fused_dq_pays(spec, tiles, False):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))

@@ -13,9 +13,9 @@
 //                        written once, so no atomics.
 //   flash_bwd_sm90_dq    one thread block per 64·WG query rows of one (batch, head), walking its
 //                        key tiles like the forward: S = Q Kᵀ and dP = dO Vᵀ are recomputed and
-//                        dQ += dS K accumulates in registers, written once. At 256 columns
-//                        without a block mask its warp-specialised form, flash_bwd_sm90_dq_ws,
-//                        runs instead (TMA producer, two consumers).
+//                        dQ += dS K accumulates in registers, written once. At 256 columns its
+//                        warp-specialised form, flash_bwd_sm90_dq_ws, runs instead (TMA
+//                        producer, two consumers), unless a block mask has 64-row blocks.
 //
 // Recomputing S and dP in the dq kernel costs two extra GEMMs per tile pair (seven instead of
 // five), but every operand is one of the layouts the forward kernel already reads (K-major A and B
@@ -510,7 +510,7 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 // of Pᵀ and dSᵀ into two shared tiles, and reads both tiles whole as the shared A operands of
 // dV += Pᵀ dO and dK += dSᵀ Q: four GEMMs per tile pair, none repeated. No fused dQ: its staging
 // floats (64 rows × D) do not fit beside two stages of Q and dO, so dQ is a dq kernel's
-// (flash_bwd_sm90_dq_ws, or with a block mask flash_bwd_sm90_dq).
+// (flash_bwd_sm90_dq_ws, or with a block mask of 64-row blocks flash_bwd_sm90_dq).
 // Shared-memory plan: K, V; two stages of Q and dO; the Pᵀ and dSᵀ tiles (64 keys × 64 queries,
 // one 128-byte-swizzled box each); per stage lse2 and Delta rows.
 template <int D>
@@ -1055,8 +1055,8 @@ flash_bwd_sm90_dq(const BwdArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The dQ kernel of the 256-column tile, warp-specialised (dense and banded calls: no block-sparse
-// or exact mask, dropout or packed sequences, as its dK/dV kernel). The cp.async dQ kernel holds
+// The dQ kernel of the 256-column tile, warp-specialised (no exact mask, dropout or packed
+// sequences, as its dK/dV kernel; block masks whose blocks are whole 128-row tiles). The cp.async dQ kernel holds
 // one warpgroup there (a 64-row Q and dO and two stages of K and V take 192 KB), so each SM runs
 // one warpgroup whose softmax leaves the tensor cores idle. Here warpgroup 0 is a producer whose
 // one elected thread loads, by TMA, the tile's Q and dO (128 rows: 64 per consumer) with its
@@ -1113,7 +1113,7 @@ flash_bwd_sm90_dq_ws(const __grid_constant__ BwdMaps maps, const __grid_constant
     constexpr int BLOCK_M = SM::BLOCK_M, K_STAGES = SM::K_STAGES, V_STAGES = SM::V_STAGES;
     constexpr int CONSUMER_WARPS = 8;
     static_assert(D == 256 && BLOCK_N == 64, "the 256-column tile, against 64-key tiles");
-    static_assert(!MASK::sparse && !MASK::exact, "dense and banded calls");
+    static_assert(!MASK::exact, "no exact masks on this tile");
     static_assert(QK_DIM <= D && DP_DIM <= D, "steps within the tile");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
