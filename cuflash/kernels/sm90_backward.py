@@ -261,6 +261,10 @@ def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False,
     )
 
 
+# Query rows per thread block of the warp-specialised dQ kernel (DqRingSmem::BLOCK_M).
+DQ_RING_BLOCK_M = 128
+
+
 def dq_ring(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether the call's dQ kernel is the warp-specialised ``flash_bwd_sm90_dq_ws`` (a TMA
     producer and two consumer warpgroups over 128-row query tiles): the 256-column tile, unless a
@@ -269,10 +273,6 @@ def dq_ring(spec, tiles: Sm90BwdTiles) -> bool:
     (192 KB of shared memory)."""
     mask = spec.block_mask
     return tiles.split_columns and (mask is None or mask.block_size[0] % DQ_RING_BLOCK_M == 0)
-
-
-# Query rows per thread block of the warp-specialised dQ kernel (DqRingSmem::BLOCK_M).
-DQ_RING_BLOCK_M = 128
 
 
 def dq_ring_shared_bytes(spec) -> int:
@@ -438,7 +438,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     ring = not atomic_dq and dq_ring(spec, tiles)
     if ring:
         kernels.append((variant_dq_ws(spec), DQ_RING_BLOCK_M, tiles.dq_block_n, dq_ring_shared_bytes(spec),
-                        3, False))
+                        3, False))  # a producer and two consumer warpgroups
     elif not atomic_dq:
         kernels.append((variant_dq(spec, tiles), tiles.dq_block_m, tiles.dq_block_n,
                         tiles.dq_shared_bytes(d), tiles.dq_warpgroups, False))

@@ -882,8 +882,8 @@ template <typename T, int D, int BLOCK_M, int BLOCK_N, int QK_DIM, int DP_DIM, b
           class Walk, class Hooks>
 __device__ __forceinline__ void dq_key_tile(const MASK& mask, const MOD& mod, const DropoutMask& drop, u64 desc_q,
                                             u64 desc_do, u64 desc_k, u64 desc_v, u64 desc_k_mn, u32 kst, u32 vst,
-                                            int m0, const Walk& key_tile, int j, int warp_row0, int lane, DqRows<D>& rows,
-                                            const Hooks& hooks) {
+                                            int m0, const Walk& key_tile, int j, int warp_row0, int lane,
+                                            DqRows<D>& rows, const Hooks& hooks) {
     constexpr int NT = BLOCK_N / 8;           // 8-column blocks of S
     constexpr int KN = BLOCK_N / 16;          // k16 steps over the key tile
     constexpr int SLICE = D < 128 ? D : 128;  // dQ columns per wgmma
@@ -897,12 +897,14 @@ __device__ __forceinline__ void dq_key_tile(const MASK& mask, const MOD& mod, co
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < k16_steps(QK_DIM); ++kk)
-        wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + kst + kmajor_step(kk, BLOCK_N), kk > 0);
+        wgmma_ss<T, BLOCK_N, 0, 0>(s, desc_q + kmajor_step(kk, BLOCK_M), desc_k + kst + kmajor_step(kk, BLOCK_N),
+                                   kk > 0);
     wgmma_commit();
     hooks.v_ready();
 #pragma unroll
     for (int kk = 0; kk < k16_steps(DP_DIM); ++kk)
-        wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + vst + kmajor_step(kk, BLOCK_N), kk > 0);
+        wgmma_ss<T, BLOCK_N, 0, 0>(dp, desc_do + kmajor_step(kk, BLOCK_M), desc_v + vst + kmajor_step(kk, BLOCK_N),
+                                   kk > 0);
     wgmma_commit();
     const int n0 = key_tile[j] * BLOCK_N;
     KeepWords<NT> keep;  // the tile's dropout mask, drawn while S and dP run
@@ -1089,7 +1091,6 @@ struct DqRingSmem {
 
 // The consumers' hooks (dq_key_tile) over the two rings: wait for a buffer's "full" barrier,
 // and once this warp is done with it arrive on its "empty" one (every consumer warp arrives).
-template <int K_STAGES, int V_STAGES>
 struct DqRingHooks {
     u32 k_full, k_empty, v_full, v_empty;  // this step's barriers
     u32 k_phase, v_phase;
@@ -1170,18 +1171,10 @@ flash_bwd_sm90_dq_ws(const __grid_constant__ BwdMaps maps, const __grid_constant
         RingSlot<V_STAGES> vs;
         for (int j = 0; j < n_count; ++j, ks.advance(), vs.advance()) {
             const int n0 = key_tile[j] * BLOCK_N;
-            mbar_wait(k_empty(ks.stage), ks.phase ^ 1);
-            mbar_arrive_expect_bytes(k_full(ks.stage), SM::K_STAGE);
-#pragma unroll
-            for (int box = 0; box < QK_BOXES; ++box)
-                tma_load_4d(sm.sk + ks.stage * SM::K_STAGE + box * BLOCK_N * 128, &maps.k, k_full(ks.stage), 64 * box,
-                            n0, hk, b);
-            mbar_wait(v_empty(vs.stage), vs.phase ^ 1);
-            mbar_arrive_expect_bytes(v_full(vs.stage), SM::V_STAGE);
-#pragma unroll
-            for (int box = 0; box < DP_BOXES; ++box)
-                tma_load_4d(sm.sv + vs.stage * SM::V_STAGE + box * BLOCK_N * 128, &maps.v, v_full(vs.stage), 64 * box,
-                            n0, hk, b);
+            load_ring_tile<QK_BOXES, BLOCK_N>(sm.sk + ks.stage * SM::K_STAGE, &maps.k, k_full(ks.stage),
+                                              k_empty(ks.stage), ks.phase, n0, hk, b);
+            load_ring_tile<DP_BOXES, BLOCK_N>(sm.sv + vs.stage * SM::V_STAGE, &maps.v, v_full(vs.stage),
+                                              v_empty(vs.stage), vs.phase, n0, hk, b);
         }
         return;
     }
@@ -1198,22 +1191,24 @@ flash_bwd_sm90_dq_ws(const __grid_constant__ BwdMaps maps, const __grid_constant
     zero_dq(rows);
     if (n_count > 0) {
         mbar_wait(q_full, 0);
-        const float* lse2 = reinterpret_cast<const float*>(smem_raw + (sm.rows - smem_addr(smem_raw)));
+        // (the tile's rows lie within the padded scratch: it is a whole number of 128-row tiles)
+        const float* scratch = reinterpret_cast<const float*>(smem_raw + (sm.rows - smem_addr(smem_raw)));
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int row = warp_row0 - m0 + g + half * 8;
-            rows.lse2[half] = lse2[row];
-            rows.delta[half] = lse2[BLOCK_M + row];
+            rows.lse2[half] = scratch[row];
+            rows.delta[half] = scratch[BLOCK_M + row];
         }
     }
     const u64 desc_q = sw128_desc(sm.sq + wg * 64 * 128, 16);
     const u64 desc_do = sw128_desc(sm.sdo + wg * 64 * 128, 16);
-    const u64 desc_k = sw128_desc(sm.sk, 16), desc_v = sw128_desc(sm.sv, 16), desc_k_mn = sw128_desc(sm.sk, BLOCK_N * 128);
+    const u64 desc_k = sw128_desc(sm.sk, 16), desc_v = sw128_desc(sm.sv, 16);
+    const u64 desc_k_mn = sw128_desc(sm.sk, BLOCK_N * 128);
     RingSlot<K_STAGES> ks;
     RingSlot<V_STAGES> vs;
     for (int j = 0; j < n_count; ++j, ks.advance(), vs.advance()) {
-        const DqRingHooks<K_STAGES, V_STAGES> hooks{k_full(ks.stage), k_empty(ks.stage), v_full(vs.stage),
-                                                    v_empty(vs.stage), ks.phase, vs.phase};
+        const DqRingHooks hooks{k_full(ks.stage), k_empty(ks.stage), v_full(vs.stage), v_empty(vs.stage), ks.phase,
+                                vs.phase};
         const u32 kst = (ks.stage * SM::K_STAGE) >> 4, vst = (vs.stage * SM::V_STAGE) >> 4;
         dq_key_tile<T, D, BLOCK_M, BLOCK_N, QK_DIM, DP_DIM, false>(
             mask, mod, drop, desc_q, desc_do, desc_k, desc_v, desc_k_mn, kst, vst, m0, key_tile, j, warp_row0,

@@ -156,11 +156,8 @@ struct ExactStage<false, BLOCK_M, BLOCK_N> {  // other masks leave nothing
     int n_tile, slot;
 };
 
-// What a K load carries beside the tile (load_ring_tile): nothing, or an exact mask's record.
-struct NothingBeside {
-    __device__ __forceinline__ u32 post() const { return 0; }
-    __device__ __forceinline__ void load(u32) const {}
-};
+// What a K load carries beside the tile (load_ring_tile, arch/sm90_tma.cuh): nothing
+// (NothingBeside), or an exact mask's record.
 template <int BLOCK_M, int BLOCK_N>
 struct ExactBeside {
     using Stage = ExactStage<true, BLOCK_M, BLOCK_N>;
@@ -236,20 +233,6 @@ struct TileMailbox {
         return index;
     }
 };
-
-// One K or V tile (BOXES boxes of 64 columns × BLOCK_N keys from key row `key_row`) into the ring
-// buffer at `dst`, once its "empty" barrier (phase parity `phase`) says the consumers are done
-// with what it held; its "full" barrier counts the bytes in, those of `beside` too.
-template <int BOXES, int BLOCK_N, class Beside = NothingBeside>
-__device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 full, u32 empty, u32 phase,
-                                               int key_row, int hk, int batch, const Beside& beside = {}) {
-    mbar_wait(empty, phase ^ 1);
-    mbar_arrive_expect_bytes(full, BOXES * BLOCK_N * 128 + beside.post());
-#pragma unroll
-    for (int box = 0; box < BOXES; ++box)
-        tma_load_4d(dst + box * BLOCK_N * 128, map, full, 64 * box, key_row, hk, batch);
-    beside.load(full);
-}
 
 // The producer's one thread, for one query tile that visits any key tile: K_j and V_j for every
 // visited key tile, each into the next ring buffer once the consumers have released it, and Q

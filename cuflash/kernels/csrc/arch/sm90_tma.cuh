@@ -114,6 +114,28 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
                  : "memory");
 }
 
+// ---- key/value ring buffers filled by TMA (the producers of the forward and the dQ kernel)
+
+// What a load carries beside its tile: here nothing (an exact mask's record in the forward).
+struct NothingBeside {
+    __device__ __forceinline__ u32 post() const { return 0; }
+    __device__ __forceinline__ void load(u32) const {}
+};
+
+// One K or V tile (BOXES boxes of 64 columns × BLOCK_N keys from key row `key_row`) into the ring
+// buffer at `dst`, once its "empty" barrier (phase parity `phase`) says the consumers are done
+// with what it held; its "full" barrier counts the bytes in, those of `beside` too.
+template <int BOXES, int BLOCK_N, class Beside = NothingBeside>
+__device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 full, u32 empty, u32 phase,
+                                               int key_row, int hk, int batch, const Beside& beside = {}) {
+    mbar_wait(empty, phase ^ 1);
+    mbar_arrive_expect_bytes(full, BOXES * BLOCK_N * 128 + beside.post());
+#pragma unroll
+    for (int box = 0; box < BOXES; ++box)
+        tma_load_4d(dst + box * BLOCK_N * 128, map, full, 64 * box, key_row, hk, batch);
+    beside.load(full);
+}
+
 // ---- bulk reductions (shared → global, by the TMA unit, asynchronous to the issuing thread)
 
 // Adds `bytes` (a multiple of 16) of float32 at shared address `src` into global `dst`, element
