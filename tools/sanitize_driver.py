@@ -140,8 +140,8 @@ def _ordered(rng):
 
 def _split(rng):
     """The Hopper backward's 256-column tile (its two dK/dV consumers split the columns and trade
-    Pᵀ and dSᵀ through shared memory; the warp-specialised dQ kernel, and with the block mask the
-    one-warpgroup dQ kernel), at D = 256 (where the dQ kernel's V ring has one buffer) and, with
+    Pᵀ and dSᵀ through shared memory; the warp-specialised dQ kernel in both cases, the block
+    mask's blocks being 128 rows), at D = 256 (where the dQ kernel's V ring has one buffer) and, with
     zero columns, 160; and D = 192 with Dv = 128, where each consumer keeps a quarter of dV's
     columns and the boxes of V and dO past Dv are not loaded."""
     _dense_cases(rng, (("bfloat16", 256, False), ("float16", 160, False), ("bfloat16", 192, False, 128)))
