@@ -452,7 +452,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         if expression == dkdv and producer:  # boxes of a query tile's rows (Q, dO), a key tile's (K, V)
             maps = tuple(_tma.TensorLayout.of(x, rows)
                          for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m)))
-        elif ring and not by_key:  # the dQ kernel's: 64 query rows a box, one per consumer
+        elif ring:  # the dQ kernel's: 64 query rows a box, one per consumer
             maps = tuple(_tma.TensorLayout.of(x, 64) for x in (q, k, v, dout))
         launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index),
                                      maps=maps, map_pointers=WARP_SPECIALISED_MAP_POINTERS if maps else ()))

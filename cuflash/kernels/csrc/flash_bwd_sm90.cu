@@ -841,7 +841,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         store_dkdv<T, K_COLS, V_COLS, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + (threadIdx.x / 32) % 4 * 16, dk_acc,
                                                           dv_acc, wg * K_COLS, wg * V_COLS);
     else
-        store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
+        store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc,
+                                                dv_acc);
 }
 
 // ---------------------------------------------------------------------------------------------
