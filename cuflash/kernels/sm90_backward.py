@@ -103,11 +103,11 @@ class Sm90BwdTiles:
         # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile and the staging floats of its dQ
         # parts, 64 rows per warpgroup,) two stages of lse2 + Delta, (two scratch-row indices and
         # the dQ writer's tile header,) 1 KB for the 1024-byte alignment.
-        # Split columns: the Pᵀ and dSᵀ tiles instead of the fused dQ's.
+        # Split columns: the Pᵀ and dSᵀ tiles and P in float32 instead of the fused dQ's.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
         parts = 1 if self.fused_dq_by_turns(d) else self.dkdv_warpgroups
         fused = 2 * bn * bm + parts * 64 * self.fused_dq_columns(d) * 4 + 32
-        transposed = 2 * (2 * bn * bm) if self.split_columns else 0
+        transposed = 2 * (2 * bn * bm) + 4 * bn * bm if self.split_columns else 0
         return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + transposed + 4 * 4 * bm + 1024
 
     def fused_dq_columns(self, d: int) -> int:

@@ -252,22 +252,25 @@ struct HeadSteps {  // carries the two dims down (k16_steps, split_columns)
 // 256-column tile: one 64-column atom of dV each, instead of 128 real columns and 128 of zeros).
 __host__ __device__ constexpr int split_columns(int d, int dim) { return dim <= d / 2 ? d / 4 : d / 2; }
 
-// Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 keys × N queries each), issued as two commit groups: A = 64 rows
-// of K / V (K-major over the head dim, a tile of KV_ROWS rows per box), B = N rows of the Q / dO
-// tile (K-major, a tile of Q_ROWS rows per box).
+// One of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 keys × N queries) over the first DIM columns, as one commit
+// group: A = 64 rows of K / V (K-major over the head dim, a tile of KV_ROWS rows per box), B = N
+// rows of the Q / dO tile (K-major, a tile of Q_ROWS rows per box).
+template <typename T, int N, int KV_ROWS, int Q_ROWS, int DIM>
+__device__ __forceinline__ void issue_transposed_score(float (&acc)[N / 2], u64 desc_a, u64 desc_b) {
+#pragma unroll
+    for (int kk = 0; kk < k16_steps(DIM); ++kk)
+        wgmma_ss<T, N, 0, 0>(acc, desc_a + kmajor_step(kk, KV_ROWS), desc_b + kmajor_step(kk, Q_ROWS), kk > 0);
+    wgmma_commit();
+}
+
+// Sᵀ and dPᵀ, issued as two commit groups.
 template <typename T, int D, int N, int KV_ROWS, int Q_ROWS, int QK_DIM, int DP_DIM>
 __device__ __forceinline__ void issue_transposed_scores(float (&s)[N / 2], float (&dp)[N / 2], u64 desc_k, u64 desc_q,
                                                         u64 desc_v, u64 desc_do, HeadSteps<QK_DIM, DP_DIM>) {
     static_assert(QK_DIM <= D && DP_DIM <= D, "steps within the tile");
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < k16_steps(QK_DIM); ++kk)
-        wgmma_ss<T, N, 0, 0>(s, desc_k + kmajor_step(kk, KV_ROWS), desc_q + kmajor_step(kk, Q_ROWS), kk > 0);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < k16_steps(DP_DIM); ++kk)
-        wgmma_ss<T, N, 0, 0>(dp, desc_v + kmajor_step(kk, KV_ROWS), desc_do + kmajor_step(kk, Q_ROWS), kk > 0);
-    wgmma_commit();
+    issue_transposed_score<T, N, KV_ROWS, Q_ROWS, QK_DIM>(s, desc_k, desc_q);
+    issue_transposed_score<T, N, KV_ROWS, Q_ROWS, DP_DIM>(dp, desc_v, desc_do);
 }
 
 // One consumer warpgroup's share of one query tile in a dK/dV kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
@@ -505,23 +508,27 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 // columns would take D floats per thread of one warpgroup, more than a consumer has, so the two
 // consumers share one 64-key tile and split dK and dV by columns instead: warpgroup w keeps
 // columns D/2·w .. D/2·(w + 1), or D/4·w .. D/4·(w + 1) of a gradient whose real columns fit in
-// D/2 (split_columns). Both need the whole Pᵀ and dSᵀ of a query tile, so each computes
-// Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for half of the tile's 64 queries (m64n32 wgmmas), writes its half
-// of Pᵀ and dSᵀ into two shared tiles, and reads both tiles whole as the shared A operands of
-// dV += Pᵀ dO and dK += dSᵀ Q: four GEMMs per tile pair, none repeated. No fused dQ: its staging
-// floats (64 rows × D) do not fit beside two stages of Q and dO, so dQ is a dq kernel's
+// D/2 (split_columns). Both need the whole Pᵀ and dSᵀ of a query tile, and each forms one of the
+// two score GEMMs whole: warpgroup 0 Sᵀ = K Qᵀ and Pᵀ, warpgroup 1 dPᵀ = V dOᵀ and, from Pᵀ,
+// dSᵀ (dkdv_split_query_tile). So K, V, Q and dO are each read once per tile pair by m64n64
+// GEMMs; splitting each GEMM by query halves instead (m64n32, both consumers reading all of K and
+// V) read half as much again and left the tensor pipe waiting on shared memory. No fused dQ: its
+// staging floats (64 rows × D) do not fit beside two stages of Q and dO, so dQ is a dq kernel's
 // (flash_bwd_sm90_dq_ws, or with a block mask of 64-row blocks flash_bwd_sm90_dq).
 // Shared-memory plan: K, V; two stages of Q and dO; the Pᵀ and dSᵀ tiles (64 keys × 64 queries,
-// one 128-byte-swizzled box each); per stage lse2 and Delta rows.
+// one 128-byte-swizzled box each); P in float32 for dSᵀ, in warpgroup 0's accumulator order; per
+// stage lse2 and Delta rows.
 template <int D>
 struct SplitDkdvSmem : DkdvStages<D, 64, 64> {
     using Stages = DkdvStages<D, 64, 64>;
     static constexpr u32 T_BYTES = Stages::BLOCK_N * Stages::BLOCK_M * 2;  // the Pᵀ or dSᵀ tile
+    static constexpr u32 P_BYTES = Stages::BLOCK_N * Stages::BLOCK_M * 4;  // P in float32
     __device__ __forceinline__ explicit SplitDkdvSmem(unsigned char* raw) : Stages(raw) {}
     __device__ __forceinline__ u32 spt() const { return this->tail(); }
     __device__ __forceinline__ u32 sdst() const { return spt() + T_BYTES; }
+    __device__ __forceinline__ u32 sp32() const { return sdst() + T_BYTES; }
     __device__ __forceinline__ u32 rows(int stage) const {  // lse2[BLOCK_M], then Delta[BLOCK_M]
-        return sdst() + T_BYTES + stage * 2 * Stages::BLOCK_M * 4;
+        return sp32() + P_BYTES + stage * 2 * Stages::BLOCK_M * 4;
     }
 };
 
@@ -548,83 +555,133 @@ __device__ __forceinline__ void issue_split_update(float (&acc)[ACC], u64 desc_t
     wgmma_commit();
 }
 
-// One consumer warpgroup's share of one query tile with split columns (see SplitDkdvSmem):
-// its half of Sᵀ, Pᵀ, dPᵀ and dSᵀ, then its columns of dV and dK. Named barriers over both
-// consumers (256 threads; ids past the kernel's 3 + warpgroup): 5, both done reading the previous
-// tile's Pᵀ and dSᵀ (their last GEMMs have completed); 6, Pᵀ whole; 7, dSᵀ whole.
+// The same with the transposed tile in this thread's registers (the A fragments it packed).
+template <typename T, int KM, int ACC>
+__device__ __forceinline__ void issue_split_update(float (&acc)[ACC], u32 (&frag)[KM][4], u64 desc_mn) {
+    reg_fence_frag(frag);
+    reg_fence(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk)
+        wgmma_rs<T, 2 * ACC, 1>(acc, frag[kk], desc_mn + ((u32)(kk * 2048) >> 4), 1);
+    wgmma_commit();
+}
+
+// P (warpgroup 0's Sᵀ accumulator after the softmax) in float32 for warpgroup 1, whose dPᵀ
+// accumulator holds the same elements in the same threads: thread i's floats 4c..4c+3 at
+// 16·(128c + i), so that each warp's 16-byte stores and loads cover 512 consecutive bytes.
+template <int N>
+__device__ __forceinline__ void store_p32(u32 sp32, const float (&p)[N]) {
+    const u32 at = sp32 + (threadIdx.x % 128) * 16;
+#pragma unroll
+    for (int c = 0; c < N / 4; ++c)
+        asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + c * 128 * 16), "f"(p[4 * c]),
+                     "f"(p[4 * c + 1]), "f"(p[4 * c + 2]), "f"(p[4 * c + 3])
+                     : "memory");
+}
+template <int N>
+__device__ __forceinline__ void load_p32(float (&p)[N], u32 sp32) {
+    const u32 at = sp32 + (threadIdx.x % 128) * 16;
+#pragma unroll
+    for (int c = 0; c < N / 4; ++c)
+        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=f"(p[4 * c]), "=f"(p[4 * c + 1]), "=f"(p[4 * c + 2]), "=f"(p[4 * c + 3])
+                     : "r"(at + c * 128 * 16)
+                     : "memory");
+}
+
+// The split kernel's named barriers, each between the two consumers (256 threads: one warpgroup
+// arrives, the other waits). Ids past the kernel's 3 + warpgroup.
+enum SplitBarrier : int {
+    S_ISSUED = 5,   // warpgroup 0 has issued Sᵀ, so that Sᵀ runs before dPᵀ on the tensor pipe
+    P_READY = 6,    // Pᵀ and P stored (warpgroup 0)
+    P_FREE = 7,     // the previous tile's Pᵀ and P read (warpgroup 1: its GEMMs have completed)
+    DS_READY = 8,   // dSᵀ stored (warpgroup 1)
+    DS_FREE = 9,    // the previous tile's dSᵀ read (warpgroup 0: its GEMMs have completed)
+};
+
+// One consumer warpgroup's share of one query tile with split columns (see SplitDkdvSmem).
+// Warpgroup 0: Sᵀ = K Qᵀ, Pᵀ (kept in registers for its dV update, stored for warpgroup 1),
+// dV[:, its columns] += Pᵀ dO, then dK[:, its columns] += dSᵀ Q once warpgroup 1 has stored dSᵀ.
+// Warpgroup 1: dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Delta) once warpgroup 0 has stored P (kept in
+// registers for its dK update, stored for warpgroup 0), then dV and dK for its columns. `later`:
+// not the block's first query tile (the "free" barriers have a previous tile to wait for).
 template <typename T, int D, class MASK, class MOD, class Steps>
 __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
                                                       const SplitDkdvSmem<D>& sm, int wg, int stage, int m0, int n0,
-                                                      int slot, float (&dk_acc)[split_columns(D, Steps::QK) / 2],
-                                                      float (&dv_acc)[split_columns(D, Steps::DP) / 2], Steps steps) {
+                                                      int slot, bool later,
+                                                      float (&dk_acc)[split_columns(D, Steps::QK) / 2],
+                                                      float (&dv_acc)[split_columns(D, Steps::DP) / 2], Steps) {
     using SM = SplitDkdvSmem<D>;
     constexpr int BLOCK_M = SM::BLOCK_M, BLOCK_N = SM::BLOCK_N;
-    constexpr int HALF = BLOCK_M / 2;  // this warpgroup's queries of Sᵀ and dPᵀ
-    constexpr int CT = HALF / 8;       // their 8-column blocks
-    constexpr int KH = HALF / 16;      // their k16 steps
-    constexpr int KM = BLOCK_M / 16;   // k16 steps over the query tile
+    constexpr int CT = BLOCK_M / 8;   // 8-column blocks of Sᵀ and dPᵀ
+    constexpr int KM = BLOCK_M / 16;  // k16 steps over the query tile
     // this warpgroup's columns of dK and dV
     constexpr int K_COLS = split_columns(D, Steps::QK), V_COLS = split_columns(D, Steps::DP);
     static_assert(!MASK::exact, "an exact mask's bits are loaded per whole query tile");
     const int warp = (threadIdx.x / 32) % 4;  // keys 16·warp..+15 of the tile
-    const int lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;
-    const int key_row0 = n0 + warp * 16;
-    const int q0 = m0 + wg * HALF;  // this warpgroup's first query
-    const float* lse2 = sm.template at<const float>(sm.rows(stage)) + wg * HALF;
+    const int t = threadIdx.x % 4;
+    const int key_row0 = n0 + warp * 16 + threadIdx.x % 32 / 4;  // this thread's first key
+    const float* lse2 = sm.template at<const float>(sm.rows(stage));
     const float* delta = lse2 + BLOCK_M;
-
-    // Sᵀ, dPᵀ: A = K / V (K-major over d), B = rows q0.. of the Q / dO tile (K-major; HALF rows
-    // = HALF·128 bytes into each 64-column box).
-    const u64 desc_k = sw128_desc(sm.sk, 16);
-    const u64 desc_v = sw128_desc(sm.sv(), 16);
-    const u64 desc_q = sw128_desc(sm.sq(stage) + wg * HALF * 128, 16);
-    const u64 desc_do = sw128_desc(sm.sdo(stage) + wg * HALF * 128, 16);
-    float s[HALF / 2], dp[HALF / 2];
-    GradFactors<MOD, CT> grad;  // unused: recovered from Pᵀ below (the stores are dead code)
-    u32 pf[KH][4], df[KH][4];
-    issue_transposed_scores<T, D, HALF, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do, steps);
-    const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
     constexpr bool AHEAD = MOD::identity;
-    const ColumnPairs<CT, AHEAD> lse2_pairs(lse2, t);
 
-    // Pᵀ, as in dkdv_query_tile, into this warpgroup's half of the Pᵀ tile.
-    wgmma_wait<1>();
-    reg_fence(s);
-    recompute_probs_transposed(as_blocks<CT>(s), grad, tile_mask, mod, false, key_row0 + g, q0, t, lse2_pairs);
-    if (tile_mask.partial(q0, HALF, key_row0, 16)) mask_probs_transposed(as_blocks<CT>(s), tile_mask, key_row0 + g, q0, t);
-    pack_a<T, KH>(pf, s);
-    named_barrier(5, 256);
-    store_ds_transposed<BLOCK_N, KH>(sm.spt(), pf, warp * 16 + g, t, wg * 2 * KH);
-    fence_proxy_async_shared();
-    named_barrier(6, 256);
-
-    // dV[:, V_COLS·wg ..] += Pᵀ dO: A = the Pᵀ tile (K-major: its 64 queries are the 128-byte
-    // row), B = dO read MN-major from box V_COLS/64·wg on (k16 step: 16 query rows, 2048 bytes;
-    // next box BLOCK_M·128 bytes further). Runs while dSᵀ is formed.
-    const u64 desc_pt = sw128_desc(sm.spt(), 16);
-    const u64 desc_dst = sw128_desc(sm.sdst(), 16);
+    // dV[:, V_COLS·wg ..] += Pᵀ dO and dK[:, K_COLS·wg ..] += dSᵀ Q: B = dO / Q read MN-major
+    // from box COLS/64·wg on (k16 step: 16 query rows, 2048 bytes; next box BLOCK_M·128 bytes
+    // further).
     const u64 desc_do_mn = sw128_desc(sm.sdo(stage) + wg * (V_COLS / 64) * BLOCK_M * 128, BLOCK_M * 128);
     const u64 desc_q_mn = sw128_desc(sm.sq(stage) + wg * (K_COLS / 64) * BLOCK_M * 128, BLOCK_M * 128);
-    issue_split_update<T, KM, BLOCK_N>(dv_acc, desc_pt, desc_do_mn);
-
-    // dSᵀ = Pᵀ ∘ (dPᵀ − Delta[query]) into this warpgroup's half of the dSᵀ tile.
-    const ColumnPairs<CT, AHEAD> delta_pairs(delta, t);
-    wgmma_wait<1>();
-    reg_fence(dp);
-    softmax_grad_recovered<CT>(as_blocks<CT>(dp), as_blocks<CT>(s), mod, [&](int j, int i) {
-        const float2 l2 = lse2_pairs(j, t), dl = delta_pairs(j, t);
-        return ElementCoords{q0 + 8 * j + 2 * t + (i & 1), key_row0 + g + (i / 2) * 8, i & 1 ? l2.y : l2.x,
-                             i & 1 ? dl.y : dl.x};
-    });
-    pack_a<T, KH>(df, dp);
-    store_ds_transposed<BLOCK_N, KH>(sm.sdst(), df, warp * 16 + g, t, wg * 2 * KH);
-    fence_proxy_async_shared();
-    named_barrier(7, 256);
-
-    // dK[:, COLS·wg ..] += dSᵀ Q (scaled once at the end).
-    issue_split_update<T, KM, BLOCK_N>(dk_acc, desc_dst, desc_q_mn);
+    float x[BLOCK_M / 2];  // Sᵀ, then P (warpgroup 0); dPᵀ, then dSᵀ (warpgroup 1)
+    u32 frag[KM][4];       // Pᵀ (warpgroup 0) or dSᵀ (warpgroup 1) as A fragments
+    if (later) named_barrier_arrive(wg == 0 ? DS_FREE : P_FREE, 256);  // this warpgroup's last GEMMs have completed
+    if (wg == 0) {
+        wgmma_fence();
+        issue_transposed_score<T, BLOCK_M, BLOCK_N, BLOCK_M, Steps::QK>(x, sw128_desc(sm.sk, 16),
+                                                                       sw128_desc(sm.sq(stage), 16));
+        named_barrier_arrive(S_ISSUED, 256);
+        const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
+        const ColumnPairs<CT, AHEAD> lse2_pairs(lse2, t);
+        GradFactors<MOD, CT> grad;  // unused: warpgroup 1 recovers it from P (the stores are dead code)
+        wgmma_wait<0>();
+        reg_fence(x);
+        recompute_probs_transposed(as_blocks<CT>(x), grad, tile_mask, mod, false, key_row0, m0, t, lse2_pairs);
+        if (tile_mask.partial(m0, BLOCK_M, n0 + warp * 16, 16))
+            mask_probs_transposed(as_blocks<CT>(x), tile_mask, key_row0, m0, t);
+        pack_a<T, KM>(frag, x);
+        if (later) named_barrier(P_FREE, 256);
+        store_ds_transposed<BLOCK_N, KM>(sm.spt(), frag, warp * 16 + threadIdx.x % 32 / 4, t);
+        store_p32(sm.sp32(), x);
+        fence_proxy_async_shared();
+        named_barrier_arrive(P_READY, 256);
+        issue_split_update<T, KM>(dv_acc, frag, desc_do_mn);
+        named_barrier(DS_READY, 256);
+        issue_split_update<T, KM, BLOCK_N>(dk_acc, sw128_desc(sm.sdst(), 16), desc_q_mn);
+    } else {
+        named_barrier(S_ISSUED, 256);
+        wgmma_fence();
+        issue_transposed_score<T, BLOCK_M, BLOCK_N, BLOCK_M, Steps::DP>(x, sw128_desc(sm.sv(), 16),
+                                                                       sw128_desc(sm.sdo(stage), 16));
+        const ColumnPairs<CT, AHEAD> lse2_pairs(lse2, t), delta_pairs(delta, t);
+        wgmma_wait<0>();
+        reg_fence(x);
+        named_barrier(P_READY, 256);
+        float p[BLOCK_M / 2];
+        load_p32(p, sm.sp32());
+        softmax_grad_recovered<CT>(as_blocks<CT>(x), as_blocks<CT>(p), mod, [&](int j, int i) {
+            const float2 l2 = lse2_pairs(j, t), dl = delta_pairs(j, t);
+            return ElementCoords{m0 + 8 * j + 2 * t + (i & 1), key_row0 + (i / 2) * 8, i & 1 ? l2.y : l2.x,
+                                 i & 1 ? dl.y : dl.x};
+        });
+        pack_a<T, KM>(frag, x);
+        if (later) named_barrier(DS_FREE, 256);
+        store_ds_transposed<BLOCK_N, KM>(sm.sdst(), frag, warp * 16 + threadIdx.x % 32 / 4, t);
+        fence_proxy_async_shared();
+        named_barrier_arrive(DS_READY, 256);
+        issue_split_update<T, KM, BLOCK_N>(dv_acc, sw128_desc(sm.spt(), 16), desc_do_mn);
+        issue_split_update<T, KM>(dk_acc, frag, desc_q_mn);
+    }
     wgmma_wait<0>();
+    reg_fence_frag(frag);
     reg_fence(dv_acc);
     reg_fence(dk_acc);
 }
@@ -799,6 +856,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     auto walk = block_walk;
     if (walk.valid()) mbar_wait(kv_full, 0);
     RingSlot<2> slot;
+    bool later = false;  // past the block's first query tile (split columns)
     for (; walk.valid(); walk.next(), slot.advance()) {
         const MOD mod(a, b, walk.h, seq.nq, seq.nk);
         const DropoutMask drop(a, b, walk.h);
@@ -806,7 +864,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         const int m_tile = walk.m_tile();
         if constexpr (SPLIT) {
             dkdv_split_query_tile<T, D, MASK, MOD>(a, mask, mod, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(),
-                                                   dk_acc, dv_acc, HeadSteps<QK_DIM, DP_DIM>{});
+                                                   later, dk_acc, dv_acc, HeadSteps<QK_DIM, DP_DIM>{});
+            later = true;
         } else {
             int rank = 0;
             if constexpr (ORDERED_DQ)
