@@ -90,13 +90,6 @@ __host__ __device__ constexpr int box_columns(int columns) { return (columns + 6
     "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
     "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-// Accumulator list of m64n32k16: half a 64-row query tile (the split dK/dV kernel's Sᵀ, dPᵀ).
-#define SM90_R16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-#define SM90_D16(d)  \
-    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
-    "+f"(d[15])
-
 // Accumulator lists of the key-tile widths 80 and 176 (Q·Kᵀ only).
 #define SM90_R40 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}"
 #define SM90_R88 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}"
@@ -126,8 +119,7 @@ __host__ __device__ constexpr int box_columns(int columns) { return (columns + 6
 // accumulate == 0 overwrites D. TRANS_A / TRANS_B = 1 for MN-major operands.
 template <typename T, int N, int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], u64 desc_a, u64 desc_b, int accumulate) {
-    static_assert(N == 32 || N == 64 || N == 80 || N == 128 || N == 176,
-                  "wgmma_ss: N must be 32, 64, 80, 128 or 176");
+    static_assert(N == 64 || N == 80 || N == 128 || N == 176, "wgmma_ss: N must be 64, 80, 128 or 176");
 #define SM90_SS(SHAPE, REGS, TAIL, ACC)                                                            \
     if constexpr (T::is_bf16) {                                                                    \
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " TAIL ", 0;\n"                              \
@@ -146,10 +138,8 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], u64 desc_a, u64 desc
         SM90_SS("m64n128k16", SM90_R64 ", %64, %65, p, 1, 1, %67, %68;\n}\n", "%66", SM90_D64(d))
     } else if constexpr (N == 80) {
         SM90_SS("m64n80k16", SM90_R40 ", %40, %41, p, 1, 1, %43, %44;\n}\n", "%42", SM90_D40(d))
-    } else if constexpr (N == 64) {
-        SM90_SS("m64n64k16", SM90_R32 ", %32, %33, p, 1, 1, %35, %36;\n}\n", "%34", SM90_D32(d))
     } else {
-        SM90_SS("m64n32k16", SM90_R16 ", %16, %17, p, 1, 1, %19, %20;\n}\n", "%18", SM90_D16(d))
+        SM90_SS("m64n64k16", SM90_R32 ", %32, %33, p, 1, 1, %35, %36;\n}\n", "%34", SM90_D32(d))
     }
 #undef SM90_SS
 }
