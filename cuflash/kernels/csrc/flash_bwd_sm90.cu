@@ -633,7 +633,8 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     const u64 desc_q_mn = sw128_desc(sm.sq(stage) + wg * (K_COLS / 64) * BLOCK_M * 128, BLOCK_M * 128);
     float x[BLOCK_M / 2];  // Sᵀ, then P (warpgroup 0); dPᵀ, then dSᵀ (warpgroup 1)
     u32 frag[KM][4];       // Pᵀ (warpgroup 0) or dSᵀ (warpgroup 1) as A fragments
-    if (later) named_barrier_arrive(wg == 0 ? DS_FREE : P_FREE, 256);  // this warpgroup's last GEMMs have completed
+    // This warpgroup's GEMMs of the previous tile have completed (the wait at the end below).
+    if (later) named_barrier_arrive(wg == 0 ? DS_FREE : P_FREE, 256);
     if (wg == 0) {
         wgmma_fence();
         issue_transposed_score<T, BLOCK_M, BLOCK_N, BLOCK_M, Steps::QK>(x, sw128_desc(sm.sk, 16),
