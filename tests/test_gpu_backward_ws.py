@@ -76,7 +76,7 @@ def test_padded_head_dims_write_only_their_columns(xp_gpu, rng, seed, dkdv_kerne
     from cuflash.kernels import sm90_backward
 
     if max(d, dv) > 128 and dkdv_kernel != "warp-specialised":
-        pytest.skip("split columns: the warp-specialised kernel only")
+        pytest.skip("split gradients: the warp-specialised kernel only")
     xp, b, hq, nq, nk = xp_gpu, 1, 2, 200, 170
     q = random_array(rng, (b, hq, nq, d), ml_dtypes.bfloat16, xp=xp)
     k = random_array(rng, (b, hq, nk, d), ml_dtypes.bfloat16, xp=xp)
@@ -158,11 +158,11 @@ SPLIT_CASES = [dict(d=256), dict(d=256, causal=True), dict(d=256, causal=True, d
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("options", SPLIT_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_split_columns_past_128(xp_gpu, rng, seed, dkdv_kernel, options, deterministic):
+def test_split_gradients_past_128(xp_gpu, rng, seed, dkdv_kernel, options, deterministic):
     """Head dims past 128 (and Dv ≠ D) under every mask policy and score modifier the 256-column
     tile takes, odd lengths and GQA, against the float64 oracle."""
     if dkdv_kernel != "warp-specialised":
-        pytest.skip("split columns: the warp-specialised kernel only")
+        pytest.skip("split gradients: the warp-specialised kernel only")
     options = dict(options)
     if options.get("alibi_slopes") == "heads":
         options["alibi_slopes"] = xp_gpu.asarray(np.random.default_rng(seed).uniform(0.01, 0.5, options.get("hq", 2)),
@@ -170,11 +170,11 @@ def test_split_columns_past_128(xp_gpu, rng, seed, dkdv_kernel, options, determi
     run(xp_gpu, rng, seed, dkdv_kernel, deterministic=deterministic, **options)
 
 
-def test_split_columns_block_sparse_and_bit_identical(xp_gpu, rng, seed, dkdv_kernel):
+def test_split_gradients_block_sparse_and_bit_identical(xp_gpu, rng, seed, dkdv_kernel):
     """A block mask at D = 256 (64-row tiles inside 128-blocks), and the same bits on reruns in
     the default mode too: no gradient is added by two blocks on this tile."""
     if dkdv_kernel != "warp-specialised":
-        pytest.skip("split columns: the warp-specialised kernel only")
+        pytest.skip("split gradients: the warp-specialised kernel only")
     pattern = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1]], bool)
     mask = BlockMask.from_dense(pattern, block_size=128, shape=(384, 384))
     xp = xp_gpu

@@ -6,7 +6,7 @@ are whole tiles; packed variable-length sequences too, without dropout). Everyth
 ``mma_backward``. The kernels hold one head dim for Q/K and V/dO, 64, 128 or 256
 (``tile_head_dim``): narrower calls run it with zero columns past D and Dv, which the loads fill
 and the stores skip. At 256 (D or Dv above 128) the warp-specialised dK/dV kernel's two consumers
-split one 64-key tile's dK and dV by columns, and dQ always comes from a dQ kernel (the
+share one 64-key tile, one keeping dV and the other dK, and dQ always comes from a dQ kernel (the
 deterministic sequence, whatever ``deterministic`` says), the warp-specialised one
 (``flash_bwd_sm90_dq_ws``, ``dq_ring``) unless a block mask has 64-row blocks: no fused dQ, no
 cp.async dK/dV kernel, no dropout, exact masks or packed sequences there (``why_not_options``).
@@ -54,7 +54,7 @@ SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
 OPTIONS = (f"-arch={ARCH}",)
 HEAD_DIMS = (64, 128, 256)  # the tile's head dim: a call's D and Dv, padded to the next of these
-SPLIT_HEAD_DIM = 256  # the tile whose dK/dV consumers split columns (flash_bwd_sm90.cu, SplitDkdvSmem)
+SPLIT_HEAD_DIM = 256  # the tile whose dK/dV consumers split the gradients (flash_bwd_sm90.cu, SplitDkdvSmem)
 
 
 def tile_head_dim(spec) -> int:
@@ -70,8 +70,8 @@ class Sm90BwdTiles:
 
     dk/dv kernel: ``dkdv_warpgroups`` × 64 keys per thread block (one 64-key slab per
     warpgroup), query tiles of ``dkdv_block_m`` rows double-buffered in shared memory; with
-    ``split_columns`` (the 256-column tile) one 64-key slab whose dK and dV columns the two
-    warpgroups split, against 64-row query tiles.
+    ``split_gradients`` (the 256-column tile) one 64-key slab whose dV one warpgroup keeps and dK
+    the other, against 64-row query tiles.
     dq kernel: ``dq_warpgroups`` × 64 query rows per thread block, key tiles of ``dq_block_n``
     keys double-buffered.
     """
@@ -80,7 +80,7 @@ class Sm90BwdTiles:
     dkdv_block_m: int = 64
     dq_warpgroups: int = 2
     dq_block_n: int = 64
-    split_columns: bool = False
+    split_gradients: bool = False
 
     def __post_init__(self):
         if self.dkdv_block_m not in (64, 128) or self.dq_block_n not in (64, 128):
@@ -88,12 +88,12 @@ class Sm90BwdTiles:
         if self.dkdv_warpgroups not in (1, 2) or self.dq_warpgroups not in (1, 2):
             # Three warpgroups leave too few registers per thread: the accumulators spill.
             raise ValueError(f"{self}: 1 or 2 warpgroups per kernel")
-        if self.split_columns and (self.dkdv_warpgroups, self.dkdv_block_m) != (2, 64):
-            raise ValueError(f"{self}: split columns take two warpgroups and 64-row query tiles")
+        if self.split_gradients and (self.dkdv_warpgroups, self.dkdv_block_m) != (2, 64):
+            raise ValueError(f"{self}: split gradients take two warpgroups and 64-row query tiles")
 
     @property
     def dkdv_block_n(self) -> int:
-        return 64 if self.split_columns else 64 * self.dkdv_warpgroups
+        return 64 if self.split_gradients else 64 * self.dkdv_warpgroups
 
     @property
     def dq_block_m(self) -> int:
@@ -103,20 +103,20 @@ class Sm90BwdTiles:
         # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile and the staging floats of its dQ
         # parts, 64 rows per warpgroup,) two stages of lse2 + Delta, (two scratch-row indices and
         # the dQ writer's tile header,) 1 KB for the 1024-byte alignment.
-        # Split columns: the Pᵀ and dSᵀ tiles and P in float32 instead of the fused dQ's.
+        # Split gradients: P in float32 instead of the fused dQ's.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
         parts = 1 if self.fused_dq_by_turns(d) else self.dkdv_warpgroups
         fused = 2 * bn * bm + parts * 64 * self.fused_dq_columns(d) * 4 + 32
-        transposed = 2 * (2 * bn * bm) + 4 * bn * bm if self.split_columns else 0
+        transposed = 4 * bn * bm if self.split_gradients else 0
         return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + transposed + 4 * 4 * bm + 1024
 
     def fused_dq_columns(self, d: int) -> int:
         """Columns of the dQ part each dK/dV warpgroup computes with the fused dQ (flash_bwd_sm90.cu,
         FusedDq): all D when the query tile has a 64-row part per warpgroup or when the
         warpgroups take turns (``fused_dq_by_turns``), else D / warpgroups of a 64-row tile; 0
-        for other shapes (one warpgroup against 128 rows, split columns), which it cannot deal
+        for other shapes (one warpgroup against 128 rows, split gradients), which it cannot deal
         out."""
-        if self.split_columns:
+        if self.split_gradients:
             return 0
         if self.dkdv_block_m == 64 * self.dkdv_warpgroups or self.fused_dq_by_turns(d):
             return d
@@ -128,7 +128,7 @@ class Sm90BwdTiles:
         """Whether the fused dQ of a 64-row query tile goes whole to one warpgroup in turn
         (FusedDq::BY_TURNS; the warp-specialised kernel only): where D / warpgroups would be
         narrower than the 64-column parts the kernels instantiate (D = 64 with two warpgroups)."""
-        return (not self.split_columns and self.dkdv_block_m == 64 and self.dkdv_warpgroups > 1
+        return (not self.split_gradients and self.dkdv_block_m == 64 and self.dkdv_warpgroups > 1
                 and d // self.dkdv_warpgroups < 64)
 
     def dq_shared_bytes(self, d: int) -> int:
@@ -144,11 +144,11 @@ def default_tiles(d: int, *, dropout: bool = False) -> Sm90BwdTiles:
     128-row Sᵀ and dPᵀ). The dq kernel's one warpgroup lets two to four blocks share an SM, so
     one block's softmax runs under another's GEMMs: 0-15% faster than two warpgroups in
     lockstep on an H200 (benchmarks/NOTES.md, "The Hopper dQ kernel with one warpgroup"). The
-    256-column tile: 64 keys whose columns the two dk/dv warpgroups split (two stages of 64-row
-    K and V tiles and a 64-row Q and dO take the dq block 192 KB of shared memory)."""
+    256-column tile: 64 keys whose dV and dK the two dk/dv warpgroups keep one each (two stages
+    of 64-row K and V tiles and a 64-row Q and dO take the dq block 192 KB of shared memory)."""
     if d == SPLIT_HEAD_DIM:
         return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=64, dq_warpgroups=1, dq_block_n=64,
-                            split_columns=True)
+                            split_gradients=True)
     wide = d <= 64 and not dropout
     return Sm90BwdTiles(dkdv_warpgroups=2, dkdv_block_m=128 if wide else 64, dq_warpgroups=1,
                         dq_block_n=64)
@@ -272,7 +272,7 @@ def dq_ring(spec, tiles: Sm90BwdTiles) -> bool:
     dQ kernel's 64 rows, which then runs). That kernel holds one warpgroup per SM at this width
     (192 KB of shared memory)."""
     mask = spec.block_mask
-    return tiles.split_columns and (mask is None or mask.block_size[0] % DQ_RING_BLOCK_M == 0)
+    return tiles.split_gradients and (mask is None or mask.block_size[0] % DQ_RING_BLOCK_M == 0)
 
 
 def dq_ring_shared_bytes(spec) -> int:
@@ -412,8 +412,8 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                          f"got D={s.d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d, dropout=spec.has_dropout)
     producer = warp_specialised(spec, arrays)
-    if tiles.split_columns and not producer:
-        raise ValueError("split dK/dV columns (D or Dv above 128) need the warp-specialised kernel")
+    if tiles.split_gradients and not producer:
+        raise ValueError("split dK/dV gradients (D or Dv above 128) need the warp-specialised kernel")
     ordered = ordered_dq(spec, tiles, producer)
     atomic_dq = fuses_dq(spec, tiles, producer) or ordered
     # The fused dQ's accumulator rows are the tile's D floats (fragment order, flash_bwd_sm90.cu).
@@ -497,7 +497,7 @@ def main_variants() -> list[tuple[str, str]]:
     specs = spec_grid(HEAD_DIMS) + float32_grads_specs(HEAD_DIMS) + dropout + varlen + split + short + narrow_exact
     for spec in (spec for spec in specs if why_not_options(spec) is None):
         tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
-        if not tiles.split_columns:  # the cp.async dK/dV kernel has no split columns
+        if not tiles.split_gradients:  # the cp.async dK/dV kernel has no split gradients
             out.append((SOURCE, variant_dkdv(spec, tiles)))
         if dq_ring(spec, tiles):
             out.append((SOURCE, variant_dq_ws(spec)))

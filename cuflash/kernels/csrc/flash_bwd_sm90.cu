@@ -242,15 +242,9 @@ struct DkdvSmem : DkdvStages<D, WG * 64, BLOCK_M> {
 // 128-column tile in 6 of its 8 steps, D = 192 the 256-column one in 12 of 16. Compile-time
 // counts: a runtime bound around wgmma makes ptxas serialise them or spill.
 template <int QK_DIM, int DP_DIM>
-struct HeadSteps {  // carries the two dims down (k16_steps, split_columns)
+struct HeadSteps {  // carries the two dims down (k16_steps, box_columns)
     static constexpr int QK = QK_DIM, DP = DP_DIM;
 };
-
-// The columns of dK (dim: QK_DIM) or dV (DP_DIM) that each consumer keeps where the two split a
-// D-column tile by columns (dkdv_split_query_tile): half the tile, or a quarter where the dim
-// fits in half of it, so that no consumer's columns are all padding (D = 192 with Dv = 128 in the
-// 256-column tile: one 64-column atom of dV each, instead of 128 real columns and 128 of zeros).
-__host__ __device__ constexpr int split_columns(int d, int dim) { return dim <= d / 2 ? d / 4 : d / 2; }
 
 // One of Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 keys × N queries) over the first DIM columns, as one commit
 // group: A = 64 rows of K / V (K-major over the head dim, a tile of KV_ROWS rows per box), B = N
@@ -397,20 +391,30 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     }
 }
 
-// dK·scale and dV of one consumer warpgroup's 64 keys, columns dk_col0 .. dk_col0 + K_COLS and
-// dv_col0 .. dv_col0 + V_COLS (of their a.d and a.dv real columns), once; key tiles that no query
-// sees write zeros.
-template <typename T, int K_COLS, int V_COLS, bool DROPOUT, bool F32_GRADS>
-__device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
-                                           float (&dk_acc)[K_COLS / 2], float (&dv_acc)[V_COLS / 2],
-                                           int dk_col0 = 0, int dv_col0 = 0) {
+// dK·scale (store_dk) or dV (store_dv) of one consumer warpgroup's 64 keys, columns col0 ..
+// col0 + COLS (of their a.d or a.dv real columns), once; key tiles that no query sees write zeros.
+template <typename T, int COLS, bool F32_GRADS>
+__device__ __forceinline__ void store_dk(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
+                                         float (&dk_acc)[COLS / 2], int col0 = 0) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const float factor[2] = {a.scale, a.scale};
+    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
+                        seq.nk, a.d, as_blocks<COLS / 8>(dk_acc), key_row0 + g, col0, t, factor);
+}
+template <typename T, int COLS, bool DROPOUT, bool F32_GRADS>
+__device__ __forceinline__ void store_dv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
+                                         float (&dv_acc)[COLS / 2], int col0 = 0) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
-    const float dk_factor[2] = {a.scale, a.scale}, dv_factor[2] = {dv_scale, dv_scale};
-    store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
-                        seq.nk, a.d, as_blocks<K_COLS / 8>(dk_acc), key_row0 + g, dk_col0, t, dk_factor);
+    const float factor[2] = {dv_scale, dv_scale};
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn, a.gv_sn,
-                        seq.nk, a.dv, as_blocks<V_COLS / 8>(dv_acc), key_row0 + g, dv_col0, t, dv_factor);
+                        seq.nk, a.dv, as_blocks<COLS / 8>(dv_acc), key_row0 + g, col0, t, factor);
+}
+template <typename T, int K_COLS, int V_COLS, bool DROPOUT, bool F32_GRADS>
+__device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
+                                           float (&dk_acc)[K_COLS / 2], float (&dv_acc)[V_COLS / 2]) {
+    store_dk<T, K_COLS, F32_GRADS>(a, b, hk, seq, key_row0, dk_acc);
+    store_dv<T, V_COLS, DROPOUT, F32_GRADS>(a, b, hk, seq, key_row0, dv_acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -505,35 +509,31 @@ flash_bwd_sm90_dkdv(const BwdArgs a) {
 
 // ---------------------------------------------------------------------------------------------
 // Head dims past 128 (the D = 256 tile; warp-specialised kernel only). dK and dV of 64 keys × D
-// columns would take D floats per thread of one warpgroup, more than a consumer has, so the two
-// consumers share one 64-key tile and split dK and dV by columns instead: warpgroup w keeps
-// columns D/2·w .. D/2·(w + 1), or D/4·w .. D/4·(w + 1) of a gradient whose real columns fit in
-// D/2 (split_columns). Both need the whole Pᵀ and dSᵀ of a query tile, and each forms one of the
-// two score GEMMs whole: warpgroup 0 Sᵀ = K Qᵀ and Pᵀ, warpgroup 1 dPᵀ = V dOᵀ and, from Pᵀ,
-// dSᵀ (dkdv_split_query_tile). So K, V, Q and dO are each read once per tile pair by m64n64
-// GEMMs; splitting each GEMM by query halves instead (m64n32, both consumers reading all of K and
-// V) read half as much again and left the tensor pipe waiting on shared memory. No fused dQ: its
-// staging floats (64 rows × D) do not fit beside two stages of Q and dO, so dQ is a dq kernel's
-// (flash_bwd_sm90_dq_ws, or with a block mask of 64-row blocks flash_bwd_sm90_dq).
-// Shared-memory plan: K, V; two stages of Q and dO; the Pᵀ and dSᵀ tiles (64 keys × 64 queries,
-// one 128-byte-swizzled box each); P in float32 for dSᵀ, in warpgroup 0's accumulator order; per
-// stage lse2 and Delta rows.
+// columns would take D floats per thread each, more than one consumer has for both, so the two
+// consumers share one 64-key tile and split the work by gradient (dkdv_split_query_tile):
+// warpgroup 0 forms Sᵀ = K Qᵀ, Pᵀ and dV += Pᵀ dO over all of dV's columns, warpgroup 1
+// dPᵀ = V dOᵀ, dSᵀ and dK += dSᵀ Q over all of dK's. dSᵀ needs P, which warpgroup 0 hands over
+// in float32 through shared memory; nothing else passes between them, so warpgroup 0 runs up to
+// a tile ahead, and each tile pair takes four GEMMs that read each operand once. (Splitting dK
+// and dV by columns needed Pᵀ and dSᵀ in both consumers, two hand-overs per tile each way;
+// splitting by gradient with Sᵀ formed twice instead of handed over took five GEMMs.) No fused
+// dQ: its staging floats (64 rows × D) do not fit beside two stages of Q and dO, so dQ is a dq
+// kernel's (flash_bwd_sm90_dq_ws, or with a block mask of 64-row blocks flash_bwd_sm90_dq).
+// Shared-memory plan: K, V; two stages of Q and dO; P in float32, in warpgroup 0's accumulator
+// order; per stage lse2 and Delta rows.
 template <int D>
 struct SplitDkdvSmem : DkdvStages<D, 64, 64> {
     using Stages = DkdvStages<D, 64, 64>;
-    static constexpr u32 T_BYTES = Stages::BLOCK_N * Stages::BLOCK_M * 2;  // the Pᵀ or dSᵀ tile
     static constexpr u32 P_BYTES = Stages::BLOCK_N * Stages::BLOCK_M * 4;  // P in float32
     __device__ __forceinline__ explicit SplitDkdvSmem(unsigned char* raw) : Stages(raw) {}
-    __device__ __forceinline__ u32 spt() const { return this->tail(); }
-    __device__ __forceinline__ u32 sdst() const { return spt() + T_BYTES; }
-    __device__ __forceinline__ u32 sp32() const { return sdst() + T_BYTES; }
+    __device__ __forceinline__ u32 sp32() const { return this->tail(); }
     __device__ __forceinline__ u32 rows(int stage) const {  // lse2[BLOCK_M], then Delta[BLOCK_M]
         return sp32() + P_BYTES + stage * 2 * Stages::BLOCK_M * 4;
     }
 };
 
 // The shared-memory plan of a dK/dV kernel: keys split across the warpgroups (D ≤ 128) or
-// columns (D = 256).
+// gradients (D = 256).
 template <int D, int WG, int BLOCK_M, bool ATOMIC_DQ, bool SPLIT = (D > 128)>
 struct DkdvLayout {
     using type = DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>;
@@ -543,27 +543,31 @@ struct DkdvLayout<D, WG, BLOCK_M, ATOMIC_DQ, true> {
     using type = SplitDkdvSmem<D>;
 };
 
-// acc += (a transposed tile of ROWS rows, K-major, at desc_t) · (the accumulator's 2·ACC columns of
-// Q or dO, MN-major at desc_mn), over KM k16 steps of query rows.
-template <typename T, int KM, int ROWS, int ACC>
-__device__ __forceinline__ void issue_split_update(float (&acc)[ACC], u64 desc_t, u64 desc_mn) {
-    reg_fence(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < KM; ++kk)
-        wgmma_ss<T, 2 * ACC, 0, 1>(acc, desc_t + kmajor_step(kk, ROWS), desc_mn + ((u32)(kk * 2048) >> 4), 1);
-    wgmma_commit();
+// N / 2 floats of an accumulator from float OFFSET on, as an m64nN accumulator.
+template <int N, int OFFSET, int ACC>
+__device__ __forceinline__ float (&accumulator_part(float (&acc)[ACC]))[N / 2] {
+    static_assert(OFFSET + N / 2 <= ACC, "within the accumulator");
+    return *reinterpret_cast<float(*)[N / 2]>(&acc[OFFSET]);
 }
 
-// The same with the transposed tile in this thread's registers (the A fragments it packed).
-template <typename T, int KM, int ACC>
-__device__ __forceinline__ void issue_split_update(float (&acc)[ACC], u32 (&frag)[KM][4], u64 desc_mn) {
+// acc[:, 0 .. COLS] += (the 64 × 64 transposed tile in `frag`, this thread's A fragments) · (the
+// first COLS columns of the Q or dO stage at `tile`, read MN-major: a k16 step is 16 query rows,
+// 2048 bytes; the next 64-column box 64·128 bytes further): an m64n128 wgmma per step and, past
+// 128 columns, an m64n64 or m64n128 one.
+template <typename T, int COLS, int ACC>
+__device__ __forceinline__ void issue_gradient_update(float (&acc)[ACC], u32 (&frag)[4][4], u32 tile) {
+    constexpr int LOW = COLS < 128 ? COLS : 128, HIGH = COLS - LOW;
+    const u64 desc = sw128_desc(tile, 64 * 128);
     reg_fence_frag(frag);
     reg_fence(acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < KM; ++kk)
-        wgmma_rs<T, 2 * ACC, 1>(acc, frag[kk], desc_mn + ((u32)(kk * 2048) >> 4), 1);
+    for (int kk = 0; kk < 4; ++kk) {
+        wgmma_rs<T, LOW, 1>(accumulator_part<LOW, 0>(acc), frag[kk], desc + ((u32)(kk * 2048) >> 4), 1);
+        if constexpr (HIGH > 0)
+            wgmma_rs<T, HIGH, 1>(accumulator_part<HIGH, LOW / 2>(acc), frag[kk],
+                                 desc + ((u32)(2 * 64 * 128 + kk * 2048) >> 4), 1);
+    }
     wgmma_commit();
 }
 
@@ -590,34 +594,27 @@ __device__ __forceinline__ void load_p32(float (&p)[N], u32 sp32) {
                      : "memory");
 }
 
-// The split kernel's named barriers, each between the two consumers (256 threads: one warpgroup
+// The split kernel's named barriers between the two consumers (256 threads: one warpgroup
 // arrives, the other waits). Ids past the kernel's 3 + warpgroup.
 enum SplitBarrier : int {
-    S_ISSUED = 5,   // warpgroup 0 has issued Sᵀ, so that Sᵀ runs before dPᵀ on the tensor pipe
-    P_READY = 6,    // Pᵀ and P stored (warpgroup 0)
-    P_FREE = 7,     // the previous tile's Pᵀ and P read (warpgroup 1: its GEMMs have completed)
-    DS_READY = 8,   // dSᵀ stored (warpgroup 1)
-    DS_FREE = 9,    // the previous tile's dSᵀ read (warpgroup 0: its GEMMs have completed)
+    P_READY = 5,  // warpgroup 0 has stored P
+    P_FREE = 6,   // warpgroup 1 has read it: after every tile; warpgroup 0 waits before its next
+                  // store, and once after its last tile
 };
 
-// One consumer warpgroup's share of one query tile with split columns (see SplitDkdvSmem).
-// Warpgroup 0: Sᵀ = K Qᵀ, Pᵀ (kept in registers for its dV update, stored for warpgroup 1),
-// dV[:, its columns] += Pᵀ dO, then dK[:, its columns] += dSᵀ Q once warpgroup 1 has stored dSᵀ.
-// Warpgroup 1: dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Delta) once warpgroup 0 has stored P (kept in
-// registers for its dK update, stored for warpgroup 0), then dV and dK for its columns. `later`:
-// not the block's first query tile (the "free" barriers have a previous tile to wait for).
-template <typename T, int D, class MASK, class MOD, class Steps>
+// One consumer warpgroup's share of one query tile, split by gradient (see SplitDkdvSmem).
+// Warpgroup 0: Sᵀ = K Qᵀ, P (stored once warpgroup 1 has read the previous tile's; `later`: not
+// the block's first tile), dV += Pᵀ dO into `acc`. Warpgroup 1: dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘
+// (dPᵀ − Delta) once P is stored, dK += dSᵀ Q into `acc` (scaled once at the end).
+template <typename T, int D, class MASK, class MOD, class Steps, int ACC>
 __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
                                                       const SplitDkdvSmem<D>& sm, int wg, int stage, int m0, int n0,
-                                                      int slot, bool later,
-                                                      float (&dk_acc)[split_columns(D, Steps::QK) / 2],
-                                                      float (&dv_acc)[split_columns(D, Steps::DP) / 2], Steps) {
+                                                      int slot, bool later, float (&acc)[ACC], Steps) {
     using SM = SplitDkdvSmem<D>;
     constexpr int BLOCK_M = SM::BLOCK_M, BLOCK_N = SM::BLOCK_N;
     constexpr int CT = BLOCK_M / 8;   // 8-column blocks of Sᵀ and dPᵀ
     constexpr int KM = BLOCK_M / 16;  // k16 steps over the query tile
-    // this warpgroup's columns of dK and dV
-    constexpr int K_COLS = split_columns(D, Steps::QK), V_COLS = split_columns(D, Steps::DP);
+    static_assert(KM == 4, "64-row query tiles");
     static_assert(!MASK::exact, "an exact mask's bits are loaded per whole query tile");
     const int warp = (threadIdx.x / 32) % 4;  // keys 16·warp..+15 of the tile
     const int t = threadIdx.x % 4;
@@ -625,21 +622,12 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
     const float* lse2 = sm.template at<const float>(sm.rows(stage));
     const float* delta = lse2 + BLOCK_M;
     constexpr bool AHEAD = MOD::identity;
-
-    // dV[:, V_COLS·wg ..] += Pᵀ dO and dK[:, K_COLS·wg ..] += dSᵀ Q: B = dO / Q read MN-major
-    // from box COLS/64·wg on (k16 step: 16 query rows, 2048 bytes; next box BLOCK_M·128 bytes
-    // further).
-    const u64 desc_do_mn = sw128_desc(sm.sdo(stage) + wg * (V_COLS / 64) * BLOCK_M * 128, BLOCK_M * 128);
-    const u64 desc_q_mn = sw128_desc(sm.sq(stage) + wg * (K_COLS / 64) * BLOCK_M * 128, BLOCK_M * 128);
     float x[BLOCK_M / 2];  // Sᵀ, then P (warpgroup 0); dPᵀ, then dSᵀ (warpgroup 1)
     u32 frag[KM][4];       // Pᵀ (warpgroup 0) or dSᵀ (warpgroup 1) as A fragments
-    // This warpgroup's GEMMs of the previous tile have completed (the wait at the end below).
-    if (later) named_barrier_arrive(wg == 0 ? DS_FREE : P_FREE, 256);
     if (wg == 0) {
         wgmma_fence();
         issue_transposed_score<T, BLOCK_M, BLOCK_N, BLOCK_M, Steps::QK>(x, sw128_desc(sm.sk, 16),
                                                                        sw128_desc(sm.sq(stage), 16));
-        named_barrier_arrive(S_ISSUED, 256);
         const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
         const ColumnPairs<CT, AHEAD> lse2_pairs(lse2, t);
         GradFactors<MOD, CT> grad;  // unused: warpgroup 1 recovers it from P (the stores are dead code)
@@ -650,15 +638,10 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
             mask_probs_transposed(as_blocks<CT>(x), tile_mask, key_row0, m0, t);
         pack_a<T, KM>(frag, x);
         if (later) named_barrier(P_FREE, 256);
-        store_ds_transposed<BLOCK_N, KM>(sm.spt(), frag, warp * 16 + threadIdx.x % 32 / 4, t);
         store_p32(sm.sp32(), x);
-        fence_proxy_async_shared();
         named_barrier_arrive(P_READY, 256);
-        issue_split_update<T, KM>(dv_acc, frag, desc_do_mn);
-        named_barrier(DS_READY, 256);
-        issue_split_update<T, KM, BLOCK_N>(dk_acc, sw128_desc(sm.sdst(), 16), desc_q_mn);
+        issue_gradient_update<T, box_columns(Steps::DP)>(acc, frag, sm.sdo(stage));
     } else {
-        named_barrier(S_ISSUED, 256);
         wgmma_fence();
         issue_transposed_score<T, BLOCK_M, BLOCK_N, BLOCK_M, Steps::DP>(x, sw128_desc(sm.sv(), 16),
                                                                        sw128_desc(sm.sdo(stage), 16));
@@ -668,23 +651,18 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
         named_barrier(P_READY, 256);
         float p[BLOCK_M / 2];
         load_p32(p, sm.sp32());
+        named_barrier_arrive(P_FREE, 256);
         softmax_grad_recovered<CT>(as_blocks<CT>(x), as_blocks<CT>(p), mod, [&](int j, int i) {
             const float2 l2 = lse2_pairs(j, t), dl = delta_pairs(j, t);
             return ElementCoords{m0 + 8 * j + 2 * t + (i & 1), key_row0 + (i / 2) * 8, i & 1 ? l2.y : l2.x,
                                  i & 1 ? dl.y : dl.x};
         });
         pack_a<T, KM>(frag, x);
-        if (later) named_barrier(DS_FREE, 256);
-        store_ds_transposed<BLOCK_N, KM>(sm.sdst(), frag, warp * 16 + threadIdx.x % 32 / 4, t);
-        fence_proxy_async_shared();
-        named_barrier_arrive(DS_READY, 256);
-        issue_split_update<T, KM, BLOCK_N>(dv_acc, sw128_desc(sm.spt(), 16), desc_do_mn);
-        issue_split_update<T, KM>(dk_acc, frag, desc_q_mn);
+        issue_gradient_update<T, box_columns(Steps::QK)>(acc, frag, sm.sq(stage));
     }
     wgmma_wait<0>();
     reg_fence_frag(frag);
-    reg_fence(dv_acc);
-    reg_fence(dk_acc);
+    reg_fence(acc);
 }
 
 // The warp-specialised kernel's dQ writer (one elected thread of the producer warpgroup's second
@@ -753,11 +731,9 @@ __global__ void __launch_bounds__((WG + 1) * 128, 1)
 flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
     wait_for_previous_kernel();
     let_next_kernel_start();
-    constexpr bool SPLIT = D > 128;  // dK, dV split by columns (dkdv_split_query_tile)
+    constexpr bool SPLIT = D > 128;  // dK and dV split by gradient (dkdv_split_query_tile)
     constexpr int BLOCK_N = SPLIT ? 64 : WG * 64;
     constexpr int CONSUMERS = WG * 128;
-    // dK and dV columns per consumer (split_columns)
-    constexpr int K_COLS = SPLIT ? split_columns(D, QK_DIM) : D, V_COLS = SPLIT ? split_columns(D, DP_DIM) : D;
     // 64-column boxes of K and Q, and of V and dO, that hold a real column. The split kernel loads
     // only those: the boxes past them would feed nothing but dK and dV columns that are never
     // stored (it forms no dQ). Elsewhere every box is loaded (zeros past the real columns).
@@ -849,25 +825,45 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
 
     claim_registers<240>();
     const int wg = threadIdx.x / 128 - 1;
-    float dk_acc[K_COLS / 2], dv_acc[V_COLS / 2];
-#pragma unroll
-    for (int i = 0; i < K_COLS / 2; ++i) dk_acc[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < V_COLS / 2; ++i) dv_acc[i] = 0.f;
     auto walk = block_walk;
     if (walk.valid()) mbar_wait(kv_full, 0);
+    // Every warp of this warpgroup is done reading a stage (the GEMMs, lse2, Delta and the
+    // scratch row): only then may its leader release it.
+    auto release = [&](int stage) {
+        named_barrier(3 + wg, 128);
+        if (threadIdx.x % 128 == 0) mbar_arrive(empty(stage));
+    };
     RingSlot<2> slot;
-    bool later = false;  // past the block's first query tile (split columns)
-    for (; walk.valid(); walk.next(), slot.advance()) {
-        const MOD mod(a, b, walk.h, seq.nq, seq.nk);
-        const DropoutMask drop(a, b, walk.h);
-        mbar_wait(full(slot.stage), slot.phase);
-        const int m_tile = walk.m_tile();
-        if constexpr (SPLIT) {
-            dkdv_split_query_tile<T, D, MASK, MOD>(a, mask, mod, sm, wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(),
-                                                   later, dk_acc, dv_acc, HeadSteps<QK_DIM, DP_DIM>{});
+    if constexpr (SPLIT) {
+        // Warpgroup 0 keeps dV, warpgroup 1 dK, each over the columns of its boxes.
+        constexpr int V_COLS = box_columns(DP_DIM), K_COLS = box_columns(QK_DIM);
+        float acc[(V_COLS > K_COLS ? V_COLS : K_COLS) / 2];
+#pragma unroll
+        for (int i = 0; i < (V_COLS > K_COLS ? V_COLS : K_COLS) / 2; ++i) acc[i] = 0.f;
+        bool later = false;  // past the block's first query tile
+        for (; walk.valid(); walk.next(), slot.advance()) {
+            const MOD mod(a, b, walk.h, seq.nq, seq.nk);
+            mbar_wait(full(slot.stage), slot.phase);
+            dkdv_split_query_tile<T, D, MASK, MOD>(a, mask, mod, sm, wg, slot.stage, walk.m_tile() * BLOCK_M, n0,
+                                                   walk.slot(), later, acc, HeadSteps<QK_DIM, DP_DIM>{});
             later = true;
-        } else {
+            release(slot.stage);
+        }
+        if (wg == 0 && later) named_barrier(P_FREE, 256);  // warpgroup 1 has read the last P
+        const int key_row0 = n0 + (threadIdx.x / 32) % 4 * 16;
+        if (wg == 0)
+            store_dv<T, V_COLS, DROPOUT, F32_GRADS>(a, b, hk, seq, key_row0, accumulator_part<V_COLS, 0>(acc));
+        else
+            store_dk<T, K_COLS, F32_GRADS>(a, b, hk, seq, key_row0, accumulator_part<K_COLS, 0>(acc));
+    } else {
+        float dk_acc[D / 2], dv_acc[D / 2];
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+        for (; walk.valid(); walk.next(), slot.advance()) {
+            const MOD mod(a, b, walk.h, seq.nq, seq.nk);
+            const DropoutMask drop(a, b, walk.h);
+            mbar_wait(full(slot.stage), slot.phase);
+            const int m_tile = walk.m_tile();
             int rank = 0;
             if constexpr (ORDERED_DQ)
                 rank = key_tile_rank<BLOCK_M, BLOCK_N, MASK, ROTATED_DQ>(mask, m_tile, walk.h, a.m_tiles, n_tile,
@@ -887,22 +883,15 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
                 a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
                 HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { named_barrier(id, CONSUMERS); },
                 DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), rank});  // stage = tiles % 2
+            release(slot.stage);
         }
-        // Every warp of this warpgroup is done reading the stage (the GEMMs, lse2, Delta and
-        // the scratch row): only then may its leader release it.
-        named_barrier(3 + wg, 128);
-        if (threadIdx.x % 128 == 0) mbar_arrive(empty(slot.stage));
-    }
-    if constexpr (ATOMIC_DQ && !SPLIT) {
-        if (DQ::forms(wg, slot.stage))  // the warpgroup(s) whose turn the next tile would be
-            DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
-    }
-    if constexpr (SPLIT)
-        store_dkdv<T, K_COLS, V_COLS, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + (threadIdx.x / 32) % 4 * 16, dk_acc,
-                                                          dv_acc, wg * K_COLS, wg * V_COLS);
-    else
+        if constexpr (ATOMIC_DQ) {
+            if (DQ::forms(wg, slot.stage))  // the warpgroup(s) whose turn the next tile would be
+                DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
+        }
         store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc,
                                                 dv_acc);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
