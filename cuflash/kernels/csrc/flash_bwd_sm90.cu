@@ -391,24 +391,24 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     }
 }
 
-// dK·scale (store_dk) or dV (store_dv) of one consumer warpgroup's 64 keys, columns col0 ..
-// col0 + COLS (of their a.d or a.dv real columns), once; key tiles that no query sees write zeros.
+// dK·scale (store_dk) or dV (store_dv) of one consumer warpgroup's 64 keys, the real ones of its
+// first COLS columns (a.d or a.dv), once; key tiles that no query sees write zeros.
 template <typename T, int COLS, bool F32_GRADS>
 __device__ __forceinline__ void store_dk(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
-                                         float (&dk_acc)[COLS / 2], int col0 = 0) {
+                                         float (&dk_acc)[COLS / 2]) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     const float factor[2] = {a.scale, a.scale};
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_k) + b * a.gk_sb + hk * a.gk_sh + seq.k0 * a.gk_sn, a.gk_sn,
-                        seq.nk, a.d, as_blocks<COLS / 8>(dk_acc), key_row0 + g, col0, t, factor);
+                        seq.nk, a.d, as_blocks<COLS / 8>(dk_acc), key_row0 + g, 0, t, factor);
 }
 template <typename T, int COLS, bool DROPOUT, bool F32_GRADS>
 __device__ __forceinline__ void store_dv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
-                                         float (&dv_acc)[COLS / 2], int col0 = 0) {
+                                         float (&dv_acc)[COLS / 2]) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     const float dv_scale = DROPOUT ? a.drop_rescale : 1.f;  // dV = rescale · Σ (P ∘ Z)ᵀ dO
     const float factor[2] = {dv_scale, dv_scale};
     store_rows<T, true>(grad_rows<F32_GRADS>(a.grad_v) + b * a.gv_sb + hk * a.gv_sh + seq.k0 * a.gv_sn, a.gv_sn,
-                        seq.nk, a.dv, as_blocks<COLS / 8>(dv_acc), key_row0 + g, col0, t, factor);
+                        seq.nk, a.dv, as_blocks<COLS / 8>(dv_acc), key_row0 + g, 0, t, factor);
 }
 template <typename T, int K_COLS, int V_COLS, bool DROPOUT, bool F32_GRADS>
 __device__ __forceinline__ void store_dkdv(const BwdArgs& a, int b, int hk, const Sequence& seq, int key_row0,
