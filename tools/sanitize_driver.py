@@ -139,11 +139,11 @@ def _ordered(rng):
 
 
 def _split(rng):
-    """The Hopper backward's 256-column tile (its two dK/dV consumers split the columns and trade
-    Pᵀ and dSᵀ through shared memory; the warp-specialised dQ kernel in both cases, the block
+    """The Hopper backward's 256-column tile (its two dK/dV consumers keep dV and dK one each and
+    hand P over through shared memory; the warp-specialised dQ kernel in both cases, the block
     mask's blocks being 128 rows), at D = 256 (where the dQ kernel's V ring has one buffer) and, with
-    zero columns, 160; and D = 192 with Dv = 128, where each consumer keeps a quarter of dV's
-    columns and the boxes of V and dO past Dv are not loaded."""
+    zero columns, 160; and D = 192 with Dv = 128, where dV's consumer keeps two 64-column boxes
+    and the boxes of V and dO past Dv are not loaded."""
     _dense_cases(rng, (("bfloat16", 256, False), ("float16", 160, False), ("bfloat16", 192, False, 128)))
 
 
