@@ -302,9 +302,9 @@ def _backward_operands(device, d, dv, n=200):
 
 
 @pytest.mark.parametrize("d, dv", [(256, 256), (192, 128), (160, 160), (64, 256)])
-def test_head_dims_past_128_split_dkdv_columns(monkeypatch, d, dv):
+def test_head_dims_past_128_split_dkdv_gradients(monkeypatch, d, dv):
     """D or Dv above 128 runs the 256-column tile: the warp-specialised dK/dV kernel (a producer
-    and two consumers splitting one 64-key tile's columns), then the warp-specialised dQ kernel
+    and two consumers keeping one 64-key tile's dV and dK), then the warp-specialised dQ kernel
     (a producer and two consumers over 128-row query tiles), in both modes (there is no fused
     dQ); with a block mask of 64-row blocks, the dQ kernel with one warpgroup (64-row tiles);
     CUFLASH_SM90_BWD_WS=0, dropout, exact masks and packed sequences leave it to the mma.sync

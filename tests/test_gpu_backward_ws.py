@@ -145,10 +145,10 @@ def test_exact_mask_options_the_narrow_tile_leaves_to_the_cp_async_kernel(xp_gpu
     run(xp_gpu, rng, seed, "cp.async", nq=300, d=64, mask=_exact_pattern(seed, 300, 300), **options)
 
 
-# ------------------------------------------------------- the 256-column tile: split dK/dV columns
+# ----------------------------------------------------- the 256-column tile: dK and dV split apart
 
-# D or Dv above 128: the two consumers split one 64-key tile's dK and dV columns, each forming
-# half of the query tile's Pᵀ and dSᵀ for both; dQ from the dQ kernel in both modes.
+# D or Dv above 128: the two consumers share one 64-key tile, one forming P and dV, the other dSᵀ
+# (from the first's P) and dK; dQ from the dQ kernel in both modes.
 SPLIT_CASES = [dict(d=256), dict(d=256, causal=True), dict(d=256, causal=True, dtype=np.float16),
                dict(d=192, dv=128, causal=True), dict(d=160, nq=333, nk=290), dict(d=64, dv=256),
                dict(d=256, nq=129, nk=333, causal=True), dict(d=256, nq=1, nk=300), dict(d=256, nq=300, nk=1),

@@ -478,8 +478,8 @@ def main_variants() -> list[tuple[str, str]]:
     varlen = [spec for spec in varlen_spec_grid()
               if spec.shapes.d == spec.shapes.dv and spec.shapes.d in HEAD_DIMS]
     # The 256-column tile's masks and score modifiers (the grid's features are at D = 128),
-    # and D = 192 with Dv = 128 on it (a quarter of dV's columns per consumer), and D = 64 with
-    # Dv = 256 (of dK's).
+    # and D = 192 with Dv = 128 on it (dV two 64-column boxes wide), and D = 64 with Dv = 256
+    # (dK one box wide).
     split = feature_specs(SPLIT_HEAD_DIM) + [spec_of(dtype, 192, 128) for dtype in ("float16", "bfloat16")]
     split += [spec_of("bfloat16", 64, 256)]
     # Head dims short of their tile: S and dP stop at the last k16 step below D or Dv (step_dims).

@@ -718,8 +718,8 @@ __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile 
 // producer warpgroup's second warp is the dQ writer (write_dq_parts); ORDERED_DQ: its adds in
 // key-tile order (dense and banded masks); ROTATED_DQ: without a band, each key tile's walk
 // starts at its own query tile (schedule.cuh, key_tile_rank), so the ordered adds do not queue.
-// D = 256: the two consumers split one 64-key tile's columns (dkdv_split_query_tile), without
-// the fused dQ, dropout or exact masks.
+// D = 256: the two consumers share one 64-key tile, one keeping dV and the other dK
+// (dkdv_split_query_tile), without the fused dQ, dropout or exact masks.
 struct BwdMaps {
     TmaDesc q, k, v, dout;
 };
