@@ -107,8 +107,8 @@ class Sm90BwdTiles:
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
         parts = 1 if self.fused_dq_by_turns(d) else self.dkdv_warpgroups
         fused = 2 * bn * bm + parts * 64 * self.fused_dq_columns(d) * 4 + 32
-        transposed = 4 * bn * bm if self.split_gradients else 0
-        return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + transposed + 4 * 4 * bm + 1024
+        p_float32 = 4 * bn * bm if self.split_gradients else 0
+        return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + p_float32 + 4 * 4 * bm + 1024
 
     def fused_dq_columns(self, d: int) -> int:
         """Columns of the dQ part each dK/dV warpgroup computes with the fused dQ (flash_bwd_sm90.cu,

@@ -22,8 +22,8 @@
 // from a row-major tile; MN-major B from a row-major [k][n] tile; A from registers) and no
 // gradient is ever accumulated by two thread blocks: results are bit-identical from run to run.
 //
-// D is the tile's head dim, 64, 128 or 256 (warp-specialised dK/dV kernel only, columns split
-// across its consumers, dQ always from a dq kernel: dkdv_split_query_tile), for both Q/K and
+// D is the tile's head dim, 64, 128 or 256 (warp-specialised dK/dV kernel only, its consumers
+// keeping dV and dK one each, dQ always from a dq kernel: dkdv_split_query_tile), for both Q/K and
 // V/dO, with 16-byte aligned rows; everything else runs flash_bwd.cu. Narrower head dims a.d and
 // a.dv (multiples of 8) run the tile of the next of these with zero columns: loads fill the
 // columns past a.d (Q, K) and a.dv (V, dO) with zeros, so S and dP are exact and dK, dV and dQ
@@ -837,9 +837,10 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     if constexpr (SPLIT) {
         // Warpgroup 0 keeps dV, warpgroup 1 dK, each over the columns of its boxes.
         constexpr int V_COLS = box_columns(DP_DIM), K_COLS = box_columns(QK_DIM);
-        float acc[(V_COLS > K_COLS ? V_COLS : K_COLS) / 2];
+        constexpr int ACC = (V_COLS > K_COLS ? V_COLS : K_COLS) / 2;
+        float acc[ACC];
 #pragma unroll
-        for (int i = 0; i < (V_COLS > K_COLS ? V_COLS : K_COLS) / 2; ++i) acc[i] = 0.f;
+        for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
         bool later = false;  // past the block's first query tile
         for (; walk.valid(); walk.next(), slot.advance()) {
             const MOD mod(a, b, walk.h, seq.nq, seq.nk);
@@ -1108,16 +1109,17 @@ flash_bwd_sm90_dq(const BwdArgs a) {
 
 // ---------------------------------------------------------------------------------------------
 // The dQ kernel of the 256-column tile, warp-specialised (no exact mask, dropout or packed
-// sequences, as its dK/dV kernel; block masks whose blocks are whole 128-row tiles). The cp.async dQ kernel holds
-// one warpgroup there (a 64-row Q and dO and two stages of K and V take 192 KB), so each SM runs
-// one warpgroup whose softmax leaves the tensor cores idle. Here warpgroup 0 is a producer whose
-// one elected thread loads, by TMA, the tile's Q and dO (128 rows: 64 per consumer) with its
-// lse2 and Delta rows, then each visited key tile's K and V into rings guarded by mbarriers;
-// warpgroups 1 and 2, the consumers, take 64 rows each and walk the same key tiles, each at its
-// own pace, so that one's softmax runs under the other's GEMMs. Only the 64-column boxes that
-// hold a real column are loaded (K and Q up to QK_DIM, V and dO up to DP_DIM). K is held from
-// S to dQ's GEMM, V only for dP: K takes two ring buffers, V two where shared memory holds them
-// (DqRingSmem), else one, which the producer refills once both consumers' dP are done.
+// sequences, as its dK/dV kernel; block masks whose blocks are whole 128-row tiles). The cp.async
+// dQ kernel holds one warpgroup there (a 64-row Q and dO and two stages of K and V take 192 KB),
+// so each SM runs one warpgroup whose softmax leaves the tensor cores idle. Here warpgroup 0 is a
+// producer whose one elected thread loads, by TMA, the tile's Q and dO (128 rows: 64 per
+// consumer) with its lse2 and Delta rows, then each visited key tile's K and V into rings guarded
+// by mbarriers; warpgroups 1 and 2, the consumers, take 64 rows each and walk the same key
+// tiles, each at its own pace, so that one's softmax runs under the other's GEMMs. Only the
+// 64-column boxes that hold a real column are loaded (K and Q up to QK_DIM, V and dO up to
+// DP_DIM). K is held from S to dQ's GEMM, V only for dP: K takes two ring buffers, V two where
+// shared memory holds them (DqRingSmem), else one, which the producer refills once both
+// consumers' dP are done.
 template <int QK_BOXES, int DP_BOXES, int BLOCK_N>
 struct DqRingSmem {
     static constexpr int BLOCK_M = 128;
