@@ -13,7 +13,7 @@ import scipy.sparse
 import dataclasses
 
 from cuflash.kernels import _tma, sm90_tma_forward
-from cuflash.kernels._variants import exact_mask_stand_in, spec_of
+from cuflash.kernels._variants import _varlen, exact_mask_stand_in, spec_of
 from cuflash.sparse import BlockMask, ExactMask
 
 
@@ -63,15 +63,19 @@ def test_tile_choice_follows_head_dims_and_masks():
     for options in (dict(softcap=30.0), dict(causal=True, softcap=30.0), dict(block_mask=mask, softcap=30.0)):
         tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
         assert tiles.consumers == 2 and tiles.block_m == 128, options
-    # a band alone over short rows: one consumer, two blocks per SM; over long rows, three
-    # ping-pong consumers when the band is bounded on the right alone (causal), else two (a
+    # a band alone over short dense rows: two consumers, two stages, persistent; over long rows,
+    # three ping-pong consumers when the band is bounded on the right alone (causal), else two (a
     # window's left edge spills beside three)
     for options, long_consumers in ((dict(causal=True), 3), (dict(window=(-1, 16)), 3),
                                     (dict(window=(64, 0)), 2), (dict(window=(64, -1)), 2)):
         short = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, **options))
-        assert (short.consumers, short.block_m, short.threads) == (1, 64, 256), options
+        assert (short.consumers, short.block_m, short.stages, short.pingpong, short.persistent) == \
+            (2, 128, 2, False, True), options
         tiles = sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 64, **options)))
         assert (tiles.consumers, tiles.pingpong) == (long_consumers, long_consumers == 3), options
+    # packed short sequences under a band keep one consumer, two blocks per SM (one block per tile)
+    packed = sm90_tma_forward.tiles_for(_varlen(spec_of("bfloat16", 64, causal=True)))
+    assert (packed.consumers, packed.persistent) == (1, False)
     # long causal rows with anything else keep two consumers; so do wider head dims
     for spec in (_long(spec_of("bfloat16", 64, causal=True, softcap=30.0)),
                  _long(spec_of("bfloat16", 64, causal=True, dropout_p=0.1, dropout_seed=1)),
@@ -102,7 +106,8 @@ def test_masks_keeping_few_keys_per_row_take_one_consumer():
 def test_one_consumer_tiles_leave_room_for_a_second_block():
     """The one-consumer tile is chosen so that two blocks share an SM: both must fit its 228 KB
     of shared memory (each block also holds 1 KB the GPU reserves)."""
-    tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, causal=True))
+    mask = BlockMask.from_dense(np.ones((8, 8), bool), block_size=128)
+    tiles = sm90_tma_forward.tiles_for(spec_of("bfloat16", 64, causal=True, block_mask=mask))
     assert tiles.consumers == 1
     assert 2 * (tiles.shared_bytes(64, 64) + 1024) <= 228 * 1024
 

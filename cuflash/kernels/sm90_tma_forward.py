@@ -90,17 +90,22 @@ class TmaTiles:
 
 
 def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain: bool = False,
-                    short: bool = False, few_keys: bool = False, long_causal: bool = False,
-                    dropout: bool = False) -> list[TmaTiles]:
+                    short: bool = False, few_keys: bool = False, short_band: bool = False,
+                    long_causal: bool = False, dropout: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
     - D = Dv = 64, `plain` (no mask, no score modifier, no dropout) or `long_causal` (causal
       alone over rows of more than PERSISTENT_MAX_KEYS keys): three consumers taking turns
       (ping-pong), where the softmax dominates;
-    - D = Dv = 64, `few_keys` (a causal or window band alone over rows of at most
-      PERSISTENT_MAX_KEYS keys, or a block or exact mask that keeps at most that many keys per
-      query row on average; no score modifier or dropout): one consumer, two blocks per SM, so
-      that one block's first softmax and epilogue, a large part of a tile that visits few key
-      tiles, run under the other's GEMMs;
+    - D = Dv = 64, `few_keys` (a block or exact mask that keeps at most PERSISTENT_MAX_KEYS
+      keys per query row on average, or a band alone over packed sequences of at most that many
+      keys; no score modifier or dropout): one consumer, two blocks per SM, so that one block's
+      first softmax and epilogue, a large part of a tile that visits few key tiles, run under the
+      other's GEMMs;
+    - D = Dv = 64, `short_band` (a causal or window band alone over dense rows of at most
+      PERSISTENT_MAX_KEYS keys): two consumers, two stages. Level with one consumer in bursts of
+      calls and 6-7% faster at the power cap, where one consumer's 64-row tiles read each K/V
+      tile from L2 twice as often and run at lower clocks (benchmarks/NOTES.md, "Bursts and the
+      power cap");
     - Dv ≤ 128: 176-key tiles unmasked (fewer rescales per key), 128 under a band (finer
       skipping of masked tiles), an exact mask (its rows of bits hold at most 128 keys), for
       `short` rows (at most UNBANDED_PERSISTENT_MAX_KEYS keys, where 176 measured slower: with
@@ -117,7 +122,8 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     if max(d, dv) <= 64:
         three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain or long_causal else []
         one = [TmaTiles(128, 2, consumers=1)] if few_keys else []
-        return three + one + [TmaTiles(128, 3), TmaTiles(64, 3)]
+        two = [TmaTiles(128, 2)] if short_band else []
+        return three + one + two + [TmaTiles(128, 3), TmaTiles(64, 3)]
     if _padded(dv) <= 128:
         widths = (128, 64) if banded or exact or short or dropout else (176, 128, 64)
     else:
@@ -132,23 +138,31 @@ def _nothing_beyond_a_band(spec) -> bool:
 
 
 def few_keys(spec) -> bool:
-    """Whether a call's query tiles visit few key tiles (``candidate_tiles``): a band alone over
-    rows of at most PERSISTENT_MAX_KEYS keys, or a block or exact mask (with a band or not) that
-    keeps at most that many keys per query row on average; no score modifier or dropout."""
+    """Whether a call's query tiles visit few key tiles and take one consumer
+    (``candidate_tiles``): a block or exact mask (with a band or not) that keeps at most
+    PERSISTENT_MAX_KEYS keys per query row on average, or a band alone over packed sequences of
+    at most that many keys; no score modifier or dropout."""
     if spec.score_modified or spec.has_dropout:
         return False
     if spec.exact:
         return spec.exact_mask.density * spec.shapes.nk <= PERSISTENT_MAX_KEYS
     if spec.sparse:
         return spec.block_mask.element_density * spec.shapes.nk <= PERSISTENT_MAX_KEYS
-    return spec.banded and spec.shapes.nk <= PERSISTENT_MAX_KEYS
+    return spec.banded and spec.varlen is not None and spec.shapes.nk <= PERSISTENT_MAX_KEYS
+
+
+def short_band(spec) -> bool:
+    """Whether a dense call is a causal or window band alone over rows of at most
+    PERSISTENT_MAX_KEYS keys (``candidate_tiles``: two consumers, two stages)."""
+    return (spec.banded and spec.varlen is None and spec.shapes.nk <= PERSISTENT_MAX_KEYS
+            and _nothing_beyond_a_band(spec))
 
 
 def long_causal(spec) -> bool:
     """Whether a call is a band bounded on the right alone (causal, or a window (-1, w)) over
     rows of more than PERSISTENT_MAX_KEYS keys, with nothing else: no block or exact mask, score
     modifier, dropout or packed sequences (``candidate_tiles``: three consumers, 9-13% faster
-    than two at 4K-16K keys on an H200; shorter rows take one consumer, ``few_keys``)."""
+    than two at 4K-16K keys on an H200; shorter rows take two, ``short_band``)."""
     left, right = spec.band()
     return (left == -1 and right != -1 and spec.shapes.nk > PERSISTENT_MAX_KEYS
             and spec.varlen is None and _nothing_beyond_a_band(spec))
@@ -200,7 +214,8 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     short = spec.shapes.nk <= UNBANDED_PERSISTENT_MAX_KEYS  # matters only without a band
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
                                  few_keys=few_keys(spec) if few is None else few,
-                                 long_causal=long_causal(spec), dropout=spec.has_dropout):
+                                 short_band=short_band(spec), long_causal=long_causal(spec),
+                                 dropout=spec.has_dropout):
         if not fits_shared_memory(spec, tiles):
             continue
         if spec.block_mask is not None:
