@@ -1,6 +1,7 @@
 """cuflash against cuDNN in two regimes: short bursts from idle and a sustained load at the power cap.
 
-    PYTHONPATH=$PWD python3 benchmarks/sustained_bench.py [--seconds 2.5] [--rounds 2] [--quick]
+    PYTHONPATH=$PWD python3 benchmarks/sustained_bench.py [--seconds 2.5] [--rounds 1] [--quick]
+        [--passes fwd|fwd+bwd|both] [--lengths 2048,8192]
 
 The H200 runs at its 700 W cap under attention kernels. How fast a kernel runs then depends on
 how much power it draws per unit of work, and the clock the GPU picks moves on a scale of
@@ -11,10 +12,13 @@ milliseconds. So the same kernel reads differently in two regimes:
 - **sustained**: back-to-back calls for ``--seconds`` (checked every 20 calls), TFLOP/s over the
   whole loop from CUDA events, with the SM clock and board power ``nvidia-smi`` reports every
   50 ms (medians of the samples after the first quarter of the loop), which is what a training
-  loop sees.
+  loop sees. Loops of 2 s or more settle at the cap (687-691 W on an H200); loops of 1.2 s ended
+  at 520-620 W, between the two regimes.
 
 bf16, 16K tokens per call, hidden 2048 (B = 16384 / N, H = 2048 / D). Engines alternate within a
-round and the rounds repeat (``--rounds``). Forward points run cuflash's prepared launch of the
+round and the rounds repeat (``--rounds``). A window's FLOPs are counted as the dense problem's:
+its rows compare cuflash's tile shapes with each other, not with SDPA, which takes the window as
+a boolean mask over the whole problem. Forward points run cuflash's prepared launch of the
 shipped tiles (and, at D = 64 under a band over at most 2K keys, the one-consumer tile beside
 them); forward+backward points run ``cuflash.attention`` and ``attention_backward`` against SDPA
 (cuDNN back end) with autograd.
@@ -101,10 +105,11 @@ def burst_ms(fn):
     return median_ms(fn, **BURST)
 
 
-def _inputs(d, dv, n, seed, count):
+def _inputs(d, dv, n, seed):
+    """q, k, v and dout of one point: (B, H, N, D) with V and dout Dv wide."""
     b, h = TOKENS // n, HIDDEN // d
     rng = cupy.random.default_rng([n, d, dv, seed])
-    return [randn(rng, (b, h, n, dv if i == 2 else d), "bfloat16") for i in range(count)]
+    return [randn(rng, (b, h, n, width), "bfloat16") for width in (d, d, dv, dv)]
 
 
 def _sdpa(torch, tq, tk, tv, options):
@@ -134,7 +139,7 @@ def _append_if_it_runs(engines, name, fn):
 def forward_engines(torch, d, dv, n, options):
     """[(name, call)] for one forward point: cuflash's shipped tiles (and at D = 64 under a band
     over short rows the one-consumer tile too), then cuDNN."""
-    q, k, v = _inputs(d, dv, n, 7, 3)
+    q, k, v, _ = _inputs(d, dv, n, 7)
     spec = spec_for(q, k, v, **options)
     lse = cupy.empty(q.shape[:-1], cupy.float32)
     shipped = sm90_tma_forward.tiles_for(spec)
@@ -164,7 +169,7 @@ def forward_engines(torch, d, dv, n, options):
 
 
 def both_engines(torch, d, dv, n, options):
-    q, k, v, dout = _inputs(d, dv, n, 9, 3) + [_inputs(dv, dv, n, 10, 1)[0]]
+    q, k, v, dout = _inputs(d, dv, n, 9)
 
     def ours():
         o, lse = cuflash.attention(q, k, v, return_lse=True, **options)
@@ -189,7 +194,6 @@ def run_points(title, points, make_engines, flop_factor, torch, args):
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for d, dv, n, options in points:
         b, h = TOKENS // n, HIDDEN // d
-        # (a window's FLOPs are counted as the dense problem's: its ratio is what it reports)
         flop = flop_factor * forward_flops(b, h, n, n, (d + dv) / 2, causal=bool(options.get("causal")))
         engines = make_engines(torch, d, dv, n, options)
         results = {name: [] for name, _ in engines}
@@ -217,17 +221,24 @@ def run_points(title, points, make_engines, flop_factor, torch, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of each sustained loop")
+    parser.add_argument("--seconds", type=float, default=2.5,
+                        help="length of each sustained loop (loops of 1.2 s ended below the cap, 520-620 W)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="two forward points and one forward+backward")
     parser.add_argument("--passes", choices=("fwd", "fwd+bwd", "both"), default="both")
+    parser.add_argument("--lengths", help="only these N (comma-separated), e.g. 2048,8192")
     args = parser.parse_args()
+    lengths = None if args.lengths is None else {int(n) for n in args.lengths.split(",")}
+
+    def chosen(points):
+        return [p for p in points if lengths is None or p[2] in lengths]
+
     torch = torch_module(True)
     if args.passes in ("fwd", "both"):
         points = QUICK_FORWARD if args.quick else GRID + FORWARD_EXTRA
-        run_points("Forward", points, forward_engines, 1, torch, args)
+        run_points("Forward", chosen(points), forward_engines, 1, torch, args)
     if args.passes in ("fwd+bwd", "both"):
-        run_points("Forward + backward", QUICK_BOTH if args.quick else GRID, both_engines, 3.5, torch, args)
+        run_points("Forward + backward", chosen(QUICK_BOTH if args.quick else GRID), both_engines, 3.5, torch, args)
 
 
 if __name__ == "__main__":
