@@ -79,9 +79,9 @@ def _persistent(rng):
     drawing tiles from a counter) over more tiles than blocks: O staged in the last V buffer
     (two consumers at D = 128, unmasked, where each tile's last P·V goes with the next tile's first
     Q·Kᵀ, with two Q buffers beside 128-key tiles and one beside 176-key tiles, and causal; two
-    consumers under a window at D = 64) and in the Q buffers (three consumers at D = 64; one buffer beside
-    the 80-key tiles of D = 256), and block and exact masks with rows that see no key (one
-    consumer, two blocks per SM, the last P·V carried over as unmasked)."""
+    consumers under a window at D = 64) and in the Q buffers (three consumers at D = 64; one
+    buffer beside the 80-key tiles of D = 256), and block and exact masks with rows that see no
+    key (one consumer, two blocks per SM, the last P·V carried over as unmasked)."""
     import dataclasses
 
     from cuflash import _api
