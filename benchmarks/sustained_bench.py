@@ -37,9 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cupy  # noqa: E402
-from _harness import median_ms, randn, spec_for, to_torch, torch_module  # noqa: E402
+from _harness import cuflash_step, median_ms, randn, spec_for, to_torch, torch_module  # noqa: E402
 
-import cuflash  # noqa: E402
 from cuflash.bench import forward_flops  # noqa: E402
 from cuflash.kernels import sm90_tma_forward  # noqa: E402
 
@@ -144,7 +143,7 @@ def forward_engines(torch, d, dv, n, options):
     lse = cupy.empty(q.shape[:-1], cupy.float32)
     shipped = sm90_tma_forward.tiles_for(spec)
     shapes = [("cuflash", shipped)]
-    if d <= 64 and spec.banded and n <= sm90_tma_forward.PERSISTENT_MAX_KEYS:
+    if max(d, dv) <= 64 and sm90_tma_forward.short_band(spec):
         shapes.append(("cuflash 1c", dataclasses.replace(shipped, consumers=1, pingpong=False)))
     engines = []
     for name, tiles in shapes:
@@ -170,12 +169,7 @@ def forward_engines(torch, d, dv, n, options):
 
 def both_engines(torch, d, dv, n, options):
     q, k, v, dout = _inputs(d, dv, n, 9)
-
-    def ours():
-        o, lse = cuflash.attention(q, k, v, return_lse=True, **options)
-        cuflash.attention_backward(dout, q, k, v, o, lse, **options)
-
-    engines = [("cuflash", ours)]
+    engines = [("cuflash", cuflash_step(q, k, v, dout, "fwd+bwd", **options))]
     if torch is not None:
         tq, tk, tv = (to_torch(torch, x).detach().requires_grad_(True) for x in (q, k, v))
         tdo = to_torch(torch, dout)
