@@ -147,6 +147,8 @@ PERSISTENT_CASES = {  # keys per row: 1,037 unless `nk` says otherwise
     "window GQA D=64": dict(d=64, hkv=2, window=(300, 40)),
     "causal softcap D=96": dict(d=96, causal=True, softcap=20.0),
     "causal D=256": dict(d=256, causal=True),
+    "plain D=256, O staged in the last K and V buffers": dict(d=256, nk=1111),
+    "window softcap D=256": dict(d=256, window=(200, 70), softcap=15.0),
 }
 
 

@@ -122,7 +122,13 @@ def test_persistent_grid_for_short_dense_rows_and_masks_with_wide_key_tiles():
     assert tiles_for(_long(spec_of("bfloat16", 128, causal=True), 4096)).persistent  # under a band
     assert not tiles_for(_long(spec_of("bfloat16", 128, causal=True), 4097)).persistent
     assert not tiles_for(_long(spec_of("bfloat16", 64, causal=True))).persistent
-    assert not tiles_for(spec_of("bfloat16", 256)).persistent  # 80-key tiles: O staged in the Q buffer
+    # 80-key tiles (Dv > 128) stage O in the last key tile's K and V buffers: persistent without a band
+    for d in (256, 224):
+        assert tiles_for(spec_of("bfloat16", d)).persistent, d
+        assert tiles_for(spec_of("bfloat16", d)).o_in_kv(d, d), d
+        assert tiles_for(_long(spec_of("bfloat16", d), 8192)).persistent, d
+        assert not tiles_for(_long(spec_of("bfloat16", d), 8193)).persistent, d
+        assert not tiles_for(spec_of("bfloat16", d, causal=True)).persistent, d
     # Masks at any length: their query tiles visit few key tiles, so a block's fixed cost weighs.
     for n in (1024, 16384):
         mask = BlockMask.from_dense(np.ones((n // 128, n // 128), bool), block_size=128)

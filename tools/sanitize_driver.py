@@ -79,9 +79,10 @@ def _persistent(rng):
     drawing tiles from a counter) over more tiles than blocks: O staged in the last V buffer
     (two consumers at D = 128, unmasked, where each tile's last P·V goes with the next tile's first
     Q·Kᵀ, with two Q buffers beside 128-key tiles and one beside 176-key tiles, and causal; two
-    consumers under a window at D = 64) and in the Q buffers (three consumers at D = 64; one
-    buffer beside the 80-key tiles of D = 256), and block and exact masks with rows that see no
-    key (one consumer, two blocks per SM, the last P·V carried over as unmasked)."""
+    consumers under a window at D = 64), in the Q buffers (three consumers at D = 64) and in the
+    last key tile's K and V buffers (the 80-key tiles of D = 256, unmasked and causal), and block
+    and exact masks with rows that see no key (one consumer, two blocks per SM, the last P·V
+    carried over as unmasked)."""
     import dataclasses
 
     from cuflash import _api
@@ -93,7 +94,7 @@ def _persistent(rng):
         return
     for d, heads, n, options in ((128, 9, 2000, {}), (128, 9, 2100, {}), (128, 9, 2000, {"causal": True}),
                                  (64, 9, 2000, {"window": (128, 0)}),
-                                 (64, 14, 2000, {}), (256, 16, 1100, {})):
+                                 (64, 14, 2000, {}), (256, 16, 1100, {}), (256, 16, 1100, {"causal": True})):
         q, k, v, out = _arrays(rng, ml_dtypes.bfloat16, 1, heads, heads, n, d)
         spec = _api._spec(q, k, v, **options)[1]
         tiles = dataclasses.replace(sm90_tma_forward.tiles_for(spec), persistent=True)

@@ -69,6 +69,15 @@ class TmaTiles:
         buffer, where a V buffer holds O; with two, each tile's O goes to its own Q buffer."""
         return self.q_buffers == 1 and self.block_n >= self.block_m
 
+    def o_in_kv(self, d: int, dv: int) -> bool:
+        """Whether O is staged in the V and K buffers of the tile's last key tile, one consumer's
+        rows in each (TmaForwardLayout::O_IN_KV): one Q buffer and two consumers against key tiles
+        shorter than the query tile (the 80-key tiles of Dv > 128). Then, as with `o_in_v`, the Q
+        buffer goes back after the tile's last Q·Kᵀ, so that a persistent block's next Q loads
+        under the rest of the tile."""
+        return (self.q_buffers == 1 and not self.o_in_v and self.consumers == 2 and self.block_n >= 64
+                and _padded(d) >= _padded(dv))
+
     @property
     def threads(self) -> int:
         return 128 * (self.consumers + 1)  # and the producer warpgroup
@@ -177,16 +186,20 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     loads under the previous tile's softmax and stores: measured on an H200 against one block
     per tile (benchmarks/NOTES.md, "The persistent Hopper forward", three runs) +7-22% at 1K
     causal keys and 0-12% at 1K unmasked, within ±4% at 2K-4K (+1-2% on average), 2-5% slower on
-    causal rows of 16K keys (where a block's fixed cost is a small share), and 8-10% slower with
-    the 80-key tiles of Dv > 128, whose O is staged in the Q buffer, so that the next Q waits
-    for the stores. A mask's query tiles visit few key tiles, and unequal numbers of them, so a
+    causal rows of 16K keys (where a block's fixed cost is a small share). The 80-key tiles of
+    Dv > 128 take it without a band only, where O is staged in the last key tile's buffers
+    (`TmaTiles.o_in_kv`): in 2-s loops at the power cap at D = 256, +4% at 1K keys, +1-2% at
+    2K-8K, but 2-5% slower than one block per tile under causal at 2K-8K ("O staged in the last
+    K and V buffers"). A mask's query tiles visit few key tiles, and unequal numbers of them, so a
     block's fixed cost is a large share at any row length: 16K keys, D = 64 and 128 ("Masks on
     the persistent grid"), +7-13% on butterfly and 2-D local masks, +2-11% on exact document and
     graph masks and their block twins, within ±3% on uniform random block masks. The launcher
     keeps one block per tile when the tiles do not outnumber the blocks the SMs hold."""
     masked = spec.sparse or spec.exact
     max_keys = PERSISTENT_GRID_MAX_KEYS if spec.banded else UNBANDED_PERSISTENT_MAX_KEYS
-    return tiles.block_n >= 128 and spec.varlen is None and (masked or spec.shapes.nk <= max_keys)
+    staged_in_kv = tiles.o_in_kv(spec.shapes.d, spec.shapes.dv) and not (masked or spec.banded)
+    return ((tiles.block_n >= 128 or staged_in_kv) and spec.varlen is None
+            and (masked or spec.shapes.nk <= max_keys))
 
 
 def fits_shared_memory(spec, tiles: TmaTiles) -> bool:

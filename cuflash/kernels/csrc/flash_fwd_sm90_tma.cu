@@ -26,12 +26,14 @@
 // stages O in shared memory for 16-byte stores (TmaForwardLayout says where): with two Q buffers
 // in the tile's own, each consumer over its own rows, so that none waits for another and the
 // last V buffer goes straight back to the producer; with one, in the V buffer of the tile's last
-// key tile where one holds the whole O tile (O_IN_V), so that the next tile's Q lands under the
-// last softmax, P·V and stores, else in the Q buffer, released after the stores. Where the staged
-// O may outlive its tile (STAGING_OUTLIVES_TILE) and no band bounds the rows, a consumer carries
-// each tile's last P·V over to its next tile, issued right after that tile's first Q·Kᵀ
-// (carries_last_pv), so that at the seam neither GEMM waits alone; elsewhere (under a band, with
-// ping-pong) a tile's staged O is copied out under the next tile's first Q·Kᵀ (stage_owed).
+// key tile where one holds the whole O tile (O_IN_V), or in that tile's V and K buffers, one
+// consumer's rows in each (O_IN_KV, two consumers against shorter key tiles), so that the next
+// tile's Q lands under the last softmax, P·V and stores, else in the Q buffer, released after the
+// stores. Where the staged O may outlive its tile (STAGING_OUTLIVES_TILE) and no band bounds the
+// rows, a consumer carries each tile's last P·V over to its next tile, issued right after that
+// tile's first Q·Kᵀ (carries_last_pv), so that at the seam neither GEMM waits alone; elsewhere
+// (under a band, with ping-pong, with O_IN_KV) a tile's staged O is copied out under the next
+// tile's first Q·Kᵀ (stage_owed).
 #include "args.cuh"
 #include "arch/sm90_tma.cuh"
 
@@ -61,11 +63,20 @@ struct TmaForwardLayout {
     // under the stores; else in the Q buffer. A Q buffer that stages O holds as many 64-column
     // boxes as the wider of Q and O.
     static constexpr bool O_IN_V = Q_BUFFERS == 1 && BLOCK_N >= BLOCK_M;
+    // With one Q buffer, two consumers and key tiles shorter than the query tile (the 80-key
+    // tiles of Dv > 128), the last key tile's two buffers stage O instead: consumer 0's 64 rows
+    // in its V buffer, consumer 1's in its K buffer (each holds 64 rows of DVP columns when
+    // BLOCK_N ≥ 64 and DP ≥ DVP). Either way the Q buffer goes back after the tile's last Q·Kᵀ
+    // (O_IN_RING), so that a persistent block's next Q loads under the rest of the tile.
+    static constexpr bool O_IN_KV = Q_BUFFERS == 1 && !O_IN_V && CONSUMERS == 2 && BLOCK_N >= 64 && DP >= DVP;
+    static constexpr bool O_IN_RING = O_IN_V || O_IN_KV;
+    // Rows of the swizzled staging tile: the block's, or with O_IN_KV one consumer's.
+    static constexpr int O_STAGE_ROWS = O_IN_KV ? 64 : BLOCK_M;
     // Whether the staged O may stay past the start of the block's next tile: the next tile's Q
     // does not need its buffer (then its copy out can run under that tile's first GEMM).
-    static constexpr bool STAGING_OUTLIVES_TILE = O_IN_V || Q_BUFFERS == 2;
+    static constexpr bool STAGING_OUTLIVES_TILE = O_IN_RING || Q_BUFFERS == 2;
     static constexpr u32 Q_LOAD_BYTES = DP / 64 * BLOCK_M * 128;
-    static constexpr u32 Q_BYTES = (O_IN_V || DP >= DVP ? DP : DVP) / 64 * BLOCK_M * 128;
+    static constexpr u32 Q_BYTES = (O_IN_RING || DP >= DVP ? DP : DVP) / 64 * BLOCK_M * 128;
     static constexpr u32 K_STAGE = DP / 64 * BLOCK_N * 128;
     static constexpr u32 V_STAGE = DVP / 64 * BLOCK_N * 128;
     static constexpr u32 K_RING = Q_BUFFERS * Q_BYTES;
@@ -268,17 +279,17 @@ __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwa
     };
     // Q goes first where its buffer is free: a block's first, or with two Q buffers, the one the
     // tile before the previous released. With one, the previous tile still holds it. Then, with
-    // O_IN_V, only K_0 goes ahead of Q: its buffer is free once the previous tile's second-last
+    // O_IN_RING, only K_0 goes ahead of Q: its buffer is free once the previous tile's second-last
     // Q·Kᵀ is done, the Q buffer once its last one is, and V_0's only once that tile's softmax has
-    // run (the buffer after it stages the tile's O until its stores), so Q loads under the
-    // previous tile's last softmax. Without O_IN_V the Q buffer stages O and frees up last.
+    // run (with O_IN_V the buffer after it stages the tile's O until its stores), so Q loads
+    // under the previous tile's last softmax. Otherwise the Q buffer stages O and frees up last.
     const bool q_waits = L::Q_BUFFERS == 1 && q_fills > 0;
-    const int kv_ahead = q_waits && !L::O_IN_V ? min(n_count, STAGES) : 0;
+    const int kv_ahead = q_waits && !L::O_IN_RING ? min(n_count, STAGES) : 0;
     for (int j = 0; j < kv_ahead; ++j) {
         load_k(j);
         load_v(j);
     }
-    const bool k0_ahead = q_waits && L::O_IN_V;
+    const bool k0_ahead = q_waits && L::O_IN_RING;
     if (k0_ahead) load_k(0);
     const int qb = L::q_stage(q_fills);
     mbar_wait(bar.q_empty(qb), L::q_parity(q_fills) ^ 1);
@@ -361,8 +372,10 @@ struct TileOwed {
 };
 
 // O / l and lse of the rows a warpgroup owes (its last P·V done): O goes through the staging
-// buffer (with O_IN_V the V buffer of the tile's last key tile, once every consumer's last P·V
-// has read it; else the warpgroup's own rows of the tile's Q buffer), which is then released.
+// buffer (with O_IN_V the V buffer of the tile's last key tile, with O_IN_KV that tile's V
+// buffer for consumer 0 and its K buffer for consumer 1, in both cases once every consumer's
+// last P·V has read them; else the warpgroup's own rows of the tile's Q buffer), which is then
+// released.
 // Rows that saw no key give 0 and −inf. In two halves, as store_rows_sw128: stage_tile writes
 // lse and the staging buffer (after it O's registers are free) and returns where this
 // warpgroup's rows are; flush_tile copies them out and releases the buffer.
@@ -379,23 +392,28 @@ __device__ __forceinline__ u32 stage_tile(const FwdArgs& a, const TileOwed& owed
         inv[half] = DROPOUT ? res.inv * a.drop_rescale : res.inv;  // · 1 / (1 − p) with dropout
         if (t == 0 && owed.row0 + r < owed.nq) store_lse(a, owed.lse, owed.row0 + r, res.lse);
     }
-    u32 staging = L::q_buffer(base, owed.q_buffer);
-    if constexpr (L::O_IN_V) {
-        named_barrier(1, 128 * L::CONSUMERS);
-        staging = base + L::V_RING + owed.v_stage * L::V_STAGE;
-    }
-    stage_rows_sw128<T, DVP, L::BLOCK_M>(o, inv, staging + c * 64 * 128, warp, g, t);
-    return staging + c * 64 * 128;
+    u32 staging = L::q_buffer(base, owed.q_buffer) + c * 64 * 128;
+    if constexpr (L::O_IN_RING) named_barrier(1, 128 * L::CONSUMERS);
+    if constexpr (L::O_IN_V) staging = base + L::V_RING + owed.v_stage * L::V_STAGE + c * 64 * 128;
+    if constexpr (L::O_IN_KV)
+        staging = c == 0 ? base + L::V_RING + owed.v_stage * L::V_STAGE : base + L::K_RING + owed.v_stage * L::K_STAGE;
+    stage_rows_sw128<T, DVP, L::O_STAGE_ROWS>(o, inv, staging, warp, g, t);
+    return staging;
 }
 
 template <class L, int DVP, int STAGES>
 __device__ __forceinline__ void flush_tile(const FwdArgs& a, const TileOwed& owed, u32 staging,
                                            const TmaForwardBarriers<STAGES>& bar) {
     const int c = threadIdx.x / 128 - 1;
-    flush_rows_sw128<DVP, L::BLOCK_M>(owed.out, a.o_sn, owed.nq, staging, owed.row0, c + 1, a.dv);
+    flush_rows_sw128<DVP, L::O_STAGE_ROWS>(owed.out, a.o_sn, owed.nq, staging, owed.row0, c + 1, a.dv);
     fence_proxy_async_shared();  // these reads of the buffer come before the next TMA write to it
     named_barrier(c + 2, 128);   // (the store's own barrier id) every thread has read its rows
-    if (threadIdx.x % 128 == 0) mbar_arrive(L::O_IN_V ? bar.v_empty(owed.v_stage) : bar.q_empty(owed.q_buffer));
+    if (threadIdx.x % 128 == 0) {
+        // With O_IN_KV each consumer's arrival on both buffers stands for its own rows: the two
+        // buffers go back once both consumers' rows are out.
+        if constexpr (L::O_IN_KV) mbar_arrive(bar.k_empty(owed.v_stage));
+        mbar_arrive(L::O_IN_RING ? bar.v_empty(owed.v_stage) : bar.q_empty(owed.q_buffer));
+    }
 }
 
 // Whether a warpgroup carries a tile's last P·V over to its next tile, issued with that tile's
@@ -404,10 +422,12 @@ __device__ __forceinline__ void flush_tile(const FwdArgs& a, const TileOwed& owe
 // next tile's Q loaded before the stores (STAGING_OUTLIVES_TILE) and GEMMs issued
 // without turns (ping-pong counts them per tile). Not under a band, where it gained nothing on an
 // H200, timed twice (−3% to +1.5% at 1K-4K keys; benchmarks/NOTES.md, "the seam between two
-// tiles", "O staged in its own Q buffer").
+// tiles", "O staged in its own Q buffer"). Not with O_IN_KV either: the next tile's second K
+// load waits for the stores out of the last K buffer, which carrying would put behind the next
+// tile's first softmax.
 template <class L, bool PINGPONG, class MASK>
 __device__ __forceinline__ constexpr bool carries_last_pv() {
-    return L::STAGING_OUTLIVES_TILE && !PINGPONG && !MASK::banded;
+    return L::STAGING_OUTLIVES_TILE && !L::O_IN_KV && !PINGPONG && !MASK::banded;
 }
 
 // One consumer warpgroup's registers and ring positions, carried from tile to tile: S, O and P
@@ -453,10 +473,10 @@ __device__ __forceinline__ void flush_staged(const FwdArgs& a, State& st, const 
 }
 
 // The V buffer of an owed P·V back to the producer once that GEMM is done; where O is staged in
-// it (O_IN_V) it goes back only after the stores (flush_tile).
+// it (O_IN_RING) it goes back only after the stores (flush_tile).
 template <class L, int STAGES, class State>
 __device__ __forceinline__ void release_owed_v(State& st, const TmaForwardBarriers<STAGES>& bar) {
-    if (!L::O_IN_V && threadIdx.x % 128 == 0) mbar_arrive(bar.v_empty(st.vs.stage));
+    if (!L::O_IN_RING && threadIdx.x % 128 == 0) mbar_arrive(bar.v_empty(st.vs.stage));
     st.vs.advance();
 }
 
@@ -484,7 +504,7 @@ __device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const 
 // tile's last P·V and its stores are owed (`st.owed`) when the loop ends: paid at once (the
 // stores' copy out deferred to the next tile's first Q·Kᵀ, stage_owed), or with carries_last_pv
 // by the warpgroup's next tile, or after the block's last (settle_alone). With
-// O_IN_V the Q buffer is released once the tile's last Q·Kᵀ is done (`release_q`), for the
+// O_IN_RING the Q buffer is released once the tile's last Q·Kᵀ is done (`release_q`), for the
 // producer to load the next tile's Q under the rest.
 template <typename T, class L, int D, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, class MASK, class MOD,
           bool DROPOUT, class Work, class State>
@@ -564,9 +584,10 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     };
     // A K buffer goes back to the producer once this warpgroup is done with it: its GEMM (the
     // leader waited for it) and, with an exact mask, every thread's reads of the record beside it.
-    auto release_k = [&]() {
+    // With O_IN_KV the last key tile's stages O: it goes back after the stores (flush_tile).
+    auto release_k = [&](int j) {
         if constexpr (MASK::exact) named_barrier(c + 2, 128);
-        if (leader) mbar_arrive(bar.k_empty(ks.stage));
+        if (leader && !(L::O_IN_KV && j == n_count - 1)) mbar_arrive(bar.k_empty(ks.stage));
     };
 
     // Modifier, mask (only where the tile holds keys some row of this warp does not see; an
@@ -587,7 +608,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     };
 
     auto release_q = [&](int j) {
-        if (L::O_IN_V && leader && j == n_count - 1) mbar_arrive(bar.q_empty(qb));
+        if (L::O_IN_RING && leader && j == n_count - 1) mbar_arrive(bar.q_empty(qb));
     };
 
     // The first key tile: S_0 = Q·K_0ᵀ, with the previous tile's last P·V behind it (CARRY), whose
@@ -616,7 +637,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         const TileAhead tile = tile_ahead(0);
         wgmma_wait<CARRY ? 1 : 0>();
         reg_fence(s);
-        release_k();
+        release_k(0);
         release_q(0);
         ks.advance();
         float alpha[2];
@@ -647,7 +668,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         const TileAhead tile = tile_ahead(j);
         wgmma_wait<1>();
         reg_fence(s);
-        release_k();
+        release_k(j);
         release_q(j);
         float alpha[2];
         softmax(tile, alpha);
