@@ -1,7 +1,8 @@
 """cuflash against cuDNN in two regimes: short bursts from idle and a sustained load at the power cap.
 
     PYTHONPATH=$PWD python3 benchmarks/sustained_bench.py [--seconds 2.5] [--rounds 1] [--quick]
-        [--passes fwd|fwd+bwd|both] [--lengths 2048,8192]
+        [--passes fwd|fwd+bwd|both] [--lengths 2048,8192] [--dims 256] [--masks causal,window]
+        [--other-grid]
 
 The H200 runs at its 700 W cap under attention kernels. How fast a kernel runs then depends on
 how much power it draws per unit of work, and the clock the GPU picks moves on a scale of
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import subprocess
 import sys
@@ -135,9 +137,10 @@ def _append_if_it_runs(engines, name, fn):
     engines.append((name, fn))
 
 
-def forward_engines(torch, d, dv, n, options):
+def forward_engines(torch, d, dv, n, options, other_grid=False):
     """[(name, call)] for one forward point: cuflash's shipped tiles (and at D = 64 under a band
-    over short rows the one-consumer tile too), then cuDNN."""
+    over short rows the one-consumer tile too; with `other_grid` the shipped tiles on the grid
+    not shipped: one block per tile against persistent), then cuDNN."""
     q, k, v, _ = _inputs(d, dv, n, 7)
     spec = spec_for(q, k, v, **options)
     lse = cupy.empty(q.shape[:-1], cupy.float32)
@@ -145,6 +148,8 @@ def forward_engines(torch, d, dv, n, options):
     shapes = [("cuflash", shipped)]
     if max(d, dv) <= 64 and sm90_tma_forward.short_band(spec):
         shapes.append(("cuflash 1c", dataclasses.replace(shipped, consumers=1, pingpong=False)))
+    if other_grid:
+        shapes.append(("cuflash other grid", dataclasses.replace(shipped, persistent=not shipped.persistent)))
     engines = []
     for name, tiles in shapes:
         out = cupy.empty(q.shape[:-1] + (dv,), q.dtype)
@@ -182,6 +187,10 @@ def both_engines(torch, d, dv, n, options):
     return engines
 
 
+def mask_name(options) -> str:
+    return "causal" if options.get("causal") else "window" if "window" in options else "none"
+
+
 def run_points(title, points, make_engines, flop_factor, torch, args):
     print(f"\n{title}\n")
     print("| D | N | mask | engine | burst TFLOP/s | sustained TFLOP/s | clock MHz | power W | burst / cuDNN | sustained / cuDNN |")
@@ -206,7 +215,7 @@ def run_points(title, points, make_engines, flop_factor, torch, args):
             power = statistics.mean(r[3] for r in rows)
             ratios = (f"{burst / ref[0]:.2f} | {sus / ref[1]:.2f}" if ref and name != "cuDNN" else " | ")
             spread = " / ".join(f"{r[1]:.0f}" for r in rows)
-            mask = "causal" if options.get("causal") else (f"window {options['window']}" if "window" in options else "none")
+            mask = f"window {options['window']}" if "window" in options else mask_name(options)
             head = f"{d}" if dv == d else f"{d} / {dv}"
             print(f"| {head} | {n} | {mask} | {name} | {burst:.1f} | {sus:.1f} ({spread}) | "
                   f"{clock:.0f} | {power:.0f} | {ratios} |", flush=True)
@@ -221,16 +230,24 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two forward points and one forward+backward")
     parser.add_argument("--passes", choices=("fwd", "fwd+bwd", "both"), default="both")
     parser.add_argument("--lengths", help="only these N (comma-separated), e.g. 2048,8192")
+    parser.add_argument("--dims", help="only these head dims D (comma-separated), e.g. 64,256")
+    parser.add_argument("--masks", help="only these masks (comma-separated): none, causal, window")
+    parser.add_argument("--other-grid", action="store_true",
+                        help="forward: also the shipped tiles on the other grid (persistent or one block per tile)")
     args = parser.parse_args()
     lengths = None if args.lengths is None else {int(n) for n in args.lengths.split(",")}
+    dims = None if args.dims is None else {int(d) for d in args.dims.split(",")}
+    masks = None if args.masks is None else set(args.masks.split(","))
 
     def chosen(points):
-        return [p for p in points if lengths is None or p[2] in lengths]
+        return [p for p in points if (lengths is None or p[2] in lengths) and (dims is None or p[0] in dims)
+                and (masks is None or mask_name(p[3]) in masks)]
 
     torch = torch_module(True)
     if args.passes in ("fwd", "both"):
         points = QUICK_FORWARD if args.quick else GRID + FORWARD_EXTRA
-        run_points("Forward", chosen(points), forward_engines, 1, torch, args)
+        engines = functools.partial(forward_engines, other_grid=args.other_grid)
+        run_points("Forward", chosen(points), engines, 1, torch, args)
     if args.passes in ("fwd+bwd", "both"):
         run_points("Forward + backward", chosen(QUICK_BOTH if args.quick else GRID), both_engines, 3.5, torch, args)
 
