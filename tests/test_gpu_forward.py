@@ -149,6 +149,8 @@ PERSISTENT_CASES = {  # keys per row: 1,037 unless `nk` says otherwise
     "causal D=256": dict(d=256, causal=True),
     "plain D=256, O staged in the last K and V buffers": dict(d=256, nk=1111),
     "window softcap D=256": dict(d=256, window=(200, 70), softcap=15.0),
+    "plain D=192, two Q buffers beside 80-key tiles": dict(d=192),
+    "causal D=160": dict(d=160, causal=True),
 }
 
 

@@ -129,6 +129,11 @@ def test_persistent_grid_for_short_dense_rows_and_masks_with_wide_key_tiles():
         assert tiles_for(_long(spec_of("bfloat16", d), 8192)).persistent, d
         assert not tiles_for(_long(spec_of("bfloat16", d), 8193)).persistent, d
         assert not tiles_for(spec_of("bfloat16", d, causal=True)).persistent, d
+    # ... and with two Q buffers (D ≤ 192) O in each tile's own: persistent under a band too
+    for d in (160, 192):
+        for options in (dict(), dict(causal=True)):
+            tiles = tiles_for(spec_of("bfloat16", d, **options))
+            assert tiles.block_n == 80 and tiles.q_buffers == 2 and tiles.persistent, (d, options)
     # Masks at any length: their query tiles visit few key tiles, so a block's fixed cost weighs.
     for n in (1024, 16384):
         mask = BlockMask.from_dense(np.ones((n // 128, n // 128), bool), block_size=128)

@@ -187,18 +187,24 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     per tile (benchmarks/NOTES.md, "The persistent Hopper forward", three runs) +7-22% at 1K
     causal keys and 0-12% at 1K unmasked, within ±4% at 2K-4K (+1-2% on average), 2-5% slower on
     causal rows of 16K keys (where a block's fixed cost is a small share). The 80-key tiles of
-    Dv > 128 take it without a band only, where O is staged in the last key tile's buffers
-    (`TmaTiles.o_in_kv`): in 2-s loops at the power cap at D = 256, +4% at 1K keys, +1-2% at
-    2K-8K, but 2-5% slower than one block per tile under causal at 2K-8K ("O staged in the last
-    K and V buffers"). A mask's query tiles visit few key tiles, and unequal numbers of them, so a
-    block's fixed cost is a large share at any row length: 16K keys, D = 64 and 128 ("Masks on
-    the persistent grid"), +7-13% on butterfly and 2-D local masks, +2-11% on exact document and
-    graph masks and their block twins, within ±3% on uniform random block masks. The launcher
-    keeps one block per tile when the tiles do not outnumber the blocks the SMs hold."""
+    Dv > 128 take it with two Q buffers (D ≤ 192; in 2-s loops at the power cap at D = 160 and
+    192, +4-7% at 1K keys, +2-3% at 2K, ±1% at 4K), and with one where O is staged in the last
+    key tile's buffers (`TmaTiles.o_in_kv`) without a band only (at D = 256, +4% at 1K keys,
+    +1-2% at 2K-8K, but 1-5% slower than one block per tile under causal at 2K-8K; "O staged in
+    the last K and V buffers"). A mask's query tiles visit few key tiles, and unequal numbers
+    of them, so a block's fixed cost is a large share at any row length: 16K keys, D = 64 and
+    128 ("Masks on the persistent grid"), +7-13% on butterfly and 2-D local masks, +2-11% on
+    exact document and graph masks and their block twins, within ±3% on uniform random block
+    masks. The launcher keeps one block per tile when the tiles do not outnumber the blocks the
+    SMs hold."""
     masked = spec.sparse or spec.exact
     max_keys = PERSISTENT_GRID_MAX_KEYS if spec.banded else UNBANDED_PERSISTENT_MAX_KEYS
-    staged_in_kv = tiles.o_in_kv(spec.shapes.d, spec.shapes.dv) and not (masked or spec.banded)
-    return ((tiles.block_n >= 128 or staged_in_kv) and spec.varlen is None
+    d, dv = spec.shapes.d, spec.shapes.dv
+    # The 80-key tiles of Dv > 128, where O is not staged in the one Q buffer: in each tile's own
+    # (two Q buffers, D ≤ 192), or in the last key tile's K and V buffers, then without a band.
+    wide = (not masked and _padded(dv) > 128
+            and (tiles.q_buffers == 2 or (tiles.o_in_kv(d, dv) and not spec.banded)))
+    return ((tiles.block_n >= 128 or wide) and spec.varlen is None
             and (masked or spec.shapes.nk <= max_keys))
 
 
