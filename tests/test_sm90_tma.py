@@ -122,7 +122,8 @@ def test_persistent_grid_for_short_dense_rows_and_masks_with_wide_key_tiles():
     assert tiles_for(_long(spec_of("bfloat16", 128, causal=True), 4096)).persistent  # under a band
     assert not tiles_for(_long(spec_of("bfloat16", 128, causal=True), 4097)).persistent
     assert not tiles_for(_long(spec_of("bfloat16", 64, causal=True))).persistent
-    # 80-key tiles (Dv > 128) stage O in the last key tile's K and V buffers: persistent without a band
+    # 80-key tiles with one Q buffer (D above 192) stage O in the last key tile's K and V buffers:
+    # persistent without a band
     for d in (256, 224):
         assert tiles_for(spec_of("bfloat16", d)).persistent, d
         assert tiles_for(spec_of("bfloat16", d)).o_in_kv(d, d), d
