@@ -294,7 +294,9 @@ def _sent(device, call, fresh=FRESH_FIELDS):
     launches = []
     for expression, grid, block, shared, record in device.take_launches():
         (pass_name,) = [name for name, dtype in layouts.items() if dtype.itemsize == len(record)]
-        args = np.frombuffer(record, layouts[pass_name]).copy()
+        # A view of a copy of the bytes: NumPy's copy of a record with padding may leave the
+        # padding uninitialised, and the bytes sent are what is compared.
+        args = np.frombuffer(bytearray(record), layouts[pass_name])
         for name in fresh[pass_name]:
             args[name] = 0
         launches.append((expression, grid, block, shared, args.tobytes()))
