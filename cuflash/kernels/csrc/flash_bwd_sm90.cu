@@ -267,19 +267,79 @@ __device__ __forceinline__ void issue_transposed_scores(float (&s)[N / 2], float
     issue_transposed_score<T, N, KV_ROWS, Q_ROWS, DP_DIM>(dp, desc_v, desc_do);
 }
 
+// Where a dK/dV kernel finds an exact tile's bits for its transposed tiles (Sᵀ: keys as rows):
+// read by query row from memory and handed over by shuffles (TransposedSource), or as each
+// thread's own two words in shared memory once barrier `ready` completes phase `phase`
+// (ThreadWordsSource: the warp-specialised kernel lays them out there, thread_words_of_tile).
+// Other masks read nothing. tile_bits_from runs once the tile's GEMMs are issued: it loads the
+// words to shuffle, or waits for the thread words (every tile, full ones too, so that the warps
+// that lay them out are never a stage behind) and loads this thread's two.
+struct TransposedSource {};
+struct ThreadWordsSource {
+    const u32* words;
+    u32 ready, phase;
+};
+// Bit 2j + e of word `half` allows this thread's key row g + 8·half against query column
+// 8j + 2t + e of the tile (all set where the tile has no bits).
+struct ThreadKeyBits {
+    u32 word[2];
+};
+template <class TILE>
+__device__ __forceinline__ TransposedBits<TILE> tile_bits_from(const TILE& tile, TransposedSource, int key_row0,
+                                                               int lane) {
+    TransposedBits<TILE> bits;
+    bits.load(tile, key_row0, lane);
+    return bits;
+}
+template <class TILE>
+__device__ __forceinline__ ThreadKeyBits tile_bits_from(const TILE& tile, const ThreadWordsSource& source,
+                                                        int key_row0, int lane) {
+    ThreadKeyBits bits{{~0u, ~0u}};
+    if constexpr (TILE::exact) {
+        mbar_wait(source.ready, source.phase);
+        if (tile.has_bits()) {
+            const u32* words = source.words + (key_row0 - tile.key0 + lane / 4) * 4 + lane % 4;
+            bits.word[0] = words[0];
+            bits.word[1] = words[8 * 4];
+        }
+    }
+    return bits;
+}
+template <int NT, class TILE>
+__device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const TILE& tile, const ThreadKeyBits& bits,
+                                                      int key_row, int query0, int t) {
+    if constexpr (TILE::exact) {
+        static_assert(NT <= 16, "a thread's columns of one key row in one word");
+        if (tile.has_bits()) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (!(bits.word[half] & (1u << (2 * j + e)))) s[j][half * 2 + e] = 0.f;
+        }
+        mask_probs_transposed(s, tile.band, key_row, query0, t);
+    } else {
+        mask_probs_transposed(s, tile, key_row, query0, t);
+    }
+}
+
 // One consumer warpgroup's share of one query tile in a dK/dV kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
 // Pᵀ and dSᵀ, dV += Pᵀ dO and dK += dSᵀ Q into the accumulators and (ATOMIC_DQ) this
 // warpgroup's part of dS K added into the float32 dQ accumulator. `stage` picks the Q / dO
 // buffer and its lse2, Delta and scratch rows. `sync(id)` waits for every consumer thread of the
 // block under named barrier `id` (the dSᵀ tile is shared by the warpgroups); `parts` takes the
-// warp's part of dQ (DqPartsByWarp or DqPartsToWriter).
+// warp's part of dQ (DqPartsByWarp or DqPartsToWriter); `source` says where an exact tile's bits
+// are (TransposedSource or ThreadWordsSource).
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT, bool ATOMIC_DQ, class Steps,
-          class Sync, class Parts = DqPartsByWarp>
+          class Sync, class Parts = DqPartsByWarp, class Source = TransposedSource>
 __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& mask, const MOD& mod,
                                                 const DropoutMask& drop, const DkdvSmem<D, WG, BLOCK_M, ATOMIC_DQ>& sm,
                                                 int wg, int stage, int m0, int n0, int slot,
                                                 float (&dk_acc)[D / 2], float (&dv_acc)[D / 2], Steps steps,
-                                                Sync sync, const Parts& parts = Parts{}) {
+                                                Sync sync, const Parts& parts = Parts{},
+                                                const Source& source = Source{}) {
     constexpr int BLOCK_N = WG * 64;
     constexpr int CT = BLOCK_M / 8;  // 8-column blocks of Sᵀ
     constexpr int KM = BLOCK_M / 16;  // k16 steps over the query tile
@@ -309,8 +369,7 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     issue_transposed_scores<T, D, BLOCK_M, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do, steps);
     KeepWords<CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
     if constexpr (DROPOUT) keep_words<true, CT>(keep, drop, key_row0 + g, m0, lane);
-    TransposedBits<decltype(tile_mask)> bits;  // an exact mask's, likewise
-    bits.load(tile_mask, key_row0, lane);
+    const auto bits = tile_bits_from(tile_mask, source, key_row0, lane);  // an exact mask's, likewise
 
     // Pᵀ from Sᵀ while dPᵀ runs. Query rows past Nq and rows that attend to nothing have
     // lse2 = +inf, so P = 0 there; element masks only where the warp's 16 keys hold a pair the
@@ -724,6 +783,79 @@ struct BwdMaps {
     TmaDesc q, k, v, dout;
 };
 
+// ---- exact masks in the warp-specialised dK/dV kernel: each tile's bits as its threads' words
+//
+// The consumers hold Sᵀ (keys as rows), and an exact mask stores its bits by query row. Read as
+// they are stored, a thread finds its elements' bits by a shuffle per query column and tests
+// them one by one (TransposedBits: about four instructions per element, the exact backward's
+// whole extra cost at D = 64, benchmarks/NOTES.md). Against 128-row query tiles (THREAD_WORDS
+// in the kernel) two of the producer warpgroup's idle warps lay each partial tile's bits out in
+// shared memory as the consumers' threads hold their elements, while the consumers work on the
+// tile before: per key c of the tile and column t
+// (lane % 4) one word whose bit 2j + e is query column 8j + 2t + e (ThreadKeyBits). A thread
+// then loads two words and tests a constant bit per element. The words come from a 32 × 32
+// bit transpose per 32 query rows and 32 keys (five shuffle rounds), then from each 32-query
+// word the eight columns a thread holds. The producer's thread posts each tile's bitmask slot in
+// the stage's record once the stage is free, and arrives on the stage's "slot posted" barrier
+// before it issues the stage's loads; the two warps wait for that barrier (their loads of the
+// bits then run beside the stage's copies), write the record's words and arrive on the stage's
+// "bits ready" barrier, which the consumers wait for before their first read. After the block's
+// last tile the producer posts NO_MORE_TILES.
+constexpr int NO_MORE_TILES = -2;
+template <int BLOCK_N>
+struct ThreadWordsStage {
+    int slot, pad[3];        // the tile's bitmask (−1: a full tile), or NO_MORE_TILES
+    u32 words[BLOCK_N * 4];  // key c of the tile, column t: word 4c + t
+};
+// The two stages' records: static shared memory of the kernels that call this (exact masks only).
+template <int BLOCK_N>
+__device__ __forceinline__ ThreadWordsStage<BLOCK_N>* thread_words_stages() {
+    __shared__ __align__(16) ThreadWordsStage<BLOCK_N> stages[2];
+    return stages;
+}
+
+// Lane l holds row l of a 32 × 32 bit matrix (bit c: column c); afterwards it holds column l (bit
+// r: row r). Each round swaps the off-diagonal blocks of one size between lane pairs.
+__device__ __forceinline__ u32 transpose_bits_32(u32 x, int lane) {
+#pragma unroll
+    for (int s = 16; s > 0; s /= 2) {
+        const u32 low = s == 16 ? 0x0000FFFFu : s == 8 ? 0x00FF00FFu : s == 4 ? 0x0F0F0F0Fu : s == 2 ? 0x33333333u
+                                                                                                  : 0x55555555u;
+        const u32 y = __shfl_xor_sync(0xffffffffu, x, s);
+        x = (lane & s) ? (x & ~low) | ((y >> s) & low) : (x & low) | ((y & low) << s);
+    }
+    return x;
+}
+
+// Of one key's word over 32 queries, the columns 8m + 2t + e (m < 4) that thread column t holds,
+// as bits 2m + e.
+__device__ __forceinline__ u32 thread_columns(u32 word, int t) {
+    u32 y = (word >> (2 * t)) & 0x03030303u;
+    y = (y | (y >> 6)) & 0x000F000Fu;
+    return (y | (y >> 12)) & 0xFFu;
+}
+
+// Bitmask `slot` of the exact mask (query-major in memory) as the tile's thread words, this
+// warp's share: the 32-key groups part, part + PARTS, ...
+template <int BLOCK_M, int BLOCK_N, int PARTS>
+__device__ __forceinline__ void thread_words_of_tile(u32* words, const u32* tile_bits, int slot, int part, int lane) {
+    constexpr int ROW_WORDS = RowBits<BLOCK_N>::WORDS, GROUPS = BLOCK_M / 32;
+    static_assert(BLOCK_M % 32 == 0 && BLOCK_M <= 128 && BLOCK_N % 32 == 0, "whole 32 × 32 blocks, 8 bits per group");
+    const u32* rows = tile_bitmask_row<BLOCK_M, BLOCK_N>(tile_bits, slot, 0);
+#pragma unroll 1
+    for (int w = part; w < ROW_WORDS; w += PARTS) {
+        u32 out[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int i = 0; i < GROUPS; ++i) {
+            // key 32w + lane against query rows 32i .. 32i + 31
+            const u32 key_word = transpose_bits_32(__ldg(rows + (32 * i + lane) * ROW_WORDS + w), lane);
+#pragma unroll
+            for (int t = 0; t < 4; ++t) out[t] |= thread_columns(key_word, t) << (8 * i);
+        }
+        *reinterpret_cast<uint4*>(words + (32 * w + lane) * 4) = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+}
+
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
           bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false, bool ROTATED_DQ = false,
           int QK_DIM = D, int DP_DIM = D>
@@ -747,21 +879,34 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
     using DQ = FusedDq<D, WG, BLOCK_M>;
     static_assert(!ATOMIC_DQ || DQ::N >= 64, "fused dQ needs parts of at least 64 columns");
+    // An exact mask's bits as the threads' words (thread_words_of_tile) against 128-row query
+    // tiles; against 64-row tiles (D = 128, dropout) the per-tile hand-over cost more than the
+    // shuffles it saves on an H200 (benchmarks/NOTES.md), so those read the bits as stored.
+    constexpr bool THREAD_WORDS = MASK::exact && BLOCK_M == 128;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // mbarriers: K and V in; each stage's Q, dO, lse2, Delta in; each stage free again;
-    // (ATOMIC_DQ) every consumer warp's dQ part staged, the staging floats read by the writer.
-    __shared__ __align__(8) u64 barrier_words[7];
+    // (ATOMIC_DQ) every consumer warp's dQ part staged, the staging floats read by the writer;
+    // (THREAD_WORDS) each stage's slot posted and its thread words laid out.
+    __shared__ __align__(8) u64 barrier_words[THREAD_WORDS ? 11 : 7];
+    ThreadWordsStage<BLOCK_N>* exact_stages = nullptr;
+    if constexpr (THREAD_WORDS) exact_stages = thread_words_stages<BLOCK_N>();
     const u32 kv_full = smem_addr(barrier_words);
     auto full = [&](int stage) { return kv_full + 8 * (1 + stage); };
     auto empty = [&](int stage) { return kv_full + 8 * (3 + stage); };
     const u32 dq_full = kv_full + 8 * 5, dq_empty = dq_full + 8;  // DqPartsToWriter's order
+    auto bits_ready = [&](int stage) { return kv_full + 8 * (7 + stage); };
+    auto slot_posted = [&](int stage) { return kv_full + 8 * (9 + stage); };
     const SM sm(smem_raw);
     if (threadIdx.x == 0) {
         mbar_init(kv_full, 1);
         for (int stage = 0; stage < 2; ++stage) {
             mbar_init(full(stage), 1);
             mbar_init(empty(stage), WG);
+            if constexpr (THREAD_WORDS) {
+                mbar_init(bits_ready(stage), 64);  // every thread of the two warps
+                mbar_init(slot_posted(stage), 1);
+            }
         }
         mbar_init(dq_full, DQ::PARTS * 4);
         mbar_init(dq_empty, 1);
@@ -787,12 +932,38 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
                 return;
             }
         }
+        if constexpr (THREAD_WORDS) {
+            if (threadIdx.x >= 64) {  // warps 2 and 3: each stage's thread words
+                const int part = threadIdx.x / 32 - 2, lane = threadIdx.x % 32;
+                for (RingSlot<2> at;; at.advance()) {
+                    mbar_wait(slot_posted(at.stage), at.phase);
+                    const int tile_slot = *static_cast<volatile int*>(&exact_stages[at.stage].slot);
+                    if (tile_slot == NO_MORE_TILES) break;
+                    if (tile_slot >= 0)
+                        thread_words_of_tile<BLOCK_M, BLOCK_N, 2>(exact_stages[at.stage].words, a.tile_bits, tile_slot,
+                                                                  part, lane);
+                    mbar_arrive(bits_ready(at.stage));
+                }
+                return;
+            }
+        }
         if (threadIdx.x >= 32 || !elect_one_lane()) return;
+        // After the block's last tile (or none): the two warps stop at the next stage.
+        auto no_more_tiles = [&](RingSlot<2> at) {
+            if constexpr (THREAD_WORDS) {
+                mbar_wait(empty(at.stage), at.phase ^ 1);
+                exact_stages[at.stage].slot = NO_MORE_TILES;
+                mbar_arrive(slot_posted(at.stage));
+            }
+        };
         // Beside the writer, the producer builds its walk anew after the hand-over: the block's
         // walk kept live across setmaxnreg made the heaviest masked variant spill there. Without
         // the writer the block's walk fits, and building one here spills at D = 64 instead.
         auto walk = ATOMIC_DQ ? Walk(MASK(a, seq.nq, seq.nk), a, n_tile, hk, a.m_tiles) : block_walk;
-        if (!walk.valid()) return;
+        if (!walk.valid()) {
+            no_more_tiles(RingSlot<2>{});
+            return;
+        }
         tma_prefetch_desc(&maps.q);
         tma_prefetch_desc(&maps.dout);
         mbar_arrive_expect_bytes(kv_full, (QK_BOXES + DP_BOXES) * BLOCK_N * 128);
@@ -807,6 +978,10 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             const i64 r = scratch_offset<false>(a, seq, b, walk.h) + m0;
             mbar_wait(empty(slot.stage), slot.phase ^ 1);
             if constexpr (ATOMIC_DQ) *sm.template at<i64>(sm.scratch_row(slot.stage)) = r;
+            if constexpr (THREAD_WORDS) {
+                exact_stages[slot.stage].slot = walk.slot();
+                mbar_arrive(slot_posted(slot.stage));
+            }
             mbar_arrive_expect_bytes(full(slot.stage), (QK_BOXES + DP_BOXES) * BLOCK_M * 128 + 2 * BLOCK_M * 4);
 #pragma unroll
             for (int box = 0; box < D / 64; ++box) {
@@ -820,6 +995,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             bulk_load(sm.rows(slot.stage), a.lse2 + r, BLOCK_M * 4, full(slot.stage));
             bulk_load(sm.rows(slot.stage) + BLOCK_M * 4, a.delta + r, BLOCK_M * 4, full(slot.stage));
         }
+        no_more_tiles(slot);
         return;
     }
 
@@ -864,6 +1040,12 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             const MOD mod(a, b, walk.h, seq.nq, seq.nk);
             const DropoutMask drop(a, b, walk.h);
             mbar_wait(full(slot.stage), slot.phase);
+            const auto bits_source = [&] {  // where an exact tile's bits are
+                if constexpr (THREAD_WORDS)
+                    return ThreadWordsSource{exact_stages[slot.stage].words, bits_ready(slot.stage), slot.phase};
+                else
+                    return TransposedSource{};
+            }();
             const int m_tile = walk.m_tile();
             int rank = 0;
             if constexpr (ORDERED_DQ)
@@ -883,7 +1065,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                 a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
                 HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { named_barrier(id, CONSUMERS); },
-                DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), rank});  // stage = tiles % 2
+                DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), rank},  // stage = tiles % 2
+                bits_source);
             release(slot.stage);
         }
         if constexpr (ATOMIC_DQ) {
