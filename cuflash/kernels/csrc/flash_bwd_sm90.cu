@@ -791,11 +791,10 @@ struct BwdMaps {
 // whole extra cost at D = 64, benchmarks/NOTES.md). Against 128-row query tiles (THREAD_WORDS
 // in the kernel) two of the producer warpgroup's idle warps lay each partial tile's bits out in
 // shared memory as the consumers' threads hold their elements, while the consumers work on the
-// tile before: per key c of the tile and column t
-// (lane % 4) one word whose bit 2j + e is query column 8j + 2t + e (ThreadKeyBits). A thread
-// then loads two words and tests a constant bit per element. The words come from a 32 × 32
-// bit transpose per 32 query rows and 32 keys (five shuffle rounds), then from each 32-query
-// word the eight columns a thread holds. The producer's thread posts each tile's bitmask slot in
+// tile before: per key c of the tile and column t (lane % 4) one word whose bit 2j + e is query
+// column 8j + 2t + e (ThreadKeyBits). A thread then loads two words and tests a constant bit per
+// element. The words come from a 32 × 32 bit transpose per 32 query rows and 32 keys (five
+// shuffle rounds), then from each 32-query word the eight columns a thread holds. The producer's thread posts each tile's bitmask slot in
 // the stage's record once the stage is free, and arrives on the stage's "slot posted" barrier
 // before it issues the stage's loads; the two warps wait for that barrier (their loads of the
 // bits then run beside the stage's copies), write the record's words and arrive on the stage's
