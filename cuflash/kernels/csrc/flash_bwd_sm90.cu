@@ -879,8 +879,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     using DQ = FusedDq<D, WG, BLOCK_M>;
     static_assert(!ATOMIC_DQ || DQ::N >= 64, "fused dQ needs parts of at least 64 columns");
     // An exact mask's bits as the threads' words (thread_words_of_tile) against 128-row query
-    // tiles; against 64-row tiles (D = 128, dropout) the per-tile hand-over cost more than the
-    // shuffles it saves on an H200 (benchmarks/NOTES.md), so those read the bits as stored.
+    // tiles; 64-row tiles (D = 128, dropout) read the bits as stored: at D = 128 the per-tile
+    // hand-over cost more than the shuffles it saves on an H200 (benchmarks/NOTES.md).
     constexpr bool THREAD_WORDS = MASK::exact && BLOCK_M == 128;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
