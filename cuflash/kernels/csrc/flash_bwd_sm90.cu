@@ -271,9 +271,10 @@ __device__ __forceinline__ void issue_transposed_scores(float (&s)[N / 2], float
 // read by query row from memory and handed over by shuffles (TransposedSource), or as each
 // thread's own two words in shared memory once barrier `ready` completes phase `phase`
 // (ThreadWordsSource: the warp-specialised kernel lays them out there, thread_words_of_tile).
-// Other masks read nothing. tile_bits_from runs once the tile's GEMMs are issued: it loads the
-// words to shuffle, or waits for the thread words (every tile, full ones too, so that the warps
-// that lay them out are never a stage behind) and loads this thread's two.
+// Other masks read nothing (TransposedSource; thread words only exist for exact masks).
+// tile_bits_from runs once the tile's GEMMs are issued: it loads the words to shuffle, or waits
+// for the thread words (every tile, full ones too, so that the warps that lay them out are never
+// a stage behind) and loads this thread's two.
 struct TransposedSource {};
 struct ThreadWordsSource {
     const u32* words;
@@ -294,35 +295,30 @@ __device__ __forceinline__ TransposedBits<TILE> tile_bits_from(const TILE& tile,
 template <class TILE>
 __device__ __forceinline__ ThreadKeyBits tile_bits_from(const TILE& tile, const ThreadWordsSource& source,
                                                         int key_row0, int lane) {
+    static_assert(TILE::exact, "thread words exist for exact masks only");
+    mbar_wait(source.ready, source.phase);
     ThreadKeyBits bits{{~0u, ~0u}};
-    if constexpr (TILE::exact) {
-        mbar_wait(source.ready, source.phase);
-        if (tile.has_bits()) {
-            const u32* words = source.words + (key_row0 - tile.key0 + lane / 4) * 4 + lane % 4;
-            bits.word[0] = words[0];
-            bits.word[1] = words[8 * 4];
-        }
+    if (tile.has_bits()) {
+        const u32* words = source.words + (key_row0 - tile.key0 + lane / 4) * 4 + lane % 4;
+        bits.word[0] = words[0];
+        bits.word[1] = words[8 * 4];
     }
     return bits;
 }
 template <int NT, class TILE>
 __device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const TILE& tile, const ThreadKeyBits& bits,
                                                       int key_row, int query0, int t) {
-    if constexpr (TILE::exact) {
-        static_assert(NT <= 16, "a thread's columns of one key row in one word");
-        if (tile.has_bits()) {
+    static_assert(TILE::exact && NT <= 16, "an exact tile; a thread's columns of one key row in one word");
+    if (tile.has_bits()) {
 #pragma unroll
-            for (int half = 0; half < 2; ++half)
+        for (int half = 0; half < 2; ++half)
 #pragma unroll
-                for (int j = 0; j < NT; ++j)
+            for (int j = 0; j < NT; ++j)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e)
-                        if (!(bits.word[half] & (1u << (2 * j + e)))) s[j][half * 2 + e] = 0.f;
-        }
-        mask_probs_transposed(s, tile.band, key_row, query0, t);
-    } else {
-        mask_probs_transposed(s, tile, key_row, query0, t);
+                for (int e = 0; e < 2; ++e)
+                    if (!(bits.word[half] & (1u << (2 * j + e)))) s[j][half * 2 + e] = 0.f;
     }
+    mask_probs_transposed(s, tile.band, key_row, query0, t);
 }
 
 // One consumer warpgroup's share of one query tile in a dK/dV kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
@@ -794,12 +790,12 @@ struct BwdMaps {
 // tile before: per key c of the tile and column t (lane % 4) one word whose bit 2j + e is query
 // column 8j + 2t + e (ThreadKeyBits). A thread then loads two words and tests a constant bit per
 // element. The words come from a 32 × 32 bit transpose per 32 query rows and 32 keys (five
-// shuffle rounds), then from each 32-query word the eight columns a thread holds. The producer's thread posts each tile's bitmask slot in
-// the stage's record once the stage is free, and arrives on the stage's "slot posted" barrier
-// before it issues the stage's loads; the two warps wait for that barrier (their loads of the
-// bits then run beside the stage's copies), write the record's words and arrive on the stage's
-// "bits ready" barrier, which the consumers wait for before their first read. After the block's
-// last tile the producer posts NO_MORE_TILES.
+// shuffle rounds), then from each 32-query word the eight columns a thread holds. The
+// producer's thread posts each tile's bitmask slot in the stage's record once the stage is free,
+// and arrives on the stage's "slot posted" barrier before it issues the stage's loads; the two
+// warps wait for that barrier (their loads of the bits then run beside the stage's copies), write
+// the record's words and arrive on the stage's "bits ready" barrier, which the consumers wait for
+// before their first read. After the block's last tile the producer posts NO_MORE_TILES.
 constexpr int NO_MORE_TILES = -2;
 template <int BLOCK_N>
 struct ThreadWordsStage {
