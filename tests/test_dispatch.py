@@ -451,6 +451,46 @@ def test_ordered_dq_rotates_its_walks_only_where_measured_faster():
     assert plain in listed and rotated in listed
 
 
+def test_causal_grids_start_their_last_lanes_tile_by_tile(monkeypatch):
+    """Under a band bounded on the right alone (causal, a window (-1, w)) the Hopper forward and
+    the warp-specialised dK/dV kernel name how many of their grid's last lanes ((batch, head)
+    pairs) start tile by tile (_launch.tail_lanes): those of two waves of resident blocks (132
+    SMs here, one block each, two for the one-consumer forward), or every lane where the grid has
+    fewer. Without such a band, with a block mask and with the dK/dV kernel's ordered adds the
+    grids keep lane order (0)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels._launch import BWD_ARGS, FWD_ARGS, tail_lanes
+    from cuflash.kernels._variants import _block_mask, spec_of
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+
+    def tails(b, hq, hkv, n, d, **options):
+        """The forward's and the dK/dV kernel's tail_lanes."""
+        q, out, dout = (device.empty((b, hq, n, d), ml_dtypes.bfloat16) for _ in range(3))
+        k, v = (device.empty((b, hkv, n, d), ml_dtypes.bfloat16) for _ in range(2))
+        lse = device.empty((b, hq, n), np.float32)
+        deterministic = options.pop("deterministic", False)
+        cuflash.attention(q, k, v, **options)
+        (forward,) = [x[4] for x in device.take_launches()]
+        cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
+        (dkdv,) = [x[4] for x in device.take_launches() if x[0].startswith("flash_bwd_sm90_dkdv_ws<")]
+        return (int(np.frombuffer(forward, FWD_ARGS)["tail_lanes"][0]),
+                int(np.frombuffer(dkdv, BWD_ARGS)["tail_lanes"][0]))
+
+    # 64 lanes of 8 query tiles (128 rows; two consumers, 132 resident blocks) and 8 key tiles
+    assert tails(4, 16, 16, 1000, 64, causal=True) == (33, 33)
+    # the dK/dV kernel's lanes are key/value heads: 32 of 9 key tiles, against 128 of 9 query tiles
+    assert tails(4, 32, 8, 1100, 128, causal=True) == (30, 30)
+    assert tails(2, 3, 3, 1000, 64, window=(-1, 64)) == (6, 6)  # fewer blocks than two waves
+    assert tails(4, 16, 16, 1000, 64) == (0, 0)  # every tile of a lane weighs alike
+    assert tails(4, 16, 16, 1000, 64, window=(100, 0)) == (0, 0)  # a left-hand side too
+    assert tails(4, 16, 16, 1000, 64, causal=True, deterministic=True) == (33, 0)  # ordered adds
+    blocks = spec_of("bfloat16", 64, causal=True, block_mask=_block_mask())
+    assert tail_lanes(blocks, 64, 8, 132) == 0  # a block mask's tiles weigh as it has them
+
+
 def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_it_compiles():
     """On the 64-column tile (D, Dv ≤ 64) an exact mask runs the warp-specialised dK/dV kernel
     with the fused dQ where that variant compiles without spills: alone, under causal, with

@@ -228,3 +228,42 @@ def test_ordered_dq_is_exact_and_bit_identical(xp_gpu, rng, seed, dkdv_kernel, m
         for name, x, y in zip(("dq", "dk", "dv"), first, again):
             assert (to_host(x).view(np.uint16) == to_host(y).view(np.uint16)).all(), (
                 f"{name} differs on rerun {run}; seed={seed}")
+
+
+# Under causal the dK/dV grid starts its last lanes key tile by key tile (_launch.tail_lanes):
+# a grid where those lanes are part of it (64 lanes of 8 key tiles; 32 key/value lanes of GQA)
+# and one where they are all of it.
+@pytest.mark.parametrize("b,hq,hkv,n,d", [(4, 16, 16, 1000, 64), (4, 32, 8, 1100, 128), (2, 6, 3, 700, 128)])
+def test_tail_order_gives_every_key_tile_its_gradients(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, b, hq, hkv, n, d):
+    """Every key tile gets its dK and dV (into NaN-poisoned buffers), bit-identical to the grid
+    in lane order; dQ, whose float adds land in another order, within float32 rounding of it
+    (and against the float64 oracle on the smallest case)."""
+    if dkdv_kernel != "warp-specialised":
+        pytest.skip("the warp-specialised kernel's launch order")
+    from cuflash import _calls
+    from cuflash.kernels import _launch
+
+    dtype = ml_dtypes.bfloat16
+    q = random_array(rng, (b, hq, n, d), dtype, xp=xp_gpu)
+    k, v = (random_array(rng, (b, hkv, n, d), dtype, xp=xp_gpu) for _ in range(2))
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = random_array(rng, out.shape, dtype, xp=xp_gpu)
+    spec = spec_for(q, k, v, causal=True)
+    assert _launch.tail_lanes(spec, b * hkv, -(-n // 128), _launch.sm_count(q.data.device_id)) > 0
+
+    def gradients():
+        grads = [poisoned(x.shape, dtype, xp=xp_gpu) for x in (q, k, v)]
+        return cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, dq=grads[0], dk=grads[1],
+                                          dv=grads[2])
+
+    tail_order = gradients()
+    if n <= 700:
+        assert_backward_close(tail_order, dout, q, k, v, causal=True, context=f"seed={seed}")
+    monkeypatch.setattr(_launch, "TAIL_WAVES", 0)
+    _calls.clear()
+    lane_order = gradients()
+    for name, got, want in zip(("dk", "dv"), tail_order[1:], lane_order[1:]):
+        assert bool((got.view(xp_gpu.uint16) == want.view(xp_gpu.uint16)).all()), f"{name} seed={seed}"
+    dq, dq_lanes = (to_host(x).astype(np.float32) for x in (tail_order[0], lane_order[0]))
+    assert np.isfinite(dq).all()
+    np.testing.assert_allclose(dq, dq_lanes, rtol=2e-2, atol=2e-2 * float(np.abs(dq_lanes).max()))

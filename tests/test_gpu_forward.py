@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from oracle import assert_forward_close, poisoned, random_array
+from oracle import assert_forward_close, poisoned, random_array, spec_for
 
 pytestmark = pytest.mark.gpu
 
@@ -207,6 +207,39 @@ def test_persistent_grid_gives_the_bits_of_one_block_per_tile(xp_gpu, rng, seed,
         assert bool((lse == expected_lse).all()), case
     assert len(counters) == 4  # every call drew its tiles from a counter
     assert_forward_close(got, lse, q, k, v, context=f"seed={seed}", **options)
+
+
+# Under causal the grid's last lanes take their query tiles tile by tile (_launch.tail_lanes): grids
+# where those lanes are part of the grid (64 lanes of 8 tiles; 128 lanes under GQA; three consumers
+# over 4K keys, one block per tile) and, forced to lane order, the same calls again.
+@pytest.mark.parametrize("b,hq,hkv,n,d", [(4, 16, 16, 1000, 64), (4, 32, 8, 1100, 128), (2, 8, 8, 4200, 64)])
+def test_tail_order_gives_the_bits_of_lane_order(xp_gpu, rng, seed, monkeypatch, hopper_tma, b, hq, hkv, n, d):
+    """Every query tile is computed (outputs poisoned with NaN first), bit for bit as in lane
+    order, on the persistent grid and with one block per tile."""
+    from cuflash import _calls
+    from cuflash.kernels import _launch
+
+    xp = xp_gpu
+    q = random_array(rng, (b, hq, n, d), ml_dtypes.bfloat16, xp=xp)
+    k, v = (random_array(rng, (b, hkv, n, d), ml_dtypes.bfloat16, xp=xp) for _ in range(2))
+    spec = spec_for(q, k, v, causal=True)
+    tiles = hopper_tma.tiles_for(spec)
+    resident = _launch.sm_count(q.data.device_id) * tiles.blocks_per_sm
+    assert 0 < _launch.tail_lanes(spec, b * hq, -(-n // tiles.block_m), resident) < b * hq
+    waves = _launch.TAIL_WAVES
+    for persistent in (True, False):
+        _grid_forced(monkeypatch, hopper_tma, persistent)
+        results = []
+        for tail_waves in (waves, 0):
+            monkeypatch.setattr(_launch, "TAIL_WAVES", tail_waves)
+            _calls.clear()
+            out = poisoned((b, hq, n, d), ml_dtypes.bfloat16, xp=xp)
+            results.append(cuflash.attention(q, k, v, causal=True, return_lse=True, out=out))
+        (tail, tail_lse), (lanes, lanes_lse) = results
+        assert bool((tail.view(np.uint16) == lanes.view(np.uint16)).all()), f"persistent={persistent}"
+        assert bool((tail_lse == lanes_lse).all()), f"persistent={persistent}"
+    if n <= 1000:
+        assert_forward_close(tail, tail_lse, q, k, v, causal=True, context=f"seed={seed}")
 
 
 def test_persistent_grid_under_graph_capture(xp_gpu, rng, seed, monkeypatch, hopper_tma):

@@ -12,7 +12,7 @@ import numpy
 
 from . import _build
 from .. import _dropout
-from .._mask import LOG2E
+from .._mask import LOG2E, UNBOUNDED
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32  # head dims are padded inside the kernel to a multiple of this
@@ -110,6 +110,30 @@ def sm_count(device_id: int) -> int:
     import cupy
 
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+
+
+# The waves of thread blocks (or a persistent grid's tiles per resident block) at the end of a
+# grid whose lanes start tile by tile (tail_lanes).
+TAIL_WAVES = 2
+
+
+def tail_lanes(spec, lanes: int, tiles_per_lane: int, resident_blocks: int) -> int:
+    """How many of a grid's last lanes start tile by tile across them (schedule.cuh,
+    ``lane_tile_at``): the grid of the Hopper forward (query tiles) or of the warp-specialised
+    dK/dV kernel (key tiles), `lanes` (batch, head) pairs of `tiles_per_lane` tiles, each lane's
+    tiles next to each other (the blocks running side by side then share its K/V, or Q and dO,
+    in L2), its heaviest tile first. Under a band bounded on the right alone (causal, a window
+    (-1, w)) a lane's tiles run from heavy to light, so in lane order the grid would end on the
+    last lanes' heaviest tiles, started once the rest of the GPU was already at work: the lanes
+    of about the last TAIL_WAVES waves of `resident_blocks` blocks then go tile by tile (every
+    one's first tile, then every one's second...), and the grid ends on light tiles. 0 (lane
+    order) otherwise: a lane's tiles weigh alike without such a band, or as a block or exact
+    mask has them; packed sequences weigh by their lengths; dropout was not measured with it."""
+    left, right = spec.band()
+    if (left != UNBOUNDED or right == UNBOUNDED or spec.sparse or spec.exact or spec.varlen is not None
+            or spec.has_dropout):
+        return 0
+    return min(lanes, -(-TAIL_WAVES * resident_blocks // tiles_per_lane))
 
 
 def on_hopper(x) -> bool:
@@ -697,7 +721,7 @@ FWD_ARGS = make_struct_dtype(
     + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads",
                           "total_q")]
     + [("scale_log2", F32)]
-    + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS
+    + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS + [("tail_lanes", I32)]
 )
 assert FWD_ARGS.itemsize == 272, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
 
@@ -709,7 +733,7 @@ BWD_ARGS = make_struct_dtype(
     + [(n, I32) for n in ("batch", "nq", "nk", "d", "dv", "heads", "kv_heads", "group", "m_tiles",
                           "n_tiles", "rows_pad", "dqk", "mask_heads", "total_q")]
     + [("scale", F32), ("scale_log2", F32)]
-    + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS
+    + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS + [("tail_lanes", I32)]
 )
 assert BWD_ARGS.itemsize == 448, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
 
@@ -731,12 +755,14 @@ def forward_pointers(q, k, v, out, lse, spec) -> tuple[int, ...]:
             *varlen_pointers(spec))
 
 
-def forward_args(spec, arrays, *, tile_m, tile_n) -> tuple[PackedArgs, int]:
+def forward_args(spec, arrays, *, tile_m, tile_n, resident_blocks=0) -> tuple[PackedArgs, int]:
     """The forward kernels' argument struct for 4-D views ``arrays`` = (q, k, v, out) (their
     layout; the pointers are FWD_POINTERS, filled per call), and the grid size (thread blocks):
     one block per `tile_m` query rows of each (batch, head). With a block or exact mask, its tile
     index at (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds). A varlen
-    call's arrays are packed (total, H, D): its grid covers the longest sequence's tiles."""
+    call's arrays are packed (total, H, D): its grid covers the longest sequence's tiles.
+    `resident_blocks`: the blocks the SMs hold at once, for a kernel that reads ``tail_lanes``
+    (the Hopper TMA forward; 0 leaves the grid in lane order)."""
     s = spec.shapes
     batch, heads, nq, d = s.b, s.hq, s.nq, s.d
     kv_heads, nk, dv = s.hkv, s.nk, s.dv
@@ -744,6 +770,7 @@ def forward_args(spec, arrays, *, tile_m, tile_n) -> tuple[PackedArgs, int]:
     blocks = check_grid(m_tiles * heads * batch, "the forward kernel")
     values = dict(
         **tile_index(spec, tile_m, tile_n), **stride_fields("qkvo", arrays),
+        tail_lanes=tail_lanes(spec, heads * batch, m_tiles, resident_blocks) if resident_blocks else 0,
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
         **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),

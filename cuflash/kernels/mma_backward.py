@@ -374,10 +374,11 @@ class BackwardLaunch:
 
 
 def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
-    """``args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX)``: the packed BWD_ARGS of each launch of
-    a backward call with the layout of 4-D views ``arrays`` = (q, k, v, dout, out, dq, dk, dv)
-    (they differ only in the launch's tile counts and tile index, ``tile_index``; the pointers
-    are BWD_POINTERS, filled per call). A varlen call's arrays are packed (total, H, D).
+    """``args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX, tail_lanes=0)``: the packed BWD_ARGS of
+    each launch of a backward call with the layout of 4-D views ``arrays`` = (q, k, v, dout, out,
+    dq, dk, dv) (they differ only in the launch's tile counts, tile index, ``tile_index``, and the
+    dK/dV grid's order, ``_launch.tail_lanes``; the pointers are BWD_POINTERS, filled per
+    call). A varlen call's arrays are packed (total, H, D).
     ``dqk``: the dq accumulator's row length, as for ``Scratch.of``."""
     q, k, v, dout, out, dq, dk, dv = arrays
     s = spec.shapes
@@ -392,8 +393,9 @@ def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
         **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),
     )
 
-    def args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX):
-        return PackedArgs(BWD_ARGS, BWD_POINTERS, dict(fields, m_tiles=m_tiles, n_tiles=n_tiles, **index))
+    def args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX, tail_lanes=0):
+        return PackedArgs(BWD_ARGS, BWD_POINTERS,
+                          dict(fields, m_tiles=m_tiles, n_tiles=n_tiles, tail_lanes=tail_lanes, **index))
 
     return args
 

@@ -46,7 +46,7 @@ import os
 from dataclasses import dataclass
 
 from .._mask import UNBOUNDED
-from . import _build, _tma, mma_backward
+from . import _build, _launch, _tma, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
                       vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
 
@@ -454,7 +454,10 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                          for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m)))
         elif ring:  # the dQ kernel's: 64 query rows a box, one per consumer
             maps = tuple(_tma.TensorLayout.of(x, 64) for x in (q, k, v, dout))
-        launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index),
+        # (ordered adds keep lane order: their blocks wait on their lane's; one dK/dV block per SM)
+        tail = (_launch.tail_lanes(spec, kv_heads * batch, n_tiles, _launch.sm_count(q.data.device_id))
+                if expression == dkdv and producer and not ordered else 0)
+        launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index, tail),
                                      maps=maps, map_pointers=WARP_SPECIALISED_MAP_POINTERS if maps else ()))
     if atomic_dq:
         launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (s.d,)),

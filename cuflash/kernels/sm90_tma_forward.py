@@ -315,10 +315,10 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLa
     q, k, v, out = arrays
     d, dv = spec.shapes.d, spec.shapes.dv
     tiles = tiles or tiles_for(spec)
-    args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n)
+    resident = _launch.sm_count(q.device.id) * tiles.blocks_per_sm  # a persistent grid fills every SM once
+    args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n, resident_blocks=resident)
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
-    resident = _launch.sm_count(q.device.id) * tiles.blocks_per_sm  # a persistent grid fills every SM once
     persistent = tiles.persistent and blocks > resident
     grid = resident if persistent else blocks
     layouts = (_tma.TensorLayout.of(tma_view(q), 64), _tma.TensorLayout.of(tma_view(k), tiles.block_n),

@@ -41,6 +41,7 @@ struct FwdArgs {
     float scale_log2;      // softmax scale * log2(e)
     MASK_AND_SCORE_FIELDS
     DROPOUT_FIELDS
+    int tail_lanes;        // the TMA forward's last lanes taken query tile by query tile (schedule.cuh)
 };
 static_assert(sizeof(FwdArgs) == 272, "FwdArgs must match FWD_ARGS in _launch.py");
 
@@ -81,5 +82,6 @@ struct BwdArgs {
     float scale_log2;            // scale * log2(e)
     MASK_AND_SCORE_FIELDS
     DROPOUT_FIELDS
+    int tail_lanes;              // the dK/dV grid's last lanes taken key tile by key tile (schedule.cuh)
 };
 static_assert(sizeof(BwdArgs) == 448, "BwdArgs must match BWD_ARGS in _launch.py");

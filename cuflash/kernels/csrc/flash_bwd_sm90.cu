@@ -909,7 +909,13 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     }
     __syncthreads();
 
-    const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads);
+    // The tail's order only where the host may ask for it (_launch.tail_lanes): a band
+    // bounded on the right alone, no block or exact mask, no dropout (not measured with it), and
+    // no ordered adds, which keep each lane's key tiles together (their blocks wait on one another).
+    constexpr bool TAIL_ORDER =
+        !ORDERED_DQ && !DROPOUT && MASK::right_bounded && !MASK::left_bounded && !MASK::sparse;
+    const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads,
+                                                                                    TAIL_ORDER ? a.tail_lanes : 0);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
     const Sequence seq = sequence_of<false>(a, b);

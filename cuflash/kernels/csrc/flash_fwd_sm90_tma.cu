@@ -189,15 +189,22 @@ struct ExactBeside {
 // One query tile of the persistent walk: which (batch, head, rows), the sequence it belongs to
 // (VARLEN: packed sequences, schedule.cuh; else the whole call), its mask and score modifier
 // (built from the sequence's lengths), and the key tiles it visits. A varlen tile past its
-// sequence's end is skipped by producer and consumers alike.
-template <int BLOCK_M, int BLOCK_N, class MASK, bool VARLEN>
+// sequence's end is skipped by producer and consumers alike. Tile `index` of the grid's
+// `tile_count`, in its order (schedule.cuh, query_tile_at and lane_tile_at): how many of the last
+// lanes go tile by tile (_launch.tail_lanes) is read only where the host may ask for it
+// (TAIL_ORDER): a band bounded on the right alone (causal), no block or exact mask, no packed
+// sequences and no dropout (not measured with it).
+template <int BLOCK_M, int BLOCK_N, class MASK, bool VARLEN, bool DROPOUT>
 struct TmaTileWork {
     using Mask = MASK;
+    static constexpr bool TAIL_ORDER =
+        MASK::right_bounded && !MASK::left_bounded && !MASK::sparse && !VARLEN && !DROPOUT;
     int b, h, m0;
     Sequence seq;
     KeyTiles<MASK::sparse, MASK::exact> key_tile;
-    __device__ __forceinline__ TmaTileWork(const FwdArgs& a, int index) {
-        const QueryTile tile = query_tile_at<MASK::banded>(index, a.m_tiles, a.heads);
+    __device__ __forceinline__ TmaTileWork(const FwdArgs& a, int index, int tile_count) {
+        const QueryTile tile = query_tile_at<MASK::banded>(index, a.m_tiles, a.heads, tile_count / a.m_tiles,
+                                                           TAIL_ORDER ? a.tail_lanes : 0);
         b = tile.b;
         h = tile.h;
         m0 = tile.m_tile * BLOCK_M;
@@ -311,7 +318,7 @@ __device__ __forceinline__ void produce_tile(const QkvMaps& maps, const TmaForwa
 // The producer's one thread: draws the block's query tiles, posts each to the consumers and loads
 // what it needs (a tile past its sequence's end or that visits no key tile needs nothing). The
 // next tile is drawn before this one's loads, so that the draw's latency runs under them.
-template <class L, int BLOCK_N, int STAGES, bool VARLEN, class MASK>
+template <class L, int BLOCK_N, int STAGES, bool VARLEN, bool DROPOUT, class MASK>
 __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBarriers<STAGES>& bar, u32 base,
                                         ExactStage<MASK::exact, L::BLOCK_M, BLOCK_N>* exact,
                                         const TileMailbox& mailbox, const TileTickets& tickets, const MASK& mask,
@@ -325,7 +332,7 @@ __device__ __forceinline__ void produce(const QkvMaps& maps, const TmaForwardBar
         mailbox.post(bar, n, index);
         if (index >= tickets.tile_count) break;
         const int next = tickets.next(index);
-        TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN> work(a, index);
+        TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN, DROPOUT> work(a, index, tickets.tile_count);
         if (!work.past_end()) {
             work.walk(work.mask_of(mask, a), a);
             if (work.key_tile.count > 0) produce_tile<L, BLOCK_N, STAGES>(maps, bar, base, exact, work, a, slot, q_fills);
@@ -715,7 +722,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
     if (threadIdx.x < 128) {
         release_registers<L::PRODUCER_REGS>();
         if (threadIdx.x < 32 && elect_one_lane())
-            produce<L, BLOCK_N, STAGES, VARLEN>(maps, bar, base, exact_stages, mailbox,
+            produce<L, BLOCK_N, STAGES, VARLEN, DROPOUT>(maps, bar, base, exact_stages, mailbox,
                                                 TileTickets{tile_counter, tile_count}, mask, a);
         return;
     }
@@ -724,7 +731,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
     for (u32 n = 0;; ++n) {
         const int index = mailbox.take(bar, n);
         if (index >= tile_count) break;
-        TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN> work(a, index);
+        TmaTileWork<L::BLOCK_M, BLOCK_N, MASK, VARLEN, DROPOUT> work(a, index, tile_count);
         if (work.past_end()) continue;
         const MASK tile_mask = work.mask_of(mask, a);
         work.walk(tile_mask, a);

@@ -80,36 +80,60 @@ __device__ __forceinline__ i64 dq_fragment_offset(i64 row, int c, int d) {
     return (row - i) * d + ((c / 8) * 2 + i / 8) * 64 + (i % 8) * 8;
 }
 
+// Grids of lanes ((batch, head) pairs) of `tiles` tiles each, a lane's tiles next to each other
+// in the grid's order, heaviest first: the blocks that run side by side then share the lane's
+// operands in L2. Under causal a lane's tiles run from heavy to light, so in that order the grid
+// ends on the last lanes' heaviest tiles, started once the rest of the GPU was already at work.
+// With `tail_lanes` > 0 the last tail_lanes lanes go tile by tile across them instead (every
+// one's first tile, then every one's second...), so that the grid ends on light tiles. The host
+// picks the count (_launch.tail_lanes: the lanes of about two waves of blocks). Returns the lane
+// and the tile's place in its lane of the grid's `index`-th tile, in the index's type (unsigned
+// from blockIdx, as the dK/dV kernels have always divided it).
+template <typename I>
+struct LaneTile {
+    I lane, tile;
+};
+template <typename I>
+__device__ __forceinline__ LaneTile<I> lane_tile_at(I index, I tiles, I lanes, int tail_lanes) {
+    if (tail_lanes > 0) {
+        const I tail = tail_lanes, first_tail_index = (lanes - tail) * tiles;
+        if (index >= first_tail_index) return {lanes - tail + (index - first_tail_index) % tail,
+                                               (index - first_tail_index) / tail};
+    }
+    return {index / tiles, index % tiles};
+}
+
 // The query tile a thread block owns, from a 1-D grid of m_tiles × heads × batch blocks (or
 // tile `index` of that order, for kernels whose blocks walk several): the
 // tiles of one head next to each other (they share K/V in L2), and with a banded mask (causal,
 // window) the last tiles first: under causal they are the heaviest, so short tiles fill the tail
-// of the launch.
+// of the launch; `tail_lanes` of the `lanes` (m_tiles × heads × batch / m_tiles) as lane_tile_at.
 struct QueryTile {
     int b, h, m_tile;
 };
 template <bool HEAVY_LAST>
-__device__ __forceinline__ QueryTile query_tile_at(int index, int m_tiles, int heads) {
-    const int m_tile_rev = index % m_tiles;
-    index /= m_tiles;
-    return {index / heads, index % heads, HEAVY_LAST ? m_tiles - 1 - m_tile_rev : m_tile_rev};
+__device__ __forceinline__ QueryTile query_tile_at(int index, int m_tiles, int heads, int lanes = 0,
+                                                   int tail_lanes = 0) {
+    const LaneTile<int> at = lane_tile_at(index, m_tiles, lanes, tail_lanes);
+    return {at.lane / heads, at.lane % heads, HEAVY_LAST ? m_tiles - 1 - at.tile : at.tile};
 }
 template <bool HEAVY_LAST>
 __device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads) {
     return query_tile_at<HEAVY_LAST>(blockIdx.x, m_tiles, heads);
 }
 
-// The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles × kv_heads × batch
-// blocks: the key tiles of one head next to each other, in order (under causal the first key
-// tiles, seen by the most query rows, are the heaviest and go first), or REVERSED.
+// The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles blocks for each lane
+// (a (batch, key/value head) pair, kv_heads × batch of them): the key tiles of one lane next to
+// each other, in order (under causal the first key tiles, seen by the most query rows, are the
+// heaviest and go first), or REVERSED; `tail_lanes` as lane_tile_at.
 struct KvTile {
     int b, hk, n_tile;
 };
 template <bool REVERSED = false>
-__device__ __forceinline__ KvTile kv_tile_of_block(int n_tiles, int kv_heads) {
-    const int bid = blockIdx.x / n_tiles;
-    if constexpr (REVERSED) return {bid / kv_heads, bid % kv_heads, n_tiles - 1 - (int)(blockIdx.x % n_tiles)};
-    return {bid / kv_heads, bid % kv_heads, (int)(blockIdx.x % n_tiles)};
+__device__ __forceinline__ KvTile kv_tile_of_block(int n_tiles, int kv_heads, int tail_lanes = 0) {
+    const LaneTile<unsigned> at = lane_tile_at<unsigned>(blockIdx.x, n_tiles, gridDim.x / n_tiles, tail_lanes);
+    const int lane = at.lane, n_tile = at.tile;
+    return {lane / kv_heads, lane % kv_heads, REVERSED ? n_tiles - 1 - n_tile : n_tile};
 }
 
 // The key tiles (of BLOCK_N keys) that query tile m_tile (of BLOCK_M rows) visits, in ascending
