@@ -455,9 +455,8 @@ def test_causal_grids_start_their_last_lanes_tile_by_tile(monkeypatch):
     """Under a band bounded on the right alone (causal, a window (-1, w)) the Hopper forward and
     the warp-specialised dK/dV kernel name how many of their grid's last lanes ((batch, head)
     pairs) start tile by tile (_launch.tail_lanes): those of two waves of resident blocks (132
-    SMs here, one block each, two for the one-consumer forward), or every lane where the grid has
-    fewer. Without such a band, with a block mask and with the dK/dV kernel's ordered adds the
-    grids keep lane order (0)."""
+    SMs here, one block each), or every lane where the grid has fewer. Without such a band, with
+    a block mask and with the dK/dV kernel's ordered adds the grids keep lane order (0)."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
