@@ -120,6 +120,13 @@ class AttentionSpec:
         return self.band() != (UNBOUNDED, UNBOUNDED)
 
     @property
+    def right_bounded_alone(self) -> bool:
+        """Whether the band is bounded on the right alone (causal, or a window (-1, w)): each
+        query sees every key up to its band's right edge."""
+        left, right = self.band()
+        return left == UNBOUNDED and right != UNBOUNDED
+
+    @property
     def has_window(self) -> bool:
         return self.window != (UNBOUNDED, UNBOUNDED)
 

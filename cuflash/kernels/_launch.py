@@ -12,7 +12,7 @@ import numpy
 
 from . import _build
 from .. import _dropout
-from .._mask import LOG2E, UNBOUNDED
+from .._mask import LOG2E
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32  # head dims are padded inside the kernel to a multiple of this
@@ -129,9 +129,7 @@ def tail_lanes(spec, lanes: int, tiles_per_lane: int, resident_blocks: int) -> i
     one's first tile, then every one's second...), and the grid ends on light tiles. 0 (lane
     order) otherwise: a lane's tiles weigh alike without such a band, or as a block or exact
     mask has them; packed sequences weigh by their lengths; dropout was not measured with it."""
-    left, right = spec.band()
-    if (left != UNBOUNDED or right == UNBOUNDED or spec.sparse or spec.exact or spec.varlen is not None
-            or spec.has_dropout):
+    if not spec.right_bounded_alone or spec.sparse or spec.exact or spec.varlen is not None or spec.has_dropout:
         return 0
     return min(lanes, -(-TAIL_WAVES * resident_blocks // tiles_per_lane))
 
@@ -770,7 +768,7 @@ def forward_args(spec, arrays, *, tile_m, tile_n, resident_blocks=0) -> tuple[Pa
     blocks = check_grid(m_tiles * heads * batch, "the forward kernel")
     values = dict(
         **tile_index(spec, tile_m, tile_n), **stride_fields("qkvo", arrays),
-        tail_lanes=tail_lanes(spec, heads * batch, m_tiles, resident_blocks) if resident_blocks else 0,
+        tail_lanes=tail_lanes(spec, heads * batch, m_tiles, resident_blocks),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
         mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
         **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),

@@ -172,8 +172,7 @@ def long_causal(spec) -> bool:
     rows of more than PERSISTENT_MAX_KEYS keys, with nothing else: no block or exact mask, score
     modifier, dropout or packed sequences (``candidate_tiles``: three consumers, 9-13% faster
     than two at 4K-16K keys on an H200; shorter rows take two, ``short_band``)."""
-    left, right = spec.band()
-    return (left == -1 and right != -1 and spec.shapes.nk > PERSISTENT_MAX_KEYS
+    return (spec.right_bounded_alone and spec.shapes.nk > PERSISTENT_MAX_KEYS
             and spec.varlen is None and _nothing_beyond_a_band(spec))
 
 

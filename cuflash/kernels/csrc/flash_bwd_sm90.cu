@@ -912,8 +912,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     // The tail's order only where the host may ask for it (_launch.tail_lanes): a band
     // bounded on the right alone, no block or exact mask, no dropout (not measured with it), and
     // no ordered adds, which keep each lane's key tiles together (their blocks wait on one another).
-    constexpr bool TAIL_ORDER =
-        !ORDERED_DQ && !DROPOUT && MASK::right_bounded && !MASK::left_bounded && !MASK::sparse;
+    constexpr bool TAIL_ORDER = lanes_run_heavy_to_light<MASK>() && !ORDERED_DQ && !DROPOUT;
     const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads,
                                                                                     TAIL_ORDER ? a.tail_lanes : 0);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;

@@ -197,8 +197,7 @@ struct ExactBeside {
 template <int BLOCK_M, int BLOCK_N, class MASK, bool VARLEN, bool DROPOUT>
 struct TmaTileWork {
     using Mask = MASK;
-    static constexpr bool TAIL_ORDER =
-        MASK::right_bounded && !MASK::left_bounded && !MASK::sparse && !VARLEN && !DROPOUT;
+    static constexpr bool TAIL_ORDER = lanes_run_heavy_to_light<MASK>() && !VARLEN && !DROPOUT;
     int b, h, m0;
     Sequence seq;
     KeyTiles<MASK::sparse, MASK::exact> key_tile;

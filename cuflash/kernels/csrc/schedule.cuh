@@ -93,6 +93,14 @@ template <typename I>
 struct LaneTile {
     I lane, tile;
 };
+// The masks under which a lane's tiles run from heavy to light: a band bounded on the right alone
+// (causal, or a window (-1, w)), with no block or exact mask. A kernel reads the host's count
+// only under these (and leaves out what was not measured with it), so that no other variant's
+// code changes.
+template <class MASK>
+__device__ constexpr bool lanes_run_heavy_to_light() {
+    return MASK::right_bounded && !MASK::left_bounded && !MASK::sparse;
+}
 template <typename I>
 __device__ __forceinline__ LaneTile<I> lane_tile_at(I index, I tiles, I lanes, int tail_lanes) {
     if (tail_lanes > 0) {
