@@ -26,6 +26,7 @@ import numpy
 import scipy.sparse
 
 from _harness import cuflash_step, median_ms, torch_events_ms  # benchmarks/_harness.py
+from cuflash.bench.sweeps import random_document_lengths
 from cuflash.sparse import ExactMask, document
 
 N = 16384
@@ -34,12 +35,6 @@ BLOCK = 128  # block size of the block-sparse comparison
 
 
 # ----------------------------------------------------------------------------- patterns
-
-def document_lengths(rng, n, count=16):
-    """``count`` random positive lengths summing to ``n``."""
-    cuts = numpy.sort(rng.choice(numpy.arange(1, n), size=count - 1, replace=False))
-    return numpy.diff(numpy.concatenate(([0], cuts, [n])))
-
 
 def clustered_graph(rng, n, clusters=32, links=3, p=0.4):
     """A bool scipy adjacency ``(n, n)``: cluster ``c`` (nodes ``c·n/clusters ...``) is linked
@@ -149,7 +144,7 @@ def main():
     rng = numpy.random.default_rng(args.seed)
     head_dims = (128,) if args.quick else (64, 128)
 
-    lengths = document_lengths(rng, N)
+    lengths = random_document_lengths(rng, N)
     doc_exact = ExactMask.from_scipy(document(lengths, causal=True))
     doc_mod = None
     if torch is not None:

@@ -189,7 +189,8 @@ def test_check_every_pattern(pattern):
                          *(["--window", "64"] if "window" in PATTERNS[pattern].defaults else []),
                          *(["--stride", "128"] if "stride" in PATTERNS[pattern].defaults else []),
                          *(["--global-tokens", "64"]
-                           if "global-tokens" in PATTERNS[pattern].defaults else []))
+                           if "global-tokens" in PATTERNS[pattern].defaults else []),
+                         *(["--prefix", "100"] if "prefix" in PATTERNS[pattern].defaults else []))
     assert record["passed"] and record["pattern"]["name"] == pattern
 
 

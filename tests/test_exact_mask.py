@@ -193,6 +193,35 @@ def test_cli_mask_show_exact_counts_tiles_and_bitmask_bytes():
             counts.full, counts.partial, counts.empty, counts.bitmask_bytes)
 
 
+@pytest.mark.parametrize("pattern, build", [
+    ("document", lambda lengths: document(lengths)),
+    ("causal-document", lambda lengths: document(lengths, causal=True)),
+    ("prefix-lm", lambda lengths: prefix_lm(2000, prefix=300))])
+def test_cli_mask_show_draws_the_document_and_prefix_lm_builders(pattern, build):
+    """``mask show`` builds the document patterns from --documents lengths drawn by --seed (the
+    draw of benchmarks/exact_mask_bench.py), and prefix-LM from --prefix: exactly the builders'
+    patterns, at element level (--exact) and at block level (the blocks holding an allowed pair)."""
+    import json
+
+    from cuflash.bench.sweeps import random_document_lengths
+
+    runner = CliRunner()
+    args = ["mask", "show", pattern, "--seq-len", "2000", "--seed", "7", "--json",
+            *(["--prefix", "300"] if pattern == "prefix-lm" else ["--documents", "5"])]
+    lengths = random_document_lengths(np.random.default_rng(7), 2000, 5)
+    assert lengths.size == 5 and lengths.sum() == 2000 and (lengths > 0).all()
+    expected = build(lengths)
+    record = json.loads(runner.invoke(main, args + ["--exact"]).output)
+    assert record["allowed_pairs"] == expected.nnz
+    counts = ExactMask.from_scipy(expected).tile_counts(*record["tiles"][0]["tile"])
+    assert (record["tiles"][0]["full"], record["tiles"][0]["partial"]) == (counts.full, counts.partial)
+    padded = np.zeros((2048, 2048), bool)  # 32 blocks of 64 a side, the last one cut
+    padded[:2000, :2000] = expected.toarray()
+    kept = padded.reshape(32, 64, 32, 64).any(axis=(1, 3))  # the blocks holding an allowed pair
+    record = json.loads(runner.invoke(main, args + ["--block-size", "64"]).output)
+    assert record["kept_blocks"] == int(kept.sum())
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def qkv(shape_q=(1, 4, 100, 32), nk=120, hkv=4):

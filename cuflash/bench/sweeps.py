@@ -144,6 +144,15 @@ def random_block_layout(num_blocks: int, density: float, *, seed: int = 0) -> nu
     return layout
 
 
+def random_document_lengths(rng, n: int, count: int = 16) -> numpy.ndarray:
+    """``count`` random positive lengths summing to ``n`` (documents packed into one sequence):
+    the cuts between them drawn uniformly without replacement from rng, a NumPy Generator."""
+    if not 1 <= count <= n:
+        raise ValueError(f"cannot cut {n} tokens into {count} documents (1 to {n})")
+    cuts = numpy.sort(rng.choice(n - 1, size=count - 1, replace=False) + 1)  # from 1..n-1
+    return numpy.diff(numpy.concatenate(([0], cuts, [n])))
+
+
 def sparse_masks(seq_len=SPARSE_SEQ_LEN, block_size=SPARSE_BLOCK, densities=SPARSE_DENSITIES,
                  *, seed=0) -> list[tuple[str, object]]:
     """``(label, BlockMask)`` for the block-sparse sweep: random layouts at ``densities``, the

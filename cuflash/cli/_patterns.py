@@ -12,7 +12,7 @@ from typing import Callable
 
 import click
 
-from cuflash.bench.sweeps import random_block_layout
+from cuflash.bench.sweeps import random_block_layout, random_document_lengths
 from cuflash.check.pathfinder import image_side_for
 
 # Option name → (kind, help). Kinds: "tokens" (accepts 16K), "count" (int ≥ 0), "fraction".
@@ -28,6 +28,9 @@ PARAMETERS = {
     "radius": ("count", "Pixels on each side of a pixel, in both directions, over the image "
                         "the sequence is read from (image-local)."),
     "density": ("fraction", "Fraction of blocks kept, the diagonal always among them (random)."),
+    "documents": ("count", "Documents packed into the sequence, of random lengths seeded by "
+                           "--seed (document, causal-document)."),
+    "prefix": ("tokens", "Keys every query sees, before the causal part (prefix-lm)."),
 }
 
 
@@ -42,8 +45,8 @@ class Pattern:
     summary: str
     defaults: dict
     build: Callable  # (seq_len, block_size, parameters, seed) -> scipy block-level pattern or layout
-    # (seq_len, block_size, parameters) -> about how many blocks the pattern keeps (at least as
-    # many as it does), computed without building it
+    # (seq_len, block_size, parameters, seed) -> about how many blocks the pattern keeps (at
+    # least as many as it does), computed without building it
     blocks: Callable
     # Whether the pattern is defined on tokens, so that building it with larger blocks gives
     # exactly the "any block kept" picture of groups of its blocks (False: random blocks).
@@ -77,44 +80,66 @@ def _band_blocks(b, window):
     return 2 * math.ceil(window / b) + 1
 
 
-def _longformer_blocks(n, b, p):
+def _longformer_blocks(n, b, p, seed=0):
     global_blocks = math.ceil(p["global-tokens"] / b)
     return (_per_row(n, b, _band_blocks(b, p["window"]) + global_blocks)
             + global_blocks * math.ceil(n / b))
 
 
-def _image_local_blocks(n, b, p):
+def _image_local_blocks(n, b, p, seed=0):
     side = image_side_for(n)  # a block of b pixels spans b / side image rows, plus the radius
     return _per_row(n, b, ((b / side + 2 * p["radius"] + 2) * side) / b + 1)
+
+
+def _document_lengths(n, p, seed):
+    """The lengths of the --documents packed documents: they depend on the sequence's length and
+    the seed alone, so larger blocks draw the same documents."""
+    import numpy
+
+    return random_document_lengths(numpy.random.default_rng(seed), n, p["documents"])
+
+
+def _documents(causal):
+    def build(n, b, p, seed):
+        return _sparse().document(_document_lengths(n, p, seed), causal=causal, block_size=b)
+    return build
+
+
+def _document_blocks(n, b, p, seed):
+    try:
+        lengths = _document_lengths(n, p, seed)
+    except ValueError:
+        return 0  # the build says why
+    return int(sum((-(-int(length) // b) + 1) ** 2 for length in lengths))
 
 
 PATTERNS = {
     "causal": Pattern(
         "query i sees keys 0..i (as --causal, expressed as blocks)", {},
         lambda n, b, p, seed: _sparse().causal(n, block_size=b),
-        lambda n, b, p: math.ceil(n / b) * (math.ceil(n / b) + 1) // 2),
+        lambda n, b, p, seed: math.ceil(n / b) * (math.ceil(n / b) + 1) // 2),
     "sliding-window": Pattern(
         "keys within --window tokens of the query", {"window": 512},
         lambda n, b, p, seed: _sparse().sliding_window(n, window=p["window"], block_size=b),
-        lambda n, b, p: _per_row(n, b, _band_blocks(b, p["window"]))),
+        lambda n, b, p, seed: _per_row(n, b, _band_blocks(b, p["window"]))),
     "strided": Pattern(
         "Sparse Transformer strided: a local window plus every --stride-th key",
         {"stride": 2048, "window": None},
         lambda n, b, p, seed: _sparse().strided(n, stride=p["stride"], window=p["window"],
                                                 block_size=b),
-        lambda n, b, p: _per_row(n, b, _band_blocks(b, p["window"] or p["stride"])
+        lambda n, b, p, seed: _per_row(n, b, _band_blocks(b, p["window"] or p["stride"])
                                  + 2 * (n / p["stride"] + 1))),
     "fixed": Pattern(
         "Sparse Transformer fixed: the query's segment plus the last keys of every segment",
         {"stride": 1024, "summary": 1},
         lambda n, b, p, seed: _sparse().fixed(n, stride=p["stride"], summary=p["summary"],
                                               block_size=b),
-        lambda n, b, p: _per_row(n, b, math.ceil(p["stride"] / b) + 1 + (n / p["stride"] + 1)
+        lambda n, b, p, seed: _per_row(n, b, math.ceil(p["stride"] / b) + 1 + (n / p["stride"] + 1)
                                  * (math.ceil(p["summary"] / b) + 1))),
     "butterfly": Pattern(
         "flat butterfly: block (I, J) kept when I XOR J is 0 or a power of two", {},
         lambda n, b, p, seed: _sparse().butterfly(n, block_size=b),
-        lambda n, b, p: _per_row(n, b, 2 + max(1, n - 1).bit_length()),
+        lambda n, b, p, seed: _per_row(n, b, 2 + max(1, n - 1).bit_length()),
         seconds_per_block=1e-5),
     "longformer": Pattern(
         "Longformer: a sliding window plus global tokens", {"window": 512, "global-tokens": 128},
@@ -129,7 +154,7 @@ PATTERNS = {
                                                 global_tokens=p["global-tokens"],
                                                 num_random=p["num-random"], seed=seed,
                                                 block_size=b),
-        lambda n, b, p: _longformer_blocks(n, b, p) + p["num-random"] * math.ceil(n / b),
+        lambda n, b, p, seed: _longformer_blocks(n, b, p) + p["num-random"] * math.ceil(n / b),
         on_tokens=False),
     "image-local": Pattern(
         "2-D neighbourhood over the image the sequence is read from (square of --radius)",
@@ -138,15 +163,29 @@ PATTERNS = {
         "random blocks at --density, diagonal kept (seeded by --seed)", {"density": 0.25},
         lambda n, b, p, seed: random_block_layout(math.ceil(n / b), p["density"], seed=seed),
         # the layout is built dense: one byte per block of the whole square, and more to draw
-        lambda n, b, p: max(p["density"], 0.1) * math.ceil(n / b) ** 2,
+        lambda n, b, p, seed: max(p["density"], 0.1) * math.ceil(n / b) ** 2,
         on_tokens=False),
+    "document": Pattern(
+        "packed documents of random lengths (seeded by --seed), each attending to itself",
+        {"documents": 16},
+        _documents(causal=False), _document_blocks),
+    "causal-document": Pattern(
+        "packed documents as document, causal within each", {"documents": 16},
+        _documents(causal=True), _document_blocks),
+    "prefix-lm": Pattern(
+        "prefix LM: every query sees the first --prefix keys, and the keys up to itself",
+        {"prefix": 1024},
+        lambda n, b, p, seed: _sparse().prefix_lm(n, prefix=p["prefix"], block_size=b),
+        lambda n, b, p, seed: (math.ceil(n / b) * (math.ceil(n / b) + 1) // 2
+                         + math.ceil(n / b) * math.ceil(p["prefix"] / b))),
 }
 
 
-def build_cost(name: str, seq_len: int, block_size: int, parameters: dict) -> tuple[int, float]:
+def build_cost(name: str, seq_len: int, block_size: int, parameters: dict,
+               seed: int = 0) -> tuple[int, float]:
     """``(bytes, seconds)`` that building pattern ``name`` takes, roughly, without building it."""
     pattern = PATTERNS[name]
-    blocks = pattern.blocks(seq_len, block_size, parameters)
+    blocks = pattern.blocks(seq_len, block_size, parameters, seed)
     return int(blocks * BYTES_PER_BLOCK), blocks * pattern.seconds_per_block
 
 

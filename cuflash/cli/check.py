@@ -181,7 +181,7 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
 
     smaller = "use fewer tokens (--seq-len), heads or rows"
     mask_bytes, mask_seconds = (0, 0.0) if pattern == "dense" else \
-        build_cost(pattern, n, block_size, parameters)
+        build_cost(pattern, n, block_size, parameters, seed)
     needed = verify.estimate_bytes(n, heads, head_dim, dtype.itemsize, row_count, backward)
     if mask_bytes + needed > target.free_bytes():  # before anything large is built
         require_reasonable(target, seconds=0, needed=mask_bytes + needed, what="this check",

@@ -102,8 +102,8 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
                     as_json)
         return
     nqb = nkb = math.ceil(seq_len / block_size)
-    cost_bytes, cost_seconds = build_cost(pattern, seq_len, block_size, parameters)
-    blocks_bound = PATTERNS[pattern].blocks(seq_len, block_size, parameters)
+    cost_bytes, cost_seconds = build_cost(pattern, seq_len, block_size, parameters, seed)
+    blocks_bound = PATTERNS[pattern].blocks(seq_len, block_size, parameters, seed)
     summary = {"pattern": pattern, "parameters": parameters, "seq_len": seq_len,
                "block_size": block_size, "blocks": [nqb, nkb]}
     if blocks_bound > FULL_BUILD_BLOCKS and not force:
@@ -189,7 +189,7 @@ def _show_exact(pattern, seq_len, block_size, seed, parameters, max_rows, max_co
     """``cuflash mask show --exact``: the pattern's ExactMask, its tiles and bitmasks."""
     from cuflash.sparse._exactmask import REPORT_TILE
 
-    blocks_bound = PATTERNS[pattern].blocks(seq_len, block_size, parameters)
+    blocks_bound = PATTERNS[pattern].blocks(seq_len, block_size, parameters, seed)
     pairs_bound = min(blocks_bound * block_size ** 2, seq_len ** 2)
     if pairs_bound > EXACT_BUILD_PAIRS and not force:
         raise TooLong(
