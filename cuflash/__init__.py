@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from . import reference
 from ._api import (attention, attention_backward, attention_varlen, attention_varlen_backward,
                    attention_varlen_vjp, attention_vjp)
+from ._checks import IndexDtypeError
 from ._kvcache import KVCachePlan, attention_with_kvcache, kvcache_plan
 from ._plan import KernelPlan, kernel_plan
 from ._warnings import CuflashNumericalWarning
@@ -21,7 +22,7 @@ from ._warnings import CuflashNumericalWarning
 __all__ = ["attention", "attention_backward", "attention_vjp", "attention_varlen",
            "attention_varlen_backward", "attention_varlen_vjp", "attention_with_kvcache",
            "kernel_plan", "KernelPlan", "kvcache_plan", "KVCachePlan",
-           "CuflashNumericalWarning",
+           "CuflashNumericalWarning", "IndexDtypeError",
            "reference", "sparse", "__version__"]
 
 

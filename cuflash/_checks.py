@@ -578,6 +578,18 @@ def check_max_seqlen(value: Any, name: str) -> int:
     return int(value)
 
 
+class IndexDtypeError(TypeError, ValueError):
+    """An index array (sequence offsets, cache lengths, a page table) whose dtype is not int32:
+    a TypeError like every dtype error of the API, and a ValueError like the other errors of
+    those arrays' values, so that either ``except`` clause catches it."""
+
+
+def check_index_dtype(name: str, x: Any) -> None:
+    """Index arrays are int32, flash-attn's dtype for offsets, lengths, tables and indices."""
+    if x.dtype != numpy.int32:
+        raise IndexDtypeError(f"{name} must have dtype int32 (flash-attn's index dtype), got {x.dtype}")
+
+
 def check_offset_arrays(cu_q: Any, cu_k: Any, xp, device_of: Any) -> None:
     """``cu_seqlens_q`` / ``cu_seqlens_k``: 1-D int32 arrays of one length B + 1 ≥ 2, of the
     inputs' module (CuPy inputs also take NumPy offsets) and, on the GPU, on their device."""
@@ -595,8 +607,7 @@ def check_offset_arrays(cu_q: Any, cu_k: Any, xp, device_of: Any) -> None:
         if module is not numpy and _device_id(cu) != _device_id(device_of):
             raise ValueError(f"{name} must be on device {_device_id(device_of)} like q, got "
                              f"device {_device_id(cu)}")
-        if cu.dtype != numpy.int32:
-            raise TypeError(f"{name} must have dtype int32 (flash-attn's offsets), got {cu.dtype}")
+        check_index_dtype(name, cu)
         if cu.ndim != 1 or cu.shape[0] < 2:
             raise ValueError(f"{name} must be {what} (at least one sequence), got shape "
                              f"{tuple(cu.shape)}")

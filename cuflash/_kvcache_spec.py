@@ -25,7 +25,6 @@ from . import _checks
 # and the smallest tile (16 keys) never straddles two pages.
 PAGE_MULTIPLE = 16
 
-_INDEX_DTYPE = numpy.dtype(numpy.int32)  # flash-attn's dtype for lengths, tables and indices
 
 
 @dataclass(frozen=True)
@@ -343,8 +342,7 @@ def _check_index_array(name, x, shape, xp, q) -> None:
     if _checks._device_id(x) != _checks._device_id(q):
         raise ValueError(f"{name} must be on device {_checks._device_id(q)} like q, got device "
                          f"{_checks._device_id(x)}")
-    if x.dtype != _INDEX_DTYPE:
-        raise TypeError(f"{name} must have dtype int32, got {x.dtype}")
+    _checks.check_index_dtype(name, x)
     if x.ndim != len(shape) or any(n is not None and m != n for m, n in zip(x.shape, shape)) \
             or 0 in x.shape:
         raise ValueError(f"{name} must have shape {_shape_text(shape)}, got {tuple(x.shape)}")

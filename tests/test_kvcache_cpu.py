@@ -235,6 +235,7 @@ def call(case, **changes):
     (dict(cache_seqlens=3.0), TypeError, "cache_seqlens must be an int"),
     (dict(cache_seqlens=True), TypeError, "cache_seqlens must be an int"),
     (dict(cache_seqlens=np.array([3, 5], np.int64)), TypeError, "cache_seqlens must have dtype int32"),
+    (dict(cache_seqlens=np.array([3, 5], np.uint32)), ValueError, "cache_seqlens must have dtype int32"),
     (dict(cache_seqlens=np.array([3, 5, 1], np.int32)), ValueError, r"cache_seqlens must have shape \(2,\)"),
     (dict(cache_seqlens=[3, 5]), TypeError, "cache_seqlens must be an int32 numpy.ndarray"),
     (dict(cache_seqlens=-1), ValueError, r"cache_seqlens = -1 is outside \[0, 32\]"),

@@ -229,6 +229,9 @@ def _call(args):
      "cu_seqlens_q and cu_seqlens_k must have the same length B \\+ 1"),
     (dict(cu_seqlens_q=np.array([0, 3, 8], np.int64)), TypeError,
      "cu_seqlens_q must have dtype int32"),
+    # a ValueError too, with the other offset errors (either except clause catches it)
+    (dict(cu_seqlens_k=np.array([0, 4, 10], np.float32)), ValueError,
+     "cu_seqlens_k must have dtype int32 .*got float32"),
     (dict(cu_seqlens_q=[0, 3, 8]), TypeError, "cu_seqlens_q must be a 1-D int32 array"),
     (dict(cu_seqlens_q=np.array([0], np.int32), cu_seqlens_k=np.array([0], np.int32)),
      ValueError, "at least one sequence"),
