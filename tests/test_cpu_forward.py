@@ -241,8 +241,8 @@ def test_import_and_cpu_path_need_no_cupy():
 
 
 def test_public_names():
-    assert sorted(cuflash.__all__) == ["CuflashNumericalWarning", "KVCachePlan", "KernelPlan",
-                                       "__version__", "attention", "attention_backward",
+    assert sorted(cuflash.__all__) == ["CuflashNumericalWarning", "IndexDtypeError", "KVCachePlan",
+                                       "KernelPlan", "__version__", "attention", "attention_backward",
                                        "attention_varlen", "attention_varlen_backward",
                                        "attention_varlen_vjp", "attention_vjp",
                                        "attention_with_kvcache", "kernel_plan", "kvcache_plan",
