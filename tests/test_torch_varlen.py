@@ -218,14 +218,46 @@ def test_packed_variants_check_the_packed_axis_and_refuse_what_varlen_does(call)
         run(good[None])
     with pytest.raises(NotImplementedError, match="dropout_p"):
         run(good, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="return_attn_probs"):
-        run(good, return_attn_probs=True)
+    out, lse, probs = run(good, return_attn_probs=True)
+    assert torch.equal(out, run(good)) and lse.shape == (4, q.shape[0])
+    assert probs.shape == (len(LENS_Q), 4, max_q, max_k)
+
+
+@pytest.mark.parametrize("alibi", [None, "sequences"])
+def test_return_attn_probs_gives_each_sequence_s_softmax(alibi):
+    """flash-attn's triple for packed sequences: the output is the call's, lse its log-sum-exp
+    (Hq, total_q), and S_dmask (B, Hq, max_seqlen_q, max_seqlen_k) holds each sequence's softmax
+    matrix in its top left corner (flash_attn_func's S_dmask of the sequence alone, rows of 1
+    where the sequence has keys) and zeros elsewhere: its P · V is the output."""
+    (q, k, v), _, (cu_q, cu_k, max_q, max_k) = packed(LENS_Q, LENS_K)
+    slopes = None if alibi is None else torch.rand(len(LENS_Q), 4) * 0.3
+    options = dict(causal=True, window_size=(9, 0), softcap=4.0, alibi_slopes=slopes)
+    plain = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    out, lse, probs = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **options,
+                                                return_attn_probs=True)
+    assert torch.equal(out, plain) and not probs.requires_grad
+    assert lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
+    assert probs.shape == (len(LENS_Q), 4, max_q, max_k) and probs.dtype == q.dtype
+    for b, (nq, nk) in enumerate(zip(LENS_Q, LENS_K)):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        corner = probs[b, :, :nq, :nk]
+        assert not probs[b, :, nq:].any() and not probs[b, :, :, nk:].any()
+        if nq == 0 or nk == 0:
+            continue
+        one = dict(options, alibi_slopes=None if slopes is None else slopes[b:b + 1])
+        _, one_lse, alone = ct.flash_attn_func(q[rq][None], k[rk][None], v[rk][None], **one,
+                                               return_attn_probs=True)
+        torch.testing.assert_close(corner, alone[0], rtol=0, atol=0)
+        torch.testing.assert_close(lse[:, rq], one_lse[0], rtol=0, atol=0)
+        seen = corner.sum(-1)
+        assert torch.allclose(seen[seen > 0], torch.ones_like(seen[seen > 0]))
+        by_probs = corner @ v[rk].detach().transpose(0, 1).repeat_interleave(2, dim=0)
+        assert torch.allclose(out[rq].detach(), by_probs.transpose(0, 1), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- refusals, errors
 
-@pytest.mark.parametrize("option, value", [("dropout_p", 0.1), ("return_attn_probs", True),
-                                           ("block_table", "tensor")])
+@pytest.mark.parametrize("option, value", [("dropout_p", 0.1), ("block_table", "tensor")])
 def test_unsupported_options_raise(option, value):
     (q, k, v), _, layout = packed(LENS_Q, LENS_K)
     value = torch.zeros(5, 1, dtype=torch.int32) if value == "tensor" else value

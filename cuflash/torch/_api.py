@@ -142,14 +142,6 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
 
 # ----------------------------------------------------------------------------- flash-attn
 
-def _refuse_attn_probs(return_attn_probs,
-                       lse_from="cuflash.torch.attention(..., return_lse=True)") -> None:
-    if return_attn_probs:
-        raise NotImplementedError(
-            f"return_attn_probs=True: cuflash never forms the attention probabilities; use "
-            f"{lse_from} for the log-sum-exp")
-
-
 def _attn_probs(q, k, v, *, causal, scale, window, softcap, alibi_slopes, dropout_p,
                 dropout_seed):
     """flash-attn's ``S_dmask`` for ``return_attn_probs=True``, (B, Hq, Sq, Sk) in q's dtype on
@@ -164,6 +156,29 @@ def _attn_probs(q, k, v, *, causal, scale, window, softcap, alibi_slopes, dropou
                                       softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p,
                                       dropout_seed=dropout_seed)
     return torch.from_numpy(probs).to(device=q.device, dtype=q.dtype)
+
+
+def _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                       causal, scale, window, softcap, alibi_slopes):
+    """flash-attn's ``S_dmask`` of a packed call, ``(B, Hq, max_seqlen_q, max_seqlen_k)`` in q's
+    dtype on q's device: sequence ``b``'s softmax matrix in the top left ``(nq_b, nk_b)`` corner
+    of ``S_dmask[b]``, zeros elsewhere; ``_attn_probs`` of each sequence alone (its causal mask,
+    window and ALiBi aligned to its own bottom right, ``(B, Hq)`` slopes by their row). For
+    tests: it forms every sequence's whole matrix on the CPU."""
+    starts_q, starts_k = (x.cpu().tolist() for x in (cu_seqlens_q, cu_seqlens_k))
+    batch, hq = len(starts_q) - 1, q.shape[1]
+    probs = torch.zeros(batch, hq, int(max_seqlen_q), int(max_seqlen_k), dtype=q.dtype,
+                        device=q.device)
+    for b in range(batch):
+        rows, keys = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        if rows.stop == rows.start or keys.stop == keys.start:
+            continue  # queries without keys (or none at all): no probabilities
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        views = (x[part].transpose(0, 1)[None] for x, part in ((q, rows), (k, keys), (v, keys)))
+        one = _attn_probs(*views, causal=causal, scale=scale, window=window, softcap=softcap,
+                          alibi_slopes=slopes, dropout_p=0.0, dropout_seed=None)
+        probs[b, :, :rows.stop - rows.start, :keys.stop - keys.start] = one[0]
+    return probs
 
 
 def _check_layout(layout: tuple, **tensors) -> None:
@@ -262,16 +277,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     their row offsets; ``max_seqlen_q`` / ``max_seqlen_k`` Python ints, at least the longest
     sequence. Returns ``out`` ``(total_q, Hq, Dv)``. Causal masks, windows and ALiBi are aligned
     to the bottom right of each sequence; ``alibi_slopes`` is float32 ``(Hq,)`` or ``(B, Hq)``.
-    ``dropout_p > 0``, ``return_attn_probs=True`` and ``block_table`` raise
-    ``NotImplementedError``. As in flash-attn, the offsets of CUDA tensors are not checked
-    (no host synchronisation); CPU offsets are (docs/torch.md, "Packed sequences").
+    ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` as flash-attn does, for
+    tests: ``softmax_lse`` float32 ``(Hq, total_q)``, and ``S_dmask``
+    ``(B, Hq, max_seqlen_q, max_seqlen_k)`` with each sequence's exact softmax matrix in the top
+    left corner of its row, zeros elsewhere (formed in float64 on the CPU; not differentiable).
+    ``dropout_p > 0`` and ``block_table`` raise ``NotImplementedError``. As in flash-attn, the
+    offsets of CUDA tensors are not checked (no host synchronisation); CPU offsets are
+    (docs/torch.md, "Packed sequences").
     """
     if _checked_dropout_p(dropout_p):
         raise NotImplementedError(
             f"dropout_p={dropout_p!r}: packed sequences have no dropout (cuflash.attention_varlen "
             f"takes none); pass dropout_p=0.0, or pad the sequences and use flash_attn_func")
-    _refuse_attn_probs(return_attn_probs,
-                       lse_from="torch.ops.cuflash.attention_varlen_forward (out, lse)")
     if block_table is not None:
         raise NotImplementedError(
             f"block_table is not supported by flash_attn_varlen_func (got a "
@@ -283,12 +300,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         tensors["alibi_slopes"] = alibi_slopes
     _check_tensors(**tensors)
     left, right = _window(window_size, "window_size")
-    out, _ = _ops.call_varlen_forward(
+    scale = None if softmax_scale is None else float(softmax_scale)
+    out, lse = _ops.call_varlen_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, _max_seqlen(max_seqlen_q, "max_seqlen_q"),
-        _max_seqlen(max_seqlen_k, "max_seqlen_k"), bool(causal),
-        None if softmax_scale is None else float(softmax_scale), left, right, float(softcap),
+        _max_seqlen(max_seqlen_k, "max_seqlen_k"), bool(causal), scale, left, right, float(softcap),
         alibi_slopes, bool(deterministic))
-    return out
+    if not return_attn_probs:
+        return out
+    probs = _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               causal=bool(causal), scale=scale, window=(left, right),
+                               softcap=float(softcap), alibi_slopes=alibi_slopes)
+    return out, lse.detach(), probs
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
