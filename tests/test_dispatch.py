@@ -519,3 +519,49 @@ def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_
     for options in (drop, dict(causal=True, **drop)):
         assert sm90_backward.variant_dkdv_ws(spec(64, **options), turns, atomic_dq=True) in listed
     assert sm90_backward.variant_dkdv_ws(spec(64), tiles) not in listed  # deterministic: cp.async
+
+
+@pytest.mark.parametrize("capability", ["90", "80"])
+@pytest.mark.parametrize("d,dv,options", [(64, 64, dict(causal=True)), (64, 64, dict(deterministic=True)),
+                                          (128, 128, dict(window=(300, 20))), (256, 256, dict(causal=True)),
+                                          (192, 128, dict(deterministic=True)), (96, 96, dict())])
+def test_kernel_plan_reports_the_backward_workspace_the_call_allocates(monkeypatch, capability, d, dv, options):
+    """kernel_plan's backward names its workspace, by part (base-2 lse and Delta; where dQ is
+    formed in the dK/dV kernel, its float32 accumulator; with ordered adds their semaphores):
+    exactly the bytes the backward call then allocates besides the gradients."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch
+
+    device = FakeDevice(monkeypatch, compute_capability=capability)
+    allocated = []
+    fake_memory = _launch.device_memory
+    monkeypatch.setattr(_launch, "device_memory", lambda nbytes: allocated.append(nbytes) or fake_memory(nbytes))
+    q, k, out, dout = (device.empty((2, 3, 700, width), ml_dtypes.bfloat16) for width in (d, d, dv, dv))
+    v, lse = device.empty((2, 3, 700, dv), ml_dtypes.bfloat16), device.empty((2, 3, 700), np.float32)
+    plan = cuflash.kernel_plan(q, k, v, **options).backward
+    workspace = plan.workspace
+    rows = 2 * 3 * 768  # query rows per (batch, head) rounded up to 128
+    assert workspace["base-2 lse and Delta"] == 8 * rows
+    fused = "forming dQ too" in plan.detail or "adding dQ by float32 atomics" in plan.detail
+    assert ("float32 dQ accumulator" in workspace) == fused
+    assert ("semaphores of the ordered dQ adds" in workspace) == ("key-tile order" in plan.detail)
+    assert "workspace: " in plan.describe()
+    cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+    assert allocated == [sum(workspace.values())], plan.describe()
+
+
+def test_kernel_plan_reports_the_float32_backward_workspace(monkeypatch):
+    """The float32 backward's workspace: Delta, one float per query row and head."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import float32
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    monkeypatch.setattr(float32, "_shared_limit", lambda device_id: 227 * 1024)  # an H200's, per block
+    q = device.empty((2, 3, 700, 64), np.float32)
+    plan = cuflash.kernel_plan(q, q, q, causal=True).backward
+    assert plan.family.name == "float32" and plan.workspace == {"Delta": 4 * 2 * 3 * 700}
+    assert "workspace: 0.02 MiB (Delta 0.02 MiB)" in plan.describe()

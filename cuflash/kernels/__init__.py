@@ -88,14 +88,30 @@ class Plan:
         describe_call = getattr(self.family.launcher(), "describe_call", None) if self.family else None
         return describe_call(self.spec) if describe_call else ""
 
+    @property
+    def workspace(self) -> dict[str, int] | None:
+        """The device memory the chosen family allocates for this call besides its results, in
+        bytes by part (its launcher's ``workspace_of``; a backward's, released when the call
+        returns), or None when it allocates none."""
+        workspace_of = getattr(self.family.launcher(), "workspace_of", None) if self.family else None
+        return workspace_of(self.spec) if workspace_of else None
+
     def describe(self) -> str:
         chosen = self.family.name if self.family else "none"
         lines = [f"{self.pass_name}: {chosen}" + (f" ({self.family.summary})" if self.family else "")]
         detail = self.detail
         if detail:
             lines.append(f"  runs {detail}")
+        workspace = self.workspace
+        if workspace:
+            parts = ", ".join(f"{name} {_mib(size)}" for name, size in workspace.items())
+            lines.append(f"  workspace: {_mib(sum(workspace.values()))} ({parts})")
         lines += [f"  passed over {name}: {reason}" for name, reason in self.passed_over]
         return "\n".join(lines)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.2f} MiB"
 
 
 def plan(pass_name: str, spec, arrays) -> Plan:

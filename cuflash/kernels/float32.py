@@ -228,6 +228,13 @@ def forward(q, k, v, out, lse, spec, *, tiles: F32Tiles | None = None):
     kernel((blocks,), (THREADS,), (args,), shared_mem=shared)
 
 
+def workspace_of(spec) -> dict[str, int]:
+    """The device memory this call's backward allocates besides the gradients, by part
+    (``cuflash.kernel_plan``): Delta, one float per query row and head."""
+    s = spec.shapes
+    return {"Delta": 4 * s.b * s.hq * s.nq}
+
+
 def backward(dout, q, k, v, out, lse, dq, dk, dv, spec,
              *, tiles: tuple[F32Tiles, F32Tiles] | None = None):
     """dq, dk, dv ← gradients of attention on 4-D float32 CuPy views (docs/internals.md); dk/dv
@@ -296,5 +303,5 @@ def main_variants() -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-__all__ = ["forward", "backward", "supports", "F32Tiles", "tiles_for", "variant", "main_variants",
+__all__ = ["forward", "backward", "workspace_of", "supports", "F32Tiles", "tiles_for", "variant", "main_variants",
            "FWD_ARGS", "BWD_ARGS"]

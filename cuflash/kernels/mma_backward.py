@@ -274,6 +274,18 @@ def describe_call(spec) -> str:
     return "the dK/dV kernel adding dQ by float32 atomics (in any order: not bit-identical run to run)"
 
 
+def scratch_of(spec) -> Scratch:
+    """The workspace of this call's backward: with the float32 dq accumulator unless
+    ``spec.deterministic``."""
+    return Scratch.of(spec, atomic_dq=not spec.deterministic)
+
+
+def workspace_of(spec) -> dict[str, int]:
+    """The device memory this call's backward allocates besides the gradients, by part
+    (``cuflash.kernel_plan``)."""
+    return scratch_of(spec).parts()
+
+
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: any 16-bit call on sm_80+ whose block
     mask (if any) has blocks the tiles divide, packed variable-length sequences and dropout
@@ -328,6 +340,15 @@ class Scratch:
     @property
     def nbytes(self) -> int:
         return 4 * (2 * self.rows + self.accum + self.semaphores)
+
+    def parts(self) -> dict[str, int]:
+        """Its bytes by what they hold (``cuflash.kernel_plan``'s workspace line)."""
+        parts = {"base-2 lse and Delta": 8 * self.rows}
+        if self.accum:
+            parts["float32 dQ accumulator"] = 4 * self.accum
+        if self.semaphores:
+            parts["semaphores of the ordered dQ adds"] = 4 * self.semaphores
+        return parts
 
     def pointers(self, base: int) -> tuple[int, int, int]:
         """``(lse2, delta, dq_accum)`` in a workspace of ``nbytes`` at ``base`` (512-byte
@@ -444,7 +465,7 @@ def prepare_backward(spec, arrays, *, tiles: BwdTiles | None = None) -> Backward
     tiles = tiles or tiles_for(spec)
     atomic_dq = not spec.deterministic
     aligned = vector_aligned(arrays, (d, dv_dim))
-    scratch = Scratch.of(spec, atomic_dq=atomic_dq)
+    scratch = scratch_of(spec)
     args = argument_packer(spec, arrays, rows_pad=scratch.rows_pad)
 
     # 1. Delta, lse2, zeroed dq accumulator.
@@ -538,5 +559,5 @@ def main_variants() -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-__all__ = ["backward", "prepare_backward", "supports", "describe_call", "BwdTiles", "default_tiles", "tiles_for", "workspace_bytes",
+__all__ = ["backward", "prepare_backward", "supports", "describe_call", "workspace_of", "BwdTiles", "default_tiles", "tiles_for", "workspace_bytes",
            "main_variants"]

@@ -225,6 +225,29 @@ def describe_call(spec) -> str:
     return f"a {dkdv}, then a {dq} (bit-identical run to run)"
 
 
+def dq_route(spec, tiles: Sm90BwdTiles, producer: bool) -> tuple[bool, bool]:
+    """``(ordered, atomic_dq)``: whether the dK/dV kernel adds dQ in key-tile order
+    (``ordered_dq``), and whether it forms dQ at all, in any order or ordered (else a dQ kernel
+    does)."""
+    ordered = ordered_dq(spec, tiles, producer)
+    return ordered, fuses_dq(spec, tiles, producer) or ordered
+
+
+def scratch_of(spec, tiles: Sm90BwdTiles, producer: bool) -> mma_backward.Scratch:
+    """The workspace of this call's backward: lse2 and Delta, and where the dK/dV kernel forms
+    dQ its float32 accumulator (rows of the tile's D floats, fragment order), with the ordered
+    adds' semaphores."""
+    ordered, atomic_dq = dq_route(spec, tiles, producer)
+    return mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=tile_head_dim(spec), semaphores=ordered)
+
+
+def workspace_of(spec) -> dict[str, int]:
+    """The device memory this call's backward allocates besides the gradients, by part
+    (``cuflash.kernel_plan``; for the kernel ``describe_call`` names)."""
+    return scratch_of(spec, default_tiles(tile_head_dim(spec), dropout=spec.has_dropout),
+                      producer_wanted(spec)).parts()
+
+
 def step_dims(spec) -> tuple[int, ...]:
     """The kernels' trailing ``QK_DIM, DP_DIM``: D and Dv rounded up to 16, the columns the
     k16 steps of S = Q·Kᵀ and dP = dO·Vᵀ cover (csrc/flash_bwd_sm90.cu, HeadSteps); ``()``
@@ -414,10 +437,8 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     producer = warp_specialised(spec, arrays)
     if tiles.split_gradients and not producer:
         raise ValueError("split dK/dV gradients (D or Dv above 128) need the warp-specialised kernel")
-    ordered = ordered_dq(spec, tiles, producer)
-    atomic_dq = fuses_dq(spec, tiles, producer) or ordered
-    # The fused dQ's accumulator rows are the tile's D floats (fragment order, flash_bwd_sm90.cu).
-    scratch = mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=d, semaphores=ordered)
+    ordered, atomic_dq = dq_route(spec, tiles, producer)
+    scratch = scratch_of(spec, tiles, producer)
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view), and the zeroed
@@ -521,4 +542,4 @@ def main_variants() -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-__all__ = ["backward", "prepare_backward", "supports", "describe_call", "main_variants", "Sm90BwdTiles", "default_tiles", "ARCH"]
+__all__ = ["backward", "prepare_backward", "supports", "describe_call", "workspace_of", "main_variants", "Sm90BwdTiles", "default_tiles", "ARCH"]
