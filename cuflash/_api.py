@@ -361,6 +361,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     return _calls.backward(dout, q, k, v, out, lse, options, grads=(dq, dk, dv))
 
 
+def _vjp_seed(dropout_p, dropout_seed, dropout_offset):
+    """The dropout seed of a vjp: the one given, or with ``dropout_p > 0`` and none given one
+    drawn from NumPy's default generator (fresh entropy), which the backward pass then reuses."""
+    if dropout_seed is None and _checks.check_dropout(
+            dropout_p, None, dropout_offset, None, seed_required=False)[0]:
+        return int(numpy.random.default_rng().integers(2**64, dtype=numpy.uint64))
+    return dropout_seed
+
+
 def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
                   alibi_slopes=None, block_mask=None, mask=None, dropout_p=0.0,
                   dropout_seed=None, dropout_offset=0, deterministic=False
@@ -374,9 +383,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     ``vjp.dropout_seed`` holds the seed (0 without dropout).
     """
     _checks.check_bool(deterministic, "deterministic")  # before running anything
-    if dropout_seed is None and _checks.check_dropout(
-            dropout_p, None, dropout_offset, None, seed_required=False)[0]:
-        dropout_seed = int(numpy.random.default_rng().integers(2**64, dtype=numpy.uint64))
+    dropout_seed = _vjp_seed(dropout_p, dropout_seed, dropout_offset)
     forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                            alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
                            dropout_p=dropout_p, dropout_seed=dropout_seed,
@@ -395,7 +402,8 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
 
 def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                  causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                 deterministic=False, check_offsets=True) -> tuple[Any, AttentionSpec]:
+                 dropout_p=0.0, dropout_seed=None, dropout_offset=0, deterministic=False,
+                 check_offsets=True) -> tuple[Any, AttentionSpec]:
     """Validate one varlen call: the inputs' array module and the spec (with its
     ``VarlenLayout``). Offsets are read back to the host and checked unless ``check_offsets`` is
     False for CuPy offsets (NumPy offsets are always checked: it costs no synchronisation)."""
@@ -408,6 +416,7 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     total_q, total_k = q.shape[0], k.shape[0]
     causal, scale, window, softcap = _band_and_score_options(shapes, causal, scale, window, softcap)
     deterministic = _checks.check_bool(deterministic, "deterministic")
+    dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes)
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
         hosts = []
@@ -428,7 +437,8 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                           max_k=max_k, host_q=hosts[0], host_k=hosts[1])
     return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,
                              window=window, softcap=softcap, alibi=alibi,
-                             deterministic=deterministic, varlen=layout)
+                             deterministic=deterministic, varlen=layout, dropout_p=dropout[0],
+                             dropout_seed=dropout[1], dropout_offset=dropout[2])
 
 
 def _kernel_target(result, xp):
@@ -497,7 +507,8 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                     return_lse=False, out=None, check_offsets=True):
+                     dropout_p=0.0, dropout_seed=None, dropout_offset=0, return_lse=False,
+                     out=None, check_offsets=True):
     """Attention over packed sequences of different lengths (flash-attn's
     ``flash_attn_varlen_func``): each sequence attends to its own keys only.
 
@@ -524,6 +535,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         causal and windows are aligned to the bottom right of each sequence (query ``i`` of a
         sequence sees keys ``j <= i + nk - nq``), ALiBi distances are ``|i + nk - nq - j|``
         within the sequence. Slopes: ``(Hq,)`` or ``(B, Hq)``, one row per sequence.
+    dropout_p, dropout_seed, dropout_offset
+        As for ``attention``: element ``(b, h, i, j)`` of the mask is that of sequence ``b``,
+        query row ``i`` and key ``j`` counted within the sequence, so a sequence keeps the
+        elements a dense call's batch element ``b`` of its lengths would. The NumPy path runs
+        it; on the GPU a varlen call with dropout raises ``ValueError``.
     return_lse : bool, optional
         Also return the log-sum-exp of each row's logits, shape ``(Hq, total_q)`` float32
         (flash-attn's varlen layout).
@@ -556,7 +572,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal=causal, scale=scale, window=window, softcap=softcap,
-                            alibi_slopes=alibi_slopes, check_offsets=check_offsets)
+                            alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                            dropout_seed=dropout_seed, dropout_offset=dropout_offset,
+                            check_offsets=check_offsets)
     return_lse = _checks.check_bool(return_lse, "return_lse")
     if out is not None:
         _checks.check_out(out, (spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv),
@@ -567,38 +585,45 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, *, causal=False, scale=None, window=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False,
-                              check_offsets=True, dq=None, dk=None, dv=None):
+                              softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
+                              dropout_offset=0, deterministic=False, check_offsets=True, dq=None,
+                              dk=None, dv=None):
     """Gradients of ``attention_varlen`` with respect to q, k and v.
 
     ``dout`` and ``out`` are ``(total_q, Hq, Dv)``, ``lse`` ``(Hq, total_q)`` float32 (what
     ``attention_varlen(..., return_lse=True)`` returned); every other argument is as given to
-    ``attention_varlen``, and ``deterministic`` as for ``attention_backward``. Returns
+    ``attention_varlen`` (the forward's dropout seed and offset), and ``deterministic`` as for
+    ``attention_backward``. Returns
     ``(dq, dk, dv)`` with the shapes and dtype of q, k and v (``dk``, ``dv`` summed over the
     query heads of a group; keys of a sequence without queries get 0). ``dq``, ``dk``, ``dv``:
     arrays to write the gradients into, as for ``attention_backward`` (then returned themselves).
     """
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal=causal, scale=scale, window=window, softcap=softcap,
-                            alibi_slopes=alibi_slopes, deterministic=deterministic,
-                            check_offsets=check_offsets)
+                            alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                            dropout_seed=dropout_seed, dropout_offset=dropout_offset,
+                            deterministic=deterministic, check_offsets=check_offsets)
     return _varlen_backward(spec, xp, dout, q, k, v, out, lse, (dq, dk, dv))
 
 
 def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                          causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                         alibi_slopes=None, deterministic=False, check_offsets=True
-                         ) -> tuple[Any, Callable]:
+                         alibi_slopes=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+                         deterministic=False, check_offsets=True) -> tuple[Any, Callable]:
     """Run ``attention_varlen`` and return ``(out, vjp)``; ``vjp(dout)`` returns
     ``(dq, dk, dv)``. Validated once (the offsets are checked, and read back, once); ``vjp``
-    keeps the inputs, out, lse and the validated call alive."""
+    keeps the inputs, out, lse and the validated call alive. Dropout as for ``attention_vjp``:
+    a seed is drawn when none is given, and ``vjp.dropout_seed`` holds it."""
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal=causal, scale=scale, window=window, softcap=softcap,
-                            alibi_slopes=alibi_slopes, deterministic=deterministic,
+                            alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                            dropout_seed=_vjp_seed(dropout_p, dropout_seed, dropout_offset),
+                            dropout_offset=dropout_offset, deterministic=deterministic,
                             check_offsets=check_offsets)
     out, lse = _varlen_forward(spec, xp, q, k, v, None)
 
     def vjp(dout):
         return _varlen_backward(spec, xp, dout, q, k, v, out, lse)
 
+    vjp.dropout_seed = spec.dropout_seed
     return out, vjp

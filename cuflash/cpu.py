@@ -44,7 +44,7 @@ _F32 = np.float32
 
 
 @quiet
-def forward(q, k, v, out, lse, spec):
+def forward(q, k, v, out, lse, spec, *, first_batch=0):
     """Write ``attention(q, k, v)`` into ``out`` ``(B, Hq, Nq, Dv)`` and ``lse`` ``(B, Hq, Nq)``.
 
     Online softmax in base 2: ``S`` holds the logits times ``log2(e)`` (``q kᵀ · scale · log2(e)``
@@ -63,17 +63,17 @@ def forward(q, k, v, out, lse, spec):
     ``(Hq, total_q)``) runs this on each sequence in turn (``_sequences``).
     """
     if spec.varlen is not None:
-        for seq, rows_q, rows_k in _sequences(spec):
+        for b, seq, rows_q, rows_k in _sequences(spec):
             if seq.shapes.nq:
                 forward(*(_batch_of(x, rows) for x, rows in ((q, rows_q), (k, rows_k),
                                                              (v, rows_k), (out, rows_q))),
-                        lse[None, :, rows_q], seq)
+                        lse[None, :, rows_q], seq, first_batch=b)
         return
     b, hq, nq, _ = q.shape
     hkv, nk, dv = v.shape[1], v.shape[2], v.shape[3]
     grid = _TileGrid(spec, nq, nk, hq, hkv)
     scores = _Scores(spec, hkv)
-    dropout = _Dropout(spec, b, hq, hkv)
+    dropout = _Dropout(spec, b, hq, hkv, first_batch)
     k_tiles = k[:, :, None]  # (B, Hkv, 1, Nk, D): one key/value head for a group of query heads
     v_tiles = v[:, :, None]
 
@@ -114,7 +114,7 @@ def forward(q, k, v, out, lse, spec):
 
 
 @quiet
-def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
+def backward(dout, q, k, v, out, lse, dq, dk, dv, spec, *, first_batch=0):
     """Write the gradients of ``forward`` into ``dq``, ``dk``, ``dv``.
 
     For each key/value tile (outer loop) and each query tile that reaches it: recompute
@@ -133,7 +133,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
     sequence in turn; keys of a sequence without queries get gradient 0.
     """
     if spec.varlen is not None:
-        for seq, rows_q, rows_k in _sequences(spec):
+        for b, seq, rows_q, rows_k in _sequences(spec):
             if seq.shapes.nq == 0:
                 dk[rows_k] = 0
                 dv[rows_k] = 0
@@ -141,13 +141,13 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
             views = [_batch_of(x, rows) for x, rows in ((dout, rows_q), (q, rows_q), (k, rows_k),
                                                          (v, rows_k), (out, rows_q))]
             grads = [_batch_of(x, rows) for x, rows in ((dq, rows_q), (dk, rows_k), (dv, rows_k))]
-            backward(*views, lse[None, :, rows_q], *grads, seq)
+            backward(*views, lse[None, :, rows_q], *grads, seq, first_batch=b)
         return
     hkv, nk = k.shape[1], k.shape[2]
     b, hq, nq, d = q.shape
     grid = _TileGrid(spec, nq, nk, hq, hkv)
     scores = _Scores(spec, hkv)
-    dropout = _Dropout(spec, b, hq, hkv)
+    dropout = _Dropout(spec, b, hq, hkv, first_batch)
     scale32 = _F32(spec.scale)
 
     # Per-row constants, (B, Hkv, G, Nq, 1).
@@ -197,15 +197,16 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec):
 
 
 def _sequences(spec):
-    """``(spec of one sequence, its query rows, its key rows)`` for each sequence of a varlen
+    """``(b, spec of sequence b, its query rows, its key rows)`` for each sequence of a varlen
     spec: a dense spec of one batch element with the sequence's own lengths (so causal, windows
     and ALiBi align to each sequence) and its row of ALiBi slopes; rows are slices of the packed
-    axis."""
+    axis. The dropout mask takes ``b`` as its batch index (``first_batch``), and the rows and
+    keys within the sequence."""
     for b, rows_q, rows_k in spec.varlen.sequences():
         shapes = dataclasses.replace(spec.shapes, batch=(1,), nq=rows_q.stop - rows_q.start,
                                      nk=rows_k.stop - rows_k.start)
         alibi = None if spec.alibi is None else spec.alibi[b:b + 1]
-        yield dataclasses.replace(spec, shapes=shapes, alibi=alibi, varlen=None), rows_q, rows_k
+        yield b, dataclasses.replace(spec, shapes=shapes, alibi=alibi, varlen=None), rows_q, rows_k
 
 
 def _batch_of(x, rows):
@@ -237,13 +238,13 @@ class _Dropout:
     """The dropout mask of a spec, tile by tile (falsy when the spec has no dropout).
 
     ``keep(rows, cols)`` is bool ``(B, Hkv, G, m, n)``: ``_dropout.keep_mask`` at each element's
-    batch index, query head ``h = kv_head · G + g``, row and key. ``rescale`` is the float32
+    batch index (from ``first_batch``), query head ``h = kv_head · G + g``, row and key. ``rescale`` is the float32
     ``_dropout.rescale(p)``, ``1 / (1 − p)`` at the rate the mask really drops.
     """
 
-    def __init__(self, spec, b, hq, hkv):
+    def __init__(self, spec, b, hq, hkv, first_batch=0):
         self.spec, self.hq = spec, hq
-        self.batch = np.arange(b).reshape(b, 1, 1, 1, 1)
+        self.batch = np.arange(first_batch, first_batch + b).reshape(b, 1, 1, 1, 1)
         self.heads = np.arange(hq).reshape(1, hkv, hq // hkv, 1, 1)
         self.rescale = _F32(_dropout.rescale(spec.dropout_p))
 

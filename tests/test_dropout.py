@@ -372,7 +372,7 @@ def test_only_the_families_that_draw_the_mask_take_dropout(monkeypatch):
                                                            total_k=64, max_q=64, max_k=64))
     for module in drawing:
         assert families[module].launcher().supports(packed, (None,) * arity[module]) == (
-            "dropout with packed variable-length sequences is not implemented")
+            "dropout with packed variable-length sequences runs on the NumPy path only")
 
 
 # Per compute capability, the forward kernel and the backward kernels that draw the mask in a

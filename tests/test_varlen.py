@@ -130,6 +130,64 @@ def test_numpy_equals_dense_per_sequence(rng):
             np.testing.assert_array_equal(g.transpose(1, 0, 2), got[rows])
 
 
+def _as_batch_element(x, rows, b):
+    """Rows of a packed array as element ``b`` of a dense ``(b + 1, H, n, D)`` batch (every
+    element a copy): the dropout mask of a dense batch element ``b`` is that of sequence ``b``."""
+    heads = x[rows].transpose(1, 0, 2)
+    return np.broadcast_to(heads[None], (b + 1,) + heads.shape).copy()
+
+
+@pytest.mark.parametrize("lens_q, lens_k", [([64, 64, 64], None), ([33, 0, 140, 2], [70, 9, 140, 17])])
+def test_numpy_dropout_is_each_sequence_s_dense_mask(rng, seed, lens_q, lens_k):
+    """Dropout over packed sequences: sequence ``b`` keeps the elements that a dense call's batch
+    element ``b`` of its lengths keeps (rows and keys counted within the sequence), so its
+    output and gradients are bit for bit the dense call's; the vjp draws one seed for both
+    passes, which the explicit backward given that seed reproduces."""
+    (q, k, v, cu_q, cu_k, max_q, max_k), slopes = make_case(rng, np, ml_dtypes.bfloat16, lens_q,
+                                                            lens_k, alibi="sequences")
+    options = dict(causal=True, softcap=8.0, dropout_p=0.25, dropout_offset=3)
+    out, vjp = cuflash.attention_varlen_vjp(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes=slopes,
+                                            **options)
+    seed_drawn = vjp.dropout_seed
+    assert isinstance(seed_drawn, int) and 0 <= seed_drawn < 2**64
+    options["dropout_seed"] = seed_drawn
+    again, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes=slopes,
+                                          return_lse=True, **options)
+    np.testing.assert_array_equal(again, out)
+    dout = random_array(rng, out.shape, q.dtype)
+    grads = vjp(dout)
+    explicit = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                                 alibi_slopes=slopes, **options)
+    for g, e in zip(grads, explicit):
+        np.testing.assert_array_equal(g, e)
+    without = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes=slopes,
+                                       causal=True, softcap=8.0)
+    assert not np.array_equal(without, out)  # the mask dropped something
+    for b, rq, rk in varlen_sequences(cu_q, cu_k):
+        if rq.start == rq.stop:
+            continue
+        dense = [_as_batch_element(x, r, b) for x, r in ((q, rq), (k, rk), (v, rk), (dout, rq))]
+        o, dense_vjp = cuflash.attention_vjp(*dense[:3], alibi_slopes=slopes[b], **options)
+        np.testing.assert_array_equal(o[b].transpose(1, 0, 2), out[rq])
+        for g, got, rows in zip(dense_vjp(dense[3]), grads, (rq, rk, rk)):
+            np.testing.assert_array_equal(g[b].transpose(1, 0, 2), got[rows])
+
+
+def test_dropout_over_packed_sequences_is_refused_on_the_gpu(monkeypatch):
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _api, kernels
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((10, 2, 64), ml_dtypes.bfloat16)
+    cu = device.empty((2,), np.int32)
+    _, spec = _api._varlen_spec(q, q, q, cu, cu, 10, 10, dropout_p=0.1, dropout_seed=5,
+                                check_offsets=False)
+    with pytest.raises(ValueError, match="dropout with packed variable-length sequences runs on the NumPy"):
+        kernels.forward(q, q, q, q, q, spec)
+
+
 def test_numpy_empty_sequences(rng):
     """Rows without keys: output 0, lse -inf, gradient 0; keys without queries: gradient 0."""
     (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, np, np.float32, [4, 0, 3], [0, 5, 2])
@@ -243,6 +301,9 @@ def _call(args):
     (dict(alibi_slopes=np.zeros((3, 4), np.float32)), ValueError, "alibi_slopes must have shape"),
     (dict(out=np.zeros((8, 4, 31), np.float32)), ValueError, r"out must have shape \(8, 4, 32\)"),
     (dict(check_offsets=1), TypeError, "check_offsets must be True or False"),
+    (dict(dropout_p=1.0, dropout_seed=1), ValueError, r"dropout_p must be a real number in \[0, 1\)"),
+    (dict(dropout_p=0.1), ValueError, "dropout_p=0.1 needs an explicit dropout_seed"),
+    (dict(dropout_p=0.1, dropout_seed=1.5), TypeError, "dropout_seed must be an int"),
 ])
 def test_errors_name_the_problem(rng, change, error, message):
     with pytest.raises(error, match=message):

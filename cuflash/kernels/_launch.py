@@ -172,12 +172,12 @@ def why_not_dropout(spec) -> str | None:
 
 def why_not_dropout_kernel(spec) -> str | None:
     """The reason a family that draws the mask refuses a dropout call (None for any other call):
-    packed variable-length sequences (the mask's batch index would be the sequence's, which no
-    caller can ask for yet)."""
+    packed variable-length sequences, whose mask (the sequence as its batch index, rows and keys
+    within it: ``cuflash.cpu``) the NumPy path alone draws."""
     if not spec.has_dropout:
         return None
     if spec.varlen is not None:
-        return "dropout with packed variable-length sequences is not implemented"
+        return "dropout with packed variable-length sequences runs on the NumPy path only"
     return None
 
 

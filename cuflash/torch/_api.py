@@ -287,8 +287,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     if _checked_dropout_p(dropout_p):
         raise NotImplementedError(
-            f"dropout_p={dropout_p!r}: packed sequences have no dropout (cuflash.attention_varlen "
-            f"takes none); pass dropout_p=0.0, or pad the sequences and use flash_attn_func")
+            f"dropout_p={dropout_p!r}: packed sequences have no dropout here "
+            f"(cuflash.attention_varlen draws it on NumPy arrays only); pass dropout_p=0.0, or pad "
+            f"the sequences and use flash_attn_func")
     if block_table is not None:
         raise NotImplementedError(
             f"block_table is not supported by flash_attn_varlen_func (got a "
