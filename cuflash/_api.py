@@ -593,10 +593,10 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     ``dout`` and ``out`` are ``(total_q, Hq, Dv)``, ``lse`` ``(Hq, total_q)`` float32 (what
     ``attention_varlen(..., return_lse=True)`` returned); every other argument is as given to
     ``attention_varlen`` (the forward's dropout seed and offset), and ``deterministic`` as for
-    ``attention_backward``. Returns
-    ``(dq, dk, dv)`` with the shapes and dtype of q, k and v (``dk``, ``dv`` summed over the
-    query heads of a group; keys of a sequence without queries get 0). ``dq``, ``dk``, ``dv``:
-    arrays to write the gradients into, as for ``attention_backward`` (then returned themselves).
+    ``attention_backward``. Returns ``(dq, dk, dv)`` with the shapes and dtype of q, k and v
+    (``dk``, ``dv`` summed over the query heads of a group; keys of a sequence without queries
+    get 0). ``dq``, ``dk``, ``dv``: arrays to write the gradients into, as for
+    ``attention_backward`` (then returned themselves).
     """
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal=causal, scale=scale, window=window, softcap=softcap,

@@ -587,7 +587,8 @@ class IndexDtypeError(TypeError, ValueError):
 def check_index_dtype(name: str, x: Any) -> None:
     """Index arrays are int32, flash-attn's dtype for offsets, lengths, tables and indices."""
     if x.dtype != numpy.int32:
-        raise IndexDtypeError(f"{name} must have dtype int32 (flash-attn's index dtype), got {x.dtype}")
+        raise IndexDtypeError(f"{name} must have dtype int32 (flash-attn's index dtype), got "
+                              f"{x.dtype}")
 
 
 def check_offset_arrays(cu_q: Any, cu_k: Any, xp, device_of: Any) -> None:

@@ -26,7 +26,6 @@ from . import _checks
 PAGE_MULTIPLE = 16
 
 
-
 @dataclass(frozen=True)
 class KVCacheSpec:
     """Shapes, dtype and options of one call.

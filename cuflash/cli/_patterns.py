@@ -128,14 +128,14 @@ PATTERNS = {
         lambda n, b, p, seed: _sparse().strided(n, stride=p["stride"], window=p["window"],
                                                 block_size=b),
         lambda n, b, p, seed: _per_row(n, b, _band_blocks(b, p["window"] or p["stride"])
-                                 + 2 * (n / p["stride"] + 1))),
+                                       + 2 * (n / p["stride"] + 1))),
     "fixed": Pattern(
         "Sparse Transformer fixed: the query's segment plus the last keys of every segment",
         {"stride": 1024, "summary": 1},
         lambda n, b, p, seed: _sparse().fixed(n, stride=p["stride"], summary=p["summary"],
                                               block_size=b),
-        lambda n, b, p, seed: _per_row(n, b, math.ceil(p["stride"] / b) + 1 + (n / p["stride"] + 1)
-                                 * (math.ceil(p["summary"] / b) + 1))),
+        lambda n, b, p, seed: _per_row(n, b, math.ceil(p["stride"] / b) + 1
+                                       + (n / p["stride"] + 1) * (math.ceil(p["summary"] / b) + 1))),
     "butterfly": Pattern(
         "flat butterfly: block (I, J) kept when I XOR J is 0 or a power of two", {},
         lambda n, b, p, seed: _sparse().butterfly(n, block_size=b),
@@ -177,7 +177,7 @@ PATTERNS = {
         {"prefix": 1024},
         lambda n, b, p, seed: _sparse().prefix_lm(n, prefix=p["prefix"], block_size=b),
         lambda n, b, p, seed: (math.ceil(n / b) * (math.ceil(n / b) + 1) // 2
-                         + math.ceil(n / b) * math.ceil(p["prefix"] / b))),
+                               + math.ceil(n / b) * math.ceil(p["prefix"] / b))),
 }
 
 
