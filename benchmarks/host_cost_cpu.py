@@ -3,8 +3,9 @@
     python benchmarks/host_cost_cpu.py [--calls N] [--repeats R]
 
 Cached bf16 causal forward and backward calls at (B, H, N, D) = (1, 16, 128, 64) and
-(8, 16, 512, 64) on ``tests/fake_device.py``'s fake device, as compute capability 9.0 (TMA
-forward, wgmma backward) and 8.0 (sm80 mma). The allocations (``cupy.empty``,
+(8, 16, 512, 64), and the same tokens as B packed sequences (``attention_varlen``, device
+offsets, ``check_offsets=False``), on ``tests/fake_device.py``'s fake device, as compute
+capability 9.0 (TMA forward, wgmma backward) and 8.0 (sm80 mma). The allocations (``cupy.empty``,
 ``_launch.new_array``, ``_launch.device_memory``), the driver's launches (``cuLaunchKernel`` and,
 for dependent launches, ``cuLaunchKernelEx``) and the device and stream
 queries are stand-ins that cost next to nothing; a launch that goes through CuPy's
@@ -93,19 +94,54 @@ def main():
             with pytest.MonkeyPatch.context() as monkeypatch:
                 device = FakeDevice(monkeypatch, compute_capability=capability)
                 _cheap_stand_ins(monkeypatch, device, args.addresses)
-                q, k, v, dout = (device.empty(shape, ml_dtypes.bfloat16) for _ in range(4))
-                out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
-
-                def forward():
-                    cuflash.attention(q, k, v, causal=True)
-
-                def backward():
-                    cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
-
-                forward(), backward()
-                fwd = best_us(forward, args.calls, args.repeats)
-                bwd = best_us(backward, args.calls, args.repeats)
+                fwd, bwd = time_calls(*dense_calls(device, shape), args)
             print(f"| {capability[0]}.{capability[1]} | {shape} | {fwd:.1f} | {bwd:.1f} |")
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                device = FakeDevice(monkeypatch, compute_capability=capability)
+                _cheap_stand_ins(monkeypatch, device, args.addresses)
+                fwd, bwd = time_calls(*packed_calls(device, shape), args)
+            b, h, n, d = shape
+            packed = f"{b} packed sequence{'s' * (b > 1)} of {n}: ({b * n}, {h}, {d})"
+            print(f"| {capability[0]}.{capability[1]} | {packed} | {fwd:.1f} | {bwd:.1f} |")
+
+
+def dense_calls(device, shape):
+    """The forward and backward calls timed at one dense shape."""
+    q, k, v, dout = (device.empty(shape, ml_dtypes.bfloat16) for _ in range(4))
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+
+    def forward():
+        cuflash.attention(q, k, v, causal=True)
+
+    def backward():
+        cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+
+    return forward, backward
+
+
+def packed_calls(device, shape):
+    """The same tokens as packed sequences of one length (``attention_varlen``, device offsets,
+    ``check_offsets=False``: no read-back)."""
+    b, h, n, d = shape
+    q, k, v, dout = (device.empty((b * n, h, d), ml_dtypes.bfloat16) for _ in range(4))
+    cu = device.empty((b + 1,), numpy.int32)
+    layout = (cu, cu, n, n)
+    out, lse = cuflash.attention_varlen(q, k, v, *layout, causal=True, return_lse=True,
+                                        check_offsets=False)
+
+    def forward():
+        cuflash.attention_varlen(q, k, v, *layout, causal=True, check_offsets=False)
+
+    def backward():
+        cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout, causal=True,
+                                          check_offsets=False)
+
+    return forward, backward
+
+
+def time_calls(forward, backward, args):
+    forward(), backward()
+    return best_us(forward, args.calls, args.repeats), best_us(backward, args.calls, args.repeats)
 
 
 if __name__ == "__main__":

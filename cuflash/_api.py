@@ -175,6 +175,25 @@ def validated_backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads
     return xp, spec, _backward(spec, xp, dout, q, k, v, out, lse, grads)
 
 
+def validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, return_lse):
+    """Validate and run one ``attention_varlen`` call (``options``: its keywords but ``out`` and
+    ``return_lse``): ``(xp, spec, result, lse)``."""
+    xp, spec = _varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    _checks.check_bool(return_lse, "return_lse")
+    if out is not None:
+        _checks.check_out(out, (spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv), spec.dtype,
+                          xp, {"q": q, "k": k, "v": v})
+    result, lse = _varlen_forward(spec, xp, q, k, v, out)
+    return xp, spec, result, lse
+
+
+def validated_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: dict,
+                              grads=_NO_GRADS):
+    """Validate and run one ``attention_varlen_backward`` call: ``(xp, spec, (dq, dk, dv))``."""
+    xp, spec = _varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    return xp, spec, _varlen_backward(spec, xp, dout, q, k, v, out, lse, grads)
+
+
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
               alibi_slopes=None, block_mask=None, mask=None, dropout_p=0.0, dropout_seed=None,
               dropout_offset=0, return_lse=False, out=None):
@@ -419,16 +438,8 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes)
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
-        hosts = []
-        for name, cu, total, max_name, max_len in (
-                ("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_q),
-                ("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_k)):
-            on_host = isinstance(cu, numpy.ndarray)
-            host = None
-            if on_host or check_offsets:  # a GPU array's values: one synchronisation
-                host = numpy.asarray(cu if on_host else cu.get(), dtype=numpy.int64)
-                _checks.check_offset_values(host, name, total, max_name, max_len)
-            hosts.append(host)
+        hosts = _checks.checked_offsets(cu_seqlens_q, cu_seqlens_k, (total_q, total_k),
+                                        (max_q, max_k), check_offsets)
         # The kernels read B + 1 contiguous int32 offsets on the inputs' device.
         cu_q, cu_k = (cu if _checks.array_module(cu) is xp and cu.flags.c_contiguous
                       else xp.ascontiguousarray(xp.asarray(cu))
@@ -570,17 +581,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     >>> cuflash.attention_varlen(q, k, v, cu, cu, 18, 18, causal=True).shape
     (30, 4, 64)
     """
-    xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            causal=causal, scale=scale, window=window, softcap=softcap,
-                            alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                            dropout_seed=dropout_seed, dropout_offset=dropout_offset,
-                            check_offsets=check_offsets)
-    return_lse = _checks.check_bool(return_lse, "return_lse")
-    if out is not None:
-        _checks.check_out(out, (spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv),
-                          spec.dtype, xp, {"q": q, "k": k, "v": v})
-    result, lse = _varlen_forward(spec, xp, q, k, v, out)
-    return (result, lse) if return_lse else result
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                   dropout_offset=dropout_offset, check_offsets=check_offsets)
+    result, lse, _ = _calls.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                           max_seqlen_k, out, options, return_lse)
+    return (result, lse) if return_lse else result  # return_lse: checked to be a bool
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -598,12 +604,12 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     get 0). ``dq``, ``dk``, ``dv``: arrays to write the gradients into, as for
     ``attention_backward`` (then returned themselves).
     """
-    xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            causal=causal, scale=scale, window=window, softcap=softcap,
-                            alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                            dropout_seed=dropout_seed, dropout_offset=dropout_offset,
-                            deterministic=deterministic, check_offsets=check_offsets)
-    return _varlen_backward(spec, xp, dout, q, k, v, out, lse, (dq, dk, dv))
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                   dropout_offset=dropout_offset, deterministic=deterministic,
+                   check_offsets=check_offsets)
+    return _calls.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, options, (dq, dk, dv))
 
 
 def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,

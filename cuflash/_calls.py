@@ -9,6 +9,9 @@ the signature then holds the spec, the output shapes and the prepared launch of 
 (``kernels.prepare``). Every later call with that signature allocates the outputs it is not
 given (and the backward's workspace), writes the arrays' data pointers into a copy of the packed
 arguments and launches: no validation, no planning, no views, nothing read back from the device.
+Packed-sequence calls (``varlen_forward``, ``varlen_backward``) are keyed the same way, their
+device offsets among the arrays and the max lengths among the options; a later call checks its
+offsets' values first when asked to (``check_offsets``, a read-back), as the validated path does.
 
 A call finds its entry first by a quick key, which names the options by the identity of their
 objects (held with the key) beside the arrays' layout and the registry state; only when that
@@ -319,13 +322,15 @@ class _ForwardEntry:
                    tuple(_checks.byte_range(x) for x in (q, k, v)),
                    (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]), return_lse)
 
-    def __call__(self, q, k, v, out, slopes):
+    def __call__(self, q, k, v, out, slopes, spec=None):
+        """``spec``: the call's, where it differs from the entry's only in what the launch reads
+        per call (a varlen call's offsets)."""
         cupy = _launch.cupy_module()
         device = cupy.cuda.runtime.getDevice()
         if q.data.device_id != device:
             with q.device:
-                return self(q, k, v, out, slopes)
-        spec = self.spec
+                return self(q, k, v, out, slopes, spec)
+        spec = self.spec if spec is None else spec
         if out is None:
             result = _launch.new_array(self.out_shape, spec.dtype)
         else:
@@ -433,23 +438,30 @@ class _BackwardEntry:
             if any(view is None for view in views):
                 return _UNCACHED
             launch = kernels.prepare("backward", spec, tuple(views))
+        return cls.of_launch(spec, launch, (q, k, v, dout, out, lse), given)
+
+    @classmethod
+    def of_launch(cls, spec, launch, arrays, given):
+        """The entry of a prepared launch (``None``: _UNCACHED); ``arrays`` = (q, k, v, dout,
+        out, lse), whose byte ranges given gradients must keep apart from."""
         if launch is None:
             return _UNCACHED
         _stats["builds"] += 1
         apart = None
         if any(d is not None for d in given):
-            apart = tuple(map(_checks.byte_range, (q, k, v, dout, out, lse)))
+            apart = tuple(map(_checks.byte_range, arrays))
         return cls(spec, launch, apart,
                    tuple(None if d is None else _checks.byte_range(d) for d in given),
                    (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
 
-    def __call__(self, dout, q, k, v, out, lse, grads, slopes, alibi):
+    def __call__(self, dout, q, k, v, out, lse, grads, slopes, alibi, spec=None):
+        """``spec`` as for ``_ForwardEntry``."""
         cupy = _launch.cupy_module()
         device = cupy.cuda.runtime.getDevice()
         if q.data.device_id != device:
             with q.device:
-                return self(dout, q, k, v, out, lse, grads, slopes, alibi)
-        spec = self.spec
+                return self(dout, q, k, v, out, lse, grads, slopes, alibi, spec)
+        spec = self.spec if spec is None else spec
         if self.apart is not None:
             self._check_apart(grads, (q, k, v, dout, out, lse))
         dq, dk, dv = grads
@@ -484,3 +496,111 @@ class _BackwardEntry:
                 ptr = grad.data.ptr
                 _check_apart(name, ptr, grad_range, others)
                 others.append((name, ptr, grad_range))
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, return_lse):
+    """``(result, lse, spec)`` of one ``attention_varlen`` call (``options``: its keywords but
+    ``out`` and ``return_lse``). Cached as a dense call is, with the offsets among the arrays
+    keyed by their layout (CuPy offsets only: NumPy ones are copied to the device per call) and
+    the max lengths among the options; a cached call checks the offsets' values as the
+    validated path does (``check_offsets``), then launches with them."""
+    slopes = options["alibi_slopes"]
+    arrays = (q, k, v, cu_q, cu_k) if out is None else (q, k, v, cu_q, cu_k, out)
+    entry, key = _lookup("varlen forward", arrays, (max_q, max_k, *options.values(), return_lse),
+                         slopes)
+    if entry is not None and entry is not _UNCACHED:
+        done = entry.dense(q, k, v, out, slopes, entry.spec_of(cu_q, cu_k))
+        if done is not None:
+            _stats["hits"] += 1
+            return done
+    from . import _api
+
+    xp, spec, result, lse = _api.validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out,
+                                                          options, return_lse)
+    if key is not None and entry is None:
+        _remember(key, _VarlenEntry.of(_varlen_forward_entry(xp, spec, q, k, v, out, result),
+                                       options["check_offsets"]))
+    return result, lse, spec
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: dict,
+                    grads=(None, None, None)):
+    """``(dq, dk, dv)`` of one ``attention_varlen_backward`` call, cached as ``varlen_forward``
+    caches the forward (given gradients as ``backward`` takes them)."""
+    slopes = options["alibi_slopes"]
+    given = (grads[0] is not None, grads[1] is not None, grads[2] is not None)
+    arrays = (dout, q, k, v, out, lse, cu_q, cu_k)
+    if True in given:
+        arrays += tuple(g for g in grads if g is not None)
+    entry, key = _lookup("varlen " + _BACKWARD_NAMES[given], arrays,
+                         (max_q, max_k, *options.values()), slopes)
+    if entry is not None and entry is not _UNCACHED:
+        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, None, entry.spec_of(cu_q, cu_k))
+        if done is not None:
+            _stats["hits"] += 1
+            return done
+    from . import _api
+
+    xp, spec, result = _api.validated_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q,
+                                                      max_k, options, grads)
+    if key is not None and entry is None:
+        built = _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, result, grads)
+        _remember(key, _VarlenEntry.of(built, options["check_offsets"]))
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _VarlenEntry:
+    """A varlen call's entry: the dense entry that launches it, given the call's spec, which
+    differs from the entry's only in its offsets (read back and checked when
+    ``check_offsets``, as the validated path does)."""
+    dense: Any            # _ForwardEntry or _BackwardEntry of the packed arrays
+    check_offsets: bool
+
+    @classmethod
+    def of(cls, dense, check_offsets: bool):
+        return dense if dense is _UNCACHED else cls(dense, check_offsets)
+
+    def spec_of(self, cu_q, cu_k):
+        layout = self.dense.spec.varlen
+        hosts = _checks.checked_offsets(cu_q, cu_k, (layout.total_q, layout.total_k),
+                                        (layout.max_q, layout.max_k), self.check_offsets)
+        layout = dataclasses.replace(layout, cu_q=cu_q, cu_k=cu_k, host_q=hosts[0], host_k=hosts[1])
+        return dataclasses.replace(self.dense.spec, varlen=layout)
+
+
+def _varlen_forward_entry(xp, spec, q, k, v, out, result):
+    """The dense entry launching this varlen forward, or _UNCACHED: where the validated path
+    would copy an input or write through a temporary, or launch nothing (no rows). The lse is
+    always kept, as the validated path stores it."""
+    layout = spec.varlen
+    if xp is numpy or not layout.total_q:
+        return _UNCACHED
+    if not all(_checks.kernel_ready(x) for x in (q, k, v, result)):
+        return _UNCACHED
+    with _checks.device_context(q):
+        launch = kernels.prepare("forward", spec, (q, k, v, result))
+    if launch is None:
+        return _UNCACHED
+    _stats["builds"] += 1
+    return _ForwardEntry(spec, launch, result.shape, (spec.shapes.hq, layout.total_q),
+                         None if out is None else _checks.byte_range(out),
+                         tuple(_checks.byte_range(x) for x in (q, k, v)),
+                         (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]), True)
+
+
+def _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, results, given):
+    """The dense entry launching this varlen backward, or _UNCACHED (as ``_varlen_forward_entry``;
+    ``results``: the call's gradients, ``given``: the arrays it was given for them)."""
+    if xp is numpy or not spec.varlen.total_q or not lse.flags.c_contiguous:
+        return _UNCACHED
+    if not all(_checks.kernel_ready(x) for x in (dout, q, k, v, out, *results)):
+        return _UNCACHED
+    if any(g.data.ptr & 15 for g in results):
+        return _UNCACHED
+    with _checks.device_context(q):
+        launch = kernels.prepare("backward", spec, (q, k, v, dout, out, *results))
+    return _BackwardEntry.of_launch(spec, launch, (q, k, v, dout, out, lse), given)
+

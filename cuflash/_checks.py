@@ -617,6 +617,25 @@ def check_offset_arrays(cu_q: Any, cu_k: Any, xp, device_of: Any) -> None:
                          f"offset more than sequences), got {cu_q.shape[0]} and {cu_k.shape[0]}")
 
 
+def checked_offsets(cu_q: Any, cu_k: Any, totals: tuple[int, int], max_lengths: tuple[int, int],
+                    check_offsets: bool) -> tuple[Any, Any]:
+    """The host values of ``cu_seqlens_q`` and ``cu_seqlens_k``, checked by
+    ``check_offset_values`` against the rows ``totals`` and ``max_lengths``: NumPy offsets always
+    (it costs nothing), CuPy ones only with ``check_offsets`` (reading them back waits for the
+    device); ``None`` for those not read."""
+    hosts = []
+    for name, cu, total, max_name, max_len in (
+            ("cu_seqlens_q", cu_q, totals[0], "max_seqlen_q", max_lengths[0]),
+            ("cu_seqlens_k", cu_k, totals[1], "max_seqlen_k", max_lengths[1])):
+        on_host = isinstance(cu, numpy.ndarray)
+        host = None
+        if on_host or check_offsets:
+            host = numpy.asarray(cu if on_host else cu.get(), dtype=numpy.int64)
+            check_offset_values(host, name, total, max_name, max_len)
+        hosts.append(host)
+    return hosts[0], hosts[1]
+
+
 def check_offset_values(host: Any, name: str, total: int, max_name: str, max_len: int) -> None:
     """The values of one offset array (on the host): 0 first, non-decreasing, ``total`` last,
     no sequence longer than ``max_len``."""

@@ -609,3 +609,88 @@ def test_switch_values_follow_every_change_made_through_os_environ(monkeypatch):
     os.environ.pop(names[1])
     os.environ.pop(names[2])
     assert kernels.switch_values() == (None, None, None)
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+def _varlen_arrays(device, options, total=700, hq=4, hkv=2, d=64):
+    """q, k, v, dout and device offsets of a packed call (new pointers on every call), and the
+    options with made-up ALiBi slopes where asked."""
+    q, dout = (device.empty((total, hq, d), BF16) for _ in range(2))
+    k, v = (device.empty((total, hkv, d), BF16) for _ in range(2))
+    options = dict(options)
+    if options.pop("alibi", False):
+        options["alibi_slopes"] = device.empty((hq,), np.float32)
+    return (q, k, v, dout, device.empty((4,), np.int32), device.empty((4,), np.int32)), options
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window=(40, 0), softcap=20.0),
+                                     dict(alibi=True), dict(causal=True, deterministic=True)],
+                         ids=["causal", "window-softcap", "alibi", "deterministic"])
+def test_cached_varlen_calls_send_what_the_validated_path_sends(device, options):
+    """Repeated attention_varlen calls and their backward, with new arrays and offsets of one
+    layout each time, reuse one entry per pass and launch what the validated path launches for
+    the same arrays: the same kernels, grids and arguments, the offsets' pointers those of the
+    call."""
+    from cuflash.kernels import _launch
+
+    for call in range(3):
+        builds, hits = _builds(), _calls.stats()["hits"]
+        (q, k, v, dout, cu_q, cu_k), opts = _varlen_arrays(device, options)
+        deterministic = opts.pop("deterministic", False)
+        layout = (cu_q, cu_k, 300, 290)
+
+        def forward():
+            return cuflash.attention_varlen(q, k, v, *layout, check_offsets=False, return_lse=True,
+                                            **opts)
+
+        out, lse = forward()
+
+        def backward():
+            return cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout,
+                                                     check_offsets=False, deterministic=deterministic,
+                                                     **opts)
+
+        backward()  # entries built by the first call, found by the later ones' new arrays
+        expected = (builds + 2, hits) if call == 0 else (builds, hits + 2)
+        assert (_builds(), _calls.stats()["hits"]) == expected
+        cached = [_sent(device, forward), _sent(device, backward)]
+        assert _builds() == builds + 2 * (call == 0)
+        for launches in (cached[0][0], cached[1][0]):
+            for *_, record in launches:
+                forward_args = len(record) == _launch.FWD_ARGS.itemsize
+                fields = np.frombuffer(record, _launch.FWD_ARGS if forward_args else _launch.BWD_ARGS)
+                sent = (int(fields["cu_q"][0]), int(fields["cu_k"][0]))
+                assert sent == (cu_q.data.ptr, cu_k.data.ptr)
+        _calls.clear()
+        assert [_sent(device, forward), _sent(device, backward)] == cached
+        forward(), backward()  # (the entries the validated calls built, for the next arrays)
+
+
+def test_cached_varlen_calls_check_their_offsets_each_time(device, monkeypatch):
+    """With check_offsets=True (the default) a cached call reads back and checks the offsets it
+    is given, as the validated path does, and raises on bad ones; with False it reads nothing."""
+    from cuflash import _checks
+
+    checked, bad = [], set()
+
+    def recorded(cu_q, cu_k, totals, max_lengths, check_offsets):
+        checked.append((cu_q.data.ptr, cu_k.data.ptr, totals, max_lengths, check_offsets))
+        if check_offsets and cu_q.data.ptr in bad:
+            raise ValueError("cu_seqlens_q must start at 0, got 1 first")
+        return None, None
+
+    monkeypatch.setattr(_checks, "checked_offsets", recorded)
+    for check in (True, False):
+        for call in range(3):
+            (q, k, v, _, cu_q, cu_k), _ = _varlen_arrays(device, {})
+            cuflash.attention_varlen(q, k, v, cu_q, cu_k, 300, 290, check_offsets=check)
+            assert checked[-1] == (cu_q.data.ptr, cu_k.data.ptr, (700, 700), (300, 290), check)
+        hits = _calls.stats()["hits"]
+        bad.add(cu_q.data.ptr)
+        if check:
+            with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+                cuflash.attention_varlen(q, k, v, cu_q, cu_k, 300, 290, check_offsets=check)
+        else:
+            cuflash.attention_varlen(q, k, v, cu_q, cu_k, 300, 290, check_offsets=check)
+            assert _calls.stats()["hits"] == hits + 1
