@@ -9,6 +9,8 @@ For bf16 causal (B, H, N, D) = (1, 16, 128, 64) and (8, 16, 512, 64), one proces
   importable), cuflash forward+backward and SDPA forward+backward (autograd);
 - host cost per forward and per backward call: the time to issue a burst of calls that the GPU's
   launch queue absorbs without blocking (the device is idle and synchronised before each burst);
+  also for the same tokens as B packed sequences of N (``attention_varlen``, device offsets,
+  ``check_offsets=False``);
 - pure GPU time per forward and per forward+backward: CUDA events around one replay of a graph
   holding 20 captured calls (no host work between the kernels);
 - graph replay per call: back-to-back replays of a graph holding one call, host included.
@@ -59,6 +61,29 @@ class Cuflash:
     def forward_backward(self):
         out, lse = cuflash.attention(self.q, self.k, self.v, causal=True, return_lse=True)
         return cuflash.attention_backward(self.dout, self.q, self.k, self.v, out, lse, causal=True)
+
+
+class CuflashPacked:
+    """The same tokens as B packed sequences of N (``attention_varlen``, device offsets,
+    ``check_offsets=False``: nothing read back)."""
+
+    def __init__(self, shape):
+        b, h, n, d = shape
+        self.q, self.k, self.v, self.dout = (x.reshape(b * n, h, d) for x in _inputs((b, n, h, d)))
+        cu = cupy.arange(0, (b + 1) * n, n, dtype=cupy.int32)
+        self.layout = (cu, cu, n, n)
+        self.out, self.lse = cuflash.attention_varlen(self.q, self.k, self.v, *self.layout,
+                                                      causal=True, return_lse=True,
+                                                      check_offsets=False)
+
+    def forward(self):
+        return cuflash.attention_varlen(self.q, self.k, self.v, *self.layout, causal=True,
+                                        check_offsets=False)
+
+    def backward(self):
+        return cuflash.attention_varlen_backward(self.dout, self.q, self.k, self.v, self.out,
+                                                 self.lse, *self.layout, causal=True,
+                                                 check_offsets=False)
 
 
 class Sdpa:
@@ -168,6 +193,9 @@ def report(shape, calls, torch):
           f"{HOST_FORWARD_US:.0f}: {verdict(host_fwd <= HOST_FORWARD_US)}")
     print(f"                         backward         {host_bwd:7.1f} µs   target ≤ "
           f"{HOST_BACKWARD_US:.0f}: {verdict(host_bwd <= HOST_BACKWARD_US)}")
+    packed = CuflashPacked(shape)
+    print(f"host cost, packed        forward          {host_us(packed.forward, sync):7.1f} µs")
+    print(f"                         backward         {host_us(packed.backward, sync):7.1f} µs")
     for name, fn in (("forward", ours.forward), ("forward+backward", ours.forward_backward)):
         gpu, replay = gpu_us(fn), replay_us(fn, calls)
         print(f"graph, {name:17s} pure GPU {gpu:7.1f} µs   replay {replay:7.1f} µs   "
