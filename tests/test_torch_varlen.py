@@ -15,6 +15,7 @@ from oracle import assert_varlen_backward_close, assert_varlen_forward_close
 torch = pytest.importorskip("torch")
 
 import cuflash.torch as ct  # noqa: E402
+from cuflash import _dropout  # noqa: E402
 from cuflash.torch._bridge import to_numpy  # noqa: E402
 
 # flash-attn 2's documented signature (flash_attn/flash_attn_interface.py), in its order.
@@ -216,8 +217,7 @@ def test_packed_variants_check_the_packed_axis_and_refuse_what_varlen_does(call)
         run(bad)
     with pytest.raises(ValueError, match=rf"{name} must have shape"):
         run(good[None])
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        run(good, dropout_p=0.1)
+    assert run(good, dropout_p=0.1).shape == q.shape
     out, lse, probs = run(good, return_attn_probs=True)
     assert torch.equal(out, run(good)) and lse.shape == (4, q.shape[0])
     assert probs.shape == (len(LENS_Q), 4, max_q, max_k)
@@ -257,20 +257,46 @@ def test_return_attn_probs_gives_each_sequence_s_softmax(alibi):
 
 # ----------------------------------------------------------------------------- refusals, errors
 
-@pytest.mark.parametrize("option, value", [("dropout_p", 0.1), ("block_table", "tensor")])
-def test_unsupported_options_raise(option, value):
+def test_block_table_raises():
     (q, k, v), _, layout = packed(LENS_Q, LENS_K)
-    value = torch.zeros(5, 1, dtype=torch.int32) if value == "tensor" else value
-    with pytest.raises(NotImplementedError, match=option):
-        ct.flash_attn_varlen_func(q, k, v, *layout, **{option: value})
+    with pytest.raises(NotImplementedError, match="block_table"):
+        ct.flash_attn_varlen_func(q, k, v, *layout, block_table=torch.zeros(5, 1, dtype=torch.int32))
 
 
-def test_dropout_is_refused_for_packed_sequences():
-    (q, k, v), _, layout = packed(LENS_Q, LENS_K)
-    with pytest.raises(NotImplementedError, match="packed sequences have no dropout"):
-        ct.flash_attn_varlen_func(q, k, v, *layout, dropout_p=0.1)
+def test_dropout_over_packed_sequences_is_each_sequence_s_dense_mask():
+    """dropout_p over packed sequences (CPU tensors): the seed comes from torch's generator as for
+    flash_attn_func, and sequence b's output and gradients are, bit for bit, those of
+    flash_attn_func on batch element b of the sequence repeated b + 1 times, with the same seed;
+    the backward reuses the forward's mask. S_dmask negates the dropped entries."""
+    (q, k, v), dout, (cu_q, cu_k, max_q, max_k) = packed(LENS_Q, LENS_K)
+    options = dict(causal=True, softcap=4.0)
+    torch.manual_seed(11)
+    out = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, **options)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch.manual_seed(11)
+    again, _, probs = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, **options,
+                                                return_attn_probs=True)
+    assert torch.equal(again, out)
+    assert not torch.equal(out, ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **options))
+    for b, (nq, nk) in enumerate(zip(LENS_Q, LENS_K)):
+        if nq == 0 or nk == 0:
+            continue
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        dense = [x.detach()[rows][None].expand(b + 1, -1, -1, -1).contiguous().requires_grad_(True)
+                 for x, rows in ((q, rq), (k, rk), (v, rk))]
+        torch.manual_seed(11)
+        expected = ct.flash_attn_func(*dense, 0.3, **options)
+        torch.testing.assert_close(out[rq], expected[b], rtol=0, atol=0)
+        seen = torch.zeros_like(expected)
+        seen[b] = dout[rq]
+        for g, e, rows in zip(grads, torch.autograd.grad(expected, dense, seen), (rq, rk, rk)):
+            torch.testing.assert_close(g[rows], e[b], rtol=0, atol=0)
+        kept = probs[b, :, :nq, :nk].clamp(min=0) * _dropout.rescale(0.3)
+        by_probs = kept @ v[rk].detach().transpose(0, 1).repeat_interleave(2, dim=0)
+        assert torch.allclose(out[rq].detach(), by_probs.transpose(0, 1), atol=1e-5)
+        assert (probs[b, :, :nq, :nk] < 0).any()  # some entries dropped
     with pytest.raises(ValueError, match="dropout_p must be"):  # the core's check of p
-        ct.flash_attn_varlen_func(q, k, v, *layout, dropout_p=1.5)
+        ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=1.5)
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -327,6 +353,22 @@ def test_opcheck_backward():
     assert lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
     torch.library.opcheck(torch.ops.cuflash.attention_varlen_backward.default,
                           (dout, q, k, v, out, lse, *layout, *options))
+
+
+def test_opcheck_with_dropout():
+    """The operators with their dropout arguments: p, the seed as a CPU int64 scalar, the
+    offset."""
+    from cuflash.torch import _ops
+
+    (q, k, v), dout, layout = _op_args()
+    dropout = (0.25, _ops.seed_tensor(2**63 + 5), 7)
+    options = (True, None, -1, -1, 0.0, None, False)
+    torch.library.opcheck(torch.ops.cuflash.attention_varlen_forward.default,
+                          (q, k, v, *layout, *options, *dropout))
+    q, k, v = (x.detach() for x in (q, k, v))
+    out, lse = torch.ops.cuflash.attention_varlen_forward(q, k, v, *layout, *options, *dropout)
+    torch.library.opcheck(torch.ops.cuflash.attention_varlen_backward.default,
+                          (dout, q, k, v, out, lse, *layout, *options, *dropout))
 
 
 def test_fake_shapes_match_real():

@@ -159,12 +159,14 @@ def _attn_probs(q, k, v, *, causal, scale, window, softcap, alibi_slopes, dropou
 
 
 def _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                       causal, scale, window, softcap, alibi_slopes):
+                       causal, scale, window, softcap, alibi_slopes, dropout_p=0.0,
+                       dropout_seed=None):
     """flash-attn's ``S_dmask`` of a packed call, ``(B, Hq, max_seqlen_q, max_seqlen_k)`` in q's
     dtype on q's device: sequence ``b``'s softmax matrix in the top left ``(nq_b, nk_b)`` corner
     of ``S_dmask[b]``, zeros elsewhere; ``_attn_probs`` of each sequence alone (its causal mask,
-    window and ALiBi aligned to its own bottom right, ``(B, Hq)`` slopes by their row). For
-    tests: it forms every sequence's whole matrix on the CPU."""
+    window and ALiBi aligned to its own bottom right, ``(B, Hq)`` slopes by their row), with
+    dropout as batch element ``b`` of a dense call of its lengths (the sequence repeated ``b + 1``
+    times). For tests: it forms every sequence's whole matrix on the CPU."""
     starts_q, starts_k = (x.cpu().tolist() for x in (cu_seqlens_q, cu_seqlens_k))
     batch, hq = len(starts_q) - 1, q.shape[1]
     probs = torch.zeros(batch, hq, int(max_seqlen_q), int(max_seqlen_k), dtype=q.dtype,
@@ -174,10 +176,12 @@ def _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
         if rows.stop == rows.start or keys.stop == keys.start:
             continue  # queries without keys (or none at all): no probabilities
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
-        views = (x[part].transpose(0, 1)[None] for x, part in ((q, rows), (k, keys), (v, keys)))
+        copies = b + 1 if dropout_p else 1  # the mask's batch index is the sequence's
+        views = (x[part].transpose(0, 1)[None].expand(copies, -1, -1, -1)
+                 for x, part in ((q, rows), (k, keys), (v, keys)))
         one = _attn_probs(*views, causal=causal, scale=scale, window=window, softcap=softcap,
-                          alibi_slopes=slopes, dropout_p=0.0, dropout_seed=None)
-        probs[b, :, :rows.stop - rows.start, :keys.stop - keys.start] = one[0]
+                          alibi_slopes=slopes, dropout_p=dropout_p, dropout_seed=dropout_seed)
+        probs[b, :, :rows.stop - rows.start, :keys.stop - keys.start] = one[-1]
     return probs
 
 
@@ -280,16 +284,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` as flash-attn does, for
     tests: ``softmax_lse`` float32 ``(Hq, total_q)``, and ``S_dmask``
     ``(B, Hq, max_seqlen_q, max_seqlen_k)`` with each sequence's exact softmax matrix in the top
-    left corner of its row, zeros elsewhere (formed in float64 on the CPU; not differentiable).
-    ``dropout_p > 0`` and ``block_table`` raise ``NotImplementedError``. As in flash-attn, the
-    offsets of CUDA tensors are not checked (no host synchronisation); CPU offsets are
-    (docs/torch.md, "Packed sequences").
+    left corner of its row, zeros elsewhere, the entries this call dropped negated (formed in
+    float64 on the CPU; not differentiable). ``dropout_p`` as for ``flash_attn_func`` (a seed
+    from torch's CPU generator); sequence ``b`` keeps what a dense call's batch element ``b``
+    keeps (``cuflash.attention_varlen``). ``block_table`` raises ``NotImplementedError``. As in
+    flash-attn, the offsets of CUDA tensors are not checked (no host synchronisation); CPU
+    offsets are (docs/torch.md, "Packed sequences").
     """
-    if _checked_dropout_p(dropout_p):
-        raise NotImplementedError(
-            f"dropout_p={dropout_p!r}: packed sequences have no dropout here "
-            f"(cuflash.attention_varlen draws it on NumPy arrays only); pass dropout_p=0.0, or pad "
-            f"the sequences and use flash_attn_func")
+    dropout = _dropout(dropout_p, None, 0)
     if block_table is not None:
         raise NotImplementedError(
             f"block_table is not supported by flash_attn_varlen_func (got a "
@@ -305,12 +307,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out, lse = _ops.call_varlen_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, _max_seqlen(max_seqlen_q, "max_seqlen_q"),
         _max_seqlen(max_seqlen_k, "max_seqlen_k"), bool(causal), scale, left, right, float(softcap),
-        alibi_slopes, bool(deterministic))
+        alibi_slopes, bool(deterministic), *dropout)
     if not return_attn_probs:
         return out
+    p, seed, _ = dropout
     probs = _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                causal=bool(causal), scale=scale, window=(left, right),
-                               softcap=float(softcap), alibi_slopes=alibi_slopes)
+                               softcap=float(softcap), alibi_slopes=alibi_slopes, dropout_p=p,
+                               dropout_seed=None if seed is None else _ops.seed_value(seed))
     return out, lse.detach(), probs
 
 

@@ -359,15 +359,18 @@ def _varlen_forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                          scale: Optional[float], window_left: int, window_right: int,
                          softcap: float, alibi_slopes: Optional[torch.Tensor],
-                         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         deterministic: bool, dropout_p: float = 0.0,
+                         dropout_seed: Optional[torch.Tensor] = None, dropout_offset: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of ``cuflash.attention_varlen``: out ``(total_q, Hq, Dv)``, lse
     ``(Hq, total_q)`` float32. ``deterministic`` does nothing here: it is kept for the
-    backward."""
+    backward. The dropout arguments as for ``attention_forward``."""
     out = _empty_varlen_out(q, v)
     with _bridge.core_scope(q.device) as (to_core, to_torch):
         offsets, options = _varlen_core_arguments(
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
             window_right, softcap, alibi_slopes, to_core)
+        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
         _, lse = cuflash.attention_varlen(*map(to_core, (q, k, v)), *offsets, return_lse=True,
                                           out=to_core(out), **options)
         return out, to_torch(lse)
@@ -379,7 +382,8 @@ attention_varlen_forward = torch.library.custom_op(
 
 @attention_varlen_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-      window_left, window_right, softcap, alibi_slopes, deterministic):
+      window_left, window_right, softcap, alibi_slopes, deterministic, dropout_p=0.0,
+      dropout_seed=None, dropout_offset=0):
     return _empty_varlen_out(q, v), _empty_varlen_lse(q)
 
 
@@ -389,13 +393,16 @@ def _varlen_backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                           scale: Optional[float], window_left: int, window_right: int,
                           softcap: float, alibi_slopes: Optional[torch.Tensor],
-                          deterministic: bool
+                          deterministic: bool, dropout_p: float = 0.0,
+                          dropout_seed: Optional[torch.Tensor] = None, dropout_offset: int = 0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of ``cuflash.attention_varlen_backward``, contiguous."""
+    """(dq, dk, dv) of ``cuflash.attention_varlen_backward``, contiguous; the dropout arguments
+    must be the forward's."""
     with _bridge.core_scope(q.device) as (to_core, to_torch):
         offsets, options = _varlen_core_arguments(
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
             window_right, softcap, alibi_slopes, to_core)
+        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
         grads = cuflash.attention_varlen_backward(
             *map(to_core, (dout, q, k, v, out, lse)), *offsets, deterministic=deterministic,
             **options)
@@ -408,17 +415,20 @@ attention_varlen_backward = torch.library.custom_op(
 
 @attention_varlen_backward.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-      scale, window_left, window_right, softcap, alibi_slopes, deterministic):
+      scale, window_left, window_right, softcap, alibi_slopes, deterministic, dropout_p=0.0,
+      dropout_seed=None, dropout_offset=0):
     return tuple(x.new_empty(x.shape) for x in (q, k, v))
 
 
 def _setup_varlen_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-     window_right, softcap, alibi_slopes, deterministic) = inputs
+     window_right, softcap, alibi_slopes, deterministic, dropout_p, dropout_seed,
+     dropout_offset) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    # The backward gets the forward's very seed and offset: the same dropout mask.
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed)
     ctx.options = (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap,
-                   deterministic)
+                   deterministic, dropout_p, dropout_offset)
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
@@ -431,12 +441,13 @@ def _varlen_backward_rule(run_backward):
         no_grads = _no_grads_after_qkv(ctx)
         if dout is None:  # only lse was used: nothing flows back
             return (None,) * 3 + no_grads
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed = ctx.saved_tensors
         (max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap,
-         deterministic) = ctx.options
+         deterministic, dropout_p, dropout_offset) = ctx.options
         dq, dk, dv = run_backward(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            causal, scale, window_left, window_right, softcap, alibi_slopes, deterministic)
+            causal, scale, window_left, window_right, softcap, alibi_slopes, deterministic,
+            dropout_p, dropout_seed, dropout_offset)
         return (dq, dk, dv) + no_grads
 
     return backward
@@ -545,10 +556,12 @@ _EagerVarlenAttention = _eager_function("EagerVarlenAttention", _varlen_forward_
 
 
 def call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                        scale, window_left, window_right, softcap, alibi_slopes, deterministic):
+                        scale, window_left, window_right, softcap, alibi_slopes, deterministic,
+                        dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """``attention_varlen_forward``, through the operator or in eager mode its body
     (``call_forward``)."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-            window_left, window_right, softcap, alibi_slopes, deterministic)
+            window_left, window_right, softcap, alibi_slopes, deterministic, dropout_p,
+            dropout_seed, dropout_offset)
     return _eager_call(attention_varlen_forward, _EagerVarlenAttention, _varlen_forward_body,
-                       (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes), args)
+                       (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed), args)
