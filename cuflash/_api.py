@@ -188,9 +188,12 @@ def validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: di
 
 
 def validated_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: dict,
-                              grads=_NO_GRADS):
-    """Validate and run one ``attention_varlen_backward`` call: ``(xp, spec, (dq, dk, dv))``."""
+                              grads=_NO_GRADS, alibi=None):
+    """Validate and run one ``attention_varlen_backward`` call: ``(xp, spec, (dq, dk, dv))``
+    (``grads`` and ``alibi`` as for ``validated_backward``)."""
     xp, spec = _varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    if alibi is not None:
+        spec = dataclasses.replace(spec, alibi=alibi)
     return xp, spec, _varlen_backward(spec, xp, dout, q, k, v, out, lse, grads)
 
 
@@ -617,19 +620,24 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                          alibi_slopes=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
                          deterministic=False, check_offsets=True) -> tuple[Any, Callable]:
     """Run ``attention_varlen`` and return ``(out, vjp)``; ``vjp(dout)`` returns
-    ``(dq, dk, dv)``. Validated once (the offsets are checked, and read back, once); ``vjp``
-    keeps the inputs, out, lse and the validated call alive. Dropout as for ``attention_vjp``:
-    a seed is drawn when none is given, and ``vjp.dropout_seed`` holds it."""
+    ``(dq, dk, dv)``. Validated once (the offsets are checked, and read back, once: ``vjp``
+    does not read them again); ``vjp`` keeps the inputs, out, lse and the validated call alive,
+    and runs the backward with the forward's copy of the ALiBi slopes (a cached call, as
+    ``attention_varlen_backward`` is). Dropout as for ``attention_vjp``: a seed is drawn when
+    none is given, and ``vjp.dropout_seed`` holds it."""
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                   dropout_seed=_vjp_seed(dropout_p, dropout_seed, dropout_offset),
+                   dropout_offset=dropout_offset, deterministic=deterministic,
+                   check_offsets=check_offsets)
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            causal=causal, scale=scale, window=window, softcap=softcap,
-                            alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                            dropout_seed=_vjp_seed(dropout_p, dropout_seed, dropout_offset),
-                            dropout_offset=dropout_offset, deterministic=deterministic,
-                            check_offsets=check_offsets)
+                            **options)
     out, lse = _varlen_forward(spec, xp, q, k, v, None)
+    backward_options = dict(options, check_offsets=False)  # checked above
 
     def vjp(dout):
-        return _varlen_backward(spec, xp, dout, q, k, v, out, lse)
+        return _calls.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                      max_seqlen_q, max_seqlen_k, backward_options, alibi=spec.alibi)
 
     vjp.dropout_seed = spec.dropout_seed
     return out, vjp

@@ -526,9 +526,9 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, return
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: dict,
-                    grads=(None, None, None)):
+                    grads=(None, None, None), alibi=None):
     """``(dq, dk, dv)`` of one ``attention_varlen_backward`` call, cached as ``varlen_forward``
-    caches the forward (given gradients as ``backward`` takes them)."""
+    caches the forward (``grads`` and ``alibi`` as ``backward`` takes them)."""
     slopes = options["alibi_slopes"]
     given = (grads[0] is not None, grads[1] is not None, grads[2] is not None)
     arrays = (dout, q, k, v, out, lse, cu_q, cu_k)
@@ -537,14 +537,14 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: 
     entry, key = _lookup("varlen " + _BACKWARD_NAMES[given], arrays,
                          (max_q, max_k, *options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, None, entry.spec_of(cu_q, cu_k))
+        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi, entry.spec_of(cu_q, cu_k))
         if done is not None:
             _stats["hits"] += 1
             return done
     from . import _api
 
     xp, spec, result = _api.validated_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q,
-                                                      max_k, options, grads)
+                                                      max_k, options, grads, alibi)
     if key is not None and entry is None:
         built = _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, result, grads)
         _remember(key, _VarlenEntry.of(built, options["check_offsets"]))

@@ -694,3 +694,17 @@ def test_cached_varlen_calls_check_their_offsets_each_time(device, monkeypatch):
         else:
             cuflash.attention_varlen(q, k, v, cu_q, cu_k, 300, 290, check_offsets=check)
             assert _calls.stats()["hits"] == hits + 1
+
+
+def test_varlen_vjp_backward_takes_the_cache(device):
+    """A packed vjp's backward is a cached call from the second vjp of a layout on, and launches
+    what the validated path launches (with the forward's ALiBi copy)."""
+    (q, k, v, dout, cu_q, cu_k), options = _varlen_arrays(device, dict(causal=True, alibi=True))
+    for call in range(3):
+        out, vjp = cuflash.attention_varlen_vjp(q, k, v, cu_q, cu_k, 300, 290, check_offsets=False,
+                                                **options)
+        hits = _calls.stats()["hits"]
+        cached = _sent(device, lambda: vjp(dout))
+        assert _calls.stats()["hits"] == hits + (call > 0)
+    _calls.clear()
+    assert _sent(device, lambda: vjp(dout)) == cached
