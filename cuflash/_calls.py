@@ -314,13 +314,19 @@ class _ForwardEntry:
             if any(view is None for view in views):
                 return _UNCACHED
             launch = kernels.prepare("forward", spec, tuple(views))
+        return cls.of_launch(spec, launch, s.out_shape, s.lse_shape, (q, k, v), out, return_lse)
+
+    @classmethod
+    def of_launch(cls, spec, launch, out_shape, lse_shape, inputs, out, keeps_lse):
+        """The entry of a prepared launch (``None``: _UNCACHED); ``inputs`` = (q, k, v), whose
+        byte ranges a given ``out`` must keep apart from."""
         if launch is None:
             return _UNCACHED
         _stats["builds"] += 1
-        return cls(spec, launch, s.out_shape, s.lse_shape,
+        return cls(spec, launch, out_shape, lse_shape,
                    None if out is None else _checks.byte_range(out),
-                   tuple(_checks.byte_range(x) for x in (q, k, v)),
-                   (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]), return_lse)
+                   tuple(_checks.byte_range(x) for x in inputs),
+                   (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]), keeps_lse)
 
     def __call__(self, q, k, v, out, slopes, spec=None):
         """``spec``: the call's, where it differs from the entry's only in what the launch reads
@@ -525,6 +531,9 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, return
     return result, lse, spec
 
 
+_VARLEN_BACKWARD_NAMES = {given: "varlen " + name for given, name in _BACKWARD_NAMES.items()}
+
+
 def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: dict,
                     grads=(None, None, None), alibi=None):
     """``(dq, dk, dv)`` of one ``attention_varlen_backward`` call, cached as ``varlen_forward``
@@ -534,7 +543,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: 
     arrays = (dout, q, k, v, out, lse, cu_q, cu_k)
     if True in given:
         arrays += tuple(g for g in grads if g is not None)
-    entry, key = _lookup("varlen " + _BACKWARD_NAMES[given], arrays,
+    entry, key = _lookup(_VARLEN_BACKWARD_NAMES[given], arrays,
                          (max_q, max_k, *options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
         done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi, entry.spec_of(cu_q, cu_k))
@@ -582,13 +591,8 @@ def _varlen_forward_entry(xp, spec, q, k, v, out, result):
         return _UNCACHED
     with _checks.device_context(q):
         launch = kernels.prepare("forward", spec, (q, k, v, result))
-    if launch is None:
-        return _UNCACHED
-    _stats["builds"] += 1
-    return _ForwardEntry(spec, launch, result.shape, (spec.shapes.hq, layout.total_q),
-                         None if out is None else _checks.byte_range(out),
-                         tuple(_checks.byte_range(x) for x in (q, k, v)),
-                         (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]), True)
+    return _ForwardEntry.of_launch(spec, launch, result.shape, (spec.shapes.hq, layout.total_q),
+                                   (q, k, v), out, True)
 
 
 def _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, results, given):

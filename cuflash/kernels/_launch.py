@@ -129,7 +129,8 @@ def tail_lanes(spec, lanes: int, tiles_per_lane: int, resident_blocks: int) -> i
     one's first tile, then every one's second...), and the grid ends on light tiles. 0 (lane
     order) otherwise: a lane's tiles weigh alike without such a band, or as a block or exact
     mask has them; packed sequences weigh by their lengths; dropout was not measured with it."""
-    if not spec.right_bounded_alone or spec.sparse or spec.exact or spec.varlen is not None or spec.has_dropout:
+    if (not spec.right_bounded_alone or spec.sparse or spec.exact or spec.varlen is not None
+            or spec.has_dropout):
         return 0
     return min(lanes, -(-TAIL_WAVES * resident_blocks // tiles_per_lane))
 

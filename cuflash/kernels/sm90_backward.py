@@ -233,19 +233,18 @@ def dq_route(spec, tiles: Sm90BwdTiles, producer: bool) -> tuple[bool, bool]:
     return ordered, fuses_dq(spec, tiles, producer) or ordered
 
 
-def scratch_of(spec, tiles: Sm90BwdTiles, producer: bool) -> mma_backward.Scratch:
-    """The workspace of this call's backward: lse2 and Delta, and where the dK/dV kernel forms
-    dQ its float32 accumulator (rows of the tile's D floats, fragment order), with the ordered
-    adds' semaphores."""
-    ordered, atomic_dq = dq_route(spec, tiles, producer)
+def scratch_of(spec, ordered: bool, atomic_dq: bool) -> mma_backward.Scratch:
+    """The workspace of this call's backward on the route ``dq_route`` gives: lse2 and Delta,
+    and where the dK/dV kernel forms dQ its float32 accumulator (rows of the tile's D floats,
+    fragment order), with the ordered adds' semaphores."""
     return mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=tile_head_dim(spec), semaphores=ordered)
 
 
 def workspace_of(spec) -> dict[str, int]:
     """The device memory this call's backward allocates besides the gradients, by part
     (``cuflash.kernel_plan``; for the kernel ``describe_call`` names)."""
-    return scratch_of(spec, default_tiles(tile_head_dim(spec), dropout=spec.has_dropout),
-                      producer_wanted(spec)).parts()
+    tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
+    return scratch_of(spec, *dq_route(spec, tiles, producer_wanted(spec))).parts()
 
 
 def step_dims(spec) -> tuple[int, ...]:
@@ -438,7 +437,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     if tiles.split_gradients and not producer:
         raise ValueError("split dK/dV gradients (D or Dv above 128) need the warp-specialised kernel")
     ordered, atomic_dq = dq_route(spec, tiles, producer)
-    scratch = scratch_of(spec, tiles, producer)
+    scratch = scratch_of(spec, ordered, atomic_dq)
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view), and the zeroed
