@@ -567,17 +567,28 @@ class _VarlenEntry:
     ``check_offsets``, as the validated path does)."""
     dense: Any            # _ForwardEntry or _BackwardEntry of the packed arrays
     check_offsets: bool
+    # (cu_q, cu_k, spec) of the last call: a training step hands every layer the same offset
+    # arrays, whose spec is then the last one (without check_offsets nothing is read back, so
+    # the spec depends on the arrays alone). One tuple, replaced whole, so threads never see a
+    # spec beside another call's arrays.
+    last: list = dataclasses.field(default_factory=lambda: [(None, None, None)], compare=False)
 
     @classmethod
     def of(cls, dense, check_offsets: bool):
         return dense if dense is _UNCACHED else cls(dense, check_offsets)
 
     def spec_of(self, cu_q, cu_k):
+        last_q, last_k, spec = self.last[0]
+        if cu_q is last_q and cu_k is last_k:
+            return spec
         layout = self.dense.spec.varlen
         hosts = _checks.checked_offsets(cu_q, cu_k, (layout.total_q, layout.total_k),
                                         (layout.max_q, layout.max_k), self.check_offsets)
         layout = dataclasses.replace(layout, cu_q=cu_q, cu_k=cu_k, host_q=hosts[0], host_k=hosts[1])
-        return dataclasses.replace(self.dense.spec, varlen=layout)
+        spec = dataclasses.replace(self.dense.spec, varlen=layout)
+        if not self.check_offsets:
+            self.last[0] = (cu_q, cu_k, spec)
+        return spec
 
 
 def _varlen_forward_entry(xp, spec, q, k, v, out, result):

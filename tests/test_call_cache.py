@@ -696,6 +696,29 @@ def test_cached_varlen_calls_check_their_offsets_each_time(device, monkeypatch):
             assert _calls.stats()["hits"] == hits + 1
 
 
+def test_cached_varlen_calls_with_offsets_taken_in_turn_send_their_own(device):
+    """Two offset arrays of one layout taken in turn (as layers may be handed the offsets of two
+    batches): each cached call, forward and backward, sends the pointers of the offsets it was
+    given, whichever were given before it."""
+    from cuflash.kernels import _launch
+
+    (q, k, v, dout, *offsets), _ = _varlen_arrays(device, {})
+    others = [device.empty((4,), np.int32) for _ in range(2)]
+    out, lse = cuflash.attention_varlen(q, k, v, *offsets, 300, 290, causal=True, return_lse=True,
+                                        check_offsets=False)
+    for cu_q, cu_k in [offsets, offsets, others, offsets, others, others, offsets]:
+        layout = (cu_q, cu_k, 300, 290)
+        sent = [_sent(device, lambda: cuflash.attention_varlen(
+                    q, k, v, *layout, causal=True, check_offsets=False)),
+                _sent(device, lambda: cuflash.attention_varlen_backward(
+                    dout, q, k, v, out, lse, *layout, causal=True, check_offsets=False))]
+        for launches, _ in sent:
+            for *_, record in launches:
+                layout_of = _launch.FWD_ARGS if len(record) == _launch.FWD_ARGS.itemsize else _launch.BWD_ARGS
+                fields = np.frombuffer(record, layout_of)
+                assert (int(fields["cu_q"][0]), int(fields["cu_k"][0])) == (cu_q.data.ptr, cu_k.data.ptr)
+
+
 def test_varlen_vjp_backward_takes_the_cache(device):
     """A packed vjp's backward is a cached call from the second vjp of a layout on, and launches
     what the validated path launches (with the forward's ALiBi copy)."""
