@@ -11,6 +11,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cuflash
 from cuflash import _calls
@@ -731,3 +733,122 @@ def test_varlen_vjp_backward_takes_the_cache(device):
         assert _calls.stats()["hits"] == hits + (call > 0)
     _calls.clear()
     assert _sent(device, lambda: vjp(dout)) == cached
+
+
+# ----------------------------------------------------------------------------- any problem
+
+@st.composite
+def _problems(draw):
+    """A problem the kernels take, with every feature a cached call keys: shapes (odd lengths,
+    GQA, Dv ≠ D), dtype, a (B, N, H, D) memory layout, and options."""
+    dtype = draw(st.sampled_from([np.float16, BF16]))  # (the fake device has no float32 kernel)
+    d, dv = draw(st.sampled_from([(32, 32), (64, 64), (96, 96), (128, 128), (256, 256),
+                                  (192, 128), (64, 128)]))
+    hkv = draw(st.sampled_from([1, 2]))
+    shape = dict(b=draw(st.integers(1, 2)), hq=hkv * draw(st.sampled_from([1, 3])), hkv=hkv,
+                 nq=draw(st.integers(1, 300)), nk=draw(st.integers(1, 300)), d=d, dv=dv)
+    options = {}
+    if draw(st.booleans()):
+        options["causal"] = True
+    if draw(st.booleans()):
+        options["window"] = (draw(st.integers(-1, 90)), draw(st.integers(-1, 90)))
+    if draw(st.booleans()):
+        options["softcap"] = draw(st.sampled_from([5.0, 30.0]))
+    if draw(st.booleans()):
+        options["scale"] = draw(st.sampled_from([0.05, 0.3]))
+    if draw(st.booleans()):
+        options["alibi_slopes"] = "alibi"  # made on the fake device by the test
+    if draw(st.booleans()):
+        options.update(dropout_p=0.2, dropout_seed=draw(st.integers(0, 2**64 - 1)),
+                       dropout_offset=draw(st.integers(0, 9)))
+    return dtype, shape, draw(st.booleans()), draw(st.booleans()), options
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(problem=_problems())
+def test_cached_calls_send_what_the_validated_path_sends_for_any_problem(device, problem):
+    """Random shapes, dtypes, layouts and options: forward and backward calls served by entries
+    that other arrays of the same layout built launch what the validated path launches for
+    theirs: the same kernels, grids, blocks, shared memory and argument bytes, their own
+    pointers and TMA descriptors (fresh allocations aside)."""
+    dtype, s, seq_major, deterministic, options = problem
+
+    def array(*dims):
+        b, h, n, last = dims
+        if seq_major:
+            return device.empty((b, n, h, last), dtype).transpose(0, 2, 1, 3)
+        return device.empty(dims, dtype)
+
+    if options.get("alibi_slopes") == "alibi":
+        options = dict(options, alibi_slopes=device.empty((s["hq"],), np.float32))
+
+    def problem_calls():
+        q, dout = array(s["b"], s["hq"], s["nq"], s["d"]), array(s["b"], s["hq"], s["nq"], s["dv"])
+        k, v = array(s["b"], s["hkv"], s["nk"], s["d"]), array(s["b"], s["hkv"], s["nk"], s["dv"])
+        out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+        return (lambda: cuflash.attention(q, k, v, return_lse=True, **options),
+                lambda: cuflash.attention_backward(dout, q, k, v, out, lse,
+                                                   deterministic=deterministic, **options))
+
+    first, second = problem_calls(), problem_calls()
+    _calls.clear()
+    for call in first:
+        call(), call()  # builds the entries; a launch from them describes the first arrays
+    hits, builds = _calls.stats()["hits"], _builds()
+    cached = [_sent(device, call) for call in second]
+    assert (_calls.stats()["hits"], _builds()) == (hits + 2, builds)
+    _calls.clear()
+    validated = [_sent(device, call) for call in second]
+    assert _builds() == builds + 2 and all(launches for launches, _ in validated)
+    assert cached == validated
+
+
+@st.composite
+def _packed_problems(draw):
+    """A packed problem: the dense problem's dtype, head dims, heads and options, with B
+    sequences in (total, H, D) arrays (their offsets are made-up device memory: with
+    check_offsets=False only the totals and the max lengths reach the launch)."""
+    dtype, s, _, deterministic, options = draw(_problems())
+    # (dropout over packed sequences runs on the NumPy path only)
+    options = {name: value for name, value in options.items() if not name.startswith("dropout")}
+    batch = draw(st.integers(1, 4))
+    totals = {n: draw(st.integers(1, 700)) for n in ("nq", "nk")}
+    lengths = {n: draw(st.integers(1, totals[n])) for n in ("nq", "nk")}
+    return dtype, dict(s, b=batch, **totals), lengths, deterministic, options
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(problem=_packed_problems())
+def test_cached_packed_calls_send_what_the_validated_path_sends_for_any_problem(device, problem):
+    """As for dense calls above, with packed sequences: the launches of cached calls made with
+    other arrays and offsets of one layout equal the validated path's, pointers included."""
+    dtype, s, lengths, deterministic, options = problem
+    if options.get("alibi_slopes") == "alibi":
+        options = dict(options, alibi_slopes=device.empty((s["b"], s["hq"]), np.float32))
+
+    def problem_calls():
+        q, dout = (device.empty((s["nq"], s["hq"], d), dtype) for d in (s["d"], s["dv"]))
+        k, v = (device.empty((s["nk"], s["hkv"], d), dtype) for d in (s["d"], s["dv"]))
+        layout = (device.empty((s["b"] + 1,), np.int32), device.empty((s["b"] + 1,), np.int32),
+                  lengths["nq"], lengths["nk"])
+        out, lse = cuflash.attention_varlen(q, k, v, *layout, return_lse=True, check_offsets=False,
+                                            **options)
+        return (lambda: cuflash.attention_varlen(q, k, v, *layout, return_lse=True,
+                                                 check_offsets=False, **options),
+                lambda: cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout,
+                                                          check_offsets=False,
+                                                          deterministic=deterministic, **options))
+
+    first, second = problem_calls(), problem_calls()
+    _calls.clear()
+    for call in first:
+        call(), call()
+    hits, builds = _calls.stats()["hits"], _builds()
+    cached = [_sent(device, call) for call in second]
+    assert (_calls.stats()["hits"], _builds()) == (hits + 2, builds)
+    _calls.clear()
+    validated = [_sent(device, call) for call in second]
+    assert _builds() == builds + 2 and all(launches for launches, _ in validated)
+    assert cached == validated
