@@ -134,10 +134,10 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS)
         in_place = [_written_in_place(s, x, grad) for x, grad in zip(inputs, grads)]
         # Elsewhere, gradients for the full broadcast batch; broadcast axes are summed below.
         full = ((s.b, s.hq, s.nq, s.d), (s.b, s.hkv, s.nk, s.d), (s.b, s.hkv, s.nk, s.dv))
-        targets = [xp.empty(shape, spec.grad_dtype) if view is None else view
-                   for view, shape in zip(in_place, full)]
+        targets = [xp.empty(shape, _full_batch_dtype(spec, xp, s, x)) if view is None else view
+                   for view, shape, x in zip(in_place, full, inputs)]
         _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, *targets, spec)
-        results = tuple(grad if view is not None else _summed(s, xp, target, x, grad)
+        results = tuple(grad if view is not None else _summed(spec, xp, target, x, grad)
                         for grad, view, target, x in zip(grads, in_place, targets, inputs))
     allocations.keep(results, spec)
     if xp is numpy:  # on the GPU a check would make every call wait for the device
@@ -145,10 +145,21 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS)
     return results
 
 
-def _summed(shapes, xp, target, x, grad):
+def _full_batch_dtype(spec: AttentionSpec, xp, shapes, x):
+    """The dtype the back end writes input ``x``'s full-batch gradient in: float32 where ``x``
+    is broadcast along the batch and the NumPy back end writes it (that back end writes each
+    array in its own dtype; the kernels write ``spec.grad_dtype``), so that the sum over the
+    batch takes float32 partials and rounds once, as a gradient that is not summed does."""
+    broadcast = math.prod(_checks.with_head_axis(x).shape[:-3]) != shapes.b
+    return numpy.dtype(numpy.float32) if broadcast and xp is numpy else spec.grad_dtype
+
+
+def _summed(spec: AttentionSpec, xp, target, x, grad):
     """The gradient of input ``x`` from the back end's full-batch ``target``, summed over the
-    axes along which ``x`` is broadcast; written into ``grad`` when one is given."""
-    summed = _checks.reduce_to_shape(target.reshape(shapes.batch + target.shape[1:]), x.shape, xp)
+    axes along which ``x`` is broadcast, in ``spec.grad_dtype``; written into ``grad`` when one
+    is given."""
+    summed = _checks.reduce_to_shape(target.reshape(spec.shapes.batch + target.shape[1:]), x.shape,
+                                     xp).astype(spec.grad_dtype, copy=False)
     if grad is None:
         return summed
     grad[...] = summed

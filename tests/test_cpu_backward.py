@@ -57,6 +57,23 @@ def test_broadcast_inputs_get_summed_gradients(rng, seed, dtype):
     assert_backward_close(grads, dout, q, k, v, context=f"seed={seed}")
 
 
+@pytest.mark.parametrize("dtype", [np.float16, BF16], ids=["float16", "bfloat16"])
+def test_broadcast_gradients_are_rounded_once(rng, seed, dtype):
+    """The gradient of an input broadcast along the batch is the float32 sum of the batch's
+    float32 gradients, rounded once: what the same call with the batch materialised and
+    float32 gradients gives, summed. (Summing rounded per-batch gradients rounds twice, and once
+    broke the accuracy rule for dv of a value shared by a batch of 2.)"""
+    dout, q, k, v, out, lse = problem(rng, (2, 3, 169, 32), (2, 3, 83, 32), (3, 83, 16), dtype,
+                                      causal=True)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    full = cuflash.attention_backward(dout, q, k, np.broadcast_to(v, (2,) + v.shape), out, lse,
+                                      causal=True, grad_dtype=np.float32)
+    assert grads[2].dtype == dtype
+    np.testing.assert_array_equal(grads[2], full[2].sum(axis=0, dtype=np.float32).astype(dtype))
+    np.testing.assert_array_equal(grads[0], full[0].astype(dtype))
+    assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_value_dim_and_scale(rng, seed, dtype):
     dout, q, k, v, out, lse = problem(rng, (2, 4, 70, 48), (2, 4, 60, 48), (2, 4, 60, 80), dtype,
