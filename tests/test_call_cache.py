@@ -764,6 +764,23 @@ def _problems(draw):
     return dtype, shape, draw(st.booleans()), draw(st.booleans()), options
 
 
+def _assert_entries_serve_other_arrays(device, problem_calls):
+    """``problem_calls()`` makes new arrays of one layout and returns a forward and a backward
+    call on them. Entries built and launched with one set must serve another, launching what the
+    validated path launches for it: stale pointers or TMA descriptors fail."""
+    first, second = problem_calls(), problem_calls()
+    _calls.clear()
+    for call in first:
+        call(), call()  # builds the entries; a launch from them describes the first arrays
+    hits, builds = _calls.stats()["hits"], _builds()
+    cached = [_sent(device, call) for call in second]
+    assert (_calls.stats()["hits"], _builds()) == (hits + 2, builds)
+    _calls.clear()
+    validated = [_sent(device, call) for call in second]
+    assert _builds() == builds + 2 and all(launches for launches, _ in validated)
+    assert cached == validated
+
+
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(problem=_problems())
@@ -791,17 +808,7 @@ def test_cached_calls_send_what_the_validated_path_sends_for_any_problem(device,
                 lambda: cuflash.attention_backward(dout, q, k, v, out, lse,
                                                    deterministic=deterministic, **options))
 
-    first, second = problem_calls(), problem_calls()
-    _calls.clear()
-    for call in first:
-        call(), call()  # builds the entries; a launch from them describes the first arrays
-    hits, builds = _calls.stats()["hits"], _builds()
-    cached = [_sent(device, call) for call in second]
-    assert (_calls.stats()["hits"], _builds()) == (hits + 2, builds)
-    _calls.clear()
-    validated = [_sent(device, call) for call in second]
-    assert _builds() == builds + 2 and all(launches for launches, _ in validated)
-    assert cached == validated
+    _assert_entries_serve_other_arrays(device, problem_calls)
 
 
 @st.composite
@@ -841,14 +848,4 @@ def test_cached_packed_calls_send_what_the_validated_path_sends_for_any_problem(
                                                           check_offsets=False,
                                                           deterministic=deterministic, **options))
 
-    first, second = problem_calls(), problem_calls()
-    _calls.clear()
-    for call in first:
-        call(), call()
-    hits, builds = _calls.stats()["hits"], _builds()
-    cached = [_sent(device, call) for call in second]
-    assert (_calls.stats()["hits"], _builds()) == (hits + 2, builds)
-    _calls.clear()
-    validated = [_sent(device, call) for call in second]
-    assert _builds() == builds + 2 and all(launches for launches, _ in validated)
-    assert cached == validated
+    _assert_entries_serve_other_arrays(device, problem_calls)
