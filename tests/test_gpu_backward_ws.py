@@ -190,6 +190,44 @@ def test_split_gradients_block_sparse_and_bit_identical(xp_gpu, rng, seed, dkdv_
             assert (to_host(x).view(np.uint16) == to_host(y).view(np.uint16)).all(), f"{name}, rerun {rerun}"
 
 
+# The warp-specialised dQ kernel of the 256-column tile starts its grid's last lanes query tile by
+# query tile too (_launch.tail_lanes): 64 lanes of 8 query tiles, 33 of them by tile; with GQA and
+# a last query tile of a few rows.
+@pytest.mark.parametrize("b,hq,hkv,n,d,dv", [(8, 8, 8, 1000, 192, 128), (4, 16, 4, 900, 256, 256)])
+def test_tail_order_gives_every_query_tile_its_dq(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, b, hq, hkv, n,
+                                                  d, dv):
+    """Every query tile gets its dQ and every key tile its dK and dV (into NaN-poisoned buffers),
+    bit-identical to the grids in lane order: on this tile no gradient is added by two blocks. The
+    first case also against the float64 oracle."""
+    if dkdv_kernel != "warp-specialised":
+        pytest.skip("split gradients: the warp-specialised kernel only")
+    from cuflash import _calls
+    from cuflash.kernels import _launch
+
+    dtype = ml_dtypes.bfloat16
+    q, k = random_array(rng, (b, hq, n, d), dtype, xp=xp_gpu), random_array(rng, (b, hkv, n, d), dtype, xp=xp_gpu)
+    v = random_array(rng, (b, hkv, n, dv), dtype, xp=xp_gpu)
+    assert "then a warp-specialised dQ kernel" in cuflash.kernel_plan(q, k, v, causal=True).backward.detail
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = random_array(rng, out.shape, dtype, xp=xp_gpu)
+    spec = spec_for(q, k, v, causal=True)
+    assert 0 < _launch.tail_lanes(spec, b * hq, -(-n // 128), _launch.sm_count(q.data.device_id)) < b * hq
+
+    def gradients():
+        grads = [poisoned(x.shape, dtype, xp=xp_gpu) for x in (q, k, v)]
+        return cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, dq=grads[0], dk=grads[1],
+                                          dv=grads[2])
+
+    tail_order = gradients()
+    if d == 192:
+        assert_backward_close(tail_order, dout, q, k, v, causal=True, context=f"seed={seed}")
+    monkeypatch.setattr(_launch, "TAIL_WAVES", 0)
+    _calls.clear()
+    lane_order = gradients()
+    for name, got, want in zip(("dq", "dk", "dv"), tail_order, lane_order):
+        assert bool((got.view(xp_gpu.uint16) == want.view(xp_gpu.uint16)).all()), f"{name} seed={seed}"
+
+
 # ----------------------------------------------------------------------------- ordered fused dQ
 
 ORDERED_CASES = [dict(d=64), dict(d=128, causal=True), dict(d=64, causal=True, b=2, hq=8, hkv=2),

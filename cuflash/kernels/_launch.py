@@ -119,10 +119,11 @@ TAIL_WAVES = 2
 
 def tail_lanes(spec, lanes: int, tiles_per_lane: int, resident_blocks: int) -> int:
     """How many of a grid's last lanes start tile by tile across them (schedule.cuh,
-    ``lane_tile_at``): the grid of the Hopper forward (query tiles) or of the warp-specialised
-    dK/dV kernel (key tiles), `lanes` (batch, head) pairs of `tiles_per_lane` tiles, each lane's
-    tiles next to each other (the blocks running side by side then share its K/V, or Q and dO,
-    in L2), its heaviest tile first. Under a band bounded on the right alone (causal, a window
+    ``lane_tile_at``): the grid of the Hopper forward (query tiles), of the warp-specialised
+    dK/dV kernel (key tiles) or of the warp-specialised dQ kernel of the 256-column tile (query
+    tiles), `lanes` (batch, head) pairs of `tiles_per_lane` tiles, each lane's tiles next to each
+    other (the blocks running side by side then share its K/V, or Q and dO, in L2), its heaviest
+    tile first. Under a band bounded on the right alone (causal, a window
     (-1, w)) a lane's tiles run from heavy to light, so in lane order the grid would end on the
     last lanes' heaviest tiles, started once the rest of the GPU was already at work: the lanes
     of about the last TAIL_WAVES waves of `resident_blocks` blocks then go tile by tile (every

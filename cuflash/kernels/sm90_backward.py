@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from .._mask import UNBOUNDED
 from . import _build, _launch, _tma, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
-                      vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
+                      vector_aligned, why_not_hopper_16bit)
 
 SOURCE = "flash_bwd_sm90.cu"
 ARCH = "sm_90a"  # wgmma has no encoding for any other target; main_variants() compile only here
@@ -330,9 +330,6 @@ def supports(spec, arrays) -> str | None:
     float16 or bfloat16, D and Dv up to 256 (above 128: views TMA can describe, and the options
     ``why_not_options`` allows), 16-byte aligned base pointers, row strides and row widths of
     every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
-    reason = why_not_dropout_kernel(spec)
-    if reason:
-        return reason
     q = arrays[0]
     reason = why_not_hopper_16bit(spec, q)
     if reason:
@@ -474,9 +471,12 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                          for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m)))
         elif ring:  # the dQ kernel's: 64 query rows a box, one per consumer
             maps = tuple(_tma.TensorLayout.of(x, 64) for x in (q, k, v, dout))
-        # (ordered adds keep lane order: their blocks wait on their lane's; one dK/dV block per SM)
-        tail = (_launch.tail_lanes(spec, kv_heads * batch, n_tiles, _launch.sm_count(q.data.device_id))
-                if expression == dkdv and producer and not ordered else 0)
+        tail = 0
+        if by_key and producer and not ordered:
+            # (ordered adds keep lane order: their blocks wait on their lane's; one dK/dV block per SM)
+            tail = _launch.tail_lanes(spec, kv_heads * batch, n_tiles, _launch.sm_count(q.data.device_id))
+        elif not by_key and ring:  # the warp-specialised dQ kernel: one block per SM (dq_ring)
+            tail = _launch.tail_lanes(spec, heads * batch, m_tiles, _launch.sm_count(q.data.device_id))
         launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index, tail),
                                      maps=maps, map_pointers=WARP_SPECIALISED_MAP_POINTERS if maps else ()))
     if atomic_dq:

@@ -82,6 +82,7 @@ struct BwdArgs {
     float scale_log2;            // scale * log2(e)
     MASK_AND_SCORE_FIELDS
     DROPOUT_FIELDS
-    int tail_lanes;              // the dK/dV grid's last lanes taken key tile by key tile (schedule.cuh)
+    int tail_lanes;              // the grid's last lanes taken tile by tile (schedule.cuh): the dK/dV
+                                 // kernel's key tiles, the warp-specialised dQ kernel's query tiles
 };
 static_assert(sizeof(BwdArgs) == 448, "BwdArgs must match BWD_ARGS in _launch.py");

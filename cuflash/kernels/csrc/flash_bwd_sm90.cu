@@ -1375,7 +1375,10 @@ flash_bwd_sm90_dq_ws(const __grid_constant__ BwdMaps maps, const __grid_constant
     }
     __syncthreads();
 
-    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads);
+    // The tail's order only where the host may ask for it (_launch.tail_lanes): a band bounded on
+    // the right alone, no block or exact mask.
+    constexpr bool TAIL_ORDER = lanes_run_heavy_to_light<MASK>();
+    const QueryTile tile = query_tile_of_block<MASK::banded>(a.m_tiles, a.heads, TAIL_ORDER ? a.tail_lanes : 0);
     const int b = tile.b, h = tile.h, m_tile = tile.m_tile;
     const int m0 = m_tile * BLOCK_M;
     const Sequence seq = sequence_of<false>(a, b);

@@ -126,8 +126,8 @@ __device__ __forceinline__ QueryTile query_tile_at(int index, int m_tiles, int h
     return {at.lane / heads, at.lane % heads, HEAVY_LAST ? m_tiles - 1 - at.tile : at.tile};
 }
 template <bool HEAVY_LAST>
-__device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads) {
-    return query_tile_at<HEAVY_LAST>(blockIdx.x, m_tiles, heads);
+__device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads, int tail_lanes = 0) {
+    return query_tile_at<HEAVY_LAST>(blockIdx.x, m_tiles, heads, (int)gridDim.x / m_tiles, tail_lanes);
 }
 
 // The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles blocks for each lane
