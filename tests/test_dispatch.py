@@ -125,7 +125,7 @@ def test_dropout_on_hopper_runs_the_hopper_kernels_that_draw_the_mask(monkeypatc
     plan = cuflash.kernel_plan(q, q, q, causal=True, dropout_p=0.1, dropout_seed=3)
     assert plan.forward.family.name == "sm90-tma"
     assert plan.backward.family.name == "sm90-wgmma"
-    odd = device.empty((1, 2, 128, 40), ml_dtypes.bfloat16)
+    odd = device.empty((1, 2, 128, 24), ml_dtypes.bfloat16)
     plan = cuflash.kernel_plan(odd, odd, odd, dropout_p=0.1, dropout_seed=3)
     reason = ("dropout (dropout_p=0.1) runs in the sm80-mma, sm90-tma forward and sm90-wgmma "
               "backward kernels only")
@@ -293,6 +293,30 @@ def test_head_dim_32_takes_the_tma_forward_only_for_long_rows(monkeypatch):
     assert cuflash.kernel_plan(short[:, :, :128], short[:, :, :128], wide_values).forward.family.name == "sm90-tma"
 
 
+def test_tma_forward_takes_every_head_dim_of_whole_16_byte_rows(monkeypatch):
+    """Head dims from 32 to 256 in steps of 8 (rows of whole 16-byte units) take the TMA forward,
+    padded to its 64-column boxes, whichever of them lie between the compile grid's; others (not
+    whole 16-byte rows, or below 32) say why and take the mma.sync kernel."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+
+    def forward_family(d, dv=None):
+        q, k = (device.empty((1, 2, 300, d), ml_dtypes.bfloat16) for _ in range(2))
+        v = device.empty((1, 2, 300, dv or d), ml_dtypes.bfloat16)
+        plan = cuflash.kernel_plan(q, k, v, causal=True).forward
+        return plan.family.name, dict(plan.passed_over).get("sm90-tma")
+
+    for d in (40, 48, 72, 80, 112, 136, 200, 248):
+        assert forward_family(d) == ("sm90-tma", None), d
+    assert forward_family(80, 64) == ("sm90-tma", None)
+    family, why = forward_family(36)
+    assert family == "sm80-mma" and "16-byte aligned rows" in why
+    family, why = forward_family(24)
+    assert family == "sm80-mma" and "takes D and Dv from 32 to 256; got D=24" in why
+
+
 def _backward_operands(device, d, dv, n=200):
     """``(q, k, v, out, dout, lse)`` of a bfloat16 backward call on the fake device: one batch, two
     heads, ``n`` rows, head dims ``d`` (q, k) and ``dv`` (v, out, dout)."""
@@ -455,8 +479,10 @@ def test_causal_grids_start_their_last_lanes_tile_by_tile(monkeypatch):
     """Under a band bounded on the right alone (causal, a window (-1, w)) the Hopper forward and
     the warp-specialised dK/dV kernel name how many of their grid's last lanes ((batch, head)
     pairs) start tile by tile (_launch.tail_lanes): those of two waves of resident blocks (132
-    SMs here, one block each), or every lane where the grid has fewer. Without such a band, with
-    a block mask and with the dK/dV kernel's ordered adds the grids keep lane order (0)."""
+    SMs here, one block each), or every lane where the grid has fewer; so does the warp-specialised
+    dQ kernel of the 256-column tile (query tiles, one block per SM). Without such a band, with a
+    block mask, with dropout and with the dK/dV kernel's ordered adds the grids keep lane order
+    (0)."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -488,6 +514,23 @@ def test_causal_grids_start_their_last_lanes_tile_by_tile(monkeypatch):
     assert tails(4, 16, 16, 1000, 64, causal=True, deterministic=True) == (33, 0)  # ordered adds
     blocks = spec_of("bfloat16", 64, causal=True, block_mask=_block_mask())
     assert tail_lanes(blocks, 64, 8, 132) == 0  # a block mask's tiles weigh as it has them
+
+    def dq_tail(b, h, n, d, dv, **options):
+        """The warp-specialised dQ kernel's tail_lanes (the 256-column tile)."""
+        q, k = (device.empty((b, h, n, d), ml_dtypes.bfloat16) for _ in range(2))
+        v, out, dout = (device.empty((b, h, n, dv), ml_dtypes.bfloat16) for _ in range(3))
+        lse = device.empty((b, h, n), np.float32)
+        cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+        (dq,) = [x[4] for x in device.take_launches() if x[0].startswith("flash_bwd_sm90_dq_ws<")]
+        return int(np.frombuffer(dq, BWD_ARGS)["tail_lanes"][0])
+
+    # 64 lanes of 8 query tiles of 128 rows, one block per SM: the lanes of 264 blocks
+    assert dq_tail(8, 8, 1000, 192, 128, causal=True) == 33
+    assert dq_tail(8, 8, 1000, 256, 256, causal=True) == 33
+    assert dq_tail(2, 4, 1000, 256, 256, causal=True) == 8  # fewer blocks than two waves
+    assert dq_tail(8, 8, 1000, 192, 128) == 0
+    dropout = spec_of("bfloat16", 64, causal=True, dropout_p=0.1, dropout_seed=1)
+    assert tail_lanes(dropout, 64, 8, 132) == 0  # not measured with it
 
 
 def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_it_compiles():

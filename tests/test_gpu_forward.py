@@ -67,6 +67,21 @@ def test_odd_head_dims_are_padded_inside(xp_gpu, rng, seed, d):
     run(xp_gpu, rng, seed, d=d, nq=130, dtype=ml_dtypes.bfloat16, causal=True)
 
 
+# Head dims between the compile grid's (multiples of 8 from 32 to 256): on Hopper the TMA forward,
+# padded to its 64-column boxes (TMA's zeros past D, Q·Kᵀ's k16 steps stopping at D's last), with
+# rows the query tiles end inside and, in the second shape, key tiles past the persistent grid's.
+@pytest.mark.parametrize("d,dv", [(40, 40), (48, 48), (80, 80), (112, 112), (136, 136), (200, 200),
+                                  (248, 248), (80, 64), (56, 120)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(333, 333), (150, 4500)])
+def test_head_dims_between_the_grid_s(xp_gpu, rng, seed, d, dv, causal, nq, nk):
+    q, k = xp_gpu.empty((1, 2, nq, d), ml_dtypes.bfloat16), xp_gpu.empty((1, 2, nk, d), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q, k, xp_gpu.empty((1, 2, nk, dv), ml_dtypes.bfloat16), causal=causal)
+    if xp_gpu.cuda.Device().compute_capability == "90":
+        assert plan.forward.family.name == "sm90-tma", str(plan)
+    run(xp_gpu, rng, seed, b=1, hq=2, nq=nq, nk=nk, d=d, dv=dv, dtype=ml_dtypes.bfloat16, causal=causal)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("n", [1, 17, 127, 1000, 4097])
 def test_odd_lengths(xp_gpu, rng, seed, dtype, n):

@@ -15,13 +15,17 @@ import numpy
 
 from . import _build, _launch, _tma
 from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type, score_mod_type,
-                      vector_aligned, why_not_dropout_kernel, why_not_hopper_16bit)
+                      vector_aligned, why_not_hopper_16bit)
 
 SOURCE = "flash_fwd_sm90_tma.cu"
 ARCH = "sm_90a"
 OPTIONS = (f"-arch={ARCH}",)
-# Padded to multiples of 64 inside the kernel (a 64-column box per 64 columns; TMA fills the
-# columns past D with zeros): D = 32 runs the D = 64 kernel's GEMMs, D = 96 the D = 128 ones.
+# Head dims from 32 to 256, padded to multiples of 64 inside the kernel (a 64-column box per 64
+# columns; TMA fills the columns past D with zeros, and Q·Kᵀ's k16 steps stop at D's last): D = 32
+# runs the D = 64 kernel's GEMMs, D = 80 or 96 the D = 128 ones. A row must be whole 16-byte units
+# (D a multiple of 8), as TMA's strides and the 16-byte stores take it (vector_aligned).
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
+# The head dims of the compile grid (main_variants) and of the tile sweeps.
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 PERSISTENT_MAX_KEYS = 2048
 PERSISTENT_GRID_MAX_KEYS = 4096  # persistent_grid, rows under a band
@@ -276,16 +280,13 @@ def tma_view(x):
 
 def supports(spec, arrays) -> str | None:
     """None when ``forward`` can run this call, else why not."""
-    reason = why_not_dropout_kernel(spec)
-    if reason:
-        return reason
     q, k, v, out = arrays
     reason = why_not_hopper_16bit(spec, q)
     if reason:
         return reason
     d, dv = spec.shapes.d, spec.shapes.dv
-    if d not in HEAD_DIMS or dv not in HEAD_DIMS:
-        return f"takes D and Dv in {HEAD_DIMS}; got D={d}, Dv={dv}"
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and MIN_HEAD_DIM <= dv <= MAX_HEAD_DIM):
+        return f"takes D and Dv from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}; got D={d}, Dv={dv}"
     if max(d, dv) <= 32 and spec.shapes.nk <= PERSISTENT_MAX_KEYS:
         # Padded to 64, half of each GEMM is zeros: measured slower than the mma.sync kernel
         # on short rows (causal, 1K keys: 0.83x), faster on long ones (benchmarks/NOTES.md).
@@ -353,6 +354,11 @@ def main_variants() -> list[tuple[str, str]]:
     specs += [spec_of("bfloat16", 64, causal=causal, block_mask=_block_mask()) for causal in (False, True)]
     # Causal rows longer than that take three consumers (long_causal), at D = 32 too.
     specs += [spec_of(dtype, d, causal=True, nq=4096) for dtype in ("float16", "bfloat16") for d in (32, 64)]
+    # Head dims between the grid's, each padded to its 64-column boxes: 40 and 48 (one box, 3 of 4
+    # k16 steps), 80 and 112 (two), 136 (three), and Dv ≠ D among them.
+    specs += [spec_of("bfloat16", d, dv, causal=causal) for d, dv in ((40, 40), (48, 48), (80, 80), (112, 112),
+                                                                       (136, 136), (80, 64))
+              for causal in (False, True)]
     shapes = [(spec, few) for spec in specs for few in ((True, False) if few_keys(spec) else (None,))]
     # Options the kernel does not template on (a varlen call's GQA, say) give repeats: one each.
     return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec, few=few))) for spec, few in shapes))
