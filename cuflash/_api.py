@@ -563,8 +563,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     dropout_p, dropout_seed, dropout_offset
         As for ``attention``: element ``(b, h, i, j)`` of the mask is that of sequence ``b``,
         query row ``i`` and key ``j`` counted within the sequence, so a sequence keeps the
-        elements a dense call's batch element ``b`` of its lengths would. The NumPy path runs
-        it; on the GPU a varlen call with dropout raises ``ValueError``.
+        elements a dense call's batch element ``b`` of its lengths would, on the NumPy path and
+        the GPU alike.
     return_lse : bool, optional
         Also return the log-sum-exp of each row's logits, shape ``(Hq, total_q)`` float32
         (flash-attn's varlen layout).

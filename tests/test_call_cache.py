@@ -817,8 +817,6 @@ def _packed_problems(draw):
     sequences in (total, H, D) arrays (their offsets are made-up device memory: with
     check_offsets=False only the totals and the max lengths reach the launch)."""
     dtype, s, _, deterministic, options = draw(_problems())
-    # (dropout over packed sequences runs on the NumPy path only)
-    options = {name: value for name, value in options.items() if not name.startswith("dropout")}
     batch = draw(st.integers(1, 4))
     totals = {n: draw(st.integers(1, 700)) for n in ("nq", "nk")}
     lengths = {n: draw(st.integers(1, totals[n])) for n in ("nq", "nk")}

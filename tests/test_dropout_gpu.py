@@ -121,6 +121,54 @@ def test_backward_mask_is_the_numpy_mask(xp_gpu, rng, seed, dtype, deterministic
     np.testing.assert_array_equal(got == 0, expected.swapaxes(-1, -2), err_msg=f"seed={seed}")
 
 
+def _offsets(lengths, cp):
+    return cp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_sequences_draw_each_sequence_s_mask(xp_gpu, rng, seed, causal):
+    """Over packed sequences the kernels keep, in sequence b, the elements a dense call keeps in
+    its batch element b (rows and keys counted within the sequence), as the NumPy path does: the
+    forward seen through one-hot value rows, the dK/dV kernel through one-hot dout rows."""
+    cp = xp_gpu
+    lens_q, lens_k = [300, 17, 0, 1000], [97, 1000, 50, 1000]
+    hq, d, dv, p = 2, 64, 128, 0.3
+    drop_seed, offset = _seed_and_offset(rng)
+    options = dict(causal=causal, dropout_p=p, dropout_seed=drop_seed, dropout_offset=offset)
+    dtype = ml_dtypes.bfloat16
+    starts_q, starts_k = np.cumsum([0] + lens_q), np.cumsum([0] + lens_k)
+    cols = [np.unique(np.linspace(0, n - 1, min(n, dv)).round().astype(np.int64)) for n in lens_k]
+    rows = [np.unique(np.linspace(0, n - 1, min(n, dv)).round().astype(np.int64)) for n in lens_q]
+    v = np.zeros((starts_k[-1], hq, dv), dtype)
+    dout = np.zeros((starts_q[-1], hq, dv), dtype)
+    for b in range(len(lens_q)):
+        v[starts_k[b] + cols[b], :, np.arange(len(cols[b]))] = 1
+        if lens_q[b]:
+            dout[starts_q[b] + rows[b], :, np.arange(len(rows[b]))] = 1
+    q = cp.zeros((starts_q[-1], hq, d), dtype)
+    k = cp.asarray(random_array(rng, (starts_k[-1], hq, d), dtype))
+    v, dout = cp.asarray(v), cp.asarray(dout)
+    layout = (_offsets(lens_q, cp), _offsets(lens_k, cp), max(lens_q), max(lens_k))
+    out = poisoned((starts_q[-1], hq, dv), dtype, xp=cp)
+    _, lse = cuflash.attention_varlen(q, k, v, *layout, **options, return_lse=True, out=out)
+    _, _, grad_v = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout, **options)
+    got_out, got_dv = (to_host(x).astype(np.float32) for x in (out, grad_v))
+    assert not np.isnan(got_out).any() and not np.isnan(got_dv).any()
+    for b, (nq, nk) in enumerate(zip(lens_q, lens_k)):
+        if nq == 0:
+            continue
+        seq_rows, seq_keys = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        expected = _expected_zeros(b + 1, hq, np.arange(nq), cols[b], nq, nk, causal=causal, seed=drop_seed,
+                                   offset=offset, p=p)[b]  # (hq, nq, cols)
+        seen = got_out[seq_rows][..., :len(cols[b])].transpose(1, 0, 2)
+        np.testing.assert_array_equal(seen == 0, expected, err_msg=f"forward, sequence {b}, seed={seed}")
+        expected = _expected_zeros(b + 1, hq, rows[b], np.arange(nk), nq, nk, causal=causal, seed=drop_seed,
+                                   offset=offset, p=p)[b]  # (hq, rows, nk)
+        seen = got_dv[seq_keys][..., :len(rows[b])].transpose(1, 0, 2)  # (hq, nk, rows)
+        np.testing.assert_array_equal(seen == 0, expected.swapaxes(-1, -2),
+                                      err_msg=f"dK/dV kernel, sequence {b}, seed={seed}")
+
+
 # ----------------------------------------------------------------------------- against the oracle
 
 CASES = {

@@ -129,6 +129,29 @@ def test_flash_attn_varlen_func_cuda(dtype, options):
                  hkv=2, d=64, same_as_dense=False, **options)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_flash_attn_varlen_func_dropout_cuda(dtype):
+    """Dropout over packed sequences on CUDA tensors: with the same torch seed, the kernels drop
+    what the CPU path drops (the outputs and gradients agree to the dtype's rounding, where a
+    different mask would move them by the dropped probabilities), the backward with the
+    forward's mask."""
+    from test_torch_varlen import packed
+
+    (q, k, v), dout, layout = packed([130, 0, 257, 64, 1], [300, 17, 257, 5, 0], hq=8, hkv=2,
+                                     d=64, dtype=dtype)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [x.detach().to(device).requires_grad_(True) for x in (q, k, v)]
+        cu_q, cu_k = (x.to(device) for x in layout[:2])
+        torch.manual_seed(5)
+        out = ct.flash_attn_varlen_func(*leaves, cu_q, cu_k, *layout[2:], 0.2, causal=True)
+        results.append([out, *torch.autograd.grad(out, leaves, dout.to(device))])
+    for name, cpu, gpu in zip(("out", "dq", "dk", "dv"), *results):
+        scale = float(cpu.abs().max())
+        torch.testing.assert_close(gpu.cpu().float(), cpu.float(), rtol=0, atol=2e-2 * scale,
+                                   msg=name)
+
+
 def test_sdpa_matches_torch_cuda():
     q, k, v = cuda(2, 8, 500, 64), cuda(2, 8, 500, 64), cuda(2, 8, 500, 64)
     out = ct.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -173,19 +173,25 @@ def test_numpy_dropout_is_each_sequence_s_dense_mask(rng, seed, lens_q, lens_k):
             np.testing.assert_array_equal(g[b].transpose(1, 0, 2), got[rows])
 
 
-def test_dropout_over_packed_sequences_is_refused_on_the_gpu(monkeypatch):
+@pytest.mark.parametrize("capability, families", [("90", ("sm90-tma", "sm90-wgmma")),
+                                                   ("80", ("sm80-mma", "sm80-mma"))])
+def test_dropout_over_packed_sequences_runs_the_kernels_that_draw_the_mask(monkeypatch, capability, families):
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
     from cuflash import _api, kernels
 
-    device = FakeDevice(monkeypatch, compute_capability="90")
+    device = FakeDevice(monkeypatch, compute_capability=capability)
     q = device.empty((10, 2, 64), ml_dtypes.bfloat16)
     cu = device.empty((2,), np.int32)
     _, spec = _api._varlen_spec(q, q, q, cu, cu, 10, 10, dropout_p=0.1, dropout_seed=5,
                                 check_offsets=False)
-    with pytest.raises(ValueError, match="dropout with packed variable-length sequences runs on the NumPy"):
-        kernels.forward(q, q, q, q, q, spec)
+    forward = kernels.plan("forward", spec, (q, q, q, q))
+    backward = kernels.plan("backward", spec, (q, q, q, q, q, q, q, q))
+    assert (forward.family.name, backward.family.name) == families
+    kernels.forward(q, q, q, q, q, spec)
+    (launch,) = device.take_launches()
+    assert launch[0].endswith("true, true>")  # the VARLEN and DROPOUT variant
 
 
 def test_numpy_empty_sequences(rng):

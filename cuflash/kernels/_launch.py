@@ -151,8 +151,9 @@ def why_not_16bit(spec) -> str | None:
 def why_not_16bit_tiled(spec, tiles_for) -> str | None:
     """None for a float16/bfloat16 call that ``tiles_for(spec)`` finds tiles for, else the
     reason (``tiles_for`` raises ValueError naming what no tile shape fits). The sm80 families
-    that use it draw the dropout mask, but not for packed sequences."""
-    reason = why_not_dropout_kernel(spec) or why_not_16bit(spec)
+    that use it draw the dropout mask (over packed sequences too: the sequence is the mask's
+    batch index, its rows and keys counted within it, as ``cuflash.cpu`` draws it)."""
+    reason = why_not_16bit(spec)
     if reason:
         return reason
     try:
@@ -170,17 +171,6 @@ def why_not_dropout(spec) -> str | None:
         return None
     return (f"dropout (dropout_p={spec.dropout_p:g}) runs in the sm80-mma, sm90-tma forward and "
             f"sm90-wgmma backward kernels only")
-
-
-def why_not_dropout_kernel(spec) -> str | None:
-    """The reason a family that draws the mask refuses a dropout call (None for any other call):
-    packed variable-length sequences, whose mask (the sequence as its batch index, rows and keys
-    within it: ``cuflash.cpu``) the NumPy path alone draws."""
-    if not spec.has_dropout:
-        return None
-    if spec.varlen is not None:
-        return "dropout with packed variable-length sequences runs on the NumPy path only"
-    return None
 
 
 def why_not_varlen(spec, family: str) -> str | None:

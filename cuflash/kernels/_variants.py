@@ -115,6 +115,9 @@ def varlen_spec_grid():
               _varlen(spec_of("bfloat16", 128, window=(256, 64), softcap=30.0, alibi=_Slopes())),
               _varlen(spec_of("bfloat16", 128, causal=True, window=(256, 0), softcap=30.0,
                               alibi=_Slopes()))]
+    # With dropout, whose mask takes the sequence as its batch index.
+    specs += [_varlen(spec_of(dtype, d, causal=causal, dropout_p=0.1, dropout_seed=1))
+              for dtype, d in (("bfloat16", 64), ("float16", 128)) for causal in (False, True)]
     return specs
 
 
