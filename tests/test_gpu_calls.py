@@ -21,7 +21,8 @@ import pytest
 import cuflash
 from cuflash import _calls
 from cuflash.kernels import mma_backward
-from oracle import assert_backward_close, assert_forward_close, poisoned, random_array
+from oracle import (assert_backward_close, assert_forward_close, assert_varlen_forward_close, poisoned,
+                    random_array)
 
 pytestmark = pytest.mark.gpu
 
@@ -136,36 +137,77 @@ def test_cached_calls_write_given_gradients(xp_gpu, rng, seed, hkv):
     assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
 
 
+def _capture_and_replay(xp, run, inputs, rng):
+    """Capture ``run()`` (which returns its results) on a side stream after one call outside the
+    capture, replay it into NaN-poisoned results and again after new values are written into
+    ``inputs``; each replay must give ``run()``'s eager results bit for bit. Returns the captured
+    results, as the last replay left them."""
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        run()  # compiles and caches outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        captured = run()
+        graph = stream.end_capture()
+        for x in captured:
+            x.fill(np.nan)
+        graph.launch()
+        stream.synchronize()
+    _assert_identical(captured, run(), xp)
+    with stream:
+        for x in inputs:
+            x[...] = random_array(rng, x.shape, x.dtype, xp=xp)
+        graph.launch()
+        stream.synchronize()
+    _assert_identical(captured, run(), xp)
+    return captured
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_graph_capture_replays_forward_and_backward(xp_gpu, rng, seed, case):
     xp = xp_gpu
     shape = (2, 8, 256, 64)
     q, k, v, dout = _inputs(xp, rng, shape)
     options = _options(xp, rng, case, shape[1])
-    stream = xp.cuda.Stream(non_blocking=True)
-    with stream:
-        _run(q, k, v, dout, options)  # compiles and caches outside the capture
-        stream.synchronize()
-        stream.begin_capture()
-        captured = _run(q, k, v, dout, options)
-        graph = stream.end_capture()
-        for x in captured:
-            x.fill(np.nan)
-        graph.launch()
-        stream.synchronize()
-    _assert_identical(captured, _run(q, k, v, dout, options), xp)
-
-    with stream:  # new contents in the same buffers, then replay
-        for x in (q, k, v, dout):
-            x[...] = random_array(rng, shape, BF16, xp=xp)
-        graph.launch()
-        stream.synchronize()
-    eager = _run(q, k, v, dout, options)
-    _assert_identical(captured, eager, xp)
+    captured = _capture_and_replay(xp, lambda: _run(q, k, v, dout, options), (q, k, v, dout), rng)
     assert_forward_close(captured[0], captured[1], q, k, v, causal=options.get("causal", False),
                          window=options.get("window", (-1, -1)),
                          softcap=options.get("softcap", 0.0),
                          alibi_slopes=options.get("alibi_slopes"), context=f"seed={seed}")
+
+
+def test_graph_capture_replays_packed_sequences(xp_gpu, rng, seed):
+    """attention_varlen and its backward with device offsets and ``check_offsets=False`` (no
+    synchronisation) capture into a graph: replays give the eager results bit for bit
+    (deterministic backward), and the forward meets the rule."""
+    xp = xp_gpu
+    lens = [37, 300, 1, 130]
+    cu = xp.asarray(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    q, k, v, dout = (random_array(rng, (sum(lens), 4, 64), BF16, xp=xp) for _ in range(4))
+    layout, options = (cu, cu, max(lens), max(lens)), dict(causal=True, check_offsets=False)
+
+    def run():
+        out, lse = cuflash.attention_varlen(q, k, v, *layout, return_lse=True, **options)
+        grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout,
+                                                  deterministic=True, **options)
+        return (out, lse, *grads)
+
+    captured = _capture_and_replay(xp, run, (q, k, v, dout), rng)
+    assert_varlen_forward_close(captured[0], captured[1], q, k, v, cu, cu, causal=True,
+                                context=f"seed={seed}")
+
+
+def test_graph_capture_replays_dropout_and_exact_masks(xp_gpu, rng, seed):
+    """A dropout call (one seed, the mask redrawn by every replay alike) and an exact-mask call
+    capture and replay bit for bit."""
+    from cuflash.sparse import ExactMask, document
+
+    xp = xp_gpu
+    shape = (2, 4, 600, 64)
+    q, k, v, dout = _inputs(xp, rng, shape)
+    for options in (dict(causal=True, dropout_p=0.2, dropout_seed=int(rng.integers(2**63))),
+                    dict(mask=ExactMask.from_scipy(document([100, 333, 167], causal=True)))):
+        _capture_and_replay(xp, lambda: _run(q, k, v, dout, options), (q, k, v, dout), rng)
 
 
 def test_uncached_calls_keep_their_buffers_for_a_captured_graph(xp_gpu, rng):
