@@ -4,12 +4,12 @@
 //   byte (j mod 16) of Philox4x32-7(counter = (j div 16, i, b·Hq + h, offset), key = seed halves)
 //
 // is >= threshold (threshold = min(255, round(p · 256)), computed on the host). One Philox call
-// gives the draws of 16 consecutive keys of one row, a "chunk"; its 16 comparisons are made four
-// bytes at a time (kept_nibble).
+// gives the draws of 16 consecutive keys of one row, a "chunk"; byte n of it is byte n mod 4 of
+// its word n div 4.
 //
 // The mma.sync m16n8 accumulator gives a thread the column pairs (2t, 2t+1) of rows g and g + 8 of
 // each 16×8 block. A chunk's 16 elements are therefore spread over the lanes, so each call is
-// made by one lane and its 16 keep bits are shuffled to the lanes that hold the elements:
+// made by one lane, and its 16 keep flags are shuffled to the lanes that hold the elements:
 //
 //   keys along columns (forward, dQ kernel): the 4 lanes of a row group (same g) need the chunks
 //     of their 2 rows; each makes a quarter of those calls, and 4 shuffles gather them.
@@ -17,8 +17,15 @@
 //     of a column pair (same t) need the chunks of their 2·NT queries; each makes an eighth of
 //     those calls, and up to 8 shuffles gather them.
 //
+// The flags travel and stay where they fall: a lane's calls m = 0, 1 put the flag of byte n at
+// bit 8 (n mod 4) + 4m + n div 4 of one word (chunk_flags), so that the flags a lane needs of a
+// word it is handed sit at fixed distances from one lane-dependent bit; one rotation and one
+// mask move them into the lane's keep word, at the bit keep_bit gives each element. Nothing is
+// gathered bit by bit.
+//
 // Cost per element: a sixteenth of a Philox call (7 rounds of two 32×32→64-bit products), a
-// quarter of a 4-byte comparison and a few bit moves.
+// sixteenth of 20 instructions of comparisons and flag placement, an eighth of a rotation, and to
+// apply it to packed 16-bit P half of a byte permutation and of an AND (drop_packed).
 #pragma once
 #include "arch/ptx.cuh"
 
@@ -48,26 +55,54 @@ __device__ __forceinline__ uint4 philox4x32(uint4 c, u32 k0, u32 k1) {
     return c;
 }
 
-// Bits 0..3: byte c of x >= the byte threshold (t4 = threshold in all 4 bytes). Bit 7 of each byte
-// of `low` compares the low 7 bits (x | 0x80 minus t mod 128 never borrows into the next byte);
-// the top bits decide where they differ. The product moves bits 7, 15, 23, 31 to bits 28..31
-// with no carries between its terms.
-__device__ __forceinline__ u32 kept_nibble(u32 x, u32 t4) {
+// Bit 7 of each byte (the other bits are not defined): that byte of x >= the same byte of t4
+// (the threshold in all 4 bytes). Bit 7 of each byte of `low` compares the low 7 bits (x | 0x80
+// minus t mod 128 never borrows into the next byte); the top bits decide where they differ: x's
+// top bit or that comparison where t's top bit is clear, both where it is set. That is
+// (x & low) | ((x | low) & ~t4), one 3-input logic operation, written as one (the compiler's own
+// form of it took four).
+__device__ __forceinline__ u32 byte_flags(u32 x, u32 t4) {
+    const u32 low = (x | 0x80808080u) - (t4 & 0x7F7F7F7Fu);
+    u32 flags;
+    asm("lop3.b32 %0, %1, %2, %3, 0xD4;" : "=r"(flags) : "r"(x), "r"(low), "r"(t4));
+    return flags;
+}
+
+// The 16 comparisons of one Philox call, byte n's flag at bit 8 (n mod 4) + 4m + n div 4: the
+// bits of a lane's call m (0 or 1) leave those of its other call free, so both travel in one word.
+__device__ __forceinline__ u32 chunk_flags(uint4 w, u32 t4, int m) {
     constexpr u32 HIGH = 0x80808080u;
-    const u32 low = (x | HIGH) - (t4 & ~HIGH);
-    const u32 ge = ((x & ~t4) | (~(x ^ t4) & low)) & HIGH;
-    return ge * 0x00204081u >> 28;
+    const u32 flags = (byte_flags(w.x, t4) & HIGH) >> 7 | (byte_flags(w.y, t4) & HIGH) >> 6 |
+                      (byte_flags(w.z, t4) & HIGH) >> 5 | (byte_flags(w.w, t4) & HIGH) >> 4;
+    return flags << (4 * m);
 }
 
-// The 16 comparisons of one Philox call as bits 0..15 (bit c: byte c >= threshold).
-__device__ __forceinline__ u32 kept_bytes(uint4 w, u32 t4) {
-    return kept_nibble(w.x, t4) | kept_nibble(w.y, t4) << 4 | kept_nibble(w.z, t4) << 8 | kept_nibble(w.w, t4) << 12;
+// Where a lane's keep word holds the flag of element i (= half·2 + e) of block j (j < 8; the
+// layout of softmax.cuh: row or key half, column 8j + 2t + e). Keys along columns: the flags of
+// call k = 2 (j div 2) + half come from lane k mod 4 of the row group, its call m = k div 4, at
+// bits 8e + 4m + 2 (j mod 2) of that lane's word past the lane's own; the four source lanes' bits
+// interleave at offsets 0, 1, 16, 17. Keys along rows: query c = 2j + e's call comes from lane
+// s = c mod 8 of the column pair, call m = c div 8, at bits 4m + 2·half; the eight source lanes'
+// bits interleave at offsets 8 (s mod 2) + the columns' offset of s div 2. Either way the two
+// elements of a 16-bit pair (e = 0, 1) sit 8 bits apart, in bytes 0 and 1 or 2 and 3
+// (drop_packed).
+__device__ __forceinline__ constexpr int column_source_offset(int s) { return s % 2 + 16 * (s / 2); }
+__device__ __forceinline__ constexpr int row_source_offset(int s) { return 8 * (s % 2) + column_source_offset(s / 2); }
+
+template <bool KEYS_ALONG_ROWS>
+__device__ __forceinline__ constexpr int keep_bit(int j, int i) {
+    if constexpr (KEYS_ALONG_ROWS) {
+        const int c = 2 * j + i % 2;
+        return row_source_offset(c % 8) + 4 * (c / 8) + 2 * (i / 2);
+    } else {
+        const int k = 2 * (j / 2) + i / 2;
+        return column_source_offset(k % 4) + 4 * (k / 4) + 8 * (i % 2) + 2 * (j % 2);
+    }
 }
 
-// The dropout mask of one (batch, query head). Its keep words hold 4 bits per 16×8 accumulator
-// block of a thread: bit 4j + i is element i = half·2 + e of block j (rows row0 + 8·half, columns
-// col0 + 8j + 2t + e, the layout of softmax.cuh). Every lane of the warp must call together
-// (shuffles).
+// The dropout mask of one (batch, query head). Its keep words hold the flags of up to 8 16×8
+// accumulator blocks of a thread at the bits keep_bit gives. Every lane of the warp must call
+// together (shuffles).
 struct DropoutMask {
     u32 k0, k1, bh, offset, t4;
     float rescale;  // 1 / (1 − threshold / 256)
@@ -77,38 +112,34 @@ struct DropoutMask {
         : k0(a.drop_seed_lo), k1(a.drop_seed_hi), bh(u32(b) * u32(a.heads) + u32(h)), offset(a.drop_offset),
           t4(a.drop_threshold * 0x01010101u), rescale(a.drop_rescale) {}
 
-    // Keep bits of keys 16·key_chunk .. 16·key_chunk + 15 of one query row.
-    __device__ __forceinline__ u32 chunk(u32 key_chunk, u32 query) const {
-        return kept_bytes(philox4x32(make_uint4(key_chunk, query, bh, offset), k0, k1), t4);
+    // Keep flags of keys 16·key_chunk .. 16·key_chunk + 15 of one query row, placed for call m.
+    __device__ __forceinline__ u32 chunk(u32 key_chunk, u32 query, int m) const {
+        return chunk_flags(philox4x32(make_uint4(key_chunk, query, bh, offset), k0, k1), t4, m);
     }
 
     // Rows are queries: row0 is this thread's query of half 0 (row group g included), key0 the
     // first key of the NT blocks (a multiple of 16). The row group's 4 lanes need NT chunks,
-    // k = 0 .. NT − 1 of (half, chunk) = (k % 2, k / 2); lane t makes calls k = t + 4m.
+    // k = 0 .. NT − 1 of (half, chunk) = (k % 2, k / 2); lane t makes calls k = t + 4m. Lane t's
+    // elements of a chunk are its bytes 2t + e (block 2·chunk) and 8 + 2t + e (the next block):
+    // in a source's word, bits 16 (t mod 2) + t div 2 + 8e + 4m + 2·block parity.
     template <int NT>
     __device__ __forceinline__ u32 keys_along_columns(int row0, int key0, int lane) const {
-        static_assert(NT % 2 == 0 && NT <= 8, "whole chunks, 4 bits per block in one word");
-        constexpr int CALLS = (NT + 3) / 4;  // per lane; 16 bits each
+        static_assert(NT % 2 == 0 && NT <= 8, "whole chunks, in one word");
+        constexpr int CALLS = (NT + 3) / 4;  // per lane
         const int t = lane % 4;
         u32 mine = 0;
 #pragma unroll 1
         for (int m = 0; m < CALLS; ++m) {
             const int k = t + 4 * m;
-            if (k < NT) mine |= chunk(u32(key0) / 16 + k / 2, u32(row0 + 8 * (k % 2))) << (16 * m);
+            if (k < NT) mine |= chunk(u32(key0) / 16 + k / 2, u32(row0 + 8 * (k % 2)), m);
         }
+        const int own = 16 * (t % 2) + t / 2;
         u32 keep = 0;
 #pragma unroll
         for (int src = 0; src < 4 && src < NT; ++src) {
-            // Lane t's elements of a chunk are its bytes 2t, 2t + 1 (first block) and 8 + 2t, 9 + 2t.
-            const u32 theirs = __shfl_sync(0xffffffffu, mine, (lane & ~3) | src) >> (2 * t);
-#pragma unroll
-            for (int m = 0; m < CALLS; ++m) {
-                const int k = src + 4 * m, half = k % 2, block = 2 * (k / 2);
-                if (k < NT) {
-                    const u32 bits = theirs >> (16 * m);
-                    keep |= (bits & 3u) << (4 * block + 2 * half) | (bits >> 8 & 3u) << (4 * block + 4 + 2 * half);
-                }
-            }
+            const u32 theirs = __shfl_sync(0xffffffffu, mine, (lane & ~3) | src);
+            const int to = column_source_offset(src);
+            keep |= __funnelshift_r(theirs, theirs, u32(own - to)) & 0x5555u << to;
         }
         return keep;
     }
@@ -116,46 +147,44 @@ struct DropoutMask {
     // Rows are keys (Sᵀ): key0 is this thread's key of half 0 (row group g included; the tile's
     // first key, key0 − g, a multiple of 16), query0 the first query of the NT blocks. The 8 lanes
     // of column pair t need the chunks of queries query0 + 8j + 2t + e, c = 2j + e = 0 .. 2·NT − 1;
-    // lane g makes calls c = g + 8m.
+    // lane g makes calls c = g + 8m. Lane g's elements of a chunk are its bytes g (half 0) and
+    // g + 8 (half 1): in a source's word, bits 8 (g mod 4) + g div 4 + 4m + 2·half.
     template <int NT>
     __device__ __forceinline__ u32 keys_along_rows(int key0, int query0, int lane) const {
-        static_assert(NT <= 8, "4 bits per block in one word");
-        constexpr int CALLS = (2 * NT + 7) / 8;  // per lane; 16 bits each
+        static_assert(NT <= 8, "in one word");
+        constexpr int CALLS = (2 * NT + 7) / 8;  // per lane
         const int t = lane % 4, g = lane / 4;
         const u32 key_chunk = u32(key0 - g) / 16;
         u32 mine = 0;
 #pragma unroll 1
         for (int m = 0; m < CALLS; ++m) {
             const int c = g + 8 * m;
-            if (c < 2 * NT) mine |= chunk(key_chunk, u32(query0 + 8 * (c / 2) + 2 * t + c % 2)) << (16 * m);
+            if (c < 2 * NT) mine |= chunk(key_chunk, u32(query0 + 8 * (c / 2) + 2 * t + c % 2), m);
         }
+        const int own = 8 * (g % 4) + g / 4;
         u32 keep = 0;
 #pragma unroll
         for (int src = 0; src < 8 && src < 2 * NT; ++src) {
-            // Lane g's elements of a chunk are its bytes g (half 0) and g + 8 (half 1).
-            const u32 theirs = __shfl_sync(0xffffffffu, mine, 4 * src + t) >> g;
-#pragma unroll
-            for (int m = 0; m < CALLS; ++m) {
-                const int c = src + 8 * m, j = c / 2, e = c % 2;
-                if (c < 2 * NT) {
-                    const u32 bits = theirs >> (16 * m);
-                    keep |= (bits & 1u) << (4 * j + e) | (bits >> 8 & 1u) << (4 * j + 2 + e);
-                }
-            }
+            const u32 theirs = __shfl_sync(0xffffffffu, mine, 4 * src + t);
+            const int to = row_source_offset(src);
+            keep |= __funnelshift_r(theirs, theirs, u32(own - to)) & 0x55u << to;
         }
         return keep;
     }
 };
 
-__device__ __forceinline__ bool kept(u32 keep, int i) { return keep >> i & 1u; }
+// A thread's keep flags of NT blocks in words of 8 blocks each (the Hopper tiles have up to 22
+// blocks per row), at the bits keep_bit gives: keys along rows (Sᵀ) or along columns (P).
+template <bool KEYS_ALONG_ROWS, int NT>
+struct KeepWords {
+    u32 word[(NT + 7) / 8];
 
-// Keep words: the bits of NT blocks in words of 8 blocks each, element i of block j at bit
-// 4 (j mod 8) + i of word j / 8 (the Hopper tiles have up to 22 blocks per row).
-template <int NT>
-using KeepWords = u32[(NT + 7) / 8];
+    // The bit of word j / 8 that holds element i of block j.
+    __device__ __forceinline__ static constexpr int bit(int j, int i) { return keep_bit<KEYS_ALONG_ROWS>(j % 8, i); }
 
-template <int W>
-__device__ __forceinline__ bool kept(const u32 (&keep)[W], int j, int i) { return kept(keep[j / 8], 4 * (j % 8) + i); }
+    // Whether element i of block j is kept (j and i known when compiling: one bit test).
+    __device__ __forceinline__ bool operator()(int j, int i) const { return word[j / 8] >> bit(j, i) & 1u; }
+};
 
 // Where the kernels draw the mask is a matter of registers, found by compiling every variant:
 // the sm80 forward and dQ kernel draw a tile's bits before its S exists (slab_keep_bits), when
@@ -164,69 +193,67 @@ __device__ __forceinline__ bool kept(const u32 (&keep)[W], int j, int i) { retur
 // one lane run one after the other (unroll 1: unrolled, the scheduler interleaves the Philox
 // calls and their registers add up).
 
-// The keep bits of MT 16-row slabs (slab mt at rows row0 + 16·mt) of NT ≤ 8 blocks each (block
-// j at key col0 + 8j, col0 a multiple of 16, in bits 4j .. 4j + 3 of the slab's word), drawn
-// slab after slab: unrolled, the slabs' Philox calls interleave and their registers add up, so a
-// 64-bit word carries the bits out of a loop that is not.
+// The keep flags of MT 16-row slabs (slab mt at rows row0 + 16·mt) of NT ≤ 8 blocks each (block
+// j at key col0 + 8j, col0 a multiple of 16), drawn slab after slab: unrolled, the slabs' Philox
+// calls interleave and their registers add up, so a 64-bit word carries the flags out of a loop
+// that is not.
 template <int MT, int NT>
-__device__ __forceinline__ void slab_keep_bits(u32 (&keep)[MT][1], const DropoutMask& mask, int row0, int col0,
-                                               int lane) {
-    static_assert(MT <= 2, "keep bits of at most two slabs in one 64-bit word");
+__device__ __forceinline__ void slab_keep_bits(KeepWords<false, NT> (&keep)[MT], const DropoutMask& mask, int row0,
+                                               int col0, int lane) {
+    static_assert(MT <= 2 && NT <= 8, "keep flags of at most two slabs in one 64-bit word");
     u64 slabs = 0;
 #pragma unroll 1
     for (int mt = 0; mt < MT; ++mt)
         slabs |= u64(mask.template keys_along_columns<NT>(row0 + 16 * mt, col0, lane)) << (32 * mt);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) keep[mt][0] = u32(slabs >> (32 * mt));
+    for (int mt = 0; mt < MT; ++mt) keep[mt].word[0] = u32(slabs >> (32 * mt));
 }
 
 // The keep words of any number NT of blocks of one 16-row slab, 8 blocks at a time: keys along
 // columns (P; block j at key col0 + 8j, col0 a multiple of 16, NT even) or along rows (Sᵀ; block
 // j at query col0 + 8j).
 template <bool KEYS_ALONG_ROWS, int NT, int WORD = 0>
-__device__ __forceinline__ void keep_words(KeepWords<NT>& keep, const DropoutMask& mask, int row0, int col0,
-                                           int lane) {
+__device__ __forceinline__ void keep_words(KeepWords<KEYS_ALONG_ROWS, NT>& keep, const DropoutMask& mask, int row0,
+                                           int col0, int lane) {
     if constexpr (8 * WORD < NT) {
         constexpr int BLOCKS = NT - 8 * WORD < 8 ? NT - 8 * WORD : 8;
         if constexpr (KEYS_ALONG_ROWS)
-            keep[WORD] = mask.template keys_along_rows<BLOCKS>(row0, col0 + 64 * WORD, lane);
+            keep.word[WORD] = mask.template keys_along_rows<BLOCKS>(row0, col0 + 64 * WORD, lane);
         else
-            keep[WORD] = mask.template keys_along_columns<BLOCKS>(row0, col0 + 64 * WORD, lane);
+            keep.word[WORD] = mask.template keys_along_columns<BLOCKS>(row0, col0 + 64 * WORD, lane);
         keep_words<KEYS_ALONG_ROWS, NT, WORD + 1>(keep, mask, row0, col0, lane);
     }
 }
 
-// P with the dropped elements set to 0: the forward's P before P·V.
-template <int NT, int W>
-__device__ __forceinline__ void drop_probs(float (&p)[NT][4], const u32 (&keep)[W]) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            if (!kept(keep, j, i)) p[j][i] = 0.f;
-}
-
 // dP of the kept elements times the rescale, 0 for the dropped ones, as the NumPy path computes
 // it before dS = P ∘ (dP − Δ) (the dQ kernels' P blocks, the Hopper dK/dV kernel's Pᵀ blocks).
-template <int NT, int W>
-__device__ __forceinline__ void drop_grads(float (&dp)[NT][4], const u32 (&keep)[W], float rescale) {
+template <int NT, class Keep>
+__device__ __forceinline__ void drop_grads(float (&dp)[NT][4], const Keep& kept, float rescale) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dp[j][i] = kept(keep, j, i) ? dp[j][i] * rescale : 0.f;
+        for (int i = 0; i < 4; ++i) dp[j][i] = kept(j, i) ? dp[j][i] * rescale : 0.f;
 }
 
-// P ∘ Z from P already packed as wgmma A fragments (sm90_wgmma.cuh, pack_a: register r of k16
-// step kk holds elements 2 (r mod 2), +1 of block 2kk + r / 2, the first in the low half): the
-// dropped halves cleared (+0 in both 16-bit formats), P itself left whole for dS.
-template <int KS, int W>
-__device__ __forceinline__ void drop_packed(u32 (&f)[KS][4], const u32 (&keep)[W]) {
+// P ∘ Z from P already packed as 16-bit A fragments (sm90_wgmma.cuh, pack_a; mma.sync's are
+// alike: register r of k16 step kk holds elements 2 (r mod 2), +1 of block 2kk + r / 2, the first
+// in the low half): the dropped halves cleared (+0 in both 16-bit formats). A pair's flags sit 8
+// bits apart (keep_bit), so one shift puts them at the top bits of two bytes and one byte
+// permutation that replicates each selected byte's top bit makes the pair's mask.
+template <int KS, class Keep>
+__device__ __forceinline__ void drop_packed(u32 (&f)[KS][4], const Keep& keep) {
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            const int j = 2 * kk + r / 2, i = 2 * (r % 2);
-            f[kk][r] &= (kept(keep, j, i) ? 0x0000FFFFu : 0u) | (kept(keep, j, i + 1) ? 0xFFFF0000u : 0u);
+            const int j = 2 * kk + r / 2, bit = keep.bit(j, 2 * (r % 2)), byte = bit / 8;
+            const u32 flags = keep.word[j / 8] << (7 - bit % 8);
+            // bytes (byte, byte, byte + 1, byte + 1), each its top bit replicated (selector's bit 3)
+            constexpr u32 REPLICATE = 0x8888u;
+            const u32 select = REPLICATE | u32(byte) * 0x0011u | u32(byte + 1) * 0x1100u;
+            u32 mask;
+            asm("prmt.b32 %0, %1, 0, %2;" : "=r"(mask) : "r"(flags), "r"(select));
+            f[kk][r] &= mask;
         }
 }
 
@@ -243,7 +270,7 @@ __device__ __forceinline__ void mark_dropped(float (&p)[NT][4], const DropoutMas
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-            if (!kept(keep, 4 * j + i)) p[j][i] = -p[j][i];
+            if (!(keep >> keep_bit<true>(j, i) & 1u)) p[j][i] = -p[j][i];
 }
 
 __device__ __forceinline__ float dropped_prob(float marked) { return fmaxf(marked, 0.f); }

@@ -611,7 +611,7 @@ flash_bwd_dq(const BwdArgs a) {
             }
         }
         const u32 k_stage = stage * BLOCK_N * KS * 2, v_stage = stage * BLOCK_N * VS * 2;
-        u32 keep[MT][1];  // the tile's dropout mask, drawn before S exists (dropout.cuh)
+        KeepWords<false, NT> keep[MT];  // the tile's dropout mask, drawn before S exists (dropout.cuh)
         if constexpr (DROPOUT) slab_keep_bits<MT, NT>(keep, drop, row0 + g, n0, lane);
 
         // S = Q K^T and dP = dO V^T; P in place of S, dS = P * (dP - Delta) in place of dP.

@@ -363,7 +363,7 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
 
     const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, slot);
     issue_transposed_scores<T, D, BLOCK_M, BLOCK_N, BLOCK_M>(s, dp, desc_k, desc_q, desc_v, desc_do, steps);
-    KeepWords<CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
+    KeepWords<true, CT> keep;  // this warp's 16 keys against the tile's queries, while Sᵀ and dPᵀ run
     if constexpr (DROPOUT) keep_words<true, CT>(keep, drop, key_row0 + g, m0, lane);
     const auto bits = tile_bits_from(tile_mask, source, key_row0, lane);  // an exact mask's, likewise
 
@@ -1141,7 +1141,7 @@ __device__ __forceinline__ void dq_key_tile(const MASK& mask, const MOD& mod, co
                                    kk > 0);
     wgmma_commit();
     const int n0 = key_tile[j] * BLOCK_N;
-    KeepWords<NT> keep;  // the tile's dropout mask, drawn while S and dP run
+    KeepWords<false, NT> keep;  // the tile's dropout mask, drawn while S and dP run
     if constexpr (DROPOUT) keep_words<false, NT>(keep, drop, warp_row0 + g, n0, lane);
     const auto tile_mask = mask.template tile<BLOCK_M, BLOCK_N>(m0, n0, key_tile.slot(j));
     AccumulatorBits<decltype(tile_mask)> bits;  // an exact mask's, likewise

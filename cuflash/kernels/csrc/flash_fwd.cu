@@ -10,9 +10,10 @@
 // VARLEN: packed variable-length sequences (schedule.cuh, sequence_of). The grid covers the
 // longest sequence; a block whose query tile lies past its own sequence's end exits at once.
 //
-// DROPOUT (dropout.cuh): the dropped elements of each P tile are zeroed after the row sums took
-// them and before P is rounded for P·V; the output is scaled by 1 / (1 − p) once, at the end (the
-// NumPy path's order, docs/internals.md "Dropout"). lse is that of the undropped softmax.
+// DROPOUT (dropout.cuh): the dropped elements of each P tile are cleared after the row sums took
+// them, in the 16-bit pairs P is rounded to for P·V (a dropped element rounds to +0 either way);
+// the output is scaled by 1 / (1 − p) once, at the end (the NumPy path's order, docs/internals.md
+// "Dropout"). lse is that of the undropped softmax.
 #include "args.cuh"
 
 #include "arch/sm80_mma.cuh"
@@ -98,7 +99,7 @@ flash_fwd(const FwdArgs a) {
         // The tile's dropout mask, drawn before S exists (dropout.cuh, slab_keep_bits).
         const int n0 = n_tile * BLOCK_N;
         const int warp_row0 = m0 + warp * MT * 16;
-        u32 keep[MT][1];
+        KeepWords<false, NT> keep[MT];
         if constexpr (DROPOUT) slab_keep_bits<MT, NT>(keep, DropoutMask(a, b, h), warp_row0 + g, n0, lane);
 
         // S = Q·Kᵀ; Q from registers or shared memory, K from shared memory.
@@ -123,10 +124,6 @@ flash_fwd(const FwdArgs a) {
             online_softmax(s[mt], row_max[mt], row_sum[mt], mod.softmax_scale(), alpha);
             rescale_rows(acc[mt], alpha);
         }
-        if constexpr (DROPOUT) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) drop_probs(s[mt], keep[mt]);
-        }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -136,6 +133,10 @@ flash_fwd(const FwdArgs a) {
                 pf[mt][kk][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
                 pf[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
             }
+        if constexpr (DROPOUT) {  // the dropped elements of P cleared in its 16-bit pairs
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) drop_packed(pf[mt], keep[mt]);
+        }
 
         cp_async_wait_all();
         __syncthreads();  // V tile visible; every warp is done with this K tile

@@ -598,19 +598,21 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
 
     // Modifier, mask (only where the tile holds keys some row of this warp does not see; an
     // exact mask's bits only on its partial tiles) and the online softmax of that tile's S in
-    // place; alpha rescales what O held before. DROPOUT: the dropped elements of P are zeroed
-    // after the row sums took them (dropout.cuh), as in flash_fwd.cu.
+    // place; alpha rescales what O held before. DROPOUT: the tile's keep flags, drawn after the
+    // row sums took every element; the dropped elements of P are cleared once P is packed for
+    // P·V (pack_p), a mask per pair (dropout.cuh).
+    KeepWords<false, NT> keep;
     auto softmax = [&](const TileAhead& tile, float (&alpha)[2]) {
         const int n0 = tile.n0;
         float (&sb)[NT][4] = as_blocks<NT>(s);
         modify_scores(sb, mod, warp_row0 + g, n0, t);
         if (tile.mask.partial(warp_row0, 16, n0, BLOCK_N)) mask_scores(sb, tile.mask, tile.bits, warp_row0 + g, n0, t);
         online_softmax(sb, row_max, row_sum, mod.softmax_scale(), alpha);
-        if constexpr (DROPOUT) {
-            KeepWords<NT> keep;
-            keep_words<false, NT>(keep, drop, warp_row0 + g, n0, lane);
-            drop_probs(sb, keep);
-        }
+        if constexpr (DROPOUT) keep_words<false, NT>(keep, drop, warp_row0 + g, n0, lane);
+    };
+    auto pack_p = [&] {
+        pack_a<T, KPV>(pf, s);
+        if constexpr (DROPOUT) drop_packed(pf, keep);
     };
 
     auto release_q = [&](int j) {
@@ -655,7 +657,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         reg_fence_frag(pf);
         if (owes) release_owed_v<L>(st, bar);
     }
-    pack_a<T, KPV>(pf, s);
+    pack_p();
     if (owes) stage_owed<T, L, DVP, STAGES, DROPOUT>(a, st, bar, base, false);
 #pragma unroll
     for (int i = 0; i < OT * 4; ++i) o[i] = 0.f;
@@ -683,7 +685,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
         reg_fence_frag(pf);
         if (leader) mbar_arrive(bar.v_empty(vs.stage));
         rescale_rows(as_blocks<OT>(o), alpha);
-        pack_a<T, KPV>(pf, s);
+        pack_p();
         ks.advance();
         vs.advance();
     }
