@@ -106,11 +106,16 @@ def _check_given_grads(spec: AttentionSpec, xp, grads, dout, q, k, v, out, lse) 
             apart[name] = grad
 
 
+def _broadcast_along_batch(shapes, x) -> bool:
+    """Whether input ``x`` is broadcast along the batch (its gradient is a sum over it)."""
+    return math.prod(_checks.with_head_axis(x).shape[:-3]) != shapes.b
+
+
 def _written_in_place(shapes, x, grad):
     """The 4-D view through which a back end writes the gradient of input ``x`` straight into
     the given ``grad``, or ``None``: when none is given, when ``x`` is broadcast along the batch
-    (its gradient is a sum over it) or when ``grad``'s strides cannot be written."""
-    if grad is None or math.prod(_checks.with_head_axis(x).shape[:-3]) != shapes.b:
+    or when ``grad``'s strides cannot be written."""
+    if grad is None or _broadcast_along_batch(shapes, x):
         return None
     return _checks.writable_4d(grad, shapes.b)
 
@@ -150,8 +155,9 @@ def _full_batch_dtype(spec: AttentionSpec, xp, shapes, x):
     is broadcast along the batch and the NumPy back end writes it (that back end writes each
     array in its own dtype; the kernels write ``spec.grad_dtype``), so that the sum over the
     batch takes float32 partials and rounds once, as a gradient that is not summed does."""
-    broadcast = math.prod(_checks.with_head_axis(x).shape[:-3]) != shapes.b
-    return numpy.dtype(numpy.float32) if broadcast and xp is numpy else spec.grad_dtype
+    if xp is numpy and _broadcast_along_batch(shapes, x):
+        return numpy.dtype(numpy.float32)
+    return spec.grad_dtype
 
 
 def _summed(spec: AttentionSpec, xp, target, x, grad):

@@ -265,12 +265,13 @@ __device__ __forceinline__ void drop_packed(u32 (&f)[KS][4], const Keep& keep) {
 template <int NT>
 __device__ __forceinline__ void mark_dropped(float (&p)[NT][4], const DropoutMask& mask, int key0, int query0,
                                              int lane) {
-    const u32 keep = mask.template keys_along_rows<NT>(key0, query0, lane);
+    KeepWords<true, NT> kept;
+    keep_words(kept, mask, key0, query0, lane);
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-            if (!(keep >> keep_bit<true>(j, i) & 1u)) p[j][i] = -p[j][i];
+            if (!kept(j, i)) p[j][i] = -p[j][i];
 }
 
 __device__ __forceinline__ float dropped_prob(float marked) { return fmaxf(marked, 0.f); }
