@@ -139,7 +139,7 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS)
         in_place = [_written_in_place(s, x, grad) for x, grad in zip(inputs, grads)]
         # Elsewhere, gradients for the full broadcast batch; broadcast axes are summed below.
         full = ((s.b, s.hq, s.nq, s.d), (s.b, s.hkv, s.nk, s.d), (s.b, s.hkv, s.nk, s.dv))
-        targets = [xp.empty(shape, _full_batch_dtype(spec, xp, s, x)) if view is None else view
+        targets = [xp.empty(shape, _full_batch_dtype(spec, xp, x)) if view is None else view
                    for view, shape, x in zip(in_place, full, inputs)]
         _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, *targets, spec)
         results = tuple(grad if view is not None else _summed(spec, xp, target, x, grad)
@@ -150,12 +150,12 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS)
     return results
 
 
-def _full_batch_dtype(spec: AttentionSpec, xp, shapes, x):
+def _full_batch_dtype(spec: AttentionSpec, xp, x):
     """The dtype the back end writes input ``x``'s full-batch gradient in: float32 where ``x``
     is broadcast along the batch and the NumPy back end writes it (that back end writes each
     array in its own dtype; the kernels write ``spec.grad_dtype``), so that the sum over the
     batch takes float32 partials and rounds once, as a gradient that is not summed does."""
-    if xp is numpy and _broadcast_along_batch(shapes, x):
+    if xp is numpy and _broadcast_along_batch(spec.shapes, x):
         return numpy.dtype(numpy.float32)
     return spec.grad_dtype
 

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from oracle import check_forward_and_backward, poisoned, random_array, to_host
+from test_varlen import offsets
 
 import cuflash
 from cuflash import _dropout, reference
@@ -121,10 +122,6 @@ def test_backward_mask_is_the_numpy_mask(xp_gpu, rng, seed, dtype, deterministic
     np.testing.assert_array_equal(got == 0, expected.swapaxes(-1, -2), err_msg=f"seed={seed}")
 
 
-def _offsets(lengths, cp):
-    return cp.asarray(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_sequences_draw_each_sequence_s_mask(xp_gpu, rng, seed, causal):
     """Over packed sequences the kernels keep, in sequence b, the elements a dense call keeps in
@@ -148,7 +145,7 @@ def test_packed_sequences_draw_each_sequence_s_mask(xp_gpu, rng, seed, causal):
     q = cp.zeros((starts_q[-1], hq, d), dtype)
     k = cp.asarray(random_array(rng, (starts_k[-1], hq, d), dtype))
     v, dout = cp.asarray(v), cp.asarray(dout)
-    layout = (_offsets(lens_q, cp), _offsets(lens_k, cp), max(lens_q), max(lens_k))
+    layout = (offsets(lens_q, cp), offsets(lens_k, cp), max(lens_q), max(lens_k))
     out = poisoned((starts_q[-1], hq, dv), dtype, xp=cp)
     _, lse = cuflash.attention_varlen(q, k, v, *layout, **options, return_lse=True, out=out)
     _, _, grad_v = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout, **options)

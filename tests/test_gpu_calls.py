@@ -23,6 +23,7 @@ from cuflash import _calls
 from cuflash.kernels import mma_backward
 from oracle import (assert_backward_close, assert_forward_close, assert_varlen_forward_close, poisoned,
                     random_array)
+from test_varlen import offsets
 
 pytestmark = pytest.mark.gpu
 
@@ -182,7 +183,7 @@ def test_graph_capture_replays_packed_sequences(xp_gpu, rng, seed):
     (deterministic backward), and the forward meets the rule."""
     xp = xp_gpu
     lens = [37, 300, 1, 130]
-    cu = xp.asarray(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    cu = offsets(lens, xp)
     q, k, v, dout = (random_array(rng, (sum(lens), 4, 64), BF16, xp=xp) for _ in range(4))
     layout, options = (cu, cu, max(lens), max(lens)), dict(causal=True, check_offsets=False)
 

@@ -123,12 +123,11 @@ def tail_lanes(spec, lanes: int, tiles_per_lane: int, resident_blocks: int) -> i
     dK/dV kernel (key tiles) or of the warp-specialised dQ kernel of the 256-column tile (query
     tiles), `lanes` (batch, head) pairs of `tiles_per_lane` tiles, each lane's tiles next to each
     other (the blocks running side by side then share its K/V, or Q and dO, in L2), its heaviest
-    tile first. Under a band bounded on the right alone (causal, a window
-    (-1, w)) a lane's tiles run from heavy to light, so in lane order the grid would end on the
-    last lanes' heaviest tiles, started once the rest of the GPU was already at work: the lanes
-    of about the last TAIL_WAVES waves of `resident_blocks` blocks then go tile by tile (every
-    one's first tile, then every one's second...), and the grid ends on light tiles. 0 (lane
-    order) otherwise: a lane's tiles weigh alike without such a band, or as a block or exact
+    tile first. Under a band bounded on the right alone (causal, a window (-1, w)) a lane's tiles
+    run from heavy to light, so in lane order the grid would end on the last lanes' heaviest
+    tiles, started once the rest of the GPU was already at work: the lanes of about the last
+    TAIL_WAVES waves of `resident_blocks` blocks then go tile by tile (every one's first tile,
+    then every one's second...), and the grid ends on light tiles. 0 (lane order) otherwise: a lane's tiles weigh alike without such a band, or as a block or exact
     mask has them; packed sequences weigh by their lengths; dropout was not measured with it."""
     if (not spec.right_bounded_alone or spec.sparse or spec.exact or spec.varlen is not None
             or spec.has_dropout):

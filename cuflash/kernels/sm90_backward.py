@@ -471,12 +471,13 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                          for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m)))
         elif ring:  # the dQ kernel's: 64 query rows a box, one per consumer
             maps = tuple(_tma.TensorLayout.of(x, 64) for x in (q, k, v, dout))
+        # The last lanes tile by tile: the warp-specialised dK/dV kernel's (key tiles; ordered adds
+        # keep lane order, their blocks waiting on their lane's) and the warp-specialised dQ
+        # kernel's (query tiles); one block per SM either way.
         tail = 0
-        if by_key and producer and not ordered:
-            # (ordered adds keep lane order: their blocks wait on their lane's; one dK/dV block per SM)
-            tail = _launch.tail_lanes(spec, kv_heads * batch, n_tiles, _launch.sm_count(q.data.device_id))
-        elif not by_key and ring:  # the warp-specialised dQ kernel: one block per SM (dq_ring)
-            tail = _launch.tail_lanes(spec, heads * batch, m_tiles, _launch.sm_count(q.data.device_id))
+        if (by_key and producer and not ordered) or (not by_key and ring):
+            lanes, tiles_per_lane = (kv_heads * batch, n_tiles) if by_key else (heads * batch, m_tiles)
+            tail = _launch.tail_lanes(spec, lanes, tiles_per_lane, _launch.sm_count(q.data.device_id))
         launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index, tail),
                                      maps=maps, map_pointers=WARP_SPECIALISED_MAP_POINTERS if maps else ()))
     if atomic_dq:
