@@ -127,8 +127,9 @@ def tail_lanes(spec, lanes: int, tiles_per_lane: int, resident_blocks: int) -> i
     run from heavy to light, so in lane order the grid would end on the last lanes' heaviest
     tiles, started once the rest of the GPU was already at work: the lanes of about the last
     TAIL_WAVES waves of `resident_blocks` blocks then go tile by tile (every one's first tile,
-    then every one's second...), and the grid ends on light tiles. 0 (lane order) otherwise: a lane's tiles weigh alike without such a band, or as a block or exact
-    mask has them; packed sequences weigh by their lengths; dropout was not measured with it."""
+    then every one's second...), and the grid ends on light tiles. 0 (lane order) otherwise: a
+    lane's tiles weigh alike without such a band, or as a block or exact mask has them; packed
+    sequences weigh by their lengths; dropout was not measured with it."""
     if (not spec.right_bounded_alone or spec.sparse or spec.exact or spec.varlen is not None
             or spec.has_dropout):
         return 0
