@@ -434,11 +434,13 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: numpy.dtype, xp, inputs: 
         raise ValueError(f"{name} must not have overlapping elements, got strides {out.strides} "
                          f"for shape {tuple(out.shape)}")
     for other, x in inputs.items():
-        if _overlaps(out, x, xp):
+        if overlaps(out, x, xp):
             raise ValueError(f"{name} must not share memory with {other}")
 
 
-def _overlaps(a: Any, b: Any, xp) -> bool:
+def overlaps(a: Any, b: Any, xp) -> bool:
+    """Whether two arrays of module ``xp`` may share memory (NumPy: exactly where that is cheap
+    to tell; CuPy: their byte ranges meet)."""
     if xp is numpy:
         try:
             return bool(numpy.shares_memory(a, b, max_work=10_000))

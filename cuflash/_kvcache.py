@@ -34,7 +34,7 @@ import numpy
 
 from . import _calls, _checks
 from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_rotary,
-                            refuse_unsupported, validate)
+                            refuse_unsupported, rotates_queries_in_order, validate)
 from ._rotary import rotate
 
 NUMPY, DECODE, GENERIC = "numpy", "decode", "generic"
@@ -56,12 +56,15 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         The new queries of each batch row (``Sq = 1`` for one decoding step).
     k_cache, v_cache : arrays ``(B_cache, S_cache, Hkv, D)`` and ``(…, Dv)``, or pages
         ``(num_pages, page_size, Hkv, D)`` and ``(…, Dv)`` with ``block_table``
-        The caches. Batch row ``b`` uses cache row ``cache_batch_idx[b]`` (default ``b``) of a
-        contiguous cache, or the pages ``block_table[b]`` of a paged one. ``Hq`` is a multiple
-        of ``Hkv`` (grouped-query attention). Written in place when ``k`` and ``v`` are given.
+        The caches. Batch row ``b`` uses cache row ``cache_batch_idx[b]`` (default ``b``, of
+        ``B_cache ≥ B`` rows) of a contiguous cache, or the pages ``block_table[b]`` of a paged
+        one. ``Hq`` is a multiple of ``Hkv`` (grouped-query attention). Written in place when
+        ``k`` and ``v`` are given.
     k, v : arrays ``(B, S_new, Hkv, D)`` and ``(B, S_new, Hkv, Dv)``, optional
         New keys and values, written into the caches at positions ``cache_seqlens[b]`` …
-        ``cache_seqlens[b] + S_new - 1`` of each batch row before attending.
+        ``cache_seqlens[b] + S_new - 1`` of each batch row before attending, each into a slot
+        no other row appends to or reads as cached. Inputs that share memory with the caches
+        are copied first: the call reads them as they were passed.
     cache_seqlens : int or int32 array ``(B,)``
         Keys already in each row's cache, before ``k`` and ``v`` are appended. Batch row ``b``
         attends to ``L_b = cache_seqlens[b] + S_new`` keys. Not updated by the call (as in
@@ -88,8 +91,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         Rotary position embedding of the first ``rotary_dim`` dimensions of ``q`` and ``k``
         (flash-attn's): the new keys are rotated to positions ``cache_seqlens[b] + i`` and
         appended rotated; the queries are rotated to positions ``cache_seqlens[b] + i`` when the
-        call is causal or has a window, else all to ``cache_seqlens[b]``. Needs ``k`` and ``v``,
-        and a row for every position of the cache (``seqlen_ro ≥ capacity``). ``q`` and ``k``
+        call is causal or has a window (a side of at least the capacity counting as none), else
+        all to ``cache_seqlens[b]``. Needs ``k`` and ``v``, and a row for every position of the
+        cache (``seqlen_ro ≥ capacity``) and every position a query turns to. ``q`` and ``k``
         themselves are not modified. Computed by array operations before the kernels
         (``cuflash._rotary``), not inside them.
     rotary_interleaved : bool
@@ -125,8 +129,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         rotary_interleaved=rotary_interleaved, cache_leftpad=cache_leftpad)
     xp = spec.xp
     with _checks.device_context(q):
-        if rotary is not None:
-            q, k = _rotated(spec, rotary, q, k)
+        q, k, v, k_cache, v_cache = _call_arrays(spec, rotary, q, k, v, k_cache, v_cache)
         result = xp.empty(spec.out_shape, spec.dtype) if out is None else out
         lse = xp.empty(spec.lse_shape, numpy.float32)
         # The kernels read q in place when they can, else a copy, made once for both steps.
@@ -165,13 +168,14 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
     >>> cuflash.kvcache_plan(q, cache, cache, cache_seqlens=3).route
     'numpy'
     """
-    spec, _, _ = _validated(
+    spec, _, rotary = _validated(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
         cache_batch_idx=cache_batch_idx, causal=causal, scale=scale, window=window,
         softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits, return_lse=return_lse,
         out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, cache_leftpad=cache_leftpad)
     with _checks.device_context(q):
+        q, _, _, k_cache, v_cache = _call_arrays(spec, rotary, q, k, v, k_cache, v_cache)
         route, reason, _ = _choose(spec, q if spec.xp is numpy else _checks.kernel_readable(q),
                                    k_cache, v_cache)
     return KVCachePlan(spec, route, reason)
@@ -192,10 +196,29 @@ def _validated(q, k_cache, v_cache, k, v, *, return_lse, out, rotary_cos, rotary
     return spec, return_lse, rotary
 
 
+def _call_arrays(spec: KVCacheSpec, rotary: Rotary | None, q, k, v, k_cache, v_cache):
+    """``(q, k, v, k_cache, v_cache)`` as the routes take them: the inputs an append would
+    change copied first (they are read as they were passed, as the docs promise, not after the
+    writes), q and k rotated, and a contiguous cache without ``cache_batch_idx`` cut to its first
+    B rows (flash-attn's rows of a cache larger than the batch)."""
+    if spec.s_new:
+        q, k, v = (_apart_from_caches(spec.xp, x, (k_cache, v_cache)) for x in (q, k, v))
+    if rotary is not None:
+        q, k = _rotated(spec, rotary, q, k)
+    if not spec.paged and spec.cache_batch_idx is None and k_cache.shape[0] > spec.b:
+        k_cache, v_cache = k_cache[:spec.b], v_cache[:spec.b]
+    return q, k, v, k_cache, v_cache
+
+
+def _apart_from_caches(xp, x, caches):
+    """``x``, or a copy of it where it shares memory with one of ``caches``."""
+    return x.copy() if any(_checks.overlaps(x, cache, xp) for cache in caches) else x
+
+
 def _rotated(spec: KVCacheSpec, rotary: Rotary, q, k):
     """``(q, k)`` rotated by the call's rotary embedding (new arrays), at flash-attn's positions:
-    new key ``i`` of batch row ``b`` at ``cache_seqlens[b] + i``; query ``i`` there too when the
-    call is causal or has a window, else every query of the row at ``cache_seqlens[b]``. The
+    new key ``i`` of batch row ``b`` at ``cache_seqlens[b] + i``; query ``i`` there too when
+    ``rotates_queries_in_order``, else every query of the row at ``cache_seqlens[b]``. The
     positions stay on the device when the lengths are (nothing is read back)."""
     xp = spec.xp
     if spec.lengths is None:  # a CuPy array, not read here
@@ -208,7 +231,7 @@ def _rotated(spec: KVCacheSpec, rotary: Rotary, q, k):
     def positions(count, step):
         return xp.broadcast_to(start + step * xp.arange(count), (spec.b, count))
 
-    ordered = spec.causal or spec.window != (-1, -1)
+    ordered = rotates_queries_in_order(spec)
     turn = functools.partial(rotate, cos=rotary.cos, sin=rotary.sin,
                              interleaved=rotary.interleaved)
     return (turn(q, positions=positions(spec.sq, 1 if ordered else 0)),

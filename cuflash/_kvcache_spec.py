@@ -139,7 +139,29 @@ def check_rotary(rotary_cos, rotary_sin, rotary_interleaved, spec: KVCacheSpec,
     if shape[0] < spec.capacity:
         raise ValueError(f"rotary_cos and rotary_sin must have a row for every position of the "
                          f"cache: at least {spec.capacity} rows (its capacity), got {shape[0]}")
+    if rotates_queries_in_order(spec) and spec.sq > spec.s_new:
+        # More queries than new keys: the last queries turn to positions past the appended keys.
+        if spec.lengths is not None:
+            rows, of = int(spec.lengths.max()) + spec.sq, "the largest cache_seqlens"
+        else:  # lengths on the device, not read here: the largest they may be
+            rows, of = spec.capacity - spec.s_new + spec.sq, (
+                f"the largest cache_seqlens a device array may hold, capacity − S_new = "
+                f"{spec.capacity - spec.s_new}")
+        if shape[0] < rows:
+            raise ValueError(
+                f"rotary_cos and rotary_sin must have a row for every position they turn: the "
+                f"{spec.sq} queries of a causal or windowed call go to positions cache_seqlens + "
+                f"0 … {spec.sq - 1}, up to {rows - 1} for {of}, so at least {rows} rows, got "
+                f"{shape[0]}")
     return Rotary(rotary_cos, rotary_sin, interleaved)
+
+
+def rotates_queries_in_order(spec: KVCacheSpec) -> bool:
+    """Whether the rotary embedding turns query ``i`` of a row to position ``cache_seqlens + i``
+    (else every query of the row to ``cache_seqlens``): flash-attn does so for causal and for
+    windowed calls, a window side of at least the capacity counting as none (it masks nothing),
+    so that two calls with the same mask rotate alike."""
+    return spec.causal or any(0 <= side < spec.capacity for side in spec.window)
 
 
 def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_batch_idx,
@@ -178,12 +200,11 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
     else:
         page_size = capacity = k_cache.shape[1]
         if cache_batch_idx is None:
-            if k_cache.shape[0] != b:
+            if k_cache.shape[0] < b:
                 raise ValueError(
-                    f"a contiguous cache without cache_batch_idx holds one row per batch row: "
-                    f"k_cache must have {b} rows like q {tuple(q.shape)}, got "
-                    f"{tuple(k_cache.shape)} (pass cache_batch_idx to pick rows of a larger "
-                    f"cache)")
+                    f"a contiguous cache without cache_batch_idx holds batch row b in its row b: "
+                    f"k_cache must have at least {b} rows, as q {tuple(q.shape)} has, got "
+                    f"{tuple(k_cache.shape)}")
         else:
             _check_index_array("cache_batch_idx", cache_batch_idx, (b,), xp, q)
 
@@ -231,7 +252,7 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
 def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, *,
                       num_rows: int) -> None:
     """The checks that read values: the lengths (``None``: unknown here), NumPy index arrays
-    (``None``: unknown or absent), and that no two appended keys land in one cache slot.
+    (``None``: unknown or absent), and that appended keys land in slots of their own.
 
     ``num_rows``: the caches' first axis (pages, or cache rows).
     """
@@ -262,31 +283,46 @@ def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, 
 
 
 def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx) -> None:
-    """Two batch rows must not append into one cache slot: which value would land there would
-    depend on the order of the writes. Checked when every index is known on the host."""
-    positions = lengths[:, None] + numpy.arange(spec.s_new)[None, :]  # (B, S_new)
+    """Every appended key must go to a slot of its own: not one another batch row appends to
+    (which value would land there would depend on the order of the writes), nor one that holds a
+    key some row reads as cached (a shared prefix page, a cache row shared through
+    cache_batch_idx), which the write would change under that row. Checked when every index is
+    known on the host; rows that share no cache memory need no check."""
     if spec.paged:
         if block_table is None:
             return
         table = numpy.asarray(block_table).astype(numpy.int64)
-        pages = numpy.take_along_axis(table, positions // spec.page_size, axis=1)
-        slots = pages * spec.page_size + positions % spec.page_size
+
+        def slots_of(row, positions):
+            return table[row, positions // spec.page_size] * spec.page_size + positions % spec.page_size
     else:
-        if cache_batch_idx is None and spec.cache_batch_idx is not None:
-            return  # a CuPy index: not known here
-        rows = (numpy.arange(spec.b) if cache_batch_idx is None
-                else numpy.asarray(cache_batch_idx).astype(numpy.int64))
-        slots = rows[:, None] * spec.capacity + positions
-    owner = numpy.repeat(numpy.arange(spec.b), spec.s_new)
-    order = numpy.argsort(slots.ravel(), kind="stable")
-    flat = slots.ravel()[order]
-    clash = numpy.flatnonzero(flat[1:] == flat[:-1])
+        if cache_batch_idx is None:
+            return  # batch row b appends to and reads cache row b alone
+        rows = numpy.asarray(cache_batch_idx).astype(numpy.int64)
+
+        def slots_of(row, positions):
+            return rows[row] * spec.capacity + positions
+
+    appended = [slots_of(row, int(n) + numpy.arange(spec.s_new)) for row, n in enumerate(lengths)]
+    held = [slots_of(row, numpy.arange(int(n))) for row, n in enumerate(lengths)]
+    slots = numpy.concatenate(appended + held)
+    owner = numpy.concatenate([numpy.full(len(x), row) for row, x in enumerate(appended + held)])
+    owner %= spec.b
+    is_append = numpy.arange(len(slots)) < spec.b * spec.s_new
+    order = numpy.argsort(slots, kind="stable")  # appends first among equal slots
+    same = slots[order[1:]] == slots[order[:-1]]
+    clash = numpy.flatnonzero(same & is_append[order[:-1]])
     if clash.size:
-        first, second = owner[order[clash[0]]], owner[order[clash[0] + 1]]
+        first, second = order[clash[0]], order[clash[0] + 1]
         where = "a page of both rows' block_table" if spec.paged else "one cache row"
+        if is_append[second]:
+            raise ValueError(
+                f"batch rows {owner[first]} and {owner[second]} would append keys into the same "
+                f"cache slot ({where}); appended keys must go to distinct slots")
         raise ValueError(
-            f"batch rows {first} and {second} would append keys into the same cache slot "
-            f"({where}); appended keys must go to distinct slots")
+            f"batch row {owner[first]} would append a key over a key that batch row "
+            f"{owner[second]} holds in its cache ({where}); appended keys must go to slots no "
+            f"row reads as cached")
 
 
 def _check_in_range(name, values, limit, what) -> None:
@@ -356,7 +392,10 @@ def _check_seqlens(cache_seqlens, b, xp, q):
     """``(lengths, seqlens)``: host lengths (NumPy int64 ``(B,)``) when known there, and the
     caller's array (``None`` for an int)."""
     if _checks.is_integer(cache_seqlens):
-        return numpy.full(b, int(cache_seqlens), dtype=numpy.int64), None
+        length = int(cache_seqlens)
+        if abs(length) >= 2**63:
+            raise ValueError(f"cache_seqlens = {length} is not a length a cache can hold")
+        return numpy.full(b, length, dtype=numpy.int64), None
     if cache_seqlens is None or isinstance(cache_seqlens, (bool, numpy.bool_, numbers.Number)):
         raise TypeError(f"cache_seqlens must be an int or an int32 array of shape ({b},) (the "
                         f"number of keys in each batch row's cache before k and v are "

@@ -74,6 +74,13 @@ class Case:
     def page_size(self) -> int:
         return self.k_cache.shape[1]
 
+    @property
+    def capacity(self) -> int:
+        """Keys a batch row's cache holds."""
+        if self.block_table is not None:
+            return self.block_table.shape[1] * self.page_size
+        return self.k_cache.shape[1]
+
     def slots(self, row, start, stop):
         """Index of keys ``start … stop − 1`` of batch ``row`` into the cache (host ints)."""
         positions = np.arange(start, stop)
@@ -308,9 +315,11 @@ def rotate64(x, cos, sin, positions, interleaved):
 def rotary_case(case: Case, cos, sin, interleaved: bool) -> tuple[Case, dict]:
     """The case the oracle reads for a call of ``case`` with these tables — q and k rotated by
     ``rotate64`` at flash-attn's positions (new keys at ``L_b + i``; queries there too when causal
-    or windowed, else all at ``L_b``) — and the call's rotary keywords."""
+    or windowed, else all at ``L_b``) — and the call's rotary keywords. As flash-attn, a window
+    side of at least the capacity is no window."""
     xp, lengths = case.xp, case.lengths
-    ordered = case.options.get("causal") or tuple(case.options.get("window", (-1, -1))) != (-1, -1)
+    window = [side for side in case.options.get("window", (-1, -1)) if side < case.capacity]
+    ordered = case.options.get("causal") or any(side >= 0 for side in window)
     sq = case.q.shape[1]
     q_positions = lengths[:, None] + (np.arange(sq) if ordered else np.zeros(sq, np.int64))
     k_positions = lengths[:, None] + np.arange(case.s_new)

@@ -166,8 +166,9 @@ def test_oracle_row_matches_reference(rng):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
-@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(window=(6, -1))],
-                         ids=["full", "causal", "window"])
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(window=(6, -1)),
+                                     dict(window=(32, 10**6))],
+                         ids=["full", "causal", "window", "window-of-everything"])
 def test_rotary(rng, seed, dtype, interleaved, options):
     """q and the appended k rotated at flash-attn's positions (queries all at the cache length
     unless causal or windowed), against the oracle of the case rotated by rotate64."""
@@ -182,6 +183,35 @@ def test_rotary_of_int_lengths_and_pages(rng, seed, paged):
     case = make_case(rng, np, dtype=np.float16, b=2, sq=1, hq=2, hkv=2, d=32, lengths=[21, 21],
                      capacity=32, s_new=1, seqlens_as="int", page_size=16 if paged else None)
     rotated, rotary = rotary_case(case, *rotary_tables(32, 32, np.float16), True)
+    call_and_check_rotated(case, rotated, rotary, f"seed={seed}")
+
+
+def test_rotary_window_of_every_key_is_no_window(rng):
+    """A window whose sides reach the whole cache masks nothing, and rotates the queries as no
+    window does (flash-attn drops such sides): the two calls agree bit for bit."""
+    case = make_case(rng, np, dtype=np.float32, b=2, sq=3, hq=2, hkv=2, d=16, lengths=[4, 20],
+                     capacity=32, s_new=1)
+    cos, sin = rotary_tables(32, 16, np.float32)
+    results = []
+    for window in [(-1, -1), (32, 32), (10**9, -1)]:
+        fresh = dataclasses.replace(case, k_cache=case.k_cache_before.copy(),
+                                    v_cache=case.v_cache_before.copy())
+        results.append(call(fresh, window=window, rotary_cos=cos, rotary_sin=sin))
+    assert all(np.array_equal(results[0], other) for other in results[1:])
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_rotary_tables_cover_the_queries_positions(rng, seed, paged):
+    """More causal queries than new keys turn to positions past the appended keys: the tables
+    need those rows too, refused before anything is written when short, exact when long enough."""
+    case = make_case(rng, np, dtype=np.float32, b=3, sq=4, hq=2, hkv=2, d=16, lengths=[0, 9, 31],
+                     capacity=32, s_new=1, causal=True, page_size=16 if paged else None)
+    short = rotary_tables(32, 16, np.float32)
+    with pytest.raises(ValueError, match=r"positions cache_seqlens \+ 0 … 3, up to 34 for the "
+                                         r"largest cache_seqlens, so at least 35 rows, got 32"):
+        call(case, rotary_cos=short[0], rotary_sin=short[1])
+    assert_cache_appended(dataclasses.replace(case, k=None, v=None))  # nothing written
+    rotated, rotary = rotary_case(case, *rotary_tables(35, 16, np.float32), True)
     call_and_check_rotated(case, rotated, rotary, f"seed={seed}")
 
 
@@ -224,7 +254,7 @@ def call(case, **changes):
     (dict(q=np.zeros((2, 0, 4, 8), np.float32)), ValueError, "empty axis"),
     (dict(q=np.zeros((2, 1, 4, 16), np.float32)), ValueError, "head dimension D = 16"),
     (dict(q=np.zeros((2, 1, 3, 8), np.float32)), ValueError, "multiple of the number of key/value"),
-    (dict(q=np.zeros((3, 1, 4, 8), np.float32)), ValueError, "must have 3 rows"),
+    (dict(q=np.zeros((3, 1, 4, 8), np.float32)), ValueError, "must have at least 3 rows"),
     (dict(v_cache=np.zeros((2, 31, 2, 8), np.float32)), ValueError, "v_cache must match k_cache"),
     (dict(k=np.zeros((2, 1, 2, 8), np.float32)), ValueError, "give k and v together"),
     (dict(k=np.zeros((2, 1, 2, 8), np.float32), v=np.zeros((2, 2, 2, 8), np.float32)),
@@ -240,6 +270,7 @@ def call(case, **changes):
     (dict(cache_seqlens=[3, 5]), TypeError, "cache_seqlens must be an int32 numpy.ndarray"),
     (dict(cache_seqlens=-1), ValueError, r"cache_seqlens = -1 is outside \[0, 32\]"),
     (dict(cache_seqlens=33), ValueError, r"cache_seqlens = 33 is outside \[0, 32\]"),
+    (dict(cache_seqlens=2**64), ValueError, r"cache_seqlens = 18446744073709551616 is not a length"),
     (dict(cache_seqlens=np.array([3, 40], np.int32)), ValueError, r"cache_seqlens\[1\] = 40"),
     (dict(cache_batch_idx=np.array([0, 2], np.int32)), ValueError, r"cache_batch_idx must index the 2 rows"),
     (dict(cache_batch_idx=np.array([0, 1], np.int64)), TypeError, "cache_batch_idx must have dtype int32"),
@@ -333,6 +364,56 @@ def test_conflicting_appends_refused(rng):
     paged = small(rng, s_new=1, capacity=32, page_size=16)
     with pytest.raises(ValueError, match="same cache slot"):
         call(paged, block_table=np.array([[0, 1], [0, 2]], np.int32), cache_seqlens=2)
+
+
+def test_appends_over_held_keys_refused(rng):
+    """An append into a slot another row reads as cached (a shared cache row, a shared prefix
+    page) would change that row's keys under it: refused before anything is written."""
+    case = small(rng, s_new=1, batch_idx=True, spare_rows=2)
+    with pytest.raises(ValueError, match="batch row 0 would append a key over a key that batch "
+                                         "row 1 holds"):
+        call(case, cache_batch_idx=np.array([1, 1], np.int32), cache_seqlens=np.array([3, 5], np.int32))
+    assert_cache_appended(dataclasses.replace(case, k=None, v=None))
+    paged = small(rng, s_new=1, capacity=32, page_size=16, spare_rows=2)
+    # Row 0 holds 20 keys: page 0 whole; row 1 shares page 0 as its first and would write its key 3.
+    with pytest.raises(ValueError, match="batch row 1 would append a key over a key that batch "
+                                         "row 0 holds"):
+        call(paged, block_table=np.array([[0, 1], [0, 2]], np.int32),
+             cache_seqlens=np.array([20, 3], np.int32))
+    # Both rows read the shared page and append past it: fine.
+    call(paged, block_table=np.array([[0, 1], [0, 2]], np.int32),
+         cache_seqlens=np.array([16, 16], np.int32))
+
+
+def test_inputs_that_view_the_caches_are_read_as_passed(rng, seed):
+    """k, v and q given as views of the caches are copied before the append writes there: the
+    result and the caches are those of the same call with copies."""
+    case = make_case(rng, np, dtype=np.float32, b=2, sq=1, hq=2, hkv=2, d=8, lengths=[4, 4],
+                     capacity=16, batch_idx=True, spare_rows=1, s_new=1)
+    rows = np.array([1, 2], np.int32)
+    views = dict(q=case.k_cache[0:2, 4:5], k=case.k_cache[0:2, 4:5], v=case.v_cache[0:2, 4:5])
+    copies = {name: x.copy() for name, x in views.items()}
+    fresh = dataclasses.replace(case, k_cache=case.k_cache_before.copy(),
+                                v_cache=case.v_cache_before.copy())
+    want = call(fresh, cache_batch_idx=rows, **copies)
+    got = call(case, cache_batch_idx=rows, **views)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(case.k_cache, fresh.k_cache)
+    np.testing.assert_array_equal(case.v_cache, fresh.v_cache)
+
+
+def test_larger_cache_without_batch_idx_uses_its_first_rows(rng, seed):
+    """flash-attn's rule: a contiguous cache of more rows than the batch, without
+    cache_batch_idx, serves batch row b from its row b; the rows past the batch stay as they
+    were."""
+    case = make_case(rng, np, dtype=np.float16, b=2, sq=2, hq=4, hkv=2, d=16, lengths=[3, 11],
+                     capacity=16, s_new=2, causal=True)
+    spare = [np.asarray(rng.standard_normal((3,) + x.shape[1:]), x.dtype)
+             for x in (case.k_cache, case.v_cache)]
+    k_cache, v_cache = (np.concatenate([x, extra]) for x, extra in zip((case.k_cache, case.v_cache), spare))
+    larger = dataclasses.replace(case, k_cache=k_cache, v_cache=v_cache,
+                                 k_cache_before=k_cache.copy(), v_cache_before=v_cache.copy())
+    run(larger, seed)  # the oracle reads rows 0 and 1; every other cache row is checked unchanged
 
 
 def test_read_only_cache_refused_for_appends(rng):
