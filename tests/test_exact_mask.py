@@ -193,6 +193,33 @@ def test_cli_mask_show_exact_counts_tiles_and_bitmask_bytes():
             counts.full, counts.partial, counts.empty, counts.bitmask_bytes)
 
 
+def test_cli_mask_show_exact_reports_the_tiles_the_kernels_pick_for_the_mask():
+    """At D = 64 the Hopper forward's tile depends on the mask (one consumer where rows keep few
+    keys): the report counts the tile its own selection returns for a call with that mask."""
+    import json
+
+    from cuflash.kernels import sm90_tma_forward
+    from cuflash.kernels._variants import spec_of
+
+    args = ["mask", "show", "sliding-window", "--seq-len", "2K", "--window", "200", "--exact",
+            "--json"]
+    record = json.loads(CliRunner().invoke(main, args).output)
+    mask = ExactMask.from_scipy(sliding_window(2048, window=200))
+    spec = spec_of("bfloat16", 64, nq=2048, nk=2048, exact_mask=mask)
+    assert sm90_tma_forward.few_keys(spec)
+    tiles = sm90_tma_forward.tiles_for(spec)
+    (row,) = [row for row in record["tiles"]
+              if row["head_dim"] == 64 and "sm90 forward" in row["kernels"]]
+    assert row["tile"] == [tiles.block_m, tiles.block_n] == [64, 128]
+    counts = mask.tile_counts(tiles.block_m, tiles.block_n)
+    assert (row["full"], row["partial"], row["empty"], row["bitmask_bytes"]) == (
+        counts.full, counts.partial, counts.empty, counts.bitmask_bytes)
+    # The backward keeps its 128-row dK/dV tile there: a shape of its own in the report.
+    (dkdv,) = [row for row in record["tiles"]
+               if row["head_dim"] == 64 and "sm90 dK/dV" in row["kernels"]]
+    assert dkdv["tile"] == [128, 128] and "sm90 forward" not in dkdv["kernels"]
+
+
 @pytest.mark.parametrize("pattern, build", [
     ("document", lambda lengths: document(lengths)),
     ("causal-document", lambda lengths: document(lengths, causal=True)),
@@ -278,6 +305,31 @@ def test_from_dense_refuses_what_is_not_a_bool_pattern(array, error):
         ExactMask.from_dense(array)
 
 
+@pytest.mark.parametrize("array", [np.eye(4, dtype=int) * 2, -np.eye(4, dtype=int)])
+def test_from_dense_refuses_integers_other_than_0_and_1(array):
+    with pytest.raises(ValueError, match="array must hold only 0 and 1"):
+        ExactMask.from_dense(array)
+    assert ExactMask.from_dense(np.eye(4, dtype=int)) == ExactMask.from_dense(np.eye(4, dtype=bool))
+
+
+def test_from_scipy_points_a_dense_array_to_its_own_dense_reader():
+    """Following the hint must not switch a user to block-sparse attention."""
+    with pytest.raises(TypeError, match=r"use ExactMask\.from_dense") as error:
+        ExactMask.from_scipy(np.eye(8, dtype=bool))
+    assert "BlockMask" not in str(error.value)
+    with pytest.raises(TypeError, match=r"use BlockMask\.from_dense"):
+        BlockMask.from_scipy(np.eye(8, dtype=bool), level="element")
+
+
+@pytest.mark.parametrize("options, error, words", [
+    (dict(max_rows=0), ValueError, "max_rows must be a positive integer"),
+    (dict(max_cols=-1), ValueError, "max_cols must be a positive integer"),
+    (dict(max_cols=1.5), TypeError, "max_cols must be an integer")])
+def test_render_names_a_bad_picture_size(options, error, words):
+    with pytest.raises(error, match=words):
+        ExactMask.from_dense(np.eye(40, dtype=bool)).render(**options)
+
+
 def test_builders_refuse_bad_arguments():
     with pytest.raises(TypeError, match="lengths"):
         document([1.5, 2])
@@ -287,6 +339,16 @@ def test_builders_refuse_bad_arguments():
         prefix_lm(5, 8, prefix=9)
     with pytest.raises(ValueError, match="block_size"):
         expand_blocks(scipy.sparse.eye(2), block_size=4, shape=(20, 8))
+
+
+@pytest.mark.parametrize("shape, error, words", [
+    (8, ValueError, r"shape must be a pair \(Nq, Nk\)"),
+    ((8, 8, 8), ValueError, r"shape must be a pair \(Nq, Nk\)"),
+    ((8, 0), ValueError, r"shape\[1\] must be a positive integer"),
+    ((8.0, 8), TypeError, r"shape\[0\] must be an integer")])
+def test_expand_blocks_names_a_bad_shape(shape, error, words):
+    with pytest.raises(error, match=words):
+        expand_blocks(scipy.sparse.eye(2), block_size=4, shape=shape)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -74,8 +74,8 @@ Examples:
               help="Build the whole pattern even when it is too large to build quickly.")
 @click.option("--exact", is_flag=True,
               help="Build the pattern pair by pair as an ExactMask (attention's mask=) and "
-                   "count the full, partial and empty tiles of each kernel's tile shape, and "
-                   "the bytes of the partial tiles' bitmasks.")
+                   "count the full, partial and empty tiles at the tile shape each kernel picks "
+                   "for it, and the bytes of the partial tiles' bitmasks.")
 @json_option
 def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exact, as_json,
          **pattern_options):
@@ -90,8 +90,9 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
     bounds; random patterns are refused (exit status 3). --force builds it anyway.
 
     With --exact the pattern is the exact mask of its pairs (block-drawn patterns allow every
-    pair of a drawn block): the picture shows tiles of the Hopper forward kernel, '█' full (run
-    unmasked), '▒' partial (one bit per pair), '·' empty (skipped).
+    pair of a drawn block), counted at the tiles each kernel picks for it: the picture shows
+    128 × 128 tiles (the Hopper forward's at D = 128), '█' full (run unmasked), '▒' partial
+    (one bit per pair), '·' empty (skipped).
     """
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     parameters = pattern_parameters(pattern, given)
@@ -155,29 +156,36 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
         click.echo(f"PNG written to {png}", err=True)
 
 
-def kernel_tile_shapes(head_dim: int) -> dict:
-    """``(tile_m, tile_n)`` → the GPU kernels that walk an exact mask at those tiles, for 16-bit
-    and float32 inputs with D = Dv = ``head_dim``."""
+def kernel_tile_shapes(mask, head_dim: int) -> dict:
+    """``(tile_m, tile_n)`` → the GPU kernels that walk the exact mask ``mask`` at those tiles,
+    for 16-bit and float32 inputs with D = Dv = ``head_dim``: the tiles each kernel picks for a
+    call with that mask alone."""
     from cuflash.kernels import float32, mma_backward, mma_forward, sm90_backward, sm90_tma_forward
+    from cuflash.kernels._variants import spec_of
 
     shapes = {}
 
     def add(tile, kernel):
         shapes.setdefault((int(tile[0]), int(tile[1])), []).append(kernel)
 
-    padded = -(-head_dim // 32) * 32
-    fwd = mma_forward.default_tiles(padded, padded)
+    # Some tile choices depend on the mask itself (the Hopper forward's at D = 64 on how many
+    # keys a row keeps), so each kernel is asked about a call that carries it.
+    nq, nk = mask.shape
+    spec = spec_of("bfloat16", head_dim, nq=nq, nk=nk, exact_mask=mask)
+    fwd = mma_forward.tiles_for(spec)
     add((fwd.block_m, fwd.block_n), "sm80 forward")
-    bwd = mma_backward.default_tiles(padded, padded, exact=True)
+    bwd = mma_backward.tiles_for(spec)
     add((bwd.block_m, bwd.block_n), "sm80 dK/dV")
     add((bwd.dq_block_m, bwd.dq_block_n), "sm80 dQ")
-    if head_dim in sm90_tma_forward.HEAD_DIMS:
-        hopper = sm90_tma_forward.candidate_tiles(head_dim, head_dim, banded=False, exact=True)[0]
+    hopper = sm90_tma_forward.tiles_for(spec) if head_dim in sm90_tma_forward.HEAD_DIMS else None
+    if hopper is not None:
         add((hopper.block_m, hopper.block_n), "sm90 forward")
     if head_dim in sm90_backward.HEAD_DIMS:
-        hopper_bwd = sm90_backward.default_tiles(head_dim)
+        hopper_bwd = sm90_backward.default_tiles(sm90_backward.tile_head_dim(spec),
+                                                  dropout=spec.has_dropout)
         add((hopper_bwd.dkdv_block_m, hopper_bwd.dkdv_block_n), "sm90 dK/dV")
         add((hopper_bwd.dq_block_m, hopper_bwd.dq_block_n), "sm90 dQ")
+    padded = -(-head_dim // 32) * 32
     for kernel, (_, table, _) in float32._KERNELS.items():
         tiles = float32._preferred(table, padded, padded)
         add((tiles.block_m, tiles.block_n), f"float32 {kernel}")
@@ -201,7 +209,7 @@ def _show_exact(pattern, seq_len, block_size, seed, parameters, max_rows, max_co
                                  seed=seed)
     tiles = []
     for head_dim in (64, 128):
-        for (tile_m, tile_n), kernels in kernel_tile_shapes(head_dim).items():
+        for (tile_m, tile_n), kernels in kernel_tile_shapes(exact, head_dim).items():
             counts = exact.tile_counts(tile_m, tile_n)
             tiles.append({"head_dim": head_dim, "tile": [tile_m, tile_n], "kernels": kernels,
                           "full": counts.full, "partial": counts.partial,

@@ -10,7 +10,7 @@ import scipy.sparse
 
 from . import _convert, _csr
 from ._csr import TileCSR
-from ._validate import ceil_div, positive_int, positive_pair, problem_shape
+from ._validate import ceil_div, picture_size, positive_int, positive_pair, problem_shape
 
 _LEVELS = ("element", "block")
 
@@ -102,7 +102,8 @@ class BlockMask:
                 "level must be 'element' (a pattern of shape (Nq, Nk), coarsened to blocks) or "
                 f"'block' (a pattern with one entry per block), got {level!r}")
         block_size = positive_pair("block_size", block_size)
-        heads, per_head = _convert.sparse_heads(pattern)
+        heads, per_head = _convert.sparse_heads(
+            pattern, dense_hint="BlockMask.from_dense for a dense 0/1 block layout")
         pattern_shape = heads[0][0]
         if level == "element":
             if shape is not None and problem_shape("shape", shape) != tuple(pattern_shape):
@@ -328,7 +329,7 @@ class BlockMask:
         any block it stands for is kept.
         """
         head = _head_index(head, self._stored_heads, self._num_heads)
-        max_rows, max_cols = positive_int("max_rows", max_rows), positive_int("max_cols", max_cols)
+        max_rows, max_cols = picture_size(max_rows, max_cols)
         nqb, nkb = self.nblocks
         rows, cols = min(nqb, max_rows), min(nkb, max_cols)
         start, stop = self._row_ptr[head, 0], self._row_ptr[head, -1]

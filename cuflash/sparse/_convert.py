@@ -23,11 +23,13 @@ def _describe(value):
     return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
-def sparse_heads(pattern):
+def sparse_heads(pattern, *, dense_hint):
     """``(heads, per_head)``: ``[(shape, rows, cols), ...]`` and whether one was given per head.
 
     Accepts one 2-D scipy.sparse matrix/array (shared by all heads), a 3-D sparse array
-    ``(H, M, N)`` or a non-empty sequence of 2-D ones (one pattern per head).
+    ``(H, M, N)`` or a non-empty sequence of 2-D ones (one pattern per head). ``dense_hint``
+    names the caller's own reader of dense arrays, for the error a dense array gets: the other
+    class's reader would build a different kind of mask.
     """
     if scipy.sparse.issparse(pattern):
         if pattern.ndim == 2:
@@ -57,7 +59,7 @@ def sparse_heads(pattern):
         return heads, True
     hint = ""
     if hasattr(pattern, "shape"):
-        hint = " (use BlockMask.from_dense for a dense 0/1 block layout)"
+        hint = f" (use {dense_hint})"
     raise TypeError(
         "pattern must be a scipy.sparse matrix or array, or a sequence of them (one per head); "
         f"got {_describe(pattern)}{hint}")
@@ -75,11 +77,17 @@ def dense_layout(array):
             f"array must have shape (Nqb, Nkb) or (H, Nqb, Nkb), got shape {array.shape}")
     if 0 in array.shape:
         raise ValueError(f"array must not be empty, got shape {array.shape}")
+    return zero_one(array)
+
+
+def zero_one(array):
+    """A NumPy bool, or integer 0/1, array as bool; other dtypes and values are refused."""
     if array.dtype == numpy.bool_:
         return array
     if not numpy.issubdtype(array.dtype, numpy.integer):
         raise TypeError(f"array must hold bool or integer 0/1 values, got dtype {array.dtype}")
-    if ((array != 0) & (array != 1)).any():
-        bad = numpy.unique(array[(array != 0) & (array != 1)])[:5]
+    stray = (array != 0) & (array != 1)
+    if stray.any():
+        bad = numpy.unique(array[stray])[:5]
         raise ValueError(f"array must hold only 0 and 1, got values such as {bad.tolist()}")
     return array.astype(bool)

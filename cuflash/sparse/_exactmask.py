@@ -22,7 +22,7 @@ import numpy
 import scipy.sparse
 
 from . import _convert, _csr
-from ._validate import ceil_div, positive_int, problem_shape
+from ._validate import ceil_div, picture_size, positive_int, problem_shape
 
 WORD_BITS = 32
 
@@ -133,7 +133,8 @@ class ExactMask:
         shape : (int, int), optional
             The problem ``(Nq, Nk)``; when given it must equal the pattern's shape.
         """
-        heads, per_head = _convert.sparse_heads(pattern)
+        heads, per_head = _convert.sparse_heads(
+            pattern, dense_hint="ExactMask.from_dense for a dense bool array")
         pattern_shape = tuple(int(n) for n in heads[0][0])
         if shape is not None and problem_shape("shape", shape) != pattern_shape:
             raise ValueError(f"shape={tuple(shape)} disagrees with the pattern's shape "
@@ -156,10 +157,8 @@ class ExactMask:
         if array.ndim not in (2, 3) or 0 in array.shape:
             raise ValueError(f"array must have shape (Nq, Nk) or (H, Nq, Nk), none of them 0; "
                              f"got shape {array.shape}")
-        if array.dtype != numpy.bool_ and not numpy.issubdtype(array.dtype, numpy.integer):
-            raise TypeError(f"array must be bool or integer (0/1), got dtype {array.dtype}")
         per_head = array.ndim == 3
-        layout = array if per_head else array[None]
+        layout = _convert.zero_one(array if per_head else array[None])
         return cls._from_keys(numpy.flatnonzero(layout), shape=layout.shape[1:],
                               num_heads=layout.shape[0] if per_head else None)
 
@@ -323,6 +322,7 @@ class ExactMask:
         from ._blockmask import _head_index
 
         head = _head_index(head, self._stored_heads, self._num_heads)
+        max_rows, max_cols = picture_size(max_rows, max_cols)
         tile_m, tile_n = tile
         bits = self.tile_bits(tile_m, tile_n)
         tiles_m, tiles_n = bits.row_ptr.shape[1] - 1, bits.col_ptr.shape[1] - 1

@@ -23,7 +23,7 @@ import numpy
 
 from ._csr import ramp, sorted_unique
 from ._intervals import Grid, every_unit_attends, union
-from ._validate import nonnegative_int, nonnegative_pair, positive_int, positive_pair
+from ._validate import nonnegative_int, nonnegative_pair, positive_int, positive_pair, problem_shape
 
 
 def causal(nq, nk=None, *, block_size=None):
@@ -242,10 +242,10 @@ def expand_blocks(pattern, *, block_size, shape):
     import scipy.sparse
 
     bq, bk = positive_pair("block_size", block_size)
-    nq, nk = (positive_int(f"shape[{i}]", n) for i, n in enumerate(shape))
+    nq, nk = problem_shape("shape", shape)
     expected = (-(-nq // bq), -(-nk // bk))
     if tuple(pattern.shape) != expected:
-        raise ValueError(f"pattern has shape {tuple(pattern.shape)}, but shape={tuple(shape)} with "
+        raise ValueError(f"pattern has shape {tuple(pattern.shape)}, but shape={(nq, nk)} with "
                          f"block_size=({bq}, {bk}) has {expected} blocks")
     blocks = scipy.sparse.csr_array(pattern).astype(bool)
     elements = scipy.sparse.kron(blocks, numpy.ones((bq, bk), dtype=bool), format="csr")

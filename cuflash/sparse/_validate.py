@@ -55,5 +55,10 @@ def problem_shape(name, value):
     return positive_int(f"{name}[0]", value[0]), positive_int(f"{name}[1]", value[1])
 
 
+def picture_size(max_rows, max_cols):
+    """The ``(max_rows, max_cols)`` of a mask's text picture, positive ints."""
+    return positive_int("max_rows", max_rows), positive_int("max_cols", max_cols)
+
+
 def ceil_div(a, b):
     return -(-a // b)
