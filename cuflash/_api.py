@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from typing import Any, Callable
 
 import numpy
@@ -401,11 +402,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
 
 
 def _vjp_seed(dropout_p, dropout_seed, dropout_offset):
-    """The dropout seed of a vjp: the one given, or with ``dropout_p > 0`` and none given one
-    drawn from NumPy's default generator (fresh entropy), which the backward pass then reuses."""
+    """The dropout seed of a vjp: the one given, or with ``dropout_p > 0`` and none given 64
+    fresh bits of the operating system's entropy (``secrets``: a tenth of the cost of a new
+    NumPy generator, per training step), which the backward pass then reuses."""
     if dropout_seed is None and _checks.check_dropout(
             dropout_p, None, dropout_offset, None, seed_required=False)[0]:
-        return int(numpy.random.default_rng().integers(2**64, dtype=numpy.uint64))
+        return secrets.randbits(64)
     return dropout_seed
 
 
@@ -417,8 +419,8 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
 
     The options are those of ``attention`` and ``attention_backward``, validated once here.
     ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them. With
-    ``dropout_p > 0`` and no ``dropout_seed``, a seed is drawn from NumPy's default generator
-    (fresh entropy); the backward pass always uses the forward's seed and offset, and
+    ``dropout_p > 0`` and no ``dropout_seed``, a seed is drawn from the operating system's
+    entropy (``secrets.randbits(64)``); the backward pass always uses the forward's seed and offset, and
     ``vjp.dropout_seed`` holds the seed (0 without dropout).
     """
     _checks.check_bool(deterministic, "deterministic")  # before running anything
@@ -651,10 +653,17 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                             **options)
     out, lse = _varlen_forward(spec, xp, q, k, v, None)
     backward_options = dict(options, check_offsets=False)  # checked above
+    # The offsets as the forward read them: the backward reads NumPy offsets again on the host,
+    # where a change to the caller's arrays in place between the two passes must not reach it.
+    # (The kernels read the device offsets the forward read: the caller's CuPy arrays, or a copy
+    # of NumPy ones.)
+    cu_q, cu_k = spec.varlen.cu_q, spec.varlen.cu_k
+    if xp is numpy:
+        cu_q, cu_k = cu_q.copy(), cu_k.copy()
 
     def vjp(dout):
-        return _calls.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                      max_seqlen_q, max_seqlen_k, backward_options, alibi=spec.alibi)
+        return _calls.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q,
+                                      max_seqlen_k, backward_options, alibi=spec.alibi)
 
     vjp.dropout_seed = spec.dropout_seed
     return out, vjp

@@ -21,6 +21,8 @@ built, and an entry found there is then held under the quick key too (``_lookup`
 What is redone per call, because it is not part of the signature:
 
 - the data pointers (only their alignment is in the signature);
+- dropout's seed and offset (``_PER_CALL_OPTIONS``): checked, then written into the launch's
+  arguments, so that a training loop drawing a new seed per call keeps one entry;
 - ``out=`` must not overlap q, k or v, nor given gradients (``dq=``, ``dk=``, ``dv=``) the
   backward's other arrays or one another: comparisons of byte ranges;
 - ALiBi slopes are keyed by their layout; their values are copied to the spec's ``(B, Hq)``
@@ -258,15 +260,39 @@ class CapturedAllocations:
             keep_alive_with(outputs, (self.buffers, spec))
 
 
+# ----------------------------------------------------------------------------- dropout per call
+
+# Options a call's key leaves out: its launch writes them per call (``_launch.DROPOUT_WORDS``),
+# so that a training loop, which draws a new seed for every call, keeps one entry.
+_PER_CALL_OPTIONS = ("dropout_seed", "dropout_offset")
+
+
+def _keyed(options: dict) -> tuple:
+    """The values of ``options`` the key holds, in order: all but ``_PER_CALL_OPTIONS``."""
+    return tuple(value for name, value in options.items() if name not in _PER_CALL_OPTIONS)
+
+
+def _with_call_dropout(spec, options: dict):
+    """``spec`` with this call's dropout seed and offset, checked as the validated path checks
+    them (``_checks.check_dropout``); ``spec`` itself where they are its own."""
+    seed, offset = options["dropout_seed"], options["dropout_offset"]
+    if not spec.dropout_p and seed is None and offset.__class__ is int and offset == 0:
+        return spec  # no dropout, nothing given: the common case, no check needed
+    _, seed, offset = _checks.check_dropout(options["dropout_p"], seed, offset, spec.shapes)
+    if seed == spec.dropout_seed and offset == spec.dropout_offset:
+        return spec
+    return dataclasses.replace(spec, dropout_seed=seed, dropout_offset=offset)
+
+
 # ----------------------------------------------------------------------------- forward
 
 def forward(q, k, v, out, options: dict, return_lse):
     """``(result, lse, spec)`` of one forward call (``options``: ``_api._spec``'s)."""
     slopes = options["alibi_slopes"]
     entry, key = _lookup("forward", (q, k, v) if out is None else (q, k, v, out),
-                         (*options.values(), return_lse), slopes)
+                         (*_keyed(options), return_lse), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry(q, k, v, out, slopes)
+        done = entry(q, k, v, out, slopes, _with_call_dropout(entry.spec, options))
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -384,9 +410,10 @@ def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, No
     arrays = (dout, q, k, v, out, lse)
     if True in given:
         arrays += tuple(g for g in grads if g is not None)
-    entry, key = _lookup(_BACKWARD_NAMES[given], arrays, tuple(options.values()), slopes)
+    entry, key = _lookup(_BACKWARD_NAMES[given], arrays, _keyed(options), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry(dout, q, k, v, out, lse, grads, slopes, alibi)
+        done = entry(dout, q, k, v, out, lse, grads, slopes, alibi,
+                     _with_call_dropout(entry.spec, options))
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -514,10 +541,11 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, return
     validated path does (``check_offsets``), then launches with them."""
     slopes = options["alibi_slopes"]
     arrays = (q, k, v, cu_q, cu_k) if out is None else (q, k, v, cu_q, cu_k, out)
-    entry, key = _lookup("varlen forward", arrays, (max_q, max_k, *options.values(), return_lse),
+    entry, key = _lookup("varlen forward", arrays, (max_q, max_k, *_keyed(options), return_lse),
                          slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry.dense(q, k, v, out, slopes, entry.spec_of(cu_q, cu_k))
+        done = entry.dense(q, k, v, out, slopes,
+                           _with_call_dropout(entry.spec_of(cu_q, cu_k), options))
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -544,9 +572,10 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: 
     if True in given:
         arrays += tuple(g for g in grads if g is not None)
     entry, key = _lookup(_VARLEN_BACKWARD_NAMES[given], arrays,
-                         (max_q, max_k, *options.values()), slopes)
+                         (max_q, max_k, *_keyed(options)), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi, entry.spec_of(cu_q, cu_k))
+        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi,
+                           _with_call_dropout(entry.spec_of(cu_q, cu_k), options))
         if done is not None:
             _stats["hits"] += 1
             return done

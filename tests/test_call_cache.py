@@ -205,6 +205,106 @@ def test_cached_calls_allocate_their_outputs_and_one_workspace(device, monkeypat
     assert [m for m in made if m[0] == "device_memory"] == [cached[-1]]  # the same workspace size
 
 
+SEEDS_AND_OFFSETS = [(2, 0), (2**64 - 1, 7), (1, 2**32 - 1), (12345, 3)]
+
+
+def _dropout_calls(device, varlen=False):
+    """``(forward(seed, offset), backward(seed, offset))`` of one problem with dropout."""
+    if varlen:
+        q, k, v = (device.empty((700, 4, 64), BF16) for _ in range(3))
+        cu = device.empty((4,), np.int32)
+        layout = (cu, cu, 300, 300)
+        out, lse = cuflash.attention_varlen(q, k, v, *layout, causal=True, return_lse=True,
+                                            check_offsets=False)
+        dout = device.empty(out.shape, BF16)
+
+        def forward(seed, offset):
+            return cuflash.attention_varlen(q, k, v, *layout, causal=True, dropout_p=0.1,
+                                            dropout_seed=seed, dropout_offset=offset,
+                                            check_offsets=False)
+
+        def backward(seed, offset):
+            return cuflash.attention_varlen_backward(
+                dout, q, k, v, out, lse, *layout, causal=True, dropout_p=0.1, dropout_seed=seed,
+                dropout_offset=offset, check_offsets=False)
+
+        return forward, backward
+    q, k, v = _qkv(device)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = device.empty(SHAPE, BF16)
+
+    def forward(seed, offset):
+        return cuflash.attention(q, k, v, causal=True, dropout_p=0.1, dropout_seed=seed,
+                                 dropout_offset=offset)
+
+    def backward(seed, offset):
+        return cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, dropout_p=0.1,
+                                          dropout_seed=seed, dropout_offset=offset)
+
+    return forward, backward
+
+
+def _fresh_fields_blank(launches, backward):
+    """The launches with the fields a call allocates afresh blanked out (out and lse; or the
+    gradients and the workspace: BWD_ARGS fields 6-11)."""
+    if not backward:
+        return _output_fields_blank(launches)
+    return [(expression, grid, block, shared, record[:48] + b"P" * 48 + record[96:])
+            for expression, grid, block, shared, record in launches]
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_dropout_seeds_and_offsets_share_one_entry_and_reach_the_kernels(device, varlen, backward):
+    """A training loop draws a new dropout seed for every call: calls that differ only in their
+    seed or offset keep one entry, and each sends the bytes the validated path sends for its own
+    seed and offset."""
+    call = _dropout_calls(device, varlen)[backward]
+    call(1, 0)
+    builds = _builds()
+    cached = []
+    for seed, offset in SEEDS_AND_OFFSETS:
+        device.take_launches()
+        call(seed, offset)
+        cached.append(device.take_launches())
+    assert _builds() == builds
+    assert len({tuple(launch[4] for launch in launches) for launches in cached}) == len(cached)
+    for (seed, offset), launches in zip(SEEDS_AND_OFFSETS, cached):
+        uncached = _uncached(device, lambda: call(seed, offset))
+        assert _fresh_fields_blank(launches, backward) == _fresh_fields_blank(uncached, backward)
+
+
+@pytest.mark.parametrize("seed, offset, error, match", [
+    (-1, 0, ValueError, r"dropout_seed must be an int in \[0, 2\*\*64\)"),
+    (2**64, 0, ValueError, "dropout_seed must be an int"),
+    (1.5, 0, TypeError, "dropout_seed must be an int"),
+    (None, 0, ValueError, "needs an explicit dropout_seed"),
+    (1, 2**32, ValueError, "dropout_offset must be an int"),
+    (1, "0", TypeError, "dropout_offset must be an int"),
+])
+def test_a_cached_dropout_call_checks_its_seed_and_offset(device, seed, offset, error, match):
+    forward, backward = _dropout_calls(device)
+    for call in (forward, backward):
+        call(1, 0)
+        call(2, 0)
+        with pytest.raises(error, match=match):
+            call(seed, offset)
+
+
+def test_seeds_without_dropout_change_nothing(device):
+    q, k, v = _qkv(device)
+    cuflash.attention(q, k, v, causal=True)
+    device.take_launches()
+    cuflash.attention(q, k, v, causal=True, dropout_seed=7, dropout_offset=3)
+    seeded = device.take_launches()
+    cuflash.attention(q, k, v, causal=True)
+    plain = device.take_launches()
+    assert _builds() == 1
+    assert _output_fields_blank(seeded) == _output_fields_blank(plain)
+    with pytest.raises(TypeError, match="dropout_seed must be an int"):
+        cuflash.attention(q, k, v, causal=True, dropout_seed="7")
+
+
 def test_deterministic_gives_its_own_backward_entry(device):
     q, k, v = _qkv(device)
     out, lse = cuflash.attention(q, k, v, return_lse=True)
@@ -493,14 +593,18 @@ def test_structs_reach_cupy_as_scalars_that_hold_the_packed_bytes():
     from cuflash.kernels import _launch, _tma
 
     values = {name: index for index, name in enumerate(_launch.FWD_ARGS.names)}
-    packed = _launch.PackedArgs(_launch.FWD_ARGS, _launch.FWD_POINTERS, values)
-    pointers = tuple(range(1 << 40, (1 << 40) + len(_launch.FWD_POINTERS)))
-    argument = packed.pack(pointers)
+    packed = _launch.PackedArgs(_launch.FWD_ARGS, _launch.FWD_CALL_FIELDS, values)
+    # 64-bit pointers, then dropout's 32-bit seed words
+    words = len(_launch.DROPOUT_WORDS)
+    per_call = (tuple(range(1 << 40, (1 << 40) + len(_launch.FWD_CALL_FIELDS) - words))
+                + tuple(range(0xFFFFFFF0, 0xFFFFFFF0 + words)))
+    argument = packed.pack(per_call)
     assert isinstance(argument, np.void)
     record = np.zeros(1, _launch.FWD_ARGS)
     for name in _launch.FWD_ARGS.names:
         record[name] = values[name]
-    record[list(_launch.FWD_POINTERS)] = pointers
+    for name, value in zip(_launch.FWD_CALL_FIELDS, per_call):
+        record[name] = value
     assert _bytes_cupy_sends(argument, record.nbytes) == record.tobytes()
 
     descriptors = [np.arange(16, dtype=np.uint64) * (i + 3) for i in range(3)]

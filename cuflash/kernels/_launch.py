@@ -78,7 +78,7 @@ def stride_fields(names, arrays) -> dict:
 
 def varlen_values(spec) -> dict:
     """The argument fields of packed variable-length sequences (``cu_q``, ``cu_k`` are pointers
-    filled per call, see forward_pointers): ``total_q`` (lse's head stride), 0 for a dense call."""
+    filled per call, see forward_call_values): ``total_q`` (lse's head stride), 0 for a dense call."""
     return {"total_q": 0 if spec.varlen is None else spec.varlen.total_q}
 
 
@@ -213,50 +213,59 @@ def pack_struct(dtype: numpy.dtype, **values) -> numpy.void:
 
 
 class PackedArgs:
-    """An argument struct packed once, of which each launch re-fills only the pointer fields.
+    """An argument struct packed once, of which each launch re-fills only the fields that change
+    from call to call: the data pointers and dropout's seed words (``call_fields``).
 
-    Everything but the pointers depends on the call's layout alone (sizes, strides, options), so
-    a prepared launch packs it once (``packed``); ``write_pointers(buffer, pointers)`` writes the
-    ``pointer_names`` fields (uint64, in that order) into a buffer holding those bytes, and
-    ``pack(pointers)`` does so into a fresh copy, as the argument CuPy's ``RawKernel`` takes."""
+    Everything else depends on the call's layout and options alone (sizes, strides, masks), so a
+    prepared launch packs it once (``packed``); ``write_call_values(buffer, values)`` writes the
+    ``call_fields`` (uint64 pointers and uint32 words, in that order) into a buffer holding those
+    bytes, and ``pack(values)`` does so into a fresh copy, as the argument CuPy's ``RawKernel``
+    takes."""
 
-    def __init__(self, dtype: numpy.dtype, pointer_names, values: dict):
-        pointer_names = tuple(pointer_names)
-        missing = set(dtype.names) - set(values) - set(pointer_names)
+    def __init__(self, dtype: numpy.dtype, call_fields, values: dict):
+        call_fields = tuple(call_fields)
+        missing = set(dtype.names) - set(values) - set(call_fields)
         if missing:
             raise KeyError(f"kernel arguments missing: {sorted(missing)}")
         record = numpy.zeros(1, dtype)
         for name in dtype.names:
-            if name not in pointer_names:
+            if name not in call_fields:
                 record[name] = values[name]
         self.packed = record.tobytes()
         self._opaque = _opaque(dtype.itemsize)
-        self._runs = _pointer_runs(dtype, pointer_names)
+        self._runs = _call_field_runs(dtype, call_fields)
 
-    def write_pointers(self, buffer, pointers) -> None:
+    def write_call_values(self, buffer, values) -> None:
         for packer, offset, start, stop in self._runs:
-            packer.pack_into(buffer, offset, *pointers[start:stop])
+            packer.pack_into(buffer, offset, *values[start:stop])
 
-    def pack(self, pointers) -> numpy.void:
+    def pack(self, values) -> numpy.void:
         buffer = bytearray(self.packed)
-        self.write_pointers(buffer, pointers)
+        self.write_call_values(buffer, values)
         return by_value(numpy.frombuffer(buffer, self._opaque))
 
 
-def _pointer_runs(dtype: numpy.dtype, names) -> tuple:
-    """``(struct.Struct, byte offset, first, stop)`` per run of adjacent pointer fields among
+# The per-call field kinds PackedArgs writes, by struct code: a pointer, a uint32 word.
+_CALL_FIELD_CODES = {numpy.dtype(PTR): "Q", numpy.dtype(U32): "I"}
+
+
+def _call_field_runs(dtype: numpy.dtype, names) -> tuple:
+    """``(struct.Struct, byte offset, first, stop)`` per run of adjacent per-call fields among
     ``names`` (taken in order): one ``pack_into`` writes a whole run."""
-    runs = []
+    runs = []  # [codes, offset, first, stop, end offset]
     for index, name in enumerate(names):
         field, offset = dtype.fields[name][:2]
-        if field != numpy.dtype(PTR):
-            raise TypeError(f"argument {name} is not a pointer field")
-        if runs and runs[-1][1] + 8 * (index - runs[-1][2]) == offset:
+        code = _CALL_FIELD_CODES.get(field)
+        if code is None:
+            raise TypeError(f"argument {name} is neither a pointer nor a uint32 field")
+        if runs and runs[-1][4] == offset and runs[-1][3] == index:
+            runs[-1][0] += code
             runs[-1][3] = index + 1
         else:
-            runs.append([None, offset, index, index + 1])
-    return tuple((struct.Struct(f"<{stop - start}Q"), offset, start, stop)
-                 for _, offset, start, stop in runs)
+            runs.append([code, offset, index, index + 1, None])
+        runs[-1][4] = offset + field.itemsize
+    return tuple((struct.Struct("<" + codes), offset, start, stop)
+                 for codes, offset, start, stop, _ in runs)
 
 
 # ---- launches through the driver
@@ -531,11 +540,11 @@ class KernelLaunch:
     """One kernel launch of a prepared call: the compiled function, its 1-D grid and block, its
     dynamic shared memory, its packed arguments and the scalars the kernel takes after them
     (``tail``: NumPy scalars), then, with ``tile_counter``, the address of the stream's
-    ``TileCounters`` counter (a persistent grid); calling it with the pointers launches it on
-    CuPy's current stream (or `stream`). A kernel that reads tensors through TMA takes their
-    descriptors first: ``maps`` (``_tma.TensorLayout`` of each) with ``map_pointers`` (the index
-    of each one's address in `pointers`); a call encodes the descriptors of addresses that
-    changed.
+    ``TileCounters`` counter (a persistent grid); calling it with the values of the arguments'
+    per-call fields (``PackedArgs``) launches it on CuPy's current stream (or `stream`). A kernel
+    that reads tensors through TMA takes their descriptors first: ``maps``
+    (``_tma.TensorLayout`` of each) with ``map_pointers`` (the index of each one's address in
+    those values); a call encodes the descriptors of addresses that changed.
 
     Launches go through a ``DriverLaunch``, built at the first call (``_writer``); ``cupy_arguments``
     are the same parameters as CuPy's RawKernel takes them (the reference the tests hold the
@@ -551,19 +560,19 @@ class KernelLaunch:
     map_pointers: tuple = ()
     tile_counter: bool = False
     dependent: bool = False  # a programmatic dependent of the launch before it (DriverLaunch)
-    # The function that writes a call's pointers and launches, from the first call.
+    # The function that writes a call's per-call values and launches, from the first call.
     _state: list = field(default_factory=list, init=False, repr=False, compare=False)
 
-    def __call__(self, pointers, stream: int | None = None) -> None:
+    def __call__(self, values, stream: int | None = None) -> None:
         launch = self._state[0] if self._state else self._writer()
-        launch(pointers, current_stream() if stream is None else stream)
+        launch(values, current_stream() if stream is None else stream)
 
     def _writer(self):
-        """``launch(pointers, stream)`` of this kernel through a new ``DriverLaunch``: rewrite
-        the descriptors whose address changed and the pointer fields, then launch, under the
+        """``launch(values, stream)`` of this kernel through a new ``DriverLaunch``: rewrite
+        the descriptors whose address changed and the per-call fields, then launch, under the
         driver's lock."""
         if self.blocks == 0:  # nothing to do (a varlen call without keys); CUDA refuses 0 blocks
-            def launch(pointers, stream):
+            def launch(values, stream):
                 pass
             self._state[:] = [launch]
             return launch
@@ -574,21 +583,21 @@ class KernelLaunch:
             params.append(bytes(8))
         driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params,
                               dependent=self.dependent)
-        lock, args, write_pointers = driver.lock, driver.params[1 if map_count else 0], self.args.write_pointers
+        lock, args, write_call_values = driver.lock, driver.params[1 if map_count else 0], self.args.write_call_values
         launch_driver = driver.launch
         descriptors = driver.params[0] if map_count else None
         counter = driver.params[-1] if self.tile_counter else None
         maps = tuple(zip(range(map_count), self.maps, self.map_pointers))
         described = [None] * map_count  # the address each descriptor in the buffer describes
 
-        def launch(pointers, stream):
+        def launch(values, stream):
             with lock:
                 for i, layout, index in maps:
-                    address = pointers[index]
+                    address = values[index]
                     if described[i] != address:  # a descriptor holds its tensor's address
                         descriptors[128 * i:128 * (i + 1)] = layout.descriptor_bytes(address)
                         described[i] = address
-                write_pointers(args, pointers)
+                write_call_values(args, values)
                 if counter is not None:
                     struct.pack_into("<Q", counter, 0, tile_counters.pointer(stream))
                 launch_driver(stream)
@@ -596,19 +605,19 @@ class KernelLaunch:
         self._state[:] = [launch]
         return launch
 
-    def cupy_arguments(self, pointers) -> tuple:
+    def cupy_arguments(self, values) -> tuple:
         """The arguments CuPy's RawKernel takes for the same launch."""
         from . import _tma
 
-        descriptors = [layout.descriptor(pointers[i]) for layout, i in zip(self.maps, self.map_pointers)]
+        descriptors = [layout.descriptor(values[i]) for layout, i in zip(self.maps, self.map_pointers)]
         head = (_tma.pack(descriptors),) if descriptors else ()
         counter = (numpy.uint64(tile_counters.pointer(current_stream())),) if self.tile_counter else ()
-        return (*head, self.args.pack(pointers), *self.tail, *counter)
+        return (*head, self.args.pack(values), *self.tail, *counter)
 
-    def launch_through_cupy(self, pointers) -> None:
+    def launch_through_cupy(self, values) -> None:
         """The same launch through CuPy's RawKernel.__call__ (slower: the reference)."""
         if self.blocks:
-            self.kernel((self.blocks,), (self.threads,), self.cupy_arguments(pointers),
+            self.kernel((self.blocks,), (self.threads,), self.cupy_arguments(values),
                         shared_mem=self.shared)
 
 
@@ -650,14 +659,25 @@ def mask_and_score_values(spec) -> dict:
 DROPOUT_FIELDS = [("drop_threshold", U32), ("drop_seed_lo", U32), ("drop_seed_hi", U32),
                   ("drop_offset", U32), ("drop_rescale", F32)]
 
+# The dropout fields a launch writes per call, as it writes its pointers: calls that differ only
+# in their seed or offset (a training loop draws a seed per step) share one prepared launch.
+DROPOUT_WORDS = ("drop_seed_lo", "drop_seed_hi", "drop_offset")
+
 
 def dropout_values(spec) -> dict:
-    """The values of DROPOUT_FIELDS for one call (threshold 0 and factor 1 without dropout; the
-    kernels read them only in their DROPOUT variants)."""
-    seed, p = spec.dropout_seed, spec.dropout_p
-    return {"drop_threshold": _dropout.threshold(p),
-            "drop_seed_lo": seed & 0xFFFFFFFF, "drop_seed_hi": seed >> 32,
-            "drop_offset": spec.dropout_offset, "drop_rescale": _dropout.rescale(p)}
+    """The values of DROPOUT_FIELDS but DROPOUT_WORDS for one call (threshold 0 and factor 1
+    without dropout; the kernels read them only in their DROPOUT variants)."""
+    p = spec.dropout_p
+    return {"drop_threshold": _dropout.threshold(p), "drop_rescale": _dropout.rescale(p)}
+
+
+def dropout_words(spec) -> tuple[int, int, int]:
+    """The DROPOUT_WORDS values of one call (0 without dropout)."""
+    seed = spec.dropout_seed
+    return seed & 0xFFFFFFFF, seed >> 32, spec.dropout_offset
+
+
+NO_DROPOUT_WORDS = (0, 0, 0)  # the DROPOUT_WORDS of a call without dropout
 
 
 def mask_type(spec) -> str:
@@ -734,20 +754,20 @@ def mask_heads(spec) -> int:
     return int(mask is not None and mask.num_heads is not None)
 
 
-# The fields of FWD_ARGS a forward launch re-fills per call, in this order (see forward_pointers).
-FWD_POINTERS = ("q", "k", "v", "o", "lse", "alibi", "cu_q", "cu_k")
+# The fields of FWD_ARGS a forward launch re-fills per call, in this order (see forward_call_values).
+FWD_CALL_FIELDS = ("q", "k", "v", "o", "lse", "alibi", "cu_q", "cu_k") + DROPOUT_WORDS
 
 
-def forward_pointers(q, k, v, out, lse, spec) -> tuple[int, ...]:
-    """The FWD_POINTERS values of one call; any views with the prepared layout will do (only
+def forward_call_values(q, k, v, out, lse, spec) -> tuple[int, ...]:
+    """The FWD_CALL_FIELDS values of one call; any views with the prepared layout will do (only
     their data pointers are read). ``lse`` may be None: the kernels then store none."""
     return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, pointer(lse), pointer(spec.alibi),
-            *varlen_pointers(spec))
+            *varlen_pointers(spec), *dropout_words(spec))
 
 
 def forward_args(spec, arrays, *, tile_m, tile_n, resident_blocks=0) -> tuple[PackedArgs, int]:
     """The forward kernels' argument struct for 4-D views ``arrays`` = (q, k, v, out) (their
-    layout; the pointers are FWD_POINTERS, filled per call), and the grid size (thread blocks):
+    layout; the FWD_CALL_FIELDS are filled per call), and the grid size (thread blocks):
     one block per `tile_m` query rows of each (batch, head). With a block or exact mask, its tile
     index at (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds). A varlen
     call's arrays are packed (total, H, D): its grid covers the longest sequence's tiles.
@@ -765,20 +785,20 @@ def forward_args(spec, arrays, *, tile_m, tile_n, resident_blocks=0) -> tuple[Pa
         mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
         **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),
     )
-    return PackedArgs(FWD_ARGS, FWD_POINTERS, values), blocks
+    return PackedArgs(FWD_ARGS, FWD_CALL_FIELDS, values), blocks
 
 
 class ForwardLaunch:
     """A prepared forward pass: ``launch(q, k, v, out, lse, spec)`` with the entry point's
-    arguments (views of the prepared layout) only fills in their pointers and launches, on
-    `stream` (a handle) or CuPy's current stream."""
+    arguments (views of the prepared layout) only fills in the per-call values (their pointers,
+    dropout's seed words) and launches, on `stream` (a handle) or CuPy's current stream."""
 
     def __init__(self, launch: KernelLaunch):
         self.launch = launch
 
     def __call__(self, q, k, v, out, lse, spec, stream: int | None = None) -> None:
-        self.launch(forward_pointers(q, k, v, out, lse, spec), stream)
+        self.launch(forward_call_values(q, k, v, out, lse, spec), stream)
 
-    def launch_pointers(self, pointers, stream: int) -> None:
-        """Launch with the FWD_POINTERS values ``pointers`` on ``stream`` (a handle)."""
-        self.launch(pointers, stream)
+    def launch_call_values(self, values, stream: int) -> None:
+        """Launch with the FWD_CALL_FIELDS values ``values`` on ``stream`` (a handle)."""
+        self.launch(values, stream)

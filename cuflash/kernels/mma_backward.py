@@ -35,6 +35,7 @@ import numpy
 from . import _build, _launch
 from ._launch import (
     BWD_ARGS,
+    DROPOUT_WORDS,
     LOG2E,
     NO_TILE_INDEX,
     KernelLaunch,
@@ -42,6 +43,7 @@ from ._launch import (
     check_grid,
     current_stream,
     dropout_values,
+    dropout_words,
     element_type,
     mask_and_score_values,
     mask_heads,
@@ -357,15 +359,15 @@ class Scratch:
 
 
 # The fields of BWD_ARGS a backward launch re-fills per call, in this order (BackwardLaunch).
-BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2", "delta",
-                "dq_accum", "alibi", "cu_q", "cu_k")
+BWD_CALL_FIELDS = ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2", "delta",
+                   "dq_accum", "alibi", "cu_q", "cu_k") + DROPOUT_WORDS
 
 
 class BackwardLaunch:
     """A prepared backward pass: ``launch(dout, q, k, v, out, lse, dq, dk, dv, spec)`` with the
     entry point's arguments (views of the prepared layout; only their pointers are read)
-    allocates the workspace, fills in the pointers and runs the launches in order, on `stream`
-    (a handle) or CuPy's current stream. Returns the workspace buffer (the caller may keep it
+    allocates the workspace, fills in the per-call values (pointers, dropout's seed words) and
+    runs the launches in order, on `stream` (a handle) or CuPy's current stream. Returns the workspace buffer (the caller may keep it
     alive, as a captured graph needs).
 
     Every launch after the first is a programmatic dependent of the one before it
@@ -381,24 +383,24 @@ class BackwardLaunch:
 
     def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, spec, stream: int | None = None):
         workspace, (lse2, delta, dq_accum) = self.scratch.allocate()
-        pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, lse.data.ptr,
-                    dq.data.ptr, dk.data.ptr, dv.data.ptr, lse2, delta, dq_accum,
-                    pointer(spec.alibi), *varlen_pointers(spec))
-        self.launch_pointers(pointers, current_stream() if stream is None else stream)
+        values = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, lse.data.ptr,
+                  dq.data.ptr, dk.data.ptr, dv.data.ptr, lse2, delta, dq_accum,
+                  pointer(spec.alibi), *varlen_pointers(spec), *dropout_words(spec))
+        self.launch_call_values(values, current_stream() if stream is None else stream)
         return workspace
 
-    def launch_pointers(self, pointers, stream: int) -> None:
-        """Run the launches in order with the BWD_POINTERS values ``pointers`` (the workspace's
-        from ``scratch.pointers``) on ``stream`` (a handle)."""
+    def launch_call_values(self, values, stream: int) -> None:
+        """Run the launches in order with the BWD_CALL_FIELDS values ``values`` (the workspace's
+        pointers from ``scratch.pointers``) on ``stream`` (a handle)."""
         for launch in self.launches:
-            launch(pointers, stream)
+            launch(values, stream)
 
 
 def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
     """``args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX, tail_lanes=0)``: the packed BWD_ARGS of
     each launch of a backward call with the layout of 4-D views ``arrays`` = (q, k, v, dout, out,
     dq, dk, dv) (they differ only in the launch's tile counts, tile index, ``tile_index``, and the
-    dK/dV grid's order, ``_launch.tail_lanes``; the pointers are BWD_POINTERS, filled per
+    dK/dV grid's order, ``_launch.tail_lanes``; the pointers are BWD_CALL_FIELDS, filled per
     call). A varlen call's arrays are packed (total, H, D).
     ``dqk``: the dq accumulator's row length, as for ``Scratch.of``."""
     q, k, v, dout, out, dq, dk, dv = arrays
@@ -415,7 +417,7 @@ def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
     )
 
     def args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX, tail_lanes=0):
-        return PackedArgs(BWD_ARGS, BWD_POINTERS,
+        return PackedArgs(BWD_ARGS, BWD_CALL_FIELDS,
                           dict(fields, m_tiles=m_tiles, n_tiles=n_tiles, tail_lanes=tail_lanes, **index))
 
     return args
