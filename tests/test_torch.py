@@ -250,6 +250,70 @@ def test_option_missing_from_core_raises(monkeypatch, name, value):
     ct.attention(q, q, q)  # defaults are never passed on
 
 
+def _varlen(**options):
+    """flash_attn_varlen_func on two packed sequences of 3 and 5 rows (inputs drawn from no
+    generator)."""
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    x = torch.linspace(-1, 1, 8 * 2 * 8).reshape(8, 2, 8)
+    return ct.flash_attn_varlen_func(x, x, x, cu, cu, 5, 5, **options)
+
+
+# Values the core refuses, which a conversion to bool, int or float would let through: each call
+# must raise the core's error, naming the argument as that signature names it.
+BAD_OPTION_VALUES = [
+    ("causal", "False", TypeError), ("causal", 1, TypeError),
+    ("window", (1.9, 0), TypeError), ("window", (-2, 0), ValueError),
+    ("scale", True, TypeError), ("scale", "0.5", TypeError), ("scale", -1.0, ValueError),
+    ("softcap", "1.0", TypeError), ("softcap", -1.0, ValueError),
+    ("deterministic", "False", TypeError),
+]
+BAD_OPTION_IDS = [f"{name}={value!r}" for name, value, _ in BAD_OPTION_VALUES]
+FLASH_ATTN_NAMES = {"scale": "softmax_scale", "window": "window_size"}
+
+
+def _core_call(q, **options):
+    """The core's call that checks ``options``: its backward for ``deterministic``."""
+    x = q.numpy()
+    if "deterministic" not in options:
+        return cuflash.attention(x, x, x, **options)
+    out, lse = cuflash.attention(x, x, x, return_lse=True)
+    return cuflash.attention_backward(out, x, x, x, out, lse, **options)
+
+
+@pytest.mark.parametrize("name, value, error", BAD_OPTION_VALUES, ids=BAD_OPTION_IDS)
+def test_attention_refuses_option_values_with_the_cores_error(name, value, error):
+    q = randn(1, 2, 8, 8)
+    with pytest.raises(error) as core:
+        _core_call(q, **{name: value})
+    with pytest.raises(error) as adapter:
+        ct.attention(q, q, q, **{name: value})
+    assert str(adapter.value) == str(core.value)
+    assert str(adapter.value).startswith(f"{name} ")
+
+
+@pytest.mark.parametrize("through", ["eager", "operators"])
+@pytest.mark.parametrize("name, value, error", BAD_OPTION_VALUES, ids=BAD_OPTION_IDS)
+def test_flash_attn_refuses_option_values_by_their_names(monkeypatch, name, value, error,
+                                                         through):
+    """The checks come before the operators' schemas (bool, float, int), so the operators'
+    path raises the same errors."""
+    if through == "operators":
+        _operators_only(monkeypatch)
+    own = FLASH_ATTN_NAMES.get(name, name)
+    x = randn(1, 8, 2, 8)
+    for call in (lambda: ct.flash_attn_func(x, x, x, **{own: value}),
+                 lambda: _varlen(**{own: value})):
+        with pytest.raises(error, match=f"^{own} "):
+            call()
+
+
+def test_sdpa_refuses_is_causal_that_is_not_a_bool():
+    q = randn(1, 2, 8, 8)
+    for kv in (q, randn(1, 2, 6, 8)):  # L != S too: "False" is not is_causal=True
+        with pytest.raises(TypeError, match="^is_causal must be True or False"):
+            ct.scaled_dot_product_attention(q, kv, kv, is_causal="False")
+
+
 # ----------------------------------------------------------------------------- block masks
 
 def test_block_mask_object_and_handle():
@@ -291,6 +355,21 @@ def test_exact_mask_object_and_handle():
                                        expected, lse, mask=mask)
     for x, g in zip(qs, grads):
         assert np.array_equal(x.grad.numpy(), g)
+
+
+def test_the_handle_of_no_mask_is_the_call_without_a_mask():
+    from cuflash.sparse import ExactMask
+    q = randn(1, 2, 24, 8)
+    plain = ct.attention(q, q, q, causal=True)
+    no_mask = ct.block_mask_handle(None)
+    assert no_mask == -1
+    exact = ExactMask.from_dense(np.tril(np.ones((24, 24), dtype=bool)))
+    for options in (dict(block_mask=no_mask), dict(mask=no_mask),
+                    dict(block_mask=no_mask, mask=no_mask)):
+        assert torch.equal(ct.attention(q, q, q, causal=True, **options), plain)
+    # beside a mask in the other slot, it is that mask's call
+    assert torch.equal(ct.attention(q, q, q, block_mask=no_mask, mask=exact),
+                       ct.attention(q, q, q, mask=exact))
 
 
 def test_masks_in_the_wrong_slot_or_both_are_refused():
@@ -655,6 +734,20 @@ def test_sdpa_output_memory_follows_query():
     assert out.is_contiguous()
 
 
+def test_flash_attn_signatures_refuse_unequal_batch_sizes():
+    """flash-attn takes one batch size; only attention broadcasts leading axes."""
+    q, kv = randn(1, 8, 2, 8), randn(3, 8, 2, 8)
+    with pytest.raises(ValueError, match=r"^q, k and v must have the same batch size .*"
+                                         r"q \(1, 8, 2, 8\), k \(3, 8, 2, 8\), v \(3, 8, 2, 8\)"):
+        ct.flash_attn_func(q, kv, kv)
+    with pytest.raises(ValueError, match=r"q, k and v .* v \(1, 8, 2, 8\)"):
+        ct.flash_attn_func(kv, kv, q)
+    with pytest.raises(ValueError, match=r"^q and kv must have the same batch size .*"
+                                         r"q \(1, 8, 2, 8\), kv \(3, 8, 2, 2, 8\)"):
+        ct.flash_attn_kvpacked_func(q, torch.stack([kv, kv], 2))
+    assert ct.attention(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2)).shape[0] == 3
+
+
 def test_rejects_non_tensors():
     q = randn(1, 2, 8, 8)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
@@ -724,6 +817,26 @@ def test_zero_dropout_is_the_call_without_dropout():
         assert torch.equal(ct.attention(q, k, v, causal=True, **extra), plain)
     assert torch.equal(ct.flash_attn_func(q, k, v, 0.0), ct.flash_attn_func(q, k, v))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_refused_dropout_call_draws_no_seed():
+    """Every check comes before the seed is drawn: a refused call leaves torch's generator
+    where it was."""
+    x = randn(1, 8, 2, 8)
+    refused = [
+        lambda: ct.flash_attn_func(x, x, x, 0.25, window_size=(1.9, 0)),
+        lambda: ct.attention(x, x, x, dropout_p=0.25, softcap="1.0"),
+        lambda: ct.scaled_dot_product_attention(x, x, x, dropout_p=0.25, scale="0.5"),
+        lambda: _varlen(dropout_p=0.25, causal="False"),
+        lambda: _varlen(dropout_p=0.25, block_table=torch.zeros(2, 1, dtype=torch.int32)),
+        lambda: ct.flash_attn_varlen_func(x, x, x, torch.tensor([0, 8], dtype=torch.int32),
+                                          torch.tensor([0, 8], dtype=torch.int32), 8, 8, 0.25),
+    ]
+    for call in refused:
+        state = torch.get_rng_state()
+        with pytest.raises((TypeError, ValueError, NotImplementedError)):
+            call()
+        assert torch.equal(torch.get_rng_state(), state)
 
 
 def dropout_calls():

@@ -14,12 +14,45 @@ from ._ops import block_mask_handle
 _traced_mask_handle = torch.compiler.assume_constant_result(block_mask_handle)
 
 
-def _window(window, name: str) -> tuple[int, int]:
+# The flash-attn and SDPA names of the core's options, which their errors use.
+_FLASH_ATTN_NAMES = {"scale": "softmax_scale", "window": "window_size"}
+_SDPA_NAMES = {"causal": "is_causal"}
+
+
+def _head_dim(q) -> int:
+    """q's head dim, which the default scale depends on; 1 for a q without one, which the
+    core's shape check refuses after these options are checked."""
+    return q.shape[-1] if q.dim() and q.shape[-1] else 1
+
+
+def _renamed(error: Exception, names: dict) -> Exception:
+    """``error`` of a core check, its message starting with the caller's name for the argument
+    (flash-attn's ``window_size`` for the core's ``window``)."""
+    message = str(error)
+    for core, own in names.items():
+        if message.startswith(core + " "):
+            message = own + message[len(core):]
+    return type(error)(message)
+
+
+def _checked_options(q, causal, scale, window, softcap, deterministic, names: dict) -> tuple:
+    """``(causal, scale, window_left, window_right, softcap, deterministic)`` checked by the
+    core's own rules before the operators' schemas make bools, floats and ints of them (where
+    ``bool("False")`` is True and ``int(1.9)`` is 1); ``scale`` stays None for the default.
+    Errors name each argument as ``names`` says (core name -> the caller's)."""
     try:
-        left, right = window
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a pair of ints (left, right), got {window!r}") from None
-    return int(left), int(right)
+        causal = _checks.check_bool(causal, "causal")
+        # The default scale depends on q's head dim, a traced or symbolic size under
+        # torch.jit.trace and torch.compile: it is read only where the softcap's range check
+        # uses that scale (a softcap of 0 is off and needs none).
+        softcap_off = isinstance(softcap, (int, float)) and softcap == 0
+        checked_scale = _checks.check_scale(scale, 1 if softcap_off else _head_dim(q))
+        left, right = _checks.check_window(window)
+        softcap = _checks.check_softcap(softcap, checked_scale)
+        deterministic = _checks.check_bool(deterministic, "deterministic")
+    except (TypeError, ValueError) as error:
+        raise _renamed(error, names) from None
+    return causal, None if scale is None else checked_scale, left, right, softcap, deterministic
 
 
 def _check_tensors(**tensors) -> None:
@@ -91,30 +124,36 @@ def _checked_dropout_p(dropout_p, dropout_seed=None, dropout_offset=0) -> float:
                                  seed_required=False)[0]
 
 
-def _dropout(dropout_p, dropout_seed, dropout_offset):
-    """``(dropout_p, seed tensor or None, dropout_offset)`` for the operators: the given seed,
-    or with ``dropout_p > 0`` and none given a drawn one (``_ops.draw_seed``); no seed without
-    dropout."""
-    p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
+def _dropout(p: float, dropout_seed, dropout_offset):
+    """``(dropout_p, seed tensor or None, dropout_offset)`` for the operators, from a rate that
+    ``_checked_dropout_p`` returned: the given seed, or with ``p > 0`` and none given a drawn one
+    (``_ops.draw_seed``); no seed without dropout. Call it after the call's last check, so that a
+    refused call leaves torch's generator where it was."""
     if p == 0.0:
         return 0.0, None, 0
     seed = _ops.draw_seed() if dropout_seed is None else _ops.seed_tensor(int(dropout_seed))
     return p, seed, int(dropout_offset)
 
 
+def _is_handle(mask) -> bool:
+    return isinstance(mask, int) and not isinstance(mask, bool)
+
+
 def _one_mask(block_mask, mask):
     """The one mask the operators carry: a BlockMask for ``block_mask``, an ExactMask for
-    ``mask`` (either may be a handle), refused in the other slot or together, as the core does."""
+    ``mask`` (either may be a handle), refused in the other slot or together, as the core does.
+    The handle of no mask (-1, ``block_mask_handle(None)``) stands for None in either slot."""
     from cuflash.sparse import BlockMask, ExactMask
 
+    block_mask, mask = (None if _is_handle(x) and x == _ops.NO_MASK else x
+                        for x in (block_mask, mask))
     if block_mask is not None and mask is not None:
         raise ValueError("give block_mask (block-sparse) or mask (exact), not both")
     chosen, name, kind = ((mask, "mask", ExactMask) if mask is not None
                           else (block_mask, "block_mask", BlockMask))
     if chosen is None:
         return None
-    registered = chosen if not isinstance(chosen, int) or isinstance(chosen, bool) else \
-        _ops.lookup_block_mask(chosen)
+    registered = _ops.lookup_block_mask(chosen) if _is_handle(chosen) else chosen
     if not isinstance(registered, kind):
         raise TypeError(f"{name} takes a cuflash.sparse.{kind.__name__} (or its handle), got "
                         f"{type(registered).__name__}")
@@ -122,21 +161,23 @@ def _one_mask(block_mask, mask):
 
 
 def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
-               deterministic, seq_major, dropout_p, dropout_seed=None, dropout_offset=0):
+               deterministic, seq_major, dropout_p, dropout_seed=None, dropout_offset=0,
+               names=None):
     """``(out, lse, dropout)`` of the forward operator, with ``dropout`` the
-    ``(dropout_p, seed tensor or None, dropout_offset)`` it ran with (``_dropout``)."""
+    ``(dropout_p, seed tensor or None, dropout_offset)`` it ran with (``_dropout``); ``names``
+    as for ``_checked_options``."""
     if alibi_slopes is None:
         _check_tensors(q=q, k=k, v=v)
     else:
         _check_tensors(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
-    left, right = _window(window, "window")
-    softcap = float(softcap)
-    dropout = _dropout(dropout_p, dropout_seed, dropout_offset)
-    _ops.check_options((left, right), softcap, alibi_slopes, dropout[0])
+    causal, scale, left, right, softcap, deterministic = _checked_options(
+        q, causal, scale, window, softcap, deterministic, names or {})
+    p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
+    _ops.check_options((left, right), softcap, alibi_slopes, p)
     handle = _traced_mask_handle(block_mask)
-    out, lse = _ops.call_forward(
-        q, k, v, bool(causal), None if scale is None else float(scale), left, right, softcap,
-        alibi_slopes, handle, bool(seq_major), bool(deterministic), *dropout)
+    dropout = _dropout(p, dropout_seed, dropout_offset)
+    out, lse = _ops.call_forward(q, k, v, causal, scale, left, right, softcap, alibi_slopes,
+                                 handle, bool(seq_major), deterministic, *dropout)
     return out, lse, dropout
 
 
@@ -195,8 +236,21 @@ def _check_layout(layout: tuple, **tensors) -> None:
                              f"{tuple(x.shape)}")
 
 
+def _check_same_batch(**tensors) -> None:
+    """One batch size (axis 0): flash-attn does not broadcast it (``attention`` broadcasts
+    leading axes)."""
+    names = list(tensors)
+    batch = tensors[names[0]].shape[0]
+    if any(x.shape[0] != batch for x in tensors.values()):
+        listed = ", ".join(names[:-1]) + " and " + names[-1]
+        shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in tensors.items())
+        raise ValueError(f"{listed} must have the same batch size (axis 0), got {shapes}")
+
+
 def _check_bshd(**tensors) -> None:
+    """flash-attn's ``(batch, seqlen, nheads, headdim)`` tensors, of one batch size."""
     _check_layout(("batch", "seqlen", "nheads", "headdim"), **tensors)
+    _check_same_batch(**tensors)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -218,7 +272,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                    alibi_slopes=alibi_slopes)
     out, lse, (p, seed, _) = _attention(q_, k_, v_, **options, block_mask=None,
                                         deterministic=deterministic, seq_major=True,
-                                        dropout_p=dropout_p)
+                                        dropout_p=dropout_p, names=_FLASH_ATTN_NAMES)
     out = out.transpose(1, 2)
     if not return_attn_probs:
         return out
@@ -255,6 +309,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     ``(B, Sk, 2, Hkv, D)``; returns ``(B, Sq, Hq, D)``."""
     _check_tensors(q=q, kv=kv)
     k, v = _unpack(kv, "kv", ("batch", "seqlen", "2", "nheads_k", "headdim"))
+    _check_bshd(q=q)
+    _check_same_batch(q=q, kv=kv)  # named here: flash_attn_func would name kv's halves k and v
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -291,7 +347,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     flash-attn, the offsets of CUDA tensors are not checked (no host synchronisation); CPU
     offsets are (docs/torch.md, "Packed sequences").
     """
-    dropout = _dropout(dropout_p, None, 0)
+    p = _checked_dropout_p(dropout_p)
     if block_table is not None:
         raise NotImplementedError(
             f"block_table is not supported by flash_attn_varlen_func (got a "
@@ -302,18 +358,19 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if alibi_slopes is not None:
         tensors["alibi_slopes"] = alibi_slopes
     _check_tensors(**tensors)
-    left, right = _window(window_size, "window_size")
-    scale = None if softmax_scale is None else float(softmax_scale)
-    out, lse = _ops.call_varlen_forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, _max_seqlen(max_seqlen_q, "max_seqlen_q"),
-        _max_seqlen(max_seqlen_k, "max_seqlen_k"), bool(causal), scale, left, right, float(softcap),
-        alibi_slopes, bool(deterministic), *dropout)
+    causal, scale, left, right, softcap, deterministic = _checked_options(
+        q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
+    lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
+    dropout = _dropout(p, None, 0)
+    out, lse = _ops.call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *lengths, causal,
+                                        scale, left, right, softcap, alibi_slopes, deterministic,
+                                        *dropout)
     if not return_attn_probs:
         return out
-    p, seed, _ = dropout
+    seed = dropout[1]
     probs = _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               causal=bool(causal), scale=scale, window=(left, right),
-                               softcap=float(softcap), alibi_slopes=alibi_slopes, dropout_p=p,
+                               causal=causal, scale=scale, window=(left, right), softcap=softcap,
+                               alibi_slopes=alibi_slopes, dropout_p=p,
                                dropout_seed=None if seed is None else _ops.seed_value(seed))
     return out, lse.detach(), probs
 
@@ -372,6 +429,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape "
                              f"{tuple(x.shape)}")
     nq, nk = query.shape[-2], key.shape[-2]
+    # Checked before its truth is read below: "False" would be true.
+    is_causal = _checks.check_bool(is_causal, "is_causal")
     if is_causal and nq != nk:
         raise NotImplementedError(
             f"is_causal=True with L={nq} != S={nk}: torch aligns this mask to the top-left corner "
@@ -384,7 +443,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     seq_major = query.stride(-3) < query.stride(-2)
     out, _, _ = _attention(query, key, value, causal=is_causal, scale=scale, window=(-1, -1),
                            softcap=0.0, alibi_slopes=None, block_mask=None, deterministic=False,
-                           seq_major=seq_major, dropout_p=dropout_p)
+                           seq_major=seq_major, dropout_p=dropout_p, names=_SDPA_NAMES)
     return out
 
 
