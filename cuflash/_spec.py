@@ -78,9 +78,9 @@ class AttentionSpec:
     lengths, and the back ends receive packed ``(total, H, D)`` arrays (docs/internals.md).
     ``dropout_p`` is 0.0 (off; then ``dropout_seed`` and ``dropout_offset`` are 0) or in (0, 1)
     with a seed in [0, 2**64) and an offset in [0, 2**32): the mask is ``_dropout.keep_mask``
-    of those (dense calls only). ``float32_grads`` (read by backward passes) stores the gradients
-    as float32 instead of rounding them to ``dtype``. The rules themselves (band and score
-    modifier) are in ``_mask``.
+    of those (a varlen call's sequence ``b`` draws a dense call's batch element ``b``).
+    ``float32_grads`` (read by backward passes) stores the gradients as float32 instead of
+    rounding them to ``dtype``. The rules themselves (band and score modifier) are in ``_mask``.
     """
 
     shapes: Shapes

@@ -1,7 +1,8 @@
 """The numerical limits of docs/api.md ("Numerical limits"), on the NumPy path.
 
 - A NaN or inf in ``v`` at a masked key reaches the rows of every query tile that visits its key
-  tile (``0 · NaN = NaN`` in ``P·V``), and every row in the float64 oracle.
+  tile (``0 · NaN = NaN`` in ``P·V``), and every row in the float64 oracle; one in ``k`` stays out
+  of the forward but reaches ``dq`` through ``dS·k`` in the same way.
 - float16 backward: ``dS = P·dO·(v − o)`` is rounded to float16 before ``dq``/``dk``, so it turns
   into ``inf`` once it reaches 65520; bfloat16 and float32 do not overflow there.
 - NumPy's own RuntimeWarnings never escape; an overflow with finite inputs gives exactly one
@@ -97,6 +98,18 @@ def test_nan_in_k_at_a_masked_key_does_not_leak():
     with numpy_warnings_fail():
         out = cuflash.attention(q, k, v, causal=True)
     assert np.isfinite(out[:, :-1]).all() and np.isnan(out[:, -1]).all()
+
+
+def test_nan_in_k_at_a_masked_key_reaches_the_backward():
+    """The docs' caveat: the masked entries' dS = 0 still multiplies the masked key in
+    dq += dS·k, so rows of the key's tile that never see it get NaN in dq."""
+    q, k, v = causal_problem(np.float32, value=0.0)
+    k[:, N - 1] = np.nan  # the last key: attended by the last row only
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    with numpy_warnings_fail():
+        dq, dk, dv = cuflash.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True)
+    assert np.isfinite(dq[:, :128]).all()  # their tile never visits keys 128-255
+    assert np.isnan(dq[:, 128:N - 1]).all()  # masked for them: 0 · NaN
 
 
 # ----------------------------------------------------------------------------- float16 backward
