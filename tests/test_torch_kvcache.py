@@ -126,3 +126,14 @@ def test_cuda_tensors_in_place(seed, xp_gpu):
     assert got.is_cuda and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=3e-2)
     torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=0, atol=0)  # the same appends
+
+
+@pytest.mark.parametrize("option, value, error, name", [
+    ("window_size", (1.5, 0), TypeError, "window_size must be a pair"),
+    ("softmax_scale", -1.0, ValueError, "softmax_scale must be finite and positive"),
+])
+def test_errors_name_flash_attn_arguments(option, value, error, name):
+    q = torch.zeros(1, 1, 2, 8)
+    cache = torch.zeros(1, 16, 2, 8)
+    with pytest.raises(error, match=name):
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3, **{option: value})

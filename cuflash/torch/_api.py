@@ -487,13 +487,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def core(x):
             return to_core(x) if isinstance(x, torch.Tensor) else x
 
-        out, lse = cuflash.attention_with_kvcache(
-            core(q), core(k_cache), core(v_cache), core(k), core(v),
-            cache_seqlens=core(cache_seqlens), block_table=core(block_table),
-            cache_batch_idx=core(cache_batch_idx), causal=causal, scale=softmax_scale,
-            window=window_size, softcap=softcap, alibi_slopes=core(alibi_slopes),
-            num_splits=num_splits, return_lse=True, rotary_cos=core(rotary_cos),
-            rotary_sin=core(rotary_sin), rotary_interleaved=rotary_interleaved,
-            cache_leftpad=cache_leftpad)
+        try:
+            out, lse = cuflash.attention_with_kvcache(
+                core(q), core(k_cache), core(v_cache), core(k), core(v),
+                cache_seqlens=core(cache_seqlens), block_table=core(block_table),
+                cache_batch_idx=core(cache_batch_idx), causal=causal, scale=softmax_scale,
+                window=window_size, softcap=softcap, alibi_slopes=core(alibi_slopes),
+                num_splits=num_splits, return_lse=True, rotary_cos=core(rotary_cos),
+                rotary_sin=core(rotary_sin), rotary_interleaved=rotary_interleaved,
+                cache_leftpad=cache_leftpad)
+        except (TypeError, ValueError) as error:
+            renamed = _renamed(error, _FLASH_ATTN_NAMES)
+            if str(renamed) == str(error):
+                raise
+            raise renamed from None
         out, lse = to_torch(out), to_torch(lse)
     return (out, lse) if return_softmax_lse else out
