@@ -65,7 +65,7 @@ FORWARD = (
 )
 BACKWARD = (
     Family("sm90-wgmma", "sm90_backward", "backward",
-           "Hopper wgmma, 16-bit, D, Dv <= 128 (tiles of 64 or 128 columns)", hopper=True),
+           "Hopper wgmma, 16-bit, D, Dv <= 256 (tiles of 64, 128 or 256 columns)", hopper=True),
     Family("sm80-mma", "mma_backward", "backward", "mma.sync tensor cores, 16-bit, any D <= 256"),
     Family("float32", "float32", "backward", "CUDA cores, float32 end to end"),
 )
