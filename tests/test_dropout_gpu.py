@@ -232,6 +232,35 @@ def test_other_seed_or_offset_other_mask(xp_gpu, rng):
         assert np.abs(changed - first).max() > 0.1 * np.abs(first).max(), other
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cached_calls_draw_their_own_seed_s_mask(xp_gpu, rng, dtype):
+    """Calls that differ only in seed and offset share one prepared launch, which writes them per
+    call: each call's forward and gradients equal, bit for bit, those of the validated path
+    (every cache entry forgotten) with its seed and offset."""
+    from cuflash import _calls
+
+    q, k, v, options = _case(xp_gpu, rng, dtype, d=64, nq=257, nk=300, causal=True, p=0.3)
+    dout = random_array(rng, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype, xp=xp_gpu)
+    draws = [_seed_and_offset(rng), _seed_and_offset(rng)]
+    draws.append(draws[0])
+
+    def run(seed, offset):
+        drawn = {**options, "dropout_seed": seed, "dropout_offset": offset}
+        out, lse = cuflash.attention(q, k, v, **drawn, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, **drawn, deterministic=True)
+        return [to_host(x) for x in (out, lse, *grads)]
+
+    run(*draws[-1])  # the entries every call below but the validated ones take
+    hits = _calls.stats()["hits"]
+    cached = [run(*draw) for draw in draws]
+    assert _calls.stats()["hits"] == hits + 2 * len(draws)  # each forward and backward
+    for draw, results in zip(draws, cached):
+        _calls.clear()
+        for got, want in zip(results, run(*draw)):
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    assert not np.array_equal(cached[0][0], cached[1][0])
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
 def test_zero_dropout_is_bit_identical_to_no_dropout(xp_gpu, rng, deterministic):
     """p = 0 is the call without dropout (dq too when deterministic; the atomic dq's order of
