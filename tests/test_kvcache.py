@@ -6,6 +6,8 @@ Cache lengths are mixed per batch row (1, 17, 1000, 4097, 33000 keys), caches co
 through shuffled pages; the NumPy cases are in tests/test_kvcache_cpu.py.
 """
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -135,6 +137,39 @@ def test_cache_batch_idx(xp_gpu, rng, seed, decode_calls):
                      lengths=[5, 300, 0, 2047], capacity=2048, batch_idx=True, spare_rows=3,
                      s_new=1, causal=True)
     run(case, seed)
+
+
+def test_larger_cache_without_batch_idx(xp_gpu, rng, seed, decode_calls):
+    """flash-attn's rule: batch row b uses row b of a cache with more rows than the batch; the
+    rows past the batch are left as they were (checked by ``call_and_check``)."""
+    case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=3, sq=2, hq=16, hkv=4, d=128,
+                     lengths=[7, 0, 1500], capacity=2048, s_new=1, causal=True)
+    extra = [make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=2, sq=1, hq=16, hkv=4, d=128,
+                       lengths=[0, 0], capacity=2048).k_cache for _ in range(2)]
+    k_cache, v_cache = (xp_gpu.concatenate([cache, spare])
+                        for cache, spare in zip((case.k_cache, case.v_cache), extra))
+    larger = dataclasses.replace(case, k_cache=k_cache, v_cache=v_cache,
+                                 k_cache_before=k_cache.copy(), v_cache_before=v_cache.copy())
+    run(larger, seed)
+    assert decode_calls == {"append": 1, "forward": 1}
+
+
+def test_inputs_that_view_the_caches_are_copied_first(xp_gpu, rng, seed, decode_calls):
+    """k and v given as views of the cache rows they are appended to are read as passed (the
+    append kernel would otherwise race with its own writes)."""
+    case = make_case(rng, xp_gpu, dtype=np.float16, b=2, sq=1, hq=8, hkv=2, d=64,
+                     lengths=[100, 300], capacity=512, batch_idx=True, spare_rows=1, s_new=1)
+    rows = xp_gpu.asarray(np.array([1, 2], np.int32))
+    views = dict(k=case.k_cache[0:2, 100:101], v=case.v_cache[0:2, 100:101])
+    copies = {name: x.copy() for name, x in views.items()}
+    fresh = dataclasses.replace(case, k_cache=case.k_cache_before.copy(),
+                                v_cache=case.v_cache_before.copy())
+    want = cuflash.attention_with_kvcache(fresh.q, fresh.k_cache, fresh.v_cache, **copies,
+                                          cache_seqlens=case.seqlens, cache_batch_idx=rows)
+    got = cuflash.attention_with_kvcache(case.q, case.k_cache, case.v_cache, **views,
+                                         cache_seqlens=case.seqlens, cache_batch_idx=rows)
+    for a, b in ((got, want), (case.k_cache, fresh.k_cache), (case.v_cache, fresh.v_cache)):
+        np.testing.assert_array_equal(to_host(a).view(np.uint16), to_host(b).view(np.uint16))
 
 
 FEATURES = [
