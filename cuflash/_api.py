@@ -420,8 +420,8 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     The options are those of ``attention`` and ``attention_backward``, validated once here.
     ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them. With
     ``dropout_p > 0`` and no ``dropout_seed``, a seed is drawn from the operating system's
-    entropy (``secrets.randbits(64)``); the backward pass always uses the forward's seed and offset, and
-    ``vjp.dropout_seed`` holds the seed (0 without dropout).
+    entropy (``secrets.randbits(64)``); the backward pass always uses the forward's seed and
+    offset, and ``vjp.dropout_seed`` holds the seed (0 without dropout).
     """
     _checks.check_bool(deterministic, "deterministic")  # before running anything
     dropout_seed = _vjp_seed(dropout_p, dropout_seed, dropout_offset)

@@ -328,9 +328,10 @@ def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
 # ----------------------------------------------------------------------------- decode kernel
 
 def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) -> None:
-    """The decode kernel's append and attention (``q`` already readable in place); nothing read back from the device. Lengths
-    in a CuPy array are checked by the kernels themselves: a row whose length lies outside
-    ``[0, capacity − S_new]`` writes nothing to its cache and gets NaN output and lse."""
+    """The decode kernel's append and attention (``q`` already readable in place); nothing read
+    back from the device. Lengths in a CuPy array are checked by the kernels themselves: a row
+    whose length lies outside ``[0, capacity − S_new]`` writes nothing to its cache and gets NaN
+    output and lse."""
     xp = spec.xp
     if spec.lengths is not None:  # an int, checked on the host: all rows alike
         before = xp.full(spec.b, int(spec.lengths[0]), numpy.int32)

@@ -294,10 +294,12 @@ def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx) -> None:
         table = numpy.asarray(block_table).astype(numpy.int64)
 
         def slots_of(row, positions):
-            return table[row, positions // spec.page_size] * spec.page_size + positions % spec.page_size
+            pages = table[row, positions // spec.page_size]
+            return pages * spec.page_size + positions % spec.page_size
     else:
         if cache_batch_idx is None:
-            return  # batch row b appends to and reads cache row b alone
+            # Batch row b alone uses cache row b, or the index is on the device (not read here).
+            return
         rows = numpy.asarray(cache_batch_idx).astype(numpy.int64)
 
         def slots_of(row, positions):

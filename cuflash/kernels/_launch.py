@@ -78,7 +78,8 @@ def stride_fields(names, arrays) -> dict:
 
 def varlen_values(spec) -> dict:
     """The argument fields of packed variable-length sequences (``cu_q``, ``cu_k`` are pointers
-    filled per call, see forward_call_values): ``total_q`` (lse's head stride), 0 for a dense call."""
+    filled per call, see forward_call_values): ``total_q`` (lse's head stride), 0 for a dense
+    call."""
     return {"total_q": 0 if spec.varlen is None else spec.varlen.total_q}
 
 
@@ -258,7 +259,7 @@ def _call_field_runs(dtype: numpy.dtype, names) -> tuple:
         code = _CALL_FIELD_CODES.get(field)
         if code is None:
             raise TypeError(f"argument {name} is neither a pointer nor a uint32 field")
-        if runs and runs[-1][4] == offset and runs[-1][3] == index:
+        if runs and runs[-1][4] == offset:  # right after the run before
             runs[-1][0] += code
             runs[-1][3] = index + 1
         else:
@@ -583,7 +584,8 @@ class KernelLaunch:
             params.append(bytes(8))
         driver = DriverLaunch(self.kernel, self.blocks, self.threads, self.shared, params,
                               dependent=self.dependent)
-        lock, args, write_call_values = driver.lock, driver.params[1 if map_count else 0], self.args.write_call_values
+        lock, args = driver.lock, driver.params[1 if map_count else 0]
+        write_call_values = self.args.write_call_values
         launch_driver = driver.launch
         descriptors = driver.params[0] if map_count else None
         counter = driver.params[-1] if self.tile_counter else None
