@@ -303,6 +303,8 @@ def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
     from ._api import attention
 
     index = _host_index(spec, k_cache.shape[0])
+    if spec.xp is not numpy:
+        _check_a_kernel_attends(spec)
     if k is not None:  # every write before any read, as one kernel launch would order them
         for row in range(spec.b):
             start = int(index.lengths[row])
@@ -323,6 +325,25 @@ def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
             window=spec.window, softcap=spec.softcap,
             alibi_slopes=None if spec.alibi is None else spec.alibi[row], return_lse=True,
             out=heads_first)
+
+
+def _check_a_kernel_attends(spec: KVCacheSpec) -> None:
+    """Raise before the appends when no GPU kernel would attend the rows (a head dim above the
+    kernels' limit, say): the caches must not be written by a call that then fails. Asked of
+    ``cuflash.kernel_plan`` with one-key stand-ins of the rows' dtype, head counts and dims,
+    freshly allocated as the rows' gathered keys are."""
+    from ._plan import kernel_plan
+
+    xp = spec.xp
+    q = xp.empty((spec.hq, spec.sq, spec.d), spec.dtype)
+    k = xp.empty((spec.hkv, 1, spec.d), spec.dtype)
+    v = xp.empty((spec.hkv, 1, spec.dv), spec.dtype)
+    plan = kernel_plan(q, k, v, causal=spec.causal, scale=spec.scale, window=spec.window,
+                       softcap=spec.softcap,
+                       alibi_slopes=None if spec.alibi is None else spec.alibi[0])
+    if plan.forward.family is None:
+        raise ValueError(f"no GPU kernel attends this call's rows, so nothing was written to the "
+                         f"caches ({spec.describe()}):\n{plan.forward.describe()}")
 
 
 # ----------------------------------------------------------------------------- decode kernel

@@ -605,6 +605,10 @@ def test_kernel_plan_reports_the_float32_backward_workspace(monkeypatch):
     device = FakeDevice(monkeypatch, compute_capability="90")
     monkeypatch.setattr(float32, "_shared_limit", lambda device_id: 227 * 1024)  # an H200's, per block
     q = device.empty((2, 3, 700, 64), np.float32)
-    plan = cuflash.kernel_plan(q, q, q, causal=True).backward
+    plans = cuflash.kernel_plan(q, q, q, causal=True)
+    plan = plans.backward
     assert plan.family.name == "float32" and plan.workspace == {"Delta": 4 * 2 * 3 * 700}
     assert "workspace: 0.02 MiB (Delta 0.02 MiB)" in plan.describe()
+    # The forward, the same launcher module, allocates nothing besides its results.
+    assert plans.forward.family.name == "float32" and plans.forward.workspace is None
+    assert "workspace" not in plans.forward.describe()

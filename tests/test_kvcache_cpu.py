@@ -628,3 +628,20 @@ def test_split_count_fills_the_resident_places(batch_kv_heads, key_tiles, expect
     splits = decode.choose_splits(batch_kv_heads, key_tiles, 132 * 2)
     assert splits == expected
     assert splits == 1 or key_tiles // splits >= decode.MIN_SPLIT_TILES
+
+
+def test_generic_route_refuses_before_writing_what_no_kernel_attends(monkeypatch):
+    """Head dims above the GPU kernels' 256 take the generic route, which appends before it
+    attends: it must refuse before any write (on the fake device a write would fail otherwise
+    with the device's own error, not this one)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((1, 1, 2, 264), ml_dtypes.bfloat16)
+    cache = device.empty((1, 64, 2, 264), ml_dtypes.bfloat16)
+    new = device.empty((1, 1, 2, 264), ml_dtypes.bfloat16)
+    assert cuflash.kvcache_plan(q, cache, cache, new, new, cache_seqlens=3).route == "generic"
+    with pytest.raises(ValueError, match=r"no GPU kernel attends this call's rows, so nothing was "
+                                         r"written(.|\n)*D from 1 to 256"):
+        cuflash.attention_with_kvcache(q, cache, cache, new, new, cache_seqlens=3)

@@ -92,8 +92,11 @@ class Plan:
     def workspace(self) -> dict[str, int] | None:
         """The device memory the chosen family allocates for this call besides its results, in
         bytes by part (its launcher's ``workspace_of``; a backward's, released when the call
-        returns), or None when it allocates none."""
-        workspace_of = getattr(self.family.launcher(), "workspace_of", None) if self.family else None
+        returns), or None when it allocates none. Only backward passes have one: a family with
+        one launcher module for both passes (float32) reports its backward's there."""
+        if self.pass_name != "backward" or self.family is None:
+            return None
+        workspace_of = getattr(self.family.launcher(), "workspace_of", None)
         return workspace_of(self.spec) if workspace_of else None
 
     def describe(self) -> str:
