@@ -125,6 +125,40 @@ def test_info_kernel_cache_follows_cupy_cache_dir(monkeypatch, tmp_path):
     assert invoke_json("info")["kernel_cache"] == str(tmp_path)
 
 
+def _documented_h200_plans():
+    """The kernel plan lines of docs/cli.md's H200 example of ``cuflash info``."""
+    import pathlib
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    example = text.split("On the GPU machine (an H200; `cuflash info`):", 1)[1]
+    example = example.split("```", 2)[1]
+    lines = example.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("kernel plan"))
+    return lines[first:]
+
+
+def test_info_h200_example_in_the_docs_is_what_info_prints(monkeypatch):
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+    from cuflash.kernels import float32
+    info = importlib.import_module("cuflash.cli.info")
+    FakeDevice(monkeypatch, compute_capability="90")  # an H200: sm_90, 132 SMs, 227 KiB
+    monkeypatch.setattr(float32, "_shared_limit", lambda device_id: 232448)
+    monkeypatch.setattr(float32, "_device_shared_limit", lambda: 232448)
+    facts = {"cuflash": "", "python": "", "numpy": "", "ml_dtypes": "", "scipy": "", "cupy": "",
+             "kernel_cache": "", "torch": "", "matplotlib": "",
+             "paths": {path: {"usable": True, "reason": ""} for path in ("gpu", "cpu")},
+             "kernel_plans": info.kernel_plans()}
+    lines = info._lines(facts)
+    width = len("kernel cache")  # the widest label of the documented example
+    printed = [f"{label:<{width}}  {value}".rstrip() for label, value in lines]
+    first = next(i for i, line in enumerate(printed) if line.startswith("kernel plan"))
+    documented = _documented_h200_plans()
+    assert documented == printed[first:]
+    # The float32 forward allocates nothing besides its results: no workspace line.
+    float32_plan = "\n".join(documented[documented.index("kernel plan   float32, D=64, Dv=64"):])
+    assert "workspace" not in float32_plan.split("backward:")[0]
+
+
 # ----------------------------------------------------------------------------- check
 
 def test_check_passes_and_prints_a_report():
@@ -330,6 +364,65 @@ def test_check_too_long_is_refused_naming_force(monkeypatch):
     assert "Ctrl-C stops it" in forced.stderr
 
 
+def _seconds_of_kept_work(hours_when_dense):
+    """A stand-in for verify.estimate_seconds proportional to the kept fraction."""
+    return lambda *args, fraction=1.0, **kwargs: fraction * hours_when_dense * 3600.0
+
+
+def test_check_too_long_sparse_is_refused_before_building_the_mask(monkeypatch):
+    command = importlib.import_module("cuflash.cli.check")
+    built = []
+    monkeypatch.setattr(command, "build_mask", lambda *args, **kwargs: built.append(args))
+    monkeypatch.setattr(verify, "estimate_seconds", _seconds_of_kept_work(40))
+    result = invoke(*SMALL_CHECK, "--seq-len", "4K", "--no-backward", "--pattern", "random",
+                    code=3)
+    # random --density 0.25 keeps a quarter of the 32 × 32 blocks, known without drawing them
+    assert "about 10.0 h" in result.output and "--force" in result.output
+    assert built == []
+
+
+def test_check_sparse_refused_early_only_when_it_would_be_refused_anyway(monkeypatch):
+    # 256 tokens, two blocks a side: random keeps the diagonal, half the work. 40 min dense
+    # is 20 min then, under the limit, so the mask is built and it runs.
+    monkeypatch.setattr(verify, "estimate_seconds", _seconds_of_kept_work(2 / 3))
+    record = invoke_json(*SMALL_CHECK, "--no-backward", "--pattern", "random")
+    assert record["passed"] and record["pattern"]["name"] == "random"
+    # --force runs what the estimate would refuse, building the mask.
+    monkeypatch.setattr(verify, "estimate_seconds", _seconds_of_kept_work(40))
+    assert invoke_json(*SMALL_CHECK, "--no-backward", "--pattern", "random", "--force")["passed"]
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("seq_len, block_size", [(1000, 64), (4096, 128), (16461, 256)])
+def test_least_element_density_is_a_lower_bound(pattern, seq_len, block_size):
+    from cuflash.cli._patterns import build_mask, least_element_density, pattern_parameters
+    parameters = pattern_parameters(pattern, {})
+    if "window" in parameters:
+        parameters["window"] = 100
+    if "stride" in parameters:
+        parameters["stride"] = 300
+    if "prefix" in parameters:
+        parameters["prefix"] = 200
+    mask = build_mask(pattern, seq_len, block_size=block_size, parameters=parameters, seed=1)
+    least = least_element_density(pattern, seq_len, block_size, parameters, seed=1)
+    assert 0 < least <= mask.element_density
+    if pattern in ("random", "causal") and seq_len % block_size == 0:
+        assert least == pytest.approx(mask.element_density)
+
+
+@pytest.mark.parametrize("command", [["check"], ["mask", "show"]])
+def test_block_size_help_states_the_rule_the_code_has(command):
+    text = " ".join(invoke(*command, "--help").stdout.split())
+    assert "(a multiple of 64)" not in text
+    assert "The CPU path takes any size; the GPU kernels need a multiple of their tiles" in text
+
+
+def test_check_block_size_that_is_no_multiple_of_64_runs_on_the_cpu():
+    record = invoke_json(*SMALL_CHECK, "--no-backward", "--pattern", "causal", "--block-size",
+                         "100")
+    assert record["passed"] and record["pattern"]["block_size"] == 100
+
+
 def test_check_draws_no_progress_bar_off_a_terminal():
     for args in (SMALL_CHECK, [*SMALL_CHECK, "--json"]):
         assert "float64 reference" not in invoke(*args, "--no-backward").stderr
@@ -404,6 +497,15 @@ def test_check_gpus_forward_only_every_row():
     record = invoke_json(*SHARDED_CHECK[:-2], "--rows", "all", "--no-backward", "--gpus", "4")
     assert record["passed"] and record["gpus"] == 4 and record["rows"] == "all"
     assert record["backward"] is False and set(record["checks"]) == {"out", "lse"}
+    assert set(record["times_s"]) == {"ring_forward_simulated"}
+
+
+def test_check_gpus_forward_only_reports_no_backward():
+    report = invoke(*SHARDED_CHECK, "--no-backward").stdout
+    assert "reference: float64 on 32 of 1,024 query rows\n" in report
+    assert "dout" not in report
+    record = invoke_json(*SHARDED_CHECK, "--no-backward")
+    assert set(record["times_s"]) == {"ring_forward_simulated"}
 
 
 def test_check_gpus_without_a_gpu_runs_a_small_size(monkeypatch):
@@ -734,6 +836,15 @@ def test_bench_smoke_says_which_value_it_set():
     result = invoke("bench", "--device", "cpu", "--smoke", "--no-torch", "--seq-lens", "2K",
                     code=2)
     assert "1024 (set by --smoke)" in result.output and "--total-tokens" in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--total-tokens", "1000"], "1000 is not a multiple of 512 (--seq-lens, set by --smoke)"),
+    (["--hidden", "100"], "100 is not a multiple of 64 (--head-dims, set by --smoke)"),
+])
+def test_bench_smoke_says_it_set_the_size_that_breaks_the_grid(args, words):
+    result = invoke("bench", "--device", "cpu", "--smoke", "--no-torch", *args, code=2)
+    assert words in " ".join(result.output.split())
 
 
 def test_bench_full_grid_on_the_cpu_is_refused_naming_force():

@@ -351,8 +351,18 @@ def test_uneven_lengths_are_refused(rng):
         positions(90, 0, 4, "zigzag")
     # Local chunks of odd length cannot be zigzag halves.
     q = np.zeros((1, 2, 25, 8), F32)
-    with pytest.raises(ValueError, match=r"zigzag.*N = 50.*2·P = 4"):
+    with pytest.raises(ValueError, match=r"zigzag.*multiple of 2·P = 4.*N = 50, which is not"):
         LocalRing(2).run(lambda comm, q: ring_attention(q, q, q, comm=comm), [q, q])
+
+
+def test_odd_local_length_message_does_not_call_n_a_multiple(rng):
+    # 3 rows on each of 2 ranks: N = 6, which 2·P = 4 does not divide.
+    q = np.zeros((1, 1, 3, 8), F32)
+    with pytest.raises(ValueError) as raised:
+        LocalRing(2).run(lambda comm, q: ring_attention(q, q, q, comm=comm), [q, q])
+    message = str(raised.value)
+    assert "N = 6 that is a multiple" not in message
+    assert "N = 6, which is not" in message and "multiple of 2·P = 4" in message
 
 
 def test_unsupported_options_are_refused():
@@ -486,7 +496,21 @@ def test_check_sharded_on_the_cpu():
     assert [c.name for c in result.comparisons] == ["out", "lse", "dq", "dk", "dv"]
     report = result.report()
     assert "PASS" in report and "3 ranks (simulated, cpu)" in report
+    assert "backward: dout random on those rows" in report
     assert result.record()["passed"] is True
+    assert set(result.times) == {"ring_forward_and_backward_simulated"}
+
+
+def test_check_sharded_forward_only_names_what_it_did():
+    from cuflash.parallel import check_sharded
+    result = check_sharded(ranks=2, device="cpu", seq_len=64, heads=1, head_dim=16, rows=16,
+                           backward=False)
+    assert result.passed, result.report()
+    report = result.report()
+    assert "dout" not in report and "backward" not in report
+    assert report.splitlines()[1] == "reference: float64 on 16 of 64 query rows"
+    assert set(result.times) == {"ring_forward_simulated"}
+    assert "simulated ring, every rank a thread of this process" in report
 
 
 # ----------------------------------------------------------------------------- torch

@@ -155,5 +155,10 @@ def pattern_parameter_options(f):
                                 "fraction": (click.FloatRange(0, 1, min_open=True), "X")}[kind]
         f = click.option(f"--{name}", type=option_type, default=None, metavar=metavar,
                          help=f"{text}  [default: {default_text(name)}]")(f)
+    # BlockMask and the NumPy path take any block size; only the GPU kernels, which walk the
+    # mask in their own tiles, need a multiple of them (docs/sparse.md).
     return click.option("--block-size", type=POSITIVE, default=128, show_default=True,
-                        metavar="N", help="Block size of the block mask (a multiple of 64).")(f)
+                        metavar="N",
+                        help="Block size of the block mask, in tokens. The CPU path takes any "
+                             "size; the GPU kernels need a multiple of their tiles, which a "
+                             "multiple of 64 always is.")(f)

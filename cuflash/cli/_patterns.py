@@ -52,6 +52,9 @@ class Pattern:
     # exactly the "any block kept" picture of groups of its blocks (False: random blocks).
     on_tokens: bool = True
     seconds_per_block: float = SECONDS_PER_BLOCK
+    # (seq_len, block_size, parameters, seed) -> how many blocks the pattern keeps at least,
+    # computed without building it; None: its diagonal blocks, which every pattern keeps.
+    least_blocks: Callable | None = None
 
     def describe(self, parameters: dict) -> str:
         return " ".join(f"{name}={value}" for name, value in parameters.items()
@@ -105,6 +108,18 @@ def _documents(causal):
     return build
 
 
+def _causal_blocks(n, b, p, seed):
+    nb = math.ceil(n / b)
+    return nb * (nb + 1) // 2
+
+
+def _random_blocks(n, b, p, seed):
+    """Exactly the blocks random_block_layout keeps: the diagonal and the drawn others."""
+    nb = math.ceil(n / b)
+    drawn = max(0, round(p["density"] * nb * nb) - nb)
+    return nb + min(drawn, nb * nb - nb)
+
+
 def _document_blocks(n, b, p, seed):
     try:
         lengths = _document_lengths(n, p, seed)
@@ -117,7 +132,7 @@ PATTERNS = {
     "causal": Pattern(
         "query i sees keys 0..i (as --causal, expressed as blocks)", {},
         lambda n, b, p, seed: _sparse().causal(n, block_size=b),
-        lambda n, b, p, seed: math.ceil(n / b) * (math.ceil(n / b) + 1) // 2),
+        _causal_blocks, least_blocks=_causal_blocks),
     "sliding-window": Pattern(
         "keys within --window tokens of the query", {"window": 512},
         lambda n, b, p, seed: _sparse().sliding_window(n, window=p["window"], block_size=b),
@@ -164,7 +179,7 @@ PATTERNS = {
         lambda n, b, p, seed: random_block_layout(math.ceil(n / b), p["density"], seed=seed),
         # the layout is built dense: one byte per block of the whole square, and more to draw
         lambda n, b, p, seed: max(p["density"], 0.1) * math.ceil(n / b) ** 2,
-        on_tokens=False),
+        on_tokens=False, least_blocks=_random_blocks),
     "document": Pattern(
         "packed documents of random lengths (seeded by --seed), each attending to itself",
         {"documents": 16},
@@ -177,7 +192,8 @@ PATTERNS = {
         {"prefix": 1024},
         lambda n, b, p, seed: _sparse().prefix_lm(n, prefix=p["prefix"], block_size=b),
         lambda n, b, p, seed: (math.ceil(n / b) * (math.ceil(n / b) + 1) // 2
-                               + math.ceil(n / b) * math.ceil(p["prefix"] / b))),
+                               + math.ceil(n / b) * math.ceil(p["prefix"] / b)),
+        least_blocks=_causal_blocks),
 }
 
 
@@ -187,6 +203,26 @@ def build_cost(name: str, seq_len: int, block_size: int, parameters: dict,
     pattern = PATTERNS[name]
     blocks = pattern.blocks(seq_len, block_size, parameters, seed)
     return int(blocks * BYTES_PER_BLOCK), blocks * pattern.seconds_per_block
+
+
+def least_element_density(name: str, seq_len: int, block_size: int, parameters: dict,
+                          seed: int = 0) -> float:
+    """A lower bound of the ``element_density`` of pattern ``name``'s BlockMask, without
+    building it: what an estimate may use before the mask exists without overstating it."""
+    pattern = PATTERNS[name]
+    nb = math.ceil(seq_len / block_size)
+    kept = pattern.least_blocks(seq_len, block_size, parameters, seed) \
+        if pattern.least_blocks else nb
+    # Knowing only how many blocks are kept, count the smallest first: the corner block of the
+    # last row and column, then the other blocks of the last row or column, then whole blocks.
+    last = seq_len - (nb - 1) * block_size
+    sizes = ((1, last * last), (2 * (nb - 1), last * block_size), (kept, block_size**2))
+    pairs = 0
+    for count, pairs_per_block in sizes:
+        taken = min(kept, count)
+        pairs += taken * pairs_per_block
+        kept -= taken
+    return pairs / (seq_len * seq_len)
 
 
 def default_text(option: str) -> str:

@@ -199,16 +199,21 @@ def _check_combinations(explicit, sparse, no_torch, baselines):
 def _check_grid(seq_lens, head_dims, total_tokens, hidden, set_by_smoke):
     """Refuse a grid that cannot be run as asked: batch = total / N and heads = hidden / D must
     be whole numbers."""
-    for name, option, total, sizes, what in (
-            ("total_tokens", "--total-tokens", total_tokens, seq_lens, "batch = total / N"),
-            ("hidden", "--hidden", hidden, head_dims, "heads = hidden / D")):
+    for name, option, total, sizes_name, sizes_option, sizes, what in (
+            ("total_tokens", "--total-tokens", total_tokens, "seq_lens", "--seq-lens", seq_lens,
+             "batch = total / N"),
+            ("hidden", "--hidden", hidden, "head_dims", "--head-dims", head_dims,
+             "heads = hidden / D")):
         for size in sizes:
             if total % size:
+                # Either side may be a --smoke value the user never typed: say which.
                 by = " (set by --smoke)" if name in set_by_smoke else ""
+                size_by = f" ({sizes_option}, set by --smoke)" if sizes_name in set_by_smoke \
+                    else ""
                 step = math.lcm(*sizes)
                 raise click.BadParameter(
-                    f"{total}{by} is not a multiple of {size}, so {what} would not be a whole "
-                    f"number; give a multiple of every value asked for, such as "
+                    f"{total}{by} is not a multiple of {size}{size_by}, so {what} would not be "
+                    f"a whole number; give a multiple of every value asked for, such as "
                     f"{step * -(-total // step)}", param_hint=option)
 
 

@@ -11,13 +11,14 @@ from cuflash.bench.devices import CpuDevice
 from cuflash.bench.estimate import attention_seconds
 from cuflash.check import verify
 from cuflash.check.pathfinder import MIN_SIDE, pathfinder_qkv, random_qkv
-from cuflash.cli._common import (choose_device, duration, echo_json, log, progress,
-                                 require_reasonable, seconds, size, stop_on_ctrl_c, tokens,
-                                 translate_errors)
+from cuflash.cli._common import (REFUSE_SECONDS, choose_device, duration, echo_json, log,
+                                 progress, require_reasonable, seconds, size, stop_on_ctrl_c,
+                                 tokens, translate_errors)
 from cuflash.cli._options import (TOKENS, POSITIVE, RowCount, causal_option, device_option,
                                   dtype_option, force_option, head_dim_option, heads_option,
                                   json_option, pattern_parameter_options, seed_option)
-from cuflash.cli._patterns import PATTERNS, build_cost, build_mask, pattern_parameters
+from cuflash.cli._patterns import (PATTERNS, build_cost, build_mask, least_element_density,
+                                   pattern_parameters)
 
 PATH_X, PATH_256 = 128 * 128, 256 * 256
 # Without a GPU the NumPy path checks this many tokens unless --seq-len or --path-256 asks
@@ -183,17 +184,27 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
     mask_bytes, mask_seconds = (0, 0.0) if pattern == "dense" else \
         build_cost(pattern, n, block_size, parameters, seed)
     needed = verify.estimate_bytes(n, heads, head_dim, dtype.itemsize, row_count, backward)
+
+    def estimate(fraction):
+        return mask_seconds + verify.estimate_seconds(
+            target, n, heads, head_dim, dtype, row_count, backward=backward, causal=causal,
+            fraction=fraction, repeats=repeats)
+
     if mask_bytes + needed > target.free_bytes():  # before anything large is built
         require_reasonable(target, seconds=0, needed=mask_bytes + needed, what="this check",
                            force=force, smaller=smaller)
+    if pattern != "dense" and not force:
+        # Building a mask of a long sequence takes a while: refuse first what would be refused
+        # anyway with the fewest pairs the pattern can keep, which cannot overstate the time.
+        least = estimate(least_element_density(pattern, n, block_size, parameters, seed))
+        if least > REFUSE_SECONDS:
+            require_reasonable(target, seconds=least, needed=needed, what="this check",
+                               force=force, smaller=smaller)
     block_mask = None if pattern == "dense" else \
         build_mask(pattern, n, block_size=block_size, parameters=parameters, seed=seed)
     fraction = block_mask.element_density if block_mask is not None else 1.0
-    estimate = mask_seconds + verify.estimate_seconds(
-        target, n, heads, head_dim, dtype, row_count, backward=backward, causal=causal,
-        fraction=fraction, repeats=repeats)
-    require_reasonable(target, seconds=estimate, needed=needed, what="this check", force=force,
-                       smaller=smaller)
+    require_reasonable(target, seconds=estimate(fraction), needed=needed, what="this check",
+                       force=force, smaller=smaller)
     sample = verify.sample_rows(n, rows, seed)
 
     make = pathfinder_qkv if inputs == "pathfinder" else random_qkv

@@ -124,8 +124,9 @@ class _Options:
             if self.layout == "zigzag" and n_local % 2:
                 raise ValueError(
                     f"{what} chunk of {n_local} rows on rank {comm.rank}: layout 'zigzag' "
-                    f"needs an even local length (two chunks), i.e. a sequence length N = "
-                    f"{n_local * size} that is a multiple of 2·P = {2 * size}")
+                    f"needs an even local length (two equal chunks), i.e. a sequence length "
+                    f"that is a multiple of 2·P = {2 * size}; {n_local} rows on each of "
+                    f"P = {size} ranks make N = {n_local * size}, which is not")
         self.band = _mask.band(self.window, self.causal)  # over the whole problem
         if validate:
             self._validate(q, k, v)
