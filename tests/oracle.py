@@ -20,6 +20,8 @@ Usage (tests/ is on sys.path, see conftest.py)::
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from cuflash import reference
@@ -47,6 +49,31 @@ def random_array(rng, shape, dtype, *, xp=np):
 def poisoned(shape, dtype, *, xp=np):
     """An array filled with NaN, so that any element a call leaves unwritten fails the check."""
     return xp.full(shape, np.nan, dtype=dtype)
+
+
+@contextlib.contextmanager
+def poisoned_allocations(xp):
+    """Inside, every CuPy allocation is filled with 0xFF bytes on the current stream before it
+    is handed out (NaN in float16, bfloat16 and float32), so that outputs a call allocates
+    itself (lse, gradients, ``out`` when none is given) fail the check where it leaves them
+    unwritten, as a ``poisoned`` ``out=`` does; workspaces get the same bytes, which the kernels
+    must not mistake for zeros. Nothing changes for NumPy."""
+    if xp is np:
+        yield
+        return
+    import cupy
+
+    allocate = cupy.cuda.get_allocator()
+
+    def poisoned_memory(size):
+        memory = allocate(size)
+        if size:
+            cupy.cuda.runtime.memsetAsync(memory.ptr, 0xFF, size,
+                                          cupy.cuda.get_current_stream().ptr)
+        return memory
+
+    with cupy.cuda.using_allocator(poisoned_memory):
+        yield
 
 
 def _combined_mask(xp, nq, nk, *, causal, mask, block_mask, rows=None, window=(-1, -1)):
@@ -268,11 +295,13 @@ def check_forward_and_backward(q, k, v, options: dict, *, rng, deterministic=Fal
 
     xp = _module(q)
     out = poisoned(q.shape[:-1] + v.shape[-1:], q.dtype, xp=xp)
-    got, lse = cuflash.attention(q, k, v, **options, return_lse=True, out=out)
+    with poisoned_allocations(xp):  # lse
+        got, lse = cuflash.attention(q, k, v, **options, return_lse=True, out=out)
     assert got is out, context
     assert_forward_close(out, lse, q, k, v, **options, context=context)
     dout = random_array(rng, out.shape, q.dtype, xp=xp)
-    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options,
-                                       deterministic=deterministic)
+    with poisoned_allocations(xp):  # the gradients
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options,
+                                           deterministic=deterministic)
     assert_backward_close(grads, dout, q, k, v, **options, context=context)
     return out, lse, grads

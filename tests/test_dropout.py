@@ -54,12 +54,16 @@ def test_keep_mask_follows_the_documented_counter_layout():
     dense = _dropout.dense_keep(seed, offset, p, (2, 3), hq, np.arange(9), 37)
     assert dense.shape == (2, 3, hq, 9, 37)
     threshold = 77  # round(0.3 · 256) = round(76.8)
-    cases = [(0, 0, 0, 0, 0), (1, 2, 4, 8, 36), (0, 1, 3, 5, 7), (1, 0, 2, 1, 19), (0, 2, 1, 3, 15)]
-    for b0, b1, h, i, j in cases:
-        b = b0 * 3 + b1  # the flattened batch index
-        words = _dropout.philox4x32((j // 16, i, b * hq + h, offset), (seed & 0xFFFFFFFF, seed >> 32))
-        byte = int(words[j % 16 // 4]).to_bytes(4, "little")[j % 4]
-        assert dense[b0, b1, h, i, j] == (byte >= threshold)
+    # Every element, its byte taken from the four words laid out little-endian, 16 bytes a call
+    # (not by the library's shifts): every byte position of a call is compared, its value too.
+    b, h, i, j = np.meshgrid(np.arange(6), np.arange(hq), np.arange(9), np.arange(37),
+                             indexing="ij")  # b: the flattened batch index
+    words = _dropout.philox4x32((j // 16, i, b * hq + h, np.full(j.shape, offset)),
+                                (seed & 0xFFFFFFFF, seed >> 32))
+    call_bytes = np.stack(words, axis=-1).astype("<u4").view(np.uint8)  # (..., 16)
+    byte = np.take_along_axis(call_bytes, (j % 16)[..., None], axis=-1)[..., 0]
+    np.testing.assert_array_equal(_dropout.draws(seed, offset, hq, b, h, i, j), byte)
+    np.testing.assert_array_equal(dense.reshape(6, hq, 9, 37), byte >= threshold)
 
 
 @pytest.mark.parametrize("p,threshold", [

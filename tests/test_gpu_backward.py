@@ -14,7 +14,8 @@ import pytest
 
 import cuflash
 from cuflash import reference
-from oracle import assert_backward_close, poisoned, random_array, spec_for, to_host
+from oracle import (assert_backward_close, poisoned, poisoned_allocations, random_array, spec_for,
+                    to_host)
 from test_cpu_backward import GRAD_LAYOUTS, assert_given_grads_written, grad_buffer
 
 pytestmark = pytest.mark.gpu
@@ -54,8 +55,9 @@ def check(xp, rng, seed, *, deterministic=False, **options):
     causal, scale = options.get("causal", False), options.get("scale")
     block_mask = options.get("block_mask")
     dout, q, k, v, out, lse = problem(xp, rng, **options)
-    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
-                                       block_mask=block_mask, deterministic=deterministic)
+    with poisoned_allocations(xp):
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
+                                           block_mask=block_mask, deterministic=deterministic)
     assert_backward_close(grads, dout, q, k, v, causal=causal, scale=scale, block_mask=block_mask,
                           out=out, context=f"seed={seed} deterministic={deterministic}")
     return grads
@@ -380,25 +382,6 @@ def test_block_sparse_per_head_masks_with_grouped_heads(xp_gpu, rng, seed, d):
 def _loss64(q, k, v, dout, causal):
     out, _ = reference.attention(q, k, v, causal=causal)
     return float((out * dout).sum())
-
-
-def test_oracle_gradient_matches_finite_differences(rng):
-    """The float64 oracle's gradient is the derivative of sum(dout * attention)."""
-    shapes = ((1, 2, 9, 8), (1, 1, 11, 8), (1, 1, 11, 5))
-    q, k, v = (rng.standard_normal(s) for s in shapes)
-    dout = rng.standard_normal((1, 2, 9, 5))
-    for causal in (False, True):
-        grads = reference.attention_backward(dout, q, k, v, causal=causal)
-        inputs = [q, k, v]
-        for which, grad in enumerate(grads):
-            for index in zip(*(rng.integers(0, n, 6) for n in inputs[which].shape)):
-                eps = 1e-6
-                plus = [x.copy() for x in inputs]
-                minus = [x.copy() for x in inputs]
-                plus[which][index] += eps
-                minus[which][index] -= eps
-                numeric = (_loss64(*plus, dout, causal) - _loss64(*minus, dout, causal)) / (2 * eps)
-                assert abs(numeric - grad[index]) <= 1e-6 * max(1.0, abs(numeric)), (which, index)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

@@ -10,7 +10,8 @@ import pytest
 
 import cuflash
 from cuflash.sparse import BlockMask, ExactMask
-from oracle import assert_backward_close, poisoned, random_array, spec_for, to_host
+from oracle import (assert_backward_close, poisoned, poisoned_allocations, random_array, spec_for,
+                    to_host)
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +38,9 @@ def run(xp, rng, seed, kernel, *, b=1, hq=2, hkv=None, nq=300, nk=None, d=64, dv
     assert ("warp-specialised" in plan.backward.detail) == (kernel == "warp-specialised"), str(plan)
     out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
     dout = random_array(rng, out.shape, dtype, xp=xp)
-    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
+    with poisoned_allocations(xp):
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,
+                                           **options)
     assert_backward_close(grads, dout, q, k, v, context=f"seed={seed} deterministic={deterministic}",
                           **options)
     return grads

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import cuflash
-from oracle import assert_forward_close, poisoned, random_array, spec_for
+from oracle import (assert_forward_close, assert_varlen_forward_close, poisoned, poisoned_allocations,
+                    random_array, spec_for)
 
 pytestmark = pytest.mark.gpu
 
@@ -115,11 +116,13 @@ def test_strided_bnhd_layout_and_broadcast_batch(xp_gpu, rng, seed, dtype):
     b, n, h, d = 3, 333, 4, 64
     qkv = random_array(rng, (b, n, 3, h, d), dtype, xp=xp)  # interleaved buffer
     q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    out = cuflash.attention(q, k, v, causal=True)
+    with poisoned_allocations(xp):
+        out = cuflash.attention(q, k, v, causal=True)
     assert_forward_close(out, None, q, k, v, causal=True, context=f"seed={seed}")
     # one K/V shared by a (2, 3) batch of queries: leading axes broadcast like numpy.matmul
     q2 = random_array(rng, (2, 3, h, 77, d), dtype, xp=xp)
-    out2, lse2 = cuflash.attention(q2, k[0], v[0], return_lse=True)
+    with poisoned_allocations(xp):
+        out2, lse2 = cuflash.attention(q2, k[0], v[0], return_lse=True)
     assert out2.shape == (2, 3, h, 77, d)
     assert_forward_close(out2, lse2, q2, k[0], v[0], context=f"seed={seed}")
 
@@ -128,7 +131,8 @@ def test_unaligned_views_take_the_scalar_path(xp_gpu, rng, seed):
     xp = xp_gpu
     base = random_array(rng, (2, 4, 300, 72), np.float16, xp=xp)
     q, k, v = base[..., 1:65], base[..., 3:67], base[..., 5:69]  # odd element offsets
-    out = cuflash.attention(q, k, v, causal=True)
+    with poisoned_allocations(xp):
+        out = cuflash.attention(q, k, v, causal=True)
     assert_forward_close(out, None, q, k, v, causal=True, context=f"seed={seed}")
 
 
@@ -137,7 +141,8 @@ def test_runs_on_current_stream_and_array_device(xp_gpu, rng, seed):
     stream = xp.cuda.Stream(non_blocking=True)
     with stream:
         q, k, v = (random_array(rng, (1, 2, 2048, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
-        out = cuflash.attention(q, k, v)
+        with poisoned_allocations(xp):
+            out = cuflash.attention(q, k, v)
     stream.synchronize()
     assert_forward_close(out, None, q, k, v, context=f"seed={seed}")
 
@@ -146,7 +151,8 @@ def test_runs_on_current_stream_and_array_device(xp_gpu, rng, seed):
 def test_long_single_head_against_chunked_reference(xp_gpu, rng, seed, n, rows):
     xp = xp_gpu
     q, k, v = (random_array(rng, (1, 1, n, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3))
-    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    with poisoned_allocations(xp):
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
     picked = np.sort(rng.choice(n, size=rows, replace=False))
     picked[-1] = n - 1
     assert_forward_close(out, lse, q, k, v, causal=True, rows=picked, context=f"seed={seed}")
@@ -324,12 +330,16 @@ def test_persistent_grid_with_packed_sequences_and_masks(xp_gpu, rng, seed, monk
         expected, expected_lse = call()
         _grid_forced(monkeypatch, hopper_tma, True)
         drawn = len(counters)
-        got, lse = results[name] = call()
+        with poisoned_allocations(xp):  # out and lse, tiles past a sequence's end included
+            got, lse = results[name] = call()
         assert len(counters) == drawn + 1, name  # the persistent grid ran
         assert bool((got.view(np.uint16) == expected.view(np.uint16)).all()), name
         assert bool((lse == expected_lse).all()), name
         if name in oracle:
             assert_forward_close(got, lse, q, k, v, context=f"seed={seed}, {name}", **oracle[name])
+        else:
+            assert_varlen_forward_close(got, lse, *packed, cu, cu, causal=True,
+                                        context=f"seed={seed}, {name}")
     for name, rows in (("block mask, empty rows", slice(384, 512)), ("exact mask, empty rows", slice(200, 333))):
         got, lse = results[name]
         assert bool((got[:, :, rows] == 0).all()) and bool(xp.isneginf(lse[:, :, rows]).all()), name

@@ -20,9 +20,23 @@ Q, K, V = arrays((2, 4, 16, 8), (2, 2, 24, 8), (2, 2, 24, 8))
 
 
 def forward_and_backward(**kwargs):
-    """Run forward and backward with these options, so both validate them."""
-    out, lse = cuflash.attention(Q, K, V, return_lse=True, **kwargs)
-    cuflash.attention_backward(out, Q, K, V, out, lse, **kwargs)
+    """Run the forward and the backward with these options, each on its own (the backward on a
+    valid forward's results), so that both validate them. Where one refuses them the other must
+    refuse them alike (the same type and message), and that error is raised for the caller to
+    check."""
+    out, lse = cuflash.attention(Q, K, V, return_lse=True)
+    refusals = []
+    for run in (lambda: cuflash.attention(Q, K, V, **kwargs),
+                lambda: cuflash.attention_backward(out, Q, K, V, out, lse, **kwargs)):
+        try:
+            run()
+        except (TypeError, ValueError) as error:
+            refusals.append(error)
+    if refusals:
+        forward, backward = refusals if len(refusals) == 2 else (refusals[0], None)
+        assert (type(backward), str(backward)) == (type(forward), str(forward)), (
+            f"one pass refused {kwargs} and the other did not, or not alike: {refusals}")
+        raise forward
 
 
 # ----------------------------------------------------------------------------- array types
