@@ -37,12 +37,13 @@ class CuflashNumericalWarning(RuntimeWarning):
 
 
 def _errstate():
-    return numpy.errstate(over="ignore", invalid="ignore", divide="ignore")
+    # Underflow too: exp2 of very negative logits and casts of tiny values underflow by design.
+    return numpy.errstate(all="ignore")
 
 
 def quiet(function):
-    """Run ``function`` with NumPy's overflow, invalid and divide warnings off (results
-    unchanged: only the reporting is)."""
+    """Run ``function`` with every NumPy floating-point warning off (results unchanged: only
+    the reporting is), whatever the caller's ``numpy.seterr``."""
 
     @functools.wraps(function)
     def quietly(*args, **kwargs):
@@ -70,12 +71,23 @@ def _valid_lse(lse) -> bool:
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def _machinery() -> tuple[str, ...]:
+    """The folders of the code between a user's call and the check: cuflash's, and torch's
+    when loaded (cuflash.torch's operators run inside torch's autograd and dispatch frames)."""
+    torch = sys.modules.get("torch")
+    torch_file = getattr(torch, "__file__", None) if torch is not None else None
+    if torch_file is None:
+        return (_PACKAGE,)
+    return _PACKAGE, os.path.dirname(os.path.abspath(torch_file)) + os.sep
+
+
 def _outside_cuflash() -> int:
-    """The ``stacklevel`` of the first frame outside the cuflash package, counted from the
-    function that calls ``warnings.warn`` (which is ``_warn``): the user's call, however deep
-    inside cuflash the check runs."""
+    """The ``stacklevel`` of the first frame outside cuflash (and the torch machinery its
+    operators run in), counted from the function that calls ``warnings.warn`` (which is
+    ``_warn``): the user's call, however deep inside cuflash the check runs."""
+    inside = _machinery()
     level, frame = 1, sys._getframe(1)  # _warn
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
         frame = frame.f_back
         level += 1
     return level
@@ -99,6 +111,10 @@ def check_forward(out, lse, inputs) -> None:
     if not _valid_lse(lse):
         what = ("the logits scale·q·kᵀ (after softcap and ALiBi), computed in float32, "
                 f"overflowed float32 (|x| > {FLOAT32_MAX:.3g}). Scale q, k or `scale` down")
+    elif numpy.dtype(out.dtype) == numpy.float16:
+        # An average of v's rows fits float16 unless dropout's 1 / (1 − p) lifts it past.
+        what = (f"the output, an average of the rows of v times dropout's 1 / (1 − p), exceeded "
+                f"{FLOAT16_MAX:g}, the largest float16. Scale v down, or use bfloat16 or float32")
     else:
         what = ("the weighted sum of the rows of v, accumulated in float32, overflowed float32 "
                 f"(|x| > {FLOAT32_MAX:.3g}). Scale v down")

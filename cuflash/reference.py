@@ -295,6 +295,7 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
         _checks.check_exact_mask(mask, block_mask, shapes.nq, shapes.nk, shapes.hq)
         mask = xp.asarray(mask.element_rows(rows))  # (H', len(rows), Nk)
     elif mask is not None:
+        _check_element_mask(mask, xp)
         mask = xp.asarray(mask, dtype=bool)
         if some_rows and mask.ndim >= 2 and mask.shape[-2] != 1:
             mask = mask[..., xp.asarray(rows), :]
@@ -310,6 +311,17 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
         q = q[..., xp.asarray(rows), :]
     return _Call(xp, shapes, scale, q, k, v, rows, keep, softcap, slopes, dropout_keep,
                  _dropout.rescale(p))
+
+
+def _check_element_mask(mask, xp) -> None:
+    """An element-level ``mask`` must be an array of bools (or 0/1 integers): anything else (a
+    BlockMask, a scipy matrix, a scalar) would become a 0-d True, every pair attended."""
+    is_array = isinstance(mask, (numpy.ndarray, xp.ndarray)) and mask.ndim >= 1
+    if not (is_array and (mask.dtype == bool or numpy.issubdtype(mask.dtype, numpy.integer))):
+        raise TypeError(f"mask must be an ExactMask or an array of bools broadcastable to "
+                        f"(..., Hq, Nq, Nk), got {_checks._type_name(mask)}"
+                        + (" (a BlockMask is block-sparse: pass it as block_mask=)"
+                           if type(mask).__name__ == "BlockMask" else ""))
 
 
 def _is_exact_mask(mask):

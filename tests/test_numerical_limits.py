@@ -298,3 +298,43 @@ def test_bench_ctrl_c_before_any_row(monkeypatch):
     assert result.exit_code == 130
     assert result.stdout == ""
     assert "interrupted by Ctrl-C; no table was printed" in result.stderr
+
+
+# ----------------------------------------------------------------------------- numpy.seterr and torch
+
+@pytest.mark.parametrize("dtype, size", [(np.float16, 3), (np.float32, 30), (ml_dtypes.bfloat16, 30)],
+                         ids=["float16", "float32", "bfloat16"])
+def test_a_caller_seterr_raise_does_not_reach_underflows_inside(dtype, size):
+    """exp2 of very negative logits and casts of tiny values underflow by design."""
+    rng = np.random.default_rng(0)
+    q = (rng.standard_normal((1, 64, 64)) * size).astype(dtype)
+    with np.errstate(all="raise"):
+        out, vjp = cuflash.attention_vjp(q, q, q)
+        grads = vjp(np.ones_like(out))
+    assert np.isfinite(out.astype(np.float32)).all()
+    assert all(np.isfinite(g.astype(np.float32)).all() for g in grads)
+
+
+def test_float16_dropout_output_overflow_is_named_as_such():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 8, 4)).astype(np.float16)
+    v = np.full((1, 8, 4), 6e4, np.float16)
+    with numpy_warnings_fail() as caught:
+        out = cuflash.attention(q, q, v, dropout_p=0.5, dropout_seed=1)
+    assert np.isinf(out).any()
+    (warning,) = cuflash_warnings(caught)
+    assert warning.filename == __file__
+    text = str(warning.message)
+    assert "65504" in text and "1 / (1 − p)" in text and "float32 (|x|" not in text
+
+
+def test_a_warning_through_cuflash_torch_is_at_the_caller_s_line():
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    dout, q, k, v = (torch.from_numpy(x) for x in large_v_problem(np.float16))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with numpy_warnings_fail() as caught:
+        out = ct.attention(q, k, v)
+        out.backward(dout)
+    assert [w.filename for w in cuflash_warnings(caught)] == [__file__]

@@ -271,3 +271,32 @@ def test_naive_backward_row_term_from_the_given_out(rng, dtype):
                                                  out=(out.astype(np.float32) * 1.01).astype(dtype))
     assert not np.array_equal(shifted[0], own[0]) and not np.array_equal(shifted[1], own[1])
     assert np.array_equal(shifted[2].view(np.uint16), own[2].view(np.uint16))
+
+
+@pytest.mark.parametrize("bad", ["block mask", "scipy", "scalar", "list"])
+def test_mask_that_is_no_array_of_bools_is_refused(rng, bad):
+    """Anything else would become a 0-d True: the dense oracle, with no error."""
+    import scipy.sparse
+
+    from cuflash.sparse import BlockMask
+
+    q, k, v = random64(rng, (2, 256, 8), (2, 256, 8), (2, 256, 8))
+    masks = {"block mask": BlockMask.from_dense(np.eye(2, dtype=bool), block_size=128),
+             "scipy": scipy.sparse.eye(256, format="csr"), "scalar": True,
+             "list": [[True] * 256] * 256}
+    match = "pass it as block_mask=" if bad == "block mask" else "mask must be an ExactMask"
+    for call in (reference.attention, reference.naive_attention):
+        with pytest.raises(TypeError, match=match):
+            call(q, k, v, mask=masks[bad])
+    keep = np.tril(np.ones((256, 256), bool))
+    np.testing.assert_array_equal(reference.attention(q, k, v, mask=keep)[0],
+                                  reference.attention(q, k, v, causal=True)[0])
+
+
+def test_rule_never_passes_an_error_that_is_not_finite():
+    from cuflash.check import rule
+
+    assert rule.passes(1e30, float("inf"))  # an overflowed baseline bounds nothing finite out
+    assert not rule.passes(float("inf"), float("inf"))
+    assert not rule.passes(float("nan"), 0.01)
+    assert rule.passes(0.015, 0.01) and not rule.passes(0.03, 0.01)

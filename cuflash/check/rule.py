@@ -13,6 +13,8 @@ that precision makes (FlashAttention's own rule). A NaN error never passes.
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["FACTOR", "SLACK", "allowed", "passes"]
 
 FACTOR = 2.0
@@ -25,6 +27,8 @@ def allowed(naive_error: float) -> float:
 
 
 def passes(error: float, naive_error: float) -> bool:
-    """Whether ``error = max|result − ref64|`` passes against ``naive_error``; NaN fails."""
-    return float(error) <= allowed(naive_error)  # False for NaN
+    """Whether ``error = max|result − ref64|`` passes against ``naive_error``. An error that is
+    not finite never passes, even when the naive baseline's overflowed too (an infinite bound
+    would pass anything)."""
+    return math.isfinite(float(error)) and float(error) <= allowed(naive_error)
 
