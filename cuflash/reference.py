@@ -278,6 +278,7 @@ class _Call:
 def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_mask,
           rows=None, dropout=(0.0, None, 0)) -> _Call:
     xp = _checks.common_module({"q": q, "k": k, "v": v})
+    _check_real_dtypes({"q": q, "k": k, "v": v})
     shapes = _checks.attention_shapes(q, k, v)
     scale = _checks.check_scale(scale, shapes.d)
     window = _checks.check_window(window)
@@ -311,6 +312,19 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
         q = q[..., xp.asarray(rows), :]
     return _Call(xp, shapes, scale, q, k, v, rows, keep, softcap, slopes, dropout_keep,
                  _dropout.rescale(p))
+
+
+_REAL_DTYPES = (*_checks.SUPPORTED_DTYPES, numpy.dtype(numpy.float64))
+
+
+def _check_real_dtypes(arrays: dict) -> None:
+    """The oracle computes in float64 from any of cuflash's dtypes or float64 itself; integers
+    would make the naive baseline's rounding an integer cast, and complex values lose their
+    imaginary part."""
+    for name, x in arrays.items():
+        if x.dtype not in _REAL_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; the reference takes float16, bfloat16, "
+                            f"float32 or float64")
 
 
 def _check_element_mask(mask, xp) -> None:

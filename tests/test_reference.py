@@ -300,3 +300,12 @@ def test_rule_never_passes_an_error_that_is_not_finite():
     assert not rule.passes(float("inf"), float("inf"))
     assert not rule.passes(float("nan"), 0.01)
     assert rule.passes(0.015, 0.01) and not rule.passes(0.03, 0.01)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64])
+def test_dtypes_that_are_not_real_floats_are_refused(rng, dtype):
+    q, k, v = random64(rng, (2, 8, 4), (2, 8, 4), (2, 8, 4))
+    for call in (reference.attention, reference.naive_attention):
+        with pytest.raises(TypeError, match="the reference takes float16, bfloat16, float32 or "
+                                            "float64"):
+            call(q.astype(dtype), k, v)
