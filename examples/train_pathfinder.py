@@ -324,6 +324,23 @@ def plot(logs: list[dict], path: str) -> None:
     print(f"plot written to {path}")
 
 
+def number(kind, minimum, *, above: bool = False):
+    """An argparse type: a ``kind`` (int or float) of at least ``minimum``, or above it."""
+    def parse(text: str):
+        value = kind(text)
+        # Written as "not ..." so that nan, which compares false with everything, is refused too.
+        if not (value > minimum if above else value >= minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'above' if above else 'at least'} {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__      # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = number(int, 1), number(int, 0)
+POSITIVE_FLOAT, NON_NEGATIVE_FLOAT = number(float, 0, above=True), number(float, 0)
+
+
 def power_of_two_side(text: str) -> int:
     side = int(text)
     if side < 32 or side & (side - 1):   # 16×16 has no room for two separate curves
@@ -337,35 +354,38 @@ def main(argv=None) -> int:
     add("--size", type=power_of_two_side, default=32,
         help="image side: 32, 64, 128 (1K, 4K, 16K tokens); any power of two ≥ 32")
     add("--attention", choices=sorted(ATTENTION), default="cuflash")
-    add("--steps", type=int, default=1000, help="at most this many steps")
-    add("--budget-minutes", type=float, default=None, help="stop after this much training time")
-    add("--batch", type=int, default=32)
-    add("--lr", type=float, default=1e-3)
-    add("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
-    add("--weight-decay", type=float, default=0.05)
+    add("--steps", type=POSITIVE_INT, default=1000, help="at most this many steps")
+    add("--budget-minutes", type=POSITIVE_FLOAT, default=None,
+        help="stop after this much training time")
+    add("--batch", type=POSITIVE_INT, default=32)
+    add("--lr", type=POSITIVE_FLOAT, default=1e-3)
+    add("--warmup", type=NON_NEGATIVE_INT, default=200,
+        help="steps of linear learning-rate warm-up (0: none)")
+    add("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.05)
     add("--optimizer", choices=["fused", "foreach"], default=None,
         help="AdamW's implementation, one update rule: fused (the default on CUDA) or foreach "
              "(the default on the CPU)")
     add("--dtype", choices=["bf16", "fp32"], default=None,
         help="bf16: bfloat16 autocast (CUDA only); default bf16 on CUDA, fp32 on CPU")
     add("--device", choices=["cuda", "cpu"], default="cuda")
-    add("--layers", type=int, default=4)
-    add("--width", type=int, default=128)
-    add("--heads", type=int, default=4)
+    add("--layers", type=POSITIVE_INT, default=4)
+    add("--width", type=POSITIVE_INT, default=128)
+    add("--heads", type=POSITIVE_INT, default=4)
     add("--position", choices=["sincos", "learned"], default="sincos")
     add("--pool", choices=["max", "mean", "cls"], default="max",
         help="max or mean over the tokens, or a CLS token")
-    add("--stem", type=int, default=0, metavar="N",
+    add("--stem", type=NON_NEGATIVE_INT, default=0, metavar="N",
         help="N 3×3 convolutions over the image added to the pixel tokens (default 0: none)")
     add("--sdpa-backend", choices=["default", *SDPA_BACKENDS], default="default",
         help="with --attention sdpa: the back end torch may use (default: its own choice)")
-    add("--seed", type=int, default=0, help="initialisation and batch order")
-    add("--train-size", type=int, default=20000, help="training images")
-    add("--test-size", type=int, default=1000, help="held-out test images")
-    add("--workers", type=int, default=os.cpu_count() or 1, help="processes drawing images")
+    add("--seed", type=NON_NEGATIVE_INT, default=0, help="initialisation and batch order")
+    add("--train-size", type=POSITIVE_INT, default=20000, help="training images")
+    add("--test-size", type=POSITIVE_INT, default=1000, help="held-out test images")
+    add("--workers", type=POSITIVE_INT, default=os.cpu_count() or 1,
+        help="processes drawing images")
     add("--cache-dir", default=None, help="keep generated image sets here (.npz)")
-    add("--print-every", type=int, default=50)
-    add("--eval-every", type=int, default=0,
+    add("--print-every", type=POSITIVE_INT, default=50)
+    add("--eval-every", type=NON_NEGATIVE_INT, default=0,
         help="also test on the first 512 test images every this many steps (0: only at the end)")
     add("--out", default=None, metavar="DIR",
         help="write the log as DIR/pathfinder-SIZE-ATTENTION.json (unless --log is given)")

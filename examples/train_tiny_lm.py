@@ -117,24 +117,43 @@ def run(*, device="cuda", dtype="bfloat16", steps=50, batch=8, seq_len=256, voca
     return train(model, batches, **options), train(twin, batches, **options)
 
 
+def number(kind, minimum, *, above: bool = False):
+    """An argparse type: a ``kind`` (int or float) of at least ``minimum``, or above it."""
+    def parse(text: str):
+        value = kind(text)
+        # Written as "not ..." so that nan, which compares false with everything, is refused too.
+        if not (value > minimum if above else value >= minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'above' if above else 'at least'} {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__      # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+POSITIVE_INT = number(int, 1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="autocast dtype (float32: no autocast)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=number(int, 2), default=50,
+                        help="at least 2: the check compares the last loss with the first")
+    parser.add_argument("--batch", type=POSITIVE_INT, default=8)
+    parser.add_argument("--seq-len", type=POSITIVE_INT, default=256)
+    parser.add_argument("--dim", type=POSITIVE_INT, default=128)
+    parser.add_argument("--heads", type=POSITIVE_INT, default=4)
+    parser.add_argument("--layers", type=POSITIVE_INT, default=2)
+    parser.add_argument("--lr", type=number(float, 0, above=True), default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the cuflash model")
-    parser.add_argument("--tolerance", type=float, default=None,
+    parser.add_argument("--tolerance", type=number(float, 0), default=None,
                         help="largest allowed |loss difference| between the two models "
                              "(default 0.1 with autocast, 1e-3 in float32)")
     args = parser.parse_args(argv)
+    if args.dim % args.heads:
+        parser.error(f"--dim ({args.dim}) must be a multiple of --heads ({args.heads})")
     ours, theirs = run(device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch,
                        seq_len=args.seq_len, dim=args.dim, heads=args.heads, layers=args.layers,
                        lr=args.lr, seed=args.seed, compile=args.compile)

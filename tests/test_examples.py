@@ -113,3 +113,55 @@ def test_train_pathfinder_model_options(train_pathfinder, tmp_path, options):
     result = json.loads(log.read_text())
     assert result["config"][options[0][2:]] == type(result["config"][options[0][2:]])(options[1])
     assert len(result["loss"]) == 1
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--steps", "0"), ("--test-size", "0"), ("--train-size", "0"), ("--batch", "0"),
+    ("--print-every", "0"), ("--workers", "0"), ("--layers", "0"), ("--width", "0"),
+    ("--heads", "0"), ("--lr", "0"), ("--lr", "nan"), ("--budget-minutes", "0"),
+    ("--warmup", "-1"), ("--weight-decay", "-0.1"), ("--stem", "-1"), ("--eval-every", "-1"),
+    ("--seed", "-1")])
+def test_train_pathfinder_refuses_out_of_range_numbers(train_pathfinder, capsys, option, value):
+    # Refused while parsing the arguments, before any image is drawn or step taken.
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + [option, value])
+    assert exit.value.code == 2
+    assert f"argument {option}: must be" in capsys.readouterr().err
+
+
+def test_train_pathfinder_zero_warmup_and_eval_every_mean_none(train_pathfinder, tmp_path):
+    log = tmp_path / "zero.json"
+    assert train_pathfinder.main(TINY + ["--steps", "1", "--warmup", "0", "--eval-every", "0",
+                                         "--log", str(log)]) == 0
+    assert [step for step, _, _ in json.loads(log.read_text())["evals"]] == [1]
+
+
+TINY_LM = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_lm.py"
+TINY_LM_ARGS = ["--device", "cpu", "--dtype", "float32", "--steps", "2", "--batch", "2",
+                "--seq-len", "8", "--dim", "8", "--heads", "2", "--layers", "1"]
+
+
+@pytest.fixture(scope="module")
+def train_tiny_lm():
+    spec = importlib.util.spec_from_file_location("train_tiny_lm", TINY_LM)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--steps", "0"), ("--steps", "1"), ("--batch", "0"), ("--seq-len", "0"), ("--dim", "0"),
+    ("--heads", "0"), ("--layers", "0"), ("--lr", "0"), ("--lr", "nan"), ("--tolerance", "-1"),
+    ("--tolerance", "nan")])
+def test_train_tiny_lm_refuses_out_of_range_numbers(train_tiny_lm, capsys, option, value):
+    with pytest.raises(SystemExit) as exit:
+        train_tiny_lm.main(TINY_LM_ARGS + [option, value])
+    assert exit.value.code == 2
+    assert f"argument {option}: must be" in capsys.readouterr().err
+
+
+def test_train_tiny_lm_refuses_dim_not_split_by_heads(train_tiny_lm, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train_tiny_lm.main(TINY_LM_ARGS + ["--heads", "3"])
+    assert exit.value.code == 2
+    assert "--dim (8) must be a multiple of --heads (3)" in capsys.readouterr().err

@@ -165,3 +165,29 @@ def test_default_images_are_unchanged_by_the_separate_option():
     b = pathfinder_image(32, seed=4, separate=False)
     np.testing.assert_array_equal(a.pixels, b.pixels)
     assert a.connected == pathfinder_image(32, seed=4, separate=True).connected
+
+
+@pytest.mark.parametrize("side", [8, 12])
+def test_separate_curves_that_cannot_fit_raise(side):
+    # Two marked curves 3 pixels apart, with marker discs, never fit on such sides.
+    with pytest.raises(ValueError, match=rf"side={side}, separate=True, distractors=1\b.*larger"):
+        pathfinder_image(side, seed=0, separate=True)
+
+
+def test_separate_curves_with_too_many_distractors_raise(monkeypatch):
+    monkeypatch.setattr(pathfinder, "SEPARATE_IMAGE_TRIES", 5)   # 30 distractors never fit anyway
+    with pytest.raises(ValueError, match=r"side=32, separate=True, distractors=30\b.*fewer"):
+        pathfinder_image(32, seed=0, separate=True, distractors=30)
+
+
+def test_separate_curves_give_up_after_whole_images_not_before(monkeypatch):
+    # Seed 1 on a 16-pixel side fits at the 6th whole image: a bound of 6 still draws the same
+    # image as the default bound (the failed tries use the random numbers as before), 5 gives up.
+    expected = pathfinder_image(16, seed=1, connected=False, separate=True)
+    monkeypatch.setattr(pathfinder, "SEPARATE_IMAGE_TRIES", 6)
+    image = pathfinder_image(16, seed=1, connected=False, separate=True)
+    np.testing.assert_array_equal(image.pixels, expected.pixels)
+    assert image.markers == expected.markers
+    monkeypatch.setattr(pathfinder, "SEPARATE_IMAGE_TRIES", 5)
+    with pytest.raises(ValueError, match="in 5 tries"):
+        pathfinder_image(16, seed=1, connected=False, separate=True)

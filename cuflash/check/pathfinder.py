@@ -89,6 +89,7 @@ def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None =
     ``_separate_curves``): the curves never touch, so the label can be read off the pixels; both
     labels have the same number and lengths of curves; and the two markers are about as far apart
     in either case. The default draws curves that may cross, which is what ``cuflash check`` uses.
+    Raises ValueError when the curves do not fit apart (small sides, many distractors).
     """
     if side < MIN_SIDE:
         raise ValueError(f"side must be at least {MIN_SIDE} pixels, got {side}")
@@ -126,6 +127,11 @@ def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None =
 
 SEPARATE_LENGTH = 0.7      # of the side: both marked curves, with ``separate=True``
 SEPARATE_GAP = 3           # pixels left dark between two curves (or a curve and a marker)
+# Whole images drawn before ``separate=True`` gives up. From a 16-pixel side up, about 22 are
+# needed on average (under 2 from 32), so this loses practically no seed; sides 13 to 15 need
+# hundreds, and smaller sides, or 30 distractors on 32 pixels, never fit: at a few milliseconds
+# a try, giving up takes seconds.
+SEPARATE_IMAGE_TRIES = 1000
 
 
 def _separate_curves(rng: numpy.random.Generator, side: int, connected: bool, distractors: int,
@@ -138,11 +144,12 @@ def _separate_curves(rng: numpy.random.Generator, side: int, connected: bool, di
     end-to-end distance, so the distance between the markers says little about the label; B (and
     A, when connected) keeps a marker-sized disc clear at both ends either way, so the unmarked
     end of a curve looks the same in both classes. A curve that comes too close to an earlier one
-    is drawn again (the whole image after 50 tries).
+    is drawn again; after 50 tries the whole image starts over, and after
+    ``SEPARATE_IMAGE_TRIES`` whole images it raises ValueError.
     """
     length = SEPARATE_LENGTH * side
     gap = SEPARATE_GAP
-    while True:
+    for _ in range(SEPARATE_IMAGE_TRIES):
         near = numpy.zeros((side + 2 * gap, side + 2 * gap), dtype=bool)  # within gap of a curve
         curves = []
         for index in range(2 + distractors):
@@ -160,6 +167,11 @@ def _separate_curves(rng: numpy.random.Generator, side: int, connected: bool, di
                 break
         if len(curves) == 2 + distractors:
             break
+    else:
+        raise ValueError(
+            f"pathfinder_image(side={side}, separate=True, distractors={distractors}) could not "
+            f"keep {2 + distractors} curves {gap} pixels apart in {SEPARATE_IMAGE_TRIES} tries; "
+            f"use a larger side, fewer distractors, or separate=False")
     a, b = curves[0], curves[1]
     if connected:
         return curves, (a[0], a[-1])
