@@ -338,8 +338,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
-                   dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
-    result, lse, _ = _calls.forward(q, k, v, out, options, return_lse)
+                   dropout_p=dropout_p)
+    result, lse, _ = _calls.forward(q, k, v, out, options, (dropout_seed, dropout_offset),
+                                    return_lse)
     return (result, lse) if return_lse else result  # return_lse: checked to be a bool
 
 
@@ -396,9 +397,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
-                   dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset,
-                   deterministic=deterministic, grad_dtype=grad_dtype)
-    return _calls.backward(dout, q, k, v, out, lse, options, grads=(dq, dk, dv))
+                   dropout_p=dropout_p, deterministic=deterministic, grad_dtype=grad_dtype)
+    return _calls.backward(dout, q, k, v, out, lse, options, (dropout_seed, dropout_offset),
+                           grads=(dq, dk, dv))
 
 
 def _vjp_seed(dropout_p, dropout_seed, dropout_offset):
@@ -427,13 +428,13 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     dropout_seed = _vjp_seed(dropout_p, dropout_seed, dropout_offset)
     forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                            alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
-                           dropout_p=dropout_p, dropout_seed=dropout_seed,
-                           dropout_offset=dropout_offset)
-    out, lse, spec = _calls.forward(q, k, v, None, forward_options, True)
+                           dropout_p=dropout_p)
+    dropout = (dropout_seed, dropout_offset)
+    out, lse, spec = _calls.forward(q, k, v, None, forward_options, dropout, True)
     options = dict(forward_options, deterministic=deterministic)
 
     def vjp(dout):  # with the forward's copy of the ALiBi slopes, as the docstring promises
-        return _calls.backward(dout, q, k, v, out, lse, options, alibi=spec.alibi)
+        return _calls.backward(dout, q, k, v, out, lse, options, dropout, alibi=spec.alibi)
 
     vjp.dropout_seed = spec.dropout_seed
     return out, vjp
@@ -604,10 +605,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     (30, 4, 64)
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                   dropout_offset=dropout_offset, check_offsets=check_offsets)
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, check_offsets=check_offsets)
     result, lse, _ = _calls.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                           max_seqlen_k, out, options, return_lse)
+                                           max_seqlen_k, out, options,
+                                           (dropout_seed, dropout_offset), return_lse)
     return (result, lse) if return_lse else result  # return_lse: checked to be a bool
 
 
@@ -627,11 +628,11 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     ``attention_backward`` (then returned themselves).
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                   dropout_offset=dropout_offset, deterministic=deterministic,
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
                    check_offsets=check_offsets)
     return _calls.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, options, (dq, dk, dv))
+                                  max_seqlen_k, options, (dropout_seed, dropout_offset),
+                                  (dq, dk, dv))
 
 
 def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -645,12 +646,11 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     ``attention_varlen_backward`` is). Dropout as for ``attention_vjp``: a seed is drawn when
     none is given, and ``vjp.dropout_seed`` holds it."""
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                   dropout_seed=_vjp_seed(dropout_p, dropout_seed, dropout_offset),
-                   dropout_offset=dropout_offset, deterministic=deterministic,
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
                    check_offsets=check_offsets)
+    dropout = (_vjp_seed(dropout_p, dropout_seed, dropout_offset), dropout_offset)
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            **options)
+                            **options, dropout_seed=dropout[0], dropout_offset=dropout[1])
     out, lse = _varlen_forward(spec, xp, q, k, v, None)
     backward_options = dict(options, check_offsets=False)  # checked above
     # The offsets as the forward read them: the backward reads NumPy offsets again on the host,
@@ -663,7 +663,7 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
     def vjp(dout):
         return _calls.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q,
-                                      max_seqlen_k, backward_options, alibi=spec.alibi)
+                                      max_seqlen_k, backward_options, dropout, alibi=spec.alibi)
 
     vjp.dropout_seed = spec.dropout_seed
     return out, vjp

@@ -21,8 +21,9 @@ built, and an entry found there is then held under the quick key too (``_lookup`
 What is redone per call, because it is not part of the signature:
 
 - the data pointers (only their alignment is in the signature);
-- dropout's seed and offset (``_PER_CALL_OPTIONS``): checked, then written into the launch's
-  arguments, so that a training loop drawing a new seed per call keeps one entry;
+- dropout's seed and offset (given beside the options, not among them): checked, then written
+  into the launch's arguments, so that a training loop drawing a new seed per call keeps one
+  entry;
 - ``out=`` must not overlap q, k or v, nor given gradients (``dq=``, ``dk=``, ``dv=``) the
   backward's other arrays or one another: comparisons of byte ranges;
 - ALiBi slopes are keyed by their layout; their values are copied to the spec's ``(B, Hq)``
@@ -262,23 +263,22 @@ class CapturedAllocations:
 
 # ----------------------------------------------------------------------------- dropout per call
 
-# Options a call's key leaves out: its launch writes them per call (``_launch.DROPOUT_WORDS``),
+# A call's dropout seed and offset travel beside its options, not among them: the key holds the
+# options only, and the launch writes the seed and offset per call (``_launch.dropout_words``),
 # so that a training loop, which draws a new seed for every call, keeps one entry.
-_PER_CALL_OPTIONS = ("dropout_seed", "dropout_offset")
+
+def _validated_options(options: dict, dropout: tuple) -> dict:
+    """``options`` with ``dropout`` = (seed, offset) among them, as the validated path takes them."""
+    return dict(options, dropout_seed=dropout[0], dropout_offset=dropout[1])
 
 
-def _keyed(options: dict) -> tuple:
-    """The values of ``options`` the key holds, in order: all but ``_PER_CALL_OPTIONS``."""
-    return tuple(value for name, value in options.items() if name not in _PER_CALL_OPTIONS)
-
-
-def _with_call_dropout(spec, options: dict):
+def _with_call_dropout(spec, dropout_p, dropout: tuple):
     """``spec`` with this call's dropout seed and offset, checked as the validated path checks
     them (``_checks.check_dropout``); ``spec`` itself where they are its own."""
-    seed, offset = options["dropout_seed"], options["dropout_offset"]
+    seed, offset = dropout
     if not spec.dropout_p and seed is None and offset.__class__ is int and offset == 0:
         return spec  # no dropout, nothing given: the common case, no check needed
-    _, seed, offset = _checks.check_dropout(options["dropout_p"], seed, offset, spec.shapes)
+    _, seed, offset = _checks.check_dropout(dropout_p, seed, offset, spec.shapes)
     if seed == spec.dropout_seed and offset == spec.dropout_offset:
         return spec
     return dataclasses.replace(spec, dropout_seed=seed, dropout_offset=offset)
@@ -286,19 +286,22 @@ def _with_call_dropout(spec, options: dict):
 
 # ----------------------------------------------------------------------------- forward
 
-def forward(q, k, v, out, options: dict, return_lse):
-    """``(result, lse, spec)`` of one forward call (``options``: ``_api._spec``'s)."""
+def forward(q, k, v, out, options: dict, dropout: tuple, return_lse):
+    """``(result, lse, spec)`` of one forward call (``options``: ``_api._spec``'s but the dropout
+    seed and offset, which are ``dropout``)."""
     slopes = options["alibi_slopes"]
     entry, key = _lookup("forward", (q, k, v) if out is None else (q, k, v, out),
-                         (*_keyed(options), return_lse), slopes)
+                         (*options.values(), return_lse), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry(q, k, v, out, slopes, _with_call_dropout(entry.spec, options))
+        done = entry(q, k, v, out, slopes,
+                     _with_call_dropout(entry.spec, options["dropout_p"], dropout))
         if done is not None:
             _stats["hits"] += 1
             return done
     from . import _api
 
-    xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, return_lse)
+    xp, spec, result, lse = _api.validated_forward(q, k, v, out,
+                                                   _validated_options(options, dropout), return_lse)
     if key is not None and entry is None:
         _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result, return_lse))
     return result, lse, spec
@@ -400,8 +403,10 @@ _BACKWARD_NAMES = {
     for given in itertools.product((False, True), repeat=3)}
 
 
-def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, None, None)):
-    """``(dq, dk, dv)`` of one backward call (``options``: ``_api._spec``'s). ``alibi``: the
+def backward(dout, q, k, v, out, lse, options: dict, dropout: tuple, alibi=None,
+             grads=(None, None, None)):
+    """``(dq, dk, dv)`` of one backward call (``options`` and ``dropout`` as ``forward`` takes
+    them). ``alibi``: the
     spec's slopes copy to use instead of a new one (a vjp's forward copy); ``grads``: the arrays
     given for dq, dk, dv (``None`` where not given), written and returned."""
     slopes = options["alibi_slopes"]
@@ -410,16 +415,17 @@ def backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads=(None, No
     arrays = (dout, q, k, v, out, lse)
     if True in given:
         arrays += tuple(g for g in grads if g is not None)
-    entry, key = _lookup(_BACKWARD_NAMES[given], arrays, _keyed(options), slopes)
+    entry, key = _lookup(_BACKWARD_NAMES[given], arrays, tuple(options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
         done = entry(dout, q, k, v, out, lse, grads, slopes, alibi,
-                     _with_call_dropout(entry.spec, options))
+                     _with_call_dropout(entry.spec, options["dropout_p"], dropout))
         if done is not None:
             _stats["hits"] += 1
             return done
     from . import _api
 
-    xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, alibi=alibi,
+    xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse,
+                                               _validated_options(options, dropout), alibi=alibi,
                                                grads=grads)
     if key is not None and entry is None:
         _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result,
@@ -533,26 +539,27 @@ class _BackwardEntry:
 
 # ----------------------------------------------------------------------------- packed sequences
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, return_lse):
+def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, dropout: tuple,
+                   return_lse):
     """``(result, lse, spec)`` of one ``attention_varlen`` call (``options``: its keywords but
-    ``out`` and ``return_lse``). Cached as a dense call is, with the offsets among the arrays
+    ``out``, ``return_lse`` and the dropout seed and offset, which are ``dropout``). Cached as a dense call is, with the offsets among the arrays
     keyed by their layout (CuPy offsets only: NumPy ones are copied to the device per call) and
     the max lengths among the options; a cached call checks the offsets' values as the
     validated path does (``check_offsets``), then launches with them."""
     slopes = options["alibi_slopes"]
     arrays = (q, k, v, cu_q, cu_k) if out is None else (q, k, v, cu_q, cu_k, out)
-    entry, key = _lookup("varlen forward", arrays, (max_q, max_k, *_keyed(options), return_lse),
+    entry, key = _lookup("varlen forward", arrays, (max_q, max_k, *options.values(), return_lse),
                          slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry.dense(q, k, v, out, slopes,
-                           _with_call_dropout(entry.spec_of(cu_q, cu_k), options))
+        done = entry.dense(q, k, v, out, slopes, _with_call_dropout(
+            entry.spec_of(cu_q, cu_k), options["dropout_p"], dropout))
         if done is not None:
             _stats["hits"] += 1
             return done
     from . import _api
 
-    xp, spec, result, lse = _api.validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out,
-                                                          options, return_lse)
+    xp, spec, result, lse = _api.validated_varlen_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, out, _validated_options(options, dropout), return_lse)
     if key is not None and entry is None:
         _remember(key, _VarlenEntry.of(_varlen_forward_entry(xp, spec, q, k, v, out, result),
                                        options["check_offsets"]))
@@ -563,7 +570,7 @@ _VARLEN_BACKWARD_NAMES = {given: "varlen " + name for given, name in _BACKWARD_N
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: dict,
-                    grads=(None, None, None), alibi=None):
+                    dropout: tuple, grads=(None, None, None), alibi=None):
     """``(dq, dk, dv)`` of one ``attention_varlen_backward`` call, cached as ``varlen_forward``
     caches the forward (``grads`` and ``alibi`` as ``backward`` takes them)."""
     slopes = options["alibi_slopes"]
@@ -572,17 +579,18 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: 
     if True in given:
         arrays += tuple(g for g in grads if g is not None)
     entry, key = _lookup(_VARLEN_BACKWARD_NAMES[given], arrays,
-                         (max_q, max_k, *_keyed(options)), slopes)
+                         (max_q, max_k, *options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi,
-                           _with_call_dropout(entry.spec_of(cu_q, cu_k), options))
+        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi, _with_call_dropout(
+            entry.spec_of(cu_q, cu_k), options["dropout_p"], dropout))
         if done is not None:
             _stats["hits"] += 1
             return done
     from . import _api
 
-    xp, spec, result = _api.validated_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q,
-                                                      max_k, options, grads, alibi)
+    xp, spec, result = _api.validated_varlen_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, _validated_options(options, dropout),
+        grads, alibi)
     if key is not None and entry is None:
         built = _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, result, grads)
         _remember(key, _VarlenEntry.of(built, options["check_offsets"]))

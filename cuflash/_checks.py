@@ -223,23 +223,27 @@ def check_exact_mask(mask: Any, block_mask: Any, nq: int, nk: int, hq: int) -> N
     together with ``block_mask``."""
     if mask is None:
         return
-    from .sparse import BlockMask, ExactMask
+    from .sparse import ExactMask
     if not isinstance(mask, ExactMask):
-        if isinstance(mask, BlockMask):
-            hint = " (a BlockMask is block-sparse: pass it as block_mask=)"
-        elif type(mask).__module__.partition(".")[0] == "scipy":
-            hint = " (build one with cuflash.sparse.ExactMask.from_scipy(pattern))"
-        elif hasattr(mask, "shape"):
-            hint = " (build one with cuflash.sparse.ExactMask.from_dense(array))"
-        else:
-            hint = ""
         raise TypeError(f"mask must be a cuflash.sparse.ExactMask or None, got "
-                        f"{_type_name(mask)}{hint}")
+                        f"{_type_name(mask)}{mask_hint(mask)}")
     if block_mask is not None:
         raise ValueError("give mask= (exact) or block_mask= (block-sparse), not both; for "
                          "block-sparse attention restricted to a pattern, build one ExactMask "
                          "of the pairs both allow")
     mask.check_compatible(nq, nk, hq)
+
+
+def mask_hint(mask: Any) -> str:
+    """What to do instead with a ``mask=`` that is no ExactMask ("" when nothing fits)."""
+    from .sparse import BlockMask
+    if isinstance(mask, BlockMask):
+        return " (a BlockMask is block-sparse: pass it as block_mask=)"
+    if type(mask).__module__.partition(".")[0] == "scipy":
+        return " (build one with cuflash.sparse.ExactMask.from_scipy(pattern))"
+    if hasattr(mask, "shape"):
+        return " (build one with cuflash.sparse.ExactMask.from_dense(array))"
+    return ""
 
 
 def check_alibi(slopes: Any, shapes: "Shapes", xp, device_of: Any):

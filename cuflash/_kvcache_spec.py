@@ -308,8 +308,8 @@ def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx) -> None:
     appended = [slots_of(row, int(n) + numpy.arange(spec.s_new)) for row, n in enumerate(lengths)]
     held = [slots_of(row, numpy.arange(int(n))) for row, n in enumerate(lengths)]
     slots = numpy.concatenate(appended + held)
-    owner = numpy.concatenate([numpy.full(len(x), row) for row, x in enumerate(appended + held)])
-    owner %= spec.b
+    owner = numpy.concatenate([numpy.full(len(x), row)
+                               for row, x in zip([*range(spec.b)] * 2, appended + held)])
     is_append = numpy.arange(len(slots)) < spec.b * spec.s_new
     order = numpy.argsort(slots, kind="stable")  # appends first among equal slots
     same = slots[order[1:]] == slots[order[:-1]]

@@ -334,8 +334,7 @@ def _check_element_mask(mask, xp) -> None:
     if not (is_array and (mask.dtype == bool or numpy.issubdtype(mask.dtype, numpy.integer))):
         raise TypeError(f"mask must be an ExactMask or an array of bools broadcastable to "
                         f"(..., Hq, Nq, Nk), got {_checks._type_name(mask)}"
-                        + (" (a BlockMask is block-sparse: pass it as block_mask=)"
-                           if type(mask).__name__ == "BlockMask" else ""))
+                        f"{_checks.mask_hint(mask)}")
 
 
 def _is_exact_mask(mask):

@@ -593,17 +593,17 @@ def test_structs_reach_cupy_as_scalars_that_hold_the_packed_bytes():
     from cuflash.kernels import _launch, _tma
 
     values = {name: index for index, name in enumerate(_launch.FWD_ARGS.names)}
-    packed = _launch.PackedArgs(_launch.FWD_ARGS, _launch.FWD_CALL_FIELDS, values)
-    # 64-bit pointers, then dropout's 32-bit seed words
-    words = len(_launch.DROPOUT_WORDS)
-    per_call = (tuple(range(1 << 40, (1 << 40) + len(_launch.FWD_CALL_FIELDS) - words))
-                + tuple(range(0xFFFFFFF0, 0xFFFFFFF0 + words)))
+    # A call with dropout's per-call fields: 64-bit pointers, then dropout's 32-bit words
+    fields = _launch.FWD_POINTERS + _launch.DROPOUT_WORDS
+    packed = _launch.PackedArgs(_launch.FWD_ARGS, fields, values)
+    per_call = (tuple(range(1 << 40, (1 << 40) + len(_launch.FWD_POINTERS)))
+                + tuple(range(0xFFFFFFF0, 0xFFFFFFF0 + len(_launch.DROPOUT_WORDS))))
     argument = packed.pack(per_call)
     assert isinstance(argument, np.void)
     record = np.zeros(1, _launch.FWD_ARGS)
     for name in _launch.FWD_ARGS.names:
         record[name] = values[name]
-    for name, value in zip(_launch.FWD_CALL_FIELDS, per_call):
+    for name, value in zip(fields, per_call):
         record[name] = value
     assert _bytes_cupy_sends(argument, record.nbytes) == record.tobytes()
 

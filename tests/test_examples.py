@@ -17,12 +17,25 @@ TINY = ["--device", "cpu", "--size", "32", "--steps", "3", "--batch", "2", "--la
 REPORT = Path(__file__).resolve().parents[1] / "examples" / "pathfinder_report.py"
 
 
-@pytest.fixture(scope="module")
-def train_pathfinder():
-    spec = importlib.util.spec_from_file_location("train_pathfinder", SCRIPT)
+def load_example(path):
+    """The example script at ``path`` as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_refused_while_parsing(main, argv, capsys, message):
+    """``main(argv)`` stops in argparse (exit status 2) with ``message`` in its error."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def train_pathfinder():
+    return load_example(SCRIPT)
 
 
 def test_train_pathfinder_cuflash_and_sdpa(train_pathfinder, tmp_path, capsys):
@@ -68,9 +81,7 @@ def test_train_pathfinder_out_dir_and_report(train_pathfinder, tmp_path, capsys)
     timing.mkdir()
     for path in (tmp_path / "train").iterdir():
         (timing / path.name).write_text(path.read_text())
-    spec = importlib.util.spec_from_file_location("pathfinder_report", REPORT)
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_example(REPORT)
     capsys.readouterr()
     markdown = tmp_path / "report.md"
     assert report.main([str(tmp_path / "train"), str(timing), "--markdown", str(markdown)]) == 0
@@ -123,10 +134,8 @@ def test_train_pathfinder_model_options(train_pathfinder, tmp_path, options):
     ("--seed", "-1")])
 def test_train_pathfinder_refuses_out_of_range_numbers(train_pathfinder, capsys, option, value):
     # Refused while parsing the arguments, before any image is drawn or step taken.
-    with pytest.raises(SystemExit) as exit:
-        train_pathfinder.main(TINY + [option, value])
-    assert exit.value.code == 2
-    assert f"argument {option}: must be" in capsys.readouterr().err
+    assert_refused_while_parsing(train_pathfinder.main, TINY + [option, value], capsys,
+                                 f"argument {option}: must be")
 
 
 def test_train_pathfinder_zero_warmup_and_eval_every_mean_none(train_pathfinder, tmp_path):
@@ -143,10 +152,7 @@ TINY_LM_ARGS = ["--device", "cpu", "--dtype", "float32", "--steps", "2", "--batc
 
 @pytest.fixture(scope="module")
 def train_tiny_lm():
-    spec = importlib.util.spec_from_file_location("train_tiny_lm", TINY_LM)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example(TINY_LM)
 
 
 @pytest.mark.parametrize("option, value", [
@@ -154,14 +160,10 @@ def train_tiny_lm():
     ("--heads", "0"), ("--layers", "0"), ("--lr", "0"), ("--lr", "nan"), ("--tolerance", "-1"),
     ("--tolerance", "nan")])
 def test_train_tiny_lm_refuses_out_of_range_numbers(train_tiny_lm, capsys, option, value):
-    with pytest.raises(SystemExit) as exit:
-        train_tiny_lm.main(TINY_LM_ARGS + [option, value])
-    assert exit.value.code == 2
-    assert f"argument {option}: must be" in capsys.readouterr().err
+    assert_refused_while_parsing(train_tiny_lm.main, TINY_LM_ARGS + [option, value], capsys,
+                                 f"argument {option}: must be")
 
 
 def test_train_tiny_lm_refuses_dim_not_split_by_heads(train_tiny_lm, capsys):
-    with pytest.raises(SystemExit) as exit:
-        train_tiny_lm.main(TINY_LM_ARGS + ["--heads", "3"])
-    assert exit.value.code == 2
-    assert "--dim (8) must be a multiple of --heads (3)" in capsys.readouterr().err
+    assert_refused_while_parsing(train_tiny_lm.main, TINY_LM_ARGS + ["--heads", "3"], capsys,
+                                 "--dim (8) must be a multiple of --heads (3)")

@@ -422,7 +422,7 @@ def test_cache_keys_a_call_by_its_layout_options_and_switches(monkeypatch):
     lse, again = _cached.forward(q, k, v, out, options)
     assert again is None and lse.shape == (2, 4, 8) and lse.dtype == torch.float32
     assert launched[-1] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                            lse.data_ptr(), 0, 0, 0, 0, 0, 0)  # no ALiBi, offsets, dropout
+                            lse.data_ptr(), 0, 0, 0)
     misses = [(q, k, v, out, (bool, True, int, 1, -1, -1, 0.0, -1)),   # scale 1, not 0.5
               (q, k, v, out, (bool, False, float, 0.5, -1, -1, 0.0, -1)),
               (torch.randn(2, 4, 9, 16), k, v, torch.empty(2, 4, 9, 16), options),

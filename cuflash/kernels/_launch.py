@@ -661,25 +661,33 @@ def mask_and_score_values(spec) -> dict:
 DROPOUT_FIELDS = [("drop_threshold", U32), ("drop_seed_lo", U32), ("drop_seed_hi", U32),
                   ("drop_offset", U32), ("drop_rescale", F32)]
 
-# The dropout fields a launch writes per call, as it writes its pointers: calls that differ only
-# in their seed or offset (a training loop draws a seed per step) share one prepared launch.
+# The dropout fields a launch with dropout writes per call, after its pointers: calls that differ
+# only in their seed or offset (a training loop draws a seed per step) share one prepared launch.
+# A launch without dropout keeps them as packed (0), and writes its pointers alone.
 DROPOUT_WORDS = ("drop_seed_lo", "drop_seed_hi", "drop_offset")
 
 
 def dropout_values(spec) -> dict:
-    """The values of DROPOUT_FIELDS but DROPOUT_WORDS for one call (threshold 0 and factor 1
-    without dropout; the kernels read them only in their DROPOUT variants)."""
-    p = spec.dropout_p
-    return {"drop_threshold": _dropout.threshold(p), "drop_rescale": _dropout.rescale(p)}
+    """The values of DROPOUT_FIELDS for one call (threshold 0 and factor 1 without dropout; the
+    kernels read them only in their DROPOUT variants)."""
+    seed, p = spec.dropout_seed, spec.dropout_p
+    return {"drop_threshold": _dropout.threshold(p),
+            "drop_seed_lo": seed & 0xFFFFFFFF, "drop_seed_hi": seed >> 32,
+            "drop_offset": spec.dropout_offset, "drop_rescale": _dropout.rescale(p)}
 
 
-def dropout_words(spec) -> tuple[int, int, int]:
-    """The DROPOUT_WORDS values of one call (0 without dropout)."""
+def call_fields(pointers: tuple, spec) -> tuple:
+    """The fields a launch of this call re-fills per call: ``pointers``, then DROPOUT_WORDS
+    with dropout."""
+    return pointers + DROPOUT_WORDS if spec.has_dropout else pointers
+
+
+def dropout_words(spec) -> tuple:
+    """The DROPOUT_WORDS values of one call, after its pointers (none without dropout)."""
+    if not spec.has_dropout:
+        return ()
     seed = spec.dropout_seed
     return seed & 0xFFFFFFFF, seed >> 32, spec.dropout_offset
-
-
-NO_DROPOUT_WORDS = (0, 0, 0)  # the DROPOUT_WORDS of a call without dropout
 
 
 def mask_type(spec) -> str:
@@ -756,20 +764,22 @@ def mask_heads(spec) -> int:
     return int(mask is not None and mask.num_heads is not None)
 
 
-# The fields of FWD_ARGS a forward launch re-fills per call, in this order (see forward_call_values).
-FWD_CALL_FIELDS = ("q", "k", "v", "o", "lse", "alibi", "cu_q", "cu_k") + DROPOUT_WORDS
+# The pointer fields of FWD_ARGS a forward launch re-fills per call, in this order, then
+# DROPOUT_WORDS with dropout (call_fields; see forward_call_values).
+FWD_POINTERS = ("q", "k", "v", "o", "lse", "alibi", "cu_q", "cu_k")
 
 
 def forward_call_values(q, k, v, out, lse, spec) -> tuple[int, ...]:
-    """The FWD_CALL_FIELDS values of one call; any views with the prepared layout will do (only
-    their data pointers are read). ``lse`` may be None: the kernels then store none."""
+    """The per-call values of one forward call (``call_fields(FWD_POINTERS, spec)``); any views
+    with the prepared layout will do (only their data pointers are read). ``lse`` may be None:
+    the kernels then store none."""
     return (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, pointer(lse), pointer(spec.alibi),
             *varlen_pointers(spec), *dropout_words(spec))
 
 
 def forward_args(spec, arrays, *, tile_m, tile_n, resident_blocks=0) -> tuple[PackedArgs, int]:
     """The forward kernels' argument struct for 4-D views ``arrays`` = (q, k, v, out) (their
-    layout; the FWD_CALL_FIELDS are filled per call), and the grid size (thread blocks):
+    layout; its per-call fields are filled per call), and the grid size (thread blocks):
     one block per `tile_m` query rows of each (batch, head). With a block or exact mask, its tile
     index at (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds). A varlen
     call's arrays are packed (total, H, D): its grid covers the longest sequence's tiles.
@@ -787,7 +797,7 @@ def forward_args(spec, arrays, *, tile_m, tile_n, resident_blocks=0) -> tuple[Pa
         mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
         **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),
     )
-    return PackedArgs(FWD_ARGS, FWD_CALL_FIELDS, values), blocks
+    return PackedArgs(FWD_ARGS, call_fields(FWD_POINTERS, spec), values), blocks
 
 
 class ForwardLaunch:
@@ -802,5 +812,6 @@ class ForwardLaunch:
         self.launch(forward_call_values(q, k, v, out, lse, spec), stream)
 
     def launch_call_values(self, values, stream: int) -> None:
-        """Launch with the FWD_CALL_FIELDS values ``values`` on ``stream`` (a handle)."""
+        """Launch with the per-call values ``values`` (``forward_call_values``) on ``stream``
+        (a handle)."""
         self.launch(values, stream)

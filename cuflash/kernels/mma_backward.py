@@ -35,11 +35,11 @@ import numpy
 from . import _build, _launch
 from ._launch import (
     BWD_ARGS,
-    DROPOUT_WORDS,
     LOG2E,
     NO_TILE_INDEX,
     KernelLaunch,
     PackedArgs,
+    call_fields,
     check_grid,
     current_stream,
     dropout_values,
@@ -358,9 +358,10 @@ class Scratch:
         return base, base + 4 * self.rows, base + 8 * self.rows if self.accum else 0
 
 
-# The fields of BWD_ARGS a backward launch re-fills per call, in this order (BackwardLaunch).
-BWD_CALL_FIELDS = ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2", "delta",
-                   "dq_accum", "alibi", "cu_q", "cu_k") + DROPOUT_WORDS
+# The pointer fields of BWD_ARGS a backward launch re-fills per call, in this order, then
+# DROPOUT_WORDS with dropout (call_fields; BackwardLaunch).
+BWD_POINTERS = ("q", "k", "v", "o", "dout", "lse", "grad_q", "grad_k", "grad_v", "lse2", "delta",
+                "dq_accum", "alibi", "cu_q", "cu_k")
 
 
 class BackwardLaunch:
@@ -390,8 +391,8 @@ class BackwardLaunch:
         return workspace
 
     def launch_call_values(self, values, stream: int) -> None:
-        """Run the launches in order with the BWD_CALL_FIELDS values ``values`` (the workspace's
-        pointers from ``scratch.pointers``) on ``stream`` (a handle)."""
+        """Run the launches in order with the per-call values ``values`` (BWD_POINTERS, the
+        workspace's from ``scratch.pointers``, then dropout's words) on ``stream`` (a handle)."""
         for launch in self.launches:
             launch(values, stream)
 
@@ -400,8 +401,8 @@ def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
     """``args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX, tail_lanes=0)``: the packed BWD_ARGS of
     each launch of a backward call with the layout of 4-D views ``arrays`` = (q, k, v, dout, out,
     dq, dk, dv) (they differ only in the launch's tile counts, tile index, ``tile_index``, and the
-    dK/dV grid's order, ``_launch.tail_lanes``; the pointers are BWD_CALL_FIELDS, filled per
-    call). A varlen call's arrays are packed (total, H, D).
+    dK/dV grid's order, ``_launch.tail_lanes``; the per-call fields, BWD_POINTERS and dropout's
+    words, are filled per call). A varlen call's arrays are packed (total, H, D).
     ``dqk``: the dq accumulator's row length, as for ``Scratch.of``."""
     q, k, v, dout, out, dq, dk, dv = arrays
     s = spec.shapes
@@ -417,7 +418,7 @@ def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
     )
 
     def args(m_tiles=0, n_tiles=0, index=NO_TILE_INDEX, tail_lanes=0):
-        return PackedArgs(BWD_ARGS, BWD_CALL_FIELDS,
+        return PackedArgs(BWD_ARGS, call_fields(BWD_POINTERS, spec),
                           dict(fields, m_tiles=m_tiles, n_tiles=n_tiles, tail_lanes=tail_lanes, **index))
 
     return args

@@ -412,8 +412,7 @@ def warp_specialised(spec, arrays) -> bool:
     return all(_tma.why_not_expressible(x) is None for x in (q, k, v, dout))
 
 
-# The places among BWD_CALL_FIELDS of the tensors the warp-specialised dK/dV kernel reads through
-# TMA: q, k, v, dout.
+# BWD_POINTERS of the tensors the warp-specialised dK/dV kernel reads through TMA: q, k, v, dout.
 WARP_SPECIALISED_MAP_POINTERS = (0, 1, 2, 4)
 
 

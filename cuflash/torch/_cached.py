@@ -70,15 +70,15 @@ def _remember(key, entry) -> None:
     _entries[key] = _UNCACHED if entry is None else entry
 
 
-def _run(launch, values, device: int) -> None:
-    """``launch.launch_call_values(values, ...)`` on torch's current stream of ``device``, with
+def _run(launch, pointers, device: int) -> None:
+    """``launch.launch_call_values(pointers, ...)`` on torch's current stream of ``device``, with
     that device current (a driver launch runs in the current device's context)."""
     cuda = _launch.cupy_module().cuda
     if cuda.runtime.getDevice() != device:
         with cuda.Device(device):
-            return _run(launch, values, device)
+            return _run(launch, pointers, device)
     _launch.bind_context(device)
-    launch.launch_call_values(values, _bridge.current_raw_stream(device))
+    launch.launch_call_values(pointers, _bridge.current_raw_stream(device))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -92,8 +92,8 @@ def forward(q, k, v, out, options: tuple):
         return None, key
     lse = q.new_empty(entry.lse_shape, dtype=torch.float32)
     pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
-    # FWD_CALL_FIELDS: no ALiBi slopes, no packed-sequence offsets, no dropout here
-    _run(entry.launch, (*pointers, 0, 0, 0, *_launch.NO_DROPOUT_WORDS), q.get_device())
+    # FWD_POINTERS: no ALiBi slopes, no packed-sequence offsets here
+    _run(entry.launch, (*pointers, 0, 0, 0), q.get_device())
     _stats["hits"] += 1
     return lse, None
 
@@ -121,10 +121,9 @@ def backward(dout, q, k, v, out, lse, grads, options: tuple):
                 lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
     launch = entry.launch
     workspace = q.new_empty(max(launch.scratch.nbytes, 1), dtype=torch.uint8)
-    # BWD_CALL_FIELDS: the workspace's three parts, then no ALiBi slopes, packed-sequence offsets
-    # or dropout
-    _run(launch, (*pointers, *launch.scratch.pointers(workspace.data_ptr()), 0, 0, 0,
-                  *_launch.NO_DROPOUT_WORDS), q.get_device())
+    # BWD_POINTERS: the workspace's three parts, then no ALiBi slopes or packed-sequence offsets
+    _run(launch, (*pointers, *launch.scratch.pointers(workspace.data_ptr()), 0, 0, 0),
+         q.get_device())
     _stats["hits"] += 1
     return True, None
 
