@@ -137,12 +137,14 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS)
         dout4 = _checks.as_4d(dout, s.batch, xp)
         out4 = _checks.as_4d(out, s.batch, xp)
         lse3 = xp.ascontiguousarray(lse).reshape(s.b, s.hq, s.nq)
-        in_place = [_written_in_place(s, x, grad) for x, grad in zip(inputs, grads)]
+        run_spec = _spec_rounding_sums_once(spec, inputs)
+        in_place = [None if run_spec is not spec else _written_in_place(s, x, grad)
+                    for x, grad in zip(inputs, grads)]
         # Elsewhere, gradients for the full broadcast batch; broadcast axes are summed below.
         full = ((s.b, s.hq, s.nq, s.d), (s.b, s.hkv, s.nk, s.d), (s.b, s.hkv, s.nk, s.dv))
-        targets = [xp.empty(shape, _full_batch_dtype(spec, xp, x)) if view is None else view
-                   for view, shape, x in zip(in_place, full, inputs)]
-        _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, *targets, spec)
+        targets = [xp.empty(shape, run_spec.grad_dtype) if view is None else view
+                   for view, shape in zip(in_place, full)]
+        _backend(xp).backward(dout4, q4, k4, v4, out4, lse3, *targets, run_spec)
         results = tuple(grad if view is not None else _summed(spec, xp, target, x, grad)
                         for grad, view, target, x in zip(grads, in_place, targets, inputs))
     allocations.keep(results, spec)
@@ -151,14 +153,15 @@ def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS)
     return results
 
 
-def _full_batch_dtype(spec: AttentionSpec, xp, x):
-    """The dtype the back end writes input ``x``'s full-batch gradient in: float32 where ``x``
-    is broadcast along the batch and the NumPy back end writes it (that back end writes each
-    array in its own dtype; the kernels write ``spec.grad_dtype``), so that the sum over the
-    batch takes float32 partials and rounds once, as a gradient that is not summed does."""
-    if xp is numpy and _broadcast_along_batch(spec.shapes, x):
-        return numpy.dtype(numpy.float32)
-    return spec.grad_dtype
+def _spec_rounding_sums_once(spec: AttentionSpec, inputs):
+    """The spec the back end runs: ``spec``, or where an input is broadcast along the batch and
+    the gradients are rounded to the inputs' dtype, ``spec`` with float32 gradients, so that the
+    sum over the batch adds unrounded gradients and rounds once, as a gradient that is not summed
+    is rounded once. The kernels write all three gradients in one dtype: the others are then
+    rounded from float32 too, which gives the values they would have been written with."""
+    if spec.grad_dtype == numpy.float32 or not any(_broadcast_along_batch(spec.shapes, x) for x in inputs):
+        return spec
+    return dataclasses.replace(spec, float32_grads=True)
 
 
 def _summed(spec: AttentionSpec, xp, target, x, grad):

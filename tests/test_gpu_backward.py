@@ -157,6 +157,37 @@ def test_broadcast_batch_sums_dk_dv(xp_gpu, rng, seed):
     assert_backward_close(grads, dout, q, k, v, context=f"seed={seed}")
 
 
+# Forward options under which the two calls below run the same kernels (deterministic=True: the
+# dQ of both in one order), dense and with the features whose kernels take a batch index.
+ROUNDED_ONCE_CASES = [dict(), dict(causal=True, softcap=20.0),
+                      dict(window=(40, 0), dropout_p=0.2, dropout_seed=9)]
+
+
+@pytest.mark.parametrize("options", ROUNDED_ONCE_CASES,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "dense")
+def test_broadcast_gradients_are_rounded_once(xp_gpu, rng, seed, options):
+    """dK and dV of a K and V shared by a batch of 2 are the float32 sum of the batch's float32
+    gradients rounded once (two floats add the same in either order, so bit for bit), and dQ
+    is its float32 gradient rounded: what the same call with the batch materialised and
+    float32 gradients gives."""
+    xp = xp_gpu
+    q = random_array(rng, (2, 4, 131, 64), ml_dtypes.bfloat16, xp=xp)
+    k = random_array(rng, (4, 97, 64), ml_dtypes.bfloat16, xp=xp)
+    v = random_array(rng, (1, 4, 97, 64), ml_dtypes.bfloat16, xp=xp)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    dout = random_array(rng, out.shape, ml_dtypes.bfloat16, xp=xp)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
+    batch_k, batch_v = xp.broadcast_to(k, (2,) + k.shape), xp.broadcast_to(v, (2,) + v.shape[1:])
+    full = cuflash.attention_backward(dout, q, batch_k, batch_v, out, lse, deterministic=True,
+                                      grad_dtype=np.float32, **options)
+    assert [g.dtype for g in grads] == [q.dtype] * 3
+    expected = (full[0], full[1].sum(axis=0), full[2].sum(axis=0, keepdims=True))
+    for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+        assert got.shape == want.shape, name
+        np.testing.assert_array_equal(to_host(got), to_host(want.astype(q.dtype)), err_msg=name)
+    assert_backward_close(grads, dout, q, k, v, context=f"seed={seed}", **options)
+
+
 def test_unaligned_views_take_the_scalar_path(xp_gpu, rng, seed):
     xp = xp_gpu
     base = random_array(rng, (2, 4, 300, 72), np.float16, xp=xp)
