@@ -159,7 +159,9 @@ def _spec_rounding_sums_once(spec: AttentionSpec, inputs):
     sum over the batch adds unrounded gradients and rounds once, as a gradient that is not summed
     is rounded once. The kernels write all three gradients in one dtype: the others are then
     rounded from float32 too, which gives the values they would have been written with."""
-    if spec.grad_dtype == numpy.float32 or not any(_broadcast_along_batch(spec.shapes, x) for x in inputs):
+    if spec.grad_dtype == numpy.float32:
+        return spec
+    if not any(_broadcast_along_batch(spec.shapes, x) for x in inputs):
         return spec
     return dataclasses.replace(spec, float32_grads=True)
 
