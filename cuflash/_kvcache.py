@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy
 
-from . import _calls, _checks
+from . import _calls, _checks, _warnings
 from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_rotary,
                             refuse_unsupported, rotates_queries_in_order, validate)
 from ._rotary import rotate
@@ -299,9 +299,8 @@ def _cache_slots(spec: KVCacheSpec, index: _HostIndex, row: int, start: int, sto
 
 
 def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
-    """Append every row's new keys, then attend each row with ``cuflash.attention``."""
-    from ._api import attention
-
+    """Append every row's new keys, then attend each row with ``cuflash.attention`` (one
+    numerical warning for the call, however many rows overflow)."""
     index = _host_index(spec, k_cache.shape[0])
     if spec.xp is not numpy:
         _check_a_kernel_attends(spec)
@@ -311,20 +310,28 @@ def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
             slots = _cache_slots(spec, index, row, start, start + spec.s_new)
             k_cache[slots] = k[row]
             v_cache[slots] = v[row]
-    for row in range(spec.b):
-        keys = int(index.lengths[row]) + spec.s_new
-        heads_first = out[row].transpose(1, 0, 2)  # (Hq, Sq, Dv): cuflash.attention's layout
-        if keys == 0:  # nothing to attend to
-            heads_first[...] = 0
-            lse[row] = -numpy.inf
-            continue
-        slots = _cache_slots(spec, index, row, 0, keys)
-        _, lse[row] = attention(
-            q[row].transpose(1, 0, 2), k_cache[slots].transpose(1, 0, 2),
-            v_cache[slots].transpose(1, 0, 2), causal=spec.causal, scale=spec.scale,
-            window=spec.window, softcap=spec.softcap,
-            alibi_slopes=None if spec.alibi is None else spec.alibi[row], return_lse=True,
-            out=heads_first)
+    with _warnings.once_for("cuflash.attention_with_kvcache"):
+        for row in range(spec.b):
+            _attend_row(spec, index, row, q, k_cache, v_cache, out, lse)
+
+
+def _attend_row(spec: KVCacheSpec, index: _HostIndex, row: int, q, k_cache, v_cache, out,
+                lse) -> None:
+    from ._api import attention
+
+    keys = int(index.lengths[row]) + spec.s_new
+    heads_first = out[row].transpose(1, 0, 2)  # (Hq, Sq, Dv): cuflash.attention's layout
+    if keys == 0:  # nothing to attend to
+        heads_first[...] = 0
+        lse[row] = -numpy.inf
+        return
+    slots = _cache_slots(spec, index, row, 0, keys)
+    _, lse[row] = attention(
+        q[row].transpose(1, 0, 2), k_cache[slots].transpose(1, 0, 2),
+        v_cache[slots].transpose(1, 0, 2), causal=spec.causal, scale=spec.scale,
+        window=spec.window, softcap=spec.softcap,
+        alibi_slopes=None if spec.alibi is None else spec.alibi[row], return_lse=True,
+        out=heads_first)
 
 
 def _check_a_kernel_attends(spec: KVCacheSpec) -> None:

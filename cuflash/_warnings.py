@@ -15,6 +15,7 @@ the GPU (and break CUDA-graph capture), so results are never inspected there.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import sys
@@ -22,8 +23,8 @@ import warnings
 
 import numpy
 
-__all__ = ["CuflashNumericalWarning", "check_backward", "check_forward", "quiet",
-           "quiet_if_numpy"]
+__all__ = ["CuflashNumericalWarning", "check_backward", "check_forward", "once_for",
+           "quiet", "quiet_if_numpy"]
 
 FLOAT16_MAX = 65504.0
 FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)  # about 3.4e38, also bfloat16's range
@@ -93,8 +94,38 @@ def _outside_cuflash() -> int:
     return level
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, CuflashNumericalWarning, stacklevel=_outside_cuflash())
+# While ``once_for`` runs: the messages held back so far (their text after the caller's name).
+_held: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "cuflash_held_warnings", default=None)
+
+
+def _warn(caller: str, text: str) -> None:
+    held = _held.get()
+    if held is not None:
+        held.append(text)
+        return
+    warnings.warn(f"{caller}: {text}", CuflashNumericalWarning, stacklevel=_outside_cuflash())
+
+
+class once_for:  # lower case: used as a context manager, like contextlib's
+    """Hold back the checks' warnings inside the block and give each distinct one once at its
+    end, named after ``caller``: for a public function that runs ``cuflash.attention`` many times
+    (the KV cache's rows), so that one overflow cause warns once, under the name the user
+    called. A class, not a generator: contextlib's frame would stand between the warning and
+    the user's line."""
+
+    def __init__(self, caller: str):
+        self.caller = caller
+
+    def __enter__(self):
+        self.token = _held.set([])
+
+    def __exit__(self, *exc_info):
+        texts = _held.get()
+        _held.reset(self.token)
+        for text in dict.fromkeys(texts):
+            _warn(self.caller, text)
+        return False
 
 
 def _names(names) -> str:
@@ -118,7 +149,7 @@ def check_forward(out, lse, inputs) -> None:
     else:
         what = ("the weighted sum of the rows of v, accumulated in float32, overflowed float32 "
                 f"(|x| > {FLOAT32_MAX:.3g}). Scale v down")
-    _warn(f"cuflash.attention: the output holds inf or NaN although q, k and v are finite: "
+    _warn("cuflash.attention", f"the output holds inf or NaN although q, k and v are finite: "
           f"{what} ({SEE})")
 
 
@@ -141,5 +172,5 @@ def check_backward(grads, inputs, lse, dtype) -> None:
     else:
         what = (f"an intermediate (the logits, dP = dO·vᵀ, dS or a sum of them) exceeded "
                 f"float32's range (|x| > {FLOAT32_MAX:.3g}). Scale the inputs down")
-    _warn(f"cuflash.attention_backward: {_names(bad)} hold{'s' if len(bad) == 1 else ''} inf or "
-          f"NaN although dout, q, k, v, out and lse are finite: {what} ({SEE})")
+    _warn("cuflash.attention_backward",
+          f"{_names(bad)} hold{'s' if len(bad) == 1 else ''} inf or NaN although dout, q, k, v, out and lse are finite: {what} ({SEE})")

@@ -227,6 +227,30 @@ def test_float32_logits_overflow_warns_from_the_forward_pass():
     assert "cuflash.attention:" in str(warning.message) and "logits" in str(warning.message)
 
 
+def test_kvcache_rows_that_overflow_warn_once_under_its_name():
+    b, n, h, d = 3, 6, 2, 8
+    q = np.full((b, 1, h, d), 1e20, np.float32)  # q·k = 8e40 in every row: beyond float32
+    k_cache, v_cache = (np.full((b, n, h, d), 1e20, np.float32) for _ in range(2))
+    with numpy_warnings_fail() as caught:
+        out = cuflash.attention_with_kvcache(q, k_cache, v_cache,
+                                             cache_seqlens=np.full(b, n, np.int32))
+    assert not np.isfinite(out).any()
+    (warning,) = caught
+    assert warning.filename == __file__
+    text = str(warning.message)
+    assert text.startswith("cuflash.attention_with_kvcache: ") and "logits" in text
+
+
+def test_warnings_held_for_one_call_do_not_outlive_it():
+    x = np.full((4, 8), 1e20, np.float32)
+    with numpy_warnings_fail() as caught:
+        cuflash.attention_with_kvcache(x[None, :1, None], x[None, :, None], x[None, :, None],
+                                       cache_seqlens=np.array([4], np.int32))
+        cuflash.attention(x, x, x)  # after the KV cache call: warns at once, as its own
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "cuflash.attention_with_kvcache", "cuflash.attention"]
+
+
 def test_finite_results_give_no_warning():
     rng = np.random.default_rng(2)
     q, k, v = rng.standard_normal((3, 2, 200, 32)).astype(np.float16)
