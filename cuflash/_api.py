@@ -60,7 +60,8 @@ def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, al
     _checks.check_block_mask(block_mask, shapes.nq, shapes.nk, shapes.hq)
     _checks.check_exact_mask(mask, block_mask, shapes.nq, shapes.nk, shapes.hq)
     deterministic = _checks.check_bool(deterministic, "deterministic")
-    dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes)
+    dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes, xp=xp,
+                                    device_of=q)
     float32_grads = _checks.check_grad_dtype(grad_dtype, dtype)
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
@@ -68,7 +69,7 @@ def _spec(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, al
                              window=window, softcap=softcap, alibi=alibi, block_mask=block_mask,
                              deterministic=deterministic, exact_mask=mask, dropout_p=dropout[0],
                              dropout_seed=dropout[1], dropout_offset=dropout[2],
-                             float32_grads=float32_grads)
+                             dropout_state=dropout[3], float32_grads=float32_grads)
 
 
 def _inputs_4d(spec: AttentionSpec, xp, q, k, v):
@@ -305,11 +306,13 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         (docs/api.md, "Dropout"). 0.0 (the default) is off and runs exactly the computation
         without dropout. On the GPU the sm80 kernels and the Hopper TMA forward and wgmma
         backward implement it, for float16/bfloat16; float32 CuPy arrays take no dropout.
-    dropout_seed : int, optional
+    dropout_seed : int or array, optional
         The seed of the dropout mask, an int in ``[0, 2**64)``; required when
         ``dropout_p > 0``. Give ``attention_backward`` the same seed and offset: the mask is a
         pure function of ``(seed, offset, batch index, head, row, key)`` (docs/api.md,
-        "Dropout"), and ``attention_vjp`` draws and remembers one for you.
+        "Dropout"), and ``attention_vjp`` draws and remembers one for you. Or a seed array: a
+        uint64 array ``(seed, offset)`` of the inputs' module and device, which the kernels
+        read when they run (a captured CUDA graph draws a new mask when its values change).
     dropout_offset : int, optional
         A second input of the mask, an int in ``[0, 2**32)`` (default 0): calls with one seed
         and different offsets (e.g. the layers of a model, or training steps) draw independent
@@ -410,11 +413,25 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
 def _vjp_seed(dropout_p, dropout_seed, dropout_offset):
     """The dropout seed of a vjp: the one given, or with ``dropout_p > 0`` and none given 64
     fresh bits of the operating system's entropy (``secrets``: a tenth of the cost of a new
-    NumPy generator, per training step), which the backward pass then reuses."""
+    NumPy generator, per training step), which the backward pass then reuses. A seed array is
+    copied (on its stream, before the forward reads it), so that the backward draws the
+    forward's mask whatever the caller's array holds by then."""
     if dropout_seed is None and _checks.check_dropout(
             dropout_p, None, dropout_offset, None, seed_required=False)[0]:
         return secrets.randbits(64)
+    if dropout_seed is not None and not _checks.is_integer(dropout_seed):
+        try:
+            context = _checks.device_context(dropout_seed)
+        except TypeError:  # not an array: the forward's check says what is allowed
+            return dropout_seed
+        with context:
+            return dropout_seed.copy()
     return dropout_seed
+
+
+def _vjp_seed_of(spec):
+    """What ``vjp.dropout_seed`` holds: the seed, or the copy of a CuPy seed array."""
+    return spec.dropout_seed if spec.dropout_state is None else spec.dropout_state
 
 
 def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
@@ -427,7 +444,9 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them. With
     ``dropout_p > 0`` and no ``dropout_seed``, a seed is drawn from the operating system's
     entropy (``secrets.randbits(64)``); the backward pass always uses the forward's seed and
-    offset, and ``vjp.dropout_seed`` holds the seed (0 without dropout).
+    offset, and ``vjp.dropout_seed`` holds the seed (0 without dropout). A seed array is copied
+    before the forward reads it, and both passes read the copy (``vjp.dropout_seed`` for a CuPy
+    one): the caller may write the next step's values into its own at once.
     """
     _checks.check_bool(deterministic, "deterministic")  # before running anything
     dropout_seed = _vjp_seed(dropout_p, dropout_seed, dropout_offset)
@@ -441,7 +460,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     def vjp(dout):  # with the forward's copy of the ALiBi slopes, as the docstring promises
         return _calls.backward(dout, q, k, v, out, lse, options, dropout, alibi=spec.alibi)
 
-    vjp.dropout_seed = spec.dropout_seed
+    vjp.dropout_seed = _vjp_seed_of(spec)
     return out, vjp
 
 
@@ -463,7 +482,8 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     total_q, total_k = q.shape[0], k.shape[0]
     causal, scale, window, softcap = _band_and_score_options(shapes, causal, scale, window, softcap)
     deterministic = _checks.check_bool(deterministic, "deterministic")
-    dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes)
+    dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes, xp=xp,
+                                    device_of=q)
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
         hosts = _checks.checked_offsets(cu_seqlens_q, cu_seqlens_k, (total_q, total_k),
@@ -477,7 +497,8 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,
                              window=window, softcap=softcap, alibi=alibi,
                              deterministic=deterministic, varlen=layout, dropout_p=dropout[0],
-                             dropout_seed=dropout[1], dropout_offset=dropout[2])
+                             dropout_seed=dropout[1], dropout_offset=dropout[2],
+                             dropout_state=dropout[3])
 
 
 def _kernel_target(result, xp):
@@ -670,5 +691,5 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         return _calls.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q,
                                       max_seqlen_k, backward_options, dropout, alibi=spec.alibi)
 
-    vjp.dropout_seed = spec.dropout_seed
+    vjp.dropout_seed = _vjp_seed_of(spec)
     return out, vjp

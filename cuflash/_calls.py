@@ -272,16 +272,21 @@ def _validated_options(options: dict, dropout: tuple) -> dict:
     return dict(options, dropout_seed=dropout[0], dropout_offset=dropout[1])
 
 
-def _with_call_dropout(spec, dropout_p, dropout: tuple):
-    """``spec`` with this call's dropout seed and offset, checked as the validated path checks
-    them (``_checks.check_dropout``); ``spec`` itself where they are its own."""
+def _with_call_dropout(spec, dropout_p, dropout: tuple, q):
+    """``spec`` with this call's dropout seed and offset (or seed array), checked as the validated
+    path checks them (``_checks.check_dropout``; q gives a seed array's module and device);
+    ``spec`` itself where they are its own."""
     seed, offset = dropout
     if not spec.dropout_p and seed is None and offset.__class__ is int and offset == 0:
         return spec  # no dropout, nothing given: the common case, no check needed
-    _, seed, offset = _checks.check_dropout(dropout_p, seed, offset, spec.shapes)
-    if seed == spec.dropout_seed and offset == spec.dropout_offset:
+    xp = None if seed is None or seed.__class__ is int else _checks.array_module(q)
+    _, seed, offset, state = _checks.check_dropout(dropout_p, seed, offset, spec.shapes, xp=xp,
+                                                   device_of=q)
+    if (seed == spec.dropout_seed and offset == spec.dropout_offset
+            and state is spec.dropout_state):
         return spec
-    return dataclasses.replace(spec, dropout_seed=seed, dropout_offset=offset)
+    return dataclasses.replace(spec, dropout_seed=seed, dropout_offset=offset,
+                               dropout_state=state)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -294,7 +299,7 @@ def forward(q, k, v, out, options: dict, dropout: tuple, return_lse):
                          (*options.values(), return_lse), slopes)
     if entry is not None and entry is not _UNCACHED:
         done = entry(q, k, v, out, slopes,
-                     _with_call_dropout(entry.spec, options["dropout_p"], dropout))
+                     _with_call_dropout(entry.spec, options["dropout_p"], dropout, q))
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -418,7 +423,7 @@ def backward(dout, q, k, v, out, lse, options: dict, dropout: tuple, alibi=None,
     entry, key = _lookup(_BACKWARD_NAMES[given], arrays, tuple(options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
         done = entry(dout, q, k, v, out, lse, grads, slopes, alibi,
-                     _with_call_dropout(entry.spec, options["dropout_p"], dropout))
+                     _with_call_dropout(entry.spec, options["dropout_p"], dropout, q))
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -552,7 +557,7 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, dropou
                          slopes)
     if entry is not None and entry is not _UNCACHED:
         done = entry.dense(q, k, v, out, slopes, _with_call_dropout(
-            entry.spec_of(cu_q, cu_k), options["dropout_p"], dropout))
+            entry.spec_of(cu_q, cu_k), options["dropout_p"], dropout, q))
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -582,7 +587,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: 
                          (max_q, max_k, *options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
         done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi, _with_call_dropout(
-            entry.spec_of(cu_q, cu_k), options["dropout_p"], dropout))
+            entry.spec_of(cu_q, cu_k), options["dropout_p"], dropout, q))
         if done is not None:
             _stats["hits"] += 1
             return done

@@ -663,28 +663,50 @@ def check_offset_values(host: Any, name: str, total: int, max_name: str, max_len
                          f"{b} has {lengths[b]} rows in {name}, {max_name} is {max_len}")
 
 
+SEED_ARRAY = "a uint64 array of shape (2,) holding (seed, offset)"
+
+
 def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
-                  seed_required: bool = True) -> tuple[float, int, int]:
-    """``(dropout_p, dropout_seed, dropout_offset)`` checked: p a real number in [0, 1), seed an
-    int in [0, 2**64) (required when p > 0), offset an int in [0, 2**32). With p = 0 the seed
-    and offset are checked when given and returned as 0: they change nothing. The counter layout
-    of ``cuflash._dropout`` also needs ``B · Hq < 2**32`` (checked unless ``shapes`` is None).
-    ``seed_required=False`` returns seed 0 for a missing seed (for a caller that draws one)."""
+                  seed_required: bool = True, xp=None, device_of: Any = None,
+                  read_seed_array: bool = False) -> tuple[float, int, int, Any]:
+    """``(dropout_p, dropout_seed, dropout_offset, seed_array)`` checked: p a real number in
+    [0, 1), seed an int in [0, 2**64) (required when p > 0), offset an int in [0, 2**32). With
+    p = 0 the seed and offset are checked when given and returned as 0: they change nothing. The
+    counter layout of ``cuflash._dropout`` also needs ``B · Hq < 2**32`` (checked unless
+    ``shapes`` is None). ``seed_required=False`` returns seed 0 for a missing seed (for a caller
+    that draws one).
+
+    Where the inputs' module ``xp`` is given, the seed may also be a seed array
+    (``check_seed_array``): a NumPy one is read now and returned as its seed and offset, as is a
+    CuPy one with ``read_seed_array``; otherwise a CuPy one is returned as ``seed_array`` (seed
+    and offset 0), for the kernels to read when they run. ``seed_array`` is None otherwise."""
     allowed = "a real number in [0, 1)"
     value = _real(p, "dropout_p", allowed, allowed)
     if not 0.0 <= value < 1.0:  # NaN fails too
         raise ValueError(f"dropout_p must be {allowed}, got {_show(p)}")
+    seed_array = None
+    if xp is not None and seed is not None and not is_integer(seed):
+        seed_array = check_seed_array(seed, offset, xp, device_of)
+        if xp is numpy or read_seed_array:
+            seed, offset = (int(x) for x in _host_values(seed_array))
+            seed_array = None
+            if offset >= 2**32:
+                raise ValueError(f"dropout_seed's offset (its second element) must be below "
+                                 f"2**32, got {offset}")
+        else:
+            seed = 0
     for name, x, limit, bound in (("dropout_seed", seed, "2**64", 2**64),
                                   ("dropout_offset", offset, "2**32", 2**32)):
         if x is None and name == "dropout_seed":
             continue
         if not is_integer(x):
-            raise TypeError(f"{name} must be an int in [0, {limit}), got {_show(x)} of type "
-                            f"{_type_name(x)}")
+            array = f", or {SEED_ARRAY}," if name == "dropout_seed" and xp is not None else ""
+            raise TypeError(f"{name} must be an int in [0, {limit}){array} got {_show(x)} of "
+                            f"type {_type_name(x)}")
         if not 0 <= int(x) < bound:
             raise ValueError(f"{name} must be an int in [0, {limit}), got {_show(x)}")
     if value == 0.0:
-        return 0.0, 0, 0
+        return 0.0, 0, 0, None
     if _dropout.threshold(value) == 0:
         raise ValueError(f"dropout_p={value:g} is below 1/512: dropout draws 8 bits per element, "
                          f"so its rates are multiples of 1/256 and this one would round to no "
@@ -698,4 +720,38 @@ def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
     if shapes is not None and shapes.b * shapes.hq >= 2**32:
         raise ValueError(f"dropout needs batch · Hq < 2**32 (its random counter holds "
                          f"b · Hq + h in 32 bits), got {shapes.b} · {shapes.hq}")
-    return value, int(seed), int(offset)
+    return value, int(seed), int(offset), seed_array
+
+
+def check_seed_array(seed: Any, offset: Any, xp, device_of: Any):
+    """A seed array as ``dropout_seed``: a C-contiguous uint64 array of shape (2,) of ``xp`` on
+    the device of ``device_of``, with ``dropout_offset`` left at 0 (the offset is its second
+    element). Its values are not read here: the kernels read a CuPy one when they run."""
+    what = f"{SEED_ARRAY}, of the inputs' array module and device"
+    try:
+        module = array_module(seed, "dropout_seed")
+    except TypeError as error:
+        if isinstance(seed, numpy.ndarray):  # a refused NumPy subclass: keep its reason
+            raise
+        raise TypeError(f"dropout_seed must be an int in [0, 2**64), or {SEED_ARRAY}, got "
+                        f"{_show(seed)} of type {_type_name(seed)}") from error
+    if module is not xp:
+        where = "in host memory" if xp is numpy else f"on device {_device_id(device_of)}"
+        got = "in host memory" if module is numpy else f"on device {_device_id(seed)}"
+        raise TypeError(f"dropout_seed must be an int or {SEED_ARRAY} {where} like q, got a "
+                        f"{_type_name(seed)} {got}")
+    if _device_id(seed) != _device_id(device_of):
+        raise ValueError(f"dropout_seed must be on device {_device_id(device_of)} like q, got "
+                         f"device {_device_id(seed)}")
+    if seed.dtype != numpy.uint64 or seed.shape != (2,) or not seed.flags.c_contiguous:
+        raise ValueError(f"dropout_seed as an array must be {what}; got dtype {seed.dtype}, shape "
+                         f"{tuple(seed.shape)}"
+                         f"{'' if seed.flags.c_contiguous else ', not contiguous'}")
+    if not (is_integer(offset) and int(offset) == 0):
+        raise ValueError(f"dropout_offset must be 0 (its default) when dropout_seed is an array: "
+                         f"the offset is the array's second element, got {_show(offset)}")
+    return seed
+
+
+def _host_values(x) -> numpy.ndarray:
+    return x if isinstance(x, numpy.ndarray) else x.get()

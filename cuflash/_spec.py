@@ -79,6 +79,9 @@ class AttentionSpec:
     ``dropout_p`` is 0.0 (off; then ``dropout_seed`` and ``dropout_offset`` are 0) or in (0, 1)
     with a seed in [0, 2**64) and an offset in [0, 2**32): the mask is ``_dropout.keep_mask``
     of those (a varlen call's sequence ``b`` draws a dense call's batch element ``b``).
+    ``dropout_state`` is ``None``, or a CuPy seed array (uint64 ``(seed, offset)``) that the
+    kernels read when they run instead of ``dropout_seed`` and ``dropout_offset`` (both 0 then):
+    the caller's own array, so that a captured graph replays with what it holds.
     ``float32_grads`` (read by backward passes) stores the gradients as float32 instead of
     rounding them to ``dtype``. The rules themselves (band and score modifier) are in ``_mask``.
     """
@@ -97,6 +100,7 @@ class AttentionSpec:
     dropout_p: float = 0.0
     dropout_seed: int = 0
     dropout_offset: int = 0
+    dropout_state: Any = field(default=None, compare=False, repr=False)
     float32_grads: bool = False
 
     @property

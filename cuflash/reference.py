@@ -302,7 +302,8 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
             mask = mask[..., xp.asarray(rows), :]
     if mask is not None:
         keep = mask if keep is None else keep & mask
-    p, seed, offset = _checks.check_dropout(*dropout, shapes)
+    p, seed, offset, _ = _checks.check_dropout(*dropout, shapes, xp=xp, device_of=q,
+                                               read_seed_array=True)
     dropout_keep = None
     if p > 0:
         dropout_keep = xp.asarray(_dropout.dense_keep(seed, offset, p, shapes.batch, shapes.hq,

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import cuflash
 from cuflash import _calls
+from cuflash.kernels import _launch
 
 pytest.importorskip("cupy")
 
@@ -289,6 +290,56 @@ def test_a_cached_dropout_call_checks_its_seed_and_offset(device, seed, offset, 
         call(2, 0)
         with pytest.raises(error, match=match):
             call(seed, offset)
+
+
+def _seed_words(launch, backward):
+    """``(drop_state, seed lo, seed hi, offset)`` as a launch's argument bytes hold them."""
+    fields = (_launch.BWD_ARGS if backward else _launch.FWD_ARGS).fields
+    record = launch[4]
+    state = fields["drop_state"][1]
+    return (int.from_bytes(record[state:state + 8], "little"),
+            *(int.from_bytes(record[fields[name][1]:fields[name][1] + 4], "little")
+              for name in ("drop_seed_lo", "drop_seed_hi", "drop_offset")))
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_a_seed_array_reaches_the_kernels_as_its_address(device, varlen, backward):
+    """A CuPy seed array is read by the kernels when they run: its address is sent in place of
+    the seed words (all 0), cached and uncached alike, in the entry an int seed uses."""
+    call = _dropout_calls(device, varlen)[backward]
+    call(5, 1)
+    builds = _builds()
+    arrays = [device.empty((2,), np.uint64) for _ in range(2)]
+    for seed in (*arrays, 9, arrays[0]):
+        device.take_launches()
+        call(seed, 0)
+        launches = device.take_launches()
+        words = (0, 9, 0, 0) if isinstance(seed, int) else (seed.data.ptr, 0, 0, 0)
+        assert {_seed_words(launch, backward) for launch in launches} == {words}
+        uncached = _uncached(device, lambda: call(seed, 0))
+        assert _fresh_fields_blank(launches, backward) == _fresh_fields_blank(uncached, backward)
+        call(5, 1)  # an int seed through the entry that call made
+    assert _builds() == builds + 4  # the four uncached calls alone
+
+
+@pytest.mark.parametrize("make, offset, error, match", [
+    (lambda d: d.empty((2,), np.int64), 0, ValueError, r"uint64 array of shape \(2,\)"),
+    (lambda d: d.empty((3,), np.uint64), 0, ValueError, r"got dtype uint64, shape \(3,\)"),
+    (lambda d: d.empty((4,), np.uint64)[::2], 0, ValueError, "not contiguous"),
+    (lambda d: d.empty((2,), np.uint64), 1, ValueError, "dropout_offset must be 0"),
+    (lambda d: np.zeros(2, np.uint64), 0, TypeError, "on device 0 like q, got a numpy.ndarray"),
+    (lambda d: [1, 2], 0, TypeError, r"an int in \[0, 2\*\*64\), or a uint64 array"),
+])
+def test_a_seed_array_is_checked(device, make, offset, error, match):
+    forward, backward = _dropout_calls(device)
+    for call in (forward, backward):
+        call(1, 0)  # cached, then refused there
+        with pytest.raises(error, match=match):
+            call(make(device), offset)
+        _calls.clear()  # and on the validated path
+        with pytest.raises(error, match=match):
+            call(make(device), offset)
 
 
 def test_seeds_without_dropout_change_nothing(device):

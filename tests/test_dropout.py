@@ -4,6 +4,7 @@ which GPU families take it (the sm80 ones; tests/test_dropout_gpu.py runs them).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import ml_dtypes
@@ -337,6 +338,78 @@ def test_numpy_integers_are_seeds(rng):
     np.testing.assert_array_equal(
         cuflash.attention(q, k, v, dropout_p=0.5, dropout_seed=np.uint64(2**63 + 5)),
         cuflash.attention(q, k, v, dropout_p=0.5, dropout_seed=2**63 + 5))
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_a_seed_array_is_its_seed_and_offset(rng, varlen):
+    """A NumPy seed array (seed, offset) is read when the call is made: the results equal the
+    int seed and offset's, bit for bit, in every function that takes a seed."""
+    seed, offset = 2**64 - 3, 2**32 - 1
+    q, k, v = _inputs(rng, (2, 3, 40, 16), (2, 3, 40, 16), ml_dtypes.bfloat16)
+    dout = random_array(rng, q.shape, ml_dtypes.bfloat16)
+    state = np.array([seed, offset], np.uint64)
+    if varlen:
+        cu = np.array([0, 40, 80], np.int32)
+        q, k, v, dout = (x.transpose(0, 2, 1, 3).reshape(80, 3, 16) for x in (q, k, v, dout))
+        forward = functools.partial(cuflash.attention_varlen, q, k, v, cu, cu, 40, 40)
+        backward = functools.partial(cuflash.attention_varlen_backward, dout, q, k, v)
+        positions = (cu, cu, 40, 40)
+    else:
+        forward = functools.partial(cuflash.attention, q, k, v)
+        backward = functools.partial(cuflash.attention_backward, dout, q, k, v)
+        positions = ()
+    options = dict(causal=True, dropout_p=0.25)
+    out, lse = forward(**options, dropout_seed=seed, dropout_offset=offset, return_lse=True)
+    got, got_lse = forward(**options, dropout_seed=state, return_lse=True)
+    np.testing.assert_array_equal(got, out)
+    np.testing.assert_array_equal(got_lse, lse)
+    for g, expected in zip(
+            backward(out, lse, *positions, **options, dropout_seed=state),
+            backward(out, lse, *positions, **options, dropout_seed=seed, dropout_offset=offset)):
+        np.testing.assert_array_equal(g, expected)
+    if not varlen:
+        for got, expected in zip(
+                reference.attention(q, k, v, **options, dropout_seed=state),
+                reference.attention(q, k, v, **options, dropout_seed=seed, dropout_offset=offset)):
+            np.testing.assert_array_equal(got, expected)
+    assert (state == [seed, offset]).all()  # read, not written
+
+
+def test_vjp_keeps_the_seed_array_the_forward_read(rng):
+    q, k, v = _inputs(rng, (1, 2, 40, 32), (1, 2, 40, 32), np.float16)
+    dout = random_array(rng, q.shape, np.float16)
+    state = np.array([123, 4], np.uint64)
+    out, vjp = cuflash.attention_vjp(q, k, v, causal=True, dropout_p=0.3, dropout_seed=state)
+    state[:] = (7, 8)  # the caller's next step, before this step's backward
+    assert vjp.dropout_seed == 123
+    _, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    for g, expected in zip(vjp(dout), cuflash.attention_backward(
+            dout, q, k, v, out, lse, causal=True, dropout_p=0.3, dropout_seed=123,
+            dropout_offset=4)):
+        np.testing.assert_array_equal(g, expected)
+
+
+@pytest.mark.parametrize("state, offset, error, message", [
+    (np.array([1, 2**32], np.uint64), 0, ValueError,
+     r"dropout_seed's offset \(its second element\) must be below 2\*\*32, got 4294967296"),
+    (np.array([1, 2], np.uint32), 0, ValueError,
+     r"must be a uint64 array of shape \(2,\) .*got dtype uint32, shape \(2,\)"),
+    (np.array([[1, 2]], np.uint64), 0, ValueError, r"got dtype uint64, shape \(1, 2\)"),
+    (np.array([1, 2], np.uint64), 3, ValueError,
+     "dropout_offset must be 0 .* when dropout_seed is an array"),
+    ((1, 2), 0, TypeError,
+     r"dropout_seed must be an int in \[0, 2\*\*64\), or a uint64 array .*of type tuple"),
+])
+def test_invalid_seed_arrays(rng, state, offset, error, message):
+    q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
+    options = dict(dropout_p=0.1, dropout_seed=state, dropout_offset=offset)
+    for call in (lambda: cuflash.attention(q, k, v, **options),
+                 lambda: cuflash.attention_vjp(q, k, v, **options),
+                 lambda: cuflash.attention_backward(q, q, k, v, q, np.zeros((1, 1, 8), np.float32),
+                                                    **options),
+                 lambda: reference.attention(q, k, v, **options)):
+        with pytest.raises(error, match=message):
+            call()
 
 
 # ----------------------------------------------------------------------------- GPU families

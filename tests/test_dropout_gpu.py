@@ -261,6 +261,56 @@ def test_cached_calls_draw_their_own_seed_s_mask(xp_gpu, rng, dtype):
     assert not np.array_equal(cached[0][0], cached[1][0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_a_seed_array_is_read_when_the_kernels_run(xp_gpu, rng, dtype):
+    """A CuPy seed array (seed, offset) gives the results of that int seed and offset bit for bit,
+    validated and cached; a forward and backward captured in a CUDA graph replay with the values
+    it holds at each replay; a vjp keeps the values its forward read."""
+    xp = xp_gpu
+    q, k, v, options = _case(xp, rng, dtype, d=64, nq=257, nk=300, causal=True, p=0.3)
+    del options["dropout_seed"], options["dropout_offset"]
+    dout = random_array(rng, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype, xp=xp)
+    draws = [_seed_and_offset(rng) for _ in range(3)]
+
+    def run(**seed):
+        out, lse = cuflash.attention(q, k, v, **options, **seed, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options, **seed,
+                                           deterministic=True)
+        return [out, lse, *grads]
+
+    def assert_results(got, draw):
+        want = run(dropout_seed=draw[0], dropout_offset=draw[1])
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            np.testing.assert_array_equal(to_host(a).view(np.uint8), to_host(b).view(np.uint8),
+                                          err_msg=f"{name}, seed and offset {draw}")
+
+    def seed_array(draw):
+        return xp.asarray(np.array(draw, np.uint64))
+
+    state = seed_array(draws[0])
+    for _ in range(2):  # validated, then cached
+        assert_results(run(dropout_seed=state), draws[0])
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        run(dropout_seed=state)
+        stream.synchronize()
+        stream.begin_capture()
+        captured = run(dropout_seed=state)
+        graph = stream.end_capture()
+        for draw in draws[1:]:
+            state[...] = seed_array(draw)
+            for x in captured:
+                x.fill(np.nan)
+            graph.launch()
+            stream.synchronize()
+            assert_results(captured, draw)
+    state[...] = seed_array(draws[0])
+    out, vjp = cuflash.attention_vjp(q, k, v, **options, dropout_seed=state, deterministic=True)
+    state[...] = seed_array(draws[1])  # the caller's next step, before this step's backward
+    assert_results([out, run(dropout_seed=draws[0][0], dropout_offset=draws[0][1])[1],
+                    *vjp(dout)], draws[0])
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
 def test_zero_dropout_is_bit_identical_to_no_dropout(xp_gpu, rng, deterministic):
     """p = 0 is the call without dropout (dq too when deterministic; the atomic dq's order of

@@ -658,22 +658,22 @@ def mask_and_score_values(spec) -> dict:
 
 # ---- dropout: argument fields (DROPOUT_FIELDS in csrc/dropout.cuh), after the mask fields
 
-DROPOUT_FIELDS = [("drop_threshold", U32), ("drop_seed_lo", U32), ("drop_seed_hi", U32),
-                  ("drop_offset", U32), ("drop_rescale", F32)]
+DROPOUT_FIELDS = [("drop_state", PTR), ("drop_threshold", U32), ("drop_seed_lo", U32),
+                  ("drop_seed_hi", U32), ("drop_offset", U32), ("drop_rescale", F32)]
 
 # The dropout fields a launch with dropout writes per call, after its pointers: calls that differ
 # only in their seed or offset (a training loop draws a seed per step) share one prepared launch.
-# A launch without dropout keeps them as packed (0), and writes its pointers alone.
-DROPOUT_WORDS = ("drop_seed_lo", "drop_seed_hi", "drop_offset")
+# A launch without dropout keeps them as packed (0), and writes its pointers alone. drop_state is
+# the seed array the kernels read when they run (a CuPy dropout_seed), or 0: the words.
+DROPOUT_WORDS = ("drop_state", "drop_seed_lo", "drop_seed_hi", "drop_offset")
 
 
 def dropout_values(spec) -> dict:
     """The values of DROPOUT_FIELDS for one call (threshold 0 and factor 1 without dropout; the
     kernels read them only in their DROPOUT variants)."""
-    seed, p = spec.dropout_seed, spec.dropout_p
-    return {"drop_threshold": _dropout.threshold(p),
-            "drop_seed_lo": seed & 0xFFFFFFFF, "drop_seed_hi": seed >> 32,
-            "drop_offset": spec.dropout_offset, "drop_rescale": _dropout.rescale(p)}
+    p = spec.dropout_p
+    return {"drop_threshold": _dropout.threshold(p), "drop_rescale": _dropout.rescale(p),
+            **dict(zip(DROPOUT_WORDS, _seed_words(spec)))}
 
 
 def call_fields(pointers: tuple, spec) -> tuple:
@@ -682,12 +682,14 @@ def call_fields(pointers: tuple, spec) -> tuple:
     return pointers + DROPOUT_WORDS if spec.has_dropout else pointers
 
 
+def _seed_words(spec) -> tuple:
+    seed = spec.dropout_seed
+    return pointer(spec.dropout_state), seed & 0xFFFFFFFF, seed >> 32, spec.dropout_offset
+
+
 def dropout_words(spec) -> tuple:
     """The DROPOUT_WORDS values of one call, after its pointers (none without dropout)."""
-    if not spec.has_dropout:
-        return ()
-    seed = spec.dropout_seed
-    return seed & 0xFFFFFFFF, seed >> 32, spec.dropout_offset
+    return _seed_words(spec) if spec.has_dropout else ()
 
 
 def mask_type(spec) -> str:
@@ -743,7 +745,7 @@ FWD_ARGS = make_struct_dtype(
     + [("scale_log2", F32)]
     + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS + [("tail_lanes", I32)]
 )
-assert FWD_ARGS.itemsize == 272, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
+assert FWD_ARGS.itemsize == 280, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
 
 # The argument struct of every 16-bit backward kernel (BwdArgs in csrc/args.cuh).
 BWD_ARGS = make_struct_dtype(
@@ -755,7 +757,7 @@ BWD_ARGS = make_struct_dtype(
     + [("scale", F32), ("scale_log2", F32)]
     + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS + [("tail_lanes", I32)]
 )
-assert BWD_ARGS.itemsize == 448, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
+assert BWD_ARGS.itemsize == 456, "BWD_ARGS must match BwdArgs in csrc/args.cuh"
 
 
 def mask_heads(spec) -> int:

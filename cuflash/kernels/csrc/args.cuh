@@ -43,7 +43,7 @@ struct FwdArgs {
     DROPOUT_FIELDS
     int tail_lanes;        // the TMA forward's last lanes taken query tile by query tile (schedule.cuh)
 };
-static_assert(sizeof(FwdArgs) == 272, "FwdArgs must match FWD_ARGS in _launch.py");
+static_assert(sizeof(FwdArgs) == 280, "FwdArgs must match FWD_ARGS in _launch.py");
 
 // One struct for every backward kernel (preprocessing, mma.sync and wgmma variants).
 struct BwdArgs {
@@ -85,4 +85,4 @@ struct BwdArgs {
     int tail_lanes;              // the grid's last lanes taken tile by tile (schedule.cuh): the dK/dV
                                  // kernel's key tiles, the warp-specialised dQ kernel's query tiles
 };
-static_assert(sizeof(BwdArgs) == 448, "BwdArgs must match BWD_ARGS in _launch.py");
+static_assert(sizeof(BwdArgs) == 456, "BwdArgs must match BWD_ARGS in _launch.py");

@@ -31,6 +31,7 @@
 
 // The fields of an argument struct that carry the dropout parameters (FwdArgs, BwdArgs).
 #define DROPOUT_FIELDS                                                                          \
+    const u64* drop_state;  /* (seed, offset) read when the kernel runs, or null: the words below */ \
     u32 drop_threshold;  /* an element is kept when its draw >= this */                         \
     u32 drop_seed_lo;    /* Philox key: seed mod 2^32 */                                        \
     u32 drop_seed_hi;    /* ... and seed div 2^32 */                                            \
@@ -110,7 +111,16 @@ struct DropoutMask {
     template <class Args>
     __device__ __forceinline__ DropoutMask(const Args& a, int b, int h)
         : k0(a.drop_seed_lo), k1(a.drop_seed_hi), bh(u32(b) * u32(a.heads) + u32(h)), offset(a.drop_offset),
-          t4(a.drop_threshold * 0x01010101u), rescale(a.drop_rescale) {}
+          t4(a.drop_threshold * 0x01010101u), rescale(a.drop_rescale) {
+        // A seed array on the device: a captured graph's replays draw the mask of whatever it
+        // holds when they run. The offset is its low 32 bits (the host cannot check the rest).
+        if (a.drop_state != nullptr) {
+            const u64 seed = a.drop_state[0];
+            k0 = u32(seed);
+            k1 = u32(seed >> 32);
+            offset = u32(a.drop_state[1]);
+        }
+    }
 
     // Keep flags of keys 16·key_chunk .. 16·key_chunk + 15 of one query row, placed for call m.
     __device__ __forceinline__ u32 chunk(u32 key_chunk, u32 query, int m) const {
