@@ -79,7 +79,6 @@ flash_fwd(const FwdArgs a) {
     const u32 sv_lane = smem_addr(sv) + vt_off;
 
     u32 qf[Q_IN_REGS ? MT : 1][Q_IN_REGS ? KQK : 1][4];
-    [[maybe_unused]] const DropoutMask drop(a, b, h);  // read once: the seed may be in device memory
 
     for (int it = 0; it < n_count; ++it) {
         cp_async_wait_all();
@@ -101,7 +100,7 @@ flash_fwd(const FwdArgs a) {
         const int n0 = n_tile * BLOCK_N;
         const int warp_row0 = m0 + warp * MT * 16;
         KeepWords<false, NT> keep[MT];
-        if constexpr (DROPOUT) slab_keep_bits<MT, NT>(keep, drop, warp_row0 + g, n0, lane);
+        if constexpr (DROPOUT) slab_keep_bits<MT, NT>(keep, DropoutMask(a, b, h), warp_row0 + g, n0, lane);
 
         // S = Q·Kᵀ; Q from registers or shared memory, K from shared memory.
         float s[MT][NT][4];
