@@ -246,6 +246,26 @@ def mask_hint(mask: Any) -> str:
     return ""
 
 
+def _check_beside_inputs(x: Any, name: str, what: str, xp, device_of: Any) -> None:
+    """``x`` must be an array of the inputs' module ``xp`` on the device of ``device_of``:
+    ``TypeError`` saying ``name`` must be ``what`` otherwise, ``ValueError`` for another
+    device."""
+    try:
+        module = array_module(x, name)
+    except TypeError as error:
+        if isinstance(x, numpy.ndarray):  # a refused NumPy subclass: keep its reason
+            raise
+        raise TypeError(f"{name} must be {what}, got {_show(x)} of type {_type_name(x)}"
+                        ) from error
+    if module is not xp:
+        where = "in host memory" if xp is numpy else f"on device {_device_id(device_of)}"
+        got = "in host memory" if module is numpy else f"on device {_device_id(x)}"
+        raise TypeError(f"{name} must be {what} {where} like q, got {_type_name(x)} {got}")
+    if _device_id(x) != _device_id(device_of):
+        raise ValueError(f"{name} must be on device {_device_id(device_of)} like q, got device "
+                         f"{_device_id(x)}")
+
+
 def check_alibi(slopes: Any, shapes: "Shapes", xp, device_of: Any):
     """ALiBi slopes as the back ends read them: ``None``, or a new C-contiguous float32 array
     ``(B, Hq)`` of ``xp`` on the device of ``device_of`` (call it with that device current).
@@ -257,21 +277,9 @@ def check_alibi(slopes: Any, shapes: "Shapes", xp, device_of: Any):
     """
     if slopes is None:
         return None
-    what = f"a float32 {xp.__name__}.ndarray of shape (Hq,) or (..., Hq)"
-    try:
-        module = array_module(slopes, "alibi_slopes")
-    except TypeError as error:
-        if isinstance(slopes, numpy.ndarray):  # a refused NumPy subclass: keep its reason
-            raise
-        raise TypeError(f"alibi_slopes must be {what}, got {_type_name(slopes)}") from error
-    if module is not xp:
-        where = "in host memory" if xp is numpy else f"on device {_device_id(device_of)}"
-        got = "in host memory" if module is numpy else f"on device {_device_id(slopes)}"
-        raise TypeError(f"alibi_slopes must be {what} {where} like q, got {_type_name(slopes)} "
-                        f"{got}")
-    if _device_id(slopes) != _device_id(device_of):
-        raise ValueError(f"alibi_slopes must be on device {_device_id(device_of)} like q, got "
-                         f"device {_device_id(slopes)}")
+    _check_beside_inputs(slopes, "alibi_slopes",
+                         f"a float32 {xp.__name__}.ndarray of shape (Hq,) or (..., Hq)", xp,
+                         device_of)
     if slopes.dtype != numpy.float32:
         raise TypeError(f"alibi_slopes must have dtype float32, got {slopes.dtype}")
     batch, hq = shapes.batch, shapes.hq
@@ -727,26 +735,12 @@ def check_seed_array(seed: Any, offset: Any, xp, device_of: Any):
     """A seed array as ``dropout_seed``: a C-contiguous uint64 array of shape (2,) of ``xp`` on
     the device of ``device_of``, with ``dropout_offset`` left at 0 (the offset is its second
     element). Its values are not read here: the kernels read a CuPy one when they run."""
-    what = f"{SEED_ARRAY}, of the inputs' array module and device"
-    try:
-        module = array_module(seed, "dropout_seed")
-    except TypeError as error:
-        if isinstance(seed, numpy.ndarray):  # a refused NumPy subclass: keep its reason
-            raise
-        raise TypeError(f"dropout_seed must be an int in [0, 2**64), or {SEED_ARRAY}, got "
-                        f"{_show(seed)} of type {_type_name(seed)}") from error
-    if module is not xp:
-        where = "in host memory" if xp is numpy else f"on device {_device_id(device_of)}"
-        got = "in host memory" if module is numpy else f"on device {_device_id(seed)}"
-        raise TypeError(f"dropout_seed must be an int or {SEED_ARRAY} {where} like q, got a "
-                        f"{_type_name(seed)} {got}")
-    if _device_id(seed) != _device_id(device_of):
-        raise ValueError(f"dropout_seed must be on device {_device_id(device_of)} like q, got "
-                         f"device {_device_id(seed)}")
+    _check_beside_inputs(seed, "dropout_seed", f"an int in [0, 2**64), or {SEED_ARRAY}", xp,
+                         device_of)
     if seed.dtype != numpy.uint64 or seed.shape != (2,) or not seed.flags.c_contiguous:
-        raise ValueError(f"dropout_seed as an array must be {what}; got dtype {seed.dtype}, shape "
-                         f"{tuple(seed.shape)}"
-                         f"{'' if seed.flags.c_contiguous else ', not contiguous'}")
+        layout = "" if seed.flags.c_contiguous else ", not contiguous"
+        raise ValueError(f"dropout_seed as an array must be {SEED_ARRAY}, C-contiguous; got dtype "
+                         f"{seed.dtype}, shape {tuple(seed.shape)}{layout}")
     if not (is_integer(offset) and int(offset) == 0):
         raise ValueError(f"dropout_offset must be 0 (its default) when dropout_seed is an array: "
                          f"the offset is the array's second element, got {_show(offset)}")

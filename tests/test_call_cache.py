@@ -328,7 +328,7 @@ def test_a_seed_array_reaches_the_kernels_as_its_address(device, varlen, backwar
     (lambda d: d.empty((3,), np.uint64), 0, ValueError, r"got dtype uint64, shape \(3,\)"),
     (lambda d: d.empty((4,), np.uint64)[::2], 0, ValueError, "not contiguous"),
     (lambda d: d.empty((2,), np.uint64), 1, ValueError, "dropout_offset must be 0"),
-    (lambda d: np.zeros(2, np.uint64), 0, TypeError, "on device 0 like q, got a numpy.ndarray"),
+    (lambda d: np.zeros(2, np.uint64), 0, TypeError, "on device 0 like q, got numpy.ndarray"),
     (lambda d: [1, 2], 0, TypeError, r"an int in \[0, 2\*\*64\), or a uint64 array"),
 ])
 def test_a_seed_array_is_checked(device, make, offset, error, match):

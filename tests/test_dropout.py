@@ -323,6 +323,10 @@ def test_explicit_seed_required(rng, call):
      r"dropout_offset must be .*of type NoneType"),
 ])
 def test_invalid_dropout_options(rng, options, error, message):
+    _assert_every_call_refuses(rng, options, error, message)
+
+
+def _assert_every_call_refuses(rng, options, error, message):
     q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
     for call in (lambda: cuflash.attention(q, k, v, **options),
                  lambda: cuflash.attention_vjp(q, k, v, **options),
@@ -401,15 +405,8 @@ def test_vjp_keeps_the_seed_array_the_forward_read(rng):
      r"dropout_seed must be an int in \[0, 2\*\*64\), or a uint64 array .*of type tuple"),
 ])
 def test_invalid_seed_arrays(rng, state, offset, error, message):
-    q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
-    options = dict(dropout_p=0.1, dropout_seed=state, dropout_offset=offset)
-    for call in (lambda: cuflash.attention(q, k, v, **options),
-                 lambda: cuflash.attention_vjp(q, k, v, **options),
-                 lambda: cuflash.attention_backward(q, q, k, v, q, np.zeros((1, 1, 8), np.float32),
-                                                    **options),
-                 lambda: reference.attention(q, k, v, **options)):
-        with pytest.raises(error, match=message):
-            call()
+    _assert_every_call_refuses(rng, dict(dropout_p=0.1, dropout_seed=state, dropout_offset=offset),
+                               error, message)
 
 
 # ----------------------------------------------------------------------------- GPU families
