@@ -311,6 +311,46 @@ def test_a_seed_array_is_read_when_the_kernels_run(xp_gpu, rng, dtype):
                     *vjp(dout)], draws[0])
 
 
+def test_a_captured_training_step_draws_a_new_mask_per_replay(xp_gpu, rng):
+    """docs/api.md's pattern: a graph that advances the seed array's offset, then runs a vjp's
+    forward and backward; replay r gives the results of the int seed with offset + r."""
+    xp = xp_gpu
+    q, k, v, options = _case(xp, rng, ml_dtypes.bfloat16, d=128, nq=300, nk=300, causal=True,
+                             p=0.2)
+    seed, offset = options.pop("dropout_seed"), options.pop("dropout_offset") % 2**31
+    dout = random_array(rng, q.shape, ml_dtypes.bfloat16, xp=xp)
+    state = xp.asarray(np.array([seed, offset], np.uint64))
+
+    def step():
+        state[1] += 1
+        out, vjp = cuflash.attention_vjp(q, k, v, **options, dropout_seed=state,
+                                         deterministic=True)
+        return [out, *vjp(dout)]
+
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        step()  # compiles and caches outside the capture
+        stream.synchronize()
+        start = int(state[1].get())
+        stream.begin_capture()
+        captured = step()
+        graph = stream.end_capture()
+        for replay in (1, 2):
+            for x in captured:
+                x.fill(np.nan)
+            graph.launch()
+            stream.synchronize()
+            drawn = dict(options, dropout_seed=seed, dropout_offset=start + replay)
+            out, lse = cuflash.attention(q, k, v, **drawn, return_lse=True)
+            want = [out, *cuflash.attention_backward(dout, q, k, v, out, lse, **drawn,
+                                                     deterministic=True)]
+            for name, got, expected in zip(("out", "dq", "dk", "dv"), captured, want):
+                np.testing.assert_array_equal(to_host(got).view(np.uint8),
+                                              to_host(expected).view(np.uint8),
+                                              err_msg=f"{name}, replay {replay}")
+    assert int(state[1].get()) == start + 2
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
 def test_zero_dropout_is_bit_identical_to_no_dropout(xp_gpu, rng, deterministic):
     """p = 0 is the call without dropout (dq too when deterministic; the atomic dq's order of
