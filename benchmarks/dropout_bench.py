@@ -133,7 +133,8 @@ def main():
                 overhead, sm80_overhead = ours / plain - 1, sm80_ours / sm80_plain - 1
                 ratio = None if theirs is None else theirs / ours
                 print(f"| {d} | {n} | {b}×{heads} | {mode} | {plain:.3f} | {ours:.3f} "
-                      f"| {overhead:+.1%} | {array:.3f} | {array / ours:.3f} | {sm80_plain:.3f} | {sm80_ours:.3f} | {sm80_overhead:+.1%} "
+                      f"| {overhead:+.1%} | {array:.3f} | {array / ours:.3f} | {sm80_plain:.3f} "
+                      f"| {sm80_ours:.3f} | {sm80_overhead:+.1%} "
                       f"| {_fmt(theirs)} | {_fmt(ratio, '.2f')} |", flush=True)
                 if overhead > MAX_OVERHEAD:
                     misses.append(f"D={d} N={n} {mode}: overhead {overhead:+.1%} > {MAX_OVERHEAD:.0%}")

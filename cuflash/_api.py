@@ -410,23 +410,29 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
                            grads=(dq, dk, dv))
 
 
-def _vjp_seed(dropout_p, dropout_seed, dropout_offset):
+def _vjp_seed(dropout_p, dropout_seed, dropout_offset, q):
     """The dropout seed of a vjp: the one given, or with ``dropout_p > 0`` and none given 64
     fresh bits of the operating system's entropy (``secrets``: a tenth of the cost of a new
-    NumPy generator, per training step), which the backward pass then reuses. A seed array is
-    copied (on its stream, before the forward reads it), so that the backward draws the
-    forward's mask whatever the caller's array holds by then."""
-    if dropout_seed is None and _checks.check_dropout(
-            dropout_p, None, dropout_offset, None, seed_required=False)[0]:
-        return secrets.randbits(64)
-    if dropout_seed is not None and not _checks.is_integer(dropout_seed):
-        try:
-            context = _checks.device_context(dropout_seed)
-        except TypeError:  # not an array: the forward's check says what is allowed
-            return dropout_seed
-        with context:
-            return dropout_seed.copy()
-    return dropout_seed
+    NumPy generator, per training step), which the backward pass then reuses. A seed array,
+    checked as the forward checks it, is copied when dropout is on (on its stream, before the
+    forward reads it), so that the backward draws the forward's mask whatever the caller's array
+    holds by then; the calls keep the copy alive with their results (a captured graph writes
+    it at every replay)."""
+    if dropout_seed is None:
+        if _checks.check_dropout(dropout_p, None, dropout_offset, None, seed_required=False)[0]:
+            return secrets.randbits(64)
+        return None
+    if not _checks.is_seed_array(dropout_seed):
+        return dropout_seed
+    try:
+        xp = _checks.array_module(q)
+    except TypeError:  # the forward says what q must be
+        return dropout_seed
+    if not _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, None, xp=xp,
+                                 device_of=q)[0]:
+        return dropout_seed
+    with _checks.device_context(dropout_seed):
+        return dropout_seed.copy()
 
 
 def _vjp_seed_of(spec):
@@ -449,7 +455,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     one): the caller may write the next step's values into its own at once.
     """
     _checks.check_bool(deterministic, "deterministic")  # before running anything
-    dropout_seed = _vjp_seed(dropout_p, dropout_seed, dropout_offset)
+    dropout_seed = _vjp_seed(dropout_p, dropout_seed, dropout_offset, q)
     forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                            alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
                            dropout_p=dropout_p)
@@ -674,7 +680,7 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
                    check_offsets=check_offsets)
-    dropout = (_vjp_seed(dropout_p, dropout_seed, dropout_offset), dropout_offset)
+    dropout = (_vjp_seed(dropout_p, dropout_seed, dropout_offset, q), dropout_offset)
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             **options, dropout_seed=dropout[0], dropout_offset=dropout[1])
     out, lse = _varlen_forward(spec, xp, q, k, v, None)

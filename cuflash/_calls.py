@@ -209,6 +209,12 @@ def _release(_buffers) -> None:
     pass
 
 
+def _device_buffers(spec) -> tuple:
+    """What a cached call's kernels read besides its arrays: the ALiBi copy, the masks' device
+    index, the dropout seed array (a vjp's copy of it has no other owner)."""
+    return spec.alibi, spec.block_mask, spec.exact_mask, spec.dropout_state
+
+
 def keep_alive_with(outputs, buffers) -> None:
     """Keep ``buffers`` alive until every one of ``outputs`` is gone (a captured graph writes
     them on each replay)."""
@@ -272,6 +278,13 @@ def _validated_options(options: dict, dropout: tuple) -> dict:
     return dict(options, dropout_seed=dropout[0], dropout_offset=dropout[1])
 
 
+def _without_seed_array(spec):
+    """The spec an entry keeps: without the first call's seed array, which each call hands in
+    anew (``_with_call_dropout``), so that the cache holds no caller's array (nor a vjp's copy)
+    alive."""
+    return spec if spec.dropout_state is None else dataclasses.replace(spec, dropout_state=None)
+
+
 def _with_call_dropout(spec, dropout_p, dropout: tuple, q):
     """``spec`` with this call's dropout seed and offset (or seed array), checked as the validated
     path checks them (``_checks.check_dropout``; q gives a seed array's module and device);
@@ -279,7 +292,7 @@ def _with_call_dropout(spec, dropout_p, dropout: tuple, q):
     seed, offset = dropout
     if not spec.dropout_p and seed is None and offset.__class__ is int and offset == 0:
         return spec  # no dropout, nothing given: the common case, no check needed
-    xp = None if seed is None or seed.__class__ is int else _checks.array_module(q)
+    xp = _checks.array_module(q) if _checks.is_seed_array(seed) else None
     _, seed, offset, state = _checks.check_dropout(dropout_p, seed, offset, spec.shapes, xp=xp,
                                                    device_of=q)
     if (seed == spec.dropout_seed and offset == spec.dropout_offset
@@ -357,7 +370,7 @@ class _ForwardEntry:
         if launch is None:
             return _UNCACHED
         _stats["builds"] += 1
-        return cls(spec, launch, out_shape, lse_shape,
+        return cls(_without_seed_array(spec), launch, out_shape, lse_shape,
                    None if out is None else _checks.byte_range(out),
                    tuple(_checks.byte_range(x) for x in inputs),
                    (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]), keeps_lse)
@@ -385,7 +398,7 @@ class _ForwardEntry:
         stream = _launch.launch_stream(device)
         self.launch(q, k, v, result, lse, spec, stream.ptr)
         if stream.is_capturing():
-            keep_alive_with((result,), (lse, spec.alibi, spec.block_mask, spec.exact_mask))
+            keep_alive_with((result,), (lse, *_device_buffers(spec)))
         return result, lse, spec
 
 
@@ -494,7 +507,7 @@ class _BackwardEntry:
         apart = None
         if any(d is not None for d in given):
             apart = tuple(map(_checks.byte_range, arrays))
-        return cls(spec, launch, apart,
+        return cls(_without_seed_array(spec), launch, apart,
                    tuple(None if d is None else _checks.byte_range(d) for d in given),
                    (kernels.REGISTRY["forward"], kernels.REGISTRY["backward"]))
 
@@ -526,7 +539,7 @@ class _BackwardEntry:
         stream = _launch.launch_stream(device)
         workspace = self.launch(dout, q, k, v, out, lse, dq, dk, dv, spec, stream.ptr)
         if stream.is_capturing():
-            keep_alive_with((dq, dk, dv), (workspace, spec.alibi, spec.block_mask, spec.exact_mask))
+            keep_alive_with((dq, dk, dv), (workspace, *_device_buffers(spec)))
         return dq, dk, dv
 
     def _check_apart(self, grads, arrays) -> None:

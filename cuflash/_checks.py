@@ -693,7 +693,7 @@ def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
     if not 0.0 <= value < 1.0:  # NaN fails too
         raise ValueError(f"dropout_p must be {allowed}, got {_show(p)}")
     seed_array = None
-    if xp is not None and seed is not None and not is_integer(seed):
+    if xp is not None and is_seed_array(seed):
         seed_array = check_seed_array(seed, offset, xp, device_of)
         if xp is numpy or read_seed_array:
             seed, offset = (int(x) for x in _host_values(seed_array))
@@ -708,9 +708,8 @@ def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
         if x is None and name == "dropout_seed":
             continue
         if not is_integer(x):
-            array = f", or {SEED_ARRAY}," if name == "dropout_seed" and xp is not None else ""
-            raise TypeError(f"{name} must be an int in [0, {limit}){array} got {_show(x)} of "
-                            f"type {_type_name(x)}")
+            raise TypeError(f"{name} must be an int in [0, {limit}), got {_show(x)} of type "
+                            f"{_type_name(x)}")
         if not 0 <= int(x) < bound:
             raise ValueError(f"{name} must be an int in [0, {limit}), got {_show(x)}")
     if value == 0.0:
@@ -731,17 +730,31 @@ def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
     return value, int(seed), int(offset), seed_array
 
 
+def is_seed_array(seed: Any) -> bool:
+    """Whether a ``dropout_seed`` is to be taken as a seed array (checked by
+    ``check_seed_array``): anything but None and an int."""
+    return seed is not None and seed.__class__ is not int and not is_integer(seed)
+
+
 def check_seed_array(seed: Any, offset: Any, xp, device_of: Any):
     """A seed array as ``dropout_seed``: a C-contiguous uint64 array of shape (2,) of ``xp`` on
     the device of ``device_of``, with ``dropout_offset`` left at 0 (the offset is its second
     element). Its values are not read here: the kernels read a CuPy one when they run."""
     _check_beside_inputs(seed, "dropout_seed", f"an int in [0, 2**64), or {SEED_ARRAY}", xp,
                          device_of)
-    if seed.dtype != numpy.uint64 or seed.shape != (2,) or not seed.flags.c_contiguous:
+    if seed.dtype != numpy.uint64:
+        raise TypeError(f"dropout_seed as an array must be {SEED_ARRAY}; got dtype {seed.dtype}")
+    if seed.shape != (2,) or not seed.flags.c_contiguous:
         layout = "" if seed.flags.c_contiguous else ", not contiguous"
-        raise ValueError(f"dropout_seed as an array must be {SEED_ARRAY}, C-contiguous; got dtype "
-                         f"{seed.dtype}, shape {tuple(seed.shape)}{layout}")
-    if not (is_integer(offset) and int(offset) == 0):
+        raise ValueError(f"dropout_seed as an array must be {SEED_ARRAY}, C-contiguous; got shape "
+                         f"{tuple(seed.shape)}{layout}")
+    if xp is not numpy and seed.data.ptr % 8:  # the kernels load its two words as 64-bit words
+        raise ValueError(f"dropout_seed as an array must be aligned to 8 bytes, got address "
+                         f"{seed.data.ptr:#x}")
+    if not is_integer(offset):
+        raise TypeError(f"dropout_offset must be an int in [0, 2**32), got {_show(offset)} of "
+                        f"type {_type_name(offset)}")
+    if int(offset) != 0:
         raise ValueError(f"dropout_offset must be 0 (its default) when dropout_seed is an array: "
                          f"the offset is the array's second element, got {_show(offset)}")
     return seed

@@ -81,7 +81,8 @@ class AttentionSpec:
     of those (a varlen call's sequence ``b`` draws a dense call's batch element ``b``).
     ``dropout_state`` is ``None``, or a CuPy seed array (uint64 ``(seed, offset)``) that the
     kernels read when they run instead of ``dropout_seed`` and ``dropout_offset`` (both 0 then):
-    the caller's own array, so that a captured graph replays with what it holds.
+    the caller's own array (a vjp's copy of it), so that a captured graph replays with what it
+    holds.
     ``float32_grads`` (read by backward passes) stores the gradients as float32 instead of
     rounding them to ``dtype``. The rules themselves (band and score modifier) are in ``_mask``.
     """

@@ -173,4 +173,5 @@ def check_backward(grads, inputs, lse, dtype) -> None:
         what = (f"an intermediate (the logits, dP = dO·vᵀ, dS or a sum of them) exceeded "
                 f"float32's range (|x| > {FLOAT32_MAX:.3g}). Scale the inputs down")
     _warn("cuflash.attention_backward",
-          f"{_names(bad)} hold{'s' if len(bad) == 1 else ''} inf or NaN although dout, q, k, v, out and lse are finite: {what} ({SEE})")
+          f"{_names(bad)} hold{'s' if len(bad) == 1 else ''} inf or NaN although dout, q, k, "
+          f"v, out and lse are finite: {what} ({SEE})")

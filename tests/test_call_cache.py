@@ -324,10 +324,13 @@ def test_a_seed_array_reaches_the_kernels_as_its_address(device, varlen, backwar
 
 
 @pytest.mark.parametrize("make, offset, error, match", [
-    (lambda d: d.empty((2,), np.int64), 0, ValueError, r"uint64 array of shape \(2,\)"),
-    (lambda d: d.empty((3,), np.uint64), 0, ValueError, r"got dtype uint64, shape \(3,\)"),
+    (lambda d: d.empty((2,), np.int64), 0, TypeError, r"uint64 array .*got dtype int64"),
+    (lambda d: d.empty((3,), np.uint64), 0, ValueError, r"got shape \(3,\)"),
     (lambda d: d.empty((4,), np.uint64)[::2], 0, ValueError, "not contiguous"),
+    (lambda d: d.empty((17,), np.uint8)[1:].view(np.uint64), 0, ValueError,
+     "aligned to 8 bytes"),
     (lambda d: d.empty((2,), np.uint64), 1, ValueError, "dropout_offset must be 0"),
+    (lambda d: d.empty((2,), np.uint64), None, TypeError, "dropout_offset must be an int"),
     (lambda d: np.zeros(2, np.uint64), 0, TypeError, "on device 0 like q, got numpy.ndarray"),
     (lambda d: [1, 2], 0, TypeError, r"an int in \[0, 2\*\*64\), or a uint64 array"),
 ])
@@ -340,6 +343,48 @@ def test_a_seed_array_is_checked(device, make, offset, error, match):
         _calls.clear()  # and on the validated path
         with pytest.raises(error, match=match):
             call(make(device), offset)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["validated", "cached"])
+@pytest.mark.parametrize("p", [0.1, 0.0])
+def test_a_vjp_s_seed_copy_lives_with_the_captured_results(device, monkeypatch, cached, p):
+    """attention_vjp copies a seed array (with dropout only) for both passes; under capture the
+    graph writes the copy at every replay, so it must live as long as the call's results, not
+    die with the vjp."""
+    import gc
+    import weakref
+
+    import cupy
+    import fake_device
+
+    copies = []
+
+    class SeedArray(cupy.ndarray):  # a CuPy array whose copies the test can watch
+        def copy(self, order="C"):
+            made = device.empty((2,), np.uint64)
+            copies.append(weakref.ref(made))
+            return made
+
+    SeedArray.__module__ = "cupy.seed_array"
+    q, k, v, dout = (device.empty(SHAPE, BF16) for _ in range(4))
+    state = device.empty((2,), np.uint64).view(SeedArray)
+
+    def step():
+        out, vjp = cuflash.attention_vjp(q, k, v, causal=True, dropout_p=p, dropout_seed=state)
+        return [out, *vjp(dout)]
+
+    if cached:
+        step()
+    monkeypatch.setattr(fake_device.FakeStream, "is_capturing", lambda self: True)
+    monkeypatch.setattr(_calls, "stream_capturing", lambda: True)
+    copies.clear()
+    results = step()
+    gc.collect()
+    assert len(copies) == (1 if p else 0)  # without dropout nothing reads it: no copy
+    assert all(copy() is not None for copy in copies)
+    del results
+    gc.collect()
+    assert all(copy() is None for copy in copies)
 
 
 def test_seeds_without_dropout_change_nothing(device):

@@ -11,6 +11,8 @@ the rows of its tiles). Dropped elements are exactly 0, kept ones are not.
 
 from __future__ import annotations
 
+import gc
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -313,7 +315,9 @@ def test_a_seed_array_is_read_when_the_kernels_run(xp_gpu, rng, dtype):
 
 def test_a_captured_training_step_draws_a_new_mask_per_replay(xp_gpu, rng):
     """docs/api.md's pattern: a graph that advances the seed array's offset, then runs a vjp's
-    forward and backward; replay r gives the results of the int seed with offset + r."""
+    forward and backward; replay r gives the results of the int seed with offset + r. The vjp's
+    copy of the array, which each replay writes, outlives the vjp: small arrays allocated after
+    the capture keep their values."""
     xp = xp_gpu
     q, k, v, options = _case(xp, rng, ml_dtypes.bfloat16, d=128, nq=300, nk=300, causal=True,
                              p=0.2)
@@ -335,6 +339,8 @@ def test_a_captured_training_step_draws_a_new_mask_per_replay(xp_gpu, rng):
         stream.begin_capture()
         captured = step()
         graph = stream.end_capture()
+        gc.collect()  # the vjp is gone: its seed copy lives only as long as the results
+        decoys = [xp.full(2, 7, np.uint64) for _ in range(16)]
         for replay in (1, 2):
             for x in captured:
                 x.fill(np.nan)
@@ -349,6 +355,7 @@ def test_a_captured_training_step_draws_a_new_mask_per_replay(xp_gpu, rng):
                                               to_host(expected).view(np.uint8),
                                               err_msg=f"{name}, replay {replay}")
     assert int(state[1].get()) == start + 2
+    assert all(bool((decoy == 7).all()) for decoy in decoys)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])

@@ -31,7 +31,7 @@
 
 // The fields of an argument struct that carry the dropout parameters (FwdArgs, BwdArgs).
 #define DROPOUT_FIELDS                                                                          \
-    const u64* drop_state;  /* (seed, offset) read when the kernel runs, or null: the words below */ \
+    const u64* drop_state;  /* (seed, offset) read when it runs, or null: the words below */    \
     u32 drop_threshold;  /* an element is kept when its draw >= this */                         \
     u32 drop_seed_lo;    /* Philox key: seed mod 2^32 */                                        \
     u32 drop_seed_hi;    /* ... and seed div 2^32 */                                            \
