@@ -38,9 +38,10 @@ remembered as such. Given gradients are keyed by their layout like every array a
 the key says which of the three are given.
 
 Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees when it returns
-(the backward's workspace, an lse not returned, the ALiBi copy) and the block mask (whose device
-index the kernels read) are kept alive as long as the call's outputs are, since the graph's
-replays use them. A call on the validated path (every call of an uncached signature) records
+(the backward's workspace, an lse not returned, the ALiBi copy), the block mask (whose device
+index the kernels read) and a dropout seed array (a vjp's copy of one has no other owner) are
+kept alive as long as the call's outputs are, since the graph's replays use them. Entries keep
+no seed array: each call hands its own in. A call on the validated path (every call of an uncached signature) records
 what it allocates instead (``CapturedAllocations``, around ``_api``'s runners: copies of inputs,
 temporaries, full-batch gradients of broadcast inputs, workspaces) and keeps all of it.
 """

@@ -738,8 +738,9 @@ def is_seed_array(seed: Any) -> bool:
 
 def check_seed_array(seed: Any, offset: Any, xp, device_of: Any):
     """A seed array as ``dropout_seed``: a C-contiguous uint64 array of shape (2,) of ``xp`` on
-    the device of ``device_of``, with ``dropout_offset`` left at 0 (the offset is its second
-    element). Its values are not read here: the kernels read a CuPy one when they run."""
+    the device of ``device_of`` (a CuPy one aligned to 8 bytes, as the kernels load it), with
+    ``dropout_offset`` left at 0 (the offset is its second element). Its values are not read
+    here: the kernels read a CuPy one when they run."""
     _check_beside_inputs(seed, "dropout_seed", f"an int in [0, 2**64), or {SEED_ARRAY}", xp,
                          device_of)
     if seed.dtype != numpy.uint64:

@@ -323,6 +323,15 @@ def test_a_seed_array_reaches_the_kernels_as_its_address(device, varlen, backwar
     assert _builds() == builds + 4  # the four uncached calls alone
 
 
+def _on_device_1(shape, dtype):
+    import cupy
+    from cupy.cuda import memory
+
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    mem = memory.UnownedMemory(0x7100 << 32, size, None, device_id=1)
+    return cupy.ndarray(shape, dtype, memptr=memory.MemoryPointer(mem, 0))
+
+
 @pytest.mark.parametrize("make, offset, error, match", [
     (lambda d: d.empty((2,), np.int64), 0, TypeError, r"uint64 array .*got dtype int64"),
     (lambda d: d.empty((3,), np.uint64), 0, ValueError, r"got shape \(3,\)"),
@@ -333,6 +342,8 @@ def test_a_seed_array_reaches_the_kernels_as_its_address(device, varlen, backwar
     (lambda d: d.empty((2,), np.uint64), None, TypeError, "dropout_offset must be an int"),
     (lambda d: np.zeros(2, np.uint64), 0, TypeError, "on device 0 like q, got numpy.ndarray"),
     (lambda d: [1, 2], 0, TypeError, r"an int in \[0, 2\*\*64\), or a uint64 array"),
+    (lambda d: _on_device_1((2,), np.uint64), 0, ValueError,
+     "dropout_seed must be on device 0 like q, got device 1"),
 ])
 def test_a_seed_array_is_checked(device, make, offset, error, match):
     forward, backward = _dropout_calls(device)

@@ -12,6 +12,7 @@ the rows of its tiles). Dropped elements are exactly 0, kept ones are not.
 from __future__ import annotations
 
 import gc
+import weakref
 
 import ml_dtypes
 import numpy as np
@@ -325,10 +326,13 @@ def test_a_captured_training_step_draws_a_new_mask_per_replay(xp_gpu, rng):
     dout = random_array(rng, q.shape, ml_dtypes.bfloat16, xp=xp)
     state = xp.asarray(np.array([seed, offset], np.uint64))
 
+    copies = []
+
     def step():
         state[1] += 1
         out, vjp = cuflash.attention_vjp(q, k, v, **options, dropout_seed=state,
                                          deterministic=True)
+        copies.append(weakref.ref(vjp.dropout_seed))
         return [out, *vjp(dout)]
 
     stream = xp.cuda.Stream(non_blocking=True)
@@ -340,6 +344,7 @@ def test_a_captured_training_step_draws_a_new_mask_per_replay(xp_gpu, rng):
         captured = step()
         graph = stream.end_capture()
         gc.collect()  # the vjp is gone: its seed copy lives only as long as the results
+        assert copies[-1]() is not None
         decoys = [xp.full(2, 7, np.uint64) for _ in range(16)]
         for replay in (1, 2):
             for x in captured:
