@@ -356,12 +356,14 @@ def test_a_seed_array_is_checked(device, make, offset, error, match):
             call(make(device), offset)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 @pytest.mark.parametrize("cached", [False, True], ids=["validated", "cached"])
 @pytest.mark.parametrize("p", [0.1, 0.0])
-def test_a_vjp_s_seed_copy_lives_with_the_captured_results(device, monkeypatch, cached, p):
-    """attention_vjp copies a seed array (with dropout only) for both passes; under capture the
-    graph writes the copy at every replay, so it must live as long as the call's results, not
-    die with the vjp."""
+def test_a_vjp_s_seed_copy_lives_with_the_captured_results(device, monkeypatch, varlen, cached,
+                                                          p):
+    """attention_vjp (and attention_varlen_vjp) copies a seed array (with dropout only) for both
+    passes; under capture the graph writes the copy at every replay, so it must live as long as
+    the call's results, not die with the vjp."""
     import gc
     import weakref
 
@@ -377,11 +379,23 @@ def test_a_vjp_s_seed_copy_lives_with_the_captured_results(device, monkeypatch, 
             return made
 
     SeedArray.__module__ = "cupy.seed_array"
-    q, k, v, dout = (device.empty(SHAPE, BF16) for _ in range(4))
     state = device.empty((2,), np.uint64).view(SeedArray)
+    if varlen:
+        q, k, v, dout = (device.empty((700, 4, 64), BF16) for _ in range(4))
+        cu = device.empty((4,), np.int32)
+
+        def vjp_of():
+            return cuflash.attention_varlen_vjp(q, k, v, cu, cu, 300, 300, causal=True,
+                                                dropout_p=p, dropout_seed=state,
+                                                check_offsets=False)
+    else:
+        q, k, v, dout = (device.empty(SHAPE, BF16) for _ in range(4))
+
+        def vjp_of():
+            return cuflash.attention_vjp(q, k, v, causal=True, dropout_p=p, dropout_seed=state)
 
     def step():
-        out, vjp = cuflash.attention_vjp(q, k, v, causal=True, dropout_p=p, dropout_seed=state)
+        out, vjp = vjp_of()
         return [out, *vjp(dout)]
 
     if cached:
