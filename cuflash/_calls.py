@@ -41,9 +41,10 @@ Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees w
 (the backward's workspace, an lse not returned, the ALiBi copy), the block mask (whose device
 index the kernels read) and a dropout seed array (a vjp's copy of one has no other owner) are
 kept alive as long as the call's outputs are, since the graph's replays use them. Entries keep
-no seed array: each call hands its own in. A call on the validated path (every call of an uncached signature) records
-what it allocates instead (``CapturedAllocations``, around ``_api``'s runners: copies of inputs,
-temporaries, full-batch gradients of broadcast inputs, workspaces) and keeps all of it.
+no seed array: each call hands its own in. A call on the validated path (every call of an
+uncached signature) records what it allocates instead (``CapturedAllocations``, around
+``_api``'s runners: copies of inputs, temporaries, full-batch gradients of broadcast inputs,
+workspaces) and keeps all of it.
 """
 
 from __future__ import annotations
@@ -275,7 +276,8 @@ class CapturedAllocations:
 # so that a training loop, which draws a new seed for every call, keeps one entry.
 
 def _validated_options(options: dict, dropout: tuple) -> dict:
-    """``options`` with ``dropout`` = (seed, offset) among them, as the validated path takes them."""
+    """``options`` with ``dropout`` = (seed, offset) among them, as the validated path takes
+    them."""
     return dict(options, dropout_seed=dropout[0], dropout_offset=dropout[1])
 
 
@@ -425,9 +427,9 @@ _BACKWARD_NAMES = {
 def backward(dout, q, k, v, out, lse, options: dict, dropout: tuple, alibi=None,
              grads=(None, None, None)):
     """``(dq, dk, dv)`` of one backward call (``options`` and ``dropout`` as ``forward`` takes
-    them). ``alibi``: the
-    spec's slopes copy to use instead of a new one (a vjp's forward copy); ``grads``: the arrays
-    given for dq, dk, dv (``None`` where not given), written and returned."""
+    them). ``alibi``: the spec's slopes copy to use instead of a new one (a vjp's forward copy);
+    ``grads``: the arrays given for dq, dk, dv (``None`` where not given), written and
+    returned."""
     slopes = options["alibi_slopes"]
     dq, dk, dv = grads
     given = (dq is not None, dk is not None, dv is not None)
@@ -561,10 +563,11 @@ class _BackwardEntry:
 def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, dropout: tuple,
                    return_lse):
     """``(result, lse, spec)`` of one ``attention_varlen`` call (``options``: its keywords but
-    ``out``, ``return_lse`` and the dropout seed and offset, which are ``dropout``). Cached as a dense call is, with the offsets among the arrays
-    keyed by their layout (CuPy offsets only: NumPy ones are copied to the device per call) and
-    the max lengths among the options; a cached call checks the offsets' values as the
-    validated path does (``check_offsets``), then launches with them."""
+    ``out``, ``return_lse`` and the dropout seed and offset, which are ``dropout``). Cached as a
+    dense call is, with the offsets among the arrays keyed by their layout (CuPy offsets only:
+    NumPy ones are copied to the device per call) and the max lengths among the options; a
+    cached call checks the offsets' values as the validated path does (``check_offsets``), then
+    launches with them."""
     slopes = options["alibi_slopes"]
     arrays = (q, k, v, cu_q, cu_k) if out is None else (q, k, v, cu_q, cu_k, out)
     entry, key = _lookup("varlen forward", arrays, (max_q, max_k, *options.values(), return_lse),

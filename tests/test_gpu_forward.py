@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import cuflash
-from oracle import (assert_forward_close, assert_varlen_forward_close, poisoned, poisoned_allocations,
-                    random_array, spec_for)
+from oracle import (assert_forward_close, assert_varlen_forward_close, poisoned,
+                    poisoned_allocations, random_array, spec_for)
 
 pytestmark = pytest.mark.gpu
 

@@ -324,9 +324,10 @@ def test_bench_ctrl_c_before_any_row(monkeypatch):
     assert "interrupted by Ctrl-C; no table was printed" in result.stderr
 
 
-# ----------------------------------------------------------------------------- numpy.seterr and torch
+# ------------------------------------------------------------------------- numpy.seterr and torch
 
-@pytest.mark.parametrize("dtype, size", [(np.float16, 3), (np.float32, 30), (ml_dtypes.bfloat16, 30)],
+@pytest.mark.parametrize("dtype, size",
+                         [(np.float16, 3), (np.float32, 30), (ml_dtypes.bfloat16, 30)],
                          ids=["float16", "float32", "bfloat16"])
 def test_a_caller_seterr_raise_does_not_reach_underflows_inside(dtype, size):
     """exp2 of very negative logits and casts of tiny values underflow by design."""

@@ -191,7 +191,7 @@ PATTERNS = {
         "prefix LM: every query sees the first --prefix keys, and the keys up to itself",
         {"prefix": 1024},
         lambda n, b, p, seed: _sparse().prefix_lm(n, prefix=p["prefix"], block_size=b),
-        lambda n, b, p, seed: (math.ceil(n / b) * (math.ceil(n / b) + 1) // 2
+        lambda n, b, p, seed: (_causal_blocks(n, b, p, seed)
                                + math.ceil(n / b) * math.ceil(p["prefix"] / b)),
         least_blocks=_causal_blocks),
 }

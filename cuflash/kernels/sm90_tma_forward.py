@@ -326,7 +326,8 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLa
     # The kernel's last two parameters: the tile count and the tile counter of a persistent grid
     # (a null one for a grid of one block per tile).
     tail = (numpy.int32(blocks),) if persistent else (numpy.int32(blocks), numpy.uint64(0))
-    # Each call encodes the descriptors of q, k and v (FWD_POINTERS 0, 1, 2) whose addresses changed.
+    # Each call encodes the descriptors of q, k and v (FWD_POINTERS 0, 1, 2) whose addresses
+    # changed.
     return ForwardLaunch(KernelLaunch(kernel, grid, tiles.threads, shared, args, tail=tail, maps=layouts,
                                       map_pointers=(0, 1, 2), tile_counter=persistent))
 
