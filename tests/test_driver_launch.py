@@ -14,6 +14,7 @@ import ctypes
 import re
 import threading
 import types
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -209,7 +210,7 @@ def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
     monkeypatch.setattr(runtime, "malloc", lambda size: next(slabs))
     monkeypatch.setattr(runtime, "memsetAsync", lambda ptr, value, size, stream: memsets.append((ptr, value, size, stream)))
     monkeypatch.setattr(cupy.cuda, "Event", Event)
-    monkeypatch.setattr(cupy.cuda, "ExternalStream", lambda ptr: types.SimpleNamespace(ptr=ptr))
+    monkeypatch.setattr(_launch, "external_stream", lambda ptr, device: types.SimpleNamespace(ptr=ptr))
     a, b, c = 1 << 40, 1 << 41, 1 << 42
     counters = _launch.TileCounters()
     counters.SLAB = 3
@@ -263,6 +264,20 @@ class _LaunchConfig(ctypes.Structure):
     """CUlaunchConfig of cuda.h."""
     _fields_ = [*((name, ctypes.c_uint) for name in ("gx", "gy", "gz", "bx", "by", "bz", "shared")),
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("count", ctypes.c_uint)]
+
+
+def test_external_streams_wrap_the_handle_without_a_deprecation_warning(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream = _launch.external_stream(0x1234, 0)
+    assert isinstance(stream, cupy.cuda.Stream) and stream.ptr == 0x1234
+    # CuPy 13 has no from_external: the stream of its ExternalStream, with the device given
+    made = []
+    fake_cuda = types.SimpleNamespace(
+        Stream=type("Stream", (), {}), ExternalStream=lambda handle, device: made.append((handle, device)) or "old")
+    monkeypatch.setattr(_launch, "cupy_module", lambda: types.SimpleNamespace(cuda=fake_cuda))
+    assert _launch.external_stream(0x1234, 3) == "old" and made == [(0x1234, 3)]
 
 
 def test_launch_config_has_the_drivers_layout():

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy
 import torch
 
-from ..kernels._launch import cupy_module
+from ..kernels._launch import cupy_module, external_stream
 
 _BF16 = numpy.dtype(ml_dtypes.bfloat16)
 
@@ -197,7 +197,7 @@ def _cupy_stream(handle: int, index: int):
     if wrapped is None:
         cupy = cupy_module()
         # torch's default stream is CUDA's legacy default stream (handle 0)
-        wrapped = cupy.cuda.Stream.null if handle == 0 else cupy.cuda.ExternalStream(handle, index)
+        wrapped = cupy.cuda.Stream.null if handle == 0 else external_stream(handle, index)
         _per_thread.streams[key] = wrapped
     return wrapped
 
