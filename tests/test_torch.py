@@ -1,7 +1,8 @@
 """cuflash.torch on CPU tensors (the NumPy path): values and gradients against torch's own
 attention, the custom operators (opcheck, torch.compile), the drop-in signatures and what they
-refuse, and attention dropout (against the core with the same seed; the seed rule). GPU behaviour
-(zero copy, streams, allocator, graphs, training) is in test_torch_gpu.py.
+refuse, and attention dropout (against the core with the same seed; the seed rule; the seed drawn
+on the device under a CUDA-graph capture, stood in for). GPU behaviour (zero copy, streams,
+allocator, graphs, training) is in test_torch_gpu.py.
 
 Correctness rule (as in oracle.py): ``max|result − ref64| ≤ 2·max|naive − ref64| + 1e-5``, with
 ``ref64`` torch's ``scaled_dot_product_attention`` (or plain attention with the options) in
@@ -912,9 +913,14 @@ def test_invalid_dropout_options_are_the_cores_errors(options, error, match):
         ct.attention(q, q, q, **options)
 
 
-def test_opcheck_with_dropout():
+@pytest.mark.parametrize("dropout", [
+    (0.2, _ops.seed_tensor(2**63 + 5), 4),
+    (0.2, torch.tensor([2**62 + 5, 4]), 0),
+], ids=["scalar", "pair"])
+def test_opcheck_with_dropout(dropout):
+    """Both forms of the seed: the CPU scalar, and the (seed, offset) pair drawn on the device
+    under CUDA-graph capture (here in host memory, which the core reads as a NumPy seed array)."""
     q, k, v = (leaf(randn(2, 4, 48, 16)) for _ in range(3))
-    dropout = (0.2, _ops.seed_tensor(2**63 + 5), 4)
     torch.library.opcheck(torch.ops.cuflash.attention_forward.default,
                           (q, k, v, True, None, -1, -1, 0.0, None, -1, True, False, *dropout))
     out, lse = torch.ops.cuflash.attention_forward(q, k, v, True, None, -1, -1, 0.0, None, -1,
@@ -978,6 +984,250 @@ def test_dropout_under_activation_checkpointing():
         runs.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for got, expected in zip(*runs):
         assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------- captured dropout
+#
+# No CUDA here: a capture is stood in for (torch.cuda.is_current_stream_capturing, or
+# _ops.graph_capturing), CUDA tensors by fake ones (FakeTensorMode) or by a pair in host memory
+# that shows itself as one (CudaLikePair). test_torch_gpu.py captures and replays real graphs.
+
+def capture_calls():
+    """``dropout_calls``, and flash_attn_varlen_func on the same sequences packed."""
+    def varlen(q, k, v):
+        b, h, n, _ = q.shape
+        cu = torch.arange(0, b * n + 1, n, dtype=torch.int32, device=q.device)
+        packed = (x.transpose(1, 2).reshape(b * n, h, x.shape[-1]) for x in (q, k, v))
+        return ct.flash_attn_varlen_func(*packed, cu, cu, n, n, 0.25)
+
+    return {**dropout_calls(), "varlen": varlen}
+
+
+def _out_and_grads(call, q, k, v):
+    out = call(q, k, v)
+    return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+
+def _refuse(*_args, **_kwargs):
+    raise AssertionError("called where it must not be")
+
+
+def test_graph_capturing_needs_cuda_tensors_a_capture_and_no_trace(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda c=capturing: c)
+        assert _ops.graph_capturing(cuda) is capturing
+        assert not _ops.graph_capturing(torch.device("cpu"))
+    # A trace never asks (it draws on the CPU, as before), and does not break the graph.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", _refuse)
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x: x + 1 if _ops.graph_capturing(cuda) else x - 1,
+                           backend="eager", fullgraph=True)
+    assert torch.equal(traced(torch.zeros(2)), -torch.ones(2))
+
+
+@pytest.mark.parametrize("name", list(capture_calls()))
+def test_cpu_tensors_draw_on_the_cpu_while_a_stream_captures(monkeypatch, name):
+    """A capture on the current CUDA stream changes nothing for CPU tensors: the seed comes from
+    torch's CPU generator, the results are those without the capture."""
+    call = capture_calls()[name]
+    q, k, v = (randn(2, 2, 40, 16) for _ in range(3))
+    torch.manual_seed(8)
+    expected = call(q, k, v)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(_ops, "draw_device_seed", _refuse)
+    torch.manual_seed(8)
+    assert torch.equal(call(q, k, v), expected)
+
+
+@pytest.mark.parametrize("name", list(capture_calls()))
+def test_a_captured_call_carries_a_device_drawn_pair(monkeypatch, name):
+    """Under capture each entry point draws its seed with _ops.draw_device_seed (stood in for:
+    a pair in host memory) rather than from the CPU generator; the forward and the backward
+    receive the pair (the backward the forward's very memory) with offset 0, and give the out
+    and gradients of the same call with that seed drawn on the CPU."""
+    call = capture_calls()[name]
+    q, k, v = (leaf(randn(2, 2, 40, 16)) for _ in range(3))
+    drop_seed = 2**62 + 12345
+    monkeypatch.setattr(_ops, "draw_seed", lambda: _ops.seed_tensor(drop_seed))
+    expected = _out_and_grads(call, q, k, v)
+
+    drawn, received = [], []
+    dropout_options = _ops._dropout_options
+
+    def draw_device_seed(device, offset=0):
+        drawn.append((device, offset))
+        return torch.tensor([drop_seed, offset])
+
+    def recording(dropout_p, dropout_seed, dropout_offset, device, to_core):
+        received.append((dropout_seed, dropout_offset))
+        return dropout_options(dropout_p, dropout_seed, dropout_offset, device, to_core)
+
+    monkeypatch.setattr(_ops, "draw_seed", _refuse)
+    monkeypatch.setattr(_ops, "graph_capturing", lambda device: True)
+    monkeypatch.setattr(_ops, "draw_device_seed", draw_device_seed)
+    monkeypatch.setattr(_ops, "_dropout_options", recording)
+    state = torch.get_rng_state()
+    got = _out_and_grads(call, q, k, v)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert drawn == [(q.device, 0)]
+    assert len(received) == 2  # the forward, the backward
+    for pair, offset in received:
+        assert pair.shape == (2,) and pair.dtype == torch.int64 and offset == 0
+    assert received[0][0].data_ptr() == received[1][0].data_ptr()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_under_capture_given_seeds_and_offsets_are_kept(monkeypatch):
+    """An explicit seed is used as given, captured or not (no draw); a drawn pair carries the
+    call's dropout_offset, so the call is that of the drawn seed with that offset."""
+    q, k, v = (randn(1, 2, 40, 16) for _ in range(3))
+    explicit = ct.attention(q, k, v, dropout_p=0.3, dropout_seed=2**64 - 3, dropout_offset=6)
+    monkeypatch.setattr(_ops, "graph_capturing", lambda device: True)
+    monkeypatch.setattr(_ops, "draw_seed", _refuse)
+    monkeypatch.setattr(_ops, "draw_device_seed", _refuse)
+    assert torch.equal(
+        ct.attention(q, k, v, dropout_p=0.3, dropout_seed=2**64 - 3, dropout_offset=6), explicit)
+    monkeypatch.setattr(_ops, "draw_device_seed",
+                        lambda device, offset=0: torch.tensor([2**64 - 3 - 2**64, offset]))
+    assert torch.equal(ct.attention(q, k, v, dropout_p=0.3, dropout_offset=6), explicit)
+
+
+def test_draw_device_seed_is_a_pair_from_the_device_generator():
+    """The pair: a seed in [0, 2**63 - 1) from the generator of the tensor's device (the CPU one
+    here, so torch.manual_seed repeats it), then the offset as given."""
+    torch.manual_seed(3)
+    pair = _ops.draw_device_seed(torch.device("cpu"), 9)
+    assert pair.shape == (2,) and pair.dtype == torch.int64
+    assert 0 <= int(pair[0]) < 2**63 - 1 and int(pair[1]) == 9
+    torch.manual_seed(3)
+    assert torch.equal(_ops.draw_device_seed(torch.device("cpu"), 9), pair)
+
+
+class CudaLikePair:
+    """An int64 (seed, offset) pair in host memory that shows itself as a tensor on CUDA device
+    0, with only what ``_bridge.to_cupy`` builds a view from: no item, int, cpu, tolist or
+    numpy, so that any read of its values on the host fails."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, seed, offset):
+        self._memory = torch.tensor([seed, offset], dtype=torch.int64)
+        self.shape, self.dtype = self._memory.shape, self._memory.dtype
+
+    def dim(self):
+        return 1
+
+    def numel(self):
+        return 2
+
+    def is_contiguous(self):
+        return True
+
+    def data_ptr(self):
+        return self._memory.data_ptr()
+
+    def get_device(self):
+        return 0
+
+
+def test_a_device_pair_becomes_a_seed_array_view():
+    """The operators hand the core a CUDA pair as a CuPy uint64 view of its memory, never read
+    on the host: a seed array the core takes (the kernels read it when they run), which holds
+    the pair alive. The CPU scalar still becomes an int."""
+    cupy = pytest.importorskip("cupy")
+    from cuflash import _checks
+
+    pair = CudaLikePair(2**63 - 9, 0)
+    options = _ops._dropout_options(0.2, pair, 0, pair.device, _bridge.to_cupy)
+    view = options.pop("dropout_seed")
+    assert options == dict(dropout_p=0.2, dropout_offset=0)
+    assert isinstance(view, cupy.ndarray) and _checks.is_seed_array(view)
+    assert view.dtype == np.uint64 and view.shape == (2,) and view.flags.c_contiguous
+    assert view.data.ptr == pair.data_ptr() and view.data.mem._owner is pair
+    assert _checks.check_seed_array(view, 0, cupy, view) is view
+    assert _ops._dropout_options(0.2, _ops.seed_tensor(2**64 - 3), 4, torch.device("cpu"),
+                                 _bridge.to_numpy) == dict(dropout_p=0.2,
+                                                           dropout_seed=2**64 - 3,
+                                                           dropout_offset=4)
+
+
+@pytest.mark.parametrize("pair", [torch.zeros(2), torch.zeros(3, dtype=torch.int64),
+                                  torch.zeros(1, 2, dtype=torch.int64)],
+                         ids=["float", "three", "2-d"])
+def test_a_pair_must_be_int64_of_shape_2_on_the_inputs_device(pair):
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        with pytest.raises(ValueError, match="pair must be an int64 tensor of shape"):
+            _ops.seed_array(pair, device, _bridge.to_numpy)
+    # host memory handed to CUDA inputs would be read by the kernels as a device address
+    with pytest.raises(ValueError, match=r"on the inputs' device \(cuda:0\)"):
+        _ops.seed_array(torch.zeros(2, dtype=torch.int64), torch.device("cuda", 0),
+                        _bridge.to_numpy)
+
+
+def test_fake_implementations_take_a_device_pair(monkeypatch):
+    """With fake CUDA tensors under a stood-in capture, every entry point draws its pair on the
+    device (the real draw, on fake tensors) and the forward operators receive it: an int64
+    (2,) tensor on the inputs' device; the fake forwards and backwards take it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seeds(TorchDispatchMode):
+        """The int64 tensors each cuflash operator receives (cu_seqlens are int32)."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("cuflash."):
+                self.seen.append((str(func), [x for x in args if isinstance(x, torch.Tensor)
+                                              and x.dtype == torch.int64]))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cuda = torch.device("cuda", 0)
+    with FakeTensorMode(), Seeds() as seeds:
+        q, k, v = (torch.empty(2, 2, 40, 16, device=cuda, dtype=torch.float16)
+                   for _ in range(3))
+        for name, call in capture_calls().items():
+            out = call(q, k, v)
+            assert out.device == cuda, name
+        ct.attention(q, k, v, dropout_p=0.25, dropout_offset=3)
+        pair = _ops.draw_device_seed(cuda)
+        out, lse = torch.ops.cuflash.attention_forward(q, k, v, True, None, -1, -1, 0.0, None,
+                                                       -1, False, False, 0.25, pair, 0)
+        grads = torch.ops.cuflash.attention_backward(out, q, k, v, out, lse, True, None, -1, -1,
+                                                     0.0, None, -1, False, 0.25, pair, 0)
+        assert all(g.shape == x.shape and g.device == cuda for g, x in zip(grads, (q, k, v)))
+        x = torch.empty(80, 2, 16, device=cuda, dtype=torch.float16)
+        cu = torch.empty(3, device=cuda, dtype=torch.int32)
+        out, lse = torch.ops.cuflash.attention_varlen_forward(
+            x, x, x, cu, cu, 40, 40, True, None, -1, -1, 0.0, None, False, 0.25, pair, 0)
+        grads = torch.ops.cuflash.attention_varlen_backward(
+            out, x, x, x, out, lse, cu, cu, 40, 40, True, None, -1, -1, 0.0, None, False, 0.25,
+            pair, 0)
+        assert all(g.shape == x.shape and g.device == cuda for g in grads)
+    forwards = [seen for name, seen in seeds.seen if "forward" in name]
+    assert len(forwards) == len(capture_calls()) + 3
+    for seen in forwards:
+        assert [(s.shape, s.device) for s in seen] == [((2,), cuda)]
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, cu: ct.flash_attn_func(x, x, x, 0.25, return_attn_probs=True),
+    lambda x, cu: ct.flash_attn_varlen_func(x[0], x[0], x[0], cu, cu, 8, 8, 0.25,
+                                            return_attn_probs=True),
+], ids=["flash_attn_func", "varlen"])
+def test_return_attn_probs_is_refused_under_capture(monkeypatch, call):
+    """S_dmask reads the inputs and the seed back to the host: under capture the call is refused
+    before it draws a seed or runs the forward."""
+    monkeypatch.setattr(_ops, "graph_capturing", lambda device: True)
+    for name in ("draw_seed", "draw_device_seed", "call_forward", "call_varlen_forward"):
+        monkeypatch.setattr(_ops, name, _refuse)
+    with pytest.raises(RuntimeError, match="return_attn_probs=True cannot be captured"):
+        call(randn(1, 8, 2, 8), torch.tensor([0, 8], dtype=torch.int32))
 
 
 # ----------------------------------------------------------------------------- packaging

@@ -393,6 +393,132 @@ def test_cuda_graph_make_graphed_callables_forward_backward():
             p.grad = e.grad = None
 
 
+def _recorded_device_draws(monkeypatch):
+    """The (seed, offset) pairs that ``_ops.draw_device_seed`` draws, kept, so that a test reads
+    what a replay drew into one (held here, its memory goes to no later allocation)."""
+    from cuflash.torch import _ops
+
+    drawn, draw = [], _ops.draw_device_seed
+
+    def recording(device, offset=0):
+        drawn.append(draw(device, offset))
+        return drawn[-1]
+
+    monkeypatch.setattr(_ops, "draw_device_seed", recording)
+    return drawn
+
+
+def _pair_values(pair):
+    """The (seed, offset) a pair holds, as the kernels read them (uint64)."""
+    return tuple(x % 2**64 for x in pair.tolist())
+
+
+def _core_dropout_step(q, k, v, dout, p, seed, offset):
+    """(out, dq, dk, dv) of the core itself on CuPy views of flash-attn-layout ``(B, S, H, D)``
+    tensors, causal and deterministic, with a CuPy seed array holding ``(seed, offset)``: the
+    eager call a captured one must equal. Out and gradients are written into tensors laid out as
+    the operators lay out theirs."""
+    import cupy
+
+    def view(x):  # (B, H, S, D) over (B, S, H, D) memory, as flash_attn_func hands the core
+        return cupy.from_dlpack(x.detach()).transpose(0, 2, 1, 3)
+
+    seed_array = cupy.array([seed, offset], dtype=cupy.uint64)
+    results = [torch.empty_like(x) for x in (q, q, k, v)]
+    out, dq, dk, dv = map(view, results)
+    dropout = dict(causal=True, dropout_p=p, dropout_seed=seed_array)
+    _, lse = cuflash.attention(view(q), view(k), view(v), return_lse=True, out=out, **dropout)
+    cuflash.attention_backward(view(dout), view(q), view(k), view(v), out, lse, dq=dq, dk=dk,
+                               dv=dv, deterministic=True, **dropout)
+    cupy.cuda.get_current_stream().synchronize()
+    return results
+
+
+def test_cuda_graph_dropout_draws_a_new_mask_per_replay(monkeypatch):
+    """flash_attn_func with dropout, captured with its backward by torch.cuda.graph: the seed is
+    drawn on the device by torch's CUDA generator, so each replay applies a new mask, and each
+    replay's out and gradients are bit for bit the core's (CuPy) given the (seed, offset) that
+    replay drew, read back after it. The capture leaves torch's CPU generator alone; outside
+    it, the seed still comes from there."""
+    from cuflash.torch import _ops
+
+    p = 0.2
+    q, k, v = (cuda(2, 256, 4, 64).requires_grad_() for _ in range(3))
+    dout = cuda(2, 256, 4, 64)
+
+    def step():
+        out = ct.flash_attn_func(q, k, v, p, causal=True, deterministic=True)
+        return [out, *torch.autograd.grad(out, (q, k, v), dout)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up: compile (eager calls, seeds from the CPU)
+            step()
+        _ops.draw_device_seed(q.device)  # and the draw's own kernels
+    torch.cuda.current_stream().wait_stream(side)
+    drawn = _recorded_device_draws(monkeypatch)
+    cpu_state = torch.get_rng_state()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    (pair,) = drawn
+    assert pair.shape == (2,) and pair.dtype == torch.int64 and pair.device == q.device
+
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        seed, offset = _pair_values(pair)
+        assert seed < 2**63 - 1 and offset == 0
+        replays.append(([x.clone() for x in static], seed))
+    assert replays[0][1] != replays[1][1]
+    assert not torch.equal(replays[0][0][0], replays[1][0][0])  # a new mask
+    for results, seed in replays:
+        for name, got, want in zip(("out", "dq", "dk", "dv"), results,
+                                   _core_dropout_step(q, k, v, dout, p, seed, 0)):
+            assert torch.equal(got, want), name
+
+    torch.manual_seed(9)  # outside the capture: as before
+    eager = step()
+    torch.manual_seed(9)
+    expected = _core_dropout_step(q, k, v, dout, p, int(_ops.draw_seed()), 0)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), eager, expected):
+        assert torch.equal(got, want), name
+    assert len(drawn) == 1
+
+
+def test_make_graphed_callables_dropout_backward_reads_the_forward_s_pair(monkeypatch):
+    """make_graphed_callables captures the forward and the backward as two graphs: the backward
+    graph reads the pair that the forward graph's replay drew (saved by the autograd context),
+    so each call's gradients are the core's with the mask of its out, and each call draws a new
+    one."""
+    from cuflash.torch import _ops
+
+    p = 0.2
+
+    def f(q, k, v):
+        return ct.flash_attn_func(q, k, v, p, causal=True, deterministic=True)
+
+    sample = [cuda(2, 256, 4, 64).requires_grad_() for _ in range(3)]
+    _ops.draw_device_seed(sample[0].device)  # warm up the draw's kernels
+    drawn = _recorded_device_draws(monkeypatch)
+    graphed = torch.cuda.make_graphed_callables(f, tuple(sample))
+    (pair,) = drawn  # the warm-up iterations ran outside the capture
+    seeds = []
+    for _ in range(2):
+        inputs = [cuda(2, 256, 4, 64).requires_grad_() for _ in range(3)]
+        dout = cuda(2, 256, 4, 64)
+        out = graphed(*inputs)
+        seed, offset = _pair_values(pair)
+        grads = torch.autograd.grad(out, inputs, dout)
+        expected = _core_dropout_step(*inputs, dout, p, seed, offset)
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+            assert torch.equal(got, want), name
+        seeds.append(seed)
+    assert seeds[0] != seeds[1]
+
+
 # ----------------------------------------------------------------------------- the operators' cache
 
 CACHED_CASES = {

@@ -99,7 +99,9 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
         Attention dropout, as in ``cuflash.attention`` (docs/api.md, "Dropout"): ``dropout_p``
         in [0, 1) is applied whenever it is above 0 (pass 0.0 in evaluation). ``dropout_seed``,
         an int in [0, 2**64), is used as given; when it is None a seed is drawn from torch's
-        CPU default generator (``torch.manual_seed`` makes runs repeatable). The backward pass
+        CPU default generator (``torch.manual_seed`` makes runs repeatable), or, while a CUDA
+        graph captures a call on CUDA tensors, on the device from torch's CUDA generator, so that
+        each replay draws a new mask (docs/torch.md, "Attention dropout"). The backward pass
         uses the forward's seed and offset. The rate is rounded to a multiple of 1/256. On CUDA,
         float16 and bfloat16 only (``ValueError`` for float32).
     deterministic : bool
@@ -124,15 +126,21 @@ def _checked_dropout_p(dropout_p, dropout_seed=None, dropout_offset=0) -> float:
                                  seed_required=False)[0]
 
 
-def _dropout(p: float, dropout_seed, dropout_offset):
+def _dropout(p: float, dropout_seed, dropout_offset, device: torch.device):
     """``(dropout_p, seed tensor or None, dropout_offset)`` for the operators, from a rate that
     ``_checked_dropout_p`` returned: the given seed, or with ``p > 0`` and none given a drawn one
-    (``_ops.draw_seed``); no seed without dropout. Call it after the call's last check, so that a
-    refused call leaves torch's generator where it was."""
+    (``_ops.draw_seed``; while a CUDA graph captures a call on ``device``,
+    ``_ops.draw_device_seed``, whose pair carries the offset); no seed without dropout. Call it
+    after the call's last check, so that a refused call leaves torch's generators where they
+    were."""
     if p == 0.0:
         return 0.0, None, 0
-    seed = _ops.draw_seed() if dropout_seed is None else _ops.seed_tensor(int(dropout_seed))
-    return p, seed, int(dropout_offset)
+    if dropout_seed is not None:
+        return p, _ops.seed_tensor(int(dropout_seed)), int(dropout_offset)
+    if _ops.graph_capturing(device):
+        # An int drawn now would be captured by value, one mask for every replay.
+        return p, _ops.draw_device_seed(device, int(dropout_offset)), 0
+    return p, _ops.draw_seed(), int(dropout_offset)
 
 
 def _is_handle(mask) -> bool:
@@ -175,7 +183,7 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
     _ops.check_options((left, right), softcap, alibi_slopes, p)
     handle = _traced_mask_handle(block_mask)
-    dropout = _dropout(p, dropout_seed, dropout_offset)
+    dropout = _dropout(p, dropout_seed, dropout_offset, q.device)
     out, lse = _ops.call_forward(q, k, v, causal, scale, left, right, softcap, alibi_slopes,
                                  handle, bool(seq_major), deterministic, *dropout)
     return out, lse, dropout
@@ -226,6 +234,15 @@ def _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     return probs
 
 
+def _check_no_probs_in_capture(return_attn_probs, device) -> None:
+    """``return_attn_probs=True`` reads the inputs (and the dropout seed) back to the host: a
+    RuntimeError while a CUDA graph captures, before the forward, rather than a capture broken
+    by the copy."""
+    if return_attn_probs and _ops.graph_capturing(device):
+        raise RuntimeError("return_attn_probs=True cannot be captured in a CUDA graph: S_dmask "
+                           "is formed on the CPU from the inputs read back from the device")
+
+
 def _check_layout(layout: tuple, **tensors) -> None:
     """Tensors with one axis per name in ``layout`` (flash-attn's names)."""
     for name, x in tensors.items():
@@ -260,13 +277,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
 
     Returns ``out`` ``(B, Sq, Hq, Dv)``, contiguous. As in flash-attn, ``dropout_p > 0`` is
     applied whenever it is given (pass ``dropout_p if self.training else 0.0``), with a seed
-    drawn from torch's CPU default generator (``cuflash.torch.attention``).
+    drawn from torch's CPU default generator, or from its CUDA generator under CUDA-graph capture
+    (``cuflash.torch.attention``).
     ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` as flash-attn does, for
     tests: ``softmax_lse`` float32 ``(B, Hq, Sq)``, and ``S_dmask`` ``(B, Hq, Sq, Sk)`` the exact
     softmax matrix with the entries this call dropped negated
-    (``cuflash.reference.attention_probs``, formed in float64 on the CPU; not differentiable).
+    (``cuflash.reference.attention_probs``, formed in float64 on the CPU; not differentiable;
+    ``RuntimeError`` under CUDA-graph capture).
     """
     _check_bshd(q=q, k=k, v=v)
+    _check_no_probs_in_capture(return_attn_probs, q.device)
     q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     options = dict(causal=causal, scale=softmax_scale, window=window_size, softcap=softcap,
                    alibi_slopes=alibi_slopes)
@@ -276,7 +296,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     out = out.transpose(1, 2)
     if not return_attn_probs:
         return out
-    # The rate and the very seed the operator ran with (drawn by _dropout when p > 0).
+    # The rate and the very seed the operator ran with (drawn by _dropout when p > 0): a CPU
+    # scalar, since no capture gets here.
     probs = _attn_probs(q_, k_, v_, **options, dropout_p=p,
                         dropout_seed=None if seed is None else _ops.seed_value(seed))
     return out, lse.detach(), probs
@@ -341,11 +362,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     tests: ``softmax_lse`` float32 ``(Hq, total_q)``, and ``S_dmask``
     ``(B, Hq, max_seqlen_q, max_seqlen_k)`` with each sequence's exact softmax matrix in the top
     left corner of its row, zeros elsewhere, the entries this call dropped negated (formed in
-    float64 on the CPU; not differentiable). ``dropout_p`` as for ``flash_attn_func`` (a seed
-    from torch's CPU generator); sequence ``b`` keeps what a dense call's batch element ``b``
-    keeps (``cuflash.attention_varlen``). ``block_table`` raises ``NotImplementedError``. As in
-    flash-attn, the offsets of CUDA tensors are not checked (no host synchronisation); CPU
-    offsets are (docs/torch.md, "Packed sequences").
+    float64 on the CPU; not differentiable; not under CUDA-graph capture). ``dropout_p`` as for
+    ``flash_attn_func`` (a seed from torch's CPU generator, its CUDA one under capture); sequence
+    ``b`` keeps what a dense call's batch element ``b`` keeps (``cuflash.attention_varlen``).
+    ``block_table`` raises ``NotImplementedError``. As in flash-attn, the offsets of CUDA tensors
+    are not checked (no host synchronisation); CPU offsets are (docs/torch.md, "Packed
+    sequences").
     """
     p = _checked_dropout_p(dropout_p)
     if block_table is not None:
@@ -358,10 +380,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if alibi_slopes is not None:
         tensors["alibi_slopes"] = alibi_slopes
     _check_tensors(**tensors)
+    _check_no_probs_in_capture(return_attn_probs, q.device)
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
-    dropout = _dropout(p, None, 0)
+    dropout = _dropout(p, None, 0, q.device)
     out, lse = _ops.call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *lengths, causal,
                                         scale, left, right, softcap, alibi_slopes, deterministic,
                                         *dropout)
@@ -411,10 +434,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """``torch.nn.functional.scaled_dot_product_attention`` for the cases cuflash computes.
 
     ``(..., H, L, E)`` inputs as in torch. As in torch, ``dropout_p`` is applied as given (pass
-    0.0 in evaluation), with a seed drawn from torch's CPU default generator
-    (``cuflash.torch.attention``). ``attn_mask`` and ``is_causal`` with ``L != S`` (torch aligns
-    that mask to the top-left corner, cuflash to the bottom-right) raise
-    ``NotImplementedError``; different query and key/value head counts need
+    0.0 in evaluation), with a seed drawn from torch's CPU default generator, or its CUDA
+    generator under CUDA-graph capture (``cuflash.torch.attention``). ``attn_mask`` and
+    ``is_causal`` with ``L != S`` (torch aligns that mask to the top-left corner, cuflash to the
+    bottom-right) raise ``NotImplementedError``; different query and key/value head counts need
     ``enable_gqa=True``, as in torch. The output's memory follows the query's: a query that is a
     ``(B, L, H, E)`` tensor transposed gives an output that is one too, as torch's flash kernel
     does.

@@ -26,6 +26,7 @@ import inspect
 import threading
 from typing import Optional
 
+import numpy
 import torch
 
 import cuflash
@@ -126,9 +127,13 @@ def _core_options(window_left, window_right, softcap, alibi_slopes, convert):
 
 # ----------------------------------------------------------------------------- dropout
 #
-# The dropout seed travels as a CPU int64 scalar tensor holding the seed's 64 bits: a tensor can
-# be drawn inside a compiled graph (an int read out of a tensor would break the graph), and a CPU
-# one is read by the launch without waiting for the GPU. The offset is a plain int.
+# The dropout seed travels as a tensor: a tensor can be drawn inside a compiled graph (an int read
+# out of a tensor would break the graph). Outside a CUDA-graph capture it is a CPU int64 scalar
+# holding the seed's 64 bits, which the launch reads without waiting for the GPU, and the offset
+# is a plain int. While torch's current stream captures a graph it is instead an int64
+# ``(seed, offset)`` pair on the inputs' device, drawn there by torch's CUDA generator: the core
+# gets a view of its memory as a seed array (docs/api.md, "Dropout"), which the kernels read when
+# they run, so every replay reads the pair that torch's graph-safe generator drew for it.
 
 def seed_tensor(seed: int) -> torch.Tensor:
     """The int64 scalar that carries ``seed``, an int in [0, 2**64) (its bits, two's
@@ -138,7 +143,8 @@ def seed_tensor(seed: int) -> torch.Tensor:
 
 def seed_value(seed: torch.Tensor) -> int:
     """The seed, an int in [0, 2**64), that a ``seed_tensor`` carries: what the operators pass on
-    to the core."""
+    to the core. Only for the CPU scalar: a pair drawn on the device (``draw_device_seed``) is
+    never read on the host, which would synchronise."""
     return int(seed) % 2**64
 
 
@@ -146,16 +152,50 @@ def draw_seed() -> torch.Tensor:
     """A fresh seed, in [0, 2**63 - 1), from torch's CPU default generator
     (``torch.default_generator``, which ``torch.manual_seed`` seeds) whatever the device of the
     attention's tensors: a seed drawn on a GPU would have to be read back for the launch, a
-    synchronisation per call that a CUDA graph cannot capture."""
+    synchronisation per call (``draw_device_seed`` is the exception, for graph captures)."""
     return torch.randint(2**63 - 1, (), dtype=torch.int64)
 
 
-def _dropout_options(dropout_p, dropout_seed, dropout_offset) -> dict:
+def draw_device_seed(device: torch.device, offset: int = 0) -> torch.Tensor:
+    """A fresh ``(seed, offset)`` pair, int64 ``(2,)`` on ``device``: the seed in
+    [0, 2**63 - 1) from torch's CUDA generator of that device, the offset as given. A graph that
+    captures the draw draws anew at each replay (torch's graph-safe generator state), and the
+    kernels read the pair then (``seed_array``)."""
+    seed = torch.randint(2**63 - 1, (2,), dtype=torch.int64, device=device)
+    seed.select(0, 1).fill_(offset)  # a fill kernel, no host-to-device copy (capturable)
+    return seed
+
+
+def graph_capturing(device: torch.device) -> bool:
+    """Whether a dropout seed for tensors on ``device`` is drawn by ``draw_device_seed``: CUDA
+    tensors while torch's current stream captures a CUDA graph. Never while torch.compile traces
+    (a trace sees no capture, and the traced CPU draw stays what it was)."""
+    return (device.type == "cuda" and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
+
+
+def seed_array(seed: torch.Tensor, device: torch.device, to_core):
+    """The core's seed array for a ``(seed, offset)`` pair: a uint64 view of the pair's memory
+    (``to_core``: a CuPy view on CUDA, NumPy on the CPU), no copy and no read, so that a captured
+    launch holds the address torch's graph writes at each replay. The view holds the tensor."""
+    if seed.shape != (2,) or seed.dtype != torch.int64 or seed.device != device:
+        raise ValueError(f"dropout_seed as a (seed, offset) pair must be an int64 tensor of shape "
+                         f"(2,) on the inputs' device ({device}), got {seed.dtype} "
+                         f"{tuple(seed.shape)} on {seed.device}")
+    return to_core(seed).view(numpy.uint64)
+
+
+def _dropout_options(dropout_p, dropout_seed, dropout_offset, device, to_core) -> dict:
     """The core's dropout keywords, none without dropout (so that ``dropout_p = 0`` runs exactly
-    the call without it)."""
+    the call without it): the scalar seed as an int, a pair as a seed array (``seed_array``)."""
     if dropout_p == 0.0:
         return {}
-    seed = None if dropout_seed is None else seed_value(dropout_seed)
+    if dropout_seed is None:
+        seed = None
+    elif dropout_seed.dim() == 0:
+        seed = seed_value(dropout_seed)
+    else:
+        seed = seed_array(dropout_seed, device, to_core)
     return dict(dropout_p=dropout_p, dropout_seed=seed, dropout_offset=dropout_offset)
 
 
@@ -213,7 +253,9 @@ def _forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
     ``seq_major`` lays the output's memory out as (..., N, H, Dv) (the layout flash-attn returns)
     instead of (..., H, N, Dv). ``deterministic`` does nothing here: it is kept for the backward.
-    ``dropout_seed`` is a CPU int64 scalar (``seed_tensor``), required when ``dropout_p > 0``.
+    ``dropout_seed`` is required when ``dropout_p > 0``: a CPU int64 scalar (``seed_tensor``), or
+    an int64 ``(seed, offset)`` pair on q's device (``draw_device_seed``) with
+    ``dropout_offset = 0``, which the kernels read when they run.
     """
     out = _empty_out(q, k, v, seq_major)
     key = None
@@ -224,7 +266,8 @@ def _forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
             return out, lse
     with _bridge.core_scope(q.device) as (to_core, to_torch):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
-        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset, q.device,
+                                        to_core))
         options.update(causal=causal, scale=scale, **mask_options(block_mask))
         views = [to_core(x) for x in (q, k, v, out)]
         if key is not None:
@@ -265,7 +308,8 @@ def _backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             return grads
     with _bridge.core_scope(q.device) as (to_core, _):
         options = _core_options(window_left, window_right, softcap, alibi_slopes, to_core)
-        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset, q.device,
+                                        to_core))
         options.update(causal=causal, scale=scale, deterministic=deterministic,
                        **mask_options(block_mask))
         views = [to_core(x) for x in (dout, q, k, v, out, lse)]
@@ -370,7 +414,8 @@ def _varlen_forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         offsets, options = _varlen_core_arguments(
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
             window_right, softcap, alibi_slopes, to_core)
-        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset, q.device,
+                                        to_core))
         _, lse = cuflash.attention_varlen(*map(to_core, (q, k, v)), *offsets, return_lse=True,
                                           out=to_core(out), **options)
         return out, to_torch(lse)
@@ -402,7 +447,8 @@ def _varlen_backward_body(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         offsets, options = _varlen_core_arguments(
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
             window_right, softcap, alibi_slopes, to_core)
-        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        options.update(_dropout_options(dropout_p, dropout_seed, dropout_offset, q.device,
+                                        to_core))
         grads = cuflash.attention_varlen_backward(
             *map(to_core, (dout, q, k, v, out, lse)), *offsets, deterministic=deterministic,
             **options)
