@@ -101,12 +101,14 @@ class Sm90BwdTiles:
 
     def dkdv_shared_bytes(self, d: int, *, atomic_dq: bool = False) -> int:
         # K, V, two stages of Q and dO, (the fused dQ's dSᵀ tile and the staging floats of its dQ
-        # parts, 64 rows per warpgroup,) two stages of lse2 + Delta, (two scratch-row indices and
-        # the dQ writer's tile header,) 1 KB for the 1024-byte alignment.
+        # parts, 64 rows per warpgroup, or by turns a whole tile per warpgroup: one channel to
+        # the writer each,) two stages of lse2 + Delta, (two scratch-row indices and the dQ
+        # writer's tile header per channel,) 1 KB for the 1024-byte alignment.
         # Split gradients: P in float32 instead of the fused dQ's.
         bm, bn = self.dkdv_block_m, self.dkdv_block_n
-        parts = 1 if self.fused_dq_by_turns(d) else self.dkdv_warpgroups
-        fused = 2 * bn * bm + parts * 64 * self.fused_dq_columns(d) * 4 + 32
+        by_turns = self.fused_dq_by_turns(d)
+        parts, channels = (1, self.dkdv_warpgroups) if by_turns else (self.dkdv_warpgroups, 1)
+        fused = 2 * bn * bm + channels * (parts * 64 * self.fused_dq_columns(d) * 4 + 16) + 16
         p_float32 = 4 * bn * bm if self.split_gradients else 0
         return 2 * d * (2 * bn + 4 * bm) + (fused if atomic_dq else 0) + p_float32 + 4 * 4 * bm + 1024
 

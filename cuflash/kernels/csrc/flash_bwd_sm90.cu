@@ -67,11 +67,19 @@
 // (64 rows whose D / WG columns would be narrower than the 64 of the narrowest part the
 // kernels instantiate; the warp-specialised kernel only): the whole tile, by one warpgroup in
 // turn (`forms`), so that each forms every other tile's dQ.
+// Each warpgroup that forms by turns hands its tiles to the writer through a channel of its own
+// (staging floats, header and the "dq_full" / "dq_empty" pair): through one shared channel a
+// warpgroup could come back two tiles later, while the writer still held the tile before the
+// other's, and take the "dq_empty" phase of two tiles back for the one it waits for (an
+// mbarrier's parity tells phases apart only one apart), then overwrite staging floats the writer
+// had not read. With ordered adds, whose writer waits on other blocks, that hung the kernel.
 template <int D, int WG, int BLOCK_M>
 struct FusedDq {
     static constexpr bool BY_ROWS = BLOCK_M == 64 * WG;
     static_assert(BY_ROWS || BLOCK_M == 64, "a query tile of 64 rows, or 64 per warpgroup");
     static constexpr bool BY_TURNS = !BY_ROWS && D / WG < 64;
+    static_assert(!BY_TURNS || WG == 2, "turns of two warpgroups, one per double-buffer stage");
+    static constexpr int CHANNELS = BY_TURNS ? WG : 1;  // to the writer: one per forming warpgroup
     static constexpr int N = BY_ROWS || BY_TURNS ? D : D / WG;
     static constexpr int PARTS = BY_TURNS ? 1 : WG;  // warpgroups that stage a part of each tile
     static constexpr int BLOCK_N = 64 * WG;
@@ -80,6 +88,10 @@ struct FusedDq {
     // Whether warpgroup `wg` forms a part of the tile in double-buffer stage `stage` (which
     // alternates from one query tile to the next).
     __device__ static bool forms(int wg, int stage) { return !BY_TURNS || wg == stage % WG; }
+    // The channel of the tile in stage `stage`, and the parity of the tiles that went through it
+    // before (`phase`: the stage ring's, which turns over every two tiles).
+    __device__ static int channel(int stage) { return CHANNELS == 1 ? 0 : stage; }
+    __device__ static u32 channel_parity(int stage, u32 phase) { return CHANNELS == 1 ? (u32)stage : phase; }
     // A = dS read MN-major from the dSᵀ tile (keys are its rows, 64 queries per box): this
     // warpgroup's rows are box row0 / 64. k16 steps are 16 key rows, 2048 bytes.
     __device__ static u64 ds_desc(u32 sds, int wg) { return sw128_desc(sds + (row0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
@@ -88,7 +100,7 @@ struct FusedDq {
     // Staging floats of the tile's dQ in shared memory, in the accumulator's order
     // (dq_fragment_offset): a warp's 16 rows by N columns are one contiguous run, and the
     // tile's runs lie as in the accumulator, so that the whole tile is one run too.
-    static constexpr int STAGE_BYTES = PARTS * 64 * N * 4;
+    static constexpr int STAGE_BYTES = PARTS * 64 * N * 4;  // one channel's
     __device__ static u32 stage_offset(int wg, int warp) {
         return 4 * (u32)dq_fragment_offset(row0(wg) + 16 * warp, col0(wg), D);
     }
@@ -173,7 +185,7 @@ __device__ __forceinline__ void write_dq_header(u32 header, i64 row, int rank) {
 template <int PARTS>
 struct DqPartsToWriter {
     u32 full;    // mbarrier: every consumer warp's part staged; full + 8: the staging floats read
-    u32 tiles;   // (the parity of) the query tiles this block has staged before this one
+    u32 tiles;   // (the parity of) the query tiles this block has staged through this channel before
     u32 header;  // the DqTileHeader's shared address
     int rank;
     template <int NB>
@@ -220,6 +232,16 @@ struct DkdvStages {
     __device__ __forceinline__ u32 tail() const { return sk + 2 * KV_BYTES + 4 * QT_BYTES; }
 };
 
+// Where the fused dQ of the tile in ring slot `at` goes to the writer: its channel's header and
+// barrier pair (channel c's "dq_full" 16 bytes after channel 0's, `dq_full0`), and the parity of
+// the tiles that went through that channel before it.
+template <class DQ, class Plan>
+__device__ __forceinline__ DqPartsToWriter<DQ::PARTS> dq_channel(const Plan& plan, u32 dq_full0, const RingSlot<2>& at,
+                                                                 int rank) {
+    const int channel = DQ::channel(at.stage);
+    return {dq_full0 + 16 * (u32)channel, DQ::channel_parity(at.stage, at.phase), plan.dq_header(channel), rank};
+}
+
 // The dK/dV kernels' shared-memory plan: K, V; two stages of Q and dO; (ATOMIC_DQ) the dSᵀ tile
 // and the dQ parts' staging floats; per stage lse2 and Delta rows (floats); (ATOMIC_DQ) each
 // stage's first scratch row.
@@ -228,12 +250,16 @@ struct DkdvSmem : DkdvStages<D, WG * 64, BLOCK_M> {
     using DQ = FusedDq<D, WG, BLOCK_M>;
     __device__ __forceinline__ explicit DkdvSmem(unsigned char* raw) : DkdvStages<D, WG * 64, BLOCK_M>(raw) {}
     __device__ __forceinline__ u32 sds() const { return this->tail(); }
-    __device__ __forceinline__ u32 sdq() const { return sds() + WG * 64 * BLOCK_M * 2; }
+    __device__ __forceinline__ u32 sdq(int channel = 0) const {
+        return sds() + WG * 64 * BLOCK_M * 2 + channel * DQ::STAGE_BYTES;
+    }
     __device__ __forceinline__ u32 rows(int stage) const {  // lse2[BLOCK_M], then Delta[BLOCK_M]
-        return (ATOMIC_DQ ? sdq() + DQ::STAGE_BYTES : sds()) + stage * 2 * BLOCK_M * 4;
+        return (ATOMIC_DQ ? sdq(DQ::CHANNELS) : sds()) + stage * 2 * BLOCK_M * 4;
     }
     __device__ __forceinline__ u32 scratch_row(int stage) const { return rows(2) + stage * 8; }
-    __device__ __forceinline__ u32 dq_header() const { return scratch_row(2); }  // DqTileHeader
+    __device__ __forceinline__ u32 dq_header(int channel = 0) const {  // DqTileHeader
+        return scratch_row(2) + channel * (u32)sizeof(DqTileHeader);
+    }
 };
 
 // The k16 steps of the two GEMMs over the head dims (S over D, dP over Dv) that hold a column
@@ -442,7 +468,7 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
         const i64 tile_row = *sm.template at<const i64>(sm.scratch_row(stage));
         const i64 r = tile_row + DQ::row0(wg) + warp * 16;
         parts.add(a.dq_accum + dq_fragment_offset(r, DQ::col0(wg), D), tile_row,
-                  sm.sdq() + DQ::stage_offset(wg, warp), as_blocks<DQ::N / 8>(dq), lane);
+                  sm.sdq(DQ::channel(stage)) + DQ::stage_offset(wg, warp), as_blocks<DQ::N / 8>(dq), lane);
     }
 }
 
@@ -740,11 +766,16 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
 // never reaches (the tile walks and key_tile_rank disagreeing): the writer then adds unordered
 // (wait_until_equal_gpu gives up), so that such a bug shows as gradients that differ from run to
 // run, the tests' check, rather than as a hung GPU.
-template <bool ORDERED, int D, int BLOCK_M>
-__device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile DqTileHeader* header, u32 sdq,
-                                               u32 full, u32 empty) {
+// CHANNELS (FusedDq): the tiles come through the channels in turn, channel c's header, staging
+// floats and barrier pair `sizeof(DqTileHeader)`, BLOCK_M·D floats and 16 bytes after channel 0's.
+template <bool ORDERED, int D, int BLOCK_M, int CHANNELS>
+__device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile DqTileHeader* headers, u32 sdq0,
+                                               u32 full0) {
     for (u32 tiles = 0;; ++tiles) {
-        mbar_wait(full, tiles & 1);
+        const u32 channel = tiles % CHANNELS;
+        const u32 full = full0 + 16 * channel, empty = full + 8, sdq = sdq0 + channel * (BLOCK_M * D * 4);
+        mbar_wait(full, (tiles / CHANNELS) & 1);
+        const volatile DqTileHeader* header = headers + channel;
         const i64 r = header->row;
         if (r < 0) break;
         int* semaphore = nullptr;
@@ -883,13 +914,16 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     // mbarriers: K and V in; each stage's Q, dO, lse2, Delta in; each stage free again;
     // (ATOMIC_DQ) every consumer warp's dQ part staged, the staging floats read by the writer;
     // (THREAD_WORDS) each stage's slot posted and its thread words laid out.
-    __shared__ __align__(8) u64 barrier_words[THREAD_WORDS ? 11 : 7];
+    // (DQ::CHANNELS == 2: the second channel's pair where thread words' barriers would be.)
+    static_assert(!(THREAD_WORDS && ATOMIC_DQ && DQ::CHANNELS > 1), "thread words beside a second dQ channel");
+    __shared__ __align__(8) u64 barrier_words[THREAD_WORDS ? 11 : 5 + 2 * DQ::CHANNELS];
     ThreadWordsStage<BLOCK_N>* exact_stages = nullptr;
     if constexpr (THREAD_WORDS) exact_stages = thread_words_stages<BLOCK_N>();
     const u32 kv_full = smem_addr(barrier_words);
     auto full = [&](int stage) { return kv_full + 8 * (1 + stage); };
     auto empty = [&](int stage) { return kv_full + 8 * (3 + stage); };
-    const u32 dq_full = kv_full + 8 * 5, dq_empty = dq_full + 8;  // DqPartsToWriter's order
+    // DqPartsToWriter's order: channel c's "dq_full", then its "dq_empty"
+    auto dq_full = [&](int channel) { return kv_full + 8 * (5 + 2 * channel); };
     auto bits_ready = [&](int stage) { return kv_full + 8 * (7 + stage); };
     auto slot_posted = [&](int stage) { return kv_full + 8 * (9 + stage); };
     const SM sm(smem_raw);
@@ -903,8 +937,10 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
                 mbar_init(slot_posted(stage), 1);
             }
         }
-        mbar_init(dq_full, DQ::PARTS * 4);
-        mbar_init(dq_empty, 1);
+        for (int channel = 0; channel < DQ::CHANNELS; ++channel) {
+            mbar_init(dq_full(channel), DQ::PARTS * 4);
+            mbar_init(dq_full(channel) + 8, 1);
+        }
         mbar_init_fence();
     }
     __syncthreads();
@@ -927,8 +963,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         if constexpr (ATOMIC_DQ && !SPLIT) {
             if (threadIdx.x / 32 == 1) {
                 if (elect_one_lane())
-                    write_dq_parts<ORDERED_DQ, D, BLOCK_M>(a, sm.template at<const DqTileHeader>(sm.dq_header()),
-                                                           sm.sdq(), dq_full, dq_empty);
+                    write_dq_parts<ORDERED_DQ, D, BLOCK_M, DQ::CHANNELS>(
+                        a, sm.template at<const DqTileHeader>(sm.dq_header()), sm.sdq(), dq_full(0));
                 return;
             }
         }
@@ -1065,13 +1101,13 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                 a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
                 HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { named_barrier(id, CONSUMERS); },
-                DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), rank},  // stage = tiles % 2
+                dq_channel<DQ>(sm, dq_full(0), slot, rank),
                 bits_source);
             release(slot.stage);
         }
         if constexpr (ATOMIC_DQ) {
             if (DQ::forms(wg, slot.stage))  // the warpgroup(s) whose turn the next tile would be
-                DqPartsToWriter<DQ::PARTS>{dq_full, (u32)slot.stage, sm.dq_header(), 0}.finish(threadIdx.x % 32);
+                dq_channel<DQ>(sm, dq_full(0), slot, 0).finish(threadIdx.x % 32);
         }
         store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc,
                                                 dv_acc);
