@@ -221,7 +221,9 @@ def test_ring_16_bit(dtype, seed, rng):
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     context = f"seed={seed} {dtype}"
     assert_forward_close(out, lse, q, k, v, causal=True, context=context)
-    assert_backward_close(grads, dout, q, k, v, causal=True, context=context)
+    # The naive baseline's row term from the ring's own rounded output (reference
+    # .naive_attention_backward): at D = 32 a row term of its own left the bound to luck.
+    assert_backward_close(grads, dout, q, k, v, causal=True, out=out, context=context)
 
 
 def test_ring_two_dimensional_inputs(rng):
