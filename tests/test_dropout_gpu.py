@@ -213,9 +213,9 @@ def test_forward_and_gradients_match_the_oracle(xp_gpu, rng, seed, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_deterministic_backward(xp_gpu, rng, seed, dtype, d, length, causal):
     """deterministic=True passes the oracle and repeats bit for bit. On Hopper at D = 64 the
-    warpgroups take turns at the fused dQ, whose writer adds in key-tile order: without a mask
-    and with few query tiles a warpgroup came back for its next turn while the writer still held
-    its last tile, which once hung the kernel (flash_bwd_sm90.cu, FusedDq::CHANNELS)."""
+    warpgroups take turns at the fused dQ, whose writer adds in key-tile order: without a mask,
+    with few query tiles per block, a block's end marker reaches the writer while it may still
+    wait on other blocks for a tile (flash_bwd_sm90.cu, FusedDq::CHANNELS)."""
     q, k, v, options = _case(xp_gpu, rng, dtype, d=d, nq=length, nk=length, causal=causal, hq=4,
                              hkv=2, p=0.3)
     out, lse, grads = check_forward_and_backward(q, k, v, options, rng=rng, deterministic=True,

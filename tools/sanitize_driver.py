@@ -196,9 +196,9 @@ def _exact(rng):
 def _dropout(rng):
     """Dropout at D = 64, 96 and 128 on the default kernels (on Hopper: the TMA forward; the
     warp-specialised dK/dV kernel under causal, whose consumers take turns at the fused dQ at
-    D = 64, the cp.async one beside softcap), causal, with a window and without a mask (where at
-    D = 64 the deterministic mode's ordered adds meet the consumers' turns), both backward
-    modes, and float32 gradients (sm80 and Hopper backward)."""
+    D = 64, the cp.async one beside softcap), causal, with a window and without a mask (at
+    D = 64 the deterministic mode's ordered adds meet the consumers' turns with a mask and
+    without), both backward modes, and float32 gradients (sm80 and Hopper backward)."""
     n = 150
     for d in (64, 96, 128):
         q, k, v, dout = _arrays(rng, ml_dtypes.bfloat16, 1, 2, 1, n, d)

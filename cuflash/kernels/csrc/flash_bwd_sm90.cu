@@ -68,11 +68,13 @@
 // kernels instantiate; the warp-specialised kernel only): the whole tile, by one warpgroup in
 // turn (`forms`), so that each forms every other tile's dQ.
 // Each warpgroup that forms by turns hands its tiles to the writer through a channel of its own
-// (staging floats, header and the "dq_full" / "dq_empty" pair): through one shared channel a
-// warpgroup could come back two tiles later, while the writer still held the tile before the
-// other's, and take the "dq_empty" phase of two tiles back for the one it waits for (an
-// mbarrier's parity tells phases apart only one apart), then overwrite staging floats the writer
-// had not read. With ordered adds, whose writer waits on other blocks, that hung the kernel.
+// (staging floats, header and the "dq_full" / "dq_empty" pair), so that each of its waits on
+// "dq_empty" is at most one phase from the one it means, as a parity wait needs. In the loop the
+// dSᵀ barrier (sync(2) in dkdv_query_tile) keeps the two warpgroups within a tile of each other,
+// but the end marker (DqPartsToWriter::finish) follows no such barrier: through one shared
+// channel its wait could find the phase two tiles back, pass early and complete "dq_full" for a
+// tile the other warpgroup was still staging (the writer then stopped short or read a tile half
+// staged, and waited for ever for an end marker overwritten by that tile's header).
 template <int D, int WG, int BLOCK_M>
 struct FusedDq {
     static constexpr bool BY_ROWS = BLOCK_M == 64 * WG;
@@ -915,7 +917,9 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     // (ATOMIC_DQ) every consumer warp's dQ part staged, the staging floats read by the writer;
     // (THREAD_WORDS) each stage's slot posted and its thread words laid out.
     // (DQ::CHANNELS == 2: the second channel's pair where thread words' barriers would be.)
-    static_assert(!(THREAD_WORDS && ATOMIC_DQ && DQ::CHANNELS > 1), "thread words beside a second dQ channel");
+    static_assert(!(THREAD_WORDS && DQ::CHANNELS > 1), "thread words beside a second dQ channel");
+    // The writer's strides between channels (write_dq_parts) are one tile's floats.
+    static_assert(!ATOMIC_DQ || DQ::STAGE_BYTES == BLOCK_M * D * 4, "a channel's staging floats are one tile");
     __shared__ __align__(8) u64 barrier_words[THREAD_WORDS ? 11 : 5 + 2 * DQ::CHANNELS];
     ThreadWordsStage<BLOCK_N>* exact_stages = nullptr;
     if constexpr (THREAD_WORDS) exact_stages = thread_words_stages<BLOCK_N>();
