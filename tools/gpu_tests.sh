@@ -5,7 +5,8 @@
 # (default ./gpu-test-logs). It also prints a line as each group finishes, and when stopped from
 # outside (a time limit's TERM, Ctrl-C) it stops the running groups and reports how far each got.
 # CUFLASH_TEST_GROUPS picks groups by name (comma-separated); PYTHON names the interpreter
-# (default python3).
+# (default python3). A test that runs past pytest's faulthandler_timeout (pyproject.toml) leaves
+# every thread's traceback in its group's log, so a kernel that never returns is named there.
 #
 #   tools/gpu_tests.sh [LOG_DIR]
 set -uo pipefail
