@@ -91,9 +91,11 @@ struct FusedDq {
     // alternates from one query tile to the next).
     __device__ static bool forms(int wg, int stage) { return !BY_TURNS || wg == stage % WG; }
     // The channel of the tile in stage `stage`, and the parity of the tiles that went through it
-    // before (`phase`: the stage ring's, which turns over every two tiles).
+    // before (`phase`: the stage ring's, which turns over every two tiles). Channel c's
+    // "dq_full" lies 16 bytes after channel c − 1's, its "dq_empty" 8 bytes after its "dq_full".
     __device__ static int channel(int stage) { return CHANNELS == 1 ? 0 : stage; }
     __device__ static u32 channel_parity(int stage, u32 phase) { return CHANNELS == 1 ? (u32)stage : phase; }
+    __device__ static u32 channel_full(u32 full0, int channel) { return full0 + 16 * (u32)channel; }
     // A = dS read MN-major from the dSᵀ tile (keys are its rows, 64 queries per box): this
     // warpgroup's rows are box row0 / 64. k16 steps are 16 key rows, 2048 bytes.
     __device__ static u64 ds_desc(u32 sds, int wg) { return sw128_desc(sds + (row0(wg) / 64) * BLOCK_N * 128, BLOCK_N * 128); }
@@ -235,13 +237,13 @@ struct DkdvStages {
 };
 
 // Where the fused dQ of the tile in ring slot `at` goes to the writer: its channel's header and
-// barrier pair (channel c's "dq_full" 16 bytes after channel 0's, `dq_full0`), and the parity of
-// the tiles that went through that channel before it.
+// barrier pair (from channel 0's "dq_full", `dq_full0`), and the parity of the tiles that went
+// through that channel before it.
 template <class DQ, class Plan>
 __device__ __forceinline__ DqPartsToWriter<DQ::PARTS> dq_channel(const Plan& plan, u32 dq_full0, const RingSlot<2>& at,
                                                                  int rank) {
     const int channel = DQ::channel(at.stage);
-    return {dq_full0 + 16 * (u32)channel, DQ::channel_parity(at.stage, at.phase), plan.dq_header(channel), rank};
+    return {DQ::channel_full(dq_full0, channel), DQ::channel_parity(at.stage, at.phase), plan.dq_header(channel), rank};
 }
 
 // The dK/dV kernels' shared-memory plan: K, V; two stages of Q and dO; (ATOMIC_DQ) the dSᵀ tile
@@ -768,15 +770,16 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
 // never reaches (the tile walks and key_tile_rank disagreeing): the writer then adds unordered
 // (wait_until_equal_gpu gives up), so that such a bug shows as gradients that differ from run to
 // run, the tests' check, rather than as a hung GPU.
-// CHANNELS (FusedDq): the tiles come through the channels in turn, channel c's header, staging
-// floats and barrier pair `sizeof(DqTileHeader)`, BLOCK_M·D floats and 16 bytes after channel 0's.
-template <bool ORDERED, int D, int BLOCK_M, int CHANNELS>
+// DQ::CHANNELS: the tiles come through the channels as the consumers send them (tile t in
+// stage t % 2, FusedDq::channel), each channel's header and staging floats after the one before.
+template <bool ORDERED, class DQ, int D, int BLOCK_M>
 __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile DqTileHeader* headers, u32 sdq0,
                                                u32 full0) {
     for (u32 tiles = 0;; ++tiles) {
-        const u32 channel = tiles % CHANNELS;
-        const u32 full = full0 + 16 * channel, empty = full + 8, sdq = sdq0 + channel * (BLOCK_M * D * 4);
-        mbar_wait(full, (tiles / CHANNELS) & 1);
+        const int channel = DQ::channel(tiles % 2);
+        const u32 full = DQ::channel_full(full0, channel), empty = full + 8;
+        const u32 sdq = sdq0 + channel * DQ::STAGE_BYTES;
+        mbar_wait(full, DQ::channel_parity(tiles % 2, (tiles / 2) & 1));
         const volatile DqTileHeader* header = headers + channel;
         const i64 r = header->row;
         if (r < 0) break;
@@ -918,7 +921,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     // (THREAD_WORDS) each stage's slot posted and its thread words laid out.
     // (DQ::CHANNELS == 2: the second channel's pair where thread words' barriers would be.)
     static_assert(!(THREAD_WORDS && DQ::CHANNELS > 1), "thread words beside a second dQ channel");
-    // The writer's strides between channels (write_dq_parts) are one tile's floats.
+    // The writer adds a channel's staging floats as one tile (write_dq_parts).
     static_assert(!ATOMIC_DQ || DQ::STAGE_BYTES == BLOCK_M * D * 4, "a channel's staging floats are one tile");
     __shared__ __align__(8) u64 barrier_words[THREAD_WORDS ? 11 : 5 + 2 * DQ::CHANNELS];
     ThreadWordsStage<BLOCK_N>* exact_stages = nullptr;
@@ -926,8 +929,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     const u32 kv_full = smem_addr(barrier_words);
     auto full = [&](int stage) { return kv_full + 8 * (1 + stage); };
     auto empty = [&](int stage) { return kv_full + 8 * (3 + stage); };
-    // DqPartsToWriter's order: channel c's "dq_full", then its "dq_empty"
-    auto dq_full = [&](int channel) { return kv_full + 8 * (5 + 2 * channel); };
+    const u32 dq_full0 = kv_full + 8 * 5;  // the dQ channels' barrier pairs (FusedDq::channel_full)
     auto bits_ready = [&](int stage) { return kv_full + 8 * (7 + stage); };
     auto slot_posted = [&](int stage) { return kv_full + 8 * (9 + stage); };
     const SM sm(smem_raw);
@@ -942,8 +944,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             }
         }
         for (int channel = 0; channel < DQ::CHANNELS; ++channel) {
-            mbar_init(dq_full(channel), DQ::PARTS * 4);
-            mbar_init(dq_full(channel) + 8, 1);
+            mbar_init(DQ::channel_full(dq_full0, channel), DQ::PARTS * 4);
+            mbar_init(DQ::channel_full(dq_full0, channel) + 8, 1);
         }
         mbar_init_fence();
     }
@@ -967,8 +969,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         if constexpr (ATOMIC_DQ && !SPLIT) {
             if (threadIdx.x / 32 == 1) {
                 if (elect_one_lane())
-                    write_dq_parts<ORDERED_DQ, D, BLOCK_M, DQ::CHANNELS>(
-                        a, sm.template at<const DqTileHeader>(sm.dq_header()), sm.sdq(), dq_full(0));
+                    write_dq_parts<ORDERED_DQ, DQ, D, BLOCK_M>(
+                        a, sm.template at<const DqTileHeader>(sm.dq_header()), sm.sdq(), dq_full0);
                 return;
             }
         }
@@ -1105,13 +1107,13 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                 a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
                 HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { named_barrier(id, CONSUMERS); },
-                dq_channel<DQ>(sm, dq_full(0), slot, rank),
+                dq_channel<DQ>(sm, dq_full0, slot, rank),
                 bits_source);
             release(slot.stage);
         }
         if constexpr (ATOMIC_DQ) {
             if (DQ::forms(wg, slot.stage))  // the warpgroup(s) whose turn the next tile would be
-                dq_channel<DQ>(sm, dq_full(0), slot, 0).finish(threadIdx.x % 32);
+                dq_channel<DQ>(sm, dq_full0, slot, 0).finish(threadIdx.x % 32);
         }
         store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc,
                                                 dv_acc);
