@@ -346,9 +346,10 @@ def test_gpu_offsets_with_numpy_inputs_are_refused(rng):
 
 def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     """On a compute-capability 9.0 device the Hopper TMA forward and wgmma backward take varlen
-    calls, with VARLEN variants over grids sized for the longest sequence (the backward's fused
-    dQ at D = 128, causal or not; its cp.async dK/dV kernel, the one with VARLEN variants); with
-    the Hopper families switched off, sm80-mma runs both, reading the offsets' device pointers."""
+    calls, with VARLEN variants over grids sized for the longest sequence (the backward's
+    warp-specialised dK/dV kernel with the fused dQ at D = 128, causal or not; with dropout, or
+    with the warp-specialised kernel switched off, its cp.async kernel); with the Hopper families
+    switched off, sm80-mma runs both, reading the offsets' device pointers."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -366,17 +367,27 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     backward_plan = kernels.plan("backward", spec, (q, k, v, q, q, q, k, v))
     assert backward_plan.family.name == "sm90-wgmma" and not backward_plan.passed_over
     lse = device.empty((8, total), np.float32)
-    for causal, names in ((True, ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_dq_convert"]),
-                          (False, ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_dq_convert"])):
-        cuflash.attention_varlen_backward(q, q, k, v, q, lse, cu, cu, 300, 300, causal=causal,
-                                          check_offsets=False)
+    fused = ["flash_bwd_pre", "flash_bwd_sm90_dkdv_ws", "flash_bwd_dq_convert"]
+    cases = [(dict(causal=True), fused, 2 * 128 + 128), (dict(causal=False), fused, 2 * 128 + 128),
+             # deterministic (no fused dQ: the dQ kernel after the dK/dV kernel) and dropout:
+             # the cp.async dK/dV kernel
+             (dict(causal=True, deterministic=True), ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_sm90_dq"],
+              2 * 128),
+             (dict(causal=True, dropout_p=0.1, dropout_seed=1),
+              ["flash_bwd_pre", "flash_bwd_sm90_dkdv", "flash_bwd_dq_convert"], 2 * 128)]
+    for options_, names, threads in cases:
+        cuflash.attention_varlen_backward(q, q, k, v, q, lse, cu, cu, 300, 300, check_offsets=False, **options_)
         launches = device.take_launches()
         assert [launch[0].partition("<")[0] for launch in launches] == names
         # The Hopper kernels' last flag is VARLEN; the fused dQ adds to flash_bwd_dq_convert's
         # accumulator.
         assert all(launch[0].endswith(", true>") for launch in launches[1:] if "sm90" in launch[0])
-        dkdv_grid = launches[1][1]
+        dkdv, dkdv_grid, dkdv_block, *_ = launches[1]
         assert dkdv_grid == (-(-300 // 128) * 8 * 3,)  # key tiles of the longest × heads × B
+        assert dkdv_block == (threads,)  # a producer warpgroup beside the two consumers, or none
+        if dkdv.startswith("flash_bwd_sm90_dkdv_ws<"):
+            # a right bound, also without causal: its test hides the next sequence's keys
+            assert "Mask<false, true, false>" in dkdv
 
     monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
     assert kernels.plan("forward", spec, (q, k, v, q)).family.name == "sm80-mma"
@@ -391,6 +402,30 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
                                       cu, cu, 300, 300, **options)
     names = [launch[0].partition("<")[0] for launch in device.take_launches()]
     assert names == ["flash_bwd_pre", "flash_bwd_dkdv", "flash_bwd_dq_convert"]
+
+
+def test_packed_calls_without_a_right_bound_take_one_past_every_key():
+    """The warp-specialised dK/dV kernel's loads bring the next sequence's keys past a sequence's
+    end; a packed call without a right bound runs it under a right bound of the longest query
+    length, which sees the same keys (every key of each sequence) and hides those."""
+    from cuflash import _api
+    from cuflash._mask import visible
+    from cuflash.kernels import sm90_backward
+
+    lens_q, lens_k = [37, 0, 130, 5], [50, 9, 129, 5]
+    q = np.zeros((sum(lens_q), 2, 64), np.float16)
+    k = np.zeros((sum(lens_k), 2, 64), np.float16)
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (lens_q, lens_k))
+    for options in (dict(), dict(window=(20, -1)), dict(causal=True), dict(window=(3, 7))):
+        _, spec = _api._varlen_spec(q, k, k, cu_q, cu_k, max(lens_q), max(lens_k), **options)
+        banded = sm90_backward.keys_past_end_banded(spec)
+        left, right = spec.band()
+        if right != -1:
+            assert banded is spec
+            continue
+        assert banded.band() == (left, max(lens_q))
+        for nq, nk in zip(lens_q, lens_k):  # per sequence: the same keys seen
+            np.testing.assert_array_equal(visible(nq, nk, *banded.band()), visible(nq, nk, *spec.band()))
 
 
 def test_float32_gpu_calls_are_refused_with_the_reason(monkeypatch):

@@ -220,7 +220,8 @@ def _dropout(rng):
 
 def _varlen(rng):
     """Packed sequences of lengths 70, 0, 150 (an empty one between two that end mid-tile),
-    causal, forward and both backward modes."""
+    causal, forward and both backward modes (the default's dK/dV kernel warp-specialised, the
+    deterministic one's the cp.async kernel)."""
     seqlens = numpy.array([0, 70, 70, 220], numpy.int32)
     cu = cupy.asarray(seqlens)
     q, k, v, dout = (cupy.asarray(rng.standard_normal((220, h, 64), dtype=numpy.float32).astype(ml_dtypes.bfloat16))
@@ -231,7 +232,8 @@ def _varlen(rng):
                                           deterministic=deterministic)
     cupy.cuda.Device().synchronize()
     print("ran varlen bfloat16 D=64 causal", flush=True)
-    # D = 96: the cp.async dK/dV kernel (packed sequences take it) with zero columns.
+    # D = 96: the 128-column tile with zero columns, its TMA boxes reaching into the next
+    # sequence's rows and past the last one's.
     q, k, v, dout = (cupy.asarray(rng.standard_normal((220, h, 96), dtype=numpy.float32).astype(ml_dtypes.bfloat16))
                      for h in (4, 2, 2, 4))
     out, lse = cuflash.attention_varlen(q, k, v, cu, cu, 150, 150, causal=True, return_lse=True)

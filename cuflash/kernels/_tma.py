@@ -30,6 +30,13 @@ _L2_PROMOTION_256B = 3
 _OOB_FILL_ZEROS = 0
 
 
+def tma_view(x):
+    """The 4-D (B, H, N, D) view TMA describes: the array itself, or a varlen call's packed
+    (total, H, D) array as one batch of `total` rows (the kernels add each sequence's first row
+    to their row coordinates)."""
+    return x.transpose(1, 0, 2)[None] if x.ndim == 3 else x
+
+
 def why_not_expressible(x) -> str | None:
     """None when a 4-D view can be described to TMA, else the reason: the driver wants a
     contiguous last axis, a 16-byte aligned base and leading strides that are positive multiples

@@ -29,12 +29,15 @@ lse, padded rows):
   blocks, so results are bit-identical from run to run; scratch is lse2 and Delta only.
 Calls the fused dQ cannot take (``fused_dq_pays``: dropout's 64-row query tiles at D = 64 in the
 cp.async kernel, whose warpgroups cannot take turns at forming dQ as the warp-specialised one's
-do; packed sequences at D = 64) run the deterministic sequence whatever ``deterministic`` says.
+do; packed sequences at D = 64 in the cp.async kernel) run the deterministic sequence whatever
+``deterministic`` says.
 
 The dK/dV kernel is ``flash_bwd_sm90_dkdv_ws`` wherever it fits (``producer_fits``, views TMA can
 describe): a TMA producer warpgroup feeds two consumer warpgroups through mbarriers.
-``CUFLASH_SM90_BWD_WS=0`` keeps the cp.async kernel (every thread loads), for comparison; packed
-sequences always take it. The fused dQ's accumulator keeps the order of the warps' wgmma
+``CUFLASH_SM90_BWD_WS=0`` keeps the cp.async kernel (every thread loads), for comparison. Packed
+sequences take the warp-specialised kernel with the fused dQ (their TMA rows offset by each
+sequence's first row, a right bound past every key where the call has none:
+``keys_past_end_banded``); with dropout or ``deterministic`` they take the cp.async kernel. The fused dQ's accumulator keeps the order of the warps' wgmma
 fragments (csrc/schedule.cuh, ``dq_fragment_offset``), which ``flash_bwd_dq_convert`` undoes.
 """
 
@@ -160,11 +163,11 @@ def fused_dq_pays(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
     """Whether the fused dQ is the faster sequence for this call in the dK/dV kernel ``producer``
     names (warp-specialised or not): each warpgroup's dQ part must be at least 64 columns wide
     (the narrowest wgmma tile the kernels instantiate), and parts formed by turns need the
-    warp-specialised kernel's dQ writer. Packed sequences at D = 64 take the two kernels: their
-    fused variant (cp.async kernel) spills 16 bytes."""
+    warp-specialised kernel's dQ writer. Packed sequences at D = 64 in the cp.async kernel take
+    the two kernels: its fused variant spills 16 bytes there."""
     d = tile_head_dim(spec)
     return (tiles.fused_dq_columns(d) >= 64 and (producer or not tiles.fused_dq_by_turns(d))
-            and not (d == 64 and spec.varlen is not None))
+            and not (d == 64 and spec.varlen is not None and not producer))
 
 
 def fuses_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
@@ -176,9 +179,10 @@ def fuses_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
 def ordered_dq_fits(spec, tiles: Sm90BwdTiles) -> bool:
     """Whether the fused dQ can add in key-tile order for this call (flash_bwd_sm90.cu,
     ORDERED_DQ: bit-identical sums): where it pays, in the warp-specialised kernel, with no
-    block-sparse or exact mask (whose key tiles per query tile are no range)."""
+    block-sparse or exact mask (whose key tiles per query tile are no range) and no packed
+    sequences (the semaphores follow a dense call's accumulator)."""
     return (fused_dq_pays(spec, tiles, True) and producer_fits(spec) and spec.block_mask is None
-            and not spec.exact)
+            and not spec.exact and spec.varlen is None)
 
 
 def ordered_dq(spec, tiles: Sm90BwdTiles, producer: bool) -> bool:
@@ -275,13 +279,13 @@ def variant_dkdv(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False) -> str:
 
 def variant_dkdv_ws(spec, tiles: Sm90BwdTiles, *, atomic_dq: bool = False,
                     ordered_dq: bool = False, rotated_dq: bool = False) -> str:
-    """The warp-specialised dK/dV kernel (a TMA producer warpgroup; dense calls only);
-    ``ordered_dq``: the fused dQ's adds in key-tile order; ``rotated_dq``: their walks rotated."""
+    """The warp-specialised dK/dV kernel (a TMA producer warpgroup); ``ordered_dq``: the fused
+    dQ's adds in key-tile order; ``rotated_dq``: their walks rotated."""
     return _build.template_expression(
         "flash_bwd_sm90_dkdv_ws", element_type(spec.dtype), tile_head_dim(spec), tiles.dkdv_warpgroups,
         tiles.dkdv_block_m, mask_type(spec), score_mod_type(spec),
         *_flags_and_steps(spec, spec.has_dropout, spec.float32_grads, atomic_dq or ordered_dq, ordered_dq,
-                          rotated_dq),
+                          rotated_dq, spec.varlen is not None),
     )
 
 
@@ -377,12 +381,27 @@ def why_not_options(spec) -> str | None:
 
 
 def producer_fits(spec) -> bool:
-    """Whether the warp-specialised dK/dV kernel takes this call: dense calls whose consumers
-    compile within the 240 registers setmaxnreg gives them without spills (dropout beside a score
-    modifier spills 4-24 bytes; exact masks on the 64-column tile, ``exact_fits_narrow_tile``)."""
-    return (spec.varlen is None
+    """Whether the warp-specialised dK/dV kernel takes this call: calls whose consumers compile
+    within the 240 registers setmaxnreg gives them without spills (dropout beside a score
+    modifier spills 4-24 bytes; exact masks on the 64-column tile, ``exact_fits_narrow_tile``),
+    and packed sequences with the fused dQ: neither dropout nor ``deterministic`` (the variants
+    without the fused dQ spill 4-8 bytes; the cp.async kernel keeps those calls)."""
+    return (not (spec.varlen is not None and (spec.has_dropout or spec.deterministic))
             and not (spec.exact and tile_head_dim(spec) == 64 and not exact_fits_narrow_tile(spec))
             and not (spec.has_dropout and (spec.has_softcap or spec.has_alibi)))
+
+
+def keys_past_end_banded(spec):
+    """The spec the warp-specialised dK/dV kernel runs a packed-sequence call under. Its TMA
+    loads bring the next sequence's keys past a sequence's end where dense calls get zeros, which
+    a mask without a right bound leaves in Pᵀ (zero keys add nothing to dQ; these would). So a
+    call without one takes a right bound of the longest query length, which every key of a
+    sequence passes, and the band's test then drops the keys past Nk (csrc/softmax.cuh,
+    mask_probs_transposed): the same keys are seen, through the band variant of the kernel."""
+    left, right = spec.band()
+    if spec.varlen is None or right != UNBOUNDED:
+        return spec
+    return dataclasses.replace(spec, window=(left, spec.shapes.nq))
 
 
 def exact_fits_narrow_tile(spec) -> bool:
@@ -411,7 +430,7 @@ def warp_specialised(spec, arrays) -> bool:
     if not producer_wanted(spec):
         return False
     q, k, v, dout = arrays[:4]
-    return all(_tma.why_not_expressible(x) is None for x in (q, k, v, dout))
+    return all(_tma.why_not_expressible(_tma.tma_view(x)) is None for x in (q, k, v, dout))
 
 
 # BWD_POINTERS of the tensors the warp-specialised dK/dV kernel reads through TMA: q, k, v, dout.
@@ -433,6 +452,8 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                          f"got D={s.d}, Dv={dv_dim}")
     tiles = tiles or default_tiles(d, dropout=spec.has_dropout)
     producer = warp_specialised(spec, arrays)
+    if producer:
+        spec = keys_past_end_banded(spec)
     if tiles.split_gradients and not producer:
         raise ValueError("split dK/dV gradients (D or Dv above 128) need the warp-specialised kernel")
     ordered, atomic_dq = dq_route(spec, tiles, producer)
@@ -469,7 +490,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                             expression)
         maps = ()
         if expression == dkdv and producer:  # boxes of a query tile's rows (Q, dO), a key tile's (K, V)
-            maps = tuple(_tma.TensorLayout.of(x, rows)
+            maps = tuple(_tma.TensorLayout.of(_tma.tma_view(x), rows)
                          for x, rows in ((q, tile_m), (k, tile_n), (v, tile_n), (dout, tile_m)))
         elif ring:  # the dQ kernel's: 64 query rows a box, one per consumer
             maps = tuple(_tma.TensorLayout.of(x, 64) for x in (q, k, v, dout))
@@ -532,6 +553,7 @@ def main_variants() -> list[tuple[str, str]]:
         if fused_dq_pays(spec, tiles, False):
             out.append((SOURCE, variant_dkdv(spec, tiles, atomic_dq=True)))
         if producer_fits(spec):
+            spec = keys_past_end_banded(spec)
             # the variant without the fused dQ, which the same options launch with deterministic=True
             if producer_fits(dataclasses.replace(spec, deterministic=True)):
                 out.append((SOURCE, variant_dkdv_ws(spec, tiles)))

@@ -271,13 +271,6 @@ def variant(spec, tiles: TmaTiles) -> str:
     )
 
 
-def tma_view(x):
-    """The 4-D (B, H, N, D) view TMA describes: the array itself, or a varlen call's packed
-    (total, H, D) array as one batch of `total` rows (the kernel adds each sequence's first row
-    to its row coordinates)."""
-    return x.transpose(1, 0, 2)[None] if x.ndim == 3 else x
-
-
 def supports(spec, arrays) -> str | None:
     """None when ``forward`` can run this call, else why not."""
     q, k, v, out = arrays
@@ -294,7 +287,7 @@ def supports(spec, arrays) -> str | None:
     if not vector_aligned((q, k, v, out), (d, dv)):
         return "needs 16-byte aligned rows and strides"
     for name, x in (("q", q), ("k", k), ("v", v)):
-        reason = _tma.why_not_expressible(tma_view(x))
+        reason = _tma.why_not_expressible(_tma.tma_view(x))
         if reason:
             return f"{name}: {reason}"
     if tiles_for(spec) is None:
@@ -321,8 +314,8 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLa
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
     persistent = tiles.persistent and blocks > resident
     grid = resident if persistent else blocks
-    layouts = (_tma.TensorLayout.of(tma_view(q), 64), _tma.TensorLayout.of(tma_view(k), tiles.block_n),
-               _tma.TensorLayout.of(tma_view(v), tiles.block_n))
+    layouts = (_tma.TensorLayout.of(_tma.tma_view(q), 64), _tma.TensorLayout.of(_tma.tma_view(k), tiles.block_n),
+               _tma.TensorLayout.of(_tma.tma_view(v), tiles.block_n))
     # The kernel's last two parameters: the tile count and the tile counter of a persistent grid
     # (a null one for a grid of one block per tile).
     tail = (numpy.int32(blocks),) if persistent else (numpy.int32(blocks), numpy.uint64(0))

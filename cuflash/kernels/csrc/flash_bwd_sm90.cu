@@ -889,7 +889,7 @@ __device__ __forceinline__ void thread_words_of_tile(u32* words, const u32* tile
 
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
           bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false, bool ROTATED_DQ = false,
-          int QK_DIM = D, int DP_DIM = D>
+          bool VARLEN = false, int QK_DIM = D, int DP_DIM = D>
 __global__ void __launch_bounds__((WG + 1) * 128, 1)
 flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a) {
     wait_for_previous_kernel();
@@ -907,6 +907,13 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
                   "D = 256: two consumers, 64-row query tiles, no fused dQ, dropout or exact mask");
     static_assert(!ORDERED_DQ || (ATOMIC_DQ && !MASK::sparse), "ordered adds of the fused dQ, dense or banded");
     static_assert(!ROTATED_DQ || (ORDERED_DQ && !MASK::banded), "rotated walks: ordered adds without a band");
+    // Packed sequences (TMA rows offset by the sequence's first row, as in the TMA forward): not
+    // beside the ordered adds, whose semaphores follow a dense call's accumulator, dropout, the
+    // split tile or a block or exact mask, none of which the host sends here with them; and
+    // under a right bound, whose test hides the next sequence's keys (keys_past_end_banded).
+    static_assert(!VARLEN || (!ORDERED_DQ && !DROPOUT && !SPLIT && !MASK::sparse && !MASK::exact
+                              && MASK::right_bounded),
+                  "packed sequences: a right bound; no ordered adds, dropout, split tile or block mask");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tile must be 64 or 128 rows");
     using DQ = FusedDq<D, WG, BLOCK_M>;
     static_assert(!ATOMIC_DQ || DQ::N >= 64, "fused dQ needs parts of at least 64 columns");
@@ -954,15 +961,22 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     // The tail's order only where the host may ask for it (_launch.tail_lanes): a band
     // bounded on the right alone, no block or exact mask, no dropout (not measured with it), and
     // no ordered adds, which keep each lane's key tiles together (their blocks wait on one another).
-    constexpr bool TAIL_ORDER = lanes_run_heavy_to_light<MASK>() && !ORDERED_DQ && !DROPOUT;
+    constexpr bool TAIL_ORDER = lanes_run_heavy_to_light<MASK>() && !ORDERED_DQ && !DROPOUT && !VARLEN;
     const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads,
                                                                                     TAIL_ORDER ? a.tail_lanes : 0);
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
-    const Sequence seq = sequence_of<false>(a, b);
+    const Sequence seq = sequence_of<VARLEN>(a, b);
+    if (VARLEN && n0 >= seq.nk) return;  // past this sequence's end (every thread, after the init)
+    const int m_tiles = VARLEN ? (seq.nq + BLOCK_M - 1) / BLOCK_M : a.m_tiles;
+    // TMA coordinates: a varlen call's packed rows are one batch of `total` rows (tma_view), rows
+    // past the sequence's end the next sequence's. As keys a band's test hides them (the host
+    // gives a packed call without a right bound one past every key: keys_past_end_banded); as
+    // queries their P is 0 (lse2 is +inf in the padded scratch rows).
+    const int map_batch = VARLEN ? 0 : b;
     const MASK mask(a, seq.nq, seq.nk);
     using Walk = QueryTileWalk<BLOCK_M, BLOCK_N, MASK, ROTATED_DQ>;
-    Walk block_walk(mask, a, n_tile, hk, a.m_tiles);
+    Walk block_walk(mask, a, n_tile, hk, m_tiles);
 
     if (threadIdx.x < 128) {
         release_registers<24>();
@@ -1001,7 +1015,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         // Beside the writer, the producer builds its walk anew after the hand-over: the block's
         // walk kept live across setmaxnreg made the heaviest masked variant spill there. Without
         // the writer the block's walk fits, and building one here spills at D = 64 instead.
-        auto walk = ATOMIC_DQ ? Walk(MASK(a, seq.nq, seq.nk), a, n_tile, hk, a.m_tiles) : block_walk;
+        auto walk = ATOMIC_DQ ? Walk(MASK(a, seq.nq, seq.nk), a, n_tile, hk, m_tiles) : block_walk;
         if (!walk.valid()) {
             no_more_tiles(RingSlot<2>{});
             return;
@@ -1011,13 +1025,15 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         mbar_arrive_expect_bytes(kv_full, (QK_BOXES + DP_BOXES) * BLOCK_N * 128);
 #pragma unroll
         for (int box = 0; box < D / 64; ++box) {
-            if (box < QK_BOXES) tma_load_4d(sm.sk + box * BLOCK_N * 128, &maps.k, kv_full, 64 * box, n0, hk, b);
-            if (box < DP_BOXES) tma_load_4d(sm.sv() + box * BLOCK_N * 128, &maps.v, kv_full, 64 * box, n0, hk, b);
+            if (box < QK_BOXES)
+                tma_load_4d(sm.sk + box * BLOCK_N * 128, &maps.k, kv_full, 64 * box, seq.k0 + n0, hk, map_batch);
+            if (box < DP_BOXES)
+                tma_load_4d(sm.sv() + box * BLOCK_N * 128, &maps.v, kv_full, 64 * box, seq.k0 + n0, hk, map_batch);
         }
         RingSlot<2> slot;
         for (; walk.valid(); walk.next(), slot.advance()) {
             const int m0 = walk.m_tile() * BLOCK_M;
-            const i64 r = scratch_offset<false>(a, seq, b, walk.h) + m0;
+            const i64 r = scratch_offset<VARLEN>(a, seq, b, walk.h) + m0;
             mbar_wait(empty(slot.stage), slot.phase ^ 1);
             if constexpr (ATOMIC_DQ) *sm.template at<i64>(sm.scratch_row(slot.stage)) = r;
             if constexpr (THREAD_WORDS) {
@@ -1028,11 +1044,11 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
 #pragma unroll
             for (int box = 0; box < D / 64; ++box) {
                 if (box < QK_BOXES)
-                    tma_load_4d(sm.sq(slot.stage) + box * BLOCK_M * 128, &maps.q, full(slot.stage), 64 * box, m0,
-                                walk.h, b);
+                    tma_load_4d(sm.sq(slot.stage) + box * BLOCK_M * 128, &maps.q, full(slot.stage), 64 * box,
+                                seq.q0 + m0, walk.h, map_batch);
                 if (box < DP_BOXES)
-                    tma_load_4d(sm.sdo(slot.stage) + box * BLOCK_M * 128, &maps.dout, full(slot.stage), 64 * box, m0,
-                                walk.h, b);
+                    tma_load_4d(sm.sdo(slot.stage) + box * BLOCK_M * 128, &maps.dout, full(slot.stage), 64 * box,
+                                seq.q0 + m0, walk.h, map_batch);
             }
             bulk_load(sm.rows(slot.stage), a.lse2 + r, BLOCK_M * 4, full(slot.stage));
             bulk_load(sm.rows(slot.stage) + BLOCK_M * 4, a.delta + r, BLOCK_M * 4, full(slot.stage));
@@ -1104,19 +1120,35 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
                 asm volatile("mov.u32 %0, %%tid.x;" : "=r"(thread));
                 tile_wg = (int)(thread / 128) - 1;
             }
-            dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
-                a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
-                HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { named_barrier(id, CONSUMERS); },
-                dq_channel<DQ>(sm, dq_full0, slot, rank),
-                bits_source);
+            // Packed sequences read their lengths again for each tile (sequence_again) and build
+            // the mask and score modifier from them, so that nothing of the sequence stays live
+            // across the loop (`mod` above is dead code there); a dense call's are parameters.
+            if constexpr (VARLEN) {
+                const Sequence tile_seq = sequence_again<VARLEN>(a, b);
+                dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
+                    a, MASK(a, tile_seq.nq, tile_seq.nk), MOD(a, b, walk.h, tile_seq.nq, tile_seq.nk), drop, sm,
+                    tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
+                    HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { named_barrier(id, CONSUMERS); },
+                    dq_channel<DQ>(sm, dq_full0, slot, rank), bits_source);
+            } else {
+                dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
+                    a, mask, mod, drop, sm, tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
+                    HeadSteps<QK_DIM, DP_DIM>{}, [](int id) { named_barrier(id, CONSUMERS); },
+                    dq_channel<DQ>(sm, dq_full0, slot, rank),
+                    bits_source);
+            }
             release(slot.stage);
         }
         if constexpr (ATOMIC_DQ) {
             if (DQ::forms(wg, slot.stage))  // the warpgroup(s) whose turn the next tile would be
                 dq_channel<DQ>(sm, dq_full0, slot, 0).finish(threadIdx.x % 32);
         }
-        store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc,
-                                                dv_acc);
+        if constexpr (VARLEN)
+            store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, sequence_again<VARLEN>(a, b),
+                                                    n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
+        else
+            store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16,
+                                                    dk_acc, dv_acc);
     }
 }
 
