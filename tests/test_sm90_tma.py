@@ -42,6 +42,7 @@ def test_contiguous_and_strided_views_are_expressible():
     (_view((2, 4, 100, 64), (25600, 6400, 65, 1)), "16-byte units"),
     (_view((2, 4, 100, 64), (25600, 6400, 64, 1), ptr=(1 << 20) + 2), "16-byte aligned base"),
     (_view((2, 4, 100, 64), (25600, 6400, 128, 2)), "contiguous last axis"),
+    (_view((1, 4, 0, 64), (0, 64, 256, 1)), "empty axis"),  # a packed call without keys, say
 ])
 def test_views_tma_cannot_describe_are_refused_with_the_reason(view, words):
     assert words in _tma.why_not_expressible(view)

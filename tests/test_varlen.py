@@ -416,14 +416,19 @@ def test_packed_calls_without_a_right_bound_take_one_past_every_key():
     q = np.zeros((sum(lens_q), 2, 64), np.float16)
     k = np.zeros((sum(lens_k), 2, 64), np.float16)
     cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (lens_q, lens_k))
-    for options in (dict(), dict(window=(20, -1)), dict(causal=True), dict(window=(3, 7))):
-        _, spec = _api._varlen_spec(q, k, k, cu_q, cu_k, max(lens_q), max(lens_k), **options)
+    cases = [(dict(), max(lens_q)), (dict(window=(20, -1)), max(lens_q)), (dict(causal=True), None),
+             (dict(window=(3, 7)), None),
+             # a max_seqlen_q far above the longest: the bound stops at total_q (int32 in the kernel)
+             (dict(max_q=2**31 - 1), sum(lens_q))]
+    for options, bound in cases:
+        max_q = options.pop("max_q", max(lens_q))
+        _, spec = _api._varlen_spec(q, k, k, cu_q, cu_k, max_q, max(lens_k), **options)
         banded = sm90_backward.keys_past_end_banded(spec)
         left, right = spec.band()
-        if right != -1:
+        if bound is None:
             assert banded is spec
             continue
-        assert banded.band() == (left, max(lens_q))
+        assert banded.band() == (left, bound)
         for nq, nk in zip(lens_q, lens_k):  # per sequence: the same keys seen
             np.testing.assert_array_equal(visible(nq, nk, *banded.band()), visible(nq, nk, *spec.band()))
 

@@ -39,10 +39,13 @@ def tma_view(x):
 
 def why_not_expressible(x) -> str | None:
     """None when a 4-D view can be described to TMA, else the reason: the driver wants a
-    contiguous last axis, a 16-byte aligned base and leading strides that are positive multiples
-    of 16 bytes (a stride-0 broadcast axis cannot be described)."""
+    contiguous last axis, no empty axis (a packed call without keys, say), a 16-byte aligned base
+    and leading strides that are positive multiples of 16 bytes (a stride-0 broadcast axis cannot
+    be described)."""
     if x.ndim != 4 or x.strides[3] != x.itemsize:
         return "TMA needs a contiguous last axis"
+    if 0 in x.shape:
+        return "TMA cannot describe an empty axis"
     if x.data.ptr % 16:
         return "TMA needs a 16-byte aligned base pointer"
     for size, stride in zip(x.shape[:3], x.strides[:3]):

@@ -2,7 +2,7 @@
 
 Same entry point as ``mma_backward.backward``; ``supports()`` says whether a call can take this
 path (compute capability 9.0, D and Dv up to 256, 16-byte aligned rows, block masks whose blocks
-are whole tiles; packed variable-length sequences too, without dropout). Everything else belongs to
+are whole tiles; packed variable-length sequences too). Everything else belongs to
 ``mma_backward``. The kernels hold one head dim for Q/K and V/dO, 64, 128 or 256
 (``tile_head_dim``): narrower calls run it with zero columns past D and Dv, which the loads fill
 and the stores skip. At 256 (D or Dv above 128) the warp-specialised dK/dV kernel's two consumers
@@ -397,11 +397,13 @@ def keys_past_end_banded(spec):
     a mask without a right bound leaves in Pᵀ (zero keys add nothing to dQ; these would). So a
     call without one takes a right bound of the longest query length, which every key of a
     sequence passes, and the band's test then drops the keys past Nk (csrc/softmax.cuh,
-    mask_probs_transposed): the same keys are seen, through the band variant of the kernel."""
+    mask_probs_transposed): the same keys are seen, through the band variant of the kernel. (No
+    more than total_q, which every sequence's length is within too, so that the band's int32
+    arithmetic cannot wrap for a max_seqlen_q given far larger than needed.)"""
     left, right = spec.band()
     if spec.varlen is None or right != UNBOUNDED:
         return spec
-    return dataclasses.replace(spec, window=(left, spec.shapes.nq))
+    return dataclasses.replace(spec, window=(left, min(spec.shapes.nq, spec.varlen.total_q)))
 
 
 def exact_fits_narrow_tile(spec) -> bool:
