@@ -354,6 +354,7 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     from fake_device import FakeDevice
 
     from cuflash import _api, kernels
+    from cuflash.kernels import _launch
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     lens = [100, 7, 300]
@@ -382,12 +383,15 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
         # The Hopper kernels' last flag is VARLEN; the fused dQ adds to flash_bwd_dq_convert's
         # accumulator.
         assert all(launch[0].endswith(", true>") for launch in launches[1:] if "sm90" in launch[0])
-        dkdv, dkdv_grid, dkdv_block, *_ = launches[1]
+        dkdv, dkdv_grid, dkdv_block, _, record = launches[1]
         assert dkdv_grid == (-(-300 // 128) * 8 * 3,)  # key tiles of the longest × heads × B
         assert dkdv_block == (threads,)  # a producer warpgroup beside the two consumers, or none
         if dkdv.startswith("flash_bwd_sm90_dkdv_ws<"):
-            # a right bound, also without causal: its test hides the next sequence's keys
+            # a right bound, also without causal (its test hides the keys that follow a
+            # sequence): max_seqlen_q, which every key of every sequence passes; causal's is 0
             assert "Mask<false, true, false>" in dkdv
+            window = np.frombuffer(record, _launch.BWD_ARGS)[["window_left", "window_right"]][0]
+            assert tuple(int(x) for x in window) == (300, 0 if options_.get("causal") else 300)
 
     monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
     assert kernels.plan("forward", spec, (q, k, v, q)).family.name == "sm80-mma"
