@@ -1123,8 +1123,10 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             // Packed sequences read their lengths again for each tile (sequence_again) and build
             // the mask and score modifier from them, so that nothing of the sequence stays live
             // across the loop (`mod` above is dead code there); a dense call's are parameters.
+            // The call is spelled twice on purpose: choosing the mask through a reference, or one
+            // lambda around the call, changed the dense variants' code (benchmarks/NOTES.md).
             if constexpr (VARLEN) {
-                const Sequence tile_seq = sequence_again<VARLEN>(a, b);
+                const Sequence tile_seq = sequence_again(a, b);
                 dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                     a, MASK(a, tile_seq.nq, tile_seq.nk), MOD(a, b, walk.h, tile_seq.nq, tile_seq.nk), drop, sm,
                     tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
@@ -1143,8 +1145,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             if (DQ::forms(wg, slot.stage))  // the warpgroup(s) whose turn the next tile would be
                 dq_channel<DQ>(sm, dq_full0, slot, 0).finish(threadIdx.x % 32);
         }
-        if constexpr (VARLEN)
-            store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, sequence_again<VARLEN>(a, b),
+        if constexpr (VARLEN)  // the sequence read again, as in the loop (and spelled twice likewise)
+            store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, sequence_again(a, b),
                                                     n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16, dk_acc, dv_acc);
         else
             store_dkdv<T, D, D, DROPOUT, F32_GRADS>(a, b, hk, seq, n0 + wg * 64 + (threadIdx.x / 32) % 4 * 16,

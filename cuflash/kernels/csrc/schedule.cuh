@@ -28,23 +28,19 @@ __device__ __forceinline__ Sequence sequence_of(const Args& a, int b) {
     }
 }
 
-// The same sequence, its offsets read again where it is used (asm volatile loads, which the
-// compiler neither merges with earlier reads nor hoists out of a loop): a kernel whose registers
-// are all taken inside its loop reads a varlen sequence's lengths anew for each tile instead of
-// keeping them live across it (a dense call's lengths are parameters, never held).
+// A packed sequence as sequence_of<true> gives it, its offsets read again where it is used (asm
+// volatile loads, which the compiler neither merges with earlier reads nor hoists out of a loop):
+// a kernel whose registers are all taken inside its loop reads the lengths anew for each tile
+// instead of keeping them live across it (a dense call's lengths are parameters, never held).
 __device__ __forceinline__ int load_again(const int* p) {
     int x;
     asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(x) : "l"(p));
     return x;
 }
-template <bool VARLEN, class Args>
+template <class Args>
 __device__ __forceinline__ Sequence sequence_again(const Args& a, int b) {
-    if constexpr (VARLEN) {
-        const int q0 = load_again(a.cu_q + b), k0 = load_again(a.cu_k + b);
-        return {q0, k0, load_again(a.cu_q + b + 1) - q0, load_again(a.cu_k + b + 1) - k0};
-    } else {
-        return sequence_of<false>(a, b);
-    }
+    const int q0 = load_again(a.cu_q + b), k0 = load_again(a.cu_k + b);
+    return {q0, k0, load_again(a.cu_q + b + 1) - q0, load_again(a.cu_k + b + 1) - k0};
 }
 
 // Where the forward's lse values of (sequence b, query head h) start: lse is (B, Hq, Nq) dense
