@@ -346,15 +346,16 @@ def test_gpu_offsets_with_numpy_inputs_are_refused(rng):
 
 def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     """On a compute-capability 9.0 device the Hopper TMA forward and wgmma backward take varlen
-    calls, with VARLEN variants over grids sized for the longest sequence (the backward's
-    warp-specialised dK/dV kernel with the fused dQ at D = 128, causal or not; with dropout, or
-    with the warp-specialised kernel switched off, its cp.async kernel); with the Hopper families
-    switched off, sm80-mma runs both, reading the offsets' device pointers."""
+    calls, with VARLEN variants: the TMA forward and the backward's warp-specialised dK/dV kernel
+    (with the fused dQ at D = 128, causal or not) over grids of each sequence's own tiles
+    (packed_tile_slots), the other kernels over grids sized for the longest sequence (with
+    dropout, or deterministic, the cp.async dK/dV kernel); with the Hopper families switched
+    off, sm80-mma runs both, reading the offsets' device pointers."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
     from cuflash import _api, kernels
-    from cuflash.kernels import _launch
+    from cuflash.kernels import _launch, sm90_tma_forward
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     lens = [100, 7, 300]
@@ -367,6 +368,21 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
     assert plan.family.name == "sm90-tma" and not plan.passed_over
     backward_plan = kernels.plan("backward", spec, (q, k, v, q, q, q, k, v))
     assert backward_plan.family.name == "sm90-wgmma" and not backward_plan.passed_over
+    block_m = sm90_tma_forward.tiles_for(spec).block_m
+    cuflash.attention_varlen(q, k, v, cu, cu, 300, 300, **options)
+    (expression, grid, *_), = device.take_launches()
+    assert expression.startswith("flash_fwd_sm90_tma<") and expression.endswith(", true>")
+    # each sequence's query tiles and at most one empty slot each, per head
+    assert grid == ((total // block_m + 3) * 8,) and (total // block_m + 3) * 8 < -(-300 // block_m) * 8 * 3
+    # More tiles than the SMs hold (132 here): the persistent grid, one block per SM, drawing the
+    # packed grid's tiles (the kernel's tile count).
+    long_lens = [2000, 70, 3000]
+    big = sum(long_lens)
+    bq, bk, bv = (device.empty((big, 8, 128), ml_dtypes.bfloat16) for _ in range(3))
+    cuflash.attention_varlen(bq, bk, bv, cu, cu, 3000, 3000, **options)
+    (expression, grid, *_), = device.take_launches()
+    _, tile_count, counter = device.side_arguments[-1]
+    assert grid == (132,) and int(tile_count) == (big // block_m + 3) * 8 and int(counter) != 0
     lse = device.empty((8, total), np.float32)
     fused = ["flash_bwd_pre", "flash_bwd_sm90_dkdv_ws", "flash_bwd_dq_convert"]
     cases = [(dict(causal=True), fused, 2 * 128 + 128), (dict(causal=False), fused, 2 * 128 + 128),
@@ -384,7 +400,10 @@ def test_plan_and_launches_on_a_fake_hopper(monkeypatch, rng):
         # accumulator.
         assert all(launch[0].endswith(", true>") for launch in launches[1:] if "sm90" in launch[0])
         dkdv, dkdv_grid, dkdv_block, _, record = launches[1]
-        assert dkdv_grid == (-(-300 // 128) * 8 * 3,)  # key tiles of the longest × heads × B
+        if dkdv.startswith("flash_bwd_sm90_dkdv_ws<"):  # each sequence's key tiles (and one slot more)
+            assert dkdv_grid == ((total // 128 + 3) * 8,)
+        else:  # key tiles of the longest × heads × B
+            assert dkdv_grid == (-(-300 // 128) * 8 * 3,)
         assert dkdv_block == (threads,)  # a producer warpgroup beside the two consumers, or none
         if dkdv.startswith("flash_bwd_sm90_dkdv_ws<"):
             # a right bound, also without causal (its test hides the keys that follow a
@@ -437,6 +456,32 @@ def test_packed_calls_without_a_right_bound_take_one_past_every_key():
             np.testing.assert_array_equal(visible(nq, nk, *banded.band()), visible(nq, nk, *spec.band()))
 
 
+def packed_tile_at(index, lanes, cu, tile):
+    """schedule.cuh's packed_tile_at (HEAVY_LAST false): (sequence, lane, tile) of a packed
+    grid's block `index`."""
+    first_slot = [int(cu[b]) // tile + b for b in range(len(cu))]
+    b = max(b for b in range(len(cu) - 1) if first_slot[b] <= index // lanes)
+    width = first_slot[b + 1] - first_slot[b]
+    local = index - lanes * first_slot[b]
+    return b, local // width, local % width
+
+
+@pytest.mark.parametrize("tile", [64, 128, 192])
+def test_packed_grids_hold_every_sequence_s_tiles_once(rng, tile):
+    """A packed grid (packed_tile_slots blocks a lane) gives each sequence's tiles of each lane
+    one block, and the rest (at most one a sequence and lane) tiles past a sequence's end."""
+    from cuflash.kernels._launch import packed_tile_slots
+
+    lanes = 3
+    for lengths in ([0], [1], [tile - 1, tile, tile + 1, 0, 2 * tile], list(rng.integers(0, 5 * tile, 40))):
+        cu = offsets(lengths)
+        blocks = packed_tile_slots(int(cu[-1]), len(lengths), tile) * lanes
+        seen = [packed_tile_at(index, lanes, cu, tile) for index in range(blocks)]
+        real = [(b, h, t) for b, n in enumerate(lengths) for h in range(lanes) for t in range(-(-n // tile))]
+        assert sorted(x for x in seen if x[2] * tile < lengths[x[0]]) == sorted(real)
+        assert len(seen) - len(real) <= lanes * len(lengths)
+
+
 def test_float32_gpu_calls_are_refused_with_the_reason(monkeypatch):
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
@@ -484,6 +529,20 @@ def test_gpu_long_mixed_lengths(xp_gpu, rng, seed, causal):
     """Lengths 1, 0, 127, 1000 and 3000 in one call (nq != nk for some sequences)."""
     run_case(xp_gpu, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=[1, 0, 127, 1000, 3000],
              lens_k=[1, 5, 127, 1300, 3000], hq=4, hkv=1, d=128, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+def test_gpu_many_sequences_at_tile_edges(xp_gpu, rng, seed, d, causal):
+    """Many sequences whose lengths fall on and beside every query and key tile edge (64 to 192
+    rows), empty ones among them, shuffled: the packed grids' blocks find their sequence and
+    tile (schedule.cuh, packed_tile_at), the empty slots leave."""
+    edges = [n for e in (64, 128, 192, 256, 384) for n in (e - 1, e, e + 1)] + [0, 0, 1, 2]
+    lens_q = [int(n) for n in rng.permutation(edges)]
+    lens_k = [int(n) for n in rng.permutation(edges)]
+    run_case(xp_gpu, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=lens_q, lens_k=lens_k, hq=3, hkv=1,
+             d=d, causal=causal)
 
 
 @pytest.mark.gpu

@@ -765,9 +765,9 @@ FWD_ARGS = make_struct_dtype(
     + [(n, I32) for n in ("nq", "nk", "d", "dv", "heads", "group", "m_tiles", "mask_heads",
                           "total_q")]
     + [("scale_log2", F32)]
-    + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS + [("tail_lanes", I32)]
+    + MASK_AND_SCORE_FIELDS + DROPOUT_FIELDS + [("tail_lanes", I32), ("batch", I32)]
 )
-assert FWD_ARGS.itemsize == 280, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
+assert FWD_ARGS.itemsize == 288, "FWD_ARGS must match FwdArgs in csrc/args.cuh"
 
 # The argument struct of every 16-bit backward kernel (BwdArgs in csrc/args.cuh).
 BWD_ARGS = make_struct_dtype(
@@ -801,24 +801,36 @@ def forward_call_values(q, k, v, out, lse, spec) -> tuple[int, ...]:
             *varlen_pointers(spec), *dropout_words(spec))
 
 
-def forward_args(spec, arrays, *, tile_m, tile_n, resident_blocks=0) -> tuple[PackedArgs, int]:
+def packed_tile_slots(total: int, sequences: int, tile: int) -> int:
+    """The tile slots per lane of a packed grid (schedule.cuh, packed_tile_at): floor(total /
+    tile) + B, enough for every sequence's ceil(n_b / tile) tiles of `tile` rows (`total` packed
+    rows) and at most one empty slot each, known without reading the offsets."""
+    return total // tile + sequences
+
+
+def forward_args(spec, arrays, *, tile_m, tile_n, resident_blocks=0, packed_grid=False) -> tuple[PackedArgs, int]:
     """The forward kernels' argument struct for 4-D views ``arrays`` = (q, k, v, out) (their
     layout; its per-call fields are filled per call), and the grid size (thread blocks):
     one block per `tile_m` query rows of each (batch, head). With a block or exact mask, its tile
     index at (tile_m, tile_n) tiles (kept alive by the mask, which the spec holds). A varlen
-    call's arrays are packed (total, H, D): its grid covers the longest sequence's tiles.
+    call's arrays are packed (total, H, D): its grid covers the longest sequence's tiles, or
+    with `packed_grid` (the Hopper TMA forward) each sequence's own (``packed_tile_slots``).
     `resident_blocks`: the blocks the SMs hold at once, for a kernel that reads ``tail_lanes``
     (the Hopper TMA forward; 0 leaves the grid in lane order)."""
     s = spec.shapes
     batch, heads, nq, d = s.b, s.hq, s.nq, s.d
     kv_heads, nk, dv = s.hkv, s.nk, s.dv
     m_tiles = -(-nq // tile_m)
-    blocks = check_grid(m_tiles * heads * batch, "the forward kernel")
+    if packed_grid and spec.varlen is not None:
+        blocks = packed_tile_slots(spec.varlen.total_q, batch, tile_m) * heads
+    else:
+        blocks = m_tiles * heads * batch
+    blocks = check_grid(blocks, "the forward kernel")
     values = dict(
         **tile_index(spec, tile_m, tile_n), **stride_fields("qkvo", arrays),
         tail_lanes=tail_lanes(spec, heads * batch, m_tiles, resident_blocks),
         nq=nq, nk=nk, d=d, dv=dv, heads=heads, group=heads // kv_heads, m_tiles=m_tiles,
-        mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E,
+        mask_heads=mask_heads(spec), scale_log2=spec.scale * LOG2E, batch=batch,
         **mask_and_score_values(spec), **varlen_values(spec), **dropout_values(spec),
     )
     return PackedArgs(FWD_ARGS, call_fields(FWD_POINTERS, spec), values), blocks

@@ -442,7 +442,8 @@ WARP_SPECIALISED_MAP_POINTERS = (0, 1, 2, 4)
 def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     """The backward launches (a ``mma_backward.BackwardLaunch``) for this spec and the layout of
     4-D (B, H, N, D) CuPy views ``arrays`` = (q, k, v, dout, out, dq, dk, dv) (a varlen call's are
-    packed (total, H, D): every grid covers the longest sequence); see docs/internals.md and the
+    packed (total, H, D): every grid covers the longest sequence but the warp-specialised dK/dV
+    kernel's, which holds each sequence's own key tiles); see docs/internals.md and the
     module docstring for the two launch sequences. The caller checks ``supports()`` first."""
     q, k, v, dout, out, dq, dk, dv = arrays
     s = spec.shapes
@@ -488,8 +489,11 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
         index = tile_index(spec, tile_m, tile_n, by_key=by_key)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
-        blocks = check_grid(n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch,
-                            expression)
+        if expression == dkdv and producer and spec.varlen is not None:  # each sequence's own key tiles
+            blocks = _launch.packed_tile_slots(spec.varlen.total_k, batch, tile_n) * kv_heads
+        else:
+            blocks = n_tiles * kv_heads * batch if by_key else m_tiles * heads * batch
+        blocks = check_grid(blocks, expression)
         maps = ()
         if expression == dkdv and producer:  # boxes of a query tile's rows (Q, dO), a key tile's (K, V)
             maps = tuple(_tma.TensorLayout.of(_tma.tma_view(x), rows)

@@ -182,10 +182,10 @@ def long_causal(spec) -> bool:
 
 def persistent_grid(spec, tiles: TmaTiles) -> bool:
     """Whether a call's query tiles go to a persistent grid (one block per SM, or two with one
-    consumer, drawing tiles from a counter as they finish), with key tiles of at least 128 and
-    no packed sequences: dense calls (bands, score modifiers and dropout allowed) over rows of
-    at most PERSISTENT_GRID_MAX_KEYS keys, or UNBANDED_PERSISTENT_MAX_KEYS without a band, and
-    block or exact masks at any length. The grid hides a block's start-up and the next tile's
+    consumer, drawing tiles from a counter as they finish), with key tiles of at least 128:
+    calls (bands, score modifiers, dropout and packed sequences allowed) over rows of at most
+    PERSISTENT_GRID_MAX_KEYS keys, or UNBANDED_PERSISTENT_MAX_KEYS without a band (packed
+    sequences: the longest), and block or exact masks at any length. The grid hides a block's start-up and the next tile's
     loads under the previous tile's softmax and stores: measured on an H200 against one block
     per tile (benchmarks/NOTES.md, "The persistent Hopper forward", three runs) +7-22% at 1K
     causal keys and 0-12% at 1K unmasked, within ±4% at 2K-4K (+1-2% on average), 2-5% slower on
@@ -198,7 +198,10 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     of them, so a block's fixed cost is a large share at any row length: 16K keys, D = 64 and
     128 ("Masks on the persistent grid"), +7-13% on butterfly and 2-D local masks, +2-11% on
     exact document and graph masks and their block twins, within ±3% on uniform random block
-    masks. The launcher keeps one block per tile when the tiles do not outnumber the blocks the
+    masks. Packed sequences' tiles (each sequence's own, schedule.cuh's packed_tile_at) are of
+    unequal work too: on an H200, 16K tokens in 11 documents of 193-3504 tokens at D = 128, 8%
+    faster unmasked and 3% causal than one block per tile ("Packed sequences on the persistent
+    grid"). The launcher keeps one block per tile when the tiles do not outnumber the blocks the
     SMs hold."""
     masked = spec.sparse or spec.exact
     max_keys = PERSISTENT_GRID_MAX_KEYS if spec.banded else UNBANDED_PERSISTENT_MAX_KEYS
@@ -207,8 +210,7 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     # (two Q buffers, D ≤ 192), or in the last key tile's K and V buffers, then without a band.
     wide = (not masked and _padded(dv) > 128
             and (tiles.q_buffers == 2 or (tiles.o_in_kv(d, dv) and not spec.banded)))
-    return ((tiles.block_n >= 128 or wide) and spec.varlen is None
-            and (masked or spec.shapes.nk <= max_keys))
+    return (tiles.block_n >= 128 or wide) and (masked or spec.shapes.nk <= max_keys)
 
 
 def fits_shared_memory(spec, tiles: TmaTiles) -> bool:
@@ -309,7 +311,8 @@ def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLa
     d, dv = spec.shapes.d, spec.shapes.dv
     tiles = tiles or tiles_for(spec)
     resident = _launch.sm_count(q.device.id) * tiles.blocks_per_sm  # a persistent grid fills every SM once
-    args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n, resident_blocks=resident)
+    args, blocks = forward_args(spec, arrays, tile_m=tiles.block_m, tile_n=tiles.block_n, resident_blocks=resident,
+                                packed_grid=True)
     shared = tiles.shared_bytes(d, dv)
     kernel = _build.get_function(SOURCE, variant(spec, tiles), shared_bytes=shared, options=OPTIONS)
     persistent = tiles.persistent and blocks > resident

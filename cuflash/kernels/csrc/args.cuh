@@ -42,8 +42,9 @@ struct FwdArgs {
     MASK_AND_SCORE_FIELDS
     DROPOUT_FIELDS
     int tail_lanes;        // the TMA forward's last lanes taken query tile by query tile (schedule.cuh)
+    int batch;             // B: sequences (varlen: of the TMA forward's packed grid, schedule.cuh)
 };
-static_assert(sizeof(FwdArgs) == 280, "FwdArgs must match FWD_ARGS in _launch.py");
+static_assert(sizeof(FwdArgs) == 288, "FwdArgs must match FWD_ARGS in _launch.py");
 
 // One struct for every backward kernel (preprocessing, mma.sync and wgmma variants).
 struct BwdArgs {

@@ -29,7 +29,8 @@
 // columns past a.d (Q, K) and a.dv (V, dO) with zeros, so S and dP are exact and dK, dV and dQ
 // come out zero there, and the stores skip them. The GEMMs then do D / a.d times the useful work.
 // VARLEN: packed variable-length sequences, as in flash_bwd.cu (schedule.cuh, sequence_of): the
-// grids cover the longest sequence, each block offsets its rows by its sequence's first row,
+// grids cover the longest sequence (the warp-specialised dK/dV kernel's each sequence's own key
+// tiles, packed_tile_at), each block offsets its rows by its sequence's first row,
 // builds its mask and score modifier from the sequence's lengths and exits before any barrier
 // when its tile lies past the sequence's end.
 // F32_GRADS: the gradients are stored as float32 (epilogue.cuh, grad_rows), as in flash_bwd.cu.
@@ -962,8 +963,16 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     // bounded on the right alone, no block or exact mask, no dropout (not measured with it), and
     // no ordered adds, which keep each lane's key tiles together (their blocks wait on one another).
     constexpr bool TAIL_ORDER = lanes_run_heavy_to_light<MASK>() && !ORDERED_DQ && !DROPOUT && !VARLEN;
-    const KvTile tile = kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads,
-                                                                                    TAIL_ORDER ? a.tail_lanes : 0);
+    // Packed sequences: each sequence's own key tiles (packed_tile_at), in order as kv_tile_of_block's.
+    const KvTile tile = [&] {
+        if constexpr (VARLEN) {
+            const PackedTile at = packed_tile_at<BLOCK_N, false>((int)blockIdx.x, a.kv_heads, a.cu_k, a.batch);
+            return KvTile{at.b, at.lane, at.tile};
+        } else {
+            return kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads,
+                                                                              TAIL_ORDER ? a.tail_lanes : 0);
+        }
+    }();
     const int b = tile.b, hk = tile.hk, n_tile = tile.n_tile;
     const int n0 = n_tile * BLOCK_N;
     const Sequence seq = sequence_of<VARLEN>(a, b);

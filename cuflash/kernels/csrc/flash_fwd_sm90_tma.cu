@@ -190,7 +190,8 @@ struct ExactBeside {
 // (VARLEN: packed sequences, schedule.cuh; else the whole call), its mask and score modifier
 // (built from the sequence's lengths), and the key tiles it visits. A varlen tile past its
 // sequence's end is skipped by producer and consumers alike. Tile `index` of the grid's
-// `tile_count`, in its order (schedule.cuh, query_tile_at and lane_tile_at): how many of the last
+// `tile_count`, in its order (schedule.cuh: query_tile_at and lane_tile_at, or packed_tile_at for
+// packed sequences, whose grid holds each sequence's own tiles): how many of the last
 // lanes go tile by tile (_launch.tail_lanes) is read only where the host may ask for it
 // (TAIL_ORDER): a band bounded on the right alone (causal), no block or exact mask, no packed
 // sequences and no dropout (not measured with it).
@@ -202,11 +203,18 @@ struct TmaTileWork {
     Sequence seq;
     KeyTiles<MASK::sparse, MASK::exact> key_tile;
     __device__ __forceinline__ TmaTileWork(const FwdArgs& a, int index, int tile_count) {
-        const QueryTile tile = query_tile_at<MASK::banded>(index, a.m_tiles, a.heads, tile_count / a.m_tiles,
-                                                           TAIL_ORDER ? a.tail_lanes : 0);
-        b = tile.b;
-        h = tile.h;
-        m0 = tile.m_tile * BLOCK_M;
+        if constexpr (VARLEN) {
+            const PackedTile tile = packed_tile_at<BLOCK_M, MASK::banded>(index, a.heads, a.cu_q, a.batch);
+            b = tile.b;
+            h = tile.lane;
+            m0 = tile.tile * BLOCK_M;
+        } else {
+            const QueryTile tile = query_tile_at<MASK::banded>(index, a.m_tiles, a.heads, tile_count / a.m_tiles,
+                                                               TAIL_ORDER ? a.tail_lanes : 0);
+            b = tile.b;
+            h = tile.h;
+            m0 = tile.m_tile * BLOCK_M;
+        }
         seq = sequence_of<VARLEN>(a, b);
     }
     __device__ __forceinline__ bool past_end() const { return VARLEN && m0 >= seq.nq; }

@@ -145,6 +145,39 @@ __device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads,
     return query_tile_at<HEAVY_LAST>(blockIdx.x, m_tiles, heads, (int)gridDim.x / m_tiles, tail_lanes);
 }
 
+// ---- Packed sequences' tiles in a grid without the longest sequence's padding.
+//
+// A grid sized for the longest sequence gives every sequence the longest one's tiles per head:
+// most of a short sequence's blocks only start and leave. The Hopper TMA forward (query tiles)
+// and warp-specialised dK/dV kernel (key tiles) instead give sequence b of a varlen call the
+// tile slots S_b .. S_{b+1} − 1 of TILE rows, S_b = floor(cu[b] / TILE) + b: as
+// floor((x + n) / T) − floor(x / T) lies between floor(n / T) and ceil(n / T), sequence b's
+// slots hold its ceil(n_b / TILE) tiles and at most one past its end, and
+// S_B = floor(total / TILE) + B bounds them all without reading the offsets (the host's
+// _launch.packed_tile_slots). Sequence b's blocks are lanes · S_b .. lanes · S_{b+1} − 1 (lanes:
+// its heads), a lane's tiles next to each other as lane_tile_at orders a dense call's, last
+// first with HEAVY_LAST; its empty slot, if any, is then first and leaves at once.
+struct PackedTile {
+    int b, lane, tile;
+};
+template <int TILE>
+__device__ __forceinline__ int packed_first_slot(const int* cu, int b) {
+    return __ldg(cu + b) / TILE + b;
+}
+template <int TILE, bool HEAVY_LAST>
+__device__ __forceinline__ PackedTile packed_tile_at(int index, int lanes, const int* cu, int batch) {
+    const int slot = index / lanes;  // lanes · S_b ≤ index exactly where S_b ≤ slot
+    int lo = 0, hi = batch;          // S_lo ≤ slot < S_hi, as S_0 = 0 and slot < S_B
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (packed_first_slot<TILE>(cu, mid) <= slot) lo = mid;
+        else hi = mid;
+    }
+    const int first = packed_first_slot<TILE>(cu, lo), width = packed_first_slot<TILE>(cu, lo + 1) - first;
+    const int local = index - lanes * first, tile = local % width;
+    return {lo, local / width, HEAVY_LAST ? width - 1 - tile : tile};
+}
+
 // The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles blocks for each lane
 // (a (batch, key/value head) pair, kv_heads × batch of them): the key tiles of one lane next to
 // each other, in order (under causal the first key tiles, seen by the most query rows, are the
