@@ -288,7 +288,8 @@ def test_persistent_grid_under_graph_capture(xp_gpu, rng, seed, monkeypatch, hop
 
 def test_persistent_grid_with_packed_sequences_and_masks(xp_gpu, rng, seed, monkeypatch, hopper_tma):
     """Tiles of unequal work (block and exact masks, with query rows that see no key) and tiles
-    past their sequence's end (packed sequences) on the persistent grid: the bits of one block
+    past their sequence's end (packed sequences, ranked longest first or, with more sequences
+    than a block ranks, in the packed grid's order) on the persistent grid: the bits of one block
     per tile, drawn from the tile counter; rows that see no key give 0 and lse -inf."""
     from cuflash.kernels import _launch
     from cuflash.sparse import BlockMask, ExactMask, document
@@ -321,6 +322,15 @@ def test_persistent_grid_with_packed_sequences_and_masks(xp_gpu, rng, seed, monk
              for name, options in masked.items()}
     calls["packed sequences, causal"] = lambda: cuflash.attention_varlen(*packed, cu, cu, max(lengths), max(lengths),
                                                                         causal=True, return_lse=True)
+    # More sequences than a persistent block ranks longest first (LONGEST_FIRST_MAX): the packed
+    # grid's own order; the five above are ranked.
+    many = [int(n) for n in rng.permutation(np.concatenate([rng.integers(0, 40, 140), [1000, 700, 0]]))]
+    cu_many = xp.asarray(np.concatenate([[0], np.cumsum(many)]).astype(np.int32))
+    packed_many = [random_array(rng, (sum(many), 8, 64), ml_dtypes.bfloat16, xp=xp) for _ in range(3)]
+    calls["packed sequences, more than are ranked"] = lambda: cuflash.attention_varlen(
+        *packed_many, cu_many, cu_many, max(many), max(many), return_lse=True)
+    varlen = {"packed sequences, causal": (packed, cu, True),
+              "packed sequences, more than are ranked": (packed_many, cu_many, False)}
     counters = []
     real_pointer = _launch.tile_counters.pointer
     monkeypatch.setattr(_launch.tile_counters, "pointer", lambda stream: counters.append(stream) or real_pointer(stream))
@@ -338,7 +348,8 @@ def test_persistent_grid_with_packed_sequences_and_masks(xp_gpu, rng, seed, monk
         if name in oracle:
             assert_forward_close(got, lse, q, k, v, context=f"seed={seed}, {name}", **oracle[name])
         else:
-            assert_varlen_forward_close(got, lse, *packed, cu, cu, causal=True,
+            arrays, offsets, causal = varlen[name]
+            assert_varlen_forward_close(got, lse, *arrays, offsets, offsets, causal=causal,
                                         context=f"seed={seed}, {name}")
     for name, rows in (("block mask, empty rows", slice(384, 512)), ("exact mask, empty rows", slice(200, 333))):
         got, lse = results[name]

@@ -74,9 +74,10 @@ def test_tile_choice_follows_head_dims_and_masks():
             (2, 128, 2, False, True), options
         tiles = sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 64, **options)))
         assert (tiles.consumers, tiles.pingpong) == (long_consumers, long_consumers == 3), options
-    # packed short sequences under a band keep one consumer, two blocks per SM (one block per tile)
+    # packed short sequences under a band keep one consumer, two blocks per SM, on the persistent
+    # grid (of the packed grid's tiles, ranked longest first)
     packed = sm90_tma_forward.tiles_for(_varlen(spec_of("bfloat16", 64, causal=True)))
-    assert (packed.consumers, packed.persistent) == (1, False)
+    assert (packed.consumers, packed.persistent) == (1, True)
     # long causal rows with anything else keep two consumers; so do wider head dims
     for spec in (_long(spec_of("bfloat16", 64, causal=True, softcap=30.0)),
                  _long(spec_of("bfloat16", 64, causal=True, dropout_p=0.1, dropout_seed=1)),

@@ -482,6 +482,19 @@ def test_packed_grids_hold_every_sequence_s_tiles_once(rng, tile):
         assert len(seen) - len(real) <= lanes * len(lengths)
 
 
+def test_the_ranking_s_size_is_the_kernel_s():
+    """The host counts the persistent forward's ranking of packed sequences (its static shared
+    memory) with the kernel's LONGEST_FIRST_MAX."""
+    import re
+    from pathlib import Path
+
+    from cuflash.kernels import sm90_tma_forward
+
+    source = (Path(sm90_tma_forward.__file__).parent / "csrc" / "schedule.cuh").read_text()
+    assert int(re.search(r"constexpr int LONGEST_FIRST_MAX = (\d+);", source).group(1)) == sm90_tma_forward.LONGEST_FIRST_MAX
+    assert sm90_tma_forward.LONGEST_FIRST_BYTES == 4 * (2 * sm90_tma_forward.LONGEST_FIRST_MAX + 2)
+
+
 def test_float32_gpu_calls_are_refused_with_the_reason(monkeypatch):
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
@@ -534,14 +547,17 @@ def test_gpu_long_mixed_lengths(xp_gpu, rng, seed, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
-def test_gpu_many_sequences_at_tile_edges(xp_gpu, rng, seed, d, causal):
+@pytest.mark.parametrize("hq", [3, 8])
+def test_gpu_many_sequences_at_tile_edges(xp_gpu, rng, seed, d, causal, hq):
     """Many sequences whose lengths fall on and beside every query and key tile edge (64 to 192
     rows), empty ones among them, shuffled: the packed grids' blocks find their sequence and
-    tile (schedule.cuh, packed_tile_at), the empty slots leave."""
+    tile (schedule.cuh, packed_tile_at), the empty slots leave. With 3 heads the forward's tiles
+    are fewer than an H100's or H200's SMs (one block each), with 8 more (the persistent grid,
+    sequences ranked longest first)."""
     edges = [n for e in (64, 128, 192, 256, 384) for n in (e - 1, e, e + 1)] + [0, 0, 1, 2]
     lens_q = [int(n) for n in rng.permutation(edges)]
     lens_k = [int(n) for n in rng.permutation(edges)]
-    run_case(xp_gpu, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=lens_q, lens_k=lens_k, hq=3, hkv=1,
+    run_case(xp_gpu, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=lens_q, lens_k=lens_k, hq=hq, hkv=1,
              d=d, causal=causal)
 
 

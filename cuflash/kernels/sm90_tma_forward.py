@@ -34,6 +34,10 @@ PERSISTENT_GRID_MAX_KEYS = 4096  # persistent_grid, rows under a band
 UNBANDED_PERSISTENT_MAX_KEYS = 8192
 SM_SHARED = 228 * 1024  # an SM's shared memory, of which each resident block reserves 1 KB
 STATIC_BARRIERS = 256  # the kernel's static mbarriers and mailbox, at most
+# Packed sequences: the most a persistent block ranks longest first, and the static shared memory
+# of its ranking (schedule.cuh, LONGEST_FIRST_MAX and LongestFirst)
+LONGEST_FIRST_MAX = 128
+LONGEST_FIRST_BYTES = 4 * (2 * LONGEST_FIRST_MAX + 2)
 MAX_SHARED = SM_SHARED - 1024 - STATIC_BARRIERS  # 227 KB less the barriers: the limit per block
 
 
@@ -214,10 +218,11 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
 
 
 def fits_shared_memory(spec, tiles: TmaTiles) -> bool:
-    """Whether `tiles` (with an exact mask's records beside K) fit the shared memory each of the
-    SM's `blocks_per_sm` resident blocks has."""
+    """Whether `tiles` (with an exact mask's records beside K, or packed sequences' ranking) fit
+    the shared memory each of the SM's `blocks_per_sm` resident blocks has."""
     d, dv = spec.shapes.d, spec.shapes.dv
-    used = tiles.shared_bytes(d, dv) + (tiles.exact_record_bytes() if spec.exact else 0)
+    used = (tiles.shared_bytes(d, dv) + (tiles.exact_record_bytes() if spec.exact else 0)
+            + (LONGEST_FIRST_BYTES if spec.varlen is not None else 0))
     return used <= SM_SHARED // tiles.blocks_per_sm - 1024 - STATIC_BARRIERS
 
 

@@ -190,8 +190,9 @@ struct ExactBeside {
 // (VARLEN: packed sequences, schedule.cuh; else the whole call), its mask and score modifier
 // (built from the sequence's lengths), and the key tiles it visits. A varlen tile past its
 // sequence's end is skipped by producer and consumers alike. Tile `index` of the grid's
-// `tile_count`, in its order (schedule.cuh: query_tile_at and lane_tile_at, or packed_tile_at for
-// packed sequences, whose grid holds each sequence's own tiles): how many of the last
+// `tile_count`, in its order (schedule.cuh: query_tile_at and lane_tile_at; for packed sequences,
+// whose grid holds each sequence's own tiles, packed_tile_at, or on a persistent grid
+// longest_first_tile_at): how many of the last
 // lanes go tile by tile (_launch.tail_lanes) is read only where the host may ask for it
 // (TAIL_ORDER): a band bounded on the right alone (causal), no block or exact mask, no packed
 // sequences and no dropout (not measured with it).
@@ -204,7 +205,10 @@ struct TmaTileWork {
     KeyTiles<MASK::sparse, MASK::exact> key_tile;
     __device__ __forceinline__ TmaTileWork(const FwdArgs& a, int index, int tile_count) {
         if constexpr (VARLEN) {
-            const PackedTile tile = packed_tile_at<BLOCK_M, MASK::banded>(index, a.heads, a.cu_q, a.batch);
+            const LongestFirst& order = longest_first_storage();
+            const PackedTile tile = order.count > 0
+                                        ? longest_first_tile_at<BLOCK_M, MASK::banded>(index, a.heads, order)
+                                        : packed_tile_at<BLOCK_M, MASK::banded>(index, a.heads, a.cu_q, a.batch);
             b = tile.b;
             h = tile.lane;
             m0 = tile.tile * BLOCK_M;
@@ -725,6 +729,8 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
     const TmaForwardBarriers<STAGES> bar{smem_addr(barrier_words)};
     if (threadIdx.x == 0) bar.init(L::CONSUMERS);
     __syncthreads();
+    // Packed sequences on a persistent grid: longest first (schedule.cuh).
+    if constexpr (VARLEN) rank_longest_first<L::BLOCK_M>(longest_first_storage(), a, tile_counter != nullptr);
     const MASK mask(a);
     const TileMailbox mailbox{mailbox_slots};
 
