@@ -963,10 +963,17 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     // bounded on the right alone, no block or exact mask, no dropout (not measured with it), and
     // no ordered adds, which keep each lane's key tiles together (their blocks wait on one another).
     constexpr bool TAIL_ORDER = lanes_run_heavy_to_light<MASK>() && !ORDERED_DQ && !DROPOUT && !VARLEN;
-    // Packed sequences: each sequence's own key tiles (packed_tile_at), in order as kv_tile_of_block's.
+    // Packed sequences: each sequence's own key tiles, the sequences ranked by query count,
+    // longest first (schedule.cuh), a lane's key tiles in order as kv_tile_of_block's.
+    if constexpr (VARLEN)
+        rank_longest_first<BLOCK_N>(longest_first_storage(), a.cu_q, a.cu_k, a.batch, true,
+                                    LONGEST_FIRST_EACH_BLOCK_MAX);
     const KvTile tile = [&] {
         if constexpr (VARLEN) {
-            const PackedTile at = packed_tile_at<BLOCK_N, false>((int)blockIdx.x, a.kv_heads, a.cu_k, a.batch);
+            const LongestFirst& order = longest_first_storage();
+            const PackedTile at = order.count > 0
+                                      ? longest_first_tile_at<BLOCK_N, false>((int)blockIdx.x, a.kv_heads, order)
+                                      : packed_tile_at<BLOCK_N, false>((int)blockIdx.x, a.kv_heads, a.cu_k, a.batch);
             return KvTile{at.b, at.lane, at.tile};
         } else {
             return kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads,

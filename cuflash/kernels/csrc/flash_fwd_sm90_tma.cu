@@ -730,7 +730,9 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
     if (threadIdx.x == 0) bar.init(L::CONSUMERS);
     __syncthreads();
     // Packed sequences on a persistent grid: longest first (schedule.cuh).
-    if constexpr (VARLEN) rank_longest_first<L::BLOCK_M>(longest_first_storage(), a, tile_counter != nullptr);
+    if constexpr (VARLEN)
+        rank_longest_first<L::BLOCK_M>(longest_first_storage(), a.cu_k, a.cu_q, a.batch, tile_counter != nullptr,
+                                       LONGEST_FIRST_MAX);
     const MASK mask(a);
     const TileMailbox mailbox{mailbox_slots};
 

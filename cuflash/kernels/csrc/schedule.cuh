@@ -179,18 +179,22 @@ __device__ __forceinline__ PackedTile packed_tile_at(int index, int lanes, const
     return {lo, local / width, HEAVY_LAST ? width - 1 - tile : tile};
 }
 
-// ---- Packed sequences longest first, on a persistent grid.
+// ---- Packed sequences longest first.
 //
-// A persistent grid's blocks draw tiles in index order. In the packed grid's order a long
-// sequence that comes late keeps a few SMs on its heavy tiles after the others ran dry:
-// varlen_bench's 11 documents, sorted longest first, ran the TMA forward 8-11% faster under causal
-// and 2% unmasked on an H100. A persistent block of the TMA forward therefore ranks the
-// sequences by key count at its start, longest first (ties in index order), when there are at
-// most LONGEST_FIRST_MAX of them, and lays their tiles out in that order: rank r's
-// ceil(nq / TILE) tiles per lane from slot first[r] on, each lane's tiles next to each other as
-// in packed_tile_at. The slots past the last (packed_tile_slots leaves one a sequence and lane)
-// lie past every sequence's end. More sequences keep the packed grid's order.
+// Blocks start (or a persistent grid's blocks draw tiles) in index order. In the packed grid's
+// order a long sequence that comes late keeps a few SMs on its heavy tiles after the others ran
+// dry: varlen_bench's 11 documents, sorted longest first, ran the TMA forward 8-11% faster under
+// causal and 2% unmasked on an H100. So a persistent block of the TMA forward, and each block of
+// the warp-specialised dK/dV kernel, ranks the sequences at its start by the length its tiles'
+// work grows with (key counts for query tiles, query counts for key tiles), longest first (ties
+// in index order), and lays their tiles out in that order: rank r's ceil(n / TILE) tiles per
+// lane from slot first[r] on, each lane's tiles next to each other as in packed_tile_at. The
+// slots past the last (packed_tile_slots leaves one a sequence and lane) lie past every
+// sequence's end. One warp ranks, in time that grows with the square of the sequences: up to
+// LONGEST_FIRST_MAX of them once per persistent block, up to LONGEST_FIRST_EACH_BLOCK_MAX where
+// every block of a grid ranks; more keep the packed grid's order.
 constexpr int LONGEST_FIRST_MAX = 128;  // LONGEST_FIRST_MAX in sm90_tma_forward.py
+constexpr int LONGEST_FIRST_EACH_BLOCK_MAX = 32;
 struct LongestFirst {
     int sequence[LONGEST_FIRST_MAX];   // the sequence of rank r
     int first[LONGEST_FIRST_MAX + 1];  // rank r's first tile slot; first[count]: the tiles' end
@@ -201,32 +205,35 @@ __device__ __forceinline__ LongestFirst& longest_first_storage() {
     __shared__ LongestFirst order;
     return order;
 }
-// Every thread of the block calls it (it synchronises the block); `ranked`: the same in all.
-template <int TILE, class Args>
-__device__ __forceinline__ void rank_longest_first(LongestFirst& order, const Args& a, bool ranked) {
-    const int batch = a.batch;
-    ranked = ranked && batch <= LONGEST_FIRST_MAX;
-    if (threadIdx.x == 0) order.count = ranked ? batch : 0;
-    if (ranked) {
-        int* keys = order.first;  // each sequence's key count, until the ranks are out
-        for (int b = threadIdx.x; b < batch; b += blockDim.x) keys[b] = a.cu_k[b + 1] - a.cu_k[b];
-        __syncthreads();
-        for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-            const int key = keys[b];
-            int rank = 0;
-            for (int c = 0; c < batch; ++c) rank += keys[c] > key || (keys[c] == key && c < b);
-            order.sequence[rank] = b;
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) {  // the tiles' prefix sums in rank order, 32 ranks at a time
-            const int lane = threadIdx.x;
-            int end = 0;
+// Every thread of the block calls it (it synchronises the block); the first warp ranks the
+// `batch` sequences by their lengths in `work` (offsets) and cuts their tiles from `tiles_of`
+// where `ranked` (the same in every thread) and batch ≤ `most`. (Ranked by every thread of the
+// dK/dV kernel's block, its consumers spilled 72-116 bytes; by one warp, none.)
+template <int TILE>
+__device__ __forceinline__ void rank_longest_first(LongestFirst& order, const int* work, const int* tiles_of,
+                                                   int batch, bool ranked, int most) {
+    ranked = ranked && batch <= most;
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        if (lane == 0) order.count = ranked ? batch : 0;
+        if (ranked) {
+            int* keys = order.first;  // each sequence's length in `work`, until the ranks are out
+            for (int b = lane; b < batch; b += 32) keys[b] = work[b + 1] - work[b];
+            __syncwarp();
+            for (int b = lane; b < batch; b += 32) {
+                const int key = keys[b];
+                int rank = 0;
+                for (int c = 0; c < batch; ++c) rank += keys[c] > key || (keys[c] == key && c < b);
+                order.sequence[rank] = b;
+            }
+            __syncwarp();
+            int end = 0;  // the tiles' prefix sums in rank order, 32 ranks at a time
             for (int r0 = 0; r0 < batch; r0 += 32) {
                 const int r = r0 + lane;
                 int tiles = 0;
                 if (r < batch) {
                     const int b = order.sequence[r];
-                    tiles = (a.cu_q[b + 1] - a.cu_q[b] + TILE - 1) / TILE;
+                    tiles = (tiles_of[b + 1] - tiles_of[b] + TILE - 1) / TILE;
                 }
                 for (int o = 1; o < 32; o *= 2) {
                     const int x = __shfl_up_sync(0xffffffffu, tiles, o);
