@@ -202,11 +202,12 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     of them, so a block's fixed cost is a large share at any row length: 16K keys, D = 64 and
     128 ("Masks on the persistent grid"), +7-13% on butterfly and 2-D local masks, +2-11% on
     exact document and graph masks and their block twins, within ±3% on uniform random block
-    masks. Packed sequences' tiles (each sequence's own, schedule.cuh's packed_tile_at) are of
-    unequal work too: on an H200, 16K tokens in 11 documents of 193-3504 tokens at D = 128, 8%
-    faster unmasked and 3% causal than one block per tile ("Packed sequences on the persistent
-    grid"). The launcher keeps one block per tile when the tiles do not outnumber the blocks the
-    SMs hold."""
+    masks. Packed sequences' tiles (each sequence's own, schedule.cuh's packed_tile_at, ranked
+    longest first by each block) are of unequal work too: 16K tokens in 11 documents of
+    193-3504 tokens at D = 128, 7.5% faster unmasked and 4% causal than one block per tile on an
+    H200, 10% and 8% on an H100 ("Packed sequences: each sequence's own tiles, the persistent
+    grid, longest first"). The launcher keeps one block per tile when the tiles do not outnumber
+    the blocks the SMs hold."""
     masked = spec.sparse or spec.exact
     max_keys = PERSISTENT_GRID_MAX_KEYS if spec.banded else UNBANDED_PERSISTENT_MAX_KEYS
     d, dv = spec.shapes.d, spec.shapes.dv
