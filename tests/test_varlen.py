@@ -482,6 +482,43 @@ def test_packed_grids_hold_every_sequence_s_tiles_once(rng, tile):
         assert len(seen) - len(real) <= lanes * len(lengths)
 
 
+def longest_first_tile_at(index, lanes, work, tiles_of, tile):
+    """schedule.cuh's rank_longest_first and longest_first_tile_at (HEAVY_LAST false): the
+    sequences ranked by their lengths in `work`, longest first, ties in index order; their tiles
+    cut from `tiles_of`."""
+    batch = len(work) - 1
+    order = sorted(range(batch), key=lambda b: (-(work[b + 1] - work[b]), b))
+    first = np.concatenate([[0], np.cumsum([-(-(tiles_of[b + 1] - tiles_of[b]) // tile) for b in order])])
+    slot = index // lanes
+    if slot >= first[batch]:  # past the last tile: rank 0's tile just past its end
+        return order[0], 0, int(first[1])
+    r = max(r for r in range(batch) if first[r] <= slot)
+    width = first[r + 1] - first[r]
+    local = index - lanes * first[r]
+    return order[r], int(local // width), int(local % width)
+
+
+@pytest.mark.parametrize("tile", [64, 128, 192])
+def test_ranked_grids_hold_every_sequence_s_tiles_once(rng, tile):
+    """Ranked longest first, a packed grid (packed_tile_slots blocks a lane) still gives each
+    sequence's tiles of each lane one block, the longest sequence's first; the slots past the
+    last tile are past a sequence's end."""
+    from cuflash.kernels._launch import packed_tile_slots
+
+    lanes = 3
+    for lengths in ([0], [5, 0, 300], [tile - 1, tile, tile + 1, 0, 2 * tile], list(rng.integers(0, 5 * tile, 32))):
+        work = offsets(list(rng.integers(0, 3 * tile, len(lengths))))  # the ranking's lengths
+        cu = offsets(lengths)
+        blocks = packed_tile_slots(int(cu[-1]), len(lengths), tile) * lanes
+        seen = [longest_first_tile_at(index, lanes, work, cu, tile) for index in range(blocks)]
+        real = [(b, h, t) for b, n in enumerate(lengths) for h in range(lanes) for t in range(-(-n // tile))]
+        inside = [x for x in seen if x[2] * tile < lengths[x[0]]]
+        assert sorted(inside) == sorted(real)
+        keys = np.diff(work)
+        ranks = [(-keys[b], b) for b, _, _ in inside]
+        assert ranks == sorted(ranks)  # longest first, ties in index order
+
+
 def test_the_ranking_s_size_is_the_kernel_s():
     """The host counts the persistent forward's ranking of packed sequences (its static shared
     memory) with the kernel's LONGEST_FIRST_MAX."""
