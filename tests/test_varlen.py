@@ -528,8 +528,8 @@ def test_the_ranking_s_size_is_the_kernel_s():
     from cuflash.kernels import sm90_tma_forward
 
     source = (Path(sm90_tma_forward.__file__).parent / "csrc" / "schedule.cuh").read_text()
+    # (the struct's size against LONGEST_FIRST_BYTES is a static_assert beside it)
     assert int(re.search(r"constexpr int LONGEST_FIRST_MAX = (\d+);", source).group(1)) == sm90_tma_forward.LONGEST_FIRST_MAX
-    assert sm90_tma_forward.LONGEST_FIRST_BYTES == 4 * (2 * sm90_tma_forward.LONGEST_FIRST_MAX + 2)
 
 
 def test_float32_gpu_calls_are_refused_with_the_reason(monkeypatch):
@@ -589,13 +589,28 @@ def test_gpu_many_sequences_at_tile_edges(xp_gpu, rng, seed, d, causal, hq):
     """Many sequences whose lengths fall on and beside every query and key tile edge (64 to 192
     rows), empty ones among them, shuffled: the packed grids' blocks find their sequence and
     tile (schedule.cuh, packed_tile_at), the empty slots leave. With 3 heads the forward's tiles
-    are fewer than an H100's or H200's SMs (one block each), with 8 more (the persistent grid,
+    fit on an H100 or H200 at once (one block each), with 8 they do not (the persistent grid,
     sequences ranked longest first)."""
     edges = [n for e in (64, 128, 192, 256, 384) for n in (e - 1, e, e + 1)] + [0, 0, 1, 2]
     lens_q = [int(n) for n in rng.permutation(edges)]
     lens_k = [int(n) for n in rng.permutation(edges)]
     run_case(xp_gpu, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=lens_q, lens_k=lens_k, hq=hq, hkv=1,
              d=d, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d, dv", [(128, 128), (256, 256), (192, 128)])
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+def test_gpu_more_sequences_than_a_dkdv_block_ranks(xp_gpu, rng, seed, d, dv, causal):
+    """40 sequences (the dK/dV kernel ranks at most 32, LONGEST_FIRST_EACH_BLOCK_MAX: the
+    packed grid's order), some with queries and no keys or keys and no queries, at D = 128 and
+    at the 80-key tiles of Dv > 128, forward and backward."""
+    lens_q = [int(n) for n in rng.integers(0, 300, 40)]
+    lens_k = [int(n) for n in rng.integers(0, 300, 40)]
+    lens_q[3], lens_k[3] = 50, 0
+    lens_q[7], lens_k[7] = 0, 70
+    run_case(xp_gpu, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=lens_q, lens_k=lens_k, hq=8, hkv=2,
+             d=d, dv=dv, causal=causal)
 
 
 @pytest.mark.gpu

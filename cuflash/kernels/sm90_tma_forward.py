@@ -189,7 +189,8 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     consumer, drawing tiles from a counter as they finish), with key tiles of at least 128:
     calls (bands, score modifiers, dropout and packed sequences allowed) over rows of at most
     PERSISTENT_GRID_MAX_KEYS keys, or UNBANDED_PERSISTENT_MAX_KEYS without a band (packed
-    sequences: the longest), and block or exact masks at any length. The grid hides a block's start-up and the next tile's
+    sequences: the longest, and only with 128-key tiles, those measured), and block or exact
+    masks at any length. The grid hides a block's start-up and the next tile's
     loads under the previous tile's softmax and stores: measured on an H200 against one block
     per tile (benchmarks/NOTES.md, "The persistent Hopper forward", three runs) +7-22% at 1K
     causal keys and 0-12% at 1K unmasked, within ±4% at 2K-4K (+1-2% on average), 2-5% slower on
@@ -203,17 +204,18 @@ def persistent_grid(spec, tiles: TmaTiles) -> bool:
     128 ("Masks on the persistent grid"), +7-13% on butterfly and 2-D local masks, +2-11% on
     exact document and graph masks and their block twins, within ±3% on uniform random block
     masks. Packed sequences' tiles (each sequence's own, schedule.cuh's packed_tile_at, ranked
-    longest first by each block) are of unequal work too: 16K tokens in 11 documents of
-    193-3504 tokens at D = 128, 7.5% faster unmasked and 4% causal than one block per tile on an
-    H200, 10% and 8% on an H100 ("Packed sequences: each sequence's own tiles, the persistent
-    grid, longest first"). The launcher keeps one block per tile when the tiles do not outnumber
-    the blocks the SMs hold."""
+    longest first by each persistent block when there are at most LONGEST_FIRST_MAX sequences)
+    are of unequal work too: 16K tokens in 11 documents of 193-3504 tokens at D = 128, in index
+    order 7.5% faster unmasked and 4% causal than one block per tile over the same tiles on an
+    H200, then ranked 3% and 8% more on an H100 ("Packed sequences: each sequence's own tiles,
+    the persistent grid, longest first"). The launcher keeps one block per tile when the tiles do
+    not outnumber the blocks the SMs hold."""
     masked = spec.sparse or spec.exact
     max_keys = PERSISTENT_GRID_MAX_KEYS if spec.banded else UNBANDED_PERSISTENT_MAX_KEYS
     d, dv = spec.shapes.d, spec.shapes.dv
     # The 80-key tiles of Dv > 128, where O is not staged in the one Q buffer: in each tile's own
     # (two Q buffers, D ≤ 192), or in the last key tile's K and V buffers, then without a band.
-    wide = (not masked and _padded(dv) > 128
+    wide = (not masked and _padded(dv) > 128 and spec.varlen is None
             and (tiles.q_buffers == 2 or (tiles.o_in_kv(d, dv) and not spec.banded)))
     return (tiles.block_n >= 128 or wide) and (masked or spec.shapes.nk <= max_keys)
 

@@ -189,7 +189,7 @@ __device__ __forceinline__ PackedTile packed_tile_at(int index, int lanes, const
 // work grows with (key counts for query tiles, query counts for key tiles), longest first (ties
 // in index order), and lays their tiles out in that order: rank r's ceil(n / TILE) tiles per
 // lane from slot first[r] on, each lane's tiles next to each other as in packed_tile_at. The
-// slots past the last (packed_tile_slots leaves one a sequence and lane) lie past every
+// slots past the last (packed_tile_slots leaves at most one a sequence and lane) lie past every
 // sequence's end. One warp ranks, in time that grows with the square of the sequences: up to
 // LONGEST_FIRST_MAX of them once per persistent block, up to LONGEST_FIRST_EACH_BLOCK_MAX where
 // every block of a grid ranks; more keep the packed grid's order.
@@ -200,6 +200,8 @@ struct LongestFirst {
     int first[LONGEST_FIRST_MAX + 1];  // rank r's first tile slot; first[count]: the tiles' end
     int count;                         // the sequences ranked; 0: the packed grid's order
 };
+static_assert(sizeof(LongestFirst) == 4 * (2 * LONGEST_FIRST_MAX + 2),
+              "LongestFirst must match LONGEST_FIRST_BYTES in sm90_tma_forward.py");
 // The block's ranking, in static shared memory (only the kernels that call it hold it).
 __device__ __forceinline__ LongestFirst& longest_first_storage() {
     __shared__ LongestFirst order;
