@@ -970,10 +970,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
                                     LONGEST_FIRST_EACH_BLOCK_MAX);
     const KvTile tile = [&] {
         if constexpr (VARLEN) {
-            const LongestFirst& order = longest_first_storage();
-            const PackedTile at = order.count > 0
-                                      ? longest_first_tile_at<BLOCK_N, false>((int)blockIdx.x, a.kv_heads, order)
-                                      : packed_tile_at<BLOCK_N, false>((int)blockIdx.x, a.kv_heads, a.cu_k, a.batch);
+            const PackedTile at = packed_tile_of<BLOCK_N, false>((int)blockIdx.x, a.kv_heads, a.cu_k, a.batch);
             return KvTile{at.b, at.lane, at.tile};
         } else {
             return kv_tile_of_block<ORDERED_DQ && descending_key_tiles<MASK>()>(a.n_tiles, a.kv_heads,

@@ -205,10 +205,7 @@ struct TmaTileWork {
     KeyTiles<MASK::sparse, MASK::exact> key_tile;
     __device__ __forceinline__ TmaTileWork(const FwdArgs& a, int index, int tile_count) {
         if constexpr (VARLEN) {
-            const LongestFirst& order = longest_first_storage();
-            const PackedTile tile = order.count > 0
-                                        ? longest_first_tile_at<BLOCK_M, MASK::banded>(index, a.heads, order)
-                                        : packed_tile_at<BLOCK_M, MASK::banded>(index, a.heads, a.cu_q, a.batch);
+            const PackedTile tile = packed_tile_of<BLOCK_M, MASK::banded>(index, a.heads, a.cu_q, a.batch);
             b = tile.b;
             h = tile.lane;
             m0 = tile.tile * BLOCK_M;

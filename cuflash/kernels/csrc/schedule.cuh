@@ -161,22 +161,29 @@ __device__ __forceinline__ QueryTile query_tile_of_block(int m_tiles, int heads,
 struct PackedTile {
     int b, lane, tile;
 };
-template <int TILE>
-__device__ __forceinline__ int packed_first_slot(const int* cu, int b) {
-    return __ldg(cu + b) / TILE + b;
+// Block `index` of a layout whose r-th sequence's slots start at first_slot(r), nondecreasing
+// from first_slot(0) = 0, with `slot` = index / lanes below first_slot(count): the last r whose
+// slots start at or before the block's (a sequence without tiles starts where the next does),
+// sequence_of(r), and the block's lane and tile within r's slots.
+template <bool HEAVY_LAST, class FirstSlot, class SequenceOf>
+__device__ __forceinline__ PackedTile tile_in_slots(int index, int lanes, int count, FirstSlot first_slot,
+                                                    SequenceOf sequence_of) {
+    const int slot = index / lanes;  // lanes · first_slot(r) ≤ index exactly where first_slot(r) ≤ slot
+    int lo = 0, hi = count;          // first_slot(lo) ≤ slot < first_slot(hi)
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (first_slot(mid) <= slot) lo = mid;
+        else hi = mid;
+    }
+    const int first = first_slot(lo), width = first_slot(lo + 1) - first;
+    const int local = index - lanes * first, tile = local % width;
+    return {sequence_of(lo), local / width, HEAVY_LAST ? width - 1 - tile : tile};
 }
 template <int TILE, bool HEAVY_LAST>
 __device__ __forceinline__ PackedTile packed_tile_at(int index, int lanes, const int* cu, int batch) {
-    const int slot = index / lanes;  // lanes · S_b ≤ index exactly where S_b ≤ slot
-    int lo = 0, hi = batch;          // S_lo ≤ slot < S_hi, as S_0 = 0 and slot < S_B
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (packed_first_slot<TILE>(cu, mid) <= slot) lo = mid;
-        else hi = mid;
-    }
-    const int first = packed_first_slot<TILE>(cu, lo), width = packed_first_slot<TILE>(cu, lo + 1) - first;
-    const int local = index - lanes * first, tile = local % width;
-    return {lo, local / width, HEAVY_LAST ? width - 1 - tile : tile};
+    // S_0 = 0, and every block's slot is below S_B (packed_tile_slots)
+    return tile_in_slots<HEAVY_LAST>(
+        index, lanes, batch, [&](int b) { return __ldg(cu + b) / TILE + b; }, [](int b) { return b; });
 }
 
 // ---- Packed sequences longest first.
@@ -252,18 +259,19 @@ __device__ __forceinline__ void rank_longest_first(LongestFirst& order, const in
 // Tile `index` of a ranked block (order.count > 0), as packed_tile_at's.
 template <int TILE, bool HEAVY_LAST>
 __device__ __forceinline__ PackedTile longest_first_tile_at(int index, int lanes, const LongestFirst& order) {
-    const int slot = index / lanes, count = order.count;
+    const int count = order.count;
     // Past the last tile: rank 0's tile just past its end.
-    if (slot >= order.first[count]) return {order.sequence[0], 0, order.first[1]};
-    int lo = 0, hi = count;  // first[lo] ≤ slot < first[hi]
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (order.first[mid] <= slot) lo = mid;
-        else hi = mid;
-    }
-    const int first = order.first[lo], width = order.first[lo + 1] - first;
-    const int local = index - lanes * first, tile = local % width;
-    return {order.sequence[lo], local / width, HEAVY_LAST ? width - 1 - tile : tile};
+    if (index / lanes >= order.first[count]) return {order.sequence[0], 0, order.first[1]};
+    return tile_in_slots<HEAVY_LAST>(
+        index, lanes, count, [&](int r) { return order.first[r]; }, [&](int r) { return order.sequence[r]; });
+}
+// Tile `index` of a packed grid (of `lanes` lanes a sequence, tiles of TILE rows cut from `cu`):
+// in the block's ranking where rank_longest_first made one, else in the packed grid's order.
+template <int TILE, bool HEAVY_LAST>
+__device__ __forceinline__ PackedTile packed_tile_of(int index, int lanes, const int* cu, int batch) {
+    const LongestFirst& order = longest_first_storage();
+    return order.count > 0 ? longest_first_tile_at<TILE, HEAVY_LAST>(index, lanes, order)
+                           : packed_tile_at<TILE, HEAVY_LAST>(index, lanes, cu, batch);
 }
 
 // The key/value tile a dK/dV thread block owns, from a 1-D grid of n_tiles blocks for each lane
