@@ -456,14 +456,19 @@ def test_packed_calls_without_a_right_bound_take_one_past_every_key():
             np.testing.assert_array_equal(visible(nq, nk, *banded.band()), visible(nq, nk, *spec.band()))
 
 
+def tile_in_slots(index, lanes, first_slots, sequences):
+    """schedule.cuh's tile_in_slots (HEAVY_LAST false): (sequence, lane, tile) of block `index`
+    where the r-th sequence, sequences[r], takes the slots first_slots[r] .. first_slots[r + 1]."""
+    r = max(r for r in range(len(sequences)) if first_slots[r] <= index // lanes)
+    width = first_slots[r + 1] - first_slots[r]
+    local = index - lanes * first_slots[r]
+    return sequences[r], int(local // width), int(local % width)
+
+
 def packed_tile_at(index, lanes, cu, tile):
     """schedule.cuh's packed_tile_at (HEAVY_LAST false): (sequence, lane, tile) of a packed
     grid's block `index`."""
-    first_slot = [int(cu[b]) // tile + b for b in range(len(cu))]
-    b = max(b for b in range(len(cu) - 1) if first_slot[b] <= index // lanes)
-    width = first_slot[b + 1] - first_slot[b]
-    local = index - lanes * first_slot[b]
-    return b, local // width, local % width
+    return tile_in_slots(index, lanes, [int(cu[b]) // tile + b for b in range(len(cu))], range(len(cu) - 1))
 
 
 @pytest.mark.parametrize("tile", [64, 128, 192])
@@ -489,13 +494,9 @@ def longest_first_tile_at(index, lanes, work, tiles_of, tile):
     batch = len(work) - 1
     order = sorted(range(batch), key=lambda b: (-(work[b + 1] - work[b]), b))
     first = np.concatenate([[0], np.cumsum([-(-(tiles_of[b + 1] - tiles_of[b]) // tile) for b in order])])
-    slot = index // lanes
-    if slot >= first[batch]:  # past the last tile: rank 0's tile just past its end
+    if index // lanes >= first[batch]:  # past the last tile: rank 0's tile just past its end
         return order[0], 0, int(first[1])
-    r = max(r for r in range(batch) if first[r] <= slot)
-    width = first[r + 1] - first[r]
-    local = index - lanes * first[r]
-    return order[r], int(local // width), int(local % width)
+    return tile_in_slots(index, lanes, first, order)
 
 
 @pytest.mark.parametrize("tile", [64, 128, 192])

@@ -37,8 +37,9 @@ describe): a TMA producer warpgroup feeds two consumer warpgroups through mbarri
 ``CUFLASH_SM90_BWD_WS=0`` keeps the cp.async kernel (every thread loads), for comparison. Packed
 sequences take the warp-specialised kernel with the fused dQ (their TMA rows offset by each
 sequence's first row, a right bound past every key where the call has none:
-``keys_past_end_banded``); with dropout or ``deterministic`` they take the cp.async kernel. The fused dQ's accumulator keeps the order of the warps' wgmma
-fragments (csrc/schedule.cuh, ``dq_fragment_offset``), which ``flash_bwd_dq_convert`` undoes.
+``keys_past_end_banded``); with dropout or ``deterministic`` they take the cp.async kernel. The
+fused dQ's accumulator keeps the order of the warps' wgmma fragments (csrc/schedule.cuh,
+``dq_fragment_offset``), which ``flash_bwd_dq_convert`` undoes.
 """
 
 from __future__ import annotations
