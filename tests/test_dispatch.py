@@ -149,9 +149,9 @@ def test_gpu_dropout_runs_the_sm80_family(monkeypatch):
 @pytest.mark.parametrize("d, causal", [(64, False), (64, True), (128, False), (128, True)])
 def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkeypatch, d, causal):
     """On a fake compute-capability 9.0 device the default backward forms dQ inside the dK/dV
-    kernel (float32 adds into the accumulator flash_bwd_pre zeroes, then the cast of its fragment
-    order): no dq kernel. deterministic=True with CUFLASH_SM90_ORDERED_DQ=0 runs the dq kernel and
-    has no accumulator."""
+    kernel (float32 adds into the accumulator flash_bwd_pre zeroes, with its lane counters, then
+    the cast of its fragment order, lane by lane): no dq kernel. deterministic=True with
+    CUFLASH_SM90_ORDERED_DQ=0 runs the dq kernel and has no accumulator."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -173,22 +173,92 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
         two_kernels = deterministic
         assert [x[0].split("<")[0] for x in launches] == expected[two_kernels]
         pre, dkdv = launches[0][0], launches[1][0]
-        # flash_bwd_pre<T, ALIGNED, ZERO_DQ...>; the dK/dV kernel's last flag is ATOMIC_DQ.
-        assert pre.split(", ")[2].rstrip(">") == ("false" if two_kernels else "true")
+        # flash_bwd_pre<T, ALIGNED, ZERO_DQ, VARLEN, ZERO_SEMS, ZERO_LANES>; the dK/dV kernel's
+        # last flag is ATOMIC_DQ.
+        assert pre == ("flash_bwd_pre<bf16_t, true, false>" if two_kernels
+                       else "flash_bwd_pre<bf16_t, true, true, false, false, true>")
         assert dkdv.endswith(", ScoreMod<false, false>>" if two_kernels
                              else ", ScoreMod<false, false>, false, false, true>")
         accum = np.frombuffer(launches[1][4], _launch.BWD_ARGS)[0]["dq_accum"]
         assert (accum == 0) == two_kernels
-        if not two_kernels:  # the cast reads the accumulator in its fragment order (last flag)
-            assert launches[2][0].endswith(", false, false, true>")
+        if not two_kernels:
+            # The cast reads the accumulator in its fragment order, lane by lane (last two flags),
+            # each of the 2 lanes once its 2 key tiles have added (n_tiles), its 2·256 rows of 64
+            # or 128 columns in steps of 256 chunks of 8 columns.
+            cast, blocks = launches[2][0], launches[2][1][0]
+            assert cast.endswith(", false, false, true, true>")
+            assert np.frombuffer(launches[2][4], _launch.BWD_ARGS)[0]["n_tiles"] == 2
+            assert blocks == 2 * 256 * (d // 8) // 256
+
+
+def test_the_dq_cast_goes_lane_by_lane_where_the_dkdv_kernel_counts_its_lanes(monkeypatch):
+    """Where the warp-specialised dK/dV kernel adds dQ in any order into a dense call's
+    accumulator (sm90_backward.lanes_counted), flash_bwd_pre zeroes one counter per (batch,
+    key/value head) lane past the accumulator and the cast goes lane by lane: each lane waits
+    for its key tiles (n_tiles: under GQA every query head of the group adds into the lane's
+    rows, so its count is the lane's key tiles, not those times the group), on at most 8 blocks
+    per SM. CAST_DQ_BY_LANE = False keeps the cast after the whole grid, the dK/dV kernel and its
+    counters unchanged; the cp.async dK/dV kernel, ordered adds and packed sequences count
+    nothing."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _calls
+    from cuflash.kernels import WARP_SPECIALISED_BACKWARD_ENV, _launch, mma_backward, sm90_backward
+    from cuflash.kernels._variants import spec_of
+
+    device = FakeDevice(monkeypatch, compute_capability="90")  # 132 SMs
+    workspaces = []
+    monkeypatch.setattr(mma_backward.Scratch, "allocate",
+                        lambda self, _allocate=mma_backward.Scratch.allocate:
+                        workspaces.append(self) or _allocate(self))
+
+    def launches(b, hq, hkv, n, d, **options):
+        q, dout, out = (device.empty((b, hq, n, d), ml_dtypes.bfloat16) for _ in range(3))
+        k, v = (device.empty((b, hkv, n, d), ml_dtypes.bfloat16) for _ in range(2))
+        cuflash.attention_backward(dout, q, k, v, out, device.empty((b, hq, n), np.float32), **options)
+        return device.take_launches()
+
+    def n_tiles(launch):
+        return int(np.frombuffer(launch[4], _launch.BWD_ARGS)[0]["n_tiles"])
+
+    pre, dkdv, cast = launches(2, 8, 2, 700, 128, causal=True)
+    assert pre[0].endswith(", false, false, true>") and cast[0].endswith(", true, true>")  # ZERO_LANES, AFTER_LANES
+    assert n_tiles(cast) == n_tiles(dkdv) == 6  # 128-key tiles of 700 keys, a lane's count
+    assert cast[1] == (2 * 8 * 700 * 16 // 256,) and cast[2] == (256,)  # 8-column chunks, 256 a block
+    assert workspaces[-1].lane_counters == 2 * 2
+    assert workspaces[-1].nbytes == 4 * (2 * workspaces[-1].rows + workspaces[-1].accum + 4)
+    assert launches(1, 16, 16, 16384, 128)[2][1] == (8 * 132,)  # at most 8 blocks per SM
+
+    monkeypatch.setattr(sm90_backward, "CAST_DQ_BY_LANE", False)
+    _calls.clear()
+    after_grid = launches(2, 8, 2, 700, 128, causal=True)
+    assert [x[0] for x in after_grid[:2]] == [pre[0], dkdv[0]]  # the same counting dK/dV kernel
+    assert after_grid[2][0] == cast[0].removesuffix(", true>") + ">"
+    assert after_grid[2][1] == (-(-2 * 8 * 700 * 16 // 256),) and workspaces[-1].lane_counters == 4
+    monkeypatch.setattr(sm90_backward, "CAST_DQ_BY_LANE", True)
+
+    for options, environment in ((dict(deterministic=True), {}), ({}, {WARP_SPECIALISED_BACKWARD_ENV: "0"})):
+        with monkeypatch.context() as patch:
+            for name, value in environment.items():
+                patch.setenv(name, value)
+            _calls.clear()
+            pre, _, cast = launches(2, 8, 2, 700, 128, causal=True, **options)
+            assert not pre[0].endswith(", false, false, true>")  # no ZERO_LANES
+            assert cast[0].endswith(", false, false, true>") and workspaces[-1].lane_counters == 0
+    packed = dataclasses.replace(spec_of("bfloat16", 128, causal=True), varlen=object())
+    assert not sm90_backward.lanes_counted(packed, False, True, True)
+    assert sm90_backward.lanes_counted(spec_of("bfloat16", 128, causal=True), False, True, True)
 
 
 @pytest.mark.parametrize("d, window", [(64, (-1, -1)), (128, (-1, 0)), (128, (40, 7))])
 def test_deterministic_calls_fuse_dq_with_ordered_adds(monkeypatch, d, window):
     """Deterministic calls form dQ in the warp-specialised dK/dV kernel with ordered adds (its
-    last flag), their semaphores zeroed by flash_bwd_pre (its last flag) in a workspace 4 bytes
-    per 32 rows larger than the default's; default calls are unchanged; block masks, the cp.async
-    kernel and CUFLASH_SM90_ORDERED_DQ=0 take the dQ kernel instead."""
+    last flag), their semaphores zeroed by flash_bwd_pre (its ZERO_SEMS) in a workspace 4 bytes
+    per 32 rows larger than the accumulator's, where default calls keep their lane counters (4
+    bytes per lane, zeroed by its ZERO_LANES), and the cast after the whole dK/dV grid, not lane
+    by lane; default calls are unchanged; block masks, the cp.async kernel and
+    CUFLASH_SM90_ORDERED_DQ=0 take the dQ kernel instead."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -214,12 +284,15 @@ def test_deterministic_calls_fuse_dq_with_ordered_adds(monkeypatch, d, window):
     ordered = sequence(deterministic=True)
     assert [x.split("<")[0] for x in ordered] == [
         "flash_bwd_pre", "flash_bwd_sm90_dkdv_ws", "flash_bwd_dq_convert"]
-    assert ordered[0] == default[0][:-1] + ", false, true>"  # VARLEN false, ZERO_SEMS true
+    zero_lanes = ", false, false, true>"  # VARLEN, ZERO_SEMS, ZERO_LANES
+    assert default[0].endswith(zero_lanes)
+    assert ordered[0] == default[0].removesuffix(zero_lanes) + ", false, true>"  # VARLEN, ZERO_SEMS
     # ORDERED_DQ after ATOMIC_DQ; without a band also ROTATED_DQ (3 key tiles against 3 query tiles)
     assert ordered[1] == default[1][:-1] + (", true, true>" if window == (-1, -1) else ", true>")
-    assert ordered[2] == default[2]
+    assert ordered[2] == default[2].removesuffix(", true>") + ">"  # no AFTER_LANES
     fused, with_semaphores = workspaces[-2], workspaces[-1]
-    assert with_semaphores.accum == fused.accum and fused.semaphores == 0
+    assert with_semaphores.accum == fused.accum and fused.semaphores == with_semaphores.lane_counters == 0
+    assert fused.lane_counters == 2 * 4  # one per (batch, key/value head)
     assert with_semaphores.semaphores == with_semaphores.rows // 32 == 2 * 4 * 384 // 32
     assert "in key-tile order" in cuflash.kernel_plan(q, k, v, window=window,
                                                       deterministic=True).backward.detail
@@ -570,8 +643,9 @@ def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_
                                           (192, 128, dict(deterministic=True)), (96, 96, dict())])
 def test_kernel_plan_reports_the_backward_workspace_the_call_allocates(monkeypatch, capability, d, dv, options):
     """kernel_plan's backward names its workspace, by part (base-2 lse and Delta; where dQ is
-    formed in the dK/dV kernel, its float32 accumulator; with ordered adds their semaphores):
-    exactly the bytes the backward call then allocates besides the gradients."""
+    formed in the dK/dV kernel, its float32 accumulator; with ordered adds their semaphores, with
+    adds in any order in the warp-specialised kernel the lane counters of its cast): exactly the
+    bytes the backward call then allocates besides the gradients."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -590,6 +664,8 @@ def test_kernel_plan_reports_the_backward_workspace_the_call_allocates(monkeypat
     fused = "forming dQ too" in plan.detail or "adding dQ by float32 atomics" in plan.detail
     assert ("float32 dQ accumulator" in workspace) == fused
     assert ("semaphores of the ordered dQ adds" in workspace) == ("key-tile order" in plan.detail)
+    counted = "warp-specialised dK/dV kernel forming dQ too (float32 adds in any order" in plan.detail
+    assert workspace.get("lane counters of the dQ cast") == (4 * 2 * 3 if counted else None)
     assert "workspace: " in plan.describe()
     cuflash.attention_backward(dout, q, k, v, out, lse, **options)
     assert allocated == [sum(workspace.values())], plan.describe()

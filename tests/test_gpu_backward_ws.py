@@ -308,3 +308,56 @@ def test_tail_order_gives_every_key_tile_its_gradients(xp_gpu, rng, seed, dkdv_k
     dq, dq_lanes = (to_host(x).astype(np.float32) for x in (tail_order[0], lane_order[0]))
     assert np.isfinite(dq).all()
     np.testing.assert_allclose(dq, dq_lanes, rtol=2e-2, atol=2e-2 * float(np.abs(dq_lanes).max()))
+
+
+# ----------------------------------------------------------------------------- the dQ cast lane by lane
+
+LANE_CASES = [dict(d=64, n=1000), dict(d=128, causal=True, b=2, hq=4),
+              dict(d=128, causal=True, b=2, hq=8, hkv=2, n=700),  # GQA: 4 query heads a lane
+              dict(d=64, causal=True, b=3, hq=3, n=333, nk=517)]  # odd lengths, Nq ≠ Nk
+
+
+@pytest.mark.parametrize("options", LANE_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_dq_cast_lane_by_lane(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, options):
+    """Where the warp-specialised dK/dV kernel counts its lanes' finished key tiles
+    (sm90_backward.lanes_counted), the dQ cast takes each lane as soon as its counter says its
+    dQ is whole: every gradient written (into NaN-poisoned buffers, the workspace poisoned too)
+    within the rule of the float64 oracle, dK and dV bit-identical to the cast after the whole grid
+    (CAST_DQ_BY_LANE = False), and after the call each lane's counter at its key tiles."""
+    import cupy
+
+    from cuflash.kernels import sm90_backward
+
+    if dkdv_kernel != "warp-specialised":
+        pytest.skip("lane counters: the warp-specialised kernel only")
+    options = dict(options)
+    b, hq, n, d = options.pop("b", 1), options.pop("hq", 2), options.pop("n", 512), options.pop("d")
+    hkv, nk = options.pop("hkv", hq), options.pop("nk", n)
+    dtype, xp = ml_dtypes.bfloat16, xp_gpu
+    q = random_array(rng, (b, hq, n, d), dtype, xp=xp)
+    k, v = (random_array(rng, (b, hkv, nk, d), dtype, xp=xp) for _ in range(2))
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    dout = random_array(rng, out.shape, dtype, xp=xp)
+    spec = spec_for(q, k, v, **options)
+    assert sm90_backward.lanes_counted(spec, False, True, True)
+    key_tiles = -(-nk // sm90_backward.default_tiles(sm90_backward.tile_head_dim(spec)).dkdv_block_n)
+
+    def gradients(by_lane: bool):
+        """(dq, dk, dv) of one backward with the cast lane by lane or after the grid, and the lane
+        counters it left in its workspace."""
+        monkeypatch.setattr(sm90_backward, "CAST_DQ_BY_LANE", by_lane)
+        grads = [poisoned(x.shape, dtype, xp=xp) for x in (q, k, v)]
+        launch = sm90_backward.prepare_backward(spec, (q, k, v, dout, out, *grads))
+        assert launch.scratch.lane_counters == b * hkv
+        with poisoned_allocations(xp):  # counters that flash_bwd_pre did not zero would be -1
+            workspace = launch(dout, q, k, v, out, lse, *grads, spec)
+        counters = cupy.ndarray((b * hkv,), np.int32, workspace + launch.scratch.counters_offset)
+        return grads, to_host(counters)
+
+    by_lane, counters = gradients(True)
+    assert (counters == key_tiles).all(), f"{counters} against {key_tiles} key tiles; seed={seed}"
+    assert_backward_close(by_lane, dout, q, k, v, context=f"seed={seed} lane by lane", **options)
+    after_grid, counters = gradients(False)
+    assert (counters == key_tiles).all(), f"{counters} after the grid; seed={seed}"
+    for name, got, want in zip(("dk", "dv"), by_lane[1:], after_grid[1:]):
+        assert bool((got.view(xp.uint16) == want.view(xp.uint16)).all()), f"{name} seed={seed}"

@@ -64,6 +64,10 @@ SOURCE = "flash_bwd.cu"
 ROW_ALIGN = 128  # scratch rows per (batch, head) are a multiple of this: every query tile divides it
 PRE_ROWS = 32    # rows per thread block of flash_bwd_pre
 SEMAPHORE_ROWS = PRE_ROWS  # scratch rows per semaphore of ordered dq adds (csrc/schedule.cuh, dq_semaphore_rows)
+# The most blocks per SM of the dq cast lane by lane (csrc/flash_bwd.cu, CONVERT_BLOCKS_PER_SM):
+# its grid, which walks the accumulator, holds no more than the SMs hold at once.
+CONVERT_BLOCKS_PER_SM = 8
+CONVERT_STEP = 256  # chunks (8 columns of a row) a block of the cast takes at a time: one a thread
 SMEM_PAD = 8
 
 
@@ -226,10 +230,11 @@ def _spec_flags(spec) -> tuple:
 
 
 def variant_pre(dtype, *, aligned: bool, zero_dq: bool, varlen: bool = False,
-                zero_semaphores: bool = False) -> str:
-    """zero_semaphores: also those of the Hopper fused dQ's ordered adds (``Scratch``)."""
+                zero_semaphores: bool = False, zero_lanes: bool = False) -> str:
+    """zero_semaphores: also those of the Hopper fused dQ's ordered adds; zero_lanes: the lane
+    counters of its cast lane by lane (``Scratch``)."""
     return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq,
-                                      *_build.trailing_flags(varlen, zero_semaphores))
+                                      *_build.trailing_flags(varlen, zero_semaphores, zero_lanes))
 
 
 def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> str:
@@ -251,10 +256,11 @@ def variant_dq(spec, tiles: BwdTiles, *, aligned: bool) -> str:
 
 
 def variant_convert(dtype, *, aligned: bool, varlen: bool = False, float32_grads: bool = False,
-                    fragment_order: bool = False) -> str:
-    """fragment_order: the accumulator of the Hopper fused dQ (flash_bwd_sm90.cu), not row-major."""
+                    fragment_order: bool = False, after_lanes: bool = False) -> str:
+    """fragment_order: the accumulator of the Hopper fused dQ (flash_bwd_sm90.cu), not row-major;
+    after_lanes: cast lane by lane as its lanes' counters fill (``convert_launch``)."""
     return _build.template_expression("flash_bwd_dq_convert", element_type(dtype), aligned,
-                                      *_build.trailing_flags(varlen, float32_grads, fragment_order))
+                                      *_build.trailing_flags(varlen, float32_grads, fragment_order, after_lanes))
 
 
 def tiles_for(spec) -> BwdTiles:
@@ -302,8 +308,10 @@ class Scratch:
     """The workspace of one backward call (see workspace_bytes), as one allocation of floats:
     ``rows`` base-2 lse values, ``rows`` Delta values, then ``accum`` values of the dq
     accumulator (atomic dq only; 0 otherwise), then ``semaphores`` int32 values (the Hopper fused
-    dQ's ordered adds: one per 32 rows, csrc/schedule.cuh's dq_semaphore; 0 otherwise).
-    ``rows_pad`` is the rows per (batch, head), or for
+    dQ's ordered adds: one per 32 rows, csrc/schedule.cuh's dq_semaphore; 0 otherwise) or
+    ``lane_counters`` int32 values (the Hopper fused dQ's adds in any order, whose cast then goes
+    lane by lane: one per (batch, key/value head), csrc/schedule.cuh's dq_lane_counter; 0
+    otherwise), which take the same place. ``rows_pad`` is the rows per (batch, head), or for
     a varlen call the rows per head: every sequence's rows rounded up to ROW_ALIGN, each starting
     on a multiple of it, ``(ceil(total_q / ROW_ALIGN) + B) · ROW_ALIGN`` in all (where each
     sequence starts is csrc/schedule.cuh's scratch_offset)."""
@@ -312,13 +320,15 @@ class Scratch:
     rows: int
     accum: int
     semaphores: int = 0
+    lane_counters: int = 0
 
     @classmethod
     def of(cls, spec, *, atomic_dq: bool, dqk: int | None = None,
-           semaphores: bool = False) -> "Scratch":
+           semaphores: bool = False, lane_counters: bool = False) -> "Scratch":
         """``dqk``: the accumulator's row length, when a family pads D further than this
         module's kernels do (``padded_head_dims``); ``semaphores``: those of ordered adds into
-        the accumulator (dense calls)."""
+        the accumulator (dense calls); ``lane_counters``: those of its cast lane by lane (dense
+        calls, adds in any order)."""
         s = spec.shapes
         if spec.varlen is None:
             rows_pad = rows_padded(s.nq)
@@ -326,14 +336,17 @@ class Scratch:
         else:
             rows_pad = (-(-spec.varlen.total_q // ROW_ALIGN) + s.b) * ROW_ALIGN
             rows = s.hq * rows_pad
-        if semaphores and not (atomic_dq and spec.varlen is None):
-            raise ValueError("semaphores order the adds into a dense call's dq accumulator")
+        if (semaphores or lane_counters) and not (atomic_dq and spec.varlen is None):
+            raise ValueError("semaphores and lane counters follow a dense call's dq accumulator")
+        if semaphores and lane_counters:
+            raise ValueError("semaphores and lane counters take the same place: one or the other")
         return cls(rows_pad, rows, rows * (dqk or padded_head_dims(spec)[0]) if atomic_dq else 0,
-                   rows // SEMAPHORE_ROWS if semaphores else 0)
+                   rows // SEMAPHORE_ROWS if semaphores else 0, s.b * s.hkv if lane_counters else 0)
 
     def allocate(self):
         """``(memory, (lse2, delta, dq_accum))``: the allocation (a CuPy ``MemoryPointer``) and
-        the three pointers (0 for an absent accumulator; the semaphores follow it). Every part
+        the three pointers (0 for an absent accumulator; the semaphores or lane counters follow
+        it, at ``counters_offset``). Every part
         starts 512-byte aligned (rows_pad is a multiple of 128, CuPy's blocks are 512-byte
         aligned)."""
         memory = _launch.device_memory(self.nbytes)
@@ -341,7 +354,7 @@ class Scratch:
 
     @property
     def nbytes(self) -> int:
-        return 4 * (2 * self.rows + self.accum + self.semaphores)
+        return 4 * (2 * self.rows + self.accum + self.semaphores + self.lane_counters)
 
     def parts(self) -> dict[str, int]:
         """Its bytes by what they hold (``cuflash.kernel_plan``'s workspace line)."""
@@ -350,7 +363,14 @@ class Scratch:
             parts["float32 dQ accumulator"] = 4 * self.accum
         if self.semaphores:
             parts["semaphores of the ordered dQ adds"] = 4 * self.semaphores
+        if self.lane_counters:
+            parts["lane counters of the dQ cast"] = 4 * self.lane_counters
         return parts
+
+    @property
+    def counters_offset(self) -> int:
+        """The byte offset of the semaphores or lane counters in the workspace."""
+        return 4 * (2 * self.rows + self.accum)
 
     def pointers(self, base: int) -> tuple[int, int, int]:
         """``(lse2, delta, dq_accum)`` in a workspace of ``nbytes`` at ``base`` (512-byte
@@ -425,29 +445,42 @@ def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
 
 
 def preprocess_launch(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool,
-                      zero_semaphores: bool = False) -> KernelLaunch:
+                      zero_semaphores: bool = False, zero_lanes: bool = False) -> KernelLaunch:
     """The flash_bwd_pre launch: Delta, base-2 lse (and the zeroed dq accumulator, and its
-    semaphores). `aligned`: out and dout allow 16-byte loads. A varlen call's grid covers the
-    longest sequence's padded rows for each (sequence, head), its row blocks sent as m_tiles."""
+    semaphores or lane counters). `aligned`: out and dout allow 16-byte loads. A varlen call's
+    grid covers the longest sequence's padded rows for each (sequence, head), its row blocks sent
+    as m_tiles."""
     varlen = spec.varlen is not None
     kernel = _build.get_function(SOURCE, variant_pre(spec.dtype, aligned=aligned, zero_dq=zero_dq,
-                                                     varlen=varlen, zero_semaphores=zero_semaphores))
+                                                     varlen=varlen, zero_semaphores=zero_semaphores,
+                                                     zero_lanes=zero_lanes))
     row_blocks = (rows_padded(spec.shapes.nq) if varlen else rows_pad) // PRE_ROWS
     blocks = check_grid(row_blocks * spec.shapes.hq * spec.shapes.b, "flash_bwd_pre")
     return KernelLaunch(kernel, blocks, 256, 0, args(m_tiles=row_blocks if varlen else 0))
 
 
-def convert_launch(args, spec, *, aligned: bool, fragment_order: bool = False) -> KernelLaunch:
+def convert_launch(args, spec, *, aligned: bool, fragment_order: bool = False,
+                   lanes_after: tuple[int, int] | None = None) -> KernelLaunch:
     """The flash_bwd_dq_convert launch: one thread per 8 columns of each row of dq. A varlen
     call's grid covers the longest sequence's rows for each (sequence, head), its blocks per
     (sequence, head) sent as m_tiles. ``fragment_order``: the accumulator is the Hopper fused
-    dQ's (schedule.cuh, dq_fragment_offset)."""
+    dQ's (schedule.cuh, dq_fragment_offset). ``lanes_after = (key_tiles, sms)`` (a dense call's
+    fused dQ whose dK/dV kernel counts its lanes' key tiles, ``sm90_backward.lanes_counted``):
+    the cast lane by lane, each lane once its counter reaches ``key_tiles`` (sent as n_tiles), on
+    at most CONVERT_BLOCKS_PER_SM blocks per SM of ``sms`` that walk the rows
+    (csrc/flash_bwd.cu, AFTER_LANES)."""
     s = spec.shapes
     varlen = spec.varlen is not None
     kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned, varlen=varlen,
                                                          float32_grads=spec.float32_grads,
-                                                         fragment_order=fragment_order))
+                                                         fragment_order=fragment_order,
+                                                         after_lanes=lanes_after is not None))
     chunks = -(-s.d // 8)
+    if lanes_after is not None:
+        key_tiles, sms = lanes_after
+        steps = -(-s.b * s.hq * s.nq * chunks // CONVERT_STEP)
+        return KernelLaunch(kernel, min(steps, CONVERT_BLOCKS_PER_SM * sms), CONVERT_STEP, 0,
+                            args(n_tiles=key_tiles))
     if varlen:
         per_head = -(-s.nq * chunks // 256)
         blocks = check_grid(per_head * s.hq * s.b, "flash_bwd_dq_convert")
@@ -512,7 +545,8 @@ def main_variants() -> list[tuple[str, str]]:
     for every spec of the grid (both dtypes x head dims x dense/causal, and each mask policy and
     score modifier), the dk/dv kernel with and without atomic dq and the deterministic dq
     kernel; block-sparse fallback tiles (64-row blocks), unaligned views, float32 gradients, and
-    the small per-row kernels (the dQ cast also for the Hopper fused dQ's accumulator order)."""
+    the small per-row kernels (the dQ cast also for the Hopper fused dQ's accumulator order, and
+    lane by lane)."""
     from ..sparse import BlockMask
     from ._variants import (dropout_spec_grid, float32_grads_specs, spec_grid, spec_of,
                             varlen_spec_grid)
@@ -522,10 +556,13 @@ def main_variants() -> list[tuple[str, str]]:
         for aligned in (False, True):
             for zero_dq in (True, False):
                 out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq)))
-            # with the semaphores of the Hopper fused dQ's ordered adds (sm90_backward.ordered_dq)
+            # with the semaphores of the Hopper fused dQ's ordered adds (sm90_backward.ordered_dq),
+            # or the lane counters of its cast lane by lane (sm90_backward.lanes_counted)
             out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=True, zero_semaphores=True)))
+            out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=True, zero_lanes=True)))
             out += [(SOURCE, variant_convert(dtype, aligned=aligned, fragment_order=order))
                     for order in (False, True)]
+            out.append((SOURCE, variant_convert(dtype, aligned=aligned, fragment_order=True, after_lanes=True)))
 
     def both_paths(spec, aligned=True):
         tiles = tiles_for(spec)
@@ -550,6 +587,8 @@ def main_variants() -> list[tuple[str, str]]:
     for aligned in (False, True):
         out += [(SOURCE, variant_convert("bfloat16", aligned=aligned, float32_grads=True, fragment_order=order))
                 for order in (False, True)]
+        out.append((SOURCE, variant_convert("bfloat16", aligned=aligned, float32_grads=True, fragment_order=True,
+                                            after_lanes=True)))
 
     for dtype in ("float16", "bfloat16"):
         for aligned in (False, True):

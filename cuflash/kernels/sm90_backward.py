@@ -18,7 +18,10 @@ lse, padded rows):
   ``flash_bwd_dq_convert``. Five GEMMs per tile pair; the float adds of several blocks land in
   any order. Scratch is that of the mma path's default, ``mma_backward.workspace_bytes``: lse2,
   Delta and the accumulator, 4·D bytes per query row and head (256 MiB at B = 1, Hq = 16,
-  Nq = 64K, D = 64), with D the tile's head dim (128 at D = 96).
+  Nq = 64K, D = 64), with D the tile's head dim (128 at D = 96). Dense calls in the
+  warp-specialised kernel (``lanes_counted``) also count each lane's ((batch, key/value head))
+  finished key tiles, 4 bytes per lane, so that the cast takes a lane as soon as its dQ is
+  whole, beside the grid's last wave (``CAST_DQ_BY_LANE``).
 - ``deterministic=True`` where ``ordered_dq`` says (warp-specialised kernel, no block-sparse or
   exact mask): the first sequence with the fused dQ's adds in key-tile order (flash_bwd_sm90.cu,
   ORDERED_DQ: one semaphore per 32 scratch rows, zeroed by flash_bwd_pre), bit-identical run to
@@ -232,6 +235,22 @@ def describe_call(spec) -> str:
     return f"a {dkdv}, then a {dq} (bit-identical run to run)"
 
 
+# Whether the cast of a fused dQ whose lanes are counted (``lanes_counted``) goes lane by lane
+# beside the dK/dV grid's last wave (True) or after the whole grid. Read when a call is prepared:
+# to compare, set it and clear the prepared calls (``cuflash._calls.clear()``). Either way the
+# dK/dV kernel counts, so dK and dV come from the same code.
+CAST_DQ_BY_LANE = True
+
+
+def lanes_counted(spec, ordered: bool, atomic_dq: bool, producer: bool) -> bool:
+    """Whether the dK/dV kernel counts each lane's ((batch, key/value head)) finished key tiles
+    in the workspace, so that the dQ cast can start on a lane as soon as its dQ is whole: the
+    warp-specialised kernel (``producer``) adding dQ in any order (``atomic_dq`` and not
+    ``ordered``, whose semaphores take the counters' place) into a dense call's accumulator.
+    The kernel's twin of this rule: csrc/flash_bwd_sm90.cu, lanes_counted."""
+    return producer and atomic_dq and not ordered and spec.varlen is None
+
+
 def dq_route(spec, tiles: Sm90BwdTiles, producer: bool) -> tuple[bool, bool]:
     """``(ordered, atomic_dq)``: whether the dK/dV kernel adds dQ in key-tile order
     (``ordered_dq``), and whether it forms dQ at all, in any order or ordered (else a dQ kernel
@@ -240,18 +259,22 @@ def dq_route(spec, tiles: Sm90BwdTiles, producer: bool) -> tuple[bool, bool]:
     return ordered, fuses_dq(spec, tiles, producer) or ordered
 
 
-def scratch_of(spec, ordered: bool, atomic_dq: bool) -> mma_backward.Scratch:
+def scratch_of(spec, ordered: bool, atomic_dq: bool, counted: bool = False) -> mma_backward.Scratch:
     """The workspace of this call's backward on the route ``dq_route`` gives: lse2 and Delta,
     and where the dK/dV kernel forms dQ its float32 accumulator (rows of the tile's D floats,
-    fragment order), with the ordered adds' semaphores."""
-    return mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=tile_head_dim(spec), semaphores=ordered)
+    fragment order), with the ordered adds' semaphores or (``counted``: ``lanes_counted``) the
+    lane counters, 4 bytes per (batch, key/value head)."""
+    return mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=tile_head_dim(spec), semaphores=ordered,
+                                   lane_counters=counted)
 
 
 def workspace_of(spec) -> dict[str, int]:
     """The device memory this call's backward allocates besides the gradients, by part
     (``cuflash.kernel_plan``; for the kernel ``describe_call`` names)."""
     tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
-    return scratch_of(spec, *dq_route(spec, tiles, producer_wanted(spec))).parts()
+    producer = producer_wanted(spec)
+    ordered, atomic_dq = dq_route(spec, tiles, producer)
+    return scratch_of(spec, ordered, atomic_dq, lanes_counted(spec, ordered, atomic_dq, producer)).parts()
 
 
 def step_dims(spec) -> tuple[int, ...]:
@@ -461,14 +484,15 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     if tiles.split_gradients and not producer:
         raise ValueError("split dK/dV gradients (D or Dv above 128) need the warp-specialised kernel")
     ordered, atomic_dq = dq_route(spec, tiles, producer)
-    scratch = scratch_of(spec, ordered, atomic_dq)
+    counted = lanes_counted(spec, ordered, atomic_dq, producer)
+    scratch = scratch_of(spec, ordered, atomic_dq, counted)
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view), and the zeroed
-    # dQ accumulator of the fused dQ (and the semaphores of its ordered adds).
+    # dQ accumulator of the fused dQ (and the semaphores of its ordered adds, or its lane counters).
     launches = [mma_backward.preprocess_launch(
         args, spec, rows_pad=scratch.rows_pad, aligned=vector_aligned((out, dout), (dv_dim,)),
-        zero_dq=atomic_dq, zero_semaphores=ordered)]
+        zero_dq=atomic_dq, zero_semaphores=ordered, zero_lanes=counted)]
 
     # 2. dK, dV (and the fused dQ): one block per key tile; 3. dQ: one block per query tile, or
     # the accumulator's cast.
@@ -511,8 +535,11 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         launches.append(KernelLaunch(kernel, blocks, 128 * warpgroups, shared, args(m_tiles, n_tiles, index, tail),
                                      maps=maps, map_pointers=WARP_SPECIALISED_MAP_POINTERS if maps else ()))
     if atomic_dq:
+        # Lane by lane: each lane's count is its key tiles, the dK/dV grid's per lane.
+        lanes_after = ((-(-nk // tiles.dkdv_block_n), _launch.sm_count(q.data.device_id))
+                       if counted and CAST_DQ_BY_LANE else None)
         launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (s.d,)),
-                                                    fragment_order=True))
+                                                    fragment_order=True, lanes_after=lanes_after))
     return mma_backward.BackwardLaunch(scratch, tuple(launches))
 
 

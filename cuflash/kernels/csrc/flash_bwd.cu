@@ -15,7 +15,9 @@
 //                         accumulator (dS^T goes through shared memory and comes back transposed
 //                         by ldmatrix.trans).
 //   flash_bwd_dq_convert  dQ accumulator * scale -> dQ in the input dtype (or float32); also for
-//                         the Hopper fused dQ's accumulator (FRAGMENT_ORDER).
+//                         the Hopper fused dQ's accumulator (FRAGMENT_ORDER), there lane by lane
+//                         beside the dK/dV grid's last wave where that counts its lanes
+//                         (AFTER_LANES).
 //   flash_bwd_dq          the deterministic alternative to ATOMIC_DQ: one thread block per query
 //                         tile walks its key tiles, recomputes P and dP, and writes dQ once.
 //
@@ -50,13 +52,18 @@
 constexpr int PRE_ROWS = 32;
 
 // VARLEN: m_tiles is the row blocks of the longest sequence's padded rows. ZERO_SEMS (dense
-// calls): also zero the ordered fused dQ's semaphore of each block's rows (schedule.cuh).
-template <typename T, bool ALIGNED, bool ZERO_DQ, bool VARLEN = false, bool ZERO_SEMS = false>
+// calls): also zero the ordered fused dQ's semaphore of each block's rows; ZERO_LANES (dense
+// calls): the lane counters of the fused dQ's cast lane by lane, each by the first block of its
+// lane's first query head (schedule.cuh).
+template <typename T, bool ALIGNED, bool ZERO_DQ, bool VARLEN = false, bool ZERO_SEMS = false,
+          bool ZERO_LANES = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_pre(const BwdArgs a) {
     let_next_kernel_start();
     static_assert(!ZERO_SEMS || (ZERO_DQ && !VARLEN && PRE_ROWS == dq_semaphore_rows()),
                   "semaphores: one per block of rows of a dense call's zeroed accumulator");
+    static_assert(!ZERO_LANES || (ZERO_DQ && !VARLEN && !ZERO_SEMS),
+                  "lane counters: after a dense call's zeroed accumulator, where no semaphores are");
     const int row_blocks = VARLEN ? a.m_tiles : a.rows_pad / PRE_ROWS;
     const int rb = blockIdx.x % row_blocks;
     const int bh = blockIdx.x / row_blocks;
@@ -98,6 +105,9 @@ flash_bwd_pre(const BwdArgs a) {
     }
     if constexpr (ZERO_SEMS) {
         if (threadIdx.x == 0) *dq_semaphore(a, scratch + rb * PRE_ROWS) = 0;
+    }
+    if constexpr (ZERO_LANES) {
+        if (threadIdx.x == 0 && rb == 0 && h % a.group == 0) *dq_lane_counter(a, b, h / a.group) = 0;
     }
 }
 
@@ -464,41 +474,38 @@ flash_bwd_dkdv(const BwdArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// dQ accumulator -> dQ: one thread per 8 columns of one row. Dense: the threads cover every row
-// of every (batch, head) in turn. VARLEN: m_tiles blocks of 256 threads cover the longest
-// sequence's rows of each (sequence, head); threads past their sequence's rows exit.
+// dQ accumulator -> dQ: one thread per 8 columns of one row (a chunk). Dense: the threads cover
+// every row of every (batch, head) in turn. VARLEN: m_tiles blocks of 256 threads cover the
+// longest sequence's rows of each (sequence, head); threads past their sequence's rows exit.
 // FRAGMENT_ORDER: the accumulator is in the Hopper fused dQ's order (schedule.cuh,
 // dq_fragment_offset), not row-major.
-template <typename T, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false, bool FRAGMENT_ORDER = false>
-__global__ void __launch_bounds__(256)
-flash_bwd_dq_convert(const BwdArgs a) {
-    wait_for_previous_kernel();
-    const int chunks = (a.d + 7) / 8;
-    int b, h, row, c;
-    if constexpr (VARLEN) {
-        const int part = blockIdx.x % a.m_tiles, bh = blockIdx.x / a.m_tiles;
-        h = bh % a.heads;
-        b = bh / a.heads;
-        const int idx = part * 256 + threadIdx.x;
-        row = idx / chunks;
-        c = (idx % chunks) * 8;
-    } else {
-        const i64 idx = (i64)blockIdx.x * 256 + threadIdx.x;
-        const i64 row_all = idx / chunks;
-        if (row_all >= (i64)a.batch * a.heads * a.nq) return;
-        c = (int)(idx % chunks) * 8;
-        row = (int)(row_all % a.nq);
-        const int bh = (int)(row_all / a.nq);
-        h = bh % a.heads;
-        b = bh / a.heads;
-    }
-    const Sequence seq = sequence_of<VARLEN>(a, b);
-    if (VARLEN && row >= seq.nq) return;
-    const i64 scratch_row = scratch_offset<VARLEN>(a, seq, b, h) + row;
+// AFTER_LANES (dense calls, the Hopper fused dQ with adds in any order): the cast starts beside
+// the dK/dV grid's last wave instead of after it, a lane (batch, key/value head) at a time, as
+// soon as the lane's counter says all of its key tiles' adds have landed (schedule.cuh,
+// dq_lane_counter; flash_bwd_sm90.cu, lanes_counted): cast_dq_lane_by_lane.
+struct DqChunk {
+    int b, h, row, c;  // (batch or sequence, query head), query row, first column
+};
+
+// Chunk `idx` of a dense call's dQ, in the order (batch, head, row, column), `chunks` a row.
+// That order is lane by lane too: a lane's query heads are next to each other.
+__device__ __forceinline__ DqChunk dense_dq_chunk(const BwdArgs& a, i64 idx, int chunks) {
+    const i64 row_all = idx / chunks;
+    const int bh = (int)(row_all / a.nq);
+    return {bh / a.heads, bh % a.heads, (int)(row_all % a.nq), (int)(idx % chunks) * 8};
+}
+
+// One chunk: its 8 accumulator floats times the scale, into dQ. FROM_L2: the floats are read past
+// L1 (ld.global.cg), as they are added by other SMs while the reading kernel already runs.
+template <typename T, bool ALIGNED, bool VARLEN, bool F32_GRADS, bool FRAGMENT_ORDER, bool FROM_L2 = false>
+__device__ __forceinline__ void cast_dq_chunk(const BwdArgs& a, const Sequence& seq, const DqChunk& at) {
+    const int c = at.c;
+    const i64 scratch_row = scratch_offset<VARLEN>(a, seq, at.b, at.h) + at.row;
     const float* src = a.dq_accum + (FRAGMENT_ORDER ? dq_fragment_offset(scratch_row, c, a.dqk) : scratch_row * a.dqk + c);
-    auto* dst = grad_rows<F32_GRADS>(a.grad_q) + b * a.gq_sb + h * a.gq_sh + seq.q0 * a.gq_sn + row * a.gq_sn + c;
-    const float4 x = *reinterpret_cast<const float4*>(src);
-    const float4 y = *reinterpret_cast<const float4*>(src + 4);
+    auto* dst = grad_rows<F32_GRADS>(a.grad_q) + at.b * a.gq_sb + at.h * a.gq_sh + seq.q0 * a.gq_sn + at.row * a.gq_sn + c;
+    const float4* src4 = reinterpret_cast<const float4*>(src);
+    const float4 x = FROM_L2 ? __ldcg(src4) : src4[0];
+    const float4 y = FROM_L2 ? __ldcg(src4 + 1) : src4[1];
     const float s = a.scale;
     if constexpr (F32_GRADS && ALIGNED) {
         *reinterpret_cast<float4*>(dst) = make_float4(x.x * s, x.y * s, x.z * s, x.w * s);
@@ -516,6 +523,84 @@ flash_bwd_dq_convert(const BwdArgs a) {
         for (int e = 0; e < 8; ++e)
             if (c + e < a.d) dst[e] = grad_value<T, F32_GRADS>(vals[e] * s);
     }
+}
+
+// The lane-by-lane cast's blocks per SM, at most (CONVERT_BLOCKS_PER_SM in mma_backward.py, which
+// sizes its grid): every thread an SM holds, where the blocks' registers allow.
+constexpr int CONVERT_BLOCKS_PER_SM = 8;
+constexpr int CONVERT_STEP = 256;  // chunks a block casts at a time, one a thread (CONVERT_STEP in mma_backward.py)
+
+// Until lane (b, hk)'s counter reaches its key tiles (n_tiles: the dK/dV grid's per lane), so
+// that its dQ is whole; should it never come (a bug), once the whole dK/dV grid has ended
+// instead (wait_until_equal_gpu gives up), so that the cast cannot hang. Returns whether it waited
+// for the grid, after which every lane is whole.
+__device__ __forceinline__ bool wait_for_lane(const BwdArgs& a, int b, int hk) {
+    const int* counter = dq_lane_counter(a, b, hk);
+    wait_until_equal_gpu(counter, a.n_tiles);
+    if (load_acquire_gpu(counter) == a.n_tiles) return false;
+    wait_for_previous_kernel();
+    return true;
+}
+
+// AFTER_LANES: a grid of at most CONVERT_BLOCKS_PER_SM blocks per SM walks the chunks in their
+// dense order, which is lane by lane, CONVERT_STEP at a time, block i taking steps i, i + grid,
+// ...: the blocks start on the first lanes, whose key tiles the dK/dV grid ran first. Before a
+// step's first chunk of a lane it has not waited for, thread 0 waits for that lane (acquire
+// loads: what the dK/dV blocks added before their release is then visible) and the block
+// synchronises. The kernel is a dependent of the dK/dV kernel, which lets it start once all of
+// its blocks have started, so the cast's blocks only ever take SMs that grid has left, and spin
+// only on lanes whose key tiles are all running. Its lane counters (zeroed by flash_bwd_pre,
+// which every dK/dV block waited for) are the one thing it reads before waiting for a lane; at
+// its end it waits for the dK/dV kernel, so that its own end still implies that kernel's (dK, dV).
+template <typename T, bool ALIGNED, bool F32_GRADS>
+__device__ __forceinline__ void cast_dq_lane_by_lane(const BwdArgs& a) {
+    const int chunks = (a.d + 7) / 8;
+    const i64 lane_chunks = (i64)a.group * a.nq * chunks;
+    const i64 total = lane_chunks * a.batch * a.kv_heads;
+    const Sequence seq = sequence_of<false>(a, 0);
+    i64 ready = -1;           // the last lane this block has waited for
+    bool grid_ended = false;  // (thread 0's) the fallback waited for the whole dK/dV grid
+    for (i64 first = (i64)blockIdx.x * CONVERT_STEP; first < total; first += (i64)gridDim.x * CONVERT_STEP) {
+        const i64 last_lane = (min(first + CONVERT_STEP, total) - 1) / lane_chunks;
+        if (last_lane > ready) {
+            if (threadIdx.x == 0 && !grid_ended) {
+                for (i64 lane = max(ready + 1, first / lane_chunks); lane <= last_lane && !grid_ended; ++lane)
+                    grid_ended = wait_for_lane(a, (int)(lane / a.kv_heads), (int)(lane % a.kv_heads));
+            }
+            __syncthreads();
+            ready = last_lane;
+        }
+        const i64 idx = first + threadIdx.x;
+        if (idx < total)
+            cast_dq_chunk<T, ALIGNED, false, F32_GRADS, true, true>(a, seq, dense_dq_chunk(a, idx, chunks));
+    }
+    wait_for_previous_kernel();
+}
+
+template <typename T, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false, bool FRAGMENT_ORDER = false,
+          bool AFTER_LANES = false>
+__global__ void __launch_bounds__(256, AFTER_LANES ? CONVERT_BLOCKS_PER_SM : 0)
+flash_bwd_dq_convert(const BwdArgs a) {
+    if constexpr (AFTER_LANES) {  // waits for each lane, and at its end for the dK/dV kernel
+        static_assert(FRAGMENT_ORDER && !VARLEN, "lane by lane: a dense call's fused dQ");
+        cast_dq_lane_by_lane<T, ALIGNED, F32_GRADS>(a);
+        return;
+    }
+    wait_for_previous_kernel();
+    const int chunks = (a.d + 7) / 8;
+    DqChunk at;
+    if constexpr (VARLEN) {
+        const int part = blockIdx.x % a.m_tiles, bh = blockIdx.x / a.m_tiles;
+        const int idx = part * 256 + threadIdx.x;
+        at = {bh / a.heads, bh % a.heads, idx / chunks, (idx % chunks) * 8};
+    } else {
+        const i64 idx = (i64)blockIdx.x * 256 + threadIdx.x;
+        if (idx >= (i64)a.batch * a.heads * a.nq * chunks) return;
+        at = dense_dq_chunk(a, idx, chunks);
+    }
+    const Sequence seq = sequence_of<VARLEN>(a, at.b);
+    if (VARLEN && at.row >= seq.nq) return;
+    cast_dq_chunk<T, ALIGNED, VARLEN, F32_GRADS, FRAGMENT_ORDER>(a, seq, at);
 }
 
 // ---------------------------------------------------------------------------------------------

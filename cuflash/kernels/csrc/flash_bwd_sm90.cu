@@ -773,9 +773,11 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
 // run, the tests' check, rather than as a hung GPU.
 // DQ::CHANNELS: the tiles come through the channels as the consumers send them (tile t in
 // stage t % 2, FusedDq::channel), each channel's header and staging floats after the one before.
+// `lane_counter` (lanes_counted; null elsewhere): once the block's last add has completed, the
+// writer adds 1 to its lane's counter, with release semantics.
 template <bool ORDERED, class DQ, int D, int BLOCK_M>
 __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile DqTileHeader* headers, u32 sdq0,
-                                               u32 full0) {
+                                               u32 full0, int* lane_counter) {
     for (u32 tiles = 0;; ++tiles) {
         const int channel = DQ::channel(tiles % 2);
         const u32 full = DQ::channel_full(full0, channel), empty = full + 8;
@@ -799,6 +801,21 @@ __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile 
         }
     }
     bulk_wait();
+    if (lane_counter != nullptr) {
+        fence_proxy_async_global();  // the adds (async proxy) before the release (generic proxy)
+        red_release_gpu_add(lane_counter, 1);
+    }
+}
+
+// Whether the warp-specialised dK/dV kernel counts each lane's finished key tiles, so that
+// flash_bwd_dq_convert can cast a lane's dQ as soon as it is whole, beside the grid's last wave
+// (AFTER_LANES; schedule.cuh, dq_lane_counter): where it adds dQ in any order into a dense call's
+// accumulator. (Ordered adds have their semaphores where the counters would be; packed
+// sequences lay their scratch out by sequence, not lane.) The host's twin:
+// sm90_backward.lanes_counted.
+template <bool ATOMIC_DQ, bool ORDERED_DQ, bool VARLEN>
+__device__ constexpr bool lanes_counted() {
+    return ATOMIC_DQ && !ORDERED_DQ && !VARLEN;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -807,7 +824,8 @@ __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile 
 // the tensor's end) and lse2 and Delta rows (bulk copies) into two stages guarded by mbarriers;
 // warpgroups 1..WG are the consumers, with the producer's registers (setmaxnreg). Consumers
 // release a stage after its last read; no block-wide barrier runs in the loop. ATOMIC_DQ: the
-// producer warpgroup's second warp is the dQ writer (write_dq_parts); ORDERED_DQ: its adds in
+// producer warpgroup's second warp is the dQ writer (write_dq_parts), which at the end tells its
+// lane's counter that the key tile's adds have landed (lanes_counted); ORDERED_DQ: its adds in
 // key-tile order (dense and banded masks); ROTATED_DQ: without a band, each key tile's walk
 // starts at its own query tile (schedule.cuh, key_tile_rank), so the ordered adds do not queue.
 // D = 256: the two consumers share one 64-key tile, one keeping dV and the other dK
@@ -997,7 +1015,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             if (threadIdx.x / 32 == 1) {
                 if (elect_one_lane())
                     write_dq_parts<ORDERED_DQ, DQ, D, BLOCK_M>(
-                        a, sm.template at<const DqTileHeader>(sm.dq_header()), sm.sdq(), dq_full0);
+                        a, sm.template at<const DqTileHeader>(sm.dq_header()), sm.sdq(), dq_full0,
+                        lanes_counted<ATOMIC_DQ, ORDERED_DQ, VARLEN>() ? dq_lane_counter(a, b, hk) : nullptr);
                 return;
             }
         }

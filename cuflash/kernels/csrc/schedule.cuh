@@ -73,15 +73,34 @@ __device__ __forceinline__ i64 scratch_offset(const Args& a, const Sequence& s, 
     return ((i64)b * a.heads + h) * a.rows_pad;
 }
 
+// The ints right after a dense call's dQ accumulator (B·Hq·rows_pad rows of dqk floats), where
+// the Hopper fused dQ keeps the counters of one of its two protocols (a call has one or neither:
+// the host's mma_backward.Scratch).
+template <class Args>
+__device__ __forceinline__ int* past_dq_accumulator(const Args& a) {
+    return reinterpret_cast<int*>(a.dq_accum + (i64)a.batch * a.heads * a.rows_pad * a.dqk);
+}
+
 // The semaphores of the Hopper fused dQ with ordered adds (flash_bwd_sm90.cu, ORDERED_DQ): one
-// int per dq_semaphore_rows() scratch rows, right after the dQ accumulator (dense calls: B·Hq·
-// rows_pad rows of dqk floats), zeroed by flash_bwd_pre (ZERO_SEMS: one per block of its rows).
-// A query tile's semaphore is that of its first scratch row (tile heights are multiples of it).
+// int per dq_semaphore_rows() scratch rows, past the accumulator, zeroed by flash_bwd_pre
+// (ZERO_SEMS: one per block of its rows). A query tile's semaphore is that of its first scratch
+// row (tile heights are multiples of it).
 __device__ constexpr int dq_semaphore_rows() { return 32; }
 template <class Args>
 __device__ __forceinline__ int* dq_semaphore(const Args& a, i64 row) {
-    int* first = reinterpret_cast<int*>(a.dq_accum + (i64)a.batch * a.heads * a.rows_pad * a.dqk);
-    return first + row / dq_semaphore_rows();
+    return past_dq_accumulator(a) + row / dq_semaphore_rows();
+}
+
+// The lane counters of the Hopper fused dQ with adds in any order (flash_bwd_sm90.cu,
+// lanes_counted): one int per lane, a (batch b, key/value head hk) pair, past the accumulator,
+// zeroed by flash_bwd_pre (ZERO_LANES). Each of the lane's key tiles adds 1 once its dQ adds
+// have landed; they all add into the same rows, those of the GQA group's query heads
+// hk·group .. (hk + 1)·group − 1 of batch b (QueryTileWalk), which are scratch rows
+// lane · group · rows_pad on (lane = b · kv_heads + hk), so the lane's dQ is whole at n_tiles,
+// and flash_bwd_dq_convert (AFTER_LANES) may cast it then.
+template <class Args>
+__device__ __forceinline__ int* dq_lane_counter(const Args& a, int b, int hk) {
+    return past_dq_accumulator(a) + b * a.kv_heads + hk;
 }
 
 // Where the Hopper fused dQ keeps row `row`'s columns c..c + 7 (c a multiple of 8) in the float32

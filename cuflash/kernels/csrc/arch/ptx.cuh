@@ -138,6 +138,12 @@ __device__ __forceinline__ void wait_until_equal_gpu(const int* p, int value) {
         "DONE:\n"
         "}\n" ::"l"(p), "r"(value) : "memory");
 }
+// One read of such a counter, with the same acquire semantics.
+__device__ __forceinline__ int load_acquire_gpu(const int* p) {
+    int value;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(p) : "memory");
+    return value;
+}
 __device__ __forceinline__ void red_release_gpu_add(int* p, int value) {
     asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(value) : "memory");
 }

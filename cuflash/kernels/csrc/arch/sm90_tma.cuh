@@ -152,6 +152,11 @@ __device__ __forceinline__ void bulk_wait_read() {
 }
 // Until this thread's bulk operations have completed.
 __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Orders this thread's completed bulk writes to global memory (async proxy) before its later
+// generic accesses, such as a release that tells other blocks the writes are there.
+__device__ __forceinline__ void fence_proxy_async_global() {
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
 
 // ---- warp specialisation
 
