@@ -184,11 +184,11 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
         if not two_kernels:
             # The cast reads the accumulator in its fragment order, lane by lane (last two flags),
             # each of the 2 lanes once its 2 key tiles have added (n_tiles), its 2·256 rows of 64
-            # or 128 columns in steps of 256 chunks of 8 columns.
+            # or 128 columns in steps of 1,024 chunks of 8 columns.
             cast, blocks = launches[2][0], launches[2][1][0]
             assert cast.endswith(", false, false, true, true>")
             assert np.frombuffer(launches[2][4], _launch.BWD_ARGS)[0]["n_tiles"] == 2
-            assert blocks == 2 * 256 * (d // 8) // 256
+            assert blocks == 2 * 256 * (d // 8) // 1024
 
 
 def test_the_dq_cast_goes_lane_by_lane_where_the_dkdv_kernel_counts_its_lanes(monkeypatch):
@@ -225,9 +225,9 @@ def test_the_dq_cast_goes_lane_by_lane_where_the_dkdv_kernel_counts_its_lanes(mo
     pre, dkdv, cast = launches(2, 8, 2, 700, 128, causal=True)
     assert pre[0].endswith(", false, false, true>") and cast[0].endswith(", true, true>")  # ZERO_LANES, AFTER_LANES
     assert n_tiles(cast) == n_tiles(dkdv) == 6  # 128-key tiles of 700 keys, a lane's count
-    assert cast[1] == (2 * 8 * 700 * 16 // 256,) and cast[2] == (256,)  # 8-column chunks, 256 a block
-    assert workspaces[-1].lane_counters == 2 * 2
-    assert workspaces[-1].nbytes == 4 * (2 * workspaces[-1].rows + workspaces[-1].accum + 4)
+    assert cast[1] == (-(-2 * 8 * 700 * 16 // 1024),) and cast[2] == (256,)  # 8-column chunks, 4 a thread
+    assert workspaces[-1].lane_counters == 2 * 2 + 1  # and the cast's ticket
+    assert workspaces[-1].nbytes == 4 * (2 * workspaces[-1].rows + workspaces[-1].accum + 5)
     assert launches(1, 16, 16, 16384, 128)[2][1] == (8 * 132,)  # at most 8 blocks per SM
 
     monkeypatch.setattr(sm90_backward, "CAST_DQ_BY_LANE", False)
@@ -235,7 +235,7 @@ def test_the_dq_cast_goes_lane_by_lane_where_the_dkdv_kernel_counts_its_lanes(mo
     after_grid = launches(2, 8, 2, 700, 128, causal=True)
     assert [x[0] for x in after_grid[:2]] == [pre[0], dkdv[0]]  # the same counting dK/dV kernel
     assert after_grid[2][0] == cast[0].removesuffix(", true>") + ">"
-    assert after_grid[2][1] == (-(-2 * 8 * 700 * 16 // 256),) and workspaces[-1].lane_counters == 4
+    assert after_grid[2][1] == (-(-2 * 8 * 700 * 16 // 256),) and workspaces[-1].lane_counters == 5
     monkeypatch.setattr(sm90_backward, "CAST_DQ_BY_LANE", True)
 
     for options, environment in ((dict(deterministic=True), {}), ({}, {WARP_SPECIALISED_BACKWARD_ENV: "0"})):
@@ -292,7 +292,7 @@ def test_deterministic_calls_fuse_dq_with_ordered_adds(monkeypatch, d, window):
     assert ordered[2] == default[2].removesuffix(", true>") + ">"  # no AFTER_LANES
     fused, with_semaphores = workspaces[-2], workspaces[-1]
     assert with_semaphores.accum == fused.accum and fused.semaphores == with_semaphores.lane_counters == 0
-    assert fused.lane_counters == 2 * 4  # one per (batch, key/value head)
+    assert fused.lane_counters == 2 * 4 + 1  # one per (batch, key/value head), and the cast's ticket
     assert with_semaphores.semaphores == with_semaphores.rows // 32 == 2 * 4 * 384 // 32
     assert "in key-tile order" in cuflash.kernel_plan(q, k, v, window=window,
                                                       deterministic=True).backward.detail
@@ -665,7 +665,7 @@ def test_kernel_plan_reports_the_backward_workspace_the_call_allocates(monkeypat
     assert ("float32 dQ accumulator" in workspace) == fused
     assert ("semaphores of the ordered dQ adds" in workspace) == ("key-tile order" in plan.detail)
     counted = "warp-specialised dK/dV kernel forming dQ too (float32 adds in any order" in plan.detail
-    assert workspace.get("lane counters of the dQ cast") == (4 * 2 * 3 if counted else None)
+    assert workspace.get("lane counters of the dQ cast") == (4 * (2 * 3 + 1) if counted else None)
     assert "workspace: " in plan.describe()
     cuflash.attention_backward(dout, q, k, v, out, lse, **options)
     assert allocated == [sum(workspace.values())], plan.describe()

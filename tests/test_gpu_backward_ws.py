@@ -326,7 +326,7 @@ def test_dq_cast_lane_by_lane(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, optio
     (CAST_DQ_BY_LANE = False), and after the call each lane's counter at its key tiles."""
     import cupy
 
-    from cuflash.kernels import sm90_backward
+    from cuflash.kernels import _launch, mma_backward, sm90_backward
 
     if dkdv_kernel != "warp-specialised":
         pytest.skip("lane counters: the warp-specialised kernel only")
@@ -348,16 +348,24 @@ def test_dq_cast_lane_by_lane(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, optio
         monkeypatch.setattr(sm90_backward, "CAST_DQ_BY_LANE", by_lane)
         grads = [poisoned(x.shape, dtype, xp=xp) for x in (q, k, v)]
         launch = sm90_backward.prepare_backward(spec, (q, k, v, dout, out, *grads))
-        assert launch.scratch.lane_counters == b * hkv
+        assert launch.scratch.lane_counters == b * hkv + 1  # and the cast's ticket
         with poisoned_allocations(xp):  # counters that flash_bwd_pre did not zero would be -1
             workspace = launch(dout, q, k, v, out, lse, *grads, spec)
-        counters = cupy.ndarray((b * hkv,), np.int32, workspace + launch.scratch.counters_offset)
+        counters = cupy.ndarray((b * hkv + 1,), np.int32, workspace + launch.scratch.counters_offset)
         return grads, to_host(counters)
 
     by_lane, counters = gradients(True)
+    # every step's ticket was taken once, and each block took one more to learn that none was left
+    chunks = b * hq * n * -(-d // 8)
+    steps, blocks = -(-chunks // mma_backward.CONVERT_STEP), min(
+        -(-chunks // mma_backward.CONVERT_STEP), mma_backward.CONVERT_BLOCKS_PER_SM * _launch.sm_count(q.data.device_id))
+    assert counters[-1] == steps + blocks, f"ticket {counters[-1]} against {steps} steps, {blocks} blocks"
+    counters = counters[:-1]
     assert (counters == key_tiles).all(), f"{counters} against {key_tiles} key tiles; seed={seed}"
     assert_backward_close(by_lane, dout, q, k, v, context=f"seed={seed} lane by lane", **options)
     after_grid, counters = gradients(False)
+    assert counters[-1] == 0  # the cast after the grid takes no ticket
+    counters = counters[:-1]
     assert (counters == key_tiles).all(), f"{counters} after the grid; seed={seed}"
     for name, got, want in zip(("dk", "dv"), by_lane[1:], after_grid[1:]):
         assert bool((got.view(xp.uint16) == want.view(xp.uint16)).all()), f"{name} seed={seed}"

@@ -67,7 +67,8 @@ SEMAPHORE_ROWS = PRE_ROWS  # scratch rows per semaphore of ordered dq adds (csrc
 # The most blocks per SM of the dq cast lane by lane (csrc/flash_bwd.cu, CONVERT_BLOCKS_PER_SM):
 # its grid, which walks the accumulator, holds no more than the SMs hold at once.
 CONVERT_BLOCKS_PER_SM = 8
-CONVERT_STEP = 256  # chunks (8 columns of a row) a block of the cast takes at a time: one a thread
+CONVERT_THREADS = 256  # a block of the cast lane by lane (CONVERT_THREADS in the kernel)
+CONVERT_STEP = 4 * CONVERT_THREADS  # chunks (8 columns of a row) a block takes a ticket for: four a thread
 SMEM_PAD = 8
 
 
@@ -310,8 +311,8 @@ class Scratch:
     accumulator (atomic dq only; 0 otherwise), then ``semaphores`` int32 values (the Hopper fused
     dQ's ordered adds: one per 32 rows, csrc/schedule.cuh's dq_semaphore; 0 otherwise) or
     ``lane_counters`` int32 values (the Hopper fused dQ's adds in any order, whose cast then goes
-    lane by lane: one per (batch, key/value head), csrc/schedule.cuh's dq_lane_counter; 0
-    otherwise), which take the same place. ``rows_pad`` is the rows per (batch, head), or for
+    lane by lane: one per (batch, key/value head), csrc/schedule.cuh's dq_lane_counter, and the
+    cast's ticket, dq_cast_ticket; 0 otherwise), which take the same place. ``rows_pad`` is the rows per (batch, head), or for
     a varlen call the rows per head: every sequence's rows rounded up to ROW_ALIGN, each starting
     on a multiple of it, ``(ceil(total_q / ROW_ALIGN) + B) · ROW_ALIGN`` in all (where each
     sequence starts is csrc/schedule.cuh's scratch_offset)."""
@@ -341,7 +342,7 @@ class Scratch:
         if semaphores and lane_counters:
             raise ValueError("semaphores and lane counters take the same place: one or the other")
         return cls(rows_pad, rows, rows * (dqk or padded_head_dims(spec)[0]) if atomic_dq else 0,
-                   rows // SEMAPHORE_ROWS if semaphores else 0, s.b * s.hkv if lane_counters else 0)
+                   rows // SEMAPHORE_ROWS if semaphores else 0, s.b * s.hkv + 1 if lane_counters else 0)
 
     def allocate(self):
         """``(memory, (lse2, delta, dq_accum))``: the allocation (a CuPy ``MemoryPointer``) and
@@ -479,7 +480,7 @@ def convert_launch(args, spec, *, aligned: bool, fragment_order: bool = False,
     if lanes_after is not None:
         key_tiles, sms = lanes_after
         steps = -(-s.b * s.hq * s.nq * chunks // CONVERT_STEP)
-        return KernelLaunch(kernel, min(steps, CONVERT_BLOCKS_PER_SM * sms), CONVERT_STEP, 0,
+        return KernelLaunch(kernel, min(steps, CONVERT_BLOCKS_PER_SM * sms), CONVERT_THREADS, 0,
                             args(n_tiles=key_tiles))
     if varlen:
         per_head = -(-s.nq * chunks // 256)

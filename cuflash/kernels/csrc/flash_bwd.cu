@@ -108,6 +108,7 @@ flash_bwd_pre(const BwdArgs a) {
     }
     if constexpr (ZERO_LANES) {
         if (threadIdx.x == 0 && rb == 0 && h % a.group == 0) *dq_lane_counter(a, b, h / a.group) = 0;
+        if (threadIdx.x == 0 && blockIdx.x == 0) *dq_cast_ticket(a) = 0;
     }
 }
 
@@ -528,7 +529,8 @@ __device__ __forceinline__ void cast_dq_chunk(const BwdArgs& a, const Sequence& 
 // The lane-by-lane cast's blocks per SM, at most (CONVERT_BLOCKS_PER_SM in mma_backward.py, which
 // sizes its grid): every thread an SM holds, where the blocks' registers allow.
 constexpr int CONVERT_BLOCKS_PER_SM = 8;
-constexpr int CONVERT_STEP = 256;  // chunks a block casts at a time, one a thread (CONVERT_STEP in mma_backward.py)
+constexpr int CONVERT_THREADS = 256;                // a block (mma_backward.py's twins of these two)
+constexpr int CONVERT_STEP = 4 * CONVERT_THREADS;  // chunks a block takes at a time, four a thread
 
 // Until lane (b, hk)'s counter reaches its key tiles (n_tiles: the dK/dV grid's per lane), so
 // that its dQ is whole; should it never come (a bug), once the whole dK/dV grid has ended
@@ -542,44 +544,56 @@ __device__ __forceinline__ bool wait_for_lane(const BwdArgs& a, int b, int hk) {
     return true;
 }
 
-// AFTER_LANES: a grid of at most CONVERT_BLOCKS_PER_SM blocks per SM walks the chunks in their
-// dense order, which is lane by lane, CONVERT_STEP at a time, block i taking steps i, i + grid,
-// ...: the blocks start on the first lanes, whose key tiles the dK/dV grid ran first. Before a
-// step's first chunk of a lane it has not waited for, thread 0 waits for that lane (acquire
-// loads: what the dK/dV blocks added before their release is then visible) and the block
-// synchronises. The kernel is a dependent of the dK/dV kernel, which lets it start once all of
-// its blocks have started, so the cast's blocks only ever take SMs that grid has left, and spin
-// only on lanes whose key tiles are all running. Its lane counters (zeroed by flash_bwd_pre,
-// which every dK/dV block waited for) are the one thing it reads before waiting for a lane; at
-// its end it waits for the dK/dV kernel, so that its own end still implies that kernel's (dK, dV).
+// AFTER_LANES: a grid of at most CONVERT_BLOCKS_PER_SM blocks per SM casts the chunks in their
+// dense order, which is lane by lane, CONVERT_STEP at a time, each block taking its next step from
+// a ticket (dq_cast_ticket), so that the steps are taken in that order: a block waits only on a
+// lane no earlier step's lane follows, never with finished lanes' steps queued behind it in its
+// own share (a fixed grid stride measured slower than the cast after the grid: benchmarks/NOTES.md,
+// "The dQ cast lane by lane"). Before a step's first chunk of a lane it has not waited for, thread
+// 0 waits for that lane (acquire loads: what the dK/dV blocks added before their release is then
+// visible) and the block synchronises. The kernel is a dependent of the dK/dV kernel, which lets
+// it start once all of its blocks have started, so the cast's blocks only ever take SMs that grid
+// has left, and spin only on lanes whose key tiles are all running. Its lane counters and ticket
+// (zeroed by flash_bwd_pre, which every dK/dV block waited for) are the one thing it touches
+// before waiting for a lane; at its end it waits for the dK/dV kernel, so that its own end still
+// implies that kernel's (dK, dV).
 template <typename T, bool ALIGNED, bool F32_GRADS>
 __device__ __forceinline__ void cast_dq_lane_by_lane(const BwdArgs& a) {
+    __shared__ i64 step_first;  // the chunk the block's current step starts at
     const int chunks = (a.d + 7) / 8;
     const i64 lane_chunks = (i64)a.group * a.nq * chunks;
     const i64 total = lane_chunks * a.batch * a.kv_heads;
     const Sequence seq = sequence_of<false>(a, 0);
-    i64 ready = -1;           // the last lane this block has waited for
+    i64 ready = -1;           // (thread 0's) the last lane this block has waited for
     bool grid_ended = false;  // (thread 0's) the fallback waited for the whole dK/dV grid
-    for (i64 first = (i64)blockIdx.x * CONVERT_STEP; first < total; first += (i64)gridDim.x * CONVERT_STEP) {
-        const i64 last_lane = (min(first + CONVERT_STEP, total) - 1) / lane_chunks;
-        if (last_lane > ready) {
-            if (threadIdx.x == 0 && !grid_ended) {
+    for (;;) {
+        if (threadIdx.x == 0) {
+            const i64 first = (i64)atomicAdd(dq_cast_ticket(a), 1) * CONVERT_STEP;
+            if (first < total) {
+                const i64 last_lane = (min(first + CONVERT_STEP, total) - 1) / lane_chunks;
                 for (i64 lane = max(ready + 1, first / lane_chunks); lane <= last_lane && !grid_ended; ++lane)
                     grid_ended = wait_for_lane(a, (int)(lane / a.kv_heads), (int)(lane % a.kv_heads));
+                ready = max(ready, last_lane);
             }
-            __syncthreads();
-            ready = last_lane;
+            step_first = first;
         }
-        const i64 idx = first + threadIdx.x;
-        if (idx < total)
-            cast_dq_chunk<T, ALIGNED, false, F32_GRADS, true, true>(a, seq, dense_dq_chunk(a, idx, chunks));
+        __syncthreads();
+        const i64 first = step_first;
+        __syncthreads();  // read by every thread before thread 0 takes the next step
+        if (first >= total) break;
+#pragma unroll
+        for (int k = 0; k < CONVERT_STEP / CONVERT_THREADS; ++k) {
+            const i64 idx = first + k * CONVERT_THREADS + threadIdx.x;
+            if (idx < total)
+                cast_dq_chunk<T, ALIGNED, false, F32_GRADS, true, true>(a, seq, dense_dq_chunk(a, idx, chunks));
+        }
     }
     wait_for_previous_kernel();
 }
 
 template <typename T, bool ALIGNED, bool VARLEN = false, bool F32_GRADS = false, bool FRAGMENT_ORDER = false,
           bool AFTER_LANES = false>
-__global__ void __launch_bounds__(256, AFTER_LANES ? CONVERT_BLOCKS_PER_SM : 0)
+__global__ void __launch_bounds__(CONVERT_THREADS, AFTER_LANES ? CONVERT_BLOCKS_PER_SM : 0)
 flash_bwd_dq_convert(const BwdArgs a) {
     if constexpr (AFTER_LANES) {  // waits for each lane, and at its end for the dK/dV kernel
         static_assert(FRAGMENT_ORDER && !VARLEN, "lane by lane: a dense call's fused dQ");

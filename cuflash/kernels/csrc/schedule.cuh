@@ -102,6 +102,11 @@ template <class Args>
 __device__ __forceinline__ int* dq_lane_counter(const Args& a, int b, int hk) {
     return past_dq_accumulator(a) + b * a.kv_heads + hk;
 }
+// After them the ticket from which that cast's blocks take their steps in order (zeroed with them).
+template <class Args>
+__device__ __forceinline__ int* dq_cast_ticket(const Args& a) {
+    return past_dq_accumulator(a) + a.batch * a.kv_heads;
+}
 
 // Where the Hopper fused dQ keeps row `row`'s columns c..c + 7 (c a multiple of 8) in the float32
 // accumulator (FRAGMENT_ORDER; `row` counts scratch rows from the accumulator's start, d floats a
