@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cupy  # noqa: E402
 import numpy  # noqa: E402
 from _harness import to_torch, torch_module  # noqa: E402
-from sustained_bench import _inputs, _sdpa, sustained_ms  # noqa: E402
+from sustained_bench import _inputs, _sdpa, alternated_loop_ms  # noqa: E402
 
 import cuflash  # noqa: E402
 from cuflash import _calls  # noqa: E402
@@ -120,12 +120,7 @@ def main():
         engines, grads = cuflash_engines(q, k, v, dout, options)
         engines += cudnn_engine(torch, q, k, v, dout, options)
         notes = cast_notes(grads)
-        times = {}
-        for round_ in range(args.rounds):
-            for name, setup, call in (engines if round_ % 2 == 0 else engines[::-1]):
-                setup()
-                ms, _, _ = sustained_ms(call, args.seconds)
-                times.setdefault(name, []).append(ms)
+        times = alternated_loop_ms(engines, args.rounds, args.seconds)
         sm90_backward.CAST_DQ_BY_LANE = True
         _calls.clear()
         after, by_lane = (statistics.median(times[name]) for name in ("after grid", "by lane"))

@@ -101,6 +101,18 @@ def sustained_ms(fn, seconds: float):
     return cupy.cuda.get_elapsed_time(start, stop) / calls, power.clock, power.power
 
 
+def alternated_loop_ms(engines, rounds: int, seconds: float) -> dict:
+    """``{key: [ms per call of each round]}`` of ``engines``, ``(key, setup, call)`` triples:
+    per round each engine's ``setup()`` then a ``sustained_ms`` loop of ``call``, the engines'
+    order reversed every other round (the A/B scripts' rounds)."""
+    times = {}
+    for round_ in range(rounds):
+        for key, setup, call in (engines if round_ % 2 == 0 else engines[::-1]):
+            setup()
+            times.setdefault(key, []).append(sustained_ms(call, seconds)[0])
+    return times
+
+
 def burst_ms(fn):
     time.sleep(0.5)
     return median_ms(fn, **BURST)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cupy  # noqa: E402
 import numpy  # noqa: E402
 from _harness import to_torch, torch_module  # noqa: E402
-from sustained_bench import _inputs, _sdpa, sustained_ms  # noqa: E402
+from sustained_bench import _inputs, _sdpa, alternated_loop_ms  # noqa: E402
 
 import cuflash  # noqa: E402
 from cuflash import _calls  # noqa: E402
@@ -133,12 +133,8 @@ def main():
         engines, outputs = cuflash_engines(q, k, v, dout, options, passes)
         engines += cudnn_engines(torch, q, k, v, dout, options, passes)
         notes = order_notes(outputs, dq_whole=max(d, dv) > 128)
-        times = {}
-        for round_ in range(args.rounds):
-            for pass_, name, setup, call in (engines if round_ % 2 == 0 else engines[::-1]):
-                setup()
-                ms, _, _ = sustained_ms(call, args.seconds)
-                times.setdefault((pass_, name), []).append(ms)
+        times = alternated_loop_ms([((pass_, name), setup, call) for pass_, name, setup, call in engines],
+                                   args.rounds, args.seconds)
         _launch.TAIL_WAVES = SHIPPED
         _calls.clear()
         for pass_ in ("fwd", "bwd"):
