@@ -666,6 +666,8 @@ def test_kernel_plan_reports_the_backward_workspace_the_call_allocates(monkeypat
     assert ("semaphores of the ordered dQ adds" in workspace) == ("key-tile order" in plan.detail)
     counted = "warp-specialised dK/dV kernel forming dQ too (float32 adds in any order" in plan.detail
     assert workspace.get("lane counters of the dQ cast") == (4 * (2 * 3 + 1) if counted else None)
+    if counted:  # parts below 0.01 MiB in bytes, not as 0.00 MiB
+        assert "lane counters of the dQ cast 28 B)" in plan.describe()
     assert "workspace: " in plan.describe()
     cuflash.attention_backward(dout, q, k, v, out, lse, **options)
     assert allocated == [sum(workspace.values())], plan.describe()

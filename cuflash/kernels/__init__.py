@@ -107,14 +107,15 @@ class Plan:
             lines.append(f"  runs {detail}")
         workspace = self.workspace
         if workspace:
-            parts = ", ".join(f"{name} {_mib(size)}" for name, size in workspace.items())
-            lines.append(f"  workspace: {_mib(sum(workspace.values()))} ({parts})")
+            parts = ", ".join(f"{name} {_size(size)}" for name, size in workspace.items())
+            lines.append(f"  workspace: {_size(sum(workspace.values()))} ({parts})")
         lines += [f"  passed over {name}: {reason}" for name, reason in self.passed_over]
         return "\n".join(lines)
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:,.2f} MiB"
+def _size(size: int) -> str:
+    """MiB, or bytes below 0.01 MiB (a few counters would read 0.00 MiB)."""
+    return f"{size / 2**20:,.2f} MiB" if size >= 0.01 * 2**20 else f"{size:,} B"
 
 
 def plan(pass_name: str, spec, arrays) -> Plan:
