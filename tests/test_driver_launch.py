@@ -378,10 +378,11 @@ def _kernel_body_start(name: str) -> str:
     raise AssertionError(f"kernel {name} not found in csrc")
 
 
-# The one dependent that reads memory before it waits for the kernel before it: the dQ cast lane
-# by lane (csrc/flash_bwd.cu, AFTER_LANES) reads each lane's counter, which flash_bwd_pre zeroed
-# before any dK/dV block (each of which waited for it) let the cast start, and only casts a lane
-# once its counter says its adds have landed; at its end it waits for the dK/dV kernel.
+# The one dependent that touches memory before it waits for the kernel before it: the dQ cast
+# lane by lane (csrc/flash_bwd.cu, AFTER_LANES) reads each lane's counter and takes its steps
+# from the ticket after them, all zeroed by flash_bwd_pre before any dK/dV block (each of which
+# waited for it) let the cast start, and only casts a lane once its counter says its adds have
+# landed; at its end it waits for the dK/dV kernel.
 WAITS_LANE_BY_LANE = {"flash_bwd_dq_convert": "if constexpr (AFTER_LANES) {"}
 
 

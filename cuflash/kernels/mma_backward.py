@@ -312,10 +312,10 @@ class Scratch:
     dQ's ordered adds: one per 32 rows, csrc/schedule.cuh's dq_semaphore; 0 otherwise) or
     ``lane_counters`` int32 values (the Hopper fused dQ's adds in any order, whose cast then goes
     lane by lane: one per (batch, key/value head), csrc/schedule.cuh's dq_lane_counter, and the
-    cast's ticket, dq_cast_ticket; 0 otherwise), which take the same place. ``rows_pad`` is the rows per (batch, head), or for
-    a varlen call the rows per head: every sequence's rows rounded up to ROW_ALIGN, each starting
-    on a multiple of it, ``(ceil(total_q / ROW_ALIGN) + B) · ROW_ALIGN`` in all (where each
-    sequence starts is csrc/schedule.cuh's scratch_offset)."""
+    cast's ticket, dq_cast_ticket; 0 otherwise), which take the same place. ``rows_pad`` is the
+    rows per (batch, head), or for a varlen call the rows per head: every sequence's rows rounded
+    up to ROW_ALIGN, each starting on a multiple of it, ``(ceil(total_q / ROW_ALIGN) + B) ·
+    ROW_ALIGN`` in all (where each sequence starts is csrc/schedule.cuh's scratch_offset)."""
 
     rows_pad: int
     rows: int
@@ -468,8 +468,8 @@ def convert_launch(args, spec, *, aligned: bool, fragment_order: bool = False,
     dQ's (schedule.cuh, dq_fragment_offset). ``lanes_after = (key_tiles, sms)`` (a dense call's
     fused dQ whose dK/dV kernel counts its lanes' key tiles, ``sm90_backward.lanes_counted``):
     the cast lane by lane, each lane once its counter reaches ``key_tiles`` (sent as n_tiles), on
-    at most CONVERT_BLOCKS_PER_SM blocks per SM of ``sms`` that walk the rows
-    (csrc/flash_bwd.cu, AFTER_LANES)."""
+    at most CONVERT_BLOCKS_PER_SM blocks per SM of ``sms`` that take steps of CONVERT_STEP chunks
+    from a ticket, in order (csrc/flash_bwd.cu, AFTER_LANES)."""
     s = spec.shapes
     varlen = spec.varlen is not None
     kernel = _build.get_function(SOURCE, variant_convert(spec.dtype, aligned=aligned, varlen=varlen,
