@@ -30,9 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cupy  # noqa: E402
-import numpy  # noqa: E402
-from _harness import to_torch, torch_module  # noqa: E402
-from sustained_bench import _inputs, _sdpa, alternated_loop_ms  # noqa: E402
+from _harness import torch_module  # noqa: E402
+from sustained_bench import (_inputs, alternated_loop_ms, cudnn_ab_engines, prepared_under,  # noqa: E402
+                             relative_max_diff, same_bits)
 
 import cuflash  # noqa: E402
 from cuflash import _calls  # noqa: E402
@@ -48,13 +48,9 @@ def parse_point(text: str) -> tuple[int, int, dict]:
 
 
 def cast_switched(by_lane: bool, fn):
-    """``fn`` with the call cache prepared under ``CAST_DQ_BY_LANE = by_lane``: a setup to run
-    before each loop (the entries hold their cast), and the call."""
-    def setup():
-        sm90_backward.CAST_DQ_BY_LANE = by_lane
-        _calls.clear()
-        fn()
-    return setup, fn
+    """``fn`` with the call cache prepared under ``CAST_DQ_BY_LANE = by_lane`` (the entries hold
+    their cast)."""
+    return prepared_under(lambda: setattr(sm90_backward, "CAST_DQ_BY_LANE", by_lane), fn)
 
 
 def cuflash_engines(q, k, v, dout, options):
@@ -77,30 +73,12 @@ def cuflash_engines(q, k, v, dout, options):
     return engines, grads
 
 
-def cudnn_engine(torch, q, k, v, dout, options):
-    if torch is None:
-        return []
-    tq, tk, tv = (to_torch(torch, x).detach().requires_grad_(True) for x in (q, k, v))
-    tdo = to_torch(torch, dout)
-    kept = _sdpa(torch, tq, tk, tv, options)()
-
-    def backward():
-        torch.autograd.grad(kept, (tq, tk, tv), tdo, retain_graph=True)
-    return [("cuDNN", backward, backward)]
-
-
-def same_bits(x, y) -> bool:
-    return bool((x.view(cupy.uint8) == y.view(cupy.uint8)).all())
-
-
 def cast_notes(grads) -> str:
     """What the cast's order changed, if anything, of the first gradients."""
     (dq, dk, dv), (dq_after, dk_after, dv_after) = grads["by lane"], grads["after grid"]
     differ = [name for name, x, y in (("dk", dk, dk_after), ("dv", dv, dv_after)) if not same_bits(x, y)]
-    dq, dq_after = (x.get().astype(numpy.float32) for x in (dq, dq_after))
-    scale = float(numpy.abs(dq_after).max()) or 1.0
     text = "bits differ: " + ", ".join(differ) if differ else "dK, dV same bits"
-    return f"{text} (dQ: max diff {float(numpy.abs(dq - dq_after).max()) / scale:.1e} of its largest)"
+    return f"{text} (dQ: max diff {relative_max_diff(dq, dq_after):.1e} of its largest)"
 
 
 def main():
@@ -118,7 +96,7 @@ def main():
         d, n, options = parse_point(point)
         q, k, v, dout = _inputs(d, d, n, 5)
         engines, grads = cuflash_engines(q, k, v, dout, options)
-        engines += cudnn_engine(torch, q, k, v, dout, options)
+        engines += [engine[1:] for engine in cudnn_ab_engines(torch, q, k, v, dout, options, {"bwd"})]
         notes = cast_notes(grads)
         times = alternated_loop_ms(engines, args.rounds, args.seconds)
         sm90_backward.CAST_DQ_BY_LANE = True

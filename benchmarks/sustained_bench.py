@@ -101,6 +101,54 @@ def sustained_ms(fn, seconds: float):
     return cupy.cuda.get_elapsed_time(start, stop) / calls, power.clock, power.power
 
 
+def prepared_under(switch, fn):
+    """``(setup, fn)`` for an A/B engine: ``setup`` applies ``switch()`` (a module setting read
+    when a call is prepared), clears the call cache and runs ``fn`` once, so that the loop after
+    it times calls prepared under that setting."""
+    from cuflash import _calls
+
+    def setup():
+        switch()
+        _calls.clear()
+        fn()
+    return setup, fn
+
+
+def cudnn_ab_engines(torch, q, k, v, dout, options, passes):
+    """[(pass, "cuDNN", setup, call)] of SDPA's cuDNN back end for the A/B scripts: "fwd" under
+    no_grad, "bwd" the autograd backward of one kept SDPA call; [] without torch."""
+    if torch is None:
+        return []
+    tq, tk, tv = (to_torch(torch, x).detach().requires_grad_(True) for x in (q, k, v))
+    tdo = to_torch(torch, dout)
+    sdpa = _sdpa(torch, tq, tk, tv, options)
+    engines = []
+    if "fwd" in passes:
+        def forward():
+            with torch.no_grad():
+                sdpa()
+        engines.append(("fwd", "cuDNN", forward, forward))
+    if "bwd" in passes:
+        kept = sdpa()
+
+        def backward():
+            torch.autograd.grad(kept, (tq, tk, tv), tdo, retain_graph=True)
+        engines.append(("bwd", "cuDNN", backward, backward))
+    return engines
+
+
+def same_bits(x, y) -> bool:
+    return bool((x.view(cupy.uint8) == y.view(cupy.uint8)).all())
+
+
+def relative_max_diff(x, reference) -> float:
+    """max |x − reference| over max |reference| (1 where that is 0), in float32: how far two
+    gradients whose float adds landed in another order are apart."""
+    x, reference = (y.get().astype("float32") for y in (x, reference))
+    scale = float(abs(reference).max()) or 1.0
+    return float(abs(x - reference).max()) / scale
+
+
 def alternated_loop_ms(engines, rounds: int, seconds: float) -> dict:
     """``{key: [ms per call of each round]}`` of ``engines``, ``(key, setup, call)`` triples:
     per round each engine's ``setup()`` then a ``sustained_ms`` loop of ``call``, the engines'

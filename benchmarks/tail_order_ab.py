@@ -28,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cupy  # noqa: E402
-import numpy  # noqa: E402
-from _harness import to_torch, torch_module  # noqa: E402
-from sustained_bench import _inputs, _sdpa, alternated_loop_ms  # noqa: E402
+from _harness import torch_module  # noqa: E402
+from sustained_bench import (_inputs, alternated_loop_ms, cudnn_ab_engines, prepared_under,  # noqa: E402
+                             relative_max_diff, same_bits)
 
 import cuflash  # noqa: E402
 from cuflash import _calls  # noqa: E402
@@ -48,13 +48,9 @@ def parse_point(text: str) -> tuple[int, int, int, dict]:
 
 
 def ordered(waves: int, fn):
-    """``fn`` with the call cache prepared under ``TAIL_WAVES = waves``: a setup to run before
-    each loop (the entries hold their packed tail counts), and the call."""
-    def setup():
-        _launch.TAIL_WAVES = waves
-        _calls.clear()
-        fn()
-    return setup, fn
+    """``fn`` with the call cache prepared under ``TAIL_WAVES = waves`` (the entries hold their
+    packed tail counts)."""
+    return prepared_under(lambda: setattr(_launch, "TAIL_WAVES", waves), fn)
 
 
 def cuflash_engines(q, k, v, dout, options, passes):
@@ -77,39 +73,12 @@ def cuflash_engines(q, k, v, dout, options, passes):
     return engines, outputs
 
 
-def cudnn_engines(torch, q, k, v, dout, options, passes):
-    if torch is None:
-        return []
-    tq, tk, tv = (to_torch(torch, x).detach().requires_grad_(True) for x in (q, k, v))
-    tdo = to_torch(torch, dout)
-    sdpa = _sdpa(torch, tq, tk, tv, options)
-    engines = []
-    if "fwd" in passes:
-        def forward():
-            with torch.no_grad():
-                sdpa()
-        engines.append(("fwd", "cuDNN", forward, forward))
-    if "bwd" in passes:
-        kept = sdpa()
-
-        def backward():
-            torch.autograd.grad(kept, (tq, tk, tv), tdo, retain_graph=True)
-        engines.append(("bwd", "cuDNN", backward, backward))
-    return engines
-
-
-def same_bits(x, y) -> bool:
-    return bool((x.view(cupy.uint8) == y.view(cupy.uint8)).all())
-
-
 def order_notes(outputs, dq_whole: bool) -> str:
     """What the order changed, if anything, of the first outputs."""
     tail, lanes = outputs["tail by tile"], outputs["lane order"]
     notes = [name for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), tail, lanes)
              if (name != "dq" or dq_whole) and not same_bits(x, y)]
-    dq, dq_lanes = (x.get().astype(numpy.float32) for x in (tail[2], lanes[2]))
-    scale = float(numpy.abs(dq_lanes).max()) or 1.0
-    dq_diff = float(numpy.abs(dq - dq_lanes).max()) / scale
+    dq_diff = relative_max_diff(tail[2], lanes[2])
     text = "bits differ: " + ", ".join(notes) if notes else "same bits"
     return text if dq_whole else f"{text} (dQ: max diff {dq_diff:.1e} of its largest)"
 
@@ -131,7 +100,7 @@ def main():
         d, dv, n, options = parse_point(point)
         q, k, v, dout = _inputs(d, dv, n, 5)
         engines, outputs = cuflash_engines(q, k, v, dout, options, passes)
-        engines += cudnn_engines(torch, q, k, v, dout, options, passes)
+        engines += cudnn_ab_engines(torch, q, k, v, dout, options, passes)
         notes = order_notes(outputs, dq_whole=max(d, dv) > 128)
         times = alternated_loop_ms([((pass_, name), setup, call) for pass_, name, setup, call in engines],
                                    args.rounds, args.seconds)
