@@ -357,8 +357,8 @@ def test_dq_cast_lane_by_lane(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, optio
     by_lane, counters = gradients(True)
     # every step's ticket was taken once, and each block took one more to learn that none was left
     chunks = b * hq * n * -(-d // 8)
-    steps, blocks = -(-chunks // mma_backward.CONVERT_STEP), min(
-        -(-chunks // mma_backward.CONVERT_STEP), mma_backward.CONVERT_BLOCKS_PER_SM * _launch.sm_count(q.data.device_id))
+    steps = -(-chunks // mma_backward.CONVERT_STEP)
+    blocks = min(steps, mma_backward.CONVERT_BLOCKS_PER_SM * _launch.sm_count(q.data.device_id))
     assert counters[-1] == steps + blocks, f"ticket {counters[-1]} against {steps} steps, {blocks} blocks"
     counters = counters[:-1]
     assert (counters == key_tiles).all(), f"{counters} against {key_tiles} key tiles; seed={seed}"

@@ -251,15 +251,16 @@ def lanes_counted(spec, ordered: bool, atomic_dq: bool, producer: bool) -> bool:
     return producer and atomic_dq and not ordered and spec.varlen is None
 
 
-def dq_route(spec, tiles: Sm90BwdTiles, producer: bool) -> tuple[bool, bool]:
-    """``(ordered, atomic_dq)``: whether the dK/dV kernel adds dQ in key-tile order
-    (``ordered_dq``), and whether it forms dQ at all, in any order or ordered (else a dQ kernel
-    does)."""
+def dq_route(spec, tiles: Sm90BwdTiles, producer: bool) -> tuple[bool, bool, bool]:
+    """``(ordered, atomic_dq, counted)``: whether the dK/dV kernel adds dQ in key-tile order
+    (``ordered_dq``), whether it forms dQ at all, in any order or ordered (else a dQ kernel
+    does), and whether it counts its lanes' finished key tiles (``lanes_counted``)."""
     ordered = ordered_dq(spec, tiles, producer)
-    return ordered, fuses_dq(spec, tiles, producer) or ordered
+    atomic_dq = fuses_dq(spec, tiles, producer) or ordered
+    return ordered, atomic_dq, lanes_counted(spec, ordered, atomic_dq, producer)
 
 
-def scratch_of(spec, ordered: bool, atomic_dq: bool, counted: bool = False) -> mma_backward.Scratch:
+def scratch_of(spec, ordered: bool, atomic_dq: bool, counted: bool) -> mma_backward.Scratch:
     """The workspace of this call's backward on the route ``dq_route`` gives: lse2 and Delta,
     and where the dK/dV kernel forms dQ its float32 accumulator (rows of the tile's D floats,
     fragment order), with the ordered adds' semaphores or (``counted``: ``lanes_counted``) the
@@ -272,9 +273,7 @@ def workspace_of(spec) -> dict[str, int]:
     """The device memory this call's backward allocates besides the gradients, by part
     (``cuflash.kernel_plan``; for the kernel ``describe_call`` names)."""
     tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
-    producer = producer_wanted(spec)
-    ordered, atomic_dq = dq_route(spec, tiles, producer)
-    return scratch_of(spec, ordered, atomic_dq, lanes_counted(spec, ordered, atomic_dq, producer)).parts()
+    return scratch_of(spec, *dq_route(spec, tiles, producer_wanted(spec))).parts()
 
 
 def step_dims(spec) -> tuple[int, ...]:
@@ -483,8 +482,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
         spec = keys_past_end_banded(spec)
     if tiles.split_gradients and not producer:
         raise ValueError("split dK/dV gradients (D or Dv above 128) need the warp-specialised kernel")
-    ordered, atomic_dq = dq_route(spec, tiles, producer)
-    counted = lanes_counted(spec, ordered, atomic_dq, producer)
+    ordered, atomic_dq, counted = dq_route(spec, tiles, producer)
     scratch = scratch_of(spec, ordered, atomic_dq, counted)
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad, dqk=d)
 
@@ -512,6 +510,8 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                         tiles.dq_shared_bytes(d), tiles.dq_warpgroups, False))
     for expression, tile_m, tile_n, shared, warpgroups, by_key in kernels:
         m_tiles, n_tiles = -(-nq // tile_m), -(-nk // tile_n)
+        if expression == dkdv:
+            dkdv_key_tiles = n_tiles  # each lane's count once its key tiles have added (lanes_after)
         index = tile_index(spec, tile_m, tile_n, by_key=by_key)
         kernel = _build.get_function(SOURCE, expression, shared_bytes=shared, options=OPTIONS)
         if expression == dkdv and producer and spec.varlen is not None:  # each sequence's own key tiles
@@ -536,7 +536,7 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
                                      maps=maps, map_pointers=WARP_SPECIALISED_MAP_POINTERS if maps else ()))
     if atomic_dq:
         # Lane by lane: each lane's count is its key tiles, the dK/dV grid's per lane.
-        lanes_after = ((-(-nk // tiles.dkdv_block_n), _launch.sm_count(q.data.device_id))
+        lanes_after = ((dkdv_key_tiles, _launch.sm_count(q.data.device_id))
                        if counted and CAST_DQ_BY_LANE else None)
         launches.append(mma_backward.convert_launch(args, spec, aligned=vector_aligned((dq,), (s.d,)),
                                                     fragment_order=True, lanes_after=lanes_after))
