@@ -538,8 +538,7 @@ constexpr int CONVERT_STEP = 4 * CONVERT_THREADS;  // chunks a block takes at a 
 // for the grid, after which every lane is whole.
 __device__ __forceinline__ bool wait_for_lane(const BwdArgs& a, int b, int hk) {
     const int* counter = dq_lane_counter(a, b, hk);
-    wait_until_equal_gpu(counter, a.n_tiles);
-    if (load_acquire_gpu(counter) == a.n_tiles) return false;
+    if (wait_until_equal_gpu(counter, a.n_tiles)) return false;
     wait_for_previous_kernel();
     return true;
 }

@@ -119,16 +119,18 @@ __device__ __forceinline__ void red_add_f32x2(float* p, float x, float y) {
 // writer did before its release is visible after), and incremented with release semantics, both
 // at GPU scope. The wait gives up after 2^18 polls (a quarter of a second or more), so that a
 // count that never comes costs time instead of hanging the GPU; a trap there would be clearer,
-// but any trap in the kernel made ptxas spill the caller's registers.
-__device__ __forceinline__ void wait_until_equal_gpu(const int* p, int value) {
+// but any trap in the kernel made ptxas spill the caller's registers. Returns whether it saw the
+// value (false: it gave up).
+__device__ __forceinline__ bool wait_until_equal_gpu(const int* p, int value) {
+    u32 seen_it;
     asm volatile(
         "{\n"
         ".reg .pred done, late;\n"
         ".reg .b32 seen, polls;\n"
         "mov.b32 polls, 0;\n"
         "WAIT:\n"
-        "ld.acquire.gpu.global.b32 seen, [%0];\n"
-        "setp.eq.s32 done, seen, %1;\n"
+        "ld.acquire.gpu.global.b32 seen, [%1];\n"
+        "setp.eq.s32 done, seen, %2;\n"
         "@done bra DONE;\n"
         "add.u32 polls, polls, 1;\n"
         "setp.eq.u32 late, polls, 262144;\n"
@@ -136,13 +138,10 @@ __device__ __forceinline__ void wait_until_equal_gpu(const int* p, int value) {
         "nanosleep.u32 32;\n"
         "bra WAIT;\n"
         "DONE:\n"
-        "}\n" ::"l"(p), "r"(value) : "memory");
-}
-// One read of such a counter, with the same acquire semantics.
-__device__ __forceinline__ int load_acquire_gpu(const int* p) {
-    int value;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(p) : "memory");
-    return value;
+        "selp.u32 %0, 1, 0, done;\n"
+        "}\n"
+        : "=r"(seen_it) : "l"(p), "r"(value) : "memory");
+    return seen_it != 0;
 }
 __device__ __forceinline__ void red_release_gpu_add(int* p, int value) {
     asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(value) : "memory");
