@@ -79,11 +79,21 @@ def test_tile_choice_follows_head_dims_and_masks():
     packed = sm90_tma_forward.tiles_for(_varlen(spec_of("bfloat16", 64, causal=True)))
     assert (packed.consumers, packed.persistent) == (1, True)
     # long causal rows with anything else keep two consumers; so do wider head dims
+    dropout = dict(dropout_p=0.1, dropout_seed=1)
     for spec in (_long(spec_of("bfloat16", 64, causal=True, softcap=30.0)),
-                 _long(spec_of("bfloat16", 64, causal=True, dropout_p=0.1, dropout_seed=1)),
+                 _long(spec_of("bfloat16", 32, causal=True, **dropout)),
                  _long(spec_of("bfloat16", 128, causal=True))):
         assert sm90_tma_forward.tiles_for(spec).consumers == 2, spec.describe()
     assert sm90_tma_forward.tiles_for(_long(spec_of("bfloat16", 32, causal=True))).consumers == 3
+    # dropout fits beside three consumers at D = Dv = 64 (dense rows): unmasked and long causal
+    # rows take them; short causal rows, packed sequences and D = 32 keep two
+    for spec, consumers in ((spec_of("bfloat16", 64, **dropout), 3),
+                            (_long(spec_of("bfloat16", 64, causal=True, **dropout)), 3),
+                            (spec_of("bfloat16", 64, causal=True, **dropout), 2),
+                            (_varlen(spec_of("bfloat16", 64, **dropout)), 2),
+                            (spec_of("bfloat16", 32, **dropout), 2)):
+        tiles = sm90_tma_forward.tiles_for(spec)
+        assert (tiles.consumers, tiles.pingpong) == (consumers, consumers == 3), spec.describe()
 
 
 def test_masks_keeping_few_keys_per_row_take_one_consumer():

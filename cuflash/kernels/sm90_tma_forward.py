@@ -110,9 +110,10 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
                     short: bool = False, few_keys: bool = False, short_band: bool = False,
                     long_causal: bool = False, dropout: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
-    - D = Dv = 64, `plain` (no mask, no score modifier, no dropout) or `long_causal` (causal
-      alone over rows of more than PERSISTENT_MAX_KEYS keys): three consumers taking turns
-      (ping-pong), where the softmax dominates;
+    - D = Dv = 64, `plain` (no mask or score modifier; dropout only where it fits,
+      ``_three_consumers_fit``) or `long_causal` (causal alone, or with such dropout, over rows
+      of more than PERSISTENT_MAX_KEYS keys): three consumers taking turns (ping-pong), where the
+      softmax dominates;
     - D = Dv = 64, `few_keys` (a block or exact mask that keeps at most PERSISTENT_MAX_KEYS
       keys per query row on average, or a band alone over packed sequences of at most that many
       keys; no score modifier or dropout): one consumer, two blocks per SM, so that one block's
@@ -134,8 +135,9 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
     within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
     # Three consumers are compiled within 128 registers each: a block or exact mask, a window's
-    # left edge, a score modifier, dropout or packed sequences beside causal spill there (and an
-    # exact mask's bits spill beside a 256-wide O at 80 keys): the next shape then.
+    # left edge, a score modifier, packed sequences, or dropout other than at D = Dv = 64
+    # (``_three_consumers_fit``) beside causal spill there (and an exact mask's bits spill beside a
+    # 256-wide O at 80 keys): the next shape then.
     if max(d, dv) <= 64:
         three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain or long_causal else []
         one = [TmaTiles(128, 2, consumers=1)] if few_keys else []
@@ -152,6 +154,17 @@ def _nothing_beyond_a_band(spec) -> bool:
     """Whether a call holds nothing beyond a causal or window band: no block or exact mask, score
     modifier or dropout (beside any of those, three consumers spill)."""
     return not (spec.sparse or spec.exact or spec.score_modified or spec.has_dropout)
+
+
+def _three_consumers_fit(spec) -> bool:
+    """Whether the three-consumer tile, compiled within 128 registers a consumer, holds this
+    call's options without spilling: nothing beyond a band, or dropout beside it at D = Dv = 64
+    over dense rows (no spills under NVRTC 13.0 and 13.5; at D = 32 it spills 4-8 bytes, and
+    dropout over packed sequences was not compiled with it)."""
+    if _nothing_beyond_a_band(spec):
+        return True
+    alone = not (spec.sparse or spec.exact or spec.score_modified)
+    return alone and spec.has_dropout and spec.shapes.d == spec.shapes.dv == 64 and spec.varlen is None
 
 
 def few_keys(spec) -> bool:
@@ -178,10 +191,11 @@ def short_band(spec) -> bool:
 def long_causal(spec) -> bool:
     """Whether a call is a band bounded on the right alone (causal, or a window (-1, w)) over
     rows of more than PERSISTENT_MAX_KEYS keys, with nothing else: no block or exact mask, score
-    modifier, dropout or packed sequences (``candidate_tiles``: three consumers, 9-13% faster
-    than two at 4K-16K keys on an H200; shorter rows take two, ``short_band``)."""
+    modifier or packed sequences, and dropout only where ``_three_consumers_fit``
+    (``candidate_tiles``: three consumers, 9-13% faster than two at 4K-16K keys on an H200;
+    shorter rows take two, ``short_band``)."""
     return (spec.right_bounded_alone and spec.shapes.nk > PERSISTENT_MAX_KEYS
-            and spec.varlen is None and _nothing_beyond_a_band(spec))
+            and spec.varlen is None and _three_consumers_fit(spec))
 
 
 def persistent_grid(spec, tiles: TmaTiles) -> bool:
@@ -242,7 +256,7 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     whole multiples of, persistent where ``persistent_grid`` says so, with a second Q buffer
     where it fits. `few` overrides ``few_keys(spec)`` (the variants list asks for both)."""
     d, dv = spec.shapes.d, spec.shapes.dv
-    plain = not spec.banded and _nothing_beyond_a_band(spec)
+    plain = not spec.banded and _three_consumers_fit(spec)
     short = spec.shapes.nk <= UNBANDED_PERSISTENT_MAX_KEYS  # matters only without a band
     for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
                                  few_keys=few_keys(spec) if few is None else few,
@@ -357,8 +371,11 @@ def main_variants() -> list[tuple[str, str]]:
     # Under a band or a mask at D = 64 the tile shape also depends on how many keys a row keeps
     # (few_keys): block masks there too (the sparse sweep's head dim), each with both shapes.
     specs += [spec_of("bfloat16", 64, causal=causal, block_mask=_block_mask()) for causal in (False, True)]
-    # Causal rows longer than that take three consumers (long_causal), at D = 32 too.
+    # Causal rows longer than that take three consumers (long_causal), at D = 32 too; so does
+    # dropout at D = 64, unmasked or over such rows.
     specs += [spec_of(dtype, d, causal=True, nq=4096) for dtype in ("float16", "bfloat16") for d in (32, 64)]
+    specs += [spec_of(dtype, 64, causal=causal, nq=4096, dropout_p=0.1, dropout_seed=1)
+              for dtype in ("float16", "bfloat16") for causal in (False, True)]
     # Head dims between the grid's, each padded to its 64-column boxes: 40 and 48 (one box, 3 of 4
     # k16 steps), 80 and 112 (two), 136 (three), and Dv ≠ D among them.
     specs += [spec_of("bfloat16", d, dv, causal=causal) for d, dv in ((40, 40), (48, 48), (80, 80), (112, 112),

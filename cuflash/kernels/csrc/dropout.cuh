@@ -122,6 +122,12 @@ struct DropoutMask {
         }
     }
 
+    // The same mask for query head h of batch b (the seed and offset stay).
+    template <class Args>
+    __device__ __forceinline__ void at_head(const Args& a, int b, int h) {
+        bh = u32(b) * u32(a.heads) + u32(h);
+    }
+
     // Keep flags of keys 16·key_chunk .. 16·key_chunk + 15 of one query row, placed for call m.
     __device__ __forceinline__ u32 chunk(u32 key_chunk, u32 query, int m) const {
         return chunk_flags(philox4x32(make_uint4(key_chunk, query, bh, offset), k0, k1), t4, m);
@@ -235,14 +241,15 @@ __device__ __forceinline__ void keep_words(KeepWords<KEYS_ALONG_ROWS, NT>& keep,
     }
 }
 
-// dP of the kept elements times the rescale, 0 for the dropped ones, as the NumPy path computes
-// it before dS = P ∘ (dP − Δ) (the dQ kernels' P blocks, the Hopper dK/dV kernel's Pᵀ blocks).
+// dP of the kept elements, 0 for the dropped ones (the dQ kernels' P blocks, the Hopper dK/dV
+// kernel's Pᵀ blocks). The NumPy path's dP ∘ Z · rescale takes its rescale in softmax_grad's
+// multiply-add (dp_scale), not here.
 template <int NT, class Keep>
-__device__ __forceinline__ void drop_grads(float (&dp)[NT][4], const Keep& kept, float rescale) {
+__device__ __forceinline__ void drop_grads(float (&dp)[NT][4], const Keep& kept) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dp[j][i] = kept(j, i) ? dp[j][i] * rescale : 0.f;
+        for (int i = 0; i < 4; ++i) dp[j][i] = kept(j, i) ? dp[j][i] : 0.f;
 }
 
 // P ∘ Z from P already packed as 16-bit A fragments (sm90_wgmma.cuh, pack_a; mma.sync's are
@@ -271,7 +278,8 @@ __device__ __forceinline__ void drop_packed(u32 (&f)[KS][4], const Keep& keep) {
 // registers to spare between the two: the sign of P carries it (P ≥ 0, so −P marks a dropped
 // element; for P = 0 the mark does not matter, dS and P ∘ Z are 0 either way). mark_dropped
 // marks Pᵀ (block j at query query0 + 8j; key0 − g a multiple of 16), dropped_prob gives P ∘ Z
-// of a marked element, and unmark_dropped restores P and applies the mask and the rescale to dPᵀ.
+// of a marked element, and unmark_dropped restores P and applies the mask to dPᵀ (the rescale
+// comes in softmax_grad_recovered, as after drop_grads).
 template <int NT>
 __device__ __forceinline__ void mark_dropped(float (&p)[NT][4], const DropoutMask& mask, int key0, int query0,
                                              int lane) {
@@ -287,12 +295,12 @@ __device__ __forceinline__ void mark_dropped(float (&p)[NT][4], const DropoutMas
 __device__ __forceinline__ float dropped_prob(float marked) { return fmaxf(marked, 0.f); }
 
 template <int NT>
-__device__ __forceinline__ void unmark_dropped(float (&p)[NT][4], float (&dp)[NT][4], float rescale) {
+__device__ __forceinline__ void unmark_dropped(float (&p)[NT][4], float (&dp)[NT][4]) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            dp[j][i] = signbit(p[j][i]) ? 0.f : dp[j][i] * rescale;
+            dp[j][i] = signbit(p[j][i]) ? 0.f : dp[j][i];
             p[j][i] = fabsf(p[j][i]);
         }
 }

@@ -262,7 +262,7 @@ __device__ __forceinline__ void dkdv_pass(float (&dk_acc)[S::MT][S::KT][4], floa
     warp_gemm<T, false, S::KVD>(dp, va, w.sdo_b + o_stage + pass * S::CMP * OS * 2, 32, 16 * OS * 2);
     if constexpr (DROPOUT) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) unmark_dropped(s[mt], dp[mt], drop.rescale);
+        for (int mt = 0; mt < MT; ++mt) unmark_dropped(s[mt], dp[mt]);
     }
     // dS^T; the softcap factor comes back from P^T (keeping it would cost CTP * 4 registers more,
     // and the D = 128 variants have none to spare).
@@ -274,7 +274,7 @@ __device__ __forceinline__ void dkdv_pass(float (&dk_acc)[S::MT][S::KT][4], floa
             const float2 d2 = *reinterpret_cast<const float2*>(delta + col);
             return ElementCoords{col_base + col + e, key_base + mt * 16 + w.g + (i / 2) * 8, e ? l2.y : l2.x,
                                  e ? d2.y : d2.x};
-        });
+        }, DROPOUT ? drop.rescale : 1.f);
     if constexpr (S::DS_SMEM) store_pairs_smem<T, S::PS>(w.sds + cp, dp);
     if constexpr (!S::P_SMEM) {
         // dK += dS^T Q, scaled at the end.
@@ -729,8 +729,9 @@ flash_bwd_dq(const BwdArgs a) {
             const float lse2[2] = {a.lse2[rows + mt * 16], a.lse2[rows + mt * 16 + 8]};
             const float delta[2] = {a.delta[rows + mt * 16], a.delta[rows + mt * 16 + 8]};
             recompute_probs(s[mt], grad[mt], tile_mask, mod, partial, row0 + mt * 16 + g, n0, t, lse2);
-            if constexpr (DROPOUT) drop_grads(dp[mt], keep[mt], drop.rescale);
-            softmax_grad<NT, MOD>(dp[mt], s[mt], grad[mt], [&](int, int i) { return delta[i / 2]; });
+            if constexpr (DROPOUT) drop_grads(dp[mt], keep[mt]);
+            softmax_grad<NT, MOD>(dp[mt], s[mt], grad[mt], [&](int, int i) { return delta[i / 2]; },
+                                  DROPOUT ? drop.rescale : 1.f);
         }
 
         // dQ += dS K (scaled at the end).

@@ -37,7 +37,7 @@
 // DROPOUT (dropout.cuh): the forward's mask Z is drawn again per tile while the tile's first two
 // GEMMs run, in the NumPy path's order: dV accumulates (P ∘ Z)ᵀ dO (P packed, then its dropped
 // halves cleared) and is scaled by the rescale once at the end; dP = (dO Vᵀ) ∘ Z · rescale and
-// dS = P ∘ (dP − Delta), as in flash_bwd.cu.
+// dS = P ∘ (dP − Delta), as in flash_bwd.cu (the rescale in softmax_grad's multiply-add).
 //
 // ATOMIC_DQ: the dK/dV kernel also forms dQ, so the dq kernel is not launched: five GEMMs per
 // tile pair instead of seven. Each warpgroup writes its dSᵀ (bf16/f16) into a shared tile, and
@@ -426,13 +426,13 @@ __device__ __forceinline__ void dkdv_query_tile(const BwdArgs& a, const MASK& ma
     const ColumnPairs<CT, AHEAD> delta_pairs(delta, t);
     wgmma_wait<1>();
     reg_fence(dp);
-    if constexpr (DROPOUT) drop_grads(as_blocks<CT>(dp), keep, drop.rescale);
+    if constexpr (DROPOUT) drop_grads(as_blocks<CT>(dp), keep);
     // The softcap factor comes back from Pᵀ: 32 more live registers would spill at D = 128.
     softmax_grad_recovered<CT>(as_blocks<CT>(dp), as_blocks<CT>(s), mod, [&](int j, int i) {
         const float2 l2 = lse2_pairs(j, t), dl = delta_pairs(j, t);
         return ElementCoords{m0 + 8 * j + 2 * t + (i & 1), key_row0 + g + (i / 2) * 8, i & 1 ? l2.y : l2.x,
                              i & 1 ? dl.y : dl.x};
-    });
+    }, DROPOUT ? drop.rescale : 1.f);
     pack_a<T, KM>(df, dp);
 
     // dK += dSᵀ Q (scaled once at the end).
@@ -1126,9 +1126,12 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         float dk_acc[D / 2], dv_acc[D / 2];
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+        // The mask's key and counter words are read once, not per query tile; only the head
+        // moves (GQA walks the group's query heads).
+        DropoutMask drop(a, b, walk.valid() ? walk.h : 0);
         for (; walk.valid(); walk.next(), slot.advance()) {
             const MOD mod(a, b, walk.h, seq.nq, seq.nk);
-            const DropoutMask drop(a, b, walk.h);
+            drop.at_head(a, b, walk.h);
             mbar_wait(full(slot.stage), slot.phase);
             const auto bits_source = [&] {  // where an exact tile's bits are
                 if constexpr (THREAD_WORDS)
@@ -1266,8 +1269,9 @@ __device__ __forceinline__ void dq_key_tile(const MASK& mask, const MOD& mod, co
     wgmma_wait<0>();
     reg_fence(dp);
     hooks.v_done();
-    if constexpr (DROPOUT) drop_grads(as_blocks<NT>(dp), keep, drop.rescale);
-    softmax_grad<NT, MOD>(as_blocks<NT>(dp), as_blocks<NT>(s), grad, [&](int, int i) { return rows.delta[i / 2]; });
+    if constexpr (DROPOUT) drop_grads(as_blocks<NT>(dp), keep);
+    softmax_grad<NT, MOD>(as_blocks<NT>(dp), as_blocks<NT>(s), grad, [&](int, int i) { return rows.delta[i / 2]; },
+                          DROPOUT ? drop.rescale : 1.f);
     pack_a<T, KN>(df, dp);
 
     // dQ += dS K (scaled once at the end).

@@ -258,36 +258,39 @@ __device__ __forceinline__ void mask_probs_transposed(float (&s)[NT][4], const E
     mask_probs_transposed(s, tile.band, key_row, query0, t);
 }
 
-// dS = P ∘ (dP − Delta) (∘ the modifier's factor), in place in dp; delta(j, e) is the Delta of the
-// element's query.
+// dS = P ∘ (dP · dp_scale − Delta) (∘ the modifier's factor), in place in dp; delta(j, e) is the
+// Delta of the element's query. dp_scale is dropout's rescale, which the dropped elements' zero
+// leaves at zero (drop_grads, unmark_dropped), so one fused multiply-add applies it where a
+// separate product per element would cost an instruction more; 1 without dropout (an FFMA by 1:
+// the subtraction's bits and cost).
 template <int NT, class MOD, class DeltaOf>
 __device__ __forceinline__ void softmax_grad(float (&dp)[NT][4], const float (&p)[NT][4],
-                                             const GradFactors<MOD, NT>& grad, DeltaOf delta) {
+                                             const GradFactors<MOD, NT>& grad, DeltaOf delta, float dp_scale = 1.f) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            float ds = p[j][i] * (dp[j][i] - delta(j, i));
+            float ds = p[j][i] * fmaf(dp[j][i], dp_scale, -delta(j, i));
             if constexpr (MOD::has_grad_factor) ds *= grad[j][i];
             dp[j][i] = ds;
         }
 }
 
 // The same with the modifier's factor recovered from P (ScoreMod::grad_from_prob) rather than
-// kept in registers; at(j, i) gives the element's {row, key, lse2, delta}.
+// kept in registers; at(j, i) gives the element's {row, key, lse2, delta}; dp_scale as above.
 struct ElementCoords {
     int row, key;
     float lse2, delta;
 };
 template <int NT, class MOD, class At>
 __device__ __forceinline__ void softmax_grad_recovered(float (&dp)[NT][4], const float (&p)[NT][4], const MOD& mod,
-                                                       At at) {
+                                                       At at, float dp_scale = 1.f) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const ElementCoords c = at(j, i);
-            float ds = p[j][i] * (dp[j][i] - c.delta);
+            float ds = p[j][i] * fmaf(dp[j][i], dp_scale, -c.delta);
             if constexpr (MOD::has_grad_factor) ds *= mod.grad_from_prob(p[j][i], c.lse2, c.row, c.key);
             dp[j][i] = ds;
         }
