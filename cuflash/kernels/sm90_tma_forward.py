@@ -110,10 +110,10 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
                     short: bool = False, few_keys: bool = False, short_band: bool = False,
                     long_causal: bool = False, dropout: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
-    - D = Dv = 64, `plain` (no mask or score modifier; dropout only where it fits,
-      ``_three_consumers_fit``) or `long_causal` (causal alone, or with such dropout, over rows
-      of more than PERSISTENT_MAX_KEYS keys): three consumers taking turns (ping-pong), where the
-      softmax dominates;
+    - D = Dv = 64, `plain` (no mask; dropout or ALiBi only where they fit,
+      ``_three_consumers_fit``) or `long_causal` (causal alone, or with such dropout or ALiBi,
+      over rows of more than PERSISTENT_MAX_KEYS keys): three consumers taking turns (ping-pong),
+      where the softmax dominates;
     - D = Dv = 64, `few_keys` (a block or exact mask that keeps at most PERSISTENT_MAX_KEYS
       keys per query row on average, or a band alone over packed sequences of at most that many
       keys; no score modifier or dropout): one consumer, two blocks per SM, so that one block's
@@ -135,7 +135,7 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
     within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
     # Three consumers are compiled within 128 registers each: a block or exact mask, a window's
-    # left edge, a score modifier, packed sequences, or dropout other than at D = Dv = 64
+    # left edge, softcap, packed sequences, or dropout or ALiBi other than at D = Dv = 64
     # (``_three_consumers_fit``) beside causal spill there (and an exact mask's bits spill beside a
     # 256-wide O at 80 keys): the next shape then.
     if max(d, dv) <= 64:
@@ -158,13 +158,15 @@ def _nothing_beyond_a_band(spec) -> bool:
 
 def _three_consumers_fit(spec) -> bool:
     """Whether the three-consumer tile, compiled within 128 registers a consumer, holds this
-    call's options without spilling: nothing beyond a band, or dropout beside it at D = Dv = 64
-    over dense rows (no spills under NVRTC 13.0 and 13.5; at D = 32 it spills 4-8 bytes, and
-    dropout over packed sequences was not compiled with it)."""
+    call's options without spilling: nothing beyond a band, or one of dropout and ALiBi beside it
+    at D = Dv = 64 over dense rows (no spills under NVRTC 13.0 and 13.5, unmasked and causal).
+    Softcap (16-48 bytes) and a window's left edge (88) spill there, dropout at D = 32 too (4-8);
+    dropout with ALiBi, and either over packed sequences, were not compiled with it."""
     if _nothing_beyond_a_band(spec):
         return True
-    alone = not (spec.sparse or spec.exact or spec.score_modified)
-    return alone and spec.has_dropout and spec.shapes.d == spec.shapes.dv == 64 and spec.varlen is None
+    if spec.sparse or spec.exact or spec.has_softcap or spec.varlen is not None:
+        return False
+    return spec.has_dropout != spec.has_alibi and spec.shapes.d == spec.shapes.dv == 64
 
 
 def few_keys(spec) -> bool:
@@ -190,8 +192,8 @@ def short_band(spec) -> bool:
 
 def long_causal(spec) -> bool:
     """Whether a call is a band bounded on the right alone (causal, or a window (-1, w)) over
-    rows of more than PERSISTENT_MAX_KEYS keys, with nothing else: no block or exact mask, score
-    modifier or packed sequences, and dropout only where ``_three_consumers_fit``
+    rows of more than PERSISTENT_MAX_KEYS keys, with nothing else: no block or exact mask, softcap
+    or packed sequences, and dropout or ALiBi only where ``_three_consumers_fit``
     (``candidate_tiles``: three consumers, 9-13% faster than two at 4K-16K keys on an H200;
     shorter rows take two, ``short_band``)."""
     return (spec.right_bounded_alone and spec.shapes.nk > PERSISTENT_MAX_KEYS
@@ -357,7 +359,7 @@ def forward(q, k, v, out, lse, spec, *, tiles: TmaTiles | None = None):
 
 def main_variants() -> list[tuple[str, str]]:
     """The variants that must compile for ARCH (sm_90a only) without register spills."""
-    from ._variants import _block_mask, dropout_spec_grid, spec_grid, spec_of, varlen_spec_grid
+    from ._variants import _block_mask, _Slopes, dropout_spec_grid, spec_grid, spec_of, varlen_spec_grid
 
     # The tile shape depends on the options at D = 64 (three consumers only unmasked or causal) and at
     # Dv > 128 (exact masks): their masked and modified variants too.
@@ -371,11 +373,12 @@ def main_variants() -> list[tuple[str, str]]:
     # Under a band or a mask at D = 64 the tile shape also depends on how many keys a row keeps
     # (few_keys): block masks there too (the sparse sweep's head dim), each with both shapes.
     specs += [spec_of("bfloat16", 64, causal=causal, block_mask=_block_mask()) for causal in (False, True)]
-    # Causal rows longer than that take three consumers (long_causal), at D = 32 too; so does
-    # dropout at D = 64, unmasked or over such rows.
+    # Causal rows longer than that take three consumers (long_causal), at D = 32 too; so do
+    # dropout and ALiBi at D = 64, unmasked or over such rows.
     specs += [spec_of(dtype, d, causal=True, nq=4096) for dtype in ("float16", "bfloat16") for d in (32, 64)]
-    specs += [spec_of(dtype, 64, causal=causal, nq=4096, dropout_p=0.1, dropout_seed=1)
-              for dtype in ("float16", "bfloat16") for causal in (False, True)]
+    specs += [spec_of(dtype, 64, causal=causal, nq=4096, **extra)
+              for dtype in ("float16", "bfloat16") for causal in (False, True)
+              for extra in (dict(dropout_p=0.1, dropout_seed=1), dict(alibi=_Slopes()))]
     # Head dims between the grid's, each padded to its 64-column boxes: 40 and 48 (one box, 3 of 4
     # k16 steps), 80 and 112 (two), 136 (three), and Dv ≠ D among them.
     specs += [spec_of("bfloat16", d, dv, causal=causal) for d, dv in ((40, 40), (48, 48), (80, 80), (112, 112),
