@@ -110,10 +110,10 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
                     short: bool = False, few_keys: bool = False, short_band: bool = False,
                     long_causal: bool = False, dropout: bool = False) -> list[TmaTiles]:
     """Tile shapes for these head dims, best first (the H200 sweeps are in benchmarks/NOTES.md):
-    - D = Dv = 64, `plain` (no mask; dropout or ALiBi only where they fit,
-      ``_three_consumers_fit``) or `long_causal` (causal alone, or with such dropout or ALiBi,
-      over rows of more than PERSISTENT_MAX_KEYS keys): three consumers taking turns (ping-pong),
-      where the softmax dominates;
+    - D = Dv = 64, `plain` (no mask; ALiBi only where it fits, ``_three_consumers_fit``) or
+      `long_causal` (causal alone, or with such ALiBi, over rows of more than
+      PERSISTENT_MAX_KEYS keys): three consumers taking turns (ping-pong), where the softmax
+      dominates;
     - D = Dv = 64, `few_keys` (a block or exact mask that keeps at most PERSISTENT_MAX_KEYS
       keys per query row on average, or a band alone over packed sequences of at most that many
       keys; no score modifier or dropout): one consumer, two blocks per SM, so that one block's
@@ -135,9 +135,9 @@ def candidate_tiles(d: int, dv: int, *, banded: bool, exact: bool = False, plain
     Then narrower fall-backs, for shared memory and block masks. (ptxas compiles the consumers
     within the launch's even share of registers, 168 or 128, whatever setmaxnreg grants later.)"""
     # Three consumers are compiled within 128 registers each: a block or exact mask, a window's
-    # left edge, softcap, packed sequences, or dropout or ALiBi other than at D = Dv = 64
-    # (``_three_consumers_fit``) beside causal spill there (and an exact mask's bits spill beside a
-    # 256-wide O at 80 keys): the next shape then.
+    # left edge, softcap, packed sequences, or ALiBi other than at D = Dv = 64
+    # (``_three_consumers_fit``) beside causal spill there, and dropout is slower there (and an
+    # exact mask's bits spill beside a 256-wide O at 80 keys): the next shape then.
     if max(d, dv) <= 64:
         three = [TmaTiles(128, 2, consumers=3, pingpong=True)] if plain or long_causal else []
         one = [TmaTiles(128, 2, consumers=1)] if few_keys else []
@@ -157,16 +157,17 @@ def _nothing_beyond_a_band(spec) -> bool:
 
 
 def _three_consumers_fit(spec) -> bool:
-    """Whether the three-consumer tile, compiled within 128 registers a consumer, holds this
-    call's options without spilling: nothing beyond a band, or one of dropout and ALiBi beside it
-    at D = Dv = 64 over dense rows (no spills under NVRTC 13.0 and 13.5, unmasked and causal).
-    Softcap (16-48 bytes) and a window's left edge (88) spill there, dropout at D = 32 too (4-8);
-    dropout with ALiBi, and either over packed sequences, were not compiled with it."""
+    """Whether the three-consumer tile, compiled within 128 registers a consumer, suits this
+    call's options: nothing beyond a band, or ALiBi alone beside it at D = Dv = 64 over dense rows
+    (no spills under NVRTC 13.0 and 13.5, unmasked and causal; 5-10% faster than two consumers
+    from 2K keys on, benchmarks/NOTES.md). Softcap (16-48 bytes) and a window's left edge (88)
+    spill there. Dropout fits at D = Dv = 64 but runs up to 9% slower than on two consumers with
+    three stages (its softmax outlasts the other consumers' GEMMs, so taking turns only waits)."""
     if _nothing_beyond_a_band(spec):
         return True
-    if spec.sparse or spec.exact or spec.has_softcap or spec.varlen is not None:
+    if spec.sparse or spec.exact or spec.has_softcap or spec.has_dropout or spec.varlen is not None:
         return False
-    return spec.has_dropout != spec.has_alibi and spec.shapes.d == spec.shapes.dv == 64
+    return spec.has_alibi and spec.shapes.d == spec.shapes.dv == 64
 
 
 def few_keys(spec) -> bool:
@@ -192,8 +193,8 @@ def short_band(spec) -> bool:
 
 def long_causal(spec) -> bool:
     """Whether a call is a band bounded on the right alone (causal, or a window (-1, w)) over
-    rows of more than PERSISTENT_MAX_KEYS keys, with nothing else: no block or exact mask, softcap
-    or packed sequences, and dropout or ALiBi only where ``_three_consumers_fit``
+    rows of more than PERSISTENT_MAX_KEYS keys, with nothing else: no block or exact mask, softcap,
+    dropout or packed sequences, and ALiBi only where ``_three_consumers_fit``
     (``candidate_tiles``: three consumers, 9-13% faster than two at 4K-16K keys on an H200;
     shorter rows take two, ``short_band``)."""
     return (spec.right_bounded_alone and spec.shapes.nk > PERSISTENT_MAX_KEYS
@@ -373,12 +374,11 @@ def main_variants() -> list[tuple[str, str]]:
     # Under a band or a mask at D = 64 the tile shape also depends on how many keys a row keeps
     # (few_keys): block masks there too (the sparse sweep's head dim), each with both shapes.
     specs += [spec_of("bfloat16", 64, causal=causal, block_mask=_block_mask()) for causal in (False, True)]
-    # Causal rows longer than that take three consumers (long_causal), at D = 32 too; so do
-    # dropout and ALiBi at D = 64, unmasked or over such rows.
+    # Causal rows longer than that take three consumers (long_causal), at D = 32 too; so does
+    # ALiBi at D = 64, unmasked or over such rows.
     specs += [spec_of(dtype, d, causal=True, nq=4096) for dtype in ("float16", "bfloat16") for d in (32, 64)]
-    specs += [spec_of(dtype, 64, causal=causal, nq=4096, **extra)
-              for dtype in ("float16", "bfloat16") for causal in (False, True)
-              for extra in (dict(dropout_p=0.1, dropout_seed=1), dict(alibi=_Slopes()))]
+    specs += [spec_of(dtype, 64, causal=causal, nq=4096, alibi=_Slopes())
+              for dtype in ("float16", "bfloat16") for causal in (False, True)]
     # Head dims between the grid's, each padded to its 64-column boxes: 40 and 48 (one box, 3 of 4
     # k16 steps), 80 and 112 (two), 136 (three), and Dv ≠ D among them.
     specs += [spec_of("bfloat16", d, dv, causal=causal) for d, dv in ((40, 40), (48, 48), (80, 80), (112, 112),
