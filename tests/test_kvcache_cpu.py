@@ -423,6 +423,25 @@ def test_read_only_cache_refused_for_appends(rng):
         call(case)
 
 
+def test_caches_sharing_memory_refused_for_appends(rng):
+    """One buffer passed as both caches would take the new values over the new keys: refused
+    before anything is written. Reading such caches, and appending to the two halves of one
+    packed buffer, are fine."""
+    case = small(rng, s_new=1)
+    with pytest.raises(ValueError, match="k_cache and v_cache must not share memory to append"):
+        call(case, v_cache=case.k_cache)
+    assert_cache_appended(dataclasses.replace(case, k=None, v=None))  # nothing written
+    call(case, v_cache=case.k_cache, k=None, v=None)
+    packed = np.stack([case.k_cache_before, case.v_cache_before], axis=2)  # (B, S, 2, Hkv, D)
+    fresh = dataclasses.replace(case, k_cache=case.k_cache_before.copy(),
+                                v_cache=case.v_cache_before.copy())
+    want = call(fresh)
+    np.testing.assert_array_equal(call(case, k_cache=packed[:, :, 0], v_cache=packed[:, :, 1]),
+                                  want)
+    np.testing.assert_array_equal(packed[:, :, 0], fresh.k_cache)
+    np.testing.assert_array_equal(packed[:, :, 1], fresh.v_cache)
+
+
 def test_out_must_not_overlap_the_cache(rng):
     case = small(rng)
     with pytest.raises(ValueError, match="out must not share memory with k_cache"):
