@@ -149,6 +149,37 @@ def test_image_local(height, width, radius):
           image_ref(height, width, radius), block_sizes=BLOCK_SIZES + [(16, 4), 100])
 
 
+HUGE = [2**63 - 1, 10**30]  # sys.maxsize (a common "unbounded"), and past int64
+
+
+@pytest.mark.parametrize("nq, nk", [(1, 1), (17, 17), (37, 23), (23, 37)])
+@pytest.mark.parametrize("huge", HUGE)
+def test_distances_longer_than_the_sequences(nq, nk, huge):
+    """Windows, strides, segments and radii longer than the problem reach every key they can:
+    the pattern of a distance of nq + nk, at every resolution (not an int64 overflow)."""
+    reach = nq + nk
+    check(lambda b: sparse.sliding_window(nq, nk, window=huge, block_size=b),
+          window_ref(nq, nk, reach, reach))
+    check(lambda b: sparse.sliding_window(nq, nk, window=(2, huge), block_size=b),
+          window_ref(nq, nk, 2, reach))
+    check(lambda b: sparse.strided(nq, nk, stride=huge, window=1, block_size=b),
+          strided_ref(nq, nk, reach, 1, 1))
+    check(lambda b: sparse.strided(nq, nk, stride=3, window=(huge, 0), block_size=b),
+          strided_ref(nq, nk, 3, reach, 0))
+    check(lambda b: sparse.longformer(nq, nk, window=(0, huge), global_tokens=1, block_size=b),
+          longformer_ref(nq, nk, 0, reach, [0]))
+    i, j = grid(nq, nk)
+    for first_summary_key in (huge - 1, 2, 0):  # summary keys: none, keys 2.., every key
+        check(lambda b: sparse.fixed(nq, nk, stride=huge, summary=huge - first_summary_key,
+                                     block_size=b),
+              (i >= 0) | (j >= first_summary_key))  # one segment holds every key
+
+
+@pytest.mark.parametrize("huge", HUGE)
+def test_image_radius_longer_than_the_image(huge):
+    check(lambda b: sparse.image_local(5, 7, radius=huge, block_size=b), image_ref(5, 7, 7))
+
+
 @settings(max_examples=40, deadline=None)
 @given(nq=st.integers(1, 90), nk=st.integers(1, 90), bq=st.integers(1, 33), bk=st.integers(1, 33),
        left=st.integers(0, 40), right=st.integers(0, 40), stride=st.integers(1, 30))

@@ -28,6 +28,9 @@ class Grid:
         self.bq, self.bk = (1, 1) if block_size is None else positive_pair("block_size", block_size)
         self.nqb, self.nkb = ceil_div(self.nq, self.bq), ceil_div(self.nk, self.bk)
         self.offset = self.nk - self.nq
+        # Every key lies within nq + nk tokens of every aligned query position (i' = i + offset):
+        # windows, strides and segments longer than that are cut to it (int64 stays exact).
+        self.reach = self.nq + self.nk
 
     def query_ranges(self):
         """``(units, first, last)``: every query unit and its first and last query position."""

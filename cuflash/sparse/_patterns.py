@@ -57,6 +57,8 @@ def strided(nq, nk=None, *, stride, window=None, block_size=None):
     grid = Grid(nq, nk, block_size)
     stride = positive_int("stride", stride)
     left, right = nonnegative_pair("window", stride if window is None else window)
+    # |i' - j| < nq + nk: a longer stride has the main diagonal alone, as nq + nk has.
+    stride = min(stride, grid.reach)
     units, first, last = grid.query_ranges()
     first, last = first + grid.offset, last + grid.offset
     # Key j = i' - m * stride lies in 0..nk-1 for m in [m_lo, m_hi] for some i' in the unit.
@@ -81,12 +83,16 @@ def fixed(nq, nk=None, *, stride, summary=1, block_size=None):
     summary = positive_int("summary", summary)
     if summary > stride:
         raise ValueError(f"summary must be at most stride={stride}, got {summary}")
+    if stride > grid.reach:
+        # Every position lies in the first segment (or before the keys): the same pattern with
+        # segments of nq + nk tokens and the summary keys j >= stride - summary.
+        summary, stride = max(summary - (stride - grid.reach), 0), grid.reach
     units, first, last = grid.query_ranges()
     segment_first = (first + grid.offset) // stride * stride
     segment_last = (last + grid.offset) // stride * stride + stride - 1
     summary_keys = [numpy.arange(first_key, grid.nk, stride)
                     for first_key in range(stride - summary, stride)]
-    summary_units = grid.key_units(numpy.concatenate(summary_keys))
+    summary_units = grid.key_units(numpy.concatenate(summary_keys or [[]]))
     intervals = union((units, segment_first, segment_last), every_unit_attends(grid, summary_units))
     return grid.to_sparse(grid.keys(*intervals))
 
@@ -172,7 +178,8 @@ def image_local(height, width, *, radius, block_size=None):
     pixel pair between them is that close.
     """
     height, width = positive_int("height", height), positive_int("width", width)
-    radius = nonnegative_int("radius", radius)
+    # A radius of max(height, width) already reaches every pixel.
+    radius = min(nonnegative_int("radius", radius), max(height, width))
     grid = Grid(height * width, None, block_size, nq_name="height * width")
     units, first, last = grid.query_ranges()
     # Split each unit's run of pixels into its pieces on each image row.
@@ -256,7 +263,9 @@ def expand_blocks(pattern, *, block_size, shape):
 
 
 def _band(grid, left, right):
-    """Keys ``i' - left .. i' + right`` for every query ``i`` of each unit, as one interval."""
+    """Keys ``i' - left .. i' + right`` for every query ``i`` of each unit, as one interval.
+    Sides are cut to ``grid.reach``, which already reaches every key."""
+    left, right = min(left, grid.reach), min(right, grid.reach)
     units, first, last = grid.query_ranges()
     return units, first + grid.offset - left, last + grid.offset + right
 
