@@ -221,10 +221,14 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
                 if not cache.flags.writeable:
                     raise ValueError(f"{name} must be writable to append k and v, got a "
                                      f"read-only array")
-            # Checked exactly on the host; a packed buffer's k and v halves do not overlap.
-            if _checks.overlaps(k_cache, v_cache, xp):
-                raise ValueError("k_cache and v_cache must not share memory to append k and v: "
-                                 "the new values would be written over the new keys")
+        # Caches that share memory would take the new values over the new keys. NumPy tells
+        # exactly (a packed buffer's k and v halves do not overlap); CuPy's test of byte ranges
+        # would refuse those halves too, so there only caches that start at one address (one
+        # array passed as both) are refused: they share at least their first slot.
+        if (_checks.overlaps(k_cache, v_cache, xp) if xp is numpy
+                else k_cache.data.ptr == v_cache.data.ptr):
+            raise ValueError("k_cache and v_cache must not share memory to append k and v: "
+                             "the new values would be written over the new keys")
         if s_new > capacity:
             raise ValueError(f"k and v append {s_new} keys, more than a batch row's cache holds "
                              f"({capacity})")

@@ -658,9 +658,30 @@ def test_generic_route_refuses_before_writing_what_no_kernel_attends(monkeypatch
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     q = device.empty((1, 1, 2, 264), ml_dtypes.bfloat16)
-    cache = device.empty((1, 64, 2, 264), ml_dtypes.bfloat16)
+    k_cache, v_cache = (device.empty((1, 64, 2, 264), ml_dtypes.bfloat16) for _ in range(2))
     new = device.empty((1, 1, 2, 264), ml_dtypes.bfloat16)
-    assert cuflash.kvcache_plan(q, cache, cache, new, new, cache_seqlens=3).route == "generic"
+    assert cuflash.kvcache_plan(q, k_cache, v_cache, new, new, cache_seqlens=3).route == "generic"
     with pytest.raises(ValueError, match=r"no GPU kernel attends this call's rows, so nothing was "
                                          r"written(.|\n)*D from 1 to 256"):
-        cuflash.attention_with_kvcache(q, cache, cache, new, new, cache_seqlens=3)
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=3)
+
+
+def test_device_caches_at_one_address_refused_for_appends(monkeypatch):
+    """On the GPU path one array passed as both caches is refused before anything is launched;
+    the two halves of one packed buffer (different addresses, interleaved bytes) are not."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((2, 1, 4, 64), ml_dtypes.bfloat16)
+    new = device.empty((2, 1, 2, 64), ml_dtypes.bfloat16)
+    cache = device.empty((2, 128, 2, 64), ml_dtypes.bfloat16)
+    seqlens = device.empty((2,), np.int32)
+    with pytest.raises(ValueError, match="k_cache and v_cache must not share memory to append"):
+        cuflash.attention_with_kvcache(q, cache, cache, new, new, cache_seqlens=seqlens)
+    assert device.take_launches() == []
+    cuflash.attention_with_kvcache(q, cache, cache, cache_seqlens=seqlens, num_splits=1)  # reading is fine
+    packed = device.empty((2, 128, 2, 2, 64), ml_dtypes.bfloat16)  # (B, S, k/v, Hkv, D)
+    cuflash.attention_with_kvcache(q, packed[:, :, 0], packed[:, :, 1], new, new, cache_seqlens=seqlens,
+                                   num_splits=1)
+    assert any(name.startswith("flash_decode<") for name, *_ in device.take_launches())
