@@ -159,10 +159,12 @@ def _nothing_beyond_a_band(spec) -> bool:
 def _three_consumers_fit(spec) -> bool:
     """Whether the three-consumer tile, compiled within 128 registers a consumer, suits this
     call's options: nothing beyond a band, or ALiBi alone beside it at D = Dv = 64 over dense rows
-    (no spills under NVRTC 13.0 and 13.5, unmasked and causal; 5-10% faster than two consumers
-    from 2K keys on, benchmarks/NOTES.md). Softcap (16-48 bytes) and a window's left edge (88)
-    spill there. Dropout fits at D = Dv = 64 but runs up to 9% slower than on two consumers with
-    three stages (its softmax outlasts the other consumers' GEMMs, so taking turns only waits)."""
+    (no spills under NVRTC 13.0 and 13.5, unmasked and causal; against two consumers 6-9% faster
+    unmasked from 2K keys and causal at 16K, level at 4K causal, 3.5% slower unmasked at 1K:
+    benchmarks/NOTES.md). Softcap (16-48 bytes) and a window's left edge (88) spill there.
+    Dropout fits at D = Dv = 64 but ran up to 9% slower than on two consumers with three stages
+    (not profiled; likely its softmax with the draws outlasts the other consumers' GEMMs, so
+    taking turns only adds waits)."""
     if _nothing_beyond_a_band(spec):
         return True
     if spec.sparse or spec.exact or spec.has_softcap or spec.has_dropout or spec.varlen is not None:
