@@ -158,11 +158,15 @@ def _normal_f32(value: float) -> bool:
 
 
 def check_scale(scale: Any, head_dim: int) -> float:
-    """``scale`` as a float: ``None`` gives ``1 / sqrt(head_dim)``."""
+    """``scale`` as a float: ``None`` gives ``1 / sqrt(head_dim)``.
+
+    Finiteness is tested by comparisons, not ``math.isfinite``, here and in ``check_softcap``:
+    under ``torch.compile(dynamic=True)`` cuflash.torch passes symbolic floats, which compare
+    (a guard) but which ``math.isfinite`` cannot take."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     value = _real(scale, "scale", "a real number or None", "finite and positive")
-    if not (math.isfinite(value) and value > 0):
+    if not (-math.inf < value < math.inf and value > 0):
         raise ValueError(f"scale must be finite and positive, got {_show(scale)}")
     if not (_normal_f32(value) and _normal_f32(value * _LOG2E)):
         raise ValueError(
@@ -191,7 +195,7 @@ def check_softcap(softcap: Any, scale: float) -> float:
     ``softcap·log2 e`` representable in float32 (the kernels use both)."""
     allowed = "0.0 (off) or a finite positive real number"
     value = _real(softcap, "softcap", allowed, allowed)
-    if not math.isfinite(value) or value < 0:
+    if not -math.inf < value < math.inf or value < 0:
         raise ValueError(f"softcap must be {allowed}, got {_show(softcap)}")
     if value == 0:
         return 0.0

@@ -636,6 +636,44 @@ def test_compile_fullgraph_with_options():
         assert torch.equal(g, e)
 
 
+class FloatOptions(torch.nn.Module):
+    """Attention whose float options are module attributes, or left at their defaults."""
+
+    def __init__(self, api, scale=None, softcap=0.0):
+        super().__init__()
+        self.api, self.scale, self.softcap = api, scale, softcap
+
+    def forward(self, q, k, v):
+        if self.api == "flash_attn":
+            if self.scale is None and not self.softcap:
+                return ct.flash_attn_func(q, k, v, causal=True)
+            return ct.flash_attn_func(q, k, v, softmax_scale=self.scale, causal=True,
+                                      softcap=self.softcap)
+        if self.scale is None and not self.softcap:
+            return ct.attention(q, k, v, causal=True)
+        return ct.attention(q, k, v, causal=True, scale=self.scale, softcap=self.softcap)
+
+
+@needs_core("softcap")
+@pytest.mark.parametrize("api", ["attention", "flash_attn"])
+@pytest.mark.parametrize("scale, softcap", [(None, 0.0), (None, 30.0), (0.3, 0.0), (0.3, 5.0)],
+                         ids=["defaults", "softcap", "scale", "both"])
+def test_compile_dynamic_with_float_options(api, scale, softcap):
+    """dynamic=True makes the float options symbolic (the defaults and module attributes):
+    their checks still trace with fullgraph=True, and the values are the eager ones."""
+    model = FloatOptions(api, scale, softcap)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (9, 13):
+        q, k, v = (leaf(randn(2, 2, n, 8)) for _ in range(3))
+        out = compiled(q, k, v)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        expected = model(q, k, v)
+        assert torch.equal(out, expected)
+        for g, e in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
+            assert torch.equal(g, e)
+
+
 # ----------------------------------------------------------------------------- drop-ins
 
 def test_flash_attn_func_layout_and_grads():
