@@ -290,6 +290,7 @@ def test_check_fails_on_a_wrong_gradient(monkeypatch):
     (["--radius", "3"], "--radius"),  # dense takes no pattern parameters
     (["--pattern", "sliding-window", "--radius", "3"], "--radius"),
     (["--pattern", "random", "--density", "0"], "--density"),
+    (["--pattern", "random", "--density", "nan"], "--density"),
     (["--device", "tpu"], "--device"),
     (["--inputs", "noise"], "--inputs"),
 ])
@@ -897,6 +898,7 @@ def test_mask_show_png(tmp_path):
     (["nope"], "PATTERN"),
     (["butterfly", "--radius", "2"], "--radius"),
     (["random", "--density", "1.5"], "--density"),
+    (["random", "--density", "nan"], "--density"),
     (["sliding-window", "--window", "-3"], "--window"),
     (["image-local", "--block-size", "0"], "--block-size"),
 ])

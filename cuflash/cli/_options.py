@@ -79,6 +79,21 @@ class CommaList(click.ParamType):
         return tuple(self.item.convert(part.strip(), param, ctx) for part in items)
 
 
+class Fraction(click.FloatRange):
+    """A number in (0, 1]; ``nan``, which click's range comparisons let through, is refused."""
+
+    name = "X"
+
+    def __init__(self):
+        super().__init__(0, 1, min_open=True)
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not in the range 0<x<=1.", param, ctx)
+        return number
+
+
 class RowCount(click.ParamType):
     """A number of query rows to check, or ``all``."""
 
@@ -152,7 +167,7 @@ def pattern_parameter_options(f):
     from cuflash.cli._patterns import PARAMETERS, default_text
     for name, (kind, text) in reversed(list(PARAMETERS.items())):
         option_type, metavar = {"tokens": (TOKENS, "N"), "count": (click.IntRange(min=0), "INT"),
-                                "fraction": (click.FloatRange(0, 1, min_open=True), "X")}[kind]
+                                "fraction": (Fraction(), "X")}[kind]
         f = click.option(f"--{name}", type=option_type, default=None, metavar=metavar,
                          help=f"{text}  [default: {default_text(name)}]")(f)
     # BlockMask and the NumPy path take any block size; only the GPU kernels, which walk the
