@@ -308,11 +308,32 @@ def test_flash_attn_refuses_option_values_by_their_names(monkeypatch, name, valu
             call()
 
 
+def test_attention_refuses_return_lse_with_the_cores_error():
+    """return_lse="False" is not read as True: a tuple where the core raises."""
+    q = randn(1, 2, 8, 8)
+    for value in ("False", 0):
+        with pytest.raises(TypeError) as core:
+            _core_call(q, return_lse=value)
+        with pytest.raises(TypeError) as adapter:
+            ct.attention(q, q, q, return_lse=value)
+        assert str(adapter.value) == str(core.value)
+        assert str(adapter.value).startswith("return_lse ")
+
+
 def test_sdpa_refuses_is_causal_that_is_not_a_bool():
     q = randn(1, 2, 8, 8)
     for kv in (q, randn(1, 2, 6, 8)):  # L != S too: "False" is not is_causal=True
         with pytest.raises(TypeError, match="^is_causal must be True or False"):
             ct.scaled_dot_product_attention(q, kv, kv, is_causal="False")
+
+
+def test_sdpa_refuses_enable_gqa_that_is_not_a_bool():
+    """As torch does: enable_gqa="False" is not read as True, with equal head counts too."""
+    q = randn(1, 4, 8, 8)
+    for kv in (randn(1, 2, 8, 8), q):
+        for value in ("False", 1, None):
+            with pytest.raises(TypeError, match="^enable_gqa must be True or False"):
+                ct.scaled_dot_product_attention(q, kv, kv, enable_gqa=value)
 
 
 # ----------------------------------------------------------------------------- block masks

@@ -112,6 +112,7 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     ``window``, ``softcap`` and ``alibi_slopes`` raise ``NotImplementedError`` when the installed
     cuflash core does not have them; at their defaults they are never passed on.
     """
+    return_lse = _checks.check_bool(return_lse, "return_lse")  # as the core: "False" is refused
     out, lse, _ = _attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                              alibi_slopes=alibi_slopes, block_mask=_one_mask(block_mask, mask),
                              deterministic=deterministic, seq_major=False, dropout_p=dropout_p,
@@ -452,8 +453,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape "
                              f"{tuple(x.shape)}")
     nq, nk = query.shape[-2], key.shape[-2]
-    # Checked before its truth is read below: "False" would be true.
+    # Checked before their truth is read below: "False" would be true (torch refuses both).
     is_causal = _checks.check_bool(is_causal, "is_causal")
+    enable_gqa = _checks.check_bool(enable_gqa, "enable_gqa")
     if is_causal and nq != nk:
         raise NotImplementedError(
             f"is_causal=True with L={nq} != S={nk}: torch aligns this mask to the top-left corner "
