@@ -926,6 +926,15 @@ def test_mask_show_huge_length_draws_without_building():
     assert record["kept_blocks_at_most"] == 524288 * 524289 // 2
 
 
+@pytest.mark.parametrize("pattern", ["causal", "sliding-window", "image-local"])
+def test_mask_show_length_beyond_int64_exits_3(pattern):
+    """Positions past int64 cannot be built even in coarse blocks: exit status 3 and the reason,
+    not an OverflowError traceback."""
+    result = invoke("mask", "show", pattern, "--seq-len", "1e19", code=3)
+    assert f"cannot build pattern {pattern!r}" in result.output
+    assert "--seq-len" in result.output and "Traceback" not in result.output
+
+
 def test_mask_show_huge_random_pattern_is_refused():
     result = invoke("mask", "show", "random", "--seq-len", "4M", code=3)
     assert "--block-size" in result.output and "--force" in result.output

@@ -277,8 +277,12 @@ def build_mask(name: str, seq_len: int, *, block_size: int, parameters: dict, se
     """A BlockMask of pattern ``name`` for one ``seq_len × seq_len`` problem.
 
     ``parameters`` come from :func:`pattern_parameters`. A pattern that rejects its parameters
-    (a window longer than the sequence, ...) raises ``click.UsageError`` with its message.
+    (a window longer than the sequence, ...) raises ``click.UsageError`` with its message; one
+    whose arrays do not fit in memory or in int64 (huge ``seq_len``) raises
+    ``NotEnoughMemory`` (exit status 3).
     """
+    from cuflash.cli._common import NotEnoughMemory
+
     sparse = _sparse()
     try:
         blocks = PATTERNS[name].build(seq_len, block_size, parameters, seed)
@@ -289,3 +293,7 @@ def build_mask(name: str, seq_len: int, *, block_size: int, parameters: dict, se
                                            shape=(seq_len, seq_len))
     except ValueError as error:
         raise click.UsageError(f"cannot build pattern {name!r}: {error}") from error
+    except (MemoryError, OverflowError) as error:
+        raise NotEnoughMemory(
+            f"cannot build pattern {name!r} at {seq_len:,} tokens: "
+            f"{error}; use a larger --block-size or a smaller --seq-len") from error
