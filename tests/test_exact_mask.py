@@ -324,10 +324,22 @@ def test_from_scipy_points_a_dense_array_to_its_own_dense_reader():
 @pytest.mark.parametrize("options, error, words", [
     (dict(max_rows=0), ValueError, "max_rows must be a positive integer"),
     (dict(max_cols=-1), ValueError, "max_cols must be a positive integer"),
-    (dict(max_cols=1.5), TypeError, "max_cols must be an integer")])
+    (dict(max_cols=1.5), TypeError, "max_cols must be an integer"),
+    (dict(tile=64), ValueError, r"tile must be a pair \(tile_m, tile_n\)"),
+    (dict(tile=(64,)), ValueError, r"tile must be a pair \(tile_m, tile_n\)"),
+    (dict(tile=(0, 64)), ValueError, "tile_m must be a positive integer")])
 def test_render_names_a_bad_picture_size(options, error, words):
     with pytest.raises(error, match=words):
         ExactMask.from_dense(np.eye(40, dtype=bool)).render(**options)
+
+
+@pytest.mark.parametrize("rows", [[-1], [-2], [3], [[0, 1]]])
+def test_element_rows_refuses_rows_outside_the_problem(rows):
+    """A negative row is not counted from the end: it is refused, as a row past the last is,
+    instead of reading another row's keys."""
+    mask = ExactMask.from_dense(np.array([[1, 0, 1], [0, 0, 0], [1, 1, 0]], dtype=bool))
+    with pytest.raises(ValueError, match=r"rows must be a 1-D sequence of query rows in \[0, 3\)"):
+        mask.element_rows(rows)
 
 
 def test_builders_refuse_bad_arguments():

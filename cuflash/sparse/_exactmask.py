@@ -205,6 +205,9 @@ class ExactMask:
         Allocates ``H' · len(rows) · Nk`` bytes: for references and small problems."""
         nq, nk = self._shape
         rows = numpy.arange(nq) if rows is None else numpy.asarray(rows, dtype=numpy.int64)
+        if rows.ndim != 1 or ((rows < 0) | (rows >= nq)).any():
+            raise ValueError(
+                f"rows must be a 1-D sequence of query rows in [0, {nq}), got {rows!r}")
         dense = numpy.zeros((self._stored_heads, rows.size, nk), dtype=bool)
         for h in range(self._stored_heads):
             starts, stops = self._row_ptr[h, rows], self._row_ptr[h, rows + 1]
@@ -323,6 +326,9 @@ class ExactMask:
 
         head = _head_index(head, self._stored_heads, self._num_heads)
         max_rows, max_cols = picture_size(max_rows, max_cols)
+        if not isinstance(tile, (tuple, list)) or len(tile) != 2:
+            raise ValueError(f"tile must be a pair (tile_m, tile_n) of positive integers, "
+                             f"got {tile!r}")
         tile_m, tile_n = tile
         bits = self.tile_bits(tile_m, tile_n)
         tiles_m, tiles_n = bits.row_ptr.shape[1] - 1, bits.col_ptr.shape[1] - 1
