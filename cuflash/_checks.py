@@ -157,6 +157,16 @@ def _normal_f32(value: float) -> bool:
     return _F32_TINY <= abs(value) <= _F32_MAX
 
 
+def query_rows(rows: Any, nq: int) -> numpy.ndarray:
+    """Query rows as a 1-D NumPy int64 array (all ``nq`` by default), each in ``[0, nq)``: the
+    rows a reference or an exact mask's dense rows are asked for (no negative indices, which
+    would pick other rows without a word)."""
+    rows = numpy.arange(nq) if rows is None else numpy.asarray(rows, dtype=numpy.int64)
+    if rows.ndim != 1 or ((rows < 0) | (rows >= nq)).any():
+        raise ValueError(f"rows must be a 1-D sequence of query rows in [0, {nq}), got {rows!r}")
+    return rows
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     """``scale`` as a float: ``None`` gives ``1 / sqrt(head_dim)``.
 

@@ -129,7 +129,7 @@ def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), sof
     """
     xp = _checks.common_module({"q": q, "k": k, "v": v})
     shapes = _checks.attention_shapes(q, k, v)
-    rows = _rows(rows, shapes.nq)
+    rows = _checks.query_rows(rows, shapes.nq)
     if chunk is None:
         chunk = max(1, 2**25 // (shapes.nk * shapes.hq * max(1, shapes.b)))
     outs, lses = [], []
@@ -289,7 +289,7 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
     if slopes is not None:
         slopes = slopes.reshape(shapes.batch + (shapes.hq,))
     some_rows = rows is not None
-    rows = _rows(rows, shapes.nq)
+    rows = _checks.query_rows(rows, shapes.nq)
     keep = keep_mask(shapes.nq, shapes.nk, causal=causal, window=window, block_mask=block_mask,
                      rows=rows, xp=xp)
     if _is_exact_mask(mask):
@@ -343,14 +343,6 @@ def _is_exact_mask(mask):
         return False
     from .sparse import ExactMask
     return isinstance(mask, ExactMask)
-
-
-def _rows(rows, nq):
-    """Query rows as a 1-D NumPy int64 array (all by default), checked."""
-    rows = numpy.arange(nq) if rows is None else numpy.asarray(rows, dtype=numpy.int64)
-    if rows.ndim != 1 or ((rows < 0) | (rows >= nq)).any():
-        raise ValueError(f"rows must be a 1-D sequence of query rows in [0, {nq}), got {rows!r}")
-    return rows
 
 
 def _repeat_heads(x, shapes):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy
 import scipy.sparse
 
+from .._checks import query_rows
 from . import _convert, _csr
 from ._validate import ceil_div, picture_size, positive_int, problem_shape
 
@@ -204,10 +205,7 @@ class ExactMask:
         """NumPy bool ``(H', len(rows), Nk)``: the allowed keys of query ``rows`` (default all).
         Allocates ``H' · len(rows) · Nk`` bytes: for references and small problems."""
         nq, nk = self._shape
-        rows = numpy.arange(nq) if rows is None else numpy.asarray(rows, dtype=numpy.int64)
-        if rows.ndim != 1 or ((rows < 0) | (rows >= nq)).any():
-            raise ValueError(
-                f"rows must be a 1-D sequence of query rows in [0, {nq}), got {rows!r}")
+        rows = query_rows(rows, nq)
         dense = numpy.zeros((self._stored_heads, rows.size, nk), dtype=bool)
         for h in range(self._stored_heads):
             starts, stops = self._row_ptr[h, rows], self._row_ptr[h, rows + 1]
