@@ -378,6 +378,26 @@ def test_unsupported_options_are_refused():
         ring_attention(q, q, q, comm=None)
 
 
+@pytest.mark.parametrize("option, value, error", [
+    ("softcap", True, TypeError), ("softcap", "5", TypeError), ("softcap", -1.0, ValueError),
+    ("scale", True, TypeError), ("scale", "0.3", TypeError), ("scale", 0.0, ValueError),
+    ("return_lse", "no", TypeError), ("validate", None, TypeError),
+    ("deterministic", "yes", TypeError)])
+def test_ring_options_are_checked_as_cuflash_attention_checks_them(option, value, error):
+    """Every ring option is refused by name, as ``cuflash.attention`` refuses it, before any
+    step runs (a bool ``softcap`` or ``scale`` is not silently 1.0)."""
+    q = np.zeros((1, 2, 8, 8), F32)
+
+    def call(comm):
+        if option == "deterministic":
+            _, vjp = ring_attention_vjp(q, q, q, comm=comm, deterministic=value)
+            return vjp(q)
+        return ring_attention(q, q, q, comm=comm, **{option: value})
+
+    with pytest.raises(error, match=option):
+        LocalRing(2).run(call)
+
+
 # ----------------------------------------------------------------------------- failures
 
 def test_mismatched_ranks_raise_instead_of_hanging():
@@ -486,6 +506,22 @@ def test_ulysses_needs_divisible_heads():
     q = np.zeros((1, 3, 16, 8), F32)
     with pytest.raises(ValueError, match="multiples of 2"):
         LocalRing(2).run(lambda comm: ulysses_attention(q, q, q, comm=comm))
+
+
+@pytest.mark.parametrize("shape", [(8,), (2,), (3, 4)])
+def test_ulysses_slopes_are_checked_against_every_head(shape):
+    """The slopes are those of all Hq heads: a wrong shape is refused naming alibi_slopes and
+    Hq, not cut into per-rank slices (8 slopes for 4 heads used to run with the first 4)."""
+    q = np.zeros((4, 16, 8), F32)
+    slopes = np.ones(shape, F32)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(Hq,\) = \(4,\)"):
+        LocalRing(2).run(lambda comm: ulysses_attention(q, q, q, comm=comm,
+                                                        alibi_slopes=slopes))
+    with pytest.raises(ValueError, match=r"alibi_slopes.*\(4,\)"):
+        LocalRing(2).run(lambda comm: ulysses_attention_backward(
+            q, q, q, q, q, np.zeros((4, 8), F32), comm=comm, alibi_slopes=slopes))
+    with pytest.raises(TypeError, match="return_lse"):
+        LocalRing(2).run(lambda comm: ulysses_attention(q, q, q, comm=comm, return_lse="no"))
 
 
 # ----------------------------------------------------------------------------- the check

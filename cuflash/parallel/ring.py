@@ -27,14 +27,13 @@ current one is computed.
 from __future__ import annotations
 
 import functools
-import math
 import zlib
 from typing import Any, Callable
 
 import numpy
 
 import cuflash
-from cuflash import _mask
+from cuflash import _checks, _mask
 
 from . import _plan
 from . import layout as _layout
@@ -105,12 +104,10 @@ class _Options:
             raise NotImplementedError("block_mask is not supported by ring attention")
         self.comm = comm
         self.layout = _layout.check_layout(layout)
-        from cuflash import _checks
         self.causal = _checks.check_bool(causal, "causal")
         self.window = _checks.check_window(window)
-        self.softcap = float(softcap)
-        d = q.shape[-1]
-        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+        self.scale = _checks.check_scale(scale, q.shape[-1])
+        self.softcap = _checks.check_softcap(softcap, self.scale)
         for name, x in (("q", q), ("k", k), ("v", v)):
             if x.ndim < 2:
                 raise ValueError(f"{name} must have at least 2 dimensions (..., N, D), got "
@@ -128,7 +125,7 @@ class _Options:
                     f"that is a multiple of 2·P = {2 * size}; {n_local} rows on each of "
                     f"P = {size} ranks make N = {n_local * size}, which is not")
         self.band = _mask.band(self.window, self.causal)  # over the whole problem
-        if validate:
+        if _checks.check_bool(validate, "validate"):
             self._validate(q, k, v)
 
     def _signature(self, q, k, v) -> numpy.ndarray:
@@ -311,6 +308,7 @@ def ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
                     block_mask=block_mask, validate=validate)
+    return_lse = _checks.check_bool(return_lse, "return_lse")
     out, lse = _forward(q, k, v, opts)
     return (out, lse) if return_lse else out
 
@@ -338,7 +336,8 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = Fal
     if tuple(lse.shape) != tuple(out.shape[:-1]):
         raise ValueError(f"lse must have shape {tuple(out.shape[:-1])} (out without its last "
                          f"axis), got {tuple(lse.shape)}")
-    return _backward(dout, q, k, v, out, lse, opts, bool(deterministic))
+    return _backward(dout, q, k, v, out, lse, opts,
+                     _checks.check_bool(deterministic, "deterministic"))
 
 
 def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag",
@@ -352,10 +351,11 @@ def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zi
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=None, block_mask=None,
                     validate=validate)
+    deterministic = _checks.check_bool(deterministic, "deterministic")
     out, lse = _forward(q, k, v, opts)
 
     def vjp(dout):
-        return _backward(dout, q, k, v, out, lse, opts, bool(deterministic))
+        return _backward(dout, q, k, v, out, lse, opts, deterministic)
 
     return out, vjp
 

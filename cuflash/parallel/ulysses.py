@@ -14,6 +14,7 @@ overlapped with compute; compare ring attention in docs/parallel.md.
 from __future__ import annotations
 
 import cuflash
+from cuflash import _checks
 
 from . import layout as _layout
 from .comm import array_module
@@ -62,10 +63,14 @@ def _to_sequence(y, comm, layout, seq_axis=-2):
     return xp.concatenate(received, axis=seq_axis - 1)
 
 
-def _slopes(alibi_slopes, comm, hq):
+def _slopes(alibi_slopes, comm, q, k, v):
+    """This rank's heads of the slopes of all ``Hq`` heads (checked against all of them)."""
     if alibi_slopes is None:
         return None
-    group = hq // comm.size
+    xp = _checks.common_module({"q": q, "k": k, "v": v})
+    with _checks.device_context(q):
+        _checks.check_alibi(alibi_slopes, _checks.attention_shapes(q, k, v), xp, q)
+    group = q.shape[-3] // comm.size
     return alibi_slopes[..., comm.rank * group:(comm.rank + 1) * group]
 
 
@@ -79,11 +84,11 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     sequence. ``alibi_slopes`` (shape ``(Hq,)`` or ``(..., Hq)``) are the slopes of all heads.
     """
     _check(comm, q, k, v, layout)
-    hq = q.shape[-3]
+    return_lse = _checks.check_bool(return_lse, "return_lse")
+    slopes = _slopes(alibi_slopes, comm, q, k, v)
     qh, kh, vh = (_to_heads(x, comm, layout) for x in (q, k, v))
     out, lse = cuflash.attention(qh, kh, vh, causal=causal, window=window, softcap=softcap,
-                                 scale=scale, alibi_slopes=_slopes(alibi_slopes, comm, hq),
-                                 return_lse=True)
+                                 scale=scale, alibi_slopes=slopes, return_lse=True)
     out = _to_sequence(out, comm, layout)
     if not return_lse:
         return out
@@ -96,11 +101,11 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                                alibi_slopes=None, deterministic: bool = False):
     """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
     _check(comm, q, k, v, layout)
-    hq = q.shape[-3]
+    slopes = _slopes(alibi_slopes, comm, q, k, v)
     qh, kh, vh, douth, outh = (_to_heads(x, comm, layout) for x in (q, k, v, dout, out))
     lseh = _to_heads(lse, comm, layout, seq_axis=-1)
     grads = cuflash.attention_backward(douth, qh, kh, vh, outh, lseh, causal=causal,
                                        window=window, softcap=softcap, scale=scale,
-                                       alibi_slopes=_slopes(alibi_slopes, comm, hq),
+                                       alibi_slopes=slopes,
                                        deterministic=deterministic)
     return tuple(_to_sequence(g, comm, layout) for g in grads)
