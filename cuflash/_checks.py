@@ -118,6 +118,15 @@ def check_bool(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """An integer option (Python or NumPy, not a bool) of at least ``minimum``, as an int."""
+    if not is_integer(value):
+        raise TypeError(f"{name} must be an int, got {_show(value)} of type {_type_name(value)}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
 def check_grad_dtype(grad_dtype: Any, dtype: numpy.dtype) -> bool:
     """Whether a backward call stores float32 gradients: ``grad_dtype`` is None or the inputs'
     dtype (gradients in that dtype), or float32."""

@@ -357,6 +357,27 @@ def test_uneven_lengths_are_refused(rng):
         LocalRing(2).run(lambda comm, q: ring_attention(q, q, q, comm=comm), [q, q])
 
 
+def test_ranks_and_sizes_must_be_integers():
+    """A float or bool rank or size is refused by name, not truncated (rank 0.5 used to give
+    rank 0's part, LocalRing(2.5) two ranks)."""
+    x = np.zeros((1, 16, 8), F32)
+    with pytest.raises(TypeError, match="rank must be an int, got 0.5"):
+        shard(x, 0.5, 2, "zigzag")
+    with pytest.raises(TypeError, match="size must be an int, got True"):
+        shard(x, 0, True, "contiguous")
+    with pytest.raises(TypeError, match="size must be an int, got 2.5"):
+        positions(16, 0, 2.5, "zigzag")
+    with pytest.raises(TypeError, match="n must be an int, got 16.0"):
+        positions(16.0, 0, 2, "zigzag")
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
+        positions(16, 2, 2, "zigzag")
+    with pytest.raises(TypeError, match="size must be an int, got 2.5"):
+        LocalRing(2.5)
+    with pytest.raises(ValueError, match="size must be at least 1, got 0"):
+        LocalRing(0)
+    assert LocalRing(np.int64(2)).size == 2
+
+
 def test_odd_local_length_message_does_not_call_n_a_multiple(rng):
     # 3 rows on each of 2 ranks: N = 6, which 2·P = 4 does not divide.
     q = np.zeros((1, 1, 3, 8), F32)
@@ -537,6 +558,23 @@ def test_check_sharded_on_the_cpu():
     assert "backward: dout random on those rows" in report
     assert result.record()["passed"] is True
     assert set(result.times) == {"ring_forward_and_backward_simulated"}
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("ranks", 2.5, TypeError), ("ranks", True, TypeError), ("seq_len", 32.5, TypeError),
+    ("heads", 0, ValueError), ("kv_heads", 0, ValueError), ("head_dim", 0, ValueError),
+    ("rows", 0, ValueError), ("rows", -1, ValueError), ("seed", -1, ValueError),
+    ("repeats", 0, ValueError), ("causal", "no", TypeError), ("backward", None, TypeError),
+    ("window", (2.7, 1), TypeError), ("softcap", True, TypeError), ("timeout", -1, ValueError)])
+def test_check_sharded_refuses_bad_arguments_by_name(option, value, error):
+    """Every argument is checked before the problem is built, by the rules ring attention
+    applies, instead of being coerced (causal="no" used to run a causal check, kv_heads=0 a
+    check with kv_heads = heads, window=(2.7, 1) one with window (2, 1))."""
+    from cuflash.parallel import check_sharded
+    arguments = dict(ranks=2, device="cpu", seq_len=32, heads=2, head_dim=8, rows=8)
+    arguments[option] = value
+    with pytest.raises(error, match=option):
+        check_sharded(**arguments)
 
 
 def test_check_sharded_forward_only_names_what_it_did():

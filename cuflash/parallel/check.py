@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy
 
 import cuflash
-from cuflash import reference
+from cuflash import _checks, reference
 from cuflash.check import rule
 
 from . import layout as _layout
@@ -286,9 +286,7 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
     """
     if device not in ("gpu", "cpu"):
         raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
-    ranks = int(ranks)
-    if ranks < 1:
-        raise ValueError(f"ranks must be at least 1, got {ranks}")
+    ranks = _checks.check_int(ranks, "ranks", 1)
     visible = gpu_count() if device == "gpu" else 0
     if device == "gpu" and visible == 0:
         raise RuntimeError("device='gpu' but CuPy sees no CUDA device")
@@ -304,13 +302,23 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
     if dtype is None:
         dtype = "bfloat16" if device == "gpu" else "float32"
     _dtype(dtype)
-    _layout.check_length(int(seq_len), ranks, layout)
-    config = dict(ranks=ranks, device=device, mode=mode, seq_len=int(seq_len),
-                  heads=int(heads), kv_heads=int(kv_heads or heads), head_dim=int(head_dim),
-                  dtype=dtype, causal=bool(causal), layout=layout,
-                  window=[int(window[0]), int(window[1])], softcap=float(softcap),
-                  backward=bool(backward), rows=int(rows), seed=int(seed),
-                  repeats=int(repeats), timeout=float(timeout))
+    seq_len = _checks.check_int(seq_len, "seq_len", 1)
+    _layout.check_length(seq_len, ranks, _layout.check_layout(layout))
+    heads = _checks.check_int(heads, "heads", 1)
+    head_dim = _checks.check_int(head_dim, "head_dim", 1)
+    timeout = _checks._real(timeout, "timeout", "a positive number of seconds",
+                            "a positive number of seconds")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+    config = dict(ranks=ranks, device=device, mode=mode, seq_len=seq_len, heads=heads,
+                  kv_heads=heads if kv_heads is None else _checks.check_int(kv_heads,
+                                                                            "kv_heads", 1),
+                  head_dim=head_dim, dtype=dtype, causal=_checks.check_bool(causal, "causal"),
+                  layout=layout, window=list(_checks.check_window(window)),
+                  softcap=_checks.check_softcap(softcap, _checks.check_scale(None, head_dim)),
+                  backward=_checks.check_bool(backward, "backward"),
+                  rows=_checks.check_int(rows, "rows", 1), seed=_checks.check_int(seed, "seed", 0),
+                  repeats=_checks.check_int(repeats, "repeats", 1), timeout=timeout)
     q, k, v, dout, sampled = _problem(config)
     config["rows_checked"] = len(sampled)
     if mode == "processes":

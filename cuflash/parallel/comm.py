@@ -36,6 +36,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy
 
+from cuflash import _checks
+
 __all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
            "array_module"]
 
@@ -143,9 +145,7 @@ class LocalRing:
     """
 
     def __init__(self, size: int, *, timeout: float | None = 60.0):
-        if int(size) < 1:
-            raise ValueError(f"a LocalRing needs at least one rank, got size={size}")
-        self.size = int(size)
+        self.size = _checks.check_int(size, "size", 1)  # a LocalRing needs one rank or more
         self.timeout = timeout
         self._lock = threading.Condition()
         self._boxes: dict[tuple[int, int], collections.deque] = collections.defaultdict(

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy
 
+from cuflash import _checks
+
 LAYOUTS = ("contiguous", "zigzag")
 
 __all__ = ["LAYOUTS", "check_layout", "chunks_per_rank", "positions", "segments", "shard",
@@ -40,11 +42,12 @@ def chunks_per_rank(layout: str) -> int:
 
 
 def _check_rank(rank, size) -> tuple[int, int]:
-    if int(size) < 1:
-        raise ValueError(f"size must be at least 1, got {size}")
-    if not 0 <= int(rank) < int(size):
+    size = _checks.check_int(size, "size", 1)
+    if not _checks.is_integer(rank):
+        raise TypeError(f"rank must be an int, got {rank!r} of type {type(rank).__name__}")
+    if not 0 <= rank < size:
         raise ValueError(f"rank must be in [0, {size}), got {rank}")
-    return int(rank), int(size)
+    return int(rank), size
 
 
 def check_length(n: int, size: int, layout: str, what: str = "sequence length") -> int:
@@ -81,7 +84,8 @@ def segments(n_local: int, rank: int, size: int, layout: str = "zigzag"
 
 def positions(n: int, rank: int, size: int, layout: str = "zigzag", *, xp=numpy):
     """The global positions (int64) of the local rows of ``rank``, for a sequence of ``n``."""
-    n_local = check_length(n, size, layout)
+    rank, size = _check_rank(rank, size)
+    n_local = check_length(_checks.check_int(n, "n", 0), size, layout)
     parts = [xp.arange(g, g + length, dtype=xp.int64)
              for _, g, length in segments(n_local, rank, size, layout)]
     return parts[0] if len(parts) == 1 else xp.concatenate(parts)
