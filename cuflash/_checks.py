@@ -118,10 +118,13 @@ def check_bool(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def check_int(value: Any, name: str, minimum: int) -> int:
-    """An integer option (Python or NumPy, not a bool) of at least ``minimum``, as an int."""
+def check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
+    """An integer option (Python or NumPy, not a bool) of at least ``minimum`` (and at most
+    ``maximum``), as an int."""
     if not is_integer(value):
         raise TypeError(f"{name} must be an int, got {_show(value)} of type {_type_name(value)}")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be between {minimum} and {maximum}, got {value}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return int(value)
@@ -608,11 +611,7 @@ def varlen_shapes(q: Any, k: Any, v: Any, batch: int, max_q: int, max_k: int) ->
 
 def check_max_seqlen(value: Any, name: str) -> int:
     """``max_seqlen_q`` / ``max_seqlen_k``: a non-negative integer below 2**31."""
-    if not is_integer(value):
-        raise TypeError(f"{name} must be an int, got {_show(value)} of type {_type_name(value)}")
-    if not 0 <= value < 2**31:
-        raise ValueError(f"{name} must be between 0 and 2**31 - 1, got {value}")
-    return int(value)
+    return check_int(value, name, 0, 2**31 - 1)
 
 
 class IndexDtypeError(TypeError, ValueError):
