@@ -294,15 +294,22 @@ def _check_beside_inputs(x: Any, name: str, what: str, xp, device_of: Any) -> No
 
 def check_alibi(slopes: Any, shapes: "Shapes", xp, device_of: Any):
     """ALiBi slopes as the back ends read them: ``None``, or a new C-contiguous float32 array
-    ``(B, Hq)`` of ``xp`` on the device of ``device_of`` (call it with that device current).
+    ``(B, Hq)`` of ``xp`` on the device of ``device_of`` (call it with that device current),
+    once ``check_alibi_slopes`` accepts them."""
+    if slopes is None:
+        return None
+    check_alibi_slopes(slopes, shapes, xp, device_of)
+    return alibi_copy(slopes, shapes, xp)
+
+
+def check_alibi_slopes(slopes: Any, shapes: "Shapes", xp, device_of: Any) -> None:
+    """The rule for ALiBi slopes, without the back ends' copy (callers that pass them on).
 
     ``slopes`` must be a float32 array of ``xp`` on that device, of shape ``(Hq,)`` or
     ``(..., Hq)`` whose leading axes broadcast to the batch axes, with finite values
     (``|slope| ≤ float32 max / log2 e``: the kernels use ``slope·log2 e``; checked for NumPy
     slopes, never for CuPy ones, whose values stay on the device).
     """
-    if slopes is None:
-        return None
     _check_beside_inputs(slopes, "alibi_slopes",
                          f"a float32 {xp.__name__}.ndarray of shape (Hq,) or (..., Hq)", xp,
                          device_of)
@@ -324,7 +331,6 @@ def check_alibi(slopes: Any, shapes: "Shapes", xp, device_of: Any):
         bad = slopes[~finite].ravel()[:3]
         raise ValueError(f"alibi_slopes must be finite, with |slope| <= {bound:.3g}, got "
                          f"{', '.join(repr(float(x)) for x in bad)}")
-    return alibi_copy(slopes, shapes, xp)
 
 
 def alibi_copy(slopes: Any, shapes: "Shapes", xp):

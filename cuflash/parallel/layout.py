@@ -43,11 +43,10 @@ def chunks_per_rank(layout: str) -> int:
 
 def _check_rank(rank, size) -> tuple[int, int]:
     size = _checks.check_int(size, "size", 1)
-    if not _checks.is_integer(rank):
-        raise TypeError(f"rank must be an int, got {rank!r} of type {type(rank).__name__}")
-    if not 0 <= rank < size:
+    rank = _checks.check_int(rank, "rank", 0)
+    if rank >= size:
         raise ValueError(f"rank must be in [0, {size}), got {rank}")
-    return int(rank), size
+    return rank, size
 
 
 def check_length(n: int, size: int, layout: str, what: str = "sequence length") -> int:

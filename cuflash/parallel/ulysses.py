@@ -69,7 +69,7 @@ def _slopes(alibi_slopes, comm, q, k, v):
         return None
     xp = _checks.common_module({"q": q, "k": k, "v": v})
     with _checks.device_context(q):
-        _checks.check_alibi(alibi_slopes, _checks.attention_shapes(q, k, v), xp, q)
+        _checks.check_alibi_slopes(alibi_slopes, _checks.attention_shapes(q, k, v), xp, q)
     group = q.shape[-3] // comm.size
     return alibi_slopes[..., comm.rank * group:(comm.rank + 1) * group]
 
