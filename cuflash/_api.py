@@ -528,7 +528,7 @@ def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
             result[...] = target
     allocations.keep((result,), spec)
     if xp is numpy:
-        _warnings.check_forward(result, lse, (q, k, v))
+        _warnings.check_forward(result, lse, (q, k, v), "cuflash.attention_varlen")
     return result, lse
 
 
@@ -567,7 +567,8 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO
                 grad[...] = target
     allocations.keep(results, spec)
     if xp is numpy:
-        _warnings.check_backward(results, (dout, q, k, v, out), lse, spec.dtype)
+        _warnings.check_backward(results, (dout, q, k, v, out), lse, spec.dtype,
+                                 "cuflash.attention_varlen_backward")
     return results
 
 

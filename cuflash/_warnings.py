@@ -132,9 +132,9 @@ def _names(names) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def check_forward(out, lse, inputs) -> None:
-    """Warn once if ``out`` (or ``lse``) of a NumPy forward pass is not finite although q, k and
-    v (``inputs``) are."""
+def check_forward(out, lse, inputs, caller: str = "cuflash.attention") -> None:
+    """Warn once, under the name of the public function ``caller``, if ``out`` (or ``lse``) of a
+    NumPy forward pass is not finite although q, k and v (``inputs``) are."""
     if _finite(out) and _valid_lse(lse):
         return
     if not all(_finite(x) for x in inputs):
@@ -149,13 +149,14 @@ def check_forward(out, lse, inputs) -> None:
     else:
         what = ("the weighted sum of the rows of v, accumulated in float32, overflowed float32 "
                 f"(|x| > {FLOAT32_MAX:.3g}). Scale v down")
-    _warn("cuflash.attention", f"the output holds inf or NaN although q, k and v are finite: "
+    _warn(caller, f"the output holds inf or NaN although q, k and v are finite: "
           f"{what} ({SEE})")
 
 
-def check_backward(grads, inputs, lse, dtype) -> None:
-    """Warn once if a gradient of a NumPy backward pass is not finite although its inputs
-    (``inputs``: dout, q, k, v, out; ``lse`` may be -inf for empty rows) are."""
+def check_backward(grads, inputs, lse, dtype, caller: str = "cuflash.attention_backward") -> None:
+    """Warn once, under the name of the public function ``caller``, if a gradient of a NumPy
+    backward pass is not finite although its inputs (``inputs``: dout, q, k, v, out; ``lse`` may
+    be -inf for empty rows) are."""
     bad = [name for name, g in zip(("dq", "dk", "dv"), grads) if not _finite(g)]
     if not bad:
         return
@@ -172,6 +173,6 @@ def check_backward(grads, inputs, lse, dtype) -> None:
     else:
         what = (f"an intermediate (the logits, dP = dO·vᵀ, dS or a sum of them) exceeded "
                 f"float32's range (|x| > {FLOAT32_MAX:.3g}). Scale the inputs down")
-    _warn("cuflash.attention_backward",
+    _warn(caller,
           f"{_names(bad)} hold{'s' if len(bad) == 1 else ''} inf or NaN although dout, q, k, "
           f"v, out and lse are finite: {what} ({SEE})")

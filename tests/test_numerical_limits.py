@@ -241,6 +241,31 @@ def test_kvcache_rows_that_overflow_warn_once_under_its_name():
     assert text.startswith("cuflash.attention_with_kvcache: ") and "logits" in text
 
 
+def test_packed_calls_that_overflow_warn_under_their_names():
+    """attention_varlen and attention_varlen_backward warn once under their own names, at the
+    caller's line: the name of the function called, not of cuflash.attention that runs inside."""
+    cu = np.array([0, 3, 3, 8], np.int32)  # sequences of 3, 0 and 5 rows
+    x = np.full((8, 2, 8), 1e20, np.float32)  # q·k = 8e40 in every sequence: beyond float32
+    with numpy_warnings_fail() as caught:
+        out = cuflash.attention_varlen(x, x, x, cu, cu, 5, 5)
+    assert not np.isfinite(out).any()
+    (warning,) = caught
+    assert warning.filename == __file__
+    text = str(warning.message)
+    assert text.startswith("cuflash.attention_varlen: ") and "logits" in text
+
+    dout, q, k, v = large_v_problem(np.float16)  # dS overflows float16 in the backward
+    packed = [a[0][:, None] for a in (dout, q, k, v)]  # (N, 1, D): one sequence
+    cu = np.array([0, 32], np.int32)
+    out, lse = cuflash.attention_varlen(*packed[1:], cu, cu, 32, 32, return_lse=True)
+    with numpy_warnings_fail() as caught:
+        grads = cuflash.attention_varlen_backward(packed[0], *packed[1:], out, lse, cu, cu, 32, 32)
+    assert np.isinf(grads[0]).any()
+    (warning,) = caught
+    assert warning.filename == __file__
+    assert str(warning.message).startswith("cuflash.attention_varlen_backward: ")
+
+
 def test_warnings_held_for_one_call_do_not_outlive_it():
     x = np.full((4, 8), 1e20, np.float32)
     with numpy_warnings_fail() as caught:
