@@ -1,0 +1,234 @@
+"""The Python examples of README.md and docs/*.md run on the NumPy path and do what the text says.
+
+Every ```python block of those files is collected. A block runs when ``EXAMPLES`` names it (by
+its file and its first line): its ``setup`` first defines the arrays the text only describes
+(fresh random inputs of the shapes the text gives), then the block runs as written, then
+``check`` tests what the text says it does. Blocks written as ``>>>`` sessions run as doctests,
+so their printed outputs must be today's. A block that needs a GPU (CuPy), torch or several
+processes, or that lists signatures rather than code, is skipped with that reason
+(``skip_reason``); a block that is neither is a failure, so that a new example is either run
+here or skipped for a stated reason. The README's ``python -c`` one-liner runs too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import doctest
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    path: str   # relative to the repository root
+    line: int   # of the block's first line
+    code: str
+
+    @property
+    def first_line(self) -> str:
+        return self.code.splitlines()[0].strip()
+
+
+def python_blocks() -> list[Block]:
+    """Every ```python block of README.md and docs/*.md."""
+    blocks = []
+    for path in FILES:
+        lines = path.read_text().splitlines()
+        start, lang = None, None
+        for number, line in enumerate(lines, 1):
+            match = FENCE.match(line.strip()) if line.lstrip().startswith("```") else None
+            if match is None:
+                continue
+            if start is None:
+                start, lang = number, match.group(1)
+            else:
+                if lang == "python":
+                    blocks.append(Block(str(path.relative_to(ROOT)), start + 1,
+                                        "\n".join(lines[start:number - 1])))
+                start = None
+    return blocks
+
+
+@dataclass(frozen=True)
+class Example:
+    setup: str = ""
+    check: str = ""
+
+
+_QKV = "q, k, v = (rng.standard_normal({shape}, dtype=np.float32) for _ in range(3))\n"
+
+# (file, first line of the block) -> how to run it.
+EXAMPLES = {
+    ("README.md", "from cuflash.sparse import BlockMask, ExactMask, butterfly, document"): Example(
+        setup=_QKV.format(shape="(1, 1, 4096, 8)") + "dout = rng.standard_normal(q.shape, "
+                                                     "dtype=np.float32)\n",
+        check="assert out.shape == dq.shape == q.shape == (1, 1, 4096, 8)\n"
+              "assert isinstance(vjp.dropout_seed, int)\n"
+              "again = cuflash.attention(q, k, v, causal=True, dropout_p=0.1, dropout_seed=1234)\n"
+              "np.testing.assert_array_equal(out, again)\n"),
+    ("README.md", "cu = numpy.array([0, 5, 12, 30], numpy.int32)          # three documents: 5, 7 "
+                  "and 18 tokens"): Example(
+        setup="q, k, v, dout = (rng.standard_normal((30, 3, 20), dtype=np.float32) "
+              "for _ in range(4))\n",
+        check="assert out.shape == dq.shape == (30, 3, 20) and lse.shape == (3, 30)\n"
+              "for g, expected in zip(vjp(dout), cuflash.attention_varlen_backward(\n"
+              "        dout, q, k, v, out, *cuflash.attention_varlen(\n"
+              "            q, k, v, cu, cu, 18, 18, causal=True, return_lse=True)[1:],\n"
+              "        cu, cu, 18, 18, causal=True)):\n"
+              "    np.testing.assert_array_equal(g, expected)\n"),
+    ("README.md", "# q (B, 1, Hq, D); caches (B, S_cache, Hkv, D); k, v (B, 1, Hkv, D); lengths "
+                  "int32 (B,)"): Example(
+        setup="B, S, Hq, Hkv, D = 3, 37, 4, 2, 24\n"
+              "q = rng.standard_normal((B, 1, Hq, D), dtype=np.float32)\n"
+              "k_cache, v_cache = (rng.standard_normal((B, S, Hkv, D), dtype=np.float32) "
+              "for _ in range(2))\n"
+              "k, v = (rng.standard_normal((B, 1, Hkv, D), dtype=np.float32) for _ in range(2))\n"
+              "lengths = np.array([0, 11, 30], np.int32)\n",
+        check="assert out.shape == (B, 1, Hq, D)\n"
+              "assert (lengths == [1, 12, 31]).all()\n"
+              "np.testing.assert_array_equal(k_cache[1, 11], k[1, 0])  # appended in place\n"),
+    ("docs/api.md", "cuflash.attention(q2d, k2d, v2d)                # (Nq, Dv)"): Example(
+        setup="Hq, Nq, Nk, D, Dv = 3, 7, 11, 16, 9\n"
+              "q2d = rng.standard_normal((Nq, D), dtype=np.float32)\n"
+              "k2d = rng.standard_normal((Nk, D), dtype=np.float32)\n"
+              "v2d = rng.standard_normal((Nk, Dv), dtype=np.float32)\n"
+              "q_heads = rng.standard_normal((Hq, Nq, D), dtype=np.float32)\n",
+        check="SHAPES\n"),
+    ("docs/parallel.md", "import cuflash.parallel as cp"): Example(
+        check="assert callable(cp.ring_attention) and callable(cp.LocalRing)\n"),
+    ("docs/parallel.md", "import numpy as np, cuflash.parallel as cp"): Example(
+        setup=_QKV.format(shape="(2, 3, 72, 16)"),
+        check="expected = cuflash.attention(q, k, v, causal=True)\n"
+              "np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)\n"),
+    ("docs/sparse.md", "import cuflash"): Example(  # both blocks that start so
+        setup="q, k, v = (rng.standard_normal((1, 1, N, 8), dtype=np.float32) "
+              "for _ in range(3))\n",
+        check="assert out.shape == q.shape\n"),
+    ("docs/sparse.md", "# Element level: shape (Nq, Nk); a block is kept when any element in it is "
+                       "set."): Example(
+        setup="import scipy.sparse\n"
+              "from cuflash.sparse import BlockMask\n"
+              "Nq, Nk = 301, 517\n"
+              "element_pattern = scipy.sparse.random(Nq, Nk, density=0.01, format='csr', "
+              "rng=rng) != 0\n"
+              "block_pattern = scipy.sparse.csr_array(rng.random((5, 5)) < 0.5)\n",
+        check="assert mask.shape == (Nq, Nk) and mask.block_size == (64, 128)\n"),
+    ("docs/sparse.md", "layout = numpy.tril(numpy.ones((32, 32), dtype=bool))"): Example(
+        setup="import numpy\nfrom cuflash.sparse import BlockMask\n",
+        check="assert mask.shape == (2000, 2048)\n"
+              "assert BlockMask.from_dense(layout, block_size=64).shape == (2048, 2048)\n"),
+    ("docs/sparse.md", "from cuflash.sparse import bigbird"): Example(
+        setup="from cuflash.sparse import BlockMask\nn = 1000\n",
+        check="assert mask.num_heads == 16 and mask.shape == (n, n)\n"),
+    ("docs/sparse.md", "from cuflash.sparse import causal, sliding_window"): Example(
+        setup="from cuflash.sparse import BlockMask\n",
+        check="assert mask.shape == (4096, 4096)\n"),
+    ("docs/sparse.md", ">>> mask = ExactMask.from_scipy(document([300, 500, 224], "
+                       "causal=True))"): Example(
+        setup="from cuflash.sparse import ExactMask, document\n"),
+    ("docs/sparse.md", ">>> mask = BlockMask.from_scipy(sliding_window(1000, window=100, "
+                       "block_size=64),"): Example(
+        setup="from cuflash.sparse import BlockMask, sliding_window\n"),
+}
+
+# The sequence lengths of docs/sparse.md's two "import cuflash" blocks, in the order they appear.
+_SPARSE_LENGTHS = {"document": 8192, "sliding_window": 65536}
+
+
+def skip_reason(block: Block) -> str | None:
+    """Why ``block`` cannot run here, or None (its comments aside)."""
+    code = "\n".join(line.partition("#")[0] for line in block.code.splitlines())
+    if ("<the same options>" in code or "-> " in code or re.search(r"\(\s*[^()]*\*,", code)
+            or re.search(r"[(,]\s*\.\.\.\s*[),]", code)):
+        return "a listing of signatures, not runnable code"
+    if re.search(r"\bcupy\b", code):
+        return "needs CuPy arrays on a GPU"
+    if re.search(r"\btorch\b", code):
+        return "needs torch (cuflash.torch)"
+    if "NcclComm" in code or 'device="gpu"' in code:
+        return "needs GPUs and NCCL"
+    return None
+
+
+BLOCKS = python_blocks()
+
+
+def test_the_docs_hold_examples():
+    assert len(BLOCKS) >= 30
+    assert sum((block.path, block.first_line) in EXAMPLES for block in BLOCKS) >= 12
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.path}:{b.line}" for b in BLOCKS])
+def test_example(block, rng):
+    example = EXAMPLES.get((block.path, block.first_line))
+    if example is None:
+        reason = skip_reason(block)
+        assert reason is not None, (
+            f"{block.path}:{block.line}: a new example; give it a setup in EXAMPLES or make "
+            f"skip_reason say why it cannot run on the CPU")
+        pytest.skip(reason)
+    assert skip_reason(block) is None, f"{block.path}:{block.line}: {skip_reason(block)}"
+    import cuflash
+
+    namespace = {"np": np, "numpy": np, "cuflash": cuflash, "rng": rng}
+    if block.first_line == "import cuflash":
+        pattern = "document" if "document" in block.code else "sliding_window"
+        namespace["N"] = _SPARSE_LENGTHS[pattern]
+    exec(example.setup, namespace)
+    if block.first_line.startswith(">>>"):
+        run_doctest(block, namespace)
+        return
+    exec(compile(block.code, f"{block.path}:{block.line}", "exec"), namespace)
+    if example.check == "SHAPES\n":
+        check_commented_shapes(block, namespace)
+    else:
+        exec(example.check, namespace)
+
+
+def run_doctest(block: Block, namespace: dict) -> None:
+    """The block's ``>>>`` session, its outputs compared as doctest compares them."""
+    test = doctest.DocTestParser().get_doctest(block.code, namespace, block.path, block.path,
+                                               block.line)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        runner.run(test, out=report.write)
+    assert runner.tries > 0 and runner.failures == 0, report.getvalue()
+
+
+def check_commented_shapes(block: Block, namespace: dict) -> None:
+    """Each line ``expression  # (shape)...`` gives an array of that shape (the comment's names
+    are the setup's)."""
+    checked = 0
+    for line in block.code.splitlines():
+        expression, _, comment = line.partition("#")
+        shape = re.match(r"\s*(\([^)]*\))", comment)
+        if shape is None:
+            continue
+        result = eval(expression, namespace)
+        assert result.shape == eval(shape.group(1), namespace), line
+        checked += 1
+    assert checked == len(block.code.splitlines())
+
+
+def test_readme_one_liner():
+    """The README's ``python -c`` command prints the output shape and a difference from the
+    float64 reference of about 1e-6."""
+    text = (ROOT / "README.md").read_text()
+    (command,) = re.findall(r'^python -c "(.*)"$', text, re.M)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(command, {})
+    shape, difference = printed.getvalue().strip().split(") ")
+    assert shape + ")" == "(1, 8, 1024, 64)"
+    assert 0 < float(difference) < 1e-5
+    assert "prints the output shape `(1, 8, 1024, 64)`" in text
