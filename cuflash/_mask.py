@@ -87,6 +87,16 @@ def key_range(rows, nq: int, nk: int, left: int, right: int, *, xp=numpy):
     return begin, xp.maximum(begin, end)
 
 
+def every_row_sees_a_key(nq: int, nk: int, left: int, right: int) -> bool:
+    """Whether each of the ``nq`` query rows sees at least one key. A row's keys are one run
+    of constant width before clipping, so only the first row (its run may end before key 0) and
+    the last (its run may start past the last key) can see none."""
+    if nq == 0:
+        return True
+    begin, end = key_range([0, nq - 1], nq, nk, left, right)
+    return bool((end > begin).all())
+
+
 def row_range(keys, nq: int, nk: int, left: int, right: int, *, xp=numpy):
     """The query rows that see each of ``keys``, as half-open ``(begin, end)`` int64 arrays
     (``Mask::row_begin`` / ``row_end``), clipped so that ``0 ≤ begin ≤ end ≤ Nq``."""

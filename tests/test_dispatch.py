@@ -23,6 +23,17 @@ class StubFamily(kernels.Family):
         return types.SimpleNamespace(supports=lambda spec, arrays: self.refusal)
 
 
+PRE_FLAGS = ("aligned", "zero_dq", "varlen", "zero_semaphores", "zero_lanes", "zero_claims")
+
+
+def pre_flags(expression: str) -> dict[str, bool]:
+    """The flags of a ``flash_bwd_pre<T, ALIGNED, ZERO_DQ, VARLEN, ZERO_SEMS, ZERO_LANES,
+    ZERO_CLAIMS>`` expression by name, those left out false."""
+    assert expression.startswith("flash_bwd_pre<"), expression
+    values = expression.removesuffix(">").split(", ")[1:]
+    return {name: i < len(values) and values[i] == "true" for i, name in enumerate(PRE_FLAGS)}
+
+
 def _stub(name, refusal=None, hopper=False):
     return StubFamily(name, "stub", "forward", f"{name} kernels", hopper=hopper, refusal=refusal)
 
@@ -149,8 +160,9 @@ def test_gpu_dropout_runs_the_sm80_family(monkeypatch):
 @pytest.mark.parametrize("d, causal", [(64, False), (64, True), (128, False), (128, True)])
 def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkeypatch, d, causal):
     """On a fake compute-capability 9.0 device the default backward forms dQ inside the dK/dV
-    kernel (float32 adds into the accumulator flash_bwd_pre zeroes, with its lane counters, then
-    the cast of its fragment order, lane by lane): no dq kernel. deterministic=True with
+    kernel (float32 parts stored or added into the accumulator, with the lane counters and tile
+    claims flash_bwd_pre zeroes, then the cast of its fragment order, lane by lane): no dq
+    kernel. deterministic=True with
     CUFLASH_SM90_ORDERED_DQ=0 runs the dq kernel and has no accumulator."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
@@ -173,10 +185,11 @@ def test_hopper_backward_forms_dq_in_the_dkdv_kernel_unless_deterministic(monkey
         two_kernels = deterministic
         assert [x[0].split("<")[0] for x in launches] == expected[two_kernels]
         pre, dkdv = launches[0][0], launches[1][0]
-        # flash_bwd_pre<T, ALIGNED, ZERO_DQ, VARLEN, ZERO_SEMS, ZERO_LANES>; the dK/dV kernel's
-        # last flag is ATOMIC_DQ.
-        assert pre == ("flash_bwd_pre<bf16_t, true, false>" if two_kernels
-                       else "flash_bwd_pre<bf16_t, true, true, false, false, true>")
+        # causal claims its dQ tiles and needs no zeros; the dK/dV kernel's last flag is ATOMIC_DQ.
+        flags = pre_flags(pre)
+        assert pre.startswith("flash_bwd_pre<bf16_t, ") and flags["aligned"]
+        assert [flags[name] for name in ("zero_dq", "zero_lanes", "zero_claims")] == (
+            [False] * 3 if two_kernels else [not causal, True, causal])
         assert dkdv.endswith(", ScoreMod<false, false>>" if two_kernels
                              else ", ScoreMod<false, false>, false, false, true>")
         accum = np.frombuffer(launches[1][4], _launch.BWD_ARGS)[0]["dq_accum"]
@@ -223,11 +236,12 @@ def test_the_dq_cast_goes_lane_by_lane_where_the_dkdv_kernel_counts_its_lanes(mo
         return int(np.frombuffer(launch[4], _launch.BWD_ARGS)[0]["n_tiles"])
 
     pre, dkdv, cast = launches(2, 8, 2, 700, 128, causal=True)
-    assert pre[0].endswith(", false, false, true>") and cast[0].endswith(", true, true>")  # ZERO_LANES, AFTER_LANES
+    assert pre_flags(pre[0])["zero_lanes"] and cast[0].endswith(", true, true>")  # AFTER_LANES
     assert n_tiles(cast) == n_tiles(dkdv) == 6  # 128-key tiles of 700 keys, a lane's count
     assert cast[1] == (-(-2 * 8 * 700 * 16 // 1024),) and cast[2] == (256,)  # 8-column chunks, 4 a thread
-    assert workspaces[-1].lane_counters == 2 * 2 + 1  # and the cast's ticket
-    assert workspaces[-1].nbytes == 4 * (2 * workspaces[-1].rows + workspaces[-1].accum + 5)
+    claims = workspaces[-1].rows // 32  # one per 32 scratch rows
+    assert workspaces[-1].lane_counters == 2 * 2 + 1 and workspaces[-1].tile_claims == claims  # and the ticket
+    assert workspaces[-1].nbytes == 4 * (2 * workspaces[-1].rows + workspaces[-1].accum + 5 + claims)
     assert launches(1, 16, 16, 16384, 128)[2][1] == (8 * 132,)  # at most 8 blocks per SM
 
     monkeypatch.setattr(sm90_backward, "CAST_DQ_BY_LANE", False)
@@ -244,11 +258,54 @@ def test_the_dq_cast_goes_lane_by_lane_where_the_dkdv_kernel_counts_its_lanes(mo
                 patch.setenv(name, value)
             _calls.clear()
             pre, _, cast = launches(2, 8, 2, 700, 128, causal=True, **options)
-            assert not pre[0].endswith(", false, false, true>")  # no ZERO_LANES
+            assert not pre_flags(pre[0])["zero_lanes"]
             assert cast[0].endswith(", false, false, true>") and workspaces[-1].lane_counters == 0
     packed = dataclasses.replace(spec_of("bfloat16", 128, causal=True), varlen=object())
     assert not sm90_backward.lanes_counted(packed, False, True, True)
     assert sm90_backward.lanes_counted(spec_of("bfloat16", 128, causal=True), False, True, True)
+
+
+def test_the_fused_dq_goes_without_zeros_where_every_dq_tile_gets_a_part(monkeypatch):
+    """The warp-specialised dK/dV kernel stores each dQ tile's first part (ordered adds: rank 0's;
+    lanes counted under a band: the first claim's), so flash_bwd_pre leaves out the accumulator's
+    zeros (its ZERO_DQ flag) where every dQ tile gets a part: no block or exact mask and every
+    query row seeing a key. Rows without keys (causal with more queries than keys), a block mask
+    or SKIP_DQ_ZEROS = False keep the zeros; so does a fused dQ that only adds (adds in any order
+    without a band; the cp.async kernel's)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _calls
+    from cuflash.kernels import sm90_backward
+    from cuflash.kernels._variants import spec_of
+    from cuflash.sparse import BlockMask
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+
+    def zeroes_dq(nq=384, nk=384, **options):
+        q, dout, out = (device.empty((2, 4, nq, 128), ml_dtypes.bfloat16) for _ in range(3))
+        k, v = (device.empty((2, 4, nk, 128), ml_dtypes.bfloat16) for _ in range(2))
+        cuflash.attention_backward(dout, q, k, v, out, device.empty((2, 4, nq), np.float32), **options)
+        return pre_flags(device.take_launches()[0][0])["zero_dq"]
+
+    assert zeroes_dq()  # lanes counted without a band: adds only
+    assert not zeroes_dq(deterministic=True)  # ordered adds
+    for deterministic in (False, True):  # lanes counted; ordered adds
+        assert not zeroes_dq(causal=True, deterministic=deterministic)
+        assert not zeroes_dq(nq=200, nk=700, causal=True, deterministic=deterministic)
+        assert not zeroes_dq(window=(30, 5), deterministic=deterministic)
+        assert zeroes_dq(nq=700, nk=200, causal=True, deterministic=deterministic)  # 500 rows without keys
+    assert not zeroes_dq(nq=700, nk=200, window=(-1, 500))  # every row's band reaches key 0
+    block_mask = BlockMask.from_dense(np.tril(np.ones((3, 3), bool)), block_size=(128, 128))
+    for ordered, counted in ((False, True), (True, False)):
+        assert sm90_backward.dq_zeros_needed(spec_of("bfloat16", 128, nq=384, causal=True, block_mask=block_mask),
+                                             ordered, True, counted)
+        assert not sm90_backward.dq_zeros_needed(spec_of("bfloat16", 128, nq=384, causal=True), ordered, True,
+                                                 counted)
+    assert sm90_backward.dq_zeros_needed(spec_of("bfloat16", 128, nq=384, causal=True), False, True, False)
+    monkeypatch.setattr(sm90_backward, "SKIP_DQ_ZEROS", False)
+    _calls.clear()
+    assert zeroes_dq(causal=True) and zeroes_dq(deterministic=True)
 
 
 @pytest.mark.parametrize("d, window", [(64, (-1, -1)), (128, (-1, 0)), (128, (40, 7))])
@@ -284,15 +341,21 @@ def test_deterministic_calls_fuse_dq_with_ordered_adds(monkeypatch, d, window):
     ordered = sequence(deterministic=True)
     assert [x.split("<")[0] for x in ordered] == [
         "flash_bwd_pre", "flash_bwd_sm90_dkdv_ws", "flash_bwd_dq_convert"]
-    zero_lanes = ", false, false, true>"  # VARLEN, ZERO_SEMS, ZERO_LANES
-    assert default[0].endswith(zero_lanes)
-    assert ordered[0] == default[0].removesuffix(zero_lanes) + ", false, true>"  # VARLEN, ZERO_SEMS
+    # No zeros for ordered adds, nor for adds in any order under a band, which claim their dQ
+    # tiles: every dQ tile's first part is stored.
+    banded = window != (-1, -1)
+    assert pre_flags(default[0]) == dict(pre_flags(ordered[0]), zero_dq=not banded, zero_semaphores=False,
+                                         zero_lanes=True, zero_claims=banded)
+    assert pre_flags(ordered[0]) == dict(aligned=True, zero_dq=False, varlen=False, zero_semaphores=True,
+                                         zero_lanes=False, zero_claims=False)
     # ORDERED_DQ after ATOMIC_DQ; without a band also ROTATED_DQ (3 key tiles against 3 query tiles)
     assert ordered[1] == default[1][:-1] + (", true, true>" if window == (-1, -1) else ", true>")
     assert ordered[2] == default[2].removesuffix(", true>") + ">"  # no AFTER_LANES
     fused, with_semaphores = workspaces[-2], workspaces[-1]
     assert with_semaphores.accum == fused.accum and fused.semaphores == with_semaphores.lane_counters == 0
     assert fused.lane_counters == 2 * 4 + 1  # one per (batch, key/value head), and the cast's ticket
+    # the default's claims of its dQ tiles, one per 32 scratch rows, under a band
+    assert fused.tile_claims == (0 if window == (-1, -1) else fused.rows // 32) and with_semaphores.tile_claims == 0
     assert with_semaphores.semaphores == with_semaphores.rows // 32 == 2 * 4 * 384 // 32
     assert "in key-tile order" in cuflash.kernel_plan(q, k, v, window=window,
                                                       deterministic=True).backward.detail
@@ -644,8 +707,9 @@ def test_exact_masks_at_narrow_head_dims_take_the_warp_specialised_kernel_where_
 def test_kernel_plan_reports_the_backward_workspace_the_call_allocates(monkeypatch, capability, d, dv, options):
     """kernel_plan's backward names its workspace, by part (base-2 lse and Delta; where dQ is
     formed in the dK/dV kernel, its float32 accumulator; with ordered adds their semaphores, with
-    adds in any order in the warp-specialised kernel the lane counters of its cast): exactly the
-    bytes the backward call then allocates besides the gradients."""
+    adds in any order in the warp-specialised kernel the lane counters of its cast, and under a
+    band the claims of its dQ tiles): exactly the bytes the backward call then allocates besides
+    the gradients."""
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -666,8 +730,11 @@ def test_kernel_plan_reports_the_backward_workspace_the_call_allocates(monkeypat
     assert ("semaphores of the ordered dQ adds" in workspace) == ("key-tile order" in plan.detail)
     counted = "warp-specialised dK/dV kernel forming dQ too (float32 adds in any order" in plan.detail
     assert workspace.get("lane counters of the dQ cast") == (4 * (2 * 3 + 1) if counted else None)
+    banded = "causal" in options or "window" in options
+    assert workspace.get("claims of the dQ tiles") == (4 * rows // 32 if counted and banded else None)
     if counted:  # parts below 0.01 MiB in bytes, not as 0.00 MiB
-        assert "lane counters of the dQ cast 28 B)" in plan.describe()
+        assert ("lane counters of the dQ cast 28 B, claims of the dQ tiles 576 B)" if banded
+                else "lane counters of the dQ cast 28 B)") in plan.describe()
     assert "workspace: " in plan.describe()
     cuflash.attention_backward(dout, q, k, v, out, lse, **options)
     assert allocated == [sum(workspace.values())], plan.describe()

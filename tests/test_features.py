@@ -58,6 +58,7 @@ def test_mask_rules_match_brute_force(nq, nk, left, right):
         assert end[i] - begin[i] == len(seen)
         if len(seen):
             assert (begin[i], end[i]) == (seen[0], seen[-1] + 1)
+    assert _mask.every_row_sees_a_key(nq, nk, left, right) == bool(keep.any(axis=1).all())
     begin, end = _mask.row_range(np.arange(nk), nq, nk, left, right)
     for j in range(nk):
         seen = np.flatnonzero(keep[:, j])

@@ -238,14 +238,17 @@ ORDERED_CASES = [dict(d=64), dict(d=128, causal=True), dict(d=64, causal=True, b
                  dict(d=128, softcap=20.0, causal=True), dict(d=64, nq=700, nk=1000, causal=True),
                  # without a band the walks rotate (sm90_backward.rotated_dq) where they can
                  dict(d=128, nq=1500, nk=700), dict(d=64, b=2, hq=8, hkv=2), dict(d=128, softcap=20.0),
-                 dict(d=64, nq=300, nk=2100)]
+                 dict(d=64, nq=300, nk=2100),
+                 # queries that see no key: dQ tiles no key tile adds to, so the accumulator is zeroed
+                 dict(d=128, nq=1000, nk=300, causal=True)]
 
 
 @pytest.mark.parametrize("options", ORDERED_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_ordered_dq_is_exact_and_bit_identical(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, options):
     """Deterministic calls form dQ in the warp-specialised kernel with the adds of each dQ tile
     in key-tile order (their dQ writer waiting on the tile's semaphore): within the rule of the
-    float64 oracle, and the same bits on 50 reruns."""
+    float64 oracle (the workspace NaN-poisoned: rank 0 stores its part, and only where a dQ tile
+    may get none is the accumulator zeroed first), and the same bits on 50 reruns."""
     from cuflash import kernels
 
     if dkdv_kernel != "warp-specialised":
@@ -262,7 +265,8 @@ def test_ordered_dq_is_exact_and_bit_identical(xp_gpu, rng, seed, dkdv_kernel, m
     assert "in key-tile order" in plan.backward.detail, str(plan)
     out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
     dout = random_array(rng, out.shape, ml_dtypes.bfloat16, xp=xp)
-    first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
+    with poisoned_allocations(xp):
+        first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
     assert_backward_close(first, dout, q, k, v, context=f"seed={seed} ordered dQ", **options)
     for run in range(50):
         again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
@@ -323,7 +327,9 @@ def test_dq_cast_lane_by_lane(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, optio
     (sm90_backward.lanes_counted), the dQ cast takes each lane as soon as its counter says its
     dQ is whole: every gradient written (into NaN-poisoned buffers, the workspace poisoned too)
     within the rule of the float64 oracle, dK and dV bit-identical to the cast after the whole grid
-    (CAST_DQ_BY_LANE = False), and after the call each lane's counter at its key tiles."""
+    (CAST_DQ_BY_LANE = False), and after the call each lane's counter at its key tiles and, under
+    a band, each dQ tile's claim at 2 (stored first, then added to: its accumulator was never
+    zeroed)."""
     import cupy
 
     from cuflash.kernels import _launch, mma_backward, sm90_backward
@@ -340,7 +346,10 @@ def test_dq_cast_lane_by_lane(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, optio
     dout = random_array(rng, out.shape, dtype, xp=xp)
     spec = spec_for(q, k, v, **options)
     assert sm90_backward.lanes_counted(spec, False, True, True)
-    key_tiles = -(-nk // sm90_backward.default_tiles(sm90_backward.tile_head_dim(spec)).dkdv_block_n)
+    claims = sm90_backward.stores_first_parts(spec, False, True)
+    assert claims == spec.banded and sm90_backward.dq_zeros_needed(spec, False, True, True) == (not claims)
+    tiles = sm90_backward.default_tiles(sm90_backward.tile_head_dim(spec))
+    key_tiles = -(-nk // tiles.dkdv_block_n)
 
     def gradients(by_lane: bool):
         """(dq, dk, dv) of one backward with the cast lane by lane or after the grid, and the lane
@@ -348,11 +357,21 @@ def test_dq_cast_lane_by_lane(xp_gpu, rng, seed, dkdv_kernel, monkeypatch, optio
         monkeypatch.setattr(sm90_backward, "CAST_DQ_BY_LANE", by_lane)
         grads = [poisoned(x.shape, dtype, xp=xp) for x in (q, k, v)]
         launch = sm90_backward.prepare_backward(spec, (q, k, v, dout, out, *grads))
-        assert launch.scratch.lane_counters == b * hkv + 1  # and the cast's ticket
+        scratch = launch.scratch
+        assert scratch.lane_counters == b * hkv + 1  # and the cast's ticket
+        assert scratch.tile_claims == (scratch.rows // mma_backward.SEMAPHORE_ROWS if claims else 0)
         with poisoned_allocations(xp):  # counters that flash_bwd_pre did not zero would be -1
             workspace = launch(dout, q, k, v, out, lse, *grads, spec)
-        counters = cupy.ndarray((b * hkv + 1,), np.int32, workspace + launch.scratch.counters_offset)
-        return grads, to_host(counters)
+        ints = to_host(cupy.ndarray((scratch.lane_counters + scratch.tile_claims,), np.int32,
+                                    workspace + scratch.counters_offset))
+        # under a band each (batch, head)'s query tiles claimed and stored (2), every other claim
+        # still 0; without one no claims
+        per_tile = tiles.dkdv_block_m // mma_backward.SEMAPHORE_ROWS
+        query_tiles = -(-n // tiles.dkdv_block_m)
+        claimed = np.zeros((b * hq if claims else 0, scratch.rows_pad // mma_backward.SEMAPHORE_ROWS), np.int32)
+        claimed[:, :query_tiles * per_tile:per_tile] = 2
+        assert np.array_equal(ints[b * hkv + 1:], claimed.ravel()), f"claims {ints[b * hkv + 1:]}; seed={seed}"
+        return grads, ints[:b * hkv + 1]
 
     by_lane, counters = gradients(True)
     # every step's ticket was taken once, and each block took one more to learn that none was left

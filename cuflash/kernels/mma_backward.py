@@ -231,11 +231,11 @@ def _spec_flags(spec) -> tuple:
 
 
 def variant_pre(dtype, *, aligned: bool, zero_dq: bool, varlen: bool = False,
-                zero_semaphores: bool = False, zero_lanes: bool = False) -> str:
+                zero_semaphores: bool = False, zero_lanes: bool = False, zero_claims: bool = False) -> str:
     """zero_semaphores: also those of the Hopper fused dQ's ordered adds; zero_lanes: the lane
-    counters of its cast lane by lane (``Scratch``)."""
+    counters of its cast lane by lane; zero_claims: the claims of its dQ tiles (``Scratch``)."""
     return _build.template_expression("flash_bwd_pre", element_type(dtype), aligned, zero_dq,
-                                      *_build.trailing_flags(varlen, zero_semaphores, zero_lanes))
+                                      *_build.trailing_flags(varlen, zero_semaphores, zero_lanes, zero_claims))
 
 
 def variant_dkdv(spec, tiles: BwdTiles, *, aligned: bool, atomic_dq: bool) -> str:
@@ -312,7 +312,9 @@ class Scratch:
     dQ's ordered adds: one per 32 rows, csrc/schedule.cuh's dq_semaphore; 0 otherwise) or
     ``lane_counters`` int32 values (the Hopper fused dQ's adds in any order, whose cast then goes
     lane by lane: one per (batch, key/value head), csrc/schedule.cuh's dq_lane_counter, and the
-    cast's ticket, dq_cast_ticket; 0 otherwise), which take the same place. ``rows_pad`` is the
+    cast's ticket, dq_cast_ticket; 0 otherwise), which take the same place, the latter followed by
+    ``tile_claims`` int32 values where that protocol claims its dQ tiles (one per 32 rows,
+    dq_tile_claim; 0 otherwise). ``rows_pad`` is the
     rows per (batch, head), or for a varlen call the rows per head: every sequence's rows rounded
     up to ROW_ALIGN, each starting on a multiple of it, ``(ceil(total_q / ROW_ALIGN) + B) ·
     ROW_ALIGN`` in all (where each sequence starts is csrc/schedule.cuh's scratch_offset)."""
@@ -322,14 +324,16 @@ class Scratch:
     accum: int
     semaphores: int = 0
     lane_counters: int = 0
+    tile_claims: int = 0
 
     @classmethod
     def of(cls, spec, *, atomic_dq: bool, dqk: int | None = None,
-           semaphores: bool = False, lane_counters: bool = False) -> "Scratch":
+           semaphores: bool = False, lane_counters: bool = False, tile_claims: bool = False) -> "Scratch":
         """``dqk``: the accumulator's row length, when a family pads D further than this
         module's kernels do (``padded_head_dims``); ``semaphores``: those of ordered adds into
         the accumulator (dense calls); ``lane_counters``: those of its cast lane by lane (dense
-        calls, adds in any order)."""
+        calls, adds in any order); ``tile_claims``: beside the lane counters, the claims of
+        the dQ tiles."""
         s = spec.shapes
         if spec.varlen is None:
             rows_pad = rows_padded(s.nq)
@@ -341,8 +345,11 @@ class Scratch:
             raise ValueError("semaphores and lane counters follow a dense call's dq accumulator")
         if semaphores and lane_counters:
             raise ValueError("semaphores and lane counters take the same place: one or the other")
+        if tile_claims and not lane_counters:
+            raise ValueError("tile claims follow the lane counters")
         return cls(rows_pad, rows, rows * (dqk or padded_head_dims(spec)[0]) if atomic_dq else 0,
-                   rows // SEMAPHORE_ROWS if semaphores else 0, s.b * s.hkv + 1 if lane_counters else 0)
+                   rows // SEMAPHORE_ROWS if semaphores else 0, s.b * s.hkv + 1 if lane_counters else 0,
+                   rows // SEMAPHORE_ROWS if tile_claims else 0)
 
     def allocate(self):
         """``(memory, (lse2, delta, dq_accum))``: the allocation (a CuPy ``MemoryPointer``) and
@@ -355,7 +362,7 @@ class Scratch:
 
     @property
     def nbytes(self) -> int:
-        return 4 * (2 * self.rows + self.accum + self.semaphores + self.lane_counters)
+        return 4 * (2 * self.rows + self.accum + self.semaphores + self.lane_counters + self.tile_claims)
 
     def parts(self) -> dict[str, int]:
         """Its bytes by what they hold (``cuflash.kernel_plan``'s workspace line)."""
@@ -366,6 +373,8 @@ class Scratch:
             parts["semaphores of the ordered dQ adds"] = 4 * self.semaphores
         if self.lane_counters:
             parts["lane counters of the dQ cast"] = 4 * self.lane_counters
+        if self.tile_claims:
+            parts["claims of the dQ tiles"] = 4 * self.tile_claims
         return parts
 
     @property
@@ -446,15 +455,16 @@ def argument_packer(spec, arrays, *, rows_pad: int, dqk: int | None = None):
 
 
 def preprocess_launch(args, spec, *, rows_pad: int, aligned: bool, zero_dq: bool,
-                      zero_semaphores: bool = False, zero_lanes: bool = False) -> KernelLaunch:
+                      zero_semaphores: bool = False, zero_lanes: bool = False,
+                      zero_claims: bool = False) -> KernelLaunch:
     """The flash_bwd_pre launch: Delta, base-2 lse (and the zeroed dq accumulator, and its
-    semaphores or lane counters). `aligned`: out and dout allow 16-byte loads. A varlen call's
+    semaphores or lane counters and tile claims). `aligned`: out and dout allow 16-byte loads. A varlen call's
     grid covers the longest sequence's padded rows for each (sequence, head), its row blocks sent
     as m_tiles."""
     varlen = spec.varlen is not None
     kernel = _build.get_function(SOURCE, variant_pre(spec.dtype, aligned=aligned, zero_dq=zero_dq,
                                                      varlen=varlen, zero_semaphores=zero_semaphores,
-                                                     zero_lanes=zero_lanes))
+                                                     zero_lanes=zero_lanes, zero_claims=zero_claims))
     row_blocks = (rows_padded(spec.shapes.nq) if varlen else rows_pad) // PRE_ROWS
     blocks = check_grid(row_blocks * spec.shapes.hq * spec.shapes.b, "flash_bwd_pre")
     return KernelLaunch(kernel, blocks, 256, 0, args(m_tiles=row_blocks if varlen else 0))
@@ -559,7 +569,12 @@ def main_variants() -> list[tuple[str, str]]:
                 out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq)))
             # with the semaphores of the Hopper fused dQ's ordered adds (sm90_backward.ordered_dq),
             # or the lane counters of its cast lane by lane (sm90_backward.lanes_counted)
-            out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=True, zero_semaphores=True)))
+            # (with the claims of its dQ tiles under a band; without ZERO_DQ where every dQ tile's
+            # first part is stored, sm90_backward.dq_zeros_needed)
+            for zero_dq in (True, False):
+                out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq, zero_semaphores=True)))
+                out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=zero_dq, zero_lanes=True,
+                                                zero_claims=True)))
             out.append((SOURCE, variant_pre(dtype, aligned=aligned, zero_dq=True, zero_lanes=True)))
             out += [(SOURCE, variant_convert(dtype, aligned=aligned, fragment_order=order))
                     for order in (False, True)]

@@ -21,12 +21,15 @@ lse, padded rows):
   Nq = 64K, D = 64), with D the tile's head dim (128 at D = 96). Dense calls in the
   warp-specialised kernel (``lanes_counted``) also count each lane's ((batch, key/value head))
   finished key tiles, 4 bytes per lane, so that the cast takes a lane as soon as its dQ is
-  whole, beside the grid's last wave (``CAST_DQ_BY_LANE``).
+  whole, beside the grid's last wave (``CAST_DQ_BY_LANE``), and keep a claim per 32 query rows
+  and head (4 bytes): under a band the first key tile to claim a dQ tile stores its part, the
+  others add theirs after it, so that where every dQ tile gets a part the accumulator needs no
+  zeros (``stores_first_parts``, ``dq_zeros_needed``).
 - ``deterministic=True`` where ``ordered_dq`` says (warp-specialised kernel, no block-sparse or
   exact mask): the first sequence with the fused dQ's adds in key-tile order (flash_bwd_sm90.cu,
-  ORDERED_DQ: one semaphore per 32 scratch rows, zeroed by flash_bwd_pre), bit-identical run to
-  run with five GEMMs per tile pair. Scratch: the default's plus 4 bytes per 32 query rows and
-  head.
+  ORDERED_DQ: one semaphore per 32 scratch rows, zeroed by flash_bwd_pre; rank 0's part is
+  stored, so the same zeros go as in the default), bit-identical run to run with five GEMMs per
+  tile pair. Scratch: the default's plus 4 bytes per 32 query rows and head.
 - other ``deterministic=True`` calls: ``flash_bwd_sm90_dkdv`` (dK, dV) and ``flash_bwd_sm90_dq``
   (dQ, with S and dP recomputed: seven GEMMs per tile pair). No gradient is accumulated by two
   blocks, so results are bit-identical from run to run; scratch is lse2 and Delta only.
@@ -52,6 +55,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from .. import _mask
 from .._mask import UNBOUNDED
 from . import _build, _launch, _tma, mma_backward
 from ._launch import (KernelLaunch, check_grid, element_type, mask_type, score_mod_type, tile_index,
@@ -260,13 +264,42 @@ def dq_route(spec, tiles: Sm90BwdTiles, producer: bool) -> tuple[bool, bool, boo
     return ordered, atomic_dq, lanes_counted(spec, ordered, atomic_dq, producer)
 
 
+# Whether a fused dQ that stores each dQ tile's first part (ordered adds, or lanes counted) goes
+# without the accumulator's zeros where every dQ tile gets a part (True), or has them written all
+# the same (False). Read when a call is prepared: to compare, set it and clear the prepared calls
+# (``cuflash._calls.clear()``). Either way the dK/dV kernel stores first parts.
+SKIP_DQ_ZEROS = True
+
+
+def stores_first_parts(spec, ordered: bool, counted: bool) -> bool:
+    """Whether the dK/dV kernel stores each dQ tile's first part instead of adding it
+    (csrc/flash_bwd_sm90.cu, write_dq_parts): ordered adds (rank 0's), and adds in any order whose
+    lanes are counted under a band (the first claim's; the kernel's twin: claims_dq_tiles)."""
+    return ordered or (counted and spec.banded)
+
+
+def dq_zeros_needed(spec, ordered: bool, atomic_dq: bool, counted: bool) -> bool:
+    """Whether flash_bwd_pre zeroes the fused dQ's float32 accumulator (route ``dq_route``):
+    wherever the dK/dV kernel forms dQ, except where it stores each dQ tile's first part
+    (``stores_first_parts``) and every dQ tile gets a part: no block or exact mask, and every
+    query row sees a key."""
+    if not atomic_dq:
+        return False
+    s = spec.shapes
+    every_tile_has_a_part = (spec.block_mask is None and not spec.exact and spec.varlen is None
+                             and _mask.every_row_sees_a_key(s.nq, s.nk, *spec.band()))
+    return not (SKIP_DQ_ZEROS and stores_first_parts(spec, ordered, counted) and every_tile_has_a_part)
+
+
 def scratch_of(spec, ordered: bool, atomic_dq: bool, counted: bool) -> mma_backward.Scratch:
     """The workspace of this call's backward on the route ``dq_route`` gives: lse2 and Delta,
     and where the dK/dV kernel forms dQ its float32 accumulator (rows of the tile's D floats,
     fragment order), with the ordered adds' semaphores or (``counted``: ``lanes_counted``) the
-    lane counters, 4 bytes per (batch, key/value head)."""
+    lane counters, 4 bytes per (batch, key/value head), and where those adds claim their dQ tiles
+    (``stores_first_parts``) the claims, 4 bytes per 32 query rows and head."""
+    claims = counted and stores_first_parts(spec, ordered, counted)
     return mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=tile_head_dim(spec), semaphores=ordered,
-                                   lane_counters=counted)
+                                   lane_counters=counted, tile_claims=claims)
 
 
 def workspace_of(spec) -> dict[str, int]:
@@ -487,10 +520,12 @@ def prepare_backward(spec, arrays, *, tiles: Sm90BwdTiles | None = None):
     args = mma_backward.argument_packer(spec, arrays, rows_pad=scratch.rows_pad, dqk=d)
 
     # 1. Delta and lse2 (flash_bwd.cu's preprocessing; `out` may be any view), and the zeroed
-    # dQ accumulator of the fused dQ (and the semaphores of its ordered adds, or its lane counters).
+    # dQ accumulator of the fused dQ where it needs zeros (and the semaphores of its ordered adds,
+    # or its lane counters and tile claims).
     launches = [mma_backward.preprocess_launch(
         args, spec, rows_pad=scratch.rows_pad, aligned=vector_aligned((out, dout), (dv_dim,)),
-        zero_dq=atomic_dq, zero_semaphores=ordered, zero_lanes=counted)]
+        zero_dq=dq_zeros_needed(spec, ordered, atomic_dq, counted), zero_semaphores=ordered, zero_lanes=counted,
+        zero_claims=scratch.tile_claims > 0)]
 
     # 2. dK, dV (and the fused dQ): one block per key tile; 3. dQ: one block per query tile, or
     # the accumulator's cast.

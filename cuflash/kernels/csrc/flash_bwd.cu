@@ -54,16 +54,20 @@ constexpr int PRE_ROWS = 32;
 // VARLEN: m_tiles is the row blocks of the longest sequence's padded rows. ZERO_SEMS (dense
 // calls): also zero the ordered fused dQ's semaphore of each block's rows; ZERO_LANES (dense
 // calls): the lane counters of the fused dQ's cast lane by lane, each by the first block of its
-// lane's first query head (schedule.cuh).
+// lane's first query head; ZERO_CLAIMS (beside them): the claim of each block's rows
+// (schedule.cuh). Ordered adds and claimed ones store a dQ tile's first part instead of adding it
+// (flash_bwd_sm90.cu, write_dq_parts), so the host leaves out ZERO_DQ beside them where every dQ
+// tile gets a part.
 template <typename T, bool ALIGNED, bool ZERO_DQ, bool VARLEN = false, bool ZERO_SEMS = false,
-          bool ZERO_LANES = false>
+          bool ZERO_LANES = false, bool ZERO_CLAIMS = false>
 __global__ void __launch_bounds__(256)
 flash_bwd_pre(const BwdArgs a) {
     let_next_kernel_start();
-    static_assert(!ZERO_SEMS || (ZERO_DQ && !VARLEN && PRE_ROWS == dq_semaphore_rows()),
-                  "semaphores: one per block of rows of a dense call's zeroed accumulator");
-    static_assert(!ZERO_LANES || (ZERO_DQ && !VARLEN && !ZERO_SEMS),
-                  "lane counters: after a dense call's zeroed accumulator, where no semaphores are");
+    static_assert(!ZERO_SEMS || (!VARLEN && PRE_ROWS == dq_semaphore_rows()),
+                  "semaphores: one per block of rows of a dense call's accumulator");
+    static_assert(!ZERO_LANES || (!VARLEN && !ZERO_SEMS && PRE_ROWS == dq_semaphore_rows()),
+                  "lane counters: after a dense call's accumulator, where no semaphores are");
+    static_assert(!ZERO_CLAIMS || ZERO_LANES, "tile claims: after the lane counters");
     const int row_blocks = VARLEN ? a.m_tiles : a.rows_pad / PRE_ROWS;
     const int rb = blockIdx.x % row_blocks;
     const int bh = blockIdx.x / row_blocks;
@@ -109,6 +113,9 @@ flash_bwd_pre(const BwdArgs a) {
     if constexpr (ZERO_LANES) {
         if (threadIdx.x == 0 && rb == 0 && h % a.group == 0) *dq_lane_counter(a, b, h / a.group) = 0;
         if (threadIdx.x == 0 && blockIdx.x == 0) *dq_cast_ticket(a) = 0;
+    }
+    if constexpr (ZERO_CLAIMS) {
+        if (threadIdx.x == 0) *dq_tile_claim(a, scratch + rb * PRE_ROWS) = 0;
     }
 }
 

@@ -775,7 +775,12 @@ __device__ __forceinline__ void dkdv_split_query_tile(const BwdArgs& a, const MA
 // stage t % 2, FusedDq::channel), each channel's header and staging floats after the one before.
 // `lane_counter` (lanes_counted; null elsewhere): once the block's last add has completed, the
 // writer adds 1 to its lane's counter, with release semantics.
-template <bool ORDERED, class DQ, int D, int BLOCK_M>
+// The first part of a dQ tile is stored, not added, so that the accumulator needs no zeros where
+// every dQ tile gets a part (the host's sm90_backward.dq_zeros_needed): ORDERED, rank 0's;
+// CLAIMED (claims_dq_tiles), that of the key tile that claims the tile first (schedule.cuh,
+// dq_tile_claim), which the others wait for before their adds. Where a tile may get no part, the
+// accumulator is zeroed all the same and the first store writes over zeros.
+template <bool ORDERED, bool CLAIMED, class DQ, int D, int BLOCK_M>
 __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile DqTileHeader* headers, u32 sdq0,
                                                u32 full0, int* lane_counter) {
     for (u32 tiles = 0;; ++tiles) {
@@ -786,18 +791,30 @@ __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile 
         const volatile DqTileHeader* header = headers + channel;
         const i64 r = header->row;
         if (r < 0) break;
-        int* semaphore = nullptr;
+        // ORDERED: the tile's semaphore, which counts its landed parts; CLAIMED: its claim.
+        int* turn = nullptr;
+        bool first = false;
         if constexpr (ORDERED) {
-            semaphore = dq_semaphore(a, r);
-            wait_until_equal_gpu(semaphore, header->rank);
+            turn = dq_semaphore(a, r);
+            const int rank = header->rank;
+            wait_until_equal_gpu(turn, rank);
+            first = rank == 0;
+        } else if constexpr (CLAIMED) {
+            turn = dq_tile_claim(a, r);
+            first = atomicCAS(turn, 0, 1) == 0;
+            if (!first) wait_until_equal_gpu(turn, 2);
         }
-        bulk_reduce_add_f32(a.dq_accum + r * D, sdq, BLOCK_M * D * 4);
+        if (first)
+            bulk_store(a.dq_accum + r * D, sdq, BLOCK_M * D * 4);
+        else
+            bulk_reduce_add_f32(a.dq_accum + r * D, sdq, BLOCK_M * D * 4);
         bulk_commit();
         bulk_wait_read();
         mbar_arrive(empty);
-        if constexpr (ORDERED) {
+        if (ORDERED || first) {
             bulk_wait();
-            red_release_gpu_add(semaphore, 1);
+            fence_proxy_async_global();  // the store or add (async proxy) before the release
+            red_release_gpu_add(turn, 1);
         }
     }
     bulk_wait();
@@ -816,6 +833,16 @@ __device__ __forceinline__ void write_dq_parts(const BwdArgs& a, const volatile 
 template <bool ATOMIC_DQ, bool ORDERED_DQ, bool VARLEN>
 __device__ constexpr bool lanes_counted() {
     return ATOMIC_DQ && !ORDERED_DQ && !VARLEN;
+}
+
+// Whether the dQ writer of adds in any order claims each dQ tile, storing the first part
+// (write_dq_parts): where its lanes are counted (the claims lie past the counters), under a band.
+// Without one a head's key tiles walk the query tiles side by side and would all claim each tile
+// at once, then wait for one store; there the writers add into a zeroed accumulator instead
+// (benchmarks/NOTES.md, "dQ tiles stored first"). The host's twin: sm90_backward.stores_first_parts.
+template <bool ATOMIC_DQ, bool ORDERED_DQ, bool VARLEN, class MASK>
+__device__ constexpr bool claims_dq_tiles() {
+    return lanes_counted<ATOMIC_DQ, ORDERED_DQ, VARLEN>() && MASK::banded;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1014,7 +1041,7 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
         if constexpr (ATOMIC_DQ && !SPLIT) {
             if (threadIdx.x / 32 == 1) {
                 if (elect_one_lane())
-                    write_dq_parts<ORDERED_DQ, DQ, D, BLOCK_M>(
+                    write_dq_parts<ORDERED_DQ, claims_dq_tiles<ATOMIC_DQ, ORDERED_DQ, VARLEN, MASK>(), DQ, D, BLOCK_M>(
                         a, sm.template at<const DqTileHeader>(sm.dq_header()), sm.sdq(), dq_full0,
                         lanes_counted<ATOMIC_DQ, ORDERED_DQ, VARLEN>() ? dq_lane_counter(a, b, hk) : nullptr);
                 return;

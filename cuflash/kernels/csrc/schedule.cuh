@@ -107,6 +107,16 @@ template <class Args>
 __device__ __forceinline__ int* dq_cast_ticket(const Args& a) {
     return past_dq_accumulator(a) + a.batch * a.kv_heads;
 }
+// After the ticket, the claims of the same protocol's dQ tiles: one int per dq_semaphore_rows()
+// scratch rows (a query tile's is that of its first row), zeroed by flash_bwd_pre (ZERO_CLAIMS,
+// one per block of its rows). The first key tile to claim a dQ tile (0 -> 1) stores its part
+// there instead of adding it and marks the store complete (-> 2); the others add once they see
+// 2. So the accumulator needs no zeros where every dQ tile has a part (flash_bwd_sm90.cu,
+// write_dq_parts).
+template <class Args>
+__device__ __forceinline__ int* dq_tile_claim(const Args& a, i64 row) {
+    return dq_cast_ticket(a) + 1 + row / dq_semaphore_rows();
+}
 
 // Where the Hopper fused dQ keeps row `row`'s columns c..c + 7 (c a multiple of 8) in the float32
 // accumulator (FRAGMENT_ORDER; `row` counts scratch rows from the accumulator's start, d floats a

@@ -145,6 +145,13 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, u32 src, u32 byt
                  ::"l"(dst), "r"(src), "r"(bytes)
                  : "memory");
 }
+// Copies `bytes` (a multiple of 16) from shared address `src` to global `dst`, as one bulk
+// operation of this thread's current bulk group.
+__device__ __forceinline__ void bulk_store(void* dst, u32 src, u32 bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
+                 ::"l"(dst), "r"(src), "r"(bytes)
+                 : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Until this thread's bulk operations have read their shared sources (which may then be rewritten).
 __device__ __forceinline__ void bulk_wait_read() {
