@@ -447,7 +447,9 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     """Run ``attention`` and return ``(out, vjp)``; ``vjp(dout)`` returns ``(dq, dk, dv)``.
 
     The options are those of ``attention`` and ``attention_backward``, validated once here.
-    ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them. With
+    ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them: references,
+    not copies, so they must not change in place before ``vjp`` runs (nothing detects it, as
+    torch's autograd would: the gradients would be those of the changed arrays). With
     ``dropout_p > 0`` and no ``dropout_seed``, a seed is drawn from the operating system's
     entropy (``secrets.randbits(64)``); the backward pass always uses the forward's seed and
     offset, and ``vjp.dropout_seed`` holds the seed (0 without dropout). A seed array is copied
@@ -674,9 +676,10 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                          deterministic=False, check_offsets=True) -> tuple[Any, Callable]:
     """Run ``attention_varlen`` and return ``(out, vjp)``; ``vjp(dout)`` returns
     ``(dq, dk, dv)``. Validated once (the offsets are checked, and read back, once: ``vjp``
-    does not read them again); ``vjp`` keeps the inputs, out, lse and the validated call alive,
-    and runs the backward with the forward's copy of the ALiBi slopes (a cached call, as
-    ``attention_varlen_backward`` is). Dropout as for ``attention_vjp``: a seed is drawn when
+    does not read them again); ``vjp`` keeps the inputs, out, lse and the validated call alive
+    (references, not copies: as for ``attention_vjp``, they must not change in place before
+    ``vjp`` runs), and runs the backward with the forward's copy of the ALiBi slopes (a cached
+    call, as ``attention_varlen_backward`` is). Dropout as for ``attention_vjp``: a seed is drawn when
     none is given, and ``vjp.dropout_seed`` holds it."""
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
