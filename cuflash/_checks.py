@@ -172,8 +172,15 @@ def _normal_f32(value: float) -> bool:
 def query_rows(rows: Any, nq: int) -> numpy.ndarray:
     """Query rows as a 1-D NumPy int64 array (all ``nq`` by default), each in ``[0, nq)``: the
     rows a reference or an exact mask's dense rows are asked for (no negative indices, which
-    would pick other rows without a word)."""
-    rows = numpy.arange(nq) if rows is None else numpy.asarray(rows, dtype=numpy.int64)
+    would pick other rows without a word), and integers only (a float row would be truncated,
+    booleans read as rows 0 and 1 rather than as a selection); an empty sequence is no rows."""
+    if rows is None:
+        return numpy.arange(nq)
+    given = numpy.asarray(rows)
+    if given.size and not numpy.issubdtype(given.dtype, numpy.integer):  # bool is no integer
+        raise TypeError(f"rows must be a 1-D sequence of integer query rows in [0, {nq}), got "
+                        f"{given!r}")
+    rows = given.astype(numpy.int64)
     if rows.ndim != 1 or ((rows < 0) | (rows >= nq)).any():
         raise ValueError(f"rows must be a 1-D sequence of query rows in [0, {nq}), got {rows!r}")
     return rows

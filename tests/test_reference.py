@@ -211,6 +211,24 @@ def test_chunked_rejects_rows_out_of_range(rng):
         reference.chunked_attention(q, k, v, rows=[4])
 
 
+@pytest.mark.parametrize("rows", [[1.5], [2.0], [True, False], np.array([0.9, 1.2])])
+def test_rows_that_are_not_integers_are_refused(rng, rows):
+    """A float row would be truncated and a boolean one read as 0 and 1 (not as a selection):
+    either way other rows than the ones meant, without a word."""
+    from cuflash.sparse import ExactMask
+
+    q, k, v = random64(rng, (2, 5, 3), (2, 7, 3), (2, 7, 3))
+    for call in (reference.attention, reference.naive_attention, reference.chunked_attention,
+                 reference.attention_probs):
+        with pytest.raises(TypeError, match="rows must be a 1-D sequence of integer query rows"):
+            call(q, k, v, rows=rows)
+    with pytest.raises(TypeError, match="rows must be a 1-D sequence of integer query rows"):
+        ExactMask.from_dense(rng.random((5, 7)) < 0.5).element_rows(rows)
+    out, _ = reference.attention(q, k, v, rows=np.array([3, 1], np.uint8))
+    np.testing.assert_array_equal(out, reference.attention(q, k, v)[0][:, [3, 1]])
+    assert reference.attention(q, k, v, rows=[])[0].shape == (2, 0, 3)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
 def test_naive_is_close_but_not_exact(rng, dtype):
     q, k, v = (x.astype(dtype) for x in random64(rng, (2, 2, 50, 16), (2, 2, 60, 16),
