@@ -120,7 +120,7 @@ def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), sof
     rows : sequence of int, optional
         Query rows to compute (default: all). The result holds these rows, in this order.
     chunk : int, optional
-        Rows per chunk; by default enough for about 2**25 scores at a time.
+        Rows per chunk, a positive int; by default enough for about 2**25 scores at a time.
 
     Returns
     -------
@@ -132,8 +132,10 @@ def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), sof
     rows = _checks.query_rows(rows, shapes.nq)
     if chunk is None:
         chunk = max(1, 2**25 // (shapes.nk * shapes.hq * max(1, shapes.b)))
+    chunk = _checks.check_int(chunk, "chunk", 1)
     outs, lses = [], []
-    for start in range(0, len(rows), chunk):
+    # No rows: one call with none gives the empty results their shapes.
+    for start in range(0, len(rows), chunk) if len(rows) else (0,):
         out, lse = attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                              alibi_slopes=alibi_slopes, block_mask=block_mask,
                              rows=rows[start:start + chunk])

@@ -211,6 +211,24 @@ def test_chunked_rejects_rows_out_of_range(rng):
         reference.chunked_attention(q, k, v, rows=[4])
 
 
+@pytest.mark.parametrize("chunk, error, words", [
+    (0, ValueError, "chunk must be at least 1, got 0"),
+    (-2, ValueError, "chunk must be at least 1, got -2"),
+    (2.5, TypeError, "chunk must be an int"),
+    (True, TypeError, "chunk must be an int")])
+def test_chunked_refuses_a_bad_chunk(rng, chunk, error, words):
+    q, k, v = random64(rng, (3, 5, 4), (3, 9, 4), (3, 9, 4))
+    with pytest.raises(error, match=words):
+        reference.chunked_attention(q, k, v, chunk=chunk)
+
+
+def test_chunked_of_no_rows_is_empty(rng):
+    q, k, v = random64(rng, (2, 5, 4), (2, 9, 4), (2, 9, 6))
+    out, lse = reference.chunked_attention(q, k, v, rows=[], chunk=2)
+    dense_out, dense_lse = reference.attention(q, k, v, rows=[])
+    assert out.shape == dense_out.shape == (2, 0, 6) and lse.shape == dense_lse.shape == (2, 0)
+
+
 @pytest.mark.parametrize("rows", [[1.5], [2.0], [True, False], np.array([0.9, 1.2])])
 def test_rows_that_are_not_integers_are_refused(rng, rows):
     """A float row would be truncated and a boolean one read as 0 and 1 (not as a selection):
