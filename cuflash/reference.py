@@ -298,7 +298,7 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
         _checks.check_exact_mask(mask, block_mask, shapes.nq, shapes.nk, shapes.hq)
         mask = xp.asarray(mask.element_rows(rows))  # (H', len(rows), Nk)
     elif mask is not None:
-        _check_element_mask(mask, xp)
+        _check_element_mask(mask, xp, shapes)
         mask = xp.asarray(mask, dtype=bool)
         if some_rows and mask.ndim >= 2 and mask.shape[-2] != 1:
             mask = mask[..., xp.asarray(rows), :]
@@ -330,14 +330,24 @@ def _check_real_dtypes(arrays: dict) -> None:
                             f"float32 or float64")
 
 
-def _check_element_mask(mask, xp) -> None:
+def _check_element_mask(mask, xp, shapes) -> None:
     """An element-level ``mask`` must be an array of bools (or 0/1 integers): anything else (a
-    BlockMask, a scipy matrix, a scalar) would become a 0-d True, every pair attended."""
+    BlockMask, a scipy matrix, a scalar) would become a 0-d True, every pair attended. Its shape
+    must broadcast to the scores' without growing them (extra leading axes would give results
+    of another shape than the inputs')."""
     is_array = isinstance(mask, (numpy.ndarray, xp.ndarray)) and mask.ndim >= 1
     if not (is_array and (mask.dtype == bool or numpy.issubdtype(mask.dtype, numpy.integer))):
         raise TypeError(f"mask must be an ExactMask or an array of bools broadcastable to "
                         f"(..., Hq, Nq, Nk), got {_checks._type_name(mask)}"
                         f"{_checks.mask_hint(mask)}")
+    scores = shapes.batch + (shapes.hq, shapes.nq, shapes.nk)  # one head for 2-D inputs
+    try:
+        fits = numpy.broadcast_shapes(tuple(mask.shape), scores) == scores
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask must broadcast to the scores' shape {scores} (..., Hq, Nq, Nk), "
+                         f"got shape {tuple(mask.shape)}")
 
 
 def _is_exact_mask(mask):

@@ -124,6 +124,21 @@ def test_element_mask_broadcasts(rng):
     np.testing.assert_array_equal(out, full)
 
 
+@pytest.mark.parametrize("shape", [(6, 9), (7, 8), (2, 6, 8), (5, 3, 6, 8), (4, 1, 1, 1, 8)])
+def test_element_mask_that_does_not_broadcast_to_the_scores_is_refused(rng, shape):
+    """Neither a numpy broadcasting error from inside the computation nor, for extra leading
+    axes, results of another shape than the inputs give."""
+    q, k, v = random64(rng, (3, 6, 4), (3, 8, 4), (3, 8, 5))
+    mask = rng.random(shape) < 0.5
+    calls = (reference.attention, reference.naive_attention, reference.attention_probs,
+             lambda *args, **options: reference.attention_backward(np.ones((3, 6, 5)), *args,
+                                                                   **options))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"mask must broadcast to the scores' shape "
+                                             r"\(3, 6, 8\) \(\.\.\., Hq, Nq, Nk\)"):
+            call(q, k, v, mask=mask)
+
+
 def finite_difference_grads(dout, q, k, v, *, causal, scale, step=1e-6):
     def loss(q_, k_, v_):
         return np.sum(dout * reference.attention(q_, k_, v_, causal=causal, scale=scale)[0])
