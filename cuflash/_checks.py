@@ -447,9 +447,10 @@ def check_dtypes(arrays: dict[str, Any]) -> numpy.dtype:
     return dtype
 
 
-def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype, xp,
+def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype | None, xp,
                device_of: Any) -> None:
-    """``x`` must be an array of ``xp`` on the device of ``device_of`` with this shape and dtype."""
+    """``x`` must be an array of ``xp`` on the device of ``device_of`` with this shape and dtype
+    (``None``: any dtype)."""
     try:
         got = array_module(x, name)
     except TypeError:
@@ -463,7 +464,7 @@ def check_like(x: Any, name: str, shape: tuple[int, ...], dtype: numpy.dtype, xp
                          f"{_device_id(x)}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-    if x.dtype != dtype:
+    if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
 
 

@@ -90,6 +90,7 @@ def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -
               alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask,
               dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
+    _check_like_out(c, dout=dout, q=q)
     q64, k64, v64 = (x.astype(xp.float64) for x in (c.q, c.k, c.v))
     do = c.unsqueeze(dout).astype(xp.float64)
     kr, vr = _repeat_heads(k64, c.shapes), _repeat_heads(v64, c.shapes)
@@ -191,6 +192,7 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=
               alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask,
               dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
+    _check_like_out(c, dout=dout, out=out, q=q)
     dtype = q.dtype if dtype is None else numpy.dtype(dtype)
     r = _rounder(dtype)
     kr, vr = (_repeat_heads(x.astype(xp.float32), c.shapes) for x in (c.k, c.v))
@@ -328,6 +330,15 @@ def _check_real_dtypes(arrays: dict) -> None:
         if x.dtype not in _REAL_DTYPES:
             raise TypeError(f"{name} has dtype {x.dtype}; the reference takes float16, bfloat16, "
                             f"float32 or float64")
+
+
+def _check_like_out(c: _Call, *, q, **arrays) -> None:
+    """``dout`` (and ``out``, where given) have the output's shape, in q's module and on its
+    device, in a dtype the reference takes."""
+    given = {name: x for name, x in arrays.items() if x is not None}
+    for name, x in given.items():
+        _checks.check_like(x, name, c.shapes.out_shape, None, c.xp, device_of=q)
+    _check_real_dtypes(given)
 
 
 def _check_element_mask(mask, xp, shapes) -> None:

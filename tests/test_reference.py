@@ -226,6 +226,29 @@ def test_chunked_rejects_rows_out_of_range(rng):
         reference.chunked_attention(q, k, v, rows=[4])
 
 
+@pytest.mark.parametrize("name", ["dout", "out"])
+@pytest.mark.parametrize("bad, error, words", [
+    ("shape", ValueError, r"must have shape \(2, 3, 5, 7\), got \(2, 3, 5, 6\)"),
+    ("list", TypeError, "must be a numpy.ndarray like q, got list"),
+    ("int", TypeError, "has dtype int32; the reference takes")])
+def test_backward_names_a_bad_dout_or_out(rng, name, bad, error, words):
+    """Not numpy's matmul or broadcasting error from inside the computation, nor an
+    AttributeError for a list."""
+    q, k, v = random64(rng, (2, 3, 5, 6), (2, 1, 9, 6), (1, 1, 9, 7))
+    good = rng.standard_normal((2, 3, 5, 7))
+    given = {"shape": rng.standard_normal((2, 3, 5, 6)), "list": good.tolist(),
+             "int": good.astype(np.int32)}[bad]
+    calls = [lambda x: reference.naive_attention_backward(good, q, k, v, out=x)]
+    if name == "dout":
+        calls = [lambda x: reference.attention_backward(x, q, k, v, causal=True),
+                 lambda x: reference.naive_attention_backward(x, q, k, v)]
+    for call in calls:
+        with pytest.raises(error, match=f"{name} " + words):
+            call(given)
+    assert all(g.shape == x.shape for g, x in zip(reference.attention_backward(good, q, k, v),
+                                                   (q, k, v)))
+
+
 @pytest.mark.parametrize("chunk, error, words", [
     (0, ValueError, "chunk must be at least 1, got 0"),
     (-2, ValueError, "chunk must be at least 1, got -2"),
