@@ -160,7 +160,7 @@ def naive_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
               alibi_slopes=alibi_slopes, mask=mask, block_mask=block_mask, rows=rows,
               dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
-    dtype = q.dtype if dtype is None else numpy.dtype(dtype)
+    dtype = _naive_dtype(dtype, q)
     r = _rounder(dtype)
     kr, vr = (_repeat_heads(x.astype(xp.float32), c.shapes) for x in (c.k, c.v))
     s = r(r(c.q.astype(xp.float32) * xp.float32(c.scale)) @ kr.swapaxes(-1, -2))
@@ -193,7 +193,7 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=
               dropout=(dropout_p, dropout_seed, dropout_offset))
     xp = c.xp
     _check_like_out(c, dout=dout, out=out, q=q)
-    dtype = q.dtype if dtype is None else numpy.dtype(dtype)
+    dtype = _naive_dtype(dtype, q)
     r = _rounder(dtype)
     kr, vr = (_repeat_heads(x.astype(xp.float32), c.shapes) for x in (c.k, c.v))
     qs = r(c.q.astype(xp.float32) * xp.float32(c.scale))
@@ -339,6 +339,21 @@ def _check_like_out(c: _Call, *, q, **arrays) -> None:
     for name, x in given.items():
         _checks.check_like(x, name, c.shapes.out_shape, None, c.xp, device_of=q)
     _check_real_dtypes(given)
+
+
+def _naive_dtype(dtype, q) -> numpy.dtype:
+    """The precision the naive baseline rounds to: q's dtype by default, else ``dtype``, one the
+    reference takes (each step rounded to an integer or complex type is no baseline)."""
+    if dtype is None:
+        return q.dtype
+    try:
+        chosen = numpy.dtype(dtype)
+    except TypeError:
+        chosen = None
+    if chosen is None or chosen not in _REAL_DTYPES:  # (a dtype equals None: float64)
+        raise TypeError("dtype must be float16, bfloat16, float32 or float64 (the precision to "
+                        f"round to) or None (q's), got {_checks._show(dtype)}")
+    return chosen
 
 
 def _check_element_mask(mask, xp, shapes) -> None:

@@ -314,6 +314,21 @@ def test_naive_with_features_is_close_but_not_exact(rng, dtype):
         assert np.abs(got.astype(np.float64) - ref).max() < 100 * eps * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64, "float8", "no such type"])
+def test_naive_refuses_a_dtype_that_is_no_real_float(rng, dtype):
+    """The rounding of every step to an integer (or a complex) type is no baseline; the input
+    dtypes are refused for that reason, so is the dtype asked for."""
+    q, k, v = (x.astype(np.float16) for x in random64(rng, (2, 5, 8), (2, 7, 8), (2, 7, 8)))
+    dout = rng.standard_normal((2, 5, 8)).astype(np.float16)
+    for call in (lambda **o: reference.naive_attention(q, k, v, **o),
+                 lambda **o: reference.naive_attention_backward(dout, q, k, v, **o)):
+        with pytest.raises(TypeError, match="dtype must be float16, bfloat16, float32 or "
+                                            "float64 .the precision to round to."):
+            call(dtype=dtype)
+    out, _ = reference.naive_attention(q, k, v, dtype="float32")
+    assert out.dtype == np.float32
+
+
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
 def test_naive_backward_is_close(rng, dtype):
     q, k, v = (x.astype(dtype) for x in random64(rng, (2, 4, 30, 16), (1, 2, 40, 16),
