@@ -222,7 +222,11 @@ def keep_mask(nq, nk, *, causal=False, window=(-1, -1), block_mask=None, rows=No
     (causal or window only) or ``(H', len(rows), Nk)`` (with a block mask of ``H'`` patterns),
     broadcastable to ``(..., Hq, len(rows), Nk)``.
     """
-    rows = numpy.arange(nq) if rows is None else numpy.asarray(rows)
+    nq, nk = _checks.check_int(nq, "nq", 1), _checks.check_int(nk, "nk", 1)
+    rows = _checks.query_rows(rows, nq)
+    causal = _checks.check_bool(causal, "causal")
+    # A per-head mask is checked against its own head count (the heads are not known here).
+    _checks.check_block_mask(block_mask, nq, nk, getattr(block_mask, "num_heads", None))
     left, right = _mask.band(_checks.check_window(window), causal)
     keep = None
     if (left, right) != (_mask.UNBOUNDED, _mask.UNBOUNDED):

@@ -139,6 +139,33 @@ def test_element_mask_that_does_not_broadcast_to_the_scores_is_refused(rng, shap
             call(q, k, v, mask=mask)
 
 
+@pytest.mark.parametrize("call, error, words", [
+    (lambda bm: reference.keep_mask(6, 9, causal=1), TypeError, "causal must be True or False"),
+    (lambda bm: reference.keep_mask(6, 9, window=(2,)), TypeError, "window must be a pair"),
+    (lambda bm: reference.keep_mask(6, 9, causal=True, rows=[6]), ValueError,
+     r"rows must be a 1-D sequence of query rows in \[0, 6\)"),
+    (lambda bm: reference.keep_mask(6, 9, causal=True, rows=[-1]), ValueError,
+     r"rows must be a 1-D sequence of query rows in \[0, 6\)"),
+    (lambda bm: reference.keep_mask(6.5, 9, causal=True), TypeError, "nq must be an int"),
+    (lambda bm: reference.keep_mask(6, -9, causal=True), ValueError, "nk must be at least 1"),
+    (lambda bm: reference.keep_mask(6, 9, block_mask=np.ones((2, 3), bool)), TypeError,
+     "block_mask must be a cuflash.sparse.BlockMask"),
+    (lambda bm: reference.keep_mask(8, 9, block_mask=bm), ValueError,
+     "block_mask was built for Nq=6, Nk=9, but the inputs have Nq=8, Nk=9"),
+    (lambda bm: reference.block_mask_to_element_mask(bm, 6, 12), ValueError,
+     "block_mask was built for Nq=6, Nk=9, but the inputs have Nq=6, Nk=12")])
+def test_keep_mask_names_a_bad_argument(call, error, words):
+    """Rather than a mask for rows or sizes that are not the problem's, silently."""
+    from cuflash.sparse import BlockMask
+
+    block_mask = BlockMask.from_dense(np.array([[1, 0, 1], [0, 1, 1]], bool), block_size=(3, 3),
+                                      shape=(6, 9))
+    with pytest.raises(error, match=words):
+        call(block_mask)
+    np.testing.assert_array_equal(reference.block_mask_to_element_mask(block_mask, 6, 9)[0],
+                                  np.kron([[1, 0, 1], [0, 1, 1]], np.ones((3, 3))).astype(bool))
+
+
 def finite_difference_grads(dout, q, k, v, *, causal, scale, step=1e-6):
     def loss(q_, k_, v_):
         return np.sum(dout * reference.attention(q_, k_, v_, causal=causal, scale=scale)[0])
