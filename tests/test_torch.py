@@ -594,6 +594,33 @@ def test_second_derivative_is_refused(monkeypatch, path):
         dq.square().sum().backward()
 
 
+@pytest.mark.parametrize("path", ["eager", "operators"])
+@pytest.mark.parametrize("api", ["attention", "varlen"])
+@pytest.mark.parametrize("through", ["q", "dout"])
+def test_second_derivative_along_one_path_is_refused(monkeypatch, path, api, through):
+    """A gradient taken with create_graph=True, differentiated with respect to one tensor only
+    (``torch.autograd.grad(..., w)``): the path from the gradient to ``w`` runs through the
+    attention's backward, through q (``q = x @ w``) or through the incoming gradient
+    (``loss = (out * w).sum()``), so it must raise, not return the terms that avoid it alone."""
+    if path == "operators":
+        _operators_only(monkeypatch)
+    x = leaf(randn(5, 3, 8))
+    w = leaf(randn(8, 8) if through == "q" else randn(5, 3, 8))
+    k, v = randn(7, 3, 8), randn(7, 3, 8)
+    q = x @ w if through == "q" else x
+    if api == "attention":
+        out = ct.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                           causal=True).transpose(0, 1)
+    else:
+        offsets = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 4, 7],
+                                                                          dtype=torch.int32)
+        out = ct.flash_attn_varlen_func(q, k, v, *offsets, 3, 4, causal=True)
+    weight = w if through == "dout" else torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    (dx,) = torch.autograd.grad((out * weight).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # allow_unused: an unconnected w is not the refusal
+        torch.autograd.grad(dx.square().sum(), w, allow_unused=True)
+
+
 class TinyAttention(torch.nn.Module):
     def __init__(self, api):
         super().__init__()

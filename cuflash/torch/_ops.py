@@ -523,11 +523,13 @@ def _runs_eagerly(*tensors) -> bool:
 
 class _NotDifferentiable(torch.autograd.Function):
     """Gradients that raise when differentiated: the eager functions' answer to
-    ``create_graph=True``, where the operators' backward (which has no autograd) raises too."""
+    ``create_graph=True``, where the operators' backward (which has no autograd) raises too.
+    ``apply(count, *grads_then_sources)`` returns the first ``count`` tensors; the others are
+    what the gradients depend on, taken only so that every path back to them meets this node."""
 
     @staticmethod
-    def forward(ctx, *grads):
-        return tuple(g.view_as(g) for g in grads)
+    def forward(ctx, count, *tensors):
+        return tuple(g.view_as(g) for g in tensors[:count])
 
     @staticmethod
     def backward(ctx, *_):
@@ -537,7 +539,10 @@ class _NotDifferentiable(torch.autograd.Function):
 
 def _first_order(rule):
     """The backward ``rule``, with gradients that refuse to be differentiated when the graph of
-    the backward is recorded: unmarked, they would silently not depend on q, k and v."""
+    the backward is recorded: unmarked, they would silently not depend on q, k and v. The
+    refusing node takes the incoming gradients and the saved tensors as inputs, so that a
+    derivative along any one path through them (``torch.autograd.grad(dq, w)`` for a ``w`` that
+    q or the incoming gradient depends on) raises too, rather than leaving that path out."""
 
     def backward(ctx, *grads):
         with torch.no_grad():
@@ -545,7 +550,9 @@ def _first_order(rule):
         if not torch.is_grad_enabled():
             return result
         present = [i for i, g in enumerate(result) if g is not None]
-        marked = _NotDifferentiable.apply(*(result[i].detach().requires_grad_() for i in present))
+        sources = [x for x in (*grads, *ctx.saved_tensors) if x is not None and x.requires_grad]
+        marked = _NotDifferentiable.apply(
+            len(present), *(result[i].detach().requires_grad_() for i in present), *sources)
         result = list(result)
         for i, g in zip(present, marked):
             result[i] = g
