@@ -320,6 +320,27 @@ def test_attention_refuses_return_lse_with_the_cores_error():
         assert str(adapter.value).startswith("return_lse ")
 
 
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_flash_attn_signatures_refuse_return_attn_probs_that_is_not_a_bool(value):
+    """return_attn_probs="False" is not read as True (a triple, and S_dmask formed on the host)
+    in any flash-attn signature; refused before a dropout seed is drawn."""
+    x = randn(2, 8, 2, 8)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    calls = [lambda **o: ct.flash_attn_func(x, x, x, **o),
+             lambda **o: ct.flash_attn_qkvpacked_func(torch.stack([x] * 3, 2), **o),
+             lambda **o: ct.flash_attn_kvpacked_func(x, torch.stack([x] * 2, 2), **o),
+             lambda **o: _varlen(**o),
+             lambda **o: ct.flash_attn_varlen_qkvpacked_func(torch.stack([x[0]] * 3, 1), cu, 5,
+                                                             **o),
+             lambda **o: ct.flash_attn_varlen_kvpacked_func(x[0], torch.stack([x[0]] * 2, 1),
+                                                            cu, cu, 5, 5, **o)]
+    for call in calls:
+        state = torch.get_rng_state()
+        with pytest.raises(TypeError, match="^return_attn_probs must be True or False"):
+            call(dropout_p=0.25, return_attn_probs=value)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_sdpa_refuses_is_causal_that_is_not_a_bool():
     q = randn(1, 2, 8, 8)
     for kv in (q, randn(1, 2, 6, 8)):  # L != S too: "False" is not is_causal=True

@@ -235,13 +235,16 @@ def _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     return probs
 
 
-def _check_no_probs_in_capture(return_attn_probs, device) -> None:
-    """``return_attn_probs=True`` reads the inputs (and the dropout seed) back to the host: a
-    RuntimeError while a CUDA graph captures, before the forward, rather than a capture broken
-    by the copy."""
+def _checked_return_attn_probs(return_attn_probs, device) -> bool:
+    """``return_attn_probs`` as a bool, checked by the core's rule (``"False"`` is refused, not
+    read as True). ``return_attn_probs=True`` reads the inputs (and the dropout seed) back to the
+    host: a RuntimeError while a CUDA graph captures, before the forward, rather than a capture
+    broken by the copy."""
+    return_attn_probs = _checks.check_bool(return_attn_probs, "return_attn_probs")
     if return_attn_probs and _ops.graph_capturing(device):
         raise RuntimeError("return_attn_probs=True cannot be captured in a CUDA graph: S_dmask "
                            "is formed on the CPU from the inputs read back from the device")
+    return return_attn_probs
 
 
 def _check_layout(layout: tuple, **tensors) -> None:
@@ -287,7 +290,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     ``RuntimeError`` under CUDA-graph capture).
     """
     _check_bshd(q=q, k=k, v=v)
-    _check_no_probs_in_capture(return_attn_probs, q.device)
+    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q.device)
     q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     options = dict(causal=causal, scale=softmax_scale, window=window_size, softcap=softcap,
                    alibi_slopes=alibi_slopes)
@@ -381,7 +384,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if alibi_slopes is not None:
         tensors["alibi_slopes"] = alibi_slopes
     _check_tensors(**tensors)
-    _check_no_probs_in_capture(return_attn_probs, q.device)
+    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q.device)
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
