@@ -137,3 +137,12 @@ def test_errors_name_flash_attn_arguments(option, value, error, name):
     cache = torch.zeros(1, 16, 2, 8)
     with pytest.raises(error, match=name):
         flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3, **{option: value})
+
+
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_return_softmax_lse_must_be_a_bool(value):
+    """return_softmax_lse="False" is not read as True (a pair where one tensor was asked for)."""
+    q = torch.zeros(1, 1, 2, 8)
+    cache = torch.zeros(1, 16, 2, 8)
+    with pytest.raises(TypeError, match="^return_softmax_lse must be True or False"):
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3, return_softmax_lse=value)

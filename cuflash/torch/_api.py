@@ -499,6 +499,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     import cuflash
 
+    # The core is always asked for the lse; the flag is checked by the core's rule ("False" is
+    # refused, not read as True).
+    return_softmax_lse = _checks.check_bool(return_softmax_lse, "return_softmax_lse")
     _check_tensors(**{name: x for name, x in (
         ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
         ("cache_batch_idx", cache_batch_idx), ("block_table", block_table),
