@@ -400,6 +400,16 @@ def test_exact_mask_object_and_handle():
         assert np.array_equal(x.grad.numpy(), g)
 
 
+@pytest.mark.parametrize("value", ["causal", 1.0, True, [1, 2], np.ones((4, 4), dtype=bool)])
+def test_block_mask_handle_refuses_what_is_not_a_mask(value):
+    """Only masks are registered: anything else is a TypeError naming what it takes, not a handle
+    that fails later (or an unhashable-type error), and the registry does not grow."""
+    registered = len(_ops._masks)
+    with pytest.raises(TypeError, match="^block_mask_handle takes a cuflash.sparse.BlockMask"):
+        ct.block_mask_handle(value)
+    assert len(_ops._masks) == registered
+
+
 def test_the_handle_of_no_mask_is_the_call_without_a_mask():
     from cuflash.sparse import ExactMask
     q = randn(1, 2, 24, 8)

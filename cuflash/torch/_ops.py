@@ -44,7 +44,8 @@ _masks: list = []      # handle -> mask
 
 
 def block_mask_handle(block_mask) -> int:
-    """The int handle of ``block_mask`` (registering it on first use); -1 for ``None``.
+    """The int handle of ``block_mask``, a ``cuflash.sparse.BlockMask`` or ``ExactMask``
+    (registering it on first use); -1 for ``None``; a handle is returned as it is.
 
     The registry keeps every mask registered alive for the life of the process; equal
     ``cuflash.sparse.BlockMask`` objects share one handle.
@@ -54,6 +55,11 @@ def block_mask_handle(block_mask) -> int:
     if isinstance(block_mask, int) and not isinstance(block_mask, bool):
         lookup_block_mask(block_mask)  # validates
         return block_mask
+    from cuflash.sparse import BlockMask, ExactMask
+
+    if not isinstance(block_mask, (BlockMask, ExactMask)):
+        raise TypeError(f"block_mask_handle takes a cuflash.sparse.BlockMask or ExactMask, a "
+                        f"handle (int) or None, got {type(block_mask).__name__}")
     with _mask_lock:
         handle = _mask_ids.get(block_mask)
         if handle is None:
