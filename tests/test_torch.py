@@ -240,6 +240,25 @@ def test_flash_attn_options_match_attention():
     assert torch.equal(out, expected.transpose(1, 2))
 
 
+@needs_core("window")
+def test_flash_attn_func_results_that_differ_from_flash_attn():
+    """What docs/torch.md, "Where it differs", lists. With more queries than keys a window with
+    one unbounded side keeps it unbounded: query i sees keys from i + Sk - Sq - left on
+    (flash-attn bounds the other side at Sk, so that its row 0 here would see no key). A row
+    that sees no key has lse -inf (flash-attn: +inf)."""
+    q, k, v = randn(2, 13, 2, 16), randn(2, 6, 2, 16), randn(2, 6, 2, 16)
+    qkv64 = [x.transpose(1, 2).double() for x in (q, k, v)]
+    out, lse, probs = ct.flash_attn_func(q, k, v, window_size=(3, -1), return_attn_probs=True)
+    expected = plain_attention(*qkv64, window=(3, -1))
+    torch.testing.assert_close(out.transpose(1, 2).double(), expected, rtol=0, atol=1e-5)
+    assert (probs[:, :, 0] > 0).all() and torch.isfinite(lse).all()  # row 0 sees every key
+    out, lse, _ = ct.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    unseen = 13 - 6  # rows i < Sq - Sk see no key under the causal mask
+    assert torch.equal(lse[..., :unseen], torch.full_like(lse[..., :unseen], -math.inf))
+    assert torch.isfinite(lse[..., unseen:]).all()
+    assert torch.equal(out[:, :unseen], torch.zeros_like(out[:, :unseen]))
+
+
 @pytest.mark.parametrize("name, value", [("window", (4, 4)), ("softcap", 1.0),
                                          ("alibi_slopes", "tensor"), ("dropout_p", 0.1)])
 def test_option_missing_from_core_raises(monkeypatch, name, value):
