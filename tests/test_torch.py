@@ -862,6 +862,20 @@ def test_sdpa_matches_torch():
                                                               enable_gqa=True), atol=1e-5)
 
 
+def test_sdpa_broadcasts_one_key_value_head_as_torch_does():
+    """torch's SDPA broadcasts a key/value head axis of size 1 against the query's heads without
+    enable_gqa (multi-query attention written as broadcasting); other unequal counts need
+    enable_gqa=True in both."""
+    q, k, v = randn(2, 4, 9, 16), randn(2, 1, 11, 16), randn(2, 1, 11, 16)
+    check_against_reference(torch.float32, q, k, v,
+                            lambda *x: ct.scaled_dot_product_attention(*x, scale=0.3),
+                            scale=0.3)
+    expected = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(ct.scaled_dot_product_attention(q, k, v, scale=0.3), expected)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        ct.scaled_dot_product_attention(q, k.expand(2, 2, 11, 16), v.expand(2, 2, 11, 16))
+
+
 def test_sdpa_output_memory_follows_query():
     x = randn(2, 30, 3, 4, 16)
     q, k, v = (t.transpose(1, 2) for t in x.unbind(2))  # (B, H, N, D) views of (B, N, H, D)

@@ -442,7 +442,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     generator under CUDA-graph capture (``cuflash.torch.attention``). ``attn_mask`` and
     ``is_causal`` with ``L != S`` (torch aligns that mask to the top-left corner, cuflash to the
     bottom-right) raise ``NotImplementedError``; different query and key/value head counts need
-    ``enable_gqa=True``, as in torch. The output's memory follows the query's: a query that is a
+    ``enable_gqa=True``, as in torch, unless key and value have one head, which broadcasts. The output's memory follows the query's: a query that is a
     ``(B, L, H, E)`` tensor transposed gives an output that is one too, as torch's flash kernel
     does.
     """
@@ -465,7 +465,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             f"and cuflash to the bottom-right; use cuflash.torch.attention(causal=True) for the "
             f"bottom-right alignment")
     hq, hkv = query.shape[-3], key.shape[-3]
-    if hq != hkv and not enable_gqa:
+    # As in torch, one key/value head broadcasts against the query's heads; other unequal
+    # counts are grouped-query attention, which torch runs only with enable_gqa=True.
+    if hq != hkv and hkv != 1 and not enable_gqa:
         raise ValueError(f"query has {hq} heads and key {hkv}: pass enable_gqa=True for "
                          f"grouped-query attention")
     seq_major = query.stride(-3) < query.stride(-2)
