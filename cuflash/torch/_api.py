@@ -441,16 +441,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     0.0 in evaluation), with a seed drawn from torch's CPU default generator, or its CUDA
     generator under CUDA-graph capture (``cuflash.torch.attention``). ``attn_mask`` and
     ``is_causal`` with ``L != S`` (torch aligns that mask to the top-left corner, cuflash to the
-    bottom-right) raise ``NotImplementedError``; different query and key/value head counts need
-    ``enable_gqa=True``, as in torch, unless key and value have one head, which broadcasts. The output's memory follows the query's: a query that is a
-    ``(B, L, H, E)`` tensor transposed gives an output that is one too, as torch's flash kernel
-    does.
+    bottom-right) raise ``NotImplementedError`` (element masks go through
+    ``cuflash.torch.attention(mask=cuflash.sparse.ExactMask)``); different query and key/value
+    head counts need ``enable_gqa=True``, as in torch, unless key and value have one head, which
+    broadcasts. The output's memory follows the query's: a query that is a ``(B, L, H, E)``
+    tensor transposed gives an output that is one too, as torch's flash kernel does.
     """
     _check_tensors(query=query, key=key, value=value)
     if attn_mask is not None:
         raise NotImplementedError(
-            "attn_mask is not supported: cuflash computes causal or unmasked attention (or a "
-            "block-sparse cuflash.sparse.BlockMask through cuflash.torch.attention)")
+            "attn_mask is not supported here: pass is_causal, or give cuflash.torch.attention a "
+            "block-sparse cuflash.sparse.BlockMask (block_mask=) or an element-exact "
+            "cuflash.sparse.ExactMask (mask=)")
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.dim() < 3:
             raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape "
