@@ -146,3 +146,136 @@ def test_return_softmax_lse_must_be_a_bool(value):
     cache = torch.zeros(1, 16, 2, 8)
     with pytest.raises(TypeError, match="^return_softmax_lse must be True or False"):
         flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3, return_softmax_lse=value)
+
+
+# ----------------------------------------------------------------------------- float64 reference
+
+def _rotated(x, cos, sin, positions, interleaved):
+    """flash-attn's rotary embedding of x (B, S, H, D) to positions (B, S), in float64."""
+    half = cos.shape[1]
+    c, s = cos.double()[positions][:, :, None], sin.double()[positions][:, :, None]
+    x = x.double().clone()
+    if interleaved:
+        x0, x1 = x[..., 0:2 * half:2].clone(), x[..., 1:2 * half:2].clone()
+        x[..., 0:2 * half:2], x[..., 1:2 * half:2] = x0 * c - x1 * s, x0 * s + x1 * c
+    else:
+        x0, x1 = x[..., :half].clone(), x[..., half:2 * half].clone()
+        x[..., :half], x[..., half:2 * half] = x0 * c - x1 * s, x0 * s + x1 * c
+    return x
+
+
+def reference_kvcache(q, k_cache, v_cache, k, v, lengths, *, block_table=None, rows=None,
+                      scale=None, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
+                      rotary=None):
+    """flash_attn_with_kvcache's result in float64, written from its definition: the caches
+    after the append, ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq)."""
+    b, sq, hq, d = q.shape
+    hkv, dv = k_cache.shape[2], v_cache.shape[3]
+    s_new = 0 if k is None else k.shape[1]
+    k_cache, v_cache = k_cache.double().clone(), v_cache.double().clone()
+    q = q.double()
+    scale = d ** -0.5 if scale is None else scale
+    lengths = [int(n) for n in lengths]
+    if rotary is not None:
+        cos, sin, interleaved = rotary
+        new_pos = torch.tensor(lengths)[:, None] + torch.arange(s_new)
+        q_pos = torch.tensor(lengths)[:, None] + (
+            torch.arange(sq) if causal or window != (-1, -1) else torch.zeros(sq, dtype=torch.long))
+        k = _rotated(k, cos, sin, new_pos, interleaved)
+        q = _rotated(q, cos, sin, q_pos, interleaved)
+    out = torch.zeros(b, sq, hq, dv, dtype=torch.float64)
+    lse = torch.full((b, hq, sq), -torch.inf, dtype=torch.float64)
+    for row in range(b):
+        if block_table is None:
+            r = row if rows is None else int(rows[row])
+            slot = [(r, p) for p in range(k_cache.shape[1])]
+        else:
+            page = k_cache.shape[1]
+            slot = [(int(block_table[row, p // page]), p % page)
+                    for p in range(block_table.shape[1] * page)]
+        n = lengths[row]
+        for i in range(s_new):
+            k_cache[slot[n + i]] = k[row, i].double()
+            v_cache[slot[n + i]] = v[row, i].double()
+        total = n + s_new
+        keys = torch.stack([k_cache[slot[p]] for p in range(total)]) if total else None
+        values = torch.stack([v_cache[slot[p]] for p in range(total)]) if total else None
+        for h in range(hq):
+            g = h // (hq // hkv)
+            for i in range(sq):
+                pos = i + total - sq  # bottom-right aligned
+                allowed = [j for j in range(total)
+                           if (not causal or j <= pos)
+                           and (window[0] < 0 or j >= pos - window[0])
+                           and (window[1] < 0 or j <= pos + window[1])]
+                if not allowed:
+                    continue
+                scores = keys[allowed, g] @ q[row, i, h] * scale
+                if softcap:
+                    scores = softcap * torch.tanh(scores / softcap)
+                if alibi is not None:
+                    slope = float(alibi[h] if alibi.dim() == 1 else alibi[row, h])
+                    scores = scores - slope * (pos - torch.tensor(allowed)).abs()
+                lse[row, h, i] = torch.logsumexp(scores, 0)
+                out[row, i, h] = torch.softmax(scores, 0) @ values[allowed, g]
+    return k_cache, v_cache, out, lse
+
+
+def _check_against_reference(seed, *, b=3, sq=1, hq=4, hkv=2, d=16, dv=16, s_new=1, pages=None,
+                             page_size=16, s_cache=40, lengths, rows=None, rotary_dim=0,
+                             interleaved=True, **options):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, hq, d, generator=g)
+    cache_rows = pages if pages is not None else (b if rows is None else max(rows) + 1)
+    cache_len = page_size if pages is not None else s_cache
+    k_cache = torch.randn(cache_rows, cache_len, hkv, d, generator=g)
+    v_cache = torch.randn(cache_rows, cache_len, hkv, dv, generator=g)
+    k = torch.randn(b, s_new, hkv, d, generator=g) if s_new else None
+    v = torch.randn(b, s_new, hkv, dv, generator=g) if s_new else None
+    table = None
+    if pages is not None:
+        table = torch.randperm(pages, generator=g)[:pages - pages % b].view(b, -1).int()
+    batch_idx = None if rows is None else torch.tensor(rows, dtype=torch.int32)
+    rotary = None
+    if rotary_dim:
+        capacity = cache_len * (1 if table is None else table.shape[1])
+        angles = (torch.arange(capacity + sq, dtype=torch.float64)[:, None]
+                  * 10000.0 ** (-torch.arange(0, rotary_dim, 2) / rotary_dim))
+        rotary = (angles.cos().float(), angles.sin().float(), interleaved)
+    want_k, want_v, want, want_lse = reference_kvcache(
+        q, k_cache, v_cache, k, v, lengths, block_table=table, rows=rows,
+        scale=options.get("softmax_scale"), causal=options.get("causal", False),
+        window=options.get("window_size", (-1, -1)), softcap=options.get("softcap", 0.0),
+        alibi=options.get("alibi_slopes"), rotary=rotary)
+    out, lse = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v,
+        rotary_cos=None if rotary is None else rotary[0],
+        rotary_sin=None if rotary is None else rotary[1],
+        cache_seqlens=torch.tensor(lengths, dtype=torch.int32), cache_batch_idx=batch_idx,
+        block_table=table, rotary_interleaved=interleaved, return_softmax_lse=True, **options)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], want_lse[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache.double(), want_k, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v_cache.double(), want_v, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    dict(lengths=[0, 7, 39]),                                           # contiguous, one append
+    dict(lengths=[5, 0, 20], sq=3, s_new=3, causal=True),               # causal with Nq > 1
+    dict(lengths=[4, 30, 11], sq=4, s_new=2, causal=True, hq=6, hkv=1),  # MQA, Sq > S_new
+    dict(lengths=[3, 12, 9], rows=[2, 0, 3], s_new=2, sq=2, causal=True),  # cache_batch_idx
+    dict(lengths=[17, 40, 2], s_new=0, sq=2, hq=8, hkv=2, dv=8),        # no append, GQA, Dv < D
+    dict(lengths=[18, 3, 33], pages=9, s_new=3, sq=3, causal=True),     # paged, appends across pages
+    dict(lengths=[31, 16, 0], pages=6, s_new=1, window_size=(5, 0), softcap=3.0),
+    dict(lengths=[9, 1, 25], sq=2, s_new=2, window_size=(3, 1), softmax_scale=0.2),
+    dict(lengths=[12, 6, 30], sq=2, s_new=1, causal=True,
+         alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625])),
+    dict(lengths=[6, 10, 2], pages=6, sq=2, s_new=2, causal=True, rotary_dim=8),
+    dict(lengths=[6, 10, 2], sq=3, s_new=2, rotary_dim=16, interleaved=False),
+])
+def test_matches_a_float64_reference(seed, config):
+    """The result, the lse and the caches after the append, against flash-attn's definition
+    written out in float64 (bottom-right aligned masks per row, grouped heads, pages)."""
+    _check_against_reference(seed, **config)
