@@ -112,6 +112,18 @@ def test_errors_name_the_argument(seed):
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([1, 2, 3]))
 
 
+@pytest.mark.parametrize("value", [[4, 7, 1], (4, 7, 1), "3", 3.0, True,
+                                   np.array([4, 7, 1], np.int32)])
+def test_cache_seqlens_is_an_int_or_a_tensor(seed, value):
+    """As in flash-attn: an int or an int32 tensor (B,); anything else (a list, a float, a NumPy
+    array) is refused in torch terms, naming the argument."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+    with pytest.raises(TypeError, match=r"^cache_seqlens must be an int or an int32 "
+                                        r"torch\.Tensor of shape \(3,\)"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=value)
+    np.testing.assert_array_equal(k_cache.numpy(), tensors(seed)[1].numpy())  # nothing written
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_in_place(seed, xp_gpu):
     """CUDA tensors: the caches are written through zero-copy views and the result agrees with

@@ -493,7 +493,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     The same arguments, in flash-attn's order, and the same results: ``out`` ``(B, Sq, Hq, Dv)``,
     and with ``return_softmax_lse=True`` also ``softmax_lse`` float32 ``(B, Hq, Sq)``. ``k_cache``
     and ``v_cache`` are written in place when ``k`` and ``v`` are given; ``cache_seqlens`` is not
-    updated. ``cache_seqlens=None`` means every row's whole cache (``S_cache`` keys, or
+    updated; it is an int or an int32 tensor ``(B,)`` on q's device, as in flash-attn.
+    ``cache_seqlens=None`` means every row's whole cache (``S_cache`` keys, or
     ``max_pages · page_size``), as in flash-attn; it is required with ``k`` and ``v``. Forward
     only (flash-attn's has no backward either): the result does not require grad.
     ``rotary_cos`` / ``rotary_sin`` rotate q and the appended k as flash-attn does
@@ -518,6 +519,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
     elif isinstance(cache_seqlens, torch.Tensor):
         _check_tensors(q=q, cache_seqlens=cache_seqlens)
+    elif not _checks.is_integer(cache_seqlens):
+        # flash-attn's two forms; the core would describe its own arrays (and take NumPy ones)
+        batch = f"({q.shape[0]},)" if q.dim() else "(B,)"
+        raise TypeError(f"cache_seqlens must be an int or an int32 torch.Tensor of shape {batch} "
+                        f"on q's device (the number of keys in each batch row's cache before k "
+                        f"and v are appended), got {_checks._show(cache_seqlens)} of type "
+                        f"{_checks._type_name(cache_seqlens)}")
     with torch.no_grad(), _bridge.core_scope(q.device) as (to_core, to_torch):
         def core(x):
             return to_core(x) if isinstance(x, torch.Tensor) else x
