@@ -121,8 +121,7 @@ def check_rotary(rotary_cos, rotary_sin, rotary_interleaved, spec: KVCacheSpec,
     if rotary_cos is None and rotary_sin is None:
         return None
     if rotary_cos is None or rotary_sin is None:
-        raise ValueError(f"give rotary_cos and rotary_sin together, got rotary_cos="
-                         f"{_kind(rotary_cos)} and rotary_sin={_kind(rotary_sin)}")
+        raise ValueError(_unpaired("rotary_cos", rotary_cos, "rotary_sin"))
     if not spec.s_new:
         raise ValueError("rotary_cos and rotary_sin rotate the new keys as they are appended: "
                          "give k and v too (as flash-attn requires)")
@@ -169,7 +168,7 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
     """Check one call (nothing is read from a device, nothing is written) into a spec."""
     arrays = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
     if (k is None) != (v is None):
-        raise ValueError(f"give k and v together or neither, got k={_kind(k)} and v={_kind(v)}")
+        raise ValueError(_unpaired("k", k, "v"))
     if k is not None:
         arrays.update(k=k, v=v)
     xp = _checks.common_module(arrays)
@@ -343,8 +342,11 @@ def _check_in_range(name, values, limit, what) -> None:
 
 # ----------------------------------------------------------------------------- pieces
 
-def _kind(x) -> str:
-    return "None" if x is None else "an array"
+def _unpaired(first: str, first_value, second: str) -> str:
+    """The refusal of a pair of which one half is given (in words that fit arrays and the
+    tensors of cuflash.torch alike)."""
+    given, missing = (second, first) if first_value is None else (first, second)
+    return f"give {first} and {second} together or neither: {given} is given and {missing} is None"
 
 
 def _check_4d(name, x) -> None:

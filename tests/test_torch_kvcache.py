@@ -124,6 +124,23 @@ def test_cache_seqlens_is_an_int_or_a_tensor(seed, value):
     np.testing.assert_array_equal(k_cache.numpy(), tensors(seed)[1].numpy())  # nothing written
 
 
+@pytest.mark.parametrize("first, second", [("k", "v"), ("v", "k"),
+                                           ("rotary_cos", "rotary_sin"),
+                                           ("rotary_sin", "rotary_cos")])
+def test_pairs_name_the_missing_half(seed, first, second):
+    """k / v and rotary_cos / rotary_sin come in pairs: the refusal says which one is given and
+    which is missing, in words that fit tensors as well as arrays."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+    given = {"k": k, "v": v, "rotary_cos": torch.zeros(48, 4), "rotary_sin": torch.zeros(48, 4)}
+    arguments = {first: given[first]}
+    if first.startswith("rotary"):
+        arguments.update(k=k, v=v)
+    pair = " and ".join(sorted((first, second), key=list(given).index))
+    with pytest.raises(ValueError, match=rf"^give {pair} together( or neither)?: {first} is "
+                                         rf"given and {second} is None$"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, **arguments)
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_in_place(seed, xp_gpu):
     """CUDA tensors: the caches are written through zero-copy views and the result agrees with
