@@ -141,6 +141,21 @@ def test_pairs_name_the_missing_half(seed, first, second):
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, **arguments)
 
 
+def test_seqlens_default_with_malformed_shapes(seed):
+    """cache_seqlens=None reads the capacity from the caches' and the table's shapes: shapes
+    that have none are refused by the shape checks, naming the argument."""
+    q, k_cache, v_cache, _, _ = tensors(seed, s_cache=16)
+    table = torch.tensor([[0, 1], [2, 0], [1, 2]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^block_table must have shape \(3, max_pages\), "
+                                         r"got \(3,\)"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, block_table=table[:, 0])
+    with pytest.raises(ValueError, match=r"^block_table must have shape .*, got \(\)"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, block_table=table[0, 0])
+    with pytest.raises(ValueError, match=r"^k_cache must have 4 dimensions .*, got shape \(16,\)"):
+        flash_attn_with_kvcache(q, k_cache[0, :, 0, 0], v_cache)
+    assert flash_attn_with_kvcache(q, k_cache, v_cache, block_table=table).shape == (3, 2, 4, 16)
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_in_place(seed, xp_gpu):
     """CUDA tensors: the caches are written through zero-copy views and the result agrees with

@@ -516,7 +516,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if k is not None:
             raise ValueError("cache_seqlens is required when k and v are given: it says where "
                              "in each row's cache they are written")
-        cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+        if k_cache.dim() == 4 and (block_table is None or block_table.dim() == 2):
+            cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+        else:  # no capacity to read: the core refuses these shapes before it reads the lengths
+            cache_seqlens = 0
     elif isinstance(cache_seqlens, torch.Tensor):
         _check_tensors(q=q, cache_seqlens=cache_seqlens)
     elif not _checks.is_integer(cache_seqlens):
