@@ -220,6 +220,16 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
                 if not cache.flags.writeable:
                     raise ValueError(f"{name} must be writable to append k and v, got a "
                                      f"read-only array")
+        # A cache that repeats its memory (an expanded or broadcast view) holds several batch
+        # rows, positions or heads in one slot: their appends would overwrite each other.
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            repeated = [axis for axis, (n, stride) in enumerate(zip(cache.shape, cache.strides))
+                        if n > 1 and stride == 0]
+            if repeated:
+                raise ValueError(
+                    f"{name} must not repeat memory along an axis to append k and v, got "
+                    f"{tuple(cache.shape)} with stride 0 along axis {repeated[0]} (an expanded or "
+                    f"broadcast view): appends to that axis would be written into one slot")
         # Caches that share memory would take the new values over the new keys. NumPy tells
         # exactly (a packed buffer's k and v halves do not overlap); CuPy's test of byte ranges
         # would refuse those halves too, so there only caches that start at one address (one

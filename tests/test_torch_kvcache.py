@@ -156,6 +156,24 @@ def test_seqlens_default_with_malformed_shapes(seed):
     assert flash_attn_with_kvcache(q, k_cache, v_cache, block_table=table).shape == (3, 2, 4, 16)
 
 
+@pytest.mark.parametrize("which", ["k_cache", "v_cache"])
+@pytest.mark.parametrize("axis", [0, 2])
+def test_expanded_caches_refused_for_appends(seed, which, axis):
+    """An expanded cache holds several batch rows (or heads) in one slot: appending to it would
+    write different keys into that slot, one row reading another's. Refused before anything is
+    written, as torch refuses in-place writes to such tensors; reading one is fine."""
+    q, k_cache, v_cache, k, v = tensors(seed, b=2, hkv=2)
+    shared = {"k_cache": k_cache, "v_cache": v_cache}[which]
+    one = shared[:1] if axis == 0 else shared[:, :, :1]
+    caches = {"k_cache": k_cache, "v_cache": v_cache,
+              which: one.clone().expand(shared.shape)}
+    before = caches[which].clone()
+    with pytest.raises(ValueError, match=rf"^{which} must not repeat memory along an axis"):
+        flash_attn_with_kvcache(q, caches["k_cache"], caches["v_cache"], k, v, cache_seqlens=3)
+    torch.testing.assert_close(caches[which], before, rtol=0, atol=0)
+    flash_attn_with_kvcache(q, caches["k_cache"], caches["v_cache"], cache_seqlens=3)
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_in_place(seed, xp_gpu):
     """CUDA tensors: the caches are written through zero-copy views and the result agrees with
