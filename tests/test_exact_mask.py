@@ -64,6 +64,15 @@ def test_document_masks_match_their_definition(causal_):
     np.testing.assert_array_equal(blocks, padded.reshape(9, 4, 9, 4).any(axis=(1, 3)))
 
 
+@pytest.mark.parametrize("flag", ["no", 1, 0.0, None])
+def test_document_takes_causal_as_a_bool_only(flag):
+    # A string or a number is no answer to "causal?": "no" must not give the causal pattern.
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        document([3, 4], causal=flag)
+    np.testing.assert_array_equal(document([3, 4], causal=np.bool_(True)).toarray(),
+                                  brute_document([3, 4], True))
+
+
 def test_prefix_lm_sees_the_prefix_then_causally():
     got = prefix_lm(7, prefix=3).toarray()
     i, j = np.indices((7, 7))

@@ -21,6 +21,7 @@ import numbers
 
 import numpy
 
+from .._checks import check_bool
 from ._csr import ramp, sorted_unique
 from ._intervals import Grid, every_unit_attends, union
 from ._validate import nonnegative_int, nonnegative_pair, positive_int, positive_pair, problem_shape
@@ -208,6 +209,7 @@ def document(lengths, *, causal=False, block_size=None):
     ``s <= j < e``, or with ``causal=True`` keys ``s <= j <= i``. At block level a block is kept
     when any of its pairs is (blocks straddling two documents hold parts of both).
     """
+    causal = check_bool(causal, "causal")
     lengths = numpy.asarray(lengths)
     if lengths.ndim != 1 or lengths.size == 0 or not numpy.issubdtype(lengths.dtype, numpy.integer):
         raise TypeError(f"lengths must be a non-empty 1-D sequence of integers, got {lengths!r}")
