@@ -73,6 +73,19 @@ def test_document_takes_causal_as_a_bool_only(flag):
                                   brute_document([3, 4], True))
 
 
+@pytest.mark.parametrize("dtype", [np.uint64, np.uint32, np.int8, np.uint8])
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_document_takes_lengths_of_any_integer_dtype(rng, dtype, block_size):
+    # Lengths from numpy.diff of unsigned offsets, or a small dtype whose sum overflows it.
+    lengths = rng.integers(1, 100, size=int(rng.integers(2, 6)))
+    causal_ = bool(rng.integers(2))
+    expected = document(lengths.tolist(), causal=causal_, block_size=block_size).toarray()
+    got = document(lengths.astype(dtype), causal=causal_, block_size=block_size)
+    np.testing.assert_array_equal(got.toarray(), expected)
+    if block_size is None:
+        np.testing.assert_array_equal(got.toarray(), brute_document(lengths.tolist(), causal_))
+
+
 def test_prefix_lm_sees_the_prefix_then_causally():
     got = prefix_lm(7, prefix=3).toarray()
     i, j = np.indices((7, 7))

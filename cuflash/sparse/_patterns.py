@@ -215,7 +215,9 @@ def document(lengths, *, causal=False, block_size=None):
         raise TypeError(f"lengths must be a non-empty 1-D sequence of integers, got {lengths!r}")
     if (lengths < 1).any():
         raise ValueError(f"lengths must be positive, got {lengths[lengths < 1][:5].tolist()}")
-    ends = numpy.cumsum(lengths.astype(numpy.int64))
+    # int64 throughout: unsigned lengths would turn the arithmetic below into float64.
+    lengths = lengths.astype(numpy.int64)
+    ends = numpy.cumsum(lengths)
     starts = ends - lengths
     grid = Grid(int(ends[-1]), None, block_size, nq_name="sum(lengths)")
     # Every (query unit, document) pair that overlaps, as one key interval each.
