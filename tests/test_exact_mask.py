@@ -103,6 +103,23 @@ def test_expand_blocks_gives_every_pair_of_a_set_block():
     np.testing.assert_array_equal(got, expected)
 
 
+def test_expand_blocks_sets_only_the_pairs_of_set_blocks(rng):
+    # Blocks stored with value 0 (an explicit zero, or duplicates that cancel) are not set:
+    # the element pattern holds no entry for their pairs, so its nnz counts allowed pairs.
+    nqb, nkb, bq, bk = 3, 4, 5, 3
+    layout = rng.random((nqb, nkb)) < 0.5
+    rows, cols = np.indices((nqb, nkb)).reshape(2, -1)
+    values = np.where(layout.ravel(), rng.integers(1, 5, rows.size), 0)
+    blocks = scipy.sparse.coo_array((np.concatenate([values, [1, -1]]),
+                                     (np.concatenate([rows, [0, 0]]),
+                                      np.concatenate([cols, [0, 0]]))), shape=(nqb, nkb))
+    shape = (nqb * bq - 2, nkb * bk - 1)
+    got = expand_blocks(blocks, block_size=(bq, bk), shape=shape)
+    expected = np.kron(layout, np.ones((bq, bk), bool))[:shape[0], :shape[1]]
+    np.testing.assert_array_equal(got.toarray(), expected)
+    assert got.nnz == expected.sum() and got.dtype == bool
+
+
 @pytest.mark.parametrize("builder", [
     lambda: causal(200), lambda: sliding_window(200, window=(30, 5)),
     lambda: document([70, 50, 80], causal=True), lambda: prefix_lm(200, prefix=50)])

@@ -259,6 +259,7 @@ def expand_blocks(pattern, *, block_size, shape):
         raise ValueError(f"pattern has shape {tuple(pattern.shape)}, but shape={(nq, nk)} with "
                          f"block_size=({bq}, {bk}) has {expected} blocks")
     blocks = scipy.sparse.csr_array(pattern).astype(bool)
+    blocks.eliminate_zeros()  # blocks stored as 0 are not set: no entries for their pairs
     elements = scipy.sparse.kron(blocks, numpy.ones((bq, bk), dtype=bool), format="csr")
     return scipy.sparse.csr_array(elements[:nq, :nk])
 
