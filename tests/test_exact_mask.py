@@ -120,6 +120,13 @@ def test_expand_blocks_sets_only_the_pairs_of_set_blocks(rng):
     assert got.nnz == expected.sum() and got.dtype == bool
 
 
+@pytest.mark.parametrize("pattern", [[[1, 0], [1, 1]], np.eye(2, dtype=bool), None,
+                                     scipy.sparse.coo_array(np.ones((1, 2, 2), bool))])
+def test_expand_blocks_names_a_pattern_that_is_not_scipy_sparse(pattern):
+    with pytest.raises(TypeError, match="pattern must be a 2-D scipy.sparse"):
+        expand_blocks(pattern, block_size=4, shape=(8, 8))
+
+
 @pytest.mark.parametrize("builder", [
     lambda: causal(200), lambda: sliding_window(200, window=(30, 5)),
     lambda: document([70, 50, 80], causal=True), lambda: prefix_lm(200, prefix=50)])

@@ -22,6 +22,7 @@ import numbers
 import numpy
 
 from .._checks import check_bool
+from ._convert import _describe
 from ._csr import ramp, sorted_unique
 from ._intervals import Grid, every_unit_attends, union
 from ._validate import nonnegative_int, nonnegative_pair, positive_int, positive_pair, problem_shape
@@ -247,11 +248,21 @@ def prefix_lm(nq, nk=None, *, prefix, block_size=None):
 
 
 def expand_blocks(pattern, *, block_size, shape):
-    """A block-level pattern (one entry per ``bq × bk`` block, e.g. from :func:`bigbird`) as the
-    element-level pattern of shape ``shape = (nq, nk)`` that sets every pair of a set block:
-    for ``ExactMask.from_scipy``. Partial last blocks are cut at the problem's edge."""
+    """A block-level scipy.sparse pattern (one entry per ``bq × bk`` block, e.g. from
+    :func:`bigbird`; a block is set when its entry is nonzero) as the element-level pattern of
+    shape ``shape = (nq, nk)`` that sets every pair of a set block: for
+    ``ExactMask.from_scipy``. Partial last blocks are cut at the problem's edge."""
     import scipy.sparse
 
+    if not scipy.sparse.issparse(pattern) or pattern.ndim != 2:
+        if scipy.sparse.issparse(pattern):
+            hint = f" with {pattern.ndim} dimensions"
+        elif hasattr(pattern, "shape"):
+            hint = " (scipy.sparse.csr_array(layout) takes a dense layout)"
+        else:
+            hint = ""
+        raise TypeError(f"pattern must be a 2-D scipy.sparse matrix or array of blocks, got "
+                        f"{_describe(pattern)}{hint}")
     bq, bk = positive_pair("block_size", block_size)
     nq, nk = problem_shape("shape", shape)
     expected = (-(-nq // bq), -(-nk // bk))
