@@ -48,12 +48,17 @@ def array_module(x: Any, name: str = "array"):
     raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {_type_name(x)}")
 
 
-def _refuse_subclass(x: numpy.ndarray, name: str) -> None:
-    """NumPy subclasses whose meaning the computation would drop are refused."""
+def refuse_masked_array(x: Any, name: str, instead: str = "") -> None:
+    """A ``numpy.ma.MaskedArray`` is refused (``TypeError``): reading it as an array drops its
+    mask. ``instead`` ends the message with what to do about the masked entries."""
     if isinstance(x, numpy.ma.MaskedArray):
         raise TypeError(f"{name} is a numpy.ma.MaskedArray: its mask would be ignored; pass a "
-                        f"plain array ({name}.filled(...) or numpy.asarray({name})) and express "
-                        f"masking with causal, window or block_mask")
+                        f"plain array ({name}.filled(...) or numpy.asarray({name})){instead}")
+
+
+def _refuse_subclass(x: numpy.ndarray, name: str) -> None:
+    """NumPy subclasses whose meaning the computation would drop are refused."""
+    refuse_masked_array(x, name, " and express masking with causal, window or block_mask")
     if isinstance(x, numpy.matrix):
         raise TypeError(f"{name} is a numpy.matrix, which is always 2-D and multiplies with *; "
                         f"pass numpy.asarray({name})")

@@ -351,6 +351,18 @@ def test_from_dense_refuses_what_is_not_a_bool_pattern(array, error):
         ExactMask.from_dense(array)
 
 
+@pytest.mark.parametrize("reader", [
+    ExactMask.from_dense, lambda layout: BlockMask.from_dense(layout, block_size=16)])
+def test_from_dense_refuses_a_masked_array(rng, reader):
+    # Its mask would be dropped: the hidden values under it would be read as the pattern.
+    data = rng.random((int(rng.integers(1, 4)), 5, 7)) < 0.5
+    masked = np.ma.array(data, mask=rng.random(data.shape) < 0.3)
+    with pytest.raises(TypeError, match=r"array is a numpy.ma.MaskedArray: its mask would be "
+                                        r"ignored; pass a plain array \(array.filled"):
+        reader(masked)
+    assert reader(masked.filled(False)) == reader(data & ~np.ma.getmaskarray(masked))
+
+
 @pytest.mark.parametrize("array", [np.eye(4, dtype=int) * 2, -np.eye(4, dtype=int)])
 def test_from_dense_refuses_integers_other_than_0_and_1(array):
     with pytest.raises(ValueError, match="array must hold only 0 and 1"):

@@ -8,6 +8,8 @@ duplicates are summed as scipy.sparse defines the matrix, is nonzero. Explicit z
 import numpy
 import scipy.sparse
 
+from .._checks import refuse_masked_array
+
 
 def _set_coordinates(pattern):
     """Coordinates (one array per axis) of the nonzero entries of a sparse matrix/array."""
@@ -71,6 +73,7 @@ def dense_layout(array):
         array = array.get()
     if scipy.sparse.issparse(array):
         raise TypeError("array is a scipy.sparse pattern; use BlockMask.from_scipy for it")
+    refuse_masked_array(array, "array")
     array = numpy.asarray(array)
     if array.ndim not in (2, 3):
         raise ValueError(

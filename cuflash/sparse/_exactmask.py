@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy
 import scipy.sparse
 
-from .._checks import query_rows
+from .._checks import query_rows, refuse_masked_array
 from . import _convert, _csr
 from ._validate import ceil_div, picture_size, positive_int, problem_shape
 
@@ -154,6 +154,7 @@ class ExactMask:
             raise TypeError("array is a scipy.sparse pattern; use ExactMask.from_scipy for it")
         if type(array).__module__.split(".")[0] == "cupy":
             array = array.get()
+        refuse_masked_array(array, "array")
         array = numpy.asarray(array)
         if array.ndim not in (2, 3) or 0 in array.shape:
             raise ValueError(f"array must have shape (Nq, Nk) or (H, Nq, Nk), none of them 0; "
