@@ -86,6 +86,17 @@ def test_document_takes_lengths_of_any_integer_dtype(rng, dtype, block_size):
         np.testing.assert_array_equal(got.toarray(), brute_document(lengths.tolist(), causal_))
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda lengths: document(lengths), "lengths"),
+    (lambda positions: cuflash.sparse.longformer(9, window=1, global_tokens=positions),
+     "global_tokens")])
+@pytest.mark.parametrize("given", [[True, 3], (2, np.True_), [4, False, 2]])
+def test_integer_sequences_refuse_bools(call, name, given):
+    # numpy.asarray([True, 3]) is [1, 3]: a bool must not pass as the integer 1.
+    with pytest.raises(TypeError, match=name):
+        call(given)
+
+
 def test_prefix_lm_sees_the_prefix_then_causally():
     got = prefix_lm(7, prefix=3).toarray()
     i, j = np.indices((7, 7))

@@ -25,7 +25,8 @@ from .._checks import check_bool
 from ._convert import _describe
 from ._csr import ramp, sorted_unique
 from ._intervals import Grid, every_unit_attends, union
-from ._validate import nonnegative_int, nonnegative_pair, positive_int, positive_pair, problem_shape
+from ._validate import (holds_bool, nonnegative_int, nonnegative_pair, positive_int, positive_pair,
+                        problem_shape)
 
 
 def causal(nq, nk=None, *, block_size=None):
@@ -211,9 +212,10 @@ def document(lengths, *, causal=False, block_size=None):
     when any of its pairs is (blocks straddling two documents hold parts of both).
     """
     causal = check_bool(causal, "causal")
-    lengths = numpy.asarray(lengths)
-    if lengths.ndim != 1 or lengths.size == 0 or not numpy.issubdtype(lengths.dtype, numpy.integer):
-        raise TypeError(f"lengths must be a non-empty 1-D sequence of integers, got {lengths!r}")
+    given, lengths = lengths, numpy.asarray(lengths)
+    if (lengths.ndim != 1 or lengths.size == 0 or holds_bool(given)
+            or not numpy.issubdtype(lengths.dtype, numpy.integer)):
+        raise TypeError(f"lengths must be a non-empty 1-D sequence of integers, got {given!r}")
     if (lengths < 1).any():
         raise ValueError(f"lengths must be positive, got {lengths[lengths < 1][:5].tolist()}")
     # int64 throughout: unsigned lengths would turn the arithmetic below into float64.
@@ -305,7 +307,7 @@ def _global_positions(global_tokens, nk):
         return numpy.arange(count, dtype=numpy.int64)
     positions = numpy.asarray(global_tokens)
     integers = positions.size == 0 or numpy.issubdtype(positions.dtype, numpy.integer)
-    if positions.ndim != 1 or not integers:
+    if positions.ndim != 1 or not integers or holds_bool(global_tokens):
         raise TypeError(
             "global_tokens must be a count or a 1-D sequence of integer key positions, "
             f"got {global_tokens!r}")

@@ -7,6 +7,8 @@ required, so that callers can pass user input straight through.
 import numbers
 import operator
 
+import numpy
+
 
 def as_int(name, value):
     """``value`` as a Python int; TypeError for bools, floats and other non-integers."""
@@ -62,3 +64,10 @@ def picture_size(max_rows, max_cols):
 
 def ceil_div(a, b):
     return -(-a // b)
+
+
+def holds_bool(value):
+    """Whether a list or tuple holds a bool, which ``numpy.asarray`` would read as 0 or 1 beside
+    integers: sequences of integers refuse it, as integer arguments do."""
+    return isinstance(value, (list, tuple)) and any(
+        isinstance(item, (bool, numpy.bool_)) for item in value)
