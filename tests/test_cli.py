@@ -894,6 +894,16 @@ def test_mask_show_png(tmp_path):
                                                   shape=(1024, 1024)).to_dense()[0])
 
 
+def test_mask_show_takes_a_window_or_prefix_of_zero():
+    """A window of 0 is each query's own key, a prefix of 0 plain causal: the builders take both,
+    and so does the command (a stride of 0 stays a usage error)."""
+    record = invoke_json("mask", "show", "sliding-window", "--seq-len", "1K", "--window", "0", "--exact")
+    assert record["parameters"] == {"window": 0} and record["allowed_pairs"] == 1024
+    record = invoke_json("mask", "show", "prefix-lm", "--seq-len", "1K", "--prefix", "0", "--exact")
+    assert record["allowed_pairs"] == 1024 * 1025 // 2  # causal
+    assert "--stride" in invoke("mask", "show", "strided", "--stride", "0", code=2).output
+
+
 @pytest.mark.parametrize("args, option", [
     (["nope"], "PATTERN"),
     (["butterfly", "--radius", "2"], "--radius"),

@@ -11,11 +11,14 @@ from cuflash.bench.problems import DTYPES
 
 
 class TokenCount(click.ParamType):
-    """A positive token count: ``16384``, ``16K`` or ``16k`` (×1024), ``1M`` (×1024²), ``1.5K``,
-    ``1e6`` — any spelling of a whole number."""
+    """A token count of at least ``minimum`` (positive by default): ``16384``, ``16K`` or ``16k``
+    (×1024), ``1M`` (×1024²), ``1.5K``, ``1e6`` — any spelling of a whole number."""
 
     name = "N"
     _suffixes = {"k": 2**10, "m": 2**20}
+
+    def __init__(self, minimum: int = 1):
+        self.minimum = minimum
 
     def convert(self, value, param, ctx):
         if isinstance(value, int) and not isinstance(value, bool):
@@ -32,8 +35,8 @@ class TokenCount(click.ParamType):
                 self.fail(f"{value!r} is not a whole number of tokens (examples: 4096, 16K, 1M)",
                           param, ctx)
             count = int(number)
-        if count < 1:
-            self.fail(f"must be at least 1, got {value!r}", param, ctx)
+        if count < self.minimum:
+            self.fail(f"must be at least {self.minimum}, got {value!r}", param, ctx)
         return count
 
 
@@ -112,6 +115,7 @@ class RowCount(click.ParamType):
 
 
 TOKENS = TokenCount()
+LENGTH = TokenCount(minimum=0)  # a window's or a prefix's length in tokens, which may be 0
 POSITIVE = click.IntRange(min=1)
 
 
@@ -166,7 +170,8 @@ def pattern_parameter_options(f):
     only its own and rejects the others."""
     from cuflash.cli._patterns import PARAMETERS, default_text
     for name, (kind, text) in reversed(list(PARAMETERS.items())):
-        option_type, metavar = {"tokens": (TOKENS, "N"), "count": (click.IntRange(min=0), "INT"),
+        option_type, metavar = {"tokens": (TOKENS, "N"), "length": (LENGTH, "N"),
+                                "count": (click.IntRange(min=0), "INT"),
                                 "fraction": (Fraction(), "X")}[kind]
         f = click.option(f"--{name}", type=option_type, default=None, metavar=metavar,
                          help=f"{text}  [default: {default_text(name)}]")(f)

@@ -15,9 +15,10 @@ import click
 from cuflash.bench.sweeps import random_block_layout, random_document_lengths
 from cuflash.check.pathfinder import image_side_for
 
-# Option name → (kind, help). Kinds: "tokens" (accepts 16K), "count" (int ≥ 0), "fraction".
+# Option name → (kind, help). Kinds: "tokens" (accepts 16K; ≥ 1), "length" (the same, ≥ 0),
+# "count" (int ≥ 0), "fraction".
 PARAMETERS = {
-    "window": ("tokens", "Keys within this many tokens on each side of the query "
+    "window": ("length", "Keys within this many tokens on each side of the query "
                          "(sliding-window, strided, longformer, bigbird)."),
     "stride": ("tokens", "Distance between the strided keys, or the segment length "
                          "(strided, fixed)."),
@@ -30,7 +31,7 @@ PARAMETERS = {
     "density": ("fraction", "Fraction of blocks kept, the diagonal always among them (random)."),
     "documents": ("count", "Documents packed into the sequence, of random lengths seeded by "
                            "--seed (document, causal-document)."),
-    "prefix": ("tokens", "Keys every query sees, before the causal part (prefix-lm)."),
+    "prefix": ("length", "Keys every query sees, before the causal part (prefix-lm)."),
 }
 
 
