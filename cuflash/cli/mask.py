@@ -25,14 +25,16 @@ FULL_BUILD_BLOCKS = 2_000_000
 EXACT_BUILD_PAIRS = 64_000_000
 
 
-@click.group(short_help="Block-sparse patterns: list, show, draw.")
+@click.group(short_help="Sparse patterns, block-sparse or exact: list, show, draw.")
 def mask():
-    """Block-sparse patterns: list them, build one and draw it.
+    """Sparse patterns: list them, build one (a block-sparse BlockMask, or with --exact an
+    element-exact ExactMask) and draw it.
 
     \b
     Examples:
       cuflash mask list
       cuflash mask show butterfly --seq-len 16K
+      cuflash mask show sliding-window --seq-len 4K --window 200 --exact
       cuflash mask show image-local --seq-len 64K --radius 16 --png local.png
     """
 
