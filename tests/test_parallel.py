@@ -717,3 +717,45 @@ def test_launcher_command_line_errors():
     result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "0",
                              "x.py"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "at least 1" in result.stderr
+
+
+# ----------------------------------------------------------------------------- added checks
+
+@pytest.mark.parametrize("option, values", [
+    ("causal", (True, False)), ("window", ((3, -1), (5, -1))), ("softcap", (0.0, 4.0)),
+    ("layout", ("contiguous", "zigzag")), ("scale", (None, 0.5)),
+    ("alibi_slopes", ((0.5, 0.25, 0.125, 0.0625), (0.5, 0.25, 0.125, 1.0)))])
+def test_ulysses_ranks_with_other_options_raise(option, values, rng):
+    """Every rank computes whole sequences for its own heads, so a rank with other options used
+    to return wrong rows for its heads without an error; now every rank raises ValueError."""
+    size = 2
+    q, k, v = (random_array(rng, (1, 4, 4 * size + 4, 16), F32) for _ in range(3))
+    parts = [_shards(x, size, "contiguous") for x in (q, k, v)]
+
+    def rank(comm, q, k, v):
+        value = values[comm.rank]
+        if option == "alibi_slopes":
+            value = np.asarray(value, F32)
+        return ulysses_attention(q, k, v, comm=comm, **{option: value})
+
+    with pytest.raises(ValueError, match="other shapes, dtype or options"):
+        LocalRing(size, timeout=10).run(rank, *parts)
+
+
+def test_ulysses_ranks_with_other_shapes_raise_naming_the_arrays(rng):
+    size = 2
+    a = random_array(rng, (1, 4, 12, 16), F32)
+    b = random_array(rng, (1, 4, 10, 16), F32)
+    with pytest.raises(ValueError, match=r"other shapes.*q \(1, 4, (12|10), 16\)"):
+        LocalRing(size, timeout=10).run(lambda comm, x: ulysses_attention(x, x, x, comm=comm),
+                                        [a, b])
+    dout = random_array(rng, (1, 4, 12, 16), F32)
+    lse = np.zeros((1, 4, 12), F32)
+    with pytest.raises(ValueError, match="other shapes"):
+        LocalRing(size, timeout=10).run(
+            lambda comm, c: ulysses_attention_backward(dout, a, a, a, dout, lse, comm=comm,
+                                                       causal=c), [True, False])
+    # validate=False skips the comparison (and the all-gather).
+    out = LocalRing(size).run(
+        lambda comm: ulysses_attention(a, a, a, comm=comm, validate=False))
+    assert out[0].shape == a.shape

@@ -87,6 +87,30 @@ def _merge_kernel():
 
 # ----------------------------------------------------------------------------- options
 
+def code(text: str) -> int:
+    """An integer standing for ``text`` in a call's signature."""
+    return zlib.crc32(text.encode())
+
+
+def check_same_call(comm, values, what: str, rule: str, describe: Callable[[], str]) -> None:
+    """Raise ``ValueError`` on every rank unless every rank of ``comm`` passes the same
+    ``values`` (integers standing for the shapes and options of its call of ``what``): one
+    small all-gather, so that ranks whose calls differ fail instead of hanging or computing
+    with each other's data. ``rule`` says what must match, ``describe()`` this rank's call."""
+    signature = numpy.asarray(values, dtype=numpy.int64)
+    if signature.size >= _SIGNATURE:
+        raise ValueError(f"the shapes and options of this call take {signature.size} values, "
+                         f"more than the {_SIGNATURE - 1} that {what} compares between ranks; "
+                         f"pass validate=False")
+    mine = numpy.zeros(_SIGNATURE, numpy.int64)
+    mine[0] = signature.size
+    mine[1:1 + signature.size] = signature
+    for r, theirs in enumerate(_host(x) for x in comm.all_gather(mine)):
+        if not numpy.array_equal(theirs, mine):
+            raise ValueError(f"rank {comm.rank}: rank {r} calls {what} with other shapes, dtype "
+                             f"or options ({rule}); here {describe()}")
+
+
 class _Options:
     """The validated options of one ring call, shared by the forward and backward passes."""
 
@@ -128,33 +152,19 @@ class _Options:
         if _checks.check_bool(validate, "validate"):
             self._validate(q, k, v)
 
-    def _signature(self, q, k, v) -> numpy.ndarray:
-        def code(text):
-            return zlib.crc32(text.encode())
+    def _validate(self, q, k, v):
+        """All ranks must call with the same shapes and options: compared with one small
+        all-gather, so that a mismatch is an error rather than a hang or a wrong result."""
         values = [self.nq_local, self.nk_local, q.ndim, k.ndim, *q.shape[:-2], -1,
                   *k.shape[:-2], -1, q.shape[-1], v.shape[-1], code(str(q.dtype)),
                   int(self.causal), code(self.layout), *self.window,
                   code(repr(self.softcap)), code(repr(self.scale))]
-        return numpy.asarray(values, dtype=numpy.int64)
-
-    def _validate(self, q, k, v):
-        """All ranks must call with the same shapes and options: compared with one small
-        all-gather, so that a mismatch is an error rather than a hang or a wrong result."""
-        signature = self._signature(q, k, v)
-        if signature.size >= _SIGNATURE:
-            raise ValueError(f"inputs of {q.ndim} dimensions are more than ring attention "
-                             f"checks; pass validate=False")
-        mine = numpy.zeros(_SIGNATURE, numpy.int64)
-        mine[0] = signature.size
-        mine[1:1 + signature.size] = signature
-        for r, theirs in enumerate(_host(x) for x in self.comm.all_gather(mine)):
-            if not numpy.array_equal(theirs, mine):
-                raise ValueError(
-                    f"rank {self.comm.rank}: rank {r} calls ring attention with other shapes, "
-                    f"dtype or options (every rank must pass chunks of one shape and the same "
-                    f"causal, layout, window, softcap and scale); here q {tuple(q.shape)}, "
-                    f"k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}, causal={self.causal}, "
-                    f"layout={self.layout!r}, window={self.window}")
+        check_same_call(
+            self.comm, values, "ring attention",
+            "every rank must pass chunks of one shape and the same causal, layout, window, "
+            "softcap and scale",
+            lambda: (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}, "
+                     f"causal={self.causal}, layout={self.layout!r}, window={self.window}"))
 
     def calls(self, source: int):
         left, right = self.band

@@ -6,18 +6,23 @@ into ALL rows for ``H/P`` heads; each rank then runs ``cuflash.attention`` on wh
 turns the output back into sequence shards. The backward pass does the same with ``dout``,
 ``out`` and ``lse`` and sends the gradients back.
 
-Needs ``Hq`` and ``Hkv`` divisible by ``P``. Communication per rank is about four times its
+Needs ``Hq`` and ``Hkv`` divisible by ``P``. With ``validate=True`` (the default) the ranks
+compare their shapes and options with one small all-gather first: a rank with other options
+would otherwise compute its heads differently without an error. Communication per rank is about four times its
 share of q/k/v/out (``(P−1)/P`` of each), independent of how the sequence is masked, and is not
 overlapped with compute; compare ring attention in docs/parallel.md.
 """
 
 from __future__ import annotations
 
+import numpy
+
 import cuflash
 from cuflash import _checks
 
 from . import layout as _layout
 from .comm import array_module
+from .ring import _host, check_same_call, code
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
@@ -36,6 +41,31 @@ def _check(comm, q, k, v, layout):
         raise ValueError(f"ulysses attention splits the heads over the P = {size} ranks: Hq = "
                          f"{hq} and Hkv = {hkv} must both be multiples of {size}; use "
                          f"ring_attention otherwise")
+
+
+def _validate(comm, arrays: dict, *, layout, causal, window, softcap, scale, alibi_slopes,
+              deterministic=False):
+    """Every rank must pass arrays of one shape and dtype and the same options (ValueError on
+    every rank otherwise), compared with one small all-gather."""
+    causal = _checks.check_bool(causal, "causal")
+    window = _checks.check_window(window)
+    scale = _checks.check_scale(scale, arrays["q"].shape[-1])
+    softcap = _checks.check_softcap(softcap, scale)
+    values = []
+    for x in arrays.values():
+        values += [x.ndim, *x.shape, code(str(x.dtype))]
+    values += [code(layout), int(causal), *window, code(repr(softcap)), code(repr(scale)),
+               int(deterministic)]
+    if alibi_slopes is not None:
+        slopes = numpy.ascontiguousarray(_host(alibi_slopes))
+        values += [slopes.ndim, *slopes.shape, code(slopes.tobytes().hex())]
+    check_same_call(
+        comm, values, "ulysses attention",
+        "every rank must pass chunks of one shape and the same causal, layout, window, softcap, "
+        "scale and alibi_slopes",
+        lambda: ", ".join([f"{name} {tuple(x.shape)}" for name, x in arrays.items()]
+                          + [str(arrays["q"].dtype), f"causal={causal}", f"layout={layout!r}",
+                             f"window={window}"]))
 
 
 def _to_heads(x, comm, layout, seq_axis=-2):
@@ -76,16 +106,21 @@ def _slopes(alibi_slopes, comm, q, k, v):
 
 def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "contiguous",
                       window=(-1, -1), softcap: float = 0.0, scale: float | None = None,
-                      alibi_slopes=None, return_lse: bool = False):
+                      alibi_slopes=None, return_lse: bool = False, validate: bool = True):
     """Exact attention over a sequence sharded across ranks, by all-to-all over heads.
 
     Inputs and results are this rank's rows (``shard(x, rank, P, layout)``), as for
     :func:`cuflash.parallel.ring_attention`; options are ``cuflash.attention``'s over the whole
     sequence. ``alibi_slopes`` (shape ``(Hq,)`` or ``(..., Hq)``) are the slopes of all heads.
+    ``validate``: compare every rank's shapes and options first (``ValueError`` on a mismatch,
+    which would otherwise give wrong rows without an error); ``False`` skips it.
     """
     _check(comm, q, k, v, layout)
     return_lse = _checks.check_bool(return_lse, "return_lse")
     slopes = _slopes(alibi_slopes, comm, q, k, v)
+    if _checks.check_bool(validate, "validate"):
+        _validate(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal, window=window,
+                  softcap=softcap, scale=scale, alibi_slopes=alibi_slopes)
     qh, kh, vh = (_to_heads(x, comm, layout) for x in (q, k, v))
     out, lse = cuflash.attention(qh, kh, vh, causal=causal, window=window, softcap=softcap,
                                  scale=scale, alibi_slopes=slopes, return_lse=True)
@@ -98,10 +133,16 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
 def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = False,
                                layout: str = "contiguous", window=(-1, -1),
                                softcap: float = 0.0, scale: float | None = None,
-                               alibi_slopes=None, deterministic: bool = False):
+                               alibi_slopes=None, deterministic: bool = False,
+                               validate: bool = True):
     """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
     _check(comm, q, k, v, layout)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
+    if _checks.check_bool(validate, "validate"):
+        _validate(comm, {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse},
+                  layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
+                  alibi_slopes=alibi_slopes,
+                  deterministic=_checks.check_bool(deterministic, "deterministic"))
     qh, kh, vh, douth, outh = (_to_heads(x, comm, layout) for x in (q, k, v, dout, out))
     lseh = _to_heads(lse, comm, layout, seq_axis=-1)
     grads = cuflash.attention_backward(douth, qh, kh, vh, outh, lseh, causal=causal,
