@@ -759,3 +759,36 @@ def test_ulysses_ranks_with_other_shapes_raise_naming_the_arrays(rng):
     out = LocalRing(size).run(
         lambda comm: ulysses_attention(a, a, a, comm=comm, validate=False))
     assert out[0].shape == a.shape
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_inputs_are_checked_as_cuflash_attention_checks_them(attention, rng):
+    """Arrays that cuflash.attention refuses are refused by name on every rank: a list used to
+    fail with AttributeError, a 0-d q with IndexError, and ring attention returned zeros and
+    lse −inf for keys of length 0 (cuflash.attention refuses an empty axis)."""
+    size = 2
+    call = ring_attention if attention == "ring" else ulysses_attention
+    q = random_array(rng, (1, 2, 6, 8), F32)
+    empty = np.zeros((1, 2, 0, 8), F32)
+    cases = [((q.tolist(), q, q), TypeError, "q must be a numpy.ndarray or cupy.ndarray"),
+             ((q, q, q.tolist()), TypeError, "v must be a numpy.ndarray or cupy.ndarray"),
+             ((q, empty, empty), ValueError, r"k must not have an empty axis"),
+             ((empty, q, q), ValueError, r"q must not have an empty axis"),
+             ((q, q.astype(np.float16), q), TypeError, "q and k must have the same dtype")]
+    if attention == "ring":
+        cases.append(((np.zeros((), F32), q, q), ValueError, "q must have at least 2 dim"))
+    for (a, b, c), error, message in cases:
+        with pytest.raises(error, match=message):
+            LocalRing(size, timeout=10).run(lambda comm: call(a, b, c, comm=comm))
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_backward_arrays_must_be_arrays(attention, rng):
+    backward = ring_attention_backward if attention == "ring" else ulysses_attention_backward
+    q = random_array(rng, (1, 2, 6, 8), F32)
+    lse = np.zeros((1, 2, 6), F32)
+    for args, name in [((q.tolist(), q, q, q, q, lse), "dout"), ((q, q, q, q, q.tolist(), lse),
+                                                                 "out"),
+                       ((q, q, q, q, q, lse.tolist()), "lse")]:
+        with pytest.raises(TypeError, match=f"{name} must be a numpy.ndarray"):
+            LocalRing(2, timeout=10).run(lambda comm: backward(*args, comm=comm))

@@ -127,19 +127,23 @@ class _Options:
         if block_mask is not None:
             raise NotImplementedError("block_mask is not supported by ring attention")
         self.comm = comm
+        _checks.common_module({"q": q, "k": k, "v": v})
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.ndim < 2:
+                raise ValueError(f"{name} must have at least 2 dimensions (..., N, D), got "
+                                 f"shape {tuple(x.shape)}")
         self.layout = _layout.check_layout(layout)
         self.causal = _checks.check_bool(causal, "causal")
         self.window = _checks.check_window(window)
         self.scale = _checks.check_scale(scale, q.shape[-1])
         self.softcap = _checks.check_softcap(softcap, self.scale)
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if x.ndim < 2:
-                raise ValueError(f"{name} must have at least 2 dimensions (..., N, D), got "
-                                 f"shape {tuple(x.shape)}")
         self.nq_local, self.nk_local = q.shape[-2], k.shape[-2]
-        if k.shape[-2] != v.shape[-2]:
-            raise ValueError(f"k and v must have one length, got {k.shape[-2]} and "
-                             f"{v.shape[-2]}")
+        if _checks.check_bool(validate, "validate"):
+            self._validate(q, k, v)
+        # What cuflash.attention refuses, refused before any step (after the comparison of the
+        # ranks' calls, so that every rank fails alike): empty axes, heads, dtypes.
+        _checks.attention_shapes(q, k, v)
+        _checks.check_dtypes({"q": q, "k": k, "v": v})
         size = comm.size
         for what, n_local in (("query", self.nq_local), ("key", self.nk_local)):
             if self.layout == "zigzag" and n_local % 2:
@@ -149,8 +153,6 @@ class _Options:
                     f"that is a multiple of 2·P = {2 * size}; {n_local} rows on each of "
                     f"P = {size} ranks make N = {n_local * size}, which is not")
         self.band = _mask.band(self.window, self.causal)  # over the whole problem
-        if _checks.check_bool(validate, "validate"):
-            self._validate(q, k, v)
 
     def _validate(self, q, k, v):
         """All ranks must call with the same shapes and options: compared with one small
@@ -340,6 +342,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = Fal
         deterministic=deterministic, validate=validate), dout, q, k, v, out, lse)
     if tensors is not None:
         return tensors
+    _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
                     block_mask=block_mask, validate=validate)

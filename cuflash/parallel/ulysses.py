@@ -31,6 +31,7 @@ def _check(comm, q, k, v, layout):
     if comm is None:
         raise TypeError("ulysses attention needs a communicator (comm=...)")
     _layout.check_layout(layout)
+    _checks.common_module({"q": q, "k": k, "v": v})
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim < 3:
             raise ValueError(f"ulysses attention needs a head axis: {name} must be "
@@ -137,6 +138,7 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                                validate: bool = True):
     """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
     _check(comm, q, k, v, layout)
+    _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
     slopes = _slopes(alibi_slopes, comm, q, k, v)
     if _checks.check_bool(validate, "validate"):
         _validate(comm, {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse},
