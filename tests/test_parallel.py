@@ -792,3 +792,29 @@ def test_backward_arrays_must_be_arrays(attention, rng):
                        ((q, q, q, q, q, lse.tolist()), "lse")]:
         with pytest.raises(TypeError, match=f"{name} must be a numpy.ndarray"):
             LocalRing(2, timeout=10).run(lambda comm: backward(*args, comm=comm))
+
+
+@pytest.mark.parametrize("odd_one", ["k and v dtype", "v heads", "k head dim"])
+def test_ring_ranks_whose_keys_or_values_differ_raise_on_every_rank(odd_one, rng):
+    """The comparison of the ranks' calls covers k and v whole (it used to compare q's dtype
+    and v's last axis only, so a rank whose k and v differed in dtype or heads passed it and
+    the others waited for chunks of another size)."""
+    q = random_array(rng, (1, 4, 8, 8), F32)
+    kv = random_array(rng, (1, 4, 8, 8), F32)
+    other = {"k and v dtype": (kv.astype(np.float16), kv.astype(np.float16)),
+             "v heads": (kv, kv[:, :2]),
+             "k head dim": (kv[..., :6], kv)}[odd_one]
+    raised = {}
+
+    def rank(comm):
+        k, v = other if comm.rank == 1 else (kv, kv)
+        try:
+            return ring_attention(q, k, v, comm=comm)
+        except Exception as error:
+            raised[comm.rank] = error
+            raise
+
+    with pytest.raises(ValueError, match="other shapes"):
+        LocalRing(2, timeout=10).run(rank)
+    assert all(isinstance(raised.get(r), ValueError) and "other shapes" in str(raised[r])
+               for r in range(2)), raised

@@ -92,6 +92,14 @@ def code(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def array_values(arrays) -> list[int]:
+    """The dimensions, shape and dtype of each array, as integers of a call's signature."""
+    values = []
+    for x in arrays:
+        values += [x.ndim, *x.shape, code(str(x.dtype))]
+    return values
+
+
 def check_same_call(comm, values, what: str, rule: str, describe: Callable[[], str]) -> None:
     """Raise ``ValueError`` on every rank unless every rank of ``comm`` passes the same
     ``values`` (integers standing for the shapes and options of its call of ``what``): one
@@ -157,16 +165,15 @@ class _Options:
     def _validate(self, q, k, v):
         """All ranks must call with the same shapes and options: compared with one small
         all-gather, so that a mismatch is an error rather than a hang or a wrong result."""
-        values = [self.nq_local, self.nk_local, q.ndim, k.ndim, *q.shape[:-2], -1,
-                  *k.shape[:-2], -1, q.shape[-1], v.shape[-1], code(str(q.dtype)),
-                  int(self.causal), code(self.layout), *self.window,
+        values = [*array_values((q, k, v)), int(self.causal), code(self.layout), *self.window,
                   code(repr(self.softcap)), code(repr(self.scale))]
         check_same_call(
             self.comm, values, "ring attention",
             "every rank must pass chunks of one shape and the same causal, layout, window, "
             "softcap and scale",
-            lambda: (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}, "
-                     f"causal={self.causal}, layout={self.layout!r}, window={self.window}"))
+            lambda: (f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
+                     f"v {tuple(v.shape)} {v.dtype}, causal={self.causal}, "
+                     f"layout={self.layout!r}, window={self.window}"))
 
     def calls(self, source: int):
         left, right = self.band

@@ -22,7 +22,7 @@ from cuflash import _checks
 
 from . import layout as _layout
 from .comm import array_module
-from .ring import _host, check_same_call, code
+from .ring import _host, array_values, check_same_call, code
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
@@ -52,9 +52,7 @@ def _validate(comm, arrays: dict, *, layout, causal, window, softcap, scale, ali
     window = _checks.check_window(window)
     scale = _checks.check_scale(scale, arrays["q"].shape[-1])
     softcap = _checks.check_softcap(softcap, scale)
-    values = []
-    for x in arrays.values():
-        values += [x.ndim, *x.shape, code(str(x.dtype))]
+    values = array_values(arrays.values())
     values += [code(layout), int(causal), *window, code(repr(softcap)), code(repr(scale)),
                int(deterministic)]
     if alibi_slopes is not None:
