@@ -818,3 +818,22 @@ def test_ring_ranks_whose_keys_or_values_differ_raise_on_every_rank(odd_one, rng
         LocalRing(2, timeout=10).run(rank)
     assert all(isinstance(raised.get(r), ValueError) and "other shapes" in str(raised[r])
                for r in range(2)), raised
+
+
+def test_layout_axes_and_lengths_are_integers():
+    """axis=True used to shard axis 1 (the heads) as if it were an int, a float axis failed
+    with a message about tuple indices, and segments took a negative or fractional length."""
+    x = np.arange(2 * 4 * 12 * 3, dtype=F32).reshape(2, 4, 12, 3)
+    for bad, error in [(True, TypeError), (1.5, TypeError), ("-2", TypeError)]:
+        with pytest.raises(error, match="axis must be an int"):
+            shard(x, 0, 2, "contiguous", axis=bad)
+        with pytest.raises(error, match="axis must be an int"):
+            unshard([x, x], "contiguous", axis=bad)
+    with pytest.raises(ValueError, match="axis must be between -4 and 3, got 4"):
+        shard(x, 0, 2, axis=4)
+    assert np.array_equal(shard(x, 1, 2, "zigzag", axis=np.int64(-2)),
+                          shard(x, 1, 2, "zigzag", axis=2))
+    with pytest.raises(ValueError, match="n_local must be at least 0, got -4"):
+        segments(-4, 0, 2, "zigzag")
+    with pytest.raises(TypeError, match="n_local must be an int"):
+        segments(4.5, 0, 2, "contiguous")

@@ -70,6 +70,7 @@ def segments(n_local: int, rank: int, size: int, layout: str = "zigzag"
     """
     rank, size = _check_rank(rank, size)
     check_layout(layout)
+    n_local = _checks.check_int(n_local, "n_local", 0)
     if layout == "contiguous":
         return ((0, rank * n_local, n_local),)
     if n_local % 2:
@@ -92,9 +93,7 @@ def positions(n: int, rank: int, size: int, layout: str = "zigzag", *, xp=numpy)
 
 def _axis(x, axis: int) -> int:
     ndim = x.ndim
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")
-    return axis % ndim
+    return _checks.check_int(axis, "axis", -ndim, ndim - 1) % ndim
 
 
 def shard(x, rank: int, size: int, layout: str = "zigzag", *, axis: int = -2):
