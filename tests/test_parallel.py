@@ -837,3 +837,19 @@ def test_layout_axes_and_lengths_are_integers():
         segments(-4, 0, 2, "zigzag")
     with pytest.raises(TypeError, match="n_local must be an int"):
         segments(4.5, 0, 2, "contiguous")
+
+
+def test_local_ring_timeout_is_checked():
+    """A timeout that is not a positive number of seconds is refused by name when the ring is
+    made (timeout="5" used to fail inside a rank's wait with an arithmetic error, timeout=-1
+    made every wait time out at once, timeout=True meant one second)."""
+    for bad, error in [("5", TypeError), (True, TypeError), (-1, ValueError), (0, ValueError),
+                       (float("nan"), ValueError)]:
+        with pytest.raises(error, match="timeout"):
+            LocalRing(2, timeout=bad)
+    assert LocalRing(2, timeout=np.float32(2.5)).timeout == 2.5
+    assert LocalRing(2, timeout=None).timeout is None
+    assert LocalRing(2, timeout=float("inf")).timeout is None
+    moved = LocalRing(2, timeout=float("inf")).run(
+        lambda comm: comm.shift([np.array([comm.rank])]).wait()[0][0])
+    assert moved == [1, 0]

@@ -86,6 +86,18 @@ def array_module(x):
     return numpy
 
 
+def check_timeout(timeout) -> float | None:
+    """A communicator's ``timeout``: a positive number of seconds, or ``None`` (or infinity)
+    for waits without a deadline."""
+    if timeout is None:
+        return None
+    seconds = _checks._real(timeout, "timeout", "a positive number of seconds or None",
+                            "a positive number of seconds or None")
+    if not seconds > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
+    return None if seconds == float("inf") else seconds
+
+
 class Done:
     """A ``Pending`` whose result is already there."""
 
@@ -137,7 +149,8 @@ class LocalRing:
     Messages are copies put in per-(sender, receiver) mailboxes, so a rank can never see a later
     change to an array it received. A rank that raises makes every rank waiting for it raise
     :class:`CommError` (naming it) instead of waiting; ``run`` then raises the first failure.
-    Works with NumPy arrays and with CuPy arrays on one GPU.
+    Works with NumPy arrays and with CuPy arrays on one GPU. ``timeout``: the seconds each
+    wait may take (a positive number; ``None`` or infinity: no deadline).
 
     >>> ring = LocalRing(3)
     >>> ring.run(lambda comm: comm.rank * 10)
@@ -146,7 +159,7 @@ class LocalRing:
 
     def __init__(self, size: int, *, timeout: float | None = 60.0):
         self.size = _checks.check_int(size, "size", 1)  # a LocalRing needs one rank or more
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self._lock = threading.Condition()
         self._boxes: dict[tuple[int, int], collections.deque] = collections.defaultdict(
             collections.deque)
