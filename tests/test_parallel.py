@@ -853,3 +853,44 @@ def test_local_ring_timeout_is_checked():
     moved = LocalRing(2, timeout=float("inf")).run(
         lambda comm: comm.shift([np.array([comm.rank])]).wait()[0][0])
     assert moved == [1, 0]
+
+
+@pytest.mark.parametrize("odd_one", ["dout", "out", "lse"])
+def test_ring_backward_compares_dout_out_and_lse_between_ranks(odd_one, rng):
+    """A rank whose dout, out or lse differs from the others' is found by the comparison of
+    the calls, on every rank (it used to fail on its own while the others waited for its
+    gradients)."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+    raised = {}
+
+    def rank(comm):
+        arrays = {"dout": q, "out": q, "lse": lse}
+        if comm.rank == 1:
+            arrays[odd_one] = {"dout": q[:, :, :6], "out": q.astype(np.float16),
+                               "lse": lse[:, :1]}[odd_one]
+        try:
+            return ring_attention_backward(arrays["dout"], q, q, q, arrays["out"],
+                                           arrays["lse"], comm=comm)
+        except Exception as error:
+            raised[comm.rank] = error
+            raise
+
+    with pytest.raises(ValueError, match="other shapes"):
+        LocalRing(2, timeout=10).run(rank)
+    assert all(isinstance(raised.get(r), ValueError) and "other shapes" in str(raised[r])
+               for r in range(2)), raised
+
+
+def test_ring_backward_of_many_dimensions_is_still_compared(rng):
+    """Seven leading axes: the comparison of q, k, v, dout, out and lse still fits."""
+    shape = (1,) * 7 + (2, 4, 8)
+    q = random_array(rng, shape, F32)
+    dout = random_array(rng, shape, F32)
+
+    def rank(comm):
+        out, lse = ring_attention(q, q, q, comm=comm, layout="contiguous", return_lse=True)
+        return ring_attention_backward(dout, q, q, q, out, lse, comm=comm, layout="contiguous")
+
+    grads = LocalRing(2, timeout=10).run(rank)
+    assert grads[0][0].shape == shape

@@ -42,7 +42,7 @@ from .comm import array_module
 __all__ = ["merge", "ring_attention", "ring_attention_backward", "ring_attention_vjp"]
 
 _F32 = numpy.float32
-_SIGNATURE = 64  # int64 values all-gathered by the check of the ranks' shapes and options
+_SIGNATURE = 128  # int64 values all-gathered by the check of the ranks' shapes and options
 
 
 # ----------------------------------------------------------------------------- the merge
@@ -123,7 +123,7 @@ class _Options:
     """The validated options of one ring call, shared by the forward and backward passes."""
 
     def __init__(self, q, k, v, *, comm, causal, layout, window, softcap, scale, alibi_slopes,
-                 block_mask, validate):
+                 block_mask, validate, backward=None):
         if comm is None:
             raise TypeError("ring attention needs a communicator: comm=LocalRing(...).comms[r], "
                             "NcclComm.from_env() or TorchComm()")
@@ -147,7 +147,7 @@ class _Options:
         self.softcap = _checks.check_softcap(softcap, self.scale)
         self.nq_local, self.nk_local = q.shape[-2], k.shape[-2]
         if _checks.check_bool(validate, "validate"):
-            self._validate(q, k, v)
+            self._validate(q, k, v, backward)
         # What cuflash.attention refuses, refused before any step (after the comparison of the
         # ranks' calls, so that every rank fails alike): empty axes, heads, dtypes.
         _checks.attention_shapes(q, k, v)
@@ -162,18 +162,23 @@ class _Options:
                     f"P = {size} ranks make N = {n_local * size}, which is not")
         self.band = _mask.band(self.window, self.causal)  # over the whole problem
 
-    def _validate(self, q, k, v):
+    def _validate(self, q, k, v, backward):
         """All ranks must call with the same shapes and options: compared with one small
-        all-gather, so that a mismatch is an error rather than a hang or a wrong result."""
-        values = [*array_values((q, k, v)), int(self.causal), code(self.layout), *self.window,
-                  code(repr(self.softcap)), code(repr(self.scale))]
+        all-gather, so that a mismatch is an error rather than a hang or a wrong result.
+        ``backward``: the backward pass's ``(dout, out, lse)``, compared as well."""
+        values = [*array_values((q, k, v, *(backward or ()))), int(self.causal),
+                  code(self.layout), *self.window, code(repr(self.softcap)),
+                  code(repr(self.scale))]
         check_same_call(
             self.comm, values, "ring attention",
             "every rank must pass chunks of one shape and the same causal, layout, window, "
             "softcap and scale",
-            lambda: (f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
-                     f"v {tuple(v.shape)} {v.dtype}, causal={self.causal}, "
-                     f"layout={self.layout!r}, window={self.window}"))
+            lambda: ", ".join(
+                [f"{name} {tuple(x.shape)} {x.dtype}"
+                 for name, x in zip(("q", "k", "v", "dout", "out", "lse"),
+                                    (q, k, v, *(backward or ())))]
+                + [f"causal={self.causal}", f"layout={self.layout!r}",
+                   f"window={self.window}"]))
 
     def calls(self, source: int):
         left, right = self.band
@@ -352,7 +357,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = Fal
     _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
-                    block_mask=block_mask, validate=validate)
+                    block_mask=block_mask, validate=validate, backward=(dout, out, lse))
     if tuple(lse.shape) != tuple(out.shape[:-1]):
         raise ValueError(f"lse must have shape {tuple(out.shape[:-1])} (out without its last "
                          f"axis), got {tuple(lse.shape)}")
