@@ -69,6 +69,25 @@ def _check_against_single(out, lse, grads, q, k, v, dout, context, **options):
 
 # ----------------------------------------------------------------------------- the plan
 
+def assert_every_rank_refuses(rank, match="other shapes"):
+    """``rank(comm)`` run on two local ranks raises a ValueError matching ``match`` on each of
+    them: a mismatch between ranks' calls fails everywhere, rather than on one rank while the
+    others wait."""
+    raised = {}
+
+    def recorded(comm):
+        try:
+            return rank(comm)
+        except Exception as error:
+            raised[comm.rank] = error
+            raise
+
+    with pytest.raises(ValueError, match=match):
+        LocalRing(2, timeout=10).run(recorded)
+    assert all(isinstance(raised.get(r), ValueError) and match in str(raised[r])
+               for r in range(2)), raised
+
+
 def _covered(layout, size, nq_local, nk_local, left, right):
     """How often the calls of every rank and step cover each global (query, key) pair."""
     nq, nk = nq_local * size, nk_local * size
@@ -804,20 +823,12 @@ def test_ring_ranks_whose_keys_or_values_differ_raise_on_every_rank(odd_one, rng
     other = {"k and v dtype": (kv.astype(np.float16), kv.astype(np.float16)),
              "v heads": (kv, kv[:, :2]),
              "k head dim": (kv[..., :6], kv)}[odd_one]
-    raised = {}
 
     def rank(comm):
         k, v = other if comm.rank == 1 else (kv, kv)
-        try:
-            return ring_attention(q, k, v, comm=comm)
-        except Exception as error:
-            raised[comm.rank] = error
-            raise
+        return ring_attention(q, k, v, comm=comm)
 
-    with pytest.raises(ValueError, match="other shapes"):
-        LocalRing(2, timeout=10).run(rank)
-    assert all(isinstance(raised.get(r), ValueError) and "other shapes" in str(raised[r])
-               for r in range(2)), raised
+    assert_every_rank_refuses(rank)
 
 
 def test_layout_axes_and_lengths_are_integers():
@@ -862,24 +873,16 @@ def test_ring_backward_compares_dout_out_and_lse_between_ranks(odd_one, rng):
     gradients)."""
     q = random_array(rng, (1, 2, 8, 8), F32)
     lse = np.zeros((1, 2, 8), F32)
-    raised = {}
 
     def rank(comm):
         arrays = {"dout": q, "out": q, "lse": lse}
         if comm.rank == 1:
             arrays[odd_one] = {"dout": q[:, :, :6], "out": q.astype(np.float16),
                                "lse": lse[:, :1]}[odd_one]
-        try:
-            return ring_attention_backward(arrays["dout"], q, q, q, arrays["out"],
-                                           arrays["lse"], comm=comm)
-        except Exception as error:
-            raised[comm.rank] = error
-            raise
+        return ring_attention_backward(arrays["dout"], q, q, q, arrays["out"], arrays["lse"],
+                                       comm=comm)
 
-    with pytest.raises(ValueError, match="other shapes"):
-        LocalRing(2, timeout=10).run(rank)
-    assert all(isinstance(raised.get(r), ValueError) and "other shapes" in str(raised[r])
-               for r in range(2)), raised
+    assert_every_rank_refuses(rank)
 
 
 def test_ring_backward_of_many_dimensions_is_still_compared(rng):
