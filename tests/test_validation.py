@@ -308,6 +308,19 @@ def test_alibi_accepts_and_is_not_rewritten(shape):
     np.testing.assert_array_equal(slopes, before)
 
 
+def test_cupy_slopes_are_not_read_back(monkeypatch):
+    """The finiteness of CuPy slopes is not checked: reading their values would make every call
+    wait for the GPU. Slopes over device memory that nothing may read go through unread."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch)
+    q = device.empty((2, 4, 64, 64), ml_dtypes.bfloat16)
+    slopes = device.empty((4,), np.float32)
+    out, lse = cuflash.attention(q, q, q, alibi_slopes=slopes, return_lse=True)
+    cuflash.attention_backward(out, q, q, q, out, lse, alibi_slopes=slopes)
+
+
 # ----------------------------------------------------------------------------- array subclasses
 
 def test_masked_arrays_are_refused():
