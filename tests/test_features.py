@@ -288,6 +288,19 @@ def test_keys_no_row_sees_get_zero_gradients(rng):
     np.testing.assert_array_equal(dv[:, :, 70:], np.ones_like(dv[:, :, 70:]))
 
 
+def test_window_sides_with_more_queries_than_keys(rng):
+    # Nq = 10 > Nk = 3: a left side of Nk - 1 admits every key, a right side admits every key
+    # only from Nq - 1 on; right = Nk still leaves row 0 the keys j <= 3 - 7, none.
+    q, k, v = qkv(rng, (1, 2, 10, 16), (1, 2, 3, 16), (1, 2, 3, 16))
+    full = cuflash.attention(q, k, v)
+    np.testing.assert_array_equal(cuflash.attention(q, k, v, window=(2, -1)), full)
+    np.testing.assert_array_equal(cuflash.attention(q, k, v, window=(-1, 9)), full)
+    out, lse = cuflash.attention(q, k, v, window=(-1, 3), return_lse=True)
+    assert np.all(np.isneginf(lse[..., :4])) and np.all(out[..., :4, :] == 0)
+    np.testing.assert_array_equal(out[..., 6:, :], full[..., 6:, :])
+    assert not np.array_equal(out[..., 4:6, :], full[..., 4:6, :])
+
+
 @pytest.mark.parametrize("nq, nk", [(200, 200), (150, 290), (290, 150)])
 def test_equivalent_windows_give_identical_bits(rng, nq, nk):
     q, k, v = qkv(rng, (2, 4, nq, 32), (2, 2, nk, 32), (2, 2, nk, 32), np.float16)
