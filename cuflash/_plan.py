@@ -32,9 +32,10 @@ def kernel_plan(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
     """Which kernel family ``attention`` and ``attention_backward`` would run for these
     arguments, and, for each faster family in the registry, why it was passed over.
 
-    Takes exactly the arguments of ``cuflash.attention`` (validated the same way) and runs
-    nothing. Outputs are assumed freshly allocated (an ``out=`` with unusual strides can send
-    the forward to a slower family).
+    Takes the arguments of ``cuflash.attention`` but ``return_lse`` and ``out``, and
+    ``attention_backward``'s ``deterministic`` (validated the same way), and runs nothing.
+    Outputs and gradients are assumed freshly allocated in the inputs' dtype (an ``out=`` with
+    unusual strides can send the forward to a slower family; ``grad_dtype`` is not taken).
 
     >>> import numpy as np, cuflash
     >>> q = np.zeros((1, 2, 8, 64), np.float32)

@@ -84,6 +84,16 @@ def test_kernel_plan_validates_like_attention():
         cuflash.kernel_plan(q, q, q, window=(-2, 0))
 
 
+def test_kernel_plan_takes_attention_s_options_and_deterministic():
+    q = np.zeros((1, 2, 8, 64), np.float32)
+    plan = cuflash.kernel_plan(q, q, q, dropout_p=0.1, dropout_seed=3, deterministic=True)
+    assert plan.spec.deterministic and plan.spec.dropout_seed == 3
+    for name, value in (("return_lse", True), ("out", np.zeros_like(q)),
+                        ("grad_dtype", np.float32)):
+        with pytest.raises(TypeError, match=name):
+            cuflash.kernel_plan(q, q, q, **{name: value})
+
+
 @pytest.mark.gpu
 def test_kernel_plan_on_the_gpu_gives_the_reasons(xp_gpu):
     from cuflash.kernels import _launch
