@@ -195,6 +195,31 @@ def test_attention_vjp_warns_once_too():
     assert caught[0].filename == __file__
 
 
+def test_vjp_functions_warn_under_the_names_of_their_passes():
+    x = np.full((4, 8), 1e20, np.float32)  # q·k = 8e40: beyond float32
+    with numpy_warnings_fail() as caught:
+        cuflash.attention_vjp(x, x, x)
+    assert [str(w.message).split(": ")[0] for w in caught] == ["cuflash.attention"]
+    dout, q, k, v = large_v_problem(np.float16)
+    _, vjp = cuflash.attention_vjp(q, k, v)
+    with numpy_warnings_fail() as caught:
+        vjp(dout)
+    assert [str(w.message).split(": ")[0] for w in caught] == ["cuflash.attention_backward"]
+
+    cu = np.array([0, 4], np.int32)
+    with numpy_warnings_fail() as caught:
+        cuflash.attention_varlen_vjp(x[:, None], x[:, None], x[:, None], cu, cu, 4, 4)
+    assert [str(w.message).split(": ")[0] for w in caught] == ["cuflash.attention_varlen"]
+    packed = [a[0][:, None] for a in (dout, q, k, v)]  # (N, 1, D): one sequence
+    cu = np.array([0, 32], np.int32)
+    _, vjp = cuflash.attention_varlen_vjp(*packed[1:], cu, cu, 32, 32)
+    with numpy_warnings_fail() as caught:
+        vjp(packed[0])
+    assert ([str(w.message).split(": ")[0] for w in caught]
+            == ["cuflash.attention_varlen_backward"])
+    assert all(w.filename == __file__ for w in caught)
+
+
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=["bfloat16", "float32"])
 def test_bfloat16_and_float32_do_not_overflow_there(dtype):
     dout, q, k, v = large_v_problem(dtype)
