@@ -446,7 +446,9 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
                   ) -> tuple[Any, Callable]:
     """Run ``attention`` and return ``(out, vjp)``; ``vjp(dout)`` returns ``(dq, dk, dv)``.
 
-    The options are those of ``attention`` and ``attention_backward``, validated once here.
+    The options are those of ``attention`` (but ``return_lse`` and ``out``) and
+    ``attention_backward``'s ``deterministic``, validated here; ``grad_dtype`` and the
+    ``dq=``, ``dk=``, ``dv=`` buffers are not taken (call ``attention_backward`` for them).
     ``vjp`` keeps q, k, v, out and lse alive and runs the backward pass with them: references,
     not copies, so they must not change in place before ``vjp`` runs (nothing detects it, as
     torch's autograd would: the gradients would be those of the changed arrays). With

@@ -480,6 +480,15 @@ def test_given_gradients_overlapping_one_another():
     _backward_into(dk=buffer[..., :8], dv=buffer[..., 8:])  # side by side is fine
 
 
+@pytest.mark.parametrize("name, value", [("grad_dtype", np.float32), ("dq", np.empty_like(Q)),
+                                         ("return_lse", True), ("out", np.empty_like(Q))])
+def test_attention_vjp_takes_no_backward_buffers_or_forward_outputs(name, value):
+    with pytest.raises(TypeError, match=name):
+        cuflash.attention_vjp(Q, K, V, **{name: value})
+    out, vjp = cuflash.attention_vjp(Q, K, V, deterministic=True)
+    assert [g.shape for g in vjp(out)] == [Q.shape, K.shape, V.shape]
+
+
 # ----------------------------------------------------------------------------- CuPy specifics
 
 @pytest.mark.gpu
