@@ -88,10 +88,42 @@ def test_kernel_plan_takes_attention_s_options_and_deterministic():
     q = np.zeros((1, 2, 8, 64), np.float32)
     plan = cuflash.kernel_plan(q, q, q, dropout_p=0.1, dropout_seed=3, deterministic=True)
     assert plan.spec.deterministic and plan.spec.dropout_seed == 3
-    for name, value in (("return_lse", True), ("out", np.zeros_like(q)),
-                        ("grad_dtype", np.float32)):
+    for name, value in (("return_lse", True), ("out", np.zeros_like(q))):
         with pytest.raises(TypeError, match=name):
             cuflash.kernel_plan(q, q, q, **{name: value})
+    half = q.astype(np.float16)
+    assert cuflash.kernel_plan(half, half, half, grad_dtype=np.float32).spec.float32_grads
+    with pytest.raises(ValueError, match="grad_dtype"):
+        cuflash.kernel_plan(half, half, half, grad_dtype=np.float64)
+
+
+def test_kernel_plan_plans_the_backward_attention_backward_runs(monkeypatch):
+    """The backward plan is made for the gradients attention_backward then stores: float32 with
+    grad_dtype=float32, and where an input is broadcast along the batch (its gradient a sum over
+    it, rounded once); the inputs' dtype otherwise. Float32 gradients take other Hopper kernels."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import kernels
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((2, 4, 384, 64), ml_dtypes.bfloat16)
+    shared = device.empty((1, 4, 384, 64), ml_dtypes.bfloat16)  # one k and v for the batch
+    planned = {}
+    plan = kernels.plan
+    monkeypatch.setattr(kernels, "plan", lambda name, spec, arrays: planned.__setitem__(name, spec)
+                        or plan(name, spec, arrays))
+    for keys, options, float32 in ((q, {}, False), (q, dict(grad_dtype=np.float32), True),
+                                   (shared, {}, True)):
+        cuflash.kernel_plan(q, keys, keys, causal=True, **options)
+        assert planned["backward"].float32_grads == float32, (options, planned["backward"])
+    dout, out = (device.empty(q.shape, ml_dtypes.bfloat16) for _ in range(2))
+    lse = device.empty((2, 4, 384), np.float32)
+    device.take_launches()
+    cuflash.attention_backward(dout, q, q, q, out, lse, causal=True)
+    default = [launch[0] for launch in device.take_launches()]
+    cuflash.attention_backward(dout, q, q, q, out, lse, causal=True, grad_dtype=np.float32)
+    assert [launch[0] for launch in device.take_launches()] != default
 
 
 @pytest.mark.gpu
