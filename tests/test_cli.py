@@ -1003,6 +1003,36 @@ def test_token_counts_reject_what_is_not_a_whole_number(text):
         TOKENS.convert(text, None, None)
 
 
+BEYOND_INT64 = str(2**63)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["check", "--device", "cpu", "--seq-len", "1e400"], "--seq-len"),
+    (["check", "--device", "cpu", "--seq-len", "1e400", "--gpus", "2"], "--seq-len"),
+    (["check", "--device", "cpu", "--seq-len", "1K", "--heads", BEYOND_INT64 + "0" * 300],
+     "--heads"),
+    (["check", "--device", "cpu", "--gpus", "1" + "0" * 400], "--gpus"),
+    (["check", "--device", "cpu", "--pattern", "sliding-window", "--window", "1e400"],
+     "--window"),
+    (["memory", "--device", "cpu", "--min-seq-len", "1e400"], "--min-seq-len"),
+    (["memory", "--device", "cpu", "--heads", "1" + "0" * 400], "--heads"),
+    ([*TINY_BENCH, "--seq-lens", "1e400"], "--seq-lens"),
+    ([*TINY_BENCH, "--repeats", "1" + "0" * 400], "--repeats"),
+    ([*TINY_BENCH, "--warmup", BEYOND_INT64], "--warmup"),
+])
+def test_counts_past_int64_are_usage_errors(args, option):
+    """No array size reaches 2^63: a larger length or count is refused naming the option, not
+    an OverflowError from the estimates."""
+    result = invoke(*args, code=2)
+    assert option in result.output and "at most 9,223,372,036,854,775,807" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_counts_up_to_int64_are_estimated_and_refused_for_memory():
+    result = invoke("check", "--device", "cpu", "--seq-len", str(2**63 - 1), code=3)
+    assert "needs about" in result.output and "Traceback" not in result.output
+
+
 def test_sampled_rows_hold_the_ends():
     rows = verify.sample_rows(1000, 10, seed=3)
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 999

@@ -10,15 +10,22 @@ import click
 from cuflash.bench.problems import DTYPES
 
 
+# NumPy and CuPy sizes are int64: no larger count can be a length, a number of heads or of
+# runs. Refusing it up front keeps the estimates, which work in floating point, from overflowing.
+INT64_MAX = 2**63 - 1
+
+
 class TokenCount(click.ParamType):
-    """A token count of at least ``minimum`` (positive by default): ``16384``, ``16K`` or ``16k``
-    (×1024), ``1M`` (×1024²), ``1.5K``, ``1e6`` — any spelling of a whole number."""
+    """A token count of at least ``minimum`` (positive by default) and at most ``maximum`` (no
+    limit by default): ``16384``, ``16K`` or ``16k`` (×1024), ``1M`` (×1024²), ``1.5K``, ``1e6``
+    — any spelling of a whole number."""
 
     name = "N"
     _suffixes = {"k": 2**10, "m": 2**20}
 
-    def __init__(self, minimum: int = 1):
+    def __init__(self, minimum: int = 1, maximum: int | None = None):
         self.minimum = minimum
+        self.maximum = maximum
 
     def convert(self, value, param, ctx):
         if isinstance(value, int) and not isinstance(value, bool):
@@ -37,6 +44,8 @@ class TokenCount(click.ParamType):
             count = int(number)
         if count < self.minimum:
             self.fail(f"must be at least {self.minimum}, got {value!r}", param, ctx)
+        if self.maximum is not None and count > self.maximum:
+            self.fail(f"must be at most {self.maximum:,}, got {value!r}", param, ctx)
         return count
 
 
@@ -97,6 +106,19 @@ class Fraction(click.FloatRange):
         return number
 
 
+class Count(click.IntRange):
+    """A whole number of at least ``minimum`` that fits int64 (a number of heads, of runs...)."""
+
+    def __init__(self, minimum: int):
+        super().__init__(min=minimum)
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number > INT64_MAX:
+            self.fail(f"must be at most {INT64_MAX:,}, got {value!r}", param, ctx)
+        return number
+
+
 class RowCount(click.ParamType):
     """A number of query rows to check, or ``all``."""
 
@@ -114,9 +136,11 @@ class RowCount(click.ParamType):
         return count
 
 
-TOKENS = TokenCount()
-LENGTH = TokenCount(minimum=0)  # a window's or a prefix's length in tokens, which may be 0
-POSITIVE = click.IntRange(min=1)
+TOKENS = TokenCount()  # no upper limit: `mask show` refuses lengths past int64 itself
+BOUNDED_TOKENS = TokenCount(maximum=INT64_MAX)  # what check, memory and bench can run
+LENGTH = TokenCount(minimum=0, maximum=INT64_MAX)  # a window's or a prefix's length, maybe 0
+POSITIVE = Count(1)
+COUNT = Count(0)
 
 
 def _dtype_callback(ctx, param, value):
@@ -170,8 +194,8 @@ def pattern_parameter_options(f):
     only its own and rejects the others."""
     from cuflash.cli._patterns import PARAMETERS, default_text
     for name, (kind, text) in reversed(list(PARAMETERS.items())):
-        option_type, metavar = {"tokens": (TOKENS, "N"), "length": (LENGTH, "N"),
-                                "count": (click.IntRange(min=0), "INT"),
+        option_type, metavar = {"tokens": (BOUNDED_TOKENS, "N"), "length": (LENGTH, "N"),
+                                "count": (COUNT, "INT"),
                                 "fraction": (Fraction(), "X")}[kind]
         f = click.option(f"--{name}", type=option_type, default=None, metavar=metavar,
                          help=f"{text}  [default: {default_text(name)}]")(f)

@@ -13,8 +13,9 @@ from cuflash.bench.estimate import attention_seconds
 from cuflash.cli._common import (Interrupted, choose_device, echo_json, progress,
                                  pyplot_or_fail, require_reasonable, save_figure, stop_on_ctrl_c,
                                  translate_errors)
-from cuflash.cli._options import (TOKENS, POSITIVE, CommaList, device_option, dtype_option,
-                                  force_option, json_option, plot_option, seed_option)
+from cuflash.cli._options import (BOUNDED_TOKENS, COUNT, POSITIVE, CommaList, device_option,
+                                  dtype_option, force_option, json_option, plot_option,
+                                  seed_option)
 
 EXAMPLES = """\b
 Examples:
@@ -36,15 +37,16 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
 
 
 @click.command(short_help="TFLOP/s next to torch SDPA and FlexAttention.", epilog=EXAMPLES)
-@click.option("--seq-lens", type=CommaList(TOKENS, "N,N,..."), default="1K,2K,4K,8K,16K",
-              show_default=True, help="Sequence lengths of the dense sweep.")
+@click.option("--seq-lens", type=CommaList(BOUNDED_TOKENS, "N,N,..."),
+              default="1K,2K,4K,8K,16K", show_default=True,
+              help="Sequence lengths of the dense sweep.")
 @click.option("--head-dims", type=CommaList(POSITIVE, "D,D,..."), default="64,128",
               show_default=True, help="Head dimensions of the dense sweep.")
 @click.option("--causal", "causal_modes", type=click.Choice(["both", "yes", "no"]),
               default="both", show_default=True, help="Causal, non-causal, or both.")
 @click.option("--mode", type=click.Choice(["fwd", "fwdbwd", "both"]), default="both",
               show_default=True, help="Time the forward pass, forward+backward, or both.")
-@click.option("--total-tokens", type=TOKENS, default="16K", show_default=True,
+@click.option("--total-tokens", type=BOUNDED_TOKENS, default="16K", show_default=True,
               help="Tokens per call: batch = total / N (a multiple of every N).")
 @click.option("--hidden", type=POSITIVE, default=2048, show_default=True,
               help="Model width: heads = hidden / D (a multiple of every D).")
@@ -62,7 +64,7 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
                    "uses flex only).")
 @click.option("--no-torch", is_flag=True,
               help="Time cuflash alone (torch is not imported); same as no --baselines.")
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--warmup", type=COUNT, default=3, show_default=True,
               help="Untimed runs first (the first one compiles).")
 @click.option("--repeats", type=POSITIVE, default=20, show_default=True,
               help="Timed runs; the median is reported.")

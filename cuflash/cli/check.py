@@ -14,9 +14,9 @@ from cuflash.check.pathfinder import MIN_SIDE, pathfinder_qkv, random_qkv
 from cuflash.cli._common import (REFUSE_SECONDS, choose_device, duration, echo_json, log,
                                  progress, require_reasonable, seconds, size, stop_on_ctrl_c,
                                  tokens, translate_errors)
-from cuflash.cli._options import (TOKENS, POSITIVE, RowCount, causal_option, device_option,
-                                  dtype_option, force_option, head_dim_option, heads_option,
-                                  json_option, pattern_parameter_options, seed_option)
+from cuflash.cli._options import (BOUNDED_TOKENS, POSITIVE, RowCount, causal_option,
+                                  device_option, dtype_option, force_option, head_dim_option,
+                                  heads_option, json_option, pattern_parameter_options, seed_option)
 from cuflash.cli._patterns import (PATTERNS, build_cost, build_mask, least_element_density,
                                    pattern_parameters)
 
@@ -94,7 +94,7 @@ def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward):
 
 @click.command(short_help="Path-X check: long inputs against float64, PASS or FAIL.",
                epilog=EXAMPLES)
-@click.option("--seq-len", type=TOKENS, default=None,
+@click.option("--seq-len", type=BOUNDED_TOKENS, default=None,
               help="Tokens [default: 16K on the GPU, 4K on the CPU]. The image is the smallest "
                    "square with that many pixels, read row by row and cut after N of them.")
 @click.option("--path-256", is_flag=True, help="65,536 tokens: a 256×256 image.")

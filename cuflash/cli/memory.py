@@ -10,7 +10,7 @@ from cuflash.bench.problems import Inputs
 from cuflash.cli._common import (Interrupted, choose_device, echo_json, progress, pyplot_or_fail,
                                  require_reasonable, save_figure, size, tokens,
                                  translate_errors)
-from cuflash.cli._options import (TOKENS, batch_option, causal_option, device_option,
+from cuflash.cli._options import (BOUNDED_TOKENS, batch_option, causal_option, device_option,
                                   dtype_option, force_option, head_dim_option, heads_option,
                                   json_option, plot_option)
 
@@ -56,9 +56,9 @@ def _lengths(low, high):
 @dtype_option
 @causal_option
 @device_option
-@click.option("--min-seq-len", type=TOKENS, default="1K", show_default=True,
+@click.option("--min-seq-len", type=BOUNDED_TOKENS, default="1K", show_default=True,
               help="First sequence length; it doubles from there.")
-@click.option("--max-seq-len", type=TOKENS, default=None,
+@click.option("--max-seq-len", type=BOUNDED_TOKENS, default=None,
               help="Last sequence length to try [default: 1M on the GPU, 4K on the CPU, or "
                    "--min-seq-len if larger]. The sweep stops earlier when the device is full.")
 @force_option
