@@ -1033,6 +1033,35 @@ def test_counts_up_to_int64_are_estimated_and_refused_for_memory():
     assert "needs about" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args", [
+    ["check", "--device", "cpu", "--head-dim", "100000000"],
+    ["check", "--device", "cpu", "--head-dim", "100000000", "--gpus", "2", "--seq-len", "1K"],
+    ["memory", "--device", "cpu", "--head-dim", "100000000"],
+    [*TINY_BENCH, "--seq-lens", "256", "--head-dims", "10000000000", "--hidden", "10000000000"],
+])
+def test_huge_head_dim_is_refused_for_memory_before_anything_is_allocated(args):
+    """The CPU time estimate calibrates on a small problem; it must not allocate one of the
+    requested head dimension (terabytes here) before the memory check refuses the request."""
+    result = invoke(*args, code=3)
+    assert "needs about" in result.output and "TiB" in result.output
+    assert "Unable to allocate" not in result.output and "Traceback" not in result.output
+
+
+def test_cpu_estimates_calibrate_on_a_bounded_head_dim(monkeypatch):
+    """Calibrating at a large head dimension would take as long as the request itself: the
+    estimate times a bounded one and scales the reference's per-score time with D."""
+    from cuflash.bench import estimate
+    seen = []
+    monkeypatch.setattr(estimate, "_cpu_rate",
+                        lambda heads, head_dim, *rest: seen.append(head_dim) or 1e10)
+    monkeypatch.setattr(verify, "_cpu_reference_seconds",
+                        lambda head_dim, *rest: seen.append(head_dim) or 1e-9)
+    cpu = devices.CpuDevice()
+    small = verify.estimate_seconds(cpu, 4096, 8, 256, np.float32, 256, backward=True)
+    large = verify.estimate_seconds(cpu, 4096, 8, 4096, np.float32, 256, backward=True)
+    assert max(seen) <= 256 and large > 10 * small
+
+
 def test_sampled_rows_hold_the_ends():
     rows = verify.sample_rows(1000, 10, seed=3)
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 999

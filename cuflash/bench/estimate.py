@@ -1,7 +1,7 @@
 """How long attention takes on a device, estimated before a long request runs.
 
 On the CPU the NumPy path is timed once per process on a small problem of the same heads, head
-dimension and dtype (a fraction of a second), and the time scales with the FLOPs. On the GPU the
+dimension (both bounded) and dtype (a fraction of a second), and the time scales with the FLOPs. On the GPU the
 rate is a fraction of the device's tensor-core peak, worked out from its SM count, clock and
 compute capability. Either way the result is an estimate, meant to tell seconds from hours.
 """
@@ -18,10 +18,12 @@ from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
 __all__ = ["attention_seconds", "flops_per_second"]
 
 # Calibration on the CPU: one problem of this many tokens (eight 128-row tiles each way, enough
-# for the cost per tile to dominate) and at most this many heads (more heads per tile are
-# cheaper per FLOP, so the estimate errs on the long side).
+# for the cost per tile to dominate) and at most this many heads and this head dimension (more
+# heads per tile, and longer products, are cheaper per FLOP, so the estimate errs on the long
+# side; and the calibration stays small whatever the request asks for).
 CALIBRATION_TOKENS = 1024
 CALIBRATION_HEADS = 8
+CALIBRATION_HEAD_DIM = 256
 
 # Dense 16-bit tensor-core FLOP per clock per SM (float32 accumulation) by compute capability;
 # others get FALLBACK_TENSOR_FLOP_PER_CLOCK (the consumer parts of sm_86/sm_89/sm_120).
@@ -46,7 +48,8 @@ def flops_per_second(device, *, heads: int, head_dim: int, dtype, backward: bool
     if device.name == "cpu":
         if flops is not None and flops < CPU_SMALL_FLOPS:
             return CPU_ASSUMED_FLOPS
-        return _cpu_rate(min(heads, CALIBRATION_HEADS), head_dim, dtype.name, backward)
+        return _cpu_rate(min(heads, CALIBRATION_HEADS), min(head_dim, CALIBRATION_HEAD_DIM),
+                         dtype.name, backward)
     p = device.properties
     clock_hz = p.get("clock_khz", 0) * 1e3 or 1.5e9
     if dtype.itemsize == 4:

@@ -27,7 +27,8 @@ import numpy
 
 import cuflash
 from cuflash import reference
-from cuflash.bench.estimate import CPU_ASSUMED_FLOPS, CPU_SMALL_FLOPS, attention_seconds
+from cuflash.bench.estimate import (CALIBRATION_HEAD_DIM, CPU_ASSUMED_FLOPS, CPU_SMALL_FLOPS,
+                                    attention_seconds)
 from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
 from cuflash.check import rule
 
@@ -82,7 +83,11 @@ def estimate_seconds(device, n: int, heads: int, head_dim: int, dtype, rows: int
         return seconds + flops / GPU_FLOAT64_FLOPS
     if flops < CPU_SMALL_FLOPS:
         return seconds + flops / CPU_ASSUMED_FLOPS
-    return seconds + scores * _cpu_reference_seconds(head_dim, numpy.dtype(dtype).name, backward)
+    # The reference's time per score grows with the head dimension: it is timed on a bounded
+    # one (CALIBRATION_HEAD_DIM) and scaled, so that timing it stays small.
+    timed = min(head_dim, CALIBRATION_HEAD_DIM)
+    per_score = _cpu_reference_seconds(timed, numpy.dtype(dtype).name, backward)
+    return seconds + scores * per_score * (head_dim / timed)
 
 
 @functools.cache
