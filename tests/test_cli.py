@@ -744,6 +744,18 @@ def test_memory_plot_into_a_missing_directory_is_refused_first(tmp_path):
     assert "--plot" in result.output and "does not exist" in result.output
 
 
+@pytest.mark.parametrize("name, words", [("", "has no file name"),
+                                         ("missing/", "has no file name"),
+                                         ("m.png/", "has no file name")])
+def test_plot_path_that_names_no_file_is_refused_first(tmp_path, monkeypatch, name, words):
+    """A path ending in a separator (or an empty one) can never be written: it is refused
+    before the run, as a missing directory is, not after it."""
+    monkeypatch.chdir(tmp_path)
+    for args in (MEMORY, TINY_BENCH):
+        result = invoke(*args, "--plot", name, code=2)
+        assert "--plot" in result.output and words in result.output
+
+
 # ----------------------------------------------------------------------------- bench
 
 def test_bench_dense_table_and_json():

@@ -62,6 +62,9 @@ class OutputFile(click.ParamType):
 
     def convert(self, value, param, ctx):
         path = os.fspath(value)
+        if not path or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+            self.fail(f"{path!r} has no file name; give one such as "
+                      f"{os.path.join(path, 'out' + self.suffix)!r}", param, ctx)
         directory = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
             self.fail(f"{path!r} is a directory; give a file name such as "
