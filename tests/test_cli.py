@@ -438,6 +438,25 @@ def test_check_ctrl_c_stops_cleanly(monkeypatch):
     assert "interrupted by Ctrl-C" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("module, name, args, words", [
+    ("check", "build_mask", [*PATHFINDER_CHECK, "--pattern", "causal"], "the check did not finish"),
+    ("check", "_cpu_length", ["check", "--device", "cpu"], "the check did not finish"),
+    ("check", "_sharded_estimate", [*SMALL_CHECK, "--gpus", "2"], "the check did not finish"),
+    ("memory", "attention_seconds", ["memory", "--device", "cpu"], "no length was measured"),
+    ("bench", "choose_device", [*TINY_BENCH, "--seq-lens", "64"], "no table was printed"),
+])
+def test_ctrl_c_before_the_run_stops_cleanly(monkeypatch, module, name, args, words):
+    """Ctrl-C while a command estimates, builds a block mask or looks for the device stops it
+    with exit status 130 and a message, as it does during the run (not click's 'Aborted!')."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"cuflash.cli.{module}"), name, interrupted)
+    result = invoke(*args, code=130)
+    assert f"interrupted by Ctrl-C; {words}" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_check_repeats_on_the_cpu_says_they_do_not_apply():
     assert "--repeats applies to the GPU" in invoke(*SMALL_CHECK, "--no-backward", "--repeats",
                                                     "3").stderr

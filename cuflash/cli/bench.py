@@ -105,8 +105,9 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
         seq_lens, head_dims, total_tokens, hidden, warmup, repeats = values.values()
     if not sparse:
         _check_grid(seq_lens, head_dims, total_tokens, hidden, set_by_smoke)
-    plt = pyplot_or_fail() if plot else None
-    target, _ = choose_device(device)
+    with stop_on_ctrl_c("no table was printed"):
+        plt = pyplot_or_fail() if plot else None
+        target, _ = choose_device(device)
     modes = ("fwd", "fwdbwd") if mode == "both" else (mode,)
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[causal_modes]
     chosen = () if no_torch else (("flex",) if sparse else baselines)

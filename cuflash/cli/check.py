@@ -126,6 +126,7 @@ def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward):
 @force_option
 @json_option
 @click.pass_context
+@stop_on_ctrl_c("the check did not finish")  # also while it estimates or builds a mask
 def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block_size, inputs,
           backward, device, gpus, rows, repeats, seed, force, as_json, **pattern_options):
     """Run cuflash on long inputs and check it against a float64 reference.
@@ -208,7 +209,7 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
     sample = verify.sample_rows(n, rows, seed)
 
     make = pathfinder_qkv if inputs == "pathfinder" else random_qkv
-    with translate_errors(target), stop_on_ctrl_c("the check did not finish"):
+    with translate_errors(target):
         made = make(n, heads=heads, head_dim=head_dim, seed=seed, dtype=dtype)
         q, k, v = (target.asarray(x) for x in made[:3])
         image = made[3] if inputs == "pathfinder" else None
@@ -417,7 +418,7 @@ def _check_sharded(ctx, *, gpus, asked, path_256, heads, head_dim, dtype, causal
     require_reasonable(target, seconds=estimate, needed=needed, what="this check", force=force,
                        smaller=smaller)
 
-    with translate_errors(target), stop_on_ctrl_c("the check did not finish"):
+    with translate_errors(target):
         try:
             result = check_sharded(
                 ranks=gpus, device=target.name, mode=mode, seq_len=n, heads=heads,

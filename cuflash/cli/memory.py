@@ -8,7 +8,7 @@ import cuflash
 from cuflash.bench.estimate import attention_seconds
 from cuflash.bench.problems import Inputs
 from cuflash.cli._common import (Interrupted, choose_device, echo_json, progress, pyplot_or_fail,
-                                 require_reasonable, save_figure, size, tokens,
+                                 require_reasonable, save_figure, size, stop_on_ctrl_c, tokens,
                                  translate_errors)
 from cuflash.cli._options import (BOUNDED_TOKENS, batch_option, causal_option, device_option,
                                   dtype_option, force_option, head_dim_option, heads_option,
@@ -80,21 +80,22 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
     memory is not tried: the sweep ends there and says so. Ctrl-C ends it early too, with the
     table of the lengths measured so far (exit status 130).
     """
-    plt = pyplot_or_fail() if plot else None
-    target, _ = choose_device(device)
-    if max_seq_len is not None and max_seq_len < min_seq_len:
-        raise click.BadParameter(f"is smaller than --min-seq-len {min_seq_len}",
-                                 param_hint="--max-seq-len")
-    high = max_seq_len or max(min_seq_len, DEFAULT_MAX[target.name])
-    shape = {"batch": batch, "heads": heads, "head_dim": head_dim, "dtype": dtype}
-    lengths = list(_lengths(min_seq_len, high))
-    fitting = [n for n in lengths if _arrays_bytes(n, **shape) <= target.free_bytes()] or \
-        lengths[:1]
-    estimate = sum(attention_seconds(target, seq_len=n, causal=causal, backward=True, calls=2,
-                                     **shape) for n in fitting)
-    require_reasonable(target, seconds=estimate, needed=_arrays_bytes(min_seq_len, **shape),
-                       what="this sweep", force=force,
-                       smaller="use a smaller --max-seq-len, fewer heads or a smaller batch")
+    with stop_on_ctrl_c("no length was measured"):
+        plt = pyplot_or_fail() if plot else None
+        target, _ = choose_device(device)
+        if max_seq_len is not None and max_seq_len < min_seq_len:
+            raise click.BadParameter(f"is smaller than --min-seq-len {min_seq_len}",
+                                     param_hint="--max-seq-len")
+        high = max_seq_len or max(min_seq_len, DEFAULT_MAX[target.name])
+        shape = {"batch": batch, "heads": heads, "head_dim": head_dim, "dtype": dtype}
+        lengths = list(_lengths(min_seq_len, high))
+        fitting = [n for n in lengths if _arrays_bytes(n, **shape) <= target.free_bytes()] or \
+            lengths[:1]
+        estimate = sum(attention_seconds(target, seq_len=n, causal=causal, backward=True,
+                                         calls=2, **shape) for n in fitting)
+        require_reasonable(target, seconds=estimate, needed=_arrays_bytes(min_seq_len, **shape),
+                           what="this sweep", force=force,
+                           smaller="use a smaller --max-seq-len, fewer heads or a smaller batch")
 
     records, stopped = [], None
     with translate_errors(target), progress(len(lengths), "measuring",
