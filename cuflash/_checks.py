@@ -50,8 +50,10 @@ def array_module(x: Any, name: str = "array"):
 
 def refuse_masked_array(x: Any, name: str, instead: str = "") -> None:
     """A ``numpy.ma.MaskedArray`` is refused (``TypeError``): reading it as an array drops its
-    mask. ``instead`` ends the message with what to do about the masked entries."""
-    if isinstance(x, numpy.ma.MaskedArray):
+    mask. ``instead`` ends the message with what to do about the masked entries. numpy.ma is
+    not imported for this: a masked array means it already is."""
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and isinstance(x, ma.MaskedArray):
         raise TypeError(f"{name} is a numpy.ma.MaskedArray: its mask would be ignored; pass a "
                         f"plain array ({name}.filled(...) or numpy.asarray({name})){instead}")
 

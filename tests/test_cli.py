@@ -745,6 +745,18 @@ def test_memory_ctrl_c_prints_what_was_measured(monkeypatch):
     assert "Traceback" not in result.output
 
 
+def test_memory_first_length_is_not_charged_for_loading_the_cpu_path():
+    """In a fresh process the first call loads cuflash's NumPy path; tracemalloc sees the
+    import's Python objects, which are no memory of the call (they made the first forward
+    peak larger than forward+backward, and larger than the next length's)."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-m", "cuflash.cli", *MEMORY, "--json"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    first, second = json.loads(done.stdout)["results"]
+    assert first["forward_bytes"] < first["forward_backward_bytes"]
+    assert first["forward_bytes"] < second["forward_bytes"]
+
+
 def test_memory_does_not_try_a_length_that_cannot_fit(monkeypatch):
     monkeypatch.setattr(devices.CpuDevice, "free_bytes", lambda self: 120_000)
     record = invoke_json(*MEMORY)
