@@ -870,6 +870,22 @@ def test_bench_refuses_what_it_would_not_run_as_asked(args, option, words):
     assert option in result.output and words in result.output
 
 
+@pytest.mark.parametrize("args, option", [
+    (["--seq-lens", "64,64"], "--seq-lens"),
+    (["--seq-lens", "1K,1024", "--total-tokens", "1K"], "--seq-lens"),
+    (["--seq-lens", "64", "--head-dims", "16,16"], "--head-dims"),
+])
+def test_bench_refuses_a_value_given_twice(args, option):
+    """The same length or head dimension twice would time the same rows twice."""
+    result = invoke(*TINY_BENCH, *args, code=2)
+    assert option in result.output and "given twice" in result.output
+
+
+def test_bench_refuses_a_baseline_given_twice():
+    result = invoke("bench", "--device", "cpu", "--smoke", "--baselines", "flex,flex", code=2)
+    assert "--baselines" in result.output and "'flex' is given twice" in result.output
+
+
 def test_bench_sparse_compares_with_flex_only():
     result = invoke("bench", "--device", "cpu", "--sparse", "--smoke", "--baselines",
                     "sdpa-flash", code=2)

@@ -79,7 +79,7 @@ class OutputFile(click.ParamType):
 
 
 class CommaList(click.ParamType):
-    """A comma-separated list of values of another type: ``1K,2K,4K``."""
+    """A comma-separated list of distinct values of another type: ``1K,2K,4K``."""
 
     def __init__(self, item: click.ParamType, name: str):
         self.item = item
@@ -91,7 +91,12 @@ class CommaList(click.ParamType):
         items = [part for part in str(value).split(",") if part.strip()]
         if not items:
             self.fail("give at least one value", param, ctx)
-        return tuple(self.item.convert(part.strip(), param, ctx) for part in items)
+        values = tuple(self.item.convert(part.strip(), param, ctx) for part in items)
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                self.fail(f"{value!r} is given twice ({', '.join(map(str.strip, items))})",
+                          param, ctx)
+        return values
 
 
 class Fraction(click.FloatRange):
