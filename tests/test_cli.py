@@ -995,11 +995,14 @@ def test_mask_show_huge_length_draws_without_building():
     assert record["kept_blocks_at_most"] == 524288 * 524289 // 2
 
 
+@pytest.mark.parametrize("length", ["1e19", "1e400"])
 @pytest.mark.parametrize("pattern", ["causal", "sliding-window", "image-local"])
-def test_mask_show_length_beyond_int64_exits_3(pattern):
+@pytest.mark.parametrize("exact", [False, True])
+def test_mask_show_length_beyond_int64_exits_3(pattern, length, exact):
     """Positions past int64 cannot be built even in coarse blocks: exit status 3 and the reason,
-    not an OverflowError traceback."""
-    result = invoke("mask", "show", pattern, "--seq-len", "1e19", code=3)
+    not an OverflowError traceback (past float range the estimates overflowed first)."""
+    result = invoke("mask", "show", pattern, "--seq-len", length, *(["--exact"] if exact else []),
+                    code=3)
     assert f"cannot build pattern {pattern!r}" in result.output
     assert "--seq-len" in result.output and "Traceback" not in result.output
 

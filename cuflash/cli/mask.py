@@ -98,6 +98,9 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
     """
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     parameters = pattern_parameters(pattern, given)
+    if seq_len >= 2**63:  # past float range the estimates below would overflow before the build
+        raise NotEnoughMemory(f"cannot build pattern {pattern!r} at {seq_len:,} tokens: its "
+                              f"positions do not fit int64; use a smaller --seq-len")
     if exact:
         if png:
             raise click.UsageError("--png draws block masks; it does not combine with --exact")
