@@ -899,6 +899,25 @@ def test_flash_attn_signatures_refuse_unequal_batch_sizes():
     assert ct.attention(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2)).shape[0] == 3
 
 
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 5, 3, 8), (2, 6, 2, 8), (2, 6, 2, 8)),
+     r"3 query heads \(q \(2, 5, 3, 8\)\) and 2 key/value heads \(k \(2, 6, 2, 8\)\)"),
+    (((2, 5, 4, 8), (2, 6, 2, 4), (2, 6, 2, 8)),
+     r"same head dimension .* got q \(2, 5, 4, 8\) and k \(2, 6, 2, 4\)"),
+    (((2, 5, 4, 8), (2, 6, 2, 8), (2, 7, 2, 8)),
+     r"k and v must have the same .*\(axes 1, 2\), got k \(2, 6, 2, 8\) and v \(2, 7, 2, 8\)"),
+    (((2, 5, 4, 8), (2, 6, 2, 8), (2, 6, 1, 8)),
+     r"k and v must have the same .*\(axes 1, 2\), got k \(2, 6, 2, 8\) and v \(2, 6, 1, 8\)"),
+    (((2, 0, 4, 8), (2, 6, 2, 8), (2, 6, 2, 8)), r"q must not have an empty axis, got shape "
+                                                 r"\(2, 0, 4, 8\)"),
+])
+def test_flash_attn_shape_errors_show_the_tensors_as_given(shapes, match):
+    """flash-attn's (B, S, H, D) tensors are described as the caller passed them, not as the
+    (B, H, S, D) views the core is given."""
+    with pytest.raises(ValueError, match=match):
+        ct.flash_attn_func(*(randn(*shape) for shape in shapes))
+
+
 def test_rejects_non_tensors():
     q = randn(1, 2, 8, 8)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):

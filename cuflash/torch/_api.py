@@ -274,6 +274,18 @@ def _check_bshd(**tensors) -> None:
     _check_same_batch(**tensors)
 
 
+def _check_bshd_pairing(q, k, v) -> None:
+    """The core's shape rules for q, k and v checked on the ``(B, S, H, D)`` tensors as the
+    caller gave them: the core sees ``(B, H, S, D)`` views and would describe those."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if 0 in x.shape:
+            raise ValueError(f"{name} must not have an empty axis, got shape {tuple(x.shape)}")
+    _checks._check_qk_pairing(q, k, q.shape[3], k.shape[3], q.shape[2], k.shape[2])
+    if v.shape[1:3] != k.shape[1:3]:
+        raise ValueError(f"k and v must have the same number of keys and heads (axes 1, 2), got "
+                         f"k {tuple(k.shape)} and v {tuple(v.shape)}")
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                     return_attn_probs=False):
@@ -290,6 +302,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     ``RuntimeError`` under CUDA-graph capture).
     """
     _check_bshd(q=q, k=k, v=v)
+    _check_bshd_pairing(q, k, v)
     return_attn_probs = _checked_return_attn_probs(return_attn_probs, q.device)
     q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     options = dict(causal=causal, scale=softmax_scale, window=window_size, softcap=softcap,
