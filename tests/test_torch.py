@@ -918,6 +918,19 @@ def test_flash_attn_shape_errors_show_the_tensors_as_given(shapes, match):
         ct.flash_attn_func(*(randn(*shape) for shape in shapes))
 
 
+def test_dense_packed_errors_name_the_packed_tensors():
+    """flash_attn_qkvpacked_func and flash_attn_kvpacked_func name the parts of qkv and kv they
+    take, not the q, k and v of the call they make on them."""
+    with pytest.raises(TypeError, match=r"^qkv\[:, :, 0\] has dtype float64"):
+        ct.flash_attn_qkvpacked_func(randn(2, 5, 3, 4, 8).double())
+    q = randn(2, 5, 3, 8)
+    with pytest.raises(ValueError, match=r"3 query heads \(q \(2, 5, 3, 8\)\) and 2 key/value "
+                                         r"heads \(kv\[:, :, 0\] \(2, 6, 2, 8\)\)$"):
+        ct.flash_attn_kvpacked_func(q, randn(2, 6, 2, 2, 8))
+    with pytest.raises(TypeError, match=r"^q and kv\[:, :, 0\] must have the same dtype"):
+        ct.flash_attn_kvpacked_func(q, randn(2, 6, 2, 3, 8).half())
+
+
 def test_rejects_non_tensors():
     q = randn(1, 2, 8, 8)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):

@@ -223,6 +223,45 @@ def test_packed_variants_check_the_packed_axis_and_refuse_what_varlen_does(call)
     assert probs.shape == (len(LENS_Q), 4, max_q, max_k)
 
 
+@pytest.mark.parametrize("change, error, match", [
+    (lambda qkv, cu, n: (qkv, cu.long(), n), TypeError,
+     r"^cu_seqlens must have dtype int32 .* got int64$"),
+    (lambda qkv, cu, n: (qkv, cu.tolist(), n), TypeError, r"^cu_seqlens must be a torch.Tensor"),
+    (lambda qkv, cu, n: (qkv, cu.to("meta"), n), ValueError,
+     r"^qkv\[:, 0\] and cu_seqlens must be on one device, got qkv\[:, 0\] on cpu and "
+     r"cu_seqlens on meta$"),
+    (lambda qkv, cu, n: (qkv, torch.tensor([0, 5, 3, 9], dtype=torch.int32), n), ValueError,
+     r"^cu_seqlens must be non-decreasing .* got cu_seqlens\[1\] = 5 > cu_seqlens\[2\] = 3$"),
+    (lambda qkv, cu, n: (qkv, cu[:-1], n), ValueError,
+     r"^the last entry of cu_seqlens must equal the rows of qkv\[:, 0\] \(9\), got 8$"),
+    (lambda qkv, cu, n: (qkv, cu, n - 1), ValueError,
+     r"^max_seqlen must be at least the longest sequence's length: sequence 1 has 5 rows in "
+     r"cu_seqlens, max_seqlen is 4$"),
+    (lambda qkv, cu, n: (qkv, cu, float(n)), TypeError, r"^max_seqlen must be an int"),
+    (lambda qkv, cu, n: (qkv.double(), cu, n), TypeError, r"^qkv\[:, 0\] has dtype float64"),
+])
+def test_qkvpacked_errors_name_its_own_arguments(change, error, match):
+    """flash_attn_varlen_qkvpacked_func's errors name cu_seqlens, max_seqlen and qkv, the
+    arguments it takes, not those of the call it makes on qkv's parts."""
+    qkv, cu = torch.randn(9, 3, 4, 8), offsets([3, 5, 1])
+    with pytest.raises(error, match=match):
+        ct.flash_attn_varlen_qkvpacked_func(*change(qkv, cu, 5))
+
+
+def test_kvpacked_errors_name_kv():
+    """flash_attn_varlen_kvpacked_func's errors name the halves of kv, which it takes, not k
+    and v."""
+    q, cu = torch.randn(9, 4, 8), offsets([3, 5, 1])
+    with pytest.raises(ValueError, match=r"q and kv\[:, 0\] must have the same head dimension "
+                                         r".* got q \(9, 4, 8\) and kv\[:, 0\] \(9, 2, 4\)$"):
+        ct.flash_attn_varlen_kvpacked_func(q, torch.randn(9, 2, 2, 4), cu, cu, 5, 5)
+    with pytest.raises(TypeError, match=r"^q and kv\[:, 0\] must have the same dtype, got q: "
+                                        r"float32 and kv\[:, 0\]: float16$"):
+        ct.flash_attn_varlen_kvpacked_func(q, torch.randn(9, 2, 2, 8).half(), cu, cu, 5, 5)
+    with pytest.raises(ValueError, match=r"the rows of kv\[:, 0\] and kv\[:, 1\] \(8\)"):
+        ct.flash_attn_varlen_kvpacked_func(q, torch.randn(8, 2, 2, 8), cu, cu, 5, 5)
+
+
 @pytest.mark.parametrize("alibi", [None, "sequences"])
 def test_return_attn_probs_gives_each_sequence_s_softmax(alibi):
     """flash-attn's triple for packed sequences: the output is the call's, lse its log-sum-exp

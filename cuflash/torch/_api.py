@@ -1,5 +1,7 @@
 """The public functions of ``cuflash.torch`` (see the package docstring and docs/torch.md)."""
 
+import contextlib
+import re
 from typing import Optional
 
 import torch
@@ -33,6 +35,21 @@ def _renamed(error: Exception, names: dict) -> Exception:
         if message.startswith(core + " "):
             message = own + message[len(core):]
     return type(error)(message)
+
+
+@contextlib.contextmanager
+def _packed_names(names: dict):
+    """Runs a packed variant's call on the parts of its packed tensors, its ``TypeError`` and
+    ``ValueError`` naming what the caller passed: each whole word of the message that is a key
+    of ``names`` (``q``, ``cu_seqlens_q``) becomes its value (``qkv[:, 0]``, ``cu_seqlens``)."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        pattern = r"\b(?:" + "|".join(map(re.escape, names)) + r")\b"
+        message = re.sub(pattern, lambda word: names[word.group()], str(error))
+        if message == str(error):
+            raise
+        raise type(error)(message) from None
 
 
 def _checked_options(q, causal, scale, window, softcap, deterministic, names: dict) -> tuple:
@@ -336,8 +353,9 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     ``(B, S, H, D)``."""
     _check_tensors(qkv=qkv)
     q, k, v = _unpack(qkv, "qkv", ("batch", "seqlen", "3", "nheads", "headdim"))
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs)
+    with _packed_names({"q": "qkv[:, :, 0]", "k": "qkv[:, :, 1]", "v": "qkv[:, :, 2]"}):
+        return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                               alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -349,8 +367,9 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     k, v = _unpack(kv, "kv", ("batch", "seqlen", "2", "nheads_k", "headdim"))
     _check_bshd(q=q)
     _check_same_batch(q=q, kv=kv)  # named here: flash_attn_func would name kv's halves k and v
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs)
+    with _packed_names({"k": "kv[:, :, 0]", "v": "kv[:, :, 1]"}):
+        return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                               alibi_slopes, deterministic, return_attn_probs)
 
 
 # ----------------------------------------------------------------------------- packed sequences
@@ -424,9 +443,12 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     (``flash_attn_varlen_func``, whose refusals apply)."""
     _check_tensors(qkv=qkv)
     q, k, v = _unpack(qkv, "qkv", ("total", "3", "nheads", "headdim"))
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                  dropout_p, softmax_scale, causal, window_size, softcap,
-                                  alibi_slopes, deterministic, return_attn_probs)
+    with _packed_names({"q": "qkv[:, 0]", "k": "qkv[:, 1]", "v": "qkv[:, 2]",
+                        "cu_seqlens_q": "cu_seqlens", "cu_seqlens_k": "cu_seqlens",
+                        "max_seqlen_q": "max_seqlen", "max_seqlen_k": "max_seqlen"}):
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      dropout_p, softmax_scale, causal, window_size, softcap,
+                                      alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -439,9 +461,11 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     refusals apply)."""
     _check_tensors(q=q, kv=kv)
     k, v = _unpack(kv, "kv", ("total_k", "2", "nheads_k", "headdim"))
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
-                                  softcap, alibi_slopes, deterministic, return_attn_probs)
+    with _packed_names({"k": "kv[:, 0]", "v": "kv[:, 1]"}):
+        return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, dropout_p, softmax_scale, causal,
+                                      window_size, softcap, alibi_slopes, deterministic,
+                                      return_attn_probs)
 
 
 # ----------------------------------------------------------------------------- SDPA
