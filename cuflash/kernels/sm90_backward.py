@@ -21,10 +21,10 @@ lse, padded rows):
   Nq = 64K, D = 64), with D the tile's head dim (128 at D = 96). Dense calls in the
   warp-specialised kernel (``lanes_counted``) also count each lane's ((batch, key/value head))
   finished key tiles, 4 bytes per lane, so that the cast takes a lane as soon as its dQ is
-  whole, beside the grid's last wave (``CAST_DQ_BY_LANE``), and keep a claim per 32 query rows
-  and head (4 bytes): under a band the first key tile to claim a dQ tile stores its part, the
+  whole, beside the grid's last wave (``CAST_DQ_BY_LANE``), and under a band keep a claim per
+  32 query rows and head (4 bytes): the first key tile to claim a dQ tile stores its part, the
   others add theirs after it, so that where every dQ tile gets a part the accumulator needs no
-  zeros (``stores_first_parts``, ``dq_zeros_needed``).
+  zeros (``claims_dq_tiles``, ``dq_zeros_needed``).
 - ``deterministic=True`` where ``ordered_dq`` says (warp-specialised kernel, no block-sparse or
   exact mask): the first sequence with the fused dQ's adds in key-tile order (flash_bwd_sm90.cu,
   ORDERED_DQ: one semaphore per 32 scratch rows, zeroed by flash_bwd_pre; rank 0's part is
@@ -271,11 +271,18 @@ def dq_route(spec, tiles: Sm90BwdTiles, producer: bool) -> tuple[bool, bool, boo
 SKIP_DQ_ZEROS = True
 
 
+def claims_dq_tiles(spec, counted: bool) -> bool:
+    """Whether the dK/dV kernel's adds in any order, whose lanes are counted (``counted``),
+    claim their dQ tiles, the first claim storing its part: under a band (the kernel's twin:
+    csrc/flash_bwd_sm90.cu, claims_dq_tiles)."""
+    return counted and spec.banded
+
+
 def stores_first_parts(spec, ordered: bool, counted: bool) -> bool:
     """Whether the dK/dV kernel stores each dQ tile's first part instead of adding it
-    (csrc/flash_bwd_sm90.cu, write_dq_parts): ordered adds (rank 0's), and adds in any order whose
-    lanes are counted under a band (the first claim's; the kernel's twin: claims_dq_tiles)."""
-    return ordered or (counted and spec.banded)
+    (csrc/flash_bwd_sm90.cu, write_dq_parts): ordered adds (rank 0's), and claimed ones
+    (``claims_dq_tiles``: the first claim's)."""
+    return ordered or claims_dq_tiles(spec, counted)
 
 
 def dq_zeros_needed(spec, ordered: bool, atomic_dq: bool, counted: bool) -> bool:
@@ -296,10 +303,9 @@ def scratch_of(spec, ordered: bool, atomic_dq: bool, counted: bool) -> mma_backw
     and where the dK/dV kernel forms dQ its float32 accumulator (rows of the tile's D floats,
     fragment order), with the ordered adds' semaphores or (``counted``: ``lanes_counted``) the
     lane counters, 4 bytes per (batch, key/value head), and where those adds claim their dQ tiles
-    (``stores_first_parts``) the claims, 4 bytes per 32 query rows and head."""
-    claims = counted and stores_first_parts(spec, ordered, counted)
+    (``claims_dq_tiles``) the claims, 4 bytes per 32 query rows and head."""
     return mma_backward.Scratch.of(spec, atomic_dq=atomic_dq, dqk=tile_head_dim(spec), semaphores=ordered,
-                                   lane_counters=counted, tile_claims=claims)
+                                   lane_counters=counted, tile_claims=claims_dq_tiles(spec, counted))
 
 
 def workspace_of(spec) -> dict[str, int]:
