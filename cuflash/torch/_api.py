@@ -27,29 +27,33 @@ def _head_dim(q) -> int:
     return q.shape[-1] if q.dim() and q.shape[-1] else 1
 
 
-def _renamed(error: Exception, names: dict) -> Exception:
+def _renamed(error: Exception, names: dict, *, every_word: bool = False) -> Exception:
     """``error`` of a core check, its message starting with the caller's name for the argument
-    (flash-attn's ``window_size`` for the core's ``window``)."""
+    (flash-attn's ``window_size`` for the core's ``window``); with ``every_word``, each whole
+    word of it that is a key of ``names`` (``q``, ``cu_seqlens_q``) becomes its value
+    (``qkv[:, 0]``, ``cu_seqlens``)."""
     message = str(error)
-    for core, own in names.items():
-        if message.startswith(core + " "):
-            message = own + message[len(core):]
+    if every_word:
+        pattern = r"\b(?:" + "|".join(map(re.escape, names)) + r")\b"
+        message = re.sub(pattern, lambda word: names[word.group()], message)
+    else:
+        for core, own in names.items():
+            if message.startswith(core + " "):
+                message = own + message[len(core):]
     return type(error)(message)
 
 
 @contextlib.contextmanager
-def _packed_names(names: dict):
-    """Runs a packed variant's call on the parts of its packed tensors, its ``TypeError`` and
-    ``ValueError`` naming what the caller passed: each whole word of the message that is a key
-    of ``names`` (``q``, ``cu_seqlens_q``) becomes its value (``qkv[:, 0]``, ``cu_seqlens``)."""
+def _caller_names(names: dict, *, every_word: bool = False):
+    """Runs a call whose ``TypeError`` and ``ValueError`` then name the arguments as the caller
+    passed them (``_renamed``); an error that names none of them is raised as it is."""
     try:
         yield
     except (TypeError, ValueError) as error:
-        pattern = r"\b(?:" + "|".join(map(re.escape, names)) + r")\b"
-        message = re.sub(pattern, lambda word: names[word.group()], str(error))
-        if message == str(error):
+        renamed = _renamed(error, names, every_word=every_word)
+        if str(renamed) == str(error):
             raise
-        raise type(error)(message) from None
+        raise renamed from None
 
 
 def _checked_options(q, causal, scale, window, softcap, deterministic, names: dict) -> tuple:
@@ -319,14 +323,19 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     ``RuntimeError`` under CUDA-graph capture).
     """
     _check_bshd(q=q, k=k, v=v)
-    _check_bshd_pairing(q, k, v)
     return_attn_probs = _checked_return_attn_probs(return_attn_probs, q.device)
     q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     options = dict(causal=causal, scale=softmax_scale, window=window_size, softcap=softcap,
                    alibi_slopes=alibi_slopes)
-    out, lse, (p, seed, _) = _attention(q_, k_, v_, **options, block_mask=None,
-                                        deterministic=deterministic, seq_major=True,
-                                        dropout_p=dropout_p, names=_FLASH_ATTN_NAMES)
+    try:
+        out, lse, (p, seed, _) = _attention(q_, k_, v_, **options, block_mask=None,
+                                            deterministic=deterministic, seq_major=True,
+                                            dropout_p=dropout_p, names=_FLASH_ATTN_NAMES)
+    except ValueError:
+        # The core describes the (B, H, S, D) views it was given: where its refusal is of the
+        # shapes, describe the tensors as the caller gave them instead (off the calls that run).
+        _check_bshd_pairing(q, k, v)
+        raise
     out = out.transpose(1, 2)
     if not return_attn_probs:
         return out
@@ -353,7 +362,8 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     ``(B, S, H, D)``."""
     _check_tensors(qkv=qkv)
     q, k, v = _unpack(qkv, "qkv", ("batch", "seqlen", "3", "nheads", "headdim"))
-    with _packed_names({"q": "qkv[:, :, 0]", "k": "qkv[:, :, 1]", "v": "qkv[:, :, 2]"}):
+    with _caller_names({"q": "qkv[:, :, 0]", "k": "qkv[:, :, 1]", "v": "qkv[:, :, 2]"},
+                       every_word=True):
         return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                                alibi_slopes, deterministic, return_attn_probs)
 
@@ -367,7 +377,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     k, v = _unpack(kv, "kv", ("batch", "seqlen", "2", "nheads_k", "headdim"))
     _check_bshd(q=q)
     _check_same_batch(q=q, kv=kv)  # named here: flash_attn_func would name kv's halves k and v
-    with _packed_names({"k": "kv[:, :, 0]", "v": "kv[:, :, 1]"}):
+    with _caller_names({"k": "kv[:, :, 0]", "v": "kv[:, :, 1]"}, every_word=True):
         return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                                alibi_slopes, deterministic, return_attn_probs)
 
@@ -443,9 +453,10 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     (``flash_attn_varlen_func``, whose refusals apply)."""
     _check_tensors(qkv=qkv)
     q, k, v = _unpack(qkv, "qkv", ("total", "3", "nheads", "headdim"))
-    with _packed_names({"q": "qkv[:, 0]", "k": "qkv[:, 1]", "v": "qkv[:, 2]",
+    with _caller_names({"q": "qkv[:, 0]", "k": "qkv[:, 1]", "v": "qkv[:, 2]",
                         "cu_seqlens_q": "cu_seqlens", "cu_seqlens_k": "cu_seqlens",
-                        "max_seqlen_q": "max_seqlen", "max_seqlen_k": "max_seqlen"}):
+                        "max_seqlen_q": "max_seqlen", "max_seqlen_k": "max_seqlen"},
+                       every_word=True):
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       dropout_p, softmax_scale, causal, window_size, softcap,
                                       alibi_slopes, deterministic, return_attn_probs)
@@ -461,7 +472,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     refusals apply)."""
     _check_tensors(q=q, kv=kv)
     k, v = _unpack(kv, "kv", ("total_k", "2", "nheads_k", "headdim"))
-    with _packed_names({"k": "kv[:, 0]", "v": "kv[:, 1]"}):
+    with _caller_names({"k": "kv[:, 0]", "v": "kv[:, 1]"}, every_word=True):
         return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, dropout_p, softmax_scale, causal,
                                       window_size, softcap, alibi_slopes, deterministic,
@@ -570,7 +581,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def core(x):
             return to_core(x) if isinstance(x, torch.Tensor) else x
 
-        try:
+        with _caller_names(_FLASH_ATTN_NAMES):
             out, lse = cuflash.attention_with_kvcache(
                 core(q), core(k_cache), core(v_cache), core(k), core(v),
                 cache_seqlens=core(cache_seqlens), block_table=core(block_table),
@@ -579,10 +590,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 num_splits=num_splits, return_lse=True, rotary_cos=core(rotary_cos),
                 rotary_sin=core(rotary_sin), rotary_interleaved=rotary_interleaved,
                 cache_leftpad=cache_leftpad)
-        except (TypeError, ValueError) as error:
-            renamed = _renamed(error, _FLASH_ATTN_NAMES)
-            if str(renamed) == str(error):
-                raise
-            raise renamed from None
         out, lse = to_torch(out), to_torch(lse)
     return (out, lse) if return_softmax_lse else out
