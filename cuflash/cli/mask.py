@@ -10,7 +10,7 @@ import numpy
 from cuflash.bench.devices import CpuDevice
 from cuflash.cli._common import (NotEnoughMemory, TooLong, duration, echo_json, size,
                                  stop_on_ctrl_c, tokens, write_file)
-from cuflash.cli._options import (TOKENS, POSITIVE, OutputFile, json_option,
+from cuflash.cli._options import (INT64_MAX, TOKENS, POSITIVE, OutputFile, json_option,
                                   pattern_parameter_options, seed_option)
 from cuflash.cli._patterns import (PATTERNS, build_cost, build_exact_mask, build_mask,
                                    pattern_parameters)
@@ -98,7 +98,7 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
     """
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     parameters = pattern_parameters(pattern, given)
-    if seq_len >= 2**63:  # past float range the estimates below would overflow before the build
+    if seq_len > INT64_MAX:  # past float range the estimates below would overflow before the build
         raise NotEnoughMemory(f"cannot build pattern {pattern!r} at {seq_len:,} tokens: its "
                               f"positions do not fit int64; use a smaller --seq-len")
     if exact:
