@@ -172,6 +172,29 @@ def test_inputs_that_view_the_caches_are_copied_first(xp_gpu, rng, seed, decode_
         np.testing.assert_array_equal(to_host(a).view(np.uint16), to_host(b).view(np.uint16))
 
 
+
+def test_one_array_as_both_caches(xp_gpu, rng, seed, decode_calls):
+    """One array passed as both caches: an append is refused before anything runs or is written
+    (its keys' rows would take the values), a read attends to it as keys and values. The two
+    halves of one packed (B, S, 2, Hkv, D) buffer are two caches: they append and read."""
+    case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=2, sq=1, hq=8, hkv=2, d=64,
+                     lengths=[100, 300], capacity=512, s_new=1)
+    cache = case.k_cache
+    with pytest.raises(ValueError, match="k_cache and v_cache must not share memory to append"):
+        cuflash.attention_with_kvcache(case.q, cache, cache, case.k, case.v, cache_seqlens=case.seqlens)
+    assert decode_calls == {"append": 0, "forward": 0}
+    np.testing.assert_array_equal(to_host(cache).view(np.uint16),
+                                  to_host(case.k_cache_before).view(np.uint16))
+    one = dataclasses.replace(case, v_cache=cache, v_cache_before=case.k_cache_before, k=None, v=None)
+    run(one, seed)
+    assert decode_calls == {"append": 0, "forward": 1}
+
+    packed = xp_gpu.stack([case.k_cache_before, case.v_cache_before], axis=2)
+    halves = dataclasses.replace(case, k_cache=packed[:, :, 0], v_cache=packed[:, :, 1])
+    run(halves, seed)
+    assert decode_calls == {"append": 1, "forward": 2}
+
+
 FEATURES = [
     dict(causal=True),
     dict(window=(256, 0)),
