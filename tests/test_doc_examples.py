@@ -232,3 +232,35 @@ def test_readme_one_liner():
     assert shape + ")" == "(1, 8, 1024, 64)"
     assert 0 < float(difference) < 1e-5
     assert "prints the output shape `(1, 8, 1024, 64)`" in text
+
+
+def _listed_calls(code: str):
+    """``(name, argument text)`` of each ``cuflash.name(...)`` in a block, comments dropped."""
+    code = "\n".join(line.partition("#")[0] for line in code.splitlines())
+    for match in re.finditer(r"\bcuflash\.(\w+)\(", code):
+        depth, end = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(code[end], 0)
+            end += 1
+        yield match.group(1), " ".join(code[match.end():end - 1].split())
+
+
+@pytest.mark.parametrize("name", ["attention", "attention_varlen"])
+def test_api_md_lists_every_keyword(name):
+    """docs/api.md states every option: where it spells out a function's keywords (no ``...``,
+    no ``<the same options>``), it names all of them, in order, with their defaults."""
+    import inspect
+
+    import cuflash
+
+    parameters = inspect.signature(getattr(cuflash, name)).parameters.values()
+    expected = ", ".join(f"{p.name}={p.default!r}" for p in parameters
+                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    listings = [arguments.partition("*, ")[2]
+                for block in BLOCKS if block.path == "docs/api.md"
+                for called, arguments in _listed_calls(block.code)
+                if called == name and "*, " in arguments and "..." not in arguments
+                and "<" not in arguments]
+    assert listings, f"docs/api.md spells out no keywords of cuflash.{name}"
+    for listed in listings:
+        assert listed == expected
