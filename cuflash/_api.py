@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy
 
-from . import _calls, _checks, _warnings
+from . import _calls, _checks, _mask, _warnings
 from ._spec import AttentionSpec, VarlenLayout
 
 
@@ -90,8 +90,26 @@ def _forward(spec: AttentionSpec, xp, q, k, v, out):
             result[...] = target.reshape(s.out_shape)
     allocations.keep((result,), spec)
     if xp is numpy:  # on the GPU a check would make every call wait for the device
-        _warnings.check_forward(result, lse, (q, k, v))
+        _warnings.check_forward(result, lse, (q, k, v), seen=_rows_with_keys(spec))
     return result, lse
+
+
+def _rows_with_keys(spec: AttentionSpec):
+    """Bool over the query rows, broadcastable to the lse the caller gets (for packed sequences
+    ``(Hq, total_q)``, each sequence by its own lengths): True where causal and the window leave
+    the row some key, so that an lse of -inf there is an overflow rather than a row without keys;
+    ``None`` under a block or exact mask, whose empty rows this does not work out."""
+    if spec.sparse or spec.exact:
+        return None
+    s = spec.shapes
+    lengths = ([(s.nq, s.nk)] if spec.varlen is None else
+               [(rows_q.stop - rows_q.start, rows_k.stop - rows_k.start)
+                for _, rows_q, rows_k in spec.varlen.sequences()])
+    seen = []
+    for nq, nk in lengths:
+        begin, end = _mask.key_range(slice(0, nq), nq, nk, *spec.band())
+        seen.append(end > begin)
+    return numpy.concatenate(seen)
 
 
 _NO_GRADS = (None, None, None)
@@ -532,7 +550,8 @@ def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
             result[...] = target
     allocations.keep((result,), spec)
     if xp is numpy:
-        _warnings.check_forward(result, lse, (q, k, v), "cuflash.attention_varlen")
+        _warnings.check_forward(result, lse, (q, k, v), "cuflash.attention_varlen",
+                                _rows_with_keys(spec))
     return result, lse
 
 

@@ -64,9 +64,14 @@ def _finite(x) -> bool:
     return bool(numpy.isfinite(x).all())
 
 
-def _valid_lse(lse) -> bool:
-    """lse of an empty row is -inf; NaN or +inf come from non-finite inputs or an overflow."""
-    return not bool((numpy.isnan(lse) | numpy.isposinf(lse)).any())
+def _valid_lse(lse, seen=None) -> bool:
+    """lse of an empty row is -inf; NaN or +inf come from non-finite inputs or an overflow, and
+    so does -inf in a row that sees keys (``seen``: bool, broadcastable to ``lse``, True for
+    those rows; ``None`` where that is not known): every logit of the row overflowed to -inf."""
+    bad = numpy.isnan(lse) | numpy.isposinf(lse)
+    if seen is not None:
+        bad |= numpy.isneginf(lse) & seen
+    return not bool(bad.any())
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -132,14 +137,15 @@ def _names(names) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def check_forward(out, lse, inputs, caller: str = "cuflash.attention") -> None:
+def check_forward(out, lse, inputs, caller: str = "cuflash.attention", seen=None) -> None:
     """Warn once, under the name of the public function ``caller``, if ``out`` (or ``lse``) of a
-    NumPy forward pass is not finite although q, k and v (``inputs``) are."""
-    if _finite(out) and _valid_lse(lse):
+    NumPy forward pass is not finite although q, k and v (``inputs``) are; ``seen`` as for
+    ``_valid_lse``."""
+    if _finite(out) and _valid_lse(lse, seen):
         return
     if not all(_finite(x) for x in inputs):
         return
-    if not _valid_lse(lse):
+    if not _valid_lse(lse, seen):
         what = ("the logits scale·q·kᵀ (after softcap and ALiBi), computed in float32, "
                 f"overflowed float32 (|x| > {FLOAT32_MAX:.3g}). Scale q, k or `scale` down")
     elif numpy.dtype(out.dtype) == numpy.float16:

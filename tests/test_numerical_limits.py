@@ -252,6 +252,41 @@ def test_float32_logits_overflow_warns_from_the_forward_pass():
     assert "cuflash.attention:" in str(warning.message) and "logits" in str(warning.message)
 
 
+@pytest.mark.parametrize("scale", [None, 1e36])
+def test_float32_logits_that_overflow_to_minus_inf_warn_too(scale):
+    """Logits below -3.4e38 in every key of a row become -inf: the row reads as one that sees
+    no key (output 0, lse -inf) although it sees three keys, and in exact arithmetic attends to
+    the two whose logits are largest: (v[0] + v[2]) / 2. That is an overflow, and it warns as
+    one."""
+    q = np.full((2, 8), 1e20 if scale is None else 10.0, np.float32)
+    k = -q[:1] * np.array([[1.0], [2.0], [1.0]], np.float32)  # logits -c, -2c, -c
+    v = np.arange(3 * 8, dtype=np.float32).reshape(3, 8)
+    with numpy_warnings_fail() as caught:
+        out, lse = cuflash.attention(q, k, v, scale=scale, return_lse=True)
+    assert np.isneginf(lse).all() and not out.any()  # what a row of overflowed logits gives
+    (warning,) = caught
+    assert warning.filename == __file__
+    assert "cuflash.attention:" in str(warning.message) and "logits" in str(warning.message)
+
+
+def test_packed_logits_that_overflow_to_minus_inf_warn():
+    """As for dense calls, in sequences with keys; a sequence without keys is no overflow."""
+    cu = np.array([0, 2, 4, 6], np.int32)  # two query rows per sequence
+    ck = np.array([0, 1, 1, 2], np.int32)  # one key, none, one
+    q = np.full((6, 1, 8), 1e20, np.float32)
+    k = -q[:2]
+    with numpy_warnings_fail() as caught:
+        out, lse = cuflash.attention_varlen(q, k, k, cu, ck, 2, 2, return_lse=True)
+    assert np.isneginf(lse).all()
+    (warning,) = caught
+    assert str(warning.message).startswith("cuflash.attention_varlen: ")
+    q, k = q / 1e20, k / 1e20  # the same shapes, ordinary logits: only sequence 1 sees no key
+    with numpy_warnings_fail() as caught:
+        out, lse = cuflash.attention_varlen(q, k, k, cu, ck, 2, 2, return_lse=True)
+    assert np.isneginf(lse[:, 2:4]).all() and np.isfinite(np.delete(lse, [2, 3], axis=1)).all()
+    assert not caught
+
+
 def test_kvcache_rows_that_overflow_warn_once_under_its_name():
     b, n, h, d = 3, 6, 2, 8
     q = np.full((b, 1, h, d), 1e20, np.float32)  # q·k = 8e40 in every row: beyond float32
@@ -318,7 +353,9 @@ def test_an_empty_row_is_not_an_overflow():
         warnings.simplefilter("error")
         out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)  # rows 0-2 see nothing
         cuflash.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True)
+        _, windowed = cuflash.attention(q, k, v, window=(-1, 1), return_lse=True)  # rows 0, 1
     assert np.isneginf(lse[:3]).all()
+    assert np.isneginf(windowed[:2]).all() and np.isfinite(windowed[2:]).all()
 
 
 # ----------------------------------------------------------------------------- bench: Ctrl-C
