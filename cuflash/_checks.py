@@ -145,6 +145,9 @@ def check_grad_dtype(grad_dtype: Any, dtype: numpy.dtype) -> bool:
     try:
         wanted = numpy.dtype(grad_dtype)
     except TypeError:
+        if not isinstance(grad_dtype, str):  # not a dtype at all; an unknown name is a bad value
+            raise TypeError(f"grad_dtype must be None, a dtype or a dtype's name, got "
+                            f"{_show(grad_dtype)}") from None
         wanted = None
     if wanted == dtype:
         return False

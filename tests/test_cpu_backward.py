@@ -171,6 +171,14 @@ def test_grad_dtype_other_than_float32_is_refused(rng, bad):
         cuflash.attention_backward(dout, q, k, v, out, lse, grad_dtype=bad)
 
 
+@pytest.mark.parametrize("bad", [5, True, 1.5, [np.float32]])
+def test_grad_dtype_that_is_no_dtype_is_a_type_error(rng, bad):
+    dout, q, k, v, out, lse = problem(rng, (1, 2, 16, 32), (1, 2, 16, 32), (1, 2, 16, 32),
+                                      BF16)
+    with pytest.raises(TypeError, match="grad_dtype must be None, a dtype or a dtype's name"):
+        cuflash.attention_backward(dout, q, k, v, out, lse, grad_dtype=bad)
+
+
 # ----------------------------------------------------------------------------- dq=, dk=, dv=
 
 GRAD_LAYOUTS = ["contiguous", "transposed", "strided", "reversed"]
