@@ -174,6 +174,27 @@ def test_expanded_caches_refused_for_appends(seed, which, axis):
     flash_attn_with_kvcache(q, caches["k_cache"], caches["v_cache"], cache_seqlens=3)
 
 
+def test_appends_count_as_in_place_changes_for_autograd(seed):
+    """The appends write the caches behind torch's back (through views): the call bumps their
+    version counters, as torch's own in-place operations do, so that a gradient saved from a
+    cache before the append is refused by autograd instead of being computed, silently, from
+    the appended values. A call that only reads the caches leaves them as they were."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+    weight = torch.ones_like(k_cache, requires_grad=True)
+    saved = (weight * k_cache).sum() + (weight * v_cache).sum()  # saves both caches
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3)
+    saved.backward(retain_graph=True)  # nothing written: the saved caches are still valid
+    flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+    for cache in (k_cache, v_cache):  # each cache, alone, is seen as changed
+        weight = torch.ones_like(cache, requires_grad=True)
+        saved = (weight * cache).sum()
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=4)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_in_place(seed, xp_gpu):
     """CUDA tensors: the caches are written through zero-copy views and the result agrees with

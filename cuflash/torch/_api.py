@@ -540,7 +540,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     The same arguments, in flash-attn's order, and the same results: ``out`` ``(B, Sq, Hq, Dv)``,
     and with ``return_softmax_lse=True`` also ``softmax_lse`` float32 ``(B, Hq, Sq)``. ``k_cache``
-    and ``v_cache`` are written in place when ``k`` and ``v`` are given; ``cache_seqlens`` is not
+    and ``v_cache`` are written in place when ``k`` and ``v`` are given (their version counters
+    bumped, as by torch's in-place operations); ``cache_seqlens`` is not
     updated; it is an int or an int32 tensor ``(B,)`` on q's device, as in flash-attn.
     ``cache_seqlens=None`` means every row's whole cache (``S_cache`` keys, or
     ``max_pages · page_size``), as in flash-attn; it is required with ``k`` and ``v``. Forward
@@ -591,4 +592,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 rotary_sin=core(rotary_sin), rotary_interleaved=rotary_interleaved,
                 cache_leftpad=cache_leftpad)
         out, lse = to_torch(out), to_torch(lse)
+    if k is not None:  # the caches were written through views: tell autograd, as torch's own
+        # in-place operations do, so that a cache saved for a backward pass is not read changed
+        for cache in (k_cache, v_cache):
+            if not cache.is_inference():  # inference tensors have no version counter
+                torch.autograd.graph.increment_version(cache)
     return (out, lse) if return_softmax_lse else out
