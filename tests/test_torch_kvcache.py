@@ -136,9 +136,12 @@ def test_pairs_name_the_missing_half(seed, first, second):
     if first.startswith("rotary"):
         arguments.update(k=k, v=v)
     pair = " and ".join(sorted((first, second), key=list(given).index))
-    with pytest.raises(ValueError, match=rf"^give {pair} together( or neither)?: {first} is "
-                                         rf"given and {second} is None$"):
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, **arguments)
+    # Without lengths too when k or v is missing: the refusal names the missing half, not the
+    # lengths that an append (of both) needs.
+    for lengths in [{"cache_seqlens": 3}] + ([{}] if first in ("k", "v") else []):
+        with pytest.raises(ValueError, match=rf"^give {pair} together( or neither)?: {first} is "
+                                             rf"given and {second} is None$"):
+            flash_attn_with_kvcache(q, k_cache, v_cache, **lengths, **arguments)
 
 
 def test_seqlens_default_with_malformed_shapes(seed):

@@ -562,7 +562,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         ("alibi_slopes", alibi_slopes), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin))
         if x is not None})
     if cache_seqlens is None:
-        if k is not None:
+        if k is not None and v is not None:  # one of them alone: the core names the other
             raise ValueError("cache_seqlens is required when k and v are given: it says where "
                              "in each row's cache they are written")
         if k_cache.dim() == 4 and (block_table is None or block_table.dim() == 2):
