@@ -245,7 +245,7 @@ def _listed_calls(code: str):
         yield match.group(1), " ".join(code[match.end():end - 1].split())
 
 
-@pytest.mark.parametrize("name", ["attention", "attention_varlen"])
+@pytest.mark.parametrize("name", ["attention", "attention_varlen", "attention_with_kvcache"])
 def test_api_md_lists_every_keyword(name):
     """docs/api.md states every option: where it spells out a function's keywords (no ``...``,
     no ``<the same options>``), it names all of them, in order, with their defaults."""
@@ -254,8 +254,8 @@ def test_api_md_lists_every_keyword(name):
     import cuflash
 
     parameters = inspect.signature(getattr(cuflash, name)).parameters.values()
-    expected = ", ".join(f"{p.name}={p.default!r}" for p in parameters
-                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    expected = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                         for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
     listings = [arguments.partition("*, ")[2]
                 for block in BLOCKS if block.path == "docs/api.md"
                 for called, arguments in _listed_calls(block.code)
