@@ -131,6 +131,19 @@ def test_expand_blocks_sets_only_the_pairs_of_set_blocks(rng):
     assert got.nnz == expected.sum() and got.dtype == bool
 
 
+@pytest.mark.parametrize("container", [scipy.sparse.csr_array, scipy.sparse.csr_matrix,
+                                       scipy.sparse.csc_array])
+def test_expand_blocks_sums_the_duplicates_a_compressed_pattern_stores(container):
+    # Compressed formats keep duplicate entries as given; block (0, 1) is stored as 1 and -1,
+    # which sum to 0: the pattern's value there is 0, so the block is not set.
+    data, indices, indptr = [1, -1, 1, 2], [1, 1, 0, 1], [0, 2, 4]
+    blocks = container((np.array(data), np.array(indices), np.array(indptr)), shape=(2, 2))
+    layout = blocks.toarray() != 0
+    got = expand_blocks(blocks, block_size=3, shape=(5, 6))
+    np.testing.assert_array_equal(got.toarray(), np.kron(layout, np.ones((3, 3), bool))[:5, :6])
+    assert not layout.all()
+
+
 @pytest.mark.parametrize("pattern", [[[1, 0], [1, 1]], np.eye(2, dtype=bool), None,
                                      scipy.sparse.coo_array(np.ones((1, 2, 2), bool))])
 def test_expand_blocks_names_a_pattern_that_is_not_scipy_sparse(pattern):

@@ -22,7 +22,7 @@ import numbers
 import numpy
 
 from .._checks import check_bool
-from ._convert import _describe
+from ._convert import _describe, _set_coordinates
 from ._csr import ramp, sorted_unique
 from ._intervals import Grid, every_unit_attends, union
 from ._validate import (holds_bool, nonnegative_int, nonnegative_pair, positive_int, positive_pair,
@@ -271,8 +271,10 @@ def expand_blocks(pattern, *, block_size, shape):
     if tuple(pattern.shape) != expected:
         raise ValueError(f"pattern has shape {tuple(pattern.shape)}, but shape={(nq, nk)} with "
                          f"block_size=({bq}, {bk}) has {expected} blocks")
-    blocks = scipy.sparse.csr_array(pattern).astype(bool)
-    blocks.eliminate_zeros()  # blocks stored as 0 are not set: no entries for their pairs
+    # Blocks whose value is 0 (stored zeros, duplicates that cancel) are not set: no entries.
+    rows, cols = _set_coordinates(pattern)
+    blocks = scipy.sparse.csr_array((numpy.ones(rows.size, dtype=bool), (rows, cols)),
+                                    shape=pattern.shape)
     elements = scipy.sparse.kron(blocks, numpy.ones((bq, bk), dtype=bool), format="csr")
     return scipy.sparse.csr_array(elements[:nq, :nk])
 
