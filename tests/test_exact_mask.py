@@ -403,6 +403,20 @@ def test_from_scipy_points_a_dense_array_to_its_own_dense_reader():
         BlockMask.from_scipy(np.eye(8, dtype=bool), level="element")
 
 
+@pytest.mark.parametrize("pattern, words", [
+    (scipy.sparse.coo_array((2, 0, 5)), r"pattern has shape \(2, 0, 5\): each head's pattern "
+                                         r"\(M, N\) = \(0, 5\) must have M >= 1 and N >= 1"),
+    ([scipy.sparse.csr_array((3, 0))] * 2, r"pattern\[0\] has shape \(3, 0\): each head's "
+                                           r"pattern \(M, N\) must have M >= 1 and N >= 1")])
+def test_from_scipy_names_the_empty_axis_of_per_head_patterns(pattern, words):
+    # pattern.shape[0] of the 3-D array is 2 heads, and a list has no shape: the error must
+    # name what is empty.
+    with pytest.raises(ValueError, match=words):
+        ExactMask.from_scipy(pattern)
+    with pytest.raises(ValueError, match=words):
+        BlockMask.from_scipy(pattern, level="element", block_size=4)
+
+
 @pytest.mark.parametrize("options, error, words", [
     (dict(max_rows=0), ValueError, "max_rows must be a positive integer"),
     (dict(max_cols=-1), ValueError, "max_cols must be a positive integer"),

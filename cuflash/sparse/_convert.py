@@ -25,6 +25,13 @@ def _describe(value):
     return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
+def _check_head_shape(shape, described):
+    """One head's pattern of a per-head pattern must have pairs; a shared 2-D pattern's shape is
+    checked by its reader, which names ``pattern.shape``."""
+    if 0 in shape:
+        raise ValueError(f"{described} must have M >= 1 and N >= 1")
+
+
 def sparse_heads(pattern, *, dense_hint):
     """``(heads, per_head)``: ``[(shape, rows, cols), ...]`` and whether one was given per head.
 
@@ -37,8 +44,10 @@ def sparse_heads(pattern, *, dense_hint):
         if pattern.ndim == 2:
             return [(pattern.shape, *_set_coordinates(pattern))], False
         if pattern.ndim == 3 and pattern.shape[0] > 0:
-            heads, rows, cols = _set_coordinates(pattern)
             shape = pattern.shape[1:]
+            _check_head_shape(shape, f"pattern has shape {pattern.shape}: each head's pattern "
+                                     f"(M, N) = {shape}")
+            heads, rows, cols = _set_coordinates(pattern)
             return [(shape, rows[heads == h], cols[heads == h])
                     for h in range(pattern.shape[0])], True
         raise ValueError(
@@ -53,6 +62,8 @@ def sparse_heads(pattern, *, dense_hint):
                 dimensions = f" with {head.ndim} dimensions" if scipy.sparse.issparse(head) else ""
                 raise TypeError(f"pattern[{h}] must be a 2-D scipy.sparse matrix or array, "
                                 f"got {_describe(head)}{dimensions}")
+            _check_head_shape(head.shape, f"pattern[{h}] has shape {head.shape}: each head's "
+                                          "pattern (M, N)")
             heads.append((head.shape, *_set_coordinates(head)))
         shapes = {shape for shape, _, _ in heads}
         if len(shapes) > 1:
