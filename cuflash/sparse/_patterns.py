@@ -13,8 +13,9 @@ Conventions shared by every builder:
   combining patterns element-wise before coarsening.
 - ``nk`` defaults to ``nq``. When they differ, the sequences are aligned at their ends, as
   ``causal=True`` is: query ``i`` sits at key position ``i + nk - nq``.
-- Patterns are symmetric around that diagonal; pass ``causal=True`` to the attention call (or
-  ``.multiply(causal(...))`` element-wise) for the causal variants.
+- Only ``causal``, ``prefix_lm`` and ``document(..., causal=True)`` cut keys after the query's
+  position; for causal variants of the others pass ``causal=True`` to the attention call (or
+  ``.multiply(causal(...))`` element-wise).
 """
 
 import numbers
