@@ -60,7 +60,8 @@ def refuse_masked_array(x: Any, name: str, instead: str = "") -> None:
 
 def _refuse_subclass(x: numpy.ndarray, name: str) -> None:
     """NumPy subclasses whose meaning the computation would drop are refused."""
-    refuse_masked_array(x, name, " and express masking with causal, window or block_mask")
+    refuse_masked_array(x, name, " and express masking with causal, window or an exact mask "
+                                 "(mask=cuflash.sparse.ExactMask)")
     if isinstance(x, numpy.matrix):
         raise TypeError(f"{name} is a numpy.matrix, which is always 2-D and multiplies with *; "
                         f"pass numpy.asarray({name})")

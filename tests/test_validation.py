@@ -337,6 +337,14 @@ def test_masked_arrays_are_refused():
         cuflash.attention(Q, K, V, alibi_slopes=np.ma.masked_array(SLOPES))
 
 
+def test_a_masked_input_is_pointed_to_exact_masking():
+    # Masking pairs element by element is what mask= (an ExactMask) does; block_mask= computes
+    # whole blocks, so the hint must not send a user there.
+    with pytest.raises(TypeError, match=r"mask=cuflash\.sparse\.ExactMask") as error:
+        cuflash.attention(np.ma.masked_array(Q, mask=Q > 1), K, V)
+    assert "block_mask" not in str(error.value)
+
+
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 def test_numpy_matrix_is_refused():
     with pytest.raises(TypeError, match=r"q is a numpy.matrix, .* pass numpy.asarray\(q\)"):
