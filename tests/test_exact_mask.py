@@ -583,3 +583,17 @@ def test_cli_mask_show_exact_refuses_huge_patterns_and_pictures():
     result = runner.invoke(main, ["mask", "show", "causal", "--seq-len", "1K", "--exact",
                                   "--png", "x.png"])
     assert result.exit_code == 2 and "--exact" in result.output
+
+
+def test_cli_mask_show_exact_out_of_memory_exits_3(monkeypatch):
+    # --force builds what the estimate refuses; memory running out then is reported as the
+    # block masks' builds report it (exit status 3 and the reason), not as a traceback.
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 4.00 TiB")
+
+    monkeypatch.setattr(ExactMask, "from_scipy", no_memory)
+    result = CliRunner().invoke(main, ["mask", "show", "causal", "--seq-len", "1K", "--exact",
+                                       "--force"])
+    assert result.exit_code == 3, result.output
+    assert "cannot build pattern 'causal' at 1,024 tokens: Unable to allocate" in result.output
+    assert "--seq-len" in result.output

@@ -6,6 +6,7 @@ Each pattern is built at block level (cheap at any length) and turned into a Blo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -252,14 +253,32 @@ def pattern_parameters(name: str, given: dict) -> dict:
             for option, default in pattern.defaults.items()}
 
 
+@contextlib.contextmanager
+def _building(name: str, seq_len: int, instead: str):
+    """Errors of building pattern ``name`` as the commands report them: a pattern that rejects
+    its parameters (a window longer than the sequence, ...) raises ``click.UsageError`` with its
+    message; one whose arrays do not fit in memory or in int64 (huge ``seq_len``) raises
+    ``NotEnoughMemory`` (exit status 3) saying what to do ``instead``."""
+    from cuflash.cli._common import NotEnoughMemory
+
+    try:
+        yield
+    except ValueError as error:
+        raise click.UsageError(f"cannot build pattern {name!r}: {error}") from error
+    except (MemoryError, OverflowError) as error:
+        raise NotEnoughMemory(
+            f"cannot build pattern {name!r} at {seq_len:,} tokens: {error}; {instead}") from error
+
+
 def build_exact_mask(name: str, seq_len: int, *, block_size: int, parameters: dict,
                      seed: int = 0):
     """An ExactMask of pattern ``name`` at element level for one ``seq_len × seq_len`` problem:
     patterns on tokens are built pair by pair; patterns drawn per block (random, bigbird) are
-    drawn with ``block_size`` and every pair of a drawn block is allowed."""
+    drawn with ``block_size`` and every pair of a drawn block is allowed. Errors as for
+    :func:`build_mask`."""
     sparse = _sparse()
     pattern = PATTERNS[name]
-    try:
+    with _building(name, seq_len, "use a smaller --seq-len"):
         if pattern.on_tokens:
             elements = pattern.build(seq_len, 1, parameters, seed)
         else:
@@ -270,31 +289,20 @@ def build_exact_mask(name: str, seq_len: int, *, block_size: int, parameters: di
             elements = sparse.expand_blocks(blocks, block_size=block_size,
                                             shape=(seq_len, seq_len))
         return sparse.ExactMask.from_scipy(elements)
-    except ValueError as error:
-        raise click.UsageError(f"cannot build pattern {name!r}: {error}") from error
 
 
 def build_mask(name: str, seq_len: int, *, block_size: int, parameters: dict, seed: int = 0):
     """A BlockMask of pattern ``name`` for one ``seq_len × seq_len`` problem.
 
-    ``parameters`` come from :func:`pattern_parameters`. A pattern that rejects its parameters
-    (a window longer than the sequence, ...) raises ``click.UsageError`` with its message; one
-    whose arrays do not fit in memory or in int64 (huge ``seq_len``) raises
-    ``NotEnoughMemory`` (exit status 3).
+    ``parameters`` come from :func:`pattern_parameters`. Errors as ``_building`` reports them:
+    ``click.UsageError`` for parameters the pattern rejects, ``NotEnoughMemory`` (exit status
+    3) for arrays that do not fit in memory or in int64.
     """
-    from cuflash.cli._common import NotEnoughMemory
-
     sparse = _sparse()
-    try:
+    with _building(name, seq_len, "use a larger --block-size or a smaller --seq-len"):
         blocks = PATTERNS[name].build(seq_len, block_size, parameters, seed)
         if hasattr(blocks, "tocoo"):
             return sparse.BlockMask.from_scipy(blocks, level="block", block_size=block_size,
                                                shape=(seq_len, seq_len))
         return sparse.BlockMask.from_dense(blocks, block_size=block_size,
                                            shape=(seq_len, seq_len))
-    except ValueError as error:
-        raise click.UsageError(f"cannot build pattern {name!r}: {error}") from error
-    except (MemoryError, OverflowError) as error:
-        raise NotEnoughMemory(
-            f"cannot build pattern {name!r} at {seq_len:,} tokens: "
-            f"{error}; use a larger --block-size or a smaller --seq-len") from error
