@@ -58,10 +58,15 @@ def refuse_masked_array(x: Any, name: str, instead: str = "") -> None:
                         f"plain array ({name}.filled(...) or numpy.asarray({name})){instead}")
 
 
+# The arrays whose masked entries an attention mask can express (masked keys, values or queries);
+# for others (offsets, slopes, outputs) a masked array is refused without that hint.
+_ATTENDED = frozenset(("q", "k", "v", "k_cache", "v_cache"))
+
+
 def _refuse_subclass(x: numpy.ndarray, name: str) -> None:
     """NumPy subclasses whose meaning the computation would drop are refused."""
     refuse_masked_array(x, name, " and express masking with causal, window or an exact mask "
-                                 "(mask=cuflash.sparse.ExactMask)")
+                                 "(mask=cuflash.sparse.ExactMask)" if name in _ATTENDED else "")
     if isinstance(x, numpy.matrix):
         raise TypeError(f"{name} is a numpy.matrix, which is always 2-D and multiplies with *; "
                         f"pass numpy.asarray({name})")

@@ -343,6 +343,12 @@ def test_a_masked_input_is_pointed_to_exact_masking():
     with pytest.raises(TypeError, match=r"mask=cuflash\.sparse\.ExactMask") as error:
         cuflash.attention(np.ma.masked_array(Q, mask=Q > 1), K, V)
     assert "block_mask" not in str(error.value)
+    # Masked slopes or outputs are no attention mask: no such hint for them.
+    for call in (lambda: cuflash.attention(Q, K, V, alibi_slopes=np.ma.masked_array(SLOPES)),
+                 lambda: cuflash.attention(Q, K, V, out=np.ma.masked_array(np.empty_like(Q)))):
+        with pytest.raises(TypeError, match="MaskedArray") as error:
+            call()
+        assert "express masking" not in str(error.value)
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
