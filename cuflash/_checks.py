@@ -290,6 +290,12 @@ def mask_hint(mask: Any) -> str:
         return " (a BlockMask is block-sparse: pass it as block_mask=)"
     if type(mask).__module__.partition(".")[0] == "scipy":
         return " (build one with cuflash.sparse.ExactMask.from_scipy(pattern))"
+    if isinstance(mask, (list, tuple)) and mask:  # one pattern per head
+        first = mask[0]
+        if type(first).__module__.partition(".")[0] == "scipy":
+            return " (build one from per-head patterns with cuflash.sparse.ExactMask.from_scipy(patterns))"
+        if hasattr(first, "shape"):
+            return " (build one with cuflash.sparse.ExactMask.from_dense of the (H, Nq, Nk) array)"
     if hasattr(mask, "shape"):
         return " (build one with cuflash.sparse.ExactMask.from_dense(array))"
     return ""

@@ -349,6 +349,8 @@ def test_the_wrong_number_of_heads_is_refused():
      "a BlockMask is block-sparse: pass it as block_mask="),
     (lambda: causal(100, 120), "ExactMask.from_scipy"),
     (lambda: np.ones((100, 120), bool), "ExactMask.from_dense"),
+    (lambda: [causal(100, 120)] * 4, r"per-head patterns with cuflash\.sparse\.ExactMask\.from_scipy"),
+    (lambda: [np.ones((100, 120), bool)] * 4, r"ExactMask\.from_dense of the \(H, Nq, Nk\) array"),
     (lambda: "causal", "mask must be a cuflash.sparse.ExactMask or None"),
 ])
 def test_mask_of_the_wrong_type_is_a_type_error(given, words):
