@@ -281,7 +281,7 @@ def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, 
             what = (f"cache_seqlens[{row}] = {int(lengths[row])}" if lengths.size > 1
                     and not numpy.all(lengths == lengths[0]) else
                     f"cache_seqlens = {int(lengths[row])}")
-            appended = f" with {spec.s_new} keys appended" if spec.s_new else ""
+            appended = (f" with {spec.s_new} key{'s' * (spec.s_new != 1)} appended" if spec.s_new else "")
             raise ValueError(
                 f"{what} is outside [0, {room}]: a batch row's cache holds {spec.capacity} "
                 f"keys{appended}" + (" (the writes would pass the end of the cache)"

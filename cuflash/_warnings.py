@@ -155,7 +155,7 @@ def check_forward(out, lse, inputs, caller: str = "cuflash.attention", seen=None
     else:
         what = ("the weighted sum of the rows of v, accumulated in float32, overflowed float32 "
                 f"(|x| > {FLOAT32_MAX:.3g}). Scale v down")
-    _warn(caller, f"the output holds inf or NaN although q, k and v are finite: "
+    _warn(caller, f"the output holds inf or NaN although the inputs are finite: "
           f"{what} ({SEE})")
 
 

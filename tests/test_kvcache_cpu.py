@@ -685,3 +685,24 @@ def test_device_caches_at_one_address_refused_for_appends(monkeypatch):
     cuflash.attention_with_kvcache(q, packed[:, :, 0], packed[:, :, 1], new, new, cache_seqlens=seqlens,
                                    num_splits=1)
     assert any(name.startswith("flash_decode<") for name, *_ in device.take_launches())
+
+
+def test_lengths_past_the_room_name_the_appended_keys():
+    q = np.zeros((1, 1, 2, 8), np.float32)
+    cache = np.zeros((1, 16, 2, 8), np.float32)
+    new = np.zeros((1, 1, 2, 8), np.float32)
+    with pytest.raises(ValueError, match=r"cache_seqlens = 16 is outside \[0, 15\]: a batch row's "
+                                         r"cache holds 16 keys with 1 key appended"):
+        cuflash.attention_with_kvcache(q, cache, cache.copy(), new, new, cache_seqlens=16)
+
+
+def test_an_overflow_warns_under_the_call_without_naming_other_arguments():
+    """The warning names attention_with_kvcache, not the k and v it would append."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 1, 2, 8)).astype(np.float32)
+    caches = [rng.standard_normal((1, 16, 2, 8)).astype(np.float32) for _ in range(2)]
+    with pytest.warns(cuflash.CuflashNumericalWarning) as record:
+        cuflash.attention_with_kvcache(q, *caches, cache_seqlens=16, scale=1e38)
+    (message,) = {str(w.message) for w in record}
+    assert message.startswith("cuflash.attention_with_kvcache: the output holds inf or NaN "
+                              "although the inputs are finite")
