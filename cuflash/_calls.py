@@ -10,7 +10,8 @@ the signature then holds the spec, the output shapes and the prepared launch of 
 given (and the backward's workspace), writes the arrays' data pointers into a copy of the packed
 arguments and launches: no validation, no planning, no views, nothing read back from the device.
 Packed-sequence calls (``varlen_forward``, ``varlen_backward``) are keyed the same way, their
-device offsets among the arrays and the max lengths among the options; a later call checks its
+device offsets among the arrays (contiguous ones only: others are copied on the validated path)
+and the max lengths among the options; a later call checks its
 offsets' values first when asked to (``check_offsets``, a read-back), as the validated path does.
 
 A call finds its entry first by a quick key, which names the options by the identity of their
@@ -583,8 +584,8 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, dropou
     xp, spec, result, lse = _api.validated_varlen_forward(
         q, k, v, cu_q, cu_k, max_q, max_k, out, _validated_options(options, dropout), return_lse)
     if key is not None and entry is None:
-        _remember(key, _VarlenEntry.of(_varlen_forward_entry(xp, spec, q, k, v, out, result),
-                                       options["check_offsets"]))
+        built = _varlen_forward_entry(xp, spec, q, k, v, out, result, (cu_q, cu_k))
+        _remember(key, _VarlenEntry.of(built, options["check_offsets"]))
     return result, lse, spec
 
 
@@ -614,7 +615,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: 
         dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, _validated_options(options, dropout),
         grads, alibi)
     if key is not None and entry is None:
-        built = _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, result, grads)
+        built = _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, result, grads,
+                                       (cu_q, cu_k))
         _remember(key, _VarlenEntry.of(built, options["check_offsets"]))
     return result
 
@@ -650,12 +652,20 @@ class _VarlenEntry:
         return spec
 
 
-def _varlen_forward_entry(xp, spec, q, k, v, out, result):
+def _offsets_read_in_place(spec, offsets) -> bool:
+    """Whether the kernels of this validated varlen call read the caller's ``offsets``
+    (cu_q, cu_k) themselves: not where they were copied (contiguous int32 on the device, as the
+    kernels read them), which a later call of the layout would have to copy again."""
+    return spec.varlen.cu_q is offsets[0] and spec.varlen.cu_k is offsets[1]
+
+
+def _varlen_forward_entry(xp, spec, q, k, v, out, result, offsets):
     """The dense entry launching this varlen forward, or _UNCACHED: where the validated path
-    would copy an input or write through a temporary, or launch nothing (no rows). The lse is
-    always kept, as the validated path stores it."""
+    would copy an input or the offsets (``offsets``: the call's cu_q, cu_k) or write through a
+    temporary, or launch nothing (no rows). The lse is always kept, as the validated path stores
+    it."""
     layout = spec.varlen
-    if xp is numpy or not layout.total_q:
+    if xp is numpy or not layout.total_q or not _offsets_read_in_place(spec, offsets):
         return _UNCACHED
     if not all(_checks.kernel_ready(x) for x in (q, k, v, result)):
         return _UNCACHED
@@ -665,10 +675,12 @@ def _varlen_forward_entry(xp, spec, q, k, v, out, result):
                                    (q, k, v), out, True)
 
 
-def _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, results, given):
+def _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, results, given, offsets):
     """The dense entry launching this varlen backward, or _UNCACHED (as ``_varlen_forward_entry``;
     ``results``: the call's gradients, ``given``: the arrays it was given for them)."""
     if xp is numpy or not spec.varlen.total_q or not lse.flags.c_contiguous:
+        return _UNCACHED
+    if not _offsets_read_in_place(spec, offsets):
         return _UNCACHED
     if not all(_checks.kernel_ready(x) for x in (dout, q, k, v, out, *results)):
         return _UNCACHED

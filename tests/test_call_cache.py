@@ -946,6 +946,45 @@ def test_cached_varlen_calls_with_offsets_taken_in_turn_send_their_own(device):
                 assert (int(fields["cu_q"][0]), int(fields["cu_k"][0])) == (cu_q.data.ptr, cu_k.data.ptr)
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_strided_device_offsets_reach_the_kernels_as_a_contiguous_copy(device, monkeypatch,
+                                                                       backward):
+    """The kernels read B + 1 contiguous int32 offsets: offsets given as a strided CuPy view are
+    copied by the validated path, and a later call of the same layout must not send the view
+    itself (whose every other int32 is not an offset)."""
+    import cupy
+
+    copies = []
+
+    def contiguous(x, dtype=None):  # (the copy itself needs the device)
+        if x.flags.c_contiguous:
+            return x
+        copies.append(device.empty(x.shape, x.dtype))
+        return copies[-1]
+
+    monkeypatch.setattr(cupy, "asarray", lambda x, dtype=None: x)
+    monkeypatch.setattr(cupy, "ascontiguousarray", contiguous)
+    (q, k, v, dout, *_), _ = _varlen_arrays(device, {})
+    cu = device.empty((4,), np.int32)
+    out, lse = cuflash.attention_varlen(q, k, v, cu, cu, 300, 290, return_lse=True,
+                                        check_offsets=False)
+    for _ in range(3):
+        strided = device.empty((8,), np.int32)[::2]
+        layout = (strided, strided, 300, 290)
+        copies.clear()
+        device.take_launches()
+        if backward:
+            cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout, check_offsets=False)
+        else:
+            cuflash.attention_varlen(q, k, v, *layout, check_offsets=False)
+        launches = device.take_launches()
+        assert launches and len(copies) == 2
+        for *_, record in launches:
+            layout_of = _launch.FWD_ARGS if len(record) == _launch.FWD_ARGS.itemsize else _launch.BWD_ARGS
+            fields = np.frombuffer(record, layout_of)
+            assert (int(fields["cu_q"][0]), int(fields["cu_k"][0])) == tuple(c.data.ptr for c in copies)
+
+
 def test_varlen_vjp_backward_takes_the_cache(device):
     """A packed vjp's backward is a cached call from the second vjp of a layout on, and launches
     what the validated path launches (with the forward's ALiBi copy)."""
