@@ -40,8 +40,9 @@ the key says which of the three are given.
 
 Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees when it returns
 (the backward's workspace, an lse not returned, the ALiBi copy), the block mask (whose device
-index the kernels read) and a dropout seed array (a vjp's copy of one has no other owner) are
-kept alive as long as the call's outputs are, since the graph's replays use them. Entries keep
+index the kernels read), a dropout seed array (a vjp's copy of one has no other owner) and a
+varlen call's device offsets (likewise for a varlen vjp's copy of NumPy offsets) are kept alive
+as long as the call's outputs are, since the graph's replays use them. Entries keep
 no seed array: each call hands its own in. A call on the validated path (every call of an
 uncached signature) records what it allocates instead (``CapturedAllocations``, around
 ``_api``'s runners: copies of inputs, temporaries, full-batch gradients of broadcast inputs,
@@ -214,8 +215,10 @@ def _release(_buffers) -> None:
 
 def _device_buffers(spec) -> tuple:
     """What a cached call's kernels read besides its arrays: the ALiBi copy, the masks' device
-    index, the dropout seed array (a vjp's copy of it has no other owner)."""
-    return spec.alibi, spec.block_mask, spec.exact_mask, spec.dropout_state
+    index, the dropout seed array (a vjp's copy of it has no other owner), a varlen call's
+    device offsets (a varlen vjp's copy of NumPy offsets has no other owner either)."""
+    buffers = spec.alibi, spec.block_mask, spec.exact_mask, spec.dropout_state
+    return buffers if spec.varlen is None else (*buffers, spec.varlen.cu_q, spec.varlen.cu_k)
 
 
 def keep_alive_with(outputs, buffers) -> None:

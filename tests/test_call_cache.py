@@ -412,6 +412,57 @@ def test_a_vjp_s_seed_copy_lives_with_the_captured_results(device, monkeypatch, 
     assert all(copy() is None for copy in copies)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["validated", "cached"])
+def test_a_varlen_vjp_s_device_offsets_live_with_the_captured_gradients(device, monkeypatch,
+                                                                        cached):
+    """attention_varlen_vjp copies NumPy offsets to the device once, for both passes; the
+    backward's kernels read that copy, which nothing but the vjp holds. Under capture the graph
+    reads it at every replay, so it must live as long as the gradients, cached call or not."""
+    import gc
+    import weakref
+
+    import cupy
+    import fake_device
+
+    copies = []
+
+    def to_device(x, dtype=None):  # (the copy itself needs the device)
+        if isinstance(x, cupy.ndarray):
+            return x
+        made = device.empty(x.shape, x.dtype)
+        copies.append(weakref.ref(made))
+        return made
+
+    monkeypatch.setattr(cupy, "asarray", to_device)
+    q, k, v, dout = (device.empty((700, 4, 64), BF16) for _ in range(4))
+    offsets = np.array([0, 300, 500, 700], np.int32)
+
+    def step():
+        out, vjp = cuflash.attention_varlen_vjp(q, k, v, offsets, offsets, 300, 300, causal=True)
+        return out, vjp(dout)
+
+    if cached:
+        step()
+    hits = _calls.stats()["hits"]
+    monkeypatch.setattr(fake_device.FakeStream, "is_capturing", lambda self: True)
+    monkeypatch.setattr(_calls, "stream_capturing", lambda: True)
+    copies.clear()
+    out, grads = step()
+    assert _calls.stats()["hits"] == hits + cached
+    captured = list(copies)
+    # The capture ends; the next step's vjp (new offsets copies) follows.
+    monkeypatch.setattr(fake_device.FakeStream, "is_capturing", lambda self: False)
+    monkeypatch.setattr(_calls, "stream_capturing", lambda: False)
+    step()
+    del out
+    gc.collect()
+    assert captured and all(copy() is not None for copy in captured)
+    del grads
+    _calls.clear()  # (an entry built by the captured step keeps its spec, offsets and all)
+    gc.collect()
+    assert all(copy() is None for copy in captured)
+
+
 def test_seeds_without_dropout_change_nothing(device):
     q, k, v = _qkv(device)
     cuflash.attention(q, k, v, causal=True)
