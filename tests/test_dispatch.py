@@ -799,3 +799,35 @@ def test_kernel_plan_reports_the_float32_backward_workspace(monkeypatch):
     # The forward, the same launcher module, allocates nothing besides its results.
     assert plans.forward.family.name == "float32" and plans.forward.workspace is None
     assert "workspace" not in plans.forward.describe()
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(), dict(deterministic=True)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernel_plan_describes_the_backward_its_views_run(monkeypatch, options, d):
+    """Inputs TMA cannot describe (here k and v broadcast along the batch with stride 0) keep
+    the Hopper backward's cp.async dK/dV kernel: kernel_plan's "runs ..." line and workspace are
+    those of the kernels the call then launches and the bytes it allocates, not those of the
+    warp-specialised kernel."""
+    pytest.importorskip("cupy")
+    import cupy
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    allocated = []
+    fake_memory = _launch.device_memory
+    monkeypatch.setattr(_launch, "device_memory", lambda nbytes: allocated.append(nbytes) or fake_memory(nbytes))
+    q, out, dout = (device.empty((2, 3, 700, d), ml_dtypes.bfloat16) for _ in range(3))
+    one = device.empty((1, 3, 700, d), ml_dtypes.bfloat16)
+    k = cupy.lib.stride_tricks.as_strided(one, (2, 3, 700, d), (0,) + one.strides[1:])
+    lse = device.empty((2, 3, 700), np.float32)
+    plan = cuflash.kernel_plan(q, k, k, **options).backward
+    assert plan.family.name == "sm90-wgmma"
+    device.take_launches()
+    cuflash.attention_backward(dout, q, k, k, out, lse, **options)
+    launched = [expression.partition("<")[0] for expression, *_ in device.take_launches()]
+    assert "flash_bwd_sm90_dkdv" in launched  # the cp.async kernel
+    assert "warp-specialised" not in plan.detail
+    assert ("then a dQ kernel" in plan.detail) == ("flash_bwd_sm90_dq" in launched)
+    assert allocated == [sum(plan.workspace.values())], plan.describe()

@@ -80,13 +80,15 @@ class Plan:
     family: Family | None
     passed_over: tuple[tuple[str, str], ...]
     spec: object = field(default=None, compare=False, repr=False)
+    arrays: tuple | None = field(default=None, compare=False, repr=False)  # the views planned for
 
     @property
     def detail(self) -> str:
         """How the chosen family runs this call (its launcher's ``describe_call``: tiles, launch
-        sequence), or "" when it says nothing more. Worked out when asked, not per call."""
+        sequence, for the views planned for), or "" when it says nothing more. Worked out when
+        asked, not per call."""
         describe_call = getattr(self.family.launcher(), "describe_call", None) if self.family else None
-        return describe_call(self.spec) if describe_call else ""
+        return describe_call(self.spec, self.arrays) if describe_call else ""
 
     @property
     def workspace(self) -> dict[str, int] | None:
@@ -97,7 +99,7 @@ class Plan:
         if self.pass_name != "backward" or self.family is None:
             return None
         workspace_of = getattr(self.family.launcher(), "workspace_of", None)
-        return workspace_of(self.spec) if workspace_of else None
+        return workspace_of(self.spec, self.arrays) if workspace_of else None
 
     def describe(self) -> str:
         chosen = self.family.name if self.family else "none"
@@ -124,9 +126,9 @@ def plan(pass_name: str, spec, arrays) -> Plan:
     for family in REGISTRY[pass_name]:
         reason = family.why_not(spec, arrays)
         if reason is None:
-            return Plan(pass_name, family, tuple(passed_over), spec)
+            return Plan(pass_name, family, tuple(passed_over), spec, arrays)
         passed_over.append((family.name, reason))
-    return Plan(pass_name, None, tuple(passed_over), spec)
+    return Plan(pass_name, None, tuple(passed_over), spec, arrays)
 
 
 def _chosen(pass_name: str, spec, arrays) -> Family:

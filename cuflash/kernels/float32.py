@@ -228,9 +228,10 @@ def forward(q, k, v, out, lse, spec, *, tiles: F32Tiles | None = None):
     kernel((blocks,), (THREADS,), (args,), shared_mem=shared)
 
 
-def workspace_of(spec) -> dict[str, int]:
+def workspace_of(spec, arrays=None) -> dict[str, int]:
     """The device memory this call's backward allocates besides the gradients, by part
-    (``cuflash.kernel_plan``): Delta, one float per query row and head."""
+    (``cuflash.kernel_plan``): Delta, one float per query row and head (for any views
+    ``arrays``)."""
     s = spec.shapes
     return {"Delta": 4 * s.b * s.hq * s.nq}
 

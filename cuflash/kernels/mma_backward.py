@@ -276,8 +276,9 @@ def tiles_for(spec) -> BwdTiles:
 TWO_KERNELS = "a dK/dV kernel, then a dQ kernel (bit-identical run to run)"
 
 
-def describe_call(spec) -> str:
-    """The launch sequence this call runs (``cuflash.kernel_plan``)."""
+def describe_call(spec, arrays=None) -> str:
+    """The launch sequence this call runs (``cuflash.kernel_plan``; the same for any views
+    ``arrays``)."""
     if spec.deterministic:
         return TWO_KERNELS
     return "the dK/dV kernel adding dQ by float32 atomics (in any order: not bit-identical run to run)"
@@ -289,9 +290,9 @@ def scratch_of(spec) -> Scratch:
     return Scratch.of(spec, atomic_dq=not spec.deterministic)
 
 
-def workspace_of(spec) -> dict[str, int]:
+def workspace_of(spec, arrays=None) -> dict[str, int]:
     """The device memory this call's backward allocates besides the gradients, by part
-    (``cuflash.kernel_plan``)."""
+    (``cuflash.kernel_plan``; the same for any views ``arrays``)."""
     return scratch_of(spec).parts()
 
 

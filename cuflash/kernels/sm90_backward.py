@@ -224,10 +224,17 @@ def rotated_dq(spec, tiles: Sm90BwdTiles) -> bool:
             and n_tiles <= min(m_tiles, ROTATED_MAX_KEY_TILES))
 
 
-def describe_call(spec) -> str:
-    """The launch sequence this call runs (``cuflash.kernel_plan``; views TMA cannot describe
-    keep the cp.async dK/dV kernel even where this names the warp-specialised one)."""
-    producer = producer_wanted(spec)
+def planned_producer(spec, arrays=None) -> bool:
+    """Whether the dK/dV kernel runs warp-specialised for this call (``warp_specialised``): for
+    the views ``arrays`` (q, k, v, dout, out, dq, dk, dv), or where none are given for views TMA
+    can describe (freshly allocated ones)."""
+    return producer_wanted(spec) if arrays is None else warp_specialised(spec, arrays)
+
+
+def describe_call(spec, arrays=None) -> str:
+    """The launch sequence this call runs (``cuflash.kernel_plan``) with the views ``arrays``
+    (``planned_producer``): views TMA cannot describe keep the cp.async dK/dV kernel."""
+    producer = planned_producer(spec, arrays)
     dkdv = "warp-specialised dK/dV kernel" if producer else "dK/dV kernel"
     tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
     if fuses_dq(spec, tiles, producer):
@@ -308,11 +315,11 @@ def scratch_of(spec, ordered: bool, atomic_dq: bool, counted: bool) -> mma_backw
                                    lane_counters=counted, tile_claims=claims_dq_tiles(spec, counted))
 
 
-def workspace_of(spec) -> dict[str, int]:
+def workspace_of(spec, arrays=None) -> dict[str, int]:
     """The device memory this call's backward allocates besides the gradients, by part
-    (``cuflash.kernel_plan``; for the kernel ``describe_call`` names)."""
+    (``cuflash.kernel_plan``; for the kernel ``describe_call`` names for the same views)."""
     tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
-    return scratch_of(spec, *dq_route(spec, tiles, producer_wanted(spec))).parts()
+    return scratch_of(spec, *dq_route(spec, tiles, planned_producer(spec, arrays))).parts()
 
 
 def step_dims(spec) -> tuple[int, ...]:

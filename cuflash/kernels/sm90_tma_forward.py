@@ -278,8 +278,9 @@ def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     return None
 
 
-def describe_call(spec) -> str:
-    """The tile shape this call runs with (``cuflash.kernel_plan``)."""
+def describe_call(spec, arrays=None) -> str:
+    """The tile shape this call runs with (``cuflash.kernel_plan``; the same for any views
+    ``arrays`` the family takes)."""
     tiles = tiles_for(spec)
     if tiles is None:
         return ""
