@@ -161,7 +161,8 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
                  alibi_slopes=None, num_splits=0, return_lse=False, out=None, rotary_cos=None,
                  rotary_sin=None, rotary_interleaved=True, cache_leftpad=None) -> KVCachePlan:
     """The route ``attention_with_kvcache`` would take for these arguments, and why; validated
-    the same way, and nothing is written or run.
+    the same way, and nothing is written or run (q is neither rotated nor copied: the route of
+    the array the call would make stands for it).
 
     >>> import numpy as np, cuflash
     >>> q = np.zeros((1, 1, 2, 8), np.float32); cache = np.zeros((1, 32, 2, 8), np.float32)
@@ -175,10 +176,21 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
         out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, cache_leftpad=cache_leftpad)
     with _checks.device_context(q):
-        q, _, _, k_cache, v_cache = _call_arrays(spec, rotary, q, k, v, k_cache, v_cache)
+        q, k_cache, v_cache = _planned_arrays(spec, rotary, q, k_cache, v_cache)
         route, reason, _ = _choose(spec, q if spec.xp is numpy else _checks.kernel_readable(q),
                                    k_cache, v_cache)
     return KVCachePlan(spec, route, reason)
+
+
+def _planned_arrays(spec: KVCacheSpec, rotary: Rotary | None, q, k_cache, v_cache):
+    """``(q, k_cache, v_cache)`` with the layout ``_call_arrays`` gives them, without rotating or
+    copying anything: where the call would replace q (rotated, or copied apart from the caches
+    it appends to: a new C-contiguous array either way), an uninitialised array of its shape and
+    dtype stands in for it."""
+    if rotary is not None or (spec.s_new and any(_checks.overlaps(q, cache, spec.xp)
+                                                 for cache in (k_cache, v_cache))):
+        q = spec.xp.empty(q.shape, q.dtype)
+    return (q, *_batch_rows(spec, k_cache, v_cache))
 
 
 def _validated(q, k_cache, v_cache, k, v, *, return_lse, out, rotary_cos, rotary_sin,
@@ -205,9 +217,14 @@ def _call_arrays(spec: KVCacheSpec, rotary: Rotary | None, q, k, v, k_cache, v_c
         q, k, v = (_apart_from_caches(spec.xp, x, (k_cache, v_cache)) for x in (q, k, v))
     if rotary is not None:
         q, k = _rotated(spec, rotary, q, k)
+    return (q, k, v, *_batch_rows(spec, k_cache, v_cache))
+
+
+def _batch_rows(spec: KVCacheSpec, k_cache, v_cache):
+    """The caches, a contiguous one without ``cache_batch_idx`` cut to its first B rows."""
     if not spec.paged and spec.cache_batch_idx is None and k_cache.shape[0] > spec.b:
-        k_cache, v_cache = k_cache[:spec.b], v_cache[:spec.b]
-    return q, k, v, k_cache, v_cache
+        return k_cache[:spec.b], v_cache[:spec.b]
+    return k_cache, v_cache
 
 
 def _apart_from_caches(xp, x, caches):

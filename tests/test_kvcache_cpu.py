@@ -706,3 +706,35 @@ def test_an_overflow_warns_under_the_call_without_naming_other_arguments():
     (message,) = {str(w.message) for w in record}
     assert message.startswith("cuflash.attention_with_kvcache: the output holds inf or NaN "
                               "although the inputs are finite")
+
+
+@pytest.mark.parametrize("what", ["rotary", "q in the cache"])
+def test_kvcache_plan_rotates_and_copies_nothing(monkeypatch, what):
+    """kvcache_plan validates the call and names its route without running anything on the
+    device: where the call itself rotates q (rotary tables) or copies inputs that share memory
+    with the caches it appends to, the plan asks the route of a new C-contiguous q, which is what
+    those give (on the fake device any array operation would fail for want of a driver)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    k_cache, v_cache = (device.empty((2, 128, 2, 64), ml_dtypes.bfloat16) for _ in range(2))
+    new = device.empty((2, 1, 2, 64), ml_dtypes.bfloat16)
+    seqlens = device.empty((2,), np.int32)
+    extra = {}
+    if what == "rotary":
+        q = device.empty((2, 1, 4, 64), ml_dtypes.bfloat16)
+        extra = dict(rotary_cos=device.empty((128, 16), ml_dtypes.bfloat16),
+                     rotary_sin=device.empty((128, 16), ml_dtypes.bfloat16))
+    else:
+        q = k_cache[:, 100:101]  # (2, 1, 2, 64), rows of the cache itself
+    plan = cuflash.kvcache_plan(q, k_cache, v_cache, new, new, cache_seqlens=seqlens, causal=True,
+                                **extra)
+    assert plan.route == "decode"
+    assert device.take_launches() == []
+    # An odd q (its rows not 16-byte aligned) takes the generic route unless the call replaces it.
+    odd = device.empty((2 * 1 * 4 * 64 + 1,), ml_dtypes.bfloat16)[1:].reshape(2, 1, 4, 64)
+    assert cuflash.kvcache_plan(odd, k_cache, v_cache, new, new, cache_seqlens=seqlens).route == "generic"
+    if what == "rotary":
+        assert cuflash.kvcache_plan(odd, k_cache, v_cache, new, new, cache_seqlens=seqlens,
+                                    **extra).route == "decode"
