@@ -831,3 +831,119 @@ def test_kernel_plan_describes_the_backward_its_views_run(monkeypatch, options, 
     assert "warp-specialised" not in plan.detail
     assert ("then a dQ kernel" in plan.detail) == ("flash_bwd_sm90_dq" in launched)
     assert allocated == [sum(plan.workspace.values())], plan.describe()
+
+
+# The family of the kernel that does a pass's work, by the launched kernel's name (the backward's
+# by its dK/dV kernel: the Hopper family launches the sm80 module's small per-row kernels too).
+_FORWARD_KERNELS = (("flash_fwd_sm90_tma", "sm90-tma"), ("flash_fwd_sm90", "sm90-wgmma"),
+                    ("flash_f32_fwd", "float32"), ("flash_fwd", "sm80-mma"))
+_BACKWARD_KERNELS = (("flash_bwd_sm90_dkdv", "sm90-wgmma"), ("flash_f32_bwd_dkdv", "float32"),
+                     ("flash_bwd_dkdv", "sm80-mma"))
+
+
+def _families(launches, kernels_of) -> set:
+    """The families of the launched kernels: of each, that of the first prefix its name takes."""
+    families = set()
+    for expression, *_ in launches:
+        name = expression.partition("<")[0]
+        for prefix, family in kernels_of:
+            if name.startswith(prefix):
+                families.add(family)
+                break
+    return families
+
+
+def _plan_problems():
+    from hypothesis import strategies as st
+
+    return st.tuples(
+        st.sampled_from([np.float16, ml_dtypes.bfloat16, np.float32]),
+        st.sampled_from([(32, 32), (64, 64), (128, 128), (256, 256), (96, 96), (192, 128), (64, 128),
+                         (40, 56), (24, 24), (36, 36)]),
+        st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2)]),  # (Hq, Hkv)
+        st.integers(1, 300), st.integers(1, 3000),           # Nq, Nk
+        st.sampled_from(["contiguous", "sequence-major", "unaligned", "padded", "broadcast"]),
+        st.fixed_dictionaries({}, optional=dict(causal=st.just(True), softcap=st.just(20.0),
+                                                window=st.tuples(st.integers(-1, 90), st.integers(-1, 90)),
+                                                dropout_p=st.just(0.1), deterministic=st.just(True),
+                                                block_size=st.sampled_from([64, 128, 256]))),
+        st.sampled_from(["90", "80"]))
+
+
+def test_kernel_plan_names_the_families_the_calls_launch():
+    """For shapes, dtypes, layouts (odd strides, unaligned pointers, inputs broadcast along the
+    batch), head dims (Dv ≠ D), GQA, masks and dropout: the family kernel_plan names for each
+    pass is the one whose kernels the call launches (or none, and the call raises), and the
+    backward's workspace is what the call allocates."""
+    pytest.importorskip("cupy")
+    from hypothesis import HealthCheck, given, settings
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch, float32
+    from cuflash.sparse import BlockMask
+    from cuflash.sparse._csr import TileCSR
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(problem=_plan_problems())
+    def check(problem):
+        dtype, (d, dv), (hq, hkv), nq, nk, layout, options, capability = problem
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            device = FakeDevice(monkeypatch, compute_capability=capability)
+            monkeypatch.setattr(float32, "_shared_limit", lambda device_id: 227 * 1024)
+            monkeypatch.setattr(float32, "_device_shared_limit", lambda: 227 * 1024)
+            allocated = []
+            fake_memory = _launch.device_memory
+            monkeypatch.setattr(_launch, "device_memory", lambda n: allocated.append(n) or fake_memory(n))
+
+            def device_csr(self, tile_m, tile_n):
+                return self._cache.setdefault(("fake", tile_m, tile_n), TileCSR(
+                    *(device.empty(a.shape, a.dtype) for a in self.tile_csr(tile_m, tile_n))))
+
+            monkeypatch.setattr(BlockMask, "device_csr", device_csr)
+
+            def array(b, h, n, width):
+                if layout == "sequence-major":
+                    return device.empty((b, n, h, width), dtype).transpose(0, 2, 1, 3)
+                if layout == "unaligned":
+                    return device.empty((b * h * n * width + 1,), dtype)[1:].reshape(b, h, n, width)
+                if layout == "padded":
+                    return device.empty((b, h, n, width + 4), dtype)[..., :width]
+                return device.empty((b, h, n, width), dtype)
+
+            options = dict(options)
+            if "block_size" in options:
+                size = options.pop("block_size")
+                layout_of = np.random.default_rng(nq * nk).random((-(-nq // size), -(-nk // size))) < 0.6
+                options["block_mask"] = BlockMask.from_dense(layout_of, block_size=size, shape=(nq, nk))
+            if "dropout_p" in options:
+                options["dropout_seed"] = 5
+            deterministic = options.pop("deterministic", False)
+            q, dout = array(2, hq, nq, d), array(2, hq, nq, dv)
+            kv_batch = 1 if layout == "broadcast" else 2
+            k, v = array(kv_batch, hkv, nk, d), array(kv_batch, hkv, nk, dv)
+            plan = cuflash.kernel_plan(q, k, v, deterministic=deterministic, **options)
+            device.take_launches()
+            if plan.forward.family is None:
+                with pytest.raises(ValueError, match="no GPU kernel runs this forward pass"):
+                    cuflash.attention(q, k, v, **options)
+                return
+            out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+            assert _families(device.take_launches(), _FORWARD_KERNELS) == {plan.forward.family.name}
+            if plan.backward.family is None:
+                with pytest.raises(ValueError, match="no GPU kernel runs this backward pass"):
+                    cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,
+                                               **options)
+                return
+            try:
+                cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,
+                                           **options)
+            except Exception as error:  # the sum over the broadcast batch needs the device
+                if layout != "broadcast" or "driver" not in str(error).lower():
+                    raise
+            launches = device.take_launches()
+            assert _families(launches, _BACKWARD_KERNELS) == {plan.backward.family.name}
+            workspace = plan.backward.workspace
+            assert allocated == ([sum(workspace.values())] if plan.backward.family.name != "float32"
+                                 else []), plan.backward.describe()
+
+    check()
