@@ -1162,3 +1162,91 @@ def test_cached_packed_calls_send_what_the_validated_path_sends_for_any_problem(
                                                           deterministic=deterministic, **options))
 
     _assert_entries_serve_other_arrays(device, problem_calls)
+
+
+@st.composite
+def _odd_layout_problems(draw):
+    """A dense problem whose arrays each take a layout of their own (sequence-major, a pointer
+    off 16-byte alignment, padded rows, k and v broadcast along the batch with stride 0), with
+    out= and gradients given or not, return_lse, a seed int or array, and a block or exact
+    mask."""
+    dtype, shape, _, deterministic, options = draw(_problems())
+    layouts = st.sampled_from(["contiguous", "sequence-major", "unaligned", "padded", "stride-0"])
+    layout = {name: draw(layouts) for name in ("q", "k", "v", "dout", "out", "dq", "dk", "dv")}
+    if "dropout_p" in options and draw(st.booleans()):
+        options = dict(options, dropout_seed="array", dropout_offset=0)
+    mask = draw(st.sampled_from([None, "block", "exact"]))
+    given = dict(out=draw(st.booleans()), grads=tuple(draw(st.booleans()) for _ in range(3)),
+                 return_lse=draw(st.booleans()))
+    return dtype, shape, layout, deterministic, options, mask, given
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(problem=_odd_layout_problems())
+def test_cached_calls_send_what_the_validated_path_sends_for_odd_layouts(device, monkeypatch,
+                                                                         problem):
+    """As for any problem above, with each array in a layout of its own and the arguments a
+    signature keys beside the layouts: entries built with other arrays of the same layout send
+    what the validated path sends (given out= and gradients at their own pointers)."""
+    import cupy
+
+    from cuflash.sparse import ExactMask
+    from cuflash.sparse._exactmask import TileBits
+
+    dtype, s, layout, deterministic, options, mask, given = problem
+
+    def array(name, b, h, n, last):
+        kind = layout[name]
+        if kind == "sequence-major":
+            return device.empty((b, n, h, last), dtype).transpose(0, 2, 1, 3)
+        if kind == "unaligned":
+            return device.empty((b * h * n * last + 1,), dtype)[1:].reshape(b, h, n, last)
+        if kind == "padded":
+            return device.empty((b, h, n, last + 8), dtype)[..., :last]
+        if kind == "stride-0" and name in ("k", "v"):
+            one = device.empty((1, h, n, last), dtype)
+            return cupy.lib.stride_tricks.as_strided(one, (b, h, n, last), (0,) + one.strides[1:])
+        return device.empty((b, h, n, last), dtype)
+
+    options = dict(options)
+    if options.get("alibi_slopes") == "alibi":
+        options["alibi_slopes"] = device.empty((s["hq"],), np.float32)
+    if mask == "block":
+        from cuflash.sparse import BlockMask
+
+        blocks = np.random.default_rng(0).random((-(-s["nq"] // 128), -(-s["nk"] // 128))) < 0.6
+        options["block_mask"] = _on_fake_device(monkeypatch, device, BlockMask.from_dense(
+            blocks, block_size=128, shape=(s["nq"], s["nk"])))
+    elif mask == "exact":
+        def device_tile_bits(self, tile_m, tile_n):
+            return self._cache.setdefault(("fake", tile_m, tile_n), TileBits(
+                *(device.empty(a.shape, a.dtype) for a in self.tile_bits(tile_m, tile_n))))
+
+        monkeypatch.setattr(ExactMask, "device_tile_bits", device_tile_bits)
+        options["mask"] = ExactMask.from_dense(np.random.default_rng(1).random((s["nq"], s["nk"])) < 0.6)
+
+    def problem_calls():
+        seeded = dict(options)
+        if seeded.get("dropout_seed") == "array":
+            seeded["dropout_seed"] = device.empty((2,), np.uint64)
+        q, dout = array("q", s["b"], s["hq"], s["nq"], s["d"]), array("dout", s["b"], s["hq"], s["nq"], s["dv"])
+        k, v = array("k", s["b"], s["hkv"], s["nk"], s["d"]), array("v", s["b"], s["hkv"], s["nk"], s["dv"])
+        out = array("out", s["b"], s["hq"], s["nq"], s["dv"]) if given["out"] else None
+        grads = {name: array(name, *x.shape) for name, x, wanted in zip(("dq", "dk", "dv"), (q, k, v),
+                                                                        given["grads"]) if wanted}
+        result, lse = cuflash.attention(q, k, v, return_lse=True, **seeded)
+        return (lambda: cuflash.attention(q, k, v, return_lse=given["return_lse"], out=out, **seeded),
+                lambda: cuflash.attention_backward(dout, q, k, v, result, lse, deterministic=deterministic,
+                                                   **grads, **seeded))
+
+    fresh = {"forward": ("lse", "alibi") if given["out"] else FRESH_FIELDS["forward"],
+             "backward": tuple(field for field, wanted in zip(("grad_q", "grad_k", "grad_v"), given["grads"])
+                               if not wanted) + FRESH_FIELDS["backward"][3:]}
+    first, second = problem_calls(), problem_calls()
+    _calls.clear()
+    for call in first:
+        call(), call()
+    cached = [_sent(device, call, fresh) for call in second]
+    _calls.clear()
+    assert [_sent(device, call, fresh) for call in second] == cached
