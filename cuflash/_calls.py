@@ -30,8 +30,10 @@ What is redone per call, because it is not part of the signature:
 - ALiBi slopes are keyed by their layout; their values are copied to the spec's ``(B, Hq)``
   array on every call, as on the validated path (in a vjp the backward uses the forward's copy).
 
-Block masks are keyed by the mask itself (immutable, hashed by content); the entry keeps the mask,
-and with it its device CSR, alive. A call whose signature holds anything else (an option of
+Block and exact masks are keyed by the mask itself (immutable, hashed by content); the entry keeps
+the mask, and with it its device copy, alive. The cache holds at most ``_MAX_MASKS`` masks: past
+them the oldest mask's keys are forgotten, so that a loop building a new mask per step does not
+keep one alive per entry. A call whose signature holds anything else (an option of
 another type, a NumPy array, a list) takes the validated path every time, as do calls whose
 inputs would be copied (non-contiguous last axis), whose ``out=`` or given gradients cannot be
 written in place, or whose gradients are summed over broadcast axes; their signature is
@@ -77,6 +79,7 @@ def clear() -> None:
     """Forget every cached call (the next call of each signature is validated again)."""
     _entries.clear()
     _quick.clear()
+    _masks.clear()
 
 
 def stats() -> dict:
@@ -156,8 +159,58 @@ def _remember(key, entry) -> None:
     if key is None:
         return
     if len(_entries) >= _MAX_ENTRIES:
-        _entries.clear()
+        clear()
     _entries[key] = entry
+    _hold_masks(_masks_among(key[2:]), _entries, key)
+
+
+# ----------------------------------------------------------------------------- masks held
+
+# The block and exact masks the cache holds, oldest first, each with the keys that hold it (a
+# full key names a mask as itself, and its entry holds the mask's device copy; a quick key holds
+# the caller's object). A loop that builds a new mask for each step (the documents of each batch)
+# would otherwise keep up to _MAX_ENTRIES of them alive, hundreds of MB each at long rows: past
+# _MAX_MASKS, the oldest mask's keys are forgotten (its calls are validated again should it come
+# back). Calls without a mask never reach this.
+_MAX_MASKS = 32
+_masks: dict = {}  # id(mask) -> (mask, [(table, key), ...])
+
+
+def _masks_among(parts) -> list:
+    """The block and exact masks among a key's parts or a call's option values."""
+    sparse = sys.modules.get("cuflash.sparse")
+    if sparse is None:  # no mask was ever made
+        return []
+    kinds = (sparse.BlockMask, sparse.ExactMask)
+    return [part for part in parts if isinstance(part, kinds)]
+
+
+def _has_masks(entry) -> bool:
+    spec = getattr(entry, "spec", None)
+    return spec is not None and (spec.block_mask is not None or spec.exact_mask is not None)
+
+
+def _hold_masks(masks, table: dict, key) -> None:
+    """Record that ``table[key]`` holds ``masks``; past _MAX_MASKS, forget the oldest masks'
+    keys."""
+    for mask in masks:
+        held = _masks.get(id(mask))
+        if held is None:
+            while len(_masks) >= _MAX_MASKS:
+                _, places = _masks.pop(next(iter(_masks)))
+                for place, old_key in places:
+                    place.pop(old_key, None)
+            held = _masks[id(mask)] = (mask, [])
+        held[1].append((table, key))
+
+
+def _clear_quick() -> None:
+    """Forget every quick key, and that the masks were held by them."""
+    _quick.clear()
+    for mask_id, (mask, places) in list(_masks.items()):
+        places[:] = [(table, key) for table, key in places if table is not _quick]
+        if not places:
+            del _masks[mask_id]
 
 
 # ----------------------------------------------------------------------------- lookup
@@ -195,8 +248,10 @@ def _lookup(pass_name: str, arrays, values: tuple, slopes):
     entry = _entries.get(key) if key is not None else None
     if quick is not None and entry is not None and entry is not _UNCACHED:
         if len(_quick) >= _MAX_QUICK:
-            _quick.clear()
+            _clear_quick()
         _quick[quick] = (values, entry)
+        if _has_masks(entry):
+            _hold_masks(_masks_among(values), _quick, quick)
     return entry, key
 
 

@@ -1250,3 +1250,65 @@ def test_cached_calls_send_what_the_validated_path_sends_for_odd_layouts(device,
     cached = [_sent(device, call, fresh) for call in second]
     _calls.clear()
     assert [_sent(device, call, fresh) for call in second] == cached
+
+
+# ----------------------------------------------------------------------------- masks held
+
+def _distinct_block_masks(monkeypatch, device, count):
+    """``count`` block masks of 256 x 256 scores, each of another pattern (no two equal)."""
+    from cuflash.sparse import BlockMask
+
+    rng = np.random.default_rng(0)
+    layouts = set()
+    while len(layouts) < count:
+        layouts.add(tuple(rng.integers(0, 2, 16).astype(np.int8)))
+    return [_on_fake_device(monkeypatch, device, BlockMask.from_dense(
+        np.array(layout, np.int8).reshape(4, 4) | np.eye(4, dtype=np.int8), block_size=64))
+        for layout in sorted(layouts)]
+
+
+def test_a_new_mask_per_step_is_not_kept_alive_by_the_cache(device, monkeypatch):
+    """A loop that builds a new mask for each step (the documents of each batch, say) keeps at
+    most _MAX_MASKS of them alive through the cache, not one per entry; the cached calls still
+    send what the validated path sends."""
+    q, k, v = (device.empty((1, 2, 256, 64), BF16) for _ in range(3))
+    _calls.clear()
+    masks = _distinct_block_masks(monkeypatch, device, _calls._MAX_MASKS + 20)
+    for mask in masks:
+        before = _sent(device, lambda: cuflash.attention(q, k, v, block_mask=mask))
+        for _ in range(2):  # found by its signature, then by its quick key
+            assert _sent(device, lambda: cuflash.attention(q, k, v, block_mask=mask)) == before
+    held = _masks_the_cache_holds()
+    assert held and len(held) <= _calls._MAX_MASKS
+    assert held <= {id(mask) for mask in masks[-_calls._MAX_MASKS:]}  # the newest
+
+
+def _masks_the_cache_holds() -> set:
+    """The ids of the masks the cache's keys and entries refer to."""
+    held = set()
+    for key, entry in _calls._entries.items():
+        held.update(id(part) for part in _calls._masks_among(key[2:]))
+        spec = getattr(entry, "spec", None)
+        if spec is not None and spec.block_mask is not None:
+            held.add(id(spec.block_mask))
+    for values, entry in _calls._quick.values():
+        held.update(id(part) for part in _calls._masks_among(values))
+        if entry.spec.block_mask is not None:
+            held.add(id(entry.spec.block_mask))
+    return held
+
+
+def test_a_model_s_few_masks_stay_cached(device, monkeypatch):
+    """Masks used over and over (one per layer) are built once and then found every step."""
+    q, k, v = (device.empty((1, 2, 256, 64), BF16) for _ in range(3))
+    masks = _distinct_block_masks(monkeypatch, device, 4)
+    _calls.clear()
+    for mask in masks:
+        cuflash.attention(q, k, v, block_mask=mask)
+    builds, hits = _builds(), _calls.stats()["hits"]
+    for _ in range(3):
+        for mask in masks:
+            cuflash.attention(q, k, v, block_mask=mask)
+    assert _builds() == builds and _calls.stats()["hits"] == hits + 12
+    before = _sent(device, lambda: cuflash.attention(q, k, v, block_mask=masks[0]))
+    assert _sent(device, lambda: cuflash.attention(q, k, v, block_mask=masks[0])) == before
