@@ -897,3 +897,27 @@ def test_ring_backward_of_many_dimensions_is_still_compared(rng):
 
     grads = LocalRing(2, timeout=10).run(rank)
     assert grads[0][0].shape == shape
+
+
+@pytest.mark.parametrize("layout, window", [("contiguous", (-1, -1)), ("zigzag", (-1, -1)),
+                                            ("zigzag", (2, 0))])
+@pytest.mark.parametrize("odd_one", ["dout", "out"])
+def test_ring_backward_refuses_dout_and_out_of_other_rows(layout, window, odd_one, rng):
+    """dout and out must be this rank's rows of the output: a dout or out with more rows than
+    q used to be cut silently to the rows of each step's calls (the extra rows ignored), and
+    one with fewer rows was refused with the shape of a step's sub-block."""
+    q = random_array(rng, (1, 2, 4, 8), F32)
+    k = random_array(rng, (1, 2, 16, 8), F32)
+
+    def rank(comm):
+        out, lse = ring_attention(q, k, k, comm=comm, layout=layout, window=window,
+                                  return_lse=True)
+        arrays = {"dout": out, "out": out}
+        arrays[odd_one] = np.zeros((1, 2, rows, 8), F32)
+        return ring_attention_backward(arrays["dout"], q, k, k, arrays["out"], lse, comm=comm,
+                                       layout=layout, window=window)
+
+    for rows in (6, 2):
+        with pytest.raises(ValueError, match=fr"{odd_one} must have shape \(1, 2, 4, 8\), "
+                                             fr"got \(1, 2, {rows}, 8\)"):
+            LocalRing(2, timeout=10).run(rank)

@@ -211,6 +211,18 @@ def _out_shape(q, k, v) -> tuple:
     return tuple(numpy.broadcast_shapes(*lead)) + (hq, q.shape[-2], v.shape[-1])
 
 
+def check_backward_arrays(dout, q, k, v, out, lse) -> None:
+    """``dout`` and ``out`` must be this rank's rows of the output of ``q``, ``k``, ``v``, and
+    ``lse`` its rows of the log-sum-exp (float32): checked whole, before any step (a step's
+    calls read sub-blocks of them, which would ignore extra rows and name a sub-block's shape
+    in their errors)."""
+    xp = array_module(q)
+    shape = _out_shape(q, k, v)
+    for name, x in (("dout", dout), ("out", out)):
+        _checks.check_like(x, name, shape, q.dtype, xp, device_of=q)
+    _checks.check_like(lse, "lse", shape[:-1], numpy.dtype(_F32), xp, device_of=q)
+
+
 def _forward(q, k, v, opts: _Options):
     xp = array_module(q)
     comm = opts.comm
@@ -358,9 +370,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = Fal
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
                     block_mask=block_mask, validate=validate, backward=(dout, out, lse))
-    if tuple(lse.shape) != tuple(out.shape[:-1]):
-        raise ValueError(f"lse must have shape {tuple(out.shape[:-1])} (out without its last "
-                         f"axis), got {tuple(lse.shape)}")
+    check_backward_arrays(dout, q, k, v, out, lse)
     return _backward(dout, q, k, v, out, lse, opts,
                      _checks.check_bool(deterministic, "deterministic"))
 
