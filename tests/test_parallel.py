@@ -921,3 +921,18 @@ def test_ring_backward_refuses_dout_and_out_of_other_rows(layout, window, odd_on
         with pytest.raises(ValueError, match=fr"{odd_one} must have shape \(1, 2, 4, 8\), "
                                              fr"got \(1, 2, {rows}, 8\)"):
             LocalRing(2, timeout=10).run(rank)
+
+
+def test_ring_vjp_checks_dout_as_the_backward_does(rng):
+    """vjp(dout) takes dout through ring_attention_backward's checks: a list used to fail with
+    AttributeError, and a rank whose dout differed in dtype failed alone while the others waited
+    for its gradients."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+
+    def rank(comm, dout):
+        _, vjp = ring_attention_vjp(q, q, q, comm=comm, causal=True)
+        return vjp(dout)
+
+    with pytest.raises(TypeError, match="dout must be a numpy.ndarray"):
+        LocalRing(2, timeout=10).run(rank, [q.tolist(), q.tolist()])
+    assert_every_rank_refuses(lambda comm: rank(comm, q if comm.rank == 0 else q.astype(BF16)))

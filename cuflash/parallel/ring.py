@@ -381,7 +381,9 @@ def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zi
                        ) -> tuple[Any, Callable]:
     """``(out, vjp)``: :func:`ring_attention` now, ``vjp(dout) -> (dq, dk, dv)`` later.
 
-    The options are checked once, here; ``vjp`` keeps q, k, v, out and lse alive.
+    The options are checked here; ``vjp`` is :func:`ring_attention_backward` with them (so
+    ``dout`` is checked, and compared between ranks, as there) and keeps q, k, v, out and lse
+    alive.
     """
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=None, block_mask=None,
@@ -390,7 +392,10 @@ def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zi
     out, lse = _forward(q, k, v, opts)
 
     def vjp(dout):
-        return _backward(dout, q, k, v, out, lse, opts, deterministic)
+        return ring_attention_backward(dout, q, k, v, out, lse, comm=comm, causal=causal,
+                                       layout=layout, window=window, softcap=softcap,
+                                       scale=scale, deterministic=deterministic,
+                                       validate=validate)
 
     return out, vjp
 
