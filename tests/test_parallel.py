@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -936,3 +937,19 @@ def test_ring_vjp_checks_dout_as_the_backward_does(rng):
     with pytest.raises(TypeError, match="dout must be a numpy.ndarray"):
         LocalRing(2, timeout=10).run(rank, [q.tolist(), q.tolist()])
     assert_every_rank_refuses(lambda comm: rank(comm, q if comm.rank == 0 else q.astype(BF16)))
+
+
+@pytest.mark.parametrize("odd_one, shape", [("dout", (1, 4, 6, 8)), ("out", (1, 4, 2, 8)),
+                                            ("lse", (1, 4, 2)), ("lse", (1, 2, 4))])
+def test_ulysses_backward_names_the_local_shapes(odd_one, shape, rng):
+    """A dout, out or lse of the wrong shape is refused with the shape this rank must pass (the
+    error used to come after the all-to-alls, naming shapes of the head-sharded arrays that the
+    caller never saw: "lse must have shape (1, 2, 8), got (1, 2, 4)")."""
+    q = random_array(rng, (1, 4, 4, 8), F32)
+    arrays = {"dout": q, "out": q, "lse": np.zeros((1, 4, 4), F32)}
+    arrays[odd_one] = np.zeros(shape, F32)
+    expected = (1, 4, 4) if odd_one == "lse" else (1, 4, 4, 8)
+    with pytest.raises(ValueError, match=re.escape(f"{odd_one} must have shape {expected}, got "
+                                                   f"{shape}")):
+        LocalRing(2, timeout=10).run(lambda comm: ulysses_attention_backward(
+            arrays["dout"], q, q, q, arrays["out"], arrays["lse"], comm=comm))

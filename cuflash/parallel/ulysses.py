@@ -22,7 +22,7 @@ from cuflash import _checks
 
 from . import layout as _layout
 from .comm import array_module
-from .ring import _host, array_values, check_same_call, code
+from .ring import _host, array_values, check_backward_arrays, check_same_call, code
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
@@ -143,6 +143,7 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                   layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
                   alibi_slopes=alibi_slopes,
                   deterministic=_checks.check_bool(deterministic, "deterministic"))
+    check_backward_arrays(dout, q, k, v, out, lse)
     qh, kh, vh, douth, outh = (_to_heads(x, comm, layout) for x in (q, k, v, dout, out))
     lseh = _to_heads(lse, comm, layout, seq_axis=-1)
     grads = cuflash.attention_backward(douth, qh, kh, vh, outh, lseh, causal=causal,
