@@ -953,3 +953,14 @@ def test_ulysses_backward_names_the_local_shapes(odd_one, shape, rng):
                                                    f"{shape}")):
         LocalRing(2, timeout=10).run(lambda comm: ulysses_attention_backward(
             arrays["dout"], q, q, q, arrays["out"], arrays["lse"], comm=comm))
+
+
+def test_torch_ring_attention_checks_deterministic_before_the_forward(rng):
+    """deterministic is refused when the layer is called, as the other options are (it used to
+    be read only by the backward pass, after every rank had run the forward)."""
+    torch = pytest.importorskip("torch")
+    from cuflash.parallel import torch_ring_attention
+    q = torch.from_numpy(random_array(rng, (1, 2, 8, 8), F32)).requires_grad_()
+    with pytest.raises(TypeError, match="deterministic must be True or False"):
+        LocalRing(2).run(lambda comm: torch_ring_attention(q, q, q, comm=comm,
+                                                           deterministic="yes"))

@@ -18,6 +18,8 @@ import datetime
 
 import numpy
 
+from cuflash import _checks
+
 from .comm import CommBase, CommError, array_module
 
 __all__ = ["TorchComm", "call_on_arrays", "torch_ring_attention"]
@@ -233,6 +235,7 @@ def torch_ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "
 
     options = dict(comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
                    scale=scale)
+    deterministic = _checks.check_bool(deterministic, "deterministic")
 
     class _RingAttention(torch.autograd.Function):
         @staticmethod
