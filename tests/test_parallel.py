@@ -964,3 +964,23 @@ def test_torch_ring_attention_checks_deterministic_before_the_forward(rng):
     with pytest.raises(TypeError, match="deterministic must be True or False"):
         LocalRing(2).run(lambda comm: torch_ring_attention(q, q, q, comm=comm,
                                                            deterministic="yes"))
+
+
+@pytest.mark.parametrize("arguments, status, message", [
+    (["--ranks", "0"], 2, "ranks must be at least 1, got 0"),
+    (["--ranks", "3", "--seq-len", "100"], 2, "N must be a multiple of 2·P = 6"),
+    (["--rows", "0"], 2, "rows must be at least 1, got 0"),
+    (["--mode", "processes"], 1, "mode='processes' needs 2 GPUs, 0 visible"),
+    (["--json", "no-such-directory/check.json"], 2,
+     "--json no-such-directory/check.json: directory 'no-such-directory' does not exist")])
+def test_check_command_line_errors(arguments, status, message, tmp_path):
+    """python -m cuflash.parallel.check refuses bad arguments with one line and exit status 2
+    (it used to end in a traceback), and a --json file it cannot write before the check runs
+    (it used to fail after the whole check, losing its result)."""
+    result = subprocess.run([sys.executable, "-m", "cuflash.parallel.check", "--device", "cpu",
+                             "--seq-len", "64", "--heads", "1", "--head-dim", "8", *arguments],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == status, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == ""

@@ -508,14 +508,28 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     if options.worker:
         return _worker(options.worker)
+    if options.json:  # refused now rather than after the whole check
+        directory = os.path.dirname(options.json) or "."
+        if not os.path.isdir(directory):
+            parser.error(f"--json {options.json}: directory {directory!r} does not exist")
+        if os.path.isdir(options.json):
+            parser.error(f"--json {options.json}: is a directory; give a file name")
+        if not os.access(directory, os.W_OK):
+            parser.error(f"--json {options.json}: directory {directory!r} is not writable")
     device = options.device or ("gpu" if gpu_count() else "cpu")
-    result = check_sharded(ranks=options.ranks, device=device, mode=options.mode,
-                           seq_len=options.seq_len, heads=options.heads,
-                           kv_heads=options.kv_heads, head_dim=options.head_dim,
-                           dtype=options.dtype, causal=not options.non_causal,
-                           layout=options.layout, window=tuple(options.window),
-                           softcap=options.softcap, backward=not options.forward_only,
-                           rows=options.rows, seed=options.seed, timeout=options.timeout)
+    try:
+        result = check_sharded(
+            ranks=options.ranks, device=device, mode=options.mode, seq_len=options.seq_len,
+            heads=options.heads, kv_heads=options.kv_heads, head_dim=options.head_dim,
+            dtype=options.dtype, causal=not options.non_causal, layout=options.layout,
+            window=tuple(options.window), softcap=options.softcap,
+            backward=not options.forward_only, rows=options.rows, seed=options.seed,
+            timeout=options.timeout)
+    except (ValueError, TypeError) as error:  # an argument, named in the message
+        parser.error(str(error))
+    except (RuntimeError, TimeoutError) as error:  # no GPUs for the mode, failed processes
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     print(result.report())
     if options.json:
         with open(options.json, "w") as f:
