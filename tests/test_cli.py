@@ -970,9 +970,23 @@ def test_mask_show_takes_a_window_or_prefix_of_zero():
     (["random", "--density", "nan"], "--density"),
     (["sliding-window", "--window", "-3"], "--window"),
     (["image-local", "--block-size", "0"], "--block-size"),
+    (["document", "--documents", "0"], "--documents"),
+    (["causal-document", "--documents", "-1"], "--documents"),
+    (["fixed", "--summary", "0"], "--summary"),
 ])
 def test_mask_show_bad_options(args, option):
     assert option in invoke("mask", "show", *args, code=2).output
+
+
+@pytest.mark.parametrize("command", [["mask", "show"], ["check"]])
+def test_counts_the_patterns_need_positive_say_so_in_help(command):
+    """--documents and --summary were listed as [x>=0], but a pattern of 0 documents or 0
+    summary keys is refused (by the builder, without naming the option)."""
+    lines = invoke(*command, "--help").output.splitlines()
+    for option in ("--documents", "--summary"):
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"  {option} "))
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("  -"))
+        assert "[x>=1]" in " ".join(lines[start:end]), lines[start:end]
 
 
 @pytest.mark.parametrize("where, words", [("missing-dir/x.png", "does not exist"),

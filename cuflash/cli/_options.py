@@ -203,7 +203,7 @@ def pattern_parameter_options(f):
     from cuflash.cli._patterns import PARAMETERS, default_text
     for name, (kind, text) in reversed(list(PARAMETERS.items())):
         option_type, metavar = {"tokens": (BOUNDED_TOKENS, "N"), "length": (LENGTH, "N"),
-                                "count": (COUNT, "INT"),
+                                "count": (COUNT, "INT"), "positive": (POSITIVE, "INT"),
                                 "fraction": (Fraction(), "X")}[kind]
         f = click.option(f"--{name}", type=option_type, default=None, metavar=metavar,
                          help=f"{text}  [default: {default_text(name)}]")(f)

@@ -17,20 +17,20 @@ from cuflash.bench.sweeps import random_block_layout, random_document_lengths
 from cuflash.check.pathfinder import image_side_for
 
 # Option name → (kind, help). Kinds: "tokens" (accepts 16K; ≥ 1), "length" (the same, ≥ 0),
-# "count" (int ≥ 0), "fraction".
+# "count" (int ≥ 0), "positive" (int ≥ 1), "fraction".
 PARAMETERS = {
     "window": ("length", "Keys within this many tokens on each side of the query "
                          "(sliding-window, strided, longformer, bigbird)."),
     "stride": ("tokens", "Distance between the strided keys, or the segment length "
                          "(strided, fixed)."),
-    "summary": ("count", "Keys at the end of each segment that every query sees (fixed)."),
+    "summary": ("positive", "Keys at the end of each segment that every query sees (fixed)."),
     "global-tokens": ("count", "The first tokens, which attend and are attended by all "
                                "(longformer, bigbird)."),
     "num-random": ("count", "Random key blocks added to each query block (bigbird)."),
     "radius": ("count", "Pixels on each side of a pixel, in both directions, over the image "
                         "the sequence is read from (image-local)."),
     "density": ("fraction", "Fraction of blocks kept, the diagonal always among them (random)."),
-    "documents": ("count", "Documents packed into the sequence, of random lengths seeded by "
+    "documents": ("positive", "Documents packed into the sequence, of random lengths seeded by "
                            "--seed (document, causal-document)."),
     "prefix": ("length", "Keys every query sees, before the causal part (prefix-lm)."),
 }
