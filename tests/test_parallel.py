@@ -984,3 +984,39 @@ def test_check_command_line_errors(arguments, status, message, tmp_path):
     assert result.returncode == status, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("value, seconds", [("", 600.0), ("30", 30.0), ("2.5", 2.5),
+                                            ("0", None), ("0.0", None), ("none", None),
+                                            ("None", None), ("inf", None)])
+def test_comm_timeout_from_the_environment(value, seconds, monkeypatch):
+    """CUFLASH_COMM_TIMEOUT: seconds, or 0/none for no deadline, however 0 is written (the
+    launcher's --timeout 0 writes "0.0", which used to give every wait a deadline of 0 s)."""
+    from cuflash.parallel.nccl import env_timeout
+    monkeypatch.setenv("CUFLASH_COMM_TIMEOUT", value)
+    assert env_timeout() == seconds
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
+def test_bad_comm_timeout_in_the_environment_is_named(value, monkeypatch):
+    from cuflash.parallel.nccl import env_timeout
+    monkeypatch.setenv("CUFLASH_COMM_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"CUFLASH_COMM_TIMEOUT.*got '{value}'"):
+        env_timeout()
+
+
+def test_launcher_timeout_reaches_the_ranks(tmp_path):
+    """--timeout 0 disables the deadline in every rank, as CUFLASH_COMM_TIMEOUT=0 does; a
+    negative or NaN timeout is refused by the launcher."""
+    code = _launch(tmp_path, f"""
+        import os, sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from cuflash.parallel.nccl import env_timeout
+        assert env_timeout() is None, os.environ["CUFLASH_COMM_TIMEOUT"]
+        """, 2, timeout=0.0)
+    assert code == 0
+    for bad in ("-1", "nan"):
+        result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "1",
+                                 "--timeout", bad, "x.py"], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2 and "--timeout" in result.stderr, result.stderr

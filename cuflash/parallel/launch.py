@@ -49,6 +49,8 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     gpus, nnodes, node_rank = int(gpus), int(nnodes), int(node_rank)
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"--timeout must be a number of seconds (0: no timeout), got {timeout}")
     if nnodes > 1 and rdzv_dir is None:
         raise ValueError("with several nodes, --rdzv-dir must name a directory that every "
                          "node sees")
@@ -138,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--master-port", type=int, default=None,
                         help="MASTER_PORT for torch.distributed (default: a free port)")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="communication timeout in seconds (CUFLASH_COMM_TIMEOUT)")
+                        help="communication timeout in seconds, 0 for none "
+                             "(CUFLASH_COMM_TIMEOUT)")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds between SIGTERM and SIGKILL when stopping ranks")
     parser.add_argument("-m", dest="module", action="store_true",

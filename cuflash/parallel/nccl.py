@@ -52,13 +52,21 @@ def _nccl():
 
 
 def env_timeout(default: float = DEFAULT_TIMEOUT) -> float | None:
-    """``CUFLASH_COMM_TIMEOUT`` in seconds (``0`` or ``none``: no timeout), else ``default``."""
+    """``CUFLASH_COMM_TIMEOUT`` in seconds (``0``, however written, ``inf`` or ``none``: no
+    timeout), else ``default``; ``ValueError`` naming it for anything else."""
     value = os.environ.get("CUFLASH_COMM_TIMEOUT")
     if value is None or value == "":
         return default
-    if value.lower() in ("0", "none", "inf"):
+    if value.strip().lower() == "none":
         return None
-    return float(value)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0:
+        raise ValueError(f"CUFLASH_COMM_TIMEOUT must be a number of seconds (0 or none: no "
+                         f"timeout), got {value!r}")
+    return None if seconds in (0.0, float("inf")) else seconds
 
 
 # ----------------------------------------------------------------------------- the unique id
