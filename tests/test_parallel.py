@@ -1020,3 +1020,25 @@ def test_launcher_timeout_reaches_the_ranks(tmp_path):
                                  "--timeout", bad, "x.py"], capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 2 and "--timeout" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("communicator", ["NcclComm", "TorchComm"])
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1, ValueError),
+                                        (float("nan"), ValueError), ("60", TypeError)])
+def test_communicator_timeouts_are_checked(communicator, bad, error):
+    """NcclComm and TorchComm take LocalRing's rule for timeout (a positive number of seconds or
+    None): NcclComm(timeout=0) used to give creating the communicator, and every wait, a
+    deadline of 0 s."""
+    if communicator == "TorchComm":
+        pytest.importorskip("torch")
+        from cuflash.parallel import TorchComm as make
+
+        def call():
+            make(timeout=bad)
+    else:
+        from cuflash.parallel import NcclComm as make
+
+        def call():
+            make(0, 1, bytes(128), timeout=bad)
+    with pytest.raises(error, match="timeout must be a positive number of seconds or None"):
+        call()

@@ -20,7 +20,7 @@ import numpy
 
 from cuflash import _checks
 
-from .comm import CommBase, CommError, array_module
+from .comm import CommBase, CommError, array_module, check_timeout
 
 __all__ = ["TorchComm", "call_on_arrays", "torch_ring_attention"]
 
@@ -91,6 +91,7 @@ class TorchComm(CommBase):
     """
 
     def __init__(self, group=None, *, timeout: float | None = None):
+        timeout = check_timeout(timeout)
         import torch.distributed as dist
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TorchComm needs torch.distributed.init_process_group() first "

@@ -31,7 +31,8 @@ import time
 
 import numpy
 
-from .comm import DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module
+from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module,
+                   check_timeout)
 
 __all__ = ["NcclComm", "read_unique_id", "unique_id_bytes"]
 
@@ -146,10 +147,11 @@ class NcclComm(CommBase):
 
     def __init__(self, rank: int, size: int, unique_id, *, device: int | None = None,
                  timeout: float | None = DEFAULT_TIMEOUT):
+        self.timeout = check_timeout(timeout)
         import cupy
         self.cupy = cupy
         self.nccl = _nccl()
-        self.rank, self.size, self.timeout = int(rank), int(size), timeout
+        self.rank, self.size = int(rank), int(size)
         if not 0 <= self.rank < self.size:
             raise ValueError(f"rank must be in [0, {self.size}), got {rank}")
         self.device = cupy.cuda.Device(cupy.cuda.Device().id if device is None else device)
