@@ -5,7 +5,9 @@ GPU runs (marked ``gpu``) are at the end; they are skipped where no CUDA device 
 
 import importlib
 import json
+import os
 import struct
+import subprocess
 import sys
 import zlib
 
@@ -987,6 +989,27 @@ def test_counts_the_patterns_need_positive_say_so_in_help(command):
         start = next(i for i, line in enumerate(lines) if line.startswith(f"  {option} "))
         end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("  -"))
         assert "[x>=1]" in " ".join(lines[start:end]), lines[start:end]
+
+
+def test_mask_show_png_that_cannot_be_written_leaves_the_old_file(tmp_path):
+    """--png replaces the file whole or not at all: a write that fails part way (here past a
+    file-size limit, as on a full disk) used to leave the file truncated, its old bytes gone."""
+    path = tmp_path / "mask.png"
+    path.write_bytes(b"an earlier picture " * 8)
+    script = f"""
+import resource, signal, sys
+from cuflash.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+sys.argv = ["cuflash", "mask", "show", "butterfly", "--seq-len", "1K", "--png", {str(path)!r}]
+main()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 1, result.stderr
+    assert "--png" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert path.read_bytes() == b"an earlier picture " * 8
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]
 
 
 @pytest.mark.parametrize("where, words", [("missing-dir/x.png", "does not exist"),

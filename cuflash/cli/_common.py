@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
+import tempfile
 
 import click
 
@@ -186,10 +188,24 @@ def progress(length: int, label: str, *, enabled: bool = True):
 
 
 def write_file(path: str, data: bytes, option: str) -> None:
-    """Write ``data`` to ``path``; an OSError becomes a one-line error naming the option."""
+    """Write ``data`` to ``path`` whole or not at all: into a new file beside it, renamed over
+    ``path`` once written, so that a write that fails (a full disk) leaves what was there. An
+    OSError becomes a one-line error naming the option."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = None
     try:
-        with open(path, "wb") as file:
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+        with os.fdopen(fd, "wb") as file:
             file.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # the mode open() gives a new file
+        os.replace(temporary, path)
+        temporary = None
     except OSError as error:
         raise click.ClickException(f"{option} {path}: cannot write it ({error.strerror or error})"
                                    ) from error
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
