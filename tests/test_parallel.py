@@ -313,6 +313,20 @@ def test_merge_negative_infinity_rows():
     assert not np.isnan(out).any() and not np.isnan(lse).any()
 
 
+@pytest.mark.parametrize("shapes", [((2, 3, 4), (2, 3), (2, 3, 4), (3,)),
+                                    ((2, 3, 4), (3,), (2, 3, 4), (2, 3)),
+                                    ((2, 3, 4), (2, 3), (1, 3, 4), (1, 3)),
+                                    ((2, 3, 4), (2, 3), (2, 3, 2), (2, 3)),
+                                    ((2, 3, 4), (2, 3), (2, 3, 4), (2, 2))])
+def test_merge_refuses_results_of_other_shapes(shapes):
+    """Both sides must be results of the same rows: an lse without the head axis used to be
+    broadcast over the heads without an error, and other mismatches failed inside NumPy."""
+    arrays = [np.zeros(shape, F32) for shape in shapes]
+    with pytest.raises(ValueError, match=re.escape(
+            f"out_a {shapes[0]}, lse_a {shapes[1]}, out_b {shapes[2]}, lse_b {shapes[3]}")):
+        merge(*arrays)
+
+
 def test_ring_rows_that_see_nothing(rng):
     """A window that leaves whole query chunks with no key on most steps, and rows with no
     key at all (Nq > Nk, causal): out exactly 0 and lse −inf there, no NaN anywhere."""

@@ -50,9 +50,17 @@ _SIGNATURE = 128  # int64 values all-gathered by the check of the ranks' shapes 
 def merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial attention results over disjoint key sets into one, in float32.
 
-    ``out_*`` ``(..., N, Dv)`` (any float dtype), ``lse_*`` ``(..., N)``. Returns float32
-    ``(out, lse)``. Rows whose ``lse`` is −inf in both give out 0 and lse −inf.
+    ``out_*`` ``(..., N, Dv)`` (any float dtype), ``lse_*`` ``(..., N)``, of one shape on both
+    sides (``ValueError`` otherwise). Returns float32 ``(out, lse)``. Rows whose ``lse`` is −inf
+    in both give out 0 and lse −inf.
     """
+    shapes = [tuple(x.shape) for x in (out_a, lse_a, out_b, lse_b)]
+    if not (shapes[0] == shapes[2] and shapes[1] == shapes[3] == shapes[0][:-1]):
+        raise ValueError(
+            "merge needs two results of the same rows: out_a and out_b of one shape (..., N, "
+            "Dv), lse_a and lse_b of that shape without its last axis; got "
+            + ", ".join(f"{name} {shape}" for name, shape in
+                        zip(("out_a", "lse_a", "out_b", "lse_b"), shapes)))
     xp = array_module(out_a)
     out = xp.array(out_a, dtype=_F32, copy=True)
     lse = xp.array(lse_a, dtype=_F32, copy=True)
