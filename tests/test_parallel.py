@@ -1056,3 +1056,17 @@ def test_communicator_timeouts_are_checked(communicator, bad, error):
             make(0, 1, bytes(128), timeout=bad)
     with pytest.raises(error, match="timeout must be a positive number of seconds or None"):
         call()
+
+
+def test_torch_and_numpy_arrays_do_not_mix(rng):
+    """Ring attention on tensors names an argument that is no tensor (a NumPy k next to a
+    tensor q used to fail with "'numpy.ndarray' object has no attribute 'detach'")."""
+    torch = pytest.importorskip("torch")
+    x = random_array(rng, (1, 2, 8, 8), F32)
+    t = torch.from_numpy(x)
+    lse = torch.zeros((1, 2, 8))
+    with pytest.raises(TypeError, match="k must be a torch.Tensor, got ndarray"):
+        LocalRing(2, timeout=10).run(lambda comm: ring_attention(t, x, t, comm=comm))
+    with pytest.raises(TypeError, match="lse must be a torch.Tensor, got ndarray"):
+        LocalRing(2, timeout=10).run(lambda comm: ring_attention_backward(
+            t, t, t, t, t, lse.numpy(), comm=comm))

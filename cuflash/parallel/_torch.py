@@ -193,18 +193,17 @@ class TorchComm(CommBase):
 
 # ----------------------------------------------------------------------------- tensors
 
-def call_on_arrays(fn, *tensors):
+def call_on_arrays(fn, *tensors, names=None):
     """``fn(*arrays)`` for the arrays of torch tensors (no copies), the results as tensors.
 
     CUDA tensors become CuPy arrays on torch's current stream with torch's allocator (see
-    ``cuflash.torch``); CPU tensors become NumPy arrays.
+    ``cuflash.torch``); CPU tensors become NumPy arrays. Each must be a tensor, all on one
+    device (``names``: the arguments' names for the errors).
     """
-    import torch
-    from cuflash.torch import _bridge
-    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    device = devices.pop()
+    from cuflash.torch import _api, _bridge
+    names = names or [f"argument {i}" for i in range(len(tensors))]
+    _api._check_tensors(**dict(zip(names, tensors)))
+    device = tensors[0].device
 
     def convert_back(result, to_tensor):
         if isinstance(result, tuple):

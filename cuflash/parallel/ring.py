@@ -346,7 +346,7 @@ def ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag
     tensors = _torch_call(lambda *a: ring_attention(
         *a, comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
         scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask, return_lse=return_lse,
-        validate=validate), q, k, v)
+        validate=validate), ("q", "k", "v"), q, k, v)
     if tensors is not None:
         return tensors
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
@@ -371,7 +371,8 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = Fal
     tensors = _torch_call(lambda *a: ring_attention_backward(
         *a, comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
         scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask,
-        deterministic=deterministic, validate=validate), dout, q, k, v, out, lse)
+        deterministic=deterministic, validate=validate), ("dout", "q", "k", "v", "out", "lse"),
+        dout, q, k, v, out, lse)
     if tensors is not None:
         return tensors
     _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
@@ -408,10 +409,10 @@ def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zi
     return out, vjp
 
 
-def _torch_call(fn, *args):
-    """``fn`` on the arrays of torch tensors, results back as tensors; ``None`` when the
-    arguments are not tensors."""
+def _torch_call(fn, names, *args):
+    """``fn`` on the arrays of torch tensors (``names``: the arguments' names), results back
+    as tensors; ``None`` when the first argument is not a tensor."""
     if type(args[0]).__module__.partition(".")[0] != "torch":
         return None
     from ._torch import call_on_arrays
-    return call_on_arrays(fn, *args)
+    return call_on_arrays(fn, *args, names=names)
