@@ -589,6 +589,18 @@ def test_check_gpus_too_long_is_refused_naming_force(monkeypatch):
     assert forced.stdout.splitlines()[-1] == "PASS" and "Ctrl-C stops it" in forced.stderr
 
 
+def test_check_gpus_many_simulated_ranks_are_refused_as_too_long(monkeypatch):
+    """A simulated ring takes N² steps of host work, whatever the FLOPs: 5,000 ranks on the CPU
+    (10,000 tokens, two per chunk) were estimated at seconds and ran for hours; they are
+    refused now, naming --force, before anything runs."""
+    sharded = importlib.import_module("cuflash.parallel.check")
+    monkeypatch.setattr(sharded, "check_sharded",
+                        lambda **kwargs: pytest.fail("the check ran instead of being refused"))
+    result = invoke("check", "--device", "cpu", "--gpus", "5000", "--heads", "1",
+                    "--head-dim", "4", code=3)
+    assert "would take about" in result.output and "--force" in result.output
+
+
 def test_check_gpus_repeats_on_a_simulated_ring_says_they_do_not_apply():
     stderr = invoke(*SHARDED_CHECK, "--no-backward", "--repeats", "3").stderr
     assert "a simulated ring is timed once" in stderr

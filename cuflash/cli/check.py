@@ -31,7 +31,11 @@ MIN_PATHFINDER_TOKENS = (MIN_SIDE - 1) ** 2 + 1  # the smallest length with an 8
 # attention in one call. Host work (making, saving, loading, gathering and comparing the arrays
 # in float64) costs about HOST_SECONDS_PER_ELEMENT and HOST_BYTES_PER_ELEMENT per element of q;
 # each process of a real ring also loads the inputs (RANK_HOST_ITEMS of them per element).
+# A simulated ring also makes N steps on each of its N ranks, per pass, each some Python and
+# NumPy work on the host whatever its size: about RING_STEP_SECONDS each (measured on the CPU
+# with 16 to 128 ranks), which decides the time once N is in the hundreds.
 CPU_RING_SLOWDOWN = 4
+RING_STEP_SECONDS = 5e-4
 HOST_SECONDS_PER_ELEMENT = 2e-7
 HOST_BYTES_PER_ELEMENT = 64
 RANK_HOST_ITEMS = 5
@@ -332,8 +336,10 @@ def _sharded_estimate(target, mode, gpus, n, heads, head_dim, dtype, rows, backw
                              dtype=dtype, causal=causal, backward=backward, calls=calls)
     if mode == "processes":
         ring = ring / gpus + PROCESS_START_SECONDS
-    elif target.name == "cpu":
-        ring *= CPU_RING_SLOWDOWN
+    else:
+        if target.name == "cpu":
+            ring *= CPU_RING_SLOWDOWN
+        ring += gpus * gpus * (2 if backward else 1) * RING_STEP_SECONDS
     estimate = single + ring + HOST_SECONDS_PER_ELEMENT * elements
     # The one-device check and its reference run on the device after the ring (in processes
     # mode, on GPU 0 once the ranks have exited); a simulated ring adds its shards, outputs
