@@ -753,6 +753,20 @@ def test_launcher_command_line_errors():
     assert result.returncode == 2 and "at least 1" in result.stderr
 
 
+@pytest.mark.parametrize("nodes, message", [
+    (["--nnodes", "0"], "--nnodes must be at least 1, got 0"),
+    (["--nnodes", "2", "--node-rank", "2"], "--node-rank must be in [0, 2), got 2"),
+    (["--nnodes", "2", "--node-rank", "-1"], "--node-rank must be in [0, 2), got -1")])
+def test_launcher_refuses_node_ranks_outside_the_nodes(nodes, message, tmp_path):
+    """A node rank past --nnodes (or a negative one) used to start processes whose RANK was
+    outside [0, WORLD_SIZE), which failed or waited in the program instead."""
+    result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "1",
+                             *nodes, "--rdzv-dir", str(tmp_path), "-m", "this"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Zen of Python" not in result.stdout
+
+
 # ----------------------------------------------------------------------------- added checks
 
 @pytest.mark.parametrize("option, values", [

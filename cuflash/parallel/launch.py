@@ -49,6 +49,10 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     gpus, nnodes, node_rank = int(gpus), int(nnodes), int(node_rank)
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if nnodes < 1:
+        raise ValueError(f"--nnodes must be at least 1, got {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"--node-rank must be in [0, {nnodes}), got {node_rank}")
     if timeout is not None and not timeout >= 0:
         raise ValueError(f"--timeout must be a number of seconds (0: no timeout), got {timeout}")
     if nnodes > 1 and rdzv_dir is None:
