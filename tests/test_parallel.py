@@ -531,6 +531,23 @@ def test_local_ring_collectives():
         assert shifted == (r - 2) % 4 + 1.0
 
 
+def test_all_reduce_refuses_an_unknown_operation_before_sending():
+    """all_reduce names the operations it knows, on every rank and before any message (an
+    unknown one was a KeyError, raised after the all-gather)."""
+    sent = []
+
+    def rank(comm):
+        exchange = comm.exchange
+        comm.exchange = lambda *a, **k: sent.append(comm.rank) or exchange(*a, **k)
+        original = comm.all_to_all
+        comm.all_to_all = lambda *a: sent.append(comm.rank) or original(*a)
+        return comm.all_reduce(np.ones(1), op="prod")
+
+    with pytest.raises(ValueError, match="op must be one of 'sum', 'max', 'min', got 'prod'"):
+        LocalRing(2, timeout=10).run(rank)
+    assert sent == []
+
+
 # ----------------------------------------------------------------------------- Ulysses
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

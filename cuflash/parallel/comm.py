@@ -125,9 +125,12 @@ class CommBase:
         return self.all_to_all([x] * self.size)
 
     def all_reduce(self, x, op: str = "sum"):
-        parts = self.all_gather(x)
         xp = array_module(x)
-        reduce = {"sum": lambda a, b: a + b, "max": xp.maximum, "min": xp.minimum}[op]
+        operations = {"sum": lambda a, b: a + b, "max": xp.maximum, "min": xp.minimum}
+        if op not in operations:
+            raise ValueError(f"op must be one of {', '.join(map(repr, operations))}, got {op!r}")
+        reduce = operations[op]
+        parts = self.all_gather(x)
         result = parts[0]
         for part in parts[1:]:
             result = reduce(result, part)
