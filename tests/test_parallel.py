@@ -433,6 +433,28 @@ def test_unsupported_options_are_refused():
         ring_attention(q, q, q, comm=None)
 
 
+@pytest.mark.parametrize("attention", ["ring", "ring backward", "ulysses", "torch ring"])
+@pytest.mark.parametrize("comm", [None, 5, LocalRing(2)])
+def test_comm_must_be_a_communicator(attention, comm):
+    """comm is checked as a communicator, naming the ones there are: a LocalRing given instead
+    of one of its comms used to fail with "'LocalRing' object has no attribute 'all_gather'"."""
+    q = np.zeros((1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+    if attention == "torch ring":
+        torch = pytest.importorskip("torch")
+        from cuflash.parallel import torch_ring_attention
+        t = torch.from_numpy(q)
+        call = lambda: torch_ring_attention(t, t, t, comm=comm)  # noqa: E731
+    else:
+        call = {"ring": lambda: ring_attention(q, q, q, comm=comm),
+                "ring backward": lambda: ring_attention_backward(q, q, q, q, q, lse, comm=comm),
+                "ulysses": lambda: ulysses_attention(q, q, q, comm=comm)}[attention]
+    with pytest.raises(TypeError, match=r"comm must be a communicator \(LocalRing\(P\)\.comms"
+                                        r"\[r\], NcclComm or TorchComm\), got "
+                                        + type(comm).__name__):
+        call()
+
+
 @pytest.mark.parametrize("option, value, error", [
     ("softcap", True, TypeError), ("softcap", "5", TypeError), ("softcap", -1.0, ValueError),
     ("scale", True, TypeError), ("scale", "0.3", TypeError), ("scale", 0.0, ValueError),

@@ -20,7 +20,7 @@ import numpy
 
 from cuflash import _checks
 
-from .comm import CommBase, CommError, array_module, check_timeout
+from .comm import CommBase, array_module, check_comm, check_timeout
 
 __all__ = ["TorchComm", "call_on_arrays", "torch_ring_attention"]
 
@@ -250,6 +250,5 @@ def torch_ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "
             return tuple(ring_attention_backward(dout.contiguous(), q, k, v, out, lse,
                                                  deterministic=deterministic, **options))
 
-    if comm is None:
-        raise CommError("torch_ring_attention needs a communicator (comm=TorchComm(), ...)")
+    check_comm(comm)
     return _RingAttention.apply(q, k, v)

@@ -39,7 +39,7 @@ import numpy
 from cuflash import _checks
 
 __all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
-           "array_module"]
+           "array_module", "check_comm"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds
 
@@ -76,6 +76,15 @@ class Communicator(Protocol):
     def all_reduce(self, x, op: str = "sum"): ...
 
     def barrier(self) -> None: ...
+
+
+def check_comm(comm):
+    """``comm``, when it is a communicator (the attributes and methods above); ``TypeError``
+    naming the communicators otherwise."""
+    if not isinstance(comm, Communicator):
+        raise TypeError(f"comm must be a communicator (LocalRing(P).comms[r], NcclComm or "
+                        f"TorchComm), got {type(comm).__name__}")
+    return comm
 
 
 def array_module(x):

@@ -37,7 +37,7 @@ from cuflash import _checks, _mask
 
 from . import _plan
 from . import layout as _layout
-from .comm import array_module
+from .comm import array_module, check_comm
 
 __all__ = ["merge", "ring_attention", "ring_attention_backward", "ring_attention_vjp"]
 
@@ -132,9 +132,7 @@ class _Options:
 
     def __init__(self, q, k, v, *, comm, causal, layout, window, softcap, scale, alibi_slopes,
                  block_mask, validate, backward=None):
-        if comm is None:
-            raise TypeError("ring attention needs a communicator: comm=LocalRing(...).comms[r], "
-                            "NcclComm.from_env() or TorchComm()")
+        check_comm(comm)
         if alibi_slopes is not None:
             raise NotImplementedError(
                 "alibi_slopes is not supported by ring attention: the ALiBi bias depends on "

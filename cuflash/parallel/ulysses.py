@@ -21,15 +21,14 @@ import cuflash
 from cuflash import _checks
 
 from . import layout as _layout
-from .comm import array_module
+from .comm import array_module, check_comm
 from .ring import _host, array_values, check_backward_arrays, check_same_call, code
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
 def _check(comm, q, k, v, layout):
-    if comm is None:
-        raise TypeError("ulysses attention needs a communicator (comm=...)")
+    check_comm(comm)
     _layout.check_layout(layout)
     _checks.common_module({"q": q, "k": k, "v": v})
     for name, x in (("q", q), ("k", k), ("v", v)):
