@@ -992,6 +992,12 @@ def test_mask_show_bad_options(args, option):
     assert option in invoke("mask", "show", *args, code=2).output
 
 
+def test_check_help_spells_rows_all_as_accepted():
+    """The help showed --rows K|ALL, and 'ALL' is refused: only 'all' is taken."""
+    assert "--rows K|all " in invoke("check", "--help").output
+    invoke("check", "--rows", "ALL", code=2)
+
+
 @pytest.mark.parametrize("command", [["mask", "show"], ["check"]])
 def test_counts_the_patterns_need_positive_say_so_in_help(command):
     """--documents and --summary were listed as [x>=0], but a pattern of 0 documents or 0

@@ -121,7 +121,7 @@ def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward):
               help="Shard the sequence across N GPUs (ring attention, zigzag layout: the length "
                    "must be a multiple of 2·N), one process each, on random normal q, k, v; "
                    "with fewer GPUs visible the N ranks are simulated in one process.")
-@click.option("--rows", type=RowCount(), default="256", show_default=True,
+@click.option("--rows", type=RowCount(), default="256", show_default=True, metavar="K|all",
               help="Query rows compared with float64 (sampled, always with the first and last), "
                    "or 'all'.")
 @click.option("--repeats", type=POSITIVE, default=10, show_default=True,
