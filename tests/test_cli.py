@@ -1023,7 +1023,8 @@ sys.argv = ["cuflash", "mask", "show", "butterfly", "--seq-len", "1K", "--png", 
 main()
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 1, result.stderr
     assert "--png" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert path.read_bytes() == b"an earlier picture " * 8
