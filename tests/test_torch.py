@@ -931,6 +931,28 @@ def test_dense_packed_errors_name_the_packed_tensors():
         ct.flash_attn_kvpacked_func(q, randn(2, 6, 2, 3, 8).half())
 
 
+def test_sdpa_errors_name_query_key_and_value():
+    """scaled_dot_product_attention's refusals name its arguments query, key and value, not the
+    q, k and v of the core it calls."""
+    q, k = randn(2, 4, 5, 8), randn(2, 2, 7, 8)
+    with pytest.raises(TypeError, match=r"^query and key must have the same dtype, got query: "
+                                        r"float32 and key: float16$"):
+        ct.scaled_dot_product_attention(q, k.half(), k, enable_gqa=True)
+    with pytest.raises(TypeError, match=r"^query has dtype float64"):
+        ct.scaled_dot_product_attention(q.double(), k.double(), k.double(), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"^key and value must have the same number of heads and "
+                                         r"keys .* got key \(2, 2, 7, 8\) and value \(2, 2, 6, "
+                                         r"8\)$"):
+        ct.scaled_dot_product_attention(q, k, randn(2, 2, 6, 8), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"3 key/value heads \(key \(2, 3, 7, 8\)\)$"):
+        ct.scaled_dot_product_attention(q, randn(2, 3, 7, 8), randn(2, 3, 7, 8), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"^query must not have an empty axis, got shape "
+                                         r"\(0, 4, 5, 8\)$"):
+        ct.scaled_dot_product_attention(randn(0, 4, 5, 8), k[:0], k[:0], enable_gqa=True)
+    with pytest.raises(TypeError, match=r"^is_causal must be True or False"):
+        ct.scaled_dot_product_attention(q, q, q, is_causal="yes")
+
+
 def test_rejects_non_tensors():
     q = randn(1, 2, 8, 8)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):

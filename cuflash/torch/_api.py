@@ -521,9 +521,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise ValueError(f"query has {hq} heads and key {hkv}: pass enable_gqa=True for "
                          f"grouped-query attention")
     seq_major = query.stride(-3) < query.stride(-2)
-    out, _, _ = _attention(query, key, value, causal=is_causal, scale=scale, window=(-1, -1),
-                           softcap=0.0, alibi_slopes=None, block_mask=None, deterministic=False,
-                           seq_major=seq_major, dropout_p=dropout_p, names=_SDPA_NAMES)
+    with _caller_names({"q": "query", "k": "key", "v": "value"}, every_word=True):
+        out, _, _ = _attention(query, key, value, causal=is_causal, scale=scale,
+                               window=(-1, -1), softcap=0.0, alibi_slopes=None, block_mask=None,
+                               deterministic=False, seq_major=seq_major, dropout_p=dropout_p,
+                               names=_SDPA_NAMES)
     return out
 
 
