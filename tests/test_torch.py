@@ -931,6 +931,31 @@ def test_dense_packed_errors_name_the_packed_tensors():
         ct.flash_attn_kvpacked_func(q, randn(2, 6, 2, 3, 8).half())
 
 
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 4, 5, 8), (3, 4, 6, 8), (3, 4, 6, 8)),
+     r"^the leading axes of q, k and v must broadcast together, got q \(2, 4, 5, 8\), "
+     r"k \(3, 4, 6, 8\), v \(3, 4, 6, 8\)$"),
+    (((2, 4, 5, 8), (2, 4, 6, 8), (3, 4, 6, 8)), r"^the leading axes of q, k and v must"),
+    (((8,), (6, 8), (6, 8)), r"^q must have at least 2 dimensions .* got shape \(8,\)$"),
+    (((), (6, 8), (6, 8)), r"^q must have at least 2 dimensions .* got shape \(\)$"),
+    (((5, 8), (6, 8), (8,)), r"^v must have at least 2 dimensions .* got shape \(8,\)$"),
+])
+def test_attention_shape_errors_are_the_cores(shapes, match):
+    """Shapes the core refuses raise its ValueError, also those the output's shape is read
+    from before the core sees them (leading axes that do not broadcast, a q without rows)."""
+    tensors = [torch.randn(shape) for shape in shapes]
+    with pytest.raises(ValueError, match=match):
+        cuflash.attention(*(x.numpy() for x in tensors))
+    with pytest.raises(ValueError, match=match):
+        ct.attention(*tensors)
+    with pytest.raises(ValueError, match=match):
+        ct.attention(*(x.requires_grad_() for x in tensors))
+    if len(shapes[0]) == 4:
+        with pytest.raises(ValueError, match=r"^the leading axes of query, key and value must "
+                                             r"broadcast together, got query \(2, 4, 5, 8\), "):
+            ct.scaled_dot_product_attention(*tensors)
+
+
 def test_sdpa_errors_name_query_key_and_value():
     """scaled_dot_product_attention's refusals name its arguments query, key and value, not the
     q, k and v of the core it calls."""

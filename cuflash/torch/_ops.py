@@ -30,6 +30,7 @@ import numpy
 import torch
 
 import cuflash
+from cuflash import _checks
 
 from . import _bridge, _cached
 
@@ -218,12 +219,19 @@ def _out_shapes(q, k, v):
     """Shapes of (out, lse) as ``cuflash.attention`` gives them, and whether out has a head axis.
 
     A 2-D input is one head ``(1, N, D)``; when q, k and v are all 2-D, so are the outputs.
+    Shapes these cannot be read from raise the core's ValueError.
     """
     if q.dim() == k.dim() == v.dim() == 2:
         return (q.shape[0], v.shape[1]), (q.shape[0],), False
+    if min(q.dim(), k.dim(), v.dim()) < 2:
+        _checks.attention_shapes(q, k, v)
     batch = q.shape[:-3]
     if not batch == k.shape[:-3] == v.shape[:-3]:  # equal leading axes need no broadcasting
-        batch = torch.broadcast_shapes(batch, k.shape[:-3], v.shape[:-3])
+        try:
+            batch = torch.broadcast_shapes(batch, k.shape[:-3], v.shape[:-3])
+        except RuntimeError:
+            _checks.attention_shapes(q, k, v)
+            raise
     batch = tuple(batch)
     hq = q.shape[-3] if q.dim() >= 3 else 1
     nq, dv = q.shape[-2], v.shape[-1]
