@@ -631,6 +631,29 @@ def test_modes_transforms_and_subclasses_meet_the_operators():
     assert torch.equal(traced(q, k, v), ct.attention(q, k, v, causal=True))
 
 
+def test_meta_tensors_meet_the_operators():
+    """Meta tensors (shape inference without memory) take the operators' fake implementations,
+    as they would through the dispatcher, forward and backward: the eager road would hand them
+    to the core, which has no meta device."""
+    meta = torch.device("meta")
+    q, k, v = (leaf(randn(2, 4, 9, 8).to(meta)) for _ in range(3))
+    assert not _ops._runs_eagerly(q, k, v)
+    out = ct.attention(q, k[:, :2], v[:, :2, :, :6], causal=True)
+    assert out.device == meta and out.shape == (2, 4, 9, 6)
+    out.sum().backward()
+    assert q.grad.device == meta and q.grad.shape == q.shape
+    out = ct.flash_attn_func(q, k, v, dropout_p=0.25)
+    assert out.device == meta and out.shape == (2, 4, 9, 8) and out.is_contiguous()
+    out = ct.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    assert out.device == meta and out.shape == (2, 4, 9, 8)
+    packed = randn(10, 3, 2, 8).to(meta).requires_grad_()
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32, device=meta)
+    out = ct.flash_attn_varlen_qkvpacked_func(packed, cu_seqlens, 6, causal=True)
+    assert out.device == meta and out.shape == (10, 2, 8)
+    out.sum().backward()
+    assert packed.grad.device == meta and packed.grad.shape == packed.shape
+
+
 @pytest.mark.parametrize("path", ["eager", "operators"])
 def test_second_derivative_is_refused(monkeypatch, path):
     """No double backward, eager or through the operators: a gradient recorded with

@@ -10,9 +10,10 @@ offsets, or the dropout seed).
 In eager mode the public functions reach the same bodies through ``call_forward`` /
 ``call_varlen_forward`` instead: a plain ``torch.autograd.Function`` with the operators' context
 and backward rules, without the dispatcher (``_runs_eagerly`` says when; the operators stay what
-``torch.compile``, tensor subclasses, dispatch modes and functorch transforms see). The operators'
-autograd costs about 50 µs of Python per forward for these 14-15 arguments (torch rebuilds the
-schema's argument list once per argument to fill in defaults), more than the rest of a small call.
+``torch.compile``, tensor subclasses, meta tensors, dispatch modes and functorch transforms see).
+The operators' autograd costs about 50 µs of Python per forward for these 14-15 arguments (torch
+rebuilds the schema's argument list once per argument to fill in defaults), more than the rest of
+a small call.
 
 On CUDA tensors the bodies serve a signature's later calls from ``_cached``: the core's prepared
 launch, fed the tensors' pointers and torch's stream, without crossing to CuPy.
@@ -526,10 +527,13 @@ def _runs_eagerly(*tensors) -> bool:
     """Whether a call may skip the operators and run their bodies (``call_forward``): not while
     torch.compile, export or ``torch.jit.trace`` traces, under no functorch transform, dispatch
     mode or function mode, and with plain tensors only (no subclass: FakeTensor, DTensor, ...),
-    all of which must meet the operators. ``None`` stands for an absent optional tensor."""
+    all of which must meet the operators, as must meta tensors (their fake implementations). The
+    first tensor is q, whose device the others share. ``None`` stands for an absent optional
+    tensor."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    return (not torch._C._are_functorch_transforms_active()
+    return (not tensors[0].is_meta
+            and not torch._C._are_functorch_transforms_active()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
             and all(x is None or type(x) in _PLAIN_TENSORS for x in tensors))
