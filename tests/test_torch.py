@@ -11,6 +11,7 @@ float64 and ``naive`` plain attention computed in the inputs' dtype.
 
 import inspect
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -512,6 +513,29 @@ def test_cache_keys_a_call_by_its_layout_options_and_switches(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- custom ops
+
+def _schema_words(schema: str) -> str:
+    """A schema as docs/torch.md writes it: one space between words, ``int`` for ``SymInt``,
+    the results named or not."""
+    schema = re.sub(r"\s+", " ", schema).replace("( ", "(").replace("SymInt", "int").strip()
+    head, results = schema.split(" -> ")
+    return head + " -> " + re.sub(r"Tensor \w+", "Tensor", results)
+
+
+def test_documented_operator_schemas_are_the_registered_ones():
+    text = (REPO / "docs" / "torch.md").read_text()
+    section = text.split("\n## The operators\n", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for block in re.findall(r"```\n(.*?)```", section, re.S):
+        for entry in re.split(r"\n(?=cuflash::)", block.strip()):
+            documented[entry.split("(", 1)[0]] = _schema_words(entry)
+    names = ["attention_forward", "attention_backward", "attention_varlen_forward",
+             "attention_varlen_backward"]
+    assert sorted(documented) == sorted("cuflash::" + name for name in names)
+    for name in names:
+        schema = str(getattr(torch.ops.cuflash, name).default._schema)
+        assert documented["cuflash::" + name] == _schema_words(schema), name
+
 
 @pytest.mark.parametrize("seq_major", [False, True], ids=["hnd", "nhd"])
 def test_opcheck_forward(seq_major):
