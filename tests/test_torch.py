@@ -923,6 +923,26 @@ def test_sdpa_broadcasts_one_key_value_head_as_torch_does():
         ct.scaled_dot_product_attention(q, k.expand(2, 2, 11, 16), v.expand(2, 2, 11, 16))
 
 
+def test_sdpa_runs_in_the_autocast_dtype_as_torch_does():
+    """Under torch.autocast, torch's SDPA casts query, key and value to the autocast dtype (one
+    of its lower-precision operators), so float32 inputs, or a float32 key beside a bfloat16
+    query (a layer norm's output under autocast), run in bfloat16; the drop-in does the same,
+    and the gradients reach the float32 inputs in float32."""
+    q, k, v = (leaf(randn(2, 4, 9, 16)) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ct.scaled_dot_product_attention(q, k, v, is_causal=True)
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mixed = ct.scaled_dot_product_attention(q.bfloat16(), k, v)
+    assert out.dtype == expected.dtype == mixed.dtype == torch.bfloat16
+    bf16 = [x.detach().bfloat16() for x in (q, k, v)]
+    assert torch.equal(out, ct.scaled_dot_product_attention(*bf16, is_causal=True))
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert ct.scaled_dot_product_attention(q, k, v).dtype == torch.float32
+
+
 def test_sdpa_output_memory_follows_query():
     x = randn(2, 30, 3, 4, 16)
     q, k, v = (t.transpose(1, 2) for t in x.unbind(2))  # (B, H, N, D) views of (B, N, H, D)

@@ -481,6 +481,17 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 # ----------------------------------------------------------------------------- SDPA
 
+def _autocast(device: torch.device, *tensors) -> tuple:
+    """The tensors as torch's autocast hands them to its lower-precision operators (SDPA among
+    them) while it is enabled for ``device``'s type: floating-point ones other than float64 in
+    the autocast dtype; as they are otherwise (and on devices autocast does not know)."""
+    if device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x
+                 for x in tensors)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):
     """``torch.nn.functional.scaled_dot_product_attention`` for the cases cuflash computes.
@@ -493,9 +504,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``cuflash.torch.attention(mask=cuflash.sparse.ExactMask)``); different query and key/value
     head counts need ``enable_gqa=True``, as in torch, unless key and value have one head, which
     broadcasts. The output's memory follows the query's: a query that is a ``(B, L, H, E)``
-    tensor transposed gives an output that is one too, as torch's flash kernel does.
+    tensor transposed gives an output that is one too, as torch's flash kernel does. Under
+    ``torch.autocast``, as torch's, query, key and value run in the autocast dtype.
     """
     _check_tensors(query=query, key=key, value=value)
+    query, key, value = _autocast(query.device, query, key, value)
     if attn_mask is not None:
         raise NotImplementedError(
             "attn_mask is not supported here: pass is_causal, or give cuflash.torch.attention a "
