@@ -365,3 +365,24 @@ def test_matches_a_float64_reference(seed, config):
     """The result, the lse and the caches after the append, against flash-attn's definition
     written out in float64 (bottom-right aligned masks per row, grouped heads, pages)."""
     _check_against_reference(seed, **config)
+
+
+def test_under_compile_it_runs_in_a_graph_break(seed):
+    """flash_attn_with_kvcache is no operator: torch.compile runs it eagerly in a graph break
+    (the caches written, the result the eager one), and fullgraph=True refuses it
+    (docs/torch.md, "torch.compile and block masks")."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+
+    def step(q, k_cache, v_cache, k, v):
+        return flash_attn_with_kvcache(q * 2, k_cache, v_cache, k, v, cache_seqlens=5,
+                                       causal=True) + 1
+
+    caches = k_cache.clone(), v_cache.clone()
+    expected = step(q, *caches, k, v)
+    out = torch.compile(step, backend="aot_eager")(q, k_cache, v_cache, k, v)
+    assert torch.equal(out, expected)
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+    assert torch.equal(k_cache[:, 5], k[:, 0])
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(step, backend="aot_eager", fullgraph=True)(q, k_cache, v_cache, k, v)
