@@ -430,6 +430,17 @@ def test_block_mask_handle_refuses_what_is_not_a_mask(value):
     assert len(_ops._masks) == registered
 
 
+@pytest.mark.parametrize("name", ["block_mask", "mask"])
+@pytest.mark.parametrize("handle", [-2, 10**6])
+def test_an_unknown_handle_is_refused_by_its_argument_s_name(name, handle):
+    q = randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match=rf"^{name} = {handle} is not a mask handle from "
+                                         r"cuflash.torch.block_mask_handle$"):
+        ct.attention(q, q, q, **{name: handle})
+    with pytest.raises(ValueError, match=rf"^block_mask = {handle} is not a mask handle"):
+        ct.block_mask_handle(handle)
+
+
 def test_the_handle_of_no_mask_is_the_call_without_a_mask():
     from cuflash.sparse import ExactMask
     q = randn(1, 2, 24, 8)

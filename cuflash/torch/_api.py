@@ -183,7 +183,7 @@ def _one_mask(block_mask, mask):
                           else (block_mask, "block_mask", BlockMask))
     if chosen is None:
         return None
-    registered = _ops.lookup_block_mask(chosen) if _is_handle(chosen) else chosen
+    registered = _ops.lookup_block_mask(chosen, name) if _is_handle(chosen) else chosen
     if not isinstance(registered, kind):
         raise TypeError(f"{name} takes a cuflash.sparse.{kind.__name__} (or its handle), got "
                         f"{type(registered).__name__}")

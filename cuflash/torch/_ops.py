@@ -55,7 +55,7 @@ def block_mask_handle(block_mask) -> int:
     if block_mask is None:
         return NO_MASK
     if isinstance(block_mask, int) and not isinstance(block_mask, bool):
-        lookup_block_mask(block_mask)  # validates
+        lookup_block_mask(block_mask, "block_mask")  # validates
         return block_mask
     from cuflash.sparse import BlockMask, ExactMask
 
@@ -71,11 +71,14 @@ def block_mask_handle(block_mask) -> int:
     return handle
 
 
-def lookup_block_mask(handle: int):
+def lookup_block_mask(handle: int, name: str = "block_mask"):
+    """The mask registered under ``handle`` (None for -1); a ValueError naming the argument
+    ``name`` for a handle that was never given out."""
     if handle == NO_MASK:
         return None
     if not 0 <= handle < len(_masks):
-        raise ValueError(f"{handle} is not a block mask handle from cuflash.torch.block_mask_handle")
+        raise ValueError(f"{name} = {handle} is not a mask handle from "
+                         f"cuflash.torch.block_mask_handle")
     return _masks[handle]
 
 
