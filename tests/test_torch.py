@@ -1056,6 +1056,21 @@ def test_sdpa_errors_name_query_key_and_value():
         ct.scaled_dot_product_attention(q, q, q, is_causal="yes")
 
 
+def test_renamed_errors_show_the_values_as_given():
+    """Errors renamed to the caller's names (query for q, qkv[:, :, 0] for q, ...) keep the
+    values they show as the caller gave them, a string "q" or "v" included."""
+    q = randn(2, 4, 5, 8)
+    with pytest.raises(TypeError, match=r"^scale must be a real number or None, got 'v' of "):
+        ct.scaled_dot_product_attention(q, q, q, scale="v")
+    with pytest.raises(TypeError, match=r"^dropout_p must be .* got 'k' of type str$"):
+        ct.scaled_dot_product_attention(q, q, q, dropout_p="k")
+    qkv = randn(2, 5, 3, 4, 8)
+    with pytest.raises(TypeError, match=r"^softmax_scale must be .* got 'q' of type str$"):
+        ct.flash_attn_qkvpacked_func(qkv, softmax_scale="q")
+    with pytest.raises(TypeError, match=r"^window_size must be .* got \('k', 1\)"):
+        ct.flash_attn_qkvpacked_func(qkv, window_size=("k", 1))
+
+
 def test_rejects_non_tensors():
     q = randn(1, 2, 8, 8)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):

@@ -31,11 +31,13 @@ def _renamed(error: Exception, names: dict, *, every_word: bool = False) -> Exce
     """``error`` of a core check, its message starting with the caller's name for the argument
     (flash-attn's ``window_size`` for the core's ``window``); with ``every_word``, each whole
     word of it that is a key of ``names`` (``q``, ``cu_seqlens_q``) becomes its value
-    (``qkv[:, 0]``, ``cu_seqlens``)."""
+    (``qkv[:, 0]``, ``cu_seqlens``), but for one between quotes: a value shown as the caller
+    gave it (``got 'q'``)."""
     message = str(error)
     if every_word:
-        pattern = r"\b(?:" + "|".join(map(re.escape, names)) + r")\b"
-        message = re.sub(pattern, lambda word: names[word.group()], message)
+        word = r"\b(?:" + "|".join(map(re.escape, names)) + r")\b"
+        pattern = rf"(?<!['\"]){word}|{word}(?!['\"])"
+        message = re.sub(pattern, lambda match: names[match.group()], message)
     else:
         for core, own in names.items():
             if message.startswith(core + " "):
