@@ -160,6 +160,9 @@ class FakeDevice:
         monkeypatch.setattr(_tma, "_encode", lambda address, shape, strides, dtype_name, box_rows: np.array(
             ([address, box_rows, *shape, *strides] + [0] * 16)[:16], np.uint64).tobytes())
         monkeypatch.setattr(_launch, "sm_count", lambda device_id: 132)
+        # Shared memory a thread block may take: Hopper's, the A100's, else 8.6's and 8.9's.
+        limit = {"90": 227 * 1024, "80": 163 * 1024}.get(compute_capability, 99 * 1024)
+        monkeypatch.setattr(_launch, "shared_limit", lambda device_id: limit)
         # A persistent grid's tile counter, one per stream (TileCounters allocates on the device).
         monkeypatch.setattr(_launch, "tile_counters", types.SimpleNamespace(pointer=lambda stream: stream << 16))
         monkeypatch.setattr(_calls, "stream_capturing", lambda: False)

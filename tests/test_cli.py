@@ -141,11 +141,8 @@ def _documented_h200_plans():
 def test_info_h200_example_in_the_docs_is_what_info_prints(monkeypatch):
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
-    from cuflash.kernels import float32
     info = importlib.import_module("cuflash.cli.info")
     FakeDevice(monkeypatch, compute_capability="90")  # an H200: sm_90, 132 SMs, 227 KiB
-    monkeypatch.setattr(float32, "_shared_limit", lambda device_id: 232448)
-    monkeypatch.setattr(float32, "_device_shared_limit", lambda: 232448)
     facts = {"cuflash": "", "python": "", "numpy": "", "ml_dtypes": "", "scipy": "", "cupy": "",
              "kernel_cache": "", "torch": "", "matplotlib": "",
              "paths": {path: {"usable": True, "reason": ""} for path in ("gpu", "cpu")},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 
 import ml_dtypes
@@ -787,10 +788,7 @@ def test_kernel_plan_reports_the_float32_backward_workspace(monkeypatch):
     pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
-    from cuflash.kernels import float32
-
-    device = FakeDevice(monkeypatch, compute_capability="90")
-    monkeypatch.setattr(float32, "_shared_limit", lambda device_id: 227 * 1024)  # an H200's, per block
+    device = FakeDevice(monkeypatch, compute_capability="90")  # an H200's shared memory per block
     q = device.empty((2, 3, 700, 64), np.float32)
     plans = cuflash.kernel_plan(q, q, q, causal=True)
     plan = plans.backward
@@ -879,7 +877,7 @@ def test_kernel_plan_names_the_families_the_calls_launch():
     from hypothesis import HealthCheck, given, settings
     from fake_device import FakeDevice
 
-    from cuflash.kernels import _launch, float32
+    from cuflash.kernels import _launch
     from cuflash.sparse import BlockMask
     from cuflash.sparse._csr import TileCSR
 
@@ -889,8 +887,6 @@ def test_kernel_plan_names_the_families_the_calls_launch():
         dtype, (d, dv), (hq, hkv), nq, nk, layout, options, capability = problem
         with pytest.MonkeyPatch.context() as monkeypatch:
             device = FakeDevice(monkeypatch, compute_capability=capability)
-            monkeypatch.setattr(float32, "_shared_limit", lambda device_id: 227 * 1024)
-            monkeypatch.setattr(float32, "_device_shared_limit", lambda: 227 * 1024)
             allocated = []
             fake_memory = _launch.device_memory
             monkeypatch.setattr(_launch, "device_memory", lambda n: allocated.append(n) or fake_memory(n))
@@ -947,3 +943,47 @@ def test_kernel_plan_names_the_families_the_calls_launch():
                                  else []), plan.backward.describe()
 
     check()
+
+
+# ----------------------------------------------------------------------------- 99 KiB of shared memory
+
+@pytest.mark.parametrize("d", [64, 96, 128])
+def test_a_device_with_99_kib_per_block_gets_backward_tiles_that_fit(monkeypatch, d):
+    """Compute capability 8.6 and 8.9 let a thread block take 99 KiB of shared memory: the sm80
+    backward runs there with tiles whose kernels fit (at D = 128 the default ones need 155 KiB),
+    and takes its usual tiles on an A100."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="86")
+    q, k, v, dout = (device.empty((1, 2, 300, d), ml_dtypes.bfloat16) for _ in range(4))
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    for deterministic in (False, True):
+        device.take_launches()
+        cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=deterministic)
+        launches = device.take_launches()
+        assert _families(launches, _BACKWARD_KERNELS) == {"sm80-mma"}
+        assert max(shared for _, _, _, shared, _ in launches) <= 99 * 1024
+    from cuflash.kernels import mma_backward
+
+    a100 = mma_backward.default_tiles(128, 128, shared_limit=163 * 1024)
+    assert a100 == mma_backward.default_tiles(128, 128)  # unchanged where it fits
+    assert mma_backward.shared_bytes(a100, 128, 128) > 99 * 1024
+
+
+@pytest.mark.parametrize("d, options, words", [
+    (256, {}, "head dims (256, 256) needs 154,112 bytes of shared memory per thread block; "
+              "this GPU allows 101,376"),
+    (128, dict(dropout_p=0.1, dropout_seed=3), "head dims (128, 128) with dropout needs"),
+])
+def test_a_backward_that_fits_no_tile_of_the_device_names_its_shared_memory(monkeypatch, d, options, words):
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="86")
+    q, k, v, dout = (device.empty((1, 2, 200, d), ml_dtypes.bfloat16) for _ in range(4))
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)  # the forward fits
+    device.take_launches()
+    with pytest.raises(ValueError, match=r"no GPU kernel runs this backward pass(.|\n)*" + re.escape(words)):
+        cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+    assert device.take_launches() == []

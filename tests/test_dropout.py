@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 
 import ml_dtypes
 import numpy as np
@@ -432,8 +433,11 @@ def test_only_the_families_that_draw_the_mask_take_dropout(monkeypatch):
     assert len(families) >= 6
     drawing = {"mma_forward", "mma_backward", "sm90_tma_forward", "sm90_backward"}
     monkeypatch.setattr(_launch, "on_hopper", lambda x: False)
+    # Arrays on device 0 of an A100 (the families that fit tiles to its shared memory ask it).
+    monkeypatch.setattr(_launch, "shared_limit", lambda device_id: 163 * 1024)
+    arrays = (types.SimpleNamespace(device=types.SimpleNamespace(id=0)),) * 8
     for module, family in families.items():
-        reason = family.launcher().supports(spec, (None,) * arity[module])
+        reason = family.launcher().supports(spec, arrays[:arity[module]])
         if module in {"mma_forward", "mma_backward"}:
             assert reason is None, module
         elif module in drawing:
@@ -446,7 +450,7 @@ def test_only_the_families_that_draw_the_mask_take_dropout(monkeypatch):
     packed = dataclasses.replace(spec, varlen=VarlenLayout(cu_q=None, cu_k=None, total_q=64,
                                                            total_k=64, max_q=64, max_k=64))
     for module in drawing:  # packed sequences too
-        assert families[module].launcher().supports(packed, (None,) * arity[module]) == (
+        assert families[module].launcher().supports(packed, arrays[:arity[module]]) == (
             None if module in {"mma_forward", "mma_backward"} else "needs compute capability 9.0 (Hopper)")
 
 

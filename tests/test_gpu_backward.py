@@ -518,3 +518,31 @@ def test_variants_with_tight_registers(xp_gpu, rng, seed, monkeypatch, case):
     _calls.clear()  # prepared launches look their kernels up once
     call(xp_gpu, rng, seed)
     assert expression in compiled, f"{case} ran {compiled}"
+
+
+# ----------------------------------------------------------------------------- 99 KiB per block
+
+@pytest.mark.parametrize("d", [96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_tiles_of_a_device_with_99_kib_per_block(xp_gpu, rng, seed, monkeypatch, d, causal,
+                                                 deterministic):
+    """The sm80 backward's tiles for compute capability 8.6 and 8.9 (99 KiB of shared memory per
+    thread block), run here with the limit set to theirs, against the float64 oracle."""
+    from cuflash import kernels
+    from cuflash.kernels import _launch, mma_backward
+
+    monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "1")
+    monkeypatch.setattr(_launch, "shared_limit", lambda device_id: 99 * 1024)
+    launched = []
+    original = mma_backward.prepare_backward
+
+    def prepared(spec, arrays, **kwargs):
+        launch = original(spec, arrays, **kwargs)
+        launched.append(max(step.shared for step in launch.launches))
+        return launch
+
+    monkeypatch.setattr(mma_backward, "prepare_backward", prepared)
+    check(xp_gpu, rng, seed, nq=333, nk=300, d=d, hq=4, hkv=2, causal=causal,
+          deterministic=deterministic, dtype=ml_dtypes.bfloat16)
+    assert launched and max(launched) <= 99 * 1024

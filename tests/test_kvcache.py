@@ -359,3 +359,26 @@ def test_cuda_graph_capture_and_replay(xp_gpu, rng, seed, decode_calls, paged):
             assert (to_host(out).view(np.uint16) == to_host(want).view(np.uint16)).all(), step
             assert (to_host(lse) == to_host(want_lse)).all(), step
             assert (to_host(case.k_cache).view(np.uint16) == to_host(k_cache).view(np.uint16)).all()
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_ring_of_a_device_with_99_kib_per_block(xp_gpu, rng, seed, decode_calls, monkeypatch,
+                                                       paged):
+    """The decode kernel's two-stage ring at D = 128 for compute capability 8.6 and 8.9 (99 KiB of
+    shared memory per thread block), run here with the limit set to theirs."""
+    from cuflash.kernels import _launch, decode
+
+    monkeypatch.setattr(_launch, "shared_limit", lambda device_id: 99 * 1024)
+    variants = []
+    original = decode.variant
+    monkeypatch.setattr(decode, "variant", lambda *args, **kwargs: variants.append(
+        original(*args, **kwargs)) or variants[-1])
+    decode._prepared.cache_clear()  # prepared launches are kept per device: this one's is other
+    try:
+        case = make_case(rng, xp_gpu, dtype=ml_dtypes.bfloat16, b=len(FEATURE_LENGTHS), sq=4, hq=32,
+                         hkv=8, d=128, lengths=FEATURE_LENGTHS, capacity=FEATURE_CAPACITY, s_new=1,
+                         page_size=256 if paged else None, causal=True)
+        run(case, seed)
+    finally:
+        decode._prepared.cache_clear()
+    assert variants and all(", 128, 128, 2, Mask<" in v for v in variants), variants

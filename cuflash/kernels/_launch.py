@@ -113,6 +113,21 @@ def sm_count(device_id: int) -> int:
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
 
+@functools.lru_cache(maxsize=None)
+def shared_limit(device_id: int) -> int:
+    """The most shared memory one thread block of a device may take (its opt-in limit: 227 KiB
+    on Hopper, 163 KiB on the A100, 99 KiB on compute capability 8.6 and 8.9), looked up once
+    per device. The families pick tiles that fit it, or pass the call on."""
+    from cupy.cuda import runtime
+
+    return int(runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
+
+
+def current_shared_limit() -> int:
+    """``shared_limit`` of the current device."""
+    return shared_limit(cupy_module().cuda.runtime.getDevice())
+
+
 # The waves of thread blocks (or a persistent grid's tiles per resident block) at the end of a
 # grid whose lanes start tile by tile (tail_lanes).
 TAIL_WAVES = 2

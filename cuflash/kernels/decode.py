@@ -60,6 +60,12 @@ def why_not(q, k_cache, v_cache) -> str | None:
     for name, width in (("D", d), ("Dv", dv)):
         if width > 256 or width % 8:
             return f"takes head dims that are multiples of 8 up to 256; {name} = {width}"
+    limit = _launch.shared_limit(q.device.id)
+    dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(dv, "value head dim Dv")
+    need = min(shared_bytes(dqk, dvp, 2, paged) for paged in (False, True))
+    if need > limit:
+        return (f"needs {need:,} bytes of shared memory per thread block at D = {d}, Dv = {dv}; "
+                f"this GPU allows {limit:,}")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         strides = element_strides(x)
         if strides[-1] != 1:
@@ -85,9 +91,11 @@ def _held_pages_bytes(paged: bool) -> int:
     return 4 * HELD_PAGES if paged else 0
 
 
-def stages_for(dqk: int, dvp: int, paged: bool) -> int:
-    """K/V ring stages: as many as fit two blocks per Hopper SM (at least two)."""
-    room = SHARED_LIMIT - _q_tile_bytes(dqk) - _held_pages_bytes(paged)
+def stages_for(dqk: int, dvp: int, paged: bool, shared_limit: int | None = None) -> int:
+    """K/V ring stages: as many as fit two blocks per Hopper SM (at least two), and a block of
+    a device with less shared memory (``shared_limit`` bytes per block, ``_launch.shared_limit``:
+    99 KiB at compute capability 8.6 and 8.9)."""
+    room = min(SHARED_LIMIT, shared_limit or SHARED_LIMIT) - _q_tile_bytes(dqk) - _held_pages_bytes(paged)
     return max(2, min(4, room // _stage_bytes(dqk, dvp)))
 
 
@@ -135,11 +143,12 @@ class Geometry:
 
     @classmethod
     def of(cls, batch: int, sq: int, heads: int, kv_heads: int, d: int, dv: int,
-           paged: bool) -> "Geometry":
+           paged: bool, limit: int) -> "Geometry":
+        """``limit``: the device's shared memory per thread block."""
         dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(dv, "value head dim Dv")
         group = heads // kv_heads
         row_chunks = -(-(sq * group) // ROWS)
-        stages = stages_for(dqk, dvp, paged)
+        stages = stages_for(dqk, dvp, paged, limit)
         return cls(dqk, dvp, group, row_chunks, shared_bytes(dqk, dvp, stages, paged),
                    batch * kv_heads * row_chunks)
 
@@ -151,7 +160,8 @@ class Geometry:
 def chosen_num_splits(q, k_cache, v_cache, seqlens=None, *, paged: bool = False, block_table=None) -> int:
     """The split count ``forward`` picks with ``num_splits=0`` for these arrays (the capacity
     of the cache decides, not ``seqlens``: the lengths stay on the device)."""
-    geometry = Geometry.of(*q.shape[:3], k_cache.shape[2], q.shape[3], v_cache.shape[3], paged)
+    geometry = Geometry.of(*q.shape[:3], k_cache.shape[2], q.shape[3], v_cache.shape[3], paged,
+                           _launch.shared_limit(q.device.id))
     return geometry.auto_splits(capacity_of(k_cache, block_table if paged else None), q.device.id)
 
 
@@ -171,9 +181,10 @@ def _kernel_band(causal: bool, window, sq: int, capacity: int) -> tuple[int, int
 
 
 def variant(dtype, dqk: int, dvp: int, *, causal: bool, window, softcap: bool, alibi: bool,
-            paged: bool) -> str:
+            paged: bool, shared_limit: int | None = None) -> str:
     return _build.template_expression(
-        "flash_decode", element_type(dtype), dqk, dvp, stages_for(dqk, dvp, paged), _mask_type(causal, window),
+        "flash_decode", element_type(dtype), dqk, dvp, stages_for(dqk, dvp, paged, shared_limit),
+        _mask_type(causal, window),
         _build.template_expression("ScoreMod", softcap, alibi), paged,
     )
 
@@ -246,7 +257,8 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     (_, page_or_capacity, kv_heads, _), k_strides, _ = k_layout
     dv = v_layout[0][3]
     paged = table_layout is not None
-    geometry = Geometry.of(batch, sq, heads, kv_heads, d, dv, paged)
+    limit = _launch.shared_limit(device_id)
+    geometry = Geometry.of(batch, sq, heads, kv_heads, d, dv, paged, limit)
     dqk, dvp, row_chunks, shared = geometry.dqk, geometry.dvp, geometry.row_chunks, geometry.shared
     capacity = _capacity(k_layout[0], table_layout[0] if paged else None)
     splits = num_splits or geometry.auto_splits(capacity, device_id)
@@ -261,8 +273,9 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
         window_left=left, window_right=right,
         scale_log2=scale * LOG2E, cap_in=scale / softcap if softcap > 0 else 0.0, cap_out=softcap * LOG2E,
     )
-    kernel = _build.get_function(SOURCE, variant(dtype, dqk, dvp, causal=causal,
-                                                 window=window, softcap=softcap > 0, alibi=alibi, paged=paged),
+    kernel = _build.get_function(SOURCE, variant(dtype, dqk, dvp, causal=causal, window=window,
+                                                 softcap=softcap > 0, alibi=alibi, paged=paged,
+                                                 shared_limit=limit),
                                  shared_bytes=shared)
     # All of the SM's unified L1/shared memory as shared memory: the blocks per SM that
     # resident_blocks counts on (the caches stream through cp.async.cg, bypassing L1).
@@ -362,6 +375,11 @@ def main_variants() -> list[tuple[str, str]]:
                                     softcap=softcap, alibi=alibi, paged=True)))
     out.append((SOURCE, variant(numpy.dtype("bfloat16"), 192, 128, causal=True, window=(-1, -1),
                                 softcap=False, alibi=False, paged=False)))
+    # The ring of devices with 99 KiB of shared memory per thread block (compute capability 8.6
+    # and 8.9): fewer stages at D = 128.
+    for paged in (False, True):
+        out.append((SOURCE, variant(numpy.dtype("bfloat16"), 128, 128, causal=True, window=(-1, -1),
+                                    softcap=False, alibi=False, paged=paged, shared_limit=99 * 1024)))
     out += [(SOURCE, _append_variant(paged)) for paged in (False, True)]
     return out
 

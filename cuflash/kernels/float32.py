@@ -12,12 +12,11 @@ modifiers (softcap, ALiBi) are the kernels' template policies, keyed from the ca
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy
 
-from . import _build
+from . import _build, _launch
 from ._launch import (
     F32,
     I32,
@@ -160,19 +159,6 @@ def tiles_for(kernel: str, spec, shared_limit: int) -> F32Tiles:
     return fitting[0]
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_limit(device_id: int) -> int:
-    from cupy.cuda import runtime
-
-    return int(runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
-
-
-def _device_shared_limit() -> int:
-    import cupy
-
-    return _shared_limit(cupy.cuda.Device().id)
-
-
 def variant(kernel: str, spec, tiles: F32Tiles, *, aligned: bool) -> str:
     """The template expression of `kernel` ("forward", "dkdv" or "dq") for this call."""
     name = _KERNELS[kernel][0]
@@ -191,7 +177,7 @@ def supports(spec, arrays) -> str | None:
     if spec.dtype.name != "float32":
         return f"takes float32 only, not {spec.dtype.name}"
     try:
-        limit = _shared_limit(arrays[0].device.id)
+        limit = _launch.shared_limit(arrays[0].device.id)
         fitting = [_fitting(kernel, spec, limit) for kernel in _KERNELS]
     except (ValueError, RuntimeError) as error:
         return str(error)
@@ -210,7 +196,7 @@ def forward(q, k, v, out, lse, spec, *, tiles: F32Tiles | None = None):
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dqk, dvp = padded_head_dims(spec)
-    tiles = tiles or tiles_for("forward", spec, _device_shared_limit())
+    tiles = tiles or tiles_for("forward", spec, _launch.current_shared_limit())
     m_tiles = -(-nq // tiles.block_m)
     blocks = check_grid(m_tiles * heads * batch, "the float32 forward kernel")
 
@@ -250,7 +236,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec,
     kv_heads, nk, dvh = k.shape[1], k.shape[2], v.shape[3]
     dqk, dvp = padded_head_dims(spec)
     if tiles is None:
-        limit = _device_shared_limit()
+        limit = _launch.current_shared_limit()
         tiles = (tiles_for("dkdv", spec, limit), tiles_for("dq", spec, limit))
     kv_tiles, q_tiles = tiles
     dkdv_blocks = -(-nk // kv_tiles.block_n) * kv_heads * batch

@@ -176,24 +176,59 @@ _DROPOUT_CANDIDATES = {
 }
 
 
-def _candidates(dqk: int, dv: int, *, exact: bool = False, dropout: bool = False):
+# Devices whose thread blocks take at most 99 KiB of shared memory (compute capability 8.6 and
+# 8.9): the candidates above need 104-159 KiB at head dims up to 128 (the dK/dV kernel's two
+# stages of Q and dO, the dQ kernel's 64-key K and V tiles); these 78 KiB (one stage, 32-key
+# tiles in the dQ kernel, which keeps its fragments in registers: without them it spills there),
+# for calls without and with an exact mask. Taken only where the others
+# do not fit (default_tiles). Dropout has none: its dQ kernel spills at 32-key tiles.
+_SMALL_SHARED = BwdTiles(warps=4, mt=1, col_split=1, col_passes=2, block_m=64, stages=1,
+                         kv_in_regs=False, dq_warps=4, dq_mt=1, dq_block_n=32, dq_in_regs=True)
+_SMALL_SHARED_CANDIDATES = {128: (_SMALL_SHARED,)}
+_SMALL_SHARED_EXACT_CANDIDATES = {128: (dataclasses.replace(_SMALL_SHARED, col_passes=4),)}
+
+
+def _candidates(dqk: int, dv: int, *, exact: bool = False, dropout: bool = False,
+                small_shared: bool = False):
+    """The candidates for padded head dims (dqk, dv), preferred first; ``small_shared``: those
+    that also fit 99 KiB of shared memory after them."""
     widest = max(dqk, dv)
     for limit in sorted(_CANDIDATES):
         if widest <= limit:
             if exact and limit in _EXACT_CANDIDATES:
-                return _EXACT_CANDIDATES[limit]
-            if dropout and limit in _DROPOUT_CANDIDATES:
-                return _DROPOUT_CANDIDATES[limit]
-            return _CANDIDATES[limit]
+                found = _EXACT_CANDIDATES[limit]
+            elif dropout and limit in _DROPOUT_CANDIDATES:
+                found = _DROPOUT_CANDIDATES[limit]
+            else:
+                found = _CANDIDATES[limit]
+            if small_shared and not dropout:
+                found += (_SMALL_SHARED_EXACT_CANDIDATES if exact else _SMALL_SHARED_CANDIDATES).get(limit, ())
+            return found
     raise ValueError(f"head dims up to 256 are supported, got padded widths {dqk} and {dv}")
 
 
+def shared_bytes(tiles: BwdTiles, dqk: int, dv: int) -> int:
+    """The most shared memory a thread block of the backward's kernels takes with ``tiles``."""
+    return max(tiles.dkdv_shared_bytes(dqk, dv, atomic_dq=False),
+               tiles.dkdv_shared_bytes(dqk, dv, atomic_dq=True), tiles.dq_shared_bytes(dqk, dv))
+
+
 def default_tiles(dqk: int, dv: int, block_size=None, *, exact: bool = False,
-                  dropout: bool = False) -> BwdTiles:
+                  dropout: bool = False, shared_limit: int | None = None) -> BwdTiles:
     """The tile shape for padded head dims (dqk, dv) (``exact``: for an exact mask, ``dropout``:
-    with dropout); with a block mask's ``(bq, bk)``, the first candidate whose query and key
-    tiles divide the blocks."""
-    candidates = _candidates(dqk, dv, exact=exact, dropout=dropout)
+    with dropout): the first candidate whose kernels fit ``shared_limit`` bytes of shared memory
+    per thread block (the device's, ``_launch.shared_limit``; None: every candidate) and, with a
+    block mask's ``(bq, bk)``, whose query and key tiles divide the blocks."""
+    candidates = _candidates(dqk, dv, exact=exact, dropout=dropout,
+                             small_shared=shared_limit is not None)
+    if shared_limit is not None:
+        fitting = tuple(t for t in candidates if shared_bytes(t, dqk, dv) <= shared_limit)
+        if not fitting:
+            need = min(shared_bytes(t, dqk, dv) for t in candidates)
+            raise ValueError(
+                f"the sm_80 backward at head dims ({dqk}, {dv}){' with dropout' * dropout} needs "
+                f"{need:,} bytes of shared memory per thread block; this GPU allows {shared_limit:,}")
+        candidates = fitting
     if block_size is None:
         return candidates[0]
     bq, bk = (int(n) for n in block_size)
@@ -264,12 +299,14 @@ def variant_convert(dtype, *, aligned: bool, varlen: bool = False, float32_grads
                                       *_build.trailing_flags(varlen, float32_grads, fragment_order, after_lanes))
 
 
-def tiles_for(spec) -> BwdTiles:
-    """The tile shape a call runs with: the first candidate for its head dims whose tiles divide
-    the block mask's blocks (the default without one)."""
+def tiles_for(spec, shared_limit: int | None = None) -> BwdTiles:
+    """The tile shape a call runs with on a device whose thread blocks take ``shared_limit``
+    bytes of shared memory (``default_tiles``): the first candidate for its head dims whose
+    tiles divide the block mask's blocks (the default without one)."""
     dqk, dvp = padded_head_dims(spec)
     return default_tiles(dqk, dvp, None if spec.block_mask is None else spec.block_mask.block_size,
-                         exact=spec.exact_mask is not None, dropout=spec.has_dropout)
+                         exact=spec.exact_mask is not None, dropout=spec.has_dropout,
+                         shared_limit=shared_limit)
 
 
 # kernel_plan's words for the deterministic launch sequence, in this family and the Hopper one.
@@ -301,8 +338,8 @@ def supports(spec, arrays) -> str | None:
     mask (if any) has blocks the tiles divide, packed variable-length sequences and dropout
     included (not both together). `arrays` (q, k, v, dout, out, dq, dk, dv) may
     have any alignment."""
-    del arrays  # unaligned views run the element-wise load/store variants
-    return why_not_16bit_tiled(spec, tiles_for)
+    limit = _launch.shared_limit(arrays[0].device.id)  # any alignment: element-wise variants
+    return why_not_16bit_tiled(spec, lambda spec: tiles_for(spec, limit))
 
 
 @dataclass(frozen=True)
@@ -510,7 +547,7 @@ def prepare_backward(spec, arrays, *, tiles: BwdTiles | None = None) -> Backward
     batch, heads, nq, d = s.b, s.hq, s.nq, s.d
     kv_heads, nk, dv_dim = s.hkv, s.nk, s.dv
     dqk, dvp = padded_head_dims(spec)
-    tiles = tiles or tiles_for(spec)
+    tiles = tiles or tiles_for(spec, _launch.shared_limit(arrays[0].device.id))
     atomic_dq = not spec.deterministic
     aligned = vector_aligned(arrays, (d, dv_dim))
     scratch = scratch_of(spec)
@@ -559,7 +596,7 @@ def main_variants() -> list[tuple[str, str]]:
     kernel; block-sparse fallback tiles (64-row blocks), unaligned views, float32 gradients, and
     the small per-row kernels (the dQ cast also for the Hopper fused dQ's accumulator order, and
     lane by lane)."""
-    from ..sparse import BlockMask
+    from ..sparse import BlockMask, ExactMask
     from ._variants import (dropout_spec_grid, float32_grads_specs, spec_grid, spec_of,
                             varlen_spec_grid)
 
@@ -581,8 +618,8 @@ def main_variants() -> list[tuple[str, str]]:
                     for order in (False, True)]
             out.append((SOURCE, variant_convert(dtype, aligned=aligned, fragment_order=True, after_lanes=True)))
 
-    def both_paths(spec, aligned=True):
-        tiles = tiles_for(spec)
+    def both_paths(spec, aligned=True, shared_limit=None):
+        tiles = tiles_for(spec, shared_limit)
         return [(SOURCE, variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=True)),
                 (SOURCE, variant_dkdv(spec, tiles, aligned=aligned, atomic_dq=False)),
                 (SOURCE, variant_dq(spec, tiles, aligned=aligned))]
@@ -590,6 +627,12 @@ def main_variants() -> list[tuple[str, str]]:
     head_dims = (32, 64, 96, 128, 256)
     for spec in spec_grid(head_dims) + dropout_spec_grid(head_dims):
         out += both_paths(spec)
+    # The tiles of devices with 99 KiB of shared memory per thread block (default_tiles).
+    for dtype in ("float16", "bfloat16"):
+        for causal in (False, True):
+            out += both_paths(spec_of(dtype, 128, causal=causal), shared_limit=99 * 1024)
+    exact = ExactMask.from_dense(numpy.tril(numpy.ones((256, 256), bool)))
+    out += both_paths(spec_of("bfloat16", 128, nq=256, nk=256, exact_mask=exact), shared_limit=99 * 1024)
     small_blocks = BlockMask.from_dense(numpy.ones((16, 16), bool), block_size=64)
     for d in (64, 128):
         out += both_paths(spec_of("float16", d, causal=True, block_mask=small_blocks))
