@@ -137,6 +137,16 @@ class BwdTiles:
                     + 2 * bn * (dqk + SMEM_PAD) + 2 * bn * (dv + SMEM_PAD))
 
 
+# Devices whose thread blocks take at most 99 KiB of shared memory (compute capability 8.6 and
+# 8.9): the other candidates need 104-159 KiB at head dims up to 128 (the dK/dV kernel's two
+# stages of Q and dO, the dQ kernel's 64-key K and V tiles); this one 78 KiB (one stage, 32-key
+# tiles in the dQ kernel, which keeps its fragments in registers: without them it spills there).
+# Last among the candidates, so taken only where the others do not fit (default_tiles): its
+# tiles divide no block size the one before it does not.
+_SMALL_SHARED = BwdTiles(warps=4, mt=1, col_split=1, col_passes=2, block_m=64, stages=1,
+                         kv_in_regs=False, dq_warps=4, dq_mt=1, dq_block_n=32, dq_in_regs=True)
+
+
 # Candidates per widest padded head dim, preferred first; a block mask takes the first whose
 # tiles divide its block size. Register use and spills: see main_variants() and the compile test.
 _CANDIDATES = {
@@ -151,6 +161,7 @@ _CANDIDATES = {
                  dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=False),
         BwdTiles(warps=4, mt=1, col_split=1, col_passes=2, block_m=64, stages=2, kv_in_regs=False,
                  dq_warps=4, dq_mt=1, dq_block_n=64, dq_in_regs=False),
+        _SMALL_SHARED,
     ),
     256: (
         BwdTiles(warps=8, mt=1, col_split=2, col_passes=1, block_m=64, stages=1, kv_in_regs=False,
@@ -170,40 +181,22 @@ _EXACT_CANDIDATES = {
 
 # Dropout at head dims up to 128: the Philox rounds need the registers that four column passes of
 # the dK/dV kernel free (the dQ kernel keeps its 64-key tiles: at 32 keys ptxas aims at 128
-# registers and spills).
+# registers and spills, so no dropout tile fits 99 KiB).
 _DROPOUT_CANDIDATES = {
-    128: tuple(dataclasses.replace(tiles, col_passes=4) for tiles in _CANDIDATES[128]),
+    128: tuple(dataclasses.replace(tiles, col_passes=4) for tiles in _CANDIDATES[128]
+               if tiles is not _SMALL_SHARED),
 }
 
 
-# Devices whose thread blocks take at most 99 KiB of shared memory (compute capability 8.6 and
-# 8.9): the candidates above need 104-159 KiB at head dims up to 128 (the dK/dV kernel's two
-# stages of Q and dO, the dQ kernel's 64-key K and V tiles); these 78 KiB (one stage, 32-key
-# tiles in the dQ kernel, which keeps its fragments in registers: without them it spills there),
-# for calls without and with an exact mask. Taken only where the others
-# do not fit (default_tiles). Dropout has none: its dQ kernel spills at 32-key tiles.
-_SMALL_SHARED = BwdTiles(warps=4, mt=1, col_split=1, col_passes=2, block_m=64, stages=1,
-                         kv_in_regs=False, dq_warps=4, dq_mt=1, dq_block_n=32, dq_in_regs=True)
-_SMALL_SHARED_CANDIDATES = {128: (_SMALL_SHARED,)}
-_SMALL_SHARED_EXACT_CANDIDATES = {128: (dataclasses.replace(_SMALL_SHARED, col_passes=4),)}
-
-
-def _candidates(dqk: int, dv: int, *, exact: bool = False, dropout: bool = False,
-                small_shared: bool = False):
-    """The candidates for padded head dims (dqk, dv), preferred first; ``small_shared``: those
-    that also fit 99 KiB of shared memory after them."""
+def _candidates(dqk: int, dv: int, *, exact: bool = False, dropout: bool = False):
     widest = max(dqk, dv)
     for limit in sorted(_CANDIDATES):
         if widest <= limit:
             if exact and limit in _EXACT_CANDIDATES:
-                found = _EXACT_CANDIDATES[limit]
-            elif dropout and limit in _DROPOUT_CANDIDATES:
-                found = _DROPOUT_CANDIDATES[limit]
-            else:
-                found = _CANDIDATES[limit]
-            if small_shared and not dropout:
-                found += (_SMALL_SHARED_EXACT_CANDIDATES if exact else _SMALL_SHARED_CANDIDATES).get(limit, ())
-            return found
+                return _EXACT_CANDIDATES[limit]
+            if dropout and limit in _DROPOUT_CANDIDATES:
+                return _DROPOUT_CANDIDATES[limit]
+            return _CANDIDATES[limit]
     raise ValueError(f"head dims up to 256 are supported, got padded widths {dqk} and {dv}")
 
 
@@ -219,8 +212,7 @@ def default_tiles(dqk: int, dv: int, block_size=None, *, exact: bool = False,
     with dropout): the first candidate whose kernels fit ``shared_limit`` bytes of shared memory
     per thread block (the device's, ``_launch.shared_limit``; None: every candidate) and, with a
     block mask's ``(bq, bk)``, whose query and key tiles divide the blocks."""
-    candidates = _candidates(dqk, dv, exact=exact, dropout=dropout,
-                             small_shared=shared_limit is not None)
+    candidates = _candidates(dqk, dv, exact=exact, dropout=dropout)
     if shared_limit is not None:
         fitting = tuple(t for t in candidates if shared_bytes(t, dqk, dv) <= shared_limit)
         if not fitting:
@@ -236,7 +228,7 @@ def default_tiles(dqk: int, dv: int, block_size=None, *, exact: bool = False,
         if (bq % tiles.block_m == 0 and bk % tiles.block_n == 0
                 and bq % tiles.dq_block_m == 0 and bk % tiles.dq_block_n == 0):
             return tiles
-    needs = " or ".join(f"bq % {t.block_m} == 0, bk % {t.block_n} == 0" for t in candidates)
+    needs = " or ".join(dict.fromkeys(f"bq % {t.block_m} == 0, bk % {t.block_n} == 0" for t in candidates))
     raise ValueError(
         f"the GPU backward with head dims ({dqk}, {dv}) needs block masks whose block size "
         f"(bq, bk) satisfies {needs}; got block_size=({bq}, {bk}) (64 and 128 always work)")
