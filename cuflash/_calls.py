@@ -129,12 +129,16 @@ def fixed_signature(value: Any):
         return (tuple, *map(fixed_signature, value))
     if isinstance(value, numpy.dtype) or (cls is type and issubclass(value, numpy.generic)):
         return numpy.dtype, numpy.dtype(value).str
-    for module, name in (("cuflash.sparse._blockmask", "BlockMask"),
-                         ("cuflash.sparse._exactmask", "ExactMask")):
-        defined = sys.modules.get(module)
-        if defined is not None and cls is getattr(defined, name):
-            return value  # immutable, hashed by content
+    if cls in _mask_kinds():
+        return value  # immutable, hashed by content
     raise _NotCacheable
+
+
+def _mask_kinds() -> tuple:
+    """The block and exact mask classes (none before cuflash.sparse is imported: no mask exists
+    then; it is not imported here)."""
+    sparse = sys.modules.get("cuflash.sparse")
+    return () if sparse is None else (sparse.BlockMask, sparse.ExactMask)
 
 
 def layout_signature(arrays) -> tuple | None:
@@ -178,11 +182,8 @@ _masks: dict = {}  # id(mask) -> (mask, [(table, key), ...])
 
 def _masks_among(parts) -> list:
     """The block and exact masks among a key's parts or a call's option values."""
-    sparse = sys.modules.get("cuflash.sparse")
-    if sparse is None:  # no mask was ever made
-        return []
-    kinds = (sparse.BlockMask, sparse.ExactMask)
-    return [part for part in parts if isinstance(part, kinds)]
+    kinds = _mask_kinds()
+    return [part for part in parts if part.__class__ in kinds] if kinds else []
 
 
 def _has_masks(entry) -> bool:

@@ -187,8 +187,7 @@ def _planned_arrays(spec: KVCacheSpec, rotary: Rotary | None, q, k_cache, v_cach
     copying anything: where the call would replace q (rotated, or copied apart from the caches
     it appends to: a new C-contiguous array either way), an uninitialised array of its shape and
     dtype stands in for it."""
-    if rotary is not None or (spec.s_new and any(_checks.overlaps(q, cache, spec.xp)
-                                                 for cache in (k_cache, v_cache))):
+    if rotary is not None or (spec.s_new and _shares_caches(spec.xp, q, (k_cache, v_cache))):
         q = spec.xp.empty(q.shape, q.dtype)
     return (q, *_batch_rows(spec, k_cache, v_cache))
 
@@ -229,7 +228,11 @@ def _batch_rows(spec: KVCacheSpec, k_cache, v_cache):
 
 def _apart_from_caches(xp, x, caches):
     """``x``, or a copy of it where it shares memory with one of ``caches``."""
-    return x.copy() if any(_checks.overlaps(x, cache, xp) for cache in caches) else x
+    return x.copy() if _shares_caches(xp, x, caches) else x
+
+
+def _shares_caches(xp, x, caches) -> bool:
+    return any(_checks.overlaps(x, cache, xp) for cache in caches)
 
 
 def _rotated(spec: KVCacheSpec, rotary: Rotary, q, k):
