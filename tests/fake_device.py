@@ -208,6 +208,19 @@ class FakeDevice:
         self.launch_kernel(function, *shape, stream, kernel_params, 0)
         self.dependent.append(self.launches[-1][:2])
 
+    def laid_out(self, shape, dtype, layout: str, *, pad: int = 8):
+        """A made-up (B, H, N, D) array in ``layout``: "sequence-major" ((B, N, H, D) in memory),
+        "unaligned" (one element past an allocation's start), "padded" (rows of D + ``pad``
+        elements), else C-contiguous."""
+        b, h, n, last = shape
+        if layout == "sequence-major":
+            return self.empty((b, n, h, last), dtype).transpose(0, 2, 1, 3)
+        if layout == "unaligned":
+            return self.empty((b * h * n * last + 1,), dtype)[1:].reshape(b, h, n, last)
+        if layout == "padded":
+            return self.empty((b, h, n, last + pad), dtype)[..., :last]
+        return self.empty(shape, dtype)
+
     def take_launches(self):
         launches, self.launches = self.launches, []
         return launches

@@ -1197,17 +1197,10 @@ def test_cached_calls_send_what_the_validated_path_sends_for_odd_layouts(device,
     dtype, s, layout, deterministic, options, mask, given = problem
 
     def array(name, b, h, n, last):
-        kind = layout[name]
-        if kind == "sequence-major":
-            return device.empty((b, n, h, last), dtype).transpose(0, 2, 1, 3)
-        if kind == "unaligned":
-            return device.empty((b * h * n * last + 1,), dtype)[1:].reshape(b, h, n, last)
-        if kind == "padded":
-            return device.empty((b, h, n, last + 8), dtype)[..., :last]
-        if kind == "stride-0" and name in ("k", "v"):
+        if layout[name] == "stride-0" and name in ("k", "v"):
             one = device.empty((1, h, n, last), dtype)
             return cupy.lib.stride_tricks.as_strided(one, (b, h, n, last), (0,) + one.strides[1:])
-        return device.empty((b, h, n, last), dtype)
+        return device.laid_out((b, h, n, last), dtype, layout[name])
 
     options = dict(options)
     if options.get("alibi_slopes") == "alibi":

@@ -898,13 +898,7 @@ def test_kernel_plan_names_the_families_the_calls_launch():
             monkeypatch.setattr(BlockMask, "device_csr", device_csr)
 
             def array(b, h, n, width):
-                if layout == "sequence-major":
-                    return device.empty((b, n, h, width), dtype).transpose(0, 2, 1, 3)
-                if layout == "unaligned":
-                    return device.empty((b * h * n * width + 1,), dtype)[1:].reshape(b, h, n, width)
-                if layout == "padded":
-                    return device.empty((b, h, n, width + 4), dtype)[..., :width]
-                return device.empty((b, h, n, width), dtype)
+                return device.laid_out((b, h, n, width), dtype, layout, pad=4)
 
             options = dict(options)
             if "block_size" in options:
