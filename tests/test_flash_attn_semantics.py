@@ -1,4 +1,5 @@
-"""cuflash against flash-attn's documented semantics, on the NumPy path.
+"""cuflash against flash-attn's documented semantics: the NumPy path, and the kernels for the
+dense, packed and KV-cache calls (tests marked ``gpu``, float16 inputs).
 
 The oracle here is written from flash-attn's README and the docstrings of
 ``flash_attn_interface.py`` alone, one query row and one key at a time, in float64, without
@@ -153,46 +154,110 @@ def normal(rng, shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- the devices
+
+class Device:
+    """Where a case runs: the NumPy path in float32, or the kernels in float16 on CuPy arrays.
+
+    The oracle reads the values the call was given (float32, or float16 widened), so it differs
+    from the kernels only by their rounding: P and the output in float16, well within ``atol``
+    for these small rows (about 3e-3 at most), where a key seen or missed moves the output by a
+    softmax weight times a value's distance from the mean."""
+
+    def __init__(self, xp=None):
+        self.xp = xp
+
+    def inputs(self, *arrays):
+        """The arrays as the oracle reads them, and as the call takes them."""
+        if self.xp is None:
+            return arrays, arrays
+        held = tuple(None if x is None else x.astype(np.float16) for x in arrays)
+        return (tuple(None if x is None else x.astype(np.float32) for x in held),
+                tuple(None if x is None else self.xp.asarray(x) for x in held))
+
+    def index(self, x):
+        """An index or slope array (or an int, a length known on the host) for the call."""
+        if self.xp is None or x is None or isinstance(x, int):
+            return x
+        return self.xp.asarray(x)
+
+    def host(self, x):
+        return x if self.xp is None else self.xp.asnumpy(x)
+
+    def assert_matches(self, out, lse, want, want_lse):
+        out, lse = self.host(out), self.host(lse)
+        if self.xp is None:
+            assert_matches(out, lse, want, want_lse)
+            return
+        assert not np.isnan(out).any()
+        np.testing.assert_allclose(out.astype(np.float64), want, atol=1e-2, rtol=0)
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+        seen = np.isfinite(want_lse)
+        np.testing.assert_allclose(lse[seen], want_lse[seen], atol=2e-3, rtol=0)
+
+
+GPU_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+
+
 # ----------------------------------------------------------------------------- dense
 
-@SETTINGS
-@given(b=st.integers(1, 2), sq=st.integers(1, 9), sk=st.integers(1, 9), hkv=st.integers(1, 2),
-       group=st.integers(1, 3), d=st.sampled_from([4, 8]), dv=st.sampled_from([4, 8]),
-       causal=st.booleans(), window=st.tuples(SIDES, SIDES),
-       softcap=st.sampled_from([0.0, 0.7, 5.0]), alibi=st.sampled_from([None, "H", "BH"]),
-       scale=st.sampled_from([None, 0.9]), seed=st.integers(0, 2**32 - 1))
-def test_attention(b, sq, sk, hkv, group, d, dv, causal, window, softcap, alibi, scale, seed):
+ATTENTION_CASES = dict(
+    b=st.integers(1, 2), sq=st.integers(1, 9), sk=st.integers(1, 9), hkv=st.integers(1, 2),
+    group=st.integers(1, 3), d=st.sampled_from([4, 8]), dv=st.sampled_from([4, 8]),
+    causal=st.booleans(), window=st.tuples(SIDES, SIDES), softcap=st.sampled_from([0.0, 0.7, 5.0]),
+    alibi=st.sampled_from([None, "H", "BH"]), scale=st.sampled_from([None, 0.9]),
+    seed=st.integers(0, 2**32 - 1))
+
+
+def check_attention(device, b, sq, sk, hkv, group, d, dv, causal, window, softcap, alibi, scale,
+                    seed):
     """``cuflash.attention`` on ``(B, S, H, D)`` arrays viewed as ``(B, H, S, D)``."""
     rng = np.random.default_rng(seed)
     hq = hkv * group
-    q = normal(rng, (b, sq, hq, d))
-    k, v = normal(rng, (b, sk, hkv, d)), normal(rng, (b, sk, hkv, dv))
+    (q, k, v), given = device.inputs(normal(rng, (b, sq, hq, d)), normal(rng, (b, sk, hkv, d)),
+                                     normal(rng, (b, sk, hkv, dv)))
     slopes = slopes_of(rng, alibi, b, hq)
     want, want_lse = flash_attn_func(q, k, v, scale, causal, window, softcap, slopes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cuflash.CuflashNumericalWarning)
-        out, lse = cuflash.attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)),
+        out, lse = cuflash.attention(*(x.transpose(0, 2, 1, 3) for x in given),
                                      causal=causal, scale=scale, window=window, softcap=softcap,
-                                     alibi_slopes=slopes, return_lse=True)
-    assert_matches(out.transpose(0, 2, 1, 3), lse, want, want_lse)
+                                     alibi_slopes=device.index(slopes), return_lse=True)
+    device.assert_matches(out.transpose(0, 2, 1, 3), lse, want, want_lse)
+
+
+@SETTINGS
+@given(**ATTENTION_CASES)
+def test_attention(**case):
+    check_attention(Device(), **case)
+
+
+@pytest.mark.gpu
+@GPU_SETTINGS
+@given(**ATTENTION_CASES)
+def test_attention_kernels(xp_gpu, **case):
+    check_attention(Device(xp_gpu), **case)
 
 
 # ----------------------------------------------------------------------------- packed sequences
 
-@SETTINGS
-@given(lengths=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=4),
-       hkv=st.integers(1, 2), group=st.integers(1, 2), causal=st.booleans(),
-       window=st.tuples(SIDES, SIDES), softcap=st.sampled_from([0.0, 0.7]),
-       alibi=st.sampled_from([None, "H", "BH"]), spare=st.integers(0, 3),
-       seed=st.integers(0, 2**32 - 1))
-def test_attention_varlen(lengths, hkv, group, causal, window, softcap, alibi, spare, seed):
+VARLEN_CASES = dict(
+    lengths=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=4),
+    hkv=st.integers(1, 2), group=st.integers(1, 2), causal=st.booleans(),
+    window=st.tuples(SIDES, SIDES), softcap=st.sampled_from([0.0, 0.7]),
+    alibi=st.sampled_from([None, "H", "BH"]), spare=st.integers(0, 3),
+    seed=st.integers(0, 2**32 - 1))
+
+
+def check_attention_varlen(device, lengths, hkv, group, causal, window, softcap, alibi, spare,
+                           seed):
     """Empty sequences on either side, more queries than keys and the reverse, per sequence."""
     rng = np.random.default_rng(seed)
     hq, d = hkv * group, 8
     cu_q = np.cumsum([0] + [n for n, _ in lengths]).astype(np.int32)
     cu_k = np.cumsum([0] + [n for _, n in lengths]).astype(np.int32)
-    q = normal(rng, (cu_q[-1], hq, d))
-    k, v = normal(rng, (cu_k[-1], hkv, d)), normal(rng, (cu_k[-1], hkv, d))
+    (q, k, v), given = device.inputs(normal(rng, (cu_q[-1], hq, d)), normal(rng, (cu_k[-1], hkv, d)),
+                                     normal(rng, (cu_k[-1], hkv, d)))
     slopes = slopes_of(rng, alibi, len(lengths), hq)
     want, want_lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=causal,
                                             window_size=window, softcap=softcap,
@@ -201,24 +266,40 @@ def test_attention_varlen(lengths, hkv, group, causal, window, softcap, alibi, s
     longest_k = max(n for _, n in lengths) + spare
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cuflash.CuflashNumericalWarning)
-        out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, longest_q, longest_k,
-                                            causal=causal, window=window, softcap=softcap,
-                                            alibi_slopes=slopes, return_lse=True)
-    assert_matches(out, lse, want, want_lse)
+        out, lse = cuflash.attention_varlen(*given, device.index(cu_q), device.index(cu_k),
+                                            longest_q, longest_k, causal=causal, window=window,
+                                            softcap=softcap, alibi_slopes=device.index(slopes),
+                                            return_lse=True)
+    device.assert_matches(out, lse, want, want_lse)
+
+
+@SETTINGS
+@given(**VARLEN_CASES)
+def test_attention_varlen(**case):
+    check_attention_varlen(Device(), **case)
+
+
+@pytest.mark.gpu
+@GPU_SETTINGS
+@given(**VARLEN_CASES)
+def test_attention_varlen_kernels(xp_gpu, **case):
+    check_attention_varlen(Device(xp_gpu), **case)
 
 
 # ----------------------------------------------------------------------------- KV cache
 
-@SETTINGS
-@given(b=st.integers(1, 3), sq=st.integers(1, 5), s_new=st.integers(0, 4),
-       hkv=st.integers(1, 2), group=st.integers(1, 2), causal=st.booleans(),
-       window=st.tuples(st.one_of(st.just(-1), st.integers(0, 40)),
-                        st.one_of(st.just(-1), st.integers(0, 40))),
-       softcap=st.sampled_from([0.0, 0.7]), alibi=st.sampled_from([None, "H", "BH"]),
-       layout=st.sampled_from(["contiguous", "cache_batch_idx", "paged"]),
-       fill=st.sampled_from(["random", "empty", "full", "int"]), seed=st.integers(0, 2**32 - 1))
-def test_attention_with_kvcache(b, sq, s_new, hkv, group, causal, window, softcap, alibi, layout,
-                                fill, seed):
+KVCACHE_CASES = dict(
+    b=st.integers(1, 3), sq=st.integers(1, 5), s_new=st.integers(0, 4), hkv=st.integers(1, 2),
+    group=st.integers(1, 2), causal=st.booleans(),
+    window=st.tuples(st.one_of(st.just(-1), st.integers(0, 40)),
+                     st.one_of(st.just(-1), st.integers(0, 40))),
+    softcap=st.sampled_from([0.0, 0.7]), alibi=st.sampled_from([None, "H", "BH"]),
+    layout=st.sampled_from(["contiguous", "cache_batch_idx", "paged"]),
+    fill=st.sampled_from(["random", "empty", "full", "int"]), seed=st.integers(0, 2**32 - 1))
+
+
+def check_attention_with_kvcache(device, b, sq, s_new, hkv, group, causal, window, softcap, alibi,
+                                 layout, fill, seed):
     """Contiguous caches (with and without ``cache_batch_idx``) and paged ones, lengths from 0 to
     the whole capacity, with and without new keys."""
     rng = np.random.default_rng(seed)
@@ -245,18 +326,33 @@ def test_attention_with_kvcache(b, sq, s_new, hkv, group, causal, window, softca
                "full": lambda: np.full(b, capacity - s_new, np.int32),
                "int": lambda: int(rng.integers(0, capacity - s_new + 1))}[fill]()
     slopes = slopes_of(rng, alibi, b, hq)
+    (q, k_cache, v_cache, k, v), given = device.inputs(q, k_cache, v_cache, k, v)
     want, want_lse, want_k, want_v = flash_attn_with_kvcache(
         q, k_cache, v_cache, k, v, lengths, cache_batch_idx, block_table, causal=causal,
         window_size=window, softcap=softcap, alibi_slopes=slopes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cuflash.CuflashNumericalWarning)
         out, lse = cuflash.attention_with_kvcache(
-            q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=block_table,
-            cache_batch_idx=cache_batch_idx, causal=causal, window=window, softcap=softcap,
-            alibi_slopes=slopes, return_lse=True)
-    np.testing.assert_array_equal(k_cache, want_k)
-    np.testing.assert_array_equal(v_cache, want_v)
-    assert_matches(out, lse, want, want_lse)
+            *given, cache_seqlens=device.index(lengths), block_table=device.index(block_table),
+            cache_batch_idx=device.index(cache_batch_idx), causal=causal, window=window,
+            softcap=softcap, alibi_slopes=device.index(slopes), return_lse=True)
+    # The appends are copies: the caches' values exactly (float16 values, widened, on the GPU).
+    np.testing.assert_array_equal(device.host(given[1]), want_k.astype(given[1].dtype))
+    np.testing.assert_array_equal(device.host(given[2]), want_v.astype(given[2].dtype))
+    device.assert_matches(out, lse, want, want_lse)
+
+
+@SETTINGS
+@given(**KVCACHE_CASES)
+def test_attention_with_kvcache(**case):
+    check_attention_with_kvcache(Device(), **case)
+
+
+@pytest.mark.gpu
+@GPU_SETTINGS
+@given(**KVCACHE_CASES)
+def test_attention_with_kvcache_kernels(xp_gpu, **case):
+    check_attention_with_kvcache(Device(xp_gpu), **case)
 
 
 def _rotated(x, cos, sin, positions, interleaved):

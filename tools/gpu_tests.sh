@@ -20,7 +20,7 @@ groups=(
     "backward_ws: tests/test_gpu_backward_ws.py"
     "backward: tests/test_gpu_backward.py tests/test_dispatch.py tests/test_validation.py"
     "forward: tests/test_gpu_forward.py tests/test_gpu_float32.py tests/test_sparse_attention.py tests/test_exact_mask.py"
-    "features: tests/test_gpu_features.py tests/test_gpu_calls.py"
+    "features: tests/test_gpu_features.py tests/test_gpu_calls.py tests/test_flash_attn_semantics.py"
     # the dropout file in four processes by kernel family and dtype (alone it took six minutes)
     "dropout_hopper_f16: tests/test_dropout_gpu.py -k 'default and not bfloat16'"
     "dropout_hopper_bf16: tests/test_dropout_gpu.py -k 'default and bfloat16'"
