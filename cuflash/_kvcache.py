@@ -34,7 +34,7 @@ import numpy
 
 from . import _calls, _checks, _warnings
 from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_rotary,
-                            refuse_unsupported, rotates_queries_in_order, validate)
+                            rotates_queries_in_order, validate)
 from ._rotary import rotate
 
 NUMPY, DECODE, GENERIC = "numpy", "decode", "generic"
@@ -99,8 +99,14 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     rotary_interleaved : bool
         Which dimensions the rotation pairs: ``2i`` and ``2i + 1`` (True, flash-attn's default),
         or ``i`` and ``i + rotary_dim / 2`` (False, GPT-NeoX style).
-    cache_leftpad
-        A flash-attn option cuflash does not support: ``NotImplementedError`` unless ``None``.
+    cache_leftpad : int32 array ``(B,)``, optional
+        Contiguous caches only (as in flash-attn): batch row ``b``'s first
+        ``cache_leftpad[b]`` cache positions are padding (a batch of prompts padded on the left).
+        The row then attends to positions ``cache_leftpad[b]`` … ``cache_seqlens[b] + S_new −
+        1``, ``L_b = cache_seqlens[b] + S_new − cache_leftpad[b]`` keys, with causal, window and
+        ALiBi aligned to them as above; ``cache_seqlens`` still counts from position 0 (the
+        appends go there, and the rotary embedding turns to those positions). ``0 ≤
+        cache_leftpad[b] ≤ cache_seqlens[b]``.
 
     Returns
     -------
@@ -193,10 +199,9 @@ def _planned_arrays(spec: KVCacheSpec, rotary: Rotary | None, q, k_cache, v_cach
 
 
 def _validated(q, k_cache, v_cache, k, v, *, return_lse, out, rotary_cos, rotary_sin,
-               rotary_interleaved, cache_leftpad, **options) -> tuple[KVCacheSpec, bool, Any]:
+               rotary_interleaved, **options) -> tuple[KVCacheSpec, bool, Any]:
     """``(spec, return_lse, rotary)`` of one call, every argument checked (the call itself and
     ``kvcache_plan`` alike); ``rotary``: a ``Rotary`` or ``None``."""
-    refuse_unsupported(cache_leftpad=cache_leftpad)
     spec = validate(q, k_cache, v_cache, k, v, **options)
     rotary = check_rotary(rotary_cos, rotary_sin, rotary_interleaved, spec, q)
     return_lse = _checks.check_bool(return_lse, "return_lse")
@@ -290,19 +295,21 @@ class _HostIndex:
     lengths: numpy.ndarray        # int64 (B,), before the append
     block_table: numpy.ndarray | None
     cache_batch_idx: numpy.ndarray | None
+    leftpads: numpy.ndarray | None  # int64 (B,): each row's first attended key
 
 
 def _host_index(spec: KVCacheSpec, num_rows: int) -> _HostIndex:
     if spec.xp is numpy:  # checked by validate()
-        return _HostIndex(spec.lengths, spec.block_table, spec.cache_batch_idx)
+        return _HostIndex(spec.lengths, spec.block_table, spec.cache_batch_idx, spec.leftpads)
 
     def host(x):
         return None if x is None else x.get()
 
     lengths = spec.lengths if spec.lengths is not None else host(spec.seqlens).astype(numpy.int64)
-    index = _HostIndex(lengths, host(spec.block_table), host(spec.cache_batch_idx))
+    leftpads = None if spec.leftpad is None else host(spec.leftpad).astype(numpy.int64)
+    index = _HostIndex(lengths, host(spec.block_table), host(spec.cache_batch_idx), leftpads)
     check_host_values(spec, index.lengths, index.block_table, index.cache_batch_idx,
-                      num_rows=num_rows)
+                      index.leftpads, num_rows=num_rows)
     return index
 
 
@@ -339,13 +346,14 @@ def _attend_row(spec: KVCacheSpec, index: _HostIndex, row: int, q, k_cache, v_ca
                 lse) -> None:
     from ._api import attention
 
-    keys = int(index.lengths[row]) + spec.s_new
+    first = 0 if index.leftpads is None else int(index.leftpads[row])  # keys before it: padding
+    end = int(index.lengths[row]) + spec.s_new
     heads_first = out[row].transpose(1, 0, 2)  # (Hq, Sq, Dv): cuflash.attention's layout
-    if keys == 0:  # nothing to attend to
+    if end == first:  # nothing to attend to
         heads_first[...] = 0
         lse[row] = -numpy.inf
         return
-    slots = _cache_slots(spec, index, row, 0, keys)
+    slots = _cache_slots(spec, index, row, first, end)
     _, lse[row] = attention(
         q[row].transpose(1, 0, 2), k_cache[slots].transpose(1, 0, 2),
         v_cache[slots].transpose(1, 0, 2), causal=spec.causal, scale=spec.scale,
@@ -387,7 +395,8 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
         before = xp.ascontiguousarray(spec.seqlens)
     table = None if spec.block_table is None else xp.ascontiguousarray(spec.block_table)
     rows = None if spec.cache_batch_idx is None else xp.ascontiguousarray(spec.cache_batch_idx)
-    temporaries = [before, table, rows, spec.alibi, q]
+    leftpad = None if spec.leftpad is None else xp.ascontiguousarray(spec.leftpad)
+    temporaries = [before, table, rows, leftpad, spec.alibi, q]
     if k is not None:
         k, v = _checks.kernel_readable(k), _checks.kernel_readable(v)
         temporaries += [k, v]
@@ -395,7 +404,8 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
     target = out if out.strides[-1] == out.itemsize else xp.empty(spec.out_shape, spec.dtype)
     decode.forward(q, k_cache, v_cache, before, target, lse, appended=spec.s_new, scale=spec.scale,
                    causal=spec.causal, window=spec.window, softcap=spec.softcap, alibi=spec.alibi,
-                   block_table=table, cache_batch_idx=rows, num_splits=spec.num_splits)
+                   block_table=table, cache_batch_idx=rows, cache_leftpad=leftpad,
+                   num_splits=spec.num_splits)
     if target is not out:
         out[...] = target
     if xp is not numpy and _calls.stream_capturing():  # a replayed graph reuses these buffers

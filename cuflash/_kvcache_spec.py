@@ -7,8 +7,7 @@ read here: reading them would make the call wait for the GPU and could not be ca
 graph. ``cuflash._kvcache`` says what each route does about those.
 
 Errors are ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind, wrong value), naming
-what was given and what is allowed; flash-attn options that cuflash does not have raise
-``NotImplementedError`` naming the option.
+what was given and what is allowed.
 """
 
 from __future__ import annotations
@@ -34,7 +33,10 @@ class KVCacheSpec:
     ``max_pages · page_size`` for a paged one. ``s_new`` is the number of keys appended (0 without
     ``k``/``v``). ``lengths`` holds the cache lengths before the append as a NumPy int64 ``(B,)``
     array when they are known on the host (an ``int``, or NumPy inputs), else ``None``; then
-    ``seqlens`` is the caller's CuPy int32 ``(B,)`` array. ``alibi`` is ``None`` or a new
+    ``seqlens`` is the caller's CuPy int32 ``(B,)`` array. ``leftpad`` is the caller's int32
+    ``(B,)`` ``cache_leftpad`` (the first key each row attends, keys before it being padding) or
+    ``None``, and ``leftpads`` its values as NumPy int64 when they are known on the host (NumPy
+    inputs), else ``None``. ``alibi`` is ``None`` or a new
     C-contiguous float32 ``(B, Hq)`` array of the inputs' module (the caller's slopes copied).
     ``window`` is the caller's ``(left, right)`` as Python ints.
     """
@@ -61,6 +63,8 @@ class KVCacheSpec:
     block_table: Any = field(compare=False, repr=False)
     cache_batch_idx: Any = field(compare=False, repr=False)
     alibi: Any = field(compare=False, repr=False)
+    leftpad: Any = field(default=None, compare=False, repr=False)
+    leftpads: Any = field(default=None, compare=False, repr=False)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -76,6 +80,8 @@ class KVCacheSpec:
                  if self.paged else f"contiguous cache (capacity {self.capacity})")
         parts = [self.dtype.name, f"B={self.b}", f"Sq={self.sq}", f"Hq={self.hq}",
                  f"Hkv={self.hkv}", f"D={self.d}", f"Dv={self.dv}", cache]
+        if self.leftpad is not None:
+            parts.append("cache_leftpad")
         if self.s_new:
             parts.append(f"append {self.s_new}")
         if self.causal:
@@ -90,17 +96,6 @@ class KVCacheSpec:
 
 
 # ----------------------------------------------------------------------------- the call
-
-def refuse_unsupported(**options) -> None:
-    """flash-attn options cuflash does not implement: ``NotImplementedError`` when given."""
-    reasons = {
-        "cache_leftpad": "caches start at position 0 in cuflash; left-padded caches are not "
-                         "supported",
-    }
-    for name, value in options.items():
-        if value is not None:
-            raise NotImplementedError(f"{name} is not supported: {reasons[name]}")
-
 
 @dataclass(frozen=True)
 class Rotary:
@@ -164,7 +159,8 @@ def rotates_queries_in_order(spec: KVCacheSpec) -> bool:
 
 
 def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_batch_idx,
-             causal, scale, window, softcap, alibi_slopes, num_splits) -> KVCacheSpec:
+             causal, scale, window, softcap, alibi_slopes, num_splits,
+             cache_leftpad=None) -> KVCacheSpec:
     """Check one call (nothing is read from a device, nothing is written) into a spec."""
     arrays = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
     if (k is None) != (v is None):
@@ -183,10 +179,11 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
     hkv, dv = k_cache.shape[2], v_cache.shape[3]
 
     if paged:
-        if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx applies to a contiguous cache only: with a "
-                             "block_table, each batch row's pages are listed in its row of the "
-                             "table")
+        for name, x in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+            if x is not None:
+                raise ValueError(f"{name} applies to a contiguous cache only (as in flash-attn): "
+                                 f"with a block_table, each batch row's pages are listed in its "
+                                 f"row of the table")
         _check_index_array("block_table", block_table, (b, None), xp, q)
         page_size = k_cache.shape[1]
         if page_size % PAGE_MULTIPLE:
@@ -206,6 +203,10 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
                     f"{tuple(k_cache.shape)}")
         else:
             _check_index_array("cache_batch_idx", cache_batch_idx, (b,), xp, q)
+        if cache_leftpad is not None:
+            _check_index_array("cache_leftpad", cache_leftpad, (b,), xp, q)
+    leftpads = (cache_leftpad.astype(numpy.int64)
+                if cache_leftpad is not None and xp is numpy else None)
 
     s_new = 0
     if k is not None:
@@ -256,20 +257,23 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
                        page_size=page_size, capacity=capacity, s_new=s_new, scale=scale,
                        causal=causal, window=window, softcap=softcap, num_splits=num_splits,
                        lengths=lengths, seqlens=seqlens, block_table=block_table,
-                       cache_batch_idx=cache_batch_idx, alibi=alibi)
+                       cache_batch_idx=cache_batch_idx, alibi=alibi, leftpad=cache_leftpad,
+                       leftpads=leftpads)
     if xp is numpy:
-        check_host_values(spec, lengths, block_table, cache_batch_idx, num_rows=k_cache.shape[0])
+        check_host_values(spec, lengths, block_table, cache_batch_idx, leftpads,
+                          num_rows=k_cache.shape[0])
     elif lengths is not None:
-        check_host_values(spec, lengths, None, None, num_rows=k_cache.shape[0])
+        check_host_values(spec, lengths, None, None, None, num_rows=k_cache.shape[0])
     return spec
 
 
 # ----------------------------------------------------------------------------- values
 
-def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, *,
+def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, leftpads, *,
                       num_rows: int) -> None:
     """The checks that read values: the lengths (``None``: unknown here), NumPy index arrays
-    (``None``: unknown or absent), and that appended keys land in slots of their own.
+    and ``cache_leftpad``'s values (``None``: unknown or absent), and that appended keys land in
+    slots of their own.
 
     ``num_rows``: the caches' first axis (pages, or cache rows).
     """
@@ -286,6 +290,8 @@ def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, 
                 f"{what} is outside [0, {room}]: a batch row's cache holds {spec.capacity} "
                 f"keys{appended}" + (" (the writes would pass the end of the cache)"
                                      if spec.s_new and lengths[row] > room else ""))
+    if leftpads is not None and lengths is not None:
+        _check_leftpads(lengths, leftpads)
     if cache_batch_idx is not None:
         _check_in_range("cache_batch_idx", numpy.asarray(cache_batch_idx), num_rows,
                         "rows of the cache")
@@ -296,10 +302,22 @@ def check_host_values(spec: KVCacheSpec, lengths, block_table, cache_batch_idx, 
             _check_in_range(f"block_table[{row}, :{int(used[row])}]", table[row, :used[row]],
                             num_rows, "pages (k_cache.shape[0])")
     if spec.s_new and lengths is not None:
-        _check_distinct_slots(spec, lengths, block_table, cache_batch_idx)
+        _check_distinct_slots(spec, lengths, block_table, cache_batch_idx, leftpads)
 
 
-def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx) -> None:
+def _check_leftpads(lengths, leftpads) -> None:
+    """A row's padding ends at or before its cached keys do: ``0 ≤ cache_leftpad[b] ≤
+    cache_seqlens[b]`` (the lengths before the append)."""
+    bad = numpy.flatnonzero((leftpads < 0) | (leftpads > lengths))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"cache_leftpad[{row}] = {int(leftpads[row])} must lie in [0, "
+                         f"cache_seqlens[{row}] = {int(lengths[row])}]: the keys of a batch row's "
+                         f"cache before cache_leftpad are padding, and its cached keys end at "
+                         f"cache_seqlens")
+
+
+def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx, leftpads) -> None:
     """Every appended key must go to a slot of its own: not one another batch row appends to
     (which value would land there would depend on the order of the writes), nor one that holds a
     key some row reads as cached (a shared prefix page, a cache row shared through
@@ -323,7 +341,8 @@ def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx) -> None:
             return rows[row] * spec.capacity + positions
 
     appended = [slots_of(row, int(n) + numpy.arange(spec.s_new)) for row, n in enumerate(lengths)]
-    held = [slots_of(row, numpy.arange(int(n))) for row, n in enumerate(lengths)]
+    first = numpy.zeros(spec.b, numpy.int64) if leftpads is None else leftpads  # padding: not read
+    held = [slots_of(row, numpy.arange(int(first[row]), int(n))) for row, n in enumerate(lengths)]
     slots = numpy.concatenate(appended + held)
     owner = numpy.concatenate([numpy.full(len(x), row)
                                for row, x in zip([*range(spec.b)] * 2, appended + held)])

@@ -15,8 +15,9 @@ share cuflash's own statement of the rules):
   where flash-attn writes ``+inf`` (docs/api.md, "Where cuflash differs from flash-attn");
 - packed sequences apply all of it per sequence; a KV-cache call first writes the new keys at
   ``cache_seqlens[b]`` (through ``block_table`` when paged, into row ``cache_batch_idx[b]``
-  otherwise), then its queries are the last ``Sq`` positions of the row's
-  ``cache_seqlens[b] + S_new`` keys.
+  otherwise), then its queries are the last ``Sq`` positions of the row's keys at positions
+  ``cache_leftpad[b]`` (default 0: the positions before it are padding) to
+  ``cache_seqlens[b] + S_new − 1``.
 """
 
 import inspect
@@ -100,7 +101,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, **options):
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
-                            block_table, **options):
+                            block_table, cache_leftpad=None, **options):
     """Appends to (copies of) the caches as flash-attn does; returns out, lse (B, Hq, Sq) and
     the caches after the call."""
     k_cache, v_cache = k_cache.copy(), v_cache.copy()
@@ -121,7 +122,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batc
             v_cache[slot(n, lengths[n] + t)] = v[n, t]
     outs, lses = [], []
     for n in range(b):
-        positions = range(int(lengths[n]) + s_new)
+        first = 0 if cache_leftpad is None else int(cache_leftpad[n])
+        positions = range(first, int(lengths[n]) + s_new)
         keys = np.array([k_cache[slot(n, p)] for p in positions]).reshape(
             (-1,) + k_cache.shape[2:])
         values = np.array([v_cache[slot(n, p)] for p in positions]).reshape(
@@ -295,13 +297,14 @@ KVCACHE_CASES = dict(
                      st.one_of(st.just(-1), st.integers(0, 40))),
     softcap=st.sampled_from([0.0, 0.7]), alibi=st.sampled_from([None, "H", "BH"]),
     layout=st.sampled_from(["contiguous", "cache_batch_idx", "paged"]),
-    fill=st.sampled_from(["random", "empty", "full", "int"]), seed=st.integers(0, 2**32 - 1))
+    fill=st.sampled_from(["random", "empty", "full", "int"]), leftpad=st.booleans(),
+    seed=st.integers(0, 2**32 - 1))
 
 
 def check_attention_with_kvcache(device, b, sq, s_new, hkv, group, causal, window, softcap, alibi,
-                                 layout, fill, seed):
-    """Contiguous caches (with and without ``cache_batch_idx``) and paged ones, lengths from 0 to
-    the whole capacity, with and without new keys."""
+                                 layout, fill, leftpad, seed):
+    """Contiguous caches (with and without ``cache_batch_idx``, with and without left padding)
+    and paged ones, lengths from 0 to the whole capacity, with and without new keys."""
     rng = np.random.default_rng(seed)
     hq, d = hkv * group, 8
     q = normal(rng, (b, sq, hq, d))
@@ -326,16 +329,20 @@ def check_attention_with_kvcache(device, b, sq, s_new, hkv, group, causal, windo
                "full": lambda: np.full(b, capacity - s_new, np.int32),
                "int": lambda: int(rng.integers(0, capacity - s_new + 1))}[fill]()
     slopes = slopes_of(rng, alibi, b, hq)
+    cache_leftpad = None
+    if leftpad and layout != "paged":  # flash-attn pads contiguous caches only
+        cache_leftpad = rng.integers(0, np.broadcast_to(lengths, (b,)) + 1).astype(np.int32)
     (q, k_cache, v_cache, k, v), given = device.inputs(q, k_cache, v_cache, k, v)
     want, want_lse, want_k, want_v = flash_attn_with_kvcache(
-        q, k_cache, v_cache, k, v, lengths, cache_batch_idx, block_table, causal=causal,
-        window_size=window, softcap=softcap, alibi_slopes=slopes)
+        q, k_cache, v_cache, k, v, lengths, cache_batch_idx, block_table, cache_leftpad,
+        causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cuflash.CuflashNumericalWarning)
         out, lse = cuflash.attention_with_kvcache(
             *given, cache_seqlens=device.index(lengths), block_table=device.index(block_table),
-            cache_batch_idx=device.index(cache_batch_idx), causal=causal, window=window,
-            softcap=softcap, alibi_slopes=device.index(slopes), return_lse=True)
+            cache_batch_idx=device.index(cache_batch_idx), cache_leftpad=device.index(cache_leftpad),
+            causal=causal, window=window, softcap=softcap, alibi_slopes=device.index(slopes),
+            return_lse=True)
     # The appends are copies: the caches' values exactly (float16 values, widened, on the GPU).
     np.testing.assert_array_equal(device.host(given[1]), want_k.astype(given[1].dtype))
     np.testing.assert_array_equal(device.host(given[2]), want_v.astype(given[2].dtype))

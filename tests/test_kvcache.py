@@ -139,6 +139,42 @@ def test_cache_batch_idx(xp_gpu, rng, seed, decode_calls):
     run(case, seed)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cache_leftpad(xp_gpu, rng, seed, decode_calls, num_splits):
+    """flash-attn's cache_leftpad in the decode kernel: each row attends from its first unpadded
+    position, and gives what the row alone gives on its cache from that position (bit for bit:
+    the same keys in the same tiles); the appends go to cache_seqlens as without padding. Device
+    padding past a row's cached keys, or negative, gives that row NaN, as out-of-range lengths
+    do."""
+    cupy = xp_gpu
+    case = make_case(rng, cupy, dtype=ml_dtypes.bfloat16, b=4, sq=2, hq=16, hkv=4, d=128,
+                     lengths=[700, 4097, 64, 9], capacity=4352, s_new=1, causal=True,
+                     alibi="heads")
+    leftpad = cupy.asarray([0, 1000, 63, 9], np.int32)  # the last: only the appended key
+    assert cuflash.kvcache_plan(*case.args, **case.kwargs, cache_leftpad=leftpad).route == "decode"
+    out = poisoned_out(case)
+    _, lse = cuflash.attention_with_kvcache(*case.args, **case.kwargs, cache_leftpad=leftpad,
+                                            out=out, return_lse=True, num_splits=num_splits)
+    context = f"seed={seed}, num_splits={num_splits}"
+    assert_cache_appended(case, context)
+    slopes = case.kwargs["alibi_slopes"]
+    for row, first in enumerate(leftpad.get().tolist()):
+        alone, alone_lse = cuflash.attention_with_kvcache(
+            case.q[row:row + 1], case.k_cache[row:row + 1, first:],
+            case.v_cache[row:row + 1, first:], cache_seqlens=int(case.lengths[row]) + 1 - first,
+            causal=True, alibi_slopes=slopes, return_lse=True, num_splits=num_splits)
+        assert (to_host(out[row:row + 1]).view(np.uint16) == to_host(alone).view(np.uint16)).all(), context
+        assert (to_host(lse[row:row + 1]) == to_host(alone_lse)).all(), context
+    bad = cupy.asarray([0, 4099, -1, 9], np.int32)
+    again, again_lse = cuflash.attention_with_kvcache(
+        case.q, case.k_cache, case.v_cache, cache_seqlens=case.seqlens + 1, causal=True,
+        alibi_slopes=slopes, cache_leftpad=bad, return_lse=True, num_splits=num_splits)
+    again, again_lse = to_host(again), to_host(again_lse)
+    assert np.isnan(again[1:3].astype(np.float32)).all() and np.isnan(again_lse[1:3]).all(), context
+    for row in (0, 3):
+        assert (again[row].view(np.uint16) == to_host(out[row]).view(np.uint16)).all(), context
+
+
 def test_larger_cache_without_batch_idx(xp_gpu, rng, seed, decode_calls):
     """flash-attn's rule: batch row b uses row b of a cache with more rows than the batch; the
     rows past the batch are left as they were (checked by ``call_and_check``)."""

@@ -14,7 +14,7 @@ from kvcache_cases import (assert_cache_appended, assert_kvcache_close, call_and
                            rotary_case, rotary_tables)
 
 import cuflash
-from cuflash import _kvcache
+from cuflash import _kvcache, _kvcache_spec
 
 DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
 DTYPE_IDS = ["float16", "bfloat16", "float32"]
@@ -291,7 +291,12 @@ def call(case, **changes):
     (dict(rotary_cos=np.zeros((32, 4), np.float32), rotary_sin=np.zeros((32, 4), np.float32)),
      ValueError, "give k and v too"),
     (dict(rotary_interleaved=1), TypeError, "rotary_interleaved must be True or False"),
-    (dict(cache_leftpad=np.zeros(2, np.int32)), NotImplementedError, "cache_leftpad is not supported"),
+    (dict(cache_leftpad=np.array([0, 6], np.int32)), ValueError,
+     r"cache_leftpad\[1\] = 6 must lie in \[0, cache_seqlens\[1\] = 5\]"),
+    (dict(cache_leftpad=np.array([-1, 0], np.int32)), ValueError, r"cache_leftpad\[0\] = -1 must lie in"),
+    (dict(cache_leftpad=np.array([0, 1], np.int64)), TypeError, "cache_leftpad must have dtype int32"),
+    (dict(cache_leftpad=np.array([0, 1, 2], np.int32)), ValueError, r"cache_leftpad must have shape \(2,\)"),
+    (dict(cache_leftpad=[0, 1]), TypeError, "cache_leftpad must be an int32 numpy.ndarray"),
 ])
 def test_errors(rng, changes, error, match):
     with pytest.raises(error, match=match):
@@ -507,18 +512,22 @@ class FakeDecode:
                 v_cache[where] = v_new[b, i]
 
     def forward(self, q, k_cache, v_cache, cache_seqlens, out, lse, *, appended, scale, causal, window,
-                softcap, alibi, block_table=None, cache_batch_idx=None, num_splits=0):
+                softcap, alibi, block_table=None, cache_batch_idx=None, cache_leftpad=None,
+                num_splits=0):
         self.calls.append(("forward", cache_seqlens.copy(), dict(appended=appended, scale=scale,
                                                                  causal=causal, window=window,
                                                                  softcap=softcap,
                                                                  num_splits=num_splits)))
+        assert cache_leftpad is None or (cache_leftpad.dtype == np.int32
+                                         and cache_leftpad.flags.c_contiguous)
         assert cache_seqlens.dtype == np.int32 and lse.flags.c_contiguous
         seqlens = cache_seqlens + appended
         assert alibi is None or (alibi.shape == (q.shape[0], q.shape[2])
                                  and alibi.dtype == np.float32 and alibi.flags.c_contiguous)
         for b in range(q.shape[0]):
             n = int(seqlens[b])
-            pos = np.arange(n)
+            pos = np.arange(0 if cache_leftpad is None else int(cache_leftpad[b]), n)
+            n = len(pos)
             if block_table is not None:
                 where = (block_table[b, pos // k_cache.shape[1]], pos % k_cache.shape[1])
             else:
@@ -550,6 +559,22 @@ def test_decode_route_arguments(rng, seed, paged):
     assert_kvcache_close(case, out, lse, f"seed={seed}")
     assert_cache_appended(case, f"seed={seed}")
 
+
+def test_decode_route_passes_the_padding(rng):
+    """cache_leftpad reaches the kernel as a contiguous int32 array, and the result is the NumPy
+    route's (the fake kernel attends from each row's first key, as the kernel does)."""
+    case = make_case(rng, np, dtype=np.float16, b=3, sq=2, hq=4, hkv=2, d=16, lengths=[9, 9, 9],
+                     capacity=32, s_new=1, seqlens_as="int", causal=True)
+    leftpad = np.array([0, 3, 9, 1, 5, 7], np.int32)[::2]  # strided: the route copies it
+    caches = [x.copy() for x in case.args[1:3]]
+    want = cuflash.attention_with_kvcache(case.args[0], *caches, *case.args[3:], **case.kwargs,
+                                          cache_leftpad=leftpad)
+    spec = _kvcache_spec.validate(*case.args, **case.kwargs, num_splits=0, cache_leftpad=leftpad)
+    fake = FakeDecode()
+    out = poisoned_out(case)
+    _kvcache._run_decode(spec, fake, *case.args, out, np.full((3, 4, 2), np.nan, np.float32))
+    np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), atol=2e-3)
+    assert not np.isnan(out).any()
 
 
 UNBOUNDED_BAND = 1 << 30  # cuflash.kernels.decode.UNBOUNDED_BAND

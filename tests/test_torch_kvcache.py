@@ -97,11 +97,18 @@ def test_rotary_is_the_core_s(seed, interleaved):
     np.testing.assert_array_equal(k_cache.numpy(), expected_k)  # the rotated keys appended
 
 
-def test_unsupported_options(seed):
+def test_cache_leftpad_is_passed_on(seed):
+    """flash-attn's cache_leftpad: the keys before it are padding, left out of the attention."""
     q, k_cache, v_cache, _, _ = tensors(seed)
-    with pytest.raises(NotImplementedError, match="cache_leftpad is not supported"):
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3,
-                                cache_leftpad=torch.zeros(3, dtype=torch.int32))
+    leftpad = torch.tensor([2, 0, 1], dtype=torch.int32)[:q.shape[0]]
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, cache_leftpad=leftpad)
+    for row in range(q.shape[0]):
+        start = int(leftpad[row])
+        alone = flash_attn_with_kvcache(q[row:row + 1], k_cache[row:row + 1, start:],
+                                        v_cache[row:row + 1, start:], cache_seqlens=3 - start)
+        torch.testing.assert_close(out[row:row + 1], alone, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="cache_leftpad must be a torch.Tensor"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, cache_leftpad=[0, 0, 0])
 
 
 def test_errors_name_the_argument(seed):

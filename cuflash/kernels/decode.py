@@ -31,7 +31,7 @@ SHARED_LIMIT = 110 * 1024  # per block: two blocks per SM on Hopper (at D, Dv <=
 
 DECODE_ARGS = make_struct_dtype(
     [(n, PTR) for n in ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "block_table",
-                        "batch_idx", "alibi")]
+                        "batch_idx", "alibi", "leftpad")]
     + [(f"{t}_s{a}", I64) for t in "qokv" for a in "bnh"]
     + [("table_stride", I64)]
     + [(n, I32) for n in ("batch", "sq", "heads", "group", "d", "dv", "page_size", "appended", "capacity",
@@ -196,7 +196,7 @@ def _stride_fields(name: str, strides) -> dict:
 
 
 DECODE_POINTERS = ("q", "k", "v", "o", "lse", "o_part", "lse_part", "seqlens", "block_table", "batch_idx",
-                   "alibi")
+                   "alibi", "leftpad")
 
 
 @dataclass(frozen=True)
@@ -212,13 +212,13 @@ class DecodeLaunch:
     rows: int  # batch rows × query heads × query positions
     dv: int
 
-    def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx) -> None:
+    def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx, leftpad) -> None:
         work, o_part, lse_part = None, 0, 0
         if self.splits > 1:
             work = _launch.device_memory(4 * self.splits * self.rows * (self.dv + 1))
             o_part, lse_part = work.ptr, work.ptr + self.splits * self.rows * self.dv * 4
         pointers = tuple(x if isinstance(x, int) else pointer(x) for x in (
-            q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, batch_idx, alibi))
+            q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, batch_idx, alibi, leftpad))
         stream = _launch.current_stream()
         self.decode(pointers, stream)
         if self.combine is not None:
@@ -295,16 +295,19 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
 
 
 def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, scale: float, causal: bool,
-            window, softcap: float, alibi, block_table=None, cache_batch_idx=None, num_splits: int = 0) -> int:
+            window, softcap: float, alibi, block_table=None, cache_batch_idx=None, cache_leftpad=None,
+            num_splits: int = 0) -> int:
     """out, lse ← attention of q (B, Sq, Hq, D) over the first cache_seqlens[b] + appended keys
     of each batch row's cache (cache_seqlens: int32 (B,) on the device, the lengths before
-    ``appended`` keys were added); a row whose length lies outside [0, capacity − appended]
-    gets NaN output and lse. Returns the split count used. The launch is prepared once per
-    layout and options; later calls only fill in the pointers."""
+    ``appended`` keys were added), from position cache_leftpad[b] on (int32 (B,), contiguous
+    caches only; None: from 0); a row whose length lies outside [0, capacity − appended], or
+    whose cache_leftpad lies outside [0, cache_seqlens[b]], gets NaN output and lse. Returns the
+    split count used. The launch is prepared once per layout and options; later calls only fill
+    in the pointers."""
     layouts = (_layout(q), _layout(k_cache), _layout(v_cache), _layout(out), _layout(block_table))
     launch = _prepared(layouts, q.device.id, int(appended), float(scale), bool(causal), tuple(window),
                        float(softcap), alibi is not None, int(num_splits))
-    launch(q, k_cache, v_cache, cache_seqlens, out, lse, alibi, block_table, cache_batch_idx)
+    launch(q, k_cache, v_cache, cache_seqlens, out, lse, alibi, block_table, cache_batch_idx, cache_leftpad)
     return launch.splits
 
 

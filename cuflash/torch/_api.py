@@ -564,7 +564,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``max_pages · page_size``), as in flash-attn; it is required with ``k`` and ``v``. Forward
     only (flash-attn's has no backward either): the result does not require grad.
     ``rotary_cos`` / ``rotary_sin`` rotate q and the appended k as flash-attn does
-    (``cuflash.attention_with_kvcache``); ``cache_leftpad`` raises ``NotImplementedError``.
+    (``cuflash.attention_with_kvcache``), and ``cache_leftpad`` (int32 ``(B,)`` on q's device,
+    contiguous caches only) marks each row's first positions as padding, as flash-attn does.
     Tensors stay where they are: CUDA tensors run on torch's current stream without copies, CPU
     tensors through NumPy views.
     """
@@ -575,7 +576,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return_softmax_lse = _checks.check_bool(return_softmax_lse, "return_softmax_lse")
     _check_tensors(**{name: x for name, x in (
         ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
-        ("cache_batch_idx", cache_batch_idx), ("block_table", block_table),
+        ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
+        ("block_table", block_table),
         ("alibi_slopes", alibi_slopes), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin))
         if x is not None})
     if cache_seqlens is None:
@@ -607,7 +609,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 window=window_size, softcap=softcap, alibi_slopes=core(alibi_slopes),
                 num_splits=num_splits, return_lse=True, rotary_cos=core(rotary_cos),
                 rotary_sin=core(rotary_sin), rotary_interleaved=rotary_interleaved,
-                cache_leftpad=cache_leftpad)
+                cache_leftpad=core(cache_leftpad))
         out, lse = to_torch(out), to_torch(lse)
     if k is not None:  # the caches were written through views: tell autograd, as torch's own
         # in-place operations do, so that a cache saved for a backward pass is not read changed

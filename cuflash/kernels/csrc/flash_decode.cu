@@ -32,6 +32,7 @@ struct DecodeArgs {
     const int* block_table;  // paged: (B, table_stride) page numbers, else null
     const int* batch_idx;    // contiguous: cache batch row of each batch row, or null (identity)
     const float* alibi;      // ALiBi slopes, (B, Hq) contiguous, or null
+    const int* leftpad;      // contiguous: (B,) each batch row's first attended position, or null
     i64 q_sb, q_sn, q_sh;    // strides in elements: batch, position, head
     i64 o_sb, o_sn, o_sh;
     i64 k_sb, k_sn, k_sh;    // batch row (page when paged), position, head
@@ -44,7 +45,7 @@ struct DecodeArgs {
     int window_left, window_right;  // key band, unbounded sides as 2^30 (mask.cuh)
     float scale_log2, cap_in, cap_out;
 };
-static_assert(sizeof(DecodeArgs) == 256, "DecodeArgs must match DECODE_ARGS in kernels/decode.py");
+static_assert(sizeof(DecodeArgs) == 264, "DecodeArgs must match DECODE_ARGS in kernels/decode.py");
 
 // What the mask and score-modifier policies read, for one batch row: its Sq query rows against
 // its own key count.
@@ -80,6 +81,18 @@ __device__ __forceinline__ int visible_keys(const Args& a, int b) {
     return before < 0 || before > a.capacity - a.appended ? -1 : before + a.appended;
 }
 #define NAN_F __int_as_float(0x7fc00000)
+
+// Batch row b's first attended cache position (its keys before it are padding: flash-attn's
+// cache_leftpad; contiguous caches only), 0 without padding.
+__device__ __forceinline__ int first_key(const DecodeArgs& a, int b) { return a.leftpad ? a.leftpad[b] : 0; }
+
+// The keys batch row b attends: positions first_key … visible_keys − 1, counted from its first
+// (the policies' key index), or −1 when its length or its padding (beyond its cached keys) is out
+// of range.
+__device__ __forceinline__ int attended_keys(const DecodeArgs& a, int b) {
+    const int end = visible_keys(a, b), first = first_key(a, b);
+    return end < 0 || first < 0 || first > end - a.appended ? -1 : end - first;
+}
 
 // One packed query row: its query position and head.
 struct PackedRow {
@@ -188,9 +201,10 @@ struct HeldPages {
 // into an mma. Eight threads copy one key row's 128-byte runs (each copy instruction of a warp
 // then covers four whole lines), and find the row's place in the caches (`pages`) once for K
 // and V.
+// Key `key` of a contiguous row lies at cache position `first + key` (first_key).
 template <int D, int DV, bool PAGED>
 __device__ __forceinline__ void load_kv_tile(u32 sk, u32 sv, const DecodeArgs& a, const HeldPages<PAGED>& pages,
-                                             int b, int hk, int key0, int key_end) {
+                                             int b, int hk, int key0, int key_end, int first) {
     constexpr int PER_ROW = 8, ROWS_PER_PASS = DECODE_WARPS * 32 / PER_ROW;
     const int part = threadIdx.x % PER_ROW;
     // Each K/V byte is read once per call: evicted from L2 first, it leaves the rest in place
@@ -209,7 +223,7 @@ __device__ __forceinline__ void load_kv_tile(u32 sk, u32 sv, const DecodeArgs& a
         const u16* v = a.v;
         if (row_valid) {
             const CacheSlot slot = PAGED ? CacheSlot{pages.page_row(a, b, at.page), at.pos}
-                                         : cache_slot<false>(a, b, key0 + r);
+                                         : cache_slot<false>(a, b, first + key0 + r);
             k += slot.row * a.k_sb + slot.pos * a.k_sn + hk * a.k_sh;
             v += slot.row * a.v_sb + slot.pos * a.v_sn + hk * a.v_sh;
         }
@@ -317,7 +331,8 @@ flash_decode(const DecodeArgs a) {
     const int packed = a.sq * a.group;
     const int row0 = chunk * ROWS;
 
-    const int nk = visible_keys(a, b);
+    const int nk = attended_keys(a, b);
+    const int first = PAGED ? 0 : first_key(a, b);
     const HeldPages<PAGED> pages(a, b, held_pages);  // read beside the length
     const DecodeRowView view(a, max(nk, 0));
     const MASK mask(view);
@@ -353,7 +368,7 @@ flash_decode(const DecodeArgs a) {
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < n_tiles)
             load_kv_tile<D, DV, PAGED>(stage_k(s), stage_k(s) + RingTile<D>::BYTES, a, pages, b, hk,
-                                       key_first + s * BLOCK_N, key_hi);
+                                       key_first + s * BLOCK_N, key_hi, first);
         cp_async_commit();
     }
 
@@ -370,7 +385,7 @@ flash_decode(const DecodeArgs a) {
         if (ahead < n_tiles) {
             const u32 stage = stage_k(ahead % STAGES);
             load_kv_tile<D, DV, PAGED>(stage, stage + RingTile<D>::BYTES, a, pages, b, hk,
-                                       key_first + ahead * BLOCK_N, key_hi);
+                                       key_first + ahead * BLOCK_N, key_hi, first);
         }
         cp_async_commit();
 
@@ -476,7 +491,7 @@ decode_combine(const DecodeArgs a) {
     const int b = row / a.sq / a.heads;
     u16* out = a.o + b * a.o_sb + pos * a.o_sn + head * a.o_sh;
     const bool first_chunk = item % chunks == 0;
-    if (visible_keys(a, b) < 0) {
+    if (attended_keys(a, b) < 0) {
         if (col < a.dv) out[col] = from_float<T>(NAN_F);
         if (first_chunk && lane == 0) a.lse[row] = NAN_F;
         return;
