@@ -416,13 +416,14 @@ def _apply_mask(s, keep):
 
 
 def _logsumexp(s, xp):
-    """Row log-sum-exp; ``-inf`` for rows whose scores are all ``-inf``."""
+    """Row log-sum-exp; ``-inf`` for rows whose scores are all ``-inf``, NaN for rows holding
+    NaN or ``+inf`` (``-inf`` marks a row without keys, which such a row is not)."""
     peak = s.max(axis=-1)
     peak = xp.where(xp.isneginf(peak), xp.asarray(0, dtype=s.dtype), peak)
     total = xp.exp(s - peak[..., None]).sum(axis=-1)
-    nonzero = total > 0
-    return xp.where(nonzero, xp.log(xp.where(nonzero, total, 1)) + peak,
-                    xp.asarray(-math.inf, dtype=s.dtype))
+    empty = total == 0  # False for a NaN total, whose row must not read as masked
+    return xp.where(empty, xp.asarray(-math.inf, dtype=s.dtype),
+                    xp.log(xp.where(empty, 1, total)) + peak)
 
 
 def _softmax(s, lse, xp):

@@ -6,6 +6,7 @@ import pytest
 from scipy.special import logsumexp, softmax
 from test_cpu_forward import dense_block_mask
 
+import cuflash
 from cuflash import reference
 
 
@@ -425,3 +426,24 @@ def test_dtypes_that_are_not_real_floats_are_refused(rng, dtype):
         with pytest.raises(TypeError, match="the reference takes float16, bfloat16, float32 or "
                                             "float64"):
             call(q.astype(dtype), k, v)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_row_of_non_finite_scores_is_not_a_row_without_keys(rng, value):
+    # lse -inf says a row sees no key (oracle.py then wants its output 0); a NaN or +inf score
+    # is no such row, and the tiled path gives it NaN.
+    q, k, v = (x.astype(np.float32) for x in random64(rng, (1, 4, 8), (1, 6, 8), (1, 6, 8)))
+    q[0, 1, 0] = value
+    k[0, :, 0] = 1.0  # +inf · 1: a +inf score
+    with np.errstate(invalid="ignore"):
+        for f in (reference.attention, reference.naive_attention):
+            _, lse = f(q, k, v)
+            assert np.isnan(lse[0, 1]) and np.isfinite(np.delete(lse[0], 1)).all(), (f, lse)
+            _, lse = f(q, k, v, causal=True)  # row 1 sees keys 0 … 3 of 6, the rest masked
+            assert np.isnan(lse[0, 1]), (f, lse)
+        probs = reference.attention_probs(q, k, v)
+    _, tiled = cuflash.attention(q, k, v, return_lse=True)
+    assert np.isnan(tiled[0, 1])
+    assert np.isnan(probs[0, 1]).all() and np.isfinite(np.delete(probs[0], 1, axis=0)).all()
+    empty = reference.attention(q[:, :1], k, v, mask=np.zeros((1, 6), bool))[1]
+    assert np.isneginf(empty).all()
