@@ -504,12 +504,31 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: numpy.dtype, xp, inputs: 
     check_like(out, name, shape, dtype, xp, device_of=next(iter(inputs.values())))
     if xp is numpy and not out.flags.writeable:
         raise ValueError(f"{name} must be writable, got a read-only array")
-    if out.size and any(stride == 0 and n > 1 for n, stride in zip(out.shape, out.strides)):
+    if out.size and has_overlapping_elements(tuple(out.shape), tuple(out.strides), out.itemsize):
         raise ValueError(f"{name} must not have overlapping elements, got strides {out.strides} "
                          f"for shape {tuple(out.shape)}")
     for other, x in inputs.items():
         if overlaps(out, x, xp):
             raise ValueError(f"{name} must not share memory with {other}")
+
+
+def has_overlapping_elements(shape: tuple[int, ...], strides: tuple[int, ...],
+                             itemsize: int) -> bool:
+    """Whether two elements of a layout share a byte (a stride of 0 along an axis of more than
+    one element, or rows whose stride is shorter than a row). Nested layouts, each axis stepping
+    past the whole extent of the axes with smaller strides, are told apart from their strides;
+    others (interleaved axes) by listing every element's offset."""
+    extent = itemsize  # bytes spanned by the axes taken so far
+    for stride, n in sorted((abs(s), n) for n, s in zip(shape, strides) if n > 1):
+        if stride < extent:
+            break
+        extent += stride * (n - 1)
+    else:
+        return False
+    offsets = numpy.zeros(1, numpy.int64)
+    for n, stride in zip(shape, strides):
+        offsets = (offsets[:, None] + stride * numpy.arange(n, dtype=numpy.int64)).ravel()
+    return bool((numpy.diff(numpy.sort(offsets)) < itemsize).any())
 
 
 def overlaps(a: Any, b: Any, xp) -> bool:

@@ -389,6 +389,29 @@ def test_out_with_overlapping_elements():
         cuflash.attention(Q, K, V, out=out)
 
 
+def _rows_overlapping(shape):
+    """A view of ``shape`` whose rows (the last axis) start one element apart, so overlap."""
+    return np.lib.stride_tricks.as_strided(np.empty(math.prod(shape), np.float32), shape,
+                                           (shape[1] * shape[2] * 4, shape[2] * 4, 4, 4))
+
+
+def test_out_with_overlapping_rows():
+    with pytest.raises(ValueError, match=r"out must not have overlapping elements, got strides "
+                                         r"\(256, 64, 4, 4\) for shape \(2, 4, 16, 8\)"):
+        cuflash.attention(Q, K, V, out=_rows_overlapping((2, 4, 16, 8)))
+    out, lse = cuflash.attention(Q, K, V, return_lse=True)
+    with pytest.raises(ValueError, match=r"dk must not have overlapping elements"):
+        cuflash.attention_backward(out, Q, K, V, out, lse, dk=_rows_overlapping(K.shape))
+
+
+def test_out_with_interleaved_axes_that_do_not_overlap():
+    # Row i, column j at element 3i + 2j: axes interleave, yet no two elements meet.
+    q, k, v = arrays((2, 8), (5, 8), (5, 3))
+    out = np.lib.stride_tricks.as_strided(np.full(8, np.nan, np.float32), (2, 3), (12, 8))
+    assert cuflash.attention(q, k, v, out=out) is out
+    np.testing.assert_array_equal(out, cuflash.attention(q, k, v))
+
+
 def test_out_overlapping_an_input():
     q, k, v = arrays((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8))
     with pytest.raises(ValueError, match="out must not share memory with q"):
