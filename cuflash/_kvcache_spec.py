@@ -231,6 +231,12 @@ def validate(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_bat
                     f"{name} must not repeat memory along an axis to append k and v, got "
                     f"{tuple(cache.shape)} with stride 0 along axis {repeated[0]} (an expanded or "
                     f"broadcast view): appends to that axis would be written into one slot")
+            if _checks.has_overlapping_elements(tuple(cache.shape), tuple(cache.strides),
+                                                cache.itemsize):
+                raise ValueError(
+                    f"{name} must not have overlapping elements to append k and v, got strides "
+                    f"{tuple(cache.strides)} for shape {tuple(cache.shape)}: an append would be "
+                    f"written over part of another slot")
         # Caches that share memory would take the new values over the new keys. NumPy tells
         # exactly (a packed buffer's k and v halves do not overlap); CuPy's test of byte ranges
         # would refuse those halves too, so there only caches that start at one address (one

@@ -4,6 +4,7 @@ decode module. The GPU cases are in tests/test_kvcache.py.
 """
 
 import dataclasses
+import math
 import types
 
 import ml_dtypes
@@ -426,6 +427,20 @@ def test_read_only_cache_refused_for_appends(rng):
     case.k_cache.flags.writeable = False
     with pytest.raises(ValueError, match="k_cache must be writable to append"):
         call(case)
+
+
+def test_caches_whose_slots_overlap_refused_for_appends(rng):
+    """Positions 4 elements apart, where a head's key is 8 wide: an append would be written over
+    part of the keys beside it."""
+    case = small(rng, s_new=1)
+    shape = case.k_cache.shape
+    half = np.lib.stride_tricks.as_strided(
+        np.zeros(math.prod(shape), case.k_cache.dtype), shape,
+        (shape[1] * shape[2] * shape[3] * 2, shape[3] * 2, shape[3] * 4, 4))
+    with pytest.raises(ValueError, match=r"k_cache must not have overlapping elements to append "
+                                         r"k and v, got strides"):
+        call(case, k_cache=half)
+    call(case, k_cache=half, k=None, v=None)  # reading such a cache is fine
 
 
 def test_caches_sharing_memory_refused_for_appends(rng):
