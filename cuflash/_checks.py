@@ -512,18 +512,29 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: numpy.dtype, xp, inputs: 
             raise ValueError(f"{name} must not share memory with {other}")
 
 
+# Elements whose offsets ``has_overlapping_elements`` lists at most (64 MiB of int64): beyond it,
+# an interleaved layout's elements are taken not to overlap (listing a KV cache's billions of
+# offsets would exhaust the host's memory).
+MAX_LISTED_ELEMENTS = 1 << 23
+
+
 def has_overlapping_elements(shape: tuple[int, ...], strides: tuple[int, ...],
                              itemsize: int) -> bool:
     """Whether two elements of a layout share a byte (a stride of 0 along an axis of more than
     one element, or rows whose stride is shorter than a row). Nested layouts, each axis stepping
     past the whole extent of the axes with smaller strides, are told apart from their strides;
-    others (interleaved axes) by listing every element's offset."""
+    others (interleaved axes) by listing every element's offset, up to MAX_LISTED_ELEMENTS
+    elements (a stride of 0 is told at any size)."""
+    if any(s == 0 and n > 1 for n, s in zip(shape, strides)):
+        return True
     extent = itemsize  # bytes spanned by the axes taken so far
     for stride, n in sorted((abs(s), n) for n, s in zip(shape, strides) if n > 1):
         if stride < extent:
             break
         extent += stride * (n - 1)
     else:
+        return False
+    if math.prod(shape) > MAX_LISTED_ELEMENTS:
         return False
     offsets = numpy.zeros(1, numpy.int64)
     for n, stride in zip(shape, strides):

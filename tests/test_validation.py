@@ -412,6 +412,20 @@ def test_out_with_interleaved_axes_that_do_not_overlap():
     np.testing.assert_array_equal(out, cuflash.attention(q, k, v))
 
 
+def test_overlap_listing_stops_at_its_limit(monkeypatch):
+    """Interleaved layouts are decided by listing their elements' offsets, up to
+    MAX_LISTED_ELEMENTS; past it they are taken not to overlap (a KV cache's offsets would not
+    fit in memory), while a stride of 0 is told at any size."""
+    from cuflash import _checks
+
+    interleaved_overlapping = ((4, 3), (8, 12), 4)  # (3, 0) and (0, 2) both at byte 24
+    assert _checks.has_overlapping_elements(*interleaved_overlapping)
+    monkeypatch.setattr(_checks, "MAX_LISTED_ELEMENTS", 11)
+    assert not _checks.has_overlapping_elements(*interleaved_overlapping)
+    assert _checks.has_overlapping_elements((1 << 40, 2), (0, 4), 4)
+    assert not _checks.has_overlapping_elements((1 << 40, 8), (32, 4), 4)  # nested: no listing
+
+
 def test_out_overlapping_an_input():
     q, k, v = arrays((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8))
     with pytest.raises(ValueError, match="out must not share memory with q"):
