@@ -1022,6 +1022,25 @@ def test_ulysses_backward_names_the_local_shapes(odd_one, shape, rng):
             arrays["dout"], q, q, q, arrays["out"], arrays["lse"], comm=comm))
 
 
+def test_torch_ring_attention_refuses_a_second_derivative(rng):
+    """A gradient taken with create_graph=True raises when differentiated, as cuflash.torch's do;
+    it used to come back detached from q, k and v, so a penalty on it silently added nothing to
+    their gradients."""
+    torch = pytest.importorskip("torch")
+    from cuflash.parallel import torch_ring_attention
+    q, k, v = (torch.from_numpy(random_array(rng, (1, 2, 16, 8), F32)) for _ in range(3))
+
+    def rank(comm, q, k, v):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = torch_ring_attention(*leaves, comm=comm, causal=True)
+        (dq,) = torch.autograd.grad(out.sum(), leaves[0], create_graph=True)
+        assert dq.requires_grad
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(dq.square().sum(), leaves[1], allow_unused=True)
+
+    LocalRing(2).run(rank, *([shard(x, r, 2) for r in range(2)] for x in (q, k, v)))
+
+
 def test_torch_ring_attention_checks_deterministic_before_the_forward(rng):
     """deterministic is refused when the layer is called, as the other options are (it used to
     be read only by the backward pass, after every rank had run the forward)."""

@@ -227,9 +227,12 @@ def torch_ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "
 
     The backward pass runs :func:`cuflash.parallel.ring_attention_backward`, which exchanges
     messages too: every rank must call ``backward`` (the same number of times, in the same
-    order), as with any sequence-parallel layer.
+    order), as with any sequence-parallel layer. First derivatives only, as in
+    ``cuflash.torch``: a gradient taken with ``create_graph=True`` raises when differentiated.
     """
     import torch
+
+    from cuflash.torch._ops import _first_order
 
     from .ring import ring_attention, ring_attention_backward
 
@@ -245,6 +248,7 @@ def torch_ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "
             return out
 
         @staticmethod
+        @_first_order  # the gradients are computed off the graph: refuse to differentiate them
         def backward(ctx, dout):
             q, k, v, out, lse = ctx.saved_tensors
             return tuple(ring_attention_backward(dout.contiguous(), q, k, v, out, lse,
