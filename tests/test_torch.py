@@ -894,6 +894,32 @@ def test_return_attn_probs_gives_the_call_s_softmax_and_mask(p):
     assert len(packed) == 3 and packed[2].shape == probs.shape
 
 
+@pytest.mark.parametrize("api", ["dense", "varlen"])
+def test_return_attn_probs_under_compile_runs_in_a_graph_break(api):
+    """S_dmask is formed in NumPy from the inputs' values: torch.compile runs it eagerly in a
+    graph break (tracing it crashed inside the dropout generator) with the seed the compiled
+    forward drew, and fullgraph=True refuses it (docs/torch.md, "torch.compile and block
+    masks")."""
+    q, k, v = randn(1, 9, 2, 16), randn(1, 9, 2, 16), randn(1, 9, 2, 16)
+    offsets = torch.tensor([0, 4, 9], dtype=torch.int32)
+
+    def call(q, k, v):
+        if api == "dense":
+            return ct.flash_attn_func(q, k, v, 0.25, causal=True, return_attn_probs=True)
+        return ct.flash_attn_varlen_func(q[0], k[0], v[0], offsets, offsets, 5, 5, 0.25,
+                                         causal=True, return_attn_probs=True)
+
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    expected = call(q, k, v)
+    torch.manual_seed(3)
+    for result, wanted in zip(torch.compile(call, backend="aot_eager")(q, k, v), expected):
+        assert torch.equal(result, wanted)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(call, backend="aot_eager", fullgraph=True)(q, k, v)
+
+
 @pytest.mark.parametrize("call, option", [
     (lambda q: ct.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=bool)),
      "attn_mask"),

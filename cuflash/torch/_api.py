@@ -215,22 +215,29 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
 
 # ----------------------------------------------------------------------------- flash-attn
 
+# S_dmask is computed from the inputs' values in NumPy, which torch.compile must not trace (its
+# NumPy emulation fails inside the dropout generator): compiled code runs it eagerly, in a graph
+# break, and fullgraph=True refuses it.
+@torch.compiler.disable
 def _attn_probs(q, k, v, *, causal, scale, window, softcap, alibi_slopes, dropout_p,
                 dropout_seed):
     """flash-attn's ``S_dmask`` for ``return_attn_probs=True``, (B, Hq, Sq, Sk) in q's dtype on
     q's device, from (B, H, S, D) views: ``cuflash.reference.attention_probs`` (the softmax
-    matrix, dropped entries negated) computed in float64 on the CPU. For tests: it forms the
-    whole matrix and reads the inputs back from the device."""
+    matrix, dropped entries negated) computed in float64 on the CPU; ``dropout_seed`` is the
+    seed tensor the forward ran with (None without dropout). For tests: it forms the whole
+    matrix and reads the inputs back from the device."""
     from cuflash import reference
 
     arrays = [_bridge.to_numpy(x.cpu()) for x in (q, k, v)]  # to_numpy detaches
     slopes = None if alibi_slopes is None else _bridge.to_numpy(alibi_slopes.cpu())
+    seed = None if dropout_seed is None else _ops.seed_value(dropout_seed)
     probs = reference.attention_probs(*arrays, causal=causal, scale=scale, window=window,
                                       softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p,
-                                      dropout_seed=dropout_seed)
+                                      dropout_seed=seed)
     return torch.from_numpy(probs).to(device=q.device, dtype=q.dtype)
 
 
+@torch.compiler.disable  # as _attn_probs
 def _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                        causal, scale, window, softcap, alibi_slopes, dropout_p=0.0,
                        dropout_seed=None):
@@ -343,8 +350,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
         return out
     # The rate and the very seed the operator ran with (drawn by _dropout when p > 0): a CPU
     # scalar, since no capture gets here.
-    probs = _attn_probs(q_, k_, v_, **options, dropout_p=p,
-                        dropout_seed=None if seed is None else _ops.seed_value(seed))
+    probs = _attn_probs(q_, k_, v_, **options, dropout_p=p, dropout_seed=seed)
     return out, lse.detach(), probs
 
 
@@ -438,11 +444,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                         *dropout)
     if not return_attn_probs:
         return out
-    seed = dropout[1]
     probs = _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                causal=causal, scale=scale, window=(left, right), softcap=softcap,
-                               alibi_slopes=alibi_slopes, dropout_p=p,
-                               dropout_seed=None if seed is None else _ops.seed_value(seed))
+                               alibi_slopes=alibi_slopes, dropout_p=p, dropout_seed=dropout[1])
     return out, lse.detach(), probs
 
 
