@@ -374,6 +374,14 @@ def test_matches_a_float64_reference(seed, config):
     _check_against_reference(seed, **config)
 
 
+def test_meta_tensors_are_refused(seed):
+    """No operator, so no fake implementation: meta tensors are refused by name, where the other
+    functions give the results' shapes (docs/torch.md, "What is supported")."""
+    q, k_cache, v_cache, k, v = (x.to("meta") for x in tensors(seed))
+    with pytest.raises(ValueError, match="CUDA and CPU tensors, got a tensor on meta"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=5)
+
+
 def test_under_compile_it_runs_in_a_graph_break(seed):
     """flash_attn_with_kvcache is no operator: torch.compile runs it eagerly in a graph break
     (the caches written, the result the eager one), and fullgraph=True refuses it
