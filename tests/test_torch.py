@@ -729,6 +729,33 @@ def test_second_derivative_along_one_path_is_refused(monkeypatch, path, api, thr
         torch.autograd.grad(dx.square().sum(), w, allow_unused=True)
 
 
+@pytest.mark.parametrize("path", ["eager", "operators"])
+@pytest.mark.parametrize("api", ["attention", "varlen"])
+@pytest.mark.parametrize("mode", ["dual tensors", "torch.func.jvp"])
+def test_forward_mode_derivatives_are_refused(monkeypatch, path, api, mode):
+    """Neither road has a forward-mode derivative: a tangent on q, k or v raises, where the
+    result used to come back without one (torch.func.jvp gave a tangent of 0)."""
+    if path == "operators":
+        _operators_only(monkeypatch)
+    k, v = randn(7, 2, 8), randn(7, 2, 8)
+    offsets = torch.tensor([0, 3, 7], dtype=torch.int32)
+
+    def call(q):
+        if api == "attention":
+            return ct.attention(q, k, v, causal=True)
+        return ct.flash_attn_varlen_func(q, k, v, offsets, offsets, 4, 4)
+
+    q, tangent = randn(7, 2, 8), randn(7, 2, 8)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        if mode == "dual tensors":
+            with torch.autograd.forward_ad.dual_level():
+                call(torch.autograd.forward_ad.make_dual(q, tangent))
+        else:
+            torch.func.jvp(call, (q,), (tangent,))
+    with torch.autograd.forward_ad.dual_level():  # an open level alone changes nothing
+        assert torch.equal(call(q), call(q.clone()))
+
+
 class TinyAttention(torch.nn.Module):
     def __init__(self, api):
         super().__init__()

@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy
 import torch
+from torch.autograd import forward_ad
 
 import cuflash
 from cuflash import _checks
@@ -599,10 +600,25 @@ def _eager_function(name: str, body, setup_context, backward):
     })
 
 
+def _refuse_forward_mode(q, k, v) -> None:
+    """NotImplementedError for a q, k or v that carries a forward-mode tangent (a dual tensor of
+    ``torch.autograd.forward_ad``, or ``torch.func.jvp``): neither road has a forward-mode
+    derivative, and both would return the output without a tangent (torch's custom operators
+    drop it too), which reads as a derivative of 0."""
+    if forward_ad._current_level < 0:  # no dual level is open: nothing carries a tangent
+        return
+    if any(forward_ad.unpack_dual(x).tangent is not None for x in (q, k, v)):
+        raise NotImplementedError(
+            "cuflash attention has no forward-mode derivative, but its query, key or value "
+            "carries a tangent (forward_ad.make_dual, torch.func.jvp); use reverse mode "
+            "(backward, torch.autograd.grad)")
+
+
 def _eager_call(operator, function, body, tensors, args):
     """``operator(*args)``, or in eager mode the same through ``function`` (an
     ``_eager_function``) when a gradient is wanted, else ``body`` alone; ``tensors``: the tensor
-    arguments among ``args``."""
+    arguments among ``args``, q, k and v first."""
+    _refuse_forward_mode(*tensors[:3])
     if not _runs_eagerly(*tensors):
         return operator(*args)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
