@@ -987,6 +987,23 @@ def test_sdpa_broadcasts_one_key_value_head_as_torch_does():
         ct.scaled_dot_product_attention(q, k.expand(2, 2, 11, 16), v.expand(2, 2, 11, 16))
 
 
+def test_sdpa_broadcasts_one_query_head_as_torch_does():
+    """torch's SDPA broadcasts a query head axis of size 1 against several key/value heads
+    without enable_gqa (it used to be refused, suggesting enable_gqa=True, which torch refuses
+    for it too); the query's gradient is the sum over the heads it was broadcast to."""
+    q, k, v = (leaf(x) for x in (randn(2, 1, 9, 16), randn(2, 4, 11, 16), randn(2, 4, 11, 8)))
+    out = ct.scaled_dot_product_attention(q, k, v, scale=0.3)
+    expected = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert out.shape == expected.shape == (2, 4, 9, 8) and out.is_contiguous()
+    torch.testing.assert_close(out, expected)
+    dout = randn(2, 4, 9, 8)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout),
+                         torch.autograd.grad(expected, (q, k, v), dout)):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
+        ct.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # as torch's RuntimeError
+
+
 def test_sdpa_runs_in_the_autocast_dtype_as_torch_does():
     """Under torch.autocast, torch's SDPA casts query, key and value to the autocast dtype (one
     of its lower-precision operators), so float32 inputs, or a float32 key beside a bfloat16

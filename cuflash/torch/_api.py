@@ -508,7 +508,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``is_causal`` with ``L != S`` (torch aligns that mask to the top-left corner, cuflash to the
     bottom-right) raise ``NotImplementedError`` (element masks go through
     ``cuflash.torch.attention(mask=cuflash.sparse.ExactMask)``); different query and key/value
-    head counts need ``enable_gqa=True``, as in torch, unless key and value have one head, which
+    head counts need ``enable_gqa=True``, as in torch, unless one side has one head, which
     broadcasts. The output's memory follows the query's: a query that is a ``(B, L, H, E)``
     tensor transposed gives an output that is one too, as torch's flash kernel does. Under
     ``torch.autocast``, as torch's, query, key and value run in the autocast dtype.
@@ -534,12 +534,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             f"and cuflash to the bottom-right; use cuflash.torch.attention(causal=True) for the "
             f"bottom-right alignment")
     hq, hkv = query.shape[-3], key.shape[-3]
-    # As in torch, one key/value head broadcasts against the query's heads; other unequal
-    # counts are grouped-query attention, which torch runs only with enable_gqa=True.
-    if hq != hkv and hkv != 1 and not enable_gqa:
+    seq_major = query.stride(-3) < query.stride(-2)
+    # As in torch, one head broadcasts against the other side's heads (one key/value head is
+    # multi-query attention to the core; one query head is expanded to the key's); other unequal
+    # counts are grouped-query attention, which torch runs only with enable_gqa=True (where it
+    # refuses a query head count that the key's does not divide, as the core does).
+    if hq == 1 and hkv > 1 and not enable_gqa:
+        query = query.expand(*query.shape[:-3], hkv, *query.shape[-2:])
+    elif hq != hkv and hkv != 1 and not enable_gqa:
         raise ValueError(f"query has {hq} heads and key {hkv}: pass enable_gqa=True for "
                          f"grouped-query attention")
-    seq_major = query.stride(-3) < query.stride(-2)
     with _caller_names({"q": "query", "k": "key", "v": "value"}, every_word=True):
         out, _, _ = _attention(query, key, value, causal=is_causal, scale=scale,
                                window=(-1, -1), softcap=0.0, alibi_slopes=None, block_mask=None,
