@@ -1126,6 +1126,18 @@ def test_sdpa_errors_name_query_key_and_value():
         ct.scaled_dot_product_attention(q, q, q, is_causal="yes")
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5, 1e-39])
+def test_scales_torch_takes_and_cuflash_refuses(scale):
+    """torch's SDPA takes any float scale; cuflash refuses one that is not a positive normal
+    float32 with a ValueError naming it, as docs/torch.md's table of refusals says."""
+    q = randn(1, 2, 5, 8)
+    assert F.scaled_dot_product_attention(q, q, q, scale=scale).shape == q.shape
+    with pytest.raises(ValueError, match=r"^scale must be finite and positive"):
+        ct.scaled_dot_product_attention(q, q, q, scale=scale)
+    with pytest.raises(ValueError, match=r"^softmax_scale must be finite and positive"):
+        ct.flash_attn_func(q, q, q, softmax_scale=scale)
+
+
 def test_renamed_errors_show_the_values_as_given():
     """Errors renamed to the caller's names (query for q, qkv[:, :, 0] for q, ...) keep the
     values they show as the caller gave them, a string "q" or "v" included."""
