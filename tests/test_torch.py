@@ -1004,6 +1004,26 @@ def test_sdpa_broadcasts_one_query_head_as_torch_does():
         ct.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # as torch's RuntimeError
 
 
+@pytest.mark.parametrize("shapes", [
+    ((8, 16), (10, 16), (10, 12)), ((8, 16), (2, 3, 10, 16), (2, 3, 10, 16)),
+    ((2, 3, 8, 16), (10, 16), (10, 16)), ((3, 8, 16), (10, 16), (10, 16))],
+    ids=["all 2-D", "2-D query", "2-D key and value", "3-D query"])
+def test_sdpa_takes_two_dimensional_tensors_as_torch_does(shapes):
+    """torch's SDPA takes (L, E) tensors, one head each, on their own or broadcast against
+    others; they used to be refused (at least 3 dimensions)."""
+    ins = [leaf(randn(*shape)) for shape in shapes]
+    out = ct.scaled_dot_product_attention(*ins, scale=0.3)
+    expected = F.scaled_dot_product_attention(*ins, scale=0.3)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected)
+    dout = randn(*out.shape)
+    for got, want in zip(torch.autograd.grad(out, ins, dout),
+                         torch.autograd.grad(expected, ins, dout)):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"^query must have at least 2 dimensions"):
+        ct.scaled_dot_product_attention(randn(16), *ins[1:])
+
+
 def test_sdpa_runs_in_the_autocast_dtype_as_torch_does():
     """Under torch.autocast, torch's SDPA casts query, key and value to the autocast dtype (one
     of its lower-precision operators), so float32 inputs, or a float32 key beside a bfloat16

@@ -502,9 +502,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, enable_gqa=False):
     """``torch.nn.functional.scaled_dot_product_attention`` for the cases cuflash computes.
 
-    ``(..., H, L, E)`` inputs as in torch. As in torch, ``dropout_p`` is applied as given (pass
-    0.0 in evaluation), with a seed drawn from torch's CPU default generator, or its CUDA
-    generator under CUDA-graph capture (``cuflash.torch.attention``). ``attn_mask`` and
+    ``(..., H, L, E)`` inputs as in torch (a 2-D ``(L, E)`` one is one head). As in torch,
+    ``dropout_p`` is applied as given (pass 0.0 in evaluation), with a seed drawn from torch's
+    CPU default generator, or its CUDA generator under CUDA-graph capture
+    (``cuflash.torch.attention``). ``attn_mask`` and
     ``is_causal`` with ``L != S`` (torch aligns that mask to the top-left corner, cuflash to the
     bottom-right) raise ``NotImplementedError`` (element masks go through
     ``cuflash.torch.attention(mask=cuflash.sparse.ExactMask)``); different query and key/value
@@ -521,8 +522,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             "block-sparse cuflash.sparse.BlockMask (block_mask=) or an element-exact "
             "cuflash.sparse.ExactMask (mask=)")
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.dim() < 3:
-            raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape "
+        if x.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape "
                              f"{tuple(x.shape)}")
     nq, nk = query.shape[-2], key.shape[-2]
     # Checked before their truth is read below: "False" would be true (torch refuses both).
@@ -533,8 +534,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             f"is_causal=True with L={nq} != S={nk}: torch aligns this mask to the top-left corner "
             f"and cuflash to the bottom-right; use cuflash.torch.attention(causal=True) for the "
             f"bottom-right alignment")
-    hq, hkv = query.shape[-3], key.shape[-3]
-    seq_major = query.stride(-3) < query.stride(-2)
+    # A 2-D (L, E) tensor is one head, as in torch (and in the core).
+    hq, hkv = (x.shape[-3] if x.dim() > 2 else 1 for x in (query, key))
+    seq_major = query.dim() > 2 and query.stride(-3) < query.stride(-2)
     # As in torch, one head broadcasts against the other side's heads (one key/value head is
     # multi-query attention to the core; one query head is expanded to the key's); other unequal
     # counts are grouped-query attention, which torch runs only with enable_gqa=True (where it
