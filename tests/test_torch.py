@@ -729,6 +729,18 @@ def test_second_derivative_along_one_path_is_refused(monkeypatch, path, api, thr
         torch.autograd.grad(dx.square().sum(), w, allow_unused=True)
 
 
+def test_torch_func_vmap_runs_and_grad_is_refused():
+    """torch.func transforms meet the operators: vmap runs them (the per-element results), the
+    reverse-mode transforms are refused by torch's custom operators (docs/torch.md, "Eager calls
+    skip the dispatcher")."""
+    q = randn(3, 2, 5, 8)
+    batched = torch.func.vmap(lambda x: ct.attention(x, x, x, causal=True))(q)
+    assert torch.equal(batched, torch.stack([ct.attention(x, x, x, causal=True) for x in q]))
+    for transform in (torch.func.grad, torch.func.jacrev):
+        with pytest.raises(RuntimeError, match="functorch transforms"):
+            transform(lambda x: ct.attention(x, x, x).sum())(q)
+
+
 @pytest.mark.parametrize("path", ["eager", "operators"])
 @pytest.mark.parametrize("api", ["attention", "varlen"])
 @pytest.mark.parametrize("mode", ["dual tensors", "torch.func.jvp"])
