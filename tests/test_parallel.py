@@ -1022,6 +1022,26 @@ def test_ulysses_backward_names_the_local_shapes(odd_one, shape, rng):
             arrays["dout"], q, q, q, arrays["out"], arrays["lse"], comm=comm))
 
 
+def test_ring_attention_refuses_tensors_that_require_grad(rng):
+    """ring_attention and ring_attention_backward on torch tensors return tensors without
+    autograd history: a tensor that requires grad is refused while autograd records (its
+    gradient used to be lost silently), and taken under torch.no_grad()."""
+    torch = pytest.importorskip("torch")
+    q = torch.from_numpy(random_array(rng, (1, 2, 16, 8), F32))
+
+    def rank(comm, q, leaf):
+        with pytest.raises(ValueError, match="k requires grad, but ring_attention returns"):
+            ring_attention(q, leaf, q, comm=comm, validate=False)
+        with torch.no_grad():
+            out, lse = ring_attention(q, leaf, q, comm=comm, return_lse=True)
+        assert not out.requires_grad
+        with pytest.raises(ValueError, match="dout requires grad, but ring_attention_backward"):
+            ring_attention_backward(leaf, q, q, q, out, lse, comm=comm, validate=False)
+
+    LocalRing(2).run(rank, [shard(q, r, 2) for r in range(2)],
+                     [shard(q, r, 2).clone().requires_grad_() for r in range(2)])
+
+
 def test_torch_ring_attention_refuses_a_second_derivative(rng):
     """A gradient taken with create_graph=True raises when differentiated, as cuflash.torch's do;
     it used to come back detached from q, k and v, so a penalty on it silently added nothing to

@@ -339,12 +339,14 @@ def ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag
 
     ``alibi_slopes`` and ``block_mask`` are not supported (``NotImplementedError``). With torch
     tensors, the arrays are taken without copies (CUDA: on torch's current stream) and the
-    results are tensors; gradients flow through :func:`cuflash.parallel.torch_ring_attention`.
+    results are tensors without autograd history: gradients flow through
+    :func:`cuflash.parallel.torch_ring_attention`, and a tensor that requires grad is refused
+    (``ValueError``) unless autograd is off (``torch.no_grad()``).
     """
     tensors = _torch_call(lambda *a: ring_attention(
         *a, comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
         scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask, return_lse=return_lse,
-        validate=validate), ("q", "k", "v"), q, k, v)
+        validate=validate), "ring_attention", ("q", "k", "v"), q, k, v)
     if tensors is not None:
         return tensors
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
@@ -369,8 +371,8 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = Fal
     tensors = _torch_call(lambda *a: ring_attention_backward(
         *a, comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
         scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask,
-        deterministic=deterministic, validate=validate), ("dout", "q", "k", "v", "out", "lse"),
-        dout, q, k, v, out, lse)
+        deterministic=deterministic, validate=validate), "ring_attention_backward",
+        ("dout", "q", "k", "v", "out", "lse"), dout, q, k, v, out, lse)
     if tensors is not None:
         return tensors
     _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
@@ -407,10 +409,21 @@ def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zi
     return out, vjp
 
 
-def _torch_call(fn, names, *args):
+def _torch_call(fn, function: str, names, *args):
     """``fn`` on the arrays of torch tensors (``names``: the arguments' names), results back
-    as tensors; ``None`` when the first argument is not a tensor."""
+    as tensors; ``None`` when the first argument is not a tensor. The results carry no
+    gradient: a tensor that requires one, while autograd records, is refused (``function``: the
+    public name), rather than silently cut from the graph."""
     if type(args[0]).__module__.partition(".")[0] != "torch":
         return None
+    import torch
+    if torch.is_grad_enabled():
+        for name, x in zip(names, args):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but {function} returns tensors without autograd "
+                    f"history (its gradient would be silently lost): use "
+                    f"cuflash.parallel.torch_ring_attention, which is differentiable, or call "
+                    f"it under torch.no_grad()")
     from ._torch import call_on_arrays
     return call_on_arrays(fn, *args, names=names)
