@@ -1314,6 +1314,23 @@ def test_dropout_seed_comes_from_torch_default_generator(name):
     assert not torch.equal(call(q, k, v), out)
 
 
+@pytest.mark.parametrize("name", list(dropout_calls()) + ["explicit seed"])
+@pytest.mark.parametrize("default", ["meta", "cpu"])
+def test_dropout_seed_lives_on_the_cpu_whatever_the_default_device(name, default):
+    """The seed is drawn from (or made as) a CPU tensor under torch.set_default_device too: a
+    seed made on a meta default device sent the call to the operators' fake implementation,
+    which returned uninitialised memory."""
+    call = dropout_calls().get(name, lambda q, k, v: ct.attention(q, k, v, dropout_p=0.25,
+                                                                      dropout_seed=2**64 - 5))
+    q, k, v = (randn(2, 2, 40, 16) for _ in range(3))
+    torch.manual_seed(1234)
+    expected = call(q, k, v)
+    with torch.device(default):
+        torch.manual_seed(1234)
+        out = call(q, k, v)
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("name", list(dropout_calls()))
 def test_dropout_keep_rate_is_one_minus_p(name):
     """With q = 0 every key has probability 1/Nk, and v = identity makes out[..., i, j] that

@@ -149,8 +149,10 @@ def _core_options(window_left, window_right, softcap, alibi_slopes, convert):
 
 def seed_tensor(seed: int) -> torch.Tensor:
     """The int64 scalar that carries ``seed``, an int in [0, 2**64) (its bits, two's
-    complement)."""
-    return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+    complement): on the CPU, whatever torch's default device (a seed on the meta device would
+    send the call to the operators' fake implementations, which return uninitialised memory)."""
+    return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64,
+                        device="cpu")
 
 
 def seed_value(seed: torch.Tensor) -> int:
@@ -164,8 +166,10 @@ def draw_seed() -> torch.Tensor:
     """A fresh seed, in [0, 2**63 - 1), from torch's CPU default generator
     (``torch.default_generator``, which ``torch.manual_seed`` seeds) whatever the device of the
     attention's tensors: a seed drawn on a GPU would have to be read back for the launch, a
-    synchronisation per call (``draw_device_seed`` is the exception, for graph captures)."""
-    return torch.randint(2**63 - 1, (), dtype=torch.int64)
+    synchronisation per call (``draw_device_seed`` is the exception, for graph captures). The
+    device is named: under ``torch.set_default_device`` the draw would go to that device's
+    generator."""
+    return torch.randint(2**63 - 1, (), dtype=torch.int64, device="cpu")
 
 
 def draw_device_seed(device: torch.device, offset: int = 0) -> torch.Tensor:
