@@ -1016,6 +1016,28 @@ def test_sdpa_broadcasts_one_query_head_as_torch_does():
         ct.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # as torch's RuntimeError
 
 
+@pytest.mark.parametrize("heads", [(4, 1, 4), (4, 4, 1), (1, 1, 4), (1, 4, 1), (4, 1, 2),
+                                   (4, 2, 1), (4, 2, 2), (2, 4, 4)], ids=str)
+@pytest.mark.parametrize("enable_gqa", [False, True])
+def test_sdpa_key_and_value_heads_of_one_broadcast_as_torch_does(heads, enable_gqa):
+    """torch's SDPA broadcasts a key or value head axis of 1 against the other's heads too (and
+    then the query's as above): the same results and gradients where torch runs the call, a
+    ValueError where it raises. A key and value of different head counts used to be refused."""
+    ins = [leaf(randn(2, h, 9 if i == 0 else 11, 16)) for i, h in enumerate(heads)]
+    try:
+        expected = F.scaled_dot_product_attention(*ins, scale=0.3, enable_gqa=enable_gqa)
+    except RuntimeError:
+        with pytest.raises(ValueError):
+            ct.scaled_dot_product_attention(*ins, scale=0.3, enable_gqa=enable_gqa)
+        return
+    out = ct.scaled_dot_product_attention(*ins, scale=0.3, enable_gqa=enable_gqa)
+    torch.testing.assert_close(out, expected)
+    dout = randn(*out.shape)
+    for got, want in zip(torch.autograd.grad(out, ins, dout),
+                         torch.autograd.grad(expected, ins, dout)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("shapes", [
     ((8, 16), (10, 16), (10, 12)), ((8, 16), (2, 3, 10, 16), (2, 3, 10, 16)),
     ((2, 3, 8, 16), (10, 16), (10, 16)), ((3, 8, 16), (10, 16), (10, 16))],

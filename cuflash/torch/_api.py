@@ -498,6 +498,17 @@ def _autocast(device: torch.device, *tensors) -> tuple:
                  for x in tensors)
 
 
+def _heads(x) -> int:
+    """The head count of an SDPA tensor ``(..., H, L, E)``; 1 for a 2-D ``(L, E)`` one, as in
+    torch (and in the core)."""
+    return x.shape[-3] if x.dim() > 2 else 1
+
+
+def _broadcast_heads(x, heads: int):
+    """``x``, of one head, as ``heads`` heads: a view, as torch's broadcasting reads it."""
+    return x.expand(*x.shape[:-3], heads, *x.shape[-2:])
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):
     """``torch.nn.functional.scaled_dot_product_attention`` for the cases cuflash computes.
@@ -509,8 +520,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``is_causal`` with ``L != S`` (torch aligns that mask to the top-left corner, cuflash to the
     bottom-right) raise ``NotImplementedError`` (element masks go through
     ``cuflash.torch.attention(mask=cuflash.sparse.ExactMask)``); different query and key/value
-    head counts need ``enable_gqa=True``, as in torch, unless one side has one head, which
-    broadcasts. The output's memory follows the query's: a query that is a ``(B, L, H, E)``
+    head counts need ``enable_gqa=True``, as in torch, but a head axis of 1 (the query's, the
+    key's or the value's) broadcasts against the others'. The output's memory follows the query's: a query that is a ``(B, L, H, E)``
     tensor transposed gives an output that is one too, as torch's flash kernel does. Under
     ``torch.autocast``, as torch's, query, key and value run in the autocast dtype.
     """
@@ -534,15 +545,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             f"is_causal=True with L={nq} != S={nk}: torch aligns this mask to the top-left corner "
             f"and cuflash to the bottom-right; use cuflash.torch.attention(causal=True) for the "
             f"bottom-right alignment")
-    # A 2-D (L, E) tensor is one head, as in torch (and in the core).
-    hq, hkv = (x.shape[-3] if x.dim() > 2 else 1 for x in (query, key))
+    hq, hk, hv = map(_heads, (query, key, value))
     seq_major = query.dim() > 2 and query.stride(-3) < query.stride(-2)
-    # As in torch, one head broadcasts against the other side's heads (one key/value head is
-    # multi-query attention to the core; one query head is expanded to the key's); other unequal
-    # counts are grouped-query attention, which torch runs only with enable_gqa=True (where it
-    # refuses a query head count that the key's does not divide, as the core does).
+    # As in torch, a head axis of 1 broadcasts against the other tensors' heads: the key's or the
+    # value's against the other's (the core takes one count for both), and without enable_gqa
+    # the query's against the key's (one key/value head is multi-query attention to the core);
+    # other unequal counts are grouped-query attention, which torch runs only with
+    # enable_gqa=True (where it refuses a query head count that the key's does not divide, as
+    # the core does).
+    hkv = max(hk, hv)
+    if hk != hv and min(hk, hv) == 1:
+        key, value = (x if heads > 1 else _broadcast_heads(x, hkv)
+                      for x, heads in ((key, hk), (value, hv)))
     if hq == 1 and hkv > 1 and not enable_gqa:
-        query = query.expand(*query.shape[:-3], hkv, *query.shape[-2:])
+        query = _broadcast_heads(query, hkv)
     elif hq != hkv and hkv != 1 and not enable_gqa:
         raise ValueError(f"query has {hq} heads and key {hkv}: pass enable_gqa=True for "
                          f"grouped-query attention")
