@@ -609,7 +609,8 @@ def _refuse_forward_mode(q, k, v) -> None:
     ``torch.autograd.forward_ad``, or ``torch.func.jvp``): neither road has a forward-mode
     derivative, and both would return the output without a tangent (torch's custom operators
     drop it too), which reads as a derivative of 0."""
-    if forward_ad._current_level < 0:  # no dual level is open: nothing carries a tangent
+    # No dual level open: no tangent anywhere (a private attribute; without it, every call checks).
+    if getattr(forward_ad, "_current_level", 0) < 0:
         return
     if any(forward_ad.unpack_dual(x).tangent is not None for x in (q, k, v)):
         raise NotImplementedError(
