@@ -1028,6 +1028,67 @@ main()
     assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]
 
 
+# A stand-in for matplotlib, whatever is installed: figures whose savefig writes 1 KiB to the
+# path or file it is given, as the real one writes a PNG.
+FAKE_MATPLOTLIB = """
+import sys, types
+from unittest import mock
+
+class Figure:
+    def tight_layout(self): pass
+    def suptitle(self, *args, **kwargs): pass
+    def savefig(self, target, **options):
+        data = b"a new picture " * 80
+        if hasattr(target, "write"):
+            target.write(data)
+        else:
+            with open(target, "wb") as file:
+                file.write(data)
+
+pyplot = types.ModuleType("matplotlib.pyplot")
+pyplot.subplots = lambda *args, **kwargs: (Figure(), mock.MagicMock())
+pyplot.close = lambda figure: None
+matplotlib = types.ModuleType("matplotlib")
+matplotlib.use = lambda backend: None
+matplotlib.pyplot = pyplot
+sys.modules.update({"matplotlib": matplotlib, "matplotlib.pyplot": pyplot})
+"""
+
+
+def _run_past_a_file_size_limit(args, limit):
+    """``cuflash ARGS`` in a new process whose files cannot grow past ``limit`` bytes (as on
+    a full disk), with FAKE_MATPLOTLIB; the finished process."""
+    script = FAKE_MATPLOTLIB + f"""
+import resource, signal
+from cuflash.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+sys.argv = ["cuflash", *{[str(a) for a in args]!r}]
+main()
+"""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+@pytest.mark.parametrize("args", [MEMORY, [*TINY_BENCH, "--seq-lens", "64"]],
+                         ids=["memory", "bench"])
+def test_plot_that_cannot_be_written_leaves_the_old_file(tmp_path, args):
+    """--plot replaces the file whole or not at all, as --png does: a write that fails part
+    way used to leave the file truncated, its old bytes gone."""
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"an earlier picture " * 8)
+    result = _run_past_a_file_size_limit([*args, "--plot", path], limit=256)
+    assert result.returncode == 1, result.stderr
+    assert "--plot" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert path.read_bytes() == b"an earlier picture " * 8
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+    written = _run_past_a_file_size_limit([*args, "--plot", path], limit=2**20)
+    assert written.returncode == 0, written.stderr
+    assert path.read_bytes() == b"a new picture " * 80
+    assert f"plot written to {path}" in written.stderr
+
+
 @pytest.mark.parametrize("where, words", [("missing-dir/x.png", "does not exist"),
                                           (".", "is a directory")])
 def test_mask_show_png_path_errors_name_the_option(tmp_path, where, words):

@@ -4,14 +4,14 @@ number formatting, plotting."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
-import os
 import sys
-import tempfile
 
 import click
 
+from cuflash._files import write_atomically
 from cuflash.bench.devices import Unavailable, select_device
 from cuflash.bench.devices import format_bytes as size
 
@@ -154,15 +154,15 @@ def pyplot_or_fail():
 
 
 def save_figure(plt, figure, path: str) -> None:
-    """Write a matplotlib figure to ``path`` (as given to --plot) and say so on stderr."""
+    """Write a matplotlib figure to ``path`` (as given to --plot), whole or not at all
+    (``write_file``), and say so on stderr."""
     figure.tight_layout()
+    picture = io.BytesIO()
     try:
-        figure.savefig(path, dpi=120)
-    except OSError as error:
-        raise click.ClickException(f"--plot {path}: cannot write it ({error.strerror or error})"
-                                   ) from error
+        figure.savefig(picture, format="png", dpi=120)
     finally:
         plt.close(figure)
+    write_file(path, picture.getvalue(), "--plot")
     click.echo(f"plot written to {path}", err=True)
 
 
@@ -188,24 +188,10 @@ def progress(length: int, label: str, *, enabled: bool = True):
 
 
 def write_file(path: str, data: bytes, option: str) -> None:
-    """Write ``data`` to ``path`` whole or not at all: into a new file beside it, renamed over
-    ``path`` once written, so that a write that fails (a full disk) leaves what was there. An
-    OSError becomes a one-line error naming the option."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = None
+    """Write ``data`` to ``path`` whole or not at all (``cuflash._files.write_atomically``): the
+    one way the commands write a file. An OSError becomes a one-line error naming the option."""
     try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # the mode open() gives a new file
-        os.replace(temporary, path)
-        temporary = None
+        write_atomically(path, data)
     except OSError as error:
         raise click.ClickException(f"{option} {path}: cannot write it ({error.strerror or error})"
                                    ) from error
-    finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
