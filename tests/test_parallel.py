@@ -9,6 +9,7 @@ single-process ``cuflash.attention`` / ``attention_backward``.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -774,6 +775,17 @@ def test_launcher_environment_and_rendezvous(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1", "ok2"]
 
 
+def test_unique_id_file_is_written_whole_for_its_owner(tmp_path):
+    """Rank 0's NCCL unique id goes through cuflash._files.write_atomically (the one atomic
+    writer), readable by its owner alone, with nothing left beside it."""
+    from cuflash.parallel.nccl import read_unique_id, write_unique_id
+    path = tmp_path / "nccl.id"
+    write_unique_id(str(path), bytes(range(128)))
+    assert read_unique_id(str(path), 1) == bytes(range(128))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["nccl.id"]
+
+
 def test_launcher_stops_every_rank_when_one_fails(tmp_path):
     start = time.monotonic()
     code = _launch(tmp_path, """
@@ -1090,6 +1102,41 @@ def test_check_command_line_errors(arguments, status, message, tmp_path):
     assert result.returncode == status, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+def test_check_json_that_cannot_be_written_leaves_the_old_file(tmp_path):
+    """--json replaces the file whole or not at all (cuflash._files.write_atomically, as the
+    CLI's --png and --plot): a write that fails part way (here past a file-size limit, as on a
+    full disk) used to leave the file truncated, its old bytes gone, and end in a traceback.
+    Now the report is printed, the error names --json in one line (exit status 1), and the old
+    file stays; a write that succeeds leaves the record."""
+    path = tmp_path / "check.json"
+    path.write_bytes(b"an earlier record " * 8)
+    arguments = ["--device", "cpu", "--seq-len", "64", "--heads", "1", "--head-dim", "8",
+                 "--json", str(path)]
+
+    def check(limit):
+        script = f"""
+import resource, signal, sys
+from cuflash.parallel.check import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+sys.exit(main({arguments!r}))
+"""
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    result = check(256)
+    assert result.returncode == 1, result.stderr
+    assert "PASS" in result.stdout
+    assert f"--json {path}: cannot write it" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert path.read_bytes() == b"an earlier record " * 8
+    assert [p.name for p in tmp_path.iterdir()] == ["check.json"]
+    result = check(2**20)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(path.read_text())["passed"] is True
 
 
 @pytest.mark.parametrize("value, seconds", [("", 600.0), ("30", 30.0), ("2.5", 2.5),

@@ -31,6 +31,7 @@ import numpy
 
 import cuflash
 from cuflash import _checks, reference
+from cuflash._files import write_atomically
 from cuflash.check import rule
 
 from . import layout as _layout
@@ -532,8 +533,12 @@ def main(argv=None) -> int:
         return 1
     print(result.report())
     if options.json:
-        with open(options.json, "w") as f:
-            json.dump(result.record(), f, indent=2)
+        try:
+            write_atomically(options.json, json.dumps(result.record(), indent=2).encode())
+        except OSError as error:
+            print(f"{parser.prog}: error: --json {options.json}: cannot write it "
+                  f"({error.strerror or error})", file=sys.stderr)
+            return 1
     return 0 if result.passed else 1
 
 

@@ -25,11 +25,12 @@ Setting up, in each process (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set by the
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 
 import numpy
+
+from cuflash._files import write_atomically
 
 from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module,
                    check_timeout)
@@ -84,12 +85,9 @@ def _unique_id_tuple(data: bytes) -> tuple:
 
 
 def write_unique_id(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a reader sees all of it or no file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nccl_id.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically (a reader sees all of it or no file), readable by
+    its owner alone."""
+    write_atomically(path, data, mode=0o600)
 
 
 def read_unique_id(path: str, timeout: float | None, *, rank: int = -1) -> bytes:
