@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -773,6 +774,39 @@ def test_memory_does_not_try_a_length_that_cannot_fit(monkeypatch):
     record = invoke_json(*MEMORY)
     assert [r["seq_len"] for r in record["results"]] == [256]
     assert record["stopped"].startswith("stopped at 512 tokens: its arrays alone would need")
+
+
+def _estimate_lines(stderr):
+    """The estimate on stderr: its first line and the lines indented under it."""
+    lines = stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("estimate:"))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("  ")),
+               len(lines))
+    return lines[start], lines[start + 1:end]
+
+
+def test_memory_estimate_gives_the_memory_of_each_length(monkeypatch):
+    """The estimate gave the memory of the first length alone, however many the sweep tries:
+    it gives each length's, and marks one that needs more than is free (where the sweep
+    stops). One length keeps the one-line estimate of the other commands."""
+    from cuflash.cli.memory import _arrays_bytes
+    shape = dict(batch=1, heads=1, head_dim=16, dtype=np.dtype(ml_dtypes.bfloat16))
+    first, lengths = _estimate_lines(invoke(*MEMORY).stderr)
+    assert first.startswith("estimate: ") and "memory of each length below" in first, first
+    assert [line.split() for line in lengths] == [
+        [str(n), "tokens:", *devices.format_bytes(_arrays_bytes(n, **shape)).split()]
+        for n in (256, 512)]
+
+    monkeypatch.setattr(devices.CpuDevice, "free_bytes", lambda self: 120_000)
+    first, lengths = _estimate_lines(invoke(*MEMORY).stderr)
+    assert "(117.2 KiB free)" in first, first
+    assert not lengths[0].endswith("more than is free") and \
+        lengths[1].endswith("more than is free"), lengths
+
+    one = invoke(*MEMORY, "--max-seq-len", "256").stderr
+    first, lengths = _estimate_lines(one)
+    size = devices.format_bytes(_arrays_bytes(256, **shape))
+    assert first.endswith(f", {size} of memory (117.2 KiB free)") and lengths == [], one
 
 
 def test_memory_min_above_the_default_max_runs_that_length():

@@ -69,13 +69,17 @@ def duration(t: float) -> str:
 
 
 def require_reasonable(device, *, seconds: float, needed: int, what: str, force: bool,
-                       smaller: str, quiet: bool = False) -> None:
+                       smaller: str, quiet: bool = False,
+                       each: dict[str, int] | None = None) -> None:
     """Check an estimate before a long request runs, and say it on stderr.
 
     Memory: raise NotEnoughMemory (exit status 3) when ``needed`` bytes exceed what ``device``
     has free. Time: raise TooLong (exit status 3) above REFUSE_SECONDS unless ``force``, and warn
     above WARN_SECONDS. ``smaller`` says how to ask for less (it ends both messages);
-    ``quiet`` leaves out the estimate line when nothing is wrong.
+    ``quiet`` leaves out the estimate when nothing is wrong. ``each``: the memory of each
+    sequence length of a sweep (label → bytes; ``needed`` is what the first needs), which the
+    estimate gives one length a line when there are several, marking those that need more than
+    is free.
     """
     free = device.free_bytes()
     log.info("%s needs about %s; %s free on the %s", what, size(needed), size(free), device.name)
@@ -89,12 +93,21 @@ def require_reasonable(device, *, seconds: float, needed: int, what: str, force:
             f"{what} would take {duration(seconds)} on the {where}, over the "
             f"{REFUSE_SECONDS // 60} min this command runs without asking; {smaller}, or add "
             "--force to run it anyway")
-    line = f"estimate: {duration(seconds)} on the {where}, {size(needed)} of memory " \
-           f"({size(free)} free)"
+    several = each is not None and len(each) > 1
+    memory = "memory of each length below" if several else f"{size(needed)} of memory"
+    line = f"estimate: {duration(seconds)} on the {where}, {memory} ({size(free)} free)"
     if seconds > WARN_SECONDS:
-        click.echo(f"{line}; Ctrl-C stops it", err=True)
-    elif not quiet:
-        click.echo(line, err=True)
+        line += "; Ctrl-C stops it"
+    elif quiet:
+        return
+    click.echo(line, err=True)
+    if several:
+        width = max(map(len, each))
+        sizes = {label: size(nbytes) for label, nbytes in each.items()}
+        size_width = max(map(len, sizes.values()))
+        for label, nbytes in each.items():
+            click.echo(f"  {label.rjust(width)}: {sizes[label].rjust(size_width)}"
+                       + ("  more than is free" if nbytes > free else ""), err=True)
 
 
 @contextlib.contextmanager

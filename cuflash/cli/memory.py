@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import click
 
 import cuflash
@@ -89,12 +91,16 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
         high = max_seq_len or max(min_seq_len, DEFAULT_MAX[target.name])
         shape = {"batch": batch, "heads": heads, "head_dim": head_dim, "dtype": dtype}
         lengths = list(_lengths(min_seq_len, high))
-        fitting = [n for n in lengths if _arrays_bytes(n, **shape) <= target.free_bytes()] or \
-            lengths[:1]
+        # The lengths the sweep runs: up to the first whose arrays cannot fit, where it stops.
+        free = target.free_bytes()
+        fitting = list(itertools.takewhile(lambda n: _arrays_bytes(n, **shape) <= free,
+                                           lengths)) or lengths[:1]
         estimate = sum(attention_seconds(target, seq_len=n, causal=causal, backward=True,
                                          calls=2, **shape) for n in fitting)
+        each = {f"{tokens(n)} tokens": _arrays_bytes(n, **shape)
+                for n in lengths[:len(fitting) + 1]}
         require_reasonable(target, seconds=estimate, needed=_arrays_bytes(min_seq_len, **shape),
-                           what="this sweep", force=force,
+                           what="this sweep", force=force, each=each,
                            smaller="use a smaller --max-seq-len, fewer heads or a smaller batch")
 
     records, stopped = [], None
