@@ -9,29 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 
 
-def write_atomically(path: str, data: bytes, *, mode: int | None = None) -> None:
+def write_atomically(path: str, data: bytes, *, mode: int = 0o666) -> None:
     """Write ``data`` to ``path`` whole or not at all: into a new file beside it, renamed over
     ``path`` once written, so that a write that fails (a full disk, an interruption) leaves what
-    was there, and a reader sees the old file or the new one, never part of it. The new file
-    has ``mode``, by default the one ``open()`` gives a new file (0o666 less the umask). Raises
-    ``OSError``, having removed the file beside it."""
+    was there, and a reader sees the old file or the new one, never part of it. The new file is
+    created with ``mode`` less the umask (by default what ``open()`` gives a new file; the umask
+    is applied by the system, never read or changed here, which would race with other threads).
+    Raises ``OSError``, having removed the file beside it."""
     directory = os.path.dirname(os.path.abspath(path))
-    temporary = None
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
         with os.fdopen(fd, "wb") as file:
             file.write(data)
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(temporary, mode)
         os.replace(temporary, path)
-        temporary = None
-    finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
