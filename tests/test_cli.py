@@ -984,6 +984,23 @@ def test_mask_show_every_pattern(pattern):
     assert record["kept_blocks"] == round(record["density"] * 64 * 64)
 
 
+@pytest.mark.parametrize("seq_len, block_size", [(1000, 16), (1000, 3), (50, 4)])
+def test_mask_show_image_local_keeps_the_blocks_of_the_sequence_pixels(seq_len, block_size):
+    """The image is cut after --seq-len pixels: a last block shorter than --block-size is near
+    only the blocks its own pixels are near, not those of the cut pixels beside it."""
+    from cuflash.cli._patterns import build_mask
+    from cuflash.sparse import BlockMask, image_local
+
+    side = 32 if seq_len == 1000 else 8  # the smallest square with seq_len pixels
+    pixels = image_local(side, side, radius=1)[:seq_len, :seq_len]
+    expected = BlockMask.from_scipy(pixels, level="element", block_size=block_size)
+    assert build_mask("image-local", seq_len, block_size=block_size,
+                      parameters={"radius": 1}) == expected
+    record = invoke_json("mask", "show", "image-local", "--seq-len", str(seq_len),
+                         "--block-size", str(block_size), "--radius", "1")
+    assert record["kept_blocks"] == expected.nnz_blocks
+
+
 def test_mask_show_png(tmp_path):
     path = tmp_path / "mask.png"
     record = invoke_json("mask", "show", "butterfly", "--seq-len", "1K", "--block-size", "128",

@@ -70,9 +70,48 @@ def _sparse():
 
 def _image_local(n, b, p, seed):
     # The sequence is an image read row by row: the smallest square with n pixels, cut at n.
+    import numpy
+    import scipy.sparse
+
     side = image_side_for(n)
     blocks = math.ceil(n / b)
-    return _sparse().image_local(side, side, radius=p["radius"], block_size=b)[:blocks, :blocks]
+    square = _sparse().image_local(side, side, radius=p["radius"], block_size=b)[:blocks, :blocks]
+    if n % b == 0:
+        return square
+    # The square's last block also holds pixels past n, which may be near blocks that no pixel
+    # of the sequence is near: that block's row and column (the pattern is symmetric) are
+    # counted again from its pixels below n.
+    last = blocks - 1
+    near = _blocks_near_last(n, b, side, p["radius"])
+    entries = square.tocoo()
+    inside = (entries.row != last) & (entries.col != last)
+    rows = numpy.concatenate((entries.row[inside], numpy.full(near.size, last), near))
+    cols = numpy.concatenate((entries.col[inside], near, numpy.full(near.size, last)))
+    pattern = scipy.sparse.csr_array((numpy.ones(rows.size, dtype=bool), (rows, cols)),
+                                     shape=square.shape)
+    pattern.sum_duplicates()  # the corner block is listed twice
+    return pattern
+
+
+def _blocks_near_last(n, b, side, radius):
+    """The blocks of ``b`` pixels holding a pixel below ``n`` within ``radius`` (Chebyshev) of a
+    pixel of the last block below ``n``, in the ``side × side`` image read row by row."""
+    import numpy
+
+    radius = min(radius, side)
+    first = (math.ceil(n / b) - 1) * b
+    rows = numpy.arange(first // side, (n - 1) // side + 1)
+    col_lo = numpy.maximum(first - rows * side, 0)
+    col_hi = numpy.minimum(n - 1 - rows * side, side - 1)
+    shifts = numpy.arange(-radius, radius + 1)
+    key_rows = (rows[:, None] + shifts[None, :]).ravel()
+    lo = numpy.repeat(numpy.maximum(col_lo - radius, 0), shifts.size)
+    hi = numpy.repeat(numpy.minimum(col_hi + radius, side - 1), shifts.size)
+    inside = (key_rows >= 0) & (key_rows < side)
+    lo = key_rows[inside] * side + lo[inside]
+    hi = numpy.minimum(key_rows[inside] * side + hi[inside], n - 1)
+    lo, hi = lo[lo <= hi] // b, hi[lo <= hi] // b
+    return numpy.unique(numpy.concatenate([numpy.arange(a, z + 1) for a, z in zip(lo, hi)]))
 
 
 def _per_row(n, b, keys_per_row):
