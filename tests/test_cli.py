@@ -1160,6 +1160,21 @@ def test_mask_show_huge_length_draws_without_building():
     assert record["kept_blocks_at_most"] == 524288 * 524289 // 2
 
 
+@pytest.mark.parametrize("pattern, options", [("prefix-lm", ["--prefix", "3000"]),
+                                             ("image-local", ["--radius", "20"])])
+def test_mask_show_draws_a_mask_too_large_to_build_as_when_built(monkeypatch, pattern, options):
+    """A mask drawn from larger blocks without being built has the picture of the built mask:
+    with block counts that are no multiple of the picture's size, the built mask's characters
+    stood for other blocks than the drawn one's, and the two pictures differed."""
+    mask_command = importlib.import_module("cuflash.cli.mask")  # the package names the group
+    args = ["mask", "show", pattern, "--seq-len", "9377", "--block-size", "16", *options]
+    built = invoke(*args).stdout.splitlines()[2:]
+    monkeypatch.setattr(mask_command, "FULL_BUILD_BLOCKS", 1000)
+    drawn = invoke(*args)
+    assert "drawn from blocks of" in drawn.stderr
+    assert drawn.stdout.splitlines()[2:] == built
+
+
 @pytest.mark.parametrize("length", ["1e19", "1e400"])
 @pytest.mark.parametrize("pattern", ["causal", "sliding-window", "image-local"])
 @pytest.mark.parametrize("exact", [False, True])

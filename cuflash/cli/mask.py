@@ -112,6 +112,7 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
     blocks_bound = PATTERNS[pattern].blocks(seq_len, block_size, parameters, seed)
     summary = {"pattern": pattern, "parameters": parameters, "seq_len": seq_len,
                "block_size": block_size, "blocks": [nqb, nkb]}
+    group = _group(nqb, max(max_rows, max_cols, PNG_SIDE if png else 0))
     if blocks_bound > FULL_BUILD_BLOCKS and not force:
         if not PATTERNS[pattern].on_tokens:
             raise TooLong(
@@ -120,7 +121,6 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
                 f"{duration(cost_seconds)} and {size(cost_bytes)}, and its random blocks "
                 "cannot be drawn without it; use a larger --block-size or a smaller "
                 "--seq-len, or add --force to build it anyway")
-        group = _group(nqb, max(max_rows, max_cols, PNG_SIDE if png else 0))
         drawn = build_mask(pattern, seq_len, block_size=block_size * group,
                            parameters=parameters, seed=seed)
         click.echo(f"note: the pattern would keep up to {blocks_bound:,.0f} blocks "
@@ -136,10 +136,11 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
                 f"building pattern {pattern!r} needs about {size(cost_bytes)}, more than the "
                 "free memory; use a larger --block-size or a smaller --seq-len")
         with stop_on_ctrl_c("the pattern was not built"):
-            drawn = build_mask(pattern, seq_len, block_size=block_size, parameters=parameters,
+            built = build_mask(pattern, seq_len, block_size=block_size, parameters=parameters,
                                seed=seed)
-        summary.update({"kept_blocks": drawn.nnz_blocks, "density": drawn.density,
-                        "work_fraction": drawn.element_density})
+        summary.update({"kept_blocks": built.nnz_blocks, "density": built.density,
+                        "work_fraction": built.element_density})
+        drawn = _grouped(built, group)
     if png:
         write_file(png, encode_png(_png_pixels(drawn)), "--png")
         summary["png"] = png
@@ -153,9 +154,9 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
         click.echo(f"{nqb:,} × {nkb:,} blocks, at most {blocks_bound:,.0f} kept (not counted: "
                    f"drawn from {summary['picture_block_size']}-token blocks)")
     else:
-        click.echo(f"{nqb:,} × {nkb:,} blocks, {drawn.nnz_blocks:,} kept: density "
-                   f"{drawn.density:.4f}, {100 * drawn.element_density:.2f}% of the dense "
-                   "attention work")
+        click.echo(f"{nqb:,} × {nkb:,} blocks, {summary['kept_blocks']:,} kept: density "
+                   f"{summary['density']:.4f}, {100 * summary['work_fraction']:.2f}% of the "
+                   "dense attention work")
     click.echo(drawn.render(max_rows=max_rows, max_cols=max_cols))
     if png:
         click.echo(f"PNG written to {png}", err=True)
@@ -246,6 +247,17 @@ def _group(blocks: int, cells: int) -> int:
     while blocks / (2 * group) >= cells:
         group *= 2
     return group
+
+
+def _grouped(block_mask, group: int):
+    """The mask of groups of ``group × group`` blocks, a group kept when any of its blocks is:
+    what the pattern built with blocks ``group`` times larger keeps. Pictures are drawn from it,
+    so that a mask drawn without being built looks the same as when it is built."""
+    if group == 1:
+        return block_mask
+    from cuflash.sparse import BlockMask
+
+    return BlockMask.from_scipy(block_mask.to_scipy(), level="element", block_size=group)
 
 
 def _png_pixels(block_mask):
