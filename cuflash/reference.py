@@ -305,7 +305,9 @@ def _call(q, k, v, *, scale, causal, window, softcap, alibi_slopes, mask, block_
         mask = xp.asarray(mask.element_rows(rows))  # (H', len(rows), Nk)
     elif mask is not None:
         _check_element_mask(mask, xp, shapes)
-        mask = xp.asarray(mask, dtype=bool)
+        from .sparse._convert import zero_one  # scipy is imported only when a mask is given
+
+        mask = xp.asarray(zero_one(mask, "mask"))
         if some_rows and mask.ndim >= 2 and mask.shape[-2] != 1:
             mask = mask[..., xp.asarray(rows), :]
     if mask is not None:

@@ -8,6 +8,7 @@ duplicates are summed as scipy.sparse defines the matrix, is nonzero. Explicit z
 import numpy
 import scipy.sparse
 
+from .. import _mask
 from .._checks import refuse_masked_array
 
 
@@ -94,14 +95,15 @@ def dense_layout(array):
     return zero_one(array)
 
 
-def zero_one(array):
-    """A NumPy bool, or integer 0/1, array as bool; other dtypes and values are refused."""
+def zero_one(array, name="array"):
+    """A NumPy or CuPy bool, or integer 0/1, array as bool; other dtypes and values are refused
+    (a mask's 2 or -1 is no pair's answer, where truthiness would read it as one)."""
     if array.dtype == numpy.bool_:
         return array
     if not numpy.issubdtype(array.dtype, numpy.integer):
-        raise TypeError(f"array must hold bool or integer 0/1 values, got dtype {array.dtype}")
+        raise TypeError(f"{name} must hold bool or integer 0/1 values, got dtype {array.dtype}")
     stray = (array != 0) & (array != 1)
     if stray.any():
-        bad = numpy.unique(array[stray])[:5]
-        raise ValueError(f"array must hold only 0 and 1, got values such as {bad.tolist()}")
+        bad = _mask._module(array).unique(array[stray])[:5]
+        raise ValueError(f"{name} must hold only 0 and 1, got values such as {bad.tolist()}")
     return array.astype(bool)
