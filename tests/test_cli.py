@@ -1175,6 +1175,18 @@ def test_mask_show_draws_a_mask_too_large_to_build_as_when_built(monkeypatch, pa
     assert drawn.stdout.splitlines()[2:] == built
 
 
+@pytest.mark.parametrize("block_size", [48, 96, 100])
+def test_mask_show_butterfly_drawn_bound_holds_for_other_block_sizes(monkeypatch, block_size):
+    """The drawn mask's 'at most' count bounds the blocks kept: blocks whose size is no power
+    of two reach more key blocks than one per flipped bit (8M tokens in 96-token blocks: at most
+    2,184,550 was said, and 2,927,280 are kept)."""
+    mask_command = importlib.import_module("cuflash.cli.mask")  # the package names the group
+    args = ["mask", "show", "butterfly", "--seq-len", "64K", "--block-size", str(block_size)]
+    kept = invoke_json(*args)["kept_blocks"]
+    monkeypatch.setattr(mask_command, "FULL_BUILD_BLOCKS", 1000)
+    assert invoke_json(*args)["kept_blocks_at_most"] >= kept
+
+
 @pytest.mark.parametrize("length", ["1e19", "1e400"])
 @pytest.mark.parametrize("pattern", ["causal", "sliding-window", "image-local"])
 @pytest.mark.parametrize("exact", [False, True])

@@ -135,6 +135,20 @@ def _image_local_blocks(n, b, p, seed=0):
     return _per_row(n, b, ((b / side + 2 * p["radius"] + 2) * side) / b + 1)
 
 
+def _butterfly_blocks(n, b):
+    """At least the blocks the butterfly pattern keeps: query i's partners are i XOR 2^k."""
+    bits = max(1, n - 1).bit_length()
+    if b & (b - 1) == 0:
+        # Flips below b stay in the block, and each other maps it onto one block.
+        return _per_row(n, b, 2 + bits)
+    # Flips below b reach the blocks beside a block's own. A flip 2^k >= b moves a run of b
+    # queries to one run (2 blocks), or to two where the run holds a multiple of 2^k (4 blocks),
+    # which at most ceil(n / 2^k) block rows do.
+    nb = math.ceil(n / b)
+    large = [1 << k for k in range(bits) if 1 << k >= b]
+    return min(nb * nb, 3 * nb + sum(2 * nb + 2 * math.ceil(n / flip) for flip in large))
+
+
 def _document_lengths(n, p, seed):
     """The lengths of the --documents packed documents: they depend on the sequence's length and
     the seed alone, so larger blocks draw the same documents."""
@@ -195,7 +209,7 @@ PATTERNS = {
     "butterfly": Pattern(
         "flat butterfly: block (I, J) kept when I XOR J is 0 or a power of two", {},
         lambda n, b, p, seed: _sparse().butterfly(n, block_size=b),
-        lambda n, b, p, seed: _per_row(n, b, 2 + max(1, n - 1).bit_length()),
+        lambda n, b, p, seed: _butterfly_blocks(n, b),
         seconds_per_block=1e-5),
     "longformer": Pattern(
         "Longformer: a sliding window plus global tokens", {"window": 512, "global-tokens": 128},
