@@ -389,6 +389,29 @@ def test_from_dense_refuses_a_masked_array(rng, reader):
     assert reader(masked.filled(False)) == reader(data & ~np.ma.getmaskarray(masked))
 
 
+@pytest.mark.parametrize("reader", [
+    ExactMask.from_dense, lambda layout: BlockMask.from_dense(layout, block_size=16)])
+def test_from_dense_of_per_head_arrays_names_what_is_wrong(reader):
+    """A sequence of per-head arrays is read as one (H, ., .) array: arrays of unequal shapes got
+    numpy's 'inhomogeneous shape' error, a scipy pattern among them 'got shape (1,)', and a
+    masked array among them was read without its mask."""
+    heads = [np.ones((3, 4), bool), np.eye(3, 4, dtype=int)]
+    assert reader(heads) == reader(np.stack(heads).astype(bool))
+    with pytest.raises(ValueError, match=r"array's items \(one array per head, or the rows of "
+                                         r"nested lists\) must share one shape, got shapes "
+                                         r"\[\(3, 4\), \(3, 5\)\]"):
+        reader([np.ones((3, 4), bool), np.ones((3, 5), bool)])
+    with pytest.raises(TypeError, match=r"array\[1\] is a scipy.sparse pattern; use "
+                                        r"(Exact|Block)Mask\.from_scipy for it"):
+        reader([heads[0], scipy.sparse.csr_array(heads[1])])
+    with pytest.raises(TypeError, match=r"array\[1\] is a numpy.ma.MaskedArray: its mask would "
+                                        r"be ignored"):
+        reader([heads[0], np.ma.array(heads[1], mask=np.ones((3, 4), bool))])
+    with pytest.raises(TypeError, match=r"array must be an array of bools or integer 0/1 "
+                                        r"values, got builtins.NoneType"):
+        reader(None)
+
+
 @pytest.mark.parametrize("array", [np.eye(4, dtype=int) * 2, -np.eye(4, dtype=int)])
 def test_from_dense_refuses_integers_other_than_0_and_1(array):
     with pytest.raises(ValueError, match="array must hold only 0 and 1"):

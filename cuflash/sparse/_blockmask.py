@@ -136,7 +136,8 @@ class BlockMask:
         problem size; by default it is ``(Nqb * bq, Nkb * bk)``, whole blocks.
         """
         block_size = positive_pair("block_size", block_size)
-        layout = _convert.dense_layout(array)
+        layout = _convert.dense_layout(array, axes="(Nqb, Nkb) or (H, Nqb, Nkb)",
+                                       scipy_reader="BlockMask.from_scipy")
         per_head = layout.ndim == 3
         layout = layout if per_head else layout[None]
         if shape is None:

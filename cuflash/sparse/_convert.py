@@ -79,20 +79,44 @@ def sparse_heads(pattern, *, dense_hint):
         f"got {_describe(pattern)}{hint}")
 
 
-def dense_layout(array):
-    """A dense 0/1 block layout as a NumPy bool array, 2-D or 3-D, validated."""
-    if type(array).__module__.split(".")[0] == "cupy":
-        array = array.get()
-    if scipy.sparse.issparse(array):
-        raise TypeError("array is a scipy.sparse pattern; use BlockMask.from_scipy for it")
-    refuse_masked_array(array, "array")
-    array = numpy.asarray(array)
-    if array.ndim not in (2, 3):
-        raise ValueError(
-            f"array must have shape (Nqb, Nkb) or (H, Nqb, Nkb), got shape {array.shape}")
-    if 0 in array.shape:
-        raise ValueError(f"array must not be empty, got shape {array.shape}")
+def dense_layout(array, *, axes, scipy_reader):
+    """A dense 0/1 array (NumPy or CuPy), or a sequence of per-head ones, as a NumPy bool array
+    of 2 or 3 non-empty dimensions, validated. ``axes`` names them (``"(Nqb, Nkb) or (H, Nqb,
+    Nkb)"``) and ``scipy_reader`` the caller's reader of sparse patterns, for the errors."""
+    if isinstance(array, (list, tuple)):
+        items = [_dense_item(item, f"array[{h}]", scipy_reader) for h, item in enumerate(array)]
+        try:
+            array = numpy.asarray(items)
+        except ValueError:  # numpy's "inhomogeneous shape" names neither argument nor heads
+            shapes = sorted({_shape(item) for item in items}, key=str)
+            raise ValueError(f"array's items (one array per head, or the rows of nested lists) "
+                             f"must share one shape, got shapes {shapes}") from None
+    else:
+        array = numpy.asarray(_dense_item(array, "array", scipy_reader))
+    if array.dtype == object:  # None, or items that are no numbers
+        given = _describe(array.item()) if array.ndim == 0 else "an array of Python objects"
+        raise TypeError(f"array must be an array of bools or integer 0/1 values, got {given}")
+    if array.ndim not in (2, 3) or 0 in array.shape:
+        raise ValueError(f"array must be non-empty, of shape {axes}; got shape {array.shape}")
     return zero_one(array)
+
+
+def _dense_item(item, name, scipy_reader):
+    """One dense array as NumPy, refusing what reading it as an array would misread."""
+    if type(item).__module__.split(".")[0] == "cupy":
+        return item.get()
+    if scipy.sparse.issparse(item):
+        raise TypeError(f"{name} is a scipy.sparse pattern; use {scipy_reader} for it (it also "
+                        "takes a sequence of per-head patterns)")
+    refuse_masked_array(item, name)
+    return item
+
+
+def _shape(item):
+    try:
+        return numpy.shape(item)
+    except ValueError:  # itself ragged
+        return "ragged"
 
 
 def zero_one(array, name="array"):

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy
 import scipy.sparse
 
-from .._checks import query_rows, refuse_masked_array
+from .._checks import query_rows
 from . import _convert, _csr
 from ._validate import ceil_div, picture_size, positive_int, problem_shape
 
@@ -150,17 +150,10 @@ class ExactMask:
         """An exact mask from a dense bool (or 0/1 integer) array, NumPy or CuPy: ``(Nq, Nk)``
         shared by all heads or ``(H, Nq, Nk)`` one per head; True where a query attends a key.
         Meant for small problems: large patterns are cheaper as scipy.sparse."""
-        if scipy.sparse.issparse(array):
-            raise TypeError("array is a scipy.sparse pattern; use ExactMask.from_scipy for it")
-        if type(array).__module__.split(".")[0] == "cupy":
-            array = array.get()
-        refuse_masked_array(array, "array")
-        array = numpy.asarray(array)
-        if array.ndim not in (2, 3) or 0 in array.shape:
-            raise ValueError(f"array must have shape (Nq, Nk) or (H, Nq, Nk), none of them 0; "
-                             f"got shape {array.shape}")
+        array = _convert.dense_layout(array, axes="(Nq, Nk) or (H, Nq, Nk)",
+                                      scipy_reader="ExactMask.from_scipy")
         per_head = array.ndim == 3
-        layout = _convert.zero_one(array if per_head else array[None])
+        layout = array if per_head else array[None]
         return cls._from_keys(numpy.flatnonzero(layout), shape=layout.shape[1:],
                               num_heads=layout.shape[0] if per_head else None)
 
