@@ -584,6 +584,25 @@ def test_block_size_must_be_integer():
         BlockMask.from_scipy(scipy.sparse.eye_array(4), level="element", block_size=64.0)
 
 
+def test_sizes_given_as_numpy_arrays_are_pairs():
+    """shape=numpy.array([Nq, Nk]) was refused as 'must be a pair (Nq, Nk) of positive
+    integers, got array([...])', and a block size or window pair as 'must be an integer'."""
+    from cuflash.sparse import ExactMask, sliding_window
+
+    layout = numpy.eye(3, dtype=bool)
+    as_arrays = BlockMask.from_dense(layout, block_size=numpy.array([4, 8]),
+                                     shape=numpy.array([10, 20]))
+    assert as_arrays == BlockMask.from_dense(layout, block_size=(4, 8), shape=(10, 20))
+    pattern = sliding_window(50, window=(3, 1))
+    assert (sliding_window(50, window=numpy.array([3, 1])) != pattern).nnz == 0
+    exact = ExactMask.from_scipy(pattern, shape=numpy.array([50, 50]))
+    assert exact == ExactMask.from_scipy(pattern)
+    with pytest.raises(ValueError, match=r"shape must be a pair \(Nq, Nk\) of positive"):
+        ExactMask.from_scipy(pattern, shape=numpy.array([50, 50, 1]))
+    with pytest.raises(TypeError, match=r"block_size\[0\] must be an integer, got .*4\.0"):
+        BlockMask.from_dense(layout, block_size=numpy.array([4.0, 8.0]))
+
+
 def test_from_dense_validation():
     with pytest.raises(ValueError, match=r"only 0 and 1.*\[2\]"):
         BlockMask.from_dense(numpy.array([[0, 2]]), block_size=64)

@@ -31,11 +31,20 @@ def nonnegative_int(name, value):
     return value
 
 
+def _items(value):
+    """A tuple, a list or a 1-D NumPy array (``x.shape``'s parts as an array) as a list, else
+    None."""
+    if isinstance(value, numpy.ndarray) and value.ndim == 1:
+        return list(value)
+    return list(value) if isinstance(value, (tuple, list)) else None
+
+
 def _pair(name, value, check):
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
+    items = _items(value)
+    if items is not None:
+        if len(items) != 2:
             raise ValueError(f"{name} must be an integer or a pair of integers, got {value!r}")
-        return check(f"{name}[0]", value[0]), check(f"{name}[1]", value[1])
+        return check(f"{name}[0]", items[0]), check(f"{name}[1]", items[1])
     value = check(name, value)
     return value, value
 
@@ -52,9 +61,10 @@ def nonnegative_pair(name, value):
 
 def problem_shape(name, value):
     """An ``(Nq, Nk)`` pair of positive ints."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
+    items = _items(value)
+    if items is None or len(items) != 2:
         raise ValueError(f"{name} must be a pair (Nq, Nk) of positive integers, got {value!r}")
-    return positive_int(f"{name}[0]", value[0]), positive_int(f"{name}[1]", value[1])
+    return positive_int(f"{name}[0]", items[0]), positive_int(f"{name}[1]", items[1])
 
 
 def picture_size(max_rows, max_cols):
