@@ -419,6 +419,18 @@ def test_from_dense_refuses_integers_other_than_0_and_1(array):
     assert ExactMask.from_dense(np.eye(4, dtype=int)) == ExactMask.from_dense(np.eye(4, dtype=bool))
 
 
+def test_from_scipy_points_an_array_of_patterns_to_a_list():
+    """An object array of per-head patterns was told to use from_dense, which takes no scipy
+    patterns."""
+    heads = np.empty(2, dtype=object)
+    heads[:] = [scipy.sparse.eye_array(4, format="csr"), scipy.sparse.eye_array(4, format="csr")]
+    for reader in (ExactMask.from_scipy, lambda p: BlockMask.from_scipy(p, level="element")):
+        with pytest.raises(TypeError, match=r"got numpy.ndarray \(a NumPy array of objects: "
+                                            r"pass the per-head patterns as a list\)"):
+            reader(heads)
+    assert ExactMask.from_scipy(list(heads)).num_heads == 2
+
+
 def test_from_scipy_points_a_dense_array_to_its_own_dense_reader():
     """Following the hint must not switch a user to block-sparse attention."""
     with pytest.raises(TypeError, match=r"use ExactMask\.from_dense") as error:

@@ -72,7 +72,9 @@ def sparse_heads(pattern, *, dense_hint):
                 f"the per-head patterns must share one shape, got shapes {sorted(shapes)}")
         return heads, True
     hint = ""
-    if hasattr(pattern, "shape"):
+    if isinstance(pattern, numpy.ndarray) and pattern.dtype == object:
+        hint = " (a NumPy array of objects: pass the per-head patterns as a list)"
+    elif hasattr(pattern, "shape"):
         hint = f" (use {dense_hint})"
     raise TypeError(
         "pattern must be a scipy.sparse matrix or array, or a sequence of them (one per head); "
