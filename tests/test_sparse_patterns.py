@@ -297,6 +297,23 @@ def test_block_level_builders_handle_long_sequences():
     assert image.shape == (nb, nb) and image.nnz > 0
 
 
+def test_block_level_butterfly_lists_no_query_row():
+    """The block-level butterfly listed every query row's partners, so its cost grew with the
+    tokens, not the blocks: 2^62 tokens in 64 blocks asked for 512 PiB (and `cuflash mask show
+    butterfly` at 32M tokens took a minute to draw 8 blocks)."""
+    nb = 64
+    x = numpy.arange(nb)[:, None] ^ numpy.arange(nb)[None, :]
+    expected = (x & (x - 1)) == 0  # the XOR rule of power-of-two blocks
+    numpy.testing.assert_array_equal(
+        sparse.butterfly(1 << 62, block_size=1 << 56).toarray(), expected)
+    # Blocks of other sizes, queries and keys of other lengths: grouping blocks keeps exactly
+    # the groups that hold a kept block, as the coarsening of the finer pattern says.
+    fine = sparse.butterfly(3**13, 5**8, block_size=(81, 125))
+    coarse = sparse.butterfly(3**13, 5**8, block_size=(81 * 27, 125 * 25))
+    grouped = BlockMask.from_scipy(fine, level="element", block_size=(27, 25))
+    numpy.testing.assert_array_equal(grouped.to_dense()[0], coarse.toarray())
+
+
 def test_index_dtype_is_int32_when_it_fits():
     pattern = sparse.sliding_window(1000, window=5, block_size=8)
     assert pattern.indices.dtype == numpy.int32 and pattern.indptr.dtype == numpy.int32

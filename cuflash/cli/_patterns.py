@@ -209,8 +209,7 @@ PATTERNS = {
     "butterfly": Pattern(
         "flat butterfly: block (I, J) kept when I XOR J is 0 or a power of two", {},
         lambda n, b, p, seed: _sparse().butterfly(n, block_size=b),
-        lambda n, b, p, seed: _butterfly_blocks(n, b),
-        seconds_per_block=1e-5),
+        lambda n, b, p, seed: _butterfly_blocks(n, b)),
     "longformer": Pattern(
         "Longformer: a sliding window plus global tokens", {"window": 512, "global-tokens": 128},
         lambda n, b, p, seed: _sparse().longformer(n, window=p["window"],

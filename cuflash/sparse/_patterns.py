@@ -111,21 +111,20 @@ def butterfly(nq, nk=None, *, block_size=None):
     indices: block ``(I, J)`` is kept when ``I XOR J`` is 0 or a power of two.
     """
     grid = Grid(nq, nk, block_size)
-    bits = (grid.nk - 1).bit_length()
-    # Whole query units per chunk keeps every unit's keys in one chunk, so the sorted chunks
-    # concatenate into a sorted result while memory stays bounded for long sequences.
-    rows_per_chunk = grid.bq * max(1, (1 << 16) // grid.bq)
-    flips = numpy.concatenate(([0], 1 << numpy.arange(bits, dtype=numpy.int64)))
-    chunks = []
-    for start in range(0, grid.nq, rows_per_chunk):
-        rows = numpy.arange(start, min(start + rows_per_chunk, grid.nq), dtype=numpy.int64)
-        aligned = rows + grid.offset
-        # Queries before the first key (nq > nk) align to negative positions; flipping a low bit
-        # keeps them negative, so they attend nothing once the keys are clipped.
-        partners = aligned[:, None] ^ flips[None, :]
-        units = numpy.repeat(rows // grid.bq, flips.size)
-        chunks.append(grid.keys(units, partners.ravel(), partners.ravel()))
-    return grid.to_sparse(numpy.concatenate(chunks))
+    bits = (grid.nk - 1).bit_length()  # flipping a higher bit lands past the last key
+    units, first, last = grid.query_ranges()
+    # Queries before the first key (nq > nk) align to negative positions; flipping a low bit
+    # keeps them negative, so they attend nothing.
+    lo, hi = numpy.maximum(first + grid.offset, 0), last + grid.offset
+    seen = lo <= hi
+    units, lo, hi = units[seen], lo[seen], hi[seen]
+    # Units per chunk: about 2^16 intervals at a time keeps memory bounded for long sequences,
+    # and whole units per chunk keep the chunks' sorted keys in order.
+    step = max(1, (1 << 16) // (5 * bits + 1))
+    chunks = [grid.keys(*union((units[s:s + step], lo[s:s + step], hi[s:s + step]),
+                               *_flipped(units[s:s + step], lo[s:s + step], hi[s:s + step], bits)))
+              for s in range(0, units.size, step)]
+    return grid.to_sparse(numpy.concatenate(chunks) if chunks else numpy.zeros(0, numpy.int64))
 
 
 def longformer(nq, nk=None, *, window, global_tokens=0, block_size=None):
@@ -289,6 +288,36 @@ def _band(grid, left, right):
     left, right = min(left, grid.reach), min(right, grid.reach)
     units, first, last = grid.query_ranges()
     return units, first + grid.offset - left, last + grid.offset + right
+
+
+def _flipped(units, lo, hi, bits):
+    """Intervals holding ``{i XOR 2^k : lo <= i <= hi}`` exactly, per unit, for each ``k < bits``.
+
+    XOR 2^k swaps the two halves of every aligned run of 2^(k+1) positions, so it moves each
+    aligned run of 2^k positions onto its neighbour, keeping offsets. The part of ``lo..hi`` in
+    its first run and the part in its last run each move as one interval. Whole runs between
+    move in pairs onto themselves, but for a lone odd first one (onto the run before it) and a
+    lone even last one (onto the run after it): at most five intervals, whatever the length.
+    """
+    parts = []
+    for k in range(bits):
+        flip = 1 << k
+        first_run, last_run = lo >> k, hi >> k
+        one_run = first_run == last_run
+        head_hi = numpy.where(one_run, hi, ((first_run + 1) << k) - 1)
+        parts.append((units, lo ^ flip, head_hi ^ flip))
+        tail = ~one_run
+        parts.append((units[tail], (last_run[tail] << k) ^ flip, hi[tail] ^ flip))
+        q0, q1 = first_run + 1, last_run - 1  # the whole runs between
+        odd_first = (q0 <= q1) & (q0 % 2 == 1)
+        even_last = (q0 <= q1) & (q1 % 2 == 0)
+        pairs_lo, pairs_hi = q0 + odd_first, q1 - even_last
+        parts.append((units[odd_first], (q0[odd_first] - 1) << k, (q0[odd_first] << k) - 1))
+        parts.append((units[even_last], (q1[even_last] + 1) << k,
+                      ((q1[even_last] + 2) << k) - 1))
+        paired = pairs_lo <= pairs_hi
+        parts.append((units[paired], pairs_lo[paired] << k, ((pairs_hi[paired] + 1) << k) - 1))
+    return parts
 
 
 def _global(grid, global_tokens):
