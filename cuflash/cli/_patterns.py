@@ -131,8 +131,15 @@ def _longformer_blocks(n, b, p, seed=0):
 
 
 def _image_local_blocks(n, b, p, seed=0):
-    side = image_side_for(n)  # a block of b pixels spans b / side image rows, plus the radius
-    return _per_row(n, b, ((b / side + 2 * p["radius"] + 2) * side) / b + 1)
+    side = image_side_for(n)
+    radius = min(p["radius"], side)
+    # A block of b pixels lies on at most b / side + 2 image rows. The keys it reaches lie in
+    # those rows and the radius beside them: one run of key positions, ...
+    whole_rows = ((b / side + 2 * radius + 2) * side) / b + 1
+    # ... or, where the block is short beside a row, runs of at most its piece of a row widened
+    # by the radius on each side, one per image row reached by one of its pieces.
+    runs = (math.ceil(b / side) + 1) * (2 * radius + 1)
+    return _per_row(n, b, min(whole_rows, runs * (math.ceil((min(b, side) + 2 * radius) / b) + 1)))
 
 
 def _butterfly_blocks(n, b):
