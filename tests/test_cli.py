@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import types
 import zlib
 
 import ml_dtypes
@@ -1138,6 +1139,27 @@ def test_plot_that_cannot_be_written_leaves_the_old_file(tmp_path, args):
     assert written.returncode == 0, written.stderr
     assert path.read_bytes() == b"a new picture " * 80
     assert f"plot written to {path}" in written.stderr
+
+
+def test_plot_format_follows_the_file_name(tmp_path):
+    """--plot renders in memory before the atomic write, so it names the format matplotlib
+    would have read from the file name: a .svg or .pdf plot is one, not a PNG so named."""
+    from cuflash.cli import _common
+
+    formats = []
+
+    class Figure:
+        def tight_layout(self):
+            pass
+
+        def savefig(self, target, **options):
+            formats.append(options.get("format"))
+            target.write(b"a picture")
+
+    plt = types.SimpleNamespace(close=lambda figure: None)
+    for name in ("a.png", "b.svg", "c.PDF", "d"):
+        _common.save_figure(plt, Figure(), str(tmp_path / name))
+    assert formats == ["png", "svg", "pdf", "png"]
 
 
 @pytest.mark.parametrize("where, words", [("missing-dir/x.png", "does not exist"),

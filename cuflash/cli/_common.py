@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sys
 
 import click
@@ -171,8 +172,10 @@ def save_figure(plt, figure, path: str) -> None:
     (``write_file``), and say so on stderr."""
     figure.tight_layout()
     picture = io.BytesIO()
+    # Rendered in memory, so matplotlib no longer reads the format from the name: say it.
+    kind = os.path.splitext(path)[1][1:].lower() or "png"
     try:
-        figure.savefig(picture, format="png", dpi=120)
+        figure.savefig(picture, format=kind, dpi=120)
     finally:
         plt.close(figure)
     write_file(path, picture.getvalue(), "--plot")
