@@ -7,7 +7,8 @@ its file and its first line): its ``setup`` first defines the arrays the text on
 so their printed outputs must be today's. A block that needs a GPU (CuPy), torch or several
 processes, or that lists signatures rather than code, is skipped with that reason
 (``skip_reason``); a block that is neither is a failure, so that a new example is either run
-here or skipped for a stated reason. The README's ``python -c`` one-liner runs too.
+here or skipped for a stated reason. The README's ``python -c`` one-liner runs too, and so do
+the ``>>>`` examples of the library's docstrings.
 """
 
 from __future__ import annotations
@@ -264,3 +265,29 @@ def test_api_md_lists_every_keyword(name):
     assert listings, f"docs/api.md spells out no keywords of cuflash.{name}"
     for listed in listings:
         assert listed == expected
+
+
+# The library's own modules whose docstrings hold ``>>>`` examples (found by their text, so that a
+# new example is run without being listed here).
+DOCSTRING_MODULES = sorted(
+    ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for path in (ROOT / "cuflash").rglob("*.py") if ">>>" in path.read_text())
+
+
+def test_the_docstrings_hold_examples():
+    assert {"cuflash._api", "cuflash._kvcache", "cuflash._plan",
+            "cuflash.check.rule"} <= set(DOCSTRING_MODULES)
+
+
+@pytest.mark.parametrize("module_name", DOCSTRING_MODULES)
+def test_docstring_examples(module_name):
+    """The ``Examples`` of the public docstrings print what they say, as
+    ``python -m pytest --doctest-modules`` would check them."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    report = io.StringIO()
+    for test in finder.find(module, module_name):
+        runner.run(test, out=report.write)
+    assert runner.tries > 0 and runner.failures == 0, report.getvalue()
