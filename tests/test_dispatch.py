@@ -981,3 +981,18 @@ def test_a_backward_that_fits_no_tile_of_the_device_names_its_shared_memory(monk
     with pytest.raises(ValueError, match=r"no GPU kernel runs this backward pass(.|\n)*" + re.escape(words)):
         cuflash.attention_backward(dout, q, k, v, out, lse, **options)
     assert device.take_launches() == []
+
+
+@pytest.mark.parametrize("name", ["forward", "backward"])
+def test_the_numpy_path_has_the_kernels_entry_points(name):
+    """docs/internals.md, "Back-end entry points": ``cpu.forward`` and ``cpu.backward`` take the
+    arguments of ``kernels.forward`` and ``kernels.backward``, and a keyword ``first_batch``."""
+    import inspect
+
+    from cuflash import cpu
+
+    def parameters(function):
+        return [(p.name, p.kind) for p in inspect.signature(function).parameters.values()]
+
+    assert parameters(getattr(cpu, name)) == [
+        *parameters(getattr(kernels, name)), ("first_batch", inspect.Parameter.KEYWORD_ONLY)]
