@@ -291,3 +291,14 @@ def test_docstring_examples(module_name):
     for test in finder.find(module, module_name):
         runner.run(test, out=report.write)
     assert runner.tries > 0 and runner.failures == 0, report.getvalue()
+
+
+def test_the_readme_layout_names_every_cuda_source():
+    """The README's "Layout" names each file of cuflash/kernels/csrc (``{a,b}.cuh`` groups
+    spelled out)."""
+    text = (ROOT / "README.md").read_text().partition("## Layout")[2].partition("\n## ")[0]
+    for group, suffix in re.findall(r"\{([\w,]+)\}(\.cuh?)", text):
+        text += " " + " ".join(name + suffix for name in group.split(","))
+    named = set(re.findall(r"[\w]+\.cuh?\b", text))
+    sources = {p.name for p in (ROOT / "cuflash" / "kernels" / "csrc").rglob("*.cu*")}
+    assert sources and sources <= named, sorted(sources - named)
