@@ -267,6 +267,43 @@ def test_api_md_lists_every_keyword(name):
         assert listed == expected
 
 
+def _keywords(function) -> list[str]:
+    import inspect
+
+    return [p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+            for p in inspect.signature(function).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/api.md", "docs/design.md"])
+def test_listings_name_every_keyword(path):
+    """Where README.md, docs/api.md or docs/design.md list a call's keywords in full (no ``...``)
+    they name all of them, in order, with their defaults; where they list them after ``<the same
+    options>`` (a backward or vjp after its forward), they name the keywords the forward lacks."""
+    import cuflash
+
+    checked = 0
+    for block in BLOCKS:
+        if block.path != path:
+            continue
+        for name, arguments in _listed_calls(block.code):
+            if "*, " not in arguments or not hasattr(cuflash, name):
+                continue
+            listed = arguments.partition("*, ")[2]
+            if "<the same options>, " in listed:
+                forward = getattr(cuflash, name.removesuffix("_backward").removesuffix("_vjp"))
+                own = [k for k in _keywords(getattr(cuflash, name))
+                       if k.partition("=")[0] not in
+                       {f.partition("=")[0] for f in _keywords(forward)}]
+                assert listed.partition("<the same options>, ")[2] == ", ".join(own), name
+            elif "..." not in listed and "<" not in listed:
+                assert listed == ", ".join(_keywords(getattr(cuflash, name))), name
+            else:
+                continue
+            checked += 1
+    assert checked, f"{path} lists no call's keywords"
+
+
 # The library's own modules whose docstrings hold ``>>>`` examples (found by their text, so that a
 # new example is run without being listed here).
 DOCSTRING_MODULES = sorted(
