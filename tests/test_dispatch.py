@@ -996,3 +996,28 @@ def test_the_numpy_path_has_the_kernels_entry_points(name):
 
     assert parameters(getattr(cpu, name)) == [
         *parameters(getattr(kernels, name)), ("first_batch", inspect.Parameter.KEYWORD_ONLY)]
+
+
+def test_kernel_plan_prints_the_workspace_docs_api_md_shows(monkeypatch):
+    """docs/api.md, "The backward's two modes": at B = 1, Hq = 16, Nq = 64K, D = 64 on Hopper,
+    ``print(plan)`` gives the workspace line the page quotes, and the parts it names (counters
+    of the ordered adds and claims of the dQ tiles, 128 KiB each; the second kernel's 8 MiB)."""
+    pytest.importorskip("cupy")
+    from pathlib import Path
+
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text().split())
+    (quoted,) = re.findall(r"`(workspace: [^`]*)`", text)
+
+    def workspace(d, **options):
+        q = device.empty((1, 16, 65536, d), ml_dtypes.bfloat16)
+        (line,) = [line.strip() for line in str(cuflash.kernel_plan(q, q, q, **options)).splitlines()
+                   if line.strip().startswith("workspace:")]
+        return line
+
+    assert workspace(64) == quoted
+    assert "semaphores of the ordered dQ adds 0.12 MiB" in workspace(64, deterministic=True)
+    assert "claims of the dQ tiles 0.12 MiB" in workspace(64, causal=True)
+    assert workspace(256) == "workspace: 8.00 MiB (base-2 lse and Delta 8.00 MiB)"
