@@ -1021,3 +1021,32 @@ def test_kernel_plan_prints_the_workspace_docs_api_md_shows(monkeypatch):
     assert "semaphores of the ordered dQ adds 0.12 MiB" in workspace(64, deterministic=True)
     assert "claims of the dQ tiles 0.12 MiB" in workspace(64, causal=True)
     assert workspace(256) == "workspace: 8.00 MiB (base-2 lse and Delta 8.00 MiB)"
+
+
+def test_which_head_dims_the_backward_takes_with_99_kib_per_block(monkeypatch):
+    """README and docs/internals.md: on compute capability 8.6 and 8.9 the sm80 backward takes
+    D and Dv whose widths (each rounded up to a multiple of 32) add up to at most 288, D = Dv
+    up to 128, and with dropout D = Dv up to 96; a mixed pair above 128 columns such as
+    D = 136, Dv = 64 runs there too."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import mma_backward
+
+    def fits(dqk, dv, dropout=False):
+        try:
+            mma_backward.default_tiles(dqk, dv, dropout=dropout, shared_limit=99 * 1024)
+        except ValueError as error:
+            assert "bytes of shared memory per thread block" in str(error)
+            return False
+        return True
+
+    widths = range(32, 257, 32)
+    assert {(a, b) for a in widths for b in widths if fits(a, b)} == {
+        (a, b) for a in widths for b in widths if a + b <= 288}
+    assert [d for d in widths if fits(d, d, dropout=True)] == [32, 64, 96]
+
+    device = FakeDevice(monkeypatch, compute_capability="86")
+    q = device.empty((1, 2, 200, 136), ml_dtypes.bfloat16)
+    v = device.empty((1, 2, 200, 64), ml_dtypes.bfloat16)
+    assert cuflash.kernel_plan(q, q, v).backward.family.name == "sm80-mma"
