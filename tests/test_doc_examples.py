@@ -339,3 +339,30 @@ def test_the_readme_layout_names_every_cuda_source():
     named = set(re.findall(r"[\w]+\.cuh?\b", text))
     sources = {p.name for p in (ROOT / "cuflash" / "kernels" / "csrc").rglob("*.cu*")}
     assert sources and sources <= named, sorted(sources - named)
+
+
+def test_internals_md_lists_the_decode_entry_points_as_defined():
+    """docs/internals.md, "The KV-cache call path": the listing of ``cuflash.kernels.decode``'s
+    entry points gives each one's parameters, in order, with their defaults."""
+    import inspect
+
+    from cuflash.kernels import decode
+
+    def spelled(function) -> str:
+        parts, star = [], False
+        for p in inspect.signature(function).parameters.values():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and not star:
+                parts.append("*")
+                star = True
+            parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+        return ", ".join(parts)
+
+    listed = {}
+    for block in BLOCKS:
+        if block.path == "docs/internals.md":
+            code = "\n".join(line.partition("#")[0] for line in block.code.splitlines())
+            for match in re.finditer(r"^decode\.(\w+)\(([^)]*)\)", code, re.MULTILINE):
+                listed[match.group(1)] = " ".join(match.group(2).split())
+    assert {"why_not", "append", "forward"} <= set(listed)
+    for name, arguments in listed.items():
+        assert arguments == spelled(getattr(decode, name)), name
