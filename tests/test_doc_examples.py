@@ -366,3 +366,17 @@ def test_internals_md_lists_the_decode_entry_points_as_defined():
     assert {"why_not", "append", "forward"} <= set(listed)
     for name, arguments in listed.items():
         assert arguments == spelled(getattr(decode, name)), name
+
+
+def test_internals_md_names_every_field_of_the_spec():
+    """docs/internals.md, "One spec per call": the paragraph that lists what an AttentionSpec
+    holds names each of its fields."""
+    import dataclasses
+
+    from cuflash._spec import AttentionSpec
+
+    section = (ROOT / "docs" / "internals.md").read_text().partition(
+        "## One spec per call")[2].partition("\n## ")[0]
+    named = set(re.findall(r"`(\w+)`", section))
+    fields = {field.name for field in dataclasses.fields(AttentionSpec)}
+    assert fields - named == set()
