@@ -468,8 +468,8 @@ def test_workspace_is_linear_in_sequence_length():
 
 def _tight_register_cases():
     """Calls that reach the backward variants whose registers are tight (NVRTC 13.0's ptxas once
-    spilled them: benchmarks/NOTES.md, "The five NVRTC 13.0 spills removed"): ``{id: (whether
-    the portable family is forced, the variant's expression, the call)}``."""
+    spilled them: benchmarks/NOTES.md, "Four of the five NVRTC 13.0 spills removed"): ``{id:
+    (whether the portable family is forced, the variant's expression, the call)}``."""
     import test_exact_mask
     import test_gpu_features
 
