@@ -330,15 +330,17 @@ def test_docstring_examples(module_name):
     assert runner.tries > 0 and runner.failures == 0, report.getvalue()
 
 
-def test_the_readme_layout_names_every_cuda_source():
+def test_the_readme_layout_names_every_cuda_source_module_and_example():
     """The README's "Layout" names each file of cuflash/kernels/csrc (``{a,b}.cuh`` groups
-    spelled out)."""
+    spelled out), each module at the top of the package and each script of examples/."""
     text = (ROOT / "README.md").read_text().partition("## Layout")[2].partition("\n## ")[0]
     for group, suffix in re.findall(r"\{([\w,]+)\}(\.cuh?)", text):
         text += " " + " ".join(name + suffix for name in group.split(","))
-    named = set(re.findall(r"[\w]+\.cuh?\b", text))
-    sources = {p.name for p in (ROOT / "cuflash" / "kernels" / "csrc").rglob("*.cu*")}
-    assert sources and sources <= named, sorted(sources - named)
+    named = set(re.findall(r"\w+\.(?:cuh?|py)\b", text))
+    files = {p.name for p in (ROOT / "cuflash" / "kernels" / "csrc").rglob("*.cu*")}
+    files |= {p.name for p in (ROOT / "cuflash").glob("*.py")} - {"__init__.py"}
+    files |= {p.name for p in (ROOT / "examples").glob("*.py")}
+    assert files - named == set()
 
 
 def test_internals_md_lists_the_decode_entry_points_as_defined():
