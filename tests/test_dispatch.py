@@ -1050,3 +1050,20 @@ def test_which_head_dims_the_backward_takes_with_99_kib_per_block(monkeypatch):
     q = device.empty((1, 2, 200, 136), ml_dtypes.bfloat16)
     v = device.empty((1, 2, 200, 64), ml_dtypes.bfloat16)
     assert cuflash.kernel_plan(q, q, v).backward.family.name == "sm80-mma"
+
+
+def test_kernel_plan_prints_what_docs_internals_md_shows(monkeypatch):
+    """docs/internals.md, "Which kernel runs": the plan printed for bfloat16 q = k = v of shape
+    (1, 2, 128, 64) on Hopper is the page's, line for line."""
+    pytest.importorskip("cupy")
+    from pathlib import Path
+
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "internals.md").read_text()
+    example = "q = k = v of shape (1, 2, 128, 64) on an H200:\n\n```\n"
+    quoted = text.partition(example)[2].partition("```")[0]
+    assert quoted.startswith("call: bfloat16")
+    q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
+    assert str(cuflash.kernel_plan(q, q, q)) + "\n" == quoted
