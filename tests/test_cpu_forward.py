@@ -240,6 +240,16 @@ def test_import_and_cpu_path_need_no_cupy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_import_loads_none_of_the_tools():
+    """docs/design.md: the tools (cuflash.check, cuflash.bench, the command line) live in their
+    own subpackages, and ``import cuflash`` loads none of them (nor Click)."""
+    code = ("import sys, cuflash\n"
+            "loaded = [m for m in ('cuflash.check', 'cuflash.bench', 'cuflash.cli', 'click')\n"
+            "          if m in sys.modules]\n"
+            "assert loaded == [], loaded\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_public_names():
     assert sorted(cuflash.__all__) == ["CuflashNumericalWarning", "IndexDtypeError", "KVCachePlan",
                                        "KernelPlan", "__version__", "attention", "attention_backward",
