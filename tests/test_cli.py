@@ -1284,7 +1284,8 @@ def test_token_counts(text, count):
     assert TOKENS.convert(text, None, None) == count
 
 
-@pytest.mark.parametrize("text", ["1.5", "nan", "inf", "1e-3", "", "K", "16G"])
+@pytest.mark.parametrize("text", ["1.5", "nan", "inf", "1e-3", "", "K", "16G", "1e99999999",
+                                  "1e99999999M"])
 def test_token_counts_reject_what_is_not_a_whole_number(text):
     import click
     with pytest.raises(click.BadParameter):
@@ -1297,6 +1298,8 @@ BEYOND_INT64 = str(2**63)
 @pytest.mark.parametrize("args, option", [
     (["check", "--device", "cpu", "--seq-len", "1e400"], "--seq-len"),
     (["check", "--device", "cpu", "--seq-len", "1e400", "--gpus", "2"], "--seq-len"),
+    (["check", "--device", "cpu", "--seq-len", "1e99999999"], "--seq-len"),
+    (["check", "--device", "cpu", "--seq-len", "1e99999999K"], "--seq-len"),
     (["check", "--device", "cpu", "--seq-len", "1K", "--heads", BEYOND_INT64 + "0" * 300],
      "--heads"),
     (["check", "--device", "cpu", "--gpus", "1" + "0" * 400], "--gpus"),
@@ -1305,6 +1308,7 @@ BEYOND_INT64 = str(2**63)
     (["memory", "--device", "cpu", "--min-seq-len", "1e400"], "--min-seq-len"),
     (["memory", "--device", "cpu", "--heads", "1" + "0" * 400], "--heads"),
     ([*TINY_BENCH, "--seq-lens", "1e400"], "--seq-lens"),
+    ([*TINY_BENCH, "--seq-lens", "1e99999999"], "--seq-lens"),
     ([*TINY_BENCH, "--repeats", "1" + "0" * 400], "--repeats"),
     ([*TINY_BENCH, "--warmup", BEYOND_INT64], "--warmup"),
 ])

@@ -36,17 +36,27 @@ class TokenCount(click.ParamType):
             digits = text[:-1] if factor > 1 else text
             try:
                 number = decimal.Decimal(digits) * factor
+            except decimal.Overflow:  # past decimal's exponent range (1e99999999)
+                self.fail(self._too_large(value), param, ctx)
             except decimal.InvalidOperation:
                 number = None
             if number is None or not number.is_finite() or number != number.to_integral_value():
                 self.fail(f"{value!r} is not a whole number of tokens (examples: 4096, 16K, 1M)",
                           param, ctx)
+            # Compared before the conversion: int() of 1e999999 builds a million-digit number.
+            if self.maximum is not None and number > self.maximum:
+                self.fail(self._too_large(value), param, ctx)
             count = int(number)
         if count < self.minimum:
             self.fail(f"must be at least {self.minimum}, got {value!r}", param, ctx)
         if self.maximum is not None and count > self.maximum:
-            self.fail(f"must be at most {self.maximum:,}, got {value!r}", param, ctx)
+            self.fail(self._too_large(value), param, ctx)
         return count
+
+    def _too_large(self, value) -> str:
+        if self.maximum is None:
+            return f"{value!r} is too large a number of tokens"
+        return f"must be at most {self.maximum:,}, got {value!r}"
 
 
 class OutputFile(click.ParamType):
