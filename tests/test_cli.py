@@ -412,6 +412,29 @@ def test_least_element_density_is_a_lower_bound(pattern, seq_len, block_size):
         assert least == pytest.approx(mask.element_density)
 
 
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("seq_len, block_size", [(1000, 96), (1024, 128)])
+def test_attended_fraction_counts_the_pairs_attended(pattern, seq_len, block_size):
+    from cuflash import reference
+    from cuflash.cli._patterns import build_mask, pattern_parameters
+    parameters = pattern_parameters(pattern, {})
+    for name, value in (("window", 100), ("stride", 300), ("prefix", 200)):
+        if name in parameters:
+            parameters[name] = value
+    mask = build_mask(pattern, seq_len, block_size=block_size, parameters=parameters, seed=1)
+    for causal, pairs in ((False, seq_len**2), (True, seq_len * (seq_len + 1) // 2)):
+        keep = reference.keep_mask(seq_len, seq_len, causal=causal, block_mask=mask, xp=np)
+        assert verify.attended_fraction(mask, causal) * pairs == pytest.approx(keep.sum())
+    assert verify.attended_fraction(None, True) == 1.0
+
+
+def test_check_flops_of_a_causal_pattern_under_causal_are_causal_attention_flops():
+    # the block mask `causal` keeps every pair --causal does: the work of dense causal attention
+    record = invoke_json(*SMALL_CHECK, "--no-backward", "--pattern", "causal", "--causal",
+                         "--block-size", "64")
+    assert record["forward"]["flops"] == problems.forward_flops(1, 2, 256, 256, 32, causal=True)
+
+
 @pytest.mark.parametrize("command", [["check"], ["mask", "show"]])
 def test_block_size_help_states_the_rule_the_code_has(command):
     text = " ".join(invoke(*command, "--help").stdout.split())

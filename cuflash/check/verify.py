@@ -108,6 +108,44 @@ def _cpu_reference_seconds(head_dim: int, dtype_name: str, backward: bool) -> fl
     return (time.perf_counter() - start) / (n * n)
 
 
+ATTENDED_CHUNK = 2**20  # blocks counted at once by attended_fraction
+
+
+def attended_fraction(block_mask, causal: bool) -> float:
+    """The fraction ``forward_flops`` multiplies its count by: 1 without a block mask, else the
+    mask's element density, or, when causal, the fraction of the N(N+1)/2 pairs with key <=
+    query that lie in kept blocks (``forward_flops`` halves for causal already: a mask that is
+    causal itself, causal or prefix-lm, keeps nearly all of them, not half)."""
+    if block_mask is None:
+        return 1.0
+    if not causal:
+        return block_mask.element_density
+    (nq, nk), (bq, bk) = block_mask.shape, block_mask.block_size
+    heads = block_mask.to_scipy()
+    heads = heads if isinstance(heads, list) else [heads]
+    pairs = 0
+    for blocks in heads:
+        coo = blocks.tocoo()
+        # a long mask keeps tens of millions of blocks: a bounded number of them at a time
+        for start in range(0, coo.nnz, ATTENDED_CHUNK):
+            row0 = coo.row[start:start + ATTENDED_CHUNK].astype(numpy.int64) * bq
+            col0 = coo.col[start:start + ATTENDED_CHUNK].astype(numpy.int64) * bk
+            pairs += _pairs_on_or_below_diagonal(row0, numpy.minimum(row0 + bq, nq), col0,
+                                                 numpy.minimum(bk, nk - col0))
+    return pairs / (len(heads) * nq * (nq + 1) / 2)
+
+
+def _pairs_on_or_below_diagonal(row0, row1, col0, width) -> int:
+    """Pairs (row, key) with key <= row in the blocks of rows [row0, row1) and keys
+    [col0, col0 + width), summed."""
+    def below(stop):  # over the rows < stop
+        d = numpy.maximum(stop - col0, 0)
+        return numpy.where(d <= width, d * (d + 1) // 2,
+                           width * (width + 1) // 2 + (d - width) * width)
+
+    return int((below(row1) - below(row0)).sum())
+
+
 @dataclass
 class Comparison:
     """One result against float64: its error, the naive same-precision error, the bound."""
@@ -198,7 +236,7 @@ def run_check(device, q, k, v, *, rows, causal: bool, block_mask=None, backward:
     _, heads, n, head_dim = q.shape
     options = {"causal": causal, "block_mask": block_mask}
     flops = forward_flops(1, heads, n, n, head_dim, causal=causal,
-                          fraction=block_mask.element_density if block_mask else 1.0)
+                          fraction=attended_fraction(block_mask, causal))
     poisoned = xp.full(q.shape[:-1] + v.shape[-1:], xp.nan, dtype=q.dtype)
     (out, lse), fwd = _measured(
         device, lambda: cuflash.attention(q, k, v, return_lse=True, out=poisoned, **options),

@@ -150,7 +150,8 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
     the memory is not free, or when it would take over 30 minutes unless --force is given.
 
     Prints time, TFLOP/s (4·H·N²·D forward, half when causal, times the kept fraction of a
-    block mask; backward 2.5 times that) and peak memory (inputs included), then PASS or FAIL.
+    block mask, of causal's pairs when causal; backward 2.5 times that) and peak memory (inputs
+    included), then PASS or FAIL.
 
     --gpus N shards the sequence across N GPUs with ring attention (one process per GPU), on
     random normal q, k, v, and compares the gathered result with float64 as above (out and lse
@@ -207,7 +208,7 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
                                force=force, smaller=smaller)
     block_mask = None if pattern == "dense" else \
         build_mask(pattern, n, block_size=block_size, parameters=parameters, seed=seed)
-    fraction = block_mask.element_density if block_mask is not None else 1.0
+    fraction = verify.attended_fraction(block_mask, causal)
     require_reasonable(target, seconds=estimate(fraction), needed=needed, what="this check",
                        force=force, smaller=smaller)
     sample = verify.sample_rows(n, rows, seed)
