@@ -366,6 +366,17 @@ def test_check_too_long_is_refused_naming_force(monkeypatch):
     assert "Ctrl-C stops it" in forced.stderr
 
 
+@pytest.mark.parametrize("gpus", ["1", "2"])
+def test_check_on_the_cpu_estimates_path_x_with_all_its_rows_under_rows_all(monkeypatch, gpus):
+    # the note's time for Path-X's 16K tokens: --rows all there means 16,384 rows, not 256
+    asked = []
+    monkeypatch.setattr(verify, "estimate_seconds",
+                        lambda device, n, heads, head_dim, dtype, rows, **kwargs:
+                        asked.append((n, rows)) or 5 * 3600.0)
+    invoke("check", "--device", "cpu", "--gpus", gpus, "--rows", "all", code=3)
+    assert (16384, 16384) in asked and (16384, 256) not in asked
+
+
 def _seconds_of_kept_work(hours_when_dense):
     """A stand-in for verify.estimate_seconds proportional to the kept fraction."""
     return lambda *args, fraction=1.0, **kwargs: fraction * hours_when_dense * 3600.0

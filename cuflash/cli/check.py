@@ -83,11 +83,12 @@ def _check_mask_options(pattern, given, block_size_given):
 
 
 def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward):
-    """The length to check on the CPU when none was asked for, saying why on stderr."""
+    """The length to check on the CPU when none was asked for, saying why on stderr. ``rows``:
+    --rows, None for all (at Path-X's length, all of its rows)."""
     if asked is not None:
         return asked
-    full = verify.estimate_seconds(target, PATH_X, heads, head_dim, dtype, rows,
-                                   backward=backward)
+    full = verify.estimate_seconds(target, PATH_X, heads, head_dim, dtype,
+                                   PATH_X if rows is None else rows, backward=backward)
     why = "--device cpu was given" if not reason else "the GPU kernels cannot run here"
     click.echo(f"note: running on the CPU (cuflash's NumPy path): {why}. Path-X's 16K tokens "
                f"would take {duration(full)} here, so this check uses "
@@ -177,9 +178,8 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
             f"got {asked}; add --inputs random for shorter sequences", param_hint="--seq-len")
 
     target, reason = choose_device(device)
-    row_count = 256 if rows is None else rows  # for the estimates only; 'all' is set below
     if target.name == "cpu":
-        n = _cpu_length(target, reason, asked, heads, head_dim, dtype, row_count, backward)
+        n = _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward)
         if explicit("repeats"):
             click.echo("note: --repeats applies to the GPU; the CPU times its one run", err=True)
     else:
@@ -403,12 +403,13 @@ def _check_sharded(ctx, *, gpus, asked, path_256, heads, head_dim, dtype, causal
         click.echo("note: --repeats times a ring of one process per GPU; a simulated ring is "
                    "timed once", err=True)
 
-    row_count = 256 if rows is None else rows
     if asked is not None:
         n = asked
     elif target.name == "cpu":
-        full, _, _ = _sharded_estimate(target, mode, gpus, _multiple(PATH_X, 2 * gpus), heads,
-                                       head_dim, dtype, row_count, backward, causal, repeats)
+        full_length = _multiple(PATH_X, 2 * gpus)
+        full, _, _ = _sharded_estimate(target, mode, gpus, full_length, heads, head_dim, dtype,
+                                       full_length if rows is None else min(rows, full_length),
+                                       backward, causal, repeats)
         n = _multiple(CPU_SEQ_LEN, 2 * gpus)
         click.echo(f"note: Path-X's 16K tokens would take {duration(full)} here, so this check "
                    f"uses {tokens(n)} tokens; --seq-len 16K asks for the full size.", err=True)
