@@ -377,6 +377,17 @@ def test_check_on_the_cpu_estimates_path_x_with_all_its_rows_under_rows_all(monk
     assert (16384, 16384) in asked and (16384, 256) not in asked
 
 
+@pytest.mark.parametrize("gpus, length", [("2", "16K"), ("3", "16380")])
+def test_check_sharded_on_the_cpu_names_a_full_length_the_layout_takes(monkeypatch, gpus,
+                                                                        length):
+    monkeypatch.setattr(verify, "estimate_seconds", lambda *args, **kwargs: 5 * 3600.0)
+    note = invoke("check", "--device", "cpu", "--gpus", gpus, code=3).stderr
+    assert f"--seq-len {length} asks for the full size" in note
+    # what the note names is a length the check takes (refused here only for its time)
+    assert "would take" in invoke("check", "--device", "cpu", "--gpus", gpus, "--seq-len",
+                                  length, code=3).output
+
+
 def _seconds_of_kept_work(hours_when_dense):
     """A stand-in for verify.estimate_seconds proportional to the kept fraction."""
     return lambda *args, fraction=1.0, **kwargs: fraction * hours_when_dense * 3600.0
@@ -571,7 +582,7 @@ def test_check_gpus_without_a_gpu_runs_a_small_size(monkeypatch):
     note = result.stderr
     assert "simulating 3 ranks in one process" in note and "on the CPU" in note
     assert "the GPU kernels cannot run here" in note
-    assert "--seq-len 16K" in note and "estimate:" in note
+    assert "--seq-len 16380 asks for the full size" in note and "estimate:" in note
 
 
 def test_check_gpus_fails_with_exit_status_1_on_a_wrong_ring(monkeypatch):

@@ -411,8 +411,12 @@ def _check_sharded(ctx, *, gpus, asked, path_256, heads, head_dim, dtype, causal
                                        full_length if rows is None else min(rows, full_length),
                                        backward, causal, repeats)
         n = _multiple(CPU_SEQ_LEN, 2 * gpus)
+        # --seq-len 16K is refused where 2·N does not divide it: name the length that runs.
+        full_size = "16K asks for the full size" if full_length == PATH_X else \
+            (f"{full_length} asks for the full size (the largest multiple of 2·N = {2 * gpus} "
+             "up to 16K)")
         click.echo(f"note: Path-X's 16K tokens would take {duration(full)} here, so this check "
-                   f"uses {tokens(n)} tokens; --seq-len 16K asks for the full size.", err=True)
+                   f"uses {tokens(n)} tokens; --seq-len {full_size}.", err=True)
     else:
         n = _default_length(gpus, PATH_X, "Path-X's 16K")
     row_count = n if rows is None else min(rows, n)
