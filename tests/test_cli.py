@@ -1145,10 +1145,15 @@ class Figure:
 pyplot = types.ModuleType("matplotlib.pyplot")
 pyplot.subplots = lambda *args, **kwargs: (Figure(), mock.MagicMock())
 pyplot.close = lambda figure: None
+backend_bases = types.ModuleType("matplotlib.backend_bases")
+backend_bases.FigureCanvasBase = types.SimpleNamespace(
+    get_supported_filetypes=lambda: {"png": "Portable Network Graphics", "svg": "SVG"})
 matplotlib = types.ModuleType("matplotlib")
 matplotlib.use = lambda backend: None
 matplotlib.pyplot = pyplot
-sys.modules.update({"matplotlib": matplotlib, "matplotlib.pyplot": pyplot})
+matplotlib.backend_bases = backend_bases
+sys.modules.update({"matplotlib": matplotlib, "matplotlib.pyplot": pyplot,
+                    "matplotlib.backend_bases": backend_bases})
 """
 
 
@@ -1184,6 +1189,20 @@ def test_plot_that_cannot_be_written_leaves_the_old_file(tmp_path, args):
     assert written.returncode == 0, written.stderr
     assert path.read_bytes() == b"a new picture " * 80
     assert f"plot written to {path}" in written.stderr
+
+
+@pytest.mark.parametrize("args", [MEMORY, [*TINY_BENCH, "--seq-lens", "64"]],
+                         ids=["memory", "bench"])
+def test_plot_in_a_format_matplotlib_cannot_write_is_refused_first(monkeypatch, tmp_path, args):
+    """A --plot name whose format matplotlib does not know (.txt) ended the run, after the
+    sweep, in matplotlib's ValueError and a traceback; it is refused before anything runs."""
+    for name in ("matplotlib", "matplotlib.pyplot", "matplotlib.backend_bases"):
+        monkeypatch.setitem(sys.modules, name, None)  # restored (or removed) afterwards
+    exec(FAKE_MATPLOTLIB, {"__name__": "fake_matplotlib"})  # puts the stand-in there
+    result = invoke(*args, "--plot", tmp_path / "plot.txt", code=2)
+    assert "--plot" in result.output and "'txt'" in result.output and ".svg" in result.output
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+    assert invoke(*args, "--plot", tmp_path / "plot.svg").stdout
 
 
 def test_plot_format_follows_the_file_name(tmp_path):

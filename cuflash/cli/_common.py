@@ -154,16 +154,29 @@ def _json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def pyplot_or_fail():
-    """matplotlib.pyplot with a file-only back end, or a clear message on how to get it."""
+def _plot_format(path: str) -> str:
+    """The format of a --plot file, read from its name as matplotlib reads it (PNG without)."""
+    return os.path.splitext(path)[1][1:].lower() or "png"
+
+
+def pyplot_or_fail(path: str | None = None):
+    """matplotlib.pyplot with a file-only back end, or a clear message on how to get it. The
+    format of ``path`` (--plot) is checked here, before the run, not when the plot is saved."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as error:
         raise click.ClickException(
             "--plot needs matplotlib, which is not installed: pip install 'cuflash[plot]'"
         ) from error
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if path is not None and _plot_format(path) not in supported:
+        raise click.BadParameter(
+            f"matplotlib cannot write {path!r} ({_plot_format(path)!r} is no format it knows); "
+            f"give a name ending in one of {', '.join('.' + k for k in sorted(supported))}",
+            param_hint="--plot")
     return plt
 
 
@@ -173,9 +186,8 @@ def save_figure(plt, figure, path: str) -> None:
     figure.tight_layout()
     picture = io.BytesIO()
     # Rendered in memory, so matplotlib no longer reads the format from the name: say it.
-    kind = os.path.splitext(path)[1][1:].lower() or "png"
     try:
-        figure.savefig(picture, format=kind, dpi=120)
+        figure.savefig(picture, format=_plot_format(path), dpi=120)
     finally:
         plt.close(figure)
     write_file(path, picture.getvalue(), "--plot")

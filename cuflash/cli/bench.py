@@ -106,7 +106,7 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
     if not sparse:
         _check_grid(seq_lens, head_dims, total_tokens, hidden, set_by_smoke)
     with stop_on_ctrl_c("no table was printed"):
-        plt = pyplot_or_fail() if plot else None
+        plt = pyplot_or_fail(plot) if plot else None
         target, _ = choose_device(device)
     modes = ("fwd", "fwdbwd") if mode == "both" else (mode,)
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[causal_modes]

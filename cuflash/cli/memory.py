@@ -83,7 +83,7 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
     table of the lengths measured so far (exit status 130).
     """
     with stop_on_ctrl_c("no length was measured"):
-        plt = pyplot_or_fail() if plot else None
+        plt = pyplot_or_fail(plot) if plot else None
         target, _ = choose_device(device)
         if max_seq_len is not None and max_seq_len < min_seq_len:
             raise click.BadParameter(f"is smaller than --min-seq-len {min_seq_len}",
