@@ -388,6 +388,15 @@ def test_check_sharded_on_the_cpu_names_a_full_length_the_layout_takes(monkeypat
                                   length, code=3).output
 
 
+@pytest.mark.parametrize("inputs, image", [("pathfinder", True), ("random", False)])
+def test_check_on_the_cpu_speaks_of_an_image_only_for_pathfinder_inputs(monkeypatch, inputs,
+                                                                        image):
+    monkeypatch.setattr(verify, "estimate_seconds", lambda *args, **kwargs: 5 * 3600.0)
+    note = invoke("check", "--device", "cpu", "--inputs", inputs, code=3).stderr
+    assert "this check uses 4K tokens" in note
+    assert ("(a 64×64 image)" in note) == image
+
+
 def _seconds_of_kept_work(hours_when_dense):
     """A stand-in for verify.estimate_seconds proportional to the kept fraction."""
     return lambda *args, fraction=1.0, **kwargs: fraction * hours_when_dense * 3600.0

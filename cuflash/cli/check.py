@@ -82,7 +82,7 @@ def _check_mask_options(pattern, given, block_size_given):
                                  param_hint="--block-size")
 
 
-def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward):
+def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward, inputs):
     """The length to check on the CPU when none was asked for, saying why on stderr. ``rows``:
     --rows, None for all (at Path-X's length, all of its rows)."""
     if asked is not None:
@@ -90,10 +90,11 @@ def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward):
     full = verify.estimate_seconds(target, PATH_X, heads, head_dim, dtype,
                                    PATH_X if rows is None else rows, backward=backward)
     why = "--device cpu was given" if not reason else "the GPU kernels cannot run here"
+    image = " (a 64×64 image)" if inputs == "pathfinder" else ""
     click.echo(f"note: running on the CPU (cuflash's NumPy path): {why}. Path-X's 16K tokens "
                f"would take {duration(full)} here, so this check uses "
-               f"{tokens(CPU_SEQ_LEN)} tokens (a 64×64 image); --seq-len 16K asks for the full "
-               "size.", err=True)
+               f"{tokens(CPU_SEQ_LEN)} tokens{image}; --seq-len 16K asks for the full size.",
+               err=True)
     return CPU_SEQ_LEN
 
 
@@ -179,7 +180,7 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
 
     target, reason = choose_device(device)
     if target.name == "cpu":
-        n = _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward)
+        n = _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward, inputs)
         if explicit("repeats"):
             click.echo("note: --repeats applies to the GPU; the CPU times its one run", err=True)
     else:
