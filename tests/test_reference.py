@@ -125,16 +125,21 @@ def test_element_mask_broadcasts(rng):
     np.testing.assert_array_equal(out, full)
 
 
+def reference_calls(*, dout_shape):
+    """Every reference entry point that takes an element mask, as ``call(q, k, v, **options)``
+    (the backward with a dout of ones)."""
+    return (reference.attention, reference.naive_attention, reference.attention_probs,
+            lambda *args, **options: reference.attention_backward(np.ones(dout_shape), *args,
+                                                                  **options))
+
+
 @pytest.mark.parametrize("stray", [2, -1])
 def test_element_mask_of_integers_other_than_0_and_1_is_refused(rng, stray):
     """An integer mask holds 0 and 1, as ExactMask.from_dense's: a 2 or -1 was read as True."""
     q, k, v = random64(rng, (3, 6, 4), (3, 8, 4), (3, 8, 4))
     mask = (rng.random((6, 8)) < 0.5).astype(np.int64)
     mask[2, 3] = stray
-    calls = (reference.attention, reference.naive_attention, reference.attention_probs,
-             lambda *args, **options: reference.attention_backward(np.ones((3, 6, 4)), *args,
-                                                                   **options))
-    for call in calls:
+    for call in reference_calls(dout_shape=(3, 6, 4)):
         with pytest.raises(ValueError, match=rf"mask must hold only 0 and 1, got values such "
                                              rf"as \[{stray}\]"):
             call(q, k, v, mask=mask)
@@ -146,10 +151,7 @@ def test_element_mask_that_does_not_broadcast_to_the_scores_is_refused(rng, shap
     axes, results of another shape than the inputs give."""
     q, k, v = random64(rng, (3, 6, 4), (3, 8, 4), (3, 8, 5))
     mask = rng.random(shape) < 0.5
-    calls = (reference.attention, reference.naive_attention, reference.attention_probs,
-             lambda *args, **options: reference.attention_backward(np.ones((3, 6, 5)), *args,
-                                                                   **options))
-    for call in calls:
+    for call in reference_calls(dout_shape=(3, 6, 5)):
         with pytest.raises(ValueError, match=r"mask must broadcast to the scores' shape "
                                              r"\(3, 6, 8\) \(\.\.\., Hq, Nq, Nk\)"):
             call(q, k, v, mask=mask)
