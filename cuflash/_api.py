@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy
 
-from . import _calls, _checks, _mask, _warnings
+from . import _calls, _checks, _mask, _varlen_pages, _warnings
 from ._spec import AttentionSpec, VarlenLayout
 
 
@@ -598,7 +598,7 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
                      dropout_p=0.0, dropout_seed=None, dropout_offset=0, return_lse=False,
-                     out=None, check_offsets=True):
+                     out=None, check_offsets=True, block_table=None):
     """Attention over packed sequences of different lengths (flash-attn's
     ``flash_attn_varlen_func``): each sequence attends to its own keys only.
 
@@ -641,6 +641,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         call can be captured in a CUDA graph); the offsets and ``max_seqlen_*`` must then be
         right: wrong ones give undefined results (wrong values or out-of-bounds memory access).
         NumPy offsets are always checked (it costs nothing).
+    block_table : int32 array, shape ``(B, max_pages)``, optional
+        Keys and values in a paged cache, as flash-attn takes them: k ``(num_pages, page_size,
+        Hkv, D)``, v ``(num_pages, page_size, Hkv, Dv)``, and sequence ``b``'s key ``j`` (of
+        ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]``) in page ``block_table[b, j // page_size]`` at
+        offset ``j % page_size``. Any page size; pages may be shared between sequences. The keys
+        and values the sequences use are gathered into packed rows first (one copy of
+        ``total_k`` rows), sized by ``cu_seqlens_k`` read on the host, so ``check_offsets=False``
+        with CuPy offsets is refused; the table's entries in use are checked to be pages of k.
+        Forward only: ``attention_varlen_backward`` and ``attention_varlen_vjp`` take packed
+        keys (``cuflash.torch.flash_attn_varlen_func`` differentiates through the gather).
 
     Returns
     -------
@@ -660,12 +670,27 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     >>> cuflash.attention_varlen(q, k, v, cu, cu, 18, 18, causal=True).shape
     (30, 4, 64)
     """
+    if block_table is not None:
+        _refuse_out_in_pages(out, k, v)
+        k, v = _varlen_pages.gather_pages(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k,
+                                          block_table, check_offsets)
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, check_offsets=check_offsets)
     result, lse, _ = _calls.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                            max_seqlen_k, out, options,
                                            (dropout_seed, dropout_offset), return_lse)
     return (result, lse) if return_lse else result  # return_lse: checked to be a bool
+
+
+def _refuse_out_in_pages(out, k_pages, v_pages) -> None:
+    """``out`` must not be written over the paged caches the call reads (the gathered copies it
+    attends to would not show it, the caller's cache would lose keys)."""
+    if out is None:
+        return
+    xp = _checks.array_module(out, "out")
+    for name, pages in (("k", k_pages), ("v", v_pages)):
+        if _checks.array_module(pages, name) is xp and _checks.overlaps(out, pages, xp):
+            raise ValueError(f"out must not share memory with the paged cache {name}")
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

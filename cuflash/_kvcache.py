@@ -33,7 +33,7 @@ from typing import Any
 import numpy
 
 from . import _calls, _checks, _warnings
-from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_rotary,
+from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_rotary, page_slots,
                             rotates_queries_in_order, validate)
 from ._rotary import rotate
 
@@ -319,10 +319,8 @@ def _cache_slots(spec: KVCacheSpec, index: _HostIndex, row: int, start: int, sto
     if not spec.paged:
         cache_row = row if index.cache_batch_idx is None else int(index.cache_batch_idx[row])
         return cache_row, slice(start, stop)
-    positions = numpy.arange(start, stop)
-    pages = index.block_table[row, positions // spec.page_size]
-    xp = spec.xp
-    return xp.asarray(pages.astype(numpy.int64)), xp.asarray(positions % spec.page_size)
+    pages, offsets = page_slots(index.block_table, row, numpy.arange(start, stop), spec.page_size)
+    return spec.xp.asarray(pages), spec.xp.asarray(offsets)
 
 
 def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:

@@ -323,6 +323,15 @@ def _check_leftpads(lengths, leftpads) -> None:
                          f"cache_seqlens")
 
 
+def page_slots(table: Any, rows: Any, positions: Any, page_size: int):
+    """Where keys ``positions`` of batch rows ``rows`` live in a paged cache: ``(pages,
+    offsets)``, NumPy int64, key ``j`` of row ``r`` in page ``table[r, j // page_size]`` at offset
+    ``j % page_size``. ``table`` is a host array; ``rows`` an int or an array like ``positions``."""
+    positions = numpy.asarray(positions, dtype=numpy.int64)
+    pages = numpy.asarray(table)[rows, positions // page_size].astype(numpy.int64)
+    return pages, positions % page_size
+
+
 def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx, leftpads) -> None:
     """Every appended key must go to a slot of its own: not one another batch row appends to
     (which value would land there would depend on the order of the writes), nor one that holds a
@@ -335,8 +344,8 @@ def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx, leftpads)
         table = numpy.asarray(block_table).astype(numpy.int64)
 
         def slots_of(row, positions):
-            pages = table[row, positions // spec.page_size]
-            return pages * spec.page_size + positions % spec.page_size
+            pages, offsets = page_slots(table, row, positions, spec.page_size)
+            return pages * spec.page_size + offsets
     else:
         if cache_batch_idx is None:
             # Batch row b alone uses cache row b, or the index is on the device (not read here).

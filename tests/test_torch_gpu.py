@@ -16,7 +16,7 @@ import cuflash  # noqa: E402
 import cuflash.torch as ct  # noqa: E402
 from test_torch import (DTYPE_IDS, DTYPES, TinyAttention, _flash_attn_dropout,  # noqa: E402
                         check_against_reference, needs_core, randn)
-from test_torch_varlen import check_varlen  # noqa: E402
+from test_torch_varlen import check_paged, check_varlen  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")]
@@ -127,6 +127,15 @@ def test_flash_attn_varlen_func_cuda(dtype, options):
     read back): every sequence against the oracle of that sequence alone."""
     check_varlen(dtype, "cuda", lens_q=[130, 0, 257, 64, 1], lens_k=[300, 17, 257, 5, 0], hq=8,
                  hkv=2, d=64, same_as_dense=False, **options)
+
+
+@pytest.mark.parametrize("page_size", [3, 16])
+def test_flash_attn_varlen_func_block_table_cuda(page_size):
+    """flash-attn's paged keys and values on CUDA tensors (bfloat16): the packed call's output and
+    dQ bit for bit, and the pages' gradients to the dtype's rounding (a shared first page adds
+    two sequences' gradients)."""
+    check_paged(page_size, "cuda", torch.bfloat16, tolerance=dict(rtol=2e-2, atol=2e-2), d=64,
+                share_first_page=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])

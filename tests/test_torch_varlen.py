@@ -296,10 +296,91 @@ def test_return_attn_probs_gives_each_sequence_s_softmax(alibi):
 
 # ----------------------------------------------------------------------------- refusals, errors
 
-def test_block_table_raises():
-    (q, k, v), _, layout = packed(LENS_Q, LENS_K)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        ct.flash_attn_varlen_func(q, k, v, *layout, block_table=torch.zeros(5, 1, dtype=torch.int32))
+def paged(page_size, device="cpu", dtype=torch.float32, **case):
+    """``test_varlen_pages.paged_case`` as torch tensors (the pages and q leaves), with a dout."""
+    from test_varlen_pages import paged_case
+
+    arrays = paged_case(np.random.default_rng(), np, np.float32, LENS_Q, LENS_K, page_size,
+                        **case)
+    q, k, v, k_pages, v_pages = (torch.from_numpy(x).to(device, dtype) for x in arrays[:5])
+    table, cu_q, cu_k = (torch.from_numpy(x).to(device) for x in arrays[5:])
+    leaves = [x.requires_grad_(True) for x in (q, k, v, k_pages, v_pages)]
+    dout = torch.randn(q.shape[0], q.shape[1], v.shape[2], device=device).to(dtype)
+    return leaves, table, (cu_q, cu_k, max(LENS_Q), max(LENS_K)), dout
+
+
+def pages_gradient(packed_grad, pages, table, lens_k):
+    """The gradient of paged keys from the gradient of the packed keys they were gathered into:
+    each packed row's gradient added to its page row (a page two sequences share adds both), in
+    float32."""
+    grad = torch.zeros(pages.shape, dtype=torch.float32, device=pages.device)
+    row = 0
+    for b, n in enumerate(lens_k):
+        for j in range(n):
+            grad[table[b, j // pages.shape[1]], j % pages.shape[1]] += packed_grad[row].float()
+            row += 1
+    return grad
+
+
+def check_paged(page_size, device="cpu", dtype=torch.float32, *, tolerance=None, **case):
+    """flash-attn's paged form: the same output as the packed keys and values, and gradients
+    that reach each page row a key was read from (deterministic backward: the packed call's
+    bits)."""
+    (q, k, v, k_pages, v_pages), table, layout, dout = paged(page_size, device, dtype, **case)
+    options = dict(causal=True, deterministic=True)
+    out = ct.flash_attn_varlen_func(q, k_pages, v_pages, *layout, block_table=table, **options)
+    q2 = q.detach().clone().requires_grad_(True)
+    want = ct.flash_attn_varlen_func(q2, k, v, *layout, **options)
+    assert torch.equal(out, want)
+    dq, dk_pages, dv_pages = torch.autograd.grad(out, (q, k_pages, v_pages), dout)
+    dq2, dk, dv = torch.autograd.grad(want, (q2, k, v), dout)
+    assert torch.equal(dq, dq2)
+    tolerance = tolerance or {}
+    torch.testing.assert_close(dk_pages.float(), pages_gradient(dk, k_pages, table, LENS_K),
+                               **tolerance)
+    torch.testing.assert_close(dv_pages.float(), pages_gradient(dv, v_pages, table, LENS_K),
+                               **tolerance)
+
+
+@pytest.mark.parametrize("page_size", [1, 5])
+def test_block_table_reads_the_pages_and_its_gradients_reach_them(page_size):
+    """A first page shared by every sequence, as a common prefix is."""
+    check_paged(page_size, share_first_page=True)
+
+
+def test_block_table_under_torch_compile():
+    """The gather's host reads are a graph break; the compiled call gives the eager one's
+    output and gradients."""
+    (q, k, v, k_pages, v_pages), table, layout, dout = paged(3)
+
+    def f(q, k_pages, v_pages):
+        return ct.flash_attn_varlen_func(q, k_pages, v_pages, *layout, causal=True,
+                                         block_table=table)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager")
+    expected = f(q, k_pages, v_pages)
+    out = compiled(q, k_pages, v_pages)
+    assert torch.equal(out, expected)
+    for got, want in zip(torch.autograd.grad(out, (q, k_pages, v_pages), dout),
+                         torch.autograd.grad(expected, (q, k_pages, v_pages), dout)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(block_table=lambda t: t.long()), TypeError, "block_table must have dtype torch.int32"),
+    (dict(block_table=lambda t: t[:, :1]), ValueError, "block_table has 1 page per sequence"),
+    (dict(block_table=lambda t: t[:-1]), ValueError,
+     "cu_seqlens_k must have one offset more than block_table has rows"),
+    (dict(k=lambda k: k[:, 0]), ValueError,
+     r"k must have shape \(num_blocks, page_block_size, nheads_k, headdim\)"),
+])
+def test_block_table_errors_name_the_problem(change, error, message):
+    (q, k, v, k_pages, v_pages), table, layout, _ = paged(4)
+    args = dict(k=k_pages, block_table=table)
+    args.update({name: f(args[name]) for name, f in change.items()})
+    with pytest.raises(error, match=message):
+        ct.flash_attn_varlen_func(q, args["k"], v_pages, *layout, block_table=args["block_table"])
 
 
 def test_dropout_over_packed_sequences_is_each_sequence_s_dense_mask():

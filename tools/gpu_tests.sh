@@ -26,7 +26,7 @@ groups=(
     "dropout_hopper_bf16: tests/test_dropout_gpu.py -k 'default and bfloat16'"
     "dropout_sm80_f16: tests/test_dropout_gpu.py -k 'sm80 and not bfloat16'"
     "dropout_sm80_bf16: tests/test_dropout_gpu.py -k 'sm80 and bfloat16'"
-    "varlen_torch: tests/test_varlen.py tests/test_torch_gpu.py tests/test_torch_kvcache.py"
+    "varlen_torch: tests/test_varlen.py tests/test_varlen_pages.py tests/test_torch_gpu.py tests/test_torch_kvcache.py"
     # the KV-cache file in four processes (alone it outlasts a 10-minute run)
     "kvcache_grid_d128: tests/test_kvcache.py::test_decode_kernel -k D128"
     "kvcache_grid_rest: tests/test_kvcache.py::test_decode_kernel -k 'not D128'"

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from cuflash import _checks
+from cuflash import _checks, _varlen_pages
 
 from . import _bridge, _ops
 from ._ops import block_mask_handle
@@ -419,16 +419,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     float64 on the CPU; not differentiable; not under CUDA-graph capture). ``dropout_p`` as for
     ``flash_attn_func`` (a seed from torch's CPU generator, its CUDA one under capture); sequence
     ``b`` keeps what a dense call's batch element ``b`` keeps (``cuflash.attention_varlen``).
-    ``block_table`` raises ``NotImplementedError``. As in flash-attn, the offsets of CUDA tensors
-    are not checked (no host synchronisation); CPU offsets are (docs/torch.md, "Packed
-    sequences").
+    ``block_table`` (int32 ``(B, max_num_blocks_per_seq)``) takes k and v as flash-attn's
+    paged caches ``(num_blocks, page_block_size, nheads_k, headdim)``: the keys and values the
+    sequences use are gathered into packed rows with torch's indexing (gradients reach the
+    pages), after ``cu_seqlens_k`` and the table are read on the host (a synchronisation; not
+    under CUDA-graph capture). As in flash-attn, the offsets of CUDA tensors are otherwise not
+    checked (no host synchronisation); CPU offsets are (docs/torch.md, "Packed sequences").
     """
     p = _checked_dropout_p(dropout_p)
     if block_table is not None:
-        raise NotImplementedError(
-            f"block_table is not supported by flash_attn_varlen_func (got a "
-            f"{type(block_table).__name__}): cuflash reads packed keys and values as rows of k "
-            f"and v; pass block_table=None (flash_attn_with_kvcache takes a paged cache)")
+        _check_tensors(q=q, k=k, v=v, cu_seqlens_k=cu_seqlens_k, block_table=block_table)
+        k, v = _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table)
     _check_layout(("total", "nheads", "headdim"), q=q, k=k, v=v)
     tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if alibi_slopes is not None:
@@ -448,6 +449,39 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                causal=causal, scale=scale, window=(left, right), softcap=softcap,
                                alibi_slopes=alibi_slopes, dropout_p=p, dropout_seed=dropout[1])
     return out, lse.detach(), probs
+
+
+def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
+    """flash-attn's paged k and v as packed rows ``(total_k, nheads_k, headdim)``, gathered by
+    torch's indexing so that autograd carries gradients back to the pages; the offsets and the
+    table are read on the host to size and check the gather (``cuflash.attention_varlen``'s
+    rules)."""
+    _check_layout(("num_blocks", "page_block_size", "nheads_k", "headdim"), k=k, v=v)
+    _check_layout(("batch_size", "max_num_blocks_per_seq"), block_table=block_table)
+    for name, x in (("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table)):
+        if x.dtype != torch.int32:
+            raise TypeError(f"{name} must have dtype torch.int32, got {x.dtype}")
+    page_size = _varlen_pages.check_pages(k, v)
+    if cu_seqlens_k.dim() != 1 or cu_seqlens_k.shape[0] != block_table.shape[0] + 1:
+        raise ValueError(f"cu_seqlens_k must have one offset more than block_table has rows "
+                         f"(sequences), got cu_seqlens_k {tuple(cu_seqlens_k.shape)} and "
+                         f"block_table {tuple(block_table.shape)}")
+    index = _page_rows(cu_seqlens_k, block_table, max_seqlen_k, page_size, k.shape[0])
+    return k[index], v[index]
+
+
+# The rows are computed from the offsets' and the table's values on the host, which
+# torch.compile must not trace: under it this is a graph break (fullgraph=True refuses it).
+@torch.compiler.disable
+def _page_rows(cu_seqlens_k, block_table, max_seqlen_k, page_size: int, num_pages: int) -> tuple:
+    """``(pages, rows within the pages)`` of every packed key, as index tensors on the caches'
+    device."""
+    max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    host = _varlen_pages.host_key_offsets(cu_seqlens_k.cpu().numpy(), True, max_k)
+    pages, offsets = _varlen_pages.used_slots(host, block_table.cpu().numpy().astype("int64"),
+                                              page_size, num_pages)
+    device = block_table.device
+    return torch.as_tensor(pages, device=device), torch.as_tensor(offsets, device=device)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,

@@ -1,0 +1,90 @@
+"""Packed sequences whose keys and values live in a paged cache (flash-attn's
+``flash_attn_varlen_func(..., block_table=...)``).
+
+Sequence ``b``'s key ``j`` is in page ``block_table[b, j // page_size]``, at offset
+``j % page_size`` (``page_slots``, the rule the KV-cache calls use too). The keys and values the
+sequences use are gathered into packed rows, ``(total_k, Hkv, D)`` as ``cu_seqlens_k`` lays them
+out, and the call then runs as an unpaged one: one copy of the used keys and values, and the
+offsets read on the host to size it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from . import _checks
+from ._kvcache_spec import _check_index_array as check_index_array, page_slots
+
+
+def host_key_offsets(cu_seqlens_k: Any, check_offsets: bool, max_seqlen_k: int):
+    """``cu_seqlens_k`` on the host (int64), checked: a paged call sizes its gather by them. CuPy
+    offsets are read back (a synchronisation) unless ``check_offsets`` is False, which a paged call
+    refuses."""
+    if not isinstance(cu_seqlens_k, numpy.ndarray) and not check_offsets:
+        raise ValueError(
+            "a block_table needs cu_seqlens_k on the host to gather each sequence's keys, so "
+            "check_offsets=False (no read-back) cannot be kept: pass check_offsets=True or NumPy "
+            "offsets")
+    host = numpy.asarray(cu_seqlens_k if isinstance(cu_seqlens_k, numpy.ndarray)
+                         else cu_seqlens_k.get(), dtype=numpy.int64)
+    _checks.check_offset_values(host, "cu_seqlens_k", int(host[-1]), "max_seqlen_k", max_seqlen_k)
+    return host
+
+
+def check_pages(k_pages: Any, v_pages: Any) -> int:
+    """The page size of paged caches ``(num_pages, page_size, Hkv, D)`` /
+    ``(num_pages, page_size, Hkv, Dv)``."""
+    layout = "(num_pages, page_size, Hkv, {})"
+    for name, x, last in (("k", k_pages, "D"), ("v", v_pages, "Dv")):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"with a block_table, {name} is a paged cache {layout.format(last)}, "
+                             f"got shape {tuple(getattr(x, 'shape', ()))}")
+    if tuple(k_pages.shape[:3]) != tuple(v_pages.shape[:3]):
+        raise ValueError(f"with a block_table, v must match k in its first three axes "
+                         f"{layout.format('Dv')}, got k {tuple(k_pages.shape)} and v "
+                         f"{tuple(v_pages.shape)}")
+    if k_pages.shape[1] == 0 or k_pages.shape[0] == 0:
+        raise ValueError(f"with a block_table, k must hold at least one page of at least one key, "
+                         f"got shape {tuple(k_pages.shape)}")
+    return int(k_pages.shape[1])
+
+
+def used_slots(host_offsets, table, page_size: int, num_pages: int):
+    """``(pages, offsets)`` of every packed key row, sequence by sequence; the pages each sequence
+    uses are checked to be listed in its row of the table and to exist."""
+    lengths = numpy.diff(host_offsets)
+    needed = -(-lengths // page_size)
+    if needed.size and needed.max() > table.shape[1]:
+        b = int(numpy.argmax(needed))
+        raise ValueError(f"block_table has {table.shape[1]} page{'s' * (table.shape[1] != 1)} per "
+                         f"sequence, but sequence {b} has {int(lengths[b])} keys: "
+                         f"{int(needed[b])} pages of {page_size}")
+    for b in numpy.flatnonzero(needed):
+        listed = table[b, :needed[b]]
+        bad = numpy.flatnonzero((listed < 0) | (listed >= num_pages))
+        if bad.size:
+            raise ValueError(f"block_table[{b}, {int(bad[0])}] = {int(listed[bad[0]])} is not a "
+                             f"page of k (it holds {num_pages}: 0 … {num_pages - 1})")
+    rows = numpy.repeat(numpy.arange(lengths.size), lengths)
+    positions = numpy.arange(int(host_offsets[-1])) - numpy.repeat(host_offsets[:-1], lengths)
+    return page_slots(table, rows, positions, page_size)
+
+
+def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table,
+                 check_offsets):
+    """Packed ``(k, v)``, ``(total_k, Hkv, D)`` and ``(total_k, Hkv, Dv)``, gathered from the
+    pages the block table lists for each sequence."""
+    xp = _checks.common_module({"q": q, "k": k_pages, "v": v_pages})
+    page_size = check_pages(k_pages, v_pages)
+    check_offsets = _checks.check_bool(check_offsets, "check_offsets")
+    _checks.check_offset_arrays(cu_seqlens_q, cu_seqlens_k, xp, device_of=q)
+    check_index_array("block_table", block_table, (cu_seqlens_k.shape[0] - 1, None), xp, q)
+    max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    host = host_key_offsets(cu_seqlens_k, check_offsets, max_k)
+    table = numpy.asarray(block_table if xp is numpy else block_table.get(), numpy.int64)
+    pages, offsets = used_slots(host, table, page_size, int(k_pages.shape[0]))
+    with _checks.device_context(q):
+        pages, offsets = xp.asarray(pages), xp.asarray(offsets)
+        return k_pages[pages, offsets], v_pages[pages, offsets]

@@ -1,0 +1,171 @@
+"""Packed sequences whose keys and values live in a paged cache (``attention_varlen(...,
+block_table=...)``, flash-attn's ``flash_attn_varlen_func`` form).
+
+The pages are written here key by key from packed keys, by flash-attn's rule (sequence ``b``'s
+key ``j`` in page ``block_table[b, j // page_size]`` at row ``j % page_size``), into a cache with
+pages no sequence uses and table entries past each sequence's pages that are no page at all. A
+paged call must then give exactly the packed call's results, and the packed call is held to the
+float64 oracle by ``tests/test_varlen.py``.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from oracle import assert_varlen_forward_close, poisoned, random_array
+from test_varlen import offsets
+
+import cuflash
+
+
+def paged_case(rng, xp, dtype, lens_q, lens_k, page_size, *, hq=4, hkv=2, d=32, dv=None,
+               share_first_page=False):
+    """``(q, k_packed, v_packed, k_pages, v_pages, table, cu_q, cu_k)``: random packed keys and
+    values, and the same keys written into shuffled pages. ``share_first_page``: every sequence's
+    first page is one page (their first ``page_size`` keys are then the same keys)."""
+    dv = dv or d
+    needed = [-(-n // page_size) for n in lens_k]
+    max_pages = max(needed) + 1
+    num_pages = sum(needed) + 3
+    order = rng.permutation(num_pages)
+    table = np.full((len(lens_k), max_pages), -7, np.int32)  # no page: must not be read
+    taken = 0
+    for b, n in enumerate(needed):
+        table[b, :n] = order[taken:taken + n]
+        taken += n
+    if share_first_page:
+        table[np.array(needed) > 0, 0] = order[0]
+    k_pages = random_array(rng, (num_pages, page_size, hkv, d), dtype)
+    v_pages = random_array(rng, (num_pages, page_size, hkv, dv), dtype)
+    rows = [(table[b, j // page_size], j % page_size) for b, n in enumerate(lens_k)
+            for j in range(n)]
+    k = np.stack([k_pages[p, o] for p, o in rows]) if rows else k_pages[:0, 0]
+    v = np.stack([v_pages[p, o] for p, o in rows]) if rows else v_pages[:0, 0]
+    q = random_array(rng, (sum(lens_q), hq, d), dtype)
+    arrays = (q, k, v, k_pages, v_pages, table, offsets(lens_q), offsets(lens_k))
+    return tuple(xp.asarray(x) for x in arrays)
+
+
+def assert_paged_equals_packed(xp, rng, dtype, lens_q, lens_k, page_size, case=None, **options):
+    q, k, v, k_pages, v_pages, table, cu_q, cu_k = case or paged_case(
+        rng, xp, dtype, lens_q, lens_k, page_size)
+    lengths = (max(lens_q), max(lens_k))
+    out = poisoned((q.shape[0], q.shape[1], v.shape[2]), q.dtype, xp=xp)
+    got, lse = cuflash.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, *lengths, out=out,
+                                        return_lse=True, block_table=table, **options)
+    want, want_lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, *lengths, return_lse=True,
+                                              **options)
+    assert got is out
+    assert xp.array_equal(got, want) and xp.array_equal(lse, want_lse), options
+    return q, k, v, cu_q, cu_k, got, lse
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+@pytest.mark.parametrize("options", [
+    dict(), dict(causal=True), dict(window=(5, 0)), dict(window=(3, 2), softcap=4.0),
+    dict(causal=True, alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625], np.float32)),
+], ids=["plain", "causal", "window", "window-softcap", "causal-alibi"])
+def test_numpy_paged_equals_packed(rng, page_size, options):
+    assert_paged_equals_packed(np, rng, np.float32, [5, 0, 9, 2], [7, 3, 12, 0], page_size,
+                               **options)
+
+
+def test_numpy_paged_against_the_oracle(rng):
+    """One case checked against the float64 oracle of each sequence alone as well (bfloat16,
+    grouped heads, Dv != D)."""
+    case = paged_case(rng, np, ml_dtypes.bfloat16, [4, 11, 6], [9, 11, 30], 4, hq=6, hkv=2, d=16,
+                      dv=24)
+    q, k, v, cu_q, cu_k, got, lse = assert_paged_equals_packed(
+        np, rng, None, [4, 11, 6], [9, 11, 30], 4, case=case, causal=True)
+    assert_varlen_forward_close(got, lse, q, k, v, cu_q, cu_k, causal=True)
+
+
+def test_numpy_shared_pages(rng):
+    """Sequences may list the same page (a shared prefix): each reads its keys from it."""
+    case = paged_case(rng, np, np.float32, [3, 4, 2], [6, 5, 2], 4, share_first_page=True)
+    table = case[5]
+    assert len(set(table[:, 0])) == 1
+    assert_paged_equals_packed(np, rng, None, [3, 4, 2], [6, 5, 2], 4, case=case, causal=True)
+
+
+def _paged_args(rng):
+    q, _, _, k_pages, v_pages, table, cu_q, cu_k = paged_case(rng, np, np.float32, [3, 5],
+                                                              [6, 9], 4)
+    return dict(q=q, k=k_pages, v=v_pages, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5,
+                max_seqlen_k=9, block_table=table)
+
+
+def _call(args):
+    a = dict(args)
+    return cuflash.attention_varlen(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("cu_seqlens_q"),
+                                    a.pop("cu_seqlens_k"), a.pop("max_seqlen_q"),
+                                    a.pop("max_seqlen_k"), **a)
+
+
+def _table_with(args, row, column, value):
+    table = args["block_table"].copy()
+    table[row, column] = value
+    return dict(block_table=table)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda a: _table_with(a, 1, 2, a["k"].shape[0]), ValueError,
+     r"block_table\[1, 2\] = \d+ is not a page of k"),
+    (lambda a: _table_with(a, 0, 1, -1), ValueError, r"block_table\[0, 1\] = -1 is not a page"),
+    (lambda a: dict(block_table=a["block_table"][:, :2]), ValueError,
+     "block_table has 2 pages per sequence, but sequence 1 has 9 keys: 3 pages of 4"),
+    (lambda a: dict(block_table=a["block_table"].astype(np.int64)), TypeError,
+     "block_table must have dtype int32"),
+    (lambda a: dict(block_table=a["block_table"][:1]), ValueError,
+     r"block_table must have shape \(2, max_pages\)"),
+    (lambda a: dict(k=a["k"][:, 0]), ValueError,
+     r"with a block_table, k is a paged cache \(num_pages, page_size, Hkv, D\)"),
+    (lambda a: dict(v=a["v"][:-1]), ValueError, "v must match k in its first three axes"),
+    (lambda a: dict(cu_seqlens_k=np.array([0, 9, 6], np.int32)), ValueError,
+     "cu_seqlens_k must be non-decreasing"),
+    (lambda a: dict(max_seqlen_k=8), ValueError, "max_seqlen_k must be at least"),
+])
+def test_errors_name_the_problem(rng, change, error, message):
+    args = _paged_args(rng)
+    with pytest.raises(error, match=message):
+        _call(args | change(args))
+
+
+def test_out_over_the_pages_is_refused(rng):
+    args = _paged_args(rng)
+    pages = np.zeros((8, 4, 4, 32), np.float32)  # 8 pages of 4 keys, 4 heads: room for out
+    args["k"], args["v"] = pages[:, :, :2], pages[:, :, 2:]
+    out = pages.reshape(32, 4, 32)[:8]
+    args["block_table"] = np.array([[0, 1, 2], [3, 4, 5]], np.int32)
+    with pytest.raises(ValueError, match="out must not share memory with the paged cache k"):
+        _call(args | dict(out=out))
+
+
+def test_unchecked_device_offsets_are_refused(rng):
+    """The gather is sized by cu_seqlens_k on the host: with CuPy offsets and
+    check_offsets=False (no read-back) a paged call cannot run."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        device = FakeDevice(monkeypatch, compute_capability="90")
+        q = device.empty((8, 4, 32), ml_dtypes.bfloat16)
+        pages = device.empty((5, 4, 2, 32), ml_dtypes.bfloat16)
+        cu = device.empty((3,), np.int32)
+        table = device.empty((2, 3), np.int32)
+        assert isinstance(cu, cupy.ndarray)
+        with pytest.raises(ValueError, match="check_offsets=False .* cannot be kept"):
+            cuflash.attention_varlen(q, pages, pages, cu, cu, 5, 9, block_table=table,
+                                     check_offsets=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("page_size", [7, 16, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+def test_gpu_paged_equals_packed(xp_gpu, rng, dtype, page_size, causal):
+    case = paged_case(rng, xp_gpu, dtype, [130, 1, 300, 77], [260, 9, 300, 501], page_size,
+                      hq=8, hkv=2, d=128)
+    assert_paged_equals_packed(xp_gpu, rng, None, [130, 1, 300, 77], [260, 9, 300, 501],
+                               page_size, case=case, causal=causal)
