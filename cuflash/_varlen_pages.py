@@ -86,5 +86,14 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, 
     table = numpy.asarray(block_table if xp is numpy else block_table.get(), numpy.int64)
     pages, offsets = used_slots(host, table, page_size, int(k_pages.shape[0]))
     with _checks.device_context(q):
-        pages, offsets = xp.asarray(pages), xp.asarray(offsets)
-        return k_pages[pages, offsets], v_pages[pages, offsets]
+        rows = xp.asarray(pages * page_size + offsets)
+        return _rows_of(k_pages, rows, xp), _rows_of(v_pages, rows, xp)
+
+
+def _rows_of(pages: Any, rows: Any, xp) -> Any:
+    """Rows ``rows`` of the pages laid end to end: one take over the pages viewed as
+    ``(num_pages · page_size, Hkv, D)`` where their first two axes allow that view (a copy of the
+    whole cache otherwise, avoided by indexing page and row apart)."""
+    if pages.strides[0] == pages.shape[1] * pages.strides[1]:
+        return xp.take(pages.reshape((-1,) + pages.shape[2:]), rows, axis=0)
+    return pages[rows // pages.shape[1], rows % pages.shape[1]]

@@ -169,3 +169,15 @@ def test_gpu_paged_equals_packed(xp_gpu, rng, dtype, page_size, causal):
                       hq=8, hkv=2, d=128)
     assert_paged_equals_packed(xp_gpu, rng, None, [130, 1, 300, 77], [260, 9, 300, 501],
                                page_size, case=case, causal=causal)
+
+
+def test_numpy_pages_strided_between_pages(rng):
+    """Pages that are a view with a gap between them (every other page of a larger cache) are
+    read where they are."""
+    q, k, v, k_pages, v_pages, table, cu_q, cu_k = paged_case(rng, np, np.float32, [3, 5], [6, 9],
+                                                              4)
+    spread = np.zeros((2 * k_pages.shape[0],) + k_pages.shape[1:], np.float32)
+    spread[::2] = k_pages
+    assert spread[::2].strides[0] != k_pages.shape[1] * k_pages.strides[1]
+    case = (q, k, v, spread[::2], v_pages, table, cu_q, cu_k)
+    assert_paged_equals_packed(np, rng, None, [3, 5], [6, 9], 4, case=case, causal=True)
