@@ -175,18 +175,15 @@ def test_descriptors_are_written_only_when_their_address_changes(monkeypatch):
     assert encoded == [q2.data.ptr]
 
 
-def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
-    """A persistent grid's counter: launches on one stream share one (they run in turn); every
-    launch captured into a graph gets its own; slabs are allocated as they fill up. Every new
-    counter is zero before its first launch: a slab made outside a capture is zeroed whole on
-    its stream, and once a later call outside any capture has seen that memset end, its counters
-    need no memset of their own (so a captured launch adds no memset node to its graph); until
-    then, and in slabs made during a capture, each new counter is zeroed on its stream."""
+def _fake_counter_runtime(monkeypatch, slabs):
+    """``(counters, capturing, memsets, events)``: a ``TileCounters`` of 3 counters a slab over
+    a runtime that records them (``slabs``: the addresses its mallocs return, in turn; streams
+    in ``capturing`` capture; each event's ``done`` is set by the test)."""
     cupy = pytest.importorskip("cupy")
     from cuflash.kernels import _launch
 
     runtime = cupy.cuda.runtime
-    capturing, memsets, slabs, events = set(), [], iter((1 << 40, 1 << 41, 1 << 42)), []
+    capturing, memsets, events, slabs = set(), [], [], iter(slabs)
 
     class Event:
         def __init__(self, disable_timing=False):
@@ -211,45 +208,82 @@ def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
     monkeypatch.setattr(runtime, "memsetAsync", lambda ptr, value, size, stream: memsets.append((ptr, value, size, stream)))
     monkeypatch.setattr(cupy.cuda, "Event", Event)
     monkeypatch.setattr(_launch, "external_stream", lambda ptr, device: types.SimpleNamespace(ptr=ptr))
-    a, b, c = 1 << 40, 1 << 41, 1 << 42
     counters = _launch.TileCounters()
     counters.SLAB = 3
+    return counters, capturing, memsets, events
+
+
+def test_tile_counters_one_per_stream_and_one_per_captured_launch(monkeypatch):
+    """A persistent grid's counter: launches on one stream share one (they run in turn); every
+    launch captured into a graph gets its own; slabs are allocated as they fill up. Every new
+    counter is zero before its first launch: a slab made outside a capture is zeroed whole on
+    its stream, and once a later call outside any capture has seen that memset end, its counters
+    need no memset of their own (so a captured launch adds no memset node to its graph); until
+    then other streams and captured launches take counters of a side slab, and those and the
+    counters of slabs made during a capture are each zeroed on their stream."""
+    a, b, c, d, e = (1 << n for n in range(40, 45))
+    counters, capturing, memsets, events = _fake_counter_runtime(monkeypatch, (a, b, c, d, e))
     assert counters.pointer(5) == a and memsets == [(a, 0, 24, 5)]  # the slab, zeroed whole
     assert counters.pointer(5) == a and len(memsets) == 1
-    assert [(e.stream, e.done) for e in events] == [(5, False)]
-    assert counters.pointer(6) == a + 8 and memsets[-1] == (a + 8, 0, 8, 6)  # not known zero yet
+    assert [(event.stream, event.done) for event in events] == [(5, False)]
+    assert counters.pointer(6) == b and memsets[-1] == (b, 0, 8, 6)  # a side slab's
     capturing.add(7)
-    assert [counters.pointer(7), counters.pointer(7)] == [a + 16, b]  # own counters; b made in the capture
-    assert memsets[-2:] == [(a + 16, 0, 8, 7), (b, 0, 8, 7)] and len(events) == 1
+    assert [counters.pointer(7), counters.pointer(7)] == [b + 8, b + 16]  # own counters
+    assert memsets[-2:] == [(b + 8, 0, 8, 7), (b + 16, 0, 8, 7)] and len(events) == 1
     capturing.clear()
     events[0].done = True
-    assert counters.pointer(7) == b + 8 and memsets[-1] == (b + 8, 0, 8, 7)  # b was never zeroed whole
-    assert counters.pointer(8) == b + 16 and memsets[-1] == (b + 16, 0, 8, 8)
-    assert counters.pointer(9) == c and memsets[-1] == (c, 0, 24, 9)
     count = len(memsets)
+    assert counters.pointer(8) == a + 8 and len(memsets) == count  # a seen zeroed
     capturing.add(10)
-    assert counters.pointer(10) == c + 8 and memsets[-1] == (c + 8, 0, 8, 10)  # c's memset not seen to end
+    assert counters.pointer(10) == a + 16 and len(memsets) == count  # no memset node
+    assert counters.pointer(10) == c and memsets[-1] == (c, 0, 8, 10)  # c made in the capture
+    capturing.clear()
+    assert counters.pointer(9) == c + 8 and memsets[-1] == (c + 8, 0, 8, 9)  # c never zeroed whole
+    assert counters.pointer(11) == c + 16 and memsets[-1] == (c + 16, 0, 8, 11)
+    assert counters.pointer(12) == d and memsets[-1] == (d, 0, 24, 12)
+    capturing.add(10)
+    assert counters.pointer(10) == e and memsets[-1] == (e, 0, 8, 10)  # d's memset not seen to end
     capturing.clear()
     events[1].done = True
-    assert counters.pointer(9) == c and len(memsets) == count + 1  # sees it end
+    count = len(memsets)
+    assert counters.pointer(12) == d and len(memsets) == count  # sees it end
     capturing.add(10)
-    assert counters.pointer(10) == c + 16 and len(memsets) == count + 1  # no memset node
+    assert counters.pointer(10) == d + 8 and len(memsets) == count  # no memset node
     capturing.clear()
     # Another device's slab is zeroed on its own, and its event is queried only while that device
     # is current.
+    cupy = pytest.importorskip("cupy")
     device = [1]
-    monkeypatch.setattr(runtime, "getDevice", lambda: device[0])
-    slabs = iter((1 << 43,))
-    d = 1 << 43
-    assert counters.pointer(5) == d and memsets[-1] == (d, 0, 24, 5)
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: device[0])
+    counters_f = 1 << 45
+    monkeypatch.setattr(cupy.cuda.runtime, "malloc", lambda size: counters_f)
+    assert counters.pointer(5) == counters_f and memsets[-1] == (counters_f, 0, 24, 5)
     device[0] = 0
     assert counters.pointer(5) == a and events[-1].queries == 0
     device[0] = 1
     events[-1].done = True
-    assert counters.pointer(5) == d and events[-1].queries == 1
+    assert counters.pointer(5) == counters_f and events[-1].queries == 1
     capturing.add(10)
     count = len(memsets)
-    assert counters.pointer(10) == d + 8 and len(memsets) == count  # no memset node
+    assert counters.pointer(10) == counters_f + 8 and len(memsets) == count  # no memset node
+
+
+def test_a_slab_zeroing_still_queued_zeroes_no_other_stream_s_counter(monkeypatch):
+    """A new slab is zeroed whole by a memset on the stream that asked first, which runs only
+    once the work queued there before it has: it may run in the middle of a later launch on
+    another stream, or of a graph replay. A counter of that slab in such a launch would be
+    cleared mid-launch, its blocks would never count to the end, and it would stay non-zero for
+    the next launch on that stream (whose blocks would then skip their tiles past the grid). So
+    until that memset is seen to end, every other counter comes from memory it does not cover."""
+    a, side = 1 << 40, 1 << 41
+    counters, capturing, memsets, events = _fake_counter_runtime(monkeypatch, (a, side))
+    assert counters.pointer(5) == a and memsets == [(a, 0, 24, 5)]
+    capturing.add(7)
+    others = [counters.pointer(6), counters.pointer(7)]
+    covered = range(a, a + 24)
+    assert not any(counter in covered for counter in others)
+    # each zeroed on its own stream, after the launches that stream queued before it
+    assert memsets[1:] == [(others[0], 0, 8, 6), (others[1], 0, 8, 7)]
 
 
 # ---- dependent launches (programmatic dependent launch)

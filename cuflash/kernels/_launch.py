@@ -512,8 +512,12 @@ class TileCounters:
     whole on the stream that needed it, and once a later call outside any capture has seen that
     memset end, its unused counters are handed out as they are: a captured launch then needs no
     memset node of its own in the graph (one node less per persistent launch on each replay).
-    Until then, and for slabs made during a capture, each new counter is zeroed by a memset on
-    its stream (captured with the launch when capturing)."""
+    Until then no other counter comes from it: that memset runs after whatever its stream had
+    queued, so it could clear another stream's counter (or a captured launch's, whose graph may
+    replay on any stream) in the middle of a launch, whose blocks would then never count to the
+    end and leave it non-zero for the next. Those counters come from a side slab, never zeroed
+    whole, as do those of slabs made during a capture: each is zeroed by a memset on its stream
+    (captured with the launch when capturing)."""
 
     SLAB = 4096  # counters per slab
 
@@ -521,6 +525,8 @@ class TileCounters:
         self._lock = threading.Lock()
         self._by_stream: dict[tuple[int, int], int] = {}
         self._slabs: dict[int, _Slab] = {}  # device -> the slab counters are drawn from
+        # device -> the slab of counters wanted while the current slab's zeroing may be pending
+        self._side: dict[int, _Slab] = {}
         # device -> its current slab while that slab's zeroing memset has not been seen to end
         # (a full slab hands out nothing more, so only the current one matters)
         self._unconfirmed: dict[int, _Slab] = {}
@@ -551,20 +557,26 @@ class TileCounters:
         """A counter of its own, zero before any launch that follows on ``stream``."""
         cupy = cupy_module()
         with self._lock:
-            slab = self._slabs.get(device)
+            slabs = self._slabs
+            slab = slabs.get(device)
+            if device in self._unconfirmed and slab.used < self.SLAB:
+                # its zeroing may still be queued (see the class's doc): a side slab's counter
+                slabs = self._side
+                slab = slabs.get(device)
             fresh = slab is None or slab.used == self.SLAB
             if fresh:
-                slab = self._slabs[device] = _Slab(cupy.cuda.runtime.malloc(8 * self.SLAB))
-                self._unconfirmed.pop(device, None)
-                if not capturing:
-                    cupy.cuda.runtime.memsetAsync(slab.memory, 0, 8 * self.SLAB, stream)
-                    slab.zeroing = cupy.cuda.Event(disable_timing=True)
-                    slab.zeroing.record(external_stream(stream, device))
-                    self._unconfirmed[device] = slab
+                slab = slabs[device] = _Slab(cupy.cuda.runtime.malloc(8 * self.SLAB))
+                if slabs is self._slabs:
+                    self._unconfirmed.pop(device, None)
+                    if not capturing:
+                        cupy.cuda.runtime.memsetAsync(slab.memory, 0, 8 * self.SLAB, stream)
+                        slab.zeroing = cupy.cuda.Event(disable_timing=True)
+                        slab.zeroing.record(external_stream(stream, device))
+                        self._unconfirmed[device] = slab
             counter = slab.memory + 8 * slab.used
             slab.used += 1
             # zeroed already: the whole slab, known to be, or just now on this very stream
-            zero = slab.zeroed or (fresh and not capturing)
+            zero = slab.zeroed or (fresh and slab.zeroing is not None)
         if not zero:
             cupy.cuda.runtime.memsetAsync(counter, 0, 8, stream)
         return counter
