@@ -348,21 +348,39 @@ def _without_seed_array(spec):
     return spec if spec.dropout_state is None else dataclasses.replace(spec, dropout_state=None)
 
 
-def _with_call_dropout(spec, dropout_p, dropout: tuple, q):
-    """``spec`` with this call's dropout seed and offset (or seed array), checked as the validated
-    path checks them (``_checks.check_dropout``; q gives a seed array's module and device);
-    ``spec`` itself where they are its own."""
+def _call_dropout(spec, dropout_p, dropout: tuple, q):
+    """This call's dropout ``(seed, offset, seed array)``, checked as the validated path checks
+    them (``_checks.check_dropout``; q gives a seed array's module and device), or ``None`` where
+    they are ``spec``'s own."""
     seed, offset = dropout
     if not spec.dropout_p and seed is None and offset.__class__ is int and offset == 0:
-        return spec  # no dropout, nothing given: the common case, no check needed
+        return None  # no dropout, nothing given: the common case, no check needed
     xp = _checks.array_module(q) if _checks.is_seed_array(seed) else None
     _, seed, offset, state = _checks.check_dropout(dropout_p, seed, offset, spec.shapes, xp=xp,
                                                    device_of=q)
     if (seed == spec.dropout_seed and offset == spec.dropout_offset
             and state is spec.dropout_state):
+        return None
+    return seed, offset, state
+
+
+def _with_dropout(spec, call_dropout):
+    """``spec`` with the dropout ``(seed, offset, seed array)`` of ``_call_dropout`` (``spec``
+    itself for ``None``)."""
+    if call_dropout is None:
         return spec
+    seed, offset, state = call_dropout
     return dataclasses.replace(spec, dropout_seed=seed, dropout_offset=offset,
                                dropout_state=state)
+
+
+def _with_call_dropout(spec, dropout_p, dropout: tuple, q):
+    """``spec`` with this call's dropout seed and offset (or seed array), checked as the validated
+    path checks them; ``spec`` itself where they are its own."""
+    seed, offset = dropout
+    if not spec.dropout_p and seed is None and offset.__class__ is int and offset == 0:
+        return spec  # (as _call_dropout: the common case, one call less)
+    return _with_dropout(spec, _call_dropout(spec, dropout_p, dropout, q))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -633,8 +651,10 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, dropou
     entry, key = _lookup("varlen forward", arrays, (max_q, max_k, *options.values(), return_lse),
                          slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry.dense(q, k, v, out, slopes, _with_call_dropout(
-            entry.spec_of(cu_q, cu_k), options["dropout_p"], dropout, q))
+        # The dropout arguments are checked before the offsets' values, as _api._varlen_spec
+        # checks them: a call wrong in both raises what the validated path raises.
+        call_dropout = _call_dropout(entry.dense.spec, options["dropout_p"], dropout, q)
+        done = entry.dense(q, k, v, out, slopes, entry.spec_of(cu_q, cu_k, call_dropout))
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -663,8 +683,9 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: 
     entry, key = _lookup(_VARLEN_BACKWARD_NAMES[given], arrays,
                          (max_q, max_k, *options.values()), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi, _with_call_dropout(
-            entry.spec_of(cu_q, cu_k), options["dropout_p"], dropout, q))
+        call_dropout = _call_dropout(entry.dense.spec, options["dropout_p"], dropout, q)
+        done = entry.dense(dout, q, k, v, out, lse, grads, slopes, alibi,
+                           entry.spec_of(cu_q, cu_k, call_dropout))
         if done is not None:
             _stats["hits"] += 1
             return done
@@ -697,18 +718,20 @@ class _VarlenEntry:
     def of(cls, dense, check_offsets: bool):
         return dense if dense is _UNCACHED else cls(dense, check_offsets)
 
-    def spec_of(self, cu_q, cu_k):
+    def spec_of(self, cu_q, cu_k, call_dropout=None):
+        """The call's spec: the entry's with these offsets (checked with ``check_offsets``) and
+        ``call_dropout`` (``_call_dropout``: ``None`` where the entry's)."""
         last_q, last_k, spec = self.last[0]
-        if cu_q is last_q and cu_k is last_k:
-            return spec
-        layout = self.dense.spec.varlen
-        hosts = _checks.checked_offsets(cu_q, cu_k, (layout.total_q, layout.total_k),
-                                        (layout.max_q, layout.max_k), self.check_offsets)
-        layout = dataclasses.replace(layout, cu_q=cu_q, cu_k=cu_k, host_q=hosts[0], host_k=hosts[1])
-        spec = dataclasses.replace(self.dense.spec, varlen=layout)
-        if not self.check_offsets:
-            self.last[0] = (cu_q, cu_k, spec)
-        return spec
+        if cu_q is not last_q or cu_k is not last_k:
+            layout = self.dense.spec.varlen
+            hosts = _checks.checked_offsets(cu_q, cu_k, (layout.total_q, layout.total_k),
+                                            (layout.max_q, layout.max_k), self.check_offsets)
+            layout = dataclasses.replace(layout, cu_q=cu_q, cu_k=cu_k, host_q=hosts[0],
+                                         host_k=hosts[1])
+            spec = dataclasses.replace(self.dense.spec, varlen=layout)
+            if not self.check_offsets:
+                self.last[0] = (cu_q, cu_k, spec)
+        return spec if call_dropout is None else _with_dropout(spec, call_dropout)
 
 
 def _offsets_read_in_place(spec, offsets) -> bool:
