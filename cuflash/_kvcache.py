@@ -399,7 +399,8 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
         k, v = _checks.kernel_readable(k), _checks.kernel_readable(v)
         temporaries += [k, v]
         decode.append(k, v, k_cache, v_cache, before, block_table=table, cache_batch_idx=rows)
-    target = out if out.strides[-1] == out.itemsize else xp.empty(spec.out_shape, spec.dtype)
+    # (the kernel writes out through its strides in whole elements)
+    target = out if _checks.kernel_ready(out) else xp.empty(spec.out_shape, spec.dtype)
     decode.forward(q, k_cache, v_cache, before, target, lse, appended=spec.s_new, scale=spec.scale,
                    causal=spec.causal, window=spec.window, softcap=spec.softcap, alibi=spec.alibi,
                    block_table=table, cache_batch_idx=rows, cache_leftpad=leftpad,

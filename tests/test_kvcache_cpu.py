@@ -802,3 +802,46 @@ def test_decode_on_a_device_with_99_kib_per_block(monkeypatch):
         cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=1)
         (launch,) = [x for x in device.take_launches() if x[0].startswith("flash_decode<")]
         assert launch[3] <= 99 * 1024 and ", 2, Mask<" in launch[0]  # two stages
+
+
+def test_caches_whose_strides_are_not_whole_elements_take_the_generic_route(monkeypatch):
+    """The decode kernel takes strides in whole elements: a cache whose positions lie 257 bytes
+    apart (bfloat16) is not one it can read (it would read them 256 bytes apart), even though
+    the rounded strides are 16-byte multiples; the generic route copies such keys first."""
+    pytest.importorskip("cupy")
+    import cupy
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((2, 1, 4, 64), ml_dtypes.bfloat16)
+    memory = device.empty((2 * 64 * 257 + 64,), np.uint8).data
+    odd = cupy.ndarray((2, 64, 2, 64), ml_dtypes.bfloat16, memptr=memory,
+                       strides=(64 * 257, 257, 128, 2))
+    whole = device.empty((2, 64, 2, 64), ml_dtypes.bfloat16)
+    seqlens = device.empty((2,), np.int32)
+    assert cuflash.kvcache_plan(q, whole, whole, cache_seqlens=seqlens).route == "decode"
+    for k_cache, v_cache in ((odd, whole), (whole, odd)):
+        plan = cuflash.kvcache_plan(q, k_cache, v_cache, cache_seqlens=seqlens)
+        assert plan.route == "generic" and "16-byte aligned" in plan.reason
+
+
+def test_decode_route_writes_an_out_of_strides_not_whole_elements_through_a_copy(rng, seed):
+    """The decode kernel writes out through its strides in whole elements: an out whose rows lie
+    a number of bytes apart that is not one gets a contiguous target, copied into it after."""
+    case = make_case(rng, np, dtype=np.float16, b=2, sq=1, hq=4, hkv=2, d=16, lengths=[9, 9],
+                     capacity=32, s_new=1, seqlens_as="int", causal=True)
+    spec = _spec(case)
+    targets = []
+
+    class Recording(FakeDecode):
+        def forward(self, q, k_cache, v_cache, cache_seqlens, out, lse, **options):
+            targets.append(out.strides)
+            super().forward(q, k_cache, v_cache, cache_seqlens, out, lse, **options)
+
+    memory = np.full(2 * 4 * 33 + 8, 0xFF, np.uint8)  # NaN bits
+    out = np.lib.stride_tricks.as_strided(memory.view(np.float16)[:1], (2, 1, 4, 16),
+                                          (4 * 33, 4 * 33, 33, 2))
+    lse = np.full((2, 4, 1), np.nan, np.float32)
+    _kvcache._run_decode(spec, Recording(), *case.args, out, lse)
+    assert len(targets) == 1 and all(s % 2 == 0 for s in targets[0])
+    assert_kvcache_close(case, out, lse, f"seed={seed}")

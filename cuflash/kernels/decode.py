@@ -67,10 +67,10 @@ def why_not(q, k_cache, v_cache) -> str | None:
         return (f"needs {need:,} bytes of shared memory per thread block at D = {d}, Dv = {dv}; "
                 f"this GPU allows {limit:,}")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        strides = element_strides(x)
-        if strides[-1] != 1:
+        # (byte strides: the launch takes them in whole elements, element_strides)
+        if x.strides[-1] != x.itemsize:
             return f"needs {name}'s last axis contiguous"
-        if x.data.ptr % 16 or any((s * x.itemsize) % 16 for s in strides[:-1]):
+        if x.data.ptr % 16 or any(s % 16 for s in x.strides[:-1]):
             return f"needs {name}'s rows 16-byte aligned"
     return None
 
