@@ -286,6 +286,34 @@ def test_a_slab_zeroing_still_queued_zeroes_no_other_stream_s_counter(monkeypatc
     assert memsets[1:] == [(others[0], 0, 8, 6), (others[1], 0, 8, 7)]
 
 
+def test_the_per_thread_default_stream_has_a_counter_per_thread(monkeypatch):
+    """The per-thread default stream's handle (CuPy's Stream.ptds, every thread's current stream
+    under CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1) names each thread's own stream: persistent
+    launches of two threads on it may run at once, so each thread gets a counter of its own
+    (one shared counter would hand the tickets of both grids out together). The legacy default
+    stream is one stream for every thread: one counter."""
+    import threading
+
+    from cuflash.kernels import _launch
+
+    counters, *_ = _fake_counter_runtime(monkeypatch, [1 << 40, 1 << 41, 1 << 42])
+    counters.SLAB = 8
+    drawn = {}
+
+    def draw(name):
+        drawn[name] = [counters.pointer(_launch.PER_THREAD_STREAM) for _ in range(2)] + [counters.pointer(0)]
+
+    threads = [threading.Thread(target=draw, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+        thread.join()
+    draw("main")
+    own = [counters_of[0] for counters_of in drawn.values()]
+    assert all(counters_of[0] == counters_of[1] for counters_of in drawn.values())  # one per thread
+    assert len(set(own)) == 3  # ... of its own
+    assert len({counters_of[2] for counters_of in drawn.values()}) == 1  # the legacy stream's
+
+
 # ---- dependent launches (programmatic dependent launch)
 
 class _LaunchAttribute(ctypes.Structure):

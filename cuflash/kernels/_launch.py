@@ -499,11 +499,17 @@ class _Slab:
         self.zeroed = False  # that memset is known to have ended (seen outside any capture)
 
 
+# cudaStreamPerThread (CU_STREAM_PER_THREAD): one handle that names each thread's own default stream
+# (CuPy's Stream.ptds, every thread's current stream under CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1).
+PER_THREAD_STREAM = 2
+
+
 class TileCounters:
     """The counters persistent kernels draw their tiles from (``TileTickets`` in
     csrc/arch/sm90_tma.cuh): two ints that must be zero when a launch starts and that its last
     thread block sets back to zero. One counter serves every launch on a stream, since they run
-    one after the other. A launch captured into a CUDA graph gets a counter of its own: the
+    one after the other (the per-thread default stream's handle names a stream of each thread's
+    own: a counter per thread). A launch captured into a CUDA graph gets a counter of its own: the
     graph's replays may run beside later launches on the stream it was captured from. Counters
     are carved from 32 KiB slabs, one at a time per device, never freed (a captured launch's
     counter lives as long as its graph may).
@@ -524,6 +530,7 @@ class TileCounters:
     def __init__(self):
         self._lock = threading.Lock()
         self._by_stream: dict[tuple[int, int], int] = {}
+        self._per_thread = threading.local()  # its by_stream: PER_THREAD_STREAM's counters
         self._slabs: dict[int, _Slab] = {}  # device -> the slab counters are drawn from
         # device -> the slab of counters wanted while the current slab's zeroing may be pending
         self._side: dict[int, _Slab] = {}
@@ -539,9 +546,12 @@ class TileCounters:
             return self._new(device, stream, capturing=True)
         if self._unconfirmed:
             self._confirm_zeroed(device)
-        counter = self._by_stream.get((device, stream))
+        by_stream = self._by_stream
+        if stream == PER_THREAD_STREAM:  # the calling thread's own stream
+            by_stream = self._per_thread.__dict__.setdefault("by_stream", {})
+        counter = by_stream.get((device, stream))
         if counter is None:
-            counter = self._by_stream.setdefault((device, stream), self._new(device, stream, capturing=False))
+            counter = by_stream.setdefault((device, stream), self._new(device, stream, capturing=False))
         return counter
 
     def _confirm_zeroed(self, device: int) -> None:
