@@ -634,3 +634,149 @@ def test_cli_mask_show_exact_out_of_memory_exits_3(monkeypatch):
     assert result.exit_code == 3, result.output
     assert "cannot build pattern 'causal' at 1,024 tokens: Unable to allocate" in result.output
     assert "--seq-len" in result.output
+
+
+# ----------------------------------------------------------------------------- scipy's own pattern
+
+def oracle64(q, k, v, dout, allowed, *, causal=False, window=(-1, -1), softcap=0.0, slopes=None):
+    """Masked attention in float64 from a dense bool ``allowed`` ``(H', Nq, Nk)``, stated here
+    without cuflash: ``(out, lse, dq, dk, dv)``; rows with no allowed key give 0 and -inf."""
+    q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
+    nq, nk, group = q.shape[-2], k.shape[-2], q.shape[-3] // k.shape[-3]
+    scale = q.shape[-1] ** -0.5
+    kr, vr = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    i = np.arange(nq)[:, None] + (nk - nq)
+    j = np.arange(nk)[None, :]
+    x = q @ np.swapaxes(kr, -1, -2) * scale
+    tanh = None
+    if softcap:
+        tanh = np.tanh(x / softcap)
+        x = softcap * tanh
+    if slopes is not None:
+        x = x - np.asarray(slopes, np.float64)[:, None, None] * np.abs(i - j)
+    seen = allowed.copy()
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    x = np.where(seen, x, -np.inf)
+    top = x.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.exp(x - top)
+    total = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(total > 0, total, 1.0)
+    out = p @ vr
+    lse = np.where(total[..., 0] > 0, np.log(np.where(total > 0, total, 1.0))[..., 0] + top[..., 0],
+                   -np.inf)
+    ds = p * (dout @ np.swapaxes(vr, -1, -2) - (dout * out).sum(axis=-1, keepdims=True))
+    if tanh is not None:
+        ds = ds * (1 - tanh * tanh)
+
+    def per_kv_head(g):
+        return g.reshape(g.shape[:-3] + (k.shape[-3], group) + g.shape[-2:]).sum(axis=-3)
+
+    return (out, lse, ds @ kr * scale, per_kv_head(np.swapaxes(ds, -1, -2) @ q) * scale,
+            per_kv_head(np.swapaxes(p, -1, -2) @ dout))
+
+
+def stored(allowed, rng):
+    """COO parts of ``allowed`` with the traps a stored pattern may hold: allowed pairs as two
+    duplicate entries that sum to a nonzero value, and disallowed pairs stored as explicit zeros
+    or as duplicates that cancel."""
+    rows, cols = np.nonzero(allowed)
+    off_rows, off_cols = np.nonzero(~allowed & (rng.random(allowed.shape) < 0.2))
+    half = off_rows.size // 2
+    rows = np.concatenate([rows, rows, off_rows, off_rows[half:]]).astype(np.int64)
+    cols = np.concatenate([cols, cols, off_cols, off_cols[half:]]).astype(np.int64)
+    values = np.concatenate([np.full(allowed.sum(), 3.0), np.full(allowed.sum(), -1.0),
+                             np.zeros(half), np.full(off_rows.size - half, 2.0),
+                             np.full(off_rows.size - half, -2.0)])
+    return values, (rows, cols)
+
+
+def scipy_forms(allowed, rng):
+    """``allowed`` in every scipy.sparse format, as matrices and arrays, with stored zeros,
+    duplicates that cancel, int64 indices, bool and numeric data."""
+    values, (rows, cols) = stored(allowed, rng)
+    shape = allowed.shape
+    numeric = scipy.sparse.coo_array((values, (rows, cols)), shape=shape)
+    # CSR as given, duplicates and zeros kept in place (the constructor from COO would sum them).
+    order = np.argsort(rows, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
+    csr = scipy.sparse.csr_matrix((values[order], cols[order], indptr), shape=shape)
+    csr.indices, csr.indptr = cols[order], indptr.astype(np.int64)  # kept int64, as given
+    on, off = np.nonzero(allowed), np.nonzero(~allowed)
+    flags = scipy.sparse.coo_matrix((np.ones(2 * on[0].size, bool), tuple(np.tile(c, 2) for c in on)),
+                                    shape=shape)
+    with_false = scipy.sparse.csr_array(
+        (np.arange(on[0].size + off[0].size) < on[0].size,
+         (np.concatenate([on[0], off[0]]), np.concatenate([on[1], off[1]]))), shape=shape)
+    exact = scipy.sparse.csr_array(allowed.astype(np.float32))
+    return {"coo numeric duplicates": numeric, "csr int64 with zeros and duplicates": csr,
+            "coo bool duplicates": flags, "csr bool with stored False": with_false,
+            "csc": exact.tocsc(), "lil": scipy.sparse.lil_matrix(exact), "dok": exact.todok(),
+            "bsr": scipy.sparse.bsr_array(allowed.astype(np.int8), blocksize=(5, 1)),
+            "dia": scipy.sparse.dia_matrix(exact)}
+
+
+OPTION_SETS = [dict(), dict(causal=True), dict(window=(40, 7), softcap=8.0, alibi=True)]
+
+
+def check_against_oracle64(pattern, expected, rng, options, *, hq=4, hkv=2):
+    """Attention and its gradients on the NumPy path with ``ExactMask.from_scipy(pattern)``,
+    against oracle64 of ``expected`` (H', Nq, Nk), scipy's own dense form of the pattern."""
+    nq, nk = expected.shape[1:]
+    q = rng.standard_normal((1, hq, nq, 16), dtype=np.float32)
+    k, v = (rng.standard_normal((1, hkv, nk, 16), dtype=np.float32) for _ in range(2))
+    dout = rng.standard_normal((1, hq, nq, 16), dtype=np.float32)
+    options = dict(options)
+    slopes = rng.random(hq).astype(np.float32) if options.pop("alibi", False) else None
+    mask = ExactMask.from_scipy(pattern)
+    out, lse = cuflash.attention(q, k, v, mask=mask, alibi_slopes=slopes, return_lse=True,
+                                 **options)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, mask=mask, alibi_slopes=slopes,
+                                       **options)
+    want = oracle64(q, k, v, dout, expected, slopes=slopes, **options)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want[1]))
+    finite = np.isfinite(want[1])
+    np.testing.assert_allclose(lse[finite], want[1][finite], rtol=0, atol=1e-5)
+    for got, ref, name in zip((out, *grads), (want[0], *want[2:]), ("out", "dq", "dk", "dv")):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * max(1.0, np.abs(ref).max()),
+                                   err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.sparse.SparseEfficiencyWarning")  # dia of random data
+@pytest.mark.parametrize("options", OPTION_SETS, ids=["plain", "causal", "window-softcap-alibi"])
+def test_every_scipy_form_gives_the_attention_of_its_dense_pattern(rng, options):
+    """Each format (stored zeros, cancelling duplicates, int64 indices, bool or numeric data)
+    attends exactly the pairs scipy's own ``toarray() != 0`` holds, on Nq != Nk not multiples of
+    the NumPy path's 128-row tiles, a row with no allowed key among them."""
+    nq, nk = 150, 131
+    allowed = rng.random((nq, nk)) < 0.3
+    allowed[nq - 3] = False
+    for name, pattern in scipy_forms(allowed, rng).items():
+        expected = pattern.toarray() != 0
+        np.testing.assert_array_equal(expected, allowed, err_msg=name)  # the form holds allowed
+        check_against_oracle64(pattern, expected[None], rng, options)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=["plain", "causal", "window-softcap-alibi"])
+def test_empty_full_and_per_head_patterns_give_the_attention_of_their_dense_patterns(rng, options):
+    nq, nk = 150, 131
+    for pattern in (scipy.sparse.csr_array((nq, nk), dtype=bool),
+                    scipy.sparse.coo_matrix(np.ones((nq, nk)))):
+        check_against_oracle64(pattern, pattern.toarray()[None] != 0, rng, options)
+    heads = rng.random((4, nq, nk)) < rng.random((4, 1, 1))
+    heads[1] = False
+    heads[2, :, : nk // 2] = True
+    per_head = [scipy.sparse.coo_array((values, coords), shape=(nq, nk))
+                for values, coords in (stored(h, rng) for h in heads)]
+    per_head[3] = per_head[3].tocsc()
+    for pattern in (per_head, scipy.sparse.coo_array(heads)):
+        expected = (np.stack([p.toarray() for p in pattern]) if isinstance(pattern, list)
+                    else pattern.toarray()) != 0
+        np.testing.assert_array_equal(expected, heads)
+        check_against_oracle64(pattern, expected, rng, options)
