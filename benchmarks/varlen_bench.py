@@ -17,6 +17,10 @@ be shorter than 128), causal and not, forward and forward+backward.
 - **SDPA**: torch nested jagged tensors (``torch.nested.nested_tensor_from_jagged``, layout
   (B, j, H, D)) with the flash back end when torch runs them; otherwise (the table says so) the
   documents padded to the longest one with a boolean mask (SDPA's default back end choice).
+- **Paged keys**: the same forward with k and v in a paged cache (``block_table``; pages of 16
+  and 256 keys, shuffled, a few unused), which cuflash gathers into packed rows before the call:
+  its time beside the packed call's, and the gather alone (host part included: the offsets and
+  the table are read back, so these two are wall times of synchronised calls, medians).
 - The varlen calls are timed with ``check_offsets=False``: the offsets are checked once before
   timing, and a per-call check (a device-to-host read, one synchronisation) would time the host.
   The "checked" column times the forward with the check, for the record.
@@ -194,6 +198,63 @@ def main():
                     how = f"failed: {type(error).__name__}: {str(error)[:80]}"
             print(f"| {mode} | {causal} | {varlen_tf:.0f} | {checked} | {dense_tf:.0f} | "
                   f"{varlen_tf / dense_tf:.2f} | {sdpa_tf} | {sdpa_ratio} | {how} |", flush=True)
+    print("\nKeys and values in a paged cache (forward; wall ms of synchronised calls):\n")
+    print("| page | causal | packed | paged | packed / paged | gather alone |")
+    print("|---|---|---|---|---|---|")
+    paged_rows(rng, q, k, v, cu, lengths, (16, 256))
+
+
+def wall_ms(fn, reps=20) -> float:
+    """Median wall time of a call that synchronises with the device, the device idle before it."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        cupy.cuda.Device().synchronize()
+        start = time.perf_counter()
+        fn()
+        cupy.cuda.Device().synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def paged_rows(rng, q, k, v, cu, lengths, page_sizes):
+    """Rows of the paged-keys table: the packed forward, the same with k and v in shuffled pages,
+    and the gather alone; ms."""
+    from cuflash import _varlen_pages
+
+    max_len = max(lengths)
+    for page in page_sizes:
+        needed = [-(-n // page) for n in lengths]
+        order = rng.permutation(sum(needed) + 8)
+        table = numpy.zeros((len(lengths), max(needed)), numpy.int32)
+        starts = numpy.concatenate([[0], numpy.cumsum(needed)])
+        for b, n in enumerate(needed):
+            table[b, :n] = order[starts[b]:starts[b + 1]]
+        k_pages, v_pages = (cupy.empty((len(order), page) + x.shape[1:], x.dtype) for x in (k, v))
+        rows = cupy.asarray(_varlen_pages.used_rows(cu.get().astype(numpy.int64), table, page))
+        for pages, x in ((k_pages, k), (v_pages, v)):  # the packed keys, where the table puts them
+            pages.reshape((-1,) + x.shape[1:])[rows] = x
+        table = cupy.asarray(table)
+
+        def gather():
+            _varlen_pages.gather_pages(q, k_pages, v_pages, cu, cu, max_len, table, True)
+
+        t_gather = wall_ms(gather)
+        for causal in (False, True):
+            def packed():
+                return cuflash.attention_varlen(q, k, v, cu, cu, max_len, max_len, causal=causal)
+
+            def paged():
+                return cuflash.attention_varlen(q, k_pages, v_pages, cu, cu, max_len, max_len,
+                                                causal=causal, block_table=table)
+
+            assert bool((paged() == packed()).all()), "paged and packed outputs differ"
+            t_packed, t_paged = wall_ms(packed), wall_ms(paged)
+            print(f"| {page} | {causal} | {t_packed:.3f} | {t_paged:.3f} | "
+                  f"{t_packed / t_paged:.2f} | {t_gather:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ def check_pages(k_pages: Any, v_pages: Any) -> int:
     return int(k_pages.shape[1])
 
 
-def used_slots(host_offsets, table, page_size: int, num_pages: int):
-    """``(pages, offsets)`` of every packed key row, sequence by sequence; the pages each sequence
-    uses are checked to be listed in its row of the table and to exist."""
+def check_table(host_offsets, table, page_size: int, num_pages: int) -> None:
+    """The pages each sequence uses (``table`` on the host) are listed in its row of the table and
+    exist; entries past them are not read."""
     lengths = numpy.diff(host_offsets)
     needed = -(-lengths // page_size)
     if needed.size and needed.max() > table.shape[1]:
@@ -61,15 +61,28 @@ def used_slots(host_offsets, table, page_size: int, num_pages: int):
         raise ValueError(f"block_table has {table.shape[1]} page{'s' * (table.shape[1] != 1)} per "
                          f"sequence, but sequence {b} has {int(lengths[b])} keys: "
                          f"{int(needed[b])} pages of {page_size}")
-    for b in numpy.flatnonzero(needed):
-        listed = table[b, :needed[b]]
-        bad = numpy.flatnonzero((listed < 0) | (listed >= num_pages))
-        if bad.size:
-            raise ValueError(f"block_table[{b}, {int(bad[0])}] = {int(listed[bad[0]])} is not a "
-                             f"page of k (it holds {num_pages}: 0 … {num_pages - 1})")
-    rows = numpy.repeat(numpy.arange(lengths.size), lengths)
-    positions = numpy.arange(int(host_offsets[-1])) - numpy.repeat(host_offsets[:-1], lengths)
-    return page_slots(table, rows, positions, page_size)
+    used = numpy.arange(table.shape[1]) < needed[:, None]
+    bad = numpy.argwhere(used & ((table < 0) | (table >= num_pages)))
+    if bad.size:
+        b, column = (int(i) for i in bad[0])
+        raise ValueError(f"block_table[{b}, {column}] = {int(table[b, column])} is not a page of k "
+                         f"(it holds {num_pages}: 0 … {num_pages - 1})")
+
+
+def used_rows(host_offsets, table, page_size: int):
+    """The row of every packed key in the pages laid end to end (``page · page_size + offset``),
+    sequence by sequence: NumPy int64, computed page by page (a sequence's keys are the first of
+    its pages' rows), where key by key the table's lookups would be ``page_size`` times as many."""
+    lengths = numpy.diff(host_offsets)
+    needed = -(-lengths // page_size)
+    page_starts = numpy.cumsum(needed) - needed  # each sequence's first page among those used
+    sequence_of_page = numpy.repeat(numpy.arange(lengths.size), needed)
+    first_keys = (numpy.arange(int(needed.sum())) - numpy.repeat(page_starts, needed)) * page_size
+    pages, _ = page_slots(numpy.asarray(table), sequence_of_page, first_keys, page_size)
+    slots = (pages[:, None] * page_size + numpy.arange(page_size)).ravel()
+    kept = numpy.arange(int(host_offsets[-1])) + numpy.repeat(
+        page_starts * page_size - host_offsets[:-1], lengths)
+    return slots[kept]
 
 
 def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table,
@@ -83,17 +96,23 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, 
     check_index_array("block_table", block_table, (cu_seqlens_k.shape[0] - 1, None), xp, q)
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     host = host_key_offsets(cu_seqlens_k, check_offsets, max_k)
-    table = numpy.asarray(block_table if xp is numpy else block_table.get(), numpy.int64)
-    pages, offsets = used_slots(host, table, page_size, int(k_pages.shape[0]))
+    table = numpy.asarray(block_table if xp is numpy else block_table.get())
+    check_table(host, table, page_size, int(k_pages.shape[0]))
     with _checks.device_context(q):
-        rows = xp.asarray(pages * page_size + offsets)
+        rows = xp.asarray(used_rows(host, table, page_size))
         return _rows_of(k_pages, rows, xp), _rows_of(v_pages, rows, xp)
 
 
 def _rows_of(pages: Any, rows: Any, xp) -> Any:
     """Rows ``rows`` of the pages laid end to end: one take over the pages viewed as
     ``(num_pages · page_size, Hkv, D)`` where their first two axes allow that view (a copy of the
-    whole cache otherwise, avoided by indexing page and row apart)."""
-    if pages.strides[0] == pages.shape[1] * pages.strides[1]:
-        return xp.take(pages.reshape((-1,) + pages.shape[2:]), rows, axis=0)
-    return pages[rows // pages.shape[1], rows % pages.shape[1]]
+    whole cache otherwise, avoided by indexing page and row apart). Rows of whole 16-byte words
+    are taken as such (complex128 elements): a copy of bits, an eighth of the elements to index."""
+    if pages.strides[0] != pages.shape[1] * pages.strides[1]:
+        return pages[rows // pages.shape[1], rows % pages.shape[1]]
+    flat = pages.reshape((-1,) + pages.shape[2:])
+    if (xp is not numpy and flat.flags.c_contiguous and flat[0].nbytes % 16 == 0
+            and flat.data.ptr % 16 == 0):
+        words = flat.reshape(flat.shape[0], -1).view(xp.complex128)
+        return xp.take(words, rows, axis=0).view(pages.dtype).reshape((-1,) + pages.shape[2:])
+    return xp.take(flat, rows, axis=0)

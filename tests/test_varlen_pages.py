@@ -81,6 +81,12 @@ def test_numpy_paged_against_the_oracle(rng):
     assert_varlen_forward_close(got, lse, q, k, v, cu_q, cu_k, causal=True)
 
 
+def test_numpy_no_keys_at_all(rng):
+    """Sequences without keys on every side: nothing gathered, every output row 0."""
+    *_, got, lse = assert_paged_equals_packed(np, rng, np.float32, [2, 3], [0, 0], 4)
+    assert not got.any() and np.all(lse == -np.inf)
+
+
 def test_numpy_shared_pages(rng):
     """Sequences may list the same page (a shared prefix): each reads its keys from it."""
     case = paged_case(rng, np, np.float32, [3, 4, 2], [6, 5, 2], 4, share_first_page=True)
@@ -167,6 +173,10 @@ def test_unchecked_device_offsets_are_refused(rng):
 def test_gpu_paged_equals_packed(xp_gpu, rng, dtype, page_size, causal):
     case = paged_case(rng, xp_gpu, dtype, [130, 1, 300, 77], [260, 9, 300, 501], page_size,
                       hq=8, hkv=2, d=128)
+    if causal:  # k's pages every other page of a larger cache: indexed page and row apart
+        spread = xp_gpu.zeros((2 * case[3].shape[0],) + case[3].shape[1:], case[3].dtype)
+        spread[::2] = case[3]
+        case = case[:3] + (spread[::2],) + case[4:]
     assert_paged_equals_packed(xp_gpu, rng, None, [130, 1, 300, 77], [260, 9, 300, 501],
                                page_size, case=case, causal=causal)
 

@@ -478,10 +478,11 @@ def _page_rows(cu_seqlens_k, block_table, max_seqlen_k, page_size: int, num_page
     device."""
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     host = _varlen_pages.host_key_offsets(cu_seqlens_k.cpu().numpy(), True, max_k)
-    pages, offsets = _varlen_pages.used_slots(host, block_table.cpu().numpy().astype("int64"),
-                                              page_size, num_pages)
-    device = block_table.device
-    return torch.as_tensor(pages, device=device), torch.as_tensor(offsets, device=device)
+    table = block_table.cpu().numpy()
+    _varlen_pages.check_table(host, table, page_size, num_pages)
+    rows = torch.as_tensor(_varlen_pages.used_rows(host, table, page_size),
+                           device=block_table.device)
+    return rows // page_size, rows % page_size
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
