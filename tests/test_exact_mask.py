@@ -475,11 +475,23 @@ def test_element_rows_refuses_rows_outside_the_problem(rows):
         mask.element_rows(rows)
 
 
+@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_document_skips_empty_documents(causal, block_size):
+    """Lengths from packed offsets hold zeros for empty sequences: such a document has no token,
+    and the pattern is that of the others."""
+    got = document([0, 3, 0, 0, 5, 0], causal=causal, block_size=block_size)
+    want = document([3, 5], causal=causal, block_size=block_size)
+    assert got.shape == want.shape and (got != want).nnz == 0
+
+
 def test_builders_refuse_bad_arguments():
     with pytest.raises(TypeError, match="lengths"):
         document([1.5, 2])
-    with pytest.raises(ValueError, match="lengths must be positive"):
-        document([3, 0])
+    with pytest.raises(ValueError, match="lengths must be 0 or more"):
+        document([3, -1])
+    with pytest.raises(ValueError, match="at least one of them positive"):
+        document([0, 0])
     with pytest.raises(ValueError, match="prefix=9 exceeds"):
         prefix_lm(5, 8, prefix=9)
     with pytest.raises(ValueError, match="block_size"):

@@ -41,7 +41,9 @@ def sliding_window(nq, nk=None, *, window, block_size=None):
     """Local attention: query ``i`` attends keys within ``window`` tokens of its position.
 
     ``window`` is an int ``w`` (keys ``i' - w .. i' + w``) or a pair ``(left, right)`` (keys
-    ``i' - left .. i' + right``, as flash-attn's ``window_size``), ``i' = i + nk - nq``.
+    ``i' - left .. i' + right``, as flash-attn's ``window_size``), ``i' = i + nk - nq``. Each
+    side is 0 or more: flash-attn's -1 (unbounded) is not taken; a side of ``nq + nk`` or more is
+    unbounded here.
     """
     grid = Grid(nq, nk, block_size)
     left, right = nonnegative_pair("window", window)
@@ -209,17 +211,21 @@ def document(lengths, *, causal=False, block_size=None):
     ``lengths`` are the documents' lengths in tokens, in order; the problem is
     ``n = sum(lengths)`` queries and keys. Query ``i`` of the document ``[s, e)`` attends keys
     ``s <= j < e``, or with ``causal=True`` keys ``s <= j <= i``. At block level a block is kept
-    when any of its pairs is (blocks straddling two documents hold parts of both).
+    when any of its pairs is (blocks straddling two documents hold parts of both). Documents of
+    0 tokens hold nothing (as empty sequences of packed offsets, ``numpy.diff(cu_seqlens)``); at
+    least one document must have tokens.
     """
     causal = check_bool(causal, "causal")
     given, lengths = lengths, numpy.asarray(lengths)
     if (lengths.ndim != 1 or lengths.size == 0 or holds_bool(given)
             or not numpy.issubdtype(lengths.dtype, numpy.integer)):
         raise TypeError(f"lengths must be a non-empty 1-D sequence of integers, got {given!r}")
-    if (lengths < 1).any():
-        raise ValueError(f"lengths must be positive, got {lengths[lengths < 1][:5].tolist()}")
-    # int64 throughout: unsigned lengths would turn the arithmetic below into float64.
-    lengths = lengths.astype(numpy.int64)
+    if (lengths < 0).any() or not lengths.any():
+        raise ValueError(f"lengths must be 0 or more, at least one of them positive, got "
+                         f"{lengths[lengths < 0][:5].tolist() or lengths[:5].tolist()}")
+    # int64 throughout: unsigned lengths would turn the arithmetic below into float64. Empty
+    # documents hold no token: the intervals below are those of the others.
+    lengths = lengths[lengths > 0].astype(numpy.int64)
     ends = numpy.cumsum(lengths)
     starts = ends - lengths
     grid = Grid(int(ends[-1]), None, block_size, nq_name="sum(lengths)")
