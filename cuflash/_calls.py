@@ -198,7 +198,8 @@ def _hold_masks(masks, table: dict, key) -> None:
         held = _masks.get(id(mask))
         if held is None:
             while len(_masks) >= _MAX_MASKS:
-                _, places = _masks.pop(next(iter(_masks)))
+                # Another thread may forget the same oldest mask between these two lines.
+                _, places = _masks.pop(next(iter(_masks), None), (None, ()))
                 for place, old_key in places:
                     place.pop(old_key, None)
             held = _masks[id(mask)] = (mask, [])
@@ -211,7 +212,7 @@ def _clear_quick() -> None:
     for mask_id, (mask, places) in list(_masks.items()):
         places[:] = [(table, key) for table, key in places if table is not _quick]
         if not places:
-            del _masks[mask_id]
+            _masks.pop(mask_id, None)  # (or another thread's eviction did)
 
 
 # ----------------------------------------------------------------------------- lookup

@@ -1276,6 +1276,28 @@ def test_a_new_mask_per_step_is_not_kept_alive_by_the_cache(device, monkeypatch)
     assert held <= {id(mask) for mask in masks[-_calls._MAX_MASKS:]}  # the newest
 
 
+def test_masks_forgotten_by_two_threads_at_once(monkeypatch):
+    """Two threads past _MAX_MASKS may both pick the same oldest mask to forget: the second
+    finds it gone (here the first thread's pop runs inside the second's) and goes on, where it
+    raised KeyError."""
+    class RacedOnce(dict):
+        raced = False
+
+        def pop(self, *args):
+            if not self.raced and args[0] in self:
+                self.raced = True
+                dict.pop(self, args[0])  # the other thread, first
+            return dict.pop(self, *args)
+
+    table = {}
+    masks = RacedOnce((index, (object(), [(table, index)])) for index in range(_calls._MAX_MASKS))
+    table.update((index, None) for index in range(_calls._MAX_MASKS))
+    monkeypatch.setattr(_calls, "_masks", masks)
+    newest = object()
+    _calls._hold_masks([newest], table, "newest key")
+    assert masks.raced and id(newest) in masks and len(masks) <= _calls._MAX_MASKS
+
+
 def _masks_the_cache_holds() -> set:
     """The ids of the masks the cache's keys and entries refer to."""
     held = set()
