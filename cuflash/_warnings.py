@@ -169,12 +169,17 @@ def check_backward(grads, inputs, lse, dtype, caller: str = "cuflash.attention_b
     if not (all(_finite(x) for x in inputs) and _valid_lse(lse)):
         return
     if numpy.dtype(dtype) == numpy.float16:
-        if bad == ["dv"]:
+        # Gradients in float16 can overflow themselves; float32 ones (grad_dtype) cannot here.
+        half = any(g.dtype == numpy.float16 for name, g in zip(("dq", "dk", "dv"), grads)
+                   if name in bad)
+        if bad == ["dv"] and half:
             what = f"dv = Pᵀ·dO exceeded {FLOAT16_MAX:g}, the largest float16"
         else:
-            what = (f"in float16, dS = P∘(dP − Δ), rounded to float16 like the GPU kernels' "
-                    f"tensor-core operands, or a gradient exceeded {FLOAT16_MAX:g}, the largest "
-                    f"float16 (dS_ij = P_ij·dO_i·(v_j − o_i) becomes inf once |dS_ij| ≥ 65520)")
+            what = ("in float16, dS = P∘(dP − Δ), rounded to float16 like the GPU kernels' "
+                    "tensor-core operands"
+                    + (f", or a gradient exceeded {FLOAT16_MAX:g}, the largest float16"
+                       if half else "")
+                    + " (dS_ij = P_ij·dO_i·(v_j − o_i) becomes inf once |dS_ij| ≥ 65520)")
         what += ". Use bfloat16 or float32 inputs (float32's range), or scale v or dout down"
     else:
         what = (f"an intermediate (the logits, dP = dO·vᵀ, dS or a sum of them) exceeded "

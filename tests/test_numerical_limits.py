@@ -154,6 +154,20 @@ def test_float16_ds_from_65520_overflows_with_one_cuflash_warning():
         assert words in text
 
 
+def test_float16_ds_overflow_with_float32_gradients_names_only_ds():
+    """With grad_dtype=float32 the gradients cannot pass float16's range: the warning names
+    dS's rounding to float16, not a gradient above 65504."""
+    dout, q, k, v = two_keys(2048.0)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    with numpy_warnings_fail() as caught:
+        dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, grad_dtype=np.float32)
+    assert dq.dtype == np.float32 and not np.isfinite(dq).any()
+    (warning,) = caught
+    text = str(warning.message)
+    assert "dS = P∘(dP − Δ), rounded to float16" in text and "65520" in text
+    assert "65504" not in text
+
+
 def large_v_problem(dtype):
     """The docs' example: v = ±3e4, q, k and dout standard normal, D = 64, N = 32."""
     rng = np.random.default_rng(0)
