@@ -383,6 +383,17 @@ def test_block_table_errors_name_the_problem(change, error, message):
         ct.flash_attn_varlen_func(q, args["k"], v_pages, *layout, block_table=args["block_table"])
 
 
+def test_block_table_on_meta_tensors_is_refused_by_name():
+    """Meta tensors give the other calls' shapes, but the gather needs the values of
+    cu_seqlens_k and block_table, which they do not hold (docs/torch.md, "What is supported")."""
+    (q, _, _, k_pages, v_pages), table, (cu_q, cu_k, max_q, max_k), _ = paged(4)
+    meta = [x.detach().to("meta") for x in (q, k_pages, v_pages, cu_q, cu_k, table)]
+    with pytest.raises(ValueError, match="block_table .* meta tensors"):
+        ct.flash_attn_varlen_func(*meta[:5], max_q, max_k, block_table=meta[5])
+    out = ct.flash_attn_varlen_func(*(x.to("meta") for x in (q, q, q)), *meta[3:5], max_q, max_q)
+    assert out.is_meta and out.shape == q.shape  # the packed call still gives its shapes
+
+
 def test_dropout_over_packed_sequences_is_each_sequence_s_dense_mask():
     """dropout_p over packed sequences (CPU tensors): the seed comes from torch's generator as for
     flash_attn_func, and sequence b's output and gradients are, bit for bit, those of

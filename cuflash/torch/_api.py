@@ -466,6 +466,9 @@ def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
         raise ValueError(f"cu_seqlens_k must have one offset more than block_table has rows "
                          f"(sequences), got cu_seqlens_k {tuple(cu_seqlens_k.shape)} and "
                          f"block_table {tuple(block_table.shape)}")
+    if block_table.is_meta:  # _check_tensors: cu_seqlens_k is on its device
+        raise ValueError("block_table: the gather reads the values of cu_seqlens_k and "
+                         "block_table on the host, which meta tensors do not hold")
     index = _page_rows(cu_seqlens_k, block_table, max_seqlen_k, page_size, k.shape[0])
     return k[index], v[index]
 
