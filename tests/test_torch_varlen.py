@@ -383,6 +383,23 @@ def test_block_table_errors_name_the_problem(change, error, message):
         ct.flash_attn_varlen_func(q, args["k"], v_pages, *layout, block_table=args["block_table"])
 
 
+@pytest.mark.parametrize("name", ["cu_seqlens_k", "block_table"])
+def test_block_table_index_dtypes_raise_index_dtype_error(name):
+    """An int64 cu_seqlens_k or block_table raises cuflash.IndexDtypeError, a ValueError as well
+    as a TypeError, as the call without a block_table and the core do (docs/api.md, "Errors")."""
+    from cuflash import IndexDtypeError
+
+    (q, k, v, k_pages, v_pages), table, (cu_q, cu_k, max_q, max_k), _ = paged(4)
+    args = dict(cu_seqlens_k=cu_k, block_table=table)
+    args[name] = args[name].long()
+    with pytest.raises(IndexDtypeError, match=f"{name} must have dtype"):
+        ct.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, args["cu_seqlens_k"], max_q, max_k,
+                                  block_table=args["block_table"])
+    if name == "cu_seqlens_k":  # the unpaged call's error for the same offsets
+        with pytest.raises(IndexDtypeError, match=f"{name} must have dtype"):
+            ct.flash_attn_varlen_func(q, k, v, cu_q, args["cu_seqlens_k"], max_q, max_k)
+
+
 def test_block_table_on_meta_tensors_is_refused_by_name():
     """Meta tensors give the other calls' shapes, but the gather needs the values of
     cu_seqlens_k and block_table, which they do not hold (docs/torch.md, "What is supported")."""

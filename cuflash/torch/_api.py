@@ -460,7 +460,8 @@ def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
     _check_layout(("batch_size", "max_num_blocks_per_seq"), block_table=block_table)
     for name, x in (("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table)):
         if x.dtype != torch.int32:
-            raise TypeError(f"{name} must have dtype torch.int32, got {x.dtype}")
+            raise _checks.IndexDtypeError(f"{name} must have dtype torch.int32 (flash-attn's index "
+                                          f"dtype), got {x.dtype}")
     page_size = _varlen_pages.check_pages(k, v)
     if cu_seqlens_k.dim() != 1 or cu_seqlens_k.shape[0] != block_table.shape[0] + 1:
         raise ValueError(f"cu_seqlens_k must have one offset more than block_table has rows "
