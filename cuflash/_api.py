@@ -647,8 +647,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]``) in page ``block_table[b, j // page_size]`` at
         offset ``j % page_size``. Any page size; pages may be shared between sequences. The keys
         and values the sequences use are gathered into packed rows first (one copy of
-        ``total_k`` rows), sized by ``cu_seqlens_k`` read on the host, so ``check_offsets=False``
-        with CuPy offsets is refused; the table's entries in use are checked to be pages of k.
+        ``total_k`` rows), sized by ``cu_seqlens_k`` and ``block_table`` read on the host (for
+        CuPy inputs a synchronisation), so ``check_offsets=False`` with CuPy inputs is refused;
+        the table's entries in use are checked to be pages of k.
         Forward only: ``attention_varlen_backward`` and ``attention_varlen_vjp`` take packed
         keys (``cuflash.torch.flash_attn_varlen_func`` differentiates through the gather).
 

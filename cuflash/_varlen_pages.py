@@ -18,15 +18,9 @@ from . import _checks
 from ._kvcache_spec import _check_index_array as check_index_array, page_slots
 
 
-def host_key_offsets(cu_seqlens_k: Any, check_offsets: bool, max_seqlen_k: int):
+def host_key_offsets(cu_seqlens_k: Any, max_seqlen_k: int):
     """``cu_seqlens_k`` on the host (int64), checked: a paged call sizes its gather by them. CuPy
-    offsets are read back (a synchronisation) unless ``check_offsets`` is False, which a paged call
-    refuses."""
-    if not isinstance(cu_seqlens_k, numpy.ndarray) and not check_offsets:
-        raise ValueError(
-            "a block_table needs cu_seqlens_k on the host to gather each sequence's keys, so "
-            "check_offsets=False (no read-back) cannot be kept: pass check_offsets=True or NumPy "
-            "offsets")
+    offsets are read back (a synchronisation)."""
     host = numpy.asarray(cu_seqlens_k if isinstance(cu_seqlens_k, numpy.ndarray)
                          else cu_seqlens_k.get(), dtype=numpy.int64)
     _checks.check_offset_values(host, "cu_seqlens_k", int(host[-1]), "max_seqlen_k", max_seqlen_k)
@@ -94,8 +88,13 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, 
     check_offsets = _checks.check_bool(check_offsets, "check_offsets")
     _checks.check_offset_arrays(cu_seqlens_q, cu_seqlens_k, xp, device_of=q)
     check_index_array("block_table", block_table, (cu_seqlens_k.shape[0] - 1, None), xp, q)
+    if xp is not numpy and not check_offsets:
+        raise ValueError(
+            "a block_table is read on the host, with cu_seqlens_k, to gather each sequence's "
+            "keys, so check_offsets=False (no read-back from the device) cannot be kept: pass "
+            "check_offsets=True")
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-    host = host_key_offsets(cu_seqlens_k, check_offsets, max_k)
+    host = host_key_offsets(cu_seqlens_k, max_k)
     table = numpy.asarray(block_table if xp is numpy else block_table.get())
     check_table(host, table, page_size, int(k_pages.shape[0]))
     with _checks.device_context(q):

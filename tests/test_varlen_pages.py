@@ -149,8 +149,9 @@ def test_out_over_the_pages_is_refused(rng):
 
 
 def test_unchecked_device_offsets_are_refused(rng):
-    """The gather is sized by cu_seqlens_k on the host: with CuPy offsets and
-    check_offsets=False (no read-back) a paged call cannot run."""
+    """The gather is sized by cu_seqlens_k and block_table on the host: with CuPy inputs and
+    check_offsets=False (no read-back) a paged call cannot run, whichever module the offsets
+    are of."""
     cupy = pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
@@ -163,6 +164,11 @@ def test_unchecked_device_offsets_are_refused(rng):
         assert isinstance(cu, cupy.ndarray)
         with pytest.raises(ValueError, match="check_offsets=False .* cannot be kept"):
             cuflash.attention_varlen(q, pages, pages, cu, cu, 5, 9, block_table=table,
+                                     check_offsets=False)
+        # NumPy offsets need no read-back, but the table does: a synchronisation all the same
+        host = np.array([0, 3, 8], np.int32)
+        with pytest.raises(ValueError, match="check_offsets=False .* cannot be kept"):
+            cuflash.attention_varlen(q, pages, pages, host, host, 5, 5, block_table=table,
                                      check_offsets=False)
 
 
