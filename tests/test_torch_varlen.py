@@ -400,6 +400,19 @@ def test_block_table_index_dtypes_raise_index_dtype_error(name):
             ct.flash_attn_varlen_func(q, k, v, cu_q, args["cu_seqlens_k"], max_q, max_k)
 
 
+def test_block_table_is_refused_under_capture(monkeypatch):
+    """The gather reads cu_seqlens_k and block_table back to the host: under CUDA-graph capture
+    the call is refused before it reads them, as return_attn_probs=True is, rather than a
+    capture broken by the copy."""
+    from cuflash.torch import _api, _ops
+
+    (q, _, _, k_pages, v_pages), table, layout, _ = paged(4)
+    monkeypatch.setattr(_ops, "graph_capturing", lambda device: True)
+    monkeypatch.setattr(_api, "_page_rows", lambda *args: pytest.fail("read under capture"))
+    with pytest.raises(RuntimeError, match="block_table cannot be captured in a CUDA graph"):
+        ct.flash_attn_varlen_func(q, k_pages, v_pages, *layout, block_table=table)
+
+
 def test_block_table_on_meta_tensors_is_refused_by_name():
     """Meta tensors give the other calls' shapes, but the gather needs the values of
     cu_seqlens_k and block_table, which they do not hold (docs/torch.md, "What is supported")."""

@@ -467,6 +467,9 @@ def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
         raise ValueError(f"cu_seqlens_k must have one offset more than block_table has rows "
                          f"(sequences), got cu_seqlens_k {tuple(cu_seqlens_k.shape)} and "
                          f"block_table {tuple(block_table.shape)}")
+    if _ops.graph_capturing(block_table.device):  # rather than a capture broken by the copy
+        raise RuntimeError("block_table cannot be captured in a CUDA graph: the gather reads "
+                           "cu_seqlens_k and block_table back to the host")
     if block_table.is_meta:  # _check_tensors: cu_seqlens_k is on its device
         raise ValueError("block_table: the gather reads the values of cu_seqlens_k and "
                          "block_table on the host, which meta tensors do not hold")
