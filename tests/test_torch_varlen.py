@@ -349,14 +349,17 @@ def test_block_table_reads_the_pages_and_its_gradients_reach_them(page_size):
 
 
 def test_block_table_under_torch_compile():
-    """The gather's host reads are a graph break; the compiled call gives the eager one's
-    output and gradients."""
+    """The gather's host reads are a graph break (fullgraph=True refuses it); the compiled call
+    gives the eager one's output and gradients."""
     (q, k, v, k_pages, v_pages), table, layout, dout = paged(3)
 
     def f(q, k_pages, v_pages):
         return ct.flash_attn_varlen_func(q, k_pages, v_pages, *layout, causal=True,
                                          block_table=table)
 
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):  # docs/torch.md
+        torch.compile(f, backend="eager", fullgraph=True)(q, k_pages, v_pages)
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="eager")
     expected = f(q, k_pages, v_pages)
