@@ -5,7 +5,8 @@ The pages are written here key by key from packed keys, by flash-attn's rule (se
 key ``j`` in page ``block_table[b, j // page_size]`` at row ``j % page_size``), into a cache with
 pages no sequence uses and table entries past each sequence's pages that are no page at all. A
 paged call must then give exactly the packed call's results, and the packed call is held to the
-float64 oracle by ``tests/test_varlen.py``.
+float64 oracle by ``tests/test_varlen.py``. ``paged_oracle`` also states the rule directly in
+float64, reading each key from its page, for every option (dropout included).
 """
 
 from __future__ import annotations
@@ -197,3 +198,76 @@ def test_numpy_pages_strided_between_pages(rng):
     assert spread[::2].strides[0] != k_pages.shape[1] * k_pages.strides[1]
     case = (q, k, v, spread[::2], v_pages, table, cu_q, cu_k)
     assert_paged_equals_packed(np, rng, None, [3, 5], [6, 9], 4, case=case, causal=True)
+
+
+def paged_oracle(q, k_pages, v_pages, cu_q, cu_k, table, *, causal=False, window=(-1, -1),
+                 softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0,
+                 dropout_offset=0):
+    """``(out, lse)`` in float64, written from flash-attn's rule: sequence ``b``'s key ``j`` read
+    from page ``table[b, j // page_size]`` row ``j % page_size``, query ``i`` of ``nq`` seeing key
+    ``j`` of ``nk`` where ``i + nk - nq - left <= j <= i + nk - nq + right`` (causal: right 0),
+    the logit ``scale·s``, capped, less ``slope·|i + nk - nq - j|``; dropout keeps what the
+    documented mask of sequence ``b`` keeps."""
+    from cuflash import _dropout
+
+    page_size, (total_q, hq, d), hkv = k_pages.shape[1], q.shape, k_pages.shape[2]
+    out = np.zeros((total_q, hq, v_pages.shape[-1]))
+    lse = np.full((hq, total_q), -np.inf)
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    for b in range(len(cu_q) - 1):
+        rows, nk = slice(cu_q[b], cu_q[b + 1]), int(cu_k[b + 1] - cu_k[b])
+        nq = rows.stop - rows.start
+        keys = [(table[b, j // page_size], j % page_size) for j in range(nk)]
+        for h in range(hq):
+            g = h // (hq // hkv)
+            k = np.array([k_pages[p, r, g] for p, r in keys], np.float64).reshape(nk, d)
+            v = np.array([v_pages[p, r, g] for p, r in keys], np.float64).reshape(
+                nk, v_pages.shape[-1])
+            x = q[rows, h].astype(np.float64) @ k.T / np.sqrt(d)
+            if softcap:
+                x = softcap * np.tanh(x / softcap)
+            shift = np.arange(nq)[:, None] + nk - nq - np.arange(nk)  # i + nk - nq - j
+            if alibi_slopes is not None:
+                x -= np.abs(shift) * (alibi_slopes[h] if alibi_slopes.ndim == 1
+                                      else alibi_slopes[b, h])
+            seen = ((left < 0) | (shift <= left)) & ((right < 0) | (-shift <= right))
+            for i in np.flatnonzero(seen.any(1)):
+                p = np.exp(x[i, seen[i]] - x[i, seen[i]].max())
+                lse[h, rows.start + i] = np.log(p.sum()) + x[i, seen[i]].max()
+                p /= p.sum()
+                if dropout_p:
+                    kept = _dropout.keep_mask(dropout_seed, dropout_offset, dropout_p, b, h, i,
+                                              np.flatnonzero(seen[i]), hq=hq)
+                    p = p * kept * _dropout.rescale(dropout_p)
+                out[rows.start + i, h] = p @ v[seen[i]]
+    return out, lse
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 64])
+@pytest.mark.parametrize("options", [
+    dict(), dict(causal=True, softcap=2.0), dict(window=(2, 1)), dict(window=(0, -1)),
+    dict(alibi_slopes="heads", causal=True), dict(alibi_slopes="sequences", window=(3, 0)),
+    dict(dropout_p=0.3, dropout_seed=2**40 + 7, dropout_offset=5),
+    dict(causal=True, alibi_slopes="sequences", softcap=1.5, dropout_p=0.2, dropout_seed=9),
+], ids=["plain", "causal-softcap", "window", "window-right", "alibi", "alibi-per-sequence",
+        "dropout", "everything"])
+def test_numpy_paged_against_a_float64_oracle_of_the_page_rule(rng, page_size, options):
+    """Grouped heads, Dv != D, sequences empty on either side, a first page shared by every
+    sequence, pages in shuffled order and junk past each row's pages, against the rule written
+    out in float64 (the dropout mask of each sequence's own index)."""
+    lens_q, lens_k = [5, 0, 9, 4, 3], [7, 3, 12, 0, 2]
+    q, _, _, k_pages, v_pages, table, cu_q, cu_k = paged_case(
+        rng, np, np.float32, lens_q, lens_k, page_size, hq=4, hkv=2, d=16, dv=8,
+        share_first_page=True)
+    slopes = {"heads": rng.random(4, np.float32),
+              "sequences": rng.random((5, 4), np.float32)}.get(options.get("alibi_slopes"))
+    options = dict(options, alibi_slopes=slopes)
+    got, lse = cuflash.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, 9, 12, return_lse=True,
+                                        block_table=table, **options)
+    want, want_lse = paged_oracle(q, k_pages, v_pages, cu_q, cu_k, table, **options)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    assert np.array_equal(np.isinf(lse), np.isinf(want_lse))
+    np.testing.assert_allclose(lse[np.isfinite(lse)], want_lse[np.isfinite(want_lse)], rtol=0,
+                               atol=2e-6)
