@@ -27,9 +27,11 @@ def host_key_offsets(cu_seqlens_k: Any, max_seqlen_k: int):
     return host
 
 
-def check_pages(k_pages: Any, v_pages: Any) -> int:
+def check_pages(q: Any, k_pages: Any, v_pages: Any) -> int:
     """The page size of paged caches ``(num_pages, page_size, Hkv, D)`` /
-    ``(num_pages, page_size, Hkv, Dv)``."""
+    ``(num_pages, page_size, Hkv, Dv)``, whose heads and head dimension pair with those of a
+    packed q ``(total_q, Hq, D)`` (checked here, so that a refusal shows the pages as given
+    rather than the rows gathered from them; any other q is refused by the packed call)."""
     layout = "(num_pages, page_size, Hkv, {})"
     for name, x, last in (("k", k_pages, "D"), ("v", v_pages, "Dv")):
         if getattr(x, "ndim", None) != 4:
@@ -42,6 +44,9 @@ def check_pages(k_pages: Any, v_pages: Any) -> int:
     if k_pages.shape[1] == 0 or k_pages.shape[0] == 0:
         raise ValueError(f"with a block_table, k must hold at least one page of at least one key, "
                          f"got shape {tuple(k_pages.shape)}")
+    if getattr(q, "ndim", None) == 3 and k_pages.shape[2] and 0 not in q.shape[1:]:
+        _checks._check_qk_pairing(q, k_pages, q.shape[2], k_pages.shape[3], q.shape[1],
+                                  k_pages.shape[2])
     return int(k_pages.shape[1])
 
 
@@ -84,7 +89,7 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, 
     """Packed ``(k, v)``, ``(total_k, Hkv, D)`` and ``(total_k, Hkv, Dv)``, gathered from the
     pages the block table lists for each sequence."""
     xp = _checks.common_module({"q": q, "k": k_pages, "v": v_pages})
-    page_size = check_pages(k_pages, v_pages)
+    page_size = check_pages(q, k_pages, v_pages)
     check_offsets = _checks.check_bool(check_offsets, "check_offsets")
     _checks.check_offset_arrays(cu_seqlens_q, cu_seqlens_k, xp, device_of=q)
     check_index_array("block_table", block_table, (cu_seqlens_k.shape[0] - 1, None), xp, q)

@@ -377,6 +377,8 @@ def test_block_table_under_torch_compile():
      "cu_seqlens_k must have one offset more than block_table has rows"),
     (dict(k=lambda k: k[:, 0]), ValueError,
      r"k must have shape \(num_blocks, page_block_size, nheads_k, headdim\)"),
+    (dict(k=lambda k: k[..., :16]), ValueError,  # the pages as given, not the gathered rows
+     r"same head dimension \(last axis\), got q \(\d+, 4, 32\) and k \(\d+, \d+, 2, 16\)"),
 ])
 def test_block_table_errors_name_the_problem(change, error, message):
     (q, k, v, k_pages, v_pages), table, layout, _ = paged(4)

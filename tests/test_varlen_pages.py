@@ -132,6 +132,11 @@ def _table_with(args, row, column, value):
     (lambda a: dict(cu_seqlens_k=np.array([0, 9, 6], np.int32)), ValueError,
      "cu_seqlens_k must be non-decreasing"),
     (lambda a: dict(max_seqlen_k=8), ValueError, "max_seqlen_k must be at least"),
+    # the pages as given, not the packed rows gathered from them
+    (lambda a: dict(k=a["k"][..., :16]), ValueError,
+     r"same head dimension \(last axis\), got q \(8, 4, 32\) and k \(\d+, 4, 2, 16\)"),
+    (lambda a: dict(k=a["k"][:, :, :1].repeat(3, 2), v=a["v"][:, :, :1].repeat(3, 2)),
+     ValueError, r"got 4 query heads \(q \(8, 4, 32\)\) and 3 key/value heads \(k \(\d+, 4, 3, 32\)\)"),
 ])
 def test_errors_name_the_problem(rng, change, error, message):
     args = _paged_args(rng)

@@ -429,7 +429,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     p = _checked_dropout_p(dropout_p)
     if block_table is not None:
         _check_tensors(q=q, k=k, v=v, cu_seqlens_k=cu_seqlens_k, block_table=block_table)
-        k, v = _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table)
+        k, v = _gathered_pages(q, k, v, cu_seqlens_k, max_seqlen_k, block_table)
     _check_layout(("total", "nheads", "headdim"), q=q, k=k, v=v)
     tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if alibi_slopes is not None:
@@ -451,7 +451,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out, lse.detach(), probs
 
 
-def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
+def _gathered_pages(q, k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
     """flash-attn's paged k and v as packed rows ``(total_k, nheads_k, headdim)``, gathered by
     torch's indexing so that autograd carries gradients back to the pages; the offsets and the
     table are read on the host to size and check the gather (``cuflash.attention_varlen``'s
@@ -462,7 +462,7 @@ def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
         if x.dtype != torch.int32:
             raise _checks.IndexDtypeError(f"{name} must have dtype torch.int32 (flash-attn's index "
                                           f"dtype), got {x.dtype}")
-    page_size = _varlen_pages.check_pages(k, v)
+    page_size = _varlen_pages.check_pages(q, k, v)
     if cu_seqlens_k.dim() != 1 or cu_seqlens_k.shape[0] != block_table.shape[0] + 1:
         raise ValueError(f"cu_seqlens_k must have one offset more than block_table has rows "
                          f"(sequences), got cu_seqlens_k {tuple(cu_seqlens_k.shape)} and "
