@@ -71,17 +71,18 @@ def check_table(host_offsets, table, page_size: int, num_pages: int) -> None:
 def used_rows(host_offsets, table, page_size: int):
     """The row of every packed key in the pages laid end to end (``page · page_size + offset``),
     sequence by sequence: NumPy int64, computed page by page (a sequence's keys are the first of
-    its pages' rows), where key by key the table's lookups would be ``page_size`` times as many."""
+    its pages' rows), where key by key the table's lookups would be ``page_size`` times as many.
+    Sized by the keys used, not by the rows of the pages used (a large page, shared by many
+    sequences, holds far more rows than they use)."""
     lengths = numpy.diff(host_offsets)
     needed = -(-lengths // page_size)
     page_starts = numpy.cumsum(needed) - needed  # each sequence's first page among those used
     sequence_of_page = numpy.repeat(numpy.arange(lengths.size), needed)
     first_keys = (numpy.arange(int(needed.sum())) - numpy.repeat(page_starts, needed)) * page_size
     pages, _ = page_slots(numpy.asarray(table), sequence_of_page, first_keys, page_size)
-    slots = (pages[:, None] * page_size + numpy.arange(page_size)).ravel()
-    kept = numpy.arange(int(host_offsets[-1])) + numpy.repeat(
-        page_starts * page_size - host_offsets[:-1], lengths)
-    return slots[kept]
+    keys = numpy.minimum(numpy.repeat(lengths, needed) - first_keys, page_size)  # in each page
+    first_rows = numpy.repeat(host_offsets[:-1], needed) + first_keys  # packed row of its first
+    return numpy.repeat(pages * page_size - first_rows, keys) + numpy.arange(int(host_offsets[-1]))
 
 
 def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table,

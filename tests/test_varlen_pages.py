@@ -136,7 +136,8 @@ def _table_with(args, row, column, value):
     (lambda a: dict(k=a["k"][..., :16]), ValueError,
      r"same head dimension \(last axis\), got q \(8, 4, 32\) and k \(\d+, 4, 2, 16\)"),
     (lambda a: dict(k=a["k"][:, :, :1].repeat(3, 2), v=a["v"][:, :, :1].repeat(3, 2)),
-     ValueError, r"got 4 query heads \(q \(8, 4, 32\)\) and 3 key/value heads \(k \(\d+, 4, 3, 32\)\)"),
+     ValueError,
+     r"got 4 query heads \(q \(8, 4, 32\)\) and 3 key/value heads \(k \(\d+, 4, 3, 32\)\)"),
 ])
 def test_errors_name_the_problem(rng, change, error, message):
     args = _paged_args(rng)
@@ -203,6 +204,28 @@ def test_numpy_pages_strided_between_pages(rng):
     assert spread[::2].strides[0] != k_pages.shape[1] * k_pages.strides[1]
     case = (q, k, v, spread[::2], v_pages, table, cu_q, cu_k)
     assert_paged_equals_packed(np, rng, None, [3, 5], [6, 9], 4, case=case, causal=True)
+
+
+def test_a_large_shared_page_costs_host_memory_of_the_keys_used(rng):
+    """The rows to gather are formed for the keys the sequences use, not for every row of the
+    pages they use: 16 sequences of 5 keys, all in one shared page of 2**20 rows, cost the host
+    kilobytes, not 16 pages' worth of row numbers (128 MiB)."""
+    import tracemalloc
+
+    lengths = [5] * 16
+    page = (np.arange(2**23, dtype=np.float32) / 2**23).reshape(1, 2**20, 1, 8)
+    q = random_array(rng, (80, 2, 8), np.float32)
+    cu = offsets(lengths)
+    table = np.zeros((16, 3), np.int32)
+    tracemalloc.start()
+    try:
+        got = cuflash.attention_varlen(q, page, page, cu, cu, 5, 5, block_table=table)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**22, f"{peak / 2**20:.1f} MiB"
+    keys = np.tile(page[0, :5], (16, 1, 1))
+    assert np.array_equal(got, cuflash.attention_varlen(q, keys, keys, cu, cu, 5, 5))
 
 
 def paged_oracle(q, k_pages, v_pages, cu_q, cu_k, table, *, causal=False, window=(-1, -1),
