@@ -605,18 +605,21 @@ UNBOUNDED_BAND = 1 << 30  # cuflash.kernels.decode.UNBOUNDED_BAND
     (False, (33, 4), 3, 32, (32, 3)),
     (False, (32, 3), 3, 32, (32, 3)),
     (False, (0, 0), 16, 7, (0, 0)),
-    # past 2^30 keys, a side that admits them all is sent as 2^30 (like an unbounded one)
-    (False, (2**31 - 1, 2**31), 2, 256 * (2**22 + 8), (UNBOUNDED_BAND, 2)),
-    (False, (2**30 + 5, -1), 2, 256 * (2**22 + 8), (UNBOUNDED_BAND, UNBOUNDED_BAND)),
+    # past 2^30 keys a side keeps its value: 2^30 would hide a full row's first keys
+    (False, (2**31 - 1, 2**31), 2, 256 * (2**22 + 8), (2**30 + 2048, 2)),
+    (False, (2**30 + 5, -1), 2, 256 * (2**22 + 8), (2**30 + 5, UNBOUNDED_BAND)),
+    (True, (2**30, -1), 1, 2**30 + 64, (2**30, 0)),
 ], ids=str)
 def test_decode_launch_band(monkeypatch, causal, window, sq, capacity, expected):
     """The band the decode launcher packs for the kernel (through a fake device): sides that
     admit every key cut down to Sq and the capacity (``_mask.clamped_band``), an unbounded side
-    as 2^30, the mask variant bounded on the sides the caller's band is."""
+    as 2^30, the mask variant bounded on the sides the caller's band is; read as the kernel reads
+    it (``Mask::key_begin`` / ``key_end`` in csrc/mask.cuh), a full row's first and last query
+    see the keys ``_mask.key_range`` gives them."""
     cupy = pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
-    from cuflash._mask import UNBOUNDED, band
+    from cuflash._mask import UNBOUNDED, band, key_range
     from cuflash.kernels import decode
 
     device = FakeDevice(monkeypatch)
@@ -639,8 +642,16 @@ def test_decode_launch_band(monkeypatch, causal, window, sq, capacity, expected)
     record = np.frombuffer(launch[4], decode.DECODE_ARGS)[0]
     assert (int(record["window_left"]), int(record["window_right"])) == expected
     assert (int(record["sq"]), int(record["capacity"])) == (sq, capacity)
-    bounded = (str(side != UNBOUNDED).lower() for side in band(window, causal))
-    assert "Mask<{}, {}, false>".format(*bounded) in launch[0]
+    bounded = [side != UNBOUNDED for side in band(window, causal)]
+    assert "Mask<{}, {}, false>".format(*(str(side).lower() for side in bounded)) in launch[0]
+    left, right = expected
+    rows = np.array([0, sq - 1])
+    shift = capacity - sq  # a row that holds `capacity` keys
+    begin = np.maximum(0, rows + shift - left) if bounded[0] else np.zeros(2, np.int64)
+    end = np.minimum(capacity, rows + shift + right + 1) if bounded[1] else np.full(2, capacity)
+    want_begin, want_end = key_range(rows, sq, capacity, *band(window, causal))
+    np.testing.assert_array_equal(np.maximum(begin, end), want_end)
+    np.testing.assert_array_equal(begin, want_begin)
 
 
 @pytest.mark.parametrize("dv, sq", [(64, 1), (96, 3), (256, 16)])

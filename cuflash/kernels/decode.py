@@ -172,11 +172,12 @@ def _mask_type(causal: bool, window) -> str:
 
 def _kernel_band(causal: bool, window, sq: int, capacity: int) -> tuple[int, int]:
     """``(window_left, window_right)`` as the kernel reads them: the band with sides that admit
-    every key cut down by ``_mask.clamped_band`` to the Sq query rows and the cache's capacity
-    (each taken as at most ``UNBOUNDED_BAND``, so that no side exceeds it), an unbounded side sent
-    as ``UNBOUNDED_BAND``."""
-    left, right = clamped_band(min(sq, UNBOUNDED_BAND), min(capacity, UNBOUNDED_BAND),
-                               *band(tuple(window), causal))
+    every key cut down by ``_mask.clamped_band`` to the Sq query rows and the cache's capacity,
+    an unbounded side sent as ``UNBOUNDED_BAND`` (the mask variant does not test it). A bounded
+    side keeps its value past 2^30 keys: a left side of 2^30 would hide a row's first keys once it
+    sees more than 2^30 + Sq − 1 (the kernel's ``row + shift − left`` stays within int32, as
+    ``row + shift + right`` does with ``right ≤ Sq``)."""
+    left, right = clamped_band(sq, capacity, *band(tuple(window), causal))
     return tuple(UNBOUNDED_BAND if x == UNBOUNDED else x for x in (left, right))
 
 
