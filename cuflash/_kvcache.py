@@ -278,7 +278,7 @@ def _choose(spec: KVCacheSpec, q, k_cache, v_cache):
     decode = decode_module()
     if isinstance(decode, ImportError):
         return GENERIC, f"no decode kernel: importing cuflash.kernels.decode failed ({decode})", None
-    why_not = decode.why_not(q, k_cache, v_cache)
+    why_not = decode.why_not(q, k_cache, v_cache, spec.block_table)
     if why_not is not None:
         return GENERIC, f"the decode kernel does not take this call: {why_not}", None
     return DECODE, "cuflash.kernels.decode: one append launch, one attention launch", decode

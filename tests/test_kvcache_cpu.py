@@ -491,14 +491,14 @@ def _spec(case):
 
 def test_generic_route_when_the_kernel_refuses(rng, monkeypatch):
     spec = _gpu_like(_spec(small(rng)))
-    fake = types.SimpleNamespace(why_not=lambda q, k, v: "float32 is not 16-bit")
+    fake = types.SimpleNamespace(why_not=lambda q, k, v, table: "float32 is not 16-bit")
     monkeypatch.setattr(_kvcache, "decode_module", lambda: fake)
     route, reason, _ = _kvcache._choose(spec, None, None, None)
     assert route == "generic" and "float32 is not 16-bit" in reason
     monkeypatch.setattr(_kvcache, "decode_module", lambda: ImportError("no module named decode"))
     route, reason, _ = _kvcache._choose(spec, None, None, None)
     assert route == "generic" and "no module named decode" in reason
-    fake.why_not = lambda q, k, v: None
+    fake.why_not = lambda q, k, v, table: None
     monkeypatch.setattr(_kvcache, "decode_module", lambda: fake)
     assert _kvcache._choose(spec, None, None, None)[0] == "decode"
 
@@ -510,7 +510,7 @@ class FakeDecode:
     def __init__(self):
         self.calls = []
 
-    def why_not(self, q, k_cache, v_cache):
+    def why_not(self, q, k_cache, v_cache, block_table=None):
         return None
 
     def append(self, k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None,
@@ -652,6 +652,43 @@ def test_decode_launch_band(monkeypatch, causal, window, sq, capacity, expected)
     want_begin, want_end = key_range(rows, sq, capacity, *band(window, causal))
     np.testing.assert_array_equal(np.maximum(begin, end), want_end)
     np.testing.assert_array_equal(begin, want_begin)
+
+
+@pytest.mark.parametrize("sq, pages, paged, route", [
+    (255, 2**23 - 1, True, "decode"),       # capacity + Sq = 2^31 - 1
+    (256, 2**23 - 1, True, "generic"),      # capacity + Sq = 2^31
+    (1, 2**23, True, "generic"),            # a table of 2^31 keys
+    (1, 2**23, False, "generic"),           # a contiguous cache of 2^31 positions
+])
+def test_decode_route_counts_a_row_s_keys_in_int32(monkeypatch, sq, pages, paged, route):
+    """The decode kernel holds a row's capacity in an int32 and forms key bounds up to capacity +
+    Sq (``Mask::key_end``): past that the generic route takes the call (whose kernels see each
+    row's own keys), where the launch could not even pack the capacity; up to it the decode
+    route packs it as given (through a fake device)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import decode
+
+    device = FakeDevice(monkeypatch)
+    page = 256
+    q = cupy.empty((1, sq, 2, 64), np.float16)
+    table = cupy.empty((1, pages), np.int32) if paged else None
+    rows = page if paged else page * pages
+    k_cache, v_cache = (cupy.empty((1, rows, 1, 64), np.float16) for _ in range(2))
+    options = dict(block_table=table, cache_seqlens=cupy.empty((1,), np.int32), num_splits=1)
+    plan = cuflash.kvcache_plan(q, k_cache, v_cache, **options)
+    assert plan.route == route, plan
+    if route == "generic":
+        assert "int32" in plan.reason and f"{page * pages:,}" in plan.reason
+        return
+    decode._prepared.cache_clear()  # no launch prepared elsewhere, and none kept after
+    try:
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, **options)
+    finally:
+        decode._prepared.cache_clear()
+    (launch,) = [x for x in device.take_launches() if x[0].startswith("flash_decode<")]
+    assert int(np.frombuffer(launch[4], decode.DECODE_ARGS)[0]["capacity"]) == page * pages
 
 
 @pytest.mark.parametrize("dv, sq", [(64, 1), (96, 3), (256, 16)])

@@ -46,8 +46,9 @@ APPEND_ARGS = make_struct_dtype(
 )
 
 
-def why_not(q, k_cache, v_cache) -> str | None:
-    """None when the decode kernels take these CuPy arrays, else the reason."""
+def why_not(q, k_cache, v_cache, block_table=None) -> str | None:
+    """None when the decode kernels take these CuPy arrays (paged through ``block_table``), else
+    the reason."""
     from ._launch import _compute_capability
 
     if q.dtype.name not in ("float16", "bfloat16"):
@@ -72,6 +73,10 @@ def why_not(q, k_cache, v_cache) -> str | None:
             return f"needs {name}'s last axis contiguous"
         if x.data.ptr % 16 or any(s % 16 for s in x.strides[:-1]):
             return f"needs {name}'s rows 16-byte aligned"
+    capacity = capacity_of(k_cache, block_table)
+    if capacity + q.shape[1] >= 2**31:  # the key bound of a row's last query: csrc/mask.cuh, key_end
+        return (f"counts a batch row's keys in int32: its capacity ({capacity:,} keys) plus Sq "
+                f"({q.shape[1]}) must be below 2**31")
     return None
 
 
