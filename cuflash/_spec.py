@@ -138,10 +138,17 @@ class AttentionSpec:
     def kernel_band(self) -> tuple[int, int]:
         """The band with unbounded sides replaced by a value that admits every key and kept
         small enough for int32 arithmetic in the kernels: ``left ≤ Nk`` and ``right ≤ Nq``
-        already admit everything (see ``csrc/mask.cuh``)."""
+        already admit everything (see ``csrc/mask.cuh``). Packed sequences are cut to their
+        rows in all as well (``total_q``, ``total_k``), which every sequence's length is within:
+        a ``max_seqlen`` far above the longest (up to 2**31 − 1) would otherwise let a side reach
+        2**31 − 1, and ``row + shift + right + 1`` wrap around in the kernels (rows that see no
+        key)."""
         s = self.shapes
-        left, right = _mask.clamped_band(s.nq, s.nk, *self.band())
-        return (s.nk if left == UNBOUNDED else left), (s.nq if right == UNBOUNDED else right)
+        nq, nk = s.nq, s.nk
+        if self.varlen is not None:
+            nq, nk = min(nq, self.varlen.total_q), min(nk, self.varlen.total_k)
+        left, right = _mask.clamped_band(nq, nk, *self.band())
+        return (nk if left == UNBOUNDED else left), (nq if right == UNBOUNDED else right)
 
     # ---- the score modifier: what happens to a score before the softmax
 

@@ -456,6 +456,45 @@ def test_packed_calls_without_a_right_bound_take_one_past_every_key():
             np.testing.assert_array_equal(visible(nq, nk, *banded.band()), visible(nq, nk, *spec.band()))
 
 
+@pytest.mark.parametrize("options", [dict(window=(16, 10**12)), dict(window=(10**12, 3)),
+                                     dict(window=(2**31 - 1, 2**31 - 1)), dict(causal=True, window=(10**12, -1))],
+                         ids=str)
+@pytest.mark.parametrize("max_len", [130, 2**30, 2**31 - 1])
+def test_packed_band_as_the_kernels_read_it(options, max_len):
+    """The band the kernels get (``AttentionSpec.kernel_band``), read as csrc/mask.cuh reads it
+    in int32 for each sequence (``key_begin`` / ``key_end`` of its first and last rows, ``row_begin``
+    / ``row_end`` of its first and last keys): the keys ``_mask.key_range`` gives the sequence, and
+    no sum past 2**31 - 1, whatever ``max_seqlen`` above the longest sequence the caller passes."""
+    from cuflash import _api
+    from cuflash._mask import UNBOUNDED, key_range
+
+    lens_q, lens_k = [37, 5, 130, 1], [50, 9, 129, 1]
+    q = np.zeros((sum(lens_q), 2, 16), np.float16)
+    k = np.zeros((sum(lens_k), 2, 16), np.float16)
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (lens_q, lens_k))
+    _, spec = _api._varlen_spec(q, k, k, cu_q, cu_k, max_len, max_len, **options)
+    bounded_left, bounded_right = (side != UNBOUNDED for side in spec.band())
+    left, right = spec.kernel_band()
+
+    def int32(value):
+        assert -2**31 <= value < 2**31
+        return value
+
+    for nq, nk in zip(lens_q, lens_k):
+        shift = nk - nq
+        rows = np.array([0, nq - 1])
+        begin = [max(0, int32(int32(row + shift) - left)) if bounded_left else 0 for row in rows]
+        end = [min(nk, int32(int32(int32(row + shift) + right) + 1)) if bounded_right else nk for row in rows]
+        want_begin, want_end = key_range(rows, nq, nk, *spec.band())
+        np.testing.assert_array_equal(begin, want_begin)
+        np.testing.assert_array_equal(np.maximum(begin, end), want_end)
+        for key in (0, nk - 1):  # the rows a key is seen by (the dK/dV kernels' walk)
+            if bounded_right:
+                int32(int32(key - shift) - right)
+            if bounded_left:
+                int32(int32(int32(key - shift) + left) + 1)
+
+
 def tile_in_slots(index, lanes, first_slots, sequences):
     """schedule.cuh's tile_in_slots (HEAVY_LAST false): (sequence, lane, tile) of block `index`
     where the r-th sequence, sequences[r], takes the slots first_slots[r] .. first_slots[r + 1]."""
