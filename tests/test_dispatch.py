@@ -1067,3 +1067,35 @@ def test_kernel_plan_prints_what_docs_internals_md_shows(monkeypatch):
     assert quoted.startswith("call: bfloat16")
     q = device.empty((1, 2, 128, 64), ml_dtypes.bfloat16)
     assert str(cuflash.kernel_plan(q, q, q)) + "\n" == quoted
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("nq, nk, runs", [(2**31 - 129, 128, True), (2**31 - 128, 128, False),
+                                          (2**31, 128, False), (128, 2**31, False)])
+def test_dense_calls_whose_lengths_pass_int32_are_refused(monkeypatch, dtype, nq, nk, runs):
+    """The kernels hold Nq and Nk in int32 and their band arithmetic reaches Nq + Nk: up to
+    2**31 - 1 a call runs (its packed nq and nk as given), past it every family passes it over
+    with that reason and the call is refused with a ValueError that says so, not packed (a
+    made-up device: the arrays take no memory)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch, float32
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((1, 1, nq, 64), dtype)
+    k = device.empty((1, 1, nk, 64), dtype)
+    plan = cuflash.kernel_plan(q, k, k, window=(8, 2**40))
+    if runs:
+        assert plan.forward.family is not None and plan.backward.family is not None
+        cuflash.attention(q, k, k, window=(8, 2**40))
+        args = _launch.FWD_ARGS if dtype == np.float16 else float32.FWD_ARGS
+        record = np.frombuffer(device.take_launches()[-1][4], args)[0]
+        assert (int(record["nq"]), int(record["nk"])) == (nq, nk)
+        return
+    for family_plan in (plan.forward, plan.backward):
+        assert family_plan.family is None
+        reasons = [reason for _, reason in family_plan.passed_over if "takes float" not in reason]
+        assert reasons and all("Nq + Nk must be below 2**31" in reason for reason in reasons)
+    with pytest.raises(ValueError, match=r"Nq \+ Nk must be below 2\*\*31"):
+        cuflash.attention(q, k, k, window=(8, 2**40))

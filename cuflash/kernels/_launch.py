@@ -90,6 +90,18 @@ def varlen_pointers(spec) -> tuple[int, int]:
     return pointer(spec.varlen.cu_q), pointer(spec.varlen.cu_k)
 
 
+def why_not_lengths(spec) -> str | None:
+    """The reason no kernel takes a dense call whose query and key counts add up to 2**31 or more
+    (None for any other call): the kernels hold Nq and Nk in int32 and their band arithmetic
+    (csrc/mask.cuh: ``row + shift + right + 1``, ``key − shift + left + 1``) reaches Nq + Nk.
+    Packed sequences' sides are cut to their rows in all (``AttentionSpec.kernel_band``)."""
+    s = spec.shapes
+    if spec.varlen is not None or s.nq + s.nk < 2**31:
+        return None
+    return (f"counts query rows and keys in int32: Nq + Nk must be below 2**31, got Nq={s.nq:,} "
+            f"and Nk={s.nk:,}")
+
+
 def check_grid(blocks: int, what: str) -> int:
     """`blocks` if one 1-D launch can hold them, else a ValueError naming the kernel."""
     if blocks >= 2**31:
@@ -158,10 +170,11 @@ def on_hopper(x) -> bool:
 
 
 def why_not_16bit(spec) -> str | None:
-    """None for a float16/bfloat16 call, else the reason a tensor-core family cannot take it."""
+    """None for a float16/bfloat16 call whose lengths the kernels can count (``why_not_lengths``),
+    else the reason a tensor-core family cannot take it."""
     if spec.dtype.name not in ("float16", "bfloat16"):
         return f"takes float16/bfloat16, not {spec.dtype.name}"
-    return None
+    return why_not_lengths(spec)
 
 
 def why_not_16bit_tiled(spec, tiles_for) -> str | None:

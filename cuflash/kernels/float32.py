@@ -38,6 +38,7 @@ from ._launch import (
     tile_index,
     vector_aligned,
     why_not_dropout,
+    why_not_lengths,
     why_not_varlen,
 )
 
@@ -176,6 +177,9 @@ def supports(spec, arrays) -> str | None:
         return reason
     if spec.dtype.name != "float32":
         return f"takes float32 only, not {spec.dtype.name}"
+    reason = why_not_lengths(spec)
+    if reason:
+        return reason
     try:
         limit = _launch.shared_limit(arrays[0].device.id)
         fitting = [_fitting(kernel, spec, limit) for kernel in _KERNELS]
