@@ -691,6 +691,29 @@ def test_decode_route_counts_a_row_s_keys_in_int32(monkeypatch, sq, pages, paged
     assert int(np.frombuffer(launch[4], decode.DECODE_ARGS)[0]["capacity"]) == page * pages
 
 
+@pytest.mark.parametrize("num_splits", [2**31, 2**40])
+def test_decode_split_counts_past_one_launch_are_refused_as_such(monkeypatch, num_splits):
+    """num_splits takes any positive count, but a launch holds fewer than 2**31 thread blocks:
+    a count past that is refused with the launch's own ValueError, before the count is packed
+    into the kernel's int32 field (through a fake device)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import decode
+
+    device = FakeDevice(monkeypatch)
+    q = cupy.empty((1, 1, 2, 64), np.float16)
+    k_cache, v_cache = (cupy.empty((1, 256, 1, 64), np.float16) for _ in range(2))
+    decode._prepared.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="problem too large for one launch of the decode kernel"):
+            cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=cupy.empty((1,), np.int32),
+                                           num_splits=num_splits)
+    finally:
+        decode._prepared.cache_clear()
+    assert not device.take_launches()
+
+
 @pytest.mark.parametrize("dv, sq", [(64, 1), (96, 3), (256, 16)])
 def test_decode_combine_grid_covers_every_row_and_column(monkeypatch, dv, sq):
     """decode_combine takes one warp per (query row, 32 output columns), four warps a block: the

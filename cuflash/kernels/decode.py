@@ -268,6 +268,10 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     dqk, dvp, row_chunks, shared = geometry.dqk, geometry.dvp, geometry.row_chunks, geometry.shared
     capacity = _capacity(k_layout[0], table_layout[0] if paged else None)
     splits = num_splits or geometry.auto_splits(capacity, device_id)
+    # Checked before anything is packed: a split count past int32 is then a launch too large.
+    blocks = check_grid(splits * geometry.blocks_per_split, "the decode kernel")
+    rows = batch * heads * sq
+    warps = check_grid(combine_warps(rows, dv), "the decode combine kernel (one warp per query row and 32 columns)")
     left, right = _kernel_band(causal, window, sq, capacity)
     values = dict(
         **_stride_fields("q", q_strides), **_stride_fields("o", o_layout[1]),
@@ -287,9 +291,6 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     # resident_blocks counts on (the caches stream through cp.async.cg, bypassing L1).
     kernel.preferred_shared_memory_carveout = 100
     args = PackedArgs(DECODE_ARGS, DECODE_POINTERS, values)
-    blocks = check_grid(splits * geometry.blocks_per_split, "the decode kernel")
-    rows = batch * heads * sq
-    warps = check_grid(combine_warps(rows, dv), "the decode combine kernel (one warp per query row and 32 columns)")
     combine = None
     if splits > 1:
         combine = KernelLaunch(_build.get_function(SOURCE, _combine_variant(dtype)), -(-warps // 4), 128, 0, args,
