@@ -737,3 +737,28 @@ def test_gpu_float32_is_refused(xp_gpu, rng):
     (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, xp_gpu, np.float32, [5, 9])
     with pytest.raises(ValueError, match="not implemented in the float32 kernels"):
         cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+@pytest.mark.parametrize("max_len, runs", [(4096, True), (2**30 - 8, True), (2**30, False), (2**31 - 1, False)])
+def test_packed_calls_whose_band_sums_pass_int32_are_refused(monkeypatch, max_len, runs):
+    """Packed sequences' band sides reach min(max_seqlen, rows in all) (``kernel_band``), and the
+    kernels add a query side and a key count in int32: 2**30 + 8 query and key rows in all with
+    max_seqlen bounds of 2**30 or more are refused with that reason by every family (a ValueError, on
+    a made-up device: the arrays take no memory), and run where the bounds are tighter."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    total = 2**30 + 8
+    q = device.empty((total, 1, 64), np.float16)
+    cu = device.empty((2,), np.int32)
+    call = partial(cuflash.attention_varlen, q, q, q, cu, cu, max_len, max_len, window=(16, 10**12),
+                   check_offsets=False)  # fake offsets cannot be read back
+    if runs:
+        call()
+        assert device.take_launches()
+        return
+    with pytest.raises(ValueError, match=r"min\(max_seqlen_q, total_q\) \+ min\(max_seqlen_k, total_k\) "
+                                         r"must be below 2\*\*31"):
+        call()
+    assert not device.take_launches()

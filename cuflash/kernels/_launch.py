@@ -91,15 +91,19 @@ def varlen_pointers(spec) -> tuple[int, int]:
 
 
 def why_not_lengths(spec) -> str | None:
-    """The reason no kernel takes a dense call whose query and key counts add up to 2**31 or more
+    """The reason no kernel takes a call whose query and key counts add up to 2**31 or more
     (None for any other call): the kernels hold Nq and Nk in int32 and their band arithmetic
     (csrc/mask.cuh: ``row + shift + right + 1``, ``key − shift + left + 1``) reaches Nq + Nk.
-    Packed sequences' sides are cut to their rows in all (``AttentionSpec.kernel_band``)."""
+    For packed sequences, whose band sides are cut to the longest sequence's bound and the rows
+    in all (``AttentionSpec.kernel_band``), the sum of those."""
     s = spec.shapes
-    if spec.varlen is not None or s.nq + s.nk < 2**31:
+    nq, nk = s.nq, s.nk
+    if spec.varlen is not None:
+        nq, nk = min(nq, spec.varlen.total_q), min(nk, spec.varlen.total_k)
+    if nq + nk < 2**31:
         return None
-    return (f"counts query rows and keys in int32: Nq + Nk must be below 2**31, got Nq={s.nq:,} "
-            f"and Nk={s.nk:,}")
+    what = "Nq + Nk" if spec.varlen is None else "min(max_seqlen_q, total_q) + min(max_seqlen_k, total_k)"
+    return f"counts query rows and keys in int32: {what} must be below 2**31, got {nq:,} and {nk:,}"
 
 
 def check_grid(blocks: int, what: str) -> int:
