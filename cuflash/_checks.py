@@ -579,10 +579,12 @@ def _leading_stride(shape: tuple[int, ...], strides: tuple[int, ...]) -> int | N
 
 
 def kernel_ready(x: Any) -> bool:
-    """Last axis contiguous, other strides non-negative whole elements."""
+    """Last axis contiguous, other strides non-negative whole elements, and (on the GPU) the
+    first element at an address its loads can take (a whole number of elements)."""
     item = x.itemsize
     return (x.strides[-1] == item
-            and all(s >= 0 and s % item == 0 for s in x.strides[:-1]))
+            and all(s >= 0 and s % item == 0 for s in x.strides[:-1])
+            and (isinstance(x, numpy.ndarray) or x.data.ptr % item == 0))
 
 
 def kernel_readable(x: Any) -> Any:

@@ -588,3 +588,19 @@ def test_arrays_on_different_devices(xp_gpu):
     with pytest.raises(ValueError, match=r"all arrays must be on one CUDA device, got q on "
                                          r"device 0 and v on device 1"):
         cuflash.attention(q, k, v)
+
+
+def test_arrays_at_addresses_between_elements_are_copied_for_the_kernels():
+    """A CuPy view whose first element sits between two elements' addresses (a float16 array
+    one byte into a buffer) is read by the kernels through a copy: their element loads need
+    whole-element addresses, whatever its strides."""
+    cupy = pytest.importorskip("cupy")
+    from cuflash import _checks
+
+    def at(address):
+        memory = cupy.cuda.UnownedMemory(address, 64, None, device_id=0)
+        return cupy.ndarray((4, 8), np.float16, memptr=cupy.cuda.MemoryPointer(memory, 0))
+
+    assert _checks.kernel_ready(at(1 << 32))
+    assert not _checks.kernel_ready(at((1 << 32) + 1))
+    assert _checks.kernel_ready(np.zeros((4, 8), np.float16))
