@@ -328,7 +328,7 @@ def workspace_of(spec, arrays=None) -> dict[str, int]:
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: any 16-bit call on sm_80+ whose block
     mask (if any) has blocks the tiles divide, packed variable-length sequences and dropout
-    included (not both together). `arrays` (q, k, v, dout, out, dq, dk, dv) may
+    included, together too. `arrays` (q, k, v, dout, out, dq, dk, dv) may
     have any alignment."""
     limit = _launch.shared_limit(arrays[0].device.id)  # any alignment: element-wise variants
     return why_not_16bit_tiled(spec, lambda spec: tiles_for(spec, limit))

@@ -81,7 +81,7 @@ def tiles_for(spec) -> FwdTiles:
 
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: it takes any 16-bit call on sm_80+,
-    packed variable-length sequences and dropout included (not both together)."""
+    packed variable-length sequences and dropout included, together too."""
     return why_not_16bit_tiled(spec, tiles_for)
 
 
