@@ -280,7 +280,8 @@ def _device_buffers(spec) -> tuple:
 
 def keep_alive_with(outputs, buffers) -> None:
     """Keep ``buffers`` alive until every one of ``outputs`` is gone (a captured graph writes
-    them on each replay)."""
+    them on each replay). ``buffers`` must not hold any of ``outputs``: an output held by a
+    finalizer would never be gone, nor what the finalizers hold."""
     for output in outputs:
         weakref.finalize(output, _release, buffers)
 

@@ -408,4 +408,6 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
     if target is not out:
         out[...] = target
     if xp is not numpy and _calls.stream_capturing():  # a replayed graph reuses these buffers
-        _calls.keep_alive_with((out, lse), (temporaries, target, lse))
+        # (held by out, which the caller keeps with the graph, and without out itself: an
+        # output among what its own finalizer holds would never be freed)
+        _calls.keep_alive_with((out,), (temporaries, None if target is out else target, lse))

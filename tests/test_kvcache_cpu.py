@@ -714,6 +714,44 @@ def test_decode_split_counts_past_one_launch_are_refused_as_such(monkeypatch, nu
     assert not device.take_launches()
 
 
+@pytest.mark.parametrize("given_out", [False, True], ids=["new out", "out="])
+def test_a_captured_decode_call_frees_its_buffers_with_its_output(monkeypatch, given_out):
+    """Under a CUDA graph capture the decode route keeps what its kernels write (the lse, the
+    splits' partials) alive with its output, since the graph writes them at each replay, and
+    frees all of it, the output and the lse included, once the caller lets the output go
+    (through a fake device)."""
+    import gc
+    import weakref
+
+    cupy = pytest.importorskip("cupy")
+    import fake_device
+
+    from cuflash import _calls
+    from cuflash.kernels import decode
+
+    device = fake_device.FakeDevice(monkeypatch)
+    q = cupy.empty((2, 1, 8, 64), np.float16)
+    k_cache, v_cache = (cupy.empty((2, 4096, 2, 64), np.float16) for _ in range(2))
+    options = dict(cache_seqlens=cupy.empty((2,), np.int32), num_splits=4, return_lse=True)
+    monkeypatch.setattr(fake_device.FakeStream, "is_capturing", lambda self: True)
+    monkeypatch.setattr(_calls, "stream_capturing", lambda: True)
+    decode._prepared.cache_clear()
+    try:
+        out, lse = cuflash.attention_with_kvcache(
+            q, k_cache, v_cache, out=cupy.empty((2, 1, 8, 64), np.float16) if given_out else None,
+            **options)
+    finally:
+        decode._prepared.cache_clear()
+    assert any(x[0].startswith("decode_combine<") for x in device.take_launches())
+    out_ref, lse_ref = weakref.ref(out), weakref.ref(lse)
+    del lse
+    gc.collect()
+    assert lse_ref() is not None  # the graph writes it as long as out is kept
+    del out
+    gc.collect()
+    assert out_ref() is None and lse_ref() is None
+
+
 @pytest.mark.parametrize("dv, sq", [(64, 1), (96, 3), (256, 16)])
 def test_decode_combine_grid_covers_every_row_and_column(monkeypatch, dv, sq):
     """decode_combine takes one warp per (query row, 32 output columns), four warps a block: the
