@@ -135,7 +135,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         rotary_interleaved=rotary_interleaved, cache_leftpad=cache_leftpad)
     xp = spec.xp
     with _checks.device_context(q):
-        q, k, v, k_cache, v_cache = _call_arrays(spec, rotary, q, k, v, k_cache, v_cache)
+        # Under a CUDA graph capture, what the array operations before the kernels allocate
+        # (copies apart from the caches, the rotation's intermediates) is kept with the result:
+        # the graph writes it again at each replay (_run_decode keeps the kernels' buffers).
+        with _calls.CapturedAllocations(q) as allocations:
+            q, k, v, k_cache, v_cache = _call_arrays(spec, rotary, q, k, v, k_cache, v_cache)
         result = xp.empty(spec.out_shape, spec.dtype) if out is None else out
         lse = xp.empty(spec.lse_shape, numpy.float32)
         # The kernels read q in place when they can, else a copy, made once for both steps.
@@ -145,6 +149,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             _run_decode(spec, decode, ready_q, k_cache, v_cache, k, v, result, lse)
         else:
             _run_rows(spec, q, k_cache, v_cache, k, v, result, lse)
+    allocations.keep((result,), spec)
     return (result, lse) if return_lse else result
 
 

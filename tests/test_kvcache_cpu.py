@@ -752,6 +752,62 @@ def test_a_captured_decode_call_frees_its_buffers_with_its_output(monkeypatch, g
     assert out_ref() is None and lse_ref() is None
 
 
+def test_a_captured_rotary_call_keeps_the_rotation_s_buffers_with_its_output(monkeypatch):
+    """The rotation runs as array operations before the kernels; a graph that captured them
+    writes their intermediates again at each replay, so under a capture the memory they take
+    stays reserved as long as the call's output (through a fake device, whose allocator hands
+    out made-up memory; the rotation is stood in for by one that allocates as array operations
+    do)."""
+    import gc
+    import weakref
+
+    cupy = pytest.importorskip("cupy")
+    import fake_device
+
+    from cuflash import _calls
+    from cuflash.kernels import decode
+
+    device = fake_device.FakeDevice(monkeypatch)
+    owners = []
+
+    class Owner:
+        pass
+
+    def allocator(size):
+        owner = Owner()
+        owners.append(weakref.ref(owner))
+        memory = cupy.cuda.UnownedMemory(0x7700000000 + 512 * len(owners), size, owner, 0)
+        return cupy.cuda.MemoryPointer(memory, 0)
+
+    def rotated(spec, rotary, q, k):
+        cupy.cuda.alloc(4 * q.size)  # an intermediate, let go at once
+        return device.empty(q.shape, q.dtype), device.empty(k.shape, k.dtype)
+
+    monkeypatch.setattr(cupy.cuda, "get_allocator", lambda: allocator)
+    monkeypatch.setattr(_kvcache, "_rotated", rotated)
+    monkeypatch.setattr(fake_device.FakeStream, "is_capturing", lambda self: True)
+    monkeypatch.setattr(_calls, "stream_capturing", lambda: True)
+    q = cupy.empty((2, 1, 4, 64), np.float16)
+    k_cache, v_cache = (cupy.empty((2, 128, 2, 64), np.float16) for _ in range(2))
+    new = cupy.empty((2, 1, 2, 64), np.float16)
+    table = cupy.empty((128, 16), np.float16)
+    decode._prepared.cache_clear()
+    decode._prepared_append.cache_clear()
+    try:
+        out = cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new,
+                                             cache_seqlens=cupy.empty((2,), np.int32),
+                                             rotary_cos=table, rotary_sin=table, num_splits=1)
+    finally:
+        decode._prepared.cache_clear()
+        decode._prepared_append.cache_clear()
+    assert any(x[0].startswith("flash_decode<") for x in device.take_launches())
+    gc.collect()
+    assert owners and all(owner() is not None for owner in owners)
+    del out
+    gc.collect()
+    assert all(owner() is None for owner in owners)
+
+
 @pytest.mark.parametrize("dv, sq", [(64, 1), (96, 3), (256, 16)])
 def test_decode_combine_grid_covers_every_row_and_column(monkeypatch, dv, sq):
     """decode_combine takes one warp per (query row, 32 output columns), four warps a block: the
