@@ -783,6 +783,22 @@ def test_kernel_plan_reports_the_backward_workspace_the_call_allocates(monkeypat
     assert allocated == [sum(workspace.values())], plan.describe()
 
 
+@pytest.mark.parametrize("d,dv,columns", [(64, 64, 64), (64, 128, 128), (128, 64, 128), (96, 96, 128),
+                                          (64, 192, 0), (192, 64, 0)])
+def test_the_hopper_dq_accumulator_is_as_wide_as_the_wider_head_dim(monkeypatch, d, dv, columns):
+    """docs/api.md's workspace rule: the Hopper kernels' float32 dQ accumulator holds, per query
+    row and head, 64 or 128 floats as the larger of D and Dv fits (none above 128)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q, k = (device.empty((1, 2, 700, d), ml_dtypes.bfloat16) for _ in range(2))
+    v = device.empty((1, 2, 700, dv), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q, k, v).backward
+    assert plan.family.name == "sm90-wgmma"
+    assert plan.workspace.get("float32 dQ accumulator", 0) == 4 * columns * 2 * 768
+
+
 def test_kernel_plan_reports_the_float32_backward_workspace(monkeypatch):
     """The float32 backward's workspace: Delta, one float per query row and head."""
     pytest.importorskip("cupy")
