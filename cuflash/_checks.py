@@ -603,18 +603,20 @@ def _batch_view(x: Any, b: int, stride: int, xp) -> Any:
     return xp.lib.stride_tricks.as_strided(x, shape, strides)
 
 
-def as_4d(x: Any, batch: tuple[int, ...], xp) -> Any:
+def as_4d(x: Any, batch: tuple[int, ...], xp, *, copy: bool = True) -> Any:
     """``x`` broadcast to ``batch`` and viewed as ``(B, H, N, D)``; copied only when it must be.
 
     Leading axes are merged without a copy when their strides allow it (a batch broadcast gives
     stride 0). Anything whose last axis is not contiguous, or whose strides are negative, is
-    copied to a C-contiguous array.
+    copied to a C-contiguous array. ``copy=False``: where it would be copied, a new uninitialised
+    array of the copy's layout instead (for a plan, which runs nothing).
     """
     view = view_4d(x, batch, xp)
     if view is not None:
         return view
     x = with_head_axis(x)
-    full = xp.ascontiguousarray(xp.broadcast_to(x, batch + tuple(x.shape[-3:])))
+    shape = batch + tuple(x.shape[-3:])
+    full = xp.ascontiguousarray(xp.broadcast_to(x, shape)) if copy else xp.empty(shape, x.dtype)
     stride = _leading_stride(full.shape[:-3], full.strides[:-3])
     return _batch_view(full, math.prod(batch), stride, xp)
 

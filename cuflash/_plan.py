@@ -57,7 +57,8 @@ def kernel_plan(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
 
     s = spec.shapes
     with _checks.device_context(q):
-        q4, k4, v4 = _api._inputs_4d(spec, xp, q, k, v)
+        # Inputs the call would copy first are stood in for by arrays of the copies' layout.
+        q4, k4, v4 = (_checks.as_4d(x, s.batch, xp, copy=False) for x in (q, k, v))
         # One-row stand-ins with the layout of freshly allocated outputs and gradients; the
         # backward runs the spec attention_backward would (float32 gradients where summed).
         backward_spec = _api._spec_rounding_sums_once(spec, (q, k, v))

@@ -799,6 +799,25 @@ def test_the_hopper_dq_accumulator_is_as_wide_as_the_wider_head_dim(monkeypatch,
     assert plan.workspace.get("float32 dQ accumulator", 0) == 4 * columns * 2 * 768
 
 
+def test_kernel_plan_copies_no_input(monkeypatch):
+    """kernel_plan runs nothing: inputs the call would copy first (a last axis that is not
+    contiguous, batch axes broadcast so that they do not merge) are stood in for by arrays of the
+    copies' layout, and the plan is the one for such arrays (on the fake device a copy would fail
+    for want of a driver)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    k = device.empty((2, 3, 2, 700, 64), ml_dtypes.bfloat16)
+    strided = device.empty((2, 3, 2, 700, 128), ml_dtypes.bfloat16)[..., ::2]
+    broadcast = device.empty((1, 3, 2, 700, 64), ml_dtypes.bfloat16)  # (1, 3) against (2, 3)
+    contiguous = str(cuflash.kernel_plan(k, k, k, causal=True))
+    for q in (strided, broadcast):
+        assert str(cuflash.kernel_plan(q, k, k, causal=True)).partition("\n")[2] == \
+            contiguous.partition("\n")[2]
+    assert device.take_launches() == []
+
+
 def test_kernel_plan_reports_the_float32_backward_workspace(monkeypatch):
     """The float32 backward's workspace: Delta, one float per query row and head."""
     pytest.importorskip("cupy")
