@@ -1134,3 +1134,22 @@ def test_dense_calls_whose_lengths_pass_int32_are_refused(monkeypatch, dtype, nq
         assert reasons and all("Nq + Nk must be below 2**31" in reason for reason in reasons)
     with pytest.raises(ValueError, match=r"Nq \+ Nk must be below 2\*\*31"):
         cuflash.attention(q, k, k, window=(8, 2**40))
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32])
+def test_a_device_older_than_compute_capability_8_is_refused_not_compiled_for(monkeypatch, dtype):
+    """Every kernel family needs compute capability 8.0 (cp.async, mma.sync on bfloat16): arrays
+    on an older device (a Turing card beside an A100, say) are passed over by every family with
+    that reason, and the call is refused with a ValueError before anything is compiled."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="75")
+    q = device.empty((1, 2, 128, 64), dtype)
+    plan = cuflash.kernel_plan(q, q, q)
+    for family_plan in (plan.forward, plan.backward):
+        assert family_plan.family is None
+        assert all("compute capability" in reason for _, reason in family_plan.passed_over)
+    with pytest.raises(ValueError, match="needs compute capability 8.0 or newer"):
+        cuflash.attention(q, q, q)
+    assert device.compiled == [] and device.take_launches() == []

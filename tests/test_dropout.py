@@ -435,6 +435,7 @@ def test_only_the_families_that_draw_the_mask_take_dropout(monkeypatch):
     monkeypatch.setattr(_launch, "on_hopper", lambda x: False)
     # Arrays on device 0 of an A100 (the families that fit tiles to its shared memory ask it).
     monkeypatch.setattr(_launch, "shared_limit", lambda device_id: 163 * 1024)
+    monkeypatch.setattr(_launch, "_compute_capability", lambda device_id: "80")
     arrays = (types.SimpleNamespace(device=types.SimpleNamespace(id=0)),) * 8
     for module, family in families.items():
         reason = family.launcher().supports(spec, arrays[:arity[module]])

@@ -168,6 +168,17 @@ def tail_lanes(spec, lanes: int, tiles_per_lane: int, resident_blocks: int) -> i
     return min(lanes, -(-TAIL_WAVES * resident_blocks // tiles_per_lane))
 
 
+def why_not_device(x) -> str | None:
+    """None for CuPy array `x` on a device of compute capability 8.0 or newer, which every
+    kernel needs (cp.async, bfloat16 mma.sync), else the reason a family cannot take it: asked of
+    the arrays' device, not the current one."""
+    capability = _compute_capability(x.device.id)
+    if int(capability) >= 80:
+        return None
+    return (f"needs compute capability 8.0 or newer; device {x.device.id} has "
+            f"{capability[:-1]}.{capability[-1]}")
+
+
 def on_hopper(x) -> bool:
     """Whether CuPy array `x` lives on a compute-capability 9.0 device (looked up once per device)."""
     return _compute_capability(x.device.id) == "90"

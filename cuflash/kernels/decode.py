@@ -49,14 +49,13 @@ APPEND_ARGS = make_struct_dtype(
 def why_not(q, k_cache, v_cache, block_table=None) -> str | None:
     """None when the decode kernels take these CuPy arrays (paged through ``block_table``), else
     the reason."""
-    from ._launch import _compute_capability
-
     if q.dtype.name not in ("float16", "bfloat16"):
         return f"takes float16/bfloat16, not {q.dtype.name}"
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return "q, k_cache and v_cache must share one dtype"
-    if int(_compute_capability(q.device.id)) < 80:
-        return "needs compute capability 8.0 or newer"
+    reason = _launch.why_not_device(q)
+    if reason:
+        return reason
     d, dv = q.shape[-1], v_cache.shape[-1]
     for name, width in (("D", d), ("Dv", dv)):
         if width > 256 or width % 8:

@@ -172,7 +172,8 @@ def supports(spec, arrays) -> str | None:
     """None when this family runs the call (forward and backward alike), else why not: it takes
     float32, head dims up to 256, and block masks whose blocks some tile that fits the device's
     shared memory divides (multiples of 16 everywhere)."""
-    reason = why_not_dropout(spec) or why_not_varlen(spec, "float32")
+    reason = (_launch.why_not_device(arrays[0]) or why_not_dropout(spec)
+              or why_not_varlen(spec, "float32"))
     if reason:
         return reason
     if spec.dtype.name != "float32":

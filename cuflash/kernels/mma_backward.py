@@ -330,6 +330,9 @@ def supports(spec, arrays) -> str | None:
     mask (if any) has blocks the tiles divide, packed variable-length sequences and dropout
     included, together too. `arrays` (q, k, v, dout, out, dq, dk, dv) may
     have any alignment."""
+    reason = _launch.why_not_device(arrays[0])
+    if reason:
+        return reason
     limit = _launch.shared_limit(arrays[0].device.id)  # any alignment: element-wise variants
     return why_not_16bit_tiled(spec, lambda spec: tiles_for(spec, limit))
 

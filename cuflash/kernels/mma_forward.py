@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from . import _build
 from ._launch import (ForwardLaunch, KernelLaunch, element_type, forward_args, mask_type,
-                      padded_head_dims, score_mod_type, vector_aligned, why_not_16bit_tiled)
+                      padded_head_dims, score_mod_type, vector_aligned, why_not_16bit_tiled,
+                      why_not_device)
 
 SOURCE = "flash_fwd.cu"
 
@@ -82,7 +83,7 @@ def tiles_for(spec) -> FwdTiles:
 def supports(spec, arrays) -> str | None:
     """None when this family runs the call, else why not: it takes any 16-bit call on sm_80+,
     packed variable-length sequences and dropout included, together too."""
-    return why_not_16bit_tiled(spec, tiles_for)
+    return why_not_device(arrays[0]) or why_not_16bit_tiled(spec, tiles_for)
 
 
 def prepare_forward(spec, arrays, *, tiles: FwdTiles | None = None) -> ForwardLaunch:
