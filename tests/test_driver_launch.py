@@ -489,3 +489,43 @@ def test_no_dependent_launches_without_the_drivers_function(monkeypatch):
     assert launch.dependent_launches(0)
     monkeypatch.setattr(launch, "_compute_capability", lambda device: "80")
     assert not launch.dependent_launches(0)
+
+
+def test_a_kernel_that_fails_to_compile_at_run_time_is_named(monkeypatch):
+    """NVRTC's log of a run-time compile names neither the variant nor the device (only a
+    temporary file's lines): the error says which template expression of which source failed
+    for which device, with the log after it."""
+    import cupy
+    from cupy.cuda.compiler import CompileException
+
+    from cuflash.kernels import _build
+
+    class Device:  # device 1, an sm_86 card, current
+        def __init__(self, device_id=1):
+            self.id, self.compute_capability = device_id, "86"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class Module:
+        def __init__(self, **kwargs):
+            pass
+
+        def get_function(self, expression):
+            raise CompileException('kern.cu(12): error: identifier "no_such_type" is undefined',
+                                   "", "kern", ())
+
+    monkeypatch.setattr(cupy.cuda, "Device", Device)
+    monkeypatch.setattr(cupy, "RawModule", Module)
+    monkeypatch.setattr(_build, "_module", _build._module.__wrapped__)  # no memo of the stand-ins
+    expression = "flash_fwd<no_such_type, 64>"
+    with pytest.raises(RuntimeError) as raised:
+        _build.get_function("flash_fwd.cu", expression)
+    message = str(raised.value)
+    assert message.startswith(f"flash_fwd.cu: {expression} failed to compile for device 1 "
+                              "(compute capability 8.6)")
+    assert 'identifier "no_such_type" is undefined' in message
+    assert isinstance(raised.value.__cause__, CompileException)

@@ -63,11 +63,20 @@ def _module(source_name: str, expression: str, device_id: int, options: tuple = 
 def get_function(source_name: str, expression: str, *, shared_bytes: int = 0, options=()):
     """The compiled kernel for `expression` on the current device, ready for `shared_bytes`.
     `options` are extra NVRTC options (``("-arch=sm_90a",)`` for Hopper-only code); they are part
-    of the module's identity, in this process's memo and in CuPy's disk cache alike."""
+    of the module's identity, in this process's memo and in CuPy's disk cache alike. A compile
+    failure raises RuntimeError naming the source, the expression and the device, with NVRTC's
+    log (whose lines name a temporary file only)."""
     import cupy
+    from cupy.cuda.compiler import CompileException
 
-    device_id = cupy.cuda.Device().id
-    kernel = _module(source_name, expression, device_id, tuple(options)).get_function(expression)
+    device = cupy.cuda.Device()
+    try:
+        kernel = _module(source_name, expression, device.id, tuple(options)).get_function(expression)
+    except CompileException as error:
+        capability = device.compute_capability
+        raise RuntimeError(
+            f"{source_name}: {expression} failed to compile for device {device.id} (compute "
+            f"capability {capability[:-1]}.{capability[-1]}):\n{error}") from error
     if shared_bytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_bytes:
         kernel.max_dynamic_shared_size_bytes = shared_bytes
     return kernel
