@@ -1153,3 +1153,19 @@ def test_a_device_older_than_compute_capability_8_is_refused_not_compiled_for(mo
     with pytest.raises(ValueError, match="needs compute capability 8.0 or newer"):
         cuflash.attention(q, q, q)
     assert device.compiled == [] and device.take_launches() == []
+
+
+def test_availability_names_the_current_device_that_is_too_old(monkeypatch):
+    """``kernels.availability`` asks the current device (here device 1, a Turing card), and says
+    which one it asked and its compute capability as CUDA writes it."""
+    cupy = pytest.importorskip("cupy")
+
+    class Device:
+        def __init__(self, device_id=1):
+            self.id, self.compute_capability = device_id, "75"
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: 2)
+    monkeypatch.setattr(cupy.cuda, "Device", Device)
+    usable, reason = kernels.availability()
+    assert not usable
+    assert reason == "the kernels need compute capability 8.0 or newer; device 1 has 7.5"

@@ -208,9 +208,11 @@ def availability() -> tuple[bool, str]:
         return False, _driver_problem(error)
     if count == 0:
         return False, "no CUDA device is visible"
-    major = cupy.cuda.Device().compute_capability
-    if int(major) < 80:
-        return False, f"the kernels need compute capability 8.0 or newer; device 0 has {major}"
+    device = cupy.cuda.Device()
+    capability = device.compute_capability
+    if int(capability) < 80:
+        return False, (f"the kernels need compute capability 8.0 or newer; device {device.id} has "
+                       f"{capability[:-1]}.{capability[-1]}")
     return True, f"{count} CUDA device(s)"
 
 
