@@ -163,3 +163,15 @@ def test_argument_records_match_the_kernels_structs():
                                  ("flash_decode.cu", "AppendArgs", decode.APPEND_ARGS)):
         (size,) = re.findall(rf"sizeof\({name}\) == (\d+)", _build.source(source))
         assert record.itemsize == int(size), name
+
+
+def test_every_band_of_the_decode_kernel_is_compiled():
+    """The decode kernel takes no block or exact mask, but every band a call can ask for:
+    unbounded, bounded on the right alone (causal), on the left alone (a window (w, -1) without
+    causal) and on both sides."""
+    from cuflash.kernels import decode
+
+    expressions = " ".join(e for _, e in decode.main_variants())
+    for policy in ("Mask<false, false, false>", "Mask<false, true, false>",
+                   "Mask<true, false, false>", "Mask<true, true, false>"):
+        assert policy in expressions, f"decode compiles no variant with {policy}"

@@ -378,6 +378,7 @@ def main_variants() -> list[tuple[str, str]]:
                                             softcap=False, alibi=False, paged=paged)))
         out.append((SOURCE, _combine_variant(numpy.dtype(dtype))))
     for causal, window, softcap, alibi in ((True, (-1, -1), False, False), (False, (256, 0), False, False),
+                                           (False, (256, -1), False, False),
                                            (False, (-1, -1), True, False), (True, (-1, -1), False, True),
                                            (True, (256, -1), True, True)):
         out.append((SOURCE, variant(numpy.dtype("bfloat16"), 128, 128, causal=causal, window=window,
