@@ -871,6 +871,24 @@ def test_generic_route_refuses_before_writing_what_no_kernel_attends(monkeypatch
         cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=3)
 
 
+def test_a_device_older_than_compute_capability_8_is_refused_before_any_write(monkeypatch):
+    """No kernel runs on a device older than compute capability 8.0: the decode kernel passes
+    such a call on, and the generic route, which appends before it attends, refuses it before
+    writing the caches (it once planned the sm80 kernels there, wrote, then failed to compile)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="75")
+    q = device.empty((1, 1, 2, 64), ml_dtypes.bfloat16)
+    k_cache, v_cache = (device.empty((1, 64, 2, 64), ml_dtypes.bfloat16) for _ in range(2))
+    new = device.empty((1, 1, 2, 64), ml_dtypes.bfloat16)
+    assert cuflash.kvcache_plan(q, k_cache, v_cache, new, new, cache_seqlens=3).route == "generic"
+    with pytest.raises(ValueError, match=r"no GPU kernel attends this call's rows, so nothing was "
+                                         r"written(.|\n)*needs compute capability 8.0 or newer"):
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=3)
+    assert device.compiled == [] and device.take_launches() == []
+
+
 def test_device_caches_at_one_address_refused_for_appends(monkeypatch):
     """On the GPU path one array passed as both caches is refused before anything is launched;
     the two halves of one packed buffer (different addresses, interleaved bytes) are not."""
