@@ -140,9 +140,10 @@ def test_every_policy_combination_is_compiled():
     for name in PORTABLE_MODULES + HOPPER_MODULES:
         expressions = " ".join(e for _, e in importlib.import_module(f"cuflash.kernels.{name}").main_variants())
         for policy in ("Mask<false, false, false>", "Mask<false, false, true>", "Mask<false, true, false>",
-                       "Mask<false, true, true>", "Mask<true, false, false>", "Mask<true, true, false>", "Mask<true, true, true>",
+                       "Mask<false, true, true>", "Mask<true, false, false>", "Mask<true, false, true>",
+                       "Mask<true, true, false>", "Mask<true, true, true>",
                        "Mask<false, false, true, true>", "Mask<false, true, true, true>",
-                       "Mask<true, true, true, true>",
+                       "Mask<true, false, true, true>", "Mask<true, true, true, true>",
                        "ScoreMod<false, false>", "ScoreMod<true, false>", "ScoreMod<false, true>",
                        "ScoreMod<true, true>"):
             assert policy in expressions, f"{name} compiles no variant with {policy}"

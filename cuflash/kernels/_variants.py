@@ -70,6 +70,8 @@ def feature_specs(d: int, dtype="bfloat16"):
         spec_of(dtype, d, causal=True, block_mask=_block_mask()),
         spec_of(dtype, d, window=(256, 0)),
         spec_of(dtype, d, window=(256, -1)),  # a band bounded on the left alone
+        spec_of(dtype, d, window=(256, -1), block_mask=_block_mask()),
+        spec_of(dtype, d, window=(256, -1), exact_mask=exact_mask_stand_in()),
         spec_of(dtype, d, softcap=30.0),
         spec_of(dtype, d, causal=True, alibi=_Slopes()),
         spec_of(dtype, d, causal=True, window=(256, 0), softcap=30.0, alibi=_Slopes(),
