@@ -135,18 +135,22 @@ class AttentionSpec:
     def has_window(self) -> bool:
         return self.window != (UNBOUNDED, UNBOUNDED)
 
+    def band_extent(self) -> tuple[int, int]:
+        """``(Nq, Nk)`` as the kernels' band arithmetic sees them: for packed sequences the
+        longest sequence's bounds cut to the rows in all (``total_q``, ``total_k``), which every
+        sequence's length is within (a ``max_seqlen`` may be far above the longest, up to
+        2**31 − 1)."""
+        s = self.shapes
+        if self.varlen is None:
+            return s.nq, s.nk
+        return min(s.nq, self.varlen.total_q), min(s.nk, self.varlen.total_k)
+
     def kernel_band(self) -> tuple[int, int]:
         """The band with unbounded sides replaced by a value that admits every key and kept
-        small enough for int32 arithmetic in the kernels: ``left ≤ Nk`` and ``right ≤ Nq``
-        already admit everything (see ``csrc/mask.cuh``). Packed sequences are cut to their
-        rows in all as well (``total_q``, ``total_k``), which every sequence's length is within:
-        a ``max_seqlen`` far above the longest (up to 2**31 − 1) would otherwise let a side reach
-        2**31 − 1, and ``row + shift + right + 1`` wrap around in the kernels (rows that see no
-        key)."""
-        s = self.shapes
-        nq, nk = s.nq, s.nk
-        if self.varlen is not None:
-            nq, nk = min(nq, self.varlen.total_q), min(nk, self.varlen.total_k)
+        small enough for int32 arithmetic in the kernels: ``left ≤ Nk`` and ``right ≤ Nq`` of
+        ``band_extent`` already admit everything (see ``csrc/mask.cuh``); a side up to
+        2**31 − 1 would let ``row + shift + right + 1`` wrap around (rows that see no key)."""
+        nq, nk = self.band_extent()
         left, right = _mask.clamped_band(nq, nk, *self.band())
         return (nk if left == UNBOUNDED else left), (nq if right == UNBOUNDED else right)
 

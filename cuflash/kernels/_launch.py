@@ -95,11 +95,8 @@ def why_not_lengths(spec) -> str | None:
     (None for any other call): the kernels hold Nq and Nk in int32 and their band arithmetic
     (csrc/mask.cuh: ``row + shift + right + 1``, ``key − shift + left + 1``) reaches Nq + Nk.
     For packed sequences, whose band sides are cut to the longest sequence's bound and the rows
-    in all (``AttentionSpec.kernel_band``), the sum of those."""
-    s = spec.shapes
-    nq, nk = s.nq, s.nk
-    if spec.varlen is not None:
-        nq, nk = min(nq, spec.varlen.total_q), min(nk, spec.varlen.total_k)
+    in all (``AttentionSpec.band_extent``), the sum of those."""
+    nq, nk = spec.band_extent()
     if nq + nk < 2**31:
         return None
     what = "Nq + Nk" if spec.varlen is None else "min(max_seqlen_q, total_q) + min(max_seqlen_k, total_k)"
