@@ -85,6 +85,14 @@ def used_rows(host_offsets, table, page_size: int):
     return numpy.repeat(pages * page_size - first_rows, keys) + numpy.arange(int(host_offsets[-1]))
 
 
+def key_rows(cu_seqlens_k: Any, table, max_seqlen_k: int, page_size: int, num_pages: int):
+    """``used_rows`` of a call: from ``cu_seqlens_k`` (NumPy, or CuPy read back) and the table
+    on the host, both checked first (``host_key_offsets``, ``check_table``)."""
+    host = host_key_offsets(cu_seqlens_k, max_seqlen_k)
+    check_table(host, table, page_size, num_pages)
+    return used_rows(host, table, page_size)
+
+
 def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table,
                  check_offsets):
     """Packed ``(k, v)``, ``(total_k, Hkv, D)`` and ``(total_k, Hkv, Dv)``, gathered from the
@@ -100,11 +108,9 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, 
             "keys, so check_offsets=False (no read-back from the device) cannot be kept: pass "
             "check_offsets=True")
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-    host = host_key_offsets(cu_seqlens_k, max_k)
     table = numpy.asarray(block_table if xp is numpy else block_table.get())
-    check_table(host, table, page_size, int(k_pages.shape[0]))
     with _checks.device_context(q):
-        rows = xp.asarray(used_rows(host, table, page_size))
+        rows = xp.asarray(key_rows(cu_seqlens_k, table, max_k, page_size, int(k_pages.shape[0])))
         return _rows_of(k_pages, rows, xp), _rows_of(v_pages, rows, xp)
 
 

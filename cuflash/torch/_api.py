@@ -484,11 +484,9 @@ def _page_rows(cu_seqlens_k, block_table, max_seqlen_k, page_size: int, num_page
     """``(pages, rows within the pages)`` of every packed key, as index tensors on the caches'
     device."""
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-    host = _varlen_pages.host_key_offsets(cu_seqlens_k.cpu().numpy(), max_k)
-    table = block_table.cpu().numpy()
-    _varlen_pages.check_table(host, table, page_size, num_pages)
-    rows = torch.as_tensor(_varlen_pages.used_rows(host, table, page_size),
-                           device=block_table.device)
+    rows = torch.as_tensor(_varlen_pages.key_rows(cu_seqlens_k.cpu().numpy(),
+                                                  block_table.cpu().numpy(), max_k, page_size,
+                                                  num_pages), device=block_table.device)
     return rows // page_size, rows % page_size
 
 
