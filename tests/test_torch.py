@@ -1298,6 +1298,29 @@ def test_a_refused_dropout_call_draws_no_seed():
         assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_dropout_call_the_core_refuses_draws_no_seed():
+    """The core's own checks (shapes, slopes, offsets) run after the seed is drawn, inside the
+    operator: a call they refuse puts torch's generator back where it was, as flash-attn's checks
+    come before its draw; the next call draws the seed it would have drawn."""
+    q, kv = randn(1, 8, 3, 8), randn(1, 8, 2, 8)
+    x = torch.linspace(-1, 1, 8 * 2 * 8).reshape(8, 2, 8)
+    cu, short = (torch.tensor(c, dtype=torch.int32) for c in ([0, 3, 8], [0, 3, 7]))
+    refused = [
+        lambda: ct.flash_attn_func(q, kv, kv, 0.25),  # 3 query heads over 2
+        lambda: ct.attention(q, q, q, dropout_p=0.25, alibi_slopes=torch.ones(5)),
+        lambda: ct.scaled_dot_product_attention(q.transpose(1, 2), kv.transpose(1, 2),
+                                                kv.transpose(1, 2), dropout_p=0.25,
+                                                enable_gqa=True),
+        lambda: ct.flash_attn_varlen_func(x, x, x, cu, short, 5, 5, 0.25),
+        lambda: _varlen(dropout_p=0.25, alibi_slopes=torch.ones(3)),
+    ]
+    for call in refused:
+        state = torch.get_rng_state()
+        with pytest.raises(ValueError):
+            call()
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def dropout_calls():
     """Each torch entry point with dropout_p = 0.25 and no seed, on (B, H, N, D) tensors."""
     def bshd(f):

@@ -156,7 +156,7 @@ def _dropout(p: float, dropout_seed, dropout_offset, device: torch.device):
     (``_ops.draw_seed``; while a CUDA graph captures a call on ``device``,
     ``_ops.draw_device_seed``, whose pair carries the offset); no seed without dropout. Call it
     after the call's last check, so that a refused call leaves torch's generators where they
-    were."""
+    were (``_run_with_dropout``, for the checks that come after it)."""
     if p == 0.0:
         return 0.0, None, 0
     if dropout_seed is not None:
@@ -165,6 +165,25 @@ def _dropout(p: float, dropout_seed, dropout_offset, device: torch.device):
         # An int drawn now would be captured by value, one mask for every replay.
         return p, _ops.draw_device_seed(device, int(dropout_offset)), 0
     return p, _ops.draw_seed(), int(dropout_offset)
+
+
+def _run_with_dropout(run, p: float, dropout_seed, dropout_offset, device: torch.device):
+    """``(run(*dropout), dropout)``, with ``dropout`` the triple of ``_dropout``. The core checks
+    shapes, slopes and offsets inside the operator, after the draw: where ``run`` raises, a seed
+    drawn from torch's CPU generator in eager code is given back (the generator's state restored),
+    so that a refused call leaves it where it was, as flash-attn's does (its checks come before
+    its draw). A trace holds the draw in its graph, and a capture holds the device draw among
+    its work: those are not undone."""
+    drawn = (p != 0.0 and dropout_seed is None and not torch.compiler.is_compiling()
+             and not _ops.graph_capturing(device))
+    state = torch.default_generator.get_state() if drawn else None
+    dropout = _dropout(p, dropout_seed, dropout_offset, device)
+    try:
+        return run(*dropout), dropout
+    except Exception:
+        if state is not None:
+            torch.default_generator.set_state(state)
+        raise
 
 
 def _is_handle(mask) -> bool:
@@ -207,9 +226,11 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
     _ops.check_options((left, right), softcap, alibi_slopes, p)
     handle = _traced_mask_handle(block_mask)
-    dropout = _dropout(p, dropout_seed, dropout_offset, q.device)
-    out, lse = _ops.call_forward(q, k, v, causal, scale, left, right, softcap, alibi_slopes,
-                                 handle, bool(seq_major), deterministic, *dropout)
+    (out, lse), dropout = _run_with_dropout(
+        lambda *dropout: _ops.call_forward(q, k, v, causal, scale, left, right, softcap,
+                                           alibi_slopes, handle, bool(seq_major), deterministic,
+                                           *dropout),
+        p, dropout_seed, dropout_offset, q.device)
     return out, lse, dropout
 
 
@@ -439,10 +460,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
-    dropout = _dropout(p, None, 0, q.device)
-    out, lse = _ops.call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *lengths, causal,
-                                        scale, left, right, softcap, alibi_slopes, deterministic,
-                                        *dropout)
+    (out, lse), dropout = _run_with_dropout(
+        lambda *dropout: _ops.call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *lengths,
+                                                  causal, scale, left, right, softcap,
+                                                  alibi_slopes, deterministic, *dropout),
+        p, None, 0, q.device)
     if not return_attn_probs:
         return out
     probs = _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
