@@ -297,16 +297,28 @@ def test_return_attn_probs_gives_each_sequence_s_softmax(alibi):
 # ----------------------------------------------------------------------------- refusals, errors
 
 def paged(page_size, device="cpu", dtype=torch.float32, **case):
-    """``test_varlen_pages.paged_case`` as torch tensors (the pages and q leaves), with a dout."""
+    """``test_varlen_pages.paged_case`` as torch tensors (the pages and q leaves), with a dout;
+    drawn from the test's seed (torch's, which the ``_seed`` fixture sets), so that a failure
+    replays."""
     from test_varlen_pages import paged_case
 
-    arrays = paged_case(np.random.default_rng(), np, np.float32, LENS_Q, LENS_K, page_size,
-                        **case)
+    rng = np.random.default_rng(torch.initial_seed())
+    arrays = paged_case(rng, np, np.float32, LENS_Q, LENS_K, page_size, **case)
     q, k, v, k_pages, v_pages = (torch.from_numpy(x).to(device, dtype) for x in arrays[:5])
     table, cu_q, cu_k = (torch.from_numpy(x).to(device) for x in arrays[5:])
     leaves = [x.requires_grad_(True) for x in (q, k, v, k_pages, v_pages)]
     dout = torch.randn(q.shape[0], q.shape[1], v.shape[2], device=device).to(dtype)
     return leaves, table, (cu_q, cu_k, max(LENS_Q), max(LENS_K)), dout
+
+
+def test_paged_cases_replay_from_the_seed():
+    """The same torch seed gives the same paged case."""
+    cases = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        leaves, table, layout, dout = paged(4)
+        cases.append([*leaves, table, *layout[:2], dout])
+    assert all(torch.equal(a, b) for a, b in zip(*cases))
 
 
 def pages_gradient(packed_grad, pages, table, lens_k):
