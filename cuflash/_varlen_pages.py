@@ -30,8 +30,9 @@ def host_key_offsets(cu_seqlens_k: Any, max_seqlen_k: int):
 def check_pages(q: Any, k_pages: Any, v_pages: Any) -> int:
     """The page size of paged caches ``(num_pages, page_size, Hkv, D)`` /
     ``(num_pages, page_size, Hkv, Dv)``, whose heads and head dimension pair with those of a
-    packed q ``(total_q, Hq, D)`` (checked here, so that a refusal shows the pages as given
-    rather than the rows gathered from them; any other q is refused by the packed call)."""
+    packed q ``(total_q, Hq, D)`` (checked here, the empty axes too, so that a refusal shows the
+    pages as given rather than the rows gathered from them; any other q is refused by the packed
+    call)."""
     layout = "(num_pages, page_size, Hkv, {})"
     for name, x, last in (("k", k_pages, "D"), ("v", v_pages, "Dv")):
         if getattr(x, "ndim", None) != 4:
@@ -41,10 +42,12 @@ def check_pages(q: Any, k_pages: Any, v_pages: Any) -> int:
         raise ValueError(f"with a block_table, v must match k in its first three axes "
                          f"{layout.format('Dv')}, got k {tuple(k_pages.shape)} and v "
                          f"{tuple(v_pages.shape)}")
-    if k_pages.shape[1] == 0 or k_pages.shape[0] == 0:
-        raise ValueError(f"with a block_table, k must hold at least one page of at least one key, "
-                         f"got shape {tuple(k_pages.shape)}")
-    if getattr(q, "ndim", None) == 3 and k_pages.shape[2] and 0 not in q.shape[1:]:
+    for name, x in (("k", k_pages), ("v", v_pages)):
+        if 0 in x.shape:
+            raise ValueError(f"with a block_table, {name} must not have an empty axis (at least "
+                             f"one page of at least one key, one head and a head dimension of "
+                             f"at least 1), got shape {tuple(x.shape)}")
+    if getattr(q, "ndim", None) == 3 and 0 not in q.shape[1:]:
         _checks._check_qk_pairing(q, k_pages, q.shape[2], k_pages.shape[3], q.shape[1],
                                   k_pages.shape[2])
     return int(k_pages.shape[1])

@@ -391,13 +391,18 @@ def test_block_table_under_torch_compile():
      r"k must have shape \(num_blocks, page_block_size, nheads_k, headdim\)"),
     (dict(k=lambda k: k[..., :16]), ValueError,  # the pages as given, not the gathered rows
      r"same head dimension \(last axis\), got q \(\d+, 4, 32\) and k \(\d+, \d+, 2, 16\)"),
+    (dict(k=lambda k: k[:, :, :0], v=lambda v: v[:, :, :0]), ValueError,
+     r"k must not have an empty axis .* got shape \(\d+, 4, 0, 32\)"),
+    (dict(v=lambda v: v[..., :0]), ValueError,
+     r"v must not have an empty axis .* got shape \(\d+, 4, 2, 0\)"),
 ])
 def test_block_table_errors_name_the_problem(change, error, message):
     (q, k, v, k_pages, v_pages), table, layout, _ = paged(4)
-    args = dict(k=k_pages, block_table=table)
+    args = dict(k=k_pages, v=v_pages, block_table=table)
     args.update({name: f(args[name]) for name, f in change.items()})
     with pytest.raises(error, match=message):
-        ct.flash_attn_varlen_func(q, args["k"], v_pages, *layout, block_table=args["block_table"])
+        ct.flash_attn_varlen_func(q, args["k"], args["v"], *layout,
+                                  block_table=args["block_table"])
 
 
 @pytest.mark.parametrize("name", ["cu_seqlens_k", "block_table"])

@@ -138,6 +138,12 @@ def _table_with(args, row, column, value):
     (lambda a: dict(k=a["k"][:, :, :1].repeat(3, 2), v=a["v"][:, :, :1].repeat(3, 2)),
      ValueError,
      r"got 4 query heads \(q \(8, 4, 32\)\) and 3 key/value heads \(k \(\d+, 4, 3, 32\)\)"),
+    (lambda a: dict(k=a["k"][:, :, :0], v=a["v"][:, :, :0]), ValueError,
+     r"k must not have an empty axis .* got shape \(\d+, 4, 0, 32\)"),
+    (lambda a: dict(v=a["v"][..., :0]), ValueError,
+     r"v must not have an empty axis .* got shape \(\d+, 4, 2, 0\)"),
+    (lambda a: dict(k=a["k"][:, :0], v=a["v"][:, :0]), ValueError,
+     r"k must not have an empty axis .* got shape \(\d+, 0, 2, 32\)"),
 ])
 def test_errors_name_the_problem(rng, change, error, message):
     args = _paged_args(rng)
