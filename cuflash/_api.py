@@ -494,26 +494,44 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
 
 # ----------------------------------------------------------------------------- packed sequences
 
-def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                 causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                 dropout_p=0.0, dropout_seed=None, dropout_offset=0, deterministic=False,
-                 check_offsets=True) -> tuple[Any, AttentionSpec]:
-    """Validate one varlen call: the inputs' array module and the spec (with its
-    ``VarlenLayout``). Offsets are read back to the host and checked unless ``check_offsets`` is
-    False for CuPy offsets (NumPy offsets are always checked: it costs no synchronisation)."""
+def _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shapes_of, *,
+                   causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                   dropout_p=0.0, dropout_seed=None, dropout_offset=0, deterministic=False,
+                   check_offsets=True) -> tuple[Any, bool, AttentionSpec]:
+    """Every check of one varlen call but those of the offsets' values, in the call's order of
+    failure: ``(xp, check_offsets, spec)``, the spec without its ``VarlenLayout``. ``shapes_of``
+    checks q, k and v and gives the shapes: ``_checks.varlen_shapes``, or a paged call's
+    ``_varlen_pages.page_shapes`` (run before its gather, which a refused call must not
+    reach)."""
     xp, dtype = _module_and_dtype(q, k, v)
     check_offsets = _checks.check_bool(check_offsets, "check_offsets")
     _checks.check_offset_arrays(cu_seqlens_q, cu_seqlens_k, xp, device_of=q)
     max_q = _checks.check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-    shapes = _checks.varlen_shapes(q, k, v, cu_seqlens_q.shape[0] - 1, max_q, max_k)
-    total_q, total_k = q.shape[0], k.shape[0]
+    shapes = shapes_of(q, k, v, cu_seqlens_q.shape[0] - 1, max_q, max_k)
     causal, scale, window, softcap = _band_and_score_options(shapes, causal, scale, window, softcap)
     deterministic = _checks.check_bool(deterministic, "deterministic")
     dropout = _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, shapes, xp=xp,
                                     device_of=q)
     with _checks.device_context(q):
         alibi = _checks.check_alibi(alibi_slopes, shapes, xp, device_of=q)
+    return xp, check_offsets, AttentionSpec(
+        shapes=shapes, dtype=dtype, scale=scale, causal=causal, window=window, softcap=softcap,
+        alibi=alibi, deterministic=deterministic, dropout_p=dropout[0], dropout_seed=dropout[1],
+        dropout_offset=dropout[2], dropout_state=dropout[3])
+
+
+def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                 **options) -> tuple[Any, AttentionSpec]:
+    """Validate one varlen call (``options``: ``_varlen_checks``'s keywords): the inputs' array
+    module and the spec (with its ``VarlenLayout``). Offsets are read back to the host and
+    checked unless ``check_offsets`` is False for CuPy offsets (NumPy offsets are always
+    checked: it costs no synchronisation)."""
+    xp, check_offsets, spec = _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, _checks.varlen_shapes, **options)
+    total_q, total_k = q.shape[0], k.shape[0]
+    max_q, max_k = spec.shapes.nq, spec.shapes.nk
+    with _checks.device_context(q):
         hosts = _checks.checked_offsets(cu_seqlens_q, cu_seqlens_k, (total_q, total_k),
                                         (max_q, max_k), check_offsets)
         # The kernels read B + 1 contiguous int32 offsets on the inputs' device.
@@ -522,11 +540,7 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                       for cu in (cu_seqlens_q, cu_seqlens_k))
     layout = VarlenLayout(cu_q=cu_q, cu_k=cu_k, total_q=total_q, total_k=total_k, max_q=max_q,
                           max_k=max_k, host_q=hosts[0], host_k=hosts[1])
-    return xp, AttentionSpec(shapes=shapes, dtype=dtype, scale=scale, causal=causal,
-                             window=window, softcap=softcap, alibi=alibi,
-                             deterministic=deterministic, varlen=layout, dropout_p=dropout[0],
-                             dropout_seed=dropout[1], dropout_offset=dropout[2],
-                             dropout_state=dropout[3])
+    return xp, dataclasses.replace(spec, varlen=layout)
 
 
 def _kernel_target(result, xp):
@@ -671,12 +685,18 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     >>> cuflash.attention_varlen(q, k, v, cu, cu, 18, 18, causal=True).shape
     (30, 4, 64)
     """
-    if block_table is not None:
-        _refuse_out_in_pages(out, k, v)
-        k, v = _varlen_pages.gather_pages(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k,
-                                          block_table, check_offsets)
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, check_offsets=check_offsets)
+    if block_table is not None:
+        _refuse_out_in_pages(out, k, v)
+        # Checked as the packed call checks them before the table and offsets are read and the
+        # keys gathered: a refused call reads and copies nothing, and one refused for an option
+        # names it, as the call without pages does, whatever its table holds.
+        _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       _varlen_pages.page_shapes, dropout_seed=dropout_seed,
+                       dropout_offset=dropout_offset, **options)
+        k, v = _varlen_pages.gather_pages(q, k, v, cu_seqlens_k, max_seqlen_k, block_table,
+                                          check_offsets)
     result, lse, _ = _calls.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                            max_seqlen_k, out, options,
                                            (dropout_seed, dropout_offset), return_lse)

@@ -27,12 +27,11 @@ def host_key_offsets(cu_seqlens_k: Any, max_seqlen_k: int):
     return host
 
 
-def check_pages(q: Any, k_pages: Any, v_pages: Any) -> int:
-    """The page size of paged caches ``(num_pages, page_size, Hkv, D)`` /
-    ``(num_pages, page_size, Hkv, Dv)``, whose heads and head dimension pair with those of a
-    packed q ``(total_q, Hq, D)`` (checked here, the empty axes too, so that a refusal shows the
-    pages as given rather than the rows gathered from them; any other q is refused by the packed
-    call)."""
+def check_pages(q: Any, k_pages: Any, v_pages: Any) -> None:
+    """Paged caches ``(num_pages, page_size, Hkv, D)`` / ``(num_pages, page_size, Hkv, Dv)``,
+    whose heads and head dimension pair with those of a packed q ``(total_q, Hq, D)`` (checked
+    here, the empty axes too, so that a refusal shows the pages as given rather than the rows
+    gathered from them; any other q is refused by the packed call)."""
     layout = "(num_pages, page_size, Hkv, {})"
     for name, x, last in (("k", k_pages, "D"), ("v", v_pages, "Dv")):
         if getattr(x, "ndim", None) != 4:
@@ -50,7 +49,6 @@ def check_pages(q: Any, k_pages: Any, v_pages: Any) -> int:
     if getattr(q, "ndim", None) == 3 and 0 not in q.shape[1:]:
         _checks._check_qk_pairing(q, k_pages, q.shape[2], k_pages.shape[3], q.shape[1],
                                   k_pages.shape[2])
-    return int(k_pages.shape[1])
 
 
 def check_table(host_offsets, table, page_size: int, num_pages: int) -> None:
@@ -96,14 +94,20 @@ def key_rows(cu_seqlens_k: Any, table, max_seqlen_k: int, page_size: int, num_pa
     return used_rows(host, table, page_size)
 
 
-def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table,
-                 check_offsets):
+def page_shapes(q: Any, k_pages: Any, v_pages: Any, batch: int, max_q: int, max_k: int):
+    """The ``Shapes`` of a paged call, its pages checked first (``check_pages``): those of
+    ``_checks.varlen_shapes`` with a row of each page standing for the packed keys and values,
+    whose heads and head dimensions they have (the rows are counted once the offsets are
+    read)."""
+    check_pages(q, k_pages, v_pages)
+    return _checks.varlen_shapes(q, k_pages[:, 0], v_pages[:, 0], batch, max_q, max_k)
+
+
+def gather_pages(q, k_pages, v_pages, cu_seqlens_k, max_seqlen_k, block_table, check_offsets):
     """Packed ``(k, v)``, ``(total_k, Hkv, D)`` and ``(total_k, Hkv, Dv)``, gathered from the
-    pages the block table lists for each sequence."""
-    xp = _checks.common_module({"q": q, "k": k_pages, "v": v_pages})
-    page_size = check_pages(q, k_pages, v_pages)
-    check_offsets = _checks.check_bool(check_offsets, "check_offsets")
-    _checks.check_offset_arrays(cu_seqlens_q, cu_seqlens_k, xp, device_of=q)
+    pages the block table lists for each sequence, once the call's other arguments are checked
+    (``_api._varlen_checks`` with ``page_shapes``)."""
+    xp = _checks.array_module(q)
     check_index_array("block_table", block_table, (cu_seqlens_k.shape[0] - 1, None), xp, q)
     if xp is not numpy and not check_offsets:
         raise ValueError(
@@ -112,8 +116,9 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, 
             "check_offsets=True")
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     table = numpy.asarray(block_table if xp is numpy else block_table.get())
+    page_size, num_pages = int(k_pages.shape[1]), int(k_pages.shape[0])
     with _checks.device_context(q):
-        rows = xp.asarray(key_rows(cu_seqlens_k, table, max_k, page_size, int(k_pages.shape[0])))
+        rows = xp.asarray(key_rows(cu_seqlens_k, table, max_k, page_size, num_pages))
         return _rows_of(k_pages, rows, xp), _rows_of(v_pages, rows, xp)
 
 

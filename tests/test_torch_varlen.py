@@ -405,6 +405,30 @@ def test_block_table_errors_name_the_problem(change, error, message):
                                   block_table=args["block_table"])
 
 
+@pytest.mark.parametrize("option", [
+    dict(window_size=(-2, 0)), dict(softcap=-1.0), dict(softmax_scale="0.5"),
+    dict(causal="False"), dict(deterministic=1), dict(return_attn_probs="False"),
+    dict(max_seqlen_q=-1), dict(dropout_p=1.5),
+], ids=lambda option: next(iter(option)))
+def test_block_table_options_are_refused_before_the_pages_are_read(monkeypatch, option):
+    """A paged call refused for an option raises what the call on the packed keys raises, though
+    its table lists a page k does not hold, and reads and gathers nothing."""
+    from cuflash.torch import _api
+
+    (q, k, v, k_pages, v_pages), table, (cu_q, cu_k, max_q, max_k), _ = paged(4)
+    table = table.clone()
+    table[0, 0] = k_pages.shape[0]  # no page of k
+    options = dict(dict(max_seqlen_q=max_q), **option)
+    max_q = options.pop("max_seqlen_q")
+    with pytest.raises((TypeError, ValueError)) as packed:
+        ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    monkeypatch.setattr(_api, "_page_rows", lambda *args: pytest.fail("pages read"))
+    with pytest.raises(type(packed.value)) as paged_call:
+        ct.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, max_q, max_k,
+                                  block_table=table, **options)
+    assert str(paged_call.value) == str(packed.value)
+
+
 @pytest.mark.parametrize("name", ["cu_seqlens_k", "block_table"])
 def test_block_table_index_dtypes_raise_index_dtype_error(name):
     """An int64 cu_seqlens_k or block_table raises cuflash.IndexDtypeError, a ValueError as well

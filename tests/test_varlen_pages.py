@@ -151,6 +151,30 @@ def test_errors_name_the_problem(rng, change, error, message):
         _call(args | change(args))
 
 
+@pytest.mark.parametrize("option", [
+    dict(dropout_p=1.5), dict(dropout_p=0.25), dict(window=(-2, 0)), dict(softcap=-1.0),
+    dict(scale="0.5"), dict(causal="False"), dict(dropout_p=0.25, dropout_seed=-1),
+    dict(alibi_slopes=np.ones(3, np.float32)), dict(max_seqlen_q=-1), dict(check_offsets="yes"),
+], ids=lambda option: next(iter(option)))
+def test_options_are_refused_before_the_pages_are_read(rng, monkeypatch, option):
+    """A paged call refused for an option raises what the call on the packed keys raises, though
+    its table lists a page k does not hold, and reads and gathers nothing."""
+    from cuflash import _varlen_pages
+
+    q, k, v, k_pages, v_pages, table, cu_q, cu_k = paged_case(rng, np, np.float32, [3, 5],
+                                                              [6, 9], 4)
+    table[1, 2] = k_pages.shape[0]  # no page of k
+    options = dict(dict(max_seqlen_q=5), **option)
+    max_q = options.pop("max_seqlen_q")
+    with pytest.raises((TypeError, ValueError)) as packed:
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, 9, **options)
+    monkeypatch.setattr(_varlen_pages, "key_rows", lambda *args: pytest.fail("pages read"))
+    with pytest.raises(type(packed.value)) as paged:
+        cuflash.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, max_q, 9, block_table=table,
+                                 **options)
+    assert str(paged.value) == str(packed.value)
+
+
 def test_out_over_the_pages_is_refused(rng):
     args = _paged_args(rng)
     pages = np.zeros((8, 4, 4, 32), np.float32)  # 8 pages of 4 keys, 4 heads: room for out

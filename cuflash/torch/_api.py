@@ -450,8 +450,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     p = _checked_dropout_p(dropout_p)
     if block_table is not None:
         _check_tensors(q=q, k=k, v=v, cu_seqlens_k=cu_seqlens_k, block_table=block_table)
-        k, v = _gathered_pages(q, k, v, cu_seqlens_k, max_seqlen_k, block_table)
-    _check_layout(("total", "nheads", "headdim"), q=q, k=k, v=v)
+        _check_paged(q, k, v, cu_seqlens_k, block_table)
+    _check_layout(("total", "nheads", "headdim"),
+                  **(dict(q=q) if block_table is not None else dict(q=q, k=k, v=v)))
     tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if alibi_slopes is not None:
         tensors["alibi_slopes"] = alibi_slopes
@@ -460,6 +461,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
+    if block_table is not None:  # after the call's own checks: a refused call gathers nothing
+        k, v = _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table)
     (out, lse), dropout = _run_with_dropout(
         lambda *dropout: _ops.call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *lengths,
                                                   causal, scale, left, right, softcap,
@@ -473,18 +476,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out, lse.detach(), probs
 
 
-def _gathered_pages(q, k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
-    """flash-attn's paged k and v as packed rows ``(total_k, nheads_k, headdim)``, gathered by
-    torch's indexing so that autograd carries gradients back to the pages; the offsets and the
-    table are read on the host to size and check the gather (``cuflash.attention_varlen``'s
-    rules)."""
+def _check_paged(q, k, v, cu_seqlens_k, block_table) -> None:
+    """flash-attn's paged k and v ``(num_blocks, page_block_size, nheads_k, headdim)`` and their
+    block table, as far as they can be checked without reading the offsets and the table
+    (``cuflash.attention_varlen``'s rules)."""
     _check_layout(("num_blocks", "page_block_size", "nheads_k", "headdim"), k=k, v=v)
     _check_layout(("batch_size", "max_num_blocks_per_seq"), block_table=block_table)
     for name, x in (("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table)):
         if x.dtype != torch.int32:
             raise _checks.IndexDtypeError(f"{name} must have dtype torch.int32 (flash-attn's index "
                                           f"dtype), got {x.dtype}")
-    page_size = _varlen_pages.check_pages(q, k, v)
+    _varlen_pages.check_pages(q, k, v)
     if cu_seqlens_k.dim() != 1 or cu_seqlens_k.shape[0] != block_table.shape[0] + 1:
         raise ValueError(f"cu_seqlens_k must have one offset more than block_table has rows "
                          f"(sequences), got cu_seqlens_k {tuple(cu_seqlens_k.shape)} and "
@@ -495,7 +497,13 @@ def _gathered_pages(q, k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
     if block_table.is_meta:  # _check_tensors: cu_seqlens_k is on its device
         raise ValueError("block_table: the gather reads the values of cu_seqlens_k and "
                          "block_table on the host, which meta tensors do not hold")
-    index = _page_rows(cu_seqlens_k, block_table, max_seqlen_k, page_size, k.shape[0])
+
+
+def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
+    """The paged k and v (``_check_paged``) as packed rows ``(total_k, nheads_k, headdim)``,
+    gathered by torch's indexing so that autograd carries gradients back to the pages; the
+    offsets and the table are read on the host to size and check the gather."""
+    index = _page_rows(cu_seqlens_k, block_table, max_seqlen_k, k.shape[1], k.shape[0])
     return k[index], v[index]
 
 
