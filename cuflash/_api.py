@@ -217,10 +217,12 @@ def validated_backward(dout, q, k, v, out, lse, options: dict, alibi=None, grads
     return xp, spec, _backward(spec, xp, dout, q, k, v, out, lse, grads)
 
 
-def validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, return_lse):
+def validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, return_lse,
+                             hosts=(None, None)):
     """Validate and run one ``attention_varlen`` call (``options``: its keywords but ``out`` and
-    ``return_lse``): ``(xp, spec, result, lse)``."""
-    xp, spec = _varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    ``return_lse``; ``hosts``: the offsets read already, as ``_varlen_spec`` takes them):
+    ``(xp, spec, result, lse)``."""
+    xp, spec = _varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k, hosts=hosts, **options)
     _checks.check_bool(return_lse, "return_lse")
     if out is not None:
         _checks.check_out(out, (spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv), spec.dtype,
@@ -521,19 +523,20 @@ def _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         dropout_offset=dropout[2], dropout_state=dropout[3])
 
 
-def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                 **options) -> tuple[Any, AttentionSpec]:
+def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                 hosts=(None, None), **options) -> tuple[Any, AttentionSpec]:
     """Validate one varlen call (``options``: ``_varlen_checks``'s keywords): the inputs' array
     module and the spec (with its ``VarlenLayout``). Offsets are read back to the host and
     checked unless ``check_offsets`` is False for CuPy offsets (NumPy offsets are always
-    checked: it costs no synchronisation)."""
+    checked: it costs no synchronisation); ``hosts``: host copies already read, checked instead
+    (``_checks.checked_offsets``)."""
     xp, check_offsets, spec = _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                              max_seqlen_k, _checks.varlen_shapes, **options)
     total_q, total_k = q.shape[0], k.shape[0]
     max_q, max_k = spec.shapes.nq, spec.shapes.nk
     with _checks.device_context(q):
         hosts = _checks.checked_offsets(cu_seqlens_q, cu_seqlens_k, (total_q, total_k),
-                                        (max_q, max_k), check_offsets)
+                                        (max_q, max_k), check_offsets, hosts)
         # The kernels read B + 1 contiguous int32 offsets on the inputs' device.
         cu_q, cu_k = (cu if _checks.array_module(cu) is xp and cu.flags.c_contiguous
                       else xp.ascontiguousarray(xp.asarray(cu))
@@ -687,6 +690,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, check_offsets=check_offsets)
+    hosts = (None, None)  # the offsets on the host, where a paged call read them to gather
     if block_table is not None:
         _refuse_out_in_pages(out, k, v)
         # Checked as the packed call checks them before the table and offsets are read and the
@@ -695,11 +699,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        _varlen_pages.page_shapes, dropout_seed=dropout_seed,
                        dropout_offset=dropout_offset, **options)
-        k, v = _varlen_pages.gather_pages(q, k, v, cu_seqlens_k, max_seqlen_k, block_table,
-                                          check_offsets)
+        k, v, hosts = _varlen_pages.gather_pages(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                 max_seqlen_k, block_table, check_offsets)
     result, lse, _ = _calls.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                            max_seqlen_k, out, options,
-                                           (dropout_seed, dropout_offset), return_lse)
+                                           (dropout_seed, dropout_offset), return_lse, hosts)
     return (result, lse) if return_lse else result  # return_lse: checked to be a bool
 
 

@@ -641,13 +641,14 @@ class _BackwardEntry:
 # ----------------------------------------------------------------------------- packed sequences
 
 def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, dropout: tuple,
-                   return_lse):
+                   return_lse, hosts=(None, None)):
     """``(result, lse, spec)`` of one ``attention_varlen`` call (``options``: its keywords but
     ``out``, ``return_lse`` and the dropout seed and offset, which are ``dropout``). Cached as a
     dense call is, with the offsets among the arrays keyed by their layout (CuPy offsets only:
     NumPy ones are copied to the device per call) and the max lengths among the options; a
     cached call checks the offsets' values as the validated path does (``check_offsets``), then
-    launches with them."""
+    launches with them. ``hosts``: the offsets on the host where the caller read them already
+    (a paged call), checked instead of read back again."""
     slopes = options["alibi_slopes"]
     arrays = (q, k, v, cu_q, cu_k) if out is None else (q, k, v, cu_q, cu_k, out)
     entry, key = _lookup("varlen forward", arrays, (max_q, max_k, *options.values(), return_lse),
@@ -656,14 +657,15 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, dropou
         # The dropout arguments are checked before the offsets' values, as _api._varlen_spec
         # checks them: a call wrong in both raises what the validated path raises.
         call_dropout = _call_dropout(entry.dense.spec, options["dropout_p"], dropout, q)
-        done = entry.dense(q, k, v, out, slopes, entry.spec_of(cu_q, cu_k, call_dropout))
+        done = entry.dense(q, k, v, out, slopes, entry.spec_of(cu_q, cu_k, call_dropout, hosts))
         if done is not None:
             _stats["hits"] += 1
             return done
     from . import _api
 
     xp, spec, result, lse = _api.validated_varlen_forward(
-        q, k, v, cu_q, cu_k, max_q, max_k, out, _validated_options(options, dropout), return_lse)
+        q, k, v, cu_q, cu_k, max_q, max_k, out, _validated_options(options, dropout), return_lse,
+        hosts)
     if key is not None and entry is None:
         built = _varlen_forward_entry(xp, spec, q, k, v, out, result, (cu_q, cu_k))
         _remember(key, _VarlenEntry.of(built, options["check_offsets"]))
@@ -720,14 +722,16 @@ class _VarlenEntry:
     def of(cls, dense, check_offsets: bool):
         return dense if dense is _UNCACHED else cls(dense, check_offsets)
 
-    def spec_of(self, cu_q, cu_k, call_dropout=None):
-        """The call's spec: the entry's with these offsets (checked with ``check_offsets``) and
-        ``call_dropout`` (``_call_dropout``: ``None`` where the entry's)."""
+    def spec_of(self, cu_q, cu_k, call_dropout=None, hosts=(None, None)):
+        """The call's spec: the entry's with these offsets (checked with ``check_offsets``, or
+        from ``hosts`` where read already) and ``call_dropout`` (``_call_dropout``: ``None``
+        where the entry's)."""
         last_q, last_k, spec = self.last[0]
         if cu_q is not last_q or cu_k is not last_k:
             layout = self.dense.spec.varlen
             hosts = _checks.checked_offsets(cu_q, cu_k, (layout.total_q, layout.total_k),
-                                            (layout.max_q, layout.max_k), self.check_offsets)
+                                            (layout.max_q, layout.max_k), self.check_offsets,
+                                            hosts)
             layout = dataclasses.replace(layout, cu_q=cu_q, cu_k=cu_k, host_q=hosts[0],
                                          host_k=hosts[1])
             spec = dataclasses.replace(self.dense.spec, varlen=layout)

@@ -724,22 +724,28 @@ def check_offset_arrays(cu_q: Any, cu_k: Any, xp, device_of: Any) -> None:
 
 
 def checked_offsets(cu_q: Any, cu_k: Any, totals: tuple[int, int], max_lengths: tuple[int, int],
-                    check_offsets: bool) -> tuple[Any, Any]:
+                    check_offsets: bool, read=(None, None)) -> tuple[Any, Any]:
     """The host values of ``cu_seqlens_q`` and ``cu_seqlens_k``, checked by
     ``check_offset_values`` against the rows ``totals`` and ``max_lengths``: NumPy offsets always
     (it costs nothing), CuPy ones only with ``check_offsets`` (reading them back waits for the
-    device); ``None`` for those not read."""
+    device); ``None`` for those not read. ``read`` holds host copies (``host_offsets``) that the
+    caller has read already (a paged call, to size its gather), checked instead of read again."""
     hosts = []
-    for name, cu, total, max_name, max_len in (
-            ("cu_seqlens_q", cu_q, totals[0], "max_seqlen_q", max_lengths[0]),
-            ("cu_seqlens_k", cu_k, totals[1], "max_seqlen_k", max_lengths[1])):
-        on_host = isinstance(cu, numpy.ndarray)
-        host = None
-        if on_host or check_offsets:
-            host = numpy.asarray(cu if on_host else cu.get(), dtype=numpy.int64)
+    for name, cu, host, total, max_name, max_len in (
+            ("cu_seqlens_q", cu_q, read[0], totals[0], "max_seqlen_q", max_lengths[0]),
+            ("cu_seqlens_k", cu_k, read[1], totals[1], "max_seqlen_k", max_lengths[1])):
+        if host is None and (isinstance(cu, numpy.ndarray) or check_offsets):
+            host = host_offsets(cu)
+        if host is not None:
             check_offset_values(host, name, total, max_name, max_len)
         hosts.append(host)
     return hosts[0], hosts[1]
+
+
+def host_offsets(cu: Any) -> numpy.ndarray:
+    """Offsets on the host, int64: NumPy ones as they are, CuPy ones read back (a
+    synchronisation)."""
+    return numpy.asarray(_host_values(cu), dtype=numpy.int64)
 
 
 def check_offset_values(host: Any, name: str, total: int, max_name: str, max_len: int) -> None:

@@ -21,8 +21,7 @@ from ._kvcache_spec import _check_index_array as check_index_array, page_slots
 def host_key_offsets(cu_seqlens_k: Any, max_seqlen_k: int):
     """``cu_seqlens_k`` on the host (int64), checked: a paged call sizes its gather by them. CuPy
     offsets are read back (a synchronisation)."""
-    host = numpy.asarray(cu_seqlens_k if isinstance(cu_seqlens_k, numpy.ndarray)
-                         else cu_seqlens_k.get(), dtype=numpy.int64)
+    host = _checks.host_offsets(cu_seqlens_k)
     _checks.check_offset_values(host, "cu_seqlens_k", int(host[-1]), "max_seqlen_k", max_seqlen_k)
     return host
 
@@ -103,10 +102,14 @@ def page_shapes(q: Any, k_pages: Any, v_pages: Any, batch: int, max_q: int, max_
     return _checks.varlen_shapes(q, k_pages[:, 0], v_pages[:, 0], batch, max_q, max_k)
 
 
-def gather_pages(q, k_pages, v_pages, cu_seqlens_k, max_seqlen_k, block_table, check_offsets):
-    """Packed ``(k, v)``, ``(total_k, Hkv, D)`` and ``(total_k, Hkv, Dv)``, gathered from the
-    pages the block table lists for each sequence, once the call's other arguments are checked
-    (``_api._varlen_checks`` with ``page_shapes``)."""
+def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table,
+                 check_offsets):
+    """Packed ``(k, v, hosts)``: k ``(total_k, Hkv, D)`` and v ``(total_k, Hkv, Dv)`` gathered
+    from the pages the block table lists for each sequence, once the call's other arguments are
+    checked (``_api._varlen_checks`` with ``page_shapes``), and ``hosts`` the offsets
+    ``(cu_seqlens_q, cu_seqlens_k)`` on the host. Both are read before the gather, for the
+    packed call to check (``_checks.checked_offsets``): read after it, they would wait for its
+    copy."""
     xp = _checks.array_module(q)
     check_index_array("block_table", block_table, (cu_seqlens_k.shape[0] - 1, None), xp, q)
     if xp is not numpy and not check_offsets:
@@ -115,11 +118,13 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_k, max_seqlen_k, block_table, c
             "keys, so check_offsets=False (no read-back from the device) cannot be kept: pass "
             "check_offsets=True")
     max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-    table = numpy.asarray(block_table if xp is numpy else block_table.get())
+    table = numpy.asarray(_checks._host_values(block_table))
     page_size, num_pages = int(k_pages.shape[1]), int(k_pages.shape[0])
+    hosts = _checks.host_offsets(cu_seqlens_q), _checks.host_offsets(cu_seqlens_k)
+    rows = key_rows(hosts[1], table, max_k, page_size, num_pages)
     with _checks.device_context(q):
-        rows = xp.asarray(key_rows(cu_seqlens_k, table, max_k, page_size, num_pages))
-        return _rows_of(k_pages, rows, xp), _rows_of(v_pages, rows, xp)
+        rows = xp.asarray(rows)
+        return _rows_of(k_pages, rows, xp), _rows_of(v_pages, rows, xp), hosts
 
 
 def _rows_of(pages: Any, rows: Any, xp) -> Any:

@@ -952,7 +952,7 @@ def test_cached_varlen_calls_check_their_offsets_each_time(device, monkeypatch):
 
     checked, bad = [], set()
 
-    def recorded(cu_q, cu_k, totals, max_lengths, check_offsets):
+    def recorded(cu_q, cu_k, totals, max_lengths, check_offsets, read=(None, None)):
         checked.append((cu_q.data.ptr, cu_k.data.ptr, totals, max_lengths, check_offsets))
         if check_offsets and cu_q.data.ptr in bad:
             raise ValueError("cu_seqlens_q must start at 0, got 1 first")

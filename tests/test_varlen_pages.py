@@ -209,6 +209,52 @@ def test_unchecked_device_offsets_are_refused(rng):
                                      check_offsets=False)
 
 
+def test_device_offsets_are_read_back_once_before_the_gather(rng, monkeypatch):
+    """With CuPy inputs, cu_seqlens_q, cu_seqlens_k and block_table are each read back once,
+    before the gather: the packed call checks those host copies rather than reading the offsets
+    again (a second synchronisation, which would wait for the gather's copy)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _checks, _varlen_pages
+
+    _, _, _, k_pages, _, table, cu_q, cu_k = paged_case(rng, np, np.float32, [3, 5], [6, 9], 4)
+    events = []
+    with pytest.MonkeyPatch.context() as patch:
+        device = FakeDevice(patch, compute_capability="90")
+
+        def on_device(x, name):
+            fake = device.empty(x.shape, x.dtype)
+            values[id(fake)] = name, x
+            return fake
+
+        values = {}
+        q = device.empty((8, 4, 32), ml_dtypes.bfloat16)
+        pages = device.empty(k_pages.shape, ml_dtypes.bfloat16)
+        arrays = {name: on_device(x, name)
+                  for name, x in (("cu_q", cu_q), ("cu_k", cu_k), ("table", table))}
+
+        def read(x):  # fake memory cannot be read back: the values it stands for
+            if isinstance(x, np.ndarray):
+                return x
+            name, host = values[id(x)]
+            events.append(name)
+            return host
+
+        def gathered(pages, rows, xp):
+            events.append("gather")
+            return device.empty(rows.shape + pages.shape[2:], pages.dtype)
+
+        patch.setattr(_checks, "_host_values", read)
+        patch.setattr(cupy, "asarray", lambda x: device.empty(x.shape, x.dtype))  # rows to gather
+        patch.setattr(_varlen_pages, "_rows_of", gathered)
+        out = cuflash.attention_varlen(q, pages, pages, arrays["cu_q"], arrays["cu_k"], 5, 9,
+                                       block_table=arrays["table"])
+        assert out.shape == (8, 4, 32)
+    assert sorted(events[:3]) == ["cu_k", "cu_q", "table"]
+    assert events[3:] == ["gather", "gather"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("page_size", [7, 16, 256])
