@@ -1169,3 +1169,35 @@ def test_availability_names_the_current_device_that_is_too_old(monkeypatch):
     usable, reason = kernels.availability()
     assert not usable
     assert reason == "the kernels need compute capability 8.0 or newer; device 1 has 7.5"
+
+
+@pytest.mark.parametrize("pass_name", ["forward", "backward"])
+def test_float32_tiles_fit_the_arrays_device_not_the_current_one(monkeypatch, pass_name):
+    """The float32 kernels size their tiles by the shared memory of the device the arrays live
+    on, as ``supports`` checks them: with another device current (one that allows a block too
+    little for any tile, say), a call for arrays on an H200 runs the H200's tiles."""
+    pytest.importorskip("cupy")
+    import cupy
+    from fake_device import FakeDevice
+
+    from cuflash import _api
+    from cuflash.kernels import _launch, float32
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    limits = {0: 227 * 1024, 1: 16 * 1024}  # the arrays' device, the current one
+    monkeypatch.setattr(_launch, "shared_limit", lambda device_id: limits[device_id])
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 1)
+    q, out, dout, dq, dk, dv = (device.empty((1, 2, 128, 64), np.float32) for _ in range(6))
+    lse = device.empty((1, 2, 128), np.float32)
+    _, spec = _api._spec(q, q, q)
+    if pass_name == "forward":
+        float32.forward(q, q, q, out, lse, spec)
+        wanted = [float32.tiles_for("forward", spec, limits[0])]
+    else:
+        float32.backward(dout, q, q, q, out, lse, dq, dk, dv, spec)
+        wanted = [float32.tiles_for(kernel, spec, limits[0]) for kernel in ("dkdv", "dq")]
+    expressions = [expression for expression, *_ in device.take_launches()
+                   if expression != float32.PREP_KERNEL]
+    assert expressions == [float32.variant(kernel, spec, tiles, aligned=True)
+                           for kernel, tiles in zip(["forward"] if pass_name == "forward"
+                                                    else ["dkdv", "dq"], wanted)]

@@ -136,11 +136,6 @@ def shared_limit(device_id: int) -> int:
     return int(runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
 
 
-def current_shared_limit() -> int:
-    """``shared_limit`` of the current device."""
-    return shared_limit(cupy_module().cuda.runtime.getDevice())
-
-
 # The waves of thread blocks (or a persistent grid's tiles per resident block) at the end of a
 # grid whose lanes start tile by tile (tail_lanes).
 TAIL_WAVES = 2

@@ -201,7 +201,7 @@ def forward(q, k, v, out, lse, spec, *, tiles: F32Tiles | None = None):
     batch, heads, nq, d = q.shape
     kv_heads, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dqk, dvp = padded_head_dims(spec)
-    tiles = tiles or tiles_for("forward", spec, _launch.current_shared_limit())
+    tiles = tiles or tiles_for("forward", spec, _launch.shared_limit(q.device.id))
     m_tiles = -(-nq // tiles.block_m)
     blocks = check_grid(m_tiles * heads * batch, "the float32 forward kernel")
 
@@ -241,7 +241,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, spec,
     kv_heads, nk, dvh = k.shape[1], k.shape[2], v.shape[3]
     dqk, dvp = padded_head_dims(spec)
     if tiles is None:
-        limit = _launch.current_shared_limit()
+        limit = _launch.shared_limit(q.device.id)
         tiles = (tiles_for("dkdv", spec, limit), tiles_for("dq", spec, limit))
     kv_tiles, q_tiles = tiles
     dkdv_blocks = -(-nk // kv_tiles.block_n) * kv_heads * batch
