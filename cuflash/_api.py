@@ -118,8 +118,9 @@ _NO_GRADS = (None, None, None)
 def _check_given_grads(spec: AttentionSpec, xp, grads, dout, q, k, v, out, lse) -> None:
     """The given ones of ``grads`` (dq, dk, dv; ``None`` where not given), by ``out=``'s rule
     (``_checks.check_out``): each exactly its input's shape in the gradients' dtype, apart from
-    every other array of the call, given gradients included."""
-    apart = dict(zip(_checks.GRAD_APART_FROM, (q, k, v, dout, out, lse)))
+    every other array of the call, given gradients and a CuPy seed array included."""
+    apart = _checks.with_seed_array(dict(zip(_checks.GRAD_APART_FROM, (q, k, v, dout, out, lse))),
+                                    spec.dropout_state)
     for name, grad, x in zip(_checks.GRAD_NAMES, grads, (q, k, v)):
         if grad is not None:
             _checks.check_out(grad, x.shape, spec.grad_dtype, xp, apart, name=name)
@@ -202,7 +203,8 @@ def validated_forward(q, k, v, out, options: dict, return_lse):
     xp, spec = _spec(q, k, v, **options)
     _checks.check_bool(return_lse, "return_lse")
     if out is not None:
-        _checks.check_out(out, spec.shapes.out_shape, spec.dtype, xp, {"q": q, "k": k, "v": v})
+        _checks.check_out(out, spec.shapes.out_shape, spec.dtype, xp,
+                          _checks.with_seed_array({"q": q, "k": k, "v": v}, spec.dropout_state))
     result, lse = _forward(spec, xp, q, k, v, out)
     return xp, spec, result, lse
 
@@ -226,7 +228,8 @@ def validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: di
     _checks.check_bool(return_lse, "return_lse")
     if out is not None:
         _checks.check_out(out, (spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv), spec.dtype,
-                          xp, {"q": q, "k": k, "v": v})
+                          xp, _checks.with_seed_array({"q": q, "k": k, "v": v},
+                                                      spec.dropout_state))
     result, lse = _varlen_forward(spec, xp, q, k, v, out)
     return xp, spec, result, lse
 
@@ -342,7 +345,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         scores after ``softcap`` and ALiBi).
     out : array, optional
         Where to write the result: exactly the output's shape, dtype and array module (and
-        device), any strides, not overlapping ``q``, ``k`` or ``v``.
+        device), any strides, not overlapping ``q``, ``k``, ``v`` or a seed array.
 
     Returns
     -------
@@ -408,12 +411,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
     dq, dk, dv : arrays, optional
         Where to write each gradient, as ``out=`` is for ``attention``: exactly the shape of q,
         k or v, the gradients' dtype (the inputs', or float32 with ``grad_dtype=float32``), the
-        inputs' array module (and device), any strides, not overlapping dout, q, k, v, out, lse
-        or one another. Any of them may be given; the others are new arrays. The gradient of a
-        broadcast input is written as its sum. Strides the kernels can write (last axis
-        contiguous, e.g. ``torch.empty_like`` of a transposed input) are written in place, and
-        repeated CuPy calls with them take the cached path; other strides go through a
-        temporary copy.
+        inputs' array module (and device), any strides, not overlapping dout, q, k, v, out, lse,
+        a seed array or one another. Any of them may be given; the others are new arrays. The
+        gradient of a broadcast input is written as its sum. Strides the kernels can write
+        (last axis contiguous, e.g. ``torch.empty_like`` of a transposed input) are written in
+        place, and repeated CuPy calls with them take the cached path; other strides go through
+        a temporary copy.
 
     Returns
     -------

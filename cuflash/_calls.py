@@ -26,7 +26,8 @@ What is redone per call, because it is not part of the signature:
   into the launch's arguments, so that a training loop drawing a new seed per call keeps one
   entry;
 - ``out=`` must not overlap q, k or v, nor given gradients (``dq=``, ``dk=``, ``dv=``) the
-  backward's other arrays or one another: comparisons of byte ranges;
+  backward's other arrays or one another, nor either the call's seed array: comparisons of byte
+  ranges;
 - ALiBi slopes are keyed by their layout; their values are copied to the spec's ``(B, Hq)``
   array on every call, as on the validated path (in a vjp the backward uses the forward's copy).
 
@@ -471,7 +472,8 @@ class _ForwardEntry:
             result = _launch.new_array(self.out_shape, spec.dtype)
         else:
             _check_apart("out", out.data.ptr, self.out_range,
-                         zip("qkv", (q.data.ptr, k.data.ptr, v.data.ptr), self.input_ranges))
+                         (*zip("qkv", (q.data.ptr, k.data.ptr, v.data.ptr), self.input_ranges),
+                          *_seed_apart(spec)))
             result = out
         lse = _launch.new_array(self.lse_shape, _FLOAT32) if self.keeps_lse else None
         if result.data.ptr & 15 or (lse is not None and lse.data.ptr & 15):
@@ -483,6 +485,14 @@ class _ForwardEntry:
         if stream.is_capturing():
             keep_alive_with((result,), (lse, *_device_buffers(spec)))
         return result, lse, spec
+
+
+def _seed_apart(spec) -> tuple:
+    """The call's CuPy seed array among the arrays an output must keep apart from, as
+    ``_check_apart`` takes them (``_checks.with_seed_array``; none without one): per call, since
+    each call hands its own in."""
+    state = spec.dropout_state
+    return () if state is None else (("dropout_seed", state.data.ptr, _checks.byte_range(state)),)
 
 
 def _check_apart(name: str, ptr: int, byte_range: tuple, others) -> None:
@@ -603,7 +613,7 @@ class _BackwardEntry:
                 return self(dout, q, k, v, out, lse, grads, slopes, alibi, spec)
         spec = self.spec if spec is None else spec
         if self.apart is not None:
-            self._check_apart(grads, (q, k, v, dout, out, lse))
+            self._check_apart(grads, (q, k, v, dout, out, lse), spec)
         dq, dk, dv = grads
         if dq is None or dk is None or dv is None:
             grad_dtype = spec.grad_dtype
@@ -625,12 +635,13 @@ class _BackwardEntry:
             keep_alive_with((dq, dk, dv), (workspace, *_device_buffers(spec)))
         return dq, dk, dv
 
-    def _check_apart(self, grads, arrays) -> None:
-        """Each given gradient must not overlap ``arrays`` (those of ``GRAD_APART_FROM``) nor a
-        given gradient before it (the rule of ``_checks.check_out``, as
+    def _check_apart(self, grads, arrays, spec) -> None:
+        """Each given gradient must not overlap ``arrays`` (those of ``GRAD_APART_FROM``), the
+        call's seed array nor a given gradient before it (the rule of ``_checks.check_out``, as
         ``_api._check_given_grads`` applies it)."""
         others = [(name, x.data.ptr, x_range)
                   for name, x_range, x in zip(_checks.GRAD_APART_FROM, self.apart, arrays)]
+        others += _seed_apart(spec)
         for name, grad, grad_range in zip(_checks.GRAD_NAMES, grads, self.grad_ranges):
             if grad is not None:
                 ptr = grad.data.ptr

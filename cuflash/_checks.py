@@ -512,6 +512,13 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: numpy.dtype, xp, inputs: 
             raise ValueError(f"{name} must not share memory with {other}")
 
 
+def with_seed_array(arrays: dict[str, Any], seed_array: Any) -> dict[str, Any]:
+    """``arrays`` (name → array, those an output must keep apart from, as ``check_out`` takes
+    them) with a call's CuPy seed array (its spec's ``dropout_state``), which the kernels read
+    while they write out= and given gradients; ``arrays`` itself without one."""
+    return arrays if seed_array is None else dict(arrays, dropout_seed=seed_array)
+
+
 # Elements whose offsets ``has_overlapping_elements`` lists at most (64 MiB of int64): beyond it,
 # an interleaved layout's elements are taken not to overlap (listing a KV cache's billions of
 # offsets would exhaust the host's memory).

@@ -1327,3 +1327,64 @@ def test_a_model_s_few_masks_stay_cached(device, monkeypatch):
     assert _builds() == builds and _calls.stats()["hits"] == hits + 12
     before = _sent(device, lambda: cuflash.attention(q, k, v, block_mask=masks[0]))
     assert _sent(device, lambda: cuflash.attention(q, k, v, block_mask=masks[0])) == before
+
+
+# ----------------------------------------------------------------------------- seed arrays
+
+def _seed_in(array):
+    """A CuPy seed array (uint64 (seed, offset)) over the first 16 bytes of ``array``."""
+    import cupy
+
+    return cupy.ndarray((2,), np.uint64, memptr=array.data)
+
+
+def _twice_then_validated(call, message):
+    """``call`` raises ``message`` on the cached path (an entry for its layout held) and on the
+    validated path (every entry forgotten)."""
+    for _ in range(2):
+        with pytest.raises(ValueError, match=message):
+            call()
+        _calls.clear()
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_out_overlapping_the_seed_array_is_refused(device, varlen):
+    """The kernels read a CuPy seed array while they write out=: an out over it is refused, as
+    one over an input is, on the validated and the cached path alike."""
+    if varlen:
+        q, k, v = _qkv(device, (256, 4, 64))
+        cu = device.empty((3,), np.int32)
+
+        def call(out, seed):
+            return cuflash.attention_varlen(q, k, v, cu, cu, 128, 128, dropout_p=0.1,
+                                            dropout_seed=seed, check_offsets=False, out=out)
+    else:
+        q, k, v = _qkv(device)
+
+        def call(out, seed):
+            return cuflash.attention(q, k, v, dropout_p=0.1, dropout_seed=seed, out=out)
+
+    out = device.empty(q.shape[:-1] + (64,), BF16)
+    for _ in range(2):
+        call(out, device.empty((2,), np.uint64))
+    assert _builds() == 1 and _calls.stats()["hits"] == 1
+    _twice_then_validated(lambda: call(out, _seed_in(out)), "out must not share memory with "
+                                                            "dropout_seed")
+
+
+def test_given_gradients_overlapping_the_seed_array_are_refused(device):
+    """As out= for the forward: the backward kernels read the seed array while they write the
+    given gradients."""
+    dout, q, k, v, out, lse = _seq_major_problem(device)
+    dq = _seq_major(device)
+
+    def call(seed):
+        return cuflash.attention_backward(dout, q, k, v, out, lse, dropout_p=0.1,
+                                          dropout_seed=seed, dq=dq)
+
+    builds = _builds()
+    for _ in range(2):
+        call(device.empty((2,), np.uint64))
+    assert _builds() == builds + 1
+    _twice_then_validated(lambda: call(_seed_in(dq)),
+                          "dq must not share memory with dropout_seed")
