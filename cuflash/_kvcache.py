@@ -333,7 +333,7 @@ def _run_rows(spec: KVCacheSpec, q, k_cache, v_cache, k, v, out, lse) -> None:
     numerical warning for the call, however many rows overflow)."""
     index = _host_index(spec, k_cache.shape[0])
     if spec.xp is not numpy:
-        _check_a_kernel_attends(spec)
+        _check_a_kernel_attends(spec, index)
     if k is not None:  # every write before any read, as one kernel launch would order them
         for row in range(spec.b):
             start = int(index.lengths[row])
@@ -365,17 +365,23 @@ def _attend_row(spec: KVCacheSpec, index: _HostIndex, row: int, q, k_cache, v_ca
         out=heads_first)
 
 
-def _check_a_kernel_attends(spec: KVCacheSpec) -> None:
+def _check_a_kernel_attends(spec: KVCacheSpec, index: _HostIndex) -> None:
     """Raise before the appends when no GPU kernel would attend the rows (a head dim above the
-    kernels' limit, say): the caches must not be written by a call that then fails. Asked of
-    ``cuflash.kernel_plan`` with one-key stand-ins of the rows' dtype, head counts and dims,
-    freshly allocated as the rows' gathered keys are."""
+    kernels' limit, a row of 2**31 keys, say): the caches must not be written by a call that
+    then fails. Asked of ``cuflash.kernel_plan`` with stand-ins of the rows' dtype, head counts
+    and dims and the longest row's keys (as ``_attend_row`` counts them), broadcast from one
+    key each: what decides is the count, and nothing of its size is allocated."""
     from ._plan import kernel_plan
 
     xp = spec.xp
+    keys = index.lengths + spec.s_new
+    if index.leftpads is not None:
+        keys = keys - index.leftpads
+    longest = max(1, int(keys.max()))  # (a row without keys launches nothing)
     q = xp.empty((spec.hq, spec.sq, spec.d), spec.dtype)
-    k = xp.empty((spec.hkv, 1, spec.d), spec.dtype)
-    v = xp.empty((spec.hkv, 1, spec.dv), spec.dtype)
+    k = xp.broadcast_to(xp.empty((spec.hkv, 1, spec.d), spec.dtype), (spec.hkv, longest, spec.d))
+    v = xp.broadcast_to(xp.empty((spec.hkv, 1, spec.dv), spec.dtype),
+                        (spec.hkv, longest, spec.dv))
     plan = kernel_plan(q, k, v, causal=spec.causal, scale=spec.scale, window=spec.window,
                        softcap=spec.softcap,
                        alibi_slopes=None if spec.alibi is None else spec.alibi[0])

@@ -871,6 +871,53 @@ def test_generic_route_refuses_before_writing_what_no_kernel_attends(monkeypatch
         cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=3)
 
 
+def test_generic_route_refuses_rows_past_int32_before_writing(monkeypatch):
+    """A cache of 2**31 positions takes the generic route, whose kernels count a row's keys in
+    int32: a row that would attend 2**31 keys or more is refused before the new keys are written
+    (on the fake device a write would fail otherwise with the device's own error, not this
+    one)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((1, 1, 2, 64), ml_dtypes.bfloat16)
+    new = device.empty((1, 1, 1, 64), ml_dtypes.bfloat16)  # below the caches' made-up addresses
+    k_cache, v_cache = (device.empty((1, 2**31 + 8, 1, 64), ml_dtypes.bfloat16) for _ in range(2))
+    assert cuflash.kvcache_plan(q, k_cache, v_cache, new, new,
+                                cache_seqlens=2**31).route == "generic"
+    with pytest.raises(ValueError, match=r"no GPU kernel attends this call's rows, so nothing was "
+                                         r"written(.|\n)*must be below 2\*\*31"):
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=2**31)
+
+
+def test_generic_route_asks_for_the_keys_each_row_attends(monkeypatch):
+    """The check before the writes counts each row's keys as the row attends them (its length,
+    the new keys, less its left padding): the longest row decides; padding that keeps every row
+    below 2**31 keys lets the call through."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _kvcache, _kvcache_spec
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((2, 1, 2, 64), ml_dtypes.bfloat16)
+    k_cache, v_cache = (device.empty((2, 2**31 + 8, 1, 64), ml_dtypes.bfloat16) for _ in range(2))
+    new = device.empty((2, 1, 1, 64), ml_dtypes.bfloat16)
+    spec = _kvcache_spec.validate(q, k_cache, v_cache, new, new,
+                                  cache_seqlens=device.empty((2,), np.int32), block_table=None,
+                                  cache_batch_idx=None, causal=False, scale=None,
+                                  window=(-1, -1), softcap=0.0, alibi_slopes=None, num_splits=0)
+    lengths = np.array([5, 2**31 - 1], np.int64)
+    for leftpads, refused in ((None, True), (np.array([0, 1024]), False),
+                              (np.array([1024, 0]), True)):
+        index = _kvcache._HostIndex(lengths, None, None, leftpads)
+        if refused:
+            with pytest.raises(ValueError, match=r"must be below 2\*\*31"):
+                _kvcache._check_a_kernel_attends(spec, index)
+        else:
+            _kvcache._check_a_kernel_attends(spec, index)
+
+
 def test_a_device_older_than_compute_capability_8_is_refused_before_any_write(monkeypatch):
     """No kernel runs on a device older than compute capability 8.0: the decode kernel passes
     such a call on, and the generic route, which appends before it attends, refuses it before
