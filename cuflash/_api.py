@@ -541,12 +541,18 @@ def _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         hosts = _checks.checked_offsets(cu_seqlens_q, cu_seqlens_k, (total_q, total_k),
                                         (max_q, max_k), check_offsets, hosts)
         # The kernels read B + 1 contiguous int32 offsets on the inputs' device.
-        cu_q, cu_k = (cu if _checks.array_module(cu) is xp and cu.flags.c_contiguous
-                      else xp.ascontiguousarray(xp.asarray(cu))
-                      for cu in (cu_seqlens_q, cu_seqlens_k))
+        cu_q, cu_k = (_device_offsets(cu, xp) for cu in (cu_seqlens_q, cu_seqlens_k))
     layout = VarlenLayout(cu_q=cu_q, cu_k=cu_k, total_q=total_q, total_k=total_k, max_q=max_q,
                           max_k=max_k, host_q=hosts[0], host_k=hosts[1])
     return xp, dataclasses.replace(spec, varlen=layout)
+
+
+def _device_offsets(cu, xp):
+    """Offsets as the kernels read them (B + 1 contiguous int32 on the inputs' device): ``cu``
+    itself, or a copy (of NumPy offsets, or of strided CuPy ones)."""
+    if _checks.array_module(cu) is not xp:
+        return _calls.device_copy(cu, xp)
+    return cu if cu.flags.c_contiguous else xp.ascontiguousarray(cu)
 
 
 def _kernel_target(result, xp):

@@ -44,8 +44,9 @@ the key says which of the three are given.
 Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees when it returns
 (the backward's workspace, an lse not returned, the ALiBi copy), the block mask (whose device
 index the kernels read), a dropout seed array (a vjp's copy of one has no other owner) and a
-varlen call's device offsets (likewise for a varlen vjp's copy of NumPy offsets) are kept alive
-as long as the call's outputs are, since the graph's replays use them. Entries keep
+varlen call's device offsets (likewise for a varlen vjp's copy of NumPy offsets, and the pinned
+host buffer that copy is made from: ``device_copy``) are kept alive as long as the call's
+outputs are, since the graph's replays use them. Entries keep
 no seed array: each call hands its own in. A call on the validated path (every call of an
 uncached signature) records what it allocates instead (``CapturedAllocations``, around
 ``_api``'s runners: copies of inputs, temporaries, full-batch gradients of broadcast inputs,
@@ -285,6 +286,19 @@ def keep_alive_with(outputs, buffers) -> None:
     finalizer would never be gone, nor what the finalizers hold."""
     for output in outputs:
         weakref.finalize(output, _release, buffers)
+
+
+def device_copy(host, xp):
+    """A C-contiguous copy of NumPy array ``host`` on the current device (``xp``: CuPy), made on
+    the current stream. CuPy's copy (``cupy.asarray``) goes through a pinned staging buffer that
+    it lets go once the stream has passed the copy; under capture the graph's copy reads it at
+    every replay, so there the staging buffer is the call's own, alive as long as the copy
+    (which the call keeps with its results)."""
+    if not stream_capturing():
+        return xp.ascontiguousarray(xp.asarray(host))
+    copy, staged = _launch.copy_to_device(host, xp.cuda.get_current_stream())
+    keep_alive_with((copy,), (staged,))
+    return copy
 
 
 class CapturedAllocations:

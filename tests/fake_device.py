@@ -153,6 +153,9 @@ class FakeDevice:
         monkeypatch.setattr(cupy, "empty", empty)
         monkeypatch.setattr(_launch, "new_array", empty)
         monkeypatch.setattr(_launch, "device_memory", lambda nbytes: empty(nbytes, np.uint8).data)
+        # (the pinned buffer a host array is copied from: host memory standing in for it)
+        monkeypatch.setattr(_launch, "copy_to_device",
+                            lambda host, stream: (empty(host.shape, host.dtype), np.array(host)))
         monkeypatch.setattr(_checks, "device_context", lambda x: contextlib.nullcontext())
         monkeypatch.setattr(_launch, "_compute_capability", lambda device_id: compute_capability)
         monkeypatch.setattr(_build, "get_function", get_function)

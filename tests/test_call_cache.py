@@ -434,6 +434,7 @@ def test_a_varlen_vjp_s_device_offsets_live_with_the_captured_gradients(device, 
         return made
 
     monkeypatch.setattr(cupy, "asarray", to_device)
+    monkeypatch.setattr(_launch, "copy_to_device", lambda host, stream: (to_device(host), host))
     q, k, v, dout = (device.empty((700, 4, 64), BF16) for _ in range(4))
     offsets = np.array([0, 300, 500, 700], np.int32)
 
@@ -461,6 +462,57 @@ def test_a_varlen_vjp_s_device_offsets_live_with_the_captured_gradients(device, 
     _calls.clear()  # (an entry built by the captured step keeps its spec, offsets and all)
     gc.collect()
     assert all(copy() is None for copy in captured)
+
+
+@pytest.mark.parametrize("call", ["forward", "backward", "vjp"])
+def test_numpy_offsets_staged_under_capture_live_with_the_results(device, monkeypatch, call):
+    """A packed call with NumPy offsets copies them to the device through a pinned host buffer;
+    under capture the graph's copy reads that buffer at every replay, so it must live as long as
+    the call's results. (CuPy's own staging buffer, which ``cupy.asarray`` lets go once the
+    stream has passed the copy, is stood in for here by one that nothing keeps.)"""
+    import gc
+    import weakref
+
+    import cupy
+    import fake_device
+
+    staged = []
+
+    def staging(host):
+        buffer = np.array(host)  # (pinned memory needs the device)
+        staged.append(weakref.ref(buffer))
+        return buffer
+
+    def to_device(x, dtype=None):  # CuPy's: through a staging buffer it lets go of
+        if isinstance(x, cupy.ndarray):
+            return x
+        staging(x)
+        return device.empty(x.shape, x.dtype)
+
+    monkeypatch.setattr(cupy, "asarray", to_device)
+    monkeypatch.setattr(_launch, "copy_to_device",
+                        lambda host, stream: (device.empty(host.shape, host.dtype), staging(host)))
+    q, k, v, dout = (device.empty((700, 4, 64), BF16) for _ in range(4))
+    offsets = np.array([0, 300, 500, 700], np.int32)
+    if call == "backward":
+        out, lse = (device.empty((700, 4, 64), BF16), device.empty((4, 700), np.float32))
+    monkeypatch.setattr(fake_device.FakeStream, "is_capturing", lambda self: True)
+    monkeypatch.setattr(_calls, "stream_capturing", lambda: True)
+    if call == "forward":
+        results = cuflash.attention_varlen(q, k, v, offsets, offsets, 300, 300, causal=True)
+    elif call == "backward":
+        results = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, offsets, offsets,
+                                                    300, 300, causal=True)
+    else:
+        out, vjp = cuflash.attention_varlen_vjp(q, k, v, offsets, offsets, 300, 300, causal=True)
+        results = (out, vjp(dout))
+        del out, vjp
+    gc.collect()
+    assert staged and all(buffer() is not None for buffer in staged)
+    del results
+    _calls.clear()
+    gc.collect()
+    assert all(buffer() is None for buffer in staged)
 
 
 def test_seeds_without_dropout_change_nothing(device):

@@ -355,6 +355,20 @@ def device_memory(nbytes: int):
     return cupy_module().cuda.alloc(nbytes)
 
 
+def copy_to_device(host, stream):
+    """``(array, staged)``: a new C-contiguous CuPy array holding NumPy array ``host``, copied
+    asynchronously on ``stream`` from ``staged``, a pinned host copy of ``host``. The copy reads
+    ``staged`` when the stream gets to it, and a CUDA graph that captured it at every replay:
+    the caller keeps ``staged`` alive that long."""
+    import cupyx
+
+    staged = cupyx.empty_pinned(host.shape, host.dtype)
+    staged[...] = host
+    array = new_array(host.shape, host.dtype)
+    array.set(staged, stream)
+    return array, staged
+
+
 class _BoundContexts(threading.local):
     def __init__(self):
         self.devices = set()
