@@ -479,7 +479,10 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     entropy (``secrets.randbits(64)``); the backward pass always uses the forward's seed and
     offset, and ``vjp.dropout_seed`` holds the seed (0 without dropout). A seed array is copied
     before the forward reads it, and both passes read the copy (``vjp.dropout_seed`` for a CuPy
-    one): the caller may write the next step's values into its own at once.
+    one): the caller may write the next step's values into its own at once. ``vjp`` may run on
+    another CuPy stream than the forward, once that stream waits for the forward: what the
+    forward allocated (out, lse, the copies) is then held until the backward's stream has run
+    past it (docs/api.md).
     """
     _checks.check_bool(deterministic, "deterministic")  # before running anything
     dropout_seed = _vjp_seed(dropout_p, dropout_seed, dropout_offset, q)
@@ -489,9 +492,12 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     dropout = (dropout_seed, dropout_offset)
     out, lse, spec = _calls.forward(q, k, v, None, forward_options, dropout, True)
     options = dict(forward_options, deterministic=deterministic)
+    stream = _calls.current_stream(q)
 
     def vjp(dout):  # with the forward's copy of the ALiBi slopes, as the docstring promises
-        return _calls.backward(dout, q, k, v, out, lse, options, dropout, alibi=spec.alibi)
+        grads = _calls.backward(dout, q, k, v, out, lse, options, dropout, alibi=spec.alibi)
+        _calls.hold_past_other_stream(stream, q, (out, lse, spec))
+        return grads
 
     vjp.dropout_seed = _vjp_seed_of(spec)
     return out, vjp
@@ -776,10 +782,13 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     cu_q, cu_k = spec.varlen.cu_q, spec.varlen.cu_k
     if xp is numpy:
         cu_q, cu_k = cu_q.copy(), cu_k.copy()
+    stream = _calls.current_stream(q)
 
     def vjp(dout):
-        return _calls.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q,
-                                      max_seqlen_k, backward_options, dropout, alibi=spec.alibi)
+        grads = _calls.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q,
+                                       max_seqlen_k, backward_options, dropout, alibi=spec.alibi)
+        _calls.hold_past_other_stream(stream, q, (out, lse, spec))
+        return grads
 
     vjp.dropout_seed = _vjp_seed_of(spec)
     return out, vjp

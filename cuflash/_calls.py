@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
+import threading
 import weakref
 from typing import Any
 
@@ -344,6 +345,44 @@ class CapturedAllocations:
         any of ``outputs`` is."""
         if self.buffers is not None:
             keep_alive_with(outputs, (self.buffers, spec))
+
+
+# ----------------------------------------------------------------------------- other streams
+
+def current_stream(x):
+    """CuPy's current stream on the device of ``x`` (where a call of its arrays runs); ``None``
+    for a NumPy array."""
+    if _checks.array_module(x) is numpy:
+        return None
+    with _checks.device_context(x):
+        return _launch.cupy_module().cuda.get_current_stream()
+
+
+# What vjps' backwards run on other streams than their forwards read, each with an event recorded
+# on the backward's stream after its kernels: (event, what it holds), oldest first.
+_held_past_streams: list = []
+_held_lock = threading.Lock()
+
+
+def hold_past_other_stream(forward_stream, x, buffers) -> None:
+    """After a vjp's backward on ``x``'s device: where it ran on another stream than
+    ``forward_stream`` (its forward's, ``current_stream``), keep ``buffers`` (what the forward
+    allocated and the backward read: out, lse, the spec's copies) alive until that stream has
+    run what is queued on it now. CuPy's pool hands memory back to the stream it was allocated
+    on, the forward's, whose later work would write it once the vjp is gone, while the
+    backward's kernels may still read it on theirs. Held buffers are let go on a later such call
+    once their stream has passed them. Under capture the graph's own rules apply
+    (``keep_alive_with``)."""
+    if forward_stream is None:
+        return
+    stream = current_stream(x)
+    if stream.ptr == forward_stream.ptr or stream.is_capturing():
+        return
+    with _checks.device_context(x):
+        event = stream.record()
+    with _held_lock:
+        _held_past_streams[:] = [held for held in _held_past_streams if not held[0].done]
+        _held_past_streams.append((event, buffers))
 
 
 # ----------------------------------------------------------------------------- dropout per call

@@ -66,13 +66,26 @@ class FakeFunction:
 
 
 class FakeStream:
-    """CuPy's current stream as the launches read it: its handle, never capturing."""
+    """CuPy's current stream as the launches read it: its handle, never capturing; the events
+    recorded on it are listed in ``events`` (the device's), each ``done`` once a test says so."""
 
-    def __init__(self, ptr):
-        self.ptr = ptr
+    def __init__(self, ptr, events=None):
+        self.ptr, self.events = ptr, [] if events is None else events
 
     def is_capturing(self) -> bool:
         return False
+
+    def record(self, event=None):
+        event = FakeEvent(self.ptr) if event is None else event
+        self.events.append(event)
+        return event
+
+
+class FakeEvent:
+    """An event recorded on stream ``stream`` (a handle); ``done`` when a test sets it."""
+
+    def __init__(self, stream):
+        self.stream, self.done = stream, False
 
 
 # The by-value parameter types of the kernels (csrc/args.cuh, arch/sm90_tma.cuh), as NumPy
@@ -178,7 +191,9 @@ class FakeDevice:
         monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
         monkeypatch.setattr(cupy.cuda.runtime, "memGetInfo",
                             lambda: self.contexts_bound.append(0) or (1 << 30, 1 << 30))
-        monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: FakeStream(self.streams[-1]))
+        self.events = []  # recorded on the current stream (FakeStream.record)
+        monkeypatch.setattr(cupy.cuda, "get_current_stream",
+                            lambda: FakeStream(self.streams[-1], self.events))
         monkeypatch.setattr(_checks, "alibi_copy",  # the copy itself needs the device
                             lambda slopes, shapes, xp: empty((shapes.b, shapes.hq), np.float32))
         _calls.clear()

@@ -515,6 +515,78 @@ def test_numpy_offsets_staged_under_capture_live_with_the_results(device, monkey
     assert all(buffer() is None for buffer in staged)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_a_vjp_s_copies_outlive_a_backward_on_another_stream(device, monkeypatch, varlen):
+    """A vjp's backward reads what its forward allocated on the forward's stream (the ALiBi
+    slopes copy, the copy of a seed array, the device copy of NumPy offsets, out and lse). CuPy's
+    pool hands memory freed by the vjp back to that stream, whose later work could write it while
+    a backward run on another stream still reads it: there the copies live on until that stream
+    has run past the backward (an event recorded on it after the backward's kernels), not only
+    as long as the vjp. On the forward's own stream nothing is held past the vjp."""
+    import gc
+    import weakref
+
+    import cupy
+
+    copies = []
+
+    def watched(made):
+        copies.append(weakref.ref(made))
+        return made
+
+    class SeedArray(cupy.ndarray):  # a CuPy array whose copies the test can watch
+        def copy(self, order="C"):
+            return watched(device.empty((2,), np.uint64))
+
+    SeedArray.__module__ = "cupy.seed_array"
+    state = device.empty((2,), np.uint64).view(SeedArray)
+    monkeypatch.setattr(cuflash._checks, "alibi_copy", lambda slopes, shapes, xp: watched(
+        device.empty((shapes.b, shapes.hq), np.float32)))
+    monkeypatch.setattr(cupy, "asarray", lambda x, dtype=None: x if isinstance(x, cupy.ndarray)
+                        else watched(device.empty(x.shape, x.dtype)))
+    slopes = device.empty((4,), np.float32)
+    options = dict(causal=True, alibi_slopes=slopes, dropout_p=0.1, dropout_seed=state)
+    if varlen:
+        q, k, v, dout = (device.empty((700, 4, 64), BF16) for _ in range(4))
+        offsets = np.array([0, 300, 500, 700], np.int32)
+
+        def vjp_of():
+            return cuflash.attention_varlen_vjp(q, k, v, offsets, offsets, 300, 300, **options)
+    else:
+        q, k, v, dout = (device.empty(SHAPE, BF16) for _ in range(4))
+
+        def vjp_of():
+            return cuflash.attention_vjp(q, k, v, **options)
+
+    vjp_of()[1](dout)  # (the entries it builds keep their first call's copies)
+    for other_stream in (False, True):
+        copies.clear()
+        out, vjp = vjp_of()
+        made = list(copies)  # by the forward, for both passes
+        assert len(made) == (4 if varlen else 2)  # slopes, seed (and cu_q, cu_k)
+        if other_stream:
+            device.streams.append(0x6000)
+        grads = vjp(dout)
+        device.streams[1:] = []
+        del out, vjp, grads
+        _calls.clear()  # (a varlen entry keeps the last offsets it was called with)
+        gc.collect()
+        if not other_stream:
+            assert all(copy() is None for copy in made)
+            continue
+        assert all(copy() is not None for copy in made)
+        (event,) = [e for e in device.events if e.stream == 0x6000]
+        assert not event.done
+        event.done = True
+        out, vjp = vjp_of()  # a later backward on that stream lets them go
+        device.streams.append(0x6000)
+        vjp(dout)
+        device.streams[1:] = []
+        _calls.clear()
+        gc.collect()
+        assert all(copy() is None for copy in made)
+
+
 def test_seeds_without_dropout_change_nothing(device):
     q, k, v = _qkv(device)
     cuflash.attention(q, k, v, causal=True)
