@@ -274,3 +274,74 @@ def test_buffers_freed_by_a_captured_call_stay_reserved_for_the_graph(xp_gpu, rn
     assert bool((lse_sized == 7.0).all())
     assert bool((workspace_sized == 7.0).all())
     assert not bool(xp.isnan(g_out).any()) and all(not bool(xp.isnan(g).any()) for g in grads)
+
+
+def test_graph_capture_replays_packed_sequences_with_numpy_offsets(xp_gpu, rng, seed):
+    """NumPy offsets are copied to the device by every replay, from a pinned buffer the graph
+    reads: once the capture is over, pinned blocks of that size handed out and filled with other
+    values must not change what the replays give."""
+    import cupyx
+
+    xp = xp_gpu
+    lens = [37, 300, 1, 130]
+    cu = offsets(lens, np)
+    q, k, v, dout = (random_array(rng, (sum(lens), 4, 64), BF16, xp=xp) for _ in range(4))
+    layout = (cu, cu, max(lens), max(lens))
+
+    def run():
+        out, lse = cuflash.attention_varlen(q, k, v, *layout, causal=True, return_lse=True)
+        grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout, causal=True,
+                                                  deterministic=True)
+        return (out, lse, *grads)
+
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        expected = run()
+        stream.synchronize()
+        stream.begin_capture()
+        captured = run()
+        graph = stream.end_capture()
+        stream.synchronize()
+        others = [cupyx.empty_pinned(cu.shape, cu.dtype) for _ in range(64)]
+        for other in others:
+            other[...] = np.arange(cu.size, dtype=cu.dtype)[::-1] * 1000
+        for x in captured:
+            x.fill(np.nan)
+        graph.launch()
+        stream.synchronize()
+    _assert_identical(captured, expected, xp)
+
+
+def test_vjp_on_another_stream_reads_what_its_forward_made(xp_gpu, rng, seed):
+    """A vjp's backward queued on another stream behind long work, the vjp dropped at once, and
+    the forward's stream then handed blocks of out's and lse's sizes and filled with NaN: the
+    gradients must be those of a backward on the forward's own stream (the forward's buffers
+    held until the other stream has run the backward)."""
+    xp = xp_gpu
+    shape = (2, 4, 384, 64)
+    q, k, v, dout = _inputs(xp, rng, shape)
+    slopes = xp.asarray(rng.uniform(0.01, 0.5, shape[1]).astype(np.float32))
+    options = dict(causal=True, alibi_slopes=slopes, deterministic=True)
+    out, vjp = cuflash.attention_vjp(q, k, v, **options)
+    expected = vjp(dout)
+    xp.cuda.Device().synchronize()
+    spin = xp.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        const long long start = clock64(); while (clock64() - start < cycles) {} }''', "spin")
+    forward_stream, other = xp.cuda.Stream(non_blocking=True), xp.cuda.Stream(non_blocking=True)
+    for _ in range(3):
+        with forward_stream:
+            out, vjp = cuflash.attention_vjp(q, k, v, **options)
+        other.wait_event(forward_stream.record())
+        with other:
+            spin((1,), (1,), (np.int64(200_000_000),))  # about 0.1 s: the backward queued behind it
+            grads = vjp(dout)
+        del out, vjp
+        with forward_stream:
+            fills = [xp.full(shape, np.nan, BF16) for _ in range(4)]
+            fills += [xp.full(shape[:3], np.nan, np.float32) for _ in range(4)]
+            fills += [xp.full(shape[1:2], np.nan, np.float32) for _ in range(4)]
+        other.synchronize()
+        forward_stream.synchronize()
+        for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+            assert bool(xp.array_equal(got.view(np.uint16), want.view(np.uint16))), name
+        del fills
