@@ -603,28 +603,36 @@ def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO
         if layout.total_q == 0:  # no query sees any key: the gradients of k and v are 0
             for grad in results[1:]:
                 grad[...] = 0
-            return results
-        targets = tuple(_kernel_target(grad, xp) for grad in results)
-        dq, dk, dv = targets
-        q, k, v, dout, out = (_checks.kernel_readable(x) for x in (q, k, v, dout, out))
-        lse = xp.ascontiguousarray(lse)
-        if xp is numpy:
-            _backend(xp).backward(dout, q, k, v, out, lse, dq, dk, dv, spec)
         else:
-            from . import kernels
-
-            arrays = (q, k, v, dout, out, dq, dk, dv)
-            launch = kernels.prepare("backward", spec, arrays)
-            args = (dout, q, k, v, out, lse, dq, dk, dv)
-            (launch or kernels.backward)(*args, spec)
-        for grad, target in zip(results, targets):
-            if target is not grad:
-                grad[...] = target
+            _run_varlen_backward(spec, xp, results, dout, q, k, v, out, lse)
+    # Kept with a graph that captured the call, zero queries included: the zero fills write
+    # into the results, and the spec holds the offsets' device copy.
     allocations.keep(results, spec)
-    if xp is numpy:
+    if xp is numpy and layout.total_q:
         _warnings.check_backward(results, (dout, q, k, v, out), lse, spec.dtype,
                                  "cuflash.attention_varlen_backward")
     return results
+
+
+def _run_varlen_backward(spec: AttentionSpec, xp, results, dout, q, k, v, out, lse) -> None:
+    """The kernels (or the NumPy path) of a packed backward with query rows, writing ``results``
+    (through kernel-ready targets where they are not)."""
+    targets = tuple(_kernel_target(grad, xp) for grad in results)
+    dq, dk, dv = targets
+    q, k, v, dout, out = (_checks.kernel_readable(x) for x in (q, k, v, dout, out))
+    lse = xp.ascontiguousarray(lse)
+    if xp is numpy:
+        _backend(xp).backward(dout, q, k, v, out, lse, dq, dk, dv, spec)
+    else:
+        from . import kernels
+
+        arrays = (q, k, v, dout, out, dq, dk, dv)
+        launch = kernels.prepare("backward", spec, arrays)
+        args = (dout, q, k, v, out, lse, dq, dk, dv)
+        (launch or kernels.backward)(*args, spec)
+    for grad, target in zip(results, targets):
+        if target is not grad:
+            grad[...] = target
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,

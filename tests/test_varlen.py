@@ -762,3 +762,22 @@ def test_packed_calls_whose_band_sums_pass_int32_are_refused(monkeypatch, max_le
                                          r"must be below 2\*\*31"):
         call()
     assert not device.take_launches()
+
+
+def test_a_backward_without_query_rows_keeps_its_buffers_like_any_other(monkeypatch):
+    """A packed backward with no query rows only fills dk and dv with zeros; under a CUDA-graph
+    capture those fills are the graph's work too, so its allocations and spec (the offsets'
+    device copy) must be kept with its results as any backward's are."""
+    from cuflash import _calls
+
+    kept = []
+    monkeypatch.setattr(_calls.CapturedAllocations, "keep",
+                        lambda self, outputs, spec: kept.append(outputs))
+    rng = np.random.default_rng(0)
+    q, dout, out = (np.zeros((0, 2, 32), np.float32) for _ in range(3))
+    k, v = (rng.standard_normal((5, 2, 32)).astype(np.float32) for _ in range(2))
+    lse = np.zeros((2, 0), np.float32)
+    cu_q, cu_k = offsets([0, 0]), offsets([2, 3])
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 0, 3)
+    assert len(kept) == 1 and all(a is b for a, b in zip(kept[0], grads))
+    assert not grads[1].any() and not grads[2].any()
