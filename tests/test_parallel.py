@@ -775,6 +775,28 @@ def test_launcher_environment_and_rendezvous(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1", "ok2"]
 
 
+@pytest.mark.parametrize("given, inherited, expected", [
+    ({"master_addr": "10.1.2.3", "master_port": 29511},
+     {"MASTER_ADDR": "192.168.0.9", "MASTER_PORT": "29600"}, ("10.1.2.3", "29511")),
+    ({}, {"MASTER_ADDR": "192.168.0.9", "MASTER_PORT": "29600"}, ("192.168.0.9", "29600")),
+    ({}, {}, ("127.0.0.1", None))])
+def test_launcher_master_address_and_port(given, inherited, expected, tmp_path):
+    """An address or port given to the launcher beats the one in its environment, which beats
+    the defaults; the address given used to lose to an inherited MASTER_ADDR, so the ranks met
+    at another host than the one named."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("MASTER_ADDR", "MASTER_PORT")}
+    code = _launch(tmp_path, f"""
+        import os
+        with open(os.path.join({str(tmp_path)!r}, "master"), "w") as f:
+            f.write(os.environ["MASTER_ADDR"] + " " + os.environ["MASTER_PORT"])
+        """, 1, env=dict(env, **inherited), **given)
+    assert code == 0
+    addr, port = (tmp_path / "master").read_text().split()
+    assert addr == expected[0]
+    assert port == expected[1] if expected[1] else int(port) > 0
+
+
 def test_unique_id_file_is_written_whole_for_its_owner(tmp_path):
     """Rank 0's NCCL unique id goes through cuflash._files.write_atomically (the one atomic
     writer), readable by its owner alone, with nothing left beside it."""

@@ -42,10 +42,13 @@ def _free_port() -> int:
 
 def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int = 0,
            rdzv_dir: str | None = None, timeout: float | None = None, grace: float = 5.0,
-           env: dict | None = None, master_addr: str = "127.0.0.1",
+           env: dict | None = None, master_addr: str | None = None,
            master_port: int | None = None) -> int:
     """Run ``command`` (an argv list, e.g. ``[sys.executable, "script.py"]``) in ``gpus``
-    processes on this node; returns the exit code (0 when every process succeeded)."""
+    processes on this node; returns the exit code (0 when every process succeeded).
+
+    ``master_addr`` and ``master_port``, when given, are the processes' ``MASTER_ADDR`` and
+    ``MASTER_PORT``; otherwise those of the environment, else ``127.0.0.1`` and a free port."""
     gpus, nnodes, node_rank = int(gpus), int(nnodes), int(node_rank)
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
@@ -71,7 +74,7 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
         "WORLD_SIZE": str(gpus * nnodes),
         "LOCAL_WORLD_SIZE": str(gpus),
         "CUFLASH_NCCL_ID_FILE": id_file,
-        "MASTER_ADDR": base.get("MASTER_ADDR", master_addr),
+        "MASTER_ADDR": master_addr or base.get("MASTER_ADDR") or "127.0.0.1",
         "MASTER_PORT": str(master_port or base.get("MASTER_PORT") or _free_port()),
     })
     if timeout is not None:
@@ -139,10 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rdzv-dir", default=None,
                         help="directory for the NCCL unique id (shared by all nodes; default: "
                              "a fresh temporary directory)")
-    parser.add_argument("--master-addr", default="127.0.0.1",
-                        help="MASTER_ADDR for torch.distributed (default 127.0.0.1)")
+    parser.add_argument("--master-addr", default=None,
+                        help="MASTER_ADDR for torch.distributed (default: MASTER_ADDR of the "
+                             "environment, else 127.0.0.1)")
     parser.add_argument("--master-port", type=int, default=None,
-                        help="MASTER_PORT for torch.distributed (default: a free port)")
+                        help="MASTER_PORT for torch.distributed (default: MASTER_PORT of the "
+                             "environment, else a free port)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="communication timeout in seconds, 0 for none "
                              "(CUFLASH_COMM_TIMEOUT)")
