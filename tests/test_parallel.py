@@ -663,6 +663,19 @@ def test_check_sharded_forward_only_names_what_it_did():
     assert "simulated ring, every rank a thread of this process" in report
 
 
+def test_check_sharded_never_passes_an_infinite_error():
+    """The check's verdict is the project's rule (cuflash.check.rule.passes): an infinite error
+    fails even when the naive baseline overflowed too; check_sharded used to compare against
+    the infinite bound itself and report PASS for a result that had overflowed."""
+    from cuflash.parallel.check import Comparison, ShardedCheck
+    inf = float("inf")
+    overflowed = Comparison("dq", error=inf, naive_error=inf, rows="all", single_difference=inf)
+    assert not overflowed.passed
+    assert Comparison("dq", error=0.5, naive_error=inf, rows="all",
+                      single_difference=0.0).passed  # as rule.passes: a finite error passes
+    assert not ShardedCheck(config={}, comparisons=[overflowed]).passed
+
+
 # ----------------------------------------------------------------------------- torch
 
 def test_torch_tensors_and_autograd(rng):

@@ -75,7 +75,7 @@ class Comparison:
 
     @property
     def passed(self) -> bool:
-        return float(self.error) <= self.allowed  # False for NaN
+        return rule.passes(self.error, self.naive_error)
 
 
 @dataclass
