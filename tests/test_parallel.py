@@ -1069,6 +1069,33 @@ def test_ulysses_backward_names_the_local_shapes(odd_one, shape, rng):
             arrays["dout"], q, q, q, arrays["out"], arrays["lse"], comm=comm))
 
 
+@pytest.mark.parametrize("shapes, message", [
+    (((1, 4, 8, 8), (1, 6, 8, 8), (1, 6, 8, 8)),
+     "got 4 query heads (q (1, 4, 8, 8)) and 6 key/value heads (k (1, 6, 8, 8))"),
+    (((1, 2, 8, 8), (1, 2, 8, 4), (1, 2, 8, 8)),
+     "got q (1, 2, 8, 8) and k (1, 2, 8, 4)"),
+    (((1, 2, 8, 8), (1, 2, 8, 8), (1, 2, 6, 8)),
+     "got k (1, 2, 8, 8) and v (1, 2, 6, 8)"),
+    (((1, 2, 0, 8), (1, 2, 8, 8), (1, 2, 8, 8)),
+     "q must not have an empty axis, got shape (1, 2, 0, 8)")])
+@pytest.mark.parametrize("backward", [False, True])
+def test_ulysses_names_the_local_shapes_of_q_k_v(shapes, message, backward, rng):
+    """q, k and v that cuflash.attention refuses are refused with the shapes this rank passed
+    (the errors used to come after the all-to-alls, naming the head-sharded arrays the caller
+    never saw: "got 2 query heads ... and 3 key/value heads" for 4 and 6)."""
+    q, k, v = (random_array(rng, shape, F32) for shape in shapes)
+    dout = np.zeros(shapes[0][:-1] + shapes[2][-1:], F32)
+    lse = np.zeros(shapes[0][:-1], F32)
+
+    def rank(comm):
+        if backward:
+            return ulysses_attention_backward(dout, q, k, v, dout, lse, comm=comm)
+        return ulysses_attention(q, k, v, comm=comm)
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LocalRing(2, timeout=10).run(rank)
+
+
 def test_ring_attention_refuses_tensors_that_require_grad(rng):
     """ring_attention and ring_attention_backward on torch tensors return tensors without
     autograd history: a tensor that requires grad is refused while autograd records (its
