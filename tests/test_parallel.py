@@ -328,6 +328,21 @@ def test_merge_refuses_results_of_other_shapes(shapes):
         merge(*arrays)
 
 
+def test_merge_shard_and_unshard_refuse_what_is_not_an_array():
+    """A nested list (or a NumPy array beside a non-array) is refused by name with TypeError;
+    it used to fail with AttributeError ("'list' object has no attribute 'shape'")."""
+    x = np.zeros((2, 4), F32)
+    lse = np.zeros(2, F32)
+    with pytest.raises(TypeError, match="out_b must be a numpy.ndarray or cupy.ndarray, got list"):
+        merge(x, lse, x.tolist(), lse)
+    with pytest.raises(TypeError, match="x must be a NumPy or CuPy array or a torch tensor, "
+                                        "got list"):
+        shard(x.tolist(), 0, 2)
+    with pytest.raises(TypeError, match=re.escape("parts[1] must be a NumPy or CuPy array or a "
+                                                  "torch tensor, got list")):
+        unshard([x, x.tolist()], "contiguous")
+
+
 def test_ring_rows_that_see_nothing(rng):
     """A window that leaves whole query chunks with no key on most steps, and rows with no
     key at all (Nq > Nk, causal): out exactly 0 and lse −inf there, no NaN anywhere."""

@@ -91,6 +91,15 @@ def positions(n: int, rank: int, size: int, layout: str = "zigzag", *, xp=numpy)
     return parts[0] if len(parts) == 1 else xp.concatenate(parts)
 
 
+def _check_array(x, name: str):
+    """``x`` when it has what cutting and joining read (``shape``, ``ndim``); ``TypeError``
+    naming it otherwise."""
+    if not (hasattr(x, "shape") and hasattr(x, "ndim")):
+        raise TypeError(f"{name} must be a NumPy or CuPy array or a torch tensor, got "
+                        f"{type(x).__name__}")
+    return x
+
+
 def _axis(x, axis: int) -> int:
     ndim = x.ndim
     return _checks.check_int(axis, "axis", -ndim, ndim - 1) % ndim
@@ -105,7 +114,7 @@ def shard(x, rank: int, size: int, layout: str = "zigzag", *, axis: int = -2):
     own ``concatenate``/``cat``). ``ValueError`` when the length does not split evenly.
     """
     rank, size = _check_rank(rank, size)
-    axis = _axis(x, axis)
+    axis = _axis(_check_array(x, "x"), axis)
     n = x.shape[axis]
     n_local = check_length(n, size, layout)
     pieces = []
@@ -122,6 +131,8 @@ def unshard(parts: Sequence, layout: str = "zigzag", *, axis: int = -2):
     size = len(parts)
     if size == 0:
         raise ValueError("unshard needs the parts of at least one rank")
+    for r, part in enumerate(parts):
+        _check_array(part, f"parts[{r}]")
     axis = _axis(parts[0], axis)
     n_local = parts[0].shape[axis]
     for r, part in enumerate(parts):

@@ -51,9 +51,10 @@ def merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial attention results over disjoint key sets into one, in float32.
 
     ``out_*`` ``(..., N, Dv)`` (any float dtype), ``lse_*`` ``(..., N)``, of one shape on both
-    sides (``ValueError`` otherwise). Returns float32 ``(out, lse)``. Rows whose ``lse`` is −inf
+    sides (``ValueError`` otherwise), all NumPy or all CuPy arrays (``TypeError`` otherwise). Returns float32 ``(out, lse)``. Rows whose ``lse`` is −inf
     in both give out 0 and lse −inf.
     """
+    xp = _checks.common_module({"out_a": out_a, "lse_a": lse_a, "out_b": out_b, "lse_b": lse_b})
     shapes = [tuple(x.shape) for x in (out_a, lse_a, out_b, lse_b)]
     if not (shapes[0] == shapes[2] and shapes[1] == shapes[3] == shapes[0][:-1]):
         raise ValueError(
@@ -61,7 +62,6 @@ def merge(out_a, lse_a, out_b, lse_b):
             "Dv), lse_a and lse_b of that shape without its last axis; got "
             + ", ".join(f"{name} {shape}" for name, shape in
                         zip(("out_a", "lse_a", "out_b", "lse_b"), shapes)))
-    xp = array_module(out_a)
     out = xp.array(out_a, dtype=_F32, copy=True)
     lse = xp.array(lse_a, dtype=_F32, copy=True)
     _merge_into(xp, out, lse, out_b, lse_b)
