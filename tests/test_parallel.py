@@ -678,6 +678,28 @@ def test_check_sharded_forward_only_names_what_it_did():
     assert "simulated ring, every rank a thread of this process" in report
 
 
+def test_check_sharded_deadline_stops_the_rank_processes(tmp_path):
+    """Past its deadline (10 × timeout) the check raises TimeoutError with the rank processes
+    stopped; they used to keep running (and holding their GPUs) after the error, the launcher
+    left waiting for them in a thread of its own."""
+    from cuflash.parallel.check import _launch_with_deadline
+    from cuflash.parallel.launch import launch
+    pid_file = tmp_path / "pid"
+    command = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w')"
+                                     f".write(str(os.getpid())); time.sleep(60)"]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish within 3 s"):
+        _launch_with_deadline(launch, command, {"ranks": 1, "timeout": 0.3})
+    assert time.monotonic() - start < 30
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return  # stopped and reaped
+    os.kill(pid, 9)
+    raise AssertionError(f"rank process {pid} still ran after the deadline")
+
+
 def test_check_sharded_never_passes_an_infinite_error():
     """The check's verdict is the project's rule (cuflash.check.rule.passes): an infinite error
     fails even when the naive baseline overflowed too; check_sharded used to compare against

@@ -386,21 +386,19 @@ def _run_processes(config, q, k, v, dout):
 
 
 def _launch_with_deadline(launch, command, config):
-    import threading
-    result = {}
     # The processes import cuflash from where this process did, installed or not.
     root = os.path.dirname(os.path.dirname(os.path.abspath(cuflash.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [root, os.environ.get("PYTHONPATH")])))
-    thread = threading.Thread(target=lambda: result.setdefault(
-        "code", launch(command, config["ranks"], timeout=config["timeout"], env=env)),
-        daemon=True)
-    thread.start()
-    thread.join(10 * config["timeout"])
-    if thread.is_alive():
+    deadline = 10 * config["timeout"]
+    try:
+        # The launcher itself stops the processes at the deadline, so that none outlives
+        # the error.
+        return launch(command, config["ranks"], timeout=config["timeout"], env=env,
+                      deadline=deadline)
+    except TimeoutError:
         raise TimeoutError(f"the ring attention processes did not finish within "
-                           f"{10 * config['timeout']:g} s")
-    return result.get("code", 1)
+                           f"{deadline:g} s; they were stopped") from None
 
 
 def _compare(config, q, k, v, dout, sampled, shards, times) -> ShardedCheck:

@@ -43,9 +43,12 @@ def _free_port() -> int:
 def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int = 0,
            rdzv_dir: str | None = None, timeout: float | None = None, grace: float = 5.0,
            env: dict | None = None, master_addr: str | None = None,
-           master_port: int | None = None) -> int:
+           master_port: int | None = None, deadline: float | None = None) -> int:
     """Run ``command`` (an argv list, e.g. ``[sys.executable, "script.py"]``) in ``gpus``
     processes on this node; returns the exit code (0 when every process succeeded).
+
+    ``deadline``: seconds after which the processes still running are stopped and
+    ``TimeoutError`` is raised (``None``: wait as long as they run).
 
     ``master_addr`` and ``master_port``, when given, are the processes' ``MASTER_ADDR`` and
     ``MASTER_PORT``; otherwise those of the environment, else ``127.0.0.1`` and a free port."""
@@ -84,7 +87,7 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
         for local in range(gpus):
             child = dict(base, RANK=str(node_rank * gpus + local), LOCAL_RANK=str(local))
             processes.append(subprocess.Popen(list(command), env=child))
-        return _watch(processes, grace)
+        return _watch(processes, grace, deadline)
     except KeyboardInterrupt:
         _stop(processes, grace, signal.SIGINT)
         return 130
@@ -94,8 +97,10 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
             temporary.cleanup()
 
 
-def _watch(processes, grace: float) -> int:
-    """Wait for every process; on the first failure stop the others and return its code."""
+def _watch(processes, grace: float, deadline: float | None = None) -> int:
+    """Wait for every process; on the first failure stop the others and return its code.
+    Past ``deadline`` seconds, ``TimeoutError`` (the caller stops the processes)."""
+    end = None if deadline is None else time.monotonic() + deadline
     while True:
         running = False
         for rank, p in enumerate(processes):
@@ -112,6 +117,8 @@ def _watch(processes, grace: float) -> int:
                 return code
         if not running:
             return 0
+        if end is not None and time.monotonic() > end:
+            raise TimeoutError(f"the processes did not finish within {deadline:g} s")
         time.sleep(0.05)
 
 
