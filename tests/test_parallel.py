@@ -870,6 +870,17 @@ def test_launcher_stops_every_rank_when_one_fails(tmp_path):
     assert time.monotonic() - start < 30
 
 
+def test_launcher_exit_status_of_a_rank_killed_by_a_signal(tmp_path):
+    """A rank killed by a signal makes the launcher exit as a shell reports such a process,
+    128 + the signal (137 for SIGKILL); it used to pass Popen's -9 to sys.exit, which the shell
+    saw as 247."""
+    script = tmp_path / "script.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "2",
+                             str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 137, (result.returncode, result.stderr)
+
+
 def test_launcher_command_line_errors():
     result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "0",
                              "x.py"], capture_output=True, text=True, timeout=60)

@@ -12,8 +12,8 @@ unique id and the others read it (``NcclComm.from_env()`` does both). ``LOCAL_RA
 the process should use (``from_env`` selects it).
 
 When a process exits with an error, the launcher stops the others (SIGTERM, then SIGKILL after
-``--grace`` seconds) and exits with that process's code, so one failing rank never leaves the
-others waiting. ``--timeout`` sets ``CUFLASH_COMM_TIMEOUT``, the communicators' wait limit.
+``--grace`` seconds) and exits with that process's code (128 + N for one killed by signal N), so
+one failing rank never leaves the others waiting. ``--timeout`` sets ``CUFLASH_COMM_TIMEOUT``, the communicators' wait limit.
 
 Several nodes: run the launcher on every node with ``--nnodes``, ``--node-rank`` and
 ``--rdzv-dir`` (a fresh directory on a file system every node sees).
@@ -168,13 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [sys.executable] + (["-m", options.target] if options.module
                                   else [options.target]) + list(options.args)
     try:
-        return launch(command, options.gpus, nnodes=options.nnodes,
+        code = launch(command, options.gpus, nnodes=options.nnodes,
                       node_rank=options.node_rank, rdzv_dir=options.rdzv_dir,
                       timeout=options.timeout, grace=options.grace,
                       master_addr=options.master_addr, master_port=options.master_port)
     except ValueError as error:
         parser.error(str(error))
         return 2
+    # A process killed by signal N has the code -N; sys.exit(-N) would exit with 256 - N, where
+    # shells report such a process as 128 + N.
+    return 128 - code if code < 0 else code
 
 
 if __name__ == "__main__":
