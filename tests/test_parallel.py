@@ -1319,3 +1319,22 @@ def test_torch_and_numpy_arrays_do_not_mix(rng):
     with pytest.raises(TypeError, match="lse must be a torch.Tensor, got ndarray"):
         LocalRing(2, timeout=10).run(lambda comm: ring_attention_backward(
             t, t, t, t, t, lse.numpy(), comm=comm))
+
+
+def test_launcher_on_several_nodes_makes_up_no_master_address(tmp_path):
+    """On several nodes each launcher would pick its own free port and name 127.0.0.1, so that
+    torch.distributed's ranks could never meet: what is not given is left unset there; given
+    values still pass through."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("MASTER_ADDR", "MASTER_PORT")}
+    body = f"""
+        import os
+        with open(os.path.join({str(tmp_path)!r}, "master" + os.environ["RANK"]), "w") as f:
+            f.write(repr((os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))))
+        """
+    rdzv = str(tmp_path / "rdzv")
+    assert _launch(tmp_path, body, 1, nnodes=2, node_rank=1, rdzv_dir=rdzv, env=env) == 0
+    assert (tmp_path / "master1").read_text() == repr((None, None))
+    assert _launch(tmp_path, body, 1, nnodes=2, node_rank=0, rdzv_dir=rdzv, env=env,
+                   master_addr="10.0.0.7", master_port=29511) == 0
+    assert (tmp_path / "master0").read_text() == repr(("10.0.0.7", "29511"))

@@ -51,7 +51,8 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     ``TimeoutError`` is raised (``None``: wait as long as they run).
 
     ``master_addr`` and ``master_port``, when given, are the processes' ``MASTER_ADDR`` and
-    ``MASTER_PORT``; otherwise those of the environment, else ``127.0.0.1`` and a free port."""
+    ``MASTER_PORT``; otherwise those of the environment, else ``127.0.0.1`` and a free port on
+    one node, and unset on several (``_master``)."""
     gpus, nnodes, node_rank = int(gpus), int(nnodes), int(node_rank)
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
@@ -77,9 +78,8 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
         "WORLD_SIZE": str(gpus * nnodes),
         "LOCAL_WORLD_SIZE": str(gpus),
         "CUFLASH_NCCL_ID_FILE": id_file,
-        "MASTER_ADDR": master_addr or base.get("MASTER_ADDR") or "127.0.0.1",
-        "MASTER_PORT": str(master_port or base.get("MASTER_PORT") or _free_port()),
     })
+    base.update(_master(base, master_addr, master_port, nnodes))
     if timeout is not None:
         base["CUFLASH_COMM_TIMEOUT"] = str(timeout)
     processes = []
@@ -95,6 +95,18 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
         _stop(processes, grace)
         if temporary is not None:
             temporary.cleanup()
+
+
+def _master(env: dict, master_addr: str | None, master_port: int | None, nnodes: int) -> dict:
+    """``MASTER_ADDR`` and ``MASTER_PORT`` for the processes: those given, else the
+    environment's, else, on one node, 127.0.0.1 and a free port. On several nodes each launcher
+    would make up a different port and name itself: the ranks of ``torch.distributed`` would
+    never meet, so what is not given is left unset (its initialisation then says what is
+    missing)."""
+    addr = master_addr or env.get("MASTER_ADDR") or (None if nnodes > 1 else "127.0.0.1")
+    port = master_port or env.get("MASTER_PORT") or (None if nnodes > 1 else _free_port())
+    return {name: str(value) for name, value in (("MASTER_ADDR", addr), ("MASTER_PORT", port))
+            if value is not None}
 
 
 def _watch(processes, grace: float, deadline: float | None = None) -> int:
@@ -151,10 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "a fresh temporary directory)")
     parser.add_argument("--master-addr", default=None,
                         help="MASTER_ADDR for torch.distributed (default: MASTER_ADDR of the "
-                             "environment, else 127.0.0.1)")
+                             "environment, else 127.0.0.1 on one node, unset on several)")
     parser.add_argument("--master-port", type=int, default=None,
                         help="MASTER_PORT for torch.distributed (default: MASTER_PORT of the "
-                             "environment, else a free port)")
+                             "environment, else a free port on one node, unset on several)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="communication timeout in seconds, 0 for none "
                              "(CUFLASH_COMM_TIMEOUT)")
