@@ -365,7 +365,12 @@ def copy_to_device(host, stream):
     staged = cupyx.empty_pinned(host.shape, host.dtype)
     staged[...] = host
     array = new_array(host.shape, host.dtype)
-    array.set(staged, stream)
+    if array.nbytes:
+        # The runtime's copy, not ndarray.set: CuPy refuses host-to-device copies while the
+        # stream captures, though a copy from pinned memory is a valid graph node.
+        runtime = cupy_module().cuda.runtime
+        runtime.memcpyAsync(array.data.ptr, staged.ctypes.data, array.nbytes,
+                            runtime.memcpyHostToDevice, stream.ptr)
     return array, staged
 
 
