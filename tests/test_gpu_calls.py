@@ -138,18 +138,26 @@ def test_cached_calls_write_given_gradients(xp_gpu, rng, seed, hkv):
     assert_backward_close(grads, dout, q, k, v, causal=True, context=f"seed={seed}")
 
 
+def _captured(xp, run):
+    """``(stream, expected, captured, graph)``: on a new side stream, ``run()``'s eager results,
+    then its results and graph from a capture of a second call."""
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        expected = run()
+        stream.synchronize()
+        stream.begin_capture()
+        captured = run()
+        graph = stream.end_capture()
+    return stream, expected, captured, graph
+
+
 def _capture_and_replay(xp, run, inputs, rng):
     """Capture ``run()`` (which returns its results) on a side stream after one call outside the
     capture, replay it into NaN-poisoned results and again after new values are written into
     ``inputs``; each replay must give ``run()``'s eager results bit for bit. Returns the captured
     results, as the last replay left them."""
-    stream = xp.cuda.Stream(non_blocking=True)
+    stream, _, captured, graph = _captured(xp, run)  # the first call compiles and caches
     with stream:
-        run()  # compiles and caches outside the capture
-        stream.synchronize()
-        stream.begin_capture()
-        captured = run()
-        graph = stream.end_capture()
         for x in captured:
             x.fill(np.nan)
         graph.launch()
@@ -229,13 +237,8 @@ def test_uncached_calls_keep_their_buffers_for_a_captured_graph(xp_gpu, rng):
         out, lse = cuflash.attention(q_odd, k, v, causal=True, return_lse=True)
         return (out, lse) + tuple(cuflash.attention_backward(dout, q_odd, k, v, out, lse, **options))
 
-    stream = xp.cuda.Stream(non_blocking=True)
+    stream, expected, captured, graph = _captured(xp, run)
     with stream:
-        expected = run()
-        stream.synchronize()
-        stream.begin_capture()
-        captured = run()
-        graph = stream.end_capture()
         for x in captured:
             x.fill(np.nan)
         # Blocks of the sizes the calls let go, filled with a marker: a bfloat16 (B, H, N, D)
@@ -294,13 +297,8 @@ def test_graph_capture_replays_packed_sequences_with_numpy_offsets(xp_gpu, rng, 
                                                   deterministic=True)
         return (out, lse, *grads)
 
-    stream = xp.cuda.Stream(non_blocking=True)
+    stream, expected, captured, graph = _captured(xp, run)
     with stream:
-        expected = run()
-        stream.synchronize()
-        stream.begin_capture()
-        captured = run()
-        graph = stream.end_capture()
         stream.synchronize()
         others = [cupyx.empty_pinned(cu.shape, cu.dtype) for _ in range(64)]
         for other in others:
