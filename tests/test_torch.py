@@ -689,6 +689,20 @@ def test_meta_tensors_meet_the_operators():
     assert packed.grad.device == meta and packed.grad.shape == packed.shape
 
 
+def test_return_attn_probs_on_meta_tensors_is_refused_by_name():
+    """S_dmask is formed on the CPU from the values of q, k and v, which meta tensors do not
+    hold: a ValueError naming it before the forward runs (docs/torch.md), not torch's
+    NotImplementedError about copying out of a meta tensor after it."""
+    meta = torch.device("meta")
+    q, k, v = (randn(2, 9, 4, 8).to(meta) for _ in range(3))
+    with pytest.raises(ValueError, match="^return_attn_probs=True: .* meta tensors"):
+        ct.flash_attn_func(q, k, v, return_attn_probs=True)
+    packed = randn(10, 3, 2, 8).to(meta)
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32, device=meta)
+    with pytest.raises(ValueError, match="^return_attn_probs=True: .* meta tensors"):
+        ct.flash_attn_varlen_qkvpacked_func(packed, cu_seqlens, 6, return_attn_probs=True)
+
+
 @pytest.mark.parametrize("path", ["eager", "operators"])
 def test_second_derivative_is_refused(monkeypatch, path):
     """No double backward, eager or through the operators: a gradient recorded with

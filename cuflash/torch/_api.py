@@ -290,8 +290,11 @@ def _checked_return_attn_probs(return_attn_probs, device) -> bool:
     """``return_attn_probs`` as a bool, checked by the core's rule (``"False"`` is refused, not
     read as True). ``return_attn_probs=True`` reads the inputs (and the dropout seed) back to the
     host: a RuntimeError while a CUDA graph captures, before the forward, rather than a capture
-    broken by the copy."""
+    broken by the copy; a ValueError for meta tensors, which hold no values to read."""
     return_attn_probs = _checks.check_bool(return_attn_probs, "return_attn_probs")
+    if return_attn_probs and device.type == "meta":
+        raise ValueError("return_attn_probs=True: S_dmask is formed on the CPU from the "
+                         "inputs' values, which meta tensors do not hold")
     if return_attn_probs and _ops.graph_capturing(device):
         raise RuntimeError("return_attn_probs=True cannot be captured in a CUDA graph: S_dmask "
                            "is formed on the CPU from the inputs read back from the device")
