@@ -1147,6 +1147,24 @@ def test_dense_packed_errors_name_the_packed_tensors():
         ct.flash_attn_kvpacked_func(q, randn(2, 6, 2, 3, 8).half())
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_tensors_meet_the_cores_dtype_rule(dtype):
+    """float8 tensors, which NumPy knows only through ml_dtypes, are refused by the core's dtype
+    rule naming the argument, as float64 ones are, not by torch's 'Got unsupported ScalarType'
+    when they cross to NumPy."""
+    x = torch.zeros(2, 5, 4, 8, dtype=dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(TypeError, match=rf"^q has dtype {name}; supported dtypes are"):
+        ct.attention(x, x, x)
+    with pytest.raises(TypeError, match=rf"^qkv\[:, :, 0\] has dtype {name}"):
+        ct.flash_attn_qkvpacked_func(torch.zeros(2, 5, 3, 4, 8, dtype=dtype))
+    offsets = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(TypeError, match=rf"^q has dtype {name}"):
+        ct.flash_attn_varlen_func(x[0], x[0], x[0], offsets, offsets, 5, 5)
+    with pytest.raises(TypeError, match=rf"^q has dtype {name}"):
+        ct.flash_attn_with_kvcache(x, x, x)
+
+
 @pytest.mark.parametrize("shapes, match", [
     (((2, 4, 5, 8), (3, 4, 6, 8), (3, 4, 6, 8)),
      r"^the leading axes of q, k and v must broadcast together, got q \(2, 4, 5, 8\), "

@@ -1,7 +1,7 @@
 """Tensors to arrays and back, without copies, on torch's stream and torch's memory.
 
-CPU tensors become NumPy views (``Tensor.numpy()``; bfloat16 through an int16 bit-cast, since
-NumPy knows bfloat16 only as ``ml_dtypes.bfloat16``). CUDA tensors become CuPy views of their
+CPU tensors become NumPy views (``Tensor.numpy()``; bfloat16 and float8 through an integer
+bit-cast, since NumPy knows them only as ``ml_dtypes`` types). CUDA tensors become CuPy views of their
 memory (``to_cupy``), through DLPack for dtypes without a CuPy twin here. Inside ``cuda_scope``
 CuPy runs on torch's current stream and every CuPy allocation
 (results cuflash allocates itself, scratch buffers of the kernels) is a ``torch.empty`` buffer, so
@@ -28,6 +28,14 @@ _NUMPY_OF_TORCH = {
 }
 _TORCH_OF_NUMPY = {v: k for k, v in _NUMPY_OF_TORCH.items()}
 
+# CPU tensors of these dtypes cross to NumPy as a bit-cast: (torch dtype of the same size, the
+# ml_dtypes type). cuflash computes in no float8 type, but as arrays of their own dtype they meet
+# the core's dtype rule, which names the argument, rather than torch's refusal to convert them.
+_BIT_CASTS = {torch.bfloat16: (torch.int16, _BF16), **{
+    getattr(torch, name): (torch.uint8, numpy.dtype(getattr(ml_dtypes, name)))
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+    if hasattr(torch, name) and hasattr(ml_dtypes, name)}}
+
 
 def torch_dtype(dtype) -> torch.dtype:
     dtype = numpy.dtype(dtype)
@@ -42,8 +50,9 @@ def torch_dtype(dtype) -> torch.dtype:
 def to_numpy(t: torch.Tensor) -> numpy.ndarray:
     """A NumPy view of a CPU tensor (no copy, any strides)."""
     t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(_BF16)
+    cast = _BIT_CASTS.get(t.dtype)
+    if cast is not None:
+        return t.view(cast[0]).numpy().view(cast[1])
     return t.numpy()
 
 
