@@ -37,8 +37,8 @@ REFERENCE_SCORES = 2**25
 
 
 def sample_rows(n: int, count: int | None, seed: int) -> numpy.ndarray:
-    """Sorted query rows to check: the first, the last, and random others; all when ``count`` is
-    None or at least ``n``."""
+    """Sorted query rows to check: the first, the last (from ``count`` 2 on), and random others;
+    all when ``count`` is None or at least ``n``."""
     if count is None or count >= n:
         return numpy.arange(n)
     rng = numpy.random.default_rng([seed, 4])
