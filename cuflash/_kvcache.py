@@ -406,16 +406,20 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
     rows = None if spec.cache_batch_idx is None else xp.ascontiguousarray(spec.cache_batch_idx)
     leftpad = None if spec.leftpad is None else xp.ascontiguousarray(spec.leftpad)
     temporaries = [before, table, rows, leftpad, spec.alibi, q]
+    # (the kernel writes out through its strides in whole elements)
+    target = out if _checks.kernel_ready(out) else xp.empty(spec.out_shape, spec.dtype)
+    options = dict(appended=spec.s_new, scale=spec.scale, causal=spec.causal, window=spec.window,
+                   softcap=spec.softcap, alibi=spec.alibi, block_table=table,
+                   num_splits=spec.num_splits)
     if k is not None:
+        # The attention's launch is prepared before the append: a call it refuses (a split
+        # count past one launch) must not have written the caches.
+        decode.prepare(q, k_cache, v_cache, target, **options)
         k, v = _checks.kernel_readable(k), _checks.kernel_readable(v)
         temporaries += [k, v]
         decode.append(k, v, k_cache, v_cache, before, block_table=table, cache_batch_idx=rows)
-    # (the kernel writes out through its strides in whole elements)
-    target = out if _checks.kernel_ready(out) else xp.empty(spec.out_shape, spec.dtype)
-    decode.forward(q, k_cache, v_cache, before, target, lse, appended=spec.s_new, scale=spec.scale,
-                   causal=spec.causal, window=spec.window, softcap=spec.softcap, alibi=spec.alibi,
-                   block_table=table, cache_batch_idx=rows, cache_leftpad=leftpad,
-                   num_splits=spec.num_splits)
+    decode.forward(q, k_cache, v_cache, before, target, lse, cache_batch_idx=rows,
+                   cache_leftpad=leftpad, **options)
     if target is not out:
         out[...] = target
     if xp is not numpy and _calls.stream_capturing():  # a replayed graph reuses these buffers

@@ -510,6 +510,9 @@ class FakeDecode:
     def __init__(self):
         self.calls = []
 
+    def prepare(self, q, k_cache, v_cache, out, **options):
+        pass  # nothing to refuse
+
     def why_not(self, q, k_cache, v_cache, block_table=None):
         return None
 
@@ -709,6 +712,29 @@ def test_decode_split_counts_past_one_launch_are_refused_as_such(monkeypatch, nu
         with pytest.raises(ValueError, match="problem too large for one launch of the decode kernel"):
             cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=cupy.empty((1,), np.int32),
                                            num_splits=num_splits)
+    finally:
+        decode._prepared.cache_clear()
+    assert not device.take_launches()
+
+
+def test_a_split_count_past_one_launch_is_refused_before_the_append(monkeypatch):
+    """The append runs before the attention, whose launch refuses a split count past one
+    launch: the refusal comes before the append is launched, so the caches keep what they held
+    (through a fake device)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import decode
+
+    device = FakeDevice(monkeypatch)
+    q = cupy.empty((1, 1, 2, 64), np.float16)
+    k_cache, v_cache = (cupy.empty((1, 256, 1, 64), np.float16) for _ in range(2))
+    k, v = (cupy.empty((1, 1, 1, 64), np.float16) for _ in range(2))
+    decode._prepared.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="problem too large for one launch of the decode kernel"):
+            cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v,
+                                           cache_seqlens=cupy.empty((1,), np.int32), num_splits=2**31)
     finally:
         decode._prepared.cache_clear()
     assert not device.take_launches()

@@ -300,6 +300,17 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
                         combine, splits, rows, dv)
 
 
+def prepare(q, k_cache, v_cache, out, *, appended: int = 0, scale: float, causal: bool, window,
+            softcap: float, alibi, block_table=None, num_splits: int = 0) -> DecodeLaunch:
+    """The launch ``forward`` makes for the layouts of these arrays and these options, prepared
+    once (later calls find it ready). Whatever refuses the call before a kernel runs (a grid too
+    large for one launch) refuses it here: a caller that appends first prepares first, so that a
+    refused call has not written the caches."""
+    layouts = (_layout(q), _layout(k_cache), _layout(v_cache), _layout(out), _layout(block_table))
+    return _prepared(layouts, q.device.id, int(appended), float(scale), bool(causal), tuple(window),
+                     float(softcap), alibi is not None, int(num_splits))
+
+
 def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, scale: float, causal: bool,
             window, softcap: float, alibi, block_table=None, cache_batch_idx=None, cache_leftpad=None,
             num_splits: int = 0) -> int:
@@ -310,9 +321,9 @@ def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, 
     whose cache_leftpad lies outside [0, cache_seqlens[b]], gets NaN output and lse. Returns the
     split count used. The launch is prepared once per layout and options; later calls only fill
     in the pointers."""
-    layouts = (_layout(q), _layout(k_cache), _layout(v_cache), _layout(out), _layout(block_table))
-    launch = _prepared(layouts, q.device.id, int(appended), float(scale), bool(causal), tuple(window),
-                       float(softcap), alibi is not None, int(num_splits))
+    launch = prepare(q, k_cache, v_cache, out, appended=appended, scale=scale, causal=causal,
+                     window=window, softcap=softcap, alibi=alibi, block_table=block_table,
+                     num_splits=num_splits)
     launch(q, k_cache, v_cache, cache_seqlens, out, lse, alibi, block_table, cache_batch_idx, cache_leftpad)
     return launch.splits
 
@@ -394,6 +405,6 @@ def main_variants() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["why_not", "forward", "append", "capacity_of", "choose_splits", "chosen_num_splits", "stages_for",
+__all__ = ["why_not", "prepare", "forward", "append", "capacity_of", "choose_splits", "chosen_num_splits", "stages_for",
            "variant", "main_variants",
            "DECODE_ARGS", "APPEND_ARGS"]
