@@ -511,7 +511,10 @@ class FakeDecode:
         self.calls = []
 
     def prepare(self, q, k_cache, v_cache, out, **options):
-        pass  # nothing to refuse
+        return self  # nothing to refuse
+
+    def workspace(self):
+        return None
 
     def why_not(self, q, k_cache, v_cache, block_table=None):
         return None
@@ -531,7 +534,7 @@ class FakeDecode:
 
     def forward(self, q, k_cache, v_cache, cache_seqlens, out, lse, *, appended, scale, causal, window,
                 softcap, alibi, block_table=None, cache_batch_idx=None, cache_leftpad=None,
-                num_splits=0):
+                num_splits=0, workspace=None):
         self.calls.append(("forward", cache_seqlens.copy(), dict(appended=appended, scale=scale,
                                                                  causal=causal, window=window,
                                                                  softcap=softcap,
@@ -735,6 +738,34 @@ def test_a_split_count_past_one_launch_is_refused_before_the_append(monkeypatch)
         with pytest.raises(ValueError, match="problem too large for one launch of the decode kernel"):
             cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v,
                                            cache_seqlens=cupy.empty((1,), np.int32), num_splits=2**31)
+    finally:
+        decode._prepared.cache_clear()
+    assert not device.take_launches()
+
+
+def test_no_memory_for_the_splits_is_found_before_the_append(monkeypatch):
+    """With key splits the attention needs a workspace for their partial outputs: when its
+    allocation fails, the call fails before the append is launched, so the caches keep what
+    they held (through a fake device)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch, decode
+
+    device = FakeDevice(monkeypatch)
+
+    def no_memory(nbytes):
+        raise MemoryError(f"out of memory allocating {nbytes} bytes")
+
+    monkeypatch.setattr(_launch, "device_memory", no_memory)
+    q = cupy.empty((1, 1, 2, 64), np.float16)
+    k_cache, v_cache = (cupy.empty((1, 4096, 1, 64), np.float16) for _ in range(2))
+    k, v = (cupy.empty((1, 1, 1, 64), np.float16) for _ in range(2))
+    decode._prepared.cache_clear()
+    try:
+        with pytest.raises(MemoryError, match="out of memory"):
+            cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v,
+                                           cache_seqlens=cupy.empty((1,), np.int32), num_splits=4)
     finally:
         decode._prepared.cache_clear()
     assert not device.take_launches()

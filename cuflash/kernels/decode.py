@@ -217,10 +217,18 @@ class DecodeLaunch:
     rows: int  # batch rows × query heads × query positions
     dv: int
 
-    def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx, leftpad) -> None:
-        work, o_part, lse_part = None, 0, 0
+    def workspace(self):
+        """The splits' partial outputs and lse (float32), or None with one split."""
+        if self.splits == 1:
+            return None
+        return _launch.device_memory(4 * self.splits * self.rows * (self.dv + 1))
+
+    def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx, leftpad,
+                 work=None) -> None:
+        """``work``: ``workspace()`` allocated by the caller beforehand, or None to allocate it here."""
+        o_part, lse_part = 0, 0
         if self.splits > 1:
-            work = _launch.device_memory(4 * self.splits * self.rows * (self.dv + 1))
+            work = self.workspace() if work is None else work
             o_part, lse_part = work.ptr, work.ptr + self.splits * self.rows * self.dv * 4
         pointers = tuple(x if isinstance(x, int) else pointer(x) for x in (
             q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, batch_idx, alibi, leftpad))
@@ -304,8 +312,8 @@ def prepare(q, k_cache, v_cache, out, *, appended: int = 0, scale: float, causal
             softcap: float, alibi, block_table=None, num_splits: int = 0) -> DecodeLaunch:
     """The launch ``forward`` makes for the layouts of these arrays and these options, prepared
     once (later calls find it ready). Whatever refuses the call before a kernel runs (a grid too
-    large for one launch) refuses it here: a caller that appends first prepares first, so that a
-    refused call has not written the caches."""
+    large for one launch) refuses it here: a caller that appends first prepares first, and
+    allocates its ``workspace()``, so that a refused call has not written the caches."""
     layouts = (_layout(q), _layout(k_cache), _layout(v_cache), _layout(out), _layout(block_table))
     return _prepared(layouts, q.device.id, int(appended), float(scale), bool(causal), tuple(window),
                      float(softcap), alibi is not None, int(num_splits))
@@ -313,18 +321,20 @@ def prepare(q, k_cache, v_cache, out, *, appended: int = 0, scale: float, causal
 
 def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, scale: float, causal: bool,
             window, softcap: float, alibi, block_table=None, cache_batch_idx=None, cache_leftpad=None,
-            num_splits: int = 0) -> int:
+            num_splits: int = 0, workspace=None) -> int:
     """out, lse ← attention of q (B, Sq, Hq, D) over the first cache_seqlens[b] + appended keys
     of each batch row's cache (cache_seqlens: int32 (B,) on the device, the lengths before
     ``appended`` keys were added), from position cache_leftpad[b] on (int32 (B,), contiguous
     caches only; None: from 0); a row whose length lies outside [0, capacity − appended], or
     whose cache_leftpad lies outside [0, cache_seqlens[b]], gets NaN output and lse. Returns the
     split count used. The launch is prepared once per layout and options; later calls only fill
-    in the pointers."""
+    in the pointers. ``workspace``: the prepared launch's ``workspace()`` where the caller
+    allocated it beforehand (None: allocated here)."""
     launch = prepare(q, k_cache, v_cache, out, appended=appended, scale=scale, causal=causal,
                      window=window, softcap=softcap, alibi=alibi, block_table=block_table,
                      num_splits=num_splits)
-    launch(q, k_cache, v_cache, cache_seqlens, out, lse, alibi, block_table, cache_batch_idx, cache_leftpad)
+    launch(q, k_cache, v_cache, cache_seqlens, out, lse, alibi, block_table, cache_batch_idx, cache_leftpad,
+           workspace)
     return launch.splits
 
 
