@@ -154,10 +154,7 @@ class _Options:
         self.nq_local, self.nk_local = q.shape[-2], k.shape[-2]
         if _checks.check_bool(validate, "validate"):
             self._validate(q, k, v, backward)
-        # What cuflash.attention refuses, refused before any step (after the comparison of the
-        # ranks' calls, so that every rank fails alike): empty axes, heads, dtypes.
-        _checks.attention_shapes(q, k, v)
-        _checks.check_dtypes({"q": q, "k": k, "v": v})
+        check_inputs(q, k, v)
         size = comm.size
         for what, n_local in (("query", self.nq_local), ("key", self.nk_local)):
             if self.layout == "zigzag" and n_local % 2:
@@ -215,6 +212,15 @@ def _out_shape(q, k, v) -> tuple:
     lead = [x.shape[:-3] if x.ndim >= 3 else () for x in (q, k, v)]
     hq = q.shape[-3] if q.ndim >= 3 else 1
     return tuple(numpy.broadcast_shapes(*lead)) + (hq, q.shape[-2], v.shape[-1])
+
+
+def check_inputs(q, k, v) -> None:
+    """What ``cuflash.attention`` refuses in q, k, v (empty axes, heads, dtypes), refused with
+    the shapes this rank passed: called after the comparison of the ranks' calls, so that every
+    rank fails alike, and before any step or all-to-all, past which the errors would name arrays
+    the caller never saw."""
+    _checks.attention_shapes(q, k, v)
+    _checks.check_dtypes({"q": q, "k": k, "v": v})
 
 
 def check_backward_arrays(dout, q, k, v, out, lse) -> None:

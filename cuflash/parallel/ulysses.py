@@ -22,7 +22,7 @@ from cuflash import _checks
 
 from . import layout as _layout
 from .comm import array_module, check_comm
-from .ring import _host, array_values, check_backward_arrays, check_same_call, code
+from .ring import _host, array_values, check_backward_arrays, check_inputs, check_same_call, code
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
@@ -41,14 +41,6 @@ def _check(comm, q, k, v, layout):
         raise ValueError(f"ulysses attention splits the heads over the P = {size} ranks: Hq = "
                          f"{hq} and Hkv = {hkv} must both be multiples of {size}; use "
                          f"ring_attention otherwise")
-
-
-def _check_inputs(q, k, v):
-    """What ``cuflash.attention`` refuses in q, k, v, refused with the shapes this rank passed
-    (after the comparison of the ranks' calls, so that every rank fails alike): past the
-    all-to-alls its errors would name head-sharded arrays the caller never saw."""
-    _checks.attention_shapes(q, k, v)
-    _checks.check_dtypes({"q": q, "k": k, "v": v})
 
 
 def _validate(comm, arrays: dict, *, layout, causal, window, softcap, scale, alibi_slopes,
@@ -127,7 +119,7 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     if _checks.check_bool(validate, "validate"):
         _validate(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal, window=window,
                   softcap=softcap, scale=scale, alibi_slopes=alibi_slopes)
-    _check_inputs(q, k, v)
+    check_inputs(q, k, v)
     qh, kh, vh = (_to_heads(x, comm, layout) for x in (q, k, v))
     out, lse = cuflash.attention(qh, kh, vh, causal=causal, window=window, softcap=softcap,
                                  scale=scale, alibi_slopes=slopes, return_lse=True)
@@ -151,7 +143,7 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                   layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
                   alibi_slopes=alibi_slopes,
                   deterministic=_checks.check_bool(deterministic, "deterministic"))
-    _check_inputs(q, k, v)
+    check_inputs(q, k, v)
     check_backward_arrays(dout, q, k, v, out, lse)
     qh, kh, vh, douth, outh = (_to_heads(x, comm, layout) for x in (q, k, v, dout, out))
     lseh = _to_heads(lse, comm, layout, seq_axis=-1)
