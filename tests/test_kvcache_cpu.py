@@ -771,6 +771,43 @@ def test_no_memory_for_the_splits_is_found_before_the_append(monkeypatch):
     assert not device.take_launches()
 
 
+def test_an_appending_split_call_hands_its_early_workspace_to_the_splits(monkeypatch):
+    """With key splits and k, v appended, the splits' workspace is allocated before the append
+    is launched, once, and it is the memory the decode kernel writes its partials to (through a
+    fake device)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch, decode
+
+    device = FakeDevice(monkeypatch)
+    allocate, allocations = _launch.device_memory, []
+
+    def recorded(nbytes):
+        memory = allocate(nbytes)
+        allocations.append((len(device.launches), nbytes, memory.ptr))
+        return memory
+
+    monkeypatch.setattr(_launch, "device_memory", recorded)
+    b, hq, hkv, d, splits = 2, 4, 2, 64, 4
+    q = cupy.empty((b, 1, hq, d), np.float16)
+    k_cache, v_cache = (cupy.empty((b, 4096, hkv, d), np.float16) for _ in range(2))
+    k, v = (cupy.empty((b, 1, hkv, d), np.float16) for _ in range(2))
+    decode._prepared.cache_clear()
+    try:
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v,
+                                       cache_seqlens=cupy.empty((b,), np.int32), num_splits=splits)
+    finally:
+        decode._prepared.cache_clear()
+    names = [launch[0].partition("<")[0] for launch in device.take_launches()]
+    assert names == ["kv_append", "flash_decode", "decode_combine"], names
+    rows = b * hq  # batch rows × query heads × one query position
+    ((launches_before, nbytes, ptr),) = allocations
+    assert launches_before == 0 and nbytes == 4 * splits * rows * (d + 1)
+    args = np.frombuffer(device.parameters[1][0], decode.DECODE_ARGS)[0]
+    assert int(args["o_part"]) == ptr and int(args["splits"]) == splits
+
+
 @pytest.mark.parametrize("given_out", [False, True], ids=["new out", "out="])
 def test_a_captured_decode_call_frees_its_buffers_with_its_output(monkeypatch, given_out):
     """Under a CUDA graph capture the decode route keeps what its kernels write (the lse, the
