@@ -132,7 +132,7 @@ def split_count(q, k, v, seqlens) -> str:
         chosen = getattr(decode, "chosen_num_splits", None)
         if chosen is None:
             return "n/a"
-        return str(chosen(q, k, v, seqlens, paged=False))
+        return str(chosen(q, k, v, seqlens))
     except Exception as error:
         return f"n/a ({short_error(error, 60)})"
 

@@ -771,6 +771,39 @@ def test_no_memory_for_the_splits_is_found_before_the_append(monkeypatch):
     assert not device.take_launches()
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_chosen_num_splits_reports_the_count_a_launch_takes(monkeypatch, paged):
+    """``decode.chosen_num_splits`` reports the split count of the launch ``forward`` prepares
+    for the same arrays, paged caches included (whose capacity is pages per row × page size,
+    not one page; through a fake device)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import decode
+
+    FakeDevice(monkeypatch)
+    # an H100's SMs and shared memory per SM (the split count's occupancy)
+    monkeypatch.setattr(decode, "sm_count", lambda device_id: 132)
+    monkeypatch.setattr(decode, "resident_blocks", lambda device_id, shared: 228 * 1024 // (shared + 1024))
+    b, hq, hkv, d = 2, 8, 2, 64
+    q = cupy.empty((b, 1, hq, d), np.float16)
+    if paged:
+        k_cache, v_cache = (cupy.empty((64, 256, hkv, d), np.float16) for _ in range(2))
+        table = cupy.empty((b, 32), np.int32)
+    else:
+        k_cache, v_cache = (cupy.empty((b, 8192, hkv, d), np.float16) for _ in range(2))
+        table = None
+    out = cupy.empty((b, 1, hq, d), np.float16)
+    decode._prepared.cache_clear()
+    try:
+        launch = decode.prepare(q, k_cache, v_cache, out, scale=0.125, causal=False,
+                                window=(-1, -1), softcap=0.0, alibi=None, block_table=table)
+        assert launch.splits > 1
+        assert decode.chosen_num_splits(q, k_cache, v_cache, block_table=table) == launch.splits
+    finally:
+        decode._prepared.cache_clear()
+
+
 def test_an_appending_split_call_hands_its_early_workspace_to_the_splits(monkeypatch):
     """With key splits and k, v appended, the splits' workspace is allocated before the append
     is launched, once, and it is the memory the decode kernel writes its partials to (through a

@@ -161,12 +161,14 @@ class Geometry:
                              sm_count(device_id) * resident_blocks(device_id, self.shared))
 
 
-def chosen_num_splits(q, k_cache, v_cache, seqlens=None, *, paged: bool = False, block_table=None) -> int:
-    """The split count ``forward`` picks with ``num_splits=0`` for these arrays (the capacity
-    of the cache decides, not ``seqlens``: the lengths stay on the device)."""
+def chosen_num_splits(q, k_cache, v_cache, seqlens=None, *, block_table=None) -> int:
+    """The split count ``forward`` picks with ``num_splits=0`` for these arrays, paged where a
+    ``block_table`` is given, as ``forward`` takes them (the capacity of the cache decides, not
+    ``seqlens``: the lengths stay on the device)."""
+    paged = block_table is not None
     geometry = Geometry.of(*q.shape[:3], k_cache.shape[2], q.shape[3], v_cache.shape[3], paged,
                            _launch.shared_limit(q.device.id))
-    return geometry.auto_splits(capacity_of(k_cache, block_table if paged else None), q.device.id)
+    return geometry.auto_splits(capacity_of(k_cache, block_table), q.device.id)
 
 
 def _mask_type(causal: bool, window) -> str:
