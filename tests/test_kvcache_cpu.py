@@ -720,26 +720,39 @@ def test_decode_split_counts_past_one_launch_are_refused_as_such(monkeypatch, nu
     assert not device.take_launches()
 
 
-def test_a_split_count_past_one_launch_is_refused_before_the_append(monkeypatch):
-    """The append runs before the attention, whose launch refuses a split count past one
-    launch: the refusal comes before the append is launched, so the caches keep what they held
-    (through a fake device)."""
+def _appending_call_refused(monkeypatch, capacity: int, num_splits: int, error, match: str,
+                            before=None):
+    """A decode-route call appending one key to a cache of ``capacity`` keys with ``num_splits``
+    splits, on a fake device (``before()`` run once it is in place), refused with ``error``
+    matching ``match``; returns the device."""
     cupy = pytest.importorskip("cupy")
     from fake_device import FakeDevice
 
     from cuflash.kernels import decode
 
     device = FakeDevice(monkeypatch)
+    if before is not None:
+        before()
     q = cupy.empty((1, 1, 2, 64), np.float16)
-    k_cache, v_cache = (cupy.empty((1, 256, 1, 64), np.float16) for _ in range(2))
+    k_cache, v_cache = (cupy.empty((1, capacity, 1, 64), np.float16) for _ in range(2))
     k, v = (cupy.empty((1, 1, 1, 64), np.float16) for _ in range(2))
     decode._prepared.cache_clear()
     try:
-        with pytest.raises(ValueError, match="problem too large for one launch of the decode kernel"):
+        with pytest.raises(error, match=match):
             cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v,
-                                           cache_seqlens=cupy.empty((1,), np.int32), num_splits=2**31)
+                                           cache_seqlens=cupy.empty((1,), np.int32),
+                                           num_splits=num_splits)
     finally:
         decode._prepared.cache_clear()
+    return device
+
+
+def test_a_split_count_past_one_launch_is_refused_before_the_append(monkeypatch):
+    """The append runs before the attention, whose launch refuses a split count past one
+    launch: the refusal comes before the append is launched, so the caches keep what they held
+    (through a fake device)."""
+    device = _appending_call_refused(monkeypatch, 256, 2**31, ValueError,
+                                     "problem too large for one launch of the decode kernel")
     assert not device.take_launches()
 
 
@@ -747,27 +760,14 @@ def test_no_memory_for_the_splits_is_found_before_the_append(monkeypatch):
     """With key splits the attention needs a workspace for their partial outputs: when its
     allocation fails, the call fails before the append is launched, so the caches keep what
     they held (through a fake device)."""
-    cupy = pytest.importorskip("cupy")
-    from fake_device import FakeDevice
-
-    from cuflash.kernels import _launch, decode
-
-    device = FakeDevice(monkeypatch)
+    from cuflash.kernels import _launch
 
     def no_memory(nbytes):
         raise MemoryError(f"out of memory allocating {nbytes} bytes")
 
-    monkeypatch.setattr(_launch, "device_memory", no_memory)
-    q = cupy.empty((1, 1, 2, 64), np.float16)
-    k_cache, v_cache = (cupy.empty((1, 4096, 1, 64), np.float16) for _ in range(2))
-    k, v = (cupy.empty((1, 1, 1, 64), np.float16) for _ in range(2))
-    decode._prepared.cache_clear()
-    try:
-        with pytest.raises(MemoryError, match="out of memory"):
-            cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v,
-                                           cache_seqlens=cupy.empty((1,), np.int32), num_splits=4)
-    finally:
-        decode._prepared.cache_clear()
+    device = _appending_call_refused(
+        monkeypatch, 4096, 4, MemoryError, "out of memory",
+        before=lambda: monkeypatch.setattr(_launch, "device_memory", no_memory))
     assert not device.take_launches()
 
 
@@ -981,21 +981,28 @@ def test_split_count_fills_the_resident_places(batch_kv_heads, key_tiles, expect
     assert splits == 1 or key_tiles // splits >= decode.MIN_SPLIT_TILES
 
 
+def _refused_on_the_generic_route(monkeypatch, compute_capability: str, d: int, reason: str):
+    """An appending call of head dim ``d`` on a fake device of ``compute_capability``, planned
+    on the generic route and refused there for ``reason`` before any write; returns the device."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability=compute_capability)
+    q = device.empty((1, 1, 2, d), ml_dtypes.bfloat16)
+    k_cache, v_cache = (device.empty((1, 64, 2, d), ml_dtypes.bfloat16) for _ in range(2))
+    new = device.empty((1, 1, 2, d), ml_dtypes.bfloat16)
+    assert cuflash.kvcache_plan(q, k_cache, v_cache, new, new, cache_seqlens=3).route == "generic"
+    with pytest.raises(ValueError, match=r"no GPU kernel attends this call's rows, so nothing was "
+                                         r"written(.|\n)*" + reason):
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=3)
+    return device
+
+
 def test_generic_route_refuses_before_writing_what_no_kernel_attends(monkeypatch):
     """Head dims above the GPU kernels' 256 take the generic route, which appends before it
     attends: it must refuse before any write (on the fake device a write would fail otherwise
     with the device's own error, not this one)."""
-    pytest.importorskip("cupy")
-    from fake_device import FakeDevice
-
-    device = FakeDevice(monkeypatch, compute_capability="90")
-    q = device.empty((1, 1, 2, 264), ml_dtypes.bfloat16)
-    k_cache, v_cache = (device.empty((1, 64, 2, 264), ml_dtypes.bfloat16) for _ in range(2))
-    new = device.empty((1, 1, 2, 264), ml_dtypes.bfloat16)
-    assert cuflash.kvcache_plan(q, k_cache, v_cache, new, new, cache_seqlens=3).route == "generic"
-    with pytest.raises(ValueError, match=r"no GPU kernel attends this call's rows, so nothing was "
-                                         r"written(.|\n)*D from 1 to 256"):
-        cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=3)
+    _refused_on_the_generic_route(monkeypatch, "90", 264, r"D from 1 to 256")
 
 
 def test_generic_route_refuses_rows_past_int32_before_writing(monkeypatch):
@@ -1049,17 +1056,8 @@ def test_a_device_older_than_compute_capability_8_is_refused_before_any_write(mo
     """No kernel runs on a device older than compute capability 8.0: the decode kernel passes
     such a call on, and the generic route, which appends before it attends, refuses it before
     writing the caches (it once planned the sm80 kernels there, wrote, then failed to compile)."""
-    pytest.importorskip("cupy")
-    from fake_device import FakeDevice
-
-    device = FakeDevice(monkeypatch, compute_capability="75")
-    q = device.empty((1, 1, 2, 64), ml_dtypes.bfloat16)
-    k_cache, v_cache = (device.empty((1, 64, 2, 64), ml_dtypes.bfloat16) for _ in range(2))
-    new = device.empty((1, 1, 2, 64), ml_dtypes.bfloat16)
-    assert cuflash.kvcache_plan(q, k_cache, v_cache, new, new, cache_seqlens=3).route == "generic"
-    with pytest.raises(ValueError, match=r"no GPU kernel attends this call's rows, so nothing was "
-                                         r"written(.|\n)*needs compute capability 8.0 or newer"):
-        cuflash.attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=3)
+    device = _refused_on_the_generic_route(monkeypatch, "75", 64,
+                                           r"needs compute capability 8.0 or newer")
     assert device.compiled == [] and device.take_launches() == []
 
 
