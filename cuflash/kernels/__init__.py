@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import _checks
+from . import _build
 
 # Set to 1 to pass over the Hopper (sm_90a) families (comparison, debugging).
 DISABLE_HOPPER_ENV = "CUFLASH_DISABLE_SM90"
@@ -212,7 +213,7 @@ def availability() -> tuple[bool, str]:
     capability = device.compute_capability
     if int(capability) < 80:
         return False, (f"the kernels need compute capability 8.0 or newer; device {device.id} has "
-                       f"{capability[:-1]}.{capability[-1]}")
+                       f"{_build.capability_text(capability)}")
     return True, f"{count} CUDA device(s)"
 
 

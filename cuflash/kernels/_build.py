@@ -60,6 +60,11 @@ def _module(source_name: str, expression: str, device_id: int, options: tuple = 
         )
 
 
+def capability_text(capability: str) -> str:
+    """A compute capability as CuPy gives it (``"90"``) the way NVIDIA writes it (``"9.0"``)."""
+    return f"{capability[:-1]}.{capability[-1]}"
+
+
 def get_function(source_name: str, expression: str, *, shared_bytes: int = 0, options=()):
     """The compiled kernel for `expression` on the current device, ready for `shared_bytes`.
     `options` are extra NVRTC options (``("-arch=sm_90a",)`` for Hopper-only code); they are part
@@ -76,7 +81,7 @@ def get_function(source_name: str, expression: str, *, shared_bytes: int = 0, op
         capability = device.compute_capability
         raise RuntimeError(
             f"{source_name}: {expression} failed to compile for device {device.id} (compute "
-            f"capability {capability[:-1]}.{capability[-1]}):\n{error}") from error
+            f"capability {capability_text(capability)}):\n{error}") from error
     if shared_bytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_bytes:
         kernel.max_dynamic_shared_size_bytes = shared_bytes
     return kernel

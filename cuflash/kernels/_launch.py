@@ -168,7 +168,7 @@ def why_not_device(x) -> str | None:
     if int(capability) >= 80:
         return None
     return (f"needs compute capability 8.0 or newer; device {x.device.id} has "
-            f"{capability[:-1]}.{capability[-1]}")
+            f"{_build.capability_text(capability)}")
 
 
 def on_hopper(x) -> bool:
