@@ -225,13 +225,18 @@ def validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: di
     ``return_lse``; ``hosts``: the offsets read already, as ``_varlen_spec`` takes them):
     ``(xp, spec, result, lse)``."""
     xp, spec = _varlen_spec(q, k, v, cu_q, cu_k, max_q, max_k, hosts=hosts, **options)
-    _checks.check_bool(return_lse, "return_lse")
-    if out is not None:
-        _checks.check_out(out, (spec.varlen.total_q, spec.shapes.hq, spec.shapes.dv), spec.dtype,
-                          xp, _checks.with_seed_array({"q": q, "k": k, "v": v},
-                                                      spec.dropout_state))
+    _check_varlen_results(xp, spec, q, k, v, out, return_lse)
     result, lse = _varlen_forward(spec, xp, q, k, v, out)
     return xp, spec, result, lse
+
+
+def _check_varlen_results(xp, spec: AttentionSpec, q, k, v, out, return_lse) -> None:
+    """``return_lse`` and ``out`` of a varlen forward: ``out`` ``(total_q, Hq, Dv)`` in the
+    inputs' dtype, apart from q, k, v (the pages of a paged call) and the seed array."""
+    _checks.check_bool(return_lse, "return_lse")
+    if out is not None:
+        _checks.check_out(out, (q.shape[0], spec.shapes.hq, spec.shapes.dv), spec.dtype, xp,
+                          _checks.with_seed_array({"q": q, "k": k, "v": v}, spec.dropout_state))
 
 
 def validated_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: dict,
@@ -718,10 +723,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         _refuse_out_in_pages(out, k, v)
         # Checked as the packed call checks them before the table and offsets are read and the
         # keys gathered: a refused call reads and copies nothing, and one refused for an option
-        # names it, as the call without pages does, whatever its table holds.
-        _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       _varlen_pages.page_shapes, dropout_seed=dropout_seed,
-                       dropout_offset=dropout_offset, **options)
+        # (return_lse and out among them) names it, as the call without pages does, whatever
+        # its table holds.
+        xp, _, spec = _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, _varlen_pages.page_shapes,
+                                     dropout_seed=dropout_seed, dropout_offset=dropout_offset,
+                                     **options)
+        _check_varlen_results(xp, spec, q, k, v, out, return_lse)
         k, v, hosts = _varlen_pages.gather_pages(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                  max_seqlen_k, block_table, check_offsets)
     result, lse, _ = _calls.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

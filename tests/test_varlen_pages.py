@@ -175,6 +175,31 @@ def test_options_are_refused_before_the_pages_are_read(rng, monkeypatch, option)
     assert str(paged.value) == str(packed.value)
 
 
+@pytest.mark.parametrize("result_option", [
+    lambda q: dict(return_lse="yes"),
+    lambda q: dict(out=np.zeros(q.shape[:2] + (q.shape[2] + 1,), q.dtype)),
+    lambda q: dict(out=np.zeros(q.shape, np.float64)),
+    lambda q: dict(out=q),
+], ids=["return_lse", "out-shape", "out-dtype", "out-over-q"])
+def test_result_options_are_refused_before_the_pages_are_read(rng, monkeypatch, result_option):
+    """``return_lse`` and ``out`` are arguments like the others: a paged call refused for one
+    raises what the call on the packed keys raises, though its table lists a page k does not
+    hold, and reads and gathers nothing."""
+    from cuflash import _varlen_pages
+
+    q, k, v, k_pages, v_pages, table, cu_q, cu_k = paged_case(rng, np, np.float32, [3, 5],
+                                                              [6, 9], 4)
+    table[1, 2] = k_pages.shape[0]  # no page of k
+    options = result_option(q)
+    with pytest.raises((TypeError, ValueError)) as packed:
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, 5, 9, **options)
+    monkeypatch.setattr(_varlen_pages, "key_rows", lambda *args: pytest.fail("pages read"))
+    with pytest.raises(type(packed.value)) as paged:
+        cuflash.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, 5, 9, block_table=table,
+                                 **options)
+    assert str(paged.value) == str(packed.value)
+
+
 def test_out_over_the_pages_is_refused(rng):
     args = _paged_args(rng)
     pages = np.zeros((8, 4, 4, 32), np.float32)  # 8 pages of 4 keys, 4 heads: room for out
