@@ -155,8 +155,18 @@ def check_forward(out, lse, inputs, caller: str = "cuflash.attention", seen=None
     else:
         what = ("the weighted sum of the rows of v, accumulated in float32, overflowed float32 "
                 f"(|x| > {FLOAT32_MAX:.3g}). Scale v down")
-    _warn(caller, f"the output holds inf or NaN although the inputs are finite: "
+    _warn(caller, f"{_spoiled_forward_result(out, lse)} although the inputs are finite: "
           f"{what} ({SEE})")
+
+
+def _spoiled_forward_result(out, lse) -> str:
+    """Which result of a forward pass the overflow shows in: logits that all overflowed to
+    -inf leave their row's output 0, which is finite, and only its lse says so."""
+    if not _finite(out):
+        return "the output holds inf or NaN"
+    if numpy.isnan(lse).any() or numpy.isposinf(lse).any():
+        return "lse holds inf or NaN"
+    return "lse is -inf in rows that see keys (they read as rows without any: output 0)"
 
 
 def check_backward(grads, inputs, lse, dtype, caller: str = "cuflash.attention_backward") -> None:

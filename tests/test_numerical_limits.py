@@ -283,6 +283,20 @@ def test_float32_logits_that_overflow_to_minus_inf_warn_too(scale):
     assert "cuflash.attention:" in str(warning.message) and "logits" in str(warning.message)
 
 
+def test_logits_that_overflow_to_minus_inf_are_named_by_the_result_they_spoil():
+    """Such rows get output 0, which is finite: the warning names lse, the result that holds
+    the -inf, not the output."""
+    q = np.full((2, 8), 1e20, np.float32)
+    k = -q[:1]
+    with numpy_warnings_fail() as caught:
+        out, lse = cuflash.attention(q, k, k, return_lse=True)
+    assert np.isfinite(out).all() and np.isneginf(lse).all()
+    (warning,) = caught
+    text = str(warning.message)
+    assert "the output holds" not in text
+    assert "lse is -inf in rows that see keys" in text and "logits" in text
+
+
 def test_packed_logits_that_overflow_to_minus_inf_warn():
     """As for dense calls, in sequences with keys; a sequence without keys is no overflow."""
     cu = np.array([0, 2, 4, 6], np.int32)  # two query rows per sequence
