@@ -828,7 +828,8 @@ def check_dropout(p: Any, seed: Any, offset: Any, shapes: Shapes | None, *,
     if seed is None:
         raise ValueError(f"dropout_p={value:g} needs an explicit dropout_seed (an int in "
                          f"[0, 2**64)), the same one for the forward and the backward pass; "
-                         f"attention_vjp draws one when none is given")
+                         f"attention_vjp and attention_varlen_vjp draw one when none is "
+                         f"given")
     if shapes is not None and shapes.b * shapes.hq >= 2**32:
         raise ValueError(f"dropout needs batch · Hq < 2**32 (its random counter holds "
                          f"b · Hq + h in 32 bits), got {shapes.b} · {shapes.hq}")

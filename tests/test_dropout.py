@@ -293,15 +293,26 @@ def test_vjp_draws_and_remembers_the_seed(rng):
     assert off.dropout_seed == 0
 
 
-@pytest.mark.parametrize("call", ["attention", "attention_backward"])
+@pytest.mark.parametrize("call", ["attention", "attention_backward", "attention_varlen",
+                                  "attention_varlen_backward"])
 def test_explicit_seed_required(rng, call):
+    """The refusal names the vjp forms, which draw a seed, packed calls' among them."""
     q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
-    with pytest.raises(ValueError, match="dropout_p=0.1 needs an explicit dropout_seed"):
-        if call == "attention":
-            cuflash.attention(q, k, v, dropout_p=0.1)
-        else:
-            cuflash.attention_backward(q, q, k, v, q, np.zeros((1, 1, 8), np.float32),
-                                       dropout_p=0.1)
+    lse = np.zeros((1, 1, 8), np.float32)
+    cu = np.array([0, 8], np.int32)
+    packed = [x[0].transpose(1, 0, 2) for x in (q, k, v)]
+    calls = {
+        "attention": lambda: cuflash.attention(q, k, v, dropout_p=0.1),
+        "attention_backward": lambda: cuflash.attention_backward(q, q, k, v, q, lse,
+                                                                 dropout_p=0.1),
+        "attention_varlen": lambda: cuflash.attention_varlen(*packed, cu, cu, 8, 8,
+                                                             dropout_p=0.1),
+        "attention_varlen_backward": lambda: cuflash.attention_varlen_backward(
+            packed[0], *packed, packed[0], lse[0], cu, cu, 8, 8, dropout_p=0.1),
+    }
+    with pytest.raises(ValueError, match="dropout_p=0.1 needs an explicit dropout_seed") as error:
+        calls[call]()
+    assert "attention_vjp" in str(error.value) and "attention_varlen_vjp" in str(error.value)
 
 
 @pytest.mark.parametrize("options, error, message", [
