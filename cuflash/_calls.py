@@ -55,6 +55,7 @@ workspaces) and keeps all of it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import sys
@@ -359,9 +360,13 @@ def current_stream(x):
 
 
 # What vjps' backwards run on other streams than their forwards read, each with an event recorded
-# on the backward's stream after its kernels: (event, what it holds), oldest first.
-_held_past_streams: list = []
+# on the backward's stream after its kernels and that stream's device: (event, device, what it
+# holds), oldest first. A thread (``_waiter``) lets each go once its stream has passed it, alive
+# while anything is held: a program that makes one such call gets the memory back all the same,
+# where waiting for a later call to let it go would keep it as long as the program runs.
+_held_past_streams: collections.deque = collections.deque()
 _held_lock = threading.Lock()
+_waiter = None
 
 
 def hold_past_other_stream(forward_stream, x, buffers) -> None:
@@ -370,19 +375,39 @@ def hold_past_other_stream(forward_stream, x, buffers) -> None:
     allocated and the backward read: out, lse, the spec's copies) alive until that stream has
     run what is queued on it now. CuPy's pool hands memory back to the stream it was allocated
     on, the forward's, whose later work would write it once the vjp is gone, while the
-    backward's kernels may still read it on theirs. Held buffers are let go on a later such call
-    once their stream has passed them. Under capture the graph's own rules apply
-    (``keep_alive_with``)."""
+    backward's kernels may still read it on theirs. Held buffers are let go by a thread that
+    waits for their stream to pass them (``_let_go_as_streams_pass``). Under capture the graph's
+    own rules apply (``keep_alive_with``)."""
     if forward_stream is None:
         return
     stream = current_stream(x)
     if stream.ptr == forward_stream.ptr or stream.is_capturing():
         return
     with _checks.device_context(x):
-        event = stream.record()
+        event = stream.record(_launch.blocking_event())
+    global _waiter
     with _held_lock:
-        _held_past_streams[:] = [held for held in _held_past_streams if not held[0].done]
-        _held_past_streams.append((event, buffers))
+        _held_past_streams.append((event, x.data.device_id, buffers))
+        # (a thread of the parent process is not alive in a forked child)
+        if _waiter is None or not _waiter.is_alive():
+            _waiter = threading.Thread(target=_let_go_as_streams_pass, daemon=True,
+                                       name="cuflash-stream-holds")
+            _waiter.start()
+
+
+def _let_go_as_streams_pass() -> None:
+    """Wait for the oldest held event, let its buffers go, and so on until nothing is held."""
+    global _waiter
+    while True:
+        with _held_lock:
+            if not _held_past_streams:
+                _waiter = None
+                return
+            held = _held_past_streams[0]
+        _launch.wait_for(held[0], held[1])
+        with _held_lock:
+            _held_past_streams.popleft()
+        del held  # (outside the lock: the buffers' memory goes back to CuPy's pool here)
 
 
 # ----------------------------------------------------------------------------- dropout per call

@@ -24,6 +24,7 @@ import ctypes
 import functools
 import itertools
 import re
+import threading
 import types
 from pathlib import Path
 
@@ -77,15 +78,28 @@ class FakeStream:
 
     def record(self, event=None):
         event = FakeEvent(self.ptr) if event is None else event
+        event.stream = self.ptr
         self.events.append(event)
         return event
 
 
 class FakeEvent:
-    """An event recorded on stream ``stream`` (a handle); ``done`` when a test sets it."""
+    """An event recorded on stream ``stream`` (a handle); ``done`` when a test sets it, which
+    lets a thread waiting in ``synchronize`` go on."""
 
     def __init__(self, stream):
-        self.stream, self.done = stream, False
+        self.stream, self._passed = stream, threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._passed.is_set()
+
+    @done.setter
+    def done(self, passed: bool) -> None:
+        self._passed.set() if passed else self._passed.clear()
+
+    def synchronize(self) -> None:
+        self._passed.wait()
 
 
 # The by-value parameter types of the kernels (csrc/args.cuh, arch/sm90_tma.cuh), as NumPy
@@ -194,6 +208,8 @@ class FakeDevice:
         self.events = []  # recorded on the current stream (FakeStream.record)
         monkeypatch.setattr(cupy.cuda, "get_current_stream",
                             lambda: FakeStream(self.streams[-1], self.events))
+        monkeypatch.setattr(_launch, "blocking_event", lambda: FakeEvent(None))
+        monkeypatch.setattr(_launch, "wait_for", lambda event, device: event.synchronize())
         monkeypatch.setattr(_checks, "alibi_copy",  # the copy itself needs the device
                             lambda slopes, shapes, xp: empty((shapes.b, shapes.hq), np.float32))
         _calls.clear()

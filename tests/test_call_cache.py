@@ -8,6 +8,8 @@ give another entry. The GPU results of cached calls are checked in test_gpu_call
 
 from __future__ import annotations
 
+import time
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -522,7 +524,8 @@ def test_a_vjp_s_copies_outlive_a_backward_on_another_stream(device, monkeypatch
     pool hands memory freed by the vjp back to that stream, whose later work could write it while
     a backward run on another stream still reads it: there the copies live on until that stream
     has run past the backward (an event recorded on it after the backward's kernels), not only
-    as long as the vjp. On the forward's own stream nothing is held past the vjp."""
+    as long as the vjp, and then go without waiting for a later call. On the forward's own
+    stream nothing is held past the vjp."""
     import gc
     import weakref
 
@@ -574,17 +577,21 @@ def test_a_vjp_s_copies_outlive_a_backward_on_another_stream(device, monkeypatch
         if not other_stream:
             assert all(copy() is None for copy in made)
             continue
+        time.sleep(0.05)  # (time enough for copies let go too early to be gone)
+        gc.collect()
         assert all(copy() is not None for copy in made)
         (event,) = [e for e in device.events if e.stream == 0x6000]
         assert not event.done
-        event.done = True
-        out, vjp = vjp_of()  # a later backward on that stream lets them go
-        device.streams.append(0x6000)
-        vjp(dout)
-        device.streams[1:] = []
-        _calls.clear()
-        gc.collect()
-        assert all(copy() is None for copy in made)
+        event.done = True  # the stream has passed the backward: with no later call,
+        _wait_until(lambda: gc.collect() is not None and all(copy() is None for copy in made))
+
+
+def _wait_until(condition, seconds=5.0):
+    """Wait for ``condition()`` (what a thread of the library does), failing after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.01)
 
 
 def test_seeds_without_dropout_change_nothing(device):

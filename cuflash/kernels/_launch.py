@@ -374,6 +374,49 @@ def copy_to_device(host, stream):
     return array, staged
 
 
+def blocking_event():
+    """A new CUDA event on the current device whose waiters sleep until it passes
+    (``cudaEventBlockingSync``) rather than spin a core, and that keeps no time."""
+    return cupy_module().cuda.Event(block=True, disable_timing=True)
+
+
+# CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: a thread in this mode is held to the rules of its own
+# captures only.
+_CAPTURE_MODE_THREAD_LOCAL = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cu_thread_exchange_capture_mode():
+    """ctypes' ``cuThreadExchangeStreamCaptureMode``, or None where the driver library is
+    missing."""
+    import ctypes
+
+    try:
+        function = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.POINTER(ctypes.c_int),)
+    function.restype = ctypes.c_int
+    return function
+
+
+def wait_for(event, device: int) -> None:
+    """Block this thread, which captures nothing, until ``event`` (of device ``device``) has
+    passed. The thread is put in the thread-local capture mode first: while another thread
+    captures a graph in the global mode (torch's default), a wait in the default mode is an
+    unsafe call that invalidates that capture. The device is made current too: a thread's first
+    runtime call would otherwise make device 0's context, memory on a device the program may
+    never use."""
+    import ctypes
+
+    exchange = _cu_thread_exchange_capture_mode()
+    if exchange is not None:
+        mode = ctypes.c_int(_CAPTURE_MODE_THREAD_LOCAL)  # (the thread's previous mode comes back)
+        exchange(ctypes.byref(mode))
+    with cupy_module().cuda.Device(device):
+        event.synchronize()
+
+
 class _BoundContexts(threading.local):
     def __init__(self):
         self.devices = set()
