@@ -501,7 +501,7 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
 
     def vjp(dout):  # with the forward's copy of the ALiBi slopes, as the docstring promises
         grads = _calls.backward(dout, q, k, v, out, lse, options, dropout, alibi=spec.alibi)
-        _calls.hold_past_other_stream(stream, q, (out, lse, spec))
+        _calls.hold_after_vjp(stream, q, (out, lse, spec), grads)
         return grads
 
     vjp.dropout_seed = _vjp_seed_of(spec)
@@ -803,7 +803,7 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     def vjp(dout):
         grads = _calls.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q,
                                        max_seqlen_k, backward_options, dropout, alibi=spec.alibi)
-        _calls.hold_past_other_stream(stream, q, (out, lse, spec))
+        _calls.hold_after_vjp(stream, q, (out, lse, spec), grads)
         return grads
 
     vjp.dropout_seed = _vjp_seed_of(spec)

@@ -46,8 +46,8 @@ Inside a CUDA graph capture on CuPy's current stream, the buffers a call frees w
 index the kernels read), a dropout seed array (a vjp's copy of one has no other owner) and a
 varlen call's device offsets (likewise for a varlen vjp's copy of NumPy offsets, and the pinned
 host buffer that copy is made from: ``device_copy``) are kept alive as long as the call's
-outputs are, since the graph's replays use them. Entries keep
-no seed array: each call hands its own in. A call on the validated path (every call of an
+outputs are, since the graph's replays use them; so is what a vjp's captured backward reads of
+its forward (out, lse, the copies: ``hold_after_vjp``). Entries keep no seed array: each call hands its own in. A call on the validated path (every call of an
 uncached signature) records what it allocates instead (``CapturedAllocations``, around
 ``_api``'s runners: copies of inputs, temporaries, full-batch gradients of broadcast inputs,
 workspaces) and keeps all of it.
@@ -369,19 +369,25 @@ _held_lock = threading.Lock()
 _waiter = None
 
 
-def hold_past_other_stream(forward_stream, x, buffers) -> None:
-    """After a vjp's backward on ``x``'s device: where it ran on another stream than
-    ``forward_stream`` (its forward's, ``current_stream``), keep ``buffers`` (what the forward
-    allocated and the backward read: out, lse, the spec's copies) alive until that stream has
-    run what is queued on it now. CuPy's pool hands memory back to the stream it was allocated
-    on, the forward's, whose later work would write it once the vjp is gone, while the
-    backward's kernels may still read it on theirs. Held buffers are let go by a thread that
-    waits for their stream to pass them (``_let_go_as_streams_pass``). Under capture the graph's
-    own rules apply (``keep_alive_with``)."""
+def hold_after_vjp(forward_stream, x, buffers, grads) -> None:
+    """After a vjp's backward on ``x``'s device, which returned ``grads``: keep ``buffers`` (what
+    the forward allocated and the backward read: out, lse, the spec's copies) alive as long as
+    the backward may read them, which may be past the vjp.
+
+    Under a capture, as long as ``grads`` (``keep_alive_with``): every replay of the graph reads
+    them, and the forward, run before the capture, may have left the lse to the vjp alone.
+    Where the backward ran on another stream than ``forward_stream`` (its forward's,
+    ``current_stream``), until that stream has run what is queued on it now: CuPy's pool hands
+    memory back to the stream it was allocated on, the forward's, whose later work would write
+    it once the vjp is gone, while the backward's kernels may still read it on theirs. Those are
+    let go by a thread that waits for their stream to pass them (``_let_go_as_streams_pass``)."""
     if forward_stream is None:
         return
     stream = current_stream(x)
-    if stream.ptr == forward_stream.ptr or stream.is_capturing():
+    if stream.is_capturing():
+        keep_alive_with(grads, buffers)
+        return
+    if stream.ptr == forward_stream.ptr:
         return
     with _checks.device_context(x):
         event = stream.record(_launch.blocking_event())

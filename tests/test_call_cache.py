@@ -1519,3 +1519,39 @@ def test_given_gradients_overlapping_the_seed_array_are_refused(device):
     assert _builds() == builds + 1
     _twice_then_validated(lambda: call(_seed_in(dq)),
                           "dq must not share memory with dropout_seed")
+
+
+def test_a_vjp_captured_without_its_forward_keeps_the_forward_s_lse_for_the_graph(device,
+                                                                                  monkeypatch):
+    """A forward run before a capture, its vjp's backward captured into a CUDA graph: every
+    replay of the graph reads the forward's lse, which only the vjp holds. It lives as long as
+    the backward's gradients do, the vjp gone or not, as what a captured call frees does."""
+    import gc
+    import weakref
+
+    from fake_device import FakeStream
+
+    q, k, v = _qkv(device)
+    dout = device.empty(SHAPE, BF16)
+    cuflash.attention_vjp(q, k, v, causal=True)[1](dout)  # (the entries of both passes)
+    made = []
+    new_array = _launch.new_array
+
+    def watched(shape, dtype):
+        made.append((tuple(shape), np.dtype(dtype), weakref.ref(x := new_array(shape, dtype))))
+        return x
+
+    monkeypatch.setattr(_launch, "new_array", watched)
+    out, vjp = cuflash.attention_vjp(q, k, v, causal=True)
+    (lse,) = [x for shape, dtype, x in made if (shape, dtype) == (SHAPE[:3], np.float32)]
+    capturing = [True]
+    monkeypatch.setattr(FakeStream, "is_capturing", lambda self: capturing[0])
+    monkeypatch.setattr(_calls, "stream_capturing", lambda: capturing[0])
+    grads = vjp(dout)
+    capturing[0] = False
+    del vjp
+    gc.collect()
+    assert lse() is not None
+    del grads
+    gc.collect()
+    assert lse() is None
