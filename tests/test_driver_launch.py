@@ -535,7 +535,8 @@ def test_waiting_for_a_held_stream_leaves_other_threads_captures_alone(monkeypat
     """The thread that lets go of a vjp's buffers once another stream has passed them waits on
     an event. While another thread captures a CUDA graph in the global mode (torch's default), a
     wait from a thread in that mode invalidates the capture: the waiting thread switches itself
-    to the thread-local mode first, then waits with the event's device current."""
+    to the thread-local mode first, then waits with the event's device current, and leaves it
+    current."""
     done = []
 
     @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int))  # as the driver is called
@@ -544,20 +545,14 @@ def test_waiting_for_a_held_stream_leaves_other_threads_captures_alone(monkeypat
         mode.contents.value = 0  # the driver hands the previous mode back
         return 0
 
-    class Device:
-        def __init__(self, device):
-            self.device = device
-
-        def __enter__(self):
-            done.append(("device", self.device))
-
-        def __exit__(self, *exc):
-            done.append(("device left", self.device))
-
+    runtime = types.SimpleNamespace(getDevice=lambda: 0,
+                                    setDevice=lambda device: done.append(("device", device)))
     event = types.SimpleNamespace(synchronize=lambda: done.append(("wait",)))
     monkeypatch.setattr(_launch, "_cu_thread_exchange_capture_mode", lambda: exchange)
-    monkeypatch.setattr(_launch, "_cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Device)))
+    monkeypatch.setattr(_launch, "_cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=runtime, Device=lambda device: pytest.fail("a Device context sets device 0 back"))))
     _launch.wait_for(event, 1)
-    assert done == [("capture mode", _launch._CAPTURE_MODE_THREAD_LOCAL), ("device", 1), ("wait",),
-                    ("device left", 1)]
+    # Device 1 stays current: setting device 0 again would make its context, on a device the
+    # program may never use.
+    assert done == [("capture mode", _launch._CAPTURE_MODE_THREAD_LOCAL), ("device", 1), ("wait",)]
     assert _launch._CAPTURE_MODE_THREAD_LOCAL == 1  # CU_STREAM_CAPTURE_MODE_THREAD_LOCAL in cuda.h

@@ -404,17 +404,17 @@ def wait_for(event, device: int) -> None:
     """Block this thread, which captures nothing, until ``event`` (of device ``device``) has
     passed. The thread is put in the thread-local capture mode first: while another thread
     captures a graph in the global mode (torch's default), a wait in the default mode is an
-    unsafe call that invalidates that capture. The device is made current too: a thread's first
-    runtime call would otherwise make device 0's context, memory on a device the program may
-    never use."""
+    unsafe call that invalidates that capture. The device is made current too, and left so (not
+    CuPy's ``Device`` context, whose exit sets the thread's previous device, 0, again): setting a
+    device makes its context, memory on a device the program may never use."""
     import ctypes
 
     exchange = _cu_thread_exchange_capture_mode()
     if exchange is not None:
         mode = ctypes.c_int(_CAPTURE_MODE_THREAD_LOCAL)  # (the thread's previous mode comes back)
         exchange(ctypes.byref(mode))
-    with cupy_module().cuda.Device(device):
-        event.synchronize()
+    cupy_module().cuda.runtime.setDevice(device)
+    event.synchronize()
 
 
 class _BoundContexts(threading.local):
