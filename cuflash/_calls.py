@@ -47,10 +47,10 @@ index the kernels read), a dropout seed array (a vjp's copy of one has no other 
 varlen call's device offsets (likewise for a varlen vjp's copy of NumPy offsets, and the pinned
 host buffer that copy is made from: ``device_copy``) are kept alive as long as the call's
 outputs are, since the graph's replays use them; so is what a vjp's captured backward reads of
-its forward (out, lse, the copies: ``hold_after_vjp``). Entries keep no seed array: each call hands its own in. A call on the validated path (every call of an
-uncached signature) records what it allocates instead (``CapturedAllocations``, around
-``_api``'s runners: copies of inputs, temporaries, full-batch gradients of broadcast inputs,
-workspaces) and keeps all of it.
+its forward (out, lse, the copies: ``hold_after_vjp``). Entries keep no seed array: each call
+hands its own in. A call on the validated path (every call of an uncached signature) records
+what it allocates instead (``CapturedAllocations``, around ``_api``'s runners: copies of inputs,
+temporaries, full-batch gradients of broadcast inputs, workspaces) and keeps all of it.
 """
 
 from __future__ import annotations
