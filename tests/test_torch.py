@@ -689,6 +689,51 @@ def test_meta_tensors_meet_the_operators():
     assert packed.grad.device == meta and packed.grad.shape == packed.shape
 
 
+# Calls the core refuses for their shapes, dtypes or slopes: the (shape, dtype) of q, k and v,
+# and the keywords of cuflash.torch.attention.
+_F32, _F16, _F64 = torch.float32, torch.float16, torch.float64
+_REFUSED_CALLS = {
+    "head dims": ((((2, 4, 8, 16), _F32), ((2, 4, 8, 32), _F32), ((2, 4, 8, 16), _F32)), {}),
+    "key and value lengths": ((((2, 4, 8, 16), _F32), ((2, 4, 8, 16), _F32),
+                               ((2, 4, 9, 16), _F32)), {}),
+    "query head groups": ((((2, 4, 8, 16), _F32), ((2, 3, 8, 16), _F32),
+                           ((2, 3, 8, 16), _F32)), {}),
+    "batch axes": ((((3, 4, 8, 16), _F32), ((2, 4, 8, 16), _F32), ((2, 4, 8, 16), _F32)), {}),
+    "empty axis": ((((2, 4, 0, 16), _F32), ((2, 4, 8, 16), _F32), ((2, 4, 8, 16), _F32)), {}),
+    "2-D query, 3-D keys": ((((8, 16), _F32), ((2, 8, 16), _F32), ((2, 8, 16), _F32)), {}),
+    "mixed dtypes": ((((2, 4, 8, 16), _F32), ((2, 4, 8, 16), _F16), ((2, 4, 8, 16), _F32)), {}),
+    "float64": ((((2, 4, 8, 16), _F64),) * 3, {}),
+    "slopes": ((((2, 4, 8, 16), _F32),) * 3, {"alibi_slopes": (3,)}),
+}
+
+
+def _refused_call(case, device):
+    """The tensors and keywords of one of ``_REFUSED_CALLS`` on ``device``."""
+    specs, options = _REFUSED_CALLS[case]
+    tensors = [randn(*shape).to(device=device, dtype=dtype) for shape, dtype in specs]
+    return tensors, {name: torch.rand(shape).to(device) for name, shape in options.items()}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED_CALLS))
+def test_fake_implementation_refuses_what_the_call_refuses(case):
+    """The operators' fake implementations (meta tensors, FakeTensor, torch.compile's trace)
+    apply the core's rules: a call refused on real tensors is refused with the same error on
+    shapes alone, not given an output shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tensors, options = _refused_call(case, "cpu")
+    with pytest.raises((TypeError, ValueError)) as refused:
+        ct.attention(*tensors, **options)
+    same = dict(expected_exception=type(refused.value),
+                match=f"^{re.escape(str(refused.value))}$")
+    meta_tensors, meta_options = _refused_call(case, "meta")
+    with pytest.raises(**same):
+        ct.attention(*meta_tensors, **meta_options)
+    with FakeTensorMode() as mode, pytest.raises(**same):
+        ct.attention(*map(mode.from_tensor, tensors),
+                     **{name: mode.from_tensor(x) for name, x in options.items()})
+
+
 def test_return_attn_probs_on_meta_tensors_is_refused_by_name():
     """S_dmask is formed on the CPU from the values of q, k and v, which meta tensors do not
     hold: a ValueError naming it before the forward runs (docs/torch.md), not torch's

@@ -6,6 +6,7 @@ shapes, ``torch.compile``), the refused options and the offset checks. The GPU t
 """
 
 import inspect
+import re
 import shutil
 
 import numpy as np
@@ -595,6 +596,40 @@ def test_fake_shapes_match_real():
     for r, f in zip(real + real_grads, fake + fake_grads):
         assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
 
+
+# Packed calls the core refuses for their shapes or dtypes: (q, k, v) shapes and the offsets.
+_REFUSED_PACKED_CALLS = {
+    "head dims": (((8, 4, 16), (8, 4, 32), (8, 4, 16)), torch.tensor([0, 8], dtype=torch.int32)),
+    "key and value rows": (((8, 4, 16), (8, 4, 16), (9, 4, 16)),
+                           torch.tensor([0, 8], dtype=torch.int32)),
+    "query head groups": (((8, 4, 16), (8, 3, 16), (8, 3, 16)),
+                          torch.tensor([0, 8], dtype=torch.int32)),
+    "offsets dtype": (((8, 4, 16),) * 3, torch.tensor([0, 8], dtype=torch.int64)),
+    "offsets shape": (((8, 4, 16),) * 3, torch.tensor([[0, 8]], dtype=torch.int32)),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED_PACKED_CALLS))
+def test_fake_implementation_refuses_what_the_call_refuses(case):
+    """The varlen operator's fake implementation (meta tensors, FakeTensor, torch.compile's
+    trace) applies the core's rules but those of the offsets' values: the same error as the
+    call on real tensors, not an output shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shapes, cu_seqlens = _REFUSED_PACKED_CALLS[case]
+    q, k, v = (torch.randn(*shape) for shape in shapes)
+
+    def call(q, k, v, cu_seqlens):
+        return ct.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 8, 8)
+
+    with pytest.raises((TypeError, ValueError)) as refused:
+        call(q, k, v, cu_seqlens)
+    same = dict(expected_exception=type(refused.value),
+                match=f"^{re.escape(str(refused.value))}$")
+    with pytest.raises(**same):
+        call(*(x.to("meta") for x in (q, k, v, cu_seqlens)))
+    with FakeTensorMode() as mode, pytest.raises(**same):
+        call(*map(mode.from_tensor, (q, k, v, cu_seqlens)))
 
 @pytest.mark.parametrize("backend, dynamic", [("eager", None), ("aot_eager", None),
                                               ("aot_eager", True), ("inductor", None)])

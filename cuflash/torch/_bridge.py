@@ -45,6 +45,19 @@ def torch_dtype(dtype) -> torch.dtype:
         raise TypeError(f"no torch dtype for {dtype}") from None
 
 
+def numpy_dtype(dtype: torch.dtype) -> numpy.dtype:
+    """The NumPy dtype that a tensor of ``dtype`` crosses to the core as (``to_numpy``), read
+    from the dtype alone; a void dtype of its size for one NumPy has no twin for."""
+    if dtype in _NUMPY_OF_TORCH:
+        return _NUMPY_OF_TORCH[dtype]
+    if dtype in _BIT_CASTS:
+        return _BIT_CASTS[dtype][1]
+    try:
+        return numpy.dtype(str(dtype).removeprefix("torch."))
+    except TypeError:
+        return numpy.dtype(f"V{dtype.itemsize}")
+
+
 # ----------------------------------------------------------------------------- CPU
 
 def to_numpy(t: torch.Tensor) -> numpy.ndarray:

@@ -32,7 +32,7 @@ import torch
 from torch.autograd import forward_ad
 
 import cuflash
-from cuflash import _checks
+from cuflash import _api, _checks
 
 from . import _bridge, _cached
 
@@ -264,6 +264,78 @@ def _empty_grads(q, k, v):
     return tuple(torch.empty_like(x) for x in (q, k, v))
 
 
+# ----------------------------------------------------------------------------- fake calls
+#
+# The fake implementations refuse what the call they stand for refuses: the core's own checks run
+# on NumPy stand-ins of the tensors (zero-stride arrays of their shapes and dtypes, no memory).
+# Symbolic sizes and options of torch.compile are read as their example values: NumPy would make
+# constants of them (a guard, a recompilation per size), and the real call checks every value it
+# meets.
+
+class _NoExample(Exception):
+    """A symbolic value without an example value (data-dependent): nothing can be checked."""
+
+
+def _example(value):
+    """``value``, or torch.compile's example value of a symbolic int, float or bool."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        if not value.node.has_hint():
+            raise _NoExample
+        return value.node.hint
+    return value
+
+
+def _stand_in(x: Optional[torch.Tensor]):
+    """A read-only NumPy array of ``x``'s shape and dtype holding zeros, without memory."""
+    if x is None:
+        return None
+    shape = tuple(_example(n) for n in x.shape)
+    return numpy.broadcast_to(numpy.zeros((), _bridge.numpy_dtype(x.dtype)), shape)
+
+
+def _fake_dropout_options(dropout_p, dropout_offset) -> dict:
+    """The dropout keywords of a checked fake call: a seed's value is never read there."""
+    if _example(dropout_p) == 0.0:
+        return {}
+    return dict(dropout_p=_example(dropout_p), dropout_seed=0,
+                dropout_offset=_example(dropout_offset))
+
+
+def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes,
+                     block_mask, deterministic, dropout_p, dropout_offset) -> None:
+    """The core's checks of ``attention_forward``'s call (``cuflash._api._spec``)."""
+    try:
+        arrays = [_stand_in(x) for x in (q, k, v)]
+        slopes = _stand_in(alibi_slopes)
+        options = _core_options(*map(_example, (window_left, window_right, softcap)), slopes,
+                                lambda stand_in: stand_in)
+        options.update(causal=_example(causal), scale=_example(scale),
+                       deterministic=_example(deterministic), **mask_options(block_mask),
+                       **_fake_dropout_options(dropout_p, dropout_offset))
+    except _NoExample:
+        return
+    _api._spec(*arrays, **options)
+
+
+def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            causal, scale, window_left, window_right, softcap, alibi_slopes,
+                            deterministic, dropout_p, dropout_offset) -> None:
+    """The core's checks of ``attention_varlen_forward``'s call but those of the offsets'
+    values, which a fake call does not hold (``cuflash._api._varlen_checks``)."""
+    try:
+        arrays = [_stand_in(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)]
+        slopes = _stand_in(alibi_slopes)
+        options = _core_options(*map(_example, (window_left, window_right, softcap)), slopes,
+                                lambda stand_in: stand_in)
+        options.update(causal=_example(causal), scale=_example(scale),
+                       deterministic=_example(deterministic),
+                       **_fake_dropout_options(dropout_p, dropout_offset))
+        lengths = _example(max_seqlen_q), _example(max_seqlen_k)
+    except _NoExample:
+        return
+    _api._varlen_checks(*arrays, *lengths, _checks.varlen_shapes, **options)
+
+
 # ----------------------------------------------------------------------------- forward
 
 def _forward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -307,6 +379,8 @@ attention_forward = torch.library.custom_op("cuflash::attention_forward", _forwa
 @attention_forward.register_fake
 def _(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
       seq_major, deterministic, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
+    _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes,
+                     block_mask, deterministic, dropout_p, dropout_offset)
     return _empty_out(q, k, v, seq_major), _empty_lse(q, k, v)
 
 
@@ -452,6 +526,9 @@ attention_varlen_forward = torch.library.custom_op(
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
       window_left, window_right, softcap, alibi_slopes, deterministic, dropout_p=0.0,
       dropout_seed=None, dropout_offset=0):
+    _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            causal, scale, window_left, window_right, softcap, alibi_slopes,
+                            deterministic, dropout_p, dropout_offset)
     return _empty_varlen_out(q, v), _empty_varlen_lse(q)
 
 
