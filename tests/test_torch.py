@@ -1506,6 +1506,23 @@ def test_opcheck_with_dropout(dropout):
                            *dropout))
 
 
+@pytest.mark.parametrize("operator", ["attention_forward", "attention_varlen_forward"])
+def test_fake_implementation_refuses_dropout_without_a_seed(operator):
+    """An operator given ``dropout_p > 0`` and no seed is refused by the core (the backward
+    could not draw the forward's mask): its fake implementation refuses it with the same
+    error, rather than tracing a call that cannot run."""
+    q = randn(8, 2, 16)
+    if operator == "attention_forward":
+        args = (q, q, q, False, None, -1, -1, 0.0, None, -1, False, False, 0.5)
+    else:
+        offsets = torch.tensor([0, 8], dtype=torch.int32)
+        args = (q, q, q, offsets, offsets, 8, 8, False, None, -1, -1, 0.0, None, False, 0.5)
+    call = getattr(torch.ops.cuflash, operator)
+    with pytest.raises(ValueError) as refused:
+        call(*args)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(refused.value))}$"):
+        call(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in args))
+
 def _flash_attn_dropout(q, k, v):
     return ct.flash_attn_func(q, k, v, 0.2, causal=True)
 

@@ -293,16 +293,17 @@ def _stand_in(x: Optional[torch.Tensor]):
     return numpy.broadcast_to(numpy.zeros((), _bridge.numpy_dtype(x.dtype)), shape)
 
 
-def _fake_dropout_options(dropout_p, dropout_offset) -> dict:
-    """The dropout keywords of a checked fake call: a seed's value is never read there."""
+def _fake_dropout_options(dropout_p, dropout_seed, dropout_offset) -> dict:
+    """The dropout keywords of a checked fake call: a seed's value is never read there, but a
+    missing one is refused as the call refuses it."""
     if _example(dropout_p) == 0.0:
         return {}
-    return dict(dropout_p=_example(dropout_p), dropout_seed=0,
+    return dict(dropout_p=_example(dropout_p), dropout_seed=None if dropout_seed is None else 0,
                 dropout_offset=_example(dropout_offset))
 
 
 def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes,
-                     block_mask, deterministic, dropout_p, dropout_offset) -> None:
+                     block_mask, deterministic, dropout_p, dropout_seed, dropout_offset) -> None:
     """The core's checks of ``attention_forward``'s call (``cuflash._api._spec``)."""
     try:
         arrays = [_stand_in(x) for x in (q, k, v)]
@@ -311,7 +312,7 @@ def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
                                 lambda stand_in: stand_in)
         options.update(causal=_example(causal), scale=_example(scale),
                        deterministic=_example(deterministic), **mask_options(block_mask),
-                       **_fake_dropout_options(dropout_p, dropout_offset))
+                       **_fake_dropout_options(dropout_p, dropout_seed, dropout_offset))
     except _NoExample:
         return
     _api._spec(*arrays, **options)
@@ -319,7 +320,7 @@ def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
 
 def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal, scale, window_left, window_right, softcap, alibi_slopes,
-                            deterministic, dropout_p, dropout_offset) -> None:
+                            deterministic, dropout_p, dropout_seed, dropout_offset) -> None:
     """The core's checks of ``attention_varlen_forward``'s call but those of the offsets'
     values, which a fake call does not hold (``cuflash._api._varlen_checks``)."""
     try:
@@ -329,7 +330,7 @@ def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                                 lambda stand_in: stand_in)
         options.update(causal=_example(causal), scale=_example(scale),
                        deterministic=_example(deterministic),
-                       **_fake_dropout_options(dropout_p, dropout_offset))
+                       **_fake_dropout_options(dropout_p, dropout_seed, dropout_offset))
         lengths = _example(max_seqlen_q), _example(max_seqlen_k)
     except _NoExample:
         return
@@ -380,7 +381,7 @@ attention_forward = torch.library.custom_op("cuflash::attention_forward", _forwa
 def _(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
       seq_major, deterministic, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes,
-                     block_mask, deterministic, dropout_p, dropout_offset)
+                     block_mask, deterministic, dropout_p, dropout_seed, dropout_offset)
     return _empty_out(q, k, v, seq_major), _empty_lse(q, k, v)
 
 
@@ -528,7 +529,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, s
       dropout_seed=None, dropout_offset=0):
     _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal, scale, window_left, window_right, softcap, alibi_slopes,
-                            deterministic, dropout_p, dropout_offset)
+                            deterministic, dropout_p, dropout_seed, dropout_offset)
     return _empty_varlen_out(q, v), _empty_varlen_lse(q)
 
 
