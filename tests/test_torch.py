@@ -734,6 +734,24 @@ def test_fake_implementation_refuses_what_the_call_refuses(case):
                      **{name: mode.from_tensor(x) for name, x in options.items()})
 
 
+def test_meta_tensors_draw_no_dropout_seed():
+    """A call on meta tensors computes shapes only: with dropout it draws no seed, so torch's
+    CPU generator, which real calls draw from, is where it was (as after torch's own SDPA on
+    meta tensors); the backward gets its gradients' shapes as without dropout."""
+    meta = torch.device("meta")
+    q, k, v = (leaf(randn(2, 9, 4, 8).to(meta)) for _ in range(3))
+    packed = randn(10, 3, 2, 8).to(meta)
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32, device=meta)
+    state = torch.get_rng_state()
+    out = ct.flash_attn_func(q, k, v, dropout_p=0.25)
+    out.sum().backward()
+    ct.attention(q, k, v, dropout_p=0.25)
+    ct.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+    ct.flash_attn_varlen_qkvpacked_func(packed, cu_seqlens, 6, dropout_p=0.25)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert out.shape == (2, 9, 4, 8) and q.grad.shape == q.shape and q.grad.device == meta
+
+
 def test_return_attn_probs_on_meta_tensors_is_refused_by_name():
     """S_dmask is formed on the CPU from the values of q, k and v, which meta tensors do not
     hold: a ValueError naming it before the forward runs (docs/torch.md), not torch's

@@ -154,13 +154,18 @@ def _dropout(p: float, dropout_seed, dropout_offset, device: torch.device):
     """``(dropout_p, seed tensor or None, dropout_offset)`` for the operators, from a rate that
     ``_checked_dropout_p`` returned: the given seed, or with ``p > 0`` and none given a drawn one
     (``_ops.draw_seed``; while a CUDA graph captures a call on ``device``,
-    ``_ops.draw_device_seed``, whose pair carries the offset); no seed without dropout. Call it
+    ``_ops.draw_device_seed``, whose pair carries the offset; on the meta device none is drawn);
+    no seed without dropout. Call it
     after the call's last check, so that a refused call leaves torch's generators where they
     were (``_run_with_dropout``, for the checks that come after it)."""
     if p == 0.0:
         return 0.0, None, 0
     if dropout_seed is not None:
         return p, _ops.seed_tensor(int(dropout_seed)), int(dropout_offset)
+    if device.type == "meta":
+        # Shapes only (the fake implementations read no seed): a draw would move torch's CPU
+        # generator, which torch's own operators on meta tensors leave where it is.
+        return p, torch.empty((), dtype=torch.int64, device=device), int(dropout_offset)
     if _ops.graph_capturing(device):
         # An int drawn now would be captured by value, one mask for every replay.
         return p, _ops.draw_device_seed(device, int(dropout_offset)), 0
