@@ -12,6 +12,7 @@ Backward passes use ``deterministic=True`` so that every family's gradients are 
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import ml_dtypes
@@ -310,6 +311,12 @@ def test_graph_capture_replays_packed_sequences_with_numpy_offsets(xp_gpu, rng, 
     _assert_identical(captured, expected, xp)
 
 
+def _spin_kernel(xp):
+    """A one-thread kernel that runs for the given number of clock cycles."""
+    return xp.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        const long long start = clock64(); while (clock64() - start < cycles) {} }''', "spin")
+
+
 def test_vjp_on_another_stream_reads_what_its_forward_made(xp_gpu, rng, seed):
     """A vjp's backward queued on another stream behind long work, the vjp dropped at once, and
     the forward's stream then handed blocks of out's and lse's sizes and filled with NaN: the
@@ -323,8 +330,7 @@ def test_vjp_on_another_stream_reads_what_its_forward_made(xp_gpu, rng, seed):
     out, vjp = cuflash.attention_vjp(q, k, v, **options)
     expected = vjp(dout)
     xp.cuda.Device().synchronize()
-    spin = xp.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
-        const long long start = clock64(); while (clock64() - start < cycles) {} }''', "spin")
+    spin = _spin_kernel(xp)
     forward_stream, other = xp.cuda.Stream(non_blocking=True), xp.cuda.Stream(non_blocking=True)
     for _ in range(3):
         with forward_stream:
@@ -343,3 +349,28 @@ def test_vjp_on_another_stream_reads_what_its_forward_made(xp_gpu, rng, seed):
         for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
             assert bool(xp.array_equal(got.view(np.uint16), want.view(np.uint16))), name
         del fills
+
+
+def test_vjp_on_another_stream_gives_its_buffers_back_once_that_stream_passes(xp_gpu, rng):
+    """With no later call: the forward's out and lse, held while the other stream's backward is
+    queued behind long work, go back to the pool once that stream has run it."""
+    xp = xp_gpu
+    shape = (2, 4, 384, 64)
+    q, k, v, dout = _inputs(xp, rng, shape)
+    pool = xp.get_default_memory_pool()
+    forward_stream, other = xp.cuda.Stream(non_blocking=True), xp.cuda.Stream(non_blocking=True)
+    with forward_stream:
+        out, vjp = cuflash.attention_vjp(q, k, v, causal=True)
+    other.wait_event(forward_stream.record())
+    with other:
+        _spin_kernel(xp)((1,), (1,), (np.int64(1_000_000_000),))  # about half a second
+        grads = vjp(dout)
+    del out, vjp
+    held = pool.used_bytes()
+    other.synchronize()
+    deadline = time.monotonic() + 5.0
+    while pool.used_bytes() >= held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out_and_lse = 2 * int(np.prod(shape)) + 4 * int(np.prod(shape[:3]))
+    assert held - pool.used_bytes() >= out_and_lse
+    assert all(bool(xp.isfinite(g).all()) for g in grads)
