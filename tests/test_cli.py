@@ -1255,6 +1255,32 @@ def test_mask_show_huge_length_draws_without_building():
     assert record["kept_blocks_at_most"] == 524288 * 524289 // 2
 
 
+def test_mask_show_drawn_without_building_stays_small_for_a_large_picture(monkeypatch):
+    """A mask drawn without being built is drawn from blocks large enough to build quickly, however
+    many characters the picture may have: with --max-cols 5000, causal at 512K tokens was
+    'drawn without building it' from its own 128-token blocks, building all 8.4M of them (800 MiB)
+    that the note said it would not build."""
+    from cuflash.cli import _patterns
+
+    mask_command = importlib.import_module("cuflash.cli.mask")  # the package names the group
+    monkeypatch.setattr(mask_command, "FULL_BUILD_BLOCKS", 10_000)
+    built_blocks = []
+    build_mask = _patterns.build_mask
+
+    def counting_build_mask(name, seq_len, *, block_size, parameters, seed=0):
+        built_blocks.append(PATTERNS[name].blocks(seq_len, block_size, parameters, seed))
+        return build_mask(name, seq_len, block_size=block_size, parameters=parameters, seed=seed)
+
+    monkeypatch.setattr(mask_command, "build_mask", counting_build_mask)
+    result = invoke("mask", "show", "causal", "--seq-len", "64K", "--max-rows", "4",
+                    "--max-cols", "600")
+    assert "drawn from blocks of" in result.stderr
+    assert built_blocks and max(built_blocks) <= 10_000
+    picture_block_size = int(result.stderr.split("drawn from blocks of ")[1].split()[0])
+    assert picture_block_size > 128
+    assert f"drawn from {picture_block_size}-token blocks" in result.stdout
+
+
 @pytest.mark.parametrize("pattern, options", [("prefix-lm", ["--prefix", "3000"]),
                                              ("image-local", ["--radius", "20"])])
 def test_mask_show_draws_a_mask_too_large_to_build_as_when_built(monkeypatch, pattern, options):
@@ -1264,7 +1290,8 @@ def test_mask_show_draws_a_mask_too_large_to_build_as_when_built(monkeypatch, pa
     mask_command = importlib.import_module("cuflash.cli.mask")  # the package names the group
     args = ["mask", "show", pattern, "--seq-len", "9377", "--block-size", "16", *options]
     built = invoke(*args).stdout.splitlines()[2:]
-    monkeypatch.setattr(mask_command, "FULL_BUILD_BLOCKS", 1000)
+    # below the blocks of the whole pattern, above those of the one drawn from 128-token blocks
+    monkeypatch.setattr(mask_command, "FULL_BUILD_BLOCKS", 10_000)
     drawn = invoke(*args)
     assert "drawn from blocks of" in drawn.stderr
     assert drawn.stdout.splitlines()[2:] == built

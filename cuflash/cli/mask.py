@@ -121,6 +121,7 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
                 f"{duration(cost_seconds)} and {size(cost_bytes)}, and its random blocks "
                 "cannot be drawn without it; use a larger --block-size or a smaller "
                 "--seq-len, or add --force to build it anyway")
+        group = _buildable_group(pattern, seq_len, block_size, parameters, seed, group)
         drawn = build_mask(pattern, seq_len, block_size=block_size * group,
                            parameters=parameters, seed=seed)
         click.echo(f"note: the pattern would keep up to {blocks_bound:,.0f} blocks "
@@ -245,6 +246,16 @@ def _group(blocks: int, cells: int) -> int:
     about ``cells`` (and at least that many, so the picture loses nothing)."""
     group = 1
     while blocks / (2 * group) >= cells:
+        group *= 2
+    return group
+
+
+def _buildable_group(pattern, seq_len, block_size, parameters, seed, group: int) -> int:
+    """``group``, doubled until the pattern built with blocks ``group`` times larger keeps at most
+    FULL_BUILD_BLOCKS: a picture of many characters (--max-cols, --png) would otherwise be drawn
+    from a mask as costly as the one it is drawn instead of."""
+    while PATTERNS[pattern].blocks(seq_len, block_size * group, parameters,
+                                   seed) > FULL_BUILD_BLOCKS:
         group *= 2
     return group
 
