@@ -812,6 +812,31 @@ def test_memory_ctrl_c_prints_what_was_measured(monkeypatch):
     assert "Traceback" not in result.output
 
 
+def _interrupted_from_length(monkeypatch, length):
+    attention = cuflash.attention
+
+    def interrupted(q, *args, **kwargs):
+        if q.shape[-2] >= length:
+            raise KeyboardInterrupt
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash, "attention", interrupted)
+
+
+@pytest.mark.parametrize("args", [MEMORY, [*TINY_BENCH, "--seq-lens", "64,128", "--causal", "no"]],
+                         ids=["memory", "bench"])
+def test_ctrl_c_with_json_speaks_of_the_record_not_of_a_table(monkeypatch, args):
+    """With --json no table is printed: Ctrl-C said on stderr that 'the table above' held what
+    was measured, next to a JSON record on stdout."""
+    _interrupted_from_length(monkeypatch, 128 if args is not MEMORY else 512)
+    result = invoke(*args, "--json", code=130)
+    record = json.loads(result.stdout)
+    assert record["stopped"].startswith("interrupted by Ctrl-C")
+    assert len(record["results"]) == 1
+    assert "table" not in result.stderr
+    assert "interrupted by Ctrl-C" in result.stderr and "record" in result.stderr
+
+
 def test_memory_first_length_is_not_charged_for_loading_the_cpu_path():
     """In a fresh process the first call loads cuflash's NumPy path; tracemalloc sees the
     import's Python objects, which are no memory of the call (they made the first forward

@@ -111,6 +111,13 @@ def require_reasonable(device, *, seconds: float, needed: int, what: str, force:
                        + ("  more than is free" if nbytes > free else ""), err=True)
 
 
+def interrupted_with_results(what: str, as_json: bool) -> Interrupted:
+    """The error that ends a sweep stopped by Ctrl-C once its results (``what``: "rows",
+    "lengths") are printed: a table, or with --json the record, whose "stopped" says where."""
+    printed = 'the record (its "stopped" says where)' if as_json else "the table above"
+    return Interrupted(f"interrupted by Ctrl-C; {printed} holds the {what} measured before it")
+
+
 @contextlib.contextmanager
 def stop_on_ctrl_c(what: str):
     """Turn Ctrl-C into a one-line message and exit status 130 instead of a traceback."""

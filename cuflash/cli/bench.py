@@ -10,8 +10,9 @@ from click.core import ParameterSource
 
 import cuflash.bench as measure
 from cuflash.bench.estimate import attention_seconds
-from cuflash.cli._common import (Interrupted, choose_device, echo_json, progress,
-                                 pyplot_or_fail, require_reasonable, save_figure, stop_on_ctrl_c,
+from cuflash.cli._common import (Interrupted, choose_device, echo_json,
+                                 interrupted_with_results, progress, pyplot_or_fail,
+                                 require_reasonable, save_figure, stop_on_ctrl_c,
                                  translate_errors)
 from cuflash.cli._options import (BOUNDED_TOKENS, COUNT, POSITIVE, CommaList, device_option,
                                   dtype_option, force_option, json_option, plot_option,
@@ -161,7 +162,7 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
     if plot:
         (_plot_sparse if sparse else _plot_dense)(plt, plot, records, target)
     if stopped:
-        raise Interrupted("the table above holds the rows measured before it")
+        raise interrupted_with_results("rows", as_json)
 
 
 def _run_rows(runs):

@@ -9,9 +9,9 @@ import click
 import cuflash
 from cuflash.bench.estimate import attention_seconds
 from cuflash.bench.problems import Inputs
-from cuflash.cli._common import (Interrupted, choose_device, echo_json, progress, pyplot_or_fail,
-                                 require_reasonable, save_figure, size, stop_on_ctrl_c, tokens,
-                                 translate_errors)
+from cuflash.cli._common import (choose_device, echo_json, interrupted_with_results, progress,
+                                 pyplot_or_fail, require_reasonable, save_figure, size,
+                                 stop_on_ctrl_c, tokens, translate_errors)
 from cuflash.cli._options import (BOUNDED_TOKENS, batch_option, causal_option, device_option,
                                   dtype_option, force_option, head_dim_option, heads_option,
                                   json_option, plot_option)
@@ -139,7 +139,7 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
     if plot and records:
         _plot(plt, plot, setup, records, target)
     if stopped and stopped.startswith("interrupted"):
-        raise Interrupted("the table above holds the lengths measured before it")
+        raise interrupted_with_results("lengths", as_json)
 
 
 def _arrays_bytes(n, *, batch, heads, head_dim, dtype):
