@@ -889,6 +889,15 @@ def test_memory_estimate_gives_the_memory_of_each_length(monkeypatch):
     assert first.endswith(f", {size} of memory (117.2 KiB free)") and lengths == [], one
 
 
+def test_memory_whose_first_length_cannot_fit_names_the_option_that_sets_it(monkeypatch):
+    """A sweep is refused for memory only when its first length cannot fit: the advice was 'use
+    a smaller --max-seq-len', which cannot help (and below --min-seq-len is refused)."""
+    monkeypatch.setattr(devices.CpuDevice, "free_bytes", lambda self: 1_000)
+    result = invoke(*MEMORY, code=3)
+    assert "--min-seq-len" in result.stderr and "--max-seq-len" not in result.stderr
+    assert result.stdout == ""
+
+
 def test_memory_min_above_the_default_max_runs_that_length():
     record = invoke_json("memory", "--device", "cpu", "--min-seq-len", "8K", "--heads", "1",
                          "--head-dim", "8")

@@ -99,9 +99,13 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
                                          calls=2, **shape) for n in fitting)
         each = {f"{tokens(n)} tokens": _arrays_bytes(n, **shape)
                 for n in lengths[:len(fitting) + 1]}
-        require_reasonable(target, seconds=estimate, needed=_arrays_bytes(min_seq_len, **shape),
-                           what="this sweep", force=force, each=each,
-                           smaller="use a smaller --max-seq-len, fewer heads or a smaller batch")
+        first = _arrays_bytes(min_seq_len, **shape)
+        # Memory refuses the sweep only when its first length cannot fit (a later one ends it
+        # there); time refuses the whole sweep.
+        shorter = "--min-seq-len" if first > free else "--max-seq-len"
+        require_reasonable(target, seconds=estimate, needed=first, what="this sweep",
+                           force=force, each=each,
+                           smaller=f"use a smaller {shorter}, fewer heads or a smaller batch")
 
     records, stopped = [], None
     with translate_errors(target), progress(len(lengths), "measuring",
