@@ -1047,6 +1047,17 @@ def test_bench_full_grid_on_the_cpu_is_refused_naming_force():
     assert "--smoke" in result.output
 
 
+def test_bench_that_cannot_fit_names_the_options_that_set_its_memory(monkeypatch):
+    """A call of the dense grid holds total tokens × hidden elements per array, whatever N and
+    D: the refusal said 'use --smoke, fewer --seq-lens or --head-dims, fewer --repeats', none
+    of which makes a call smaller once --total-tokens and --hidden are given."""
+    monkeypatch.setattr(devices.CpuDevice, "free_bytes", lambda self: 1_000)
+    result = invoke(*TINY_BENCH, "--seq-lens", "64", code=3)
+    assert "needs about" in result.stderr
+    assert "--total-tokens" in result.stderr and "--hidden" in result.stderr
+    assert "--seq-lens" not in result.stderr and "--repeats" not in result.stderr
+
+
 # ----------------------------------------------------------------------------- mask
 
 def test_mask_list_names_every_pattern():

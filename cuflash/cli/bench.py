@@ -115,6 +115,9 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
     options = {"baselines": chosen, "warmup": warmup, "repeats": repeats, "seed": seed}
     smaller = ("use --smoke, fewer --seq-lens or --head-dims, fewer --repeats or --baselines"
                if not sparse else "use --smoke or fewer --repeats")
+    # Each call of the dense grid holds total tokens × hidden elements per array, whatever N
+    # and D; the sparse sweep's sizes are fixed.
+    smaller_memory = "use a smaller --total-tokens or --hidden" if not sparse else "use --smoke"
 
     with translate_errors(target), stop_on_ctrl_c("no table was printed"):
         if sparse:
@@ -125,7 +128,7 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
                                          measure.SPARSE_HEAD_DIM, False, dtype.name),
                          mask.element_density) for _, mask in masks]
             _require_reasonable(target, problems, modes, chosen, warmup, repeats, force,
-                                smaller)
+                                smaller, smaller_memory)
             steps = len(masks) * len(modes) * len(measure.SPARSE_IMPLEMENTATIONS)
             with progress(steps, "timing", enabled=not as_json) as bar:
                 # One row (mask and mode) at a time, so that Ctrl-C keeps the rows measured.
@@ -139,7 +142,7 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
             grid = measure.dense_problems(seq_lens, head_dims, causal, total_tokens=total_tokens,
                                           hidden=hidden, dtype=dtype.name)
             _require_reasonable(target, [(p, 1.0) for p in grid], modes, chosen, warmup,
-                                repeats, force, smaller)
+                                repeats, force, smaller, smaller_memory)
             steps = len(grid) * len(modes) * len(measure.IMPLEMENTATIONS)
             with progress(steps, "timing", enabled=not as_json) as bar:
                 runs = [lambda problem=problem, m=m: measure.run_dense(
@@ -225,10 +228,11 @@ def _check_grid(seq_lens, head_dims, total_tokens, hidden, set_by_smoke):
 FLEX_COMPILE_SECONDS = 10
 
 
-def _require_reasonable(device, problems, modes, baselines, warmup, repeats, force, smaller):
+def _require_reasonable(device, problems, modes, baselines, warmup, repeats, force, smaller,
+                        smaller_memory):
     """Estimate the sweep (cuflash's runs, each baseline taken as long as cuflash, FlexAttention's
     compiles) and the memory of its largest problem, and refuse or warn as the other commands
-    do."""
+    do: ``smaller`` says how to ask for less time, ``smaller_memory`` for less memory."""
     torch_present = importlib.util.find_spec("torch") is not None
     seconds, needed = 0.0, 0
     for problem, fraction in problems:
@@ -244,6 +248,9 @@ def _require_reasonable(device, problems, modes, baselines, warmup, repeats, for
         # q, k, v, dout, out and the three gradients, for cuflash and for the torch side
         needed = max(needed, 8 * b * h * n * d * measure.DTYPES[problem.dtype].itemsize
                      * (2 if baselines and torch_present else 1))
+    if needed > device.free_bytes():
+        # the torch side holds its own arrays: without it a call needs half
+        smaller = smaller_memory + (", or --no-torch" if baselines and torch_present else "")
     require_reasonable(device, seconds=seconds, needed=needed, what="this sweep", force=force,
                        smaller=smaller)
 
