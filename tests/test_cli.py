@@ -307,6 +307,16 @@ def test_check_pattern_rejecting_its_parameters_is_a_usage_error():
     assert "global_tokens" in result.output
 
 
+@pytest.mark.parametrize("pattern", ["longformer", "bigbird"])
+def test_global_tokens_take_token_counts_as_the_other_lengths_do(pattern):
+    """--global-tokens counts tokens, as --window and --prefix do, but refused '1K' ('not a
+    valid integer range') where --window took it."""
+    record = invoke_json("mask", "show", pattern, "--seq-len", "4K", "--global-tokens", "1K",
+                         "--window", "1K")
+    assert record["parameters"]["global-tokens"] == 1024
+    assert record["parameters"]["window"] == 1024
+
+
 def test_check_gpu_where_there_is_none_says_why(monkeypatch):
     from cuflash import kernels
     monkeypatch.setattr(kernels, "availability", lambda: (False, "no CUDA device is visible"))

@@ -24,8 +24,8 @@ PARAMETERS = {
     "stride": ("tokens", "Distance between the strided keys, or the segment length "
                          "(strided, fixed)."),
     "summary": ("positive", "Keys at the end of each segment that every query sees (fixed)."),
-    "global-tokens": ("count", "The first tokens, which attend and are attended by all "
-                               "(longformer, bigbird)."),
+    "global-tokens": ("length", "The first tokens, which attend and are attended by all "
+                                "(longformer, bigbird)."),
     "num-random": ("count", "Random key blocks added to each query block (bigbird)."),
     "radius": ("count", "Pixels on each side of a pixel, in both directions, over the image "
                         "the sequence is read from (image-local)."),
