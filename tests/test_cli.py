@@ -317,6 +317,23 @@ def test_global_tokens_take_token_counts_as_the_other_lengths_do(pattern):
     assert record["parameters"]["window"] == 1024
 
 
+@pytest.mark.parametrize("command", [["mask", "show"], [*SMALL_CHECK, "--pattern"]],
+                         ids=["mask show", "check"])
+@pytest.mark.parametrize("pattern, options, option", [
+    ("fixed", ["--stride", "64", "--summary", "100"], "--summary"),
+    ("prefix-lm", ["--prefix", "4K"], "--prefix"),
+    ("document", ["--documents", "2000"], "--documents"),
+])
+def test_pattern_refusing_its_parameters_names_the_options(command, pattern, options, option):
+    """A pattern that refuses its parameters is a usage error naming the options, not only the
+    library's argument ('summary must be at most stride=64', 'prefix=4096 exceeds the key
+    length nk=256', 'cannot cut 256 tokens into 2000 documents')."""
+    seq_len = [] if command[0] == "check" else ["--seq-len", "256"]
+    result = invoke(*command, pattern, *seq_len, *options, code=2)
+    assert f"cannot build pattern {pattern!r}" in result.stderr
+    assert option in result.stderr and "--seq-len 256" in result.stderr
+
+
 def test_check_gpu_where_there_is_none_says_why(monkeypatch):
     from cuflash import kernels
     monkeypatch.setattr(kernels, "availability", lambda: (False, "no CUDA device is visible"))

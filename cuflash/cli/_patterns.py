@@ -312,18 +312,28 @@ def pattern_parameters(name: str, given: dict) -> dict:
             for option, default in pattern.defaults.items()}
 
 
+def _given_as_options(seq_len: int, parameters: dict) -> str:
+    """The length and parameters of a pattern as the options that set them: the library's
+    messages name its own arguments (``summary``, ``nk``), the user typed options."""
+    return " ".join([f"--seq-len {seq_len}",
+                     *(f"--{name} {value}" for name, value in parameters.items()
+                       if value is not None)])
+
+
 @contextlib.contextmanager
-def _building(name: str, seq_len: int, instead: str):
+def _building(name: str, seq_len: int, parameters: dict, instead: str):
     """Errors of building pattern ``name`` as the commands report them: a pattern that rejects
-    its parameters (a window longer than the sequence, ...) raises ``click.UsageError`` with its
-    message; one whose arrays do not fit in memory or in int64 (huge ``seq_len``) raises
-    ``NotEnoughMemory`` (exit status 3) saying what to do ``instead``."""
+    its parameters (a prefix longer than the sequence, ...) raises ``click.UsageError`` with its
+    message and the options it was built from; one whose arrays do not fit in memory or in
+    int64 (huge ``seq_len``) raises ``NotEnoughMemory`` (exit status 3) saying what to do
+    ``instead``."""
     from cuflash.cli._common import NotEnoughMemory
 
     try:
         yield
     except ValueError as error:
-        raise click.UsageError(f"cannot build pattern {name!r}: {error}") from error
+        raise click.UsageError(f"cannot build pattern {name!r} with "
+                               f"{_given_as_options(seq_len, parameters)}: {error}") from error
     except (MemoryError, OverflowError) as error:
         raise NotEnoughMemory(
             f"cannot build pattern {name!r} at {seq_len:,} tokens: {error}; {instead}") from error
@@ -337,7 +347,7 @@ def build_exact_mask(name: str, seq_len: int, *, block_size: int, parameters: di
     :func:`build_mask`."""
     sparse = _sparse()
     pattern = PATTERNS[name]
-    with _building(name, seq_len, "use a smaller --seq-len"):
+    with _building(name, seq_len, parameters, "use a smaller --seq-len"):
         if pattern.on_tokens:
             elements = pattern.build(seq_len, 1, parameters, seed)
         else:
@@ -358,7 +368,8 @@ def build_mask(name: str, seq_len: int, *, block_size: int, parameters: dict, se
     3) for arrays that do not fit in memory or in int64.
     """
     sparse = _sparse()
-    with _building(name, seq_len, "use a larger --block-size or a smaller --seq-len"):
+    with _building(name, seq_len, parameters,
+                   "use a larger --block-size or a smaller --seq-len"):
         blocks = PATTERNS[name].build(seq_len, block_size, parameters, seed)
         if hasattr(blocks, "tocoo"):
             return sparse.BlockMask.from_scipy(blocks, level="block", block_size=block_size,
