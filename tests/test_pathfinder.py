@@ -59,6 +59,16 @@ def test_bad_sizes_are_rejected_with_the_value():
     with pytest.raises(ValueError, match="positive"):
         project_to_qkv(np.zeros(16), 4, heads=0, head_dim=8)
 
+@pytest.mark.parametrize("seq_len", [10, 49])
+def test_pathfinder_inputs_too_short_name_seq_len(seq_len):
+    """pathfinder_qkv(10, ...) said 'side must be at least 8 pixels, got 4': an argument the
+    caller never passed. The error names seq_len and the least length an image holds."""
+    with pytest.raises(ValueError, match=rf"seq_len must be at least 50 .*got {seq_len}"):
+        pathfinder_qkv(seq_len, heads=1, head_dim=8)
+    assert pathfinder.MIN_TOKENS == 50
+    assert pathfinder_qkv(pathfinder.MIN_TOKENS, heads=1, head_dim=8)[3].side == 8
+
+
 
 def test_tokens_are_read_row_by_row_and_cut():
     image = pathfinder_image(16, seed=2)

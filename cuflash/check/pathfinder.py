@@ -38,6 +38,7 @@ __all__ = [
 # one-hot, which is where low-precision error and masking mistakes show.
 SELF_SCORE_TARGET = 10.0
 MIN_SIDE = 8  # pixels: smaller images have no room for two markers and a curve between them
+MIN_TOKENS = (MIN_SIDE - 1) ** 2 + 1  # the shortest sequence read from a MIN_SIDE image
 FOURIER_FEATURES = 32
 PIXEL_WEIGHT = 0.5
 
@@ -297,8 +298,12 @@ def pathfinder_qkv(seq_len: int, *, heads: int, head_dim: int, seed: int = 0, dt
     """q, k, v for ``seq_len`` tokens of one Pathfinder image, and the image.
 
     The image side is the smallest square with at least ``seq_len`` pixels (128 for 16,384 tokens,
-    256 for 65,536); when ``seq_len`` is not a square, the last row is cut short.
+    256 for 65,536); when ``seq_len`` is not a square, the last row is cut short. It must be at
+    least MIN_TOKENS (an 8×8 image).
     """
+    if seq_len < MIN_TOKENS:
+        raise ValueError(f"seq_len must be at least {MIN_TOKENS} (an image of {MIN_SIDE}×{MIN_SIDE} "
+                         f"pixels), got {seq_len}")
     side = image_side_for(seq_len)
     image = pathfinder_image(side, seed=seed)
     q, k, v = project_to_qkv(image.tokens(seq_len), side, heads=heads, head_dim=head_dim,

@@ -10,7 +10,7 @@ import click.core
 from cuflash.bench.devices import CpuDevice
 from cuflash.bench.estimate import attention_seconds
 from cuflash.check import verify
-from cuflash.check.pathfinder import MIN_SIDE, pathfinder_qkv, random_qkv
+from cuflash.check.pathfinder import MIN_TOKENS, pathfinder_qkv, random_qkv
 from cuflash.cli._common import (REFUSE_SECONDS, choose_device, duration, echo_json, log,
                                  progress, require_reasonable, seconds, size, stop_on_ctrl_c,
                                  tokens, translate_errors)
@@ -24,7 +24,6 @@ PATH_X, PATH_256 = 128 * 128, 256 * 256
 # Without a GPU the NumPy path checks this many tokens unless --seq-len or --path-256 asks
 # otherwise: a 64×64 image, seconds on an ordinary CPU, where Path-X takes about a minute.
 CPU_SEQ_LEN = 64 * 64
-MIN_PATHFINDER_TOKENS = (MIN_SIDE - 1) ** 2 + 1  # the smallest length with an 8×8 image
 
 # --gpus N (ring attention, zigzag layout) estimates. A ring simulated on the CPU runs its ranks
 # as threads of one process that share the cores: about this many times the time of the same
@@ -173,9 +172,9 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
                        explicit=explicit)
         return
     parameters = pattern_parameters(pattern, given) if pattern != "dense" else {}
-    if inputs == "pathfinder" and asked is not None and asked < MIN_PATHFINDER_TOKENS:
+    if inputs == "pathfinder" and asked is not None and asked < MIN_TOKENS:
         raise click.BadParameter(
-            f"Pathfinder images need at least {MIN_PATHFINDER_TOKENS} tokens (an 8×8 image), "
+            f"Pathfinder images need at least {MIN_TOKENS} tokens (an 8×8 image), "
             f"got {asked}; add --inputs random for shorter sequences", param_hint="--seq-len")
 
     target, reason = choose_device(device)
