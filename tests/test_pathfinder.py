@@ -131,6 +131,16 @@ def test_random_inputs_are_standard_normal():
     assert not np.array_equal(q, k)
 
 
+@pytest.mark.parametrize("sizes, name", [((0, 2, 8), "seq_len"), ((16, 0, 8), "heads"),
+                                         ((16, -1, 8), "heads"), ((16, 2, 0), "head_dim")])
+def test_random_inputs_refuse_sizes_that_are_not_positive(sizes, name):
+    """random_qkv returned empty arrays for a length, head count or head dimension of 0 (and
+    NumPy's 'negative dimensions are not allowed' for -1), where pathfinder_qkv refuses them."""
+    seq_len, heads, head_dim = sizes
+    with pytest.raises(ValueError, match=rf"{name}.*must be positive"):
+        random_qkv(seq_len, heads=heads, head_dim=head_dim)
+
+
 def _joined(pixels, a, b, reach=1):
     """Whether lit pixels lead from a to b in steps of at most ``reach`` pixels (Chebyshev)."""
     lit = pixels > 0

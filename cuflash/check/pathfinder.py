@@ -252,8 +252,7 @@ def project_to_qkv(tokens: numpy.ndarray, side: int, *, heads: int, head_dim: in
 
     Returns arrays of shape ``(1, heads, len(tokens), head_dim)`` in ``dtype``.
     """
-    if heads < 1 or head_dim < 1:
-        raise ValueError(f"heads and head_dim must be positive, got {heads} and {head_dim}")
+    _require_positive(heads=heads, head_dim=head_dim)
     tokens = numpy.asarray(tokens, dtype=numpy.float64)
     n = tokens.shape[0]
     rng = numpy.random.default_rng([seed, 1])
@@ -278,6 +277,13 @@ def project_to_qkv(tokens: numpy.ndarray, side: int, *, heads: int, head_dim: in
         q[0, h], k[0, h] = q_h * gain, k_h * gain
         v[0, h] = features @ rng.normal(0, 1, size=basis.shape)
     return q, k, v
+
+
+def _require_positive(**sizes):
+    """ValueError naming the first of ``sizes`` (argument name → value) that is below 1."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
 
 
 def _orthonormal(rng: numpy.random.Generator, rows: int, cols: int) -> numpy.ndarray:
@@ -313,6 +319,7 @@ def pathfinder_qkv(seq_len: int, *, heads: int, head_dim: int, seed: int = 0, dt
 
 def random_qkv(seq_len: int, *, heads: int, head_dim: int, seed: int = 0, dtype=numpy.float32):
     """Standard normal q, k, v of shape ``(1, heads, seq_len, head_dim)`` (the plain-noise input)."""
+    _require_positive(seq_len=seq_len, heads=heads, head_dim=head_dim)
     rng = numpy.random.default_rng([seed, 2])
     shape = (1, heads, seq_len, head_dim)
     return tuple(rng.standard_normal(shape, dtype=numpy.float32).astype(dtype) for _ in range(3))
