@@ -1534,6 +1534,15 @@ def test_sampled_rows_hold_the_ends():
     np.testing.assert_array_equal(verify.sample_rows(8, 100, 0), np.arange(8))
 
 
+@pytest.mark.parametrize("count", [0, -3])
+def test_sampled_rows_refuse_a_count_below_one(count):
+    """sample_rows(1000, 0) gave no rows ([:-3] of the ends for -3: some), and a check on no
+    rows compares nothing and passes."""
+    with pytest.raises(ValueError, match=rf"count must be a positive number of rows or None, "
+                                         rf"got {count}"):
+        verify.sample_rows(1000, count, seed=0)
+
+
 def test_memory_estimate_grows_with_the_problem():
     small = verify.estimate_bytes(16384, 8, 64, 2, 256, backward=False)
     assert small < verify.estimate_bytes(16384, 8, 64, 2, 256, backward=True)

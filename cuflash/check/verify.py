@@ -39,6 +39,8 @@ REFERENCE_SCORES = 2**25
 def sample_rows(n: int, count: int | None, seed: int) -> numpy.ndarray:
     """Sorted query rows to check: the first, the last (from ``count`` 2 on), and random others;
     all when ``count`` is None or at least ``n``."""
+    if count is not None and count < 1:  # no rows would compare nothing, and pass
+        raise ValueError(f"count must be a positive number of rows or None, got {count}")
     if count is None or count >= n:
         return numpy.arange(n)
     rng = numpy.random.default_rng([seed, 4])
