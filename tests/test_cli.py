@@ -1286,6 +1286,25 @@ def test_plot_in_a_format_matplotlib_cannot_write_is_refused_first(monkeypatch, 
     assert invoke(*args, "--plot", tmp_path / "plot.svg").stdout
 
 
+def test_memory_plot_says_when_no_length_was_measured(monkeypatch, tmp_path):
+    """A sweep whose first length ran out of memory measured nothing: --plot then wrote no
+    file, said nothing of it, and the command exited 0 as if the plot were there."""
+    for name in ("matplotlib", "matplotlib.pyplot", "matplotlib.backend_bases"):
+        monkeypatch.setitem(sys.modules, name, None)  # restored (or removed) afterwards
+    exec(FAKE_MATPLOTLIB, {"__name__": "fake_matplotlib"})  # puts the stand-in there
+    memory_command = importlib.import_module("cuflash.cli.memory")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate")
+
+    monkeypatch.setattr(memory_command, "_measure", out_of_memory)
+    path = tmp_path / "m.png"
+    result = invoke(*MEMORY, "--plot", path)
+    assert "stopped at 256 tokens: out of cpu memory" in result.stdout
+    assert f"no plot written to {path}: no length was measured" in result.stderr
+    assert not path.exists()
+
+
 def test_plot_format_follows_the_file_name(tmp_path):
     """--plot renders in memory before the atomic write, so it names the format matplotlib
     would have read from the file name: a .svg or .pdf plot is one, not a PNG so named."""

@@ -142,6 +142,8 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
         _print_table(setup, records, stopped, target)
     if plot and records:
         _plot(plt, plot, setup, records, target)
+    elif plot:  # asked for, and not to be taken for written
+        click.echo(f"no plot written to {plot}: no length was measured", err=True)
     if stopped and stopped.startswith("interrupted"):
         raise interrupted_with_results("lengths", as_json)
 
