@@ -19,6 +19,7 @@ weights and the same batches.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -348,6 +349,26 @@ def power_of_two_side(text: str) -> int:
     return side
 
 
+def refuse_unwritable_outputs(parser, args) -> None:
+    """Refuse now, not once the training is over, a --log (or --out) or --plot that could not
+    be written: the run would end in a traceback, and a --log's results would be lost."""
+    if args.log:
+        log = Path(args.log)
+        if log.is_dir():
+            parser.error(f"--log {args.log} is a folder; give a file name")
+        folder = next((p for p in log.parents if p.exists()), None)  # made when writing the log
+        if folder is not None and not folder.is_dir():
+            parser.error(f"--log {args.log}: {folder} is a file, not a folder")
+    if args.plot:
+        plot_path = Path(args.plot)
+        if plot_path.is_dir():
+            parser.error(f"--plot {args.plot} is a folder; give a file name")
+        if not plot_path.parent.is_dir():
+            parser.error(f"--plot {args.plot}: folder {plot_path.parent} does not exist")
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("--plot needs matplotlib (pip install matplotlib)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     add = parser.add_argument
@@ -424,6 +445,7 @@ def main(argv=None) -> int:
     if args.out and not args.log:
         backend = "" if args.sdpa_backend == "default" else f"-{args.sdpa_backend}"
         args.log = str(Path(args.out) / f"pathfinder-{args.size}-{args.attention}{backend}.json")
+    refuse_unwritable_outputs(parser, args)
     result = train(args)
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)

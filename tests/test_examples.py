@@ -138,6 +138,23 @@ def test_train_pathfinder_refuses_out_of_range_numbers(train_pathfinder, capsys,
                                  f"argument {option}: must be")
 
 
+@pytest.mark.parametrize("option, where, message", [
+    ("--plot", "missing/loss.png", "--plot"),
+    ("--log", ".", "--log"),
+])
+def test_train_pathfinder_refuses_an_output_it_cannot_write_before_training(
+        train_pathfinder, tmp_path, capsys, option, where, message):
+    """A --plot into a missing folder, or a --log that is a folder, failed only once training
+    was over: a traceback at the end of the run, and for --log the results lost with it."""
+    path = tmp_path / where
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + [option, str(path)])
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "set:" not in captured.out  # no image drawn, no step taken
+
+
 def test_train_pathfinder_zero_warmup_and_eval_every_mean_none(train_pathfinder, tmp_path):
     log = tmp_path / "zero.json"
     assert train_pathfinder.main(TINY + ["--steps", "1", "--warmup", "0", "--eval-every", "0",
