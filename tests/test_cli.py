@@ -1206,6 +1206,22 @@ main()
     assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]
 
 
+def test_mask_show_png_through_a_symbolic_link_writes_the_file_it_names(tmp_path):
+    """A --png path that is a symbolic link (latest.png -> runs/3.png) was replaced by a new
+    file: the link was gone and the file it named kept its old picture. The picture is now
+    written where the link leads, and the link stays."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    target = runs / "3.png"
+    target.write_bytes(b"an earlier picture")
+    link = tmp_path / "latest.png"
+    link.symlink_to(target)
+    invoke("mask", "show", "butterfly", "--seq-len", "1K", "--png", link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes()[:8] == SIGNATURE
+    assert sorted(p.name for p in runs.iterdir()) == ["3.png"]
+
+
 # A stand-in for matplotlib, whatever is installed: figures whose savefig writes 1 KiB to the
 # path or file it is given, as the real one writes a PNG.
 FAKE_MATPLOTLIB = """

@@ -224,9 +224,11 @@ def progress(length: int, label: str, *, enabled: bool = True):
 
 def write_file(path: str, data: bytes, option: str) -> None:
     """Write ``data`` to ``path`` whole or not at all (``cuflash._files.write_atomically``): the
-    one way the commands write a file. An OSError becomes a one-line error naming the option."""
+    one way the commands write a file. An OSError becomes a one-line error naming the option.
+    A symbolic link is written through, as open() would: the new file is renamed over the file
+    it names, not over the link."""
     try:
-        write_atomically(path, data)
+        write_atomically(os.path.realpath(path), data)
     except OSError as error:
         raise click.ClickException(f"{option} {path}: cannot write it ({error.strerror or error})"
                                    ) from error

@@ -75,7 +75,8 @@ class OutputFile(click.ParamType):
         if not path or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
             self.fail(f"{path!r} has no file name; give one such as "
                       f"{os.path.join(path, 'out' + self.suffix)!r}", param, ctx)
-        directory = os.path.dirname(os.path.abspath(path))
+        # where the file is written: through a symbolic link, beside the file it names
+        directory = os.path.dirname(os.path.realpath(path))
         if os.path.isdir(path):
             self.fail(f"{path!r} is a directory; give a file name such as "
                       f"{os.path.join(path, 'out' + self.suffix)!r}", param, ctx)
