@@ -539,6 +539,23 @@ def test_ctrl_c_before_the_run_stops_cleanly(monkeypatch, module, name, args, wo
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("name, args", [
+    ("_grouped", ["--seq-len", "1K"]),
+    ("build_mask", ["--seq-len", "64M"]),  # drawn from larger blocks, without building it
+    ("kernel_tile_shapes", ["--seq-len", "1K", "--exact"]),
+])
+def test_mask_show_ctrl_c_stops_cleanly_wherever_it_is(monkeypatch, name, args):
+    """Ctrl-C stopped mask show cleanly only while it built the full pattern: while it drew
+    the mask from larger blocks, grouped its blocks for the picture or counted the tiles of an
+    exact mask, it ended in click's 'Aborted!' and exit status 1, not 130."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("cuflash.cli.mask"), name, interrupted)
+    result = invoke("mask", "show", "causal", *args, code=130)
+    assert "interrupted by Ctrl-C" in result.output and "Traceback" not in result.output
+
+
 def test_check_repeats_on_the_cpu_says_they_do_not_apply():
     assert "--repeats applies to the GPU" in invoke(*SMALL_CHECK, "--no-backward", "--repeats",
                                                     "3").stderr

@@ -79,6 +79,7 @@ Examples:
                    "count the full, partial and empty tiles at the tile shape each kernel picks "
                    "for it, and the bytes of the partial tiles' bitmasks.")
 @json_option
+@stop_on_ctrl_c("the mask was not shown")  # also while it draws, groups or counts tiles
 def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exact, as_json,
          **pattern_options):
     """Build PATTERN for one --seq-len problem, print its density and block counts, and draw it.
