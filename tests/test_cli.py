@@ -384,6 +384,15 @@ def test_check_huge_length_exits_3_with_the_estimate_before_allocating():
     assert "--seq-len" in result.output and "Traceback" not in result.output
 
 
+def test_check_whose_block_mask_cannot_fit_names_block_size():
+    """A block mask of 1-token blocks over 1M tokens needs terabytes whatever the heads and
+    rows: the refusal said 'use fewer tokens (--seq-len), heads or rows' and did not name
+    --block-size, which sets the mask's size."""
+    result = invoke("check", "--device", "cpu", "--inputs", "random", "--seq-len", "1M",
+                    "--heads", "1", "--pattern", "causal", "--block-size", "1", code=3)
+    assert "needs about" in result.stderr and "--block-size" in result.stderr
+
+
 def test_check_too_long_is_refused_naming_force(monkeypatch):
     monkeypatch.setattr(verify, "estimate_seconds", lambda *args, **kwargs: 5 * 3600.0)
     result = invoke(*SMALL_CHECK, "--no-backward", code=3)

@@ -197,8 +197,10 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
             fraction=fraction, repeats=repeats)
 
     if mask_bytes + needed > target.free_bytes():  # before anything large is built
+        # the block mask's size follows its blocks, not the heads or rows
+        larger_blocks = ", or a larger --block-size" if mask_bytes else ""
         require_reasonable(target, seconds=0, needed=mask_bytes + needed, what="this check",
-                           force=force, smaller=smaller)
+                           force=force, smaller=smaller + larger_blocks)
     if pattern != "dense" and not force:
         # Building a mask of a long sequence takes a while: refuse first what would be refused
         # anyway with the fewest pairs the pattern can keep, which cannot overstate the time.
