@@ -100,8 +100,10 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     parameters = pattern_parameters(pattern, given)
     if seq_len > INT64_MAX:  # past float range the estimates below would overflow before the build
-        raise NotEnoughMemory(f"cannot build pattern {pattern!r} at {seq_len:,} tokens: its "
-                              f"positions do not fit int64; use a smaller --seq-len")
+        # the length itself is not written out: it may have more digits than Python writes
+        raise NotEnoughMemory(f"cannot build pattern {pattern!r} at that many tokens: its "
+                              f"positions do not fit int64 (at most {INT64_MAX:,} tokens); use "
+                              "a smaller --seq-len")
     if exact:
         if png:
             raise click.UsageError("--png draws block masks; it does not combine with --exact")
