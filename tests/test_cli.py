@@ -1629,6 +1629,17 @@ def test_dense_grid_matches_the_protocol():
         assert p.dtype == "bfloat16"
 
 
+@pytest.mark.parametrize("sizes, name", [
+    ({"seq_lens": (1024, 0)}, "seq_lens"), ({"head_dims": (0,)}, "head_dims"),
+    ({"total_tokens": 0}, "total_tokens"), ({"hidden": 0}, "hidden"),
+    ({"seq_lens": (-1024,)}, "seq_lens")])
+def test_dense_grid_refuses_sizes_below_one_naming_them(sizes, name):
+    """dense_problems(seq_lens=(0,)) raised ZeroDivisionError, and a total_tokens or hidden of 0
+    gave problems of batch or heads 0: a ValueError names the argument now."""
+    with pytest.raises(ValueError, match=rf"^{name} must be positive"):
+        problems.dense_problems(**sizes)
+
+
 def test_random_block_layout_keeps_the_diagonal():
     layout = sweeps.random_block_layout(64, 0.1, seed=1)
     assert layout.diagonal().all()

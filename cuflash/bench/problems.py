@@ -67,8 +67,17 @@ def dense_problems(seq_lens=DENSE_SEQ_LENS, head_dims=DENSE_HEAD_DIMS, causal=(F
     """The dense grid: ``batch = total_tokens / N``, ``heads = hidden / D``.
 
     Each N must divide ``total_tokens`` and each D must divide ``hidden``; otherwise the grid
-    would not be the one asked for, and ``ValueError`` says which value does not fit.
+    would not be the one asked for, and ``ValueError`` says which value does not fit. Every
+    size must be at least 1.
     """
+    seq_lens, head_dims = tuple(seq_lens), tuple(head_dims)
+    # 0 would divide by zero, or give calls of no batch or no heads
+    for name, values in (("seq_lens", seq_lens), ("head_dims", head_dims)):
+        if any(value < 1 for value in values):
+            raise ValueError(f"{name} must be positive, got {values}")
+    for name, value in (("total_tokens", total_tokens), ("hidden", hidden)):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
     for n in seq_lens:
         if total_tokens % n:
             raise ValueError(f"total_tokens {total_tokens} is not a multiple of the sequence "
