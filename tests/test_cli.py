@@ -1640,6 +1640,25 @@ def test_dense_grid_refuses_sizes_below_one_naming_them(sizes, name):
         problems.dense_problems(**sizes)
 
 
+@pytest.mark.parametrize("run", ["run_dense", "run_sparse"])
+@pytest.mark.parametrize("counts, name", [({"repeats": 0}, "repeats"),
+                                          ({"warmup": -1}, "warmup")])
+def test_sweeps_refuse_counts_of_runs_out_of_range(run, counts, name):
+    """run_dense(..., repeats=0) timed nothing and ended in statistics' 'no median for empty
+    data' (on the GPU an IndexError), after making the inputs; a ValueError names the
+    argument before anything runs."""
+    device = devices.CpuDevice()
+    if run == "run_dense":
+        call = lambda: sweeps.run_dense(  # noqa: E731
+            device, [problems.Problem(1, 1, 64, 16, False)], ("fwd",), baselines=(), **counts)
+    else:
+        masks = sweeps.sparse_masks(256, block_size=64, densities=(1.0,))
+        call = lambda: sweeps.run_sparse(  # noqa: E731
+            device, masks, heads=1, baselines=(), **counts)
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
+        call()
+
+
 def test_random_block_layout_keeps_the_diagonal():
     layout = sweeps.random_block_layout(64, 0.1, seed=1)
     assert layout.diagonal().all()

@@ -43,6 +43,15 @@ def cuflash_runner(inputs: Inputs, mode: str, *, causal: bool, block_mask=None) 
     return forward if mode == "fwd" else forward_backward
 
 
+def _check_runs(warmup: int, repeats: int) -> None:
+    """Refuse, before any input is made, counts of runs that would time nothing."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (the median of the timed runs), got "
+                         f"{repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be at least 0, got {warmup}")
+
+
 def _time_implementation(device, name, make_runner, *, warmup, repeats):
     """Median seconds of one implementation, or the reason it cannot run."""
     try:
@@ -88,6 +97,7 @@ def run_dense(device, problems, modes=("fwd", "fwdbwd"), *, baselines=BASELINES,
     in ms and TFLOP/s (None with a note when it did not run), plus ``ratio`` =
     cuflash / SDPA-flash TFLOP/s. ``on_step()`` is called after each implementation.
     """
+    _check_runs(warmup, repeats)
     records = []
     for problem in problems:
         inputs = Inputs.random(device, problem.shape, problem.dtype, seed)
@@ -184,6 +194,7 @@ def run_sparse(device, masks, *, heads=SPARSE_HEADS, head_dim=SPARSE_HEAD_DIM, b
     TFLOP/s are effective: the dense FLOPs times the mask's kept fraction, over the time.
     ``ratio`` is cuflash / FlexAttention.
     """
+    _check_runs(warmup, repeats)
     records = []
     for label, mask in masks:
         seq_len = mask.shape[0]
