@@ -308,8 +308,8 @@ def pathfinder_qkv(seq_len: int, *, heads: int, head_dim: int, seed: int = 0, dt
     least MIN_TOKENS (an 8×8 image).
     """
     if seq_len < MIN_TOKENS:
-        raise ValueError(f"seq_len must be at least {MIN_TOKENS} (an image of {MIN_SIDE}×{MIN_SIDE} "
-                         f"pixels), got {seq_len}")
+        raise ValueError(f"seq_len must be at least {MIN_TOKENS} (an image of "
+                         f"{MIN_SIDE}×{MIN_SIDE} pixels), got {seq_len}")
     side = image_side_for(seq_len)
     image = pathfinder_image(side, seed=seed)
     q, k, v = project_to_qkv(image.tokens(seq_len), side, heads=heads, head_dim=head_dim,
