@@ -66,9 +66,21 @@ def pathfinder_set(side: int, count: int, first_seed: int, *, name: str, workers
     labels = numpy.array([connected for _, connected in results], dtype=numpy.int64)
     print(f"  done in {time.perf_counter() - start:.1f}s ({labels.sum()} connected)", flush=True)
     if cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        numpy.savez(cache, pixels=pixels, labels=labels)
+        save_whole(cache, pixels=pixels, labels=labels)
     return pixels, labels
+
+
+def save_whole(cache: Path, **arrays) -> None:
+    """numpy.savez into ``cache`` whole or not at all: a cache is loaded whenever its file
+    exists, so a save cut short (a full disk, Ctrl-C) must not leave part of one there."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f".{cache.stem}.{os.getpid()}.partial.npz")
+    try:
+        numpy.savez(partial, **arrays)
+        os.replace(partial, cache)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def batches(rng: numpy.random.Generator, count: int, batch: int):

@@ -155,6 +155,30 @@ def test_train_pathfinder_refuses_an_output_it_cannot_write_before_training(
     assert "set:" not in captured.out  # no image drawn, no step taken
 
 
+def test_train_pathfinder_cache_cut_short_leaves_no_file_to_load(train_pathfinder, tmp_path,
+                                                                  monkeypatch):
+    """The image-set cache is read whenever its file exists: a save cut short (a full disk,
+    Ctrl-C) left a truncated .npz that every later run tried to load and failed on. It is
+    now renamed into place only once written whole."""
+    savez = train_pathfinder.numpy.savez
+
+    def cut_short(file, **arrays):
+        with open(file, "wb") as partial:
+            partial.write(b"PK\x03\x04 part of an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_pathfinder.numpy, "savez", cut_short)
+    with pytest.raises(OSError):
+        train_pathfinder.pathfinder_set(32, 2, 0, name="train", workers=1, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(train_pathfinder.numpy, "savez", savez)
+    pixels, labels = train_pathfinder.pathfinder_set(32, 2, 0, name="train", workers=1,
+                                                     cache_dir=tmp_path)
+    again = train_pathfinder.pathfinder_set(32, 2, 0, name="train", workers=1, cache_dir=tmp_path)
+    assert (again[0] == pixels).all() and (again[1] == labels).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["pathfinder-32-0-2.npz"]
+
+
 def test_train_pathfinder_zero_warmup_and_eval_every_mean_none(train_pathfinder, tmp_path):
     log = tmp_path / "zero.json"
     assert train_pathfinder.main(TINY + ["--steps", "1", "--warmup", "0", "--eval-every", "0",
