@@ -73,11 +73,17 @@ def pathfinder_set(side: int, count: int, first_seed: int, *, name: str, workers
 def save_whole(cache: Path, **arrays) -> None:
     """numpy.savez into ``cache`` whole or not at all: a cache is loaded whenever its file
     exists, so a save cut short (a full disk, Ctrl-C) must not leave part of one there."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_name(f".{cache.stem}.{os.getpid()}.partial.npz")
+    write_whole(cache, lambda partial: numpy.savez(partial, **arrays))
+
+
+def write_whole(path: Path, write) -> None:
+    """``write(partial)`` into a new file beside ``path`` (same suffix), renamed over ``path``
+    once written: a write cut short leaves what was there, never part of a new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
-        numpy.savez(partial, **arrays)
-        os.replace(partial, cache)
+        write(partial)
+        os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -460,8 +466,7 @@ def main(argv=None) -> int:
     refuse_unwritable_outputs(parser, args)
     result = train(args)
     if args.log:
-        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.log).write_text(json.dumps(result))
+        write_whole(Path(args.log), lambda partial: partial.write_text(json.dumps(result)))
         print(f"log written to {args.log}")
     if args.plot:
         plot([result], args.plot)

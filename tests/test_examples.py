@@ -179,6 +179,26 @@ def test_train_pathfinder_cache_cut_short_leaves_no_file_to_load(train_pathfinde
     assert [p.name for p in tmp_path.iterdir()] == ["pathfinder-32-0-2.npz"]
 
 
+def test_train_pathfinder_log_cut_short_leaves_the_earlier_log(train_pathfinder, tmp_path,
+                                                               monkeypatch):
+    """--log was written in place at the end of the run: a write cut short (a full disk) left
+    half of the new log over the earlier one. The earlier log now stays until the new one is
+    written whole."""
+    log = tmp_path / "run.json"
+    log.write_text('{"earlier": "run"}')
+    write_text = train_pathfinder.Path.write_text
+
+    def cut_short(self, data, *args, **kwargs):
+        write_text(self, data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_pathfinder.Path, "write_text", cut_short)
+    with pytest.raises(OSError):
+        train_pathfinder.main(TINY + ["--steps", "1", "--log", str(log)])
+    assert log.read_text() == '{"earlier": "run"}'
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
 def test_train_pathfinder_zero_warmup_and_eval_every_mean_none(train_pathfinder, tmp_path):
     log = tmp_path / "zero.json"
     assert train_pathfinder.main(TINY + ["--steps", "1", "--warmup", "0", "--eval-every", "0",
