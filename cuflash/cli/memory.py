@@ -78,8 +78,9 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
     FlashAttention paper).
 
     Before it starts, the sweep estimates its time: it stops (exit status 3) when it would take
-    over 30 minutes unless --force is given. A length whose arrays would not fit in the free
-    memory is not tried: the sweep ends there and says so. Ctrl-C ends it early too, with the
+    over 30 minutes unless --force is given, or when the arrays of its first length
+    (--min-seq-len) would not fit in the free memory. A later length whose arrays would not
+    fit is not tried: the sweep ends there and says so. Ctrl-C ends it early too, with the
     table of the lengths measured so far (exit status 130).
     """
     with stop_on_ctrl_c("no length was measured"):
