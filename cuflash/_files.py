@@ -8,8 +8,10 @@ it imports nothing beyond the standard library, so either can use it without the
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 
 
 def write_atomically(path: str, data: bytes, *, mode: int = 0o666) -> None:
@@ -18,15 +20,33 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o666) -> None:
     was there, and a reader sees the old file or the new one, never part of it. The new file is
     created with ``mode`` less the umask (by default what ``open()`` gives a new file; the umask
     is applied by the system, never read or changed here, which would race with other threads).
+    A file already at ``path`` is replaced only where ``open()`` could write it, and its
+    permissions stay (never wider than ``mode``): the rename needs only the directory's, and would
+    otherwise replace a read-only file, or make a private one readable by others.
     Raises ``OSError``, having removed the file beside it."""
+    kept = _permissions_to_keep(path)
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as file:
+            if kept is not None:
+                os.fchmod(file.fileno(), kept & mode)
             file.write(data)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
+
+
+def _permissions_to_keep(path: str) -> int | None:
+    """The permission bits of the file at ``path``, None where there is none; ``PermissionError``
+    where it is there but not writable, as ``open(path, "wb")`` would raise."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    return stat.S_IMODE(status.st_mode)

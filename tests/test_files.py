@@ -1,0 +1,52 @@
+"""cuflash._files.write_atomically: whole or not at all, and an existing file's permissions kept."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from cuflash import _files
+
+
+def _permissions(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    path = tmp_path / "private.png"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o600)
+    _files.write_atomically(str(path), b"new")
+    assert path.read_bytes() == b"new"
+    assert _permissions(path) == 0o600
+
+
+def test_kept_permissions_are_never_wider_than_asked(tmp_path):
+    path = tmp_path / "id"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o644)
+    _files.write_atomically(str(path), b"secret", mode=0o600)
+    assert _permissions(path) == 0o600
+
+
+def test_a_new_file_gets_the_mode_less_the_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        _files.write_atomically(str(tmp_path / "new.json"), b"{}")
+    finally:
+        os.umask(umask)
+    assert _permissions(tmp_path / "new.json") == 0o644
+
+
+def test_a_file_that_cannot_be_written_is_left_as_it_was(tmp_path, monkeypatch):
+    """As open() refuses it (os.access decides, so the test holds for any user)."""
+    path = tmp_path / "read-only.png"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(os, "access", lambda where, how: not (where == str(path)
+                                                               and how == os.W_OK))
+    with pytest.raises(PermissionError):
+        _files.write_atomically(str(path), b"new")
+    assert path.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["read-only.png"]
