@@ -131,6 +131,16 @@ def test_expand_blocks_sets_only_the_pairs_of_set_blocks(rng):
     assert got.nnz == expected.sum() and got.dtype == bool
 
 
+def test_expand_blocks_of_a_pattern_with_no_set_block_is_bool():
+    # A pattern with no set block (no entry, or only stored zeros) is still a bool pattern, as
+    # every builder's result is.
+    for blocks in (scipy.sparse.csr_array((2, 3), dtype=bool),
+                   scipy.sparse.coo_array((np.array([0]), (np.array([1]), np.array([2]))),
+                                          shape=(2, 3))):
+        got = expand_blocks(blocks, block_size=4, shape=(7, 12))
+        assert got.dtype == bool and got.shape == (7, 12) and got.nnz == 0
+
+
 @pytest.mark.parametrize("container", [scipy.sparse.csr_array, scipy.sparse.csr_matrix,
                                        scipy.sparse.csc_array])
 def test_expand_blocks_sums_the_duplicates_a_compressed_pattern_stores(container):

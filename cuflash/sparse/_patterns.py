@@ -282,7 +282,8 @@ def expand_blocks(pattern, *, block_size, shape):
     blocks = scipy.sparse.csr_array((numpy.ones(rows.size, dtype=bool), (rows, cols)),
                                     shape=pattern.shape)
     elements = scipy.sparse.kron(blocks, numpy.ones((bq, bk), dtype=bool), format="csr")
-    return scipy.sparse.csr_array(elements[:nq, :nk])
+    # kron gives float64 when no block is set: the result is bool, as every builder's is.
+    return scipy.sparse.csr_array(elements[:nq, :nk], dtype=bool)
 
 
 # -- helpers ----------------------------------------------------------------------------------
