@@ -441,6 +441,27 @@ def test_from_scipy_points_an_array_of_patterns_to_a_list():
     assert ExactMask.from_scipy(list(heads)).num_heads == 2
 
 
+def test_from_scipy_points_a_mask_to_its_pattern_not_to_a_dense_reader():
+    """A mask has a shape, but no dense reader takes one: the hint names the conversions that
+    work, and following them builds the mask."""
+    exact = ExactMask.from_dense(np.eye(8, dtype=bool))
+    blocks = exact.to_block_mask(4)
+    with pytest.raises(TypeError, match=r"got cuflash.sparse._exactmask.ExactMask \(an "
+                                        r"ExactMask: .*to_block_mask\(block_size\)"):
+        BlockMask.from_scipy(exact, level="element", block_size=4)
+    with pytest.raises(TypeError, match=r"got cuflash.sparse._blockmask.BlockMask \(a "
+                                        r"BlockMask: .*expand_blocks"):
+        ExactMask.from_scipy(blocks)
+    for reader in (ExactMask.from_scipy, lambda p: BlockMask.from_scipy(p, level="element")):
+        for mask in (exact, blocks):
+            with pytest.raises(TypeError) as refused:
+                reader(mask)
+            assert "from_dense" not in str(refused.value)
+    assert exact.to_block_mask(4) == blocks
+    assert ExactMask.from_scipy(expand_blocks(blocks.to_scipy(), block_size=blocks.block_size,
+                                              shape=blocks.shape)).nnz == 32
+
+
 def test_from_scipy_points_a_dense_array_to_its_own_dense_reader():
     """Following the hint must not switch a user to block-sparse attention."""
     with pytest.raises(TypeError, match=r"use ExactMask\.from_dense") as error:

@@ -71,14 +71,30 @@ def sparse_heads(pattern, *, dense_hint):
             raise ValueError(
                 f"the per-head patterns must share one shape, got shapes {sorted(shapes)}")
         return heads, True
-    hint = ""
-    if isinstance(pattern, numpy.ndarray) and pattern.dtype == object:
+    hint = _mask_hint(pattern)
+    if not hint and isinstance(pattern, numpy.ndarray) and pattern.dtype == object:
         hint = " (a NumPy array of objects: pass the per-head patterns as a list)"
-    elif hasattr(pattern, "shape"):
+    elif not hint and hasattr(pattern, "shape"):
         hint = f" (use {dense_hint})"
     raise TypeError(
         "pattern must be a scipy.sparse matrix or array, or a sequence of them (one per head); "
         f"got {_describe(pattern)}{hint}")
+
+
+def _mask_hint(value):
+    """How to get a pattern from a mask, for a mask given where a pattern is read ("" for
+    anything else): a mask has a shape, but no dense reader takes one."""
+    from ._blockmask import BlockMask  # the masks' modules read patterns through this one
+    from ._exactmask import ExactMask
+
+    if isinstance(value, ExactMask):
+        return (" (an ExactMask: mask.to_scipy() is its pattern, and "
+                "mask.to_block_mask(block_size) coarsens it to a BlockMask)")
+    if isinstance(value, BlockMask):
+        return (" (a BlockMask: mask.to_scipy() is its block-level pattern, and "
+                "expand_blocks(pattern, block_size=mask.block_size, shape=mask.shape) the "
+                "element pattern of its blocks)")
+    return ""
 
 
 def dense_layout(array, *, axes, scipy_reader):
