@@ -259,12 +259,24 @@ def check_block_mask(block_mask: Any, nq: int, nk: int, hq: int) -> None:
         return
     from .sparse import BlockMask, ExactMask  # scipy is imported only when a mask is given
     if not isinstance(block_mask, BlockMask):
-        hint = ""
-        if isinstance(block_mask, ExactMask):
-            hint = " (an ExactMask is not coarsened to blocks: pass it as mask=)"
         raise TypeError(f"block_mask must be a cuflash.sparse.BlockMask or None, got "
-                        f"{_type_name(block_mask)}{hint}")
+                        f"{_type_name(block_mask)}{_block_mask_hint(block_mask, ExactMask)}")
     block_mask.check_compatible(nq, nk, hq)
+
+
+def _block_mask_hint(block_mask: Any, exact_mask_type) -> str:
+    """What to do instead with a ``block_mask=`` that is no BlockMask ("" when nothing fits)."""
+    if isinstance(block_mask, exact_mask_type):
+        return " (an ExactMask is not coarsened to blocks: pass it as mask=)"
+    scipy_pattern = type(block_mask).__module__.partition(".")[0] == "scipy"
+    if scipy_pattern or (isinstance(block_mask, (list, tuple)) and block_mask
+                         and type(block_mask[0]).__module__.partition(".")[0] == "scipy"):
+        return (" (build one with cuflash.sparse.BlockMask.from_scipy(pattern, level=...), "
+                "level 'block' for a pattern of blocks, 'element' for one of query-key pairs)")
+    if hasattr(block_mask, "shape"):
+        return (" (build one with cuflash.sparse.BlockMask.from_dense(array, block_size=...) "
+                "of a block layout)")
+    return ""
 
 
 def check_exact_mask(mask: Any, block_mask: Any, nq: int, nk: int, hq: int) -> None:

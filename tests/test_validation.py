@@ -6,6 +6,7 @@ import re
 import ml_dtypes
 import numpy as np
 import pytest
+import scipy.sparse
 
 import cuflash
 from cuflash.sparse import BlockMask
@@ -196,6 +197,17 @@ def test_block_mask_type(mask):
     with pytest.raises(TypeError, match=r"block_mask must be a cuflash.sparse.BlockMask or None, "
                                         r"got"):
         forward_and_backward(block_mask=mask)
+
+
+@pytest.mark.parametrize("mask, hint", [
+    (scipy.sparse.eye(2, format="csr", dtype=bool), "BlockMask.from_scipy(pattern, level="),
+    ([scipy.sparse.eye(2, format="csr", dtype=bool)], "BlockMask.from_scipy(pattern, level="),
+    (np.ones((1, 2), bool), "BlockMask.from_dense(array, block_size="),
+], ids=["scipy", "scipy-per-head", "dense"])
+def test_block_mask_given_as_a_pattern_says_how_to_build_one(mask, hint):
+    with pytest.raises(TypeError, match=r"block_mask must be a cuflash.sparse.BlockMask") as error:
+        forward_and_backward(block_mask=mask)
+    assert hint in str(error.value)
 
 
 def test_block_mask_checks_its_own_sizes():
