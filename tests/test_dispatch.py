@@ -1201,3 +1201,40 @@ def test_float32_tiles_fit_the_arrays_device_not_the_current_one(monkeypatch, pa
     assert expressions == [float32.variant(kernel, spec, tiles, aligned=True)
                            for kernel, tiles in zip(["forward"] if pass_name == "forward"
                                                     else ["dkdv", "dq"], wanted)]
+
+
+@pytest.mark.parametrize("case", ["dense", "varlen"])
+def test_a_backward_whose_workspace_rows_pass_int32_is_refused(monkeypatch, case):
+    """The 16-bit backward kernels count the workspace rows of a head (rows_pad: Nq rounded up
+    to 128, or for packed sequences each sequence's rows rounded up to 128) in int32. A call
+    whose rows reach 2**31 (Nq = 2**31 - 2 beside one key; 2**24 - 1 packed sequences of 4
+    rows in all) is passed over by both families with that reason and refused with a
+    ValueError saying so, not packed into an int32 field (an OverflowError) or launched (a
+    made-up device: the arrays take no memory). The most rows below 2**31 run."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    f16 = np.float16
+    if case == "dense":
+        def backward(nq):
+            q, k = device.empty((1, 1, nq, 64), f16), device.empty((1, 1, 1, 64), f16)
+            out, lse = cuflash.attention(q, k, k, return_lse=True)
+            return cuflash.attention_backward(out, q, k, k, out, lse)
+        too_many, fits = 2**31 - 2, 2**31 - 129
+    else:
+        def backward(sequences):
+            q = device.empty((4, 1, 64), f16)
+            cu = device.empty((sequences + 1,), np.int32)
+            out, lse = cuflash.attention_varlen(q, q, q, cu, cu, 1, 1, return_lse=True,
+                                                check_offsets=False)
+            return cuflash.attention_varlen_backward(out, q, q, q, out, lse, cu, cu, 1, 1,
+                                                     check_offsets=False)
+        too_many, fits = 2**24 - 1, 2**24 - 2
+    with pytest.raises(ValueError, match=r"workspace rows .* must be below 2\*\*31") as error:
+        backward(too_many)
+    for family in ("sm90-wgmma", "sm80-mma"):
+        assert f"passed over {family}: counts a head's workspace rows in int32" in str(error.value)
+    assert not [launch for launch in device.take_launches() if "bwd" in launch[0]]
+    backward(fits)
+    assert any(expression.startswith("flash_bwd_pre") for expression, *_ in device.take_launches())

@@ -334,7 +334,30 @@ def supports(spec, arrays) -> str | None:
     if reason:
         return reason
     limit = _launch.shared_limit(arrays[0].device.id)  # any alignment: element-wise variants
-    return why_not_16bit_tiled(spec, lambda spec: tiles_for(spec, limit))
+    return why_not_16bit_tiled(spec, lambda spec: tiles_for(spec, limit)) or why_not_scratch(spec)
+
+
+def scratch_rows_pad(spec) -> int:
+    """The workspace rows of one (batch, head), or of one head for a varlen call
+    (``Scratch.rows_pad``)."""
+    if spec.varlen is None:
+        return rows_padded(spec.shapes.nq)
+    return (-(-spec.varlen.total_q // ROW_ALIGN) + spec.shapes.b) * ROW_ALIGN
+
+
+def why_not_scratch(spec) -> str | None:
+    """The reason no 16-bit backward kernel (this family's or the Hopper one's, which share this
+    workspace) takes a call whose workspace rows per head (``scratch_rows_pad``) reach 2**31
+    (None for any other call): the kernels hold that count (``rows_pad``) in int32. Within
+    ``_launch.why_not_lengths`` a dense call's Nq rounded up to 128 can still reach it, and a
+    varlen call's every sequence rounded up to 128 rows can with many short sequences."""
+    rows_pad = scratch_rows_pad(spec)
+    if rows_pad < 2**31:
+        return None
+    what = ("Nq rounded up to 128" if spec.varlen is None
+            else "(ceil(total_q / 128) + B sequences) * 128")
+    return (f"counts a head's workspace rows in int32: {what} must be below 2**31, got "
+            f"{rows_pad:,}")
 
 
 @dataclass(frozen=True)
@@ -368,12 +391,8 @@ class Scratch:
         calls, adds in any order); ``tile_claims``: beside the lane counters, the claims of
         the dQ tiles."""
         s = spec.shapes
-        if spec.varlen is None:
-            rows_pad = rows_padded(s.nq)
-            rows = s.b * s.hq * rows_pad
-        else:
-            rows_pad = (-(-spec.varlen.total_q // ROW_ALIGN) + s.b) * ROW_ALIGN
-            rows = s.hq * rows_pad
+        rows_pad = scratch_rows_pad(spec)
+        rows = (s.hq if spec.varlen is not None else s.b * s.hq) * rows_pad
         if (semaphores or lane_counters) and not (atomic_dq and spec.varlen is None):
             raise ValueError("semaphores and lane counters follow a dense call's dq accumulator")
         if semaphores and lane_counters:

@@ -406,7 +406,7 @@ def supports(spec, arrays) -> str | None:
     ``why_not_options`` allows), 16-byte aligned base pointers, row strides and row widths of
     every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
     q = arrays[0]
-    reason = why_not_hopper_16bit(spec, q)
+    reason = why_not_hopper_16bit(spec, q) or mma_backward.why_not_scratch(spec)
     if reason:
         return reason
     d, dv = spec.shapes.d, spec.shapes.dv
