@@ -411,17 +411,17 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
     options = dict(appended=spec.s_new, scale=spec.scale, causal=spec.causal, window=spec.window,
                    softcap=spec.softcap, alibi=spec.alibi, block_table=table,
                    num_splits=spec.num_splits)
-    work = None
+    # The attention's launch is prepared, and its workspace allocated, before any append: a call
+    # it refuses (a split count past one launch) or that finds no memory for the splits'
+    # partials must not have written the caches.
+    launch = decode.prepare(q, k_cache, v_cache, target, **options)
+    work = launch.workspace()
     if k is not None:
-        # The attention's launch is prepared, and its workspace allocated, before the append: a
-        # call it refuses (a split count past one launch) or that finds no memory for the
-        # splits' partials must not have written the caches.
-        work = decode.prepare(q, k_cache, v_cache, target, **options).workspace()
         k, v = _checks.kernel_readable(k), _checks.kernel_readable(v)
         temporaries += [k, v]
         decode.append(k, v, k_cache, v_cache, before, block_table=table, cache_batch_idx=rows)
     decode.forward(q, k_cache, v_cache, before, target, lse, cache_batch_idx=rows,
-                   cache_leftpad=leftpad, workspace=work, **options)
+                   cache_leftpad=leftpad, workspace=work, launch=launch, **options)
     if target is not out:
         out[...] = target
     if xp is not numpy and _calls.stream_capturing():  # a replayed graph reuses these buffers

@@ -534,7 +534,7 @@ class FakeDecode:
 
     def forward(self, q, k_cache, v_cache, cache_seqlens, out, lse, *, appended, scale, causal, window,
                 softcap, alibi, block_table=None, cache_batch_idx=None, cache_leftpad=None,
-                num_splits=0, workspace=None):
+                num_splits=0, workspace=None, launch=None):
         self.calls.append(("forward", cache_seqlens.copy(), dict(appended=appended, scale=scale,
                                                                  causal=causal, window=window,
                                                                  softcap=softcap,

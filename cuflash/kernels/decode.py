@@ -323,18 +323,20 @@ def prepare(q, k_cache, v_cache, out, *, appended: int = 0, scale: float, causal
 
 def forward(q, k_cache, v_cache, cache_seqlens, out, lse, *, appended: int = 0, scale: float, causal: bool,
             window, softcap: float, alibi, block_table=None, cache_batch_idx=None, cache_leftpad=None,
-            num_splits: int = 0, workspace=None) -> int:
+            num_splits: int = 0, workspace=None, launch=None) -> int:
     """out, lse ← attention of q (B, Sq, Hq, D) over the first cache_seqlens[b] + appended keys
     of each batch row's cache (cache_seqlens: int32 (B,) on the device, the lengths before
     ``appended`` keys were added), from position cache_leftpad[b] on (int32 (B,), contiguous
     caches only; None: from 0); a row whose length lies outside [0, capacity − appended], or
     whose cache_leftpad lies outside [0, cache_seqlens[b]], gets NaN output and lse. Returns the
     split count used. The launch is prepared once per layout and options; later calls only fill
-    in the pointers. ``workspace``: the prepared launch's ``workspace()`` where the caller
-    allocated it beforehand (None: allocated here)."""
-    launch = prepare(q, k_cache, v_cache, out, appended=appended, scale=scale, causal=causal,
-                     window=window, softcap=softcap, alibi=alibi, block_table=block_table,
-                     num_splits=num_splits)
+    in the pointers. ``launch``: ``prepare``'s launch for these arrays and options where the
+    caller prepared it already (None: prepared here); ``workspace``: its ``workspace()`` where the
+    caller allocated it beforehand (None: allocated here)."""
+    if launch is None:
+        launch = prepare(q, k_cache, v_cache, out, appended=appended, scale=scale, causal=causal,
+                         window=window, softcap=softcap, alibi=alibi, block_table=block_table,
+                         num_splits=num_splits)
     launch(q, k_cache, v_cache, cache_seqlens, out, lse, alibi, block_table, cache_batch_idx, cache_leftpad,
            workspace)
     return launch.splits
