@@ -386,18 +386,25 @@ _CAPTURE_MODE_THREAD_LOCAL = 1
 
 
 @functools.lru_cache(maxsize=None)
-def _cu_thread_exchange_capture_mode():
-    """ctypes' ``cuThreadExchangeStreamCaptureMode``, or None where the driver library is
-    missing."""
+def _driver_function(name: str, *argtypes):
+    """ctypes' function ``name`` of the driver library (returning a ``CUresult``), or None where
+    the library or the function is missing: what CuPy does not expose."""
     import ctypes
 
     try:
-        function = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
+        function = getattr(ctypes.CDLL("libcuda.so.1"), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = (ctypes.POINTER(ctypes.c_int),)
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
     return function
+
+
+def _cu_thread_exchange_capture_mode():
+    """``cuThreadExchangeStreamCaptureMode``, or None where the driver library is missing."""
+    import ctypes
+
+    return _driver_function("cuThreadExchangeStreamCaptureMode", ctypes.POINTER(ctypes.c_int))
 
 
 def wait_for(event, device: int) -> None:
@@ -483,18 +490,12 @@ def dependent_launches(device: int) -> bool:
     return DEPENDENT_LAUNCHES and _compute_capability(device) == "90" and launch_kernel_ex_supported()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # (looked up at every launch: one call, no arguments)
 def _cu_launch_kernel_ex():
-    """ctypes' ``cuLaunchKernelEx``, or None where the driver library or the function is missing."""
+    """``cuLaunchKernelEx``, or None where the driver library or the function is missing."""
     import ctypes
 
-    try:
-        function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_void_p,) * 4
-    function.restype = ctypes.c_int
-    return function
+    return _driver_function("cuLaunchKernelEx", *(ctypes.c_void_p,) * 4)
 
 
 def launch_kernel_ex_supported() -> bool:
