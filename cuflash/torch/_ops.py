@@ -302,20 +302,27 @@ def _fake_dropout_options(dropout_p, dropout_seed, dropout_offset) -> dict:
                 dropout_offset=_example(dropout_offset))
 
 
+def _fake_options(causal, scale, window_left, window_right, softcap, alibi_slopes, deterministic,
+                  dropout_p, dropout_seed, dropout_offset) -> dict:
+    """The core's keywords of a fake call, its ALiBi slopes as a stand-in."""
+    options = _core_options(*map(_example, (window_left, window_right, softcap)),
+                            _stand_in(alibi_slopes), lambda stand_in: stand_in)
+    options.update(causal=_example(causal), scale=_example(scale),
+                   deterministic=_example(deterministic),
+                   **_fake_dropout_options(dropout_p, dropout_seed, dropout_offset))
+    return options
+
+
 def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes,
                      block_mask, deterministic, dropout_p, dropout_seed, dropout_offset) -> None:
     """The core's checks of ``attention_forward``'s call (``cuflash._api._spec``)."""
     try:
         arrays = [_stand_in(x) for x in (q, k, v)]
-        slopes = _stand_in(alibi_slopes)
-        options = _core_options(*map(_example, (window_left, window_right, softcap)), slopes,
-                                lambda stand_in: stand_in)
-        options.update(causal=_example(causal), scale=_example(scale),
-                       deterministic=_example(deterministic), **mask_options(block_mask),
-                       **_fake_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        options = _fake_options(causal, scale, window_left, window_right, softcap, alibi_slopes,
+                                deterministic, dropout_p, dropout_seed, dropout_offset)
     except _NoExample:
         return
-    _api._spec(*arrays, **options)
+    _api._spec(*arrays, **options, **mask_options(block_mask))
 
 
 def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -325,12 +332,8 @@ def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     values, which a fake call does not hold (``cuflash._api._varlen_checks``)."""
     try:
         arrays = [_stand_in(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)]
-        slopes = _stand_in(alibi_slopes)
-        options = _core_options(*map(_example, (window_left, window_right, softcap)), slopes,
-                                lambda stand_in: stand_in)
-        options.update(causal=_example(causal), scale=_example(scale),
-                       deterministic=_example(deterministic),
-                       **_fake_dropout_options(dropout_p, dropout_seed, dropout_offset))
+        options = _fake_options(causal, scale, window_left, window_right, softcap, alibi_slopes,
+                                deterministic, dropout_p, dropout_seed, dropout_offset)
         lengths = _example(max_seqlen_q), _example(max_seqlen_k)
     except _NoExample:
         return
