@@ -257,20 +257,25 @@ def check_block_mask(block_mask: Any, nq: int, nk: int, hq: int) -> None:
     """``block_mask`` is ``None`` or a ``cuflash.sparse.BlockMask`` for this problem."""
     if block_mask is None:
         return
-    from .sparse import BlockMask, ExactMask  # scipy is imported only when a mask is given
+    from .sparse import BlockMask  # scipy is imported only when a mask is given
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a cuflash.sparse.BlockMask or None, got "
-                        f"{_type_name(block_mask)}{_block_mask_hint(block_mask, ExactMask)}")
+                        f"{_type_name(block_mask)}{_block_mask_hint(block_mask)}")
     block_mask.check_compatible(nq, nk, hq)
 
 
-def _block_mask_hint(block_mask: Any, exact_mask_type) -> str:
+def _from_scipy(x: Any) -> bool:
+    """Whether ``x`` is one of scipy's objects (a sparse pattern), without importing scipy."""
+    return type(x).__module__.partition(".")[0] == "scipy"
+
+
+def _block_mask_hint(block_mask: Any) -> str:
     """What to do instead with a ``block_mask=`` that is no BlockMask ("" when nothing fits)."""
-    if isinstance(block_mask, exact_mask_type):
+    from .sparse import ExactMask
+    if isinstance(block_mask, ExactMask):
         return " (an ExactMask is not coarsened to blocks: pass it as mask=)"
-    scipy_pattern = type(block_mask).__module__.partition(".")[0] == "scipy"
-    if scipy_pattern or (isinstance(block_mask, (list, tuple)) and block_mask
-                         and type(block_mask[0]).__module__.partition(".")[0] == "scipy"):
+    if _from_scipy(block_mask) or (isinstance(block_mask, (list, tuple)) and block_mask
+                                   and _from_scipy(block_mask[0])):
         return (" (build one with cuflash.sparse.BlockMask.from_scipy(pattern, level=...), "
                 "level 'block' for a pattern of blocks, 'element' for one of query-key pairs)")
     if hasattr(block_mask, "shape"):
@@ -300,11 +305,11 @@ def mask_hint(mask: Any) -> str:
     from .sparse import BlockMask
     if isinstance(mask, BlockMask):
         return " (a BlockMask is block-sparse: pass it as block_mask=)"
-    if type(mask).__module__.partition(".")[0] == "scipy":
+    if _from_scipy(mask):
         return " (build one with cuflash.sparse.ExactMask.from_scipy(pattern))"
     if isinstance(mask, (list, tuple)) and mask:  # one pattern per head
         first = mask[0]
-        if type(first).__module__.partition(".")[0] == "scipy":
+        if _from_scipy(first):
             return " (build one from per-head patterns with cuflash.sparse.ExactMask.from_scipy(patterns))"
         if hasattr(first, "shape"):
             return " (build one with cuflash.sparse.ExactMask.from_dense of the (H, Nq, Nk) array)"
