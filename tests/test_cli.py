@@ -990,6 +990,57 @@ def test_bench_dense_table_and_json():
         assert r["notes"]["sdpa-flash"] == "n/a (not run)"
 
 
+def _refused_at_length(monkeypatch, length):
+    """cuflash refuses calls of ``length`` tokens (as it refuses a shape it has no kernel for)."""
+    attention = cuflash.attention
+
+    def refused(q, *args, **kwargs):
+        if q.shape[-2] == length:
+            raise ValueError(f"q has {length} tokens, which this build refuses")
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash, "attention", refused)
+
+
+def test_bench_keeps_the_rows_measured_when_one_row_is_refused(monkeypatch):
+    """A ValueError from cuflash for one point of the grid ended the sweep as a usage error,
+    with no table: the rows measured were lost. The other rows are measured and printed, the
+    refused row says why, and the exit status is 1."""
+    _refused_at_length(monkeypatch, 64)
+    args = [*TINY_BENCH, "--seq-lens", "64,128", "--causal", "no"]
+    result = invoke(*args, code=1)
+    lines = result.stdout.splitlines()
+    measured = next(line for line in lines if line.split()[:4] == ["fwd", "no", "64", "128"])
+    refused = next(line for line in lines if line.split()[:4] == ["fwd", "no", "64", "64"])
+    assert "n/a" not in measured.split()[6], measured
+    assert refused.split()[6] == "n/a", refused
+    assert "refused: q has 64 tokens, which this build refuses" in result.stdout
+    assert "1 of 2 rows" in result.stderr and "Traceback" not in result.output
+
+    record = invoke_json(*args, code=1)
+    first, second = record["results"]
+    assert first["seq_len"] == 64 and first["tflops"]["cuflash"] is None
+    assert first["refused"] == "q has 64 tokens, which this build refuses"
+    assert second["seq_len"] == 128 and second["tflops"]["cuflash"] > 0
+    assert second["refused"] is None and record["stopped"] is None
+
+
+def test_bench_sparse_keeps_the_rows_measured_when_one_row_is_refused(monkeypatch):
+    attention = cuflash.attention
+
+    def refused_for_butterfly(q, k, v, *, block_mask=None, **kwargs):
+        if block_mask is not None and block_mask.density < 0.5:
+            raise ValueError("this mask is refused")
+        return attention(q, k, v, block_mask=block_mask, **kwargs)
+
+    monkeypatch.setattr(cuflash, "attention", refused_for_butterfly)
+    record = invoke_json(*TINY_SPARSE_BENCH, code=1)
+    refused = [r["mask"] for r in record["results"] if r["refused"]]
+    measured = [r["mask"] for r in record["results"] if r["tflops"]["cuflash"]]
+    assert refused and measured and len(refused) + len(measured) == len(record["results"])
+    assert measured[0] == "random 1"
+
+
 def test_bench_without_torch_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     record = invoke_json("bench", "--device", "cpu", "--smoke", "--repeats", "1", "--warmup",

@@ -20,7 +20,8 @@ from cuflash.bench.problems import (MODES, SPARSE_BLOCK, SPARSE_DENSITIES, SPARS
                                     SPARSE_HEADS, SPARSE_SEQ_LEN, Inputs, Problem)
 
 __all__ = ["BASELINES", "IMPLEMENTATIONS", "SPARSE_IMPLEMENTATIONS", "cuflash_runner",
-           "random_block_layout", "run_dense", "run_sparse", "sparse_masks"]
+           "dense_row", "random_block_layout", "run_dense", "run_sparse", "sparse_masks",
+           "sparse_row"]
 
 IMPLEMENTATIONS = ("cuflash", "sdpa-flash", "sdpa-cudnn", "flex")
 BASELINES = IMPLEMENTATIONS[1:]
@@ -102,9 +103,7 @@ def run_dense(device, problems, modes=("fwd", "fwdbwd"), *, baselines=BASELINES,
     for problem in problems:
         inputs = Inputs.random(device, problem.shape, problem.dtype, seed)
         for mode in modes:
-            record = {"seq_len": problem.seq_len, "head_dim": problem.head_dim,
-                      "batch": problem.batch, "heads": problem.heads, "causal": problem.causal,
-                      "dtype": problem.dtype, "mode": MODES[mode]}
+            record = dense_row(problem, mode)
             record.update(_time_all(device, _factories(inputs, mode, causal=problem.causal),
                                     IMPLEMENTATIONS, baselines, problem.flops(mode),
                                     warmup=warmup, repeats=repeats, on_step=on_step))
@@ -112,6 +111,13 @@ def run_dense(device, problems, modes=("fwd", "fwdbwd"), *, baselines=BASELINES,
             records.append(record)
         del inputs
     return records
+
+
+def dense_row(problem: Problem, mode: str) -> dict:
+    """What names a row of the dense sweep: the sizes of ``problem`` and the mode."""
+    return {"seq_len": problem.seq_len, "head_dim": problem.head_dim, "batch": problem.batch,
+            "heads": problem.heads, "causal": problem.causal, "dtype": problem.dtype,
+            "mode": MODES[mode]}
 
 
 def _time_all(device, factories, columns, baselines, flops, *, warmup, repeats, on_step):
@@ -204,9 +210,8 @@ def run_sparse(device, masks, *, heads=SPARSE_HEADS, head_dim=SPARSE_HEAD_DIM, b
         for mode in modes:
             factories = _factories(inputs, mode, causal=False, block_mask=mask,
                                    layout=mask.to_dense(), block_size=mask.block_size[0])
-            record = {"mask": label, "density": mask.density, "seq_len": seq_len,
-                      "heads": heads, "head_dim": head_dim, "batch": batch, "dtype": dtype,
-                      "mode": MODES[mode]}
+            record = sparse_row(label, mask, heads=heads, head_dim=head_dim, batch=batch,
+                                dtype=dtype, mode=mode)
             record.update(_time_all(device, factories, SPARSE_IMPLEMENTATIONS, baselines,
                                     problem.flops(mode, density=mask.element_density),
                                     warmup=warmup, repeats=repeats, on_step=on_step))
@@ -214,3 +219,10 @@ def run_sparse(device, masks, *, heads=SPARSE_HEADS, head_dim=SPARSE_HEAD_DIM, b
             records.append(record)
         del inputs
     return records
+
+
+def sparse_row(label: str, mask, *, heads: int, head_dim: int, batch: int, dtype: str,
+               mode: str) -> dict:
+    """What names a row of the block-sparse sweep: the mask, the sizes and the mode."""
+    return {"mask": label, "density": mask.density, "seq_len": mask.shape[0], "heads": heads,
+            "head_dim": head_dim, "batch": batch, "dtype": dtype, "mode": MODES[mode]}

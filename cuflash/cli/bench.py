@@ -10,6 +10,7 @@ from click.core import ParameterSource
 
 import cuflash.bench as measure
 from cuflash.bench.estimate import attention_seconds
+from cuflash.bench.sweeps import dense_row, sparse_row
 from cuflash.cli._common import (Interrupted, choose_device, echo_json,
                                  interrupted_with_results, progress, pyplot_or_fail,
                                  require_reasonable, save_figure, stop_on_ctrl_c,
@@ -90,7 +91,8 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
 
     Before it starts, bench estimates its time and memory: it stops (exit status 3) when the
     memory is not free, or when it would take over 30 minutes unless --force is given. Ctrl-C
-    ends it early, with the table of the rows measured so far (exit status 130).
+    ends it early, with the table of the rows measured so far (exit status 130). A row whose
+    call cuflash refuses says why in the table, the other rows run, and the exit status is 1.
     """
     explicit = {name for name in ctx.params
                 if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
@@ -131,12 +133,16 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
                                 smaller, smaller_memory)
             steps = len(masks) * len(modes) * len(measure.SPARSE_IMPLEMENTATIONS)
             with progress(steps, "timing", enabled=not as_json) as bar:
-                # One row (mask and mode) at a time, so that Ctrl-C keeps the rows measured.
-                runs = [lambda labelled=labelled, m=m: measure.run_sparse(
-                            target, [labelled], heads=sizes["heads"], modes=(m,),
-                            dtype=dtype.name, on_step=lambda: bar.update(1), **options)
+                # One row (mask and mode) at a time, so that Ctrl-C, or cuflash refusing one
+                # row, keeps the rows measured.
+                runs = [(sparse_row(*labelled, heads=sizes["heads"],
+                                    head_dim=measure.SPARSE_HEAD_DIM, batch=1, dtype=dtype.name,
+                                    mode=m),
+                         lambda labelled=labelled, m=m: measure.run_sparse(
+                             target, [labelled], heads=sizes["heads"], modes=(m,),
+                             dtype=dtype.name, on_step=lambda: bar.update(1), **options))
                         for labelled in masks for m in modes]
-                records, stopped = _run_rows(runs)
+                records, stopped = _run_rows(runs, measure.SPARSE_IMPLEMENTATIONS)
             format_table = measure.format_sparse_table
         else:
             grid = measure.dense_problems(seq_lens, head_dims, causal, total_tokens=total_tokens,
@@ -145,10 +151,11 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
                                 repeats, force, smaller, smaller_memory)
             steps = len(grid) * len(modes) * len(measure.IMPLEMENTATIONS)
             with progress(steps, "timing", enabled=not as_json) as bar:
-                runs = [lambda problem=problem, m=m: measure.run_dense(
-                            target, [problem], (m,), on_step=lambda: bar.update(1), **options)
+                runs = [(dense_row(problem, m),
+                         lambda problem=problem, m=m: measure.run_dense(
+                             target, [problem], (m,), on_step=lambda: bar.update(1), **options))
                         for problem in grid for m in modes]
-                records, stopped = _run_rows(runs)
+                records, stopped = _run_rows(runs, measure.IMPLEMENTATIONS)
             format_table = measure.format_dense_table
         if stopped and not records:
             raise Interrupted("interrupted by Ctrl-C; no table was printed")
@@ -166,19 +173,36 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
         (_plot_sparse if sparse else _plot_dense)(plt, plot, records, target)
     if stopped:
         raise interrupted_with_results("rows", as_json)
+    refused = sum(1 for record in records if record["refused"])
+    if refused:
+        where = 'their "refused" says why' if as_json else "the table above says why"
+        raise click.ClickException(f"cuflash refused {refused} of {len(records)} rows; {where}")
 
 
-def _run_rows(runs):
-    """Run each ``run()`` (one row of the table each) and gather their records; Ctrl-C stops
-    there. Returns ``(records, stopped)``: ``stopped`` says where it was interrupted, or is
-    None."""
+def _run_rows(runs, columns):
+    """Run each ``run()`` of ``runs``, ``(row, run)`` pairs (one row of the table each, ``row``
+    what names it), and gather their records; Ctrl-C stops there. A row whose call cuflash
+    refuses (ValueError) gets a record saying why, and the next row runs. Returns ``(records,
+    stopped)``: ``stopped`` says where it was interrupted, or is None."""
     records = []
     try:
-        for run in runs:
-            records.extend(run())
+        for row, run in runs:
+            try:
+                records.extend(dict(record, refused=None) for record in run())
+            except ValueError as error:
+                records.append(_refused_record(row, columns, str(error)))
     except KeyboardInterrupt:
         return records, f"interrupted by Ctrl-C after {len(records)} of {len(runs)} rows"
     return records, None
+
+
+def _refused_record(row, columns, reason):
+    """The record of a row cuflash refused: no times, its reason as cuflash's note (a footnote
+    of the table), the baselines not run."""
+    return {**row, "time_ms": dict.fromkeys(columns), "tflops": dict.fromkeys(columns),
+            "notes": {name: f"n/a (refused: {reason})" if name == "cuflash" else "n/a (not run)"
+                      for name in columns},
+            "ratio": None, "refused": reason}
 
 
 # Options that shape the dense grid, which the block-sparse sweep (fixed sizes) does not read.
