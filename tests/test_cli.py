@@ -1244,6 +1244,39 @@ def test_mask_show_bad_options(args, option):
     assert option in invoke("mask", "show", *args, code=2).output
 
 
+@pytest.mark.parametrize("args, option", [
+    (["butterfly", "--seed", "3"], "--seed"),
+    (["sliding-window", "--seed", "0", "--exact"], "--seed"),
+    (["prefix-lm", "--seed", "1"], "--seed"),
+    (["sliding-window", "--exact", "--block-size", "64"], "--block-size"),
+    (["causal-document", "--exact", "--block-size", "256"], "--block-size"),
+])
+def test_mask_show_refuses_an_option_the_pattern_would_ignore(args, option):
+    """--seed for a pattern that draws nothing, and --block-size with --exact for a pattern
+    built pair by pair, were ignored without a word: the same picture for every value. They
+    are refused, naming the option, as check and bench refuse options they would not read."""
+    result = invoke("mask", "show", *args, "--seq-len", "1K", code=2)
+    assert option in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["random", "--seed", "3"], ["bigbird", "--seed", "3"], ["document", "--seed", "3"],
+    ["causal-document", "--seed", "3", "--exact"],
+    ["random", "--exact", "--block-size", "64"], ["bigbird", "--exact", "--block-size", "64"],
+])
+def test_mask_show_takes_the_options_the_pattern_reads(args):
+    invoke("mask", "show", *args, "--seq-len", "1K")
+
+
+def test_seeded_patterns_are_those_whose_mask_depends_on_the_seed():
+    from cuflash.cli._patterns import build_mask
+    for name, pattern in PATTERNS.items():
+        parameters = dict(pattern.defaults)
+        masks = [build_mask(name, 4096, block_size=64, parameters=parameters, seed=seed)
+                 for seed in (0, 1)]
+        assert pattern.seeded == (masks[0] != masks[1]), name
+
+
 def test_check_help_spells_rows_all_as_accepted():
     """The help showed --rows K|ALL, and 'ALL' is refused: only 'all' is taken."""
     assert "--rows K|all " in invoke("check", "--help").output

@@ -313,8 +313,9 @@ def test_cli_mask_show_draws_the_document_and_prefix_lm_builders(pattern, build)
     from cuflash.bench.sweeps import random_document_lengths
 
     runner = CliRunner()
-    args = ["mask", "show", pattern, "--seq-len", "2000", "--seed", "7", "--json",
-            *(["--prefix", "300"] if pattern == "prefix-lm" else ["--documents", "5"])]
+    args = ["mask", "show", pattern, "--seq-len", "2000", "--json",
+            *(["--prefix", "300"] if pattern == "prefix-lm"
+              else ["--documents", "5", "--seed", "7"])]
     lengths = random_document_lengths(np.random.default_rng(7), 2000, 5)
     assert lengths.size == 5 and lengths.sum() == 2000 and (lengths > 0).all()
     expected = build(lengths)

@@ -57,6 +57,8 @@ class Pattern:
     # (seq_len, block_size, parameters, seed) -> how many blocks the pattern keeps at least,
     # computed without building it; None: its diagonal blocks, which every pattern keeps.
     least_blocks: Callable | None = None
+    # Whether --seed draws part of the pattern (its random blocks or document lengths).
+    seeded: bool = False
 
     def describe(self, parameters: dict) -> str:
         return " ".join(f"{name}={value}" for name, value in parameters.items()
@@ -231,7 +233,7 @@ PATTERNS = {
                                                 num_random=p["num-random"], seed=seed,
                                                 block_size=b),
         lambda n, b, p, seed: _longformer_blocks(n, b, p) + p["num-random"] * math.ceil(n / b),
-        on_tokens=False),
+        on_tokens=False, seeded=True),
     "image-local": Pattern(
         "2-D neighbourhood over the image the sequence is read from (square of --radius)",
         {"radius": 8}, _image_local, _image_local_blocks),
@@ -240,14 +242,14 @@ PATTERNS = {
         lambda n, b, p, seed: random_block_layout(math.ceil(n / b), p["density"], seed=seed),
         # the layout is built dense: one byte per block of the whole square, and more to draw
         lambda n, b, p, seed: max(p["density"], 0.1) * math.ceil(n / b) ** 2,
-        on_tokens=False, least_blocks=_random_blocks),
+        on_tokens=False, least_blocks=_random_blocks, seeded=True),
     "document": Pattern(
         "packed documents of random lengths (seeded by --seed), each attending to itself",
         {"documents": 16},
-        _documents(causal=False), _document_blocks),
+        _documents(causal=False), _document_blocks, seeded=True),
     "causal-document": Pattern(
         "packed documents as document, causal within each", {"documents": 16},
-        _documents(causal=True), _document_blocks),
+        _documents(causal=True), _document_blocks, seeded=True),
     "prefix-lm": Pattern(
         "prefix LM: every query sees the first --prefix keys, and the keys up to itself",
         {"prefix": 1024},
@@ -310,6 +312,22 @@ def pattern_parameters(name: str, given: dict) -> dict:
                                      param_hint=f"--{option}")
     return {option: given.get(option) if given.get(option) is not None else default
             for option, default in pattern.defaults.items()}
+
+
+def refuse_unread_options(name: str, *, seed_given: bool, block_size_given: bool,
+                          exact: bool) -> None:
+    """``click.BadParameter`` for --seed or --block-size given to pattern ``name`` where it would
+    not read them: --seed where it draws nothing, --block-size with ``exact`` where it is built
+    pair by pair (only the patterns drawn per block, random and bigbird, draw with it)."""
+    pattern = PATTERNS[name]
+    if seed_given and not pattern.seeded:
+        drawn = ", ".join(n for n, p in PATTERNS.items() if p.seeded)
+        raise click.BadParameter(f"pattern {name!r} draws nothing at random: --seed applies "
+                                 f"to {drawn}", param_hint="--seed")
+    if block_size_given and exact and pattern.on_tokens:
+        raise click.BadParameter(f"--exact builds pattern {name!r} pair by pair, without "
+                                 "blocks: leave out --block-size, or --exact for a block mask",
+                                 param_hint="--block-size")
 
 
 def _given_as_options(seq_len: int, parameters: dict) -> str:

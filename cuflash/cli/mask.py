@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import click
+import click.core
 import numpy
 
 from cuflash.bench.devices import CpuDevice
@@ -13,7 +14,7 @@ from cuflash.cli._common import (NotEnoughMemory, TooLong, duration, echo_json, 
 from cuflash.cli._options import (INT64_MAX, TOKENS, POSITIVE, OutputFile, json_option,
                                   pattern_parameter_options, seed_option)
 from cuflash.cli._patterns import (PATTERNS, build_cost, build_exact_mask, build_mask,
-                                   pattern_parameters)
+                                   pattern_parameters, refuse_unread_options)
 from cuflash.cli._png import encode_png
 
 PNG_SIDE = 512  # pictures are scaled up to about this many pixels on their longer side
@@ -79,8 +80,9 @@ Examples:
                    "count the full, partial and empty tiles at the tile shape each kernel picks "
                    "for it, and the bytes of the partial tiles' bitmasks.")
 @json_option
+@click.pass_context
 @stop_on_ctrl_c("the mask was not shown")  # also while it draws, groups or counts tiles
-def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exact, as_json,
+def show(ctx, pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exact, as_json,
          **pattern_options):
     """Build PATTERN for one --seq-len problem, print its density and block counts, and draw it.
 
@@ -93,12 +95,16 @@ def show(pattern, seq_len, block_size, seed, max_rows, max_cols, png, force, exa
     bounds; random patterns are refused (exit status 3). --force builds it anyway.
 
     With --exact the pattern is the exact mask of its pairs (block-drawn patterns allow every
-    pair of a drawn block), counted at the tiles each kernel picks for it: the picture shows
+    pair of a drawn block; the others take no --block-size), counted at the tiles each kernel picks for it: the picture shows
     128 × 128 tiles (the Hopper forward's at D = 128), '█' full (run unmasked), '▒' partial
     (one bit per pair), '·' empty (skipped).
     """
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     parameters = pattern_parameters(pattern, given)
+    explicit = lambda name: (ctx.get_parameter_source(name)  # noqa: E731
+                             != click.core.ParameterSource.DEFAULT)
+    refuse_unread_options(pattern, seed_given=explicit("seed"),
+                          block_size_given=explicit("block_size"), exact=exact)
     if seq_len > INT64_MAX:  # past float range the estimates below would overflow before the build
         # the length itself is not written out: it may have more digits than Python writes
         raise NotEnoughMemory(f"cannot build pattern {pattern!r} at that many tokens: its "
