@@ -724,9 +724,41 @@ class _FakeGpu:
     name = "gpu"
     description = "a GPU that is not there"
     out_of_memory = (MemoryError,)
+    properties = {"major": 9, "minor": 0, "multiprocessors": 132, "clock_khz": 0}
 
     def free_bytes(self):
         return 2**40
+
+
+def _check_on_a_fake_gpu(monkeypatch, host_free):
+    """``cuflash check`` on a GPU with plenty of memory, on a host with ``host_free`` bytes free;
+    making the inputs (the first thing the check allocates) stops it with Ctrl-C."""
+    command = importlib.import_module("cuflash.cli.check")
+    monkeypatch.setattr(command, "choose_device", lambda requested: (_FakeGpu(), ""))
+    monkeypatch.setattr(devices.CpuDevice, "free_bytes", lambda self: host_free)
+
+    def made(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "pathfinder_qkv", made)
+    monkeypatch.setattr(command, "random_qkv", made)
+
+
+@pytest.mark.parametrize("args", [[], ["--inputs", "random", "--no-backward"],
+                                  ["--pattern", "causal"]])
+def test_check_on_a_gpu_refuses_what_the_host_memory_cannot_hold(monkeypatch, args):
+    """On a GPU the check makes q, k, v and the output gradient on the host, and the float64
+    reference cuts its element masks there: only the GPU's memory was checked, so a check
+    whose host arrays could not fit ran into MemoryError (or the kernel's OOM killer) after
+    its estimate. It is refused before anything is made, exit status 3, naming the host's
+    memory; with enough of it, the check goes on."""
+    _check_on_a_fake_gpu(monkeypatch, host_free=40 * 2**20)
+    result = invoke("check", "--seq-len", "64K", *args, code=3)
+    assert "of cpu memory, but only 40.0 MiB is free" in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+    _check_on_a_fake_gpu(monkeypatch, host_free=2**40)
+    invoke("check", "--seq-len", "64K", *args, code=130)
 
 
 def _fake_gpus(monkeypatch, visible, *, fail=None):

@@ -31,6 +31,7 @@ from cuflash.bench.estimate import (CALIBRATION_HEAD_DIM, CPU_ASSUMED_FLOPS, CPU
                                     attention_seconds)
 from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
 from cuflash.check import rule
+from cuflash.check.pathfinder import FOURIER_FEATURES
 
 # Scores held at once by a reference step: 2**25 float64 values (256 MiB) per temporary.
 REFERENCE_SCORES = 2**25
@@ -108,6 +109,32 @@ def _cpu_reference_seconds(head_dim: int, dtype_name: str, backward: bool) -> fl
         _backward_reference(numpy, dout, q, k, v, rows, causal=False, block_mask=None,
                             on_step=None)
     return (time.perf_counter() - start) / (n * n)
+
+
+# The float64 work of making one head of Pathfinder inputs, per token: Fourier angles, their
+# cosines and sines, the features (PATHFINDER_FEATURES values each), and q, k and v before
+# their cast (3 × head_dim values).
+PATHFINDER_FEATURES = 5 * FOURIER_FEATURES + 1
+
+
+def estimate_host_bytes(n: int, heads: int, head_dim: int, itemsize: int, rows: int,
+                        backward: bool, block_size: int | None = None) -> int:
+    """Host memory a check of arrays on a GPU needs, roughly (``estimate_bytes`` is the GPU's;
+    on the CPU the host is the device): q, k, v made on the host and kept there, the float32
+    draws or float64 features they are made from, the output gradient made there, and with a
+    block mask of ``block_size`` blocks the reference's element mask of a chunk of rows, cut
+    from the mask's dense layout. The block mask itself is not counted."""
+    elements = heads * n * head_dim
+    tensor = elements * itemsize
+    making = max(elements * 4, n * (PATHFINDER_FEATURES + 3 * head_dim) * 8)
+    total = 3 * tensor + making
+    if backward:  # dout, and its float32 values on the sampled rows
+        total += tensor + heads * min(rows, n) * head_dim * 4
+    if block_size is not None:
+        blocks = -(-n // block_size)
+        chunk = min(rows, max(1, REFERENCE_SCORES // n))
+        total += blocks * blocks + chunk * n + 8 * n  # layout, a chunk's mask, key indices
+    return int(1.1 * total)
 
 
 ATTENDED_CHUNK = 2**20  # blocks counted at once by attended_fraction

@@ -196,9 +196,17 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
             target, n, heads, head_dim, dtype, row_count, backward=backward, causal=causal,
             fraction=fraction, repeats=repeats)
 
+    # the block mask's size follows its blocks, not the heads or rows
+    larger_blocks = ", or a larger --block-size" if mask_bytes else ""
+    if target.name != "cpu":
+        # The inputs, the output gradient and the block mask are made on the host (the CPU
+        # path's host memory is its device's, checked below).
+        host = mask_bytes + verify.estimate_host_bytes(
+            n, heads, head_dim, dtype.itemsize, row_count, backward,
+            block_size=None if pattern == "dense" else block_size)
+        require_reasonable(CpuDevice(), seconds=0, needed=host, what="this check", force=force,
+                           smaller=smaller + larger_blocks, quiet=True)
     if mask_bytes + needed > target.free_bytes():  # before anything large is built
-        # the block mask's size follows its blocks, not the heads or rows
-        larger_blocks = ", or a larger --block-size" if mask_bytes else ""
         require_reasonable(target, seconds=0, needed=mask_bytes + needed, what="this check",
                            force=force, smaller=smaller + larger_blocks)
     if pattern != "dense" and not force:
