@@ -1493,6 +1493,25 @@ def test_mask_show_png_path_errors_name_the_option(tmp_path, where, words):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args, option", [
+    (["mask", "show", "butterfly", "--seq-len", "1K"], "--png"), (MEMORY, "--plot"),
+    ([*TINY_BENCH, "--seq-lens", "64"], "--plot")], ids=["mask show", "memory", "bench"])
+def test_a_file_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch, args, option):
+    """A --png or --plot file that is there but read-only passed the checks made at the start
+    (which looked only at its directory): the command ran, sweeps included, and only then
+    failed to write it. It is refused before anything runs (os.access decides, as open()
+    would, so the test holds for any user)."""
+    path = tmp_path / "read-only.png"
+    path.write_bytes(b"old")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda where, how, **kwargs: not (
+        os.path.realpath(where) == os.path.realpath(path) and how == os.W_OK)
+        and access(where, how, **kwargs))
+    result = invoke(*args, option, path, code=2)
+    assert option in result.output and "not writable" in result.output, result.output
+    assert result.stdout == "" and path.read_bytes() == b"old"
+
+
 def test_mask_show_huge_length_draws_without_building():
     args = ["mask", "show", "causal", "--seq-len", "64M", "--max-rows", "8", "--max-cols", "8"]
     result = invoke(*args)

@@ -60,8 +60,9 @@ class TokenCount(click.ParamType):
 
 
 class OutputFile(click.ParamType):
-    """A file to write: its directory must exist and be writable, and it must not be a
-    directory. Checked when the command starts, so that a long run never ends on a bad path."""
+    """A file to write: its directory must exist and be writable, it must not be a directory,
+    and a file already there must be writable. Checked when the command starts, so that a long
+    run never ends on a bad path."""
 
     name = "FILE"
 
@@ -86,6 +87,9 @@ class OutputFile(click.ParamType):
         if not os.access(directory, os.W_OK):
             self.fail(f"cannot write {path!r}: directory {directory!r} is not writable",
                       param, ctx)
+        # a file already there is replaced only where open() could write it (write_file)
+        if os.path.exists(path) and not os.access(os.path.realpath(path), os.W_OK):
+            self.fail(f"cannot write {path!r}: the file is there and not writable", param, ctx)
         return path
 
 
