@@ -1309,6 +1309,20 @@ def test_seeded_patterns_are_those_whose_mask_depends_on_the_seed():
         assert pattern.seeded == (masks[0] != masks[1]), name
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_mask_show_json_says_what_drew_the_pattern(exact):
+    """The record of a random pattern left out its --seed, and with --exact the --block-size
+    of its random blocks: two records of different masks read the same. They say both, null
+    where the pattern does not read them."""
+    flag = ["--exact"] if exact else []
+    drawn = [invoke_json("mask", "show", "random", "--seq-len", "1K", "--seed", str(seed),
+                         "--block-size", "64", *flag) for seed in (3, 4)]
+    assert [r["seed"] for r in drawn] == [3, 4] and drawn[0]["block_size"] == 64
+    plain = invoke_json("mask", "show", "butterfly", "--seq-len", "1K", *flag)
+    assert plain["seed"] is None
+    assert plain["block_size"] == (None if exact else 128)
+
+
 def test_check_help_spells_rows_all_as_accepted():
     """The help showed --rows K|ALL, and 'ALL' is refused: only 'all' is taken."""
     assert "--rows K|all " in invoke("check", "--help").output

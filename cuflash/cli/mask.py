@@ -120,7 +120,8 @@ def show(ctx, pattern, seq_len, block_size, seed, max_rows, max_cols, png, force
     cost_bytes, cost_seconds = build_cost(pattern, seq_len, block_size, parameters, seed)
     blocks_bound = PATTERNS[pattern].blocks(seq_len, block_size, parameters, seed)
     summary = {"pattern": pattern, "parameters": parameters, "seq_len": seq_len,
-               "block_size": block_size, "blocks": [nqb, nkb]}
+               "seed": _seed_read(pattern, seed), "block_size": block_size,
+               "blocks": [nqb, nkb]}
     group = _group(nqb, max(max_rows, max_cols, PNG_SIDE if png else 0))
     if blocks_bound > FULL_BUILD_BLOCKS and not force:
         if not PATTERNS[pattern].on_tokens:
@@ -231,7 +232,10 @@ def _show_exact(pattern, seq_len, block_size, seed, parameters, max_rows, max_co
                           "full": counts.full, "partial": counts.partial,
                           "empty": counts.empty, "bitmask_bytes": counts.bitmask_bytes})
     if as_json:
+        # the blocks of a pattern drawn per block are part of what drew its pairs
+        drawn_blocks = None if PATTERNS[pattern].on_tokens else block_size
         echo_json({"pattern": pattern, "parameters": parameters, "seq_len": seq_len,
+                   "seed": _seed_read(pattern, seed), "block_size": drawn_blocks,
                    "exact": True, "allowed_pairs": exact.nnz, "density": exact.density,
                    "tiles": tiles})
         return
@@ -248,6 +252,11 @@ def _show_exact(pattern, seq_len, block_size, seed, parameters, max_rows, max_co
                    f"bitmasks {size(row['bitmask_bytes'])}")
     click.echo(f"{REPORT_TILE[0]}x{REPORT_TILE[1]} tiles: █ full, ▒ partial, · empty")
     click.echo(exact.render(max_rows=max_rows, max_cols=max_cols))
+
+
+def _seed_read(pattern: str, seed: int) -> int | None:
+    """``seed`` where pattern ``pattern`` draws with it, else None (for the JSON record)."""
+    return seed if PATTERNS[pattern].seeded else None
 
 
 def _group(blocks: int, cells: int) -> int:
