@@ -11,6 +11,7 @@ import os
 import sys
 
 import click
+import click.core
 
 from cuflash._files import write_atomically
 from cuflash.bench.devices import Unavailable, select_device
@@ -41,6 +42,13 @@ class Interrupted(click.ClickException):
     """Ctrl-C: the command stopped where it was, without a traceback. Exit status 130."""
 
     exit_code = 130
+
+
+def given_options(ctx: click.Context) -> set:
+    """The names of the parameters the user gave (on the command line or through the
+    environment), not left at their defaults: what a command may refuse to ignore."""
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
 
 
 def choose_device(requested: str):

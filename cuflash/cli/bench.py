@@ -6,12 +6,11 @@ import importlib.util
 import math
 
 import click
-from click.core import ParameterSource
 
 import cuflash.bench as measure
 from cuflash.bench.estimate import attention_seconds
 from cuflash.bench.sweeps import dense_row, sparse_row
-from cuflash.cli._common import (Interrupted, choose_device, echo_json,
+from cuflash.cli._common import (Interrupted, choose_device, echo_json, given_options,
                                  interrupted_with_results, progress, pyplot_or_fail,
                                  require_reasonable, save_figure, stop_on_ctrl_c,
                                  translate_errors)
@@ -94,8 +93,7 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
     ends it early, with the table of the rows measured so far (exit status 130). A row whose
     call cuflash refuses says why in the table, the other rows run, and the exit status is 1.
     """
-    explicit = {name for name in ctx.params
-                if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
+    explicit = given_options(ctx)
     _check_combinations(explicit, sparse, no_torch, baselines)
     set_by_smoke = set()
     if smoke:

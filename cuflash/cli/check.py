@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 
 import click
-import click.core
 
 from cuflash.bench.devices import CpuDevice
 from cuflash.bench.estimate import attention_seconds
 from cuflash.check import verify
 from cuflash.check.pathfinder import MIN_TOKENS, pathfinder_qkv, random_qkv
-from cuflash.cli._common import (REFUSE_SECONDS, choose_device, duration, echo_json, log,
-                                 progress, require_reasonable, seconds, size, stop_on_ctrl_c,
-                                 tokens, translate_errors)
+from cuflash.cli._common import (REFUSE_SECONDS, choose_device, duration, echo_json,
+                                 given_options, log, progress, require_reasonable, seconds,
+                                 size, stop_on_ctrl_c, tokens, translate_errors)
 from cuflash.cli._options import (BOUNDED_TOKENS, POSITIVE, RowCount, causal_option,
                                   device_option, dtype_option, force_option, head_dim_option,
                                   heads_option, json_option, pattern_parameter_options, seed_option)
@@ -161,9 +160,8 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
     """
     asked = _seq_len(seq_len, path_256)
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
-    explicit = lambda name: (ctx.get_parameter_source(name)  # noqa: E731
-                             != click.core.ParameterSource.DEFAULT)
-    _check_mask_options(pattern, given, explicit("block_size"))
+    explicit = given_options(ctx)
+    _check_mask_options(pattern, given, "block_size" in explicit)
     if gpus > 1:
         _check_sharded(ctx, gpus=gpus, asked=asked, path_256=path_256, heads=heads,
                        head_dim=head_dim, dtype=dtype, causal=causal, pattern=pattern,
@@ -180,7 +178,7 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
     target, reason = choose_device(device)
     if target.name == "cpu":
         n = _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward, inputs)
-        if explicit("repeats"):
+        if "repeats" in explicit:
             click.echo("note: --repeats applies to the GPU; the CPU times its one run", err=True)
     else:
         n = asked or PATH_X
@@ -386,7 +384,7 @@ def _check_sharded(ctx, *, gpus, asked, path_256, heads, head_dim, dtype, causal
         raise click.BadParameter(
             f"block-sparse patterns run on one device; --gpus {gpus} shards dense attention "
             "only (leave out --pattern, or use --gpus 1)", param_hint="--pattern")
-    if inputs == "pathfinder" and explicit("inputs"):
+    if inputs == "pathfinder" and "inputs" in explicit:
         raise click.BadParameter(
             f"--gpus {gpus} checks ring attention on random normal q, k, v; Pathfinder inputs "
             "run with --gpus 1 (leave out --inputs, or give --inputs random)",
@@ -409,7 +407,7 @@ def _check_sharded(ctx, *, gpus, asked, path_256, heads, head_dim, dtype, causal
         click.echo(f"note: simulating {gpus} ranks in one process (a thread each) on the CPU "
                    f"(cuflash's NumPy path): {why}; the results are checked the same way, but "
                    f"the time is not that of {gpus} GPUs", err=True)
-    if mode == "simulated" and explicit("repeats"):
+    if mode == "simulated" and "repeats" in explicit:
         click.echo("note: --repeats times a ring of one process per GPU; a simulated ring is "
                    "timed once", err=True)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import click
-import click.core
 import numpy
 
 from cuflash.bench.devices import CpuDevice
-from cuflash.cli._common import (NotEnoughMemory, TooLong, duration, echo_json, size,
-                                 stop_on_ctrl_c, tokens, write_file)
+from cuflash.cli._common import (NotEnoughMemory, TooLong, duration, echo_json, given_options,
+                                 size, stop_on_ctrl_c, tokens, write_file)
 from cuflash.cli._options import (INT64_MAX, TOKENS, POSITIVE, OutputFile, json_option,
                                   pattern_parameter_options, seed_option)
 from cuflash.cli._patterns import (PATTERNS, build_cost, build_exact_mask, build_mask,
@@ -95,16 +94,15 @@ def show(ctx, pattern, seq_len, block_size, seed, max_rows, max_cols, png, force
     bounds; random patterns are refused (exit status 3). --force builds it anyway.
 
     With --exact the pattern is the exact mask of its pairs (block-drawn patterns allow every
-    pair of a drawn block; the others take no --block-size), counted at the tiles each kernel picks for it: the picture shows
-    128 × 128 tiles (the Hopper forward's at D = 128), '█' full (run unmasked), '▒' partial
-    (one bit per pair), '·' empty (skipped).
+    pair of a drawn block; the others take no --block-size), counted at the tiles each kernel
+    picks for it: the picture shows 128 × 128 tiles (the Hopper forward's at D = 128), '█' full
+    (run unmasked), '▒' partial (one bit per pair), '·' empty (skipped).
     """
     given = {name.replace("_", "-"): value for name, value in pattern_options.items()}
     parameters = pattern_parameters(pattern, given)
-    explicit = lambda name: (ctx.get_parameter_source(name)  # noqa: E731
-                             != click.core.ParameterSource.DEFAULT)
-    refuse_unread_options(pattern, seed_given=explicit("seed"),
-                          block_size_given=explicit("block_size"), exact=exact)
+    explicit = given_options(ctx)
+    refuse_unread_options(pattern, seed_given="seed" in explicit,
+                          block_size_given="block_size" in explicit, exact=exact)
     if seq_len > INT64_MAX:  # past float range the estimates below would overflow before the build
         # the length itself is not written out: it may have more digits than Python writes
         raise NotEnoughMemory(f"cannot build pattern {pattern!r} at that many tokens: its "
