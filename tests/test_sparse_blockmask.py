@@ -251,6 +251,13 @@ def test_density_counts_blocks_and_element_density_counts_pairs():
     assert per_head.element_density == pytest.approx(0.5)
 
 
+def test_element_density_of_a_mask_past_int64_pairs():
+    """3 · 2**62 pairs covered overflow an int64 count: the density stays a fraction in [0, 1]."""
+    layout = numpy.array([[1, 0], [1, 1]], dtype=bool)
+    mask = BlockMask.from_dense(layout, block_size=2**31)
+    assert mask.element_density == 0.75
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_element_density_matches_element_dense(data):

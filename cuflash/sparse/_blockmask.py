@@ -298,8 +298,10 @@ class BlockMask:
         columns_per_row = widths[self._col_idx.astype(numpy.int64)]
         row_of_entry = numpy.repeat(numpy.tile(numpy.arange(nqb), self._stored_heads),
                                     numpy.diff(self._row_ptr, axis=1).ravel())
-        covered = int(numpy.dot(heights[row_of_entry].astype(numpy.int64), columns_per_row))
-        return covered / (self._stored_heads * nq * nk)
+        # in float64: exact below 2**53 pairs, where an int64 count would overflow past 2**63
+        covered = numpy.dot(heights[row_of_entry].astype(numpy.float64),
+                            columns_per_row.astype(numpy.float64))
+        return float(covered) / (self._stored_heads * nq * nk)
 
     # -- conversions -----------------------------------------------------------------------------
 
