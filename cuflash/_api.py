@@ -141,13 +141,25 @@ def _written_in_place(shapes, x, grad):
     return _checks.writable_4d(grad, shapes.b)
 
 
+def _check_backward_arrays(spec: AttentionSpec, xp, dout, q, out, lse, result_shapes) -> None:
+    """``dout`` and ``out`` of the forward's output shape in the inputs' dtype, ``lse`` of its
+    lse shape in float32 (``result_shapes``: those two shapes), all on q's device."""
+    out_shape, lse_shape = result_shapes
+    for name, x in (("dout", dout), ("out", out)):
+        _checks.check_like(x, name, out_shape, spec.dtype, xp, device_of=q)
+    _checks.check_like(lse, "lse", lse_shape, numpy.dtype(numpy.float32), xp, device_of=q)
+
+
+def _result_shapes(spec: AttentionSpec, q) -> tuple:
+    """The shapes of a forward's out and lse (``_packed_result_shapes`` for a varlen one)."""
+    return spec.shapes.out_shape, spec.shapes.lse_shape
+
+
 def _backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS):
     """Run the backward pass of a validated call; returns ``(dq, dk, dv)``: the given arrays of
     ``grads`` (``None`` where not given), written, and new arrays for the others."""
     s = spec.shapes
-    for name, x in (("dout", dout), ("out", out)):
-        _checks.check_like(x, name, s.out_shape, spec.dtype, xp, device_of=q)
-    _checks.check_like(lse, "lse", s.lse_shape, numpy.dtype(numpy.float32), xp, device_of=q)
+    _check_backward_arrays(spec, xp, dout, q, out, lse, _result_shapes(spec, q))
     _check_given_grads(spec, xp, grads, dout, q, k, v, out, lse)
     inputs = (q, k, v)
     # quiet: NumPy's warnings off here too, for the casts of the broadcast sums below
@@ -235,8 +247,13 @@ def _check_varlen_results(xp, spec: AttentionSpec, q, k, v, out, return_lse) -> 
     inputs' dtype, apart from q, k, v (the pages of a paged call) and the seed array."""
     _checks.check_bool(return_lse, "return_lse")
     if out is not None:
-        _checks.check_out(out, (q.shape[0], spec.shapes.hq, spec.shapes.dv), spec.dtype, xp,
+        _checks.check_out(out, _packed_result_shapes(spec, q)[0], spec.dtype, xp,
                           _checks.with_seed_array({"q": q, "k": k, "v": v}, spec.dropout_state))
+
+
+def _packed_result_shapes(spec: AttentionSpec, q) -> tuple:
+    """The shapes of a varlen forward's out and lse: ``(total_q, Hq, Dv)``, ``(Hq, total_q)``."""
+    return (q.shape[0], spec.shapes.hq, spec.shapes.dv), (spec.shapes.hq, q.shape[0])
 
 
 def validated_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: dict,
@@ -595,12 +612,8 @@ def _varlen_forward(spec: AttentionSpec, xp, q, k, v, out):
 def _varlen_backward(spec: AttentionSpec, xp, dout, q, k, v, out, lse, grads=_NO_GRADS):
     """Run the backward pass of a validated varlen call: ``(dq, dk, dv)``, the given arrays of
     ``grads`` (``None`` where not given) written, as for ``_backward``."""
-    s, layout = spec.shapes, spec.varlen
-    out_shape = (layout.total_q, s.hq, s.dv)
-    for name, x in (("dout", dout), ("out", out)):
-        _checks.check_like(x, name, out_shape, spec.dtype, xp, device_of=q)
-    _checks.check_like(lse, "lse", (s.hq, layout.total_q), numpy.dtype(numpy.float32), xp,
-                       device_of=q)
+    layout = spec.varlen
+    _check_backward_arrays(spec, xp, dout, q, out, lse, _packed_result_shapes(spec, q))
     _check_given_grads(spec, xp, grads, dout, q, k, v, out, lse)
     with _checks.device_context(q), _calls.CapturedAllocations(q) as allocations:
         results = tuple(xp.empty(x.shape, spec.grad_dtype) if grad is None else grad

@@ -734,6 +734,47 @@ def test_fake_implementation_refuses_what_the_call_refuses(case):
                      **{name: mode.from_tensor(x) for name, x in options.items()})
 
 
+# Arrays of a backward call that the core refuses: which one, and its shape and dtype in place
+# of the forward's.
+_REFUSED_BACKWARD_ARRAYS = {
+    "dout shape": ("dout", (2, 4, 9, 6), _F32),
+    "dout dtype": ("dout", (2, 4, 9, 8), _F16),
+    "out shape": ("out", (2, 4, 8, 8), _F32),
+    "out dtype": ("out", (2, 4, 9, 8), _F64),
+    "lse shape": ("lse", (2, 4, 9, 1), _F32),
+    "lse dtype": ("lse", (2, 4, 9), _F16),
+    "k head dim": ("k", (2, 4, 9, 16), _F32),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED_BACKWARD_ARRAYS))
+def test_fake_backward_refuses_what_the_call_refuses(case):
+    """The backward operator's fake implementation (meta tensors, FakeTensor, opcheck) refuses a
+    dout, out or lse of the wrong shape or dtype, or q, k and v that do not pair, with the
+    core's error, as the call on real tensors does, rather than giving gradients' shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    name, shape, dtype = _REFUSED_BACKWARD_ARRAYS[case]
+    q, k, v = (randn(2, 4, 9, 8) for _ in range(3))
+    out, lse = torch.ops.cuflash.attention_forward(q, k, v, False, None, -1, -1, 0.0, None, -1,
+                                                   False, False)
+    arrays = dict(dout=torch.randn_like(out), q=q, k=k, v=v, out=out, lse=lse)
+    arrays[name] = randn(*shape).to(dtype)
+
+    def call(arrays):
+        return torch.ops.cuflash.attention_backward(*arrays.values(), False, None, -1, -1, 0.0,
+                                                    None, -1, False)
+
+    with pytest.raises((TypeError, ValueError)) as refused:
+        call(arrays)
+    same = dict(expected_exception=type(refused.value),
+                match=f"^{re.escape(str(refused.value))}$")
+    with pytest.raises(**same):
+        call({key: x.to("meta") for key, x in arrays.items()})
+    with FakeTensorMode() as mode, pytest.raises(**same):
+        call({key: mode.from_tensor(x) for key, x in arrays.items()})
+
+
 def test_meta_tensors_draw_no_dropout_seed():
     """A call on meta tensors computes shapes only: with dropout it draws no seed, so torch's
     CPU generator, which real calls draw from, is where it was (as after torch's own SDPA on

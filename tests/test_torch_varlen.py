@@ -631,6 +631,50 @@ def test_fake_implementation_refuses_what_the_call_refuses(case):
     with FakeTensorMode() as mode, pytest.raises(**same):
         call(*map(mode.from_tensor, (q, k, v, cu_seqlens)))
 
+
+# Arrays of a packed backward call that the core refuses: which one, and its shape and dtype in
+# place of the forward's (q (total_q, 4, 16), out (total_q, 4, 8), lse (4, total_q)).
+_TOTAL_Q = 14
+_REFUSED_BACKWARD_ARRAYS = {
+    "dout shape": ("dout", (_TOTAL_Q, 4, 16), torch.float32),
+    "dout dtype": ("dout", (_TOTAL_Q, 4, 8), torch.float16),
+    "out shape": ("out", (_TOTAL_Q - 1, 4, 8), torch.float32),
+    "out dtype": ("out", (_TOTAL_Q, 4, 8), torch.float64),
+    "lse shape": ("lse", (_TOTAL_Q, 4), torch.float32),
+    "lse dtype": ("lse", (4, _TOTAL_Q), torch.float16),
+    "k head dim": ("k", (_TOTAL_Q, 2, 32), torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED_BACKWARD_ARRAYS))
+def test_fake_backward_refuses_what_the_call_refuses(case):
+    """The varlen backward operator's fake implementation (meta tensors, FakeTensor, opcheck)
+    refuses a dout, out or lse of the wrong shape or dtype, or q, k and v that do not pair,
+    with the core's error, as the call on real tensors does, rather than giving gradients'
+    shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    name, shape, dtype = _REFUSED_BACKWARD_ARRAYS[case]
+    (q, k, v), dout, layout = packed([5, 9], [6, 8], d=16, dv=8)
+    q, k, v = (x.detach() for x in (q, k, v))
+    options = (False, None, -1, -1, 0.0, None, False)
+    out, lse = torch.ops.cuflash.attention_varlen_forward(q, k, v, *layout, *options)
+    arrays = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, cu_q=layout[0], cu_k=layout[1])
+    arrays[name] = torch.randn(*shape).to(dtype)
+
+    def call(arrays):
+        return torch.ops.cuflash.attention_varlen_backward(*arrays.values(), *layout[2:],
+                                                           *options)
+
+    with pytest.raises((TypeError, ValueError)) as refused:
+        call(arrays)
+    same = dict(expected_exception=type(refused.value),
+                match=f"^{re.escape(str(refused.value))}$")
+    with pytest.raises(**same):
+        call({key: x.to("meta") for key, x in arrays.items()})
+    with FakeTensorMode() as mode, pytest.raises(**same):
+        call({key: mode.from_tensor(x) for key, x in arrays.items()})
+
 @pytest.mark.parametrize("backend, dynamic", [("eager", None), ("aot_eager", None),
                                               ("aot_eager", True), ("inductor", None)])
 def test_compile_fullgraph(backend, dynamic):

@@ -314,30 +314,48 @@ def _fake_options(causal, scale, window_left, window_right, softcap, alibi_slope
 
 
 def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes,
-                     block_mask, deterministic, dropout_p, dropout_seed, dropout_offset) -> None:
-    """The core's checks of ``attention_forward``'s call (``cuflash._api._spec``)."""
+                     block_mask, deterministic, dropout_p, dropout_seed, dropout_offset):
+    """The core's checks of ``attention_forward``'s call (``cuflash._api._spec``): the array
+    module and spec of the stand-ins, or None where nothing could be checked."""
     try:
         arrays = [_stand_in(x) for x in (q, k, v)]
         options = _fake_options(causal, scale, window_left, window_right, softcap, alibi_slopes,
                                 deterministic, dropout_p, dropout_seed, dropout_offset)
     except _NoExample:
-        return
-    _api._spec(*arrays, **options, **mask_options(block_mask))
+        return None
+    return _api._spec(*arrays, **options, **mask_options(block_mask))
 
 
 def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal, scale, window_left, window_right, softcap, alibi_slopes,
-                            deterministic, dropout_p, dropout_seed, dropout_offset) -> None:
+                            deterministic, dropout_p, dropout_seed, dropout_offset):
     """The core's checks of ``attention_varlen_forward``'s call but those of the offsets'
-    values, which a fake call does not hold (``cuflash._api._varlen_checks``)."""
+    values, which a fake call does not hold (``cuflash._api._varlen_checks``): the array module
+    and spec of the stand-ins, or None where nothing could be checked."""
     try:
         arrays = [_stand_in(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)]
         options = _fake_options(causal, scale, window_left, window_right, softcap, alibi_slopes,
                                 deterministic, dropout_p, dropout_seed, dropout_offset)
         lengths = _example(max_seqlen_q), _example(max_seqlen_k)
     except _NoExample:
+        return None
+    xp, _, spec = _api._varlen_checks(*arrays, *lengths, _checks.varlen_shapes, **options)
+    return xp, spec
+
+
+def _check_fake_backward_arrays(checked, dout, q, out, lse, result_shapes) -> None:
+    """The core's checks of the arrays a backward call reads besides q, k and v
+    (``cuflash._api._check_backward_arrays``), after the forward's checks that gave ``checked``
+    (``(xp, spec)``, or None where nothing could be checked); ``result_shapes(spec, q)``: the
+    shapes of the forward's out and lse."""
+    if checked is None:
         return
-    _api._varlen_checks(*arrays, *lengths, _checks.varlen_shapes, **options)
+    try:
+        dout, q, out, lse = map(_stand_in, (dout, q, out, lse))
+    except _NoExample:
+        return
+    xp, spec = checked
+    _api._check_backward_arrays(spec, xp, dout, q, out, lse, result_shapes(spec, q))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -430,6 +448,10 @@ attention_backward = torch.library.custom_op("cuflash::attention_backward", _bac
 @attention_backward.register_fake
 def _(dout, q, k, v, out, lse, causal, scale, window_left, window_right, softcap, alibi_slopes,
       block_mask, deterministic, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
+    checked = _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
+                               alibi_slopes, block_mask, deterministic, dropout_p, dropout_seed,
+                               dropout_offset)
+    _check_fake_backward_arrays(checked, dout, q, out, lse, _api._result_shapes)
     return _empty_grads(q, k, v)
 
 
@@ -567,6 +589,11 @@ attention_varlen_backward = torch.library.custom_op(
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
       scale, window_left, window_right, softcap, alibi_slopes, deterministic, dropout_p=0.0,
       dropout_seed=None, dropout_offset=0):
+    checked = _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, causal, scale, window_left, window_right,
+                                      softcap, alibi_slopes, deterministic, dropout_p,
+                                      dropout_seed, dropout_offset)
+    _check_fake_backward_arrays(checked, dout, q, out, lse, _api._packed_result_shapes)
     return tuple(x.new_empty(x.shape) for x in (q, k, v))
 
 
