@@ -382,6 +382,29 @@ def test_meta_tensors_are_refused(seed):
         flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=5)
 
 
+@pytest.mark.parametrize("inputs", ["fake tensors", "real tensors"])
+def test_fake_tensor_mode_is_refused_by_name(seed, inputs):
+    """No operator, so no fake implementation: under FakeTensorMode (torch.export traces with
+    it) the call, which works on the tensors' memory and writes the caches in place, is
+    refused by name, before anything is written, rather than failing inside torch
+    (docs/torch.md, "KV cache")."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k_cache, v_cache, k, v = tensors(seed)
+    caches = k_cache.clone(), v_cache.clone()
+    versions = k_cache._version, v_cache._version
+    lengths = torch.tensor([0, 7, 40], dtype=torch.int32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        args = (q, k_cache, v_cache, k, v, lengths)
+        if inputs == "fake tensors":
+            args = tuple(map(mode.from_tensor, args))
+        with pytest.raises(ValueError, match="^flash_attn_with_kvcache cannot run on fake "
+                                             "tensors .*caches in place"):
+            flash_attn_with_kvcache(*args[:5], cache_seqlens=args[5], causal=True)
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+    assert (k_cache._version, v_cache._version) == versions
+
+
 def test_under_compile_it_runs_in_a_graph_break(seed):
     """flash_attn_with_kvcache is no operator: torch.compile runs it eagerly in a graph break
     (the caches written, the result the eager one), and fullgraph=True refuses it

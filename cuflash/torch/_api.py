@@ -651,6 +651,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 # ----------------------------------------------------------------------------- KV cache
 
+def _refuse_fake_tensors(*arguments) -> None:
+    """ValueError, before anything is written, for a ``flash_attn_with_kvcache`` call on fake
+    tensors or under ``FakeTensorMode`` (where even real tensors cross to the core as fake
+    ones, whose memory torch refuses to lend): it is no operator with a fake implementation
+    but a call on the tensors' memory, which writes the caches in place through views of it."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+    if fake_mode is None and not any(isinstance(x, torch.Tensor) and is_fake(x)
+                                     for x in arguments):
+        return
+    raise ValueError("flash_attn_with_kvcache cannot run on fake tensors (FakeTensorMode, "
+                     "torch.export): it is no operator with a fake implementation, but a call "
+                     "on the tensors' memory, which writes k and v into the caches in place "
+                     "and which fake tensors do not have; call it on CUDA or CPU tensors")
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
                             rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
                             cache_leftpad=None, block_table=None, softmax_scale=None,
@@ -671,7 +688,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (``cuflash.attention_with_kvcache``), and ``cache_leftpad`` (int32 ``(B,)`` on q's device,
     contiguous caches only) marks each row's first positions as padding, as flash-attn does.
     Tensors stay where they are: CUDA tensors run on torch's current stream without copies, CPU
-    tensors through NumPy views.
+    tensors through NumPy views. No operator: meta tensors, fake tensors and ``FakeTensorMode``
+    (``torch.export``) raise ``ValueError``.
     """
     import cuflash
 
@@ -701,6 +719,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                         f"on q's device (the number of keys in each batch row's cache before k "
                         f"and v are appended), got {_checks._show(cache_seqlens)} of type "
                         f"{_checks._type_name(cache_seqlens)}")
+    _refuse_fake_tensors(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
+                         cache_leftpad, block_table, alibi_slopes, rotary_cos, rotary_sin)
     with torch.no_grad(), _bridge.core_scope(q.device) as (to_core, to_torch):
         def core(x):
             return to_core(x) if isinstance(x, torch.Tensor) else x
