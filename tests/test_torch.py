@@ -807,6 +807,22 @@ def test_return_attn_probs_on_meta_tensors_is_refused_by_name():
         ct.flash_attn_varlen_qkvpacked_func(packed, cu_seqlens, 6, return_attn_probs=True)
 
 
+def test_return_attn_probs_on_fake_tensors_is_refused_by_name():
+    """Fake tensors (FakeTensorMode, as torch.export traces) hold no values either: the same
+    ValueError as for meta tensors, not torch's error about .numpy() on a tensor subclass."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = randn(2, 9, 4, 8)
+    packed = randn(10, 3, 2, 8)
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with FakeTensorMode() as mode:
+        fq, fpacked, fcu = map(mode.from_tensor, (q, packed, cu_seqlens))
+        with pytest.raises(ValueError, match="^return_attn_probs=True: .* fake tensors"):
+            ct.flash_attn_func(fq, fq, fq, return_attn_probs=True)
+        with pytest.raises(ValueError, match="^return_attn_probs=True: .* fake tensors"):
+            ct.flash_attn_varlen_qkvpacked_func(fpacked, fcu, 6, return_attn_probs=True)
+
+
 @pytest.mark.parametrize("path", ["eager", "operators"])
 def test_second_derivative_is_refused(monkeypatch, path):
     """No double backward, eager or through the operators: a gradient recorded with

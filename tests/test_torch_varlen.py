@@ -471,6 +471,19 @@ def test_block_table_on_meta_tensors_is_refused_by_name():
     assert out.is_meta and out.shape == q.shape  # the packed call still gives its shapes
 
 
+def test_block_table_on_fake_tensors_is_refused_by_name():
+    """Fake tensors (FakeTensorMode, as torch.export traces) hold no values either: the same
+    ValueError as for meta tensors, not torch's error about .numpy() on a tensor subclass."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    (q, _, _, k_pages, v_pages), table, (cu_q, cu_k, max_q, max_k), _ = paged(4)
+    real = [x.detach() for x in (q, k_pages, v_pages, cu_q, cu_k, table)]
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in real]
+        with pytest.raises(ValueError, match="block_table .* fake tensors"):
+            ct.flash_attn_varlen_func(*fake[:5], max_q, max_k, block_table=fake[5])
+
+
 def test_dropout_over_packed_sequences_is_each_sequence_s_dense_mask():
     """dropout_p over packed sequences (CPU tensors): the seed comes from torch's generator as for
     flash_attn_func, and sequence b's output and gradients are, bit for bit, those of

@@ -291,16 +291,30 @@ def _varlen_attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     return probs
 
 
-def _checked_return_attn_probs(return_attn_probs, device) -> bool:
+def _holds_no_values(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no values to read on the host: a meta tensor, a fake one, or any tensor
+    under ``FakeTensorMode`` (which hands out fake ones: torch.export traces with it). Never
+    while Dynamo traces, where tensors stand for the real ones that a graph break then reads."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (x.is_meta or is_fake(x)
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
+def _checked_return_attn_probs(return_attn_probs, q) -> bool:
     """``return_attn_probs`` as a bool, checked by the core's rule (``"False"`` is refused, not
     read as True). ``return_attn_probs=True`` reads the inputs (and the dropout seed) back to the
     host: a RuntimeError while a CUDA graph captures, before the forward, rather than a capture
-    broken by the copy; a ValueError for meta tensors, which hold no values to read."""
+    broken by the copy; a ValueError for tensors that hold no values to read (meta and fake
+    ones)."""
     return_attn_probs = _checks.check_bool(return_attn_probs, "return_attn_probs")
-    if return_attn_probs and device.type == "meta":
+    if return_attn_probs and _holds_no_values(q):
         raise ValueError("return_attn_probs=True: S_dmask is formed on the CPU from the "
-                         "inputs' values, which meta tensors do not hold")
-    if return_attn_probs and _ops.graph_capturing(device):
+                         "inputs' values, which meta tensors and fake tensors (FakeTensorMode) "
+                         "do not hold")
+    if return_attn_probs and _ops.graph_capturing(q.device):
         raise RuntimeError("return_attn_probs=True cannot be captured in a CUDA graph: S_dmask "
                            "is formed on the CPU from the inputs read back from the device")
     return return_attn_probs
@@ -361,7 +375,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     ``RuntimeError`` under CUDA-graph capture).
     """
     _check_bshd(q=q, k=k, v=v)
-    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q.device)
+    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q)
     q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     options = dict(causal=causal, scale=softmax_scale, window=window_size, softcap=softcap,
                    alibi_slopes=alibi_slopes)
@@ -465,7 +479,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if alibi_slopes is not None:
         tensors["alibi_slopes"] = alibi_slopes
     _check_tensors(**tensors)
-    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q.device)
+    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q)
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
@@ -502,9 +516,10 @@ def _check_paged(q, k, v, cu_seqlens_k, block_table) -> None:
     if _ops.graph_capturing(block_table.device):  # rather than a capture broken by the copy
         raise RuntimeError("block_table cannot be captured in a CUDA graph: the gather reads "
                            "cu_seqlens_k and block_table back to the host")
-    if block_table.is_meta:  # _check_tensors: cu_seqlens_k is on its device
+    if _holds_no_values(block_table):  # _check_tensors: cu_seqlens_k is on its device
         raise ValueError("block_table: the gather reads the values of cu_seqlens_k and "
-                         "block_table on the host, which meta tensors do not hold")
+                         "block_table on the host, which meta tensors and fake tensors "
+                         "(FakeTensorMode) do not hold")
 
 
 def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
@@ -656,12 +671,9 @@ def _refuse_fake_tensors(*arguments) -> None:
     tensors or under ``FakeTensorMode`` (where even real tensors cross to the core as fake
     ones, whose memory torch refuses to lend): it is no operator with a fake implementation
     but a call on the tensors' memory, which writes the caches in place through views of it."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
-    if fake_mode is None and not any(isinstance(x, torch.Tensor) and is_fake(x)
-                                     for x in arguments):
-        return
+    if not any(isinstance(x, torch.Tensor) and _holds_no_values(x) and not x.is_meta
+               for x in arguments):
+        return  # meta tensors: refused with the other devices the core does not run on
     raise ValueError("flash_attn_with_kvcache cannot run on fake tensors (FakeTensorMode, "
                      "torch.export): it is no operator with a fake implementation, but a call "
                      "on the tensors' memory, which writes k and v into the caches in place "
