@@ -1598,6 +1598,43 @@ def test_fake_implementation_refuses_dropout_without_a_seed(operator):
     with pytest.raises(ValueError, match=f"^{re.escape(str(refused.value))}$"):
         call(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in args))
 
+
+# (seed, offset) pairs the operators refuse: a pair is int64 (2,), with the offset left at 0.
+_REFUSED_SEED_PAIRS = {
+    "three elements": (torch.tensor([5, 0, 1]), 0),
+    "int32": (torch.tensor([5, 0], dtype=torch.int32), 0),
+    "an offset beside it": (torch.tensor([5, 0]), 3),
+}
+
+
+@pytest.mark.parametrize("operator", ["attention_forward", "attention_backward",
+                                      "attention_varlen_forward", "attention_varlen_backward"])
+@pytest.mark.parametrize("pair", list(_REFUSED_SEED_PAIRS))
+def test_fake_implementation_refuses_a_seed_pair_the_call_refuses(operator, pair):
+    """A dropout seed given as a (seed, offset) pair is checked by the fake implementations as
+    the operators check it (an int64 tensor of shape (2,), dropout_offset 0): the same error on
+    meta tensors as on real ones, rather than shapes for a call that cannot run."""
+    q = randn(8, 2, 16)
+    dropout = (0.5, *_REFUSED_SEED_PAIRS[pair])
+    options = (False, None, -1, -1, 0.0, None)
+    if operator == "attention_forward":
+        args = (q, q, q, *options, -1, False, False, *dropout)
+    elif operator == "attention_backward":
+        out, lse = torch.ops.cuflash.attention_forward(q, q, q, *options, -1, False, False)
+        args = (out, q, q, q, out, lse, *options, -1, False, *dropout)
+    else:
+        offsets = torch.tensor([0, 8], dtype=torch.int32)
+        args = (q, q, q, offsets, offsets, 8, 8, *options, False, *dropout)
+        if operator == "attention_varlen_backward":
+            out, lse = torch.ops.cuflash.attention_varlen_forward(*args[:-3])
+            args = (out, *args[:3], out, lse, *args[3:])
+    call = getattr(torch.ops.cuflash, operator)
+    with pytest.raises((TypeError, ValueError)) as refused:
+        call(*args)
+    on_meta = str(refused.value).replace("cpu", "meta")  # where the message names the device
+    with pytest.raises(type(refused.value), match=f"^{re.escape(on_meta)}$"):
+        call(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in args))
+
 def _flash_attn_dropout(q, k, v):
     return ct.flash_attn_func(q, k, v, 0.2, causal=True)
 

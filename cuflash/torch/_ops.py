@@ -201,15 +201,17 @@ def seed_array(seed: torch.Tensor, device: torch.device, to_core):
     return to_core(seed).view(numpy.uint64)
 
 
-def _dropout_options(dropout_p, dropout_seed, dropout_offset, device, to_core) -> dict:
+def _dropout_options(dropout_p, dropout_seed, dropout_offset, device, to_core,
+                     read_seed=seed_value) -> dict:
     """The core's dropout keywords, none without dropout (so that ``dropout_p = 0`` runs exactly
-    the call without it): the scalar seed as an int, a pair as a seed array (``seed_array``)."""
+    the call without it): the scalar seed as an int (``read_seed``), a pair as a seed array
+    (``seed_array``)."""
     if dropout_p == 0.0:
         return {}
     if dropout_seed is None:
         seed = None
     elif dropout_seed.dim() == 0:
-        seed = seed_value(dropout_seed)
+        seed = read_seed(dropout_seed)
     else:
         seed = seed_array(dropout_seed, device, to_core)
     return dict(dropout_p=dropout_p, dropout_seed=seed, dropout_offset=dropout_offset)
@@ -293,23 +295,30 @@ def _stand_in(x: Optional[torch.Tensor]):
     return numpy.broadcast_to(numpy.zeros((), _bridge.numpy_dtype(x.dtype)), shape)
 
 
-def _fake_dropout_options(dropout_p, dropout_seed, dropout_offset) -> dict:
-    """The dropout keywords of a checked fake call: a seed's value is never read there, but a
-    missing one is refused as the call refuses it."""
-    if _example(dropout_p) == 0.0:
-        return {}
-    return dict(dropout_p=_example(dropout_p), dropout_seed=None if dropout_seed is None else 0,
-                dropout_offset=_example(dropout_offset))
+def _zeroed(x: torch.Tensor) -> numpy.ndarray:
+    """A NumPy array of ``x``'s shape and dtype holding zeros, with memory: the stand-in of a
+    (seed, offset) pair, which the core takes only C-contiguous and reads (16 bytes)."""
+    return numpy.zeros(tuple(_example(n) for n in x.shape), _bridge.numpy_dtype(x.dtype))
+
+
+def _fake_dropout_options(dropout_p, dropout_seed, dropout_offset, device) -> dict:
+    """The dropout keywords of a checked fake call, made as the call makes them
+    (``_dropout_options``): a seed's value is never read there (a scalar stands in as 0, a pair
+    as zeros), but a missing seed, or a pair the call refuses, is refused as the call refuses
+    it."""
+    return _dropout_options(_example(dropout_p), dropout_seed, _example(dropout_offset), device,
+                            _zeroed, lambda seed: 0)
 
 
 def _fake_options(causal, scale, window_left, window_right, softcap, alibi_slopes, deterministic,
-                  dropout_p, dropout_seed, dropout_offset) -> dict:
-    """The core's keywords of a fake call, its ALiBi slopes as a stand-in."""
+                  dropout_p, dropout_seed, dropout_offset, device) -> dict:
+    """The core's keywords of a fake call on tensors of ``device``, its ALiBi slopes as a
+    stand-in."""
     options = _core_options(*map(_example, (window_left, window_right, softcap)),
                             _stand_in(alibi_slopes), lambda stand_in: stand_in)
     options.update(causal=_example(causal), scale=_example(scale),
                    deterministic=_example(deterministic),
-                   **_fake_dropout_options(dropout_p, dropout_seed, dropout_offset))
+                   **_fake_dropout_options(dropout_p, dropout_seed, dropout_offset, device))
     return options
 
 
@@ -320,7 +329,7 @@ def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
     try:
         arrays = [_stand_in(x) for x in (q, k, v)]
         options = _fake_options(causal, scale, window_left, window_right, softcap, alibi_slopes,
-                                deterministic, dropout_p, dropout_seed, dropout_offset)
+                                deterministic, dropout_p, dropout_seed, dropout_offset, q.device)
     except _NoExample:
         return None
     return _api._spec(*arrays, **options, **mask_options(block_mask))
@@ -335,7 +344,7 @@ def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     try:
         arrays = [_stand_in(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)]
         options = _fake_options(causal, scale, window_left, window_right, softcap, alibi_slopes,
-                                deterministic, dropout_p, dropout_seed, dropout_offset)
+                                deterministic, dropout_p, dropout_seed, dropout_offset, q.device)
         lengths = _example(max_seqlen_q), _example(max_seqlen_k)
     except _NoExample:
         return None
