@@ -405,6 +405,28 @@ def test_fake_tensor_mode_is_refused_by_name(seed, inputs):
     assert (k_cache._version, v_cache._version) == versions
 
 
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jvp"])
+def test_torch_func_transforms_are_refused_by_name(seed, transform):
+    """Under a torch.func transform the tensors it wraps lend no memory to write the caches
+    through: the call is refused by name, before anything is written, rather than failing
+    inside torch; tensors the transform does not wrap still run."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+    caches = k_cache.clone(), v_cache.clone()
+
+    def step(q):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=5).sum()
+
+    run = {"vmap": lambda: torch.func.vmap(step)(q[None]),
+           "grad": lambda: torch.func.grad(step)(q),
+           "jvp": lambda: torch.func.jvp(step, (q,), (q,))}[transform]
+    with pytest.raises(ValueError, match="^flash_attn_with_kvcache cannot run on .*torch.func "
+                                         "transform"):
+        run()
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+    unwrapped = torch.func.vmap(lambda x: step(q) + x)(torch.zeros(2))
+    assert torch.equal(unwrapped, step(q).expand(2))
+
+
 def test_under_compile_it_runs_in_a_graph_break(seed):
     """flash_attn_with_kvcache is no operator: torch.compile runs it eagerly in a graph break
     (the caches written, the result the eager one), and fullgraph=True refuses it

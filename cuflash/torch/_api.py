@@ -666,18 +666,26 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 # ----------------------------------------------------------------------------- KV cache
 
-def _refuse_fake_tensors(*arguments) -> None:
-    """ValueError, before anything is written, for a ``flash_attn_with_kvcache`` call on fake
-    tensors or under ``FakeTensorMode`` (where even real tensors cross to the core as fake
-    ones, whose memory torch refuses to lend): it is no operator with a fake implementation
-    but a call on the tensors' memory, which writes the caches in place through views of it."""
-    if not any(isinstance(x, torch.Tensor) and _holds_no_values(x) and not x.is_meta
-               for x in arguments):
-        return  # meta tensors: refused with the other devices the core does not run on
-    raise ValueError("flash_attn_with_kvcache cannot run on fake tensors (FakeTensorMode, "
-                     "torch.export): it is no operator with a fake implementation, but a call "
-                     "on the tensors' memory, which writes k and v into the caches in place "
-                     "and which fake tensors do not have; call it on CUDA or CPU tensors")
+def _refuse_tensors_without_memory(*arguments) -> None:
+    """ValueError, before anything is written, for a ``flash_attn_with_kvcache`` call on
+    tensors that lend no memory: fake tensors, any under ``FakeTensorMode`` (where even real
+    tensors cross to the core as fake ones), and the tensors a ``torch.func`` transform wraps
+    (vmap, grad, jvp). It is no operator with a fake implementation or a batching rule but a
+    call on the tensors' memory, which writes the caches in place through views of it."""
+    tensors = [x for x in arguments if isinstance(x, torch.Tensor)]
+    # meta tensors: refused with the other devices the core does not run on
+    if any(_holds_no_values(x) and not x.is_meta for x in tensors):
+        raise ValueError("flash_attn_with_kvcache cannot run on fake tensors (FakeTensorMode, "
+                         "torch.export): it is no operator with a fake implementation, but a "
+                         "call on the tensors' memory, which writes k and v into the caches in "
+                         "place and which fake tensors do not have; call it on CUDA or CPU "
+                         "tensors")
+    wrapped = [x for x in tensors if torch._C._functorch.is_functorch_wrapped_tensor(x)]
+    if wrapped:
+        raise ValueError("flash_attn_with_kvcache cannot run on the tensors of a torch.func "
+                         "transform (vmap, grad, jvp): it is no operator with a batching rule "
+                         "or a derivative, but a call on the tensors' memory, which writes k "
+                         "and v into the caches in place; call it outside the transform")
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
@@ -700,8 +708,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (``cuflash.attention_with_kvcache``), and ``cache_leftpad`` (int32 ``(B,)`` on q's device,
     contiguous caches only) marks each row's first positions as padding, as flash-attn does.
     Tensors stay where they are: CUDA tensors run on torch's current stream without copies, CPU
-    tensors through NumPy views. No operator: meta tensors, fake tensors and ``FakeTensorMode``
-    (``torch.export``) raise ``ValueError``.
+    tensors through NumPy views. No operator: meta tensors, fake tensors, ``FakeTensorMode``
+    (``torch.export``) and the tensors of a ``torch.func`` transform raise ``ValueError``.
     """
     import cuflash
 
@@ -731,8 +739,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                         f"on q's device (the number of keys in each batch row's cache before k "
                         f"and v are appended), got {_checks._show(cache_seqlens)} of type "
                         f"{_checks._type_name(cache_seqlens)}")
-    _refuse_fake_tensors(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
-                         cache_leftpad, block_table, alibi_slopes, rotary_cos, rotary_sin)
+    _refuse_tensors_without_memory(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
+                                   cache_leftpad, block_table, alibi_slopes, rotary_cos,
+                                   rotary_sin)
     with torch.no_grad(), _bridge.core_scope(q.device) as (to_core, to_torch):
         def core(x):
             return to_core(x) if isinstance(x, torch.Tensor) else x
