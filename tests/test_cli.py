@@ -1761,6 +1761,39 @@ def test_memory_estimate_grows_with_the_problem():
     assert small > 4 * 8 * 16384 * 64 * 2  # at least q, k, v and out
 
 
+class _UntracedCalls(devices.CpuDevice):
+    """The CPU device without its own peak measurement, which resets tracemalloc's peak."""
+
+    def peak_bytes(self, fn):
+        return fn(), 0
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_memory_estimate_covers_the_peak_of_the_check(backward):
+    """Many heads and few rows: the check's whole arrays, not the reference's steps, set the
+    peak. The estimate counted two float32 gradients of the baseline where three are held at
+    once, and neither their casts nor the comparisons' float64 differences (nor, forward only,
+    the NaN scan of out), and was a tenth low. Now it covers the peak NumPy holds, with at most
+    a quarter to spare."""
+    import tracemalloc
+
+    n, heads, head_dim, dtype = 1024, 16, 128, np.float32
+    rows = verify.sample_rows(n, 4, seed=0)
+    device = _UntracedCalls()
+    cuflash.attention(*(np.ones((1, 1, 8, 8), dtype),) * 3)  # the NumPy path loaded first
+    tracemalloc.start()
+    try:
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((1, heads, n, head_dim), dtype=dtype) for _ in range(3))
+        verify.run_check(device, q, k, v, rows=rows, causal=False, backward=backward)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    estimate = verify.estimate_bytes(n, heads, head_dim, np.dtype(dtype).itemsize, len(rows),
+                                     backward)
+    assert peak <= estimate <= 1.25 * peak
+
+
 def test_flops_follow_the_papers():
     p = problems.Problem(batch=2, heads=3, seq_len=1024, head_dim=64, causal=False)
     assert p.flops("fwd") == 4 * 2 * 3 * 1024 * 1024 * 64

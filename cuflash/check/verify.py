@@ -51,17 +51,31 @@ def sample_rows(n: int, count: int | None, seed: int) -> numpy.ndarray:
 
 def estimate_bytes(n: int, heads: int, head_dim: int, itemsize: int, rows: int, backward: bool
                    ) -> int:
-    """Device memory a check needs, roughly: its arrays plus the reference's temporaries."""
-    tensor = heads * n * head_dim * itemsize
-    per_row = heads * n * 4
-    arrays = 4 * tensor + per_row  # q, k, v, out, lse
-    if backward:  # dout, dq, dk, dv, a float32 dq accumulator, the row sums
-        arrays += 4 * tensor + heads * n * head_dim * 4 + per_row
+    """Device memory a check needs, roughly: the most :func:`run_check` holds at once, and a
+    tenth more.
+
+    Its arrays (q, k, v, out, lse; with the backward, dout, dq, dk, dv) are held throughout. The
+    peak comes with one of the reference's steps, with the comparison of out (which also scans
+    the whole of out for NaN) or, with the backward, with the float64 and baseline gradients of
+    the whole problem: while a step runs, as the baseline's float32 sums are cast, or as they
+    are compared. cuflash's own workspace (a float32 dq accumulator, the row sums) is smaller
+    than those gradients and released before the reference starts: it never sets the peak.
+    """
+    elements = heads * n * head_dim  # of q, and of every array as large
+    sampled = heads * min(rows, n) * head_dim  # of out on the sampled rows
+    held = (8 if backward else 4) * elements * itemsize + heads * n * 4
     chunk = min(rows, max(1, REFERENCE_SCORES // n))
-    reference_bytes = 6 * chunk * n * 8 + 6 * n * head_dim * 8
-    if backward:  # float64 dq, dk, dv of the whole problem, and float32 sums of the baseline
-        reference_bytes += 3 * heads * n * head_dim * 8 + 2 * heads * n * head_dim * 4
-    return int(1.1 * (arrays + reference_bytes))
+    step = 6 * chunk * n * 8 + 6 * n * head_dim * 8  # the temporaries of one head's step
+    out_refs = sampled * (8 + itemsize)  # float64 and baseline out on the sampled rows
+    compared = 2 * 8  # per element compared: the float64 difference and its absolute value
+    scanned = 4 + 1  # per element of out scanned for NaN: a float32 copy and its flags
+    peaks = [out_refs + step,
+             out_refs + sampled * itemsize + max(sampled * compared, elements * scanned)]
+    if backward:
+        grads64, sums32, casts = (3 * elements * size for size in (8, 4, itemsize))
+        peaks += [out_refs + sampled * itemsize + grads64 + sums32 + max(step, casts),
+                  grads64 + casts + elements * compared]
+    return int(1.1 * (held + max(peaks)))
 
 
 # The float64 rate assumed for the reference on a GPU (consumer parts reach about this much).
