@@ -286,6 +286,30 @@ def test_a_slab_zeroing_still_queued_zeroes_no_other_stream_s_counter(monkeypatc
     assert memsets[1:] == [(others[0], 0, 8, 6), (others[1], 0, 8, 7)]
 
 
+def test_seeing_a_slab_zeroed_leaves_other_threads_captures_alone(monkeypatch):
+    """A launch outside any capture asks whether the current slab's memset has ended: an event
+    query from the launching thread. While another thread captures a CUDA graph in the global
+    mode (torch's default), that query from a thread in the global mode invalidates the
+    capture: it is made in the thread-local mode, and the thread's own mode comes back after."""
+    counters, capturing, memsets, events = _fake_counter_runtime(monkeypatch, (1 << 40,))
+    modes, at_query = [0], []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int))  # as the driver is called
+    def exchange(mode):
+        modes[0], mode.contents.value = mode.contents.value, modes[0]
+        return 0
+
+    monkeypatch.setattr(_launch, "_cu_thread_exchange_capture_mode", lambda: exchange)
+    counters.pointer(5)
+    done = type(events[0]).done
+    monkeypatch.setattr(type(events[0]), "done", property(
+        lambda event: at_query.append(modes[0]) or done.fget(event), done.fset))
+    events[0].done = True
+    counters.pointer(6)
+    assert at_query == [_launch._CAPTURE_MODE_THREAD_LOCAL]
+    assert modes == [0]  # the thread's own (global) mode again
+
+
 def test_the_per_thread_default_stream_has_a_counter_per_thread(monkeypatch):
     """The per-thread default stream's handle (CuPy's Stream.ptds, every thread's current stream
     under CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1) names each thread's own stream: persistent
@@ -536,7 +560,7 @@ def test_waiting_for_a_held_stream_leaves_other_threads_captures_alone(monkeypat
     an event. While another thread captures a CUDA graph in the global mode (torch's default), a
     wait from a thread in that mode invalidates the capture: the waiting thread switches itself
     to the thread-local mode first, then waits with the event's device current, and leaves it
-    current."""
+    current; its own mode comes back after."""
     done = []
 
     @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int))  # as the driver is called
@@ -554,5 +578,6 @@ def test_waiting_for_a_held_stream_leaves_other_threads_captures_alone(monkeypat
     _launch.wait_for(event, 1)
     # Device 1 stays current: setting device 0 again would make its context, on a device the
     # program may never use.
-    assert done == [("capture mode", _launch._CAPTURE_MODE_THREAD_LOCAL), ("device", 1), ("wait",)]
+    assert done == [("capture mode", _launch._CAPTURE_MODE_THREAD_LOCAL), ("device", 1), ("wait",),
+                    ("capture mode", 0)]
     assert _launch._CAPTURE_MODE_THREAD_LOCAL == 1  # CU_STREAM_CAPTURE_MODE_THREAD_LOCAL in cuda.h

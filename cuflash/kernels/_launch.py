@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 import threading
@@ -407,21 +408,35 @@ def _cu_thread_exchange_capture_mode():
     return _driver_function("cuThreadExchangeStreamCaptureMode", ctypes.POINTER(ctypes.c_int))
 
 
-def wait_for(event, device: int) -> None:
-    """Block this thread, which captures nothing, until ``event`` (of device ``device``) has
-    passed. The thread is put in the thread-local capture mode first: while another thread
-    captures a graph in the global mode (torch's default), a wait in the default mode is an
-    unsafe call that invalidates that capture. The device is made current too, and left so (not
-    CuPy's ``Device`` context, whose exit sets the thread's previous device, 0, again): setting a
-    device makes its context, memory on a device the program may never use."""
+@contextlib.contextmanager
+def thread_local_capture_mode():
+    """This thread in the thread-local capture mode inside the block, in its own mode again
+    after: while another thread captures a graph in the global mode (torch's default), an event
+    wait or query from a thread in the global mode is an unsafe call that invalidates that
+    capture; in the thread-local mode only the thread's own captures forbid it."""
     import ctypes
 
     exchange = _cu_thread_exchange_capture_mode()
-    if exchange is not None:
-        mode = ctypes.c_int(_CAPTURE_MODE_THREAD_LOCAL)  # (the thread's previous mode comes back)
+    if exchange is None:
+        yield
+        return
+    mode = ctypes.c_int(_CAPTURE_MODE_THREAD_LOCAL)
+    exchange(ctypes.byref(mode))  # the thread's previous mode comes back in `mode`
+    try:
+        yield
+    finally:
         exchange(ctypes.byref(mode))
-    cupy_module().cuda.runtime.setDevice(device)
-    event.synchronize()
+
+
+def wait_for(event, device: int) -> None:
+    """Block this thread, which captures nothing, until ``event`` (of device ``device``) has
+    passed, in the thread-local capture mode (``thread_local_capture_mode``). The device is made
+    current too, and left so (not CuPy's ``Device`` context, whose exit sets the thread's
+    previous device, 0, again): setting a device makes its context, memory on a device the
+    program may never use."""
+    with thread_local_capture_mode():
+        cupy_module().cuda.runtime.setDevice(device)
+        event.synchronize()
 
 
 class _BoundContexts(threading.local):
@@ -639,10 +654,15 @@ class TileCounters:
 
     def _confirm_zeroed(self, device: int) -> None:
         """Mark the current slab of ``device`` (the current one) zeroed once its memset has ended
-        (an event query, outside any capture)."""
+        (an event query, outside any capture of this thread; in the thread-local capture mode,
+        so that it leaves other threads' captures alone)."""
         with self._lock:
             slab = self._unconfirmed.get(device)
-            if slab is not None and slab.zeroing.done:
+            if slab is None:
+                return
+            with thread_local_capture_mode():
+                ended = slab.zeroing.done
+            if ended:
                 slab.zeroed = True
                 del self._unconfirmed[device]
 
