@@ -278,6 +278,26 @@ def test_check_fails_on_a_wrong_gradient(monkeypatch):
         {"out": True, "dq": True, "dk": False, "dv": True}
 
 
+def test_check_fails_on_gradient_rows_left_unwritten(monkeypatch):
+    """dout is zero outside the sampled rows, so dq is exactly zero there: a backward that never
+    wrote those rows of dq left them as a new array's memory held them, zero where that memory
+    was fresh, and passed. The gradients are poisoned before the call, as out is."""
+    backward = cuflash.attention_backward
+    sampled = verify.sample_rows(256, 32, 0)
+
+    def writes_the_sampled_rows_of_dq(*args, dq=None, **kwargs):
+        grads = backward(*args, **kwargs)
+        dq = np.zeros_like(grads[0]) if dq is None else dq  # fresh memory, or the array given
+        dq[..., sampled, :] = grads[0][..., sampled, :]
+        return (dq,) + tuple(grads[1:])
+
+    monkeypatch.setattr(cuflash, "attention_backward", writes_the_sampled_rows_of_dq)
+    record = invoke_json(*SMALL_CHECK, code=1)
+    assert {name: c["passed"] for name, c in record["checks"].items()} == \
+        {"out": True, "dq": False, "dk": True, "dv": True}
+    assert record["checks"]["dq"]["error"] is None  # NaN: not a number to report
+
+
 @pytest.mark.parametrize("args, option", [
     (["--heads", "0"], "--heads"),
     (["--head-dim", "-1"], "--head-dim"),

@@ -288,9 +288,14 @@ def run_check(device, q, k, v, *, rows, causal: bool, block_mask=None, backward:
     bwd, grads, dout = None, None, None
     if backward:
         dout = _sparse_dout(device, out, rows, seed)
+        # poisoned too: with dout zero outside the sample, most of dq is exactly zero, as fresh
+        # memory often is
+        dq, dk, dv = (xp.full(x.shape, xp.nan, dtype=x.dtype) for x in (q, k, v))
         grads, bwd = _measured(
-            device, lambda: cuflash.attention_backward(dout, q, k, v, out, lse, **options),
-            repeats=repeats, inputs=(q, k, v, out, lse, dout), flops=BACKWARD_FLOP_FACTOR * flops)
+            device, lambda: cuflash.attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk,
+                                                       dv=dv, **options),
+            repeats=repeats, inputs=(q, k, v, out, lse, dout, dq, dk, dv),
+            flops=BACKWARD_FLOP_FACTOR * flops)
 
     result = CheckResult(fwd, bwd)
     where = "all" if len(rows) == n else f"{len(rows)} sampled"
