@@ -298,6 +298,27 @@ def test_check_fails_on_gradient_rows_left_unwritten(monkeypatch):
     assert record["checks"]["dq"]["error"] is None  # NaN: not a number to report
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_check_of_a_mask_per_head_compares_each_head_with_its_own_pattern(causal):
+    """The reference runs head by head: a mask with a pattern per head was given whole to each
+    head's step, which refused it ("the query has Hq=1 heads") once cuflash had run."""
+    from cuflash.sparse import BlockMask
+
+    n, heads = 256, 3
+    rng = np.random.default_rng(1)
+    layout = rng.random((heads, 4, 4)) < 0.5
+    layout[:, range(4), range(4)] = True  # every row attends somewhere
+    layout[0, 3, 0] = True
+    layout[1, 3, 0] = layout[2, 3, 0] = False  # the heads' patterns differ
+    block_mask = BlockMask.from_dense(layout, block_size=64)
+    q, k, v = (rng.standard_normal((1, heads, n, 32), dtype=np.float32) for _ in range(3))
+    rows = verify.sample_rows(n, 32, seed=0)
+    result = verify.run_check(devices.CpuDevice(), q, k, v, rows=rows, causal=causal,
+                              block_mask=block_mask)
+    assert [c.name for c in result.comparisons] == ["out", "dq", "dk", "dv"]
+    assert result.passed
+
+
 @pytest.mark.parametrize("args, option", [
     (["--heads", "0"], "--heads"),
     (["--head-dim", "-1"], "--head-dim"),

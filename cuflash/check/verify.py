@@ -32,6 +32,7 @@ from cuflash.bench.estimate import (CALIBRATION_HEAD_DIM, CPU_ASSUMED_FLOPS, CPU
 from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
 from cuflash.check import rule
 from cuflash.check.pathfinder import FOURIER_FEATURES
+from cuflash.sparse import BlockMask
 
 # Scores held at once by a reference step: 2**25 float64 values (256 MiB) per temporary.
 REFERENCE_SCORES = 2**25
@@ -339,11 +340,28 @@ def _head_keep(xp, n, part, causal, block_mask):
     return reference.keep_mask(n, n, causal=causal, block_mask=block_mask, rows=part, xp=xp)
 
 
+def _head_masks(block_mask, heads: int) -> list:
+    """The block mask of each head's reference steps, which see one head at a time: the mask
+    itself where the heads share it, else each head's own pattern."""
+    if block_mask is None or block_mask.num_heads is None:
+        return [block_mask] * heads
+    layout = block_mask.to_dense()
+    return [BlockMask.from_dense(layout[h], block_size=block_mask.block_size,
+                                 shape=block_mask.shape) for h in range(heads)]
+
+
+def _of_head(keep, h: int):
+    """Head ``h``'s part of a ``_head_keep`` mask: its own plane of a mask per head, else the
+    whole mask, which every head shares."""
+    return keep if keep is None or keep.ndim == 2 or keep.shape[0] == 1 else keep[h:h + 1]
+
+
 def _forward_reference(xp, q, k, v, rows, *, causal, block_mask, on_step):
     """Float64 ``out`` and the naive same-precision ``out`` on ``rows``, head by head."""
     heads, n = q.shape[1], q.shape[2]
     ref = xp.empty(q.shape[:2] + (len(rows), v.shape[-1]), dtype=xp.float64)
     naive = xp.empty(ref.shape, dtype=q.dtype)
+    masks = _head_masks(block_mask, heads)
     start = 0
     for part in reference_chunks(n, rows):
         index, stop = xp.asarray(part), start + len(part)
@@ -351,9 +369,9 @@ def _forward_reference(xp, q, k, v, rows, *, causal, block_mask, on_step):
         for h in range(heads):
             qh, kh, vh = q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1]
             ref[:, h:h + 1, start:stop], _ = reference.chunked_attention(
-                qh, kh, vh, causal=causal, block_mask=block_mask, rows=part)
+                qh, kh, vh, causal=causal, block_mask=masks[h], rows=part)
             naive[:, h:h + 1, start:stop], _ = reference.naive_attention(
-                qh[:, :, index], kh, vh, mask=keep)
+                qh[:, :, index], kh, vh, mask=_of_head(keep, h))
             if on_step:
                 on_step()
         start = stop
@@ -375,9 +393,10 @@ def _backward_reference(xp, dout, q, k, v, rows, *, causal, block_mask, on_step)
         keep = _head_keep(xp, n, part, causal, block_mask)
         for h in range(heads):
             args = (dout[:, h:h + 1, index], q[:, h:h + 1, index], k[:, h:h + 1], v[:, h:h + 1])
-            for grads, computed in ((refs, reference.attention_backward(*args, mask=keep)),
+            mask = _of_head(keep, h)
+            for grads, computed in ((refs, reference.attention_backward(*args, mask=mask)),
                                     (naives, reference.naive_attention_backward(*args,
-                                                                                mask=keep))):
+                                                                                mask=mask))):
                 dq, dk, dv = computed
                 grads[0][:, h:h + 1, index] = dq
                 grads[1][:, h:h + 1] += dk
