@@ -59,6 +59,17 @@ def test_bad_sizes_are_rejected_with_the_value():
     with pytest.raises(ValueError, match="positive"):
         project_to_qkv(np.zeros(16), 4, heads=0, head_dim=8)
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_a_negative_count_of_distractors_is_refused_naming_it(separate):
+    """distractors=-1 drew no distractor without a word, and with separate=True fewer than the
+    two marked curves, then failed with an IndexError."""
+    with pytest.raises(ValueError, match="distractors must be at least 0, got -1"):
+        pathfinder_image(64, distractors=-1, separate=separate)
+    with pytest.raises(TypeError, match="distractors must be an int, got 2.5"):
+        pathfinder_image(64, distractors=2.5, separate=separate)
+    assert pathfinder_image(64, seed=1, distractors=0, separate=separate).side == 64
+
+
 @pytest.mark.parametrize("seq_len", [10, 49])
 def test_pathfinder_inputs_too_short_name_seq_len(seq_len):
     """pathfinder_qkv(10, ...) said 'side must be at least 8 pixels, got 4': an argument the

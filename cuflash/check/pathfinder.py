@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy
 
+from cuflash import _checks
+
 __all__ = [
     "PathfinderImage",
     "image_side_for",
@@ -99,6 +101,7 @@ def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None =
         connected = bool(rng.integers(2))
     if distractors is None:
         distractors = max(1, side // 32)
+    distractors = _checks.check_int(distractors, "distractors", 0)
 
     pixels = numpy.zeros((side, side), dtype=numpy.float32)
     length = 0.9 * side
