@@ -286,13 +286,10 @@ def test_a_slab_zeroing_still_queued_zeroes_no_other_stream_s_counter(monkeypatc
     assert memsets[1:] == [(others[0], 0, 8, 6), (others[1], 0, 8, 7)]
 
 
-def test_seeing_a_slab_zeroed_leaves_other_threads_captures_alone(monkeypatch):
-    """A launch outside any capture asks whether the current slab's memset has ended: an event
-    query from the launching thread. While another thread captures a CUDA graph in the global
-    mode (torch's default), that query from a thread in the global mode invalidates the
-    capture: it is made in the thread-local mode, and the thread's own mode comes back after."""
-    counters, capturing, memsets, events = _fake_counter_runtime(monkeypatch, (1 << 40,))
-    modes, at_query = [0], []
+def _thread_capture_mode(monkeypatch):
+    """``[mode]``: the calling thread's capture mode (global, 0, at first), as a fake
+    ``cuThreadExchangeStreamCaptureMode`` keeps it."""
+    modes = [0]
 
     @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int))  # as the driver is called
     def exchange(mode):
@@ -300,6 +297,16 @@ def test_seeing_a_slab_zeroed_leaves_other_threads_captures_alone(monkeypatch):
         return 0
 
     monkeypatch.setattr(_launch, "_cu_thread_exchange_capture_mode", lambda: exchange)
+    return modes
+
+
+def test_seeing_a_slab_zeroed_leaves_other_threads_captures_alone(monkeypatch):
+    """A launch outside any capture asks whether the current slab's memset has ended: an event
+    query from the launching thread. While another thread captures a CUDA graph in the global
+    mode (torch's default), that query from a thread in the global mode invalidates the
+    capture: it is made in the thread-local mode, and the thread's own mode comes back after."""
+    counters, capturing, memsets, events = _fake_counter_runtime(monkeypatch, (1 << 40,))
+    modes, at_query = _thread_capture_mode(monkeypatch), []
     counters.pointer(5)
     done = type(events[0]).done
     monkeypatch.setattr(type(events[0]), "done", property(
@@ -308,6 +315,29 @@ def test_seeing_a_slab_zeroed_leaves_other_threads_captures_alone(monkeypatch):
     counters.pointer(6)
     assert at_query == [_launch._CAPTURE_MODE_THREAD_LOCAL]
     assert modes == [0]  # the thread's own (global) mode again
+
+
+def test_a_slab_is_allocated_in_the_relaxed_capture_mode(monkeypatch):
+    """cudaMalloc is an unsafe call while the calling thread captures (a captured launch that
+    needs a new slab: the first, or one while the current slab's zeroing is unconfirmed), and,
+    in the global mode, while any other thread captures in the global mode (torch's default):
+    it failed and invalidated the capture. The slab is allocated in the relaxed mode, and the
+    thread's own mode comes back after."""
+    a, b, c = (1 << n for n in range(40, 43))
+    counters, capturing, memsets, events = _fake_counter_runtime(monkeypatch, ())
+    modes, at_malloc, slabs = _thread_capture_mode(monkeypatch), [], iter((a, b, c))
+    monkeypatch.setattr(pytest.importorskip("cupy").cuda.runtime, "malloc",
+                        lambda size: at_malloc.append(modes[0]) or next(slabs))
+    capturing.add(7)
+    assert counters.pointer(7) == a  # the first slab, made during a capture
+    capturing.clear()
+    assert counters.pointer(5) == a + 8  # never zeroed whole: a counter of its own
+    counters.SLAB = 2
+    assert counters.pointer(6) == b  # a slab made outside any capture
+    capturing.add(8)
+    assert counters.pointer(8) == c  # its zeroing unconfirmed: a side slab
+    relaxed = 2  # CU_STREAM_CAPTURE_MODE_RELAXED in cuda.h
+    assert at_malloc == [relaxed, relaxed, relaxed] and modes == [0]
 
 
 def test_the_per_thread_default_stream_has_a_counter_per_thread(monkeypatch):

@@ -382,8 +382,9 @@ def blocking_event():
 
 
 # CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: a thread in this mode is held to the rules of its own
-# captures only.
+# captures only. CU_STREAM_CAPTURE_MODE_RELAXED: to none, not even those of its own captures.
 _CAPTURE_MODE_THREAD_LOCAL = 1
+_CAPTURE_MODE_RELAXED = 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -409,18 +410,22 @@ def _cu_thread_exchange_capture_mode():
 
 
 @contextlib.contextmanager
-def thread_local_capture_mode():
-    """This thread in the thread-local capture mode inside the block, in its own mode again
-    after: while another thread captures a graph in the global mode (torch's default), an event
-    wait or query from a thread in the global mode is an unsafe call that invalidates that
-    capture; in the thread-local mode only the thread's own captures forbid it."""
+def capture_mode(mode: int):
+    """This thread in the capture mode ``mode`` inside the block, in its own mode again after.
+
+    A thread in the global mode (the default) may make no unsafe call (an event wait or query,
+    cudaMalloc) while it captures, or while any thread captures in the global mode (torch's
+    default): the call fails and invalidates the capture. The thread-local mode
+    (_CAPTURE_MODE_THREAD_LOCAL) heeds only the thread's own captures; the relaxed mode
+    (_CAPTURE_MODE_RELAXED) none, for a call that neither waits for the device nor needs to be
+    recorded (cudaMalloc of memory kept for the life of the process)."""
     import ctypes
 
     exchange = _cu_thread_exchange_capture_mode()
     if exchange is None:
         yield
         return
-    mode = ctypes.c_int(_CAPTURE_MODE_THREAD_LOCAL)
+    mode = ctypes.c_int(mode)
     exchange(ctypes.byref(mode))  # the thread's previous mode comes back in `mode`
     try:
         yield
@@ -430,11 +435,11 @@ def thread_local_capture_mode():
 
 def wait_for(event, device: int) -> None:
     """Block this thread, which captures nothing, until ``event`` (of device ``device``) has
-    passed, in the thread-local capture mode (``thread_local_capture_mode``). The device is made
-    current too, and left so (not CuPy's ``Device`` context, whose exit sets the thread's
-    previous device, 0, again): setting a device makes its context, memory on a device the
-    program may never use."""
-    with thread_local_capture_mode():
+    passed, in the thread-local capture mode (see ``capture_mode``). The device is made current
+    too, and left so (not CuPy's ``Device`` context, whose exit sets the thread's previous
+    device, 0, again): setting a device makes its context, memory on a device the program may
+    never use."""
+    with capture_mode(_CAPTURE_MODE_THREAD_LOCAL):
         cupy_module().cuda.runtime.setDevice(device)
         event.synchronize()
 
@@ -660,7 +665,7 @@ class TileCounters:
             slab = self._unconfirmed.get(device)
             if slab is None:
                 return
-            with thread_local_capture_mode():
+            with capture_mode(_CAPTURE_MODE_THREAD_LOCAL):
                 ended = slab.zeroing.done
             if ended:
                 slab.zeroed = True
@@ -678,7 +683,10 @@ class TileCounters:
                 slab = slabs.get(device)
             fresh = slab is None or slab.used == self.SLAB
             if fresh:
-                slab = slabs[device] = _Slab(cupy.cuda.runtime.malloc(8 * self.SLAB))
+                # not recorded by a capture, and kept for the life of the process
+                with capture_mode(_CAPTURE_MODE_RELAXED):
+                    memory = cupy.cuda.runtime.malloc(8 * self.SLAB)
+                slab = slabs[device] = _Slab(memory)
                 if slabs is self._slabs:
                     self._unconfirmed.pop(device, None)
                     if not capturing:
