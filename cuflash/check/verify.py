@@ -254,9 +254,10 @@ def _nan_free(xp, *arrays) -> bool:
 
 
 def _measured(device, fn: Callable, *, repeats: int, inputs, flops: float):
-    """``(fn(), Phase)``. On the GPU the first call (which also compiles) gives the result, then
-    ``repeats`` timed calls give the median time, then one more call the peak memory; on the CPU
-    one call gives all three. The bytes of ``inputs`` are added to the peak."""
+    """``(fn(), Phase)``. On the GPU a first call (which also compiles), then ``repeats`` timed
+    calls give the median time, then one more call the peak memory; on the CPU one call gives
+    all three. ``fn`` writes into the same arrays each time (the results given to cuflash), so
+    the result holds the last call's values. The bytes of ``inputs`` are added to the peak."""
     held = sum(x.nbytes for x in inputs)
     if device.name == "cpu":
         start = time.perf_counter()
