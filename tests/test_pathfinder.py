@@ -59,6 +59,14 @@ def test_bad_sizes_are_rejected_with_the_value():
     with pytest.raises(ValueError, match="positive"):
         project_to_qkv(np.zeros(16), 4, heads=0, head_dim=8)
 
+@pytest.mark.parametrize("side", [0, -4])
+def test_projection_refuses_an_image_side_below_one(side):
+    """side=0 divided the token indices by zero (a RuntimeWarning) and side=-4 put the tokens
+    at negative rows: both returned q, k, v of positions no image has."""
+    with pytest.raises(ValueError, match=f"side must be positive, got {side}"):
+        project_to_qkv(np.zeros(16), side, heads=1, head_dim=8)
+
+
 @pytest.mark.parametrize("separate", [False, True])
 def test_a_negative_count_of_distractors_is_refused_naming_it(separate):
     """distractors=-1 drew no distractor without a word, and with separate=True fewer than the

@@ -255,7 +255,7 @@ def project_to_qkv(tokens: numpy.ndarray, side: int, *, heads: int, head_dim: in
 
     Returns arrays of shape ``(1, heads, len(tokens), head_dim)`` in ``dtype``.
     """
-    _require_positive(heads=heads, head_dim=head_dim)
+    _require_positive(side=side, heads=heads, head_dim=head_dim)
     tokens = numpy.asarray(tokens, dtype=numpy.float64)
     n = tokens.shape[0]
     rng = numpy.random.default_rng([seed, 1])
