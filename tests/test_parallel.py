@@ -881,6 +881,48 @@ def test_launcher_exit_status_of_a_rank_killed_by_a_signal(tmp_path):
     assert result.returncode == 137, (result.returncode, result.stderr)
 
 
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_launcher_stopped_by_a_signal_stops_its_ranks_and_removes_its_files(signal_name,
+                                                                             tmp_path):
+    """A launcher stopped by SIGTERM (a scheduler, ``kill``) or SIGHUP (its terminal closed)
+    stops its rank processes and removes the rendezvous directory, and exits as a shell
+    reports a process killed by that signal; it used to die at once, leaving the ranks running
+    (and holding their GPUs) and the directory with the NCCL id behind."""
+    import signal
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        with open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"]), "w") as f:
+            f.write(str(os.getpid()) + "\\n" + os.environ["CUFLASH_NCCL_ID_FILE"])
+        time.sleep(60)
+        """))
+    launcher = subprocess.Popen([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "2",
+                                 "--grace", "5", str(script)])
+    files = [tmp_path / "rank0", tmp_path / "rank1"]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(f.exists() and f.read_text().count("\n") == 1 for f in files):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.05)
+        launcher.send_signal(getattr(signal, signal_name))
+        code = launcher.wait(30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    ranks = [f.read_text().split("\n") for f in files]
+    running = []
+    for pid, _ in ranks:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            continue
+        running.append(pid)
+        os.kill(int(pid), signal.SIGKILL)
+    assert not running, f"rank processes {running} outlived the launcher"
+    assert code == 128 + getattr(signal, signal_name)
+    assert not os.path.exists(os.path.dirname(ranks[0][1]))
+
+
 def test_launcher_command_line_errors():
     result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "0",
                              "x.py"], capture_output=True, text=True, timeout=60)

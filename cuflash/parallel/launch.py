@@ -14,6 +14,8 @@ the process should use (``from_env`` selects it).
 When a process exits with an error, the launcher stops the others (SIGTERM, then SIGKILL after
 ``--grace`` seconds) and exits with that process's code (128 + N for one killed by signal N), so
 one failing rank never leaves the others waiting. ``--timeout`` sets ``CUFLASH_COMM_TIMEOUT``, the communicators' wait limit.
+A launcher stopped by SIGTERM or SIGHUP stops its processes the same way, removes its rendezvous
+directory, and exits with 128 + the signal.
 
 Several nodes: run the launcher on every node with ``--nnodes``, ``--node-rank`` and
 ``--rdzv-dir`` (a fresh directory on a file system every node sees).
@@ -150,6 +152,25 @@ def _stop(processes, grace: float, first=signal.SIGTERM) -> None:
             p.wait()
 
 
+_STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(BaseException):
+    """The launcher received ``signum`` (SIGTERM, SIGHUP), raised in its main thread so that
+    ``launch`` stops the processes and removes its files on the way out: the signal's default
+    action would end the launcher at once and leave the ranks running, holding their GPUs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    for other in _STOPPING_SIGNALS:  # a second signal must not cut the stopping short
+        signal.signal(other, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cuflash.parallel.launch",
@@ -179,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     command = [sys.executable] + (["-m", options.target] if options.module
                                   else [options.target]) + list(options.args)
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in _STOPPING_SIGNALS}
     try:
         code = launch(command, options.gpus, nnodes=options.nnodes,
                       node_rank=options.node_rank, rdzv_dir=options.rdzv_dir,
@@ -187,6 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
         return 2
+    except _Stopped as stopped:
+        print(f"cuflash.parallel.launch: stopped by signal {stopped.signum}; the ranks were "
+              f"stopped", file=sys.stderr, flush=True)
+        return 128 + stopped.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     # A process killed by signal N has the code -N; sys.exit(-N) would exit with 256 - N, where
     # shells report such a process as 128 + N.
     return 128 - code if code < 0 else code
