@@ -666,6 +666,18 @@ def test_check_sharded_refuses_bad_arguments_by_name(option, value, error):
         check_sharded(**arguments)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(4, 3), (2, 4)])
+def test_check_sharded_refuses_kv_heads_that_do_not_divide_heads(heads, kv_heads, monkeypatch):
+    """kv_heads must divide heads (grouped-query attention): refused by name before the
+    problem is built or any rank runs; the error used to come from inside the ranks, naming the
+    shapes of one rank's shards (and, with processes, only after the launch, as a failed run)."""
+    from cuflash.parallel import check
+    monkeypatch.setattr(check, "_problem", lambda config: pytest.fail("problem built"))
+    with pytest.raises(ValueError, match=f"kv_heads = {kv_heads} must divide heads = {heads}"):
+        check.check_sharded(ranks=2, device="cpu", seq_len=32, heads=heads, kv_heads=kv_heads,
+                            head_dim=8, rows=8)
+
+
 def test_check_sharded_forward_only_names_what_it_did():
     from cuflash.parallel import check_sharded
     result = check_sharded(ranks=2, device="cpu", seq_len=64, heads=1, head_dim=16, rows=16,

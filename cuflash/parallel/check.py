@@ -269,8 +269,8 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
         ``ranks ≥ 2`` GPUs are visible, else simulated.
     seq_len, heads, kv_heads, head_dim, dtype
         The problem, ``(1, heads, seq_len, head_dim)`` queries; defaults 16384 tokens and
-        bfloat16 on the GPU, 1024 and float32 on the CPU. ``seq_len`` must divide evenly
-        (``ValueError`` otherwise).
+        bfloat16 on the GPU, 1024 and float32 on the CPU. ``seq_len`` must divide evenly and
+        ``kv_heads`` (default ``heads``) divide ``heads`` (``ValueError`` otherwise).
     causal, layout, window, softcap
         Options of ``ring_attention``.
     rows : int
@@ -311,9 +311,9 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
                             "a positive number of seconds")
     if not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+    kv_heads = _check_kv_heads(kv_heads, heads)
     config = dict(ranks=ranks, device=device, mode=mode, seq_len=seq_len, heads=heads,
-                  kv_heads=heads if kv_heads is None else _checks.check_int(kv_heads,
-                                                                            "kv_heads", 1),
+                  kv_heads=kv_heads,
                   head_dim=head_dim, dtype=dtype, causal=_checks.check_bool(causal, "causal"),
                   layout=layout, window=list(_checks.check_window(window)),
                   softcap=_checks.check_softcap(softcap, _checks.check_scale(None, head_dim)),
@@ -327,6 +327,19 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
     else:
         shards, times = _run_simulated(config, q, k, v, dout)
     return _compare(config, q, k, v, dout, sampled, shards, times)
+
+
+def _check_kv_heads(kv_heads, heads: int) -> int:
+    """The key/value heads (``heads`` when None): a positive int dividing ``heads``, as grouped-
+    query attention needs, refused here by name rather than by the ranks, with their shards'
+    shapes (and, with processes, only once they run)."""
+    if kv_heads is None:
+        return heads
+    kv_heads = _checks.check_int(kv_heads, "kv_heads", 1)
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads = {kv_heads} must divide heads = {heads} (each key/value "
+                         f"head serves heads / kv_heads query heads)")
+    return kv_heads
 
 
 def _run_simulated(config, q, k, v, dout):
