@@ -935,6 +935,27 @@ def test_launcher_stopped_by_a_signal_stops_its_ranks_and_removes_its_files(sign
     assert not os.path.exists(os.path.dirname(ranks[0][1]))
 
 
+@pytest.mark.parametrize("option, value, error", [
+    ("gpus", 2.5, TypeError), ("gpus", True, TypeError), ("gpus", "2", TypeError),
+    ("nnodes", 1.5, TypeError), ("node_rank", 0.0, TypeError), ("timeout", "3", TypeError),
+    ("timeout", float("nan"), ValueError), ("grace", "5", TypeError),
+    ("grace", -1.0, ValueError), ("grace", float("nan"), ValueError),
+    ("deadline", "3", TypeError), ("deadline", 0, ValueError)])
+def test_launch_refuses_bad_numbers_by_name_before_starting(option, value, error, tmp_path):
+    """launch() checks its numbers before it starts a process, naming the one refused; it used
+    to truncate gpus=2.5 to 2 processes (True to 1), and a grace or deadline that was not a
+    number failed with an unnamed TypeError only once the processes had run."""
+    from cuflash.parallel.launch import launch
+    marker = tmp_path / "started"
+    arguments = dict(gpus=1)
+    arguments[option] = value
+    gpus = arguments.pop("gpus")
+    with pytest.raises(error, match=option.replace("_", "-")):
+        launch([sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"], gpus,
+               **arguments)
+    assert not marker.exists()
+
+
 def test_launcher_command_line_errors():
     result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "0",
                              "x.py"], capture_output=True, text=True, timeout=60)

@@ -33,6 +33,8 @@ import tempfile
 import time
 from typing import Sequence
 
+from cuflash import _checks
+
 __all__ = ["launch", "main"]
 
 
@@ -55,15 +57,17 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     ``master_addr`` and ``master_port``, when given, are the processes' ``MASTER_ADDR`` and
     ``MASTER_PORT``; otherwise those of the environment, else ``127.0.0.1`` and a free port on
     one node, and unset on several (``_master``)."""
-    gpus, nnodes, node_rank = int(gpus), int(nnodes), int(node_rank)
-    if gpus < 1:
-        raise ValueError(f"--gpus must be at least 1, got {gpus}")
-    if nnodes < 1:
-        raise ValueError(f"--nnodes must be at least 1, got {nnodes}")
+    gpus = _checks.check_int(gpus, "--gpus", 1)
+    nnodes = _checks.check_int(nnodes, "--nnodes", 1)
+    if not _checks.is_integer(node_rank):
+        raise TypeError(f"--node-rank must be an int, got {node_rank!r}")
     if not 0 <= node_rank < nnodes:
         raise ValueError(f"--node-rank must be in [0, {nnodes}), got {node_rank}")
-    if timeout is not None and not timeout >= 0:
-        raise ValueError(f"--timeout must be a number of seconds (0: no timeout), got {timeout}")
+    timeout = _seconds(timeout, "--timeout", "a number of seconds (0: no timeout)")
+    grace = _seconds(grace, "--grace", "a number of seconds")
+    deadline = _seconds(deadline, "deadline", "a positive number of seconds or None")
+    if deadline == 0:
+        raise ValueError("deadline must be a positive number of seconds or None, got 0")
     if nnodes > 1 and rdzv_dir is None:
         raise ValueError("with several nodes, --rdzv-dir must name a directory that every "
                          "node sees")
@@ -97,6 +101,17 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
         _stop(processes, grace)
         if temporary is not None:
             temporary.cleanup()
+
+
+def _seconds(value, name: str, allowed: str) -> float | None:
+    """``value`` (None stays None) as a number of seconds, at least 0: checked before any
+    process starts, since ``_watch`` and ``_stop`` would only fail on it once they run."""
+    if value is None:
+        return None
+    seconds = _checks._real(value, name, allowed, allowed)
+    if not seconds >= 0:  # NaN fails too
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return seconds
 
 
 def _master(env: dict, master_addr: str | None, master_port: int | None, nnodes: int) -> dict:
