@@ -1219,6 +1219,28 @@ def test_ulysses_names_the_local_shapes_of_q_k_v(shapes, message, backward, rng)
         LocalRing(2, timeout=10).run(rank)
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_ulysses_with_slopes_compares_the_ranks_before_checking_q_k_v(backward, rng):
+    """With alibi_slopes, a rank whose q and k cuflash.attention refuses still takes part in
+    the comparison of the ranks' calls, so that every rank raises: the slopes' check read the
+    shapes of q, k, v before it, so that rank raised alone while the others waited for it in
+    the comparison (with NCCL, until the communicator's timeout)."""
+    good = [random_array(rng, (1, 2, 8, 8), F32) for _ in range(3)]
+    bad = [good[0], random_array(rng, (1, 2, 8, 4), F32), good[2]]  # k of another head size
+    slopes = np.array([0.5, 0.25], F32)
+    out = np.zeros((1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+
+    def rank(comm):
+        q, k, v = bad if comm.rank == 0 else good
+        if backward:
+            return ulysses_attention_backward(out, q, k, v, out, lse, comm=comm,
+                                              alibi_slopes=slopes)
+        return ulysses_attention(q, k, v, comm=comm, alibi_slopes=slopes)
+
+    assert_every_rank_refuses(rank)
+
+
 def test_ring_attention_refuses_tensors_that_require_grad(rng):
     """ring_attention and ring_attention_backward on torch tensors return tensors without
     autograd history: a tensor that requires grad is refused while autograd records (its

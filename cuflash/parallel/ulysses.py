@@ -92,7 +92,9 @@ def _to_sequence(y, comm, layout, seq_axis=-2):
 
 
 def _slopes(alibi_slopes, comm, q, k, v):
-    """This rank's heads of the slopes of all ``Hq`` heads (checked against all of them)."""
+    """This rank's heads of the slopes of all ``Hq`` heads (checked against all of them).
+    Called after ``check_inputs``: the check reads the shapes of q, k, v, which a rank must not
+    refuse before the comparison of the ranks' calls, alone while the others wait in it."""
     if alibi_slopes is None:
         return None
     xp = _checks.common_module({"q": q, "k": k, "v": v})
@@ -115,11 +117,11 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     """
     _check(comm, q, k, v, layout)
     return_lse = _checks.check_bool(return_lse, "return_lse")
-    slopes = _slopes(alibi_slopes, comm, q, k, v)
     if _checks.check_bool(validate, "validate"):
         _validate(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal, window=window,
                   softcap=softcap, scale=scale, alibi_slopes=alibi_slopes)
     check_inputs(q, k, v)
+    slopes = _slopes(alibi_slopes, comm, q, k, v)
     qh, kh, vh = (_to_heads(x, comm, layout) for x in (q, k, v))
     out, lse = cuflash.attention(qh, kh, vh, causal=causal, window=window, softcap=softcap,
                                  scale=scale, alibi_slopes=slopes, return_lse=True)
@@ -137,13 +139,13 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
     """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
     _check(comm, q, k, v, layout)
     _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
-    slopes = _slopes(alibi_slopes, comm, q, k, v)
     if _checks.check_bool(validate, "validate"):
         _validate(comm, {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse},
                   layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
                   alibi_slopes=alibi_slopes,
                   deterministic=_checks.check_bool(deterministic, "deterministic"))
     check_inputs(q, k, v)
+    slopes = _slopes(alibi_slopes, comm, q, k, v)
     check_backward_arrays(dout, q, k, v, out, lse)
     qh, kh, vh, douth, outh = (_to_heads(x, comm, layout) for x in (q, k, v, dout, out))
     lseh = _to_heads(lse, comm, layout, seq_axis=-1)
