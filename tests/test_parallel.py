@@ -893,6 +893,24 @@ def test_launcher_exit_status_of_a_rank_killed_by_a_signal(tmp_path):
     assert result.returncode == 137, (result.returncode, result.stderr)
 
 
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_launcher_removes_the_unique_id_from_a_given_rendezvous_directory(exit_code, tmp_path):
+    """With --rdzv-dir, the NCCL unique id rank 0 wrote there is removed when the run ends,
+    whether it succeeded or failed; it used to stay, for the ranks of another node of a later
+    run in that directory to read before its node 0 replaced it."""
+    rdzv = tmp_path / "rdzv"
+    code = _launch(tmp_path, f"""
+        import os, sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from cuflash.parallel.nccl import rendezvous_file
+        rank = int(os.environ["RANK"])
+        rendezvous_file(os.environ["CUFLASH_NCCL_ID_FILE"], rank, 30, lambda: bytes(128))
+        sys.exit({exit_code} if rank == 1 else 0)
+        """, 2, rdzv_dir=str(rdzv), timeout=30)
+    assert code == exit_code
+    assert rdzv.is_dir() and list(rdzv.iterdir()) == []
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
 def test_launcher_stopped_by_a_signal_stops_its_ranks_and_removes_its_files(signal_name,
                                                                              tmp_path):

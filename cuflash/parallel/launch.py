@@ -18,7 +18,8 @@ A launcher stopped by SIGTERM or SIGHUP stops its processes the same way, remove
 directory, and exits with 128 + the signal.
 
 Several nodes: run the launcher on every node with ``--nnodes``, ``--node-rank`` and
-``--rdzv-dir`` (a fresh directory on a file system every node sees).
+``--rdzv-dir`` (a fresh directory on a file system every node sees; node 0's launcher removes
+the unique id from it when the run ends).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
         rdzv_dir = temporary.name
     os.makedirs(rdzv_dir, exist_ok=True)
     id_file = os.path.join(rdzv_dir, "nccl_unique_id")
-    if node_rank == 0 and os.path.exists(id_file):
-        os.remove(id_file)  # a stale id from an earlier run would mislead the other ranks
+    if node_rank == 0:
+        _remove(id_file)  # a stale id from an earlier run would mislead the other ranks
     base = dict(os.environ if env is None else env)
     base.update({
         "WORLD_SIZE": str(gpus * nnodes),
@@ -101,6 +102,8 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
         _stop(processes, grace)
         if temporary is not None:
             temporary.cleanup()
+        elif node_rank == 0:  # the run is over: no rank of it reads the id any more, and the
+            _remove(id_file)  # ranks of a later run in this directory must not read it
 
 
 def _seconds(value, name: str, allowed: str) -> float | None:
@@ -112,6 +115,14 @@ def _seconds(value, name: str, allowed: str) -> float | None:
     if not seconds >= 0:  # NaN fails too
         raise ValueError(f"{name} must be {allowed}, got {value}")
     return seconds
+
+
+def _remove(path: str) -> None:
+    """Remove ``path`` where it is there."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _master(env: dict, master_addr: str | None, master_port: int | None, nnodes: int) -> dict:
