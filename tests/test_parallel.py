@@ -1050,8 +1050,8 @@ def test_inputs_are_checked_as_cuflash_attention_checks_them(attention, rng):
              ((q, empty, empty), ValueError, r"k must not have an empty axis"),
              ((empty, q, q), ValueError, r"q must not have an empty axis"),
              ((q, q.astype(np.float16), q), TypeError, "q and k must have the same dtype")]
-    if attention == "ring":
-        cases.append(((np.zeros((), F32), q, q), ValueError, "q must have at least 2 dim"))
+    cases.append(((np.zeros((), F32), q, q), ValueError,
+                  "q must have at least 2 dim" if attention == "ring" else "needs a head axis"))
     for (a, b, c), error, message in cases:
         with pytest.raises(error, match=message):
             LocalRing(size, timeout=10).run(lambda comm: call(a, b, c, comm=comm))
@@ -1255,6 +1255,27 @@ def test_ulysses_with_slopes_compares_the_ranks_before_checking_q_k_v(backward, 
             return ulysses_attention_backward(out, q, k, v, out, lse, comm=comm,
                                               alibi_slopes=slopes)
         return ulysses_attention(q, k, v, comm=comm, alibi_slopes=slopes)
+
+    assert_every_rank_refuses(rank)
+
+
+@pytest.mark.parametrize("odd_shape", [(1, 3, 8, 8), (8, 8)])
+@pytest.mark.parametrize("backward", [False, True])
+def test_ulysses_ranks_whose_heads_do_not_split_raise_on_every_rank(odd_shape, backward, rng):
+    """A rank whose q has a head count that does not split over the ranks (or no head axis),
+    beside ranks whose q does, is a mismatch between the ranks' calls: every rank raises. That
+    rank used to refuse its heads before the comparison, alone, while the others waited for it
+    in the comparison (with NCCL, until the communicator's timeout)."""
+    good = random_array(rng, (1, 2, 8, 8), F32)
+    odd = random_array(rng, odd_shape, F32)
+    out = np.zeros((1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+
+    def rank(comm):
+        q = odd if comm.rank == 0 else good
+        if backward:
+            return ulysses_attention_backward(out, q, good, good, out, lse, comm=comm)
+        return ulysses_attention(q, good, good, comm=comm)
 
     assert_every_rank_refuses(rank)
 

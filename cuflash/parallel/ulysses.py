@@ -28,9 +28,18 @@ __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
 def _check(comm, q, k, v, layout):
+    """What a rank checks before the comparison of the ranks' calls, which needs it."""
     check_comm(comm)
     _layout.check_layout(layout)
     _checks.common_module({"q": q, "k": k, "v": v})
+    if q.ndim == 0:  # no head dimension for the default scale, which the comparison reads
+        _check_heads(comm, q, k, v)
+
+
+def _check_heads(comm, q, k, v):
+    """The head axes split over the ranks: checked after the comparison of the ranks' calls,
+    where a rank whose heads do not split, beside ranks whose heads do, fails with every rank
+    rather than alone while the others wait for it there."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim < 3:
             raise ValueError(f"ulysses attention needs a head axis: {name} must be "
@@ -120,6 +129,7 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     if _checks.check_bool(validate, "validate"):
         _validate(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal, window=window,
                   softcap=softcap, scale=scale, alibi_slopes=alibi_slopes)
+    _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
     qh, kh, vh = (_to_heads(x, comm, layout) for x in (q, k, v))
@@ -144,6 +154,7 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                   layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
                   alibi_slopes=alibi_slopes,
                   deterministic=_checks.check_bool(deterministic, "deterministic"))
+    _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
     check_backward_arrays(dout, q, k, v, out, lse)
