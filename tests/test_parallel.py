@@ -1280,6 +1280,25 @@ def test_ulysses_ranks_whose_heads_do_not_split_raise_on_every_rank(odd_shape, b
     assert_every_rank_refuses(rank)
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_ring_ranks_with_and_without_a_sequence_axis_raise_on_every_rank(backward, rng):
+    """A rank whose q has no sequence axis (1-D), beside ranks whose q has one, is a mismatch
+    between the ranks' calls: every rank raises, as for any other shape. That rank used to
+    refuse q before the comparison, alone, while the others waited for it in the comparison
+    (with NCCL, until the communicator's timeout)."""
+    good = random_array(rng, (8, 8), F32)
+    flat = random_array(rng, (8,), F32)
+    lse = np.zeros(8, F32)
+
+    def rank(comm):
+        q = flat if comm.rank == 0 else good
+        if backward:
+            return ring_attention_backward(good, q, good, good, good, lse, comm=comm)
+        return ring_attention(q, good, good, comm=comm)
+
+    assert_every_rank_refuses(rank)
+
+
 def test_ring_attention_refuses_tensors_that_require_grad(rng):
     """ring_attention and ring_attention_backward on torch tensors return tensors without
     autograd history: a tensor that requires grad is refused while autograd records (its

@@ -142,19 +142,18 @@ class _Options:
             raise NotImplementedError("block_mask is not supported by ring attention")
         self.comm = comm
         _checks.common_module({"q": q, "k": k, "v": v})
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if x.ndim < 2:
-                raise ValueError(f"{name} must have at least 2 dimensions (..., N, D), got "
-                                 f"shape {tuple(x.shape)}")
+        if q.ndim == 0:  # no head dimension for the default scale, which the comparison reads
+            _check_dimensions(q, k, v)
         self.layout = _layout.check_layout(layout)
         self.causal = _checks.check_bool(causal, "causal")
         self.window = _checks.check_window(window)
         self.scale = _checks.check_scale(scale, q.shape[-1])
         self.softcap = _checks.check_softcap(softcap, self.scale)
-        self.nq_local, self.nk_local = q.shape[-2], k.shape[-2]
         if _checks.check_bool(validate, "validate"):
             self._validate(q, k, v, backward)
+        _check_dimensions(q, k, v)
         check_inputs(q, k, v)
+        self.nq_local, self.nk_local = q.shape[-2], k.shape[-2]
         size = comm.size
         for what, n_local in (("query", self.nq_local), ("key", self.nk_local)):
             if self.layout == "zigzag" and n_local % 2:
@@ -212,6 +211,16 @@ def _out_shape(q, k, v) -> tuple:
     lead = [x.shape[:-3] if x.ndim >= 3 else () for x in (q, k, v)]
     hq = q.shape[-3] if q.ndim >= 3 else 1
     return tuple(numpy.broadcast_shapes(*lead)) + (hq, q.shape[-2], v.shape[-1])
+
+
+def _check_dimensions(q, k, v) -> None:
+    """q, k, v have a sequence axis: refused after the comparison of the ranks' calls, so that
+    a rank without one, beside ranks with one, does not fail alone while the others wait for it
+    there."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., N, D), got "
+                             f"shape {tuple(x.shape)}")
 
 
 def check_inputs(q, k, v) -> None:
