@@ -974,6 +974,16 @@ def test_launch_refuses_bad_numbers_by_name_before_starting(option, value, error
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("command", ["python script.py", b"python", [], ["python", 3]])
+def test_launch_refuses_a_command_that_is_not_a_list_of_arguments(command):
+    """The command is an argv list of strings, checked before a process starts: a string used
+    to be taken apart into its characters (FileNotFoundError for 'p'), an empty list failed
+    inside subprocess with IndexError, a number among the arguments with an unnamed TypeError."""
+    from cuflash.parallel.launch import launch
+    with pytest.raises((TypeError, ValueError), match="command must be"):
+        launch(command, 1)
+
+
 def test_launcher_command_line_errors():
     result = subprocess.run([sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "0",
                              "x.py"], capture_output=True, text=True, timeout=60)

@@ -58,6 +58,7 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     ``master_addr`` and ``master_port``, when given, are the processes' ``MASTER_ADDR`` and
     ``MASTER_PORT``; otherwise those of the environment, else ``127.0.0.1`` and a free port on
     one node, and unset on several (``_master``)."""
+    command = _check_command(command)
     gpus = _checks.check_int(gpus, "--gpus", 1)
     nnodes = _checks.check_int(nnodes, "--nnodes", 1)
     if not _checks.is_integer(node_rank):
@@ -93,7 +94,7 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     try:
         for local in range(gpus):
             child = dict(base, RANK=str(node_rank * gpus + local), LOCAL_RANK=str(local))
-            processes.append(subprocess.Popen(list(command), env=child))
+            processes.append(subprocess.Popen(command, env=child))
         return _watch(processes, grace, deadline)
     except KeyboardInterrupt:
         _stop(processes, grace, signal.SIGINT)
@@ -104,6 +105,22 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
             temporary.cleanup()
         elif node_rank == 0:  # the run is over: no rank of it reads the id any more, and the
             _remove(id_file)  # ranks of a later run in this directory must not read it
+
+
+def _check_command(command) -> list:
+    """``command`` as the argv list the processes run: a list or tuple of strings (or paths),
+    not empty. A string would be taken apart into its characters."""
+    if not isinstance(command, (list, tuple)):
+        raise TypeError(f"command must be a list of arguments, such as [sys.executable, "
+                        f"'script.py'], got {type(command).__name__} {command!r}")
+    if not command:
+        raise ValueError("command must be a list of arguments, such as [sys.executable, "
+                         "'script.py'], got an empty one")
+    for argument in command:
+        if not isinstance(argument, (str, os.PathLike)):
+            raise TypeError(f"command must be a list of arguments, each a string or a path, "
+                            f"got {argument!r} of type {type(argument).__name__}")
+    return list(command)
 
 
 def _seconds(value, name: str, allowed: str) -> float | None:
