@@ -314,6 +314,24 @@ def test_merge_negative_infinity_rows():
     assert not np.isnan(out).any() and not np.isnan(lse).any()
 
 
+@pytest.mark.parametrize("unseen", [np.nan, np.inf, -np.inf])
+def test_merge_ignores_the_out_of_rows_that_saw_nothing(unseen):
+    """A side whose lse is −inf saw no key and has no weight, whatever its out holds there (NaN
+    or ±inf, as other implementations leave in such rows): the merge takes the other side, or
+    gives 0 when neither saw a key, as documented. It used to multiply that out by a weight of
+    0 and return NaN. A NaN in a row that saw keys still shows."""
+    out_a = np.array([[unseen, unseen], [unseen, unseen], [1.0, np.nan]], F32)
+    lse_a = np.array([-np.inf, -np.inf, 0.0], F32)
+    out_b = np.array([[5.0, 6.0], [unseen, unseen], [unseen, unseen]], F32)
+    lse_b = np.array([2.0, -np.inf, -np.inf], F32)
+    with np.errstate(all="raise"):
+        out, lse = merge(out_a, lse_a, out_b, lse_b)
+    np.testing.assert_array_equal(out[0], [5.0, 6.0])
+    np.testing.assert_array_equal(out[1], [0.0, 0.0])
+    assert out[2, 0] == 1.0 and np.isnan(out[2, 1])
+    np.testing.assert_array_equal(lse, np.array([2.0, -np.inf, 0.0], F32))
+
+
 @pytest.mark.parametrize("shapes", [((2, 3, 4), (2, 3), (2, 3, 4), (3,)),
                                     ((2, 3, 4), (3,), (2, 3, 4), (2, 3)),
                                     ((2, 3, 4), (2, 3), (1, 3, 4), (1, 3)),

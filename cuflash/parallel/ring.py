@@ -51,8 +51,10 @@ def merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial attention results over disjoint key sets into one, in float32.
 
     ``out_*`` ``(..., N, Dv)`` (any float dtype), ``lse_*`` ``(..., N)``, of one shape on both
-    sides (``ValueError`` otherwise), all NumPy or all CuPy arrays (``TypeError`` otherwise). Returns float32 ``(out, lse)``. Rows whose ``lse`` is −inf
-    in both give out 0 and lse −inf.
+    sides (``ValueError`` otherwise), all NumPy or all CuPy arrays (``TypeError`` otherwise).
+    Returns float32 ``(out, lse)``. A side whose ``lse`` is −inf in a row saw no key there and
+    has no weight, whatever its out holds (NaN, from other implementations); rows whose ``lse``
+    is −inf in both give out 0 and lse −inf.
     """
     xp = _checks.common_module({"out_a": out_a, "lse_a": lse_a, "out_b": out_b, "lse_b": lse_b})
     shapes = [tuple(x.shape) for x in (out_a, lse_a, out_b, lse_b)]
@@ -62,10 +64,19 @@ def merge(out_a, lse_a, out_b, lse_b):
             "Dv), lse_a and lse_b of that shape without its last axis; got "
             + ", ".join(f"{name} {shape}" for name, shape in
                         zip(("out_a", "lse_a", "out_b", "lse_b"), shapes)))
-    out = xp.array(out_a, dtype=_F32, copy=True)
+    out = _seen_rows(xp, out_a, lse_a)
     lse = xp.array(lse_a, dtype=_F32, copy=True)
-    _merge_into(xp, out, lse, out_b, lse_b)
+    _merge_into(xp, out, lse, _seen_rows(xp, out_b, lse_b), lse_b)
     return out, lse
+
+
+def _seen_rows(xp, out, lse):
+    """A float32 copy of ``out`` with 0 in the rows whose ``lse`` is −inf: their weight in a
+    merge is 0, which would make NaN of a NaN or an infinity there. (The ring's own partial
+    results hold 0 in those rows already.)"""
+    out = xp.array(out, dtype=_F32, copy=True)
+    out[xp.asarray(lse) == -numpy.inf] = 0
+    return out
 
 
 def _merge_into(xp, out, lse, out_b, lse_b):
