@@ -604,6 +604,35 @@ def test_all_reduce_refuses_an_unknown_operation_before_sending():
     assert sent == []
 
 
+@pytest.mark.parametrize("function, option", [
+    ("ring_attention", "return_lse"), ("ring_attention_backward", "deterministic"),
+    ("ring_attention_vjp", "deterministic"), ("ulysses_attention", "return_lse"),
+    ("ulysses_attention_backward", "deterministic")])
+@pytest.mark.parametrize("validate", [True, False])
+def test_bool_options_are_refused_before_any_message(function, option, validate, rng):
+    """return_lse and deterministic are refused before the ranks exchange anything, as the
+    other options are: ring attention used to read them after the comparison of the ranks'
+    calls, and Ulysses' backward (validate=False) only after its all-to-alls."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+    arrays = (q, q, q) if function in ("ring_attention", "ring_attention_vjp",
+                                       "ulysses_attention") else (q, q, q, q, q, lse)
+    call = {"ring_attention": ring_attention, "ring_attention_backward": ring_attention_backward,
+            "ring_attention_vjp": ring_attention_vjp, "ulysses_attention": ulysses_attention,
+            "ulysses_attention_backward": ulysses_attention_backward}[function]
+    sent = []
+
+    def rank(comm):
+        exchange, all_to_all = comm.exchange, comm.all_to_all
+        comm.exchange = lambda *a, **k: sent.append(comm.rank) or exchange(*a, **k)
+        comm.all_to_all = lambda *a: sent.append(comm.rank) or all_to_all(*a)
+        return call(*arrays, comm=comm, validate=validate, **{option: "yes"})
+
+    with pytest.raises(TypeError, match=f"{option} must be True or False"):
+        LocalRing(2, timeout=10).run(rank)
+    assert sent == []
+
+
 # ----------------------------------------------------------------------------- Ulysses
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -375,10 +375,10 @@ def ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag
         validate=validate), "ring_attention", ("q", "k", "v"), q, k, v)
     if tensors is not None:
         return tensors
+    return_lse = _checks.check_bool(return_lse, "return_lse")  # before any message
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
                     block_mask=block_mask, validate=validate)
-    return_lse = _checks.check_bool(return_lse, "return_lse")
     out, lse = _forward(q, k, v, opts)
     return (out, lse) if return_lse else out
 
@@ -402,12 +402,12 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = Fal
     if tensors is not None:
         return tensors
     _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
+    deterministic = _checks.check_bool(deterministic, "deterministic")  # before any message
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
                     block_mask=block_mask, validate=validate, backward=(dout, out, lse))
     check_backward_arrays(dout, q, k, v, out, lse)
-    return _backward(dout, q, k, v, out, lse, opts,
-                     _checks.check_bool(deterministic, "deterministic"))
+    return _backward(dout, q, k, v, out, lse, opts, deterministic)
 
 
 def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag",
@@ -420,10 +420,10 @@ def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zi
     ``dout`` is checked, and compared between ranks, as there) and keeps q, k, v, out and lse
     alive.
     """
+    deterministic = _checks.check_bool(deterministic, "deterministic")  # before any message
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=None, block_mask=None,
                     validate=validate)
-    deterministic = _checks.check_bool(deterministic, "deterministic")
     out, lse = _forward(q, k, v, opts)
 
     def vjp(dout):

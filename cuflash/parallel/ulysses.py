@@ -149,11 +149,11 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
     """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
     _check(comm, q, k, v, layout)
     _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
+    deterministic = _checks.check_bool(deterministic, "deterministic")  # before any message
     if _checks.check_bool(validate, "validate"):
         _validate(comm, {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse},
                   layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
-                  alibi_slopes=alibi_slopes,
-                  deterministic=_checks.check_bool(deterministic, "deterministic"))
+                  alibi_slopes=alibi_slopes, deterministic=deterministic)
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
