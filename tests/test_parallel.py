@@ -633,6 +633,31 @@ def test_bool_options_are_refused_before_any_message(function, option, validate,
     assert sent == []
 
 
+@pytest.mark.parametrize("option, value, error", [
+    ("causal", "yes", TypeError), ("window", (2.5, -1), TypeError), ("window", (-3, 0), ValueError),
+    ("softcap", -1.0, ValueError), ("scale", "big", TypeError)])
+@pytest.mark.parametrize("backward", [False, True])
+def test_ulysses_options_are_refused_before_any_message_without_validation(option, value,
+                                                                          error, backward, rng):
+    """With validate=False, Ulysses attention still refuses its options before the all-to-alls,
+    as ring attention does; they used to reach cuflash.attention unchecked, after them."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+    sent = []
+
+    def rank(comm):
+        all_to_all = comm.all_to_all
+        comm.all_to_all = lambda *a: sent.append(comm.rank) or all_to_all(*a)
+        options = {option: value, "comm": comm, "validate": False}
+        if backward:
+            return ulysses_attention_backward(q, q, q, q, q, lse, **options)
+        return ulysses_attention(q, q, q, **options)
+
+    with pytest.raises(error, match=option):
+        LocalRing(2, timeout=10).run(rank)
+    assert sent == []
+
+
 # ----------------------------------------------------------------------------- Ulysses
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -27,13 +27,19 @@ from .ring import _host, array_values, check_backward_arrays, check_inputs, chec
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
-def _check(comm, q, k, v, layout):
-    """What a rank checks before the comparison of the ranks' calls, which needs it."""
+def _check(comm, q, k, v, layout, *, causal, window, softcap, scale) -> dict:
+    """What a rank checks before the comparison of the ranks' calls, which needs it, and before
+    any message whether the ranks are compared or not: the communicator, the layout, the
+    arrays' module and the options, returned checked (``causal``, ``window``, ``softcap``,
+    ``scale``)."""
     check_comm(comm)
     _layout.check_layout(layout)
     _checks.common_module({"q": q, "k": k, "v": v})
-    if q.ndim == 0:  # no head dimension for the default scale, which the comparison reads
+    if q.ndim == 0:  # no head dimension for the default scale
         _check_heads(comm, q, k, v)
+    scale = _checks.check_scale(scale, q.shape[-1])
+    return dict(causal=_checks.check_bool(causal, "causal"), window=_checks.check_window(window),
+                softcap=_checks.check_softcap(softcap, scale), scale=scale)
 
 
 def _check_heads(comm, q, k, v):
@@ -55,11 +61,8 @@ def _check_heads(comm, q, k, v):
 def _validate(comm, arrays: dict, *, layout, causal, window, softcap, scale, alibi_slopes,
               deterministic=False):
     """Every rank must pass arrays of one shape and dtype and the same options (ValueError on
-    every rank otherwise), compared with one small all-gather."""
-    causal = _checks.check_bool(causal, "causal")
-    window = _checks.check_window(window)
-    scale = _checks.check_scale(scale, arrays["q"].shape[-1])
-    softcap = _checks.check_softcap(softcap, scale)
+    every rank otherwise), compared with one small all-gather. The options are those ``_check``
+    returned."""
     values = array_values(arrays.values())
     values += [code(layout), int(causal), *window, code(repr(softcap)), code(repr(scale)),
                int(deterministic)]
@@ -124,11 +127,12 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     ``validate``: compare every rank's shapes and options first (``ValueError`` on a mismatch,
     which would otherwise give wrong rows without an error); ``False`` skips it.
     """
-    _check(comm, q, k, v, layout)
+    options = _check(comm, q, k, v, layout, causal=causal, window=window, softcap=softcap,
+                     scale=scale)
     return_lse = _checks.check_bool(return_lse, "return_lse")
     if _checks.check_bool(validate, "validate"):
-        _validate(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal, window=window,
-                  softcap=softcap, scale=scale, alibi_slopes=alibi_slopes)
+        _validate(comm, {"q": q, "k": k, "v": v}, layout=layout, alibi_slopes=alibi_slopes,
+                  **options)
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
@@ -147,13 +151,14 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                                alibi_slopes=None, deterministic: bool = False,
                                validate: bool = True):
     """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
-    _check(comm, q, k, v, layout)
+    options = _check(comm, q, k, v, layout, causal=causal, window=window, softcap=softcap,
+                     scale=scale)
     _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
     deterministic = _checks.check_bool(deterministic, "deterministic")  # before any message
     if _checks.check_bool(validate, "validate"):
         _validate(comm, {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse},
-                  layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
-                  alibi_slopes=alibi_slopes, deterministic=deterministic)
+                  layout=layout, alibi_slopes=alibi_slopes, deterministic=deterministic,
+                  **options)
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
