@@ -587,6 +587,22 @@ def test_local_ring_collectives():
         assert shifted == (r - 2) % 4 + 1.0
 
 
+@pytest.mark.parametrize("size, offset", [(1, 1), (1, 0), (2, 2), (3, 1)])
+def test_a_shifted_array_is_a_copy_on_every_ring(size, offset):
+    """What a rank receives is a copy of what was sent, so that the sender may reuse its buffer
+    at once (as LocalRing promises): a shift to the rank itself (a ring of one rank, or an
+    offset of a multiple of the size) used to hand back the sent array itself, so that the
+    receiver saw the sender's later writes."""
+    def rank(comm):
+        buffer = np.full(3, comm.rank + 1.0)
+        pending = comm.shift([buffer], offset=offset)
+        buffer[...] = -1.0  # reused by the sender before the receiver waits
+        return pending.wait()[0]
+
+    for r, received in enumerate(LocalRing(size, timeout=10).run(rank)):
+        np.testing.assert_array_equal(received, np.full(3, (r - offset) % size + 1.0))
+
+
 def test_all_reduce_refuses_an_unknown_operation_before_sending():
     """all_reduce names the operations it knows, on every rank and before any message (an
     unknown one was a KeyError, raised after the all-gather)."""
