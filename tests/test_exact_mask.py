@@ -517,6 +517,17 @@ def test_document_skips_empty_documents(causal, block_size):
     assert got.shape == want.shape and (got != want).nnz == 0
 
 
+@pytest.mark.parametrize("lengths", [[], (), np.diff(np.array([0], dtype=np.int32))])
+def test_document_of_no_documents_is_a_value_error(lengths):
+    """No documents (an empty list, or the lengths of packed offsets holding no sequence) is a
+    sequence of integers with no token in it: the value is wrong, as for all-empty documents,
+    not the type."""
+    with pytest.raises(ValueError, match="lengths must be 0 or more, at least one of them"):
+        document(lengths)
+    with pytest.raises(ValueError, match="lengths"):
+        document([0, 0])
+
+
 def test_builders_refuse_bad_arguments():
     with pytest.raises(TypeError, match="lengths"):
         document([1.5, 2])

@@ -217,9 +217,11 @@ def document(lengths, *, causal=False, block_size=None):
     """
     causal = check_bool(causal, "causal")
     given, lengths = lengths, numpy.asarray(lengths)
-    if (lengths.ndim != 1 or lengths.size == 0 or holds_bool(given)
-            or not numpy.issubdtype(lengths.dtype, numpy.integer)):
-        raise TypeError(f"lengths must be a non-empty 1-D sequence of integers, got {given!r}")
+    # No documents ([] reads as float64) is a sequence of integers without a token: a value
+    # refused below, as documents that are all empty are.
+    integers = lengths.size == 0 or numpy.issubdtype(lengths.dtype, numpy.integer)
+    if lengths.ndim != 1 or not integers or holds_bool(given):
+        raise TypeError(f"lengths must be a 1-D sequence of integers, got {given!r}")
     if (lengths < 0).any() or not lengths.any():
         raise ValueError(f"lengths must be 0 or more, at least one of them positive, got "
                          f"{lengths[lengths < 0][:5].tolist() or lengths[:5].tolist()}")
