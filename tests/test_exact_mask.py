@@ -498,6 +498,15 @@ def test_render_names_a_bad_picture_size(options, error, words):
         ExactMask.from_dense(np.eye(40, dtype=bool)).render(**options)
 
 
+def test_render_takes_the_tile_as_a_numpy_pair():
+    """A tile given as a 1-D NumPy array of two (``numpy.array(x.shape[-2:])``) is the pair,
+    as every other pair of cuflash.sparse (shape, block_size, window) reads one."""
+    mask = ExactMask.from_dense(np.eye(40, dtype=bool))
+    assert mask.render(tile=np.array([16, 8])) == mask.render(tile=(16, 8))
+    with pytest.raises(ValueError, match=r"tile must be a pair \(tile_m, tile_n\)"):
+        mask.render(tile=np.array([16, 8, 4]))
+
+
 @pytest.mark.parametrize("rows", [[-1], [-2], [3], [[0, 1]]])
 def test_element_rows_refuses_rows_outside_the_problem(rows):
     """A negative row is not counted from the end: it is refused, as a row past the last is,

@@ -23,7 +23,7 @@ import scipy.sparse
 
 from .._checks import query_rows
 from . import _convert, _csr
-from ._validate import ceil_div, picture_size, positive_int, problem_shape
+from ._validate import ceil_div, picture_size, positive_int, problem_shape, tile_pair
 
 WORD_BITS = 32
 
@@ -318,10 +318,7 @@ class ExactMask:
 
         head = _head_index(head, self._stored_heads, self._num_heads)
         max_rows, max_cols = picture_size(max_rows, max_cols)
-        if not isinstance(tile, (tuple, list)) or len(tile) != 2:
-            raise ValueError(f"tile must be a pair (tile_m, tile_n) of positive integers, "
-                             f"got {tile!r}")
-        tile_m, tile_n = tile
+        tile_m, tile_n = tile_pair("tile", tile)
         bits = self.tile_bits(tile_m, tile_n)
         tiles_m, tiles_n = bits.row_ptr.shape[1] - 1, bits.col_ptr.shape[1] - 1
         rows, cols = min(tiles_m, max_rows), min(tiles_n, max_cols)

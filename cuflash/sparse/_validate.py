@@ -67,6 +67,16 @@ def problem_shape(name, value):
     return positive_int(f"{name}[0]", items[0]), positive_int(f"{name}[1]", items[1])
 
 
+def tile_pair(name, value):
+    """``(tile_m, tile_n)`` from a pair: a tuple, a list or a 1-D NumPy array of two items (each
+    checked where it is used, under the name ``tile_m`` or ``tile_n``)."""
+    items = _items(value)
+    if items is None or len(items) != 2:
+        raise ValueError(f"{name} must be a pair (tile_m, tile_n) of positive integers, "
+                         f"got {value!r}")
+    return items[0], items[1]
+
+
 def picture_size(max_rows, max_cols):
     """The ``(max_rows, max_cols)`` of a mask's text picture, positive ints."""
     return positive_int("max_rows", max_rows), positive_int("max_cols", max_cols)
