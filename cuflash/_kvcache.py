@@ -264,8 +264,14 @@ def _rotated(spec: KVCacheSpec, rotary: Rotary, q, k):
     ordered = rotates_queries_in_order(spec)
     turn = functools.partial(rotate, cos=rotary.cos, sin=rotary.sin,
                              interleaved=rotary.interleaved)
-    return (turn(q, positions=positions(spec.sq, 1 if ordered else 0)),
-            turn(k, positions=positions(spec.s_new, 1)))
+    # quiet: an overflow of the rounding to q's dtype is told by the check below, by name
+    with _warnings.quiet_if_numpy(xp):
+        rotated = (turn(q, positions=positions(spec.sq, 1 if ordered else 0)),
+                   turn(k, positions=positions(spec.s_new, 1)))
+    if xp is numpy:  # on the GPU a check would make every call wait for the device
+        _warnings.check_rotated(rotated, (q, k, rotary.cos, rotary.sin),
+                                "cuflash.attention_with_kvcache")
+    return rotated
 
 
 def decode_module():

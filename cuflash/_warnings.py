@@ -23,8 +23,8 @@ import warnings
 
 import numpy
 
-__all__ = ["CuflashNumericalWarning", "check_backward", "check_forward", "once_for",
-           "quiet", "quiet_if_numpy"]
+__all__ = ["CuflashNumericalWarning", "check_backward", "check_forward", "check_rotated",
+           "once_for", "quiet", "quiet_if_numpy"]
 
 FLOAT16_MAX = 65504.0
 FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)  # about 3.4e38, also bfloat16's range
@@ -157,6 +157,20 @@ def check_forward(out, lse, inputs, caller: str = "cuflash.attention", seen=None
                 f"(|x| > {FLOAT32_MAX:.3g}). Scale v down")
     _warn(caller, f"{_spoiled_forward_result(out, lse)} although the inputs are finite: "
           f"{what} ({SEE})")
+
+
+def check_rotated(rotated, inputs, caller: str) -> None:
+    """Warn once, under the name of the public function ``caller``, if q or k rotated by a
+    rotary embedding (``rotated``, NumPy) hold inf or NaN although q, k and the tables
+    (``inputs``) are finite: the rotation, float32 arithmetic rounded to the inputs' dtype,
+    overflowed. The attention that follows does not warn of it, its inputs being those arrays."""
+    if all(_finite(x) for x in rotated) or not all(_finite(x) for x in inputs):
+        return
+    dtype = numpy.dtype(rotated[0].dtype).name
+    _warn(caller, f"the rotary embedding of q or k holds inf or NaN although q, k and the tables "
+          f"are finite: x·cos − y·sin or x·sin + y·cos, computed in float32 and rounded to "
+          f"{dtype}, exceeded {dtype}'s range, and the keys were appended so. Scale q and k "
+          f"down, or use bfloat16 or float32 ({SEE})")
 
 
 def _spoiled_forward_result(out, lse) -> str:

@@ -6,6 +6,7 @@ decode module. The GPU cases are in tests/test_kvcache.py.
 import dataclasses
 import math
 import types
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -214,6 +215,26 @@ def test_rotary_tables_cover_the_queries_positions(rng, seed, paged):
     assert_cache_appended(dataclasses.replace(case, k=None, v=None))  # nothing written
     rotated, rotary = rotary_case(case, *rotary_tables(35, 16, np.float32), True)
     call_and_check_rotated(case, rotated, rotary, f"seed={seed}")
+
+
+def test_rotary_overflow_warns_by_name_whatever_numpy_seterr():
+    """A rotation whose float16 result overflows (finite q and k near the float16 maximum, turned
+    by 45°) gives one CuflashNumericalWarning under the call's name, as other overflows do, and
+    none of NumPy's own warnings: a caller's numpy.seterr(all="raise") does not make the call
+    raise inside cuflash (docs/api.md, "Warnings")."""
+    q = np.full((1, 1, 1, 8), 60000, np.float16)
+    new = np.full((1, 1, 1, 8), 60000, np.float16)
+    caches = [np.zeros((1, 16, 1, 8), np.float16) for _ in range(2)]
+    cos = np.full((16, 4), np.sqrt(0.5), np.float16)
+    with np.errstate(all="raise"), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cuflash.attention_with_kvcache(q, *caches, new, new, cache_seqlens=0, rotary_cos=cos,
+                                       rotary_sin=cos)
+    assert [w.category for w in record] == [cuflash.CuflashNumericalWarning]
+    assert str(record[0].message).startswith(
+        "cuflash.attention_with_kvcache: the rotary embedding of q or k holds inf or NaN "
+        "although q, k and the tables are finite")
+    assert np.isinf(caches[0][0, 0]).any()  # appended as rotated, as the message says
 
 
 def test_rotary_turns_each_pair_by_its_angle():
