@@ -148,12 +148,15 @@ def check_grad_dtype(grad_dtype: Any, dtype: numpy.dtype) -> bool:
     dtype (gradients in that dtype), or float32."""
     if grad_dtype is None:
         return False
+    no_dtype = TypeError(f"grad_dtype must be None, a dtype or a dtype's name, got "
+                         f"{_show(grad_dtype)}")
+    if isinstance(grad_dtype, numpy.generic):  # a number, which numpy.dtype() reads as its dtype
+        raise no_dtype
     try:
         wanted = numpy.dtype(grad_dtype)
     except TypeError:
         if not isinstance(grad_dtype, str):  # not a dtype at all; an unknown name is a bad value
-            raise TypeError(f"grad_dtype must be None, a dtype or a dtype's name, got "
-                            f"{_show(grad_dtype)}") from None
+            raise no_dtype from None
         wanted = None
     if wanted == dtype:
         return False

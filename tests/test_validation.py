@@ -516,6 +516,15 @@ def test_given_float32_gradients_need_grad_dtype_float32():
     cuflash.attention_backward(out, q, k, v, out, lse, dq=wide, grad_dtype=np.float32)
 
 
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float16(1.0)], ids=["float32", "float16"])
+def test_grad_dtype_that_is_a_number_is_a_type_error(value):
+    """A NumPy number is no dtype, though numpy.dtype() reads it as its own: grad_dtype=np.float32(0.5)
+    is refused as grad_dtype=0.5 is, not taken for float32 gradients."""
+    out, lse = cuflash.attention(Q, K, V, return_lse=True)
+    with pytest.raises(TypeError, match="grad_dtype must be None, a dtype or a dtype's name"):
+        cuflash.attention_backward(out, Q, K, V, out, lse, grad_dtype=value)
+
+
 @pytest.mark.parametrize("name, shared", [
     ("q", "dq"), ("k", "dq"), ("v", "dk"), ("dout", "dk"), ("out", "dv"), ("lse", "dq")])
 def test_given_gradient_overlapping_an_argument(name, shared):
