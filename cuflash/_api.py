@@ -242,13 +242,21 @@ def validated_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: di
     return xp, spec, result, lse
 
 
-def _check_varlen_results(xp, spec: AttentionSpec, q, k, v, out, return_lse) -> None:
+# How the refusal of an out= over k or v names them: a paged call's are its caches.
+_PACKED_NAMES, _PAGED_NAMES = ("k", "v"), ("the paged cache k", "the paged cache v")
+
+
+def _check_varlen_results(xp, spec: AttentionSpec, q, k, v, out, return_lse,
+                          kv_names=_PACKED_NAMES) -> None:
     """``return_lse`` and ``out`` of a varlen forward: ``out`` ``(total_q, Hq, Dv)`` in the
-    inputs' dtype, apart from q, k, v (the pages of a paged call) and the seed array."""
+    inputs' dtype, apart from q, k, v (the pages of a paged call, named by ``kv_names``: out
+    over them would change the caller's cache, not the gathered keys the call attends to) and
+    the seed array."""
     _checks.check_bool(return_lse, "return_lse")
     if out is not None:
+        apart = {"q": q, kv_names[0]: k, kv_names[1]: v}
         _checks.check_out(out, _packed_result_shapes(spec, q)[0], spec.dtype, xp,
-                          _checks.with_seed_array({"q": q, "k": k, "v": v}, spec.dropout_state))
+                          _checks.with_seed_array(apart, spec.dropout_state))
 
 
 def _packed_result_shapes(spec: AttentionSpec, q) -> tuple:
@@ -733,7 +741,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, check_offsets=check_offsets)
     hosts = (None, None)  # the offsets on the host, where a paged call read them to gather
     if block_table is not None:
-        _refuse_out_in_pages(out, k, v)
         # Checked as the packed call checks them before the table and offsets are read and the
         # keys gathered: a refused call reads and copies nothing, and one refused for an option
         # (return_lse and out among them) names it, as the call without pages does, whatever
@@ -742,24 +749,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                      max_seqlen_k, _varlen_pages.page_shapes,
                                      dropout_seed=dropout_seed, dropout_offset=dropout_offset,
                                      **options)
-        _check_varlen_results(xp, spec, q, k, v, out, return_lse)
+        _check_varlen_results(xp, spec, q, k, v, out, return_lse, _PAGED_NAMES)
         k, v, hosts = _varlen_pages.gather_pages(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                  max_seqlen_k, block_table, check_offsets)
     result, lse, _ = _calls.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                            max_seqlen_k, out, options,
                                            (dropout_seed, dropout_offset), return_lse, hosts)
     return (result, lse) if return_lse else result  # return_lse: checked to be a bool
-
-
-def _refuse_out_in_pages(out, k_pages, v_pages) -> None:
-    """``out`` must not be written over the paged caches the call reads (the gathered copies it
-    attends to would not show it, the caller's cache would lose keys)."""
-    if out is None:
-        return
-    xp = _checks.array_module(out, "out")
-    for name, pages in (("k", k_pages), ("v", v_pages)):
-        if _checks.array_module(pages, name) is xp and _checks.overlaps(out, pages, xp):
-            raise ValueError(f"out must not share memory with the paged cache {name}")
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

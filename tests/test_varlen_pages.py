@@ -180,7 +180,8 @@ def test_options_are_refused_before_the_pages_are_read(rng, monkeypatch, option)
     lambda q: dict(out=np.zeros(q.shape[:2] + (q.shape[2] + 1,), q.dtype)),
     lambda q: dict(out=np.zeros(q.shape, np.float64)),
     lambda q: dict(out=q),
-], ids=["return_lse", "out-shape", "out-dtype", "out-over-q"])
+    lambda q: dict(out=q.tolist()),
+], ids=["return_lse", "out-shape", "out-dtype", "out-over-q", "out-not-an-array"])
 def test_result_options_are_refused_before_the_pages_are_read(rng, monkeypatch, result_option):
     """``return_lse`` and ``out`` are arguments like the others: a paged call refused for one
     raises what the call on the packed keys raises, though its table lists a page k does not
@@ -208,6 +209,27 @@ def test_out_over_the_pages_is_refused(rng):
     args["block_table"] = np.array([[0, 1, 2], [3, 4, 5]], np.int32)
     with pytest.raises(ValueError, match="out must not share memory with the paged cache k"):
         _call(args | dict(out=out))
+
+
+@pytest.mark.parametrize("option", [dict(scale="0.5"), dict(return_lse="yes"),
+                                    dict(q_dtype=np.float64)], ids=["scale", "return_lse", "q"])
+def test_out_over_the_pages_is_named_after_the_calls_other_refusals(rng, option):
+    """out over the pages is one more reason to refuse an out: a call refused for another
+    argument as well raises what the call on the packed keys (which out does not overlap)
+    raises for it, as the checks of the packed call come first."""
+    q, k, v, _, _, table, cu_q, cu_k = paged_case(rng, np, np.float32, [3, 5], [6, 9], 4)
+    pages = np.zeros((8, 4, 4, 32), np.float32)  # 8 pages of 4 keys, 4 heads: room for out
+    k_pages, v_pages = pages[:, :, :2], pages[:, :, 2:]
+    out = pages.reshape(32, 4, 32)[:8]
+    table = np.array([[0, 1, 2], [3, 4, 5]], np.int32)
+    options = dict(option)
+    q = q.astype(options.pop("q_dtype", q.dtype))
+    with pytest.raises((TypeError, ValueError)) as packed:
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, 5, 9, out=out, **options)
+    with pytest.raises(type(packed.value)) as paged:
+        cuflash.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, 5, 9, out=out,
+                                 block_table=table, **options)
+    assert str(paged.value) == str(packed.value)
 
 
 def test_unchecked_device_offsets_are_refused(rng):
