@@ -169,8 +169,8 @@ def check_rotated(rotated, inputs, caller: str) -> None:
     dtype = numpy.dtype(rotated[0].dtype).name
     _warn(caller, f"the rotary embedding of q or k holds inf or NaN although q, k and the tables "
           f"are finite: x·cos − y·sin or x·sin + y·cos, computed in float32 and rounded to "
-          f"{dtype}, exceeded {dtype}'s range, and the keys were appended so. Scale q and k "
-          f"down, or use bfloat16 or float32 ({SEE})")
+          f"{dtype}, exceeded {dtype}'s range. Scale q and k down, or use bfloat16 or float32 "
+          f"({SEE})")
 
 
 def _spoiled_forward_result(out, lse) -> str:

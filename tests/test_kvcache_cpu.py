@@ -234,7 +234,22 @@ def test_rotary_overflow_warns_by_name_whatever_numpy_seterr():
     assert str(record[0].message).startswith(
         "cuflash.attention_with_kvcache: the rotary embedding of q or k holds inf or NaN "
         "although q, k and the tables are finite")
-    assert np.isinf(caches[0][0, 0]).any()  # appended as rotated, as the message says
+    assert np.isinf(caches[0][0, 0]).any()  # appended as rotated
+
+
+def test_rotary_overflow_as_an_error_stops_before_the_append():
+    """Under warnings.simplefilter("error", CuflashNumericalWarning) the rotation's overflow
+    stops the call before anything is written, and its message does not say otherwise."""
+    q = np.full((1, 1, 1, 8), 60000, np.float16)
+    caches = [np.zeros((1, 16, 1, 8), np.float16) for _ in range(2)]
+    cos = np.full((16, 4), np.sqrt(0.5), np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cuflash.CuflashNumericalWarning)
+        with pytest.raises(cuflash.CuflashNumericalWarning) as raised:
+            cuflash.attention_with_kvcache(q, *caches, q, q, cache_seqlens=0, rotary_cos=cos,
+                                           rotary_sin=cos)
+    assert not any(cache.any() for cache in caches)
+    assert "appended" not in str(raised.value)
 
 
 def test_rotary_turns_each_pair_by_its_angle():
