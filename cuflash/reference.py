@@ -25,6 +25,7 @@ True where a query attends to a key. All masks combine by intersection. Inputs m
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,21 @@ import numpy
 from . import _checks, _dropout, _mask
 
 
+def _underflow_ignored(function):
+    """Run ``function`` with NumPy's underflow reporting off: ``exp`` of scores far below their
+    row's peak underflows to 0 by design, which a caller's ``numpy.seterr(all="raise")`` would
+    otherwise turn into a ``FloatingPointError`` on ordinary inputs. Overflow and invalid
+    values are reported as the caller asks."""
+
+    @functools.wraps(function)
+    def with_underflow_ignored(*args, **kwargs):
+        with numpy.errstate(under="ignore"):
+            return function(*args, **kwargs)
+
+    return with_underflow_ignored
+
+
+@_underflow_ignored
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
               alibi_slopes=None, mask=None, block_mask=None, rows=None, dropout_p=0.0,
               dropout_seed=None, dropout_offset=0):
@@ -51,6 +67,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     return c.squeeze(out), c.squeeze(_broadcast_rows(lse, out, xp))
 
 
+@_underflow_ignored
 def attention_probs(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
                     alibi_slopes=None, mask=None, block_mask=None, rows=None, dropout_p=0.0,
                     dropout_seed=None, dropout_offset=0):
@@ -78,6 +95,7 @@ def _probs64(c):
     return _softmax(s, lse, xp), lse
 
 
+@_underflow_ignored
 def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
                        alibi_slopes=None, mask=None, block_mask=None, dropout_p=0.0,
                        dropout_seed=None, dropout_offset=0):
@@ -108,6 +126,7 @@ def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -
                          (_sum_groups(dv, c.shapes), v))
 
 
+@_underflow_ignored
 def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
                       alibi_slopes=None, block_mask=None, rows=None, chunk=None):
     """Float64 attention computed ``chunk`` query rows at a time.
@@ -145,6 +164,7 @@ def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), sof
     return xp.concatenate(outs, axis=-2), xp.concatenate(lses, axis=-1)
 
 
+@_underflow_ignored
 def naive_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
                     alibi_slopes=None, mask=None, block_mask=None, rows=None, dtype=None,
                     dropout_p=0.0, dropout_seed=None, dropout_offset=0):
@@ -171,6 +191,7 @@ def naive_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
     return c.squeeze(out), c.squeeze(_broadcast_rows(lse.astype(xp.float32), out, xp))
 
 
+@_underflow_ignored
 def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -1),
                              softcap=0.0, alibi_slopes=None, mask=None, block_mask=None,
                              dtype=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0,

@@ -464,3 +464,28 @@ def test_a_row_of_non_finite_scores_is_not_a_row_without_keys(rng, value):
     assert np.isnan(probs[0, 1]).all() and np.isfinite(np.delete(probs[0], 1, axis=0)).all()
     empty = reference.attention(q[:, :1], k, v, mask=np.zeros((1, 6), bool))[1]
     assert np.isneginf(empty).all()
+
+
+@pytest.mark.parametrize("function", ["attention", "chunked_attention", "naive_attention",
+                                      "attention_probs"])
+def test_scores_far_below_their_peak_do_not_raise_under_seterr(rng, function):
+    """exp of such scores underflows to 0 by design: a caller's seterr(all="raise") must not
+    turn that into an error, and the result is the one computed without it."""
+    q, k, v = (rng.standard_normal((2, 37, 16)) for _ in range(3))
+    q *= 400  # scores spread over thousands: most exp(s - peak) underflow, float64 too
+    call = getattr(reference, function)
+    expected = call(q, k, v)
+    with np.errstate(all="raise"):
+        got = call(q, k, v)
+    for g, e in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, expected))):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_backward_scores_far_below_their_peak_do_not_raise_under_seterr(rng):
+    q, k, v, dout = (rng.standard_normal((2, 37, 16)) for _ in range(4))
+    q *= 400
+    expected = reference.attention_backward(dout, q, k, v)
+    with np.errstate(all="raise"):
+        got = reference.attention_backward(dout, q, k, v)
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
