@@ -800,6 +800,32 @@ def test_check_sharded_deadline_stops_the_rank_processes(tmp_path):
     raise AssertionError(f"rank process {pid} still ran after the deadline")
 
 
+def test_check_sharded_memory_stays_within_the_estimate_it_is_refused_by():
+    """``cuflash check --gpus N`` refuses a sharded check whose estimated memory does not fit;
+    the estimate counts a float64 reference that runs one head and one chunk of rows at a time,
+    but check_sharded ran its float64 and baseline references over every head at once (at 1M
+    tokens, score matrices of ~17 GB each), and went past the estimate. Now its peak stays
+    within it."""
+    import tracemalloc
+
+    from cuflash.bench.devices import CpuDevice
+    from cuflash.cli.check import _sharded_estimate
+    from cuflash.parallel import check_sharded
+    n, heads, head_dim, rows = 1024, 8, 32, 1024
+    cuflash.attention(*(np.ones((1, 1, 8, 8), F32),) * 3)  # the NumPy path loaded first
+    tracemalloc.start()
+    try:
+        result = check_sharded(ranks=2, device="cpu", seq_len=n, heads=heads, kv_heads=4,
+                               head_dim=head_dim, rows=rows, softcap=5.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.passed, result.report()
+    _, needed, _ = _sharded_estimate(CpuDevice(), "simulated", 2, n, heads, head_dim,
+                                     np.dtype(F32), rows, True, True, 1)
+    assert peak <= needed
+
+
 def test_check_sharded_never_passes_an_infinite_error():
     """The check's verdict is the project's rule (cuflash.check.rule.passes): an infinite error
     fails even when the naive baseline overflowed too; check_sharded used to compare against

@@ -119,9 +119,9 @@ def _cpu_reference_seconds(head_dim: int, dtype_name: str, backward: bool) -> fl
                      for _ in range(4))
     rows = numpy.arange(n)
     start = time.perf_counter()
-    _forward_reference(numpy, q, k, v, rows, causal=False, block_mask=None, on_step=None)
+    forward_reference(numpy, q, k, v, rows, causal=False, block_mask=None, on_step=None)
     if backward:
-        _backward_reference(numpy, dout, q, k, v, rows, causal=False, block_mask=None,
+        backward_reference(numpy, dout, q, k, v, rows, causal=False, block_mask=None,
                             on_step=None)
     return (time.perf_counter() - start) / (n * n)
 
@@ -301,15 +301,15 @@ def run_check(device, q, k, v, *, rows, causal: bool, block_mask=None, backward:
 
     result = CheckResult(fwd, bwd)
     where = "all" if len(rows) == n else f"{len(rows)} sampled"
-    ref, naive = _forward_reference(xp, q, k, v, rows, causal=causal, block_mask=block_mask,
-                                    on_step=on_step)
+    ref, naive, _, _ = forward_reference(xp, q, k, v, rows, causal=causal,
+                                          block_mask=block_mask, on_step=on_step)
     got = out[:, :, xp.asarray(rows)]
     result.comparisons.append(
         Comparison("out", _max_error(xp, got, ref), _max_error(xp, naive, ref), where))
     if not _nan_free(xp, out, lse):  # unwritten output rows outside the sample fail too
         result.comparisons[-1].error = float("nan")
     if backward:
-        refs = _backward_reference(xp, dout, q, k, v, rows, causal=causal, block_mask=block_mask,
+        refs = backward_reference(xp, dout, q, k, v, rows, causal=causal, block_mask=block_mask,
                                    on_step=on_step)
         for name, got, (ref, naive) in zip(("dq", "dk", "dv"), grads, refs):
             result.comparisons.append(
@@ -337,8 +337,9 @@ def reference_steps(heads: int, n: int, rows: numpy.ndarray, backward: bool) -> 
     return heads * len(reference_chunks(n, rows)) * (2 if backward else 1)
 
 
-def _head_keep(xp, n, part, causal, block_mask):
-    return reference.keep_mask(n, n, causal=causal, block_mask=block_mask, rows=part, xp=xp)
+def _head_keep(xp, n, part, causal, window, block_mask):
+    return reference.keep_mask(n, n, causal=causal, window=window, block_mask=block_mask,
+                               rows=part, xp=xp)
 
 
 def _head_masks(block_mask, heads: int) -> list:
@@ -357,51 +358,69 @@ def _of_head(keep, h: int):
     return keep if keep is None or keep.ndim == 2 or keep.shape[0] == 1 else keep[h:h + 1]
 
 
-def _forward_reference(xp, q, k, v, rows, *, causal, block_mask, on_step):
-    """Float64 ``out`` and the naive same-precision ``out`` on ``rows``, head by head."""
+def _kv_head(h: int, q, k) -> int:
+    """The key/value head that query head ``h`` reads (grouped-query attention: each key/value
+    head serves ``Hq / Hkv`` consecutive query heads)."""
+    return h // (q.shape[1] // k.shape[1])
+
+
+def forward_reference(xp, q, k, v, rows, *, causal, block_mask, on_step, window=(-1, -1),
+                       softcap=0.0):
+    """Float64 and naive same-precision ``out`` and ``lse`` on ``rows``, head by head: ``(ref,
+    naive, ref_lse, naive_lse)``."""
     heads, n = q.shape[1], q.shape[2]
+    options = {"causal": causal, "window": window, "softcap": softcap}
     ref = xp.empty(q.shape[:2] + (len(rows), v.shape[-1]), dtype=xp.float64)
     naive = xp.empty(ref.shape, dtype=q.dtype)
+    ref_lse = xp.empty(ref.shape[:-1], dtype=xp.float64)
+    naive_lse = xp.empty(ref.shape[:-1], dtype=xp.float32)
     masks = _head_masks(block_mask, heads)
     start = 0
     for part in reference_chunks(n, rows):
         index, stop = xp.asarray(part), start + len(part)
-        keep = _head_keep(xp, n, part, causal, block_mask)
+        keep = _head_keep(xp, n, part, causal, window, block_mask)
         for h in range(heads):
-            qh, kh, vh = q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1]
-            ref[:, h:h + 1, start:stop], _ = reference.chunked_attention(
-                qh, kh, vh, causal=causal, block_mask=masks[h], rows=part)
-            naive[:, h:h + 1, start:stop], _ = reference.naive_attention(
-                qh[:, :, index], kh, vh, mask=_of_head(keep, h))
+            g = _kv_head(h, q, k)
+            qh, kh, vh = q[:, h:h + 1], k[:, g:g + 1], v[:, g:g + 1]
+            ref[:, h:h + 1, start:stop], ref_lse[:, h:h + 1, start:stop] = \
+                reference.chunked_attention(qh, kh, vh, block_mask=masks[h], rows=part,
+                                            **options)
+            naive[:, h:h + 1, start:stop], naive_lse[:, h:h + 1, start:stop] = \
+                reference.naive_attention(qh[:, :, index], kh, vh, mask=_of_head(keep, h),
+                                          softcap=softcap)
             if on_step:
                 on_step()
         start = stop
-    return ref, naive
+    return ref, naive, ref_lse, naive_lse
 
 
-def _backward_reference(xp, dout, q, k, v, rows, *, causal, block_mask, on_step):
+def backward_reference(xp, dout, q, k, v, rows, *, causal, block_mask, on_step,
+                        window=(-1, -1), softcap=0.0):
     """Float64 and naive same-precision ``(dq, dk, dv)`` of the whole problem, from ``rows``
-    (``dout`` is zero elsewhere).
+    (``dout`` is zero elsewhere), head by head.
 
-    The naive dk and dv of several row chunks are summed in float32, each chunk rounded once:
-    one more rounding than a single pass makes, only when the rows do not fit one chunk.
+    The naive dk and dv of several row chunks (and, with grouped-query attention, of the query
+    heads a key/value head serves) are summed in float32, each part rounded once: one more
+    rounding than a single pass makes.
     """
     heads, n = q.shape[1], q.shape[2]
     refs = [xp.zeros(x.shape, dtype=xp.float64) for x in (q, k, v)]
     naives = [xp.zeros(x.shape, dtype=xp.float32) for x in (q, k, v)]
     for part in reference_chunks(n, rows):
         index = xp.asarray(part)
-        keep = _head_keep(xp, n, part, causal, block_mask)
+        keep = _head_keep(xp, n, part, causal, window, block_mask)
         for h in range(heads):
-            args = (dout[:, h:h + 1, index], q[:, h:h + 1, index], k[:, h:h + 1], v[:, h:h + 1])
+            g = _kv_head(h, q, k)
+            args = (dout[:, h:h + 1, index], q[:, h:h + 1, index], k[:, g:g + 1], v[:, g:g + 1])
             mask = _of_head(keep, h)
-            for grads, computed in ((refs, reference.attention_backward(*args, mask=mask)),
-                                    (naives, reference.naive_attention_backward(*args,
-                                                                                mask=mask))):
+            for grads, computed in (
+                    (refs, reference.attention_backward(*args, mask=mask, softcap=softcap)),
+                    (naives, reference.naive_attention_backward(*args, mask=mask,
+                                                                softcap=softcap))):
                 dq, dk, dv = computed
                 grads[0][:, h:h + 1, index] = dq
-                grads[1][:, h:h + 1] += dk
-                grads[2][:, h:h + 1] += dv
+                grads[1][:, g:g + 1] += dk
+                grads[2][:, g:g + 1] += dv
             if on_step:
                 on_step()
     return [(ref, naive.astype(q.dtype)) for ref, naive in zip(refs, naives)]
