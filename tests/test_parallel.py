@@ -754,6 +754,31 @@ def test_check_sharded_refuses_bad_arguments_by_name(option, value, error):
         check_sharded(**arguments)
 
 
+@pytest.mark.parametrize("dtype, name", [
+    (np.dtype(np.float32), "float32"), (np.float16, "float16"), (BF16, "bfloat16"),
+    (ml_dtypes.bfloat16, "bfloat16"), ("float32", "float32")])
+def test_check_sharded_takes_a_numpy_dtype_by_its_name(dtype, name):
+    """A NumPy dtype was taken as it was: report() failed on it, and the record could not be
+    written as JSON (nor, with processes, the configuration the ranks read). It is held by its
+    name now."""
+    from cuflash.parallel import check_sharded
+    result = check_sharded(ranks=2, device="cpu", seq_len=32, heads=1, head_dim=8, rows=8,
+                           dtype=dtype)
+    assert result.config["dtype"] == name
+    assert f", {name}, " in result.report().splitlines()[0]
+    assert json.loads(json.dumps(result.record()))["config"]["dtype"] == name
+
+
+@pytest.mark.parametrize("dtype, error", [
+    (np.float64, ValueError), ("float64", ValueError), (np.int8, ValueError),
+    (3, TypeError), (True, TypeError)])
+def test_check_sharded_refuses_other_dtypes_by_name(dtype, error):
+    from cuflash.parallel import check_sharded
+    with pytest.raises(error, match="dtype must be one of float16, bfloat16, float32"):
+        check_sharded(ranks=2, device="cpu", seq_len=32, heads=1, head_dim=8, rows=8,
+                      dtype=dtype)
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 3), (2, 4)])
 def test_check_sharded_refuses_kv_heads_that_do_not_divide_heads(heads, kv_heads, monkeypatch):
     """kv_heads must divide heads (grouped-query attention): refused by name before the

@@ -43,13 +43,25 @@ __all__ = ["ShardedCheck", "check_sharded", "gpu_count"]
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
+def _dtype_name(dtype) -> str:
+    """The name of ``dtype``: one of ``_DTYPES``, or a NumPy dtype or scalar type of one. The
+    check's configuration holds the name, which its record (JSON) and report can write."""
+    allowed = f"dtype must be one of {', '.join(_DTYPES)} (a name or a NumPy dtype)"
+    if not isinstance(dtype, str):
+        try:
+            dtype = numpy.dtype(dtype).name
+        except TypeError:
+            raise TypeError(f"{allowed}, got {dtype!r}") from None
+    if dtype not in _DTYPES:
+        raise ValueError(f"{allowed}, got {dtype!r}")
+    return dtype
+
+
 def _dtype(name: str) -> numpy.dtype:
     if name == "bfloat16":
         import ml_dtypes
         return numpy.dtype(ml_dtypes.bfloat16)
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
-    return numpy.dtype(name)
+    return numpy.dtype(_dtype_name(name))
 
 
 def gpu_count() -> int:
@@ -269,8 +281,10 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
         ``ranks ≥ 2`` GPUs are visible, else simulated.
     seq_len, heads, kv_heads, head_dim, dtype
         The problem, ``(1, heads, seq_len, head_dim)`` queries; defaults 16384 tokens and
-        bfloat16 on the GPU, 1024 and float32 on the CPU. ``seq_len`` must divide evenly and
-        ``kv_heads`` (default ``heads``) divide ``heads`` (``ValueError`` otherwise).
+        bfloat16 on the GPU, 1024 and float32 on the CPU; ``dtype`` is ``"float16"``,
+        ``"bfloat16"`` or ``"float32"``, or a NumPy dtype of one (held by its name). ``seq_len``
+        must divide evenly and ``kv_heads`` (default ``heads``) divide ``heads``
+        (``ValueError`` otherwise).
     causal, layout, window, softcap
         Options of ``ring_attention``.
     rows : int
@@ -302,7 +316,7 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
         seq_len = 16384 if device == "gpu" else 1024
     if dtype is None:
         dtype = "bfloat16" if device == "gpu" else "float32"
-    _dtype(dtype)
+    dtype = _dtype_name(dtype)
     seq_len = _checks.check_int(seq_len, "seq_len", 1)
     _layout.check_length(seq_len, ranks, _layout.check_layout(layout))
     heads = _checks.check_int(heads, "heads", 1)
