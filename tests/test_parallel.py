@@ -603,6 +603,72 @@ def test_a_shifted_array_is_a_copy_on_every_ring(size, offset):
         np.testing.assert_array_equal(received, np.full(3, (r - offset) % size + 1.0))
 
 
+_BAD_PEERS = [(1.0, TypeError, "must be an int"), (True, TypeError, "must be an int"),
+              (np.float32(1), TypeError, "must be an int"),
+              (2, ValueError, r"must be in \[0, 2\)"), (-1, ValueError, r"must be in \[0, 2\)")]
+
+
+@pytest.mark.parametrize("peer, error, message", _BAD_PEERS)
+@pytest.mark.parametrize("name", ["dst", "src"])
+def test_local_exchange_refuses_a_peer_that_is_no_rank_by_name(name, peer, error, message):
+    """exchange took int(peer): dst=1.0 or True was rank 1, and 1.7 too."""
+    def rank(comm):
+        peers = {"dst": 1 - comm.rank, "src": 1 - comm.rank}
+        peers[name] = peer
+        return comm.exchange([np.zeros(1)], **peers)
+
+    with pytest.raises(error, match=f"{name} {message}"):
+        LocalRing(2, timeout=10).run(rank)
+
+
+@pytest.mark.parametrize("offset", [1.0, True, 0.5, "1"])
+def test_shift_refuses_an_offset_that_is_no_int_by_name(offset):
+    with pytest.raises(TypeError, match="offset must be an int"):
+        LocalRing(2, timeout=10).run(lambda comm: comm.shift([np.zeros(1)], offset=offset))
+
+
+class _NoDevice:
+    """Stands for CuPy where a check must come before any use of the device or of NCCL."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"cupy.{name} used before the arguments were checked")
+
+
+@pytest.mark.parametrize("communicator", ["NcclComm", "TorchComm"])
+@pytest.mark.parametrize("peer, error, message", _BAD_PEERS)
+@pytest.mark.parametrize("name", ["dst", "src"])
+def test_device_exchange_refuses_a_peer_that_is_no_rank_before_any_transfer(
+        communicator, name, peer, error, message):
+    """NcclComm.exchange handed int(dst) and int(src) to NCCL unchecked, and TorchComm.exchange
+    dst and src to torch.distributed: 1.0 and True were rank 1, and a rank past the ring was
+    left to the transport to fail (or wait) on."""
+    if communicator == "TorchComm":
+        pytest.importorskip("torch")
+    from cuflash import parallel
+    kind = getattr(parallel, communicator)
+    comm = kind.__new__(kind)
+    comm.rank, comm.size, comm.cupy, comm.dist = 0, 2, _NoDevice(), _NoDevice()
+    peers = {"dst": 1, "src": 1, name: peer}
+    with pytest.raises(error, match=f"{name} {message}"):
+        comm.exchange([np.zeros(1)], **peers)
+
+
+@pytest.mark.parametrize("rank, size, error, message", [
+    (0, 2.0, TypeError, "size must be an int"), (0, True, TypeError, "size must be an int"),
+    (0, 0, ValueError, "size must be at least 1"), (1.0, 2, TypeError, "rank must be an int"),
+    (False, 2, TypeError, "rank must be an int"), (2, 2, ValueError, r"rank must be in \[0, 2\)"),
+    (-1, 2, ValueError, r"rank must be in \[0, 2\)")])
+def test_nccl_comm_refuses_a_rank_or_size_that_is_no_int_before_cupy(rank, size, error, message,
+                                                                      monkeypatch):
+    """NcclComm(1.0, 2.0, uid) took int() of both; the checks come before CuPy or NCCL is
+    touched."""
+    from cuflash.parallel import nccl
+    monkeypatch.setattr(nccl, "_nccl", lambda: pytest.fail("NCCL loaded before the checks"))
+    monkeypatch.setitem(sys.modules, "cupy", _NoDevice())
+    with pytest.raises(error, match=message):
+        nccl.NcclComm(rank, size, bytes(128))
+
+
 def test_all_reduce_refuses_an_unknown_operation_before_sending():
     """all_reduce names the operations it knows, on every rank and before any message (an
     unknown one was a KeyError, raised after the all-gather)."""

@@ -20,7 +20,7 @@ import numpy
 
 from cuflash import _checks
 
-from .comm import CommBase, array_module, check_comm, check_timeout
+from .comm import CommBase, array_module, check_comm, check_rank, check_timeout
 
 __all__ = ["TorchComm", "call_on_arrays", "torch_ring_attention"]
 
@@ -118,6 +118,8 @@ class TorchComm(CommBase):
         return dist.batch_isend_irecv(ops)
 
     def exchange(self, send, dst, src, recv_like=None):
+        # torch.distributed would fail, or wait, for a peer that is no rank of the group.
+        dst, src = check_rank(dst, "dst", self.size), check_rank(src, "src", self.size)
         like = send if recv_like is None else recv_like
         if not send and not like:
             from .comm import Done

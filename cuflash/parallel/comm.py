@@ -39,7 +39,7 @@ import numpy
 from cuflash import _checks
 
 __all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
-           "array_module", "check_comm"]
+           "array_module", "check_comm", "check_rank"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds
 
@@ -87,6 +87,17 @@ def check_comm(comm):
     return comm
 
 
+def check_rank(value, name: str, size: int) -> int:
+    """``value``, a rank of a communicator of ``size`` ranks, as an int: an int in ``[0,
+    size)``; a bool or a float is refused rather than taken as the rank ``int()`` makes of it."""
+    if not _checks.is_integer(value):
+        raise TypeError(f"{name} must be an int, a rank in [0, {size}), got {value!r} of type "
+                        f"{type(value).__name__}")
+    if not 0 <= value < size:
+        raise ValueError(f"{name} must be in [0, {size}), got {value}")
+    return int(value)
+
+
 def array_module(x):
     """``numpy`` or ``cupy`` for an array."""
     if type(x).__module__.partition(".")[0] == "cupy":
@@ -125,6 +136,9 @@ class CommBase:
     timeout: float | None
 
     def shift(self, send: Sequence, offset: int = 1) -> Pending:
+        if not _checks.is_integer(offset):
+            raise TypeError(f"offset must be an int, got {offset!r} of type "
+                            f"{type(offset).__name__}")
         if self.size == 1:
             # Copies, as any exchange receives: the sender may reuse its arrays at once.
             return Done([x.copy() for x in send])
@@ -291,13 +305,8 @@ class LocalComm(CommBase):
     def timeout(self):
         return self.ring.timeout
 
-    def _check_peer(self, peer, what):
-        if not 0 <= int(peer) < self.size:
-            raise ValueError(f"{what} must be a rank in [0, {self.size}), got {peer}")
-        return int(peer)
-
     def exchange(self, send, dst, src, recv_like=None) -> Pending:
-        dst, src = self._check_peer(dst, "dst"), self._check_peer(src, "src")
+        dst, src = check_rank(dst, "dst", self.size), check_rank(src, "src", self.size)
         self.ring._post(self.rank, dst, "exchange", [x.copy() for x in send])
         return _Checked(_LocalPending(self.ring, src, self.rank, "exchange"),
                         recv_like if recv_like is not None else send, src, self.rank)

@@ -30,9 +30,10 @@ import time
 
 import numpy
 
+from cuflash import _checks
 from cuflash._files import write_atomically
 
-from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module,
+from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module, check_rank,
                    check_timeout)
 
 __all__ = ["NcclComm", "read_unique_id", "unique_id_bytes"]
@@ -145,13 +146,13 @@ class NcclComm(CommBase):
 
     def __init__(self, rank: int, size: int, unique_id, *, device: int | None = None,
                  timeout: float | None = DEFAULT_TIMEOUT):
+        # Every argument is checked before CuPy or NCCL is touched.
         self.timeout = check_timeout(timeout)
+        self.size = _checks.check_int(size, "size", 1)
+        self.rank = check_rank(rank, "rank", self.size)
         import cupy
         self.cupy = cupy
         self.nccl = _nccl()
-        self.rank, self.size = int(rank), int(size)
-        if not 0 <= self.rank < self.size:
-            raise ValueError(f"rank must be in [0, {self.size}), got {rank}")
         self.device = cupy.cuda.Device(cupy.cuda.Device().id if device is None else device)
         uid = (_unique_id_tuple(bytes(unique_id)) if isinstance(unique_id, (bytes, bytearray))
                else tuple(unique_id))
@@ -337,13 +338,14 @@ class NcclComm(CommBase):
     # -- the protocol
 
     def exchange(self, send, dst, src, recv_like=None):
+        # NCCL would fail, or wait, on the GPU for a peer that is no rank of the ring.
+        dst, src = check_rank(dst, "dst", self.size), check_rank(src, "src", self.size)
         cupy = self.cupy
         like = send if recv_like is None else recv_like
         with self.device:
             send = [cupy.ascontiguousarray(x) for x in send]
             received = [cupy.empty(x.shape, x.dtype) for x in like]
-            done = self._issue([(x, int(dst)) for x in send],
-                               [(x, int(src)) for x in received],
+            done = self._issue([(x, dst) for x in send], [(x, src) for x in received],
                                f"the exchange with ranks {dst} (send) and {src} (receive)")
         return _NcclPending(self, received, send, done,
                             f"the exchange with ranks {dst} (send) and {src} (receive)")
