@@ -1677,6 +1677,27 @@ def test_communicator_timeouts_are_checked(communicator, bad, error):
         call()
 
 
+def test_torch_comm_refuses_a_group_this_process_is_not_in(monkeypatch):
+    """torch.distributed gives rank -1 and size -1 in a group the process does not belong to:
+    TorchComm took them as its rank and size (or failed in get_backend without naming the
+    group). It is refused by name now."""
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    from cuflash.parallel import TorchComm
+    outsider = object()
+
+    def in_group(value):
+        return lambda group=None: -1 if group is outsider else value
+
+    for name, value in [("is_available", True), ("is_initialized", True), ("get_rank", 0),
+                        ("get_world_size", 2), ("get_backend", "gloo")]:
+        monkeypatch.setattr(dist, name, in_group(value))
+    assert TorchComm().size == 2  # the stub's world
+    with pytest.raises(ValueError, match="group: this process is not a member of the process group"):
+        TorchComm(outsider)
+
+
 def test_torch_and_numpy_arrays_do_not_mix(rng):
     """Ring attention on tensors names an argument that is no tensor (a NumPy k next to a
     tensor q used to fail with "'numpy.ndarray' object has no attribute 'detach'")."""

@@ -99,6 +99,10 @@ class TorchComm(CommBase):
         self.dist = dist
         self.group = group
         self.rank = dist.get_rank(group)
+        if self.rank < 0:  # torch's answer (rank and size -1) for a group without this process
+            raise ValueError("group: this process is not a member of the process group given "
+                             "(torch.distributed gives it rank -1 there); make a TorchComm of "
+                             "a group only in the processes of its ranks")
         self.size = dist.get_world_size(group)
         self.timeout = timeout
         self.backend = str(dist.get_backend(group))
