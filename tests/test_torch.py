@@ -823,6 +823,28 @@ def test_return_attn_probs_on_fake_tensors_is_refused_by_name():
             ct.flash_attn_varlen_qkvpacked_func(fpacked, fcu, 6, return_attn_probs=True)
 
 
+@pytest.mark.parametrize("over", ["q", "k"])
+def test_return_attn_probs_under_vmap_is_refused_by_name(over):
+    """S_dmask is formed on the CPU from the values of q, k and v, which the tensors a
+    torch.func transform wraps do not lend: a ValueError naming the wrapped tensor, as
+    flash_attn_with_kvcache gives, not torch's "Cannot access data pointer" after the forward."""
+    q, k = randn(3, 1, 9, 2, 8), randn(3, 1, 9, 2, 8)
+
+    def probs(q, k):
+        return ct.flash_attn_func(q, k, k, return_attn_probs=True)[2]
+
+    batched, args = {"q": ((0, None), (q, k[0])), "k": ((None, 0), (q[0], k))}[over]
+    with pytest.raises(ValueError, match=rf"^return_attn_probs=True cannot run on the tensors "
+                                         rf"of a torch.func transform .*\({over}\b"):
+        torch.func.vmap(probs, in_dims=batched)(*args)
+    cu_seqlens = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^return_attn_probs=True cannot run .*\(qkv\b"):
+        torch.func.vmap(lambda qkv: ct.flash_attn_varlen_qkvpacked_func(
+            qkv, cu_seqlens, 5, return_attn_probs=True)[2])(randn(2, 9, 3, 2, 8))
+    unwrapped = torch.func.vmap(lambda x: probs(q[0], k[0]) + x)(torch.zeros(2))
+    assert torch.equal(unwrapped[1], probs(q[0], k[0]))  # tensors it does not wrap still run
+
+
 @pytest.mark.parametrize("path", ["eager", "operators"])
 def test_second_derivative_is_refused(monkeypatch, path):
     """No double backward, eager or through the operators: a gradient recorded with

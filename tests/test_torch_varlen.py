@@ -484,6 +484,24 @@ def test_block_table_on_fake_tensors_is_refused_by_name():
             ct.flash_attn_varlen_func(*fake[:5], max_q, max_k, block_table=fake[5])
 
 
+def test_block_table_under_vmap_is_refused_by_name():
+    """The gather reads cu_seqlens_k and block_table on the host, which the tensors a torch.func
+    transform wraps do not lend: a ValueError naming block_table, as flash_attn_with_kvcache
+    gives, not torch's "Cannot access data pointer"."""
+    (q, _, _, k_pages, v_pages), table, (cu_q, cu_k, max_q, max_k), _ = paged(4)
+    q, k_pages, v_pages = (x.detach() for x in (q, k_pages, v_pages))
+
+    def call(table):
+        return ct.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, max_q, max_k,
+                                         block_table=table)
+
+    with pytest.raises(ValueError, match=r"^flash_attn_varlen_func with a block_table cannot "
+                                         r"run on the tensors of a torch.func transform "
+                                         r".*\(block_table\b"):
+        torch.func.vmap(call)(torch.stack([table, table]))
+    assert torch.equal(torch.func.vmap(lambda x: call(table) + x)(torch.zeros(2))[0], call(table))
+
+
 def test_dropout_over_packed_sequences_is_each_sequence_s_dense_mask():
     """dropout_p over packed sequences (CPU tensors): the seed comes from torch's generator as for
     flash_attn_func, and sequence b's output and gradients are, bit for bit, those of

@@ -303,17 +303,35 @@ def _holds_no_values(x: torch.Tensor) -> bool:
             or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
 
 
-def _checked_return_attn_probs(return_attn_probs, q) -> bool:
+def _refuse_transformed(what: str, why: str, **tensors) -> None:
+    """ValueError naming the ``tensors`` that a ``torch.func`` transform (vmap, grad, jvp) wraps:
+    ``what`` works on the tensors' memory (``why``), which a wrapped tensor does not lend
+    (torch's own error, "Cannot access data pointer", names neither the call nor the tensor).
+    Never while Dynamo traces, where tensors stand for the real ones (as ``_holds_no_values``)."""
+    if torch.compiler.is_dynamo_compiling():
+        return
+    wraps = torch._C._functorch.is_functorch_wrapped_tensor
+    wrapped = [name for name, x in tensors.items() if isinstance(x, torch.Tensor) and wraps(x)]
+    if wrapped:
+        raise ValueError(f"{what} cannot run on the tensors of a torch.func transform (vmap, "
+                         f"grad, jvp), which lend no memory ({', '.join(wrapped)}): {why}; "
+                         f"call it outside the transform")
+
+
+def _checked_return_attn_probs(return_attn_probs, q, **read) -> bool:
     """``return_attn_probs`` as a bool, checked by the core's rule (``"False"`` is refused, not
-    read as True). ``return_attn_probs=True`` reads the inputs (and the dropout seed) back to the
-    host: a RuntimeError while a CUDA graph captures, before the forward, rather than a capture
-    broken by the copy; a ValueError for tensors that hold no values to read (meta and fake
-    ones)."""
+    read as True). ``return_attn_probs=True`` reads the inputs (q and the tensors ``read``, and
+    the dropout seed) back to the host: a RuntimeError while a CUDA graph captures, before the
+    forward, rather than a capture broken by the copy; a ValueError for tensors that hold no
+    values to read (meta and fake ones) or lend none (those a torch.func transform wraps)."""
     return_attn_probs = _checks.check_bool(return_attn_probs, "return_attn_probs")
     if return_attn_probs and _holds_no_values(q):
         raise ValueError("return_attn_probs=True: S_dmask is formed on the CPU from the "
                          "inputs' values, which meta tensors and fake tensors (FakeTensorMode) "
                          "do not hold")
+    if return_attn_probs:
+        _refuse_transformed("return_attn_probs=True", "S_dmask is formed on the CPU from the "
+                            "inputs' values", q=q, **read)
     if return_attn_probs and _ops.graph_capturing(q.device):
         raise RuntimeError("return_attn_probs=True cannot be captured in a CUDA graph: S_dmask "
                            "is formed on the CPU from the inputs read back from the device")
@@ -375,7 +393,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     ``RuntimeError`` under CUDA-graph capture).
     """
     _check_bshd(q=q, k=k, v=v)
-    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q)
+    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q, k=k, v=v,
+                                                   alibi_slopes=alibi_slopes)
     q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     options = dict(causal=causal, scale=softmax_scale, window=window_size, softcap=softcap,
                    alibi_slopes=alibi_slopes)
@@ -479,7 +498,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if alibi_slopes is not None:
         tensors["alibi_slopes"] = alibi_slopes
     _check_tensors(**tensors)
-    return_attn_probs = _checked_return_attn_probs(return_attn_probs, q)
+    return_attn_probs = _checked_return_attn_probs(return_attn_probs, **tensors)
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
@@ -520,6 +539,9 @@ def _check_paged(q, k, v, cu_seqlens_k, block_table) -> None:
         raise ValueError("block_table: the gather reads the values of cu_seqlens_k and "
                          "block_table on the host, which meta tensors and fake tensors "
                          "(FakeTensorMode) do not hold")
+    _refuse_transformed("flash_attn_varlen_func with a block_table", "the gather reads the "
+                        "values of cu_seqlens_k and block_table on the host",
+                        cu_seqlens_k=cu_seqlens_k, block_table=block_table)
 
 
 def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
@@ -666,13 +688,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 # ----------------------------------------------------------------------------- KV cache
 
-def _refuse_tensors_without_memory(*arguments) -> None:
+def _refuse_tensors_without_memory(**arguments) -> None:
     """ValueError, before anything is written, for a ``flash_attn_with_kvcache`` call on
     tensors that lend no memory: fake tensors, any under ``FakeTensorMode`` (where even real
     tensors cross to the core as fake ones), and the tensors a ``torch.func`` transform wraps
     (vmap, grad, jvp). It is no operator with a fake implementation or a batching rule but a
     call on the tensors' memory, which writes the caches in place through views of it."""
-    tensors = [x for x in arguments if isinstance(x, torch.Tensor)]
+    tensors = [x for x in arguments.values() if isinstance(x, torch.Tensor)]
     # meta tensors: refused with the other devices the core does not run on
     if any(_holds_no_values(x) and not x.is_meta for x in tensors):
         raise ValueError("flash_attn_with_kvcache cannot run on fake tensors (FakeTensorMode, "
@@ -680,12 +702,9 @@ def _refuse_tensors_without_memory(*arguments) -> None:
                          "call on the tensors' memory, which writes k and v into the caches in "
                          "place and which fake tensors do not have; call it on CUDA or CPU "
                          "tensors")
-    wrapped = [x for x in tensors if torch._C._functorch.is_functorch_wrapped_tensor(x)]
-    if wrapped:
-        raise ValueError("flash_attn_with_kvcache cannot run on the tensors of a torch.func "
-                         "transform (vmap, grad, jvp): it is no operator with a batching rule "
-                         "or a derivative, but a call on the tensors' memory, which writes k "
-                         "and v into the caches in place; call it outside the transform")
+    _refuse_transformed("flash_attn_with_kvcache", "it is no operator with a batching rule or "
+                        "a derivative, but a call on the tensors' memory, which writes k and v "
+                        "into the caches in place", **arguments)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
@@ -739,9 +758,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                         f"on q's device (the number of keys in each batch row's cache before k "
                         f"and v are appended), got {_checks._show(cache_seqlens)} of type "
                         f"{_checks._type_name(cache_seqlens)}")
-    _refuse_tensors_without_memory(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
-                                   cache_leftpad, block_table, alibi_slopes, rotary_cos,
-                                   rotary_sin)
+    _refuse_tensors_without_memory(
+        q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+        alibi_slopes=alibi_slopes, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     with torch.no_grad(), _bridge.core_scope(q.device) as (to_core, to_torch):
         def core(x):
             return to_core(x) if isinstance(x, torch.Tensor) else x
