@@ -917,6 +917,29 @@ def test_check_sharded_memory_stays_within_the_estimate_it_is_refused_by():
     assert peak <= needed
 
 
+@pytest.mark.parametrize("name", ["out", "lse"])
+def test_check_sharded_fails_a_nan_outside_the_sampled_rows(name, monkeypatch):
+    """out and lse are compared with float64 on the sampled rows only; a NaN anywhere else in
+    out failed the check, but one in lse passed it."""
+    from cuflash.check.verify import sample_rows
+    from cuflash.parallel import check
+    n, rows, seed = 32, 8, 0
+    outside = int(np.setdiff1d(np.arange(n), sample_rows(n, rows, seed))[0])
+    holder = next(r for r in range(2) if outside in positions(n, r, 2, "zigzag"))
+    local = int(np.flatnonzero(positions(n, holder, 2, "zigzag") == outside)[0])
+    run = check._run_simulated
+
+    def poisoned(config, *arrays):
+        shards, times = run(config, *arrays)
+        shards[holder][name][0, 0, local] = np.nan
+        return shards, times
+
+    monkeypatch.setattr(check, "_run_simulated", poisoned)
+    result = check.check_sharded(ranks=2, device="cpu", seq_len=n, heads=1, head_dim=8,
+                                 rows=rows, seed=seed, backward=False)
+    assert not result.passed, result.report()
+
+
 def test_check_sharded_never_passes_an_infinite_error():
     """The check's verdict is the project's rule (cuflash.check.rule.passes): an infinite error
     fails even when the naive baseline overflowed too; check_sharded used to compare against

@@ -485,10 +485,11 @@ def _compare(config, q, k, v, dout, sampled, shards, times) -> ShardedCheck:
 
     out_rows = gathered["out"][:, :, sampled]
     compare("out", out_rows, ref_out, naive_out, host(single_out)[:, :, sampled], where)
-    if numpy.isnan(gathered["out"].astype(numpy.float32)).any():
-        result.comparisons[-1].error = float("nan")
     compare("lse", gathered["lse"][:, :, sampled], ref_lse, naive_lse,
             host(single_lse)[:, :, sampled], where, finite_only=True)
+    for comparison in result.comparisons:  # a NaN in a row outside the sample fails too
+        if numpy.isnan(gathered[comparison.name].astype(numpy.float32)).any():
+            comparison.error = float("nan")
     if config["backward"]:
         # dq is exactly 0 on the rows outside the sample (dout is zero there), in both.
         refs = verify.backward_reference(xp, dd, qd, kd, vd, sampled, block_mask=None,
