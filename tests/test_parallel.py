@@ -669,6 +669,32 @@ def test_nccl_comm_refuses_a_rank_or_size_that_is_no_int_before_cupy(rank, size,
         nccl.NcclComm(rank, size, bytes(128))
 
 
+@pytest.mark.parametrize("variables, error, message", [
+    (dict(RANK="one"), ValueError, "RANK must be an int, got 'one'"),
+    (dict(WORLD_SIZE="2.0"), ValueError, "WORLD_SIZE must be an int, got '2.0'"),
+    (dict(WORLD_SIZE="0"), ValueError, "WORLD_SIZE must be at least 1, got 0"),
+    (dict(LOCAL_RANK="x"), ValueError, "LOCAL_RANK must be an int, got 'x'"),
+    (dict(LOCAL_RANK="-1"), ValueError, "LOCAL_RANK must be at least 0, got -1"),
+    (dict(RANK="2"), ValueError, r"RANK must be in \[0, 2\), got 2"),
+    (dict(CUFLASH_COMM_TIMEOUT="soon"), ValueError, "CUFLASH_COMM_TIMEOUT must be a number"),
+    (dict(timeout=0), ValueError, "timeout must be a positive number of seconds or None")])
+def test_nccl_from_env_names_a_bad_variable_before_the_device_is_chosen(variables, error, message,
+                                                                        monkeypatch):
+    """from_env read RANK, WORLD_SIZE and LOCAL_RANK with int(): a bad value was "invalid
+    literal for int()", naming nothing, and a RANK past WORLD_SIZE (or a bad timeout) was
+    refused only after the GPU had been chosen and the unique id written or waited for."""
+    from cuflash.parallel import nccl
+    monkeypatch.setattr(nccl, "_nccl", lambda: pytest.fail("NCCL loaded before the checks"))
+    monkeypatch.setitem(sys.modules, "cupy", _NoDevice())
+    monkeypatch.setenv("CUFLASH_NCCL_ID_FILE", "/nonexistent/id")
+    variables = dict(variables)
+    timeout = variables.pop("timeout", "env")
+    for name, value in dict(dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"), **variables).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(error, match=message):
+        nccl.NcclComm.from_env(timeout=timeout)
+
+
 def test_all_reduce_refuses_an_unknown_operation_before_sending():
     """all_reduce names the operations it knows, on every rank and before any message (an
     unknown one was a KeyError, raised after the all-gather)."""

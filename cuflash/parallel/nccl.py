@@ -72,6 +72,21 @@ def env_timeout(default: float = DEFAULT_TIMEOUT) -> float | None:
     return None if seconds in (0.0, float("inf")) else seconds
 
 
+def _env_int(name: str, minimum: int, default: int | None = None) -> int:
+    """The environment variable ``name`` (``default`` when unset) as an int of at least
+    ``minimum``; ``ValueError`` naming it otherwise."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
 # ----------------------------------------------------------------------------- the unique id
 
 def unique_id_bytes(uid) -> bytes:
@@ -214,18 +229,19 @@ class NcclComm(CommBase):
         ``torchrun``): ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (the GPU) from the
         environment, the unique id from ``CUFLASH_NCCL_ID`` (hex), ``CUFLASH_NCCL_ID_FILE``
         (written by rank 0, read by the others), or torch.distributed when initialised."""
-        import cupy
         env = os.environ
-        try:
-            rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        except KeyError as error:
+        missing = [name for name in ("RANK", "WORLD_SIZE") if name not in env]
+        if missing:
             raise RuntimeError(
-                f"NcclComm.from_env needs {error.args[0]} in the environment: start the "
+                f"NcclComm.from_env needs {missing[0]} in the environment: start the "
                 f"processes with `python -m cuflash.parallel.launch --gpus N script.py` or "
-                f"torchrun") from None
-        local = int(env.get("LOCAL_RANK", rank))
-        if timeout == "env":
-            timeout = env_timeout()
+                f"torchrun")
+        # Checked before a GPU is chosen or the unique id waited for.
+        size = _env_int("WORLD_SIZE", 1)
+        rank = check_rank(_env_int("RANK", 0), "RANK", size)
+        local = _env_int("LOCAL_RANK", 0, default=rank)
+        timeout = env_timeout() if timeout == "env" else check_timeout(timeout)
+        import cupy
         cupy.cuda.Device(local).use()
         nccl = _nccl()
 
