@@ -1726,14 +1726,9 @@ def test_communicator_timeouts_are_checked(communicator, bad, error):
         call()
 
 
-def test_torch_comm_refuses_a_group_this_process_is_not_in(monkeypatch):
-    """torch.distributed gives rank -1 and size -1 in a group the process does not belong to:
-    TorchComm took them as its rank and size (or failed in get_backend without naming the
-    group). It is refused by name now."""
-    pytest.importorskip("torch")
+def _stub_group(monkeypatch):
+    """A torch.distributed world of 2 ranks, this process rank 0, and a group outside it."""
     import torch.distributed as dist
-
-    from cuflash.parallel import TorchComm
     outsider = object()
 
     def in_group(value):
@@ -1742,9 +1737,36 @@ def test_torch_comm_refuses_a_group_this_process_is_not_in(monkeypatch):
     for name, value in [("is_available", True), ("is_initialized", True), ("get_rank", 0),
                         ("get_world_size", 2), ("get_backend", "gloo")]:
         monkeypatch.setattr(dist, name, in_group(value))
+    return outsider
+
+
+def test_torch_comm_refuses_a_group_this_process_is_not_in(monkeypatch):
+    """torch.distributed gives rank -1 and size -1 in a group the process does not belong to:
+    TorchComm took them as its rank and size (or failed in get_backend without naming the
+    group). It is refused by name now."""
+    pytest.importorskip("torch")
+    from cuflash.parallel import TorchComm
+    outsider = _stub_group(monkeypatch)
     assert TorchComm().size == 2  # the stub's world
-    with pytest.raises(ValueError, match="group: this process is not a member of the process group"):
+    with pytest.raises(ValueError, match="group: this process is not a member of the process "
+                                         "group given .* make a TorchComm"):
         TorchComm(outsider)
+
+
+def test_nccl_from_torch_refuses_a_group_this_process_is_not_in(monkeypatch):
+    """NcclComm.from_torch took the rank -1 and size -1 of such a group and broadcast the unique
+    id over it: refused by name now, as TorchComm refuses it, before anything is sent."""
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    from cuflash.parallel import NcclComm, nccl
+    outsider = _stub_group(monkeypatch)
+    monkeypatch.setattr(nccl, "_nccl", lambda: pytest.fail("NCCL loaded before the checks"))
+    monkeypatch.setattr(dist, "broadcast_object_list",
+                        lambda *a, **k: pytest.fail("the unique id sent before the checks"))
+    with pytest.raises(ValueError, match="group: this process is not a member of the process "
+                                         "group given .* make an NcclComm"):
+        NcclComm.from_torch(outsider, device=0)
 
 
 def test_torch_and_numpy_arrays_do_not_mix(rng):

@@ -22,7 +22,7 @@ from cuflash import _checks
 
 from .comm import CommBase, array_module, check_comm, check_rank, check_timeout
 
-__all__ = ["TorchComm", "call_on_arrays", "torch_ring_attention"]
+__all__ = ["TorchComm", "call_on_arrays", "group_rank_and_size", "torch_ring_attention"]
 
 
 def _bytes_tensor(x):
@@ -79,6 +79,19 @@ class _TorchPending:
         return self.received
 
 
+def group_rank_and_size(group, what: str) -> tuple[int, int]:
+    """This process's rank in the ``torch.distributed`` process ``group`` and its size;
+    ``ValueError`` naming ``group`` when this process is not one of its ranks (torch then
+    answers rank and size -1). ``what``: what is made of the group, for the message."""
+    import torch.distributed as dist
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group: this process is not a member of the process group given "
+                         f"(torch.distributed gives it rank -1 there); make {what} of a group "
+                         f"only in the processes of its ranks")
+    return rank, dist.get_world_size(group)
+
+
 class TorchComm(CommBase):
     """A communicator over a ``torch.distributed`` process group (default: the world).
 
@@ -98,12 +111,7 @@ class TorchComm(CommBase):
                                "(torchrun sets the environment it reads)")
         self.dist = dist
         self.group = group
-        self.rank = dist.get_rank(group)
-        if self.rank < 0:  # torch's answer (rank and size -1) for a group without this process
-            raise ValueError("group: this process is not a member of the process group given "
-                             "(torch.distributed gives it rank -1 there); make a TorchComm of "
-                             "a group only in the processes of its ranks")
-        self.size = dist.get_world_size(group)
+        self.rank, self.size = group_rank_and_size(group, "a TorchComm")
         self.timeout = timeout
         self.backend = str(dist.get_backend(group))
 

@@ -273,7 +273,9 @@ class NcclComm(CommBase):
         unique id broadcast through torch (for torchrun users who compute with CuPy)."""
         import torch
         import torch.distributed as dist
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
+
+        from ._torch import group_rank_and_size
+        rank, size = group_rank_and_size(group, "an NcclComm")
         if device is None:
             device = torch.cuda.current_device() if torch.cuda.is_available() else 0
         box = [unique_id_bytes(_nccl().get_unique_id()) if rank == 0 else None]
