@@ -1303,16 +1303,19 @@ def test_ulysses_ranks_with_other_shapes_raise_naming_the_arrays(rng):
 @pytest.mark.parametrize("attention", ["ring", "ulysses"])
 def test_inputs_are_checked_as_cuflash_attention_checks_them(attention, rng):
     """Arrays that cuflash.attention refuses are refused by name on every rank: a list used to
-    fail with AttributeError, a 0-d q with IndexError, and ring attention returned zeros and
-    lse −inf for keys of length 0 (cuflash.attention refuses an empty axis)."""
+    fail with AttributeError, a 0-d q with IndexError, ring attention returned zeros and
+    lse −inf for keys of length 0 (cuflash.attention refuses an empty axis), and an empty head
+    dim was a ZeroDivisionError (its default scale)."""
     size = 2
     call = ring_attention if attention == "ring" else ulysses_attention
     q = random_array(rng, (1, 2, 6, 8), F32)
     empty = np.zeros((1, 2, 0, 8), F32)
+    no_dim = np.zeros((1, 2, 6, 0), F32)
     cases = [((q.tolist(), q, q), TypeError, "q must be a numpy.ndarray or cupy.ndarray"),
              ((q, q, q.tolist()), TypeError, "v must be a numpy.ndarray or cupy.ndarray"),
              ((q, empty, empty), ValueError, r"k must not have an empty axis"),
              ((empty, q, q), ValueError, r"q must not have an empty axis"),
+             ((no_dim, no_dim, no_dim), ValueError, r"q must not have an empty axis"),
              ((q, q.astype(np.float16), q), TypeError, "q and k must have the same dtype")]
     cases.append(((np.zeros((), F32), q, q), ValueError,
                   "q must have at least 2 dim" if attention == "ring" else "needs a head axis"))

@@ -138,6 +138,13 @@ def check_same_call(comm, values, what: str, rule: str, describe: Callable[[], s
                              f"or options ({rule}); here {describe()}")
 
 
+def checked_scale(scale, q) -> float:
+    """``scale`` checked (``None``: q's default). It is compared between the ranks before
+    ``check_inputs`` runs: a q with an empty head dim takes the default of a head dim of 1 here
+    (not a division by zero), and is refused by name, with its shape, there."""
+    return _checks.check_scale(scale, q.shape[-1] or 1)
+
+
 class _Options:
     """The validated options of one ring call, shared by the forward and backward passes."""
 
@@ -158,7 +165,7 @@ class _Options:
         self.layout = _layout.check_layout(layout)
         self.causal = _checks.check_bool(causal, "causal")
         self.window = _checks.check_window(window)
-        self.scale = _checks.check_scale(scale, q.shape[-1])
+        self.scale = checked_scale(scale, q)
         self.softcap = _checks.check_softcap(softcap, self.scale)
         if _checks.check_bool(validate, "validate"):
             self._validate(q, k, v, backward)

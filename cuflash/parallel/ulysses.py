@@ -22,7 +22,8 @@ from cuflash import _checks
 
 from . import layout as _layout
 from .comm import array_module, check_comm
-from .ring import _host, array_values, check_backward_arrays, check_inputs, check_same_call, code
+from .ring import (_host, array_values, check_backward_arrays, check_inputs, check_same_call,
+                   checked_scale, code)
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
@@ -37,7 +38,7 @@ def _check(comm, q, k, v, layout, *, causal, window, softcap, scale) -> dict:
     _checks.common_module({"q": q, "k": k, "v": v})
     if q.ndim == 0:  # no head dimension for the default scale
         _check_heads(comm, q, k, v)
-    scale = _checks.check_scale(scale, q.shape[-1])
+    scale = checked_scale(scale, q)
     return dict(causal=_checks.check_bool(causal, "causal"), window=_checks.check_window(window),
                 softcap=_checks.check_softcap(softcap, scale), scale=scale)
 
