@@ -871,6 +871,17 @@ def test_check_sharded_refuses_other_dtypes_by_name(dtype, error):
                       dtype=dtype)
 
 
+def test_check_sharded_refuses_processes_on_the_cpu_by_name(monkeypatch):
+    """mode="processes" with device="cpu" (always simulated) was a RuntimeError saying that
+    0 GPUs were visible, however many were: refused as the options' conflict now."""
+    from cuflash.parallel import check
+    monkeypatch.setattr(check, "gpu_count", lambda: 8)
+    monkeypatch.setattr(check, "_problem", lambda config: pytest.fail("problem built"))
+    with pytest.raises(ValueError, match="mode='processes' needs device='gpu'"):
+        check.check_sharded(ranks=2, device="cpu", mode="processes", seq_len=32, heads=2,
+                            head_dim=8, rows=8)
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 3), (2, 4)])
 def test_check_sharded_refuses_kv_heads_that_do_not_divide_heads(heads, kv_heads, monkeypatch):
     """kv_heads must divide heads (grouped-query attention): refused by name before the
@@ -1620,7 +1631,7 @@ def test_torch_ring_attention_checks_deterministic_before_the_forward(rng):
     (["--ranks", "0"], 2, "ranks must be at least 1, got 0"),
     (["--ranks", "3", "--seq-len", "100"], 2, "N must be a multiple of 2·P = 6"),
     (["--rows", "0"], 2, "rows must be at least 1, got 0"),
-    (["--mode", "processes"], 1, "mode='processes' needs 2 GPUs, 0 visible"),
+    (["--mode", "processes"], 2, "mode='processes' needs device='gpu'"),
     (["--json", "no-such-directory/check.json"], 2,
      "--json no-such-directory/check.json: directory 'no-such-directory' does not exist")])
 def test_check_command_line_errors(arguments, status, message, tmp_path):

@@ -310,7 +310,10 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
             "simulated"
     if mode not in ("processes", "simulated"):
         raise ValueError(f"mode must be 'processes' or 'simulated', got {mode!r}")
-    if mode == "processes" and (device != "gpu" or visible < ranks):
+    if mode == "processes" and device != "gpu":  # not a lack of GPUs: none is looked for
+        raise ValueError("mode='processes' needs device='gpu' (one process per GPU); "
+                         "device='cpu' is always simulated")
+    if mode == "processes" and visible < ranks:
         raise RuntimeError(f"mode='processes' needs {ranks} GPUs, {visible} visible")
     if seq_len is None:
         seq_len = 16384 if device == "gpu" else 1024
