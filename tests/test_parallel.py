@@ -1223,11 +1223,15 @@ def test_launcher_stopped_by_a_signal_stops_its_ranks_and_removes_its_files(sign
     ("nnodes", 1.5, TypeError), ("node_rank", 0.0, TypeError), ("timeout", "3", TypeError),
     ("timeout", float("nan"), ValueError), ("grace", "5", TypeError),
     ("grace", -1.0, ValueError), ("grace", float("nan"), ValueError),
-    ("deadline", "3", TypeError), ("deadline", 0, ValueError)])
+    ("deadline", "3", TypeError), ("deadline", 0, ValueError), ("master_port", 0, ValueError),
+    ("master_port", 65536, ValueError), ("master_port", -1, ValueError),
+    ("master_port", 29500.5, TypeError), ("master_port", "29500", TypeError)])
 def test_launch_refuses_bad_numbers_by_name_before_starting(option, value, error, tmp_path):
     """launch() checks its numbers before it starts a process, naming the one refused; it used
     to truncate gpus=2.5 to 2 processes (True to 1), and a grace or deadline that was not a
-    number failed with an unnamed TypeError only once the processes had run."""
+    number failed with an unnamed TypeError only once the processes had run. A master_port of 0
+    was silently replaced by the environment's or a free one, and any other bad port handed to
+    the processes."""
     from cuflash.parallel.launch import launch
     marker = tmp_path / "started"
     arguments = dict(gpus=1)

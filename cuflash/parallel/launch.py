@@ -70,6 +70,8 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     deadline = _seconds(deadline, "deadline", "a positive number of seconds or None")
     if deadline == 0:
         raise ValueError("deadline must be a positive number of seconds or None, got 0")
+    if master_port is not None:  # 0 would read as not given, and pass on the environment's
+        master_port = _checks.check_int(master_port, "--master-port", 1, 65535)
     if nnodes > 1 and rdzv_dir is None:
         raise ValueError("with several nodes, --rdzv-dir must name a directory that every "
                          "node sees")
