@@ -695,6 +695,35 @@ def test_nccl_from_env_names_a_bad_variable_before_the_device_is_chosen(variable
         nccl.NcclComm.from_env(timeout=timeout)
 
 
+class _Stop(Exception):
+    """Raised by a stand-in for NCCL, once the arguments have been read."""
+
+
+@pytest.mark.parametrize("variable, seconds", [("5", 5.0), ("none", None), (None, 600.0)])
+def test_nccl_comm_timeout_defaults_to_the_environment(variable, seconds, monkeypatch):
+    """NcclComm's timeout defaults to CUFLASH_COMM_TIMEOUT, else 600 s, as docs/parallel.md and
+    the module say; the constructor (and from_torch) took 600 s whatever the variable said, so
+    that `--timeout` of the launcher reached from_env alone."""
+    from cuflash.parallel import nccl
+
+    def stop():
+        raise _Stop
+
+    monkeypatch.setattr(nccl, "_nccl", stop)
+    monkeypatch.setitem(sys.modules, "cupy", object())
+    if variable is None:
+        monkeypatch.delenv("CUFLASH_COMM_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("CUFLASH_COMM_TIMEOUT", variable)
+    comm = nccl.NcclComm.__new__(nccl.NcclComm)
+    with pytest.raises(_Stop):
+        comm.__init__(0, 1, bytes(128))
+    assert comm.timeout == seconds
+    with pytest.raises(_Stop):
+        comm.__init__(0, 1, bytes(128), timeout=7)  # an argument wins
+    assert comm.timeout == 7.0
+
+
 def test_all_reduce_refuses_an_unknown_operation_before_sending():
     """all_reduce names the operations it knows, on every rank and before any message (an
     unknown one was a KeyError, raised after the all-gather)."""

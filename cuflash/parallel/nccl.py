@@ -72,6 +72,14 @@ def env_timeout(default: float = DEFAULT_TIMEOUT) -> float | None:
     return None if seconds in (0.0, float("inf")) else seconds
 
 
+def _timeout(timeout) -> float | None:
+    """A communicator's ``timeout``: ``"env"`` for ``CUFLASH_COMM_TIMEOUT`` (else the default),
+    or seconds by ``check_timeout``'s rule."""
+    if isinstance(timeout, str) and timeout == "env":
+        return env_timeout()
+    return check_timeout(timeout)
+
+
 def _env_int(name: str, minimum: int, default: int | None = None) -> int:
     """The environment variable ``name`` (``default`` when unset) as an int of at least
     ``minimum``; ``ValueError`` naming it otherwise."""
@@ -156,13 +164,14 @@ class NcclComm(CommBase):
 
     ``unique_id``: NCCL's unique id (bytes or CuPy's tuple), the same on every rank (made by
     one rank with ``cupy.cuda.nccl.get_unique_id()``). ``device``: the CUDA device (default: the
-    current one). ``timeout``: seconds for every wait, ``None`` for none.
+    current one). ``timeout``: seconds for every wait, ``None`` for none; by default
+    ``CUFLASH_COMM_TIMEOUT``, else 600.
     """
 
     def __init__(self, rank: int, size: int, unique_id, *, device: int | None = None,
-                 timeout: float | None = DEFAULT_TIMEOUT):
+                 timeout: float | None | str = "env"):
         # Every argument is checked before CuPy or NCCL is touched.
-        self.timeout = check_timeout(timeout)
+        self.timeout = _timeout(timeout)
         self.size = _checks.check_int(size, "size", 1)
         self.rank = check_rank(rank, "rank", self.size)
         import cupy
@@ -240,7 +249,7 @@ class NcclComm(CommBase):
         size = _env_int("WORLD_SIZE", 1)
         rank = check_rank(_env_int("RANK", 0), "RANK", size)
         local = _env_int("LOCAL_RANK", 0, default=rank)
-        timeout = env_timeout() if timeout == "env" else check_timeout(timeout)
+        timeout = _timeout(timeout)
         import cupy
         cupy.cuda.Device(local).use()
         nccl = _nccl()
@@ -267,14 +276,16 @@ class NcclComm(CommBase):
         return cls(rank, size, data, device=local, timeout=timeout)
 
     @classmethod
-    def from_torch(cls, group=None, *, timeout: float | None = DEFAULT_TIMEOUT,
+    def from_torch(cls, group=None, *, timeout: float | None | str = "env",
                    device: int | None = None) -> "NcclComm":
         """A CuPy NCCL communicator over the ranks of a ``torch.distributed`` group, the
-        unique id broadcast through torch (for torchrun users who compute with CuPy)."""
+        unique id broadcast through torch (for torchrun users who compute with CuPy);
+        ``timeout`` as for the constructor."""
         import torch
         import torch.distributed as dist
 
         from ._torch import group_rank_and_size
+        timeout = _timeout(timeout)  # before the unique id is sent
         rank, size = group_rank_and_size(group, "an NcclComm")
         if device is None:
             device = torch.cuda.current_device() if torch.cuda.is_available() else 0
