@@ -677,6 +677,8 @@ def test_nccl_comm_refuses_a_rank_or_size_that_is_no_int_before_cupy(rank, size,
     (dict(LOCAL_RANK="-1"), ValueError, "LOCAL_RANK must be at least 0, got -1"),
     (dict(RANK="2"), ValueError, r"RANK must be in \[0, 2\), got 2"),
     (dict(CUFLASH_COMM_TIMEOUT="soon"), ValueError, "CUFLASH_COMM_TIMEOUT must be a number"),
+    (dict(CUFLASH_NCCL_ID="zz"), ValueError, "CUFLASH_NCCL_ID must be .*128 bytes.*, got 'zz'"),
+    (dict(CUFLASH_NCCL_ID="ab" * 127), ValueError, "CUFLASH_NCCL_ID must be .*got 127 bytes"),
     (dict(timeout=0), ValueError, "timeout must be a positive number of seconds or None")])
 def test_nccl_from_env_names_a_bad_variable_before_the_device_is_chosen(variables, error, message,
                                                                         monkeypatch):

@@ -95,6 +95,23 @@ def _env_int(name: str, minimum: int, default: int | None = None) -> int:
     return number
 
 
+def _env_unique_id() -> bytes | None:
+    """``CUFLASH_NCCL_ID``, NCCL's unique id in hex, as bytes (None when unset or empty);
+    ``ValueError`` naming it when it is not the hex of ``ID_BYTES`` bytes."""
+    value = os.environ.get("CUFLASH_NCCL_ID")
+    if not value:
+        return None
+    allowed = f"CUFLASH_NCCL_ID must be NCCL's unique id, {ID_BYTES} bytes in hex"
+    try:
+        data = bytes.fromhex(value)
+    except ValueError:
+        shown = value if len(value) <= 20 else value[:20] + "..."
+        raise ValueError(f"{allowed}, got {shown!r}") from None
+    if len(data) != ID_BYTES:
+        raise ValueError(f"{allowed}, got {len(data)} bytes")
+    return data
+
+
 # ----------------------------------------------------------------------------- the unique id
 
 def unique_id_bytes(uid) -> bytes:
@@ -250,6 +267,7 @@ class NcclComm(CommBase):
         rank = check_rank(_env_int("RANK", 0), "RANK", size)
         local = _env_int("LOCAL_RANK", 0, default=rank)
         timeout = _timeout(timeout)
+        given = _env_unique_id()
         import cupy
         cupy.cuda.Device(local).use()
         nccl = _nccl()
@@ -257,8 +275,8 @@ class NcclComm(CommBase):
         def make():
             return unique_id_bytes(nccl.get_unique_id())
 
-        if env.get("CUFLASH_NCCL_ID"):
-            data = bytes.fromhex(env["CUFLASH_NCCL_ID"])
+        if given is not None:
+            data = given
         elif env.get("CUFLASH_NCCL_ID_FILE"):
             data = rendezvous_file(env["CUFLASH_NCCL_ID_FILE"], rank, timeout, make)
         else:
