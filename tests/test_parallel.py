@@ -892,6 +892,17 @@ def test_check_sharded_takes_a_numpy_dtype_by_its_name(dtype, name):
     assert json.loads(json.dumps(result.record()))["config"]["dtype"] == name
 
 
+def test_check_sharded_record_is_strict_json_without_a_timeout():
+    """timeout=inf (waits without a deadline; --timeout inf) was written to the record as
+    Infinity, which is no JSON: strict readers refused the --json file. It is null now, as
+    the record's other values that are not finite."""
+    from cuflash.parallel import check_sharded
+    result = check_sharded(ranks=2, device="cpu", seq_len=32, heads=1, head_dim=8, rows=8,
+                           timeout=float("inf"), backward=False)
+    record = json.loads(json.dumps(result.record(), allow_nan=False))
+    assert record["config"]["timeout"] is None and record["config"]["seq_len"] == 32
+
+
 @pytest.mark.parametrize("dtype, error", [
     (np.float64, ValueError), ("float64", ValueError), (np.int8, ValueError),
     (3, TypeError), (True, TypeError)])

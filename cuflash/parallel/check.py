@@ -105,7 +105,10 @@ class ShardedCheck:
     def record(self) -> dict:
         def finite(x):
             return x if numpy.isfinite(x) else None
-        return {"config": self.config, "times_s": self.times, "passed": self.passed,
+        # JSON has no infinity: a timeout of inf (no deadline) is written as null.
+        config = {name: finite(value) if isinstance(value, float) else value
+                  for name, value in self.config.items()}
+        return {"config": config, "times_s": self.times, "passed": self.passed,
                 "comparisons": {c.name: {"error": finite(c.error), "allowed": finite(c.allowed),
                                          "naive_error": finite(c.naive_error), "rows": c.rows,
                                          "max_diff_vs_single": finite(c.single_difference),
