@@ -752,8 +752,6 @@ def test_fake_backward_refuses_what_the_call_refuses(case):
     """The backward operator's fake implementation (meta tensors, FakeTensor, opcheck) refuses a
     dout, out or lse of the wrong shape or dtype, or q, k and v that do not pair, with the
     core's error, as the call on real tensors does, rather than giving gradients' shapes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     name, shape, dtype = _REFUSED_BACKWARD_ARRAYS[case]
     q, k, v = (randn(2, 4, 9, 8) for _ in range(3))
     out, lse = torch.ops.cuflash.attention_forward(q, k, v, False, None, -1, -1, 0.0, None, -1,
@@ -764,6 +762,14 @@ def test_fake_backward_refuses_what_the_call_refuses(case):
     def call(arrays):
         return torch.ops.cuflash.attention_backward(*arrays.values(), False, None, -1, -1, 0.0,
                                                     None, -1, False)
+
+    assert_fakes_refuse_as_the_call_does(call, arrays)
+
+
+def assert_fakes_refuse_as_the_call_does(call, arrays: dict):
+    """``call(arrays)`` is refused, and refused with the same error and message on meta tensors
+    and under FakeTensorMode, where the operators' fake implementations run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     with pytest.raises((TypeError, ValueError)) as refused:
         call(arrays)
