@@ -297,10 +297,22 @@ def _holds_no_values(x: torch.Tensor) -> bool:
     while Dynamo traces, where tensors stand for the real ones that a graph break then reads."""
     if torch.compiler.is_dynamo_compiling():
         return False
+    return x.is_meta or _fake_mode_active() or _is_fake(x)
+
+
+def _fake_mode_active() -> bool:
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    """torch's ``is_fake``, answered at once for a plain tensor outside any ``torch.func``
+    transform (only a tensor subclass, or a tensor a transform wraps, can be fake): torch's
+    check costs microseconds a tensor, on the path of every decode step."""
+    if type(x) is torch.Tensor and torch._C._functorch.maybe_current_level() is None:
+        return False
     from torch._subclasses.fake_tensor import is_fake
 
-    return (x.is_meta or is_fake(x)
-            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+    return is_fake(x)
 
 
 def _refuse_transformed(what: str, why: str, **tensors) -> None:
@@ -308,8 +320,8 @@ def _refuse_transformed(what: str, why: str, **tensors) -> None:
     ``what`` works on the tensors' memory (``why``), which a wrapped tensor does not lend
     (torch's own error, "Cannot access data pointer", names neither the call nor the tensor).
     Never while Dynamo traces, where tensors stand for the real ones (as ``_holds_no_values``)."""
-    if torch.compiler.is_dynamo_compiling():
-        return
+    if torch.compiler.is_dynamo_compiling() or torch._C._functorch.maybe_current_level() is None:
+        return  # (outside every transform no tensor is wrapped)
     wraps = torch._C._functorch.is_functorch_wrapped_tensor
     wrapped = [name for name, x in tensors.items() if isinstance(x, torch.Tensor) and wraps(x)]
     if wrapped:
@@ -694,9 +706,11 @@ def _refuse_tensors_without_memory(**arguments) -> None:
     tensors cross to the core as fake ones), and the tensors a ``torch.func`` transform wraps
     (vmap, grad, jvp). It is no operator with a fake implementation or a batching rule but a
     call on the tensors' memory, which writes the caches in place through views of it."""
+    if torch.compiler.is_dynamo_compiling():
+        return
     tensors = [x for x in arguments.values() if isinstance(x, torch.Tensor)]
     # meta tensors: refused with the other devices the core does not run on
-    if any(_holds_no_values(x) and not x.is_meta for x in tensors):
+    if _fake_mode_active() or any(not x.is_meta and _is_fake(x) for x in tensors):
         raise ValueError("flash_attn_with_kvcache cannot run on fake tensors (FakeTensorMode, "
                          "torch.export): it is no operator with a fake implementation, but a "
                          "call on the tensors' memory, which writes k and v into the caches in "
