@@ -201,6 +201,10 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="overlaid loss curves (PNG)")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
+    for option, path in (("--markdown", args.markdown), ("--plot", args.plot)):
+        # refused before the report is printed, rather than by a traceback after it
+        if path is not None and not Path(path).parent.is_dir():
+            parser.error(f"{option} {path}: folder {Path(path).parent} does not exist")
     logs = read_logs(args.paths)
     train_logs = [log for path, log in logs if "timing" not in path.parts]
     timing_logs = [log for path, log in logs if "timing" in path.parts]

@@ -367,6 +367,14 @@ def power_of_two_side(text: str) -> int:
     return side
 
 
+def read_log(parser, name: str) -> dict:
+    """The --log file ``name`` given to --compare; argparse names one it cannot read."""
+    try:
+        return json.loads(Path(name).read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"--compare: cannot read {name}: {error}")
+
+
 def refuse_unwritable_outputs(parser, args) -> None:
     """Refuse now, not once the training is over, a --log (or --out) or --plot that could not
     be written: the run would end in a traceback, and a --log's results would be lost."""
@@ -439,7 +447,7 @@ def main(argv=None) -> int:
     if args.compare:
         if not args.plot:
             parser.error("--compare needs --plot OUT.png")
-        plot([json.loads(Path(name).read_text()) for name in args.compare], args.plot)
+        plot([read_log(parser, name) for name in args.compare], args.plot)
         return 0
     if args.prepare_only:
         if not args.cache_dir:

@@ -228,3 +228,24 @@ def test_train_tiny_lm_refuses_out_of_range_numbers(train_tiny_lm, capsys, optio
 def test_train_tiny_lm_refuses_dim_not_split_by_heads(train_tiny_lm, capsys):
     assert_refused_while_parsing(train_tiny_lm.main, TINY_LM_ARGS + ["--heads", "3"], capsys,
                                  "--dim (8) must be a multiple of --heads (3)")
+
+
+def test_train_pathfinder_compare_refuses_a_log_it_cannot_read(train_pathfinder, tmp_path,
+                                                               capsys):
+    """A --compare log that is missing or not JSON ended in a traceback; argparse names it."""
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    for log in (tmp_path / "missing.json", bad):
+        assert_refused_while_parsing(
+            train_pathfinder.main, ["--compare", str(log), "--plot", str(tmp_path / "c.png")],
+            capsys, f"--compare: cannot read {log}")
+
+
+@pytest.mark.parametrize("option", ["--markdown", "--plot"])
+def test_report_refuses_an_output_in_a_missing_folder_before_reading(tmp_path, capsys, option):
+    """--markdown (or --plot) into a missing folder failed in a traceback once the tables were
+    printed; it is refused before any log is read."""
+    report = load_example(REPORT)
+    assert_refused_while_parsing(report.main, [str(tmp_path), option,
+                                               str(tmp_path / "missing" / "out")],
+                                 capsys, f"{option} {tmp_path / 'missing' / 'out'}: folder")
