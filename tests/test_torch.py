@@ -1627,8 +1627,11 @@ def test_fake_implementation_refuses_dropout_without_a_seed(operator):
         call(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in args))
 
 
-# (seed, offset) pairs the operators refuse: a pair is int64 (2,), with the offset left at 0.
+# Seeds the operators refuse: a scalar seed is an integer tensor; a (seed, offset) pair is int64
+# (2,), with the offset left at 0.
 _REFUSED_SEED_PAIRS = {
+    "a float scalar": (torch.tensor(1.5), 0),
+    "a bool scalar": (torch.tensor(True), 0),
     "three elements": (torch.tensor([5, 0, 1]), 0),
     "int32": (torch.tensor([5, 0], dtype=torch.int32), 0),
     "an offset beside it": (torch.tensor([5, 0]), 3),

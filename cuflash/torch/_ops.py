@@ -201,6 +201,15 @@ def seed_array(seed: torch.Tensor, device: torch.device, to_core):
     return to_core(seed).view(numpy.uint64)
 
 
+def _integer_seed(seed: torch.Tensor) -> torch.Tensor:
+    """A scalar seed tensor of an integer dtype: a float or bool one would be read through
+    ``int()`` as another seed than it shows (1.5 as 1)."""
+    if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+        raise TypeError(f"dropout_seed must be an integer tensor (a scalar seed, or an int64 "
+                        f"(seed, offset) pair), got a {seed.dtype} scalar")
+    return seed
+
+
 def _dropout_options(dropout_p, dropout_seed, dropout_offset, device, to_core,
                      read_seed=seed_value) -> dict:
     """The core's dropout keywords, none without dropout (so that ``dropout_p = 0`` runs exactly
@@ -211,7 +220,7 @@ def _dropout_options(dropout_p, dropout_seed, dropout_offset, device, to_core,
     if dropout_seed is None:
         seed = None
     elif dropout_seed.dim() == 0:
-        seed = read_seed(dropout_seed)
+        seed = read_seed(_integer_seed(dropout_seed))
     else:
         seed = seed_array(dropout_seed, device, to_core)
     return dict(dropout_p=dropout_p, dropout_seed=seed, dropout_offset=dropout_offset)
