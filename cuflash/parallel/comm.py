@@ -89,13 +89,11 @@ def check_comm(comm):
 
 def check_rank(value, name: str, size: int) -> int:
     """``value``, a rank of a communicator of ``size`` ranks, as an int: an int in ``[0,
-    size)``; a bool or a float is refused rather than taken as the rank ``int()`` makes of it."""
-    if not _checks.is_integer(value):
-        raise TypeError(f"{name} must be an int, a rank in [0, {size}), got {value!r} of type "
-                        f"{type(value).__name__}")
-    if not 0 <= value < size:
+    size)``; a bool or a float is refused (``_checks.check_int``) rather than taken as the rank
+    ``int()`` makes of it."""
+    if _checks.is_integer(value) and not 0 <= value < size:
         raise ValueError(f"{name} must be in [0, {size}), got {value}")
-    return int(value)
+    return _checks.check_int(value, name, 0)
 
 
 def array_module(x):

@@ -36,6 +36,8 @@ from typing import Sequence
 
 from cuflash import _checks
 
+from .comm import check_rank
+
 __all__ = ["launch", "main"]
 
 
@@ -61,10 +63,7 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     command = _check_command(command)
     gpus = _checks.check_int(gpus, "--gpus", 1)
     nnodes = _checks.check_int(nnodes, "--nnodes", 1)
-    if not _checks.is_integer(node_rank):
-        raise TypeError(f"--node-rank must be an int, got {node_rank!r}")
-    if not 0 <= node_rank < nnodes:
-        raise ValueError(f"--node-rank must be in [0, {nnodes}), got {node_rank}")
+    node_rank = check_rank(node_rank, "--node-rank", nnodes)
     timeout = _seconds(timeout, "--timeout", "a number of seconds (0: no timeout)")
     grace = _seconds(grace, "--grace", "a number of seconds")
     deadline = _seconds(deadline, "deadline", "a positive number of seconds or None")
