@@ -167,25 +167,35 @@ def attended_fraction(block_mask, causal: bool) -> float:
     (nq, nk), (bq, bk) = block_mask.shape, block_mask.block_size
     heads = block_mask.to_scipy()
     heads = heads if isinstance(heads, list) else [heads]
+    dtype = _pair_count_dtype(nq, nk, bq, bk)
     pairs = 0
     for blocks in heads:
         coo = blocks.tocoo()
         # a long mask keeps tens of millions of blocks: a bounded number of them at a time
         for start in range(0, coo.nnz, ATTENDED_CHUNK):
-            row0 = coo.row[start:start + ATTENDED_CHUNK].astype(numpy.int64) * bq
-            col0 = coo.col[start:start + ATTENDED_CHUNK].astype(numpy.int64) * bk
+            row0 = coo.row[start:start + ATTENDED_CHUNK].astype(dtype) * bq
+            col0 = coo.col[start:start + ATTENDED_CHUNK].astype(dtype) * bk
             pairs += _pairs_on_or_below_diagonal(row0, numpy.minimum(row0 + bq, nq), col0,
                                                  numpy.minimum(bk, nk - col0))
-    return pairs / (len(heads) * nq * (nq + 1) / 2)
+    return 2 * pairs / (len(heads) * nq * (nq + 1))  # Python ints: one rounding
+
+
+def _pair_count_dtype(nq: int, nk: int, bq: int, bk: int):
+    """int64 where every count ``_pairs_on_or_below_diagonal`` forms for blocks of this mask
+    (and their sum over ATTENDED_CHUNK blocks) fits it, else object (Python ints): int64 would
+    wrap silently past 2**63 - 1, which problems of billions of tokens reach."""
+    width = min(bk, nk)
+    largest = max((nq + width + 1) * width, ATTENDED_CHUNK * min(bq, nq) * width)
+    return numpy.int64 if largest < 2**63 else object
 
 
 def _pairs_on_or_below_diagonal(row0, row1, col0, width) -> int:
     """Pairs (row, key) with key <= row in the blocks of rows [row0, row1) and keys
     [col0, col0 + width), summed."""
-    def below(stop):  # over the rows < stop
+    def below(stop):  # over the rows < stop: a triangle over the first keys, then whole rows
         d = numpy.maximum(stop - col0, 0)
-        return numpy.where(d <= width, d * (d + 1) // 2,
-                           width * (width + 1) // 2 + (d - width) * width)
+        triangle = numpy.minimum(d, width)
+        return triangle * (triangle + 1) // 2 + (d - triangle) * width
 
     return int((below(row1) - below(row0)).sum())
 
