@@ -537,6 +537,17 @@ def test_document_of_no_documents_is_a_value_error(lengths):
         document([0, 0])
 
 
+@pytest.mark.parametrize("lengths", [
+    [2**62] * 4 + [5],  # wraps round to 5 tokens in int64
+    [2**63 - 1, 1],
+    np.array([2**63], dtype=np.uint64),  # one length past int64 on its own
+    np.array([2**63 - 1, 2**63 - 1], dtype=np.uint64),
+    [2**64, 1]])  # past uint64: NumPy holds Python ints
+def test_document_of_more_tokens_than_int64_holds_names_lengths(lengths):
+    with pytest.raises(ValueError, match=r"lengths must sum to at most 2\*\*63 - 1"):
+        document(lengths, block_size=2**62)
+
+
 def test_builders_refuse_bad_arguments():
     with pytest.raises(TypeError, match="lengths"):
         document([1.5, 2])

@@ -29,6 +29,8 @@ from ._intervals import Grid, every_unit_attends, union
 from ._validate import (holds_bool, nonnegative_int, nonnegative_pair, positive_int, positive_pair,
                         problem_shape)
 
+_INT64_MAX = 2**63 - 1
+
 
 def causal(nq, nk=None, *, block_size=None):
     """Query ``i`` attends keys ``j <= i + nk - nq`` (bottom-right aligned causal mask)."""
@@ -218,13 +220,18 @@ def document(lengths, *, causal=False, block_size=None):
     causal = check_bool(causal, "causal")
     given, lengths = lengths, numpy.asarray(lengths)
     # No documents ([] reads as float64) is a sequence of integers without a token: a value
-    # refused below, as documents that are all empty are.
-    integers = lengths.size == 0 or numpy.issubdtype(lengths.dtype, numpy.integer)
+    # refused below, as documents that are all empty are. Integers past uint64 read as objects.
+    integers = lengths.size == 0 or numpy.issubdtype(lengths.dtype, numpy.integer) or (
+        lengths.dtype == object and all(isinstance(n, numbers.Integral) for n in lengths.flat))
     if lengths.ndim != 1 or not integers or holds_bool(given):
         raise TypeError(f"lengths must be a 1-D sequence of integers, got {given!r}")
     if (lengths < 0).any() or not lengths.any():
         raise ValueError(f"lengths must be 0 or more, at least one of them positive, got "
                          f"{lengths[lengths < 0][:5].tolist() or lengths[:5].tolist()}")
+    # The positions below are int64: a longer problem would wrap round to another one.
+    total = sum(lengths.tolist())  # Python ints: exact
+    if total > _INT64_MAX:
+        raise ValueError(f"lengths must sum to at most 2**63 - 1 tokens, got a sum of {total}")
     # int64 throughout: unsigned lengths would turn the arithmetic below into float64. Empty
     # documents hold no token: the intervals below are those of the others.
     lengths = lengths[lengths > 0].astype(numpy.int64)
