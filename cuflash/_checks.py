@@ -256,14 +256,22 @@ def check_softcap(softcap: Any, scale: float) -> float:
     return value
 
 
-def check_block_mask(block_mask: Any, nq: int, nk: int, hq: int) -> None:
-    """``block_mask`` is ``None`` or a ``cuflash.sparse.BlockMask`` for this problem."""
+# What to do with an ExactMask given as block_mask=, where the call also takes mask=.
+EXACT_MASK_AS_MASK = "an ExactMask is not coarsened to blocks: pass it as mask="
+
+
+def check_block_mask(block_mask: Any, nq: int, nk: int, hq: int, *,
+                     exact_mask_hint: str = EXACT_MASK_AS_MASK) -> None:
+    """``block_mask`` is ``None`` or a ``cuflash.sparse.BlockMask`` for this problem.
+    ``exact_mask_hint`` says what to do instead with an ExactMask: a call that has no ``mask=``
+    argument gives a hint of its own."""
     if block_mask is None:
         return
     from .sparse import BlockMask  # scipy is imported only when a mask is given
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a cuflash.sparse.BlockMask or None, got "
-                        f"{_type_name(block_mask)}{_block_mask_hint(block_mask)}")
+                        f"{_type_name(block_mask)}"
+                        f"{_block_mask_hint(block_mask, exact_mask_hint)}")
     block_mask.check_compatible(nq, nk, hq)
 
 
@@ -272,11 +280,11 @@ def _from_scipy(x: Any) -> bool:
     return type(x).__module__.partition(".")[0] == "scipy"
 
 
-def _block_mask_hint(block_mask: Any) -> str:
+def _block_mask_hint(block_mask: Any, exact_mask_hint: str) -> str:
     """What to do instead with a ``block_mask=`` that is no BlockMask ("" when nothing fits)."""
     from .sparse import ExactMask
     if isinstance(block_mask, ExactMask):
-        return " (an ExactMask is not coarsened to blocks: pass it as mask=)"
+        return f" ({exact_mask_hint})"
     if _from_scipy(block_mask) or (isinstance(block_mask, (list, tuple)) and block_mask
                                    and _from_scipy(block_mask[0])):
         return (" (build one with cuflash.sparse.BlockMask.from_scipy(pattern, level=...), "

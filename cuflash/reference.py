@@ -235,6 +235,11 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, scale=None, window=
     return tuple(g.astype(dtype) for g in grads)
 
 
+# keep_mask has no mask= argument: an ExactMask gives its elements itself.
+_EXACT_MASK_ELEMENTS = ("an ExactMask holds its elements already: its element_rows(rows) gives "
+                        "them")
+
+
 def keep_mask(nq, nk, *, causal=False, window=(-1, -1), block_mask=None, rows=None, xp=numpy):
     """Element mask (True = attended) of ``causal``, ``window`` and ``block_mask`` for query
     ``rows``.
@@ -247,7 +252,8 @@ def keep_mask(nq, nk, *, causal=False, window=(-1, -1), block_mask=None, rows=No
     rows = _checks.query_rows(rows, nq)
     causal = _checks.check_bool(causal, "causal")
     # A per-head mask is checked against its own head count (the heads are not known here).
-    _checks.check_block_mask(block_mask, nq, nk, getattr(block_mask, "num_heads", None))
+    _checks.check_block_mask(block_mask, nq, nk, getattr(block_mask, "num_heads", None),
+                             exact_mask_hint=_EXACT_MASK_ELEMENTS)
     left, right = _mask.band(_checks.check_window(window), causal)
     keep = None
     if (left, right) != (_mask.UNBOUNDED, _mask.UNBOUNDED):

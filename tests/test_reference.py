@@ -184,6 +184,21 @@ def test_keep_mask_names_a_bad_argument(call, error, words):
                                   np.kron([[1, 0, 1], [0, 1, 1]], np.ones((3, 3))).astype(bool))
 
 
+@pytest.mark.parametrize("call", [
+    lambda exact: reference.keep_mask(6, 9, causal=True, block_mask=exact),
+    lambda exact: reference.block_mask_to_element_mask(exact, 6, 9)])
+def test_keep_mask_given_an_exact_mask_points_at_its_own_elements(call):
+    """Neither function has a mask= argument to pass an ExactMask to: its elements come from
+    the mask itself."""
+    from cuflash.sparse import ExactMask, causal
+
+    exact = ExactMask.from_scipy(causal(6, 9))
+    with pytest.raises(TypeError, match="block_mask must be a cuflash.sparse.BlockMask") as error:
+        call(exact)
+    assert "mask=" not in str(error.value)
+    assert "element_rows(rows)" in str(error.value)
+
+
 def finite_difference_grads(dout, q, k, v, *, causal, scale, step=1e-6):
     def loss(q_, k_, v_):
         return np.sum(dout * reference.attention(q_, k_, v_, causal=causal, scale=scale)[0])
