@@ -126,6 +126,11 @@ def attention_backward(dout, q, k, v, *, causal=False, scale=None, window=(-1, -
                          (_sum_groups(dv, c.shapes), v))
 
 
+# chunked_attention has no mask= argument: attention takes an ExactMask, for chosen rows too.
+_EXACT_MASK_IN_ATTENTION = ("chunked_attention takes no ExactMask; "
+                            "reference.attention(q, k, v, mask=..., rows=...) takes one")
+
+
 @_underflow_ignored
 def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
                       alibi_slopes=None, block_mask=None, rows=None, chunk=None):
@@ -149,6 +154,8 @@ def chunked_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), sof
     """
     xp = _checks.common_module({"q": q, "k": k, "v": v})
     shapes = _checks.attention_shapes(q, k, v)
+    _checks.check_block_mask(block_mask, shapes.nq, shapes.nk, shapes.hq,
+                             exact_mask_hint=_EXACT_MASK_IN_ATTENTION)
     rows = _checks.query_rows(rows, shapes.nq)
     if chunk is None:
         chunk = max(1, 2**25 // (shapes.nk * shapes.hq * max(1, shapes.b)))

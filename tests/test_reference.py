@@ -199,6 +199,19 @@ def test_keep_mask_given_an_exact_mask_points_at_its_own_elements(call):
     assert "element_rows(rows)" in str(error.value)
 
 
+def test_chunked_attention_given_an_exact_mask_points_at_a_call_that_takes_one(rng):
+    """chunked_attention has no mask= argument: reference.attention takes an ExactMask, for
+    chosen rows too."""
+    from cuflash.sparse import ExactMask, causal
+
+    q, k, v = random64(rng, (6, 4), (9, 4), (9, 4))
+    exact = ExactMask.from_scipy(causal(6, 9))
+    with pytest.raises(TypeError, match="block_mask must be a cuflash.sparse.BlockMask") as error:
+        reference.chunked_attention(q, k, v, block_mask=exact)
+    assert "pass it as mask=" not in str(error.value)
+    assert "reference.attention(q, k, v, mask=..., rows=...)" in str(error.value)
+
+
 def finite_difference_grads(dout, q, k, v, *, causal, scale, step=1e-6):
     def loss(q_, k_, v_):
         return np.sum(dout * reference.attention(q_, k_, v_, causal=causal, scale=scale)[0])
