@@ -542,7 +542,8 @@ def test_document_of_no_documents_is_a_value_error(lengths):
     [2**63 - 1, 1],
     np.array([2**63], dtype=np.uint64),  # one length past int64 on its own
     np.array([2**63 - 1, 2**63 - 1], dtype=np.uint64),
-    [2**64, 1]])  # past uint64: NumPy holds Python ints
+    [2**64, 1],  # past uint64: NumPy holds Python ints
+    [3, 2**63]])  # NumPy reads these as float64
 def test_document_of_more_tokens_than_int64_holds_names_lengths(lengths):
     with pytest.raises(ValueError, match=r"lengths must sum to at most 2\*\*63 - 1"):
         document(lengths, block_size=2**62)

@@ -339,6 +339,13 @@ def test_index_dtype_is_int32_when_it_fits():
      r"key positions in 0..9, got \[10\]"),
     (lambda: sparse.longformer(10, window=1, global_tokens=[[1]]), TypeError, "1-D"),
     (lambda: sparse.longformer(10, window=1, global_tokens=[0.5]), TypeError, "integer"),
+    # positions past int64 are reported as given, not wrapped round
+    (lambda: sparse.longformer(10, window=1, global_tokens=numpy.array([2**64 - 1], numpy.uint64)),
+     ValueError, r"key positions in 0..9, got \[18446744073709551615\]"),
+    (lambda: sparse.longformer(10, window=1, global_tokens=[3, 2**63]), ValueError,
+     r"key positions in 0..9, got \[9223372036854775808\]"),
+    (lambda: sparse.longformer(10, window=1, global_tokens=[2**70]), ValueError,
+     r"key positions in 0..9, got \[1180591620717411303424\]"),
     (lambda: sparse.image_local(0, 4, radius=1), ValueError, "height must be a positive"),
     (lambda: sparse.image_local(4, 4, radius=-1), ValueError, "radius must be a non-negative"),
 ])

@@ -26,8 +26,8 @@ from .._checks import check_bool
 from ._convert import _describe, _set_coordinates
 from ._csr import ramp, sorted_unique
 from ._intervals import Grid, every_unit_attends, union
-from ._validate import (holds_bool, nonnegative_int, nonnegative_pair, positive_int, positive_pair,
-                        problem_shape)
+from ._validate import (integer_sequence, nonnegative_int, nonnegative_pair, positive_int,
+                        positive_pair, problem_shape)
 
 _INT64_MAX = 2**63 - 1
 
@@ -218,13 +218,9 @@ def document(lengths, *, causal=False, block_size=None):
     least one document must have tokens.
     """
     causal = check_bool(causal, "causal")
-    given, lengths = lengths, numpy.asarray(lengths)
-    # No documents ([] reads as float64) is a sequence of integers without a token: a value
-    # refused below, as documents that are all empty are. Integers past uint64 read as objects.
-    integers = lengths.size == 0 or numpy.issubdtype(lengths.dtype, numpy.integer) or (
-        lengths.dtype == object and all(isinstance(n, numbers.Integral) for n in lengths.flat))
-    if lengths.ndim != 1 or not integers or holds_bool(given):
-        raise TypeError(f"lengths must be a 1-D sequence of integers, got {given!r}")
+    # No documents is a sequence of integers without a token: a value refused below, as
+    # documents that are all empty are.
+    lengths = integer_sequence("lengths", lengths, "a 1-D sequence of integers")
     if (lengths < 0).any() or not lengths.any():
         raise ValueError(f"lengths must be 0 or more, at least one of them positive, got "
                          f"{lengths[lengths < 0][:5].tolist() or lengths[:5].tolist()}")
@@ -353,18 +349,14 @@ def _global_positions(global_tokens, nk):
         if count > nk:
             raise ValueError(f"global_tokens={count} exceeds the sequence length nk={nk}")
         return numpy.arange(count, dtype=numpy.int64)
-    positions = numpy.asarray(global_tokens)
-    integers = positions.size == 0 or numpy.issubdtype(positions.dtype, numpy.integer)
-    if positions.ndim != 1 or not integers or holds_bool(global_tokens):
-        raise TypeError(
-            "global_tokens must be a count or a 1-D sequence of integer key positions, "
-            f"got {global_tokens!r}")
-    positions = positions.astype(numpy.int64)
+    positions = integer_sequence("global_tokens", global_tokens,
+                                 "a count or a 1-D sequence of integer key positions")
+    # Checked before the cast to int64, which would wrap positions past it round into range.
     outside = positions[(positions < 0) | (positions >= nk)]
     if outside.size:
         raise ValueError(
             f"global_tokens must be key positions in 0..{nk - 1}, got {outside[:5].tolist()}")
-    return numpy.unique(positions)
+    return numpy.unique(positions.astype(numpy.int64))
 
 
 def _seed(seed):
