@@ -67,6 +67,25 @@ def test_projection_refuses_an_image_side_below_one(side):
         project_to_qkv(np.zeros(16), side, heads=1, head_dim=8)
 
 
+@pytest.mark.parametrize("call, name, given", [
+    (lambda: image_side_for(64.5), "seq_len", "64.5"),
+    (lambda: pathfinder_image(16.0), "side", "16.0"),
+    (lambda: pathfinder_image(16).tokens(10.5), "seq_len", "10.5"),
+    (lambda: pathfinder_qkv(64.5, heads=1, head_dim=8), "seq_len", "64.5"),
+    (lambda: project_to_qkv(np.zeros(64), 8.5, heads=1, head_dim=8), "side", "8.5"),
+    (lambda: project_to_qkv(np.zeros(64), 8, heads=2.0, head_dim=8), "heads", "2.0"),
+    (lambda: project_to_qkv(np.zeros(64), 8, heads=1, head_dim=4.5), "head_dim", "4.5"),
+    (lambda: random_qkv(8.5, heads=1, head_dim=8), "seq_len", "8.5"),
+    (lambda: random_qkv(8, heads=True, head_dim=8), "heads", "True"),
+    (lambda: random_qkv(8, heads=1, head_dim=np.float32(8)), "head_dim",
+     r"np\.float32\(8\.0\)")])
+def test_sizes_that_are_no_integers_are_refused_naming_them(call, name, given):
+    """A float size failed deep inside NumPy ('float' object cannot be interpreted as an
+    integer) or, as an image side, read the tokens at fractional positions; a bool passed as 1."""
+    with pytest.raises(TypeError, match=rf"^{name} must be an int, got {given}"):
+        call()
+
+
 @pytest.mark.parametrize("separate", [False, True])
 def test_a_negative_count_of_distractors_is_refused_naming_it(separate):
     """distractors=-1 drew no distractor without a word, and with separate=True fewer than the

@@ -65,6 +65,7 @@ class PathfinderImage:
         flat = self.pixels.ravel()
         if seq_len is None:
             return flat
+        _require_int(seq_len=seq_len)
         if not 1 <= seq_len <= flat.size:
             raise ValueError(
                 f"seq_len must be between 1 and {flat.size} for a {self.side}×{self.side} image, "
@@ -74,6 +75,7 @@ class PathfinderImage:
 
 def image_side_for(seq_len: int) -> int:
     """The side of the smallest square image that has at least ``seq_len`` pixels."""
+    _require_int(seq_len=seq_len)
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     side = math.isqrt(seq_len)
@@ -94,6 +96,7 @@ def pathfinder_image(side: int = 128, *, seed: int = 0, connected: bool | None =
     in either case. The default draws curves that may cross, which is what ``cuflash check`` uses.
     Raises ValueError when the curves do not fit apart (small sides, many distractors).
     """
+    _require_int(side=side)
     if side < MIN_SIDE:
         raise ValueError(f"side must be at least {MIN_SIDE} pixels, got {side}")
     rng = numpy.random.default_rng(seed)
@@ -282,8 +285,19 @@ def project_to_qkv(tokens: numpy.ndarray, side: int, *, heads: int, head_dim: in
     return q, k, v
 
 
+def _require_int(**sizes):
+    """TypeError naming the first of ``sizes`` (argument name → value) that is no integer (a
+    bool is none): a float size failed deep inside NumPy, or as an image side read the tokens
+    at fractional positions."""
+    for name, value in sizes.items():
+        if not _checks.is_integer(value):
+            raise TypeError(f"{name} must be an int, got {_checks._show(value)} of type "
+                            f"{_checks._type_name(value)}")
+
+
 def _require_positive(**sizes):
-    """ValueError naming the first of ``sizes`` (argument name → value) that is below 1."""
+    """As ``_require_int``, then ValueError naming the first of ``sizes`` that is below 1."""
+    _require_int(**sizes)
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -310,6 +324,7 @@ def pathfinder_qkv(seq_len: int, *, heads: int, head_dim: int, seed: int = 0, dt
     256 for 65,536); when ``seq_len`` is not a square, the last row is cut short. It must be at
     least MIN_TOKENS (an 8×8 image).
     """
+    _require_int(seq_len=seq_len)
     if seq_len < MIN_TOKENS:
         raise ValueError(f"seq_len must be at least {MIN_TOKENS} (an image of "
                          f"{MIN_SIDE}×{MIN_SIDE} pixels), got {seq_len}")
