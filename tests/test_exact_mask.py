@@ -537,6 +537,21 @@ def test_document_of_no_documents_is_a_value_error(lengths):
         document([0, 0])
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_too_many_tiles_for_int32_names_a_remedy_that_fits_the_mask(monkeypatch, per_head):
+    """A mask shared by all heads stores one pattern whatever the head count: fewer heads per
+    call leaves its tiles as many as they were."""
+    from cuflash.sparse import _csr
+
+    pattern = causal(64, 64)
+    mask = ExactMask.from_scipy([pattern] * 3 if per_head else pattern)
+    monkeypatch.setattr(_csr, "INT32_MAX", 10)
+    with pytest.raises(ValueError, match="too many 8x8 tiles for int32 indices") as error:
+        mask.tile_bits(8, 8)
+    assert ("fewer heads" in str(error.value)) == per_head
+    assert "shorter sequences" in str(error.value)
+
+
 @pytest.mark.parametrize("lengths", [
     [2**62] * 4 + [5],  # wraps round to 5 tokens in int64
     [2**63 - 1, 1],

@@ -286,8 +286,10 @@ class ExactMask:
         partial = pairs_in_tile < height * width
         slot = numpy.where(partial, numpy.cumsum(partial) - 1, -1).astype(numpy.int32)
         if tiles.size > _csr.INT32_MAX or int(partial.sum()) * tile_m > _csr.INT32_MAX:
+            # A shared mask stores one pattern, whatever the heads of the call.
+            fewer_heads = ", or fewer heads per call" if self._stored_heads > 1 else ""
             raise ValueError(f"the mask has too many {tile_m}x{tile_n} tiles for int32 indices; "
-                             "use fewer heads per call")
+                             f"it needs fewer non-empty tiles: use shorter sequences{fewer_heads}")
 
         words_per_row = bitmask_words_per_row(tile_n)
         pair_slot = slot[pair_tile].astype(numpy.int64)
