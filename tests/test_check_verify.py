@@ -28,3 +28,11 @@ def test_attended_fraction_of_a_corner_block_far_below_the_diagonal_is_exact():
     # the block lies wholly below the diagonal: all of its pairs count
     expected = block_size[0] * block_size[1] / (n * (n + 1) / 2)
     assert verify.attended_fraction(mask, causal=True) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("count, shown", [(2.5, "2.5"), (3.0, "3.0"), (True, "True")])
+def test_sample_rows_refuses_a_count_that_is_no_integer_naming_it(count, shown):
+    # a float failed inside NumPy's sampling naming another number; True sampled one row
+    with pytest.raises(TypeError, match=rf"^count must be a positive number of rows or None, "
+                                        rf"got {shown}"):
+        verify.sample_rows(10, count, seed=0)

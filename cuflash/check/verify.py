@@ -26,7 +26,7 @@ from typing import Callable
 import numpy
 
 import cuflash
-from cuflash import reference
+from cuflash import _checks, reference
 from cuflash.bench.estimate import (CALIBRATION_HEAD_DIM, CPU_ASSUMED_FLOPS, CPU_SMALL_FLOPS,
                                     attention_seconds)
 from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
@@ -41,8 +41,11 @@ REFERENCE_SCORES = 2**25
 def sample_rows(n: int, count: int | None, seed: int) -> numpy.ndarray:
     """Sorted query rows to check: the first, the last (from ``count`` 2 on), and random others;
     all when ``count`` is None or at least ``n``."""
+    allowed = "count must be a positive number of rows or None"
+    if count is not None and not _checks.is_integer(count):  # True would read as one row
+        raise TypeError(f"{allowed}, got {count!r} of type {type(count).__name__}")
     if count is not None and count < 1:  # no rows would compare nothing, and pass
-        raise ValueError(f"count must be a positive number of rows or None, got {count}")
+        raise ValueError(f"{allowed}, got {count}")
     if count is None or count >= n:
         return numpy.arange(n)
     rng = numpy.random.default_rng([seed, 4])
