@@ -357,27 +357,44 @@ def _check_distinct_slots(spec, lengths, block_table, cache_batch_idx, leftpads)
         def slots_of(row, positions):
             return rows[row] * spec.capacity + positions
 
-    appended = [slots_of(row, int(n) + numpy.arange(spec.s_new)) for row, n in enumerate(lengths)]
     first = numpy.zeros(spec.b, numpy.int64) if leftpads is None else leftpads  # padding: not read
-    held = [slots_of(row, numpy.arange(int(first[row]), int(n))) for row, n in enumerate(lengths)]
-    slots = numpy.concatenate(appended + held)
+    appended = [int(n) + numpy.arange(spec.s_new) for n in lengths]
+    held = [numpy.arange(int(first[row]), int(n)) for row, n in enumerate(lengths)]
+    keys = appended + held  # each row's key positions, the appends first
     owner = numpy.concatenate([numpy.full(len(x), row)
-                               for row, x in zip([*range(spec.b)] * 2, appended + held)])
+                               for row, x in zip([*range(spec.b)] * 2, keys)])
+    position = numpy.concatenate(keys)
+    slots = numpy.concatenate([slots_of(row, x) for row, x in zip([*range(spec.b)] * 2, keys)])
     is_append = numpy.arange(len(slots)) < spec.b * spec.s_new
     order = numpy.argsort(slots, kind="stable")  # appends first among equal slots
     same = slots[order[1:]] == slots[order[:-1]]
     clash = numpy.flatnonzero(same & is_append[order[:-1]])
     if clash.size:
         first, second = order[clash[0]], order[clash[0] + 1]
-        where = "a page of both rows' block_table" if spec.paged else "one cache row"
-        if is_append[second]:
-            raise ValueError(
-                f"batch rows {owner[first]} and {owner[second]} would append keys into the same "
-                f"cache slot ({where}); appended keys must go to distinct slots")
-        raise ValueError(
-            f"batch row {owner[first]} would append a key over a key that batch row "
-            f"{owner[second]} holds in its cache ({where}); appended keys must go to slots no "
-            f"row reads as cached")
+        raise ValueError(_slot_clash(spec, (int(owner[first]), int(position[first])),
+                                     (int(owner[second]), int(position[second])),
+                                     bool(is_append[second]), int(slots[first])))
+
+
+def _slot_clash(spec, appended, other, other_is_append: bool, slot: int) -> str:
+    """The refusal of an append (``appended``: its batch row and key position) into the slot of
+    ``other`` (another key appended, or one held as cached), naming the entries of the index
+    argument that send both keys there."""
+    (row, key), (other_row, other_key) = appended, other
+    if spec.paged:
+        names = (f"block_table[{row}, {key // spec.page_size}] and block_table[{other_row}, "
+                 f"{other_key // spec.page_size}] both name page {slot // spec.page_size}")
+    else:
+        names = (f"cache_batch_idx[{row}] and cache_batch_idx[{other_row}] both name cache row "
+                 f"{slot // spec.capacity}")
+    if other_is_append:
+        rows, whose = ((f"batch row {row}", "its") if row == other_row
+                       else (f"batch rows {row} and {other_row}", "their"))
+        return (f"{names}: {rows} would append keys into the same slot ({whose} keys {key} and "
+                f"{other_key}); appended keys must go to distinct slots")
+    holder = "it holds" if row == other_row else f"batch row {other_row} holds"
+    return (f"{names}: batch row {row} would append its key {key} over key {other_key} that "
+            f"{holder} in its cache; appended keys must go to slots no row reads as cached")
 
 
 def _check_in_range(name, values, limit, what) -> None:

@@ -398,13 +398,13 @@ def test_capacity_overflow_refused_before_anything_is_written(rng):
 
 def test_conflicting_appends_refused(rng):
     case = small(rng, s_new=1, batch_idx=True, spare_rows=2)
-    with pytest.raises(ValueError, match="batch rows 0 and 1 would append keys into the same cache "
+    with pytest.raises(ValueError, match="batch rows 0 and 1 would append keys into the same "
                                          "slot"):
         call(case, cache_batch_idx=np.array([1, 1], np.int32), cache_seqlens=4)
     # Sharing a cache row without appending is fine (both rows read it).
     call(case, cache_batch_idx=np.array([1, 1], np.int32), k=None, v=None)
     paged = small(rng, s_new=1, capacity=32, page_size=16)
-    with pytest.raises(ValueError, match="same cache slot"):
+    with pytest.raises(ValueError, match="same slot"):
         call(paged, block_table=np.array([[0, 1], [0, 2]], np.int32), cache_seqlens=2)
 
 
@@ -412,19 +412,47 @@ def test_appends_over_held_keys_refused(rng):
     """An append into a slot another row reads as cached (a shared cache row, a shared prefix
     page) would change that row's keys under it: refused before anything is written."""
     case = small(rng, s_new=1, batch_idx=True, spare_rows=2)
-    with pytest.raises(ValueError, match="batch row 0 would append a key over a key that batch "
-                                         "row 1 holds"):
+    with pytest.raises(ValueError, match="batch row 0 would append its key 3 over key 3 that "
+                                         "batch row 1 holds"):
         call(case, cache_batch_idx=np.array([1, 1], np.int32), cache_seqlens=np.array([3, 5], np.int32))
     assert_cache_appended(dataclasses.replace(case, k=None, v=None))
     paged = small(rng, s_new=1, capacity=32, page_size=16, spare_rows=2)
     # Row 0 holds 20 keys: page 0 whole; row 1 shares page 0 as its first and would write its key 3.
-    with pytest.raises(ValueError, match="batch row 1 would append a key over a key that batch "
-                                         "row 0 holds"):
+    with pytest.raises(ValueError, match="batch row 1 would append its key 3 over key 3 that "
+                                         "batch row 0 holds"):
         call(paged, block_table=np.array([[0, 1], [0, 2]], np.int32),
              cache_seqlens=np.array([20, 3], np.int32))
     # Both rows read the shared page and append past it: fine.
     call(paged, block_table=np.array([[0, 1], [0, 2]], np.int32),
          cache_seqlens=np.array([16, 16], np.int32))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(cache_batch_idx=np.array([1, 1], np.int32), cache_seqlens=4),
+     r"cache_batch_idx\[0\] and cache_batch_idx\[1\] both name cache row 1: batch rows 0 and 1 "
+     r"would append keys into the same slot \(their keys 4 and 4\)"),
+    (dict(cache_batch_idx=np.array([2, 2], np.int32), cache_seqlens=np.array([3, 5], np.int32)),
+     r"cache_batch_idx\[0\] and cache_batch_idx\[1\] both name cache row 2: batch row 0 would "
+     r"append its key 3 over key 3 that batch row 1 holds"),
+    (dict(block_table=np.array([[0, 1], [2, 1]], np.int32),
+          cache_seqlens=np.array([17, 17], np.int32)),
+     r"block_table\[0, 1\] and block_table\[1, 1\] both name page 1: batch rows 0 and 1 would "
+     r"append keys into the same slot \(their keys 17 and 17\)"),
+    (dict(block_table=np.array([[1, 1], [0, 2]], np.int32),
+          cache_seqlens=np.array([20, 3], np.int32)),
+     r"block_table\[0, 1\] and block_table\[0, 0\] both name page 1: batch row 0 would append "
+     r"its key 20 over key 4 that it holds"),
+])
+def test_conflicting_appends_name_the_index_that_shares_the_slot(rng, changes, match):
+    """A refused append names the entries of cache_batch_idx or block_table that send two keys
+    to one slot, so that the caller can find them; the caches are left as they were."""
+    paged = "block_table" in changes
+    case = (small(rng, s_new=1, capacity=32, page_size=16, spare_rows=2) if paged
+            else small(rng, s_new=1, batch_idx=True, spare_rows=2))
+    with pytest.raises(ValueError, match=match):
+        call(case, **changes)
+    np.testing.assert_array_equal(case.k_cache, case.k_cache_before)
+    np.testing.assert_array_equal(case.v_cache, case.v_cache_before)
 
 
 def test_inputs_that_view_the_caches_are_read_as_passed(rng, seed):
