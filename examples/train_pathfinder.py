@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import numpy
 import torch
 import torch.nn.functional as F
 
+from cuflash._files import write_atomically
 from cuflash.check.pathfinder import pathfinder_image
 from cuflash.torch import scaled_dot_product_attention
 
@@ -73,20 +75,19 @@ def pathfinder_set(side: int, count: int, first_seed: int, *, name: str, workers
 def save_whole(cache: Path, **arrays) -> None:
     """numpy.savez into ``cache`` whole or not at all: a cache is loaded whenever its file
     exists, so a save cut short (a full disk, Ctrl-C) must not leave part of one there."""
-    write_whole(cache, lambda partial: numpy.savez(partial, **arrays))
+    archive = io.BytesIO()
+    numpy.savez(archive, **arrays)
+    write_whole(cache, archive.getvalue())
 
 
-def write_whole(path: Path, write) -> None:
-    """``write(partial)`` into a new file beside ``path`` (same suffix), renamed over ``path``
-    once written: a write cut short leaves what was there, never part of a new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+def write_whole(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` as cuflash writes its files (``write_atomically``): a write cut
+    short leaves what was there, never part of a new file, and an existing file keeps its
+    permissions. A symbolic link is written through, as open() would. The folder is made first
+    (``--out`` names one the run creates)."""
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(str(target), data)
 
 
 def batches(rng: numpy.random.Generator, count: int, batch: int):
@@ -382,6 +383,8 @@ def refuse_unwritable_outputs(parser, args) -> None:
         log = Path(args.log)
         if log.is_dir():
             parser.error(f"--log {args.log} is a folder; give a file name")
+        if log.exists() and not os.access(log, os.W_OK):  # write_atomically replaces none such
+            parser.error(f"--log {args.log} is read-only")
         folder = next((p for p in log.parents if p.exists()), None)  # made when writing the log
         if folder is not None and not folder.is_dir():
             parser.error(f"--log {args.log}: {folder} is a file, not a folder")
@@ -474,7 +477,7 @@ def main(argv=None) -> int:
     refuse_unwritable_outputs(parser, args)
     result = train(args)
     if args.log:
-        write_whole(Path(args.log), lambda partial: partial.write_text(json.dumps(result)))
+        write_whole(Path(args.log), json.dumps(result).encode())
         print(f"log written to {args.log}")
     if args.plot:
         plot([result], args.plot)

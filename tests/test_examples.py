@@ -2,11 +2,15 @@
 with either attention, reports its test accuracy, and starts from the same loss with cuflash and
 with torch's scaled_dot_product_attention."""
 
+import errno
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+from cuflash import _files
 
 pytest.importorskip("torch")
 
@@ -155,23 +159,69 @@ def test_train_pathfinder_refuses_an_output_it_cannot_write_before_training(
     assert "set:" not in captured.out  # no image drawn, no step taken
 
 
+class _FullDiskFile:
+    """A file whose disk fills after its first 10 bytes."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.file.close()
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def write(self, data):
+        self.file.write(data[:10])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class _FullDiskOs:
+    """``os`` as cuflash._files sees it when the disk is full: its new files take 10 bytes."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def fdopen(fd, *args, **kwargs):
+        return _FullDiskFile(os.fdopen(fd, *args, **kwargs))
+
+
+def test_train_pathfinder_refuses_a_read_only_log_before_training(train_pathfinder, tmp_path,
+                                                                  capsys, monkeypatch):
+    """A --log file that may not be written would fail only once training was over (the atomic
+    write replaces no read-only file): refused first. (os.access stands in for a user other
+    than root, whom no permission bit stops.)"""
+    log = tmp_path / "run.json"
+    log.write_text("{}")
+    log.chmod(0o444)
+    access = os.access
+    monkeypatch.setattr(train_pathfinder.os, "access",
+                        lambda path, mode: not (Path(path) == log and mode & os.W_OK)
+                        and access(path, mode))
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + ["--log", str(log)])
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert f"--log {log} is read-only" in captured.err
+    assert "set:" not in captured.out
+
+
 def test_train_pathfinder_cache_cut_short_leaves_no_file_to_load(train_pathfinder, tmp_path,
                                                                   monkeypatch):
     """The image-set cache is read whenever its file exists: a save cut short (a full disk,
     Ctrl-C) left a truncated .npz that every later run tried to load and failed on. It is
     now renamed into place only once written whole."""
-    savez = train_pathfinder.numpy.savez
-
-    def cut_short(file, **arrays):
-        with open(file, "wb") as partial:
-            partial.write(b"PK\x03\x04 part of an archive")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(train_pathfinder.numpy, "savez", cut_short)
-    with pytest.raises(OSError):
-        train_pathfinder.pathfinder_set(32, 2, 0, name="train", workers=1, cache_dir=tmp_path)
+    with monkeypatch.context() as full_disk:
+        full_disk.setattr(_files, "os", _FullDiskOs())
+        with pytest.raises(OSError):
+            train_pathfinder.pathfinder_set(32, 2, 0, name="train", workers=1,
+                                            cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(train_pathfinder.numpy, "savez", savez)
     pixels, labels = train_pathfinder.pathfinder_set(32, 2, 0, name="train", workers=1,
                                                      cache_dir=tmp_path)
     again = train_pathfinder.pathfinder_set(32, 2, 0, name="train", workers=1, cache_dir=tmp_path)
@@ -186,17 +236,32 @@ def test_train_pathfinder_log_cut_short_leaves_the_earlier_log(train_pathfinder,
     written whole."""
     log = tmp_path / "run.json"
     log.write_text('{"earlier": "run"}')
-    write_text = train_pathfinder.Path.write_text
-
-    def cut_short(self, data, *args, **kwargs):
-        write_text(self, data[:10])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(train_pathfinder.Path, "write_text", cut_short)
+    monkeypatch.setattr(_files, "os", _FullDiskOs())
     with pytest.raises(OSError):
         train_pathfinder.main(TINY + ["--steps", "1", "--log", str(log)])
     assert log.read_text() == '{"earlier": "run"}'
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_train_pathfinder_log_keeps_the_file_s_permissions_and_links(train_pathfinder,
+                                                                     tmp_path):
+    """--log is written as every file cuflash writes (cuflash._files.write_atomically): a log
+    kept private stays private, rather than being replaced by a file everyone may read, and a
+    log that is a symbolic link is written through, the link kept."""
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    private.chmod(0o600)
+    target = tmp_path / "runs" / "target.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    for log in (private, link):
+        assert train_pathfinder.main(TINY + ["--steps", "1", "--log", str(log)]) == 0
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert "loss" in json.loads(private.read_text())
+    assert link.is_symlink()
+    assert "loss" in json.loads(target.read_text())
 
 
 def test_train_pathfinder_zero_warmup_and_eval_every_mean_none(train_pathfinder, tmp_path):
