@@ -203,6 +203,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for option, path in (("--markdown", args.markdown), ("--plot", args.plot)):
         # refused before the report is printed, rather than by a traceback after it
+        if path is not None and Path(path).is_dir():
+            parser.error(f"{option} {path} is a folder; give a file name")
         if path is not None and not Path(path).parent.is_dir():
             parser.error(f"{option} {path}: folder {Path(path).parent} does not exist")
     logs = read_logs(args.paths)

@@ -307,6 +307,17 @@ def test_train_pathfinder_compare_refuses_a_log_it_cannot_read(train_pathfinder,
 
 
 @pytest.mark.parametrize("option", ["--markdown", "--plot"])
+def test_report_refuses_an_output_that_is_a_folder_before_reading(tmp_path, capsys, option):
+    """--markdown (or --plot) naming a folder failed in a traceback once the tables were
+    printed; it is refused before any log is read."""
+    report = load_example(REPORT)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert_refused_while_parsing(report.main, [str(tmp_path), option, str(folder)], capsys,
+                                 f"{option} {folder} is a folder")
+
+
+@pytest.mark.parametrize("option", ["--markdown", "--plot"])
 def test_report_refuses_an_output_in_a_missing_folder_before_reading(tmp_path, capsys, option):
     """--markdown (or --plot) into a missing folder failed in a traceback once the tables were
     printed; it is refused before any log is read."""
