@@ -154,6 +154,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.dim % args.heads:
         parser.error(f"--dim ({args.dim}) must be a multiple of --heads ({args.heads})")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device visible to torch; use --device cpu")
     ours, theirs = run(device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch,
                        seq_len=args.seq_len, dim=args.dim, heads=args.heads, layers=args.layers,
                        lr=args.lr, seed=args.seed, compile=args.compile)

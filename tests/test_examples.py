@@ -290,6 +290,17 @@ def test_train_tiny_lm_refuses_out_of_range_numbers(train_tiny_lm, capsys, optio
                                  f"argument {option}: must be")
 
 
+@pytest.mark.parametrize("device, message", [
+    ("cpux", "--device cpux: "), ("cuda", "no CUDA device visible to torch; use --device cpu")])
+def test_train_tiny_lm_refuses_a_device_it_cannot_use(train_tiny_lm, capsys, monkeypatch,
+                                                      device, message):
+    """A --device torch does not know, or cuda (the default) where torch sees no GPU, ended in
+    a traceback from torch once the models were built."""
+    monkeypatch.setattr(train_tiny_lm.torch.cuda, "is_available", lambda: False)
+    assert_refused_while_parsing(train_tiny_lm.main, TINY_LM_ARGS + ["--device", device],
+                                 capsys, message)
+
+
 def test_train_tiny_lm_refuses_dim_not_split_by_heads(train_tiny_lm, capsys):
     assert_refused_while_parsing(train_tiny_lm.main, TINY_LM_ARGS + ["--heads", "3"], capsys,
                                  "--dim (8) must be a multiple of --heads (3)")
