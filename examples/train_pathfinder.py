@@ -388,6 +388,8 @@ def refuse_unwritable_outputs(parser, args) -> None:
         folder = next((p for p in log.parents if p.exists()), None)  # made when writing the log
         if folder is not None and not folder.is_dir():
             parser.error(f"--log {args.log}: {folder} is a file, not a folder")
+        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"--log {args.log}: folder {folder} is not writable")
     if args.plot:
         plot_path = Path(args.plot)
         if plot_path.is_dir():

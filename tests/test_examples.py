@@ -211,6 +211,26 @@ def test_train_pathfinder_refuses_a_read_only_log_before_training(train_pathfind
     assert "set:" not in captured.out
 
 
+def test_train_pathfinder_refuses_a_log_folder_it_cannot_write_before_training(
+        train_pathfinder, tmp_path, capsys, monkeypatch):
+    """A --log (or --out) in a folder that may not be written failed only once training was
+    over, the results lost with the traceback: refused first. (os.access stands in for a user
+    other than root.)"""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    log = folder / "runs" / "run.json"
+    access = os.access
+    monkeypatch.setattr(train_pathfinder.os, "access",
+                        lambda path, mode: not (Path(path) == folder and mode & os.W_OK)
+                        and access(path, mode))
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + ["--log", str(log)])
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert f"--log {log}: folder {folder} is not writable" in captured.err
+    assert "set:" not in captured.out
+
+
 def test_train_pathfinder_cache_cut_short_leaves_no_file_to_load(train_pathfinder, tmp_path,
                                                                   monkeypatch):
     """The image-set cache is read whenever its file exists: a save cut short (a full disk,
