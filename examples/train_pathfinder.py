@@ -376,6 +376,17 @@ def read_log(parser, name: str) -> dict:
         parser.error(f"--compare: cannot read {name}: {error}")
 
 
+def refuse_unwritable_folder(parser, given: str, folder: Path, *, written: bool = True) -> None:
+    """Refuse ``given`` (an option and its value) where ``folder``, which the run makes (with
+    its missing parents) and writes into, could not be: its nearest existing ancestor is a
+    file, or, with ``written`` (the run surely writes there), a folder that may not be written."""
+    nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        parser.error(f"{given}: {nearest} is a file, not a folder")
+    if written and nearest is not None and not os.access(nearest, os.W_OK | os.X_OK):
+        parser.error(f"{given}: folder {nearest} is not writable")
+
+
 def refuse_unwritable_outputs(parser, args) -> None:
     """Refuse now, not once the training is over, a --log (or --out) or --plot that could not
     be written: the run would end in a traceback, and a --log's results would be lost."""
@@ -385,11 +396,7 @@ def refuse_unwritable_outputs(parser, args) -> None:
             parser.error(f"--log {args.log} is a folder; give a file name")
         if log.exists() and not os.access(log, os.W_OK):  # write_atomically replaces none such
             parser.error(f"--log {args.log} is read-only")
-        folder = next((p for p in log.parents if p.exists()), None)  # made when writing the log
-        if folder is not None and not folder.is_dir():
-            parser.error(f"--log {args.log}: {folder} is a file, not a folder")
-        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
-            parser.error(f"--log {args.log}: folder {folder} is not writable")
+        refuse_unwritable_folder(parser, f"--log {args.log}", log.parent)
     if args.plot:
         plot_path = Path(args.plot)
         if plot_path.is_dir():
@@ -454,6 +461,10 @@ def main(argv=None) -> int:
             parser.error("--compare needs --plot OUT.png")
         plot([read_log(parser, name) for name in args.compare], args.plot)
         return 0
+    if args.cache_dir:  # written once the image sets are drawn, which may take minutes (a
+        # read-only folder is fine where it holds them already)
+        refuse_unwritable_folder(parser, f"--cache-dir {args.cache_dir}", Path(args.cache_dir),
+                                 written=False)
     if args.prepare_only:
         if not args.cache_dir:
             parser.error("--prepare-only needs --cache-dir")

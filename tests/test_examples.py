@@ -231,6 +231,21 @@ def test_train_pathfinder_refuses_a_log_folder_it_cannot_write_before_training(
     assert "set:" not in captured.out
 
 
+@pytest.mark.parametrize("extra", [["--prepare-only"], []], ids=["prepare-only", "train"])
+def test_train_pathfinder_refuses_a_cache_dir_that_is_a_file_before_drawing(
+        train_pathfinder, tmp_path, capsys, extra):
+    """A --cache-dir naming a file failed only once the image set was drawn (minutes at the
+    larger sizes), in a FileExistsError traceback: refused first."""
+    file = tmp_path / "cache"
+    file.write_text("")
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + ["--cache-dir", str(file / "sets"), *extra])
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert f"--cache-dir {file / 'sets'}: {file} is a file, not a folder" in captured.err
+    assert "set:" not in captured.out
+
+
 def test_train_pathfinder_cache_cut_short_leaves_no_file_to_load(train_pathfinder, tmp_path,
                                                                   monkeypatch):
     """The image-set cache is read whenever its file exists: a save cut short (a full disk,
