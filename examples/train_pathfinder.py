@@ -368,12 +368,22 @@ def power_of_two_side(text: str) -> int:
     return side
 
 
+LOG_KEYS = {"config", "loss", "step_time", "test_accuracy"}   # what plot() reads of a log
+CONFIG_KEYS = {"attention", "size", "tokens"}
+
+
 def read_log(parser, name: str) -> dict:
     """The --log file ``name`` given to --compare; argparse names one it cannot read."""
     try:
-        return json.loads(Path(name).read_text())
+        log = json.loads(Path(name).read_text())
     except (OSError, ValueError) as error:
         parser.error(f"--compare: cannot read {name}: {error}")
+    if not (isinstance(log, dict) and LOG_KEYS <= log.keys() and isinstance(log["config"], dict)
+            and CONFIG_KEYS <= log["config"].keys()):
+        parser.error(f"--compare: {name} is not a --log of this script (a log holds "
+                     f"{', '.join(sorted(LOG_KEYS))}; its config "
+                     f"{', '.join(sorted(CONFIG_KEYS))})")
+    return log
 
 
 def refuse_unwritable_folder(parser, given: str, folder: Path, *, written: bool = True) -> None:

@@ -352,6 +352,18 @@ def test_train_pathfinder_compare_refuses_a_log_it_cannot_read(train_pathfinder,
             capsys, f"--compare: cannot read {log}")
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '{"config": {}}', '{"loss": [0.7]}'])
+def test_train_pathfinder_compare_refuses_json_that_is_no_log(train_pathfinder, tmp_path, capsys,
+                                                              text):
+    """A --compare file that is JSON but not a --log of this script (another tool's output, a
+    log cut down by hand) ended in a TypeError or KeyError traceback while plotting."""
+    other = tmp_path / "other.json"
+    other.write_text(text)
+    assert_refused_while_parsing(
+        train_pathfinder.main, ["--compare", str(other), "--plot", str(tmp_path / "c.png")],
+        capsys, f"--compare: {other} is not a --log of this script")
+
+
 @pytest.mark.parametrize("option", ["--markdown", "--plot"])
 def test_report_refuses_an_output_that_is_a_folder_before_reading(tmp_path, capsys, option):
     """--markdown (or --plot) naming a folder failed in a traceback once the tables were
