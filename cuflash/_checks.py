@@ -188,6 +188,34 @@ def _normal_f32(value: float) -> bool:
     return _F32_TINY <= abs(value) <= _F32_MAX
 
 
+def holds_bool(value: Any) -> bool:
+    """Whether a list or tuple holds a bool, which ``numpy.asarray`` would read as 0 or 1 beside
+    integers: sequences of integers refuse it, as integer arguments do."""
+    return isinstance(value, (list, tuple)) and any(
+        isinstance(item, (bool, numpy.bool_)) for item in value)
+
+
+def integer_sequence(name: str, value: Any, description: str) -> numpy.ndarray:
+    """``value`` as a 1-D NumPy array of integers, holding them exactly: an integer dtype, or
+    Python ints (dtype object) where NumPy would read them as float64 or as objects (integers
+    past int64 beside others, or past uint64). TypeError ``{name} must be {description}``
+    otherwise, for bools too (NumPy reads them as 0 and 1).
+
+    Range checks belong on this array, before any cast to int64, which would wrap integers
+    past it round into range."""
+    array = numpy.asarray(value)
+    items = value if isinstance(value, (list, tuple)) else array
+    exact = array.ndim == 1 and array.dtype.kind in "fO" and all(
+        isinstance(item, numbers.Integral) and not isinstance(item, (bool, numpy.bool_))
+        for item in items)
+    if exact and array.size:
+        array = numpy.array([int(item) for item in items], dtype=object)
+    integers = array.size == 0 or exact or numpy.issubdtype(array.dtype, numpy.integer)
+    if array.ndim != 1 or not integers or holds_bool(value):
+        raise TypeError(f"{name} must be {description}, got {value!r}")
+    return array
+
+
 def query_rows(rows: Any, nq: int) -> numpy.ndarray:
     """Query rows as a 1-D NumPy int64 array (all ``nq`` by default), each in ``[0, nq)``: the
     rows a reference or an exact mask's dense rows are asked for (no negative indices, which
@@ -195,14 +223,14 @@ def query_rows(rows: Any, nq: int) -> numpy.ndarray:
     booleans read as rows 0 and 1 rather than as a selection); an empty sequence is no rows."""
     if rows is None:
         return numpy.arange(nq)
-    given = numpy.asarray(rows)
-    if given.size and not numpy.issubdtype(given.dtype, numpy.integer):  # bool is no integer
-        raise TypeError(f"rows must be a 1-D sequence of integer query rows in [0, {nq}), got "
-                        f"{given!r}")
-    rows = given.astype(numpy.int64)
-    if rows.ndim != 1 or ((rows < 0) | (rows >= nq)).any():
-        raise ValueError(f"rows must be a 1-D sequence of query rows in [0, {nq}), got {rows!r}")
-    return rows
+    allowed = f"a 1-D sequence of query rows in [0, {nq})"
+    if numpy.ndim(rows) != 1:
+        raise ValueError(f"rows must be {allowed}, got {_show(rows)}")
+    given = integer_sequence("rows", rows, f"a 1-D sequence of integer query rows in [0, {nq})")
+    outside = given[(given < 0) | (given >= nq)]
+    if outside.size:
+        raise ValueError(f"rows must be {allowed}, got {outside[:5].tolist()}")
+    return given.astype(numpy.int64)
 
 
 def check_scale(scale: Any, head_dim: int) -> float:

@@ -299,6 +299,25 @@ def test_chunked_rejects_rows_out_of_range(rng):
         reference.chunked_attention(q, k, v, rows=[4])
 
 
+@pytest.mark.parametrize("rows, shown", [
+    (np.array([2**64 - 1], np.uint64), "18446744073709551615"),
+    (np.array([3, 2**63], np.uint64), "9223372036854775808"),
+    ([3, 2**63], "9223372036854775808"),  # NumPy reads these as float64
+    ([2**70, 1], "1180591620717411303424")])  # past uint64: NumPy holds Python ints
+def test_rows_past_int64_are_refused_as_given(rng, rows, shown):
+    """Not wrapped round to a negative row by a cast to int64, nor refused as no integers."""
+    from cuflash.sparse import ExactMask
+
+    q, k, v = random64(rng, (1, 4, 2), (1, 4, 2), (1, 4, 2))
+    calls = (lambda: reference.attention(q, k, v, rows=rows),
+             lambda: reference.chunked_attention(q, k, v, rows=rows),
+             lambda: ExactMask.from_dense(np.ones((4, 4), bool)).element_rows(rows))
+    for call in calls:
+        with pytest.raises(ValueError, match=rf"rows must be a 1-D sequence of query rows in "
+                                             rf"\[0, 4\), got \[{shown}\]"):
+            call()
+
+
 @pytest.mark.parametrize("name", ["dout", "out"])
 @pytest.mark.parametrize("bad, error, words", [
     ("shape", ValueError, r"must have shape \(2, 3, 5, 7\), got \(2, 3, 5, 6\)"),
@@ -340,7 +359,8 @@ def test_chunked_of_no_rows_is_empty(rng):
     assert out.shape == dense_out.shape == (2, 0, 6) and lse.shape == dense_lse.shape == (2, 0)
 
 
-@pytest.mark.parametrize("rows", [[1.5], [2.0], [True, False], np.array([0.9, 1.2])])
+@pytest.mark.parametrize("rows", [[1.5], [2.0], [True, False], np.array([0.9, 1.2]),
+                                  [True, 2], (3, np.False_)])  # NumPy reads these as 1, 2 and 3, 0
 def test_rows_that_are_not_integers_are_refused(rng, rows):
     """A float row would be truncated and a boolean one read as 0 and 1 (not as a selection):
     either way other rows than the ones meant, without a word."""

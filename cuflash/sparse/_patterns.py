@@ -22,12 +22,12 @@ import numbers
 
 import numpy
 
-from .._checks import check_bool
+from .._checks import check_bool, integer_sequence
 from ._convert import _describe, _set_coordinates
 from ._csr import ramp, sorted_unique
 from ._intervals import Grid, every_unit_attends, union
-from ._validate import (integer_sequence, nonnegative_int, nonnegative_pair, positive_int,
-                        positive_pair, problem_shape)
+from ._validate import (nonnegative_int, nonnegative_pair, positive_int, positive_pair,
+                        problem_shape)
 
 _INT64_MAX = 2**63 - 1
 

@@ -84,28 +84,3 @@ def picture_size(max_rows, max_cols):
 
 def ceil_div(a, b):
     return -(-a // b)
-
-
-def holds_bool(value):
-    """Whether a list or tuple holds a bool, which ``numpy.asarray`` would read as 0 or 1 beside
-    integers: sequences of integers refuse it, as integer arguments do."""
-    return isinstance(value, (list, tuple)) and any(
-        isinstance(item, (bool, numpy.bool_)) for item in value)
-
-
-def integer_sequence(name, value, description):
-    """``value`` as a 1-D NumPy array of integers, holding them exactly: an integer dtype, or
-    Python ints (dtype object) where NumPy would read them as float64 or as objects (integers
-    past int64 beside others, or past uint64). TypeError ``{name} must be {description}``
-    otherwise, for bools too (NumPy reads them as 0 and 1)."""
-    array = numpy.asarray(value)
-    items = value if isinstance(value, (list, tuple)) else array
-    exact = array.ndim == 1 and array.dtype.kind in "fO" and all(
-        isinstance(item, numbers.Integral) and not isinstance(item, (bool, numpy.bool_))
-        for item in items)
-    if exact and array.size:
-        array = numpy.array([int(item) for item in items], dtype=object)
-    integers = array.size == 0 or exact or numpy.issubdtype(array.dtype, numpy.integer)
-    if array.ndim != 1 or not integers or holds_bool(value):
-        raise TypeError(f"{name} must be {description}, got {value!r}")
-    return array
