@@ -743,15 +743,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if block_table is not None:
         # Checked as the packed call checks them before the table and offsets are read and the
         # keys gathered: a refused call reads and copies nothing, and one refused for an option
-        # (return_lse and out among them) names it, as the call without pages does, whatever
-        # its table holds.
+        # (return_lse and out among them) or for its query offsets names it, as the call
+        # without pages does, whatever its table holds.
         xp, _, spec = _varlen_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, _varlen_pages.page_shapes,
                                      dropout_seed=dropout_seed, dropout_offset=dropout_offset,
                                      **options)
         _check_varlen_results(xp, spec, q, k, v, out, return_lse, _PAGED_NAMES)
         k, v, hosts = _varlen_pages.gather_pages(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                 max_seqlen_k, block_table, check_offsets)
+                                                 (spec.shapes.nq, spec.shapes.nk), block_table,
+                                                 check_offsets)
     result, lse, _ = _calls.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                            max_seqlen_k, out, options,
                                            (dropout_seed, dropout_offset), return_lse, hosts)

@@ -102,14 +102,16 @@ def page_shapes(q: Any, k_pages: Any, v_pages: Any, batch: int, max_q: int, max_
     return _checks.varlen_shapes(q, k_pages[:, 0], v_pages[:, 0], batch, max_q, max_k)
 
 
-def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table,
+def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_lengths, block_table,
                  check_offsets):
     """Packed ``(k, v, hosts)``: k ``(total_k, Hkv, D)`` and v ``(total_k, Hkv, Dv)`` gathered
     from the pages the block table lists for each sequence, once the call's other arguments are
-    checked (``_api._varlen_checks`` with ``page_shapes``), and ``hosts`` the offsets
-    ``(cu_seqlens_q, cu_seqlens_k)`` on the host. Both are read before the gather, for the
-    packed call to check (``_checks.checked_offsets``): read after it, they would wait for its
-    copy."""
+    checked (``_api._varlen_checks`` with ``page_shapes``; ``max_lengths``: the checked
+    ``(max_seqlen_q, max_seqlen_k)``), and ``hosts`` the offsets ``(cu_seqlens_q,
+    cu_seqlens_k)`` on the host. Both are read before the gather, for the packed call to check
+    (``_checks.checked_offsets``): read after it, they would wait for its copy. The query
+    offsets are checked here too, before the key offsets and the table, in the packed call's
+    order: a call refused for them gathers nothing, and raises what the packed call raises."""
     xp = _checks.array_module(q)
     check_index_array("block_table", block_table, (cu_seqlens_k.shape[0] - 1, None), xp, q)
     if xp is not numpy and not check_offsets:
@@ -117,10 +119,11 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, 
             "a block_table is read on the host, with cu_seqlens_k, to gather each sequence's "
             "keys, so check_offsets=False (no read-back from the device) cannot be kept: pass "
             "check_offsets=True")
-    max_k = _checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    max_q, max_k = max_lengths
     table = numpy.asarray(_checks._host_values(block_table))
     page_size, num_pages = int(k_pages.shape[1]), int(k_pages.shape[0])
     hosts = _checks.host_offsets(cu_seqlens_q), _checks.host_offsets(cu_seqlens_k)
+    _checks.check_offset_values(hosts[0], "cu_seqlens_q", int(q.shape[0]), "max_seqlen_q", max_q)
     rows = key_rows(hosts[1], table, max_k, page_size, num_pages)
     with _checks.device_context(q):
         rows = xp.asarray(rows)

@@ -201,6 +201,30 @@ def test_result_options_are_refused_before_the_pages_are_read(rng, monkeypatch, 
     assert str(paged.value) == str(packed.value)
 
 
+@pytest.mark.parametrize("offsets", [
+    dict(cu_seqlens_q=np.array([0, 3, 7], np.int32)),
+    dict(cu_seqlens_q=np.array([1, 3, 8], np.int32)),
+    dict(cu_seqlens_q=np.array([0, 9, 8], np.int32)), dict(max_seqlen_q=4),
+], ids=["last", "first", "decreasing", "max_seqlen_q"])
+def test_query_offsets_are_refused_before_the_pages_are_read(rng, monkeypatch, offsets):
+    """The query offsets are checked first, as the call on the packed keys checks them: a paged
+    call whose cu_seqlens_q (or max_seqlen_q) is wrong raises what the packed call raises, though
+    its table lists a page k does not hold, and gathers nothing."""
+    from cuflash import _varlen_pages
+
+    q, k, v, k_pages, v_pages, table, cu_q, cu_k = paged_case(rng, np, np.float32, [3, 5],
+                                                              [6, 9], 4)
+    table[1, 2] = k_pages.shape[0]  # no page of k
+    arguments = dict(dict(cu_seqlens_q=cu_q, max_seqlen_q=5), **offsets)
+    cu_q, max_q = arguments["cu_seqlens_q"], arguments["max_seqlen_q"]
+    with pytest.raises(ValueError) as packed:
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, 9)
+    monkeypatch.setattr(_varlen_pages, "key_rows", lambda *args: pytest.fail("pages read"))
+    with pytest.raises(ValueError) as paged:
+        cuflash.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, max_q, 9, block_table=table)
+    assert str(paged.value) == str(packed.value)
+
+
 def test_out_over_the_pages_is_refused(rng):
     args = _paged_args(rng)
     pages = np.zeros((8, 4, 4, 32), np.float32)  # 8 pages of 4 keys, 4 heads: room for out
