@@ -1342,7 +1342,8 @@ def test_ulysses_ranks_with_other_shapes_raise_naming_the_arrays(rng):
     size = 2
     a = random_array(rng, (1, 4, 12, 16), F32)
     b = random_array(rng, (1, 4, 10, 16), F32)
-    with pytest.raises(ValueError, match=r"other shapes.*q \(1, 4, (12|10), 16\)"):
+    with pytest.raises(ValueError, match=r"other shapes.*q is \(1, 4, 12, 16\) float32 on rank 0 "
+                                         r"and \(1, 4, 10, 16\) float32 on rank 1"):
         LocalRing(size, timeout=10).run(lambda comm, x: ulysses_attention(x, x, x, comm=comm),
                                         [a, b])
     dout = random_array(rng, (1, 4, 12, 16), F32)
@@ -1860,3 +1861,93 @@ def test_launcher_on_several_nodes_makes_up_no_master_address(tmp_path):
     assert _launch(tmp_path, body, 1, nnodes=2, node_rank=0, rdzv_dir=rdzv, env=env,
                    master_addr="10.0.0.7", master_port=29511) == 0
     assert (tmp_path / "master0").read_text() == repr(("10.0.0.7", "29511"))
+
+
+def _every_rank_error(rank, size=2):
+    """The errors ``rank(comm)`` raises on each of ``size`` local ranks, by rank."""
+    raised = {}
+
+    def recorded(comm):
+        try:
+            return rank(comm)
+        except Exception as error:
+            raised[comm.rank] = error
+            raise
+
+    with pytest.raises(Exception):
+        LocalRing(size, timeout=10).run(recorded)
+    return raised
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_ranks_with_and_without_axes_in_q_raise_on_every_rank(attention, backward, rng):
+    """A rank whose q has no axis at all (0-d), beside ranks whose q has four, is a mismatch
+    between the ranks' calls: every rank raises the same ValueError, naming q and the shapes
+    of every rank. That rank used to refuse q before the comparison, alone, while the others
+    waited for it there (with NCCL, until the communicator's timeout)."""
+    good = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+    forward = ring_attention if attention == "ring" else ulysses_attention
+    backward_call = (ring_attention_backward if attention == "ring"
+                     else ulysses_attention_backward)
+
+    def rank(comm):
+        q = np.zeros((), F32) if comm.rank == 0 else good
+        if backward:
+            return backward_call(good, q, good, good, good, lse, comm=comm)
+        return forward(q, good, good, comm=comm)
+
+    raised = _every_rank_error(rank)
+    assert all(isinstance(raised.get(r), ValueError) for r in range(2)), raised
+    assert str(raised[0]) == str(raised[1])
+    assert "q is () float32 on rank 0" in str(raised[0])
+    assert "(1, 2, 8, 8) float32 on rank 1" in str(raised[0])
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_a_mismatch_names_the_argument_and_the_shapes_of_every_rank(attention, rng):
+    """Ranks whose k differ in their number of axes raise one ValueError on every rank, naming
+    k and what each rank passed (it used to name this rank's arrays only, not which of them
+    differed nor what the other ranks passed)."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    flat = q[0]
+    call = ring_attention if attention == "ring" else ulysses_attention
+
+    def rank(comm):
+        k = flat if comm.rank == 1 else q
+        return call(q, k, q, comm=comm, validate=True)
+
+    raised = _every_rank_error(rank)
+    assert all(isinstance(raised.get(r), ValueError) for r in range(2)), raised
+    message = str(raised[0])
+    assert message == str(raised[1])
+    assert "k is (1, 2, 8, 8) float32 on rank 0 and (2, 8, 8) float32 on rank 1" in message
+
+
+def test_a_mismatch_of_options_names_the_option_and_every_rank_value(rng):
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    raised = _every_rank_error(
+        lambda comm: ring_attention(q, q, q, comm=comm, window=(2, 0) if comm.rank else (-1, -1),
+                                    scale=0.25 * (1 + comm.rank)))
+    message = str(raised[0])
+    assert message == str(raised[1])
+    assert "window is (-1, -1) on rank 0 and (2, 0) on rank 1" in message
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_a_rank_whose_call_is_too_long_to_compare_fails_with_every_rank(attention, rng):
+    """A rank whose arrays have so many axes that its call takes more values than the
+    comparison holds used to refuse alone, before the comparison, while the others waited
+    for it there; now every rank raises."""
+    good = random_array(rng, (1, 2, 8, 8), F32)
+    deep = good.reshape((1,) * 40 + good.shape)
+    call = ring_attention if attention == "ring" else ulysses_attention
+
+    def rank(comm):
+        x = deep if comm.rank == 1 else good
+        return call(x, x, x, comm=comm)
+
+    raised = _every_rank_error(rank)
+    assert all(isinstance(raised.get(r), ValueError) and "validate=False" in str(raised[r])
+               for r in range(2)), raised

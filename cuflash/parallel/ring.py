@@ -27,7 +27,6 @@ current one is computed.
 from __future__ import annotations
 
 import functools
-import zlib
 from typing import Any, Callable
 
 import numpy
@@ -37,12 +36,12 @@ from cuflash import _checks, _mask
 
 from . import _plan
 from . import layout as _layout
+from ._signature import ArrayField, ChoiceField, FlagField, FloatField, Field, check_same_call
 from .comm import array_module, check_comm
 
 __all__ = ["merge", "ring_attention", "ring_attention_backward", "ring_attention_vjp"]
 
 _F32 = numpy.float32
-_SIGNATURE = 128  # int64 values all-gathered by the check of the ranks' shapes and options
 
 
 # ----------------------------------------------------------------------------- the merge
@@ -106,43 +105,12 @@ def _merge_kernel():
 
 # ----------------------------------------------------------------------------- options
 
-def code(text: str) -> int:
-    """An integer standing for ``text`` in a call's signature."""
-    return zlib.crc32(text.encode())
-
-
-def array_values(arrays) -> list[int]:
-    """The dimensions, shape and dtype of each array, as integers of a call's signature."""
-    values = []
-    for x in arrays:
-        values += [x.ndim, *x.shape, code(str(x.dtype))]
-    return values
-
-
-def check_same_call(comm, values, what: str, rule: str, describe: Callable[[], str]) -> None:
-    """Raise ``ValueError`` on every rank unless every rank of ``comm`` passes the same
-    ``values`` (integers standing for the shapes and options of its call of ``what``): one
-    small all-gather, so that ranks whose calls differ fail instead of hanging or computing
-    with each other's data. ``rule`` says what must match, ``describe()`` this rank's call."""
-    signature = numpy.asarray(values, dtype=numpy.int64)
-    if signature.size >= _SIGNATURE:
-        raise ValueError(f"the shapes and options of this call take {signature.size} values, "
-                         f"more than the {_SIGNATURE - 1} that {what} compares between ranks; "
-                         f"pass validate=False")
-    mine = numpy.zeros(_SIGNATURE, numpy.int64)
-    mine[0] = signature.size
-    mine[1:1 + signature.size] = signature
-    for r, theirs in enumerate(_host(x) for x in comm.all_gather(mine)):
-        if not numpy.array_equal(theirs, mine):
-            raise ValueError(f"rank {comm.rank}: rank {r} calls {what} with other shapes, dtype "
-                             f"or options ({rule}); here {describe()}")
-
-
 def checked_scale(scale, q) -> float:
     """``scale`` checked (``None``: q's default). It is compared between the ranks before
-    ``check_inputs`` runs: a q with an empty head dim takes the default of a head dim of 1 here
-    (not a division by zero), and is refused by name, with its shape, there."""
-    return _checks.check_scale(scale, q.shape[-1] or 1)
+    ``check_inputs`` runs: a q without axes or with an empty head dim takes the default of a
+    head dim of 1 here (not an IndexError or a division by zero), and is refused by name, with
+    its shape, after the comparison, on every rank alike."""
+    return _checks.check_scale(scale, (q.shape[-1] if q.ndim else 0) or 1)
 
 
 class _Options:
@@ -160,8 +128,6 @@ class _Options:
             raise NotImplementedError("block_mask is not supported by ring attention")
         self.comm = comm
         _checks.common_module({"q": q, "k": k, "v": v})
-        if q.ndim == 0:  # no head dimension for the default scale, which the comparison reads
-            _check_dimensions(q, k, v)
         self.layout = _layout.check_layout(layout)
         self.causal = _checks.check_bool(causal, "causal")
         self.window = _checks.check_window(window)
@@ -186,19 +152,15 @@ class _Options:
         """All ranks must call with the same shapes and options: compared with one small
         all-gather, so that a mismatch is an error rather than a hang or a wrong result.
         ``backward``: the backward pass's ``(dout, out, lse)``, compared as well."""
-        values = [*array_values((q, k, v, *(backward or ()))), int(self.causal),
-                  code(self.layout), *self.window, code(repr(self.softcap)),
-                  code(repr(self.scale))]
-        check_same_call(
-            self.comm, values, "ring attention",
-            "every rank must pass chunks of one shape and the same causal, layout, window, "
-            "softcap and scale",
-            lambda: ", ".join(
-                [f"{name} {tuple(x.shape)} {x.dtype}"
-                 for name, x in zip(("q", "k", "v", "dout", "out", "lse"),
-                                    (q, k, v, *(backward or ())))]
-                + [f"causal={self.causal}", f"layout={self.layout!r}",
-                   f"window={self.window}"]))
+        arrays = zip(("q", "k", "v", "dout", "out", "lse"), (q, k, v, *(backward or ())))
+        fields: list[Field] = [ArrayField(name, x) for name, x in arrays]
+        fields += [FlagField("causal", self.causal),
+                   ChoiceField("layout", self.layout, _layout.LAYOUTS),
+                   Field("window", list(self.window)), FloatField("softcap", self.softcap),
+                   FloatField("scale", self.scale)]
+        check_same_call(self.comm, fields, "ring attention",
+                        "every rank must pass chunks of one shape and the same causal, layout, "
+                        "window, softcap and scale")
 
     def calls(self, source: int):
         left, right = self.band

@@ -22,8 +22,8 @@ from cuflash import _checks
 
 from . import layout as _layout
 from .comm import array_module, check_comm
-from .ring import (_host, array_values, check_backward_arrays, check_inputs, check_same_call,
-                   checked_scale, code)
+from ._signature import ArrayField, ChoiceField, Field, FlagField, FloatField, check_same_call
+from .ring import _host, check_backward_arrays, check_inputs, checked_scale
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
@@ -36,8 +36,6 @@ def _check(comm, q, k, v, layout, *, causal, window, softcap, scale) -> dict:
     check_comm(comm)
     _layout.check_layout(layout)
     _checks.common_module({"q": q, "k": k, "v": v})
-    if q.ndim == 0:  # no head dimension for the default scale
-        _check_heads(comm, q, k, v)
     scale = checked_scale(scale, q)
     return dict(causal=_checks.check_bool(causal, "causal"), window=_checks.check_window(window),
                 softcap=_checks.check_softcap(softcap, scale), scale=scale)
@@ -64,19 +62,16 @@ def _validate(comm, arrays: dict, *, layout, causal, window, softcap, scale, ali
     """Every rank must pass arrays of one shape and dtype and the same options (ValueError on
     every rank otherwise), compared with one small all-gather. The options are those ``_check``
     returned."""
-    values = array_values(arrays.values())
-    values += [code(layout), int(causal), *window, code(repr(softcap)), code(repr(scale)),
-               int(deterministic)]
-    if alibi_slopes is not None:
-        slopes = numpy.ascontiguousarray(_host(alibi_slopes))
-        values += [slopes.ndim, *slopes.shape, code(slopes.tobytes().hex())]
+    fields: list[Field] = [ArrayField(name, x) for name, x in arrays.items()]
+    fields += [ChoiceField("layout", layout, _layout.LAYOUTS), FlagField("causal", causal),
+               Field("window", list(window)), FloatField("softcap", softcap),
+               FloatField("scale", scale), FlagField("deterministic", deterministic)]
+    slopes = None if alibi_slopes is None else numpy.ascontiguousarray(_host(alibi_slopes))
+    fields.append(ArrayField("alibi_slopes", slopes, by_values=True))
     check_same_call(
-        comm, values, "ulysses attention",
+        comm, fields, "ulysses attention",
         "every rank must pass chunks of one shape and the same causal, layout, window, softcap, "
-        "scale and alibi_slopes",
-        lambda: ", ".join([f"{name} {tuple(x.shape)}" for name, x in arrays.items()]
-                          + [str(arrays["q"].dtype), f"causal={causal}", f"layout={layout!r}",
-                             f"window={window}"]))
+        "scale and alibi_slopes")
 
 
 def _to_heads(x, comm, layout, seq_axis=-2):

@@ -1,0 +1,162 @@
+"""The comparison of the ranks' calls: every rank all-gathers the shapes and options of its
+call as integers, and every rank raises one and the same ``ValueError`` when they differ.
+
+A call's signature is a list of named fields, each a few int64 values that can be read back on
+any rank, so that the error names the argument that differs and what every rank passed:
+
+- an array: ``[ndim, *shape, dtype]`` (``[-1]`` for ``None``);
+- a flag, a tuple of ints, a float (its bits), a name from a known list.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy
+
+_SIGNATURE = 128  # int64 values all-gathered by the check of the ranks' shapes and options
+
+# The dtypes an array field reads back by name (others are compared all the same).
+_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
+                "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128",
+                "float8_e4m3fn", "float8_e5m2")
+
+
+def code(text: str) -> int:
+    """An integer standing for ``text`` in a call's signature."""
+    return zlib.crc32(text.encode())
+
+
+class Field:
+    """One named part of a call's signature: ``values()`` its integers on this rank,
+    ``length(values, i)`` how many of them a signature holds from index ``i``, ``render``
+    the text of any rank's values."""
+
+    def __init__(self, name: str, values: list[int]):
+        self.name, self.own = name, [int(v) for v in values]
+
+    def length(self, signature, start: int) -> int:
+        return len(self.own)
+
+    def render(self, values) -> str:
+        return str(tuple(values)) if len(values) > 1 else str(values[0])
+
+
+class ArrayField(Field):
+    """An array's dimensions, shape and dtype (or ``None``); ``by_values``: a digest of the
+    array's values (a host array) in place of its dtype."""
+
+    def __init__(self, name: str, x, *, by_values: bool = False):
+        self.by_values = by_values
+        if x is None:
+            super().__init__(name, [-1])
+        else:
+            last = code(x.tobytes().hex()) if by_values else code(str(x.dtype))
+            super().__init__(name, [x.ndim, *x.shape, last])
+
+    def length(self, signature, start: int) -> int:
+        ndim = int(signature[start])
+        return 1 if ndim < 0 else ndim + 2
+
+    def render(self, values) -> str:
+        if values[0] < 0:
+            return "None"
+        shape = tuple(int(s) for s in values[1:-1])
+        if self.by_values:
+            return f"{shape} (values #{int(values[-1]) & 0xFFFFFFFF:08x})"
+        names = {code(name): name for name in _DTYPE_NAMES}
+        return f"{shape} {names.get(int(values[-1]), 'of another dtype')}"
+
+
+class FlagField(Field):
+    def __init__(self, name: str, value: bool):
+        super().__init__(name, [int(bool(value))])
+
+    def render(self, values) -> str:
+        return str(bool(values[0]))
+
+
+class FloatField(Field):
+    """A float, exactly: its bits."""
+
+    def __init__(self, name: str, value: float):
+        super().__init__(name, [int(numpy.float64(value).view(numpy.int64))])
+
+    def render(self, values) -> str:
+        return repr(float(numpy.int64(values[0]).view(numpy.float64)))
+
+
+class ChoiceField(Field):
+    """One of the names ``choices``."""
+
+    def __init__(self, name: str, value: str, choices):
+        super().__init__(name, [code(value)])
+        self.names = {code(choice): choice for choice in choices}
+
+    def render(self, values) -> str:
+        return repr(self.names.get(int(values[0]), "another"))
+
+
+def check_same_call(comm, fields: list[Field], what: str, rule: str) -> None:
+    """Raise one ``ValueError`` on every rank unless every rank of ``comm`` passes the same
+    ``fields`` (the shapes and options of its call of ``what``): one small all-gather, so that
+    ranks whose calls differ fail instead of hanging or computing with each other's data.
+    ``rule`` says what must match. A call too long to compare fails on every rank as well,
+    after the all-gather, which every rank must join."""
+    signature = numpy.asarray([v for field in fields for v in field.own], dtype=numpy.int64)
+    mine = numpy.zeros(_SIGNATURE, numpy.int64)
+    mine[0] = signature.size
+    if signature.size < _SIGNATURE:
+        mine[1:1 + signature.size] = signature
+    everyone = [_host(x) for x in comm.all_gather(mine)]
+    for r, theirs in enumerate(everyone):
+        if theirs[0] >= _SIGNATURE:
+            raise ValueError(f"{what}: the shapes and options of the call on rank {r} take "
+                             f"{int(theirs[0])} values, more than the {_SIGNATURE - 1} that "
+                             f"{what} compares between ranks; pass validate=False")
+    if all(numpy.array_equal(theirs, mine) for theirs in everyone):
+        return
+    raise ValueError(f"{what} is called with other shapes, dtype or options on different "
+                     f"ranks ({rule}): {_difference(fields, everyone)}")
+
+
+def _difference(fields, everyone) -> str:
+    """The first field whose values differ between the ranks, with every rank's value: one
+    text, the same on every rank."""
+    parsed = [_parse(fields, theirs[1:1 + int(theirs[0])]) for theirs in everyone]
+    for i, field in enumerate(fields):
+        values = [p[i] if p is not None and i < len(p) else None for p in parsed]
+        if len(set(values)) > 1:
+            return f"{field.name} is " + _by_rank(
+                [("?" if v is None else field.render(v)) for v in values])
+    return "their calls cannot be read field by field"
+
+
+def _parse(fields, signature):
+    """``signature`` cut into the values of ``fields`` (tuples), or ``None`` when it does not
+    hold them."""
+    values, start = [], 0
+    try:
+        for field in fields:
+            length = field.length(signature, start)
+            if length < 1 or start + length > len(signature):
+                return None
+            values.append(tuple(int(v) for v in signature[start:start + length]))
+            start += length
+    except (IndexError, ValueError):
+        return None
+    return values if start == len(signature) else None
+
+
+def _by_rank(texts) -> str:
+    """``"A on ranks 0, 2 and B on rank 1"``: each text with the ranks that passed it."""
+    groups: dict[str, list[int]] = {}
+    for r, text in enumerate(texts):
+        groups.setdefault(text, []).append(r)
+    parts = [f"{text} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+             for text, ranks in groups.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _host(x):
+    return x.get() if type(x).__module__.partition(".")[0] == "cupy" else numpy.asarray(x)
