@@ -1951,3 +1951,57 @@ def test_a_rank_whose_call_is_too_long_to_compare_fails_with_every_rank(attentio
     raised = _every_rank_error(rank)
     assert all(isinstance(raised.get(r), ValueError) and "validate=False" in str(raised[r])
                for r in range(2)), raised
+
+
+def _gloo_all_to_all_rank(rank, size, port, queue):
+    """One process of the TorchComm all-to-all test: rank r sends arrays of r + 1 axes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from cuflash.parallel import TorchComm
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        comm = TorchComm(timeout=60)
+        arrays = [np.full((2,) * (rank + 1), 10 * rank + dst, F32) for dst in range(size)]
+        try:
+            queue.put((rank, comm.all_to_all(arrays)))
+        except Exception as error:  # reported to the test, which names it
+            queue.put((rank, f"{type(error).__name__}: {error}"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torch_comm_all_to_all_of_arrays_with_other_numbers_of_axes():
+    """Ranks whose arrays have other numbers of axes exchange them as a LocalRing does: each
+    rank receives what each sender sent, in the sender's shape. The exchange of the shapes
+    used to gather arrays of one width per rank (its own largest number of axes), so that the
+    ranks' all-gather of them did not match."""
+    pytest.importorskip("torch")
+    import multiprocessing
+
+    from cuflash.parallel.launch import _free_port
+    size = 2
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_gloo_all_to_all_rank, args=(r, size, port, queue))
+                 for r in range(size)]
+    for p in processes:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=60) for _ in range(size))
+    finally:
+        for p in processes:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for rank in range(size):
+        received = results[rank]
+        assert not isinstance(received, str), received
+        for src, x in enumerate(received):
+            assert x.shape == (2,) * (src + 1)
+            assert np.all(x == 10 * src + rank)

@@ -24,6 +24,8 @@ from .comm import CommBase, array_module, check_comm, check_rank, check_timeout
 
 __all__ = ["TorchComm", "call_on_arrays", "group_rank_and_size", "torch_ring_attention"]
 
+_MAX_DIMS = 64  # the most axes a NumPy (2.x) or CuPy array has
+
 
 def _bytes_tensor(x):
     """A uint8 torch tensor sharing the memory of a C-contiguous NumPy or CuPy array."""
@@ -162,10 +164,10 @@ class TorchComm(CommBase):
         return _TorchPending(works, received, arrays, xp, self.timeout).wait()
 
     def _gather_shapes(self, arrays):
-        """The shape of the array each rank sends to this one (all_to_all needs them)."""
-        import torch
-        ndim = max(x.ndim for x in arrays)
-        mine = numpy.full((self.size, ndim + 1), -1, numpy.int64)
+        """The shape of the array each rank sends to this one (all_to_all needs them). Every
+        rank gathers rows of one width, the most axes an array can have, whatever its own
+        arrays have: an all-gather of rows of each rank's own width would not match."""
+        mine = numpy.full((self.size, _MAX_DIMS + 1), -1, numpy.int64)
         for dst, x in enumerate(arrays):
             mine[dst, 0] = x.ndim
             mine[dst, 1:1 + x.ndim] = x.shape
@@ -174,7 +176,6 @@ class TorchComm(CommBase):
         for src in range(self.size):
             row = everyone[src][self.rank]
             shapes.append(tuple(int(s) for s in row[1:1 + int(row[0])]))
-        del torch
         return shapes
 
     def _device(self):
