@@ -2005,3 +2005,29 @@ def test_torch_comm_all_to_all_of_arrays_with_other_numbers_of_axes():
         for src, x in enumerate(received):
             assert x.shape == (2,) * (src + 1)
             assert np.all(x == 10 * src + rank)
+
+
+@pytest.mark.parametrize("bad", [3, None, "generator", {0: "a", 1: "b"}])
+def test_per_rank_arguments_without_a_length_are_refused_by_name(bad):
+    """unshard's parts, LocalRing.run's per-rank arguments and all_to_all's arrays that are not
+    a sequence (an int, None, a generator, a mapping) are refused with a TypeError naming the
+    argument and what it takes; they used to fail inside with "object of type 'int' has no
+    len()", or (a mapping) read its keys as the parts."""
+    x = np.zeros((1, 2, 8, 4), F32)
+    parts = [shard(x, r, 2) for r in range(2)]
+
+    def fresh():
+        return (p for p in parts) if bad == "generator" else bad
+
+    with pytest.raises(TypeError, match=r"parts must be a list or tuple .*got "):
+        unshard(fresh())
+    ring = LocalRing(2, timeout=10)
+    with pytest.raises(TypeError, match=r"argument 0 of run\(\) must be a list or tuple .*got "):
+        ring.run(lambda comm, a: a, fresh())
+    with pytest.raises(TypeError, match=r"arrays must be a list or tuple .*got "):
+        ring.comms[0].all_to_all(fresh())
+
+
+def test_local_ring_run_refuses_a_function_that_cannot_be_called():
+    with pytest.raises(TypeError, match="fn must be callable, got int"):
+        LocalRing(2, timeout=10).run(3)

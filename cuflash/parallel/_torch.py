@@ -20,7 +20,8 @@ import numpy
 
 from cuflash import _checks
 
-from .comm import CommBase, array_module, check_comm, check_rank, check_timeout
+from .comm import (CommBase, array_module, check_comm, check_per_rank, check_rank,
+                   check_timeout)
 
 __all__ = ["TorchComm", "call_on_arrays", "group_rank_and_size", "torch_ring_attention"]
 
@@ -147,6 +148,7 @@ class TorchComm(CommBase):
         return _TorchPending(works, received, send, xp, self.timeout)
 
     def all_to_all(self, arrays):
+        check_per_rank(arrays, "arrays", "array")
         if len(arrays) != self.size:
             raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
                              f"got {len(arrays)}")

@@ -30,6 +30,7 @@ Failures never hang silently: a wait that passes ``timeout`` raises :class:`Comm
 from __future__ import annotations
 
 import collections
+import collections.abc
 import threading
 import time
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -39,7 +40,7 @@ import numpy
 from cuflash import _checks
 
 __all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
-           "array_module", "check_comm", "check_rank"]
+           "array_module", "check_comm", "check_per_rank", "check_rank"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds
 
@@ -94,6 +95,17 @@ def check_rank(value, name: str, size: int) -> int:
     if _checks.is_integer(value) and not 0 <= value < size:
         raise ValueError(f"{name} must be in [0, {size}), got {value}")
     return _checks.check_int(value, name, 0)
+
+
+def check_per_rank(value, name: str, item: str):
+    """``value``, a sequence of one ``item`` per rank (a list, a tuple, or anything with a
+    length that is indexed by position); ``TypeError`` naming ``name`` otherwise: a generator
+    has no length, and a mapping is indexed by its keys, which would be read as its items."""
+    if (not (hasattr(value, "__len__") and hasattr(value, "__getitem__"))
+            or isinstance(value, collections.abc.Mapping)):
+        raise TypeError(f"{name} must be a list or tuple of one {item} per rank, got "
+                        f"{type(value).__name__}")
+    return value
 
 
 def array_module(x):
@@ -197,7 +209,10 @@ class LocalRing:
 
         Each positional argument after ``fn`` is a sequence with one item per rank.
         """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         for i, seq in enumerate(per_rank):
+            check_per_rank(seq, f"argument {i} of run()", "item")
             if len(seq) != self.size:
                 raise ValueError(f"argument {i} of run() must hold one item per rank "
                                  f"({self.size}), got {len(seq)}")
@@ -310,6 +325,7 @@ class LocalComm(CommBase):
                         recv_like if recv_like is not None else send, src, self.rank)
 
     def all_to_all(self, arrays):
+        check_per_rank(arrays, "arrays", "array")
         if len(arrays) != self.size:
             raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
                              f"got {len(arrays)}")

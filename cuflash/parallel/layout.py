@@ -24,6 +24,8 @@ import numpy
 
 from cuflash import _checks
 
+from .comm import check_per_rank
+
 LAYOUTS = ("contiguous", "zigzag")
 
 __all__ = ["LAYOUTS", "check_layout", "chunks_per_rank", "positions", "segments", "shard",
@@ -128,7 +130,7 @@ def shard(x, rank: int, size: int, layout: str = "zigzag", *, axis: int = -2):
 def unshard(parts: Sequence, layout: str = "zigzag", *, axis: int = -2):
     """The whole sequence from the local parts of every rank (``parts[r]`` from rank ``r``):
     the inverse of :func:`shard`."""
-    size = len(parts)
+    size = len(check_per_rank(parts, "parts", "part"))
     if size == 0:
         raise ValueError("unshard needs the parts of at least one rank")
     for r, part in enumerate(parts):

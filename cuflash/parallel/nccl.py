@@ -33,8 +33,8 @@ import numpy
 from cuflash import _checks
 from cuflash._files import write_atomically
 
-from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module, check_rank,
-                   check_timeout)
+from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module,
+                   check_per_rank, check_rank, check_timeout)
 
 __all__ = ["NcclComm", "read_unique_id", "unique_id_bytes"]
 
@@ -401,6 +401,7 @@ class NcclComm(CommBase):
         """``arrays[j]`` to rank ``j``; every rank must send arrays of one shape and dtype (the
         receive buffers are shaped like the arrays sent)."""
         cupy = self.cupy
+        check_per_rank(arrays, "arrays", "array")
         if len(arrays) != self.size:
             raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
                              f"got {len(arrays)}")
