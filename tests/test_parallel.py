@@ -2031,3 +2031,55 @@ def test_per_rank_arguments_without_a_length_are_refused_by_name(bad):
 def test_local_ring_run_refuses_a_function_that_cannot_be_called():
     with pytest.raises(TypeError, match="fn must be callable, got int"):
         LocalRing(2, timeout=10).run(3)
+
+
+_NOT_A_LIST_OF_ARRAYS = [
+    ("generator", "send must be a list or tuple of arrays, got generator"),
+    ("array", "send must be a list or tuple of arrays, got ndarray"),
+    ("int", "send must be a list or tuple of arrays, got int"),
+    ("list of ints", r"send\[1\] must be an array \(NumPy or CuPy\), got int")]
+
+
+def _not_a_list_of_arrays(kind):
+    arrays = [np.zeros(2, F32), np.ones(2, F32)]
+    return {"generator": (x for x in arrays), "array": arrays[0], "int": 3,
+            "list of ints": [arrays[0], 1]}[kind]
+
+
+@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("kind, message", _NOT_A_LIST_OF_ARRAYS)
+def test_local_shift_refuses_a_send_that_is_no_list_of_arrays_by_name(size, kind, message):
+    """shift and exchange iterated whatever send was: a generator was used up by the sending,
+    so that the receiver expected nothing and failed with a CommError about shapes; a lone
+    array went as a list of its elements; an int failed with "'int' object is not
+    iterable"."""
+    def rank(comm):
+        return comm.shift(_not_a_list_of_arrays(kind)).wait()
+
+    with pytest.raises(TypeError, match=message):
+        LocalRing(size, timeout=10).run(rank)
+
+    def exchange(comm):
+        peer = (comm.rank + 1) % comm.size
+        return comm.exchange([np.zeros(2, F32)], peer, peer,
+                             recv_like=_not_a_list_of_arrays(kind))
+
+    with pytest.raises(TypeError, match=message.replace("send", "recv_like")):
+        LocalRing(size, timeout=10).run(exchange)
+
+
+@pytest.mark.parametrize("communicator", ["NcclComm", "TorchComm"])
+@pytest.mark.parametrize("kind, message", _NOT_A_LIST_OF_ARRAYS)
+def test_device_exchange_refuses_a_send_that_is_no_list_of_arrays_before_any_transfer(
+        communicator, kind, message):
+    """TorchComm.exchange used up a generator to find the arrays' module and then sent and
+    received nothing, while the peer waited; NcclComm sent a generator's arrays but received
+    none."""
+    if communicator == "TorchComm":
+        pytest.importorskip("torch")
+    from cuflash import parallel
+    kind_of_comm = getattr(parallel, communicator)
+    comm = kind_of_comm.__new__(kind_of_comm)
+    comm.rank, comm.size, comm.cupy, comm.dist = 0, 2, _NoDevice(), _NoDevice()
+    with pytest.raises(TypeError, match=message):
+        comm.exchange(_not_a_list_of_arrays(kind), 1, 1)

@@ -20,8 +20,8 @@ import numpy
 
 from cuflash import _checks
 
-from .comm import (CommBase, array_module, check_comm, check_per_rank, check_rank,
-                   check_timeout)
+from .comm import (CommBase, _send_and_like, array_module, check_comm, check_per_rank,
+                   check_rank, check_timeout)
 
 __all__ = ["TorchComm", "call_on_arrays", "group_rank_and_size", "torch_ring_attention"]
 
@@ -135,11 +135,11 @@ class TorchComm(CommBase):
     def exchange(self, send, dst, src, recv_like=None):
         # torch.distributed would fail, or wait, for a peer that is no rank of the group.
         dst, src = check_rank(dst, "dst", self.size), check_rank(src, "src", self.size)
-        like = send if recv_like is None else recv_like
+        send, like = _send_and_like(send, recv_like)
         if not send and not like:
             from .comm import Done
             return Done([])
-        xp = array_module((list(send) or list(like))[0])
+        xp = array_module((send or like)[0])
         send = [xp.ascontiguousarray(x) for x in send]
         received = [xp.empty(x.shape, x.dtype) for x in like]
         with _StreamScope(xp):

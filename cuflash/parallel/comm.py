@@ -40,7 +40,7 @@ import numpy
 from cuflash import _checks
 
 __all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
-           "array_module", "check_comm", "check_per_rank", "check_rank"]
+           "array_module", "check_arrays", "check_comm", "check_per_rank", "check_rank"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds
 
@@ -108,6 +108,26 @@ def check_per_rank(value, name: str, item: str):
     return value
 
 
+def check_arrays(value, name: str) -> list:
+    """``value``, the arrays of one send or receive, as a list; ``TypeError`` naming ``name``
+    unless it is a list or tuple of arrays: a generator would be used up by the sending and
+    leave nothing to shape the receiving by, and a lone array would go as its rows."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of arrays, got {type(value).__name__}")
+    for i, x in enumerate(value):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"{name}[{i}] must be an array (NumPy or CuPy), got "
+                            f"{type(x).__name__}")
+    return list(value)
+
+
+def _send_and_like(send, recv_like) -> tuple[list, list]:
+    """An exchange's ``send`` and the arrays its receiving is shaped like (``recv_like``,
+    default ``send``), checked as lists of arrays."""
+    send = check_arrays(send, "send")
+    return send, send if recv_like is None else check_arrays(recv_like, "recv_like")
+
+
 def array_module(x):
     """``numpy`` or ``cupy`` for an array."""
     if type(x).__module__.partition(".")[0] == "cupy":
@@ -149,6 +169,7 @@ class CommBase:
         if not _checks.is_integer(offset):
             raise TypeError(f"offset must be an int, got {offset!r} of type "
                             f"{type(offset).__name__}")
+        send = check_arrays(send, "send")
         if self.size == 1:
             # Copies, as any exchange receives: the sender may reuse its arrays at once.
             return Done([x.copy() for x in send])
@@ -320,9 +341,10 @@ class LocalComm(CommBase):
 
     def exchange(self, send, dst, src, recv_like=None) -> Pending:
         dst, src = check_rank(dst, "dst", self.size), check_rank(src, "src", self.size)
+        send, like = _send_and_like(send, recv_like)
         self.ring._post(self.rank, dst, "exchange", [x.copy() for x in send])
-        return _Checked(_LocalPending(self.ring, src, self.rank, "exchange"),
-                        recv_like if recv_like is not None else send, src, self.rank)
+        return _Checked(_LocalPending(self.ring, src, self.rank, "exchange"), like, src,
+                        self.rank)
 
     def all_to_all(self, arrays):
         check_per_rank(arrays, "arrays", "array")

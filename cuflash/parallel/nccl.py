@@ -33,8 +33,8 @@ import numpy
 from cuflash import _checks
 from cuflash._files import write_atomically
 
-from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, array_module,
-                   check_per_rank, check_rank, check_timeout)
+from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, _send_and_like,
+                   array_module, check_per_rank, check_rank, check_timeout)
 
 __all__ = ["NcclComm", "read_unique_id", "unique_id_bytes"]
 
@@ -387,8 +387,8 @@ class NcclComm(CommBase):
     def exchange(self, send, dst, src, recv_like=None):
         # NCCL would fail, or wait, on the GPU for a peer that is no rank of the ring.
         dst, src = check_rank(dst, "dst", self.size), check_rank(src, "src", self.size)
+        send, like = _send_and_like(send, recv_like)
         cupy = self.cupy
-        like = send if recv_like is None else recv_like
         with self.device:
             send = [cupy.ascontiguousarray(x) for x in send]
             received = [cupy.empty(x.shape, x.dtype) for x in like]
