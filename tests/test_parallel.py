@@ -2083,3 +2083,25 @@ def test_device_exchange_refuses_a_send_that_is_no_list_of_arrays_before_any_tra
     comm.rank, comm.size, comm.cupy, comm.dist = 0, 2, _NoDevice(), _NoDevice()
     with pytest.raises(TypeError, match=message):
         comm.exchange(_not_a_list_of_arrays(kind), 1, 1)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(unique_id=bytes(127)), ValueError, "unique_id must be NCCL's unique id, 128 bytes"),
+    (dict(unique_id="ab" * 128), TypeError, "unique_id must be NCCL's unique id.*got str"),
+    (dict(unique_id=3), TypeError, "unique_id must be NCCL's unique id.*got int"),
+    (dict(unique_id=(0,) * 127), ValueError, "unique_id must be NCCL's unique id.*got 127"),
+    (dict(unique_id=(300,) * 128), ValueError, "unique_id must be NCCL's unique id"),
+    (dict(device=1.5), TypeError, "device must be an int"),
+    (dict(device=True), TypeError, "device must be an int"),
+    (dict(device=-1), ValueError, "device must be at least 0")])
+def test_nccl_comm_refuses_a_bad_unique_id_or_device_before_cupy(arguments, error,
+                                                                message, monkeypatch):
+    """NcclComm checks every argument before CuPy or NCCL is touched, as it says: a unique id
+    of another length was a CommError once the GPU had been chosen, a str went to NCCL as a
+    tuple of its characters, and the device went to CuPy unchecked."""
+    from cuflash.parallel import nccl
+    monkeypatch.setattr(nccl, "_nccl", lambda: pytest.fail("NCCL loaded before the checks"))
+    monkeypatch.setitem(sys.modules, "cupy", _NoDevice())
+    arguments = dict(dict(unique_id=bytes(128)), **arguments)
+    with pytest.raises(error, match=message):
+        nccl.NcclComm(0, 2, arguments.pop("unique_id"), **arguments)

@@ -125,6 +125,25 @@ def _unique_id_tuple(data: bytes) -> tuple:
     return tuple(b - 256 if b > 127 else b for b in data)
 
 
+def _check_unique_id(unique_id) -> tuple:
+    """``unique_id`` (bytes, or CuPy's tuple of signed chars) as CuPy's tuple; ``TypeError``
+    or ``ValueError`` naming it otherwise, before NCCL would take a str for a tuple of its
+    characters."""
+    allowed = f"unique_id must be NCCL's unique id, {ID_BYTES} bytes or {ID_BYTES} ints"
+    if isinstance(unique_id, (bytes, bytearray)):
+        data = bytes(unique_id)
+    elif isinstance(unique_id, (tuple, list)):
+        if not all(_checks.is_integer(c) and -128 <= c <= 255 for c in unique_id):
+            raise ValueError(f"{allowed} in [-128, 255] (signed or unsigned chars)")
+        data = unique_id_bytes(unique_id)
+    else:
+        raise TypeError(f"{allowed} (as cupy.cuda.nccl.get_unique_id() gives it), got "
+                        f"{type(unique_id).__name__}")
+    if len(data) != ID_BYTES:
+        raise ValueError(f"{allowed}, got {len(data)}")
+    return _unique_id_tuple(data)
+
+
 def write_unique_id(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (a reader sees all of it or no file), readable by
     its owner alone."""
@@ -191,12 +210,13 @@ class NcclComm(CommBase):
         self.timeout = _timeout(timeout)
         self.size = _checks.check_int(size, "size", 1)
         self.rank = check_rank(rank, "rank", self.size)
+        uid = _check_unique_id(unique_id)
+        if device is not None:
+            device = _checks.check_int(device, "device", 0)
         import cupy
         self.cupy = cupy
         self.nccl = _nccl()
         self.device = cupy.cuda.Device(cupy.cuda.Device().id if device is None else device)
-        uid = (_unique_id_tuple(bytes(unique_id)) if isinstance(unique_id, (bytes, bytearray))
-               else tuple(unique_id))
         self._comm = self._create(uid)
         with self.device:
             self.stream = cupy.cuda.Stream(non_blocking=True)
