@@ -336,10 +336,12 @@ def test_merge_ignores_the_out_of_rows_that_saw_nothing(unseen):
                                     ((2, 3, 4), (3,), (2, 3, 4), (2, 3)),
                                     ((2, 3, 4), (2, 3), (1, 3, 4), (1, 3)),
                                     ((2, 3, 4), (2, 3), (2, 3, 2), (2, 3)),
-                                    ((2, 3, 4), (2, 3), (2, 3, 4), (2, 2))])
+                                    ((2, 3, 4), (2, 3), (2, 3, 4), (2, 2)),
+                                    ((), (), (), ())])
 def test_merge_refuses_results_of_other_shapes(shapes):
     """Both sides must be results of the same rows: an lse without the head axis used to be
-    broadcast over the heads without an error, and other mismatches failed inside NumPy."""
+    broadcast over the heads without an error, and other mismatches failed inside NumPy (so
+    did outs without axes, which have no Dv axis for the rows' weights)."""
     arrays = [np.zeros(shape, F32) for shape in shapes]
     with pytest.raises(ValueError, match=re.escape(
             f"out_a {shapes[0]}, lse_a {shapes[1]}, out_b {shapes[2]}, lse_b {shapes[3]}")):

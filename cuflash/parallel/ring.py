@@ -57,7 +57,8 @@ def merge(out_a, lse_a, out_b, lse_b):
     """
     xp = _checks.common_module({"out_a": out_a, "lse_a": lse_a, "out_b": out_b, "lse_b": lse_b})
     shapes = [tuple(x.shape) for x in (out_a, lse_a, out_b, lse_b)]
-    if not (shapes[0] == shapes[2] and shapes[1] == shapes[3] == shapes[0][:-1]):
+    # out needs its Dv axis: each row's weight is broadcast along it.
+    if not (shapes[0] and shapes[0] == shapes[2] and shapes[1] == shapes[3] == shapes[0][:-1]):
         raise ValueError(
             "merge needs two results of the same rows: out_a and out_b of one shape (..., N, "
             "Dv), lse_a and lse_b of that shape without its last axis; got "
