@@ -2107,3 +2107,55 @@ def test_nccl_comm_refuses_a_bad_unique_id_or_device_before_cupy(arguments, erro
     arguments = dict(dict(unique_id=bytes(128)), **arguments)
     with pytest.raises(error, match=message):
         nccl.NcclComm(0, 2, arguments.pop("unique_id"), **arguments)
+
+
+def _gloo_all_to_all_dtypes_rank(rank, size, port, queue):
+    """One process of the TorchComm dtype test: rank 0 sends float32, rank 1 int32."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from cuflash.parallel import TorchComm
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        comm = TorchComm(timeout=60)
+        dtype = np.float32 if rank == 0 else np.int32
+        arrays = [np.full(3, 1 + rank, dtype) for _ in range(size)]
+        try:
+            queue.put((rank, comm.all_to_all(arrays)))
+        except Exception as error:  # reported to the test, which reads it
+            queue.put((rank, f"{type(error).__name__}: {error}"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torch_comm_all_to_all_refuses_arrays_of_other_dtypes_on_every_rank():
+    """A rank receives into buffers of the dtype of what it sends to the sender: arrays of
+    another dtype of the same size were taken bit for bit (rank 1's int32 ones read as float32
+    on rank 0), of another size an abort of the process. Every rank now raises one ValueError
+    naming the ranks and the dtypes."""
+    pytest.importorskip("torch")
+    import multiprocessing
+
+    from cuflash.parallel.launch import _free_port
+    size = 2
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_gloo_all_to_all_dtypes_rank,
+                                 args=(r, size, port, queue)) for r in range(size)]
+    for p in processes:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=60) for _ in range(size))
+    finally:
+        for p in processes:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    expected = ("ValueError: all_to_all needs arrays of one dtype in each direction: rank 0 "
+                "sends rank 1 float32, rank 1 sends rank 0 int32")
+    assert results == {0: expected, 1: expected}

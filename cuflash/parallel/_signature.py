@@ -27,6 +27,17 @@ def code(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def dtype_code(dtype) -> int:
+    """An integer standing for ``dtype``, which :func:`dtype_text` reads back."""
+    return code(str(dtype))
+
+
+def dtype_text(value: int) -> str:
+    """The name of the dtype ``value`` stands for (one of the usual ones), else a phrase."""
+    names = {code(name): name for name in _DTYPE_NAMES}
+    return names.get(int(value), "of another dtype")
+
+
 class Field:
     """One named part of a call's signature: ``values()`` its integers on this rank,
     ``length(values, i)`` how many of them a signature holds from index ``i``, ``render``
@@ -51,7 +62,7 @@ class ArrayField(Field):
         if x is None:
             super().__init__(name, [-1])
         else:
-            last = code(x.tobytes().hex()) if by_values else code(str(x.dtype))
+            last = code(x.tobytes().hex()) if by_values else dtype_code(x.dtype)
             super().__init__(name, [x.ndim, *x.shape, last])
 
     def length(self, signature, start: int) -> int:
@@ -64,8 +75,7 @@ class ArrayField(Field):
         shape = tuple(int(s) for s in values[1:-1])
         if self.by_values:
             return f"{shape} (values #{int(values[-1]) & 0xFFFFFFFF:08x})"
-        names = {code(name): name for name in _DTYPE_NAMES}
-        return f"{shape} {names.get(int(values[-1]), 'of another dtype')}"
+        return f"{shape} {dtype_text(values[-1])}"
 
 
 class FlagField(Field):

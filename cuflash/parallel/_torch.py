@@ -20,6 +20,7 @@ import numpy
 
 from cuflash import _checks
 
+from ._signature import dtype_code, dtype_text
 from .comm import (CommBase, _send_and_like, array_module, check_comm, check_per_rank,
                    check_rank, check_timeout)
 
@@ -95,6 +96,21 @@ def group_rank_and_size(group, what: str) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def _check_pairs_of_dtypes(everyone) -> None:
+    """``everyone[src][dst]``: the header (ndim, dtype, shape) of what ``src`` sends ``dst``.
+    Raise one ``ValueError``, on every rank alike, where two ranks send each other arrays of
+    other dtypes: each receives into arrays of the dtype it sends, which would read the other's
+    bytes as its own dtype."""
+    size = len(everyone)
+    for src in range(size):
+        for dst in range(src + 1, size):
+            there, back = everyone[src][dst][1], everyone[dst][src][1]
+            if there != back:
+                raise ValueError(f"all_to_all needs arrays of one dtype in each direction: "
+                                 f"rank {src} sends rank {dst} {dtype_text(there)}, rank {dst} "
+                                 f"sends rank {src} {dtype_text(back)}")
+
+
 class TorchComm(CommBase):
     """A communicator over a ``torch.distributed`` process group (default: the world).
 
@@ -148,6 +164,8 @@ class TorchComm(CommBase):
         return _TorchPending(works, received, send, xp, self.timeout)
 
     def all_to_all(self, arrays):
+        """``arrays[j]`` to rank ``j``, of any shape; what two ranks send each other must have
+        one dtype (``ValueError`` on every rank otherwise)."""
         check_per_rank(arrays, "arrays", "array")
         if len(arrays) != self.size:
             raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
@@ -166,18 +184,21 @@ class TorchComm(CommBase):
         return _TorchPending(works, received, arrays, xp, self.timeout).wait()
 
     def _gather_shapes(self, arrays):
-        """The shape of the array each rank sends to this one (all_to_all needs them). Every
-        rank gathers rows of one width, the most axes an array can have, whatever its own
-        arrays have: an all-gather of rows of each rank's own width would not match."""
-        mine = numpy.full((self.size, _MAX_DIMS + 1), -1, numpy.int64)
+        """The shape of the array each rank sends to this one (all_to_all needs them), once
+        every rank has found that each pair of ranks exchanges arrays of one dtype (this
+        rank receives into arrays of the dtype it sends). Every rank gathers rows of one width,
+        the most axes an array can have, whatever its own arrays have: an all-gather of rows
+        of each rank's own width would not match."""
+        mine = numpy.full((self.size, _MAX_DIMS + 2), -1, numpy.int64)
         for dst, x in enumerate(arrays):
-            mine[dst, 0] = x.ndim
-            mine[dst, 1:1 + x.ndim] = x.shape
+            mine[dst, :2] = x.ndim, dtype_code(x.dtype)
+            mine[dst, 2:2 + x.ndim] = x.shape
         everyone = self._all_gather_host(mine)
+        _check_pairs_of_dtypes(everyone)
         shapes = []
         for src in range(self.size):
             row = everyone[src][self.rank]
-            shapes.append(tuple(int(s) for s in row[1:1 + int(row[0])]))
+            shapes.append(tuple(int(s) for s in row[2:2 + int(row[0])]))
         return shapes
 
     def _device(self):
