@@ -2159,3 +2159,22 @@ def test_torch_comm_all_to_all_refuses_arrays_of_other_dtypes_on_every_rank():
     expected = ("ValueError: all_to_all needs arrays of one dtype in each direction: rank 0 "
                 "sends rank 1 float32, rank 1 sends rank 0 int32")
     assert results == {0: expected, 1: expected}
+
+
+def test_launcher_names_a_rendezvous_directory_it_cannot_make(tmp_path):
+    """--rdzv-dir naming a file (or a path under one) ended the launcher in a traceback
+    (FileExistsError, NotADirectoryError); it is refused by name, before any process starts,
+    with the command line's status 2."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    marker = tmp_path / "started"
+    (tmp_path / "script.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for rdzv in (blocker, blocker / "below"):
+        result = subprocess.run(
+            [sys.executable, "-m", "cuflash.parallel.launch", "--gpus", "1", "--rdzv-dir",
+             str(rdzv), "script.py"], capture_output=True, text=True, timeout=60,
+            cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert f"--rdzv-dir {rdzv}: cannot make the directory" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not marker.exists()

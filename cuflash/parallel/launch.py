@@ -78,7 +78,11 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
     if rdzv_dir is None:
         temporary = tempfile.TemporaryDirectory(prefix="cuflash-launch-")
         rdzv_dir = temporary.name
-    os.makedirs(rdzv_dir, exist_ok=True)
+    try:
+        os.makedirs(rdzv_dir, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission: the user's argument
+        raise ValueError(f"--rdzv-dir {rdzv_dir}: cannot make the directory "
+                         f"({error.strerror or error})") from None
     id_file = os.path.join(rdzv_dir, "nccl_unique_id")
     if node_rank == 0:
         _remove(id_file)  # a stale id from an earlier run would mislead the other ranks
