@@ -2178,3 +2178,26 @@ def test_launcher_names_a_rendezvous_directory_it_cannot_make(tmp_path):
         assert f"--rdzv-dir {rdzv}: cannot make the directory" in result.stderr
         assert "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_a_forward_beside_a_backward_is_named_alike_on_every_rank(attention, rng):
+    """A rank in the backward pass beside a rank in the forward pass: every rank raises one
+    ValueError saying that the ranks' calls take other arguments, rather than naming q as if
+    its shape differed."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+    forward = ring_attention if attention == "ring" else ulysses_attention
+    backward = ring_attention_backward if attention == "ring" else ulysses_attention_backward
+
+    def rank(comm):
+        if comm.rank == 1:
+            return backward(q, q, q, q, q, lse, comm=comm)
+        return forward(q, q, q, comm=comm)
+
+    raised = _every_rank_error(rank, size=3)
+    assert all(isinstance(raised.get(r), ValueError) for r in range(3)), raised
+    message = str(raised[0])
+    assert message == str(raised[1]) == str(raised[2])
+    assert "the calls on ranks 0, 2 and on rank 1 take other arguments" in message
+    assert "q is" not in message

@@ -2,7 +2,8 @@
 call as integers, and every rank raises one and the same ``ValueError`` when they differ.
 
 A call's signature is a list of named fields, each a few int64 values that can be read back on
-any rank, so that the error names the argument that differs and what every rank passed:
+any rank, so that the error names the argument that differs and what every rank passed (or,
+where the ranks' calls take other arguments, which ranks make which call):
 
 - an array: ``[ndim, *shape, dtype]`` (``[-1]`` for ``None``);
 - a flag, a tuple of ints, a float (its bits), a name from a known list.
@@ -113,7 +114,11 @@ def check_same_call(comm, fields: list[Field], what: str, rule: str) -> None:
     ranks whose calls differ fail instead of hanging or computing with each other's data.
     ``rule`` says what must match. A call too long to compare fails on every rank as well,
     after the all-gather, which every rank must join."""
-    signature = numpy.asarray([v for field in fields for v in field.own], dtype=numpy.int64)
+    # First the names of the fields: ranks making other calls (a forward pass beside a
+    # backward one) are told apart from ranks passing other values to one call.
+    names = code(",".join(field.name for field in fields))
+    signature = numpy.asarray([names, *(v for field in fields for v in field.own)],
+                              dtype=numpy.int64)
     mine = numpy.zeros(_SIGNATURE, numpy.int64)
     mine[0] = signature.size
     if signature.size < _SIGNATURE:
@@ -133,7 +138,13 @@ def check_same_call(comm, fields: list[Field], what: str, rule: str) -> None:
 def _difference(fields, everyone) -> str:
     """The first field whose values differ between the ranks, with every rank's value: one
     text, the same on every rank."""
-    parsed = [_parse(fields, theirs[1:1 + int(theirs[0])]) for theirs in everyone]
+    calls: dict[int, list[int]] = {}
+    for r, theirs in enumerate(everyone):
+        calls.setdefault(int(theirs[1]), []).append(r)
+    if len(calls) > 1:
+        return "the calls on " + " and on ".join(
+            _ranks(group) for group in sorted(calls.values())) + " take other arguments"
+    parsed = [_parse(fields, theirs[2:1 + int(theirs[0])]) for theirs in everyone]
     for i, field in enumerate(fields):
         values = [p[i] if p is not None and i < len(p) else None for p in parsed]
         if len(set(values)) > 1:
@@ -163,9 +174,12 @@ def _by_rank(texts) -> str:
     groups: dict[str, list[int]] = {}
     for r, text in enumerate(texts):
         groups.setdefault(text, []).append(r)
-    parts = [f"{text} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-             for text, ranks in groups.items()]
+    parts = [f"{text} on {_ranks(ranks)}" for text, ranks in groups.items()]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _ranks(ranks) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 def _host(x):
