@@ -102,6 +102,14 @@ def page_shapes(q: Any, k_pages: Any, v_pages: Any, batch: int, max_q: int, max_
     return _checks.varlen_shapes(q, k_pages[:, 0], v_pages[:, 0], batch, max_q, max_k)
 
 
+def check_query_offsets(cu_seqlens_q: Any, q: Any, max_seqlen_q: int) -> None:
+    """The values of ``cu_seqlens_q`` (NumPy, or CuPy read back) against q's rows and the checked
+    ``max_seqlen_q``: a paged call checks them before the key offsets and the table are read, in
+    the packed call's order, so that a call refused for them gathers nothing."""
+    _checks.check_offset_values(_checks.host_offsets(cu_seqlens_q), "cu_seqlens_q",
+                                int(q.shape[0]), "max_seqlen_q", max_seqlen_q)
+
+
 def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_lengths, block_table,
                  check_offsets):
     """Packed ``(k, v, hosts)``: k ``(total_k, Hkv, D)`` and v ``(total_k, Hkv, Dv)`` gathered
@@ -123,7 +131,7 @@ def gather_pages(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_lengths, b
     table = numpy.asarray(_checks._host_values(block_table))
     page_size, num_pages = int(k_pages.shape[1]), int(k_pages.shape[0])
     hosts = _checks.host_offsets(cu_seqlens_q), _checks.host_offsets(cu_seqlens_k)
-    _checks.check_offset_values(hosts[0], "cu_seqlens_q", int(q.shape[0]), "max_seqlen_q", max_q)
+    check_query_offsets(hosts[0], q, max_q)
     rows = key_rows(hosts[1], table, max_k, page_size, num_pages)
     with _checks.device_context(q):
         rows = xp.asarray(rows)

@@ -431,6 +431,43 @@ def test_block_table_options_are_refused_before_the_pages_are_read(monkeypatch, 
     assert str(paged_call.value) == str(packed.value)
 
 
+def _decreasing(cu):
+    cu = cu.clone()
+    cu[2] = cu[3] + 1
+    return cu
+
+
+@pytest.mark.parametrize("change", [
+    dict(cu_seqlens_q=lambda cu: cu + 1),
+    dict(cu_seqlens_q=lambda cu: torch.cat([cu[:-1], cu[-1:] + 1])),
+    dict(cu_seqlens_q=_decreasing), dict(cu_seqlens_q=lambda cu: cu.long()),
+    dict(cu_seqlens_q=lambda cu: cu[:-1]), dict(max_seqlen_q=lambda n: n - 1),
+    dict(q=lambda q: q.double()),
+    dict(alibi_slopes=lambda _: torch.ones(len(LENS_Q) + 1, 4)),
+], ids=["first", "last", "decreasing", "dtype", "length", "max_seqlen_q", "q_dtype", "alibi"])
+def test_block_table_query_offsets_are_refused_before_the_pages_are_read(monkeypatch, change):
+    """The query offsets (and the core's other checks of the packed call) come before the key
+    offsets and the table are read: a paged call wrong in them raises what the call on the
+    packed keys raises, though its table lists a page k does not hold, and gathers nothing."""
+    from cuflash.torch import _api
+
+    (q, k, v, k_pages, v_pages), table, (cu_q, cu_k, max_q, max_k), _ = paged(4)
+    table = table.clone()
+    table[0, 0] = k_pages.shape[0]  # no page of k
+    args = dict(q=q.detach(), cu_seqlens_q=cu_q, max_seqlen_q=max_q, alibi_slopes=None)
+    args.update({name: f(args[name]) for name, f in change.items()})
+    with pytest.raises((TypeError, ValueError)) as packed_call:
+        ct.flash_attn_varlen_func(args["q"], k, v, args["cu_seqlens_q"], cu_k,
+                                  args["max_seqlen_q"], max_k,
+                                  alibi_slopes=args["alibi_slopes"])
+    monkeypatch.setattr(_api, "_page_rows", lambda *args: pytest.fail("pages read"))
+    with pytest.raises(type(packed_call.value)) as paged_call:
+        ct.flash_attn_varlen_func(args["q"], k_pages, v_pages, args["cu_seqlens_q"], cu_k,
+                                  args["max_seqlen_q"], max_k, block_table=table,
+                                  alibi_slopes=args["alibi_slopes"])
+    assert str(paged_call.value) == str(packed_call.value)
+
+
 @pytest.mark.parametrize("name", ["cu_seqlens_k", "block_table"])
 def test_block_table_index_dtypes_raise_index_dtype_error(name):
     """An int64 cu_seqlens_k or block_table raises cuflash.IndexDtypeError, a ValueError as well

@@ -515,6 +515,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
     if block_table is not None:  # after the call's own checks: a refused call gathers nothing
+        _check_before_gather(q, k, v, cu_seqlens_q, cu_seqlens_k, lengths, alibi_slopes, p,
+                             dict(causal=causal, scale=scale, deterministic=deterministic),
+                             (left, right, softcap))
         k, v = _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table)
     (out, lse), dropout = _run_with_dropout(
         lambda *dropout: _ops.call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *lengths,
@@ -554,6 +557,31 @@ def _check_paged(q, k, v, cu_seqlens_k, block_table) -> None:
     _refuse_transformed("flash_attn_varlen_func with a block_table", "the gather reads the "
                         "values of cu_seqlens_k and block_table on the host",
                         cu_seqlens_k=cu_seqlens_k, block_table=block_table)
+
+
+# The query offsets' values are read on the host (for CPU tensors), which torch.compile must not
+# trace: as _page_rows, a graph break.
+@torch.compiler.disable
+def _check_before_gather(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, lengths, alibi_slopes,
+                         dropout_p, options: dict, band: tuple) -> None:
+    """The core's checks of the packed call that a paged one becomes, run as
+    ``cuflash.attention_varlen`` runs them before its gather (``_varlen_checks`` with
+    ``_varlen_pages.page_shapes``, then the query offsets' values), so that a call they refuse
+    raises what the call on packed keys raises, whatever its table holds, and reads no table
+    and gathers nothing. CPU tensors are checked as NumPy views; CUDA ones on stand-ins of their
+    shapes and dtypes, their values unread, as the packed call leaves them (``band``: the
+    checked ``(window_left, window_right, softcap)``; the seed, drawn later, stands in as 0)."""
+    from cuflash import _api as core_api
+
+    on_cpu = q.device.type == "cpu"
+    to_core = _bridge.to_numpy if on_cpu else _ops._stand_in
+    options = dict(options, **_ops._core_options(*band, alibi_slopes, to_core))
+    if dropout_p:
+        options.update(dropout_p=dropout_p, dropout_seed=0)
+    arrays = map(to_core, (q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k))
+    _, _, spec = core_api._varlen_checks(*arrays, *lengths, _varlen_pages.page_shapes, **options)
+    if on_cpu:  # the packed call reads CPU offsets, and only those
+        _varlen_pages.check_query_offsets(to_core(cu_seqlens_q), q, spec.shapes.nq)
 
 
 def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
