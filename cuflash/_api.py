@@ -210,13 +210,16 @@ def _summed(spec: AttentionSpec, xp, target, x, grad):
     return grad
 
 
-def validated_forward(q, k, v, out, options: dict, return_lse):
-    """Validate and run one forward call: ``(xp, spec, result, lse)``."""
+def validated_forward(q, k, v, out, options: dict, return_lse, copy_seed=False):
+    """Validate and run one forward call: ``(xp, spec, result, lse)``. ``copy_seed``: run with a
+    copy of a CuPy seed array, made once the call is validated (``_seed_copied``, a vjp's)."""
     xp, spec = _spec(q, k, v, **options)
     _checks.check_bool(return_lse, "return_lse")
     if out is not None:
         _checks.check_out(out, spec.shapes.out_shape, spec.dtype, xp,
                           _checks.with_seed_array({"q": q, "k": k, "v": v}, spec.dropout_state))
+    if copy_seed:
+        spec = _seed_copied(spec)
     result, lse = _forward(spec, xp, q, k, v, out)
     return xp, spec, result, lse
 
@@ -463,29 +466,33 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
                            grads=(dq, dk, dv))
 
 
-def _vjp_seed(dropout_p, dropout_seed, dropout_offset, q):
-    """The dropout seed of a vjp: the one given, or with ``dropout_p > 0`` and none given 64
-    fresh bits of the operating system's entropy (``secrets``: a tenth of the cost of a new
-    NumPy generator, per training step), which the backward pass then reuses. A seed array,
-    checked as the forward checks it, is copied when dropout is on (on its stream, before the
-    forward reads it), so that the backward draws the forward's mask whatever the caller's array
-    holds by then; the calls keep the copy alive with their results (a captured graph writes
-    it at every replay)."""
-    if dropout_seed is None:
-        if _checks.check_dropout(dropout_p, None, dropout_offset, None, seed_required=False)[0]:
-            return secrets.randbits(64)
-        return None
-    if not _checks.is_seed_array(dropout_seed):
+def _vjp_seed(dropout_p, dropout_seed):
+    """The dropout seed a vjp hands its forward: the one given, or with ``dropout_p`` a rate
+    above 0 and none given 64 fresh bits of the operating system's entropy (``secrets``: a tenth
+    of the cost of a new NumPy generator, per training step), which the backward pass then
+    reuses. Nothing is refused here: a ``dropout_p`` the forward refuses draws nothing, and the
+    forward's checks name it (and any other argument) in ``attention``'s order, q, k and v
+    first."""
+    if dropout_seed is not None:
         return dropout_seed
     try:
-        xp = _checks.array_module(q)
-    except TypeError:  # the forward says what q must be
-        return dropout_seed
-    if not _checks.check_dropout(dropout_p, dropout_seed, dropout_offset, None, xp=xp,
-                                 device_of=q)[0]:
-        return dropout_seed
-    with _checks.device_context(dropout_seed):
-        return dropout_seed.copy()
+        p = _checks.check_dropout(dropout_p, None, 0, None, seed_required=False)[0]
+    except (TypeError, ValueError):  # refused by the forward, after what comes before it
+        return None
+    return secrets.randbits(64) if p else None
+
+
+def _seed_copied(spec: AttentionSpec) -> AttentionSpec:
+    """``spec`` with a copy of its CuPy seed array (itself without one: no dropout, or a NumPy
+    array, read already), made once every check of the call has passed (a refused call copies
+    nothing) and before the forward reads it, on the array's device, so that the backward draws
+    the forward's mask whatever the caller's array holds by then; the calls keep the copy alive
+    with their results (a captured graph writes it at every replay)."""
+    state = spec.dropout_state
+    if state is None:
+        return spec
+    with _checks.device_context(state):
+        return dataclasses.replace(spec, dropout_state=state.copy())
 
 
 def _vjp_seed_of(spec):
@@ -515,12 +522,13 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     past it (docs/api.md).
     """
     _checks.check_bool(deterministic, "deterministic")  # before running anything
-    dropout_seed = _vjp_seed(dropout_p, dropout_seed, dropout_offset, q)
     forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                            alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
                            dropout_p=dropout_p)
-    dropout = (dropout_seed, dropout_offset)
-    out, lse, spec = _calls.forward(q, k, v, None, forward_options, dropout, True)
+    out, lse, spec = _calls.forward(q, k, v, None, forward_options,
+                                    (_vjp_seed(dropout_p, dropout_seed), dropout_offset), True,
+                                    copy_seed=True)
+    dropout = (_vjp_seed_of(spec), spec.dropout_offset)  # as the forward read them
     options = dict(forward_options, deterministic=deterministic)
     stream = _calls.current_stream(q)
 
@@ -796,9 +804,11 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
                    check_offsets=check_offsets)
-    dropout = (_vjp_seed(dropout_p, dropout_seed, dropout_offset, q), dropout_offset)
     xp, spec = _varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            **options, dropout_seed=dropout[0], dropout_offset=dropout[1])
+                            **options, dropout_seed=_vjp_seed(dropout_p, dropout_seed),
+                            dropout_offset=dropout_offset)
+    spec = _seed_copied(spec)
+    dropout = (_vjp_seed_of(spec), spec.dropout_offset)  # as the forward reads them
     out, lse = _varlen_forward(spec, xp, q, k, v, None)
     backward_options = dict(options, check_offsets=False)  # checked above
     # The offsets as the forward read them: the backward reads NumPy offsets again on the host,

@@ -472,22 +472,28 @@ def _with_call_dropout(spec, dropout_p, dropout: tuple, q):
 
 # ----------------------------------------------------------------------------- forward
 
-def forward(q, k, v, out, options: dict, dropout: tuple, return_lse):
+def forward(q, k, v, out, options: dict, dropout: tuple, return_lse, copy_seed=False):
     """``(result, lse, spec)`` of one forward call (``options``: ``_api._spec``'s but the dropout
-    seed and offset, which are ``dropout``)."""
+    seed and offset, which are ``dropout``). ``copy_seed``: the call runs with a copy of a CuPy
+    seed array, made once it is checked (``_api._seed_copied``; the spec returned holds it)."""
     slopes = options["alibi_slopes"]
     entry, key = _lookup("forward", (q, k, v) if out is None else (q, k, v, out),
                          (*options.values(), return_lse), slopes)
     if entry is not None and entry is not _UNCACHED:
-        done = entry(q, k, v, out, slopes,
-                     _with_call_dropout(entry.spec, options["dropout_p"], dropout, q))
+        spec = _with_call_dropout(entry.spec, options["dropout_p"], dropout, q)
+        if copy_seed:
+            from . import _api
+
+            spec = _api._seed_copied(spec)
+        done = entry(q, k, v, out, slopes, spec)
         if done is not None:
             _stats["hits"] += 1
             return done
     from . import _api
 
     xp, spec, result, lse = _api.validated_forward(q, k, v, out,
-                                                   _validated_options(options, dropout), return_lse)
+                                                   _validated_options(options, dropout), return_lse,
+                                                   copy_seed)
     if key is not None and entry is None:
         _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result, return_lse))
     return result, lse, spec

@@ -414,6 +414,43 @@ def test_a_vjp_s_seed_copy_lives_with_the_captured_results(device, monkeypatch, 
     assert all(copy() is None for copy in copies)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_a_refused_vjp_copies_no_seed_array(device, varlen):
+    """A vjp copies a seed array for its two passes only once the forward's checks have passed:
+    a refused call (here for k's head dimension) copies nothing, and names what the forward
+    names."""
+    import cupy
+
+    copies = []
+
+    class SeedArray(cupy.ndarray):  # a CuPy array whose copies the test can watch
+        def copy(self, order="C"):
+            copies.append(self)
+            return device.empty((2,), np.uint64)
+
+    SeedArray.__module__ = "cupy.seed_array"
+    state = device.empty((2,), np.uint64).view(SeedArray)
+    dropout = dict(dropout_p=0.1, dropout_seed=state)
+    if varlen:
+        q, v = (device.empty((700, 4, 64), BF16) for _ in range(2))
+        k = device.empty((700, 4, 32), BF16)
+        cu = device.empty((4,), np.int32)
+        args = (q, k, v, cu, cu, 300, 300)
+        forward, vjp = cuflash.attention_varlen, cuflash.attention_varlen_vjp
+        dropout.update(check_offsets=False)
+    else:
+        q, v = (device.empty(SHAPE, BF16) for _ in range(2))
+        k = device.empty(SHAPE[:-1] + (32,), BF16)
+        args = (q, k, v)
+        forward, vjp = cuflash.attention, cuflash.attention_vjp
+    with pytest.raises(ValueError) as expected:
+        forward(*args, **dropout)
+    with pytest.raises(ValueError) as got:
+        vjp(*args, **dropout)
+    assert str(got.value) == str(expected.value)
+    assert len(copies) == 0, "the seed array was copied"
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["validated", "cached"])
 def test_a_varlen_vjp_s_device_offsets_live_with_the_captured_gradients(device, monkeypatch,
                                                                         cached):

@@ -349,6 +349,34 @@ def _assert_every_call_refuses(rng, options, error, message):
             call()
 
 
+@pytest.mark.parametrize("dropout", [
+    dict(dropout_p=0.3, dropout_offset=-1), dict(dropout_p=1.5), dict(dropout_p="0.3"),
+    dict(dropout_p=0.3, dropout_seed=np.array([1, 2], np.uint32)),
+    dict(dropout_p=0.3, dropout_seed=np.array([1, 2], np.uint64), dropout_offset=3),
+], ids=["offset", "rate", "rate_type", "seed_array", "offset_beside_array"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_a_vjp_checks_q_before_its_dropout_as_the_forward_does(rng, dropout, varlen):
+    """A vjp call wrong in q and in its dropout arguments names q, as attention (and
+    attention_varlen) does with the same arguments: the seed is drawn, or copied, where the
+    forward's checks leave it, not checked ahead of them."""
+    q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
+    q = q.astype(np.float64)
+    if varlen:
+        cu = np.array([0, 8], np.int32)
+        packed = [x[0].transpose(1, 0, 2) for x in (q, k, v)]
+        forward = functools.partial(cuflash.attention_varlen, *packed, cu, cu, 8, 8)
+        vjp = functools.partial(cuflash.attention_varlen_vjp, *packed, cu, cu, 8, 8)
+    else:
+        forward = functools.partial(cuflash.attention, q, k, v)
+        vjp = functools.partial(cuflash.attention_vjp, q, k, v)
+    with pytest.raises((TypeError, ValueError)) as expected:
+        forward(**dropout)
+    assert "q" in str(expected.value).split()[0]
+    with pytest.raises(type(expected.value)) as got:
+        vjp(**dropout)
+    assert str(got.value) == str(expected.value)
+
+
 def test_numpy_integers_are_seeds(rng):
     q, k, v = _inputs(rng, (1, 1, 8, 16), (1, 1, 8, 16), np.float32)
     np.testing.assert_array_equal(
