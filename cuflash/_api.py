@@ -521,15 +521,15 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     forward allocated (out, lse, the copies) is then held until the backward's stream has run
     past it (docs/api.md).
     """
-    _checks.check_bool(deterministic, "deterministic")  # before running anything
-    forward_options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                           alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
-                           dropout_p=dropout_p)
-    out, lse, spec = _calls.forward(q, k, v, None, forward_options,
+    # deterministic, which only the backward reads, is checked with the forward's arguments,
+    # where the backward checks it: before anything runs, and in attention_backward's order.
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
+                   dropout_p=dropout_p, deterministic=deterministic)
+    out, lse, spec = _calls.forward(q, k, v, None, options,
                                     (_vjp_seed(dropout_p, dropout_seed), dropout_offset), True,
                                     copy_seed=True)
     dropout = (_vjp_seed_of(spec), spec.dropout_offset)  # as the forward read them
-    options = dict(forward_options, deterministic=deterministic)
     stream = _calls.current_stream(q)
 
     def vjp(dout):  # with the forward's copy of the ALiBi slopes, as the docstring promises

@@ -177,6 +177,25 @@ def test_deterministic_must_be_bool(value):
         cuflash.attention_vjp(Q, K, V, deterministic=value)
 
 
+@pytest.mark.parametrize("wrong", [dict(q=Q.astype(np.float64)), dict(k=K[..., :4]),
+                                   dict(scale=-1.0), dict(window=(-2, 0))],
+                         ids=["q_dtype", "k_shape", "scale", "window"])
+def test_vjp_checks_deterministic_where_the_backward_does(wrong):
+    """A vjp call wrong in deterministic and in an argument the backward checks before it names
+    that argument, as attention_backward does with the same arguments."""
+    out, lse = cuflash.attention(Q, K, V, return_lse=True)
+    arrays = dict(q=Q, k=K, v=V)
+    options = dict(wrong, deterministic=1)
+    for name in arrays:
+        arrays[name] = options.pop(name, arrays[name])
+    with pytest.raises((TypeError, ValueError)) as backward:
+        cuflash.attention_backward(out, *arrays.values(), out, lse, **options)
+    assert not str(backward.value).startswith("deterministic")
+    with pytest.raises(type(backward.value)) as vjp:
+        cuflash.attention_vjp(*arrays.values(), **options)
+    assert str(vjp.value) == str(backward.value)
+
+
 def test_causal_accepts_numpy_bool():
     cuflash.attention(Q, K, V, causal=np.bool_(True))
 
