@@ -576,6 +576,27 @@ def test_dropout_over_packed_sequences_is_each_sequence_s_dense_mask():
         ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=1.5)
 
 
+@pytest.mark.parametrize("wrong", [
+    dict(q="q"), dict(k=None), dict(causal="False"), dict(softmax_scale="0.5"),
+    dict(window_size=(-2, 0)), dict(softcap=-1.0), dict(deterministic=1),
+    dict(return_attn_probs="False"),
+], ids=lambda wrong: next(iter(wrong)))
+def test_dropout_p_is_checked_where_flash_attn_func_checks_it(wrong):
+    """dropout_p is checked after the tensors and the other options, as flash_attn_func (and the
+    core) check it: a call wrong in both raises what flash_attn_func raises, naming the other
+    argument."""
+    (q, k, v), _, (cu_q, cu_k, max_q, max_k) = packed(LENS_Q, LENS_K)
+    options = dict(wrong, dropout_p=1.5)
+    packed_tensors = [options.pop(name, x) for name, x in (("q", q), ("k", k), ("v", v))]
+    dense_tensors = [x[None] if isinstance(x, torch.Tensor) else x for x in packed_tensors]
+    with pytest.raises((TypeError, ValueError)) as dense:
+        ct.flash_attn_func(*dense_tensors, **options)
+    assert "dropout_p" not in str(dense.value)
+    with pytest.raises(type(dense.value)) as varlen:
+        ct.flash_attn_varlen_func(*packed_tensors, cu_q, cu_k, max_q, max_k, **options)
+    assert str(varlen.value) == str(dense.value)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (lambda cu_q, cu_k: (cu_q.flip(0), cu_k), ValueError, "cu_seqlens_q must start at 0"),
     (lambda cu_q, cu_k: (cu_q, torch.tensor([0, 12, 10, 39, 42, 42], dtype=torch.int32)),

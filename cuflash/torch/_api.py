@@ -500,7 +500,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     under CUDA-graph capture). As in flash-attn, the offsets of CUDA tensors are otherwise not
     checked (no host synchronisation); CPU offsets are (docs/torch.md, "Packed sequences").
     """
-    p = _checked_dropout_p(dropout_p)
     if block_table is not None:
         _check_tensors(q=q, k=k, v=v, cu_seqlens_k=cu_seqlens_k, block_table=block_table)
         _check_paged(q, k, v, cu_seqlens_k, block_table)
@@ -513,6 +512,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return_attn_probs = _checked_return_attn_probs(return_attn_probs, **tensors)
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
+    p = _checked_dropout_p(dropout_p)  # after the options, as flash_attn_func checks it
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
     if block_table is not None:  # after the call's own checks: a refused call gathers nothing
         _check_before_gather(q, k, v, cu_seqlens_q, cu_seqlens_k, lengths, alibi_slopes, p,
