@@ -241,6 +241,29 @@ def test_return_softmax_lse_must_be_a_bool(value):
         flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3, return_softmax_lse=value)
 
 
+@pytest.mark.parametrize("wrong", [
+    dict(q="q"), dict(q=torch.zeros(1, 1, 2, 4)), dict(causal="False"), dict(softcap=-1.0),
+    dict(num_splits=-1),
+], ids=["q_type", "q_head_dim", "causal", "softcap", "num_splits"])
+def test_return_softmax_lse_is_checked_where_the_core_checks_return_lse(wrong):
+    """return_softmax_lse is checked where cuflash.attention_with_kvcache checks return_lse,
+    after q, the caches and the options: a call wrong in both names the other argument, as the
+    core does with the same arguments."""
+    cache = torch.zeros(1, 16, 2, 8)
+    options = dict(dict(q=torch.zeros(1, 1, 2, 8)), **wrong)
+    q = options.pop("q")
+    with pytest.raises((TypeError, ValueError)) as core:
+        cuflash.attention_with_kvcache(q.numpy() if isinstance(q, torch.Tensor) else q,
+                                       cache.numpy(), cache.numpy(), cache_seqlens=3,
+                                       return_lse="False", **options)
+    assert "return_lse" not in str(core.value)
+    with pytest.raises(type(core.value)) as call:
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3, return_softmax_lse="False",
+                                **options)
+    assert "return_softmax_lse" not in str(call.value)
+    assert str(call.value).split()[0] == str(core.value).split()[0]
+
+
 # ----------------------------------------------------------------------------- float64 reference
 
 def _rotated(x, cos, sin, positions, interleaved):

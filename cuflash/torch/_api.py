@@ -19,6 +19,7 @@ _traced_mask_handle = torch.compiler.assume_constant_result(block_mask_handle)
 # The flash-attn and SDPA names of the core's options, which their errors use.
 _FLASH_ATTN_NAMES = {"scale": "softmax_scale", "window": "window_size"}
 _SDPA_NAMES = {"causal": "is_causal"}
+_KVCACHE_NAMES = dict(_FLASH_ATTN_NAMES, return_lse="return_softmax_lse")
 
 
 def _head_dim(q) -> int:
@@ -774,9 +775,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     import cuflash
 
-    # The core is always asked for the lse; the flag is checked by the core's rule ("False" is
-    # refused, not read as True).
-    return_softmax_lse = _checks.check_bool(return_softmax_lse, "return_softmax_lse")
     _check_tensors(**{name: x for name, x in (
         ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
         ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
@@ -808,16 +806,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def core(x):
             return to_core(x) if isinstance(x, torch.Tensor) else x
 
-        with _caller_names(_FLASH_ATTN_NAMES):
-            out, lse = cuflash.attention_with_kvcache(
+        # return_softmax_lse is checked by the core, as its return_lse, where the core checks
+        # it (after q, the caches and the options; "False" is refused, not read as True).
+        with _caller_names(_KVCACHE_NAMES):
+            result = cuflash.attention_with_kvcache(
                 core(q), core(k_cache), core(v_cache), core(k), core(v),
                 cache_seqlens=core(cache_seqlens), block_table=core(block_table),
                 cache_batch_idx=core(cache_batch_idx), causal=causal, scale=softmax_scale,
                 window=window_size, softcap=softcap, alibi_slopes=core(alibi_slopes),
-                num_splits=num_splits, return_lse=True, rotary_cos=core(rotary_cos),
-                rotary_sin=core(rotary_sin), rotary_interleaved=rotary_interleaved,
-                cache_leftpad=core(cache_leftpad))
-        out, lse = to_torch(out), to_torch(lse)
+                num_splits=num_splits, return_lse=return_softmax_lse,
+                rotary_cos=core(rotary_cos), rotary_sin=core(rotary_sin),
+                rotary_interleaved=rotary_interleaved, cache_leftpad=core(cache_leftpad))
+        out, lse = (to_torch(x) for x in result) if return_softmax_lse else (to_torch(result),
+                                                                             None)
     if k is not None:  # the caches were written through views: tell autograd, as torch's own
         # in-place operations do, so that a cache saved for a backward pass is not read changed
         for cache in (k_cache, v_cache):
