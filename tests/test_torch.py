@@ -340,6 +340,25 @@ def test_attention_refuses_return_lse_with_the_cores_error():
         assert str(adapter.value).startswith("return_lse ")
 
 
+@pytest.mark.parametrize("wrong", [
+    dict(q="q"), dict(causal="False"), dict(scale="0.5"), dict(window=(-2, 0)),
+    dict(softcap=-1.0), dict(dropout_p=1.5), dict(dropout_p=0.5, dropout_offset=-1),
+], ids=lambda wrong: "_".join(wrong))
+def test_attention_checks_return_lse_where_the_core_does(wrong):
+    """return_lse is checked after q, k, v, the options and dropout, where cuflash.attention
+    checks it: a call wrong in both names the other argument, as the core does."""
+    x = randn(1, 2, 8, 8)
+    options = dict(dict(q=x), **wrong)
+    q = options.pop("q")
+    with pytest.raises((TypeError, ValueError)) as core:
+        cuflash.attention(q.numpy() if isinstance(q, torch.Tensor) else q, x.numpy(), x.numpy(),
+                          dropout_seed=3, return_lse="False", **options)
+    assert not str(core.value).startswith("return_lse")
+    with pytest.raises(type(core.value)) as adapter:
+        ct.attention(q, x, x, dropout_seed=3, return_lse="False", **options)
+    assert str(adapter.value).split()[0] == str(core.value).split()[0]
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_flash_attn_signatures_refuse_return_attn_probs_that_is_not_a_bool(value):
     """return_attn_probs="False" is not read as True (a triple, and S_dmask formed on the host)

@@ -136,12 +136,12 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     ``window``, ``softcap`` and ``alibi_slopes`` raise ``NotImplementedError`` when the installed
     cuflash core does not have them; at their defaults they are never passed on.
     """
-    return_lse = _checks.check_bool(return_lse, "return_lse")  # as the core: "False" is refused
     out, lse, _ = _attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                              alibi_slopes=alibi_slopes, block_mask=_one_mask(block_mask, mask),
                              deterministic=deterministic, seq_major=False, dropout_p=dropout_p,
-                             dropout_seed=dropout_seed, dropout_offset=dropout_offset)
-    return (out, lse) if return_lse else out
+                             dropout_seed=dropout_seed, dropout_offset=dropout_offset,
+                             return_lse=return_lse)
+    return (out, lse) if return_lse else out  # return_lse: checked to be a bool
 
 
 def _checked_dropout_p(dropout_p, dropout_seed=None, dropout_offset=0) -> float:
@@ -219,10 +219,12 @@ def _one_mask(block_mask, mask):
 
 def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
                deterministic, seq_major, dropout_p, dropout_seed=None, dropout_offset=0,
-               names=None):
+               names=None, return_lse=False):
     """``(out, lse, dropout)`` of the forward operator, with ``dropout`` the
     ``(dropout_p, seed tensor or None, dropout_offset)`` it ran with (``_dropout``); ``names``
-    as for ``_checked_options``."""
+    as for ``_checked_options``. ``return_lse`` (``attention``'s) is checked by the core's rule
+    where the core checks it, after the options and dropout ("False" is refused, not read as
+    True)."""
     if alibi_slopes is None:
         _check_tensors(q=q, k=k, v=v)
     else:
@@ -230,6 +232,7 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, scale, window, softcap, deterministic, names or {})
     p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
+    _checks.check_bool(return_lse, "return_lse")
     _ops.check_options((left, right), softcap, alibi_slopes, p)
     handle = _traced_mask_handle(block_mask)
     (out, lse), dropout = _run_with_dropout(
