@@ -468,6 +468,33 @@ def test_block_table_query_offsets_are_refused_before_the_pages_are_read(monkeyp
     assert str(paged_call.value) == str(packed_call.value)
 
 
+@pytest.mark.parametrize("index", [
+    dict(cu_seqlens_k=lambda cu: cu.long()), dict(block_table=lambda table: table.long()),
+    dict(block_table=lambda table: table[:-1]), dict(block_table=lambda table: table[0]),
+], ids=["cu_seqlens_k_dtype", "table_dtype", "table_rows", "table_shape"])
+@pytest.mark.parametrize("wrong", [
+    dict(causal="False"), dict(softmax_scale="0.5"), dict(dropout_p=1.5), dict(max_seqlen_q=-1),
+    dict(return_attn_probs="False"), dict(cu_seqlens_q=lambda cu: cu.long()),
+], ids=lambda wrong: next(iter(wrong)))
+def test_block_table_index_arrays_are_checked_after_the_call_s_other_arguments(wrong, index):
+    """A paged call wrong in one of the call's other arguments and in cu_seqlens_k's dtype, or
+    the table's dtype or shape, raises what the call on packed keys raises for the other
+    argument: cuflash.attention_varlen checks the table after everything else, and the packed
+    call checks cu_seqlens_k where it checks cu_seqlens_q."""
+    (q, k, v, k_pages, v_pages), table, (cu_q, cu_k, max_q, max_k), _ = paged(4)
+    args = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_table=table, max_seqlen_q=max_q)
+    options = {name: x for name, x in wrong.items() if not callable(x)}
+    args.update({name: options.pop(name) for name in list(args) if name in options})
+    args.update({name: f(args[name]) for name, f in {**wrong, **index}.items() if callable(f)})
+    offsets = (args["cu_seqlens_q"], args["cu_seqlens_k"], args["max_seqlen_q"], max_k)
+    with pytest.raises((TypeError, ValueError)) as packed_call:
+        ct.flash_attn_varlen_func(q, k, v, *offsets, **options)
+    with pytest.raises(type(packed_call.value)) as paged_call:
+        ct.flash_attn_varlen_func(q, k_pages, v_pages, *offsets, block_table=args["block_table"],
+                                  **options)
+    assert str(paged_call.value) == str(packed_call.value)
+
+
 @pytest.mark.parametrize("name", ["cu_seqlens_k", "block_table"])
 def test_block_table_index_dtypes_raise_index_dtype_error(name):
     """An int64 cu_seqlens_k or block_table raises cuflash.IndexDtypeError, a ValueError as well

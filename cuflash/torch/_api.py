@@ -504,11 +504,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     under CUDA-graph capture). As in flash-attn, the offsets of CUDA tensors are otherwise not
     checked (no host synchronisation); CPU offsets are (docs/torch.md, "Packed sequences").
     """
-    if block_table is not None:
-        _check_tensors(q=q, k=k, v=v, cu_seqlens_k=cu_seqlens_k, block_table=block_table)
-        _check_paged(q, k, v, cu_seqlens_k, block_table)
-    _check_layout(("total", "nheads", "headdim"),
-                  **(dict(q=q) if block_table is not None else dict(q=q, k=k, v=v)))
+    if block_table is None:
+        _check_layout(_PACKED, q=q, k=k, v=v)
+    else:  # k and v are paged caches, checked where the packed call checks its k and v
+        _check_layout(_PACKED, q=q)
+        _check_layout(_PAGES, k=k, v=v)
     tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if alibi_slopes is not None:
         tensors["alibi_slopes"] = alibi_slopes
@@ -519,9 +519,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     p = _checked_dropout_p(dropout_p)  # after the options, as flash_attn_func checks it
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
     if block_table is not None:  # after the call's own checks: a refused call gathers nothing
-        _check_before_gather(q, k, v, cu_seqlens_q, cu_seqlens_k, lengths, alibi_slopes, p,
-                             dict(causal=causal, scale=scale, deterministic=deterministic),
-                             (left, right, softcap))
+        _check_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, lengths, alibi_slopes, p,
+                     dict(causal=causal, scale=scale, deterministic=deterministic),
+                     (left, right, softcap))
         k, v = _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table)
     (out, lse), dropout = _run_with_dropout(
         lambda *dropout: _ops.call_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *lengths,
@@ -536,21 +536,31 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out, lse.detach(), probs
 
 
-def _check_paged(q, k, v, cu_seqlens_k, block_table) -> None:
-    """flash-attn's paged k and v ``(num_blocks, page_block_size, nheads_k, headdim)`` and their
-    block table, as far as they can be checked without reading the offsets and the table
-    (``cuflash.attention_varlen``'s rules)."""
-    _check_layout(("num_blocks", "page_block_size", "nheads_k", "headdim"), k=k, v=v)
-    _check_layout(("batch_size", "max_num_blocks_per_seq"), block_table=block_table)
-    for name, x in (("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table)):
-        if x.dtype != torch.int32:
-            raise _checks.IndexDtypeError(f"{name} must have dtype torch.int32 (flash-attn's index "
-                                          f"dtype), got {x.dtype}")
-    _varlen_pages.check_pages(q, k, v)
-    if cu_seqlens_k.dim() != 1 or cu_seqlens_k.shape[0] != block_table.shape[0] + 1:
-        raise ValueError(f"cu_seqlens_k must have one offset more than block_table has rows "
-                         f"(sequences), got cu_seqlens_k {tuple(cu_seqlens_k.shape)} and "
-                         f"block_table {tuple(block_table.shape)}")
+# flash-attn's layouts of packed q, k, v and of paged caches.
+_PACKED = ("total", "nheads", "headdim")
+_PAGES = ("num_blocks", "page_block_size", "nheads_k", "headdim")
+
+
+def _check_paged(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, block_table, lengths,
+                 alibi_slopes, dropout_p, options: dict, band: tuple) -> None:
+    """A paged call, once the function's own checks have passed, in ``cuflash.attention_varlen``'s
+    order, so that a call wrong in several arguments is refused for the one the call on packed
+    keys names, and a refused call reads no table and gathers nothing: first what makes the
+    gather impossible (a CUDA-graph capture, tensors without values to read), then the core's
+    checks of the packed call (``_check_before_gather``), then the block table, and last the
+    query offsets' values (read on the host where the packed call reads them)."""
+    _check_tensors(q=q, block_table=block_table)
+    _refuse_unreadable_table(cu_seqlens_k, block_table)
+    _check_before_gather(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, lengths, alibi_slopes,
+                         dropout_p, options, band)
+    _check_block_table(cu_seqlens_k, block_table)
+    _check_query_offsets(q, cu_seqlens_q, lengths[0])
+
+
+def _refuse_unreadable_table(cu_seqlens_k, block_table) -> None:
+    """The gather reads cu_seqlens_k and block_table on the host: refused under CUDA-graph
+    capture, for tensors that hold no values (meta, fake) and for those a torch.func transform
+    wraps, before anything is read."""
     if _ops.graph_capturing(block_table.device):  # rather than a capture broken by the copy
         raise RuntimeError("block_table cannot be captured in a CUDA graph: the gather reads "
                            "cu_seqlens_k and block_table back to the host")
@@ -563,29 +573,48 @@ def _check_paged(q, k, v, cu_seqlens_k, block_table) -> None:
                         cu_seqlens_k=cu_seqlens_k, block_table=block_table)
 
 
-# The query offsets' values are read on the host (for CPU tensors), which torch.compile must not
-# trace: as _page_rows, a graph break.
+def _check_block_table(cu_seqlens_k, block_table) -> None:
+    """flash-attn's int32 ``(batch_size, max_num_blocks_per_seq)`` table, a row per sequence of
+    the checked ``cu_seqlens_k`` (its entries are checked when it is read)."""
+    _check_layout(("batch_size", "max_num_blocks_per_seq"), block_table=block_table)
+    if block_table.dtype != torch.int32:
+        raise _checks.IndexDtypeError(f"block_table must have dtype torch.int32 (flash-attn's "
+                                      f"index dtype), got {block_table.dtype}")
+    if cu_seqlens_k.shape[0] != block_table.shape[0] + 1:
+        raise ValueError(f"cu_seqlens_k must have one offset more than block_table has rows "
+                         f"(sequences), got cu_seqlens_k {tuple(cu_seqlens_k.shape)} and "
+                         f"block_table {tuple(block_table.shape)}")
+
+
+# The core's checks read the tensors' NumPy views (CPU), and the query offsets' values are read
+# on the host: torch.compile must not trace them (as _page_rows, a graph break).
 @torch.compiler.disable
 def _check_before_gather(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, lengths, alibi_slopes,
                          dropout_p, options: dict, band: tuple) -> None:
     """The core's checks of the packed call that a paged one becomes, run as
     ``cuflash.attention_varlen`` runs them before its gather (``_varlen_checks`` with
-    ``_varlen_pages.page_shapes``, then the query offsets' values), so that a call they refuse
-    raises what the call on packed keys raises, whatever its table holds, and reads no table
-    and gathers nothing. CPU tensors are checked as NumPy views; CUDA ones on stand-ins of their
-    shapes and dtypes, their values unread, as the packed call leaves them (``band``: the
-    checked ``(window_left, window_right, softcap)``; the seed, drawn later, stands in as 0)."""
+    ``_varlen_pages.page_shapes``), so that a call they refuse raises what the call on packed
+    keys raises (cu_seqlens_k's dtype among them). CPU tensors are checked as NumPy views; CUDA
+    ones on stand-ins of their shapes and dtypes, their values unread, as the packed call leaves
+    them (``band``: the checked ``(window_left, window_right, softcap)``; the seed, drawn later,
+    stands in as 0)."""
     from cuflash import _api as core_api
 
-    on_cpu = q.device.type == "cpu"
-    to_core = _bridge.to_numpy if on_cpu else _ops._stand_in
+    to_core = _bridge.to_numpy if q.device.type == "cpu" else _ops._stand_in
     options = dict(options, **_ops._core_options(*band, alibi_slopes, to_core))
     if dropout_p:
         options.update(dropout_p=dropout_p, dropout_seed=0)
     arrays = map(to_core, (q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k))
-    _, _, spec = core_api._varlen_checks(*arrays, *lengths, _varlen_pages.page_shapes, **options)
-    if on_cpu:  # the packed call reads CPU offsets, and only those
-        _varlen_pages.check_query_offsets(to_core(cu_seqlens_q), q, spec.shapes.nq)
+    core_api._varlen_checks(*arrays, *lengths, _varlen_pages.page_shapes, **options)
+
+
+@torch.compiler.disable  # as _check_before_gather: values read on the host
+def _check_query_offsets(q, cu_seqlens_q, max_seqlen_q) -> None:
+    """The values of CPU query offsets, by the rule of the core's paged call
+    (``_varlen_pages.check_query_offsets``); CUDA ones are not read, as the packed call does not
+    read them."""
+    if q.device.type == "cpu":
+        _varlen_pages.check_query_offsets(_bridge.to_numpy(cu_seqlens_q), q, max_seqlen_q)
 
 
 def _gathered_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> tuple:
