@@ -359,6 +359,28 @@ def test_attention_checks_return_lse_where_the_core_does(wrong):
     assert str(adapter.value).split()[0] == str(core.value).split()[0]
 
 
+@pytest.mark.parametrize("mask", [dict(block_mask="x"), dict(mask=10**9), dict(block_mask=10**9)],
+                         ids=["not_a_mask", "unknown_handle", "unknown_block_handle"])
+@pytest.mark.parametrize("wrong", [
+    dict(q="q"), dict(causal="False"), dict(scale="0.5"), dict(window=(-2, 0)),
+    dict(softcap=-1.0),
+], ids=lambda wrong: next(iter(wrong)))
+def test_attention_checks_its_mask_after_q_and_the_options_as_the_core_does(wrong, mask):
+    """The mask (or its handle) is checked after q, k, v and the score options, where
+    cuflash.attention checks its masks: a call wrong in both names the other argument, as the
+    core does with the same arguments."""
+    x = randn(1, 2, 8, 8)
+    options = dict(dict(q=x), **wrong)
+    q = options.pop("q")
+    with pytest.raises((TypeError, ValueError)) as core:
+        cuflash.attention(q.numpy() if isinstance(q, torch.Tensor) else q, x.numpy(), x.numpy(),
+                          block_mask="x", **options)
+    assert not str(core.value).startswith("block_mask")
+    with pytest.raises(type(core.value)) as adapter:
+        ct.attention(q, x, x, **options, **mask)
+    assert str(adapter.value).split()[0] == str(core.value).split()[0]
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_flash_attn_signatures_refuse_return_attn_probs_that_is_not_a_bool(value):
     """return_attn_probs="False" is not read as True (a triple, and S_dmask formed on the host)

@@ -137,7 +137,7 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     cuflash core does not have them; at their defaults they are never passed on.
     """
     out, lse, _ = _attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes, block_mask=_one_mask(block_mask, mask),
+                             alibi_slopes=alibi_slopes, block_mask=block_mask, mask=mask,
                              deterministic=deterministic, seq_major=False, dropout_p=dropout_p,
                              dropout_seed=dropout_seed, dropout_offset=dropout_offset,
                              return_lse=return_lse)
@@ -219,10 +219,11 @@ def _one_mask(block_mask, mask):
 
 def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
                deterministic, seq_major, dropout_p, dropout_seed=None, dropout_offset=0,
-               names=None, return_lse=False):
+               names=None, return_lse=False, mask=None):
     """``(out, lse, dropout)`` of the forward operator, with ``dropout`` the
     ``(dropout_p, seed tensor or None, dropout_offset)`` it ran with (``_dropout``); ``names``
-    as for ``_checked_options``. ``return_lse`` (``attention``'s) is checked by the core's rule
+    as for ``_checked_options``. ``block_mask`` and ``mask`` (``attention``'s) are taken as
+    ``_one_mask`` takes them, after the score options, where the core checks its masks. ``return_lse`` (``attention``'s) is checked by the core's rule
     where the core checks it, after the options and dropout ("False" is refused, not read as
     True)."""
     if alibi_slopes is None:
@@ -231,6 +232,7 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
         _check_tensors(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, scale, window, softcap, deterministic, names or {})
+    block_mask = _one_mask(block_mask, mask)
     p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
     _checks.check_bool(return_lse, "return_lse")
     _ops.check_options((left, right), softcap, alibi_slopes, p)
