@@ -264,6 +264,28 @@ def test_kvpacked_errors_name_kv():
         ct.flash_attn_varlen_kvpacked_func(q, torch.randn(8, 2, 2, 8), cu, cu, 5, 5)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_kvpacked_checks_q_before_kv_as_the_call_on_the_parts_does(varlen):
+    """A kvpacked call whose q and kv both have the wrong number of axes names q, its first
+    argument, as the call on q, k and v (flash_attn_func, flash_attn_varlen_func) does."""
+    q, kv = torch.randn(9, 4, 8), torch.randn(9, 2, 2, 8)  # for varlen calls
+    if varlen:
+        cu = offsets([3, 5, 1])
+        q, kv = q[None], kv[None]  # an axis too many each
+        calls = (lambda: ct.flash_attn_varlen_func(q, kv[:, :, 0], kv[:, :, 1], cu, cu, 5, 5),
+                 lambda: ct.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 5, 5))
+    else:  # an axis too few each
+        calls = (lambda: ct.flash_attn_func(q, kv[:, 0], kv[:, 1]),
+                 lambda: ct.flash_attn_kvpacked_func(q, kv))
+    errors = []
+    for call in calls:
+        with pytest.raises(ValueError) as error:
+            call()
+        errors.append(str(error.value))
+    assert errors[0].startswith("q ")
+    assert errors[1] == errors[0]
+
+
 @pytest.mark.parametrize("alibi", [None, "sequences"])
 def test_return_attn_probs_gives_each_sequence_s_softmax(alibi):
     """flash-attn's triple for packed sequences: the output is the call's, lse its log-sum-exp

@@ -462,8 +462,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     """flash-attn's ``flash_attn_kvpacked_func``: q ``(B, Sq, Hq, D)``, kv
     ``(B, Sk, 2, Hkv, D)``; returns ``(B, Sq, Hq, D)``."""
     _check_tensors(q=q, kv=kv)
+    _check_bshd(q=q)  # before kv, as flash_attn_func checks q before k and v
     k, v = _unpack(kv, "kv", ("batch", "seqlen", "2", "nheads_k", "headdim"))
-    _check_bshd(q=q)
     _check_same_batch(q=q, kv=kv)  # named here: flash_attn_func would name kv's halves k and v
     with _caller_names({"k": "kv[:, :, 0]", "v": "kv[:, :, 1]"}, every_word=True):
         return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
@@ -667,6 +667,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     ``(total_k, 2, Hkv, D)``; returns ``(total_q, Hq, D)`` (``flash_attn_varlen_func``, whose
     refusals apply)."""
     _check_tensors(q=q, kv=kv)
+    _check_layout(_PACKED, q=q)  # before kv, as flash_attn_varlen_func checks q before k and v
     k, v = _unpack(kv, "kv", ("total_k", "2", "nheads_k", "headdim"))
     with _caller_names({"k": "kv[:, 0]", "v": "kv[:, 1]"}, every_word=True):
         return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
