@@ -239,11 +239,17 @@ def _listed_calls(code: str):
     """``(name, argument text)`` of each ``cuflash.name(...)`` in a block, comments dropped."""
     code = "\n".join(line.partition("#")[0] for line in code.splitlines())
     for match in re.finditer(r"\bcuflash\.(\w+)\(", code):
-        depth, end = 1, match.end()
-        while depth:
-            depth += {"(": 1, ")": -1}.get(code[end], 0)
-            end += 1
-        yield match.group(1), " ".join(code[match.end():end - 1].split())
+        yield match.group(1), _arguments(code, match.end())
+
+
+def _arguments(code: str, start: int) -> str:
+    """The text of a call's arguments, from ``start`` (just past its opening parenthesis) to
+    the parenthesis that closes it, its whitespace runs made single spaces."""
+    depth, end = 1, start
+    while depth:
+        depth += {"(": 1, ")": -1}.get(code[end], 0)
+        end += 1
+    return " ".join(code[start:end - 1].split())
 
 
 @pytest.mark.parametrize("name", ["attention", "attention_varlen", "attention_with_kvcache"])
@@ -343,21 +349,24 @@ def test_the_readme_layout_names_every_cuda_source_module_and_example():
     assert files - named == set()
 
 
+def _spelled(function) -> str:
+    """``function``'s parameters as a listing writes them: names, ``*`` where the keyword-only
+    ones begin, and ``name=default``."""
+    import inspect
+
+    parts, star = [], False
+    for p in inspect.signature(function).parameters.values():
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    return ", ".join(parts)
+
+
 def test_internals_md_lists_the_decode_entry_points_as_defined():
     """docs/internals.md, "The KV-cache call path": the listing of ``cuflash.kernels.decode``'s
     entry points gives each one's parameters, in order, with their defaults."""
-    import inspect
-
     from cuflash.kernels import decode
-
-    def spelled(function) -> str:
-        parts, star = [], False
-        for p in inspect.signature(function).parameters.values():
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and not star:
-                parts.append("*")
-                star = True
-            parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
-        return ", ".join(parts)
 
     listed = {}
     for block in BLOCKS:
@@ -367,7 +376,7 @@ def test_internals_md_lists_the_decode_entry_points_as_defined():
                 listed[match.group(1)] = " ".join(match.group(2).split())
     assert {"why_not", "append", "forward"} <= set(listed)
     for name, arguments in listed.items():
-        assert arguments == spelled(getattr(decode, name)), name
+        assert arguments == _spelled(getattr(decode, name)), name
 
 
 def test_internals_md_names_every_field_of_the_spec():
@@ -382,3 +391,45 @@ def test_internals_md_names_every_field_of_the_spec():
     named = set(re.findall(r"`(\w+)`", section))
     fields = {field.name for field in dataclasses.fields(AttentionSpec)}
     assert fields - named == set()
+
+
+def _torch_md_listings() -> list:
+    """``(name, argument text)`` of each call in docs/torch.md's blocks that spells out a
+    ``cuflash.torch`` function's parameters: no ``...``, and at least three keywords, each at
+    its default (a call such as ``flash_attn_func(q, k, v, causal=True)`` is an example)."""
+    import inspect
+
+    import cuflash.torch
+
+    listings = []
+    for block in BLOCKS:
+        if block.path != "docs/torch.md":
+            continue
+        code = "\n".join(line.partition("#")[0] for line in block.code.splitlines())
+        for match in re.finditer(r"(?<![\w.])(?:cuflash\.torch\.)?(\w+)\(", code):
+            function = getattr(cuflash.torch, match.group(1), None)
+            if not callable(function) or match.group(1).startswith("_"):
+                continue
+            arguments = _arguments(code, match.end())
+            defaults = {p.name: repr(p.default)
+                        for p in inspect.signature(function).parameters.values()
+                        if p.default is not p.empty}
+            given = dict(part.split("=", 1) for part in re.split(r",\s*(?![^()]*\))", arguments)
+                         if "=" in part)
+            if ("..." not in arguments and len(given) >= 3
+                    and all(defaults.get(name) == value for name, value in given.items())):
+                listings.append((match.group(1), arguments))
+    return listings
+
+
+def test_torch_md_lists_every_parameter():
+    """docs/torch.md: where a block spells out a function's parameters (flash-attn's signatures,
+    ``cuflash.torch.attention``'s options), it names all of them, in order, with their defaults,
+    and marks where the keyword-only ones begin."""
+    pytest.importorskip("torch")
+    import cuflash.torch
+
+    listings = _torch_md_listings()
+    assert {"flash_attn_func", "flash_attn_varlen_func", "attention"} <= {n for n, _ in listings}
+    for name, arguments in listings:
+        assert arguments == _spelled(getattr(cuflash.torch, name)), name
