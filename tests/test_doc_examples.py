@@ -4,8 +4,9 @@ Every ```python block of those files is collected. A block runs when ``EXAMPLES`
 its file and its first line): its ``setup`` first defines the arrays the text only describes
 (fresh random inputs of the shapes the text gives), then the block runs as written, then
 ``check`` tests what the text says it does. Blocks written as ``>>>`` sessions run as doctests,
-so their printed outputs must be today's. A block that needs a GPU (CuPy), torch or several
-processes, or that lists signatures rather than code, is skipped with that reason
+so their printed outputs must be today's. Blocks on torch tensors run on CPU tensors where torch
+is installed. A block that needs a GPU (CuPy, CUDA tensors), torch where it is missing or
+several processes, or that lists signatures rather than code, is skipped with that reason
 (``skip_reason``); a block that is neither is a failure, so that a new example is either run
 here or skipped for a stated reason. The README's ``python -c`` one-liner runs too, and so do
 the ``>>>`` examples of the library's docstrings.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import doctest
+import importlib.util
 import io
 import re
 from dataclasses import dataclass
@@ -67,6 +69,15 @@ class Example:
 
 
 _QKV = "q, k, v = (rng.standard_normal({shape}, dtype=np.float32) for _ in range(3))\n"
+# The same as CPU tensors, q's shape first, then k's and v's.
+_TORCH_QKV = ("import torch\n"
+              "q, k, v = (torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))\n"
+              "           for shape in ({q}, {kv}, {kv}))\n")
+# Checks that an SDPA drop-in gave torch's own result for the same call.
+_AS_TORCH_SDPA = ("expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
+                  "is_causal=True)\n"
+                  "assert out.shape == q.shape\n"
+                  "torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)\n")
 
 # (file, first line of the block) -> how to run it.
 EXAMPLES = {
@@ -139,6 +150,35 @@ EXAMPLES = {
     ("docs/sparse.md", ">>> mask = BlockMask.from_scipy(sliding_window(1000, window=100, "
                        "block_size=64),"): Example(
         setup="from cuflash.sparse import BlockMask, sliding_window\n"),
+    ("README.md", "from cuflash.torch import scaled_dot_product_attention   # instead of "
+                  "torch.nn.functional's"): Example(
+        setup=_TORCH_QKV.format(q="(2, 3, 40, 16)", kv="(2, 3, 40, 16)"), check=_AS_TORCH_SDPA),
+    ("docs/torch.md", "# out = torch.nn.functional.scaled_dot_product_attention(q, k, v, "
+                      "is_causal=True)"): Example(
+        setup=_TORCH_QKV.format(q="(2, 3, 40, 16)", kv="(2, 3, 40, 16)"), check=_AS_TORCH_SDPA),
+    ("docs/torch.md", "# from flash_attn import flash_attn_func, flash_attn_qkvpacked_func, "
+                      "flash_attn_kvpacked_func"): Example(
+        setup=_TORCH_QKV.format(q="(2, 30, 4, 16)", kv="(2, 40, 2, 16)"),
+        check="assert out.shape == q.shape\n"
+              "expected = cuflash.attention(*(x.transpose(1, 2).numpy() for x in (q, k, v)),\n"
+              "                             causal=True)\n"
+              "np.testing.assert_allclose(out.transpose(1, 2).numpy(), expected, rtol=0, "
+              "atol=1e-6)\n"),
+    ("docs/torch.md", "# from flash_attn import flash_attn_varlen_func"): Example(
+        setup=_TORCH_QKV.format(q="(30, 4, 16)", kv="(30, 2, 16)")
+        + "cu_seqlens_q = cu_seqlens_k = torch.tensor([0, 5, 12, 30], dtype=torch.int32)\n"
+          "max_seqlen_q = max_seqlen_k = 18\n",
+        check="assert out.shape == q.shape and out.is_contiguous()\n"
+              "cu = cu_seqlens_q.numpy()\n"
+              "expected = cuflash.attention_varlen(q.numpy(), k.numpy(), v.numpy(), cu, cu, 18, "
+              "18)\n"
+              "np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-6)\n"),
+    ("docs/torch.md", "from cuflash.sparse import BlockMask, sliding_window"): Example(
+        setup="import cuflash.torch\nn = 2048\n"
+              + _TORCH_QKV.format(q="(1, 2, n, 16)", kv="(1, 2, n, 16)"),
+        check="assert handle == cuflash.torch.block_mask_handle(mask)\n"
+              "expected = cuflash.attention(q.numpy(), k.numpy(), v.numpy(), block_mask=mask)\n"
+              "np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-6)\n"),
 }
 
 # The sequence length N of each of docs/sparse.md's two "import cuflash" blocks, by its pattern.
@@ -153,11 +193,14 @@ def skip_reason(block: Block) -> str | None:
         return "a listing of signatures, not runnable code"
     if re.search(r"\bcupy\b", code):
         return "needs CuPy arrays on a GPU"
-    if re.search(r"\btorch\b", code):
-        return "needs torch (cuflash.torch)"
-    if "NcclComm" in code or 'device="gpu"' in code:
+    if "NcclComm" in code or 'device="gpu"' in code or '"nccl"' in code:
         return "needs GPUs and NCCL"
+    if re.search(r"\btorch\b", code) and importlib.util.find_spec("torch") is None:
+        return NO_TORCH
     return None
+
+
+NO_TORCH = "needs torch (cuflash.torch), which is not installed"
 
 
 BLOCKS = python_blocks()
@@ -165,7 +208,7 @@ BLOCKS = python_blocks()
 
 def test_the_docs_hold_examples():
     assert len(BLOCKS) >= 30
-    assert sum((block.path, block.first_line) in EXAMPLES for block in BLOCKS) >= 12
+    assert sum((block.path, block.first_line) in EXAMPLES for block in BLOCKS) >= 17
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.path}:{b.line}" for b in BLOCKS])
@@ -177,6 +220,8 @@ def test_example(block, rng):
             f"{block.path}:{block.line}: a new example; give it a setup in EXAMPLES or make "
             f"skip_reason say why it cannot run on the CPU")
         pytest.skip(reason)
+    if skip_reason(block) == NO_TORCH:
+        pytest.skip(NO_TORCH)
     assert skip_reason(block) is None, f"{block.path}:{block.line}: {skip_reason(block)}"
     import cuflash
 
