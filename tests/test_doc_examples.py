@@ -478,3 +478,35 @@ def test_torch_md_lists_every_parameter():
     assert {"flash_attn_func", "flash_attn_varlen_func", "attention"} <= {n for n, _ in listings}
     for name, arguments in listings:
         assert arguments == _spelled(getattr(cuflash.torch, name)), name
+
+
+def _captured_and_warmed(code: str) -> tuple[list, set]:
+    """The statements of a block's ``with stream:`` between ``stream.begin_capture()`` and
+    ``stream.end_capture()``, and those before the capture begins, each as the call it makes
+    (an assignment's value; any other statement whole)."""
+    import ast
+
+    def made(statement) -> str:
+        return ast.unparse(statement.value if isinstance(statement, (ast.Assign, ast.Expr))
+                           else statement)
+
+    (body,) = [node.body for node in ast.walk(ast.parse(code)) if isinstance(node, ast.With)]
+    texts = [made(statement) for statement in body]
+    begin = texts.index("stream.begin_capture()")
+    end = texts.index("stream.end_capture()")
+    return texts[begin + 1:end], set(texts[:begin])
+
+
+def test_capture_examples_run_each_call_before_capturing():
+    """README.md and docs/api.md, "Repeated calls and CUDA graphs": each call is run once before
+    it is captured (that compiles its kernels and uploads a mask's index, which a capture cannot
+    hold); every example that captures calls makes each of them, as captured, before
+    ``stream.begin_capture()``."""
+    examples = [block for block in BLOCKS if block.path in ("README.md", "docs/api.md")
+                and "begin_capture()" in block.code]
+    assert len(examples) >= 3
+    for block in examples:
+        captured, warmed = _captured_and_warmed(block.code)
+        assert captured, f"{block.path}:{block.line}"
+        missing = [call for call in captured if call not in warmed]
+        assert not missing, f"{block.path}:{block.line} captures {missing} without a first run"
