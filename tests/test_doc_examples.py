@@ -510,3 +510,16 @@ def test_capture_examples_run_each_call_before_capturing():
         assert captured, f"{block.path}:{block.line}"
         missing = [call for call in captured if call not in warmed]
         assert not missing, f"{block.path}:{block.line} captures {missing} without a first run"
+
+
+def test_install_commands_install_from_the_clone():
+    """README.md, "Install and run": cuflash is installed from a clone of its repository,
+    ``pip install ".[cuda13]"``, so every command of README.md and docs/*.md that installs it
+    with CuPy (the cuda12 or cuda13 extra) names the clone, quoted (to zsh, unquoted brackets
+    are a pattern of file names)."""
+    commands = [command for path in FILES
+                for command in re.findall(r"pip install ([^`\n]*)", path.read_text())
+                if re.search(r"\bcuda1[23]\b", command)]
+    assert len(commands) >= 2
+    for command in commands:
+        assert command.startswith('".['), command
