@@ -1264,3 +1264,34 @@ def test_decode_route_writes_an_out_of_strides_not_whole_elements_through_a_copy
     _kvcache._run_decode(spec, Recording(), *case.args, out, lse)
     assert len(targets) == 1 and all(s % 2 == 0 for s in targets[0])
     assert_kvcache_close(case, out, lse, f"seed={seed}")
+
+
+def test_a_paged_call_is_refused_by_the_shared_memory_its_own_launch_needs(monkeypatch):
+    """A paged launch holds its page numbers in shared memory beside the ring (1 KiB more than a
+    contiguous one): where the per-block limit lies between the two, the paged call takes the
+    generic route, naming the bytes its launch needs, and the contiguous one still takes the
+    decode kernel, whose launch fits."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch, decode
+
+    d, dv = 96, 256
+    dqk, dvp = (_launch.padded_head_dim(x, "head dim") for x in (d, dv))
+    contiguous_need = decode.shared_bytes(dqk, dvp, 2, False)
+    paged_need = decode.shared_bytes(dqk, dvp, 2, True)
+    device = FakeDevice(monkeypatch, compute_capability="86")
+    monkeypatch.setattr(_launch, "shared_limit", lambda device_id: contiguous_need)
+    q = device.empty((2, 1, 4, d), ml_dtypes.bfloat16)
+    seqlens = device.empty((2,), np.int32)
+    k_cache, v_cache = device.empty((2, 64, 1, d), ml_dtypes.bfloat16), device.empty((2, 64, 1, dv), ml_dtypes.bfloat16)
+    assert cuflash.kvcache_plan(q, k_cache, v_cache, cache_seqlens=seqlens).route == "decode"
+    device.take_launches()
+    cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=1)
+    (launch,) = [x for x in device.take_launches() if x[0].startswith("flash_decode<")]
+    assert launch[3] == contiguous_need
+
+    table = device.empty((2, 2), np.int32)
+    plan = cuflash.kvcache_plan(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
+    assert plan.route == "generic", str(plan)
+    assert f"needs {paged_need:,} bytes of shared memory" in str(plan)

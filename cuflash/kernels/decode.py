@@ -62,7 +62,8 @@ def why_not(q, k_cache, v_cache, block_table=None) -> str | None:
             return f"takes head dims that are multiples of 8 up to 256; {name} = {width}"
     limit = _launch.shared_limit(q.device.id)
     dqk, dvp = padded_head_dim(d, "head dim D"), padded_head_dim(dv, "value head dim Dv")
-    need = min(shared_bytes(dqk, dvp, 2, paged) for paged in (False, True))
+    # Two ring stages at least (stages_for), and a paged launch's page numbers beside them.
+    need = shared_bytes(dqk, dvp, 2, block_table is not None)
     if need > limit:
         return (f"needs {need:,} bytes of shared memory per thread block at D = {d}, Dv = {dv}; "
                 f"this GPU allows {limit:,}")
