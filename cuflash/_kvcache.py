@@ -292,7 +292,21 @@ def _choose(spec: KVCacheSpec, q, k_cache, v_cache):
     why_not = decode.why_not(q, k_cache, v_cache, spec.block_table)
     if why_not is not None:
         return GENERIC, f"the decode kernel does not take this call: {why_not}", None
-    return DECODE, "cuflash.kernels.decode: one append launch, one attention launch", decode
+    return DECODE, f"cuflash.kernels.decode: {_decode_launches(spec)}", decode
+
+
+def _decode_launches(spec: KVCacheSpec) -> str:
+    """The launches the decode route makes for this call (``_run_decode``), in words: the append
+    where the call appends keys, the attention, and the merge of its key splits where it has
+    several (``num_splits`` 0: as many as the device's occupancy asks for, known once it is
+    asked)."""
+    launches = ["one append launch"] if spec.s_new else []
+    launches.append("one attention launch")
+    if spec.num_splits > 1:
+        launches.append(f"one merging its {spec.num_splits} key splits")
+    elif spec.num_splits == 0:
+        launches.append("one merging its key splits where the device's occupancy asks for several")
+    return ", ".join(launches[:-1]) + (" and " if len(launches) > 1 else "") + launches[-1]
 
 
 

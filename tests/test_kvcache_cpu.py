@@ -1295,3 +1295,36 @@ def test_a_paged_call_is_refused_by_the_shared_memory_its_own_launch_needs(monke
     plan = cuflash.kvcache_plan(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
     assert plan.route == "generic", str(plan)
     assert f"needs {paged_need:,} bytes of shared memory" in str(plan)
+
+
+@pytest.mark.parametrize("appends", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_the_decode_route_names_the_launches_the_call_makes(monkeypatch, appends, num_splits):
+    """kvcache_plan's reason for the decode route names the launches the call then makes: the
+    append only where the call appends keys, and the merge of the key splits only where it has
+    several."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import decode
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((2, 1, 4, 64), ml_dtypes.bfloat16)
+    k_cache, v_cache = (device.empty((2, 1024, 2, 64), ml_dtypes.bfloat16) for _ in range(2))
+    new = dict(k=device.empty((2, 1, 2, 64), ml_dtypes.bfloat16),
+               v=device.empty((2, 1, 2, 64), ml_dtypes.bfloat16)) if appends else {}
+    seqlens = device.empty((2,), np.int32)
+    plan = cuflash.kvcache_plan(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits, **new)
+    assert plan.route == "decode", str(plan)
+    prepared = (decode._prepared, decode._prepared_append)  # (launches of this fake device)
+    for cache in prepared:
+        cache.cache_clear()
+    device.take_launches()
+    try:
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits, **new)
+    finally:
+        for cache in prepared:
+            cache.cache_clear()
+    names = [launch[0].partition("<")[0] for launch in device.take_launches()]
+    assert ("kv_append" in names) == appends == ("append" in plan.reason), (names, plan.reason)
+    assert ("decode_combine" in names) == (num_splits > 1) == ("merg" in plan.reason), (names, plan.reason)
