@@ -1238,3 +1238,30 @@ def test_a_backward_whose_workspace_rows_pass_int32_is_refused(monkeypatch, case
     assert not [launch for launch in device.take_launches() if "bwd" in launch[0]]
     backward(fits)
     assert any(expression.startswith("flash_bwd_pre") for expression, *_ in device.take_launches())
+
+
+@pytest.mark.parametrize("d, block_size, tried", [
+    # rows of at most 8K keys take 128-key tiles at D = 128, never 176 (candidate_tiles' `short`)
+    (128, (128, 176), ("128x128", "128x64")),
+    # a mask that keeps few keys per row tries one consumer's 64-row tiles first at D = 64
+    (64, (64, 96), ("64x128", "128x128", "128x64")),
+])
+def test_the_tma_forward_names_the_tile_shapes_it_tried_for_a_block_mask(monkeypatch, d, block_size, tried):
+    """A block mask whose blocks no tile shape of the TMA forward divides is passed on with the
+    shapes that call tried, no more and no fewer: a shape listed but never tried would read as
+    one the mask's blocks already are multiples of."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.sparse import BlockMask
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    n = 1024
+    bq, bk = block_size
+    layout = np.eye(-(-n // bq), -(-n // bk), dtype=bool)
+    mask = BlockMask.from_dense(layout, block_size=block_size, shape=(n, n))
+    q = device.empty((1, 2, n, d), ml_dtypes.bfloat16)
+    plan = cuflash.kernel_plan(q, q, q, block_mask=mask)
+    reasons = dict(plan.forward.passed_over)
+    assert "sm90-tma" in reasons, plan.forward.describe()
+    assert f"({', '.join(tried)})" in reasons["sm90-tma"], reasons["sm90-tma"]

@@ -256,17 +256,22 @@ def with_second_q_buffer(spec, tiles: TmaTiles) -> TmaTiles:
     return second if fits_shared_memory(spec, second) else tiles
 
 
+def call_candidates(spec, *, few: bool | None = None) -> list[TmaTiles]:
+    """``candidate_tiles`` for this call's head dims and options, best first: the shapes
+    ``tiles_for`` tries (and ``supports`` names when none fits). `few` overrides
+    ``few_keys(spec)``."""
+    plain = not spec.banded and _three_consumers_fit(spec)
+    short = spec.shapes.nk <= UNBANDED_PERSISTENT_MAX_KEYS  # matters only without a band
+    return candidate_tiles(spec.shapes.d, spec.shapes.dv, banded=spec.banded, exact=spec.exact, plain=plain,
+                           short=short, few_keys=few_keys(spec) if few is None else few,
+                           short_band=short_band(spec), long_causal=long_causal(spec), dropout=spec.has_dropout)
+
+
 def tiles_for(spec, *, few: bool | None = None) -> TmaTiles:
     """The first candidate that fits shared memory and whose tiles a block mask's blocks are
     whole multiples of, persistent where ``persistent_grid`` says so, with a second Q buffer
     where it fits. `few` overrides ``few_keys(spec)`` (the variants list asks for both)."""
-    d, dv = spec.shapes.d, spec.shapes.dv
-    plain = not spec.banded and _three_consumers_fit(spec)
-    short = spec.shapes.nk <= UNBANDED_PERSISTENT_MAX_KEYS  # matters only without a band
-    for tiles in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact, plain=plain, short=short,
-                                 few_keys=few_keys(spec) if few is None else few,
-                                 short_band=short_band(spec), long_causal=long_causal(spec),
-                                 dropout=spec.has_dropout):
+    for tiles in call_candidates(spec, few=few):
         if not fits_shared_memory(spec, tiles):
             continue
         if spec.block_mask is not None:
@@ -321,9 +326,8 @@ def supports(spec, arrays) -> str | None:
         if reason:
             return f"{name}: {reason}"
     if tiles_for(spec) is None:
-        shapes = ", ".join(f"{t.block_m}x{t.block_n}"
-                           for t in candidate_tiles(d, dv, banded=spec.banded, exact=spec.exact,
-                                                    dropout=spec.has_dropout))
+        # the shapes tiles_for tried, once each (they differ in stages or consumers beside)
+        shapes = ", ".join(dict.fromkeys(f"{t.block_m}x{t.block_n}" for t in call_candidates(spec)))
         if spec.block_mask is None:
             return f"no tile shape ({shapes}) fits shared memory at D={d}, Dv={dv}"
         bq, bk = spec.block_mask.block_size
@@ -392,5 +396,6 @@ def main_variants() -> list[tuple[str, str]]:
     return list(dict.fromkeys((SOURCE, variant(spec, tiles_for(spec, few=few))) for spec, few in shapes))
 
 
-__all__ = ["forward", "prepare_forward", "supports", "describe_call", "main_variants", "TmaTiles", "candidate_tiles", "tiles_for",
+__all__ = ["forward", "prepare_forward", "supports", "describe_call", "main_variants", "TmaTiles", "candidate_tiles",
+           "call_candidates", "tiles_for",
            "persistent_grid", "variant", "ARCH"]
