@@ -381,6 +381,25 @@ def test_attention_checks_its_mask_after_q_and_the_options_as_the_core_does(wron
     assert str(adapter.value).split()[0] == str(core.value).split()[0]
 
 
+@pytest.mark.parametrize("mask", [
+    lambda: dict(block_mask="x"), lambda: dict(mask=10**9), lambda: dict(block_mask=10**9),
+], ids=["not_a_mask", "unknown_handle", "unknown_block_handle"])
+def test_attention_checks_its_mask_before_deterministic_as_the_core_does(mask):
+    """attention_backward checks its masks before deterministic: a call wrong in both names the
+    mask, in the core and in the adapter (whose backward the flag is for)."""
+    x = randn(1, 2, 8, 8)
+    arrays = [x.numpy()] * 3
+    out, lse = cuflash.attention(*arrays, return_lse=True)
+    mask = mask()
+    core_mask = {name: "x" if isinstance(value, int) else value for name, value in mask.items()}
+    with pytest.raises((TypeError, ValueError)) as core:
+        cuflash.attention_backward(out, *arrays, out, lse, deterministic="False", **core_mask)
+    assert not str(core.value).startswith("deterministic")
+    with pytest.raises((TypeError, ValueError)) as adapter:
+        ct.attention(x, x, x, deterministic="False", **mask)
+    assert str(adapter.value).split()[0] == str(core.value).split()[0]
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_flash_attn_signatures_refuse_return_attn_probs_that_is_not_a_bool(value):
     """return_attn_probs="False" is not read as True (a triple, and S_dmask formed on the host)

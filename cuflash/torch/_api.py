@@ -64,6 +64,20 @@ def _checked_options(q, causal, scale, window, softcap, deterministic, names: di
     core's own rules before the operators' schemas make bools, floats and ints of them (where
     ``bool("False")`` is True and ``int(1.9)`` is 1); ``scale`` stays None for the default.
     Errors name each argument as ``names`` says (core name -> the caller's)."""
+    causal, scale, left, right, softcap = _checked_score_options(q, causal, scale, window,
+                                                                 softcap, names)
+    return causal, scale, left, right, softcap, _checked_deterministic(deterministic, names)
+
+
+def _checked_deterministic(deterministic, names: dict) -> bool:
+    try:
+        return _checks.check_bool(deterministic, "deterministic")
+    except TypeError as error:
+        raise _renamed(error, names) from None
+
+
+def _checked_score_options(q, causal, scale, window, softcap, names: dict) -> tuple:
+    """``_checked_options`` but ``deterministic``, which the core checks after the masks."""
     try:
         causal = _checks.check_bool(causal, "causal")
         # The default scale depends on q's head dim, a traced or symbolic size under
@@ -73,10 +87,9 @@ def _checked_options(q, causal, scale, window, softcap, deterministic, names: di
         checked_scale = _checks.check_scale(scale, 1 if softcap_off else _head_dim(q))
         left, right = _checks.check_window(window)
         softcap = _checks.check_softcap(softcap, checked_scale)
-        deterministic = _checks.check_bool(deterministic, "deterministic")
     except (TypeError, ValueError) as error:
         raise _renamed(error, names) from None
-    return causal, None if scale is None else checked_scale, left, right, softcap, deterministic
+    return causal, None if scale is None else checked_scale, left, right, softcap
 
 
 def _check_tensors(**tensors) -> None:
@@ -230,9 +243,11 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
         _check_tensors(q=q, k=k, v=v)
     else:
         _check_tensors(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
-    causal, scale, left, right, softcap, deterministic = _checked_options(
-        q, causal, scale, window, softcap, deterministic, names or {})
+    causal, scale, left, right, softcap = _checked_score_options(q, causal, scale, window,
+                                                                 softcap, names or {})
     block_mask = _one_mask(block_mask, mask)
+    # deterministic (read by the backward) after the masks, where attention_backward checks it
+    deterministic = _checked_deterministic(deterministic, names or {})
     p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
     _checks.check_bool(return_lse, "return_lse")
     _ops.check_options((left, right), softcap, alibi_slopes, p)
