@@ -381,9 +381,22 @@ def test_attention_checks_its_mask_after_q_and_the_options_as_the_core_does(wron
     assert str(adapter.value).split()[0] == str(core.value).split()[0]
 
 
+def _new_mask(kind, n, shape=None):
+    """A mask never registered before (its pattern drawn at random), ``n`` x ``n`` elements."""
+    from cuflash.sparse import BlockMask, ExactMask
+    while True:
+        dense = np.random.default_rng().random((n, n)) < 0.5
+        np.fill_diagonal(dense, True)
+        mask = (ExactMask.from_dense(dense) if kind == "mask" else
+                BlockMask.from_dense(dense[::4, ::4], block_size=4, shape=shape))
+        if mask not in _ops._mask_ids:
+            return mask
+
+
 @pytest.mark.parametrize("mask", [
     lambda: dict(block_mask="x"), lambda: dict(mask=10**9), lambda: dict(block_mask=10**9),
-], ids=["not_a_mask", "unknown_handle", "unknown_block_handle"])
+    lambda: dict(block_mask=_new_mask("block_mask", 48)),
+], ids=["not_a_mask", "unknown_handle", "unknown_block_handle", "wrong_shape"])
 def test_attention_checks_its_mask_before_deterministic_as_the_core_does(mask):
     """attention_backward checks its masks before deterministic: a call wrong in both names the
     mask, in the core and in the adapter (whose backward the flag is for)."""
@@ -398,6 +411,38 @@ def test_attention_checks_its_mask_before_deterministic_as_the_core_does(mask):
     with pytest.raises((TypeError, ValueError)) as adapter:
         ct.attention(x, x, x, deterministic="False", **mask)
     assert str(adapter.value).split()[0] == str(core.value).split()[0]
+
+
+@pytest.mark.parametrize("kind", ["block_mask", "mask"])
+@pytest.mark.parametrize("wrong", [
+    dict(mask_size=48), dict(k=(1, 2, 40, 8)), dict(q=(1, 3, 32, 8)),
+    dict(dropout_p=1.5), dict(dropout_p=0.5, dropout_offset=-1), dict(alibi_slopes=(3,)),
+], ids=lambda wrong: next(iter(wrong)))
+def test_a_refused_call_registers_no_mask(kind, wrong):
+    """The registry keeps its masks for the life of the process: a call the core refuses (the
+    mask against q and k, or anything else it checks) registers nothing, and raises what the core
+    raises."""
+    wrong = dict(wrong)
+    n = wrong.pop("mask_size", 32)
+    mask = _new_mask(kind, n)
+    shapes = dict(q=(1, 2, 32, 8), k=(1, 2, 32, 8))
+    shapes.update((name, wrong.pop(name)) for name in ("q", "k") if name in wrong)
+    q, k = (randn(*shapes[name]) for name in ("q", "k"))
+    if "alibi_slopes" in wrong:
+        wrong["alibi_slopes"] = torch.ones(wrong["alibi_slopes"])
+    core_options = {name: x.numpy() if isinstance(x, torch.Tensor) else x
+                    for name, x in wrong.items()}
+    with pytest.raises((TypeError, ValueError)) as core:
+        cuflash.attention(q.numpy(), k.numpy(), k.numpy(), dropout_seed=3, **core_options,
+                          **{kind: mask})
+    registered = len(_ops._masks)
+    with pytest.raises(type(core.value)) as adapter:
+        ct.attention(q, k, k, dropout_seed=3, **wrong, **{kind: mask})
+    assert str(adapter.value).split()[0] == str(core.value).split()[0]
+    assert len(_ops._masks) == registered and mask not in _ops._mask_ids
+    good = randn(1, 2, n, 8)
+    ct.attention(good, good, good, **{kind: mask})
+    assert mask in _ops._mask_ids  # registers it
 
 
 @pytest.mark.parametrize("value", ["False", 0, None])

@@ -246,6 +246,13 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     causal, scale, left, right, softcap = _checked_score_options(q, causal, scale, window,
                                                                  softcap, names or {})
     block_mask = _one_mask(block_mask, mask)
+    if block_mask is not None and not torch.compiler.is_compiling():
+        # the core's checks, before _traced_mask_handle registers the mask for good
+        _ops.check_masked_call(q, k, v, block_mask, alibi_slopes, dict(
+            causal=causal, scale=scale, window=(left, right), softcap=softcap,
+            deterministic=deterministic, dropout_p=dropout_p,
+            dropout_seed=0 if dropout_seed is None else dropout_seed,
+            dropout_offset=dropout_offset))
     # deterministic (read by the backward) after the masks, where attention_backward checks it
     deterministic = _checked_deterministic(deterministic, names or {})
     p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)

@@ -344,6 +344,23 @@ def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
     return _api._spec(*arrays, **options, **mask_options(block_mask))
 
 
+def check_masked_call(q, k, v, mask, alibi_slopes, options: dict) -> None:
+    """The core's checks of a call with a mask (``cuflash._api._spec`` on stand-ins of q, k, v
+    and the slopes), made before the mask is registered: the registry keeps what it holds for
+    the life of the process, so a call the core refuses must be refused before it registers.
+    ``mask`` is a mask or its handle; ``options`` are the core's keywords but the mask and the
+    slopes. Shapes only torch.compile knows symbolically are left to the operator."""
+    try:
+        q, k, v, alibi_slopes = map(_stand_in, (q, k, v, alibi_slopes))
+    except _NoExample:
+        return
+    registered = lookup_block_mask(mask) if isinstance(mask, int) else mask
+    from cuflash.sparse import ExactMask
+
+    slot = "mask" if isinstance(registered, ExactMask) else "block_mask"
+    _api._spec(q, k, v, alibi_slopes=alibi_slopes, **options, **{slot: registered})
+
+
 def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             causal, scale, window_left, window_right, softcap, alibi_slopes,
                             deterministic, dropout_p, dropout_seed, dropout_offset):
