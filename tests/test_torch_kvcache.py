@@ -131,6 +131,25 @@ def test_cache_seqlens_is_an_int_or_a_tensor(seed, value):
     np.testing.assert_array_equal(k_cache.numpy(), tensors(seed)[1].numpy())  # nothing written
 
 
+@pytest.mark.parametrize("value", ["3", [4, 7, 1], np.array([4, 7, 1], np.int32)])
+@pytest.mark.parametrize("wrong", ["k_cache", "k", "q"])
+def test_cache_seqlens_of_another_type_is_checked_where_the_core_checks_it(seed, value, wrong):
+    """The core checks cache_seqlens after q, the caches, k and v: a call wrong in one of those
+    too names it, as the core does with the same arguments (a NumPy array, which the core takes,
+    with its lengths)."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+    arguments = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+    arguments[wrong] = arguments[wrong][..., :8] if wrong == "k" else arguments[wrong][0]
+    core_seqlens = np.array([4, 7, 1], np.int32) if isinstance(value, (list, np.ndarray)) else value
+    with pytest.raises((TypeError, ValueError)) as core:
+        cuflash.attention_with_kvcache(**{name: x.numpy() for name, x in arguments.items()},
+                                       cache_seqlens=core_seqlens)
+    assert str(core.value).startswith(wrong + " ")
+    with pytest.raises(type(core.value)) as adapter:
+        flash_attn_with_kvcache(**arguments, cache_seqlens=value)
+    assert str(adapter.value) == str(core.value)
+
+
 @pytest.mark.parametrize("first, second", [("k", "v"), ("v", "k"),
                                            ("rotary_cos", "rotary_sin"),
                                            ("rotary_sin", "rotary_cos")])

@@ -807,6 +807,23 @@ def _refuse_tensors_without_memory(**arguments) -> None:
                         "into the caches in place", **arguments)
 
 
+@contextlib.contextmanager
+def _seqlens_refusal(q, refused):
+    """Runs the core's call, handed None for a ``cache_seqlens`` of another type than
+    flash-attn's two forms (``refused``): the core's refusal of it becomes one in torch terms
+    (the core would describe its own arrays, and takes NumPy ones)."""
+    try:
+        yield
+    except TypeError as error:
+        if refused is None or not str(error).startswith("cache_seqlens "):
+            raise
+        batch = f"({q.shape[0]},)" if q.dim() else "(B,)"
+        raise TypeError(f"cache_seqlens must be an int or an int32 torch.Tensor of shape {batch} "
+                        f"on q's device (the number of keys in each batch row's cache before k "
+                        f"and v are appended), got {_checks._show(refused)} of type "
+                        f"{_checks._type_name(refused)}") from None
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
                             rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
                             cache_leftpad=None, block_table=None, softmax_scale=None,
@@ -838,6 +855,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         ("block_table", block_table),
         ("alibi_slopes", alibi_slopes), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin))
         if x is not None})
+    refused_seqlens = None
     if cache_seqlens is None:
         if k is not None and v is not None:  # one of them alone: the core names the other
             raise ValueError("cache_seqlens is required when k and v are given: it says where "
@@ -849,12 +867,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     elif isinstance(cache_seqlens, torch.Tensor):
         _check_tensors(q=q, cache_seqlens=cache_seqlens)
     elif not _checks.is_integer(cache_seqlens):
-        # flash-attn's two forms; the core would describe its own arrays (and take NumPy ones)
-        batch = f"({q.shape[0]},)" if q.dim() else "(B,)"
-        raise TypeError(f"cache_seqlens must be an int or an int32 torch.Tensor of shape {batch} "
-                        f"on q's device (the number of keys in each batch row's cache before k "
-                        f"and v are appended), got {_checks._show(cache_seqlens)} of type "
-                        f"{_checks._type_name(cache_seqlens)}")
+        # flash-attn's two forms only, refused where the core checks cache_seqlens, after q
+        # and the caches: the core is handed None, which it refuses there (a NumPy array it
+        # would take), and its error is put in torch's terms (_seqlens_refusal).
+        refused_seqlens, cache_seqlens = cache_seqlens, None
     _refuse_tensors_without_memory(
         q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
         cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
@@ -865,7 +881,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
         # return_softmax_lse is checked by the core, as its return_lse, where the core checks
         # it (after q, the caches and the options; "False" is refused, not read as True).
-        with _caller_names(_KVCACHE_NAMES):
+        with _caller_names(_KVCACHE_NAMES), _seqlens_refusal(q, refused_seqlens):
             result = cuflash.attention_with_kvcache(
                 core(q), core(k_cache), core(v_cache), core(k), core(v),
                 cache_seqlens=core(cache_seqlens), block_table=core(block_table),
