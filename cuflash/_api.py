@@ -758,6 +758,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                      dropout_seed=dropout_seed, dropout_offset=dropout_offset,
                                      **options)
         _check_varlen_results(xp, spec, q, k, v, out, return_lse, _PAGED_NAMES)
+        if xp is not numpy:
+            refuse_packed_on_gpu(spec.dtype)
         k, v, hosts = _varlen_pages.gather_pages(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                  (spec.shapes.nq, spec.shapes.nk), block_table,
                                                  check_offsets)
@@ -765,6 +767,18 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                            max_seqlen_k, out, options,
                                            (dropout_seed, dropout_offset), return_lse, hosts)
     return (result, lse) if return_lse else result  # return_lse: checked to be a bool
+
+
+def refuse_packed_on_gpu(dtype) -> None:
+    """ValueError for packed sequences in a dtype no GPU kernel runs them in
+    (``kernels.why_not_packed``): a paged call asks before it gathers its keys, which the
+    kernel choice would otherwise refuse after that copy."""
+    from . import kernels
+
+    reason = kernels.why_not_packed(dtype)
+    if reason:
+        raise ValueError(f"no GPU kernel runs packed sequences in {numpy.dtype(dtype).name}: "
+                         f"{reason}")
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

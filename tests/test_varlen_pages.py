@@ -326,6 +326,40 @@ def test_device_offsets_are_read_back_once_before_the_gather(rng, monkeypatch):
     assert events[3:] == ["gather", "gather"]
 
 
+def test_float32_pages_on_the_gpu_are_refused_before_the_gather(rng):
+    """No GPU kernel runs float32 packed sequences: a float32 paged call with CuPy inputs is
+    refused before its keys are gathered (a copy of every key), with the reason the kernel
+    choice gives for the packed call."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import _checks, _varlen_pages
+
+    _, _, _, k_pages, _, table, cu_q, cu_k = paged_case(rng, np, np.float32, [3, 5], [6, 9], 4)
+    gathers = []
+    with pytest.MonkeyPatch.context() as patch:
+        device = FakeDevice(patch, compute_capability="90")
+        values = {}
+
+        def on_device(x):
+            fake = device.empty(x.shape, x.dtype)
+            values[id(fake)] = x
+            return fake
+
+        patch.setattr(_checks, "_host_values",
+                      lambda x: x if isinstance(x, np.ndarray) else values[id(x)])
+        patch.setattr(cupy, "asarray", lambda x: device.empty(x.shape, x.dtype))
+        patch.setattr(_varlen_pages, "_rows_of", lambda pages, rows, xp: gathers.append(rows)
+                      or device.empty(rows.shape + pages.shape[2:], pages.dtype))
+        q = device.empty((8, 4, 32), np.float32)
+        pages = device.empty(k_pages.shape, np.float32)
+        offsets = on_device(cu_q), on_device(cu_k)
+        with pytest.raises(ValueError, match="packed variable-length sequences .* float32"):
+            cuflash.attention_varlen(q, pages, pages, *offsets, 5, 9,
+                                     block_table=on_device(table))
+    assert not gathers
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("page_size", [7, 16, 256])

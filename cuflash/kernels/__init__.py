@@ -21,6 +21,8 @@ import importlib
 import os
 from dataclasses import dataclass, field
 
+import numpy
+
 from .. import _checks
 from . import _build
 
@@ -130,6 +132,17 @@ def plan(pass_name: str, spec, arrays) -> Plan:
             return Plan(pass_name, family, tuple(passed_over), spec, arrays)
         passed_over.append((family.name, reason))
     return Plan(pass_name, None, tuple(passed_over), spec, arrays)
+
+
+def why_not_packed(dtype) -> str | None:
+    """Why no family runs packed sequences (``attention_varlen``) in ``dtype``, None where one
+    may: float32 runs in the float32 family alone (the others take float16/bfloat16), which has
+    none (``float32.supports``). Asked by a paged call before it gathers its keys."""
+    if numpy.dtype(dtype) != numpy.float32:
+        return None
+    from . import _launch
+
+    return _launch.packed_unsupported("float32")
 
 
 def _chosen(pass_name: str, spec, arrays) -> Family:

@@ -213,8 +213,11 @@ def why_not_dropout(spec) -> str | None:
 def why_not_varlen(spec, family: str) -> str | None:
     """The reason a family without packed variable-length sequences cannot take a varlen call
     (None for any other call)."""
-    if spec.varlen is None:
-        return None
+    return None if spec.varlen is None else packed_unsupported(family)
+
+
+def packed_unsupported(family: str) -> str:
+    """The reason a family without packed variable-length sequences gives for them."""
     return (f"packed variable-length sequences (attention_varlen) are not implemented in the "
             f"{family} kernels")
 

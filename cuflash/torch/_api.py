@@ -629,7 +629,9 @@ def _check_before_gather(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, length
     if dropout_p:
         options.update(dropout_p=dropout_p, dropout_seed=0)
     arrays = map(to_core, (q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k))
-    core_api._varlen_checks(*arrays, *lengths, _varlen_pages.page_shapes, **options)
+    spec = core_api._varlen_checks(*arrays, *lengths, _varlen_pages.page_shapes, **options)[2]
+    if q.device.type == "cuda":  # what the kernel choice refuses, before the gather's copy
+        core_api.refuse_packed_on_gpu(spec.dtype)
 
 
 @torch.compiler.disable  # as _check_before_gather: values read on the host
