@@ -445,6 +445,24 @@ def test_a_refused_call_registers_no_mask(kind, wrong):
     assert mask in _ops._mask_ids  # registers it
 
 
+def test_a_held_mask_is_not_checked_again_before_each_call(monkeypatch):
+    """The check a new mask gets before it is registered (the core's validation on stand-ins,
+    about 70 µs) runs once: a mask the registry holds, or its handle, goes straight to the
+    operator, which checks it against the call as it does every call."""
+    mask = _new_mask("block_mask", 32)
+    x = randn(1, 2, 32, 8)
+    checks = []
+    real = _ops.check_masked_call
+    monkeypatch.setattr(_ops, "check_masked_call", lambda *a: checks.append(1) or real(*a))
+    first = ct.attention(x, x, x, block_mask=mask)
+    assert checks == [1]
+    for held in (mask, _ops.block_mask_handle(mask)):
+        assert torch.equal(ct.attention(x, x, x, block_mask=held), first)
+    assert checks == [1]
+    with pytest.raises(ValueError, match="block_mask"):  # still checked, by the operator
+        ct.attention(randn(1, 2, 48, 8), randn(1, 2, 48, 8), randn(1, 2, 48, 8), block_mask=mask)
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_flash_attn_signatures_refuse_return_attn_probs_that_is_not_a_bool(value):
     """return_attn_probs="False" is not read as True (a triple, and S_dmask formed on the host)

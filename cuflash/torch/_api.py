@@ -246,8 +246,10 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     causal, scale, left, right, softcap = _checked_score_options(q, causal, scale, window,
                                                                  softcap, names or {})
     block_mask = _one_mask(block_mask, mask)
-    if block_mask is not None and not torch.compiler.is_compiling():
-        # the core's checks, before _traced_mask_handle registers the mask for good
+    if (block_mask is not None and not torch.compiler.is_compiling()
+            and not _ops.is_registered(block_mask)):
+        # the core's checks, before _traced_mask_handle registers a new mask for good (a mask
+        # held already is checked by the operator: checking it here too cost 70 µs a call)
         _ops.check_masked_call(q, k, v, block_mask, alibi_slopes, dict(
             causal=causal, scale=scale, window=(left, right), softcap=softcap,
             deterministic=deterministic, dropout_p=dropout_p,

@@ -72,6 +72,12 @@ def block_mask_handle(block_mask) -> int:
     return handle
 
 
+def is_registered(mask) -> bool:
+    """Whether ``mask`` (a mask or a handle) is in the registry already: a handle always is (or
+    is refused as one), a mask once ``block_mask_handle`` has taken it or an equal one."""
+    return isinstance(mask, int) or mask in _mask_ids  # (one dict lookup: no lock needed)
+
+
 def lookup_block_mask(handle: int, name: str = "block_mask"):
     """The mask registered under ``handle`` (None for -1); a ValueError naming the argument
     ``name`` for a handle that was never given out."""
