@@ -1955,8 +1955,10 @@ def test_a_rank_whose_call_is_too_long_to_compare_fails_with_every_rank(attentio
                for r in range(2)), raised
 
 
-def _gloo_all_to_all_rank(rank, size, port, queue):
-    """One process of the TorchComm all-to-all test: rank r sends arrays of r + 1 axes."""
+def _gloo_all_to_all_rank(rank, size, port, queue, case):
+    """One process of a TorchComm all-to-all test over Gloo: ``case`` "axes" sends arrays of
+    rank + 1 axes, "dtypes" float32 from rank 0 and int32 from rank 1; what all_to_all returns
+    (or the text of what it raised) goes to ``queue``."""
     import datetime
 
     import torch.distributed as dist
@@ -1967,13 +1969,39 @@ def _gloo_all_to_all_rank(rank, size, port, queue):
                             timeout=datetime.timedelta(seconds=60))
     try:
         comm = TorchComm(timeout=60)
-        arrays = [np.full((2,) * (rank + 1), 10 * rank + dst, F32) for dst in range(size)]
+        if case == "axes":
+            arrays = [np.full((2,) * (rank + 1), 10 * rank + dst, F32) for dst in range(size)]
+        else:
+            dtype = np.float32 if rank == 0 else np.int32
+            arrays = [np.full(3, 1 + rank, dtype) for _ in range(size)]
         try:
             queue.put((rank, comm.all_to_all(arrays)))
-        except Exception as error:  # reported to the test, which names it
+        except Exception as error:  # reported to the test, which reads it
             queue.put((rank, f"{type(error).__name__}: {error}"))
     finally:
         dist.destroy_process_group()
+
+
+def _gloo_all_to_all(case: str, size: int = 2) -> dict:
+    """Each rank's result of ``_gloo_all_to_all_rank`` for ``case``, run in ``size`` processes."""
+    pytest.importorskip("torch")
+    import multiprocessing
+
+    from cuflash.parallel.launch import _free_port
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_gloo_all_to_all_rank, args=(r, size, port, queue, case))
+                 for r in range(size)]
+    for p in processes:
+        p.start()
+    try:
+        return dict(queue.get(timeout=60) for _ in range(size))
+    finally:
+        for p in processes:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
 
 
 @pytest.mark.slow
@@ -1982,25 +2010,8 @@ def test_torch_comm_all_to_all_of_arrays_with_other_numbers_of_axes():
     rank receives what each sender sent, in the sender's shape. The exchange of the shapes
     used to gather arrays of one width per rank (its own largest number of axes), so that the
     ranks' all-gather of them did not match."""
-    pytest.importorskip("torch")
-    import multiprocessing
-
-    from cuflash.parallel.launch import _free_port
     size = 2
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_gloo_all_to_all_rank, args=(r, size, port, queue))
-                 for r in range(size)]
-    for p in processes:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=60) for _ in range(size))
-    finally:
-        for p in processes:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    results = _gloo_all_to_all("axes", size)
     for rank in range(size):
         received = results[rank]
         assert not isinstance(received, str), received
@@ -2109,53 +2120,13 @@ def test_nccl_comm_refuses_a_bad_unique_id_or_device_before_cupy(arguments, erro
         nccl.NcclComm(0, 2, arguments.pop("unique_id"), **arguments)
 
 
-def _gloo_all_to_all_dtypes_rank(rank, size, port, queue):
-    """One process of the TorchComm dtype test: rank 0 sends float32, rank 1 int32."""
-    import datetime
-
-    import torch.distributed as dist
-
-    from cuflash.parallel import TorchComm
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        comm = TorchComm(timeout=60)
-        dtype = np.float32 if rank == 0 else np.int32
-        arrays = [np.full(3, 1 + rank, dtype) for _ in range(size)]
-        try:
-            queue.put((rank, comm.all_to_all(arrays)))
-        except Exception as error:  # reported to the test, which reads it
-            queue.put((rank, f"{type(error).__name__}: {error}"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_torch_comm_all_to_all_refuses_arrays_of_other_dtypes_on_every_rank():
     """A rank receives into buffers of the dtype of what it sends to the sender: arrays of
     another dtype of the same size were taken bit for bit (rank 1's int32 ones read as float32
     on rank 0), of another size an abort of the process. Every rank now raises one ValueError
     naming the ranks and the dtypes."""
-    pytest.importorskip("torch")
-    import multiprocessing
-
-    from cuflash.parallel.launch import _free_port
-    size = 2
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_gloo_all_to_all_dtypes_rank,
-                                 args=(r, size, port, queue)) for r in range(size)]
-    for p in processes:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=60) for _ in range(size))
-    finally:
-        for p in processes:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    results = _gloo_all_to_all("dtypes")
     expected = ("ValueError: all_to_all needs arrays of one dtype in each direction: rank 0 "
                 "sends rank 1 float32, rank 1 sends rank 0 int32")
     assert results == {0: expected, 1: expected}
