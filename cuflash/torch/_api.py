@@ -236,9 +236,9 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     """``(out, lse, dropout)`` of the forward operator, with ``dropout`` the
     ``(dropout_p, seed tensor or None, dropout_offset)`` it ran with (``_dropout``); ``names``
     as for ``_checked_options``. ``block_mask`` and ``mask`` (``attention``'s) are taken as
-    ``_one_mask`` takes them, after the score options, where the core checks its masks. ``return_lse`` (``attention``'s) is checked by the core's rule
-    where the core checks it, after the options and dropout ("False" is refused, not read as
-    True)."""
+    ``_one_mask`` takes them, after the score options, where the core checks its masks.
+    ``return_lse`` (``attention``'s) is checked by the core's rule where the core checks it,
+    after the options and dropout ("False" is refused, not read as True)."""
     if alibi_slopes is None:
         _check_tensors(q=q, k=k, v=v)
     else:
