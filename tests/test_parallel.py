@@ -71,10 +71,9 @@ def _check_against_single(out, lse, grads, q, k, v, dout, context, **options):
 
 # ----------------------------------------------------------------------------- the plan
 
-def assert_every_rank_refuses(rank, match="other shapes"):
-    """``rank(comm)`` run on two local ranks raises a ValueError matching ``match`` on each of
-    them: a mismatch between ranks' calls fails everywhere, rather than on one rank while the
-    others wait."""
+def _every_rank_error(rank, size=2, expected=Exception, match=None):
+    """The errors ``rank(comm)`` raises on each of ``size`` local ranks, by rank; the run itself
+    must raise ``expected`` (matching ``match``)."""
     raised = {}
 
     def recorded(comm):
@@ -84,8 +83,16 @@ def assert_every_rank_refuses(rank, match="other shapes"):
             raised[comm.rank] = error
             raise
 
-    with pytest.raises(ValueError, match=match):
-        LocalRing(2, timeout=10).run(recorded)
+    with pytest.raises(expected, match=match):
+        LocalRing(size, timeout=10).run(recorded)
+    return raised
+
+
+def assert_every_rank_refuses(rank, match="other shapes"):
+    """``rank(comm)`` run on two local ranks raises a ValueError matching ``match`` on each of
+    them: a mismatch between ranks' calls fails everywhere, rather than on one rank while the
+    others wait."""
+    raised = _every_rank_error(rank, expected=ValueError, match=match)
     assert all(isinstance(raised.get(r), ValueError) and match in str(raised[r])
                for r in range(2)), raised
 
@@ -1863,22 +1870,6 @@ def test_launcher_on_several_nodes_makes_up_no_master_address(tmp_path):
     assert _launch(tmp_path, body, 1, nnodes=2, node_rank=0, rdzv_dir=rdzv, env=env,
                    master_addr="10.0.0.7", master_port=29511) == 0
     assert (tmp_path / "master0").read_text() == repr(("10.0.0.7", "29511"))
-
-
-def _every_rank_error(rank, size=2):
-    """The errors ``rank(comm)`` raises on each of ``size`` local ranks, by rank."""
-    raised = {}
-
-    def recorded(comm):
-        try:
-            return rank(comm)
-        except Exception as error:
-            raised[comm.rank] = error
-            raise
-
-    with pytest.raises(Exception):
-        LocalRing(size, timeout=10).run(recorded)
-    return raised
 
 
 @pytest.mark.parametrize("attention", ["ring", "ulysses"])
