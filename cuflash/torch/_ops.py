@@ -90,14 +90,18 @@ def lookup_block_mask(handle: int, name: str = "block_mask"):
 
 
 def mask_options(handle: int) -> dict:
-    """The core's keyword for the mask behind ``handle``: ``block_mask=`` for a block-sparse
-    pattern, ``mask=`` for an exact one, nothing without a mask."""
-    registered = lookup_block_mask(handle)
-    if registered is None:
+    """The core's keyword for the mask behind ``handle`` (``mask_keyword``)."""
+    return mask_keyword(lookup_block_mask(handle))
+
+
+def mask_keyword(mask) -> dict:
+    """The core's keyword for ``mask``: ``block_mask=`` for a block-sparse pattern, ``mask=`` for
+    an exact one, nothing without a mask."""
+    if mask is None:
         return {}
     from cuflash.sparse import ExactMask  # after the common case: an import costs a microsecond
 
-    return {"mask" if isinstance(registered, ExactMask) else "block_mask": registered}
+    return {"mask" if isinstance(mask, ExactMask) else "block_mask": mask}
 
 
 # ----------------------------------------------------------------------------- core options
@@ -351,20 +355,16 @@ def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
 
 
 def check_masked_call(q, k, v, mask, alibi_slopes, options: dict) -> None:
-    """The core's checks of a call with a mask (``cuflash._api._spec`` on stand-ins of q, k, v
-    and the slopes), made before the mask is registered: the registry keeps what it holds for
-    the life of the process, so a call the core refuses must be refused before it registers.
-    ``mask`` is a mask or its handle; ``options`` are the core's keywords but the mask and the
-    slopes. Shapes only torch.compile knows symbolically are left to the operator."""
+    """The core's checks of a call with a mask not yet registered (``cuflash._api._spec`` on
+    stand-ins of q, k, v and the slopes): the registry keeps what it holds for the life of the
+    process, so a call the core refuses must be refused before it registers. ``options`` are the
+    core's keywords but the mask and the slopes. Shapes only torch.compile knows symbolically are
+    left to the operator."""
     try:
         q, k, v, alibi_slopes = map(_stand_in, (q, k, v, alibi_slopes))
     except _NoExample:
         return
-    registered = lookup_block_mask(mask) if isinstance(mask, int) else mask
-    from cuflash.sparse import ExactMask
-
-    slot = "mask" if isinstance(registered, ExactMask) else "block_mask"
-    _api._spec(q, k, v, alibi_slopes=alibi_slopes, **options, **{slot: registered})
+    _api._spec(q, k, v, alibi_slopes=alibi_slopes, **options, **mask_keyword(mask))
 
 
 def _check_fake_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
