@@ -7,26 +7,42 @@ Every ``*.json`` log under the given files or folders is read. Logs from the sam
 seed, one per ``--attention``, are compared step by step; logs under a folder named ``timing`` go
 to the step-time table only. Prints three Markdown tables (loss agreement of cuflash and SDPA,
 test accuracy, step time) and, when ``--plot`` is given and matplotlib is installed, overlays the
-loss curves of each size in one PNG.
+loss curves of each size in one PNG (the format follows the name's ending: .png, .svg, .pdf...).
+
+``--markdown`` and ``--plot`` are written whole or not at all (``cuflash._files``): a run cut
+short leaves the file that was there. They are refused before any log is read where they could
+not be written, or where they name one of the logs read. Exit status: 0 when everything asked
+for was written; 1 when no log was found (nothing is written) or the plot could not be drawn
+(the tables are still printed and written); 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
+
+from cuflash._files import write_atomically
 
 AGREEMENT_STEPS = (100, 300, 1000)     # the loss agreement is given over the first N steps
 SMOOTH = 20                            # steps in the moving mean of the smoothed comparison
 
 
-def read_logs(paths: list[str]) -> list[tuple[Path, dict]]:
+def log_files(paths: list[str]) -> list[Path]:
+    """The files given, and the ``*.json`` files under the folders given."""
     files = []
     for name in paths:
         path = Path(name)
         files += sorted(path.rglob("*.json")) if path.is_dir() else [path]
+    return files
+
+
+def read_logs(paths: list[str]) -> list[tuple[Path, dict]]:
+    files = log_files(paths)
     logs = []
     for path in files:
         try:
@@ -158,19 +174,33 @@ def report(train_logs: list[dict], timing_logs: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def write_whole(path: str, data: bytes) -> None:
+    """``data`` into ``path`` as cuflash writes its files (``write_atomically``): a write cut
+    short leaves what was there, never part of a new file, and an existing file keeps its
+    permissions. A symbolic link is written through, as open() would."""
+    write_atomically(os.path.realpath(path), data)
+
+
+def plot_format(path: str) -> str:
+    """The format of a --plot file, read from its name as matplotlib reads it (PNG without)."""
+    return os.path.splitext(path)[1][1:].lower() or "png"
+
+
 def plot(logs: list[dict], path: str) -> bool:
-    """Loss curves (raw, faint, and smoothed) per image size, overlaid; False without
-    matplotlib."""
+    """Loss curves (raw, faint, and smoothed) per image size, overlaid, written to ``path``
+    whole or not at all; False, saying why on stderr, without matplotlib or training logs."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"matplotlib is not installed: no plot written to {path}; draw it later with "
-              f"python examples/pathfinder_report.py LOGS... --plot {path}")
+              f"python examples/pathfinder_report.py LOGS... --plot {path}", file=sys.stderr)
         return False
     sizes = sorted({log["config"]["size"] for log in logs})
     if not sizes:
+        print(f"no plot written to {path}: no training logs (logs under a folder named timing "
+              "go to the step-time table only)", file=sys.stderr)
         return False
     figure, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False,
                                 layout="constrained")
@@ -190,9 +220,44 @@ def plot(logs: list[dict], path: str) -> bool:
                  ylabel="training loss")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.savefig(path, dpi=120)
-    print(f"plot written to {path}")
+    picture = io.BytesIO()
+    # rendered in memory, so matplotlib no longer reads the format from the name: say it
+    try:
+        figure.savefig(picture, format=plot_format(path), dpi=120)
+    finally:
+        plt.close(figure)
+    write_whole(path, picture.getvalue())
+    print(f"plot written to {path}", file=sys.stderr)
     return True
+
+
+def refuse_unwritable_output(parser, option: str, path: str) -> None:
+    """Refuse, before any log is read, an output that could not be written: a folder, a file
+    in a missing or read-only folder, a read-only file (the atomic write replaces none)."""
+    given, target = Path(path), Path(os.path.realpath(path))
+    if given.is_dir():
+        parser.error(f"{option} {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        parser.error(f"{option} {path}: folder {given.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        parser.error(f"{option} {path}: folder {target.parent} is not writable")
+    if target.exists() and not os.access(target, os.W_OK):
+        parser.error(f"{option} {path} is read-only")
+
+
+def refuse_unknown_plot_format(parser, path: str) -> None:
+    """Refuse a --plot name whose ending matplotlib cannot write (where it is installed: without
+    it the tables are printed and the plot is not drawn)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if plot_format(path) not in supported:
+        parser.error(f"--plot {path}: matplotlib cannot write {plot_format(path)!r} files; give "
+                     f"a name ending in one of {', '.join('.' + k for k in sorted(supported))}")
 
 
 def main(argv=None) -> int:
@@ -201,21 +266,38 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="overlaid loss curves (PNG)")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
-    for option, path in (("--markdown", args.markdown), ("--plot", args.plot)):
-        # refused before the report is printed, rather than by a traceback after it
-        if path is not None and Path(path).is_dir():
-            parser.error(f"{option} {path} is a folder; give a file name")
-        if path is not None and not Path(path).parent.is_dir():
-            parser.error(f"{option} {path}: folder {Path(path).parent} does not exist")
+    for name in args.paths:
+        if not os.path.exists(name):
+            parser.error(f"{name}: no such file or folder")
+    outputs = {option: path for option, path in (("--markdown", args.markdown),
+                                                  ("--plot", args.plot)) if path is not None}
+    # refused before the report is printed, rather than by a traceback after it
+    for option, path in outputs.items():
+        refuse_unwritable_output(parser, option, path)
+    if len(outputs) == 2 and os.path.realpath(args.markdown) == os.path.realpath(args.plot):
+        parser.error(f"--markdown and --plot name one file, {args.markdown}; give two names")
+    inputs = {os.path.realpath(path) for path in log_files(args.paths)}
+    for option, path in outputs.items():
+        if os.path.realpath(path) in inputs:
+            parser.error(f"{option} {path} is one of the logs read; give another name, so that "
+                         "the report does not replace it")
+    if args.plot is not None:
+        refuse_unknown_plot_format(parser, args.plot)
     logs = read_logs(args.paths)
+    if not logs:
+        # nothing is written: an empty report would replace a good one
+        print(f"no log of examples/train_pathfinder.py found in {' '.join(args.paths)}; nothing "
+              "written", file=sys.stderr)
+        return 1
     train_logs = [log for path, log in logs if "timing" not in path.parts]
     timing_logs = [log for path, log in logs if "timing" in path.parts]
     text = report(train_logs, timing_logs)
     print(text)
     if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    if args.plot:
-        plot(train_logs, args.plot)
+        write_whole(args.markdown, (text + "\n").encode())
+        print(f"tables written to {args.markdown}", file=sys.stderr)
+    if args.plot and not plot(train_logs, args.plot):
+        return 1
     return 0
 
 

@@ -48,10 +48,15 @@ def _draw(job):
     return numpy.rint(image.pixels * 255).astype(numpy.uint8).ravel(), image.connected
 
 
+def cache_file(cache_dir: str, side: int, first_seed: int, count: int) -> Path:
+    """Where --cache-dir keeps the ``count`` images of ``side`` from seed ``first_seed`` on."""
+    return Path(cache_dir) / f"pathfinder-{side}-{first_seed}-{count}.npz"
+
+
 def pathfinder_set(side: int, count: int, first_seed: int, *, name: str, workers: int,
                    cache_dir: str | None):
     """``count`` images as (uint8 pixels (count, side*side), int64 labels (count,))."""
-    cache = Path(cache_dir) / f"pathfinder-{side}-{first_seed}-{count}.npz" if cache_dir else None
+    cache = cache_file(cache_dir, side, first_seed, count) if cache_dir else None
     if cache and cache.exists():
         with numpy.load(cache) as saved:
             print(f"{name} set: {count} images of {side}×{side} from {cache}", flush=True)
@@ -314,8 +319,14 @@ def train(args) -> dict:
                 timed_steps=len(timed), images_per_second=args.batch / mean, stopped=stopped)
 
 
+def plot_format(path: str) -> str:
+    """The format of a --plot file, read from its name as matplotlib reads it (PNG without)."""
+    return os.path.splitext(path)[1][1:].lower() or "png"
+
+
 def plot(logs: list[dict], path: str) -> None:
-    """Loss against step and against training time, one curve per log (smoothed)."""
+    """Loss against step and against training time, one curve per log (smoothed), written to
+    ``path`` whole or not at all (``write_whole``)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -340,24 +351,35 @@ def plot(logs: list[dict], path: str) -> None:
     by_step.legend(fontsize=8)
     sizes = sorted({log["config"]["size"] for log in logs})
     figure.suptitle("Pathfinder " + ", ".join(f"{size}×{size}" for size in sizes))
-    figure.savefig(path, dpi=120)
+    picture = io.BytesIO()
+    # rendered in memory, so matplotlib no longer reads the format from the name: say it
+    try:
+        figure.savefig(picture, format=plot_format(path), dpi=120)
+    finally:
+        plt.close(figure)
+    write_whole(Path(path), picture.getvalue())
     print(f"plot written to {path}")
 
 
-def number(kind, minimum, *, above: bool = False):
-    """An argparse type: a ``kind`` (int or float) of at least ``minimum``, or above it."""
+def number(kind, minimum, *, above: bool = False, maximum=None):
+    """An argparse type: a ``kind`` (int or float) of at least ``minimum``, or above it, and at
+    most ``maximum`` where one is given."""
     def parse(text: str):
         value = kind(text)
         # Written as "not ..." so that nan, which compares false with everything, is refused too.
         if not (value > minimum if above else value >= minimum):
             raise argparse.ArgumentTypeError(
                 f"must be {'above' if above else 'at least'} {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
     parse.__name__ = kind.__name__      # argparse names it in "invalid int value: 'x'"
     return parse
 
 
 POSITIVE_INT, NON_NEGATIVE_INT = number(int, 1), number(int, 0)
+# torch.manual_seed takes at most 2**64 - 1: a larger --seed failed once the images were drawn
+SEED = number(int, 0, maximum=2**64 - 1)
 POSITIVE_FLOAT, NON_NEGATIVE_FLOAT = number(float, 0, above=True), number(float, 0)
 
 
@@ -408,13 +430,38 @@ def refuse_unwritable_outputs(parser, args) -> None:
             parser.error(f"--log {args.log} is read-only")
         refuse_unwritable_folder(parser, f"--log {args.log}", log.parent)
     if args.plot:
-        plot_path = Path(args.plot)
-        if plot_path.is_dir():
-            parser.error(f"--plot {args.plot} is a folder; give a file name")
-        if not plot_path.parent.is_dir():
-            parser.error(f"--plot {args.plot}: folder {plot_path.parent} does not exist")
-        if importlib.util.find_spec("matplotlib") is None:
-            parser.error("--plot needs matplotlib (pip install matplotlib)")
+        refuse_unwritable_plot(parser, args.plot)
+        refuse_unplottable(parser, args.plot)
+        if args.log and os.path.realpath(args.log) == os.path.realpath(args.plot):
+            parser.error(f"--log and --plot name one file, {args.log}; give two names")
+
+
+def refuse_unwritable_plot(parser, name: str) -> None:
+    """Refuse a --plot that could not be written: a folder, a file in a missing or read-only
+    folder, a read-only file."""
+    plot_path = Path(name)
+    target = Path(os.path.realpath(name))   # written through a symbolic link, as open() would
+    if plot_path.is_dir():
+        parser.error(f"--plot {name} is a folder; give a file name")
+    if not target.parent.is_dir():
+        parser.error(f"--plot {name}: folder {plot_path.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        parser.error(f"--plot {name}: folder {target.parent} is not writable")
+    if target.exists() and not os.access(target, os.W_OK):  # write_atomically replaces none such
+        parser.error(f"--plot {name} is read-only")
+
+
+def refuse_unplottable(parser, name: str) -> None:
+    """Refuse a --plot without matplotlib, or in a format it does not write."""
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib (pip install matplotlib)")
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if plot_format(name) not in supported:
+        parser.error(f"--plot {name}: matplotlib cannot write {plot_format(name)!r} files; give "
+                     f"a name ending in one of {', '.join('.' + k for k in sorted(supported))}")
 
 
 def main(argv=None) -> int:
@@ -447,7 +494,7 @@ def main(argv=None) -> int:
         help="N 3×3 convolutions over the image added to the pixel tokens (default 0: none)")
     add("--sdpa-backend", choices=["default", *SDPA_BACKENDS], default="default",
         help="with --attention sdpa: the back end torch may use (default: its own choice)")
-    add("--seed", type=NON_NEGATIVE_INT, default=0, help="initialisation and batch order")
+    add("--seed", type=SEED, default=0, help="initialisation and batch order")
     add("--train-size", type=POSITIVE_INT, default=20000, help="training images")
     add("--test-size", type=POSITIVE_INT, default=1000, help="held-out test images")
     add("--workers", type=POSITIVE_INT, default=os.cpu_count() or 1,
@@ -469,12 +516,20 @@ def main(argv=None) -> int:
     if args.compare:
         if not args.plot:
             parser.error("--compare needs --plot OUT.png")
-        plot([read_log(parser, name) for name in args.compare], args.plot)
+        refuse_unwritable_plot(parser, args.plot)
+        if os.path.realpath(args.plot) in {os.path.realpath(name) for name in args.compare}:
+            parser.error(f"--plot {args.plot} is one of the --compare logs; give another name, "
+                         "so that the plot does not replace it")
+        logs = [read_log(parser, name) for name in args.compare]
+        refuse_unplottable(parser, args.plot)
+        plot(logs, args.plot)
         return 0
     if args.cache_dir:  # written once the image sets are drawn, which may take minutes (a
         # read-only folder is fine where it holds them already)
+        cached = all(cache_file(args.cache_dir, args.size, first, count).exists()
+                     for count, first in ((args.train_size, 0), (args.test_size, TEST_SEEDS)))
         refuse_unwritable_folder(parser, f"--cache-dir {args.cache_dir}", Path(args.cache_dir),
-                                 written=False)
+                                 written=not cached)
     if args.prepare_only:
         if not args.cache_dir:
             parser.error("--prepare-only needs --cache-dir")

@@ -117,14 +117,17 @@ def run(*, device="cuda", dtype="bfloat16", steps=50, batch=8, seq_len=256, voca
     return train(model, batches, **options), train(twin, batches, **options)
 
 
-def number(kind, minimum, *, above: bool = False):
-    """An argparse type: a ``kind`` (int or float) of at least ``minimum``, or above it."""
+def number(kind, minimum, *, above: bool = False, maximum=None):
+    """An argparse type: a ``kind`` (int or float) of at least ``minimum``, or above it, and at
+    most ``maximum`` where one is given."""
     def parse(text: str):
         value = kind(text)
         # Written as "not ..." so that nan, which compares false with everything, is refused too.
         if not (value > minimum if above else value >= minimum):
             raise argparse.ArgumentTypeError(
                 f"must be {'above' if above else 'at least'} {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
     parse.__name__ = kind.__name__      # argparse names it in "invalid int value: 'x'"
     return parse
@@ -134,8 +137,10 @@ POSITIVE_INT = number(int, 1)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
+    # the first paragraph, whole (its first line alone stopped mid-sentence)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--device", default="cuda",
+                        help="a torch device: cuda (the default), cpu, cuda:1...")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="autocast dtype (float32: no autocast)")
     parser.add_argument("--steps", type=number(int, 2), default=50,
@@ -146,7 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=POSITIVE_INT, default=4)
     parser.add_argument("--layers", type=POSITIVE_INT, default=2)
     parser.add_argument("--lr", type=number(float, 0, above=True), default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    # torch.manual_seed takes at most 2**64 - 1: a larger seed failed in a traceback
+    parser.add_argument("--seed", type=number(int, 0, maximum=2**64 - 1), default=0,
+                        help="initial weights and batches (default 0)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the cuflash model")
     parser.add_argument("--tolerance", type=number(float, 0), default=None,
                         help="largest allowed |loss difference| between the two models "

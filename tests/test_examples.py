@@ -6,6 +6,7 @@ import errno
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -383,3 +384,337 @@ def test_report_refuses_an_output_in_a_missing_folder_before_reading(tmp_path, c
     assert_refused_while_parsing(report.main, [str(tmp_path), option,
                                                str(tmp_path / "missing" / "out")],
                                  capsys, f"{option} {tmp_path / 'missing' / 'out'}: folder")
+
+
+# --------------------------------------------------------------------------- the files written
+
+def _fake_log(attention="cuflash", size=32, steps=4):
+    """A log as train_pathfinder.py writes it, small enough to write by hand."""
+    return dict(config=dict(attention=attention, size=size, tokens=size * size, batch=2,
+                            seed=0, test_size=8),
+                loss=[0.7 - 0.01 * step for step in range(steps)], step_time=[0.01] * steps,
+                test_accuracy=0.5, mean_step_time=0.01, evals=[])
+
+
+@pytest.fixture
+def report():
+    return load_example(REPORT)
+
+
+@pytest.fixture
+def logs(tmp_path):
+    """A folder of two logs (cuflash and SDPA, one size and seed)."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for attention in ("cuflash", "sdpa"):
+        (folder / f"{attention}.json").write_text(json.dumps(_fake_log(attention)))
+    return folder
+
+
+@pytest.fixture
+def fake_matplotlib(monkeypatch):
+    """A stand-in for matplotlib, whatever is installed: figures whose savefig writes 1 KiB to
+    the file it is given (a path or a file object), as the real one writes a picture, in the
+    formats png and svg."""
+    import importlib.machinery
+    import types
+    from unittest import mock
+
+    class Figure:
+        def suptitle(self, *args, **kwargs):
+            pass
+
+        def savefig(self, target, **options):
+            data = f"a new {options.get('format', 'png')} picture ".encode() * 40
+            if hasattr(target, "write"):
+                target.write(data)
+            else:
+                Path(target).write_bytes(data)
+
+    pyplot = types.ModuleType("matplotlib.pyplot")
+    pyplot.subplots = lambda *args, **kwargs: (Figure(), (mock.MagicMock(), mock.MagicMock()))
+    pyplot.close = lambda figure: None
+    backend_bases = types.ModuleType("matplotlib.backend_bases")
+    backend_bases.FigureCanvasBase = types.SimpleNamespace(
+        get_supported_filetypes=lambda: {"png": "Portable Network Graphics", "svg": "SVG"})
+    matplotlib = types.ModuleType("matplotlib")
+    matplotlib.__spec__ = importlib.machinery.ModuleSpec("matplotlib", None)
+    matplotlib.use = lambda backend: None
+    matplotlib.pyplot, matplotlib.backend_bases = pyplot, backend_bases
+    for name, module in (("matplotlib", matplotlib), ("matplotlib.pyplot", pyplot),
+                         ("matplotlib.backend_bases", backend_bases)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_report_markdown_cut_short_leaves_the_earlier_report(report, logs, tmp_path, capsys,
+                                                             monkeypatch):
+    """--markdown was written in place (Path.write_text): a write cut short (a full disk,
+    Ctrl-C) left a truncated report where a good one was. It is now written beside it and
+    renamed into place once whole (cuflash._files.write_atomically)."""
+    markdown = tmp_path / "report.md"
+    markdown.write_text("an earlier report\n")
+    with monkeypatch.context() as full_disk:
+        full_disk.setattr(_files, "os", _FullDiskOs())
+        with pytest.raises(OSError):
+            report.main([str(logs), "--markdown", str(markdown)])
+    assert markdown.read_text() == "an earlier report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "train"]
+    capsys.readouterr()
+    assert report.main([str(logs), "--markdown", str(markdown)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == markdown.read_text().strip()
+    assert f"tables written to {markdown}" in captured.err
+
+
+def test_report_markdown_keeps_the_file_s_permissions_and_links(report, logs, tmp_path):
+    """--markdown is written as every file cuflash writes: a private report stays private, and
+    a report that is a symbolic link is written through, the link kept."""
+    private = tmp_path / "private.md"
+    private.write_text("old")
+    private.chmod(0o600)
+    target = tmp_path / "target.md"
+    target.write_text("old")
+    link = tmp_path / "link.md"
+    link.symlink_to(target)
+    for markdown in (private, link):
+        assert report.main([str(logs), "--markdown", str(markdown)]) == 0
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert private.read_text().startswith("Pathfinder runs on")
+    assert link.is_symlink() and target.read_text().startswith("Pathfinder runs on")
+
+
+def test_report_plot_cut_short_leaves_the_earlier_plot(report, logs, tmp_path, capsys,
+                                                       monkeypatch, fake_matplotlib):
+    """--plot was written in place by matplotlib (savefig to the path): a write cut short left
+    a truncated picture. It is now rendered in memory, in the format its name asks for, and
+    written whole or not at all."""
+    picture = tmp_path / "loss.svg"
+    picture.write_bytes(b"an earlier picture")
+    with monkeypatch.context() as full_disk:
+        full_disk.setattr(_files, "os", _FullDiskOs())
+        with pytest.raises(OSError):
+            report.main([str(logs), "--plot", str(picture)])
+    assert picture.read_bytes() == b"an earlier picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.svg", "train"]
+    capsys.readouterr()
+    assert report.main([str(logs), "--plot", str(picture)]) == 0
+    assert picture.read_bytes() == b"a new svg picture " * 40
+    captured = capsys.readouterr()
+    assert f"plot written to {picture}" in captured.err
+    assert "plot written" not in captured.out   # stdout holds the tables alone
+
+
+@pytest.mark.parametrize("option", ["--markdown", "--plot"])
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_report_refuses_to_write_over_a_log_it_reads(report, logs, capsys, option, given):
+    """--markdown (or --plot) naming one of the logs read, given by name or found in a folder,
+    replaced that log with the report."""
+    log = logs / "cuflash.json"
+    before = log.read_text()
+    paths = [str(log), str(logs / "sdpa.json")] if given == "file" else [str(logs)]
+    assert_refused_while_parsing(report.main, [*paths, option, str(log)], capsys,
+                                 f"{option} {log} is one of the logs read")
+    assert log.read_text() == before
+
+
+def test_report_refuses_one_file_for_markdown_and_plot(report, logs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert_refused_while_parsing(report.main, [str(logs), "--markdown", str(out), "--plot",
+                                               str(out)], capsys,
+                                 "--markdown and --plot name one file")
+    assert not out.exists()
+
+
+def test_report_refuses_a_path_that_is_not_there(report, logs, tmp_path, capsys):
+    """A log or folder that is not there (a typo) was skipped: the report printed empty tables
+    and exited 0."""
+    missing = tmp_path / "trian"
+    assert_refused_while_parsing(report.main, [str(logs), str(missing)], capsys,
+                                 f"{missing}: no such file or folder")
+
+
+def test_report_with_no_log_writes_nothing_and_fails(report, tmp_path, capsys):
+    """Folders without a log gave empty tables, written over an earlier --markdown, and exit
+    status 0. Now nothing is written and the exit status is 1."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "other.json").write_text('{"not": "a log"}')
+    markdown = tmp_path / "report.md"
+    markdown.write_text("an earlier report\n")
+    assert report.main([str(empty), "--markdown", str(markdown)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"no log of examples/train_pathfinder.py found in {empty}" in captured.err
+    assert markdown.read_text() == "an earlier report\n"
+
+
+@pytest.mark.parametrize("option", ["--markdown", "--plot"])
+def test_report_refuses_an_output_it_cannot_write_before_reading(report, logs, tmp_path,
+                                                                 capsys, monkeypatch, option):
+    """A read-only --markdown or --plot, or one in a folder that may not be written, failed in
+    a traceback once the tables were printed. (os.access stands in for a user other than root,
+    whom no permission bit stops.)"""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only = tmp_path / "read-only.png"
+    read_only.write_text("old")
+    access = os.access
+    monkeypatch.setattr(report.os, "access",
+                        lambda path, mode: not (Path(path) in (locked, read_only)
+                                                and mode & os.W_OK) and access(path, mode))
+    assert_refused_while_parsing(report.main, [str(logs), option, str(locked / "out.png")],
+                                 capsys, f"folder {locked} is not writable")
+    assert_refused_while_parsing(report.main, [str(logs), option, str(read_only)], capsys,
+                                 f"{option} {read_only} is read-only")
+
+
+def test_report_refuses_a_plot_format_matplotlib_cannot_write(report, logs, tmp_path, capsys,
+                                                              fake_matplotlib):
+    assert_refused_while_parsing(report.main, [str(logs), "--plot", str(tmp_path / "loss.txt")],
+                                 capsys, "matplotlib cannot write 'txt' files")
+
+
+def test_report_plot_without_matplotlib_prints_the_tables_and_fails(report, logs, tmp_path,
+                                                                     capsys, monkeypatch):
+    """Without matplotlib the tables are printed and written, as the docs say, but the exit
+    status (0 before) says that the plot asked for is not there."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    markdown, picture = tmp_path / "report.md", tmp_path / "loss.png"
+    assert report.main([str(logs), "--markdown", str(markdown), "--plot", str(picture)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip() == markdown.read_text().strip()
+    assert f"matplotlib is not installed: no plot written to {picture}" in captured.err
+    assert not picture.exists()
+
+
+def test_report_plot_of_timing_logs_alone_says_none_was_written(report, logs, tmp_path, capsys,
+                                                                fake_matplotlib):
+    timing = tmp_path / "timing"
+    logs.rename(timing)
+    picture = tmp_path / "loss.png"
+    assert report.main([str(timing), "--plot", str(picture)]) == 1
+    assert f"no plot written to {picture}: no training logs" in capsys.readouterr().err
+    assert not picture.exists()
+
+
+def _write_compare_logs(tmp_path):
+    paths = []
+    for attention in ("cuflash", "sdpa"):
+        paths.append(tmp_path / f"{attention}.json")
+        paths[-1].write_text(json.dumps(_fake_log(attention)))
+    return paths
+
+
+def test_train_pathfinder_plot_cut_short_leaves_the_earlier_plot(train_pathfinder, tmp_path,
+                                                                 monkeypatch, fake_matplotlib):
+    """--plot was written in place by matplotlib: a write cut short left a truncated picture.
+    It is now rendered in memory, in the format its name asks for, and written whole."""
+    paths = _write_compare_logs(tmp_path)
+    picture = tmp_path / "compare.svg"
+    picture.write_bytes(b"an earlier picture")
+    argv = ["--compare", *map(str, paths), "--plot", str(picture)]
+    with monkeypatch.context() as full_disk:
+        full_disk.setattr(_files, "os", _FullDiskOs())
+        with pytest.raises(OSError):
+            train_pathfinder.main(argv)
+    assert picture.read_bytes() == b"an earlier picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.svg", "cuflash.json",
+                                                           "sdpa.json"]
+    assert train_pathfinder.main(argv) == 0
+    assert picture.read_bytes() == b"a new svg picture " * 40
+
+
+def test_train_pathfinder_compare_refuses_to_plot_over_a_log(train_pathfinder, tmp_path, capsys,
+                                                             fake_matplotlib):
+    """--compare a.json b.json --plot a.json replaced the log a.json with the picture."""
+    paths = _write_compare_logs(tmp_path)
+    before = paths[0].read_text()
+    assert_refused_while_parsing(
+        train_pathfinder.main, ["--compare", *map(str, paths), "--plot", str(paths[0])], capsys,
+        f"--plot {paths[0]} is one of the --compare logs")
+    assert paths[0].read_text() == before
+
+
+@pytest.mark.parametrize("where, message", [
+    ("missing/c.png", "folder"), ("c.txt", "matplotlib cannot write 'txt' files")])
+def test_train_pathfinder_compare_refuses_a_plot_it_cannot_write(train_pathfinder, tmp_path,
+                                                                 capsys, fake_matplotlib, where,
+                                                                 message):
+    """--compare checked nothing of --plot: one in a missing folder, or in a format matplotlib
+    does not write, ended in a traceback."""
+    paths = _write_compare_logs(tmp_path)
+    assert_refused_while_parsing(
+        train_pathfinder.main, ["--compare", *map(str, paths), "--plot", str(tmp_path / where)],
+        capsys, message)
+
+
+def test_train_pathfinder_refuses_one_file_for_log_and_plot(train_pathfinder, tmp_path, capsys,
+                                                            fake_matplotlib):
+    out = tmp_path / "run.png"
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + ["--log", str(out), "--plot", str(out)])
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert "--log and --plot name one file" in captured.err
+    assert "set:" not in captured.out
+
+
+@pytest.mark.parametrize("case", ["read-only file", "locked folder", "format"])
+def test_train_pathfinder_refuses_a_plot_it_cannot_write_before_training(
+        train_pathfinder, tmp_path, capsys, monkeypatch, fake_matplotlib, case):
+    """A read-only --plot, one in a folder that may not be written, or in a format matplotlib
+    does not write, failed only once training was over. (os.access stands in for a user other
+    than root.)"""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only = tmp_path / "read-only.png"
+    read_only.write_text("old")
+    access = os.access
+    monkeypatch.setattr(train_pathfinder.os, "access",
+                        lambda path, mode: not (Path(path) in (locked, read_only)
+                                                and mode & os.W_OK) and access(path, mode))
+    path, message = {"read-only file": (read_only, f"--plot {read_only} is read-only"),
+                     "locked folder": (locked / "p.png", f"folder {locked} is not writable"),
+                     "format": (tmp_path / "p.txt", "matplotlib cannot write 'txt'")}[case]
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + ["--plot", str(path)])
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "set:" not in captured.out
+
+
+def test_train_pathfinder_refuses_a_read_only_cache_dir_without_the_sets(
+        train_pathfinder, tmp_path, capsys, monkeypatch):
+    """A --cache-dir that may not be written, and does not hold the image sets yet, failed once
+    they were drawn (minutes at the larger sizes); where it holds them it is only read."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    access = os.access
+    monkeypatch.setattr(train_pathfinder.os, "access",
+                        lambda path, mode: not (Path(path) == cache and mode & os.W_OK)
+                        and access(path, mode))
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + ["--cache-dir", str(cache), "--prepare-only"])
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert f"--cache-dir {cache}: folder {cache} is not writable" in captured.err
+    assert "set:" not in captured.out
+    monkeypatch.undo()
+    assert train_pathfinder.main(TINY + ["--cache-dir", str(cache), "--prepare-only"]) == 0
+    monkeypatch.setattr(train_pathfinder.os, "access",
+                        lambda path, mode: not (Path(path) == cache and mode & os.W_OK)
+                        and access(path, mode))
+    capsys.readouterr()
+    assert train_pathfinder.main(TINY + ["--cache-dir", str(cache), "--prepare-only"]) == 0
+    assert "from" in capsys.readouterr().out   # read from the cache
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**64)])
+def test_seeds_torch_cannot_take_are_refused_while_parsing(train_pathfinder, train_tiny_lm,
+                                                           capsys, value):
+    """A --seed past 2**64 - 1 failed in torch.manual_seed (for train_pathfinder.py once the
+    image sets were drawn); a negative one is refused too."""
+    for main, argv in ((train_pathfinder.main, TINY), (train_tiny_lm.main, TINY_LM_ARGS)):
+        assert_refused_while_parsing(main, argv + ["--seed", value], capsys,
+                                     "argument --seed: must be")
