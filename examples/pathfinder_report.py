@@ -263,8 +263,11 @@ def refuse_unknown_plot_format(parser, path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="JSON logs, or folders searched for them")
-    parser.add_argument("--plot", default=None, help="overlaid loss curves (PNG)")
-    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    parser.add_argument("--plot", default=None,
+                        help="overlaid loss curves (PNG, or the format the name ends in: .svg, "
+                             ".pdf...; needs matplotlib)")
+    parser.add_argument("--markdown", default=None,
+                        help="also write the tables to this file (stdout gets them either way)")
     args = parser.parse_args(argv)
     for name in args.paths:
         if not os.path.exists(name):

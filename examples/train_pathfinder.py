@@ -361,15 +361,17 @@ def plot(logs: list[dict], path: str) -> None:
     print(f"plot written to {path}")
 
 
-def number(kind, minimum, *, above: bool = False, maximum=None):
+def number(kind, minimum, *, above: bool = False, maximum=None, finite: bool = False):
     """An argparse type: a ``kind`` (int or float) of at least ``minimum``, or above it, and at
-    most ``maximum`` where one is given."""
+    most ``maximum`` where one is given; with ``finite``, not infinite."""
     def parse(text: str):
         value = kind(text)
         # Written as "not ..." so that nan, which compares false with everything, is refused too.
         if not (value > minimum if above else value >= minimum):
             raise argparse.ArgumentTypeError(
                 f"must be {'above' if above else 'at least'} {minimum}, got {text}")
+        if finite and value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         if maximum is not None and value > maximum:
             raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
@@ -380,7 +382,10 @@ def number(kind, minimum, *, above: bool = False, maximum=None):
 POSITIVE_INT, NON_NEGATIVE_INT = number(int, 1), number(int, 0)
 # torch.manual_seed takes at most 2**64 - 1: a larger --seed failed once the images were drawn
 SEED = number(int, 0, maximum=2**64 - 1)
-POSITIVE_FLOAT, NON_NEGATIVE_FLOAT = number(float, 0, above=True), number(float, 0)
+POSITIVE_FLOAT = number(float, 0, above=True)
+# a learning rate or weight decay of inf turns every weight into nan at the first step
+FINITE_POSITIVE_FLOAT = number(float, 0, above=True, finite=True)
+FINITE_NON_NEGATIVE_FLOAT = number(float, 0, finite=True)
 
 
 def power_of_two_side(text: str) -> int:
@@ -474,10 +479,10 @@ def main(argv=None) -> int:
     add("--budget-minutes", type=POSITIVE_FLOAT, default=None,
         help="stop after this much training time")
     add("--batch", type=POSITIVE_INT, default=32)
-    add("--lr", type=POSITIVE_FLOAT, default=1e-3)
+    add("--lr", type=FINITE_POSITIVE_FLOAT, default=1e-3)
     add("--warmup", type=NON_NEGATIVE_INT, default=200,
         help="steps of linear learning-rate warm-up (0: none)")
-    add("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.05)
+    add("--weight-decay", type=FINITE_NON_NEGATIVE_FLOAT, default=0.05)
     add("--optimizer", choices=["fused", "foreach"], default=None,
         help="AdamW's implementation, one update rule: fused (the default on CUDA) or foreach "
              "(the default on the CPU)")
@@ -504,11 +509,14 @@ def main(argv=None) -> int:
     add("--eval-every", type=NON_NEGATIVE_INT, default=0,
         help="also test on the first 512 test images every this many steps (0: only at the end)")
     add("--out", default=None, metavar="DIR",
-        help="write the log as DIR/pathfinder-SIZE-ATTENTION.json (unless --log is given)")
+        help="write the log as DIR/pathfinder-SIZE-ATTENTION.json, or "
+             "DIR/pathfinder-SIZE-sdpa-BACKEND.json with --sdpa-backend (unless --log is given)")
     add("--prepare-only", action="store_true",
         help="generate (or load) the image sets, save them to --cache-dir, and stop")
     add("--log", default=None, help="write losses, step times, accuracy and config (JSON)")
-    add("--plot", default=None, help="plot the loss curves (PNG; needs matplotlib)")
+    add("--plot", default=None,
+        help="plot the loss curves (PNG, or the format the name ends in: .svg, .pdf...; needs "
+             "matplotlib)")
     add("--compare", nargs="+", default=None, metavar="LOG",
         help="plot these --log files with --plot instead of training")
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 
 import torch
@@ -117,15 +118,17 @@ def run(*, device="cuda", dtype="bfloat16", steps=50, batch=8, seq_len=256, voca
     return train(model, batches, **options), train(twin, batches, **options)
 
 
-def number(kind, minimum, *, above: bool = False, maximum=None):
+def number(kind, minimum, *, above: bool = False, maximum=None, finite: bool = False):
     """An argparse type: a ``kind`` (int or float) of at least ``minimum``, or above it, and at
-    most ``maximum`` where one is given."""
+    most ``maximum`` where one is given; with ``finite``, not infinite."""
     def parse(text: str):
         value = kind(text)
         # Written as "not ..." so that nan, which compares false with everything, is refused too.
         if not (value > minimum if above else value >= minimum):
             raise argparse.ArgumentTypeError(
                 f"must be {'above' if above else 'at least'} {minimum}, got {text}")
+        if finite and value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         if maximum is not None and value > maximum:
             raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=POSITIVE_INT, default=128)
     parser.add_argument("--heads", type=POSITIVE_INT, default=4)
     parser.add_argument("--layers", type=POSITIVE_INT, default=2)
-    parser.add_argument("--lr", type=number(float, 0, above=True), default=3e-3)
+    parser.add_argument("--lr", type=number(float, 0, above=True, finite=True), default=3e-3)
     # torch.manual_seed takes at most 2**64 - 1: a larger seed failed in a traceback
     parser.add_argument("--seed", type=number(int, 0, maximum=2**64 - 1), default=0,
                         help="initial weights and batches (default 0)")

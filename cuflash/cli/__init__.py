@@ -50,6 +50,7 @@ def main(ctx, verbose):
       cuflash info                      versions, the GPU, and which paths can run here
       cuflash check                     Path-X: 16K tokens against float64, PASS or FAIL
       cuflash check --path-256          Path-256: 64K tokens
+      cuflash check --gpus 2            Path-X sharded across 2 GPUs (ring attention)
       cuflash memory --plot mem.png     peak memory against sequence length
       cuflash bench                     TFLOP/s next to torch SDPA and FlexAttention
       cuflash mask show image-local     a block mask, drawn in the terminal

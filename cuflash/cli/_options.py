@@ -204,8 +204,9 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON record on stdout and nothing else there.")
 
 plot_option = click.option(
-    "--plot", type=OutputFile(".png"), default=None,
-    help="Also draw the results into this PNG (needs matplotlib: pip install 'cuflash[plot]').")
+    "--plot", type=OutputFile(".png"), default=None, metavar="FILE",
+    help="Also draw the results into this file: a PNG, or the format its name ends in (.svg, "
+         ".pdf...) (needs matplotlib: pip install 'cuflash[plot]').")
 
 force_option = click.option(
     "--force", is_flag=True,

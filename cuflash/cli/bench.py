@@ -49,7 +49,7 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
               show_default=True, help="Time the forward pass, forward+backward, or both.")
 @click.option("--total-tokens", type=BOUNDED_TOKENS, default="16K", show_default=True,
               help="Tokens per call: batch = total / N (a multiple of every N).")
-@click.option("--hidden", type=POSITIVE, default=2048, show_default=True,
+@click.option("--hidden", type=POSITIVE, default=2048, show_default=True, metavar="N",
               help="Model width: heads = hidden / D (a multiple of every D).")
 @dtype_option
 @click.option("--sparse", is_flag=True,
@@ -65,9 +65,9 @@ SMOKE_SPARSE = {"seq_len": 1024, "heads": 2, "densities": (1.0, 0.25)}
                    "uses flex only).")
 @click.option("--no-torch", is_flag=True,
               help="Time cuflash alone (torch is not imported); same as no --baselines.")
-@click.option("--warmup", type=COUNT, default=3, show_default=True,
+@click.option("--warmup", type=COUNT, default=3, show_default=True, metavar="N",
               help="Untimed runs first (the first one compiles).")
-@click.option("--repeats", type=POSITIVE, default=20, show_default=True,
+@click.option("--repeats", type=POSITIVE, default=20, show_default=True, metavar="N",
               help="Timed runs; the median is reported.")
 @device_option
 @seed_option

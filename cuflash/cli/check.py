@@ -124,7 +124,7 @@ def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward, i
 @click.option("--rows", type=RowCount(), default="256", show_default=True, metavar="K|all",
               help="Query rows compared with float64 (sampled, always with the first and last), "
                    "or 'all'.")
-@click.option("--repeats", type=POSITIVE, default=10, show_default=True,
+@click.option("--repeats", type=POSITIVE, default=10, show_default=True, metavar="N",
               help="Timed runs on the GPU (the median is shown); the CPU times its one run.")
 @seed_option
 @force_option

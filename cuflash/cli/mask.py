@@ -65,9 +65,9 @@ Examples:
               help="Tokens of the problem (queries and keys).")
 @pattern_parameter_options
 @seed_option
-@click.option("--max-rows", type=POSITIVE, default=32, show_default=True,
+@click.option("--max-rows", type=POSITIVE, default=32, show_default=True, metavar="N",
               help="Height of the text picture (larger masks are shrunk).")
-@click.option("--max-cols", type=POSITIVE, default=64, show_default=True,
+@click.option("--max-cols", type=POSITIVE, default=64, show_default=True, metavar="N",
               help="Width of the text picture.")
 @click.option("--png", type=OutputFile(".png"), default=None,
               help="Also write the block layout as a PNG (kept blocks black; masks of more "
