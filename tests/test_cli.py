@@ -79,6 +79,68 @@ def test_help_teaches_with_examples(command):
             assert f"  {name} " in text
 
 
+def _documented_command_lines():
+    """Every ``cuflash ...`` command line of docs/cli.md, the README and the commands' own help
+    (their examples): ``(where, argv)``. A line is a command where it follows a ``$`` prompt, or
+    in a block without prompts starts with ``cuflash COMMAND`` (or goes on so after ``&&``);
+    what follows two spaces (a description), a pipe or a redirection is left off."""
+    import pathlib
+    import re
+    import shlex
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    texts = [(name, (root / name).read_text()) for name in ("docs/cli.md", "README.md")]
+
+    def helps(command, name):
+        yield name, "\n".join(filter(None, (command.help, command.epilog)))
+        for sub, child in getattr(command, "commands", {}).items():
+            yield from helps(child, f"{name} {sub}")
+
+    blocks = [(name, block) for name, text in texts
+              for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S)]
+    blocks += [(f"{name} --help", text) for name, text in helps(main, "cuflash")]
+    commands = "|".join(main.commands)
+    lines = []
+    for where, block in blocks:
+        prompted = "$ cuflash" in block
+        for line in block.splitlines():
+            line = line.strip().rpartition("&& ")[2]  # pip install ... && cuflash check
+            if prompted:
+                if not line.startswith("$ cuflash"):
+                    continue
+                line = line[2:]
+            elif not re.match(rf"cuflash (-v )?({commands})\b", line) or " — " in line:
+                continue  # not a command, or the first line of a command's output
+            line = re.split(r"\s{2,}|\s[|>]\s", line)[0]
+            if "..." in line or "…" in line:
+                continue
+            lines.append((where, shlex.split(line)[1:]))
+    return lines
+
+
+DOCUMENTED = _documented_command_lines()
+
+
+@pytest.mark.parametrize("where, argv", DOCUMENTED,
+                         ids=[f"{where}: {' '.join(argv)}" for where, argv in DOCUMENTED])
+def test_documented_command_lines_parse(where, argv, monkeypatch, tmp_path):
+    """Each command line of the docs and of the commands' help names options that exist, with
+    values they take: parsed and converted as Click does, without running the command."""
+    monkeypatch.chdir(tmp_path)  # --plot mem.png and --png local.png are written here
+    leaves = [main.commands[name] for name in ("info", "check", "memory", "bench")]
+    leaves += list(main.commands["mask"].commands.values())
+    for command in leaves:
+        monkeypatch.setattr(command, "callback", lambda *args, **kwargs: None)
+    main.main(argv, prog_name="cuflash", standalone_mode=False)
+
+
+def test_the_documented_command_lines_are_found():
+    places = {where for where, _ in DOCUMENTED}
+    assert {"docs/cli.md", "README.md", "cuflash check --help", "cuflash mask show --help",
+            "cuflash --help"} <= places
+    assert len(DOCUMENTED) > 40
+
+
 def test_runs_as_a_module():
     import subprocess
     done = subprocess.run([sys.executable, "-m", "cuflash.cli", "--version"], capture_output=True,

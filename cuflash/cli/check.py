@@ -42,12 +42,12 @@ RING_TIMEOUT = 300.0  # seconds a rank waits for another before the ring gives u
 
 EXAMPLES = """\b
 Examples:
-  cuflash check                                  Path-X: 16K tokens, 128×128 image
-  cuflash check --path-256                       Path-256: 64K tokens, 256×256 image
-  cuflash check --pattern image-local --radius 8 block-sparse 2-D neighbourhood
+  cuflash check                                    Path-X: 16K tokens, 128×128 image
+  cuflash check --path-256                         Path-256: 64K tokens, 256×256 image
+  cuflash check --pattern image-local --radius 8   block-sparse 2-D neighbourhood
   cuflash check --causal --dtype float16 --rows all --seq-len 4K
   cuflash check --device cpu --seq-len 1024 --heads 2 --json
-  cuflash check --gpus 2 --seq-len 1M --causal   ring attention over 2 GPUs, 1M tokens
+  cuflash check --gpus 2 --seq-len 1M --causal     ring attention over 2 GPUs, 1M tokens
 
 \b
 Without a GPU the check runs on the CPU (NumPy path) at 4K tokens, which takes seconds;
