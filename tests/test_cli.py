@@ -966,6 +966,21 @@ def test_memory_stops_when_the_device_is_full(monkeypatch):
     assert "stopped at 512 tokens" in invoke(*MEMORY).stdout
 
 
+def test_memory_that_measures_no_length_fails(monkeypatch):
+    """A sweep whose first length ran out of memory (the estimate said it fitted) printed an
+    empty table, or a record without results, and exited 0. It exits 3, as when the request is
+    refused for its memory, the record still on stdout with "stopped" saying where."""
+    def out_of_memory(q, *args, **kwargs):
+        raise MemoryError("device full")
+
+    monkeypatch.setattr(cuflash, "attention", out_of_memory)
+    result = invoke(*MEMORY, "--json", code=3)
+    record = json.loads(result.stdout)
+    assert record["results"] == []
+    assert record["stopped"].startswith("stopped at 256 tokens: out of cpu memory")
+    assert "Error: no length was measured: the first, 256 tokens, did not fit" in result.stderr
+
+
 def test_memory_plot(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "memory.png"
@@ -1563,7 +1578,8 @@ def test_plot_in_a_format_matplotlib_cannot_write_is_refused_first(monkeypatch, 
 
 def test_memory_plot_says_when_no_length_was_measured(monkeypatch, tmp_path):
     """A sweep whose first length ran out of memory measured nothing: --plot then wrote no
-    file, said nothing of it, and the command exited 0 as if the plot were there."""
+    file, said nothing of it, and the command exited 0 as if the plot were there. It says so,
+    and exits 3 (the request did not fit in memory), the table (empty) printed first."""
     for name in ("matplotlib", "matplotlib.pyplot", "matplotlib.backend_bases"):
         monkeypatch.setitem(sys.modules, name, None)  # restored (or removed) afterwards
     exec(FAKE_MATPLOTLIB, {"__name__": "fake_matplotlib"})  # puts the stand-in there
@@ -1574,9 +1590,10 @@ def test_memory_plot_says_when_no_length_was_measured(monkeypatch, tmp_path):
 
     monkeypatch.setattr(memory_command, "_measure", out_of_memory)
     path = tmp_path / "m.png"
-    result = invoke(*MEMORY, "--plot", path)
+    result = invoke(*MEMORY, "--plot", path, code=3)
     assert "stopped at 256 tokens: out of cpu memory" in result.stdout
     assert f"no plot written to {path}: no length was measured" in result.stderr
+    assert "no length was measured: the first, 256 tokens, did not fit" in result.stderr
     assert not path.exists()
 
 

@@ -9,9 +9,10 @@ import click
 import cuflash
 from cuflash.bench.estimate import attention_seconds
 from cuflash.bench.problems import Inputs
-from cuflash.cli._common import (choose_device, echo_json, interrupted_with_results, progress,
-                                 pyplot_or_fail, require_reasonable, save_figure, size,
-                                 stop_on_ctrl_c, tokens, translate_errors)
+from cuflash.cli._common import (NotEnoughMemory, choose_device, echo_json,
+                                 interrupted_with_results, progress, pyplot_or_fail,
+                                 require_reasonable, save_figure, size, stop_on_ctrl_c, tokens,
+                                 translate_errors)
 from cuflash.cli._options import (BOUNDED_TOKENS, batch_option, causal_option, device_option,
                                   dtype_option, force_option, head_dim_option, heads_option,
                                   json_option, plot_option)
@@ -147,6 +148,11 @@ def memory(heads, head_dim, batch, dtype, causal, device, min_seq_len, max_seq_l
         click.echo(f"no plot written to {plot}: no length was measured", err=True)
     if stopped and stopped.startswith("interrupted"):
         raise interrupted_with_results("lengths", as_json)
+    if not records:
+        # nothing measured, not even --min-seq-len: the request did not fit, as when refused
+        raise NotEnoughMemory(f"no length was measured: the first, {tokens(min_seq_len)} tokens, "
+                              f"did not fit in the free {target.name} memory; use a smaller "
+                              "--min-seq-len, fewer heads or a smaller batch")
 
 
 def _arrays_bytes(n, *, batch, heads, head_dim, dtype):
