@@ -50,3 +50,39 @@ def test_a_file_that_cannot_be_written_is_left_as_it_was(tmp_path, monkeypatch):
         _files.write_atomically(str(path), b"new")
     assert path.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["read-only.png"]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["full disk", "Ctrl-C"])
+def test_a_write_cut_short_leaves_the_old_file_and_nothing_beside_it(tmp_path, monkeypatch,
+                                                                     failure):
+    """A write that fails part way (a full disk) or is interrupted (Ctrl-C, a BaseException)
+    leaves the file that was there, whole, and removes the new file beside it."""
+    path = tmp_path / "report.md"
+    path.write_bytes(b"the earlier report")
+    fdopen = os.fdopen
+
+    class PartWay:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            self.file.close()
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def write(self, data):
+            self.file.write(data[:4])
+            self.file.flush()
+            raise failure
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: PartWay(fdopen(fd, *args,
+                                                                                  **kwargs)))
+    with pytest.raises(type(failure)):
+        _files.write_atomically(str(path), b"a new report, longer than four bytes")
+    assert path.read_bytes() == b"the earlier report"
+    assert os.listdir(tmp_path) == ["report.md"]
