@@ -469,6 +469,23 @@ def refuse_unplottable(parser, name: str) -> None:
                      f"a name ending in one of {', '.join('.' + k for k in sorted(supported))}")
 
 
+def refuse_unusable_sdpa_backend(parser, args) -> None:
+    """Refuse an --sdpa-backend torch cannot run here (efficient or cudnn on the CPU, flash in
+    float32 on CUDA...): it failed at the first step, once the image sets were drawn. One small
+    forward and backward, in the run's dtype and head size, asks torch."""
+    if args.attention != "sdpa" or args.sdpa_backend == "default":
+        return
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    q = torch.randn(1, args.heads, 64, args.width // args.heads, device=args.device,
+                    dtype=dtype, requires_grad=True)
+    try:
+        sdpa_with(args.sdpa_backend)(q, q, q).sum().backward()
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.error(f"--sdpa-backend {args.sdpa_backend}: torch cannot run it here "
+                     f"(--device {args.device}, --dtype {args.dtype}): {reason}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     add = parser.add_argument
@@ -557,6 +574,7 @@ def main(argv=None) -> int:
 
     if args.sdpa_backend != "default" and args.attention != "sdpa":
         parser.error("--sdpa-backend is for --attention sdpa")
+    refuse_unusable_sdpa_backend(parser, args)
     if args.out and not args.log:
         backend = "" if args.sdpa_backend == "default" else f"-{args.sdpa_backend}"
         args.log = str(Path(args.out) / f"pathfinder-{args.size}-{args.attention}{backend}.json")

@@ -708,3 +708,16 @@ def test_train_pathfinder_refuses_a_read_only_cache_dir_without_the_sets(
     capsys.readouterr()
     assert train_pathfinder.main(TINY + ["--cache-dir", str(cache), "--prepare-only"]) == 0
     assert "from" in capsys.readouterr().out   # read from the cache
+
+
+@pytest.mark.parametrize("backend", ["efficient", "cudnn"])
+def test_train_pathfinder_refuses_an_sdpa_backend_torch_cannot_run_before_drawing(
+        train_pathfinder, capsys, backend):
+    """--sdpa-backend efficient or cudnn on the CPU (torch runs neither there) failed at the
+    first step, in a traceback, once the image sets were drawn."""
+    with pytest.raises(SystemExit) as exit:
+        train_pathfinder.main(TINY + ["--attention", "sdpa", "--sdpa-backend", backend])
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    assert f"--sdpa-backend {backend}: torch cannot run it here (--device cpu" in captured.err
+    assert "set:" not in captured.out
