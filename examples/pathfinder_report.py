@@ -30,6 +30,9 @@ from cuflash._files import write_atomically
 
 AGREEMENT_STEPS = (100, 300, 1000)     # the loss agreement is given over the first N steps
 SMOOTH = 20                            # steps in the moving mean of the smoothed comparison
+# what the tables read of a log and of its config
+LOG_KEYS = {"config", "loss", "step_time", "test_accuracy", "mean_step_time"}
+CONFIG_KEYS = {"attention", "size", "tokens", "batch"}
 
 
 def log_files(paths: list[str]) -> list[Path]:
@@ -50,8 +53,16 @@ def read_logs(paths: list[str]) -> list[tuple[Path, dict]]:
         except (OSError, ValueError) as error:
             print(f"skipping {path}: {error}", file=sys.stderr)
             continue
-        if isinstance(log, dict) and "config" in log and "loss" in log:
-            logs.append((path, log))
+        if not (isinstance(log, dict) and "config" in log and "loss" in log):
+            continue  # another tool's JSON, in a folder searched
+        missing = sorted(LOG_KEYS - log.keys()) or (
+            ["config"] if not isinstance(log["config"], dict)
+            else [f"config.{key}" for key in sorted(CONFIG_KEYS - log["config"].keys())])
+        if missing:  # an older or cut-down log: the tables would end in a KeyError
+            print(f"skipping {path}: not a whole log of examples/train_pathfinder.py (no "
+                  f"{', '.join(missing)})", file=sys.stderr)
+            continue
+        logs.append((path, log))
     return logs
 
 

@@ -721,3 +721,15 @@ def test_train_pathfinder_refuses_an_sdpa_backend_torch_cannot_run_before_drawin
     captured = capsys.readouterr()
     assert f"--sdpa-backend {backend}: torch cannot run it here (--device cpu" in captured.err
     assert "set:" not in captured.out
+
+
+def test_report_skips_a_log_it_cannot_tabulate(report, logs, capsys):
+    """A log with "config" and "loss" but not the rest (an older or cut-down one) ended the
+    report in a KeyError traceback; it is skipped, saying what it lacks."""
+    partial = logs / "partial.json"
+    partial.write_text(json.dumps({"config": {"attention": "cuflash", "size": 32}, "loss": [0.7]}))
+    assert report.main([str(logs)]) == 0
+    captured = capsys.readouterr()
+    assert f"skipping {partial}: not a whole log of examples/train_pathfinder.py (no " \
+           "mean_step_time, step_time, test_accuracy)" in captured.err
+    assert "| 32×32 | 0 | cuflash | 1–4 |" in captured.out
