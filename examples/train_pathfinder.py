@@ -476,7 +476,7 @@ def refuse_unusable_sdpa_backend(parser, args) -> None:
     if args.attention != "sdpa" or args.sdpa_backend == "default":
         return
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    q = torch.randn(1, args.heads, 64, args.width // args.heads, device=args.device,
+    q = torch.randn(1, args.heads, 1024, args.width // args.heads, device=args.device,
                     dtype=dtype, requires_grad=True)
     try:
         sdpa_with(args.sdpa_backend)(q, q, q).sum().backward()
