@@ -538,6 +538,16 @@ def main(argv=None) -> int:
         help="plot these --log files with --plot instead of training")
     args = parser.parse_args(argv)
 
+    if args.compare and args.prepare_only:
+        parser.error("--compare and --prepare-only are two different runs; give one")
+    # what a run that trains nothing would leave unwritten, without a word
+    for mode, given in (("--compare", args.compare), ("--prepare-only", args.prepare_only)):
+        if given:
+            ignored = [option for option, value in (("--log", args.log), ("--out", args.out))
+                       if value] + (["--plot"] if args.prepare_only and args.plot else [])
+            if ignored:
+                parser.error(f"{mode} trains nothing, so it writes no {ignored[0]}; leave "
+                             f"{ignored[0]} out")
     if args.compare:
         if not args.plot:
             parser.error("--compare needs --plot OUT.png")

@@ -733,3 +733,25 @@ def test_report_skips_a_log_it_cannot_tabulate(report, logs, capsys):
     assert f"skipping {partial}: not a whole log of examples/train_pathfinder.py (no " \
            "mean_step_time, step_time, test_accuracy)" in captured.err
     assert "| 32×32 | 0 | cuflash | 1–4 |" in captured.out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prepare-only", "--cache-dir", "CACHE", "--log", "run.json"],
+     "--prepare-only trains nothing, so it writes no --log"),
+    (["--prepare-only", "--cache-dir", "CACHE", "--out", "runs"],
+     "--prepare-only trains nothing, so it writes no --out"),
+    (["--prepare-only", "--cache-dir", "CACHE", "--plot", "loss.png"],
+     "--prepare-only trains nothing, so it writes no --plot"),
+    (["--compare", "a.json", "--plot", "c.png", "--log", "run.json"],
+     "--compare trains nothing, so it writes no --log"),
+    (["--compare", "a.json", "--plot", "c.png", "--prepare-only", "--cache-dir", "CACHE"],
+     "--compare and --prepare-only are two different runs"),
+])
+def test_train_pathfinder_refuses_outputs_a_run_without_training_would_not_write(
+        train_pathfinder, tmp_path, capsys, argv, message):
+    """--prepare-only or --compare with --log (or --out, or --plot for --prepare-only) ended
+    without writing it, and without a word."""
+    argv = [str(tmp_path / a) if a.endswith((".json", ".png")) or a in ("CACHE", "runs") else a
+            for a in argv]
+    assert_refused_while_parsing(train_pathfinder.main, TINY + argv, capsys, message)
+    assert list(tmp_path.iterdir()) == []
