@@ -381,17 +381,32 @@ def test_docstring_examples(module_name):
     assert runner.tries > 0 and runner.failures == 0, report.getvalue()
 
 
+def _layout_names(path: str) -> set:
+    """The file names a page's "Layout" section names, ``{a,b}.cuh`` groups spelled out."""
+    text = (ROOT / path).read_text().partition("## Layout")[2].partition("\n## ")[0]
+    for group, suffix in re.findall(r"\{([\w,]+)\}(\.cuh?)", text):
+        text += " " + " ".join(name + suffix for name in group.split(","))
+    return set(re.findall(r"\w+\.(?:cuh?|py)\b", text)) | set(re.findall(r"cuflash/(\w+)/", text))
+
+
+_TOP_MODULES = {p.name for p in (ROOT / "cuflash").glob("*.py")} - {"__init__.py"}
+_SUBPACKAGES = {p.parent.name for p in (ROOT / "cuflash").glob("*/__init__.py")}
+
+
 def test_the_readme_layout_names_every_cuda_source_module_and_example():
     """The README's "Layout" names each file of cuflash/kernels/csrc (``{a,b}.cuh`` groups
     spelled out), each module at the top of the package and each script of examples/."""
-    text = (ROOT / "README.md").read_text().partition("## Layout")[2].partition("\n## ")[0]
-    for group, suffix in re.findall(r"\{([\w,]+)\}(\.cuh?)", text):
-        text += " " + " ".join(name + suffix for name in group.split(","))
-    named = set(re.findall(r"\w+\.(?:cuh?|py)\b", text))
     files = {p.name for p in (ROOT / "cuflash" / "kernels" / "csrc").rglob("*.cu*")}
-    files |= {p.name for p in (ROOT / "cuflash").glob("*.py")} - {"__init__.py"}
-    files |= {p.name for p in (ROOT / "examples").glob("*.py")}
-    assert files - named == set()
+    files |= _TOP_MODULES | {p.name for p in (ROOT / "examples").glob("*.py")}
+    assert files - _layout_names("README.md") == set()
+
+
+def test_the_design_layout_names_every_module_subpackage_and_cuda_header():
+    """docs/design.md's "Layout" names each module at the top of the package, each subpackage
+    and each header of cuflash/kernels/csrc (its ``.cu`` files are "one per family")."""
+    files = {p.name for p in (ROOT / "cuflash" / "kernels" / "csrc").rglob("*.cuh")}
+    files |= _TOP_MODULES | _SUBPACKAGES
+    assert files - _layout_names("docs/design.md") == set()
 
 
 def _spelled(function) -> str:
@@ -523,3 +538,16 @@ def test_install_commands_install_from_the_clone():
     assert len(commands) >= 2
     for command in commands:
         assert command.startswith('".['), command
+
+
+def test_design_md_names_a_template_expression_the_forward_builds():
+    """docs/design.md, "Kernels": its example of a variant's template expression is the one the
+    portable forward names for a causal float16 call at D = 64 on 1,024 rows."""
+    from cuflash import _api
+    from cuflash.kernels import mma_forward
+
+    text = " ".join((ROOT / "docs" / "design.md").read_text().split())
+    (example,) = re.findall(r"`(flash_fwd<[^`]*>)`", text)
+    q = np.zeros((1, 4, 1024, 64), np.float16)
+    _, spec = _api._spec(q, q, q, causal=True)
+    assert example == mma_forward.variant(spec, mma_forward.tiles_for(spec), aligned=True)
