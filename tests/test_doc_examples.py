@@ -551,3 +551,15 @@ def test_design_md_names_a_template_expression_the_forward_builds():
     q = np.zeros((1, 4, 1024, 64), np.float16)
     _, spec = _api._spec(q, q, q, causal=True)
     assert example == mma_forward.variant(spec, mma_forward.tiles_for(spec), aligned=True)
+
+
+def test_api_md_names_the_options_attention_vjp_lacks():
+    """docs/api.md: attention_vjp takes attention's options but return_lse and out (its own
+    listing says "<the same options>" and the comment under it names the two)."""
+    import cuflash
+
+    lacking = ({k.partition("=")[0] for k in _keywords(cuflash.attention)}
+               - {k.partition("=")[0] for k in _keywords(cuflash.attention_vjp)})
+    assert lacking == {"return_lse", "out"}
+    assert ("attention_vjp's options are attention's but return_lse and out"
+            in (ROOT / "docs" / "api.md").read_text())
