@@ -563,3 +563,16 @@ def test_api_md_names_the_options_attention_vjp_lacks():
     assert lacking == {"return_lse", "out"}
     assert ("attention_vjp's options are attention's but return_lse and out"
             in (ROOT / "docs" / "api.md").read_text())
+
+
+def test_api_md_names_the_options_the_varlen_backward_and_vjp_lack():
+    """docs/api.md: attention_varlen_backward and attention_varlen_vjp take attention_varlen's
+    options but return_lse, out and block_table (paged keys are the forward's only)."""
+    import cuflash
+
+    forward = {k.partition("=")[0] for k in _keywords(cuflash.attention_varlen)}
+    for function in (cuflash.attention_varlen_backward, cuflash.attention_varlen_vjp):
+        own = {k.partition("=")[0] for k in _keywords(function)}
+        assert forward - own == {"return_lse", "out", "block_table"}, function.__name__
+    assert ("the backward and the vjp take the forward's options but return_lse, out and "
+            "block_table" in (ROOT / "docs" / "api.md").read_text())
