@@ -576,3 +576,16 @@ def test_api_md_names_the_options_the_varlen_backward_and_vjp_lack():
         assert forward - own == {"return_lse", "out", "block_table"}, function.__name__
     assert ("the backward and the vjp take the forward's options but return_lse, out and "
             "block_table" in (ROOT / "docs" / "api.md").read_text())
+
+
+def test_design_md_lists_what_attention_varlen_takes_beyond_attention():
+    """docs/design.md: attention_varlen takes attention's options but block_mask and mask, and
+    check_offsets and block_table besides, with their defaults as listed."""
+    import cuflash
+
+    dense, packed = _keywords(cuflash.attention), _keywords(cuflash.attention_varlen)
+    assert {k for k in dense if k not in packed} == {"block_mask=None", "mask=None"}
+    assert [k for k in packed if k not in dense] == ["check_offsets=True", "block_table=None"]
+    text = " ".join((ROOT / "docs" / "design.md").read_text().split())
+    assert ("*, <the same options but block_mask and mask>, check_offsets=True, "
+            "block_table=None)" in text)
