@@ -342,9 +342,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         otherwise finite and positive.
     alibi_slopes : float32 array, shape ``(Hq,)`` or ``(..., Hq)``, optional
         ALiBi: adds ``-slope[h] · |i + Nk - Nq - j|`` to the (soft-capped) scaled score of
-        query ``i``, key ``j`` in query head ``h``. Leading axes broadcast against the batch
-        axes of the inputs (``(B, Hq)`` gives each batch element its own slopes). An array of
-        the inputs' module and device; finite values.
+        query ``i``, key ``j`` in query head ``h``. Leading axes broadcast to the batch axes of
+        the inputs, never adding any (``(B, Hq)`` gives each batch element its own slopes). An
+        array of the inputs' module and device; finite values.
     block_mask : cuflash.sparse.BlockMask, optional
         Block-sparse pattern (approximate, fastest): only the blocks it keeps are computed, each
         in full (combined with ``causal`` and ``window`` by intersection).
