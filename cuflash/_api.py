@@ -809,11 +809,13 @@ def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                          alibi_slopes=None, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
                          deterministic=False, check_offsets=True) -> tuple[Any, Callable]:
     """Run ``attention_varlen`` and return ``(out, vjp)``; ``vjp(dout)`` returns
-    ``(dq, dk, dv)``. Validated once (the offsets are checked, and read back, once: ``vjp``
-    does not read them again); ``vjp`` keeps the inputs, out, lse and the validated call alive
-    (references, not copies: as for ``attention_vjp``, they must not change in place before
-    ``vjp`` runs), and runs the backward with the forward's copy of the ALiBi slopes (a cached
-    call, as ``attention_varlen_backward`` is). Dropout as for ``attention_vjp``: a seed is drawn when
+    ``(dq, dk, dv)``. The options are ``attention_varlen``'s but ``return_lse``, ``out`` and
+    ``block_table`` (paged keys are the forward's only), and ``deterministic``. Validated once
+    (the offsets are checked, and read back, once: ``vjp`` does not read them again); ``vjp``
+    keeps the inputs, out, lse and the validated call alive (references, not copies: as for
+    ``attention_vjp``, they must not change in place before ``vjp`` runs), and runs the
+    backward with the forward's copy of the ALiBi slopes (a cached call, as
+    ``attention_varlen_backward`` is). Dropout as for ``attention_vjp``: a seed is drawn when
     none is given, and ``vjp.dropout_seed`` holds it."""
     options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
