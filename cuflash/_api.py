@@ -790,7 +790,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 
     ``dout`` and ``out`` are ``(total_q, Hq, Dv)``, ``lse`` ``(Hq, total_q)`` float32 (what
     ``attention_varlen(..., return_lse=True)`` returned); every other argument is as given to
-    ``attention_varlen`` (the forward's dropout seed and offset), and ``deterministic`` as for
+    ``attention_varlen`` (the forward's dropout seed and offset; k and v packed, as a paged
+    forward gathered them: ``block_table`` is the forward's only), and ``deterministic`` as for
     ``attention_backward``. Returns ``(dq, dk, dv)`` with the shapes and dtype of q, k and v
     (``dk``, ``dv`` summed over the query heads of a group; keys of a sequence without queries
     get 0). ``dq``, ``dk``, ``dv``: arrays to write the gradients into, as for
