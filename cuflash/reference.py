@@ -19,8 +19,9 @@ Options are those of ``cuflash.attention`` (``causal``, ``scale``, ``window``, `
 ``cuflash._dropout`` (dense, built for the whole problem: ``P ∘ Z`` times ``_dropout.rescale(p)``
 multiplies V);
 ``mask`` may also be an element-level boolean array broadcastable to ``(..., Hq, Nq, Nk)``,
-True where a query attends to a key. All masks combine by intersection. Inputs may be 2-D
-``(N, D)`` (one head), as for ``cuflash.attention``.
+True where a query attends to a key. All masks combine by intersection. ``chunked_attention``
+takes neither ``mask`` nor the dropout options (``attention`` with ``rows=`` computes chosen
+rows with them). Inputs may be 2-D ``(N, D)`` (one head), as for ``cuflash.attention``.
 """
 
 from __future__ import annotations

@@ -256,6 +256,25 @@ def test_chunked_equals_dense(rng, causal):
     np.testing.assert_allclose(part_lse, lse[..., rows], rtol=1e-13, atol=1e-13)
 
 
+def test_chosen_rows_with_dropout_and_an_exact_mask_are_those_of_the_whole_call(rng):
+    """The module's docstring: chunked_attention takes neither mask nor dropout, and attention
+    with rows= gives the chosen rows of the whole call with them (in the order given, a row
+    repeated as often as named)."""
+    from cuflash.sparse import ExactMask
+
+    q, k, v = random64(rng, (2, 2, 37, 8), (2, 1, 29, 8), (2, 1, 29, 6))
+    options = dict(mask=ExactMask.from_dense(rng.random((37, 29)) < 0.5), dropout_p=0.25,
+                   dropout_seed=12345, dropout_offset=7)
+    out, lse = reference.attention(q, k, v, **options)
+    rows = [36, 0, 11, 11]
+    part_out, part_lse = reference.attention(q, k, v, rows=rows, **options)
+    np.testing.assert_allclose(part_out, out[..., rows, :], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(part_lse, lse[..., rows], rtol=1e-13, atol=1e-13)
+    for name in ("mask", "dropout_p", "dropout_seed", "dropout_offset"):
+        with pytest.raises(TypeError, match=name):
+            reference.chunked_attention(q, k, v, **{name: options[name]})
+
+
 @pytest.mark.parametrize("options", [dict(window=(4, 2)), dict(softcap=2.0, causal=True),
                                      dict(alibi_slopes=np.array([[0.3, 0.9]], np.float32),
                                           window=(-1, 3))],
