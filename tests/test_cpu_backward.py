@@ -5,10 +5,13 @@ from functools import partial
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from oracle import assert_backward_close, poisoned, random_array, to_host
 from test_cpu_forward import DTYPE_IDS, DTYPES, batch_and_heads, dense_block_mask
 
 import cuflash
+from cuflash import _dropout
 
 BF16 = ml_dtypes.bfloat16
 
@@ -258,3 +261,83 @@ def test_given_float32_gradients(rng):
     given = tuple(grad_buffer(x.shape, np.float32, "transposed") for x in (q, k, v))
     assert_given_grads_written(
         partial(cuflash.attention_backward, dout, q, k, v, out, lse, grad_dtype=np.float32), given)
+
+
+# ----------------------------------------------------------------------------- against derivatives
+
+def attention64(q, k, v, *, scale, causal, window, softcap, slopes, dropout):
+    """float64 attention ``(B, Hq, Nq, Dv)`` written from flash-attn's documented semantics
+    alone (not ``cuflash._mask`` or ``cuflash.reference``, which the oracle shares with the
+    NumPy path): logit ``scale·q·k``, then ``softcap·tanh(x / softcap)``, then
+    ``− slope·|i + Nk − Nq − j|``; query ``i`` sees key ``j`` when
+    ``i + Nk − Nq − left ≤ j ≤ i + Nk − Nq + right`` (causal: ``right = min(right, 0)``);
+    ``dropout``: ``None`` or ``(keep, factor)``, the kept elements of P and their factor."""
+    hq, nq, hkv, nk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    k, v = (np.repeat(x, hq // hkv, axis=1) for x in (k, v))
+    x = scale * (q @ k.swapaxes(-1, -2))
+    if softcap:
+        x = softcap * np.tanh(x / softcap)
+    i, j = np.arange(nq)[:, None] + nk - nq, np.arange(nk)[None, :]
+    if slopes is not None:
+        x = x - slopes[:, None, None] * np.abs(i - j)
+    left, right = window
+    if causal:
+        right = 0 if right == -1 else min(right, 0)
+    seen = ((j >= i - left) | (left == -1)) & ((j <= i + right) | (right == -1))
+    x = np.where(seen, x, -np.inf)
+    peak = x.max(axis=-1, keepdims=True)
+    p = np.exp(x - np.where(np.isfinite(peak), peak, 0))
+    total = p.sum(axis=-1, keepdims=True)
+    p = p / np.where(total == 0, 1, total)
+    if dropout is not None:
+        keep, factor = dropout
+        p = np.where(keep, p * factor, 0)
+    return p @ v
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
+       nq=st.sampled_from([1, 2, 17, 40]), nk=st.sampled_from([1, 2, 17, 40]),
+       d=st.sampled_from([4, 16]), dv=st.sampled_from([4, 12]), causal=st.booleans(),
+       window=st.tuples(st.sampled_from([-1, 0, 3, 100]), st.sampled_from([-1, 0, 3, 100])),
+       softcap=st.sampled_from([0.0, 0.7, 5.0]), alibi=st.booleans(),
+       dropout_p=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2**32 - 1))
+def test_gradients_are_the_derivatives_of_the_documented_attention(
+        hkv, group, nq, nk, d, dv, causal, window, softcap, alibi, dropout_p, seed):
+    # Directional derivatives of sum(dout · attention64) by central differences in float64
+    # against the float32 gradients, for every option at once: a wrong factor or sign (the
+    # softcap's 1 − tanh², a head group's sum, the dropout mask) is off by far more than float32
+    # rounding, which stays below ~1e-6 of |direction|·(1 + max|gradient|).
+    rng = np.random.default_rng(seed)
+    hq = hkv * group
+    q, k, v = (rng.standard_normal(shape).astype(np.float32)
+               for shape in ((2, hq, nq, d), (2, hkv, nk, d), (2, hkv, nk, dv)))
+    slopes = rng.uniform(0.05, 0.5, hq).astype(np.float32) if alibi else None
+    options = dict(scale=0.5, causal=causal, window=window, softcap=softcap, alibi_slopes=slopes,
+                   dropout_p=dropout_p, dropout_seed=seed if dropout_p else None)
+    out, lse = cuflash.attention(q, k, v, **options, return_lse=True)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+
+    dropout = None
+    if dropout_p:
+        keep = _dropout.dense_keep(seed, 0, dropout_p, (2,), hq, np.arange(nq), nk)
+        dropout = (keep, _dropout.rescale(dropout_p))
+
+    def loss(q, k, v):
+        return float((dout * attention64(q, k, v, scale=0.5, causal=causal, window=window,
+                                         softcap=softcap, dropout=dropout,
+                                         slopes=None if slopes is None else
+                                         slopes.astype(np.float64))).sum())
+
+    inputs = [x.astype(np.float64) for x in (q, k, v)]
+    step = 1e-5
+    for index, (name, grad) in enumerate(zip(("dq", "dk", "dv"), grads)):
+        direction = rng.standard_normal(inputs[index].shape)
+        ahead, behind = list(inputs), list(inputs)
+        ahead[index] = inputs[index] + step * direction
+        behind[index] = inputs[index] - step * direction
+        expected = (loss(*ahead) - loss(*behind)) / (2 * step)
+        got = float((grad.astype(np.float64) * direction).sum())
+        size = np.linalg.norm(direction) * (1 + np.abs(grad).max())
+        assert abs(got - expected) <= 1e-5 * size, (name, got, expected, seed)
