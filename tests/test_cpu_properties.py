@@ -111,3 +111,76 @@ def test_rows_are_convex_combinations_of_values(problem):
     scale = problem["scale"] or 1 / np.sqrt(q.shape[-1])
     scores = scale * (q.astype(np.float64) @ np.swapaxes(k.astype(np.float64), -1, -2))
     assert np.all(lse >= scores.max(axis=-1) - 1e-4 * (1 + np.abs(scores).max())), problem
+
+
+# ----------------------------------------------------------------------------- options together
+
+ODD_LENGTHS = st.sampled_from([1, 2, 17, 129, 130])  # one token, tile edges (128) and past them
+WINDOW_SIDES = st.sampled_from([-1, 0, 3, 200, 2**31 - 1])  # none, tight, wider than any length
+
+
+def laid_out(x, layout):
+    """``x`` as a view of another layout (same values): ``"contiguous"``, ``"heads-last"``
+    (heads and rows swapped in memory, as a ``(B, N, H, D)`` buffer) or ``"reversed"`` (rows in
+    reverse order in memory, a negative stride)."""
+    if layout == "contiguous":
+        return x
+    if layout == "heads-last":
+        view = np.empty(x.shape[:-3] + (x.shape[-2], x.shape[-3], x.shape[-1]),
+                        x.dtype).swapaxes(-2, -3)
+    else:
+        view = np.empty(x.shape, x.dtype)[..., ::-1, :]
+    view[...] = x
+    return view
+
+
+@st.composite
+def option_problems(draw):
+    """One call with several options at once: grouped heads (ratios 1 to 8), Dv != D, odd
+    lengths, causal with Nq > Nk (rows without keys), windows (also wider than the sequences),
+    softcap, ALiBi, and inputs and out= in strided layouts."""
+    hkv = draw(st.integers(1, 2))
+    hq = hkv * draw(st.sampled_from([1, 2, 4, 8]))
+    nq, nk = draw(ODD_LENGTHS), draw(ODD_LENGTHS)
+    d, dv = draw(st.sampled_from([8, 16, 32])), draw(st.sampled_from([8, 16, 24]))
+    shapes = dict(q_shape=(2, hq, nq, d), k_shape=(2, hkv, nk, d), v_shape=(2, hkv, nk, dv))
+    causal = draw(st.booleans())
+    dtype = draw(DTYPES)
+    if not large_enough_for_16_bits(**shapes, causal=causal):
+        dtype = np.float32
+    return dict(
+        **shapes, dtype=dtype, causal=causal, window=(draw(WINDOW_SIDES), draw(WINDOW_SIDES)),
+        softcap=draw(st.sampled_from([0.0, 5.0])), alibi=draw(st.booleans()),
+        layout=draw(st.sampled_from(["contiguous", "heads-last", "reversed"])),
+        seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@SETTINGS
+@given(option_problems())
+def test_options_together_against_the_oracle(problem):
+    # Forward into a poisoned out= and backward, each by the rule; outputs and lse in their
+    # dtypes; the inputs (and the slopes) as they were.
+    layout = problem["layout"]
+    q, k, v = (laid_out(x, layout) for x in make_inputs(problem))
+    hq = q.shape[1]
+    rng = np.random.default_rng(problem["seed"] + 1)
+    # Small slopes: ALiBi biases of ~|slope · Nq| ≳ 10 are, like a large scale, logits so large
+    # that the float32 rounding of the backward's exponent S·log2(e) − lse·log2(e) outgrows the
+    # rule's bound for float32 dV when a row sees very few keys.
+    slopes = (rng.uniform(0.01, 0.05, (hq,)).astype(np.float32) if problem["alibi"] else None)
+    options = dict(causal=problem["causal"], window=problem["window"],
+                   softcap=problem["softcap"], alibi_slopes=slopes)
+    before = [x.copy() for x in (q, k, v)] + ([] if slopes is None else [slopes.copy()])
+
+    out = laid_out(np.full(q.shape[:-1] + v.shape[-1:], np.nan, q.dtype), layout)
+    got, lse = cuflash.attention(q, k, v, **options, return_lse=True, out=out)
+    assert got is out, problem
+    assert lse.dtype == np.float32 and lse.shape == q.shape[:-1], problem
+    assert_forward_close(out, lse, q, k, v, **options, context=str(problem))
+
+    dout = laid_out(random_array(rng, out.shape, q.dtype), layout)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+    assert_backward_close(grads, dout, q, k, v, **options, out=out, context=str(problem))
+    after = [q, k, v] + ([] if slopes is None else [slopes])
+    for x, copy in zip(after, before):
+        np.testing.assert_array_equal(x, copy, err_msg=str(problem))
