@@ -15,6 +15,8 @@ from functools import partial
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from oracle import (assert_varlen_backward_close, assert_varlen_forward_close, poisoned,
                     random_array, varlen_sequences)
 from test_cpu_backward import GRAD_LAYOUTS, assert_given_grads_written, grad_buffer
@@ -203,6 +205,56 @@ def test_numpy_empty_sequences(rng):
                                                    cu_k, max_q, max_k)
     assert (dq[:4] == 0).all() and (dk[:5] == 0).all() and (dv[:5] == 0).all()
     assert np.abs(dk[5:]).max() > 0
+
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.tuples(st.sampled_from([0, 1, 2, 17, 130]),
+                                  st.sampled_from([0, 1, 2, 17, 130])), min_size=1, max_size=4),
+       hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), dv=st.sampled_from([16, 24]),
+       dtype=st.sampled_from(DTYPES), causal=st.booleans(),
+       window=st.tuples(st.sampled_from([-1, 0, 5, 200]), st.sampled_from([-1, 0, 5, 200])),
+       softcap=st.sampled_from([0.0, 5.0]), alibi=st.sampled_from([None, "heads", "sequences"]),
+       dropout_p=st.sampled_from([0.0, 0.25]), seed=st.integers(0, 2**32 - 1))
+def test_numpy_each_sequence_is_its_dense_call(lengths, hkv, group, dv, dtype, causal, window,
+                                               softcap, alibi, dropout_p, seed):
+    """Every option at once over sequences empty on either side: each sequence's output, lse
+    and gradients are bit for bit those of the dense call of batch element ``b`` of its own
+    lengths (the dense path is checked against the oracle elsewhere); a sequence without keys
+    gives output 0, lse -inf and dq 0, one without queries dk = dv = 0."""
+    rng = np.random.default_rng(seed)
+    lens_q, lens_k = ([n for n, _ in lengths], [n for _, n in lengths])
+    (q, k, v, cu_q, cu_k, max_q, max_k), slopes = make_case(
+        rng, np, dtype, lens_q, lens_k, hq=hkv * group, hkv=hkv, d=16, dv=dv, alibi=alibi)
+    options = dict(causal=causal, window=window, softcap=softcap, dropout_p=dropout_p,
+                   dropout_seed=seed if dropout_p else None)
+    args = (q, k, v, cu_q, cu_k, max_q, max_k)
+    out = poisoned((q.shape[0], q.shape[1], dv), dtype)
+    got, lse = cuflash.attention_varlen(*args, alibi_slopes=slopes, **options, out=out,
+                                        return_lse=True)
+    assert got is out and lse.dtype == np.float32 and lse.shape == (q.shape[1], q.shape[0])
+    dout = random_array(rng, out.shape, dtype)
+    grads = cuflash.attention_varlen_backward(dout, *args[:3], out, lse, *args[3:],
+                                              alibi_slopes=slopes, **options)
+    assert all(g.dtype == x.dtype and g.shape == x.shape for g, x in zip(grads, (q, k, v)))
+    dq, dk, dv_ = grads
+    for b, rq, rk in varlen_sequences(cu_q, cu_k):
+        if rq.start == rq.stop:
+            assert (dk[rk] == 0).all() and (dv_[rk] == 0).all()
+            continue
+        if rk.start == rk.stop:
+            assert (out[rq] == 0).all() and np.isneginf(lse[:, rq]).all() and (dq[rq] == 0).all()
+            continue
+        dense = [_as_batch_element(x, r, b) for x, r in ((q, rq), (k, rk), (v, rk), (dout, rq))]
+        sequence_slopes = None if slopes is None or slopes.ndim == 1 else slopes[b]
+        dense_options = dict(options, alibi_slopes=slopes if sequence_slopes is None
+                             else sequence_slopes)
+        o, l = cuflash.attention(*dense[:3], **dense_options, return_lse=True)
+        np.testing.assert_array_equal(o[b].transpose(1, 0, 2), out[rq])
+        np.testing.assert_array_equal(l[b], lse[:, rq])
+        dense_grads = cuflash.attention_backward(dense[3], *dense[:3], o, l, **dense_options)
+        for g, packed, rows in zip(dense_grads, grads, (rq, rk, rk)):
+            np.testing.assert_array_equal(g[b].transpose(1, 0, 2), packed[rows])
 
 
 def test_numpy_no_rows_at_all(rng):
