@@ -11,6 +11,8 @@ import warnings
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kvcache_cases import (assert_cache_appended, assert_kvcache_close, call_and_check,
                            call_and_check_rotated, make_case, oracle_row, poisoned_out,
                            rotary_case, rotary_tables)
@@ -146,6 +148,59 @@ def test_numpy_route_reported(rng):
     plan = cuflash.kvcache_plan(*case.args, **case.kwargs)
     assert plan.route == "numpy"
     assert "numpy" in str(plan)
+
+
+
+@st.composite
+def kvcache_problems(draw):
+    """One call with several options at once: grouped heads (ratios 1 to 8), Dv != D, a
+    contiguous, row-picked or paged cache, rows empty to nearly full, queries outnumbering keys,
+    causal, windows, softcap, ALiBi per head or per row, and a rotary embedding of either
+    pairing."""
+    b = draw(st.integers(1, 3))
+    layout = draw(st.sampled_from(["contiguous", "batch_idx", "paged"]))
+    rotary = draw(st.sampled_from([None, "interleaved", "neox"]))
+    s_new = draw(st.sampled_from([0, 1, 3])) if rotary is None else draw(st.sampled_from([1, 3]))
+    capacity = 48
+    hkv = draw(st.integers(1, 2))
+    return dict(
+        dtype=draw(st.sampled_from(DTYPES)), b=b, sq=draw(st.sampled_from([1, 2, 5, 17])),
+        hq=hkv * draw(st.sampled_from([1, 2, 4, 8])), hkv=hkv,
+        d=draw(st.sampled_from([8, 16, 32])), dv=draw(st.sampled_from([None, 8, 24])),
+        lengths=draw(st.lists(st.integers(0, capacity - s_new), min_size=b, max_size=b)),
+        capacity=capacity, page_size=16 if layout == "paged" else None, s_new=s_new,
+        batch_idx=layout == "batch_idx", spare_rows=draw(st.sampled_from([0, 2])),
+        causal=draw(st.booleans()),
+        window=(draw(st.sampled_from([-1, 0, 3, 100])), draw(st.sampled_from([-1, 0, 3, 100]))),
+        softcap=draw(st.sampled_from([0.0, 5.0])),
+        alibi=draw(st.sampled_from([None, "heads", "batch"])),
+        rotary=rotary, rotary_dim=draw(st.sampled_from([2, 8])),
+        seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kvcache_problems())
+def test_options_together(problem):
+    # The result into a poisoned out= against the oracle, the caches appended exactly (rotated
+    # keys under a rotary embedding), q and k not rotated in place, and the cache lengths, block
+    # table, row indices and slopes as they were.
+    problem = dict(problem)
+    rng = np.random.default_rng(problem.pop("seed"))
+    rotary, rotary_dim = problem.pop("rotary"), problem.pop("rotary_dim")
+    case = make_case(rng, np, **problem)
+    given = (case.seqlens, case.block_table, case.cache_batch_idx,
+             case.options["alibi_slopes"])
+    before = [None if x is None else x.copy() for x in given]
+    if rotary is None:
+        call_and_check(case, str(problem))
+    else:
+        # A row for every position a query turns to: up to the cache length plus Sq.
+        tables = rotary_tables(problem["capacity"] + problem["sq"],
+                               min(rotary_dim, problem["d"]), problem["dtype"])
+        rotated, keywords = rotary_case(case, *tables, rotary == "interleaved")
+        call_and_check_rotated(case, rotated, keywords, str(problem))
+    for x, copy in zip(given, before):
+        assert (x is None and copy is None) or np.array_equal(x, copy), problem
 
 
 # ----------------------------------------------------------------------------- the oracle itself
