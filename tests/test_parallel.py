@@ -29,6 +29,7 @@ from cuflash.parallel import (CommError, CommTimeout, LocalRing, merge, position
                               segments, shard, ulysses_attention, ulysses_attention_backward,
                               unshard)
 from cuflash.parallel import _plan
+from cuflash.parallel.comm import CommBase
 
 F32 = np.float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -757,10 +758,12 @@ def test_all_reduce_refuses_an_unknown_operation_before_sending():
     ("ring_attention_vjp", "deterministic"), ("ulysses_attention", "return_lse"),
     ("ulysses_attention_backward", "deterministic")])
 @pytest.mark.parametrize("validate", [True, False])
-def test_bool_options_are_refused_before_any_message(function, option, validate, rng):
-    """return_lse and deterministic are refused before the ranks exchange anything, as the
+def test_bool_options_are_refused_before_any_transfer(function, option, validate, rng):
+    """return_lse and deterministic are refused before the ranks exchange any data, as the
     other options are: ring attention used to read them after the comparison of the ranks'
-    calls, and Ulysses' backward (validate=False) only after its all-to-alls."""
+    calls, and Ulysses' backward (validate=False) only after its all-to-alls. With
+    validate=True the refusal rides the comparison's one all-gather (so that every rank
+    learns of it); with validate=False nothing is sent."""
     q = random_array(rng, (1, 2, 8, 8), F32)
     lse = np.zeros((1, 2, 8), F32)
     arrays = (q, q, q) if function in ("ring_attention", "ring_attention_vjp",
@@ -771,14 +774,38 @@ def test_bool_options_are_refused_before_any_message(function, option, validate,
     sent = []
 
     def rank(comm):
-        exchange, all_to_all = comm.exchange, comm.all_to_all
-        comm.exchange = lambda *a, **k: sent.append(comm.rank) or exchange(*a, **k)
-        comm.all_to_all = lambda *a: sent.append(comm.rank) or all_to_all(*a)
+        _record_messages(comm, sent)
         return call(*arrays, comm=comm, validate=validate, **{option: "yes"})
 
     with pytest.raises(TypeError, match=f"{option} must be True or False"):
         LocalRing(2, timeout=10).run(rank)
-    assert sent == []
+    assert sorted(sent) == ([(0, "all_gather"), (1, "all_gather")] if validate else [])
+
+
+def _record_messages(comm, sent):
+    """Make ``comm`` append ``(rank, operation)`` to ``sent`` for each exchange, all-to-all and
+    all-gather it starts (an all-gather's own all-to-all is not counted twice)."""
+    exchange, all_to_all, all_gather = comm.exchange, comm.all_to_all, comm.all_gather
+    inside = []
+
+    def gather(x):
+        sent.append((comm.rank, "all_gather"))
+        inside.append(True)
+        try:
+            return all_gather(x)
+        finally:
+            inside.pop()
+
+    def to_all(arrays):
+        if not inside:
+            sent.append((comm.rank, "all_to_all"))
+        return all_to_all(arrays)
+
+    def swap(*args, **kwargs):
+        sent.append((comm.rank, "exchange"))
+        return exchange(*args, **kwargs)
+
+    comm.exchange, comm.all_to_all, comm.all_gather = swap, to_all, gather
 
 
 @pytest.mark.parametrize("option, value, error", [
@@ -2163,3 +2190,268 @@ def test_a_forward_beside_a_backward_is_named_alike_on_every_rank(attention, rng
     assert message == str(raised[1]) == str(raised[2])
     assert "the calls on ranks 0, 2 and on rank 1 take other arguments" in message
     assert "q is" not in message
+
+
+# ----------------------------------------------------------------------------- refusals
+
+class _NcclLikeRing(LocalRing):
+    """A LocalRing whose waits, like NCCL's, never learn that the peer has failed or returned:
+    a rank waiting for a message that does not come waits until the timeout (CommTimeout),
+    where a LocalRing fails at once. What a hang under NCCL is, seen in seconds."""
+
+    def _take(self, src, dst, tag):
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            while not self._boxes[src, dst]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CommTimeout(f"rank {dst}: no {tag!r} message from rank {src} "
+                                      f"within {self.timeout:g} s")
+                self._lock.wait(left)
+            got, payload = self._boxes[src, dst].popleft()
+            if got != tag:
+                raise CommError(f"rank {dst}: expected a {tag!r} message, got {got!r}")
+            return payload
+
+
+def _errors_on_a_waiting_ring(rank, size=2, timeout=5.0):
+    """The error each rank of ``rank(comm)`` raises on an ``_NcclLikeRing`` (every rank must
+    raise), and the seconds the run took."""
+    raised = {}
+
+    def recorded(comm):
+        try:
+            rank(comm)
+        except Exception as error:
+            raised[comm.rank] = error
+            raise
+        raise AssertionError(f"rank {comm.rank} returned")
+
+    start = time.monotonic()
+    with pytest.raises(Exception):
+        _NcclLikeRing(size, timeout=timeout).run(recorded)
+    return raised, time.monotonic() - start
+
+
+def _assert_every_rank_refuses(raised, seconds, refusing, error, message, size=2):
+    """Each rank raised ``error``, none a timeout, in less than the timeout: ``refusing`` its
+    own error (matching ``message``), every other rank one naming it and quoting it."""
+    assert sorted(raised) == list(range(size)), raised
+    assert not any(isinstance(e, CommError) for e in raised.values()), raised
+    assert seconds < 4, seconds
+    for r, e in raised.items():
+        assert isinstance(e, error), (r, e)
+        assert re.search(message, str(e)), (r, e)
+        if r != refusing:
+            assert f"rank {refusing} refused its arguments ({error.__name__}: " in str(e), e
+
+
+_LOCAL_REFUSALS = [
+    ("causal", "yes", TypeError, "causal must be True or False"),
+    ("window", (1.5, 0), TypeError, "window"),
+    ("layout", "spiral", ValueError, "layout must be one of"),
+    ("scale", 0.0, ValueError, "scale"),
+    ("softcap", -1.0, ValueError, "softcap"),
+    ("validate", None, TypeError, "validate must be True or False"),
+    ("k", "a list", TypeError, "k"),
+    ("return_lse", "no", TypeError, "return_lse must be True or False"),
+    ("deterministic", 1, TypeError, "deterministic must be True or False")]
+
+
+@pytest.mark.parametrize("attention", ["ring", "ring backward", "ring vjp", "ulysses",
+                                       "ulysses backward"])
+@pytest.mark.parametrize("argument, value, error, message", _LOCAL_REFUSALS)
+def test_a_refusal_on_one_rank_is_raised_on_every_rank(attention, argument, value, error,
+                                                       message, rng):
+    """An argument refused by one rank alone, before the ranks compared their calls, left the
+    other ranks waiting in the comparison's all-gather: under NCCL until the communicator's
+    timeout (a LocalRing hid it, failing them at once). The refusal now rides the comparison:
+    every rank raises at once, the others an error of the same kind naming the rank."""
+    forward = attention in ("ring", "ring vjp", "ulysses")
+    if (argument == "return_lse" and attention not in ("ring", "ulysses")) or (
+            argument == "deterministic" and attention in ("ring", "ulysses")):
+        pytest.skip("not an argument of this call")
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+
+    def rank(comm):
+        arrays = dict(q=q, k=q, v=q, dout=q, out=q, lse=lse)
+        options = {}
+        if comm.rank == 1:
+            (arrays if argument == "k" else options)[argument] = (
+                [list(row) for row in q] if argument == "k" else value)
+        if attention == "ring vjp":
+            _, vjp = ring_attention_vjp(arrays["q"], arrays["k"], arrays["v"], comm=comm,
+                                        **options)
+            return vjp(q)
+        if forward:
+            call = ring_attention if attention == "ring" else ulysses_attention
+            return call(arrays["q"], arrays["k"], arrays["v"], comm=comm, **options)
+        call = ring_attention_backward if attention == "ring backward" else \
+            ulysses_attention_backward
+        return call(arrays["dout"], arrays["q"], arrays["k"], arrays["v"], arrays["out"],
+                    arrays["lse"], comm=comm, **options)
+
+    raised, seconds = _errors_on_a_waiting_ring(rank)
+    _assert_every_rank_refuses(raised, seconds, 1, error, message)
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_an_unsupported_option_or_misplaced_slopes_on_one_rank_stop_every_rank(attention, rng):
+    """Ring attention's NotImplementedError for alibi_slopes, and Ulysses' refusal of slopes
+    that are no array, raised on the rank that passed them alone."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    slopes = np.ones(2, F32)
+    call = ring_attention if attention == "ring" else ulysses_attention
+
+    def rank(comm):
+        given = None if comm.rank == 0 else (slopes if attention == "ring" else [1.0, 1.0])
+        return call(q, q, q, comm=comm, alibi_slopes=given)
+
+    raised, seconds = _errors_on_a_waiting_ring(rank)
+    error = NotImplementedError if attention == "ring" else TypeError
+    _assert_every_rank_refuses(raised, seconds, 1, error, "alibi_slopes")
+
+
+def test_ulysses_slopes_of_another_dtype_are_a_difference_between_ranks(rng):
+    """The slopes are compared by their values and dtype: int32 slopes of the bytes of rank
+    0's float32 ones passed the comparison (of the bytes alone), and were then refused by
+    the check of their dtype on that rank alone, while rank 0 waited in the all-to-all; they
+    are a difference between the ranks' calls now, named on every rank."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+
+    def rank(comm):
+        slopes = np.ones(2, F32)
+        slopes = slopes.view(np.int32) if comm.rank else slopes
+        return ulysses_attention(q, q, q, comm=comm, alibi_slopes=slopes)
+
+    raised, seconds = _errors_on_a_waiting_ring(rank)
+    assert seconds < 4
+    assert all(isinstance(e, ValueError) and "alibi_slopes is" in str(e)
+               for e in raised.values()), raised
+
+
+def test_validate_false_leaves_the_agreement_to_the_caller(rng):
+    """validate=False sends nothing before the first transfer: a refusal is this rank's alone,
+    and a rank waiting for it fails only at its timeout (under NCCL), as documented."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+
+    def rank(comm):
+        return ring_attention(q, q, q, comm=comm, validate=False,
+                              causal="yes" if comm.rank else False)
+
+    raised, seconds = _errors_on_a_waiting_ring(rank, timeout=0.5)
+    assert isinstance(raised[1], TypeError) and isinstance(raised[0], CommTimeout), raised
+
+
+def test_a_rank_whose_refusal_is_long_is_quoted_in_part(rng):
+    """A refusal too long for the comparison is cut, not dropped."""
+    from cuflash.parallel import _signature
+    error = ValueError("x" * 5000)
+    values = _signature.refusal_values(error, 128)
+    assert _signature.is_refusal(values)
+    quoted = _signature.refusal_error(values, 3, "ring attention")
+    assert isinstance(quoted, ValueError)
+    assert str(quoted).startswith("ring attention: rank 3 refused its arguments (ValueError: xxx")
+    assert "..." in str(quoted) and len(str(quoted)) < 1100
+    both = _signature.refusal_error(
+        _signature.refusal_values(cuflash._checks.IndexDtypeError("i"), 128), 0, "w")
+    assert isinstance(both, TypeError) and isinstance(both, ValueError)
+    other = _signature.refusal_error(_signature.refusal_values(KeyError("k"), 128), 0, "w")
+    assert isinstance(other, CommError) and "KeyError" in str(other)
+
+
+def test_torch_refusals_on_one_rank_are_raised_on_every_rank(rng):
+    """torch ring attention refused a tensor that requires grad, tensors on other devices or of
+    other types, and torch_ring_attention a deterministic that is no bool, on the rank that
+    passed them alone, before the comparison the other ranks waited in."""
+    torch = pytest.importorskip("torch")
+    from cuflash.parallel import torch_ring_attention
+    q = torch.from_numpy(random_array(rng, (1, 2, 8, 8), F32))
+    leaf = q.clone().requires_grad_(True)
+
+    def grad(comm):
+        return ring_attention(leaf if comm.rank else q, q, q, comm=comm)
+
+    raised, seconds = _errors_on_a_waiting_ring(grad)
+    _assert_every_rank_refuses(raised, seconds, 1, ValueError, "requires grad")
+
+    def mixed(comm):
+        return ring_attention(q, q.numpy() if comm.rank else q, q, comm=comm)
+
+    raised, seconds = _errors_on_a_waiting_ring(mixed)
+    _assert_every_rank_refuses(raised, seconds, 1, TypeError, "k must be a torch.Tensor")
+
+    def deterministic(comm):
+        return torch_ring_attention(q, q, q, comm=comm, deterministic="yes" if comm.rank else True)
+
+    raised, seconds = _errors_on_a_waiting_ring(deterministic)
+    _assert_every_rank_refuses(raised, seconds, 1, TypeError, "deterministic must be True")
+
+
+class _SizedComm(CommBase):
+    """A transport that, like NCCL, receives into buffers of the sizes it gives them: its
+    all_to_all is NcclComm's and TorchComm's (the shared check of the arrays and all-gather of
+    their shapes, then one transfer per pair into a buffer of the announced shape), over a
+    ``_NcclLikeRing``, whose waits last until the timeout."""
+
+    def __init__(self, local, xp=None):
+        self.local, self.rank, self.size, self.timeout = local, local.rank, local.size, 5.0
+        self.xp = xp  # the module the transport takes (NcclComm: CuPy), None: any
+
+    def exchange(self, send, dst, src, recv_like=None):
+        return self.local.exchange(send, dst, src, recv_like)
+
+    def _all_gather_host(self, x):
+        return self.local.all_gather(x)
+
+    def all_to_all(self, arrays):
+        arrays = self._all_to_all_arrays(arrays, self.xp)
+        shapes = self._received_shapes(arrays)
+        received = self.local.all_to_all(arrays)
+        for src, x in enumerate(received):
+            if x.shape != shapes[src] or x.dtype != arrays[src].dtype:
+                raise AssertionError(f"rank {self.rank}: a buffer of {shapes[src]} "
+                                     f"{arrays[src].dtype} got {x.shape} {x.dtype}")
+        return received
+
+
+def test_device_all_to_all_receives_arrays_of_other_shapes_whole():
+    """NcclComm.all_to_all received into buffers shaped like the arrays it sent: a rank
+    sending arrays of another shape left NCCL waiting for bytes that never came (for ever with
+    timeout=None). The shapes now travel first, as TorchComm's did."""
+    def rank(comm):
+        comm = _SizedComm(comm)
+        return comm.all_to_all([np.full((comm.rank + 1, 2), 10 * comm.rank + dst, F32)
+                                for dst in range(comm.size)])
+
+    results = _NcclLikeRing(3, timeout=5).run(rank)
+    for r, received in enumerate(results):
+        for src, x in enumerate(received):
+            assert x.shape == (src + 1, 2) and np.all(x == 10 * src + r)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ("count", ValueError, r"all_to_all needs one array per rank \(2\), got 1"),
+    ("no array", TypeError, r"arrays\[1\] must be an array, got int"),
+    ("modules", TypeError, r"arrays\[0\] must be a cupy.ndarray, got numpy.ndarray"),
+    ("dtypes", ValueError, "all_to_all needs arrays of one dtype in each direction")])
+def test_device_all_to_all_refusals_reach_every_rank(bad, error, message):
+    """A rank whose all_to_all arrays are refused used to raise alone, while the others waited
+    in the transfers (under NCCL, until the timeout); now every rank raises at once."""
+    device_only = type(sys)("cupy")  # a transport of device arrays, given host ones
+
+    def rank(comm):
+        comm = _SizedComm(comm, device_only if bad == "modules" and comm.rank == 1 else None)
+        arrays = [np.zeros(3, F32), np.zeros(3, F32)]
+        if comm.rank == 1:
+            arrays = {"count": arrays[:1], "no array": [arrays[0], 3], "modules": arrays,
+                      "dtypes": [np.zeros(3, np.int32)] * 2}[bad]
+        return comm.all_to_all(arrays)
+
+    raised, seconds = _errors_on_a_waiting_ring(rank)
+    if bad == "dtypes":  # a difference between ranks, named alike on every rank
+        assert all(isinstance(e, error) and message in str(e) for e in raised.values())
+        assert str(raised[0]) == str(raised[1]) and seconds < 4
+    else:
+        _assert_every_rank_refuses(raised, seconds, 1, error, message)

@@ -7,15 +7,26 @@ where the ranks' calls take other arguments, which ranks make which call):
 
 - an array: ``[ndim, *shape, dtype]`` (``[-1]`` for ``None``);
 - a flag, a tuple of ints, a float (its bits), a name from a known list.
+
+A rank that refuses its own arguments (:func:`agree`) joins the comparison all the same, with a
+signature that says so and holds its error's text: every rank raises, the refusing one its own
+error and the others one that names it and quotes it, where the refusal alone would leave them
+waiting in the all-gather (under NCCL, until the communicator's timeout).
 """
 
 from __future__ import annotations
 
 import zlib
+from typing import Any, Callable
 
 import numpy
 
+from cuflash._checks import IndexDtypeError
+
 _SIGNATURE = 128  # int64 values all-gathered by the check of the ranks' shapes and options
+_REFUSED = -1  # the first value of the signature of a rank that refused its own arguments
+# The kinds of error a refusal is raised as on the other ranks, as bits of its signature.
+_KINDS = ((1, TypeError), (2, ValueError), (4, NotImplementedError))
 
 # The dtypes an array field reads back by name (others are compared all the same).
 _DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
@@ -63,7 +74,10 @@ class ArrayField(Field):
         if x is None:
             super().__init__(name, [-1])
         else:
-            last = code(x.tobytes().hex()) if by_values else dtype_code(x.dtype)
+            # The digest of the values covers their dtype: the same bytes in another dtype are
+            # other values.
+            last = (code(f"{x.dtype}:{x.tobytes().hex()}") if by_values
+                    else dtype_code(x.dtype))
             super().__init__(name, [x.ndim, *x.shape, last])
 
     def length(self, signature, start: int) -> int:
@@ -108,12 +122,96 @@ class ChoiceField(Field):
         return repr(self.names.get(int(values[0]), "another"))
 
 
+def compares(validate) -> bool:
+    """Whether a call's ``validate`` makes it join the comparison of the ranks' calls: every
+    value but ``False`` itself does. A ``validate`` that is no bool is refused, inside
+    :func:`agree`, like any argument, and the ranks beside it, which compare, learn of it."""
+    return not (isinstance(validate, (bool, numpy.bool_)) and not validate)
+
+
+def agree(comm, checks: Callable[[], tuple[list[Field], Any]], what: str, rule: str, *,
+          compare: bool) -> Any:
+    """This rank's checks of its call of ``what``, then (``compare``) the comparison of every
+    rank's call: the one place where a rank refuses its arguments.
+
+    ``checks()`` reads this rank's arguments alone (their types, modules and devices, the
+    options) and returns ``(fields, value)``: the fields of the call's signature and what the
+    caller keeps (``agree`` returns it). With ``compare``, every rank learns of any rank's
+    refusal: a rank whose ``checks()`` raise joins the all-gather with its error and raises it
+    there, and every other rank raises an error of the same kind naming that rank and quoting
+    it; where no rank refuses, :func:`check_same_call` compares the fields. Without
+    ``compare`` (``validate=False``), a refusal raises on this rank alone, before any message:
+    the other ranks go on to their first transfer, which fails or waits (until the
+    communicator's timeout), as they do when the ranks' calls differ there.
+
+    Whatever the caller refuses after ``agree`` must follow from the fields alone (the shapes,
+    dtypes and options every rank then holds), so that every rank refuses it alike."""
+    try:
+        fields, value = checks()
+    except Exception as error:
+        if compare:
+            share_refusal(comm, error)
+        raise
+    if compare:
+        check_same_call(comm, fields, what, rule)
+    return value
+
+
+def share_refusal(comm, error: BaseException) -> None:
+    """Join the comparison of the ranks' calls with ``error``, this rank's refusal of its
+    arguments, so that the ranks waiting there raise too (:func:`check_same_call`); the
+    caller raises ``error`` itself next. A failure of the all-gather is dropped: ``error`` is
+    the cause."""
+    try:
+        comm.all_gather(refusal_values(error, _SIGNATURE))
+    except Exception:  # noqa: BLE001 - the refusal is raised by the caller
+        pass
+
+
+def refusal_values(error: BaseException, size: int) -> numpy.ndarray:
+    """``size`` int64 values that stand for the refusal ``error``: ``_REFUSED``, the bits of its
+    kind, the length of its text and the text (UTF-8, cut to fit)."""
+    kind = sum(bit for bit, cls in _KINDS if isinstance(error, cls))
+    room = (size - 3) * 8
+    text = f"{type(error).__name__}: {error}".encode()
+    if len(text) > room:
+        text = text[:room - 3].decode(errors="ignore").encode() + "...".encode()
+    values = numpy.zeros(size, numpy.int64)
+    values[:3] = _REFUSED, kind, len(text)
+    raw = numpy.zeros((size - 3) * 8, numpy.uint8)
+    raw[:len(text)] = numpy.frombuffer(text, numpy.uint8)
+    values[3:] = raw.view(numpy.int64)
+    return values
+
+
+def is_refusal(values) -> bool:
+    return int(values[0]) == _REFUSED
+
+
+def refusal_error(values, rank: int, what: str) -> Exception:
+    """The error the other ranks raise for the refusal ``values`` of ``rank``: of its kind (a
+    ``TypeError``, ``ValueError`` or ``NotImplementedError``, else a ``CommError``), naming
+    the rank and quoting its error."""
+    kind, length = int(values[1]), int(values[2])
+    raw = numpy.ascontiguousarray(values[3:], dtype=numpy.int64).view(numpy.uint8)
+    text = bytes(raw[:max(0, min(length, raw.size))]).decode(errors="replace")
+    message = f"{what}: rank {rank} refused its arguments ({text}), so every rank stops here"
+    if kind & 1 and kind & 2:
+        return IndexDtypeError(message)
+    for bit, cls in reversed(_KINDS):
+        if kind & bit:
+            return cls(message)
+    from .comm import CommError
+    return CommError(message)
+
+
 def check_same_call(comm, fields: list[Field], what: str, rule: str) -> None:
     """Raise one ``ValueError`` on every rank unless every rank of ``comm`` passes the same
     ``fields`` (the shapes and options of its call of ``what``): one small all-gather, so that
     ranks whose calls differ fail instead of hanging or computing with each other's data.
     ``rule`` says what must match. A call too long to compare fails on every rank as well,
-    after the all-gather, which every rank must join."""
+    after the all-gather, which every rank must join; so does a rank that refused its own
+    arguments (:func:`agree`): every rank then raises its error."""
     # First the names of the fields: ranks making other calls (a forward pass beside a
     # backward one) are told apart from ranks passing other values to one call.
     names = code(",".join(field.name for field in fields))
@@ -124,6 +222,9 @@ def check_same_call(comm, fields: list[Field], what: str, rule: str) -> None:
     if signature.size < _SIGNATURE:
         mine[1:1 + signature.size] = signature
     everyone = [_host(x) for x in comm.all_gather(mine)]
+    for r, theirs in enumerate(everyone):
+        if is_refusal(theirs):
+            raise refusal_error(theirs, r, what)
     for r, theirs in enumerate(everyone):
         if theirs[0] >= _SIGNATURE:
             raise ValueError(f"{what}: the shapes and options of the call on rank {r} take "

@@ -20,13 +20,11 @@ import numpy
 
 from cuflash import _checks
 
-from ._signature import dtype_code, dtype_text
-from .comm import (CommBase, _send_and_like, array_module, check_comm, check_per_rank,
-                   check_rank, check_timeout)
+from ._signature import share_refusal
+from .comm import (CommBase, _send_and_like, array_module, check_comm, check_rank,
+                   check_timeout)
 
 __all__ = ["TorchComm", "call_on_arrays", "group_rank_and_size", "torch_ring_attention"]
-
-_MAX_DIMS = 64  # the most axes a NumPy (2.x) or CuPy array has
 
 
 def _bytes_tensor(x):
@@ -96,21 +94,6 @@ def group_rank_and_size(group, what: str) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
-def _check_pairs_of_dtypes(everyone) -> None:
-    """``everyone[src][dst]``: the header (ndim, dtype, shape) of what ``src`` sends ``dst``.
-    Raise one ``ValueError``, on every rank alike, where two ranks send each other arrays of
-    other dtypes: each receives into arrays of the dtype it sends, which would read the other's
-    bytes as its own dtype."""
-    size = len(everyone)
-    for src in range(size):
-        for dst in range(src + 1, size):
-            there, back = everyone[src][dst][1], everyone[dst][src][1]
-            if there != back:
-                raise ValueError(f"all_to_all needs arrays of one dtype in each direction: "
-                                 f"rank {src} sends rank {dst} {dtype_text(there)}, rank {dst} "
-                                 f"sends rank {src} {dtype_text(back)}")
-
-
 class TorchComm(CommBase):
     """A communicator over a ``torch.distributed`` process group (default: the world).
 
@@ -166,13 +149,9 @@ class TorchComm(CommBase):
     def all_to_all(self, arrays):
         """``arrays[j]`` to rank ``j``, of any shape; what two ranks send each other must have
         one dtype (``ValueError`` on every rank otherwise)."""
-        check_per_rank(arrays, "arrays", "array")
-        if len(arrays) != self.size:
-            raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
-                             f"got {len(arrays)}")
+        arrays = self._all_to_all_arrays(arrays, None)
         xp = array_module(arrays[0])
-        arrays = [xp.ascontiguousarray(x) for x in arrays]
-        shapes = self._gather_shapes(arrays)
+        shapes = self._received_shapes(arrays)
         received = [arrays[self.rank].copy() if src == self.rank
                     else xp.empty(shapes[src], arrays[src].dtype) for src in range(self.size)]
         with _StreamScope(xp):
@@ -182,24 +161,6 @@ class TorchComm(CommBase):
                 [(_bytes_tensor(x), src) for src, x in enumerate(received)
                  if src != self.rank and x.size])
         return _TorchPending(works, received, arrays, xp, self.timeout).wait()
-
-    def _gather_shapes(self, arrays):
-        """The shape of the array each rank sends to this one (all_to_all needs them), once
-        every rank has found that each pair of ranks exchanges arrays of one dtype (this
-        rank receives into arrays of the dtype it sends). Every rank gathers rows of one width,
-        the most axes an array can have, whatever its own arrays have: an all-gather of rows
-        of each rank's own width would not match."""
-        mine = numpy.full((self.size, _MAX_DIMS + 2), -1, numpy.int64)
-        for dst, x in enumerate(arrays):
-            mine[dst, :2] = x.ndim, dtype_code(x.dtype)
-            mine[dst, 2:2 + x.ndim] = x.shape
-        everyone = self._all_gather_host(mine)
-        _check_pairs_of_dtypes(everyone)
-        shapes = []
-        for src in range(self.size):
-            row = everyone[src][self.rank]
-            shapes.append(tuple(int(s) for s in row[2:2 + int(row[0])]))
-        return shapes
 
     def _device(self):
         import torch
@@ -276,7 +237,12 @@ def torch_ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "
 
     options = dict(comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
                    scale=scale)
-    deterministic = _checks.check_bool(deterministic, "deterministic")
+    check_comm(comm)
+    try:
+        deterministic = _checks.check_bool(deterministic, "deterministic")
+    except TypeError as error:  # the other ranks wait in the forward's comparison: tell them
+        share_refusal(comm, error)
+        raise
 
     class _RingAttention(torch.autograd.Function):
         @staticmethod
@@ -292,5 +258,4 @@ def torch_ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "
             return tuple(ring_attention_backward(dout.contiguous(), q, k, v, out, lse,
                                                  deterministic=deterministic, **options))
 
-    check_comm(comm)
     return _RingAttention.apply(q, k, v)

@@ -15,7 +15,21 @@ A communicator is any object with:
   came from rank ``i``;
 - ``all_gather(x) -> list`` and ``all_reduce(x, op="sum")`` for small arrays, and ``barrier()``.
 
-Every rank must make the same calls in the same order. Implementations:
+Every rank must make the same calls in the same order, and what travels must agree:
+
+- ``all_to_all`` takes arrays of any shapes (every rank learns what it receives from one small
+  all-gather of their shapes first); what two ranks send each other must have one dtype
+  (``ValueError`` on every rank otherwise), and a rank that refuses its ``arrays`` makes every
+  rank raise;
+- ``exchange`` receives into arrays shaped like ``recv_like``: what ``src`` sends must have
+  those shapes and dtypes; ``all_gather`` and ``all_reduce`` need one shape and dtype on every
+  rank. These are the caller's to keep, and nothing checks them first (a check would cost a
+  round trip per call): where they differ, a ``LocalRing`` raises, and NCCL waits until the
+  communicator's ``timeout`` (then raises ``CommTimeout``), or, with ``timeout=None``, for
+  ever. cuflash's own calls always agree: ring and Ulysses attention compare the ranks'
+  shapes first (``validate=True``, the default), and all-gather arrays of one fixed size.
+
+Implementations:
 
 - :class:`LocalRing` (here): ``P`` ranks simulated in one process, one thread per rank, messages
   through mailboxes: the same algorithm on NumPy arrays (or CuPy arrays on one GPU) without NCCL.
@@ -39,10 +53,13 @@ import numpy
 
 from cuflash import _checks
 
+from ._signature import dtype_code, dtype_text, is_refusal, refusal_error, refusal_values
+
 __all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
            "array_module", "check_arrays", "check_comm", "check_per_rank", "check_rank"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds
+_MAX_DIMS = 64  # the most axes a NumPy (2.x) or CuPy array has
 
 
 class CommError(RuntimeError):
@@ -128,6 +145,21 @@ def _send_and_like(send, recv_like) -> tuple[list, list]:
     return send, send if recv_like is None else check_arrays(recv_like, "recv_like")
 
 
+def check_pairs_of_dtypes(everyone) -> None:
+    """``everyone[src][dst]``: the header (ndim, dtype, shape) of what ``src`` sends ``dst``.
+    Raise one ``ValueError``, on every rank alike, where two ranks send each other arrays of
+    other dtypes: each receives into arrays of the dtype it sends, which would read the other's
+    bytes as its own dtype."""
+    size = len(everyone)
+    for src in range(size):
+        for dst in range(src + 1, size):
+            there, back = everyone[src][dst][1], everyone[dst][src][1]
+            if there != back:
+                raise ValueError(f"all_to_all needs arrays of one dtype in each direction: "
+                                 f"rank {src} sends rank {dst} {dtype_text(there)}, rank {dst} "
+                                 f"sends rank {src} {dtype_text(back)}")
+
+
 def array_module(x):
     """``numpy`` or ``cupy`` for an array."""
     if type(x).__module__.partition(".")[0] == "cupy":
@@ -193,6 +225,62 @@ class CommBase:
 
     def barrier(self) -> None:
         self.all_gather(numpy.zeros(1, numpy.int32))
+
+    # -- all_to_all over a transport that receives into buffers of a known size
+
+    def _all_gather_host(self, x: numpy.ndarray) -> list:
+        """All-gather a small NumPy array of one shape on every rank (for the headers)."""
+        raise NotImplementedError
+
+    def _all_to_all_arrays(self, arrays, xp) -> list:
+        """``arrays`` of an ``all_to_all``, checked, as C-contiguous arrays of ``xp`` (the
+        transport's module, ``None``: the arrays' own); a refusal is shared with every rank
+        through the all-gather of the shapes (:meth:`_received_shapes`), where the others wait,
+        and raised."""
+        try:
+            check_per_rank(arrays, "arrays", "array")
+            if len(arrays) != self.size:
+                raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
+                                 f"got {len(arrays)}")
+            for dst, x in enumerate(arrays):
+                if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+                    raise TypeError(f"arrays[{dst}] must be an array, got {type(x).__name__}")
+            module = xp or array_module(arrays[0])
+            for dst, x in enumerate(arrays):
+                if array_module(x) is not module:
+                    raise TypeError(f"arrays[{dst}] must be a {module.__name__}.ndarray, got "
+                                    f"{type(x).__module__}.{type(x).__name__}")
+            return [module.ascontiguousarray(x) for x in arrays]
+        except Exception as error:
+            try:
+                self._all_gather_host(refusal_values(error, self.size * (_MAX_DIMS + 2))
+                                      .reshape(self.size, _MAX_DIMS + 2))
+            except Exception:  # noqa: BLE001 - the refusal is the cause, raised below
+                pass
+            raise
+
+    def _received_shapes(self, arrays) -> list[tuple[int, ...]]:
+        """The shape of the array each rank sends to this one in an ``all_to_all``, once every
+        rank has found that no rank refused its arrays and that each pair of ranks exchanges
+        arrays of one dtype (each receives into arrays of the dtype it sends): one all-gather
+        of a header per destination, ``(ndim, dtype, *shape)``, every rank's rows of one width,
+        the most axes an array can have, whatever its own arrays have (rows of each rank's own
+        width would not match). The transfers that follow then never differ in size between
+        sender and receiver, which NCCL would wait on for ever."""
+        mine = numpy.full((self.size, _MAX_DIMS + 2), -1, numpy.int64)
+        for dst, x in enumerate(arrays):
+            mine[dst, :2] = x.ndim, dtype_code(x.dtype)
+            mine[dst, 2:2 + x.ndim] = x.shape
+        everyone = [numpy.asarray(h) for h in self._all_gather_host(mine)]
+        for src, header in enumerate(everyone):
+            if is_refusal(header.reshape(-1)):
+                raise refusal_error(header.reshape(-1), src, "all_to_all")
+        check_pairs_of_dtypes(everyone)
+        shapes = []
+        for src in range(self.size):
+            row = everyone[src][self.rank]
+            shapes.append(tuple(int(s) for s in row[2:2 + int(row[0])]))
+        return shapes
 
     def describe(self) -> str:
         return f"{type(self).__name__}(rank {self.rank} of {self.size})"

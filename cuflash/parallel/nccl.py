@@ -34,7 +34,7 @@ from cuflash import _checks
 from cuflash._files import write_atomically
 
 from .comm import (DEFAULT_TIMEOUT, CommBase, CommError, CommTimeout, _send_and_like,
-                   array_module, check_per_rank, check_rank, check_timeout)
+                   array_module, check_rank, check_timeout)
 
 __all__ = ["NcclComm", "read_unique_id", "unique_id_bytes"]
 
@@ -418,42 +418,48 @@ class NcclComm(CommBase):
                             f"the exchange with ranks {dst} (send) and {src} (receive)")
 
     def all_to_all(self, arrays):
-        """``arrays[j]`` to rank ``j``; every rank must send arrays of one shape and dtype (the
-        receive buffers are shaped like the arrays sent)."""
+        """``arrays[j]`` to rank ``j``, CuPy arrays of any shape; what two ranks send each
+        other must have one dtype (``ValueError`` on every rank otherwise). One small
+        all-gather of the arrays' shapes comes first (:meth:`CommBase._received_shapes`), so
+        that every receive buffer has the size its sender sends: ranks whose arrays differ
+        never leave NCCL waiting for bytes that do not come, and a rank that refuses its
+        arrays makes every rank raise."""
         cupy = self.cupy
-        check_per_rank(arrays, "arrays", "array")
-        if len(arrays) != self.size:
-            raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
-                             f"got {len(arrays)}")
         with self.device:
-            arrays = [cupy.ascontiguousarray(x) for x in arrays]
-            received = [arrays[r].copy() if r == self.rank else cupy.empty_like(arrays[r])
-                        for r in range(self.size)]
+            arrays = self._all_to_all_arrays(arrays, cupy)
+            shapes = self._received_shapes(arrays)
+            received = [arrays[r].copy() if r == self.rank
+                        else cupy.empty(shapes[r], arrays[r].dtype) for r in range(self.size)]
             others = [r for r in range(self.size) if r != self.rank]
             done = self._issue([(arrays[r], r) for r in others],
                                [(received[r], r) for r in others], "an all-to-all")
             return _NcclPending(self, received, arrays, done, "an all-to-all").wait()
 
     def all_gather(self, x):
-        """All-gather a small array (NumPy or CuPy); NumPy inputs never touch the current
-        stream (the copies run on the side stream), so they do not wait for queued work."""
+        """All-gather a small array (NumPy or CuPy) of one shape and dtype on every rank (NCCL
+        waits, until the timeout, where the sizes differ); NumPy inputs never touch the
+        current stream (the copies run on the side stream), so they do not wait for queued
+        work."""
         cupy = self.cupy
-        host = array_module(x) is numpy
+        if array_module(x) is numpy:
+            return self._all_gather_host(x)
         with self.device:
-            if host:
-                with self.stream:
-                    x_d = cupy.asarray(numpy.ascontiguousarray(x))
-                    out = cupy.empty((self.size,) + x_d.shape, x_d.dtype)
-                    done = self._gather(x_d, out, ready_stream=self.stream)
-                    self._poll(done, "an all-gather")
-                    parts = out.get(stream=self.stream)
-                    self.stream.synchronize()
-                return [parts[r] for r in range(self.size)]
             x_d = cupy.ascontiguousarray(x)
             out = cupy.empty((self.size,) + x_d.shape, x_d.dtype)
             done = self._gather(x_d, out)
             _NcclPending(self, None, x_d, done, "an all-gather").wait()
             return [out[r] for r in range(self.size)]
+
+    def _all_gather_host(self, x):
+        cupy = self.cupy
+        with self.device, self.stream:
+            x_d = cupy.asarray(numpy.ascontiguousarray(x))
+            out = cupy.empty((self.size,) + x_d.shape, x_d.dtype)
+            done = self._gather(x_d, out, ready_stream=self.stream)
+            self._poll(done, "an all-gather")
+            parts = out.get(stream=self.stream)
+            self.stream.synchronize()
+        return [parts[r] for r in range(self.size)]
 
     def _gather(self, x_d, out, ready_stream=None):
         if self._comm is None:

@@ -36,7 +36,8 @@ from cuflash import _checks, _mask
 
 from . import _plan
 from . import layout as _layout
-from ._signature import ArrayField, ChoiceField, FlagField, FloatField, Field, check_same_call
+from ._signature import (ArrayField, ChoiceField, Field, FlagField, FloatField, agree, compares,
+                         share_refusal)
 from .comm import array_module, check_comm
 
 __all__ = ["merge", "ring_attention", "ring_attention_backward", "ring_attention_vjp"]
@@ -115,27 +116,25 @@ def checked_scale(scale, q) -> float:
 
 
 class _Options:
-    """The validated options of one ring call, shared by the forward and backward passes."""
+    """The validated options of one ring call, shared by the forward and backward passes.
+
+    Every argument that can be refused by reading this rank's call alone (the options, the
+    arrays' types, modules and devices, ``flags``: other bool options of the call, by name) is
+    checked inside :func:`~cuflash.parallel._signature.agree`, so that with ``validate`` every
+    rank learns of one rank's refusal; what is refused after it (dimensions, shapes, dtypes)
+    follows from what the ranks compared, and is refused by every rank alike.
+    ``backward``: the backward pass's ``(dout, out, lse)``."""
 
     def __init__(self, q, k, v, *, comm, causal, layout, window, softcap, scale, alibi_slopes,
-                 block_mask, validate, backward=None):
-        check_comm(comm)
-        if alibi_slopes is not None:
-            raise NotImplementedError(
-                "alibi_slopes is not supported by ring attention: the ALiBi bias depends on "
-                "|i − j| over global positions, which a per-chunk call cannot express; use "
-                "ulysses_attention, which sees whole sequences")
-        if block_mask is not None:
-            raise NotImplementedError("block_mask is not supported by ring attention")
-        self.comm = comm
-        _checks.common_module({"q": q, "k": k, "v": v})
-        self.layout = _layout.check_layout(layout)
-        self.causal = _checks.check_bool(causal, "causal")
-        self.window = _checks.check_window(window)
-        self.scale = checked_scale(scale, q)
-        self.softcap = _checks.check_softcap(softcap, self.scale)
-        if _checks.check_bool(validate, "validate"):
-            self._validate(q, k, v, backward)
+                 block_mask, validate, backward=None, flags=None):
+        self.comm = check_comm(comm)  # no rank can be told of a refusal without one
+        self.flags = agree(
+            comm, lambda: self._check(q, k, v, backward, causal=causal, layout=layout,
+                                      window=window, softcap=softcap, scale=scale,
+                                      alibi_slopes=alibi_slopes, block_mask=block_mask,
+                                      validate=validate, flags=flags or {}),
+            "ring attention", "every rank must pass chunks of one shape and the same causal, "
+            "layout, window, softcap and scale", compare=compares(validate))
         _check_dimensions(q, k, v)
         check_inputs(q, k, v)
         self.nq_local, self.nk_local = q.shape[-2], k.shape[-2]
@@ -147,21 +146,38 @@ class _Options:
                     f"needs an even local length (two equal chunks), i.e. a sequence length "
                     f"that is a multiple of 2·P = {2 * size}; {n_local} rows on each of "
                     f"P = {size} ranks make N = {n_local * size}, which is not")
+        if backward is not None:
+            dout, out, lse = backward
+            check_backward_arrays(dout, q, k, v, out, lse)
         self.band = _mask.band(self.window, self.causal)  # over the whole problem
 
-    def _validate(self, q, k, v, backward):
-        """All ranks must call with the same shapes and options: compared with one small
-        all-gather, so that a mismatch is an error rather than a hang or a wrong result.
-        ``backward``: the backward pass's ``(dout, out, lse)``, compared as well."""
-        arrays = zip(("q", "k", "v", "dout", "out", "lse"), (q, k, v, *(backward or ())))
-        fields: list[Field] = [ArrayField(name, x) for name, x in arrays]
+    def _check(self, q, k, v, backward, *, causal, layout, window, softcap, scale,
+               alibi_slopes, block_mask, validate, flags):
+        """This rank's checks of its call (in :func:`agree`): the fields of its signature, and
+        ``flags`` checked."""
+        if alibi_slopes is not None:
+            raise NotImplementedError(
+                "alibi_slopes is not supported by ring attention: the ALiBi bias depends on "
+                "|i − j| over global positions, which a per-chunk call cannot express; use "
+                "ulysses_attention, which sees whole sequences")
+        if block_mask is not None:
+            raise NotImplementedError("block_mask is not supported by ring attention")
+        names = ("q", "k", "v", "dout", "out", "lse")
+        arrays = dict(zip(names, (q, k, v, *(backward or ()))))
+        _checks.common_module(arrays)  # modules and devices: this rank's alone
+        self.layout = _layout.check_layout(layout)
+        self.causal = _checks.check_bool(causal, "causal")
+        self.window = _checks.check_window(window)
+        self.scale = checked_scale(scale, q)
+        self.softcap = _checks.check_softcap(softcap, self.scale)
+        _checks.check_bool(validate, "validate")
+        checked = {name: _checks.check_bool(value, name) for name, value in flags.items()}
+        fields: list[Field] = [ArrayField(name, x) for name, x in arrays.items()]
         fields += [FlagField("causal", self.causal),
                    ChoiceField("layout", self.layout, _layout.LAYOUTS),
                    Field("window", list(self.window)), FloatField("softcap", self.softcap),
                    FloatField("scale", self.scale)]
-        check_same_call(self.comm, fields, "ring attention",
-                        "every rank must pass chunks of one shape and the same causal, layout, "
-                        "window, softcap and scale")
+        return fields, checked
 
     def calls(self, source: int):
         left, right = self.band
@@ -342,15 +358,15 @@ def ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag
     tensors = _torch_call(lambda *a: ring_attention(
         *a, comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
         scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask, return_lse=return_lse,
-        validate=validate), "ring_attention", ("q", "k", "v"), q, k, v)
+        validate=validate), "ring_attention", ("q", "k", "v"), q, k, v, comm=comm,
+        validate=validate)
     if tensors is not None:
         return tensors
-    return_lse = _checks.check_bool(return_lse, "return_lse")  # before any message
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
-                    block_mask=block_mask, validate=validate)
+                    block_mask=block_mask, validate=validate, flags={"return_lse": return_lse})
     out, lse = _forward(q, k, v, opts)
-    return (out, lse) if return_lse else out
+    return (out, lse) if opts.flags["return_lse"] else out
 
 
 def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = False,
@@ -368,16 +384,15 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = Fal
         *a, comm=comm, causal=causal, layout=layout, window=window, softcap=softcap,
         scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask,
         deterministic=deterministic, validate=validate), "ring_attention_backward",
-        ("dout", "q", "k", "v", "out", "lse"), dout, q, k, v, out, lse)
+        ("dout", "q", "k", "v", "out", "lse"), dout, q, k, v, out, lse, comm=comm,
+        validate=validate)
     if tensors is not None:
         return tensors
-    _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
-    deterministic = _checks.check_bool(deterministic, "deterministic")  # before any message
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
-                    block_mask=block_mask, validate=validate, backward=(dout, out, lse))
-    check_backward_arrays(dout, q, k, v, out, lse)
-    return _backward(dout, q, k, v, out, lse, opts, deterministic)
+                    block_mask=block_mask, validate=validate, backward=(dout, out, lse),
+                    flags={"deterministic": deterministic})
+    return _backward(dout, q, k, v, out, lse, opts, opts.flags["deterministic"])
 
 
 def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag",
@@ -390,10 +405,10 @@ def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zi
     ``dout`` is checked, and compared between ranks, as there) and keeps q, k, v, out and lse
     alive.
     """
-    deterministic = _checks.check_bool(deterministic, "deterministic")  # before any message
     opts = _Options(q, k, v, comm=comm, causal=causal, layout=layout, window=window,
                     softcap=softcap, scale=scale, alibi_slopes=None, block_mask=None,
-                    validate=validate)
+                    validate=validate, flags={"deterministic": deterministic})
+    deterministic = opts.flags["deterministic"]
     out, lse = _forward(q, k, v, opts)
 
     def vjp(dout):
@@ -405,21 +420,35 @@ def ring_attention_vjp(q, k, v, *, comm, causal: bool = False, layout: str = "zi
     return out, vjp
 
 
-def _torch_call(fn, function: str, names, *args):
+def _torch_call(fn, function: str, names, *args, comm, validate):
     """``fn`` on the arrays of torch tensors (``names``: the arguments' names), results back
     as tensors; ``None`` when the first argument is not a tensor. The results carry no
     gradient: a tensor that requires one, while autograd records, is refused (``function``: the
-    public name), rather than silently cut from the graph."""
+    public name), rather than silently cut from the graph. A refusal before ``fn`` runs (of
+    that, or of the tensors' types and devices) is shared with the ranks that compare their
+    calls (``validate``), as ``fn``'s own refusals are."""
     if type(args[0]).__module__.partition(".")[0] != "torch":
         return None
     import torch
-    if torch.is_grad_enabled():
-        for name, x in zip(names, args):
-            if isinstance(x, torch.Tensor) and x.requires_grad:
-                raise ValueError(
-                    f"{name} requires grad, but {function} returns tensors without autograd "
-                    f"history (its gradient would be silently lost): use "
-                    f"cuflash.parallel.torch_ring_attention, which is differentiable, or call "
-                    f"it under torch.no_grad()")
-    from ._torch import call_on_arrays
-    return call_on_arrays(fn, *args, names=names)
+    check_comm(comm)
+    entered = []
+
+    def on_arrays(*arrays):
+        entered.append(True)
+        return fn(*arrays)
+
+    try:
+        if torch.is_grad_enabled():
+            for name, x in zip(names, args):
+                if isinstance(x, torch.Tensor) and x.requires_grad:
+                    raise ValueError(
+                        f"{name} requires grad, but {function} returns tensors without "
+                        f"autograd history (its gradient would be silently lost): use "
+                        f"cuflash.parallel.torch_ring_attention, which is differentiable, or "
+                        f"call it under torch.no_grad()")
+        from ._torch import call_on_arrays
+        return call_on_arrays(on_arrays, *args, names=names)
+    except Exception as error:
+        if not entered and compares(validate):
+            share_refusal(comm, error)
+        raise

@@ -8,8 +8,9 @@ turns the output back into sequence shards. The backward pass does the same with
 
 Needs ``Hq`` and ``Hkv`` divisible by ``P``. With ``validate=True`` (the default) the ranks
 compare their shapes and options with one small all-gather first: a rank with other options
-would otherwise compute its heads differently without an error. Communication per rank is about four times its
-share of q/k/v/out (``(P−1)/P`` of each), independent of how the sequence is masked, and is not
+would otherwise compute its heads differently without an error, and a rank that refuses its
+arguments makes every rank raise. Communication per rank is about four times its share of
+q/k/v/out (``(P−1)/P`` of each), independent of how the sequence is masked, and is not
 overlapped with compute; compare ring attention in docs/parallel.md.
 """
 
@@ -22,23 +23,51 @@ from cuflash import _checks
 
 from . import layout as _layout
 from .comm import array_module, check_comm
-from ._signature import ArrayField, ChoiceField, Field, FlagField, FloatField, check_same_call
+from ._signature import ArrayField, ChoiceField, Field, FlagField, FloatField, agree, compares
 from .ring import _host, check_backward_arrays, check_inputs, checked_scale
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
-def _check(comm, q, k, v, layout, *, causal, window, softcap, scale) -> dict:
-    """What a rank checks before the comparison of the ranks' calls, which needs it, and before
-    any message whether the ranks are compared or not: the communicator, the layout, the
-    arrays' module and the options, returned checked (``causal``, ``window``, ``softcap``,
-    ``scale``)."""
-    check_comm(comm)
-    _layout.check_layout(layout)
-    _checks.common_module({"q": q, "k": k, "v": v})
-    scale = checked_scale(scale, q)
-    return dict(causal=_checks.check_bool(causal, "causal"), window=_checks.check_window(window),
-                softcap=_checks.check_softcap(softcap, scale), scale=scale)
+def _agree(comm, arrays: dict, *, layout, causal, window, softcap, scale, alibi_slopes,
+           validate, flags: dict) -> dict:
+    """This rank's checks of its call, then (``validate``) the comparison of every rank's call,
+    where every rank learns of one rank's refusal (:func:`~cuflash.parallel._signature.agree`):
+    the arrays' modules and devices (``arrays``: name → array, q first), those of
+    ``alibi_slopes`` beside them, the options and ``flags`` (other bool options, by name). Every
+    rank must pass arrays of one shape and dtype and the same options, ``alibi_slopes`` of the
+    same values (``ValueError`` on every rank otherwise). Returns the options checked
+    (``causal``, ``window``, ``softcap``, ``scale``) and the flags."""
+    check_comm(comm)  # no rank can be told of a refusal without one
+
+    def checks():
+        xp = _checks.common_module(arrays)  # modules and devices: this rank's alone
+        q = arrays["q"]
+        if alibi_slopes is not None:
+            _checks._check_beside_inputs(
+                alibi_slopes, "alibi_slopes",
+                f"a float32 {xp.__name__}.ndarray of shape (Hq,) or (..., Hq)", xp, q)
+        _layout.check_layout(layout)
+        scale_ = checked_scale(scale, q)
+        options = dict(causal=_checks.check_bool(causal, "causal"),
+                       window=_checks.check_window(window),
+                       softcap=_checks.check_softcap(softcap, scale_), scale=scale_)
+        _checks.check_bool(validate, "validate")
+        options.update((name, _checks.check_bool(value, name)) for name, value in flags.items())
+        fields: list[Field] = [ArrayField(name, x) for name, x in arrays.items()]
+        fields += [ChoiceField("layout", layout, _layout.LAYOUTS),
+                   FlagField("causal", options["causal"]),
+                   Field("window", list(options["window"])),
+                   FloatField("softcap", options["softcap"]), FloatField("scale", scale_),
+                   FlagField("deterministic", options.get("deterministic", False))]
+        slopes = (None if alibi_slopes is None
+                  else numpy.ascontiguousarray(_host(alibi_slopes)))
+        fields.append(ArrayField("alibi_slopes", slopes, by_values=True))
+        return fields, options
+
+    return agree(comm, checks, "ulysses attention",
+                 "every rank must pass chunks of one shape and the same causal, layout, window, "
+                 "softcap, scale and alibi_slopes", compare=compares(validate))
 
 
 def _check_heads(comm, q, k, v):
@@ -55,23 +84,6 @@ def _check_heads(comm, q, k, v):
         raise ValueError(f"ulysses attention splits the heads over the P = {size} ranks: Hq = "
                          f"{hq} and Hkv = {hkv} must both be multiples of {size}; use "
                          f"ring_attention otherwise")
-
-
-def _validate(comm, arrays: dict, *, layout, causal, window, softcap, scale, alibi_slopes,
-              deterministic=False):
-    """Every rank must pass arrays of one shape and dtype and the same options (ValueError on
-    every rank otherwise), compared with one small all-gather. The options are those ``_check``
-    returned."""
-    fields: list[Field] = [ArrayField(name, x) for name, x in arrays.items()]
-    fields += [ChoiceField("layout", layout, _layout.LAYOUTS), FlagField("causal", causal),
-               Field("window", list(window)), FloatField("softcap", softcap),
-               FloatField("scale", scale), FlagField("deterministic", deterministic)]
-    slopes = None if alibi_slopes is None else numpy.ascontiguousarray(_host(alibi_slopes))
-    fields.append(ArrayField("alibi_slopes", slopes, by_values=True))
-    check_same_call(
-        comm, fields, "ulysses attention",
-        "every rank must pass chunks of one shape and the same causal, layout, window, softcap, "
-        "scale and alibi_slopes")
 
 
 def _to_heads(x, comm, layout, seq_axis=-2):
@@ -123,12 +135,10 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     ``validate``: compare every rank's shapes and options first (``ValueError`` on a mismatch,
     which would otherwise give wrong rows without an error); ``False`` skips it.
     """
-    options = _check(comm, q, k, v, layout, causal=causal, window=window, softcap=softcap,
-                     scale=scale)
-    return_lse = _checks.check_bool(return_lse, "return_lse")
-    if _checks.check_bool(validate, "validate"):
-        _validate(comm, {"q": q, "k": k, "v": v}, layout=layout, alibi_slopes=alibi_slopes,
-                  **options)
+    options = _agree(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal,
+                     window=window, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
+                     validate=validate, flags={"return_lse": return_lse})
+    return_lse = options.pop("return_lse")
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
@@ -147,14 +157,11 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                                alibi_slopes=None, deterministic: bool = False,
                                validate: bool = True):
     """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
-    options = _check(comm, q, k, v, layout, causal=causal, window=window, softcap=softcap,
-                     scale=scale)
-    _checks.common_module({"dout": dout, "q": q, "out": out, "lse": lse})
-    deterministic = _checks.check_bool(deterministic, "deterministic")  # before any message
-    if _checks.check_bool(validate, "validate"):
-        _validate(comm, {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse},
-                  layout=layout, alibi_slopes=alibi_slopes, deterministic=deterministic,
-                  **options)
+    options = _agree(comm, {"q": q, "k": k, "v": v, "dout": dout, "out": out, "lse": lse},
+                     layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
+                     alibi_slopes=alibi_slopes, validate=validate,
+                     flags={"deterministic": deterministic})
+    deterministic = options.pop("deterministic")
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
