@@ -342,7 +342,12 @@ def ring_attention(q, k, v, *, comm, causal: bool = False, layout: str = "zigzag
         Also return this rank's rows of the log-sum-exp (float32), as ``cuflash.attention``.
     validate : bool
         Check with one small all-gather that every rank calls with the same shapes and options
-        (a mismatch raises ``ValueError`` instead of hanging). ``False`` skips it.
+        (a mismatch raises ``ValueError`` on every rank instead of hanging); an argument one
+        rank refuses travels in it too, so that every rank raises. ``False`` skips it: the
+        ranks' agreement is then the caller's duty, and a rank whose call differs, or that
+        refuses its arguments, leaves the others waiting in their first exchange (under NCCL
+        until the communicator's timeout, ``CommTimeout``). Every rank passes the same
+        ``validate``.
 
     Returns
     -------

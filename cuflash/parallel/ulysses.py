@@ -132,8 +132,10 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     Inputs and results are this rank's rows (``shard(x, rank, P, layout)``), as for
     :func:`cuflash.parallel.ring_attention`; options are ``cuflash.attention``'s over the whole
     sequence. ``alibi_slopes`` (shape ``(Hq,)`` or ``(..., Hq)``) are the slopes of all heads.
-    ``validate``: compare every rank's shapes and options first (``ValueError`` on a mismatch,
-    which would otherwise give wrong rows without an error); ``False`` skips it.
+    ``validate``: compare every rank's shapes and options first (``ValueError`` on every rank
+    on a mismatch, which would otherwise give wrong rows without an error; a rank's refusal of
+    its arguments reaches every rank through it); ``False`` skips it, leaving the ranks'
+    agreement to the caller, as for ring attention.
     """
     options = _agree(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal,
                      window=window, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
