@@ -147,6 +147,41 @@ def test_nccl_comm_operations(tmp_path):
 
 
 @needs_two
+def test_nccl_refusals_and_all_to_all_of_other_shapes_reach_every_rank(tmp_path):
+    """Under NCCL a rank that refused its arguments alone left the others waiting in the
+    comparison's all-gather until the timeout, and an all_to_all of arrays of other shapes
+    left NCCL waiting for bytes that never came: every rank now raises at once, and the
+    all-to-all delivers each array whole."""
+    code, output = _launch(tmp_path, """
+        import cupy
+        from cuflash.parallel import NcclComm, ring_attention, ulysses_attention
+        comm = NcclComm.from_env()
+        r = comm.rank
+        moved = comm.all_to_all([cupy.full((r + 1, 2), 10 * r + j, cupy.float32)
+                                 for j in range(2)])
+        assert [m.shape for m in moved] == [(1, 2), (2, 2)], moved
+        assert all(bool((m == 10 * s + r).all()) for s, m in enumerate(moved))
+        q = cupy.zeros((1, 2, 64, 64), cupy.float16)
+        for call in (ring_attention, ulysses_attention):
+            try:
+                call(q, q, q, comm=comm, causal="yes" if r == 1 else True)
+            except TypeError as error:
+                print("rank", r, call.__name__, "refused:", error, flush=True)
+            else:
+                raise SystemExit(f"rank {r}: {call.__name__} was not refused")
+        comm.barrier()
+        comm.close()
+        print("rank", r, "ok", flush=True)
+        """, comm_timeout=60, timeout=240)
+    assert code == 0, output
+    assert "rank 0 ok" in output and "rank 1 ok" in output
+    for name, what in (("ring_attention", "ring attention"),
+                       ("ulysses_attention", "ulysses attention")):
+        assert (f"rank 0 {name} refused: {what}: rank 1 refused its arguments (TypeError: "
+                f"causal must be True or False" in output), output
+
+
+@needs_two
 @pytest.mark.parametrize("options", [
     dict(causal=True, layout="zigzag"),
     dict(causal=False, layout="contiguous", kv_heads=2),
