@@ -2433,7 +2433,7 @@ def test_device_all_to_all_receives_arrays_of_other_shapes_whole():
 
 @pytest.mark.parametrize("bad, error, message", [
     ("count", ValueError, r"all_to_all needs one array per rank \(2\), got 1"),
-    ("no array", TypeError, r"arrays\[1\] must be an array, got int"),
+    ("no array", TypeError, r"arrays\[1\] must be an array \(NumPy or CuPy\), got int"),
     ("modules", TypeError, r"arrays\[0\] must be a cupy.ndarray, got numpy.ndarray"),
     ("dtypes", ValueError, "all_to_all needs arrays of one dtype in each direction")])
 def test_device_all_to_all_refusals_reach_every_rank(bad, error, message):
@@ -2455,3 +2455,42 @@ def test_device_all_to_all_refusals_reach_every_rank(bad, error, message):
         assert str(raised[0]) == str(raised[1]) and seconds < 4
     else:
         _assert_every_rank_refuses(raised, seconds, 1, error, message)
+
+
+@pytest.mark.parametrize("operation", ["all_to_all", "all_gather", "all_reduce"])
+def test_local_collectives_refuse_what_is_no_array_by_name(operation):
+    """A LocalRing's all_to_all sent a list as if it were an array (list.copy()), and its
+    all_gather and all_reduce of an int failed with "'int' object has no attribute 'copy'":
+    each names its argument now, as the device communicators do."""
+    def rank(comm):
+        if operation == "all_to_all":
+            return comm.all_to_all([np.zeros(1), [1.0]])
+        return getattr(comm, operation)(3)
+
+    name = r"arrays\[1\]" if operation == "all_to_all" else "x"
+    with pytest.raises(TypeError, match=name + r" must be an array \(NumPy or CuPy\), got "):
+        LocalRing(2, timeout=10).run(rank)
+
+
+class _DeviceArray:
+    """Stands for a CuPy array of device ``device`` (read by NcclComm's checks alone)."""
+    __module__ = "cupy._core.core"
+
+    def __init__(self, device):
+        self.shape, self.dtype, self.ndim = (2,), np.dtype(F32), 1
+        self.device = type("Device", (), {"id": device})()
+
+
+@pytest.mark.parametrize("given, error, message", [
+    (np.zeros(2, F32), TypeError, r"send\[0\] must be a CuPy array .*got numpy.ndarray"),
+    (_DeviceArray(1), ValueError, r"send\[0\] must be on device 0, this NcclComm's, got "
+                                  r"device 1")])
+def test_nccl_exchange_refuses_arrays_off_its_device_by_name(given, error, message):
+    """NcclComm.exchange handed a NumPy array to CuPy, which refused it without naming send,
+    and an array of another GPU to NCCL."""
+    from cuflash import parallel
+    comm = parallel.NcclComm.__new__(parallel.NcclComm)
+    comm.rank, comm.size, comm.cupy = 0, 2, _NoDevice()
+    comm.device = type("Device", (), {"id": 0})()
+    with pytest.raises(error, match=message):
+        comm.exchange([given], 1, 1)

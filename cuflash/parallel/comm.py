@@ -56,7 +56,8 @@ from cuflash import _checks
 from ._signature import dtype_code, dtype_text, is_refusal, refusal_error, refusal_values
 
 __all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
-           "array_module", "check_arrays", "check_comm", "check_per_rank", "check_rank"]
+           "array_module", "check_all_to_all", "check_array", "check_arrays", "check_comm",
+           "check_per_rank", "check_rank"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds
 _MAX_DIMS = 64  # the most axes a NumPy (2.x) or CuPy array has
@@ -132,10 +133,33 @@ def check_arrays(value, name: str) -> list:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of arrays, got {type(value).__name__}")
     for i, x in enumerate(value):
-        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-            raise TypeError(f"{name}[{i}] must be an array (NumPy or CuPy), got "
-                            f"{type(x).__name__}")
+        check_array(x, f"{name}[{i}]")
     return list(value)
+
+
+def check_array(x, name: str):
+    """``x``, when it is an array (it has a shape and a dtype); ``TypeError`` naming ``name``
+    otherwise."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{name} must be an array (NumPy or CuPy), got {type(x).__name__}")
+    return x
+
+
+def check_all_to_all(arrays, size: int, xp=None) -> list:
+    """The ``arrays`` of an ``all_to_all`` of ``size`` ranks, as C-contiguous arrays: one
+    array per rank, all of the module ``xp`` (the transport's, ``None``: that of the
+    first)."""
+    check_per_rank(arrays, "arrays", "array")
+    if len(arrays) != size:
+        raise ValueError(f"all_to_all needs one array per rank ({size}), got {len(arrays)}")
+    for dst, x in enumerate(arrays):
+        check_array(x, f"arrays[{dst}]")
+    module = xp or array_module(arrays[0])
+    for dst, x in enumerate(arrays):
+        if array_module(x) is not module:
+            raise TypeError(f"arrays[{dst}] must be a {module.__name__}.ndarray, got "
+                            f"{type(x).__module__}.{type(x).__name__}")
+    return [module.ascontiguousarray(x) for x in arrays]
 
 
 def _send_and_like(send, recv_like) -> tuple[list, list]:
@@ -209,10 +233,10 @@ class CommBase:
                              (self.rank - offset) % self.size)
 
     def all_gather(self, x) -> list:
-        return self.all_to_all([x] * self.size)
+        return self.all_to_all([check_array(x, "x")] * self.size)
 
     def all_reduce(self, x, op: str = "sum"):
-        xp = array_module(x)
+        xp = array_module(check_array(x, "x"))
         operations = {"sum": lambda a, b: a + b, "max": xp.maximum, "min": xp.minimum}
         if op not in operations:
             raise ValueError(f"op must be one of {', '.join(map(repr, operations))}, got {op!r}")
@@ -232,25 +256,19 @@ class CommBase:
         """All-gather a small NumPy array of one shape on every rank (for the headers)."""
         raise NotImplementedError
 
+    def _check_transported(self, arrays: list, name: str) -> None:
+        """What the transport needs of the arrays it moves (``name``: the argument), beyond
+        being arrays: nothing here."""
+
     def _all_to_all_arrays(self, arrays, xp) -> list:
         """``arrays`` of an ``all_to_all``, checked, as C-contiguous arrays of ``xp`` (the
         transport's module, ``None``: the arrays' own); a refusal is shared with every rank
         through the all-gather of the shapes (:meth:`_received_shapes`), where the others wait,
         and raised."""
         try:
-            check_per_rank(arrays, "arrays", "array")
-            if len(arrays) != self.size:
-                raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
-                                 f"got {len(arrays)}")
-            for dst, x in enumerate(arrays):
-                if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-                    raise TypeError(f"arrays[{dst}] must be an array, got {type(x).__name__}")
-            module = xp or array_module(arrays[0])
-            for dst, x in enumerate(arrays):
-                if array_module(x) is not module:
-                    raise TypeError(f"arrays[{dst}] must be a {module.__name__}.ndarray, got "
-                                    f"{type(x).__module__}.{type(x).__name__}")
-            return [module.ascontiguousarray(x) for x in arrays]
+            arrays = check_all_to_all(arrays, self.size, xp)
+            self._check_transported(arrays, "arrays")
+            return arrays
         except Exception as error:
             try:
                 self._all_gather_host(refusal_values(error, self.size * (_MAX_DIMS + 2))
@@ -435,10 +453,7 @@ class LocalComm(CommBase):
                         self.rank)
 
     def all_to_all(self, arrays):
-        check_per_rank(arrays, "arrays", "array")
-        if len(arrays) != self.size:
-            raise ValueError(f"all_to_all needs one array per rank ({self.size}), "
-                             f"got {len(arrays)}")
+        arrays = check_all_to_all(arrays, self.size)
         for dst, x in enumerate(arrays):
             if dst != self.rank:
                 self.ring._post(self.rank, dst, "all_to_all", x.copy())
