@@ -1321,6 +1321,26 @@ def test_launch_refuses_bad_numbers_by_name_before_starting(option, value, error
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("option, value, error, message", [
+    ("rdzv_dir", 5, TypeError, "--rdzv-dir must be a directory's name"),
+    ("rdzv_dir", b"/tmp/rdzv", TypeError, "--rdzv-dir must be a directory's name"),
+    ("rdzv_dir", "", ValueError, "--rdzv-dir must name a directory, got an empty name"),
+    ("master_addr", 5, TypeError, "--master-addr must be a host name or address"),
+    ("env", [("A", "1")], TypeError, "env must be a dict of environment variables")])
+def test_launch_refuses_other_arguments_by_name_before_starting(option, value, error, message,
+                                                                tmp_path):
+    """A rendezvous directory that is no str failed inside os.makedirs without naming
+    --rdzv-dir (bytes: "Can't mix strings and bytes"), an empty one as "--rdzv-dir : cannot
+    make the directory", an env that is no dict as "dictionary update sequence", and a
+    master_addr that is no str was handed to the processes as its str()."""
+    from cuflash.parallel.launch import launch
+    marker = tmp_path / "started"
+    with pytest.raises(error, match=re.escape(message)):
+        launch([sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"], 1,
+               **{option: value})
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("command", ["python script.py", b"python", [], ["python", 3]])
 def test_launch_refuses_a_command_that_is_not_a_list_of_arguments(command):
     """The command is an argv list of strings, checked before a process starts: a string used

@@ -13,7 +13,8 @@ the process should use (``from_env`` selects it).
 
 When a process exits with an error, the launcher stops the others (SIGTERM, then SIGKILL after
 ``--grace`` seconds) and exits with that process's code (128 + N for one killed by signal N), so
-one failing rank never leaves the others waiting. ``--timeout`` sets ``CUFLASH_COMM_TIMEOUT``, the communicators' wait limit.
+one failing rank never leaves the others waiting. ``--timeout`` sets ``CUFLASH_COMM_TIMEOUT``,
+the communicators' wait limit.
 A launcher stopped by SIGTERM or SIGHUP stops its processes the same way, removes its rendezvous
 directory, and exits with 128 + the signal.
 
@@ -25,6 +26,7 @@ the unique id from it when the run ends).
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import os
 import signal
 import socket
@@ -71,6 +73,14 @@ def launch(command: Sequence[str], gpus: int, *, nnodes: int = 1, node_rank: int
         raise ValueError("deadline must be a positive number of seconds or None, got 0")
     if master_port is not None:  # 0 would read as not given, and pass on the environment's
         master_port = _checks.check_int(master_port, "--master-port", 1, 65535)
+    if master_addr is not None and not isinstance(master_addr, str):
+        raise TypeError(f"--master-addr must be a host name or address (a str), got "
+                        f"{master_addr!r} of type {type(master_addr).__name__}")
+    if env is not None and not isinstance(env, collections.abc.Mapping):
+        raise TypeError(f"env must be a dict of environment variables or None, got "
+                        f"{type(env).__name__}")
+    if rdzv_dir is not None:
+        rdzv_dir = _check_directory(rdzv_dir, "--rdzv-dir")
     if nnodes > 1 and rdzv_dir is None:
         raise ValueError("with several nodes, --rdzv-dir must name a directory that every "
                          "node sees")
@@ -126,6 +136,19 @@ def _check_command(command) -> list:
             raise TypeError(f"command must be a list of arguments, each a string or a path, "
                             f"got {argument!r} of type {type(argument).__name__}")
     return list(command)
+
+
+def _check_directory(path, name: str) -> str:
+    """``path``, a directory's name (a str or a path; bytes would not join the file names
+    below it), as a str; ``TypeError`` or ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a directory's name (a str or a path), got {path!r} of "
+                        f"type {type(path).__name__}")
+    if not path:
+        raise ValueError(f"{name} must name a directory, got an empty name")
+    return path
 
 
 def _seconds(value, name: str, allowed: str) -> float | None:
