@@ -913,6 +913,25 @@ def test_check_sharded_refuses_bad_arguments_by_name(option, value, error):
         check_sharded(**arguments)
 
 
+@pytest.mark.parametrize("mode", [None, "processes", "simulated"])
+@pytest.mark.parametrize("option, value, error", [
+    ("heads", 0, ValueError), ("seq_len", 30, ValueError), ("dtype", "int8", ValueError),
+    ("causal", "no", TypeError)])
+def test_check_sharded_refuses_a_bad_argument_before_looking_for_gpus(mode, option, value, error,
+                                                                       monkeypatch):
+    """On a machine without the GPUs asked for, a bad argument was refused as "CuPy sees no
+    CUDA device" (or "needs 2 GPUs"): the arguments are checked first, by name."""
+    from cuflash.parallel import check, check_sharded
+    monkeypatch.setattr(check, "gpu_count", lambda: 0)
+    arguments = dict(ranks=2, device="gpu", mode=mode, seq_len=32, heads=2, head_dim=8, rows=8)
+    arguments[option] = value
+    with pytest.raises(error, match=option):
+        check_sharded(**arguments)
+    with pytest.raises(RuntimeError, match="CuPy sees no CUDA device"):
+        check_sharded(**dict(arguments, **{option: dict(heads=2, seq_len=32, dtype="float32",
+                                                        causal=True)[option]}))
+
+
 @pytest.mark.parametrize("dtype, name", [
     (np.dtype(np.float32), "float32"), (np.float16, "float16"), (BF16, "bfloat16"),
     (ml_dtypes.bfloat16, "bfloat16"), ("float32", "float32")])

@@ -302,29 +302,23 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
     ShardedCheck
         ``passed``, ``report()`` (a printable table), ``record()`` (a JSON-able dict).
     """
+    # The arguments first, then the devices: an argument refused by its name, not by what the
+    # machine lacks.
     if device not in ("gpu", "cpu"):
         raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
     ranks = _checks.check_int(ranks, "ranks", 1)
-    visible = gpu_count() if device == "gpu" else 0
-    if device == "gpu" and visible == 0:
-        raise RuntimeError("device='gpu' but CuPy sees no CUDA device")
-    if mode is None:
-        mode = "processes" if device == "gpu" and ranks >= 2 and visible >= ranks else \
-            "simulated"
-    if mode not in ("processes", "simulated"):
+    if mode is not None and mode not in ("processes", "simulated"):
         raise ValueError(f"mode must be 'processes' or 'simulated', got {mode!r}")
     if mode == "processes" and device != "gpu":  # not a lack of GPUs: none is looked for
         raise ValueError("mode='processes' needs device='gpu' (one process per GPU); "
                          "device='cpu' is always simulated")
-    if mode == "processes" and visible < ranks:
-        raise RuntimeError(f"mode='processes' needs {ranks} GPUs, {visible} visible")
     if seq_len is None:
         seq_len = 16384 if device == "gpu" else 1024
     if dtype is None:
         dtype = "bfloat16" if device == "gpu" else "float32"
     dtype = _dtype_name(dtype)
     seq_len = _checks.check_int(seq_len, "seq_len", 1)
-    _layout.check_length(seq_len, ranks, _layout.check_layout(layout))
+    _layout.check_length(seq_len, ranks, _layout.check_layout(layout), "seq_len")
     heads = _checks.check_int(heads, "heads", 1)
     head_dim = _checks.check_int(head_dim, "head_dim", 1)
     timeout = _checks._real(timeout, "timeout", "a positive number of seconds",
@@ -340,6 +334,15 @@ def check_sharded(*, ranks: int = 2, device: str = "gpu", mode: str | None = Non
                   backward=_checks.check_bool(backward, "backward"),
                   rows=_checks.check_int(rows, "rows", 1), seed=_checks.check_int(seed, "seed", 0),
                   repeats=_checks.check_int(repeats, "repeats", 1), timeout=timeout)
+    visible = gpu_count() if device == "gpu" else 0
+    if device == "gpu" and visible == 0:
+        raise RuntimeError("device='gpu' but CuPy sees no CUDA device")
+    if mode is None:
+        mode = "processes" if device == "gpu" and ranks >= 2 and visible >= ranks else \
+            "simulated"
+    if mode == "processes" and visible < ranks:
+        raise RuntimeError(f"mode='processes' needs {ranks} GPUs, {visible} visible")
+    config["mode"] = mode
     q, k, v, dout, sampled = _problem(config)
     config["rows_checked"] = len(sampled)
     if mode == "processes":
