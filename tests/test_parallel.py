@@ -2533,3 +2533,16 @@ def test_nccl_exchange_refuses_arrays_off_its_device_by_name(given, error, messa
     comm.device = type("Device", (), {"id": 0})()
     with pytest.raises(error, match=message):
         comm.exchange([given], 1, 1)
+
+
+def test_local_ring_run_raises_the_refusing_ranks_own_error(rng):
+    """Every rank raises when one refuses its arguments; run() raises the refusing rank's own
+    error, the cause, rather than rank 0's, which quotes it."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+
+    def rank(comm):
+        return ring_attention(q, q, q, comm=comm, causal="yes" if comm.rank == 1 else False)
+
+    with pytest.raises(TypeError) as raised:
+        LocalRing(3, timeout=10).run(rank)
+    assert str(raised.value) == "causal must be True or False, got 'yes'"

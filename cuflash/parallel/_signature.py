@@ -197,12 +197,13 @@ def refusal_error(values, rank: int, what: str) -> Exception:
     text = bytes(raw[:max(0, min(length, raw.size))]).decode(errors="replace")
     message = f"{what}: rank {rank} refused its arguments ({text}), so every rank stops here"
     if kind & 1 and kind & 2:
-        return IndexDtypeError(message)
-    for bit, cls in reversed(_KINDS):
-        if kind & bit:
-            return cls(message)
-    from .comm import CommError
-    return CommError(message)
+        error = IndexDtypeError(message)
+    else:
+        from .comm import CommError
+        error = next((cls(message) for bit, cls in reversed(_KINDS) if kind & bit),
+                     CommError(message))
+    error.refused_on_rank = rank  # a consequence, not the cause (LocalRing.run raises the cause)
+    return error
 
 
 def check_same_call(comm, fields: list[Field], what: str, rule: str) -> None:

@@ -312,7 +312,9 @@ class LocalRing:
 
     Messages are copies put in per-(sender, receiver) mailboxes, so a rank can never see a later
     change to an array it received. A rank that raises makes every rank waiting for it raise
-    :class:`CommError` (naming it) instead of waiting; ``run`` then raises the first failure.
+    :class:`CommError` (naming it) instead of waiting; ``run`` then raises the first failure
+    that is no consequence of another's (a rank's refusal of its arguments, rather than the
+    other ranks' errors that quote it).
     Works with NumPy arrays and with CuPy arrays on one GPU. ``timeout``: the seconds each
     wait may take (a positive number; ``None`` or infinity: no deadline).
 
@@ -372,8 +374,10 @@ class LocalRing:
                 thread.join()
         failed = [r for r in range(self.size) if self._errors[r] is not None]
         if failed:
-            # The root cause first: a failure that is not a consequence of another rank's.
-            roots = [r for r in failed if not isinstance(self._errors[r], _PeerFailed)]
+            # The root cause first: a failure that is not a consequence of another rank's (a
+            # wait for a failed rank, or another rank's refusal raised here).
+            roots = [r for r in failed if not isinstance(self._errors[r], _PeerFailed)
+                     and getattr(self._errors[r], "refused_on_rank", None) is None]
             first = (roots or failed)[0]
             raise self._errors[first]
         return results
