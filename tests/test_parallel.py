@@ -2014,7 +2014,8 @@ def test_a_rank_whose_call_is_too_long_to_compare_fails_with_every_rank(attentio
 
 def _gloo_all_to_all_rank(rank, size, port, queue, case):
     """One process of a TorchComm all-to-all test over Gloo: ``case`` "axes" sends arrays of
-    rank + 1 axes, "dtypes" float32 from rank 0 and int32 from rank 1; what all_to_all returns
+    rank + 1 axes, "dtypes" float32 from rank 0 and int32 from rank 1, "count" one array too
+    few from rank 1; what all_to_all returns
     (or the text of what it raised) goes to ``queue``."""
     import datetime
 
@@ -2028,6 +2029,8 @@ def _gloo_all_to_all_rank(rank, size, port, queue, case):
         comm = TorchComm(timeout=60)
         if case == "axes":
             arrays = [np.full((2,) * (rank + 1), 10 * rank + dst, F32) for dst in range(size)]
+        elif case == "count":
+            arrays = [np.zeros(3, F32)] * (size - rank)  # one array short on rank 1
         else:
             dtype = np.float32 if rank == 0 else np.int32
             arrays = [np.full(3, 1 + rank, dtype) for _ in range(size)]
@@ -2546,3 +2549,16 @@ def test_local_ring_run_raises_the_refusing_ranks_own_error(rng):
     with pytest.raises(TypeError) as raised:
         LocalRing(3, timeout=10).run(rank)
     assert str(raised.value) == "causal must be True or False, got 'yes'"
+
+
+@pytest.mark.slow
+def test_torch_comm_all_to_all_refusal_on_one_rank_reaches_every_rank():
+    """A rank that passed all_to_all one array too few raised alone, while the other waited in
+    the all-gather of the shapes until the process group's timeout; both raise now, at once."""
+    start = time.monotonic()
+    results = _gloo_all_to_all("count")
+    assert time.monotonic() - start < 50
+    own = "all_to_all needs one array per rank (2), got 1"
+    assert results[1] == f"ValueError: {own}"
+    assert results[0] == (f"ValueError: all_to_all: rank 1 refused its arguments (ValueError: "
+                          f"{own}), so every rank stops here")
