@@ -2562,3 +2562,18 @@ def test_torch_comm_all_to_all_refusal_on_one_rank_reaches_every_rank():
     assert results[1] == f"ValueError: {own}"
     assert results[0] == (f"ValueError: all_to_all: rank 1 refused its arguments (ValueError: "
                           f"{own}), so every rank stops here")
+
+
+def test_a_communicator_of_ones_own_is_told_what_it_lacks(rng):
+    """An object with some of a communicator's attributes was refused as "got MyComm" alone;
+    the message now names what it lacks."""
+    class MyComm:
+        rank, size = 0, 1
+
+        def exchange(self, send, dst, src, recv_like=None):
+            raise AssertionError("not reached")
+
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    with pytest.raises(TypeError, match=r"got MyComm \(it lacks all_gather, all_reduce, "
+                                        r"all_to_all, barrier, shift, timeout\)"):
+        ring_attention(q, q, q, comm=MyComm())

@@ -99,10 +99,15 @@ class Communicator(Protocol):
 
 def check_comm(comm):
     """``comm``, when it is a communicator (the attributes and methods above); ``TypeError``
-    naming the communicators otherwise."""
+    naming the communicators otherwise, and what an object that has some of them lacks (a
+    communicator of one's own, say)."""
     if not isinstance(comm, Communicator):
+        names = ("rank", "size", "timeout", *(name for name in dir(Communicator)
+                                              if not name.startswith("_")))
+        missing = sorted({name for name in names if not hasattr(comm, name)})
+        lacks = f" (it lacks {', '.join(missing)})" if len(missing) < len(set(names)) else ""
         raise TypeError(f"comm must be a communicator (LocalRing(P).comms[r], NcclComm or "
-                        f"TorchComm), got {type(comm).__name__}")
+                        f"TorchComm), got {type(comm).__name__}{lacks}")
     return comm
 
 
