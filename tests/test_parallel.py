@@ -449,6 +449,10 @@ def test_ranks_and_sizes_must_be_integers():
         positions(16.0, 0, 2, "zigzag")
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
         positions(16, 2, 2, "zigzag")
+    # A negative rank is out of the same range (it was "rank must be at least 0"), as a
+    # communicator's peers are.
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got -1"):
+        shard(x, -1, 2, "zigzag")
     with pytest.raises(TypeError, match="size must be an int, got 2.5"):
         LocalRing(2.5)
     with pytest.raises(ValueError, match="size must be at least 1, got 0"):

@@ -24,7 +24,7 @@ import numpy
 
 from cuflash import _checks
 
-from .comm import check_per_rank
+from .comm import check_per_rank, check_rank
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -45,10 +45,7 @@ def chunks_per_rank(layout: str) -> int:
 
 def _check_rank(rank, size) -> tuple[int, int]:
     size = _checks.check_int(size, "size", 1)
-    rank = _checks.check_int(rank, "rank", 0)
-    if rank >= size:
-        raise ValueError(f"rank must be in [0, {size}), got {rank}")
-    return rank, size
+    return check_rank(rank, "rank", size), size
 
 
 def check_length(n: int, size: int, layout: str, what: str = "sequence length") -> int:
