@@ -2581,3 +2581,16 @@ def test_a_communicator_of_ones_own_is_told_what_it_lacks(rng):
     with pytest.raises(TypeError, match=r"got MyComm \(it lacks all_gather, all_reduce, "
                                         r"all_to_all, barrier, shift, timeout\)"):
         ring_attention(q, q, q, comm=MyComm())
+
+
+def test_ulysses_without_validation_fails_alike_where_the_shapes_differ():
+    """docs/parallel.md: with validate=False, Ulysses ranks whose arrays differ in shape fail
+    alike, since the all-to-all delivers each piece whole and the pieces do not join."""
+    def rank(comm):
+        q = np.zeros((1, 2, 8 if comm.rank == 0 else 12, 8), F32)
+        return ulysses_attention(q, q, q, comm=comm, validate=False)
+
+    raised, seconds = _errors_on_a_waiting_ring(rank)
+    assert seconds < 4 and sorted(raised) == [0, 1], raised
+    assert all(isinstance(e, ValueError) and "every part must have one shape" in str(e)
+               for e in raised.values()), raised
