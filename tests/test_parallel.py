@@ -2594,3 +2594,21 @@ def test_ulysses_without_validation_fails_alike_where_the_shapes_differ():
     assert seconds < 4 and sorted(raised) == [0, 1], raised
     assert all(isinstance(e, ValueError) and "every part must have one shape" in str(e)
                for e in raised.values()), raised
+
+
+@pytest.mark.parametrize("device, error", [(1.5, TypeError), (True, TypeError),
+                                           (-1, ValueError)])
+def test_nccl_from_torch_refuses_a_bad_device_before_anything_is_sent(device, error,
+                                                                      monkeypatch):
+    """from_torch checked its device only in the constructor, once rank 0 had made the unique
+    id and broadcast it: the other ranks then waited for this one in NCCL's set-up."""
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    from cuflash.parallel import NcclComm, nccl
+    _stub_group(monkeypatch)
+    monkeypatch.setattr(nccl, "_nccl", lambda: pytest.fail("NCCL loaded before the checks"))
+    monkeypatch.setattr(dist, "broadcast_object_list",
+                        lambda *a, **k: pytest.fail("the unique id sent before the checks"))
+    with pytest.raises(error, match="device must be"):
+        NcclComm.from_torch(device=device)

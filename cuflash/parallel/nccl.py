@@ -324,6 +324,8 @@ class NcclComm(CommBase):
 
         from ._torch import group_rank_and_size
         timeout = _timeout(timeout)  # before the unique id is sent
+        if device is not None:
+            device = _checks.check_int(device, "device", 0)
         rank, size = group_rank_and_size(group, "an NcclComm")
         if device is None:
             device = torch.cuda.current_device() if torch.cuda.is_available() else 0
