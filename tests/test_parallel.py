@@ -2612,3 +2612,28 @@ def test_nccl_from_torch_refuses_a_bad_device_before_anything_is_sent(device, er
                         lambda *a, **k: pytest.fail("the unique id sent before the checks"))
     with pytest.raises(error, match="device must be"):
         NcclComm.from_torch(device=device)
+
+
+@pytest.mark.parametrize("attention", ["ring", "ring backward", "ulysses", "ulysses backward"])
+def test_arrays_the_communicator_cannot_move_are_refused_on_every_rank(attention, rng):
+    """An NcclComm moves arrays of its own GPU: a rank whose arrays were elsewhere was refused
+    (or left NCCL to fail) at its first transfer, alone, once the others had started theirs.
+    The communicator's check_movable is asked before the ranks compare their calls."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+
+    def rank(comm):
+        if comm.rank == 1:
+            def check_movable(x, name):
+                if name == "k":
+                    raise ValueError("k must be on device 0, this NcclComm's, got device 1")
+            comm.check_movable = check_movable
+        if attention.endswith("backward"):
+            call = ring_attention_backward if attention == "ring backward" else \
+                ulysses_attention_backward
+            return call(q, q, q, q, q, lse, comm=comm)
+        call = ring_attention if attention == "ring" else ulysses_attention
+        return call(q, q, q, comm=comm)
+
+    raised, seconds = _errors_on_a_waiting_ring(rank)
+    _assert_every_rank_refuses(raised, seconds, 1, ValueError, "k must be on device 0")

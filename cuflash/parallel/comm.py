@@ -262,8 +262,15 @@ class CommBase:
         raise NotImplementedError
 
     def _check_transported(self, arrays: list, name: str) -> None:
-        """What the transport needs of the arrays it moves (``name``: the argument), beyond
-        being arrays: nothing here."""
+        """What the transport needs of the arrays ``name`` it moves (see :meth:`check_movable`),
+        element by element."""
+        for i, x in enumerate(arrays):
+            self.check_movable(x, f"{name}[{i}]")
+
+    def check_movable(self, x, name: str) -> None:
+        """What the transport needs of an array it moves (``name``: the argument), beyond being
+        an array: nothing here. Ring and Ulysses attention ask it of their inputs before the
+        ranks compare their calls, so that a refusal reaches every rank."""
 
     def _all_to_all_arrays(self, arrays, xp) -> list:
         """``arrays`` of an ``all_to_all``, checked, as C-contiguous arrays of ``xp`` (the

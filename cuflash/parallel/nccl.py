@@ -406,17 +406,16 @@ class NcclComm(CommBase):
 
     # -- the protocol
 
-    def _check_transported(self, arrays, name):
-        """NCCL reads the memory of this communicator's GPU: each array must be a CuPy array
-        there (a NumPy one was refused by CuPy without naming the argument, and one of another
-        GPU handed to NCCL)."""
-        for i, x in enumerate(arrays):
-            if array_module(x) is numpy:
-                raise TypeError(f"{name}[{i}] must be a CuPy array (NcclComm moves GPU memory), "
-                                f"got {type(x).__module__}.{type(x).__name__}")
-            if x.device.id != self.device.id:
-                raise ValueError(f"{name}[{i}] must be on device {self.device.id}, this "
-                                 f"NcclComm's, got device {x.device.id}")
+    def check_movable(self, x, name):
+        """NCCL reads the memory of this communicator's GPU: ``x`` must be a CuPy array there
+        (a NumPy one was refused by CuPy without naming the argument, and one of another GPU
+        handed to NCCL)."""
+        if array_module(x) is numpy:
+            raise TypeError(f"{name} must be a CuPy array (NcclComm moves GPU memory), got "
+                            f"{type(x).__module__}.{type(x).__name__}")
+        if x.device.id != self.device.id:
+            raise ValueError(f"{name} must be on device {self.device.id}, this NcclComm's, got "
+                             f"device {x.device.id}")
 
     def exchange(self, send, dst, src, recv_like=None):
         # NCCL would fail, or wait, on the GPU for a peer that is no rank of the ring.

@@ -165,6 +165,7 @@ class _Options:
         names = ("q", "k", "v", "dout", "out", "lse")
         arrays = dict(zip(names, (q, k, v, *(backward or ()))))
         _checks.common_module(arrays)  # modules and devices: this rank's alone
+        check_movable(self.comm, arrays)
         self.layout = _layout.check_layout(layout)
         self.causal = _checks.check_bool(causal, "causal")
         self.window = _checks.check_window(window)
@@ -187,6 +188,15 @@ class _Options:
     def attention_options(self, call) -> dict:
         return dict(causal=call.causal, window=call.window, softcap=self.softcap,
                     scale=self.scale)
+
+
+def check_movable(comm, arrays: dict) -> None:
+    """``arrays`` (name → array) are arrays ``comm`` can move (an ``NcclComm``: CuPy arrays of
+    its GPU), where it says (``check_movable``; a communicator of one's own need not)."""
+    check = getattr(comm, "check_movable", None)
+    if check is not None:
+        for name, x in arrays.items():
+            check(x, name)
 
 
 def _host(x):

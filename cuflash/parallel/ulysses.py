@@ -24,7 +24,7 @@ from cuflash import _checks
 from . import layout as _layout
 from .comm import array_module, check_comm
 from ._signature import ArrayField, ChoiceField, Field, FlagField, FloatField, agree, compares
-from .ring import _host, check_backward_arrays, check_inputs, checked_scale
+from .ring import _host, check_backward_arrays, check_inputs, check_movable, checked_scale
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
@@ -42,6 +42,7 @@ def _agree(comm, arrays: dict, *, layout, causal, window, softcap, scale, alibi_
 
     def checks():
         xp = _checks.common_module(arrays)  # modules and devices: this rank's alone
+        check_movable(comm, arrays)
         q = arrays["q"]
         if alibi_slopes is not None:
             _checks._check_beside_inputs(
