@@ -2637,3 +2637,21 @@ def test_arrays_the_communicator_cannot_move_are_refused_on_every_rank(attention
 
     raised, seconds = _errors_on_a_waiting_ring(rank)
     _assert_every_rank_refuses(raised, seconds, 1, ValueError, "k must be on device 0")
+
+
+def test_nccl_from_env_names_a_local_rank_past_the_gpus(monkeypatch):
+    """A LOCAL_RANK past the GPUs the process sees failed in CuPy with "invalid device
+    ordinal", naming no variable."""
+    import types
+
+    from cuflash.parallel import nccl
+    cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 2),
+        Device=lambda i: pytest.fail("a GPU chosen before LOCAL_RANK was checked"))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(nccl, "_nccl", lambda: pytest.fail("NCCL loaded before the checks"))
+    for name, value in dict(RANK="0", WORLD_SIZE="4", LOCAL_RANK="2",
+                            CUFLASH_NCCL_ID_FILE="/nonexistent/id").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="LOCAL_RANK = 2 names no GPU: this process sees 2"):
+        nccl.NcclComm.from_env()

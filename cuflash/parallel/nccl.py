@@ -289,6 +289,11 @@ class NcclComm(CommBase):
         timeout = _timeout(timeout)
         given = _env_unique_id()
         import cupy
+        visible = cupy.cuda.runtime.getDeviceCount()
+        if local >= visible:  # CuPy's own error names no variable
+            raise ValueError(f"LOCAL_RANK = {local} names no GPU: this process sees {visible} "
+                             f"(start at most {visible} processes per node, or check "
+                             f"CUDA_VISIBLE_DEVICES)")
         cupy.cuda.Device(local).use()
         nccl = _nccl()
 
