@@ -2655,3 +2655,22 @@ def test_nccl_from_env_names_a_local_rank_past_the_gpus(monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match="LOCAL_RANK = 2 names no GPU: this process sees 2"):
         nccl.NcclComm.from_env()
+
+
+def test_a_shift_to_the_rank_itself_sends_nothing():
+    """A shift by a multiple of the size went to the rank itself through the transport (which
+    torch.distributed's send and recv refuse); it hands back copies, as a ring of one rank
+    did."""
+    class NoSelf(CommBase):
+        rank, size, timeout = 1, 3, None
+
+        def exchange(self, send, dst, src, recv_like=None):
+            raise AssertionError(f"exchange with {dst}, {src}")
+
+        def all_to_all(self, arrays):
+            raise AssertionError("all_to_all")
+
+    x = np.arange(3.0)
+    for offset in (3, -3, 0, 6):
+        got = NoSelf().shift([x], offset=offset).wait()[0]
+        assert got is not x and np.array_equal(got, x)

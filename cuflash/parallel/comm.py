@@ -231,8 +231,10 @@ class CommBase:
             raise TypeError(f"offset must be an int, got {offset!r} of type "
                             f"{type(offset).__name__}")
         send = check_arrays(send, "send")
-        if self.size == 1:
-            # Copies, as any exchange receives: the sender may reuse its arrays at once.
+        if offset % self.size == 0:
+            # To this rank itself, which not every transport allows (torch.distributed's send
+            # and recv refuse it), and which moves nothing. Copies, as any exchange receives:
+            # the sender may reuse its arrays at once.
             return Done([x.copy() for x in send])
         return self.exchange(send, (self.rank + offset) % self.size,
                              (self.rank - offset) % self.size)
