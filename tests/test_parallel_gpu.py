@@ -95,6 +95,35 @@ def test_simulated_ulysses_on_one_gpu(xp_gpu, rng):
     assert float(abs(out.astype(np.float32) - ref.astype(np.float32)).max()) <= 2e-2
 
 
+@needs_two
+def test_simulated_ring_and_ulysses_on_arrays_of_a_gpu_that_is_not_current(xp_gpu, rng):
+    """Ring attention made its float32 accumulators (and Ulysses its pieces) on the current
+    GPU, not on the arrays' one: arrays of GPU 1 in threads whose current GPU is 0 (as a
+    LocalRing's are) mixed devices. The work now runs on the arrays' GPU."""
+    cupy = xp_gpu
+    with cupy.cuda.Device(1):
+        q, k, v, dout = (random_array(rng, (1, 4, 512, 64), BF16, xp=cupy) for _ in range(4))
+        ref_out = cuflash.attention(q, k, v, causal=True)
+        parts = [[shard(x, r, 2, "zigzag") for r in range(2)] for x in (q, k, v, dout)]
+
+    def rank(comm, q, k, v, dout):
+        assert cupy.cuda.runtime.getDevice() == 0  # a new thread's current GPU
+        out, lse = ring_attention(q, k, v, comm=comm, causal=True, return_lse=True)
+        grads = ring_attention_backward(dout, q, k, v, out, lse, comm=comm, causal=True)
+        heads = ulysses_attention(q, k, v, comm=comm, causal=True, layout="zigzag")
+        return out, grads, heads
+
+    results = LocalRing(2).run(rank, *parts)
+    with cupy.cuda.Device(1):
+        for r, (out, grads, heads) in enumerate(results):
+            assert out.device.id == heads.device.id == 1
+            assert all(g.device.id == 1 for g in grads)
+        for got in (unshard([r[0] for r in results], "zigzag"),
+                    unshard([r[2] for r in results], "zigzag")):
+            difference = abs(got.astype(np.float32) - ref_out.astype(np.float32)).max()
+            assert float(difference) <= 2e-2
+
+
 def test_check_sharded_simulated_on_one_gpu(xp_gpu):
     from cuflash.parallel import check_sharded
     result = check_sharded(ranks=2, device="gpu", mode="simulated", seq_len=4096, heads=4,

@@ -252,6 +252,12 @@ def check_backward_arrays(dout, q, k, v, out, lse) -> None:
 
 
 def _forward(q, k, v, opts: _Options):
+    # On the arrays' device, whichever is current: the accumulators are made here.
+    with _checks.device_context(q):
+        return _forward_here(q, k, v, opts)
+
+
+def _forward_here(q, k, v, opts: _Options):
     xp = array_module(q)
     comm = opts.comm
     size, rank = comm.size, comm.rank
@@ -282,6 +288,11 @@ def _forward(q, k, v, opts: _Options):
 # ----------------------------------------------------------------------------- backward
 
 def _backward(dout, q, k, v, out, lse, opts: _Options, deterministic: bool):
+    with _checks.device_context(q):  # as _forward
+        return _backward_here(dout, q, k, v, out, lse, opts, deterministic)
+
+
+def _backward_here(dout, q, k, v, out, lse, opts: _Options, deterministic: bool):
     xp = array_module(q)
     comm = opts.comm
     size, rank = comm.size, comm.rank

@@ -145,13 +145,14 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
-    qh, kh, vh = (_to_heads(x, comm, layout) for x in (q, k, v))
-    out, lse = cuflash.attention(qh, kh, vh, causal=causal, window=window, softcap=softcap,
-                                 scale=scale, alibi_slopes=slopes, return_lse=True)
-    out = _to_sequence(out, comm, layout)
-    if not return_lse:
-        return out
-    return out, _to_sequence(lse, comm, layout, seq_axis=-1)
+    with _checks.device_context(q):  # the pieces are made on the arrays' device
+        qh, kh, vh = (_to_heads(x, comm, layout) for x in (q, k, v))
+        out, lse = cuflash.attention(qh, kh, vh, causal=causal, window=window, softcap=softcap,
+                                     scale=scale, alibi_slopes=slopes, return_lse=True)
+        out = _to_sequence(out, comm, layout)
+        if not return_lse:
+            return out
+        return out, _to_sequence(lse, comm, layout, seq_axis=-1)
 
 
 def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = False,
@@ -169,10 +170,10 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
     check_backward_arrays(dout, q, k, v, out, lse)
-    qh, kh, vh, douth, outh = (_to_heads(x, comm, layout) for x in (q, k, v, dout, out))
-    lseh = _to_heads(lse, comm, layout, seq_axis=-1)
-    grads = cuflash.attention_backward(douth, qh, kh, vh, outh, lseh, causal=causal,
-                                       window=window, softcap=softcap, scale=scale,
-                                       alibi_slopes=slopes,
-                                       deterministic=deterministic)
-    return tuple(_to_sequence(g, comm, layout) for g in grads)
+    with _checks.device_context(q):  # as the forward pass
+        qh, kh, vh, douth, outh = (_to_heads(x, comm, layout) for x in (q, k, v, dout, out))
+        lseh = _to_heads(lse, comm, layout, seq_axis=-1)
+        grads = cuflash.attention_backward(douth, qh, kh, vh, outh, lseh, causal=causal,
+                                           window=window, softcap=softcap, scale=scale,
+                                           alibi_slopes=slopes, deterministic=deterministic)
+        return tuple(_to_sequence(g, comm, layout) for g in grads)
