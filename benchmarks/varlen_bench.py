@@ -240,7 +240,8 @@ def paged_rows(rng, q, k, v, cu, lengths, page_sizes):
         table = cupy.asarray(table)
 
         def gather():
-            _varlen_pages.gather_pages(q, k_pages, v_pages, cu, cu, max_len, table, True)
+            _varlen_pages.gather_pages(q, k_pages, v_pages, cu, cu, (max_len, max_len), table,
+                                       True)
 
         t_gather = wall_ms(gather)
         for causal in (False, True):
