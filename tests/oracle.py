@@ -216,9 +216,19 @@ def _slopes_of(alibi_slopes, b):
     return alibi_slopes[b]
 
 
+def _refuse_dropout(options):
+    """The per-sequence oracle runs each sequence as batch element 0, where the library draws
+    sequence b's dropout mask as batch element b: with dropout it would compare against the
+    wrong mask (varlen dropout is checked against dense calls instead)."""
+    if options.get("dropout_p"):
+        raise TypeError("the varlen oracle draws no sequence's dropout mask as the library does: "
+                        "check varlen dropout against dense calls of each sequence")
+
+
 def _varlen_forward_refs(q, k, v, cu_q, cu_k, alibi_slopes, options):
     """Packed float64 oracle and same-precision naive results (host arrays): out and lse of
     each sequence in its rows; rows of sequences without keys stay 0 / -inf."""
+    _refuse_dropout(options)
     total_q, hq, dv = q.shape[0], q.shape[1], v.shape[2]
     outs = [np.zeros((total_q, hq, dv)) for _ in range(2)]
     lses = [np.full((hq, total_q), -np.inf) for _ in range(2)]
@@ -265,6 +275,7 @@ def assert_varlen_backward_close(grads, dout, q, k, v, cu_q, cu_k, *, alibi_slop
     """Check ``grads = (dq, dk, dv)`` of ``attention_varlen_backward``: each sequence's rows
     against the oracle of that sequence alone, the rule applied to the packed gradients as a
     whole (rows of sequences without keys or without queries are 0 in the reference)."""
+    _refuse_dropout(options)
     xs = (q, k, v)
     refs = [np.zeros(x.shape) for x in xs]
     naives = [np.zeros(x.shape) for x in xs]

@@ -108,6 +108,18 @@ def test_numpy_options(rng, seed, options):
     run_case(np, rng, seed, dtype=ml_dtypes.bfloat16, lens_q=MIXED_Q, lens_k=MIXED_K, **options)
 
 
+def test_the_per_sequence_oracle_refuses_dropout(rng):
+    """The oracle runs each sequence as batch element 0, where sequence b draws batch element
+    b's mask: with dropout it would check against the wrong mask, so it refuses."""
+    q, k, v = (random_array(rng, (12, 2, 8), np.float32) for _ in range(3))
+    cu = offsets([5, 7])
+    with pytest.raises(TypeError, match="dropout"):
+        assert_varlen_forward_close(q, None, q, k, v, cu, cu, dropout_p=0.1, dropout_seed=1)
+    with pytest.raises(TypeError, match="dropout"):
+        assert_varlen_backward_close((q, k, v), q, q, k, v, cu, cu, dropout_p=0.1,
+                                     dropout_seed=1)
+
+
 def test_numpy_gqa_mqa_and_dv(rng, seed):
     run_case(np, rng, seed, dtype=np.float16, lens_q=[40, 3, 90], lens_k=[17, 60, 90], hq=6,
              hkv=1, d=24, dv=40, causal=True)
