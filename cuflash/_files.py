@@ -40,6 +40,23 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o666) -> None:
         raise
 
 
+def why_not_writable(path: str) -> str | None:
+    """What stops :func:`write_atomically` from writing ``path``, as the end of a sentence that
+    starts with the path (None where nothing does): a folder at ``path``, a missing or read-only
+    folder for it (through a symbolic link, the folder of the file it names), or a file there
+    that may not be written, which the atomic write replaces only where ``open()`` could."""
+    target = os.path.realpath(path)
+    if os.path.isdir(path):
+        return " is a folder; give a file name"
+    if not os.path.isdir(os.path.dirname(target)):
+        return f": folder {os.path.dirname(path) or '.'} does not exist"
+    if not os.access(os.path.dirname(target), os.W_OK | os.X_OK):
+        return f": folder {os.path.dirname(target)} is not writable"
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        return " is read-only"
+    return None
+
+
 def _permissions_to_keep(path: str) -> int | None:
     """The permission bits of the file at ``path``, None where there is none; ``PermissionError``
     where it is there but not writable, as ``open(path, "wb")`` would raise."""

@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from cuflash._files import write_atomically
+from cuflash._files import why_not_writable, write_atomically
 
 AGREEMENT_STEPS = (100, 300, 1000)     # the loss agreement is given over the first N steps
 SMOOTH = 20                            # steps in the moving mean of the smoothed comparison
@@ -245,15 +245,9 @@ def plot(logs: list[dict], path: str) -> bool:
 def refuse_unwritable_output(parser, option: str, path: str) -> None:
     """Refuse, before any log is read, an output that could not be written: a folder, a file
     in a missing or read-only folder, a read-only file (the atomic write replaces none)."""
-    given, target = Path(path), Path(os.path.realpath(path))
-    if given.is_dir():
-        parser.error(f"{option} {path} is a folder; give a file name")
-    if not target.parent.is_dir():
-        parser.error(f"{option} {path}: folder {given.parent} does not exist")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        parser.error(f"{option} {path}: folder {target.parent} is not writable")
-    if target.exists() and not os.access(target, os.W_OK):
-        parser.error(f"{option} {path} is read-only")
+    reason = why_not_writable(path)
+    if reason:
+        parser.error(f"{option} {path}{reason}")
 
 
 def refuse_unknown_plot_format(parser, path: str) -> None:

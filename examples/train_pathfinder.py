@@ -33,7 +33,7 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-from cuflash._files import write_atomically
+from cuflash._files import why_not_writable, write_atomically
 from cuflash.check.pathfinder import pathfinder_image
 from cuflash.torch import scaled_dot_product_attention
 
@@ -444,16 +444,9 @@ def refuse_unwritable_outputs(parser, args) -> None:
 def refuse_unwritable_plot(parser, name: str) -> None:
     """Refuse a --plot that could not be written: a folder, a file in a missing or read-only
     folder, a read-only file."""
-    plot_path = Path(name)
-    target = Path(os.path.realpath(name))   # written through a symbolic link, as open() would
-    if plot_path.is_dir():
-        parser.error(f"--plot {name} is a folder; give a file name")
-    if not target.parent.is_dir():
-        parser.error(f"--plot {name}: folder {plot_path.parent} does not exist")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        parser.error(f"--plot {name}: folder {target.parent} is not writable")
-    if target.exists() and not os.access(target, os.W_OK):  # write_atomically replaces none such
-        parser.error(f"--plot {name} is read-only")
+    reason = why_not_writable(name)
+    if reason:
+        parser.error(f"--plot {name}{reason}")
 
 
 def refuse_unplottable(parser, name: str) -> None:

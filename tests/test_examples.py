@@ -2,7 +2,6 @@
 with either attention, reports its test accuracy, and starts from the same loss with cuflash and
 with torch's scaled_dot_product_attention."""
 
-import errno
 import importlib.util
 import json
 import os
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cut_writes import cut_short_fdopen, deny_writes
 
 from cuflash import _files
 
@@ -160,36 +160,13 @@ def test_train_pathfinder_refuses_an_output_it_cannot_write_before_training(
     assert "set:" not in captured.out  # no image drawn, no step taken
 
 
-class _FullDiskFile:
-    """A file whose disk fills after its first 10 bytes."""
-
-    def __init__(self, file):
-        self.file = file
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        self.file.close()
-
-    def fileno(self):
-        return self.file.fileno()
-
-    def write(self, data):
-        self.file.write(data[:10])
-        self.file.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
 class _FullDiskOs:
     """``os`` as cuflash._files sees it when the disk is full: its new files take 10 bytes."""
 
     def __getattr__(self, name):
         return getattr(os, name)
 
-    @staticmethod
-    def fdopen(fd, *args, **kwargs):
-        return _FullDiskFile(os.fdopen(fd, *args, **kwargs))
+    fdopen = staticmethod(cut_short_fdopen(10))
 
 
 def test_train_pathfinder_refuses_a_read_only_log_before_training(train_pathfinder, tmp_path,
@@ -558,10 +535,7 @@ def test_report_refuses_an_output_it_cannot_write_before_reading(report, logs, t
     locked.mkdir()
     read_only = tmp_path / "read-only.png"
     read_only.write_text("old")
-    access = os.access
-    monkeypatch.setattr(report.os, "access",
-                        lambda path, mode: not (Path(path) in (locked, read_only)
-                                                and mode & os.W_OK) and access(path, mode))
+    deny_writes(monkeypatch, locked, read_only)
     assert_refused_while_parsing(report.main, [str(logs), option, str(locked / "out.png")],
                                  capsys, f"folder {locked} is not writable")
     assert_refused_while_parsing(report.main, [str(logs), option, str(read_only)], capsys,
@@ -669,10 +643,7 @@ def test_train_pathfinder_refuses_a_plot_it_cannot_write_before_training(
     locked.mkdir()
     read_only = tmp_path / "read-only.png"
     read_only.write_text("old")
-    access = os.access
-    monkeypatch.setattr(train_pathfinder.os, "access",
-                        lambda path, mode: not (Path(path) in (locked, read_only)
-                                                and mode & os.W_OK) and access(path, mode))
+    deny_writes(monkeypatch, locked, read_only)
     path, message = {"read-only file": (read_only, f"--plot {read_only} is read-only"),
                      "locked folder": (locked / "p.png", f"folder {locked} is not writable"),
                      "format": (tmp_path / "p.txt", "matplotlib cannot write 'txt'")}[case]

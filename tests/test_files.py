@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+from cut_writes import FULL_DISK, cut_short_fdopen, deny_writes
 
 from cuflash import _files
 
@@ -52,7 +53,7 @@ def test_a_file_that_cannot_be_written_is_left_as_it_was(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["read-only.png"]
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+@pytest.mark.parametrize("failure", [FULL_DISK, KeyboardInterrupt()],
                          ids=["full disk", "Ctrl-C"])
 def test_a_write_cut_short_leaves_the_old_file_and_nothing_beside_it(tmp_path, monkeypatch,
                                                                      failure):
@@ -60,29 +61,22 @@ def test_a_write_cut_short_leaves_the_old_file_and_nothing_beside_it(tmp_path, m
     leaves the file that was there, whole, and removes the new file beside it."""
     path = tmp_path / "report.md"
     path.write_bytes(b"the earlier report")
-    fdopen = os.fdopen
-
-    class PartWay:
-        def __init__(self, file):
-            self.file = file
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exception):
-            self.file.close()
-
-        def fileno(self):
-            return self.file.fileno()
-
-        def write(self, data):
-            self.file.write(data[:4])
-            self.file.flush()
-            raise failure
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: PartWay(fdopen(fd, *args,
-                                                                                  **kwargs)))
+    monkeypatch.setattr(os, "fdopen", cut_short_fdopen(4, failure))
     with pytest.raises(type(failure)):
         _files.write_atomically(str(path), b"a new report, longer than four bytes")
     assert path.read_bytes() == b"the earlier report"
     assert os.listdir(tmp_path) == ["report.md"]
+
+
+def test_why_not_writable_names_what_stops_the_write(tmp_path, monkeypatch):
+    """The reasons the examples refuse an output before any work; None where it can be written."""
+    locked, read_only = tmp_path / "locked", tmp_path / "read-only.md"
+    locked.mkdir()
+    read_only.write_text("old")
+    deny_writes(monkeypatch, locked, read_only)
+    assert _files.why_not_writable(str(tmp_path / "new.md")) is None
+    assert _files.why_not_writable(str(tmp_path)) == " is a folder; give a file name"
+    missing = tmp_path / "missing"
+    assert _files.why_not_writable(str(missing / "a.md")) == f": folder {missing} does not exist"
+    assert _files.why_not_writable(str(locked / "a.md")) == f": folder {locked} is not writable"
+    assert _files.why_not_writable(str(read_only)) == " is read-only"
