@@ -9,6 +9,7 @@ Correctness rule (as in oracle.py): ``max|result − ref64| ≤ 2·max|naive −
 float64 and ``naive`` plain attention computed in the inputs' dtype.
 """
 
+import contextlib
 import inspect
 import math
 import re
@@ -443,6 +444,84 @@ def test_a_refused_call_registers_no_mask(kind, wrong):
     good = randn(1, 2, n, 8)
     ct.attention(good, good, good, **{kind: mask})
     assert mask in _ops._mask_ids  # registers it
+
+
+@pytest.mark.parametrize("kind", ["block_mask", "mask"])
+@pytest.mark.parametrize("refusal", ["kernel_choice", "tangent"])
+def test_a_call_refused_after_the_checks_leaves_the_registry_as_it_found_it(kind, refusal,
+                                                                             monkeypatch):
+    """A new mask is registered for its call, which the core's checks on stand-ins accept; a
+    refusal that comes after them takes it out again: the kernel choice on a GPU (stood in for
+    here by the core's call refusing as it does there), or a q carrying a forward-mode
+    tangent. A handle is never given out twice: the next mask gets a new one."""
+    from torch.autograd import forward_ad
+    mask = _new_mask(kind, 32)
+    x = randn(1, 2, 32, 8)
+    registered = len(_ops._masks)
+    q = x
+    with contextlib.ExitStack() as stack:
+        if refusal == "kernel_choice":
+            def refuse(*args, **kwargs):
+                raise ValueError("no GPU kernel runs this forward pass")
+            monkeypatch.setattr(cuflash, "attention", refuse)
+            error = ValueError
+        else:
+            stack.enter_context(forward_ad.dual_level())
+            q = forward_ad.make_dual(x, torch.ones_like(x))
+            error = NotImplementedError
+        with pytest.raises(error):
+            ct.attention(q, x, x, **{kind: mask})
+    monkeypatch.undo()
+    assert not _ops.is_registered(mask) and len(_ops._masks) == registered
+    handles = set(_ops._masks)
+    ct.attention(x, x, x, **{kind: mask})
+    assert _ops.is_registered(mask) and len(_ops._masks) == registered + 1
+    (handle,) = set(_ops._masks) - handles
+    assert handle == ct.block_mask_handle(mask) and handle >= max(handles | {-1}) + 2
+
+
+@pytest.mark.parametrize("kind", ["block_mask", "mask"])
+def test_a_call_refused_under_compile_leaves_the_registry_as_it_found_it(kind):
+    """Under torch.compile a new mask is registered while the call is traced, and the
+    operator's fake implementation checks the call: a trace it refuses (the mask against q and
+    k) takes the mask out again; one it accepts keeps it, the graph holding its handle."""
+    mask = _new_mask(kind, 48)
+    x, y = randn(1, 2, 32, 8), randn(1, 2, 48, 8)
+    registered = len(_ops._masks)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: ct.attention(q, q, q, **{kind: mask}),
+                             backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="must|match|size|shape"):
+        compiled(x)
+    assert not _ops.is_registered(mask) and len(_ops._masks) == registered
+    torch._dynamo.reset()
+    assert torch.equal(compiled(y), ct.attention(y, y, y, **{kind: mask}))
+    assert _ops.is_registered(mask) and len(_ops._masks) == registered + 1
+    torch._dynamo.reset()
+
+
+def test_a_mask_stays_registered_while_a_call_on_it_may_still_run():
+    """Calls under way on one new mask (threads): the last one refused takes it out; one that
+    runs, or block_mask_handle asked for it, keeps it for good whatever the others do."""
+    mask = _new_mask("block_mask", 32)
+    (handle, first), (again, second) = _ops.claim_mask(mask), _ops.claim_mask(mask)
+    assert first and second and again == handle
+    _ops.release_mask(handle, ran=False)
+    assert _ops.is_registered(mask)  # the second call may still run
+    _ops.release_mask(handle, ran=False)
+    assert not _ops.is_registered(mask) and handle not in _ops._masks
+
+    mask = _new_mask("block_mask", 32)
+    (handle, _), _ = _ops.claim_mask(mask), _ops.claim_mask(mask)
+    _ops.release_mask(handle, ran=True)
+    _ops.release_mask(handle, ran=False)
+    assert _ops.is_registered(mask) and _ops.claim_mask(mask) == (handle, False)
+
+    mask = _new_mask("block_mask", 32)
+    handle, _ = _ops.claim_mask(mask)
+    assert ct.block_mask_handle(mask) == handle
+    _ops.release_mask(handle, ran=False)
+    assert _ops.is_registered(mask) and _ops.lookup_block_mask(handle) is mask
 
 
 def test_a_held_mask_is_not_checked_again_before_each_call(monkeypatch):

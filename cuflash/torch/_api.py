@@ -13,7 +13,7 @@ from ._ops import block_mask_handle
 
 # Under torch.compile the handle of a mask object is computed once, while tracing, and the graph
 # holds the resulting int (Dynamo guards on the mask object, so another mask recompiles).
-_traced_mask_handle = torch.compiler.assume_constant_result(block_mask_handle)
+_traced_mask_handle = torch.compiler.assume_constant_result(_ops.trace_mask_handle)
 
 
 # The flash-attn and SDPA names of the core's options, which their errors use.
@@ -248,8 +248,9 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     block_mask = _one_mask(block_mask, mask)
     if (block_mask is not None and not torch.compiler.is_compiling()
             and not _ops.is_registered(block_mask)):
-        # the core's checks, before _traced_mask_handle registers a new mask for good (a mask
-        # held already is checked by the operator: checking it here too cost 70 µs a call)
+        # the core's checks, before deterministic, as attention_backward checks its masks first,
+        # and before the mask is registered (a mask held already is checked by the operator:
+        # checking it here too cost 70 µs a call)
         _ops.check_masked_call(q, k, v, block_mask, alibi_slopes, dict(
             causal=causal, scale=scale, window=(left, right), softcap=softcap,
             deterministic=deterministic, dropout_p=dropout_p,
@@ -260,12 +261,27 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
     _checks.check_bool(return_lse, "return_lse")
     _ops.check_options((left, right), softcap, alibi_slopes, p)
-    handle = _traced_mask_handle(block_mask)
-    (out, lse), dropout = _run_with_dropout(
-        lambda *dropout: _ops.call_forward(q, k, v, causal, scale, left, right, softcap,
-                                           alibi_slopes, handle, bool(seq_major), deterministic,
-                                           *dropout),
-        p, dropout_seed, dropout_offset, q.device)
+    # A mask new to the registry is registered for this call, which takes it out again if it
+    # is refused after all (by the kernel choice on a GPU, say, which no check here foresees);
+    # a traced call's is settled by the operator's fake implementation (_ops.claim_mask).
+    if block_mask is None:
+        handle, claimed = _ops.NO_MASK, False
+    elif torch.compiler.is_compiling():
+        handle, claimed = _traced_mask_handle(block_mask), False
+    else:
+        handle, claimed = _ops.claim_mask(block_mask)
+    try:
+        (out, lse), dropout = _run_with_dropout(
+            lambda *dropout: _ops.call_forward(q, k, v, causal, scale, left, right, softcap,
+                                               alibi_slopes, handle, bool(seq_major),
+                                               deterministic, *dropout),
+            p, dropout_seed, dropout_offset, q.device)
+    except BaseException:
+        if claimed:
+            _ops.release_mask(handle, ran=False)
+        raise
+    if claimed:
+        _ops.release_mask(handle, ran=True)
     return out, lse, dropout
 
 

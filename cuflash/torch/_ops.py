@@ -24,6 +24,7 @@ mask.
 """
 
 import inspect
+import itertools
 import threading
 from typing import Optional
 
@@ -43,14 +44,42 @@ NO_MASK = -1
 
 _mask_lock = threading.Lock()
 _mask_ids: dict = {}   # mask -> handle; BlockMask compares by value, so equal masks share one
-_masks: list = []      # handle -> mask
+_masks: dict = {}      # handle -> mask
+_handles = itertools.count()  # a handle is never given out twice, even once its mask is gone
+# The masks that calls registered and none has run with yet: handle -> the calls under way on
+# it (one that registered it, and each that took the same mask before it ran). A refused call
+# leaves the registry as it found it: the last of them refused takes the mask out again; the
+# first one that runs keeps it for good (``claim_mask``, ``release_mask``).
+_pending: dict = {}
+# Of those, the calls that torch.compile is tracing: handle -> their count. The operator's fake
+# implementation settles them, since a refused trace never returns to the traced code.
+_traced: dict = {}
+
+
+def _check_is_mask(mask) -> None:
+    from cuflash.sparse import BlockMask, ExactMask
+
+    if not isinstance(mask, (BlockMask, ExactMask)):
+        raise TypeError(f"block_mask_handle takes a cuflash.sparse.BlockMask or ExactMask, a "
+                        f"handle (int) or None, got {type(mask).__name__}")
+
+
+def _register(mask) -> tuple:
+    """``(handle, new)``, registering ``mask`` where no equal one is held; with ``_mask_lock``."""
+    handle = _mask_ids.get(mask)
+    if handle is not None:
+        return handle, False
+    handle = next(_handles)
+    _masks[handle] = mask
+    _mask_ids[mask] = handle
+    return handle, True
 
 
 def block_mask_handle(block_mask) -> int:
     """The int handle of ``block_mask``, a ``cuflash.sparse.BlockMask`` or ``ExactMask``
     (registering it on first use); -1 for ``None``; a handle is returned as it is.
 
-    The registry keeps every mask registered alive for the life of the process; equal
+    The registry keeps every mask registered here alive for the life of the process; equal
     ``cuflash.sparse.BlockMask`` objects share one handle.
     """
     if block_mask is None:
@@ -58,23 +87,86 @@ def block_mask_handle(block_mask) -> int:
     if isinstance(block_mask, int) and not isinstance(block_mask, bool):
         lookup_block_mask(block_mask, "block_mask")  # validates
         return block_mask
-    from cuflash.sparse import BlockMask, ExactMask
-
-    if not isinstance(block_mask, (BlockMask, ExactMask)):
-        raise TypeError(f"block_mask_handle takes a cuflash.sparse.BlockMask or ExactMask, a "
-                        f"handle (int) or None, got {type(block_mask).__name__}")
+    _check_is_mask(block_mask)
     with _mask_lock:
-        handle = _mask_ids.get(block_mask)
-        if handle is None:
-            handle = len(_masks)
-            _masks.append(block_mask)
-            _mask_ids[block_mask] = handle
+        handle, _ = _register(block_mask)
+        _settle(handle)  # asked for by name: kept, whatever the calls under way on it do
     return handle
+
+
+def claim_mask(mask) -> tuple:
+    """``(handle, claimed)`` of a call with ``mask`` (a mask or a handle, as ``attention`` takes
+    it): a mask not yet registered is registered for the call, which must then say how it ended
+    (``release_mask``) when ``claimed`` is true, as must a call that takes a mask some call
+    registered and none has run with yet. A handle, or a mask that a call has run with, is
+    claimed by nobody: the registry keeps it for good."""
+    if isinstance(mask, int):
+        return mask, False  # (a handle the caller checked: _one_mask)
+    with _mask_lock:
+        handle, new = _register(mask)
+        if new or handle in _pending:
+            _pending[handle] = _pending.get(handle, 0) + 1
+            return handle, True
+    return handle, False
+
+
+def release_mask(handle: int, ran: bool) -> None:
+    """A call that claimed ``handle`` (``claim_mask``) has ended: it ran (the registry keeps the
+    mask for good) or was refused (the mask is taken out again once no call is left on it)."""
+    with _mask_lock:
+        calls = _pending.get(handle)
+        if calls is None:  # kept already: a call ran with it, or block_mask_handle gave it out
+            return
+        if ran:
+            _settle(handle)
+        elif calls > 1:
+            _pending[handle] = calls - 1
+        else:
+            _settle(handle)
+            del _mask_ids[_masks.pop(handle)]
+
+
+def _settle(handle: int) -> None:
+    """No call is left to decide whether ``handle`` stays; with ``_mask_lock``."""
+    _pending.pop(handle, None)
+    _traced.pop(handle, None)
+
+
+def trace_mask_handle(mask) -> int:
+    """The handle that a graph torch.compile traces holds for ``mask`` (``claim_mask``): the
+    operator's fake implementation says how the call ended (``release_traced_mask``)."""
+    if mask is None:
+        return NO_MASK
+    handle, claimed = claim_mask(mask)
+    if claimed:
+        with _mask_lock:
+            if handle in _pending:
+                _traced[handle] = _traced.get(handle, 0) + 1
+    return handle
+
+
+def release_traced_mask(handle: int, ran: bool) -> None:
+    """The fake implementation of a call with ``handle`` accepted it (``ran``: the graph holds
+    the handle) or refused it: the ``release_mask`` of a traced call that claimed it, if any
+    (meta tensors and fake tensors in eager code reach the fake implementation too, their calls
+    settling for themselves)."""
+    if handle not in _traced:  # (one dict lookup: no lock needed where nothing is pending)
+        return
+    with _mask_lock:
+        traced = _traced.get(handle)
+        if traced is None:
+            return
+        if traced > 1:
+            _traced[handle] = traced - 1
+        else:
+            del _traced[handle]
+    release_mask(handle, ran)
 
 
 def is_registered(mask) -> bool:
     """Whether ``mask`` (a mask or a handle) is in the registry already: a handle always is (or
-    is refused as one), a mask once ``block_mask_handle`` has taken it or an equal one."""
+    is refused as one), a mask once ``block_mask_handle`` or a call has taken it or an equal one
+    (and, for a call, until that call is refused)."""
     return isinstance(mask, int) or mask in _mask_ids  # (one dict lookup: no lock needed)
 
 
@@ -83,10 +175,11 @@ def lookup_block_mask(handle: int, name: str = "block_mask"):
     ``name`` for a handle that was never given out."""
     if handle == NO_MASK:
         return None
-    if not 0 <= handle < len(_masks):
+    mask = _masks.get(handle)
+    if mask is None:
         raise ValueError(f"{name} = {handle} is not a mask handle from "
                          f"cuflash.torch.block_mask_handle")
-    return _masks[handle]
+    return mask
 
 
 def mask_options(handle: int) -> dict:
@@ -356,10 +449,10 @@ def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
 
 def check_masked_call(q, k, v, mask, alibi_slopes, options: dict) -> None:
     """The core's checks of a call with a mask not yet registered (``cuflash._api._spec`` on
-    stand-ins of q, k, v and the slopes): the registry keeps what it holds for the life of the
-    process, so a call the core refuses must be refused before it registers. ``options`` are the
-    core's keywords but the mask and the slopes. Shapes only torch.compile knows symbolically are
-    left to the operator."""
+    stand-ins of q, k, v and the slopes), so that a call the core refuses is refused before it
+    registers the mask, for what the core names. ``options`` are the core's keywords but the
+    mask and the slopes. Shapes only torch.compile knows symbolically are left to the
+    operator."""
     try:
         q, k, v, alibi_slopes = map(_stand_in, (q, k, v, alibi_slopes))
     except _NoExample:
@@ -442,8 +535,14 @@ attention_forward = torch.library.custom_op("cuflash::attention_forward", _forwa
 @attention_forward.register_fake
 def _(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, block_mask,
       seq_major, deterministic, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
-    _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes,
-                     block_mask, deterministic, dropout_p, dropout_seed, dropout_offset)
+    try:
+        _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
+                         alibi_slopes, block_mask, deterministic, dropout_p, dropout_seed,
+                         dropout_offset)
+    except BaseException:
+        release_traced_mask(block_mask, ran=False)
+        raise
+    release_traced_mask(block_mask, ran=True)
     return _empty_out(q, k, v, seq_major), _empty_lse(q, k, v)
 
 
