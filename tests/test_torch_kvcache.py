@@ -488,3 +488,65 @@ def test_under_compile_it_runs_in_a_graph_break(seed):
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.Unsupported):
         torch.compile(step, backend="aot_eager", fullgraph=True)(q, k_cache, v_cache, k, v)
+
+
+def _with_index(seed, name):
+    """Arguments of a call that gives ``name`` (an index tensor, the slopes or the rotary
+    tables) a valid value."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+    arguments = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=3)
+    if name == "block_table":
+        pages_k, pages_v = (cache.reshape(6, 24, 2, 16)[:, :16] for cache in (k_cache, v_cache))
+        arguments.update(k_cache=pages_k, v_cache=pages_v,
+                         block_table=torch.arange(6, dtype=torch.int32).view(3, 2))
+    elif name == "rotary_cos":
+        arguments.update(rotary_cos=torch.rand(48, 4), rotary_sin=torch.rand(48, 4))
+    else:
+        arguments[name] = {"cache_seqlens": torch.tensor([3, 0, 9], dtype=torch.int32),
+                           "cache_batch_idx": torch.tensor([2, 0, 1], dtype=torch.int32),
+                           "cache_leftpad": torch.zeros(3, dtype=torch.int32),
+                           "alibi_slopes": torch.rand(4)}[name]
+    return arguments
+
+
+@pytest.mark.parametrize("wrong", ["device", "type"])
+@pytest.mark.parametrize("name", ["cache_seqlens", "cache_batch_idx", "cache_leftpad",
+                                  "block_table", "alibi_slopes", "rotary_cos"])
+def test_index_tensors_are_checked_where_the_core_checks_them(seed, name, wrong):
+    """The core checks q, the caches, k and v before the index arrays, the slopes and the rotary
+    tables: a call wrong in q too names q, as the core does with the same arguments; with q
+    right, the tensor on another device (or not a tensor) is refused by name."""
+    arguments = _with_index(seed, name)
+    given = arguments[name]
+    arguments[name] = given.to("meta") if wrong == "device" else given.tolist()
+    expected = ((ValueError, rf"^q and {name} must be on one device, got q on cpu and {name} "
+                             rf"on meta") if wrong == "device" else
+                (TypeError, rf"^{name} must be (a torch.Tensor|an int or an int32 torch.Tensor)"))
+    with pytest.raises(expected[0], match=expected[1]):
+        flash_attn_with_kvcache(**arguments)
+    core_arguments = {key: x.numpy() if isinstance(x, torch.Tensor) else x
+                      for key, x in _with_index(seed, name).items()}
+    core_arguments["q"] = core_arguments["q"][0]
+    with pytest.raises((TypeError, ValueError)) as core:
+        cuflash.attention_with_kvcache(**core_arguments)
+    assert str(core.value).startswith("q ")
+    arguments["q"] = arguments["q"][0]
+    with pytest.raises(type(core.value)) as adapter:
+        flash_attn_with_kvcache(**arguments)
+    assert str(adapter.value) == str(core.value)
+    np.testing.assert_array_equal(arguments["k_cache"].numpy(),
+                                  _with_index(seed, name)["k_cache"].numpy())  # nothing written
+
+
+def test_cache_seqlens_required_with_k_and_v_where_the_core_checks_it(seed):
+    """cache_seqlens=None takes the whole cache, but not with k and v, which it places: refused
+    where the core checks cache_seqlens, after q, the caches, k and v."""
+    q, k_cache, v_cache, k, v = tensors(seed)
+    with pytest.raises(ValueError, match="^cache_seqlens is required when k and v are given"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v)
+    with pytest.raises(ValueError) as core:
+        cuflash.attention_with_kvcache(q[0].numpy(), k_cache.numpy(), v_cache.numpy(),
+                                       k.numpy(), v.numpy(), cache_seqlens=3)
+    with pytest.raises(ValueError) as adapter:
+        flash_attn_with_kvcache(q[0], k_cache, v_cache, k, v)
+    assert str(adapter.value) == str(core.value)

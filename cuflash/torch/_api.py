@@ -827,21 +827,55 @@ def _refuse_tensors_without_memory(**arguments) -> None:
                         "into the caches in place", **arguments)
 
 
+class _RefusedTorchArgument:
+    """What the core is handed for an argument of ``flash_attn_with_kvcache`` that the torch
+    side refuses (a tensor on another device than q's, an object of another type): a type the
+    core refuses where it checks that argument, after q, the caches and what it checks before,
+    so that a call wrong in several arguments names the one the core names
+    (``_torch_refusals`` puts the refusal in torch terms)."""
+
+    __slots__ = ()
+
+
+def _beside_q(q, name: str, x, refused: dict):
+    """``x`` for the core: a tensor on q's device as it is (None as None), anything else noted
+    in ``refused`` and handed on as a ``_RefusedTorchArgument``."""
+    if x is None or isinstance(x, torch.Tensor) and x.device == q.device:
+        return x
+    refused[name] = x
+    return _RefusedTorchArgument()
+
+
 @contextlib.contextmanager
-def _seqlens_refusal(q, refused):
-    """Runs the core's call, handed None for a ``cache_seqlens`` of another type than
-    flash-attn's two forms (``refused``): the core's refusal of it becomes one in torch terms
-    (the core would describe its own arrays, and takes NumPy ones)."""
+def _torch_refusals(q, refused: dict):
+    """Runs the core's call, handed a ``_RefusedTorchArgument`` for each argument in ``refused``
+    (name -> what the caller gave): the core's refusal of one becomes one in torch terms (the
+    core would describe its own arrays, and takes NumPy ones)."""
     try:
         yield
-    except TypeError as error:
-        if refused is None or not str(error).startswith("cache_seqlens "):
+    except (TypeError, ValueError) as error:
+        name = str(error).partition(" ")[0]
+        if name not in refused or _RefusedTorchArgument.__name__ not in str(error):
             raise
+        raise _in_torch_terms(q, name, refused[name]) from None
+
+
+def _in_torch_terms(q, name: str, given) -> Exception:
+    """The refusal of ``flash_attn_with_kvcache``'s argument ``name``, given as ``given``: on
+    another device than q, not a tensor, or (``cache_seqlens``) neither of flash-attn's forms."""
+    if name == "cache_seqlens" and given is None:  # (None alone takes the whole cache)
+        return ValueError("cache_seqlens is required when k and v are given: it says where in "
+                          "each row's cache they are written")
+    if isinstance(given, torch.Tensor):
+        return ValueError(f"q and {name} must be on one device, got q on {q.device} and {name} "
+                          f"on {given.device}")
+    if name == "cache_seqlens":
         batch = f"({q.shape[0]},)" if q.dim() else "(B,)"
-        raise TypeError(f"cache_seqlens must be an int or an int32 torch.Tensor of shape {batch} "
-                        f"on q's device (the number of keys in each batch row's cache before k "
-                        f"and v are appended), got {_checks._show(refused)} of type "
-                        f"{_checks._type_name(refused)}") from None
+        return TypeError(f"cache_seqlens must be an int or an int32 torch.Tensor of shape {batch} "
+                         f"on q's device (the number of keys in each batch row's cache before k "
+                         f"and v are appended), got {_checks._show(given)} of type "
+                         f"{_checks._type_name(given)}")
+    return TypeError(f"{name} must be a torch.Tensor, got {type(given).__name__}")
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
@@ -870,27 +904,28 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     import cuflash
 
     _check_tensors(**{name: x for name, x in (
-        ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
-        ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
-        ("block_table", block_table),
-        ("alibi_slopes", alibi_slopes), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin))
-        if x is not None})
-    refused_seqlens = None
+        ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)) if x is not None})
+    # The other tensors are checked where the core checks them, after q, the caches, k and v
+    # (and after what it checks before each): one the torch side refuses reaches the core as a
+    # _RefusedTorchArgument, which the core refuses there, and _torch_refusals says why.
+    refused = {}
+    cache_batch_idx, cache_leftpad, block_table, alibi_slopes, rotary_cos, rotary_sin = (
+        _beside_q(q, name, x, refused) for name, x in (
+            ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
+            ("block_table", block_table), ("alibi_slopes", alibi_slopes),
+            ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)))
     if cache_seqlens is None:
         if k is not None and v is not None:  # one of them alone: the core names the other
-            raise ValueError("cache_seqlens is required when k and v are given: it says where "
-                             "in each row's cache they are written")
-        if k_cache.dim() == 4 and (block_table is None or block_table.dim() == 2):
+            refused["cache_seqlens"] = None
+            cache_seqlens = _RefusedTorchArgument()
+        elif k_cache.dim() == 4 and (block_table is None or isinstance(block_table, torch.Tensor)
+                                     and block_table.dim() == 2):
             cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
         else:  # no capacity to read: the core refuses these shapes before it reads the lengths
             cache_seqlens = 0
-    elif isinstance(cache_seqlens, torch.Tensor):
-        _check_tensors(q=q, cache_seqlens=cache_seqlens)
     elif not _checks.is_integer(cache_seqlens):
-        # flash-attn's two forms only, refused where the core checks cache_seqlens, after q
-        # and the caches: the core is handed None, which it refuses there (a NumPy array it
-        # would take), and its error is put in torch's terms (_seqlens_refusal).
-        refused_seqlens, cache_seqlens = cache_seqlens, None
+        # flash-attn's two forms only (a NumPy array the core would take)
+        cache_seqlens = _beside_q(q, "cache_seqlens", cache_seqlens, refused)
     _refuse_tensors_without_memory(
         q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
         cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
@@ -901,7 +936,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
         # return_softmax_lse is checked by the core, as its return_lse, where the core checks
         # it (after q, the caches and the options; "False" is refused, not read as True).
-        with _caller_names(_KVCACHE_NAMES), _seqlens_refusal(q, refused_seqlens):
+        with _caller_names(_KVCACHE_NAMES), _torch_refusals(q, refused):
             result = cuflash.attention_with_kvcache(
                 core(q), core(k_cache), core(v_cache), core(k), core(v),
                 cache_seqlens=core(cache_seqlens), block_table=core(block_table),
