@@ -741,3 +741,25 @@ def test_train_tiny_lm_compiled():
     ours, theirs = _example().run(device="cuda", dtype="bfloat16", steps=20, compile=True)
     assert ours[-1] < 0.8 * ours[0], ours
     assert max(abs(a - b) for a, b in zip(ours, theirs)) <= 0.1
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_call_the_kernel_choice_refuses_registers_no_mask(compiled):
+    """A block mask of 4 x 4 blocks passes the core's checks, but no GPU kernel's tiles divide
+    its blocks: the call is refused by the kernel choice, after the mask was registered for it,
+    and takes it out again. Compiled, the refusal comes when the graph runs: the graph holds
+    the handle its trace was accepted with, so the mask stays."""
+    from cuflash.torch import _ops
+    from test_torch import _new_mask
+    mask = _new_mask("block_mask", 64)
+    q = cuda(1, 2, 64, 16)
+    registered = len(_ops._masks)
+    call = lambda q: ct.attention(q, q, q, block_mask=mask)  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        call = torch.compile(call, backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="no GPU kernel runs this forward pass"):
+        call(q)
+    assert _ops.is_registered(mask) == compiled
+    assert len(_ops._masks) == registered + compiled
+    torch._dynamo.reset()
