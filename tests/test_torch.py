@@ -523,6 +523,16 @@ def test_a_mask_stays_registered_while_a_call_on_it_may_still_run():
     _ops.release_mask(handle, ran=False)
     assert _ops.is_registered(mask) and _ops.lookup_block_mask(handle) is mask
 
+    mask = _new_mask("block_mask", 32)  # a trace, and an eager call on the same new mask
+    handle = _ops.trace_mask_handle(mask)
+    assert _ops.claim_mask(mask) == (handle, True)
+    _ops.release_traced_mask(handle, ran=False)  # the fake implementation refused the trace
+    assert _ops.is_registered(mask)
+    _ops.release_traced_mask(handle, ran=False)  # no trace left: the eager call settles itself
+    assert _ops.is_registered(mask)
+    _ops.release_mask(handle, ran=False)
+    assert not _ops.is_registered(mask)
+
 
 def test_a_held_mask_is_not_checked_again_before_each_call(monkeypatch):
     """The check a new mask gets before it is registered (the core's validation on stand-ins,

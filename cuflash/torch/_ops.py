@@ -94,36 +94,43 @@ def block_mask_handle(block_mask) -> int:
     return handle
 
 
-def claim_mask(mask) -> tuple:
+def claim_mask(mask, traced: bool = False) -> tuple:
     """``(handle, claimed)`` of a call with ``mask`` (a mask or a handle, as ``attention`` takes
     it): a mask not yet registered is registered for the call, which must then say how it ended
     (``release_mask``) when ``claimed`` is true, as must a call that takes a mask some call
     registered and none has run with yet. A handle, or a mask that a call has run with, is
-    claimed by nobody: the registry keeps it for good."""
+    claimed by nobody: the registry keeps it for good. ``traced``: a call torch.compile traces,
+    whose end the operator's fake implementation tells (``release_traced_mask``)."""
     if isinstance(mask, int):
         return mask, False  # (a handle the caller checked: _one_mask)
     with _mask_lock:
         handle, new = _register(mask)
-        if new or handle in _pending:
-            _pending[handle] = _pending.get(handle, 0) + 1
-            return handle, True
-    return handle, False
+        if not new and handle not in _pending:
+            return handle, False
+        _pending[handle] = _pending.get(handle, 0) + 1
+        if traced:
+            _traced[handle] = _traced.get(handle, 0) + 1
+        return handle, True
 
 
 def release_mask(handle: int, ran: bool) -> None:
     """A call that claimed ``handle`` (``claim_mask``) has ended: it ran (the registry keeps the
     mask for good) or was refused (the mask is taken out again once no call is left on it)."""
     with _mask_lock:
-        calls = _pending.get(handle)
-        if calls is None:  # kept already: a call ran with it, or block_mask_handle gave it out
-            return
-        if ran:
-            _settle(handle)
-        elif calls > 1:
-            _pending[handle] = calls - 1
-        else:
-            _settle(handle)
+        _release(handle, ran)
+
+
+def _release(handle: int, ran: bool) -> None:
+    """``release_mask``, with ``_mask_lock``."""
+    calls = _pending.get(handle)
+    if calls is None:  # kept already: a call ran with it, or block_mask_handle gave it out
+        return
+    if ran or calls == 1:
+        _settle(handle)
+        if not ran:
             del _mask_ids[_masks.pop(handle)]
+    else:
+        _pending[handle] = calls - 1
 
 
 def _settle(handle: int) -> None:
@@ -135,14 +142,7 @@ def _settle(handle: int) -> None:
 def trace_mask_handle(mask) -> int:
     """The handle that a graph torch.compile traces holds for ``mask`` (``claim_mask``): the
     operator's fake implementation says how the call ended (``release_traced_mask``)."""
-    if mask is None:
-        return NO_MASK
-    handle, claimed = claim_mask(mask)
-    if claimed:
-        with _mask_lock:
-            if handle in _pending:
-                _traced[handle] = _traced.get(handle, 0) + 1
-    return handle
+    return NO_MASK if mask is None else claim_mask(mask, traced=True)[0]
 
 
 def release_traced_mask(handle: int, ran: bool) -> None:
@@ -160,7 +160,7 @@ def release_traced_mask(handle: int, ran: bool) -> None:
             _traced[handle] = traced - 1
         else:
             del _traced[handle]
-    release_mask(handle, ran)
+        _release(handle, ran)
 
 
 def is_registered(mask) -> bool:
