@@ -541,8 +541,8 @@ def test_a_held_mask_is_not_checked_again_before_each_call(monkeypatch):
     mask = _new_mask("block_mask", 32)
     x = randn(1, 2, 32, 8)
     checks = []
-    real = _ops.check_masked_call
-    monkeypatch.setattr(_ops, "check_masked_call", lambda *a: checks.append(1) or real(*a))
+    real = _ops.check_call_on_stand_ins
+    monkeypatch.setattr(_ops, "check_call_on_stand_ins", lambda *a: checks.append(1) or real(*a))
     first = ct.attention(x, x, x, block_mask=mask)
     assert checks == [1]
     for held in (mask, _ops.block_mask_handle(mask)):
@@ -2195,3 +2195,43 @@ def test_train_tiny_lm_example_cpu():
                                      seq_len=32, dim=32, heads=2)
     assert ours[-1] < ours[0]
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3
+
+
+@pytest.mark.parametrize("wrong", [
+    dict(q=(1, 2, 8, 8), dtype=torch.float64), dict(k=(1, 3, 8, 8)), dict(causal="False"),
+    dict(dropout_p=1.5), dict(mask_size=48),
+], ids=["q_dtype", "k_heads", "causal", "dropout_p", "mask"])
+@pytest.mark.parametrize("slopes", ["device", "type"])
+def test_alibi_slopes_are_checked_where_the_core_checks_them(wrong, slopes):
+    """The core checks the ALiBi slopes last, after q, k, v, the options and the masks: a call
+    wrong in one of those too names it, as the core does with the same arguments, also where
+    the slopes are on another device than q or not a tensor; with the rest right, the slopes
+    are refused by name."""
+    wrong = dict(wrong)
+    dtype = wrong.pop("dtype", torch.float32)
+    shapes = dict(q=(1, 2, 8, 8), k=(1, 2, 8, 8))
+    shapes.update((name, wrong.pop(name)) for name in ("q", "k") if name in wrong)
+    q, k = (randn(*shapes[name]).to(dtype) for name in ("q", "k"))
+    if "mask_size" in wrong:
+        wrong["block_mask"] = _new_mask("block_mask", wrong.pop("mask_size"))
+    good = torch.rand(2)
+    given = good.to("meta") if slopes == "device" else good.tolist()
+    core_options = dict(wrong, alibi_slopes=good.numpy(), dropout_seed=3)
+    with pytest.raises((TypeError, ValueError)) as core:
+        cuflash.attention(q.numpy(), k.numpy(), k.numpy(), **core_options)
+    assert not str(core.value).startswith("alibi_slopes")
+    with pytest.raises(type(core.value)) as adapter:
+        ct.attention(q, k, k, alibi_slopes=given, dropout_seed=3, **wrong)
+    assert str(adapter.value) == str(core.value)
+    x = randn(1, 2, 8, 8)
+    expected = ((ValueError, "^q and alibi_slopes must be on one device, got q on cpu and "
+                             "alibi_slopes on meta") if slopes == "device" else
+                (TypeError, "^alibi_slopes must be a torch.Tensor, got list"))
+    for call in (lambda: ct.attention(x, x, x, alibi_slopes=given),
+                 lambda: ct.attention(x, x, x, alibi_slopes=given,
+                                      block_mask=_new_mask("block_mask", 8))):
+        with pytest.raises(expected[0], match=expected[1]):
+            call()
+    xs = x.transpose(1, 2)
+    with pytest.raises(expected[0], match=expected[1]):
+        ct.flash_attn_func(xs, xs, xs, alibi_slopes=given)

@@ -230,6 +230,22 @@ def _one_mask(block_mask, mask):
     return chosen
 
 
+def _core_checks(q, k, v, mask, alibi_slopes, refused, causal, scale, window_left,
+                 window_right, softcap, deterministic, dropout_p, dropout_seed,
+                 dropout_offset) -> None:
+    """The core's checks of an ``attention`` call on stand-ins of q, k and v
+    (``_ops.check_call_on_stand_ins``; 70 µs), with the slopes as a ``_RefusedTorchArgument``
+    where ``refused`` holds them, their refusal in torch terms; a seed yet to be drawn stands in
+    as 0."""
+    slopes = _RefusedTorchArgument() if refused else alibi_slopes
+    with _torch_refusals(q, refused or {}):
+        _ops.check_call_on_stand_ins(q, k, v, mask, slopes, dict(
+            causal=causal, scale=scale, window=(window_left, window_right), softcap=softcap,
+            deterministic=deterministic, dropout_p=dropout_p,
+            dropout_seed=0 if dropout_seed is None else dropout_seed,
+            dropout_offset=dropout_offset))
+
+
 def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_mask,
                deterministic, seq_major, dropout_p, dropout_seed=None, dropout_offset=0,
                names=None, return_lse=False, mask=None):
@@ -239,28 +255,32 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     ``_one_mask`` takes them, after the score options, where the core checks its masks.
     ``return_lse`` (``attention``'s) is checked by the core's rule where the core checks it,
     after the options and dropout ("False" is refused, not read as True)."""
-    if alibi_slopes is None:
-        _check_tensors(q=q, k=k, v=v)
-    else:
-        _check_tensors(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    _check_tensors(q=q, k=k, v=v)
+    # The slopes' type and device are checked where the core checks the slopes, after q, k, v
+    # and every option: slopes the torch side refuses reach the core's checks (below, and the
+    # mask's) as a _RefusedTorchArgument, and _torch_refusals says why.
+    refused = (None if alibi_slopes is None or isinstance(alibi_slopes, torch.Tensor)
+               and alibi_slopes.device == q.device else {"alibi_slopes": alibi_slopes})
     causal, scale, left, right, softcap = _checked_score_options(q, causal, scale, window,
                                                                  softcap, names or {})
     block_mask = _one_mask(block_mask, mask)
     if (block_mask is not None and not torch.compiler.is_compiling()
             and not _ops.is_registered(block_mask)):
-        # the core's checks, before deterministic, as attention_backward checks its masks first,
-        # and before the mask is registered (a mask held already is checked by the operator:
-        # checking it here too cost 70 µs a call)
-        _ops.check_masked_call(q, k, v, block_mask, alibi_slopes, dict(
-            causal=causal, scale=scale, window=(left, right), softcap=softcap,
-            deterministic=deterministic, dropout_p=dropout_p,
-            dropout_seed=0 if dropout_seed is None else dropout_seed,
-            dropout_offset=dropout_offset))
+        # before deterministic, as attention_backward checks its masks first, and before the
+        # mask is registered (a mask held already is checked by the operator: checking it here
+        # too cost 70 µs a call)
+        _core_checks(q, k, v, block_mask, alibi_slopes, refused, causal, scale, left, right,
+                     softcap, deterministic, dropout_p, dropout_seed, dropout_offset)
     # deterministic (read by the backward) after the masks, where attention_backward checks it
     deterministic = _checked_deterministic(deterministic, names or {})
     p = _checked_dropout_p(dropout_p, dropout_seed, dropout_offset)
     _checks.check_bool(return_lse, "return_lse")
     _ops.check_options((left, right), softcap, alibi_slopes, p)
+    if refused:  # refused where the core checks the slopes, last: after q, k, v and the masks
+        if not torch.compiler.is_compiling():  # (no stand-ins while Dynamo traces)
+            _core_checks(q, k, v, block_mask, alibi_slopes, refused, causal, scale, left,
+                         right, softcap, deterministic, dropout_p, dropout_seed, dropout_offset)
+        raise _in_torch_terms(q, "alibi_slopes", alibi_slopes)
     # A mask new to the registry is registered for this call, which takes it out again if it
     # is refused after all (by the kernel choice on a GPU, say, which no check here foresees);
     # a traced call's is settled by the operator's fake implementation (_ops.claim_mask).

@@ -447,14 +447,17 @@ def _check_fake_call(q, k, v, causal, scale, window_left, window_right, softcap,
     return _api._spec(*arrays, **options, **mask_options(block_mask))
 
 
-def check_masked_call(q, k, v, mask, alibi_slopes, options: dict) -> None:
-    """The core's checks of a call with a mask not yet registered (``cuflash._api._spec`` on
-    stand-ins of q, k, v and the slopes), so that a call the core refuses is refused before it
-    registers the mask, for what the core names. ``options`` are the core's keywords but the
-    mask and the slopes. Shapes only torch.compile knows symbolically are left to the
-    operator."""
+def check_call_on_stand_ins(q, k, v, mask, alibi_slopes, options: dict) -> None:
+    """The core's checks of a call (``cuflash._api._spec`` on stand-ins of q, k, v and the
+    slopes), for a call that must be refused before the operator's: one with a mask not yet
+    registered, which a refused call must not register, and one whose slopes the torch side
+    refuses (then not a tensor but an object the core refuses: it is passed as it is), in the
+    core's order. ``options`` are the core's keywords but the mask and the slopes. Shapes only
+    torch.compile knows symbolically are left to the operator."""
     try:
-        q, k, v, alibi_slopes = map(_stand_in, (q, k, v, alibi_slopes))
+        q, k, v = map(_stand_in, (q, k, v))
+        if isinstance(alibi_slopes, torch.Tensor):
+            alibi_slopes = _stand_in(alibi_slopes)
     except _NoExample:
         return
     _api._spec(q, k, v, alibi_slopes=alibi_slopes, **options, **mask_keyword(mask))
