@@ -829,3 +829,50 @@ def test_compile_fullgraph(backend, dynamic):
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
         for g, e in zip(grads, expected_grads):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrong", [dict(dtype=torch.float64), dict(max_seqlen_q=4),
+                                   dict(k_heads=3), dict(paged=True)],
+                         ids=["q_dtype", "max_seqlen_q", "k_heads", "paged_q_dtype"])
+@pytest.mark.parametrize("given", ["device", "type"])
+@pytest.mark.parametrize("name", ["cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"])
+def test_offsets_and_slopes_are_checked_where_the_core_checks_them(name, given, wrong):
+    """cuflash.attention_varlen checks q, k and v's dtype before the offsets, and the slopes
+    last: a call wrong in another argument too, and in the offsets or the slopes (on another
+    device than q, or not a tensor), names the argument the core names when that one is no
+    array; the offsets' or the slopes' refusal, in torch terms, where that is theirs."""
+    import cuflash
+    wrong = dict(wrong)
+    paged = wrong.pop("paged", False)
+    dtype = wrong.pop("dtype", torch.float64 if paged else torch.float32)
+    cu = offsets([3, 5])
+    q = torch.randn(8, 4, 16, dtype=dtype)
+    k = torch.randn(8, wrong.pop("k_heads", 2), 16, dtype=dtype)
+    arguments = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, alibi_slopes=torch.rand(4))
+    lengths = (wrong.pop("max_seqlen_q", 5), 5)
+    core = {key: x.numpy() for key, x in arguments.items()}
+    core[name] = arguments[name].tolist()  # no array: refused where the core checks it
+    with pytest.raises((TypeError, ValueError)) as refused:
+        cuflash.attention_varlen(q.numpy(), k.numpy(), k.numpy(), core["cu_seqlens_q"],
+                                 core["cu_seqlens_k"], *lengths,
+                                 alibi_slopes=core["alibi_slopes"])
+    arguments[name] = arguments[name].to("meta") if given == "device" else arguments[name].tolist()
+    if paged:  # the same keys as two pages of 8: refused as the call on them is
+        k = k.view(1, 8, 2, 16).expand(2, 8, 2, 16).contiguous()
+        arguments["block_table"] = torch.tensor([[0], [1]], dtype=torch.int32)
+    expected = ((ValueError, f"q and {name} must be on one device, got q on cpu and {name} on "
+                             f"meta") if given == "device" else
+                (TypeError, f"{name} must be a torch.Tensor, got list"))
+    with pytest.raises((TypeError, ValueError)) as adapter:
+        ct.flash_attn_varlen_func(q, k, k, max_seqlen_q=lengths[0], max_seqlen_k=lengths[1],
+                                  **arguments)
+    if str(refused.value).startswith(name + " "):
+        assert (type(adapter.value), str(adapter.value)) == expected
+    else:
+        assert (type(adapter.value), str(adapter.value)) == (type(refused.value),
+                                                             str(refused.value))
+    x = torch.randn(8, 4, 16)
+    arguments.pop("block_table", None)
+    with pytest.raises(expected[0], match="^" + re.escape(expected[1])):
+        ct.flash_attn_varlen_func(x, x[:, :2], x[:, :2], max_seqlen_q=5, max_seqlen_k=5,
+                                  **arguments)

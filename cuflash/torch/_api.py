@@ -571,15 +571,33 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     else:  # k and v are paged caches, checked where the packed call checks its k and v
         _check_layout(_PACKED, q=q)
         _check_layout(_PAGES, k=k, v=v)
-    tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    if alibi_slopes is not None:
-        tensors["alibi_slopes"] = alibi_slopes
-    _check_tensors(**tensors)
-    return_attn_probs = _checked_return_attn_probs(return_attn_probs, **tensors)
+    _check_tensors(q=q, k=k, v=v)
+    # The offsets' and the slopes' types and devices are checked where the core checks them
+    # (after the function's own checks, as the operator's call would): refused ones reach the
+    # core's checks as _RefusedTorchArgument, and _torch_refusals says why.
+    refused = _refused_beside_q(q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                alibi_slopes=alibi_slopes)
+    return_attn_probs = _checked_return_attn_probs(
+        return_attn_probs, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        alibi_slopes=alibi_slopes)
     causal, scale, left, right, softcap, deterministic = _checked_options(
         q, causal, softmax_scale, window_size, softcap, deterministic, _FLASH_ATTN_NAMES)
     p = _checked_dropout_p(dropout_p)  # after the options, as flash_attn_func checks it
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
+    if refused:
+        if not torch.compiler.is_compiling():  # (no stand-ins while Dynamo traces)
+            marked = {name: _RefusedTorchArgument() if name in refused else x for name, x in (
+                ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                ("alibi_slopes", alibi_slopes))}
+            with _torch_refusals(q, refused):  # raises the core's first refusal
+                _varlen_core_checks(
+                    q, k, v, marked["cu_seqlens_q"], marked["cu_seqlens_k"], lengths,
+                    marked["alibi_slopes"], p,
+                    dict(causal=causal, scale=scale, deterministic=deterministic),
+                    (left, right, softcap),
+                    _checks.varlen_shapes if block_table is None else _varlen_pages.page_shapes)
+        name, given = next(iter(refused.items()))
+        raise _in_torch_terms(q, name, given)
     if block_table is not None:  # after the call's own checks: a refused call gathers nothing
         _check_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, lengths, alibi_slopes, p,
                      dict(causal=causal, scale=scale, deterministic=deterministic),
@@ -662,14 +680,30 @@ def _check_before_gather(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, length
     stands in as 0)."""
     from cuflash import _api as core_api
 
-    to_core = _bridge.to_numpy if q.device.type == "cpu" else _ops._stand_in
+    spec = _varlen_core_checks(q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, lengths,
+                               alibi_slopes, dropout_p, options, band, _varlen_pages.page_shapes)
+    if q.device.type == "cuda":  # what the kernel choice refuses, before the gather's copy
+        core_api.refuse_packed_on_gpu(spec.dtype)
+
+
+@torch.compiler.disable  # as _check_before_gather
+def _varlen_core_checks(q, k, v, cu_seqlens_q, cu_seqlens_k, lengths, alibi_slopes, dropout_p,
+                        options: dict, band: tuple, shapes_of):
+    """The spec of ``cuflash._api._varlen_checks`` (``shapes_of`` checking q, k and v) for a
+    packed call, as ``_check_before_gather`` runs it: CPU tensors as NumPy views, CUDA ones as
+    stand-ins, anything else (a ``_RefusedTorchArgument``) as it is."""
+    from cuflash import _api as core_api
+
+    convert = _bridge.to_numpy if q.device.type == "cpu" else _ops._stand_in
+
+    def to_core(x):
+        return convert(x) if isinstance(x, torch.Tensor) else x
+
     options = dict(options, **_ops._core_options(*band, alibi_slopes, to_core))
     if dropout_p:
         options.update(dropout_p=dropout_p, dropout_seed=0)
-    arrays = map(to_core, (q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k))
-    spec = core_api._varlen_checks(*arrays, *lengths, _varlen_pages.page_shapes, **options)[2]
-    if q.device.type == "cuda":  # what the kernel choice refuses, before the gather's copy
-        core_api.refuse_packed_on_gpu(spec.dtype)
+    arrays = map(to_core, (q, k, v, cu_seqlens_q, cu_seqlens_k))
+    return core_api._varlen_checks(*arrays, *lengths, shapes_of, **options)[2]
 
 
 @torch.compiler.disable  # as _check_before_gather: values read on the host
@@ -864,6 +898,13 @@ def _beside_q(q, name: str, x, refused: dict):
         return x
     refused[name] = x
     return _RefusedTorchArgument()
+
+
+def _refused_beside_q(q, **tensors) -> dict:
+    """The ``tensors`` (name -> what the caller gave; None for one not given) the torch side
+    refuses: those that are not a tensor on q's device."""
+    return {name: x for name, x in tensors.items()
+            if x is not None and not (isinstance(x, torch.Tensor) and x.device == q.device)}
 
 
 @contextlib.contextmanager
