@@ -763,3 +763,27 @@ def test_a_call_the_kernel_choice_refuses_registers_no_mask(compiled):
     assert _ops.is_registered(mask) == compiled
     assert len(_ops._masks) == registered + compiled
     torch._dynamo.reset()
+
+
+def test_index_tensors_and_slopes_on_the_cpu_are_refused_by_name():
+    """A CPU tensor beside CUDA q, k and v (slopes, offsets, cache lengths: a common slip) is
+    refused naming it, where the core checks it (the core's checks run on stand-ins of the
+    CUDA tensors); with q's dtype wrong too, q is named, as the core names it."""
+    q = cuda(1, 2, 64, 16)
+    slopes = torch.rand(2)
+    message = "^q and {0} must be on one device, got q on cuda:0 and {0} on cpu"
+    with pytest.raises(ValueError, match=message.format("alibi_slopes")):
+        ct.attention(q, q, q, alibi_slopes=slopes)
+    with pytest.raises(TypeError, match="^q has dtype float64"):
+        ct.attention(q.double(), q.double(), q.double(), alibi_slopes=slopes)
+    packed = cuda(64, 2, 16)
+    cu = torch.tensor([0, 30, 64], dtype=torch.int32)
+    with pytest.raises(ValueError, match=message.format("cu_seqlens_q")):
+        ct.flash_attn_varlen_func(packed, packed, packed, cu, cu.cuda(), 34, 34)
+    with pytest.raises(TypeError, match="^q has dtype float64"):
+        ct.flash_attn_varlen_func(packed.double(), packed.double(), packed.double(), cu,
+                                  cu.cuda(), 34, 34)
+    cache = cuda(1, 64, 2, 16)
+    with pytest.raises(ValueError, match=message.format("cache_seqlens")):
+        ct.flash_attn_with_kvcache(q.transpose(1, 2), cache, cache,
+                                   cache_seqlens=torch.tensor([3], dtype=torch.int32))
