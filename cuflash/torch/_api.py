@@ -12,7 +12,10 @@ from . import _bridge, _ops
 from ._ops import block_mask_handle
 
 # Under torch.compile the handle of a mask object is computed once, while tracing, and the graph
-# holds the resulting int (Dynamo guards on the mask object, so another mask recompiles).
+# holds the resulting int. It is handed the mask's id, not the mask: Dynamo passes such a function
+# only constants, and some versions (torch 2.11) take no other object for one, failing the trace;
+# id() is a constant on every version, Dynamo guarding on the object's identity, so another mask
+# recompiles.
 _traced_mask_handle = torch.compiler.assume_constant_result(_ops.trace_mask_handle)
 
 
@@ -287,7 +290,8 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     if block_mask is None:
         handle, claimed = _ops.NO_MASK, False
     elif torch.compiler.is_compiling():
-        handle, claimed = _traced_mask_handle(block_mask), False
+        handle = block_mask if _is_handle(block_mask) else _traced_mask_handle(id(block_mask))
+        claimed = False
     else:
         handle, claimed = _ops.claim_mask(block_mask)
     try:

@@ -23,6 +23,7 @@ operators take an int handle into a registry of masks (``block_mask_handle``); -
 mask.
 """
 
+import ctypes
 import inspect
 import itertools
 import threading
@@ -139,10 +140,12 @@ def _settle(handle: int) -> None:
     _traced.pop(handle, None)
 
 
-def trace_mask_handle(mask) -> int:
-    """The handle that a graph torch.compile traces holds for ``mask`` (``claim_mask``): the
-    operator's fake implementation says how the call ended (``release_traced_mask``)."""
-    return NO_MASK if mask is None else claim_mask(mask, traced=True)[0]
+def trace_mask_handle(mask_id: int) -> int:
+    """The handle that a graph torch.compile traces holds for the mask whose ``id`` is
+    ``mask_id`` (``claim_mask``): the operator's fake implementation says how the call ended
+    (``release_traced_mask``). Run while Dynamo traces the call, which holds the mask: the object
+    at that address is alive, and is the mask."""
+    return claim_mask(ctypes.cast(mask_id, ctypes.py_object).value, traced=True)[0]
 
 
 def release_traced_mask(handle: int, ran: bool) -> None:
