@@ -10,8 +10,10 @@ float64 and ``naive`` plain attention computed in the inputs' dtype.
 """
 
 import contextlib
+import gc
 import inspect
 import math
+import pickle
 import re
 import shutil
 import subprocess
@@ -497,6 +499,27 @@ def test_a_call_refused_under_compile_leaves_the_registry_as_it_found_it(kind):
     torch._dynamo.reset()
     assert torch.equal(compiled(y), ct.attention(y, y, y, **{kind: mask}))
     assert _ops.is_registered(mask) and len(_ops._masks) == registered + 1
+    torch._dynamo.reset()
+
+
+def test_a_compiled_graph_keeps_the_mask_object_its_guard_names_alive():
+    """A graph guards on the identity of the mask object it was traced with: one equal to a
+    held mask, which the registry does not keep, stays alive with it, or another mask built at
+    its freed address would pass the guard and run with the first one's handle."""
+    mask = _new_mask("block_mask", 32)
+    held = ct.block_mask_handle(mask)
+    twin = pickle.loads(pickle.dumps(mask))
+    assert twin == mask and twin is not mask
+    x = randn(1, 2, 32, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, m: ct.attention(q, q, q, block_mask=m),
+                             backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, twin), ct.attention(x, x, x, block_mask=held))
+    address = id(twin)
+    del twin
+    gc.collect()
+    (alive,) = (o for o in gc.get_objects() if id(o) == address)
+    assert alive == mask and alive is not mask and _ops.lookup_block_mask(held) is mask
     torch._dynamo.reset()
 
 

@@ -55,6 +55,11 @@ _pending: dict = {}
 # Of those, the calls that torch.compile is tracing: handle -> their count. The operator's fake
 # implementation settles them, since a refused trace never returns to the traced code.
 _traced: dict = {}
+# Mask objects that a trace took while the registry holds an equal one: id -> mask, kept alive for
+# good, as the registry keeps its own. A graph guards on the identity of the object it was traced
+# with; freed, its address could go to another mask, which would pass that guard and run with
+# this one's handle.
+_traced_twins: dict = {}
 
 
 def _check_is_mask(mask) -> None:
@@ -145,7 +150,11 @@ def trace_mask_handle(mask_id: int) -> int:
     ``mask_id`` (``claim_mask``): the operator's fake implementation says how the call ended
     (``release_traced_mask``). Run while Dynamo traces the call, which holds the mask: the object
     at that address is alive, and is the mask."""
-    return claim_mask(ctypes.cast(mask_id, ctypes.py_object).value, traced=True)[0]
+    mask = ctypes.cast(mask_id, ctypes.py_object).value
+    handle = claim_mask(mask, traced=True)[0]
+    if _masks.get(handle) is not mask:
+        _traced_twins[mask_id] = mask
+    return handle
 
 
 def release_traced_mask(handle: int, ran: bool) -> None:
