@@ -141,9 +141,10 @@ def test_the_documented_command_lines_are_found():
     assert len(DOCUMENTED) > 40
 
 
-def test_runs_as_a_module():
+@pytest.mark.parametrize("module", ["cuflash.cli", "cuflash"])
+def test_runs_as_a_module(module):
     import subprocess
-    done = subprocess.run([sys.executable, "-m", "cuflash.cli", "--version"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
                           text=True, check=True)
     assert done.stdout.strip() == f"cuflash {cuflash.__version__}"
 
