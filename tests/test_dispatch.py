@@ -1265,3 +1265,30 @@ def test_the_tma_forward_names_the_tile_shapes_it_tried_for_a_block_mask(monkeyp
     reasons = dict(plan.forward.passed_over)
     assert "sm90-tma" in reasons, plan.forward.describe()
     assert f"({', '.join(tried)})" in reasons["sm90-tma"], reasons["sm90-tma"]
+
+
+def test_a_split_count_past_one_launch_names_num_splits_and_its_bound(monkeypatch):
+    """The decode kernel's grid is num_splits times the blocks of one split (B · Hkv · row
+    chunks: 2 · 2 · 1 here): a count past one launch is refused with a ValueError naming
+    num_splits and the most this call takes, which a launch holds (a fake device)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import decode
+
+    device = FakeDevice(monkeypatch)
+    q = cupy.empty((2, 1, 4, 64), np.float16)
+    k_cache, v_cache = (cupy.empty((2, 256, 2, 64), np.float16) for _ in range(2))
+    most = (2**31 - 1) // 4
+    decode._prepared.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=rf"num_splits={most + 1:,} key splits of 4 thread blocks "
+                                             rf"each.*num_splits takes at most {most:,} here"):
+            cuflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=cupy.empty((2,), np.int32),
+                                           num_splits=most + 1)
+        assert not device.take_launches()
+        launch = decode.prepare(q, k_cache, v_cache, cupy.empty(q.shape, q.dtype), scale=0.125,
+                                causal=False, window=(-1, -1), softcap=0.0, alibi=None, num_splits=most)
+        assert (launch.splits, launch.decode.blocks) == (most, 4 * most)
+    finally:
+        decode._prepared.cache_clear()

@@ -265,6 +265,15 @@ def _capacity(k_cache_shape, table_shape) -> int:
     return k_cache_shape[1] * (1 if table_shape is None else table_shape[1])
 
 
+def _decode_grid_name(splits: int, geometry: Geometry) -> str:
+    """The decode kernel as ``check_grid`` names it: its grid is ``splits`` times the blocks of
+    one split, so a split count past one launch is refused naming num_splits and its bound."""
+    per_split = geometry.blocks_per_split
+    return (f"the decode kernel (num_splits={splits:,} key splits of {per_split:,} thread blocks "
+            f"each: B · Hkv · ceil(Sq · Hq / Hkv / {ROWS}); num_splits takes at most "
+            f"{(2**31 - 1) // per_split:,} here)")
+
+
 @functools.lru_cache(maxsize=256)
 def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool, window, softcap: float,
               alibi: bool, num_splits: int) -> DecodeLaunch:
@@ -279,7 +288,7 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     capacity = _capacity(k_layout[0], table_layout[0] if paged else None)
     splits = num_splits or geometry.auto_splits(capacity, device_id)
     # Checked before anything is packed: a split count past int32 is then a launch too large.
-    blocks = check_grid(splits * geometry.blocks_per_split, "the decode kernel")
+    blocks = check_grid(splits * geometry.blocks_per_split, _decode_grid_name(splits, geometry))
     rows = batch * heads * sq
     warps = check_grid(combine_warps(rows, dv), "the decode combine kernel (one warp per query row and 32 columns)")
     left, right = _kernel_band(causal, window, sq, capacity)
