@@ -886,6 +886,14 @@ def _families(launches, kernels_of) -> set:
     return families
 
 
+def assert_within_limits(launches, shared_limit: int) -> None:
+    """Every launch fits the device: its dynamic shared memory within the block's limit, at
+    least one and fewer than 2**31 thread blocks of at most 1024 threads."""
+    for expression, (blocks,), (threads,), shared, _ in launches:
+        assert shared <= shared_limit, (expression, shared, shared_limit)
+        assert 1 <= blocks < 2**31 and 1 <= threads <= 1024, (expression, blocks, threads)
+
+
 def _plan_problems():
     from hypothesis import strategies as st
 
@@ -900,7 +908,7 @@ def _plan_problems():
                                                 window=st.tuples(st.integers(-1, 90), st.integers(-1, 90)),
                                                 dropout_p=st.just(0.1), deterministic=st.just(True),
                                                 block_size=st.sampled_from([64, 128, 256]))),
-        st.sampled_from(["90", "80"]))
+        st.sampled_from(["90", "80", "86"]))
 
 
 def test_kernel_plan_names_the_families_the_calls_launch():
@@ -953,7 +961,9 @@ def test_kernel_plan_names_the_families_the_calls_launch():
                     cuflash.attention(q, k, v, **options)
                 return
             out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
-            assert _families(device.take_launches(), _FORWARD_KERNELS) == {plan.forward.family.name}
+            launches = device.take_launches()
+            assert _families(launches, _FORWARD_KERNELS) == {plan.forward.family.name}
+            assert_within_limits(launches, _launch.shared_limit(0))
             if plan.backward.family is None:
                 with pytest.raises(ValueError, match="no GPU kernel runs this backward pass"):
                     cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,
@@ -967,6 +977,7 @@ def test_kernel_plan_names_the_families_the_calls_launch():
                     raise
             launches = device.take_launches()
             assert _families(launches, _BACKWARD_KERNELS) == {plan.backward.family.name}
+            assert_within_limits(launches, _launch.shared_limit(0))
             workspace = plan.backward.workspace
             assert allocated == ([sum(workspace.values())] if plan.backward.family.name != "float32"
                                  else []), plan.backward.describe()
