@@ -1303,3 +1303,29 @@ def test_a_split_count_past_one_launch_names_num_splits_and_its_bound(monkeypatc
         assert (launch.splits, launch.decode.blocks) == (most, 4 * most)
     finally:
         decode._prepared.cache_clear()
+
+
+@pytest.mark.parametrize("nk, runs", [(128, True), (64, False)])
+def test_query_tiles_of_192_rows_that_end_past_int32_are_passed_over(monkeypatch, nk, runs):
+    """The TMA forward's three consumers take 192-row query tiles (D = 64, unmasked), whose
+    rows the kernel counts in int32 up to the last tile's end, padding included: with
+    Nq = 2**31 - 1 - Nk (as many rows as why_not_lengths lets through) the tiles end at 2**31 + 64
+    for Nk = 64, and the family passes the call on to the Hopper wgmma forward, whose 128-row
+    tiles (a power of two rows) end at 2**31 at most; at Nk = 128 they end at 2**31 - 128 and it
+    runs (a fake device: the arrays take no memory)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((1, 1, 2**31 - 1 - nk, 64), np.float16)
+    k = device.empty((1, 1, nk, 64), np.float16)
+    plan = cuflash.kernel_plan(q, k, k).forward
+    if runs:
+        assert plan.family.name == "sm90-tma" and plan.detail.startswith("192-row query tiles")
+        return
+    assert plan.family.name == "sm90-wgmma"
+    assert dict(plan.passed_over)["sm90-tma"] == (
+        "counts query rows in int32 up to the end of its 192-row query tiles: Nq rounded up to "
+        "them must not pass 2**31, got 2,147,483,712")
+    cuflash.attention(q, k, k)
+    assert _families(device.take_launches(), _FORWARD_KERNELS) == {"sm90-wgmma"}

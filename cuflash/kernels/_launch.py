@@ -104,6 +104,21 @@ def why_not_lengths(spec) -> str | None:
     return f"counts query rows and keys in int32: {what} must be below 2**31, got {nq:,} and {nk:,}"
 
 
+def why_not_tile_rows(spec, tile_m: int) -> str | None:
+    """The reason a family whose query tiles hold `tile_m` rows cannot take a call whose query
+    rows, rounded up to whole tiles, pass 2**31 (None for any other call): its kernels count a
+    tile's rows in int32 up to the tile's end, padding rows included. Tiles of a power of two
+    rows never do (2**31 is a whole number of them, and ``why_not_lengths`` keeps Nq below it);
+    the Hopper TMA forward's 192-row tiles can. Packed sequences count the rows of the longest
+    (``AttentionSpec.band_extent``)."""
+    nq = spec.band_extent()[0]
+    end = -(-nq // tile_m) * tile_m
+    if end <= 2**31:
+        return None
+    return (f"counts query rows in int32 up to the end of its {tile_m}-row query tiles: Nq "
+            f"rounded up to them must not pass 2**31, got {end:,}")
+
+
 def check_grid(blocks: int, what: str) -> int:
     """`blocks` if one 1-D launch can hold them, else a ValueError naming the kernel."""
     if blocks >= 2**31:

@@ -325,14 +325,15 @@ def supports(spec, arrays) -> str | None:
         reason = _tma.why_not_expressible(_tma.tma_view(x))
         if reason:
             return f"{name}: {reason}"
-    if tiles_for(spec) is None:
+    tiles = tiles_for(spec)
+    if tiles is None:
         # the shapes tiles_for tried, once each (they differ in stages or consumers beside)
         shapes = ", ".join(dict.fromkeys(f"{t.block_m}x{t.block_n}" for t in call_candidates(spec)))
         if spec.block_mask is None:
             return f"no tile shape ({shapes}) fits shared memory at D={d}, Dv={dv}"
         bq, bk = spec.block_mask.block_size
         return f"needs block-mask blocks that are multiples of one of its tile shapes ({shapes}); got {bq}x{bk}"
-    return None
+    return _launch.why_not_tile_rows(spec, tiles.block_m)
 
 
 def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLaunch:
