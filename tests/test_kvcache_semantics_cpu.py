@@ -3,13 +3,17 @@
 from ``tests/kvcache_cases.py``), over hypothesis-drawn calls that combine every option.
 
 Where cuflash documents a difference (docs/api.md: the window's formula with more queries than
-keys, the lse of a row without keys), the statement follows cuflash's documentation.
+keys, the lse of a row without keys, ALiBi's distance on flash-attn's causal path, the refusal of
+appends into slots another row appends to or reads), the statement follows cuflash's
+documentation. The rotary positions with ``cache_leftpad`` are flash-attn's kernel's (absolute:
+``cache_seqlens[b] + i``, the padding counted), as its docstring does not say.
 """
 
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -149,7 +153,11 @@ def calls(draw):
         max_pages = draw(st.integers(1, 3))
         capacity = page_size * max_pages
         num_pages = b * max_pages + draw(st.integers(0, 2))
-        table = rng.permutation(num_pages)[:b * max_pages].reshape(b, max_pages).astype(np.int32)
+        if draw(st.booleans()):  # rows of their own
+            table = rng.permutation(num_pages)[:b * max_pages].reshape(b, max_pages)
+        else:  # pages shared between rows or listed twice: some appends are refused
+            table = rng.integers(0, num_pages, (b, max_pages))
+        table = table.astype(np.int32)
         cache_shape = (num_pages, page_size)
         rows = pad = None
     else:
@@ -157,8 +165,10 @@ def calls(draw):
         table = None
         b_cache = b + draw(st.integers(0, 2))
         cache_shape = (b_cache, capacity)
-        rows = (rng.permutation(b_cache)[:b].astype(np.int32)
-                if draw(st.booleans()) else None)
+        rows = draw(st.sampled_from([None, "distinct", "any"]))
+        if rows is not None:  # "any": cache rows shared between batch rows
+            rows = (rng.permutation(b_cache)[:b] if rows == "distinct"
+                    else rng.integers(0, b_cache, b)).astype(np.int32)
     lengths = np.array([draw(st.integers(0, capacity - s_new)) for _ in range(b)], np.int32)
     if not paged and draw(st.booleans()):
         pad = np.array([draw(st.integers(0, int(n))) for n in lengths], np.int32)
@@ -199,6 +209,29 @@ def calls(draw):
                 rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
 
 
+def _append_clash(call) -> bool:
+    """Whether an appended key would land in a slot that another appended key targets or that
+    some batch row reads as cached (docs/api.md, "Append": such a call is refused)."""
+    if call["k"] is None:
+        return False
+    b, s_new = call["q"].shape[0], call["k"].shape[1]
+    lengths = np.broadcast_to(np.asarray(call["cache_seqlens"], np.int64), (b,))
+    table, rows, pad = call["block_table"], call["cache_batch_idx"], call["cache_leftpad"]
+    if table is None and rows is None:
+        return False
+
+    def slot(row, position):
+        if table is not None:
+            page_size = call["k_cache"].shape[1]
+            return int(table[row, position // page_size]), position % page_size
+        return int(rows[row]), position
+
+    appended = [slot(row, int(lengths[row]) + i) for row in range(b) for i in range(s_new)]
+    held = {slot(row, p) for row in range(b)
+            for p in range(0 if pad is None else int(pad[row]), int(lengths[row]))}
+    return len(set(appended)) < len(appended) or bool(held & set(appended))
+
+
 def _kwargs(call):
     kwargs = {name: value for name, value in call.items()
               if name not in ("q", "k_cache", "v_cache", "k", "v")}
@@ -214,6 +247,14 @@ def test_numpy_route_matches_flash_attn_semantics(drawn):
         skipped = [np.array(parent[:, :, 1::2], copy=True) for parent in parents]
     before = {name: np.array(x, copy=True) for name, x in call.items()
               if isinstance(x, np.ndarray) and name not in ("k_cache", "v_cache", "out")}
+    if _append_clash(call):
+        k_before = np.array(call["k_cache"], copy=True)
+        with pytest.raises(ValueError, match="both name"):
+            cuflash.attention_with_kvcache(
+                call["q"], call["k_cache"], call["v_cache"], call["k"], call["v"],
+                **_kwargs(call))
+        np.testing.assert_array_equal(call["k_cache"], k_before)  # refused before any write
+        return
     out, lse = cuflash.attention_with_kvcache(
         call["q"], call["k_cache"], call["v_cache"], call["k"], call["v"], return_lse=True,
         **_kwargs(call))
