@@ -584,6 +584,22 @@ def test_calls_in_different_orders_are_detected():
         LocalRing(2, timeout=5).run(rank)
 
 
+def test_local_all_to_all_refuses_other_dtypes_between_two_ranks_on_every_rank():
+    """As under NCCL and torch.distributed: ranks 0 and 1 send each other float32 and float64,
+    and every rank (rank 2 too, whose pairs agree) raises one ValueError naming the pair."""
+    def rank(comm):
+        dtype = np.float64 if comm.rank == 1 else np.float32
+        try:
+            comm.all_to_all([np.zeros(2, dtype) for _ in range(comm.size)])
+        except ValueError as error:
+            return str(error)
+        return None
+
+    messages = LocalRing(3).run(rank)
+    assert all(m is not None and "one dtype in each direction" in m and "rank 0" in m
+               and "rank 1" in m for m in messages), messages
+
+
 def test_local_ring_collectives():
     def rank(comm):
         x = np.array([comm.rank + 1.0])

@@ -471,12 +471,22 @@ class LocalComm(CommBase):
                         self.rank)
 
     def all_to_all(self, arrays):
-        arrays = check_all_to_all(arrays, self.size)
+        # As NcclComm's and TorchComm's: the shapes first, so that a refusal, or dtypes that
+        # differ between two ranks, raise on every rank here as they do there.
+        arrays = self._all_to_all_arrays(arrays, None)
+        self._received_shapes(arrays)
+        return self._post_all(arrays, "all_to_all")
+
+    def _all_gather_host(self, x):
+        return self._post_all([x] * self.size, "all_gather")
+
+    def _post_all(self, arrays, what: str) -> list:
+        """``arrays[j]`` to rank ``j`` through the mailboxes, what every rank sent this one back."""
         for dst, x in enumerate(arrays):
             if dst != self.rank:
-                self.ring._post(self.rank, dst, "all_to_all", x.copy())
+                self.ring._post(self.rank, dst, what, x.copy())
         return [arrays[src].copy() if src == self.rank
-                else self.ring._take(src, self.rank, "all_to_all") for src in range(self.size)]
+                else self.ring._take(src, self.rank, what) for src in range(self.size)]
 
 
 class _Checked:
