@@ -1,9 +1,10 @@
 """What is measured: the FLOP count, one attention problem, the dense grid, random inputs.
 
-FLOPs are counted as in the FlashAttention papers: the forward is ``4·B·H·Nq·Nk·D``, halved when
-causal and multiplied by the kept fraction of a block mask; the backward is 2.5 times the
-forward, so a forward+backward step counts 3.5 times the forward. ``cuflash check`` and
-``cuflash bench`` both count with :func:`forward_flops`.
+FLOPs are counted as in the FlashAttention papers: the forward is ``4·B·H·Nq·Nk·D``
+(``2·B·H·Nq·Nk·(D + Dv)`` when v's head dimension differs), halved when causal and multiplied by
+the kept fraction of a block mask; the backward is 2.5 times the forward, so a forward+backward
+step counts 3.5 times the forward. ``cuflash check`` and ``cuflash bench`` both count with
+:func:`forward_flops`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,29 @@ BACKWARD_FLOP_FACTOR = 2.5
 
 
 def forward_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, *,
-                  causal: bool = False, fraction: float = 1.0) -> float:
-    """``4·B·H·Nq·Nk·D``, halved when causal, times ``fraction`` (a block mask's kept part)."""
-    return 4.0 * batch * heads * nq * nk * head_dim * (0.5 if causal else 1.0) * fraction
+                  causal: bool = False, fraction: float = 1.0,
+                  value_dim: int | None = None) -> float:
+    """``2·B·H·Nq·Nk·(D + Dv)`` (``4·B·H·Nq·Nk·D`` when ``value_dim`` is None or D), times the
+    part a causal mask keeps, times ``fraction`` (a block mask's kept part, 0 to 1).
+
+    ``heads`` are the query heads (grouped-query attention computes a product per query head).
+    The causal part is the area of the kept region of the ``Nq × Nk`` score matrix, the mask
+    aligned to its bottom right as cuflash aligns it: one half when ``Nq == Nk`` (the papers'
+    count), ``1 − Nq / (2·Nk)`` when there are fewer queries (a single decoding query keeps
+    nearly every key), ``Nk / (2·Nq)`` when there are more.
+    """
+    for name, size in (("batch", batch), ("heads", heads), ("nq", nq), ("nk", nk),
+                       ("head_dim", head_dim), ("value_dim", value_dim)):
+        if size is not None and not size >= 1:
+            raise ValueError(f"{name} must be at least 1, got {size}")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction (the kept part of a block mask) must be in [0, 1], got "
+                         f"{fraction}")
+    value_dim = head_dim if value_dim is None else value_dim
+    pairs = float(nq) * nk
+    if causal:
+        pairs = pairs - nq * nq / 2 if nq <= nk else nk * nk / 2
+    return 2.0 * batch * heads * pairs * (head_dim + value_dim) * fraction
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,11 @@ def _format(header, rows, footnotes):
 
 
 def _ratio_cell(record):
-    return "-" if record["ratio"] is None else f"{record['ratio']:.2f}"
+    ratio = record["ratio"]
+    if ratio is None:
+        return "-"
+    # two decimals; below 0.1 three significant digits (the CPU's ratios), not "0.01" or "0.00"
+    return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.3g}"
 
 
 def format_dense_table(records) -> str:
@@ -50,8 +54,8 @@ def format_dense_table(records) -> str:
 def format_sparse_table(records) -> str:
     """The block-sparse sweep: time and effective TFLOP/s of cuflash and FlexAttention."""
     notes = _Footnotes()
-    header = ["mode", "mask", "density", "cuflash ms", "TFLOP/s", "flex ms", "TFLOP/s",
-              "cuflash/flex"]
+    header = ["mode", "mask", "density", "cuflash ms", "cuflash TFLOP/s", "flex ms",
+              "flex TFLOP/s", "cuflash/flex"]
     rows = [[r["mode"], r["mask"], f"{r['density']:.3f}",
              notes.cell(r, "cuflash", "time_ms", 3), notes.cell(r, "cuflash"),
              notes.cell(r, "flex", "time_ms", 3), notes.cell(r, "flex"), _ratio_cell(r)]

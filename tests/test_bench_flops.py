@@ -1,0 +1,83 @@
+"""FLOP counts and table cells of the benchmark engine (cuflash.bench), on the CPU."""
+
+import numpy as np
+import pytest
+
+from cuflash.bench import problems, tables
+
+
+def _kept_pairs(nq, nk):
+    """Query-key pairs a bottom-right causal mask keeps: query i sees keys j <= i + nk - nq."""
+    i = np.arange(nq)[:, None]
+    j = np.arange(nk)[None, :]
+    return int(np.count_nonzero(j <= i + nk - nq))
+
+
+@pytest.mark.parametrize("nq, nk", [(1, 4096), (128, 4096), (512, 1024), (4096, 1024),
+                                    (4096, 4096)])
+def test_causal_flops_count_the_bottom_right_triangle(nq, nk):
+    counted = problems.forward_flops(1, 1, nq, nk, 64, causal=True)
+    exact = 4 * 64 * _kept_pairs(nq, nk)
+    # The papers' N²/2 for square calls: the continuous area of the kept region, within one
+    # diagonal of the exact count.
+    assert abs(counted - exact) <= 4 * 64 * max(nq, nk)
+
+
+def test_causal_flops_of_square_calls_stay_half():
+    assert problems.forward_flops(2, 3, 1024, 1024, 64, causal=True) == \
+        problems.forward_flops(2, 3, 1024, 1024, 64) / 2
+
+
+def test_decode_causal_flops_are_the_full_row():
+    # one query at the bottom right sees every key: nothing to halve
+    assert problems.forward_flops(1, 8, 1, 8192, 128, causal=True) == pytest.approx(
+        problems.forward_flops(1, 8, 1, 8192, 128), rel=1e-3)
+
+
+def test_value_dim_counts_the_pv_product_with_dv():
+    # q·kᵀ is 2·Nq·Nk·D, p·v is 2·Nq·Nk·Dv
+    assert problems.forward_flops(2, 4, 256, 512, 192, value_dim=128) == \
+        2.0 * 2 * 4 * 256 * 512 * (192 + 128)
+    assert problems.forward_flops(2, 4, 256, 512, 64, value_dim=64) == \
+        problems.forward_flops(2, 4, 256, 512, 64)
+
+
+@pytest.mark.parametrize("name, value", [("nq", 0), ("nk", -1), ("head_dim", 0),
+                                         ("value_dim", 0), ("batch", -2), ("heads", 0)])
+def test_forward_flops_refuses_sizes_below_one(name, value):
+    sizes = {"batch": 1, "heads": 2, "nq": 64, "nk": 64, "head_dim": 32}
+    kwargs = {}
+    if name == "value_dim":
+        kwargs["value_dim"] = value
+    else:
+        sizes[name] = value
+    with pytest.raises(ValueError, match=name):
+        problems.forward_flops(*sizes.values(), **kwargs)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
+def test_forward_flops_refuses_fractions_outside_0_1(fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        problems.forward_flops(1, 1, 64, 64, 32, fraction=fraction)
+
+
+def _record(ratio, cuflash=1.0, flash=1.0):
+    return {"mode": "fwd", "causal": False, "head_dim": 64, "seq_len": 512, "batch": 2,
+            "heads": 4, "tflops": {"cuflash": cuflash, "sdpa-flash": flash},
+            "notes": {"sdpa-cudnn": "n/a (not run)", "flex": "n/a (not run)"}, "ratio": ratio}
+
+
+def test_small_ratios_keep_their_digits():
+    # a ratio of 0.0077 printed as "0.01" would read as 30 % off
+    table = tables.format_dense_table([_record(0.00773)])
+    assert "0.00773" in table
+    assert "1.25" in tables.format_dense_table([_record(1.25)])
+    assert "0.50" in tables.format_dense_table([_record(0.5)])
+
+
+def test_sparse_table_names_whose_tflops_each_column_is():
+    record = {"mode": "fwd", "mask": "random 0.5", "density": 0.5,
+              "time_ms": {"cuflash": 2.0, "flex": 3.0}, "tflops": {"cuflash": 50.0, "flex": 30.0},
+              "notes": {}, "ratio": 50 / 30}
+    header = tables.format_sparse_table([record]).splitlines()[1]
+    assert "cuflash TFLOP/s" in header and "flex TFLOP/s" in header
