@@ -81,3 +81,27 @@ def test_sparse_table_names_whose_tflops_each_column_is():
               "notes": {}, "ratio": 50 / 30}
     header = tables.format_sparse_table([record]).splitlines()[1]
     assert "cuflash TFLOP/s" in header and "flex TFLOP/s" in header
+
+
+@pytest.mark.parametrize("mode, dtype", [("fwd", "bfloat16"), ("fwdbwd", "bfloat16"),
+                                         ("fwdbwd", "float32")])
+def test_bench_refuses_a_sweep_whose_run_would_not_fit(monkeypatch, mode, dtype):
+    """The estimate counted 8 arrays of the input dtype: a fwd+bwd call on the CPU holds about
+    twice that (float32 working copies, the backward's scratch), so a sweep said to fit could
+    run out of memory part way. Free memory just under what the run holds is refused."""
+    from click.testing import CliRunner
+
+    from cuflash.bench import devices, sweeps
+    from cuflash.cli import main
+
+    device = devices.CpuDevice()
+    inputs = problems.Inputs.random(device, (2, 4, 512, 64), dtype)  # --smoke's one problem
+    run = sweeps.cuflash_runner(inputs, mode, causal=False)
+    run()
+    _, peak = device.peak_bytes(run)
+    held = sum(x.nbytes for x in (inputs.q, inputs.k, inputs.v, inputs.dout)) + peak
+    monkeypatch.setattr(devices.CpuDevice, "free_bytes", lambda self: held - 1)
+    result = CliRunner().invoke(main, ["bench", "--smoke", "--device", "cpu", "--no-torch",
+                                       "--causal", "no", "--mode", mode, "--dtype", dtype])
+    assert result.exit_code == 3, result.output
+    assert "needs about" in result.output

@@ -15,7 +15,7 @@ import numpy
 
 from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
 
-__all__ = ["attention_seconds", "flops_per_second"]
+__all__ = ["attention_bytes", "attention_seconds", "flops_per_second"]
 
 # Calibration on the CPU: one problem of this many tokens (eight 128-row tiles each way, enough
 # for the cost per tile to dominate) and at most this many heads and this head dimension (more
@@ -73,6 +73,19 @@ def attention_seconds(device, *, batch: int, heads: int, seq_len: int, head_dim:
         one += BACKWARD_FLOP_FACTOR * flops / rate(backward=True)
     overhead = GPU_CALL_SECONDS * (2 if backward else 1) if device.name == "gpu" else 0.0
     return calls * (one + overhead)
+
+
+def attention_bytes(*, batch: int, heads: int, seq_len: int, head_dim: int, itemsize: int,
+                    backward: bool, numpy_path: bool) -> int:
+    """Memory one timed call holds at its peak, its inputs included: q, k, v and an output
+    gradient, out and the three gradients in the input dtype, and the float32 row sums (lse,
+    Delta); with ``backward``, the float32 dq accumulator. The NumPy path (``numpy_path``) also
+    works on float32 copies of each of those eight arrays (measured: up to 44 bytes an element
+    in bfloat16)."""
+    elements = batch * heads * seq_len * head_dim
+    rows = batch * heads * seq_len
+    total = 8 * elements * itemsize + 8 * rows + (4 * elements if backward else 0)
+    return total + (8 * elements * 4 if numpy_path else 0)
 
 
 @functools.cache

@@ -8,7 +8,7 @@ import math
 import click
 
 import cuflash.bench as measure
-from cuflash.bench.estimate import attention_seconds
+from cuflash.bench.estimate import attention_bytes, attention_seconds
 from cuflash.bench.sweeps import dense_row, sparse_row
 from cuflash.cli._common import (Interrupted, choose_device, echo_json, given_options,
                                  interrupted_with_results, progress, pyplot_or_fail,
@@ -267,11 +267,15 @@ def _require_reasonable(device, problems, modes, baselines, warmup, repeats, for
             seconds += one * (1 + (len(baselines) if torch_present else 0))
             if torch_present and "flex" in baselines:
                 seconds += FLEX_COMPILE_SECONDS
-        # q, k, v, dout, out and the three gradients, for cuflash and for the torch side
-        needed = max(needed, 8 * b * h * n * d * measure.DTYPES[problem.dtype].itemsize
-                     * (2 if baselines and torch_present else 1))
+        sizes = dict(batch=b, heads=h, seq_len=n, head_dim=d,
+                     itemsize=measure.DTYPES[problem.dtype].itemsize, backward="fwdbwd" in modes)
+        # the torch side holds its own outputs and gradients, without NumPy's float32 copies
+        torch_side = attention_bytes(**sizes, numpy_path=False) \
+            if baselines and torch_present else 0
+        needed = max(needed, attention_bytes(**sizes, numpy_path=device.name == "cpu")
+                     + torch_side)
     if needed > device.free_bytes():
-        # the torch side holds its own arrays: without it a call needs half
+        # the torch side holds its own outputs and gradients: without it a call needs less
         smaller = smaller_memory + (", or --no-torch" if baselines and torch_present else "")
     require_reasonable(device, seconds=seconds, needed=needed, what="this sweep", force=force,
                        smaller=smaller)
