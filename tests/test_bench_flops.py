@@ -105,3 +105,27 @@ def test_bench_refuses_a_sweep_whose_run_would_not_fit(monkeypatch, mode, dtype)
                                        "--causal", "no", "--mode", mode, "--dtype", dtype])
     assert result.exit_code == 3, result.output
     assert "needs about" in result.output
+
+
+def _kept_by_cuflash(nq, nk, **options):
+    """Pairs cuflash's float64 reference attends to: with equal scores, each row's output over
+    v = the identity is 1 / count on the keys it keeps and 0 elsewhere."""
+    from cuflash import reference
+    q, k = np.zeros((nq, 8)), np.zeros((nk, 8))
+    out, _ = reference.attention(q, k, np.eye(nk), **options)
+    return int(np.count_nonzero(out))
+
+
+@pytest.mark.parametrize("nq, nk, window, causal", [
+    (6, 6, (2, 1), False), (6, 6, (-1, 1), False), (6, 6, (1, -1), False), (6, 6, (0, 0), False),
+    (3, 6, (1, 0), False), (5, 2, (0, 0), False), (6, 6, (2, 1), True), (7, 40, (3, 5), False),
+    (40, 7, (3, 5), True), (33, 33, (-1, 0), False), (9, 20, (50, 50), False)])
+def test_window_flops_count_the_pairs_the_band_keeps(nq, nk, window, causal):
+    kept = _kept_by_cuflash(nq, nk, window=window, causal=causal)
+    assert problems.forward_flops(1, 1, nq, nk, 16, window=window, causal=causal) == \
+        4 * 16 * kept
+
+
+def test_window_flops_refuse_a_malformed_window():
+    with pytest.raises(ValueError, match="window"):
+        problems.forward_flops(1, 1, 8, 8, 16, window=(-2, 0))

@@ -1,8 +1,9 @@
 """What is measured: the FLOP count, one attention problem, the dense grid, random inputs.
 
 FLOPs are counted as in the FlashAttention papers: the forward is ``4·B·H·Nq·Nk·D``
-(``2·B·H·Nq·Nk·(D + Dv)`` when v's head dimension differs), halved when causal and multiplied by
-the kept fraction of a block mask; the backward is 2.5 times the forward, so a forward+backward
+(``2·B·H·Nq·Nk·(D + Dv)`` when v's head dimension differs), halved when causal (the kept area
+when ``Nq ≠ Nk``; a window counts the pairs of its band) and multiplied by the kept fraction of a
+block mask; the backward is 2.5 times the forward, so a forward+backward
 step counts 3.5 times the forward. ``cuflash check`` and ``cuflash bench`` both count with
 :func:`forward_flops`.
 """
@@ -37,7 +38,7 @@ BACKWARD_FLOP_FACTOR = 2.5
 
 def forward_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, *,
                   causal: bool = False, fraction: float = 1.0,
-                  value_dim: int | None = None) -> float:
+                  value_dim: int | None = None, window=(-1, -1)) -> float:
     """``2·B·H·Nq·Nk·(D + Dv)`` (``4·B·H·Nq·Nk·D`` when ``value_dim`` is None or D), times the
     part a causal mask keeps, times ``fraction`` (a block mask's kept part, 0 to 1).
 
@@ -45,7 +46,9 @@ def forward_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, *,
     The causal part is the area of the kept region of the ``Nq × Nk`` score matrix, the mask
     aligned to its bottom right as cuflash aligns it: one half when ``Nq == Nk`` (the papers'
     count), ``1 − Nq / (2·Nk)`` when there are fewer queries (a single decoding query keeps
-    nearly every key), ``Nk / (2·Nq)`` when there are more.
+    nearly every key), ``Nk / (2·Nq)`` when there are more. A ``window`` ``(left, right)`` (-1:
+    unbounded), aligned and intersected with ``causal`` as cuflash does, counts the pairs its
+    band keeps exactly (so ``window=(-1, 0)`` counts the diagonal that ``causal`` halves).
     """
     for name, size in (("batch", batch), ("heads", heads), ("nq", nq), ("nk", nk),
                        ("head_dim", head_dim), ("value_dim", value_dim)):
@@ -54,11 +57,26 @@ def forward_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, *,
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction (the kept part of a block mask) must be in [0, 1], got "
                          f"{fraction}")
+    left, right = window
+    if left < -1 or right < -1:
+        raise ValueError(f"window must be (left, right) with each side -1 (unbounded) or at "
+                         f"least 0, got {tuple(window)}")
     value_dim = head_dim if value_dim is None else value_dim
-    pairs = float(nq) * nk
-    if causal:
-        pairs = pairs - nq * nq / 2 if nq <= nk else nk * nk / 2
+    if (left, right) != (-1, -1):  # causal bounds the right side at the diagonal
+        pairs = float(_band_pairs(nq, nk, left, 0 if causal else right))
+    elif causal:
+        pairs = nq * nk - nq * nq / 2 if nq <= nk else nk * nk / 2
+    else:
+        pairs = float(nq) * nk
     return 2.0 * batch * heads * pairs * (head_dim + value_dim) * fraction
+
+
+def _band_pairs(nq: int, nk: int, left: int, right: int) -> int:
+    """Query-key pairs with ``i + Nk − Nq − left ≤ j ≤ i + Nk − Nq + right`` (-1: unbounded)."""
+    diagonal = numpy.arange(nq, dtype=numpy.int64) + (nk - nq)
+    first = numpy.maximum(diagonal - left, 0) if left >= 0 else 0
+    last = numpy.minimum(diagonal + right, nk - 1) if right >= 0 else nk - 1
+    return int(numpy.maximum(last - first + 1, 0).sum())
 
 
 @dataclass(frozen=True)
