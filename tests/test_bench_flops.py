@@ -129,3 +129,16 @@ def test_window_flops_count_the_pairs_the_band_keeps(nq, nk, window, causal):
 def test_window_flops_refuse_a_malformed_window():
     with pytest.raises(ValueError, match="window"):
         problems.forward_flops(1, 1, 8, 8, 16, window=(-2, 0))
+
+
+def test_an_unknown_mode_is_refused_by_name():
+    """flops("bwd") counted the forward alone, silently; the sweeps failed with a KeyError."""
+    from cuflash.bench import devices, sweeps
+    problem = problems.Problem(batch=1, heads=1, seq_len=64, head_dim=16, causal=False)
+    with pytest.raises(ValueError, match="mode must be 'fwd' or 'fwdbwd'"):
+        problem.flops("bwd")
+    with pytest.raises(ValueError, match="modes must be 'fwd' or 'fwdbwd'"):
+        sweeps.run_dense(devices.CpuDevice(), [problem], ("fwd", "bwd"), baselines=())
+    with pytest.raises(ValueError, match="modes must be 'fwd' or 'fwdbwd'"):
+        sweeps.run_sparse(devices.CpuDevice(), sweeps.sparse_masks(256, densities=(1.0,)),
+                          modes=("backward",), baselines=())

@@ -33,6 +33,14 @@ SPARSE_SEQ_LEN, SPARSE_HEADS, SPARSE_HEAD_DIM, SPARSE_BLOCK = 16384, 32, 64, 128
 SPARSE_DENSITIES = (1.0, 0.5, 0.25, 0.1)
 
 MODES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
+
+
+def check_modes(modes, name: str = "modes") -> None:
+    """Refuse a mode other than "fwd" and "fwdbwd" (anything else would time forward+backward
+    but count, or label, something else)."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"{name} must be 'fwd' or 'fwdbwd', got {mode!r}")
 BACKWARD_FLOP_FACTOR = 2.5
 
 
@@ -96,6 +104,7 @@ class Problem:
 
     def flops(self, mode: str = "fwd", density: float = 1.0) -> float:
         """FLOPs of one call (see the module docstring); ``mode`` "fwd" or "fwdbwd"."""
+        check_modes((mode,), "mode")
         forward = forward_flops(self.batch, self.heads, self.seq_len, self.seq_len,
                                 self.head_dim, causal=self.causal, fraction=density)
         return forward * (1 + BACKWARD_FLOP_FACTOR if mode == "fwdbwd" else 1)

@@ -17,7 +17,7 @@ import cuflash
 from cuflash.bench.baselines import flex_runner, sdpa_runner, torch_times
 from cuflash.bench.devices import Unavailable
 from cuflash.bench.problems import (MODES, SPARSE_BLOCK, SPARSE_DENSITIES, SPARSE_HEAD_DIM,
-                                    SPARSE_HEADS, SPARSE_SEQ_LEN, Inputs, Problem)
+                                    SPARSE_HEADS, SPARSE_SEQ_LEN, Inputs, Problem, check_modes)
 
 __all__ = ["BASELINES", "IMPLEMENTATIONS", "SPARSE_IMPLEMENTATIONS", "cuflash_runner",
            "dense_row", "random_block_layout", "run_dense", "run_sparse", "sparse_masks",
@@ -44,8 +44,10 @@ def cuflash_runner(inputs: Inputs, mode: str, *, causal: bool, block_mask=None) 
     return forward if mode == "fwd" else forward_backward
 
 
-def _check_runs(warmup: int, repeats: int) -> None:
-    """Refuse, before any input is made, counts of runs that would time nothing."""
+def _check_runs(warmup: int, repeats: int, modes) -> None:
+    """Refuse, before any input is made, counts of runs that would time nothing, and modes
+    that are not timed."""
+    check_modes(modes)
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1 (the median of the timed runs), got "
                          f"{repeats}")
@@ -98,7 +100,7 @@ def run_dense(device, problems, modes=("fwd", "fwdbwd"), *, baselines=BASELINES,
     in ms and TFLOP/s (None with a note when it did not run), plus ``ratio`` =
     cuflash / SDPA-flash TFLOP/s. ``on_step()`` is called after each implementation.
     """
-    _check_runs(warmup, repeats)
+    _check_runs(warmup, repeats, modes)
     records = []
     for problem in problems:
         inputs = Inputs.random(device, problem.shape, problem.dtype, seed)
@@ -200,7 +202,7 @@ def run_sparse(device, masks, *, heads=SPARSE_HEADS, head_dim=SPARSE_HEAD_DIM, b
     TFLOP/s are effective: the dense FLOPs times the mask's kept fraction, over the time.
     ``ratio`` is cuflash / FlexAttention.
     """
-    _check_runs(warmup, repeats)
+    _check_runs(warmup, repeats, modes)
     records = []
     for label, mask in masks:
         seq_len = mask.shape[0]
