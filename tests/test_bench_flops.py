@@ -142,3 +142,22 @@ def test_an_unknown_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="modes must be 'fwd' or 'fwdbwd'"):
         sweeps.run_sparse(devices.CpuDevice(), sweeps.sparse_masks(256, densities=(1.0,)),
                           modes=("backward",), baselines=())
+
+
+def test_sparse_plot_draws_no_bar_where_an_implementation_did_not_run(monkeypatch):
+    """A bar of height 0 read as 0 TFLOP/s where FlexAttention had not run at all."""
+    import importlib
+    import math
+    from unittest import mock
+
+    bench_cli = importlib.import_module("cuflash.cli.bench")  # the module, not the command
+
+    plt = mock.MagicMock()
+    ax = mock.MagicMock()
+    plt.subplots.return_value = (mock.MagicMock(), [[ax]])
+    monkeypatch.setattr(bench_cli, "save_figure", lambda *args: None)
+    record = {"mode": "fwd", "mask": "random 1", "tflops": {"cuflash": 5.0, "flex": None}}
+    bench_cli._plot_sparse(plt, "out.png", [record], mock.MagicMock(description="cpu"))
+    heights = {call.kwargs["label"]: call.args[1] for call in ax.bar.call_args_list}
+    assert heights["cuflash"] == [5.0]
+    assert math.isnan(heights["flex"][0])

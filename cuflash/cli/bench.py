@@ -310,8 +310,10 @@ def _plot_sparse(plt, path, records, device):
         rows = [r for r in records if r["mode"] == mode]
         positions = range(len(rows))
         for offset, name in ((-0.2, "cuflash"), (0.2, "flex")):
-            ax.bar([p + offset for p in positions],
-                   [r["tflops"].get(name) or 0 for r in rows], width=0.4, label=name)
+            # NaN draws no bar where it did not run (0 would read as 0 TFLOP/s)
+            heights = [math.nan if r["tflops"].get(name) is None else r["tflops"][name]
+                       for r in rows]
+            ax.bar([p + offset for p in positions], heights, width=0.4, label=name)
         ax.set_xticks(list(positions), [r["mask"] for r in rows], rotation=30, ha="right")
         ax.set_ylabel("effective TFLOP/s")
         ax.set_title(mode)
