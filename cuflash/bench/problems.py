@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy
 
+from cuflash import _mask
+
 __all__ = ["BACKWARD_FLOP_FACTOR", "DTYPES", "Inputs", "Problem", "dense_problems",
            "forward_flops"]
 
@@ -33,6 +35,7 @@ SPARSE_SEQ_LEN, SPARSE_HEADS, SPARSE_HEAD_DIM, SPARSE_BLOCK = 16384, 32, 64, 128
 SPARSE_DENSITIES = (1.0, 0.5, 0.25, 0.1)
 
 MODES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
+BACKWARD_FLOP_FACTOR = 2.5
 
 
 def check_modes(modes, name: str = "modes") -> None:
@@ -41,7 +44,6 @@ def check_modes(modes, name: str = "modes") -> None:
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"{name} must be 'fwd' or 'fwdbwd', got {mode!r}")
-BACKWARD_FLOP_FACTOR = 2.5
 
 
 def forward_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, *,
@@ -70,21 +72,14 @@ def forward_flops(batch: int, heads: int, nq: int, nk: int, head_dim: int, *,
         raise ValueError(f"window must be (left, right) with each side -1 (unbounded) or at "
                          f"least 0, got {tuple(window)}")
     value_dim = head_dim if value_dim is None else value_dim
-    if (left, right) != (-1, -1):  # causal bounds the right side at the diagonal
-        pairs = float(_band_pairs(nq, nk, left, 0 if causal else right))
+    if (left, right) != (-1, -1):  # the keys each row sees, causal bounding the right side
+        begin, end = _mask.key_range(slice(0, nq), nq, nk, *_mask.band(window, causal))
+        pairs = float((end - begin).sum())
     elif causal:
         pairs = nq * nk - nq * nq / 2 if nq <= nk else nk * nk / 2
     else:
         pairs = float(nq) * nk
     return 2.0 * batch * heads * pairs * (head_dim + value_dim) * fraction
-
-
-def _band_pairs(nq: int, nk: int, left: int, right: int) -> int:
-    """Query-key pairs with ``i + Nk − Nq − left ≤ j ≤ i + Nk − Nq + right`` (-1: unbounded)."""
-    diagonal = numpy.arange(nq, dtype=numpy.int64) + (nk - nq)
-    first = numpy.maximum(diagonal - left, 0) if left >= 0 else 0
-    last = numpy.minimum(diagonal + right, nk - 1) if right >= 0 else nk - 1
-    return int(numpy.maximum(last - first + 1, 0).sum())
 
 
 @dataclass(frozen=True)
