@@ -157,13 +157,17 @@ def agree(comm, checks: Callable[[], tuple[list[Field], Any]], what: str, rule: 
     return value
 
 
-def share_refusal(comm, error: BaseException) -> None:
+def share_refusal(comm, error: BaseException, *, gather=None,
+                  shape: tuple[int, ...] = (_SIGNATURE,)) -> None:
     """Join the comparison of the ranks' calls with ``error``, this rank's refusal of its
     arguments, so that the ranks waiting there raise too (:func:`check_same_call`); the
-    caller raises ``error`` itself next. A failure of the all-gather is dropped: ``error`` is
-    the cause."""
+    caller raises ``error`` itself next. ``gather`` and ``shape``: the all-gather the others
+    wait in (default ``comm.all_gather``) and the shape of what each rank gives it (an
+    all-to-all's headers, say). A failure of the all-gather is dropped: ``error`` is the
+    cause."""
     try:
-        comm.all_gather(refusal_values(error, _SIGNATURE))
+        (gather or comm.all_gather)(
+            refusal_values(error, int(numpy.prod(shape))).reshape(shape))
     except Exception:  # noqa: BLE001 - the refusal is raised by the caller
         pass
 

@@ -53,7 +53,7 @@ import numpy
 
 from cuflash import _checks
 
-from ._signature import dtype_code, dtype_text, is_refusal, refusal_error, refusal_values
+from ._signature import dtype_code, dtype_text, is_refusal, refusal_error, share_refusal
 
 __all__ = ["CommError", "CommTimeout", "Communicator", "LocalComm", "LocalRing", "Pending",
            "array_module", "check_all_to_all", "check_array", "check_arrays", "check_comm",
@@ -284,11 +284,8 @@ class CommBase:
             self._check_transported(arrays, "arrays")
             return arrays
         except Exception as error:
-            try:
-                self._all_gather_host(refusal_values(error, self.size * (_MAX_DIMS + 2))
-                                      .reshape(self.size, _MAX_DIMS + 2))
-            except Exception:  # noqa: BLE001 - the refusal is the cause, raised below
-                pass
+            share_refusal(self, error, gather=self._all_gather_host,
+                          shape=(self.size, _MAX_DIMS + 2))
             raise
 
     def _received_shapes(self, arrays) -> list[tuple[int, ...]]:
