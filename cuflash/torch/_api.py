@@ -241,7 +241,7 @@ def _core_checks(q, k, v, mask, alibi_slopes, refused, causal, scale, window_lef
     where ``refused`` holds them, their refusal in torch terms; a seed yet to be drawn stands in
     as 0."""
     slopes = _RefusedTorchArgument() if refused else alibi_slopes
-    with _torch_refusals(q, refused or {}):
+    with _torch_refusals(q, refused):
         _ops.check_call_on_stand_ins(q, k, v, mask, slopes, dict(
             causal=causal, scale=scale, window=(window_left, window_right), softcap=softcap,
             deterministic=deterministic, dropout_p=dropout_p,
@@ -262,8 +262,8 @@ def _attention(q, k, v, *, causal, scale, window, softcap, alibi_slopes, block_m
     # The slopes' type and device are checked where the core checks the slopes, after q, k, v
     # and every option: slopes the torch side refuses reach the core's checks (below, and the
     # mask's) as a _RefusedTorchArgument, and _torch_refusals says why.
-    refused = (None if alibi_slopes is None or isinstance(alibi_slopes, torch.Tensor)
-               and alibi_slopes.device == q.device else {"alibi_slopes": alibi_slopes})
+    refused = {}
+    _beside_q(q, "alibi_slopes", alibi_slopes, refused)
     causal, scale, left, right, softcap = _checked_score_options(q, causal, scale, window,
                                                                  softcap, names or {})
     block_mask = _one_mask(block_mask, mask)
@@ -579,8 +579,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # The offsets' and the slopes' types and devices are checked where the core checks them
     # (after the function's own checks, as the operator's call would): refused ones reach the
     # core's checks as _RefusedTorchArgument, and _torch_refusals says why.
-    refused = _refused_beside_q(q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                alibi_slopes=alibi_slopes)
+    refused = {}
+    marked = {name: _beside_q(q, name, x, refused) for name, x in (
+        ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+        ("alibi_slopes", alibi_slopes))}
     return_attn_probs = _checked_return_attn_probs(
         return_attn_probs, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         alibi_slopes=alibi_slopes)
@@ -590,9 +592,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     lengths = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
     if refused:
         if not torch.compiler.is_compiling():  # (no stand-ins while Dynamo traces)
-            marked = {name: _RefusedTorchArgument() if name in refused else x for name, x in (
-                ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
-                ("alibi_slopes", alibi_slopes))}
             with _torch_refusals(q, refused):  # raises the core's first refusal
                 _varlen_core_checks(
                     q, k, v, marked["cu_seqlens_q"], marked["cu_seqlens_k"], lengths,
@@ -902,13 +901,6 @@ def _beside_q(q, name: str, x, refused: dict):
         return x
     refused[name] = x
     return _RefusedTorchArgument()
-
-
-def _refused_beside_q(q, **tensors) -> dict:
-    """The ``tensors`` (name -> what the caller gave; None for one not given) the torch side
-    refuses: those that are not a tensor on q's device."""
-    return {name: x for name, x in tensors.items()
-            if x is not None and not (isinstance(x, torch.Tensor) and x.device == q.device)}
 
 
 @contextlib.contextmanager
