@@ -717,6 +717,43 @@ def test_gpu_more_sequences_than_a_dkdv_block_ranks(xp_gpu, rng, seed, d, dv, ca
              d=d, dv=dv, causal=causal)
 
 
+def check_sequences_kept_apart(xp, rng, d, dv, options):
+    """A sequence's last key tile ends past its keys, and the Hopper forward's TMA boxes read the
+    next sequence's first keys and values there (P = 0 for them). An infinite or NaN value among
+    those must not reach this sequence's output, as 0 · inf would: with the odd sequences' first
+    key and value rows made infinite and NaN, the even sequences' outputs stay finite and equal
+    bit for bit to the same call's without them."""
+    lens_q = [100, 37, 300, 129, 5, 77, 250, 1]
+    lens_k = [90, 50, 301, 127, 6, 81, 200, 3]
+    (q, k, v, cu_q, cu_k, max_q, max_k), _ = make_case(rng, xp, ml_dtypes.bfloat16, lens_q, lens_k,
+                                                        hq=4, hkv=2, d=d, dv=dv)
+    clean = to_np(cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options))
+    starts = xp.asarray(to_np(cu_k)[1::2][:len(lens_k) // 2])
+    k[starts, :, :d // 2] = np.nan
+    v[starts, :, :dv // 2] = np.inf
+    v[starts, :, dv // 2:] = np.nan
+    got = to_np(cuflash.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options))
+    for b, rq, _ in varlen_sequences(cu_q, cu_k):
+        if b % 2 == 0:
+            assert np.isfinite(got[rq].astype(np.float32)).all(), f"sequence {b}"
+            np.testing.assert_array_equal(got[rq], clean[rq], err_msg=f"sequence {b}")
+
+
+SEQUENCES_APART_OPTIONS = [dict(), dict(causal=True), dict(dropout_p=0.2, dropout_seed=7)]
+
+
+@pytest.mark.parametrize("options", SEQUENCES_APART_OPTIONS, ids=["dense", "causal", "dropout"])
+def test_numpy_keeps_each_sequence_apart_from_the_next_ones_values(rng, options):
+    check_sequences_kept_apart(np, rng, 32, 16, options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d, dv", [(64, 64), (128, 128), (192, 128), (256, 256)])
+@pytest.mark.parametrize("options", SEQUENCES_APART_OPTIONS, ids=["dense", "causal", "dropout"])
+def test_gpu_forward_keeps_each_sequence_apart_from_the_next_ones_values(xp_gpu, rng, d, dv, options):
+    check_sequences_kept_apart(xp_gpu, rng, d, dv, options)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_equals_dense_per_sequence(xp_gpu, rng, monkeypatch, d):

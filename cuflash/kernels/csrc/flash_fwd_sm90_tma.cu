@@ -199,6 +199,7 @@ struct ExactBeside {
 template <int BLOCK_M, int BLOCK_N, class MASK, bool VARLEN, bool DROPOUT>
 struct TmaTileWork {
     using Mask = MASK;
+    static constexpr bool PACKED = VARLEN;
     static constexpr bool TAIL_ORDER = lanes_run_heavy_to_light<MASK>() && !VARLEN && !DROPOUT;
     int b, h, m0;
     Sequence seq;
@@ -384,7 +385,29 @@ struct TileOwed {
     float* lse;   // ... and of lse
     int nq, row0, v_stage, q_buffer;
     float row_max[2], row_sum[2], scale;
+    int v_keys;   // packed sequences: the keys of the sequence in the last V tile (clear_values_past_end)
 };
+
+// Packed sequences: a sequence's last key tile ends past its keys (TMA reads whole boxes of the
+// packed rows), and those rows of its V buffer hold the next sequence's first values, where a
+// dense call's hold TMA's zeros. Their P is 0, but 0 · inf is NaN: an infinite or NaN value
+// there would reach this sequence's O. So before the tile's P·V (its query tile's last, the one a
+// warpgroup owes) each consumer zeros all those rows itself and orders its zeros before its own
+// P·V with a barrier over its warpgroup (its own id, c + 2, as the stores'). Another consumer may
+// write the same zeros while this one's P·V reads them: that changes no value, since between the
+// buffer's load and its release (every consumer's, after its P·V) nothing but zeros is written to
+// those rows. A share each would need a barrier over all consumers, which holds them in step
+// (with ping-pong it undoes their offset): 1-3% slower than this on short documents (H100,
+// benchmarks/NOTES.md). `keys` ≥ 1: a visited tile holds a key of the sequence.
+template <class L, int BLOCK_N, bool VARLEN>
+__device__ __forceinline__ void clear_values_past_end(u32 v_buffer, int keys) {
+    if constexpr (VARLEN) {
+        if (keys < BLOCK_N) {
+            zero_ring_rows<L::V_STAGE / (BLOCK_N * 128), BLOCK_N>(v_buffer, keys, threadIdx.x % 128, 128);
+            named_barrier(threadIdx.x / 128 + 1, 128);
+        }
+    }
+}
 
 // O / l and lse of the rows a warpgroup owes (its last P·V done): O goes through the staging
 // buffer (with O_IN_V the V buffer of the tile's last key tile, with O_IN_KV that tile's V
@@ -498,10 +521,12 @@ __device__ __forceinline__ void release_owed_v(State& st, const TmaForwardBarrie
 // The last P·V a warpgroup owes, issued alone (no next tile to go with: the block's last, or one
 // that visits no key tile; or every tile's without carries_last_pv), then its rows staged, the
 // copy deferred (stage_owed).
-template <typename T, class L, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, bool DROPOUT, class State>
+template <typename T, class L, int DVP, int BLOCK_N, int STAGES, bool PINGPONG, bool DROPOUT, bool VARLEN,
+          class State>
 __device__ __forceinline__ void settle_alone(const FwdArgs& a, State& st, const TmaForwardBarriers<STAGES>& bar,
                                              u32 base, const GemmTurns<PINGPONG, L::CONSUMERS>& turns, int c) {
     mbar_wait(bar.v_full(st.vs.stage), st.vs.phase);
+    clear_values_past_end<L, BLOCK_N, VARLEN>(base + L::V_RING + st.vs.stage * L::V_STAGE, st.owed.v_keys);
     reg_fence(st.o);
     reg_fence_frag(st.pf);
     turns.begin();
@@ -552,15 +577,16 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
     // This tile's rows and their softmax state, for the stores whenever they come.
     auto rows_owed = [&](int last_v) {
+        const int v_keys = Work::PACKED && n_count > 0 ? work.seq.nk - work.key_tile[n_count - 1] * BLOCK_N : BLOCK_N;
         return TileOwed{a.o + work.b * a.o_sb + work.h * a.o_sh + work.seq.q0 * a.o_sn, a.lse + work.lse_start(a),
                         work.seq.nq, work.m0 + c * 64, last_v, qb, {row_max[0], row_max[1]}, {row_sum[0], row_sum[1]},
-                        mod.softmax_scale()};
+                        mod.softmax_scale(), v_keys};
     };
 
     if (n_count == 0) {  // no buffer: the zeros go straight out (after what the last tile owes)
         if (st.owes) {
             turns.open(c);
-            settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
+            settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT, Work::PACKED>(a, st, bar, base, turns, c);
         }
         flush_staged<L, DVP>(a, st, bar);
         const TileOwed rows = rows_owed(0);
@@ -644,6 +670,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     issue_qk<T, D, BLOCK_M, BLOCK_N>(s, desc_q, k_stage(ks.stage));
     if (owes) {
         mbar_wait(bar.v_full(vs.stage), vs.phase);
+        clear_values_past_end<L, BLOCK_N, Work::PACKED>(v_stage(vs.stage), st.owed.v_keys);
         issue_pv<T, DVP, BLOCK_N>(o, pf, v_stage(vs.stage));
     } else if constexpr (CARRY) {
         wgmma_commit();  // an empty group, so that the waits below count alike on both paths
@@ -702,7 +729,7 @@ __device__ __forceinline__ void consume_tile(const FwdArgs& a, const MASK& mask,
     // What the tile owes now: its last P·V, V in the buffer `vs` stands at, then the stores.
     st.owed = rows_owed(vs.stage);
     st.owes = true;
-    if constexpr (!CARRY) settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
+    if constexpr (!CARRY) settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT, Work::PACKED>(a, st, bar, base, turns, c);
 }
 
 template <typename T, int D, int DV, int BLOCK_N, int STAGES, int Q_BUFFERS, int CONSUMERS, bool PINGPONG, class MASK,
@@ -756,7 +783,7 @@ flash_fwd_sm90_tma(const __grid_constant__ QkvMaps maps, const __grid_constant__
         const int c = threadIdx.x / 128 - 1;
         const GemmTurns<PINGPONG, L::CONSUMERS> turns(c);
         turns.open(c);
-        settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT>(a, st, bar, base, turns, c);
+        settle_alone<T, L, DVP, BLOCK_N, STAGES, PINGPONG, DROPOUT, VARLEN>(a, st, bar, base, turns, c);
     }
     flush_staged<L, DVP>(a, st, bar);
 }

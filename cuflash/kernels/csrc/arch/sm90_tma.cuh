@@ -136,6 +136,24 @@ __device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 
     beside.load(full);
 }
 
+// Zeros rows first_row .. ROWS - 1 of a landed ring tile (BOXES boxes of ROWS rows of 128 bytes,
+// as load_ring_tile lays them out: the 128-byte swizzle only moves 16-byte chunks within a row, so
+// a row stays its own 128 bytes in each box), shared among `threads` threads of which this is
+// `thread`, and orders the zeros before later async-proxy reads (wgmma). Packed sequences' tiles
+// that end past their sequence hold the next sequence's rows there, where a dense call's tiles
+// hold TMA's zero fill. A barrier over the same threads then makes the zeros every thread's.
+template <int BOXES, int ROWS>
+__device__ __forceinline__ void zero_ring_rows(u32 tile, int first_row, int thread, int threads) {
+    const int chunks = (ROWS - first_row) * 8;  // 16-byte chunks in one box's rows to clear
+#pragma unroll
+    for (int box = 0; box < BOXES; ++box)
+        for (int i = thread; i < chunks; i += threads) {
+            const u32 at = tile + box * ROWS * 128 + first_row * 128 + i * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(at), "r"(0) : "memory");
+        }
+    fence_proxy_async_shared();
+}
+
 // ---- bulk reductions (shared → global, by the TMA unit, asynchronous to the issuing thread)
 
 // Adds `bytes` (a multiple of 16) of float32 at shared address `src` into global `dst`, element
