@@ -173,7 +173,8 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
                  rotary_sin=None, rotary_interleaved=True, cache_leftpad=None) -> KVCachePlan:
     """The route ``attention_with_kvcache`` would take for these arguments, and why; validated
     the same way, and nothing is written or run (q is neither rotated nor copied: the route of
-    the array the call would make stands for it).
+    the array the call would make stands for it). A ``num_splits`` whose decode launch would
+    pass 2**31 thread blocks raises the ValueError the call raises.
 
     >>> import numpy as np, cuflash
     >>> q = np.zeros((1, 1, 2, 8), np.float32); cache = np.zeros((1, 32, 2, 8), np.float32)
@@ -188,8 +189,13 @@ def kvcache_plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_ta
         rotary_interleaved=rotary_interleaved, cache_leftpad=cache_leftpad)
     with _checks.device_context(q):
         q, k_cache, v_cache = _planned_arrays(spec, rotary, q, k_cache, v_cache)
-        route, reason, _ = _choose(spec, q if spec.xp is numpy else _checks.kernel_readable(q),
-                                   k_cache, v_cache)
+        q = q if spec.xp is numpy else _checks.kernel_readable(q)
+        route, reason, decode = _choose(spec, q, k_cache, v_cache)
+        if route == DECODE:
+            # The call's launch refuses a split count past one launch when it is prepared, with
+            # a ValueError and nothing written: the plan raises it too, as it does the
+            # arguments' own errors, rather than name a route the call then refuses.
+            decode.check_num_splits(q, k_cache, v_cache, spec.num_splits, block_table=spec.block_table)
     return KVCachePlan(spec, route, reason)
 
 

@@ -839,6 +839,35 @@ def test_decode_split_counts_past_one_launch_are_refused_as_such(monkeypatch, nu
     assert not device.take_launches()
 
 
+def test_kvcache_plan_refuses_the_split_counts_the_launch_refuses(monkeypatch):
+    """kvcache_plan raises the ValueError the call raises for a split count past one launch
+    (it named the decode route, which then refused the call), and still names the decode route
+    for the largest count the launch takes: 4 batch rows launch 4 blocks per split, so
+    (2**31 - 1) // 4 splits pass and one more does not (through a fake device)."""
+    cupy = pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import decode
+
+    device = FakeDevice(monkeypatch)
+    q = cupy.empty((4, 1, 2, 64), np.float16)
+    k_cache, v_cache = (cupy.empty((4, 256, 1, 64), np.float16) for _ in range(2))
+    options = dict(cache_seqlens=cupy.empty((4,), np.int32))
+    most = (2**31 - 1) // 4
+    assert cuflash.kvcache_plan(q, k_cache, v_cache, **options, num_splits=most).route == "decode"
+    for num_splits in (most + 1, 2**40):
+        with pytest.raises(ValueError, match=f"num_splits takes at most {most:,} here") as planned:
+            cuflash.kvcache_plan(q, k_cache, v_cache, **options, num_splits=num_splits)
+        decode._prepared.cache_clear()
+        try:
+            with pytest.raises(ValueError) as called:
+                cuflash.attention_with_kvcache(q, k_cache, v_cache, **options, num_splits=num_splits)
+        finally:
+            decode._prepared.cache_clear()
+        assert str(planned.value) == str(called.value)
+    assert device.compiled == [] and not device.take_launches()
+
+
 def _appending_call_refused(monkeypatch, capacity: int, num_splits: int, error, match: str,
                             before=None):
     """A decode-route call appending one key to a cache of ``capacity`` keys with ``num_splits``

@@ -162,14 +162,33 @@ class Geometry:
                              sm_count(device_id) * resident_blocks(device_id, self.shared))
 
 
+def _geometry_of(q, k_cache, v_cache, block_table) -> Geometry:
+    """The ``Geometry`` of a launch over these arrays, paged where a ``block_table`` is given."""
+    return Geometry.of(*q.shape[:3], k_cache.shape[2], q.shape[3], v_cache.shape[3], block_table is not None,
+                       _launch.shared_limit(q.device.id))
+
+
 def chosen_num_splits(q, k_cache, v_cache, seqlens=None, *, block_table=None) -> int:
     """The split count ``forward`` picks with ``num_splits=0`` for these arrays, paged where a
     ``block_table`` is given, as ``forward`` takes them (the capacity of the cache decides, not
     ``seqlens``: the lengths stay on the device)."""
-    paged = block_table is not None
-    geometry = Geometry.of(*q.shape[:3], k_cache.shape[2], q.shape[3], v_cache.shape[3], paged,
-                           _launch.shared_limit(q.device.id))
+    geometry = _geometry_of(q, k_cache, v_cache, block_table)
     return geometry.auto_splits(capacity_of(k_cache, block_table), q.device.id)
+
+
+def check_num_splits(q, k_cache, v_cache, num_splits: int, *, block_table=None) -> None:
+    """Raises the ValueError ``prepare`` raises for these arrays when ``num_splits`` key splits
+    pass one launch; nothing is compiled or launched (``cuflash.kvcache_plan``). ``num_splits``
+    0 is checked as one split, without asking the occupancy: the count ``choose_splits`` picks
+    exceeds one only where one split's blocks fill less than 95% of their waves, so fewer than
+    20 waves, and ``MAX_SPLITS`` times that is far below the bound."""
+    _checked_blocks(max(1, num_splits), _geometry_of(q, k_cache, v_cache, block_table))
+
+
+def _checked_blocks(splits: int, geometry: Geometry) -> int:
+    """The decode kernel's thread blocks for ``splits`` key splits, or the ValueError of a
+    launch too large, naming num_splits and its bound (``_decode_grid_name``)."""
+    return check_grid(splits * geometry.blocks_per_split, _decode_grid_name(splits, geometry))
 
 
 def _mask_type(causal: bool, window) -> str:
@@ -288,7 +307,7 @@ def _prepared(layouts, device_id: int, appended: int, scale: float, causal: bool
     capacity = _capacity(k_layout[0], table_layout[0] if paged else None)
     splits = num_splits or geometry.auto_splits(capacity, device_id)
     # Checked before anything is packed: a split count past int32 is then a launch too large.
-    blocks = check_grid(splits * geometry.blocks_per_split, _decode_grid_name(splits, geometry))
+    blocks = _checked_blocks(splits, geometry)
     rows = batch * heads * sq
     warps = check_grid(combine_warps(rows, dv), "the decode combine kernel (one warp per query row and 32 columns)")
     left, right = _kernel_band(causal, window, sq, capacity)
@@ -429,6 +448,7 @@ def main_variants() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["why_not", "prepare", "forward", "append", "capacity_of", "choose_splits", "chosen_num_splits", "stages_for",
+__all__ = ["why_not", "prepare", "forward", "append", "capacity_of", "choose_splits", "chosen_num_splits",
+           "check_num_splits", "stages_for",
            "variant", "main_variants",
            "DECODE_ARGS", "APPEND_ARGS"]
