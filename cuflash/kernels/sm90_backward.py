@@ -375,7 +375,11 @@ def dq_ring(spec, tiles: Sm90BwdTiles) -> bool:
 def dq_ring_shared_bytes(spec) -> int:
     """Dynamic shared memory of ``flash_bwd_sm90_dq_ws`` for this call (DqRingSmem in
     flash_bwd_sm90.cu): Q and dO (the boxes that hold a real column), two K buffers, two V buffers
-    where 227 KB holds them, else one, the lse2 and Delta rows and 1 KB for the alignment."""
+    where 227 KB holds them, else one, the lse2 and Delta rows and 1 KB for the alignment. The
+    number of V buffers is the kernel's own (DqRingSmem::V_STAGES, by this same rule): the launch
+    must give it every byte it lays out. Its mbarriers (at most 72 bytes) are static shared
+    memory, beside these bytes and under the same 227 KB: every figure here is a whole number of
+    KB, so the rule leaves them at least 1 KB (tests/test_sm90_backward_shared.py)."""
     qk_dim, dp_dim = step_dims(spec) or (SPLIT_HEAD_DIM, SPLIT_HEAD_DIM)
     qk_boxes, dp_boxes = -(-qk_dim // 64), -(-dp_dim // 64)
     bm, bn = DQ_RING_BLOCK_M, 64
