@@ -882,3 +882,48 @@ def test_a_backward_without_query_rows_keeps_its_buffers_like_any_other(monkeypa
     grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 0, 3)
     assert len(kept) == 1 and all(a is b for a, b in zip(kept[0], grads))
     assert not grads[1].any() and not grads[2].any()
+
+
+@pytest.mark.parametrize("side", ["queries", "keys"])
+def test_packed_tiles_whose_rows_pass_int32_are_passed_over(monkeypatch, side):
+    """The Hopper TMA forward (192-row query tiles against 128-key tiles here) and the
+    warp-specialised dK/dV kernel (128-key tiles) cut each packed sequence into its own tiles and
+    count their rows in the packed arrays in int32 (the sequence's first row plus the tile's, up
+    to a tile past its end): the host knows the totals, not where each sequence starts, so total
+    rows plus a tile's padding must stay below 2**31. At 2**31 - 1 they run; one row more and
+    the Hopper families pass the call on to the mma.sync kernels, naming the bound. (Query rows
+    that many are refused by the backward's workspace rows already, so only their forward runs
+    here. A made-up device: the arrays take no memory; the offsets are never read.)"""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash import kernels
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    plans = []
+    planned = kernels.plan
+    monkeypatch.setattr(kernels, "plan", lambda *args: plans.append(planned(*args)) or plans[-1])
+    tile, total, short = (192, "total_q", 256) if side == "queries" else (128, "total_k", 256)
+    cu = device.empty((2,), np.int32)
+    for rows, runs in ((2**31 - tile, True), (2**31 - tile + 1, False)):
+        q_rows, k_rows = (rows, short) if side == "queries" else (short, rows)
+        q = device.empty((q_rows, 1, 64), ml_dtypes.bfloat16)
+        k = device.empty((k_rows, 1, 64), ml_dtypes.bfloat16)
+        out, lse = cuflash.attention_varlen(q, k, k, cu, cu, 128, 128, return_lse=True, check_offsets=False)
+        passes = [plans[-1]]
+        if side == "keys":
+            cuflash.attention_varlen_backward(out, q, k, k, out, lse, cu, cu, 128, 128, check_offsets=False)
+            passes.append(plans[-1])
+        hopper = {"forward": "sm90-tma", "backward": "sm90-wgmma"}
+        for plan in passes:
+            if runs:
+                assert plan.family.name == hopper[plan.pass_name], plan.describe()
+                continue
+            assert plan.family.name == "sm80-mma", plan.describe()
+            unit = "query" if side == "queries" else "key"
+            assert dict(plan.passed_over)[hopper[plan.pass_name]] == (
+                f"counts packed rows in int32 up to a tile past a sequence's end: {total} plus a "
+                f"{tile}-row {unit} tile's padding ({tile - 1}) must be below 2**31, got 2,147,483,648")
+        if runs:  # the tiles counted on above
+            assert passes[0].detail.startswith("192-row query tiles against 128-key tiles")
+            assert side == "queries" or passes[1].detail.startswith("the warp-specialised dK/dV kernel")

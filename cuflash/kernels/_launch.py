@@ -104,19 +104,39 @@ def why_not_lengths(spec) -> str | None:
     return f"counts query rows and keys in int32: {what} must be below 2**31, got {nq:,} and {nk:,}"
 
 
-def why_not_tile_rows(spec, tile_m: int) -> str | None:
-    """The reason a family whose query tiles hold `tile_m` rows cannot take a call whose query
-    rows, rounded up to whole tiles, pass 2**31 (None for any other call): its kernels count a
-    tile's rows in int32 up to the tile's end, padding rows included. Tiles of a power of two
-    rows never do (2**31 is a whole number of them, and ``why_not_lengths`` keeps Nq below it);
-    the Hopper TMA forward's 192-row tiles can. Packed sequences count the rows of the longest
-    (``AttentionSpec.band_extent``)."""
+def why_not_tile_rows(spec, tile_m: int, tile_n: int) -> str | None:
+    """The reason a family whose query tiles hold `tile_m` rows and key tiles `tile_n` keys
+    cannot take a call whose tiles reach past int32 (None for any other call). Dense calls: its
+    kernels count a tile's rows in int32 up to the tile's end, padding rows included, so Nq
+    rounded up to whole tiles must not pass 2**31. Tiles of a power of two rows never do (2**31
+    is a whole number of them, and ``why_not_lengths`` keeps Nq below it); the Hopper TMA
+    forward's 192-row tiles can. Packed sequences: ``_why_not_packed_tiles``."""
+    if spec.varlen is not None:
+        return _why_not_packed_tiles(spec.varlen, tile_m, tile_n)
     nq = spec.band_extent()[0]
     end = -(-nq // tile_m) * tile_m
     if end <= 2**31:
         return None
     return (f"counts query rows in int32 up to the end of its {tile_m}-row query tiles: Nq "
             f"rounded up to them must not pass 2**31, got {end:,}")
+
+
+def _why_not_packed_tiles(varlen, tile_m: int, tile_n: int) -> str | None:
+    """A packed call's reason for ``why_not_tile_rows``. The kernels that cut each sequence into
+    its own tiles (the Hopper TMA forward's query tiles, its key tiles' count, the warp-specialised
+    dK/dV kernel's key tiles) form in int32 a tile's rows in the packed (total, H, D) arrays,
+    the sequence's first row plus the tile's, for tiles up to one past the sequence's end, and
+    the sequence's rows rounded up to whole tiles (n + tile − 1). For any sequence those stay
+    within the packed rows plus a tile's padding, total + tile − 1, which must be below 2**31:
+    the host knows the totals, not where each sequence starts (the offsets stay on the
+    device)."""
+    for rows, total, tile, unit in (("q", varlen.total_q, tile_m, "query"),
+                                    ("k", varlen.total_k, tile_n, "key")):
+        if total + tile - 1 >= 2**31:
+            return (f"counts packed rows in int32 up to a tile past a sequence's end: total_{rows} "
+                    f"plus a {tile}-row {unit} tile's padding ({tile - 1}) must be below 2**31, "
+                    f"got {total + tile - 1:,}")
+    return None
 
 
 def check_grid(blocks: int, what: str) -> int:

@@ -408,7 +408,8 @@ def supports(spec, arrays) -> str | None:
     """None when ``backward`` can run this call, else why not: a compute-capability 9.0 device,
     float16 or bfloat16, D and Dv up to 256 (above 128: views TMA can describe, and the options
     ``why_not_options`` allows), 16-byte aligned base pointers, row strides and row widths of
-    every array, and block masks whose blocks are whole multiples of both kernels' tiles."""
+    every array, block masks whose blocks are whole multiples of both kernels' tiles, and packed
+    rows that the tiles' int32 arithmetic can count (``_launch.why_not_tile_rows``)."""
     q = arrays[0]
     reason = why_not_hopper_16bit(spec, q) or mma_backward.why_not_scratch(spec)
     if reason:
@@ -426,14 +427,17 @@ def supports(spec, arrays) -> str | None:
 
         return (f"takes D or Dv above 128 only in the warp-specialised dK/dV kernel: views TMA can "
                 f"describe, and {WARP_SPECIALISED_BACKWARD_ENV} not 0")
+    tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
     if spec.block_mask is not None:
-        tiles = default_tiles(tile_head_dim(spec), dropout=spec.has_dropout)
         bq, bk = spec.block_mask.block_size
         rows = math.lcm(tiles.dkdv_block_m, tiles.dq_block_m)
         keys = math.lcm(tiles.dkdv_block_n, tiles.dq_block_n)
         if bq % rows or bk % keys:
             return f"needs block-mask blocks that are multiples of {rows}x{keys}; got {bq}x{bk}"
-    return None
+    # Packed sequences: the warp-specialised dK/dV kernel cuts each into its own key tiles, at
+    # packed rows counted in int32 (the family's largest tiles bound what its kernels form).
+    return _launch.why_not_tile_rows(spec, max(tiles.dkdv_block_m, tiles.dq_block_m),
+                                     max(tiles.dkdv_block_n, tiles.dq_block_n))
 
 
 def why_not_options(spec) -> str | None:

@@ -333,7 +333,7 @@ def supports(spec, arrays) -> str | None:
             return f"no tile shape ({shapes}) fits shared memory at D={d}, Dv={dv}"
         bq, bk = spec.block_mask.block_size
         return f"needs block-mask blocks that are multiples of one of its tile shapes ({shapes}); got {bq}x{bk}"
-    return _launch.why_not_tile_rows(spec, tiles.block_m)
+    return _launch.why_not_tile_rows(spec, tiles.block_m, tiles.block_n)
 
 
 def prepare_forward(spec, arrays, *, tiles: TmaTiles | None = None) -> ForwardLaunch:
