@@ -36,7 +36,8 @@ def format_bytes(n: float) -> str:
 
 class CpuDevice:
     """NumPy arrays: the tiled CPU path. Peak memory is tracemalloc's (NumPy reports its data
-    buffers to it), which slows Python-level allocation a little while it is on."""
+    buffers to it), which slows every allocation while it traces: a run measured for its peak
+    is never the one timed (``times`` runs untraced)."""
 
     name = "cpu"
     xp = numpy

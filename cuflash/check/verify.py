@@ -91,9 +91,9 @@ CALIBRATION_TOKENS = 256
 def estimate_seconds(device, n: int, heads: int, head_dim: int, dtype, rows: int, *,
                      backward: bool, causal: bool = False, fraction: float = 1.0,
                      repeats: int = 10) -> float:
-    """Roughly how long :func:`run_check` takes: cuflash's calls (one on the CPU; the first, the
-    timed and the peak-memory calls on the GPU) plus the float64 reference on ``rows`` rows."""
-    calls = 1 if device.name == "cpu" else repeats + 2
+    """Roughly how long :func:`run_check` takes: cuflash's calls (:func:`measured_calls`) plus
+    the float64 reference on ``rows`` rows."""
+    calls = measured_calls(device, repeats)
     seconds = attention_seconds(device, batch=1, heads=heads, seq_len=n, head_dim=head_dim,
                                 dtype=dtype, causal=causal, fraction=fraction, backward=backward,
                                 calls=calls)
@@ -266,16 +266,24 @@ def _nan_free(xp, *arrays) -> bool:
     return not any(bool(xp.isnan(a.astype(xp.float32)).any()) for a in arrays)
 
 
+def measured_calls(device, repeats: int) -> int:
+    """How many calls of cuflash :func:`_measured` makes for one phase (see there)."""
+    return 2 if device.name == "cpu" else repeats + 2
+
+
 def _measured(device, fn: Callable, *, repeats: int, inputs, flops: float):
     """``(fn(), Phase)``. On the GPU a first call (which also compiles), then ``repeats`` timed
-    calls give the median time, then one more call the peak memory; on the CPU one call gives
-    all three. ``fn`` writes into the same arrays each time (the results given to cuflash), so
-    the result holds the last call's values. The bytes of ``inputs`` are added to the peak."""
+    calls give the median time, then one more call the peak memory. On the CPU one call gives
+    the peak memory (and loads the NumPy path), then one more is timed: tracemalloc, which
+    measures the CPU's peak, slows NumPy's allocations, so the timed call is not traced.
+    :func:`measured_calls` counts these calls. ``fn`` writes into the same arrays each time (the
+    results given to cuflash), so the result holds the last call's values. The bytes of
+    ``inputs`` are added to the peak."""
     held = sum(x.nbytes for x in inputs)
     if device.name == "cpu":
-        start = time.perf_counter()
         result, peak = device.peak_bytes(fn)
-        return result, Phase(time.perf_counter() - start, flops, held + peak)
+        (elapsed,) = device.times(fn, warmup=0, repeats=1)
+        return result, Phase(elapsed, flops, held + peak)
     result = fn()
     device.synchronize()
     elapsed = float(numpy.median(device.times(fn, warmup=0, repeats=repeats)))

@@ -125,7 +125,7 @@ def _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward, i
               help="Query rows compared with float64 (sampled, always with the first and last), "
                    "or 'all'.")
 @click.option("--repeats", type=POSITIVE, default=10, show_default=True, metavar="N",
-              help="Timed runs on the GPU (the median is shown); the CPU times its one run.")
+              help="Timed runs on the GPU (the median is shown); the CPU times one run.")
 @seed_option
 @force_option
 @json_option
@@ -179,7 +179,7 @@ def check(ctx, seq_len, path_256, heads, head_dim, dtype, causal, pattern, block
     if target.name == "cpu":
         n = _cpu_length(target, reason, asked, heads, head_dim, dtype, rows, backward, inputs)
         if "repeats" in explicit:
-            click.echo("note: --repeats applies to the GPU; the CPU times its one run", err=True)
+            click.echo("note: --repeats applies to the GPU; the CPU times one run", err=True)
     else:
         n = asked or PATH_X
     row_count = n if rows is None else min(rows, n)
