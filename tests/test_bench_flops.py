@@ -1,5 +1,7 @@
 """FLOP counts and table cells of the benchmark engine (cuflash.bench), on the CPU."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -61,9 +63,10 @@ def test_forward_flops_refuses_fractions_outside_0_1(fraction):
         problems.forward_flops(1, 1, 64, 64, 32, fraction=fraction)
 
 
-def _record(ratio, cuflash=1.0, flash=1.0):
+def _record(ratio, flash=1.0):
+    """A dense row where cuflash reaches ``ratio`` times SDPA-flash's TFLOP/s."""
     return {"mode": "fwd", "causal": False, "head_dim": 64, "seq_len": 512, "batch": 2,
-            "heads": 4, "tflops": {"cuflash": cuflash, "sdpa-flash": flash},
+            "heads": 4, "tflops": {"cuflash": ratio * flash, "sdpa-flash": flash},
             "notes": {"sdpa-cudnn": "n/a (not run)", "flex": "n/a (not run)"}, "ratio": ratio}
 
 
@@ -73,6 +76,45 @@ def test_small_ratios_keep_their_digits():
     assert "0.00773" in table
     assert "1.25" in tables.format_dense_table([_record(1.25)])
     assert "0.50" in tables.format_dense_table([_record(0.5)])
+
+
+def _cells(table):
+    """The header and rows of a table as dicts of column name to cell (columns are set apart
+    by two spaces or more; a cell such as "n/a [1]" holds one)."""
+    lines = [line for line in table.splitlines()[1:] if not line.startswith("[")]
+    header, *rows = (re.split(r"\s{2,}", line.strip()) for line in lines)
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def _dense(tflops, notes=None):
+    return {"mode": "fwd", "causal": True, "head_dim": 128, "seq_len": 4096, "batch": 4,
+            "heads": 16, "tflops": tflops, "notes": notes or {},
+            "ratio": tflops["cuflash"] / tflops["sdpa-flash"]}
+
+
+def test_dense_table_gives_cuflash_against_every_baseline_it_measured():
+    """The targets are stated against cuDNN: the table gave cuflash / SDPA-flash alone."""
+    measured = _dense({"cuflash": 400.0, "sdpa-flash": 500.0, "sdpa-cudnn": 320.0,
+                       "flex": 200.0})
+    cudnn_refused = _dense({"cuflash": 300.0, "sdpa-flash": 250.0, "sdpa-cudnn": None,
+                            "flex": None},
+                           {"sdpa-cudnn": "n/a (no kernel)", "flex": "n/a (not run)"})
+    table = tables.format_dense_table([measured, cudnn_refused])
+    first, second = _cells(table)
+    assert (first["cuflash/flash"], first["cuflash/cudnn"], first["cuflash/flex"]) == \
+        ("0.80", "1.25", "2.00")
+    assert (second["cuflash/flash"], second["cuflash/cudnn"], second["cuflash/flex"]) == \
+        ("1.20", "-", "-")
+    assert second["sdpa-cudnn"] == "n/a [1]"
+
+
+@pytest.mark.parametrize("format_table", [tables.format_dense_table, tables.format_sparse_table])
+def test_tables_say_which_way_their_ratios_go(format_table):
+    record = {**_dense({"cuflash": 2.0, "sdpa-flash": 1.0, "sdpa-cudnn": 1.0, "flex": 1.0}),
+              "mask": "random 0.5", "density": 0.5,
+              "time_ms": {"cuflash": 1.0, "flex": 2.0}}
+    title = format_table([record]).splitlines()[0]
+    assert "cuflash/X = X's time / cuflash's" in title and "above 1: cuflash is faster" in title
 
 
 def test_sparse_table_names_whose_tflops_each_column_is():

@@ -19,8 +19,8 @@ from cuflash.bench.devices import Unavailable
 from cuflash.bench.problems import (MODES, SPARSE_BLOCK, SPARSE_DENSITIES, SPARSE_HEAD_DIM,
                                     SPARSE_HEADS, SPARSE_SEQ_LEN, Inputs, Problem, check_modes)
 
-__all__ = ["BASELINES", "IMPLEMENTATIONS", "SPARSE_IMPLEMENTATIONS", "cuflash_runner",
-           "dense_row", "random_block_layout", "run_dense", "run_sparse", "sparse_masks",
+__all__ = ["BASELINES", "IMPLEMENTATIONS", "SPARSE_IMPLEMENTATIONS", "cuflash_over",
+           "cuflash_runner", "dense_row", "random_block_layout", "run_dense", "run_sparse", "sparse_masks",
            "sparse_row"]
 
 IMPLEMENTATIONS = ("cuflash", "sdpa-flash", "sdpa-cudnn", "flex")
@@ -109,7 +109,7 @@ def run_dense(device, problems, modes=("fwd", "fwdbwd"), *, baselines=BASELINES,
             record.update(_time_all(device, _factories(inputs, mode, causal=problem.causal),
                                     IMPLEMENTATIONS, baselines, problem.flops(mode),
                                     warmup=warmup, repeats=repeats, on_step=on_step))
-            record["ratio"] = _ratio(record["tflops"]["cuflash"], record["tflops"]["sdpa-flash"])
+            record["ratio"] = cuflash_over(record, "sdpa-flash")
             records.append(record)
         del inputs
     return records
@@ -139,8 +139,12 @@ def _time_all(device, factories, columns, baselines, flops, *, warmup, repeats, 
     return {"time_ms": times, "tflops": tflops, "notes": notes}
 
 
-def _ratio(numerator, denominator):
-    return None if numerator is None or not denominator else numerator / denominator
+def cuflash_over(record, baseline: str):
+    """cuflash's TFLOP/s over ``baseline``'s in a sweep's ``record`` (on the same FLOPs, the
+    baseline's time over cuflash's: above 1, cuflash is faster), or None where either did not
+    run."""
+    ours, theirs = record["tflops"].get("cuflash"), record["tflops"].get(baseline)
+    return None if ours is None or not theirs else ours / theirs
 
 
 # ----------------------------------------------------------------------------- sparse sweep
@@ -217,7 +221,7 @@ def run_sparse(device, masks, *, heads=SPARSE_HEADS, head_dim=SPARSE_HEAD_DIM, b
             record.update(_time_all(device, factories, SPARSE_IMPLEMENTATIONS, baselines,
                                     problem.flops(mode, density=mask.element_density),
                                     warmup=warmup, repeats=repeats, on_step=on_step))
-            record["ratio"] = _ratio(record["tflops"]["cuflash"], record["tflops"]["flex"])
+            record["ratio"] = cuflash_over(record, "flex")
             records.append(record)
         del inputs
     return records

@@ -3,7 +3,7 @@ numbered footnotes, so that the cells stay narrow."""
 
 from __future__ import annotations
 
-from cuflash.bench.sweeps import IMPLEMENTATIONS
+from cuflash.bench.sweeps import IMPLEMENTATIONS, cuflash_over
 
 __all__ = ["format_dense_table", "format_sparse_table"]
 
@@ -33,8 +33,16 @@ def _format(header, rows, footnotes):
     return "\n".join(lines + footnotes.lines())
 
 
-def _ratio_cell(record):
-    ratio = record["ratio"]
+# Every ratio column is cuflash's TFLOP/s over a baseline's (sweeps.cuflash_over): the
+# baseline's time over cuflash's, the way the performance targets are stated.
+RATIOS = "cuflash/X = X's time / cuflash's, above 1: cuflash is faster"
+DENSE_RATIOS = {"sdpa-flash": "cuflash/flash", "sdpa-cudnn": "cuflash/cudnn",
+                "flex": "cuflash/flex"}
+
+
+def _ratio_cell(record, baseline):
+    """cuflash over ``baseline`` on this row, or "-" where either did not run."""
+    ratio = cuflash_over(record, baseline)
     if ratio is None:
         return "-"
     # two decimals; below 0.1 three significant digits (the CPU's ratios), not "0.01" or "0.00"
@@ -42,13 +50,14 @@ def _ratio_cell(record):
 
 
 def format_dense_table(records) -> str:
-    """The dense sweep as an aligned text table of TFLOP/s, with the cuflash / SDPA-flash ratio."""
+    """The dense sweep as an aligned text table of TFLOP/s, with cuflash over each baseline."""
     notes = _Footnotes()
-    header = ["mode", "causal", "D", "N", "B", "H", *IMPLEMENTATIONS, "cuflash/flash"]
+    header = ["mode", "causal", "D", "N", "B", "H", *IMPLEMENTATIONS, *DENSE_RATIOS.values()]
     rows = [[r["mode"], "yes" if r["causal"] else "no", r["head_dim"], r["seq_len"], r["batch"],
-             r["heads"], *(notes.cell(r, name) for name in IMPLEMENTATIONS), _ratio_cell(r)]
+             r["heads"], *(notes.cell(r, name) for name in IMPLEMENTATIONS),
+             *(_ratio_cell(r, baseline) for baseline in DENSE_RATIOS)]
             for r in records]
-    return "TFLOP/s (median of the timed runs)\n" + _format(header, rows, notes)
+    return f"TFLOP/s (median of the timed runs); {RATIOS}\n" + _format(header, rows, notes)
 
 
 def format_sparse_table(records) -> str:
@@ -58,7 +67,7 @@ def format_sparse_table(records) -> str:
               "flex TFLOP/s", "cuflash/flex"]
     rows = [[r["mode"], r["mask"], f"{r['density']:.3f}",
              notes.cell(r, "cuflash", "time_ms", 3), notes.cell(r, "cuflash"),
-             notes.cell(r, "flex", "time_ms", 3), notes.cell(r, "flex"), _ratio_cell(r)]
+             notes.cell(r, "flex", "time_ms", 3), notes.cell(r, "flex"), _ratio_cell(r, "flex")]
             for r in records]
-    return ("effective TFLOP/s = dense FLOPs × kept fraction / time (median of the timed runs)\n"
-            + _format(header, rows, notes))
+    return ("effective TFLOP/s = dense FLOPs × kept fraction / time (median of the timed runs); "
+            f"{RATIOS}\n" + _format(header, rows, notes))

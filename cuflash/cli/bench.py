@@ -85,8 +85,9 @@ def bench(ctx, seq_lens, head_dims, causal_modes, mode, total_tokens, hidden, dt
     16384 / N), hidden size 2048 (heads = 2048 / D), N from 1K to 16K, D = 64 and 128, causal
     and not. FLOPs: 4·B·H·N²·D for the forward (half when causal), 2.5 times that for the
     backward. Times are CUDA events around each run after warm-up; the table shows the median
-    and the ratio cuflash / SDPA-flash. torch is needed only for its columns: without it they
-    read "n/a (torch not importable)".
+    and cuflash's TFLOP/s over each baseline's (cuflash/flash, cuflash/cudnn, cuflash/flex: the
+    baseline's time over cuflash's, above 1 where cuflash is faster). torch is needed only for
+    its columns: without it they read "n/a (torch not importable)".
 
     Before it starts, bench estimates its time and memory: it stops (exit status 3) when the
     memory is not free, or when it would take over 30 minutes unless --force is given. Ctrl-C
