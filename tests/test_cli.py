@@ -1141,6 +1141,52 @@ def test_bench_dense_table_and_json():
         assert r["notes"]["sdpa-flash"] == "n/a (not run)"
 
 
+def _bench_estimate_on_a_fake_gpu(monkeypatch, *args):
+    """The seconds ``cuflash bench ARGS`` estimates on a GPU, and its stderr; the sweep itself
+    is stopped by Ctrl-C before its first row."""
+    command = importlib.import_module("cuflash.cli.bench")
+    monkeypatch.setattr(command, "choose_device", lambda requested: (_FakeGpu(), ""))
+    estimated = []
+    require_reasonable = command.require_reasonable
+
+    def recorded(device, *, seconds, **kwargs):
+        estimated.append(seconds)
+        return require_reasonable(device, seconds=seconds, **kwargs)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "require_reasonable", recorded)
+    monkeypatch.setattr(command.measure, "run_dense", stopped)
+    monkeypatch.setattr(command.measure, "run_sparse", stopped)
+    result = invoke("bench", "--smoke", "--no-torch", *args, code=130)
+    (seconds,) = estimated
+    return seconds, result.stderr
+
+
+@pytest.mark.parametrize("args, variants", [
+    (["--mode", "fwd", "--causal", "no"], 1),
+    (["--mode", "both", "--causal", "both"], 2 * (1 + 3)),  # the backward launches three
+    (["--sparse", "--mode", "fwd"], 4),  # a variant per mask: random 1 and 0.25, butterfly, 2-D
+])
+def test_bench_estimate_charges_the_first_compile_of_each_kernel_variant(monkeypatch, args,
+                                                                          variants):
+    """Each kernel variant the sweep launches compiles with NVRTC on its first call (seconds
+    on a cold cache): the estimate left that out. It charges each of them, and says the count
+    is an upper bound."""
+    from cuflash.bench import estimate
+
+    seconds, stderr = _bench_estimate_on_a_fake_gpu(monkeypatch, *args)
+    assert seconds >= variants * estimate.KERNEL_COMPILE_SECONDS
+    assert f"of which up to {variants} first compiles of cuflash's kernels" in stderr, stderr
+    assert "upper bound" in stderr
+
+
+def test_bench_estimate_charges_no_compile_on_the_cpu():
+    stderr = invoke(*TINY_BENCH, "--seq-lens", "64", "--causal", "no").stderr
+    assert "estimate:" in stderr and "compiles" not in stderr
+
+
 def _refused_at_length(monkeypatch, length):
     """cuflash refuses calls of ``length`` tokens (as it refuses a shape it has no kernel for)."""
     attention = cuflash.attention

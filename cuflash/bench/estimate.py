@@ -3,7 +3,8 @@
 On the CPU the NumPy path is timed once per process on a small problem of the same heads, head
 dimension (both bounded) and dtype (a fraction of a second), and the time scales with the FLOPs. On the GPU the
 rate is a fraction of the device's tensor-core peak, worked out from its SM count, clock and
-compute capability. Either way the result is an estimate, meant to tell seconds from hours.
+compute capability; :func:`compile_seconds` adds the first compile of each kernel variant.
+Either way the result is an estimate, meant to tell seconds from hours.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy
 
 from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
 
-__all__ = ["attention_bytes", "attention_seconds", "flops_per_second"]
+__all__ = ["attention_bytes", "attention_seconds", "compile_seconds", "flops_per_second",
+           "kernel_variants"]
 
 # Calibration on the CPU: one problem of this many tokens (eight 128-row tiles each way, enough
 # for the cost per tile to dominate) and at most this many heads and this head dimension (more
@@ -32,6 +34,18 @@ FALLBACK_TENSOR_FLOP_PER_CLOCK = 512
 CUDA_CORE_FLOP_PER_CLOCK = 256  # float32: 128 lanes, one FMA each
 GPU_EFFICIENCY = 0.35  # the fraction of the peak an attention kernel is assumed to reach
 GPU_CALL_SECONDS = 2e-4  # host cost of one call (validation, launch)
+
+# The first call of each kernel variant in a process compiles it with NVRTC (or, where an earlier
+# process compiled it, loads it from CuPy's on-disk kernel cache, CUPY_CACHE_DIR). Measured with
+# cuflash.kernels._build.compile_offline for sm_90a (NVRTC of CUDA 13, on a 2-core AMD EPYC host
+# without a GPU), one variant a program: 0.6-1.0 s for the bfloat16 TMA forward at D = 64, 128
+# and 256, 0.4-0.7 s for the warp-specialised dK/dV kernel at D = 64 and 256, 0.3 s for the dQ
+# kernel at D = 128. Charged at 2 s, a round figure above the slowest, leaving room for CuPy's
+# own work (hashing the source, writing its cache, loading the module) and slower hosts.
+KERNEL_COMPILE_SECONDS = 2.0
+# Kernels one call launches, a variant each: the forward's one; with the backward three more in
+# every family (preprocessing, dK/dV, then dQ or the cast of its float32 accumulator).
+KERNELS_PER_CALL = {"fwd": 1, "fwdbwd": 4}
 
 
 # Below this many FLOPs a CPU request is about as quick as the calibration itself: it is not
@@ -73,6 +87,20 @@ def attention_seconds(device, *, batch: int, heads: int, seq_len: int, head_dim:
         one += BACKWARD_FLOP_FACTOR * flops / rate(backward=True)
     overhead = GPU_CALL_SECONDS * (2 if backward else 1) if device.name == "gpu" else 0.0
     return calls * (one + overhead)
+
+
+def kernel_variants(calls: int, modes) -> int:
+    """At most how many kernel variants ``calls`` distinct calls compile, each run in ``modes``
+    ("fwd", "fwdbwd"; the forward's kernel is the same in both). An upper bound: calls that
+    differ only in what the kernels do not specialise on (the batch, often the length) share
+    variants."""
+    return calls * max(KERNELS_PER_CALL[mode] for mode in modes)
+
+
+def compile_seconds(device, variants: int) -> float:
+    """Seconds of the first compile of ``variants`` kernel variants on ``device`` (the NumPy
+    path compiles nothing); on a warm CuPy cache they take less."""
+    return variants * KERNEL_COMPILE_SECONDS if device.name == "gpu" else 0.0
 
 
 def attention_bytes(*, batch: int, heads: int, seq_len: int, head_dim: int, itemsize: int,

@@ -8,7 +8,8 @@ import math
 import click
 
 import cuflash.bench as measure
-from cuflash.bench.estimate import attention_bytes, attention_seconds
+from cuflash.bench.estimate import (KERNEL_COMPILE_SECONDS, attention_bytes, attention_seconds,
+                                    compile_seconds, kernel_variants)
 from cuflash.bench.sweeps import dense_row, sparse_row
 from cuflash.cli._common import (Interrupted, choose_device, echo_json, given_options,
                                  interrupted_with_results, progress, pyplot_or_fail,
@@ -253,11 +254,14 @@ FLEX_COMPILE_SECONDS = 10
 
 def _require_reasonable(device, problems, modes, baselines, warmup, repeats, force, smaller,
                         smaller_memory):
-    """Estimate the sweep (cuflash's runs, each baseline taken as long as cuflash, FlexAttention's
-    compiles) and the memory of its largest problem, and refuse or warn as the other commands
-    do: ``smaller`` says how to ask for less time, ``smaller_memory`` for less memory."""
+    """Estimate the sweep (cuflash's runs and the first compile of its kernel variants, each
+    baseline taken as long as cuflash, FlexAttention's compiles) and the memory of its largest
+    problem, and refuse or warn as the other commands do: ``smaller`` says how to ask for less
+    time, ``smaller_memory`` for less memory."""
     torch_present = importlib.util.find_spec("torch") is not None
-    seconds, needed = 0.0, 0
+    # every problem is a call of its own (the sparse sweep's differ in their masks alone)
+    variants = kernel_variants(len(problems), modes)
+    seconds, needed = compile_seconds(device, variants), 0
     for problem, fraction in problems:
         b, h, n, d = problem.shape
         for mode in modes:
@@ -280,6 +284,10 @@ def _require_reasonable(device, problems, modes, baselines, warmup, repeats, for
         smaller = smaller_memory + (", or --no-torch" if baselines and torch_present else "")
     require_reasonable(device, seconds=seconds, needed=needed, what="this sweep", force=force,
                        smaller=smaller)
+    if compile_seconds(device, variants):
+        click.echo(f"  of which up to {variants} first compiles of cuflash's kernels, "
+                   f"{KERNEL_COMPILE_SECONDS:g} s each (an upper bound: calls share variants; "
+                   "CuPy's cache may hold them)", err=True)
 
 
 def _plot_dense(plt, path, records, device):
