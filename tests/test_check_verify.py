@@ -105,3 +105,19 @@ def test_check_time_estimate_charges_every_call_the_check_makes(monkeypatch, dev
                         lambda *args, calls, **kwargs: charged.append(calls) or 0.0)
     verify.estimate_seconds(target, 256, 1, 64, np.float16, 4, backward=False, repeats=7)
     assert charged == [len(made)]
+
+
+@pytest.mark.parametrize("backward, variants", [(False, 1), (True, 4)])
+def test_check_time_estimate_on_a_gpu_charges_its_kernels_first_compile(backward, variants):
+    """A check's calls compile their kernels first (the forward's, and the backward's three):
+    seconds on a cold cache, which the estimate of a small check left out."""
+    import numpy as np
+
+    from cuflash.bench import estimate
+
+    class Gpu(_CountingGpu):
+        properties = {"major": 9, "minor": 0, "multiprocessors": 132, "clock_khz": 0}
+
+    seconds = verify.estimate_seconds(Gpu(), 256, 1, 64, np.float16, 4, backward=backward)
+    assert seconds >= variants * estimate.KERNEL_COMPILE_SECONDS
+    assert seconds < (variants + 1) * estimate.KERNEL_COMPILE_SECONDS

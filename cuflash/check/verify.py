@@ -28,7 +28,7 @@ import numpy
 import cuflash
 from cuflash import _checks, reference
 from cuflash.bench.estimate import (CALIBRATION_HEAD_DIM, CPU_ASSUMED_FLOPS, CPU_SMALL_FLOPS,
-                                    attention_seconds)
+                                    attention_seconds, compile_seconds, kernel_variants)
 from cuflash.bench.problems import BACKWARD_FLOP_FACTOR, DTYPES, forward_flops
 from cuflash.check import rule
 from cuflash.check.pathfinder import FOURIER_FEATURES
@@ -91,12 +91,13 @@ CALIBRATION_TOKENS = 256
 def estimate_seconds(device, n: int, heads: int, head_dim: int, dtype, rows: int, *,
                      backward: bool, causal: bool = False, fraction: float = 1.0,
                      repeats: int = 10) -> float:
-    """Roughly how long :func:`run_check` takes: cuflash's calls (:func:`measured_calls`) plus
-    the float64 reference on ``rows`` rows."""
+    """Roughly how long :func:`run_check` takes: cuflash's calls (:func:`measured_calls`) and
+    the first compile of their kernels, plus the float64 reference on ``rows`` rows."""
     calls = measured_calls(device, repeats)
     seconds = attention_seconds(device, batch=1, heads=heads, seq_len=n, head_dim=head_dim,
                                 dtype=dtype, causal=causal, fraction=fraction, backward=backward,
                                 calls=calls)
+    seconds += compile_seconds(device, kernel_variants(1, ("fwdbwd" if backward else "fwd",)))
     scores = heads * min(rows, n) * n
     passes = 1 + (2.5 if backward else 0)
     flops = passes * scores * head_dim * REFERENCE_FLOPS_PER_ELEMENT
