@@ -20,8 +20,8 @@ from cuflash.bench.problems import (MODES, SPARSE_BLOCK, SPARSE_DENSITIES, SPARS
                                     SPARSE_HEADS, SPARSE_SEQ_LEN, Inputs, Problem, check_modes)
 
 __all__ = ["BASELINES", "IMPLEMENTATIONS", "SPARSE_IMPLEMENTATIONS", "cuflash_over",
-           "cuflash_runner", "dense_row", "random_block_layout", "run_dense", "run_sparse", "sparse_masks",
-           "sparse_row"]
+           "cuflash_runner", "dense_row", "random_block_layout", "run_dense", "run_sparse",
+           "sparse_masks", "sparse_row"]
 
 IMPLEMENTATIONS = ("cuflash", "sdpa-flash", "sdpa-cudnn", "flex")
 BASELINES = IMPLEMENTATIONS[1:]
