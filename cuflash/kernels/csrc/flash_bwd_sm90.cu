@@ -933,6 +933,24 @@ __device__ __forceinline__ void thread_words_of_tile(u32* words, const u32* tile
     }
 }
 
+// Packed sequences: a tile that ends past its sequence holds the next sequence's first rows there
+// (TMA reads whole boxes of the packed rows), where a dense call's hold TMA's zeros. Their P is 0
+// (keys: the band's test; queries: lse2 = +inf), but 0 · inf is NaN, and a non-finite query row
+// would make its S, and so its P, NaN: an infinite or NaN value there would reach this sequence's
+// gradients. So each consumer zeros rows `rows` .. ROWS − 1 of the tile's two buffers (K and V,
+// or Q and dO) itself before its GEMMs read them, and meets its own warpgroup at barrier `id`.
+// Two consumers may write the same zeros at once, which changes no value: between the buffers'
+// load and their release nothing but zeros is written to those rows (as the forward's
+// clear_values_past_end). `rows` ≥ 1: a walked tile holds a row of the sequence.
+template <int FIRST_BOXES, int SECOND_BOXES, int ROWS>
+__device__ __forceinline__ void clear_rows_past_end(u32 first, u32 second, int rows, int id) {
+    if (rows < ROWS) {
+        zero_ring_rows<FIRST_BOXES, ROWS>(first, rows, threadIdx.x % 128, 128);
+        zero_ring_rows<SECOND_BOXES, ROWS>(second, rows, threadIdx.x % 128, 128);
+        named_barrier(id, 128);
+    }
+}
+
 template <typename T, int D, int WG, int BLOCK_M, class MASK, class MOD, bool DROPOUT = false,
           bool F32_GRADS = false, bool ATOMIC_DQ = false, bool ORDERED_DQ = false, bool ROTATED_DQ = false,
           bool VARLEN = false, int QK_DIM = D, int DP_DIM = D>
@@ -1120,6 +1138,9 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
     const int wg = threadIdx.x / 128 - 1;
     auto walk = block_walk;
     if (walk.valid()) mbar_wait(kv_full, 0);
+    if constexpr (VARLEN) {  // the key tile's rows past the sequence's keys
+        if (walk.valid()) clear_rows_past_end<QK_BOXES, DP_BOXES, BLOCK_N>(sm.sk, sm.sv(), seq.nk - n0, 3 + wg);
+    }
     // Every warp of this warpgroup is done reading a stage (the GEMMs, lse2, Delta and the
     // scratch row): only then may its leader release it.
     auto release = [&](int stage) {
@@ -1189,6 +1210,8 @@ flash_bwd_sm90_dkdv_ws(const __grid_constant__ BwdMaps maps, const __grid_consta
             // lambda around the call, changed the dense variants' code (benchmarks/NOTES.md).
             if constexpr (VARLEN) {
                 const Sequence tile_seq = sequence_again(a, b);
+                clear_rows_past_end<QK_BOXES, DP_BOXES, BLOCK_M>(sm.sq(slot.stage), sm.sdo(slot.stage),
+                                                                 tile_seq.nq - m_tile * BLOCK_M, 3 + tile_wg);
                 dkdv_query_tile<T, D, WG, BLOCK_M, MASK, MOD, DROPOUT, ATOMIC_DQ>(
                     a, MASK(a, tile_seq.nq, tile_seq.nk), MOD(a, b, walk.h, tile_seq.nq, tile_seq.nk), drop, sm,
                     tile_wg, slot.stage, m_tile * BLOCK_M, n0, walk.slot(), dk_acc, dv_acc,
