@@ -2011,7 +2011,8 @@ def test_a_mismatch_of_options_names_the_option_and_every_rank_value(rng):
                                     scale=0.25 * (1 + comm.rank)))
     message = str(raised[0])
     assert message == str(raised[1])
-    assert "window is (-1, -1) on rank 0 and (2, 0) on rank 1" in message
+    # scale before window: the order cuflash.attention checks them in.
+    assert "scale is 0.25 on rank 0 and 0.5 on rank 1" in message
 
 
 @pytest.mark.parametrize("attention", ["ring", "ulysses"])
@@ -2373,6 +2374,92 @@ def test_an_unsupported_option_or_misplaced_slopes_on_one_rank_stop_every_rank(a
     raised, seconds = _errors_on_a_waiting_ring(rank)
     error = NotImplementedError if attention == "ring" else TypeError
     _assert_every_rank_refuses(raised, seconds, 1, error, "alibi_slopes")
+
+
+# Calls with several bad arguments, and the one refused first: cuflash.attention's order
+# (causal, scale, window, softcap, deterministic, alibi_slopes, return_lse), with layout before
+# them and validate after them (cuflash.attention takes neither).
+_SEVERAL_REFUSALS = [
+    (dict(causal="yes", scale="big"), "causal"),
+    (dict(window=(1.5, 0), scale="big"), "scale"),
+    (dict(softcap=-1.0, window=(-3, 0)), "window"),
+    (dict(causal="yes", alibi_slopes=[1.0, 1.0]), "causal"),
+    (dict(return_lse="no", alibi_slopes=[1.0, 1.0]), "alibi_slopes"),
+    (dict(deterministic="yes", alibi_slopes=[1.0, 1.0]), "deterministic"),
+    (dict(layout="spiral", causal="yes"), "layout"),
+    (dict(validate=None, softcap=-1.0), "softcap")]
+
+
+@pytest.mark.parametrize("options, first", _SEVERAL_REFUSALS)
+@pytest.mark.parametrize("backward", [False, True])
+def test_ring_and_ulysses_refuse_the_same_argument_first(options, first, backward, rng):
+    """Ring and Ulysses attention check their arguments in one order, cuflash.attention's: with
+    several bad arguments they name the same one, the one cuflash.attention names. Ring
+    attention refused alibi_slopes before anything and read window before scale; Ulysses read
+    alibi_slopes before the other options and scale before causal."""
+    if ("return_lse" in options and backward) or ("deterministic" in options and not backward):
+        pytest.skip("not an argument of this call")
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+    arrays = (q, q, q, q, q, lse) if backward else (q, q, q)
+    calls = ((ring_attention_backward, ulysses_attention_backward) if backward
+             else (ring_attention, ulysses_attention))
+    named = []
+    for call in calls:
+        with pytest.raises((TypeError, ValueError, NotImplementedError)) as raised:
+            LocalRing(2, timeout=10).run(lambda comm: call(*arrays, comm=comm, **options))
+        named.append(str(raised.value).split()[0])
+    core = {name: value for name, value in options.items() if name not in ("layout", "validate")}
+    if len(core) == len(options):
+        with pytest.raises((TypeError, ValueError)) as raised:
+            (cuflash.attention_backward if backward else cuflash.attention)(*arrays, **core)
+        named.append(str(raised.value).split()[0])
+    assert named == [first] * len(named)
+
+
+@pytest.mark.parametrize("differ, first", [
+    (("layout", "causal", "scale", "window"), "layout"), (("causal", "scale"), "causal"),
+    (("scale", "window", "softcap"), "scale"), (("window", "softcap"), "window")])
+@pytest.mark.parametrize("backward", [False, True])
+def test_ring_and_ulysses_name_the_same_difference_between_ranks_first(differ, first, backward,
+                                                                        rng):
+    """Ranks whose calls differ in several options are told the first of them in one order,
+    the order the options are checked in (ring attention compared causal before layout,
+    and both window before scale)."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    lse = np.zeros((1, 2, 8), F32)
+    arrays = (q, q, q, q, q, lse) if backward else (q, q, q)
+    values = {"layout": ("contiguous", "zigzag"), "causal": (False, True),
+              "scale": (0.25, 0.5), "window": ((-1, -1), (2, 0)), "softcap": (0.0, 4.0)}
+    calls = ((ring_attention_backward, ulysses_attention_backward) if backward
+             else (ring_attention, ulysses_attention))
+    for call in calls:
+        raised = _every_rank_error(lambda comm: call(
+            *arrays, comm=comm, **{name: values[name][comm.rank] for name in differ}))
+        message = str(raised[0])
+        assert isinstance(raised[0], ValueError) and message == str(raised[1]), raised
+        assert f": {first} is " in message, (call.__name__, message)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_every_entry_point_gathers_once_per_call_to_compare(validate, rng):
+    """The checks of ring and Ulysses attention cost one all-gather per call and rank with
+    validate=True (the comparison, which carries any refusal), none without."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    sent = []
+
+    def rank(comm):
+        _record_messages(comm, sent)
+        out, lse = ring_attention(q, q, q, comm=comm, return_lse=True, validate=validate)
+        ring_attention_backward(q, q, q, q, out, lse, comm=comm, validate=validate)
+        _, vjp = ring_attention_vjp(q, q, q, comm=comm, validate=validate)
+        vjp(q)
+        out, lse = ulysses_attention(q, q, q, comm=comm, return_lse=True, validate=validate)
+        ulysses_attention_backward(q, q, q, q, out, lse, comm=comm, validate=validate)
+
+    LocalRing(2, timeout=10).run(rank)
+    gathers = [r for r, operation in sent if operation == "all_gather"]
+    assert sorted(gathers) == ([0] * 6 + [1] * 6 if validate else [])
 
 
 def test_ulysses_slopes_of_another_dtype_are_a_difference_between_ranks(rng):

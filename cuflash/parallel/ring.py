@@ -115,26 +115,122 @@ def checked_scale(scale, q) -> float:
     return _checks.check_scale(scale, (q.shape[-1] if q.ndim else 0) or 1)
 
 
+def agree_on_options(comm, arrays: dict, what: str, *, layout, causal, window, softcap, scale,
+                     validate, flags: dict, alibi_slopes=None, block_mask=None,
+                     unsupported: dict | None = None, compared_flags: tuple = ()) -> dict:
+    """This rank's checks of its call of ``what`` (ring or Ulysses attention), then
+    (``validate``) the comparison of every rank's call, where every rank learns of one rank's
+    refusal (:func:`~cuflash.parallel._signature.agree`): the one rule of both, so that every
+    argument is refused in one order whichever of them is called.
+
+    The order is ``cuflash.attention``'s where it has the argument: the arrays' modules and
+    devices (``arrays``: name → array, q first) and whether the communicator moves them,
+    ``layout`` (how the arrays are cut), then ``causal``, ``scale``, ``window``, ``softcap``,
+    ``block_mask``, ``deterministic``, ``alibi_slopes``, ``return_lse``, and ``validate``
+    last. ``flags``: the call's bool options, by name (``deterministic``, or ``return_lse``
+    and any other after ``alibi_slopes``); ``unsupported``: the options the call does not take
+    (name → why), of ``block_mask`` (which no call takes) and ``alibi_slopes``, refused with
+    ``NotImplementedError`` in their place when given (not ``None``).
+
+    Every rank must pass arrays of one shape and dtype and the same options, in that order
+    (the first that differs is named): ``layout``, ``causal``, ``scale``, ``window``,
+    ``softcap``, the ``compared_flags`` among ``flags``, and ``alibi_slopes`` (by values and
+    dtype) where the call takes them. Returns the options checked, by name: ``layout``,
+    ``causal``, ``scale``, ``window``, ``softcap`` and the flags."""
+    check_comm(comm)  # no rank can be told of a refusal without one
+    unsupported = unsupported or {}
+    takes_alibi = "alibi_slopes" not in unsupported
+    flags_compared, rule = _compared(compared_flags, tuple(flags), takes_alibi)
+
+    def checks():
+        xp = _checks.common_module(arrays)  # modules and devices: this rank's alone
+        check_movable(comm, arrays)
+        q = arrays["q"]
+        checked = {"layout": _layout.check_layout(layout),
+                   "causal": _checks.check_bool(causal, "causal"),
+                   "scale": checked_scale(scale, q)}
+        checked["window"] = _checks.check_window(window)
+        checked["softcap"] = _checks.check_softcap(softcap, checked["scale"])
+        if block_mask is not None:
+            _refuse_unsupported("block_mask", unsupported)
+        # The flags around alibi_slopes as cuflash.attention_backward and cuflash.attention
+        # check them: deterministic before it, return_lse after it.
+        if "deterministic" in flags:
+            checked["deterministic"] = _checks.check_bool(flags["deterministic"], "deterministic")
+        if alibi_slopes is not None:
+            _refuse_unsupported("alibi_slopes", unsupported)
+            _checks._check_beside_inputs(
+                alibi_slopes, "alibi_slopes",
+                f"a float32 {xp.__name__}.ndarray of shape (Hq,) or (..., Hq)", xp, q)
+        for name, value in flags.items():
+            if name != "deterministic":
+                checked[name] = _checks.check_bool(value, name)
+        _checks.check_bool(validate, "validate")
+        fields: list[Field] = [ArrayField(name, x) for name, x in arrays.items()]
+        fields += [ChoiceField("layout", checked["layout"], _layout.LAYOUTS),
+                   FlagField("causal", checked["causal"]), FloatField("scale", checked["scale"]),
+                   Field("window", list(checked["window"])),
+                   FloatField("softcap", checked["softcap"])]
+        fields += [FlagField(name, checked[name]) for name in flags_compared]
+        if takes_alibi:
+            slopes = (None if alibi_slopes is None
+                      else numpy.ascontiguousarray(_host(alibi_slopes)))
+            fields.append(ArrayField("alibi_slopes", slopes, by_values=True))
+        return fields, checked
+
+    return agree(comm, checks, what, rule, compare=compares(validate))
+
+
+@functools.lru_cache(maxsize=None)
+def _compared(compared_flags: tuple, flags: tuple, takes_alibi: bool) -> tuple[tuple, str]:
+    """The flags of a call (``flags``: their names) that every rank must pass alike (those of
+    ``compared_flags``), and the rule that says what every rank must pass alike, in words: the
+    same on every rank, whatever its flags (a rank in the backward pass, beside one in the
+    forward, is told so in the same words); once per kind of call, not per call."""
+    *options, last = ("layout", "causal", "scale", "window", "softcap",
+                      *(("alibi_slopes",) if takes_alibi else ()))
+    return (tuple(name for name in compared_flags if name in flags),
+            f"every rank must pass chunks of one shape and the same {', '.join(options)} and "
+            f"{last}")
+
+
+def _refuse_unsupported(name: str, unsupported: dict) -> None:
+    """``NotImplementedError`` for the option ``name``, given, where the call does not take
+    it (``unsupported``: name → why)."""
+    if name in unsupported:
+        raise NotImplementedError(unsupported[name])
+
+
+# What ring attention does not take, and why (``agree_on_options``' ``unsupported``).
+_UNSUPPORTED = {
+    "block_mask": "block_mask is not supported by ring attention",
+    "alibi_slopes": "alibi_slopes is not supported by ring attention: the ALiBi bias depends on "
+                    "|i − j| over global positions, which a per-chunk call cannot express; use "
+                    "ulysses_attention, which sees whole sequences"}
+
+
 class _Options:
     """The validated options of one ring call, shared by the forward and backward passes.
 
     Every argument that can be refused by reading this rank's call alone (the options, the
     arrays' types, modules and devices, ``flags``: other bool options of the call, by name) is
-    checked inside :func:`~cuflash.parallel._signature.agree`, so that with ``validate`` every
-    rank learns of one rank's refusal; what is refused after it (dimensions, shapes, dtypes)
-    follows from what the ranks compared, and is refused by every rank alike.
+    checked by :func:`agree_on_options`, so that with ``validate`` every rank learns of one
+    rank's refusal; what is refused after it (dimensions, shapes, dtypes) follows from what the
+    ranks compared, and is refused by every rank alike.
     ``backward``: the backward pass's ``(dout, out, lse)``."""
 
     def __init__(self, q, k, v, *, comm, causal, layout, window, softcap, scale, alibi_slopes,
                  block_mask, validate, backward=None, flags=None):
-        self.comm = check_comm(comm)  # no rank can be told of a refusal without one
-        self.flags = agree(
-            comm, lambda: self._check(q, k, v, backward, causal=causal, layout=layout,
-                                      window=window, softcap=softcap, scale=scale,
-                                      alibi_slopes=alibi_slopes, block_mask=block_mask,
-                                      validate=validate, flags=flags or {}),
-            "ring attention", "every rank must pass chunks of one shape and the same causal, "
-            "layout, window, softcap and scale", compare=compares(validate))
+        arrays = dict(zip(("q", "k", "v", "dout", "out", "lse"), (q, k, v, *(backward or ()))))
+        checked = agree_on_options(
+            comm, arrays, "ring attention", layout=layout, causal=causal, window=window,
+            softcap=softcap, scale=scale, validate=validate, flags=flags or {},
+            alibi_slopes=alibi_slopes, block_mask=block_mask, unsupported=_UNSUPPORTED)
+        self.comm = comm
+        self.layout, self.causal, self.window = (checked["layout"], checked["causal"],
+                                                 checked["window"])
+        self.scale, self.softcap = checked["scale"], checked["softcap"]
+        self.flags = checked  # the flags checked, read by name, beside the options above
         _check_dimensions(q, k, v)
         check_inputs(q, k, v)
         self.nq_local, self.nk_local = q.shape[-2], k.shape[-2]
@@ -150,35 +246,6 @@ class _Options:
             dout, out, lse = backward
             check_backward_arrays(dout, q, k, v, out, lse)
         self.band = _mask.band(self.window, self.causal)  # over the whole problem
-
-    def _check(self, q, k, v, backward, *, causal, layout, window, softcap, scale,
-               alibi_slopes, block_mask, validate, flags):
-        """This rank's checks of its call (in :func:`agree`): the fields of its signature, and
-        ``flags`` checked."""
-        if alibi_slopes is not None:
-            raise NotImplementedError(
-                "alibi_slopes is not supported by ring attention: the ALiBi bias depends on "
-                "|i − j| over global positions, which a per-chunk call cannot express; use "
-                "ulysses_attention, which sees whole sequences")
-        if block_mask is not None:
-            raise NotImplementedError("block_mask is not supported by ring attention")
-        names = ("q", "k", "v", "dout", "out", "lse")
-        arrays = dict(zip(names, (q, k, v, *(backward or ()))))
-        _checks.common_module(arrays)  # modules and devices: this rank's alone
-        check_movable(self.comm, arrays)
-        self.layout = _layout.check_layout(layout)
-        self.causal = _checks.check_bool(causal, "causal")
-        self.window = _checks.check_window(window)
-        self.scale = checked_scale(scale, q)
-        self.softcap = _checks.check_softcap(softcap, self.scale)
-        _checks.check_bool(validate, "validate")
-        checked = {name: _checks.check_bool(value, name) for name, value in flags.items()}
-        fields: list[Field] = [ArrayField(name, x) for name, x in arrays.items()]
-        fields += [FlagField("causal", self.causal),
-                   ChoiceField("layout", self.layout, _layout.LAYOUTS),
-                   Field("window", list(self.window)), FloatField("softcap", self.softcap),
-                   FloatField("scale", self.scale)]
-        return fields, checked
 
     def calls(self, source: int):
         left, right = self.band

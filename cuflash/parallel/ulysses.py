@@ -16,59 +16,22 @@ overlapped with compute; compare ring attention in docs/parallel.md.
 
 from __future__ import annotations
 
-import numpy
-
 import cuflash
 from cuflash import _checks
 
 from . import layout as _layout
-from .comm import array_module, check_comm
-from ._signature import ArrayField, ChoiceField, Field, FlagField, FloatField, agree, compares
-from .ring import _host, check_backward_arrays, check_inputs, check_movable, checked_scale
+from .comm import array_module
+from .ring import agree_on_options, check_backward_arrays, check_inputs
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
-def _agree(comm, arrays: dict, *, layout, causal, window, softcap, scale, alibi_slopes,
-           validate, flags: dict) -> dict:
-    """This rank's checks of its call, then (``validate``) the comparison of every rank's call,
-    where every rank learns of one rank's refusal (:func:`~cuflash.parallel._signature.agree`):
-    the arrays' modules and devices (``arrays``: name → array, q first), those of
-    ``alibi_slopes`` beside them, the options and ``flags`` (other bool options, by name). Every
-    rank must pass arrays of one shape and dtype and the same options, ``alibi_slopes`` of the
-    same values (``ValueError`` on every rank otherwise). Returns the options checked
-    (``causal``, ``window``, ``softcap``, ``scale``) and the flags."""
-    check_comm(comm)  # no rank can be told of a refusal without one
-
-    def checks():
-        xp = _checks.common_module(arrays)  # modules and devices: this rank's alone
-        check_movable(comm, arrays)
-        q = arrays["q"]
-        if alibi_slopes is not None:
-            _checks._check_beside_inputs(
-                alibi_slopes, "alibi_slopes",
-                f"a float32 {xp.__name__}.ndarray of shape (Hq,) or (..., Hq)", xp, q)
-        _layout.check_layout(layout)
-        scale_ = checked_scale(scale, q)
-        options = dict(causal=_checks.check_bool(causal, "causal"),
-                       window=_checks.check_window(window),
-                       softcap=_checks.check_softcap(softcap, scale_), scale=scale_)
-        _checks.check_bool(validate, "validate")
-        options.update((name, _checks.check_bool(value, name)) for name, value in flags.items())
-        fields: list[Field] = [ArrayField(name, x) for name, x in arrays.items()]
-        fields += [ChoiceField("layout", layout, _layout.LAYOUTS),
-                   FlagField("causal", options["causal"]),
-                   Field("window", list(options["window"])),
-                   FloatField("softcap", options["softcap"]), FloatField("scale", scale_),
-                   FlagField("deterministic", options.get("deterministic", False))]
-        slopes = (None if alibi_slopes is None
-                  else numpy.ascontiguousarray(_host(alibi_slopes)))
-        fields.append(ArrayField("alibi_slopes", slopes, by_values=True))
-        return fields, options
-
-    return agree(comm, checks, "ulysses attention",
-                 "every rank must pass chunks of one shape and the same causal, layout, window, "
-                 "softcap, scale and alibi_slopes", compare=compares(validate))
+def _agree(comm, arrays: dict, **options) -> dict:
+    """The checks and comparison of the ranks' calls that ring attention makes too
+    (:func:`~cuflash.parallel.ring.agree_on_options`), with ``alibi_slopes`` and, in the
+    backward pass, ``deterministic`` among what every rank must pass alike."""
+    return agree_on_options(comm, arrays, "ulysses attention",
+                            compared_flags=("deterministic",), **options)
 
 
 def _check_heads(comm, q, k, v):
@@ -141,7 +104,7 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     options = _agree(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal,
                      window=window, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
                      validate=validate, flags={"return_lse": return_lse})
-    return_lse = options.pop("return_lse")
+    return_lse = options["return_lse"]
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
@@ -165,7 +128,7 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                      layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
                      alibi_slopes=alibi_slopes, validate=validate,
                      flags={"deterministic": deterministic})
-    deterministic = options.pop("deterministic")
+    deterministic = options["deterministic"]
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
     slopes = _slopes(alibi_slopes, comm, q, k, v)
