@@ -502,6 +502,78 @@ def test_a_call_refused_under_compile_leaves_the_registry_as_it_found_it(kind):
     torch._dynamo.reset()
 
 
+def _graph_break_before_the_operator(monkeypatch):
+    """A graph break between the handle a trace takes and the operator call (none is there
+    today: one stands in for whatever would break the graph there)."""
+    from cuflash.torch import _api
+    run = _api._run_with_dropout
+
+    def breaking(*args):
+        torch._dynamo.graph_break()
+        return run(*args)
+
+    monkeypatch.setattr(_api, "_run_with_dropout", breaking)
+
+
+@pytest.mark.parametrize("kind", ["block_mask", "mask"])
+@pytest.mark.parametrize("nested", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not hasattr(torch._dynamo.config, "nested_graph_breaks"),
+    reason="this torch has no nested graph breaks"))], ids=["frames", "nested_graph_breaks"])
+def test_a_graph_break_before_the_operator_leaves_the_registry_as_it_found_it(kind, nested,
+                                                                              monkeypatch):
+    """After a graph break Dynamo traces a call again (the frame anew, or the call as a frame
+    of its own), each trace taking the mask's handle: they make one claim, which the
+    operator's fake implementation settles. A refused call takes the mask out again; one it
+    accepts keeps it, and nothing is left under way on it."""
+    _graph_break_before_the_operator(monkeypatch)
+    with torch._dynamo.config.patch(nested_graph_breaks=nested):
+        _check_a_graph_break_before_the_operator(kind)
+
+
+def _check_a_graph_break_before_the_operator(kind):
+    mask = _new_mask(kind, 48)
+    x, y = randn(1, 2, 32, 8), randn(1, 2, 48, 8)
+    registered, under_way = len(_ops._masks), (set(_ops._pending), set(_ops._traced))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: ct.attention(q, q, q, **{kind: mask}),
+                             backend="aot_eager")
+    with pytest.raises(RuntimeError, match=rf"ValueError\(.{kind} was built for Nq=48"):
+        compiled(x)
+    assert not _ops.is_registered(mask) and len(_ops._masks) == registered
+    assert (set(_ops._pending), set(_ops._traced)) == under_way
+    torch._dynamo.reset()
+    assert torch.equal(compiled(y), ct.attention(y, y, y, **{kind: mask}))
+    handle = ct.block_mask_handle(mask)
+    assert len(_ops._masks) == registered + 1 and handle not in _ops._pending
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["block_mask", "mask"])
+def test_a_trace_that_never_reaches_the_operator_leaves_its_claim_to_the_next_trace(kind,
+                                                                                    monkeypatch):
+    """A trace that fails between the handle and the operator (fullgraph=True refusing a graph
+    break) leaves the mask registered with its claim under way: nothing tells a trace dropped
+    from one whose call a graph break hands to code compiled later. The next trace of a call
+    on the mask takes that claim over, and settles it: refused, the mask is taken out."""
+    with monkeypatch.context() as patches:
+        _graph_break_before_the_operator(patches)
+        torch._dynamo.reset()
+        mask = _new_mask(kind, 48)
+        x = randn(1, 2, 32, 8)
+        registered = len(_ops._masks)
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            torch.compile(lambda q: ct.attention(q, q, q, **{kind: mask}),
+                          backend="aot_eager", fullgraph=True)(x)
+    handle = _ops._mask_ids[mask]
+    assert handle in _ops._pending and handle in _ops._traced
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=rf"ValueError\(.{kind} was built for Nq=48"):
+        torch.compile(lambda q: ct.attention(q, q, q, **{kind: mask}), backend="aot_eager",
+                      fullgraph=True)(x)
+    assert not _ops.is_registered(mask) and len(_ops._masks) == registered
+    torch._dynamo.reset()
+
+
 def test_a_compiled_graph_keeps_the_mask_object_its_guard_names_alive():
     """A graph guards on the identity of the mask object it was traced with: one equal to a
     held mask, which the registry does not keep, stays alive with it, or another mask built at

@@ -52,9 +52,16 @@ _handles = itertools.count()  # a handle is never given out twice, even once its
 # leaves the registry as it found it: the last of them refused takes the mask out again; the
 # first one that runs keeps it for good (``claim_mask``, ``release_mask``).
 _pending: dict = {}
-# Of those, the calls that torch.compile is tracing: handle -> their count. The operator's fake
-# implementation settles them, since a refused trace never returns to the traced code.
-_traced: dict = {}
+# Of those, the ones that torch.compile is tracing a call on: one claim each, however many times
+# Dynamo traces that call (after a graph break it traces the frame again, and a frame compiled up
+# to a call runs that call as a frame of its own, each trace taking the handle anew; a count would
+# keep the claims of the traces it dropped, and the mask of a refused call with them). The
+# operator's fake implementation settles it, since a refused trace never returns to the traced
+# code. A trace that never reaches the operator (fullgraph=True refusing a graph break between
+# the handle and the call) leaves its claim, and the mask, to the next trace of a call on it:
+# nothing tells a dropped trace from one whose call a graph break hands to code that Dynamo
+# compiles later (a resume function, holding the handle), which must still find the mask.
+_traced: set = set()
 # Mask objects that a trace took while the registry holds an equal one: id -> mask, kept alive for
 # good, as the registry keeps its own. A graph guards on the identity of the object it was traced
 # with; freed, its address could go to another mask, which would pass that guard and run with
@@ -106,16 +113,19 @@ def claim_mask(mask, traced: bool = False) -> tuple:
     (``release_mask``) when ``claimed`` is true, as must a call that takes a mask some call
     registered and none has run with yet. A handle, or a mask that a call has run with, is
     claimed by nobody: the registry keeps it for good. ``traced``: a call torch.compile traces,
-    whose end the operator's fake implementation tells (``release_traced_mask``)."""
+    whose end the operator's fake implementation tells (``release_traced_mask``); the traces of
+    a mask make one claim between them (``_traced``)."""
     if isinstance(mask, int):
         return mask, False  # (a handle the caller checked: _one_mask)
     with _mask_lock:
         handle, new = _register(mask)
         if not new and handle not in _pending:
             return handle, False
+        if traced and handle in _traced:
+            return handle, True  # the same call traced again: its claim stands
         _pending[handle] = _pending.get(handle, 0) + 1
         if traced:
-            _traced[handle] = _traced.get(handle, 0) + 1
+            _traced.add(handle)
         return handle, True
 
 
@@ -142,7 +152,7 @@ def _release(handle: int, ran: bool) -> None:
 def _settle(handle: int) -> None:
     """No call is left to decide whether ``handle`` stays; with ``_mask_lock``."""
     _pending.pop(handle, None)
-    _traced.pop(handle, None)
+    _traced.discard(handle)
 
 
 def trace_mask_handle(mask_id: int) -> int:
@@ -162,16 +172,12 @@ def release_traced_mask(handle: int, ran: bool) -> None:
     the handle) or refused it: the ``release_mask`` of a traced call that claimed it, if any
     (meta tensors and fake tensors in eager code reach the fake implementation too, their calls
     settling for themselves)."""
-    if handle not in _traced:  # (one dict lookup: no lock needed where nothing is pending)
+    if handle not in _traced:  # (one set lookup: no lock needed where nothing is pending)
         return
     with _mask_lock:
-        traced = _traced.get(handle)
-        if traced is None:
+        if handle not in _traced:
             return
-        if traced > 1:
-            _traced[handle] = traced - 1
-        else:
-            del _traced[handle]
+        _traced.remove(handle)
         _release(handle, ran)
 
 
