@@ -574,6 +574,35 @@ def test_a_trace_that_never_reaches_the_operator_leaves_its_claim_to_the_next_tr
     torch._dynamo.reset()
 
 
+def test_a_compiled_graph_that_its_call_refuses_keeps_its_mask(monkeypatch):
+    """A graph holds the handle that its trace took and the fake implementation accepted: a run
+    of it that the call refuses (the kernel choice on a GPU, stood in for here, refusing a head
+    dim) keeps the mask, since the same graph may run the call later, at another size that
+    dynamic shapes let through without a new trace, and must find its mask then."""
+    mask = _new_mask("block_mask", 32)
+    real = cuflash.attention
+
+    def kernel_choice(q, *args, **kwargs):
+        if q.shape[-1] == 8:
+            raise ValueError("no GPU kernel runs this forward pass")
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash, "attention", kernel_choice)
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: ct.attention(q, q, q, block_mask=mask), backend=counter,
+                             dynamic=True, fullgraph=True)
+    with pytest.raises(ValueError, match="no GPU kernel"):
+        compiled(randn(1, 2, 32, 8))
+    handle, compiles = _ops._mask_ids[mask], counter.frame_count
+    assert handle not in _ops._pending  # kept for good
+    x = randn(1, 2, 32, 16)
+    assert torch.equal(compiled(x), ct.attention(x, x, x, block_mask=handle))
+    assert counter.frame_count == compiles  # the same graph
+    torch._dynamo.reset()
+
+
 def test_a_compiled_graph_keeps_the_mask_object_its_guard_names_alive():
     """A graph guards on the identity of the mask object it was traced with: one equal to a
     held mask, which the registry does not keep, stays alive with it, or another mask built at

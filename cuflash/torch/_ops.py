@@ -171,7 +171,12 @@ def release_traced_mask(handle: int, ran: bool) -> None:
     """The fake implementation of a call with ``handle`` accepted it (``ran``: the graph holds
     the handle) or refused it: the ``release_mask`` of a traced call that claimed it, if any
     (meta tensors and fake tensors in eager code reach the fake implementation too, their calls
-    settling for themselves)."""
+    settling for themselves).
+
+    Accepted, the mask is kept for good, even where the graph's first run of the call is then
+    refused (by the kernel choice on a GPU, which no fake implementation foresees): the graph
+    holds the handle and may run the call again, at sizes that dynamic shapes let through
+    without a new trace, and must find its mask then."""
     if handle not in _traced:  # (one set lookup: no lock needed where nothing is pending)
         return
     with _mask_lock:
@@ -563,7 +568,7 @@ def _(q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, 
     except BaseException:
         release_traced_mask(block_mask, ran=False)
         raise
-    release_traced_mask(block_mask, ran=True)
+    release_traced_mask(block_mask, ran=True)  # kept, whatever the graph's runs do (see there)
     return _empty_out(q, k, v, seq_major), _empty_lse(q, k, v)
 
 
