@@ -101,9 +101,7 @@ def test_compiles_without_spills(compiled, source, expressions, arch):
     log = compiled[source, expressions, arch].result()
     report = _build.parse_ptxas_report(log)
     assert len(report) == len(expressions), f"ptxas reported {len(report)} of {len(expressions)} kernels"
-    # ptxas serialises a kernel's wgmma instructions where it cannot prove their accumulators
-    # untouched while they run (a wait on one path only, say): correct, but slow.
-    serialised = [line for line in log.splitlines() if "wgmma.mma_async instructions are serialized" in line]
+    serialised = _build.serialised_wgmma(log)
     assert not serialised, f"{source} for {arch}: {serialised[:2]}"
     spilled = [r for r in report if r["spill_stores"] or r["spill_loads"] or r["stack"]]
     if OLDEST_NVRTC:

@@ -87,11 +87,14 @@ def get_function(source_name: str, expression: str, *, shared_bytes: int = 0, op
     return kernel
 
 
-def compile_offline(source_name: str, expressions, arch: str, options=()) -> str:
+def compile_offline(source_name: str, expressions, arch: str, options=(), *, nvrtc=None) -> str:
     """Compile with NVRTC for `arch` (``sm_80``, ``sm_90a``...) without a GPU, with extra NVRTC
     `options`; returns the ptxas report (registers, spills). Raises RuntimeError with the
-    compiler log on failure."""
-    from cupy_backends.cuda.libs import nvrtc
+    compiler log on failure. `nvrtc` is the binding to compile with: CuPy's by default, or one
+    with the same functions over another NVRTC library (CI loads CUDA 12's, which CuPy's CUDA 13
+    build cannot: tools/compile_with_nvrtc.py)."""
+    if nvrtc is None:
+        from cupy_backends.cuda.libs import nvrtc
 
     program = nvrtc.createProgram(source(source_name), source_name, [], [])
     try:
@@ -106,6 +109,13 @@ def compile_offline(source_name: str, expressions, arch: str, options=()) -> str
         return nvrtc.getProgramLog(program)
     finally:
         nvrtc.destroyProgram(program)
+
+
+def serialised_wgmma(log: str) -> list[str]:
+    """The lines of a ptxas log saying that it serialised a kernel's wgmma instructions, where it
+    cannot prove their accumulators untouched while they run (a wait on one path only, say):
+    correct, but slow."""
+    return [line for line in log.splitlines() if "wgmma.mma_async instructions are serialized" in line]
 
 
 _FUNCTION_REPORT = re.compile(
