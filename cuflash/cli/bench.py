@@ -261,7 +261,8 @@ def _require_reasonable(device, problems, modes, baselines, warmup, repeats, for
     torch_present = importlib.util.find_spec("torch") is not None
     # every problem is a call of its own (the sparse sweep's differ in their masks alone)
     variants = kernel_variants(len(problems), modes)
-    seconds, needed = compile_seconds(device, variants), 0
+    compiling = compile_seconds(device, variants)
+    seconds, needed = compiling, 0
     for problem, fraction in problems:
         b, h, n, d = problem.shape
         for mode in modes:
@@ -284,7 +285,7 @@ def _require_reasonable(device, problems, modes, baselines, warmup, repeats, for
         smaller = smaller_memory + (", or --no-torch" if baselines and torch_present else "")
     require_reasonable(device, seconds=seconds, needed=needed, what="this sweep", force=force,
                        smaller=smaller)
-    if compile_seconds(device, variants):
+    if compiling:
         click.echo(f"  of which up to {variants} first compiles of cuflash's kernels, "
                    f"{KERNEL_COMPILE_SECONDS:g} s each (an upper bound: calls share variants; "
                    "CuPy's cache may hold them)", err=True)
