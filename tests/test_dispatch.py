@@ -1148,6 +1148,40 @@ def test_dense_calls_whose_lengths_pass_int32_are_refused(monkeypatch, dtype, nq
 
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32])
+@pytest.mark.parametrize("nk, runs", [(2**31 - 256, True), (2**31 - 255, False)])
+def test_dense_keys_whose_tiles_pass_int32_are_refused(monkeypatch, dtype, nk, runs):
+    """The kernels count a dense call's key tiles in int32 as (Nk + tile − 1) / tile, which a call
+    of one query row passes the Nq + Nk rule with: Nk plus 255 (the widest key tile's padding)
+    must stay below 2**31. Up to that a call runs with its nk as given; past it every family
+    passes it over with that reason and the call is refused with a ValueError (a made-up device:
+    the arrays take no memory)."""
+    pytest.importorskip("cupy")
+    from fake_device import FakeDevice
+
+    from cuflash.kernels import _launch, float32
+
+    device = FakeDevice(monkeypatch, compute_capability="90")
+    q = device.empty((1, 1, 1, 64), dtype)
+    k = device.empty((1, 1, nk, 64), dtype)
+    plan = cuflash.kernel_plan(q, k, k)
+    if runs:
+        assert plan.forward.family is not None and plan.backward.family is not None
+        cuflash.attention(q, k, k)
+        args = float32.FWD_ARGS if dtype == np.float32 else _launch.FWD_ARGS
+        record = np.frombuffer(device.take_launches()[-1][4], args)[0]
+        assert int(record["nk"]) == nk
+        return
+    for family_plan in (plan.forward, plan.backward):
+        assert family_plan.family is None
+        reasons = [reason for _, reason in family_plan.passed_over if "takes float" not in reason]
+        assert reasons and all("Nk plus a key tile's padding (255) must be below 2**31" in reason
+                               for reason in reasons)
+    with pytest.raises(ValueError, match=r"Nk plus a key tile's padding \(255\) must be below 2\*\*31, "
+                                         r"got 2,147,483,393"):
+        cuflash.attention(q, k, k)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32])
 def test_a_device_older_than_compute_capability_8_is_refused_not_compiled_for(monkeypatch, dtype):
     """Every kernel family needs compute capability 8.0 (cp.async, mma.sync on bfloat16): arrays
     on an older device (a Turing card beside an A100, say) are passed over by every family with

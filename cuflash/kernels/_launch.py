@@ -91,17 +91,27 @@ def varlen_pointers(spec) -> tuple[int, int]:
     return pointer(spec.varlen.cu_q), pointer(spec.varlen.cu_k)
 
 
+# At least the keys of any family's key tile: a dense call's key tiles are counted in int32 as
+# (Nk + tile − 1) / tile (csrc/schedule.cuh, key_tiles_of).
+KEY_TILE_BOUND = 256
+
+
 def why_not_lengths(spec) -> str | None:
     """The reason no kernel takes a call whose query and key counts add up to 2**31 or more
     (None for any other call): the kernels hold Nq and Nk in int32 and their band arithmetic
     (csrc/mask.cuh: ``row + shift + right + 1``, ``key − shift + left + 1``) reaches Nq + Nk.
     For packed sequences, whose band sides are cut to the longest sequence's bound and the rows
-    in all (``AttentionSpec.band_extent``), the sum of those."""
+    in all (``AttentionSpec.band_extent``), the sum of those. A dense call's keys plus a key
+    tile's padding must stay below 2**31 too (a call with very few query rows could pass the
+    first rule with them); packed calls' tiles have ``_why_not_packed_tiles``."""
     nq, nk = spec.band_extent()
-    if nq + nk < 2**31:
-        return None
-    what = "Nq + Nk" if spec.varlen is None else "min(max_seqlen_q, total_q) + min(max_seqlen_k, total_k)"
-    return f"counts query rows and keys in int32: {what} must be below 2**31, got {nq:,} and {nk:,}"
+    if nq + nk >= 2**31:
+        what = "Nq + Nk" if spec.varlen is None else "min(max_seqlen_q, total_q) + min(max_seqlen_k, total_k)"
+        return f"counts query rows and keys in int32: {what} must be below 2**31, got {nq:,} and {nk:,}"
+    if spec.varlen is None and nk + KEY_TILE_BOUND - 1 >= 2**31:
+        return (f"counts key tiles in int32: Nk plus a key tile's padding ({KEY_TILE_BOUND - 1}) must "
+                f"be below 2**31, got {nk:,}")
+    return None
 
 
 def why_not_tile_rows(spec, tile_m: int, tile_n: int) -> str | None:
