@@ -414,6 +414,43 @@ def test_a_vjp_s_seed_copy_lives_with_the_captured_results(device, monkeypatch, 
     assert all(copy() is None for copy in copies)
 
 
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_a_cached_forward_asks_the_stream_about_capture_only_for_what_a_replay_needs(
+        device, monkeypatch, return_lse):
+    """Under capture a cached forward keeps its lse (which every replay writes) alive with its
+    output; a call with no lse and no buffers of its own keeps nothing, so it does not ask the
+    stream whether it captures (a driver query per call). A fake device whose stream captures
+    once the call is cached."""
+    import gc
+    import weakref
+
+    import fake_device
+
+    q, k, v = _qkv(device)
+    cuflash.attention(q, k, v, causal=True, return_lse=return_lse)  # cached from here
+    asked = []
+
+    def capturing(self):
+        asked.append(self)
+        return True
+
+    monkeypatch.setattr(fake_device.FakeStream, "is_capturing", capturing)
+    hits = _calls.stats()["hits"]
+    result = cuflash.attention(q, k, v, causal=True, return_lse=return_lse)
+    assert _calls.stats()["hits"] == hits + 1
+    assert len(asked) == return_lse
+    if not return_lse:
+        return
+    out, lse = result
+    lse_ref = weakref.ref(lse)
+    del lse, result
+    gc.collect()
+    assert lse_ref() is not None  # a replay would write it: it lives as long as out
+    del out
+    gc.collect()
+    assert lse_ref() is None
+
+
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_a_refused_vjp_copies_no_seed_array(device, varlen):
     """A vjp copies a seed array for its two passes only once the forward's checks have passed:
