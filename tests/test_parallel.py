@@ -2441,6 +2441,26 @@ def test_ring_and_ulysses_name_the_same_difference_between_ranks_first(differ, f
         assert f": {first} is " in message, (call.__name__, message)
 
 
+@pytest.mark.parametrize("call", ["ring_backward", "ring_vjp", "ulysses_backward"])
+def test_ranks_whose_deterministic_differs_are_refused_on_every_rank(call, rng):
+    """One rank without deterministic=True would make the summed gradients' bits vary from run
+    to run: ring and Ulysses attention both compare it, and every rank is told so."""
+    q = random_array(rng, (1, 2, 8, 8), F32)
+    out, lse = cuflash.attention(q, q, q, return_lse=True)
+
+    def rank(comm):
+        deterministic = bool(comm.rank)
+        if call == "ring_vjp":
+            return ring_attention_vjp(q, q, q, comm=comm, deterministic=deterministic)
+        backward = ring_attention_backward if call == "ring_backward" else ulysses_attention_backward
+        return backward(q, q, q, q, out, lse, comm=comm, deterministic=deterministic)
+
+    raised = _every_rank_error(rank)
+    message = str(raised[0])
+    assert isinstance(raised[0], ValueError) and message == str(raised[1]), raised
+    assert ": deterministic is " in message, message
+
+
 @pytest.mark.parametrize("validate", [True, False])
 def test_every_entry_point_gathers_once_per_call_to_compare(validate, rng):
     """The checks of ring and Ulysses attention cost one all-gather per call and rank with

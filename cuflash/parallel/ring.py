@@ -117,7 +117,7 @@ def checked_scale(scale, q) -> float:
 
 def agree_on_options(comm, arrays: dict, what: str, *, layout, causal, window, softcap, scale,
                      validate, flags: dict, alibi_slopes=None, block_mask=None,
-                     unsupported: dict | None = None, compared_flags: tuple = ()) -> dict:
+                     unsupported: dict | None = None) -> dict:
     """This rank's checks of its call of ``what`` (ring or Ulysses attention), then
     (``validate``) the comparison of every rank's call, where every rank learns of one rank's
     refusal (:func:`~cuflash.parallel._signature.agree`): the one rule of both, so that every
@@ -134,13 +134,14 @@ def agree_on_options(comm, arrays: dict, what: str, *, layout, causal, window, s
 
     Every rank must pass arrays of one shape and dtype and the same options, in that order
     (the first that differs is named): ``layout``, ``causal``, ``scale``, ``window``,
-    ``softcap``, the ``compared_flags`` among ``flags``, and ``alibi_slopes`` (by values and
-    dtype) where the call takes them. Returns the options checked, by name: ``layout``,
+    ``softcap``, ``deterministic`` where the call takes it (ranks whose sums differ in
+    determinism would make the result's bits vary without an error), and ``alibi_slopes`` (by
+    values and dtype) where the call takes them. Returns the options checked, by name: ``layout``,
     ``causal``, ``scale``, ``window``, ``softcap`` and the flags."""
     check_comm(comm)  # no rank can be told of a refusal without one
     unsupported = unsupported or {}
     takes_alibi = "alibi_slopes" not in unsupported
-    flags_compared, rule = _compared(compared_flags, tuple(flags), takes_alibi)
+    flags_compared, rule = _compared(tuple(flags), takes_alibi)
 
     def checks():
         xp = _checks.common_module(arrays)  # modules and devices: this rank's alone
@@ -182,14 +183,14 @@ def agree_on_options(comm, arrays: dict, what: str, *, layout, causal, window, s
 
 
 @functools.lru_cache(maxsize=None)
-def _compared(compared_flags: tuple, flags: tuple, takes_alibi: bool) -> tuple[tuple, str]:
-    """The flags of a call (``flags``: their names) that every rank must pass alike (those of
-    ``compared_flags``), and the rule that says what every rank must pass alike, in words: the
+def _compared(flags: tuple, takes_alibi: bool) -> tuple[tuple, str]:
+    """The flags of a call (``flags``: their names) that every rank must pass alike
+    (``deterministic``), and the rule that says what every rank must pass alike, in words: the
     same on every rank, whatever its flags (a rank in the backward pass, beside one in the
     forward, is told so in the same words); once per kind of call, not per call."""
     *options, last = ("layout", "causal", "scale", "window", "softcap",
                       *(("alibi_slopes",) if takes_alibi else ()))
-    return (tuple(name for name in compared_flags if name in flags),
+    return (tuple(name for name in ("deterministic",) if name in flags),
             f"every rank must pass chunks of one shape and the same {', '.join(options)} and "
             f"{last}")
 

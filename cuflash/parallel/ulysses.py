@@ -26,14 +26,6 @@ from .ring import agree_on_options, check_backward_arrays, check_inputs
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
-def _agree(comm, arrays: dict, **options) -> dict:
-    """The checks and comparison of the ranks' calls that ring attention makes too
-    (:func:`~cuflash.parallel.ring.agree_on_options`), with ``alibi_slopes`` and, in the
-    backward pass, ``deterministic`` among what every rank must pass alike."""
-    return agree_on_options(comm, arrays, "ulysses attention",
-                            compared_flags=("deterministic",), **options)
-
-
 def _check_heads(comm, q, k, v):
     """The head axes split over the ranks: checked after the comparison of the ranks' calls,
     where a rank whose heads do not split, beside ranks whose heads do, fails with every rank
@@ -101,9 +93,10 @@ def ulysses_attention(q, k, v, *, comm, causal: bool = False, layout: str = "con
     its arguments reaches every rank through it); ``False`` skips it, leaving the ranks'
     agreement to the caller, as for ring attention.
     """
-    options = _agree(comm, {"q": q, "k": k, "v": v}, layout=layout, causal=causal,
-                     window=window, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
-                     validate=validate, flags={"return_lse": return_lse})
+    options = agree_on_options(comm, {"q": q, "k": k, "v": v}, "ulysses attention", layout=layout,
+                               causal=causal, window=window, softcap=softcap, scale=scale,
+                               alibi_slopes=alibi_slopes, validate=validate,
+                               flags={"return_lse": return_lse})
     return_lse = options["return_lse"]
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
@@ -124,10 +117,11 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = 
                                alibi_slopes=None, deterministic: bool = False,
                                validate: bool = True):
     """Gradients ``(dq, dk, dv)`` of :func:`ulysses_attention`, each this rank's rows."""
-    options = _agree(comm, {"q": q, "k": k, "v": v, "dout": dout, "out": out, "lse": lse},
-                     layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
-                     alibi_slopes=alibi_slopes, validate=validate,
-                     flags={"deterministic": deterministic})
+    arrays = {"q": q, "k": k, "v": v, "dout": dout, "out": out, "lse": lse}
+    options = agree_on_options(comm, arrays, "ulysses attention", layout=layout, causal=causal,
+                               window=window, softcap=softcap, scale=scale,
+                               alibi_slopes=alibi_slopes, validate=validate,
+                               flags={"deterministic": deterministic})
     deterministic = options["deterministic"]
     _check_heads(comm, q, k, v)
     check_inputs(q, k, v)
