@@ -945,8 +945,8 @@ __device__ __forceinline__ void thread_words_of_tile(u32* words, const u32* tile
 template <int FIRST_BOXES, int SECOND_BOXES, int ROWS>
 __device__ __forceinline__ void clear_rows_past_end(u32 first, u32 second, int rows, int id) {
     if (rows < ROWS) {
-        zero_ring_rows<FIRST_BOXES, ROWS, false>(first, rows, threadIdx.x % 128, 128);
-        zero_ring_rows<SECOND_BOXES, ROWS>(second, rows, threadIdx.x % 128, 128);  // fences both
+        zero_ring_rows<FIRST_BOXES, ROWS>(first, rows, threadIdx.x % 128, 128);
+        zero_ring_rows<SECOND_BOXES, ROWS>(second, rows, threadIdx.x % 128, 128);
         named_barrier(id, 128);
     }
 }

@@ -142,9 +142,7 @@ __device__ __forceinline__ void load_ring_tile(u32 dst, const TmaDesc* map, u32 
 // `thread`, and orders the zeros before later async-proxy reads (wgmma). Packed sequences' tiles
 // that end past their sequence hold the next sequence's rows there, where a dense call's tiles
 // hold TMA's zero fill. A barrier over the same threads then makes the zeros every thread's.
-// FENCE = false leaves the ordering to a later call's fence (one fence orders all of a thread's
-// earlier writes), for a caller that clears several tiles in a row.
-template <int BOXES, int ROWS, bool FENCE = true>
+template <int BOXES, int ROWS>
 __device__ __forceinline__ void zero_ring_rows(u32 tile, int first_row, int thread, int threads) {
     const int chunks = (ROWS - first_row) * 8;  // 16-byte chunks in one box's rows to clear
 #pragma unroll
@@ -153,7 +151,7 @@ __device__ __forceinline__ void zero_ring_rows(u32 tile, int first_row, int thre
             const u32 at = tile + box * ROWS * 128 + first_row * 128 + i * 16;
             asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(at), "r"(0) : "memory");
         }
-    if constexpr (FENCE) fence_proxy_async_shared();
+    fence_proxy_async_shared();
 }
 
 // ---- bulk reductions (shared → global, by the TMA unit, asynchronous to the issuing thread)
