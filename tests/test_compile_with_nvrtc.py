@@ -61,7 +61,7 @@ def test_a_representative_has_the_most_options_switched_on():
 
 def test_programs_hold_at_most_a_chunk_and_no_variant_twice():
     programs = tool.programs()
-    assert all(len(expressions) <= tool.CHUNK for _, expressions, _ in programs)
+    assert all(len(expressions) <= _build.PROGRAM_VARIANTS for _, expressions, _ in programs)
     listed = [(source, expression, arch) for source, expressions, arch in programs for expression in expressions]
     assert len(listed) == len(set(listed))
 

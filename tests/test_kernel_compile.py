@@ -4,7 +4,6 @@ spills. Needs no GPU: NVRTC runs on any machine with the CUDA NVRTC library (the
 import importlib
 import os
 import warnings
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -19,40 +18,16 @@ DECODE_MODULES = ("decode",)  # KV-cache decode: no block or exact masks, so not
 HOPPER_MODULES = ("sm90_tma_forward", "sm90_forward", "sm90_backward")
 
 
-def _variants_by_source(modules):
-    grouped = defaultdict(list)
-    for name in modules:
-        module = importlib.import_module(f"cuflash.kernels.{name}")
-        for source, expression in module.main_variants():
-            grouped[source].append(expression)
-    return grouped
-
-
-# Variants per NVRTC program. Whole sources (up to 277 variants) would leave one core idle behind
-# the largest; each program pays the front end once (about a second).
-CHUNK = 48
-
-
-def _chunks(expressions):
-    """``expressions`` dealt into programs of at most about CHUNK (neighbours in the list differ
-    in cost alike). A kernel that is no template is compiled by every program of its source, so
-    each program names it, and ptxas reports one kernel per expression."""
-    plain = [e for e in expressions if "<" not in e]
-    templated = [e for e in expressions if "<" in e]
-    count = max(1, -(-len(templated) // CHUNK))
-    return [tuple(templated[i::count]) + tuple(plain) for i in range(count)]
-
-
 def _cases():
     """``(source, expressions, arch)`` of every program the group compiles, and their test ids."""
     programs = [(source, expressions, arch)
-                for source, expressions in sorted(_variants_by_source(PORTABLE_MODULES + DECODE_MODULES).items())
+                for source, expressions in sorted(_build.variants_by_source(PORTABLE_MODULES + DECODE_MODULES).items())
                 for arch in ARCHS]
     programs += [(source, expressions, "sm_90a")
-                 for source, expressions in sorted(_variants_by_source(HOPPER_MODULES).items())]
+                 for source, expressions in sorted(_build.variants_by_source(HOPPER_MODULES).items())]
     cases, ids = [], []
     for source, expressions, arch in programs:
-        for part, chunk in enumerate(_chunks(expressions)):
+        for part, chunk in enumerate(_build.program_chunks(expressions)):
             cases.append((source, chunk, arch))
             ids.append(f"{source}-{arch}-{part}")
     return cases, ids
@@ -103,7 +78,7 @@ def test_compiles_without_spills(compiled, source, expressions, arch):
     assert len(report) == len(expressions), f"ptxas reported {len(report)} of {len(expressions)} kernels"
     serialised = _build.serialised_wgmma(log)
     assert not serialised, f"{source} for {arch}: {serialised[:2]}"
-    spilled = [r for r in report if r["spill_stores"] or r["spill_loads"] or r["stack"]]
+    spilled = _build.spilling(report)
     if OLDEST_NVRTC:
         for r in spilled:
             warnings.warn(f"NVRTC {OLDEST_NVRTC}: {r['name']} spills {r['spill_stores']} bytes")

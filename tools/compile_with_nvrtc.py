@@ -34,9 +34,6 @@ HOPPER_FAMILIES = ("sm90_tma_forward", "sm90_backward")
 # One variant of each kernel template of these: for PORTABLE_ARCHS, or sm_90a where Hopper-only.
 PORTABLE_MODULES = ("mma_forward", "mma_backward", "float32", "decode")
 HOPPER_ONLY_MODULES = ("sm90_forward",)
-# Variants per NVRTC program: each program pays the front end once (about a second), and smaller
-# programs keep every core busy to the end (as the compile group's CHUNK).
-CHUNK = 48
 
 
 class LibraryNvrtc:
@@ -108,21 +105,12 @@ def representatives(variants) -> dict[str, list[str]]:
     return grouped
 
 
-def _chunks(expressions: list[str]) -> list[tuple[str, ...]]:
-    """``expressions`` dealt into programs of at most about CHUNK."""
-    count = max(1, -(-len(expressions) // CHUNK))
-    return [tuple(expressions[i::count]) for i in range(count)]
-
-
 def programs() -> list[tuple[str, tuple[str, ...], str]]:
     """``(source, expressions, arch)`` of every program this run compiles."""
     out = []
-    for name in HOPPER_FAMILIES:
-        by_source: dict[str, list[str]] = {}
-        for source, expression in _variants(name):
-            by_source.setdefault(source, []).append(expression)
-        out += [(source, chunk, HOPPER_ARCH)
-                for source, expressions in by_source.items() for chunk in _chunks(expressions)]
+    out += [(source, chunk, HOPPER_ARCH)
+            for source, expressions in _build.variants_by_source(HOPPER_FAMILIES).items()
+            for chunk in _build.program_chunks(expressions)]
     for names, archs in ((PORTABLE_MODULES, PORTABLE_ARCHS), (HOPPER_ONLY_MODULES, (HOPPER_ARCH,))):
         chosen = representatives(variant for name in names for variant in _variants(name))
         out += [(source, tuple(expressions), arch) for source, expressions in chosen.items() for arch in archs]
@@ -150,7 +138,7 @@ def problems(program, log: str, version: str) -> tuple[list[str], list[str]]:
     if len(report) != len(expressions):
         errors.append(f"{source} for {arch}: ptxas reported {len(report)} of {len(expressions)} kernels")
     warnings = [f"NVRTC {version}: {r['name']} spills {r['spill_stores']} bytes (stack frame {r['stack']})"
-                for r in report if r["spill_stores"] or r["spill_loads"] or r["stack"]]
+                for r in _build.spilling(report)]
     warnings += [f"NVRTC {version}: {source} for {arch}: {line}" for line in _build.serialised_wgmma(log)]
     return errors, warnings
 

@@ -138,3 +138,37 @@ def parse_ptxas_report(log: str) -> list[dict]:
         }
         for m in _FUNCTION_REPORT.finditer(log)
     ]
+
+
+def spilling(report: list[dict]) -> list[dict]:
+    """The kernels of a ptxas report (``parse_ptxas_report``) that spill or keep a stack frame."""
+    return [r for r in report if r["spill_stores"] or r["spill_loads"] or r["stack"]]
+
+
+# ---- compiling every variant offline (CI's compile checks)
+
+# Variants per NVRTC program. Whole sources (up to 277 variants) would leave one core idle behind
+# the largest; each program pays the front end once (about a second).
+PROGRAM_VARIANTS = 48
+
+
+def variants_by_source(module_names) -> dict[str, list[str]]:
+    """``{source: expressions}`` of the main variants of the kernel modules named
+    (``cuflash.kernels.<name>``), in the order given."""
+    import importlib
+
+    grouped: dict[str, list[str]] = {}
+    for name in module_names:
+        for source, expression in importlib.import_module(f"cuflash.kernels.{name}").main_variants():
+            grouped.setdefault(source, []).append(expression)
+    return grouped
+
+
+def program_chunks(expressions) -> list[tuple[str, ...]]:
+    """``expressions`` dealt into programs of at most about PROGRAM_VARIANTS (neighbours in the
+    list differ in cost alike). A kernel that is no template is compiled by every program of its
+    source, so each program names it, and ptxas reports one kernel per expression."""
+    plain = [e for e in expressions if "<" not in e]
+    templated = [e for e in expressions if "<" in e]
+    count = max(1, -(-len(templated) // PROGRAM_VARIANTS))
+    return [tuple(templated[i::count]) + tuple(plain) for i in range(count)]
