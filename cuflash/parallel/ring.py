@@ -190,7 +190,7 @@ def _compared(flags: tuple, takes_alibi: bool) -> tuple[tuple, str]:
     forward, is told so in the same words); once per kind of call, not per call."""
     *options, last = ("layout", "causal", "scale", "window", "softcap",
                       *(("alibi_slopes",) if takes_alibi else ()))
-    return (tuple(name for name in ("deterministic",) if name in flags),
+    return (("deterministic",) if "deterministic" in flags else (),
             f"every rank must pass chunks of one shape and the same {', '.join(options)} and "
             f"{last}")
 
