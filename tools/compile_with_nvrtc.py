@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib
 import os
 import sys
 import time
@@ -83,10 +82,6 @@ class LibraryNvrtc:
         self._check(self._lib.nvrtcDestroyProgram(ctypes.byref(program)))
 
 
-def _variants(module_name: str) -> list[tuple[str, str]]:
-    return importlib.import_module(f"cuflash.kernels.{module_name}").main_variants()
-
-
 def _template(expression: str) -> str:
     return expression.split("<")[0]
 
@@ -107,12 +102,11 @@ def representatives(variants) -> dict[str, list[str]]:
 
 def programs() -> list[tuple[str, tuple[str, ...], str]]:
     """``(source, expressions, arch)`` of every program this run compiles."""
-    out = []
-    out += [(source, chunk, HOPPER_ARCH)
-            for source, expressions in _build.variants_by_source(HOPPER_FAMILIES).items()
-            for chunk in _build.program_chunks(expressions)]
+    out = [(source, chunk, HOPPER_ARCH)
+           for source, expressions in _build.variants_by_source(HOPPER_FAMILIES).items()
+           for chunk in _build.program_chunks(expressions)]
     for names, archs in ((PORTABLE_MODULES, PORTABLE_ARCHS), (HOPPER_ONLY_MODULES, (HOPPER_ARCH,))):
-        chosen = representatives(variant for name in names for variant in _variants(name))
+        chosen = representatives(variant for name in names for variant in _build.main_variants(name))
         out += [(source, tuple(expressions), arch) for source, expressions in chosen.items() for arch in archs]
     return out
 

@@ -152,14 +152,19 @@ def spilling(report: list[dict]) -> list[dict]:
 PROGRAM_VARIANTS = 48
 
 
-def variants_by_source(module_names) -> dict[str, list[str]]:
-    """``{source: expressions}`` of the main variants of the kernel modules named
-    (``cuflash.kernels.<name>``), in the order given."""
+def main_variants(module_name: str) -> list[tuple[str, str]]:
+    """``(source, expression)`` of each main variant of kernel module ``cuflash.kernels.<name>``."""
     import importlib
 
+    return importlib.import_module(f"cuflash.kernels.{module_name}").main_variants()
+
+
+def variants_by_source(module_names) -> dict[str, list[str]]:
+    """``{source: expressions}`` of the main variants of the kernel modules named, in the order
+    given."""
     grouped: dict[str, list[str]] = {}
     for name in module_names:
-        for source, expression in importlib.import_module(f"cuflash.kernels.{name}").main_variants():
+        for source, expression in main_variants(name):
             grouped.setdefault(source, []).append(expression)
     return grouped
 
