@@ -7,6 +7,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import assert_backward_close, assert_forward_close, random_array
+from random_problems import grouped_shapes, stable_for_16_bits
 
 import cuflash
 
@@ -19,41 +20,14 @@ BACKWARD_HEAD_DIMS = st.sampled_from([8, 16, 24, 32, 64, 80, 128])
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def large_enough_for_16_bits(q_shape, k_shape, v_shape, causal):
-    """Whether the rule is a stable test of a 16-bit result of these shapes.
-
-    The rule compares the maxima of two sets of rounding errors, which is a steady statistic only
-    over enough rows, keys and elements; smaller problems run in float32, where the 1e-5 term
-    dominates.
-    """
-    (hq, nq, d), (hkv, nk, dv) = q_shape[-3:], v_shape[-3:]
-    rows = min(nq, nk) if causal else nq  # query rows that attend to something
-    batch = math.prod(np.broadcast_shapes(q_shape[:-3], k_shape[:-3], v_shape[:-3]))
-    width = min(d, dv)
-    return (min(nq, nk, d, dv) >= 16
-            and batch * hq * rows * width >= 1024
-            and math.prod(q_shape[:-3]) * hq * rows * d >= 1024
-            and math.prod(k_shape[:-3]) * hkv * nk * width >= 1024)
-
-
 @st.composite
 def problems(draw, head_dims=HEAD_DIMS):
     """Shapes of q, k, v with broadcast leading axes and grouped heads, plus options."""
-    batch = draw(st.lists(st.integers(1, 3), max_size=2))
-
-    def leading():  # each input drops or broadcasts some of the batch axes
-        kept = batch[draw(st.integers(0, len(batch))):]
-        return tuple(n if draw(st.booleans()) else 1 for n in kept)
-
-    hkv = draw(st.integers(1, 3))
-    hq = hkv * draw(st.integers(1, 3))
-    nq, nk = draw(st.integers(1, 260)), draw(st.integers(1, 260))
-    d, dv = draw(head_dims), draw(head_dims)
-    shapes = dict(q_shape=leading() + (hq, nq, d), k_shape=leading() + (hkv, nk, d),
-                  v_shape=leading() + (hkv, nk, dv))
+    shapes = draw(grouped_shapes(head_dims, max_length=260))
+    d = shapes["q_shape"][-1]
     causal = draw(st.booleans())
     dtype = draw(DTYPES)
-    if not large_enough_for_16_bits(**shapes, causal=causal):
+    if not stable_for_16_bits(**shapes, causal=causal):
         dtype = np.float32
     return dict(
         **shapes,
@@ -145,11 +119,12 @@ def option_problems(draw):
     d, dv = draw(st.sampled_from([8, 16, 32])), draw(st.sampled_from([8, 16, 24]))
     shapes = dict(q_shape=(2, hq, nq, d), k_shape=(2, hkv, nk, d), v_shape=(2, hkv, nk, dv))
     causal = draw(st.booleans())
+    window = (draw(WINDOW_SIDES), draw(WINDOW_SIDES))
     dtype = draw(DTYPES)
-    if not large_enough_for_16_bits(**shapes, causal=causal):
+    if not stable_for_16_bits(**shapes, causal=causal, window=window):
         dtype = np.float32
     return dict(
-        **shapes, dtype=dtype, causal=causal, window=(draw(WINDOW_SIDES), draw(WINDOW_SIDES)),
+        **shapes, dtype=dtype, causal=causal, window=window,
         softcap=draw(st.sampled_from([0.0, 5.0])), alibi=draw(st.booleans()),
         layout=draw(st.sampled_from(["contiguous", "heads-last", "reversed"])),
         seed=draw(st.integers(0, 2**32 - 1)))

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import assert_backward_close, assert_forward_close, poisoned, random_array
+from random_problems import grouped_shapes, stable_for_16_bits
 
 import cuflash
 from cuflash import _checks, _mask, cpu, reference
@@ -117,37 +118,11 @@ def test_tiles_outside_the_band_are_never_visited():
 
 # ----------------------------------------------------------------------------- random problems
 
-def rows_attending(nq, nk, window, causal):
-    left, right = _mask.band(window, causal)
-    begin, end = _mask.key_range(np.arange(nq), nq, nk, left, right)
-    return int((end > begin).sum()), int((end - begin).min(initial=nk))
-
-
-def rule_is_stable_for_16_bits(problem):
-    """Whether the rule is a steady test of a 16-bit result of this problem (see
-    test_cpu_properties.large_enough_for_16_bits): enough attended rows, keys and elements."""
-    (hq, nq, d), (hkv, nk, dv) = problem["q_shape"][-3:], problem["v_shape"][-3:]
-    batch = math.prod(np.broadcast_shapes(*(problem[f"{x}_shape"][:-3] for x in "qkv")))
-    rows, _ = rows_attending(nq, nk, problem["window"], problem["causal"])
-    width = min(d, dv)
-    return (min(nq, nk, d, dv) >= 16
-            and batch * hq * rows * width >= 2048
-            and math.prod(problem["q_shape"][:-3]) * hq * rows * d >= 1024
-            and math.prod(problem["k_shape"][:-3]) * hkv * nk * width >= 1024)
-
-
 @st.composite
 def problems(draw, head_dims=HEAD_DIMS):
-    batch = draw(st.lists(st.integers(1, 3), max_size=2))
-
-    def leading():  # each input drops or broadcasts some of the batch axes
-        kept = batch[draw(st.integers(0, len(batch))):]
-        return tuple(n if draw(st.booleans()) else 1 for n in kept)
-
-    hkv = draw(st.integers(1, 3))
-    hq = hkv * draw(st.integers(1, 3))
-    nq, nk = draw(st.integers(1, 200)), draw(st.integers(1, 200))
-    d, dv = draw(head_dims), draw(head_dims)
+    shapes = draw(grouped_shapes(head_dims, max_length=200))
+    nq, d = shapes["q_shape"][-2:]
+    nk = shapes["k_shape"][-2]
     side = st.integers(-1, 2 * max(nq, nk)) | st.integers(-1, 12)
     window = draw(st.sampled_from([None, "drawn", "drawn"]).flatmap(
         lambda kind: st.just((-1, -1)) if kind is None else st.tuples(side, side)))
@@ -158,8 +133,7 @@ def problems(draw, head_dims=HEAD_DIMS):
                            draw(st.sampled_from([16, 32, 48, 64]))),
                      per_head=draw(st.booleans()))
     problem = dict(
-        q_shape=leading() + (hq, nq, d), k_shape=leading() + (hkv, nk, d),
-        v_shape=leading() + (hkv, nk, dv),
+        **shapes,
         causal=draw(st.booleans()),
         window=window,
         softcap=draw(st.sampled_from([0.0, 0.0, 1.0, 5.0, 30.0]) | st.floats(0.5, 50.0)),
@@ -172,7 +146,8 @@ def problems(draw, head_dims=HEAD_DIMS):
         seed=draw(st.integers(0, 2**32 - 1)),
         dtype=draw(DTYPES),
     )
-    if not rule_is_stable_for_16_bits(problem):
+    if not stable_for_16_bits(problem["q_shape"], problem["k_shape"], problem["v_shape"],
+                              causal=problem["causal"], window=problem["window"], elements=2048):
         problem["dtype"] = np.float32
     return problem
 

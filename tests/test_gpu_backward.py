@@ -86,7 +86,7 @@ def test_head_dims_deterministic(xp_gpu, rng, seed, causal, d):
 @pytest.mark.parametrize("d", [1, 17, 40, 72, 100, 160, 200, 255])
 def test_odd_head_dims_are_padded_inside(xp_gpu, rng, seed, d):
     # The rule compares maxima of rounding errors, a steady statistic only over enough elements
-    # (test_cpu_properties.large_enough_for_16_bits): at D = 1 two heads of 130 rows gave 260 per
+    # (random_problems.stable_for_16_bits): at D = 1 two heads of 130 rows gave 260 per
     # gradient, and the NumPy twin of these kernels failed about 4% of seeds (0.5% at D = 17);
     # with 2K elements and the baseline's row term from the same out, none of 400 seeds did.
     check(xp_gpu, rng, seed, hq=max(2, -(-2048 // (130 * d))), nq=130, d=d,
