@@ -41,12 +41,17 @@ def _shards(x, size, layout, axis=-2):
 
 def _run_ring(size, layout, q, k, v, dout, **options):
     """Ring forward (with lse) and backward on a LocalRing; results gathered."""
+    return _run_sharded(ring_attention, ring_attention_backward, size, layout, q, k, v, dout,
+                        **options)
+
+
+def _run_sharded(forward, backward, size, layout, q, k, v, dout, **options):
+    """``forward`` (with lse) and ``backward`` of one sequence-parallel scheme on a LocalRing of
+    ``size`` ranks, each given its shards; the results gathered."""
 
     def rank(comm, q, k, v, dout):
-        out, lse = ring_attention(q, k, v, comm=comm, layout=layout, return_lse=True,
-                                  **options)
-        grads = ring_attention_backward(dout, q, k, v, out, lse, comm=comm, layout=layout,
-                                        **options)
+        out, lse = forward(q, k, v, comm=comm, layout=layout, return_lse=True, **options)
+        grads = backward(dout, q, k, v, out, lse, comm=comm, layout=layout, **options)
         return out, lse, grads
 
     results = LocalRing(size).run(rank, *(_shards(x, size, layout) for x in (q, k, v, dout)))
@@ -864,18 +869,8 @@ def test_ulysses_matches_single_process(layout, seed, rng):
     dout = random_array(rng, q.shape, F32)
     slopes = (2.0 ** -np.arange(1, 5)).astype(F32)
     options = dict(causal=True, window=(40, -1), softcap=8.0, alibi_slopes=slopes)
-
-    def rank(comm, q, k, v, dout):
-        out, lse = ulysses_attention(q, k, v, comm=comm, layout=layout, return_lse=True,
-                                     **options)
-        grads = ulysses_attention_backward(dout, q, k, v, out, lse, comm=comm, layout=layout,
-                                           **options)
-        return out, lse, grads
-
-    results = LocalRing(size).run(rank, *(_shards(x, size, layout) for x in (q, k, v, dout)))
-    out = unshard([r[0] for r in results], layout)
-    lse = unshard([r[1] for r in results], layout, axis=-1)
-    grads = tuple(unshard([r[2][i] for r in results], layout) for i in range(3))
+    out, lse, grads = _run_sharded(ulysses_attention, ulysses_attention_backward, size, layout,
+                                   q, k, v, dout, **options)
     _check_against_single(out, lse, grads, q, k, v, dout, f"seed={seed} {layout}", **options)
 
 
