@@ -25,23 +25,16 @@ def _arrays(rng, dtype, b, hq, hkv, n, d, dv=None):
 
 def main():
     rng = numpy.random.default_rng(0)
-    parts = os.environ.get("SANITIZE_PARTS", "dense,ordered,split,exact,varlen,decode,dropout,persistent").split(",")
-    if "dense" in parts:
-        _dense(rng)
-    if "ordered" in parts:
-        _ordered(rng)
-    if "split" in parts:
-        _split(rng)
-    if "exact" in parts:
-        _exact(rng)
-    if "varlen" in parts:
-        _varlen(rng)
-    if "decode" in parts:
-        _decode(rng)
-    if "dropout" in parts:
-        _dropout(rng)
-    if "persistent" in parts:
-        _persistent(rng)
+    parts = {"dense": _dense, "ordered": _ordered, "split": _split, "exact": _exact,
+             "varlen": _varlen, "decode": _decode, "dropout": _dropout, "persistent": _persistent}
+    wanted = os.environ.get("SANITIZE_PARTS", ",".join(parts)).split(",")
+    unknown = [name for name in wanted if name not in parts]
+    if unknown:  # a misspelt part would otherwise check nothing and pass
+        raise SystemExit(f"SANITIZE_PARTS: unknown part(s) {', '.join(unknown)}; "
+                         f"the parts are {', '.join(parts)}")
+    for name, run in parts.items():  # in this order, however they are listed
+        if name in wanted:
+            run(rng)
 
 
 def _dense(rng):
