@@ -3,7 +3,6 @@ binding (checked against CuPy's on the NVRTC the test extra installs) and its ve
 itself is CI's (minutes); a test with CUDA 12's library runs where CUFLASH_NVRTC12 names it or the
 loader finds libnvrtc.so.12."""
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -22,10 +21,6 @@ def _compiled_pairs():
     return {(source, expression, arch) for source, expressions, arch in tool.programs() for expression in expressions}
 
 
-def _template(expression):
-    return expression.split("<")[0]
-
-
 def test_every_kernel_source_is_compiled():
     sources = {path.name for path in _build.KERNEL_DIR.glob("*.cu")}
     assert {source for source, _, _ in tool.programs()} == sources
@@ -34,7 +29,7 @@ def test_every_kernel_source_is_compiled():
 def test_every_variant_of_the_hopper_families_is_compiled_for_sm_90a():
     compiled = _compiled_pairs()
     for name in tool.HOPPER_FAMILIES:
-        variants = importlib.import_module(f"cuflash.kernels.{name}").main_variants()
+        variants = _build.main_variants(name)
         missing = [expression for source, expression in variants if (source, expression, "sm_90a") not in compiled]
         assert not missing, f"{name}: {len(missing)} variants left out, {missing[:2]}"
 
@@ -42,12 +37,12 @@ def test_every_variant_of_the_hopper_families_is_compiled_for_sm_90a():
 def test_every_kernel_template_of_the_compile_group_is_compiled_for_each_arch():
     """Every kernel template the compile group builds (its families, not a list of the tool's
     own), for sm_80 and sm_90a where portable and sm_90a where Hopper-only."""
-    compiled = {(source, _template(expression), arch) for source, expression, arch in _compiled_pairs()}
+    compiled = {(source, tool._template(expression), arch) for source, expression, arch in _compiled_pairs()}
     for names, archs in ((PORTABLE_MODULES + DECODE_MODULES, ("sm_80", "sm_90a")), (HOPPER_MODULES, ("sm_90a",))):
         for name in names:
-            for source, expression in importlib.import_module(f"cuflash.kernels.{name}").main_variants():
+            for source, expression in _build.main_variants(name):
                 for arch in archs:
-                    assert (source, _template(expression), arch) in compiled, (name, expression, arch)
+                    assert (source, tool._template(expression), arch) in compiled, (name, expression, arch)
     assert not any(arch == "sm_80" and source in {"flash_fwd_sm90.cu", "flash_fwd_sm90_tma.cu", "flash_bwd_sm90.cu"}
                    for source, _, arch in compiled), "a Hopper-only kernel for sm_80"
 
