@@ -589,3 +589,37 @@ def test_design_md_lists_what_attention_varlen_takes_beyond_attention():
     text = " ".join((ROOT / "docs" / "design.md").read_text().split())
     assert ("*, <the same options but block_mask and mask>, check_offsets=True, "
             "block_table=None)" in text)
+
+
+def _notes_entries() -> list[str]:
+    """The headings of benchmarks/NOTES.md's entries, lower-cased."""
+    text = (ROOT / "benchmarks" / "NOTES.md").read_text()
+    return [line.lstrip("#").strip().lower() for line in text.splitlines() if line.startswith("##")]
+
+
+_CITED_ENTRY = re.compile(r'NOTES\.md`?,? "([^"]+)"')
+
+
+def _cited_entries() -> list[tuple[str, str]]:
+    """``(file, name)`` of each NOTES entry that the docs, the README, the library's and the
+    benchmarks' sources and the tests cite by ``NOTES.md`` followed by a comma and the name in
+    double quotes (a name may run over a line break, and over a comment's continuation marks)."""
+    files = [*FILES, *(ROOT / "cuflash").rglob("*.py"), *(ROOT / "cuflash").rglob("*.cu*"),
+             *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tests").glob("*.py")]
+    cited = []
+    for path in files:
+        text = re.sub(r"\s*\n\s*(?:#|//)?\s*", " ", path.read_text())
+        cited += [(str(path.relative_to(ROOT)), m.group(1)) for m in _CITED_ENTRY.finditer(text)]
+    return cited
+
+
+def test_every_notes_entry_cited_by_name_exists():
+    """A citation of benchmarks/NOTES.md by an entry's name names an entry there (its heading or
+    a part of it, case aside), so that a renamed entry does not leave a reader with a name to
+    search for in vain."""
+    entries = _notes_entries()
+    cited = _cited_entries()
+    assert len(cited) > 20  # the pattern still finds the citations
+    missing = [(path, name) for path, name in cited
+               if not any(name.lower() in entry for entry in entries)]
+    assert missing == []
