@@ -32,7 +32,7 @@ def forward_and_backward(**kwargs):
         refusals.append(error)
         out, lse = cuflash.attention(Q, K, V, return_lse=True)
     try:
-        cuflash.attention_backward(out, Q, K, V, out, lse, **kwargs)
+        grads = cuflash.attention_backward(out, Q, K, V, out, lse, **kwargs)
     except (TypeError, ValueError) as error:
         refusals.append(error)
     if refusals:
@@ -40,6 +40,16 @@ def forward_and_backward(**kwargs):
         assert (type(backward), str(backward)) == (type(forward), str(forward)), (
             f"one pass refused {kwargs} and the other did not, or not alike: {refusals}")
         raise forward
+    return out, lse, grads
+
+
+def assert_same_as(spelled, plain):
+    """Options accepted in another spelling (a NumPy scalar, a list) give exactly the results of
+    their plain Python form: ``forward_and_backward``'s results under each."""
+    for got, want in zip(forward_and_backward(**spelled), forward_and_backward(**plain)):
+        for a, b in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,)):
+            np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- array types
@@ -158,7 +168,7 @@ def test_scale_outside_float32(scale):
 @pytest.mark.parametrize("scale", [1, 0.25, np.float16(0.5), np.int64(2), np.float64(0.1),
                                    1e3, 2e-38])
 def test_scale_accepts_real_numbers(scale):
-    forward_and_backward(scale=scale)
+    assert_same_as(dict(scale=scale), dict(scale=float(scale)))
 
 
 @pytest.mark.parametrize("option", ["causal", "return_lse"])
@@ -197,7 +207,7 @@ def test_vjp_checks_deterministic_where_the_backward_does(wrong):
 
 
 def test_causal_accepts_numpy_bool():
-    cuflash.attention(Q, K, V, causal=np.bool_(True))
+    assert_same_as(dict(causal=np.bool_(True)), dict(causal=True))
 
 
 class DuckMask:
@@ -255,8 +265,9 @@ def test_window_below_minus_one(window, side):
 
 @pytest.mark.parametrize("window", [(-1, -1), [3, 4], (np.int64(2), -1), (0, 0), (10**30, 5)])
 def test_window_accepts(window):
-    forward_and_backward(window=window)
-    forward_and_backward(window=window, causal=True)
+    plain = tuple(int(side) for side in window)
+    assert_same_as(dict(window=window), dict(window=plain))
+    assert_same_as(dict(window=window, causal=True), dict(window=plain, causal=True))
 
 
 # ----------------------------------------------------------------------------- softcap
@@ -287,7 +298,7 @@ def test_softcap_outside_float32(softcap):
 
 @pytest.mark.parametrize("softcap", [0, 0.0, -0.0, 30, np.float32(5.0), np.int64(1), 1e30])
 def test_softcap_accepts(softcap):
-    forward_and_backward(softcap=softcap)
+    assert_same_as(dict(softcap=softcap), dict(softcap=float(softcap)))
 
 
 # ----------------------------------------------------------------------------- alibi_slopes
@@ -471,7 +482,10 @@ def test_out_next_to_an_input_is_fine():
     q, k, v = arrays((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8))
     buffer = np.empty((2, 4, 16, 16), np.float32)
     buffer[..., :8] = q
-    cuflash.attention(buffer[..., :8], k, v, out=buffer[..., 8:])
+    result = cuflash.attention(buffer[..., :8], k, v, out=buffer[..., 8:])
+    assert result is not None and np.shares_memory(result, buffer)
+    np.testing.assert_array_equal(buffer[..., :8], q)  # the input beside it untouched
+    np.testing.assert_array_equal(buffer[..., 8:], cuflash.attention(q, k, v))
 
 
 # ----------------------------------------------------------------------------- backward inputs
