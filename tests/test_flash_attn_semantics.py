@@ -1,5 +1,6 @@
 """cuflash against flash-attn's documented semantics: the NumPy path, and the kernels for the
-dense, packed and KV-cache calls (tests marked ``gpu``, float16 inputs).
+dense, packed and KV-cache calls (tests marked ``gpu``, float16 inputs); the NumPy path's dense
+gradients too, against the chain rule of the same definitions.
 
 The oracle here is written from flash-attn's README and the docstrings of
 ``flash_attn_interface.py`` alone, one query row and one key at a time, in float64, without
@@ -65,6 +66,35 @@ def _one_head(q, k, v, *, scale, causal, window, softcap, slope):
     return out, lse
 
 
+def _one_head_grads(q, k, v, dout, *, scale, causal, window, softcap, slope):
+    """dq, dk, dv of ``_one_head``'s output for the output gradient ``dout`` (Sq, Dv), float64,
+    by the chain rule written out: ``dv = Pᵀ dout``; ``dS = P ∘ (dP − rowsum(dP ∘ P))`` with
+    ``dP = dout vᵀ``; soft-capping multiplies dS by ``1 − tanh²(x / softcap)``; ALiBi's bias is
+    a constant; ``dq = scale · dS k``, ``dk = scale · dSᵀ q``. Rows that see no key add
+    nothing."""
+    sq, sk = len(q), len(k)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for i in range(sq):
+        keys = [j for j in range(sk) if _sees(i, j, sq, sk, causal, window)]
+        if not keys:
+            continue
+        s = np.array([scale * float(q[i] @ k[j]) for j in keys])
+        x, slope_of_x = s, np.ones_like(s)
+        if softcap > 0:
+            x = softcap * np.tanh(s / softcap)
+            slope_of_x = 1 - np.tanh(s / softcap) ** 2
+        if slope is not None:
+            x = x - slope * np.abs(i + sk - sq - np.array(keys))
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        dv[keys] += np.outer(p, dout[i])
+        dp = v[keys] @ dout[i]
+        ds = p * (dp - p @ dp) * slope_of_x
+        dq[i] = scale * ds @ k[keys]
+        dk[keys] += scale * np.outer(ds, q[i])
+    return dq, dk, dv
+
+
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None):
     """(B, Sq, Hq, D) in; out (B, Sq, Hq, Dv) and lse (B, Hq, Sq) float64."""
@@ -83,6 +113,30 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
                 q[n, :, h], k[n, :, h // group], v[n, :, h // group], scale=scale, causal=causal,
                 window=window_size, softcap=softcap, slope=slope)
     return out, lse
+
+
+def flash_attn_grads(q, k, v, dout, softmax_scale=None, causal=False, window_size=(-1, -1),
+                     softcap=0.0, alibi_slopes=None):
+    """dq, dk, dv (float64) of ``flash_attn_func``'s output for ``dout``, all ``(B, S, H, D)``:
+    a key/value head's gradients sum over the query heads of its group."""
+    q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
+    b, sq, hq, d = q.shape
+    group = hq // k.shape[2]
+    scale = 1 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for n in range(b):
+        for h in range(hq):
+            slope = None
+            if alibi_slopes is not None:
+                slopes = np.asarray(alibi_slopes, np.float64)
+                slope = slopes[h] if slopes.ndim == 1 else slopes[n, h]
+            gq, gk, gv = _one_head_grads(
+                q[n, :, h], k[n, :, h // group], v[n, :, h // group], dout[n, :, h], scale=scale,
+                causal=causal, window=window_size, softcap=softcap, slope=slope)
+            dq[n, :, h] = gq
+            dk[n, :, h // group] += gk
+            dv[n, :, h // group] += gv
+    return dq, dk, dv
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, **options):
@@ -239,6 +293,29 @@ def test_attention(**case):
 @given(**ATTENTION_CASES)
 def test_attention_kernels(xp_gpu, **case):
     check_attention(Device(xp_gpu), **case)
+
+
+@SETTINGS
+@given(**ATTENTION_CASES)
+def test_attention_gradients(b, sq, sk, hkv, group, d, dv, causal, window, softcap, alibi, scale,
+                             seed):
+    """The NumPy path's ``attention_backward`` against the chain rule of the definitions above
+    (``flash_attn_grads``), in float32 on ``(B, S, H, D)`` arrays viewed as ``(B, H, S, D)``."""
+    rng = np.random.default_rng(seed)
+    hq = hkv * group
+    q, k = normal(rng, (b, sq, hq, d)), normal(rng, (b, sk, hkv, d))
+    v, dout = normal(rng, (b, sk, hkv, dv)), normal(rng, (b, sq, hq, dv))
+    slopes = slopes_of(rng, alibi, b, hq)
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes)
+    heads_first = [x.transpose(0, 2, 1, 3) for x in (q, k, v, dout)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cuflash.CuflashNumericalWarning)
+        out, lse = cuflash.attention(*heads_first[:3], return_lse=True, **options)
+        grads = cuflash.attention_backward(heads_first[3], *heads_first[:3], out, lse, **options)
+    want = flash_attn_grads(q, k, v, dout, scale, causal, window, softcap, slopes)
+    for name, got, expected in zip(("dq", "dk", "dv"), grads, want):
+        np.testing.assert_allclose(got.transpose(0, 2, 1, 3), expected, atol=5e-5, rtol=5e-4,
+                                   err_msg=name)
 
 
 # ----------------------------------------------------------------------------- packed sequences
