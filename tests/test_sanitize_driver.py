@@ -1,12 +1,17 @@
-"""tools/sanitize_driver.py's choice of parts (the parts themselves need a GPU and run under
-tools/sanitize.sh)."""
+"""The sanitizer's tools without a GPU: tools/sanitize_driver.py's choice of parts (the parts
+themselves need a GPU and run under tools/sanitize.sh), and the probes that say which of its
+reports are the sanitizer's blind spots, compiled through NVRTC."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+PROBES = ("racecheck_mbarrier_probe", "initcheck_bulk_store_probe")
 
 
 def test_a_misspelt_part_is_refused_before_any_part_runs():
@@ -17,3 +22,30 @@ def test_a_misspelt_part_is_refused_before_any_part_runs():
     assert result.returncode != 0
     assert "SANITIZE_PARTS: unknown part(s) denes; the parts are dense, ordered" in result.stderr
     assert "ran " not in result.stdout  # each part prints "ran ..." when it ends
+
+
+def _probe(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_the_probes_compile_for_sm_90a(name):
+    """Each probe builds its kernels from the project's own headers, which change: every case
+    must still compile (the probes run on a GPU only under the sanitizer, seldom)."""
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    from cuflash.kernels import _build
+
+    probe = _probe(name)
+    for case in probe.CASES:
+        code, expressions = probe.program(case)
+        program = nvrtc.createProgram(code, f"{name}.cu", [], [])
+        try:
+            for expression in expressions:
+                nvrtc.addNameExpression(program, expression)
+            nvrtc.compileProgram(program, [*_build.COMPILE_OPTIONS, "-arch=sm_90a"])
+            assert all(nvrtc.getLoweredName(program, e) for e in expressions)
+        finally:
+            nvrtc.destroyProgram(program)

@@ -85,12 +85,17 @@ __global__ void __launch_bounds__(64) probe(const float* src, float* sums) {
 """
 
 
+def program(case: str) -> tuple[str, tuple[str]]:
+    """The source and the kernel of ``case``, for sm_90a."""
+    code = _build.source("arch/sm90_tma.cuh") + KERNEL.replace('#include "arch/sm90_tma.cuh"\n', "")
+    return code, (_build.template_expression("probe", CASES.index(case), ROUNDS, WORDS),)
+
+
 def run(case: str) -> tuple[numpy.ndarray, numpy.ndarray]:
     """The consumers' sums of each round and the producer's (host) sums."""
     import cupy
 
-    expression = _build.template_expression("probe", CASES.index(case), ROUNDS, WORDS)
-    code = _build.source("arch/sm90_tma.cuh") + KERNEL.replace('#include "arch/sm90_tma.cuh"\n', "")
+    code, (expression,) = program(case)
     module = cupy.RawModule(code=code, options=(*_build.COMPILE_OPTIONS, "-arch=sm_90a"),
                             name_expressions=(expression,))
     src = cupy.arange(ROUNDS * WORDS, dtype=cupy.float32)

@@ -4,7 +4,9 @@
 # ./sanitize-logs). racecheck reports hazards in the warp-specialised Hopper backward
 # (flash_bwd_sm90_dkdv_ws) and in the exact-mask variants of the TMA forward (flash_fwd_sm90_tma)
 # between accesses their mbarriers order, which racecheck does not model: see docs/internals.md
-# and tools/racecheck_mbarrier_probe.py.
+# and tools/racecheck_mbarrier_probe.py. initcheck reports reads of the float32 dQ accumulator in
+# the cast after a banded backward whose dQ tiles were first written by bulk copies, not zeroed
+# (tools/initcheck_bulk_store_probe.py asks whether initcheck sees bulk-copy writes at all).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 logs="${1:-sanitize-logs}"
