@@ -95,6 +95,15 @@ def _one_head_grads(q, k, v, dout, *, scale, causal, window, softcap, slope):
     return dq, dk, dv
 
 
+def _slope(alibi_slopes, n, h):
+    """Query head ``h``'s ALiBi slope in batch element ``n`` (slopes ``(H,)`` or ``(B, H)``), or
+    ``None`` without ALiBi."""
+    if alibi_slopes is None:
+        return None
+    slopes = np.asarray(alibi_slopes, np.float64)
+    return slopes[h] if slopes.ndim == 1 else slopes[n, h]
+
+
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None):
     """(B, Sq, Hq, D) in; out (B, Sq, Hq, Dv) and lse (B, Hq, Sq) float64."""
@@ -105,10 +114,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     out, lse = np.zeros((b, sq, hq, v.shape[3])), np.zeros((b, hq, sq))
     for n in range(b):
         for h in range(hq):
-            slope = None
-            if alibi_slopes is not None:
-                slopes = np.asarray(alibi_slopes, np.float64)
-                slope = slopes[h] if slopes.ndim == 1 else slopes[n, h]
+            slope = _slope(alibi_slopes, n, h)
             out[n, :, h], lse[n, h] = _one_head(
                 q[n, :, h], k[n, :, h // group], v[n, :, h // group], scale=scale, causal=causal,
                 window=window_size, softcap=softcap, slope=slope)
@@ -126,10 +132,7 @@ def flash_attn_grads(q, k, v, dout, softmax_scale=None, causal=False, window_siz
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     for n in range(b):
         for h in range(hq):
-            slope = None
-            if alibi_slopes is not None:
-                slopes = np.asarray(alibi_slopes, np.float64)
-                slope = slopes[h] if slopes.ndim == 1 else slopes[n, h]
+            slope = _slope(alibi_slopes, n, h)
             gq, gk, gv = _one_head_grads(
                 q[n, :, h], k[n, :, h // group], v[n, :, h // group], dout[n, :, h], scale=scale,
                 causal=causal, window=window_size, softcap=softcap, slope=slope)
