@@ -35,17 +35,11 @@ def _probe(name):
 def test_the_probes_compile_for_sm_90a(name):
     """Each probe builds its kernels from the project's own headers, which change: every case
     must still compile (the probes run on a GPU only under the sanitizer, seldom)."""
-    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
     from cuflash.kernels import _build
 
     probe = _probe(name)
     for case in probe.CASES:
         code, expressions = probe.program(case)
-        program = nvrtc.createProgram(code, f"{name}.cu", [], [])
-        try:
-            for expression in expressions:
-                nvrtc.addNameExpression(program, expression)
-            nvrtc.compileProgram(program, [*_build.COMPILE_OPTIONS, "-arch=sm_90a"])
-            assert all(nvrtc.getLoweredName(program, e) for e in expressions)
-        finally:
-            nvrtc.destroyProgram(program)
+        log = _build.compile_text_offline(code, f"{name}.cu", expressions, "sm_90a")
+        assert len(_build.parse_ptxas_report(log)) == len(expressions)  # each kernel built

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(128) sum_words(const float* src, float* sum) {
 
 def program(case: str) -> tuple[str, tuple[str, str]]:
     """The source and the (writer, reader) kernels of ``case``, for sm_90a."""
-    code = _build.source("arch/sm90_tma.cuh") + KERNELS.replace('#include "arch/sm90_tma.cuh"\n', "")
+    code = _build.with_headers(KERNELS)
     return code, (_build.template_expression("write_words", CASES.index(case), WORDS),
                   _build.template_expression("sum_words", WORDS))
 

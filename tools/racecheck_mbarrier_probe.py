@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(64) probe(const float* src, float* sums) {
 
 def program(case: str) -> tuple[str, tuple[str]]:
     """The source and the kernel of ``case``, for sm_90a."""
-    code = _build.source("arch/sm90_tma.cuh") + KERNEL.replace('#include "arch/sm90_tma.cuh"\n', "")
+    code = _build.with_headers(KERNEL)
     return code, (_build.template_expression("probe", CASES.index(case), ROUNDS, WORDS),)
 
 

@@ -18,20 +18,26 @@ COMPILE_OPTIONS = ("-std=c++17",)
 _INCLUDE = re.compile(r'^\s*#include\s+"([\w./]+)"\s*$', re.MULTILINE)
 
 
+def _expanded(filename: str, seen: set) -> str:
+    """File `filename` of csrc/ with its local headers inlined, none of `seen` again."""
+    if filename in seen:
+        return ""
+    seen.add(filename)
+    text = (KERNEL_DIR / filename).read_text().replace("#pragma once\n", "")
+    return _INCLUDE.sub(lambda m: _expanded(m.group(1), seen), text)
+
+
 @functools.lru_cache(maxsize=None)
 def source(name: str) -> str:
     """The text of kernel source `name` with its local headers inlined (each at most once)."""
+    return _expanded(name, set())
+
+
+def with_headers(text: str) -> str:
+    """CUDA `text` written outside csrc/ (a probe's kernels) with the csrc/ headers it includes
+    inlined, as `source` inlines a kernel source's."""
     seen: set[str] = set()
-
-    def expand(filename: str) -> str:
-        if filename in seen:
-            return ""
-        seen.add(filename)
-        text = (KERNEL_DIR / filename).read_text()
-        text = text.replace("#pragma once\n", "")
-        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
-
-    return expand(name)
+    return _INCLUDE.sub(lambda m: _expanded(m.group(1), seen), text)
 
 
 def template_expression(name: str, *args) -> str:
@@ -93,10 +99,18 @@ def compile_offline(source_name: str, expressions, arch: str, options=(), *, nvr
     compiler log on failure. `nvrtc` is the binding to compile with: CuPy's by default, or one
     with the same functions over another NVRTC library (CI loads CUDA 12's, which CuPy's CUDA 13
     build cannot: tools/compile_with_nvrtc.py)."""
+    return compile_text_offline(source(source_name), source_name, expressions, arch, options,
+                                nvrtc=nvrtc)
+
+
+def compile_text_offline(code: str, name: str, expressions, arch: str, options=(), *,
+                         nvrtc=None) -> str:
+    """``compile_offline`` of program text `code` (its headers inlined: ``with_headers``), named
+    `name` in the compiler's messages."""
     if nvrtc is None:
         from cupy_backends.cuda.libs import nvrtc
 
-    program = nvrtc.createProgram(source(source_name), source_name, [], [])
+    program = nvrtc.createProgram(code, name, [], [])
     try:
         for expression in expressions:
             nvrtc.addNameExpression(program, expression)
@@ -104,7 +118,7 @@ def compile_offline(source_name: str, expressions, arch: str, options=(), *, nvr
             nvrtc.compileProgram(program, [*COMPILE_OPTIONS, *options, f"-arch={arch}", "-Xptxas=-v"])
         except nvrtc.NVRTCError as error:
             raise RuntimeError(
-                f"{source_name} failed to compile for {arch}:\n{nvrtc.getProgramLog(program)}"
+                f"{name} failed to compile for {arch}:\n{nvrtc.getProgramLog(program)}"
             ) from error
         return nvrtc.getProgramLog(program)
     finally:
