@@ -46,19 +46,31 @@ def _sees(i, j, sq, sk, causal, window):
     return (left < 0 or j >= i + shift - left) and (right < 0 or j <= i + shift + right)
 
 
+def _row_logits(q, k, i, *, scale, causal, window, softcap, slope):
+    """The keys query row ``i`` sees, their logits (``scale · q·k``, soft-capped, then ALiBi's
+    bias), and each logit's derivative with respect to its scaled score (``1 − tanh²`` under
+    soft-capping, else 1)."""
+    sq, sk = len(q), len(k)
+    keys = [j for j in range(sk) if _sees(i, j, sq, sk, causal, window)]
+    s = np.array([scale * float(q[i] @ k[j]) for j in keys])
+    x, x_of_s = s, np.ones_like(s)
+    if softcap > 0:
+        x = softcap * np.tanh(s / softcap)
+        x_of_s = 1 - np.tanh(s / softcap) ** 2
+    if slope is not None:
+        x = x - slope * np.abs(i + sk - sq - np.array(keys))
+    return keys, x, x_of_s
+
+
 def _one_head(q, k, v, *, scale, causal, window, softcap, slope):
     """q (Sq, D), k (Sk, D), v (Sk, Dv) float64: out (Sq, Dv), lse (Sq,)."""
-    sq, sk = len(q), len(k)
+    sq = len(q)
     out, lse = np.zeros((sq, v.shape[1])), np.full(sq, -np.inf)
     for i in range(sq):
-        keys = [j for j in range(sk) if _sees(i, j, sq, sk, causal, window)]
+        keys, x, _ = _row_logits(q, k, i, scale=scale, causal=causal, window=window,
+                                 softcap=softcap, slope=slope)
         if not keys:
             continue
-        x = np.array([scale * float(q[i] @ k[j]) for j in keys])
-        if softcap > 0:
-            x = softcap * np.tanh(x / softcap)
-        if slope is not None:
-            x = x - slope * np.abs(i + sk - sq - np.array(keys))
         top = x.max()
         p = np.exp(x - top)
         lse[i] = top + math.log(p.sum())
@@ -72,24 +84,17 @@ def _one_head_grads(q, k, v, dout, *, scale, causal, window, softcap, slope):
     ``dP = dout vᵀ``; soft-capping multiplies dS by ``1 − tanh²(x / softcap)``; ALiBi's bias is
     a constant; ``dq = scale · dS k``, ``dk = scale · dSᵀ q``. Rows that see no key add
     nothing."""
-    sq, sk = len(q), len(k)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-    for i in range(sq):
-        keys = [j for j in range(sk) if _sees(i, j, sq, sk, causal, window)]
+    for i in range(len(q)):
+        keys, x, x_of_s = _row_logits(q, k, i, scale=scale, causal=causal, window=window,
+                                      softcap=softcap, slope=slope)
         if not keys:
             continue
-        s = np.array([scale * float(q[i] @ k[j]) for j in keys])
-        x, slope_of_x = s, np.ones_like(s)
-        if softcap > 0:
-            x = softcap * np.tanh(s / softcap)
-            slope_of_x = 1 - np.tanh(s / softcap) ** 2
-        if slope is not None:
-            x = x - slope * np.abs(i + sk - sq - np.array(keys))
         p = np.exp(x - x.max())
         p /= p.sum()
         dv[keys] += np.outer(p, dout[i])
         dp = v[keys] @ dout[i]
-        ds = p * (dp - p @ dp) * slope_of_x
+        ds = p * (dp - p @ dp) * x_of_s
         dq[i] = scale * ds @ k[keys]
         dk[keys] += scale * np.outer(ds, q[i])
     return dq, dk, dv
