@@ -6,7 +6,9 @@ For bf16 causal (B, H, N, D) = (1, 16, 128, 64) and (8, 16, 512, 64), one proces
 
 - per call, host included: N back-to-back calls then one synchronisation, divided by N, for
   cuflash forward, SDPA forward (torch.nn.functional.scaled_dot_product_attention, when torch is
-  importable), cuflash forward+backward and SDPA forward+backward (autograd);
+  importable), cuflash forward+backward and SDPA forward+backward (autograd); the median of
+  ROUNDS rounds, cuflash's and SDPA's alternated, so that neither alone meets a GPU whose clocks
+  are still rising from idle;
 - host cost per forward and per backward call: the time to issue a burst of calls that the GPU's
   launch queue absorbs without blocking (the device is idle and synchronised before each burst);
   also for the same tokens as B packed sequences of N (``attention_varlen``, device offsets,
@@ -37,6 +39,7 @@ SHAPES = ((1, 16, 128, 64), (8, 16, 512, 64))
 HOST_FORWARD_US, HOST_BACKWARD_US, REPLAY_SLACK = 15.0, 30.0, 0.05
 GRAPH_CALLS = 20
 BURST = 100  # calls issued per host-cost burst: 300 launches, well inside the launch queue
+ROUNDS = 5  # alternated rounds of the per-call timings
 
 
 def _inputs(shape):
@@ -116,6 +119,17 @@ def per_call_us(fn, sync, calls):
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def alternated_per_call_us(timed, calls):
+    """Median per-call time of each (fn, sync) in `timed` over ROUNDS rounds that take them in
+    turn, the order reversed every other round."""
+    times = [[] for _ in timed]
+    for round_ in range(ROUNDS):
+        order = range(len(timed)) if round_ % 2 == 0 else reversed(range(len(timed)))
+        for i in order:
+            times[i].append(per_call_us(*timed[i], calls))
+    return [float(numpy.median(t)) for t in times]
+
+
 def host_us(fn, sync, bursts=20):
     """Time to issue one call while the device keeps up (median over bursts of BURST calls)."""
     times = []
@@ -171,13 +185,13 @@ def report(shape, calls, torch):
     ours = Cuflash(shape)
     sync = cupy.cuda.get_current_stream().synchronize
     print(f"\n== (B, H, N, D) = {shape}, bf16, causal")
-    fwd = per_call_us(ours.forward, sync, calls)
-    fwd_bwd = per_call_us(ours.forward_backward, sync, calls)
-    sdpa_fwd = sdpa_fwd_bwd = None
+    timed = [(ours.forward, sync), (ours.forward_backward, sync)]
     if torch is not None:
         theirs = Sdpa(torch, shape)
-        sdpa_fwd = per_call_us(theirs.forward, torch.cuda.synchronize, calls)
-        sdpa_fwd_bwd = per_call_us(theirs.forward_backward, torch.cuda.synchronize, calls)
+        timed += [(theirs.forward, torch.cuda.synchronize),
+                  (theirs.forward_backward, torch.cuda.synchronize)]
+    fwd, fwd_bwd, *sdpa = alternated_per_call_us(timed, calls)
+    sdpa_fwd, sdpa_fwd_bwd = sdpa or (None, None)
 
     def against(ours_us, sdpa_us):
         if sdpa_us is None:
