@@ -120,14 +120,14 @@ def per_call_us(fn, sync, calls):
 
 
 def alternated_per_call_us(timed, calls):
-    """Median per-call time of each (fn, sync) in `timed` over ROUNDS rounds that take them in
-    turn, the order reversed every other round."""
+    """Per-call times of each (fn, sync) in `timed` over ROUNDS rounds that take them in turn,
+    the order reversed every other round: a list of ROUNDS times for each."""
     times = [[] for _ in timed]
     for round_ in range(ROUNDS):
         order = range(len(timed)) if round_ % 2 == 0 else reversed(range(len(timed)))
         for i in order:
             times[i].append(per_call_us(*timed[i], calls))
-    return [float(numpy.median(t)) for t in times]
+    return times
 
 
 def host_us(fn, sync, bursts=20):
@@ -190,7 +190,8 @@ def report(shape, calls, torch):
         theirs = Sdpa(torch, shape)
         timed += [(theirs.forward, torch.cuda.synchronize),
                   (theirs.forward_backward, torch.cuda.synchronize)]
-    fwd, fwd_bwd, *sdpa = alternated_per_call_us(timed, calls)
+    rounds = alternated_per_call_us(timed, calls)
+    fwd, fwd_bwd, *sdpa = (float(numpy.median(r)) for r in rounds)
     sdpa_fwd, sdpa_fwd_bwd = sdpa or (None, None)
 
     def against(ours_us, sdpa_us):
@@ -202,6 +203,9 @@ def report(shape, calls, torch):
     print(f"per call, host included  forward          {fwd:7.1f} µs   {against(fwd, sdpa_fwd)}")
     print(f"                         forward+backward {fwd_bwd:7.1f} µs   "
           f"{against(fwd_bwd, sdpa_fwd_bwd)}")
+    print("  (each round, µs: " + "; ".join(
+        f"{name} " + ", ".join(f"{t:.1f}" for t in r)
+        for name, r in zip(("fwd", "fwd+bwd", "SDPA fwd", "SDPA fwd+bwd"), rounds)) + ")")
     host_fwd, host_bwd = host_us(ours.forward, sync), host_us(ours.backward, sync)
     print(f"host cost                forward          {host_fwd:7.1f} µs   target ≤ "
           f"{HOST_FORWARD_US:.0f}: {verdict(host_fwd <= HOST_FORWARD_US)}")
