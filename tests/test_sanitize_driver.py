@@ -24,7 +24,8 @@ def test_a_misspelt_part_is_refused_before_any_part_runs():
     assert "ran " not in result.stdout  # each part prints "ran ..." when it ends
 
 
-def _probe(name):
+def _load_probe(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # where the probes import _probe from
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,13 +33,13 @@ def _probe(name):
 
 
 @pytest.mark.parametrize("name", PROBES)
-def test_the_probes_compile_for_sm_90a(name):
+def test_the_probes_compile_for_sm_90a(name, monkeypatch):
     """Each probe builds its kernels from the project's own headers, which change: every case
     must still compile (the probes run on a GPU only under the sanitizer, seldom)."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
     from cuflash.kernels import _build
 
-    probe = _probe(name)
+    probe = _load_probe(name, monkeypatch)
     for case in probe.CASES:
         code, expressions = probe.program(case)
         log = _build.compile_text_offline(code, f"{name}.cu", expressions, "sm_90a")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 
+import _probe  # tools/_probe.py, beside this script
 from cuflash.kernels import _build
 
 CASES = ("plain", "bulk", "unwritten")
@@ -76,8 +77,7 @@ def run(case: str) -> tuple[float, float]:
     import cupy
 
     code, (writer, reader) = program(case)
-    module = cupy.RawModule(code=code, options=(*_build.COMPILE_OPTIONS, "-arch=sm_90a"),
-                            name_expressions=(writer, reader))
+    module = _probe.module(code, (writer, reader))
     words = cupy.empty(WORDS, cupy.float32)  # fresh from the pool: never written on the device
     total = cupy.zeros(1, cupy.float32)
     module.get_function(writer)((1,), (128,), (words,))
@@ -85,19 +85,11 @@ def run(case: str) -> tuple[float, float]:
     return float(total[0]), WORDS * (WORDS - 1) / 2
 
 
-def main(argv) -> int:
-    cases = argv[1:] or [c for c in CASES if c != "unwritten"]
-    for case in cases:
-        if case not in CASES:
-            print(f"unknown case {case!r}; one of {', '.join(CASES)}")
-            return 2
-        got, expected = run(case)
-        ok = got == expected
-        print(f"{case}: read back a sum of {got} {'==' if ok else '!='} {expected}")
-        if not ok and case != "unwritten":
-            return 1
-    return 0
+def check(case: str) -> tuple[bool, str]:
+    got, expected = run(case)
+    ok = got == expected
+    return ok, f"{case}: read back a sum of {got} {'==' if ok else '!='} {expected}"
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(_probe.main(sys.argv, CASES, "unwritten", check))

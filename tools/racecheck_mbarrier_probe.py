@@ -33,6 +33,7 @@ import sys
 
 import numpy
 
+import _probe  # tools/_probe.py, beside this script
 from cuflash.kernels import _build
 
 CASES = ("mbarrier", "bulk", "syncthreads", "unordered")
@@ -96,8 +97,7 @@ def run(case: str) -> tuple[numpy.ndarray, numpy.ndarray]:
     import cupy
 
     code, (expression,) = program(case)
-    module = cupy.RawModule(code=code, options=(*_build.COMPILE_OPTIONS, "-arch=sm_90a"),
-                            name_expressions=(expression,))
+    module = _probe.module(code, (expression,))
     src = cupy.arange(ROUNDS * WORDS, dtype=cupy.float32)
     sums = cupy.full(ROUNDS, numpy.nan, cupy.float32)
     module.get_function(expression)((1,), (64,), (src, sums))
@@ -105,19 +105,11 @@ def run(case: str) -> tuple[numpy.ndarray, numpy.ndarray]:
     return cupy.asnumpy(sums), cupy.asnumpy(expected)
 
 
-def main(argv) -> int:
-    cases = argv[1:] or [c for c in CASES if c != "unordered"]
-    for case in cases:
-        if case not in CASES:
-            print(f"unknown case {case!r}; one of {', '.join(CASES)}")
-            return 2
-        got, expected = run(case)
-        ok = numpy.array_equal(got, expected)
-        print(f"{case}: consumer sums {got.tolist()} {'==' if ok else '!='} {expected.tolist()}")
-        if not ok and case != "unordered":
-            return 1
-    return 0
+def check(case: str) -> tuple[bool, str]:
+    got, expected = run(case)
+    ok = numpy.array_equal(got, expected)
+    return ok, f"{case}: consumer sums {got.tolist()} {'==' if ok else '!='} {expected.tolist()}"
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(_probe.main(sys.argv, CASES, "unordered", check))
