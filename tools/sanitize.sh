@@ -4,9 +4,11 @@
 # ./sanitize-logs). racecheck reports hazards in the warp-specialised Hopper backward
 # (flash_bwd_sm90_dkdv_ws) and in the exact-mask variants of the TMA forward (flash_fwd_sm90_tma)
 # between accesses their mbarriers order, which racecheck does not model: see docs/internals.md
-# and tools/racecheck_mbarrier_probe.py. initcheck reports reads of the float32 dQ accumulator in
-# the cast after a banded backward whose dQ tiles were first written by bulk copies, not zeroed
-# (tools/initcheck_bulk_store_probe.py asks whether initcheck sees bulk-copy writes at all).
+# and tools/racecheck_mbarrier_probe.py. initcheck runs with the Hopper backward's dQ accumulator
+# zeroed on every route (SANITIZE_DQ_ZEROS=1): where the kernels write it only by bulk copies and
+# reduce-adds, which initcheck does not count as initialising, it reported nearly every read of it
+# (tools/sanitize_driver.py, write_dq_zeros; tools/initcheck_bulk_store_probe.py asks initcheck
+# directly).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 logs="${1:-sanitize-logs}"
@@ -18,7 +20,9 @@ status=0
 for tool in memcheck racecheck synccheck initcheck; do
     extra=()
     [ "$tool" = racecheck ] && extra=(--racecheck-report analysis)
-    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" timeout "${SANITIZE_TIMEOUT:-600}" \
+    zeros=0
+    [ "$tool" = initcheck ] && zeros=1
+    SANITIZE_DQ_ZEROS=$zeros PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" timeout "${SANITIZE_TIMEOUT:-600}" \
         compute-sanitizer --tool "$tool" "${extra[@]}" \
         --error-exitcode 9 python3 "$here/tools/sanitize_driver.py" > "$logs/$tool.log" 2>&1
     rc=$?
