@@ -1,12 +1,13 @@
 """Does compute-sanitizer's initcheck count a bulk copy to global memory as initialising it?
 
-Where the warp-specialised Hopper backward adds dQ in any order under a band (flash_bwd_sm90.cu,
-``claims_dq_tiles``), the float32 dQ accumulator is not zeroed: the first writer of each dQ tile
-stores its part with a bulk copy (``bulk_store``: cp.async.bulk, shared to global, done by the
-TMA unit), and the others add theirs with bulk reduce-adds. The cast that follows
-(flash_bwd_dq_convert) then reads memory that no thread ever stored to. If initcheck tracks only
-the threads' own stores, it reports every one of those reads. This probe asks that question in
-a kernel small enough to reason about, one case per process:
+Where the warp-specialised Hopper backward stores each dQ tile's first part (ordered adds, and
+claimed tiles under a band: ``stores_first_parts`` in cuflash/kernels/sm90_backward.py), the
+float32 dQ accumulator is not zeroed: the first writer of each dQ tile stores its part with a
+bulk copy (``bulk_store``: cp.async.bulk, shared to global, done by the TMA unit), and the others
+add theirs with bulk reduce-adds. The cast that follows (flash_bwd_dq_convert) then reads memory
+that no thread ever stored to. If initcheck tracks only the threads' own stores, it reports every
+one of those reads. This probe asks that question in a kernel small enough to reason about, one
+case per process:
 
   plain     fresh memory written by ordinary stores, then read by another kernel: initialised;
   bulk      the same memory written by one ``bulk_store`` of the same bytes: initialised by
@@ -19,9 +20,10 @@ Run each case under the sanitizer:
     compute-sanitizer --tool initcheck python3 tools/initcheck_bulk_store_probe.py bulk
 
 A report for ``bulk`` beside none for ``plain`` means initcheck does not model bulk-copy writes,
-and its reports on the cast after the claimed first-part stores are of that kind. Without an
-argument the script runs ``plain`` and ``bulk`` once, outside the sanitizer, and checks that
-the reading kernel saw what was written.
+and its reports on the cast after the first-part stores are of that kind (tools/sanitize.sh runs
+initcheck with the accumulator zeroed for that reason: tools/sanitize_driver.py,
+``write_dq_zeros``). Without an argument the script runs ``plain`` and ``bulk`` once, outside the
+sanitizer, and checks that the reading kernel saw what was written.
 """
 
 from __future__ import annotations
