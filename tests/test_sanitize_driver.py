@@ -56,6 +56,7 @@ def _casts_of_unzeroed_accumulators(monkeypatch, write_zeros: bool) -> list:
     the zeros (``sm90_backward.dq_zeros_needed``)."""
     from fake_device import FakeDevice
 
+    from cuflash import kernels
     from cuflash.kernels import mma_backward, sm90_backward
     from cuflash.sparse import BlockMask
     from cuflash.sparse._csr import TileCSR
@@ -84,6 +85,8 @@ def _casts_of_unzeroed_accumulators(monkeypatch, write_zeros: bool) -> list:
     monkeypatch.setattr(mma_backward, "preprocess_launch", recording_preprocess)
     monkeypatch.setattr(mma_backward, "convert_launch", recording_convert)
     monkeypatch.setenv("SANITIZE_PARTS", "dense,ordered,dropout")
+    # The parts set the Hopper switch in os.environ: restored with the rest after the test.
+    monkeypatch.setenv(kernels.DISABLE_HOPPER_ENV, "0")
     monkeypatch.setenv("SANITIZE_DQ_ZEROS", "1" if write_zeros else "0")
     monkeypatch.setattr(sm90_backward, "SKIP_DQ_ZEROS", True)  # the driver may set it; restored after
     driver.main()
