@@ -12,7 +12,10 @@ queries are stand-ins that cost next to nothing; a launch that goes through CuPy
 ``RawKernel.__call__`` keeps what CuPy does per argument before the driver call (``CScalar``
 for a NumPy scalar, ``CNumpyArray`` for an array). So the figures are cuflash's Python plus
 CuPy's argument conversion, without CuPy's allocation, launch, device and stream calls (which
-``host_cost.py`` measures on a GPU). Best of R × N calls, µs per call.
+``host_cost.py`` measures on a GPU). Best of R × N calls, µs per call. Beside them, the same
+calls as first calls: every cache entry forgotten before each (``cuflash._calls.clear``), so each
+is validated, planned and prepared, as the first call of a signature is (a packed-sequence
+training step that brings new maximum lengths makes one per pass); best of R × N / 10.
 """
 
 from __future__ import annotations
@@ -88,21 +91,26 @@ def main():
     parser.add_argument("--addresses", type=int, default=2,
                         help="addresses cupy.empty's stand-in cycles through per shape (default 2)")
     args = parser.parse_args()
-    print("| fake device | shape | forward µs | backward µs |\n|---|---|---|---|")
+    print("| fake device | shape | forward µs | backward µs | first forward µs | first backward µs |\n"
+          "|---|---|---|---|---|---|")
     for capability in ("90", "80"):
         for shape in SHAPES:
             with pytest.MonkeyPatch.context() as monkeypatch:
                 device = FakeDevice(monkeypatch, compute_capability=capability)
                 _cheap_stand_ins(monkeypatch, device, args.addresses)
-                fwd, bwd = time_calls(*dense_calls(device, shape), args)
-            print(f"| {capability[0]}.{capability[1]} | {shape} | {fwd:.1f} | {bwd:.1f} |")
+                times = time_calls(*dense_calls(device, shape), args)
+            print(f"| {capability[0]}.{capability[1]} | {shape} | " + _cells(times))
             with pytest.MonkeyPatch.context() as monkeypatch:
                 device = FakeDevice(monkeypatch, compute_capability=capability)
                 _cheap_stand_ins(monkeypatch, device, args.addresses)
-                fwd, bwd = time_calls(*packed_calls(device, shape), args)
+                times = time_calls(*packed_calls(device, shape), args)
             b, h, n, d = shape
             packed = f"{b} packed sequence{'s' * (b > 1)} of {n}: ({b * n}, {h}, {d})"
-            print(f"| {capability[0]}.{capability[1]} | {packed} | {fwd:.1f} | {bwd:.1f} |")
+            print(f"| {capability[0]}.{capability[1]} | {packed} | " + _cells(times))
+
+
+def _cells(times) -> str:
+    return " | ".join(f"{t:.1f}" for t in times) + " |"
 
 
 def dense_calls(device, shape):
@@ -140,8 +148,24 @@ def packed_calls(device, shape):
 
 
 def time_calls(forward, backward, args):
+    """Per call, µs: cached forward and backward, then each as a first call."""
     forward(), backward()
-    return best_us(forward, args.calls, args.repeats), best_us(backward, args.calls, args.repeats)
+    cached = best_us(forward, args.calls, args.repeats), best_us(backward, args.calls, args.repeats)
+    first = [best_us(_first(call), max(args.calls // 10, 1), args.repeats)
+             for call in (forward, backward)]
+    return (*cached, *first)
+
+
+def _first(call):
+    """``call`` with every cache entry forgotten before it (the clearing itself is timed too: a
+    few dictionaries emptied)."""
+    from cuflash import _calls
+
+    def first():
+        _calls.clear()
+        call()
+
+    return first
 
 
 if __name__ == "__main__":

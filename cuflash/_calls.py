@@ -491,11 +491,12 @@ def forward(q, k, v, out, options: dict, dropout: tuple, return_lse, copy_seed=F
             return done
     from . import _api
 
-    xp, spec, result, lse = _api.validated_forward(q, k, v, out,
-                                                   _validated_options(options, dropout), return_lse,
-                                                   copy_seed)
-    if key is not None and entry is None:
-        _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result, return_lse))
+    with kernels.reusing_launches():  # the run's launch serves the entry
+        xp, spec, result, lse = _api.validated_forward(q, k, v, out,
+                                                       _validated_options(options, dropout),
+                                                       return_lse, copy_seed)
+        if key is not None and entry is None:
+            _remember(key, _ForwardEntry.build(xp, spec, q, k, v, out, result, return_lse))
     return result, lse, spec
 
 
@@ -507,8 +508,9 @@ def prepared_forward(q, k, v, out, options: dict):
     pointers."""
     from . import _api
 
-    xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, True)
-    entry = _ForwardEntry.build(xp, spec, q, k, v, out, result, True)
+    with kernels.reusing_launches():
+        xp, spec, result, lse = _api.validated_forward(q, k, v, out, options, True)
+        entry = _ForwardEntry.build(xp, spec, q, k, v, out, result, True)
     return result, lse, (None if entry is _UNCACHED else entry)
 
 
@@ -631,12 +633,13 @@ def backward(dout, q, k, v, out, lse, options: dict, dropout: tuple, alibi=None,
             return done
     from . import _api
 
-    xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse,
-                                               _validated_options(options, dropout), alibi=alibi,
-                                               grads=grads)
-    if key is not None and entry is None:
-        _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result,
-                                            given=grads))
+    with kernels.reusing_launches():  # the run's launch serves the entry
+        xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse,
+                                                   _validated_options(options, dropout),
+                                                   alibi=alibi, grads=grads)
+        if key is not None and entry is None:
+            _remember(key, _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result,
+                                                given=grads))
     return result
 
 
@@ -645,8 +648,9 @@ def prepared_backward(dout, q, k, v, out, lse, options: dict, grads):
     ``prepared_forward``."""
     from . import _api
 
-    xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, grads=grads)
-    entry = _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result, given=grads)
+    with kernels.reusing_launches():
+        xp, spec, result = _api.validated_backward(dout, q, k, v, out, lse, options, grads=grads)
+        entry = _BackwardEntry.build(xp, spec, dout, q, k, v, out, lse, result, given=grads)
     return result, (None if entry is _UNCACHED else entry)
 
 
@@ -770,12 +774,13 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, out, options: dict, dropou
             return done
     from . import _api
 
-    xp, spec, result, lse = _api.validated_varlen_forward(
-        q, k, v, cu_q, cu_k, max_q, max_k, out, _validated_options(options, dropout), return_lse,
-        hosts)
-    if key is not None and entry is None:
-        built = _varlen_forward_entry(xp, spec, q, k, v, out, result, (cu_q, cu_k))
-        _remember(key, _VarlenEntry.of(built, options["check_offsets"]))
+    with kernels.reusing_launches():  # the run's launch serves the entry
+        xp, spec, result, lse = _api.validated_varlen_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, out, _validated_options(options, dropout),
+            return_lse, hosts)
+        if key is not None and entry is None:
+            built = _varlen_forward_entry(xp, spec, q, k, v, out, result, (cu_q, cu_k))
+            _remember(key, _VarlenEntry.of(built, options["check_offsets"]))
     return result, lse, spec
 
 
@@ -802,13 +807,14 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, options: 
             return done
     from . import _api
 
-    xp, spec, result = _api.validated_varlen_backward(
-        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, _validated_options(options, dropout),
-        grads, alibi)
-    if key is not None and entry is None:
-        built = _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, result, grads,
-                                       (cu_q, cu_k))
-        _remember(key, _VarlenEntry.of(built, options["check_offsets"]))
+    with kernels.reusing_launches():  # the run's launch serves the entry
+        xp, spec, result = _api.validated_varlen_backward(
+            dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+            _validated_options(options, dropout), grads, alibi)
+        if key is not None and entry is None:
+            built = _varlen_backward_entry(xp, spec, dout, q, k, v, out, lse, result, grads,
+                                           (cu_q, cu_k))
+            _remember(key, _VarlenEntry.of(built, options["check_offsets"]))
     return result
 
 

@@ -208,6 +208,72 @@ def test_cached_calls_allocate_their_outputs_and_one_workspace(device, monkeypat
     assert [m for m in made if m[0] == "device_memory"] == [cached[-1]]  # the same workspace size
 
 
+def _pass_call(device, name):
+    """A call of pass ``name`` (dense or packed), its forward's results made first."""
+    if name.startswith("varlen"):
+        q, k, v, dout = (device.empty((700, 4, 64), BF16) for _ in range(4))
+        cu = device.empty((4,), np.int32)
+        layout = (cu, cu, 300, 300)
+        out, lse = cuflash.attention_varlen(q, k, v, *layout, causal=True, return_lse=True,
+                                            check_offsets=False)
+        if name == "varlen forward":
+            return lambda: cuflash.attention_varlen(q, k, v, *layout, causal=True,
+                                                    check_offsets=False)
+        return lambda: cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *layout,
+                                                         causal=True, check_offsets=False)
+    q, k, v = _qkv(device)
+    dout = device.empty(SHAPE, BF16)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    if name == "forward":
+        return lambda: cuflash.attention(q, k, v, causal=True)
+    return lambda: cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+
+
+@pytest.mark.parametrize("name", ["forward", "backward", "varlen forward", "varlen backward"])
+def test_a_first_call_prepares_one_launch_for_its_run_and_its_entry(device, monkeypatch, name):
+    """The validated run and the cache entry built after it share the launch prepared for the
+    run (preparing it took a few hundred microseconds of host time each), which is let go with
+    the call; the next call launches it through the entry."""
+    from cuflash import kernels
+
+    call = _pass_call(device, name)
+    _calls.clear()
+    builds, hits = _builds(), _calls.stats()["hits"]
+    prepared = []
+    real = kernels._prepared
+    monkeypatch.setattr(kernels, "_prepared", lambda family, spec, arrays: prepared.append(
+        real(family, spec, arrays)) or prepared[-1])
+    call()
+    assert len(prepared) == 1 and prepared[0] is not None and _builds() == builds + 1
+    assert any(prepared[0] in (getattr(entry, "launch", None),
+                               getattr(getattr(entry, "dense", None), "launch", None))
+               for entry in _calls._entries.values())
+    assert kernels._reused.launches is None
+    call()
+    assert len(prepared) == 1 and _builds() == builds + 1 and _calls.stats()["hits"] == hits + 1
+
+
+def test_a_prepared_launch_is_shared_only_by_the_same_spec_and_layout(device):
+    """Inside ``reusing_launches``: the same spec object and array layouts give the launch
+    prepared first; another spec, another layout (strides, 16-byte alignment) or another pass
+    each get their own."""
+    from cuflash import _api, kernels
+
+    q, k, v = _qkv(device)
+    out = device.empty(SHAPE, BF16)
+    spec = _api._spec(q, k, v, causal=True)[1]
+    other_spec = _api._spec(q, k, v, causal=True)[1]
+    unaligned = device.laid_out(SHAPE, BF16, "unaligned")
+    padded = device.laid_out(SHAPE, BF16, "padded")
+    with kernels.reusing_launches():
+        first = kernels.prepare("forward", spec, (q, k, v, out))
+        assert kernels.prepare("forward", spec, (*_qkv(device), device.empty(SHAPE, BF16))) is first
+        assert kernels.prepare("forward", other_spec, (q, k, v, out)) is not first
+        assert kernels.prepare("forward", spec, (q, k, v, padded)) is not first
+        assert kernels.prepare("forward", spec, (q, k, v, unaligned)) is not first
+    assert kernels.prepare("forward", spec, (q, k, v, out)) is not first  # outside: prepared anew
+
+
 SEEDS_AND_OFFSETS = [(2, 0), (2**64 - 1, 7), (1, 2**32 - 1), (12345, 3)]
 
 

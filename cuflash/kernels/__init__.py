@@ -17,8 +17,10 @@ Entry points take the 4-D (B, H, N, D) views described in docs/internals.md and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy
@@ -161,8 +163,57 @@ def _prepared(family: Family, spec, arrays):
 def prepare(pass_name: str, spec, arrays):
     """The prepared launch of `pass_name` for this spec and the layout of `arrays` (as in
     ``plan``): a callable taking the pass's entry-point arguments, the spec last, that reads only
-    their data pointers; ``None`` when the chosen family offers none."""
-    return _prepared(_chosen(pass_name, spec, arrays), spec, arrays)
+    their data pointers; ``None`` when the chosen family offers none. Inside ``reusing_launches``,
+    the launch this thread prepared there for the same pass, spec and layout."""
+    return _family_and_launch(pass_name, spec, arrays)[1]
+
+
+def _family_and_launch(pass_name: str, spec, arrays):
+    kept = _reused.launches
+    key = None if kept is None else _reuse_key(pass_name, spec, arrays)
+    if key is not None and key in kept:
+        return kept[key][1:]
+    family = _chosen(pass_name, spec, arrays)
+    launch = _prepared(family, spec, arrays)
+    if key is not None:
+        kept[key] = (spec, family, launch)  # the spec held: its identity is not reused meanwhile
+    return family, launch
+
+
+class _ReusedLaunches(threading.local):
+    def __init__(self):
+        self.launches = None  # a dict inside ``reusing_launches``
+
+
+_reused = _ReusedLaunches()
+
+
+@contextlib.contextmanager
+def reusing_launches():
+    """Within the block, ``prepare`` (and the entry points, which prepare through it) prepares
+    each (pass, spec, layout) once on this thread: a call's first run and the call cache's entry
+    built after it share one launch, where each took a few hundred microseconds of host time to
+    prepare it (tiles, kernel lookup, packed arguments). The launches are let go at the block's
+    end."""
+    if _reused.launches is not None:  # nested: the outer block keeps them
+        yield
+        return
+    _reused.launches = {}
+    try:
+        yield
+    finally:
+        _reused.launches = None
+
+
+def _reuse_key(pass_name: str, spec, arrays):
+    """What a prepared launch depends on beside the spec: the arrays' layouts (shape, strides,
+    dtype, 16-byte alignment, device: a launch reads only their data pointers per call) and the
+    registry state; ``None`` for an array without a layout (not a CuPy array)."""
+    try:
+        layouts = tuple((x.shape, x.strides, x.dtype, x.data.ptr % 16, x.data.device_id) for x in arrays)
+    except AttributeError:
+        return None
+    return pass_name, id(spec), layouts, dispatch_state()
 
 
 def dispatch_state() -> tuple:
@@ -192,8 +243,7 @@ def switch_values() -> tuple:
 
 
 def _run(pass_name: str, spec, arrays, args):
-    family = _chosen(pass_name, spec, arrays)
-    launch = _prepared(family, spec, arrays)
+    family, launch = _family_and_launch(pass_name, spec, arrays)
     (launch or family.run)(*args, spec)
 
 
