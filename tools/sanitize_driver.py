@@ -1,9 +1,9 @@
 """Every kernel family once, forward and backward, on problems small enough for
 compute-sanitizer's slow tools (racecheck): run under `tools/sanitize.sh`. The environment
 variable SANITIZE_PARTS (comma-separated: dense, ordered, split, exact, varlen, decode, dropout,
-persistent; all by default) picks parts. SANITIZE_DQ_ZEROS=1 has flash_bwd_pre zero the Hopper fused
-dQ's float32 accumulator on every route (``sm90_backward.SKIP_DQ_ZEROS = False``): initcheck's run
-sets it (see ``write_dq_zeros``)."""
+persistent; all by default) picks parts. SANITIZE_DQ_ZEROS=1 has flash_bwd_pre zero the Hopper
+fused dQ's float32 accumulator on every route (``sm90_backward.SKIP_DQ_ZEROS = False``):
+initcheck's run sets it (see ``write_dq_zeros``)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def _arrays(rng, dtype, b, hq, hkv, n, d, dv=None):
 def write_dq_zeros() -> None:
     """Where the dK/dV kernel stores each dQ tile's first part (ordered adds, claimed tiles), no
     kernel zeroes the accumulator: its bytes arrive by bulk copies and bulk reduce-adds, which the
-    TMA unit performs, and initcheck counts only threads' stores as initialising memory. Over
-    this driver's calls it flagged nearly every read the cast makes of such an accumulator
-    (benchmarks/NOTES.md, "initcheck's reports in the dQ cast, counted"), burying any other report.
+    TMA unit performs, not a thread. Over this driver's calls initcheck flagged nearly every read
+    the cast makes of such an accumulator (benchmarks/NOTES.md, "initcheck's reports in the dQ
+    cast, counted"): it does not see those writes, and its known reports buried any other.
     With the zeros written the kernels are the same (the first parts are still stored, not
     added); the route without them is checked by the GPU tests, whose workspaces hold NaN
     bytes before each call."""

@@ -169,6 +169,8 @@ def prepare(pass_name: str, spec, arrays):
 
 
 def _family_and_launch(pass_name: str, spec, arrays):
+    """``(family, prepared launch or None)`` of this call: ``prepare``'s, and the entry points'
+    (which run the family's entry point where it offers no prepared launch)."""
     kept = _reused.launches
     key = None if kept is None else _reuse_key(pass_name, spec, arrays)
     if key is not None and key in kept:
