@@ -15,7 +15,9 @@ CuPy's argument conversion, without CuPy's allocation, launch, device and stream
 ``host_cost.py`` measures on a GPU). Best of R × N calls, µs per call. Beside them, the same
 calls as first calls: every cache entry forgotten before each (``cuflash._calls.clear``), so each
 is validated, planned and prepared, as the first call of a signature is (a packed-sequence
-training step that brings new maximum lengths makes one per pass); best of R × N / 10.
+training step that brings new maximum lengths makes one per pass); best of R × N / 10. Then a
+KV-cache decode step (``attention_with_kvcache``, with and without a key appended) the same two
+ways.
 """
 
 from __future__ import annotations
@@ -107,6 +109,43 @@ def main():
             b, h, n, d = shape
             packed = f"{b} packed sequence{'s' * (b > 1)} of {n}: ({b * n}, {h}, {d})"
             print(f"| {capability[0]}.{capability[1]} | {packed} | " + _cells(times))
+    print("\n| fake device | KV-cache decode step | call µs | first call µs |\n|---|---|---|---|")
+    for capability in ("90", "80"):
+        for appends in (False, True):
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                device = FakeDevice(monkeypatch, compute_capability=capability)
+                _cheap_stand_ins(monkeypatch, device, args.addresses)
+                call = decode_call(monkeypatch, device, appends)
+                call()
+                times = (best_us(call, args.calls, args.repeats),
+                         best_us(_first(call), max(args.calls // 10, 1), args.repeats))
+            what = DECODE_STEP + (", one key appended" if appends else "")
+            print(f"| {capability[0]}.{capability[1]} | {what} | " + _cells(times))
+
+
+DECODE_STEP = "B = 8, 32K cache, Hq = 32, Hkv = 8, D = 128, one query"
+
+
+def decode_call(monkeypatch, device, appends: bool):
+    """One decode step of ``DECODE_STEP`` (``attention_with_kvcache``, lengths in a device
+    array, causal), appending a key per batch row or not."""
+    from cuflash.kernels import decode
+
+    # the split count's occupancy: an H100's SMs and blocks per SM (the device queries need a
+    # driver)
+    monkeypatch.setattr(decode, "sm_count", lambda device_id: 132)
+    monkeypatch.setattr(decode, "resident_blocks", lambda device_id, shared: 228 * 1024 // (shared + 1024))
+    b, cache, hq, hkv, d = 8, 32768, 32, 8, 128
+    q = device.empty((b, 1, hq, d), ml_dtypes.bfloat16)
+    k_cache, v_cache = (device.empty((b, cache, hkv, d), ml_dtypes.bfloat16) for _ in range(2))
+    new = tuple(device.empty((b, 1, hkv, d), ml_dtypes.bfloat16) for _ in range(2)) if appends else ()
+    lengths = device.empty((b,), numpy.int32)
+
+    def call():
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, *new, cache_seqlens=lengths,
+                                       causal=True)
+
+    return call
 
 
 def _cells(times) -> str:

@@ -261,6 +261,31 @@ def _lookup(pass_name: str, arrays, values: tuple, slopes):
     return entry, key
 
 
+def entry_of(pass_name: str, arrays, values: tuple):
+    """``(entry, key)`` for a module that keeps its own kind of entry here (``cuflash._kvcache``):
+    the entry held for this call's signature (``None`` when there is none yet, and when its calls
+    take the validated path), and the key to ``remember`` a new one under (``None`` when there is
+    nothing to remember: the call cannot be cached, or its signature is known). ``arrays``: the
+    call's CuPy arrays, in an order that ``pass_name`` fixes; ``values``: its other arguments."""
+    entry, key = _lookup(pass_name, arrays, values, None)
+    if entry is _UNCACHED:
+        return None, None
+    return entry, key
+
+
+def remember(key, entry) -> None:
+    """Keep ``entry`` under ``key`` (``entry_of``'s), or with ``None`` remember that the
+    signature's calls take the validated path."""
+    if entry is not None:
+        _stats["builds"] += 1
+    _remember(key, _UNCACHED if entry is None else entry)
+
+
+def count_hit() -> None:
+    """Count a call served from an entry of ``entry_of`` (``stats``)."""
+    _stats["hits"] += 1
+
+
 # ----------------------------------------------------------------------------- graph capture
 
 def stream_capturing() -> bool:

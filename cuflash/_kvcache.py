@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy
 
 from . import _calls, _checks, _warnings
+from .kernels import _launch
 from ._kvcache_spec import (KVCacheSpec, Rotary, check_host_values, check_rotary, page_slots,
                             rotates_queries_in_order, validate)
 from ._rotary import rotate
@@ -127,6 +129,17 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     >>> cuflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths).shape
     (2, 1, 2, 16)
     """
+    given = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx,
+             cache_leftpad, out)
+    entry = key = None
+    if alibi_slopes is None and rotary_cos is None and rotary_sin is None:
+        entry, key = _calls.entry_of(*_signature_arrays(*given), (
+            causal, scale, window, softcap, num_splits, return_lse, rotary_interleaved))
+        if entry is not None:
+            done = entry(*given)
+            if done is not None:
+                _calls.count_hit()
+                return done
     spec, return_lse, rotary = _validated(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
         cache_batch_idx=cache_batch_idx, causal=causal, scale=scale, window=window,
@@ -134,6 +147,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         out=out, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, cache_leftpad=cache_leftpad)
     xp = spec.xp
+    launches = None
     with _checks.device_context(q):
         # Under a CUDA graph capture, what the array operations before the kernels allocate
         # (copies apart from the caches, the rotation's intermediates) is kept with the result:
@@ -146,10 +160,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         ready_q = q if xp is numpy else _checks.kernel_readable(q)
         route, _, decode = _choose(spec, ready_q, k_cache, v_cache)
         if route == DECODE:
-            _run_decode(spec, decode, ready_q, k_cache, v_cache, k, v, result, lse)
+            launches = _run_decode(spec, decode, ready_q, k_cache, v_cache, k, v, result, lse)
         else:
             _run_rows(spec, q, k_cache, v_cache, k, v, result, lse)
     allocations.keep((result,), spec)
+    if key is not None and entry is None:
+        _calls.remember(key, _DecodeEntry.of(spec, rotary, launches, given, (ready_q, k, v),
+                                             return_lse))
     return (result, lse) if return_lse else result
 
 
@@ -418,11 +435,11 @@ def _check_a_kernel_attends(spec: KVCacheSpec, index: _HostIndex) -> None:
 
 # ----------------------------------------------------------------------------- decode kernel
 
-def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) -> None:
+def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse):
     """The decode kernel's append and attention (``q`` already readable in place); nothing read
     back from the device. Lengths in a CuPy array are checked by the kernels themselves: a row
     whose length lies outside ``[0, capacity − S_new]`` writes nothing to its cache and gets NaN
-    output and lse."""
+    output and lse. Returns the launches, ``(attention, append or None)``."""
     xp = spec.xp
     if spec.lengths is not None:  # an int, checked on the host: all rows alike
         before = xp.full(spec.b, int(spec.lengths[0]), numpy.int32)
@@ -442,10 +459,13 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
     # partials must not have written the caches.
     launch = decode.prepare(q, k_cache, v_cache, target, **options)
     work = launch.workspace()
+    appending = None
     if k is not None:
         k, v = _checks.kernel_readable(k), _checks.kernel_readable(v)
         temporaries += [k, v]
-        decode.append(k, v, k_cache, v_cache, before, block_table=table, cache_batch_idx=rows)
+        appending = decode.prepare_append(k, v, k_cache, v_cache, table)
+        decode.append(k, v, k_cache, v_cache, before, block_table=table, cache_batch_idx=rows,
+                      launch=appending)
     decode.forward(q, k_cache, v_cache, before, target, lse, cache_batch_idx=rows,
                    cache_leftpad=leftpad, workspace=work, launch=launch, **options)
     if target is not out:
@@ -454,3 +474,94 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse) 
         # (held by out, which the caller keeps with the graph, and without out itself: an
         # output among what its own finalizer holds would never be freed)
         _calls.keep_alive_with((out,), (temporaries, None if target is out else target, lse))
+    return launch, appending
+
+
+# ----------------------------------------------------------------------------- cached calls
+
+# Which optional arrays a call gives, in the order its signature lists them after q, the caches and
+# cache_seqlens (``_signature_arrays``): each combination is its own name in the call cache.
+_OPTIONAL_ARRAYS = ("k", "v", "block_table", "cache_batch_idx", "cache_leftpad", "out")
+_SIGNATURE_NAMES = {
+    given: " ".join(["kvcache"] + [name for name, g in zip(_OPTIONAL_ARRAYS, given) if g])
+    for given in itertools.product((False, True), repeat=len(_OPTIONAL_ARRAYS))}
+
+
+def _signature_arrays(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx,
+                      cache_leftpad, out) -> tuple:
+    """``(name, arrays)`` that key a call in the call cache (``cuflash._calls.entry_of``): q, the
+    caches, ``cache_seqlens`` and the optional arrays given, the name saying which. A call whose
+    lengths are an ``int``, or with any of these not a CuPy array, is not cached there."""
+    optional = (k, v, block_table, cache_batch_idx, cache_leftpad, out)
+    name = _SIGNATURE_NAMES[tuple(x is not None for x in optional)]
+    return name, (q, k_cache, v_cache, cache_seqlens, *(x for x in optional if x is not None))
+
+
+@dataclass(frozen=True)
+class _DecodeEntry:
+    """What a call of the decode route leaves in the call cache: a later call with the same
+    array layouts and options allocates its outputs and launches the prepared kernels, without
+    the validation, the route's choice and the launches' lookup (about three quarters of the
+    call's host time). What may differ between calls of one signature is checked per call: the
+    current device, and where the arrays lie. A call whose new keys or queries share memory with
+    a cache it appends to (the validated path copies them first), or whose ``out`` overlaps an
+    input (which it refuses), returns ``None`` from the entry and takes the validated path."""
+
+    out_shape: tuple
+    lse_shape: tuple
+    dtype: Any
+    launch: Any    # decode.prepare's
+    append: Any    # decode.prepare_append's, or None without new keys
+    ranges: tuple  # byte ranges of q, k_cache, v_cache, k, v, out (None where not given)
+    return_lse: bool
+
+    @classmethod
+    def of(cls, spec: KVCacheSpec, rotary, launches, given, ready, return_lse: bool):
+        """The entry for a call the validated path just ran (``launches``: ``_run_decode``'s,
+        None on another route; ``given``: the call's arrays as ``attention_with_kvcache`` takes
+        them; ``ready``: q, k and v as the kernels read them), or None where its later calls
+        must take that path too: a rotary embedding or ALiBi slopes (array operations and copies
+        before the kernels), lengths known on the host, or any array the path copied rather than
+        read or wrote in place."""
+        q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out = given
+        if launches is None or rotary is not None or spec.alibi is not None:
+            return None
+        if spec.lengths is not None:  # an int: every call's value checked on the host
+            return None
+        if any(ready_x is not x or (x is not None and not _checks.kernel_ready(x))
+               for ready_x, x in zip(ready, (q, k, v))):
+            return None
+        if any(x is not None and not x.flags.c_contiguous for x in (seqlens, table, rows, leftpad)):
+            return None
+        if out is not None and not _checks.kernel_ready(out):
+            return None
+        ranges = tuple(None if x is None else _checks.byte_range(x)
+                       for x in (q, k_cache, v_cache, k, v, out))
+        return cls(spec.out_shape, spec.lse_shape, spec.dtype, *launches, ranges, return_lse)
+
+    def __call__(self, q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out):
+        """The call's result as the validated path returns it, or None where that path must
+        run it (see the class)."""
+        if q.data.device_id != _launch.cupy_module().cuda.runtime.getDevice():
+            return None
+        arrays = (q, k_cache, v_cache, k, v, out)
+        pointers = [None if x is None else x.data.ptr for x in arrays]
+        ranges = self.ranges
+        if self.append is not None and any(
+                _checks.ranges_overlap(pointers[i], ranges[i], pointers[c], ranges[c])
+                for i in (0, 3, 4) for c in (1, 2)):
+            return None
+        if out is not None and any(
+                _checks.ranges_overlap(pointers[5], ranges[5], pointers[i], ranges[i])
+                for i in range(5) if pointers[i] is not None):
+            return None
+        result = _launch.new_array(self.out_shape, self.dtype) if out is None else out
+        lse = _launch.new_array(self.lse_shape, numpy.float32)
+        work = self.launch.workspace()
+        if self.append is not None:
+            self.append((pointers[3], pointers[4], pointers[1], pointers[2], seqlens.data.ptr,
+                         _launch.pointer(table), _launch.pointer(rows)))
+        self.launch(q, k_cache, v_cache, seqlens, result, lse, None, table, rows, leftpad, work)
+        if _calls.stream_capturing():  # as _run_decode keeps them
+            _calls.keep_alive_with((result,), ((seqlens, table, rows, leftpad, q, k, v), lse))
+        return (result, lse) if self.return_lse else result

@@ -1695,3 +1695,150 @@ def test_a_vjp_captured_without_its_forward_keeps_the_forward_s_lse_for_the_grap
     del grads
     gc.collect()
     assert lse() is None
+
+
+# ----------------------------------------------------------------------------- KV-cache decode
+
+# Decode calls of the cached path's shapes of call, each as the keywords of ``_decode_call``.
+DECODE_CASES = {
+    "contiguous": {},
+    "appending": dict(append=True),
+    "paged, appending": dict(paged=True, append=True),
+    "cache_batch_idx": dict(batch_idx=True),
+    "cache_leftpad": dict(leftpad=True),
+    "out= and lse": dict(out=True, return_lse=True),
+    "key splits": dict(num_splits=4),
+    "occupancy's splits, appending": dict(num_splits=0, append=True),
+    "first rows of a larger cache": dict(cache_rows=3),
+}
+
+
+@pytest.fixture
+def fresh_decode_launches():
+    """The decode module's prepared launches forgotten before and after the test: they hold
+    the kernels of the fake device they were made on."""
+    from cuflash.kernels import decode
+
+    for prepared in (decode._prepared, decode._prepared_append):
+        prepared.cache_clear()
+    yield
+    for prepared in (decode._prepared, decode._prepared_append):
+        prepared.cache_clear()
+
+
+def _decode_call(device, monkeypatch, *, paged=False, append=False, batch_idx=False,
+                 leftpad=False, out=False, return_lse=False, num_splits=1, cache_rows=2):
+    """A decode call (B = 2, Hq = 8, Hkv = 2, D = 64, one query) on made-up arrays, made anew
+    by each call of the function returned, over the same arrays."""
+    from cuflash.kernels import decode
+
+    # the split count's occupancy (the device queries need a driver)
+    monkeypatch.setattr(decode, "sm_count", lambda device_id: 132)
+    monkeypatch.setattr(decode, "resident_blocks", lambda device_id, shared: 2)
+    b, hq, hkv, d = 2, 8, 2, 64
+    q = device.empty((b, 1, hq, d), BF16)
+    shape = (16, 32, hkv, d) if paged else (cache_rows, 512, hkv, d)
+    k_cache, v_cache = device.empty(shape, BF16), device.empty(shape, BF16)
+    new = (device.empty((b, 1, hkv, d), BF16), device.empty((b, 1, hkv, d), BF16))
+    index = device.empty((b,), np.int32)
+    options = dict(cache_seqlens=device.empty((b,), np.int32), num_splits=num_splits,
+                   return_lse=return_lse, causal=True)
+    if paged:
+        options["block_table"] = device.empty((b, 16), np.int32)
+    if batch_idx:
+        options["cache_batch_idx"] = index
+    if leftpad:
+        options["cache_leftpad"] = index
+    if out:
+        options["out"] = device.empty((b, 1, hq, d), BF16)
+    args = (q, k_cache, v_cache, *(new if append else ()))
+    return lambda **changes: cuflash.attention_with_kvcache(*args, **{**options, **changes})
+
+
+def _without_fresh_pointers(launches):
+    """The launches with the pointers a call allocates anew blanked (out, lse, the splits'
+    partials: fields of DECODE_ARGS); an append's arguments hold none."""
+    from cuflash.kernels import decode
+
+    fresh = ("o", "lse", "o_part", "lse_part")
+    blanked = []
+    for expression, grid, block, shared, record in launches:
+        if not expression.startswith("kv_append"):
+            args = np.frombuffer(record, decode.DECODE_ARGS).copy()
+            for name in fresh:
+                args[name] = 0
+            record = args.tobytes()
+        blanked.append((expression, grid, block, shared, record))
+    return blanked
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_a_repeated_decode_call_launches_what_the_validated_path_launches(
+        device, monkeypatch, fresh_decode_launches, case):
+    """A decode call's second call is served from its entry (no validation: ``_validated`` is
+    not reached) and sends the kernels exactly the bytes the validated path sends, but for the
+    pointers of what each call allocates; its results have the validated path's shapes."""
+    from cuflash import _kvcache
+
+    call = _decode_call(device, monkeypatch, **DECODE_CASES[case])
+    first = call()
+    hits = _calls.stats()["hits"]
+    validated = _kvcache._validated
+    monkeypatch.setattr(_kvcache, "_validated", lambda *a, **k: pytest.fail("validated again"))
+    device.take_launches()
+    cached_result = call()
+    cached = device.take_launches()
+    assert _calls.stats()["hits"] == hits + 1
+    monkeypatch.setattr(_kvcache, "_validated", validated)
+    uncached = _uncached(device, call)
+    assert _without_fresh_pointers(cached) == _without_fresh_pointers(uncached)
+    names = [launch[0].partition("<")[0] for launch in cached]
+    options = DECODE_CASES[case]
+    assert names == (["kv_append"] if options.get("append") else []) + ["flash_decode"] + (
+        ["decode_combine"] if options.get("num_splits", 1) != 1 else [])
+    shapes = [x.shape for x in (first if isinstance(first, tuple) else (first,))]
+    assert [x.shape for x in (cached_result if isinstance(cached_result, tuple)
+                              else (cached_result,))] == shapes
+
+
+def test_decode_calls_the_entry_cannot_serve_take_the_validated_path(device, monkeypatch,
+                                                                    fresh_decode_launches):
+    """Calls of a kept signature that the validated path treats apart take it, and the entry
+    stays: new keys that lie in a cache (copied first there), an out= overlapping an input
+    (refused there, with its error). Calls that are never kept: lengths as an int, ALiBi slopes."""
+    import cupy
+
+    from cuflash import _kvcache
+
+    monkeypatch.setattr(cupy, "full", lambda shape, value, dtype: device.empty(shape, dtype))
+    reached = []
+    validated = _kvcache._validated
+    monkeypatch.setattr(_kvcache, "_validated",
+                        lambda *args, **options: reached.append(1) or validated(*args, **options))
+    b, hq, hkv, d = 2, 8, 2, 64
+    q = device.empty((b, 1, hq, d), BF16)
+    k_cache, v_cache = (device.empty((b, 512, hkv, d), BF16) for _ in range(2))
+    new = device.empty((b, 1, hkv, d), BF16)
+    defaults = dict(cache_seqlens=device.empty((b,), np.int32), num_splits=1)
+
+    def validates(*args, **options) -> bool:
+        """Whether the call took the validated path."""
+        reached.clear()
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, *args, **{**defaults, **options})
+        return bool(reached)
+
+    assert validates(new, new) and not validates(new, new)  # kept, then served
+    # New keys in the k cache's memory, laid out as `new` (the validated path's copy apart from
+    # the caches is stood in for: the fake device cannot copy).
+    lying = k_cache.reshape(-1)[:new.size].reshape(new.shape)
+    with monkeypatch.context() as no_copy:
+        no_copy.setattr(_kvcache, "_apart_from_caches", lambda xp, x, caches: x)
+        assert validates(lying, new) and validates(new, lying)
+    assert not validates(new, new)  # the entry is still there
+    out = device.empty((b, 1, hq, d), BF16)
+    assert validates(out=out) and not validates(out=out)
+    with pytest.raises(ValueError, match="out must not share memory with q"):
+        validates(out=q)  # laid out as out
+    assert validates(cache_seqlens=7) and validates(cache_seqlens=7)
+    slopes = device.empty((hq,), np.float32)
+    assert validates(alibi_slopes=slopes) and validates(alibi_slopes=slopes)

@@ -638,8 +638,11 @@ class FakeDecode:
     def why_not(self, q, k_cache, v_cache, block_table=None):
         return None
 
+    def prepare_append(self, k_new, v_new, k_cache, v_cache, block_table=None):
+        return None  # (append looks nothing up)
+
     def append(self, k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None,
-               cache_batch_idx=None):
+               cache_batch_idx=None, launch=None):
         self.calls.append(("append", cache_seqlens.copy()))
         for b in range(k_new.shape[0]):
             for i in range(k_new.shape[1]):

@@ -375,17 +375,26 @@ def _combine_variant(dtype) -> str:
     return _build.template_expression("decode_combine", element_type(dtype))
 
 
-def append(k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None, cache_batch_idx=None) -> None:
+def append(k_new, v_new, k_cache, v_cache, cache_seqlens, *, block_table=None, cache_batch_idx=None,
+           launch=None) -> None:
     """Writes k_new / v_new (B, S_new, Hkv, D / Dv) into the caches in place at positions
     cache_seqlens[b] + i (the lengths before the append), through block_table when paged;
     nothing for a row whose length lies outside [0, capacity − S_new]. Prepared once per layout,
-    like ``forward``; later calls only fill in the pointers."""
-    layouts = tuple(_layout(x) for x in (k_new, v_new, k_cache, v_cache, block_table))
-    launch = _prepared_append(layouts, k_new.device.id)
+    like ``forward``; later calls only fill in the pointers. ``launch``: ``prepare_append``'s for
+    these arrays where the caller holds it (None: looked up here)."""
+    if launch is None:
+        launch = prepare_append(k_new, v_new, k_cache, v_cache, block_table)
     if launch is None:  # nothing to write
         return
     launch(tuple(pointer(x) for x in (k_new, v_new, k_cache, v_cache, cache_seqlens, block_table,
                                       cache_batch_idx)))
+
+
+def prepare_append(k_new, v_new, k_cache, v_cache, block_table=None):
+    """The launch ``append`` makes for the layouts of these arrays (a ``KernelLaunch`` taking
+    APPEND_POINTERS), or None when there is nothing to write."""
+    layouts = tuple(_layout(x) for x in (k_new, v_new, k_cache, v_cache, block_table))
+    return _prepared_append(layouts, k_new.device.id)
 
 
 APPEND_POINTERS = ("k_new", "v_new", "k", "v", "seqlens", "block_table", "batch_idx")
@@ -448,7 +457,7 @@ def main_variants() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["why_not", "prepare", "forward", "append", "capacity_of", "choose_splits", "chosen_num_splits",
+__all__ = ["why_not", "prepare", "forward", "append", "prepare_append", "capacity_of", "choose_splits", "chosen_num_splits",
            "check_num_splits", "stages_for",
            "variant", "main_variants",
            "DECODE_ARGS", "APPEND_ARGS"]
