@@ -504,8 +504,9 @@ class _DecodeEntry:
     the validation, the route's choice and the launches' lookup (about three quarters of the
     call's host time). What may differ between calls of one signature is checked per call: the
     current device, and where the arrays lie. A call whose new keys or queries share memory with
-    a cache it appends to (the validated path copies them first), or whose ``out`` overlaps an
-    input (which it refuses), returns ``None`` from the entry and takes the validated path."""
+    a cache it appends to (the validated path copies them first), that appends to caches starting
+    at one address or whose ``out`` overlaps an input (both of which it refuses), returns ``None``
+    from the entry and takes the validated path."""
 
     out_shape: tuple
     lse_shape: tuple
@@ -547,9 +548,9 @@ class _DecodeEntry:
         arrays = (q, k_cache, v_cache, k, v, out)
         pointers = [None if x is None else x.data.ptr for x in arrays]
         ranges = self.ranges
-        if self.append is not None and any(
+        if self.append is not None and (pointers[1] == pointers[2] or any(
                 _checks.ranges_overlap(pointers[i], ranges[i], pointers[c], ranges[c])
-                for i in (0, 3, 4) for c in (1, 2)):
+                for i in (0, 3, 4) for c in (1, 2))):
             return None
         if out is not None and any(
                 _checks.ranges_overlap(pointers[5], ranges[5], pointers[i], ranges[i])

@@ -1804,8 +1804,9 @@ def test_a_repeated_decode_call_launches_what_the_validated_path_launches(
 def test_decode_calls_the_entry_cannot_serve_take_the_validated_path(device, monkeypatch,
                                                                     fresh_decode_launches):
     """Calls of a kept signature that the validated path treats apart take it, and the entry
-    stays: new keys that lie in a cache (copied first there), an out= overlapping an input
-    (refused there, with its error). Calls that are never kept: lengths as an int, ALiBi slopes."""
+    stays: new keys that lie in a cache (copied first there), one array as both caches of an
+    append and an out= overlapping an input (refused there, with its errors). Calls that are
+    never kept: lengths as an int, ALiBi slopes."""
     import cupy
 
     from cuflash import _kvcache
@@ -1835,6 +1836,8 @@ def test_decode_calls_the_entry_cannot_serve_take_the_validated_path(device, mon
         no_copy.setattr(_kvcache, "_apart_from_caches", lambda xp, x, caches: x)
         assert validates(lying, new) and validates(new, lying)
     assert not validates(new, new)  # the entry is still there
+    with pytest.raises(ValueError, match="k_cache and v_cache must not share memory"):
+        cuflash.attention_with_kvcache(q, k_cache, k_cache, new, new, **defaults)
     out = device.empty((b, 1, hq, d), BF16)
     assert validates(out=out) and not validates(out=out)
     with pytest.raises(ValueError, match="out must not share memory with q"):
