@@ -19,6 +19,12 @@ For bf16 causal (B, H, N, D) = (1, 16, 128, 64) and (8, 16, 512, 64), one proces
 
 Each figure is printed beside its target: host ≤ 15 µs per forward and ≤ 30 µs per
 backward call, cuflash ≤ SDPA at both shapes, graph replay within 5% of the pure GPU time.
+
+Then one KV-cache decode step (``attention_with_kvcache``, bf16, B = 1, a 4K cache, Hq = 32,
+Hkv = 8, D = 128, one query, lengths in a device array; the smallest point of the decode grid,
+where the host weighs most): its host cost, its time per call with the host against SDPA's on a
+cache of the same size (``enable_gqa=True``), alternated as above, and its pure GPU time (one
+replay of a graph of 20 captured steps).
 ``--profile`` adds where the host time of the cached calls goes (cProfile).
 """
 
@@ -222,6 +228,62 @@ def report(shape, calls, torch):
     return ours
 
 
+DECODE = (1, 4096, 32, 8, 128)  # (B, cache length, Hq, Hkv, D)
+
+
+class CuflashDecode:
+    """One decode step against a full cache (lengths = the cache length, in a device array)."""
+
+    def __init__(self):
+        b, cache, hq, hkv, d = DECODE
+        rng = cupy.random.default_rng(0)
+        self.q, self.k_cache, self.v_cache = (
+            rng.standard_normal(shape, dtype=numpy.float32).astype(ml_dtypes.bfloat16)
+            for shape in ((b, 1, hq, d), (b, cache, hkv, d), (b, cache, hkv, d)))
+        self.lengths = cupy.full((b,), cache, numpy.int32)
+
+    def step(self):
+        return cuflash.attention_with_kvcache(self.q, self.k_cache, self.v_cache,
+                                              cache_seqlens=self.lengths)
+
+
+class SdpaDecode:
+    """SDPA's step on a cache of the same size, (B, H, L, D) with the query heads grouped."""
+
+    def __init__(self, torch):
+        b, cache, hq, hkv, d = DECODE
+        self.torch = torch
+        self.q = torch.randn((b, hq, 1, d), device="cuda", dtype=torch.bfloat16)
+        self.k, self.v = (torch.randn((b, hkv, cache, d), device="cuda", dtype=torch.bfloat16)
+                          for _ in range(2))
+
+    def step(self):
+        with self.torch.no_grad():
+            return self.torch.nn.functional.scaled_dot_product_attention(
+                self.q, self.k, self.v, enable_gqa=True)
+
+
+def report_decode(calls, torch):
+    b, cache, hq, hkv, d = DECODE
+    print(f"\n== decode step: B = {b}, cache {cache}, Hq = {hq}, Hkv = {hkv}, D = {d}, bf16, "
+          f"one query")
+    ours = CuflashDecode()
+    sync = cupy.cuda.get_current_stream().synchronize
+    timed = [(ours.step, sync)]
+    if torch is not None:
+        timed.append((SdpaDecode(torch).step, torch.cuda.synchronize))
+    rounds = alternated_per_call_us(timed, calls)
+    step, *sdpa = (float(numpy.median(r)) for r in rounds)
+    against = (f"SDPA {sdpa[0]:7.1f} µs   ratio {step / sdpa[0]:5.2f}" if sdpa
+               else "SDPA: torch not importable")
+    print(f"per call, host included  {step:7.1f} µs   {against}")
+    print("  (each round, µs: " + "; ".join(
+        f"{name} " + ", ".join(f"{t:.1f}" for t in r)
+        for name, r in zip(("cuflash", "SDPA"), rounds)) + ")")
+    print(f"host cost                {host_us(ours.step, sync):7.1f} µs")
+    print(f"graph, pure GPU          {gpu_us(ours.step):7.1f} µs")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="back-to-back calls per timing")
@@ -237,6 +299,7 @@ def main():
           f"torch {'not importable' if torch is None else torch.__version__}")
     for shape in SHAPES:
         ours = report(shape, args.calls, torch)
+    report_decode(args.calls, torch)
     if args.profile:
         for name, fn in (("forward", ours.forward), ("backward", ours.backward)):
             profile = cProfile.Profile()
