@@ -548,7 +548,7 @@ class _DecodeEntry:
         arrays = (q, k_cache, v_cache, k, v, out)
         pointers = [None if x is None else x.data.ptr for x in arrays]
         ranges = self.ranges
-        if self.append is not None and (pointers[1] == pointers[2] or any(
+        if k is not None and (pointers[1] == pointers[2] or any(
                 _checks.ranges_overlap(pointers[i], ranges[i], pointers[c], ranges[c])
                 for i in (0, 3, 4) for c in (1, 2))):
             return None
