@@ -490,11 +490,15 @@ _SIGNATURE_NAMES = {
 def _signature_arrays(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx,
                       cache_leftpad, out) -> tuple:
     """``(name, arrays)`` that key a call in the call cache (``cuflash._calls.entry_of``): q, the
-    caches, ``cache_seqlens`` and the optional arrays given, the name saying which. A call whose
-    lengths are an ``int``, or with any of these not a CuPy array, is not cached there."""
+    caches, ``cache_seqlens`` and the optional arrays given, the name saying which. Lengths given
+    as an ``int`` are named, not listed: their value changes from step to step, and each call's
+    is checked (``_DecodeEntry``). A call with any of the others not a CuPy array is not cached."""
     optional = (k, v, block_table, cache_batch_idx, cache_leftpad, out)
     name = _SIGNATURE_NAMES[tuple(x is not None for x in optional)]
-    return name, (q, k_cache, v_cache, cache_seqlens, *(x for x in optional if x is not None))
+    given = tuple(x for x in optional if x is not None)
+    if cache_seqlens.__class__ is int:
+        return name + " int lengths", (q, k_cache, v_cache, *given)
+    return name, (q, k_cache, v_cache, cache_seqlens, *given)
 
 
 @dataclass(frozen=True)
@@ -515,6 +519,7 @@ class _DecodeEntry:
     append: Any    # decode.prepare_append's, or None without new keys
     ranges: tuple  # byte ranges of q, k_cache, v_cache, k, v, out (None where not given)
     return_lse: bool
+    most_keys: int | None  # lengths given as an int: the largest they may be; else None
 
     @classmethod
     def of(cls, spec: KVCacheSpec, rotary, launches, given, ready, return_lse: bool):
@@ -522,23 +527,24 @@ class _DecodeEntry:
         None on another route; ``given``: the call's arrays as ``attention_with_kvcache`` takes
         them; ``ready``: q, k and v as the kernels read them), or None where its later calls
         must take that path too: a rotary embedding or ALiBi slopes (array operations and copies
-        before the kernels), lengths known on the host, or any array the path copied rather than
-        read or wrote in place."""
+        before the kernels), or any array the path copied rather than read or wrote in place."""
         q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out = given
         if launches is None or rotary is not None or spec.alibi is not None:
-            return None
-        if spec.lengths is not None:  # an int: every call's value checked on the host
             return None
         if any(ready_x is not x or (x is not None and not _checks.kernel_ready(x))
                for ready_x, x in zip(ready, (q, k, v))):
             return None
-        if any(x is not None and not x.flags.c_contiguous for x in (seqlens, table, rows, leftpad)):
+        arrays = (table, rows, leftpad) if spec.lengths is not None else (seqlens, table, rows, leftpad)
+        if any(x is not None and not x.flags.c_contiguous for x in arrays):
             return None
         if out is not None and not _checks.kernel_ready(out):
             return None
         ranges = tuple(None if x is None else _checks.byte_range(x)
                        for x in (q, k_cache, v_cache, k, v, out))
-        return cls(spec.out_shape, spec.lse_shape, spec.dtype, *launches, ranges, return_lse)
+        # (an int's lengths are known on the host: the signature has no array for them)
+        most_keys = None if spec.lengths is None else spec.capacity - spec.s_new
+        return cls(spec.out_shape, spec.lse_shape, spec.dtype, *launches, ranges, return_lse,
+                   most_keys)
 
     def __call__(self, q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out):
         """The call's result as the validated path returns it, or None where that path must
@@ -556,6 +562,10 @@ class _DecodeEntry:
                 _checks.ranges_overlap(pointers[5], ranges[5], pointers[i], ranges[i])
                 for i in range(5) if pointers[i] is not None):
             return None
+        if self.most_keys is not None:  # lengths as an int, checked as validation checks it
+            if not 0 <= seqlens <= self.most_keys:
+                return None  # (which raises there, naming the length and the room)
+            seqlens = _launch.cupy_module().full(self.out_shape[0], seqlens, numpy.int32)
         result = _launch.new_array(self.out_shape, self.dtype) if out is None else out
         lse = _launch.new_array(self.lse_shape, numpy.float32)
         work = self.launch.workspace()

@@ -8,6 +8,7 @@ give another entry. The GPU results of cached calls are checked in test_gpu_call
 
 from __future__ import annotations
 
+import functools
 import time
 
 import ml_dtypes
@@ -1710,6 +1711,7 @@ DECODE_CASES = {
     "key splits": dict(num_splits=4),
     "occupancy's splits, appending": dict(num_splits=0, append=True),
     "first rows of a larger cache": dict(cache_rows=3),
+    "lengths as an int, appending": dict(int_lengths=True, append=True),
 }
 
 
@@ -1727,7 +1729,8 @@ def fresh_decode_launches():
 
 
 def _decode_call(device, monkeypatch, *, paged=False, append=False, batch_idx=False,
-                 leftpad=False, out=False, return_lse=False, num_splits=1, cache_rows=2):
+                 leftpad=False, out=False, return_lse=False, num_splits=1, cache_rows=2,
+                 int_lengths=False):
     """A decode call (B = 2, Hq = 8, Hkv = 2, D = 64, one query) on made-up arrays, made anew
     by each call of the function returned, over the same arrays."""
     from cuflash.kernels import decode
@@ -1741,8 +1744,12 @@ def _decode_call(device, monkeypatch, *, paged=False, append=False, batch_idx=Fa
     k_cache, v_cache = device.empty(shape, BF16), device.empty(shape, BF16)
     new = (device.empty((b, 1, hkv, d), BF16), device.empty((b, 1, hkv, d), BF16))
     index = device.empty((b,), np.int32)
-    options = dict(cache_seqlens=device.empty((b,), np.int32), num_splits=num_splits,
-                   return_lse=return_lse, causal=True)
+    if int_lengths:  # their device copy, made by each call
+        import cupy
+
+        monkeypatch.setattr(cupy, "full", lambda shape, value, dtype: device.empty(shape, dtype))
+    options = dict(cache_seqlens=100 if int_lengths else device.empty((b,), np.int32),
+                   num_splits=num_splits, return_lse=return_lse, causal=True)
     if paged:
         options["block_table"] = device.empty((b, 16), np.int32)
     if batch_idx:
@@ -1755,19 +1762,21 @@ def _decode_call(device, monkeypatch, *, paged=False, append=False, batch_idx=Fa
     return lambda **changes: cuflash.attention_with_kvcache(*args, **{**options, **changes})
 
 
-def _without_fresh_pointers(launches):
+def _without_fresh_pointers(launches, int_lengths=False):
     """The launches with the pointers a call allocates anew blanked (out, lse, the splits'
-    partials: fields of DECODE_ARGS); an append's arguments hold none."""
+    partials, and with ``int_lengths`` the lengths' device copy: fields of DECODE_ARGS and
+    APPEND_ARGS)."""
     from cuflash.kernels import decode
 
-    fresh = ("o", "lse", "o_part", "lse_part")
+    fresh = ("o", "lse", "o_part", "lse_part") + (("seqlens",) if int_lengths else ())
     blanked = []
     for expression, grid, block, shared, record in launches:
-        if not expression.startswith("kv_append"):
-            args = np.frombuffer(record, decode.DECODE_ARGS).copy()
-            for name in fresh:
+        struct = decode.APPEND_ARGS if expression.startswith("kv_append") else decode.DECODE_ARGS
+        args = np.frombuffer(record, struct).copy()
+        for name in fresh:
+            if name in struct.names:
                 args[name] = 0
-            record = args.tobytes()
+        record = args.tobytes()
         blanked.append((expression, grid, block, shared, record))
     return blanked
 
@@ -1782,6 +1791,8 @@ def test_a_repeated_decode_call_launches_what_the_validated_path_launches(
 
     call = _decode_call(device, monkeypatch, **DECODE_CASES[case])
     first = call()
+    if "int_lengths" in DECODE_CASES[case]:  # a new value each step: the same entry
+        call = functools.partial(call, cache_seqlens=101)
     hits = _calls.stats()["hits"]
     validated = _kvcache._validated
     monkeypatch.setattr(_kvcache, "_validated", lambda *a, **k: pytest.fail("validated again"))
@@ -1791,7 +1802,9 @@ def test_a_repeated_decode_call_launches_what_the_validated_path_launches(
     assert _calls.stats()["hits"] == hits + 1
     monkeypatch.setattr(_kvcache, "_validated", validated)
     uncached = _uncached(device, call)
-    assert _without_fresh_pointers(cached) == _without_fresh_pointers(uncached)
+    int_lengths = "int_lengths" in DECODE_CASES[case]
+    assert (_without_fresh_pointers(cached, int_lengths)
+            == _without_fresh_pointers(uncached, int_lengths))
     names = [launch[0].partition("<")[0] for launch in cached]
     options = DECODE_CASES[case]
     assert names == (["kv_append"] if options.get("append") else []) + ["flash_decode"] + (
@@ -1805,8 +1818,8 @@ def test_decode_calls_the_entry_cannot_serve_take_the_validated_path(device, mon
                                                                     fresh_decode_launches):
     """Calls of a kept signature that the validated path treats apart take it, and the entry
     stays: new keys that lie in a cache (copied first there), one array as both caches of an
-    append and an out= overlapping an input (refused there, with its errors). Calls that are
-    never kept: lengths as an int, ALiBi slopes."""
+    append, an out= overlapping an input and lengths given as an int out of range (refused
+    there, with its errors). Calls that are never kept: ALiBi slopes."""
     import cupy
 
     from cuflash import _kvcache
@@ -1842,6 +1855,8 @@ def test_decode_calls_the_entry_cannot_serve_take_the_validated_path(device, mon
     assert validates(out=out) and not validates(out=out)
     with pytest.raises(ValueError, match="out must not share memory with q"):
         validates(out=q)  # laid out as out
-    assert validates(cache_seqlens=7) and validates(cache_seqlens=7)
+    assert validates(cache_seqlens=7) and not validates(cache_seqlens=9)  # kept, then served
+    with pytest.raises(ValueError, match="cache_seqlens = 600 is outside"):
+        validates(cache_seqlens=600)  # (a 512-key cache)
     slopes = device.empty((hq,), np.float32)
     assert validates(alibi_slopes=slopes) and validates(alibi_slopes=slopes)
