@@ -1712,6 +1712,8 @@ DECODE_CASES = {
     "occupancy's splits, appending": dict(num_splits=0, append=True),
     "first rows of a larger cache": dict(cache_rows=3),
     "lengths as an int, appending": dict(int_lengths=True, append=True),
+    "float16, Dv = 128, 5 queries, window and softcap": dict(
+        dtype=np.float16, dv=128, sq=5, options=dict(causal=False, window=(64, 0), softcap=30.0)),
 }
 
 
@@ -1730,26 +1732,27 @@ def fresh_decode_launches():
 
 def _decode_call(device, monkeypatch, *, paged=False, append=False, batch_idx=False,
                  leftpad=False, out=False, return_lse=False, num_splits=1, cache_rows=2,
-                 int_lengths=False):
-    """A decode call (B = 2, Hq = 8, Hkv = 2, D = 64, one query) on made-up arrays, made anew
-    by each call of the function returned, over the same arrays."""
+                 int_lengths=False, dtype=BF16, dv=64, sq=1, options=()):
+    """A decode call (B = 2, Hq = 8, Hkv = 2, D = 64, Dv = ``dv``, ``sq`` queries, causal
+    unless ``options`` say otherwise) on made-up arrays, made anew by each call of the function
+    returned, over the same arrays."""
     from cuflash.kernels import decode
 
     # the split count's occupancy (the device queries need a driver)
     monkeypatch.setattr(decode, "sm_count", lambda device_id: 132)
     monkeypatch.setattr(decode, "resident_blocks", lambda device_id, shared: 2)
     b, hq, hkv, d = 2, 8, 2, 64
-    q = device.empty((b, 1, hq, d), BF16)
-    shape = (16, 32, hkv, d) if paged else (cache_rows, 512, hkv, d)
-    k_cache, v_cache = device.empty(shape, BF16), device.empty(shape, BF16)
-    new = (device.empty((b, 1, hkv, d), BF16), device.empty((b, 1, hkv, d), BF16))
+    q = device.empty((b, sq, hq, d), dtype)
+    shape = (16, 32, hkv) if paged else (cache_rows, 512, hkv)
+    k_cache, v_cache = device.empty(shape + (d,), dtype), device.empty(shape + (dv,), dtype)
+    new = (device.empty((b, 1, hkv, d), dtype), device.empty((b, 1, hkv, dv), dtype))
     index = device.empty((b,), np.int32)
     if int_lengths:  # their device copy, made by each call
         import cupy
 
         monkeypatch.setattr(cupy, "full", lambda shape, value, dtype: device.empty(shape, dtype))
-    options = dict(cache_seqlens=100 if int_lengths else device.empty((b,), np.int32),
-                   num_splits=num_splits, return_lse=return_lse, causal=True)
+    options = {**dict(cache_seqlens=100 if int_lengths else device.empty((b,), np.int32),
+                      num_splits=num_splits, return_lse=return_lse, causal=True), **dict(options)}
     if paged:
         options["block_table"] = device.empty((b, 16), np.int32)
     if batch_idx:
@@ -1757,7 +1760,7 @@ def _decode_call(device, monkeypatch, *, paged=False, append=False, batch_idx=Fa
     if leftpad:
         options["cache_leftpad"] = index
     if out:
-        options["out"] = device.empty((b, 1, hq, d), BF16)
+        options["out"] = device.empty((b, sq, hq, dv), dtype)
     args = (q, k_cache, v_cache, *(new if append else ()))
     return lambda **changes: cuflash.attention_with_kvcache(*args, **{**options, **changes})
 
