@@ -130,9 +130,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     (2, 1, 2, 16)
     """
     given = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx,
-             cache_leftpad, out)
+             cache_leftpad, out, alibi_slopes)
     entry = key = None
-    if alibi_slopes is None and rotary_cos is None and rotary_sin is None:
+    if rotary_cos is None and rotary_sin is None:
         entry, key = _calls.entry_of(*_signature_arrays(*given), (
             causal, scale, window, softcap, num_splits, return_lse, rotary_interleaved))
         if entry is not None:
@@ -481,19 +481,20 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse):
 
 # Which optional arrays a call gives, in the order its signature lists them after q, the caches and
 # cache_seqlens (``_signature_arrays``): each combination is its own name in the call cache.
-_OPTIONAL_ARRAYS = ("k", "v", "block_table", "cache_batch_idx", "cache_leftpad", "out")
+_OPTIONAL_ARRAYS = ("k", "v", "block_table", "cache_batch_idx", "cache_leftpad", "out",
+                    "alibi_slopes")
 _SIGNATURE_NAMES = {
     given: " ".join(["kvcache"] + [name for name, g in zip(_OPTIONAL_ARRAYS, given) if g])
     for given in itertools.product((False, True), repeat=len(_OPTIONAL_ARRAYS))}
 
 
 def _signature_arrays(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx,
-                      cache_leftpad, out) -> tuple:
+                      cache_leftpad, out, alibi_slopes) -> tuple:
     """``(name, arrays)`` that key a call in the call cache (``cuflash._calls.entry_of``): q, the
     caches, ``cache_seqlens`` and the optional arrays given, the name saying which. Lengths given
     as an ``int`` are named, not listed: their value changes from step to step, and each call's
     is checked (``_DecodeEntry``). A call with any of the others not a CuPy array is not cached."""
-    optional = (k, v, block_table, cache_batch_idx, cache_leftpad, out)
+    optional = (k, v, block_table, cache_batch_idx, cache_leftpad, out, alibi_slopes)
     name = _SIGNATURE_NAMES[tuple(x is not None for x in optional)]
     given = tuple(x for x in optional if x is not None)
     if cache_seqlens.__class__ is int:
@@ -520,16 +521,18 @@ class _DecodeEntry:
     ranges: tuple  # byte ranges of q, k_cache, v_cache, k, v, out (None where not given)
     return_lse: bool
     most_keys: int | None  # lengths given as an int: the largest they may be; else None
+    slopes_shapes: Any     # with ALiBi slopes: the problem's shapes, for their copy; else None
 
     @classmethod
     def of(cls, spec: KVCacheSpec, rotary, launches, given, ready, return_lse: bool):
         """The entry for a call the validated path just ran (``launches``: ``_run_decode``'s,
         None on another route; ``given``: the call's arrays as ``attention_with_kvcache`` takes
         them; ``ready``: q, k and v as the kernels read them), or None where its later calls
-        must take that path too: a rotary embedding or ALiBi slopes (array operations and copies
-        before the kernels), or any array the path copied rather than read or wrote in place."""
-        q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out = given
-        if launches is None or rotary is not None or spec.alibi is not None:
+        must take that path too: a rotary embedding (array operations before the kernels), or
+        any array the path copied rather than read or wrote in place (ALiBi slopes aside, which
+        each call copies as that path does)."""
+        q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out, _ = given
+        if launches is None or rotary is not None:
             return None
         if any(ready_x is not x or (x is not None and not _checks.kernel_ready(x))
                for ready_x, x in zip(ready, (q, k, v))):
@@ -543,10 +546,13 @@ class _DecodeEntry:
                        for x in (q, k_cache, v_cache, k, v, out))
         # (an int's lengths are known on the host: the signature has no array for them)
         most_keys = None if spec.lengths is None else spec.capacity - spec.s_new
+        slopes_shapes = None if spec.alibi is None else _checks.Shapes(
+            batch=(spec.b,), hq=spec.hq, hkv=spec.hkv, nq=spec.sq, nk=spec.capacity, d=spec.d,
+            dv=spec.dv)
         return cls(spec.out_shape, spec.lse_shape, spec.dtype, *launches, ranges, return_lse,
-                   most_keys)
+                   most_keys, slopes_shapes)
 
-    def __call__(self, q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out):
+    def __call__(self, q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out, slopes):
         """The call's result as the validated path returns it, or None where that path must
         run it (see the class)."""
         if q.data.device_id != _launch.cupy_module().cuda.runtime.getDevice():
@@ -566,13 +572,16 @@ class _DecodeEntry:
             if not 0 <= seqlens <= self.most_keys:
                 return None  # (which raises there, naming the length and the room)
             seqlens = _launch.cupy_module().full(self.out_shape[0], seqlens, numpy.int32)
+        alibi = None  # the kernels read (B, Hq) float32 slopes: a copy per call, as validation makes
+        if self.slopes_shapes is not None:
+            alibi = _checks.alibi_copy(slopes, self.slopes_shapes, _launch.cupy_module())
         result = _launch.new_array(self.out_shape, self.dtype) if out is None else out
         lse = _launch.new_array(self.lse_shape, numpy.float32)
         work = self.launch.workspace()
         if self.append is not None:
             self.append((pointers[3], pointers[4], pointers[1], pointers[2], seqlens.data.ptr,
                          _launch.pointer(table), _launch.pointer(rows)))
-        self.launch(q, k_cache, v_cache, seqlens, result, lse, None, table, rows, leftpad, work)
+        self.launch(q, k_cache, v_cache, seqlens, result, lse, alibi, table, rows, leftpad, work)
         if _calls.stream_capturing():  # as _run_decode keeps them
-            _calls.keep_alive_with((result,), ((seqlens, table, rows, leftpad, q, k, v), lse))
+            _calls.keep_alive_with((result,), ((seqlens, table, rows, leftpad, alibi, q, k, v), lse))
         return (result, lse) if self.return_lse else result

@@ -1712,6 +1712,8 @@ DECODE_CASES = {
     "occupancy's splits, appending": dict(num_splits=0, append=True),
     "first rows of a larger cache": dict(cache_rows=3),
     "lengths as an int, appending": dict(int_lengths=True, append=True),
+    "ALiBi slopes (Hq,)": dict(slopes=(8,)),
+    "ALiBi slopes (B, Hq), appending": dict(slopes=(2, 8), append=True),
     "float16, Dv = 128, 5 queries, window and softcap": dict(
         dtype=np.float16, dv=128, sq=5, options=dict(causal=False, window=(64, 0), softcap=30.0)),
 }
@@ -1732,7 +1734,7 @@ def fresh_decode_launches():
 
 def _decode_call(device, monkeypatch, *, paged=False, append=False, batch_idx=False,
                  leftpad=False, out=False, return_lse=False, num_splits=1, cache_rows=2,
-                 int_lengths=False, dtype=BF16, dv=64, sq=1, options=()):
+                 int_lengths=False, dtype=BF16, dv=64, sq=1, options=(), slopes=None):
     """A decode call (B = 2, Hq = 8, Hkv = 2, D = 64, Dv = ``dv``, ``sq`` queries, causal
     unless ``options`` say otherwise) on made-up arrays, made anew by each call of the function
     returned, over the same arrays."""
@@ -1761,17 +1763,19 @@ def _decode_call(device, monkeypatch, *, paged=False, append=False, batch_idx=Fa
         options["cache_leftpad"] = index
     if out:
         options["out"] = device.empty((b, sq, hq, dv), dtype)
+    if slopes:
+        options["alibi_slopes"] = device.empty(slopes, np.float32)
     args = (q, k_cache, v_cache, *(new if append else ()))
     return lambda **changes: cuflash.attention_with_kvcache(*args, **{**options, **changes})
 
 
-def _without_fresh_pointers(launches, int_lengths=False):
+def _without_fresh_pointers(launches, copied=()):
     """The launches with the pointers a call allocates anew blanked (out, lse, the splits'
-    partials, and with ``int_lengths`` the lengths' device copy: fields of DECODE_ARGS and
-    APPEND_ARGS)."""
+    partials, and the fields ``copied`` names: the copies a call makes, of lengths given as an
+    int or of ALiBi slopes; fields of DECODE_ARGS and APPEND_ARGS)."""
     from cuflash.kernels import decode
 
-    fresh = ("o", "lse", "o_part", "lse_part") + (("seqlens",) if int_lengths else ())
+    fresh = ("o", "lse", "o_part", "lse_part", *copied)
     blanked = []
     for expression, grid, block, shared, record in launches:
         struct = decode.APPEND_ARGS if expression.startswith("kv_append") else decode.DECODE_ARGS
@@ -1805,9 +1809,16 @@ def test_a_repeated_decode_call_launches_what_the_validated_path_launches(
     assert _calls.stats()["hits"] == hits + 1
     monkeypatch.setattr(_kvcache, "_validated", validated)
     uncached = _uncached(device, call)
-    int_lengths = "int_lengths" in DECODE_CASES[case]
-    assert (_without_fresh_pointers(cached, int_lengths)
-            == _without_fresh_pointers(uncached, int_lengths))
+    copied = [name for name, option in (("seqlens", "int_lengths"), ("alibi", "slopes"))
+              if option in DECODE_CASES[case]]
+    assert _without_fresh_pointers(cached, copied) == _without_fresh_pointers(uncached, copied)
+    from cuflash.kernels import decode
+
+    for expression, *_, record in cached + uncached:  # the copies blanked above are passed
+        if not expression.startswith("kv_append"):
+            args = np.frombuffer(record, decode.DECODE_ARGS)[0]
+            assert (int(args["alibi"]) != 0) == ("slopes" in DECODE_CASES[case])
+            assert int(args["seqlens"]) != 0
     names = [launch[0].partition("<")[0] for launch in cached]
     options = DECODE_CASES[case]
     assert names == (["kv_append"] if options.get("append") else []) + ["flash_decode"] + (
@@ -1822,7 +1833,7 @@ def test_decode_calls_the_entry_cannot_serve_take_the_validated_path(device, mon
     """Calls of a kept signature that the validated path treats apart take it, and the entry
     stays: new keys that lie in a cache (copied first there), one array as both caches of an
     append, an out= overlapping an input and lengths given as an int out of range (refused
-    there, with its errors). Calls that are never kept: ALiBi slopes."""
+    there, with its errors)."""
     import cupy
 
     from cuflash import _kvcache
@@ -1861,5 +1872,3 @@ def test_decode_calls_the_entry_cannot_serve_take_the_validated_path(device, mon
     assert validates(cache_seqlens=7) and not validates(cache_seqlens=9)  # kept, then served
     with pytest.raises(ValueError, match="cache_seqlens = 600 is outside"):
         validates(cache_seqlens=600)  # (a 512-key cache)
-    slopes = device.empty((hq,), np.float32)
-    assert validates(alibi_slopes=slopes) and validates(alibi_slopes=slopes)
