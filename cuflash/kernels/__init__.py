@@ -208,14 +208,13 @@ def reusing_launches():
 
 
 def _reuse_key(pass_name: str, spec, arrays):
-    """What a prepared launch depends on beside the spec: the arrays' layouts (shape, strides,
-    dtype, 16-byte alignment, device: a launch reads only their data pointers per call) and the
-    registry state; ``None`` for an array without a layout (not a CuPy array)."""
-    try:
-        layouts = tuple((x.shape, x.strides, x.dtype, x.data.ptr % 16, x.data.device_id) for x in arrays)
-    except AttributeError:
-        return None
-    return pass_name, id(spec), layouts, dispatch_state()
+    """What a prepared launch depends on beside the spec: what the call cache keys of the arrays
+    and the registry state (``_calls.layout_signature``: a launch reads only the arrays' data
+    pointers per call); ``None`` where that is not cacheable (not a CuPy array)."""
+    from .._calls import layout_signature  # (that module builds on this one)
+
+    layout = layout_signature(arrays)
+    return None if layout is None else (pass_name, id(spec), layout)
 
 
 def dispatch_state() -> tuple:
