@@ -555,7 +555,8 @@ class _DecodeEntry:
     def __call__(self, q, k_cache, v_cache, k, v, seqlens, table, rows, leftpad, out, slopes):
         """The call's result as the validated path returns it, or None where that path must
         run it (see the class)."""
-        if q.data.device_id != _launch.cupy_module().cuda.runtime.getDevice():
+        device = _launch.cupy_module().cuda.runtime.getDevice()
+        if q.data.device_id != device:
             return None
         arrays = (q, k_cache, v_cache, k, v, out)
         pointers = [None if x is None else x.data.ptr for x in arrays]
@@ -578,10 +579,12 @@ class _DecodeEntry:
         result = _launch.new_array(self.out_shape, self.dtype) if out is None else out
         lse = _launch.new_array(self.lse_shape, numpy.float32)
         work = self.launch.workspace()
+        stream = _launch.launch_stream(device)  # (one lookup for the call's launches)
         if self.append is not None:
             self.append((pointers[3], pointers[4], pointers[1], pointers[2], seqlens.data.ptr,
-                         _launch.pointer(table), _launch.pointer(rows)))
-        self.launch(q, k_cache, v_cache, seqlens, result, lse, alibi, table, rows, leftpad, work)
-        if _calls.stream_capturing():  # as _run_decode keeps them
+                         _launch.pointer(table), _launch.pointer(rows)), stream.ptr)
+        self.launch(q, k_cache, v_cache, seqlens, result, lse, alibi, table, rows, leftpad, work,
+                    stream)
+        if stream.is_capturing():  # as _run_decode keeps them
             _calls.keep_alive_with((result,), ((seqlens, table, rows, leftpad, alibi, q, k, v), lse))
         return (result, lse) if self.return_lse else result

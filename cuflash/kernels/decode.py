@@ -246,21 +246,22 @@ class DecodeLaunch:
         return _launch.device_memory(4 * self.splits * self.rows * (self.dv + 1))
 
     def __call__(self, q, k_cache, v_cache, seqlens, out, lse, alibi, block_table, batch_idx, leftpad,
-                 work=None) -> None:
-        """``work``: ``workspace()`` allocated by the caller beforehand, or None to allocate it here."""
+                 work=None, stream=None) -> None:
+        """``work``: ``workspace()`` allocated by the caller beforehand, or None to allocate it here;
+        ``stream``: ``_launch.launch_stream()``'s, where the caller has it (None: looked up here)."""
         o_part, lse_part = 0, 0
         if self.splits > 1:
             work = self.workspace() if work is None else work
             o_part, lse_part = work.ptr, work.ptr + self.splits * self.rows * self.dv * 4
         pointers = tuple(x if isinstance(x, int) else pointer(x) for x in (
             q, k_cache, v_cache, out, lse, o_part, lse_part, seqlens, block_table, batch_idx, alibi, leftpad))
-        stream = _launch.current_stream()
-        self.decode(pointers, stream)
+        stream = _launch.launch_stream() if stream is None else stream
+        self.decode(pointers, stream.ptr)
         if self.combine is not None:
-            self.combine(pointers, stream)
-            from .._calls import keep_alive_with, stream_capturing
+            self.combine(pointers, stream.ptr)
+            if stream.is_capturing():  # the graph's replays write the workspace
+                from .._calls import keep_alive_with
 
-            if stream_capturing():  # the graph's replays write the workspace
                 keep_alive_with((out, lse), (work,))
 
 
