@@ -136,6 +136,12 @@ def alternated_per_call_us(timed, calls):
     return times
 
 
+def rounds_line(names, rounds) -> str:
+    """Each named timing's rounds (``alternated_per_call_us``), on one line."""
+    return "  (each round, µs: " + "; ".join(
+        f"{name} " + ", ".join(f"{t:.1f}" for t in r) for name, r in zip(names, rounds)) + ")"
+
+
 def host_us(fn, sync, bursts=20):
     """Time to issue one call while the device keeps up (median over bursts of BURST calls)."""
     times = []
@@ -209,9 +215,7 @@ def report(shape, calls, torch):
     print(f"per call, host included  forward          {fwd:7.1f} µs   {against(fwd, sdpa_fwd)}")
     print(f"                         forward+backward {fwd_bwd:7.1f} µs   "
           f"{against(fwd_bwd, sdpa_fwd_bwd)}")
-    print("  (each round, µs: " + "; ".join(
-        f"{name} " + ", ".join(f"{t:.1f}" for t in r)
-        for name, r in zip(("fwd", "fwd+bwd", "SDPA fwd", "SDPA fwd+bwd"), rounds)) + ")")
+    print(rounds_line(("fwd", "fwd+bwd", "SDPA fwd", "SDPA fwd+bwd"), rounds))
     host_fwd, host_bwd = host_us(ours.forward, sync), host_us(ours.backward, sync)
     print(f"host cost                forward          {host_fwd:7.1f} µs   target ≤ "
           f"{HOST_FORWARD_US:.0f}: {verdict(host_fwd <= HOST_FORWARD_US)}")
@@ -277,9 +281,7 @@ def report_decode(calls, torch):
     against = (f"SDPA {sdpa[0]:7.1f} µs   ratio {step / sdpa[0]:5.2f}" if sdpa
                else "SDPA: torch not importable")
     print(f"per call, host included  {step:7.1f} µs   {against}")
-    print("  (each round, µs: " + "; ".join(
-        f"{name} " + ", ".join(f"{t:.1f}" for t in r)
-        for name, r in zip(("cuflash", "SDPA"), rounds)) + ")")
+    print(rounds_line(("cuflash", "SDPA"), rounds))
     print(f"host cost                {host_us(ours.step, sync):7.1f} µs")
     print(f"graph, pure GPU          {gpu_us(ours.step):7.1f} µs")
 

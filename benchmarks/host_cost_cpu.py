@@ -23,6 +23,7 @@ ways.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import sys
@@ -97,14 +98,10 @@ def main():
           "|---|---|---|---|---|---|")
     for capability in ("90", "80"):
         for shape in SHAPES:
-            with pytest.MonkeyPatch.context() as monkeypatch:
-                device = FakeDevice(monkeypatch, compute_capability=capability)
-                _cheap_stand_ins(monkeypatch, device, args.addresses)
+            with _fake_device(capability, args) as (_, device):
                 times = time_calls(*dense_calls(device, shape), args)
             print(f"| {capability[0]}.{capability[1]} | {shape} | " + _cells(times))
-            with pytest.MonkeyPatch.context() as monkeypatch:
-                device = FakeDevice(monkeypatch, compute_capability=capability)
-                _cheap_stand_ins(monkeypatch, device, args.addresses)
+            with _fake_device(capability, args) as (_, device):
                 times = time_calls(*packed_calls(device, shape), args)
             b, h, n, d = shape
             packed = f"{b} packed sequence{'s' * (b > 1)} of {n}: ({b * n}, {h}, {d})"
@@ -112,15 +109,23 @@ def main():
     print("\n| fake device | KV-cache decode step | call µs | first call µs |\n|---|---|---|---|")
     for capability in ("90", "80"):
         for appends in (False, True):
-            with pytest.MonkeyPatch.context() as monkeypatch:
-                device = FakeDevice(monkeypatch, compute_capability=capability)
-                _cheap_stand_ins(monkeypatch, device, args.addresses)
+            with _fake_device(capability, args) as (monkeypatch, device):
                 call = decode_call(monkeypatch, device, appends)
                 call()
                 times = (best_us(call, args.calls, args.repeats),
                          best_us(_first(call), max(args.calls // 10, 1), args.repeats))
             what = DECODE_STEP + (", one key appended" if appends else "")
             print(f"| {capability[0]}.{capability[1]} | {what} | " + _cells(times))
+
+
+@contextlib.contextmanager
+def _fake_device(capability: str, args):
+    """``(monkeypatch, device)``: a fake device of this compute capability with the cheap
+    stand-ins, undone at the block's end."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        device = FakeDevice(monkeypatch, compute_capability=capability)
+        _cheap_stand_ins(monkeypatch, device, args.addresses)
+        yield monkeypatch, device
 
 
 DECODE_STEP = "B = 8, 32K cache, Hq = 32, Hkv = 8, D = 128, one query"
