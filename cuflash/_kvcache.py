@@ -435,6 +435,11 @@ def _check_a_kernel_attends(spec: KVCacheSpec, index: _HostIndex) -> None:
 
 # ----------------------------------------------------------------------------- decode kernel
 
+def _lengths_on_device(xp, b: int, length: int):
+    """Lengths given as an int, as the decode kernels read them: int32 ``(B,)`` on the device."""
+    return xp.full(b, length, numpy.int32)
+
+
 def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse):
     """The decode kernel's append and attention (``q`` already readable in place); nothing read
     back from the device. Lengths in a CuPy array are checked by the kernels themselves: a row
@@ -442,7 +447,7 @@ def _run_decode(spec: KVCacheSpec, decode, q, k_cache, v_cache, k, v, out, lse):
     output and lse. Returns the launches, ``(attention, append or None)``."""
     xp = spec.xp
     if spec.lengths is not None:  # an int, checked on the host: all rows alike
-        before = xp.full(spec.b, int(spec.lengths[0]), numpy.int32)
+        before = _lengths_on_device(xp, spec.b, int(spec.lengths[0]))
     else:
         before = xp.ascontiguousarray(spec.seqlens)
     table = None if spec.block_table is None else xp.ascontiguousarray(spec.block_table)
@@ -572,7 +577,7 @@ class _DecodeEntry:
         if self.most_keys is not None:  # lengths as an int, checked as validation checks it
             if not 0 <= seqlens <= self.most_keys:
                 return None  # (which raises there, naming the length and the room)
-            seqlens = _launch.cupy_module().full(self.out_shape[0], seqlens, numpy.int32)
+            seqlens = _lengths_on_device(_launch.cupy_module(), self.out_shape[0], seqlens)
         alibi = None  # the kernels read (B, Hq) float32 slopes: a copy per call, as validation makes
         if self.slopes_shapes is not None:
             alibi = _checks.alibi_copy(slopes, self.slopes_shapes, _launch.cupy_module())
