@@ -258,3 +258,15 @@ class FakeDevice:
     def take_launches(self):
         launches, self.launches = self.launches, []
         return launches
+
+    def holds_block_masks(self, monkeypatch) -> None:
+        """Block masks' device tile index in made-up device memory of this device (the real one
+        uploads it), made once per mask and tile shape."""
+        from cuflash.sparse import BlockMask
+        from cuflash.sparse._csr import TileCSR
+
+        def device_csr(mask, tile_m, tile_n):
+            return mask._cache.setdefault(("fake", tile_m, tile_n), TileCSR(
+                *(self.empty(a.shape, a.dtype) for a in mask.tile_csr(tile_m, tile_n))))
+
+        monkeypatch.setattr(BlockMask, "device_csr", device_csr)

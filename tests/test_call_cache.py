@@ -851,13 +851,7 @@ def _sent(device, call, fresh=FRESH_FIELDS):
 
 def _on_fake_device(monkeypatch, device, mask):
     """``mask`` with its device tile index in made-up device memory (the real one uploads)."""
-    from cuflash.sparse._csr import TileCSR
-
-    def device_csr(self, tile_m, tile_n):
-        return self._cache.setdefault(("fake", tile_m, tile_n), TileCSR(
-            *(device.empty(a.shape, a.dtype) for a in self.tile_csr(tile_m, tile_n))))
-
-    monkeypatch.setattr(type(mask), "device_csr", device_csr)
+    device.holds_block_masks(monkeypatch)
     return mask
 
 

@@ -58,8 +58,6 @@ def _casts_of_unzeroed_accumulators(monkeypatch, write_zeros: bool) -> list:
 
     from cuflash import kernels
     from cuflash.kernels import mma_backward, sm90_backward
-    from cuflash.sparse import BlockMask
-    from cuflash.sparse._csr import TileCSR
 
     device = FakeDevice(monkeypatch, compute_capability="90")
     driver = _load_tool("sanitize_driver", monkeypatch)
@@ -67,9 +65,7 @@ def _casts_of_unzeroed_accumulators(monkeypatch, write_zeros: bool) -> list:
     monkeypatch.setattr(driver, "cupy", SimpleNamespace(
         asarray=lambda x: device.empty(numpy.shape(x), numpy.asarray(x).dtype),
         cuda=SimpleNamespace(Device=lambda: SimpleNamespace(synchronize=lambda: None))))
-    monkeypatch.setattr(BlockMask, "device_csr", lambda self, tile_m, tile_n: self._cache.setdefault(
-        ("fake", tile_m, tile_n), TileCSR(*(device.empty(a.shape, a.dtype)
-                                            for a in self.tile_csr(tile_m, tile_n)))))
+    device.holds_block_masks(monkeypatch)
     zeroed, casts = [], []
     preprocess, convert = mma_backward.preprocess_launch, mma_backward.convert_launch
 
